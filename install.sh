@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Install the MusicGen LoRA toolkit's dependencies into the ACTIVE Python environment
+# (a virtualenv or conda env; create one first: python3 -m venv .venv && . .venv/bin/activate).
+#
+#   bash install.sh            runtime dependencies
+#   bash install.sh --dev      + test dependencies (pytest)
+#   bash install.sh --extras   + optional decoders/extras (PyAV for m4a/aac)
+#
+# torch: an installed torch (CUDA or CPU) is kept as it is. With none installed, a GPU machine
+# (nvidia-smi works) gets the default CUDA build from the package index; a machine without a GPU gets
+# $TORCH_CPU_SPEC (default torch==2.13.0). Set TORCH_INDEX_URL to install torch from another index,
+# e.g. TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu for the small CPU wheel.
+# Safe to run again: it installs only what is missing or too old.
+set -Eeuo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+step="start"
+trap 'echo; echo "install.sh FAILED at step: ${step}" >&2; echo "Fix the error above and run bash install.sh again." >&2' ERR
+
+dev=0; extras=0
+for a in "$@"; do
+  case "$a" in
+    --dev) dev=1 ;;
+    --extras) extras=1 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    *) echo "install.sh: unknown option '$a' (use --dev, --extras or --help)" >&2; exit 2 ;;
+  esac
+done
+
+step="find python"
+PY="${PYTHON:-python}"
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+command -v "$PY" >/dev/null 2>&1 || { echo "No python found. Install Python 3.10+ first." >&2; false; }
+"$PY" - <<'PY'
+import sys
+if sys.version_info < (3, 10):
+    sys.exit(f"Python 3.10 or newer is needed, this is {sys.version.split()[0]}")
+PY
+if [ -z "${VIRTUAL_ENV:-}" ] && [ -z "${CONDA_PREFIX:-}" ]; then
+  echo "note: no virtualenv or conda env is active; installing into $("$PY" -c 'import sys; print(sys.prefix)')"
+fi
+PIP=("$PY" -m pip install --disable-pip-version-check)
+
+step="torch"
+if "$PY" -c "import torch" >/dev/null 2>&1; then
+  echo "torch: keeping the installed $("$PY" -c 'import torch; print(torch.__version__)')"
+else
+  idx=()
+  [ -n "${TORCH_INDEX_URL:-}" ] && idx=(--index-url "$TORCH_INDEX_URL")
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
+    echo "torch: none installed, GPU found -> installing a CUDA build of torch"
+    "${PIP[@]}" "${idx[@]}" torch
+  else
+    spec="${TORCH_CPU_SPEC:-torch==2.13.0}"
+    echo "torch: none installed, no GPU -> installing $spec (CPU)"
+    "${PIP[@]}" "${idx[@]}" "$spec"
+  fi
+fi
+
+step="requirements.txt"
+# The constraint keeps pip from swapping the installed torch for another build while resolving.
+tv="$("$PY" -c 'import torch; print(torch.__version__.split("+")[0])')"
+cons="$(mktemp)"; echo "torch==${tv}" > "$cons"
+"${PIP[@]}" -c "$cons" -r "$here/requirements.txt"
+if [ "$dev" = 1 ]; then step="requirements-dev.txt"; "${PIP[@]}" -c "$cons" -r "$here/requirements-dev.txt"; fi
+if [ "$extras" = 1 ]; then step="extras (av)"; "${PIP[@]}" -c "$cons" av; fi
+rm -f "$cons"
+
+step="check imports"
+"$PY" - <<'PY'
+import importlib, shutil, sys
+mods = ["torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers", "soundfile", "soxr",
+        "librosa", "numpy", "scipy", "yaml", "tqdm", "tensorboard", "matplotlib", "pyloudnorm"]
+bad = []
+for m in mods:
+    try:
+        importlib.import_module(m)
+    except Exception as e:  # report every failing import, then fail
+        bad.append(f"{m}: {e}")
+if bad:
+    sys.exit("These imports fail:\n  " + "\n  ".join(bad))
+import torch, transformers, peft, accelerate, soundfile
+print()
+print(f"Python       {sys.version.split()[0]} ({sys.prefix})")
+print(f"torch        {torch.__version__}  transformers {transformers.__version__}  peft {peft.__version__}  "
+      f"accelerate {accelerate.__version__}")
+if torch.cuda.is_available():
+    for i in range(torch.cuda.device_count()):
+        p = torch.cuda.get_device_properties(i)
+        print(f"GPU {i}        {p.name}, {p.total_memory / 2**30:.1f} GiB, CUDA {torch.version.cuda}, "
+              f"bf16 {'yes' if torch.cuda.is_bf16_supported() else 'no'}")
+else:
+    print("GPU          none (CPU only: fine for the quick start and tests; real training wants a GPU)")
+print(f"libsndfile   {soundfile.__libsndfile_version__} (mp3 {'yes' if 'MP3' in soundfile.available_formats() else 'no'})")
+try:
+    import av  # optional decoder for m4a/aac
+    print(f"PyAV         {av.__version__} (m4a/aac decoding available)")
+except ImportError:
+    print("PyAV         not installed (m4a/aac need it: bash install.sh --extras)")
+free = shutil.disk_usage(".").free / 2**30
+print(f"free disk    {free:.1f} GiB here" + ("  (musicgen-small needs ~3 GiB, large ~14 GiB)" if free < 20 else ""))
+print("install.sh: all imports OK")
+PY

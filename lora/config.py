@@ -1,0 +1,507 @@
+"""The one configuration schema of the toolkit.
+
+Every setting is a field of one of the section dataclasses below; its default is written here and
+nowhere else (``config.yaml`` repeats the defaults with a comment each, and a test keeps the two
+in step). Precedence, lowest first:
+
+    dataclass defaults  <  config.yaml (or --config PATH)  <  command-line flags
+
+Command-line flags are generated from the fields: ``--<field name>`` (plus the aliases in a
+field's metadata, e.g. ``--base_model_path`` for ``model_path``). Each script says which sections
+it takes flags from; the whole YAML file is always validated, so a typo anywhere is reported.
+
+Paths: a relative path on the command line is relative to the current directory; in a YAML file it
+is relative to that file's folder; a default is relative to the repository root. So both
+``python lora/train_lora.py --data_dir data`` and ``cd lora && python train_lora.py --data_dir
+../data`` work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "config.yaml"
+
+# Names of built-in model presets that are not paths (see modeling.py).
+BUILTIN_MODELS = ("tiny", "tiny-stereo")
+
+
+class ConfigError(ValueError):
+    """A user mistake in config.yaml or on the command line. The message names the key and the fix."""
+
+
+def _f(default, help: str, *, aliases=(), kind: str | None = None, choices=None):
+    """A schema field. ``kind`` is "path" (a file or folder) or "model" (a path, hub id or built-in)."""
+    md = {"help": help, "aliases": tuple(aliases), "kind": kind, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=md)
+    return field(default=default, metadata=md)
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+@dataclass
+class ModelConfig:
+    model_path: str = _f(
+        "facebook/musicgen-small",
+        "Base MusicGen: a hub id (facebook/musicgen-small|medium|large, *-stereo-*), a local folder, "
+        "or 'tiny' / 'tiny-stereo' for the built-in random test model",
+        aliases=("base_model_path",), kind="model")
+    tiny_model_dir: str = _f("output/tiny_model", "Where the built-in tiny models are built once and cached",
+                             kind="path")
+    revision: Optional[str] = _f(None, "Hub revision (branch, tag or commit) of a hub model; ignored for local folders")
+    local_files_only: bool = _f(False, "Never contact the hub (also set by HF_HUB_OFFLINE=1)")
+    attn_implementation: str = _f("sdpa", "Attention kernel of the decoder", choices=("sdpa", "eager"))
+
+
+@dataclass
+class LoraSection:
+    lora_rank: int = _f(12, "LoRA rank r: capacity of the adapter; 8-32 is typical", aliases=("lora_r",))
+    lora_alpha: float = _f(24.0, "LoRA alpha: scale of the update is alpha/r; usually 2x rank")
+    lora_dropout: float = _f(0.1, "Dropout on the LoRA input during training")
+    lora_targets: str = _f(
+        "attention",
+        "Which layers get LoRA: 'attention' (decoder self+cross q/k/v/out), 'attention_ffn' (+ fc1/fc2), "
+        "or a comma-separated list of module-name suffixes or a regex")
+    train_text_encoder: bool = _f(False, "Also put LoRA on the T5 text encoder (disables text-state caching)")
+    use_dora: bool = _f(False, "Weight-decomposed LoRA (DoRA, peft); slower, sometimes better")
+    use_rslora: bool = _f(False, "Rank-stabilised scaling alpha/sqrt(r) (peft); helps at high ranks")
+
+
+@dataclass
+class DataConfig:
+    data_dir: str = _f("data", "Dataset folder: clips in train/ and valid/, plus the metadata file", kind="path")
+    metadata_file: str = _f("metadata.json", "Metadata file name inside data_dir (or an absolute path)")
+    input_dir: Optional[str] = _f(None, "prepare_data: folder of your audio, scanned recursively", kind="path")
+    create_example: bool = _f(False, "prepare_data: write the small synthetic example dataset instead")
+    validate: bool = _f(False, "prepare_data: check an existing data_dir and metadata, change nothing")
+    example_clips: int = _f(48, "prepare_data --create_example: number of synthetic clips")
+    example_seconds: float = _f(6.0, "prepare_data --create_example: length of each synthetic clip, s")
+    sample_rate: int = _f(32000, "Sample rate of the prepared clips, Hz; must equal the model's (32000)")
+    channels: int = _f(1, "1 = mix down to mono (mono models); 2 = keep stereo (stereo models)", choices=(1, 2))
+    segment_seconds: float = _f(30.0, "Long recordings are cut into clips of this length, s (MusicGen's context is 30)")
+    min_seconds: float = _f(5.0, "Clips (and file tails) shorter than this are not used, s")
+    trim_silence: bool = _f(True, "Trim leading/trailing silence before cutting")
+    silence_db: float = _f(-50.0, "Level below which audio counts as silence, dBFS")
+    valid_fraction: float = _f(0.1, "Share of source recordings held out for validation (split by recording)")
+    split_seed: int = _f(1234, "Seed of the deterministic train/valid split")
+    captions_file: Optional[str] = _f(None, "CSV / JSON / JSONL mapping file name to caption", kind="path")
+    default_text: Optional[str] = _f(None, "Caption for files that have no sidecar or captions-file entry")
+    caption_template: str = _f("{stem}", "Fallback caption pattern; {stem} = file name without extension, "
+                                         "{folder} = parent folder name; '' = leave uncaptioned")
+    enrich_captions: bool = _f(False, "Append estimated tempo (BPM) and key to every caption (librosa)")
+    num_workers: int = _f(0, "Worker processes for preparation; 0 = one per CPU core")
+    overwrite: bool = _f(False, "prepare_data: redo clips that already exist")
+
+
+@dataclass
+class TrainingConfig:
+    output_dir: str = _f("output", "Where checkpoints/, best_model/, final_model/ and logs/ are written", kind="path")
+    num_epochs: float = _f(5.0, "Passes over the training clips", aliases=("num_train_epochs",))
+    max_steps: int = _f(-1, "Stop after this many optimizer steps; -1 = use num_epochs")
+    batch_size: int = _f(2, "Clips per step per device; 2-4 on a 24 GB GPU for musicgen-small",
+                         aliases=("per_device_train_batch_size",))
+    gradient_accumulation_steps: int = _f(4, "Steps accumulated per update: effective batch = batch_size x this x GPUs")
+    learning_rate: float = _f(3e-4, "Peak learning rate of AdamW; 1e-4..5e-4 for LoRA")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    warmup_steps: int = _f(100, "Linear warm-up, optimizer steps (capped at 10% of the run when the run is short)")
+    lr_scheduler_type: str = _f("cosine", "Schedule after warm-up", choices=("cosine", "linear", "constant"))
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0 = off")
+    max_duration: float = _f(30.0, "Training window, s: longer cached clips get a random crop of this length per epoch")
+    cond_dropout: float = _f(0.3, "Probability of replacing a caption by the null condition, so classifier-free "
+                                  "guidance has a trained unconditional branch (audiocraft: 0.3)")
+    mixed_precision: str = _f("auto", "auto = bf16 where the hardware runs it fast, fp16 on older GPUs, else fp32",
+                              choices=("auto", "fp16", "bf16", "no"))
+    fp16: bool = _f(False, "Same as mixed_precision=fp16 (the seed's flag); on CPU falls back with a warning")
+    bf16: bool = _f(False, "Same as mixed_precision=bf16")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward: less memory, ~30% slower")
+    save_steps: int = _f(200, "Save a resumable checkpoint every N optimizer steps")
+    save_total_limit: int = _f(3, "Keep only the newest N checkpoints (best_model is kept apart)")
+    eval_steps: int = _f(100, "Validate on the held-out split every N optimizer steps (and before the first)")
+    logging_steps: int = _f(10, "Log training loss every N optimizer steps")
+    early_stopping_patience: int = _f(0, "Stop after N validations without improvement; 0 = off")
+    max_nan_steps: int = _f(10, "Stop after this many non-finite losses in a row (each one is skipped and counted)")
+    resume_from_checkpoint: Optional[str] = _f(None, "'latest' or a checkpoint folder to continue from")
+    seed: int = _f(42, "Random seed: data order, LoRA init, dropout")
+    dataloader_num_workers: int = _f(0, "DataLoader workers (training reads cached tokens; 0 is usually enough)")
+    encode_batch_size: int = _f(8, "Clips per batch when computing the EnCodec / text-encoder cache")
+    torch_compile: bool = _f(False, "torch.compile the decoder (measure first: see BENCHMARKS.md)")
+
+
+@dataclass
+class GenerationConfig:
+    lora_model_path: Optional[str] = _f("output/best_model", "LoRA adapter folder to apply; '' or none = base only",
+                                        kind="path")
+    prompts: list = _f([], "Text prompts, e.g. --prompts \"lofi piano\" \"808 trap beat\"")
+    prompts_file: Optional[str] = _f(None, "txt (one prompt per line) or JSON/JSONL with per-prompt settings",
+                                     kind="path")
+    output_dir: str = _f("output/generated", "Where wavs and manifest.json are written", kind="path")
+    num_samples: int = _f(1, "Samples per prompt (seeds seed, seed+1, ...)")
+    batch_size: int = _f(4, "Prompts generated together")
+    duration: float = _f(10.0, "Length of each piece, s; over 30 s uses windowed continuation")
+    guidance_scale: float = _f(3.0, "Classifier-free guidance strength; 1 = off, 3 = MusicGen default")
+    temperature: float = _f(1.0, "Sampling temperature")
+    top_k: int = _f(250, "Top-k sampling (audiocraft default 250); 0 = off")
+    top_p: float = _f(0.0, "Nucleus sampling threshold; 0 = off")
+    seed: int = _f(0, "Seed of the first sample; every sample's seed is recorded in the manifest")
+    lora_scale: float = _f(1.0, "Adapter strength: 0 = base model, 1 = full adapter, in between blends")
+    merge: Optional[bool] = _f(None, "Fold LoRA into the weights (faster); default: merge when lora_scale is 1")
+    extend_stride: float = _f(18.0, "For long pieces: seconds generated per new window (the rest is context)")
+    audio_prompt: Optional[str] = _f(None, "Audio file whose music is continued", kind="path")
+    unconditional: bool = _f(False, "Allow generation without a text prompt")
+    output_format: str = _f("pcm16", "WAV sample format", choices=("pcm16", "float"))
+    normalize: bool = _f(True, "Peak-normalise each file (no clipping)")
+    overwrite: bool = _f(False, "Replace existing output files")
+    dtype: str = _f("auto", "Weights dtype for generation: auto = fp16/bf16 on GPU, fp32 on CPU",
+                    choices=("auto", "float32", "bfloat16", "float16"))
+
+
+@dataclass
+class EvaluationConfig:
+    output_dir: str = _f("output/evaluation", "Where results.json, report.html and audio are written", kind="path")
+    compare: bool = _f(False, "Evaluate the base model and the LoRA model side by side")
+    num_prompts: int = _f(8, "Prompts used for generation metrics (from the valid captions or prompts_file)")
+    eval_duration: float = _f(8.0, "Length of each generated clip for the generation metrics, s")
+    eval_seeds: int = _f(2, "Seeds per prompt (for diversity across seeds)")
+    bootstrap_samples: int = _f(2000, "Bootstrap resamples for confidence intervals")
+    clap_model_path: Optional[str] = _f(None, "Local CLAP model folder (e.g. laion/larger_clap_music) for text-audio "
+                                              "scores; skipped when unset", kind="path")
+    skip_generation: bool = _f(False, "Only compute held-out likelihood (fast)")
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "lora": LoraSection,
+    "data": DataConfig,
+    "training": TrainingConfig,
+    "generation": GenerationConfig,
+    "evaluation": EvaluationConfig,
+}
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSection = field(default_factory=LoraSection)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    config_file: Optional[str] = None  # the YAML file that was read, if any
+
+    def to_dict(self) -> dict:
+        d = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+        d["config_file"] = self.config_file
+        return d
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the resolved config as YAML (atomically) and return the path."""
+        import yaml
+
+        from .utils import atomic_write_text
+
+        text = "# Resolved configuration (defaults < config.yaml < flags) that produced these files\n"
+        text += yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+        return atomic_write_text(path, text)
+
+
+# --------------------------------------------------------------------------------------------
+# Types and values
+# --------------------------------------------------------------------------------------------
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _base_type(tp):
+    """(base type, optional?) for Optional[X] / X."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def _type_name(tp) -> str:
+    base, opt = _base_type(tp)
+    name = {bool: "true/false", int: "integer", float: "number", str: "text", list: "list of text"}.get(base, str(base))
+    return name + (" or null" if opt else "")
+
+
+def _coerce(section: str, name: str, value, tp, meta, source: str):
+    """Check and convert one value from YAML; raise ConfigError naming the key."""
+    base, optional = _base_type(tp)
+    where = f"{section}.{name}" + (f" in {source}" if source else "")
+    bad = ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}. Fix the value or delete the line to use "
+                      f"the default.")
+    if value is None:
+        if optional:
+            return None
+        raise bad
+    if base is bool:
+        if isinstance(value, bool):
+            out = value
+        else:
+            raise bad
+    elif base is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            else:
+                raise bad
+        out = value
+    elif base is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, str):
+                try:
+                    value = float(value)  # YAML reads "3e-4" as a string
+                except ValueError:
+                    raise bad from None
+            else:
+                raise bad
+        out = float(value)
+    elif base is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)
+        if not isinstance(value, str):
+            raise bad
+        out = value
+    elif base is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise bad
+        out = list(value)
+    else:  # pragma: no cover - schema uses only the types above
+        out = value
+    _check_choice(where, out, meta)
+    return out
+
+
+def _check_choice(where: str, value, meta):
+    choices = meta.get("choices")
+    if choices is not None and value is not None and value not in choices:
+        raise ConfigError(f"{where}: {value!r} is not allowed; choose one of {', '.join(map(str, choices))}.")
+
+
+def _resolve_path(value: Optional[str], kind: Optional[str], base: Path) -> Optional[str]:
+    if value is None or kind is None or value == "":
+        return value
+    expanded = os.path.expanduser(value)
+    if kind == "model":
+        if value in BUILTIN_MODELS:
+            return value
+        p = Path(expanded)
+        if p.is_absolute():
+            return str(p)
+        candidate = (base / p)
+        # A hub id looks like "org/name"; a relative path that exists wins over it.
+        if candidate.exists() or value.startswith((".", "~")) or value.count("/") != 1:
+            return os.path.normpath(candidate)
+        return value
+    p = Path(expanded)
+    return os.path.normpath(p if p.is_absolute() else (base / p))
+
+
+def _unknown_key_error(kind: str, key: str, allowed, where: str) -> ConfigError:
+    import difflib
+
+    close = difflib.get_close_matches(key, list(allowed), n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"Unknown {kind} '{key}'{where}.{hint} Allowed: {', '.join(sorted(allowed))}.")
+
+
+def load_yaml(path: str | os.PathLike) -> dict:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"Config file not found: {p}. Pass --config PATH to an existing YAML file, or run from the "
+                          f"repository that holds config.yaml.")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be sections (model:, lora:, data:, ...), got {type(data).__name__}.")
+    return data
+
+
+def apply_yaml(cfg: Config, data: dict, source: str, base: Path) -> None:
+    """Validate a YAML mapping against the schema and write its values into cfg."""
+    for section, values in data.items():
+        if section not in SECTIONS:
+            raise _unknown_key_error("section", str(section), SECTIONS, f" in {source}")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"{section} in {source}: expected a mapping of keys, got {values!r}.")
+        obj = getattr(cfg, section)
+        hints = _hints(type(obj))
+        fields = {f.name: f for f in dataclasses.fields(obj)}
+        for key, value in values.items():
+            if key not in fields:
+                raise _unknown_key_error("key", f"{section}.{key}", [f"{section}.{k}" for k in fields], f" in {source}")
+            md = fields[key].metadata
+            v = _coerce(section, key, value, hints[key], md, source)
+            if isinstance(v, str):
+                v = _resolve_path(v, md.get("kind"), base)
+            setattr(obj, key, v)
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's default prints usage and exits 2; we raise with the message
+        if "unrecognized arguments" in message:
+            import difflib
+
+            known = [o for a in self._actions for o in a.option_strings]
+            hints = []
+            for tok in message.split(":", 1)[1].split():
+                if tok.startswith("--"):
+                    close = difflib.get_close_matches(tok.split("=")[0], known, n=1)
+                    if close:
+                        hints.append(f"did you mean {close[0]} (for {tok})?")
+            message += (" (" + "; ".join(hints) + ")" if hints else "") + \
+                ". Run with --help to list the flags this script accepts."
+        raise ConfigError(message)
+
+
+def _parse_bool(name):
+    def conv(s: str) -> bool:
+        t = s.strip().lower()
+        if t in ("1", "true", "yes", "y", "on"):
+            return True
+        if t in ("0", "false", "no", "n", "off"):
+            return False
+        raise argparse.ArgumentTypeError(f"--{name} takes true or false, got {s!r}")
+    return conv
+
+
+def _argtype(name, base, optional):
+    def conv(s: str):
+        if optional and s.strip().lower() in ("none", "null", ""):
+            return None
+        try:
+            return base(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--{name} takes {_type_name(base)}, got {s!r}") from None
+    return conv
+
+
+def build_parser(description: str, sections: tuple[str, ...], extra=None) -> tuple[argparse.ArgumentParser, dict]:
+    """An argparse parser whose flags come from the listed sections' fields.
+
+    When two listed sections have a field of the same name, the first section listed owns the flag.
+    Returns the parser and a map dest -> (section, field name).
+    """
+    p = _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                allow_abbrev=False)
+    p.add_argument("--config", default=None,
+                   help=f"YAML config file (default: {DEFAULT_CONFIG.name} at the repository root, if present)")
+    owners: dict[str, tuple[str, str]] = {}
+    taken: set[str] = {"config"}
+    for section in sections:
+        cls = SECTIONS[section]
+        hints = _hints(cls)
+        group = p.add_argument_group(f"{section} (config.yaml section '{section}:')")
+        for f in dataclasses.fields(cls):
+            names = [f.name, *f.metadata.get("aliases", ())]
+            names = [n for n in names if n not in taken]
+            if f.name not in names:
+                continue  # owned by an earlier section
+            taken.update(names)
+            dest = f"{section}__{f.name}"
+            owners[dest] = (section, f.name)
+            base, optional = _base_type(hints[f.name])
+            flags = [f"--{n}" for n in names]
+            kw: dict[str, Any] = dict(dest=dest, default=argparse.SUPPRESS, help=f.metadata.get("help", ""))
+            if base is bool:
+                kw.update(nargs="?", const=True, type=_parse_bool(f.name), metavar="BOOL")
+            elif base is list:
+                kw.update(nargs="+", metavar="TEXT")
+            else:
+                kw.update(type=_argtype(f.name, base, optional))
+                if f.metadata.get("choices"):
+                    kw["metavar"] = "{" + ",".join(map(str, f.metadata["choices"])) + "}"
+            group.add_argument(*flags, **kw)
+    if extra is not None:
+        extra(p)
+    return p, owners
+
+
+def parse_config(argv=None, *, description: str = "", sections: tuple[str, ...] = tuple(SECTIONS),
+                 extra=None) -> tuple[Config, argparse.Namespace]:
+    """Resolve defaults < YAML < flags. Returns (config, namespace of extra, non-schema arguments)."""
+    parser, owners = build_parser(description, sections, extra)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ns = parser.parse_args(argv)
+
+    cfg = Config()
+    # Defaults are relative to the repository root.
+    for section in SECTIONS:
+        obj = getattr(cfg, section)
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            if isinstance(v, str):
+                setattr(obj, f.name, _resolve_path(v, f.metadata.get("kind"), REPO_ROOT))
+    cfg_path = ns.config
+    if cfg_path is None and DEFAULT_CONFIG.is_file():
+        cfg_path = str(DEFAULT_CONFIG)
+    if cfg_path is not None:
+        path = Path(cfg_path).expanduser().resolve()
+        apply_yaml(cfg, load_yaml(path), str(path), path.parent)
+        cfg.config_file = str(path)
+
+    cwd = Path.cwd()
+    for dest, (section, name) in owners.items():
+        if not hasattr(ns, dest):
+            continue
+        value = getattr(ns, dest)
+        delattr(ns, dest)
+        obj = getattr(cfg, section)
+        md = next(f.metadata for f in dataclasses.fields(obj) if f.name == name)
+        _check_choice(f"--{name}", value, md)
+        if isinstance(value, str):
+            value = _resolve_path(value, md.get("kind"), cwd)
+        setattr(obj, name, value)
+    finalize(cfg)
+    return cfg, ns
+
+
+def finalize(cfg: Config) -> None:
+    """Cross-field rules that hold for every script."""
+    t = cfg.training
+    if t.fp16 and t.bf16:
+        raise ConfigError("--fp16 and --bf16 were both given; choose one (or mixed_precision: auto).")
+    if t.fp16:
+        t.mixed_precision = "fp16"
+    elif t.bf16:
+        t.mixed_precision = "bf16"
+    g = cfg.generation
+    if g.lora_model_path is not None and g.lora_model_path.strip().lower() in ("", "none", "null"):
+        g.lora_model_path = None
+
+
+def validate(problems: list[str]) -> None:
+    """Raise one ConfigError listing every problem found (scripts collect them all first)."""
+    if problems:
+        if len(problems) == 1:
+            raise ConfigError(problems[0])
+        raise ConfigError("Please fix these settings:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def yaml_defaults_text() -> str:
+    """The defaults as a plain mapping (used by the test that keeps config.yaml in step)."""
+    return json.dumps({name: dataclasses.asdict(cls()) for name, cls in SECTIONS.items()}, indent=1)
