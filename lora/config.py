@@ -200,9 +200,7 @@ class Config:
     config_file: Optional[str] = None  # the YAML file that was read, if any
 
     def to_dict(self) -> dict:
-        d = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
-        d["config_file"] = self.config_file
-        return d
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the resolved config as YAML (atomically) and return the path."""
@@ -211,6 +209,7 @@ class Config:
         from .utils import atomic_write_text
 
         text = "# Resolved configuration (defaults < config.yaml < flags) that produced these files\n"
+        text += f"# config file read: {self.config_file or 'none (defaults and flags only)'}\n"
         text += yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
         return atomic_write_text(path, text)
 
