@@ -80,7 +80,8 @@ class LoraSection:
 
 @dataclass
 class DataConfig:
-    data_dir: str = _f("data", "Dataset folder: clips in train/ and valid/, plus the metadata file", kind="path")
+    data_dir: str = _f("data", "Dataset folder: clips in train/ and valid/, plus the metadata file", kind="path",
+                       aliases=("output_dir",))
     metadata_file: str = _f("metadata.json", "Metadata file name inside data_dir (or an absolute path)")
     input_dir: Optional[str] = _f(None, "prepare_data: folder of your audio, scanned recursively", kind="path")
     create_example: bool = _f(False, "prepare_data: write the small synthetic example dataset instead")
@@ -150,13 +151,17 @@ class GenerationConfig:
     batch_size: int = _f(4, "Prompts generated together")
     duration: float = _f(10.0, "Length of each piece, s; over 30 s uses windowed continuation")
     guidance_scale: float = _f(3.0, "Classifier-free guidance strength; 1 = off, 3 = MusicGen default")
-    temperature: float = _f(1.0, "Sampling temperature")
+    temperature: float = _f(1.0, "Sampling temperature; lower = safer, higher = more varied")
+    do_sample: bool = _f(True, "false = greedy decoding (always the most likely token): deterministic but "
+                              "repetitive; for tests and debugging")
     top_k: int = _f(250, "Top-k sampling (audiocraft default 250); 0 = off")
-    top_p: float = _f(0.0, "Nucleus sampling threshold; 0 = off")
+    top_p: float = _f(0.0, "Nucleus sampling threshold; 0 = off; when set it replaces top_k (as in audiocraft)")
     seed: int = _f(0, "Seed of the first sample; every sample's seed is recorded in the manifest")
     lora_scale: float = _f(1.0, "Adapter strength: 0 = base model, 1 = full adapter, in between blends")
     merge: Optional[bool] = _f(None, "Fold LoRA into the weights (faster); default: merge when lora_scale is 1")
     extend_stride: float = _f(18.0, "For long pieces: seconds generated per new window (the rest is context)")
+    max_window: float = _f(30.0, "Longest stretch generated in one pass, s (MusicGen was trained on 30 s); "
+                                 "longer pieces continue window by window")
     audio_prompt: Optional[str] = _f(None, "Audio file whose music is continued", kind="path")
     unconditional: bool = _f(False, "Allow generation without a text prompt")
     output_format: str = _f("pcm16", "WAV sample format", choices=("pcm16", "float"))
@@ -504,3 +509,30 @@ def validate(problems: list[str]) -> None:
 def yaml_defaults_text() -> str:
     """The defaults as a plain mapping (used by the test that keeps config.yaml in step)."""
     return json.dumps({name: dataclasses.asdict(cls()) for name, cls in SECTIONS.items()}, indent=1)
+
+
+def markdown_reference() -> str:
+    """Every config key and flag as Markdown tables (USAGE.md embeds this; a test keeps it in step)."""
+    out = []
+    for name, cls in SECTIONS.items():
+        out.append(f"#### `{name}:`\n")
+        out.append("| key / flag | default | meaning |")
+        out.append("| --- | --- | --- |")
+        defaults = cls()
+        for f in dataclasses.fields(cls):
+            flags = " ".join(f"`--{n}`" for n in (f.name, *f.metadata.get("aliases", ())))
+            d = getattr(defaults, f.name)
+            d = "null" if d is None else ("[]" if d == [] else str(d).lower() if isinstance(d, bool) else d)
+            helptext = f.metadata.get("help", "").replace("|", "\\|")
+            if f.metadata.get("choices"):
+                helptext += " (" + " \\| ".join(map(str, f.metadata["choices"])) + ")"
+            out.append(f"| {flags} | `{d}` | {helptext} |")
+        out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":  # python lora/config.py --markdown
+    if "--markdown" in sys.argv:
+        print(markdown_reference())
+    else:
+        print(__doc__)

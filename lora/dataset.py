@@ -121,3 +121,302 @@ def metadata_document(records: list[ClipRecord], sample_rate: int, channels: int
     """The JSON document for metadata.json (prepare_data writes it atomically)."""
     return {"version": METADATA_VERSION, "sample_rate": sample_rate, "channels": channels,
             "clips": [r.to_json() for r in records]}
+
+
+# ============================================================================================
+# Token cache: EnCodec codes and frozen text-encoder states, computed once and kept on disk.
+#
+# Layout (one safetensors file per clip / caption; loaded with safetensors, never pickle):
+#     data_dir/cache/<model identity>/codes/<sha1 of clip file>-sr<rate>-ch<channels>.safetensors
+#         "codes": int16 (K, T)
+#     data_dir/cache/<model identity>/text/<sha1 of caption>.safetensors
+#         "hidden": float32 (L, D)   T5 last_hidden_state (before enc_to_dec_proj), valid tokens only
+#         "mask":   int8 (L,)
+# A rerun reuses every file whose key still matches; a changed clip (new bytes -> new hash) or another model
+# (new identity) is encoded again, and only that. Each file is written atomically (temp file + rename).
+# ============================================================================================
+import hashlib  # noqa: E402
+import math  # noqa: E402
+
+CACHE_VERSION = 1
+
+
+@dataclass
+class CachedClip:
+    """One clip's training inputs: codes (int16 (K, T)) and, unless the text encoder trains, its text states."""
+    id: str
+    text: str
+    split: str
+    codes: "object"                  # torch.int16 (K, T)
+    hidden: "Optional[object]" = None  # torch.float32 (L, D), or None when text states are not cached
+    mask: "Optional[object]" = None    # torch.long (L,)
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.codes.shape[-1])
+
+
+def cache_root(data_dir: str | Path, info) -> Path:
+    """The cache folder of one model: data_dir/cache/<model identity>."""
+    return Path(data_dir) / "cache" / f"{info.identity}-v{CACHE_VERSION}"
+
+
+def _sha1_text(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()
+
+
+def _codes_path(root: Path, file_sha1: str, info) -> Path:
+    return root / "codes" / f"{file_sha1}-sr{info.sample_rate}-ch{info.audio_channels}.safetensors"
+
+
+def _text_path(root: Path, text: str) -> Path:
+    return root / "text" / f"{_sha1_text(text)}.safetensors"
+
+
+def _save_tensors(path: Path, tensors: dict, metadata: dict) -> None:
+    from safetensors.torch import save_file
+
+    from .utils import atomic_path
+
+    with atomic_path(path, suffix=".tmp") as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata={k: str(v) for k, v in metadata.items()})
+
+
+def _load_tensors(path: Path) -> Optional[dict]:
+    """Tensors of a cache file, or None when it is missing or unreadable (then it is simply re-encoded)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        return None
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, RuntimeError) as e:
+        from .utils import log
+
+        log.warning("Cache file %s is unreadable (%s); encoding it again.", path, e)
+        return None
+
+
+def _batches(items: list, size: int):
+    for i in range(0, len(items), max(1, size)):
+        yield items[i:i + max(1, size)]
+
+
+def build_token_cache(records: list[ClipRecord], model, processor, info, data_dir: str | Path, *,
+                      batch_size: int = 8, device=None, text_states: bool = True,
+                      show_progress: bool = True) -> tuple[list[CachedClip], dict]:
+    """Encode every clip (EnCodec codes) and caption (frozen text-encoder states) not yet cached; load all.
+
+    Returns the cached clips in the order of ``records`` and counts {"clips_encoded", "clips_reused",
+    "texts_encoded", "texts_reused"}. ``text_states=False`` skips the text cache (the text encoder trains).
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from .audio import file_hash, load_audio
+    from .modeling import encode_audio, encode_text
+    from .utils import log
+
+    root = cache_root(data_dir, info)
+    stats = {"clips_encoded": 0, "clips_reused": 0, "texts_encoded": 0, "texts_reused": 0}
+    hashes = [file_hash(r.path) for r in tqdm(records, desc="hashing clips", unit="clip", disable=not show_progress,
+                                              leave=False)]
+
+    # Codes -----------------------------------------------------------------------------------
+    codes: dict[str, object] = {}
+    todo: dict[str, ClipRecord] = {}
+    for r, h in zip(records, hashes):
+        if h in codes or h in todo:
+            continue
+        t = _load_tensors(_codes_path(root, h, info))
+        if t is not None and "codes" in t and t["codes"].ndim == 2 and t["codes"].shape[0] == info.num_codebooks:
+            codes[h] = t["codes"]
+            stats["clips_reused"] += 1
+        else:
+            todo[h] = r
+    if todo:
+        hop = info.sample_rate / info.frame_rate
+        # Sort by length so that a batch pads little (padding only touches the last frames of shorter clips).
+        order = sorted(todo, key=lambda h: todo[h].duration)
+        bar = tqdm(total=len(order), desc="encoding audio (EnCodec)", unit="clip", disable=not show_progress)
+        for chunk in _batches(order, batch_size):
+            waves = [load_audio(todo[h].path, info.sample_rate, info.audio_channels) for h in chunk]
+            n = [w.shape[1] for w in waves]
+            empty = [todo[h].path for h, k in zip(chunk, n) if k == 0]
+            if empty:
+                raise UserError(f"Audio file(s) without samples: {', '.join(map(str, empty))}. Remove them from "
+                                f"the metadata or re-run prepare_data.py.")
+            batch = torch.zeros(len(chunk), info.audio_channels, max(n))
+            for i, w in enumerate(waves):
+                batch[i, :, :w.shape[1]] = torch.from_numpy(w)
+            with torch.no_grad():
+                out = encode_audio(model, batch.to(device) if device is not None else batch, info).cpu()
+            for i, h in enumerate(chunk):
+                frames = min(out.shape[-1], max(1, math.ceil(n[i] / hop)))
+                c = out[i, :, :frames].to(torch.int16)
+                _save_tensors(_codes_path(root, h, info), {"codes": c},
+                              {"source": todo[h].audio, "samples": n[i], "model": info.name_or_path,
+                               "identity": info.identity})
+                codes[h] = c
+                stats["clips_encoded"] += 1
+            bar.update(len(chunk))
+        bar.close()
+
+    # Text states -----------------------------------------------------------------------------
+    states: dict[str, tuple] = {}
+    if text_states:
+        texts = list(dict.fromkeys(r.text for r in records))
+        missing = []
+        for text in texts:
+            t = _load_tensors(_text_path(root, text))
+            if t is not None and "hidden" in t and "mask" in t and t["hidden"].shape[-1] == info.text_hidden_size:
+                states[text] = (t["hidden"].float(), t["mask"].long())
+                stats["texts_reused"] += 1
+            else:
+                missing.append(text)
+        if missing:
+            bar = tqdm(total=len(missing), desc="encoding captions (text encoder)", unit="text",
+                       disable=not show_progress)
+            for chunk in _batches(missing, batch_size):
+                with torch.no_grad():
+                    hidden, mask = encode_text(model, processor, chunk, device=device)
+                hidden, mask = hidden.float().cpu(), mask.long().cpu()
+                for i, text in enumerate(chunk):
+                    valid = max(1, int(mask[i].sum()))
+                    h_i, m_i = hidden[i, :valid].clone(), mask[i, :valid].clone()
+                    _save_tensors(_text_path(root, text), {"hidden": h_i, "mask": m_i.to(torch.int8)},
+                                  {"text": text[:2000], "model": info.name_or_path, "identity": info.identity})
+                    states[text] = (h_i, m_i)
+                    stats["texts_encoded"] += 1
+                bar.update(len(chunk))
+            bar.close()
+
+    clips = []
+    for r, h in zip(records, hashes):
+        hid, msk = states.get(r.text, (None, None))
+        clips.append(CachedClip(id=r.id, text=r.text, split=r.split, codes=codes[h], hidden=hid, mask=msk))
+    log.info("Token cache %s: %d clip(s) encoded, %d reused; %d caption(s) encoded, %d reused", root,
+             stats["clips_encoded"], stats["clips_reused"], stats["texts_encoded"], stats["texts_reused"])
+    return clips, stats
+
+
+# --------------------------------------------------------------------------------------------
+# Dataset over cached tokens, collate, length-bucketed batches
+# --------------------------------------------------------------------------------------------
+def sample_rng(seed: int, epoch: int, index: int, purpose: int = 0):
+    """A numpy Generator determined by (seed, epoch, index, purpose) only: per-sample randomness is the same
+    whatever process, worker or batch reads the sample (exact resume, identical multi-GPU runs)."""
+    import numpy as np
+
+    return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch), int(index), int(purpose)])
+
+
+class CachedTokenDataset:
+    """Items of cached clips for training or validation.
+
+    Training (``train=True``): each epoch a clip longer than ``max_frames`` gets a random window of
+    ``max_frames``, and with probability ``cond_dropout`` its text condition is replaced by the null condition
+    (zero hidden states, zero mask: what classifier-free guidance uses at inference). Both draws depend only on
+    (seed, epoch, clip index). Validation (``train=False``): the first window, never dropped.
+    """
+
+    def __init__(self, clips: list[CachedClip], max_frames: int, *, seed: int = 0, train: bool = True,
+                 cond_dropout: float = 0.0):
+        self.clips = clips
+        self.max_frames = int(max_frames)
+        self.seed = int(seed)
+        self.train = train
+        self.cond_dropout = float(cond_dropout) if train else 0.0
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def lengths(self) -> list[int]:
+        """Frames each item will have (after cropping)."""
+        return [min(c.num_frames, self.max_frames) for c in self.clips]
+
+    def __getitem__(self, index: int) -> dict:
+        import torch
+
+        clip = self.clips[index]
+        T = clip.num_frames
+        drop = False
+        start = 0
+        if self.train:
+            rng = sample_rng(self.seed, self.epoch, index)
+            drop = bool(rng.random() < self.cond_dropout)
+            if T > self.max_frames:
+                start = int(rng.integers(0, T - self.max_frames + 1))
+        codes = clip.codes[:, start:start + self.max_frames].long()
+        item = {"index": index, "codes": codes, "text": clip.text, "dropped": drop}
+        if clip.hidden is not None:
+            if drop:
+                item["hidden"] = torch.zeros(1, clip.hidden.shape[-1], dtype=clip.hidden.dtype)
+                item["mask"] = torch.zeros(1, dtype=torch.long)
+            else:
+                item["hidden"], item["mask"] = clip.hidden, clip.mask
+        return item
+
+
+def collate_tokens(items: list[dict], pad_token_id: int) -> dict:
+    """Pad a list of dataset items: codes (B, K, T) padded with pad_token_id plus ``lengths``; text states
+    (B, L, D) zero-padded with their mask (B, L); ``dropped`` (B,) bool; ``index`` (B,); ``texts``."""
+    import torch
+
+    B = len(items)
+    K = items[0]["codes"].shape[0]
+    lengths = torch.tensor([it["codes"].shape[1] for it in items], dtype=torch.long)
+    codes = torch.full((B, K, int(lengths.max())), int(pad_token_id), dtype=torch.long)
+    for i, it in enumerate(items):
+        codes[i, :, :it["codes"].shape[1]] = it["codes"]
+    batch = {"codes": codes, "lengths": lengths, "index": torch.tensor([it["index"] for it in items]),
+             "dropped": torch.tensor([it["dropped"] for it in items], dtype=torch.bool),
+             "texts": [it["text"] for it in items]}
+    if "hidden" in items[0]:
+        L = max(it["hidden"].shape[0] for it in items)
+        D = items[0]["hidden"].shape[1]
+        hidden = torch.zeros(B, L, D, dtype=items[0]["hidden"].dtype)
+        mask = torch.zeros(B, L, dtype=torch.long)
+        for i, it in enumerate(items):
+            n = it["hidden"].shape[0]
+            hidden[i, :n] = it["hidden"]
+            mask[i, :n] = it["mask"]
+        batch["hidden"], batch["mask"] = hidden, mask
+    return batch
+
+
+def bucketed_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, *, multiple_of: int = 1,
+                     bucket_batches: int = 50) -> list[list[int]]:
+    """The epoch's micro-batches of item indices, grouped by similar length (little padding).
+
+    Items are shuffled (seeded by (seed, epoch)), cut into buckets of ``bucket_batches`` batches, sorted by length
+    inside each bucket and cut into batches; the batch order is then shuffled. The list is extended by wrapping
+    around to a multiple of ``multiple_of`` (= gradient_accumulation_steps x processes), so that every optimizer
+    step sees the same number of batches, split across processes and micro-steps identically.
+    """
+    import numpy as np
+
+    n = len(lengths)
+    if n == 0:
+        return []
+    rng = sample_rng(seed, epoch, -1 & 0xFFFFFFFF, purpose=1)
+    perm = rng.permutation(n)
+    lens = np.asarray(lengths)
+    batches: list[list[int]] = []
+    span = max(1, batch_size * bucket_batches)
+    for b in range(0, n, span):
+        bucket = perm[b:b + span]
+        bucket = bucket[np.argsort(-lens[bucket], kind="stable")]
+        batches += [bucket[i:i + batch_size].tolist() for i in range(0, len(bucket), batch_size)]
+    order = rng.permutation(len(batches))
+    batches = [batches[i] for i in order]
+    if multiple_of > 1 and len(batches) % multiple_of:
+        extra = multiple_of - len(batches) % multiple_of
+        batches += [batches[i % len(batches)] for i in range(extra)]
+    return batches

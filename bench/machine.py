@@ -1,0 +1,98 @@
+"""The machine's own limits, measured in the same run as each benchmark.
+
+- matmul peak: best-of-N time of an n x n matmul in fp32 and bf16 (2 n^3 FLOP each);
+- memory bandwidth: best-of-N time of copying a large tensor (read + write bytes);
+- a description of the machine (CPU model, cores, threads, GPU) for BENCHMARKS.md.
+
+Run alone: python bench/machine.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+
+import torch
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(dtype: torch.dtype, device=None, n: int = 2048, repeats: int = 10) -> float:
+    """Best achieved FLOP/s of an n x n @ n x n matmul."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    _sync(device)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def copy_bandwidth(device=None, mbytes: int = 512, repeats: int = 8) -> float:
+    """Best achieved bytes/s of a tensor copy (counts bytes read + bytes written)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    n = mbytes * 2**20 // 4
+    src = torch.empty(n, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    _sync(device)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * src.numel() * 4 / best
+
+
+def describe() -> dict:
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    d = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+         "torch": torch.__version__, "python": platform.python_version(),
+         "date": time.strftime("%Y-%m-%d")}
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        d["gpu"] = f"{p.name} ({p.total_memory / 2**30:.0f} GiB)"
+    return d
+
+
+def measure(device=None, quick: bool = False) -> dict:
+    """Machine description plus peaks; quick uses smaller sizes (for smoke tests)."""
+    n = 1024 if quick else 2048
+    out = describe()
+    out["peak_fp32_flops"] = matmul_peak(torch.float32, device, n=n, repeats=3 if quick else 10)
+    out["peak_bf16_flops"] = matmul_peak(torch.bfloat16, device, n=n, repeats=3 if quick else 10)
+    out["copy_bandwidth_bytes"] = copy_bandwidth(device, mbytes=64 if quick else 512, repeats=3 if quick else 8)
+    return out
+
+
+def summary_line(m: dict) -> str:
+    return (f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads)"
+            + (f", GPU {m['gpu']}" if "gpu" in m else "")
+            + f" | peak fp32 {m['peak_fp32_flops'] / 1e12:.2f} TFLOP/s, bf16 {m['peak_bf16_flops'] / 1e12:.2f} TFLOP/s,"
+              f" copy {m['copy_bandwidth_bytes'] / 1e9:.1f} GB/s | {m['date']}")
+
+
+if __name__ == "__main__":
+    m = measure()
+    print(summary_line(m))
+    print(json.dumps(m, indent=1))

@@ -1,0 +1,542 @@
+"""Evaluate a MusicGen LoRA adapter against its base model (or one model alone).
+
+    cd lora && python evaluate.py --base_model_path MODEL --lora_model_path ../output/best_model \
+        --output_dir ../output/evaluation --compare
+
+What is measured (everything offline; CLAP only when you point at a local CLAP model):
+
+1. Held-out likelihood (always; cheap and the most sensitive): teacher-forced cross-entropy and perplexity per
+   codebook on the valid split's cached EnCodec tokens (the token cache of dataset.py, built if missing), for
+   the base model (the adapter disabled with peft's ``disable_adapter()``: one model in memory) and for the
+   LoRA model, plus a paired bootstrap confidence interval over clips for the difference LoRA - base.
+2. Generation metrics (unless --skip_generation): both models generate the same prompts (the valid captions,
+   or --prompts / --prompts_file) with the same seeds and settings. Each clip gets signal checks (NaN/Inf,
+   clipping, DC, loudness, silence, flatness); the clips that pass are compared with the valid reference audio
+   by FAD and KAD on the base model's frozen EnCodec encoder latents and on librosa features (every clip
+   loudness-normalised first), next to the noise floor (FAD between two halves of the reference) and the codec
+   floor (reference vs its own EnCodec round-trip). Diversity across prompts and across seeds. CLAP
+   text-audio score with a shuffled-prompt baseline when --clap_model_path is a local CLAP folder.
+
+Writes output_dir/results.json (every number with its n, the settings, model and adapter identity, library
+versions), output_dir/report.html (players, spectrograms, charts, training loss curve), output_dir/audio/ and
+prints a summary table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    __package__ = "lora"
+
+import numpy as np
+
+from lora.config import Config, parse_config, validate
+from lora.utils import UserError, atomic_write_json, log, run_main
+
+LOUDNESS_TARGET_LUFS = -23.0   # every clip is normalised to this before embedding (EBU R128)
+KAD_MAX_FRAMES = 2000          # frames per set for KAD (kernel matrices are O(n²)); subsampled with seed 0
+KAD_KERNEL = "rbf"             # Gaussian kernel, median-distance bandwidth (KAD paper / kadtk)
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------
+def check_config(cfg: Config) -> dict:
+    """All problems at once; returns the plan {"models": [...], "adapter": path or None}."""
+    ev, g = cfg.evaluation, cfg.generation
+    problems = []
+    if ev.num_prompts < 1:
+        problems.append(f"evaluation.num_prompts must be at least 1, got {ev.num_prompts}.")
+    if not (ev.eval_duration > 0 and math.isfinite(ev.eval_duration)):
+        problems.append(f"evaluation.eval_duration must be > 0 seconds, got {ev.eval_duration}.")
+    if ev.eval_seeds < 1:
+        problems.append(f"evaluation.eval_seeds must be at least 1, got {ev.eval_seeds}.")
+    if ev.bootstrap_samples < 100:
+        problems.append(f"evaluation.bootstrap_samples must be at least 100 (2000 is a good default), "
+                        f"got {ev.bootstrap_samples}.")
+    if g.batch_size < 1:
+        problems.append(f"generation.batch_size must be at least 1, got {g.batch_size}.")
+    if ev.clap_model_path and not Path(ev.clap_model_path).is_dir():
+        problems.append(f"evaluation.clap_model_path {ev.clap_model_path} is not a folder. Download a CLAP model "
+                        f"once (e.g. `huggingface-cli download laion/larger_clap_music --local-dir models/clap`) "
+                        f"and pass that folder, or leave clap_model_path unset to skip the CLAP score.")
+    if g.prompts_file and not Path(g.prompts_file).is_file():
+        problems.append(f"generation.prompts_file {g.prompts_file} does not exist.")
+    adapter = g.lora_model_path
+    have_adapter = bool(adapter) and Path(adapter).is_dir()
+    if ev.compare:
+        if not adapter:
+            problems.append("--compare needs a LoRA adapter: pass --lora_model_path (e.g. ../output/best_model).")
+        elif not have_adapter:
+            problems.append(f"--compare: the LoRA adapter folder {adapter} does not exist. Train one with "
+                            f"train_lora.py, or pass the right --lora_model_path.")
+        models = ["base", "lora"]
+    elif have_adapter:
+        models = ["lora"]
+    else:
+        if adapter:
+            log.info("No adapter at %s: evaluating the base model alone", adapter)
+        models = ["base"]
+    validate(problems)
+    return {"models": models, "adapter": adapter if "lora" in models else None}
+
+
+def read_prompts_file(path: str | Path) -> list[str]:
+    """Prompts from a .txt file (one per line, '#' comments), a JSON list, or JSONL (strings or objects with
+    "prompt"/"text")."""
+    p = Path(path)
+    text = p.read_text(encoding="utf-8")
+
+    def from_obj(o, where):
+        if isinstance(o, str):
+            return o
+        if isinstance(o, dict):
+            for k in ("prompt", "text", "caption"):
+                if isinstance(o.get(k), str):
+                    return o[k]
+        raise UserError(f"{where}: expected a string or an object with a 'prompt' field, got {o!r:.80}.")
+
+    if p.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            raise UserError(f"{p} is not valid JSON ({e}).") from None
+        items = data.get("prompts") if isinstance(data, dict) else data
+        if not isinstance(items, list):
+            raise UserError(f"{p}: expected a list of prompts (or an object with a 'prompts' list).")
+        out = [from_obj(o, f"{p} item {i}") for i, o in enumerate(items)]
+    elif p.suffix.lower() == ".jsonl":
+        out = []
+        for i, line in enumerate(text.splitlines()):
+            if line.strip():
+                try:
+                    out.append(from_obj(json.loads(line), f"{p} line {i + 1}"))
+                except ValueError as e:
+                    raise UserError(f"{p} line {i + 1} is not valid JSON ({e}).") from None
+    else:
+        out = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    out = [s.strip() for s in out if s.strip()]
+    if not out:
+        raise UserError(f"{p} holds no prompts.")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Held-out likelihood
+# --------------------------------------------------------------------------------------------
+def _model_context(model, which: str):
+    """base: the adapter disabled (peft), same weights in memory; lora: as loaded."""
+    if which == "base" and hasattr(model, "disable_adapter"):
+        return model.disable_adapter()
+    return contextlib.nullcontext()
+
+
+def heldout_likelihood(model, clips, info, max_frames: int, batch_size: int, device) -> dict:
+    """Teacher-forced per-clip, per-codebook CE on cached tokens (the first max_frames of every clip)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from lora.dataset import CachedTokenDataset, collate_tokens
+    from lora.metrics import per_clip_cross_entropy
+    from lora.modeling import build_delay_pattern
+
+    K = info.num_codebooks
+    ds = CachedTokenDataset(clips, max_frames, train=False)
+    lengths = ds.lengths()
+    order = sorted(range(len(ds)), key=lambda i: -lengths[i])
+    ce_sum = np.zeros((len(ds), K))
+    n_tok = np.zeros((len(ds), K), dtype=np.int64)
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    with torch.no_grad():
+        for b in tqdm(batches, desc="held-out likelihood", unit="batch", leave=False):
+            batch = collate_tokens([ds[i] for i in b], info.pad_token_id)
+            dec_in, labels = build_delay_pattern(batch["codes"].to(device), batch["lengths"].to(device), info)
+            logits = model(encoder_outputs=(batch["hidden"].to(device),), attention_mask=batch["mask"].to(device),
+                           decoder_input_ids=dec_in).logits
+            s, n = per_clip_cross_entropy(logits, labels, K)
+            ce_sum[b] = s.cpu().numpy()
+            n_tok[b] = n.cpu().numpy()
+    per_cb = ce_sum.sum(0) / np.maximum(n_tok.sum(0), 1)
+    clip_tokens = n_tok.sum(1)
+    clip_ce = ce_sum.sum(1) / np.maximum(clip_tokens, 1)
+    ce = float(per_cb.mean())
+    return {
+        "ce": ce, "ppl": float(math.exp(min(ce, 50.0))),
+        "ce_per_codebook": per_cb.tolist(), "ppl_per_codebook": [float(math.exp(min(v, 50.0))) for v in per_cb],
+        "n_clips": len(ds), "n_tokens": int(n_tok.sum()), "n_tokens_per_codebook": n_tok.sum(0).tolist(),
+        "per_clip": [{"id": c.id, "ce": float(v), "tokens": int(t)} for c, v, t in zip(clips, clip_ce, clip_tokens)],
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Generation metrics
+# --------------------------------------------------------------------------------------------
+def encodec_frames(model, wav: np.ndarray, info, device) -> np.ndarray:
+    """Frames of the frozen EnCodec encoder before quantisation: (T, D) for one clip (C, N)."""
+    import torch
+
+    from lora.modeling import get_base
+
+    codec = get_base(model).audio_encoder
+    x = torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32))
+    if x.dim() == 1:
+        x = x[None]
+    if int(getattr(codec.config, "audio_channels", 1)) == 1 and x.shape[0] > 1:
+        x = x.mean(dim=0, keepdim=True)
+    p = next(codec.parameters())
+    with torch.no_grad():
+        z = codec.encoder(x[None].to(device=p.device, dtype=p.dtype))
+    return z[0].float().T.cpu().numpy().astype(np.float64)
+
+
+def codec_roundtrip(model, wav: np.ndarray, info) -> np.ndarray:
+    import torch
+
+    from lora.modeling import decode_audio, encode_audio
+
+    x = torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32))[None]
+    codes = encode_audio(model, x, info)
+    y = decode_audio(model, codes, info)[0].float().cpu().numpy()
+    return y[..., :wav.shape[-1]]
+
+
+def _embed_all(model, wavs, info, device) -> list[dict]:
+    """Per clip: loudness-normalised EnCodec frames and librosa frame features."""
+    from tqdm.auto import tqdm
+
+    from lora.metrics import librosa_frame_features, loudness_normalize
+
+    out = []
+    for w in tqdm(wavs, desc="embedding", unit="clip", leave=False):
+        x = loudness_normalize(w, info.sample_rate, LOUDNESS_TARGET_LUFS)
+        out.append({"encodec": encodec_frames(model, x, info, device),
+                    "librosa": librosa_frame_features(x, info.sample_rate)})
+    return out
+
+
+def _distances(gen: list[dict], ref: list[dict], transform: dict) -> dict:
+    """FAD and KAD in both embedding spaces between generated and reference frame sets."""
+    from lora.metrics import frechet_audio_distance, kernel_audio_distance, subsample_rows
+
+    res = {}
+    for space in ("encodec", "librosa"):
+        x = transform[space](np.concatenate([g[space] for g in gen]))
+        y = transform[space](np.concatenate([r[space] for r in ref]))
+        kad = kernel_audio_distance(subsample_rows(x, KAD_MAX_FRAMES), subsample_rows(y, KAD_MAX_FRAMES),
+                                    kernel=KAD_KERNEL)
+        res[space] = {"fad": frechet_audio_distance(x, y), "kad": kad, "n_clips": len(gen),
+                      "n_reference_clips": len(ref), "n_frames": int(len(x)), "n_reference_frames": int(len(y))}
+    return res
+
+
+def generate_clips(model, processor, info, which: str, prompts, seeds, cfg: Config) -> list:
+    """Audio (C, N) per (prompt, seed) pair in prompt-major order; None where generation produced NaN/inf."""
+    from lora.generation import GenerationError, generate_audio
+
+    g, ev = cfg.generation, cfg.evaluation
+    pairs = [(p, s) for p in prompts for s in seeds]
+    out: list = []
+    for i in range(0, len(pairs), g.batch_size):
+        chunk = pairs[i:i + g.batch_size]
+        try:
+            with _model_context(model, which):
+                out += generate_audio(model, processor, info, [p for p, _ in chunk], [s for _, s in chunk],
+                                      duration=ev.eval_duration, guidance_scale=g.guidance_scale,
+                                      temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
+                                      batch_size=g.batch_size, extend_stride=g.extend_stride)
+        except GenerationError as e:
+            log.warning("%s model: generation failed for %d clip(s): %s", which, len(chunk), e)
+            out += [None] * len(chunk)
+    return out
+
+
+def generation_metrics(model, processor, info, cfg: Config, models: list[str], valid_recs, prompts: list[str],
+                       out_dir: Path, device) -> dict:
+    import torch
+
+    from lora.audio import load_audio, save_wav
+    from lora.metrics import (diversity, signal_checks, standardizer, summarize_checks, thresholds_dict)
+    from lora.report import save_spectrogram
+
+    ev, g = cfg.evaluation, cfg.generation
+    seeds = [g.seed + j for j in range(ev.eval_seeds)]
+    sr = info.sample_rate
+    res: dict = {"prompts": prompts, "seeds": seeds, "clips": [], "signal": {}, "distances": {}, "diversity": {},
+                 "thresholds": thresholds_dict()}
+
+    # Generated audio, checks, files ---------------------------------------------------------------
+    gen_dtype = None
+    if device.type == "cuda":
+        from lora.generation import resolve_dtype
+        from lora.modeling import get_base
+
+        gen_dtype = resolve_dtype(g.dtype, device)
+        if gen_dtype != torch.float32:  # decoder (with its LoRA layers) only; EnCodec and T5 stay fp32
+            base = get_base(model)
+            base.decoder.to(gen_dtype)
+            if getattr(base, "enc_to_dec_proj", None) is not None:
+                base.enc_to_dec_proj.to(gen_dtype)
+    res["decoder_dtype"] = str(gen_dtype or torch.float32).replace("torch.", "")
+    audio: dict[str, list] = {}
+    t0 = time.perf_counter()
+    for m in models:
+        log.info("Generating %d clip(s) of %.1f s with the %s model", len(prompts) * len(seeds), ev.eval_duration, m)
+        audio[m] = generate_clips(model, processor, info, m, prompts, seeds, cfg)
+    res["generation_seconds"] = time.perf_counter() - t0
+    ok: dict[str, list[int]] = {}
+    for m in models:
+        checks = []
+        ok[m] = []
+        for j, wav in enumerate(audio[m]):
+            pi, sd = divmod(j, len(seeds))
+            seed = seeds[sd]
+            stem = f"p{pi:03d}_s{seed}"
+            clip = {"model": m, "prompt_index": pi, "prompt": prompts[pi], "seed": seed}
+            if wav is None:
+                c = {"finite": False, "failures": ["non_finite"], "note": "generation produced NaN/inf logits"}
+            else:
+                c = signal_checks(wav, sr)
+                wav_rel = f"audio/{m}/{stem}.wav"
+                png_rel = f"spectrograms/{m}/{stem}.png"
+                save_wav(out_dir / wav_rel, np.nan_to_num(wav), sr)
+                save_spectrogram(wav, sr, out_dir / png_rel, f"{m} | seed {seed} | {prompts[pi]}")
+                clip.update(wav=wav_rel, spectrogram=png_rel)
+            clip["checks"] = c
+            checks.append(c)
+            if not c["failures"]:
+                ok[m].append(j)
+            res["clips"].append(clip)
+        res["signal"][m] = summarize_checks(checks)
+
+    # Reference audio and floors -------------------------------------------------------------------
+    log.info("Embedding %d reference clip(s) and the generated clips", len(valid_recs))
+    ref_wavs = [load_audio(r.path, sr, info.audio_channels) for r in valid_recs]
+    ref_wavs = [w for w in ref_wavs if w.shape[-1] > 0]
+    ref = _embed_all(model, ref_wavs, info, device)
+    lib_std = standardizer(np.concatenate([r["librosa"] for r in ref]))
+    transform = {"encodec": lambda x: x, "librosa": lib_std}
+    res["reference"] = {"n_clips": len(ref), "seconds": float(sum(w.shape[-1] for w in ref_wavs) / sr)}
+    floors: dict = {}
+    if len(ref) >= 2:
+        floors["noise"] = _distances(ref[0::2], ref[1::2], transform)
+        floors["noise"]["note"] = "reference clips split in two halves (even / odd): FAD of one distribution at this size"
+    else:
+        floors["noise"] = None
+    rt = _embed_all(model, [codec_roundtrip(model, w, info) for w in ref_wavs], info, device)
+    floors["codec"] = _distances(rt, ref, transform)
+    floors["codec"]["note"] = "reference vs its own EnCodec round-trip: the best a MusicGen model can reach"
+    res["floors"] = floors
+
+    # Distances and diversity per model -------------------------------------------------------------
+    for m in models:
+        wavs = [audio[m][j] for j in ok[m]]
+        if len(wavs) < 2:
+            res["distances"][m] = None
+            res["diversity"][m] = None
+            log.warning("%s model: %d clip(s) passed the signal checks; FAD/KAD need at least 2", m, len(wavs))
+            continue
+        emb = _embed_all(model, wavs, info, device)
+        res["distances"][m] = _distances(emb, ref, transform)
+        clip_emb = np.stack([e["encodec"].mean(axis=0) for e in emb])
+        res["diversity"][m] = diversity(clip_emb, [j // len(seeds) for j in ok[m]], [j % len(seeds) for j in ok[m]])
+        res["diversity"][m]["space"] = "mean EnCodec latent per clip, cosine distance"
+
+    # CLAP ----------------------------------------------------------------------------------------
+    if ev.clap_model_path:
+        res["clap"] = clap_metrics(ev.clap_model_path, models, audio, ok, prompts, seeds, valid_recs, ref_wavs, sr,
+                                   device)
+    else:
+        res["clap"] = {"skipped": "CLAP score skipped: no --clap_model_path given. For a text-audio score, download "
+                                  "a CLAP model once (e.g. laion/larger_clap_music) into a folder and pass "
+                                  "--clap_model_path FOLDER."}
+    return res
+
+
+def clap_metrics(path, models, audio, ok, prompts, seeds, valid_recs, ref_wavs, sr, device) -> dict:
+    from transformers import ClapModel, ClapProcessor
+
+    from lora.metrics import clap_scores
+
+    try:
+        model = ClapModel.from_pretrained(path, local_files_only=True).to(device).eval()
+        processor = ClapProcessor.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise UserError(f"Could not load a CLAP model from {path} ({str(e).splitlines()[0][:300]}). It must be a "
+                        f"transformers CLAP folder (config.json, weights, tokenizer and preprocessor files).") from None
+    res: dict = {"model": str(path), "window_seconds": 10.0, "sample_rate": 48000}
+    for m in models:
+        idx = ok[m]
+        if not idx:
+            res[m] = None
+            continue
+        r = clap_scores(model, processor, [prompts[j // len(seeds)] for j in idx], [audio[m][j] for j in idx], sr,
+                        device=device)
+        res[m] = r
+    pairs = [(r.text, w) for r, w in zip(valid_recs, ref_wavs) if r.text.strip()]
+    if pairs:
+        res["reference"] = clap_scores(model, processor, [t for t, _ in pairs], [w for _, w in pairs], sr,
+                                       device=device)
+        res["reference"]["note"] = "the valid clips scored against their own captions"
+    return res
+
+
+# --------------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------------
+def versions() -> dict:
+    import importlib.metadata as md
+
+    import lora
+
+    out = {"python": platform.python_version(), "lora_toolkit": lora.__version__}
+    for pkg in ("torch", "transformers", "peft", "accelerate", "numpy", "scipy", "librosa", "pyloudnorm", "soxr",
+                "soundfile"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def jsonable(x):
+    """Plain JSON: numpy scalars to Python, non-finite floats to None (JSON has no NaN/Infinity)."""
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        x = float(x)
+        return x if math.isfinite(x) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.bool_):
+        return bool(x)
+    if isinstance(x, Path):
+        return str(x)
+    return x
+
+
+# --------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    cfg, _ = parse_config(argv, description="Evaluate a MusicGen LoRA adapter: held-out likelihood, generation "
+                                            "metrics (FAD/KAD, signal checks, diversity, CLAP), HTML report.",
+                          sections=("evaluation", "model", "generation", "data"))
+    plan = check_config(cfg)
+    log.info("Evaluation config: %s", json.dumps(dataclasses.asdict(cfg.evaluation)))
+    return evaluate(cfg, plan)
+
+
+def evaluate(cfg: Config, plan: dict) -> int:
+    import torch
+
+    from lora.dataset import build_token_cache, load_metadata
+    from lora.generation import adapter_identity, pick_device
+    from lora.modeling import get_base, load_base_model, load_lora
+    from lora.report import format_table, summary_rows, write_report
+
+    ev, g = cfg.evaluation, cfg.generation
+    out_dir = Path(ev.output_dir)
+    models, adapter = plan["models"], plan["adapter"]
+    torch.manual_seed(g.seed)
+    t_start = time.perf_counter()
+
+    records = load_metadata(cfg.data.data_dir, cfg.data.metadata_file)
+    valid = [r for r in records if r.split == "valid"]
+    if not valid:
+        raise UserError(f"No held-out clips (split 'valid') in {cfg.data.data_dir}/{cfg.data.metadata_file}: the "
+                        f"evaluation needs clips the adapter never trained on. Re-run prepare_data.py with "
+                        f"--valid_fraction 0.1 (or higher).")
+
+    device = pick_device()
+    model, processor, info = load_base_model(cfg.model, device=device)
+    base = get_base(model)
+    # Cache (built once, shared with training) before the adapter goes on: codes and text states are the base's.
+    clips, cache_stats = build_token_cache(valid, model, processor, info, cfg.data.data_dir,
+                                           batch_size=cfg.training.encode_batch_size, device=device)
+    identity = {"base": {k: v for k, v in info.to_dict().items()
+                         if k in ("name_or_path", "identity", "hub_revision", "sample_rate", "frame_rate",
+                                  "num_codebooks", "audio_channels")}}
+    if adapter:
+        model = load_lora(model, adapter, is_trainable=False)
+        identity["lora"] = dict(adapter_identity(adapter), base=identity["base"]["name_or_path"])
+    model.eval()
+
+    # 1. Held-out likelihood ----------------------------------------------------------------------
+    max_pos = int(getattr(base.config.decoder, "max_position_embeddings", 10 ** 9))
+    max_frames = min(int(round(cfg.training.max_duration * info.frame_rate)), max_pos - info.codebooks_per_channel + 1)
+    lk: dict = {"window_seconds": max_frames / info.frame_rate, "split": "valid", "cache": cache_stats}
+    for m in models:
+        with _model_context(model, m):
+            lk[m] = heldout_likelihood(model, clips, info, max_frames, cfg.training.batch_size, device)
+        log.info("%s model: held-out cross-entropy %.4f (perplexity %.2f) over %d clips, %d tokens", m, lk[m]["ce"],
+                 lk[m]["ppl"], lk[m]["n_clips"], lk[m]["n_tokens"])
+    if "base" in models and "lora" in models:
+        from lora.metrics import paired_bootstrap_ci
+
+        diff = paired_bootstrap_ci([c["ce"] for c in lk["base"]["per_clip"]], [c["ce"] for c in lk["lora"]["per_clip"]],
+                                   weights=[c["tokens"] for c in lk["base"]["per_clip"]], n_boot=ev.bootstrap_samples,
+                                   seed=g.seed)
+        diff["what"] = "LoRA minus base held-out cross-entropy (token-weighted over clips); negative = LoRA better"
+        diff["ppl_ratio"] = float(math.exp(diff["diff"]))
+        diff["excludes_zero"] = bool(diff["ci_high"] < 0 or diff["ci_low"] > 0)
+        lk["difference"] = diff
+
+    results: dict = {
+        "models_evaluated": models, "identity": identity, "likelihood": lk, "versions": versions(),
+        "settings": {"evaluation": dataclasses.asdict(ev), "data_dir": cfg.data.data_dir,
+                     "metadata_file": cfg.data.metadata_file, "device": str(device),
+                     "sampling": {"guidance_scale": g.guidance_scale, "temperature": g.temperature, "top_k": g.top_k,
+                                  "top_p": g.top_p, "first_seed": g.seed, "batch_size": g.batch_size},
+                     "loudness_target_lufs": LOUDNESS_TARGET_LUFS, "kad_kernel": KAD_KERNEL,
+                     "kad_scale": 100, "kad_max_frames": KAD_MAX_FRAMES, "config_file": cfg.config_file},
+        "notes": [],
+    }
+
+    # 2. Generation metrics ----------------------------------------------------------------------
+    if ev.skip_generation:
+        results["generation"] = {"skipped": "generation metrics skipped (--skip_generation)"}
+        results["notes"].append("Generation metrics skipped (--skip_generation): likelihood only.")
+    else:
+        if g.prompts:
+            prompts, source = list(g.prompts), "--prompts"
+        elif g.prompts_file:
+            prompts, source = read_prompts_file(g.prompts_file), str(g.prompts_file)
+        else:
+            prompts = list(dict.fromkeys(r.text.strip() for r in valid if r.text.strip()))
+            source = "valid captions"
+            if not prompts:
+                raise UserError(f"The valid clips in {cfg.data.data_dir} have no captions to use as prompts; pass "
+                                f"--prompts_file FILE (one prompt per line) or --skip_generation.")
+        prompts = prompts[:ev.num_prompts]
+        results["settings"]["prompts_source"] = source
+        gen = generation_metrics(model, processor, info, cfg, models, valid, prompts, out_dir, device)
+        results["generation"] = gen
+        if gen["clap"].get("skipped"):
+            results["notes"].append(gen["clap"]["skipped"])
+            print(gen["clap"]["skipped"])
+    results["seconds"] = time.perf_counter() - t_start
+    results["summary"] = summary_rows(results)
+    results = jsonable(results)
+    atomic_write_json(out_dir / "results.json", results)
+    report = write_report(results, out_dir, adapter_dir=adapter)
+    print()
+    print(format_table(results["summary"]))
+    print()
+    print(f"results: {out_dir / 'results.json'}")
+    print(f"report:  {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

@@ -1,0 +1,422 @@
+"""Generate music from text with MusicGen and a LoRA adapter; write WAV files and a manifest.
+
+The seed's command (from inside lora/)::
+
+    python inference_lora.py --base_model_path /path/to/musicgen-small --lora_model_path ../output/best_model \\
+        --prompts "hip hop 808 beat with trap drums" --output_dir ../output/generated
+
+More::
+
+    --prompts "lofi piano" "dark techno"     several prompts (each gets --num_samples samples)
+    --prompts_file prompts.txt               one prompt per line (blank lines and lines starting with # skipped)
+    --prompts_file prompts.jsonl             per-prompt settings: {"text": ..., "duration": 20, "seed": 7,
+                                             "guidance_scale": 4, "temperature": 1, "top_k": 250, "top_p": 0,
+                                             "num_samples": 2}   (.json: a list of such objects or strings)
+    --duration 60                            seconds; beyond max_window (30 s) windowed continuation is used
+    --audio_prompt intro.wav                 continue a piece (the duration includes it)
+    --lora_scale 0.5                         half-strength adapter (0 = base model); --lora_model_path none = base
+    --merge false                            keep LoRA unmerged (default: merged when lora_scale is 1)
+    --seed 3 --num_samples 4                 seeds 3, 4, 5, 6; each file's seed is in manifest.json
+    --output_format float --normalize false  32-bit float WAVs, no peak normalisation
+    --overwrite                              replace existing files (otherwise nothing is generated)
+
+Each file is named ``<prompt-slug>_s<seed>.wav``; ``output_dir/manifest.json`` lists for every file the
+prompt, seed, all settings, the model and adapter identity (path + hash of the adapter weights), duration,
+generation time and real-time factor. Any sample can be regenerated alone from its seed and settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+import time
+import unicodedata
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    __package__ = "lora"
+
+from lora import config as config_module  # noqa: E402
+from lora.config import GenerationConfig, parse_config, validate  # noqa: E402
+from lora.generation import Request, SamplingSettings, validate_request  # noqa: E402
+from lora.utils import UserError, atomic_write_json, human_seconds, log, run_main  # noqa: E402
+
+DESCRIPTION = "Generate music with MusicGen + a LoRA adapter (WAV files + manifest.json)."
+PER_PROMPT_KEYS = {"text": str, "prompt": str, "duration": float, "seed": int, "guidance_scale": float,
+                   "temperature": float, "top_k": int, "top_p": float, "num_samples": int}
+MANIFEST = "manifest.json"
+SLUG_MAX_BYTES = 80
+
+
+# --------------------------------------------------------------------------------------------
+# Prompts
+# --------------------------------------------------------------------------------------------
+@dataclass
+class PromptSpec:
+    text: str
+    where: str          # "--prompts #2" or "prompts.jsonl line 3": used in error messages
+    duration: float
+    seed: int
+    num_samples: int
+    sampling: SamplingSettings
+
+
+def _entry_value(key, value, where, problems):
+    want = PER_PROMPT_KEYS[key]
+    if isinstance(value, bool) or value is None:
+        problems.append(f"{where}: '{key}' must be {want.__name__}, got {value!r}.")
+        return None
+    if want is str:
+        if not isinstance(value, str):
+            problems.append(f"{where}: '{key}' must be text, got {value!r}.")
+            return None
+        return value
+    if want is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int):
+            problems.append(f"{where}: '{key}' must be an integer, got {value!r}.")
+            return None
+        return value
+    if not isinstance(value, (int, float)):
+        problems.append(f"{where}: '{key}' must be a number, got {value!r}.")
+        return None
+    return float(value)
+
+
+def read_prompts_file(path: str | os.PathLike, problems: list[str]) -> list[tuple[str, dict]]:
+    """Entries (where, {text, and optional per-prompt settings}) of a .txt / .json / .jsonl prompts file."""
+    p = Path(path)
+    if not p.is_file():
+        problems.append(f"prompts_file not found: {p}. Pass a .txt (one prompt per line), .json or .jsonl file.")
+        return []
+    try:
+        text = p.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        problems.append(f"prompts_file {p} cannot be read as UTF-8 text ({e}).")
+        return []
+    raw: list[tuple[str, object]] = []
+    suffix = p.suffix.lower()
+    if suffix == ".jsonl":
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                raw.append((f"{p.name} line {n}", json.loads(line)))
+            except ValueError as e:
+                problems.append(f"{p.name} line {n} is not valid JSON ({e}). Each line must be a JSON object like "
+                                f'{{"text": "lofi piano", "duration": 10}} or a JSON string.')
+    elif suffix == ".json":
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            problems.append(f"{p} is not valid JSON ({e}).")
+            return []
+        if isinstance(data, dict) and "prompts" in data:
+            data = data["prompts"]
+        if not isinstance(data, list):
+            problems.append(f"{p}: expected a JSON list of prompts (strings or objects with 'text'), or "
+                            f'{{"prompts": [...]}}; got {type(data).__name__}.')
+            return []
+        raw = [(f"{p.name} item {i + 1}", item) for i, item in enumerate(data)]
+    else:
+        for n, line in enumerate(text.splitlines(), 1):
+            s = line.strip()
+            if s and not s.startswith("#"):
+                raw.append((f"{p.name} line {n}", s))
+    out = []
+    for where, item in raw:
+        if isinstance(item, str):
+            out.append((where, {"text": item}))
+            continue
+        if not isinstance(item, dict):
+            problems.append(f"{where}: expected a prompt string or an object with 'text', got {item!r}.")
+            continue
+        unknown = sorted(set(item) - set(PER_PROMPT_KEYS))
+        if unknown:
+            problems.append(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; allowed: "
+                            f"{', '.join(sorted(PER_PROMPT_KEYS))}.")
+            continue
+        if "text" in item and "prompt" in item:
+            problems.append(f"{where}: give either 'text' or 'prompt', not both.")
+            continue
+        entry = {}
+        for key, value in item.items():
+            v = _entry_value(key, value, where, problems)
+            if v is not None:
+                entry["text" if key == "prompt" else key] = v
+        if "text" not in entry and not any(f"{where}:" in q for q in problems):
+            problems.append(f"{where}: no 'text' (the prompt); e.g. {{\"text\": \"lofi piano\"}}.")
+            continue
+        out.append((where, entry))
+    return out
+
+
+def build_prompt_specs(g: GenerationConfig, problems: list[str]) -> list[PromptSpec]:
+    entries = [(f"--prompts #{i + 1}" if len(g.prompts) > 1 else "--prompts", {"text": t})
+               for i, t in enumerate(g.prompts)]
+    if g.prompts_file:
+        entries += read_prompts_file(g.prompts_file, problems)
+    if not entries and not problems:
+        if g.unconditional:
+            entries = [("--unconditional", {"text": ""})]
+        else:
+            problems.append("No prompt given. Pass --prompts \"your description\" (several allowed), or "
+                            "--prompts_file FILE, or --unconditional to generate without text.")
+    specs = []
+    for where, e in entries:
+        text = str(e.get("text", "")).strip()
+        if not text and not g.unconditional:
+            problems.append(f"{where}: the prompt is empty. Write a description of the music, or pass "
+                            f"--unconditional to generate without text on purpose.")
+            continue
+        sampling = SamplingSettings(
+            guidance_scale=float(e.get("guidance_scale", g.guidance_scale)),
+            temperature=float(e.get("temperature", g.temperature)), top_k=int(e.get("top_k", g.top_k)),
+            top_p=float(e.get("top_p", g.top_p)), do_sample=bool(g.do_sample))
+        n = int(e.get("num_samples", g.num_samples))
+        if n < 1:
+            problems.append(f"{where}: num_samples must be >= 1, got {n}.")
+            continue
+        spec = PromptSpec(text=text, where=where, duration=float(e.get("duration", g.duration)),
+                          seed=int(e.get("seed", g.seed)), num_samples=n, sampling=sampling)
+        problems += validate_request(Request(text, spec.seed, spec.duration, sampling), where)
+        specs.append(spec)
+    return specs
+
+
+# --------------------------------------------------------------------------------------------
+# File names
+# --------------------------------------------------------------------------------------------
+def slugify(text: str, max_bytes: int = SLUG_MAX_BYTES) -> str:
+    """A file-name-safe slug: letters/digits of any script kept (lower-cased), everything else -> '-',
+    at most ``max_bytes`` UTF-8 bytes. '' for a text without letters or digits."""
+    s = unicodedata.normalize("NFKC", text).lower()
+    s = re.sub(r"[^\w]+", "-", s, flags=re.UNICODE).replace("_", "-")
+    s = re.sub(r"-{2,}", "-", s).strip("-")
+    while len(s.encode("utf-8")) > max_bytes:
+        s = s[:-1]
+    return s.rstrip("-")
+
+
+def _short_hash(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:6]
+
+
+def output_names(requests: list[Request]) -> list[str]:
+    """``<slug>_s<seed>.wav`` per request; different prompts with the same slug get a hash suffix."""
+    slugs = {}
+    for r in requests:
+        if r.prompt not in slugs:
+            base = slugify(r.prompt) if r.prompt else "unconditional"
+            slugs[r.prompt] = base or f"prompt-{_short_hash(r.prompt)}"
+    by_slug: dict[str, set] = {}
+    for prompt, slug in slugs.items():
+        by_slug.setdefault(slug, set()).add(prompt)
+    names = []
+    for r in requests:
+        slug = slugs[r.prompt]
+        if len(by_slug[slug]) > 1:
+            slug = f"{slug}-{_short_hash(r.prompt)}"
+        names.append(f"{slug}_s{r.seed}.wav")
+    return names
+
+
+# --------------------------------------------------------------------------------------------
+# Adapter choice
+# --------------------------------------------------------------------------------------------
+def _flag_given(argv: list[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in argv)
+
+
+def _default_adapter_path() -> str:
+    default = GenerationConfig.__dataclass_fields__["lora_model_path"].default
+    return os.path.normpath(config_module.REPO_ROOT / default)
+
+
+def choose_adapter(g: GenerationConfig, argv: list[str], problems: list[str]):
+    """The adapter folder to use, or None for the base model alone."""
+    path = g.lora_model_path
+    if not path:
+        log.info("No LoRA adapter (lora_model_path: none): generating with the base model alone")
+        return None
+    explicit = _flag_given(argv, "--lora_model_path") or os.path.normpath(path) != _default_adapter_path()
+    if Path(path).exists():
+        if not Path(path).is_dir():
+            problems.append(f"lora_model_path {path} is a file; it must be an adapter folder (with "
+                            f"adapter_config.json and adapter_model.safetensors).")
+        return path
+    if explicit:
+        problems.append(f"LoRA adapter folder not found: {path} (lora_model_path). Pass the folder train_lora.py "
+                        f"wrote (e.g. ../output/best_model), or --lora_model_path none for the base model alone.")
+        return None
+    log.warning("No LoRA adapter at the default location %s (nothing trained yet?): generating with the BASE "
+                "MODEL ONLY. Train one with train_lora.py, or pass --lora_model_path FOLDER.", path)
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------
+def _load_manifest(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        log.warning("%s is not readable JSON; it will be replaced", path)
+        return []
+    files = data.get("files") if isinstance(data, dict) else None
+    return [e for e in files if isinstance(e, dict) and "file" in e] if isinstance(files, list) else []
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cfg, _ = parse_config(argv, description=DESCRIPTION, sections=("generation", "model"))
+    g = cfg.generation
+
+    # ---- validate everything before loading anything
+    problems: list[str] = []
+    specs = build_prompt_specs(g, problems)
+    if g.batch_size < 1:
+        problems.append(f"batch_size must be >= 1, got {g.batch_size}.")
+    if not (math.isfinite(g.max_window) and g.max_window > 0):
+        problems.append(f"max_window must be > 0 seconds (MusicGen: 30), got {g.max_window}.")
+    elif not (0 < g.extend_stride < g.max_window):
+        problems.append(f"extend_stride ({g.extend_stride} s) must be > 0 and smaller than max_window "
+                        f"({g.max_window} s); audiocraft uses 18 of 30.")
+    if not (math.isfinite(g.lora_scale) and g.lora_scale >= 0):
+        problems.append(f"lora_scale must be >= 0 (0 = base model, 1 = full adapter), got {g.lora_scale}.")
+    if g.audio_prompt and not Path(g.audio_prompt).is_file():
+        problems.append(f"audio_prompt file not found: {g.audio_prompt}.")
+    adapter = choose_adapter(g, argv, problems)
+    validate(problems)
+    if adapter is None and g.merge:
+        log.info("merge: true has no effect without an adapter")
+
+    requests: list[Request] = []
+    for spec in specs:
+        for j in range(spec.num_samples):
+            requests.append(Request(prompt=spec.text, seed=spec.seed + j, duration=spec.duration,
+                                    sampling=spec.sampling))
+    out_dir = Path(g.output_dir)
+    names = output_names(requests)
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if name in seen:
+            raise UserError(f"Two samples would both be written to {name} (same prompt {requests[i].prompt!r} and "
+                            f"seed {requests[i].seed}); give them different seeds (prompts file 'seed').")
+        seen[name] = i
+    existing = [n for n in names if (out_dir / n).exists()]
+    if existing and not g.overwrite:
+        shown = ", ".join(existing[:5]) + (f" and {len(existing) - 5} more" if len(existing) > 5 else "")
+        raise UserError(f"{len(existing)} output file(s) already exist in {out_dir}: {shown}. Nothing was generated. "
+                        f"Pass --overwrite to replace them, or choose another --output_dir or --seed.")
+
+    log.info("Resolved settings: %s", json.dumps({"generation": dataclasses.asdict(g),
+                                                  "model": dataclasses.asdict(cfg.model)}, default=str))
+    total_audio = sum(r.duration for r in requests)
+    log.info("%d prompt(s) x samples = %d file(s), %s of audio, into %s", len(specs), len(requests),
+             human_seconds(total_audio), out_dir)
+
+    # ---- build
+    import torch
+
+    from lora import generation
+    from lora.audio import load_audio, normalize_peak, peak_db, save_wav
+
+    torch.manual_seed(g.seed)
+    model, processor, info, adapter_info = generation.load_generation_model(cfg, adapter_path=adapter)
+    if adapter_info is None and adapter is None:
+        log.info("Model: %s (base model only, no adapter)", info.name_or_path)
+    prompt_codes, prompt_id, prompt_seconds = None, "", 0.0
+    if g.audio_prompt:
+        wav = load_audio(g.audio_prompt, info.sample_rate, channels=info.audio_channels)
+        prompt_seconds = wav.shape[-1] / info.sample_rate
+        prompt_codes, prompt_id = generation.encode_audio_prompt(model, info, wav)
+        log.info("Audio prompt %s: %.2f s (%d frames) is continued; durations include it", g.audio_prompt,
+                 prompt_seconds, prompt_codes.shape[-1])
+        for r in requests:
+            if r.duration <= prompt_seconds:
+                raise UserError(f"duration {r.duration:g} s does not reach past the audio prompt "
+                                f"({prompt_seconds:.2f} s); the duration includes the prompt, so ask for more.")
+            r.prompt_codes, r.prompt_id = prompt_codes, prompt_id
+
+    model_entry = {"name_or_path": info.name_or_path, "identity": info.identity, "hub_revision": info.hub_revision,
+                   "sample_rate": info.sample_rate, "frame_rate": info.frame_rate,
+                   "num_codebooks": info.num_codebooks, "audio_channels": info.audio_channels}
+    dtype_name = str(generation.resolve_dtype(g.dtype, generation.pick_device())).replace("torch.", "")
+    common = {"lora_scale": g.lora_scale if adapter_info else None,
+              "merge": adapter_info.get("merged") if adapter_info else None, "dtype": dtype_name,
+              "max_window": g.max_window, "extend_stride": g.extend_stride,
+              "audio_prompt": str(Path(g.audio_prompt).resolve()) if g.audio_prompt else None,
+              "normalize": g.normalize, "output_format": g.output_format, "batch_size": g.batch_size}
+    subtype = "PCM_16" if g.output_format == "pcm16" else "FLOAT"
+    manifest_path = out_dir / MANIFEST
+    new_names = set(names)
+    kept = [e for e in _load_manifest(manifest_path) if e["file"] not in new_names and (out_dir / e["file"]).exists()]
+    written: list[dict] = []
+    name_of = {id(r): n for r, n in zip(requests, names)}
+
+    def write_batch(results):
+        for res in results:
+            r = res.request
+            name = name_of[id(r)]
+            audio = res.audio
+            peak = float(abs(audio).max()) if audio.size else 0.0
+            if g.normalize:
+                if peak > 0:
+                    audio = normalize_peak(audio, -1.0)
+                else:
+                    log.warning("%s is silent (all zeros); written as is", name)
+            elif peak > 1.0 and subtype == "PCM_16":
+                log.warning("%s peaks at %+.1f dBFS and will clip in 16-bit PCM; use --normalize true or "
+                            "--output_format float", name, peak_db(res.audio))
+            save_wav(out_dir / name, audio, info.sample_rate, subtype=subtype)
+            seconds = audio.shape[-1] / info.sample_rate
+            written.append({
+                "file": name, "prompt": r.prompt, "unconditional": not r.prompt, "seed": r.seed,
+                "settings": {**generation.settings_dict(r), **common},
+                "model": model_entry, "adapter": adapter_info,
+                "duration_s": round(seconds, 6), "channels": int(audio.shape[0]), "sample_rate": info.sample_rate,
+                "frames": int(res.codes.shape[-1]), "windows": len(res.windows),
+                "tokens_sha1": hashlib.sha1(res.codes.numpy().astype("<i8").tobytes()).hexdigest(),
+                "peak_dbfs_before_normalize": round(peak_db(res.audio), 2) if peak > 0 else None,
+                "generation_time_s": round(res.generation_time, 4),
+                "real_time_factor": round(res.generation_time / seconds, 4),
+                "batch_size": res.batch_size, "created": _now()})
+        atomic_write_json(manifest_path, {
+            "about": "Files generated by lora/inference_lora.py. real_time_factor = generation seconds per second "
+                     "of audio (below 1 is faster than real time). Regenerate a file with its prompt, seed and "
+                     "settings.",
+            "updated": _now(), "files": kept + written})
+
+    t0 = time.perf_counter()
+    results = generation.generate(model, processor, info, requests, batch_size=g.batch_size,
+                                  max_window=g.max_window, extend_stride=g.extend_stride, progress=True,
+                                  on_batch=write_batch)
+    wall = time.perf_counter() - t0
+    cfg.save(out_dir / "inference_config.yaml")
+    gen_time = sum(r.generation_time for r in results)
+    audio_s = sum(r.audio.shape[-1] for r in results) / info.sample_rate
+    rtf = gen_time / audio_s if audio_s else float("nan")
+    print(f"Wrote {len(results)} file(s) to {out_dir} ({human_seconds(audio_s)} of audio in {human_seconds(wall)}); "
+          f"real-time factor {rtf:.3f} ({1 / rtf if rtf else float('inf'):.2f}x real time). "
+          f"Manifest: {manifest_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

@@ -1,0 +1,121 @@
+"""Which mixed precision to train in, decided from facts about the hardware (never guessed).
+
+``choose_precision(requested, device)`` returns ``(mode, reason)`` with mode in {"bf16", "fp16", "no"}:
+
+* ``auto``: bf16 autocast where the hardware runs it fast — CUDA GPUs with bf16 support (Ampere and newer),
+  CPUs with AMX-BF16 or AVX512-BF16 (read from /proc/cpuinfo); fp16 with a GradScaler on older CUDA GPUs
+  with tensor cores (compute capability 7.x); fp32 ("no") otherwise.
+* ``fp16`` (the seed's ``--fp16``): fp16 on CUDA. On a CPU fp16 autocast is slow and numerically fragile, so
+  it falls back to bf16 when the CPU runs bf16 fast, else fp32 — with a warning.
+* ``bf16``: bf16; on a CUDA GPU without bf16 it falls back to fp16 (warning); on a CPU without fast bf16 it
+  still runs bf16 (it works, only slowly) and warns.
+* ``no``: fp32.
+
+The hardware facts come from ``hardware_facts(device)``; tests pass their own ``HardwareFacts``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+log = logging.getLogger("lora")
+
+MODES = ("bf16", "fp16", "no")
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+@dataclass
+class HardwareFacts:
+    device_type: str  # "cuda", "cpu", "mps", ...
+    cuda_name: str = ""
+    cuda_capability: tuple[int, int] = (0, 0)
+    cuda_bf16: bool = False
+    cpu_flags: frozenset = field(default_factory=frozenset)
+
+
+def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> frozenset:
+    """The CPU feature flags from /proc/cpuinfo (empty when it cannot be read, e.g. on macOS/Windows)."""
+    try:
+        text = Path(cpuinfo).read_text(errors="replace")
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+def hardware_facts(device) -> HardwareFacts:
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        idx = dev.index if dev.index is not None else torch.cuda.current_device()
+        return HardwareFacts("cuda", cuda_name=torch.cuda.get_device_name(idx),
+                             cuda_capability=tuple(torch.cuda.get_device_capability(idx)),
+                             cuda_bf16=bool(torch.cuda.is_bf16_supported()))
+    if dev.type == "cpu":
+        return HardwareFacts("cpu", cpu_flags=cpu_flags())
+    return HardwareFacts(dev.type)
+
+
+def _cpu_bf16_fast(f: HardwareFacts) -> Optional[str]:
+    found = [x for x in CPU_BF16_FLAGS if x in f.cpu_flags]
+    return ", ".join(found) if found else None
+
+
+def choose_precision(requested: str, device, facts: Optional[HardwareFacts] = None) -> tuple[str, str]:
+    """Pick the autocast mode for ``requested`` in {auto, fp16, bf16, no} on ``device``; returns (mode, reason)."""
+    requested = (requested or "auto").lower()
+    if requested not in ("auto", "fp16", "bf16", "no"):
+        raise ValueError(f"mixed_precision must be auto, fp16, bf16 or no, got {requested!r}")
+    f = facts if facts is not None else hardware_facts(device)
+
+    if requested == "no":
+        return "no", "fp32 as requested (mixed_precision: no)"
+
+    if f.device_type == "cuda":
+        gpu = f"{f.cuda_name or 'CUDA GPU'} (compute capability {f.cuda_capability[0]}.{f.cuda_capability[1]})"
+        if requested == "fp16":
+            return "fp16", f"fp16 autocast with a GradScaler as requested on {gpu}"
+        if requested == "bf16":
+            if f.cuda_bf16:
+                return "bf16", f"bf16 autocast as requested on {gpu}"
+            log.warning("bf16 was requested but %s has no bf16 support; using fp16 with a GradScaler instead.", gpu)
+            return "fp16", f"bf16 requested but unsupported on {gpu}: fp16 with a GradScaler instead"
+        if f.cuda_bf16:
+            return "bf16", f"auto: {gpu} supports bf16 (same range as fp32, no loss scaling needed)"
+        if f.cuda_capability >= (7, 0):
+            return "fp16", f"auto: {gpu} has fp16 tensor cores but no bf16: fp16 with a GradScaler"
+        return "no", f"auto: {gpu} has neither bf16 nor fp16 tensor cores: fp32"
+
+    if f.device_type == "cpu":
+        fast = _cpu_bf16_fast(f)
+        if requested == "bf16":
+            if fast:
+                return "bf16", f"bf16 autocast as requested; the CPU has {fast}"
+            log.warning("bf16 was requested, but this CPU has no AMX-BF16/AVX512-BF16: it works but may be slower "
+                        "than fp32.")
+            return "bf16", "bf16 autocast as requested (this CPU has no AMX-BF16/AVX512-BF16: may be slow)"
+        if requested == "fp16":
+            if fast:
+                log.warning("--fp16 on a CPU: fp16 autocast is slow and fragile on CPUs; this CPU has %s, so bf16 "
+                            "autocast is used instead.", fast)
+                return "bf16", f"fp16 requested on CPU; fell back to bf16 because the CPU has {fast}"
+            log.warning("--fp16 on a CPU: fp16 autocast is slow and fragile on CPUs and this CPU has no fast bf16 "
+                        "(AMX-BF16/AVX512-BF16); training in fp32 instead.")
+            return "no", "fp16 requested on CPU without fast bf16; fell back to fp32"
+        if fast:
+            return "bf16", f"auto: the CPU has {fast}, so bf16 autocast is fast"
+        return "no", "auto: the CPU has no AMX-BF16/AVX512-BF16, so fp32"
+
+    # mps, xpu, ...: no tested autocast path here.
+    if requested in ("fp16", "bf16"):
+        log.warning("%s was requested on device type %s; mixed precision is only supported on CUDA and CPU here, "
+                    "training in fp32.", requested, f.device_type)
+        return "no", f"{requested} requested on {f.device_type}: fp32 (mixed precision only on CUDA/CPU here)"
+    return "no", f"auto: {f.device_type} device: fp32"

@@ -1,0 +1,402 @@
+"""The evaluation report: a summary table (stdout + HTML), charts and spectrograms (matplotlib, Agg), report.html.
+
+report.html links its media with relative paths (audio/, spectrograms/, charts/ next to it), so the whole
+evaluation folder can be copied or zipped and still plays. Every piece of text that reaches the HTML goes
+through ``html.escape`` (captions and paths are user input).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Optional, Sequence
+from urllib.parse import quote
+
+import numpy as np
+
+from lora.utils import atomic_path, atomic_write_text, log
+
+MODEL_LABELS = {"base": "base", "lora": "LoRA"}
+
+
+# --------------------------------------------------------------------------------------------
+# Summary table
+# --------------------------------------------------------------------------------------------
+def _get(d: dict, *keys):
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
+def summary_rows(results: dict) -> list[dict]:
+    """Rows {metric, base, lora, delta, better, lower_is_better, note} for the models that were evaluated."""
+    models = results.get("models_evaluated", [])
+    rows: list[dict] = []
+
+    def add(metric, getter, lower_is_better: Optional[bool], note: str = ""):
+        vals = {m: getter(m) for m in ("base", "lora")}
+        if all(vals[m] is None for m in models):
+            return
+        row = {"metric": metric, "base": vals["base"] if "base" in models else None,
+               "lora": vals["lora"] if "lora" in models else None, "delta": None, "better": None,
+               "lower_is_better": lower_is_better, "note": note}
+        if row["base"] is not None and row["lora"] is not None:
+            row["delta"] = row["lora"] - row["base"]
+            if lower_is_better is not None and row["delta"] != 0:
+                row["better"] = "LoRA" if (row["delta"] < 0) == lower_is_better else "base"
+            elif lower_is_better is not None:
+                row["better"] = "same"
+        rows.append(row)
+
+    lk = results.get("likelihood") or {}
+    diff = lk.get("difference")
+    note = ""
+    if diff:
+        pct = int(round(100 * diff["confidence"]))
+        note = f"Δ {pct}% CI [{diff['ci_low']:+.4f}, {diff['ci_high']:+.4f}], n={diff['n']} clips"
+    add("held-out cross-entropy (nats)", lambda m: _get(lk, m, "ce"), True, note)
+    add("held-out perplexity", lambda m: _get(lk, m, "ppl"), True)
+    gen = results.get("generation") or {}
+    sig = gen.get("signal") or {}
+    add("failed clips (share)", lambda m: _get(sig, m, "failure_rate"), True)
+    for space, label in (("encodec", "EnCodec"), ("librosa", "librosa")):
+        add(f"FAD ({label} latents)" if space == "encodec" else "FAD (librosa features)",
+            lambda m, s=space: _get(gen, "distances", m, s, "fad"), True)
+        add(f"KAD ×100 ({label})", lambda m, s=space: _get(gen, "distances", m, s, "kad", "value"), True)
+    div = gen.get("diversity") or {}
+    add("diversity across prompts", lambda m: _get(div, m, "across_prompts"), None,
+        "higher = prompts lead to different music")
+    add("diversity across seeds", lambda m: _get(div, m, "across_seeds"), None, "near 0 = mode collapse")
+    clap = gen.get("clap") or {}
+    add("CLAP text-audio score", lambda m: _get(clap, m, "mean"), False)
+    add("CLAP shuffled-prompt baseline", lambda m: _get(clap, m, "shuffled_mean"), None)
+    add("mean loudness (LUFS)", lambda m: _get(sig, m, "mean_lufs"), None)
+    return rows
+
+
+def _fmt(v, digits: int = 4) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return str(v)
+        if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
+            return f"{v:.3e}"
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def format_table(rows: Sequence[dict]) -> str:
+    """A plain-text table: metric | base | LoRA | Δ | better?"""
+    header = ["metric", "base", "LoRA", "Δ", "better?"]
+    body = [[r["metric"], _fmt(r["base"]), _fmt(r["lora"]),
+             ("-" if r["delta"] is None else ("+" if r["delta"] > 0 else "") + _fmt(r["delta"])),
+             r["better"] or "-"] for r in rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *body)]
+    line = lambda cells: " | ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    out = [line(header), "-+-".join("-" * w for w in widths)] + [line(b) for b in body]
+    notes = [f"  {r['metric']}: {r['note']}" for r in rows if r.get("note")]
+    return "\n".join(out + (["notes:"] + notes if notes else []))
+
+
+# --------------------------------------------------------------------------------------------
+# Figures
+# --------------------------------------------------------------------------------------------
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    plt = _plt()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)
+    return path
+
+
+def save_spectrogram(wav, sample_rate: int, path: str | Path, title: str = "") -> Path:
+    """Log-mel spectrogram (dB) of the mono mix as a PNG."""
+    import librosa
+    import librosa.display
+
+    plt = _plt()
+    y = np.asarray(wav, dtype=np.float32)
+    y = y.mean(axis=0) if y.ndim == 2 else y
+    y = np.nan_to_num(y)
+    mel = librosa.feature.melspectrogram(y=y, sr=sample_rate, n_fft=2048, hop_length=512, n_mels=96)
+    db = librosa.power_to_db(mel, ref=np.max if np.any(mel) else 1.0, top_db=80)
+    fig, ax = plt.subplots(figsize=(5, 2.2))
+    librosa.display.specshow(db, sr=sample_rate, hop_length=512, x_axis="time", y_axis="mel", ax=ax, cmap="magma")
+    ax.set_title(title[:80], fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.set_xlabel("")
+    ax.set_ylabel("")
+    fig.tight_layout()
+    return _save(fig, Path(path))
+
+
+def _bars(ax, labels, series: dict, errors: Optional[dict] = None):
+    x = np.arange(len(labels))
+    w = 0.8 / max(1, len(series))
+    colors = {"base": "#7f7f7f", "lora": "#1f77b4"}
+    for i, (name, vals) in enumerate(series.items()):
+        v = [np.nan if a is None else a for a in vals]
+        err = None
+        if errors and name in errors:
+            err = np.array([[np.nan if a is None else a for a in e] for e in errors[name]])
+        ax.bar(x + (i - (len(series) - 1) / 2) * w, v, w, label=MODEL_LABELS.get(name, name),
+               color=colors.get(name), yerr=err, capsize=3)
+    ax.set_xticks(x)
+    ax.set_xticklabels(labels, fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def make_charts(results: dict, out_dir: Path) -> dict[str, str]:
+    """Charts of the metrics under out_dir/charts; returns {name: relative path}."""
+    plt = _plt()
+    charts: dict[str, str] = {}
+    models = results.get("models_evaluated", [])
+    lk = results.get("likelihood") or {}
+    if any(m in lk for m in models):
+        K = max(len(lk[m]["ce_per_codebook"]) for m in models if m in lk)
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), gridspec_kw={"width_ratios": [3, 1]})
+        _bars(axes[0], [f"cb{k}" for k in range(K)], {m: lk[m]["ce_per_codebook"] for m in models if m in lk})
+        axes[0].set_title("held-out cross-entropy per codebook (nats)", fontsize=9)
+        diff = lk.get("difference")
+        if diff:
+            axes[1].errorbar([0], [diff["diff"]], yerr=[[diff["diff"] - diff["ci_low"]], [diff["ci_high"] - diff["diff"]]],
+                             fmt="o", capsize=5, color="#1f77b4")
+            axes[1].axhline(0, color="k", lw=0.8)
+            axes[1].set_xticks([0])
+            axes[1].set_xticklabels(["LoRA - base"], fontsize=8)
+            axes[1].set_title(f"Δ CE, {int(round(100 * diff['confidence']))}% CI", fontsize=9)
+            axes[1].grid(axis="y", alpha=0.3)
+        else:
+            axes[1].axis("off")
+        fig.tight_layout()
+        charts["likelihood"] = _rel(_save(fig, out_dir / "charts" / "likelihood.png"), out_dir)
+
+    gen = results.get("generation") or {}
+    dist = gen.get("distances") or {}
+    if any(m in dist for m in models):
+        fig, axes = plt.subplots(1, 4, figsize=(12, 3))
+        floors = gen.get("floors") or {}
+        for ax, (space, key, title) in zip(axes, [("encodec", "fad", "FAD (EnCodec)"), ("encodec", "kad", "KAD×100 (EnCodec)"),
+                                                  ("librosa", "fad", "FAD (librosa)"), ("librosa", "kad", "KAD×100 (librosa)")]):
+            def val(m):
+                v = _get(dist, m, space, key)
+                return v["value"] if isinstance(v, dict) else v
+            _bars(ax, [""], {m: [val(m)] for m in models})
+            for fname, style in (("noise", ":"), ("codec", "--")):
+                fv = _get(floors, fname, space, key)
+                fv = fv["value"] if isinstance(fv, dict) else fv
+                if fv is not None:
+                    ax.axhline(fv, color="k", ls=style, lw=1, label=f"{fname} floor")
+            ax.legend(fontsize=7)
+            ax.set_title(title, fontsize=9)
+        fig.tight_layout()
+        charts["distances"] = _rel(_save(fig, out_dir / "charts" / "distances.png"), out_dir)
+
+    sig = gen.get("signal") or {}
+    if any(m in sig for m in models):
+        from lora.metrics import CHECK_FAILURES
+
+        fig, ax = plt.subplots(figsize=(7, 2.8))
+        _bars(ax, list(CHECK_FAILURES), {m: [sig[m]["failure_rates"][f] for f in CHECK_FAILURES] for m in models
+                                         if m in sig})
+        ax.set_ylim(0, 1.05)
+        ax.set_title("share of generated clips failing each signal check", fontsize=9)
+        fig.tight_layout()
+        charts["signal"] = _rel(_save(fig, out_dir / "charts" / "signal.png"), out_dir)
+    return charts
+
+
+def training_curve(adapter_dir: Optional[str | Path], out_dir: Path) -> Optional[str]:
+    """The adapter's training loss curve as out_dir/charts/training_loss.png (relative path), if found.
+
+    Looks in adapter_dir/../logs: plots metrics.jsonl (train and held-out loss per step) when present, else copies
+    loss_curve.png.
+    """
+    if not adapter_dir:
+        return None
+    logs = Path(adapter_dir).resolve().parent / "logs"
+    target = out_dir / "charts" / "training_loss.png"
+    jl = logs / "metrics.jsonl"
+    if jl.is_file():
+        tr, va = [], []
+        for line in jl.read_text(encoding="utf-8").splitlines():
+            try:
+                h = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(h, dict) or "step" not in h:
+                continue
+            if isinstance(h.get("loss"), (int, float)):
+                tr.append((h["step"], h["loss"]))
+            if isinstance(h.get("val_loss"), (int, float)):
+                va.append((h["step"], h["val_loss"]))
+        if tr or va:
+            plt = _plt()
+            fig, ax = plt.subplots(figsize=(7, 3.5))
+            if tr:
+                ax.plot(*zip(*tr), label="train loss", alpha=0.8)
+            if va:
+                ax.plot(*zip(*va), "o-", label="held-out loss")
+            ax.set_xlabel("optimizer step")
+            ax.set_ylabel("cross-entropy")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+            ax.set_title(f"training of {Path(adapter_dir).name}", fontsize=9)
+            fig.tight_layout()
+            return _rel(_save(fig, target), out_dir)
+    png = logs / "loss_curve.png"
+    if png.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(target) as tmp:
+            shutil.copyfile(png, tmp)
+        return _rel(target, out_dir)
+    log.info("No training log found in %s (metrics.jsonl or loss_curve.png); the report has no loss curve", logs)
+    return None
+
+
+def _rel(path: Path, base: Path) -> str:
+    return Path(path).resolve().relative_to(Path(base).resolve()).as_posix()
+
+
+# --------------------------------------------------------------------------------------------
+# HTML
+# --------------------------------------------------------------------------------------------
+def e(x) -> str:
+    """HTML-escape anything (quotes included, so it is safe in attributes too)."""
+    return html.escape(str(x), quote=True)
+
+
+def _src(rel: str) -> str:
+    return e(quote(rel))
+
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;max-width:1280px;color:#222}
+h1{font-size:22px} h2{font-size:18px;margin-top:28px;border-bottom:1px solid #ddd;padding-bottom:4px}
+table{border-collapse:collapse;font-size:13px;margin:8px 0} td,th{border:1px solid #ddd;padding:4px 8px;text-align:left}
+th{background:#f5f5f5} td.num{text-align:right;font-variant-numeric:tabular-nums}
+.better-LoRA{color:#0a7a32;font-weight:600} .better-base{color:#b0302a;font-weight:600}
+.prompt{border:1px solid #e3e3e3;border-radius:6px;padding:10px;margin:12px 0}
+.caption{font-weight:600;margin-bottom:6px;white-space:pre-wrap}
+.pair{display:flex;gap:16px;flex-wrap:wrap;margin:6px 0} .clip{flex:1;min-width:320px}
+.clip img{width:100%;max-width:520px;display:block} audio{width:100%;max-width:520px}
+.fail{color:#b0302a;font-size:12px} .muted{color:#777;font-size:12px}
+img.chart{max-width:100%;margin:6px 0}
+"""
+
+
+def _kv_table(d: dict) -> str:
+    rows = "".join(f"<tr><th>{e(k)}</th><td>{e(json.dumps(v, ensure_ascii=False) if isinstance(v, (dict, list)) else v)}"
+                   f"</td></tr>" for k, v in d.items())
+    return f"<table>{rows}</table>"
+
+
+def render_html(results: dict, charts: dict[str, str], loss_curve: Optional[str] = None) -> str:
+    models = results.get("models_evaluated", [])
+    parts = ["<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+             "<meta name='viewport' content='width=device-width, initial-scale=1'>",
+             f"<title>{e('MusicGen LoRA evaluation')}</title><style>{CSS}</style></head><body>",
+             "<h1>MusicGen LoRA evaluation</h1>"]
+    ident = results.get("identity") or {}
+    parts.append("<h2>Models</h2>")
+    for m in models:
+        parts.append(f"<h3>{e(MODEL_LABELS.get(m, m))}</h3>{_kv_table(ident.get(m) or {})}")
+    # Summary
+    rows = results.get("summary") or summary_rows(results)
+    parts.append("<h2>Summary</h2><table><tr><th>metric</th><th>base</th><th>LoRA</th><th>Δ</th><th>better?</th>"
+                 "<th>note</th></tr>")
+    for r in rows:
+        delta = "-" if r["delta"] is None else ("+" if r["delta"] > 0 else "") + _fmt(r["delta"])
+        better = r.get("better") or "-"
+        parts.append(f"<tr><td>{e(r['metric'])}</td><td class='num'>{e(_fmt(r['base']))}</td>"
+                     f"<td class='num'>{e(_fmt(r['lora']))}</td><td class='num'>{e(delta)}</td>"
+                     f"<td class='better-{e(better)}'>{e(better)}</td><td class='muted'>{e(r.get('note', ''))}</td></tr>")
+    parts.append("</table>")
+    for note in results.get("notes", []):
+        parts.append(f"<p class='muted'>{e(note)}</p>")
+    # Charts
+    if charts or loss_curve:
+        parts.append("<h2>Charts</h2>")
+        for name in ("likelihood", "distances", "signal"):
+            if name in charts:
+                parts.append(f"<img class='chart' src='{_src(charts[name])}' alt='{e(name)} chart'>")
+        if loss_curve:
+            parts.append(f"<h3>Training loss</h3><img class='chart' src='{_src(loss_curve)}' alt='training loss curve'>")
+    # Generation
+    gen = results.get("generation") or {}
+    if gen.get("skipped"):
+        parts.append(f"<h2>Generated audio</h2><p class='muted'>{e(gen['skipped'])}</p>")
+    clips = gen.get("clips") or []
+    if clips:
+        parts.append("<h2>Generated audio</h2><p class='muted'>Same prompt, same seed, same settings for both "
+                     "models. Spectrograms: log-mel, dB.</p>")
+        by_prompt: dict[int, list[dict]] = {}
+        for c in clips:
+            by_prompt.setdefault(c["prompt_index"], []).append(c)
+        prompts = gen.get("prompts") or []
+        for pi in sorted(by_prompt):
+            text = prompts[pi] if pi < len(prompts) else ""
+            parts.append(f"<div class='prompt'><div class='caption'>{pi + 1}. {e(text)}</div>")
+            seeds = sorted({c["seed"] for c in by_prompt[pi]})
+            for sd in seeds:
+                parts.append(f"<div class='muted'>seed {e(sd)}</div><div class='pair'>")
+                for m in models:
+                    c = next((c for c in by_prompt[pi] if c["seed"] == sd and c["model"] == m), None)
+                    if c is None:
+                        continue
+                    parts.append(f"<div class='clip'><div>{e(MODEL_LABELS.get(m, m))}</div>")
+                    if c.get("wav"):
+                        parts.append(f"<audio controls preload='none' src='{_src(c['wav'])}'></audio>")
+                    if c.get("spectrogram"):
+                        parts.append(f"<img src='{_src(c['spectrogram'])}' alt='spectrogram {e(m)} prompt {pi + 1} "
+                                     f"seed {e(sd)}'>")
+                    fails = (c.get("checks") or {}).get("failures") or []
+                    if fails:
+                        parts.append(f"<div class='fail'>failed checks: {e(', '.join(fails))}</div>")
+                    parts.append("</div>")
+                parts.append("</div>")
+            parts.append("</div>")
+    # Details
+    sig = gen.get("signal") or {}
+    if sig:
+        parts.append("<h2>Signal checks</h2>")
+        for m in models:
+            if m in sig:
+                s = {k: v for k, v in sig[m].items()}
+                parts.append(f"<h3>{e(MODEL_LABELS.get(m, m))}</h3>{_kv_table(s)}")
+    clap = gen.get("clap")
+    if clap:
+        parts.append("<h2>CLAP</h2>")
+        if clap.get("skipped"):
+            parts.append(f"<p class='muted'>{e(clap['skipped'])}</p>")
+        else:
+            parts.append(_kv_table({k: v for k, v in clap.items() if k != "per_clip"}))
+    parts.append("<h2>Settings</h2>" + _kv_table(results.get("settings") or {}))
+    parts.append("<h2>Versions</h2>" + _kv_table(results.get("versions") or {}))
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(results: dict, out_dir: str | Path, adapter_dir: Optional[str | Path] = None) -> Path:
+    """Charts + training curve + report.html in out_dir (atomic); returns the report's path."""
+    out_dir = Path(out_dir)
+    charts = make_charts(results, out_dir)
+    curve = training_curve(adapter_dir, out_dir)
+    path = atomic_write_text(out_dir / "report.html", render_html(results, charts, curve))
+    return path

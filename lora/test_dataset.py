@@ -1,0 +1,123 @@
+"""Is my data ready for training? Checks the data folder and loads a few batches of audio.
+
+    cd lora && python test_dataset.py                 # the data_dir of config.yaml (../data)
+    python lora/test_dataset.py --data_dir data --num_batches 5
+
+Prints the same summary as ``prepare_data.py --validate`` (clips per split, hours, duration histogram,
+caption statistics, every problem found), then loads batches the way training sees audio (padded to the
+longest clip, with a mask), and ends with a verdict and the next step. Exit code 0 = OK.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    __package__ = "lora"
+
+from lora.audio import AudioError, load_audio
+from lora.config import parse_config, validate
+from lora.dataset import ClipRecord
+from lora.prepare_data import check_data_dir
+from lora.utils import log
+
+
+class AudioClipDataset:
+    """Records -> {"audio": float tensor (C, N), "text": str, "id": str}, cropped to max_seconds."""
+
+    def __init__(self, records: list[ClipRecord], sample_rate: int, channels: int, max_seconds: float):
+        self.records, self.sr, self.channels = records, sample_rate, channels
+        self.max_seconds = max_seconds
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict:
+        import torch
+
+        r = self.records[i]
+        y = load_audio(r.path, self.sr, self.channels, duration=self.max_seconds)
+        return {"audio": torch.from_numpy(y), "text": r.text, "id": r.id}
+
+
+def collate_audio(items: list[dict]) -> dict:
+    """Pad to the longest clip: audio (B, C, N), mask (B, N) (1 = real sample), lengths (B,), texts."""
+    import torch
+
+    n = max(it["audio"].shape[-1] for it in items)
+    c = items[0]["audio"].shape[0]
+    audio = torch.zeros(len(items), c, n)
+    mask = torch.zeros(len(items), n, dtype=torch.long)
+    for b, it in enumerate(items):
+        k = it["audio"].shape[-1]
+        audio[b, :, :k] = it["audio"]
+        mask[b, :k] = 1
+    return {"audio": audio, "mask": mask, "lengths": mask.sum(1), "texts": [it["text"] for it in items],
+            "ids": [it["id"] for it in items]}
+
+
+def _extra(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--num_batches", type=int, default=3, help="Batches of audio to load and check")
+
+
+def main(argv=None) -> int:
+    cfg, ns = parse_config(argv, description=__doc__.split("\n\n")[0], sections=("data", "training"), extra=_extra)
+    d, t = cfg.data, cfg.training
+    problems = []
+    if ns.num_batches < 0:
+        problems.append(f"--num_batches must be >= 0, got {ns.num_batches}")
+    if t.batch_size < 1:
+        problems.append(f"training.batch_size must be >= 1, got {t.batch_size}")
+    validate(problems)
+    log.info("checking %s (metadata %s)", d.data_dir, d.metadata_file)
+
+    summary = check_data_dir(d.data_dir, d.metadata_file, sample_rate=d.sample_rate, hash_content=False)
+    print(summary.text())
+    load_problems: list[str] = []
+    if summary.records and ns.num_batches:
+        import torch
+        from torch.utils.data import DataLoader
+
+        ok_records = [r for r in summary.records if r.path.is_file()]
+        channels = summary.channels or d.channels
+        ds = AudioClipDataset(ok_records, d.sample_rate, channels, t.max_duration)
+        loader = DataLoader(ds, batch_size=t.batch_size, shuffle=True, collate_fn=collate_audio,
+                            generator=torch.Generator().manual_seed(t.seed))
+        print(f"Loading {ns.num_batches} batch(es) of {t.batch_size} clip(s):")
+        try:
+            for i, batch in enumerate(loader):
+                if i >= ns.num_batches:
+                    break
+                a = batch["audio"]
+                secs = (batch["lengths"].float() / d.sample_rate).tolist()
+                rms = [float(a[b, :, :int(k)].pow(2).mean().sqrt()) for b, k in enumerate(batch["lengths"])]
+                print(f"  batch {i}: audio {tuple(a.shape)} mask {tuple(batch['mask'].shape)}, "
+                      f"seconds {', '.join(f'{s:.1f}' for s in secs)}, rms {', '.join(f'{r:.3f}' for r in rms)}")
+                print(f"    texts: {batch['texts']}")
+                if not torch.isfinite(a).all():
+                    load_problems.append(f"batch {i} ({', '.join(batch['ids'])}): audio holds NaN or inf")
+                for b, r in enumerate(rms):
+                    if r < 1e-4:
+                        load_problems.append(f"{batch['ids'][b]}: the clip is silent")
+                if a.abs().max() > 1.0 + 1e-4:
+                    load_problems.append(f"batch {i}: samples beyond [-1, 1]")
+        except AudioError as e:
+            load_problems.append(f"could not load a clip: {e}")
+    problems = summary.problems + load_problems
+    if problems:
+        for p in load_problems:
+            print(f"  - {p}")
+        print(f"VERDICT: NOT READY — {len(problems)} problem(s) above. Fix them (or re-run "
+              f"python prepare_data.py --input_dir YOUR_AUDIO --output_dir {d.data_dir}), then run this again.")
+        return 1
+    print("VERDICT: OK — next: python test_model.py   (then python train_lora.py ...)")
+    return 0
+
+
+if __name__ == "__main__":
+    from lora.utils import run_main
+
+    sys.exit(run_main(main))

@@ -1,0 +1,193 @@
+"""Token cache (EnCodec codes + text states on disk), CachedTokenDataset, collate and the bucketed sampler."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from lora.dataset import CachedClip, CachedTokenDataset, bucketed_batches, build_token_cache, cache_root, \
+    collate_tokens, load_metadata
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    from lora.config import ModelConfig
+    from lora.modeling import load_base_model
+
+    return load_base_model(ModelConfig(model_path=str(tiny_model_dir)))
+
+
+@pytest.fixture()
+def data_copy(example_data_dir, tmp_path) -> Path:
+    """A private copy of the example data (this test modifies clips)."""
+    dst = tmp_path / "data"
+    shutil.copytree(example_data_dir, dst, ignore=shutil.ignore_patterns("cache"))
+    return dst
+
+
+def test_cache_matches_direct_encoding_and_is_reused(tiny, data_copy):
+    from safetensors.torch import load_file
+
+    from lora.audio import load_audio
+    from lora.modeling import encode_audio, encode_text
+
+    model, processor, info = tiny
+    records = load_metadata(data_copy)
+    clips, stats = build_token_cache(records, model, processor, info, data_copy, batch_size=3, show_progress=False)
+    assert stats["clips_encoded"] == len(records) and stats["clips_reused"] == 0
+    assert stats["texts_encoded"] == len({r.text for r in records})
+
+    # Codes are the model's EnCodec codes of each clip (int16 (K, T), T = ceil(N / hop)); text states are the
+    # text encoder's valid-token states.
+    for r, c in list(zip(records, clips))[:3]:
+        wav = load_audio(r.path, info.sample_rate, info.audio_channels)
+        direct = encode_audio(model, torch.from_numpy(wav)[None], info)[0]
+        assert c.codes.dtype == torch.int16
+        assert c.codes.shape == (info.num_codebooks, math.ceil(wav.shape[1] * info.frame_rate / info.sample_rate))
+        assert torch.equal(c.codes.long(), direct[:, :c.codes.shape[1]])
+        h, m = encode_text(model, processor, [r.text])
+        n = int(m.sum())
+        assert c.mask.tolist() == [1] * n
+        torch.testing.assert_close(c.hidden, h[0, :n].float(), atol=1e-5, rtol=1e-5)
+
+    # Files: safetensors under data_dir/cache/<model identity>, weights-only loadable; no temp files left.
+    root = cache_root(data_copy, info)
+    assert info.identity in root.name and root.parent == data_copy / "cache"
+    files = sorted(root.rglob("*.safetensors"))
+    assert len(files) == stats["clips_encoded"] + stats["texts_encoded"]
+    assert load_file(str(files[0]))
+    assert not [p for p in root.rglob("*") if p.name.startswith(".")]
+
+    # A rerun reuses everything.
+    clips2, stats2 = build_token_cache(records, model, processor, info, data_copy, show_progress=False)
+    assert stats2["clips_encoded"] == 0 and stats2["clips_reused"] == len(records) and stats2["texts_encoded"] == 0
+    assert all(torch.equal(a.codes, b.codes) for a, b in zip(clips, clips2))
+
+
+def test_changed_clip_or_model_invalidates_only_that(tiny, data_copy):
+    model, processor, info = tiny
+    records = load_metadata(data_copy)
+    clips, _ = build_token_cache(records, model, processor, info, data_copy, show_progress=False)
+
+    # Modify one clip: only that one is encoded again, and its codes follow the new audio.
+    target = records[1]
+    wav, sr = sf.read(target.path, always_2d=True)
+    sf.write(target.path, np.roll(wav, 3000, axis=0) * 0.5, sr)
+    clips2, stats = build_token_cache(records, model, processor, info, data_copy, show_progress=False)
+    assert stats["clips_encoded"] == 1 and stats["clips_reused"] == len(records) - 1
+    assert stats["texts_encoded"] == 0
+    assert not torch.equal(clips2[1].codes, clips[1].codes)
+    assert all(torch.equal(clips2[i].codes, clips[i].codes) for i in range(len(records)) if i != 1)
+
+    # Another model (different identity): everything is encoded again, into its own folder.
+    from dataclasses import replace
+
+    other = replace(info, identity="0123456789abcdef")
+    _, stats3 = build_token_cache(records, model, processor, other, data_copy, show_progress=False)
+    assert stats3["clips_encoded"] == len(records) and stats3["texts_encoded"] > 0
+    assert cache_root(data_copy, other).is_dir() and cache_root(data_copy, info).is_dir()
+
+    # A corrupt cache file is re-encoded (not a crash).
+    f = next((cache_root(data_copy, info) / "codes").glob("*.safetensors"))
+    f.write_bytes(b"garbage")
+    _, stats4 = build_token_cache(records, model, processor, info, data_copy, show_progress=False)
+    assert stats4["clips_encoded"] == 1
+
+
+def test_no_text_cache_when_text_encoder_trains(tiny, data_copy):
+    model, processor, info = tiny
+    records = load_metadata(data_copy)[:4]
+    clips, stats = build_token_cache(records, model, processor, info, data_copy, text_states=False,
+                                     show_progress=False)
+    assert stats["texts_encoded"] == 0 and all(c.hidden is None for c in clips)
+    assert not (cache_root(data_copy, info) / "text").exists()
+
+
+def _fake_clips(lengths, K=4, D=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i, T in enumerate(lengths):
+        L = 1 + i % 5
+        out.append(CachedClip(id=f"c{i}", text=f"t{i}", split="train",
+                              codes=torch.randint(0, 100, (K, T), generator=g).to(torch.int16),
+                              hidden=torch.randn(L, D, generator=g), mask=torch.ones(L, dtype=torch.long)))
+    return out
+
+
+def test_crop_is_random_per_epoch_but_deterministic():
+    clips = _fake_clips([100, 40, 100, 100])
+    ds = CachedTokenDataset(clips, max_frames=30, seed=7, train=True)
+    starts = []
+    for epoch in range(6):
+        ds.set_epoch(epoch)
+        item = ds[0]
+        assert item["codes"].shape == (4, 30) and item["codes"].dtype == torch.long
+        full = clips[0].codes.long()
+        s = next(s for s in range(71) if torch.equal(full[:, s:s + 30], item["codes"]))
+        starts.append(s)
+        again = CachedTokenDataset(clips, max_frames=30, seed=7, train=True)
+        again.set_epoch(epoch)
+        assert torch.equal(again[0]["codes"], item["codes"])  # same (seed, epoch, index) -> same crop
+    assert len(set(starts)) > 1  # a new window most epochs
+    # Validation: always the first window, never dropped.
+    va = CachedTokenDataset(clips, max_frames=30, seed=7, train=False, cond_dropout=0.9)
+    for epoch in range(3):
+        va.set_epoch(epoch)
+        assert torch.equal(va[0]["codes"], clips[0].codes[:, :30].long()) and not va[0]["dropped"]
+    assert ds.lengths() == [30, 30, 30, 30]
+
+
+def test_cond_dropout_rate_and_null_condition():
+    clips = _fake_clips([20] * 400)
+    ds = CachedTokenDataset(clips, max_frames=20, seed=3, train=True, cond_dropout=0.3)
+    drops = []
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        drops.append([ds[i]["dropped"] for i in range(len(ds))])
+    rate = np.mean(drops)
+    assert 0.25 < rate < 0.35
+    assert drops[0] != drops[1]  # re-drawn each epoch
+    ds.set_epoch(0)
+    assert [ds[i]["dropped"] for i in range(len(ds))] == drops[0]  # deterministic
+    i = drops[0].index(True)
+    item = ds[i]
+    assert item["hidden"].shape == (1, 8) and not item["hidden"].any() and item["mask"].tolist() == [0]
+    none = CachedTokenDataset(clips, max_frames=20, seed=3, train=True, cond_dropout=0.0)
+    assert not any(none[i]["dropped"] for i in range(len(none)))
+
+
+def test_collate_pads_codes_and_text():
+    clips = _fake_clips([12, 7, 9])
+    ds = CachedTokenDataset(clips, max_frames=50, seed=0, train=False)
+    b = collate_tokens([ds[0], ds[1], ds[2]], pad_token_id=2048)
+    assert b["codes"].shape == (3, 4, 12) and b["lengths"].tolist() == [12, 7, 9]
+    assert (b["codes"][1, :, 7:] == 2048).all() and torch.equal(b["codes"][1, :, :7], clips[1].codes.long())
+    assert b["hidden"].shape == (3, 3, 8) and b["mask"].tolist() == [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
+    assert not b["hidden"][0, 1:].any()
+    assert b["index"].tolist() == [0, 1, 2] and b["texts"] == ["t0", "t1", "t2"]
+
+
+def test_bucketed_batches():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(50, 1500, size=101).tolist()
+    a = bucketed_batches(lengths, 4, seed=1, epoch=0, bucket_batches=10)
+    assert a == bucketed_batches(lengths, 4, seed=1, epoch=0, bucket_batches=10)  # deterministic
+    assert a != bucketed_batches(lengths, 4, seed=1, epoch=1, bucket_batches=10)  # reshuffled per epoch
+    flat = sorted(i for b in a for i in b)
+    assert flat == list(range(101))  # every item once
+    # Similar lengths share a batch: far less padding than random batches.
+    def padding(batches):
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+    perm = rng.permutation(101).tolist()
+    random_batches = [perm[i:i + 4] for i in range(0, 101, 4)]
+    assert padding(a) < 0.3 * padding(random_batches)
+    # Extended to a multiple of (accumulation x processes) by wrapping around.
+    c = bucketed_batches(lengths, 4, seed=1, epoch=0, multiple_of=8, bucket_batches=10)
+    assert len(c) % 8 == 0 and c[:len(a)] == a and c[len(a):] == a[:len(c) - len(a)]

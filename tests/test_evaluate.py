@@ -1,0 +1,212 @@
+"""evaluate.py end to end on the tiny model + report.py (escaping, links) + config errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+from lora import evaluate
+from lora.config import ConfigError
+from lora.report import format_table, render_html, summary_rows
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models on a shared 2-core box: more threads only spin. (Restored afterwards.)"""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ------------------------------------------------------------------------------------ report (unit)
+def _fake_results(caption: str) -> dict:
+    return {
+        "models_evaluated": ["base", "lora"],
+        "identity": {"base": {"name_or_path": "<b>model</b>"}, "lora": {"path": "x\"><script>1</script>"}},
+        "likelihood": {"base": {"ce": 5.0, "ppl": math.exp(5.0), "ce_per_codebook": [5.0, 5.0]},
+                       "lora": {"ce": 4.5, "ppl": math.exp(4.5), "ce_per_codebook": [4.4, 4.6]},
+                       "difference": {"diff": -0.5, "ci_low": -0.6, "ci_high": -0.4, "confidence": 0.95, "n": 10}},
+        "generation": {"prompts": [caption], "seeds": [0],
+                       "clips": [{"model": m, "prompt_index": 0, "prompt": caption, "seed": 0,
+                                  "wav": f"audio/{m}/p000_s0.wav", "spectrogram": f"spectrograms/{m}/p000_s0.png",
+                                  "checks": {"failures": []}} for m in ("base", "lora")],
+                       "signal": {}, "distances": {"base": {"encodec": {"fad": 2.0, "kad": {"value": 1.0}}},
+                                                   "lora": {"encodec": {"fad": 1.0, "kad": {"value": 0.5}}}},
+                       "clap": {"skipped": "no <clap>"}},
+        "settings": {"prompt": caption}, "versions": {},
+    }
+
+
+def test_report_escapes_every_user_text():
+    evil = '<script>alert("pwned")</script> & lofi "beat"'
+    res = _fake_results(evil)
+    html = render_html(res, charts={})
+    assert "<script>" not in html and "alert(\"pwned\")" not in html
+    assert "&lt;script&gt;alert(&quot;pwned&quot;)&lt;/script&gt; &amp; lofi" in html
+    assert "<b>model</b>" not in html and "&lt;b&gt;model&lt;/b&gt;" in html
+    assert "no &lt;clap&gt;" in html
+    # players and spectrograms with relative links, side by side per prompt
+    assert html.count("<audio controls") == 2 and "src='audio/base/p000_s0.wav'" in html
+    assert "src='spectrograms/lora/p000_s0.png'" in html
+
+
+def test_summary_rows_direction_and_table():
+    rows = {r["metric"]: r for r in summary_rows(_fake_results("x"))}
+    ce = rows["held-out cross-entropy (nats)"]
+    assert ce["delta"] == pytest.approx(-0.5) and ce["better"] == "LoRA"
+    assert "CI [-0.6000, -0.4000]" in ce["note"]
+    assert rows["FAD (EnCodec latents)"]["better"] == "LoRA"
+    table = format_table(summary_rows(_fake_results("x")))
+    assert re.match(r"metric\s+\| base\s+\| LoRA\s+\| Δ\s+\| better\?", table.splitlines()[0])
+
+
+# ------------------------------------------------------------------------------------ config / inputs
+def test_user_errors_are_collected(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        evaluate.main(["--compare", "--lora_model_path", str(tmp_path / "nope"), "--num_prompts", "0",
+                       "--clap_model_path", str(tmp_path / "no_clap"), "--output_dir", str(tmp_path / "ev")])
+    msg = str(e.value)
+    assert "num_prompts" in msg and "no_clap" in msg and "nope" in msg and "does not exist" in msg
+    assert not (tmp_path / "ev").exists()
+
+
+def test_read_prompts_file_formats(tmp_path):
+    (tmp_path / "p.txt").write_text("# comment\nlofi piano\n\n  trap beat \n", encoding="utf-8")
+    (tmp_path / "p.json").write_text(json.dumps(["a", {"prompt": "b"}]), encoding="utf-8")
+    (tmp_path / "p.jsonl").write_text('{"text": "c"}\n"d"\n', encoding="utf-8")
+    assert evaluate.read_prompts_file(tmp_path / "p.txt") == ["lofi piano", "trap beat"]
+    assert evaluate.read_prompts_file(tmp_path / "p.json") == ["a", "b"]
+    assert evaluate.read_prompts_file(tmp_path / "p.jsonl") == ["c", "d"]
+    (tmp_path / "bad.json").write_text("[1]", encoding="utf-8")
+    from lora.utils import UserError
+
+    with pytest.raises(UserError, match="bad.json item 0"):
+        evaluate.read_prompts_file(tmp_path / "bad.json")
+
+
+# ------------------------------------------------------------------------------------ end to end
+@pytest.fixture(scope="module")
+def compare_run(tmp_path_factory, tiny_model_dir, example_data_dir, trained_output_dir):
+    import torch
+
+    from lora.dataset import load_metadata
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("evaluation")
+    valid_caption = next(r.text for r in load_metadata(example_data_dir, split="valid") if r.text)
+    prompts = root / "prompts.txt"
+    prompts.write_text(f"{valid_caption}\n<script>alert(1)</script> lofi piano\n", encoding="utf-8")
+    from tests.test_metrics import make_tiny_clap
+
+    clap = make_tiny_clap(root / "clap")
+    out = root / "evaluation"
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = evaluate.main(["--base_model_path", str(tiny_model_dir),
+                            "--lora_model_path", str(trained_output_dir / "best_model"),
+                            "--output_dir", str(out), "--compare", "--data_dir", str(example_data_dir),
+                            "--num_prompts", "2", "--eval_duration", "1.0", "--eval_seeds", "2",
+                            "--prompts_file", str(prompts), "--clap_model_path", str(clap),
+                            "--bootstrap_samples", "500"])
+    torch.set_num_threads(n)
+    assert rc == 0
+    return out, buf.getvalue(), json.loads((out / "results.json").read_text(encoding="utf-8"))
+
+
+def test_compare_heldout_likelihood(compare_run, trained_output_dir, example_data_dir):
+    _, stdout, res = compare_run
+    lk = res["likelihood"]
+    from lora.dataset import load_metadata
+
+    n_valid = len(load_metadata(example_data_dir, split="valid"))
+    for m in ("base", "lora"):
+        assert lk[m]["n_clips"] == n_valid and lk[m]["n_tokens"] > 0
+        assert len(lk[m]["ce_per_codebook"]) == 4 and math.isfinite(lk[m]["ce"])
+        assert lk[m]["ppl"] == pytest.approx(math.exp(lk[m]["ce"]))
+    # Same numbers as the trainer's own held-out evaluation of this adapter and of the base model
+    # (evaluate disables the adapter with peft for the base: one model in memory).
+    ev = json.loads((trained_output_dir / "best_model" / "eval_results.json").read_text(encoding="utf-8"))
+    assert lk["lora"]["ce"] == pytest.approx(ev["val_loss"], abs=1e-4)
+    assert lk["base"]["ce"] == pytest.approx(ev["base_val_loss"], abs=1e-4)
+    d = lk["difference"]
+    assert d["n"] == n_valid and d["n_boot"] == 500
+    assert d["diff"] == pytest.approx(lk["lora"]["ce"] - lk["base"]["ce"], abs=1e-9)
+    assert d["ci_low"] <= d["diff"] <= d["ci_high"]
+    # training lowered the held-out loss, so the adapter must be better here too
+    assert lk["lora"]["ce"] < lk["base"]["ce"]
+    assert "held-out cross-entropy" in stdout and re.search(r"metric\s+\| base\s+\| LoRA\s+\| Δ\s+\| better\?", stdout)
+    assert res["identity"]["lora"]["weights_sha256"] and res["identity"]["base"]["identity"]
+    assert res["versions"]["torch"] and res["settings"]["evaluation"]["num_prompts"] == 2
+
+
+def test_compare_generation_metrics_and_files(compare_run):
+    out, stdout, res = compare_run
+    gen = res["generation"]
+    assert gen["seeds"] == [0, 1] and len(gen["prompts"]) == 2
+    assert len(gen["clips"]) == 2 * 2 * 2
+    for m in ("base", "lora"):
+        s = gen["signal"][m]
+        assert s["n"] == 4 and 0.0 <= s["failure_rate"] <= 1.0
+        for c in (c for c in gen["clips"] if c["model"] == m):
+            assert (out / c["wav"]).is_file() and (out / c["spectrogram"]).is_file()
+            import soundfile as sf
+
+            info = sf.info(str(out / c["wav"]))
+            assert info.samplerate == 32000 and abs(info.duration - 1.0) < 0.01
+    for floor in ("noise", "codec"):
+        for space in ("encodec", "librosa"):
+            f = gen["floors"][floor][space]
+            assert f["fad"] >= 0 and math.isfinite(f["kad"]["value"])
+    for m in ("base", "lora"):
+        dist = gen["distances"][m]
+        assert dist is not None, f"{m}: no clip passed the signal checks: {gen['signal'][m]}"
+        for space in ("encodec", "librosa"):
+            assert dist[space]["fad"] >= 0 and dist[space]["n_clips"] >= 2
+            assert dist[space]["n_reference_clips"] == res["generation"]["reference"]["n_clips"]
+        assert gen["diversity"][m]["across_seeds"] is not None
+    clap = gen["clap"]
+    assert "skipped" not in clap
+    for m in ("base", "lora"):
+        assert -1 <= clap[m]["mean"] <= 1 and clap[m]["shuffled_mean"] is not None
+    assert clap["reference"]["n"] >= 1
+
+
+def test_compare_report_html(compare_run):
+    out, _, res = compare_run
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert "<script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt; lofi piano" in html
+    audios = re.findall(r"<audio[^>]*src='([^']+)'", html)
+    imgs = re.findall(r"<img[^>]*src='([^']+)'", html)
+    assert len(audios) == 8
+    spectros = [s for s in imgs if s.startswith("spectrograms/")]
+    assert len(spectros) == 8
+    for rel in audios + imgs:
+        assert (out / rel).is_file(), rel
+    assert "charts/likelihood.png" in imgs and "charts/distances.png" in imgs
+    assert "charts/training_loss.png" in imgs  # the adapter's logs/metrics.jsonl was found
+
+
+def test_single_model_likelihood_only(tmp_path, tiny_model_dir, example_data_dir, trained_output_dir, compare_run,
+                                      one_thread):
+    """Without --compare: the base alone when no adapter is given; same base CE as the peft-disabled base above."""
+    _, _, res = compare_run
+    out = tmp_path / "ev"
+    rc = evaluate.main(["--base_model_path", str(tiny_model_dir), "--lora_model_path", "none",
+                        "--output_dir", str(out), "--data_dir", str(example_data_dir), "--skip_generation"])
+    assert rc == 0
+    r = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert r["models_evaluated"] == ["base"] and "difference" not in r["likelihood"]
+    assert r["likelihood"]["base"]["ce"] == pytest.approx(res["likelihood"]["base"]["ce"], abs=1e-6)
+    assert "skipped" in r["generation"]
+    assert (out / "report.html").is_file()

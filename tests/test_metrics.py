@@ -1,0 +1,271 @@
+"""Metrics: closed-form checks of FAD/KAD, bootstrap coverage, signal checks, CE against transformers, CLAP path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lora import metrics as M
+
+
+# ------------------------------------------------------------------------------------ Fréchet
+def test_frechet_distance_closed_form_diagonal():
+    rng = np.random.default_rng(0)
+    d = 6
+    mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+    v1, v2 = rng.uniform(0.1, 3, size=d), rng.uniform(0.1, 3, size=d)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(v1) - np.sqrt(v2)) ** 2)
+    got = M.frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2))
+    assert got == pytest.approx(expected, rel=1e-10)
+
+
+def test_frechet_distance_full_covariance_matches_reference_formula():
+    rng = np.random.default_rng(1)
+    d = 5
+    a, b = rng.normal(size=(d, d)), rng.normal(size=(d, d))
+    s1, s2 = a @ a.T + 0.1 * np.eye(d), b @ b.T + 0.1 * np.eye(d)
+    mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+    # Reference: tr((s1 s2)^1/2) from the eigenvalues of s1 s2 (real, non-negative for SPD pairs).
+    ev = np.linalg.eigvals(s1 @ s2).real
+    expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.sum(np.sqrt(ev))
+    assert M.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-8)
+    # symmetric in its arguments
+    assert M.frechet_distance(mu2, s2, mu1, s1) == pytest.approx(expected, rel=1e-8)
+
+
+def test_fad_identical_sets_is_zero_and_rank_deficient_is_stable():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(500, 16))
+    assert M.frechet_audio_distance(x, x) == pytest.approx(0.0, abs=1e-8)
+    # fewer samples than dimensions: singular covariances, still finite, non-negative, ~0 for identical sets
+    small = rng.normal(size=(5, 32))
+    assert M.frechet_audio_distance(small, small) == pytest.approx(0.0, abs=1e-6)
+    shifted = M.frechet_audio_distance(x, x + 2.0)
+    assert shifted == pytest.approx(16 * 4.0, rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------ KAD
+@pytest.mark.parametrize("kernel", ["rbf", "poly"])
+def test_kad_same_distribution_near_zero_shifted_clearly_positive(kernel):
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(400, 8)), rng.normal(size=(400, 8))
+    same = M.kernel_audio_distance(x, y, kernel=kernel)["value"]
+    shifted = M.kernel_audio_distance(x + 1.0, y, kernel=kernel)["value"]
+    # Noise of the unbiased estimator: spread of the statistic over independent same-distribution draws.
+    null = [M.kernel_audio_distance(rng.normal(size=(400, 8)), rng.normal(size=(400, 8)), kernel=kernel)["value"]
+            for _ in range(5)]
+    noise = max(abs(v) for v in null) + 1e-12
+    assert abs(same) < 5 * noise
+    assert shifted > 50 * noise
+    assert shifted > 0
+
+
+def test_kad_unbiased_matches_direct_definition():
+    rng = np.random.default_rng(4)
+    x, y = rng.normal(size=(7, 3)), rng.normal(size=(9, 3)) + 0.5
+    h = 1.3
+    k = lambda a, b: np.exp(-np.sum((a - b) ** 2) / (2 * h * h))  # noqa: E731
+    xx = sum(k(x[i], x[j]) for i in range(7) for j in range(7) if i != j) / (7 * 6)
+    yy = sum(k(y[i], y[j]) for i in range(9) for j in range(9) if i != j) / (9 * 8)
+    xy = sum(k(a, b) for a in x for b in y) / (7 * 9)
+    got = M.kernel_audio_distance(x, y, bandwidth=h)
+    assert got["value"] == pytest.approx(M.KAD_SCALE * (xx + yy - 2 * xy), rel=1e-10)
+    assert got["n_x"] == 7 and got["n_y"] == 9
+
+
+# ------------------------------------------------------------------------------------ bootstrap
+def test_paired_bootstrap_covers_known_difference():
+    rng = np.random.default_rng(5)
+    n = 60
+    base = rng.normal(5.0, 1.0, size=n)  # large between-clip spread: pairing is what makes it detectable
+    lora = base - 0.3 + rng.normal(0, 0.2, size=n)
+    r = M.paired_bootstrap_ci(base, lora, n_boot=3000, seed=1)
+    assert r["n"] == n and r["n_boot"] == 3000
+    assert r["ci_low"] < -0.3 < r["ci_high"]
+    assert r["ci_high"] < 0  # excludes zero
+    assert r["diff"] == pytest.approx(np.mean(lora - base))
+    assert r["p_two_sided"] < 0.01
+
+
+def test_paired_bootstrap_coverage_rate_and_weights():
+    rng = np.random.default_rng(6)
+    hits = 0
+    reps = 200
+    for i in range(reps):
+        base = rng.normal(0, 1, size=25)
+        other = base + 0.1 + rng.normal(0, 0.5, size=25)
+        r = M.paired_bootstrap_ci(base, other, n_boot=400, seed=i)
+        hits += r["ci_low"] <= 0.1 <= r["ci_high"]
+    assert 0.85 <= hits / reps <= 0.99  # nominal 95 % (percentile bootstrap is a bit narrow at n=25)
+    # weighted: the estimate is the token-weighted mean difference
+    w = np.array([1, 3, 6.0])
+    r = M.paired_bootstrap_ci([1, 1, 1], [2, 1, 0], weights=w, n_boot=100)
+    assert r["diff"] == pytest.approx((1 * 1 + 3 * 0 + 6 * -1) / 10)
+    with pytest.raises(ValueError):
+        M.paired_bootstrap_ci([1, 2], [1, 2, 3])
+
+
+# ------------------------------------------------------------------------------------ cross-entropy
+def test_per_clip_cross_entropy_matches_transformers_musicgen_loss():
+    from transformers import MusicgenDecoderConfig, MusicgenForCausalLM
+
+    torch.manual_seed(0)
+    K, V = 3, 24
+    cfg = MusicgenDecoderConfig(vocab_size=V, num_codebooks=K, hidden_size=16, num_hidden_layers=1,
+                                num_attention_heads=2, ffn_dim=32, max_position_embeddings=64, pad_token_id=V,
+                                bos_token_id=V)
+    model = MusicgenForCausalLM(cfg).eval()
+    B, S = 2, 10
+    input_ids = torch.randint(0, V, (B * K, S))
+    labels = torch.randint(0, V, (B, S, K))
+    labels[0, :2, :] = -100
+    labels[1, 7:, 1] = -100
+    with torch.no_grad():
+        out = model(input_ids=input_ids, labels=labels)
+    ce_sum, n_tok = M.per_clip_cross_entropy(out.logits, labels, K)
+    assert ce_sum.shape == (B, K) and n_tok.shape == (B, K)
+    assert n_tok[0].tolist() == [8, 8, 8] and n_tok[1].tolist() == [10, 7, 10]
+    per_codebook = ce_sum.sum(0) / n_tok.sum(0)
+    assert float(per_codebook.mean()) == pytest.approx(float(out.loss), rel=1e-5)
+    # per clip: a clip's own CE only depends on its own labels
+    lone, lone_n = M.per_clip_cross_entropy(out.logits.reshape(B, K, S, V)[1:], labels[1:], K)
+    assert torch.allclose(lone[0], ce_sum[1]) and lone_n[0].tolist() == n_tok[1].tolist()
+
+
+# ------------------------------------------------------------------------------------ signal checks
+SR = 16000
+
+
+def _tone(seconds=2.0, amp=0.3, f=440.0):
+    t = np.arange(int(seconds * SR)) / SR
+    return (amp * np.sin(2 * np.pi * f * t)).astype(np.float32)
+
+
+def test_signal_checks_pass_clean_tone():
+    r = M.signal_checks(_tone(), SR)
+    assert r["failures"] == []
+    assert r["peak"] == pytest.approx(0.3, abs=1e-3)
+    assert r["rms_dbfs"] == pytest.approx(20 * np.log10(0.3 / np.sqrt(2)), abs=0.05)
+    assert np.isfinite(r["lufs"]) and r["trailing_silence_s"] == 0.0
+    assert r["spectral_flatness"] < 0.05  # tonal
+
+
+@pytest.mark.parametrize("plant,failure", [
+    ("silence", "silent"), ("clip", "clipping"), ("nan", "non_finite"), ("inf", "non_finite"), ("dc", "dc_offset"),
+    ("tail", "mostly_silent"),
+])
+def test_signal_checks_flag_planted_defects(plant, failure):
+    x = _tone()
+    if plant == "silence":
+        x = np.zeros_like(x)
+    elif plant == "clip":
+        x = np.clip(4 * x, -1, 1)
+    elif plant == "nan":
+        x[100] = np.nan
+    elif plant == "inf":
+        x[5] = np.inf
+    elif plant == "dc":
+        x = x + 0.2
+    elif plant == "tail":
+        x[int(0.3 * len(x)):] = 0
+    r = M.signal_checks(x, SR)
+    assert failure in r["failures"]
+    if plant == "tail":
+        assert r["trailing_silence_s"] == pytest.approx(1.4, abs=0.06)
+    summary = M.summarize_checks([r, M.signal_checks(_tone(), SR)])
+    assert summary["n"] == 2 and summary["n_failed"] == 1
+    assert summary["failure_rates"][failure] == 0.5
+
+
+def test_loudness_normalize_hits_target_and_keeps_shape():
+    x = np.stack([_tone(amp=0.05), _tone(amp=0.05, f=220)])
+    y = M.loudness_normalize(x, SR, target_lufs=-23.0)
+    assert y.shape == x.shape and y.dtype == np.float32
+    assert M.integrated_loudness(y, SR) == pytest.approx(-23.0, abs=0.1)
+    loud = M.loudness_normalize(_tone(amp=0.001), SR, target_lufs=-1.0)
+    assert np.max(np.abs(loud)) <= 0.99 + 1e-6  # peak guard
+    silent = M.loudness_normalize(np.zeros(SR), SR)
+    assert not np.any(silent)
+
+
+def test_librosa_features_and_diversity():
+    f = M.librosa_frame_features(_tone(), SR)
+    assert f.shape[1] == 64 + 20 + 12 and f.shape[0] > 50 and np.all(np.isfinite(f))
+    # chroma of A440 peaks at pitch class A (index 9)
+    assert np.argmax(f[:, 84:].mean(0)) == 9
+    assert M.clip_statistics(f).shape == (2 * f.shape[1],)
+    rng = np.random.default_rng(0)
+    protos = rng.normal(size=(3, 10))
+    emb = np.stack([protos[p] + 0.01 * rng.normal(size=10) for p in range(3) for _ in range(2)])
+    d = M.diversity(emb, prompt_ids=[0, 0, 1, 1, 2, 2], seed_ids=[0, 1, 0, 1, 0, 1])
+    assert d["across_prompts"] > 0.3 and d["across_seeds"] < 0.01  # collapse across seeds is visible
+
+
+# ------------------------------------------------------------------------------------ CLAP
+def test_clap_windows_resample_and_fixed_length():
+    x = _tone(seconds=23.0)
+    w = M.clap_windows(x, SR)
+    assert w.shape == (2, 480000)  # 3 s tail (< half a window) dropped
+    w = M.clap_windows(_tone(seconds=26.0), SR)
+    assert w.shape == (3, 480000) and not np.any(w[2, 6 * 48000 + 100:])  # 6 s tail padded with zeros
+    short = M.clap_windows(_tone(seconds=2.0), SR)
+    assert short.shape == (1, 480000)
+    # resampled, not repeated: still a 440 Hz tone at 48 kHz
+    spec = np.abs(np.fft.rfft(short[0, :96000]))
+    assert np.fft.rfftfreq(96000, 1 / 48000)[np.argmax(spec)] == pytest.approx(440, abs=1)
+
+
+def make_tiny_clap(directory):
+    """A tiny random CLAP model + processor saved with save_pretrained (what a user's local folder looks like)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import ClapConfig, ClapFeatureExtractor, ClapModel, ClapProcessor, RobertaTokenizerFast
+    from transformers.models.clap.configuration_clap import ClapAudioConfig, ClapTextConfig
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["lofi piano beat", "hip hop 808 trap drums", "ambient synth pad"],
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
+    rt = RobertaTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                              unk_token="<unk>", mask_token="<mask>")
+    tc = ClapTextConfig(vocab_size=len(rt), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=37, max_position_embeddings=64, pad_token_id=1, bos_token_id=0,
+                        eos_token_id=2, projection_dim=16)
+    ac = ClapAudioConfig(num_mel_bins=64, window_size=8, spec_size=256, patch_size=4, patch_stride=4, hidden_size=32,
+                         patch_embeds_hidden_size=16, projection_dim=16, depths=[1, 1], num_attention_heads=[2, 2],
+                         intermediate_size=37)
+    torch.manual_seed(0)
+    model = ClapModel(ClapConfig(text_config=tc.to_dict(), audio_config=ac.to_dict(), projection_dim=16))
+    proc = ClapProcessor(feature_extractor=ClapFeatureExtractor(feature_size=64, sampling_rate=48000, max_length_s=10),
+                         tokenizer=rt)
+    model.save_pretrained(directory)
+    proc.save_pretrained(directory)
+    return directory
+
+
+def test_clap_scores_with_tiny_local_model(tmp_path):
+    from transformers import ClapModel, ClapProcessor
+
+    d = make_tiny_clap(tmp_path / "clap")
+    model, proc = ClapModel.from_pretrained(d), ClapProcessor.from_pretrained(d)
+    rng = np.random.default_rng(0)
+    wavs = [0.1 * rng.normal(size=SR * 3).astype(np.float32) for _ in range(2)] + [_tone(seconds=12.0)]
+    texts = ["lofi piano", "trap drums", "ambient pad"]
+    r = M.clap_scores(model, proc, texts, wavs, SR)
+    assert r["n"] == 3 and len(r["scores"]) == 3
+    assert all(-1.0 <= s <= 1.0 for s in r["scores"])
+    assert r["mean"] == pytest.approx(np.mean(r["scores"]))
+    assert r["shuffled_mean"] is not None and np.isfinite(r["shuffled_mean"])
+    # the score is the cosine of the model's own embeddings for a single 10 s window
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        t = proc(text=["lofi piano"], return_tensors="pt", padding=True)
+        te = F.normalize(M._features(model.get_text_features(**t)), dim=-1)
+        win = M.clap_windows(wavs[0], SR)
+        a = proc.feature_extractor(list(win), sampling_rate=48000, return_tensors="pt", truncation="rand_trunc")
+        ae = F.normalize(M._features(model.get_audio_features(**a)), dim=-1)[0]
+    assert r["scores"][0] == pytest.approx(float(te[0] @ ae), abs=1e-5)

@@ -1,0 +1,302 @@
+"""train_lora: artifacts, plain-peft loading, exact resume after SIGKILL, NaN guard, errors, CFG dropout, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "lora" / "train_lora.py"
+
+
+def _adapter(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+def _assert_same_adapter(a: Path, b: Path, atol=1e-5):
+    wa, wb = _adapter(a), _adapter(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=atol, rtol=0, msg=lambda m: f"{k}: {m}")
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+
+
+def _env():
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+# ------------------------------------------------------------------------------------------
+# The trained fixture: artifacts and plain-peft loading
+# ------------------------------------------------------------------------------------------
+def test_artifacts_and_plain_peft_loading(trained_output_dir, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import MusicgenForConditionalGeneration
+
+    out = trained_output_dir
+    for kind in ("best_model", "final_model"):
+        d = out / kind
+        for name in ("adapter_config.json", "adapter_model.safetensors", "config.yaml", "trainer_state.json",
+                     "eval_results.json", "README.md"):
+            assert (d / name).is_file(), f"{kind}/{name} missing"
+        card = (d / "README.md").read_text()
+        assert "PeftModel.from_pretrained" in card and "Held-out loss" in card
+    # The YAML file given with --config was read (max_steps 4 came only from there); flags were applied.
+    state = json.loads((out / "final_model" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+    import yaml
+
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert resolved["training"]["max_steps"] == 4 and resolved["lora"]["lora_rank"] == 12
+    assert resolved["training"]["output_dir"] == str(out)
+
+    # The adapter loads with plain peft onto the base model its config names, and changes the output.
+    ac = json.loads((out / "best_model" / "adapter_config.json").read_text())
+    assert Path(ac["base_model_name_or_path"]).resolve() == Path(tiny_model_dir).resolve()
+    assert ac["r"] == 12 and ac["lora_alpha"] == 24
+    base = MusicgenForConditionalGeneration.from_pretrained(ac["base_model_name_or_path"])
+    model = PeftModel.from_pretrained(base, str(out / "best_model"))
+    saved = _adapter(out / "best_model")
+    lora_b = [v for k, v in saved.items() if "lora_B" in k]
+    assert lora_b and any(v.abs().sum() > 0 for v in lora_b)  # trained, not the zero init
+    loaded = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    assert len(loaded) == len(saved)
+
+    # Held-out metrics: base (step 0) first, then every eval_steps; per-codebook losses; best <= base.
+    m = _metrics(out)
+    evals = [e for e in m if "val_loss" in e]
+    assert [e["step"] for e in evals] == [0, 2, 4]
+    assert evals[0].get("base") is True
+    assert all(f"val_loss_cb{k}" in evals[0] and f"val_ppl_cb{k}" in evals[0] for k in range(4))
+    trains = [e for e in m if "loss" in e and "val_loss" not in e]
+    assert [e["step"] for e in trains] == [1, 2, 3, 4] and all(e["loss"] == e["loss"] for e in trains)
+    assert sum(e["null_cond_frac"] * e["samples"] for e in trains) > 0  # CFG dropout happened in training batches
+    assert state["base_val_loss"] == pytest.approx(evals[0]["val_loss"])
+    assert state["best_metric"] == pytest.approx(min(e["val_loss"] for e in evals))
+    assert state["best_metric"] < state["base_val_loss"]
+    best = json.loads((out / "best_model" / "eval_results.json").read_text())
+    assert best["val_loss"] == pytest.approx(state["best_metric"])
+
+    # Logs: TensorBoard events and a loss-curve PNG.
+    assert list((out / "logs").glob("events.out.tfevents.*"))
+    assert (out / "logs" / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Checkpoints: resumable state every save_steps.
+    ck = out / "checkpoints" / "step-000004"
+    for name in ("adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt",
+                 "rng_state.pt", "trainer_state.json", "config.yaml"):
+        assert (ck / name).is_file(), name
+    cs = json.loads((ck / "trainer_state.json").read_text())
+    assert cs["global_step"] == 4 and "data_epoch" in cs and "step_in_epoch" in cs and cs["log_history"]
+    assert torch.load(ck / "optimizer.pt", weights_only=True)["state"]
+    assert not [p for p in out.rglob(".*") if p.name.endswith(".tmp")]  # no temp leftovers
+
+
+# ------------------------------------------------------------------------------------------
+# Resume after SIGKILL == uninterrupted run
+# ------------------------------------------------------------------------------------------
+def _common(tiny_model_dir, data_dir, out):
+    return ["--model_path", str(tiny_model_dir), "--data_dir", str(data_dir), "--output_dir", str(out),
+            "--max_steps", "10", "--batch_size", "2", "--gradient_accumulation_steps", "2", "--save_steps", "2",
+            "--eval_steps", "5", "--logging_steps", "1", "--mixed_precision", "no", "--max_duration", "2.5",
+            "--learning_rate", "0.003", "--lora_dropout", "0.1", "--cond_dropout", "0.3", "--seed", "5"]
+
+
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path, tiny_model_dir, example_data_dir):
+    from lora import train_lora
+
+    ref = tmp_path / "ref"
+    assert train_lora.main(_common(tiny_model_dir, example_data_dir, ref)) == 0
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *_common(tiny_model_dir, example_data_dir, out)],
+                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if list((out / "checkpoints").glob("step-*/trainer_state.json")):
+                break
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    assert not (out / "final_model").exists(), "the run finished before it could be killed"
+    # An incomplete checkpoint folder (no trainer_state.json) must be ignored by 'latest'.
+    (out / "checkpoints" / "step-999999").mkdir()
+
+    assert train_lora.main(_common(tiny_model_dir, example_data_dir, out) +
+                           ["--resume_from_checkpoint", "latest"]) == 0
+    _assert_same_adapter(ref / "final_model", out / "final_model")
+    # The log continues without gaps or duplicates and matches the reference run.
+    steps = [e["step"] for e in _metrics(out) if "val_loss" not in e]
+    assert steps == list(range(1, 11))
+    ref_loss = [e["loss"] for e in _metrics(ref) if "val_loss" not in e]
+    got_loss = [e["loss"] for e in _metrics(out) if "val_loss" not in e]
+    assert got_loss == pytest.approx(ref_loss, abs=1e-5)
+    # Only the newest save_total_limit (3) checkpoints are kept.
+    assert len([p for p in (out / "checkpoints").glob("step-0*")]) <= 3
+
+
+# ------------------------------------------------------------------------------------------
+# NaN guard, errors
+# ------------------------------------------------------------------------------------------
+def _short(tiny_model_dir, data_dir, out, *extra):
+    return ["--model_path", str(tiny_model_dir), "--data_dir", str(data_dir), "--output_dir", str(out),
+            "--max_steps", "4", "--gradient_accumulation_steps", "1", "--eval_steps", "100", "--save_steps", "100",
+            "--logging_steps", "1", "--mixed_precision", "no", "--max_duration", "1", *extra]
+
+
+def test_nan_loss_is_skipped_counted_and_stops(tmp_path, tiny_model_dir, example_data_dir, monkeypatch, caplog):
+    import lora.modeling as modeling
+    from lora import train_lora
+    from lora.utils import UserError
+
+    orig = modeling.codebook_losses
+    calls = {"n": 0}
+
+    def nan_on_second_training_step(logits, labels):
+        loss, per, n = orig(logits, labels)
+        if torch.is_grad_enabled():
+            calls["n"] += 1
+            if calls["n"] == 2:
+                loss = loss * float("nan")
+        return loss, per, n
+
+    monkeypatch.setattr(modeling, "codebook_losses", nan_on_second_training_step)
+    out = tmp_path / "one_nan"
+    assert train_lora.main(_short(tiny_model_dir, example_data_dir, out)) == 0
+    state = json.loads((out / "final_model" / "trainer_state.json").read_text())
+    assert state["nan_steps_total"] == 1 and state["global_step"] == 4
+    assert all(torch.isfinite(v).all() for v in _adapter(out / "final_model").values())
+    assert any("non-finite loss" in r.message for r in caplog.records)
+    assert [e["nan_steps_total"] for e in _metrics(out) if "lr" in e] == [0, 1, 1, 1]
+
+    def always_nan(logits, labels):
+        loss, per, n = orig(logits, labels)
+        return (loss * float("nan") if torch.is_grad_enabled() else loss), per, n
+
+    monkeypatch.setattr(modeling, "codebook_losses", always_nan)
+    with pytest.raises(UserError, match="max_nan_steps") as e:
+        train_lora.main(_short(tiny_model_dir, example_data_dir, tmp_path / "all_nan", "--max_nan_steps", "2"))
+    assert "learning_rate" in str(e.value) and "bf16" in str(e.value)
+
+
+def test_empty_valid_split_is_a_clear_error(tmp_path, tiny_model_dir, example_data_dir):
+    from lora import train_lora
+    from lora.utils import UserError
+
+    meta = json.loads((example_data_dir / "metadata.json").read_text())
+    clips = [dict(c, audio=str(example_data_dir / c["audio"]), split="train") for c in meta["clips"]]
+    (tmp_path / "metadata.json").write_text(json.dumps({"clips": clips}))
+    with pytest.raises(UserError, match="valid_fraction") as e:
+        train_lora.main(_short(tiny_model_dir, tmp_path, tmp_path / "out"))
+    assert "never validates on the training" in str(e.value)
+
+
+def test_out_of_memory_becomes_advice(tmp_path, tiny_model_dir, example_data_dir, monkeypatch):
+    import lora.modeling as modeling
+    from lora import train_lora
+    from lora.utils import UserError
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(modeling, "load_base_model", oom)
+    with pytest.raises(UserError) as e:
+        train_lora.main(_short(tiny_model_dir, example_data_dir, tmp_path / "out"))
+    msg = str(e.value)
+    for hint in ("--batch_size", "--max_duration", "--gradient_checkpointing", "--gradient_accumulation_steps"):
+        assert hint in msg
+
+
+def test_bad_settings_are_reported_together(tmp_path):
+    from lora import train_lora
+    from lora.config import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        train_lora.main(["--batch_size", "0", "--cond_dropout", "1.5", "--eval_steps", "0",
+                         "--output_dir", str(tmp_path)])
+    msg = str(e.value)
+    assert "batch_size" in msg and "cond_dropout" in msg and "eval_steps" in msg
+
+
+def test_warmup_is_capped_on_short_runs():
+    from lora.config import Config
+    from lora.train_lora import plan_steps
+
+    cfg = Config()
+    cfg.training.num_epochs = 5
+    spe, total, warmup, note = plan_steps(cfg, n_batches=24, group=4)
+    assert (spe, total, warmup) == (6, 30, 3) and "capped" in note
+    cfg.training.max_steps = 5000
+    assert plan_steps(cfg, 24, 4)[1:3] == (5000, 100)
+
+
+# ------------------------------------------------------------------------------------------
+# Classifier-free guidance: null-conditioned samples train the unconditional branch
+# ------------------------------------------------------------------------------------------
+def test_null_condition_sample_trains_lora(tiny_model_dir):
+    from lora.config import LoraSection, ModelConfig
+    from lora.dataset import CachedClip, CachedTokenDataset, collate_tokens
+    from lora.modeling import attach_lora, build_delay_pattern, codebook_losses, load_base_model, null_condition
+
+    model, processor, info = load_base_model(ModelConfig(model_path=str(tiny_model_dir)))
+    model = attach_lora(model, LoraSection(lora_dropout=0.0))
+    g = torch.Generator().manual_seed(0)
+    clips = [CachedClip(id=str(i), text="x", split="train",
+                        codes=torch.randint(0, info.vocab_size, (info.num_codebooks, 30), generator=g).short(),
+                        hidden=torch.randn(3 + i, info.text_hidden_size, generator=g),
+                        mask=torch.ones(3 + i, dtype=torch.long)) for i in range(2)]
+    ds = CachedTokenDataset(clips, 30, seed=0, train=True, cond_dropout=0.999)
+    batch = collate_tokens([ds[0], ds[1]], info.pad_token_id)
+    assert batch["dropped"].all() and not batch["hidden"].any() and not batch["mask"].any()
+
+    dec_in, labels = build_delay_pattern(batch["codes"], batch["lengths"], info)
+    model.train()
+    logits = model(encoder_outputs=(batch["hidden"],), attention_mask=batch["mask"], decoder_input_ids=dec_in).logits
+    loss, _, _ = codebook_losses(logits, labels)
+    # The padded null condition of training = the null condition generate() uses for the unconditional branch.
+    h0, m0 = null_condition(2, info)
+    ref = model(encoder_outputs=(h0,), attention_mask=m0, decoder_input_ids=dec_in).logits
+    torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-5)
+    loss.backward()
+    self_attn_b = [p.grad for n, p in model.named_parameters() if "self_attn" in n and "lora_B" in n]
+    assert self_attn_b and all(gr is not None and gr.abs().sum() > 0 for gr in self_attn_b)
+
+
+# ------------------------------------------------------------------------------------------
+# Several processes: torchrun (gloo, CPU) == one process with the accumulation doubled
+# ------------------------------------------------------------------------------------------
+def test_torchrun_two_processes_match_one_process(tmp_path, tiny_model_dir, example_data_dir):
+    from lora import train_lora
+
+    pytest.importorskip("torch.distributed.run")
+    args = ["--model_path", str(tiny_model_dir), "--data_dir", str(example_data_dir), "--max_steps", "3",
+            "--batch_size", "2", "--eval_steps", "3", "--save_steps", "3", "--logging_steps", "1",
+            "--mixed_precision", "no", "--max_duration", "2", "--learning_rate", "0.003", "--seed", "11"]
+    one = tmp_path / "one"
+    assert train_lora.main(args + ["--output_dir", str(one), "--gradient_accumulation_steps", "2"]) == 0
+    two = tmp_path / "two"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(SCRIPT), *args, "--output_dir", str(two), "--gradient_accumulation_steps", "1"],
+                       env=_env(), capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _assert_same_adapter(one / "final_model", two / "final_model")
+    s1 = json.loads((one / "final_model" / "trainer_state.json").read_text())
+    s2 = json.loads((two / "final_model" / "trainer_state.json").read_text())
+    assert s2["run"]["world_size"] == 2 and s2["effective_batch"] == s1["effective_batch"] == 4
+    assert s2["best_metric"] == pytest.approx(s1["best_metric"], abs=1e-5)
