@@ -171,6 +171,8 @@ def read_native_blocks(path: str | os.PathLike, block_seconds: float = 10.0) -> 
     Raises AudioError when the file cannot be opened or decoding fails part-way (the error says where).
     """
     path = str(path)
+    if not os.path.isfile(path):
+        raise AudioError("file not found")
     if _needs_av(path):
         yield from _read_av_blocks(path, block_seconds)
         return

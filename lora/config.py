@@ -182,6 +182,9 @@ class EvaluationConfig:
     clap_model_path: Optional[str] = _f(None, "Local CLAP model folder (e.g. laion/larger_clap_music) for text-audio "
                                               "scores; skipped when unset", kind="path")
     skip_generation: bool = _f(False, "Only compute held-out likelihood (fast)")
+    exclude_failed_clips: bool = _f(True, "Leave generated clips that fail a signal check (silent, clipping, DC "
+                                          "offset, mostly silent) out of FAD/KAD/diversity/CLAP; NaN/Inf clips "
+                                          "are always left out")
 
 
 SECTIONS: dict[str, type] = {

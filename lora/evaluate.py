@@ -130,6 +130,23 @@ def read_prompts_file(path: str | Path) -> list[str]:
     return out
 
 
+def choose_prompts(cfg: Config, valid) -> tuple[list[str], str]:
+    """The fixed prompt set: --prompts, else --prompts_file, else the distinct non-empty valid captions (in
+    metadata order); the first num_prompts of it. Returns (prompts, where they came from)."""
+    g = cfg.generation
+    if g.prompts:
+        prompts, source = [p.strip() for p in g.prompts if p.strip()], "--prompts"
+    elif g.prompts_file:
+        prompts, source = read_prompts_file(g.prompts_file), str(g.prompts_file)
+    else:
+        prompts = list(dict.fromkeys(r.text.strip() for r in valid if r.text.strip()))
+        source = "valid captions"
+        if not prompts:
+            raise UserError(f"The valid clips in {cfg.data.data_dir} have no captions to use as prompts; pass "
+                            f"--prompts_file FILE (one prompt per line) or --skip_generation.")
+    return prompts[:cfg.evaluation.num_prompts], source
+
+
 # --------------------------------------------------------------------------------------------
 # Held-out likelihood
 # --------------------------------------------------------------------------------------------
@@ -140,14 +157,27 @@ def _model_context(model, which: str):
     return contextlib.nullcontext()
 
 
-def heldout_likelihood(model, clips, info, max_frames: int, batch_size: int, device) -> dict:
-    """Teacher-forced per-clip, per-codebook CE on cached tokens (the first max_frames of every clip)."""
+def adapter_has_text_encoder(model) -> bool:
+    """True when LoRA layers sit in the T5 text encoder (train_text_encoder): cached text states are then wrong
+    for the adapted model, and captions are encoded on the fly."""
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return any(isinstance(mod, LoraLayer) and "text_encoder" in name for name, mod in model.named_modules())
+
+
+def heldout_likelihood(model, clips, info, max_frames: int, batch_size: int, device, processor=None) -> dict:
+    """Teacher-forced per-clip, per-codebook CE on cached tokens (the first max_frames of every clip).
+
+    With ``processor`` the captions are encoded by the model's own (possibly adapted) text encoder instead of
+    using the cached base states."""
     import torch
     from tqdm.auto import tqdm
 
     from lora.dataset import CachedTokenDataset, collate_tokens
     from lora.metrics import per_clip_cross_entropy
-    from lora.modeling import build_delay_pattern
+    from lora.modeling import build_delay_pattern, encode_text
 
     K = info.num_codebooks
     ds = CachedTokenDataset(clips, max_frames, train=False)
@@ -160,8 +190,11 @@ def heldout_likelihood(model, clips, info, max_frames: int, batch_size: int, dev
         for b in tqdm(batches, desc="held-out likelihood", unit="batch", leave=False):
             batch = collate_tokens([ds[i] for i in b], info.pad_token_id)
             dec_in, labels = build_delay_pattern(batch["codes"].to(device), batch["lengths"].to(device), info)
-            logits = model(encoder_outputs=(batch["hidden"].to(device),), attention_mask=batch["mask"].to(device),
-                           decoder_input_ids=dec_in).logits
+            if processor is not None:
+                hidden, mask = encode_text(model, processor, batch["texts"], device=device)
+            else:
+                hidden, mask = batch["hidden"].to(device), batch["mask"].to(device)
+            logits = model(encoder_outputs=(hidden,), attention_mask=mask, decoder_input_ids=dec_in).logits
             s, n = per_clip_cross_entropy(logits, labels, K)
             ce_sum[b] = s.cpu().numpy()
             n_tok[b] = n.cpu().numpy()
@@ -225,7 +258,7 @@ def _embed_all(model, wavs, info, device) -> list[dict]:
 
 def _distances(gen: list[dict], ref: list[dict], transform: dict) -> dict:
     """FAD and KAD in both embedding spaces between generated and reference frame sets."""
-    from lora.metrics import frechet_audio_distance, kernel_audio_distance, subsample_rows
+    from lora.metrics import clip_statistics, frechet_audio_distance, kernel_audio_distance, subsample_rows
 
     res = {}
     for space in ("encodec", "librosa"):
@@ -235,6 +268,12 @@ def _distances(gen: list[dict], ref: list[dict], transform: dict) -> dict:
                                     kernel=KAD_KERNEL)
         res[space] = {"fad": frechet_audio_distance(x, y), "kad": kad, "n_clips": len(gen),
                       "n_reference_clips": len(ref), "n_frames": int(len(x)), "n_reference_frames": int(len(y))}
+    # One vector per clip (mean and std of the standardised librosa frames): KAD is unbiased at small n, FAD is
+    # not (and its covariance would be singular), so only KAD here.
+    cs = np.stack([clip_statistics(transform["librosa"](g["librosa"])) for g in gen])
+    cr = np.stack([clip_statistics(transform["librosa"](r["librosa"])) for r in ref])
+    res["librosa"]["kad_clip_statistics"] = (kernel_audio_distance(cs, cr, kernel=KAD_KERNEL)
+                                             if len(cs) >= 2 and len(cr) >= 2 else None)
     return res
 
 
@@ -257,6 +296,13 @@ def generate_clips(model, processor, info, which: str, prompts, seeds, cfg: Conf
             log.warning("%s model: generation failed for %d clip(s): %s", which, len(chunk), e)
             out += [None] * len(chunk)
     return out
+
+
+def usable_clips(checks: list[dict], exclude_failed: bool = True) -> list[int]:
+    """Indices of the clips that enter FAD/KAD/diversity/CLAP: those that passed every signal check, or (when
+    exclude_failed is False) every finite one. Clips with NaN/Inf are never usable."""
+    return [j for j, c in enumerate(checks)
+            if c.get("finite", True) and "non_finite" not in c["failures"] and (not exclude_failed or not c["failures"])]
 
 
 def generation_metrics(model, processor, info, cfg: Config, models: list[str], valid_recs, prompts: list[str],
@@ -312,10 +358,13 @@ def generation_metrics(model, processor, info, cfg: Config, models: list[str], v
                 clip.update(wav=wav_rel, spectrogram=png_rel)
             clip["checks"] = c
             checks.append(c)
-            if not c["failures"]:
-                ok[m].append(j)
             res["clips"].append(clip)
+        ok[m] = usable_clips(checks, ev.exclude_failed_clips)
+        for j in ok[m]:
+            res["clips"][-len(checks) + j]["used_in_distances"] = True
         res["signal"][m] = summarize_checks(checks)
+        res["signal"][m]["n_used_in_distances"] = len(ok[m])
+    res["exclude_failed_clips"] = ev.exclude_failed_clips
 
     # Reference audio and floors -------------------------------------------------------------------
     log.info("Embedding %d reference clip(s) and the generated clips", len(valid_recs))
@@ -342,7 +391,9 @@ def generation_metrics(model, processor, info, cfg: Config, models: list[str], v
         if len(wavs) < 2:
             res["distances"][m] = None
             res["diversity"][m] = None
-            log.warning("%s model: %d clip(s) passed the signal checks; FAD/KAD need at least 2", m, len(wavs))
+            log.warning("%s model: only %d usable clip(s) (%s); FAD/KAD need at least 2. See the signal checks in the "
+                        "report%s.", m, len(wavs), "passing every signal check" if ev.exclude_failed_clips else "finite",
+                        "; --exclude_failed_clips false keeps clips that fail a check" if ev.exclude_failed_clips else "")
             continue
         emb = _embed_all(model, wavs, info, device)
         res["distances"][m] = _distances(emb, ref, transform)
@@ -476,9 +527,14 @@ def evaluate(cfg: Config, plan: dict) -> int:
     max_pos = int(getattr(base.config.decoder, "max_position_embeddings", 10 ** 9))
     max_frames = min(int(round(cfg.training.max_duration * info.frame_rate)), max_pos - info.codebooks_per_channel + 1)
     lk: dict = {"window_seconds": max_frames / info.frame_rate, "split": "valid", "cache": cache_stats}
+    text_lora = adapter_has_text_encoder(model)
+    if text_lora:
+        log.info("The adapter has LoRA layers in the text encoder: captions are encoded on the fly")
+    lk["text_states"] = "encoded on the fly (adapter trains the text encoder)" if text_lora else "cached"
     for m in models:
         with _model_context(model, m):
-            lk[m] = heldout_likelihood(model, clips, info, max_frames, cfg.training.batch_size, device)
+            lk[m] = heldout_likelihood(model, clips, info, max_frames, cfg.training.batch_size, device,
+                                       processor=processor if text_lora else None)
         log.info("%s model: held-out cross-entropy %.4f (perplexity %.2f) over %d clips, %d tokens", m, lk[m]["ce"],
                  lk[m]["ppl"], lk[m]["n_clips"], lk[m]["n_tokens"])
     if "base" in models and "lora" in models:
@@ -508,17 +564,7 @@ def evaluate(cfg: Config, plan: dict) -> int:
         results["generation"] = {"skipped": "generation metrics skipped (--skip_generation)"}
         results["notes"].append("Generation metrics skipped (--skip_generation): likelihood only.")
     else:
-        if g.prompts:
-            prompts, source = list(g.prompts), "--prompts"
-        elif g.prompts_file:
-            prompts, source = read_prompts_file(g.prompts_file), str(g.prompts_file)
-        else:
-            prompts = list(dict.fromkeys(r.text.strip() for r in valid if r.text.strip()))
-            source = "valid captions"
-            if not prompts:
-                raise UserError(f"The valid clips in {cfg.data.data_dir} have no captions to use as prompts; pass "
-                                f"--prompts_file FILE (one prompt per line) or --skip_generation.")
-        prompts = prompts[:ev.num_prompts]
+        prompts, source = choose_prompts(cfg, valid)
         results["settings"]["prompts_source"] = source
         gen = generation_metrics(model, processor, info, cfg, models, valid, prompts, out_dir, device)
         results["generation"] = gen

@@ -288,13 +288,17 @@ def _decoder_dtype(base):
 
 
 def _extract_frames(seq, n_frames: int, info):
-    """(B*K, Kc + n) delay-patterned ids -> (B, K, n) frames (undo the delay: row of delay d starts at d+1)."""
+    """(B*K, Kc + n) delay-patterned ids -> (B, K, n) frames: the row of a codebook with delay d holds its
+    frames at positions d+1 .. d+n (stereo: left/right codebooks are interleaved and share a delay)."""
+    import torch
+
     K = info.num_codebooks
+    seq = seq.view(-1, K, seq.shape[-1])
     rows = []
     for k in range(K):
-        d = k // info.audio_channels if info.audio_channels == 2 else k
-        rows.append(seq.view(-1, K, seq.shape[-1])[:, k, d + 1: d + 1 + n_frames])
-    return __import__("torch").stack(rows, dim=1)
+        d = k // info.audio_channels  # mono: d = k; stereo: rows 2c and 2c+1 have delay c
+        rows.append(seq[:, k, d + 1: d + 1 + n_frames])
+    return torch.stack(rows, dim=1)
 
 
 def _run_window(base, info, hidden, mask, guidance: float, context, n_new: int, sampler: TokenSampler,

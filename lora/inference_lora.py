@@ -357,8 +357,11 @@ def main(argv=None) -> int:
     model_entry = {"name_or_path": info.name_or_path, "identity": info.identity, "hub_revision": info.hub_revision,
                    "sample_rate": info.sample_rate, "frame_rate": info.frame_rate,
                    "num_codebooks": info.num_codebooks, "audio_channels": info.audio_channels}
-    dtype_name = str(generation.resolve_dtype(g.dtype, generation.pick_device())).replace("torch.", "")
-    common = {"lora_scale": g.lora_scale if adapter_info else None,
+    from lora.modeling import get_base
+
+    decoder_param = next(get_base(model).decoder.parameters())
+    dtype_name = str(decoder_param.dtype).replace("torch.", "")
+    common = {"device": decoder_param.device.type, "lora_scale": g.lora_scale if adapter_info else None,
               "merge": adapter_info.get("merged") if adapter_info else None, "dtype": dtype_name,
               "max_window": g.max_window, "extend_stride": g.extend_stride,
               "audio_prompt": str(Path(g.audio_prompt).resolve()) if g.audio_prompt else None,

@@ -452,7 +452,11 @@ def clap_scores(model, processor, texts: Sequence[str], wavs: Sequence, sample_r
     fused = bool(getattr(getattr(model.config, "audio_config", None), "enable_fusion", False))
     truncation = "fusion" if fused else "rand_trunc"
     with torch.no_grad():
-        tin = processor(text=list(texts), return_tensors="pt", padding=True)
+        # Long captions are cut to what the text encoder can take (RoBERTa positions start after the pad id).
+        max_pos = int(getattr(getattr(model.config, "text_config", None), "max_position_embeddings", 514)) - 2
+        max_len = min(max_pos, int(getattr(processor.tokenizer, "model_max_length", max_pos) or max_pos))
+        tin = processor.tokenizer(list(texts), return_tensors="pt", padding=True, truncation=True,
+                                  max_length=max_len)
         tin = {k: v.to(device) for k, v in tin.items()}
         temb = F.normalize(_features(model.get_text_features(**tin)).float(), dim=-1)
         aembs = []

@@ -28,7 +28,7 @@ from lora.utils import UserError, atomic_dir, log
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
 TINY_SEED = 1234
-TINY_FORMAT_VERSION = 1  # bump when the tiny architecture changes, so cached folders are rebuilt
+TINY_FORMAT_VERSION = 2  # bump when the tiny architecture changes, so cached folders are rebuilt
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,6 +213,59 @@ def _file_lock(path: Path):
     return cm()
 
 
+def _synthetic_training_audio(n: int = 32, seconds: float = 1.0, sr: int = 32000):
+    """Varied synthetic audio (tones, chords, noise bursts, clicks, sweeps at several levels) to fit codebooks."""
+    import torch
+
+    g = torch.Generator().manual_seed(TINY_SEED)
+    t = torch.arange(int(seconds * sr)) / sr
+    out = []
+    for i in range(n):
+        kind = i % 4
+        f0 = float(55 * 2 ** (torch.rand(1, generator=g).item() * 5))
+        if kind == 0:  # chord of sines
+            x = sum(torch.sin(2 * torch.pi * f0 * r * t) for r in (1.0, 1.25, 1.5))
+        elif kind == 1:  # saw-like bass with an envelope
+            x = 2 * ((f0 * t) % 1.0) - 1
+            x = x * torch.exp(-3 * (t % 0.5))
+        elif kind == 2:  # noise bursts (drums)
+            x = torch.randn(t.shape, generator=g) * torch.exp(-20 * (t % 0.25))
+        else:  # sweep
+            x = torch.sin(2 * torch.pi * (f0 + 400 * t) * t)
+        level = 10 ** (-(torch.rand(1, generator=g).item() * 30) / 20)
+        out.append(level * x / x.abs().max().clamp_min(1e-6))
+    return torch.stack(out)[:, None, :]
+
+
+def _fit_tiny_codebooks(audio_encoder, iters: int = 8) -> None:
+    """Give the random EnCodec real codebooks: residual k-means on its own encoder latents of varied audio.
+
+    A freshly initialised EncodecModel has all-zero codebooks, so every frame would get code 0 and nothing
+    could be learned from the tiny model's tokens. Fitted codebooks make codes depend on the audio, as in
+    a trained codec (the tiny model still sounds like noise: its decoder is random).
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(TINY_SEED)
+    with torch.no_grad():
+        latents = audio_encoder.encoder(_synthetic_training_audio())  # (B, D, T)
+        residual = latents.permute(0, 2, 1).reshape(-1, latents.shape[1]).double()
+        for layer in audio_encoder.quantizer.layers:
+            book = layer.codebook
+            k = book.codebook_size
+            centroids = residual[torch.randperm(residual.shape[0], generator=g)[:k]].clone()
+            for _ in range(iters):
+                assign = torch.cdist(residual, centroids).argmin(dim=1)
+                sums = torch.zeros_like(centroids).index_add_(0, assign, residual)
+                counts = torch.bincount(assign, minlength=k)[:, None]
+                centroids = torch.where(counts > 0, sums / counts.clamp_min(1), centroids)
+            assign = torch.cdist(residual, centroids).argmin(dim=1)
+            book.embed.copy_(centroids.to(book.embed.dtype))
+            book.embed_avg.copy_(centroids.to(book.embed.dtype))
+            book.cluster_size.copy_(torch.bincount(assign, minlength=k).to(book.cluster_size.dtype))
+            residual = residual - centroids[assign]
+
+
 def _build_tiny_model(directory: Path, stereo: bool) -> None:
     import torch
     from transformers import EncodecFeatureExtractor, GenerationConfig, MusicgenForConditionalGeneration, \
@@ -226,7 +279,8 @@ def _build_tiny_model(directory: Path, stereo: bool) -> None:
         with torch.random.fork_rng(devices=fork_devices):
             torch.manual_seed(TINY_SEED)
             model = MusicgenForConditionalGeneration(cfg)
-        model.eval()
+            model.eval()
+            _fit_tiny_codebooks(model.audio_encoder)
         pad = cfg.decoder.pad_token_id
         model.generation_config = GenerationConfig(
             decoder_start_token_id=pad, pad_token_id=pad, bos_token_id=pad, guidance_scale=3.0, do_sample=True,

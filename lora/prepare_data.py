@@ -47,6 +47,7 @@ STATE_FILE = "prepare_state.json"
 REPORT_FILE = "prepare_report.json"
 CONFIG_FILE = "prepare_config.yaml"
 STATE_VERSION = 1
+CHECKPOINT_SECONDS = 30.0  # how often an --input_dir run saves its progress (prepare_state.json)
 CAPTION_KEYS = ("text", "caption", "description", "prompt")
 FILE_KEYS = ("file_name", "file", "filename", "path", "audio")
 
@@ -629,7 +630,8 @@ def enrich_existing(job: dict) -> dict:
     return {"rel": job["rel"], "enrich": out}
 
 
-def _run_jobs(fn_name: str, jobs: list[dict], workers: int, desc: str) -> list[dict]:
+def _run_jobs(fn_name: str, jobs: list[dict], workers: int, desc: str, on_result=None) -> list[dict]:
+    """Run jobs inline (1 worker) or in a spawn process pool; on_result(result) is called as each finishes."""
     if not jobs:
         return []
     from tqdm import tqdm
@@ -641,24 +643,37 @@ def _run_jobs(fn_name: str, jobs: list[dict], workers: int, desc: str) -> list[d
         for j in jobs:
             try:
                 results.append(fn(j))
+                if on_result:
+                    on_result(results[-1])
             except OSError as e:
                 raise UserError(f"could not write clips ({e}); is the disk full or the output folder read-only?"
                                 ) from None
             bar.update()
     else:
         import multiprocessing as mp
+        from concurrent.futures.process import BrokenProcessPool
 
-        with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=mp.get_context("spawn")) as ex:
+        ex = ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=mp.get_context("spawn"))
+        try:
             futs = [ex.submit(fn, j) for j in jobs]
-            try:
-                for f in as_completed(futs):
-                    results.append(f.result())
-                    bar.update()
-            except OSError as e:  # writing clips failed: the whole run cannot go on
-                for f in futs:
-                    f.cancel()
-                raise UserError(f"could not write clips ({e}); is the disk full or the output folder read-only?"
-                                ) from None
+            for f in as_completed(futs):
+                results.append(f.result())
+                if on_result:
+                    on_result(results[-1])
+                bar.update()
+        except OSError as e:  # writing clips failed: the whole run cannot go on
+            ex.shutdown(wait=False, cancel_futures=True)
+            raise UserError(f"could not write clips ({e}); is the disk full or the output folder read-only?"
+                            ) from None
+        except BrokenProcessPool:
+            ex.shutdown(wait=False, cancel_futures=True)
+            raise UserError("a worker process died (out of memory, or a decoder crashed on a file). Finished files "
+                            "are kept: run the same command with --num_workers 1 to continue and find the file."
+                            ) from None
+        except BaseException:  # Ctrl-C: do not wait for the queued files
+            ex.shutdown(wait=False, cancel_futures=True)
+            raise
+        ex.shutdown()
     bar.close()
     return results
 
@@ -732,8 +747,29 @@ def prepare_folder(cfg: Config) -> dict:
     if results:
         log.info("%d file(s) unchanged since the last run: reusing their clips", len(results))
     t0 = time.perf_counter()
-    for r in _run_jobs("process_file", jobs, workers, "decoding"):
-        results[r["rel"]] = r
+    last_save = [time.monotonic()]
+    old_files = list(state.get("clip_files", []))
+
+    def checkpoint(r=None, force=False):
+        """Save progress now and then, so an interrupted run resumes without decoding finished files."""
+        if r is not None:
+            results[r["rel"]] = r
+        if not force and time.monotonic() - last_save[0] < CHECKPOINT_SECONDS:
+            return
+        last_save[0] = time.monotonic()
+        sources = dict(prev_sources)
+        sources.update({k: v for k, v in results.items() if not v.get("reused")})
+        files_now = sorted(set(old_files) | {c["file"] for v in results.values() for c in v.get("clips", [])})
+        atomic_write_json(data_dir / STATE_FILE, {"version": STATE_VERSION, "mode": "input",
+                                                  "input_dir": str(input_dir), "clip_files": files_now,
+                                                  "sources": sources})
+
+    try:
+        for r in _run_jobs("process_file", jobs, workers, "decoding", on_result=checkpoint):
+            results[r["rel"]] = r
+    except (UserError, KeyboardInterrupt):
+        checkpoint(force=True)
+        raise
     for r in _run_jobs("enrich_existing", enrich_jobs, workers, "tempo/key"):
         for c in results[r["rel"]]["clips"]:
             c.update(r["enrich"].get(c["file"], {}))
@@ -765,7 +801,8 @@ def prepare_folder(cfg: Config) -> dict:
     usable = [rel for rel in order if results[rel].get("ok") and not results[rel].get("duplicate_of")
               and any(not c.get("duplicate") for c in results[rel]["clips"])]
     if not usable:
-        _write_report(data_dir, d, input_dir, results, files, ignored, duplicates, [], {}, 0, 0, wall, captioner)
+        _write_report(data_dir, d, input_dir, results, files, ignored, duplicates, [], {},
+                      {j["rel"] for j in jobs}, 0, wall, captioner)
         raise UserError(f"None of the {len(files)} audio files gave a usable clip; see {data_dir / REPORT_FILE} "
                         f"for each file's reason.")
     valid_set = _split(usable, d.valid_fraction, d.split_seed)
@@ -805,14 +842,14 @@ def prepare_folder(cfg: Config) -> dict:
         log.info("removed %d clip(s) of an earlier run that are no longer part of the dataset", removed)
 
     atomic_write_json(metadata_path(data_dir, d.metadata_file), metadata_document(records, d.sample_rate, d.channels))
+    decoded_rels = {rel for rel, r in results.items() if not r.get("reused")}
     for r in results.values():
         r.pop("reused", None)
     atomic_write_json(data_dir / STATE_FILE, {"version": STATE_VERSION, "mode": "input", "input_dir": str(input_dir),
                                               "clip_files": new_files, "sources": results})
     cfg.save(data_dir / CONFIG_FILE)
-    n_decoded = len(jobs)
     return _write_report(data_dir, d, input_dir, results, files, ignored, duplicates, uncaptioned, caption_sources,
-                         n_decoded, len(records), wall, captioner, records)
+                         decoded_rels, len(records), wall, captioner, records)
 
 
 def _enrich_text(text: str, c: dict) -> str:
@@ -827,7 +864,8 @@ def _enrich_text(text: str, c: dict) -> str:
 
 
 def _write_report(data_dir, d, input_dir, results, files, ignored, duplicates, uncaptioned, caption_sources,
-                  n_decoded, n_clips, wall, captioner, records=()) -> dict:
+                  decoded: set, n_clips, wall, captioner, records=()) -> dict:
+    n_decoded = len(decoded)
     skipped = [{"file": rel, "reason": r["reason"]} for rel, r in sorted(results.items()) if not r.get("ok")]
     warnings = [{"file": rel, "warning": w} for rel, r in sorted(results.items()) for w in r.get("warnings", [])]
     tails = [{"file": rel, "seconds": r["tail_seconds"]} for rel, r in sorted(results.items())
@@ -835,7 +873,7 @@ def _write_report(data_dir, d, input_dir, results, files, ignored, duplicates, u
     silent_segments = sum(r.get("silent_segments", 0) for r in results.values() if r.get("ok"))
     clips = Counter(rec.split for rec in records)
     seconds = sum(rec.duration for rec in records)
-    decoded_seconds = sum(r.get("source_seconds", 0.0) for r in results.values() if not r.get("reused"))
+    decoded_seconds = sum(r.get("source_seconds", 0.0) for rel, r in results.items() if rel in decoded)
     report = {
         "input_dir": str(input_dir), "data_dir": str(data_dir), "settings": _settings_key(d),
         "files_found": len(files), "files_used": len({rec.source for rec in records}),

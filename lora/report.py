@@ -68,6 +68,8 @@ def summary_rows(results: dict) -> list[dict]:
         add(f"FAD ({label} latents)" if space == "encodec" else "FAD (librosa features)",
             lambda m, s=space: _get(gen, "distances", m, s, "fad"), True)
         add(f"KAD ×100 ({label})", lambda m, s=space: _get(gen, "distances", m, s, "kad", "value"), True)
+    add("KAD ×100 (librosa clip statistics)",
+        lambda m: _get(gen, "distances", m, "librosa", "kad_clip_statistics", "value"), True)
     div = gen.get("diversity") or {}
     add("diversity across prompts", lambda m: _get(div, m, "across_prompts"), None,
         "higher = prompts lead to different music")

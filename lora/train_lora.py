@@ -29,9 +29,12 @@ dropout) and per-micro-batch randomness (LoRA/model dropout) is seeded by the sa
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -186,7 +189,7 @@ class RunLog:
             self.tb.close()
 
 
-def model_card(cfg: Config, info, state: dict, kind: str, n_train: int, train_hours: float) -> str:
+def model_card(cfg: Config, info, state: dict, kind: str, n_train: int, train_hours: float, where: Path) -> str:
     base = info.name_or_path
     best, base_loss = state.get("best_metric"), state.get("base_val_loss")
     lines = [
@@ -203,12 +206,12 @@ def model_card(cfg: Config, info, state: dict, kind: str, n_train: int, train_ho
                      + (f", this adapter {state['eval']['val_loss']:.4f}" if state.get("eval") else ""))
     lines += [
         "", "## Use", "", "```bash",
-        f"python lora/inference_lora.py --base_model_path {base} --lora_model_path THIS_FOLDER "
+        f"python lora/inference_lora.py --base_model_path {base} --lora_model_path {where} "
         f"--prompts \"your prompt\"", "```", "", "```python",
         "from transformers import AutoProcessor, MusicgenForConditionalGeneration",
         "from peft import PeftModel", "",
         f"base = MusicgenForConditionalGeneration.from_pretrained({base!r})",
-        "model = PeftModel.from_pretrained(base, 'THIS_FOLDER')",
+        f"model = PeftModel.from_pretrained(base, {str(where)!r})",
         f"processor = AutoProcessor.from_pretrained({base!r})",
         "inputs = processor(text=['your prompt'], padding=True, return_tensors='pt')",
         "audio = model.generate(**inputs, do_sample=True, guidance_scale=3.0, max_new_tokens=500)", "```", "",
@@ -256,10 +259,12 @@ def train(cfg: Config) -> int:
     out = Path(t.output_dir)
 
     # ---------------------------------------------------------------- setup: processes, precision
-    state0 = PartialState()
+    # Several processes without CUDA (torchrun on CPUs): accelerate needs cpu=True to use gloo.
+    cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    state0 = PartialState(cpu=cpu)
     precision, why = choose_precision(t.mixed_precision, state0.device)
     AcceleratorState._reset_state()  # main() may run several times in one process (tests)
-    acc = Accelerator(mixed_precision=precision)
+    acc = Accelerator(mixed_precision=precision, cpu=cpu)
     main_proc, rank, world = acc.is_main_process, acc.process_index, acc.num_processes
     device = acc.device
     if not main_proc:
@@ -389,8 +394,13 @@ def train(cfg: Config) -> int:
     log.info("=" * 78)
 
     runlog = RunLog(out / "logs", st["log_history"], enabled=main_proc)
+    file_log = None
     if main_proc:
         cfg.save(out / "config.yaml")
+        file_log = logging.FileHandler(out / "logs" / "train.log", encoding="utf-8")
+        file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(file_log)
+        log.info("Resolved config: %s", out / "config.yaml")
 
     # ---------------------------------------------------------------- helpers of the loop
     def forward_loss(batch):
@@ -448,7 +458,8 @@ def train(cfg: Config) -> int:
             atomic_write_json(tmp / STATE_FILE, s)
             atomic_write_json(tmp / "eval_results.json", {"step": st["global_step"], "base_val_loss":
                                                           st["base_val_loss"], **(evaluation or {})})
-            atomic_write_text(tmp / "README.md", model_card(cfg, info, s, kind, len(train_clips), secs / 3600))
+            atomic_write_text(tmp / "README.md", model_card(cfg, info, s, kind, len(train_clips), secs / 3600,
+                                                                path))
 
     def save_checkpoint() -> None:
         root = out / "checkpoints"
@@ -565,7 +576,9 @@ def train(cfg: Config) -> int:
                 interval_loss += loss_sum / ga
                 interval_cb += cb_sum / ga
                 interval_n += 1
-            scheduler.step()
+            with warnings.catch_warnings():  # a skipped (NaN) first step still advances the schedule
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+                scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             st["global_step"] += 1
             st["step_in_epoch"] = s + 1
@@ -613,6 +626,9 @@ def train(cfg: Config) -> int:
         runlog.plot(st["base_val_loss"])
     runlog.close()
     acc.wait_for_everyone()
+    if file_log is not None:
+        log.removeHandler(file_log)
+        file_log.close()
     if stop_reason:
         log.info("Stopped: %s", stop_reason)
     log.info("Done in %d steps. Held-out loss: base %.4f -> best %.4f (step %s) -> final %.4f. Adapter: %s",

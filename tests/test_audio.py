@@ -140,6 +140,11 @@ def test_text_file_renamed_wav_is_a_clear_error(tmp_path):
         A.audio_info(p)
 
 
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(A.AudioError, match=r"nope\.wav: file not found"):
+        A.load_audio(tmp_path / "nope.wav", SR)
+
+
 def test_truncated_flac_is_an_audio_error_not_a_crash(tmp_path):
     p = tmp_path / "cut.flac"
     sf.write(p, tone(440, 12, 44100), 44100)

@@ -405,3 +405,20 @@ def test_test_model_script_reports_failure(tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc != 0
     assert "FAILED at 'load model'" in out and "Next step:" in out and "OK —" not in out
+
+
+def test_tiny_codec_codes_depend_on_the_audio(tiny_model_dir):
+    """A random EnCodec has all-zero codebooks (every frame -> code 0); ours are fitted, so codes carry the audio."""
+    import torch
+
+    from lora.config import ModelConfig
+    from lora.modeling import encode_audio, load_base_model
+
+    model, _, info = load_base_model(ModelConfig(model_path=str(tiny_model_dir)))
+    t = torch.arange(32000) / 32000
+    tone = torch.sin(2 * torch.pi * 220 * t)[None, None] * 0.5
+    noise = torch.randn(1, 1, 32000, generator=torch.Generator().manual_seed(0)) * 0.3
+    codes = encode_audio(model, torch.cat([tone, noise]), info)
+    for k in range(info.num_codebooks):
+        assert len(torch.unique(codes[:, k])) > 8, f"codebook {k} uses too few codes"
+    assert (codes[0] != codes[1]).float().mean() > 0.5, "a tone and noise should get mostly different codes"

@@ -449,3 +449,42 @@ def test_collate_pads_and_masks():
     b = TD.collate_audio(items)
     assert b["audio"].shape == (2, 1, 5) and b["lengths"].tolist() == [5, 3]
     assert b["mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]] and b["audio"][1, 0, 3:].abs().sum() == 0
+
+
+def test_interrupted_run_resumes_without_redoing_finished_files(tmp_path, monkeypatch):
+    d = tmp_path / "in"
+    d.mkdir()
+    for i in range(4):
+        sf.write(d / f"s{i}.wav", music(6, 32000, i), 32000)
+    fresh = tmp_path / "fresh"
+    assert P.main(["--input_dir", str(d), "--output_dir", str(fresh), "--num_workers", "1"]) == 0
+
+    real = P.process_file
+    calls = []
+
+    def dies_on_third(job):
+        calls.append(job["rel"])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(job)
+
+    monkeypatch.setattr(P, "process_file", dies_on_third)  # progress is saved when the run is interrupted
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        P.main(["--input_dir", str(d), "--output_dir", str(out), "--num_workers", "1"])
+    assert not (out / "metadata.json").exists()  # nothing that looks complete
+    monkeypatch.setattr(P, "process_file", real)
+    assert P.main(["--input_dir", str(d), "--output_dir", str(out), "--num_workers", "1"]) == 0
+    assert report(out)["files_decoded"] == 2 and report(out)["files_reused"] == 2
+    assert (out / "metadata.json").read_text() == (fresh / "metadata.json").read_text()
+
+
+def test_overwrite_redoes_everything(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    for i in range(2):
+        sf.write(d / f"s{i}.wav", music(6, 32000, i), 32000)
+    out = tmp_path / "out"
+    assert P.main(["--input_dir", str(d), "--output_dir", str(out), "--num_workers", "1"]) == 0
+    assert P.main(["--input_dir", str(d), "--output_dir", str(out), "--num_workers", "1", "--overwrite"]) == 0
+    assert report(out)["files_decoded"] == 2
