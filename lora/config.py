@@ -440,6 +440,7 @@ def build_parser(description: str, sections: tuple[str, ...], extra=None) -> tup
                 kw.update(nargs="+", metavar="TEXT")
             else:
                 kw.update(type=_argtype(f.name, base, optional))
+                kw["metavar"] = {int: "N", float: "X"}.get(base, "PATH" if f.metadata.get("kind") else "TEXT")
                 if f.metadata.get("choices"):
                     kw["metavar"] = "{" + ",".join(map(str, f.metadata["choices"])) + "}"
             group.add_argument(*flags, **kw)

@@ -368,8 +368,9 @@ def generation_metrics(model, processor, info, cfg: Config, models: list[str], v
 
     # Reference audio and floors -------------------------------------------------------------------
     log.info("Embedding %d reference clip(s) and the generated clips", len(valid_recs))
-    ref_wavs = [load_audio(r.path, sr, info.audio_channels) for r in valid_recs]
-    ref_wavs = [w for w in ref_wavs if w.shape[-1] > 0]
+    loaded = [(r, load_audio(r.path, sr, info.audio_channels)) for r in valid_recs]
+    valid_recs = [r for r, w in loaded if w.shape[-1] > 0]  # (empty files were already refused by the cache)
+    ref_wavs = [w for _, w in loaded if w.shape[-1] > 0]
     ref = _embed_all(model, ref_wavs, info, device)
     lib_std = standardizer(np.concatenate([r["librosa"] for r in ref]))
     transform = {"encodec": lambda x: x, "librosa": lib_std}
@@ -484,7 +485,13 @@ def main(argv=None) -> int:
                                             "metrics (FAD/KAD, signal checks, diversity, CLAP), HTML report.",
                           sections=("evaluation", "model", "generation", "data"))
     plan = check_config(cfg)
-    log.info("Evaluation config: %s", json.dumps(dataclasses.asdict(cfg.evaluation)))
+    log.info("Evaluating %s on %s/%s -> %s", " and ".join(plan["models"]), cfg.data.data_dir, cfg.data.metadata_file,
+             cfg.evaluation.output_dir)
+    log.info("  base model %s | adapter %s", cfg.model.model_path, plan["adapter"] or "-")
+    log.info("  evaluation: %s", json.dumps(dataclasses.asdict(cfg.evaluation)))
+    g = cfg.generation
+    log.info("  sampling: guidance %g, temperature %g, top_k %d, top_p %g, first seed %d, batch %d",
+             g.guidance_scale, g.temperature, g.top_k, g.top_p, g.seed, g.batch_size)
     return evaluate(cfg, plan)
 
 
@@ -526,6 +533,7 @@ def evaluate(cfg: Config, plan: dict) -> int:
     # 1. Held-out likelihood ----------------------------------------------------------------------
     max_pos = int(getattr(base.config.decoder, "max_position_embeddings", 10 ** 9))
     max_frames = min(int(round(cfg.training.max_duration * info.frame_rate)), max_pos - info.codebooks_per_channel + 1)
+    few_note = None
     lk: dict = {"window_seconds": max_frames / info.frame_rate, "split": "valid", "cache": cache_stats}
     text_lora = adapter_has_text_encoder(model)
     if text_lora:
@@ -547,6 +555,10 @@ def evaluate(cfg: Config, plan: dict) -> int:
         diff["ppl_ratio"] = float(math.exp(diff["diff"]))
         diff["excludes_zero"] = bool(diff["ci_high"] < 0 or diff["ci_low"] > 0)
         lk["difference"] = diff
+        if diff["n"] < 10:
+            few_note = (f"Only {diff['n']} held-out clips: the confidence interval of the likelihood difference is "
+                        f"rough (a bootstrap over few clips is too narrow); hold out more clips "
+                        f"(prepare_data.py --valid_fraction).")
 
     results: dict = {
         "models_evaluated": models, "identity": identity, "likelihood": lk, "versions": versions(),
@@ -558,6 +570,9 @@ def evaluate(cfg: Config, plan: dict) -> int:
                      "kad_scale": 100, "kad_max_frames": KAD_MAX_FRAMES, "config_file": cfg.config_file},
         "notes": [],
     }
+    if few_note:
+        results["notes"].append(few_note)
+        log.warning(few_note)
 
     # 2. Generation metrics ----------------------------------------------------------------------
     if ev.skip_generation:
@@ -575,6 +590,7 @@ def evaluate(cfg: Config, plan: dict) -> int:
     results["summary"] = summary_rows(results)
     results = jsonable(results)
     atomic_write_json(out_dir / "results.json", results)
+    cfg.save(out_dir / "config.yaml")
     report = write_report(results, out_dir, adapter_dir=adapter)
     print()
     print(format_table(results["summary"]))

@@ -30,6 +30,7 @@ Public API::
     # -> list of float32 numpy arrays (channels, samples) at info.sample_rate
 
     results = generate(model, processor, info, requests, batch_size=4, ...)  # full detail (codes, windows, time)
+    cast_for_generation(model, resolve_dtype("auto", device))    # decoder to bf16/fp16; EnCodec + T5 stay fp32
 """
 
 from __future__ import annotations
@@ -164,7 +165,7 @@ def adapter_identity(adapter_dir) -> dict:
     return out
 
 
-def _cast_for_generation(model, dtype) -> None:
+def cast_for_generation(model, dtype) -> None:
     """The decoder (what runs every step) in ``dtype``; EnCodec and T5 stay fp32 (they run once per batch and
     the codec's output is the audio itself)."""
     import torch
@@ -210,7 +211,7 @@ def load_generation_model(cfg, device=None, adapter_path="__from_cfg__"):
         adapter_info.update(scale=scale, merged=bool(merge))
         log.info("Adapter %s at scale %g (%s)", adapter_path, scale,
                  "merged into the weights" if merge else "unmerged")
-    _cast_for_generation(model, dtype)
+    cast_for_generation(model, dtype)
     model.eval()
     info_dtype = str(dtype).replace("torch.", "")
     log.info("Generating on %s, decoder dtype %s", device, info_dtype)

@@ -126,6 +126,11 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _plain(text: str) -> str:
+    """User text for a matplotlib title: '$' would start mathtext (and can raise on unbalanced '$')."""
+    return str(text).replace("$", r"\$")
+
+
 def save_spectrogram(wav, sample_rate: int, path: str | Path, title: str = "") -> Path:
     """Log-mel spectrogram (dB) of the mono mix as a PNG."""
     import librosa
@@ -139,7 +144,7 @@ def save_spectrogram(wav, sample_rate: int, path: str | Path, title: str = "") -
     db = librosa.power_to_db(mel, ref=np.max if np.any(mel) else 1.0, top_db=80)
     fig, ax = plt.subplots(figsize=(5, 2.2))
     librosa.display.specshow(db, sr=sample_rate, hop_length=512, x_axis="time", y_axis="mel", ax=ax, cmap="magma")
-    ax.set_title(title[:80], fontsize=8)
+    ax.set_title(_plain(title[:80]), fontsize=8)
     ax.tick_params(labelsize=7)
     ax.set_xlabel("")
     ax.set_ylabel("")
@@ -259,7 +264,7 @@ def training_curve(adapter_dir: Optional[str | Path], out_dir: Path) -> Optional
             ax.set_ylabel("cross-entropy")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-            ax.set_title(f"training of {Path(adapter_dir).name}", fontsize=9)
+            ax.set_title(_plain(f"training of {Path(adapter_dir).name}"), fontsize=9)
             fig.tight_layout()
             return _rel(_save(fig, target), out_dir)
     png = logs / "loss_curve.png"

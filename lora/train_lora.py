@@ -228,6 +228,7 @@ def main(argv=None) -> int:
     setup_logging()
     import torch
 
+    handlers, level = list(log.handlers), log.level
     try:
         return train(cfg)
     except torch.OutOfMemoryError as e:
@@ -237,6 +238,11 @@ def main(argv=None) -> int:
             f"with more --gradient_accumulation_steps (now {t.gradient_accumulation_steps}) to keep the effective "
             f"batch; a shorter --max_duration (now {t.max_duration} s); --gradient_checkpointing; or "
             f"--mixed_precision bf16/fp16.") from None
+    finally:
+        for h in [h for h in log.handlers if h not in handlers]:
+            log.removeHandler(h)
+            h.close()
+        log.setLevel(level)
 
 
 def train(cfg: Config) -> int:
@@ -269,6 +275,11 @@ def train(cfg: Config) -> int:
     device = acc.device
     if not main_proc:
         log.setLevel("WARNING")
+    else:  # logs/train.log: the same lines as the console (main() removes the handler again)
+        (out / "logs").mkdir(parents=True, exist_ok=True)
+        file_log = logging.FileHandler(out / "logs" / "train.log", encoding="utf-8")
+        file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(file_log)
     log.info("Precision: %s (%s)", precision, why)
 
     # ---------------------------------------------------------------- setup: data records
@@ -394,12 +405,8 @@ def train(cfg: Config) -> int:
     log.info("=" * 78)
 
     runlog = RunLog(out / "logs", st["log_history"], enabled=main_proc)
-    file_log = None
     if main_proc:
         cfg.save(out / "config.yaml")
-        file_log = logging.FileHandler(out / "logs" / "train.log", encoding="utf-8")
-        file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        log.addHandler(file_log)
         log.info("Resolved config: %s", out / "config.yaml")
 
     # ---------------------------------------------------------------- helpers of the loop
@@ -626,9 +633,6 @@ def train(cfg: Config) -> int:
         runlog.plot(st["base_val_loss"])
     runlog.close()
     acc.wait_for_everyone()
-    if file_log is not None:
-        log.removeHandler(file_log)
-        file_log.close()
     if stop_reason:
         log.info("Stopped: %s", stop_reason)
     log.info("Done in %d steps. Held-out loss: base %.4f -> best %.4f (step %s) -> final %.4f. Adapter: %s",

@@ -203,3 +203,14 @@ def test_bucketed_batches():
     # Extended to a multiple of (accumulation x processes) by wrapping around.
     c = bucketed_batches(lengths, 4, seed=1, epoch=0, multiple_of=8, bucket_batches=10)
     assert len(c) % 8 == 0 and c[:len(a)] == a and c[len(a):] == a[:len(c) - len(a)]
+
+
+def test_stereo_model_codes(tiny_stereo_model_dir, data_copy):
+    from lora.config import ModelConfig
+    from lora.modeling import load_base_model
+
+    model, processor, info = load_base_model(ModelConfig(model_path=str(tiny_stereo_model_dir)))
+    records = load_metadata(data_copy)[:2]
+    clips, stats = build_token_cache(records, model, processor, info, data_copy, show_progress=False)
+    assert clips[0].codes.shape[0] == info.num_codebooks == 8
+    assert any(p.name.endswith("-ch2.safetensors") for p in (cache_root(data_copy, info) / "codes").iterdir())

@@ -229,6 +229,8 @@ def test_compare_report_html(compare_run):
         assert (out / rel).is_file(), rel
     assert "charts/likelihood.png" in imgs and "charts/distances.png" in imgs
     assert "charts/training_loss.png" in imgs  # the adapter's logs/metrics.jsonl was found
+    assert (out / "config.yaml").is_file()  # the resolved config next to the results
+    assert any("held-out clips" in n for n in res["notes"])  # 4 valid clips: the interval is flagged as rough
 
 
 def test_single_model_likelihood_only(tmp_path, tiny_model_dir, example_data_dir, trained_output_dir, compare_run,
@@ -271,10 +273,20 @@ def test_text_encoder_adapter_encodes_captions_on_the_fly(tiny_model_dir, exampl
     cached = evaluate.heldout_likelihood(peft, clips, info, 1500, 2, cpu)
     fly = evaluate.heldout_likelihood(peft, clips, info, 1500, 2, cpu, processor=proc)
     assert cached["ce"] == pytest.approx(plain["ce"], abs=1e-6)  # decoder LoRA is still zero: cache = base
-    print("difference", fly["ce"] - cached["ce"], cached["ce"] - plain["ce"])
     # the adapted T5 changes the condition (the random tiny decoder barely listens to text: small but far above
     # the float noise of recomputing the same thing, which is 0 here)
     assert abs(fly["ce"] - cached["ce"]) > 1e-6 and abs(fly["ce"] - cached["ce"]) > 100 * abs(cached["ce"] - plain["ce"])
     with peft.disable_adapter():
         base_fly = evaluate.heldout_likelihood(peft, clips, info, 1500, 2, cpu, processor=proc)
     assert base_fly["ce"] == pytest.approx(plain["ce"], abs=1e-5)
+
+
+def test_spectrogram_png_with_hostile_title(tmp_path):
+    import numpy as np
+
+    from lora.report import save_spectrogram
+
+    wav = (0.2 * np.sin(2 * np.pi * 220 * np.arange(16000) / 16000)).astype(np.float32)
+    # "$\\undefinedcmd$" makes matplotlib's mathtext raise unless "$" is escaped
+    p = save_spectrogram(wav, 16000, tmp_path / "s" / "x.png", r"lofi $\undefinedcmd$ beat, costs $5 <b>&")
+    assert p.is_file() and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

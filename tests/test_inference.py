@@ -127,6 +127,7 @@ def test_greedy_guided_decoding_equals_transformers_generate(stereo, tiny_model_
         assert r.audio.shape == (info.audio_channels, 32000)
         np.testing.assert_allclose(r.audio, ref_audio[i].numpy(), atol=1e-5)
     assert not torch.equal(ours[0].codes, ours[1].codes)  # the text conditions the result
+    assert np.abs(ours[0].audio - ours[1].audio).max() > 1e-5
 
 
 def test_seed_reproduces_a_sample_alone_or_in_any_batch(base_bundle):
@@ -140,6 +141,7 @@ def test_seed_reproduces_a_sample_alone_or_in_any_batch(base_bundle):
     assert torch.equal(batch[1].codes, alone.codes)
     np.testing.assert_allclose(batch[1].audio, alone.audio, atol=1e-5)
     assert not torch.equal(other_seed.codes, alone.codes)
+    assert np.abs(other_seed.audio - alone.audio).max() > 1e-5  # another seed is other music (float noise ~1e-7)
     assert alone.audio.shape == (1, 32000) and alone.audio.dtype == np.float32
 
 
@@ -181,6 +183,7 @@ def test_lora_scale_and_merge(tiny_model_dir, adapter_dir, base_bundle):
     assert torch.equal(zero.codes, base.codes)
     assert not torch.equal(merged.codes, base.codes)  # the adapter matters
     assert not torch.equal(half.codes, base.codes) and not torch.equal(half.codes, merged.codes)
+    assert np.abs(merged.audio - base.audio).max() > 1e-5
 
 
 def test_plan_windows_matches_audiocraft_loop():

@@ -311,3 +311,15 @@ def test_torchrun_two_processes_match_one_process(tmp_path, tiny_model_dir, exam
     s2 = json.loads((two / "final_model" / "trainer_state.json").read_text())
     assert s2["run"]["world_size"] == 2 and s2["effective_batch"] == s1["effective_batch"] == 4
     assert s2["best_metric"] == pytest.approx(s1["best_metric"], abs=1e-5)
+
+
+def test_gradient_checkpointing_trains_the_same(tmp_path, tiny_model_dir, example_data_dir):
+    from lora import train_lora
+
+    args = _short(tiny_model_dir, example_data_dir, tmp_path / "plain", "--max_steps", "2", "--learning_rate", "0.003")
+    assert train_lora.main(args) == 0
+    args = _short(tiny_model_dir, example_data_dir, tmp_path / "gc", "--max_steps", "2", "--learning_rate", "0.003",
+                  "--gradient_checkpointing")
+    assert train_lora.main(args) == 0
+    _assert_same_adapter(tmp_path / "plain" / "final_model", tmp_path / "gc" / "final_model")
+    assert "gradient checkpointing" in (tmp_path / "gc" / "logs" / "train.log").read_text()
