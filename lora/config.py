@@ -120,7 +120,8 @@ class TrainingConfig:
     max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0 = off")
     max_duration: float = _f(30.0, "Training window, s: longer cached clips get a random crop of this length per epoch")
     cond_dropout: float = _f(0.3, "Probability of replacing a caption by the null condition, so classifier-free "
-                                  "guidance has a trained unconditional branch (audiocraft: 0.3)")
+                                  "guidance has a trained unconditional branch (audiocraft's MusicGen: "
+                                  "classifier_free_guidance.training_dropout 0.3)")
     mixed_precision: str = _f("auto", "auto = bf16 where the hardware runs it fast, fp16 on older GPUs, else fp32",
                               choices=("auto", "fp16", "bf16", "no"))
     fp16: bool = _f(False, "Same as mixed_precision=fp16 (the seed's flag); on CPU falls back with a warning")

@@ -65,6 +65,11 @@ def check_config(cfg: Config) -> dict:
                         f"got {ev.bootstrap_samples}.")
     if g.batch_size < 1:
         problems.append(f"generation.batch_size must be at least 1, got {g.batch_size}.")
+    if not ev.skip_generation:
+        from lora.generation import SamplingSettings
+
+        problems += SamplingSettings(guidance_scale=g.guidance_scale, temperature=g.temperature, top_k=g.top_k,
+                                     top_p=g.top_p, do_sample=g.do_sample).problems("generation")
     if ev.clap_model_path and not Path(ev.clap_model_path).is_dir():
         problems.append(f"evaluation.clap_model_path {ev.clap_model_path} is not a folder. Download a CLAP model "
                         f"once (e.g. `huggingface-cli download laion/larger_clap_music --local-dir models/clap`) "
@@ -291,7 +296,8 @@ def generate_clips(model, processor, info, which: str, prompts, seeds, cfg: Conf
                 out += generate_audio(model, processor, info, [p for p, _ in chunk], [s for _, s in chunk],
                                       duration=ev.eval_duration, guidance_scale=g.guidance_scale,
                                       temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
-                                      batch_size=g.batch_size, extend_stride=g.extend_stride)
+                                      do_sample=g.do_sample, batch_size=g.batch_size, max_window=g.max_window,
+                                      extend_stride=g.extend_stride)
         except GenerationError as e:
             log.warning("%s model: generation failed for %d clip(s): %s", which, len(chunk), e)
             out += [None] * len(chunk)
@@ -302,7 +308,8 @@ def usable_clips(checks: list[dict], exclude_failed: bool = True) -> list[int]:
     """Indices of the clips that enter FAD/KAD/diversity/CLAP: those that passed every signal check, or (when
     exclude_failed is False) every finite one. Clips with NaN/Inf are never usable."""
     return [j for j, c in enumerate(checks)
-            if c.get("finite", True) and "non_finite" not in c["failures"] and (not exclude_failed or not c["failures"])]
+            if c.get("finite", True) and "non_finite" not in c["failures"]
+            and (not exclude_failed or not c["failures"])]
 
 
 def generation_metrics(model, processor, info, cfg: Config, models: list[str], valid_recs, prompts: list[str],
@@ -378,7 +385,8 @@ def generation_metrics(model, processor, info, cfg: Config, models: list[str], v
     floors: dict = {}
     if len(ref) >= 2:
         floors["noise"] = _distances(ref[0::2], ref[1::2], transform)
-        floors["noise"]["note"] = "reference clips split in two halves (even / odd): FAD of one distribution at this size"
+        floors["noise"]["note"] = ("reference clips split in two halves (even / odd): the distance between two samples "
+                                   "of one distribution at this size")
     else:
         floors["noise"] = None
     rt = _embed_all(model, [codec_roundtrip(model, w, info) for w in ref_wavs], info, device)
@@ -392,9 +400,11 @@ def generation_metrics(model, processor, info, cfg: Config, models: list[str], v
         if len(wavs) < 2:
             res["distances"][m] = None
             res["diversity"][m] = None
-            log.warning("%s model: only %d usable clip(s) (%s); FAD/KAD need at least 2. See the signal checks in the "
-                        "report%s.", m, len(wavs), "passing every signal check" if ev.exclude_failed_clips else "finite",
-                        "; --exclude_failed_clips false keeps clips that fail a check" if ev.exclude_failed_clips else "")
+            res.setdefault("notes", []).append(
+                f"{m} model: FAD/KAD/diversity not computed: {len(wavs)} of {len(audio[m])} generated clips are usable "
+                f"({'passing every signal check' if ev.exclude_failed_clips else 'finite'}); see the signal checks."
+                + (" --exclude_failed_clips false keeps clips that fail a check." if ev.exclude_failed_clips else ""))
+            log.warning(res["notes"][-1])
             continue
         emb = _embed_all(model, wavs, info, device)
         res["distances"][m] = _distances(emb, ref, transform)
@@ -500,7 +510,7 @@ def evaluate(cfg: Config, plan: dict) -> int:
 
     from lora.dataset import build_token_cache, load_metadata
     from lora.generation import adapter_identity, pick_device
-    from lora.modeling import get_base, load_base_model, load_lora
+    from lora.modeling import get_base, load_base_model, load_lora, set_lora_scale
     from lora.report import format_table, summary_rows, write_report
 
     ev, g = cfg.evaluation, cfg.generation
@@ -527,7 +537,10 @@ def evaluate(cfg: Config, plan: dict) -> int:
                                   "num_codebooks", "audio_channels")}}
     if adapter:
         model = load_lora(model, adapter, is_trainable=False)
-        identity["lora"] = dict(adapter_identity(adapter), base=identity["base"]["name_or_path"])
+        if g.lora_scale != 1.0:
+            set_lora_scale(model, g.lora_scale)
+            log.info("Adapter scale %g (--lora_scale)", g.lora_scale)
+        identity["lora"] = dict(adapter_identity(adapter), base=identity["base"]["name_or_path"], scale=g.lora_scale)
     model.eval()
 
     # 1. Held-out likelihood ----------------------------------------------------------------------
@@ -565,7 +578,9 @@ def evaluate(cfg: Config, plan: dict) -> int:
         "settings": {"evaluation": dataclasses.asdict(ev), "data_dir": cfg.data.data_dir,
                      "metadata_file": cfg.data.metadata_file, "device": str(device),
                      "sampling": {"guidance_scale": g.guidance_scale, "temperature": g.temperature, "top_k": g.top_k,
-                                  "top_p": g.top_p, "first_seed": g.seed, "batch_size": g.batch_size},
+                                  "top_p": g.top_p, "do_sample": g.do_sample, "first_seed": g.seed,
+                                  "batch_size": g.batch_size, "max_window": g.max_window,
+                                  "extend_stride": g.extend_stride, "duration": ev.eval_duration},
                      "loudness_target_lufs": LOUDNESS_TARGET_LUFS, "kad_kernel": KAD_KERNEL,
                      "kad_scale": 100, "kad_max_frames": KAD_MAX_FRAMES, "config_file": cfg.config_file},
         "notes": [],
@@ -583,9 +598,9 @@ def evaluate(cfg: Config, plan: dict) -> int:
         results["settings"]["prompts_source"] = source
         gen = generation_metrics(model, processor, info, cfg, models, valid, prompts, out_dir, device)
         results["generation"] = gen
+        results["notes"] += gen.pop("notes", [])
         if gen["clap"].get("skipped"):
             results["notes"].append(gen["clap"]["skipped"])
-            print(gen["clap"]["skipped"])
     results["seconds"] = time.perf_counter() - t_start
     results["summary"] = summary_rows(results)
     results = jsonable(results)
@@ -594,6 +609,8 @@ def evaluate(cfg: Config, plan: dict) -> int:
     report = write_report(results, out_dir, adapter_dir=adapter)
     print()
     print(format_table(results["summary"]))
+    for note in results["notes"]:
+        print(f"* {note}")
     print()
     print(f"results: {out_dir / 'results.json'}")
     print(f"report:  {report}")

@@ -28,7 +28,7 @@ from lora.utils import UserError, atomic_dir, log
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
 TINY_SEED = 1234
-TINY_FORMAT_VERSION = 2  # bump when the tiny architecture changes, so cached folders are rebuilt
+TINY_FORMAT_VERSION = 3  # bump when the tiny architecture changes, so cached folders are rebuilt
 
 
 # --------------------------------------------------------------------------------------------
@@ -266,6 +266,23 @@ def _fit_tiny_codebooks(audio_encoder, iters: int = 8) -> None:
             residual = residual - centroids[assign]
 
 
+def _level_tiny_decoder(audio_encoder, target_rms: float = 0.1) -> None:
+    """Random conv biases make the random EnCodec decoder output a constant DC offset (~0.06) whatever the codes,
+    which every signal check rightly flags. Zero the decoder's biases and scale its last conv so decoded audio
+    has no DC and a normal level (the tiny model still sounds like noise)."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in audio_encoder.decoder.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+        codes = torch.randint(0, audio_encoder.config.codebook_size, (1, 1, audio_encoder.quantizer.num_quantizers, 50),
+                              generator=torch.Generator().manual_seed(TINY_SEED))
+        rms = audio_encoder.decode(codes, [None]).audio_values.pow(2).mean().sqrt().item()
+        g = audio_encoder.decoder.layers[-1].conv.parametrizations.weight.original0
+        g.mul_(target_rms / max(rms, 1e-12))
+
+
 def _build_tiny_model(directory: Path, stereo: bool) -> None:
     import torch
     from transformers import EncodecFeatureExtractor, GenerationConfig, MusicgenForConditionalGeneration, \
@@ -281,6 +298,7 @@ def _build_tiny_model(directory: Path, stereo: bool) -> None:
             model = MusicgenForConditionalGeneration(cfg)
             model.eval()
             _fit_tiny_codebooks(model.audio_encoder)
+            _level_tiny_decoder(model.audio_encoder)
         pad = cfg.decoder.pad_token_id
         model.generation_config = GenerationConfig(
             decoder_start_token_id=pad, pad_token_id=pad, bos_token_id=pad, guidance_scale=3.0, do_sample=True,

@@ -182,8 +182,8 @@ def make_charts(results: dict, out_dir: Path) -> dict[str, str]:
         axes[0].set_title("held-out cross-entropy per codebook (nats)", fontsize=9)
         diff = lk.get("difference")
         if diff:
-            axes[1].errorbar([0], [diff["diff"]], yerr=[[diff["diff"] - diff["ci_low"]], [diff["ci_high"] - diff["diff"]]],
-                             fmt="o", capsize=5, color="#1f77b4")
+            err = [[diff["diff"] - diff["ci_low"]], [diff["ci_high"] - diff["diff"]]]
+            axes[1].errorbar([0], [diff["diff"]], yerr=err, fmt="o", capsize=5, color="#1f77b4")
             axes[1].axhline(0, color="k", lw=0.8)
             axes[1].set_xticks([0])
             axes[1].set_xticklabels(["LoRA - base"], fontsize=8)
@@ -199,8 +199,9 @@ def make_charts(results: dict, out_dir: Path) -> dict[str, str]:
     if any(m in dist for m in models):
         fig, axes = plt.subplots(1, 4, figsize=(12, 3))
         floors = gen.get("floors") or {}
-        for ax, (space, key, title) in zip(axes, [("encodec", "fad", "FAD (EnCodec)"), ("encodec", "kad", "KAD×100 (EnCodec)"),
-                                                  ("librosa", "fad", "FAD (librosa)"), ("librosa", "kad", "KAD×100 (librosa)")]):
+        panels = [("encodec", "fad", "FAD (EnCodec)"), ("encodec", "kad", "KAD×100 (EnCodec)"),
+                  ("librosa", "fad", "FAD (librosa)"), ("librosa", "kad", "KAD×100 (librosa)")]
+        for ax, (space, key, title) in zip(axes, panels):
             def val(m):
                 v = _get(dist, m, space, key)
                 return v["value"] if isinstance(v, dict) else v
@@ -309,8 +310,10 @@ img.chart{max-width:100%;margin:6px 0}
 
 
 def _kv_table(d: dict) -> str:
-    rows = "".join(f"<tr><th>{e(k)}</th><td>{e(json.dumps(v, ensure_ascii=False) if isinstance(v, (dict, list)) else v)}"
-                   f"</td></tr>" for k, v in d.items())
+    def show(v):
+        return json.dumps(v, ensure_ascii=False) if isinstance(v, (dict, list)) else v
+
+    rows = "".join(f"<tr><th>{e(k)}</th><td>{e(show(v))}</td></tr>" for k, v in d.items())
     return f"<table>{rows}</table>"
 
 
@@ -333,7 +336,8 @@ def render_html(results: dict, charts: dict[str, str], loss_curve: Optional[str]
         better = r.get("better") or "-"
         parts.append(f"<tr><td>{e(r['metric'])}</td><td class='num'>{e(_fmt(r['base']))}</td>"
                      f"<td class='num'>{e(_fmt(r['lora']))}</td><td class='num'>{e(delta)}</td>"
-                     f"<td class='better-{e(better)}'>{e(better)}</td><td class='muted'>{e(r.get('note', ''))}</td></tr>")
+                     f"<td class='better-{e(better)}'>{e(better)}</td>"
+                     f"<td class='muted'>{e(r.get('note', ''))}</td></tr>")
     parts.append("</table>")
     for note in results.get("notes", []):
         parts.append(f"<p class='muted'>{e(note)}</p>")
@@ -344,7 +348,8 @@ def render_html(results: dict, charts: dict[str, str], loss_curve: Optional[str]
             if name in charts:
                 parts.append(f"<img class='chart' src='{_src(charts[name])}' alt='{e(name)} chart'>")
         if loss_curve:
-            parts.append(f"<h3>Training loss</h3><img class='chart' src='{_src(loss_curve)}' alt='training loss curve'>")
+            parts.append(f"<h3>Training loss</h3>"
+                         f"<img class='chart' src='{_src(loss_curve)}' alt='training loss curve'>")
     # Generation
     gen = results.get("generation") or {}
     if gen.get("skipped"):

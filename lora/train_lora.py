@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -42,8 +43,8 @@ if __package__ in (None, ""):
     __package__ = "lora"
 
 from lora.config import Config, ConfigError, parse_config, validate  # noqa: E402
-from lora.utils import UserError, atomic_dir, atomic_path, atomic_write_json, atomic_write_text, human_seconds, \
-    log, run_main, setup_logging  # noqa: E402
+from lora.utils import UserError, atomic_dir, atomic_path, atomic_write_json, atomic_write_text, log, run_main, \
+    setup_logging  # noqa: E402
 
 SECTIONS = ("training", "model", "lora", "data")
 STATE_FILE = "trainer_state.json"
@@ -323,11 +324,7 @@ def train(cfg: Config) -> int:
              device)
 
     set_seed(t.seed)  # LoRA init does not depend on what the cache step consumed
-    model = attach_lora(model, cfg.lora)
-    model.to(device)
-    base.audio_encoder.to("cpu")
-    if cache_text:
-        base.text_encoder.to("cpu")
+    model = attach_lora(model, cfg.lora)  # peft creates the LoRA weights next to the layers they adapt
     if t.gradient_checkpointing:
         base.decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.config.use_cache = False
@@ -485,8 +482,6 @@ def train(cfg: Config) -> int:
             atomic_write_json(tmp / STATE_FILE, snapshot("checkpoint"))  # written last: marks it complete
         ckpts = sorted(root.glob("step-*"))
         for old in ckpts[:-t.save_total_limit]:
-            import shutil
-
             shutil.rmtree(old, ignore_errors=True)
         log.info("Saved checkpoint %s", path)
 
@@ -604,6 +599,10 @@ def train(cfg: Config) -> int:
                 entry.update({f"loss_cb{k}": v / n for k, v in enumerate(interval_cb.tolist())})
                 runlog.add(entry, "train")
                 bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{entry['lr']:.2e}")
+                log.info("step %d/%d | epoch %.2f | loss %.4f | lr %.2e | grad norm %.3f | %.2f steps/s%s", gs,
+                         total_steps, st["epoch"], entry["loss"], entry["lr"], entry["grad_norm"],
+                         entry["steps_per_s"], f" | {st['nan_steps_total']} NaN steps skipped"
+                         if st["nan_steps_total"] else "")
                 interval_loss.zero_()
                 interval_cb.zero_()
                 interval_n, t_interval = 0, time.time()

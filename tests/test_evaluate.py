@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import math
 import re
-from pathlib import Path
-
 import pytest
 
 from lora import evaluate
@@ -71,9 +69,10 @@ def test_summary_rows_direction_and_table():
 def test_user_errors_are_collected(tmp_path):
     with pytest.raises(ConfigError) as e:
         evaluate.main(["--compare", "--lora_model_path", str(tmp_path / "nope"), "--num_prompts", "0",
-                       "--clap_model_path", str(tmp_path / "no_clap"), "--output_dir", str(tmp_path / "ev")])
+                       "--clap_model_path", str(tmp_path / "no_clap"), "--output_dir", str(tmp_path / "ev"),
+                       "--guidance_scale", "0.5"])
     msg = str(e.value)
-    assert "num_prompts" in msg and "no_clap" in msg and "nope" in msg and "does not exist" in msg
+    assert "guidance_scale" in msg and "num_prompts" in msg and "no_clap" in msg and "nope" in msg and "does not exist" in msg
     assert not (tmp_path / "ev").exists()
 
 
@@ -175,8 +174,10 @@ def test_compare_heldout_likelihood(compare_run, trained_output_dir, example_dat
     assert d["n"] == n_valid and d["n_boot"] == 500
     assert d["diff"] == pytest.approx(lk["lora"]["ce"] - lk["base"]["ce"], abs=1e-9)
     assert d["ci_low"] <= d["diff"] <= d["ci_high"]
-    # training lowered the held-out loss, so the adapter must be better here too
+    # training lowered the held-out loss, so the adapter must be better here too, on every clip (interval < 0)
     assert lk["lora"]["ce"] < lk["base"]["ce"]
+    assert d["ci_high"] < 0 and d["excludes_zero"] is True
+    assert "* CLAP" not in stdout  # a CLAP model was given: no "skipped" note
     assert "held-out cross-entropy" in stdout and re.search(r"metric\s+\| base\s+\| LoRA\s+\| Δ\s+\| better\?", stdout)
     assert res["identity"]["lora"]["weights_sha256"] and res["identity"]["base"]["identity"]
     assert res["versions"]["torch"] and res["settings"]["evaluation"]["num_prompts"] == 2
@@ -234,7 +235,7 @@ def test_compare_report_html(compare_run):
 
 
 def test_single_model_likelihood_only(tmp_path, tiny_model_dir, example_data_dir, trained_output_dir, compare_run,
-                                      one_thread):
+                                      one_thread, capsys):
     """Without --compare: the base alone when no adapter is given; same base CE as the peft-disabled base above."""
     _, _, res = compare_run
     out = tmp_path / "ev"
@@ -245,6 +246,8 @@ def test_single_model_likelihood_only(tmp_path, tiny_model_dir, example_data_dir
     assert r["models_evaluated"] == ["base"] and "difference" not in r["likelihood"]
     assert r["likelihood"]["base"]["ce"] == pytest.approx(res["likelihood"]["base"]["ce"], abs=1e-6)
     assert "skipped" in r["generation"]
+    out_text = capsys.readouterr().out
+    assert "held-out cross-entropy" in out_text and "* Generation metrics skipped" in out_text
     assert (out / "report.html").is_file()
 
 
@@ -275,7 +278,8 @@ def test_text_encoder_adapter_encodes_captions_on_the_fly(tiny_model_dir, exampl
     assert cached["ce"] == pytest.approx(plain["ce"], abs=1e-6)  # decoder LoRA is still zero: cache = base
     # the adapted T5 changes the condition (the random tiny decoder barely listens to text: small but far above
     # the float noise of recomputing the same thing, which is 0 here)
-    assert abs(fly["ce"] - cached["ce"]) > 1e-6 and abs(fly["ce"] - cached["ce"]) > 100 * abs(cached["ce"] - plain["ce"])
+    change = abs(fly["ce"] - cached["ce"])
+    assert change > 1e-6 and change > 100 * abs(cached["ce"] - plain["ce"])
     with peft.disable_adapter():
         base_fly = evaluate.heldout_likelihood(peft, clips, info, 1500, 2, cpu, processor=proc)
     assert base_fly["ce"] == pytest.approx(plain["ce"], abs=1e-5)

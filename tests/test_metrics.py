@@ -226,7 +226,8 @@ def make_tiny_clap(directory):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(["lofi piano beat", "hip hop 808 trap drums", "ambient synth pad"],
-                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+                            trainers.BpeTrainer(vocab_size=300,
+                                                special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
                                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
     rt = RobertaTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
