@@ -86,7 +86,8 @@ class DataConfig:
     input_dir: Optional[str] = _f(None, "prepare_data: folder of your audio, scanned recursively", kind="path")
     create_example: bool = _f(False, "prepare_data: write the small synthetic example dataset instead")
     validate: bool = _f(False, "prepare_data: check an existing data_dir and metadata, change nothing")
-    example_clips: int = _f(48, "prepare_data --create_example: number of synthetic clips")
+    example_clips: int = _f(160, "prepare_data --create_example: number of synthetic clips (160 x 6 s: ~8 s to write, "
+                                      "enough for the seed's 5-epoch run to show learning on the tiny model)")
     example_seconds: float = _f(6.0, "prepare_data --create_example: length of each synthetic clip, s")
     sample_rate: int = _f(32000, "Sample rate of the prepared clips, Hz; must equal the model's (32000)")
     channels: int = _f(1, "1 = mix down to mono (mono models); 2 = keep stereo (stereo models)", choices=(1, 2))
@@ -115,7 +116,7 @@ class TrainingConfig:
     gradient_accumulation_steps: int = _f(4, "Steps accumulated per update: effective batch = batch_size x this x GPUs")
     learning_rate: float = _f(3e-4, "Peak learning rate of AdamW; 1e-4..5e-4 for LoRA")
     weight_decay: float = _f(0.0, "AdamW weight decay")
-    warmup_steps: int = _f(100, "Linear warm-up, optimizer steps (capped at 10% of the run when the run is short)")
+    warmup_steps: int = _f(100, "Linear warm-up, optimizer steps (capped at a tenth of the run when the run is short)")
     lr_scheduler_type: str = _f("cosine", "Schedule after warm-up", choices=("cosine", "linear", "constant"))
     max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0 = off")
     max_duration: float = _f(30.0, "Training window, s: longer cached clips get a random crop of this length per epoch")
@@ -126,7 +127,7 @@ class TrainingConfig:
                               choices=("auto", "fp16", "bf16", "no"))
     fp16: bool = _f(False, "Same as mixed_precision=fp16 (the seed's flag); on CPU falls back with a warning")
     bf16: bool = _f(False, "Same as mixed_precision=bf16")
-    gradient_checkpointing: bool = _f(False, "Recompute activations in backward: less memory, ~30% slower")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward: less memory, about a third slower")
     save_steps: int = _f(200, "Save a resumable checkpoint every N optimizer steps")
     save_total_limit: int = _f(3, "Keep only the newest N checkpoints (best_model is kept apart)")
     eval_steps: int = _f(100, "Validate on the held-out split every N optimizer steps (and before the first)")
@@ -434,7 +435,8 @@ def build_parser(description: str, sections: tuple[str, ...], extra=None) -> tup
             owners[dest] = (section, f.name)
             base, optional = _base_type(hints[f.name])
             flags = [f"--{n}" for n in names]
-            kw: dict[str, Any] = dict(dest=dest, default=argparse.SUPPRESS, help=f.metadata.get("help", ""))
+            kw: dict[str, Any] = dict(dest=dest, default=argparse.SUPPRESS,
+                                      help=f.metadata.get("help", "").replace("%", "%%"))
             if base is bool:
                 kw.update(nargs="?", const=True, type=_parse_bool(f.name), metavar="BOOL")
             elif base is list:

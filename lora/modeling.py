@@ -28,7 +28,8 @@ from lora.utils import UserError, atomic_dir, log
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
 TINY_SEED = 1234
-TINY_FORMAT_VERSION = 3  # bump when the tiny architecture changes, so cached folders are rebuilt
+TINY_HEAD_STD = 0.3
+TINY_FORMAT_VERSION = 4  # bump when the tiny architecture changes, so cached folders are rebuilt
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,6 +300,11 @@ def _build_tiny_model(directory: Path, stereo: bool) -> None:
             model.eval()
             _fit_tiny_codebooks(model.audio_encoder)
             _level_tiny_decoder(model.audio_encoder)
+            with torch.no_grad():
+                # Output heads with a larger init than transformers' std 0.02: a random LM whose logits span
+                # only +-1 cannot be steered by attention adapters, so a short LoRA run could not show learning.
+                for head in model.decoder.lm_heads:
+                    head.weight.normal_(0.0, TINY_HEAD_STD)
         pad = cfg.decoder.pad_token_id
         model.generation_config = GenerationConfig(
             decoder_start_token_id=pad, pad_token_id=pad, bos_token_id=pad, guidance_scale=3.0, do_sample=True,

@@ -297,6 +297,8 @@ def train(cfg: Config) -> int:
                         f"training clips). Re-run prepare_data.py with --valid_fraction 0.1 (or higher), or mark "
                         f"some clips \"split\": \"valid\".")
 
+    ck = find_checkpoint(out, t.resume_from_checkpoint) if t.resume_from_checkpoint else None  # fail early
+
     # ---------------------------------------------------------------- setup: model and token cache
     set_seed(t.seed)
     model, processor, info = load_base_model(cfg.model, device=device)
@@ -362,8 +364,7 @@ def train(cfg: Config) -> int:
     st = {"global_step": 0, "epoch": 0.0, "data_epoch": 0, "step_in_epoch": 0, "best_metric": None,
           "best_step": None, "base_val_loss": None, "nan_steps_total": 0, "nan_in_a_row": 0,
           "evals_without_improvement": 0, "log_history": []}
-    if t.resume_from_checkpoint:
-        ck = find_checkpoint(out, t.resume_from_checkpoint)
+    if ck is not None:
         saved = json.loads((ck / STATE_FILE).read_text(encoding="utf-8"))
         for key in ("batch_size", "gradient_accumulation_steps", "world_size", "seed"):
             now = {"world_size": world}.get(key, getattr(t, key, None))

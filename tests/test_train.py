@@ -322,3 +322,26 @@ def test_gradient_checkpointing_trains_the_same(tmp_path, tiny_model_dir, exampl
     assert train_lora.main(args) == 0
     _assert_same_adapter(tmp_path / "plain" / "final_model", tmp_path / "gc" / "final_model")
     assert "gradient checkpointing" in (tmp_path / "gc" / "logs" / "train.log").read_text()
+
+
+def test_help_lists_the_seed_flags(capsys):
+    from lora import train_lora
+
+    with pytest.raises(SystemExit) as e:
+        train_lora.main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--model_path", "--data_dir", "--metadata_file", "--output_dir", "--lora_rank", "--lora_alpha",
+                 "--batch_size", "--num_epochs", "--fp16", "--resume_from_checkpoint", "--gradient_checkpointing"):
+        assert flag in text
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path, tiny_model_dir, example_data_dir):
+    from lora import train_lora
+    from lora.utils import UserError
+
+    with pytest.raises(UserError, match="no complete checkpoint"):
+        train_lora.main(_short(tiny_model_dir, example_data_dir, tmp_path / "out", "--resume_from_checkpoint", "latest"))
+    with pytest.raises(UserError, match="not a complete checkpoint"):
+        train_lora.main(_short(tiny_model_dir, example_data_dir, tmp_path / "out", "--resume_from_checkpoint",
+                               str(tmp_path)))
