@@ -127,6 +127,10 @@ class TrainingConfig:
                               choices=("auto", "fp16", "bf16", "no"))
     fp16: bool = _f(False, "Same as mixed_precision=fp16 (the seed's flag); on CPU falls back with a warning")
     bf16: bool = _f(False, "Same as mixed_precision=bf16")
+    base_weights_dtype: str = _f("auto", "Storage dtype of the frozen decoder matmul weights: auto = bfloat16 when "
+                                         "training in bf16 (half the memory, no per-step cast), else float32; LoRA "
+                                         "weights and optimizer state stay float32",
+                                 choices=("auto", "float32", "bfloat16"))
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward: less memory, about a third slower")
     save_steps: int = _f(200, "Save a resumable checkpoint every N optimizer steps")
     save_total_limit: int = _f(3, "Keep only the newest N checkpoints (best_model is kept apart)")

@@ -63,7 +63,7 @@ def load_metadata(data_dir: str | Path, metadata_file: str = "metadata.json", *,
     mpath = metadata_path(data_dir, metadata_file)
     if not mpath.is_file():
         hint = (f"Create it with: python lora/prepare_data.py --input_dir YOUR_AUDIO --output_dir {data_dir} "
-                f"(or --create_example for a synthetic dataset).")
+                f"(from inside lora/: python prepare_data.py ...; or --create_example for a synthetic dataset).")
         if not data_dir.exists():
             raise UserError(f"Data folder {data_dir} does not exist. {hint}")
         raise UserError(f"Metadata file {mpath} not found. {hint}")
