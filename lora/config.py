@@ -542,8 +542,20 @@ def markdown_reference() -> str:
     return "\n".join(out)
 
 
-if __name__ == "__main__":  # python lora/config.py --markdown
+def update_usage(path: Path = REPO_ROOT / "USAGE.md") -> None:
+    """Rewrite the reference section of USAGE.md from the schema."""
+    import re
+
+    text = path.read_text(encoding="utf-8")
+    new = re.sub(r"<!-- reference:start -->.*<!-- reference:end -->",
+                 lambda m: f"<!-- reference:start -->\n{markdown_reference()}\n<!-- reference:end -->", text, flags=re.S)
+    path.write_text(new, encoding="utf-8")
+
+
+if __name__ == "__main__":  # python lora/config.py --markdown | --update-usage
     if "--markdown" in sys.argv:
         print(markdown_reference())
+    elif "--update-usage" in sys.argv:
+        update_usage()
     else:
         print(__doc__)

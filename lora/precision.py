@@ -119,3 +119,47 @@ def choose_precision(requested: str, device, facts: Optional[HardwareFacts] = No
                     "training in fp32.", requested, f.device_type)
         return "no", f"{requested} requested on {f.device_type}: fp32 (mixed precision only on CUDA/CPU here)"
     return "no", f"auto: {f.device_type} device: fp32"
+
+
+# --------------------------------------------------------------------------------------------
+# Storage dtype of the frozen base weights
+# --------------------------------------------------------------------------------------------
+def resolve_base_weights_dtype(setting: str, precision: str) -> tuple[str, str]:
+    """(dtype name, reason) for training.base_weights_dtype given the chosen autocast ``precision``.
+
+    bf16 storage of the frozen matmul weights only makes sense under bf16 autocast (the matmuls run in bf16
+    anyway; storing them so saves the cast of every weight in every forward and half their memory). Asking for
+    bfloat16 with another precision is a user error (fp32 matmuls cannot take bf16 weights; fp16 autocast
+    would mix two half types).
+    """
+    setting = (setting or "auto").lower()
+    if setting not in ("auto", "float32", "bfloat16"):
+        raise ValueError(f"base_weights_dtype must be auto, float32 or bfloat16, got {setting!r}")
+    if setting == "float32":
+        return "float32", "float32 as requested"
+    if precision == "bf16":
+        return "bfloat16", ("bf16 autocast: frozen weights stored in bf16 (no per-step cast, half the memory)"
+                            if setting == "auto" else "bfloat16 as requested")
+    if setting == "bfloat16":
+        from lora.utils import UserError
+
+        raise UserError(f"training.base_weights_dtype bfloat16 needs bf16 mixed precision, but the precision is "
+                        f"{precision!r}. Use --mixed_precision bf16 (on hardware that runs it), or "
+                        f"--base_weights_dtype auto / float32.")
+    return "float32", f"auto: precision {precision}, so float32"
+
+
+def cast_frozen_linear_weights(module, dtype) -> int:
+    """Cast the weights (and biases) of the frozen nn.Linear layers under ``module`` to ``dtype``; trainable
+    layers (LoRA A/B) are left alone. Embeddings and norms stay as they are, so the residual stream keeps its
+    precision. Returns the number of parameters cast."""
+    import torch.nn as nn
+
+    n = 0
+    for m in module.modules():
+        if isinstance(m, nn.Linear) and not any(p.requires_grad for p in m.parameters(recurse=False)):
+            for p in m.parameters(recurse=False):
+                if p.dtype != dtype and p.is_floating_point():
+                    p.data = p.data.to(dtype)
+                    n += p.numel()
+    return n
