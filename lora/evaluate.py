@@ -329,15 +329,10 @@ def generation_metrics(model, processor, info, cfg: Config, models: list[str], v
     # Generated audio, checks, files ---------------------------------------------------------------
     gen_dtype = None
     if device.type == "cuda":
-        from lora.generation import resolve_dtype
-        from lora.modeling import get_base
+        from lora.generation import cast_for_generation, resolve_dtype
 
         gen_dtype = resolve_dtype(g.dtype, device)
-        if gen_dtype != torch.float32:  # decoder (with its LoRA layers) only; EnCodec and T5 stay fp32
-            base = get_base(model)
-            base.decoder.to(gen_dtype)
-            if getattr(base, "enc_to_dec_proj", None) is not None:
-                base.enc_to_dec_proj.to(gen_dtype)
+        cast_for_generation(model, gen_dtype)  # decoder (with its LoRA layers) only; EnCodec and T5 stay fp32
     res["decoder_dtype"] = str(gen_dtype or torch.float32).replace("torch.", "")
     audio: dict[str, list] = {}
     t0 = time.perf_counter()

@@ -131,6 +131,52 @@ def plan_steps(cfg: Config, n_batches: int, group: int) -> tuple[int, int, int, 
     return steps_per_epoch, total, warmup, note
 
 
+def batch_loss(model, processor, info, batch, device, autocast, cache_text: bool):
+    """The training (and validation) forward of one micro-batch -> (loss, per-codebook loss, tokens per codebook).
+
+    Delay-pattern targets from the cached codes; the decoder reads the cached text states (or, when the text
+    encoder trains, encodes the captions here and applies the null condition to dropped samples). ``autocast``
+    is a context-manager factory (``Accelerator.autocast``). bench/bench_train.py times exactly this function.
+    """
+    from lora.modeling import build_delay_pattern, codebook_losses, encode_text
+
+    codes = batch["codes"].to(device, non_blocking=True)
+    dec_in, labels = build_delay_pattern(codes, batch["lengths"].to(device, non_blocking=True), info)
+    if cache_text:
+        hidden = batch["hidden"].to(device, non_blocking=True)
+        mask = batch["mask"].to(device, non_blocking=True)
+    else:  # the text encoder trains: encode every step, then apply the null condition to dropped samples
+        with autocast():
+            hidden, mask = encode_text(model, processor, batch["texts"], device=device)
+        keep = ~batch["dropped"].to(device)
+        hidden = hidden * keep[:, None, None].to(hidden.dtype)
+        mask = mask * keep[:, None]
+    with autocast():
+        logits = model(encoder_outputs=(hidden,), attention_mask=mask, decoder_input_ids=dec_in).logits
+    return codebook_losses(logits.float(), labels)
+
+
+def prepare_frozen_weights(model, precision: str, setting: str) -> str:
+    """Apply training.base_weights_dtype to the frozen decoder (and enc_to_dec_proj) matmul weights after LoRA
+    is attached; LoRA weights (and so the optimizer state and the saved adapter) stay float32. Returns the
+    dtype name used."""
+    import torch
+
+    from lora.modeling import get_base
+    from lora.precision import cast_frozen_linear_weights, resolve_base_weights_dtype
+
+    name, why = resolve_base_weights_dtype(setting, precision)
+    if name == "bfloat16":
+        base = get_base(model)
+        n = cast_frozen_linear_weights(base.decoder, torch.bfloat16)
+        if getattr(base, "enc_to_dec_proj", None) is not None:
+            n += cast_frozen_linear_weights(base.enc_to_dec_proj, torch.bfloat16)
+        log.info("Frozen base weights: bfloat16 (%s; %.1fM parameters cast)", why, n / 1e6)
+    else:
+        log.info("Frozen base weights: float32 (%s)", why)
+    return name
+
+
 # ============================================================================================
 # Artifacts
 # ============================================================================================
@@ -258,9 +304,8 @@ def train(cfg: Config) -> int:
     from transformers import get_scheduler
 
     from lora.dataset import CachedTokenDataset, bucketed_batches, build_token_cache, collate_tokens, load_metadata
-    from lora.modeling import attach_lora, build_delay_pattern, codebook_losses, encode_text, get_base, \
-        load_base_model
-    from lora.precision import choose_precision
+    from lora.modeling import attach_lora, get_base, load_base_model
+    from lora.precision import choose_precision, resolve_base_weights_dtype
 
     t = cfg.training
     out = Path(t.output_dir)
@@ -282,6 +327,7 @@ def train(cfg: Config) -> int:
         file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(file_log)
     log.info("Precision: %s (%s)", precision, why)
+    resolve_base_weights_dtype(t.base_weights_dtype, precision)  # a bad combination fails before the model loads
 
     # ---------------------------------------------------------------- setup: data records
     records = load_metadata(cfg.data.data_dir, cfg.data.metadata_file)
@@ -327,6 +373,7 @@ def train(cfg: Config) -> int:
 
     set_seed(t.seed)  # LoRA init does not depend on what the cache step consumed
     model = attach_lora(model, cfg.lora)  # peft creates the LoRA weights next to the layers they adapt
+    prepare_frozen_weights(model, precision, t.base_weights_dtype)
     if t.gradient_checkpointing:
         base.decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.config.use_cache = False
@@ -409,19 +456,7 @@ def train(cfg: Config) -> int:
 
     # ---------------------------------------------------------------- helpers of the loop
     def forward_loss(batch):
-        codes = batch["codes"].to(device)
-        dec_in, labels = build_delay_pattern(codes, batch["lengths"].to(device), info)
-        if cache_text:
-            hidden, mask = batch["hidden"].to(device), batch["mask"].to(device)
-        else:  # the text encoder trains: encode every step, then apply the null condition to dropped samples
-            with acc.autocast():
-                hidden, mask = encode_text(model, processor, batch["texts"], device=device)
-            keep = ~batch["dropped"].to(device)
-            hidden = hidden * keep[:, None, None].to(hidden.dtype)
-            mask = mask * keep[:, None]
-        with acc.autocast():
-            logits = model(encoder_outputs=(hidden,), attention_mask=mask, decoder_input_ids=dec_in).logits
-        return codebook_losses(logits.float(), labels)
+        return batch_loss(model, processor, info, batch, device, acc.autocast, cache_text)
 
     def evaluate() -> dict:
         model.eval()
