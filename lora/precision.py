@@ -149,17 +149,78 @@ def resolve_base_weights_dtype(setting: str, precision: str) -> tuple[str, str]:
     return "float32", f"auto: precision {precision}, so float32"
 
 
-def cast_frozen_linear_weights(module, dtype) -> int:
-    """Cast the weights (and biases) of the frozen nn.Linear layers under ``module`` to ``dtype``; trainable
-    layers (LoRA A/B) are left alone. Embeddings and norms stay as they are, so the residual stream keeps its
-    precision. Returns the number of parameters cast."""
-    import torch.nn as nn
-
+def cast_frozen_weights(module, dtype) -> int:
+    """Cast every frozen floating-point parameter and floating-point buffer under ``module`` to ``dtype``
+    (matmul weights, embeddings, norms, positional tables), so that under autocast the whole forward runs in
+    ``dtype`` without a cast of each weight and each activation in every step. Trainable parameters (LoRA A/B)
+    are left alone (they, their gradients and the optimizer state stay float32). Returns the number of
+    parameters cast."""
     n = 0
     for m in module.modules():
-        if isinstance(m, nn.Linear) and not any(p.requires_grad for p in m.parameters(recurse=False)):
-            for p in m.parameters(recurse=False):
-                if p.dtype != dtype and p.is_floating_point():
-                    p.data = p.data.to(dtype)
-                    n += p.numel()
+        for p in m.parameters(recurse=False):
+            if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+                n += p.numel()
+        for name, b in list(m.named_buffers(recurse=False)):
+            if b is not None and b.is_floating_point() and b.dtype != dtype:
+                m._buffers[name] = b.to(dtype)
+    return n
+
+
+# --------------------------------------------------------------------------------------------
+# Faster dropout on CPUs
+# --------------------------------------------------------------------------------------------
+_FAST_DROPOUT_CLS = None
+
+
+def fast_dropout_class():
+    """An nn.Dropout replacement for CPUs, where ``bernoulli_`` draws one random number per element slowly
+    (~12 ms per million elements here; with rank-12 LoRA on 192 attention layers of musicgen-small that was
+    ~1.7 s of a 6.5 s train step). It draws 16 random bits per element from 64-bit draws of the same seeded
+    torch generator (3 per draw: bits 0-47), keeps an element when those bits are >= round(p * 65536) (so the
+    drop rate is p to within 1/65536), scales kept ones by 1/(1-p), and lets autograd save only the bool mask.
+    Same semantics as nn.Dropout: identity in eval mode or with p = 0."""
+    global _FAST_DROPOUT_CLS
+    if _FAST_DROPOUT_CLS is not None:
+        return _FAST_DROPOUT_CLS
+    import torch
+    import torch.nn as nn
+
+    class FastDropout(nn.Module):
+        def __init__(self, p: float):
+            super().__init__()
+            if not 0.0 <= p < 1.0:
+                raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+            self.p = float(p)
+
+        def forward(self, x):
+            if not self.training or self.p == 0.0 or x.numel() == 0:
+                return x
+            n = x.numel()
+            words = torch.empty((n + 2) // 3, dtype=torch.int64, device=x.device).random_()  # 63 random bits
+            bits = words.view(torch.int16).view(-1, 4)[:, :3].reshape(-1)[:n].view(x.shape)  # int16, uniform
+            keep = bits >= (int(round(self.p * 65536)) - 32768)
+            return torch.where(keep, x * (1.0 / (1.0 - self.p)), x.new_zeros(()))
+
+        def extra_repr(self) -> str:
+            return f"p={self.p}"
+
+    _FAST_DROPOUT_CLS = FastDropout
+    return FastDropout
+
+
+def use_fast_dropout(model) -> int:
+    """Replace the nn.Dropout modules of peft's LoRA layers (``lora_dropout``) by FastDropout; returns how
+    many were replaced. Meant for CPU training (CUDA's dropout is already fast)."""
+    import torch.nn as nn
+
+    cls = fast_dropout_class()
+    n = 0
+    for m in model.modules():
+        drops = getattr(m, "lora_dropout", None)
+        if isinstance(drops, nn.ModuleDict):
+            for key, d in list(drops.items()):
+                if type(d) is nn.Dropout and d.p > 0:
+                    drops[key] = cls(d.p)
+                    n += 1
     return n

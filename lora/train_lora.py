@@ -157,20 +157,24 @@ def batch_loss(model, processor, info, batch, device, autocast, cache_text: bool
 
 
 def prepare_frozen_weights(model, precision: str, setting: str) -> str:
-    """Apply training.base_weights_dtype to the frozen decoder (and enc_to_dec_proj) matmul weights after LoRA
-    is attached; LoRA weights (and so the optimizer state and the saved adapter) stay float32. Returns the
-    dtype name used."""
+    """Apply training.base_weights_dtype after LoRA is attached: with bfloat16, every frozen decoder (and
+    enc_to_dec_proj) weight and buffer is stored in bf16 and peft's cast of each LoRA input to float32 is turned
+    off (autocast runs the LoRA matmuls in bf16 anyway), so the step does no per-layer dtype casts. LoRA weights
+    (and so the optimizer state and the saved adapter) stay float32. Returns the dtype name used."""
     import torch
 
     from lora.modeling import get_base
-    from lora.precision import cast_frozen_linear_weights, resolve_base_weights_dtype
+    from lora.precision import cast_frozen_weights, resolve_base_weights_dtype
 
     name, why = resolve_base_weights_dtype(setting, precision)
     if name == "bfloat16":
         base = get_base(model)
-        n = cast_frozen_linear_weights(base.decoder, torch.bfloat16)
+        n = cast_frozen_weights(base.decoder, torch.bfloat16)
         if getattr(base, "enc_to_dec_proj", None) is not None:
-            n += cast_frozen_linear_weights(base.enc_to_dec_proj, torch.bfloat16)
+            n += cast_frozen_weights(base.enc_to_dec_proj, torch.bfloat16)
+        for m in model.modules():
+            if hasattr(m, "cast_input_dtype_enabled"):  # peft LoRA layers
+                m.cast_input_dtype_enabled = False
         log.info("Frozen base weights: bfloat16 (%s; %.1fM parameters cast)", why, n / 1e6)
     else:
         log.info("Frozen base weights: float32 (%s)", why)
@@ -305,7 +309,7 @@ def train(cfg: Config) -> int:
 
     from lora.dataset import CachedTokenDataset, bucketed_batches, build_token_cache, collate_tokens, load_metadata
     from lora.modeling import attach_lora, get_base, load_base_model
-    from lora.precision import choose_precision, resolve_base_weights_dtype
+    from lora.precision import choose_precision, resolve_base_weights_dtype, use_fast_dropout
 
     t = cfg.training
     out = Path(t.output_dir)
@@ -374,6 +378,8 @@ def train(cfg: Config) -> int:
     set_seed(t.seed)  # LoRA init does not depend on what the cache step consumed
     model = attach_lora(model, cfg.lora)  # peft creates the LoRA weights next to the layers they adapt
     prepare_frozen_weights(model, precision, t.base_weights_dtype)
+    if device.type == "cpu" and not t.torch_compile and use_fast_dropout(model):  # (inductor has its own RNG)
+        log.info("LoRA dropout: FastDropout (CPU: the default dropout's random numbers are slow)")
     if t.gradient_checkpointing:
         base.decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.config.use_cache = False

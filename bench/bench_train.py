@@ -1,0 +1,471 @@
+"""Training throughput of the LoRA train step, as a fraction of this machine's own limits.
+
+    python bench/bench_train.py                      # tiny + musicgen-small architecture, all cases
+    python bench/bench_train.py --quick              # smoke run (tiny model, 1 s clips, few steps)
+    python bench/bench_train.py --models small --cases cached-bf16 --steps 8 --json bench/results/train.json
+    python bench/bench_train.py --profile cached-bf16 --models small   # torch.profiler table of the step
+
+Each case runs in a fresh child process (so its peak memory is its own), after the parent measured the
+machine's matmul peak (fp32, bf16) and copy bandwidth (bench/machine.py) in the same run. A case:
+
+* loads the model through lora.modeling.load_base_model (timed apart), attaches LoRA (rank 12, alpha 24,
+  default targets = decoder self+cross attention) with lora.modeling.attach_lora and applies
+  training.base_weights_dtype with lora.train_lora.prepare_frozen_weights, exactly like train_lora.py;
+* ``cached`` modes: builds the token cache of the batch (EnCodec codes + T5 states, timed apart as "cache
+  build"), then times the step train_lora.py runs: a batch from CachedTokenDataset + collate_tokens,
+  lora.train_lora.batch_loss (delay pattern, decoder on cached text states, per-codebook loss) under
+  Accelerator.autocast, Accelerator.backward, gradient clipping, AdamW step;
+* ``encode`` mode (what peers do, fp32 like them): EnCodec-encodes the raw audio and T5-encodes the captions
+  inside every step, then the same decoder forward/backward/update.
+
+Steady state: ``--warmup`` steps are excluded, the median of ``--steps`` step times is reported. FLOPs are
+counted analytically (see ``train_flops``) and cross-checked once per case with torch's FlopCounterMode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (VmHWM; unlike ru_maxrss it is not inherited from the parent
+    process across fork + exec)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+CASES = {
+    # name: (mode, mixed precision, base_weights_dtype)
+    "cached-fp32": ("cached", "no", "float32"),
+    "cached-bf16-fp32weights": ("cached", "bf16", "float32"),
+    "cached-bf16": ("cached", "bf16", "auto"),
+    "encode-fp32": ("encode", "no", "float32"),
+}
+CAPTIONS = ["deep house groove with warm bass and soft pads 124 bpm in a minor key",
+            "lofi hip hop beat with mellow piano chords vinyl crackle and brushed drums 80 bpm"]
+
+
+# --------------------------------------------------------------------------------------------
+# FLOP counting (analytic)
+# --------------------------------------------------------------------------------------------
+def train_flops(dec, text_cfg, B: int, T: int, L: int, rank: int, n_lora_self: int, n_lora_cross: int,
+                checkpointing: bool = False) -> dict:
+    """FLOPs of one LoRA train step of the MusicGen decoder on B clips of T frames with L text tokens.
+
+    Forward: every linear layer 2*tokens*in*out (self-attention q/k/v/out on B*S tokens; cross-attention q/out on
+    B*S tokens and k/v on the B*L text tokens; fc1/fc2; the K lm heads; enc_to_dec_proj on the text), attention
+    QK^T and AV 2*B*S*S'*D each (S' = S self, L cross; the causal mask is not discounted: the kernel computes
+    the full square), LoRA 2*tokens*r*(in+out) per adapted layer.
+    Backward with frozen base weights: input-gradient matmuls only (= the forward FLOPs of every linear whose
+    input needs a gradient, i.e. all but the cross-attention k/v and enc_to_dec_proj, which read the frozen text
+    states), 2x the attention FLOPs (dQ,dK and dP,dV), 2x the LoRA FLOPs (weight + input gradients).
+    Gradient checkpointing adds one more forward.
+    """
+    D, F, N, K, V = dec.hidden_size, dec.ffn_dim, dec.num_hidden_layers, dec.num_codebooks, dec.vocab_size
+    Dt = text_cfg.d_model
+    kc = K // dec.audio_channels
+    S = T + kc - 1
+    tok, txt = B * S, B * L
+    lin_self = 4 * 2 * tok * D * D
+    lin_cross_q_out = 2 * 2 * tok * D * D
+    lin_cross_kv = 2 * 2 * txt * D * D
+    ffn = 2 * 2 * tok * D * F
+    attn = 2 * (2 * B * S * S * D) + 2 * (2 * B * S * L * D)
+    heads = K * 2 * tok * D * V
+    proj = 2 * txt * Dt * D
+    lora = n_lora_self * 2 * tok * rank * 2 * D + n_lora_cross * 0  # filled below
+    # cross-attention LoRA: q/out on decoder tokens, k/v on text tokens (per layer: 2 of each when all four adapted)
+    lora_cross = n_lora_cross * 2 * ((tok + txt) / 2) * rank * 2 * D
+    lora = lora + lora_cross
+    fwd_linear = N * (lin_self + lin_cross_q_out + lin_cross_kv + ffn) + heads + proj
+    fwd = fwd_linear + N * attn + lora
+    bwd = (fwd_linear - N * lin_cross_kv - proj) + 2 * N * attn + 2 * lora
+    total = fwd + bwd + (fwd if checkpointing else 0)
+    return {"forward": fwd, "backward": bwd, "total": total, "seq_len": S, "tokens": tok}
+
+
+def matmul_floor(dec, B: int, S: int, dtype, device, repeats: int = 3) -> dict:
+    """Time of the step's big frozen matmuls (forward and input-gradient shapes of self-attention q/k/v/out,
+    cross-attention q/out, fc1, fc2 and the LM heads, B*S rows) when each runs alone at the speed this machine
+    reaches for that shape: a floor for the step time that no overhead removal can beat."""
+    import torch
+    import torch.nn.functional as F
+
+    D, Fd, N, K, V = dec.hidden_size, dec.ffn_dim, dec.num_hidden_layers, dec.num_codebooks, dec.vocab_size
+    M = B * S
+
+    def t_linear(k_in, n_out):
+        a = torch.randn(M, k_in, dtype=dtype, device=device)
+        w = torch.randn(n_out, k_in, dtype=dtype, device=device)
+        g = torch.randn(M, n_out, dtype=dtype, device=device)
+        res = []
+        for f in (lambda: F.linear(a, w), lambda: g @ w):
+            f()
+            best = float("inf")
+            for _ in range(repeats):
+                t = time.perf_counter()
+                f()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                best = min(best, time.perf_counter() - t)
+            res.append(best)
+        return res  # forward, input-gradient
+
+    dd, df, fd, dv = t_linear(D, D), t_linear(D, Fd), t_linear(Fd, D), t_linear(D, V)
+    per_layer = 6 * sum(dd) + sum(df) + sum(fd)
+    total = N * per_layer + K * sum(dv)
+    flops = 2 * 2 * M * (N * (6 * D * D + 2 * D * Fd) + K * D * V)
+    return {"seconds": total, "flops": flops, "tflops_at_shapes": flops / total / 1e12,
+            "shape_tflops": {"DxD": 2 * M * D * D / dd[0] / 1e12, "DxF": 2 * M * D * Fd / df[0] / 1e12,
+                             "FxD": 2 * M * Fd * D / fd[0] / 1e12, "DxV": 2 * M * D * V / dv[0] / 1e12}}
+
+
+def count_lora(model) -> tuple[int, int, int]:
+    """(rank, adapted self-attention layers, adapted cross-attention layers)."""
+    from peft.tuners.lora import LoraLayer
+
+    rank, n_self, n_cross = 0, 0, 0
+    for name, m in model.named_modules():
+        if isinstance(m, LoraLayer) and "decoder.model.decoder.layers" in name:
+            rank = max(rank, max(m.r.values()))
+            if ".encoder_attn." in name:
+                n_cross += 1
+            else:
+                n_self += 1
+    return rank, n_self, n_cross
+
+
+# --------------------------------------------------------------------------------------------
+# One case (child process)
+# --------------------------------------------------------------------------------------------
+def peak_memory_mb(device) -> dict:
+    import torch
+
+    out = {"peak_rss_mb": peak_rss_mb()}
+    if device.type == "cuda":
+        out["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
+def model_path(name: str) -> str:
+    if name == "tiny":
+        return "tiny"
+    if name == "small":
+        from musicgen_arch import ensure_small_arch
+
+        return str(ensure_small_arch())
+    return name
+
+
+def run_case(spec: dict) -> dict:
+    import torch
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from lora.config import Config
+    from lora.dataset import CachedClip, CachedTokenDataset, collate_tokens
+    from lora.modeling import attach_lora, encode_audio, encode_text, get_base, load_base_model
+    from lora.precision import use_fast_dropout
+    from lora.train_lora import batch_loss, prepare_frozen_weights
+
+    mode, precision, weights = CASES[spec["case"]]
+    device = torch.device(spec["device"])
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    cfg = Config()
+    cfg.model.model_path = model_path(spec["model"])
+    cfg.model.tiny_model_dir = spec["tiny_dir"]
+    cfg.lora.lora_rank, cfg.lora.lora_alpha = spec["rank"], 2.0 * spec["rank"]
+    torch.manual_seed(0)
+
+    t0 = time.perf_counter()
+    model, processor, info = load_base_model(cfg.model, device=device)
+    load_s = time.perf_counter() - t0
+    base = get_base(model)
+
+    # Raw audio of the batch (song-like: partials + noise) and its captions.
+    B, secs = spec["batch"], spec["seconds"]
+    n = int(secs * info.sample_rate)
+    tt = torch.arange(n) / info.sample_rate
+    g = torch.Generator().manual_seed(1)
+    wavs = torch.stack([sum(torch.sin(2 * torch.pi * f * tt) for f in (110.0 * (i + 1), 220.0 * (i + 1.5), 440.0))
+                        / 4 + 0.05 * torch.randn(n, generator=g) for i in range(B)])[:, None, :]
+    texts = [CAPTIONS[i % len(CAPTIONS)] for i in range(B)]
+
+    # Cache build (what build_token_cache does per batch): EnCodec codes + T5 states.
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        codes = encode_audio(model, wavs.to(device), info).cpu()
+        hidden, mask = encode_text(model, processor, texts, device=device)
+    sync()
+    cache_s = time.perf_counter() - t0
+    clips = [CachedClip(id=str(i), text=texts[i], split="train", codes=codes[i].to(torch.int16),
+                        hidden=hidden[i, :int(mask[i].sum())].cpu(), mask=mask[i, :int(mask[i].sum())].cpu())
+             for i in range(B)]
+    ds = CachedTokenDataset(clips, max_frames=codes.shape[-1], seed=0, train=True, cond_dropout=0.0)
+    L = int(mask.shape[1])
+
+    if mode == "cached":  # training reads tokens only: the encoders leave the accelerator, as in train_lora
+        base.audio_encoder.to("cpu")
+        base.text_encoder.to("cpu")
+    model = attach_lora(model, cfg.lora)
+    wdtype = prepare_frozen_weights(model, precision, weights)
+    if device.type == "cpu" and not spec.get("slow_dropout") and not spec.get("compile"):
+        use_fast_dropout(model)  # as train_lora does on CPU
+    if spec.get("checkpointing"):
+        base.decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.config.use_cache = False
+        for emb in base.decoder.model.decoder.embed_tokens:
+            emb.register_forward_hook(lambda m, i, o: o.requires_grad_(True))
+    if spec.get("compile"):
+        base.decoder.compile()
+    model.train()
+    base.audio_encoder.eval()
+    base.text_encoder.eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert all(p.dtype == torch.float32 for p in params), "LoRA parameters must stay float32"
+    AcceleratorState._reset_state()
+    acc = Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
+    optimizer = acc.prepare(torch.optim.AdamW(params, lr=1e-4))
+    attn_impl = base.config.decoder._attn_implementation
+
+    def get_batch():
+        if mode == "cached":
+            return collate_tokens([ds[i] for i in range(B)], info.pad_token_id)
+        with torch.no_grad():  # peers: encode audio + text inside every step, fp32
+            c = encode_audio(model, wavs.to(device), info)
+            h, m = encode_text(model, processor, texts, device=device)
+        return {"codes": c, "lengths": torch.full((B,), c.shape[-1], dtype=torch.long), "hidden": h, "mask": m,
+                "dropped": torch.zeros(B, dtype=torch.bool), "texts": texts}
+
+    def step():
+        t_a = time.perf_counter()
+        batch = get_batch()
+        t_b = time.perf_counter()
+        loss, _, _ = batch_loss(model, processor, info, batch, device, acc.autocast, cache_text=True)
+        acc.backward(loss)
+        acc.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync()
+        t_c = time.perf_counter()
+        return t_c - t_a, t_b - t_a, loss
+
+    import machine
+
+    def peaks():  # this machine's matmul peak right now (it drifts: the host is shared)
+        return (machine.matmul_peak(torch.bfloat16, device, n=2048, repeats=3),
+                machine.matmul_peak(torch.float32, device, n=2048, repeats=2))
+
+    times, data_times, losses, adjacent = [], [], [], []
+    for i in range(spec["warmup"] + spec["steps"]):
+        if i >= spec["warmup"] and spec.get("adjacent_peaks", True):
+            adjacent.append(peaks())
+        dt, d_data, loss = step()
+        if i >= spec["warmup"]:
+            times.append(dt)
+            data_times.append(d_data)
+            losses.append(float(loss.detach()))
+    if adjacent:
+        adjacent.append(peaks())
+    med = statistics.median(times)
+
+    rank, n_self, n_cross = count_lora(model)
+    T = codes.shape[-1]
+    fl = train_flops(base.config.decoder, base.config.text_encoder, B, T, L, rank, n_self, n_cross,
+                     bool(spec.get("checkpointing")))
+    counted = None
+    if spec.get("flop_check", True):
+        from torch.utils.flop_counter import FlopCounterMode
+
+        batch = collate_tokens([ds[i] for i in range(B)], info.pad_token_id)
+        with FlopCounterMode(display=False) as fc:
+            loss, _, _ = batch_loss(model, processor, info, batch, device, acc.autocast, cache_text=True)
+            acc.backward(loss)
+        optimizer.zero_grad(set_to_none=True)
+        counted = fc.get_total_flops()
+    ratios = {}
+    if spec.get("adjacent_peaks", True):
+        mm_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        ratios["matmul_floor"] = matmul_floor(base.config.decoder, B, fl["seq_len"], mm_dtype, device)
+        ratios["matmul_floor_peak_bf16_after"] = machine.matmul_peak(torch.bfloat16, device, n=2048, repeats=3)
+    if adjacent:  # per step: achieved / the higher of the peaks measured just before and just after it
+        for k, key in enumerate(("bf16", "fp32")):
+            ratios[f"pct_of_adjacent_{key}_peak"] = 100 * statistics.median(
+                fl["total"] / t / max(adjacent[j][k], adjacent[j + 1][k]) for j, t in enumerate(times))
+            ratios[f"adjacent_{key}_peaks"] = [a[k] for a in adjacent]
+    return {
+        **spec, **ratios, "mode": mode, "precision": precision, "base_weights_dtype": wdtype, "attn_implementation": attn_impl,
+        "load_s": load_s, "cache_build_s": cache_s, "step_s_median": med, "step_s_mean": statistics.mean(times),
+        "step_s_all": times, "data_s_median": statistics.median(data_times), "losses": losses,
+        "frames": T, "text_tokens": L, "codebooks": info.num_codebooks,
+        "audio_s_per_s": B * secs / med, "tokens_per_s": B * T * info.num_codebooks / med,
+        "flops_step": fl["total"], "flops_forward": fl["forward"], "flops_counted_decoder_step": counted,
+        "achieved_flops": fl["total"] / med, "trainable_params": sum(p.numel() for p in params),
+        "lora_layers": n_self + n_cross, "threads": torch.get_num_threads(), **peak_memory_mb(device)}
+
+
+# --------------------------------------------------------------------------------------------
+# Parent: machine + cases + report
+# --------------------------------------------------------------------------------------------
+def run_child(spec: dict) -> dict:
+    r = subprocess.run([sys.executable, __file__, "--_case", json.dumps(spec)], capture_output=True, text=True)
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+    if r.returncode != 0 or not lines:
+        sys.stderr.write(r.stderr[-4000:])
+        raise SystemExit(f"case {spec} failed (exit {r.returncode})")
+    return json.loads(lines[-1])
+
+
+def table(results: list[dict], m: dict) -> str:
+    rows = ["| model | case | precision | base weights | step (s, median) | audio-s/s | tokens/s | data (ms) | "
+            "TFLOP/step | TFLOP/s | % of fp32 peak | % of bf16 peak | % of bf16 peak (adjacent) | "
+            "peak RSS (MB) | load (s) | cache build (s) |",
+            "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        mem = f"{r['peak_rss_mb']:.0f}" + (f" / CUDA {r['cuda_max_allocated_mb']:.0f}" if "cuda_max_allocated_mb" in r
+                                           else "")
+        rows.append(
+            f"| {r['model']} | {r['case']}{' +ckpt' if r.get('checkpointing') else ''}"
+            f"{' +compile' if r.get('compile') else ''} | {r['precision']} | {r['base_weights_dtype']} | "
+            f"{r['step_s_median']:.3f} | {r['audio_s_per_s']:.2f} | {r['tokens_per_s']:.0f} | "
+            f"{1000 * r['data_s_median']:.1f} | {r['flops_step'] / 1e12:.3f} | {r['achieved_flops'] / 1e12:.3f} | "
+            f"{100 * r['achieved_flops'] / m['peak_fp32_flops']:.0f}% | {100 * r['achieved_flops'] / m['peak_bf16_flops']:.0f}% | "
+            f"{r.get('pct_of_adjacent_bf16_peak', float('nan')):.0f}% | {mem} | {r['load_s']:.1f} | {r['cache_build_s']:.2f} |")
+    return "\n".join(rows)
+
+
+def ratios(results: list[dict]) -> list[str]:
+    out = []
+    by = {(r["model"], r["case"]): r for r in results if not r.get("compile") and not r.get("checkpointing")}
+    for model in sorted({r["model"] for r in results}):
+        enc = by.get((model, "encode-fp32"))
+        for case in ("cached-fp32", "cached-bf16-fp32weights", "cached-bf16"):
+            c = by.get((model, case))
+            if enc and c:
+                out.append(f"- {model}: {case} trains at {c['audio_s_per_s'] / enc['audio_s_per_s']:.1f}x the "
+                           f"audio-s/s of encode-every-step fp32")
+        a, b = by.get((model, "cached-bf16-fp32weights")), by.get((model, "cached-bf16"))
+        if a and b:
+            out.append(f"- {model}: bf16 base weights vs fp32 base weights under bf16 autocast: step "
+                       f"{b['step_s_median']:.3f} s vs {a['step_s_median']:.3f} s, peak RSS {b['peak_rss_mb']:.0f} "
+                       f"vs {a['peak_rss_mb']:.0f} MB")
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smoke run: tiny model, 1 s clips, 1+2 steps")
+    ap.add_argument("--models", default="tiny,small", help="comma list: tiny, small (musicgen-small architecture)")
+    ap.add_argument("--cases", default=",".join(CASES), help=f"comma list of {', '.join(CASES)}")
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--seconds", type=float, default=10.0, help="clip length, s")
+    ap.add_argument("--rank", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per case (default 6; quick 2)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed warm-up steps (default 2; quick 1)")
+    ap.add_argument("--checkpointing", action="store_true", help="also run cached-bf16 with gradient checkpointing")
+    ap.add_argument("--compile", action="store_true", help="also run cached-bf16 with torch.compile")
+    ap.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads in each case; 0 = torch's default")
+    ap.add_argument("--tiny_dir", default=str(ROOT / "output" / "tiny_model"))
+    ap.add_argument("--no_flop_check", action="store_true", help="skip the FlopCounterMode cross-check")
+    ap.add_argument("--profile", default=None, help="profile one case with torch.profiler instead (prints a table)")
+    ap.add_argument("--json", default=None, help="also write the results to this JSON file")
+    ap.add_argument("--_case", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    import logging
+
+    from lora.utils import setup_logging
+
+    setup_logging(logging.WARNING)
+    if args._case:
+        print(json.dumps(run_case(json.loads(args._case))))
+        return 0
+
+    import torch
+
+    import machine
+
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
+        ("cpu" if args.device == "auto" else args.device)
+    if args.quick:
+        models, secs, steps, warmup = ["tiny"], 1.0, args.steps or 2, args.warmup or 1
+    else:
+        models, secs, steps, warmup = args.models.split(","), args.seconds, args.steps or 6, args.warmup or 2
+    base_spec = {"batch": args.batch, "seconds": secs, "rank": args.rank, "steps": steps, "warmup": warmup,
+                 "device": device, "tiny_dir": args.tiny_dir, "flop_check": not args.no_flop_check,
+                 "threads": args.threads, "adjacent_peaks": not args.quick}
+    if args.profile:
+        return profile(dict(base_spec, model=models[0], case=args.profile))
+
+    m = machine.measure(device, quick=args.quick)
+    print(machine.summary_line(m), flush=True)
+    results = []
+    for model in models:
+        for case in args.cases.split(","):
+            spec = dict(base_spec, model=model, case=case)
+            results.append(run_child(spec))
+            r = results[-1]
+            print(f"  {model} {case}: {r['step_s_median']:.3f} s/step, {r['audio_s_per_s']:.2f} audio-s/s, "
+                  f"{100 * r['achieved_flops'] / m['peak_bf16_flops']:.0f}% of the run's bf16 peak, "
+                  f"{r.get('pct_of_adjacent_bf16_peak', float('nan')):.0f}% of the adjacent bf16 peaks", flush=True)
+        for flag in ("checkpointing", "compile"):
+            if getattr(args, flag):
+                results.append(run_child(dict(base_spec, model=model, case="cached-bf16", **{flag: True})))
+    command = "python bench/bench_train.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    print(f"\nTraining step, batch {args.batch} x {secs:g} s, LoRA rank {args.rank} on attention, steady state "
+          f"(median of {steps} steps after {warmup} warm-up) | {m['date']} | `{command.strip()}`\n")
+    print(table(results, m))
+    print()
+    print("\n".join(ratios(results)))
+    check = [r for r in results if r.get("flops_counted_decoder_step")]
+    if check:
+        print("\nFLOP count check (analytic vs torch FlopCounterMode, decoder forward+backward): " + ", ".join(
+            f"{r['model']}/{r['case']} {r['flops_step'] / 1e12:.3f} vs {r['flops_counted_decoder_step'] / 1e12:.3f}"
+            for r in check if r["case"] == "cached-bf16" and not r.get("compile")))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"machine": m, "command": command.strip(), "results": results},
+                                              indent=1))
+    return 0
+
+
+def profile(spec: dict) -> int:
+    """torch.profiler over a few steady-state steps of one case: which ops dominate."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile as tprofile
+
+    # Reuse run_case's setup by running it with 0 timed steps is not possible (it measures); instead run it
+    # inside the profiler and print the top ops of the whole run minus warm-up noise.
+    spec = dict(spec, flop_check=False)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if spec["device"] == "cuda" else [])
+    with tprofile(activities=acts) as prof:
+        r = run_case(spec)
+    print(f"{spec['model']} {spec['case']}: {r['step_s_median']:.3f} s/step (under the profiler)")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Performance options of training: bf16 storage of the frozen base weights, FastDropout, FLOP counting."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lora.config import Config
+from lora.modeling import attach_lora, build_delay_pattern, get_base, load_base_model
+from lora.precision import fast_dropout_class, resolve_base_weights_dtype, use_fast_dropout
+from lora.utils import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_base_weights_dtype_choice():
+    assert resolve_base_weights_dtype("auto", "bf16")[0] == "bfloat16"
+    assert resolve_base_weights_dtype("auto", "no")[0] == "float32"
+    assert resolve_base_weights_dtype("auto", "fp16")[0] == "float32"
+    assert resolve_base_weights_dtype("float32", "bf16")[0] == "float32"
+    assert resolve_base_weights_dtype("bfloat16", "bf16")[0] == "bfloat16"
+    with pytest.raises(UserError, match="mixed_precision bf16"):
+        resolve_base_weights_dtype("bfloat16", "no")
+
+
+def test_fast_dropout_statistics_scale_grad_and_seed():
+    d = fast_dropout_class()(0.1).train()
+    x = torch.ones(400, 1000, requires_grad=True)
+    torch.manual_seed(3)
+    y = d(x)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - 0.1) < 0.005
+    assert torch.allclose(y[y != 0], torch.tensor(1 / 0.9))
+    y.sum().backward()
+    assert torch.equal(x.grad, (y != 0).float() / 0.9)  # gradient flows through kept elements only
+    torch.manual_seed(3)
+    assert torch.equal(d(x.detach()), y.detach())  # reproducible from the torch seed
+    assert not torch.equal(d(x.detach()), y.detach())  # fresh mask next call
+    d.eval()
+    assert d(x) is x
+    assert fast_dropout_class()(0.0).train()(x) is x
+
+
+@pytest.fixture(scope="module")
+def tiny_lora(tiny_model_dir):
+    cfg = Config()
+    cfg.model.model_path = str(tiny_model_dir)
+    model, processor, info = load_base_model(cfg.model)
+    torch.manual_seed(0)
+    return attach_lora(model, cfg.lora), processor, info, cfg
+
+
+def _batch(info, B=2, T=40):
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, info.vocab_size, (B, info.num_codebooks, T), generator=g)
+    lengths = torch.tensor([T, T - 7])
+    hidden = torch.randn(B, 5, info.text_hidden_size, generator=g)
+    mask = torch.ones(B, 5, dtype=torch.long)
+    return {"codes": codes, "lengths": lengths, "hidden": hidden, "mask": mask,
+            "dropped": torch.zeros(B, dtype=torch.bool), "texts": ["a", "b"]}
+
+
+def test_bf16_base_weights_keep_lora_fp32_and_match_fp32_loss(tiny_lora, tmp_path):
+    import copy
+    from contextlib import nullcontext
+
+    from safetensors.torch import load_file
+
+    from lora.train_lora import batch_loss, prepare_frozen_weights
+
+    model, processor, info, cfg = tiny_lora
+    model = copy.deepcopy(model)
+    model.eval()
+    batch = _batch(info)
+    with torch.no_grad():
+        ref, _, _ = batch_loss(model, processor, info, batch, "cpu", nullcontext, cache_text=True)
+    assert prepare_frozen_weights(model, "bf16", "auto") == "bfloat16"
+    base = get_base(model)
+    frozen = [p for p in base.decoder.parameters() if not p.requires_grad]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    with torch.no_grad():
+        got, _, _ = batch_loss(model, processor, info, batch, "cpu", bf16, cache_text=True)
+    assert abs(got.item() - ref.item()) < 0.02 * ref.item()
+    # A training step: gradients and AdamW state are fp32, the saved adapter is fp32.
+    model.train()
+    opt = torch.optim.AdamW(trainable, lr=1e-3)
+    loss, _, _ = batch_loss(model, processor, info, batch, "cpu", bf16, cache_text=True)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trainable)
+    opt.step()
+    assert all(v.dtype == torch.float32 for s in opt.state.values() for k, v in s.items() if k != "step")
+    model.save_pretrained(str(tmp_path / "adapter"))
+    tensors = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert tensors and all(t.dtype == torch.float32 for t in tensors.values())
+
+
+def test_fast_dropout_replaces_lora_dropout(tiny_lora):
+    import copy
+
+    import torch.nn as nn
+
+    model = copy.deepcopy(tiny_lora[0])
+    before = sum(1 for m in model.modules() if type(m) is nn.Dropout and m.p > 0)
+    n = use_fast_dropout(model)
+    assert n > 0 and n <= before
+    assert sum(1 for m in model.modules() if isinstance(m, fast_dropout_class())) == n
+
+
+def test_train_flops_match_torch_flop_counter(tiny_lora):
+    """The analytic FLOP count of bench_train (what '% of peak' divides by) agrees with torch's FlopCounterMode
+    on a real forward+backward of the LoRA model (fp32, eager attention counted by the counter as matmuls)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_train import count_lora, train_flops
+
+    from lora.train_lora import batch_loss
+    from contextlib import nullcontext
+
+    cfg = Config()
+    cfg.model.model_path, cfg.model.attn_implementation = tiny_lora[3].model.model_path, "eager"
+    model, processor, info = load_base_model(cfg.model)  # eager: the counter sees attention as matmuls
+    model = attach_lora(model, cfg.lora)
+    model.train()
+    B, T = 2, 60
+    batch = _batch(info, B, T)
+    batch["lengths"] = torch.tensor([T, T])
+    with FlopCounterMode(display=False) as fc:
+        loss, _, _ = batch_loss(model, processor, info, batch, "cpu", nullcontext, cache_text=True)
+        loss.backward()
+    base = get_base(model)
+    rank, n_self, n_cross = count_lora(model)
+    fl = train_flops(base.config.decoder, base.config.text_encoder, B, T, 5, rank, n_self, n_cross)
+    ratio = fl["total"] / fc.get_total_flops()
+    assert 0.85 < ratio < 1.15, ratio
