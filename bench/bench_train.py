@@ -26,9 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -40,16 +37,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process (VmHWM; unlike ru_maxrss it is not inherited from the parent
-    process across fork + exec)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from machine import peak_rss_mb  # noqa: E402
 
 CASES = {
     # name: (mode, mixed precision, base_weights_dtype)
@@ -453,7 +441,6 @@ def main(argv=None) -> int:
 
 def profile(spec: dict) -> int:
     """torch.profiler over a few steady-state steps of one case: which ops dominate."""
-    import torch
     from torch.profiler import ProfilerActivity, profile as tprofile
 
     # Reuse run_case's setup by running it with 0 timed steps is not possible (it measures); instead run it

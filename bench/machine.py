@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import time
+from pathlib import Path
 
 import torch
 
@@ -54,6 +55,19 @@ def copy_bandwidth(device=None, mbytes: int = 512, repeats: int = 8) -> float:
         _sync(device)
         best = min(best, time.perf_counter() - t)
     return 2 * src.numel() * 4 / best
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MB (Linux VmHWM; unlike ru_maxrss it is not inherited from the
+    parent process across fork + exec; ru_maxrss where /proc is missing)."""
+    import resource
+
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def describe() -> dict:

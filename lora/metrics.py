@@ -146,7 +146,6 @@ def per_clip_cross_entropy(logits, labels, num_codebooks: int):
     Returns (ce_sum (B, K) float64 tensor, n_tokens (B, K) long tensor). Mean CE of codebook k over a set of
     clips = ce_sum[:, k].sum() / n_tokens[:, k].sum() (what MusicGen's loss computes per codebook).
     """
-    import torch
     import torch.nn.functional as F
 
     k = num_codebooks

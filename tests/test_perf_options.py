@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lora.config import Config
-from lora.modeling import attach_lora, build_delay_pattern, get_base, load_base_model
+from lora.modeling import attach_lora, get_base, load_base_model
 from lora.precision import fast_dropout_class, resolve_base_weights_dtype, use_fast_dropout
 from lora.utils import UserError
 
