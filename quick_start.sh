@@ -58,7 +58,7 @@ banner "2/5 model ($MODEL)"
 
 banner "3/5 LoRA training"
 "$PY" lora/train_lora.py --model_path "$MODEL" --data_dir "$DATA_DIR" --metadata_file metadata.json \
-  --output_dir "$OUT" "${TRAIN[@]}" "$@"
+  --output_dir "$OUT" --overwrite_output_dir "${TRAIN[@]}" "$@"
 
 banner "4/5 generation"
 "$PY" lora/inference_lora.py --base_model_path "$MODEL" --lora_model_path "$OUT/best_model" \

@@ -139,6 +139,8 @@ class TrainingConfig:
     early_stopping_patience: int = _f(0, "Stop after N validations without improvement; 0 = off")
     max_nan_steps: int = _f(10, "Stop after this many non-finite losses in a row (each one is skipped and counted)")
     resume_from_checkpoint: Optional[str] = _f(None, "'latest' or a checkpoint folder to continue from")
+    overwrite_output_dir: bool = _f(False, "Start a fresh run even if output_dir holds an earlier run's checkpoints "
+                                           "and adapters (they are deleted first)")
     seed: int = _f(42, "Random seed: data order, LoRA init, dropout")
     dataloader_num_workers: int = _f(0, "DataLoader workers (training reads cached tokens; 0 is usually enough)")
     encode_batch_size: int = _f(8, "Clips per batch when computing the EnCodec / text-encoder cache")

@@ -117,6 +117,23 @@ def find_checkpoint(output_dir: Path, spec: str) -> Path:
     return path
 
 
+def clear_earlier_run(out: Path, overwrite: bool, is_main: bool = True) -> None:
+    """A fresh run must not mix with an earlier run's files: its checkpoints would be taken for this run's by
+    --resume_from_checkpoint latest, and its best_model would look like this run's if this one stops early."""
+    earlier = [out / n for n in ("checkpoints", "best_model", "final_model") if (out / n).exists()]
+    if not earlier:
+        return
+    if not overwrite:
+        names = ", ".join(p.name + "/" for p in earlier)
+        raise UserError(f"{out} already holds an earlier training run ({names}). Continue it with "
+                        f"--resume_from_checkpoint latest, choose another --output_dir, or pass --overwrite_output_dir "
+                        f"to delete those folders and start over.")
+    if is_main:
+        for p in earlier:
+            log.warning("--overwrite_output_dir: deleting %s of an earlier run", p)
+            shutil.rmtree(p)
+
+
 def plan_steps(cfg: Config, n_batches: int, group: int) -> tuple[int, int, int, str]:
     """(steps per epoch, total steps, warmup steps, note about warmup)."""
     t = cfg.training
@@ -348,6 +365,8 @@ def train(cfg: Config) -> int:
                         f"some clips \"split\": \"valid\".")
 
     ck = find_checkpoint(out, t.resume_from_checkpoint) if t.resume_from_checkpoint else None  # fail early
+    if ck is None:
+        clear_earlier_run(out, t.overwrite_output_dir, is_main=PartialState().is_main_process)
 
     # ---------------------------------------------------------------- setup: model and token cache
     set_seed(t.seed)

@@ -345,3 +345,20 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path, tiny_model_dir, ex
     with pytest.raises(UserError, match="not a complete checkpoint"):
         train_lora.main(_short(tiny_model_dir, example_data_dir, tmp_path / "out", "--resume_from_checkpoint",
                                str(tmp_path)))
+
+
+def test_fresh_run_does_not_mix_with_an_earlier_run(tmp_path, tiny_model_dir, example_data_dir):
+    """An earlier run's checkpoints would be taken for the new run's by 'latest': refuse, or delete on request."""
+    from lora import train_lora
+    from lora.utils import UserError
+
+    out = tmp_path / "out"
+    (out / "checkpoints" / "step-000500").mkdir(parents=True)
+    (out / "checkpoints" / "step-000500" / "trainer_state.json").write_text('{"global_step": 500}')
+    (out / "best_model").mkdir()
+    with pytest.raises(UserError, match=r"earlier training run.*--resume_from_checkpoint latest.*--overwrite_output_dir"):
+        train_lora.main(_short(tiny_model_dir, example_data_dir, out))
+    assert (out / "checkpoints" / "step-000500").is_dir()  # nothing deleted without being asked
+    assert train_lora.main(_short(tiny_model_dir, example_data_dir, out, "--overwrite_output_dir")) == 0
+    assert not (out / "checkpoints" / "step-000500").exists()
+    assert (out / "best_model" / "adapter_model.safetensors").is_file()
