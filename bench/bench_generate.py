@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 
-from machine import peak_rss_mb  # noqa: E402
+from machine import peak_rss_mb, run_case_in_child  # noqa: E402
 
 VARIANTS = ("base", "unmerged", "merged")
 PROMPTS = ["deep house groove with warm bass", "lofi hip hop beat with mellow piano", "epic orchestral strings",
@@ -167,12 +166,7 @@ def run_paired(spec: dict) -> dict:
 
 
 def run_child(spec: dict) -> dict:
-    r = subprocess.run([sys.executable, __file__, "--_case", json.dumps(spec)], capture_output=True, text=True)
-    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
-    if r.returncode != 0 or not lines:
-        sys.stderr.write(r.stderr[-4000:])
-        raise SystemExit(f"case {spec} failed (exit {r.returncode})")
-    return json.loads(lines[-1])
+    return run_case_in_child(__file__, spec)
 
 
 def main(argv=None) -> int:

@@ -140,7 +140,7 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"| {r['case']} | {r['workers']} | {r['audio_s']:.0f} | {r['wall_s']:.2f} | {r['x_realtime']:.1f} "
               f"| {r['clips']} |")
-    print(f"\n| long file | peak RSS (MB) | RSS after imports only (MB) | Python-tracked peak (MB) | "
+    print("\n| long file | peak RSS (MB) | RSS after imports only (MB) | Python-tracked peak (MB) | "
           f"whole file as float32 @32 kHz (MB) |")
     print("|---|---:|---:|---:|---:|")
     print(f"| {long_min:g} min FLAC 44.1 kHz stereo | {mem['rss_peak_mb']:.0f} | {mem['rss_import_only_mb']:.0f} | "

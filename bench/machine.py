@@ -70,6 +70,20 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def run_case_in_child(script: str, spec: dict) -> dict:
+    """Run one benchmark case in a fresh process (``script --_case JSON``) and return the JSON line it prints
+    last; a failing case stops the benchmark with its stderr."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, script, "--_case", json.dumps(spec)], capture_output=True, text=True)
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+    if r.returncode != 0 or not lines:
+        sys.stderr.write(r.stderr[-4000:])
+        raise SystemExit(f"case {spec} failed (exit {r.returncode})")
+    return json.loads(lines[-1])
+
+
 def describe() -> dict:
     cpu = platform.processor() or ""
     try:

@@ -69,16 +69,9 @@ def trained_output_dir(tmp_path_factory, tiny_model_dir, example_data_dir) -> Pa
     yaml_file.write_text("training:\n  max_steps: 4\n  eval_steps: 2\n  save_steps: 2\n  logging_steps: 1\n"
                          "  learning_rate: 0.003\n  mixed_precision: 'no'\n", encoding="utf-8")
     out = root / "output"
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # shared test machine: one intra-op thread is faster for the tiny model
-    try:
-        rc = train_lora.main(["--config", str(yaml_file), "--model_path", str(tiny_model_dir),
-                              "--data_dir", str(example_data_dir), "--metadata_file", "metadata.json",
-                              "--output_dir", str(out), "--lora_rank", "12", "--lora_alpha", "24",
-                              "--batch_size", "2", "--num_epochs", "5"])
-    finally:
-        torch.set_num_threads(threads)
+    rc = train_lora.main(["--config", str(yaml_file), "--model_path", str(tiny_model_dir),
+                          "--data_dir", str(example_data_dir), "--metadata_file", "metadata.json",
+                          "--output_dir", str(out), "--lora_rank", "12", "--lora_alpha", "24",
+                          "--batch_size", "2", "--num_epochs", "5"])
     assert rc == 0
     return out

@@ -15,14 +15,6 @@ from lora.dataset import CachedClip, CachedTokenDataset, bucketed_batches, build
     collate_tokens, load_metadata
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()  # the test machine is shared: fewer threads are faster here
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
     from lora.config import ModelConfig

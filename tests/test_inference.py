@@ -27,15 +27,6 @@ SEED_PROMPT = "hip hop 808 beat with trap drums"
 SEED_SLUG = "hip-hop-808-beat-with-trap-drums"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The test machine is shared: several intra-op threads fighting for 2 cores make every step 30x slower.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _cfg(model_dir, **gen):
     from lora.config import Config
 
