@@ -172,7 +172,8 @@ def run_child(spec: dict) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny model, 0.5 s, batch 1 and 2")
-    ap.add_argument("--models", default="tiny,small", help="comma list: tiny, small (musicgen-small architecture)")
+    ap.add_argument("--models", default="tiny,small",
+                    help="comma list: tiny, small / medium / large (random weights, facebook/musicgen-* architecture)")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--dtypes", default="auto", help="comma list of generation.dtype values (auto = fp32 on CPU)")
@@ -202,7 +203,7 @@ def main(argv=None) -> int:
 
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
         ("cpu" if args.device == "auto" else args.device)
-    from musicgen_arch import ensure_small_arch
+    from musicgen_arch import model_path
 
     models = ["tiny"] if args.quick else args.models.split(",")
     batches = [1, 2] if args.quick else [int(b) for b in args.batches.split(",")]
@@ -210,9 +211,9 @@ def main(argv=None) -> int:
     print(machine.summary_line(m), flush=True)
     results = []
     for model in models:
-        path = str(ensure_small_arch()) if model == "small" else model
+        path = model_path(model)
         adapter = str(make_adapter(path, args.tiny_dir, args.rank, Path("/tmp") / f"bench_adapter_{model}_r{args.rank}"))
-        secs = 0.5 if args.quick else (args.seconds or (3.0 if model == "small" else 4.0))
+        secs = 0.5 if args.quick else (args.seconds or (4.0 if model == "tiny" else 3.0))
         for dtype in ([] if args.paired_only else args.dtypes.split(",")):
             for b in batches:
                 for v in args.variants.split(","):
@@ -225,8 +226,8 @@ def main(argv=None) -> int:
     paired = []
     if not args.no_paired and len(args.variants.split(",")) == len(VARIANTS):
         for model in models:
-            path = str(ensure_small_arch()) if model == "small" else model
-            secs = 0.5 if args.quick else (args.seconds or (3.0 if model == "small" else 4.0))
+            path = model_path(model)
+            secs = 0.5 if args.quick else (args.seconds or (4.0 if model == "tiny" else 3.0))
             for dtype in args.dtypes.split(","):
                 for b in batches:
                     spec = {"model": model, "model_path": path, "tiny_dir": args.tiny_dir,

@@ -44,7 +44,23 @@ CASES = {
     "cached-bf16-fp32weights": ("cached", "bf16", "float32"),
     "cached-bf16": ("cached", "bf16", "auto"),
     "encode-fp32": ("encode", "no", "float32"),
+    "cached-fp16": ("cached", "fp16", "auto"),  # CUDA: fp16 autocast + GradScaler (the seed's --fp16)
 }
+# A case name may end in "+ckpt" (gradient checkpointing) and/or "+compile" (torch.compile of the decoder).
+SUFFIXES = ("+ckpt", "+compile")
+
+
+def parse_case(name: str) -> tuple[str, dict]:
+    """'cached-bf16+ckpt' -> ('cached-bf16', {'checkpointing': True}); unknown names are refused."""
+    flags = {}
+    for suffix, key in (("+ckpt", "checkpointing"), ("+compile", "compile")):
+        if suffix in name:
+            name = name.replace(suffix, "")
+            flags[key] = True
+    if name not in CASES:
+        raise SystemExit(f"unknown case {name!r}: choose from {', '.join(CASES)} (optionally with "
+                         f"{' / '.join(SUFFIXES)})")
+    return name, flags
 CAPTIONS = ["deep house groove with warm bass and soft pads 124 bpm in a minor key",
             "lofi hip hop beat with mellow piano chords vinyl crackle and brushed drums 80 bpm"]
 
@@ -151,16 +167,6 @@ def peak_memory_mb(device) -> dict:
     return out
 
 
-def model_path(name: str) -> str:
-    if name == "tiny":
-        return "tiny"
-    if name == "small":
-        from musicgen_arch import ensure_small_arch
-
-        return str(ensure_small_arch())
-    return name
-
-
 def run_case(spec: dict) -> dict:
     import torch
     from accelerate import Accelerator
@@ -169,8 +175,8 @@ def run_case(spec: dict) -> dict:
     from lora.config import Config
     from lora.dataset import CachedClip, CachedTokenDataset, collate_tokens
     from lora.modeling import attach_lora, encode_audio, encode_text, get_base, load_base_model
-    from lora.precision import use_fast_dropout
-    from lora.train_lora import batch_loss, prepare_frozen_weights
+    from lora.train_lora import batch_loss, configure_step, prepare_frozen_weights
+    from musicgen_arch import model_path
 
     mode, precision, weights = CASES[spec["case"]]
     device = torch.device(spec["device"])
@@ -217,15 +223,8 @@ def run_case(spec: dict) -> dict:
         base.text_encoder.to("cpu")
     model = attach_lora(model, cfg.lora)
     wdtype = prepare_frozen_weights(model, precision, weights)
-    if device.type == "cpu" and not spec.get("slow_dropout") and not spec.get("compile"):
-        use_fast_dropout(model)  # as train_lora does on CPU
-    if spec.get("checkpointing"):
-        base.decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        base.config.use_cache = False
-        for emb in base.decoder.model.decoder.embed_tokens:
-            emb.register_forward_hook(lambda m, i, o: o.requires_grad_(True))
-    if spec.get("compile"):
-        base.decoder.compile()
+    configure_step(model, device, checkpointing=bool(spec.get("checkpointing")),
+                   torch_compile=bool(spec.get("compile")))  # exactly as train_lora.py
     model.train()
     base.audio_encoder.eval()
     base.text_encoder.eval()
@@ -260,12 +259,17 @@ def run_case(spec: dict) -> dict:
 
     import machine
 
+    n_peak = machine.peak_size(device)
+
     def peaks():  # this machine's matmul peak right now (it drifts: the host is shared)
-        return (machine.matmul_peak(torch.bfloat16, device, n=2048, repeats=3),
-                machine.matmul_peak(torch.float32, device, n=2048, repeats=2))
+        return (machine.matmul_peak(torch.bfloat16, device, n=n_peak, repeats=3),
+                machine.matmul_peak(torch.float32, device, n=n_peak, repeats=2))
 
     times, data_times, losses, adjacent = [], [], [], []
+    step_peak = {}
     for i in range(spec["warmup"] + spec["steps"]):
+        if i == spec["warmup"] and device.type == "cuda":  # steady-state training memory, apart from load/cache
+            torch.cuda.reset_peak_memory_stats(device)
         if i >= spec["warmup"] and spec.get("adjacent_peaks", True):
             adjacent.append(peaks())
         dt, d_data, loss = step()
@@ -273,6 +277,9 @@ def run_case(spec: dict) -> dict:
             times.append(dt)
             data_times.append(d_data)
             losses.append(float(loss.detach()))
+    if device.type == "cuda":
+        step_peak = {"cuda_step_max_allocated_mb": torch.cuda.max_memory_allocated(device) / 2**20,
+                     "cuda_step_max_reserved_mb": torch.cuda.max_memory_reserved(device) / 2**20}
     if adjacent:
         adjacent.append(peaks())
     med = statistics.median(times)
@@ -295,7 +302,7 @@ def run_case(spec: dict) -> dict:
     if spec.get("adjacent_peaks", True):
         mm_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         ratios["matmul_floor"] = matmul_floor(base.config.decoder, B, fl["seq_len"], mm_dtype, device)
-        ratios["matmul_floor_peak_bf16_after"] = machine.matmul_peak(torch.bfloat16, device, n=2048, repeats=3)
+        ratios["matmul_floor_peak_bf16_after"] = machine.matmul_peak(torch.bfloat16, device, n=n_peak, repeats=3)
     if adjacent:  # per step: achieved / the higher of the peaks measured just before and just after it
         for k, key in enumerate(("bf16", "fp32")):
             ratios[f"pct_of_adjacent_{key}_peak"] = 100 * statistics.median(
@@ -309,7 +316,7 @@ def run_case(spec: dict) -> dict:
         "audio_s_per_s": B * secs / med, "tokens_per_s": B * T * info.num_codebooks / med,
         "flops_step": fl["total"], "flops_forward": fl["forward"], "flops_counted_decoder_step": counted,
         "achieved_flops": fl["total"] / med, "trainable_params": sum(p.numel() for p in params),
-        "lora_layers": n_self + n_cross, "threads": torch.get_num_threads(), **peak_memory_mb(device)}
+        "lora_layers": n_self + n_cross, "threads": torch.get_num_threads(), **peak_memory_mb(device), **step_peak}
 
 
 # --------------------------------------------------------------------------------------------
@@ -322,11 +329,12 @@ def run_child(spec: dict) -> dict:
 def table(results: list[dict], m: dict) -> str:
     rows = ["| model | case | precision | base weights | step (s, median) | audio-s/s | tokens/s | data (ms) | "
             "TFLOP/step | TFLOP/s | % of fp32 peak | % of bf16 peak | % of bf16 peak (adjacent) | "
-            "peak RSS (MB) | load (s) | cache build (s) |",
+            "peak RSS (MB) [/ CUDA max allocated: whole case (training steps)] | load (s) | cache build (s) |",
             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
-        mem = f"{r['peak_rss_mb']:.0f}" + (f" / CUDA {r['cuda_max_allocated_mb']:.0f}" if "cuda_max_allocated_mb" in r
-                                           else "")
+        mem = f"{r['peak_rss_mb']:.0f}" + (f" / CUDA {r['cuda_max_allocated_mb']:.0f} (steps "
+                                           f"{r['cuda_step_max_allocated_mb']:.0f})"
+                                           if "cuda_step_max_allocated_mb" in r else "")
         rows.append(
             f"| {r['model']} | {r['case']}{' +ckpt' if r.get('checkpointing') else ''}"
             f"{' +compile' if r.get('compile') else ''} | {r['precision']} | {r['base_weights_dtype']} | "
@@ -358,15 +366,16 @@ def ratios(results: list[dict]) -> list[str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny model, 1 s clips, 1+2 steps")
-    ap.add_argument("--models", default="tiny,small", help="comma list: tiny, small (musicgen-small architecture)")
-    ap.add_argument("--cases", default=",".join(CASES), help=f"comma list of {', '.join(CASES)}")
+    ap.add_argument("--models", default="tiny,small",
+                    help="comma list: tiny, small / medium / large (random weights, facebook/musicgen-* architecture)")
+    ap.add_argument("--cases", default="cached-fp32,cached-bf16-fp32weights,cached-bf16,encode-fp32",
+                    help=f"comma list of {', '.join(CASES)}; a name may end in +ckpt (gradient checkpointing) "
+                         f"and/or +compile")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seconds", type=float, default=10.0, help="clip length, s")
     ap.add_argument("--rank", type=int, default=12)
     ap.add_argument("--steps", type=int, default=None, help="timed steps per case (default 6; quick 2)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed warm-up steps (default 2; quick 1)")
-    ap.add_argument("--checkpointing", action="store_true", help="also run cached-bf16 with gradient checkpointing")
-    ap.add_argument("--compile", action="store_true", help="also run cached-bf16 with torch.compile")
     ap.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     ap.add_argument("--threads", type=int, default=0, help="torch threads in each case; 0 = torch's default")
     ap.add_argument("--tiny_dir", default=str(ROOT / "output" / "tiny_model"))
@@ -399,22 +408,21 @@ def main(argv=None) -> int:
                  "device": device, "tiny_dir": args.tiny_dir, "flop_check": not args.no_flop_check,
                  "threads": args.threads, "adjacent_peaks": not args.quick}
     if args.profile:
-        return profile(dict(base_spec, model=models[0], case=args.profile))
+        case, flags = parse_case(args.profile)
+        return profile(dict(base_spec, model=models[0], case=case, **flags))
 
     m = machine.measure(device, quick=args.quick)
     print(machine.summary_line(m), flush=True)
     results = []
     for model in models:
-        for case in args.cases.split(","):
-            spec = dict(base_spec, model=model, case=case)
+        for name in args.cases.split(","):
+            case, flags = parse_case(name)
+            spec = dict(base_spec, model=model, case=case, **flags)
             results.append(run_child(spec))
             r = results[-1]
-            print(f"  {model} {case}: {r['step_s_median']:.3f} s/step, {r['audio_s_per_s']:.2f} audio-s/s, "
+            print(f"  {model} {name}: {r['step_s_median']:.3f} s/step, {r['audio_s_per_s']:.2f} audio-s/s, "
                   f"{100 * r['achieved_flops'] / m['peak_bf16_flops']:.0f}% of the run's bf16 peak, "
                   f"{r.get('pct_of_adjacent_bf16_peak', float('nan')):.0f}% of the adjacent bf16 peaks", flush=True)
-        for flag in ("checkpointing", "compile"):
-            if getattr(args, flag):
-                results.append(run_child(dict(base_spec, model=model, case="cached-bf16", **{flag: True})))
     command = "python bench/bench_train.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"\nTraining step, batch {args.batch} x {secs:g} s, LoRA rank {args.rank} on attention, steady state "
           f"(median of {steps} steps after {warmup} warm-up) | {m['date']} | `{command.strip()}`\n")
@@ -425,7 +433,8 @@ def main(argv=None) -> int:
     if check:
         print("\nFLOP count check (analytic vs torch FlopCounterMode, decoder forward+backward): " + ", ".join(
             f"{r['model']}/{r['case']} {r['flops_step'] / 1e12:.3f} vs {r['flops_counted_decoder_step'] / 1e12:.3f}"
-            for r in check if r["case"] == "cached-bf16" and not r.get("compile")))
+            for r in check if r["case"] == "cached-bf16" and not r.get("compile")
+            and not r.get("checkpointing")))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"machine": m, "command": command.strip(), "results": results},

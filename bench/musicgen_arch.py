@@ -1,12 +1,15 @@
-"""A random-weight MusicGen with facebook/musicgen-small's exact architecture, for benchmarks without a download.
+"""Random-weight MusicGens with facebook/musicgen-small/-medium/-large's exact architectures, for benchmarks
+without a download.
 
-    python bench/musicgen_arch.py [--dir /tmp/musicgen_small_arch]     # builds once (~590M parameters, 2.4 GB)
+    python bench/musicgen_arch.py [--scale small] [--dir /tmp/musicgen_small_arch]   # builds once
+    # small ~590M parameters (2.4 GB), medium ~1.8B (7 GB), large ~3.4B (14 GB), saved in float32 like the hub's
 
-Architecture (from the hub configs of facebook/musicgen-small and facebook/encodec_32khz):
-- text encoder: T5-base (d_model 768, d_kv 64, 12 layers, 12 heads, d_ff 3072, relu, vocab 32128);
-- audio codec: EnCodec 32 kHz (hidden_size 128, num_filters 64, upsampling_ratios [8, 5, 4, 4] -> 50 Hz,
-  codebook_size 2048, target_bandwidths [2.2] -> 4 codebooks, 2 LSTM layers, weight_norm, not causal);
-- decoder: hidden 1024, 24 layers, 16 heads, ffn 4096, gelu, vocab 2048, 4 codebooks, 2048 positions.
+Architecture (from the hub configs of facebook/musicgen-{small,medium,large} and facebook/encodec_32khz):
+- text encoder (all three): T5-base (d_model 768, d_kv 64, 12 layers, 12 heads, d_ff 3072, relu, vocab 32128);
+- audio codec (all three): EnCodec 32 kHz (hidden_size 128, num_filters 64, upsampling_ratios [8, 5, 4, 4] ->
+  50 Hz, codebook_size 2048, target_bandwidths [2.2] -> 4 codebooks, 2 LSTM layers, weight_norm, not causal);
+- decoder: gelu, vocab 2048, 4 codebooks, 2048 positions; small hidden 1024, 24 layers, 16 heads, ffn 4096;
+  medium 1536, 48 layers, 24 heads, ffn 6144; large 2048, 48 layers, 32 heads, ffn 8192.
 
 Weights are random (seeded), so outputs are noise, but every matmul has the real size: speed and memory
 measured on it are those of musicgen-small. The folder is written with save_pretrained (plus the tiny model's
@@ -26,9 +29,15 @@ sys.path.insert(0, str(ROOT))
 
 DEFAULT_DIR = Path("/tmp/musicgen_small_arch")
 VERSION = 1
+# decoder (hidden_size, num_hidden_layers, num_attention_heads, ffn_dim) of facebook/musicgen-<scale>
+SCALES = {"small": (1024, 24, 16, 4096), "medium": (1536, 48, 24, 6144), "large": (2048, 48, 32, 8192)}
 
 
-def small_configs():
+def arch_dir(scale: str) -> Path:
+    return DEFAULT_DIR if scale == "small" else Path(f"/tmp/musicgen_{scale}_arch")
+
+
+def small_configs(scale: str = "small"):
     from transformers import EncodecConfig, MusicgenConfig, MusicgenDecoderConfig, T5Config
 
     audio = EncodecConfig(
@@ -41,9 +50,10 @@ def small_configs():
                     num_heads=12, relative_attention_num_buckets=32, relative_attention_max_distance=128,
                     dropout_rate=0.1, feed_forward_proj="relu", layer_norm_epsilon=1e-6, pad_token_id=0,
                     eos_token_id=1, decoder_start_token_id=0)
+    hidden, layers, heads, ffn = SCALES[scale]
     decoder = MusicgenDecoderConfig(
-        vocab_size=2048, max_position_embeddings=2048, num_hidden_layers=24, ffn_dim=4096, num_attention_heads=16,
-        hidden_size=1024, num_codebooks=4, audio_channels=1, dropout=0.1, attention_dropout=0.0,
+        vocab_size=2048, max_position_embeddings=2048, num_hidden_layers=layers, ffn_dim=ffn,
+        num_attention_heads=heads, hidden_size=hidden, num_codebooks=4, audio_channels=1, dropout=0.1, attention_dropout=0.0,
         activation_dropout=0.0, activation_function="gelu", layerdrop=0.0, scale_embedding=False,
         tie_word_embeddings=False, pad_token_id=2048, bos_token_id=2048, decoder_start_token_id=2048)
     return MusicgenConfig(text_encoder=text.to_dict(), audio_encoder=audio.to_dict(), decoder=decoder.to_dict())
@@ -51,6 +61,20 @@ def small_configs():
 
 def ensure_small_arch(directory: str | Path = DEFAULT_DIR) -> Path:
     """Build the random musicgen-small-architecture model into ``directory`` once; return the folder."""
+    return ensure_arch("small", directory)
+
+
+def model_path(name: str) -> str:
+    """The --model_path for a benchmark model name: tiny, small/medium/large (random weights with that hub
+    model's architecture, built once under /tmp), or anything else as given (a hub id or folder)."""
+    if name in SCALES:
+        return str(ensure_arch(name))
+    return name
+
+
+def ensure_arch(scale: str = "small", directory: str | Path | None = None) -> Path:
+    """Build the random musicgen-<scale>-architecture model into ``directory`` once; return the folder.
+    The weights are initialised on a CUDA GPU when there is one (seconds instead of minutes for large)."""
     import torch
     from transformers import EncodecFeatureExtractor, GenerationConfig, MusicgenForConditionalGeneration, \
         MusicgenProcessor
@@ -58,15 +82,16 @@ def ensure_small_arch(directory: str | Path = DEFAULT_DIR) -> Path:
     from lora.modeling import _build_tiny_tokenizer, _missing_local_files
     from lora.utils import atomic_dir
 
-    directory = Path(directory).expanduser().resolve()
+    directory = Path(directory or arch_dir(scale)).expanduser().resolve()
     marker = directory / "musicgen_arch.json"
     if marker.is_file() and json.loads(marker.read_text()).get("version") == VERSION \
             and not _missing_local_files(directory):
         return directory
-    print(f"building the musicgen-small-architecture random model in {directory} (once) ...", file=sys.stderr)
-    cfg = small_configs()
+    print(f"building the musicgen-{scale}-architecture random model in {directory} (once) ...", file=sys.stderr)
+    cfg = small_configs(scale)
     torch.manual_seed(0)
-    model = MusicgenForConditionalGeneration(cfg).eval()
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = MusicgenForConditionalGeneration(cfg).eval()
     pad = cfg.decoder.pad_token_id
     model.generation_config = GenerationConfig(decoder_start_token_id=pad, pad_token_id=pad, bos_token_id=pad,
                                                guidance_scale=3.0, do_sample=True, max_length=1500, top_k=250)
@@ -79,13 +104,16 @@ def ensure_small_arch(directory: str | Path = DEFAULT_DIR) -> Path:
         processor.save_pretrained(tmp)
         fe.save_pretrained(tmp)
         (tmp / "musicgen_arch.json").write_text(json.dumps(
-            {"version": VERSION, "note": "random weights, facebook/musicgen-small architecture (bench/musicgen_arch.py)",
+            {"version": VERSION, "scale": scale,
+             "note": f"random weights, facebook/musicgen-{scale} architecture (bench/musicgen_arch.py)",
              "parameters": sum(p.numel() for p in model.parameters())}, indent=1))
     return directory
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dir", default=str(DEFAULT_DIR))
-    d = ensure_small_arch(ap.parse_args().dir)
+    ap.add_argument("--scale", default="small", choices=sorted(SCALES))
+    ap.add_argument("--dir", default=None, help="default /tmp/musicgen_<scale>_arch")
+    a = ap.parse_args()
+    d = ensure_arch(a.scale, a.dir)
     print(d)

@@ -148,6 +148,25 @@ def plan_steps(cfg: Config, n_batches: int, group: int) -> tuple[int, int, int, 
     return steps_per_epoch, total, warmup, note
 
 
+def configure_step(model, device, checkpointing: bool = False, torch_compile: bool = False) -> None:
+    """The step's speed/memory options on the LoRA-wrapped model (shared with bench/bench_train.py):
+    FastDropout for the LoRA dropout on CPU (not under torch.compile: inductor has its own RNG), gradient
+    checkpointing of the decoder layers, torch.compile of the decoder."""
+    from lora.modeling import get_base
+    from lora.precision import use_fast_dropout
+
+    base = get_base(model)
+    if device.type == "cpu" and not torch_compile and use_fast_dropout(model):
+        log.info("LoRA dropout: FastDropout (CPU: the default dropout's random numbers are slow)")
+    if checkpointing:
+        base.decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.config.use_cache = False
+        for emb in base.decoder.model.decoder.embed_tokens:  # the input-grad hook peft uses for checkpointing
+            emb.register_forward_hook(lambda m, i, o: o.requires_grad_(True))
+    if torch_compile:
+        base.decoder.compile()
+
+
 def batch_loss(model, processor, info, batch, device, autocast, cache_text: bool):
     """The training (and validation) forward of one micro-batch -> (loss, per-codebook loss, tokens per codebook).
 
@@ -326,7 +345,7 @@ def train(cfg: Config) -> int:
 
     from lora.dataset import CachedTokenDataset, bucketed_batches, build_token_cache, collate_tokens, load_metadata
     from lora.modeling import attach_lora, get_base, load_base_model
-    from lora.precision import choose_precision, resolve_base_weights_dtype, use_fast_dropout
+    from lora.precision import choose_precision, resolve_base_weights_dtype
 
     t = cfg.training
     out = Path(t.output_dir)
@@ -397,15 +416,7 @@ def train(cfg: Config) -> int:
     set_seed(t.seed)  # LoRA init does not depend on what the cache step consumed
     model = attach_lora(model, cfg.lora)  # peft creates the LoRA weights next to the layers they adapt
     prepare_frozen_weights(model, precision, t.base_weights_dtype)
-    if device.type == "cpu" and not t.torch_compile and use_fast_dropout(model):  # (inductor has its own RNG)
-        log.info("LoRA dropout: FastDropout (CPU: the default dropout's random numbers are slow)")
-    if t.gradient_checkpointing:
-        base.decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        base.config.use_cache = False
-        for emb in base.decoder.model.decoder.embed_tokens:  # the input-grad hook peft uses for checkpointing
-            emb.register_forward_hook(lambda m, i, o: o.requires_grad_(True))
-    if t.torch_compile:
-        base.decoder.compile()
+    configure_step(model, device, checkpointing=t.gradient_checkpointing, torch_compile=t.torch_compile)
     params = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)
     n_total = sum(p.numel() for p in model.parameters())

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# bench/gpu_check.sh — the GPU checks of one session, as one script (a GPU machine is lent only now and then):
+#   1. the quick start on the GPU (CUDA training with the seed's --fp16 = fp16 autocast + GradScaler,
+#      generation, evaluation) — the user's path end to end;
+#   2. bench_train.py on musicgen-small's architecture at 30-s clips, batch 2: bf16, bf16 + gradient
+#      checkpointing, fp16, fp32, and the fp32 encode-every-step mode;
+#   3. bench_train.py on musicgen-medium and -large architectures, bf16 + gradient checkpointing (peak memory);
+#   4. bench_generate.py on musicgen-small's architecture: base / unmerged / merged, batch 1 and 8.
+# Each part has its own time limit and writes its own files, so one failing part does not lose the others.
+#
+#   OUT=/some/folder bash bench/gpu_check.sh          # results and logs go to $OUT
+# Python packages the GPU image lacks (or has in other versions) can be put as wheels in .whl/ (see
+# BENCHMARKS.md, "GPU"); they are installed into /tmp/site first.
+set -u
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+OUT="${OUT:-/tmp/gpu_check}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+PY="${PYTHON:-python3}"
+if [ "${WHEELS:-1}" = 1 ] && ls .whl/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "wheel install failed"; exit 1; }
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHON="$PY"  # quick_start.sh runs "$PYTHON"
+
+part() {  # part NAME SECONDS COMMAND... : run with a time limit, log to $OUT/NAME.log, report the exit status
+  local name="$1" limit="$2"; shift 2
+  local t0; t0=$(date +%s)
+  echo "=== $name (limit ${limit} s) ==="
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "=== $name: exit $rc after $(( $(date +%s) - t0 )) s ==="
+  tail -n "${TAIL:-40}" "$OUT/$name.log"
+}
+
+{
+  date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  "$PY" -c "import torch, transformers, peft, accelerate, soundfile, soxr, librosa; print('torch', torch.__version__, \
+'cuda', torch.version.cuda, torch.cuda.get_device_name(0), 'bf16', torch.cuda.is_bf16_supported()); \
+print('transformers', transformers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__)"
+} 2>&1 | tee "$OUT/env.txt"
+
+TAIL=25 part quick_start "${QS_LIMIT:-130}" bash quick_start.sh
+part train_small "${TS_LIMIT:-150}" "$PY" bench/bench_train.py --models small --seconds 30 --steps 5 --warmup 2 \
+  --cases cached-bf16,cached-bf16+ckpt,cached-fp16,cached-fp32,encode-fp32 --json "$OUT/train_small.json"
+part train_medium_large "${TL_LIMIT:-170}" "$PY" bench/bench_train.py --models medium,large --seconds 30 --steps 4 \
+  --warmup 2 --cases cached-bf16+ckpt --no_flop_check --json "$OUT/train_medium_large.json"
+part generate "${G_LIMIT:-110}" "$PY" bench/bench_generate.py --models small --rounds 2 --json "$OUT/generate.json"
