@@ -75,6 +75,25 @@ def decoder_bytes_per_step(base) -> int:
     return total
 
 
+def stamp_steps(device, on_step) -> None:
+    """Call ``on_step()`` at every decoding step: lora.generation's TokenSampler runs once per step whatever
+    runs the decoder (transformers' forward, the static cache, a CUDA graph). On CUDA it synchronizes first,
+    so the stamps are the step's real end."""
+    import torch
+
+    from lora import generation
+
+    call = generation.TokenSampler.__call__
+
+    def wrapped(self, logits, uniforms=None):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        on_step()
+        return call(self, logits, uniforms)
+
+    generation.TokenSampler.__call__ = wrapped
+
+
 def run_case(spec: dict) -> dict:
     import torch
 
@@ -95,23 +114,18 @@ def run_case(spec: dict) -> dict:
     load_s = time.perf_counter() - t0
     base = get_base(model)
     stamps: list[float] = []
-
-    def pre_hook(module, args, kwargs):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        stamps.append(time.perf_counter())
-
-    base.decoder.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    stamp_steps(device, lambda: stamps.append(time.perf_counter()))
+    dec = spec.get("decoding", "auto")
     s = SamplingSettings(guidance_scale=3.0, top_k=250, do_sample=True)
     B = spec["batch"]
 
     def reqs(seconds):
         return [Request(prompt=PROMPTS[i % len(PROMPTS)], seed=i, duration=seconds, sampling=s) for i in range(B)]
 
-    generate(model, processor, info, reqs(0.5), batch_size=B, progress=False)  # warm-up
+    generate(model, processor, info, reqs(0.5), batch_size=B, progress=False, decoding=dec)  # warm-up
     stamps.clear()
     t0 = time.perf_counter()
-    generate(model, processor, info, reqs(spec["seconds"]), batch_size=B, progress=False)
+    generate(model, processor, info, reqs(spec["seconds"]), batch_size=B, progress=False, decoding=dec)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     wall = time.perf_counter() - t0
@@ -137,19 +151,16 @@ def run_paired(spec: dict) -> dict:
 
     from lora.config import Config
     from lora.generation import Request, SamplingSettings, generate, load_generation_model
-    from lora.modeling import get_base
-
     device = torch.device(spec["device"])
-    models, stamps = {}, {}
+    models, stamps = {}, {v: [] for v in VARIANTS}
+    current = [VARIANTS[0]]
+    stamp_steps(device, lambda: stamps[current[0]].append(time.perf_counter()))
     for v in VARIANTS:
         cfg = Config()
         cfg.model.model_path, cfg.model.tiny_model_dir = spec["model_path"], spec["tiny_dir"]
         cfg.generation.dtype = spec["dtype"]
         cfg.generation.merge = v == "merged"
         models[v] = load_generation_model(cfg, device=device, adapter_path=None if v == "base" else spec["adapter"])
-        stamps[v] = []
-        get_base(models[v][0]).decoder.register_forward_pre_hook(
-            lambda m, a, k, _v=v: stamps[_v].append(time.perf_counter()), with_kwargs=True)
     s = SamplingSettings(guidance_scale=3.0, top_k=250, do_sample=True)
     B = spec["batch"]
     reqs = [Request(prompt=PROMPTS[i % len(PROMPTS)], seed=i, duration=spec["seconds"], sampling=s) for i in range(B)]
@@ -157,8 +168,9 @@ def run_paired(spec: dict) -> dict:
     for r in range(spec["rounds"] + 1):
         for v in VARIANTS:
             model, processor, info, _ = models[v]
+            current[0] = v
             stamps[v].clear()
-            generate(model, processor, info, reqs, batch_size=B, progress=False)
+            generate(model, processor, info, reqs, batch_size=B, progress=False, decoding=spec.get("decoding", "auto"))
             if r > 0:  # round 0 is the warm-up
                 per[v].append(statistics.median(b - a for a, b in zip(stamps[v][3:], stamps[v][4:])))
     out = {v: {"step_s_rounds": per[v], "steps_per_s": 1.0 / statistics.median(per[v])} for v in VARIANTS}
@@ -177,6 +189,8 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--dtypes", default="auto", help="comma list of generation.dtype values (auto = fp32 on CPU)")
+    ap.add_argument("--decodings", default="auto",
+                    help="comma list of generation.decoding values: auto, transformers, static, cuda_graph")
     ap.add_argument("--seconds", type=float, default=None, help="audio per prompt (default: tiny 4, small 3)")
     ap.add_argument("--rank", type=int, default=12)
     ap.add_argument("--device", default="auto")
@@ -216,13 +230,15 @@ def main(argv=None) -> int:
         secs = 0.5 if args.quick else (args.seconds or (4.0 if model == "tiny" else 3.0))
         for dtype in ([] if args.paired_only else args.dtypes.split(",")):
             for b in batches:
-                for v in args.variants.split(","):
-                    spec = {"model": model, "model_path": path, "tiny_dir": args.tiny_dir, "adapter": adapter,
-                            "variant": v, "batch": b, "dtype": dtype, "seconds": secs, "device": device}
-                    r = run_child(spec)
-                    results.append(r)
-                    print(f"  {model} {dtype} batch {b} {v}: {r['steps_per_s']:.2f} steps/s, RTF {r['rtf']:.3f}",
-                          flush=True)
+                for dec in args.decodings.split(","):
+                    for v in args.variants.split(","):
+                        spec = {"model": model, "model_path": path, "tiny_dir": args.tiny_dir, "adapter": adapter,
+                                "variant": v, "batch": b, "dtype": dtype, "seconds": secs, "device": device,
+                                "decoding": dec}
+                        r = run_child(spec)
+                        results.append(r)
+                        print(f"  {model} {dtype} batch {b} {dec} {v}: {r['steps_per_s']:.2f} steps/s, "
+                              f"RTF {r['rtf']:.3f}", flush=True)
     paired = []
     if not args.no_paired and len(args.variants.split(",")) == len(VARIANTS):
         for model in models:
@@ -233,7 +249,8 @@ def main(argv=None) -> int:
                     spec = {"model": model, "model_path": path, "tiny_dir": args.tiny_dir,
                             "adapter": str(Path("/tmp") / f"bench_adapter_{model}_r{args.rank}"), "batch": b,
                             "dtype": dtype, "seconds": secs, "device": device, "paired": True,
-                            "rounds": 1 if args.quick else args.rounds}
+                            "rounds": 1 if args.quick else args.rounds,
+                            "decoding": args.decodings.split(",")[0]}
                     paired.append(run_child(spec))
                     pr = paired[-1]["paired"]
                     print(f"  interleaved {model} {dtype} batch {b}: " + ", ".join(
@@ -241,29 +258,30 @@ def main(argv=None) -> int:
     bw = m["copy_bandwidth_bytes"]
     command = "python bench/bench_generate.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"\nGeneration, CFG 3 (batched cond+uncond), top-k 250 | {m['date']} | `{command.strip()}`\n")
-    print("| model | dtype | batch | variant | decoder steps/s | vs base | bandwidth limit steps/s | % of limit | "
-          "RTF (wall/audio) | audio s | peak RSS (MB) | load (s) |")
-    print("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| model | dtype | batch | decoding | variant | decoder steps/s | vs base | bandwidth limit steps/s | "
+          "% of limit | RTF (wall/audio) | audio s | peak RSS (MB) | load (s) |")
+    print("|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         base = next((x for x in results if x["model"] == r["model"] and x["dtype"] == r["dtype"]
-                     and x["batch"] == r["batch"] and x["variant"] == "base"), None)
+                     and x["batch"] == r["batch"] and x["variant"] == "base"
+                     and x.get("decoding") == r.get("decoding")), None)
         limit = bw / r["decoder_weight_bytes_per_step"]
         rel = f"{100 * r['steps_per_s'] / base['steps_per_s']:.1f}%" if base else "-"
         mem = f"{r['peak_rss_mb']:.0f}" + (f" / CUDA {r['cuda_max_allocated_mb']:.0f}" if "cuda_max_allocated_mb" in r
                                            else "")
-        print(f"| {r['model']} | {r['decoder_dtype']} | {r['batch']} | {r['variant']} | {r['steps_per_s']:.2f} | {rel} | "
+        print(f"| {r['model']} | {r['decoder_dtype']} | {r['batch']} | {r.get('decoding', 'auto')} | {r['variant']} | {r['steps_per_s']:.2f} | {rel} | "
               f"{limit:.1f} | {100 * r['steps_per_s'] / limit:.0f}% | {r['rtf']:.3f} | {r['batch'] * r['seconds']:g} | "
               f"{mem} | {r['load_s']:.1f} |")
     if paired:
         print(f"\nInterleaved timing (the three variants loaded side by side, timed in turn, {args.rounds} rounds; "
               f"median step time):\n")
-        print("| model | dtype | batch | base steps/s | unmerged steps/s | merged steps/s | unmerged vs base | "
-              "merged vs base |")
-        print("|---|---|---:|---:|---:|---:|---:|---:|")
+        print("| model | dtype | batch | decoding | base steps/s | unmerged steps/s | merged steps/s | "
+              "unmerged vs base | merged vs base |")
+        print("|---|---|---:|---|---:|---:|---:|---:|---:|")
         for r in paired:
             pr = r["paired"]
             b0 = pr["base"]["steps_per_s"]
-            print(f"| {r['model']} | {r['dtype']} | {r['batch']} | {b0:.2f} | {pr['unmerged']['steps_per_s']:.2f} | "
+            print(f"| {r['model']} | {r['dtype']} | {r['batch']} | {r.get('decoding', 'auto')} | {b0:.2f} | {pr['unmerged']['steps_per_s']:.2f} | "
                   f"{pr['merged']['steps_per_s']:.2f} | {100 * pr['unmerged']['steps_per_s'] / b0:.1f}% | "
                   f"{100 * pr['merged']['steps_per_s'] / b0:.1f}% |")
     if args.json:

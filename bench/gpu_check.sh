@@ -5,10 +5,13 @@
 #   2. bench_train.py on musicgen-small's architecture at 30-s clips, batch 2: bf16, bf16 + gradient
 #      checkpointing, fp16, fp32, and the fp32 encode-every-step mode;
 #   3. bench_train.py on musicgen-medium and -large architectures, bf16 + gradient checkpointing (peak memory);
-#   4. bench_generate.py on musicgen-small's architecture: base / unmerged / merged, batch 1 and 8.
+#   4. tests/test_cuda.py (the CUDA-graph decoder against transformers' forward and generate);
+#   5. bench_generate.py on musicgen-small's architecture: base / unmerged / merged with decoding cuda_graph
+#      (the GPU default), batch 1 and 8, plus the base model with transformers' own decoder call.
 # Each part has its own time limit and writes its own files, so one failing part does not lose the others.
 #
 #   OUT=/some/folder bash bench/gpu_check.sh          # results and logs go to $OUT
+#   PARTS="cuda_tests generate" bash bench/gpu_check.sh   # only some parts
 # Python packages the GPU image lacks (or has in other versions) can be put as wheels in .whl/ (see
 # BENCHMARKS.md, "GPU"); they are installed into /tmp/site first.
 set -u
@@ -41,9 +44,16 @@ part() {  # part NAME SECONDS COMMAND... : run with a time limit, log to $OUT/NA
 print('transformers', transformers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__)"
 } 2>&1 | tee "$OUT/env.txt"
 
-TAIL=25 part quick_start "${QS_LIMIT:-130}" bash quick_start.sh
-part train_small "${TS_LIMIT:-150}" "$PY" bench/bench_train.py --models small --seconds 30 --steps 5 --warmup 2 \
+PARTS="${PARTS:-quick_start train_small train_medium_large cuda_tests generate}"
+want() { [[ " $PARTS " == *" $1 "* ]]; }
+
+want quick_start && TAIL=25 part quick_start "${QS_LIMIT:-130}" bash quick_start.sh
+want train_small && part train_small "${TS_LIMIT:-150}" "$PY" bench/bench_train.py --models small --seconds 30 --steps 5 --warmup 2 \
   --cases cached-bf16,cached-bf16+ckpt,cached-fp16,cached-fp32,encode-fp32 --json "$OUT/train_small.json"
-part train_medium_large "${TL_LIMIT:-170}" "$PY" bench/bench_train.py --models medium,large --seconds 30 --steps 4 \
+want train_medium_large && part train_medium_large "${TL_LIMIT:-170}" "$PY" bench/bench_train.py --models medium,large --seconds 30 --steps 4 \
   --warmup 2 --cases cached-bf16+ckpt --no_flop_check --json "$OUT/train_medium_large.json"
-part generate "${G_LIMIT:-110}" "$PY" bench/bench_generate.py --models small --rounds 2 --json "$OUT/generate.json"
+want cuda_tests && part cuda_tests "${CT_LIMIT:-90}" "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
+want generate && part generate "${G_LIMIT:-170}" "$PY" bench/bench_generate.py --models small --rounds 2 \
+  --decodings cuda_graph --json "$OUT/generate.json"
+want generate && part generate_transformers "${GT_LIMIT:-70}" "$PY" bench/bench_generate.py --models small \
+  --variants base --decodings transformers --no_paired --json "$OUT/generate_transformers.json"

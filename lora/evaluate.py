@@ -297,7 +297,7 @@ def generate_clips(model, processor, info, which: str, prompts, seeds, cfg: Conf
                                       duration=ev.eval_duration, guidance_scale=g.guidance_scale,
                                       temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
                                       do_sample=g.do_sample, batch_size=g.batch_size, max_window=g.max_window,
-                                      extend_stride=g.extend_stride)
+                                      extend_stride=g.extend_stride, decoding=g.decoding)
         except GenerationError as e:
             log.warning("%s model: generation failed for %d clip(s): %s", which, len(chunk), e)
             out += [None] * len(chunk)

@@ -302,13 +302,33 @@ def _extract_frames(seq, n_frames: int, info):
     return torch.stack(rows, dim=1)
 
 
+DECODINGS = ("auto", "transformers", "static", "cuda_graph")
+
+
+def resolve_decoding(decoding: str, device) -> str:
+    """auto = a static key/value cache replayed as a CUDA graph on CUDA, transformers' own decoder call
+    elsewhere (on a CPU the static cache measured no faster: BENCHMARKS.md, "Generation")."""
+    import torch
+
+    decoding = (decoding or "auto").lower()
+    if decoding not in DECODINGS:
+        raise ValueError(f"decoding must be one of {', '.join(DECODINGS)}, got {decoding!r}")
+    if decoding == "auto":
+        return "cuda_graph" if torch.device(device).type == "cuda" else "transformers"
+    if decoding == "cuda_graph" and torch.device(device).type != "cuda":
+        raise UserError("decoding 'cuda_graph' needs a CUDA GPU; use auto, static or transformers.")
+    return decoding
+
+
 def _run_window(base, info, hidden, mask, guidance: float, context, n_new: int, sampler: TokenSampler,
-                uniforms, bad, pbar=None):
+                uniforms, bad, pbar=None, decoding: str = "transformers"):
     """Generate ``n_new`` frames after ``context`` (B, K, c) codes (c may be 0).
 
     hidden/mask: text states (B, L, D) / (B, L) (already doubled with the null half when guidance > 1).
     uniforms: (steps, B*K) or None. bad: BoolTensor (B,) set where logits were not finite.
-    Returns (B, K, c + n_new) codes.
+    decoding: "transformers" (the model's own forward with its key/value cache), "static" or "cuda_graph"
+    (lora.fast_decode.StaticDecoder: same maths, preallocated cache; the latter replays each step as a CUDA
+    graph). Returns (B, K, c + n_new) codes.
     """
     import torch
 
@@ -326,12 +346,23 @@ def _run_window(base, info, hidden, mask, guidance: float, context, n_new: int, 
     step_input = seq[:, :cur]
     cache = None
     cfg = guidance > 1.0
+    static = None
+    if decoding in ("static", "cuda_graph"):
+        from lora.fast_decode import StaticDecoder
+
+        static = StaticDecoder(base, hidden, mask, rows=hidden.shape[0], max_len=L - 1,
+                               cuda_graph=decoding == "cuda_graph")
     for step in range(L - cur):
         dec_in = step_input.repeat(2, 1) if cfg else step_input
-        out = base(encoder_outputs=(hidden,), attention_mask=mask, decoder_input_ids=dec_in, cache=cache,
-                   use_cache=True)
-        cache = out.cache
-        logits = out.logits[:, -1].float()
+        if static is None:
+            out = base(encoder_outputs=(hidden,), attention_mask=mask, decoder_input_ids=dec_in, cache=cache,
+                       use_cache=True)
+            cache = out.cache
+            logits = out.logits[:, -1].float()
+        elif step == 0:
+            logits = static.prefill(dec_in).float()
+        else:
+            logits = static.step(dec_in, cur - 1).float()
         if cfg:
             cond, uncond = logits.split(B * K, dim=0)
             logits = uncond + (cond - uncond) * guidance
@@ -389,7 +420,7 @@ def plan_batch(model, info, reqs: list[Request], max_window: float, extend_strid
 
 
 def _generate_batch(model, processor, info, reqs: list[Request], windows: list[Window], progress: bool,
-                    desc: str):
+                    desc: str, decoding: str = "transformers"):
     import torch
     from tqdm.auto import tqdm
 
@@ -432,7 +463,8 @@ def _generate_batch(model, processor, info, reqs: list[Request], windows: list[W
                 uniforms = u.reshape(n_steps, B * K)
             if len(windows) > 1:
                 bar.set_postfix_str(f"window {wi + 1}/{len(windows)}")
-            out = _run_window(base, info, hidden, mask, guidance, ctx, w.new, sampler, uniforms, bad, pbar=bar)
+            out = _run_window(base, info, hidden, mask, guidance, ctx, w.new, sampler, uniforms, bad, pbar=bar,
+                              decoding=decoding)
             window_heads.append(out[..., :w.context].detach().cpu())
             known = torch.cat([known, out[..., w.context:]], dim=-1)
     finally:
@@ -475,12 +507,13 @@ def validate_request(r: Request, where: str = "") -> list[str]:
 
 def generate(model, processor, info, requests: Sequence[Request], *, batch_size: int = 4, max_window: float = 30.0,
              extend_stride: float = 18.0, progress: bool = True,
-             on_batch: Optional[Callable[[list[Result]], None]] = None) -> list[Result]:
+             on_batch: Optional[Callable[[list[Result]], None]] = None, decoding: str = "auto") -> list[Result]:
     """Generate every request; returns Results in the order of ``requests``.
 
     Requests with the same duration, sampling settings and audio prompt are batched together (``batch_size``
     at a time); the result of a request does not depend on the others in its batch. ``on_batch`` is called
-    with the Results of each finished batch (e.g. to write files as they are ready).
+    with the Results of each finished batch (e.g. to write files as they are ready). ``decoding``: see
+    ``resolve_decoding`` (the result is the same; only the speed differs).
     """
     import torch
     from tqdm.auto import tqdm
@@ -504,6 +537,9 @@ def generate(model, processor, info, requests: Sequence[Request], *, batch_size:
         for j in range(0, len(idx), batch_size):
             batches.append(idx[j: j + batch_size])
     plans = [plan_batch(model, info, [requests[i] for i in idx], max_window, extend_stride) for idx in batches]
+    from lora import modeling
+
+    decoding = resolve_decoding(decoding, next(modeling.get_base(model).decoder.parameters()).device)
     results: list[Optional[Result]] = [None] * len(requests)
     outer = tqdm(total=len(requests), desc="samples", unit="sample", disable=not progress, dynamic_ncols=True)
     try:
@@ -512,7 +548,8 @@ def generate(model, processor, info, requests: Sequence[Request], *, batch_size:
             t0 = time.perf_counter()
             with torch.inference_mode():
                 codes, windows, wprompts, wheads = _generate_batch(model, processor, info, reqs, plans[bi], progress,
-                                                           desc=f"batch {bi + 1}/{len(batches)}")
+                                                                   desc=f"batch {bi + 1}/{len(batches)}",
+                                                                   decoding=decoding)
                 n_samples = int(round(reqs[0].duration * info.sample_rate))
                 audio = _decode(model, info, codes, n_samples)
             if codes.is_cuda:
@@ -537,7 +574,7 @@ def generate(model, processor, info, requests: Sequence[Request], *, batch_size:
 def generate_audio(model, processor, info, prompts: Sequence[str], seeds: Sequence[int], duration: float = 10.0, *,
                    guidance_scale: float = 3.0, temperature: float = 1.0, top_k: int = 250, top_p: float = 0.0,
                    do_sample: bool = True, batch_size: int = 4, max_window: float = 30.0, extend_stride: float = 18.0,
-                   audio_prompt=None, progress: bool = True) -> list[np.ndarray]:
+                   audio_prompt=None, progress: bool = True, decoding: str = "auto") -> list[np.ndarray]:
     """Generate one piece per (prompt, seed) pair; returns float32 arrays (channels, samples) at info.sample_rate.
 
     ``audio_prompt``: optional float array/tensor (channels, samples) at info.sample_rate to continue (the
@@ -554,7 +591,7 @@ def generate_audio(model, processor, info, prompts: Sequence[str], seeds: Sequen
     reqs = [Request(prompt=p, seed=int(sd), duration=float(duration), sampling=s, prompt_codes=codes, prompt_id=pid)
             for p, sd in zip(prompts, seeds)]
     return [r.audio for r in generate(model, processor, info, reqs, batch_size=batch_size, max_window=max_window,
-                                      extend_stride=extend_stride, progress=progress)]
+                                      extend_stride=extend_stride, progress=progress, decoding=decoding)]
 
 
 def encode_audio_prompt(model, info, wav) -> tuple:

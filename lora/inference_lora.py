@@ -409,7 +409,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     results = generation.generate(model, processor, info, requests, batch_size=g.batch_size,
                                   max_window=g.max_window, extend_stride=g.extend_stride, progress=True,
-                                  on_batch=write_batch)
+                                  on_batch=write_batch, decoding=g.decoding)
     wall = time.perf_counter() - t0
     cfg.save(out_dir / "inference_config.yaml")
     gen_time = sum(r.generation_time for r in results)

@@ -177,6 +177,49 @@ def test_lora_scale_and_merge(tiny_model_dir, adapter_dir, base_bundle):
     assert np.abs(merged.audio - base.audio).max() > 1e-5
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_static_cache_decoder_equals_transformers_forward(attn, tiny_model_dir, adapter_dir):
+    """lora.fast_decode.StaticDecoder (preallocated cache; what CUDA graphs replay) gives transformers' logits:
+    prefill of a prefix, then step by step, with guidance's null half, on an unmerged LoRA model."""
+    from lora import modeling
+    from lora.fast_decode import StaticDecoder
+    from lora.generation import _text_states
+
+    cfg = _cfg(tiny_model_dir)
+    cfg.model.attn_implementation = attn
+    model, processor, info = modeling.load_base_model(cfg.model)
+    model = modeling.load_lora(model, adapter_dir)
+    model.eval()
+    base = modeling.get_base(model)
+    hidden, mask = _text_states(model, processor, [SEED_PROMPT, "lofi piano"], 3.0,
+                                torch.float32)
+    rows, K = hidden.shape[0], info.num_codebooks
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, info.vocab_size, (rows * K, 12), generator=g)
+    with torch.no_grad():
+        ref = base(encoder_outputs=(hidden,), attention_mask=mask, decoder_input_ids=ids).logits  # (rows*K, 12, V)
+        dec = StaticDecoder(base, hidden, mask, rows=rows, max_len=12)
+        got = [dec.prefill(ids[:, :5])] + [dec.step(ids[:, t], t) for t in range(5, 12)]
+    for t, logits in zip(range(4, 12), got):
+        torch.testing.assert_close(logits, ref[:, t], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="CUDA"):
+        StaticDecoder(base, hidden, mask, rows=rows, max_len=12, cuda_graph=True)
+
+
+def test_static_decoding_generates_the_same_music(base_bundle):
+    """decoding: static is a speed choice only: same tokens as transformers' cache, windows and prompts too."""
+    reqs = [_req(SEED_PROMPT, 7, 2.0, top_k=50), _req("lofi piano", 8, 2.0, top_k=50)]
+    kw = dict(batch_size=2, max_window=1.2, extend_stride=0.8)
+    ref = _gen(base_bundle, reqs, decoding="transformers", **kw)
+    got = _gen(base_bundle, reqs, decoding="static", **kw)
+    assert len(ref[0].windows) == 2
+    for a, b in zip(ref, got):
+        assert torch.equal(a.codes, b.codes)
+        np.testing.assert_allclose(a.audio, b.audio, atol=1e-6)
+    with pytest.raises(UserError, match="CUDA"):
+        _gen(base_bundle, reqs, decoding="cuda_graph")
+
+
 def test_plan_windows_matches_audiocraft_loop():
     from lora.generation import plan_windows
 
