@@ -269,6 +269,7 @@ def run_case(spec: dict) -> dict:
     step_peak = {}
     for i in range(spec["warmup"] + spec["steps"]):
         if i == spec["warmup"] and device.type == "cuda":  # steady-state training memory, apart from load/cache
+            step_peak["cuda_setup_max_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
             torch.cuda.reset_peak_memory_stats(device)
         if i >= spec["warmup"] and spec.get("adjacent_peaks", True):
             adjacent.append(peaks())
@@ -278,8 +279,8 @@ def run_case(spec: dict) -> dict:
             data_times.append(d_data)
             losses.append(float(loss.detach()))
     if device.type == "cuda":
-        step_peak = {"cuda_step_max_allocated_mb": torch.cuda.max_memory_allocated(device) / 2**20,
-                     "cuda_step_max_reserved_mb": torch.cuda.max_memory_reserved(device) / 2**20}
+        step_peak.update(cuda_step_max_allocated_mb=torch.cuda.max_memory_allocated(device) / 2**20,
+                         cuda_step_max_reserved_mb=torch.cuda.max_memory_reserved(device) / 2**20)
     if adjacent:
         adjacent.append(peaks())
     med = statistics.median(times)
@@ -329,11 +330,11 @@ def run_child(spec: dict) -> dict:
 def table(results: list[dict], m: dict) -> str:
     rows = ["| model | case | precision | base weights | step (s, median) | audio-s/s | tokens/s | data (ms) | "
             "TFLOP/step | TFLOP/s | % of fp32 peak | % of bf16 peak | % of bf16 peak (adjacent) | "
-            "peak RSS (MB) [/ CUDA max allocated: whole case (training steps)] | load (s) | cache build (s) |",
+            "peak RSS (MB) [/ CUDA max allocated: load + cache build, training steps] | load (s) | cache build (s) |",
             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
-        mem = f"{r['peak_rss_mb']:.0f}" + (f" / CUDA {r['cuda_max_allocated_mb']:.0f} (steps "
-                                           f"{r['cuda_step_max_allocated_mb']:.0f})"
+        mem = f"{r['peak_rss_mb']:.0f}" + (f" / CUDA load+cache {r['cuda_setup_max_allocated_mb']:.0f}, steps "
+                                           f"{r['cuda_step_max_allocated_mb']:.0f}"
                                            if "cuda_step_max_allocated_mb" in r else "")
         rows.append(
             f"| {r['model']} | {r['case']}{' +ckpt' if r.get('checkpointing') else ''}"
