@@ -267,9 +267,16 @@ def run_case(spec: dict) -> dict:
 
     times, data_times, losses, adjacent = [], [], [], []
     step_peak = {}
+    prof = None
     for i in range(spec["warmup"] + spec["steps"]):
         if i == spec["warmup"] and device.type == "cuda":  # steady-state training memory, apart from load/cache
             torch.cuda.reset_peak_memory_stats(device)
+        if i == spec["warmup"] and spec.get("profile"):  # --profile: the timed steps only
+            from torch.profiler import ProfilerActivity, profile as tprofile
+
+            prof = tprofile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
+                                                                 else []))
+            prof.__enter__()
         if i >= spec["warmup"] and spec.get("adjacent_peaks", True):
             adjacent.append(peaks())
         dt, d_data, loss = step()
@@ -277,6 +284,11 @@ def run_case(spec: dict) -> dict:
             times.append(dt)
             data_times.append(d_data)
             losses.append(float(loss.detach()))
+    profile_table = None
+    if prof is not None:
+        prof.__exit__(None, None, None)
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        profile_table = prof.key_averages().table(sort_by=sort, row_limit=30)
     if device.type == "cuda":
         step_peak = {"cuda_step_max_allocated_mb": torch.cuda.max_memory_allocated(device) / 2**20,
                      "cuda_step_max_reserved_mb": torch.cuda.max_memory_reserved(device) / 2**20}
@@ -316,7 +328,8 @@ def run_case(spec: dict) -> dict:
         "audio_s_per_s": B * secs / med, "tokens_per_s": B * T * info.num_codebooks / med,
         "flops_step": fl["total"], "flops_forward": fl["forward"], "flops_counted_decoder_step": counted,
         "achieved_flops": fl["total"] / med, "trainable_params": sum(p.numel() for p in params),
-        "lora_layers": n_self + n_cross, "threads": torch.get_num_threads(), **peak_memory_mb(device), **step_peak}
+        "lora_layers": n_self + n_cross, "threads": torch.get_num_threads(), **peak_memory_mb(device), **step_peak,
+        **({"profile_table": profile_table} if profile_table else {})}
 
 
 # --------------------------------------------------------------------------------------------
@@ -443,17 +456,13 @@ def main(argv=None) -> int:
 
 
 def profile(spec: dict) -> int:
-    """torch.profiler over a few steady-state steps of one case: which ops dominate."""
-    from torch.profiler import ProfilerActivity, profile as tprofile
-
-    # Reuse run_case's setup by running it with 0 timed steps is not possible (it measures); instead run it
-    # inside the profiler and print the top ops of the whole run minus warm-up noise.
-    spec = dict(spec, flop_check=False)
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if spec["device"] == "cuda" else [])
-    with tprofile(activities=acts) as prof:
-        r = run_case(spec)
-    print(f"{spec['model']} {spec['case']}: {r['step_s_median']:.3f} s/step (under the profiler)")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    """torch.profiler over the timed steady-state steps of one case (not the load, cache build, warm-up or the
+    peak measurements): which ops dominate the step. Prints the table, totals over all timed steps."""
+    spec = dict(spec, flop_check=False, adjacent_peaks=False, profile=True)
+    r = run_case(spec)
+    print(f"{spec['model']} {spec['case']}: {r['step_s_median']:.3f} s/step (median of {spec['steps']} steps, "
+          f"under the profiler); the table sums all {spec['steps']} steps")
+    print(r["profile_table"])
     return 0
 
 
