@@ -223,8 +223,11 @@ def run_case(spec: dict) -> dict:
         base.text_encoder.to("cpu")
     model = attach_lora(model, cfg.lora)
     wdtype = prepare_frozen_weights(model, precision, weights)
+    if "decoder_dropout" in spec:  # --decoder_dropout: else the config default, as train_lora.py
+        cfg.training.decoder_dropout = spec["decoder_dropout"]
     configure_step(model, device, checkpointing=bool(spec.get("checkpointing")),
-                   torch_compile=bool(spec.get("compile")))  # exactly as train_lora.py
+                   torch_compile=bool(spec.get("compile")),
+                   decoder_dropout=cfg.training.decoder_dropout)  # exactly as train_lora.py
     model.train()
     base.audio_encoder.eval()
     base.text_encoder.eval()
@@ -321,7 +324,7 @@ def run_case(spec: dict) -> dict:
                 fl["total"] / t / max(adjacent[j][k], adjacent[j + 1][k]) for j, t in enumerate(times))
             ratios[f"adjacent_{key}_peaks"] = [a[k] for a in adjacent]
     return {
-        **spec, **ratios, "mode": mode, "precision": precision, "base_weights_dtype": wdtype, "attn_implementation": attn_impl,
+        **spec, **ratios, "decoder_dropout": cfg.training.decoder_dropout, "mode": mode, "precision": precision, "base_weights_dtype": wdtype, "attn_implementation": attn_impl,
         "load_s": load_s, "cache_build_s": cache_s, "step_s_median": med, "step_s_mean": statistics.mean(times),
         "step_s_all": times, "data_s_median": statistics.median(data_times), "losses": losses,
         "frames": T, "text_tokens": L, "codebooks": info.num_codebooks,
@@ -391,6 +394,9 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=None, help="untimed warm-up steps (default 2; quick 1)")
     ap.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     ap.add_argument("--threads", type=int, default=0, help="torch threads in each case; 0 = torch's default")
+    ap.add_argument("--decoder_dropout", default=None,
+                    help="training.decoder_dropout for the cases (a number, or null = the checkpoint's 0.1); "
+                         "default: the config default")
     ap.add_argument("--tiny_dir", default=str(ROOT / "output" / "tiny_model"))
     ap.add_argument("--no_flop_check", action="store_true", help="skip the FlopCounterMode cross-check")
     ap.add_argument("--profile", default=None, help="profile one case with torch.profiler instead (prints a table)")
@@ -420,6 +426,9 @@ def main(argv=None) -> int:
     base_spec = {"batch": args.batch, "seconds": secs, "rank": args.rank, "steps": steps, "warmup": warmup,
                  "device": device, "tiny_dir": args.tiny_dir, "flop_check": not args.no_flop_check,
                  "threads": args.threads, "adjacent_peaks": not args.quick}
+    if args.decoder_dropout is not None:
+        base_spec["decoder_dropout"] = (None if args.decoder_dropout.strip().lower() in ("null", "none")
+                                        else float(args.decoder_dropout))
     if args.profile:
         case, flags = parse_case(args.profile)
         return profile(dict(base_spec, model=models[0], case=case, **flags))

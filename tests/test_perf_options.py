@@ -139,3 +139,68 @@ def test_train_flops_match_torch_flop_counter(tiny_lora):
     fl = train_flops(base.config.decoder, base.config.text_encoder, B, T, 5, rank, n_self, n_cross)
     ratio = fl["total"] / fc.get_total_flops()
     assert 0.85 < ratio < 1.15, ratio
+
+
+# ------------------------------------------------------------------------------------------
+# training.decoder_dropout
+# ------------------------------------------------------------------------------------------
+def _dec_logits(model, info, batch):
+    from lora.modeling import build_delay_pattern
+
+    dec_in, _ = build_delay_pattern(batch["codes"], batch["lengths"], info)
+    return model(encoder_outputs=(batch["hidden"],), attention_mask=batch["mask"], decoder_input_ids=dec_in).logits
+
+
+def test_decoder_dropout_setting_controls_train_mode_randomness(tiny_model_dir):
+    from lora.train_lora import configure_step
+
+    cfg = Config()
+    cfg.model.model_path = str(tiny_model_dir)
+    cfg.lora.lora_dropout = 0.0  # isolate the decoder's own dropout
+    model, _, info = load_base_model(cfg.model)
+    model = attach_lora(model, cfg.lora)
+    dec = get_base(model).decoder.model.decoder
+    assert dec.dropout == 0.1 and {layer.dropout for layer in dec.layers} == {0.1}  # the checkpoint's value
+    batch = _batch(info)
+    model.eval()
+    with torch.no_grad():
+        eval_before = _dec_logits(model, info, batch)
+
+    configure_step(model, torch.device("cpu"), decoder_dropout=None)  # null: the checkpoint's 0.1 stays
+    assert dec.dropout == 0.1 and {layer.dropout for layer in dec.layers} == {0.1}
+    model.train()
+    with torch.no_grad():
+        a, b = _dec_logits(model, info, batch), _dec_logits(model, info, batch)
+    assert not torch.equal(a, b)
+
+    configure_step(model, torch.device("cpu"), decoder_dropout=0.0)  # the default
+    assert dec.dropout == 0.0 and {layer.dropout for layer in dec.layers} == {0.0}
+    # attention / activation dropout are left as the config has them
+    assert {layer.activation_dropout for layer in dec.layers} == {get_base(model).config.decoder.activation_dropout}
+    assert {layer.self_attn.dropout for layer in dec.layers} == {get_base(model).config.decoder.attention_dropout}
+    assert get_base(model).config.decoder.dropout == 0.1  # the model config (and so any saved file) is unchanged
+    model.train()
+    with torch.no_grad():
+        a, b = _dec_logits(model, info, batch), _dec_logits(model, info, batch)
+    assert torch.equal(a, b)  # no random op left in the train-mode forward
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(_dec_logits(model, info, batch), eval_before)  # evaluation is unaffected
+
+
+def test_decoder_dropout_in_resolved_config_and_checked(tmp_path):
+    import yaml
+
+    from lora.config import ConfigError, parse_config
+    from lora.train_lora import SECTIONS, check_config
+
+    cfg, _ = parse_config([], sections=SECTIONS)
+    assert cfg.training.decoder_dropout == 0.0
+    cfg, _ = parse_config(["--decoder_dropout", "null"], sections=SECTIONS)
+    assert cfg.training.decoder_dropout is None
+    cfg, _ = parse_config(["--decoder_dropout", "0.05"], sections=SECTIONS)
+    cfg.save(tmp_path / "config.yaml")
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["training"]["decoder_dropout"] == 0.05
+    cfg, _ = parse_config(["--decoder_dropout", "1.5"], sections=SECTIONS)
+    with pytest.raises(ConfigError, match="decoder_dropout"):
+        check_config(cfg)
