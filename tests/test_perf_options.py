@@ -44,6 +44,21 @@ def test_fast_dropout_statistics_scale_grad_and_seed():
     assert fast_dropout_class()(0.0).train()(x) is x
 
 
+def test_fast_dropout_scales_like_torch_dropout_in_bf16_and_masks_independently():
+    d = fast_dropout_class()(0.1).train()
+    x = torch.ones(200_000, dtype=torch.bfloat16)
+    y, ref = d(x), torch.nn.functional.dropout(x, 0.1, training=True)
+    assert y.dtype == torch.bfloat16
+    # the kept value is torch's own CPU dropout's on a bf16 input (1/(1-p) rounded to bf16)
+    assert set(y.unique().tolist()) == set(ref.unique().tolist()) == {0.0, ref.max().item()}
+    a, b = d(x) == 0, fast_dropout_class()(0.1).train()(x) == 0  # two modules, two masks: independent
+    assert abs(a.float().mean().item() - 0.1) < 0.005 and abs(b.float().mean().item() - 0.1) < 0.005
+    assert abs((a & b).float().mean().item() - 0.01) < 0.002
+    # no structure along the 4 lanes of one 64-bit draw: each lane drops p of its elements
+    lanes = a[: (a.numel() // 4) * 4].view(-1, 4).float().mean(0)
+    assert torch.all((lanes - 0.1).abs() < 0.01), lanes
+
+
 @pytest.fixture(scope="module")
 def tiny_lora(tiny_model_dir):
     cfg = Config()
