@@ -219,3 +219,37 @@ def test_decoder_dropout_in_resolved_config_and_checked(tmp_path):
     cfg, _ = parse_config(["--decoder_dropout", "1.5"], sections=SECTIONS)
     with pytest.raises(ConfigError, match="decoder_dropout"):
         check_config(cfg)
+
+
+def test_codebook_losses_match_per_codebook_cross_entropy_values_and_gradients(tiny_lora):
+    """codebook_losses computes one cross-entropy over all codebooks; it must equal K separate per-codebook
+    cross-entropies (what transformers' MusicGen loss does), for the loss, the per-codebook losses, the token
+    counts and the gradient, with batch padding and delay-pattern -100s in the labels."""
+    import torch.nn.functional as F
+
+    from lora.modeling import build_delay_pattern, codebook_losses
+
+    _, _, info, _ = tiny_lora
+    b, k, t, v = 3, info.num_codebooks, 30, info.vocab_size
+    g = torch.Generator().manual_seed(1)
+    _, labels = build_delay_pattern(torch.randint(0, v, (b, k, t), generator=g), torch.tensor([t, 21, 9]), info)
+    s = labels.shape[1]
+    for extra in (0, 3):  # logits exactly as long as the labels (training), or longer (only the last s count)
+        logits = torch.randn(b * k, s + extra, v, generator=g, requires_grad=True)
+        loss, per, n = codebook_losses(logits, labels)
+        loss.backward()
+        got_grad, logits.grad = logits.grad, None
+        lg = logits.reshape(b, k, -1, v)[:, :, -s:]
+        ref_per, ref_n = [], []
+        for c in range(k):
+            lab = labels[..., c].reshape(-1)
+            ref_n.append((lab != -100).sum())
+            ref_per.append(F.cross_entropy(lg[:, c].reshape(-1, v), lab, ignore_index=-100, reduction="sum")
+                           / ref_n[-1].clamp(min=1))
+        ref = torch.stack(ref_per).mean()
+        ref.backward()
+        torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(per, torch.stack(ref_per).detach(), rtol=1e-6, atol=1e-6)
+        assert torch.equal(n, torch.stack(ref_n)) and n.dtype == torch.long
+        torch.testing.assert_close(got_grad, logits.grad, rtol=1e-5, atol=1e-8)
+        logits.grad = None
