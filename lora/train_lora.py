@@ -176,16 +176,21 @@ def set_decoder_dropout(model, p: float | None) -> float | None:
 def configure_step(model, device, checkpointing: bool = False, torch_compile: bool = False,
                    decoder_dropout: float | None = 0.0) -> None:
     """The step's speed/memory options on the LoRA-wrapped model (shared with bench/bench_train.py):
-    the decoder's hidden-state dropout (training.decoder_dropout, ``set_decoder_dropout``), FastDropout for the
-    LoRA dropout on CPU (not under torch.compile: inductor has its own RNG), gradient checkpointing of the
-    decoder layers, torch.compile of the decoder."""
+    the decoder's hidden-state dropout (training.decoder_dropout, ``set_decoder_dropout``); on CPU (not under
+    torch.compile: inductor has its own RNG and kernels) FastDropout for the LoRA dropout and SDPA's math kernel
+    for the cross-attention over the text tokens; gradient checkpointing of the decoder layers; torch.compile of
+    the decoder."""
     from lora.modeling import get_base
-    from lora.precision import use_fast_dropout
+    from lora.precision import MATH_CROSS_ATTENTION_MAX_KEYS, use_cpu_train_attention, use_fast_dropout
 
     base = get_base(model)
     set_decoder_dropout(model, decoder_dropout)
-    if device.type == "cpu" and not torch_compile and use_fast_dropout(model):
-        log.info("LoRA dropout: FastDropout (CPU: the default dropout's random numbers are slow)")
+    if device.type == "cpu" and not torch_compile:
+        if use_fast_dropout(model):
+            log.info("LoRA dropout: FastDropout (CPU: the default dropout's random numbers are slow)")
+        if use_cpu_train_attention(base.decoder):
+            log.info("Cross-attention: SDPA math kernel while training with <= %d text tokens (CPU: the "
+                     "flash-attention backward is slow for so few keys)", MATH_CROSS_ATTENTION_MAX_KEYS)
     if checkpointing:
         base.decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.config.use_cache = False

@@ -253,3 +253,101 @@ def test_codebook_losses_match_per_codebook_cross_entropy_values_and_gradients(t
         assert torch.equal(n, torch.stack(ref_n)) and n.dtype == torch.long
         torch.testing.assert_close(got_grad, logits.grad, rtol=1e-5, atol=1e-8)
         logits.grad = None
+
+
+# ------------------------------------------------------------------------------------------
+# Attention kernels in the training step
+# ------------------------------------------------------------------------------------------
+def _flash_calls(fn) -> int:
+    from torch.profiler import profile
+
+    with profile() as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key == "aten::_scaled_dot_product_flash_attention_for_cpu")
+
+
+def test_self_attention_runs_causal_sdpa_without_a_mask(tiny_lora, monkeypatch):
+    """The training forward gives SDPA no materialized mask for the decoder's self-attention (is_causal fast
+    path), also with batch padding (padded frames are at the end and masked out of the loss instead)."""
+    from contextlib import nullcontext
+
+    import transformers.integrations.sdpa_attention as sa
+
+    from lora.train_lora import batch_loss
+
+    model, processor, info, _ = tiny_lora
+    calls = []
+    real = sa.torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, is_causal=False, **kw):
+        calls.append((q.shape[2], k.shape[2], attn_mask is None, is_causal))
+        return real(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kw)
+
+    monkeypatch.setattr(sa.torch.nn.functional, "scaled_dot_product_attention", spy)
+    batch = _batch(info)  # lengths differ: batch padding
+    batch["mask"][1, 3:] = 0  # text padding
+    model.train()
+    batch_loss(model, processor, info, batch, torch.device("cpu"), nullcontext, cache_text=True)
+    n_layers = get_base(model).config.decoder.num_hidden_layers
+    self_calls = [c for c in calls if c[0] == c[1]]
+    cross_calls = [c for c in calls if c[0] != c[1]]
+    assert len(self_calls) == len(cross_calls) == n_layers
+    assert all(no_mask and causal for _, _, no_mask, causal in self_calls)
+    assert all(not no_mask and not causal for _, _, no_mask, causal in cross_calls)  # the text padding mask
+
+
+def test_cpu_train_attention_uses_math_kernel_for_cross_attention_with_the_same_loss_and_grads(tiny_model_dir):
+    """configure_step on CPU switches the decoder to CPU_TRAIN_ATTENTION: while training, the cross-attention
+    runs SDPA's math kernel instead of the flash kernel (self-attention keeps flash); loss and LoRA gradients match
+    plain sdpa with text padding and a null-condition (fully masked) sample, in fp32 and bf16."""
+    import copy
+
+    from lora.precision import CPU_TRAIN_ATTENTION
+    from lora.train_lora import batch_loss, configure_step, prepare_frozen_weights, set_decoder_dropout
+
+    cfg = Config()
+    cfg.model.model_path = str(tiny_model_dir)
+    cfg.lora.lora_dropout = 0.0
+    model, processor, info = load_base_model(cfg.model)
+    torch.manual_seed(0)
+    ref = attach_lora(model, cfg.lora)
+    for p in ref.parameters():  # non-zero LoRA B so the LoRA gradients depend on the attention
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.02)
+    batch = _batch(info)
+    batch["mask"][0, 3:] = 0  # text padding
+    batch["mask"][1] = 0  # the null condition: no visible text token
+    batch["hidden"][1] = 0
+    for precision in ("no", "bf16"):
+        a, b = copy.deepcopy(ref), copy.deepcopy(ref)
+        ac = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else \
+            (lambda: torch.autocast("cpu", enabled=False))
+        for m in (a, b):
+            prepare_frozen_weights(m, precision, "auto")
+        set_decoder_dropout(a, 0.0)  # what configure_step does to b besides the attention (no LoRA dropout here)
+        configure_step(b, torch.device("cpu"))
+        assert get_base(a).config.decoder._attn_implementation == "sdpa"
+        assert get_base(b).config.decoder._attn_implementation == CPU_TRAIN_ATTENTION
+        out = {}
+        for name, m in (("sdpa", a), ("cpu_train", b)):
+            m.train()
+            res = {}
+
+            def step():
+                res["loss"] = batch_loss(m, processor, info, batch, torch.device("cpu"), ac, cache_text=True)[0]
+                res["loss"].backward()
+
+            res["flash"] = _flash_calls(step)
+            res["grads"] = [p.grad.clone() for p in m.parameters() if p.requires_grad]
+            out[name] = res
+        n_layers = get_base(a).config.decoder.num_hidden_layers
+        assert out["sdpa"]["flash"] == 2 * n_layers and out["cpu_train"]["flash"] == n_layers
+        tol = {"no": 1e-5, "bf16": 2e-2}[precision]
+        torch.testing.assert_close(out["cpu_train"]["loss"], out["sdpa"]["loss"], rtol=tol, atol=tol)
+        for ga, gb in zip(out["sdpa"]["grads"], out["cpu_train"]["grads"]):
+            assert torch.isfinite(gb).all()
+            torch.testing.assert_close(gb, ga, rtol=tol * 10, atol=tol * ga.abs().max().item())
+        with torch.no_grad():  # evaluation keeps the flash kernel
+            b.eval()
+            assert _flash_calls(lambda: batch_loss(b, processor, info, batch, torch.device("cpu"), ac,
+                                                   cache_text=True)) == 2 * n_layers
