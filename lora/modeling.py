@@ -713,7 +713,10 @@ def codebook_losses(logits, labels):
     v = logits.shape[-1]
     # One cross-entropy over all codebooks (B, K, s) in the logits' own layout: no per-codebook strided copies of
     # the logits, and one gradient tensor in backward instead of K zero-filled full-size ones.
-    logits = logits.reshape(b, k, -1, v)[:, :, -s:].float()
+    logits = logits.reshape(b, k, -1, v)
+    if logits.shape[2] != s:  # (slicing the whole length would still cost a zero-filled gradient copy)
+        logits = logits[:, :, -s:]
+    logits = logits.float()
     ce = F.cross_entropy(logits.reshape(-1, v), labels.permute(0, 2, 1).reshape(-1), ignore_index=-100,
                          reduction="none").view(b, k, s)
     counts = (labels != -100).sum(dim=(0, 1))

@@ -202,7 +202,8 @@ def fast_dropout_class():
             n = x.numel()
             words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-2 ** 63, None)  # 64 bits
             bits = words.view(torch.int16)[:n].view(x.shape)  # uniform int16, 4 per draw, no copy
-            noise = (bits >= (int(round(self.p * 65536)) - 32768)).to(x.dtype).div_(1.0 - self.p)
+            keep = bits >= (int(round(self.p * 65536)) - 32768)
+            noise = keep.view(torch.uint8).to(x.dtype).div_(1.0 - self.p)  # (uint8 -> float casts faster than bool)
             return x * noise
 
         def extra_repr(self) -> str:
