@@ -446,8 +446,11 @@ def main(argv=None) -> int:
                   f"{100 * r['achieved_flops'] / m['peak_bf16_flops']:.0f}% of the run's bf16 peak, "
                   f"{r.get('pct_of_adjacent_bf16_peak', float('nan')):.0f}% of the adjacent bf16 peaks", flush=True)
     command = "python bench/bench_train.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    dd = sorted({str(r.get("decoder_dropout")) for r in results})
+    attn = sorted({str(r.get("attn_implementation")) for r in results})
     print(f"\nTraining step, batch {args.batch} x {secs:g} s, LoRA rank {args.rank} on attention, steady state "
-          f"(median of {steps} steps after {warmup} warm-up) | {m['date']} | `{command.strip()}`\n")
+          f"(median of {steps} steps after {warmup} warm-up), decoder dropout {'/'.join(dd)}, attention "
+          f"{'/'.join(attn)} | {m['date']} | `{command.strip()}`\n")
     print(table(results, m))
     print()
     print("\n".join(ratios(results)))
