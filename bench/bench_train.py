@@ -223,8 +223,11 @@ def run_case(spec: dict) -> dict:
         base.text_encoder.to("cpu")
     model = attach_lora(model, cfg.lora)
     wdtype = prepare_frozen_weights(model, precision, weights)
+    if "decoder_dropout" in spec:  # --decoder_dropout: else the config default, as train_lora.py
+        cfg.training.decoder_dropout = spec["decoder_dropout"]
     configure_step(model, device, checkpointing=bool(spec.get("checkpointing")),
-                   torch_compile=bool(spec.get("compile")))  # exactly as train_lora.py
+                   torch_compile=bool(spec.get("compile")),
+                   decoder_dropout=cfg.training.decoder_dropout)  # exactly as train_lora.py
     model.train()
     base.audio_encoder.eval()
     base.text_encoder.eval()
@@ -267,10 +270,17 @@ def run_case(spec: dict) -> dict:
 
     times, data_times, losses, adjacent = [], [], [], []
     step_peak = {}
+    prof = None
     for i in range(spec["warmup"] + spec["steps"]):
         if i == spec["warmup"] and device.type == "cuda":  # steady-state training memory, apart from load/cache
             step_peak["cuda_setup_max_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
             torch.cuda.reset_peak_memory_stats(device)
+        if i == spec["warmup"] and spec.get("profile"):  # --profile: the timed steps only
+            from torch.profiler import ProfilerActivity, profile as tprofile
+
+            prof = tprofile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
+                                                                 else []))
+            prof.__enter__()
         if i >= spec["warmup"] and spec.get("adjacent_peaks", True):
             adjacent.append(peaks())
         dt, d_data, loss = step()
@@ -278,6 +288,11 @@ def run_case(spec: dict) -> dict:
             times.append(dt)
             data_times.append(d_data)
             losses.append(float(loss.detach()))
+    profile_table = None
+    if prof is not None:
+        prof.__exit__(None, None, None)
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        profile_table = prof.key_averages().table(sort_by=sort, row_limit=30)
     if device.type == "cuda":
         step_peak.update(cuda_step_max_allocated_mb=torch.cuda.max_memory_allocated(device) / 2**20,
                          cuda_step_max_reserved_mb=torch.cuda.max_memory_reserved(device) / 2**20)
@@ -310,14 +325,15 @@ def run_case(spec: dict) -> dict:
                 fl["total"] / t / max(adjacent[j][k], adjacent[j + 1][k]) for j, t in enumerate(times))
             ratios[f"adjacent_{key}_peaks"] = [a[k] for a in adjacent]
     return {
-        **spec, **ratios, "mode": mode, "precision": precision, "base_weights_dtype": wdtype, "attn_implementation": attn_impl,
+        **spec, **ratios, "decoder_dropout": cfg.training.decoder_dropout, "mode": mode, "precision": precision, "base_weights_dtype": wdtype, "attn_implementation": attn_impl,
         "load_s": load_s, "cache_build_s": cache_s, "step_s_median": med, "step_s_mean": statistics.mean(times),
         "step_s_all": times, "data_s_median": statistics.median(data_times), "losses": losses,
         "frames": T, "text_tokens": L, "codebooks": info.num_codebooks,
         "audio_s_per_s": B * secs / med, "tokens_per_s": B * T * info.num_codebooks / med,
         "flops_step": fl["total"], "flops_forward": fl["forward"], "flops_counted_decoder_step": counted,
         "achieved_flops": fl["total"] / med, "trainable_params": sum(p.numel() for p in params),
-        "lora_layers": n_self + n_cross, "threads": torch.get_num_threads(), **peak_memory_mb(device), **step_peak}
+        "lora_layers": n_self + n_cross, "threads": torch.get_num_threads(), **peak_memory_mb(device), **step_peak,
+        **({"profile_table": profile_table} if profile_table else {})}
 
 
 # --------------------------------------------------------------------------------------------
@@ -379,6 +395,9 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=None, help="untimed warm-up steps (default 2; quick 1)")
     ap.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     ap.add_argument("--threads", type=int, default=0, help="torch threads in each case; 0 = torch's default")
+    ap.add_argument("--decoder_dropout", default=None,
+                    help="training.decoder_dropout for the cases (a number, or null = the checkpoint's 0.1); "
+                         "default: the config default")
     ap.add_argument("--tiny_dir", default=str(ROOT / "output" / "tiny_model"))
     ap.add_argument("--no_flop_check", action="store_true", help="skip the FlopCounterMode cross-check")
     ap.add_argument("--profile", default=None, help="profile one case with torch.profiler instead (prints a table)")
@@ -408,6 +427,9 @@ def main(argv=None) -> int:
     base_spec = {"batch": args.batch, "seconds": secs, "rank": args.rank, "steps": steps, "warmup": warmup,
                  "device": device, "tiny_dir": args.tiny_dir, "flop_check": not args.no_flop_check,
                  "threads": args.threads, "adjacent_peaks": not args.quick}
+    if args.decoder_dropout is not None:
+        base_spec["decoder_dropout"] = (None if args.decoder_dropout.strip().lower() in ("null", "none")
+                                        else float(args.decoder_dropout))
     if args.profile:
         case, flags = parse_case(args.profile)
         return profile(dict(base_spec, model=models[0], case=case, **flags))
@@ -425,8 +447,11 @@ def main(argv=None) -> int:
                   f"{100 * r['achieved_flops'] / m['peak_bf16_flops']:.0f}% of the run's bf16 peak, "
                   f"{r.get('pct_of_adjacent_bf16_peak', float('nan')):.0f}% of the adjacent bf16 peaks", flush=True)
     command = "python bench/bench_train.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    dd = sorted({str(r.get("decoder_dropout")) for r in results})
+    attn = sorted({str(r.get("attn_implementation")) for r in results})
     print(f"\nTraining step, batch {args.batch} x {secs:g} s, LoRA rank {args.rank} on attention, steady state "
-          f"(median of {steps} steps after {warmup} warm-up) | {m['date']} | `{command.strip()}`\n")
+          f"(median of {steps} steps after {warmup} warm-up), decoder dropout {'/'.join(dd)}, attention "
+          f"{'/'.join(attn)} | {m['date']} | `{command.strip()}`\n")
     print(table(results, m))
     print()
     print("\n".join(ratios(results)))
@@ -444,17 +469,13 @@ def main(argv=None) -> int:
 
 
 def profile(spec: dict) -> int:
-    """torch.profiler over a few steady-state steps of one case: which ops dominate."""
-    from torch.profiler import ProfilerActivity, profile as tprofile
-
-    # Reuse run_case's setup by running it with 0 timed steps is not possible (it measures); instead run it
-    # inside the profiler and print the top ops of the whole run minus warm-up noise.
-    spec = dict(spec, flop_check=False)
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if spec["device"] == "cuda" else [])
-    with tprofile(activities=acts) as prof:
-        r = run_case(spec)
-    print(f"{spec['model']} {spec['case']}: {r['step_s_median']:.3f} s/step (under the profiler)")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    """torch.profiler over the timed steady-state steps of one case (not the load, cache build, warm-up or the
+    peak measurements): which ops dominate the step. Prints the table, totals over all timed steps."""
+    spec = dict(spec, flop_check=False, adjacent_peaks=False, profile=True)
+    r = run_case(spec)
+    print(f"{spec['model']} {spec['case']}: {r['step_s_median']:.3f} s/step (median of {spec['steps']} steps, "
+          f"under the profiler); the table sums all {spec['steps']} steps")
+    print(r["profile_table"])
     return 0
 
 

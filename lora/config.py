@@ -131,6 +131,11 @@ class TrainingConfig:
                                          "training in bf16 (half the memory, no per-step cast), else float32; LoRA "
                                          "weights and optimizer state stay float32",
                                  choices=("auto", "float32", "bfloat16"))
+    decoder_dropout: Optional[float] = _f(0.0, "Hidden-state dropout inside the frozen MusicGen decoder while LoRA "
+                                               "trains; null = keep the checkpoint's value (0.1 in the converted "
+                                               "transformers configs). 0.0 because audiocraft trained MusicGen without "
+                                               "it (transformer_lm.dropout: 0.), and it costs CPU time; LoRA's own "
+                                               "dropout is lora_dropout")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward: less memory, about a third slower")
     save_steps: int = _f(200, "Save a resumable checkpoint every N optimizer steps")
     save_total_limit: int = _f(3, "Keep only the newest N checkpoints (best_model is kept apart)")

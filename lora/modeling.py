@@ -707,22 +707,21 @@ def codebook_losses(logits, labels):
     Returns (loss, per_codebook_loss (K,) detached, n_tokens (K,) long). A codebook without any valid token
     contributes 0.
     """
-    import torch
     import torch.nn.functional as F
 
     b, s, k = labels.shape
     v = logits.shape[-1]
-    logits = logits.reshape(b, k, -1, v)[:, :, -s:]
-    per = []
-    counts = []
-    for c in range(k):
-        lab = labels[..., c].reshape(-1)
-        n = (lab != -100).sum()
-        ce = F.cross_entropy(logits[:, c].float().reshape(-1, v), lab, ignore_index=-100, reduction="sum")
-        per.append(ce / n.clamp(min=1))
-        counts.append(n)
-    per_t = torch.stack(per)
-    return per_t.mean(), per_t.detach(), torch.stack(counts).long()
+    # One cross-entropy over all codebooks (B, K, s) in the logits' own layout: no per-codebook strided copies of
+    # the logits, and one gradient tensor in backward instead of K zero-filled full-size ones.
+    logits = logits.reshape(b, k, -1, v)
+    if logits.shape[2] != s:  # (slicing the whole length would still cost a zero-filled gradient copy)
+        logits = logits[:, :, -s:]
+    logits = logits.float()
+    ce = F.cross_entropy(logits.reshape(-1, v), labels.permute(0, 2, 1).reshape(-1), ignore_index=-100,
+                         reduction="none").view(b, k, s)
+    counts = (labels != -100).sum(dim=(0, 1))
+    per_t = ce.sum(dim=(0, 2)) / counts.clamp(min=1)
+    return per_t.mean(), per_t.detach(), counts.long()
 
 
 # --------------------------------------------------------------------------------------------

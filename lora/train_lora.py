@@ -74,6 +74,9 @@ def check_config(cfg: Config) -> None:
         p.append(f"training.max_grad_norm must be >= 0, 0 = no clipping (got {t.max_grad_norm})")
     if not t.max_duration > 0:
         p.append(f"training.max_duration must be > 0 seconds (got {t.max_duration}); MusicGen's context is 30 s")
+    if t.decoder_dropout is not None and not 0 <= t.decoder_dropout < 1:
+        p.append(f"training.decoder_dropout must be in [0, 1) or null (got {t.decoder_dropout}); 0.0 is what "
+                 f"audiocraft trained MusicGen with, null keeps the checkpoint's value")
     if not 0 <= t.cond_dropout < 1:
         p.append(f"training.cond_dropout must be in [0, 1) (got {t.cond_dropout}); audiocraft uses 0.3")
     for name in ("save_steps", "eval_steps", "logging_steps", "save_total_limit", "max_nan_steps",
@@ -148,16 +151,46 @@ def plan_steps(cfg: Config, n_batches: int, group: int) -> tuple[int, int, int, 
     return steps_per_epoch, total, warmup, note
 
 
-def configure_step(model, device, checkpointing: bool = False, torch_compile: bool = False) -> None:
-    """The step's speed/memory options on the LoRA-wrapped model (shared with bench/bench_train.py):
-    FastDropout for the LoRA dropout on CPU (not under torch.compile: inductor has its own RNG), gradient
-    checkpointing of the decoder layers, torch.compile of the decoder."""
+def set_decoder_dropout(model, p: float | None) -> float | None:
+    """training.decoder_dropout: the hidden-state dropout of the frozen MusicGen decoder while LoRA trains
+    (``MusicgenDecoder.dropout`` after the embeddings and ``MusicgenDecoderLayer.dropout`` after self-attention,
+    cross-attention and the feed-forward block; attention_dropout / activation_dropout stay as the config has
+    them). None keeps the checkpoint's value. Only the module attributes change, not the model config: the
+    saved adapter is the same, and evaluation / generation run in eval mode, where dropout is off anyway.
+    Returns the value in effect (logged)."""
     from lora.modeling import get_base
-    from lora.precision import use_fast_dropout
+
+    dec = get_base(model).decoder.model.decoder
+    if p is None:
+        log.info("Decoder hidden-state dropout: %g (the checkpoint's, training.decoder_dropout: null)", dec.dropout)
+        return float(dec.dropout)
+    before = {float(dec.dropout)} | {float(layer.dropout) for layer in dec.layers}
+    dec.dropout = float(p)
+    for layer in dec.layers:
+        layer.dropout = float(p)
+    log.info("Decoder hidden-state dropout: %g (training.decoder_dropout; the checkpoint has %s)", p,
+             "/".join(f"{v:g}" for v in sorted(before)))
+    return float(p)
+
+
+def configure_step(model, device, checkpointing: bool = False, torch_compile: bool = False,
+                   decoder_dropout: float | None = 0.0) -> None:
+    """The step's speed/memory options on the LoRA-wrapped model (shared with bench/bench_train.py):
+    the decoder's hidden-state dropout (training.decoder_dropout, ``set_decoder_dropout``); on CPU (not under
+    torch.compile: inductor has its own RNG and kernels) FastDropout for the LoRA dropout and SDPA's math kernel
+    for the cross-attention over the text tokens; gradient checkpointing of the decoder layers; torch.compile of
+    the decoder."""
+    from lora.modeling import get_base
+    from lora.precision import MATH_CROSS_ATTENTION_MAX_KEYS, use_cpu_train_attention, use_fast_dropout
 
     base = get_base(model)
-    if device.type == "cpu" and not torch_compile and use_fast_dropout(model):
-        log.info("LoRA dropout: FastDropout (CPU: the default dropout's random numbers are slow)")
+    set_decoder_dropout(model, decoder_dropout)
+    if device.type == "cpu" and not torch_compile:
+        if use_fast_dropout(model):
+            log.info("LoRA dropout: FastDropout (CPU: the default dropout's random numbers are slow)")
+        if use_cpu_train_attention(base.decoder):
+            log.info("Cross-attention: SDPA math kernel while training with <= %d text tokens (CPU: the "
+                     "flash-attention backward is slow for so few keys)", MATH_CROSS_ATTENTION_MAX_KEYS)
     if checkpointing:
         base.decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.config.use_cache = False
@@ -416,7 +449,8 @@ def train(cfg: Config) -> int:
     set_seed(t.seed)  # LoRA init does not depend on what the cache step consumed
     model = attach_lora(model, cfg.lora)  # peft creates the LoRA weights next to the layers they adapt
     prepare_frozen_weights(model, precision, t.base_weights_dtype)
-    configure_step(model, device, checkpointing=t.gradient_checkpointing, torch_compile=t.torch_compile)
+    configure_step(model, device, checkpointing=t.gradient_checkpointing, torch_compile=t.torch_compile,
+                   decoder_dropout=t.decoder_dropout)
     params = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)
     n_total = sum(p.numel() for p in model.parameters())

@@ -44,6 +44,21 @@ def test_fast_dropout_statistics_scale_grad_and_seed():
     assert fast_dropout_class()(0.0).train()(x) is x
 
 
+def test_fast_dropout_scales_like_torch_dropout_in_bf16_and_masks_independently():
+    d = fast_dropout_class()(0.1).train()
+    x = torch.ones(200_000, dtype=torch.bfloat16)
+    y, ref = d(x), torch.nn.functional.dropout(x, 0.1, training=True)
+    assert y.dtype == torch.bfloat16
+    # the kept value is torch's own CPU dropout's on a bf16 input (1/(1-p) rounded to bf16)
+    assert set(y.unique().tolist()) == set(ref.unique().tolist()) == {0.0, ref.max().item()}
+    a, b = d(x) == 0, fast_dropout_class()(0.1).train()(x) == 0  # two modules, two masks: independent
+    assert abs(a.float().mean().item() - 0.1) < 0.005 and abs(b.float().mean().item() - 0.1) < 0.005
+    assert abs((a & b).float().mean().item() - 0.01) < 0.002
+    # no structure along the 4 lanes of one 64-bit draw: each lane drops p of its elements
+    lanes = a[: (a.numel() // 4) * 4].view(-1, 4).float().mean(0)
+    assert torch.all((lanes - 0.1).abs() < 0.01), lanes
+
+
 @pytest.fixture(scope="module")
 def tiny_lora(tiny_model_dir):
     cfg = Config()
@@ -139,3 +154,200 @@ def test_train_flops_match_torch_flop_counter(tiny_lora):
     fl = train_flops(base.config.decoder, base.config.text_encoder, B, T, 5, rank, n_self, n_cross)
     ratio = fl["total"] / fc.get_total_flops()
     assert 0.85 < ratio < 1.15, ratio
+
+
+# ------------------------------------------------------------------------------------------
+# training.decoder_dropout
+# ------------------------------------------------------------------------------------------
+def _dec_logits(model, info, batch):
+    from lora.modeling import build_delay_pattern
+
+    dec_in, _ = build_delay_pattern(batch["codes"], batch["lengths"], info)
+    return model(encoder_outputs=(batch["hidden"],), attention_mask=batch["mask"], decoder_input_ids=dec_in).logits
+
+
+def test_decoder_dropout_setting_controls_train_mode_randomness(tiny_model_dir):
+    from lora.train_lora import configure_step
+
+    cfg = Config()
+    cfg.model.model_path = str(tiny_model_dir)
+    cfg.lora.lora_dropout = 0.0  # isolate the decoder's own dropout
+    model, _, info = load_base_model(cfg.model)
+    model = attach_lora(model, cfg.lora)
+    dec = get_base(model).decoder.model.decoder
+    assert dec.dropout == 0.1 and {layer.dropout for layer in dec.layers} == {0.1}  # the checkpoint's value
+    batch = _batch(info)
+    model.eval()
+    with torch.no_grad():
+        eval_before = _dec_logits(model, info, batch)
+
+    configure_step(model, torch.device("cpu"), decoder_dropout=None)  # null: the checkpoint's 0.1 stays
+    assert dec.dropout == 0.1 and {layer.dropout for layer in dec.layers} == {0.1}
+    model.train()
+    with torch.no_grad():
+        a, b = _dec_logits(model, info, batch), _dec_logits(model, info, batch)
+    assert not torch.equal(a, b)
+
+    configure_step(model, torch.device("cpu"), decoder_dropout=0.0)  # the default
+    assert dec.dropout == 0.0 and {layer.dropout for layer in dec.layers} == {0.0}
+    # attention / activation dropout are left as the config has them
+    assert {layer.activation_dropout for layer in dec.layers} == {get_base(model).config.decoder.activation_dropout}
+    assert {layer.self_attn.dropout for layer in dec.layers} == {get_base(model).config.decoder.attention_dropout}
+    assert get_base(model).config.decoder.dropout == 0.1  # the model config (and so any saved file) is unchanged
+    model.train()
+    with torch.no_grad():
+        a, b = _dec_logits(model, info, batch), _dec_logits(model, info, batch)
+    assert torch.equal(a, b)  # no random op left in the train-mode forward
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(_dec_logits(model, info, batch), eval_before)  # evaluation is unaffected
+
+
+def test_decoder_dropout_in_resolved_config_and_checked(tmp_path):
+    import yaml
+
+    from lora.config import ConfigError, parse_config
+    from lora.train_lora import SECTIONS, check_config
+
+    cfg, _ = parse_config([], sections=SECTIONS)
+    assert cfg.training.decoder_dropout == 0.0
+    cfg, _ = parse_config(["--decoder_dropout", "null"], sections=SECTIONS)
+    assert cfg.training.decoder_dropout is None
+    cfg, _ = parse_config(["--decoder_dropout", "0.05"], sections=SECTIONS)
+    cfg.save(tmp_path / "config.yaml")
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["training"]["decoder_dropout"] == 0.05
+    cfg, _ = parse_config(["--decoder_dropout", "1.5"], sections=SECTIONS)
+    with pytest.raises(ConfigError, match="decoder_dropout"):
+        check_config(cfg)
+
+
+def test_codebook_losses_match_per_codebook_cross_entropy_values_and_gradients(tiny_lora):
+    """codebook_losses computes one cross-entropy over all codebooks; it must equal K separate per-codebook
+    cross-entropies (what transformers' MusicGen loss does), for the loss, the per-codebook losses, the token
+    counts and the gradient, with batch padding and delay-pattern -100s in the labels."""
+    import torch.nn.functional as F
+
+    from lora.modeling import build_delay_pattern, codebook_losses
+
+    _, _, info, _ = tiny_lora
+    b, k, t, v = 3, info.num_codebooks, 30, info.vocab_size
+    g = torch.Generator().manual_seed(1)
+    _, labels = build_delay_pattern(torch.randint(0, v, (b, k, t), generator=g), torch.tensor([t, 21, 9]), info)
+    s = labels.shape[1]
+    for extra in (0, 3):  # logits exactly as long as the labels (training), or longer (only the last s count)
+        logits = torch.randn(b * k, s + extra, v, generator=g, requires_grad=True)
+        loss, per, n = codebook_losses(logits, labels)
+        loss.backward()
+        got_grad, logits.grad = logits.grad, None
+        lg = logits.reshape(b, k, -1, v)[:, :, -s:]
+        ref_per, ref_n = [], []
+        for c in range(k):
+            lab = labels[..., c].reshape(-1)
+            ref_n.append((lab != -100).sum())
+            ref_per.append(F.cross_entropy(lg[:, c].reshape(-1, v), lab, ignore_index=-100, reduction="sum")
+                           / ref_n[-1].clamp(min=1))
+        ref = torch.stack(ref_per).mean()
+        ref.backward()
+        torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(per, torch.stack(ref_per).detach(), rtol=1e-6, atol=1e-6)
+        assert torch.equal(n, torch.stack(ref_n)) and n.dtype == torch.long
+        torch.testing.assert_close(got_grad, logits.grad, rtol=1e-5, atol=1e-8)
+        logits.grad = None
+
+
+# ------------------------------------------------------------------------------------------
+# Attention kernels in the training step
+# ------------------------------------------------------------------------------------------
+def _flash_calls(fn) -> int:
+    from torch.profiler import profile
+
+    with profile() as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key == "aten::_scaled_dot_product_flash_attention_for_cpu")
+
+
+def test_self_attention_runs_causal_sdpa_without_a_mask(tiny_lora, monkeypatch):
+    """The training forward gives SDPA no materialized mask for the decoder's self-attention (is_causal fast
+    path), also with batch padding (padded frames are at the end and masked out of the loss instead)."""
+    from contextlib import nullcontext
+
+    import transformers.integrations.sdpa_attention as sa
+
+    from lora.train_lora import batch_loss
+
+    model, processor, info, _ = tiny_lora
+    calls = []
+    real = sa.torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, is_causal=False, **kw):
+        calls.append((q.shape[2], k.shape[2], attn_mask is None, is_causal))
+        return real(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kw)
+
+    monkeypatch.setattr(sa.torch.nn.functional, "scaled_dot_product_attention", spy)
+    batch = _batch(info)  # lengths differ: batch padding
+    batch["mask"][1, 3:] = 0  # text padding
+    model.train()
+    batch_loss(model, processor, info, batch, torch.device("cpu"), nullcontext, cache_text=True)
+    n_layers = get_base(model).config.decoder.num_hidden_layers
+    self_calls = [c for c in calls if c[0] == c[1]]
+    cross_calls = [c for c in calls if c[0] != c[1]]
+    assert len(self_calls) == len(cross_calls) == n_layers
+    assert all(no_mask and causal for _, _, no_mask, causal in self_calls)
+    assert all(not no_mask and not causal for _, _, no_mask, causal in cross_calls)  # the text padding mask
+
+
+def test_cpu_train_attention_uses_math_kernel_for_cross_attention_with_the_same_loss_and_grads(tiny_model_dir):
+    """configure_step on CPU switches the decoder to CPU_TRAIN_ATTENTION: while training, the cross-attention
+    runs SDPA's math kernel instead of the flash kernel (self-attention keeps flash); loss and LoRA gradients match
+    plain sdpa with text padding and a null-condition (fully masked) sample, in fp32 and bf16."""
+    import copy
+
+    from lora.precision import CPU_TRAIN_ATTENTION
+    from lora.train_lora import batch_loss, configure_step, prepare_frozen_weights, set_decoder_dropout
+
+    cfg = Config()
+    cfg.model.model_path = str(tiny_model_dir)
+    cfg.lora.lora_dropout = 0.0
+    model, processor, info = load_base_model(cfg.model)
+    torch.manual_seed(0)
+    ref = attach_lora(model, cfg.lora)
+    for p in ref.parameters():  # non-zero LoRA B so the LoRA gradients depend on the attention
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.02)
+    batch = _batch(info)
+    batch["mask"][0, 3:] = 0  # text padding
+    batch["mask"][1] = 0  # the null condition: no visible text token
+    batch["hidden"][1] = 0
+    for precision in ("no", "bf16"):
+        a, b = copy.deepcopy(ref), copy.deepcopy(ref)
+        ac = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else \
+            (lambda: torch.autocast("cpu", enabled=False))
+        for m in (a, b):
+            prepare_frozen_weights(m, precision, "auto")
+        set_decoder_dropout(a, 0.0)  # what configure_step does to b besides the attention (no LoRA dropout here)
+        configure_step(b, torch.device("cpu"))
+        assert get_base(a).config.decoder._attn_implementation == "sdpa"
+        assert get_base(b).config.decoder._attn_implementation == CPU_TRAIN_ATTENTION
+        out = {}
+        for name, m in (("sdpa", a), ("cpu_train", b)):
+            m.train()
+            res = {}
+
+            def step():
+                res["loss"] = batch_loss(m, processor, info, batch, torch.device("cpu"), ac, cache_text=True)[0]
+                res["loss"].backward()
+
+            res["flash"] = _flash_calls(step)
+            res["grads"] = [p.grad.clone() for p in m.parameters() if p.requires_grad]
+            out[name] = res
+        n_layers = get_base(a).config.decoder.num_hidden_layers
+        assert out["sdpa"]["flash"] == 2 * n_layers and out["cpu_train"]["flash"] == n_layers
+        tol = {"no": 1e-5, "bf16": 2e-2}[precision]
+        torch.testing.assert_close(out["cpu_train"]["loss"], out["sdpa"]["loss"], rtol=tol, atol=tol)
+        for ga, gb in zip(out["sdpa"]["grads"], out["cpu_train"]["grads"]):
+            assert torch.isfinite(gb).all()
+            torch.testing.assert_close(gb, ga, rtol=tol * 10, atol=tol * ga.abs().max().item())
+        with torch.no_grad():  # evaluation keeps the flash kernel
+            b.eval()
+            assert _flash_calls(lambda: batch_loss(b, processor, info, batch, torch.device("cpu"), ac,
+                                                   cache_text=True)) == 2 * n_layers
