@@ -182,8 +182,8 @@ class GenerationConfig:
     overwrite: bool = _f(False, "Replace existing output files")
     dtype: str = _f("auto", "Weights dtype for generation: auto = fp16/bf16 on GPU, fp32 on CPU",
                     choices=("auto", "float32", "bfloat16", "float16"))
-    decoding: str = _f("auto", "Decoder step: auto = static key/value cache replayed as a CUDA graph on a GPU, "
-                       "transformers' own cache elsewhere; same music either way (tested), only speed differs",
+    decoding: str = _f("auto", "Decoder step: auto = static key/value cache, replayed as a CUDA graph on a GPU; "
+                       "transformers = the model's own cache; same music either way (tested), only speed differs",
                        choices=("auto", "transformers", "static", "cuda_graph"))
 
 

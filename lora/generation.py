@@ -306,15 +306,15 @@ DECODINGS = ("auto", "transformers", "static", "cuda_graph")
 
 
 def resolve_decoding(decoding: str, device) -> str:
-    """auto = a static key/value cache replayed as a CUDA graph on CUDA, transformers' own decoder call
-    elsewhere (on a CPU the static cache measured no faster: BENCHMARKS.md, "Generation")."""
+    """auto = the static key/value cache (lora.fast_decode), replayed as a CUDA graph on CUDA; on a CPU it runs
+    eagerly (as fast as transformers' own call for musicgen-small, 2x faster for small models: BENCHMARKS.md)."""
     import torch
 
     decoding = (decoding or "auto").lower()
     if decoding not in DECODINGS:
         raise ValueError(f"decoding must be one of {', '.join(DECODINGS)}, got {decoding!r}")
     if decoding == "auto":
-        return "cuda_graph" if torch.device(device).type == "cuda" else "transformers"
+        return "cuda_graph" if torch.device(device).type == "cuda" else "static"
     if decoding == "cuda_graph" and torch.device(device).type != "cuda":
         raise UserError("decoding 'cuda_graph' needs a CUDA GPU; use auto, static or transformers.")
     return decoding
