@@ -197,8 +197,9 @@ def load_generation_model(cfg, device=None, adapter_path="__from_cfg__"):
         adapter_path = g.lora_model_path
     device = torch.device(device) if device is not None else pick_device()
     dtype = resolve_dtype(g.dtype, device)
-    # Load in fp32: merging LoRA is then exact; the decoder is cast afterwards.
-    model, processor, info = modeling.load_base_model(cfg.model, device=device)
+    # Load in fp32 on the CPU: merging LoRA is then exact; the decoder is cast afterwards and only then moved to
+    # the device (a GPU never holds the fp32 copy: ~14 GB for musicgen-large instead of ~7 GB in bf16).
+    model, processor, info = modeling.load_base_model(cfg.model)
     adapter_info = None
     if adapter_path:
         model = modeling.load_lora(model, adapter_path, is_trainable=False)
@@ -212,6 +213,7 @@ def load_generation_model(cfg, device=None, adapter_path="__from_cfg__"):
         log.info("Adapter %s at scale %g (%s)", adapter_path, scale,
                  "merged into the weights" if merge else "unmerged")
     cast_for_generation(model, dtype)
+    model.to(device)
     model.eval()
     info_dtype = str(dtype).replace("torch.", "")
     log.info("Generating on %s, decoder dtype %s", device, info_dtype)
