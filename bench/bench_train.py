@@ -175,7 +175,7 @@ def run_case(spec: dict) -> dict:
     from lora.config import Config
     from lora.dataset import CachedClip, CachedTokenDataset, collate_tokens
     from lora.modeling import attach_lora, encode_audio, encode_text, get_base, load_base_model
-    from lora.train_lora import batch_loss, configure_step, prepare_frozen_weights
+    from lora.train_lora import batch_loss, configure_step, decoder_to, prepare_frozen_weights
     from musicgen_arch import model_path
 
     mode, precision, weights = CASES[spec["case"]]
@@ -192,9 +192,11 @@ def run_case(spec: dict) -> dict:
     torch.manual_seed(0)
 
     t0 = time.perf_counter()
-    model, processor, info = load_base_model(cfg.model, device=device)
-    load_s = time.perf_counter() - t0
+    model, processor, info = load_base_model(cfg.model)  # placement as in train_lora.py: encoders first,
+    load_s = time.perf_counter() - t0                   # the decoder after LoRA + the frozen-weight cast
     base = get_base(model)
+    base.audio_encoder.to(device)
+    base.text_encoder.to(device)
 
     # Raw audio of the batch (song-like: partials + noise) and its captions.
     B, secs = spec["batch"], spec["seconds"]
@@ -223,6 +225,7 @@ def run_case(spec: dict) -> dict:
         base.text_encoder.to("cpu")
     model = attach_lora(model, cfg.lora)
     wdtype = prepare_frozen_weights(model, precision, weights)
+    decoder_to(model, device)
     if "decoder_dropout" in spec:  # --decoder_dropout: else the config default, as train_lora.py
         cfg.training.decoder_dropout = spec["decoder_dropout"]
     configure_step(model, device, checkpointing=bool(spec.get("checkpointing")),

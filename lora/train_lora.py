@@ -225,6 +225,20 @@ def batch_loss(model, processor, info, batch, device, autocast, cache_text: bool
     return codebook_losses(logits.float(), labels)
 
 
+def decoder_to(model, device, text_encoder: bool = False) -> None:
+    """Move what the train step runs to ``device``: the decoder (with its LoRA layers), enc_to_dec_proj and, when
+    asked, the text encoder. train_lora.py calls it after attach_lora + prepare_frozen_weights, so the decoder
+    reaches a GPU already in its training dtype (shared with bench/bench_train.py)."""
+    from lora.modeling import get_base
+
+    base = get_base(model)
+    base.decoder.to(device)
+    if getattr(base, "enc_to_dec_proj", None) is not None:
+        base.enc_to_dec_proj.to(device)
+    if text_encoder:
+        base.text_encoder.to(device)
+
+
 def prepare_frozen_weights(model, precision: str, setting: str) -> str:
     """Apply training.base_weights_dtype after LoRA is attached: with bfloat16, every frozen decoder (and
     enc_to_dec_proj) weight and buffer is stored in bf16 and peft's cast of each LoRA input to float32 is turned
@@ -454,11 +468,7 @@ def train(cfg: Config) -> int:
     set_seed(t.seed)  # LoRA init does not depend on what the cache step consumed
     model = attach_lora(model, cfg.lora)  # peft creates the LoRA weights next to the layers they adapt
     prepare_frozen_weights(model, precision, t.base_weights_dtype)
-    base.decoder.to(device)
-    if getattr(base, "enc_to_dec_proj", None) is not None:
-        base.enc_to_dec_proj.to(device)
-    if not cache_text:  # the text encoder runs (and may train) in every step
-        base.text_encoder.to(device)
+    decoder_to(model, device, text_encoder=not cache_text)  # (without cached text states T5 runs in every step)
     configure_step(model, device, checkpointing=t.gradient_checkpointing, torch_compile=t.torch_compile,
                    decoder_dropout=t.decoder_dropout)
     params = [p for p in model.parameters() if p.requires_grad]
