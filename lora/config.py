@@ -180,7 +180,8 @@ class GenerationConfig:
     output_format: str = _f("pcm16", "WAV sample format", choices=("pcm16", "float"))
     normalize: bool = _f(True, "Peak-normalise each file (no clipping)")
     overwrite: bool = _f(False, "Replace existing output files")
-    dtype: str = _f("auto", "Weights dtype for generation: auto = fp16/bf16 on GPU, fp32 on CPU",
+    dtype: str = _f("auto", "Weights dtype for generation: auto = bf16 on GPUs and on CPUs with AMX/AVX512-BF16, "
+                             "fp16 on older GPUs, else fp32",
                     choices=("auto", "float32", "bfloat16", "float16"))
     decoding: str = _f("auto", "Decoder step: auto = static key/value cache, replayed as a CUDA graph on a GPU; "
                        "transformers = the model's own cache; same music either way (tested), only speed differs",

@@ -314,8 +314,6 @@ def usable_clips(checks: list[dict], exclude_failed: bool = True) -> list[int]:
 
 def generation_metrics(model, processor, info, cfg: Config, models: list[str], valid_recs, prompts: list[str],
                        out_dir: Path, device) -> dict:
-    import torch
-
     from lora.audio import load_audio, save_wav
     from lora.metrics import (diversity, signal_checks, standardizer, summarize_checks, thresholds_dict)
     from lora.report import save_spectrogram
@@ -327,13 +325,12 @@ def generation_metrics(model, processor, info, cfg: Config, models: list[str], v
                  "thresholds": thresholds_dict()}
 
     # Generated audio, checks, files ---------------------------------------------------------------
-    gen_dtype = None
-    if device.type == "cuda":
-        from lora.generation import cast_for_generation, resolve_dtype
+    from lora.generation import cast_for_generation, resolve_dtype
 
-        gen_dtype = resolve_dtype(g.dtype, device)
-        cast_for_generation(model, gen_dtype)  # decoder (with its LoRA layers) only; EnCodec and T5 stay fp32
-    res["decoder_dtype"] = str(gen_dtype or torch.float32).replace("torch.", "")
+    # after the held-out likelihood (fp32): generation.dtype (auto = bf16 on GPUs and AMX/AVX512-BF16 CPUs)
+    gen_dtype = resolve_dtype(g.dtype, device)
+    cast_for_generation(model, gen_dtype)  # decoder (with its LoRA layers) only; EnCodec and T5 stay fp32
+    res["decoder_dtype"] = str(gen_dtype).replace("torch.", "")
     audio: dict[str, list] = {}
     t0 = time.perf_counter()
     for m in models:

@@ -30,6 +30,9 @@ SEED_SLUG = "hip-hop-808-beat-with-trap-drums"
 def _cfg(model_dir, **gen):
     from lora.config import Config
 
+    # fp32 unless a test asks otherwise: these tests compare tokens exactly (with transformers' generate, merged
+    # vs unmerged, scale 0 vs base); dtype auto is bf16 on CPUs with AMX/AVX512-BF16 (the CLI tests run it)
+    gen.setdefault("dtype", "float32")
     cfg = Config()
     cfg.model.model_path = str(model_dir)
     for k, v in gen.items():
@@ -220,6 +223,19 @@ def test_static_decoding_generates_the_same_music(base_bundle):
         _gen(base_bundle, reqs, decoding="cuda_graph")
 
 
+def test_generation_dtype_auto_follows_the_hardware(monkeypatch):
+    """dtype auto: bf16 on a CPU with AMX-BF16 / AVX512-BF16 (read from /proc/cpuinfo), fp32 on one without;
+    a named dtype is used as is."""
+    from lora import precision
+    from lora.generation import resolve_dtype
+
+    monkeypatch.setattr(precision, "cpu_flags", lambda cpuinfo="/proc/cpuinfo": frozenset({"avx512f", "amx_bf16"}))
+    assert resolve_dtype("auto", "cpu") == torch.bfloat16
+    monkeypatch.setattr(precision, "cpu_flags", lambda cpuinfo="/proc/cpuinfo": frozenset({"avx2"}))
+    assert resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype("bfloat16", "cpu") == torch.bfloat16 and resolve_dtype("float32", "cpu") == torch.float32
+
+
 def test_plan_windows_matches_audiocraft_loop():
     from lora.generation import plan_windows
 
@@ -322,7 +338,8 @@ def test_seed_command_as_a_subprocess_from_lora(tiny_model_dir, adapter_dir, tmp
 
 def test_merge_flag_gives_the_same_audio_as_unmerged(tiny_model_dir, adapter_dir, tmp_path):
     common = ["--model_path", tiny_model_dir, "--lora_model_path", adapter_dir, "--prompts", "lofi piano",
-              "--duration", "1", "--seed", "7", "--output_format", "float", "--normalize", "false"]
+              "--duration", "1", "--seed", "7", "--output_format", "float", "--normalize", "false",
+              "--dtype", "float32"]  # merging is exact in fp32 (in bf16 W + BA is rounded once more)
     assert _run(common + ["--merge", "--output_dir", tmp_path / "m"]) == 0
     assert _run(common + ["--merge", "false", "--output_dir", tmp_path / "u"]) == 0
     a, _ = sf.read(tmp_path / "m" / "lofi-piano_s7.wav", dtype="float32")
