@@ -10,8 +10,9 @@ peaks, copy bandwidth; bench/machine.py). A case loads the model with lora.gener
 top-k 250 sampling: one batched forward of the conditional and unconditional halves per step) on
 ``--seconds`` of audio per prompt.
 
-Reported: steady-state decoder steps per second (median interval between consecutive decoder forwards after
-the first few, so it includes sampling), the real-time factor (wall time of the whole generate call incl. text
+Reported: steady-state decoder steps per second (median interval between consecutive decoding steps after the
+first few, stamped where each step samples its tokens, so every ``--decodings`` path is timed alike; it includes
+sampling), the real-time factor (wall time of the whole generate call incl. text
 encoding and EnCodec decoding / seconds of audio produced; < 1 is faster than real time), and the bandwidth
 limit: each step must read every decoder weight used per step once (self-attention, cross-attention q/out,
 FFN, LM heads, norms; the cross-attention k/v of the text are cached, embeddings are gathered), so

@@ -46,13 +46,13 @@ class StaticDecoder:
         self.attn_impl = cfg._attn_implementation
         self.attn = ALL_ATTENTION_FUNCTIONS.get_interface(self.attn_impl, mm.eager_attention_forward)
 
-        enc = hidden
-        if (base.text_encoder.config.hidden_size != cfg.hidden_size
-                and cfg.cross_attention_hidden_size is None):
-            enc = base.enc_to_dec_proj(enc)
-        if mask is not None:
-            enc = enc * mask[..., None]
         with torch.no_grad():
+            enc = hidden  # projected and masked as MusicgenForConditionalGeneration.forward does
+            if (base.text_encoder.config.hidden_size != cfg.hidden_size
+                    and cfg.cross_attention_hidden_size is None):
+                enc = base.enc_to_dec_proj(enc)
+            if mask is not None:
+                enc = enc * mask[..., None]
             dummy = torch.zeros((self.rows, 1, cfg.hidden_size), dtype=enc.dtype, device=self.device)
             self.enc_mask = create_bidirectional_mask(config=cfg, inputs_embeds=dummy, attention_mask=mask,
                                                       encoder_hidden_states=enc)
