@@ -45,8 +45,9 @@ def make_adapter(model_path: str, tiny_dir: str, rank: int, out: Path) -> Path:
     """A random LoRA adapter (B != 0, so merging changes the weights) saved like train_lora saves one."""
     import torch
 
+    from lora.adapter import attach_lora
     from lora.config import Config
-    from lora.modeling import attach_lora, load_base_model
+    from lora.loading import load_base_model
 
     if (out / "adapter_model.safetensors").is_file():
         return out
@@ -64,10 +65,12 @@ def make_adapter(model_path: str, tiny_dir: str, rank: int, out: Path) -> Path:
     return out
 
 
-def decoder_bytes_per_step(base) -> int:
+def decoder_bytes_per_step(model) -> int:
     """Bytes of decoder weights read by one decoding step (see the module docstring)."""
+    from lora.loading import family_for
+
     total = 0
-    for name, p in base.decoder.named_parameters():
+    for name, p in family_for(model).decoder(model).named_parameters():
         if "embed_tokens" in name or ".encoder_attn.k_proj" in name or ".encoder_attn.v_proj" in name:
             continue
         if "lora_" in name and (".encoder_attn.k_proj" in name or ".encoder_attn.v_proj" in name):
@@ -100,7 +103,7 @@ def run_case(spec: dict) -> dict:
 
     from lora.config import Config
     from lora.generation import Request, SamplingSettings, generate, load_generation_model
-    from lora.modeling import get_base
+    from lora.loading import family_for
 
     device = torch.device(spec["device"])
     if device.type == "cuda":
@@ -113,7 +116,6 @@ def run_case(spec: dict) -> dict:
     t0 = time.perf_counter()
     model, processor, info, _ = load_generation_model(cfg, device=device, adapter_path=adapter)
     load_s = time.perf_counter() - t0
-    base = get_base(model)
     stamps: list[float] = []
     stamp_steps(device, lambda: stamps.append(time.perf_counter()))
     dec = spec.get("decoding", "auto")
@@ -132,11 +134,11 @@ def run_case(spec: dict) -> dict:
     wall = time.perf_counter() - t0
     steps = [b - a for a, b in zip(stamps[3:], stamps[4:])]
     step_s = statistics.median(steps)
-    wbytes = decoder_bytes_per_step(base)
+    wbytes = decoder_bytes_per_step(model)
     out = {**spec, "load_s": load_s, "wall_s": wall, "decoder_steps": len(stamps), "step_s_median": step_s,
            "steps_per_s": 1.0 / step_s, "rtf": wall / (B * spec["seconds"]),
            "x_realtime_per_stream": spec["seconds"] / wall, "decoder_weight_bytes_per_step": wbytes,
-           "decoder_dtype": str(next(base.decoder.parameters()).dtype).replace("torch.", ""),
+           "decoder_dtype": str(family_for(info).decoder_param(model).dtype).replace("torch.", ""),
            "threads": torch.get_num_threads(),
            "peak_rss_mb": peak_rss_mb()}
     if device.type == "cuda":
@@ -189,7 +191,8 @@ def main(argv=None) -> int:
                     help="comma list: tiny, small / medium / large (random weights, facebook/musicgen-* architecture)")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--dtypes", default="auto", help="comma list of generation.dtype values (auto = fp32 on CPU)")
+    ap.add_argument("--dtypes", default="auto", help="comma list of generation.dtype values (auto: bf16 on GPUs and on CPUs with "
+                         "AMX/AVX512-BF16, else fp32)")
     ap.add_argument("--decodings", default="auto",
                     help="comma list of generation.decoding values: auto, transformers, static, cuda_graph")
     ap.add_argument("--seconds", type=float, default=None, help="audio per prompt (default: tiny 4, small 3)")

@@ -65,7 +65,7 @@ def run_prepare(input_dir: Path, out: Path, workers: int) -> dict:
     wall = time.perf_counter() - t0
     if rc != 0:
         raise SystemExit(f"prepare_data failed with exit code {rc}")
-    rep = json.loads((out / prepare_data.REPORT_FILE).read_text())
+    rep = json.loads((out / "prepare_report.json").read_text())  # the report prepare_data.py writes
     return {"wall_s": wall, "audio_s": rep["seconds_decoded"], "clips": sum(rep["clips"].values())}
 
 

@@ -8,12 +8,12 @@
 Each case runs in a fresh child process (so its peak memory is its own), after the parent measured the
 machine's matmul peak (fp32, bf16) and copy bandwidth (bench/machine.py) in the same run. A case:
 
-* loads the model through lora.modeling.load_base_model (timed apart), attaches LoRA (rank 12, alpha 24,
-  default targets = decoder self+cross attention) with lora.modeling.attach_lora and applies
-  training.base_weights_dtype with lora.train_lora.prepare_frozen_weights, exactly like train_lora.py;
+* loads the model through lora.loading.load_base_model (timed apart) and prepares it with
+  lora.training.prepare_model (LoRA rank 12, alpha 24, default targets = decoder self+cross attention;
+  training.base_weights_dtype; device placement; the step's options), exactly like train_lora.py;
 * ``cached`` modes: builds the token cache of the batch (EnCodec codes + T5 states, timed apart as "cache
   build"), then times the step train_lora.py runs: a batch from CachedTokenDataset + collate_tokens,
-  lora.train_lora.batch_loss (delay pattern, decoder on cached text states, per-codebook loss) under
+  lora.training.step_loss (delay pattern, decoder on cached text states, per-codebook loss) under
   Accelerator.autocast, Accelerator.backward, gradient clipping, AdamW step;
 * ``encode`` mode (what peers do, fp32 like them): EnCodec-encodes the raw audio and T5-encodes the captions
   inside every step, then the same decoder forward/backward/update.
@@ -73,11 +73,11 @@ def train_flops(dec, text_cfg, B: int, T: int, L: int, rank: int, n_lora_self: i
     """FLOPs of one LoRA train step of the MusicGen decoder on B clips of T frames with L text tokens.
 
     Forward: every linear layer 2*tokens*in*out (self-attention q/k/v/out on B*S tokens; cross-attention q/out on
-    B*S tokens and k/v on the B*L text tokens; fc1/fc2; the K lm heads; enc_to_dec_proj on the text), attention
+    B*S tokens and k/v on the B*L text tokens; fc1/fc2; the K lm heads; the text projection on the text), attention
     QK^T and AV 2*B*S*S'*D each (S' = S self, L cross; the causal mask is not discounted: the kernel computes
     the full square), LoRA 2*tokens*r*(in+out) per adapted layer.
     Backward with frozen base weights: input-gradient matmuls only (= the forward FLOPs of every linear whose
-    input needs a gradient, i.e. all but the cross-attention k/v and enc_to_dec_proj, which read the frozen text
+    input needs a gradient, i.e. all but the cross-attention k/v and the text projection, which read the frozen text
     states), 2x the attention FLOPs (dQ,dK and dP,dV), 2x the LoRA FLOPs (weight + input gradients).
     Gradient checkpointing adds one more forward.
     """
@@ -146,7 +146,7 @@ def count_lora(model) -> tuple[int, int, int]:
 
     rank, n_self, n_cross = 0, 0, 0
     for name, m in model.named_modules():
-        if isinstance(m, LoraLayer) and "decoder.model.decoder.layers" in name:
+        if isinstance(m, LoraLayer) and "text_encoder" not in name:  # the decoder's layers
             rank = max(rank, max(m.r.values()))
             if ".encoder_attn." in name:
                 n_cross += 1
@@ -174,8 +174,8 @@ def run_case(spec: dict) -> dict:
 
     from lora.config import Config
     from lora.dataset import CachedClip, CachedTokenDataset, collate_tokens
-    from lora.modeling import attach_lora, encode_audio, encode_text, get_base, load_base_model
-    from lora.train_lora import batch_loss, configure_step, decoder_to, prepare_frozen_weights
+    from lora.loading import family_for, load_base_model
+    from lora.training import prepare_model, set_train_mode, step_loss
     from musicgen_arch import model_path
 
     mode, precision, weights = CASES[spec["case"]]
@@ -194,9 +194,9 @@ def run_case(spec: dict) -> dict:
     t0 = time.perf_counter()
     model, processor, info = load_base_model(cfg.model)  # placement as in train_lora.py: encoders first,
     load_s = time.perf_counter() - t0                   # the decoder after LoRA + the frozen-weight cast
-    base = get_base(model)
-    base.audio_encoder.to(device)
-    base.text_encoder.to(device)
+    fam = family_for(info)
+    fam.audio_codec(model).to(device)
+    fam.text_encoder(model).to(device)
 
     # Raw audio of the batch (song-like: partials + noise) and its captions.
     B, secs = spec["batch"], spec["seconds"]
@@ -210,8 +210,8 @@ def run_case(spec: dict) -> dict:
     # Cache build (what build_token_cache does per batch): EnCodec codes + T5 states.
     t0 = time.perf_counter()
     with torch.no_grad():
-        codes = encode_audio(model, wavs.to(device), info).cpu()
-        hidden, mask = encode_text(model, processor, texts, device=device)
+        codes = fam.encode_audio(model, wavs.to(device), info).cpu()
+        hidden, mask = fam.encode_text(model, processor, texts, device=device)
     sync()
     cache_s = time.perf_counter() - t0
     clips = [CachedClip(id=str(i), text=texts[i], split="train", codes=codes[i].to(torch.int16),
@@ -221,32 +221,29 @@ def run_case(spec: dict) -> dict:
     L = int(mask.shape[1])
 
     if mode == "cached":  # training reads tokens only: the encoders leave the accelerator, as in train_lora
-        base.audio_encoder.to("cpu")
-        base.text_encoder.to("cpu")
-    model = attach_lora(model, cfg.lora)
-    wdtype = prepare_frozen_weights(model, precision, weights)
-    decoder_to(model, device)
+        fam.audio_codec(model).to("cpu")
+        fam.text_encoder(model).to("cpu")
+    cfg.training.base_weights_dtype = weights
+    cfg.training.gradient_checkpointing = bool(spec.get("checkpointing"))
+    cfg.training.torch_compile = bool(spec.get("compile"))
     if "decoder_dropout" in spec:  # --decoder_dropout: else the config default, as train_lora.py
         cfg.training.decoder_dropout = spec["decoder_dropout"]
-    configure_step(model, device, checkpointing=bool(spec.get("checkpointing")),
-                   torch_compile=bool(spec.get("compile")),
-                   decoder_dropout=cfg.training.decoder_dropout)  # exactly as train_lora.py
-    model.train()
-    base.audio_encoder.eval()
-    base.text_encoder.eval()
-    params = [p for p in model.parameters() if p.requires_grad]
+    model, params = prepare_model(model, cfg, precision, device)  # exactly as train_lora.py
+    wdtype = "bfloat16" if next(fam.decoder(model).parameters()).dtype == torch.bfloat16 else "float32"
+    set_train_mode(model, cache_text=True)
+    fam.text_encoder(model).eval()
     assert all(p.dtype == torch.float32 for p in params), "LoRA parameters must stay float32"
     AcceleratorState._reset_state()
     acc = Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
     optimizer = acc.prepare(torch.optim.AdamW(params, lr=1e-4))
-    attn_impl = base.config.decoder._attn_implementation
+    attn_impl = fam.attention_implementation(model)
 
     def get_batch():
         if mode == "cached":
             return collate_tokens([ds[i] for i in range(B)], info.pad_token_id)
         with torch.no_grad():  # peers: encode audio + text inside every step, fp32
-            c = encode_audio(model, wavs.to(device), info)
-            h, m = encode_text(model, processor, texts, device=device)
+            c = fam.encode_audio(model, wavs.to(device), info)
+            h, m = fam.encode_text(model, processor, texts, device=device)
         return {"codes": c, "lengths": torch.full((B,), c.shape[-1], dtype=torch.long), "hidden": h, "mask": m,
                 "dropped": torch.zeros(B, dtype=torch.bool), "texts": texts}
 
@@ -254,7 +251,7 @@ def run_case(spec: dict) -> dict:
         t_a = time.perf_counter()
         batch = get_batch()
         t_b = time.perf_counter()
-        loss, _, _ = batch_loss(model, processor, info, batch, device, acc.autocast, cache_text=True)
+        loss = step_loss(model, processor, info, batch, device, acc.autocast, cache_text=True).loss
         acc.backward(loss)
         acc.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -305,7 +302,8 @@ def run_case(spec: dict) -> dict:
 
     rank, n_self, n_cross = count_lora(model)
     T = codes.shape[-1]
-    fl = train_flops(base.config.decoder, base.config.text_encoder, B, T, L, rank, n_self, n_cross,
+    base_cfg = fam.get_base(model).config
+    fl = train_flops(base_cfg.decoder, base_cfg.text_encoder, B, T, L, rank, n_self, n_cross,
                      bool(spec.get("checkpointing")))
     counted = None
     if spec.get("flop_check", True):
@@ -313,14 +311,14 @@ def run_case(spec: dict) -> dict:
 
         batch = collate_tokens([ds[i] for i in range(B)], info.pad_token_id)
         with FlopCounterMode(display=False) as fc:
-            loss, _, _ = batch_loss(model, processor, info, batch, device, acc.autocast, cache_text=True)
+            loss = step_loss(model, processor, info, batch, device, acc.autocast, cache_text=True).loss
             acc.backward(loss)
         optimizer.zero_grad(set_to_none=True)
         counted = fc.get_total_flops()
     ratios = {}
     if spec.get("adjacent_peaks", True):
         mm_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        ratios["matmul_floor"] = matmul_floor(base.config.decoder, B, fl["seq_len"], mm_dtype, device)
+        ratios["matmul_floor"] = matmul_floor(base_cfg.decoder, B, fl["seq_len"], mm_dtype, device)
         ratios["matmul_floor_peak_bf16_after"] = machine.matmul_peak(torch.bfloat16, device, n=n_peak, repeats=3)
     if adjacent:  # per step: achieved / the higher of the peaks measured just before and just after it
         for k, key in enumerate(("bf16", "fp32")):

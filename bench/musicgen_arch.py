@@ -14,7 +14,7 @@ Architecture (from the hub configs of facebook/musicgen-{small,medium,large} and
 Weights are random (seeded), so outputs are noise, but every matmul has the real size: speed and memory
 measured on it are those of musicgen-small. The folder is written with save_pretrained (plus the tiny model's
 word-level tokenizer standing in for T5's SentencePiece: it maps caption words to ids < 32128) and loaded
-through lora.modeling.load_base_model, like a downloaded model.
+through lora.loading.load_base_model, like a downloaded model.
 """
 
 from __future__ import annotations
@@ -79,13 +79,14 @@ def ensure_arch(scale: str = "small", directory: str | Path | None = None) -> Pa
     from transformers import EncodecFeatureExtractor, GenerationConfig, MusicgenForConditionalGeneration, \
         MusicgenProcessor
 
-    from lora.modeling import _build_tiny_tokenizer, _missing_local_files
+    from lora.loading import missing_local_files
+    from lora.tiny_model import build_tokenizer
     from lora.utils import atomic_dir
 
     directory = Path(directory or arch_dir(scale)).expanduser().resolve()
     marker = directory / "musicgen_arch.json"
     if marker.is_file() and json.loads(marker.read_text()).get("version") == VERSION \
-            and not _missing_local_files(directory):
+            and not missing_local_files(directory):
         return directory
     print(f"building the musicgen-{scale}-architecture random model in {directory} (once) ...", file=sys.stderr)
     cfg = small_configs(scale)
@@ -97,7 +98,7 @@ def ensure_arch(scale: str = "small", directory: str | Path | None = None) -> Pa
                                                guidance_scale=3.0, do_sample=True, max_length=1500, top_k=250)
     fe = EncodecFeatureExtractor(feature_size=1, sampling_rate=32000, padding_value=0.0, chunk_length_s=None,
                                  overlap=None)
-    processor = MusicgenProcessor(feature_extractor=fe, tokenizer=_build_tiny_tokenizer())
+    processor = MusicgenProcessor(feature_extractor=fe, tokenizer=build_tokenizer())
     directory.parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(directory) as tmp:
         model.save_pretrained(tmp)

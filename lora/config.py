@@ -28,14 +28,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from lora.utils import UserError, atomic_write_text
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "config.yaml"
 
-# Names of built-in model presets that are not paths (see modeling.py).
+# Names of built-in model presets that are not paths (lora.tiny_model builds them).
 BUILTIN_MODELS = ("tiny", "tiny-stereo")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A user mistake in config.yaml or on the command line. The message names the key and the fix."""
 
 
@@ -230,8 +232,6 @@ class Config:
     def save(self, path: str | os.PathLike) -> Path:
         """Write the resolved config as YAML (atomically) and return the path."""
         import yaml
-
-        from .utils import atomic_write_text
 
         text = "# Resolved configuration (defaults < config.yaml < flags) that produced these files\n"
         text += f"# config file read: {self.config_file or 'none (defaults and flags only)'}\n"

@@ -20,12 +20,17 @@ it is missing, the first folder of ``audio`` decides ("train/..." or "valid/..."
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-from .utils import UserError
+from lora.audio import file_hash, load_audio
+from lora.loading import family_for
+from lora.musicgen import null_text_states
+from lora.utils import UserError, atomic_path, log
 
 METADATA_VERSION = 1
 SPLITS = ("train", "valid")
@@ -130,14 +135,11 @@ def metadata_document(records: list[ClipRecord], sample_rate: int, channels: int
 #     data_dir/cache/<model identity>/codes/<sha1 of clip file>-sr<rate>-ch<channels>.safetensors
 #         "codes": int16 (K, T)
 #     data_dir/cache/<model identity>/text/<sha1 of caption>.safetensors
-#         "hidden": float32 (L, D)   T5 last_hidden_state (before enc_to_dec_proj), valid tokens only
+#         "hidden": float32 (L, D)   T5 last_hidden_state (before the decoder's projection), valid tokens only
 #         "mask":   int8 (L,)
 # A rerun reuses every file whose key still matches; a changed clip (new bytes -> new hash) or another model
 # (new identity) is encoded again, and only that. Each file is written atomically (temp file + rename).
 # ============================================================================================
-import hashlib  # noqa: E402
-import math  # noqa: E402
-
 CACHE_VERSION = 1
 
 
@@ -176,8 +178,6 @@ def _text_path(root: Path, text: str) -> Path:
 def _save_tensors(path: Path, tensors: dict, metadata: dict) -> None:
     from safetensors.torch import save_file
 
-    from .utils import atomic_path
-
     with atomic_path(path, suffix=".tmp") as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
                   metadata={k: str(v) for k, v in metadata.items()})
@@ -193,8 +193,6 @@ def _load_tensors(path: Path) -> Optional[dict]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, RuntimeError) as e:
-        from .utils import log
-
         log.warning("Cache file %s is unreadable (%s); encoding it again.", path, e)
         return None
 
@@ -215,10 +213,7 @@ def build_token_cache(records: list[ClipRecord], model, processor, info, data_di
     import torch
     from tqdm.auto import tqdm
 
-    from .audio import file_hash, load_audio
-    from .modeling import encode_audio, encode_text
-    from .utils import log
-
+    fam = family_for(info)
     root = cache_root(data_dir, info)
     stats = {"clips_encoded": 0, "clips_reused": 0, "texts_encoded": 0, "texts_reused": 0}
     hashes = [file_hash(r.path) for r in tqdm(records, desc="hashing clips", unit="clip", disable=not show_progress,
@@ -252,7 +247,7 @@ def build_token_cache(records: list[ClipRecord], model, processor, info, data_di
             for i, w in enumerate(waves):
                 batch[i, :, :w.shape[1]] = torch.from_numpy(w)
             with torch.no_grad():
-                out = encode_audio(model, batch.to(device) if device is not None else batch, info).cpu()
+                out = fam.encode_audio(model, batch.to(device) if device is not None else batch, info).cpu()
             for i, h in enumerate(chunk):
                 frames = min(out.shape[-1], max(1, math.ceil(n[i] / hop)))
                 c = out[i, :, :frames].to(torch.int16)
@@ -281,7 +276,7 @@ def build_token_cache(records: list[ClipRecord], model, processor, info, data_di
                        disable=not show_progress)
             for chunk in _batches(missing, batch_size):
                 with torch.no_grad():
-                    hidden, mask = encode_text(model, processor, chunk, device=device)
+                    hidden, mask = fam.encode_text(model, processor, chunk, device=device)
                 hidden, mask = hidden.float().cpu(), mask.long().cpu()
                 for i, text in enumerate(chunk):
                     valid = max(1, int(mask[i].sum()))
@@ -342,8 +337,6 @@ class CachedTokenDataset:
         return [min(c.num_frames, self.max_frames) for c in self.clips]
 
     def __getitem__(self, index: int) -> dict:
-        import torch
-
         clip = self.clips[index]
         T = clip.num_frames
         drop = False
@@ -357,8 +350,7 @@ class CachedTokenDataset:
         item = {"index": index, "codes": codes, "text": clip.text, "dropped": drop}
         if clip.hidden is not None:
             if drop:
-                item["hidden"] = torch.zeros(1, clip.hidden.shape[-1], dtype=clip.hidden.dtype)
-                item["mask"] = torch.zeros(1, dtype=torch.long)
+                item["hidden"], item["mask"] = null_text_states(clip.hidden.shape[-1], dtype=clip.hidden.dtype)
             else:
                 item["hidden"], item["mask"] = clip.hidden, clip.mask
         return item

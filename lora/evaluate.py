@@ -39,7 +39,17 @@ if __package__ in (None, ""):
 
 import numpy as np
 
+import lora
+from lora import metrics
+from lora.adapter import adapter_has_text_encoder, adapter_identity, load_lora, set_lora_scale
+from lora.audio import load_audio, save_wav
 from lora.config import Config, parse_config, validate
+from lora.dataset import CachedTokenDataset, build_token_cache, collate_tokens, load_metadata
+from lora.generation import GenerationError, SamplingSettings, cast_for_generation, generate_audio, pick_device
+from lora.loading import family_for, load_base_model
+from lora.precision import generation_dtype
+from lora.prompts import read_prompt_texts
+from lora.report import format_table, save_spectrogram, summary_rows, write_report
 from lora.utils import UserError, atomic_write_json, log, run_main
 
 LOUDNESS_TARGET_LUFS = -23.0   # every clip is normalised to this before embedding (EBU R128)
@@ -66,8 +76,6 @@ def check_config(cfg: Config) -> dict:
     if g.batch_size < 1:
         problems.append(f"generation.batch_size must be at least 1, got {g.batch_size}.")
     if not ev.skip_generation:
-        from lora.generation import SamplingSettings
-
         problems += SamplingSettings(guidance_scale=g.guidance_scale, temperature=g.temperature, top_k=g.top_k,
                                      top_p=g.top_p, do_sample=g.do_sample).problems("generation")
     if ev.clap_model_path and not Path(ev.clap_model_path).is_dir():
@@ -95,46 +103,6 @@ def check_config(cfg: Config) -> dict:
     return {"models": models, "adapter": adapter if "lora" in models else None}
 
 
-def read_prompts_file(path: str | Path) -> list[str]:
-    """Prompts from a .txt file (one per line, '#' comments), a JSON list, or JSONL (strings or objects with
-    "prompt"/"text")."""
-    p = Path(path)
-    text = p.read_text(encoding="utf-8")
-
-    def from_obj(o, where):
-        if isinstance(o, str):
-            return o
-        if isinstance(o, dict):
-            for k in ("prompt", "text", "caption"):
-                if isinstance(o.get(k), str):
-                    return o[k]
-        raise UserError(f"{where}: expected a string or an object with a 'prompt' field, got {o!r:.80}.")
-
-    if p.suffix.lower() == ".json":
-        try:
-            data = json.loads(text)
-        except ValueError as e:
-            raise UserError(f"{p} is not valid JSON ({e}).") from None
-        items = data.get("prompts") if isinstance(data, dict) else data
-        if not isinstance(items, list):
-            raise UserError(f"{p}: expected a list of prompts (or an object with a 'prompts' list).")
-        out = [from_obj(o, f"{p} item {i}") for i, o in enumerate(items)]
-    elif p.suffix.lower() == ".jsonl":
-        out = []
-        for i, line in enumerate(text.splitlines()):
-            if line.strip():
-                try:
-                    out.append(from_obj(json.loads(line), f"{p} line {i + 1}"))
-                except ValueError as e:
-                    raise UserError(f"{p} line {i + 1} is not valid JSON ({e}).") from None
-    else:
-        out = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
-    out = [s.strip() for s in out if s.strip()]
-    if not out:
-        raise UserError(f"{p} holds no prompts.")
-    return out
-
-
 def choose_prompts(cfg: Config, valid) -> tuple[list[str], str]:
     """The fixed prompt set: --prompts, else --prompts_file, else the distinct non-empty valid captions (in
     metadata order); the first num_prompts of it. Returns (prompts, where they came from)."""
@@ -142,7 +110,7 @@ def choose_prompts(cfg: Config, valid) -> tuple[list[str], str]:
     if g.prompts:
         prompts, source = [p.strip() for p in g.prompts if p.strip()], "--prompts"
     elif g.prompts_file:
-        prompts, source = read_prompts_file(g.prompts_file), str(g.prompts_file)
+        prompts, source = read_prompt_texts(g.prompts_file), str(g.prompts_file)
     else:
         prompts = list(dict.fromkeys(r.text.strip() for r in valid if r.text.strip()))
         source = "valid captions"
@@ -162,16 +130,6 @@ def _model_context(model, which: str):
     return contextlib.nullcontext()
 
 
-def adapter_has_text_encoder(model) -> bool:
-    """True when LoRA layers sit in the T5 text encoder (train_text_encoder): cached text states are then wrong
-    for the adapted model, and captions are encoded on the fly."""
-    try:
-        from peft.tuners.lora import LoraLayer
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return False
-    return any(isinstance(mod, LoraLayer) and "text_encoder" in name for name, mod in model.named_modules())
-
-
 def heldout_likelihood(model, clips, info, max_frames: int, batch_size: int, device, processor=None) -> dict:
     """Teacher-forced per-clip, per-codebook CE on cached tokens (the first max_frames of every clip).
 
@@ -180,10 +138,7 @@ def heldout_likelihood(model, clips, info, max_frames: int, batch_size: int, dev
     import torch
     from tqdm.auto import tqdm
 
-    from lora.dataset import CachedTokenDataset, collate_tokens
-    from lora.metrics import per_clip_cross_entropy
-    from lora.modeling import build_delay_pattern, encode_text
-
+    fam = family_for(info)
     K = info.num_codebooks
     ds = CachedTokenDataset(clips, max_frames, train=False)
     lengths = ds.lengths()
@@ -194,13 +149,13 @@ def heldout_likelihood(model, clips, info, max_frames: int, batch_size: int, dev
     with torch.no_grad():
         for b in tqdm(batches, desc="held-out likelihood", unit="batch", leave=False):
             batch = collate_tokens([ds[i] for i in b], info.pad_token_id)
-            dec_in, labels = build_delay_pattern(batch["codes"].to(device), batch["lengths"].to(device), info)
             if processor is not None:
-                hidden, mask = encode_text(model, processor, batch["texts"], device=device)
+                hidden, mask = fam.encode_text(model, processor, batch["texts"], device=device)
             else:
                 hidden, mask = batch["hidden"].to(device), batch["mask"].to(device)
-            logits = model(encoder_outputs=(hidden,), attention_mask=mask, decoder_input_ids=dec_in).logits
-            s, n = per_clip_cross_entropy(logits, labels, K)
+            logits, labels = fam.teacher_forced_logits(model, info, batch["codes"].to(device),
+                                                       batch["lengths"].to(device), hidden, mask)
+            s, n = fam.codebook_loss(logits, labels).per_clip()
             ce_sum[b] = s.cpu().numpy()
             n_tok[b] = n.cpu().numpy()
     per_cb = ce_sum.sum(0) / np.maximum(n_tok.sum(0), 1)
@@ -218,74 +173,51 @@ def heldout_likelihood(model, clips, info, max_frames: int, batch_size: int, dev
 # --------------------------------------------------------------------------------------------
 # Generation metrics
 # --------------------------------------------------------------------------------------------
-def encodec_frames(model, wav: np.ndarray, info, device) -> np.ndarray:
-    """Frames of the frozen EnCodec encoder before quantisation: (T, D) for one clip (C, N)."""
-    import torch
-
-    from lora.modeling import get_base
-
-    codec = get_base(model).audio_encoder
-    x = torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32))
-    if x.dim() == 1:
-        x = x[None]
-    if int(getattr(codec.config, "audio_channels", 1)) == 1 and x.shape[0] > 1:
-        x = x.mean(dim=0, keepdim=True)
-    p = next(codec.parameters())
-    with torch.no_grad():
-        z = codec.encoder(x[None].to(device=p.device, dtype=p.dtype))
-    return z[0].float().T.cpu().numpy().astype(np.float64)
-
-
 def codec_roundtrip(model, wav: np.ndarray, info) -> np.ndarray:
+    """The clip after the base model's codec: encode, decode (what a perfect token model could reproduce)."""
     import torch
 
-    from lora.modeling import decode_audio, encode_audio
-
+    fam = family_for(info)
     x = torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32))[None]
-    codes = encode_audio(model, x, info)
-    y = decode_audio(model, codes, info)[0].float().cpu().numpy()
+    codes = fam.encode_audio(model, x, info)
+    y = fam.decode_audio(model, codes, info)[0].float().cpu().numpy()
     return y[..., :wav.shape[-1]]
 
 
-def _embed_all(model, wavs, info, device) -> list[dict]:
-    """Per clip: loudness-normalised EnCodec frames and librosa frame features."""
+def _embed_all(model, wavs, info) -> list[dict]:
+    """Per clip: loudness-normalised EnCodec frames (the base model's codec latents) and librosa frame features."""
     from tqdm.auto import tqdm
 
-    from lora.metrics import librosa_frame_features, loudness_normalize
-
+    fam = family_for(info)
     out = []
     for w in tqdm(wavs, desc="embedding", unit="clip", leave=False):
-        x = loudness_normalize(w, info.sample_rate, LOUDNESS_TARGET_LUFS)
-        out.append({"encodec": encodec_frames(model, x, info, device),
-                    "librosa": librosa_frame_features(x, info.sample_rate)})
+        x = metrics.loudness_normalize(w, info.sample_rate, LOUDNESS_TARGET_LUFS)
+        out.append({"encodec": fam.codec_latents(model, x),
+                    "librosa": metrics.librosa_frame_features(x, info.sample_rate)})
     return out
 
 
 def _distances(gen: list[dict], ref: list[dict], transform: dict) -> dict:
     """FAD and KAD in both embedding spaces between generated and reference frame sets."""
-    from lora.metrics import clip_statistics, frechet_audio_distance, kernel_audio_distance, subsample_rows
-
     res = {}
     for space in ("encodec", "librosa"):
         x = transform[space](np.concatenate([g[space] for g in gen]))
         y = transform[space](np.concatenate([r[space] for r in ref]))
-        kad = kernel_audio_distance(subsample_rows(x, KAD_MAX_FRAMES), subsample_rows(y, KAD_MAX_FRAMES),
-                                    kernel=KAD_KERNEL)
-        res[space] = {"fad": frechet_audio_distance(x, y), "kad": kad, "n_clips": len(gen),
+        kad = metrics.kernel_audio_distance(metrics.subsample_rows(x, KAD_MAX_FRAMES),
+                                            metrics.subsample_rows(y, KAD_MAX_FRAMES), kernel=KAD_KERNEL)
+        res[space] = {"fad": metrics.frechet_audio_distance(x, y), "kad": kad, "n_clips": len(gen),
                       "n_reference_clips": len(ref), "n_frames": int(len(x)), "n_reference_frames": int(len(y))}
     # One vector per clip (mean and std of the standardised librosa frames): KAD is unbiased at small n, FAD is
     # not (and its covariance would be singular), so only KAD here.
-    cs = np.stack([clip_statistics(transform["librosa"](g["librosa"])) for g in gen])
-    cr = np.stack([clip_statistics(transform["librosa"](r["librosa"])) for r in ref])
-    res["librosa"]["kad_clip_statistics"] = (kernel_audio_distance(cs, cr, kernel=KAD_KERNEL)
+    cs = np.stack([metrics.clip_statistics(transform["librosa"](g["librosa"])) for g in gen])
+    cr = np.stack([metrics.clip_statistics(transform["librosa"](r["librosa"])) for r in ref])
+    res["librosa"]["kad_clip_statistics"] = (metrics.kernel_audio_distance(cs, cr, kernel=KAD_KERNEL)
                                              if len(cs) >= 2 and len(cr) >= 2 else None)
     return res
 
 
 def generate_clips(model, processor, info, which: str, prompts, seeds, cfg: Config) -> list:
     """Audio (C, N) per (prompt, seed) pair in prompt-major order; None where generation produced NaN/inf."""
-    from lora.generation import GenerationError, generate_audio
-
     g, ev = cfg.generation, cfg.evaluation
     pairs = [(p, s) for p in prompts for s in seeds]
     out: list = []
@@ -314,21 +246,14 @@ def usable_clips(checks: list[dict], exclude_failed: bool = True) -> list[int]:
 
 def generation_metrics(model, processor, info, cfg: Config, models: list[str], valid_recs, prompts: list[str],
                        out_dir: Path, device) -> dict:
-    from lora.audio import load_audio, save_wav
-    from lora.metrics import (diversity, signal_checks, standardizer, summarize_checks, thresholds_dict)
-    from lora.report import save_spectrogram
-
+    """Generate the prompt set with each model, check and save every clip, and compare the usable ones with the
+    held-out reference audio (FAD/KAD next to their floors, diversity, CLAP when asked)."""
     ev, g = cfg.evaluation, cfg.generation
     seeds = [g.seed + j for j in range(ev.eval_seeds)]
-    sr = info.sample_rate
     res: dict = {"prompts": prompts, "seeds": seeds, "clips": [], "signal": {}, "distances": {}, "diversity": {},
-                 "thresholds": thresholds_dict()}
-
-    # Generated audio, checks, files ---------------------------------------------------------------
-    from lora.generation import cast_for_generation, resolve_dtype
-
+                 "thresholds": metrics.thresholds_dict()}
     # after the held-out likelihood (fp32): generation.dtype (auto = bf16 on GPUs and AMX/AVX512-BF16 CPUs)
-    gen_dtype = resolve_dtype(g.dtype, device)
+    gen_dtype = generation_dtype(g.dtype, device)
     cast_for_generation(model, gen_dtype)  # decoder (with its LoRA layers) only; EnCodec and T5 stay fp32
     res["decoder_dtype"] = str(gen_dtype).replace("torch.", "")
     audio: dict[str, list] = {}
@@ -337,77 +262,25 @@ def generation_metrics(model, processor, info, cfg: Config, models: list[str], v
         log.info("Generating %d clip(s) of %.1f s with the %s model", len(prompts) * len(seeds), ev.eval_duration, m)
         audio[m] = generate_clips(model, processor, info, m, prompts, seeds, cfg)
     res["generation_seconds"] = time.perf_counter() - t0
-    ok: dict[str, list[int]] = {}
-    for m in models:
-        checks = []
-        ok[m] = []
-        for j, wav in enumerate(audio[m]):
-            pi, sd = divmod(j, len(seeds))
-            seed = seeds[sd]
-            stem = f"p{pi:03d}_s{seed}"
-            clip = {"model": m, "prompt_index": pi, "prompt": prompts[pi], "seed": seed}
-            if wav is None:
-                c = {"finite": False, "failures": ["non_finite"], "note": "generation produced NaN/inf logits"}
-            else:
-                c = signal_checks(wav, sr)
-                wav_rel = f"audio/{m}/{stem}.wav"
-                png_rel = f"spectrograms/{m}/{stem}.png"
-                save_wav(out_dir / wav_rel, np.nan_to_num(wav), sr)
-                save_spectrogram(wav, sr, out_dir / png_rel, f"{m} | seed {seed} | {prompts[pi]}")
-                clip.update(wav=wav_rel, spectrogram=png_rel)
-            clip["checks"] = c
-            checks.append(c)
-            res["clips"].append(clip)
-        ok[m] = usable_clips(checks, ev.exclude_failed_clips)
-        for j in ok[m]:
-            res["clips"][-len(checks) + j]["used_in_distances"] = True
-        res["signal"][m] = summarize_checks(checks)
-        res["signal"][m]["n_used_in_distances"] = len(ok[m])
+    ok = {m: _check_and_save_clips(res, m, audio[m], prompts, seeds, info.sample_rate, out_dir,
+                                   ev.exclude_failed_clips) for m in models}
     res["exclude_failed_clips"] = ev.exclude_failed_clips
 
-    # Reference audio and floors -------------------------------------------------------------------
     log.info("Embedding %d reference clip(s) and the generated clips", len(valid_recs))
-    loaded = [(r, load_audio(r.path, sr, info.audio_channels)) for r in valid_recs]
+    loaded = [(r, load_audio(r.path, info.sample_rate, info.audio_channels)) for r in valid_recs]
     valid_recs = [r for r, w in loaded if w.shape[-1] > 0]  # (empty files were already refused by the cache)
     ref_wavs = [w for _, w in loaded if w.shape[-1] > 0]
-    ref = _embed_all(model, ref_wavs, info, device)
-    lib_std = standardizer(np.concatenate([r["librosa"] for r in ref]))
+    ref = _embed_all(model, ref_wavs, info)
+    lib_std = metrics.standardizer(np.concatenate([r["librosa"] for r in ref]))
     transform = {"encodec": lambda x: x, "librosa": lib_std}
-    res["reference"] = {"n_clips": len(ref), "seconds": float(sum(w.shape[-1] for w in ref_wavs) / sr)}
-    floors: dict = {}
-    if len(ref) >= 2:
-        floors["noise"] = _distances(ref[0::2], ref[1::2], transform)
-        floors["noise"]["note"] = ("reference clips split in two halves (even / odd): the distance between two samples "
-                                   "of one distribution at this size")
-    else:
-        floors["noise"] = None
-    rt = _embed_all(model, [codec_roundtrip(model, w, info) for w in ref_wavs], info, device)
-    floors["codec"] = _distances(rt, ref, transform)
-    floors["codec"]["note"] = "reference vs its own EnCodec round-trip: the best a MusicGen model can reach"
-    res["floors"] = floors
-
-    # Distances and diversity per model -------------------------------------------------------------
+    res["reference"] = {"n_clips": len(ref), "seconds": float(sum(w.shape[-1] for w in ref_wavs) / info.sample_rate)}
+    res["floors"] = _floors(model, info, ref, ref_wavs, transform)
     for m in models:
-        wavs = [audio[m][j] for j in ok[m]]
-        if len(wavs) < 2:
-            res["distances"][m] = None
-            res["diversity"][m] = None
-            res.setdefault("notes", []).append(
-                f"{m} model: FAD/KAD/diversity not computed: {len(wavs)} of {len(audio[m])} generated clips are usable "
-                f"({'passing every signal check' if ev.exclude_failed_clips else 'finite'}); see the signal checks."
-                + (" --exclude_failed_clips false keeps clips that fail a check." if ev.exclude_failed_clips else ""))
-            log.warning(res["notes"][-1])
-            continue
-        emb = _embed_all(model, wavs, info, device)
-        res["distances"][m] = _distances(emb, ref, transform)
-        clip_emb = np.stack([e["encodec"].mean(axis=0) for e in emb])
-        res["diversity"][m] = diversity(clip_emb, [j // len(seeds) for j in ok[m]], [j % len(seeds) for j in ok[m]])
-        res["diversity"][m]["space"] = "mean EnCodec latent per clip, cosine distance"
-
-    # CLAP ----------------------------------------------------------------------------------------
+        _distances_and_diversity(res, m, model, info, audio[m], ok[m], ref, transform, len(seeds),
+                                 ev.exclude_failed_clips)
     if ev.clap_model_path:
-        res["clap"] = clap_metrics(ev.clap_model_path, models, audio, ok, prompts, seeds, valid_recs, ref_wavs, sr,
-                                   device)
+        res["clap"] = clap_metrics(ev.clap_model_path, models, audio, ok, prompts, seeds, valid_recs, ref_wavs,
+                                   info.sample_rate, device)
     else:
         res["clap"] = {"skipped": "CLAP score skipped: no --clap_model_path given. For a text-audio score, download "
                                   "a CLAP model once (e.g. laion/larger_clap_music) into a folder and pass "
@@ -415,10 +288,73 @@ def generation_metrics(model, processor, info, cfg: Config, models: list[str], v
     return res
 
 
+def _check_and_save_clips(res: dict, m: str, wavs: list, prompts, seeds, sr: int, out_dir: Path,
+                          exclude_failed: bool) -> list[int]:
+    """Signal checks of one model's clips; each finite clip is written (WAV + spectrogram) and listed in
+    res["clips"]; returns the indices of the clips that enter the distances."""
+    checks = []
+    for j, wav in enumerate(wavs):
+        pi, sd = divmod(j, len(seeds))
+        seed = seeds[sd]
+        stem = f"p{pi:03d}_s{seed}"
+        clip = {"model": m, "prompt_index": pi, "prompt": prompts[pi], "seed": seed}
+        if wav is None:
+            c = {"finite": False, "failures": ["non_finite"], "note": "generation produced NaN/inf logits"}
+        else:
+            c = metrics.signal_checks(wav, sr)
+            wav_rel = f"audio/{m}/{stem}.wav"
+            png_rel = f"spectrograms/{m}/{stem}.png"
+            save_wav(out_dir / wav_rel, np.nan_to_num(wav), sr)
+            save_spectrogram(wav, sr, out_dir / png_rel, f"{m} | seed {seed} | {prompts[pi]}")
+            clip.update(wav=wav_rel, spectrogram=png_rel)
+        clip["checks"] = c
+        checks.append(c)
+        res["clips"].append(clip)
+    ok = usable_clips(checks, exclude_failed)
+    for j in ok:
+        res["clips"][-len(checks) + j]["used_in_distances"] = True
+    res["signal"][m] = metrics.summarize_checks(checks)
+    res["signal"][m]["n_used_in_distances"] = len(ok)
+    return ok
+
+
+def _floors(model, info, ref: list[dict], ref_wavs: list, transform: dict) -> dict:
+    """The scale of the distances: two halves of the reference (noise floor) and the reference against its own
+    codec round-trip (codec floor)."""
+    floors: dict = {}
+    if len(ref) >= 2:
+        floors["noise"] = _distances(ref[0::2], ref[1::2], transform)
+        floors["noise"]["note"] = ("reference clips split in two halves (even / odd): the distance between two samples "
+                                   "of one distribution at this size")
+    else:
+        floors["noise"] = None
+    rt = _embed_all(model, [codec_roundtrip(model, w, info) for w in ref_wavs], info)
+    floors["codec"] = _distances(rt, ref, transform)
+    floors["codec"]["note"] = "reference vs its own EnCodec round-trip: the best a MusicGen model can reach"
+    return floors
+
+
+def _distances_and_diversity(res: dict, m: str, model, info, wavs_all: list, ok: list[int], ref: list[dict],
+                             transform: dict, n_seeds: int, exclude_failed: bool) -> None:
+    wavs = [wavs_all[j] for j in ok]
+    if len(wavs) < 2:
+        res["distances"][m] = None
+        res["diversity"][m] = None
+        res.setdefault("notes", []).append(
+            f"{m} model: FAD/KAD/diversity not computed: {len(wavs)} of {len(wavs_all)} generated clips are usable "
+            f"({'passing every signal check' if exclude_failed else 'finite'}); see the signal checks."
+            + (" --exclude_failed_clips false keeps clips that fail a check." if exclude_failed else ""))
+        log.warning(res["notes"][-1])
+        return
+    emb = _embed_all(model, wavs, info)
+    res["distances"][m] = _distances(emb, ref, transform)
+    clip_emb = np.stack([e["encodec"].mean(axis=0) for e in emb])
+    res["diversity"][m] = metrics.diversity(clip_emb, [j // n_seeds for j in ok], [j % n_seeds for j in ok])
+    res["diversity"][m]["space"] = "mean EnCodec latent per clip, cosine distance"
+
+
 def clap_metrics(path, models, audio, ok, prompts, seeds, valid_recs, ref_wavs, sr, device) -> dict:
     from transformers import ClapModel, ClapProcessor
-
-    from lora.metrics import clap_scores
 
     try:
         model = ClapModel.from_pretrained(path, local_files_only=True).to(device).eval()
@@ -432,12 +368,12 @@ def clap_metrics(path, models, audio, ok, prompts, seeds, valid_recs, ref_wavs, 
         if not idx:
             res[m] = None
             continue
-        r = clap_scores(model, processor, [prompts[j // len(seeds)] for j in idx], [audio[m][j] for j in idx], sr,
+        r = metrics.clap_scores(model, processor, [prompts[j // len(seeds)] for j in idx], [audio[m][j] for j in idx], sr,
                         device=device)
         res[m] = r
     pairs = [(r.text, w) for r, w in zip(valid_recs, ref_wavs) if r.text.strip()]
     if pairs:
-        res["reference"] = clap_scores(model, processor, [t for t, _ in pairs], [w for _, w in pairs], sr,
+        res["reference"] = metrics.clap_scores(model, processor, [t for t, _ in pairs], [w for _, w in pairs], sr,
                                        device=device)
         res["reference"]["note"] = "the valid clips scored against their own captions"
     return res
@@ -448,8 +384,6 @@ def clap_metrics(path, models, audio, ok, prompts, seeds, valid_recs, ref_wavs, 
 # --------------------------------------------------------------------------------------------
 def versions() -> dict:
     import importlib.metadata as md
-
-    import lora
 
     out = {"python": platform.python_version(), "lora_toolkit": lora.__version__}
     for pkg in ("torch", "transformers", "peft", "accelerate", "numpy", "scipy", "librosa", "pyloudnorm", "soxr",
@@ -498,12 +432,8 @@ def main(argv=None) -> int:
 
 
 def evaluate(cfg: Config, plan: dict) -> int:
+    """Load, build the token cache, load the adapter; then held-out likelihood, generation metrics, results."""
     import torch
-
-    from lora.dataset import build_token_cache, load_metadata
-    from lora.generation import adapter_identity, pick_device
-    from lora.modeling import get_base, load_base_model, load_lora, set_lora_scale
-    from lora.report import format_table, summary_rows, write_report
 
     ev, g = cfg.evaluation, cfg.generation
     out_dir = Path(ev.output_dir)
@@ -520,7 +450,6 @@ def evaluate(cfg: Config, plan: dict) -> int:
 
     device = pick_device()
     model, processor, info = load_base_model(cfg.model, device=device)
-    base = get_base(model)
     # Cache (built once, shared with training) before the adapter goes on: codes and text states are the base's.
     clips, cache_stats = build_token_cache(valid, model, processor, info, cfg.data.data_dir,
                                            batch_size=cfg.training.encode_batch_size, device=device)
@@ -535,36 +464,7 @@ def evaluate(cfg: Config, plan: dict) -> int:
         identity["lora"] = dict(adapter_identity(adapter), base=identity["base"]["name_or_path"], scale=g.lora_scale)
     model.eval()
 
-    # 1. Held-out likelihood ----------------------------------------------------------------------
-    max_pos = int(getattr(base.config.decoder, "max_position_embeddings", 10 ** 9))
-    max_frames = min(int(round(cfg.training.max_duration * info.frame_rate)), max_pos - info.codebooks_per_channel + 1)
-    few_note = None
-    lk: dict = {"window_seconds": max_frames / info.frame_rate, "split": "valid", "cache": cache_stats}
-    text_lora = adapter_has_text_encoder(model)
-    if text_lora:
-        log.info("The adapter has LoRA layers in the text encoder: captions are encoded on the fly")
-    lk["text_states"] = "encoded on the fly (adapter trains the text encoder)" if text_lora else "cached"
-    for m in models:
-        with _model_context(model, m):
-            lk[m] = heldout_likelihood(model, clips, info, max_frames, cfg.training.batch_size, device,
-                                       processor=processor if text_lora else None)
-        log.info("%s model: held-out cross-entropy %.4f (perplexity %.2f) over %d clips, %d tokens", m, lk[m]["ce"],
-                 lk[m]["ppl"], lk[m]["n_clips"], lk[m]["n_tokens"])
-    if "base" in models and "lora" in models:
-        from lora.metrics import paired_bootstrap_ci
-
-        diff = paired_bootstrap_ci([c["ce"] for c in lk["base"]["per_clip"]], [c["ce"] for c in lk["lora"]["per_clip"]],
-                                   weights=[c["tokens"] for c in lk["base"]["per_clip"]], n_boot=ev.bootstrap_samples,
-                                   seed=g.seed)
-        diff["what"] = "LoRA minus base held-out cross-entropy (token-weighted over clips); negative = LoRA better"
-        diff["ppl_ratio"] = float(math.exp(diff["diff"]))
-        diff["excludes_zero"] = bool(diff["ci_high"] < 0 or diff["ci_low"] > 0)
-        lk["difference"] = diff
-        if diff["n"] < 10:
-            few_note = (f"Only {diff['n']} held-out clips: the confidence interval of the likelihood difference is "
-                        f"rough (a bootstrap over few clips is too narrow); hold out more clips "
-                        f"(prepare_data.py --valid_fraction).")
-
+    lk, few_note = likelihood_section(model, processor, info, clips, cfg, models, device, cache_stats)
     results: dict = {
         "models_evaluated": models, "identity": identity, "likelihood": lk, "versions": versions(),
         "settings": {"evaluation": dataclasses.asdict(ev), "data_dir": cfg.data.data_dir,
@@ -581,7 +481,6 @@ def evaluate(cfg: Config, plan: dict) -> int:
         results["notes"].append(few_note)
         log.warning(few_note)
 
-    # 2. Generation metrics ----------------------------------------------------------------------
     if ev.skip_generation:
         results["generation"] = {"skipped": "generation metrics skipped (--skip_generation)"}
         results["notes"].append("Generation metrics skipped (--skip_generation): likelihood only.")
@@ -594,6 +493,47 @@ def evaluate(cfg: Config, plan: dict) -> int:
         if gen["clap"].get("skipped"):
             results["notes"].append(gen["clap"]["skipped"])
     results["seconds"] = time.perf_counter() - t_start
+    write_results(cfg, results, out_dir, adapter)
+    return 0
+
+
+def likelihood_section(model, processor, info, clips, cfg: Config, models: list[str], device,
+                       cache_stats: dict) -> tuple[dict, str]:
+    """Held-out likelihood of each model and (both evaluated) the paired bootstrap of their difference; returns
+    (the results.json section, a note when the evidence is thin or None)."""
+    fam = family_for(info)
+    max_frames = min(int(round(cfg.training.max_duration * info.frame_rate)),
+                     fam.max_positions(model) - info.codebooks_per_channel + 1)
+    few_note = None
+    lk: dict = {"window_seconds": max_frames / info.frame_rate, "split": "valid", "cache": cache_stats}
+    text_lora = adapter_has_text_encoder(model)
+    if text_lora:
+        log.info("The adapter has LoRA layers in the text encoder: captions are encoded on the fly")
+    lk["text_states"] = "encoded on the fly (adapter trains the text encoder)" if text_lora else "cached"
+    for m in models:
+        with _model_context(model, m):
+            lk[m] = heldout_likelihood(model, clips, info, max_frames, cfg.training.batch_size, device,
+                                       processor=processor if text_lora else None)
+        log.info("%s model: held-out cross-entropy %.4f (perplexity %.2f) over %d clips, %d tokens", m, lk[m]["ce"],
+                 lk[m]["ppl"], lk[m]["n_clips"], lk[m]["n_tokens"])
+    if "base" in models and "lora" in models:
+        diff = metrics.paired_bootstrap_ci(
+            [c["ce"] for c in lk["base"]["per_clip"]], [c["ce"] for c in lk["lora"]["per_clip"]],
+            weights=[c["tokens"] for c in lk["base"]["per_clip"]], n_boot=cfg.evaluation.bootstrap_samples,
+            seed=cfg.generation.seed)
+        diff["what"] = "LoRA minus base held-out cross-entropy (token-weighted over clips); negative = LoRA better"
+        diff["ppl_ratio"] = float(math.exp(diff["diff"]))
+        diff["excludes_zero"] = bool(diff["ci_high"] < 0 or diff["ci_low"] > 0)
+        lk["difference"] = diff
+        if diff["n"] < 10:
+            few_note = (f"Only {diff['n']} held-out clips: the confidence interval of the likelihood difference is "
+                        f"rough (a bootstrap over few clips is too narrow); hold out more clips "
+                        f"(prepare_data.py --valid_fraction).")
+    return lk, few_note
+
+
+def write_results(cfg: Config, results: dict, out_dir: Path, adapter) -> None:
+    """results.json, config.yaml, report.html, and the summary table on stdout."""
     results["summary"] = summary_rows(results)
     results = jsonable(results)
     atomic_write_json(out_dir / "results.json", results)
@@ -606,7 +546,6 @@ def evaluate(cfg: Config, plan: dict) -> int:
     print()
     print(f"results: {out_dir / 'results.json'}")
     print(f"report:  {report}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -20,8 +20,11 @@ What it does, and why it has its own decoding loop instead of calling ``model.ge
 * **Continuation of an audio prompt.** EnCodec codes of the prompt become the first frames of the piece
   (the requested duration includes the prompt, as in audiocraft).
 * **Speed.** Key/value cache, one forward per step for the whole batch (cond + uncond), the random numbers
-  of a window drawn up front (no host sync per step), weights in bf16/fp16 on GPU and bf16 on CPUs with AMX/AVX512-BF16 (``dtype: auto``) with the
-  LoRA merged into them by default.
+  of a window drawn up front (no host sync per step), weights in bf16/fp16 on GPU and bf16 on CPUs with
+  AMX/AVX512-BF16 (``dtype: auto``, lora.precision.generation_dtype) with the LoRA merged into them by default;
+  the static key/value cache decoder of the model family (lora.fast_decode), replayed as a CUDA graph on GPUs.
+
+The model's internals are reached through its family module (lora.musicgen, via ``lora.loading.family_for``).
 
 Public API::
 
@@ -30,21 +33,22 @@ Public API::
     # -> list of float32 numpy arrays (channels, samples) at info.sample_rate
 
     results = generate(model, processor, info, requests, batch_size=4, ...)  # full detail (codes, windows, time)
-    cast_for_generation(model, resolve_dtype("auto", device))    # decoder to bf16/fp16; EnCodec + T5 stay fp32
+    cast_for_generation(model, generation_dtype("auto", device))  # decoder to bf16/fp16; EnCodec + T5 stay fp32
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from lora import adapter as lora_adapter
+from lora.loading import family_for, load_base_model
+from lora.precision import generation_dtype
 from lora.utils import UserError, log
 
 MAX_DURATION_S = 3600.0  # longer requests are almost certainly a typo (minutes vs seconds)
@@ -129,61 +133,15 @@ def pick_device():
     return torch.device("cpu")
 
 
-def resolve_dtype(name: str, device):
-    """'auto' -> bf16 on GPUs that run it, fp16 on older GPUs; on a CPU bf16 where it has AMX-BF16 or
-    AVX512-BF16 (read from /proc/cpuinfo, as for training: musicgen-small at batch 8 generated 2.4x faster than
-    fp32 on such a CPU, BENCHMARKS.md), else fp32; otherwise the named dtype."""
-    import torch
-
-    from lora.precision import choose_precision
-
-    device = torch.device(device)
-    if name in (None, "", "auto"):
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        if device.type == "cpu" and choose_precision("auto", device)[0] == "bf16":
-            return torch.bfloat16
-        return torch.float32
-    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in table:
-        raise UserError(f"generation.dtype {name!r} is not one of auto, float32, bfloat16, float16.")
-    if device.type == "cpu" and table[name] == torch.float16:
-        log.warning("dtype float16 on CPU is slow and fragile; consider float32 (or dtype: auto)")
-    return table[name]
-
-
-def adapter_identity(adapter_dir) -> dict:
-    """Path, content hash of the adapter weights, and what adapter_config.json says about it."""
-    adapter_dir = Path(adapter_dir)
-    weights = adapter_dir / "adapter_model.safetensors"
-    h = hashlib.sha256()
-    with open(weights, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    out = {"path": str(adapter_dir.resolve()), "weights_sha256": h.hexdigest()}
-    try:
-        cfg = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        cfg = {}
-    for key in ("base_model_name_or_path", "r", "lora_alpha", "use_dora", "use_rslora"):
-        if key in cfg:
-            out[key] = cfg[key]
-    return out
-
-
 def cast_for_generation(model, dtype) -> None:
     """The decoder (what runs every step) in ``dtype``; EnCodec and T5 stay fp32 (they run once per batch and
     the codec's output is the audio itself)."""
     import torch
 
-    from lora.modeling import get_base
-
     if dtype == torch.float32:
         return
-    base = get_base(model)
-    base.decoder.to(dtype)
-    if getattr(base, "enc_to_dec_proj", None) is not None:
-        base.enc_to_dec_proj.to(dtype)
+    for module in family_for(model).decoder_modules(model):
+        module.to(dtype)
 
 
 def load_generation_model(cfg, device=None, adapter_path="__from_cfg__"):
@@ -196,25 +154,23 @@ def load_generation_model(cfg, device=None, adapter_path="__from_cfg__"):
     """
     import torch
 
-    from lora import modeling
-
     g = cfg.generation
     if adapter_path == "__from_cfg__":
         adapter_path = g.lora_model_path
     device = torch.device(device) if device is not None else pick_device()
-    dtype = resolve_dtype(g.dtype, device)
+    dtype = generation_dtype(g.dtype, device)
     # Load in fp32 on the CPU: merging LoRA is then exact; the decoder is cast afterwards and only then moved to
     # the device (a GPU never holds the fp32 copy: ~14 GB for musicgen-large instead of ~7 GB in bf16).
-    model, processor, info = modeling.load_base_model(cfg.model)
+    model, processor, info = load_base_model(cfg.model)
     adapter_info = None
     if adapter_path:
-        model = modeling.load_lora(model, adapter_path, is_trainable=False)
-        adapter_info = adapter_identity(adapter_path)
+        model = lora_adapter.load_lora(model, adapter_path, is_trainable=False)
+        adapter_info = lora_adapter.adapter_identity(adapter_path)
         scale = float(g.lora_scale)
-        modeling.set_lora_scale(model, scale)
+        lora_adapter.set_lora_scale(model, scale)
         merge = g.merge if g.merge is not None else (scale == 1.0)
         if merge:
-            model = modeling.merge_lora(model)
+            model = lora_adapter.merge_lora(model)
         adapter_info.update(scale=scale, merged=bool(merge))
         log.info("Adapter %s at scale %g (%s)", adapter_path, scale,
                  "merged into the weights" if merge else "unmerged")
@@ -292,24 +248,6 @@ class TokenSampler:
 # --------------------------------------------------------------------------------------------
 # The decoding loop
 # --------------------------------------------------------------------------------------------
-def _decoder_dtype(base):
-    return next(base.decoder.parameters()).dtype
-
-
-def _extract_frames(seq, n_frames: int, info):
-    """(B*K, Kc + n) delay-patterned ids -> (B, K, n) frames: the row of a codebook with delay d holds its
-    frames at positions d+1 .. d+n (stereo: left/right codebooks are interleaved and share a delay)."""
-    import torch
-
-    K = info.num_codebooks
-    seq = seq.view(-1, K, seq.shape[-1])
-    rows = []
-    for k in range(K):
-        d = k // info.audio_channels  # mono: d = k; stereo: rows 2c and 2c+1 have delay c
-        rows.append(seq[:, k, d + 1: d + 1 + n_frames])
-    return torch.stack(rows, dim=1)
-
-
 DECODINGS = ("auto", "transformers", "static", "cuda_graph")
 
 
@@ -328,18 +266,19 @@ def resolve_decoding(decoding: str, device) -> str:
     return decoding
 
 
-def _run_window(base, info, hidden, mask, guidance: float, context, n_new: int, sampler: TokenSampler,
+def _run_window(model, info, hidden, mask, guidance: float, context, n_new: int, sampler: TokenSampler,
                 uniforms, bad, pbar=None, decoding: str = "transformers"):
     """Generate ``n_new`` frames after ``context`` (B, K, c) codes (c may be 0).
 
     hidden/mask: text states (B, L, D) / (B, L) (already doubled with the null half when guidance > 1).
     uniforms: (steps, B*K) or None. bad: BoolTensor (B,) set where logits were not finite.
     decoding: "transformers" (the model's own forward with its key/value cache), "static" or "cuda_graph"
-    (lora.fast_decode.StaticDecoder: same maths, preallocated cache; the latter replays each step as a CUDA
-    graph). Returns (B, K, c + n_new) codes.
+    (the family's StaticDecoder, lora.fast_decode: same maths, preallocated cache; the latter replays each step as
+    a CUDA graph). Returns (B, K, c + n_new) codes.
     """
     import torch
 
+    fam = family_for(info)
     K = info.num_codebooks
     Kc = info.codebooks_per_channel
     B, _, c = context.shape
@@ -348,7 +287,7 @@ def _run_window(base, info, hidden, mask, guidance: float, context, n_new: int, 
     L = total + Kc  # sequence length with the delay pattern
     ids = torch.full((B, K, 1), start, dtype=torch.long, device=context.device)
     ids = torch.cat([ids, context], dim=-1).reshape(B * K, 1 + c)
-    prefix, pattern = base.decoder.build_delay_pattern_mask(ids, pad_token_id=start, max_length=L)
+    prefix, pattern = fam.generation_pattern(model, ids, pad_token_id=start, max_length=L)
     seq = pattern.clone()
     cur = prefix.shape[-1]
     step_input = seq[:, :cur]
@@ -356,17 +295,13 @@ def _run_window(base, info, hidden, mask, guidance: float, context, n_new: int, 
     cfg = guidance > 1.0
     static = None
     if decoding in ("static", "cuda_graph"):
-        from lora.fast_decode import StaticDecoder
-
-        static = StaticDecoder(base, hidden, mask, rows=hidden.shape[0], max_len=L - 1,
-                               cuda_graph=decoding == "cuda_graph")
+        static = fam.StaticDecoder(fam.get_base(model), hidden, mask, rows=hidden.shape[0], max_len=L - 1,
+                                   cuda_graph=decoding == "cuda_graph")
     for step in range(L - cur):
         dec_in = step_input.repeat(2, 1) if cfg else step_input
         if static is None:
-            out = base(encoder_outputs=(hidden,), attention_mask=mask, decoder_input_ids=dec_in, cache=cache,
-                       use_cache=True)
-            cache = out.cache
-            logits = out.logits[:, -1].float()
+            logits, cache = fam.cached_step(model, hidden, mask, dec_in, cache)
+            logits = logits.float()
         elif step == 0:
             logits = static.prefill(dec_in).float()
         else:
@@ -383,27 +318,20 @@ def _run_window(base, info, hidden, mask, guidance: float, context, n_new: int, 
         cur += 1
         if pbar is not None:
             pbar.update(1)
-    return _extract_frames(seq, total, info)
+    return fam.frames_from_pattern(seq, total, info)
 
 
 def _text_states(model, processor, prompts, guidance, dtype):
-    import torch
-
-    from lora import modeling
-
-    hidden, mask = modeling.encode_text(model, processor, list(prompts))
+    fam = family_for(model)
+    hidden, mask = fam.encode_text(model, processor, list(prompts))
     if guidance > 1.0:  # the null condition for the unconditional half, as transformers' generate()
-        hidden = torch.cat([hidden, torch.zeros_like(hidden)], dim=0)
-        mask = torch.cat([mask, torch.zeros_like(mask)], dim=0)
+        hidden, mask = fam.with_unconditional(hidden, mask)
     return hidden.to(dtype), mask
 
 
 def plan_batch(model, info, reqs: list[Request], max_window: float, extend_stride: float) -> list[Window]:
     """The windows of a batch (all its requests share duration and audio prompt); GenerationError when the
     request cannot be generated with this model."""
-    from lora import modeling
-
-    base = modeling.get_base(model)
     r = reqs[0]
     total = info.frames(r.duration)
     window = info.frames(max_window)
@@ -419,9 +347,9 @@ def plan_batch(model, info, reqs: list[Request], max_window: float, extend_strid
                               f"duration is {r.duration:g} s in total; ask for a longer duration (it includes the "
                               f"prompt).")
     windows = plan_windows(total, prompt, window, stride)
-    max_pos = getattr(base.config.decoder, "max_position_embeddings", None)
+    max_pos = family_for(info).max_positions(model)
     need = max(w.context + w.new for w in windows) + info.codebooks_per_channel
-    if max_pos is not None and need > max_pos:
+    if need > max_pos:
         raise GenerationError(f"max_window {max_window:g} s needs {need} decoder positions but this model has "
                               f"{max_pos}; use a smaller max_window (30 s for MusicGen).")
     return windows
@@ -432,10 +360,8 @@ def _generate_batch(model, processor, info, reqs: list[Request], windows: list[W
     import torch
     from tqdm.auto import tqdm
 
-    from lora import modeling
-
-    base = modeling.get_base(model)
-    device = next(base.decoder.parameters()).device
+    decoder_param = family_for(info).decoder_param(model)
+    device = decoder_param.device
     s = reqs[0].sampling
     B, K = len(reqs), info.num_codebooks
     if reqs[0].prompt_codes is not None:
@@ -446,7 +372,7 @@ def _generate_batch(model, processor, info, reqs: list[Request], windows: list[W
     guidance = float(s.guidance_scale)
     if all(not r.prompt.strip() for r in reqs):
         guidance = 1.0  # unconditional: cond == uncond, guidance changes nothing; skip the second half
-    hidden, mask = _text_states(model, processor, [r.prompt for r in reqs], guidance, _decoder_dtype(base))
+    hidden, mask = _text_states(model, processor, [r.prompt for r in reqs], guidance, decoder_param.dtype)
     sampler = TokenSampler(s, info.vocab_size)
     gens = None
     if s.do_sample:
@@ -471,7 +397,7 @@ def _generate_batch(model, processor, info, reqs: list[Request], windows: list[W
                 uniforms = u.reshape(n_steps, B * K)
             if len(windows) > 1:
                 bar.set_postfix_str(f"window {wi + 1}/{len(windows)}")
-            out = _run_window(base, info, hidden, mask, guidance, ctx, w.new, sampler, uniforms, bad, pbar=bar,
+            out = _run_window(model, info, hidden, mask, guidance, ctx, w.new, sampler, uniforms, bad, pbar=bar,
                               decoding=decoding)
             window_heads.append(out[..., :w.context].detach().cpu())
             known = torch.cat([known, out[..., w.context:]], dim=-1)
@@ -489,9 +415,7 @@ def _generate_batch(model, processor, info, reqs: list[Request], windows: list[W
 def _decode(model, info, codes, n_samples: int) -> list[np.ndarray]:
     import torch
 
-    from lora import modeling
-
-    audio = modeling.decode_audio(model, codes, info).float()
+    audio = family_for(info).decode_audio(model, codes, info).float()
     audio = audio[..., :n_samples]
     if not bool(torch.isfinite(audio).all()):
         raise GenerationError("EnCodec produced NaN/inf audio; nothing was written. Try --dtype float32.")
@@ -545,9 +469,7 @@ def generate(model, processor, info, requests: Sequence[Request], *, batch_size:
         for j in range(0, len(idx), batch_size):
             batches.append(idx[j: j + batch_size])
     plans = [plan_batch(model, info, [requests[i] for i in idx], max_window, extend_stride) for idx in batches]
-    from lora import modeling
-
-    decoding = resolve_decoding(decoding, next(modeling.get_base(model).decoder.parameters()).device)
+    decoding = resolve_decoding(decoding, family_for(info).decoder_param(model).device)
     results: list[Optional[Result]] = [None] * len(requests)
     outer = tqdm(total=len(requests), desc="samples", unit="sample", disable=not progress, dynamic_ncols=True)
     try:
@@ -606,14 +528,12 @@ def encode_audio_prompt(model, info, wav) -> tuple:
     """Float audio (channels, samples) at info.sample_rate -> (codes LongTensor (K, P), content id)."""
     import torch
 
-    from lora import modeling
-
     w = torch.as_tensor(np.asarray(wav, dtype=np.float32))
     if w.dim() == 1:
         w = w[None]
     if w.shape[-1] == 0:
         raise GenerationError("The audio prompt is empty (0 samples).")
-    codes = modeling.encode_audio(model, w[None], info)[0].cpu()
+    codes = family_for(info).encode_audio(model, w[None], info)[0].cpu()
     pid = hashlib.sha1(codes.numpy().tobytes()).hexdigest()[:12]
     return codes, pid
 

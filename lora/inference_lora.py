@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import re
 import sys
@@ -45,13 +44,15 @@ if __package__ in (None, ""):
     __package__ = "lora"
 
 from lora import config as config_module  # noqa: E402
+from lora import generation  # noqa: E402
+from lora.audio import load_audio, normalize_peak, peak_db, save_wav  # noqa: E402
 from lora.config import GenerationConfig, parse_config, validate  # noqa: E402
 from lora.generation import Request, SamplingSettings, validate_request  # noqa: E402
+from lora.loading import family_for  # noqa: E402
+from lora.prompts import read_prompts_file  # noqa: E402
 from lora.utils import UserError, atomic_write_json, human_seconds, log, run_main  # noqa: E402
 
 DESCRIPTION = "Generate music with MusicGen + a LoRA adapter (WAV files + manifest.json)."
-PER_PROMPT_KEYS = {"text": str, "prompt": str, "duration": float, "seed": int, "guidance_scale": float,
-                   "temperature": float, "top_k": int, "top_p": float, "num_samples": int}
 MANIFEST = "manifest.json"
 SLUG_MAX_BYTES = 80
 
@@ -67,97 +68,6 @@ class PromptSpec:
     seed: int
     num_samples: int
     sampling: SamplingSettings
-
-
-def _entry_value(key, value, where, problems):
-    want = PER_PROMPT_KEYS[key]
-    if isinstance(value, bool) or value is None:
-        problems.append(f"{where}: '{key}' must be {want.__name__}, got {value!r}.")
-        return None
-    if want is str:
-        if not isinstance(value, str):
-            problems.append(f"{where}: '{key}' must be text, got {value!r}.")
-            return None
-        return value
-    if want is int:
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if not isinstance(value, int):
-            problems.append(f"{where}: '{key}' must be an integer, got {value!r}.")
-            return None
-        return value
-    if not isinstance(value, (int, float)):
-        problems.append(f"{where}: '{key}' must be a number, got {value!r}.")
-        return None
-    return float(value)
-
-
-def read_prompts_file(path: str | os.PathLike, problems: list[str]) -> list[tuple[str, dict]]:
-    """Entries (where, {text, and optional per-prompt settings}) of a .txt / .json / .jsonl prompts file."""
-    p = Path(path)
-    if not p.is_file():
-        problems.append(f"prompts_file not found: {p}. Pass a .txt (one prompt per line), .json or .jsonl file.")
-        return []
-    try:
-        text = p.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as e:
-        problems.append(f"prompts_file {p} cannot be read as UTF-8 text ({e}).")
-        return []
-    raw: list[tuple[str, object]] = []
-    suffix = p.suffix.lower()
-    if suffix == ".jsonl":
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                raw.append((f"{p.name} line {n}", json.loads(line)))
-            except ValueError as e:
-                problems.append(f"{p.name} line {n} is not valid JSON ({e}). Each line must be a JSON object like "
-                                f'{{"text": "lofi piano", "duration": 10}} or a JSON string.')
-    elif suffix == ".json":
-        try:
-            data = json.loads(text)
-        except ValueError as e:
-            problems.append(f"{p} is not valid JSON ({e}).")
-            return []
-        if isinstance(data, dict) and "prompts" in data:
-            data = data["prompts"]
-        if not isinstance(data, list):
-            problems.append(f"{p}: expected a JSON list of prompts (strings or objects with 'text'), or "
-                            f'{{"prompts": [...]}}; got {type(data).__name__}.')
-            return []
-        raw = [(f"{p.name} item {i + 1}", item) for i, item in enumerate(data)]
-    else:
-        for n, line in enumerate(text.splitlines(), 1):
-            s = line.strip()
-            if s and not s.startswith("#"):
-                raw.append((f"{p.name} line {n}", s))
-    out = []
-    for where, item in raw:
-        if isinstance(item, str):
-            out.append((where, {"text": item}))
-            continue
-        if not isinstance(item, dict):
-            problems.append(f"{where}: expected a prompt string or an object with 'text', got {item!r}.")
-            continue
-        unknown = sorted(set(item) - set(PER_PROMPT_KEYS))
-        if unknown:
-            problems.append(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; allowed: "
-                            f"{', '.join(sorted(PER_PROMPT_KEYS))}.")
-            continue
-        if "text" in item and "prompt" in item:
-            problems.append(f"{where}: give either 'text' or 'prompt', not both.")
-            continue
-        entry = {}
-        for key, value in item.items():
-            v = _entry_value(key, value, where, problems)
-            if v is not None:
-                entry["text" if key == "prompt" else key] = v
-        if "text" not in entry and not any(f"{where}:" in q for q in problems):
-            problems.append(f"{where}: no 'text' (the prompt); e.g. {{\"text\": \"lofi piano\"}}.")
-            continue
-        out.append((where, entry))
-    return out
 
 
 def build_prompt_specs(g: GenerationConfig, problems: list[str]) -> list[PromptSpec]:
@@ -282,36 +192,8 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    cfg, _ = parse_config(argv, description=DESCRIPTION, sections=("generation", "model"))
-    g = cfg.generation
-
-    # ---- validate everything before loading anything
-    problems: list[str] = []
-    specs = build_prompt_specs(g, problems)
-    if g.batch_size < 1:
-        problems.append(f"batch_size must be >= 1, got {g.batch_size}.")
-    if not (math.isfinite(g.max_window) and g.max_window > 0):
-        problems.append(f"max_window must be > 0 seconds (MusicGen: 30), got {g.max_window}.")
-    elif not (0 < g.extend_stride < g.max_window):
-        problems.append(f"extend_stride ({g.extend_stride} s) must be > 0 and smaller than max_window "
-                        f"({g.max_window} s); audiocraft uses 18 of 30.")
-    if not (math.isfinite(g.lora_scale) and g.lora_scale >= 0):
-        problems.append(f"lora_scale must be >= 0 (0 = base model, 1 = full adapter), got {g.lora_scale}.")
-    if g.audio_prompt and not Path(g.audio_prompt).is_file():
-        problems.append(f"audio_prompt file not found: {g.audio_prompt}.")
-    adapter = choose_adapter(g, argv, problems)
-    validate(problems)
-    if adapter is None and g.merge:
-        log.info("merge: true has no effect without an adapter")
-
-    requests: list[Request] = []
-    for spec in specs:
-        for j in range(spec.num_samples):
-            requests.append(Request(prompt=spec.text, seed=spec.seed + j, duration=spec.duration,
-                                    sampling=spec.sampling))
-    out_dir = Path(g.output_dir)
+def check_outputs(requests: list[Request], out_dir: Path, overwrite: bool) -> list[str]:
+    """The file name of every request; UserError when two would collide or (without --overwrite) one exists."""
     names = output_names(requests)
     seen: dict[str, int] = {}
     for i, name in enumerate(names):
@@ -320,96 +202,129 @@ def main(argv=None) -> int:
                             f"seed {requests[i].seed}); give them different seeds (prompts file 'seed').")
         seen[name] = i
     existing = [n for n in names if (out_dir / n).exists()]
-    if existing and not g.overwrite:
+    if existing and not overwrite:
         shown = ", ".join(existing[:5]) + (f" and {len(existing) - 5} more" if len(existing) > 5 else "")
         raise UserError(f"{len(existing)} output file(s) already exist in {out_dir}: {shown}. Nothing was generated. "
                         f"Pass --overwrite to replace them, or choose another --output_dir or --seed.")
+    return names
 
+
+def add_audio_prompt(model, info, path: str, requests: list[Request]) -> None:
+    """Encode the audio prompt once and give it to every request (their durations include it)."""
+    wav = load_audio(path, info.sample_rate, channels=info.audio_channels)
+    prompt_seconds = wav.shape[-1] / info.sample_rate
+    prompt_codes, prompt_id = generation.encode_audio_prompt(model, info, wav)
+    log.info("Audio prompt %s: %.2f s (%d frames) is continued; durations include it", path, prompt_seconds,
+             prompt_codes.shape[-1])
+    for r in requests:
+        if r.duration <= prompt_seconds:
+            raise UserError(f"duration {r.duration:g} s does not reach past the audio prompt "
+                            f"({prompt_seconds:.2f} s); the duration includes the prompt, so ask for more.")
+        r.prompt_codes, r.prompt_id = prompt_codes, prompt_id
+
+
+class ManifestWriter:
+    """Writes each finished batch's WAVs and rewrites manifest.json (atomically) after every batch: entries of
+    earlier runs for other files that still exist are kept."""
+
+    def __init__(self, g: GenerationConfig, out_dir: Path, requests: list[Request], names: list[str], model, info,
+                 adapter_info):
+        self.g, self.out_dir, self.info, self.adapter_info = g, out_dir, info, adapter_info
+        self.path = out_dir / MANIFEST
+        self.name_of = {id(r): n for r, n in zip(requests, names)}
+        self.kept = [e for e in _load_manifest(self.path) if e["file"] not in set(names)
+                     and (out_dir / e["file"]).exists()]
+        self.written: list[dict] = []
+        self.subtype = "PCM_16" if g.output_format == "pcm16" else "FLOAT"
+        self.model_entry = {"name_or_path": info.name_or_path, "identity": info.identity,
+                            "hub_revision": info.hub_revision, "sample_rate": info.sample_rate,
+                            "frame_rate": info.frame_rate, "num_codebooks": info.num_codebooks,
+                            "audio_channels": info.audio_channels}
+        decoder_param = family_for(info).decoder_param(model)
+        self.common = {"device": decoder_param.device.type, "lora_scale": g.lora_scale if adapter_info else None,
+                       "merge": adapter_info.get("merged") if adapter_info else None,
+                       "dtype": str(decoder_param.dtype).replace("torch.", ""),
+                       "max_window": g.max_window, "extend_stride": g.extend_stride,
+                       "audio_prompt": str(Path(g.audio_prompt).resolve()) if g.audio_prompt else None,
+                       "normalize": g.normalize, "output_format": g.output_format, "batch_size": g.batch_size}
+
+    def write_batch(self, results) -> None:
+        for res in results:
+            self.written.append(self._write(res, self.name_of[id(res.request)]))
+        atomic_write_json(self.path, {
+            "about": "Files generated by lora/inference_lora.py. real_time_factor = generation seconds per second "
+                     "of audio (below 1 is faster than real time). Regenerate a file with its prompt, seed and "
+                     "settings.",
+            "updated": _now(), "files": self.kept + self.written})
+
+    def _write(self, res, name: str) -> dict:
+        r, audio, sr = res.request, res.audio, self.info.sample_rate
+        peak = float(abs(audio).max()) if audio.size else 0.0
+        if self.g.normalize:
+            if peak > 0:
+                audio = normalize_peak(audio, -1.0)
+            else:
+                log.warning("%s is silent (all zeros); written as is", name)
+        elif peak > 1.0 and self.subtype == "PCM_16":
+            log.warning("%s peaks at %+.1f dBFS and will clip in 16-bit PCM; use --normalize true or "
+                        "--output_format float", name, peak_db(res.audio))
+        save_wav(self.out_dir / name, audio, sr, subtype=self.subtype)
+        seconds = audio.shape[-1] / sr
+        return {
+            "file": name, "prompt": r.prompt, "unconditional": not r.prompt, "seed": r.seed,
+            "settings": {**generation.settings_dict(r), **self.common},
+            "model": self.model_entry, "adapter": self.adapter_info,
+            "duration_s": round(seconds, 6), "channels": int(audio.shape[0]), "sample_rate": sr,
+            "frames": int(res.codes.shape[-1]), "windows": len(res.windows),
+            "tokens_sha1": hashlib.sha1(res.codes.numpy().astype("<i8").tobytes()).hexdigest(),
+            "peak_dbfs_before_normalize": round(peak_db(res.audio), 2) if peak > 0 else None,
+            "generation_time_s": round(res.generation_time, 4),
+            "real_time_factor": round(res.generation_time / seconds, 4),
+            "batch_size": res.batch_size, "created": _now()}
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cfg, _ = parse_config(argv, description=DESCRIPTION, sections=("generation", "model"))
+    g = cfg.generation
+
+    # ---- validate everything before loading anything (the schema has checked each value's range)
+    problems: list[str] = []
+    specs = build_prompt_specs(g, problems)
+    if not g.extend_stride < g.max_window:
+        problems.append(f"extend_stride ({g.extend_stride} s) must be > 0 and smaller than max_window "
+                        f"({g.max_window} s); audiocraft uses 18 of 30.")
+    if g.audio_prompt and not Path(g.audio_prompt).is_file():
+        problems.append(f"audio_prompt file not found: {g.audio_prompt}.")
+    adapter = choose_adapter(g, argv, problems)
+    validate(problems)
+    if adapter is None and g.merge:
+        log.info("merge: true has no effect without an adapter")
+    requests = [Request(prompt=spec.text, seed=spec.seed + j, duration=spec.duration, sampling=spec.sampling)
+                for spec in specs for j in range(spec.num_samples)]
+    out_dir = Path(g.output_dir)
+    names = check_outputs(requests, out_dir, g.overwrite)
     log.info("Resolved settings: %s", json.dumps({"generation": dataclasses.asdict(g),
                                                   "model": dataclasses.asdict(cfg.model)}, default=str))
-    total_audio = sum(r.duration for r in requests)
     log.info("%d prompt(s) x samples = %d file(s), %s of audio, into %s", len(specs), len(requests),
-             human_seconds(total_audio), out_dir)
+             human_seconds(sum(r.duration for r in requests)), out_dir)
 
     # ---- build
     import torch
-
-    from lora import generation
-    from lora.audio import load_audio, normalize_peak, peak_db, save_wav
 
     torch.manual_seed(g.seed)
     model, processor, info, adapter_info = generation.load_generation_model(cfg, adapter_path=adapter)
     if adapter_info is None and adapter is None:
         log.info("Model: %s (base model only, no adapter)", info.name_or_path)
-    prompt_codes, prompt_id, prompt_seconds = None, "", 0.0
     if g.audio_prompt:
-        wav = load_audio(g.audio_prompt, info.sample_rate, channels=info.audio_channels)
-        prompt_seconds = wav.shape[-1] / info.sample_rate
-        prompt_codes, prompt_id = generation.encode_audio_prompt(model, info, wav)
-        log.info("Audio prompt %s: %.2f s (%d frames) is continued; durations include it", g.audio_prompt,
-                 prompt_seconds, prompt_codes.shape[-1])
-        for r in requests:
-            if r.duration <= prompt_seconds:
-                raise UserError(f"duration {r.duration:g} s does not reach past the audio prompt "
-                                f"({prompt_seconds:.2f} s); the duration includes the prompt, so ask for more.")
-            r.prompt_codes, r.prompt_id = prompt_codes, prompt_id
+        add_audio_prompt(model, info, g.audio_prompt, requests)
 
-    model_entry = {"name_or_path": info.name_or_path, "identity": info.identity, "hub_revision": info.hub_revision,
-                   "sample_rate": info.sample_rate, "frame_rate": info.frame_rate,
-                   "num_codebooks": info.num_codebooks, "audio_channels": info.audio_channels}
-    from lora.modeling import get_base
-
-    decoder_param = next(get_base(model).decoder.parameters())
-    dtype_name = str(decoder_param.dtype).replace("torch.", "")
-    common = {"device": decoder_param.device.type, "lora_scale": g.lora_scale if adapter_info else None,
-              "merge": adapter_info.get("merged") if adapter_info else None, "dtype": dtype_name,
-              "max_window": g.max_window, "extend_stride": g.extend_stride,
-              "audio_prompt": str(Path(g.audio_prompt).resolve()) if g.audio_prompt else None,
-              "normalize": g.normalize, "output_format": g.output_format, "batch_size": g.batch_size}
-    subtype = "PCM_16" if g.output_format == "pcm16" else "FLOAT"
-    manifest_path = out_dir / MANIFEST
-    new_names = set(names)
-    kept = [e for e in _load_manifest(manifest_path) if e["file"] not in new_names and (out_dir / e["file"]).exists()]
-    written: list[dict] = []
-    name_of = {id(r): n for r, n in zip(requests, names)}
-
-    def write_batch(results):
-        for res in results:
-            r = res.request
-            name = name_of[id(r)]
-            audio = res.audio
-            peak = float(abs(audio).max()) if audio.size else 0.0
-            if g.normalize:
-                if peak > 0:
-                    audio = normalize_peak(audio, -1.0)
-                else:
-                    log.warning("%s is silent (all zeros); written as is", name)
-            elif peak > 1.0 and subtype == "PCM_16":
-                log.warning("%s peaks at %+.1f dBFS and will clip in 16-bit PCM; use --normalize true or "
-                            "--output_format float", name, peak_db(res.audio))
-            save_wav(out_dir / name, audio, info.sample_rate, subtype=subtype)
-            seconds = audio.shape[-1] / info.sample_rate
-            written.append({
-                "file": name, "prompt": r.prompt, "unconditional": not r.prompt, "seed": r.seed,
-                "settings": {**generation.settings_dict(r), **common},
-                "model": model_entry, "adapter": adapter_info,
-                "duration_s": round(seconds, 6), "channels": int(audio.shape[0]), "sample_rate": info.sample_rate,
-                "frames": int(res.codes.shape[-1]), "windows": len(res.windows),
-                "tokens_sha1": hashlib.sha1(res.codes.numpy().astype("<i8").tobytes()).hexdigest(),
-                "peak_dbfs_before_normalize": round(peak_db(res.audio), 2) if peak > 0 else None,
-                "generation_time_s": round(res.generation_time, 4),
-                "real_time_factor": round(res.generation_time / seconds, 4),
-                "batch_size": res.batch_size, "created": _now()})
-        atomic_write_json(manifest_path, {
-            "about": "Files generated by lora/inference_lora.py. real_time_factor = generation seconds per second "
-                     "of audio (below 1 is faster than real time). Regenerate a file with its prompt, seed and "
-                     "settings.",
-            "updated": _now(), "files": kept + written})
-
+    # ---- generate, writing each batch as it is ready
+    writer = ManifestWriter(g, out_dir, requests, names, model, info, adapter_info)
     t0 = time.perf_counter()
     results = generation.generate(model, processor, info, requests, batch_size=g.batch_size,
                                   max_window=g.max_window, extend_stride=g.extend_stride, progress=True,
-                                  on_batch=write_batch, decoding=g.decoding)
+                                  on_batch=writer.write_batch, decoding=g.decoding)
     wall = time.perf_counter() - t0
     cfg.save(out_dir / "inference_config.yaml")
     gen_time = sum(r.generation_time for r in results)
@@ -417,7 +332,7 @@ def main(argv=None) -> int:
     rtf = gen_time / audio_s if audio_s else float("nan")
     print(f"Wrote {len(results)} file(s) to {out_dir} ({human_seconds(audio_s)} of audio in {human_seconds(wall)}); "
           f"real-time factor {rtf:.3f} ({1 / rtf if rtf else float('inf'):.2f}x real time). "
-          f"Manifest: {manifest_path}")
+          f"Manifest: {writer.path}")
     return 0
 
 

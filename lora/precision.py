@@ -11,17 +11,19 @@
   still runs bf16 (it works, only slowly) and warns.
 * ``no``: fp32.
 
-The hardware facts come from ``hardware_facts(device)``; tests pass their own ``HardwareFacts``.
+The hardware facts come from ``hardware_facts(device)``; tests pass their own ``HardwareFacts``. The same facts
+decide the storage dtype of the frozen weights in training (``resolve_base_weights_dtype``) and the decoder's dtype
+for generation (``generation_dtype``). The CPU speed-ups of the train step (dropout, attention kernel) are in
+lora.cpu_speed.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-log = logging.getLogger("lora")
+from lora.utils import UserError, log
 
 MODES = ("bf16", "fp16", "no")
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
@@ -141,8 +143,6 @@ def resolve_base_weights_dtype(setting: str, precision: str) -> tuple[str, str]:
         return "bfloat16", ("bf16 autocast: frozen weights stored in bf16 (no per-step cast, half the memory)"
                             if setting == "auto" else "bfloat16 as requested")
     if setting == "bfloat16":
-        from lora.utils import UserError
-
         raise UserError(f"training.base_weights_dtype bfloat16 needs bf16 mixed precision, but the precision is "
                         f"{precision!r}. Use --mixed_precision bf16 (on hardware that runs it), or "
                         f"--base_weights_dtype auto / float32.")
@@ -168,103 +168,27 @@ def cast_frozen_weights(module, dtype) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# Faster dropout on CPUs
+# Weights dtype for generation
 # --------------------------------------------------------------------------------------------
-_FAST_DROPOUT_CLS = None
+DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
 
 
-def fast_dropout_class():
-    """An nn.Dropout replacement for CPUs, where ``bernoulli_`` draws one random number per element slowly
-    (~12 ms per million elements here; with rank-12 LoRA on 192 attention layers of musicgen-small that was
-    ~1.7 s of a 6.5 s train step). It draws 16 random bits per element from full-range 64-bit draws of the same
-    seeded torch generator (4 per draw), keeps an element when its bits are >= round(p * 65536) (so the drop rate
-    is p to within 1/65536, independently per element and per call), and then does what torch's own CPU dropout
-    does with its mask: ``noise = keep.to(x.dtype).div_(1 - p)``, ``x * noise`` (so on a bf16 input the kept
-    values are scaled by 1/(1-p) rounded to bf16, exactly like nn.Dropout on that input), with autograd saving
-    only ``noise`` for the backward (one multiply). Same semantics as nn.Dropout: identity in eval mode or with
-    p = 0."""
-    global _FAST_DROPOUT_CLS
-    if _FAST_DROPOUT_CLS is not None:
-        return _FAST_DROPOUT_CLS
+def generation_dtype(name: str, device, facts: Optional[HardwareFacts] = None):
+    """The decoder's weights dtype for generation (generation.dtype): 'auto' -> bf16 on GPUs that run it, fp16 on
+    older GPUs; on a CPU bf16 where it has AMX-BF16 or AVX512-BF16 (the same facts as training's choice; the
+    measured speed-up is in BENCHMARKS.md), else fp32; otherwise the named dtype."""
     import torch
-    import torch.nn as nn
 
-    class FastDropout(nn.Module):
-        def __init__(self, p: float):
-            super().__init__()
-            if not 0.0 <= p < 1.0:
-                raise ValueError(f"dropout probability must be in [0, 1), got {p}")
-            self.p = float(p)
-
-        def forward(self, x):
-            if not self.training or self.p == 0.0 or x.numel() == 0:
-                return x
-            n = x.numel()
-            words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-2 ** 63, None)  # 64 bits
-            bits = words.view(torch.int16)[:n].view(x.shape)  # uniform int16, 4 per draw, no copy
-            keep = bits >= (int(round(self.p * 65536)) - 32768)
-            noise = keep.view(torch.uint8).to(x.dtype).div_(1.0 - self.p)  # (uint8 -> float casts faster than bool)
-            return x * noise
-
-        def extra_repr(self) -> str:
-            return f"p={self.p}"
-
-    _FAST_DROPOUT_CLS = FastDropout
-    return FastDropout
-
-
-def use_fast_dropout(model) -> int:
-    """Replace the nn.Dropout modules of peft's LoRA layers (``lora_dropout``) by FastDropout; returns how
-    many were replaced. Meant for CPU training (CUDA's dropout is already fast)."""
-    import torch.nn as nn
-
-    cls = fast_dropout_class()
-    n = 0
-    for m in model.modules():
-        drops = getattr(m, "lora_dropout", None)
-        if isinstance(drops, nn.ModuleDict):
-            for key, d in list(drops.items()):
-                if type(d) is nn.Dropout and d.p > 0:
-                    drops[key] = cls(d.p)
-                    n += 1
-    return n
-
-
-# --------------------------------------------------------------------------------------------
-# Cross-attention kernel for CPU training
-# --------------------------------------------------------------------------------------------
-CPU_TRAIN_ATTENTION = "sdpa_cpu_train"
-MATH_CROSS_ATTENTION_MAX_KEYS = 64
-
-
-def _cpu_train_attention(module, query, key, value, attention_mask, **kwargs):
-    """transformers' sdpa attention, except that the decoder's cross-attention over a few text tokens (non-causal,
-    at most MATH_CROSS_ATTENTION_MAX_KEYS keys) runs SDPA's math kernel while gradients are recorded. torch's CPU
-    flash-attention backward is slow for so few keys (musicgen-small, 503 frames x 16 text tokens, 2 threads:
-    23 ms per layer forward+backward vs 7 ms with the math kernel; it also had the larger bf16 error against a
-    float64 reference); from ~128 keys on, flash is faster, and without gradients (evaluation) it always is.
-    Same mask semantics either way (rows with no visible token, the null condition, give 0)."""
-    import torch
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    if (getattr(module, "is_causal", True) or key.shape[2] > MATH_CROSS_ATTENTION_MAX_KEYS
-            or query.device.type != "cpu" or not torch.is_grad_enabled()):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    with sdpa_kernel(SDPBackend.MATH):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-
-
-def use_cpu_train_attention(decoder) -> bool:
-    """Switch a MusicGen decoder that uses transformers' "sdpa" attention to CPU_TRAIN_ATTENTION (registered with
-    transformers' AttentionInterface, with sdpa's mask function, so masks are built exactly as for sdpa).
-    Returns False (nothing changed) for any other attention implementation. Meant for CPU training."""
-    if decoder.config._attn_implementation != "sdpa":
-        return False
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(CPU_TRAIN_ATTENTION, _cpu_train_attention)
-    AttentionMaskInterface.register(CPU_TRAIN_ATTENTION, sdpa_mask)
-    decoder.set_attn_implementation(CPU_TRAIN_ATTENTION)
-    return decoder.config._attn_implementation == CPU_TRAIN_ATTENTION
+    if name in (None, "", "auto"):
+        f = facts if facts is not None else hardware_facts(device)
+        if f.device_type == "cuda":
+            return torch.bfloat16 if f.cuda_bf16 else torch.float16
+        if f.device_type == "cpu" and _cpu_bf16_fast(f):
+            return torch.bfloat16
+        return torch.float32
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in table:
+        raise UserError(f"generation.dtype {name!r} is not one of auto, float32, bfloat16, float16.")
+    if torch.device(device).type == "cpu" and table[name] == torch.float16:
+        log.warning("dtype float16 on CPU is slow and fragile; consider float32 (or dtype: auto)")
+    return table[name]

@@ -14,20 +14,23 @@ to mono (or stereo), trim leading/trailing silence, cut into segment_seconds cli
 recording; write PCM16 WAVs into data/train and data/valid, metadata.json, prepare_report.json (every
 skipped file with its reason) and prepare_state.json (lets a rerun skip work already done). Source files
 are only read, never changed.
+
+This script holds the run (settings, ownership of the output folder, scanning, the per-file worker, reuse and
+checkpoints, duplicates, split, the report). Its parts live in library modules: captions.py (where a caption
+comes from), example_data.py (the synthetic --create_example set) and data_check.py (the --validate check,
+shared with test_dataset.py).
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import importlib
 import json
-import math
 import os
 import re
 import sys
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Optional
@@ -36,11 +39,12 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     __package__ = "lora"
 
-import numpy as np
-
 from lora import audio as A
+from lora.captions import Captioner
 from lora.config import Config, parse_config, validate
-from lora.dataset import SPLITS, ClipRecord, load_metadata, metadata_document, metadata_path
+from lora.data_check import check_data_dir
+from lora.dataset import SPLITS, ClipRecord, metadata_document, metadata_path
+from lora.example_data import STYLES, write_example_clips
 from lora.utils import UserError, atomic_write_json, human_seconds, log
 
 STATE_FILE = "prepare_state.json"
@@ -48,8 +52,6 @@ REPORT_FILE = "prepare_report.json"
 CONFIG_FILE = "prepare_config.yaml"
 STATE_VERSION = 1
 CHECKPOINT_SECONDS = 30.0  # how often an --input_dir run saves its progress (prepare_state.json)
-CAPTION_KEYS = ("text", "caption", "description", "prompt")
-FILE_KEYS = ("file_name", "file", "filename", "path", "audio")
 
 EXAMPLES = """examples:
   python lora/prepare_data.py --create_example --output_dir data
@@ -169,186 +171,17 @@ def _remove_stale(data_dir: Path, old_files, new_files) -> int:
 
 
 # ============================================================================================
-# --create_example: a deterministic synthetic dataset of clearly different styles
+# --create_example: the synthetic example set (synthesised and written by example_data.py)
 # ============================================================================================
-KEYS = {"C major": (60, "major"), "G major": (67, "major"), "D major": (62, "major"), "F major": (65, "major"),
-        "A minor": (57, "minor"), "E minor": (64, "minor"), "D minor": (62, "minor"), "B minor": (59, "minor")}
-PROGRESSIONS = {"major": [(0, 4, 7), (7, 11, 14), (9, 12, 16), (5, 9, 12)],  # I V vi IV
-                "minor": [(0, 3, 7), (8, 12, 15), (3, 7, 10), (10, 14, 17)]}  # i VI III VII
-
-
-def _hz(midi):
-    return 440.0 * 2.0 ** ((np.asarray(midi, dtype=np.float64) - 69.0) / 12.0)
-
-
-def _place(out: np.ndarray, sound: np.ndarray, start: int) -> None:
-    if start >= out.size:
-        return
-    n = min(sound.size, out.size - start)
-    out[start:start + n] += sound[:n]
-
-
-def _lowpass(x: np.ndarray, cutoff: float, sr: int) -> np.ndarray:
-    from scipy.signal import butter, sosfilt
-
-    return sosfilt(butter(2, min(cutoff, 0.45 * sr), fs=sr, output="sos"), x)
-
-
-def _drums(sr, n, bpm, rng):
-    out = np.zeros(n)
-    beat = 60.0 / bpm
-    t = np.arange(int(0.35 * sr)) / sr
-    kick = np.sin(2 * np.pi * np.cumsum(45 + 110 * np.exp(-t * 28)) / sr) * np.exp(-t * 9)
-    tc = np.arange(int(0.18 * sr)) / sr
-    clap = np.diff(rng.standard_normal(tc.size + 1)) * np.exp(-tc * 25) * 0.35
-    th = np.arange(int(0.05 * sr)) / sr
-    hat = np.diff(np.diff(rng.standard_normal(th.size + 2))) * np.exp(-th * 90) * 0.12
-    for i in range(int(n / sr / beat * 4) + 1):  # sixteenth grid
-        pos = int(i * beat / 4 * sr)
-        if i % 4 == 0:
-            _place(out, kick * rng.uniform(0.85, 1.0), pos)
-        if i % 8 == 4:
-            _place(out, clap, pos)
-        if i % 2 == 1:
-            _place(out, hat * (1.0 if i % 4 == 2 else 0.6), pos)
-    return out
-
-
-def _pluck(freq, sr, dur, bright=6):
-    t = np.arange(int(dur * sr)) / sr
-    y = sum(np.sin(2 * np.pi * freq * h * t) * np.exp(-t * (5 + 3 * h)) / h for h in range(1, bright + 1))
-    return y * np.minimum(1.0, t * 400)
-
-
-def _bass_chords(sr, n, bpm, root, mode, rng):
-    out = np.zeros(n)
-    beat = 60.0 / bpm
-    prog = PROGRESSIONS[mode]
-    t_all = np.arange(n) / sr
-    bar = 4 * beat
-    # sawtooth bass on eighth notes, root of the chord, two octaves down
-    bass = np.zeros(n)
-    step = beat / 2
-    for i in range(int(n / sr / step) + 1):
-        chord = prog[int(i * step / bar) % len(prog)]
-        f = _hz(root - 24 + chord[0])
-        s0, s1 = int(i * step * sr), min(n, int((i + 0.8) * step * sr))
-        if s0 >= n:
-            break
-        tt = t_all[s0:s1] - t_all[s0]
-        bass[s0:s1] += (2 * ((f * tt) % 1.0) - 1.0) * np.exp(-tt * 4) * rng.uniform(0.7, 1.0)  # velocity
-    out += _lowpass(bass, 500, sr) * 0.55
-    # electric-piano chord stabs on the off-beats
-    for i in range(int(n / sr / beat) + 1):
-        chord = prog[int(i * beat / bar) % len(prog)]
-        pos = int((i + 0.5) * beat * sr)
-        stab = sum(_pluck(_hz(root + c), sr, beat * 0.45, bright=3) for c in chord) * 0.12 * rng.uniform(0.6, 1.0)
-        _place(out, stab, pos)
-    return out
-
-
-def _arpeggio(sr, n, bpm, root, mode, rng):
-    out = np.zeros(n)
-    beat = 60.0 / bpm
-    prog = PROGRESSIONS[mode]
-    step = beat / 4
-    pattern = [[0, 1, 2, 3, 2, 1], [0, 1, 2, 3], [3, 2, 1, 0], [0, 2, 1, 3]][int(rng.integers(4))]
-    for i in range(int(n / sr / step) + 1):
-        chord = prog[int(i * step / (4 * beat)) % len(prog)]
-        notes = [chord[0], chord[1], chord[2], chord[0] + 12]
-        f = _hz(root + 12 + notes[pattern[i % len(pattern)]])
-        _place(out, _pluck(f, sr, step * 2.5, bright=8) * 0.3 * rng.uniform(0.6, 1.0), int(i * step * sr))
-    return out
-
-
-def _pad(sr, n, bpm, root, mode, rng):
-    out = np.zeros(n)
-    prog = PROGRESSIONS[mode]
-    t = np.arange(n) / sr
-    chord_len = 2 * 4 * 60.0 / bpm  # two bars per chord
-    for ci in range(int(n / sr / chord_len) + 1):
-        s0 = int(ci * chord_len * sr)
-        if s0 >= n:
-            break
-        s1 = min(n, int((ci + 1) * chord_len * sr) + int(0.8 * sr))
-        tt = t[s0:s1] - t[s0]
-        env = np.minimum(1.0, tt / 1.2) * np.minimum(1.0, (tt[-1] - tt) / 0.8 + 1e-3)
-        chord = prog[ci % len(prog)]
-        voice = np.zeros(s1 - s0)
-        for c in chord:
-            for det in (-0.07, 0.0, 0.07):  # detuned voices: a wide, warm pad
-                f = _hz(root + c + det)
-                voice += np.sin(2 * np.pi * f * tt + rng.uniform(0, 2 * np.pi))
-        out[s0:s1] += voice * env * 0.06
-    return _lowpass(out, 2500, sr)
-
-
-# style -> (caption pattern, BPM choices, tonal?)
-STYLES = {
-    "techno_drums": ("techno drum loop, punchy four-on-the-floor kick, claps and crisp hi-hats, no melody, {bpm} BPM",
-                     (122, 126, 128, 132), False),
-    "funk_bass": ("funky bass groove with electric piano chord stabs, sawtooth bass line, {bpm} BPM, {key}",
-                  (96, 100, 104, 110), True),
-    "synth_arpeggio": ("bright plucked synth arpeggio, fast sixteenth notes, electronic, {bpm} BPM, {key}",
-                       (110, 116, 120, 124), True),
-    "ambient_pad": ("slow ambient pad, warm sustained detuned chords, calm, no drums, {bpm} BPM, {key}",
-                    (60, 66, 70, 76), True),
-}
-
-
-def synth_clip(style: str, seconds: float, sample_rate: int, channels: int, rng: np.random.Generator
-               ) -> tuple[np.ndarray, str]:
-    """One synthetic clip of a style: ((channels, N) float32, caption)."""
-    pattern, bpms, tonal = STYLES[style]
-    bpm = int(rng.choice(bpms))
-    key = str(rng.choice(sorted(KEYS))) if tonal else ""
-    root, mode = KEYS[key] if tonal else (60, "major")
-    n = int(round(seconds * sample_rate))
-    if style == "techno_drums":
-        y = _drums(sample_rate, n, bpm, rng)
-    elif style == "funk_bass":
-        y = _bass_chords(sample_rate, n, bpm, root, mode, rng)
-    elif style == "synth_arpeggio":
-        y = _arpeggio(sample_rate, n, bpm, root, mode, rng)
-    else:
-        y = _pad(sample_rate, n, bpm, root, mode, rng)
-    y = A.normalize_peak(y[None], -3.0)
-    if channels == 2:
-        pan = float(rng.uniform(-0.3, 0.3))
-        y = np.concatenate([y * (1 - pan), y * (1 + pan)]) / (1 + abs(pan))
-    return y.astype(np.float32), pattern.format(bpm=bpm, key=key)
-
-
 def create_example(cfg: Config) -> list[ClipRecord]:
     """Write the synthetic example dataset into data_dir (train/, valid/, metadata.json)."""
     d = cfg.data
     data_dir = Path(d.data_dir)
     state = _load_state(data_dir)
     _check_owner(cfg, state, "example", None)
-    rng = np.random.default_rng(d.split_seed)
-    styles = list(STYLES)
-    per_style = defaultdict(list)
-    for i in range(d.example_clips):
-        per_style[styles[i % len(styles)]].append(i)
-    valid_ids = set()
-    for style, idxs in per_style.items():
-        k = min(len(idxs) - 1, max(1, round(d.valid_fraction * len(idxs))))
-        valid_ids.update(idxs[-k:])
-    records = []
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a dependency
-        tqdm = None
-    it = range(d.example_clips)
-    for i in (tqdm(it, desc="example clips", leave=False) if tqdm else it):
-        style = styles[i % len(styles)]
-        y, text = synth_clip(style, d.example_seconds, d.sample_rate, d.channels, rng)
-        split = "valid" if i in valid_ids else "train"
-        cid = f"example_{style}_{i:03d}"
-        rel = f"{split}/{cid}.wav"
-        A.save_wav(data_dir / rel, y, d.sample_rate)
-        records.append(ClipRecord(id=cid, audio=rel, text=text, duration=round(y.shape[1] / d.sample_rate, 4),
-                                  split=split, source=f"example/{style}/{i:03d}", offset=0.0))
+    records = write_example_clips(data_dir, clips=d.example_clips, seconds=d.example_seconds,
+                                  sample_rate=d.sample_rate, channels=d.channels, valid_fraction=d.valid_fraction,
+                                  seed=d.split_seed)
     files = [r.audio for r in records]
     removed = _remove_stale(data_dir, state.get("clip_files"), files)
     atomic_write_json(metadata_path(data_dir, d.metadata_file),
@@ -402,151 +235,6 @@ def scan_audio(input_dir: Path, exclude: list[Path]) -> tuple[list[Path], Counte
                 ignored[p.suffix.lower() or "(no extension)"] += 1
     found.sort(key=lambda p: p.relative_to(input_dir).as_posix())
     return found, ignored
-
-
-# ---- captions ------------------------------------------------------------------------------
-def _caption_from_obj(obj) -> Optional[str]:
-    if isinstance(obj, str):
-        return obj.strip()
-    if not isinstance(obj, dict):
-        return None
-    for k in CAPTION_KEYS:
-        if isinstance(obj.get(k), str) and obj[k].strip():
-            return obj[k].strip()
-    # audiocraft-style metadata: compose from fields
-    parts = []
-    for k in ("genre", "moods", "mood", "instrument", "instruments", "keywords"):
-        v = obj.get(k)
-        if isinstance(v, list):
-            v = ", ".join(str(x) for x in v if x)
-        if v:
-            parts.append(str(v))
-    if obj.get("bpm"):
-        parts.append(f"{obj['bpm']} BPM")
-    if obj.get("key"):
-        parts.append(str(obj["key"]))
-    return ", ".join(parts) or None
-
-
-def read_captions_file(path: Path) -> dict[str, str]:
-    """CSV (columns file_name,text or two columns), JSON ({file: text} or a list of objects) or JSONL."""
-    try:
-        raw = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"captions file {path} cannot be read ({e}); save it as UTF-8.") from None
-    out: dict[str, str] = {}
-
-    def add(obj, where):
-        if not isinstance(obj, dict):
-            raise UserError(f"{where}: expected an object with file_name and text")
-        f = next((obj[k] for k in FILE_KEYS if isinstance(obj.get(k), str)), None)
-        t = _caption_from_obj(obj)
-        if f is None:
-            raise UserError(f"{where}: no file column (one of {', '.join(FILE_KEYS)})")
-        out[f.replace("\\", "/")] = t or ""
-
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        for i, line in enumerate(raw.splitlines(), 1):
-            if line.strip():
-                try:
-                    add(json.loads(line), f"{path} line {i}")
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path} line {i} is not valid JSON ({e}).") from None
-    elif suffix == ".json":
-        try:
-            data = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path} is not valid JSON ({e}).") from None
-        if isinstance(data, dict) and isinstance(data.get("clips"), list):
-            data = data["clips"]
-        if isinstance(data, dict):
-            for k, v in data.items():
-                out[k.replace("\\", "/")] = _caption_from_obj(v) or ""
-        elif isinstance(data, list):
-            for i, obj in enumerate(data):
-                add(obj, f"{path} entry {i}")
-        else:
-            raise UserError(f"{path}: expected {{file: caption}} or a list of objects.")
-    elif suffix in (".csv", ".tsv"):
-        rows = list(csv.reader(raw.splitlines(), delimiter="\t" if suffix == ".tsv" else ","))
-        rows = [r for r in rows if r and any(c.strip() for c in r)]
-        if not rows:
-            return out
-        head = [c.strip().lower() for c in rows[0]]
-        fcol = next((head.index(k) for k in FILE_KEYS if k in head), None)
-        tcol = next((head.index(k) for k in CAPTION_KEYS if k in head), None)
-        if fcol is not None and tcol is not None:
-            body = rows[1:]
-        else:
-            fcol, tcol, body = 0, 1, rows
-        for i, r in enumerate(body):
-            if len(r) <= max(fcol, tcol):
-                raise UserError(f"{path} row {i + 2}: expected a file name and a caption, got {r!r}")
-            out[r[fcol].strip().replace("\\", "/")] = r[tcol].strip()
-    else:
-        raise UserError(f"captions file {path}: use .csv, .tsv, .json or .jsonl")
-    return out
-
-
-class Captioner:
-    """Caption of a recording: sidecar .txt/.json > captions_file > metadata.jsonl/csv in input_dir >
-    default_text > caption_template."""
-
-    def __init__(self, input_dir: Path, captions_file: Optional[str], default_text: Optional[str], template: str):
-        self.input_dir = input_dir
-        self.default_text = default_text
-        self.template = template
-        self.tables: list[tuple[str, dict[str, str]]] = []
-        if captions_file:
-            self.tables.append(("captions_file", read_captions_file(Path(captions_file))))
-        for name in ("metadata.jsonl", "metadata.csv"):
-            p = input_dir / name
-            if p.is_file():
-                self.tables.append((name, read_captions_file(p)))
-        self.used_keys: set[tuple[str, str]] = set()
-
-    def __call__(self, src: Path, rel: str) -> tuple[str, str]:
-        """(caption, where it came from)."""
-        for ext in (".txt", ".json"):
-            side = src.with_suffix(ext)
-            if side.is_file() and side != src:
-                try:
-                    raw = side.read_text(encoding="utf-8-sig")
-                except (OSError, UnicodeDecodeError) as e:
-                    log.warning("caption file %s unreadable (%s); ignored", side, e)
-                    continue
-                if ext == ".txt":
-                    text = " ".join(raw.split())
-                else:
-                    try:
-                        text = _caption_from_obj(json.loads(raw)) or ""
-                    except json.JSONDecodeError:
-                        log.warning("caption file %s is not valid JSON; ignored", side)
-                        continue
-                if text:
-                    return text, "sidecar"
-        name = Path(rel).name
-        for label, table in self.tables:
-            for key in (rel, name, Path(rel).stem):
-                if key in table and table[key]:
-                    self.used_keys.add((label, key))
-                    return " ".join(table[key].split()), label
-        if self.default_text:
-            return self.default_text, "default_text"
-        if self.template:
-            p = Path(rel)
-            folder = p.parent.name if p.parent.as_posix() != "." else self.input_dir.name
-            text = self.template.format(stem=p.stem.replace("_", " ").strip(), folder=folder, name=p.name)
-            return " ".join(text.split()), "template"
-        return "", "none"
-
-    def unused(self) -> list[str]:
-        out = []
-        for label, table in self.tables:
-            names = {k for (lb, k) in self.used_keys if lb == label}
-            out += [f"{label}: {k}" for k in table if k not in names]
-        return out
 
 
 # ---- the per-file worker (runs in a worker process) -----------------------------------------
@@ -694,6 +382,8 @@ def _split(recordings: list[str], valid_fraction: float, seed: int) -> set[str]:
 
 
 def prepare_folder(cfg: Config) -> dict:
+    """The --input_dir run: scan, plan (reuse what an earlier run made), decode, drop duplicates, split,
+    caption, write the dataset and its report. Returns the report."""
     d = cfg.data
     input_dir = Path(d.input_dir).resolve()
     data_dir = Path(d.data_dir).resolve()
@@ -701,6 +391,36 @@ def prepare_folder(cfg: Config) -> dict:
     _check_owner(cfg, state, "input", str(input_dir))
     if d.overwrite:
         state = {"clip_files": state.get("clip_files", [])}
+    files, ignored = _find_sources(input_dir, data_dir)
+    captioner = Captioner(input_dir, d.captions_file, d.default_text, d.caption_template)
+    workers = d.num_workers or os.cpu_count() or 1
+    (data_dir / "train").mkdir(parents=True, exist_ok=True)
+    (data_dir / "valid").mkdir(parents=True, exist_ok=True)
+
+    results, jobs, enrich_jobs = _plan_jobs(d, files, input_dir, data_dir, state.get("sources", {}))
+    t0 = time.perf_counter()
+    _run_with_checkpoints(jobs, results, workers, input_dir, data_dir, state)
+    _enrich_reused(enrich_jobs, results, workers)
+    wall = time.perf_counter() - t0
+
+    duplicates = _find_duplicates(results)
+    usable = _usable_recordings(results)
+    if not usable:
+        _write_report(data_dir, d, input_dir, results, files, ignored, duplicates, [], {},
+                      {j["rel"] for j in jobs}, 0, wall, captioner)
+        raise UserError(f"None of the {len(files)} audio files gave a usable clip; see {data_dir / REPORT_FILE} "
+                        f"for each file's reason.")
+    valid_set = _split(usable, d.valid_fraction, d.split_seed)
+    records, caption_sources, uncaptioned = _place_clips(d, input_dir, data_dir, results, usable, valid_set,
+                                                          captioner)
+    _delete_duplicate_clips(data_dir, results)
+    decoded_rels = _write_dataset(cfg, input_dir, data_dir, state, results, records)
+    return _write_report(data_dir, d, input_dir, results, files, ignored, duplicates, uncaptioned, caption_sources,
+                         decoded_rels, len(records), wall, captioner, records)
+
+
+def _find_sources(input_dir: Path, data_dir: Path) -> tuple[list[Path], Counter]:
+    """The audio files of input_dir (never our own clips when the output is inside the input)."""
     exclude = [data_dir / s for s in SPLITS]
     if data_dir != input_dir and input_dir in data_dir.parents:
         exclude.append(data_dir)  # output inside input: never scan our own clips
@@ -709,13 +429,16 @@ def prepare_folder(cfg: Config) -> dict:
         raise UserError(f"No audio files found in {input_dir} (looked for {', '.join(A.AUDIO_EXTENSIONS)}, "
                         f"recursively). Check --input_dir.")
     log.info("found %d audio files in %s", len(files), input_dir)
-    captioner = Captioner(input_dir, d.captions_file, d.default_text, d.caption_template)
-    settings = _settings_key(d)
-    workers = d.num_workers or os.cpu_count() or 1
-    (data_dir / "train").mkdir(parents=True, exist_ok=True)
-    (data_dir / "valid").mkdir(parents=True, exist_ok=True)
+    return files, ignored
 
-    prev_sources = state.get("sources", {})
+
+def _plan_jobs(d, files: list[Path], input_dir: Path, data_dir: Path, prev_sources: dict
+               ) -> tuple[dict[str, dict], list[dict], list[dict]]:
+    """(results reused from the last run, decode jobs, tempo/key jobs for reused clips).
+
+    A file is reused when its size, mtime and the clip settings are unchanged and its clips still exist; a
+    duplicate (it kept no clips of its own) only while what it duplicates is reused too."""
+    settings = _settings_key(d)
     results: dict[str, dict] = {}
     jobs, enrich_jobs = [], []
     unchanged = set()
@@ -746,7 +469,14 @@ def prepare_folder(cfg: Config) -> dict:
                      "trim_silence": d.trim_silence, "silence_db": d.silence_db, "enrich": d.enrich_captions})
     if results:
         log.info("%d file(s) unchanged since the last run: reusing their clips", len(results))
-    t0 = time.perf_counter()
+    return results, jobs, enrich_jobs
+
+
+def _run_with_checkpoints(jobs: list[dict], results: dict[str, dict], workers: int, input_dir: Path,
+                          data_dir: Path, state: dict) -> None:
+    """Decode the jobs into results, saving progress (prepare_state.json) every CHECKPOINT_SECONDS and when
+    the run stops on an error or Ctrl-C, so a rerun resumes without decoding finished files."""
+    prev_sources = state.get("sources", {})
     last_save = [time.monotonic()]
     old_files = list(state.get("clip_files", []))
 
@@ -770,15 +500,20 @@ def prepare_folder(cfg: Config) -> dict:
     except (UserError, KeyboardInterrupt):
         checkpoint(force=True)
         raise
+
+
+def _enrich_reused(enrich_jobs: list[dict], results: dict[str, dict], workers: int) -> None:
+    """Add tempo/key to the reused clips that lack it (a rerun that adds --enrich_captions)."""
     for r in _run_jobs("enrich_existing", enrich_jobs, workers, "tempo/key"):
         for c in results[r["rel"]]["clips"]:
             c.update(r["enrich"].get(c["file"], {}))
-    wall = time.perf_counter() - t0
 
-    # ---- duplicates: same file content, then identical clips from different recordings -------------
-    order = sorted(results)
+
+def _find_duplicates(results: dict[str, dict]) -> list[dict]:
+    """Mark duplicates in results: same file content (duplicate_of on the file), then identical clips of
+    different recordings (duplicate/duplicate_of on the clip); the first by path is kept. Returns them."""
     duplicates, seen_file, seen_clip = [], {}, {}
-    for rel in order:
+    for rel in sorted(results):
         r = results[rel]
         if not r.get("ok"):
             continue
@@ -798,16 +533,19 @@ def prepare_folder(cfg: Config) -> dict:
                 c["duplicate"], c["duplicate_of"] = True, other[0]
                 continue
             seen_clip.setdefault(c["pcm_hash"], (rel, c["index"]))
-    usable = [rel for rel in order if results[rel].get("ok") and not results[rel].get("duplicate_of")
-              and any(not c.get("duplicate") for c in results[rel]["clips"])]
-    if not usable:
-        _write_report(data_dir, d, input_dir, results, files, ignored, duplicates, [], {},
-                      {j["rel"] for j in jobs}, 0, wall, captioner)
-        raise UserError(f"None of the {len(files)} audio files gave a usable clip; see {data_dir / REPORT_FILE} "
-                        f"for each file's reason.")
-    valid_set = _split(usable, d.valid_fraction, d.split_seed)
+    return duplicates
 
-    # ---- place clips, caption them, build the metadata ---------------------------------------------
+
+def _usable_recordings(results: dict[str, dict]) -> list[str]:
+    """Recordings (sorted) that keep at least one clip: decoded fine, not a duplicate file."""
+    return [rel for rel in sorted(results) if results[rel].get("ok") and not results[rel].get("duplicate_of")
+            and any(not c.get("duplicate") for c in results[rel]["clips"])]
+
+
+def _place_clips(d, input_dir: Path, data_dir: Path, results: dict[str, dict], usable: list[str],
+                 valid_set: set[str], captioner: Captioner) -> tuple[list[ClipRecord], Counter, list[str]]:
+    """Move each kept clip into its split's folder, caption it, and build its record.
+    Returns (records, how many recordings each caption source captioned, uncaptioned recordings)."""
     records: list[ClipRecord] = []
     caption_sources: Counter = Counter()
     uncaptioned = []
@@ -828,14 +566,25 @@ def prepare_folder(cfg: Config) -> dict:
             ctext = _enrich_text(text, c) if d.enrich_captions else text
             records.append(ClipRecord(id=Path(c["name"]).stem, audio=target, text=ctext, duration=c["duration"],
                                       split=split, source=rel, offset=c["offset"]))
-    # clips of duplicates are not kept
-    for rel in order:
+    return records, caption_sources, uncaptioned
+
+
+def _delete_duplicate_clips(data_dir: Path, results: dict[str, dict]) -> None:
+    """Clips of duplicates are not kept: delete their files; a duplicate file keeps no clips."""
+    for rel in sorted(results):
         r = results[rel]
         for c in r.get("clips", []):
             if (r.get("duplicate_of") or c.get("duplicate")) and (data_dir / c["file"]).is_file():
                 (data_dir / c["file"]).unlink()
         if r.get("duplicate_of"):
             r["clips"] = []
+
+
+def _write_dataset(cfg: Config, input_dir: Path, data_dir: Path, state: dict, results: dict[str, dict],
+                   records: list[ClipRecord]) -> set[str]:
+    """Remove stale clips of an earlier run, write metadata.json, prepare_state.json and prepare_config.yaml.
+    Returns the recordings decoded by this run (the others were reused)."""
+    d = cfg.data
     new_files = [rec.audio for rec in records]
     removed = _remove_stale(data_dir, state.get("clip_files"), new_files)
     if removed:
@@ -848,8 +597,7 @@ def prepare_folder(cfg: Config) -> dict:
     atomic_write_json(data_dir / STATE_FILE, {"version": STATE_VERSION, "mode": "input", "input_dir": str(input_dir),
                                               "clip_files": new_files, "sources": results})
     cfg.save(data_dir / CONFIG_FILE)
-    return _write_report(data_dir, d, input_dir, results, files, ignored, duplicates, uncaptioned, caption_sources,
-                         decoded_rels, len(records), wall, captioner, records)
+    return decoded_rels
 
 
 def _enrich_text(text: str, c: dict) -> str:
@@ -911,147 +659,6 @@ def _write_report(data_dir, d, input_dir, results, files, ignored, duplicates, u
           f"reused {report['files_reused']}; skipped {len(skipped)}, duplicates {len(duplicates)}, "
           f"short tails dropped {len(tails)}. Report: {data_dir / REPORT_FILE}")
     return report
-
-
-# ============================================================================================
-# --validate (also used by test_dataset.py)
-# ============================================================================================
-class DataSummary:
-    def __init__(self, data_dir: Path, mpath: Path):
-        self.data_dir, self.mpath = data_dir, mpath
-        self.problems: list[str] = []
-        self.warnings: list[str] = []
-        self.records: list[ClipRecord] = []
-        self.sample_rate: Optional[int] = None
-        self.channels: Optional[int] = None
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    def text(self) -> str:
-        lines = [f"Data folder: {self.data_dir}  (metadata: {self.mpath.name})"]
-        recs = self.records
-        if recs:
-            for s in SPLITS:
-                rs = [r for r in recs if r.split == s]
-                lines.append(f"  {s:5s}: {len(rs):5d} clips, {human_seconds(sum(r.duration for r in rs)):>9s}, "
-                             f"{len({r.source or r.id for r in rs})} recordings")
-            total = sum(r.duration for r in recs)
-            lines.append(f"  total: {len(recs):5d} clips, {total / 3600:.3f} h; "
-                         f"{self.sample_rate or '?'} Hz, {self.channels or '?'} channel(s)")
-            lines.append("  clip durations (s):")
-            lines += ["    " + ln for ln in duration_histogram([r.duration for r in recs])]
-            words = np.array([len(r.text.split()) for r in recs])
-            lines.append(f"  caption words: min {words.min()}, median {int(np.median(words))}, max {words.max()}; "
-                         f"empty {int((words == 0).sum())}; distinct captions {len({r.text for r in recs})}")
-        for w in self.warnings[:20]:
-            lines.append(f"  warning: {w}")
-        if len(self.warnings) > 20:
-            lines.append(f"  ... and {len(self.warnings) - 20} more warnings")
-        if self.problems:
-            lines.append(f"PROBLEMS ({len(self.problems)}):")
-            lines += [f"  - {p}" for p in self.problems[:50]]
-            if len(self.problems) > 50:
-                lines.append(f"  ... and {len(self.problems) - 50} more")
-        else:
-            lines.append("Data check: OK")
-        return "\n".join(lines)
-
-
-def duration_histogram(durations, width: int = 40) -> list[str]:
-    edges = [0, 1, 2, 5, 10, 15, 20, 25, 30, 60, math.inf]
-    # bins (lo, hi]: a 30 s clip counts as 25-30
-    idx = np.clip(np.searchsorted(np.array(edges), np.asarray(durations, dtype=float), side="left") - 1, 0,
-                  len(edges) - 2)
-    counts = np.bincount(idx, minlength=len(edges) - 1)
-    nz = np.flatnonzero(counts)
-    if nz.size == 0:
-        return ["(no clips)"]
-    top = counts.max()
-    out = []
-    for i in range(nz[0], nz[-1] + 1):
-        hi = "inf" if edges[i + 1] == math.inf else f"{edges[i + 1]:g}"
-        bar = "#" * max(1 if counts[i] else 0, int(round(width * counts[i] / top)))
-        out.append(f"{edges[i]:>3g}-{hi:<4s} {bar} {counts[i]}")
-    return out
-
-
-def check_data_dir(data_dir, metadata_file: str = "metadata.json", *, sample_rate: Optional[int] = None,
-                   hash_content: bool = True, tolerance: float = 0.05) -> DataSummary:
-    """Check every clip of a data folder: readable, sample rate, channels, duration vs metadata, captions,
-    duplicates, split leakage. Problems fail the check; warnings do not."""
-    import soundfile as sf
-
-    data_dir = Path(data_dir)
-    mpath = metadata_path(data_dir, metadata_file)
-    s = DataSummary(data_dir, mpath)
-    s.records = load_metadata(data_dir, metadata_file, check_files=False)
-    try:
-        doc = json.loads(mpath.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        doc = {}
-    meta = doc if isinstance(doc, dict) else {}
-    s.sample_rate = meta.get("sample_rate") or sample_rate
-    s.channels = meta.get("channels")
-    if sample_rate and meta.get("sample_rate") and meta["sample_rate"] != sample_rate:
-        s.problems.append(f"{mpath.name} says sample_rate {meta['sample_rate']}, the config expects {sample_rate}; "
-                          f"prepare the data again with --sample_rate {sample_rate}")
-    if not s.records:
-        s.problems.append(f"{mpath} lists no clips")
-        return s
-    ids, paths, hashes = Counter(), Counter(), defaultdict(list)
-    for r in s.records:
-        ids[r.id] += 1
-        paths[str(r.path)] += 1
-        where = f"{r.audio}"
-        if not r.path.is_file():
-            s.problems.append(f"{where}: file missing")
-            continue
-        try:
-            info = sf.info(str(r.path))
-        except (sf.LibsndfileError, RuntimeError) as e:
-            s.problems.append(f"{where}: unreadable ({str(e).splitlines()[0]})")
-            continue
-        if s.sample_rate and info.samplerate != s.sample_rate:
-            s.problems.append(f"{where}: {info.samplerate} Hz, expected {s.sample_rate} Hz")
-        if s.channels and info.channels != s.channels:
-            s.problems.append(f"{where}: {info.channels} channel(s), expected {s.channels}")
-        dur = info.frames / info.samplerate
-        if r.duration and abs(dur - r.duration) > tolerance:
-            s.problems.append(f"{where}: {dur:.2f} s long, metadata says {r.duration:.2f} s")
-        if info.frames == 0:
-            s.problems.append(f"{where}: empty file")
-        if not r.text:
-            s.warnings.append(f"{where}: empty caption (only trains the unconditional branch)")
-        if hash_content:
-            hashes[A.file_hash(r.path)].append(r.audio)
-    for k, n in ids.items():
-        if n > 1:
-            s.problems.append(f"id {k} appears {n} times")
-    for k, n in paths.items():
-        if n > 1:
-            s.problems.append(f"audio file {k} is listed {n} times")
-    for same in hashes.values():
-        if len(same) > 1:
-            s.warnings.append(f"identical audio: {', '.join(same[:5])}")
-    by_split = defaultdict(set)
-    for r in s.records:
-        if r.source:
-            by_split[r.split].add(r.source)
-    leak = by_split["train"] & by_split["valid"]
-    if leak:
-        s.problems.append(f"{len(leak)} recording(s) have clips in both train and valid (leakage), e.g. "
-                          f"{sorted(leak)[0]}; re-run prepare_data.py to split by recording")
-    n_train = sum(r.split == "train" for r in s.records)
-    n_valid = len(s.records) - n_train
-    if n_train == 0:
-        s.problems.append("no train clips")
-    if n_valid == 0:
-        s.warnings.append("no valid clips: training cannot measure held-out loss (set valid_fraction > 0)")
-    if n_train and n_train < 50:
-        s.warnings.append(f"only {n_train} train clips; 50-100 is a minimum for a real style, 200-500 recommended")
-    return s
 
 
 if __name__ == "__main__":

@@ -20,8 +20,8 @@ if __package__ in (None, ""):
 
 from lora.audio import AudioError, load_audio
 from lora.config import parse_config, validate
+from lora.data_check import check_data_dir
 from lora.dataset import ClipRecord
-from lora.prepare_data import check_data_dir
 from lora.utils import log
 
 

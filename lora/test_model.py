@@ -4,8 +4,10 @@
     cd lora && python test_model.py --model_path tiny  # the built-in test model (no download)
     python lora/test_model.py --model_path facebook/musicgen-small --batch_size 2 --seconds 10 --fp16
 
-It loads the base model exactly as train_lora.py does, attaches LoRA with your settings, runs one training
-forward + backward on a random batch (random EnCodec codes + a caption) in the precision training would use,
+It loads the base model as train_lora.py does, prepares it for training with the same library function
+(lora.training.prepare_model: LoRA with your settings, the frozen-weight dtype, device placement, the step's
+options) and runs train_lora.py's step (lora.training.step_loss) forward + backward on a random batch (random
+EnCodec codes + the captions' text states, as the token cache holds them) in the precision training would use,
 reports the loss, gradients and peak memory, then generates 2 seconds of audio with model.generate(), and ends
 with a verdict and the next step. Exit code 0 when everything works, 1 when a check fails.
 """
@@ -22,6 +24,10 @@ if __package__ in (None, ""):
     __package__ = "lora"
 
 from lora.config import ConfigError, parse_config, validate  # noqa: E402
+from lora.dataset import CachedClip, CachedTokenDataset, collate_tokens  # noqa: E402
+from lora.loading import family_for, load_base_model  # noqa: E402
+from lora.precision import choose_precision, resolve_base_weights_dtype  # noqa: E402
+from lora.training import autocast_for, micro_seed, prepare_model, set_train_mode, step_loss  # noqa: E402
 from lora.utils import UserError, log, run_main  # noqa: E402
 
 SECTIONS = ("model", "lora", "training")
@@ -39,10 +45,6 @@ def _extra(p):
 
 def _say(line: str = "") -> None:
     print(line, flush=True)
-
-
-def _count(params) -> int:
-    return sum(p.numel() for p in params)
 
 
 def _mb(n_bytes: float) -> str:
@@ -68,12 +70,67 @@ def _fail(step: str, problem: str, next_step: str) -> int:
     return 1
 
 
-def main(argv=None) -> int:
+def pick_device(spec: str):
     import torch
 
-    from lora.modeling import attach_lora, build_delay_pattern, codebook_losses, encode_text, get_base, \
-        load_base_model
-    from lora.precision import choose_precision
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as e:
+        raise ConfigError(f"--device {spec!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was given, but PyTorch sees no CUDA GPU here (torch.cuda.is_available() "
+                          "is False). Use --device cpu, or install a CUDA build of PyTorch.")
+    return device
+
+
+def random_batch(model, processor, info, batch_size: int, seconds: float, device) -> dict:
+    """A training batch as the token cache and collate_tokens give it: random EnCodec codes and the captions'
+    cached text states (the text encoder runs once, like the cache build)."""
+    import torch
+
+    t = info.frames(seconds)
+    captions = [CAPTIONS[i % len(CAPTIONS)] for i in range(batch_size)]
+    with torch.no_grad():
+        hidden, mask = family_for(info).encode_text(model, processor, captions, device=device)
+    clips = []
+    for i in range(batch_size):
+        n = int(mask[i].sum())
+        clips.append(CachedClip(id=str(i), text=captions[i], split="train",
+                                codes=torch.randint(0, info.vocab_size, (info.num_codebooks, t)).to(torch.int16),
+                                hidden=hidden[i, :n].float().cpu(), mask=mask[i, :n].long().cpu()))
+    ds = CachedTokenDataset(clips, t, train=False)
+    return collate_tokens([ds[i] for i in range(batch_size)], info.pad_token_id)
+
+
+def training_step(cfg, model, processor, info, device, seconds: float, precision: str):
+    """What train_lora.py does before and in its first step, on a random batch: LoRA attached and prepared by
+    lora.training.prepare_model (the same seed, frozen-weight dtype, device placement and step options), then
+    lora.training.step_loss under the training precision's autocast, with the dropout seed of the first
+    micro-batch. Returns (model, batch, loss); the caller runs the backward."""
+    import torch
+    from accelerate.utils import set_seed
+
+    t = cfg.training
+    fam = family_for(info)
+    fam.audio_codec(model).to(device)
+    fam.text_encoder(model).to(device)
+    batch = random_batch(model, processor, info, t.batch_size, seconds, device)
+    fam.audio_codec(model).to("cpu")
+    if not cfg.lora.train_text_encoder:
+        fam.text_encoder(model).to("cpu")
+    set_seed(t.seed)
+    model, _ = prepare_model(model, cfg, precision, device)
+    set_train_mode(model, cache_text=not cfg.lora.train_text_encoder)
+    torch.manual_seed(micro_seed(t.seed, 0, 0))
+    loss = step_loss(model, processor, info, batch, device, autocast_for(precision, device),
+                     cache_text=not cfg.lora.train_text_encoder)
+    return model, batch, loss
+
+
+def main(argv=None) -> int:
+    import torch
 
     cfg, ns = parse_config(argv, description=__doc__.split("\n")[0], sections=SECTIONS, extra=_extra)
     problems = []
@@ -81,19 +138,10 @@ def main(argv=None) -> int:
         problems.append(f"--seconds must be in (0, 30], got {ns.seconds}")
     if ns.generate_seconds <= 0:
         problems.append(f"--generate_seconds must be positive, got {ns.generate_seconds}")
-    if cfg.training.batch_size < 1:
-        problems.append(f"training.batch_size must be at least 1 (got {cfg.training.batch_size})")
     validate(problems)
-    if ns.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        try:
-            device = torch.device(ns.device)
-        except RuntimeError as e:
-            raise ConfigError(f"--device {ns.device!r}: {e}") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("--device cuda was given, but PyTorch sees no CUDA GPU here (torch.cuda.is_available() "
-                              "is False). Use --device cpu, or install a CUDA build of PyTorch.")
+    device = pick_device(ns.device)
+    mode, reason = choose_precision(cfg.training.mixed_precision, device)
+    resolve_base_weights_dtype(cfg.training.base_weights_dtype, mode)  # a bad combination fails before loading
     torch.manual_seed(cfg.training.seed)
     train_cmd = f"python train_lora.py --model_path {cfg.model.model_path}"
 
@@ -103,62 +151,65 @@ def main(argv=None) -> int:
     _say(f"device:     {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
     t0 = time.perf_counter()
     try:
-        model, processor, info = load_base_model(cfg.model, device=device)
+        model, processor, info = load_base_model(cfg.model)  # on the CPU, as train_lora.py loads it
     except UserError as e:
         return _fail("load model", str(e), "fix --model_path (or model.model_path in config.yaml), or try the "
                      "toolkit first with --model_path tiny.")
-    base = get_base(model)
+    fam = family_for(info)
     dtype = next(model.parameters()).dtype
     _say(f"loaded:     {info.name_or_path} in {time.perf_counter() - t0:.1f} s, weights {dtype}")
     _say(f"audio:      {info.sample_rate} Hz, {info.audio_channels} channel(s), {info.num_codebooks} codebooks x "
          f"{info.vocab_size} codes at {info.frame_rate} frames/s")
-    _say(f"parameters: {_count(model.parameters()) / 1e6:,.1f}M total = decoder "
-         f"{_count(base.decoder.parameters()) / 1e6:,.1f}M + text encoder "
-         f"{_count(base.text_encoder.parameters()) / 1e6:,.1f}M + EnCodec "
-         f"{_count(base.audio_encoder.parameters()) / 1e6:,.1f}M")
-    _say(f"attention:  {base.config.decoder._attn_implementation}")
+    parts = fam.parameter_counts(model)
+    _say(f"parameters: {sum(parts.values()) / 1e6:,.1f}M total = "
+         + " + ".join(f"{name} {n / 1e6:,.1f}M" for name, n in parts.items()))
+    _say(f"attention:  {fam.attention_implementation(model)}")
 
-    # ---- lora --------------------------------------------------------------------------------
-    _say("== lora")
+    # ---- lora + training step ------------------------------------------------------------------
+    _say("== lora and training step (as train_lora.py prepares and runs it)")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
     try:
-        model = attach_lora(model, cfg.lora)
+        model, batch, loss = training_step(cfg, model, processor, info, device, ns.seconds, mode)
+        loss.loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    except torch.cuda.OutOfMemoryError:
+        return _fail("training step", f"out of GPU memory with batch_size {cfg.training.batch_size} and "
+                     f"{ns.seconds:g} s clips (peak {_peak_memory(device)})",
+                     "lower --batch_size (and raise --gradient_accumulation_steps), use --fp16/--bf16, "
+                     "--gradient_checkpointing, a shorter --max_duration, or a smaller model.")
     except UserError as e:
         return _fail("attach LoRA", str(e), "fix the lora section of config.yaml (lora_targets, lora_rank, ...).")
+    step_s = time.perf_counter() - t0
+    failed = report_step(cfg, model, info, batch, loss, mode, reason, ns.seconds, step_s, device)
+    if failed:
+        return failed
+    model.zero_grad(set_to_none=True)
+
+    # ---- generation ----------------------------------------------------------------------------
+    if not ns.skip_generation:
+        failed = check_generation(cfg, model, processor, info, device, mode, ns.generate_seconds)
+        if failed:
+            return failed
+
+    _say()
+    _say(f"OK — next step: {train_cmd} --data_dir data --output_dir output "
+         f"--lora_rank {cfg.lora.lora_rank} --batch_size {cfg.training.batch_size}")
+    log.info("test_model finished: all checks passed")
+    return 0
+
+
+def report_step(cfg, model, info, batch, loss, mode, reason, seconds, step_s, device) -> int:
+    """Print the step's loss, gradients, time and memory; 0, or the exit code of a failed check."""
+    import torch
+
     trainable, total = model.get_nb_trainable_parameters()
     n_modules = sum(1 for _, m in model.named_modules() if hasattr(m, "lora_A"))
     _say(f"LoRA r={cfg.lora.lora_rank} alpha={cfg.lora.lora_alpha:g} targets={cfg.lora.lora_targets!r}: "
          f"{n_modules} layers, {trainable:,} trainable parameters ({100.0 * trainable / total:.3f}% of {total:,})")
-
-    # ---- training step -------------------------------------------------------------------------
-    _say("== training step")
-    mode, reason = choose_precision(cfg.training.mixed_precision, device)
     _say(f"precision:  {mode} ({reason})")
-    b = cfg.training.batch_size
-    t = info.frames(ns.seconds)
-    codes = torch.randint(0, info.vocab_size, (b, info.num_codebooks, t), device=device)
-    lengths = torch.full((b,), t, device=device)
-    captions = [CAPTIONS[i % len(CAPTIONS)] for i in range(b)]
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    model.train()
-    t0 = time.perf_counter()
-    try:
-        hidden, mask = encode_text(model, processor, captions, device=device)
-        decoder_input_ids, labels = build_delay_pattern(codes, lengths, info)
-        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mode)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits = model(encoder_outputs=(hidden,), attention_mask=mask,
-                           decoder_input_ids=decoder_input_ids).logits
-            loss, per_codebook, n_tokens = codebook_losses(logits, labels)
-        loss.backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    except torch.cuda.OutOfMemoryError:
-        return _fail("training step", f"out of GPU memory with batch_size {b} and {ns.seconds:g} s clips "
-                     f"(peak {_peak_memory(device)})",
-                     "lower --batch_size (and raise --gradient_accumulation_steps), use --fp16/--bf16, "
-                     "--gradient_checkpointing, a shorter --max_duration, or a smaller model.")
-    step_s = time.perf_counter() - t0
     named = [(n, p.grad) for n, p in model.named_parameters() if p.requires_grad]
     grads = [g for _, g in named]
     finite_grads = all(g is not None and bool(torch.isfinite(g).all()) for g in grads)
@@ -166,51 +217,54 @@ def main(argv=None) -> int:
     b_grads = [g for n, g in named if "lora_B" in n]
     b_nonzero = sum(1 for g in b_grads if g is not None and bool(g.abs().sum() > 0))
     chance = math.log(info.vocab_size)
-    _say(f"batch:      {b} x {ns.seconds:g} s = {t} frames, {int(n_tokens.sum()):,} target tokens")
-    _say(f"loss:       {loss.item():.3f} (random codes; chance level ln({info.vocab_size}) = {chance:.3f}); "
-         f"per codebook {', '.join(f'{x:.2f}' for x in per_codebook.tolist())}")
+    value = loss.loss.item()
+    b, t = batch["codes"].shape[0], batch["codes"].shape[-1]
+    _say(f"batch:      {b} x {seconds:g} s = {t} frames, {int(loss.tokens.sum()):,} target tokens")
+    _say(f"loss:       {value:.3f} (random codes; chance level ln({info.vocab_size}) = {chance:.3f}); "
+         f"per codebook {', '.join(f'{x:.2f}' for x in loss.per_codebook.tolist())}")
     _say(f"gradients:  all finite: {finite_grads}; non-zero in {nonzero}/{len(grads)} trainable tensors, "
          f"{b_nonzero}/{len(b_grads)} LoRA B matrices (A matrices get gradient once B has moved off its zero init)")
     _say(f"time:       {step_s:.2f} s for forward + backward")
     _say(f"peak:       {_peak_memory(device)}")
-    if not math.isfinite(loss.item()):
-        return _fail("training step", f"the loss is {loss.item()}",
+    if not math.isfinite(value):
+        return _fail("training step", f"the loss is {value}",
                      "try --mixed_precision no (fp32); if that works, your GPU's fp16 overflows: use --bf16.")
     if not finite_grads or nonzero == 0 or (b_grads and b_nonzero == 0):
         return _fail("training step", "LoRA parameters got no usable gradient",
                      "check lora_targets; run the test suite (pytest tests/test_modeling.py).")
-    model.zero_grad(set_to_none=True)
+    return 0
 
-    # ---- generation ----------------------------------------------------------------------------
-    if not ns.skip_generation:
-        _say("== generation")
-        model.eval()
-        guidance = cfg.generation.guidance_scale
-        new_tokens = int(round(ns.generate_seconds * info.frame_rate))
-        inputs = processor(text=[CAPTIONS[1]], padding=True, return_tensors="pt").to(device)
-        t0 = time.perf_counter()
-        try:
-            with torch.no_grad():
-                audio = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=True,
-                                       guidance_scale=guidance)
-        except torch.cuda.OutOfMemoryError:
-            return _fail("generation", "out of GPU memory", "free the GPU (other processes?) or use a smaller model.")
-        gen_s = time.perf_counter() - t0
-        seconds = audio.shape[-1] / info.sample_rate
-        _say(f"generated:  {tuple(audio.shape)} = {seconds:.2f} s of audio in {gen_s:.1f} s "
-             f"(guidance_scale {guidance:g}, max_new_tokens {new_tokens})")
-        if audio.shape[0] != 1 or audio.shape[1] != info.audio_channels or audio.shape[-1] == 0:
-            return _fail("generation", f"unexpected audio shape {tuple(audio.shape)}",
-                         "report this together with your transformers version.")
-        if not bool(torch.isfinite(audio).all()):
-            return _fail("generation", "the audio contains NaN/inf",
-                         "try --mixed_precision no, or --attn_implementation eager.")
-        _say(f"peak:       {_peak_memory(device)}")
 
-    _say()
-    _say(f"OK — next step: {train_cmd} --data_dir data --output_dir output "
-         f"--lora_rank {cfg.lora.lora_rank} --batch_size {cfg.training.batch_size}")
-    log.info("test_model finished: all checks passed")
+def check_generation(cfg, model, processor, info, device, mode: str, seconds: float) -> int:
+    """Generate a short piece with transformers' generate() (the adapter unmerged, the training precision's
+    autocast); 0, or the exit code of a failed check."""
+    import torch
+
+    _say("== generation")
+    model.eval()
+    fam = family_for(info)
+    fam.text_encoder(model).to(device)
+    fam.audio_codec(model).to(device)
+    guidance = cfg.generation.guidance_scale
+    new_tokens = int(round(seconds * info.frame_rate))
+    inputs = processor(text=[CAPTIONS[1]], padding=True, return_tensors="pt").to(device)
+    t0 = time.perf_counter()
+    try:
+        with torch.no_grad(), autocast_for(mode, device)():
+            audio = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=True, guidance_scale=guidance)
+    except torch.cuda.OutOfMemoryError:
+        return _fail("generation", "out of GPU memory", "free the GPU (other processes?) or use a smaller model.")
+    gen_s = time.perf_counter() - t0
+    audio_s = audio.shape[-1] / info.sample_rate
+    _say(f"generated:  {tuple(audio.shape)} = {audio_s:.2f} s of audio in {gen_s:.1f} s "
+         f"(guidance_scale {guidance:g}, max_new_tokens {new_tokens})")
+    if audio.shape[0] != 1 or audio.shape[1] != info.audio_channels or audio.shape[-1] == 0:
+        return _fail("generation", f"unexpected audio shape {tuple(audio.shape)}",
+                     "report this together with your transformers version.")
+    if not bool(torch.isfinite(audio.float()).all()):
+        return _fail("generation", "the audio contains NaN/inf",
+                     "try --mixed_precision no, or --attn_implementation eager.")
+    _say(f"peak:       {_peak_memory(device)}")
     return 0
 
 

@@ -30,17 +30,31 @@ def setup_logging(level=logging.INFO) -> None:
 
 def run_main(main: Callable[[list[str] | None], int], argv=None) -> int:
     """Run a script's main(argv); turn user errors into one clear message and exit code 2."""
-    from .config import ConfigError
-
     setup_logging()
     try:
         return main(argv)
-    except (ConfigError, UserError) as e:
+    except UserError as e:  # ConfigError (lora.config) is a UserError too
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike):
+    """An exclusive inter-process lock on ``path`` (fcntl; a no-op where fcntl does not exist)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: callers only use it to avoid doing work twice (atomic renames keep it safe)
+        yield
+        return
+    with open(path, "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 # --------------------------------------------------------------------------------------------

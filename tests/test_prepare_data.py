@@ -1,8 +1,11 @@
-"""lora/prepare_data.py and lora/test_dataset.py: the synthetic example set, preparing a messy folder of
-real-world files, idempotent reruns, splits, captions, --validate, config precedence, memory on long files."""
+"""lora/prepare_data.py and lora/test_dataset.py (with the modules they use: lora/captions.py,
+lora/example_data.py, lora/data_check.py): the synthetic example set, preparing a messy folder of real-world
+files, idempotent reruns, splits, captions, --validate, config precedence, memory on long files, and that no
+library module or test_dataset.py imports the prepare_data script."""
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
@@ -16,6 +19,7 @@ import pytest
 import soundfile as sf
 
 from lora import audio as A
+from lora import example_data
 from lora import prepare_data as P
 from lora import test_dataset as TD
 from lora.config import ConfigError
@@ -347,7 +351,7 @@ def test_long_file_memory_stays_bounded(tmp_path):
 def test_example_dataset(example_data_dir, tmp_path):
     recs = load_metadata(example_data_dir)
     assert len(recs) == 16 and all(r.duration == pytest.approx(4.0) for r in recs)
-    styles = {s: {r.split for r in recs if f"_{s}_" in r.id} for s in P.STYLES}
+    styles = {s: {r.split for r in recs if f"_{s}_" in r.id} for s in example_data.STYLES}
     assert all(v == {"train", "valid"} for v in styles.values()), styles
     assert all("BPM" in r.text for r in recs)
     assert len({hashlib.sha1(r.path.read_bytes()).hexdigest() for r in recs}) == len(recs)  # no two alike
@@ -369,7 +373,7 @@ def test_example_styles_are_clearly_different(example_data_dir):
         return (s * np.fft.rfftfreq(y.size, 1 / sr)).sum() / s.sum()
 
     recs = load_metadata(example_data_dir)
-    by = {s: [centroid(r) for r in recs if f"_{s}_" in r.id] for s in P.STYLES}
+    by = {s: [centroid(r) for r in recs if f"_{s}_" in r.id] for s in example_data.STYLES}
     # drums are bright noise, pads and bass are dark, arpeggios in between
     assert min(by["techno_drums"]) > 2 * max(by["synth_arpeggio"] + by["funk_bass"] + by["ambient_pad"])
     assert min(by["synth_arpeggio"]) > 1.5 * max(by["funk_bass"] + by["ambient_pad"])
@@ -488,3 +492,36 @@ def test_overwrite_redoes_everything(tmp_path):
     assert P.main(["--input_dir", str(d), "--output_dir", str(out), "--num_workers", "1"]) == 0
     assert P.main(["--input_dir", str(d), "--output_dir", str(out), "--num_workers", "1", "--overwrite"]) == 0
     assert report(out)["files_decoded"] == 2
+
+
+# ---- module boundaries ----------------------------------------------------------------------------
+TASK_SCRIPTS = {"prepare_data", "train_lora", "inference_lora", "evaluate", "test_dataset", "test_model"}
+
+
+def _lora_imports(source: str) -> set[str]:
+    """The lora modules a source imports (lora.x, from lora import x, from .x / from . import x), anywhere."""
+    out = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            out |= {a.name.split(".")[1] for a in node.names if a.name.startswith("lora.")}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level == 0 and node.module and node.module.startswith("lora."):
+                out.add(node.module.split(".")[1])
+            elif (node.level == 0 and node.module == "lora") or (node.level == 1 and not node.module):
+                out |= {a.name for a in node.names}
+            elif node.level == 1 and node.module:
+                out.add(node.module.split(".")[0])
+    return out
+
+
+def test_no_module_imports_the_prepare_data_script():
+    """test_dataset.py gets the data check from lora.data_check; the modules prepare_data.py was split into
+    import no task script (one script importing another, or a cycle back into prepare_data)."""
+    for probe in ("from lora.prepare_data import check_data_dir", "from lora import prepare_data as P",
+                  "import lora.prepare_data", "from .prepare_data import check_data_dir",
+                  "def f():\n    from . import prepare_data"):
+        assert "prepare_data" in _lora_imports(probe), probe
+    for name in ("test_dataset", "captions", "example_data", "data_check"):
+        imported = _lora_imports((ROOT / "lora" / f"{name}.py").read_text(encoding="utf-8"))
+        assert not imported & (TASK_SCRIPTS - {name}), f"lora/{name}.py imports {imported & TASK_SCRIPTS}"
+    assert "data_check" in _lora_imports((ROOT / "lora" / "test_dataset.py").read_text(encoding="utf-8"))

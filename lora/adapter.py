@@ -1,0 +1,279 @@
+"""LoRA adapters: which layers get one (presets, suffixes, regexes), attach, load (with the checks that it fits the
+base), scale, merge, and an adapter's identity.
+
+Adapters are plain PEFT: ``attach_lora`` wraps the base model with ``peft.get_peft_model``; a saved adapter
+(``adapter_config.json`` + ``adapter_model.safetensors``) loads with ``PeftModel.from_pretrained`` anywhere. Where
+LoRA may go is the model family's knowledge (``LORA_PRESETS``, ``LORA_SEARCH_PREFIX``, ``TEXT_ENCODER_TARGETS``,
+``decoder_shape`` of lora.musicgen); this module applies it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Optional
+
+from lora.loading import family_for
+from lora.musicgen import get_base
+from lora.utils import UserError, log
+
+_REGEX_CHARS = set("^$*+?[](){}|\\")
+
+
+def _lora_capable(module) -> bool:
+    import torch.nn as nn
+
+    return isinstance(module, (nn.Linear, nn.Embedding))
+
+
+def lora_target_names(model, targets: str, train_text_encoder: bool = False) -> list[str]:
+    """Full module names that get LoRA for a ``lora_targets`` setting (a preset, suffixes or a regex).
+
+    Only the family's decoder is searched (plus the text encoder's self-attention when ``train_text_encoder``);
+    the audio codec and the rest of the text encoder never get LoRA. A pattern that matches nothing is a
+    UserError listing some module names.
+    """
+    base = get_base(model)
+    fam = family_for(base)
+    modules = {name: mod for name, mod in base.named_modules() if name}
+    decoder_names = [n for n in modules if n.startswith(fam.LORA_SEARCH_PREFIX) and _lora_capable(modules[n])]
+    spec = (targets or "").strip()
+    if not spec:
+        raise UserError("lora_targets is empty; use 'attention', 'attention_ffn', a comma-separated list of module "
+                        "name suffixes (e.g. q_proj,v_proj) or a regex.")
+    if spec in fam.LORA_PRESETS:
+        rx = re.compile(fam.LORA_PRESETS[spec])
+        matched = [n for n in decoder_names if rx.fullmatch(n)]
+    elif any(ch in _REGEX_CHARS for ch in spec):
+        try:
+            rx = re.compile(spec)
+        except re.error as e:
+            raise UserError(f"lora_targets {spec!r} is not a valid regular expression ({e}).") from None
+        matched = [n for n in decoder_names if rx.search(n)]
+    else:
+        suffixes = [s.strip() for s in spec.split(",") if s.strip()]
+        matched = [n for n in decoder_names if any(n == s or n.endswith("." + s) for s in suffixes)]
+    if not matched:
+        examples = [n for n in decoder_names if fam.LORA_EXAMPLE_LAYER in n][:12] or decoder_names[:12]
+        raise UserError(
+            f"lora_targets {spec!r} matches no layer of the {fam.DECODER_NAME}. Use {fam.LORA_PRESETS_HELP}, a "
+            f"comma-separated list of name suffixes or a regex. Some decoder layer names: {', '.join(examples)}")
+    if train_text_encoder:
+        rx = re.compile(fam.TEXT_ENCODER_TARGETS)
+        text = [n for n, m in modules.items() if rx.fullmatch(n) and _lora_capable(m)]
+        if not text:
+            raise UserError("train_text_encoder: no T5 self-attention layers (q/k/v/o) found in the text encoder.")
+        matched += text
+    return sorted(set(matched), key=list(modules).index)
+
+
+def attach_lora(model, lora_cfg):
+    """Wrap the base model in a peft LoRA PeftModel following ``lora_cfg`` (a LoraSection; its ranges were
+    checked by lora.config).
+
+    The adapter config records the real base (``model.name_or_path``: folder or hub id) as
+    base_model_name_or_path, so ``PeftModel.from_pretrained(MusicgenForConditionalGeneration.from_pretrained(base),
+    adapter_dir)`` loads the saved adapter.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    base = get_base(model)
+    names = lora_target_names(base, lora_cfg.lora_targets, bool(lora_cfg.train_text_encoder))
+    base_name = getattr(base, "name_or_path", None) or base.config._name_or_path or None
+    config = LoraConfig(
+        r=int(lora_cfg.lora_rank), lora_alpha=float(lora_cfg.lora_alpha), lora_dropout=float(lora_cfg.lora_dropout),
+        target_modules=names, bias="none", use_dora=bool(lora_cfg.use_dora), use_rslora=bool(lora_cfg.use_rslora),
+        base_model_name_or_path=base_name)
+    peft_model = get_peft_model(base, config)
+    peft_model.peft_config["default"].base_model_name_or_path = base_name
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+    log.info("LoRA (r=%d, alpha=%g%s%s) on %d modules (%s); trainable parameters %s of %s (%.3f%%)",
+             config.r, config.lora_alpha, ", DoRA" if config.use_dora else "", ", rsLoRA" if config.use_rslora else "",
+             len(names), shown, f"{trainable:,}", f"{total:,}", 100.0 * trainable / max(total, 1))
+    return peft_model
+
+
+# --------------------------------------------------------------------------------------------
+# Loading a saved adapter, with the checks that it fits the base model
+# --------------------------------------------------------------------------------------------
+def _same_base(recorded: str, used: str) -> bool:
+    if recorded == used:
+        return True
+    pr, pu = Path(recorded).expanduser(), Path(used).expanduser()
+    if pr.exists() and pu.exists():
+        return os.path.realpath(pr) == os.path.realpath(pu)
+    # A hub id and its snapshot in the HF cache (.../models--owner--name/snapshots/<commit>).
+    for hub, path in ((recorded, used), (used, recorded)):
+        if hub.count("/") == 1 and not Path(hub).exists():
+            if f"models--{hub.replace('/', '--')}" in Path(path).as_posix():
+                return True
+    return False
+
+
+def _same_model_name(recorded: str, used: str) -> bool:
+    """facebook/musicgen-small vs a folder named musicgen-small (huggingface-cli download --local-dir)."""
+    return Path(recorded.rstrip("/")).name.lower() == Path(used.rstrip("/")).name.lower()
+
+
+def _adapter_shape_problems(base, adapter_file: Path) -> list[str]:
+    """Compare the adapter's LoRA matrices with the model's layers (architecture check without loading)."""
+    from safetensors import safe_open
+
+    modules = dict(base.named_modules())
+    problems = []
+    with safe_open(str(adapter_file), framework="pt") as fh:
+        for key in fh.keys():
+            m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight", key)
+            if not m:
+                continue
+            name, part = m.group(1), m.group(2)
+            mod = modules.get(name)
+            shape = tuple(fh.get_slice(key).get_shape())
+            if mod is None:
+                problems.append(f"layer {name} does not exist in this model")
+            elif hasattr(mod, "in_features"):
+                want = mod.in_features if part == "lora_A" else mod.out_features
+                have = shape[1] if part == "lora_A" else shape[0]
+                if want != have:
+                    problems.append(f"{name}: adapter expects size {have}, model has {want}")
+            if len(problems) >= 3:
+                break
+    return problems
+
+
+def _recorded_config(recorded: str) -> Optional[dict]:
+    """config.json of the adapter's recorded base, when it is on this machine (a folder or the HF cache)."""
+    cfg_file = Path(recorded).expanduser() / "config.json"
+    if not cfg_file.is_file() and recorded.count("/") == 1:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(recorded, "config.json")
+            cfg_file = Path(cached) if isinstance(cached, str) else cfg_file
+        except (ImportError, ValueError):
+            pass
+    if not cfg_file.is_file():
+        return None
+    try:
+        return json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _read_adapter_config(adapter_dir: Path) -> dict:
+    if not adapter_dir.is_dir():
+        raise UserError(f"LoRA adapter folder not found: {adapter_dir}. Train one with `python train_lora.py` "
+                        f"(it writes output/best_model and output/final_model), or set lora_model_path to none to "
+                        f"use the base model alone.")
+    missing = [f for f in ("adapter_config.json", "adapter_model.safetensors") if not (adapter_dir / f).is_file()]
+    if missing:
+        raise UserError(f"{adapter_dir} is not a complete LoRA adapter: missing {', '.join(missing)}. Point "
+                        f"lora_model_path at a folder written by train_lora.py (best_model, final_model or "
+                        f"checkpoints/checkpoint-N).")
+    try:
+        return json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{adapter_dir / 'adapter_config.json'} cannot be read ({e}).") from None
+
+
+def check_adapter_fits(base, adapter_dir: Path, recorded: str, used: str) -> None:
+    """UserError unless the adapter's layers, the architecture of its recorded base and the base's name fit the
+    base model in use (a copy of the same model in another folder is accepted with a warning)."""
+    fam = family_for(base)
+    shape_problems = _adapter_shape_problems(base, adapter_dir / "adapter_model.safetensors")
+    if shape_problems:
+        raise UserError(
+            f"The LoRA adapter {adapter_dir} was trained on base model {recorded or '(not recorded)'} but the base "
+            f"model in use is {used}, and their layers differ ({'; '.join(shape_problems)}). Use "
+            f"--model_path {recorded or '<the base it was trained on>'}.")
+    recorded_cfg = _recorded_config(recorded) if recorded else None
+    recorded_shape = fam.decoder_shape(recorded_cfg) if recorded_cfg is not None else None
+    used_shape = fam.decoder_shape(base.config)
+    if recorded_shape is not None and recorded_shape != used_shape:
+        diff = ", ".join(f"{k} {recorded_shape[k]} vs {used_shape[k]}" for k in fam.DECODER_SHAPE_KEYS
+                         if recorded_shape[k] != used_shape[k])
+        raise UserError(
+            f"The LoRA adapter {adapter_dir} was trained on base model {recorded}, but the base model in use is "
+            f"{used}, a different architecture ({diff}). Use --model_path {recorded}.")
+    if recorded and used and not _same_base(recorded, used):
+        if _same_model_name(recorded, used):
+            log.warning("The adapter was trained on %s; using it with %s (same model name and layer sizes)",
+                        recorded, used)
+        else:
+            raise UserError(
+                f"The LoRA adapter {adapter_dir} was trained on base model {recorded}, but the base model in use is "
+                f"{used}. Use --model_path {recorded}; if {used} really is a copy of that model, edit "
+                f"base_model_name_or_path in {adapter_dir / 'adapter_config.json'}.")
+    elif not recorded:
+        log.warning("%s does not record its base model; assuming %s", adapter_dir / "adapter_config.json", used)
+
+
+def load_lora(model, adapter_dir, is_trainable: bool = False, expected_base: Optional[str] = None):
+    """Load a saved PEFT LoRA adapter onto the base model; returns the PeftModel.
+
+    Checks first (each failure is a UserError naming the file or both models): the folder holds
+    adapter_config.json and adapter_model.safetensors; the adapter's base_model_name_or_path is the base in use
+    (``expected_base``, default ``model.name_or_path``; same folder, same hub id, the hub id's cache snapshot, or
+    a folder of the same model name); the adapter's layer sizes fit this model.
+    """
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir).expanduser()
+    adapter_cfg = _read_adapter_config(adapter_dir)
+    base = get_base(model)
+    used = str(expected_base or getattr(base, "name_or_path", "") or base.config._name_or_path or "")
+    check_adapter_fits(base, adapter_dir, adapter_cfg.get("base_model_name_or_path") or "", used)
+    peft_model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=is_trainable)
+    if not is_trainable:
+        peft_model.eval()
+    log.info("Loaded LoRA adapter %s (r=%s) onto %s", adapter_dir, adapter_cfg.get("r"), used)
+    return peft_model
+
+
+# --------------------------------------------------------------------------------------------
+# Scale, merge, identity
+# --------------------------------------------------------------------------------------------
+def set_lora_scale(model, scale: float) -> None:
+    """Scale the active adapter's update (0 = base model, 1 = full adapter)."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            for name in module.active_adapters:
+                module.set_scale(name, float(scale))
+
+
+def merge_lora(model):
+    """Fold the LoRA update into the weights and return the plain base model."""
+    return model.merge_and_unload()
+
+
+def adapter_has_text_encoder(model) -> bool:
+    """True when LoRA layers sit in the text encoder (train_text_encoder): cached text states are then wrong
+    for the adapted model, and captions are encoded on the fly."""
+    from peft.tuners.lora import LoraLayer
+
+    return any(isinstance(mod, LoraLayer) and "text_encoder" in name for name, mod in model.named_modules())
+
+
+def adapter_identity(adapter_dir) -> dict:
+    """Path, content hash of the adapter weights, and what adapter_config.json says about it."""
+    adapter_dir = Path(adapter_dir)
+    weights = adapter_dir / "adapter_model.safetensors"
+    h = hashlib.sha256()
+    with open(weights, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    out = {"path": str(adapter_dir.resolve()), "weights_sha256": h.hexdigest()}
+    try:
+        cfg = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        cfg = {}
+    for key in ("base_model_name_or_path", "r", "lora_alpha", "use_dora", "use_rslora"):
+        if key in cfg:
+            out[key] = cfg[key]
+    return out

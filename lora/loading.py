@@ -1,0 +1,247 @@
+"""Loading a base model: a hub id, a local folder or a built-in tiny model, and the model family it belongs to.
+
+Everything that touches the network goes through ``from_pretrained`` (so ``HF_ENDPOINT``, ``HF_HOME`` and
+``HF_HUB_OFFLINE`` are honoured); a local folder and a hub id take the same code path. The built-in tiny
+models (``model_path: tiny`` / ``tiny-stereo``, lora.tiny_model) are built from config once, saved with
+``save_pretrained`` and loaded back like any other folder, so every script runs without a download.
+
+The checkpoint's ``config.json`` names its ``model_type``; ``FAMILIES`` maps it to the module that knows that
+family's internals (today ``lora.musicgen``). ``family_for(info or model)`` is how the rest of the toolkit reaches
+it, so a new family is one sibling module and one line here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+from lora import musicgen
+from lora.config import BUILTIN_MODELS
+from lora.tiny_model import ensure_tiny_model
+from lora.utils import UserError, log
+
+FAMILIES = {musicgen.MODEL_TYPE: musicgen}
+
+# Files a local model folder needs (see missing_local_files).
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
+
+
+def family_for(what):
+    """The family module of a ModelInfo, a (PEFT-wrapped) model or a model_type string."""
+    if isinstance(what, str):
+        model_type = what
+    elif hasattr(what, "model_type") and isinstance(what.model_type, str):
+        model_type = what.model_type
+    else:
+        base = what.get_base_model() if hasattr(what, "get_base_model") else what
+        model_type = base.config.model_type
+    try:
+        return FAMILIES[model_type]
+    except KeyError:
+        raise UserError(f"model_type {model_type!r} is not a model family this toolkit knows "
+                        f"({', '.join(FAMILIES)}).") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Resolving
+# --------------------------------------------------------------------------------------------
+def resolve_model_path(model_cfg) -> str:
+    """'tiny' / 'tiny-stereo' -> the built folder (built on first use); a folder -> its absolute path;
+    anything else (a hub id) unchanged."""
+    path = str(model_cfg.model_path)
+    if path in BUILTIN_MODELS:
+        stereo = path == "tiny-stereo"
+        base = Path(model_cfg.tiny_model_dir).expanduser()
+        return str(ensure_tiny_model(base / ("stereo" if stereo else "mono"), stereo=stereo))
+    p = Path(path).expanduser()
+    if p.exists():
+        return str(p.resolve())
+    return path
+
+
+def looks_like_local_path(path: str) -> bool:
+    """A hub id is exactly 'owner/name'; anything else (absolute, ./x, ~/x, a/b/c, C:\\x) is a folder."""
+    return (os.path.isabs(path) or path.startswith((".", "~")) or "\\" in path or path.count("/") != 1)
+
+
+def missing_local_files(directory: Path) -> list[str]:
+    """What a model folder lacks to be loaded (empty when it is complete)."""
+    directory = Path(directory)
+    missing = []
+    if not (directory / "config.json").is_file():
+        missing.append("config.json")
+    if not any((directory / f).is_file() for f in WEIGHT_FILES):
+        missing.append("model weights (model.safetensors, model.safetensors.index.json + shards, or "
+                       "pytorch_model.bin)")
+    if not any((directory / f).is_file() for f in TOKENIZER_FILES):
+        missing.append("tokenizer (tokenizer.json or spiece.model, plus tokenizer_config.json)")
+    if not any((directory / f).is_file() for f in ("preprocessor_config.json", "processor_config.json")):
+        missing.append("preprocessor_config.json (the EnCodec feature extractor settings)")
+    return missing
+
+
+def download_hint(directory: str) -> str:
+    return (f"Download a complete model folder, e.g. `huggingface-cli download facebook/musicgen-small "
+            f"--local-dir {directory}` (set HF_ENDPOINT=https://your-mirror for a mirror), or pass a hub id "
+            f"such as --model_path facebook/musicgen-small, or --model_path tiny for the built-in test model.")
+
+
+def check_model_type(config_path: Path, where: str) -> dict:
+    """config.json of a model folder or hub snapshot; UserError unless its model_type is a family we know."""
+    try:
+        cfg = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{config_path} cannot be read as JSON ({e}). {download_hint(where)}") from None
+    model_type = cfg.get("model_type")
+    if model_type == "musicgen_melody":
+        raise UserError(
+            f"{where} is a MusicGen-Melody model (model_type 'musicgen_melody'). Melody-conditioned models are not "
+            f"supported yet: use a text-to-music model such as facebook/musicgen-small, -medium, -large or a "
+            f"*-stereo-* variant.")
+    if model_type not in FAMILIES:
+        raise UserError(f"{where} is not a MusicGen model (config.json has model_type {model_type!r}, expected "
+                        f"'musicgen'). Use facebook/musicgen-small|medium|large (or a stereo variant), a folder "
+                        f"holding one, or 'tiny'.")
+    return cfg
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _fetch_hub_config(model_id: str, revision: Optional[str], local_files_only: bool) -> Path:
+    """Resolve config.json of a hub model (downloads only that small file); UserError if unreachable."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(model_id, "config.json", revision=revision, local_files_only=local_files_only))
+    except Exception as e:  # huggingface_hub raises many types (offline, 404, auth, connection)
+        offline = local_files_only or _offline()
+        how = ("Offline mode is on (HF_HUB_OFFLINE=1 or local_files_only: true) and this model is not in the local "
+               "cache (HF_HOME). " if offline else
+               "The hub could not be reached or the model does not exist. ")
+        raise UserError(
+            f"Cannot load '{model_id}' from the Hugging Face hub: {type(e).__name__}: {str(e).splitlines()[0][:300]}\n"
+            f"{how}Options: check the name (facebook/musicgen-small, facebook/musicgen-medium, "
+            f"facebook/musicgen-large, facebook/musicgen-stereo-small, ...); use a mirror with "
+            f"HF_ENDPOINT=https://your-mirror; download once with `huggingface-cli download {model_id} --local-dir "
+            f"models/{model_id.split('/')[-1]}` and pass --model_path models/{model_id.split('/')[-1]}; or use "
+            f"--model_path tiny to try the toolkit with the built-in test model. (No local folder "
+            f"{Path(model_id).resolve()} exists either.)") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Identity (the token cache key)
+# --------------------------------------------------------------------------------------------
+def _file_fingerprint(path: Path) -> str:
+    """Content fingerprint of a (possibly huge) file: size + first and last MiB."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    h.update(f"{path.name}:{size}".encode())
+    with open(path, "rb") as fh:
+        h.update(fh.read(1 << 20))
+        if size > 2 << 20:
+            fh.seek(size - (1 << 20))
+            h.update(fh.read(1 << 20))
+    return h.hexdigest()
+
+
+def model_identity(directory: str | os.PathLike, extra: str = "") -> str:
+    """Stable short hash of a model folder: config.json + content fingerprints of the weight files."""
+    directory = Path(directory)
+    h = hashlib.sha256(extra.encode())
+    cfg = directory / "config.json"
+    if cfg.is_file():
+        h.update(cfg.read_bytes())
+    names = sorted(p.name for p in directory.iterdir()
+                   if p.is_file() and (p.suffix in (".safetensors", ".bin") or p.name in WEIGHT_FILES))
+    for name in names:
+        h.update(_file_fingerprint(directory / name).encode())
+    return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+class _SpecialTokenWarningFilter:
+    """Drop transformers' "pad_token_id must be within the vocabulary" warning: MusicGen's decoder uses
+    id = vocab_size (2048) as its pad/BOS token by design (its embeddings have vocab_size + 1 rows)."""
+
+    def filter(self, record) -> bool:
+        return "must be `None` or an integer within the vocabulary" not in record.getMessage()
+
+
+def _install_warning_filter() -> None:
+    hf_log = logging.getLogger("transformers")
+    if not any(isinstance(f, _SpecialTokenWarningFilter) for f in hf_log.filters):
+        hf_log.addFilter(_SpecialTokenWarningFilter())
+        for handler in hf_log.handlers:
+            handler.addFilter(_SpecialTokenWarningFilter())
+
+
+def _locate(path: str, model_cfg) -> tuple[str, Path, Optional[str], Optional[str], dict, str]:
+    """Check a resolved model path before anything loads: (path, folder, identity or None (a hub snapshot: made
+    after the weights are there), hub revision, from_pretrained kwargs, model_type)."""
+    local_files_only = bool(getattr(model_cfg, "local_files_only", False)) or _offline()
+    revision = getattr(model_cfg, "revision", None)
+    p = Path(path).expanduser()
+    if p.is_dir():
+        directory = p.resolve()
+        missing = missing_local_files(directory)
+        model_type = None
+        if (directory / "config.json").is_file():
+            model_type = check_model_type(directory / "config.json", str(directory)).get("model_type")
+        if missing:
+            raise UserError(f"The model folder {directory} is incomplete; missing: {'; '.join(missing)}. "
+                            f"{download_hint(str(directory))}")
+        return str(directory), directory, model_identity(directory), None, {}, model_type
+    if p.exists():
+        raise UserError(f"--model_path {path} is a file; it must be a model folder (with config.json, "
+                        f"model.safetensors, tokenizer files, preprocessor_config.json) or a hub id.")
+    if looks_like_local_path(path):
+        raise UserError(f"Model folder not found: {path}. {download_hint(path)}")
+    config_file = _fetch_hub_config(path, revision, local_files_only)
+    model_type = check_model_type(config_file, path).get("model_type")
+    kw = {"revision": revision, "local_files_only": local_files_only}
+    return path, config_file.parent, None, config_file.parent.name, kw, model_type
+
+
+def load_base_model(model_cfg, device=None, dtype=None):
+    """Load a base model + processor from a hub id, a local folder or a built-in tiny model.
+
+    Returns (model, processor, info): the model is in eval mode with every parameter frozen; ``info`` is the
+    family's ModelInfo.
+    """
+    from transformers import AutoProcessor
+
+    _install_warning_filter()
+    path, directory, identity, hub_revision, kw, model_type = _locate(resolve_model_path(model_cfg), model_cfg)
+    family = family_for(model_type)
+    attn = getattr(model_cfg, "attn_implementation", "sdpa") or "sdpa"
+    if dtype is not None:
+        kw["dtype"] = dtype
+    try:
+        model = family.from_pretrained(path, attn, **kw)
+        processor = AutoProcessor.from_pretrained(path, **kw)
+    except OSError as e:
+        raise UserError(f"Could not load the model from {path}: {str(e).splitlines()[0][:400]}. "
+                        f"{download_hint(path if Path(path).is_dir() else 'models/' + path.split('/')[-1])}"
+                        ) from None
+    if identity is None:
+        identity = model_identity(directory, extra=path)
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if device is not None:
+        model.to(device)
+    info = family.model_info(model, path, identity, hub_revision=hub_revision)
+    log.info("Loaded %s: %d codebooks, %d channel(s), %d Hz, %.1fM parameters, dtype %s, attention %s",
+             path, info.num_codebooks, info.audio_channels, info.sample_rate,
+             sum(t.numel() for t in model.parameters()) / 1e6, next(model.parameters()).dtype,
+             family.attention_implementation(model))
+    return model, processor, info

@@ -1,0 +1,456 @@
+"""The training library behind train_lora.py (and bench/bench_train.py, test_model.py): the step users run,
+timed and checked exactly as it runs.
+
+* **Model preparation** (``prepare_model``): attach LoRA, store the frozen decoder weights in the training dtype
+  (``prepare_frozen_weights``), move what the step runs to the device (``move_trained_modules``) and set the step's
+  speed/memory options (``configure_step``).
+* **The step loss** (``step_loss``) of one micro-batch of cached tokens, and **validation** (``heldout_loss``),
+  both through the model family's one teacher-forced forward and one loss.
+* **The data plan**: ``plan_steps`` and ``micro_seed`` (data order and dropout depend on (seed, epoch, index) only,
+  never on the number of processes).
+* **Checkpoints**: ``save_checkpoint``, ``find_checkpoint``, ``load_checkpoint``, ``save_adapter``,
+  ``clear_earlier_run``; ``TrainState`` is what they record (``trainer_state.json``, written last).
+* **RunLog**: metrics.jsonl, TensorBoard and loss_curve.png.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from lora.adapter import attach_lora
+from lora.config import Config
+from lora.cpu_speed import MATH_CROSS_ATTENTION_MAX_KEYS, use_cpu_train_attention, use_fast_dropout
+from lora.loading import family_for
+from lora.precision import cast_frozen_weights, resolve_base_weights_dtype
+from lora.utils import UserError, atomic_dir, atomic_path, atomic_write_json, atomic_write_text, log
+
+STATE_FILE = "trainer_state.json"
+
+
+# ============================================================================================
+# Model preparation
+# ============================================================================================
+def prepare_frozen_weights(model, precision: str, setting: str) -> str:
+    """Apply training.base_weights_dtype after LoRA is attached: with bfloat16, every frozen weight and buffer of
+    the decoder modules (the family's ``decoder_modules``) is stored in bf16 and peft's cast of each LoRA input to
+    float32 is turned off (autocast runs the LoRA matmuls in bf16 anyway), so the step does no per-layer dtype
+    casts. LoRA weights (and so the optimizer state and the saved adapter) stay float32. Returns the dtype name."""
+    import torch
+
+    name, why = resolve_base_weights_dtype(setting, precision)
+    if name == "bfloat16":
+        n = sum(cast_frozen_weights(m, torch.bfloat16) for m in family_for(model).decoder_modules(model))
+        for m in model.modules():
+            if hasattr(m, "cast_input_dtype_enabled"):  # peft LoRA layers
+                m.cast_input_dtype_enabled = False
+        log.info("Frozen base weights: bfloat16 (%s; %.1fM parameters cast)", why, n / 1e6)
+    else:
+        log.info("Frozen base weights: float32 (%s)", why)
+    return name
+
+
+def move_trained_modules(model, device, text_encoder: bool = False) -> None:
+    """Move what the train step runs to ``device``: the decoder modules (with their LoRA layers) and, when asked
+    (the text encoder trains), the text encoder. Called after LoRA is attached and the frozen weights are cast,
+    so the decoder reaches a GPU already in its training dtype."""
+    fam = family_for(model)
+    for m in fam.decoder_modules(model):
+        m.to(device)
+    if text_encoder:
+        fam.text_encoder(model).to(device)
+
+
+def configure_step(model, device, checkpointing: bool = False, torch_compile: bool = False,
+                   decoder_dropout: float | None = 0.0) -> None:
+    """The step's speed/memory options on the LoRA-wrapped model: the decoder's hidden-state dropout
+    (training.decoder_dropout); on CPU (not under torch.compile: inductor has its own RNG and kernels) FastDropout
+    for the LoRA dropout and SDPA's math kernel for the cross-attention over the text tokens (lora.cpu_speed);
+    gradient checkpointing of the decoder layers; torch.compile of the decoder."""
+    fam = family_for(model)
+    fam.set_decoder_dropout(model, decoder_dropout)
+    if device.type == "cpu" and not torch_compile:
+        if use_fast_dropout(model):
+            log.info("LoRA dropout: FastDropout (CPU: the default dropout's random numbers are slow)")
+        if use_cpu_train_attention(fam.decoder(model)):
+            log.info("Cross-attention: SDPA math kernel while training with <= %d text tokens (CPU: the "
+                     "flash-attention backward is slow for so few keys)", MATH_CROSS_ATTENTION_MAX_KEYS)
+    if checkpointing:
+        fam.enable_gradient_checkpointing(model)
+    if torch_compile:
+        fam.compile_decoder(model)
+
+
+def prepare_model(model, cfg: Config, precision: str, device):
+    """The trainable model from the loaded base (on the CPU, encoders wherever they are): LoRA attached (its init
+    seeded by the caller), frozen weights cast, the step's modules on ``device``, the step configured. Returns
+    (peft model, trainable parameters). train_lora.py, test_model.py and bench/bench_train.py all call this."""
+    t = cfg.training
+    model = attach_lora(model, cfg.lora)  # peft creates the LoRA weights next to the layers they adapt
+    prepare_frozen_weights(model, precision, t.base_weights_dtype)
+    move_trained_modules(model, device, text_encoder=bool(cfg.lora.train_text_encoder))
+    configure_step(model, device, checkpointing=t.gradient_checkpointing, torch_compile=t.torch_compile,
+                   decoder_dropout=t.decoder_dropout)
+    return model, [p for p in model.parameters() if p.requires_grad]
+
+
+def autocast_for(precision: str, device):
+    """The autocast of ``Accelerator(mixed_precision=precision).autocast`` on ``device``, as a context-manager
+    factory, for callers that pick their own device (test_model.py --device)."""
+    import torch
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if dtype is None:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def set_train_mode(model, cache_text: bool) -> None:
+    """LoRA layers (and the decoder's dropout) in training mode; the frozen codec, and the text encoder unless it
+    trains, in eval mode."""
+    fam = family_for(model)
+    model.train()
+    fam.audio_codec(model).eval()
+    if cache_text:
+        fam.text_encoder(model).eval()
+
+
+# ============================================================================================
+# The step loss and validation
+# ============================================================================================
+def step_loss(model, processor, info, batch, device, autocast, cache_text: bool):
+    """The training (and validation) forward of one micro-batch -> the family's CodebookLoss (``.loss`` is the
+    objective, ``.per_codebook`` / ``.tokens`` per codebook).
+
+    Delay-pattern targets from the cached codes; the decoder reads the cached text states (or, when the text
+    encoder trains, encodes the captions here and applies the null condition to dropped samples). ``autocast``
+    is a context-manager factory (``Accelerator.autocast``).
+    """
+    fam = family_for(info)
+    codes = batch["codes"].to(device, non_blocking=True)
+    lengths = batch["lengths"].to(device, non_blocking=True)
+    if cache_text:
+        hidden = batch["hidden"].to(device, non_blocking=True)
+        mask = batch["mask"].to(device, non_blocking=True)
+    else:  # the text encoder trains: encode every step, then apply the null condition to dropped samples
+        with autocast():
+            hidden, mask = fam.encode_text(model, processor, batch["texts"], device=device)
+        hidden, mask = fam.drop_condition(hidden, mask, ~batch["dropped"].to(device))
+    logits, labels = fam.teacher_forced_logits(model, info, codes, lengths, hidden, mask, autocast=autocast)
+    return fam.codebook_loss(logits, labels)
+
+
+def heldout_loss(model, processor, info, valid_ds, collate, batch_size: int, device, autocast, cache_text: bool,
+                 rank: int = 0, world: int = 1) -> dict:
+    """Token-weighted held-out cross-entropy of the model as it is now (eval mode): per codebook and their mean,
+    with perplexities. The held-out clips are split over processes and the sums all-reduced. Leaves the model in
+    eval mode (the caller sets training mode again)."""
+    import torch
+    import torch.distributed as dist
+
+    model.eval()
+    K = info.num_codebooks
+    sums = torch.zeros(K, dtype=torch.float64, device=device)
+    counts = torch.zeros(K, dtype=torch.float64, device=device)
+    lengths = valid_ds.lengths()
+    order = sorted(range(len(valid_ds)), key=lambda i: -lengths[i])
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)][rank::world]
+    with torch.no_grad():
+        for b in batches:
+            loss = step_loss(model, processor, info, collate([valid_ds[i] for i in b]), device, autocast, cache_text)
+            sums += loss.per_codebook.double() * loss.tokens.double()
+            counts += loss.tokens.double()
+    if world > 1:
+        dist.all_reduce(sums)
+        dist.all_reduce(counts)
+    per_cb = (sums / counts.clamp(min=1)).tolist()
+    res = {"val_loss": sum(per_cb) / K, "val_ppl": math.exp(min(50.0, sum(per_cb) / K))}
+    for k, v in enumerate(per_cb):
+        res[f"val_loss_cb{k}"] = v
+        res[f"val_ppl_cb{k}"] = math.exp(min(50.0, v))
+    res["val_tokens"] = int(counts.sum().item())
+    return res
+
+
+def all_reduce_gradients(params, loss_sum, world: int):
+    """One all-reduce of every LoRA gradient (+ the loss) across processes: the same as one process with
+    world x accumulation micro-batches. Returns the averaged loss."""
+    import torch
+    import torch.distributed as dist
+
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().float()
+                      for p in params] + [loss_sum.view(1).float()])
+    dist.all_reduce(flat)
+    flat /= world
+    off = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[off:off + n].view_as(p).to(p.dtype).clone()
+        off += n
+    return flat[-1]
+
+
+# ============================================================================================
+# The data plan
+# ============================================================================================
+def micro_seed(seed: int, epoch: int, micro_index: int) -> int:
+    """Seed of the torch RNG for one global micro-batch (model/LoRA dropout): independent of process count."""
+    return (int(seed) * 1_000_003 + int(epoch) * 7_919 + int(micro_index) * 104_729 + 17) % (2 ** 63 - 1)
+
+
+def plan_steps(cfg: Config, n_batches: int, group: int) -> tuple[int, int, int, str]:
+    """(steps per epoch, total steps, warmup steps, note about warmup)."""
+    t = cfg.training
+    steps_per_epoch = max(1, n_batches // group)
+    total = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.num_epochs * steps_per_epoch))
+    warmup, note = t.warmup_steps, ""
+    cap = math.ceil(0.1 * total)
+    if warmup > cap:
+        note = (f"warmup_steps {t.warmup_steps} is more than 10% of this short run ({total} steps); "
+                f"capped at {cap}")
+        warmup = cap
+    return steps_per_epoch, total, warmup, note
+
+
+def split_records(cfg: Config, records: list) -> tuple[list, list]:
+    """(train records, valid records); UserError when either split is empty (training validates on held-out clips
+    only, never on the training clips)."""
+    train = [r for r in records if r.split == "train"]
+    valid = [r for r in records if r.split == "valid"]
+    if not train:
+        raise UserError(f"No training clips (split 'train') in {cfg.data.data_dir}/{cfg.data.metadata_file}. "
+                        f"Prepare data with: python lora/prepare_data.py --input_dir YOUR_AUDIO --output_dir "
+                        f"{cfg.data.data_dir}")
+    if not valid:
+        raise UserError(f"No held-out clips (split 'valid') in {cfg.data.data_dir}/{cfg.data.metadata_file}; "
+                        f"training needs them to measure progress and pick best_model (it never validates on the "
+                        f"training clips). Re-run prepare_data.py with --valid_fraction 0.1 (or higher), or mark "
+                        f"some clips \"split\": \"valid\".")
+    return train, valid
+
+
+# ============================================================================================
+# State and checkpoints
+# ============================================================================================
+@dataclass
+class TrainState:
+    """Where a run is: saved in trainer_state.json of every checkpoint and adapter, restored on resume."""
+
+    global_step: int = 0
+    epoch: float = 0.0
+    data_epoch: int = 0          # the epoch whose batches are being read
+    step_in_epoch: int = 0       # optimizer steps done in data_epoch
+    best_metric: Optional[float] = None
+    best_step: Optional[int] = None
+    base_val_loss: Optional[float] = None
+    nan_steps_total: int = 0
+    nan_in_a_row: int = 0
+    evals_without_improvement: int = 0
+    log_history: list = field(default_factory=list)
+
+    def restore(self, saved: dict) -> None:
+        for k in asdict(self):
+            if k in saved:
+                setattr(self, k, saved[k])
+
+    def snapshot(self, stage: str, **run) -> dict:
+        """The trainer_state.json document: the state, the stage that wrote it and facts about the run."""
+        return dict(asdict(self), stage=stage, **run)
+
+
+def find_checkpoint(output_dir: Path, spec: str) -> Path:
+    """'latest' -> the complete checkpoint with the highest global_step; else the given folder (checked)."""
+    if spec.strip().lower() == "latest":
+        root = output_dir / "checkpoints"
+        found = []
+        for d in sorted(root.glob("step-*")) if root.is_dir() else []:
+            try:
+                found.append((json.loads((d / STATE_FILE).read_text(encoding="utf-8"))["global_step"], d))
+            except (OSError, ValueError, KeyError):
+                log.warning("Ignoring incomplete checkpoint %s (no readable %s)", d, STATE_FILE)
+        if not found:
+            raise UserError(f"--resume_from_checkpoint latest: no complete checkpoint in {root}. Start without "
+                            f"--resume_from_checkpoint, or pass a checkpoint folder.")
+        return max(found)[1]
+    path = Path(spec).expanduser().resolve()
+    if not (path / STATE_FILE).is_file():
+        raise UserError(f"--resume_from_checkpoint {spec}: {path} is not a complete checkpoint (no {STATE_FILE}). "
+                        f"Use 'latest' or a folder like {output_dir / 'checkpoints' / 'step-000200'}.")
+    return path
+
+
+def clear_earlier_run(out: Path, overwrite: bool, is_main: bool = True) -> None:
+    """A fresh run must not mix with an earlier run's files: its checkpoints would be taken for this run's by
+    --resume_from_checkpoint latest, and its best_model would look like this run's if this one stops early."""
+    earlier = [out / n for n in ("checkpoints", "best_model", "final_model") if (out / n).exists()]
+    if not earlier:
+        return
+    if not overwrite:
+        names = ", ".join(p.name + "/" for p in earlier)
+        raise UserError(f"{out} already holds an earlier training run ({names}). Continue it with "
+                        f"--resume_from_checkpoint latest, choose another --output_dir, or pass --overwrite_output_dir "
+                        f"to delete those folders and start over.")
+    if is_main:
+        for p in earlier:
+            log.warning("--overwrite_output_dir: deleting %s of an earlier run", p)
+            shutil.rmtree(p)
+
+
+def save_checkpoint(root: Path, model, optimizer, scheduler, scaler, cfg: Config, snapshot: dict,
+                    keep: int) -> Path:
+    """A resumable checkpoint root/step-NNNNNN (adapter, optimizer, scheduler, scaler, RNG, config, state written
+    last: it marks the folder complete); only the newest ``keep`` checkpoints are kept."""
+    import torch
+
+    path = root / f"step-{snapshot['global_step']:06d}"
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(str(tmp))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        if scaler is not None:
+            torch.save(scaler.state_dict(), tmp / "scaler.pt")
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(rng, tmp / "rng_state.pt")
+        cfg.save(tmp / "config.yaml")
+        atomic_write_json(tmp / STATE_FILE, snapshot)  # written last: marks it complete
+    for old in sorted(root.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    log.info("Saved checkpoint %s", path)
+    return path
+
+
+def load_checkpoint(ck: Path, model, optimizer, scheduler, scaler, device, state: TrainState, now: dict) -> None:
+    """Restore a checkpoint into the run: LoRA weights, optimizer, schedule, scaler, RNG and the state. ``now``
+    holds this run's batch_size / gradient_accumulation_steps / world_size / seed: a difference is warned about
+    (the data order then differs from an uninterrupted run)."""
+    import torch
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    saved = json.loads((ck / STATE_FILE).read_text(encoding="utf-8"))
+    for key, value in now.items():
+        if saved.get("run", {}).get(key) not in (None, value):
+            log.warning("Resuming with %s=%s but the checkpoint used %s: the data order will differ from an "
+                        "uninterrupted run.", key, value, saved["run"][key])
+    set_peft_model_state_dict(model, load_file(str(ck / "adapter_model.safetensors"), device=str(device)))
+    optimizer.load_state_dict(torch.load(ck / "optimizer.pt", map_location=device, weights_only=True))
+    scheduler.load_state_dict(torch.load(ck / "scheduler.pt", weights_only=True))
+    if scaler is not None and (ck / "scaler.pt").is_file():
+        scaler.load_state_dict(torch.load(ck / "scaler.pt", weights_only=True))
+    rng = torch.load(ck / "rng_state.pt", weights_only=True)
+    torch.set_rng_state(rng["cpu"])
+    if torch.cuda.is_available() and "cuda" in rng:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    state.restore(saved)
+    log.info("Resumed from %s at step %d (epoch %d, batch %d of the epoch)", ck, state.global_step,
+             state.data_epoch, state.step_in_epoch)
+
+
+def save_adapter(path: Path, model, cfg: Config, snapshot: dict, evaluation: Optional[dict], card: str) -> None:
+    """best_model / final_model: the PEFT adapter, the config, trainer_state.json, eval_results.json and a model
+    card README.md, written as one folder (atomically)."""
+    snapshot = dict(snapshot, eval=evaluation)
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(str(tmp))
+        cfg.save(tmp / "config.yaml")
+        atomic_write_json(tmp / STATE_FILE, snapshot)
+        atomic_write_json(tmp / "eval_results.json", {"step": snapshot["global_step"],
+                                                      "base_val_loss": snapshot["base_val_loss"],
+                                                      **(evaluation or {})})
+        atomic_write_text(tmp / "README.md", card)
+
+
+def model_card(cfg: Config, info, state: dict, kind: str, n_train: int, train_hours: float, where: Path) -> str:
+    base = info.name_or_path
+    best, base_loss = state.get("best_metric"), state.get("base_val_loss")
+    lines = [
+        f"# MusicGen LoRA adapter ({kind})", "",
+        f"- Base model: `{base}`",
+        f"- Data: {n_train} training clips ({train_hours:.2f} h) from `{cfg.data.data_dir}`",
+        f"- Training: {state['global_step']} optimizer steps (epoch {state['epoch']:.2f}), LoRA rank "
+        f"{cfg.lora.lora_rank}, alpha {cfg.lora.lora_alpha}, targets `{cfg.lora.lora_targets}`, "
+        f"lr {cfg.training.learning_rate}, effective batch {state['effective_batch']}, precision {state['precision']}",
+    ]
+    if base_loss is not None:
+        lines.append(f"- Held-out loss (cross-entropy, mean over codebooks): base model {base_loss:.4f}, "
+                     f"best {best:.4f} at step {state.get('best_step')}"
+                     + (f", this adapter {state['eval']['val_loss']:.4f}" if state.get("eval") else ""))
+    lines += [
+        "", "## Use", "", "```bash",
+        f"python lora/inference_lora.py --base_model_path {base} --lora_model_path {where} "
+        f"--prompts \"your prompt\"", "```", "", "```python",
+        "from transformers import AutoProcessor, MusicgenForConditionalGeneration",
+        "from peft import PeftModel", "",
+        f"base = MusicgenForConditionalGeneration.from_pretrained({base!r})",
+        f"model = PeftModel.from_pretrained(base, {str(where)!r})",
+        f"processor = AutoProcessor.from_pretrained({base!r})",
+        "inputs = processor(text=['your prompt'], padding=True, return_tensors='pt')",
+        "audio = model.generate(**inputs, do_sample=True, guidance_scale=3.0, max_new_tokens=500)", "```", "",
+        "`config.yaml` holds the full configuration of the run; `eval_results.json` the held-out metrics.", ""]
+    return "\n".join(lines)
+
+
+# ============================================================================================
+# Logs
+# ============================================================================================
+class RunLog:
+    """metrics.jsonl, TensorBoard and loss_curve.png under output_dir/logs (main process only)."""
+
+    def __init__(self, logs_dir: Path, history: list[dict], enabled: bool):
+        self.dir, self.history, self.enabled = logs_dir, history, enabled
+        self.tb = None
+        if enabled:
+            logs_dir.mkdir(parents=True, exist_ok=True)
+            # Rewrite metrics.jsonl from the (restored) history: lines past a resumed checkpoint are dropped.
+            atomic_write_text(logs_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(logs_dir))
+
+    def add(self, entry: dict, prefix: str) -> None:
+        self.history.append(entry)
+        if not self.enabled:
+            return
+        with open(self.dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(entry) + "\n")
+        for k, v in entry.items():
+            if k not in ("step", "epoch", "time") and isinstance(v, (int, float)) and math.isfinite(v):
+                self.tb.add_scalar(f"{prefix}/{k}", v, entry["step"])
+        self.tb.flush()
+
+    def plot(self, base_loss) -> None:
+        if not self.enabled:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        tr = [(h["step"], h["loss"]) for h in self.history if "loss" in h]
+        va = [(h["step"], h["val_loss"]) for h in self.history if "val_loss" in h]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        if tr:
+            ax.plot(*zip(*tr), label="train loss", alpha=0.8)
+        if va:
+            ax.plot(*zip(*va), "o-", label="held-out loss")
+        if base_loss is not None:
+            ax.axhline(base_loss, color="gray", ls="--", lw=1, label=f"base model (held-out) {base_loss:.3f}")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("cross-entropy (mean over codebooks)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        with atomic_path(self.dir / "loss_curve.png") as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
+        plt.close(fig)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
