@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 from typing import Optional
 
+from lora.config import range_problems, validate
 from lora.loading import family_for
 from lora.musicgen import get_base
 from lora.utils import UserError, log
@@ -71,8 +72,7 @@ def lora_target_names(model, targets: str, train_text_encoder: bool = False) -> 
 
 
 def attach_lora(model, lora_cfg):
-    """Wrap the base model in a peft LoRA PeftModel following ``lora_cfg`` (a LoraSection; its ranges were
-    checked by lora.config).
+    """Wrap the base model in a peft LoRA PeftModel following ``lora_cfg`` (a LoraSection).
 
     The adapter config records the real base (``model.name_or_path``: folder or hub id) as
     base_model_name_or_path, so ``PeftModel.from_pretrained(MusicgenForConditionalGeneration.from_pretrained(base),
@@ -80,6 +80,7 @@ def attach_lora(model, lora_cfg):
     """
     from peft import LoraConfig, get_peft_model
 
+    validate(range_problems(lora_cfg, ["lora"]))  # (parse_config has checked them; a LoraSection made in code too)
     base = get_base(model)
     names = lora_target_names(base, lora_cfg.lora_targets, bool(lora_cfg.train_text_encoder))
     base_name = getattr(base, "name_or_path", None) or base.config._name_or_path or None

@@ -41,9 +41,14 @@ class ConfigError(UserError):
     """A user mistake in config.yaml or on the command line. The message names the key and the fix."""
 
 
-def _f(default, help: str, *, aliases=(), kind: str | None = None, choices=None):
-    """A schema field. ``kind`` is "path" (a file or folder) or "model" (a path, hub id or built-in)."""
-    md = {"help": help, "aliases": tuple(aliases), "kind": kind, "choices": choices}
+def _f(default, help: str, *, aliases=(), kind: str | None = None, choices=None, ge=None, gt=None, le=None,
+       lt=None, also=(), hint: str = ""):
+    """A schema field. ``kind`` is "path" (a file or folder) or "model" (a path, hub id or built-in). Its allowed
+    values are declared here, once: ``choices``, or a range (``ge`` >=, ``gt`` >, ``le`` <=, ``lt`` <) plus single
+    values ``also`` allowed outside it (e.g. -1 = off); ``hint`` is the rule of thumb an error message adds. null
+    (None) is always allowed for an Optional field."""
+    md = {"help": help, "aliases": tuple(aliases), "kind": kind, "choices": choices, "ge": ge, "gt": gt, "le": le,
+          "lt": lt, "also": tuple(also), "hint": hint}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=md)
     return field(default=default, metadata=md)
@@ -68,9 +73,11 @@ class ModelConfig:
 
 @dataclass
 class LoraSection:
-    lora_rank: int = _f(12, "LoRA rank r: capacity of the adapter; 8-32 is typical", aliases=("lora_r",))
-    lora_alpha: float = _f(24.0, "LoRA alpha: scale of the update is alpha/r; usually 2x rank")
-    lora_dropout: float = _f(0.1, "Dropout on the LoRA input during training")
+    lora_rank: int = _f(12, "LoRA rank r: capacity of the adapter; 8-32 is typical", aliases=("lora_r",), ge=1,
+                         hint="8-32 is typical")
+    lora_alpha: float = _f(24.0, "LoRA alpha: scale of the update is alpha/r; usually 2x rank", gt=0.0,
+                            hint="usually 2x lora_rank")
+    lora_dropout: float = _f(0.1, "Dropout on the LoRA input during training", ge=0.0, lt=1.0)
     lora_targets: str = _f(
         "attention",
         "Which layers get LoRA: 'attention' (decoder self+cross q/k/v/out), 'attention_ffn' (+ fc1/fc2), "
@@ -89,42 +96,42 @@ class DataConfig:
     create_example: bool = _f(False, "prepare_data: write the small synthetic example dataset instead")
     validate: bool = _f(False, "prepare_data: check an existing data_dir and metadata, change nothing")
     example_clips: int = _f(160, "prepare_data --create_example: number of synthetic clips (160 x 6 s: ~8 s to write, "
-                                      "enough for the seed's 5-epoch run to show learning on the tiny model)")
-    example_seconds: float = _f(6.0, "prepare_data --create_example: length of each synthetic clip, s")
-    sample_rate: int = _f(32000, "Sample rate of the prepared clips, Hz; must equal the model's (32000)")
+                                      "enough for the seed's 5-epoch run to show learning on the tiny model)", ge=8, hint="the example set has 4 styles, each needs a train and a valid clip")
+    example_seconds: float = _f(6.0, "prepare_data --create_example: length of each synthetic clip, s", gt=0.0)
+    sample_rate: int = _f(32000, "Sample rate of the prepared clips, Hz; must equal the model's (32000)", ge=1, hint="MusicGen uses 32000")
     channels: int = _f(1, "1 = mix down to mono (mono models); 2 = keep stereo (stereo models)", choices=(1, 2))
-    segment_seconds: float = _f(30.0, "Long recordings are cut into clips of this length, s (MusicGen's context is 30)")
-    min_seconds: float = _f(5.0, "Clips (and file tails) shorter than this are not used, s")
+    segment_seconds: float = _f(30.0, "Long recordings are cut into clips of this length, s (MusicGen's context is 30)", gt=0.0)
+    min_seconds: float = _f(5.0, "Clips (and file tails) shorter than this are not used, s", ge=0.0)
     trim_silence: bool = _f(True, "Trim leading/trailing silence before cutting")
-    silence_db: float = _f(-50.0, "Level below which audio counts as silence, dBFS")
-    valid_fraction: float = _f(0.1, "Share of source recordings held out for validation (split by recording)")
+    silence_db: float = _f(-50.0, "Level below which audio counts as silence, dBFS", lt=0.0, hint="e.g. -50")
+    valid_fraction: float = _f(0.1, "Share of source recordings held out for validation (split by recording)", ge=0.0, lt=1.0, hint="0.1 = 10% of recordings")
     split_seed: int = _f(1234, "Seed of the deterministic train/valid split")
     captions_file: Optional[str] = _f(None, "CSV / JSON / JSONL mapping file name to caption", kind="path")
     default_text: Optional[str] = _f(None, "Caption for files that have no sidecar or captions-file entry")
     caption_template: str = _f("{stem}", "Fallback caption pattern; {stem} = file name without extension, "
                                          "{folder} = parent folder name; '' = leave uncaptioned")
     enrich_captions: bool = _f(False, "Append estimated tempo (BPM) and key to every caption (librosa)")
-    num_workers: int = _f(0, "Worker processes for preparation; 0 = one per CPU core")
+    num_workers: int = _f(0, "Worker processes for preparation; 0 = one per CPU core", ge=0, hint="0 = one per CPU core")
     overwrite: bool = _f(False, "prepare_data: redo clips that already exist")
 
 
 @dataclass
 class TrainingConfig:
     output_dir: str = _f("output", "Where checkpoints/, best_model/, final_model/ and logs/ are written", kind="path")
-    num_epochs: float = _f(5.0, "Passes over the training clips", aliases=("num_train_epochs",))
-    max_steps: int = _f(-1, "Stop after this many optimizer steps; -1 = use num_epochs")
+    num_epochs: float = _f(5.0, "Passes over the training clips", aliases=("num_train_epochs",), ge=0.0)
+    max_steps: int = _f(-1, "Stop after this many optimizer steps; -1 = use num_epochs", ge=1, also=(-1,), hint="-1 = use num_epochs")
     batch_size: int = _f(2, "Clips per step per device; 2-4 on a 24 GB GPU for musicgen-small",
-                         aliases=("per_device_train_batch_size",))
-    gradient_accumulation_steps: int = _f(4, "Steps accumulated per update: effective batch = batch_size x this x GPUs")
-    learning_rate: float = _f(3e-4, "Peak learning rate of AdamW; 1e-4..5e-4 for LoRA")
-    weight_decay: float = _f(0.0, "AdamW weight decay")
-    warmup_steps: int = _f(100, "Linear warm-up, optimizer steps (capped at a tenth of the run when the run is short)")
+                         aliases=("per_device_train_batch_size",), ge=1)
+    gradient_accumulation_steps: int = _f(4, "Steps accumulated per update: effective batch = batch_size x this x GPUs", ge=1)
+    learning_rate: float = _f(3e-4, "Peak learning rate of AdamW; 1e-4..5e-4 for LoRA", gt=0.0, hint="1e-4..5e-4 is usual for LoRA")
+    weight_decay: float = _f(0.0, "AdamW weight decay", ge=0.0)
+    warmup_steps: int = _f(100, "Linear warm-up, optimizer steps (capped at a tenth of the run when the run is short)", ge=0)
     lr_scheduler_type: str = _f("cosine", "Schedule after warm-up", choices=("cosine", "linear", "constant"))
-    max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0 = off")
-    max_duration: float = _f(30.0, "Training window, s: longer cached clips get a random crop of this length per epoch")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0 = off", ge=0.0, hint="0 = no clipping")
+    max_duration: float = _f(30.0, "Training window, s: longer cached clips get a random crop of this length per epoch", gt=0.0, hint="MusicGen's context is 30 s")
     cond_dropout: float = _f(0.3, "Probability of replacing a caption by the null condition, so classifier-free "
                                   "guidance has a trained unconditional branch (audiocraft's MusicGen: "
-                                  "classifier_free_guidance.training_dropout 0.3)")
+                                  "classifier_free_guidance.training_dropout 0.3)", ge=0.0, lt=1.0, hint="audiocraft uses 0.3")
     mixed_precision: str = _f("auto", "auto = bf16 where the hardware runs it fast, fp16 on older GPUs, else fp32",
                               choices=("auto", "fp16", "bf16", "no"))
     fp16: bool = _f(False, "Same as mixed_precision=fp16 (the seed's flag); on CPU falls back with a warning")
@@ -137,20 +144,21 @@ class TrainingConfig:
                                                "trains; null = keep the checkpoint's value (0.1 in the converted "
                                                "transformers configs). 0.0 because audiocraft trained MusicGen without "
                                                "it (transformer_lm.dropout: 0.), and it costs CPU time; LoRA's own "
-                                               "dropout is lora_dropout")
+                                               "dropout is lora_dropout", ge=0.0, lt=1.0,
+                                    hint="0.0 is what audiocraft trained MusicGen with, null keeps the checkpoint's value")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward: less memory, about a third slower")
-    save_steps: int = _f(200, "Save a resumable checkpoint every N optimizer steps")
-    save_total_limit: int = _f(3, "Keep only the newest N checkpoints (best_model is kept apart)")
-    eval_steps: int = _f(100, "Validate on the held-out split every N optimizer steps (and before the first)")
-    logging_steps: int = _f(10, "Log training loss every N optimizer steps")
-    early_stopping_patience: int = _f(0, "Stop after N validations without improvement; 0 = off")
-    max_nan_steps: int = _f(10, "Stop after this many non-finite losses in a row (each one is skipped and counted)")
+    save_steps: int = _f(200, "Save a resumable checkpoint every N optimizer steps", ge=1)
+    save_total_limit: int = _f(3, "Keep only the newest N checkpoints (best_model is kept apart)", ge=1)
+    eval_steps: int = _f(100, "Validate on the held-out split every N optimizer steps (and before the first)", ge=1)
+    logging_steps: int = _f(10, "Log training loss every N optimizer steps", ge=1)
+    early_stopping_patience: int = _f(0, "Stop after N validations without improvement; 0 = off", ge=0, hint="0 = off")
+    max_nan_steps: int = _f(10, "Stop after this many non-finite losses in a row (each one is skipped and counted)", ge=1)
     resume_from_checkpoint: Optional[str] = _f(None, "'latest' or a checkpoint folder to continue from")
     overwrite_output_dir: bool = _f(False, "Start a fresh run even if output_dir holds an earlier run's checkpoints "
                                            "and adapters (they are deleted first)")
     seed: int = _f(42, "Random seed: data order, LoRA init, dropout")
-    dataloader_num_workers: int = _f(0, "DataLoader workers (training reads cached tokens; 0 is usually enough)")
-    encode_batch_size: int = _f(8, "Clips per batch when computing the EnCodec / text-encoder cache")
+    dataloader_num_workers: int = _f(0, "DataLoader workers (training reads cached tokens; 0 is usually enough)", ge=0)
+    encode_batch_size: int = _f(8, "Clips per batch when computing the EnCodec / text-encoder cache", ge=1)
     torch_compile: bool = _f(False, "torch.compile the decoder (measure first: see BENCHMARKS.md)")
 
 
@@ -162,21 +170,21 @@ class GenerationConfig:
     prompts_file: Optional[str] = _f(None, "txt (one prompt per line) or JSON/JSONL with per-prompt settings",
                                      kind="path")
     output_dir: str = _f("output/generated", "Where wavs and manifest.json are written", kind="path")
-    num_samples: int = _f(1, "Samples per prompt (seeds seed, seed+1, ...)")
-    batch_size: int = _f(4, "Prompts generated together")
-    duration: float = _f(10.0, "Length of each piece, s; over 30 s uses windowed continuation")
-    guidance_scale: float = _f(3.0, "Classifier-free guidance strength; 1 = off, 3 = MusicGen default")
+    num_samples: int = _f(1, "Samples per prompt (seeds seed, seed+1, ...)", ge=1)
+    batch_size: int = _f(4, "Prompts generated together", ge=1)
+    duration: float = _f(10.0, "Length of each piece, s; over 30 s uses windowed continuation", gt=0.0, le=3600.0, hint="it is in seconds")
+    guidance_scale: float = _f(3.0, "Classifier-free guidance strength; 1 = off, 3 = MusicGen default", ge=1.0, hint="1 = no guidance, 3 = MusicGen's default")
     temperature: float = _f(1.0, "Sampling temperature; lower = safer, higher = more varied")
     do_sample: bool = _f(True, "false = greedy decoding (always the most likely token): deterministic but "
                               "repetitive; for tests and debugging")
-    top_k: int = _f(250, "Top-k sampling (audiocraft default 250); 0 = off")
-    top_p: float = _f(0.0, "Nucleus sampling threshold; 0 = off; when set it replaces top_k (as in audiocraft)")
+    top_k: int = _f(250, "Top-k sampling (audiocraft default 250); 0 = off", ge=0, hint="0 = off; 250 is MusicGen's default")
+    top_p: float = _f(0.0, "Nucleus sampling threshold; 0 = off; when set it replaces top_k (as in audiocraft)", ge=0.0, le=1.0, hint="0 = off")
     seed: int = _f(0, "Seed of the first sample; every sample's seed is recorded in the manifest")
-    lora_scale: float = _f(1.0, "Adapter strength: 0 = base model, 1 = full adapter, in between blends")
+    lora_scale: float = _f(1.0, "Adapter strength: 0 = base model, 1 = full adapter, in between blends", ge=0.0, hint="0 = base model, 1 = full adapter")
     merge: Optional[bool] = _f(None, "Fold LoRA into the weights (faster); default: merge when lora_scale is 1")
-    extend_stride: float = _f(18.0, "For long pieces: seconds generated per new window (the rest is context)")
+    extend_stride: float = _f(18.0, "For long pieces: seconds generated per new window (the rest is context)", gt=0.0, hint="audiocraft uses 18 of 30")
     max_window: float = _f(30.0, "Longest stretch generated in one pass, s (MusicGen was trained on 30 s); "
-                                 "longer pieces continue window by window")
+                                 "longer pieces continue window by window", gt=0.0, hint="MusicGen: 30")
     audio_prompt: Optional[str] = _f(None, "Audio file whose music is continued", kind="path")
     unconditional: bool = _f(False, "Allow generation without a text prompt")
     output_format: str = _f("pcm16", "WAV sample format", choices=("pcm16", "float"))
@@ -194,10 +202,10 @@ class GenerationConfig:
 class EvaluationConfig:
     output_dir: str = _f("output/evaluation", "Where results.json, report.html and audio are written", kind="path")
     compare: bool = _f(False, "Evaluate the base model and the LoRA model side by side")
-    num_prompts: int = _f(8, "Prompts used for generation metrics (from the valid captions or prompts_file)")
-    eval_duration: float = _f(8.0, "Length of each generated clip for the generation metrics, s")
-    eval_seeds: int = _f(2, "Seeds per prompt (for diversity across seeds)")
-    bootstrap_samples: int = _f(2000, "Bootstrap resamples for confidence intervals")
+    num_prompts: int = _f(8, "Prompts used for generation metrics (from the valid captions or prompts_file)", ge=1)
+    eval_duration: float = _f(8.0, "Length of each generated clip for the generation metrics, s", gt=0.0)
+    eval_seeds: int = _f(2, "Seeds per prompt (for diversity across seeds)", ge=1)
+    bootstrap_samples: int = _f(2000, "Bootstrap resamples for confidence intervals", ge=100, hint="2000 is a good default")
     clap_model_path: Optional[str] = _f(None, "Local CLAP model folder (e.g. laion/larger_clap_music) for text-audio "
                                               "scores; skipped when unset", kind="path")
     skip_generation: bool = _f(False, "Only compute held-out likelihood (fast)")
@@ -309,6 +317,65 @@ def _coerce(section: str, name: str, value, tp, meta, source: str):
         out = value
     _check_choice(where, out, meta)
     return out
+
+
+def _num(x) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def range_text(meta) -> str:
+    """The allowed values of a field in words: 'at least 1', '>= 1', 'in [0, 1)', '> 0 and at most 3600', ...;
+    '' when the field declares no range."""
+    ge, gt, le, lt = meta.get("ge"), meta.get("gt"), meta.get("le"), meta.get("lt")
+    if ge is not None and (le is not None or lt is not None):
+        text = f"in [{_num(ge)}, {_num(le if le is not None else lt)}{']' if le is not None else ')'}"
+    else:
+        lower = (f"at least {ge}" if isinstance(ge, int) else f">= {_num(ge)}") if ge is not None else \
+            (f"> {_num(gt)}" if gt is not None else "")
+        upper = f"at most {_num(le)}" if le is not None else (f"< {_num(lt)}" if lt is not None else "")
+        text = " and ".join(t for t in (lower, upper) if t)
+    if text and meta.get("also"):
+        text += "".join(f", or {_num(v)}" for v in meta["also"])
+    return text
+
+
+def value_problem(meta, value, label: str) -> Optional[str]:
+    """The problem with one value of a field (its declared range), in the user's words naming ``label``; None when
+    the value is allowed."""
+    import math
+
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) or not range_text(meta):
+        return None
+    if value in meta.get("also", ()):
+        return None
+    ok = math.isfinite(value)
+    for key, test in (("ge", lambda b: value >= b), ("gt", lambda b: value > b), ("le", lambda b: value <= b),
+                      ("lt", lambda b: value < b)):
+        if meta.get(key) is not None and ok:
+            ok = test(meta[key])
+    if ok:
+        return None
+    hint = meta.get("hint")
+    return f"{label} must be {range_text(meta)} (got {_num(value)})" + (f"; {hint}" if hint else "")
+
+
+def field_problem(section: str, name: str, value, label: Optional[str] = None) -> Optional[str]:
+    """``value_problem`` for ``section.name`` of the schema (also for values given elsewhere, e.g. a per-prompt
+    setting in a prompts file, with their own ``label``)."""
+    f = next(f for f in dataclasses.fields(SECTIONS[section]) if f.name == name)
+    return value_problem(f.metadata, value, label or f"{section}.{name}")
+
+
+def range_problems(cfg: "Config", sections=None) -> list[str]:
+    """Every value of the listed sections (default: all) outside its declared range, each naming its key."""
+    problems = []
+    for section in sections or SECTIONS:
+        obj = getattr(cfg, section) if isinstance(cfg, Config) else cfg
+        for f in dataclasses.fields(SECTIONS[section]):
+            problem = value_problem(f.metadata, getattr(obj, f.name), f"{section}.{f.name}")
+            if problem:
+                problems.append(problem)
+    return problems
 
 
 def _check_choice(where: str, value, meta):
@@ -468,8 +535,10 @@ def build_parser(description: str, sections: tuple[str, ...], extra=None) -> tup
 
 
 def parse_config(argv=None, *, description: str = "", sections: tuple[str, ...] = tuple(SECTIONS),
-                 extra=None) -> tuple[Config, argparse.Namespace]:
-    """Resolve defaults < YAML < flags. Returns (config, namespace of extra, non-schema arguments)."""
+                 extra=None, rules=None) -> tuple[Config, argparse.Namespace]:
+    """Resolve defaults < YAML < flags, then check every value against its declared range and the script's own
+    ``rules(cfg, ns) -> list of problems`` (those that span several settings); one ConfigError lists every problem
+    found. Returns (config, namespace of extra, non-schema arguments)."""
     parser, owners = build_parser(description, sections, extra)
     argv = list(sys.argv[1:] if argv is None else argv)
     ns = parser.parse_args(argv)
@@ -503,6 +572,10 @@ def parse_config(argv=None, *, description: str = "", sections: tuple[str, ...] 
             value = _resolve_path(value, md.get("kind"), cwd)
         setattr(obj, name, value)
     finalize(cfg)
+    problems = range_problems(cfg)
+    if rules is not None:
+        problems += rules(cfg, ns)
+    validate(problems)
     return cfg, ns
 
 

@@ -43,9 +43,9 @@ import lora
 from lora import metrics
 from lora.adapter import adapter_has_text_encoder, adapter_identity, load_lora, set_lora_scale
 from lora.audio import load_audio, save_wav
-from lora.config import Config, parse_config, validate
+from lora.config import Config, parse_config
 from lora.dataset import CachedTokenDataset, build_token_cache, collate_tokens, load_metadata
-from lora.generation import GenerationError, SamplingSettings, cast_for_generation, generate_audio, pick_device
+from lora.generation import GenerationError, cast_for_generation, generate_audio, pick_device, temperature_problem
 from lora.loading import family_for, load_base_model
 from lora.precision import generation_dtype
 from lora.prompts import read_prompt_texts
@@ -60,24 +60,13 @@ KAD_KERNEL = "rbf"             # Gaussian kernel, median-distance bandwidth (KAD
 # --------------------------------------------------------------------------------------------
 # Configuration
 # --------------------------------------------------------------------------------------------
-def check_config(cfg: Config) -> dict:
-    """All problems at once; returns the plan {"models": [...], "adapter": path or None}."""
+def config_problems(cfg: Config, ns=None) -> list[str]:
+    """What must hold before anything loads, besides each value's range (the schema's): rules between settings and
+    the files they name."""
     ev, g = cfg.evaluation, cfg.generation
     problems = []
-    if ev.num_prompts < 1:
-        problems.append(f"evaluation.num_prompts must be at least 1, got {ev.num_prompts}.")
-    if not (ev.eval_duration > 0 and math.isfinite(ev.eval_duration)):
-        problems.append(f"evaluation.eval_duration must be > 0 seconds, got {ev.eval_duration}.")
-    if ev.eval_seeds < 1:
-        problems.append(f"evaluation.eval_seeds must be at least 1, got {ev.eval_seeds}.")
-    if ev.bootstrap_samples < 100:
-        problems.append(f"evaluation.bootstrap_samples must be at least 100 (2000 is a good default), "
-                        f"got {ev.bootstrap_samples}.")
-    if g.batch_size < 1:
-        problems.append(f"generation.batch_size must be at least 1, got {g.batch_size}.")
     if not ev.skip_generation:
-        problems += SamplingSettings(guidance_scale=g.guidance_scale, temperature=g.temperature, top_k=g.top_k,
-                                     top_p=g.top_p, do_sample=g.do_sample).problems("generation")
+        problems.append(temperature_problem(g.temperature, g.do_sample))
     if ev.clap_model_path and not Path(ev.clap_model_path).is_dir():
         problems.append(f"evaluation.clap_model_path {ev.clap_model_path} is not a folder. Download a CLAP model "
                         f"once (e.g. `huggingface-cli download laion/larger_clap_music --local-dir models/clap`) "
@@ -85,13 +74,19 @@ def check_config(cfg: Config) -> dict:
     if g.prompts_file and not Path(g.prompts_file).is_file():
         problems.append(f"generation.prompts_file {g.prompts_file} does not exist.")
     adapter = g.lora_model_path
+    if ev.compare and not adapter:
+        problems.append("--compare needs a LoRA adapter: pass --lora_model_path (e.g. ../output/best_model).")
+    elif ev.compare and not Path(adapter).is_dir():
+        problems.append(f"--compare: the LoRA adapter folder {adapter} does not exist. Train one with "
+                        f"train_lora.py, or pass the right --lora_model_path.")
+    return [p for p in problems if p]
+
+
+def evaluation_plan(cfg: Config) -> dict:
+    """Which models are evaluated: {"models": ["base", "lora"] | ["lora"] | ["base"], "adapter": path or None}."""
+    ev, adapter = cfg.evaluation, cfg.generation.lora_model_path
     have_adapter = bool(adapter) and Path(adapter).is_dir()
     if ev.compare:
-        if not adapter:
-            problems.append("--compare needs a LoRA adapter: pass --lora_model_path (e.g. ../output/best_model).")
-        elif not have_adapter:
-            problems.append(f"--compare: the LoRA adapter folder {adapter} does not exist. Train one with "
-                            f"train_lora.py, or pass the right --lora_model_path.")
         models = ["base", "lora"]
     elif have_adapter:
         models = ["lora"]
@@ -99,7 +94,6 @@ def check_config(cfg: Config) -> dict:
         if adapter:
             log.info("No adapter at %s: evaluating the base model alone", adapter)
         models = ["base"]
-    validate(problems)
     return {"models": models, "adapter": adapter if "lora" in models else None}
 
 
@@ -419,8 +413,8 @@ def jsonable(x):
 def main(argv=None) -> int:
     cfg, _ = parse_config(argv, description="Evaluate a MusicGen LoRA adapter: held-out likelihood, generation "
                                             "metrics (FAD/KAD, signal checks, diversity, CLAP), HTML report.",
-                          sections=("evaluation", "model", "generation", "data"))
-    plan = check_config(cfg)
+                          sections=("evaluation", "model", "generation", "data"), rules=config_problems)
+    plan = evaluation_plan(cfg)
     log.info("Evaluating %s on %s/%s -> %s", " and ".join(plan["models"]), cfg.data.data_dir, cfg.data.metadata_file,
              cfg.evaluation.output_dir)
     log.info("  base model %s | adapter %s", cfg.model.model_path, plan["adapter"] or "-")

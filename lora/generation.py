@@ -47,12 +47,10 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from lora import adapter as lora_adapter
+from lora.config import field_problem
 from lora.loading import family_for, load_base_model
 from lora.precision import generation_dtype
 from lora.utils import UserError, log
-
-MAX_DURATION_S = 3600.0  # longer requests are almost certainly a typo (minutes vs seconds)
-
 
 class GenerationError(UserError):
     """Generation produced something unusable (NaN/inf), or a request cannot be generated."""
@@ -72,19 +70,20 @@ class SamplingSettings:
     do_sample: bool = True
 
     def problems(self, where: str = "") -> list[str]:
-        p = []
+        """Every setting outside the range the config schema declares for it (lora.config), plus the rule that
+        sampling needs a temperature > 0."""
         w = f"{where}: " if where else ""
-        if not (math.isfinite(self.guidance_scale) and self.guidance_scale >= 1.0):
-            p.append(f"{w}guidance_scale must be >= 1 (1 = no guidance, 3 = MusicGen's default); "
-                     f"got {self.guidance_scale}.")
-        if self.do_sample and not (math.isfinite(self.temperature) and self.temperature > 0):
-            p.append(f"{w}temperature must be > 0 (1 = the model's own distribution); got {self.temperature}. "
-                     f"For deterministic output use do_sample: false.")
-        if self.top_k < 0:
-            p.append(f"{w}top_k must be >= 0 (0 = off; 250 is MusicGen's default); got {self.top_k}.")
-        if not (0.0 <= self.top_p <= 1.0):
-            p.append(f"{w}top_p must be in [0, 1] (0 = off); got {self.top_p}.")
-        return p
+        p = [field_problem("generation", k, getattr(self, k), f"{w}{k}") for k in ("guidance_scale", "top_k", "top_p")]
+        p.append(temperature_problem(self.temperature, self.do_sample, f"{w}temperature"))
+        return [x for x in p if x]
+
+
+def temperature_problem(temperature: float, do_sample: bool, label: str = "generation.temperature"):
+    """Sampling needs a temperature > 0 (greedy decoding ignores it); None when the pair is fine."""
+    if do_sample and not (math.isfinite(temperature) and temperature > 0):
+        return (f"{label} must be > 0 (got {temperature:g}); 1 = the model's own distribution. For deterministic "
+                f"output use do_sample: false.")
+    return None
 
 
 @dataclass
@@ -429,12 +428,10 @@ def _group_key(r: Request):
 
 
 def validate_request(r: Request, where: str = "") -> list[str]:
+    """The request's duration and sampling settings against the ranges of the config schema."""
     w = f"{where}: " if where else ""
-    p = []
-    if not (math.isfinite(r.duration) and 0 < r.duration <= MAX_DURATION_S):
-        p.append(f"{w}duration must be > 0 and at most {MAX_DURATION_S:.0f} s (it is in seconds); got {r.duration}.")
-    p += r.sampling.problems(where)
-    return p
+    p = [field_problem("generation", "duration", r.duration, f"{w}duration")]
+    return [x for x in p if x] + r.sampling.problems(where)
 
 
 def generate(model, processor, info, requests: Sequence[Request], *, batch_size: int = 4, max_window: float = 30.0,

@@ -46,14 +46,15 @@ if __package__ in (None, ""):
 from lora import config as config_module  # noqa: E402
 from lora import generation  # noqa: E402
 from lora.audio import load_audio, normalize_peak, peak_db, save_wav  # noqa: E402
-from lora.config import GenerationConfig, parse_config, validate  # noqa: E402
-from lora.generation import Request, SamplingSettings, validate_request  # noqa: E402
+from lora.config import GenerationConfig, field_problem, parse_config  # noqa: E402
+from lora.generation import Request, SamplingSettings, temperature_problem  # noqa: E402
 from lora.loading import family_for  # noqa: E402
 from lora.prompts import read_prompts_file  # noqa: E402
 from lora.utils import UserError, atomic_write_json, human_seconds, log, run_main  # noqa: E402
 
 DESCRIPTION = "Generate music with MusicGen + a LoRA adapter (WAV files + manifest.json)."
 MANIFEST = "manifest.json"
+PER_PROMPT_RANGED = ("duration", "guidance_scale", "top_k", "top_p", "num_samples")
 SLUG_MAX_BYTES = 80
 
 
@@ -88,18 +89,21 @@ def build_prompt_specs(g: GenerationConfig, problems: list[str]) -> list[PromptS
             problems.append(f"{where}: the prompt is empty. Write a description of the music, or pass "
                             f"--unconditional to generate without text on purpose.")
             continue
+        # Per-prompt settings: the same ranges as the flags they override (the flags were checked by the schema).
+        own = [field_problem("generation", k, e[k], f"{where}: {k}") for k in PER_PROMPT_RANGED if k in e]
+        if "temperature" in e:
+            own.append(temperature_problem(e["temperature"], g.do_sample, f"{where}: temperature"))
+        own = [x for x in own if x]
+        if own:
+            problems += own
+            continue
         sampling = SamplingSettings(
             guidance_scale=float(e.get("guidance_scale", g.guidance_scale)),
             temperature=float(e.get("temperature", g.temperature)), top_k=int(e.get("top_k", g.top_k)),
             top_p=float(e.get("top_p", g.top_p)), do_sample=bool(g.do_sample))
-        n = int(e.get("num_samples", g.num_samples))
-        if n < 1:
-            problems.append(f"{where}: num_samples must be >= 1, got {n}.")
-            continue
-        spec = PromptSpec(text=text, where=where, duration=float(e.get("duration", g.duration)),
-                          seed=int(e.get("seed", g.seed)), num_samples=n, sampling=sampling)
-        problems += validate_request(Request(text, spec.seed, spec.duration, sampling), where)
-        specs.append(spec)
+        specs.append(PromptSpec(text=text, where=where, duration=float(e.get("duration", g.duration)),
+                                seed=int(e.get("seed", g.seed)), num_samples=int(e.get("num_samples", g.num_samples)),
+                                sampling=sampling))
     return specs
 
 
@@ -285,19 +289,25 @@ class ManifestWriter:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    cfg, _ = parse_config(argv, description=DESCRIPTION, sections=("generation", "model"))
-    g = cfg.generation
+    plan: dict = {}
 
-    # ---- validate everything before loading anything (the schema has checked each value's range)
-    problems: list[str] = []
-    specs = build_prompt_specs(g, problems)
-    if not g.extend_stride < g.max_window:
-        problems.append(f"extend_stride ({g.extend_stride} s) must be > 0 and smaller than max_window "
-                        f"({g.max_window} s); audiocraft uses 18 of 30.")
-    if g.audio_prompt and not Path(g.audio_prompt).is_file():
-        problems.append(f"audio_prompt file not found: {g.audio_prompt}.")
-    adapter = choose_adapter(g, argv, problems)
-    validate(problems)
+    def rules(cfg, ns) -> list[str]:
+        """Everything checked before anything loads, besides each value's range (the schema's): the prompts and
+        their per-prompt settings, settings that depend on each other, the input files, the adapter."""
+        g = cfg.generation
+        problems: list[str] = []
+        plan["specs"] = build_prompt_specs(g, problems)
+        problems.append(temperature_problem(g.temperature, g.do_sample))
+        if not g.extend_stride < g.max_window:
+            problems.append(f"extend_stride ({g.extend_stride} s) must be > 0 and smaller than max_window "
+                            f"({g.max_window} s); audiocraft uses 18 of 30.")
+        if g.audio_prompt and not Path(g.audio_prompt).is_file():
+            problems.append(f"audio_prompt file not found: {g.audio_prompt}.")
+        plan["adapter"] = choose_adapter(g, argv, problems)
+        return [p for p in problems if p]
+
+    cfg, _ = parse_config(argv, description=DESCRIPTION, sections=("generation", "model"), rules=rules)
+    g, specs, adapter = cfg.generation, plan["specs"], plan["adapter"]
     if adapter is None and g.merge:
         log.info("merge: true has no effect without an adapter")
     requests = [Request(prompt=spec.text, seed=spec.seed + j, duration=spec.duration, sampling=spec.sampling)

@@ -41,7 +41,7 @@ if __package__ in (None, ""):
 
 from lora import audio as A
 from lora.captions import Captioner
-from lora.config import Config, parse_config, validate
+from lora.config import Config, parse_config
 from lora.data_check import check_data_dir
 from lora.dataset import SPLITS, ClipRecord, metadata_document, metadata_path
 from lora.example_data import STYLES, write_example_clips
@@ -65,9 +65,8 @@ EXAMPLES = """examples:
 # ============================================================================================
 def main(argv=None) -> int:
     cfg, _ = parse_config(argv, description=__doc__.split("\n\n")[0] + "\n\n" + EXAMPLES,
-                          sections=("data", "model"))
+                          sections=("data", "model"), rules=lambda cfg, ns: check_settings(cfg))
     d = cfg.data
-    validate(check_settings(cfg))
     log.info("data settings: %s", json.dumps({k: v for k, v in vars(d).items()}, ensure_ascii=False))
     if d.validate:
         summary = check_data_dir(d.data_dir, d.metadata_file, sample_rate=d.sample_rate)
@@ -84,6 +83,8 @@ def main(argv=None) -> int:
 
 
 def check_settings(cfg: Config) -> list[str]:
+    """What must hold before anything is read or written, besides each value's range (the schema's): one mode,
+    the input files, settings that depend on each other."""
     d = cfg.data
     p: list[str] = []
     modes = [n for n, on in (("--create_example", d.create_example), ("--input_dir", d.input_dir),
@@ -96,29 +97,13 @@ def check_settings(cfg: Config) -> list[str]:
         p.append(f"data.input_dir: folder {d.input_dir} does not exist (pass --input_dir with your audio folder).")
     if d.captions_file and not Path(d.captions_file).is_file():
         p.append(f"data.captions_file: {d.captions_file} not found.")
-    if d.sample_rate <= 0:
-        p.append(f"data.sample_rate must be positive, got {d.sample_rate} (MusicGen uses 32000).")
-    if d.segment_seconds <= 0:
-        p.append(f"data.segment_seconds must be positive, got {d.segment_seconds}.")
-    if d.min_seconds < 0 or d.min_seconds > d.segment_seconds:
+    if d.min_seconds > d.segment_seconds:
         p.append(f"data.min_seconds must be between 0 and segment_seconds ({d.segment_seconds}), got {d.min_seconds}.")
-    if not 0 <= d.valid_fraction < 1:
-        p.append(f"data.valid_fraction must be in [0, 1), got {d.valid_fraction} (0.1 = 10% of recordings).")
-    if d.silence_db >= 0:
-        p.append(f"data.silence_db must be negative dBFS, got {d.silence_db} (e.g. -50).")
     try:
         d.caption_template.format(stem="x", folder="y", name="z.wav")
     except (KeyError, IndexError, ValueError) as e:
         p.append(f"data.caption_template {d.caption_template!r} is not a valid pattern ({e!r}); use the "
                  f"placeholders {{stem}}, {{folder}} and {{name}}, e.g. '{{folder}}, {{stem}}'.")
-    if d.num_workers < 0:
-        p.append(f"data.num_workers must be >= 0 (0 = one per CPU core), got {d.num_workers}.")
-    if d.create_example:
-        if d.example_clips < 2 * len(STYLES):
-            p.append(f"data.example_clips must be at least {2 * len(STYLES)} (every style needs a train and a "
-                     f"valid clip), got {d.example_clips}.")
-        if d.example_seconds <= 0:
-            p.append(f"data.example_seconds must be positive, got {d.example_seconds}.")
     return p
 
 

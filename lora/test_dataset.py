@@ -19,7 +19,7 @@ if __package__ in (None, ""):
     __package__ = "lora"
 
 from lora.audio import AudioError, load_audio
-from lora.config import parse_config, validate
+from lora.config import parse_config
 from lora.data_check import check_data_dir
 from lora.dataset import ClipRecord
 from lora.utils import log
@@ -64,14 +64,10 @@ def _extra(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv=None) -> int:
-    cfg, ns = parse_config(argv, description=__doc__.split("\n\n")[0], sections=("data", "training"), extra=_extra)
+    cfg, ns = parse_config(argv, description=__doc__.split("\n\n")[0], sections=("data", "training"), extra=_extra,
+                           rules=lambda cfg, ns: [f"--num_batches must be >= 0, got {ns.num_batches}"]
+                           if ns.num_batches < 0 else [])
     d, t = cfg.data, cfg.training
-    problems = []
-    if ns.num_batches < 0:
-        problems.append(f"--num_batches must be >= 0, got {ns.num_batches}")
-    if t.batch_size < 1:
-        problems.append(f"training.batch_size must be >= 1, got {t.batch_size}")
-    validate(problems)
     log.info("checking %s (metadata %s)", d.data_dir, d.metadata_file)
 
     summary = check_data_dir(d.data_dir, d.metadata_file, sample_rate=d.sample_rate, hash_content=False)

@@ -23,7 +23,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     __package__ = "lora"
 
-from lora.config import ConfigError, parse_config, validate  # noqa: E402
+from lora.config import ConfigError, parse_config  # noqa: E402
 from lora.dataset import CachedClip, CachedTokenDataset, collate_tokens  # noqa: E402
 from lora.loading import family_for, load_base_model  # noqa: E402
 from lora.precision import choose_precision, resolve_base_weights_dtype  # noqa: E402
@@ -129,16 +129,20 @@ def training_step(cfg, model, processor, info, device, seconds: float, precision
     return model, batch, loss
 
 
-def main(argv=None) -> int:
-    import torch
-
-    cfg, ns = parse_config(argv, description=__doc__.split("\n")[0], sections=SECTIONS, extra=_extra)
+def flag_problems(cfg, ns) -> list[str]:
     problems = []
     if ns.seconds <= 0 or ns.seconds > 30:
         problems.append(f"--seconds must be in (0, 30], got {ns.seconds}")
     if ns.generate_seconds <= 0:
         problems.append(f"--generate_seconds must be positive, got {ns.generate_seconds}")
-    validate(problems)
+    return problems
+
+
+def main(argv=None) -> int:
+    import torch
+
+    cfg, ns = parse_config(argv, description=__doc__.split("\n")[0], sections=SECTIONS, extra=_extra,
+                           rules=flag_problems)
     device = pick_device(ns.device)
     mode, reason = choose_precision(cfg.training.mixed_precision, device)
     resolve_base_weights_dtype(cfg.training.base_weights_dtype, mode)  # a bad combination fails before loading
@@ -166,7 +170,7 @@ def main(argv=None) -> int:
     _say(f"attention:  {fam.attention_implementation(model)}")
 
     # ---- lora + training step ------------------------------------------------------------------
-    _say("== lora and training step (as train_lora.py prepares and runs it)")
+    _say("== lora")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
@@ -209,6 +213,7 @@ def report_step(cfg, model, info, batch, loss, mode, reason, seconds, step_s, de
     n_modules = sum(1 for _, m in model.named_modules() if hasattr(m, "lora_A"))
     _say(f"LoRA r={cfg.lora.lora_rank} alpha={cfg.lora.lora_alpha:g} targets={cfg.lora.lora_targets!r}: "
          f"{n_modules} layers, {trainable:,} trainable parameters ({100.0 * trainable / total:.3f}% of {total:,})")
+    _say("== training step (train_lora.py's preparation and step)")
     _say(f"precision:  {mode} ({reason})")
     named = [(n, p.grad) for n, p in model.named_parameters() if p.requires_grad]
     grads = [g for _, g in named]

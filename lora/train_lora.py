@@ -53,18 +53,22 @@ from lora.utils import UserError, log, run_main, setup_logging  # noqa: E402
 SECTIONS = ("training", "model", "lora", "data")
 
 
-def check_config(cfg: Config) -> None:
+def config_problems(cfg: Config, ns=None) -> list[str]:
     """Rules that span several settings (each value's own range is checked by the schema, lora.config)."""
     t = cfg.training
     p: list[str] = []
     if t.max_steps <= 0 and t.num_epochs <= 0:
         p.append("training.num_epochs must be > 0 (or set training.max_steps)")
-    validate(p)
+    return p
+
+
+def check_config(cfg: Config) -> None:
+    """ConfigError when ``config_problems`` finds any (for a Config built in code)."""
+    validate(config_problems(cfg))
 
 
 def main(argv=None) -> int:
-    cfg, _ = parse_config(argv, description=__doc__.splitlines()[0], sections=SECTIONS)
-    check_config(cfg)
+    cfg, _ = parse_config(argv, description=__doc__.splitlines()[0], sections=SECTIONS, rules=config_problems)
     setup_logging()
     import torch
 

@@ -1,6 +1,6 @@
 """Shared pytest fixtures: tiny models, example data and a trained adapter, built once per session.
 
-Nothing here downloads: models are tiny random MusicGens built from config (lora.modeling), data is the
+Nothing here downloads: models are tiny random MusicGens built from config (lora.tiny_model), data is the
 synthetic example set (lora.prepare_data --create_example).
 """
 
@@ -30,14 +30,14 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny mono MusicGen saved with save_pretrained (loadable with from_pretrained)."""
-    from lora.modeling import ensure_tiny_model
+    from lora.tiny_model import ensure_tiny_model
 
     return ensure_tiny_model(tmp_path_factory.mktemp("tiny_model") / "mono", stereo=False)
 
 
 @pytest.fixture(scope="session")
 def tiny_stereo_model_dir(tmp_path_factory) -> Path:
-    from lora.modeling import ensure_tiny_model
+    from lora.tiny_model import ensure_tiny_model
 
     return ensure_tiny_model(tmp_path_factory.mktemp("tiny_model") / "stereo", stereo=True)
 

@@ -27,11 +27,11 @@ def _cfg(model_dir, **gen):
 
 @pytest.fixture(scope="module")
 def adapter_dir(tiny_model_dir, tmp_path_factory):
-    from lora import modeling
+    from lora import adapter, loading, musicgen
 
     cfg = _cfg(tiny_model_dir)
-    model, _, _ = modeling.load_base_model(cfg.model)
-    peft_model = modeling.attach_lora(model, cfg.lora)
+    model, _, _ = loading.load_base_model(cfg.model)
+    peft_model = adapter.attach_lora(model, cfg.lora)
     g = torch.Generator().manual_seed(0)
     for name, p in peft_model.named_parameters():
         if "lora_B" in name:
@@ -42,14 +42,14 @@ def adapter_dir(tiny_model_dir, tmp_path_factory):
 
 
 def test_cuda_graph_decoder_equals_transformers_forward(tiny_model_dir, adapter_dir):
-    from lora import modeling
+    from lora import adapter, loading, musicgen
     from lora.fast_decode import StaticDecoder
     from lora.generation import _text_states
 
     cfg = _cfg(tiny_model_dir)
-    model, processor, info = modeling.load_base_model(cfg.model, device="cuda")
-    model = modeling.load_lora(model, adapter_dir).to("cuda").eval()
-    base = modeling.get_base(model)
+    model, processor, info = loading.load_base_model(cfg.model, device="cuda")
+    model = adapter.load_lora(model, adapter_dir).to("cuda").eval()
+    base = musicgen.get_base(model)
     hidden, mask = _text_states(model, processor, PROMPTS, 3.0, torch.float32)
     rows, K = hidden.shape[0], info.num_codebooks
     ids = torch.randint(0, info.vocab_size, (rows * K, 12), generator=torch.Generator().manual_seed(0)).cuda()

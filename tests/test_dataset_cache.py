@@ -18,7 +18,7 @@ from lora.dataset import CachedClip, CachedTokenDataset, bucketed_batches, build
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
     from lora.config import ModelConfig
-    from lora.modeling import load_base_model
+    from lora.loading import load_base_model
 
     return load_base_model(ModelConfig(model_path=str(tiny_model_dir)))
 
@@ -35,7 +35,7 @@ def test_cache_matches_direct_encoding_and_is_reused(tiny, data_copy):
     from safetensors.torch import load_file
 
     from lora.audio import load_audio
-    from lora.modeling import encode_audio, encode_text
+    from lora.musicgen import encode_audio, encode_text
 
     model, processor, info = tiny
     records = load_metadata(data_copy)
@@ -84,7 +84,7 @@ def test_changed_clip_or_model_invalidates_only_that(tiny, data_copy):
     assert stats["clips_encoded"] == 1 and stats["clips_reused"] == len(records) - 1
     assert stats["texts_encoded"] == 0
     from lora.audio import load_audio
-    from lora.modeling import encode_audio
+    from lora.musicgen import encode_audio
 
     new = torch.from_numpy(load_audio(target.path, info.sample_rate, info.audio_channels))[None]
     assert (clips2[1].codes.long() != encode_audio(model, new, info)[0, :, :clips2[1].num_frames]).float().mean() < 0.03
@@ -200,7 +200,7 @@ def test_bucketed_batches():
 
 def test_stereo_model_codes(tiny_stereo_model_dir, data_copy):
     from lora.config import ModelConfig
-    from lora.modeling import load_base_model
+    from lora.loading import load_base_model
 
     model, processor, info = load_base_model(ModelConfig(model_path=str(tiny_stereo_model_dir)))
     records = load_metadata(data_copy)[:2]

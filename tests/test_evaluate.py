@@ -69,14 +69,16 @@ def test_read_prompts_file_formats(tmp_path):
     (tmp_path / "p.txt").write_text("# comment\nlofi piano\n\n  trap beat \n", encoding="utf-8")
     (tmp_path / "p.json").write_text(json.dumps(["a", {"prompt": "b"}]), encoding="utf-8")
     (tmp_path / "p.jsonl").write_text('{"text": "c"}\n"d"\n', encoding="utf-8")
-    assert evaluate.read_prompts_file(tmp_path / "p.txt") == ["lofi piano", "trap beat"]
-    assert evaluate.read_prompts_file(tmp_path / "p.json") == ["a", "b"]
-    assert evaluate.read_prompts_file(tmp_path / "p.jsonl") == ["c", "d"]
+    from lora.prompts import read_prompt_texts
+
+    assert read_prompt_texts(tmp_path / "p.txt") == ["lofi piano", "trap beat"]
+    assert read_prompt_texts(tmp_path / "p.json") == ["a", "b"]
+    assert read_prompt_texts(tmp_path / "p.jsonl") == ["c", "d"]
     (tmp_path / "bad.json").write_text("[1]", encoding="utf-8")
     from lora.utils import UserError
 
-    with pytest.raises(UserError, match="bad.json item 0"):
-        evaluate.read_prompts_file(tmp_path / "bad.json")
+    with pytest.raises(UserError, match="bad.json item 1"):
+        read_prompt_texts(tmp_path / "bad.json")
 
 
 def test_usable_clips_leave_failed_and_non_finite_out():
@@ -241,17 +243,18 @@ def test_text_encoder_adapter_encodes_captions_on_the_fly(tiny_model_dir, exampl
 
     from lora.config import LoraSection, ModelConfig
     from lora.dataset import build_token_cache, load_metadata
-    from lora.modeling import attach_lora, load_base_model
+    from lora.adapter import adapter_has_text_encoder, attach_lora
+    from lora.loading import load_base_model
 
     cpu = torch.device("cpu")
     model, proc, info = load_base_model(ModelConfig(model_path=str(tiny_model_dir)))
     valid = load_metadata(example_data_dir, split="valid")
     clips, _ = build_token_cache(valid, model, proc, info, example_data_dir, show_progress=False)
     plain = evaluate.heldout_likelihood(model, clips, info, 1500, 2, cpu)
-    assert not evaluate.adapter_has_text_encoder(model)
+    assert not adapter_has_text_encoder(model)
     torch.manual_seed(0)  # LoRA A init draws from the global generator
     peft = attach_lora(model, LoraSection(train_text_encoder=True))
-    assert evaluate.adapter_has_text_encoder(peft)
+    assert adapter_has_text_encoder(peft)
     with torch.no_grad():
         for name, p in peft.named_parameters():
             if "lora_B" in name and "text_encoder" in name:

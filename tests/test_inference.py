@@ -42,11 +42,11 @@ def _cfg(model_dir, **gen):
 
 def _make_adapter(model_dir, out_dir, *, fill=None, seed=0) -> Path:
     """A LoRA adapter on the tiny model whose B matrices are random (so it changes the output)."""
-    from lora import modeling
+    from lora import adapter, loading, musicgen
 
     cfg = _cfg(model_dir)
-    model, _, _ = modeling.load_base_model(cfg.model)
-    peft_model = modeling.attach_lora(model, cfg.lora)
+    model, _, _ = loading.load_base_model(cfg.model)
+    peft_model = adapter.attach_lora(model, cfg.lora)
     g = torch.Generator().manual_seed(seed)
     for name, p in peft_model.named_parameters():
         if "lora_B" in name:
@@ -184,16 +184,16 @@ def test_lora_scale_and_merge(tiny_model_dir, adapter_dir, base_bundle):
 def test_static_cache_decoder_equals_transformers_forward(attn, tiny_model_dir, adapter_dir):
     """lora.fast_decode.StaticDecoder (preallocated cache; what CUDA graphs replay) gives transformers' logits:
     prefill of a prefix, then step by step, with guidance's null half, on an unmerged LoRA model."""
-    from lora import modeling
+    from lora import adapter, loading, musicgen
     from lora.fast_decode import StaticDecoder
     from lora.generation import _text_states
 
     cfg = _cfg(tiny_model_dir)
     cfg.model.attn_implementation = attn
-    model, processor, info = modeling.load_base_model(cfg.model)
-    model = modeling.load_lora(model, adapter_dir)
+    model, processor, info = loading.load_base_model(cfg.model)
+    model = adapter.load_lora(model, adapter_dir)
     model.eval()
-    base = modeling.get_base(model)
+    base = musicgen.get_base(model)
     hidden, mask = _text_states(model, processor, [SEED_PROMPT, "lofi piano"], 3.0,
                                 torch.float32)
     rows, K = hidden.shape[0], info.num_codebooks
@@ -227,7 +227,7 @@ def test_generation_dtype_auto_follows_the_hardware(monkeypatch):
     """dtype auto: bf16 on a CPU with AMX-BF16 / AVX512-BF16 (read from /proc/cpuinfo), fp32 on one without;
     a named dtype is used as is."""
     from lora import precision
-    from lora.generation import resolve_dtype
+    from lora.precision import generation_dtype as resolve_dtype
 
     monkeypatch.setattr(precision, "cpu_flags", lambda cpuinfo="/proc/cpuinfo": frozenset({"avx512f", "amx_bf16"}))
     assert resolve_dtype("auto", "cpu") == torch.bfloat16
@@ -487,11 +487,11 @@ def test_existing_files_are_not_overwritten_without_flag(tiny_model_dir, tmp_pat
 
 
 def test_reduced_precision_keeps_codec_and_text_encoder_in_fp32(tiny_model_dir, adapter_dir):
-    from lora import modeling
+    from lora import adapter, loading, musicgen
     from lora.generation import load_generation_model
 
     bundle = load_generation_model(_cfg(tiny_model_dir, dtype="bfloat16", merge=False), adapter_path=adapter_dir)
-    base = modeling.get_base(bundle[0])
+    base = musicgen.get_base(bundle[0])
     assert next(base.decoder.parameters()).dtype == torch.bfloat16
     assert next(base.audio_encoder.parameters()).dtype == torch.float32
     assert next(base.text_encoder.parameters()).dtype == torch.float32
@@ -500,7 +500,7 @@ def test_reduced_precision_keeps_codec_and_text_encoder_in_fp32(tiny_model_dir, 
 
 
 def test_prompts_files_txt_json_jsonl(tmp_path):
-    from lora.inference_lora import read_prompts_file
+    from lora.prompts import read_prompts_file
 
     txt = tmp_path / "p.txt"
     txt.write_text("# my prompts\nlofi piano\n\n  dark techno  \n", encoding="utf-8")

@@ -1,4 +1,5 @@
-"""lora.modeling: model loading (tiny / local folder / errors), delay-pattern targets and loss checked against
+"""The MusicGen family module (lora.musicgen), loading (lora.loading, lora.tiny_model) and adapters
+(lora.adapter): model loading (tiny / local folder / errors), delay-pattern targets and loss checked against
 transformers' own MusicGen code, encoders, null condition, LoRA attach/save/load."""
 
 from __future__ import annotations
@@ -12,10 +13,18 @@ import torch
 import torch.nn.functional as F
 
 from lora.config import LoraSection, ModelConfig
-from lora.modeling import (attach_lora, build_delay_pattern, codebook_losses, decode_audio, encode_audio,
-                           encode_text, ensure_tiny_model, load_base_model, load_lora, model_identity,
-                           null_condition, resolve_model_path)
+from lora.adapter import attach_lora, load_lora
+from lora.loading import load_base_model, model_identity, resolve_model_path
+from lora.musicgen import (build_delay_pattern, codebook_loss, decode_audio, encode_audio, encode_text,
+                           null_condition)
+from lora.tiny_model import ensure_tiny_model
 from lora.utils import UserError
+
+
+def codebook_losses(logits, labels):
+    """(loss, per-codebook loss, tokens per codebook) of the family's one loss."""
+    r = codebook_loss(logits, labels)
+    return r.loss, r.per_codebook, r.tokens
 
 
 def _load(path):
@@ -257,6 +266,33 @@ def test_no_loss_on_batch_padding(mono):
     torch.testing.assert_close(loss_in_batch, loss_alone, atol=1e-5, rtol=1e-5)
 
 
+def test_per_clip_sums_of_the_loss_match_transformers_musicgen_loss():
+    """The one loss's per-clip sums (what evaluate's held-out likelihood adds up) give transformers' loss."""
+    from transformers import MusicgenDecoderConfig, MusicgenForCausalLM
+
+    torch.manual_seed(0)
+    K, V = 3, 24
+    cfg = MusicgenDecoderConfig(vocab_size=V, num_codebooks=K, hidden_size=16, num_hidden_layers=1,
+                                num_attention_heads=2, ffn_dim=32, max_position_embeddings=64, pad_token_id=V,
+                                bos_token_id=V)
+    model = MusicgenForCausalLM(cfg).eval()
+    B, S = 2, 10
+    input_ids = torch.randint(0, V, (B * K, S))
+    labels = torch.randint(0, V, (B, S, K))
+    labels[0, :2, :] = -100
+    labels[1, 7:, 1] = -100
+    with torch.no_grad():
+        out = model(input_ids=input_ids, labels=labels)
+    ce_sum, n_tok = codebook_loss(out.logits, labels).per_clip()
+    assert ce_sum.shape == (B, K) and n_tok.shape == (B, K)
+    assert n_tok[0].tolist() == [8, 8, 8] and n_tok[1].tolist() == [10, 7, 10]
+    per_codebook = ce_sum.sum(0) / n_tok.sum(0)
+    assert float(per_codebook.mean()) == pytest.approx(float(out.loss), rel=1e-5)
+    # per clip: a clip's own CE only depends on its own labels
+    lone, lone_n = codebook_loss(out.logits.reshape(B, K, S, V)[1:], labels[1:]).per_clip()
+    assert torch.allclose(lone[0], ce_sum[1]) and lone_n[0].tolist() == n_tok[1].tolist()
+
+
 def test_loss_under_autocast_is_float32(mono):
     model, processor, info = mono
     codes = torch.randint(0, info.vocab_size, (2, info.num_codebooks, 5))
@@ -411,7 +447,6 @@ def test_tiny_codec_codes_depend_on_the_audio(tiny_model_dir):
     import torch
 
     from lora.config import ModelConfig
-    from lora.modeling import encode_audio, load_base_model
 
     model, _, info = load_base_model(ModelConfig(model_path=str(tiny_model_dir)))
     t = torch.arange(32000) / 32000

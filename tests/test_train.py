@@ -162,22 +162,22 @@ def _short(tiny_model_dir, data_dir, out, *extra):
 
 
 def test_nan_loss_is_skipped_counted_and_stops(tmp_path, tiny_model_dir, example_data_dir, monkeypatch, caplog):
-    import lora.modeling as modeling
+    import lora.musicgen as musicgen
     from lora import train_lora
     from lora.utils import UserError
 
-    orig = modeling.codebook_losses
+    orig = musicgen.codebook_loss
     calls = {"n": 0}
 
     def nan_on_second_training_step(logits, labels):
-        loss, per, n = orig(logits, labels)
+        res = orig(logits, labels)
         if torch.is_grad_enabled():
             calls["n"] += 1
             if calls["n"] == 2:
-                loss = loss * float("nan")
-        return loss, per, n
+                res.loss = res.loss * float("nan")
+        return res
 
-    monkeypatch.setattr(modeling, "codebook_losses", nan_on_second_training_step)
+    monkeypatch.setattr(musicgen, "codebook_loss", nan_on_second_training_step)
     out = tmp_path / "one_nan"
     assert train_lora.main(_short(tiny_model_dir, example_data_dir, out)) == 0
     state = json.loads((out / "final_model" / "trainer_state.json").read_text())
@@ -187,10 +187,12 @@ def test_nan_loss_is_skipped_counted_and_stops(tmp_path, tiny_model_dir, example
     assert [e["nan_steps_total"] for e in _metrics(out) if "lr" in e] == [0, 1, 1, 1]
 
     def always_nan(logits, labels):
-        loss, per, n = orig(logits, labels)
-        return (loss * float("nan") if torch.is_grad_enabled() else loss), per, n
+        res = orig(logits, labels)
+        if torch.is_grad_enabled():
+            res.loss = res.loss * float("nan")
+        return res
 
-    monkeypatch.setattr(modeling, "codebook_losses", always_nan)
+    monkeypatch.setattr(musicgen, "codebook_loss", always_nan)
     with pytest.raises(UserError, match="max_nan_steps") as e:
         train_lora.main(_short(tiny_model_dir, example_data_dir, tmp_path / "all_nan", "--max_nan_steps", "2"))
     assert "learning_rate" in str(e.value) and "bf16" in str(e.value)
@@ -209,14 +211,13 @@ def test_empty_valid_split_is_a_clear_error(tmp_path, tiny_model_dir, example_da
 
 
 def test_out_of_memory_becomes_advice(tmp_path, tiny_model_dir, example_data_dir, monkeypatch):
-    import lora.modeling as modeling
     from lora import train_lora
     from lora.utils import UserError
 
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(modeling, "load_base_model", oom)
+    monkeypatch.setattr(train_lora, "load_base_model", oom)
     with pytest.raises(UserError) as e:
         train_lora.main(_short(tiny_model_dir, example_data_dir, tmp_path / "out"))
     msg = str(e.value)
@@ -237,7 +238,7 @@ def test_bad_settings_are_reported_together(tmp_path):
 
 def test_warmup_is_capped_on_short_runs():
     from lora.config import Config
-    from lora.train_lora import plan_steps
+    from lora.training import plan_steps
 
     cfg = Config()
     cfg.training.num_epochs = 5
@@ -253,7 +254,9 @@ def test_warmup_is_capped_on_short_runs():
 def test_null_condition_sample_trains_lora(tiny_model_dir):
     from lora.config import LoraSection, ModelConfig
     from lora.dataset import CachedClip, CachedTokenDataset, collate_tokens
-    from lora.modeling import attach_lora, build_delay_pattern, codebook_losses, load_base_model, null_condition
+    from lora.adapter import attach_lora
+    from lora.loading import load_base_model
+    from lora.musicgen import build_delay_pattern, codebook_loss, null_condition
 
     model, processor, info = load_base_model(ModelConfig(model_path=str(tiny_model_dir)))
     model = attach_lora(model, LoraSection(lora_dropout=0.0))
@@ -276,8 +279,7 @@ def test_null_condition_sample_trains_lora(tiny_model_dir):
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     model.train()
     logits = model(encoder_outputs=(batch["hidden"],), attention_mask=batch["mask"], decoder_input_ids=dec_in).logits
-    loss, _, _ = codebook_losses(logits, labels)
-    loss.backward()
+    codebook_loss(logits, labels).loss.backward()
     self_attn_b = [p.grad for n, p in model.named_parameters() if "self_attn" in n and "lora_B" in n]
     assert self_attn_b and all(gr is not None and gr.abs().sum() > 0 for gr in self_attn_b)
 
