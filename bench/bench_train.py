@@ -196,7 +196,7 @@ def run_case(spec: dict) -> dict:
     load_s = time.perf_counter() - t0                   # the decoder after LoRA + the frozen-weight cast
     fam = family_for(info)
     fam.audio_codec(model).to(device)
-    fam.text_encoder(model).to(device)
+    fam.text_encoder_of(model).to(device)
 
     # Raw audio of the batch (song-like: partials + noise) and its captions.
     B, secs = spec["batch"], spec["seconds"]
@@ -222,7 +222,7 @@ def run_case(spec: dict) -> dict:
 
     if mode == "cached":  # training reads tokens only: the encoders leave the accelerator, as in train_lora
         fam.audio_codec(model).to("cpu")
-        fam.text_encoder(model).to("cpu")
+        fam.text_encoder_of(model).to("cpu")
     cfg.training.base_weights_dtype = weights
     cfg.training.gradient_checkpointing = bool(spec.get("checkpointing"))
     cfg.training.torch_compile = bool(spec.get("compile"))
@@ -231,7 +231,7 @@ def run_case(spec: dict) -> dict:
     model, params = prepare_model(model, cfg, precision, device)  # exactly as train_lora.py
     wdtype = "bfloat16" if next(fam.decoder(model).parameters()).dtype == torch.bfloat16 else "float32"
     set_train_mode(model, cache_text=True)
-    fam.text_encoder(model).eval()
+    fam.text_encoder_of(model).eval()
     assert all(p.dtype == torch.float32 for p in params), "LoRA parameters must stay float32"
     AcceleratorState._reset_state()
     acc = Accelerator(mixed_precision=precision, cpu=device.type == "cpu")

@@ -253,7 +253,7 @@ def merge_lora(model):
     return model.merge_and_unload()
 
 
-def adapter_has_text_encoder(model) -> bool:
+def text_encoder_has_lora(model) -> bool:
     """True when LoRA layers sit in the text encoder (train_text_encoder): cached text states are then wrong
     for the adapted model, and captions are encoded on the fly."""
     from peft.tuners.lora import LoraLayer

@@ -621,6 +621,8 @@ def markdown_reference() -> str:
             helptext = f.metadata.get("help", "").replace("|", "\\|")
             if f.metadata.get("choices"):
                 helptext += " (" + " \\| ".join(map(str, f.metadata["choices"])) + ")"
+            if range_text(f.metadata):
+                helptext += f" (range: {range_text(f.metadata)})"
             out.append(f"| {flags} | `{d}` | {helptext} |")
         out.append("")
     return "\n".join(out)

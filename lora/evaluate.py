@@ -41,7 +41,7 @@ import numpy as np
 
 import lora
 from lora import metrics
-from lora.adapter import adapter_has_text_encoder, adapter_identity, load_lora, set_lora_scale
+from lora.adapter import text_encoder_has_lora, adapter_identity, load_lora, set_lora_scale
 from lora.audio import load_audio, save_wav
 from lora.config import Config, parse_config
 from lora.dataset import CachedTokenDataset, build_token_cache, collate_tokens, load_metadata
@@ -500,7 +500,7 @@ def likelihood_section(model, processor, info, clips, cfg: Config, models: list[
                      fam.max_positions(model) - info.codebooks_per_channel + 1)
     few_note = None
     lk: dict = {"window_seconds": max_frames / info.frame_rate, "split": "valid", "cache": cache_stats}
-    text_lora = adapter_has_text_encoder(model)
+    text_lora = text_encoder_has_lora(model)
     if text_lora:
         log.info("The adapter has LoRA layers in the text encoder: captions are encoded on the fly")
     lk["text_states"] = "encoded on the fly (adapter trains the text encoder)" if text_lora else "cached"

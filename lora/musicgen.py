@@ -136,7 +136,7 @@ def decoder(model):
     return get_base(model).decoder
 
 
-def text_encoder(model):
+def text_encoder_of(model):
     return get_base(model).text_encoder
 
 

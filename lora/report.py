@@ -17,6 +17,7 @@ from urllib.parse import quote
 
 import numpy as np
 
+from lora.metrics import CHECK_FAILURES
 from lora.utils import atomic_path, atomic_write_text, log
 
 MODEL_LABELS = {"base": "base", "lora": "LoRA"}
@@ -218,8 +219,6 @@ def make_charts(results: dict, out_dir: Path) -> dict[str, str]:
 
     sig = gen.get("signal") or {}
     if any(m in sig for m in models):
-        from lora.metrics import CHECK_FAILURES
-
         fig, ax = plt.subplots(figsize=(7, 2.8))
         _bars(ax, list(CHECK_FAILURES), {m: [sig[m]["failure_rates"][f] for f in CHECK_FAILURES] for m in models
                                          if m in sig})

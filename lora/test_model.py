@@ -115,11 +115,11 @@ def training_step(cfg, model, processor, info, device, seconds: float, precision
     t = cfg.training
     fam = family_for(info)
     fam.audio_codec(model).to(device)
-    fam.text_encoder(model).to(device)
+    fam.text_encoder_of(model).to(device)
     batch = random_batch(model, processor, info, t.batch_size, seconds, device)
     fam.audio_codec(model).to("cpu")
     if not cfg.lora.train_text_encoder:
-        fam.text_encoder(model).to("cpu")
+        fam.text_encoder_of(model).to("cpu")
     set_seed(t.seed)
     model, _ = prepare_model(model, cfg, precision, device)
     set_train_mode(model, cache_text=not cfg.lora.train_text_encoder)
@@ -139,10 +139,10 @@ def flag_problems(cfg, ns) -> list[str]:
 
 
 def main(argv=None) -> int:
-    import torch
-
     cfg, ns = parse_config(argv, description=__doc__.split("\n")[0], sections=SECTIONS, extra=_extra,
                            rules=flag_problems)
+    import torch
+
     device = pick_device(ns.device)
     mode, reason = choose_precision(cfg.training.mixed_precision, device)
     resolve_base_weights_dtype(cfg.training.base_weights_dtype, mode)  # a bad combination fails before loading
@@ -248,7 +248,7 @@ def check_generation(cfg, model, processor, info, device, mode: str, seconds: fl
     _say("== generation")
     model.eval()
     fam = family_for(info)
-    fam.text_encoder(model).to(device)
+    fam.text_encoder_of(model).to(device)
     fam.audio_codec(model).to(device)
     guidance = cfg.generation.guidance_scale
     new_tokens = int(round(seconds * info.frame_rate))

@@ -183,7 +183,7 @@ def load_and_cache(cfg: Config, acc, records):
     model, processor, info = load_base_model(cfg.model)
     fam = family_for(info)
     fam.audio_codec(model).to(device)
-    fam.text_encoder(model).to(device)
+    fam.text_encoder_of(model).to(device)
     max_frames = int(round(t.max_duration * info.frame_rate))
     if max_frames + info.codebooks_per_channel - 1 > fam.max_positions(model):
         raise ConfigError(f"training.max_duration {t.max_duration} s is longer than the model's context "
@@ -197,7 +197,7 @@ def load_and_cache(cfg: Config, acc, records):
     # Training reads tokens only: the codec (and the frozen text encoder) leave the accelerator.
     fam.audio_codec(model).to("cpu")
     if cache_text:
-        fam.text_encoder(model).to("cpu")
+        fam.text_encoder_of(model).to("cpu")
     if device.type == "cuda":
         torch.cuda.empty_cache()
     log.info("EnCodec%s moved off %s: training reads cached tokens", "" if not cache_text else " and text encoder",

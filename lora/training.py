@@ -63,7 +63,7 @@ def move_trained_modules(model, device, text_encoder: bool = False) -> None:
     for m in fam.decoder_modules(model):
         m.to(device)
     if text_encoder:
-        fam.text_encoder(model).to(device)
+        fam.text_encoder_of(model).to(device)
 
 
 def configure_step(model, device, checkpointing: bool = False, torch_compile: bool = False,
@@ -117,7 +117,7 @@ def set_train_mode(model, cache_text: bool) -> None:
     model.train()
     fam.audio_codec(model).eval()
     if cache_text:
-        fam.text_encoder(model).eval()
+        fam.text_encoder_of(model).eval()
 
 
 # ============================================================================================

@@ -140,3 +140,69 @@ def test_resolved_config_round_trips(tmp_path):
 def test_missing_config_file_is_clear(tmp_path):
     with pytest.raises(ConfigError, match="Config file not found"):
         parse_config(["--config", str(tmp_path / "nope.yaml")], sections=TRAIN)
+
+
+# ------------------------------------------------------------------------------------------
+# Ranges: declared once in the schema, checked for YAML and flags together, all problems at once
+# ------------------------------------------------------------------------------------------
+def test_out_of_range_values_from_yaml_and_flags_are_reported_together(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("training:\n  batch_size: 0\n  cond_dropout: 1.0\ngeneration:\n  top_p: 2\n"
+                 "evaluation:\n  bootstrap_samples: 10\n")
+    with pytest.raises(ConfigError) as e:
+        parse_config(["--config", str(y), "--lora_rank", "0", "--max_steps", "0"], sections=TRAIN)
+    msg = str(e.value)
+    for text in ("training.batch_size must be at least 1 (got 0)", "training.cond_dropout must be in [0, 1) (got 1)",
+                 "generation.top_p must be in [0, 1] (got 2)", "evaluation.bootstrap_samples must be at least 100",
+                 "lora.lora_rank must be at least 1 (got 0); 8-32 is typical",
+                 "training.max_steps must be at least 1, or -1 (got 0); -1 = use num_epochs"):
+        assert text in msg, (text, msg)
+    # the allowed special value and the edges of each range pass
+    cfg, _ = parse_config(["--max_steps", "-1", "--cond_dropout", "0", "--lora_rank", "1",
+                           "--decoder_dropout", "null"], sections=TRAIN)
+    assert cfg.training.max_steps == -1 and cfg.training.decoder_dropout is None
+
+
+def test_a_script_rule_is_reported_with_the_range_problems():
+    with pytest.raises(ConfigError) as e:
+        parse_config(["--batch_size", "0"], sections=TRAIN, rules=lambda cfg, ns: ["a rule between two settings"])
+    assert "training.batch_size" in str(e.value) and "a rule between two settings" in str(e.value)
+
+
+def test_every_numeric_setting_declares_its_range_and_the_reference_shows_it():
+    """A number with no declared range would take any value unchecked; the USAGE reference lists each range."""
+    import typing
+
+    free = {("generation", "seed"), ("training", "seed"), ("data", "split_seed"), ("generation", "temperature")}
+    ref = C.markdown_reference()
+    for section, cls in C.SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            base, _ = C._base_type(hints[f.name])
+            if base in (int, float) and (section, f.name) not in free and not f.metadata.get("choices"):
+                assert C.range_text(f.metadata), f"{section}.{f.name} declares no range"
+                assert f"(range: {C.range_text(f.metadata)})" in ref, f"{section}.{f.name}"
+
+
+def test_example_clips_minimum_matches_the_example_styles():
+    from lora.example_data import STYLES
+
+    f = next(f for f in dataclasses.fields(C.DataConfig) if f.name == "example_clips")
+    assert f.metadata["ge"] == 2 * len(STYLES) and f"{len(STYLES)} styles" in f.metadata["hint"]
+
+
+def test_per_prompt_settings_are_checked_against_the_same_ranges(tmp_path):
+    from lora.inference_lora import build_prompt_specs
+
+    pf = tmp_path / "p.jsonl"
+    pf.write_text('{"text": "a", "guidance_scale": 0.5}\n{"text": "b", "top_k": -1, "num_samples": 0}\n'
+                  '{"text": "c", "temperature": 0}\n{"text": "d", "duration": 20}\n')
+    cfg, _ = parse_config(["--prompts_file", str(pf)], sections=("generation", "model"))
+    problems: list[str] = []
+    specs = build_prompt_specs(cfg.generation, problems)
+    assert [s.text for s in specs] == ["d"] and specs[0].duration == 20
+    text = "\n".join(problems)
+    assert "p.jsonl line 1: guidance_scale must be >= 1 (got 0.5)" in text
+    assert "p.jsonl line 2: top_k must be at least 0 (got -1)" in text
+    assert "p.jsonl line 2: num_samples must be at least 1 (got 0)" in text
+    assert "p.jsonl line 3: temperature must be > 0" in text

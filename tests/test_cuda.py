@@ -27,7 +27,7 @@ def _cfg(model_dir, **gen):
 
 @pytest.fixture(scope="module")
 def adapter_dir(tiny_model_dir, tmp_path_factory):
-    from lora import adapter, loading, musicgen
+    from lora import adapter, loading
 
     cfg = _cfg(tiny_model_dir)
     model, _, _ = loading.load_base_model(cfg.model)

@@ -243,7 +243,7 @@ def test_text_encoder_adapter_encodes_captions_on_the_fly(tiny_model_dir, exampl
 
     from lora.config import LoraSection, ModelConfig
     from lora.dataset import build_token_cache, load_metadata
-    from lora.adapter import adapter_has_text_encoder, attach_lora
+    from lora.adapter import text_encoder_has_lora, attach_lora
     from lora.loading import load_base_model
 
     cpu = torch.device("cpu")
@@ -251,10 +251,10 @@ def test_text_encoder_adapter_encodes_captions_on_the_fly(tiny_model_dir, exampl
     valid = load_metadata(example_data_dir, split="valid")
     clips, _ = build_token_cache(valid, model, proc, info, example_data_dir, show_progress=False)
     plain = evaluate.heldout_likelihood(model, clips, info, 1500, 2, cpu)
-    assert not adapter_has_text_encoder(model)
+    assert not text_encoder_has_lora(model)
     torch.manual_seed(0)  # LoRA A init draws from the global generator
     peft = attach_lora(model, LoraSection(train_text_encoder=True))
-    assert adapter_has_text_encoder(peft)
+    assert text_encoder_has_lora(peft)
     with torch.no_grad():
         for name, p in peft.named_parameters():
             if "lora_B" in name and "text_encoder" in name:

@@ -42,7 +42,7 @@ def _cfg(model_dir, **gen):
 
 def _make_adapter(model_dir, out_dir, *, fill=None, seed=0) -> Path:
     """A LoRA adapter on the tiny model whose B matrices are random (so it changes the output)."""
-    from lora import adapter, loading, musicgen
+    from lora import adapter, loading
 
     cfg = _cfg(model_dir)
     model, _, _ = loading.load_base_model(cfg.model)
@@ -487,7 +487,7 @@ def test_existing_files_are_not_overwritten_without_flag(tiny_model_dir, tmp_pat
 
 
 def test_reduced_precision_keeps_codec_and_text_encoder_in_fp32(tiny_model_dir, adapter_dir):
-    from lora import adapter, loading, musicgen
+    from lora import musicgen
     from lora.generation import load_generation_model
 
     bundle = load_generation_model(_cfg(tiny_model_dir, dtype="bfloat16", merge=False), adapter_path=adapter_dir)
@@ -529,3 +529,26 @@ def test_audio_prompt_continuation_from_the_command_line(tiny_model_dir, tmp_pat
     assert sf.info(out / "lofi-piano_s0.wav").frames == 32000
     entry = _manifest(out)["files"][0]
     assert entry["settings"]["audio_prompt"] == str(tmp_path / "intro.wav") and entry["frames"] == 50
+
+
+def test_one_prompt_file_reader_for_inference_and_evaluation(tmp_path):
+    """inference_lora and evaluate read prompts files the same way: UTF-8 with or without a byte-order mark,
+    'text' / 'prompt' / 'caption' as the prompt's key, every problem collected and named."""
+    from lora.prompts import read_prompt_texts, read_prompts_file
+    from lora.utils import UserError
+
+    pf = tmp_path / "p.jsonl"
+    pf.write_text('\ufeff{"caption": "lofi piano", "seed": 3}\n{"prompt": "dark techno"}\n', encoding="utf-8")
+    problems: list[str] = []
+    assert [e for _, e in read_prompts_file(pf, problems)] == [{"text": "lofi piano", "seed": 3},
+                                                              {"text": "dark techno"}]
+    assert problems == [] and read_prompt_texts(pf) == ["lofi piano", "dark techno"]
+    txt = tmp_path / "p.txt"
+    txt.write_text("\ufeffambient pad\n", encoding="utf-8")
+    assert read_prompt_texts(txt) == ["ambient pad"]  # the mark is not part of the first prompt
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a", "caption": "b"}\n{"genre": "x"}\n')
+    with pytest.raises(UserError) as e:
+        read_prompt_texts(bad)
+    assert "bad.jsonl line 1: give one of 'text', 'caption'" in str(e.value)
+    assert "bad.jsonl line 2: unknown key(s) 'genre'" in str(e.value)

@@ -16,7 +16,7 @@ from lora.config import LoraSection, ModelConfig
 from lora.adapter import attach_lora, load_lora
 from lora.loading import load_base_model, model_identity, resolve_model_path
 from lora.musicgen import (build_delay_pattern, codebook_loss, decode_audio, encode_audio, encode_text,
-                           null_condition)
+                           null_condition, teacher_forced_logits)
 from lora.tiny_model import ensure_tiny_model
 from lora.utils import UserError
 
@@ -229,10 +229,11 @@ def test_loss_equals_transformers_loss(loaded):
     codes = torch.randint(0, info.vocab_size, (b, info.num_codebooks, t))
     dii, labels = build_delay_pattern(codes, torch.full((b,), t), info)
     hidden, mask = encode_text(model, processor, ["deep house groove", "ambient pad in D minor, 70 BPM"])
-    with torch.no_grad():
-        ours = model(encoder_outputs=(hidden,), attention_mask=mask, decoder_input_ids=dii).logits
+    with torch.no_grad():  # the family's one teacher-forced forward vs transformers' own loss
+        ours, our_labels = teacher_forced_logits(model, info, codes, torch.full((b,), t), hidden, mask)
         ref = model(encoder_outputs=(hidden,), attention_mask=mask,
                     labels=labels.masked_fill(labels == -100, info.pad_token_id))
+    assert torch.equal(our_labels, labels)
     loss, per, n = codebook_losses(ours, labels)
     torch.testing.assert_close(loss, ref.loss, atol=1e-6, rtol=1e-6)
     assert per.shape == (info.num_codebooks,) and (n == b * t).all()

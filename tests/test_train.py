@@ -358,3 +358,44 @@ def test_fresh_run_does_not_mix_with_an_earlier_run(tmp_path, tiny_model_dir, ex
     assert train_lora.main(_short(tiny_model_dir, example_data_dir, out, "--overwrite_output_dir")) == 0
     assert not (out / "checkpoints" / "step-000500").exists()
     assert (out / "best_model" / "adapter_model.safetensors").is_file()
+
+
+# ------------------------------------------------------------------------------------------
+# test_model.py runs train_lora.py's preparation and step
+# ------------------------------------------------------------------------------------------
+def test_test_model_step_equals_the_training_step(tmp_path, tiny_model_dir, example_data_dir):
+    """On the same batch, test_model's check gives the loss and LoRA gradients of train_lora.py's first
+    micro-batch, in the default precision (bf16 autocast + bf16 frozen weights where the CPU runs it fast): same
+    model preparation (LoRA init, frozen-weight dtype, decoder dropout, CPU kernels), same step."""
+    from lora import test_model, train_lora, training
+    from lora.config import parse_config
+    from lora.loading import load_base_model
+    from lora.utils import log
+
+    cfg, _ = parse_config(["--model_path", str(tiny_model_dir), "--data_dir", str(example_data_dir),
+                           "--output_dir", str(tmp_path / "out"), "--batch_size", "2"], sections=train_lora.SECTIONS)
+    handlers = list(log.handlers)
+    run = train_lora.set_up(cfg)  # what train_lora.main runs before its loop
+    try:
+        model, processor, info = load_base_model(cfg.model)
+        torch.manual_seed(0)
+        tm_model, batch, tm_loss = test_model.training_step(cfg, model, processor, info, torch.device("cpu"), 1.0,
+                                                            run.precision)
+        tm_loss.loss.backward()
+        # train_lora's loop: training mode, the first micro-batch's dropout seed, the step
+        training.set_train_mode(run.model, run.cache_text)
+        torch.manual_seed(training.micro_seed(cfg.training.seed, 0, 0))
+        tr_loss = run.loss(batch)
+        tr_loss.loss.backward()
+    finally:
+        run.runlog.close()
+        for h in [h for h in log.handlers if h not in handlers]:
+            log.removeHandler(h)
+            h.close()
+    assert tr_loss.loss.item() == tm_loss.loss.item()
+    assert torch.equal(tr_loss.per_codebook, tm_loss.per_codebook)
+    grads = {n: p.grad for n, p in run.model.named_parameters() if p.requires_grad}
+    tm_grads = {n: p.grad for n, p in tm_model.named_parameters() if p.requires_grad}
+    assert grads.keys() == tm_grads.keys() and len(grads) > 0
+    assert all(torch.equal(grads[n], tm_grads[n]) for n in grads)
+    assert any(bool(g.abs().sum() > 0) for g in grads.values())
