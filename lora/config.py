@@ -28,7 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from lora.utils import UserError, atomic_write_text
+if __package__ in (None, ""):  # python lora/config.py --markdown | --update-usage
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from lora.utils import UserError, atomic_write_text  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "config.yaml"
@@ -95,23 +98,28 @@ class DataConfig:
     input_dir: Optional[str] = _f(None, "prepare_data: folder of your audio, scanned recursively", kind="path")
     create_example: bool = _f(False, "prepare_data: write the small synthetic example dataset instead")
     validate: bool = _f(False, "prepare_data: check an existing data_dir and metadata, change nothing")
-    example_clips: int = _f(160, "prepare_data --create_example: number of synthetic clips (160 x 6 s: ~8 s to write, "
-                                      "enough for the seed's 5-epoch run to show learning on the tiny model)", ge=8, hint="the example set has 4 styles, each needs a train and a valid clip")
+    example_clips: int = _f(160, "prepare_data --create_example: number of synthetic clips (160 x 6 s: seconds to "
+                                 "write, enough for the seed's 5-epoch run to show learning on the tiny model)",
+                            ge=8, hint="the example set has 4 styles, each needs a train and a valid clip")
     example_seconds: float = _f(6.0, "prepare_data --create_example: length of each synthetic clip, s", gt=0.0)
-    sample_rate: int = _f(32000, "Sample rate of the prepared clips, Hz; must equal the model's (32000)", ge=1, hint="MusicGen uses 32000")
+    sample_rate: int = _f(32000, "Sample rate of the prepared clips, Hz; must equal the model's (32000)",
+                          ge=1, hint="MusicGen uses 32000")
     channels: int = _f(1, "1 = mix down to mono (mono models); 2 = keep stereo (stereo models)", choices=(1, 2))
-    segment_seconds: float = _f(30.0, "Long recordings are cut into clips of this length, s (MusicGen's context is 30)", gt=0.0)
+    segment_seconds: float = _f(30.0, "Long recordings are cut into clips of this length, s (MusicGen's context is 30)",
+                                gt=0.0)
     min_seconds: float = _f(5.0, "Clips (and file tails) shorter than this are not used, s", ge=0.0)
     trim_silence: bool = _f(True, "Trim leading/trailing silence before cutting")
     silence_db: float = _f(-50.0, "Level below which audio counts as silence, dBFS", lt=0.0, hint="e.g. -50")
-    valid_fraction: float = _f(0.1, "Share of source recordings held out for validation (split by recording)", ge=0.0, lt=1.0, hint="0.1 = 10% of recordings")
+    valid_fraction: float = _f(0.1, "Share of source recordings held out for validation (split by recording)",
+                               ge=0.0, lt=1.0, hint="0.1 = 10% of recordings")
     split_seed: int = _f(1234, "Seed of the deterministic train/valid split")
     captions_file: Optional[str] = _f(None, "CSV / JSON / JSONL mapping file name to caption", kind="path")
     default_text: Optional[str] = _f(None, "Caption for files that have no sidecar or captions-file entry")
     caption_template: str = _f("{stem}", "Fallback caption pattern; {stem} = file name without extension, "
                                          "{folder} = parent folder name; '' = leave uncaptioned")
     enrich_captions: bool = _f(False, "Append estimated tempo (BPM) and key to every caption (librosa)")
-    num_workers: int = _f(0, "Worker processes for preparation; 0 = one per CPU core", ge=0, hint="0 = one per CPU core")
+    num_workers: int = _f(0, "Worker processes for preparation; 0 = one per CPU core",
+                          ge=0, hint="0 = one per CPU core")
     overwrite: bool = _f(False, "prepare_data: redo clips that already exist")
 
 
@@ -119,19 +127,25 @@ class DataConfig:
 class TrainingConfig:
     output_dir: str = _f("output", "Where checkpoints/, best_model/, final_model/ and logs/ are written", kind="path")
     num_epochs: float = _f(5.0, "Passes over the training clips", aliases=("num_train_epochs",), ge=0.0)
-    max_steps: int = _f(-1, "Stop after this many optimizer steps; -1 = use num_epochs", ge=1, also=(-1,), hint="-1 = use num_epochs")
+    max_steps: int = _f(-1, "Stop after this many optimizer steps; -1 = use num_epochs",
+                        ge=1, also=(-1,), hint="-1 = use num_epochs")
     batch_size: int = _f(2, "Clips per step per device; 2-4 on a 24 GB GPU for musicgen-small",
                          aliases=("per_device_train_batch_size",), ge=1)
-    gradient_accumulation_steps: int = _f(4, "Steps accumulated per update: effective batch = batch_size x this x GPUs", ge=1)
-    learning_rate: float = _f(3e-4, "Peak learning rate of AdamW; 1e-4..5e-4 for LoRA", gt=0.0, hint="1e-4..5e-4 is usual for LoRA")
+    gradient_accumulation_steps: int = _f(4, "Steps accumulated per update: effective batch = batch_size x this x GPUs",
+                                          ge=1)
+    learning_rate: float = _f(3e-4, "Peak learning rate of AdamW; 1e-4..5e-4 for LoRA",
+                              gt=0.0, hint="1e-4..5e-4 is usual for LoRA")
     weight_decay: float = _f(0.0, "AdamW weight decay", ge=0.0)
-    warmup_steps: int = _f(100, "Linear warm-up, optimizer steps (capped at a tenth of the run when the run is short)", ge=0)
+    warmup_steps: int = _f(100, "Linear warm-up, optimizer steps (capped at a tenth of the run when the run is short)",
+                           ge=0)
     lr_scheduler_type: str = _f("cosine", "Schedule after warm-up", choices=("cosine", "linear", "constant"))
     max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0 = off", ge=0.0, hint="0 = no clipping")
-    max_duration: float = _f(30.0, "Training window, s: longer cached clips get a random crop of this length per epoch", gt=0.0, hint="MusicGen's context is 30 s")
+    max_duration: float = _f(30.0, "Training window, s: longer cached clips get a random crop of this length per epoch",
+                             gt=0.0, hint="MusicGen's context is 30 s")
     cond_dropout: float = _f(0.3, "Probability of replacing a caption by the null condition, so classifier-free "
                                   "guidance has a trained unconditional branch (audiocraft's MusicGen: "
-                                  "classifier_free_guidance.training_dropout 0.3)", ge=0.0, lt=1.0, hint="audiocraft uses 0.3")
+                                  "classifier_free_guidance.training_dropout 0.3)",
+                                      ge=0.0, lt=1.0, hint="audiocraft uses 0.3")
     mixed_precision: str = _f("auto", "auto = bf16 where the hardware runs it fast, fp16 on older GPUs, else fp32",
                               choices=("auto", "fp16", "bf16", "no"))
     fp16: bool = _f(False, "Same as mixed_precision=fp16 (the seed's flag); on CPU falls back with a warning")
@@ -145,19 +159,23 @@ class TrainingConfig:
                                                "transformers configs). 0.0 because audiocraft trained MusicGen without "
                                                "it (transformer_lm.dropout: 0.), and it costs CPU time; LoRA's own "
                                                "dropout is lora_dropout", ge=0.0, lt=1.0,
-                                    hint="0.0 is what audiocraft trained MusicGen with, null keeps the checkpoint's value")
+                                          hint="0.0 is what audiocraft trained MusicGen with, null keeps the "
+                                               "checkpoint's value")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward: less memory, about a third slower")
     save_steps: int = _f(200, "Save a resumable checkpoint every N optimizer steps", ge=1)
     save_total_limit: int = _f(3, "Keep only the newest N checkpoints (best_model is kept apart)", ge=1)
     eval_steps: int = _f(100, "Validate on the held-out split every N optimizer steps (and before the first)", ge=1)
     logging_steps: int = _f(10, "Log training loss every N optimizer steps", ge=1)
-    early_stopping_patience: int = _f(0, "Stop after N validations without improvement; 0 = off", ge=0, hint="0 = off")
-    max_nan_steps: int = _f(10, "Stop after this many non-finite losses in a row (each one is skipped and counted)", ge=1)
+    early_stopping_patience: int = _f(0, "Stop after N validations without improvement; 0 = off",
+                                      ge=0, hint="0 = off")
+    max_nan_steps: int = _f(10, "Stop after this many non-finite losses in a row (each one is skipped and counted)",
+                            ge=1)
     resume_from_checkpoint: Optional[str] = _f(None, "'latest' or a checkpoint folder to continue from")
     overwrite_output_dir: bool = _f(False, "Start a fresh run even if output_dir holds an earlier run's checkpoints "
                                            "and adapters (they are deleted first)")
     seed: int = _f(42, "Random seed: data order, LoRA init, dropout")
-    dataloader_num_workers: int = _f(0, "DataLoader workers (training reads cached tokens; 0 is usually enough)", ge=0)
+    dataloader_num_workers: int = _f(0, "DataLoader workers (training reads cached tokens; 0 is usually enough)",
+                                     ge=0)
     encode_batch_size: int = _f(8, "Clips per batch when computing the EnCodec / text-encoder cache", ge=1)
     torch_compile: bool = _f(False, "torch.compile the decoder (measure first: see BENCHMARKS.md)")
 
@@ -172,17 +190,23 @@ class GenerationConfig:
     output_dir: str = _f("output/generated", "Where wavs and manifest.json are written", kind="path")
     num_samples: int = _f(1, "Samples per prompt (seeds seed, seed+1, ...)", ge=1)
     batch_size: int = _f(4, "Prompts generated together", ge=1)
-    duration: float = _f(10.0, "Length of each piece, s; over 30 s uses windowed continuation", gt=0.0, le=3600.0, hint="it is in seconds")
-    guidance_scale: float = _f(3.0, "Classifier-free guidance strength; 1 = off, 3 = MusicGen default", ge=1.0, hint="1 = no guidance, 3 = MusicGen's default")
+    duration: float = _f(10.0, "Length of each piece, s; over 30 s uses windowed continuation",
+                         gt=0.0, le=3600.0, hint="it is in seconds")
+    guidance_scale: float = _f(3.0, "Classifier-free guidance strength; 1 = off, 3 = MusicGen default",
+                               ge=1.0, hint="1 = no guidance, 3 = MusicGen's default")
     temperature: float = _f(1.0, "Sampling temperature; lower = safer, higher = more varied")
     do_sample: bool = _f(True, "false = greedy decoding (always the most likely token): deterministic but "
                               "repetitive; for tests and debugging")
-    top_k: int = _f(250, "Top-k sampling (audiocraft default 250); 0 = off", ge=0, hint="0 = off; 250 is MusicGen's default")
-    top_p: float = _f(0.0, "Nucleus sampling threshold; 0 = off; when set it replaces top_k (as in audiocraft)", ge=0.0, le=1.0, hint="0 = off")
+    top_k: int = _f(250, "Top-k sampling (audiocraft default 250); 0 = off",
+                    ge=0, hint="0 = off; 250 is MusicGen's default")
+    top_p: float = _f(0.0, "Nucleus sampling threshold; 0 = off; when set it replaces top_k (as in audiocraft)",
+                      ge=0.0, le=1.0, hint="0 = off")
     seed: int = _f(0, "Seed of the first sample; every sample's seed is recorded in the manifest")
-    lora_scale: float = _f(1.0, "Adapter strength: 0 = base model, 1 = full adapter, in between blends", ge=0.0, hint="0 = base model, 1 = full adapter")
+    lora_scale: float = _f(1.0, "Adapter strength: 0 = base model, 1 = full adapter, in between blends",
+                           ge=0.0, hint="0 = base model, 1 = full adapter")
     merge: Optional[bool] = _f(None, "Fold LoRA into the weights (faster); default: merge when lora_scale is 1")
-    extend_stride: float = _f(18.0, "For long pieces: seconds generated per new window (the rest is context)", gt=0.0, hint="audiocraft uses 18 of 30")
+    extend_stride: float = _f(18.0, "For long pieces: seconds generated per new window (the rest is context)",
+                              gt=0.0, hint="audiocraft uses 18 of 30")
     max_window: float = _f(30.0, "Longest stretch generated in one pass, s (MusicGen was trained on 30 s); "
                                  "longer pieces continue window by window", gt=0.0, hint="MusicGen: 30")
     audio_prompt: Optional[str] = _f(None, "Audio file whose music is continued", kind="path")
@@ -205,7 +229,8 @@ class EvaluationConfig:
     num_prompts: int = _f(8, "Prompts used for generation metrics (from the valid captions or prompts_file)", ge=1)
     eval_duration: float = _f(8.0, "Length of each generated clip for the generation metrics, s", gt=0.0)
     eval_seeds: int = _f(2, "Seeds per prompt (for diversity across seeds)", ge=1)
-    bootstrap_samples: int = _f(2000, "Bootstrap resamples for confidence intervals", ge=100, hint="2000 is a good default")
+    bootstrap_samples: int = _f(2000, "Bootstrap resamples for confidence intervals",
+                                ge=100, hint="2000 is a good default")
     clap_model_path: Optional[str] = _f(None, "Local CLAP model folder (e.g. laion/larger_clap_music) for text-audio "
                                               "scores; skipped when unset", kind="path")
     skip_generation: bool = _f(False, "Only compute held-out likelihood (fast)")

@@ -1,8 +1,8 @@
 """MusicGen's decoder step for generation with a static key/value cache, optionally replayed as a CUDA graph.
 
 Why: transformers' decoder call per generated frame spends its time in Python on a GPU (cache objects that
-grow by concatenation, mask building, ~30 small kernel launches per layer); for musicgen-small on an H100 that
-capped generation at ~18 steps/s, far below what the weights' memory traffic allows (bench/bench_generate.py).
+grow by concatenation, mask building, many small kernel launches per layer), which capped generation far below
+what the weights' memory traffic allows (measured in BENCHMARKS.md with bench/bench_generate.py).
 Here every layer's self-attention keys/values go into buffers allocated once per window, the cross-attention
 keys/values of the text are computed once, and a step has fixed shapes — so on CUDA the whole decoder step
 (all layers and LM heads) is captured once as a CUDA graph and replayed per frame (one launch).

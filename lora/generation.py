@@ -159,7 +159,7 @@ def load_generation_model(cfg, device=None, adapter_path="__from_cfg__"):
     device = torch.device(device) if device is not None else pick_device()
     dtype = generation_dtype(g.dtype, device)
     # Load in fp32 on the CPU: merging LoRA is then exact; the decoder is cast afterwards and only then moved to
-    # the device (a GPU never holds the fp32 copy: ~14 GB for musicgen-large instead of ~7 GB in bf16).
+    # the device (a GPU never holds the fp32 copy, twice the size of the bf16 decoder).
     model, processor, info = load_base_model(cfg.model)
     adapter_info = None
     if adapter_path:
@@ -252,7 +252,7 @@ DECODINGS = ("auto", "transformers", "static", "cuda_graph")
 
 def resolve_decoding(decoding: str, device) -> str:
     """auto = the static key/value cache (lora.fast_decode), replayed as a CUDA graph on CUDA; on a CPU it runs
-    eagerly (as fast as transformers' own call for musicgen-small, 2x faster for small models: BENCHMARKS.md)."""
+    eagerly (as fast as or faster than transformers' own call: BENCHMARKS.md)."""
     import torch
 
     decoding = (decoding or "auto").lower()
@@ -451,8 +451,9 @@ def generate(model, processor, info, requests: Sequence[Request], *, batch_size:
     problems = []
     for i, r in enumerate(requests):
         problems += validate_request(r, f"sample {i + 1} ({r.prompt[:40]!r})")
-    if batch_size < 1:
-        problems.append(f"batch_size must be >= 1, got {batch_size}.")
+    problems += [x for x in (field_problem("generation", k, v, k) for k, v in
+                             (("batch_size", batch_size), ("max_window", max_window),
+                              ("extend_stride", extend_stride))) if x]
     if not (0 < extend_stride < max_window):
         problems.append(f"extend_stride ({extend_stride} s) must be > 0 and smaller than max_window "
                         f"({max_window} s).")
