@@ -4,8 +4,8 @@
   a symmetric eigendecomposition, and Kernel Audio Distance (KAD, unbiased MMD² as in Chung et al. 2025,
   "KAD: No More FAD!", kadtk: Gaussian RBF kernel with the median-distance bandwidth, scale ×100; or the
   cubic polynomial kernel of KID).
-* Held-out likelihood: per-clip, per-codebook cross-entropy from MusicGen logits and delay-pattern labels,
-  and a paired bootstrap confidence interval for the difference between two models on the same clips.
+* Held-out likelihood: a paired bootstrap confidence interval for the difference between two models on the same
+  clips (their per-clip cross-entropy is the model family's one loss, lora.musicgen.codebook_loss).
 * Signal checks for generated audio (NaN/Inf, clipping, DC offset, loudness, silence, flatness).
 * Loudness normalisation and librosa feature embeddings (log-mel, MFCC, chroma).
 * Diversity (mean pairwise embedding distance across prompts / across seeds).
@@ -136,31 +136,8 @@ def subsample_rows(x: np.ndarray, max_rows: int, seed: int = 0) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
-# Held-out likelihood
+# Held-out likelihood (the per-clip cross-entropy itself is the model family's one loss: lora.musicgen.codebook_loss)
 # --------------------------------------------------------------------------------------------
-def per_clip_cross_entropy(logits, labels, num_codebooks: int):
-    """Summed cross-entropy and token counts per clip and codebook.
-
-    logits: (B*K, S, V) as MusicGen's decoder returns them (or (B, K, S, V)); labels: (B, S', K) with -100 at
-    positions that carry no loss (S' <= S; the last S' logits are used, as transformers does).
-    Returns (ce_sum (B, K) float64 tensor, n_tokens (B, K) long tensor). Mean CE of codebook k over a set of
-    clips = ce_sum[:, k].sum() / n_tokens[:, k].sum() (what MusicGen's loss computes per codebook).
-    """
-    import torch.nn.functional as F
-
-    k = num_codebooks
-    if logits.dim() == 3:
-        logits = logits.reshape(-1, k, *logits.shape[1:])
-    b, _, s, v = logits.shape
-    logits = logits[:, :, -labels.shape[1]:]
-    lab = labels.permute(0, 2, 1)  # (B, K, S')
-    ce = F.cross_entropy(logits.float().reshape(-1, v), lab.reshape(-1).long(), ignore_index=-100,
-                         reduction="none").reshape(lab.shape)
-    valid = lab != -100
-    ce_sum = (ce.double() * valid).sum(dim=-1)
-    return ce_sum, valid.sum(dim=-1)
-
-
 def paired_bootstrap_ci(base: Sequence[float], other: Sequence[float], weights: Optional[Sequence[float]] = None, *,
                         n_boot: int = 2000, confidence: float = 0.95, seed: int = 0) -> dict:
     """Paired bootstrap over items for mean(other) - mean(base), e.g. per-clip CE of LoRA minus base.
