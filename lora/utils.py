@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -28,17 +29,106 @@ def setup_logging(level=logging.INFO) -> None:
     log.propagate = False
 
 
+# What a script says when it is stopped with Ctrl-C: what it has saved and how to continue (set with
+# ``on_interrupt``; a callable, so it can name what exists at that moment).
+_interrupt_notes: list[Callable[[], str]] = []
+
+
+@contextlib.contextmanager
+def on_interrupt(note: Callable[[], str]):
+    """While the block runs, Ctrl-C ends the script with ``note()`` after "interrupted:"."""
+    _interrupt_notes.append(note)
+    try:
+        yield
+    finally:
+        _interrupt_notes.remove(note)
+
+
+def interrupt_message() -> str:
+    """The "interrupted" line, with what the innermost running part has saved and how to continue."""
+    for note in reversed(_interrupt_notes):
+        try:
+            text = note()
+        except Exception as e:  # the note must never hide the interrupt itself; say that it failed
+            text = f"(could not say what was saved: {type(e).__name__}: {e})"
+        if text:
+            return f"interrupted: {text}"
+    return "interrupted"
+
+
 def run_main(main: Callable[[list[str] | None], int], argv=None) -> int:
-    """Run a script's main(argv); turn user errors into one clear message and exit code 2."""
+    """Run a script's main(argv); turn user errors into one clear message and exit code 2 (a full disk too, as a
+    message naming the file; Ctrl-C: exit code 130 and what was saved)."""
     setup_logging()
     try:
         return main(argv)
     except UserError as e:  # ConfigError (lora.config) is a UserError too
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: {disk_full_message(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(interrupt_message(), file=sys.stderr)
         return 130
+
+
+# --------------------------------------------------------------------------------------------
+# Output folders and free space
+# --------------------------------------------------------------------------------------------
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def free_bytes(path: str | os.PathLike) -> int:
+    """Free space of the disk that holds ``path`` (or its nearest existing parent)."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def check_free_space(path: str | os.PathLike, need_bytes: float, what: str) -> None:
+    """UserError when the disk of ``path`` has less than ``need_bytes`` free (``what`` says what needs it)."""
+    free = free_bytes(path)
+    if free < need_bytes:
+        raise UserError(f"Not enough free disk space in {path}: {what} needs about {human_bytes(need_bytes)}, "
+                        f"{human_bytes(free)} are free. Free some space, or choose an output folder on another disk.")
+
+
+def disk_full_message(e: OSError, need: str = "") -> str:
+    where = f" while writing {e.filename}" if e.filename else ""
+    return (f"The disk is full{where} ({e.strerror}). Free some space{f' ({need})' if need else ''} and run the "
+            f"same command again; what was finished and saved is kept.")
+
+
+def check_output_dir(path: str | os.PathLike, flag: str) -> Path:
+    """The folder a script writes into, checked once before any work: not a file, creatable, writable. Creates
+    it; UserError naming the path and ``flag`` otherwise. Nothing the user has is changed."""
+    p = Path(path)
+    for q in [p, *p.parents]:
+        if q.exists():
+            if not q.is_dir():
+                raise UserError(f"{flag} {p}: {q} is a file, not a folder. Choose another {flag}.")
+            break
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{flag} {p} cannot be created ({e.strerror}). Choose a folder you can write to.") from None
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=p)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"{flag} {p} is not writable ({e.strerror}: read-only disk or no permission). Choose a "
+                        f"folder you can write to.") from None
+    return p
 
 
 @contextlib.contextmanager
