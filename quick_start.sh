@@ -56,9 +56,18 @@ fi
 banner "2/5 model ($MODEL)"
 "$PY" lora/test_model.py --model_path "$MODEL"
 
+# A flag you pass replaces the quick start's own value for it (train_lora.py refuses a flag given twice).
+given() { local f="$1" a; shift; for a in "$@"; do [ "$a" = "$f" ] || [[ "$a" == "$f="* ]] && return 0; done; return 1; }
+OWN=()
+for ((i = 0; i < ${#TRAIN[@]}; i++)); do
+  f="${TRAIN[$i]}"; v=()
+  if (( i + 1 < ${#TRAIN[@]} )) && [[ "${TRAIN[$((i + 1))]}" != --* ]]; then v=("${TRAIN[$((i + 1))]}"); i=$((i + 1)); fi
+  given "$f" "$@" || OWN+=("$f" "${v[@]}")
+done
+
 banner "3/5 LoRA training"
 "$PY" lora/train_lora.py --model_path "$MODEL" --data_dir "$DATA_DIR" --metadata_file metadata.json \
-  --output_dir "$OUT" --overwrite_output_dir "${TRAIN[@]}" "$@"
+  --output_dir "$OUT" --overwrite_output_dir "${OWN[@]}" "$@"
 
 banner "4/5 generation"
 "$PY" lora/inference_lora.py --base_model_path "$MODEL" --lora_model_path "$OUT/best_model" \

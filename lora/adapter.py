@@ -176,9 +176,30 @@ def _read_adapter_config(adapter_dir: Path) -> dict:
                         f"lora_model_path at a folder written by train_lora.py (best_model, final_model or "
                         f"checkpoints/checkpoint-N).")
     try:
-        return json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+        cfg = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise UserError(f"{adapter_dir / 'adapter_config.json'} cannot be read ({e}).") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{adapter_dir / 'adapter_config.json'} is damaged (not a PEFT adapter config).")
+    return cfg
+
+
+def check_adapter_files(adapter_dir) -> dict:
+    """The adapter folder is complete and its files are whole (adapter_config.json readable; the safetensors file's
+    header readable and covering the whole file, which safetensors checks); returns adapter_config.json. UserError
+    naming the damaged file: scripts call this before any model loads."""
+    from safetensors import SafetensorError, safe_open
+
+    adapter_dir = Path(adapter_dir).expanduser()
+    cfg = _read_adapter_config(adapter_dir)
+    weights = adapter_dir / "adapter_model.safetensors"
+    try:
+        with safe_open(str(weights), framework="pt") as fh:
+            fh.keys()
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{weights} is damaged ({str(e).splitlines()[0][:200]}): use another adapter (best_model, "
+                        f"final_model or a checkpoint), or train again.") from None
+    return cfg
 
 
 def check_adapter_fits(base, adapter_dir: Path, recorded: str, used: str) -> None:
@@ -224,7 +245,7 @@ def load_lora(model, adapter_dir, is_trainable: bool = False, expected_base: Opt
     from peft import PeftModel
 
     adapter_dir = Path(adapter_dir).expanduser()
-    adapter_cfg = _read_adapter_config(adapter_dir)
+    adapter_cfg = check_adapter_files(adapter_dir)
     base = get_base(model)
     used = str(expected_base or getattr(base, "name_or_path", "") or base.config._name_or_path or "")
     check_adapter_fits(base, adapter_dir, adapter_cfg.get("base_model_name_or_path") or "", used)

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 from dataclasses import dataclass
@@ -236,14 +237,34 @@ def _read_av_blocks(path: str, block_seconds: float) -> Iterator[tuple[int, np.n
             yield sr, np.concatenate(pending, axis=1)
 
 
+@dataclass
+class DecodeCounts:
+    """What :func:`iter_audio` saw in a file's own samples (all channels, at its own rate): how many, and how
+    many were NaN or infinite (those are replaced by 0 before mixing and resampling, which would spread them)."""
+
+    samples: int = 0
+    nonfinite: int = 0
+
+    def repair(self, block: np.ndarray) -> np.ndarray:
+        self.samples += block.size
+        finite = np.isfinite(block)
+        if finite.all():
+            return block
+        self.nonfinite += int(block.size - np.count_nonzero(finite))
+        return np.where(finite, block, np.float32(0.0)).astype(np.float32)
+
+
 def iter_audio(path: str | os.PathLike, sample_rate: int, channels: int = 1,
-               block_seconds: float = 10.0) -> Iterator[np.ndarray]:
+               block_seconds: float = 10.0, counts: Optional[DecodeCounts] = None) -> Iterator[np.ndarray]:
     """Decode a file of any length block by block: yields (channels, n) float32 at ``sample_rate``.
 
-    Peak memory is a few blocks, independent of the file's length.
+    Peak memory is a few blocks, independent of the file's length. With ``counts``, NaN/inf samples are
+    replaced by 0 (counted in ``counts.nonfinite``, of ``counts.samples``) before mixing and resampling.
     """
     rs: Optional[StreamResampler] = None
     for sr, block in read_native_blocks(path, block_seconds):
+        if counts is not None:
+            block = counts.repair(block)
         if rs is None:
             rs = StreamResampler(sr, sample_rate, channels)
         out = rs(mix_channels(block, channels))
@@ -303,8 +324,20 @@ def save_wav(path: str | os.PathLike, audio: np.ndarray, sample_rate: int, subty
     elif subtype.upper().startswith("PCM"):
         a = np.clip(a, -1.0, 1.0)
     with atomic_path(path) as tmp:
-        sf.write(str(tmp), np.ascontiguousarray(a.T), int(sample_rate), subtype=subtype, format="WAV")
+        try:
+            sf.write(str(tmp), np.ascontiguousarray(a.T), int(sample_rate), subtype=subtype, format="WAV")
+        except (RuntimeError, sf.LibsndfileError):
+            # libsndfile reports a full disk as "System error": say what it is (callers handle OSError ENOSPC)
+            if _disk_free(Path(tmp).parent) < a.size * 4 + 65536:
+                raise OSError(errno.ENOSPC, "No space left on device", str(path)) from None
+            raise
     return Path(path)
+
+
+def _disk_free(folder: Path) -> int:
+    import shutil
+
+    return shutil.disk_usage(folder).free
 
 
 def pcm16_hash(audio: np.ndarray) -> str:
@@ -350,6 +383,15 @@ def loudness_lufs(x: np.ndarray, sample_rate: int) -> float:
     if x.shape[1] < int(0.4 * sample_rate) + 1:
         return -np.inf
     return float(pyloudnorm.Meter(sample_rate).integrated_loudness(x.T))
+
+
+def scale_overs(x: np.ndarray) -> tuple[np.ndarray, Optional[float]]:
+    """(audio, None) when it fits PCM (peak <= 1.0, 0 dBFS); otherwise (audio / peak, its peak in dBFS), so
+    writing it as PCM does not hard-clip the overs (float WAVs, MP3/OGG decoders, resampling)."""
+    p = float(np.max(np.abs(x))) if np.size(x) else 0.0
+    if not p > 1.0:
+        return x, None
+    return (np.asarray(x, dtype=np.float32) / np.float32(p)).astype(np.float32), 20.0 * np.log10(p)
 
 
 def normalize_peak(x: np.ndarray, target_db: float = -1.0) -> np.ndarray:

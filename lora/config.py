@@ -31,7 +31,7 @@ from typing import Any, Optional
 if __package__ in (None, ""):  # python lora/config.py --markdown | --update-usage
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lora.utils import UserError, atomic_write_text  # noqa: E402
+from lora.utils import UserError, atomic_write_text, log  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "config.yaml"
@@ -171,8 +171,9 @@ class TrainingConfig:
     max_nan_steps: int = _f(10, "Stop after this many non-finite losses in a row (each one is skipped and counted)",
                             ge=1)
     resume_from_checkpoint: Optional[str] = _f(None, "'latest' or a checkpoint folder to continue from")
-    overwrite_output_dir: bool = _f(False, "Start a fresh run even if output_dir holds an earlier run's checkpoints "
-                                           "and adapters (they are deleted first)")
+    overwrite_output_dir: bool = _f(False, "Start a fresh run even if output_dir holds an earlier run: its "
+                                           "checkpoints/, best_model/ and final_model/ are deleted first, but only "
+                                           "what train_lora.py wrote (anything else there stops the run)")
     seed: int = _f(42, "Random seed: data order, LoRA init, dropout")
     dataloader_num_workers: int = _f(0, "DataLoader workers (training reads cached tokens; 0 is usually enough)",
                                      ge=0)
@@ -443,8 +444,16 @@ def load_yaml(path: str | os.PathLike) -> dict:
     if not p.is_file():
         raise ConfigError(f"Config file not found: {p}. Pass --config PATH to an existing YAML file, or run from the "
                           f"repository that holds config.yaml.")
+    raw = p.read_bytes()
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{p} is not UTF-8 text: byte {raw[e.start:e.start + 1]!r} on line {line} (a character "
+                          f"saved in another encoding, e.g. Latin-1, even in a comment). Save the file as UTF-8 "
+                          f"(your editor's encoding setting) and run again.") from None
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{p} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
@@ -466,6 +475,10 @@ def apply_yaml(cfg: Config, data: dict, source: str, base: Path) -> None:
         fields = {f.name: f for f in dataclasses.fields(obj)}
         for key, value in values.items():
             if key not in fields:
+                home = [name for name, cls in SECTIONS.items() if key in {f.name for f in dataclasses.fields(cls)}]
+                if home:
+                    raise ConfigError(f"'{key}' is a key of section '{home[0]}', not of '{section}' (in {source}): "
+                                      f"move it under '{home[0]}:'.")
                 raise _unknown_key_error("key", f"{section}.{key}", [f"{section}.{k}" for k in fields], f" in {source}")
             md = fields[key].metadata
             v = _coerce(section, key, value, hints[key], md, source)
@@ -547,7 +560,7 @@ def build_parser(description: str, sections: tuple[str, ...], extra=None) -> tup
             if base is bool:
                 kw.update(nargs="?", const=True, type=_parse_bool(f.name), metavar="BOOL")
             elif base is list:
-                kw.update(nargs="+", metavar="TEXT")
+                kw.update(nargs="+", metavar="TEXT", action="extend")  # given twice: both lists are used
             else:
                 kw.update(type=_argtype(f.name, base, optional))
                 kw["metavar"] = {int: "N", float: "X"}.get(base, "PATH" if f.metadata.get("kind") else "TEXT")
@@ -559,6 +572,28 @@ def build_parser(description: str, sections: tuple[str, ...], extra=None) -> tup
     return p, owners
 
 
+def _refuse_repeated_flags(parser: argparse.ArgumentParser, argv: list) -> None:
+    """A flag given twice (or under two of its names) would silently keep the last value: refuse it. A list flag
+    (--prompts) given twice keeps all the values, and says so."""
+    by_flag = {o: a for a in parser._actions for o in a.option_strings}
+    seen: dict[str, str] = {}
+    for tok in map(str, argv):
+        if tok == "--":
+            break
+        action = by_flag.get(tok.split("=", 1)[0]) if tok.startswith("--") else None
+        if action is None or not action.option_strings:
+            continue
+        name = tok.split("=", 1)[0]
+        if action.dest in seen and action.nargs == "+":
+            log.info("%s was given more than once: all of its values are used", name)
+            continue
+        if action.dest in seen:
+            first = seen[action.dest]
+            also = "" if first == name else f" (as {first} and {name})"
+            raise ConfigError(f"{name} was given twice{also}; give it once.")
+        seen[action.dest] = name
+
+
 def parse_config(argv=None, *, description: str = "", sections: tuple[str, ...] = tuple(SECTIONS),
                  extra=None, rules=None) -> tuple[Config, argparse.Namespace]:
     """Resolve defaults < YAML < flags, then check every value against its declared range and the script's own
@@ -566,6 +601,7 @@ def parse_config(argv=None, *, description: str = "", sections: tuple[str, ...] 
     found. Returns (config, namespace of extra, non-schema arguments)."""
     parser, owners = build_parser(description, sections, extra)
     argv = list(sys.argv[1:] if argv is None else argv)
+    _refuse_repeated_flags(parser, argv)
     ns = parser.parse_args(argv)
 
     cfg = Config()

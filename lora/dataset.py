@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-from lora.audio import file_hash, load_audio
+from lora.audio import audio_info, file_hash, load_audio
 from lora.loading import family_for
 from lora.musicgen import null_text_states
 from lora.utils import UserError, atomic_path, log
@@ -100,18 +100,17 @@ def load_metadata(data_dir: str | Path, metadata_file: str = "metadata.json", *,
         if sp not in SPLITS:
             problems.append(f"{where}: split {sp!r} is neither 'train' nor 'valid'")
             continue
-        try:
-            duration = float(e.get("duration", 0.0))
-        except (TypeError, ValueError):
-            problems.append(f"{where}: duration {e.get('duration')!r} is not a number")
+        bad = _wrong_types(e)
+        if bad:
+            problems += [f"{where}: {b}" for b in bad]
             continue
+        duration, offset = float(e.get("duration", 0.0)), float(e.get("offset", 0.0))
         path = Path(audio) if Path(audio).is_absolute() else data_dir / audio
         if check_files and not path.is_file():
             problems.append(f"{where}: audio file {path} is missing")
             continue
         rec = ClipRecord(id=str(e.get("id") or Path(audio).stem), audio=audio, text=text.strip(),
-                         duration=duration, split=sp, source=e.get("source"), offset=float(e.get("offset", 0.0)),
-                         path=path)
+                         duration=duration, split=sp, source=e.get("source"), offset=offset, path=path)
         records.append(rec)
     if problems:
         shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
@@ -120,6 +119,22 @@ def load_metadata(data_dir: str | Path, metadata_file: str = "metadata.json", *,
     if split is not None:
         records = [r for r in records if r.split == split]
     return records
+
+
+def _wrong_types(e: dict) -> list[str]:
+    """What is wrong with the types of a clip entry's optional fields (a hand-edited metadata file)."""
+    import math
+
+    out = []
+    for key in ("duration", "offset"):
+        v = e.get(key, 0.0)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            out.append(f"'{key}' must be a number of seconds >= 0, got {v!r}")
+    if not isinstance(e.get("id", ""), (str, int)) or isinstance(e.get("id"), bool):
+        out.append(f"'id' must be text, got {e.get('id')!r}")
+    if e.get("source") is not None and not isinstance(e.get("source"), str):
+        out.append(f"'source' (the recording the clip was cut from) must be text or null, got {e.get('source')!r}")
+    return out
 
 
 def metadata_document(records: list[ClipRecord], sample_rate: int, channels: int) -> dict:
@@ -197,6 +212,23 @@ def _load_tensors(path: Path) -> Optional[dict]:
         return None
 
 
+def warn_channel_mixing(paths: list[Path], info) -> dict:
+    """Say once when clips are mixed to the model's channel count: stereo clips for a mono model are mixed down,
+    mono clips for a stereo model are copied to both channels (no real stereo to learn). Returns the counts."""
+    from collections import Counter
+
+    counts = Counter(audio_info(p).channels for p in paths)
+    mixed = {c: n for c, n in counts.items() if c != info.audio_channels}
+    for c, n in sorted(mixed.items()):
+        if info.audio_channels == 1:
+            how = f"{'stereo' if c == 2 else f'{c}-channel'} but the model is mono: they are mixed down to mono"
+        else:
+            how = ("mono but the model is stereo: each is copied to both channels, so there is no stereo image to "
+                   "learn (prepare the data with --channels 2 from stereo sources)")
+        log.warning("%d of %d clip(s) are %s", n, len(paths), how)
+    return mixed
+
+
 def _batches(items: list, size: int):
     for i in range(0, len(items), max(1, size)):
         yield items[i:i + max(1, size)]
@@ -232,6 +264,7 @@ def build_token_cache(records: list[ClipRecord], model, processor, info, data_di
         else:
             todo[h] = r
     if todo:
+        warn_channel_mixing([todo[h].path for h in todo], info)
         hop = info.sample_rate / info.frame_rate
         # Sort by length so that a batch pads little (padding only touches the last frames of shorter clips).
         order = sorted(todo, key=lambda h: todo[h].duration)

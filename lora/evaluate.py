@@ -41,7 +41,7 @@ import numpy as np
 
 import lora
 from lora import metrics
-from lora.adapter import text_encoder_has_lora, adapter_identity, load_lora, set_lora_scale
+from lora.adapter import adapter_identity, check_adapter_files, load_lora, set_lora_scale, text_encoder_has_lora
 from lora.audio import load_audio, save_wav
 from lora.config import Config, parse_config
 from lora.dataset import CachedTokenDataset, build_token_cache, collate_tokens, load_metadata
@@ -49,8 +49,8 @@ from lora.generation import GenerationError, cast_for_generation, generate_audio
 from lora.loading import family_for, load_base_model
 from lora.precision import generation_dtype
 from lora.prompts import read_prompt_texts
-from lora.report import format_table, save_spectrogram, summary_rows, write_report
-from lora.utils import UserError, atomic_write_json, log, run_main
+from lora.report import MIN_CLIPS_FOR_A_VERDICT, format_table, save_spectrogram, summary_rows, write_report
+from lora.utils import UserError, atomic_write_json, check_free_space, check_output_dir, log, on_interrupt, run_main
 
 LOUDNESS_TARGET_LUFS = -23.0   # every clip is normalised to this before embedding (EBU R128)
 KAD_MAX_FRAMES = 2000          # frames per set for KAD (kernel matrices are O(n²)); subsampled with seed 0
@@ -79,6 +79,15 @@ def config_problems(cfg: Config, ns=None) -> list[str]:
     elif ev.compare and not Path(adapter).is_dir():
         problems.append(f"--compare: the LoRA adapter folder {adapter} does not exist. Train one with "
                         f"train_lora.py, or pass the right --lora_model_path.")
+    elif adapter and Path(adapter).is_dir():
+        try:
+            check_adapter_files(adapter)  # complete and whole, before the model loads
+        except UserError as e:
+            problems.append(f"lora_model_path: {e}")
+    try:
+        check_output_dir(ev.output_dir, "--output_dir")
+    except UserError as e:
+        problems.append(str(e))
     return [p for p in problems if p]
 
 
@@ -481,7 +490,13 @@ def evaluate(cfg: Config, plan: dict) -> int:
     else:
         prompts, source = choose_prompts(cfg, valid)
         results["settings"]["prompts_source"] = source
-        gen = generation_metrics(model, processor, info, cfg, models, valid, prompts, out_dir, device)
+        n_clips = len(prompts) * ev.eval_seeds * len(models)
+        check_free_space(out_dir, n_clips * (ev.eval_duration * info.sample_rate * info.audio_channels * 2 + 2e5)
+                         + 5 * 2 ** 20, f"{n_clips} generated clip(s) with spectrograms, and the report")
+        with on_interrupt(lambda: f"results.json and report.html are written at the end, so none were; the audio "
+                                  f"generated so far is in {out_dir / 'audio'}. Run again, with --skip_generation "
+                                  f"for the held-out likelihood alone (fast)"):
+            gen = generation_metrics(model, processor, info, cfg, models, valid, prompts, out_dir, device)
         results["generation"] = gen
         results["notes"] += gen.pop("notes", [])
         if gen["clap"].get("skipped"):
@@ -519,7 +534,10 @@ def likelihood_section(model, processor, info, clips, cfg: Config, models: list[
         diff["ppl_ratio"] = float(math.exp(diff["diff"]))
         diff["excludes_zero"] = bool(diff["ci_high"] < 0 or diff["ci_low"] > 0)
         lk["difference"] = diff
-        if diff["n"] < 10:
+        if diff["n"] < MIN_CLIPS_FOR_A_VERDICT:
+            few_note = (f"Only {diff['n']} held-out clip: too little evidence to call either model better (no row "
+                        f"names a winner); hold out more clips (prepare_data.py --valid_fraction).")
+        elif diff["n"] < 10:
             few_note = (f"Only {diff['n']} held-out clips: the confidence interval of the likelihood difference is "
                         f"rough (a bootstrap over few clips is too narrow); hold out more clips "
                         f"(prepare_data.py --valid_fraction).")

@@ -45,12 +45,14 @@ if __package__ in (None, ""):
 
 from lora import config as config_module  # noqa: E402
 from lora import generation  # noqa: E402
-from lora.audio import load_audio, normalize_peak, peak_db, save_wav  # noqa: E402
+from lora.adapter import check_adapter_files  # noqa: E402
+from lora.audio import audio_info, load_audio, normalize_peak, peak_db, save_wav  # noqa: E402
 from lora.config import GenerationConfig, field_problem, parse_config  # noqa: E402
 from lora.generation import Request, SamplingSettings, temperature_problem  # noqa: E402
 from lora.loading import family_for  # noqa: E402
 from lora.prompts import read_prompts_file  # noqa: E402
-from lora.utils import UserError, atomic_write_json, human_seconds, log, run_main  # noqa: E402
+from lora.utils import UserError, atomic_write_json, check_free_space, check_output_dir, human_seconds, log, \
+    on_interrupt, run_main  # noqa: E402
 
 DESCRIPTION = "Generate music with MusicGen + a LoRA adapter (WAV files + manifest.json)."
 MANIFEST = "manifest.json"
@@ -167,6 +169,11 @@ def choose_adapter(g: GenerationConfig, argv: list[str], problems: list[str]):
         if not Path(path).is_dir():
             problems.append(f"lora_model_path {path} is a file; it must be an adapter folder (with "
                             f"adapter_config.json and adapter_model.safetensors).")
+        else:
+            try:
+                check_adapter_files(path)  # complete and whole, before the model loads
+            except UserError as e:
+                problems.append(f"lora_model_path: {e}")
         return path
     if explicit:
         problems.append(f"LoRA adapter folder not found: {path} (lora_model_path). Pass the folder train_lora.py "
@@ -303,6 +310,11 @@ def main(argv=None) -> int:
                             f"({g.max_window} s); audiocraft uses 18 of 30.")
         if g.audio_prompt and not Path(g.audio_prompt).is_file():
             problems.append(f"audio_prompt file not found: {g.audio_prompt}.")
+        elif g.audio_prompt:
+            try:
+                audio_info(g.audio_prompt)  # readable audio, before the model loads
+            except UserError as e:
+                problems.append(f"audio_prompt: {e}")
         plan["adapter"] = choose_adapter(g, argv, problems)
         return [p for p in problems if p]
 
@@ -312,7 +324,7 @@ def main(argv=None) -> int:
         log.info("merge: true has no effect without an adapter")
     requests = [Request(prompt=spec.text, seed=spec.seed + j, duration=spec.duration, sampling=spec.sampling)
                 for spec in specs for j in range(spec.num_samples)]
-    out_dir = Path(g.output_dir)
+    out_dir = check_output_dir(g.output_dir, "--output_dir")
     names = check_outputs(requests, out_dir, g.overwrite)
     log.info("Resolved settings: %s", json.dumps({"generation": dataclasses.asdict(g),
                                                   "model": dataclasses.asdict(cfg.model)}, default=str))
@@ -330,11 +342,17 @@ def main(argv=None) -> int:
         add_audio_prompt(model, info, g.audio_prompt, requests)
 
     # ---- generate, writing each batch as it is ready
+    bytes_per_sample = 2 if g.output_format == "pcm16" else 4
+    check_free_space(out_dir, sum(r.duration for r in requests) * info.sample_rate * info.audio_channels
+                     * bytes_per_sample * 1.05 + 2 ** 20, f"{len(requests)} WAV file(s)")
     writer = ManifestWriter(g, out_dir, requests, names, model, info, adapter_info)
     t0 = time.perf_counter()
-    results = generation.generate(model, processor, info, requests, batch_size=g.batch_size,
-                                  max_window=g.max_window, extend_stride=g.extend_stride, progress=True,
-                                  on_batch=writer.write_batch, decoding=g.decoding)
+    with on_interrupt(lambda: f"{len(writer.written)} of {len(requests)} file(s) were written to {out_dir} and are "
+                              f"listed in {writer.path}; run the same command with other seeds or --overwrite for "
+                              f"the rest"):
+        results = generation.generate(model, processor, info, requests, batch_size=g.batch_size,
+                                      max_window=g.max_window, extend_stride=g.extend_stride, progress=True,
+                                      on_batch=writer.write_batch, decoding=g.decoding)
     wall = time.perf_counter() - t0
     cfg.save(out_dir / "inference_config.yaml")
     gen_time = sum(r.generation_time for r in results)

@@ -34,10 +34,20 @@ def _get(d: dict, *keys):
     return d
 
 
+MIN_CLIPS_FOR_A_VERDICT = 2  # with fewer held-out clips no row names a better model
+
+
 def summary_rows(results: dict) -> list[dict]:
-    """Rows {metric, base, lora, delta, better, lower_is_better, note} for the models that were evaluated."""
+    """Rows {metric, base, lora, delta, better, lower_is_better, note} for the models that were evaluated.
+
+    "better" names the model with the better value, except: with fewer than MIN_CLIPS_FOR_A_VERDICT held-out clips
+    every row says "too few clips"; the held-out cross-entropy says "unclear" when its confidence interval holds 0.
+    """
     models = results.get("models_evaluated", [])
     rows: list[dict] = []
+    lk = results.get("likelihood") or {}
+    n_heldout = min((_get(lk, m, "n_clips") for m in models if _get(lk, m, "n_clips") is not None), default=None)
+    thin = n_heldout is not None and n_heldout < MIN_CLIPS_FOR_A_VERDICT
 
     def add(metric, getter, lower_is_better: Optional[bool], note: str = ""):
         vals = {m: getter(m) for m in ("base", "lora")}
@@ -52,15 +62,18 @@ def summary_rows(results: dict) -> list[dict]:
                 row["better"] = "LoRA" if (row["delta"] < 0) == lower_is_better else "base"
             elif lower_is_better is not None:
                 row["better"] = "same"
+            if thin and row["better"] is not None:
+                row["better"] = "too few clips"
         rows.append(row)
 
-    lk = results.get("likelihood") or {}
     diff = lk.get("difference")
     note = ""
     if diff:
         pct = int(round(100 * diff["confidence"]))
         note = f"Δ {pct}% CI [{diff['ci_low']:+.4f}, {diff['ci_high']:+.4f}], n={diff['n']} clips"
     add("held-out cross-entropy (nats)", lambda m: _get(lk, m, "ce"), True, note)
+    if diff and rows and rows[-1]["better"] in ("LoRA", "base") and diff["ci_low"] <= 0 <= diff["ci_high"]:
+        rows[-1]["better"] = "unclear"  # the interval holds 0: no evidence either way
     add("held-out perplexity", lambda m: _get(lk, m, "ppl"), True)
     gen = results.get("generation") or {}
     sig = gen.get("signal") or {}

@@ -29,6 +29,7 @@ dropout) and per-micro-batch randomness (LoRA/model dropout) is seeded by the sa
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -48,7 +49,8 @@ from lora.dataset import CachedTokenDataset, bucketed_batches, build_token_cache
 from lora.loading import family_for, load_base_model  # noqa: E402
 from lora.precision import choose_precision, resolve_base_weights_dtype  # noqa: E402
 from lora.training import TrainState  # noqa: E402
-from lora.utils import UserError, log, run_main, setup_logging  # noqa: E402
+from lora.utils import UserError, check_free_space, check_output_dir, disk_full_message, log, on_interrupt, \
+    run_main, setup_logging  # noqa: E402
 
 SECTIONS = ("training", "model", "lora", "data")
 
@@ -72,9 +74,11 @@ def main(argv=None) -> int:
     setup_logging()
     import torch
 
+    out = check_output_dir(cfg.training.output_dir, "--output_dir")
     handlers, level = list(log.handlers), log.level
-    try:
-        return train(cfg)
+    try:  # one run per output folder (only the first process of a multi-process run holds it)
+        with training.output_lock(out, enabled=os.environ.get("RANK", "0") == "0"):
+            return train(cfg)
     except torch.OutOfMemoryError as e:
         t = cfg.training
         raise UserError(
@@ -82,6 +86,11 @@ def main(argv=None) -> int:
             f"with more --gradient_accumulation_steps (now {t.gradient_accumulation_steps}) to keep the effective "
             f"batch; a shorter --max_duration (now {t.max_duration} s); --gradient_checkpointing; or "
             f"--mixed_precision bf16/fp16.") from None
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise UserError(disk_full_message(e, "training writes checkpoints, adapters and logs into "
+                                             f"{cfg.training.output_dir}")) from None
     finally:
         for h in [h for h in log.handlers if h not in handlers]:
             log.removeHandler(h)
@@ -91,9 +100,20 @@ def main(argv=None) -> int:
 
 def train(cfg: Config) -> int:
     run = set_up(cfg)
-    train_loop(run)
+    with on_interrupt(lambda: resume_note(run)):
+        train_loop(run)
     finish(run)
     return 0
+
+
+def resume_note(run: "Run") -> str:
+    """What Ctrl-C leaves behind, and how to continue."""
+    ck = training.newest_checkpoint(run.out)
+    if ck is None:
+        return (f"no checkpoint was saved yet (every {run.cfg.training.save_steps} steps); start again, or save more "
+                f"often with --save_steps")
+    return (f"the newest checkpoint is {ck} (step {ck.name[5:].lstrip('0') or 0}); continue with the same command "
+            f"plus --resume_from_checkpoint latest")
 
 
 # ============================================================================================
@@ -185,6 +205,9 @@ def load_and_cache(cfg: Config, acc, records):
     fam.audio_codec(model).to(device)
     fam.text_encoder_of(model).to(device)
     max_frames = int(round(t.max_duration * info.frame_rate))
+    if max_frames < 1:
+        raise ConfigError(f"training.max_duration {t.max_duration} s is shorter than one codec frame of this model "
+                          f"({1 / info.frame_rate:g} s); use a few seconds or more (30 is MusicGen's context).")
     if max_frames + info.codebooks_per_channel - 1 > fam.max_positions(model):
         raise ConfigError(f"training.max_duration {t.max_duration} s is longer than the model's context "
                           f"({(fam.max_positions(model) - info.codebooks_per_channel + 1) / info.frame_rate:.1f} s); "
@@ -212,17 +235,20 @@ def set_up(cfg: Config) -> Run:
 
     t = cfg.training
     out = Path(t.output_dir)
-    acc, precision = start_processes(cfg)
     records = load_metadata(cfg.data.data_dir, cfg.data.metadata_file)
     training.split_records(cfg, records)
-    ck = training.find_checkpoint(out, t.resume_from_checkpoint) if t.resume_from_checkpoint else None  # fail early
-    if ck is None:
-        training.clear_earlier_run(out, t.overwrite_output_dir, is_main=acc.is_main_process)
+    # Read whole before anything loads: a damaged checkpoint stops here ('latest' falls back to an older one).
+    ck = training.find_checkpoint(out, t.resume_from_checkpoint) if t.resume_from_checkpoint else None
+    if ck is None:  # before this run writes anything (the first process deletes, the others only check)
+        training.clear_earlier_run(out, t.overwrite_output_dir, is_main=os.environ.get("RANK", "0") == "0")
+    acc, precision = start_processes(cfg)
 
     set_seed(t.seed)
     model, processor, info, clips, max_frames = load_and_cache(cfg, acc, records)
     set_seed(t.seed)  # LoRA init does not depend on what the cache step consumed
     model, params = training.prepare_model(model, cfg, precision, acc.device)
+    check_free_space(out, training.disk_space_needed(params, t.save_total_limit), "training (checkpoints, "
+                     "best_model, final_model, logs)")
 
     # The data plan: the same for any number of processes.
     train_clips = [c for c in clips if c.split == "train"]

@@ -18,7 +18,11 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import pickle
+import re
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -263,42 +267,206 @@ class TrainState:
         return dict(asdict(self), stage=stage, **run)
 
 
-def find_checkpoint(output_dir: Path, spec: str) -> Path:
-    """'latest' -> the complete checkpoint with the highest global_step; else the given folder (checked)."""
-    if spec.strip().lower() == "latest":
-        root = output_dir / "checkpoints"
-        found = []
-        for d in sorted(root.glob("step-*")) if root.is_dir() else []:
-            try:
-                found.append((json.loads((d / STATE_FILE).read_text(encoding="utf-8"))["global_step"], d))
-            except (OSError, ValueError, KeyError):
-                log.warning("Ignoring incomplete checkpoint %s (no readable %s)", d, STATE_FILE)
-        if not found:
-            raise UserError(f"--resume_from_checkpoint latest: no complete checkpoint in {root}. Start without "
-                            f"--resume_from_checkpoint, or pass a checkpoint folder.")
-        return max(found)[1]
-    path = Path(spec).expanduser().resolve()
-    if not (path / STATE_FILE).is_file():
-        raise UserError(f"--resume_from_checkpoint {spec}: {path} is not a complete checkpoint (no {STATE_FILE}). "
-                        f"Use 'latest' or a folder like {output_dir / 'checkpoints' / 'step-000200'}.")
-    return path
+# What train_lora.py writes into output_dir, and may therefore delete again (--overwrite_output_dir): its run
+# folders, each holding only these files, with its trainer_state.json. Anything else there is the user's.
+RUN_FOLDERS = ("checkpoints", "best_model", "final_model")
+ADAPTER_FILES = frozenset({"adapter_config.json", "adapter_model.safetensors", "README.md", "config.yaml", STATE_FILE,
+                           "eval_results.json"})
+CHECKPOINT_FILES = frozenset({"adapter_config.json", "adapter_model.safetensors", "README.md", "config.yaml",
+                              STATE_FILE, "optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pt"})
+CHECKPOINT_NAME = re.compile(r"step-\d{6}")
+ATOMIC_LEFTOVER = re.compile(r"\..+\.(?:tmp|old)")  # lora.utils.atomic_dir's temporary folders after a crash
+LOCK_FILE = ".train_lora.lock"
+
+
+def read_state(folder: Path) -> Optional[dict]:
+    """trainer_state.json of a folder when it is one this tool wrote (an object with an integer global_step), else
+    None."""
+    try:
+        state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(state, dict) and isinstance(state.get("global_step"), int)
+    return state if ok else None
+
+
+def _foreign_entries(folder: Path, allowed: frozenset, need_state: bool) -> list[Path]:
+    """Entries of one of our run folders that this tool does not write there (all of them when the folder is not
+    recognisably ours: no valid trainer_state.json)."""
+    entries = sorted(folder.iterdir())
+    if need_state and read_state(folder) is None:
+        return entries  # (an empty folder holds nothing to lose)
+    return [e for e in entries if e.name not in allowed or not e.is_file() or e.is_symlink()]
+
+
+def earlier_run(out: Path) -> tuple[list[Path], list[Path]]:
+    """(the run folders an earlier run of train_lora.py left in ``out``, the entries among them it did not write)."""
+    ours, foreign = [], []
+    for name in RUN_FOLDERS:
+        p = out / name
+        if not p.exists() and not p.is_symlink():
+            continue
+        if p.is_symlink() or not p.is_dir():
+            foreign.append(p)
+            continue
+        ours.append(p)
+        if name != "checkpoints":
+            foreign += _foreign_entries(p, ADAPTER_FILES, need_state=True)
+            continue
+        for c in sorted(p.iterdir()):
+            if c.is_dir() and not c.is_symlink() and CHECKPOINT_NAME.fullmatch(c.name):
+                foreign += _foreign_entries(c, CHECKPOINT_FILES, need_state=True)
+            elif c.is_dir() and not c.is_symlink() and ATOMIC_LEFTOVER.fullmatch(c.name):
+                foreign += _foreign_entries(c, CHECKPOINT_FILES, need_state=False)  # an interrupted save
+            else:
+                foreign.append(c)
+    return ours, foreign
 
 
 def clear_earlier_run(out: Path, overwrite: bool, is_main: bool = True) -> None:
     """A fresh run must not mix with an earlier run's files: its checkpoints would be taken for this run's by
-    --resume_from_checkpoint latest, and its best_model would look like this run's if this one stops early."""
-    earlier = [out / n for n in ("checkpoints", "best_model", "final_model") if (out / n).exists()]
-    if not earlier:
+    --resume_from_checkpoint latest, and its best_model would look like this run's if this one stops early.
+    --overwrite_output_dir deletes them, but only what train_lora.py wrote: anything else in those folders stops
+    the run, and nothing is deleted."""
+    ours, foreign = earlier_run(out)
+    if foreign:
+        shown = "\n  ".join(str(f) for f in foreign[:10]) + (f"\n  ... and {len(foreign) - 10} more"
+                                                           if len(foreign) > 10 else "")
+        raise UserError(f"{out} holds files that train_lora.py did not write, where it keeps its checkpoints and "
+                        f"adapters:\n  {shown}\nNothing was deleted. Move them elsewhere, or choose another "
+                        f"--output_dir.")
+    if not ours:
         return
     if not overwrite:
-        names = ", ".join(p.name + "/" for p in earlier)
+        names = ", ".join(p.name + "/" for p in ours)
         raise UserError(f"{out} already holds an earlier training run ({names}). Continue it with "
                         f"--resume_from_checkpoint latest, choose another --output_dir, or pass --overwrite_output_dir "
                         f"to delete those folders and start over.")
     if is_main:
-        for p in earlier:
+        for p in ours:
             log.warning("--overwrite_output_dir: deleting %s of an earlier run", p)
             shutil.rmtree(p)
+
+
+@contextlib.contextmanager
+def output_lock(out: Path, enabled: bool = True):
+    """Hold output_dir for this run: a second train_lora.py on the same folder stops at once, naming the running
+    process. An OS file lock (fcntl.flock on output_dir/.train_lora.lock): the kernel drops it when the process
+    ends in any way, so a killed run never leaves the folder locked."""
+    try:
+        import fcntl
+    except ImportError:  # (not on Windows: there two runs on one folder are not detected)
+        fcntl = None
+    if not enabled or fcntl is None:
+        yield
+        return
+    import socket
+
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK_FILE
+    fh = open(path, "a+", encoding="utf-8")
+    try:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise UserError(f"{out} is in use by another training run ({holder}). Wait for it to finish (or stop "
+                            f"it), or choose another --output_dir.") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        fh.flush()
+        yield
+    finally:
+        fh.close()  # closing the file releases the lock
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint read whole into memory (before anything is changed), ready to be applied to a run."""
+
+    path: Path
+    state: dict
+    adapter: dict
+    optimizer: dict
+    scheduler: dict
+    scaler: Optional[dict]
+    rng: dict
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    """Every file of a checkpoint, loaded (safetensors, torch.load weights_only); UserError naming the damaged
+    file."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    state = read_state(path)
+    if state is None:
+        raise UserError(f"{path / STATE_FILE} is missing or damaged (not a trainer state written by train_lora.py)")
+
+    def load(name, fn):
+        try:
+            return fn(path / name)
+        except (OSError, RuntimeError, EOFError, ValueError, SafetensorError, pickle.UnpicklingError) as e:
+            why = (str(e).splitlines() or [""])[0][:200]
+            raise UserError(f"{path / name} is damaged ({type(e).__name__}{': ' + why if why else ''})") from None
+
+    pt = lambda f: torch.load(f, map_location="cpu", weights_only=True)  # noqa: E731
+    return Checkpoint(path=path, state=state, adapter=load("adapter_model.safetensors", lambda f: load_file(str(f))),
+                      optimizer=load("optimizer.pt", pt), scheduler=load("scheduler.pt", pt),
+                      scaler=load("scaler.pt", pt) if (path / "scaler.pt").is_file() else None,
+                      rng=load("rng_state.pt", pt))
+
+
+def find_checkpoint(output_dir: Path, spec: str) -> Checkpoint:
+    """The checkpoint to resume, read whole: 'latest' -> the newest complete checkpoint that loads (falling back to
+    an older one, with a warning, when the newest is damaged); else the given folder (UserError when damaged)."""
+    if spec.strip().lower() != "latest":
+        path = Path(spec).expanduser().resolve()
+        if not (path / STATE_FILE).is_file():
+            raise UserError(f"--resume_from_checkpoint {spec}: {path} is not a complete checkpoint (no {STATE_FILE}). "
+                            f"Use 'latest' or a folder like {output_dir / 'checkpoints' / 'step-000200'}.")
+        try:
+            return read_checkpoint(path)
+        except UserError as e:
+            raise UserError(f"--resume_from_checkpoint {spec}: {e}. Resume from another checkpoint (e.g. "
+                            f"'latest', which skips damaged ones).") from None
+    root = output_dir / "checkpoints"
+    found = []
+    for d in sorted(root.glob("step-*")) if root.is_dir() else []:
+        state = read_state(d)
+        if state is None:
+            log.warning("Ignoring incomplete checkpoint %s (no readable %s)", d, STATE_FILE)
+        else:
+            found.append((state["global_step"], d))
+    for _, d in sorted(found, reverse=True):
+        try:
+            ck = read_checkpoint(d)
+        except UserError as e:
+            log.warning("Checkpoint %s cannot be used: %s; trying the one before it", d, e)
+            continue
+        if d != max(found)[1]:
+            log.warning("Resuming from %s, the newest checkpoint that loads whole", d)
+        return ck
+    raise UserError(f"--resume_from_checkpoint latest: no complete checkpoint in {root}"
+                    + (" that loads (every one is damaged, see the warnings above)" if found else "")
+                    + ". Start without --resume_from_checkpoint, or pass a checkpoint folder.")
+
+
+def newest_checkpoint(output_dir: Path) -> Optional[Path]:
+    """The complete checkpoint with the highest step, or None."""
+    found = [(st["global_step"], d) for d in sorted((output_dir / "checkpoints").glob("step-*"))
+             if (st := read_state(d)) is not None]
+    return max(found)[1] if found else None
+
+
+def disk_space_needed(params, save_total_limit: int) -> int:
+    """Bytes a run writes into output_dir, roughly: per checkpoint the adapter and AdamW's two moments (float32),
+    save_total_limit + 1 of them while the oldest is rotated out, two adapters (best, final) and a few MB of logs."""
+    adapter = 4 * sum(p.numel() for p in params)
+    return int(1.2 * ((save_total_limit + 1) * 3 * adapter + 2 * adapter) + 20 * 2 ** 20)
 
 
 def save_checkpoint(root: Path, model, optimizer, scheduler, scaler, cfg: Config, snapshot: dict,
@@ -326,30 +494,28 @@ def save_checkpoint(root: Path, model, optimizer, scheduler, scaler, cfg: Config
     return path
 
 
-def load_checkpoint(ck: Path, model, optimizer, scheduler, scaler, device, state: TrainState, now: dict) -> None:
-    """Restore a checkpoint into the run: LoRA weights, optimizer, schedule, scaler, RNG and the state. ``now``
-    holds this run's batch_size / gradient_accumulation_steps / world_size / seed: a difference is warned about
-    (the data order then differs from an uninterrupted run)."""
+def load_checkpoint(ck: Checkpoint, model, optimizer, scheduler, scaler, device, state: TrainState,
+                    now: dict) -> None:
+    """Apply a checkpoint (read by find_checkpoint) to the run: LoRA weights, optimizer, schedule, scaler, RNG and
+    the state. ``now`` holds this run's batch_size / gradient_accumulation_steps / world_size / seed: a difference
+    is warned about (the data order then differs from an uninterrupted run)."""
     import torch
     from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
 
-    saved = json.loads((ck / STATE_FILE).read_text(encoding="utf-8"))
     for key, value in now.items():
-        if saved.get("run", {}).get(key) not in (None, value):
+        if ck.state.get("run", {}).get(key) not in (None, value):
             log.warning("Resuming with %s=%s but the checkpoint used %s: the data order will differ from an "
-                        "uninterrupted run.", key, value, saved["run"][key])
-    set_peft_model_state_dict(model, load_file(str(ck / "adapter_model.safetensors"), device=str(device)))
-    optimizer.load_state_dict(torch.load(ck / "optimizer.pt", map_location=device, weights_only=True))
-    scheduler.load_state_dict(torch.load(ck / "scheduler.pt", weights_only=True))
-    if scaler is not None and (ck / "scaler.pt").is_file():
-        scaler.load_state_dict(torch.load(ck / "scaler.pt", weights_only=True))
-    rng = torch.load(ck / "rng_state.pt", weights_only=True)
-    torch.set_rng_state(rng["cpu"])
-    if torch.cuda.is_available() and "cuda" in rng:
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    state.restore(saved)
-    log.info("Resumed from %s at step %d (epoch %d, batch %d of the epoch)", ck, state.global_step,
+                        "uninterrupted run.", key, value, ck.state["run"][key])
+    set_peft_model_state_dict(model, {k: v.to(device) for k, v in ck.adapter.items()})
+    optimizer.load_state_dict(ck.optimizer)
+    scheduler.load_state_dict(ck.scheduler)
+    if scaler is not None and ck.scaler is not None:
+        scaler.load_state_dict(ck.scaler)
+    torch.set_rng_state(ck.rng["cpu"])
+    if torch.cuda.is_available() and "cuda" in ck.rng:
+        torch.cuda.set_rng_state_all(ck.rng["cuda"])
+    state.restore(ck.state)
+    log.info("Resumed from %s at step %d (epoch %d, batch %d of the epoch)", ck.path, state.global_step,
              state.data_epoch, state.step_in_epoch)
 
 

@@ -29,31 +29,33 @@ def setup_logging(level=logging.INFO) -> None:
     log.propagate = False
 
 
-# What a script says when it is stopped with Ctrl-C: what it has saved and how to continue (set with
-# ``on_interrupt``; a callable, so it can name what exists at that moment).
-_interrupt_notes: list[Callable[[], str]] = []
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with what the running part had saved at that moment (``note``)."""
+
+    def __init__(self, note: str = ""):
+        super().__init__(note)
+        self.note = note
 
 
 @contextlib.contextmanager
 def on_interrupt(note: Callable[[], str]):
-    """While the block runs, Ctrl-C ends the script with ``note()`` after "interrupted:"."""
-    _interrupt_notes.append(note)
+    """While the block runs, Ctrl-C ends the script with ``note()`` (evaluated when it happens) after
+    "interrupted:"."""
     try:
         yield
-    finally:
-        _interrupt_notes.remove(note)
-
-
-def interrupt_message() -> str:
-    """The "interrupted" line, with what the innermost running part has saved and how to continue."""
-    for note in reversed(_interrupt_notes):
+    except Interrupted:
+        raise
+    except KeyboardInterrupt:
         try:
             text = note()
         except Exception as e:  # the note must never hide the interrupt itself; say that it failed
             text = f"(could not say what was saved: {type(e).__name__}: {e})"
-        if text:
-            return f"interrupted: {text}"
-    return "interrupted"
+        raise Interrupted(text) from None
+
+
+def interrupt_message(e: BaseException) -> str:
+    note = getattr(e, "note", "")
+    return f"interrupted: {note}" if note else "interrupted"
 
 
 def run_main(main: Callable[[list[str] | None], int], argv=None) -> int:
@@ -70,8 +72,8 @@ def run_main(main: Callable[[list[str] | None], int], argv=None) -> int:
             raise
         print(f"error: {disk_full_message(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(interrupt_message(), file=sys.stderr)
+    except KeyboardInterrupt as e:  # (an Interrupted says what was saved and how to continue)
+        print(interrupt_message(e), file=sys.stderr)
         return 130
 
 
@@ -109,25 +111,21 @@ def disk_full_message(e: OSError, need: str = "") -> str:
 
 
 def check_output_dir(path: str | os.PathLike, flag: str) -> Path:
-    """The folder a script writes into, checked once before any work: not a file, creatable, writable. Creates
-    it; UserError naming the path and ``flag`` otherwise. Nothing the user has is changed."""
+    """The folder a script will write into, checked once before any work: no file in the way, and the folder (or,
+    while it does not exist, the nearest existing folder above it) writable. UserError naming the path and ``flag``
+    otherwise. Nothing is created or changed (a probe file is made and removed at once)."""
     p = Path(path)
-    for q in [p, *p.parents]:
-        if q.exists():
-            if not q.is_dir():
-                raise UserError(f"{flag} {p}: {q} is a file, not a folder. Choose another {flag}.")
-            break
+    existing = next(q for q in [p, *p.parents] if q.exists() or q == q.parent)
+    if not existing.is_dir():
+        raise UserError(f"{flag} {p}: {existing} is a file, not a folder. Choose another {flag}.")
     try:
-        p.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"{flag} {p} cannot be created ({e.strerror}). Choose a folder you can write to.") from None
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=p)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=existing)
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise UserError(f"{flag} {p} is not writable ({e.strerror}: read-only disk or no permission). Choose a "
-                        f"folder you can write to.") from None
+        where = "" if existing == p else f" (it would be made in {existing})"
+        raise UserError(f"{flag} {p} is not writable{where}: {e.strerror} (a read-only disk, or no permission). "
+                        f"Choose a folder you can write to.") from None
     return p
 
 

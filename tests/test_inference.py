@@ -415,9 +415,9 @@ def test_unconditional_generation_needs_the_flag(tiny_model_dir, tmp_path):
 ])
 def test_bad_settings_are_clear_errors_and_write_nothing(args, message, tiny_model_dir, tmp_path):
     out = tmp_path / "out"
+    adapter = [] if "--lora_model_path" in args else ["--lora_model_path", "none"]
     with pytest.raises((ConfigError, UserError), match=message):
-        _run(["--model_path", tiny_model_dir, "--lora_model_path", "none", "--prompts", "x", "--output_dir", out]
-             + args)
+        _run(["--model_path", tiny_model_dir, *adapter, "--prompts", "x", "--output_dir", out] + args)
     assert not out.exists()
 
 

@@ -156,9 +156,14 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, tiny_model_dir, e
 # NaN guard, errors
 # ------------------------------------------------------------------------------------------
 def _short(tiny_model_dir, data_dir, out, *extra):
-    return ["--model_path", str(tiny_model_dir), "--data_dir", str(data_dir), "--output_dir", str(out),
-            "--max_steps", "4", "--gradient_accumulation_steps", "1", "--eval_steps", "100", "--save_steps", "100",
-            "--logging_steps", "1", "--mixed_precision", "no", "--max_duration", "1", *extra]
+    """A 4-step fp32 run; flags in ``extra`` replace these defaults (a flag may be given once)."""
+    own = {"--max_steps": "4", "--gradient_accumulation_steps": "1", "--eval_steps": "100", "--save_steps": "100",
+           "--logging_steps": "1", "--mixed_precision": "no", "--max_duration": "1"}
+    args = ["--model_path", str(tiny_model_dir), "--data_dir", str(data_dir), "--output_dir", str(out)]
+    for flag, value in own.items():
+        if flag not in extra:
+            args += [flag, value]
+    return args + list(extra)
 
 
 def test_nan_loss_is_skipped_counted_and_stops(tmp_path, tiny_model_dir, example_data_dir, monkeypatch, caplog):
