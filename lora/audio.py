@@ -6,6 +6,9 @@
 * Long files are read block by block (:func:`iter_audio`): nothing decodes a whole 20-minute file into
   memory; the streaming soxr resampler (``soxr.ResampleStream``) keeps block borders seamless.
 * Arrays are float32 shaped ``(channels, samples)`` everywhere.
+* :class:`DecodeCounts` (passed to :func:`iter_audio`) counts NaN/inf samples and sets them to 0 before
+  they reach the resampler; :func:`scale_overs` divides a clip that peaks above 0 dBFS by its peak, so
+  writing it as PCM does not hard-clip it.
 """
 
 from __future__ import annotations

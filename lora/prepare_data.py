@@ -13,7 +13,11 @@ default_text / caption_template); decode block by block in worker processes, res
 to mono (or stereo), trim leading/trailing silence, cut into segment_seconds clips; split train/valid by
 recording; write PCM16 WAVs into data/train and data/valid, metadata.json, prepare_report.json (every
 skipped file with its reason) and prepare_state.json (lets a rerun skip work already done). Source files
-are only read, never changed.
+are only read, never changed: input and output folders that overlap (the input is the output's train/ or
+valid/, a file it writes would replace one it reads) are refused before anything is written, and so is a
+damaged prepare_state.json (without --overwrite). What it changes in the audio is said: clips above
+0 dBFS scaled down, a few NaN/inf samples set to 0, channels mixed. Symlinked folders are followed; what
+cannot be read is reported, and a source of the last run that cannot be read now keeps its clips.
 
 This script holds the run (settings, ownership of the output folder, scanning, the per-file worker, reuse and
 checkpoints, duplicates, split, the report). Its parts live in library modules: captions.py (where a caption
@@ -136,8 +140,8 @@ def _load_state(data_dir: Path, overwrite: bool = False) -> dict:
     if damage:
         raise UserError(f"{p} is damaged ({damage}). It records which files in {data_dir} prepare_data made, so "
                         f"without it nothing there can be reused or cleaned up safely; nothing was changed. Pass "
-                        f"--overwrite to rebuild the dataset (every clip is made again; files it cannot tell are its own are not deleted), or "
-                        f"restore the file.")
+                        f"--overwrite to rebuild the dataset (every clip is made again; files it cannot tell are "
+                        f"its own are not deleted), or restore the file.")
     return s if s.get("version") == STATE_VERSION else {}
 
 
@@ -199,9 +203,10 @@ def _check_written_files(d, input_dir: Path, data_dir: Path, owned: bool) -> Non
                             f"its own {w.name}. Nothing was changed. Copy the captions to a file of their own, or "
                             f"choose another --output_dir / --metadata_file.")
         if not owned and _inside(rw, real_in) and os.path.lexists(w):
-            raise UserError(f"{w} is a file in --input_dir {input_dir} that prepare_data did not write (there is no "
-                            f"{STATE_FILE} in {data_dir}); preparing would overwrite it. Nothing was changed. Choose "
-                            f"an --output_dir outside --input_dir, or a new subfolder (e.g. {input_dir / 'prepared'}).")
+            raise UserError(f"{w} is a file in --input_dir {input_dir} that prepare_data did not write (no "
+                            f"readable {STATE_FILE} in {data_dir} lists it); preparing would overwrite it. Nothing "
+                            f"was changed. Choose an --output_dir outside --input_dir, or a new subfolder (e.g. "
+                            f"{input_dir / 'prepared'}).")
 
 
 def _check_foreign_audio(input_dir: Path, data_dir: Path, state: dict) -> None:
@@ -674,6 +679,7 @@ def _keep_unreadable(scan: Scan, jobs: list[dict], results: dict[str, dict], dat
                     pass
             except OSError as e:
                 kept[j["rel"]] = e.strerror or str(e)
+                scan.unreadable.append({"path": j["rel"], "kind": "file", "reason": kept[j["rel"]]})
                 jobs.remove(j)
     for rel in kept:
         r = json.loads(json.dumps(prev_sources[rel]))
@@ -703,6 +709,7 @@ def _check_space(d, jobs: list[dict], data_dir: Path, prev_sources: dict) -> Non
             old = data_dir / c["file"]
             need -= old.stat().st_size if old.is_file() else 0
     if jobs and need > 0:
+        log.info("the clips of %d file(s) to decode will take about %s", len(jobs), human_bytes(need))
         check_free_space(data_dir, need, f"the clips of {len(jobs)} file(s) ({human_seconds(seconds)} of audio at "
                                          f"{d.sample_rate} Hz, {d.channels} channel(s), 16-bit)")
 
@@ -927,7 +934,8 @@ def _write_report(data_dir, d, input_dir, results, found: Found, duplicates, unc
                      + found.scan.links, key=lambda x: x["file"])
     warnings = [{"file": rel, "warning": w} for rel, r in sorted(results.items()) for w in r.get("warnings", [])]
     warnings += [{"file": rel, "warning": f"cannot be read now ({why}); kept the {len(results[rel]['clips'])} "
-                                          f"clip(s) an earlier run made from it"} for rel, why in sorted(found.kept.items())]
+                                          f"clip(s) an earlier run made from it"}
+                 for rel, why in sorted(found.kept.items())]
     tails = [{"file": rel, "seconds": r["tail_seconds"]} for rel, r in sorted(results.items())
              if r.get("ok") and r.get("tail_seconds", 0) > 0]
     silent_segments = sum(r.get("silent_segments", 0) for r in results.values() if r.get("ok"))

@@ -122,6 +122,28 @@ def test_streaming_resampler_matches_whole_file(tmp_path):
     np.testing.assert_allclose(streamed, whole, atol=2e-4)
 
 
+def test_nan_and_inf_samples_are_counted_and_set_to_zero_before_resampling(tmp_path):
+    sr = 44100
+    x = tone(440, 2.0, sr, amp=0.3, channels=2)
+    x[1000, 0], x[5000, 1], x[7000, 0] = np.nan, np.inf, -np.inf
+    p = tmp_path / "nan.wav"
+    sf.write(p, x, sr, subtype="FLOAT")
+    counts = A.DecodeCounts()
+    y = np.concatenate(list(A.iter_audio(p, SR, 1, counts=counts)), axis=1)
+    assert (counts.nonfinite, counts.samples) == (3, x.size)
+    assert np.isfinite(y).all() and rms(y) == pytest.approx(0.3 / np.sqrt(2), rel=0.02)
+    assert not np.isfinite(np.concatenate(list(A.iter_audio(p, SR, 1)), axis=1)).all()  # without: spread
+
+
+def test_scale_overs_only_touches_audio_above_full_scale():
+    x = tone(440, 0.5, SR, amp=0.9)[None]
+    same, db = A.scale_overs(x)
+    assert same is x and db is None
+    loud, db = A.scale_overs(x * 2)
+    assert db == pytest.approx(20 * np.log10(1.8), abs=1e-3) and np.max(np.abs(loud)) == pytest.approx(1.0)
+    np.testing.assert_allclose(loud, x / 0.9, rtol=1e-5, atol=1e-6)
+
+
 def test_load_audio_offset_and_duration(tmp_path):
     x = np.linspace(-0.5, 0.5, SR * 3, dtype=np.float32)
     p = tmp_path / "ramp.wav"

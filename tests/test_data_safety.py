@@ -379,6 +379,18 @@ def test_source_that_cannot_be_opened_keeps_its_clips(tmp_path, monkeypatch):
     assert (out / "metadata.json").read_bytes() == meta
     assert any(w["file"] == "song1.wav" and "cannot be read now (Permission denied)" in w["warning"]
                for w in report(out)["warnings"])
+    assert report(out)["unreadable"] == [{"path": "song1.wav", "kind": "file", "reason": "Permission denied",
+                                          "earlier_sources_kept": 1}]
+    # a first run: the file is skipped with its reason and listed as unreadable
+    real_hash = A.file_hash
+    monkeypatch.setattr(A, "file_hash", lambda path: no_read(path) if Path(path).name == "song1.wav"
+                        else real_hash(path))
+    fresh = tmp_path / "fresh"
+    assert prep(music_dir, fresh) == 0
+    rep = report(fresh)
+    assert rep["unreadable"] == [{"path": "song1.wav", "kind": "file", "reason": "Permission denied",
+                                  "earlier_sources_kept": 0}]
+    assert rep["skipped"][0]["file"] == "song1.wav" and "cannot read the file" in rep["skipped"][0]["reason"]
 
 
 def test_broken_link_to_a_folder_of_an_earlier_run_keeps_its_clips(tmp_path):
@@ -443,10 +455,11 @@ def small_disk(tmp_path):
 
 
 def test_full_disk_keeps_finished_files_and_a_rerun_continues(tmp_path, monkeypatch, small_disk, capsys):
-    music_dir = songs(tmp_path / "music", 8)  # 8 x 384 KB of clips on a 2 MB disk
+    music_dir = songs(tmp_path / "music", 8, seconds=10)  # 8 x 10 clips of 64 KB on a 2 MB disk: full in file 4
     out = small_disk / "data"
     monkeypatch.setattr(U, "free_bytes", lambda path: 1 << 40)  # let the pre-check pass: the disk fills up
-    argv = ["--input_dir", str(music_dir), "--output_dir", str(out), "--num_workers", "1"]
+    argv = ["--input_dir", str(music_dir), "--output_dir", str(out), "--num_workers", "1", "--segment_seconds", "1",
+            "--min_seconds", "0.5"]
     assert U.run_main(P.main, argv) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "The disk is full" in err and "No space left on device" in err
@@ -460,7 +473,7 @@ def test_full_disk_keeps_finished_files_and_a_rerun_continues(tmp_path, monkeypa
     assert U.run_main(P.main, argv) == 0
     rep = report(out)
     assert rep["files_decoded"] == 8 - done and rep["files_reused"] == done
-    assert len(load_metadata(out)) == 8
+    assert len(load_metadata(out)) == 80
 
 
 # ---- 10. output path checks ------------------------------------------------------------------------------
