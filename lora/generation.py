@@ -332,8 +332,9 @@ def _run_window(model, info, hidden, mask, guidance: float, context, n_new: int,
 
 
 # Text states are zero-padded (mask 0) to a multiple of this many tokens: a length that depends on the prompt
-# alone. Captions of up to 64 tokens all share one padded length (and so can share a batch).
-TEXT_PAD_MULTIPLE = 64
+# alone. Captions of up to 32 tokens (most MusicGen prompts) share one padded length, and so can share a batch;
+# a longer multiple costs cross-attention time (BENCHMARKS.md, "Generation": 64 was ~20% slower at batch 8).
+TEXT_PAD_MULTIPLE = 32
 
 
 def text_length(n_tokens: int) -> int:

@@ -111,26 +111,26 @@ def test_greedy_bf16_is_the_same_alone_or_batched(bf16_bundle):
 
 
 def test_text_length_depends_on_the_prompt_alone(bf16_bundle):
-    """Text states are padded to a multiple of TEXT_PAD_MULTIPLE tokens: captions up to 64 tokens share a batch;
+    """Text states are padded to a multiple of TEXT_PAD_MULTIPLE tokens: captions up to 32 tokens share a batch;
     a longer one is batched apart (its own padded length), whatever the order of the requests."""
     from lora import generation as G
 
     model, processor, _, _ = bf16_bundle
-    assert G.TEXT_PAD_MULTIPLE == 64
-    assert [G.text_length(n) for n in (0, 1, 9, 64, 65, 128, 129)] == [64, 64, 64, 64, 128, 128, 192]
+    assert G.TEXT_PAD_MULTIPLE == 32
+    assert [G.text_length(n) for n in (0, 1, 9, 32, 33, 64, 65)] == [32, 32, 32, 32, 64, 64, 96]
     very_long = " ".join(["drums"] * 70)  # 71 tokens
     reqs = [_req(SHORT, 0, 1.0), _req(very_long, 1, 1.0), _req(PROMPT, 2, 1.0), _req(LONG, 3, 1.0)]
     encoded = G.encode_prompts(model, processor, [r.prompt for r in reqs])
     assert encoded[very_long][0].shape[0] == 71 and encoded[SHORT][0].shape[0] == 3
     lens = [G.text_length(encoded[r.prompt][0].shape[0]) for r in reqs]
-    assert lens == [64, 128, 64, 64]
+    assert lens == [32, 96, 32, 32]
     assert G.make_batches(reqs, lens, 4) == [[0, 2, 3], [1]]
     assert G.make_batches(reqs, lens, 2) == [[0, 2], [3], [1]]
     out = _gen(bf16_bundle, reqs, batch_size=4)
-    assert [r.text_length for r in out] == [64, 128, 64, 64] and [r.batch_size for r in out] == [3, 1, 3, 3]
+    assert [r.text_length for r in out] == [32, 96, 32, 32] and [r.batch_size for r in out] == [3, 1, 3, 3]
     assert {r.decoding for r in out} == {"static"}
     hidden, mask = G._text_states(model, processor, [SHORT, PROMPT], 3.0, torch.bfloat16, encoded=encoded)
-    assert hidden.shape[:2] == (4, 64) and hidden.dtype == torch.bfloat16  # cond half + null half, same shape
+    assert hidden.shape[:2] == (4, 32) and hidden.dtype == torch.bfloat16  # cond half + null half, same shape
     assert mask[:2].sum(-1).tolist() == [3, 8] and mask[2:].sum().item() == 0
     assert hidden[0, 3:].abs().sum().item() == 0 and hidden[2:].abs().sum().item() == 0
 
@@ -145,7 +145,7 @@ def test_padding_changes_nothing_in_fp32(fp32_bundle):
     fam = loading.family_for(model)
     padded, pmask = _text_states(model, processor, [PROMPT, SHORT], 3.0, torch.float32)
     tight, tmask = fam.with_unconditional(*fam.encode_text(model, processor, [PROMPT, SHORT]))
-    assert padded.shape[1] == 64 and tight.shape[1] == 8
+    assert padded.shape[1] == 32 and tight.shape[1] == 8
     ids = torch.randint(0, info.vocab_size, (4 * info.num_codebooks, 6), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         a = fam.get_base(model)(**fam.condition(padded, pmask), decoder_input_ids=ids).logits
@@ -169,7 +169,7 @@ def test_manifest_records_what_reproduces_a_file(tiny_model_dir, tmp_path):
     for i, e in enumerate(entries):
         s = e["settings"]
         assert s["dtype"] == str(generation_dtype("auto", "cpu")).replace("torch.", "")
-        assert s["device"] == "cpu" and s["decoding"] == "static" and e["text_length"] == 64
+        assert s["device"] == "cpu" and s["decoding"] == "static" and e["text_length"] == 32
         assert e["batch_size"] == 2 and e["batch_files"] == [x["file"] for x in entries]
         assert e["versions"]["torch"] == md.version("torch") and e["versions"]["transformers"]
         out = tmp_path / f"alone_{i}"
