@@ -141,7 +141,7 @@ def main(argv=None) -> int:
         print(f"| {r['case']} | {r['workers']} | {r['audio_s']:.0f} | {r['wall_s']:.2f} | {r['x_realtime']:.1f} "
               f"| {r['clips']} |")
     print("\n| long file | peak RSS (MB) | RSS after imports only (MB) | Python-tracked peak (MB) | "
-          f"whole file as float32 @32 kHz (MB) |")
+          "whole file as float32 @32 kHz (MB) |")
     print("|---|---:|---:|---:|---:|")
     print(f"| {long_min:g} min FLAC 44.1 kHz stereo | {mem['rss_peak_mb']:.0f} | {mem['rss_import_only_mb']:.0f} | "
           f"{mem['traced_peak_mb']:.1f} | {full_mb:.0f} |")

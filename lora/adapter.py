@@ -259,14 +259,33 @@ def load_lora(model, adapter_dir, is_trainable: bool = False, expected_base: Opt
 # --------------------------------------------------------------------------------------------
 # Scale, merge, identity
 # --------------------------------------------------------------------------------------------
+_OFF_AT_SCALE_ZERO = "_lora_toolkit_adapters_off_at_scale_0"  # LoraLayer attribute: the adapters scale 0 switched off
+
+
 def set_lora_scale(model, scale: float) -> None:
-    """Scale the active adapter's update (0 = base model, 1 = full adapter)."""
+    """Scale the active adapter's update (0 = exactly the base model, 1 = full adapter).
+
+    Scale 0 switches the adapter off in every LoRA layer (no active adapter: the layer computes its base layer
+    alone, and a merge merges nothing). peft's set_scale(0) alone zeroes B·A but leaves a DoRA adapter's magnitude
+    vector rescaling the weights, so a DoRA adapter at "scale 0" would not be the base model. peft's
+    disable_adapter() context (evaluate's base model) leaves that off on exit; another scale switches the same
+    adapters back on."""
     from peft.tuners.lora import LoraLayer
 
+    scale = float(scale)
     for module in model.modules():
-        if isinstance(module, LoraLayer):
-            for name in module.active_adapters:
-                module.set_scale(name, float(scale))
+        if not isinstance(module, LoraLayer):
+            continue
+        off = getattr(module, _OFF_AT_SCALE_ZERO, None)
+        names = list(off) if off is not None else list(module.active_adapters)
+        for name in names:
+            module.set_scale(name, scale)
+        if scale == 0.0 and off is None:
+            setattr(module, _OFF_AT_SCALE_ZERO, names)
+            module._active_adapter = []  # (peft's own field behind active_adapters; set_adapter would touch grads)
+        elif scale != 0.0 and off is not None:
+            module._active_adapter = names
+            delattr(module, _OFF_AT_SCALE_ZERO)
 
 
 def merge_lora(model):

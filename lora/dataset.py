@@ -147,15 +147,17 @@ def metadata_document(records: list[ClipRecord], sample_rate: int, channels: int
 # Token cache: EnCodec codes and frozen text-encoder states, computed once and kept on disk.
 #
 # Layout (one safetensors file per clip / caption; loaded with safetensors, never pickle):
-#     data_dir/cache/<model identity>/codes/<sha1 of clip file>-sr<rate>-ch<channels>.safetensors
-#         "codes": int16 (K, T)
-#     data_dir/cache/<model identity>/text/<sha1 of caption>.safetensors
+#     data_dir/cache/<model identity>-v<CACHE_VERSION>/codes/<sha1 of clip file>-sr<rate>-ch<channels>.safetensors
+#         "codes": int16 (K, T)     clips are batched only with clips of the same length, never zero-padded
+#                                   (EnCodec is not causal), so no clip's codes depend on another clip's audio
+#     data_dir/cache/<model identity>-v<CACHE_VERSION>/text/<sha1 of caption>.safetensors
 #         "hidden": float32 (L, D)   T5 last_hidden_state (before the decoder's projection), valid tokens only
 #         "mask":   int8 (L,)
+# The model identity (lora.loading.model_identity) hashes the whole config, tokenizer, processor and weight files.
 # A rerun reuses every file whose key still matches; a changed clip (new bytes -> new hash) or another model
 # (new identity) is encoded again, and only that. Each file is written atomically (temp file + rename).
 # ============================================================================================
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: no clip padded to its batch (version-1 codes of shorter clips depended on their batch)
 
 
 @dataclass
@@ -174,7 +176,7 @@ class CachedClip:
 
 
 def cache_root(data_dir: str | Path, info) -> Path:
-    """The cache folder of one model: data_dir/cache/<model identity>."""
+    """The cache folder of one model: data_dir/cache/<model identity>-v<CACHE_VERSION>."""
     return Path(data_dir) / "cache" / f"{info.identity}-v{CACHE_VERSION}"
 
 
@@ -234,6 +236,99 @@ def _batches(items: list, size: int):
         yield items[i:i + max(1, size)]
 
 
+def equal_length_batches(waves, batch_size: int, max_waiting: Optional[int] = None):
+    """Group (key, wave (C, N)) pairs into batches of at most ``batch_size`` whose waves all have the same N, so
+    that no clip is ever zero-padded to a longer neighbour (EnCodec is not causal: padding changes the codes of a
+    clip's last frames, so its codes would depend on its batch). Yields lists of pairs as soon as a length has a
+    full batch; a length with fewer clips is encoded as a smaller batch (a length seen once: alone). At most
+    ``max_waiting`` (default 2 x batch_size) clips wait in unfinished batches: past that the longest-waiting
+    batch goes as it is, so memory stays bounded whatever order the clips come in."""
+    size = max(1, int(batch_size))
+    limit = max(size, int(max_waiting or 2 * size))
+    waiting: dict[int, list] = {}  # samples -> pairs (insertion order = the order lengths first came)
+    count = 0
+    for key, wave in waves:
+        group = waiting.setdefault(int(wave.shape[-1]), [])
+        group.append((key, wave))
+        count += 1
+        if len(group) == size:
+            count -= len(group)
+            yield waiting.pop(int(wave.shape[-1]))
+        while count > limit:
+            oldest = next(iter(waiting))
+            count -= len(waiting[oldest])
+            yield waiting.pop(oldest)
+    yield from waiting.values()
+
+
+def _loaded_waves(order: list[str], todo: dict[str, ClipRecord], info):
+    """(hash, wave) of each clip to encode, decoded at the model's rate and channel count; UserError for one
+    without samples."""
+    for h in order:
+        wave = load_audio(todo[h].path, info.sample_rate, info.audio_channels)
+        if wave.shape[1] == 0:
+            raise UserError(f"Audio file without samples: {todo[h].path}. Remove it from the metadata or re-run "
+                            f"prepare_data.py.")
+        yield h, wave
+
+
+def _encode_clips(todo: dict[str, ClipRecord], root: Path, model, info, batch_size: int, device,
+                  show_progress: bool) -> dict[str, object]:
+    """EnCodec codes of the clips in ``todo`` (by file hash), each written to the cache. Batches hold clips of one
+    length only (``equal_length_batches``): a clip of a length no other clip has is encoded alone, and no clip's
+    codes depend on the audio of its batch neighbours. (Against encoding a batched clip alone, argmin near-ties
+    of the quantizer may still flip: EnCodec's LSTM rounds differently for another batch size.)"""
+    import numpy as np
+    import torch
+    from tqdm.auto import tqdm
+
+    fam = family_for(info)
+    warn_channel_mixing([todo[h].path for h in todo], info)
+    hop = info.sample_rate / info.frame_rate
+    order = sorted(todo, key=lambda h: todo[h].duration)  # equal lengths come together: full batches
+    codes: dict[str, object] = {}
+    bar = tqdm(total=len(order), desc="encoding audio (EnCodec)", unit="clip", disable=not show_progress)
+    for group in equal_length_batches(_loaded_waves(order, todo, info), batch_size):
+        batch = torch.from_numpy(np.stack([w for _, w in group]))
+        with torch.no_grad():
+            out = fam.encode_audio(model, batch.to(device) if device is not None else batch, info).cpu()
+        n = group[0][1].shape[1]
+        frames = min(out.shape[-1], max(1, math.ceil(n / hop)))
+        for i, (h, _) in enumerate(group):
+            c = out[i, :, :frames].to(torch.int16)
+            _save_tensors(_codes_path(root, h, info), {"codes": c},
+                          {"source": todo[h].audio, "samples": n, "model": info.name_or_path,
+                           "identity": info.identity, "cache_version": CACHE_VERSION})
+            codes[h] = c
+        bar.update(len(group))
+    bar.close()
+    return codes
+
+
+def _encode_texts(texts: list[str], root: Path, model, processor, info, batch_size: int, device,
+                  show_progress: bool) -> dict[str, tuple]:
+    """Frozen text-encoder states (valid tokens only) of each caption, each written to the cache."""
+    import torch
+    from tqdm.auto import tqdm
+
+    fam = family_for(info)
+    states: dict[str, tuple] = {}
+    bar = tqdm(total=len(texts), desc="encoding captions (text encoder)", unit="text", disable=not show_progress)
+    for chunk in _batches(texts, batch_size):
+        with torch.no_grad():
+            hidden, mask = fam.encode_text(model, processor, chunk, device=device)
+        hidden, mask = hidden.float().cpu(), mask.long().cpu()
+        for i, text in enumerate(chunk):
+            valid = max(1, int(mask[i].sum()))
+            h_i, m_i = hidden[i, :valid].clone(), mask[i, :valid].clone()
+            _save_tensors(_text_path(root, text), {"hidden": h_i, "mask": m_i.to(torch.int8)},
+                          {"text": text[:2000], "model": info.name_or_path, "identity": info.identity})
+            states[text] = (h_i, m_i)
+        bar.update(len(chunk))
+    bar.close()
+    return states
+
+
 def build_token_cache(records: list[ClipRecord], model, processor, info, data_dir: str | Path, *,
                       batch_size: int = 8, device=None, text_states: bool = True,
                       show_progress: bool = True) -> tuple[list[CachedClip], dict]:
@@ -241,17 +336,16 @@ def build_token_cache(records: list[ClipRecord], model, processor, info, data_di
 
     Returns the cached clips in the order of ``records`` and counts {"clips_encoded", "clips_reused",
     "texts_encoded", "texts_reused"}. ``text_states=False`` skips the text cache (the text encoder trains).
+    ``batch_size`` clips of the same length are encoded together; a clip is never padded (its codes do not
+    depend on the other clips).
     """
-    import torch
     from tqdm.auto import tqdm
 
-    fam = family_for(info)
     root = cache_root(data_dir, info)
     stats = {"clips_encoded": 0, "clips_reused": 0, "texts_encoded": 0, "texts_reused": 0}
     hashes = [file_hash(r.path) for r in tqdm(records, desc="hashing clips", unit="clip", disable=not show_progress,
                                               leave=False)]
 
-    # Codes -----------------------------------------------------------------------------------
     codes: dict[str, object] = {}
     todo: dict[str, ClipRecord] = {}
     for r, h in zip(records, hashes):
@@ -264,40 +358,13 @@ def build_token_cache(records: list[ClipRecord], model, processor, info, data_di
         else:
             todo[h] = r
     if todo:
-        warn_channel_mixing([todo[h].path for h in todo], info)
-        hop = info.sample_rate / info.frame_rate
-        # Sort by length so that a batch pads little (padding only touches the last frames of shorter clips).
-        order = sorted(todo, key=lambda h: todo[h].duration)
-        bar = tqdm(total=len(order), desc="encoding audio (EnCodec)", unit="clip", disable=not show_progress)
-        for chunk in _batches(order, batch_size):
-            waves = [load_audio(todo[h].path, info.sample_rate, info.audio_channels) for h in chunk]
-            n = [w.shape[1] for w in waves]
-            empty = [todo[h].path for h, k in zip(chunk, n) if k == 0]
-            if empty:
-                raise UserError(f"Audio file(s) without samples: {', '.join(map(str, empty))}. Remove them from "
-                                f"the metadata or re-run prepare_data.py.")
-            batch = torch.zeros(len(chunk), info.audio_channels, max(n))
-            for i, w in enumerate(waves):
-                batch[i, :, :w.shape[1]] = torch.from_numpy(w)
-            with torch.no_grad():
-                out = fam.encode_audio(model, batch.to(device) if device is not None else batch, info).cpu()
-            for i, h in enumerate(chunk):
-                frames = min(out.shape[-1], max(1, math.ceil(n[i] / hop)))
-                c = out[i, :, :frames].to(torch.int16)
-                _save_tensors(_codes_path(root, h, info), {"codes": c},
-                              {"source": todo[h].audio, "samples": n[i], "model": info.name_or_path,
-                               "identity": info.identity})
-                codes[h] = c
-                stats["clips_encoded"] += 1
-            bar.update(len(chunk))
-        bar.close()
+        codes.update(_encode_clips(todo, root, model, info, batch_size, device, show_progress))
+        stats["clips_encoded"] += len(todo)
 
-    # Text states -----------------------------------------------------------------------------
     states: dict[str, tuple] = {}
     if text_states:
-        texts = list(dict.fromkeys(r.text for r in records))
         missing = []
-        for text in texts:
+        for text in dict.fromkeys(r.text for r in records):
             t = _load_tensors(_text_path(root, text))
             if t is not None and "hidden" in t and "mask" in t and t["hidden"].shape[-1] == info.text_hidden_size:
                 states[text] = (t["hidden"].float(), t["mask"].long())
@@ -305,21 +372,8 @@ def build_token_cache(records: list[ClipRecord], model, processor, info, data_di
             else:
                 missing.append(text)
         if missing:
-            bar = tqdm(total=len(missing), desc="encoding captions (text encoder)", unit="text",
-                       disable=not show_progress)
-            for chunk in _batches(missing, batch_size):
-                with torch.no_grad():
-                    hidden, mask = fam.encode_text(model, processor, chunk, device=device)
-                hidden, mask = hidden.float().cpu(), mask.long().cpu()
-                for i, text in enumerate(chunk):
-                    valid = max(1, int(mask[i].sum()))
-                    h_i, m_i = hidden[i, :valid].clone(), mask[i, :valid].clone()
-                    _save_tensors(_text_path(root, text), {"hidden": h_i, "mask": m_i.to(torch.int8)},
-                                  {"text": text[:2000], "model": info.name_or_path, "identity": info.identity})
-                    states[text] = (h_i, m_i)
-                    stats["texts_encoded"] += 1
-                bar.update(len(chunk))
-            bar.close()
+            states.update(_encode_texts(missing, root, model, processor, info, batch_size, device, show_progress))
+            stats["texts_encoded"] += len(missing)
 
     clips = []
     for r, h in zip(records, hashes):

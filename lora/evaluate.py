@@ -8,14 +8,21 @@ What is measured (everything offline; CLAP only when you point at a local CLAP m
 1. Held-out likelihood (always; cheap and the most sensitive): teacher-forced cross-entropy and perplexity per
    codebook on the valid split's cached EnCodec tokens (the token cache of dataset.py, built if missing), for
    the base model (the adapter disabled with peft's ``disable_adapter()``: one model in memory) and for the
-   LoRA model, plus a paired bootstrap confidence interval over clips for the difference LoRA - base.
+   LoRA model, plus a paired cluster bootstrap confidence interval for the difference LoRA - base that resamples
+   recordings (clips cut from one recording, ``ClipRecord.source``, are not independent; a clip without a source
+   is a recording of its own). The window is the one the adapter was trained on (its folder's config.yaml,
+   training.max_duration), else config.yaml's training.max_duration.
 2. Generation metrics (unless --skip_generation): both models generate the same prompts (the valid captions,
    or --prompts / --prompts_file) with the same seeds and settings. Each clip gets signal checks (NaN/Inf,
-   clipping, DC, loudness, silence, flatness); the clips that pass are compared with the valid reference audio
-   by FAD and KAD on the base model's frozen EnCodec encoder latents and on librosa features (every clip
-   loudness-normalised first), next to the noise floor (FAD between two halves of the reference) and the codec
-   floor (reference vs its own EnCodec round-trip). Diversity across prompts and across seeds. CLAP
-   text-audio score with a shuffled-prompt baseline when --clap_model_path is a local CLAP folder.
+   clipping, DC, loudness, silence, flatness). Both models are scored on ONE set: the (prompt, seed) pairs whose
+   clips pass for every model (a model that breaks more clips is not judged on its good ones only; the failure
+   shares are reported apart). Those clips are compared with the valid reference audio by FAD and KAD on the
+   base model's frozen EnCodec encoder latents and on librosa features (every clip loudness-normalised first),
+   next to the noise floor (FAD between two halves of the reference) and the codec floor (reference vs its own
+   EnCodec round-trip). Diversity across prompts and across seeds. CLAP text-audio score with a shuffled-prompt
+   baseline when --clap_model_path is a local CLAP folder. Each difference LoRA - base (FAD, KAD, CLAP, failure
+   share) gets a paired bootstrap interval over the (prompt, seed) pairs; the summary names a winner only when
+   it excludes 0.
 
 Writes output_dir/results.json (every number with its n, the settings, model and adapter identity, library
 versions), output_dir/report.html (players, spectrograms, charts, training loss curve), output_dir/audio/ and
@@ -32,6 +39,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -43,7 +51,7 @@ import lora
 from lora import metrics
 from lora.adapter import adapter_identity, check_adapter_files, load_lora, set_lora_scale, text_encoder_has_lora
 from lora.audio import load_audio, save_wav
-from lora.config import Config, parse_config
+from lora.config import Config, ConfigError, load_yaml, parse_config
 from lora.dataset import CachedTokenDataset, build_token_cache, collate_tokens, load_metadata
 from lora.generation import GenerationError, cast_for_generation, generate_audio, pick_device, temperature_problem
 from lora.loading import family_for, load_base_model
@@ -55,6 +63,8 @@ from lora.utils import UserError, atomic_write_json, check_free_space, check_out
 LOUDNESS_TARGET_LUFS = -23.0   # every clip is normalised to this before embedding (EBU R128)
 KAD_MAX_FRAMES = 2000          # frames per set for KAD (kernel matrices are O(n²)); subsampled with seed 0
 KAD_KERNEL = "rbf"             # Gaussian kernel, median-distance bandwidth (KAD paper / kadtk)
+GEN_BOOTSTRAP_MAX = 200        # resamples for the FAD/KAD intervals (each one a d x d eigendecomposition / kernel
+                               # sums per model and space); CLAP and failure shares use evaluation.bootstrap_samples
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,8 +259,9 @@ def usable_clips(checks: list[dict], exclude_failed: bool = True) -> list[int]:
 
 def generation_metrics(model, processor, info, cfg: Config, models: list[str], valid_recs, prompts: list[str],
                        out_dir: Path, device) -> dict:
-    """Generate the prompt set with each model, check and save every clip, and compare the usable ones with the
-    held-out reference audio (FAD/KAD next to their floors, diversity, CLAP when asked)."""
+    """Generate the prompt set with each model, check and save every clip, and compare the clips of the shared set
+    (the (prompt, seed) pairs usable for every model) with the held-out reference audio (FAD/KAD next to their
+    floors, diversity, CLAP when asked), each difference with a paired bootstrap interval."""
     ev, g = cfg.evaluation, cfg.generation
     seeds = [g.seed + j for j in range(ev.eval_seeds)]
     res: dict = {"prompts": prompts, "seeds": seeds, "clips": [], "signal": {}, "distances": {}, "diversity": {},
@@ -265,8 +276,7 @@ def generation_metrics(model, processor, info, cfg: Config, models: list[str], v
         log.info("Generating %d clip(s) of %.1f s with the %s model", len(prompts) * len(seeds), ev.eval_duration, m)
         audio[m] = generate_clips(model, processor, info, m, prompts, seeds, cfg)
     res["generation_seconds"] = time.perf_counter() - t0
-    ok = {m: _check_and_save_clips(res, m, audio[m], prompts, seeds, info.sample_rate, out_dir,
-                                   ev.exclude_failed_clips) for m in models}
+    checks = {m: _check_and_save_clips(res, m, audio[m], prompts, seeds, info.sample_rate, out_dir) for m in models}
     res["exclude_failed_clips"] = ev.exclude_failed_clips
 
     log.info("Embedding %d reference clip(s) and the generated clips", len(valid_recs))
@@ -278,12 +288,18 @@ def generation_metrics(model, processor, info, cfg: Config, models: list[str], v
     transform = {"encodec": lambda x: x, "librosa": lib_std}
     res["reference"] = {"n_clips": len(ref), "seconds": float(sum(w.shape[-1] for w in ref_wavs) / info.sample_rate)}
     res["floors"] = _floors(model, info, ref, ref_wavs, transform)
-    for m in models:
-        _distances_and_diversity(res, m, model, info, audio[m], ok[m], ref, transform, len(seeds),
-                                 ev.exclude_failed_clips)
+    scored = score_generated(lambda m, idx: _embed_all(model, [audio[m][j] for j in idx], info), checks, ref,
+                             transform, len(seeds), ev.exclude_failed_clips, ev.bootstrap_samples, g.seed)
+    shared = scored["distance_set"]["pair_indices"]
+    scored["distance_set"]["pairs"] = [[j // len(seeds), seeds[j % len(seeds)]] for j in shared]
+    _mark_distance_set(res, shared, checks, ev.exclude_failed_clips)
+    res["notes"] = scored.pop("notes")
+    res.update(scored)
     if ev.clap_model_path:
-        res["clap"] = clap_metrics(ev.clap_model_path, models, audio, ok, prompts, seeds, valid_recs, ref_wavs,
-                                   info.sample_rate, device)
+        res["clap"] = clap_metrics(ev.clap_model_path, models, audio, shared, prompts, seeds, valid_recs, ref_wavs,
+                                   info.sample_rate, device, n_boot=ev.bootstrap_samples, seed=g.seed)
+        if "interval" in res["clap"] and res.get("intervals"):
+            res["intervals"]["metrics"]["clap"] = res["clap"].pop("interval")
     else:
         res["clap"] = {"skipped": "CLAP score skipped: no --clap_model_path given. For a text-audio score, download "
                                   "a CLAP model once (e.g. laion/larger_clap_music) into a folder and pass "
@@ -291,16 +307,15 @@ def generation_metrics(model, processor, info, cfg: Config, models: list[str], v
     return res
 
 
-def _check_and_save_clips(res: dict, m: str, wavs: list, prompts, seeds, sr: int, out_dir: Path,
-                          exclude_failed: bool) -> list[int]:
+def _check_and_save_clips(res: dict, m: str, wavs: list, prompts, seeds, sr: int, out_dir: Path) -> list[dict]:
     """Signal checks of one model's clips; each finite clip is written (WAV + spectrogram) and listed in
-    res["clips"]; returns the indices of the clips that enter the distances."""
+    res["clips"]; returns the checks, one per (prompt, seed) pair in prompt-major order."""
     checks = []
     for j, wav in enumerate(wavs):
         pi, sd = divmod(j, len(seeds))
         seed = seeds[sd]
         stem = f"p{pi:03d}_s{seed}"
-        clip = {"model": m, "prompt_index": pi, "prompt": prompts[pi], "seed": seed}
+        clip = {"model": m, "prompt_index": pi, "prompt": prompts[pi], "seed": seed, "pair_index": j}
         if wav is None:
             c = {"finite": False, "failures": ["non_finite"], "note": "generation produced NaN/inf logits"}
         else:
@@ -313,12 +328,19 @@ def _check_and_save_clips(res: dict, m: str, wavs: list, prompts, seeds, sr: int
         clip["checks"] = c
         checks.append(c)
         res["clips"].append(clip)
-    ok = usable_clips(checks, exclude_failed)
-    for j in ok:
-        res["clips"][-len(checks) + j]["used_in_distances"] = True
     res["signal"][m] = metrics.summarize_checks(checks)
-    res["signal"][m]["n_used_in_distances"] = len(ok)
-    return ok
+    return checks
+
+
+def _mark_distance_set(res: dict, shared: list[int], checks: dict, exclude_failed: bool) -> None:
+    """Which clips entered the distances (the shared set, for every model), and how many each model had usable."""
+    keep = set(shared)
+    for clip in res["clips"]:
+        if clip["pair_index"] in keep:
+            clip["used_in_distances"] = True
+    for m, c in checks.items():
+        res["signal"][m]["n_used_in_distances"] = len(shared)
+        res["signal"][m]["n_usable_alone"] = len(usable_clips(c, exclude_failed))
 
 
 def _floors(model, info, ref: list[dict], ref_wavs: list, transform: dict) -> dict:
@@ -337,26 +359,116 @@ def _floors(model, info, ref: list[dict], ref_wavs: list, transform: dict) -> di
     return floors
 
 
-def _distances_and_diversity(res: dict, m: str, model, info, wavs_all: list, ok: list[int], ref: list[dict],
-                             transform: dict, n_seeds: int, exclude_failed: bool) -> None:
-    wavs = [wavs_all[j] for j in ok]
-    if len(wavs) < 2:
-        res["distances"][m] = None
-        res["diversity"][m] = None
-        res.setdefault("notes", []).append(
-            f"{m} model: FAD/KAD/diversity not computed: {len(wavs)} of {len(wavs_all)} generated clips are usable "
-            f"({'passing every signal check' if exclude_failed else 'finite'}); see the signal checks."
+def distance_set(checks: dict[str, list[dict]], exclude_failed: bool = True) -> list[int]:
+    """The (prompt, seed) pairs whose clips enter FAD/KAD/diversity/CLAP: those usable (usable_clips) for EVERY
+    model, so the models are scored on the same set and a model that breaks more clips is not judged on its good
+    ones alone."""
+    sets = [set(usable_clips(c, exclude_failed)) for c in checks.values()]
+    return sorted(set.intersection(*sets)) if sets else []
+
+
+def score_generated(embed, checks: dict[str, list[dict]], ref: list[dict], transform: dict, n_seeds: int,
+                    exclude_failed: bool, n_boot: int, seed: int) -> dict:
+    """FAD/KAD and diversity of every model on the shared set, and (two models) the paired bootstrap intervals of
+    the differences. ``embed(model, pair_indices)`` returns the clips' embeddings (_embed_all). Returns
+    {"distance_set", "distances", "diversity", "intervals", "notes"}."""
+    models = list(checks)
+    shared = distance_set(checks, exclude_failed)
+    n_pairs = len(next(iter(checks.values()))) if checks else 0
+    usable = "passing every signal check" if exclude_failed else "finite"
+    out: dict = {"distance_set": {
+        "rule": (f"the (prompt, seed) pairs whose clips are {usable} for every evaluated model "
+                 f"({', '.join(models)}); each model's failures are in the signal section"),
+        "n_pairs": len(shared), "n_pairs_generated": n_pairs, "pair_indices": shared,
+        "n_usable_alone": {m: len(usable_clips(checks[m], exclude_failed)) for m in models}},
+        "distances": {}, "diversity": {}, "intervals": None, "notes": []}
+    if len(shared) < 2:
+        out["distances"] = {m: None for m in models}
+        out["diversity"] = {m: None for m in models}
+        out["notes"].append(
+            f"FAD/KAD/diversity not computed: only {len(shared)} of {n_pairs} (prompt, seed) pairs have clips "
+            f"{usable} for {'both models' if len(models) > 1 else 'the model'}; see the signal checks."
             + (" --exclude_failed_clips false keeps clips that fail a check." if exclude_failed else ""))
-        log.warning(res["notes"][-1])
-        return
-    emb = _embed_all(model, wavs, info)
-    res["distances"][m] = _distances(emb, ref, transform)
-    clip_emb = np.stack([e["encodec"].mean(axis=0) for e in emb])
-    res["diversity"][m] = metrics.diversity(clip_emb, [j // n_seeds for j in ok], [j % n_seeds for j in ok])
-    res["diversity"][m]["space"] = "mean EnCodec latent per clip, cosine distance"
+        log.warning(out["notes"][-1])
+        return out
+    emb = {m: embed(m, shared) for m in models}
+    for m in models:
+        out["distances"][m] = _distances(emb[m], ref, transform)
+        clip_emb = np.stack([e["encodec"].mean(axis=0) for e in emb[m]])
+        out["diversity"][m] = metrics.diversity(clip_emb, [j // n_seeds for j in shared],
+                                                [j % n_seeds for j in shared])
+        out["diversity"][m]["space"] = "mean EnCodec latent per clip, cosine distance"
+    if "base" in models and "lora" in models:
+        t0 = time.perf_counter()
+        out["intervals"] = distance_intervals(emb, out["distances"], ref, transform, n_boot, seed)
+        out["intervals"]["metrics"]["failed_share"] = failure_interval(checks, n_boot, seed)
+        out["intervals"]["seconds"] = time.perf_counter() - t0
+        if len(shared) < 10:
+            out["notes"].append(f"The intervals of the generated-audio differences rest on only {len(shared)} (prompt, "
+                                f"seed) pairs: rough (a bootstrap over few pairs is too narrow); raise --num_prompts "
+                                f"or --eval_seeds.")
+    return out
 
 
-def clap_metrics(path, models, audio, ok, prompts, seeds, valid_recs, ref_wavs, sr, device) -> dict:
+def distance_intervals(emb: dict, dist: dict, ref: list[dict], transform: dict, n_boot: int, seed: int) -> dict:
+    """Paired bootstrap of LoRA - base FAD/KAD: the shared (prompt, seed) pairs resampled with replacement, both
+    models' distances to the (fixed) reference recomputed on the same resample."""
+    n = len(emb["base"])
+    b = min(n_boot, GEN_BOOTSTRAP_MAX)
+    counts = metrics.bootstrap_counts(n, b, seed)
+    res: dict = {"resampled": "the shared (prompt, seed) pairs, with replacement; both models on the same "
+                              "resample (paired); the reference set fixed",
+                 "n_pairs": n, "n_boot_fad_kad": b,
+                 "n_boot_note": f"FAD/KAD intervals use at most {GEN_BOOTSTRAP_MAX} resamples (cost); CLAP and the "
+                                f"failure share use evaluation.bootstrap_samples", "metrics": {}}
+    for space in ("encodec", "librosa"):
+        y = transform[space](np.concatenate([r[space] for r in ref]))
+        clips = {m: [transform[space](e[space]) for e in emb[m]] for m in ("base", "lora")}
+        fad = {m: metrics.frechet_bootstrap(clips[m], y, counts) for m in clips}
+        kad = {m: metrics.kernel_bootstrap(clips[m], y, counts, kernel=KAD_KERNEL, max_rows=KAD_MAX_FRAMES)
+               for m in clips}
+        res["metrics"][f"{space}.fad"] = _interval(fad, dist, (space, "fad"), n, f"FAD ({space})")
+        res["metrics"][f"{space}.kad"] = _interval(kad, dist, (space, "kad", "value"), n, f"KAD x100 ({space})")
+    if dist["base"]["librosa"]["kad_clip_statistics"] is not None:
+        y = np.stack([metrics.clip_statistics(transform["librosa"](r["librosa"])) for r in ref])
+        kad = {m: metrics.kernel_bootstrap([metrics.clip_statistics(transform["librosa"](e["librosa"]))[None]
+                                            for e in emb[m]], y, counts, kernel=KAD_KERNEL) for m in emb}
+        res["metrics"]["librosa.kad_clip_statistics"] = _interval(
+            kad, dist, ("librosa", "kad_clip_statistics", "value"), n, "KAD x100 (librosa clip statistics)")
+    return res
+
+
+def _interval(boot: dict, dist: dict, keys: tuple, n: int, label: str) -> dict:
+    point = {}
+    for m in ("base", "lora"):
+        v = dist[m]
+        for k in keys:
+            v = v[k]
+        point[m] = v
+    out = metrics.percentile_interval(boot["lora"] - boot["base"], point["lora"] - point["base"])
+    out.update(n_pairs=n, what=f"LoRA minus base {label}; negative = LoRA closer to the reference")
+    return out
+
+
+def failure_interval(checks: dict, n_boot: int, seed: int) -> dict:
+    """Paired bootstrap over every generated (prompt, seed) pair of LoRA - base share of clips failing a check."""
+    failed = {m: [1.0 if c["failures"] else 0.0 for c in checks[m]] for m in ("base", "lora")}
+    r = metrics.paired_bootstrap_ci(failed["base"], failed["lora"], n_boot=n_boot, seed=seed)
+    return _paired_interval(r, "LoRA minus base share of generated clips failing a signal check (every pair); "
+                               "negative = LoRA fails less")
+
+
+def _paired_interval(r: dict, what: str) -> dict:
+    """A paired_bootstrap_ci result in the form of the other intervals of the generation section."""
+    return {"diff": r["diff"], "ci_low": r["ci_low"], "ci_high": r["ci_high"], "confidence": r["confidence"],
+            "n_boot": r["n_boot"], "p_two_sided": r["p_two_sided"],
+            "excludes_zero": bool(r["ci_high"] < 0 or r["ci_low"] > 0), "n_pairs": r["n"], "what": what}
+
+
+def clap_metrics(path, models, audio, shared, prompts, seeds, valid_recs, ref_wavs, sr, device, *,
+                 n_boot: int = 2000, seed: int = 0) -> dict:
+    """CLAP text-audio scores of every model on the shared (prompt, seed) pairs (the set of the distances), the
+    valid clips against their captions, and (two models) the paired bootstrap interval of LoRA - base."""
     from transformers import ClapModel, ClapProcessor
 
     try:
@@ -367,13 +479,16 @@ def clap_metrics(path, models, audio, ok, prompts, seeds, valid_recs, ref_wavs, 
                         f"transformers CLAP folder (config.json, weights, tokenizer and preprocessor files).") from None
     res: dict = {"model": str(path), "window_seconds": 10.0, "sample_rate": 48000}
     for m in models:
-        idx = ok[m]
-        if not idx:
+        if not shared:
             res[m] = None
             continue
-        r = metrics.clap_scores(model, processor, [prompts[j // len(seeds)] for j in idx], [audio[m][j] for j in idx], sr,
-                        device=device)
-        res[m] = r
+        res[m] = metrics.clap_scores(model, processor, [prompts[j // len(seeds)] for j in shared],
+                                     [audio[m][j] for j in shared], sr, device=device)
+        res[m]["n_pairs"] = len(shared)
+    if "base" in models and "lora" in models and len(shared) >= 2:
+        r = metrics.paired_bootstrap_ci(res["base"]["scores"], res["lora"]["scores"], n_boot=n_boot, seed=seed)
+        res["interval"] = _paired_interval(r, "LoRA minus base CLAP text-audio score on the shared pairs; positive "
+                                              "= LoRA follows the prompts better")
     pairs = [(r.text, w) for r, w in zip(valid_recs, ref_wavs) if r.text.strip()]
     if pairs:
         res["reference"] = metrics.clap_scores(model, processor, [t for t, _ in pairs], [w for _, w in pairs], sr,
@@ -467,7 +582,10 @@ def evaluate(cfg: Config, plan: dict) -> int:
         identity["lora"] = dict(adapter_identity(adapter), base=identity["base"]["name_or_path"], scale=g.lora_scale)
     model.eval()
 
-    lk, few_note = likelihood_section(model, processor, info, clips, cfg, models, device, cache_stats)
+    source_of = {r.id: r.source for r in valid}
+    recordings = [("source", source_of[c.id]) if source_of.get(c.id) else ("clip", c.id) for c in clips]
+    lk, few_note = likelihood_section(model, processor, info, clips, cfg, models, device, cache_stats, recordings,
+                                      adapter)
     results: dict = {
         "models_evaluated": models, "identity": identity, "likelihood": lk, "versions": versions(),
         "settings": {"evaluation": dataclasses.asdict(ev), "data_dir": cfg.data.data_dir,
@@ -506,15 +624,19 @@ def evaluate(cfg: Config, plan: dict) -> int:
     return 0
 
 
-def likelihood_section(model, processor, info, clips, cfg: Config, models: list[str], device,
-                       cache_stats: dict) -> tuple[dict, str]:
-    """Held-out likelihood of each model and (both evaluated) the paired bootstrap of their difference; returns
-    (the results.json section, a note when the evidence is thin or None)."""
+def likelihood_section(model, processor, info, clips, cfg: Config, models: list[str], device, cache_stats: dict,
+                       recordings: list, adapter=None) -> tuple[dict, str]:
+    """Held-out likelihood of each model and (both evaluated) the paired cluster bootstrap of their difference over
+    ``recordings`` (one key per clip: the recording it was cut from); returns (the results.json section, a note
+    when the evidence is thin or None)."""
     fam = family_for(info)
-    max_frames = min(int(round(cfg.training.max_duration * info.frame_rate)),
-                     fam.max_positions(model) - info.codebooks_per_channel + 1)
-    few_note = None
-    lk: dict = {"window_seconds": max_frames / info.frame_rate, "split": "valid", "cache": cache_stats}
+    seconds, window_source = heldout_window(cfg, adapter)
+    max_frames = min(int(round(seconds * info.frame_rate)), fam.max_positions(model) - info.codebooks_per_channel + 1)
+    lk: dict = {"window_seconds": max_frames / info.frame_rate, "split": "valid", "cache": cache_stats,
+                "n_clips": len(clips), "n_recordings": len(set(recordings)),
+                "window": {"max_duration": seconds, "source": window_source, "frames": max_frames,
+                           "cut_to_the_model_context": max_frames < int(round(seconds * info.frame_rate))}}
+    log.info("Held-out window %.2f s (training.max_duration from %s)", lk["window_seconds"], window_source)
     text_lora = text_encoder_has_lora(model)
     if text_lora:
         log.info("The adapter has LoRA layers in the text encoder: captions are encoded on the fly")
@@ -525,23 +647,59 @@ def likelihood_section(model, processor, info, clips, cfg: Config, models: list[
                                        processor=processor if text_lora else None)
         log.info("%s model: held-out cross-entropy %.4f (perplexity %.2f) over %d clips, %d tokens", m, lk[m]["ce"],
                  lk[m]["ppl"], lk[m]["n_clips"], lk[m]["n_tokens"])
-    if "base" in models and "lora" in models:
-        diff = metrics.paired_bootstrap_ci(
-            [c["ce"] for c in lk["base"]["per_clip"]], [c["ce"] for c in lk["lora"]["per_clip"]],
-            weights=[c["tokens"] for c in lk["base"]["per_clip"]], n_boot=cfg.evaluation.bootstrap_samples,
-            seed=cfg.generation.seed)
-        diff["what"] = "LoRA minus base held-out cross-entropy (token-weighted over clips); negative = LoRA better"
-        diff["ppl_ratio"] = float(math.exp(diff["diff"]))
-        diff["excludes_zero"] = bool(diff["ci_high"] < 0 or diff["ci_low"] > 0)
-        lk["difference"] = diff
-        if diff["n"] < MIN_CLIPS_FOR_A_VERDICT:
-            few_note = (f"Only {diff['n']} held-out clip: too little evidence to call either model better (no row "
-                        f"names a winner); hold out more clips (prepare_data.py --valid_fraction).")
-        elif diff["n"] < 10:
-            few_note = (f"Only {diff['n']} held-out clips: the confidence interval of the likelihood difference is "
-                        f"rough (a bootstrap over few clips is too narrow); hold out more clips "
-                        f"(prepare_data.py --valid_fraction).")
-    return lk, few_note
+    if "base" not in models or "lora" not in models:
+        return lk, None
+    diff = metrics.paired_bootstrap_ci(
+        [c["ce"] for c in lk["base"]["per_clip"]], [c["ce"] for c in lk["lora"]["per_clip"]],
+        weights=[c["tokens"] for c in lk["base"]["per_clip"]], clusters=recordings,
+        n_boot=cfg.evaluation.bootstrap_samples, seed=cfg.generation.seed)
+    diff["n_clips"], diff["n_recordings"] = diff["n"], diff.pop("n_clusters")
+    diff["what"] = ("LoRA minus base held-out cross-entropy (token-weighted over clips); negative = LoRA better. "
+                    "Cluster bootstrap: whole recordings resampled (a clip without a source is its own recording)")
+    diff["ppl_ratio"] = float(math.exp(diff["diff"]))
+    diff["excludes_zero"] = bool(diff["ci_high"] < 0 or diff["ci_low"] > 0)
+    lk["difference"] = diff
+    return lk, thin_evidence_note(diff["n_clips"], diff["n_recordings"])
+
+
+def thin_evidence_note(n_clips: int, n_recordings: int) -> Optional[str]:
+    """The note for a held-out set too small to trust: counted in recordings, the units the interval resamples."""
+    counts = (f"{n_recordings} held-out recording{'s' if n_recordings != 1 else ''} "
+              f"({n_clips} held-out clip{'s' if n_clips != 1 else ''})")
+    if n_clips < MIN_CLIPS_FOR_A_VERDICT:
+        return (f"Only {counts}: too little evidence to call either model better (no row names a winner); hold "
+                f"out more clips (prepare_data.py --valid_fraction).")
+    if n_recordings < MIN_CLIPS_FOR_A_VERDICT:
+        return (f"Only {counts}: clips of one recording are not independent, so the held-out likelihood names no "
+                f"winner; hold out clips from more recordings (prepare_data.py --valid_fraction).")
+    if n_recordings < 10:
+        return (f"Only {counts}: the confidence interval of the likelihood difference is rough (a bootstrap over "
+                f"few recordings is too narrow); hold out more recordings (prepare_data.py --valid_fraction).")
+    return None
+
+
+def heldout_window(cfg: Config, adapter=None) -> tuple[float, str]:
+    """(seconds, where they come from) of the held-out window: training.max_duration of the adapter's own
+    config.yaml (written by training into the adapter folder), so the evaluated window is the trained one; else
+    config.yaml's training.max_duration (evaluate.py takes no training flags)."""
+    if adapter:
+        path = Path(adapter) / "config.yaml"
+        value = None
+        if path.is_file():
+            try:
+                training = load_yaml(path).get("training")
+                value = training.get("max_duration") if isinstance(training, dict) else None
+            except ConfigError as e:
+                log.warning("The adapter's %s cannot be read (%s)", path, e)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+            if ok:
+                return float(value), f"the adapter's training config ({path}: training.max_duration)"
+            log.warning("%s has no usable training.max_duration (%r); the held-out window comes from config.yaml",
+                        path, value)
+        else:
+            log.info("%s has no config.yaml; the held-out window comes from config.yaml", adapter)
+    where = cfg.config_file or "no config file: the built-in default"
+    return float(cfg.training.max_duration), f"config.yaml ({where}: training.max_duration)"
 
 
 def write_results(cfg: Config, results: dict, out_dir: Path, adapter) -> None:

@@ -12,17 +12,19 @@ it, so a new family is one sibling module and one line here.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Optional
 
 from lora import musicgen
 from lora.config import BUILTIN_MODELS
 from lora.tiny_model import ensure_tiny_model
-from lora.utils import UserError, log
+from lora.utils import UserError, atomic_write_json, file_lock, log
 
 FAMILIES = {musicgen.MODEL_TYPE: musicgen}
 
@@ -138,30 +140,128 @@ def _fetch_hub_config(model_id: str, revision: Optional[str], local_files_only: 
 # --------------------------------------------------------------------------------------------
 # Identity (the token cache key)
 # --------------------------------------------------------------------------------------------
-def _file_fingerprint(path: Path) -> str:
-    """Content fingerprint of a (possibly huge) file: size + first and last MiB."""
+# Files of a model folder that its identity covers, where present, besides every weight file (``*.safetensors``,
+# ``*.bin``, shards and their ``*.index.json``): what turns a caption into text states and audio into codes.
+IDENTITY_FILES = ("config.json", "generation_config.json", "tokenizer.json", "spiece.model", "tokenizer_config.json",
+                  "special_tokens_map.json", "added_tokens.json", "preprocessor_config.json", "processor_config.json")
+HASH_CACHE_VERSION = 1  # of the sidecar's format (and of the digest it stores: sha256 of the whole file)
+HASH_CACHE_DIR = "musicgen-lora"  # the toolkit's folder in the per-user cache ($XDG_CACHE_HOME or ~/.cache)
+_RACY_NS = 2_000_000_000  # a file modified this shortly before it was hashed is not remembered (see file_digests)
+_READ_CHUNK = 8 << 20
+
+
+def identity_files(directory: str | os.PathLike) -> list[Path]:
+    """The files of a model folder that ``model_identity`` hashes, sorted by name."""
+    directory = Path(directory)
+    return sorted(p for p in directory.iterdir() if p.is_file() and (
+        p.name in IDENTITY_FILES or p.name in WEIGHT_FILES or p.suffix in (".safetensors", ".bin")
+        or p.name.endswith(".index.json")))
+
+
+def hash_file(path: str | os.PathLike) -> str:
+    """sha256 of a file's whole content (read in 8-MiB blocks into one buffer: ~1-1.6 GB/s on one core)."""
     h = hashlib.sha256()
-    size = path.stat().st_size
-    h.update(f"{path.name}:{size}".encode())
-    with open(path, "rb") as fh:
-        h.update(fh.read(1 << 20))
-        if size > 2 << 20:
-            fh.seek(size - (1 << 20))
-            h.update(fh.read(1 << 20))
+    buf = bytearray(_READ_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as fh:
+        while True:
+            n = fh.readinto(buf)
+            if not n:
+                break
+            h.update(view[:n])
     return h.hexdigest()
 
 
+def hash_cache_path() -> Path:
+    """The sidecar that remembers file digests: $XDG_CACHE_HOME (or ~/.cache)/musicgen-lora/file_hashes.json. It
+    lives in the user's cache, not beside the model, because model folders may be read-only (the HF hub cache)."""
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    root = Path(base) if os.path.isabs(base) else Path.home() / ".cache"
+    return root / HASH_CACHE_DIR / "file_hashes.json"
+
+
+def _stat_key(st: os.stat_result) -> list[int]:
+    """What says a file is unchanged: size, modification and status-change times (ns). A rewrite, a touch, a
+    copy over it with preserved times (ctime) all change it; then the file is hashed again."""
+    return [int(st.st_size), int(st.st_mtime_ns), int(st.st_ctime_ns)]
+
+
+def _read_hash_cache(path: Path) -> dict:
+    """{real path: {"stat": [...], "sha256": hex}} of the sidecar; {} when it is missing, from another format
+    version, or damaged (then it is rebuilt, with a log line)."""
+    if not path.is_file():
+        return {}
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(doc, dict) or not isinstance(doc.get("files"), dict):
+            raise ValueError("not a {'version', 'files'} object")
+        if doc.get("version") != HASH_CACHE_VERSION:
+            log.info("File-hash cache %s has format %r (expected %d); rebuilding it.", path, doc.get("version"),
+                     HASH_CACHE_VERSION)
+            return {}
+        return {k: v for k, v in doc["files"].items() if isinstance(v, dict) and isinstance(v.get("sha256"), str)
+                and isinstance(v.get("stat"), list)}
+    except (OSError, ValueError) as e:  # (JSON and UTF-8 errors are ValueErrors)
+        log.warning("File-hash cache %s is damaged (%s); rebuilding it (model files are hashed in full once).",
+                    path, str(e)[:200])
+        return {}
+
+
+def _write_hash_cache(path: Path, files: dict) -> None:
+    """Write the sidecar atomically, without the entries of files that no longer exist."""
+    kept = {k: v for k, v in sorted(files.items()) if os.path.exists(k)}
+    try:
+        atomic_write_json(path, {"version": HASH_CACHE_VERSION, "files": kept})
+    except OSError as e:
+        log.warning("Could not write the file-hash cache %s (%s); model files will be hashed in full again at the "
+                    "next start.", path, e.strerror or e)
+
+
+def file_digests(paths: list[Path]) -> dict[Path, str]:
+    """sha256 of each file's whole content, remembered in a per-user sidecar (``hash_cache_path``) keyed by the
+    file's real path, size, mtime and ctime, so an unchanged file is never read again. Processes that start
+    together (one per GPU) take turns through a lock: the first hashes, the others find its digests. A file
+    modified less than 2 s before it was hashed is not remembered (it could change again within the same
+    timestamp tick and keep its stat key), so the next start hashes it once more."""
+    sidecar = hash_cache_path()
+    out: dict[Path, str] = {}
+    with contextlib.ExitStack() as stack:
+        try:
+            sidecar.parent.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(file_lock(sidecar.with_name(sidecar.name + ".lock")))
+            known, writable = _read_hash_cache(sidecar), True
+        except OSError as e:
+            log.warning("The file-hash cache folder %s is not usable (%s); model files are hashed in full.",
+                        sidecar.parent, e.strerror or e)
+            known, writable = {}, False
+        changed = False
+        for p in paths:
+            real = os.path.realpath(p)
+            st = os.stat(real)
+            entry = known.get(real)
+            if entry is not None and entry["stat"] == _stat_key(st):
+                out[p] = entry["sha256"]
+                continue
+            if st.st_size >= 1 << 30:
+                log.info("Hashing %s (%.1f GB) for the token cache key; remembered in %s for later starts.", p,
+                         st.st_size / 1e9, sidecar)
+            started = time.time_ns()
+            out[p] = hash_file(real)
+            if started - st.st_mtime_ns > _RACY_NS and _stat_key(os.stat(real)) == _stat_key(st):
+                known[real] = {"stat": _stat_key(st), "sha256": out[p]}
+                changed = True
+        if changed and writable:
+            _write_hash_cache(sidecar, known)
+    return out
+
+
 def model_identity(directory: str | os.PathLike, extra: str = "") -> str:
-    """Stable short hash of a model folder: config.json + content fingerprints of the weight files."""
-    directory = Path(directory)
+    """Stable short hash of a model folder (the token cache key): the whole content of its config, generation,
+    tokenizer, processor and weight files (``identity_files``), each by name. Digests are remembered across
+    starts (``file_digests``), so only the first start after a change reads the weights in full."""
     h = hashlib.sha256(extra.encode())
-    cfg = directory / "config.json"
-    if cfg.is_file():
-        h.update(cfg.read_bytes())
-    names = sorted(p.name for p in directory.iterdir()
-                   if p.is_file() and (p.suffix in (".safetensors", ".bin") or p.name in WEIGHT_FILES))
-    for name in names:
-        h.update(_file_fingerprint(directory / name).encode())
+    for path, digest in file_digests(identity_files(directory)).items():
+        h.update(f"{path.name}\0{digest}\n".encode())
     return h.hexdigest()[:16]
 
 

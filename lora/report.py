@@ -34,20 +34,41 @@ def _get(d: dict, *keys):
     return d
 
 
-MIN_CLIPS_FOR_A_VERDICT = 2  # with fewer held-out clips no row names a better model
+MIN_CLIPS_FOR_A_VERDICT = 2  # with fewer held-out clips no row names a better model (and with fewer recordings, no
+                             # held-out likelihood row: its interval resamples recordings)
+INTERVAL_KEYS = {  # summary row -> the interval of its LoRA - base difference in generation.intervals.metrics
+    "failed clips (share)": "failed_share",
+    "FAD (EnCodec latents)": "encodec.fad", "KAD ×100 (EnCodec)": "encodec.kad",
+    "FAD (librosa features)": "librosa.fad", "KAD ×100 (librosa)": "librosa.kad",
+    "KAD ×100 (librosa clip statistics)": "librosa.kad_clip_statistics",
+    "CLAP text-audio score": "clap",
+}
+
+
+def _ci_note(iv: dict, unit: str) -> str:
+    pct = int(round(100 * iv["confidence"]))
+    if iv.get("ci_low") is None:
+        return f"no {pct}% CI"
+    return f"Δ {pct}% CI [{_fmt(iv['ci_low'])}, {_fmt(iv['ci_high'])}], {unit}, {iv['n_boot']} resamples"
 
 
 def summary_rows(results: dict) -> list[dict]:
     """Rows {metric, base, lora, delta, better, lower_is_better, note} for the models that were evaluated.
 
-    "better" names the model with the better value, except: with fewer than MIN_CLIPS_FOR_A_VERDICT held-out clips
-    every row says "too few clips"; the held-out cross-entropy says "unclear" when its confidence interval holds 0.
+    "better" names the model with the better value only where the evidence holds: with fewer than
+    MIN_CLIPS_FOR_A_VERDICT held-out clips every row says "too few clips"; the held-out cross-entropy says
+    "unclear" when its confidence interval holds 0 and "too few recordings" when fewer than
+    MIN_CLIPS_FOR_A_VERDICT recordings are held out; a generated-audio row (failure share, FAD, KAD, CLAP) names a
+    winner only when the paired bootstrap interval of its difference (generation.intervals) excludes 0, else (no
+    interval, or one that holds 0) "unclear".
     """
     models = results.get("models_evaluated", [])
     rows: list[dict] = []
     lk = results.get("likelihood") or {}
     n_heldout = min((_get(lk, m, "n_clips") for m in models if _get(lk, m, "n_clips") is not None), default=None)
     thin = n_heldout is not None and n_heldout < MIN_CLIPS_FOR_A_VERDICT
+    gen = results.get("generation") or {}
+    intervals = _get(gen, "intervals", "metrics") or {}
 
     def add(metric, getter, lower_is_better: Optional[bool], note: str = ""):
         vals = {m: getter(m) for m in ("base", "lora")}
@@ -62,20 +83,13 @@ def summary_rows(results: dict) -> list[dict]:
                 row["better"] = "LoRA" if (row["delta"] < 0) == lower_is_better else "base"
             elif lower_is_better is not None:
                 row["better"] = "same"
+            if metric in INTERVAL_KEYS:
+                _interval_verdict(row, intervals.get(INTERVAL_KEYS[metric]))
             if thin and row["better"] is not None:
                 row["better"] = "too few clips"
         rows.append(row)
 
-    diff = lk.get("difference")
-    note = ""
-    if diff:
-        pct = int(round(100 * diff["confidence"]))
-        note = f"Δ {pct}% CI [{diff['ci_low']:+.4f}, {diff['ci_high']:+.4f}], n={diff['n']} clips"
-    add("held-out cross-entropy (nats)", lambda m: _get(lk, m, "ce"), True, note)
-    if diff and rows and rows[-1]["better"] in ("LoRA", "base") and diff["ci_low"] <= 0 <= diff["ci_high"]:
-        rows[-1]["better"] = "unclear"  # the interval holds 0: no evidence either way
-    add("held-out perplexity", lambda m: _get(lk, m, "ppl"), True)
-    gen = results.get("generation") or {}
+    _likelihood_rows(add, rows, lk)
     sig = gen.get("signal") or {}
     add("failed clips (share)", lambda m: _get(sig, m, "failure_rate"), True)
     for space, label in (("encodec", "EnCodec"), ("librosa", "librosa")):
@@ -93,6 +107,41 @@ def summary_rows(results: dict) -> list[dict]:
     add("CLAP shuffled-prompt baseline", lambda m: _get(clap, m, "shuffled_mean"), None)
     add("mean loudness (LUFS)", lambda m: _get(sig, m, "mean_lufs"), None)
     return rows
+
+
+def _interval_verdict(row: dict, iv: Optional[dict]) -> None:
+    """A generated-audio row keeps its winner only when the interval of the difference excludes 0."""
+    if iv is None:
+        if row["better"] in ("LoRA", "base"):
+            row["better"] = "unclear"
+        row["note"] = "; ".join(x for x in (row["note"], "no interval of the difference") if x)
+        return
+    unit = f"n={iv.get('n_pairs')} (prompt, seed) pairs"
+    row["note"] = "; ".join(x for x in (row["note"], _ci_note(iv, unit)) if x)
+    if row["better"] in ("LoRA", "base") and not iv.get("excludes_zero"):
+        row["better"] = "unclear"
+
+
+def _likelihood_rows(add, rows: list, lk: dict) -> None:
+    """Held-out cross-entropy (with its cluster-bootstrap interval) and perplexity."""
+    diff = lk.get("difference")
+    note = ""
+    if diff:
+        pct = int(round(100 * diff["confidence"]))
+        n_clips = diff.get("n_clips", diff["n"])
+        n_rec = diff.get("n_recordings")
+        counts = f"n={n_clips} clips" + (f" from {n_rec} recordings" if n_rec is not None else "")
+        note = f"Δ {pct}% CI [{diff['ci_low']:+.4f}, {diff['ci_high']:+.4f}], {counts}"
+    add("held-out cross-entropy (nats)", lambda m: _get(lk, m, "ce"), True, note)
+    if diff and rows and rows[-1]["better"] in ("LoRA", "base"):
+        if diff.get("n_recordings") is not None and diff["n_recordings"] < MIN_CLIPS_FOR_A_VERDICT:
+            rows[-1]["better"] = "too few recordings"  # one recording: every resample is the same, width 0
+        elif diff["ci_low"] <= 0 <= diff["ci_high"]:
+            rows[-1]["better"] = "unclear"  # the interval holds 0: no evidence either way
+    ce_row = rows[-1] if rows and rows[-1]["metric"] == "held-out cross-entropy (nats)" else None
+    add("held-out perplexity", lambda m: _get(lk, m, "ppl"), True)
+    if ce_row is not None and rows[-1] is not ce_row and rows[-1]["better"] is not None:
+        rows[-1]["better"] = ce_row["better"]  # exp(CE): the same evidence, the same verdict
 
 
 def _fmt(v, digits: int = 4) -> str:

@@ -274,7 +274,8 @@ def set_up(cfg: Config) -> Run:
                                  {"batch_size": t.batch_size, "gradient_accumulation_steps":
                                   t.gradient_accumulation_steps, "world_size": acc.num_processes, "seed": t.seed})
     banner(run, warmup)
-    run.runlog = training.RunLog(out / "logs", run.state.log_history, enabled=acc.is_main_process)
+    run.runlog = training.RunLog(out / "logs", run.state.log_history, enabled=acc.is_main_process,
+                                 resumed_at=run.state.global_step if ck is not None else None)
     if acc.is_main_process:
         cfg.save(out / "config.yaml")
         log.info("Resolved config: %s", out / "config.yaml")
@@ -356,25 +357,19 @@ def train_loop(run: Run) -> None:
         for s in range(first, run.steps_per_epoch):
             if st.global_step >= run.total_steps:
                 break
-            # ---- one optimizer step: gradient_accumulation_steps micro-batches on every process
-            loss_sum = torch.zeros((), device=run.device)
-            cb_sum = torch.zeros(run.info.num_codebooks, device=run.device)
-            for m in range(ga):
-                batch = next(it)
-                torch.manual_seed(training.micro_seed(t.seed, ep, s * group + m * world + rank))
-                loss = run.loss(batch)
-                acc.backward(loss.loss / ga)
-                loss_sum += loss.loss.detach()
-                cb_sum += loss.per_codebook.detach()
-                interval.dropped += int(batch["dropped"].sum())  # CPU tensor: no device sync
-                interval.samples += len(batch["dropped"])
+            # ---- one optimizer step: gradient_accumulation_steps micro-batches on every process, token-weighted
+            step = training.accumulate(run.loss, [next(it) for _ in range(ga)], acc.backward,
+                                       [training.micro_seed(t.seed, ep, s * group + m * world + rank)
+                                        for m in range(ga)], world=world, device=run.device)
             if world > 1:
-                loss_sum = training.all_reduce_gradients(run.params, loss_sum, world)
-            norm = optimizer_step(run, loss_sum)
+                step = training.all_reduce_step(run.params, step)
+            norm = optimizer_step(run, step.loss)
+            interval.dropped += step.dropped
+            interval.samples += step.samples
             if norm is not None:
                 grad_norm = norm
-                interval.loss += loss_sum / ga
-                interval.per_codebook += cb_sum / ga
+                interval.loss += step.loss
+                interval.per_codebook += step.per_codebook
                 interval.steps += 1
             with warnings.catch_warnings():  # a skipped (NaN) first step still advances the schedule
                 warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")

@@ -181,22 +181,69 @@ def heldout_loss(model, processor, info, valid_ds, collate, batch_size: int, dev
     return res
 
 
-def all_reduce_gradients(params, loss_sum, world: int):
-    """One all-reduce of every LoRA gradient (+ the loss) across processes: the same as one process with
-    world x accumulation micro-batches. Returns the averaged loss."""
+@dataclass
+class StepStats:
+    """One optimizer step's training loss (the token-weighted objective) and what the logs count, for this process's
+    micro-batches; ``all_reduce_step`` makes them the whole step's, over every process."""
+
+    loss: object          # scalar tensor
+    per_codebook: object  # (K,) tensor
+    dropped: int = 0      # samples trained on the null condition
+    samples: int = 0
+
+
+def accumulate(loss_fn, micro_batches: list, backward, seeds: list[int], world: int = 1, device=None) -> StepStats:
+    """Forward and backward of one optimizer step's micro-batches (this process's share). Each micro-batch is
+    weighted by its share of the step's valid tokens over all processes, so the step's gradient is that of the mean
+    cross-entropy over all its tokens (per codebook, then over codebooks: what validation reports), whatever the
+    split into micro-batches and processes and however long the clips are. (With equal micro-batches the weight is
+    1 / (accumulation x processes), the plain mean.) ``seeds``: the torch seed of each micro-batch (dropout)."""
     import torch
     import torch.distributed as dist
 
+    # Every codebook has one valid token per frame of a clip (the delay pattern shifts, never drops, frames).
+    tokens = [float(b["lengths"].sum()) for b in micro_batches]
+    total = torch.tensor(sum(tokens), dtype=torch.float64, device=device)
+    if world > 1:
+        dist.all_reduce(total)
+    total = float(total)
+    stats = None
+    for batch, seed, n in zip(micro_batches, seeds, tokens):
+        torch.manual_seed(seed)
+        loss = loss_fn(batch)
+        w = n / total
+        backward(loss.loss * w)
+        if stats is None:
+            stats = StepStats(loss=loss.loss.detach() * w, per_codebook=loss.per_codebook.detach() * w)
+        else:
+            stats.loss += loss.loss.detach() * w
+            stats.per_codebook += loss.per_codebook.detach() * w
+        stats.dropped += int(batch["dropped"].sum())  # CPU tensor: no device sync
+        stats.samples += len(batch["dropped"])
+    return stats
+
+
+def all_reduce_step(params, stats: StepStats) -> StepStats:
+    """One all-reduce (sum) of every LoRA gradient and of the step's statistics across processes: the gradients
+    were weighted by tokens over all processes, so their sum is the whole step's gradient, the same as one process
+    with all the micro-batches; the loss, per-codebook losses and counts become the whole step's."""
+    import torch
+    import torch.distributed as dist
+
+    extra = torch.cat([stats.loss.view(1).float(), stats.per_codebook.float(),
+                       torch.tensor([stats.dropped, stats.samples], dtype=torch.float32, device=stats.loss.device)])
     flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().float()
-                      for p in params] + [loss_sum.view(1).float()])
+                      for p in params] + [extra])
     dist.all_reduce(flat)
-    flat /= world
     off = 0
     for p in params:
         n = p.numel()
         p.grad = flat[off:off + n].view_as(p).to(p.dtype).clone()
         off += n
-    return flat[-1]
+    k = stats.per_codebook.numel()
+    tail = flat[off:]
+    return StepStats(loss=tail[0], per_codebook=tail[1:1 + k], dropped=int(round(float(tail[1 + k]))),
+                     samples=int(round(float(tail[2 + k]))))
 
 
 # ============================================================================================
@@ -569,7 +616,8 @@ def model_card(cfg: Config, info, state: dict, kind: str, n_train: int, train_ho
 class RunLog:
     """metrics.jsonl, TensorBoard and loss_curve.png under output_dir/logs (main process only)."""
 
-    def __init__(self, logs_dir: Path, history: list[dict], enabled: bool):
+    def __init__(self, logs_dir: Path, history: list[dict], enabled: bool, resumed_at: Optional[int] = None):
+        """``resumed_at``: the step of the checkpoint a resumed run starts from (None: a fresh run)."""
         self.dir, self.history, self.enabled = logs_dir, history, enabled
         self.tb = None
         if enabled:
@@ -578,7 +626,10 @@ class RunLog:
             atomic_write_text(logs_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(log_dir=str(logs_dir))
+            # The same for TensorBoard: its events past the checkpoint (all of them for a fresh run over an earlier
+            # run's logs) are purged, so no step shows twice.
+            purge = 0 if resumed_at is None else resumed_at + 1
+            self.tb = SummaryWriter(log_dir=str(logs_dir), purge_step=purge)
 
     def add(self, entry: dict, prefix: str) -> None:
         self.history.append(entry)

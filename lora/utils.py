@@ -166,9 +166,9 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None):
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes owner-only files; give the usual permissions
     try:
         yield tmp
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
+        fsync_file(tmp)
         os.replace(tmp, path)
+        fsync_dir(path.parent)  # the rename itself survives a power loss
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -184,15 +184,42 @@ def atomic_write_json(path: str | os.PathLike, obj) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush a file's data to the disk (so a power loss cannot leave it truncated after a rename)."""
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flush a folder's entries (new names, renames) to the disk; a no-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):  # (file systems that cannot sync a folder)
+            raise
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike):
-    """Yield a temporary folder next to ``path``; on success it replaces ``path`` as a whole."""
+    """Yield a temporary folder next to ``path``; on success it replaces ``path`` as a whole. Durable: every file in
+    it and the folder itself are flushed to the disk before the rename, and the parent after it, so once this
+    returns the folder survives a power loss whole (or, before, the old one stays)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
+        for root, _, files in os.walk(tmp):
+            for name in files:
+                fsync_file(Path(root) / name)
+            fsync_dir(root)
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old")
@@ -200,6 +227,7 @@ def atomic_dir(path: str | os.PathLike):
                 shutil.rmtree(old)
             os.replace(path, old)
         os.replace(tmp, path)
+        fsync_dir(path.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:

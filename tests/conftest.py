@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,8 @@ if str(ROOT) not in sys.path:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The model-file digests (lora.loading) are remembered in $XDG_CACHE_HOME: keep the suite's out of the user's.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="lora-tests-cache-")
 
 import torch  # noqa: E402
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import math
 import re
+
+import numpy as np
 import pytest
 
-from lora import evaluate
+from lora import evaluate, metrics
 from lora.config import ConfigError
 from lora.report import format_table, render_html, summary_rows
 
@@ -19,13 +21,19 @@ def _fake_results(caption: str) -> dict:
         "identity": {"base": {"name_or_path": "<b>model</b>"}, "lora": {"path": "x\"><script>1</script>"}},
         "likelihood": {"base": {"ce": 5.0, "ppl": math.exp(5.0), "ce_per_codebook": [5.0, 5.0]},
                        "lora": {"ce": 4.5, "ppl": math.exp(4.5), "ce_per_codebook": [4.4, 4.6]},
-                       "difference": {"diff": -0.5, "ci_low": -0.6, "ci_high": -0.4, "confidence": 0.95, "n": 10}},
+                       "difference": {"diff": -0.5, "ci_low": -0.6, "ci_high": -0.4, "confidence": 0.95, "n": 10,
+                                      "n_clips": 10, "n_recordings": 5}},
         "generation": {"prompts": [caption], "seeds": [0],
                        "clips": [{"model": m, "prompt_index": 0, "prompt": caption, "seed": 0,
                                   "wav": f"audio/{m}/p000_s0.wav", "spectrogram": f"spectrograms/{m}/p000_s0.png",
                                   "checks": {"failures": []}} for m in ("base", "lora")],
                        "signal": {}, "distances": {"base": {"encodec": {"fad": 2.0, "kad": {"value": 1.0}}},
                                                    "lora": {"encodec": {"fad": 1.0, "kad": {"value": 0.5}}}},
+                       "intervals": {"metrics": {
+                           "encodec.fad": {"diff": -1.0, "ci_low": -1.5, "ci_high": -0.5, "confidence": 0.95,
+                                           "n_boot": 200, "excludes_zero": True, "n_pairs": 8},
+                           "encodec.kad": {"diff": -0.5, "ci_low": -0.9, "ci_high": 0.1, "confidence": 0.95,
+                                           "n_boot": 200, "excludes_zero": False, "n_pairs": 8}}},
                        "clap": {"skipped": "no <clap>"}},
         "settings": {"prompt": caption}, "versions": {},
     }
@@ -48,10 +56,116 @@ def test_summary_rows_direction_and_table():
     rows = {r["metric"]: r for r in summary_rows(_fake_results("x"))}
     ce = rows["held-out cross-entropy (nats)"]
     assert ce["delta"] == pytest.approx(-0.5) and ce["better"] == "LoRA"
-    assert "CI [-0.6000, -0.4000]" in ce["note"]
-    assert rows["FAD (EnCodec latents)"]["better"] == "LoRA"
+    assert "CI [-0.6000, -0.4000]" in ce["note"] and "n=10 clips from 5 recordings" in ce["note"]
+    assert rows["held-out perplexity"]["better"] == "LoRA"
+    assert rows["FAD (EnCodec latents)"]["better"] == "LoRA"  # its interval excludes 0
+    assert "CI [-1.5000, -0.5000], n=8 (prompt, seed) pairs, 200 resamples" in rows["FAD (EnCodec latents)"]["note"]
+    assert rows["KAD ×100 (EnCodec)"]["better"] == "unclear"  # lower, but its interval holds 0
     table = format_table(summary_rows(_fake_results("x")))
     assert re.match(r"metric\s+\| base\s+\| LoRA\s+\| Δ\s+\| better\?", table.splitlines()[0])
+
+
+def test_generated_audio_rows_name_a_winner_only_from_an_interval():
+    """FAD 1.036e-4 vs 1.029e-4 is no win unless the paired bootstrap interval of the difference excludes 0; no
+    interval at all is "unclear" too. The held-out likelihood: one recording names no winner (its cluster bootstrap
+    has no width), and perplexity says what cross-entropy says."""
+    res = _fake_results("x")
+    gen = res["generation"]
+    gen["distances"] = {"base": {"encodec": {"fad": 1.036e-4}}, "lora": {"encodec": {"fad": 1.029e-4}}}
+    gen["clap"] = {"base": {"mean": 0.20}, "lora": {"mean": 0.25}}
+    gen["intervals"] = {"metrics": {
+        "encodec.fad": {"diff": -7e-7, "ci_low": -2.1e-6, "ci_high": 9e-7, "confidence": 0.95, "n_boot": 200,
+                        "excludes_zero": False, "n_pairs": 16},
+        "clap": {"diff": 0.05, "ci_low": 0.01, "ci_high": 0.09, "confidence": 0.95, "n_boot": 2000,
+                 "excludes_zero": True, "n_pairs": 16}}}
+    rows = {r["metric"]: r for r in summary_rows(res)}
+    assert rows["FAD (EnCodec latents)"]["better"] == "unclear"
+    assert "CI [-2.100e-06, 9.000e-07]" in rows["FAD (EnCodec latents)"]["note"]
+    assert rows["CLAP text-audio score"]["better"] == "LoRA"  # higher is better, interval above 0
+    del gen["intervals"]
+    rows = {r["metric"]: r for r in summary_rows(res)}
+    assert rows["FAD (EnCodec latents)"]["better"] == "unclear" and rows["CLAP text-audio score"]["better"] == "unclear"
+    res["likelihood"]["difference"].update(n_recordings=1, ci_low=-0.5, ci_high=-0.5)
+    rows = {r["metric"]: r for r in summary_rows(res)}
+    assert rows["held-out cross-entropy (nats)"]["better"] == "too few recordings"
+    assert rows["held-out perplexity"]["better"] == "too few recordings"
+    res["likelihood"]["difference"].update(n_recordings=5, ci_low=-0.6, ci_high=0.1)
+    rows = {r["metric"]: r for r in summary_rows(res)}
+    assert rows["held-out cross-entropy (nats)"]["better"] == "unclear" == rows["held-out perplexity"]["better"]
+
+
+def _frames(rng, shift, n=20, d=4):
+    return rng.normal(shift, 1.0, size=(n, d))
+
+
+def test_a_model_that_fails_more_clips_is_not_rewarded():
+    """LoRA breaks its clips on the hard prompts (the ones no model gets close to the reference) and is a little
+    worse than base on the easy ones. Scored each on its own passing clips, LoRA looks better (base carries its
+    hard-prompt clips, LoRA dropped its own); scored both on the pairs that pass for both, base is better."""
+    rng = np.random.default_rng(0)
+    n_prompts, n_seeds = 6, 2
+    hard = set(range(8, 12))  # pairs of prompts 4 and 5
+    ref = [{"encodec": _frames(rng, 0.0), "librosa": _frames(rng, 0.0)} for _ in range(40)]
+    shift = {"base": lambda j: 3.0 if j in hard else 0.3, "lora": lambda j: 3.0 if j in hard else 0.6}
+    emb = {m: [{"encodec": _frames(rng, shift[m](j)), "librosa": _frames(rng, shift[m](j))}
+               for j in range(n_prompts * n_seeds)] for m in ("base", "lora")}
+    ok = {"finite": True, "failures": []}
+    checks = {"base": [dict(ok) for _ in range(12)],
+              "lora": [{"finite": True, "failures": ["silent"]} if j in hard else dict(ok) for j in range(12)]}
+    transform = {"encodec": lambda x: x, "librosa": metrics.standardizer(np.concatenate([r["librosa"] for r in ref]))}
+    # the old rule: each model on its own usable clips
+    own = {m: evaluate._distances([emb[m][j] for j in evaluate.usable_clips(checks[m])], ref, transform)
+           for m in ("base", "lora")}
+    for space in ("encodec", "librosa"):
+        assert own["lora"][space]["fad"] < own["base"][space]["fad"]  # the premise: LoRA would be rewarded
+        assert own["lora"][space]["kad"]["value"] < own["base"][space]["kad"]["value"]
+    scored = evaluate.score_generated(lambda m, idx: [emb[m][j] for j in idx], checks, ref, transform, n_seeds,
+                                      True, 500, 0)
+    assert scored["distance_set"]["n_pairs"] == 8 and scored["distance_set"]["pair_indices"] == list(range(8))
+    assert scored["distance_set"]["n_usable_alone"] == {"base": 12, "lora": 8}
+    for space in ("encodec", "librosa"):
+        d = scored["distances"]
+        assert d["base"][space]["n_clips"] == d["lora"][space]["n_clips"] == 8
+        assert d["base"][space]["fad"] < d["lora"][space]["fad"]
+        assert d["base"][space]["kad"]["value"] < d["lora"][space]["kad"]["value"]
+    res = {"models_evaluated": ["base", "lora"], "likelihood": {},
+           "generation": {"distances": scored["distances"], "intervals": scored["intervals"],
+                          "signal": {"base": {"failure_rate": 0.0}, "lora": {"failure_rate": 4 / 12}}}}
+    rows = {r["metric"]: r for r in summary_rows(res)}
+    for metric in ("FAD (EnCodec latents)", "KAD ×100 (EnCodec)", "FAD (librosa features)", "KAD ×100 (librosa)"):
+        assert rows[metric]["better"] == "base", (metric, rows[metric])
+    assert rows["failed clips (share)"]["better"] == "base"  # the failures are counted apart, with their interval
+    iv = scored["intervals"]
+    assert iv["n_pairs"] == 8 and iv["n_boot_fad_kad"] == evaluate.GEN_BOOTSTRAP_MAX
+    assert iv["metrics"]["encodec.fad"]["ci_low"] > 0 and iv["metrics"]["failed_share"]["n_pairs"] == 12
+
+
+def test_heldout_window_is_the_adapters_training_window(tmp_path, trained_output_dir, tiny_model_dir,
+                                                        example_data_dir, compare_run):
+    import shutil
+
+    from lora.config import parse_config
+
+    cfg, _ = parse_config([], sections=("evaluation", "model", "generation", "data"))
+    adapter = tmp_path / "adapter"
+    shutil.copytree(trained_output_dir / "best_model", adapter)
+    text = (adapter / "config.yaml").read_text(encoding="utf-8")
+    assert "max_duration: 30.0" in text
+    (adapter / "config.yaml").write_text(text.replace("max_duration: 30.0", "max_duration: 1.5"), encoding="utf-8")
+    seconds, source = evaluate.heldout_window(cfg, adapter)
+    assert seconds == 1.5 and "adapter's training config" in source and str(adapter) in source
+    # and evaluate scores that window (the example clips are 4 s: a 1.5 s window is a different number)
+    out = tmp_path / "ev"
+    assert evaluate.main(["--base_model_path", str(tiny_model_dir), "--lora_model_path", str(adapter),
+                          "--output_dir", str(out), "--data_dir", str(example_data_dir), "--skip_generation",
+                          "--compare", "--bootstrap_samples", "200"]) == 0
+    lk = json.loads((out / "results.json").read_text(encoding="utf-8"))["likelihood"]
+    assert lk["window_seconds"] == pytest.approx(1.5, abs=0.02) and lk["window"]["source"] == source
+    assert lk["lora"]["n_tokens"] < compare_run[2]["likelihood"]["lora"]["n_tokens"]
+    (adapter / "config.yaml").unlink()
+    seconds, source = evaluate.heldout_window(cfg, adapter)
+    assert seconds == cfg.training.max_duration and source.startswith("config.yaml")
+    assert evaluate.heldout_window(cfg, None) == (seconds, source)
 
 
 # ------------------------------------------------------------------------------------ config / inputs
@@ -157,7 +271,10 @@ def test_compare_heldout_likelihood(compare_run, trained_output_dir, example_dat
     assert lk["lora"]["ce"] == pytest.approx(ev["val_loss"], abs=1e-4)
     assert lk["base"]["ce"] == pytest.approx(ev["base_val_loss"], abs=1e-4)
     d = lk["difference"]
-    assert d["n"] == n_valid and d["n_boot"] == 500
+    assert d["n"] == d["n_clips"] == n_valid and d["n_boot"] == 500
+    assert d["n_recordings"] == lk["n_recordings"] == n_valid  # every example clip is a recording of its own
+    assert lk["window"]["source"].startswith("the adapter's training config")  # best_model/config.yaml
+    assert lk["window_seconds"] == lk["window"]["max_duration"] == 30.0
     assert d["diff"] == pytest.approx(lk["lora"]["ce"] - lk["base"]["ce"], abs=1e-9)
     assert d["ci_low"] <= d["diff"] <= d["ci_high"]
     # training lowered the held-out loss, so the adapter must be better here too, on every clip (interval < 0)
@@ -178,17 +295,33 @@ def test_compare_generation_metrics_and_files(compare_run):
     for m in ("base", "lora"):
         s = gen["signal"][m]
         assert s["n"] == 4 and 0.0 <= s["failure_rate"] <= 1.0
-        assert s["n_used_in_distances"] == 4  # all finite
+        assert s["n_used_in_distances"] == s["n_usable_alone"] == 4  # all finite
         for c in (c for c in gen["clips"] if c["model"] == m):
             assert (out / c["wav"]).is_file() and (out / c["spectrogram"]).is_file()
             import soundfile as sf
 
             info = sf.info(str(out / c["wav"]))
             assert info.samplerate == 32000 and abs(info.duration - 1.0) < 0.01
-    for floor in ("noise", "codec"):
-        for space in ("encodec", "librosa"):
-            f = gen["floors"][floor][space]
-            assert f["fad"] >= 0 and math.isfinite(f["kad"]["value"])
+    n_ref = gen["reference"]["n_clips"]
+    for space in ("encodec", "librosa"):  # what each floor is made of (their size: tests/test_metrics.py)
+        noise, codec = gen["floors"]["noise"][space], gen["floors"]["codec"][space]
+        assert (noise["n_clips"], noise["n_reference_clips"]) == ((n_ref + 1) // 2, n_ref // 2)
+        assert codec["n_clips"] == codec["n_reference_clips"] == n_ref
+    # one set for both models, named in results.json; every difference with its paired interval
+    ds = gen["distance_set"]
+    assert ds["n_pairs"] == ds["n_pairs_generated"] == 4 and ds["pairs"] == [[0, 0], [0, 1], [1, 0], [1, 1]]
+    assert all(c.get("used_in_distances") for c in gen["clips"])
+    iv = gen["intervals"]
+    assert iv["n_pairs"] == 4 and iv["n_boot_fad_kad"] == evaluate.GEN_BOOTSTRAP_MAX  # capped: 500 asked
+    keys = {"encodec.fad", "encodec.kad", "librosa.fad", "librosa.kad", "librosa.kad_clip_statistics",
+            "failed_share", "clap"}
+    assert set(iv["metrics"]) == keys
+    rows = {r["metric"]: r for r in res["summary"]}
+    for metric, key in (("FAD (EnCodec latents)", "encodec.fad"), ("KAD ×100 (librosa)", "librosa.kad"),
+                        ("CLAP text-audio score", "clap")):
+        m = iv["metrics"][key]
+        assert m["ci_low"] <= m["ci_high"] and m["n_pairs"] == 4
+        assert (rows[metric]["better"] in ("LoRA", "base")) == m["excludes_zero"], (metric, m, rows[metric])
     for m in ("base", "lora"):
         dist = gen["distances"][m]
         assert dist is not None, f"{m}: no clip passed the signal checks: {gen['signal'][m]}"
@@ -217,7 +350,7 @@ def test_compare_report_html(compare_run):
     assert "charts/likelihood.png" in imgs and "charts/distances.png" in imgs
     assert "charts/training_loss.png" in imgs  # the adapter's logs/metrics.jsonl was found
     assert (out / "config.yaml").is_file()  # the resolved config next to the results
-    assert any("held-out clips" in n for n in res["notes"])  # 4 valid clips: the interval is flagged as rough
+    assert any("4 held-out recordings (4 held-out clips)" in n for n in res["notes"])  # the interval is rough
 
 
 def test_single_model_likelihood_only(tmp_path, tiny_model_dir, example_data_dir, trained_output_dir, compare_run,
@@ -281,3 +414,68 @@ def test_spectrogram_png_with_hostile_title(tmp_path):
     # "$\\undefinedcmd$" makes matplotlib's mathtext raise unless "$" is escaped
     p = save_spectrogram(wav, 16000, tmp_path / "s" / "x.png", r"lofi $\undefinedcmd$ beat, costs $5 <b>&")
     assert p.is_file() and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_lora_scale_zero_is_exactly_the_base_model_for_dora(tmp_path, tiny_model_dir, example_data_dir):
+    """peft's set_scale(0) zeroes B·A but DoRA's magnitude vector still rescales every adapted weight:
+    set_lora_scale(0) switches the adapter off instead, so scale 0 is the base model exactly (held-out logits and
+    generated audio, merged or not, and after evaluate's disable_adapter() context), and scale 1 is not."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    from lora.adapter import attach_lora, set_lora_scale
+    from lora.config import LoraSection, ModelConfig, parse_config
+    from lora.dataset import build_token_cache, load_metadata
+    from lora.generation import load_generation_model
+    from lora.loading import load_base_model
+
+    cpu = torch.device("cpu")
+    model, proc, info = load_base_model(ModelConfig(model_path=str(tiny_model_dir)))
+    clips, _ = build_token_cache(load_metadata(example_data_dir, split="valid"), model, proc, info, example_data_dir,
+                                 show_progress=False)
+
+    def per_clip(m):
+        return [c["ce"] for c in evaluate.heldout_likelihood(m, clips, info, 200, 2, cpu)["per_clip"]]
+
+    base = per_clip(model)
+    torch.manual_seed(0)
+    peft = attach_lora(model, LoraSection(use_dora=True))
+    with torch.no_grad():  # a "trained" DoRA adapter: B non-zero, magnitudes away from the weight norms
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.5)
+            elif "lora_magnitude_vector" in name:
+                p.mul_(1.5)
+    peft.eval()
+    full = per_clip(peft)
+    assert max(abs(a - b) for a, b in zip(full, base)) > 1e-3
+    for module in peft.modules():  # peft's own scale 0 (the old set_lora_scale): not the base model
+        if isinstance(module, LoraLayer):
+            module.set_scale("default", 0.0)
+    assert max(abs(a - b) for a, b in zip(per_clip(peft), base)) > 1e-4
+    set_lora_scale(peft, 0.0)
+    assert per_clip(peft) == base  # exactly
+    with peft.disable_adapter():  # evaluate's base context must not bring the adapter back on exit
+        pass
+    assert per_clip(peft) == base
+    set_lora_scale(peft, 1.0)
+    assert per_clip(peft) == pytest.approx(full, abs=1e-6)
+
+    # generation: the saved adapter at lora_scale 0, unmerged and merged, makes the base model's audio
+    peft.save_pretrained(tmp_path / "dora")
+    argv = ["--base_model_path", str(tiny_model_dir), "--dtype", "float32", "--do_sample", "false",
+            "--eval_duration", "0.3"]
+    sections = ("evaluation", "model", "generation", "data")
+    cfg, _ = parse_config(argv, sections=sections)
+    ref_model, ref_proc, _, _ = load_generation_model(cfg, device="cpu", adapter_path=None)
+    want = evaluate.generate_clips(ref_model, ref_proc, info, "base", ["lofi piano"], [0], cfg)[0]
+    for scale, merge in (("0", "false"), ("0", "true"), ("1", "false")):
+        cfg, _ = parse_config(argv + ["--lora_model_path", str(tmp_path / "dora"), "--lora_scale", scale,
+                                      "--merge", merge], sections=sections)
+        m, p, _, adapter_info = load_generation_model(cfg, device="cpu")
+        assert adapter_info["scale"] == float(scale) and adapter_info["merged"] == (merge == "true")
+        got = evaluate.generate_clips(m, p, info, "lora", ["lofi piano"], [0], cfg)[0]
+        if scale == "0":
+            assert np.array_equal(got, want), (scale, merge)
+        else:
+            assert not np.allclose(got, want, atol=1e-4)

@@ -89,7 +89,8 @@ def test_bench_takes_only_main_from_a_script():
                 bad.append(f"bench/{name}:{node.lineno} takes {names} from {mod}")
             if not names:  # `from lora import train_lora`: only .main may be used
                 for a in node.names:
-                    aliases[a.asname or a.name] = mod
+                    if f"lora.{a.name}" == mod:
+                        aliases[a.asname or a.name] = mod
         for node in ast.walk(tree):
             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases \
                     and node.attr != "main":

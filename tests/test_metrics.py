@@ -106,6 +106,112 @@ def test_paired_bootstrap_coverage_rate_and_weights():
         M.paired_bootstrap_ci([1, 2], [1, 2, 3])
 
 
+def test_cluster_bootstrap_widens_by_sqrt_clips_per_recording_and_covers():
+    """Clips cut from one recording share that recording's effect on the difference. Resampling clips treats 120
+    correlated clips as independent: the interval is too narrow by ~sqrt(4) and misses the true difference far
+    more often than 5 %. Resampling recordings (the cluster bootstrap) is wider by ~sqrt(clips per recording) and
+    covers at about the nominal rate."""
+    rng = np.random.default_rng(7)
+    n_rec, per_rec, true_diff, reps = 30, 4, -0.2, 200
+    recording = np.repeat(np.arange(n_rec), per_rec)
+    ratios, hits_cluster, hits_clip = [], 0, 0
+    for i in range(reps):
+        base = rng.normal(5.0, 1.0, size=n_rec * per_rec)
+        effect = np.repeat(rng.normal(0.0, 0.5, size=n_rec), per_rec)  # the recording's own difference
+        other = base + true_diff + effect + rng.normal(0.0, 0.05, size=base.size)
+        tokens = rng.integers(100, 200, size=base.size)
+        c = M.paired_bootstrap_ci(base, other, tokens, clusters=[f"song{r}" for r in recording], n_boot=500, seed=i)
+        p = M.paired_bootstrap_ci(base, other, tokens, n_boot=500, seed=i)
+        assert c["n"] == p["n"] == 120 and c["n_clusters"] == 30 and p["n_clusters"] == 120
+        assert c["diff"] == pytest.approx(p["diff"])  # the token-weighted estimate is the same; only its spread
+        ratios.append((c["ci_high"] - c["ci_low"]) / (p["ci_high"] - p["ci_low"]))
+        hits_cluster += c["ci_low"] <= true_diff <= c["ci_high"]
+        hits_clip += p["ci_low"] <= true_diff <= p["ci_high"]
+    assert np.median(ratios) == pytest.approx(np.sqrt(per_rec), rel=0.15)
+    assert 0.88 <= hits_cluster / reps <= 0.99  # nominal 95 % (percentile bootstrap: a bit narrow at 30 recordings)
+    assert hits_clip / reps < 0.80  # the clip bootstrap overstates: ~68 % at a design effect of ~4
+
+
+def test_cluster_bootstrap_one_clip_per_recording_is_the_clip_bootstrap():
+    rng = np.random.default_rng(8)
+    base = rng.normal(size=40)
+    other = base - 0.1 + rng.normal(0, 0.3, size=40)
+    w = rng.integers(50, 100, size=40)
+    plain = M.paired_bootstrap_ci(base, other, w, n_boot=800, seed=3)
+    own = M.paired_bootstrap_ci(base, other, w, clusters=[f"rec{i}" for i in range(40)], n_boot=800, seed=3)
+    assert own == plain  # same draws, same interval
+    unnamed = M.paired_bootstrap_ci(base, other, w, clusters=[None] * 40, n_boot=800, seed=3)
+    assert unnamed == plain  # a clip without a source is a recording of its own
+    # one recording: every resample is that recording, the interval has no width (the report names no winner)
+    one = M.paired_bootstrap_ci(base, other, w, clusters=["album/track"] * 40, n_boot=200)
+    assert one["n_clusters"] == 1 and one["ci_low"] == pytest.approx(one["ci_high"])
+    with pytest.raises(ValueError):
+        M.paired_bootstrap_ci(base, other, clusters=["a"] * 39)
+
+
+# ------------------------------------------------------------------------------------ distances vs their floor
+def _tone_clip(rng, f0, seconds=1.0, sr=16000):
+    t = np.arange(int(seconds * sr)) / sr
+    x = sum(0.3 / k * np.sin(2 * np.pi * k * f0 * t + rng.uniform(0, 2 * np.pi)) for k in (1, 2, 3))
+    return (x + 0.003 * rng.normal(size=t.size)).astype(np.float32)
+
+
+def test_fad_kad_reference_halves_near_floor_noise_and_shifted_tone_far_above():
+    """What evaluate does (loudness-normalised clips, librosa frame features standardised on the reference): a
+    reference set against itself is 0, a disjoint half of it against the other half is the floor, and noise or the
+    same tones three octaves up are at least 10x above that floor."""
+    rng = np.random.default_rng(0)
+    sr = 16000
+
+    def feats(wavs):
+        return [M.librosa_frame_features(M.loudness_normalize(w, sr), sr) for w in wavs]
+
+    ref = feats([_tone_clip(rng, f) for f in rng.uniform(200, 400, size=24)])
+    noise = feats([(0.1 * rng.normal(size=sr)).astype(np.float32) for _ in range(12)])
+    shifted = feats([_tone_clip(rng, 8 * f) for f in rng.uniform(200, 400, size=12)])
+    z = M.standardizer(np.concatenate(ref))
+    cat = lambda clips: z(np.concatenate(clips))  # noqa: E731
+    y, half_a, half_b = cat(ref), cat(ref[0::2]), cat(ref[1::2])
+    assert M.frechet_audio_distance(y, y) == pytest.approx(0.0, abs=1e-6)
+    fad_floor = M.frechet_audio_distance(half_a, half_b)
+    kad_floor = abs(M.kernel_audio_distance(half_a, half_b)["value"])
+    for far in (cat(noise), cat(shifted)):
+        assert M.frechet_audio_distance(far, y) > 10 * fad_floor
+        assert M.kernel_audio_distance(far, y)["value"] > 10 * kad_floor
+        assert M.frechet_audio_distance(far, y) > 10 * M.frechet_audio_distance(half_a, y)  # half vs whole too
+
+
+# ------------------------------------------------------------------------------------ set-distance bootstrap
+def test_set_distance_bootstrap_equals_the_distance_of_each_resample():
+    """frechet_bootstrap / kernel_bootstrap give, per resample (multiplicities of clips), the FAD / KAD of the
+    concatenated frames of that resample (for KAD without pairs of a frame with its own copy)."""
+    rng = np.random.default_rng(1)
+    clips = [rng.normal(0.2 * i, 1.0, size=(30, 5)) for i in range(6)]
+    ref = rng.normal(size=(200, 5))
+    ones = np.ones((1, 6))
+    x = np.concatenate(clips)
+    assert M.frechet_bootstrap(clips, ref, ones)[0] == pytest.approx(M.frechet_audio_distance(x, ref), rel=1e-8)
+    for kernel in ("rbf", "poly"):
+        got = M.kernel_bootstrap(clips, ref, ones, kernel=kernel, max_rows=120)[0]
+        want = M.kernel_audio_distance(M.subsample_rows(x, 120), M.subsample_rows(ref, 120), kernel=kernel)["value"]
+        assert got == pytest.approx(want, rel=1e-8)
+    counts = M.bootstrap_counts(6, 50, seed=2)
+    assert counts.shape == (50, 6) and np.all(counts.sum(axis=1) == 6)
+    row = counts[0]
+    drawn = np.concatenate([clips[i] for i in range(6) for _ in range(row[i])])
+    assert M.frechet_bootstrap(clips, ref, counts[:1])[0] == pytest.approx(M.frechet_audio_distance(drawn, ref),
+                                                                           rel=1e-8)
+    # KAD of the resample: the unbiased estimate over the drawn frames, pairs of a frame with itself left out
+    h = M.median_pairwise_distance(ref)
+    k = lambda a, b: np.exp(-M._sq_dists(a, b) / (2 * h * h))  # noqa: E731
+    owner = np.concatenate([np.full(30 * row[i], i) for i in range(6)])
+    frame = np.concatenate([np.tile(np.arange(30), row[i]) for i in range(6)])
+    same = (owner[:, None] == owner[None]) & (frame[:, None] == frame[None])
+    kyy = k(ref, ref)
+    want = (k(drawn, drawn)[~same].mean() + (kyy.sum() - np.trace(kyy)) / (200 * 199) - 2 * k(drawn, ref).mean())
+    assert M.kernel_bootstrap(clips, ref, counts[:1])[0] == pytest.approx(M.KAD_SCALE * want, rel=1e-8)
+
+
 # ------------------------------------------------------------------------------------ signal checks
 SR = 16000
 

@@ -311,6 +311,13 @@ def test_torchrun_two_processes_match_one_process(tmp_path, tiny_model_dir, exam
     s2 = json.loads((two / "final_model" / "trainer_state.json").read_text())
     assert s2["run"]["world_size"] == 2 and s2["effective_batch"] == s1["effective_batch"] == 4
     assert s2["best_metric"] == pytest.approx(s1["best_metric"], abs=1e-5)
+    # The logs are the whole step's on every process count: loss, per-codebook losses, samples, null-condition share.
+    log1, log2 = ([e for e in _metrics(out) if "lr" in e] for out in (one, two))
+    assert [e["step"] for e in log1] == [e["step"] for e in log2] == [1, 2, 3]
+    for a, b in zip(log1, log2):
+        assert a["samples"] == b["samples"] == 4 and a["null_cond_frac"] == b["null_cond_frac"]
+        for key in ["loss"] + [k for k in a if k.startswith("loss_cb")]:
+            assert b[key] == pytest.approx(a[key], abs=1e-5), key
 
 
 def test_gradient_checkpointing_trains_the_same(tmp_path, tiny_model_dir, example_data_dir):
