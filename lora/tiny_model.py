@@ -14,7 +14,7 @@ import json
 import os
 from pathlib import Path
 
-from lora import musicgen
+from lora import musicgen, musicgen_melody
 from lora.utils import atomic_dir, file_lock, log
 
 TINY_SEED = 1234
@@ -114,8 +114,9 @@ def _quiet_transformers():
         hf_logging.set_verbosity(old)
 
 
-def tiny_is_complete(directory: Path, stereo: bool) -> bool:
-    """True when ``directory`` holds a finished tiny model of this format (mono or stereo as asked)."""
+def tiny_is_complete(directory: Path, stereo: bool, melody: bool = False) -> bool:
+    """True when ``directory`` holds a finished tiny model of this format (mono or stereo, melody or not, as
+    asked)."""
     marker = directory / MARKER
     if not marker.is_file():
         return False
@@ -125,23 +126,26 @@ def tiny_is_complete(directory: Path, stereo: bool) -> bool:
         return False
     if meta.get("version") != TINY_FORMAT_VERSION or meta.get("stereo") != stereo:
         return False
+    if bool(meta.get("melody", False)) != melody:
+        return False
     return all((directory / f).is_file() for f in TINY_FILES)
 
 
-def ensure_tiny_model(directory: str | os.PathLike, stereo: bool = False) -> Path:
-    """Build the tiny random MusicGen into ``directory`` once (atomically); return the folder.
+def ensure_tiny_model(directory: str | os.PathLike, stereo: bool = False, melody: bool = False) -> Path:
+    """Build the tiny random MusicGen (``melody``: MusicGen-Melody) into ``directory`` once (atomically); return
+    the folder.
 
     Deterministic: the same code builds the same weights (seeded). An existing complete folder is reused.
     """
     directory = Path(directory).expanduser().resolve()
-    if tiny_is_complete(directory, stereo):
+    if tiny_is_complete(directory, stereo, melody):
         return directory
     directory.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(directory.parent / f".{directory.name}.lock"):
         # Another process (e.g. a second GPU rank) may have built it while we waited.
-        if tiny_is_complete(directory, stereo):
+        if tiny_is_complete(directory, stereo, melody):
             return directory
-        _build_tiny_model(directory, stereo)
+        (_build_tiny_melody_model if melody else _build_tiny_model)(directory, stereo)
     return directory
 
 
@@ -250,4 +254,49 @@ def _build_tiny_model(directory: Path, stereo: bool) -> None:
             (tmp / MARKER).write_text(json.dumps(
                 {"version": TINY_FORMAT_VERSION, "stereo": stereo, "seed": TINY_SEED,
                  "note": "Built-in random MusicGen for tests and dry runs (lora.tiny_model.ensure_tiny_model)."},
+                indent=2) + "\n", encoding="utf-8")
+
+
+# --------------------------------------------------------------------------------------------
+# The tiny MusicGen-Melody
+# --------------------------------------------------------------------------------------------
+TINY_CHROMA_LENGTH = 235  # as the released melody models: 30 s of chroma (shorter melodies are tiled to it)
+MELODY_FEATURE_EXTRACTOR = {  # facebook/musicgen-melody's preprocessor_config.json (the extractor needs torchaudio
+    "feature_extractor_type": "MusicgenMelodyFeatureExtractor", "processor_class": "MusicgenMelodyProcessor",
+    "feature_size": 12, "sampling_rate": 32000, "hop_length": 4096, "chunk_length": 30, "n_fft": 16384,
+    "num_chroma": 12, "padding_value": 0.0, "padding_side": "right", "return_attention_mask": False,
+    "stem_indices": [3, 2]}  # to be built, so it is written as the hub folders have it; lora.chroma computes it)
+
+
+def _build_tiny_melody_model(directory: Path, stereo: bool) -> None:
+    import torch
+    from transformers import GenerationConfig, MusicgenMelodyForConditionalGeneration
+
+    log.info("Building the tiny %s melody test model in %s (once)", "stereo" if stereo else "mono", directory)
+    with _quiet_transformers():
+        tokenizer = build_tokenizer()
+        # T5 width 32 != decoder width 64: the text projection exists, as in the released models (768 -> 1536)
+        cfg = musicgen_melody.config_from_musicgen(_tiny_configs(stereo, text_vocab=len(tokenizer)),
+                                                   chroma_length=TINY_CHROMA_LENGTH)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(TINY_SEED)
+            model = MusicgenMelodyForConditionalGeneration(cfg)
+            model.eval()
+            _fit_tiny_codebooks(musicgen_melody.audio_codec(model))
+            _level_tiny_decoder(musicgen_melody.audio_codec(model))
+            with torch.no_grad():
+                for head in musicgen_melody.lm_heads(model):
+                    head.weight.normal_(0.0, TINY_HEAD_STD)
+        pad = cfg.decoder.pad_token_id
+        model.generation_config = GenerationConfig(
+            decoder_start_token_id=pad, pad_token_id=pad, bos_token_id=pad, guidance_scale=3.0, do_sample=True,
+            max_length=1500, top_k=250)
+        with atomic_dir(directory) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            (tmp / "preprocessor_config.json").write_text(json.dumps(MELODY_FEATURE_EXTRACTOR, indent=2) + "\n",
+                                                          encoding="utf-8")
+            (tmp / MARKER).write_text(json.dumps(
+                {"version": TINY_FORMAT_VERSION, "stereo": stereo, "melody": True, "seed": TINY_SEED,
+                 "note": "Built-in random MusicGen-Melody for tests (lora.tiny_model.ensure_tiny_model)."},
                 indent=2) + "\n", encoding="utf-8")

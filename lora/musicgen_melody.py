@@ -1,0 +1,289 @@
+"""The MusicGen-Melody model family (``model_type`` ``musicgen_melody``): a sibling of ``lora.musicgen`` with the
+same names, for ``facebook/musicgen-melody``, ``-melody-large`` and ``-stereo-melody(-large)``.
+
+What differs from MusicGen, read from transformers' ``models/musicgen_melody`` (5.24):
+
+* **Conditioning is a prefix, not cross-attention.** The decoder reads ``cat([melody, text])`` before the audio
+  tokens under one causal mask: ``melody`` = ``audio_enc_to_dec_proj(chroma)`` (chroma: one-hot (T, 12), see
+  ``lora.chroma``) tiled with ``repeat`` to ``chroma_length`` frames and cut there; ``text`` =
+  ``enc_to_dec_proj(T5 states) * mask``. No mask is passed on, so masked text positions are zero vectors that the
+  decoder still attends to: the text length is part of the condition (it moves the positions of the tokens).
+* **The null condition** (classifier-free guidance, and what ``generate`` uses when no melody is given): the
+  melody is a one-hot on bin 0 (projected, so it is ``W[:, 0] + b``, not zero); the text is zeros of the same
+  length as the conditional text.
+* The decoder has no cross-attention, so LoRA goes on its self-attention (and optionally the feed-forward block
+  and the two projections of the prefix).
+* The loss scores only the audio positions: the logits are the last S of prefix + S positions
+  (``lora.musicgen.codebook_loss`` already scores the last S).
+
+The codec, the text encoder, the delay pattern and the loss are MusicGen's and are shared with ``lora.musicgen``.
+Functions that take the conditioning take the chroma as ``chroma``: a float tensor (B, Tc, 12) or None for the
+null melody.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+from lora import musicgen
+from lora.musicgen import (  # noqa: F401  (the shared parts of the family interface)
+    CodebookLoss,
+    attention_implementation,
+    audio_codec,
+    build_delay_pattern,
+    codebook_loss,
+    codec_latents,
+    compile_decoder,
+    decode_audio,
+    decoder,
+    decoder_param,
+    encode_audio,
+    encode_text,
+    frames_from_pattern,
+    generation_pattern,
+    get_base,
+    lm_heads,
+    max_positions,
+    null_text_states,
+    set_decoder_dropout,
+    text_encoder_of,
+)
+from lora.utils import log
+
+MODEL_TYPE = "musicgen_melody"
+
+
+@dataclass
+class ModelInfo(musicgen.ModelInfo):
+    """MusicGen's ModelInfo plus the melody condition's size."""
+
+    model_type: str = MODEL_TYPE
+    chroma_length: int = 235     # prefix frames of the melody (30 s at 7.8125 frames/s for the released models)
+    num_chroma: int = 12
+
+
+def from_pretrained(path: str, attn: str, **kw):
+    """``MusicgenMelodyForConditionalGeneration.from_pretrained`` with the decoder's attention kernel set."""
+    from transformers import MusicgenMelodyForConditionalGeneration as Model
+
+    if attn == "eager":
+        return Model.from_pretrained(path, attn_implementation="eager", **kw)
+    try:
+        return Model.from_pretrained(path, attn_implementation={"decoder": attn}, **kw)
+    except (ValueError, ImportError) as e:
+        if "attn" not in str(e).lower() and "attention" not in str(e).lower():
+            raise
+        log.info("attn_implementation=%s is not available here (%s); falling back to eager attention", attn,
+                 str(e).splitlines()[0][:200])
+        return Model.from_pretrained(path, attn_implementation="eager", **kw)
+
+
+class TextProcessor:
+    """What the toolkit needs of a processor for a melody model: its tokenizer (``.tokenizer``, and called with
+    ``text=`` like a processor). transformers' MusicgenMelodyProcessor cannot be built without torchaudio (its
+    feature extractor's spectrogram); the chroma is computed by ``lora.chroma`` instead."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, text=None, **kw):
+        return self.tokenizer(text, **kw)
+
+    def save_pretrained(self, directory, **kw):
+        return self.tokenizer.save_pretrained(directory, **kw)
+
+
+def load_processor(path: str, **kw) -> TextProcessor:
+    from transformers import AutoTokenizer
+
+    return TextProcessor(AutoTokenizer.from_pretrained(path, **kw))
+
+
+def model_info(model, name_or_path: str, identity: str, hub_revision: Optional[str] = None) -> ModelInfo:
+    common = musicgen.model_info(model, name_or_path, identity, hub_revision).to_dict()
+    cfg = get_base(model).config
+    common.update(model_type=MODEL_TYPE, chroma_length=int(cfg.chroma_length), num_chroma=int(cfg.num_chroma))
+    return ModelInfo(**common)
+
+
+def config_from_musicgen(config, chroma_length: int = 235, num_chroma: int = 12):
+    """A MusicgenMelodyConfig with the codec, text encoder and decoder sizes of a MusicgenConfig (the tiny melody
+    models are the tiny MusicGens made melody models)."""
+    from transformers import MusicgenMelodyConfig, MusicgenMelodyDecoderConfig
+
+    dec = config.decoder.to_dict()
+    keep = ("vocab_size", "max_position_embeddings", "num_hidden_layers", "ffn_dim", "num_attention_heads",
+            "hidden_size", "num_codebooks", "audio_channels", "dropout", "attention_dropout", "activation_dropout",
+            "activation_function", "layerdrop", "scale_embedding", "tie_word_embeddings", "pad_token_id",
+            "bos_token_id", "decoder_start_token_id")
+    dec_cfg = MusicgenMelodyDecoderConfig(**{k: dec[k] for k in keep})
+    return MusicgenMelodyConfig(text_encoder=config.text_encoder.to_dict(),
+                                audio_encoder=config.audio_encoder.to_dict(), decoder=dec_cfg.to_dict(),
+                                num_chroma=num_chroma, chroma_length=chroma_length)
+
+
+# --------------------------------------------------------------------------------------------
+# The parts of the model
+# --------------------------------------------------------------------------------------------
+def _projections(model) -> list:
+    base = get_base(model)
+    return [m for m in (getattr(base, "audio_enc_to_dec_proj", None), getattr(base, "enc_to_dec_proj", None))
+            if m is not None]
+
+
+def decoder_modules(model) -> list:
+    """The decoder and the two projections into its width that build the prefix: what every step runs."""
+    return [get_base(model).decoder, *_projections(model)]
+
+
+def parameter_counts(model) -> dict:
+    base = get_base(model)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    return {"decoder": count(base.decoder) + sum(count(m) for m in _projections(model)),
+            "text encoder": count(base.text_encoder), "EnCodec": count(base.audio_encoder)}
+
+
+def enable_gradient_checkpointing(model) -> None:
+    musicgen.enable_gradient_checkpointing(model)
+
+
+# --------------------------------------------------------------------------------------------
+# Where LoRA may go
+# --------------------------------------------------------------------------------------------
+_ATTN_PROJ = r"(?:q_proj|k_proj|v_proj|out_proj)"
+_LAYER = r"decoder\.model\.decoder\.layers\.\d+\."
+_PREFIX_PROJ = r"(?:audio_enc_to_dec_proj|enc_to_dec_proj)"
+LORA_PRESETS = {
+    # The decoder's self-attention (there is no cross-attention: the condition is a prefix).
+    "attention": rf"{_LAYER}self_attn\.{_ATTN_PROJ}",
+    # ... plus the feed-forward block.
+    "attention_ffn": rf"{_LAYER}(?:self_attn\.{_ATTN_PROJ}|fc1|fc2)",
+    # ... plus the projections of the melody and the text into the decoder's width.
+    "attention_ffn_proj": rf"(?:{_LAYER}(?:self_attn\.{_ATTN_PROJ}|fc1|fc2)|{_PREFIX_PROJ})",
+}
+LORA_PRESETS_HELP = ("'attention' (self-attention q/k/v/out), 'attention_ffn' (+ fc1/fc2), 'attention_ffn_proj' "
+                     "(+ the melody and text projections)")
+LORA_SEARCH_PREFIX = ("decoder.", "audio_enc_to_dec_proj", "enc_to_dec_proj")
+LORA_EXAMPLE_LAYER = musicgen.LORA_EXAMPLE_LAYER
+DECODER_NAME = "MusicGen-Melody decoder"
+TEXT_ENCODER_TARGETS = musicgen.TEXT_ENCODER_TARGETS
+DECODER_SHAPE_KEYS = musicgen.DECODER_SHAPE_KEYS
+
+
+def decoder_shape(config) -> dict:
+    """The decoder's architecture plus the melody prefix's (an adapter on the projections depends on them)."""
+    shape = musicgen.decoder_shape(config)
+    get = config.get if isinstance(config, dict) else (lambda k: getattr(config, k, None))
+    shape.update(num_chroma=get("num_chroma"), chroma_length=get("chroma_length"))
+    return shape
+
+
+# --------------------------------------------------------------------------------------------
+# The melody and the prefix
+# --------------------------------------------------------------------------------------------
+def null_melody(batch: int, info: ModelInfo, device=None, dtype=None):
+    """The null melody: one frame with bin 0 set, (B, 1, 12), as generate() builds it."""
+    import torch
+
+    x = torch.zeros((batch, 1, info.num_chroma), device=device, dtype=dtype or torch.float32)
+    x[:, :, 0] = 1
+    return x
+
+
+def melody_states(model, chroma, info: ModelInfo):
+    """Projected melody (B, chroma_length, H): ``audio_enc_to_dec_proj(chroma)`` tiled with ``repeat`` up to
+    ``chroma_length`` frames and cut there (transformers' forward / generate)."""
+    base = get_base(model)
+    proj = getattr(base, "audio_enc_to_dec_proj", None)
+    x = proj(chroma.to(next(proj.parameters()).dtype)) if proj is not None else chroma
+    if x.shape[1] < info.chroma_length:
+        x = x.repeat(1, int(math.ceil(info.chroma_length / x.shape[1])), 1)
+    return x[:, : info.chroma_length]
+
+
+def text_states(model, hidden, mask):
+    """Projected text (B, L, H) = ``enc_to_dec_proj(hidden) * mask``: masked positions are zero vectors."""
+    proj = getattr(get_base(model), "enc_to_dec_proj", None)
+    if proj is not None:
+        hidden = proj(hidden.to(next(proj.parameters()).dtype))
+    return hidden * mask[..., None].to(hidden.dtype)
+
+
+def prefix(model, info: ModelInfo, hidden, mask, chroma=None):
+    """The decoder's conditioning prefix (B, chroma_length + L, H) = cat([melody, text]); ``chroma`` None is the
+    null melody."""
+    import torch
+
+    if chroma is None:
+        chroma = null_melody(hidden.shape[0], info, device=hidden.device)
+    chroma = chroma.to(hidden.device)
+    return torch.cat([melody_states(model, chroma, info), text_states(model, hidden, mask)], dim=1)
+
+
+def condition(model, info: ModelInfo, hidden, mask, chroma=None) -> dict:
+    """The keyword arguments of ``MusicgenMelodyForConditionalGeneration.forward`` for cached text states: the
+    prefix built here (passing ``encoder_hidden_states`` makes transformers skip its own chroma block)."""
+    return {"encoder_hidden_states": prefix(model, info, hidden, mask, chroma)}
+
+
+def null_condition(batch: int, info: ModelInfo, length: int = 1, device=None, dtype=None):
+    """Null text (zero states, zero mask) of ``length`` positions: generate's null has the conditional text's
+    length, which here changes the decoder's input (not only its mask)."""
+    import torch
+
+    dtype = dtype or torch.float32
+    hidden = torch.zeros((batch, length, info.text_hidden_size), device=device, dtype=dtype)
+    return hidden, torch.zeros((batch, length), device=device, dtype=torch.long)
+
+
+def drop_condition(hidden, mask, keep, chroma=None, keep_melody=None):
+    """Conditioning dropout: rows where ``keep`` is False get the null text (zeros, zero mask, same length) and the
+    null melody; rows where only ``keep_melody`` is False keep their text and get the null melody (audiocraft's
+    attribute dropout on the melody). Returns (hidden, mask, chroma)."""
+    import torch
+
+    hidden, mask = musicgen.drop_condition(hidden, mask, keep)
+    if chroma is None:
+        return hidden, mask, None
+    melody_on = keep if keep_melody is None else keep & keep_melody
+    null = torch.zeros_like(chroma)
+    null[..., 0] = 1
+    return hidden, mask, torch.where(melody_on[:, None, None], chroma, null)
+
+
+def with_unconditional(hidden, mask, chroma=None):
+    """Classifier-free guidance as generate() builds it: the null text (zeros of the same shape) and the null
+    melody appended as a second half of the batch. Returns (hidden, mask, chroma); chroma None stays None (the
+    null melody for both halves)."""
+    import torch
+
+    hidden, mask = musicgen.with_unconditional(hidden, mask)
+    if chroma is None:
+        return hidden, mask, None
+    null = torch.zeros_like(chroma)
+    null[..., 0] = 1
+    return hidden, mask, torch.cat([chroma, null], dim=0)
+
+
+# --------------------------------------------------------------------------------------------
+# The teacher-forced forward, and decoding with transformers' cache
+# --------------------------------------------------------------------------------------------
+def teacher_forced_logits(model, info: ModelInfo, codes, lengths, hidden, mask, autocast=contextlib.nullcontext,
+                          chroma=None):
+    """As ``lora.musicgen.teacher_forced_logits``, with the melody prefix. The logits cover prefix + S positions;
+    ``codebook_loss`` scores the last S (the audio positions), as transformers' loss does."""
+    dec_in, labels = build_delay_pattern(codes, lengths, info)
+    with autocast():
+        logits = model(**condition(model, info, hidden, mask, chroma), decoder_input_ids=dec_in).logits
+    return logits, labels
+
+
+def cached_step(model, info: ModelInfo, hidden, mask, ids, cache, chroma=None):
+    """One decoder call with transformers' cache: the prefix goes in only on the first call (cache None), as in
+    transformers' ``prepare_inputs_for_generation``. Returns (logits of the last position, the cache)."""
+    kw = condition(model, info, hidden, mask, chroma) if cache is None else {}
+    out = get_base(model)(**kw, decoder_input_ids=ids, cache=cache, use_cache=True)
+    return out.logits[:, -1], out.cache

@@ -1,0 +1,216 @@
+"""MusicGen-Melody as a second model family (lora.musicgen_melody, lora.chroma), checked against transformers'
+own MusicgenMelodyForConditionalGeneration on tiny random melody models (mono and stereo): the chroma, the
+conditioning prefix, the training loss, the null condition and greedy generation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+SR = 32000
+
+
+@pytest.fixture(scope="module", params=["mono", "stereo"])
+def melody(request, tmp_path_factory):
+    from lora import musicgen_melody as M
+    from lora.tiny_model import ensure_tiny_model
+
+    d = ensure_tiny_model(tmp_path_factory.mktemp("tiny_melody") / request.param, stereo=request.param == "stereo",
+                          melody=True)
+    model = M.from_pretrained(str(d), "sdpa").eval()
+    return model, M.load_processor(str(d)), M.model_info(model, str(d), "test")
+
+
+def _tone(freqs, seconds, sr=SR):
+    t = np.arange(int(seconds * sr)) / sr
+    return sum(np.sin(2 * np.pi * f * t) for f in freqs).astype(np.float32) / len(freqs)
+
+
+def _melody_chroma(seconds=3.0):
+    """A tune: A, then C, then E (one pitch class per second)."""
+    from lora import chroma as C
+
+    wav = np.concatenate([_tone([440.0], seconds / 3), _tone([261.63], seconds / 3), _tone([329.63], seconds / 3)])
+    return C.chroma(wav, SR)
+
+
+# --------------------------------------------------------------------------------------------
+# Chroma
+# --------------------------------------------------------------------------------------------
+def test_chroma_of_a_440_hz_sine_lights_bin_a_in_every_frame():
+    from lora import chroma as C
+
+    ch = C.chroma(_tone([440.0], 4.0), SR)
+    assert ch.shape == (C.frames(4 * SR), 12) == (32, 12)
+    assert set(C.dominant_pitch_classes(ch)) == {"A"}
+    assert torch.equal(ch.sum(dim=-1), torch.ones(32))  # one-hot
+
+
+def test_chroma_follows_a_tune_and_is_cut_at_30_seconds():
+    from lora import chroma as C
+
+    names = C.dominant_pitch_classes(_melody_chroma(6.0))
+    # 7.8125 frames/s, 2 s per note: frames well inside each note carry it (window edges may mix two notes)
+    assert names[2:14] == ["A"] * 12 and names[18:29] == ["C"] * 11 and names[34:45] == ["E"] * 11
+    assert C.chroma(_tone([440.0], 31.0), SR).shape[0] == 235  # chroma_length of the released models
+
+
+def test_chroma_equals_an_independent_librosa_computation():
+    """librosa's STFT (centred, reflect padding, periodic Hann) and librosa's own chroma filter bank, then the
+    argmax: the same frames as lora.chroma (which uses torch.stft and transformers' port of the bank)."""
+    librosa = pytest.importorskip("librosa")
+    from lora import chroma as C
+
+    rng = np.random.default_rng(0)
+    wav = (_tone([196.0, 246.94, 293.66], 5.0) + 0.05 * rng.standard_normal(5 * SR)).astype(np.float32)
+    spec = np.abs(librosa.stft(wav, n_fft=C.N_FFT, hop_length=C.HOP, win_length=C.N_FFT, window="hann",
+                               center=True, pad_mode="reflect")) ** 2
+    bank = librosa.filters.chroma(sr=SR, n_fft=C.N_FFT, tuning=0.0, n_chroma=12)
+    expected = (bank @ spec).T
+    raw = C.raw_chroma(wav, SR).double().numpy()
+    assert raw.shape == expected.shape == (C.frames(5 * SR), 12)
+    # energies frame by frame, each frame scaled by its max (the extractor's normalisation), then the one-hot
+    np.testing.assert_allclose(raw / raw.max(axis=1, keepdims=True), expected / expected.max(axis=1, keepdims=True),
+                               rtol=1e-4, atol=1e-6)
+    assert np.array_equal(C.chroma(wav, SR).argmax(dim=-1).numpy(), expected.argmax(axis=1))
+
+
+def test_chroma_matches_transformers_feature_extractor_when_torchaudio_is_there():
+    pytest.importorskip("torchaudio")
+    from transformers import MusicgenMelodyFeatureExtractor
+
+    from lora import chroma as C
+
+    wav = _tone([220.0, 277.18], 4.0)
+    ref = MusicgenMelodyFeatureExtractor()(wav, sampling_rate=SR, return_tensors="pt").input_features[0]
+    assert torch.equal(C.chroma(wav, SR), ref)
+
+
+# --------------------------------------------------------------------------------------------
+# The prefix and the loss
+# --------------------------------------------------------------------------------------------
+def _batch(model, processor, info, texts=("deep house groove 120 BPM", "ambient pad"), frames=20):
+    from lora import musicgen_melody as M
+
+    hidden, mask = M.encode_text(model, processor, list(texts))
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, info.vocab_size, (len(texts), info.num_codebooks, frames), generator=g)
+    lengths = torch.tensor([frames] + [frames - 5] * (len(texts) - 1))
+    tokens = processor(text=list(texts), padding=True, return_tensors="pt")
+    return hidden, mask, codes, lengths, tokens
+
+
+def _ours(model, info, codes, lengths, hidden, mask, chroma):
+    from lora import musicgen_melody as M
+
+    logits, labels = M.teacher_forced_logits(model, info, codes, lengths, hidden, mask, chroma=chroma)
+    return logits, labels, M.codebook_loss(logits, labels)
+
+
+def test_loss_equals_transformers_melody_forward_with_labels(melody):
+    model, processor, info = melody
+    hidden, mask, codes, lengths, tokens = _batch(model, processor, info)
+    ch = _melody_chroma()
+    chroma = torch.stack([ch, torch.roll(ch, 3, dims=-1)])
+    logits, labels, loss = _ours(model, info, codes, lengths, hidden, mask, chroma)
+    ref = model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"], input_features=chroma,
+                labels=labels)
+    assert logits.shape == ref.logits.shape  # (B*K, chroma_length + L + S, V): prefix positions included
+    assert torch.equal(logits, ref.logits)
+    assert float(loss.loss) == pytest.approx(float(ref.loss), rel=1e-6, abs=1e-6)
+
+
+def test_the_melody_reaches_the_model_and_its_frames_are_in_order(melody):
+    """The equality above must break when the prefix is wrong: no chroma (the null melody), or the tune shifted by
+    one frame (a random tiny decoder moves the loss little, so the logits are compared)."""
+    model, processor, info = melody
+    hidden, mask, codes, lengths, tokens = _batch(model, processor, info, texts=("piano chords",))
+    chroma = _melody_chroma()[None]
+    logits, labels, _ = _ours(model, info, codes, lengths, hidden, mask, chroma)
+    ref = model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"], input_features=chroma,
+                labels=labels).logits
+    assert torch.equal(logits, ref)
+    for wrong in (None, torch.roll(chroma, 1, dims=1)):
+        other, _, _ = _ours(model, info, codes, lengths, hidden, mask, wrong)
+        assert (other - ref).abs().max() > 1e-4
+
+
+def test_no_melody_is_transformers_null_melody(melody):
+    """Without input_features transformers conditions on a one-hot of bin 0: ours with chroma None is that."""
+    model, processor, info = melody
+    hidden, mask, codes, lengths, tokens = _batch(model, processor, info)
+    logits, labels, _ = _ours(model, info, codes, lengths, hidden, mask, None)
+    ref = model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"], labels=labels)
+    assert torch.equal(logits, ref.logits)
+
+
+def test_dropped_condition_is_generate_null(melody):
+    """Conditioning dropout gives, row by row, what generate's unconditional half is: zero text of the same
+    length and the bin-0 melody; melody dropout alone keeps the text."""
+    from lora import musicgen_melody as M
+
+    model, processor, info = melody
+    hidden, mask, _, _, _ = _batch(model, processor, info)
+    chroma = torch.stack([_melody_chroma()] * 2)
+    keep, keep_melody = torch.tensor([False, True]), torch.tensor([True, False])
+    h, m, c = M.drop_condition(hidden, mask, keep, chroma, keep_melody)
+    uh, um, uc = M.with_unconditional(hidden, mask, chroma)
+    got = M.prefix(model, info, h, m, c)
+    unconditional = M.prefix(model, info, uh, um, uc)
+    assert torch.equal(got[0], unconditional[2])            # row 0 dropped: exactly generate's null row
+    assert torch.equal(got[1, info.chroma_length:], M.prefix(model, info, hidden, mask, chroma)[1, info.chroma_length:])
+    assert torch.equal(got[1, :info.chroma_length], M.prefix(model, info, hidden, mask, None)[1, :info.chroma_length])
+
+
+# --------------------------------------------------------------------------------------------
+# Greedy generation
+# --------------------------------------------------------------------------------------------
+def _greedy(model, info, hidden, mask, chroma, n_frames: int, guidance: float):
+    """Greedy decoding with the family's functions (delay pattern, CFG halves, cached step)."""
+    from lora import musicgen_melody as M
+
+    b, K = hidden.shape[0], info.num_codebooks
+    start = torch.full((b * K, 1), info.decoder_start_token_id, dtype=torch.long)
+    _, pattern = M.generation_pattern(model, start, info.pad_token_id, n_frames + info.codebooks_per_channel)
+    h, m, c = M.with_unconditional(hidden, mask, chroma) if guidance > 1 else (hidden, mask, chroma)
+    seq, cache = start, None
+    while seq.shape[1] < pattern.shape[1]:
+        step_in = seq if cache is None else seq[:, -1:]
+        ids = torch.cat([step_in, step_in]) if guidance > 1 else step_in
+        logits, cache = M.cached_step(model, info, h, m, ids, cache, c)
+        if guidance > 1:
+            cond, uncond = logits.split(b * K)
+            logits = uncond + (cond - uncond) * guidance
+        nxt = logits.argmax(dim=-1)[:, None]
+        col = pattern[:, seq.shape[1]: seq.shape[1] + 1]
+        nxt = torch.where(col == -1, nxt, col)
+        seq = torch.cat([seq, nxt], dim=1)
+    return M.frames_from_pattern(seq, n_frames, info)
+
+
+@pytest.mark.parametrize("with_melody", [True, False])
+def test_greedy_tokens_equal_transformers_generate(melody, with_melody, monkeypatch):
+    """Greedy decoding with guidance 3 through the family's functions gives transformers' generate() tokens, with
+    a melody and without (the null melody), mono and stereo. generate() returns audio: its codes are caught where
+    it hands them to EnCodec."""
+    from lora import musicgen_melody as M
+
+    model, processor, info = melody
+    texts = ["techno drums 128 BPM", "piano"]
+    hidden, mask = M.encode_text(model, processor, texts)
+    tokens = processor(text=texts, padding=True, return_tensors="pt")
+    chroma = torch.stack([_melody_chroma(), torch.roll(_melody_chroma(), 5, dims=-1)]) if with_melody else None
+    n = 12
+    ours = _greedy(model, info, hidden, mask, chroma, n, guidance=3.0)
+
+    caught = []
+    codec = M.audio_codec(model)
+    decode = codec.decode
+    monkeypatch.setattr(codec, "decode", lambda codes, *a, **k: (caught.append(codes[0]), decode(codes, *a, **k))[1])
+    kw = {"input_features": chroma} if with_melody else {}
+    steps = n + info.codebooks_per_channel - 1  # the delay pattern's extra steps
+    model.generate(**tokens, **kw, do_sample=False, guidance_scale=3.0, max_new_tokens=steps)
+    ref = caught[0] if info.audio_channels == 1 else torch.stack([caught[0], caught[1]], dim=2).flatten(1, 2)
+    assert ours.shape == ref.shape == (2, info.num_codebooks, n)
+    assert torch.equal(ours, ref)
