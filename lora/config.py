@@ -37,7 +37,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "config.yaml"
 
 # Names of built-in model presets that are not paths (lora.tiny_model builds them).
-BUILTIN_MODELS = ("tiny", "tiny-stereo")
+BUILTIN_MODELS = ("tiny", "tiny-stereo", "tiny-melody", "tiny-stereo-melody")
 
 
 class ConfigError(UserError):
@@ -65,7 +65,8 @@ class ModelConfig:
     model_path: str = _f(
         "facebook/musicgen-small",
         "Base MusicGen: a hub id (facebook/musicgen-small|medium|large, *-stereo-*), a local folder, "
-        "or 'tiny' / 'tiny-stereo' for the built-in random test model",
+        "or 'tiny' / 'tiny-stereo' (MusicGen) / 'tiny-melody' / 'tiny-stereo-melody' (MusicGen-Melody) for the "
+        "built-in random test models",
         aliases=("base_model_path",), kind="model")
     tiny_model_dir: str = _f("output/tiny_model", "Where the built-in tiny models are built once and cached",
                              kind="path")
@@ -146,6 +147,10 @@ class TrainingConfig:
                                   "guidance has a trained unconditional branch (audiocraft's MusicGen: "
                                   "classifier_free_guidance.training_dropout 0.3)",
                                       ge=0.0, lt=1.0, hint="audiocraft uses 0.3")
+    melody_dropout: float = _f(0.5, "Melody models only: probability of replacing a clip's melody (its chroma) by the "
+                                    "null melody while its caption stays, so the model also learns from text alone "
+                                    "(audiocraft's attribute dropout on the melody); cond_dropout drops both together",
+                               ge=0.0, lt=1.0, hint="audiocraft uses 0.5")
     mixed_precision: str = _f("auto", "auto = bf16 where the hardware runs it fast, fp16 on older GPUs, else fp32",
                               choices=("auto", "fp16", "bf16", "no"))
     fp16: bool = _f(False, "Same as mixed_precision=fp16 (the seed's flag); on CPU falls back with a warning")

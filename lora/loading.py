@@ -2,11 +2,11 @@
 
 Everything that touches the network goes through ``from_pretrained`` (so ``HF_ENDPOINT``, ``HF_HOME`` and
 ``HF_HUB_OFFLINE`` are honoured); a local folder and a hub id take the same code path. The built-in tiny
-models (``model_path: tiny`` / ``tiny-stereo``, lora.tiny_model) are built from config once, saved with
+models (``model_path: tiny`` / ``tiny-stereo`` / ``tiny-melody`` / ``tiny-stereo-melody``, lora.tiny_model) are built from config once, saved with
 ``save_pretrained`` and loaded back like any other folder, so every script runs without a download.
 
 The checkpoint's ``config.json`` names its ``model_type``; ``FAMILIES`` maps it to the module that knows that
-family's internals (today ``lora.musicgen``). ``family_for(info or model)`` is how the rest of the toolkit reaches
+family's internals (``lora.musicgen``, ``lora.musicgen_melody``). ``family_for(info or model)`` is how the rest of the toolkit reaches
 it, so a new family is one sibling module and one line here.
 """
 
@@ -21,12 +21,12 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from lora import musicgen
+from lora import musicgen, musicgen_melody
 from lora.config import BUILTIN_MODELS
 from lora.tiny_model import ensure_tiny_model
 from lora.utils import UserError, atomic_write_json, file_lock, log
 
-FAMILIES = {musicgen.MODEL_TYPE: musicgen}
+FAMILIES = {musicgen.MODEL_TYPE: musicgen, musicgen_melody.MODEL_TYPE: musicgen_melody}
 
 # Files a local model folder needs (see missing_local_files).
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -57,9 +57,10 @@ def resolve_model_path(model_cfg) -> str:
     anything else (a hub id) unchanged."""
     path = str(model_cfg.model_path)
     if path in BUILTIN_MODELS:
-        stereo = path == "tiny-stereo"
+        stereo, melody = "stereo" in path, path.endswith("melody")
         base = Path(model_cfg.tiny_model_dir).expanduser()
-        return str(ensure_tiny_model(base / ("stereo" if stereo else "mono"), stereo=stereo))
+        name = ("stereo" if stereo else "mono") + ("-melody" if melody else "")
+        return str(ensure_tiny_model(base / name, stereo=stereo, melody=melody))
     p = Path(path).expanduser()
     if p.exists():
         return str(p.resolve())
@@ -100,15 +101,10 @@ def check_model_type(config_path: Path, where: str) -> dict:
     except (OSError, ValueError) as e:
         raise UserError(f"{config_path} cannot be read as JSON ({e}). {download_hint(where)}") from None
     model_type = cfg.get("model_type")
-    if model_type == "musicgen_melody":
-        raise UserError(
-            f"{where} is a MusicGen-Melody model (model_type 'musicgen_melody'). Melody-conditioned models are not "
-            f"supported yet: use a text-to-music model such as facebook/musicgen-small, -medium, -large or a "
-            f"*-stereo-* variant.")
     if model_type not in FAMILIES:
         raise UserError(f"{where} is not a MusicGen model (config.json has model_type {model_type!r}, expected "
-                        f"'musicgen'). Use facebook/musicgen-small|medium|large (or a stereo variant), a folder "
-                        f"holding one, or 'tiny'.")
+                        f"'musicgen' or 'musicgen_melody'). Use facebook/musicgen-small|medium|large, "
+                        f"facebook/musicgen-melody (or a stereo variant), a folder holding one, or 'tiny'.")
     return cfg
 
 
@@ -317,8 +313,6 @@ def load_base_model(model_cfg, device=None, dtype=None):
     Returns (model, processor, info): the model is in eval mode with every parameter frozen; ``info`` is the
     family's ModelInfo.
     """
-    from transformers import AutoProcessor
-
     _install_warning_filter()
     path, directory, identity, hub_revision, kw, model_type = _locate(resolve_model_path(model_cfg), model_cfg)
     family = family_for(model_type)
@@ -327,7 +321,7 @@ def load_base_model(model_cfg, device=None, dtype=None):
         kw["dtype"] = dtype
     try:
         model = family.from_pretrained(path, attn, **kw)
-        processor = AutoProcessor.from_pretrained(path, **kw)
+        processor = family.load_processor(path, **kw)
     except OSError as e:
         raise UserError(f"Could not load the model from {path}: {str(e).splitlines()[0][:400]}. "
                         f"{download_hint(path if Path(path).is_dir() else 'models/' + path.split('/')[-1])}"

@@ -38,6 +38,7 @@ from lora.fast_decode import StaticDecoder  # noqa: F401  (the family's static-c
 from lora.utils import log
 
 MODEL_TYPE = "musicgen"
+MELODY = False  # conditioned on text only (lora.musicgen_melody: text and a melody)
 
 
 # --------------------------------------------------------------------------------------------
@@ -87,6 +88,13 @@ def from_pretrained(path: str, attn: str, **kw):
         log.info("attn_implementation=%s is not available here (%s); falling back to eager attention", attn,
                  str(e).splitlines()[0][:200])
         return MusicgenForConditionalGeneration.from_pretrained(path, attn_implementation="eager", **kw)
+
+
+def load_processor(path: str, **kw):
+    """The model's processor (tokenizer + EnCodec feature extractor): ``AutoProcessor.from_pretrained``."""
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(path, **kw)
 
 
 def model_info(model, name_or_path: str, identity: str, hub_revision: Optional[str] = None) -> ModelInfo:

@@ -47,13 +47,16 @@ from lora.musicgen import (  # noqa: F401  (the shared parts of the family inter
     get_base,
     lm_heads,
     max_positions,
+    drop_condition,
     null_text_states,
     set_decoder_dropout,
     text_encoder_of,
+    with_unconditional,
 )
 from lora.utils import log
 
 MODEL_TYPE = "musicgen_melody"
+MELODY = True  # conditioned on text and a melody (the chroma of a clip / a melody file)
 
 
 @dataclass
@@ -184,24 +187,50 @@ def decoder_shape(config) -> dict:
 # --------------------------------------------------------------------------------------------
 # The melody and the prefix
 # --------------------------------------------------------------------------------------------
-def null_melody(batch: int, info: ModelInfo, device=None, dtype=None):
-    """The null melody: one frame with bin 0 set, (B, 1, 12), as generate() builds it."""
+def _chroma_config(model) -> tuple[int, int]:
+    cfg = get_base(model).config
+    return int(cfg.chroma_length), int(cfg.num_chroma)
+
+
+def null_melody(batch: int, num_chroma: int = 12, device=None, dtype=None):
+    """The null melody: one frame with bin 0 set, (B, 1, num_chroma), as generate() builds it."""
     import torch
 
-    x = torch.zeros((batch, 1, info.num_chroma), device=device, dtype=dtype or torch.float32)
+    x = torch.zeros((batch, 1, num_chroma), device=device, dtype=dtype or torch.float32)
     x[:, :, 0] = 1
     return x
 
 
-def melody_states(model, chroma, info: ModelInfo):
+def null_like(chroma):
+    """The null melody in the shape of ``chroma`` (every frame bin 0): what generate() pairs with a melody."""
+    import torch
+
+    null = torch.zeros_like(chroma)
+    null[..., 0] = 1
+    return null
+
+
+def melody_frames(indices, chroma_length: int):
+    """A clip's chroma as the cache holds it (pitch-class index per frame, (T,)) -> the one-hot (chroma_length,
+    12) the model reads: tiled with ``repeat`` up to chroma_length frames and cut there, as transformers does
+    after projecting (the projection acts per frame, so tiling before it is the same)."""
+    import torch
+
+    one_hot = torch.nn.functional.one_hot(indices.long(), 12).float()
+    if one_hot.shape[0] < chroma_length:
+        one_hot = one_hot.repeat(int(math.ceil(chroma_length / one_hot.shape[0])), 1)
+    return one_hot[:chroma_length]
+
+
+def melody_states(model, chroma):
     """Projected melody (B, chroma_length, H): ``audio_enc_to_dec_proj(chroma)`` tiled with ``repeat`` up to
     ``chroma_length`` frames and cut there (transformers' forward / generate)."""
-    base = get_base(model)
-    proj = getattr(base, "audio_enc_to_dec_proj", None)
+    length, _ = _chroma_config(model)
+    proj = getattr(get_base(model), "audio_enc_to_dec_proj", None)
     x = proj(chroma.to(next(proj.parameters()).dtype)) if proj is not None else chroma
-    if x.shape[1] < info.chroma_length:
-        x = x.repeat(1, int(math.ceil(info.chroma_length / x.shape[1])), 1)
-    return x[:, : info.chroma_length]
+    if x.shape[1] < length:
+        x = x.repeat(1, int(math.ceil(length / x.shape[1])), 1)
+    return x[:, :length]
 
 
 def text_states(model, hidden, mask):
@@ -212,21 +241,21 @@ def text_states(model, hidden, mask):
     return hidden * mask[..., None].to(hidden.dtype)
 
 
-def prefix(model, info: ModelInfo, hidden, mask, chroma=None):
+def prefix(model, hidden, mask, chroma=None):
     """The decoder's conditioning prefix (B, chroma_length + L, H) = cat([melody, text]); ``chroma`` None is the
     null melody."""
     import torch
 
     if chroma is None:
-        chroma = null_melody(hidden.shape[0], info, device=hidden.device)
+        chroma = null_melody(hidden.shape[0], _chroma_config(model)[1], device=hidden.device)
     chroma = chroma.to(hidden.device)
-    return torch.cat([melody_states(model, chroma, info), text_states(model, hidden, mask)], dim=1)
+    return torch.cat([melody_states(model, chroma), text_states(model, hidden, mask)], dim=1)
 
 
-def condition(model, info: ModelInfo, hidden, mask, chroma=None) -> dict:
+def condition(model, hidden, mask, chroma=None) -> dict:
     """The keyword arguments of ``MusicgenMelodyForConditionalGeneration.forward`` for cached text states: the
     prefix built here (passing ``encoder_hidden_states`` makes transformers skip its own chroma block)."""
-    return {"encoder_hidden_states": prefix(model, info, hidden, mask, chroma)}
+    return {"encoder_hidden_states": prefix(model, hidden, mask, chroma)}
 
 
 def null_condition(batch: int, info: ModelInfo, length: int = 1, device=None, dtype=None):
@@ -239,33 +268,30 @@ def null_condition(batch: int, info: ModelInfo, length: int = 1, device=None, dt
     return hidden, torch.zeros((batch, length), device=device, dtype=torch.long)
 
 
-def drop_condition(hidden, mask, keep, chroma=None, keep_melody=None):
-    """Conditioning dropout: rows where ``keep`` is False get the null text (zeros, zero mask, same length) and the
-    null melody; rows where only ``keep_melody`` is False keep their text and get the null melody (audiocraft's
-    attribute dropout on the melody). Returns (hidden, mask, chroma)."""
+def dropped_text(hidden, mask):
+    """A clip's text states when its condition is dropped in training: zeros of the same length, mask 0 (exactly
+    the unconditional half of generate(), whose null text has the conditional text's length)."""
     import torch
 
-    hidden, mask = musicgen.drop_condition(hidden, mask, keep)
-    if chroma is None:
-        return hidden, mask, None
+    return torch.zeros_like(hidden), torch.zeros_like(mask)
+
+
+def drop_melody_condition(hidden, mask, keep, chroma, keep_melody=None):
+    """Conditioning dropout on a batch: rows where ``keep`` is False get the null text (zeros, zero mask, same
+    length) and the null melody; rows where only ``keep_melody`` is False keep their text and get the null
+    melody (audiocraft's attribute dropout on the melody). Returns (hidden, mask, chroma)."""
+    import torch
+
+    hidden, mask = drop_condition(hidden, mask, keep)
     melody_on = keep if keep_melody is None else keep & keep_melody
-    null = torch.zeros_like(chroma)
-    null[..., 0] = 1
-    return hidden, mask, torch.where(melody_on[:, None, None], chroma, null)
+    return hidden, mask, torch.where(melody_on[:, None, None], chroma, null_like(chroma))
 
 
-def with_unconditional(hidden, mask, chroma=None):
-    """Classifier-free guidance as generate() builds it: the null text (zeros of the same shape) and the null
-    melody appended as a second half of the batch. Returns (hidden, mask, chroma); chroma None stays None (the
-    null melody for both halves)."""
+def with_unconditional_melody(chroma):
+    """The melody of classifier-free guidance's two halves: ``chroma`` then the null melody (as generate())."""
     import torch
 
-    hidden, mask = musicgen.with_unconditional(hidden, mask)
-    if chroma is None:
-        return hidden, mask, None
-    null = torch.zeros_like(chroma)
-    null[..., 0] = 1
-    return hidden, mask, torch.cat([chroma, null], dim=0)
+    return torch.cat([chroma, null_like(chroma)], dim=0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,13 +303,18 @@ def teacher_forced_logits(model, info: ModelInfo, codes, lengths, hidden, mask, 
     ``codebook_loss`` scores the last S (the audio positions), as transformers' loss does."""
     dec_in, labels = build_delay_pattern(codes, lengths, info)
     with autocast():
-        logits = model(**condition(model, info, hidden, mask, chroma), decoder_input_ids=dec_in).logits
+        logits = model(**condition(model, hidden, mask, chroma), decoder_input_ids=dec_in).logits
     return logits, labels
 
 
-def cached_step(model, info: ModelInfo, hidden, mask, ids, cache, chroma=None):
+def cached_step(model, hidden, mask, ids, cache, chroma=None):
     """One decoder call with transformers' cache: the prefix goes in only on the first call (cache None), as in
     transformers' ``prepare_inputs_for_generation``. Returns (logits of the last position, the cache)."""
-    kw = condition(model, info, hidden, mask, chroma) if cache is None else {}
+    kw = condition(model, hidden, mask, chroma) if cache is None else {}
     out = get_base(model)(**kw, decoder_input_ids=ids, cache=cache, use_cache=True)
     return out.logits[:, -1], out.cache
+
+
+# The static-cache decoder (lora.fast_decode) reads the condition through cross-attention; the melody prefix is not
+# supported there, so melody models decode with transformers' own cache (``cached_step``).
+StaticDecoder = None

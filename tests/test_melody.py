@@ -154,13 +154,16 @@ def test_dropped_condition_is_generate_null(melody):
     hidden, mask, _, _, _ = _batch(model, processor, info)
     chroma = torch.stack([_melody_chroma()] * 2)
     keep, keep_melody = torch.tensor([False, True]), torch.tensor([True, False])
-    h, m, c = M.drop_condition(hidden, mask, keep, chroma, keep_melody)
-    uh, um, uc = M.with_unconditional(hidden, mask, chroma)
-    got = M.prefix(model, info, h, m, c)
-    unconditional = M.prefix(model, info, uh, um, uc)
+    h, m, c = M.drop_melody_condition(hidden, mask, keep, chroma, keep_melody)
+    uh, um = M.with_unconditional(hidden, mask)
+    got = M.prefix(model, h, m, c)
+    unconditional = M.prefix(model, uh, um, M.with_unconditional_melody(chroma))
+    n = info.chroma_length
     assert torch.equal(got[0], unconditional[2])            # row 0 dropped: exactly generate's null row
-    assert torch.equal(got[1, info.chroma_length:], M.prefix(model, info, hidden, mask, chroma)[1, info.chroma_length:])
-    assert torch.equal(got[1, :info.chroma_length], M.prefix(model, info, hidden, mask, None)[1, :info.chroma_length])
+    assert torch.equal(got[1, n:], M.prefix(model, hidden, mask, chroma)[1, n:])  # row 1 keeps its text
+    assert torch.equal(got[1, :n], M.prefix(model, hidden, mask, None)[1, :n])    # and gets the null melody
+    one = M.dropped_text(hidden[0], mask[0])                 # the dataset's per-clip form of the same null
+    assert torch.equal(M.prefix(model, one[0][None], one[1][None], M.null_like(chroma[:1])), unconditional[2:3])
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,12 +176,15 @@ def _greedy(model, info, hidden, mask, chroma, n_frames: int, guidance: float):
     b, K = hidden.shape[0], info.num_codebooks
     start = torch.full((b * K, 1), info.decoder_start_token_id, dtype=torch.long)
     _, pattern = M.generation_pattern(model, start, info.pad_token_id, n_frames + info.codebooks_per_channel)
-    h, m, c = M.with_unconditional(hidden, mask, chroma) if guidance > 1 else (hidden, mask, chroma)
+    h, m, c = hidden, mask, chroma
+    if guidance > 1:
+        h, m = M.with_unconditional(hidden, mask)
+        c = None if chroma is None else M.with_unconditional_melody(chroma)
     seq, cache = start, None
     while seq.shape[1] < pattern.shape[1]:
         step_in = seq if cache is None else seq[:, -1:]
         ids = torch.cat([step_in, step_in]) if guidance > 1 else step_in
-        logits, cache = M.cached_step(model, info, h, m, ids, cache, c)
+        logits, cache = M.cached_step(model, h, m, ids, cache, c)
         if guidance > 1:
             cond, uncond = logits.split(b * K)
             logits = uncond + (cond - uncond) * guidance
@@ -214,3 +220,17 @@ def test_greedy_tokens_equal_transformers_generate(melody, with_melody, monkeypa
     ref = caught[0] if info.audio_channels == 1 else torch.stack([caught[0], caught[1]], dim=2).flatten(1, 2)
     assert ours.shape == ref.shape == (2, info.num_codebooks, n)
     assert torch.equal(ours, ref)
+
+
+def test_a_melody_folder_loads_through_the_same_path_as_musicgen(tmp_path):
+    """load_base_model (from_pretrained on a folder: the path facebook/musicgen-melody takes) picks the melody
+    family from config.json; its processor needs no torchaudio."""
+    from lora.config import ModelConfig
+    from lora.loading import family_for, load_base_model
+
+    model, processor, info = load_base_model(ModelConfig(model_path="tiny-melody", tiny_model_dir=str(tmp_path)))
+    assert type(model).__name__ == "MusicgenMelodyForConditionalGeneration"
+    assert info.model_type == "musicgen_melody" and info.chroma_length == 235 and info.num_chroma == 12
+    assert family_for(info).MELODY and not family_for("musicgen").MELODY
+    assert processor(text=["piano"], return_tensors="pt")["input_ids"].shape[0] == 1
+    assert (tmp_path / "mono-melody" / "preprocessor_config.json").is_file()
