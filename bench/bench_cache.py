@@ -116,7 +116,7 @@ def padded_encode_clips(todo, root, model, info, batch_size, device, show_progre
         for i, h in enumerate(chunk):
             c = out[i, :, :min(out.shape[-1], max(1, math.ceil(n[i] / hop)))].to(torch.int16)
             dataset._save_tensors(dataset._codes_path(root, h, info), {"codes": c}, {})
-            codes[h] = c
+            codes[h] = {"codes": c}
     return codes
 
 

@@ -20,6 +20,7 @@ cut at ``max_seconds`` (30 s = ``chroma_length`` 235 frames for the released mod
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import numpy as np
 
@@ -61,8 +62,9 @@ def power_spectrogram(wav, n_fft: int = N_FFT, hop: int = HOP):
     return spec.abs().pow(2).reshape(*lead, *spec.shape[-2:])
 
 
-def raw_chroma(wav, sample_rate: int, max_seconds: float = MAX_SECONDS):
-    """Chroma energies (T, 12) float32 of one clip (N,) or (C, N) at ``sample_rate``, before the argmax."""
+def raw_chroma(wav, sample_rate: int, max_seconds: Optional[float] = MAX_SECONDS):
+    """Chroma energies (T, 12) float32 of one clip (N,) or (C, N) at ``sample_rate``, before the argmax
+    (``max_seconds`` None: the whole clip)."""
     import torch
 
     x = torch.as_tensor(np.asarray(wav, dtype=np.float32))
@@ -70,11 +72,12 @@ def raw_chroma(wav, sample_rate: int, max_seconds: float = MAX_SECONDS):
         x = x.mean(dim=0)
     if x.dim() != 1:
         raise ValueError(f"chroma expects audio (N,) or (C, N), got shape {tuple(x.shape)}")
-    x = x[: int(round(max_seconds * sample_rate))]
+    if max_seconds is not None:
+        x = x[: int(round(max_seconds * sample_rate))]
     return (chroma_filters(sample_rate) @ power_spectrogram(x)).T
 
 
-def chroma(wav, sample_rate: int, max_seconds: float = MAX_SECONDS):
+def chroma(wav, sample_rate: int, max_seconds: Optional[float] = MAX_SECONDS):
     """One-hot chroma (T, 12) float32 torch tensor of one clip (N,) or (C, N) at ``sample_rate``."""
     import torch
 

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
+from lora import chroma
 from lora.audio import audio_info, file_hash, load_audio
 from lora.loading import family_for
 from lora.musicgen import null_text_states
@@ -169,6 +170,7 @@ class CachedClip:
     codes: "object"                  # torch.int16 (K, T)
     hidden: "Optional[object]" = None  # torch.float32 (L, D), or None when text states are not cached
     mask: "Optional[object]" = None    # torch.long (L,)
+    chroma: "Optional[object]" = None  # melody models: torch.int8 (Tc,) pitch class of each chroma frame
 
     @property
     def num_frames(self) -> int:
@@ -272,6 +274,14 @@ def _loaded_waves(order: list[str], todo: dict[str, ClipRecord], info):
         yield h, wave
 
 
+def clip_chroma(wave, info):
+    """A clip's melody for the cache: the pitch class (int8) of every chroma frame of its whole audio (C, N) (the
+    training crop takes the frames that cover it; lora.chroma)."""
+    import torch
+
+    return chroma.chroma(wave, info.sample_rate, max_seconds=None).argmax(dim=-1).to(torch.int8)
+
+
 def _encode_clips(todo: dict[str, ClipRecord], root: Path, model, info, batch_size: int, device,
                   show_progress: bool) -> dict[str, object]:
     """EnCodec codes of the clips in ``todo`` (by file hash), each written to the cache. Batches hold clips of one
@@ -294,12 +304,15 @@ def _encode_clips(todo: dict[str, ClipRecord], root: Path, model, info, batch_si
             out = fam.encode_audio(model, batch.to(device) if device is not None else batch, info).cpu()
         n = group[0][1].shape[1]
         frames = min(out.shape[-1], max(1, math.ceil(n / hop)))
-        for i, (h, _) in enumerate(group):
+        for i, (h, wave) in enumerate(group):
             c = out[i, :, :frames].to(torch.int16)
-            _save_tensors(_codes_path(root, h, info), {"codes": c},
+            tensors = {"codes": c}
+            if fam.MELODY:  # the clip's own melody: its chroma, kept beside its codes (same key)
+                tensors["chroma"] = clip_chroma(wave, info)
+            _save_tensors(_codes_path(root, h, info), tensors,
                           {"source": todo[h].audio, "samples": n, "model": info.name_or_path,
                            "identity": info.identity, "cache_version": CACHE_VERSION})
-            codes[h] = c
+            codes[h] = tensors
         bar.update(len(group))
     bar.close()
     return codes
@@ -352,8 +365,9 @@ def build_token_cache(records: list[ClipRecord], model, processor, info, data_di
         if h in codes or h in todo:
             continue
         t = _load_tensors(_codes_path(root, h, info))
-        if t is not None and "codes" in t and t["codes"].ndim == 2 and t["codes"].shape[0] == info.num_codebooks:
-            codes[h] = t["codes"]
+        if t is not None and "codes" in t and t["codes"].ndim == 2 and t["codes"].shape[0] == info.num_codebooks \
+                and ("chroma" in t or not family_for(info).MELODY):
+            codes[h] = t
             stats["clips_reused"] += 1
         else:
             todo[h] = r
@@ -378,7 +392,8 @@ def build_token_cache(records: list[ClipRecord], model, processor, info, data_di
     clips = []
     for r, h in zip(records, hashes):
         hid, msk = states.get(r.text, (None, None))
-        clips.append(CachedClip(id=r.id, text=r.text, split=r.split, codes=codes[h], hidden=hid, mask=msk))
+        clips.append(CachedClip(id=r.id, text=r.text, split=r.split, codes=codes[h]["codes"], hidden=hid, mask=msk,
+                                chroma=codes[h].get("chroma")))
     log.info("Token cache %s: %d clip(s) encoded, %d reused; %d caption(s) encoded, %d reused", root,
              stats["clips_encoded"], stats["clips_reused"], stats["texts_encoded"], stats["texts_reused"])
     return clips, stats
@@ -405,13 +420,17 @@ class CachedTokenDataset:
     """
 
     def __init__(self, clips: list[CachedClip], max_frames: int, *, seed: int = 0, train: bool = True,
-                 cond_dropout: float = 0.0):
+                 cond_dropout: float = 0.0, info=None, melody_dropout: float = 0.0):
         self.clips = clips
         self.max_frames = int(max_frames)
         self.seed = int(seed)
         self.train = train
         self.cond_dropout = float(cond_dropout) if train else 0.0
         self.epoch = 0
+        # Melody models (``info`` of the melody family): each item also carries its melody, and a second draw
+        # drops the melody alone with probability melody_dropout.
+        self.info = info if info is not None and family_for(info).MELODY else None
+        self.melody_dropout = float(melody_dropout) if train and self.info is not None else 0.0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -435,11 +454,35 @@ class CachedTokenDataset:
                 start = int(rng.integers(0, T - self.max_frames + 1))
         codes = clip.codes[:, start:start + self.max_frames].long()
         item = {"index": index, "codes": codes, "text": clip.text, "dropped": drop}
+        if self.info is not None:
+            # (a third draw, after the two above: the draws of text-only models are unchanged)
+            melody_drop = self.train and bool(rng.random() < self.melody_dropout)
+            return self._melody_item(item, clip, start, codes.shape[1], drop, melody_drop)
         if clip.hidden is not None:
             if drop:
                 item["hidden"], item["mask"] = null_text_states(clip.hidden.shape[-1], dtype=clip.hidden.dtype)
             else:
                 item["hidden"], item["mask"] = clip.hidden, clip.mask
+        return item
+
+    def _melody_item(self, item: dict, clip: CachedClip, start: int, frames: int, drop: bool, melody_drop: bool):
+        """A melody model's item: the chroma frames that cover the crop (the clip's own melody, as audiocraft and
+        transformers train), one-hot and tiled to chroma_length, or the null melody when dropped; the text states
+        padded to the length generation uses (``text_length``: in a prefix model, padding positions are attended, so
+        the padded length is part of the condition), or the null text of that same length when dropped."""
+        fam = family_for(self.info)
+        hop = self.info.sample_rate / self.info.frame_rate  # audio samples per codec frame
+        first = int(round(start * hop / chroma.HOP))
+        n = chroma.frames(int(round(frames * hop)))
+        indices = clip.chroma[first:first + n] if clip.chroma is not None else None
+        if indices is None or indices.numel() == 0:
+            raise ValueError(f"clip {clip.id!r} has no cached chroma (rebuild the token cache)")
+        melody = fam.melody_frames(indices, self.info.chroma_length)
+        item["chroma"] = fam.null_like(melody) if (drop or melody_drop) else melody
+        item["melody_dropped"] = bool(drop or melody_drop)
+        if clip.hidden is not None:
+            hidden, mask = fam.pad_text(clip.hidden, clip.mask)
+            item["hidden"], item["mask"] = fam.dropped_text(hidden, mask) if drop else (hidden, mask)
         return item
 
 
@@ -467,6 +510,9 @@ def collate_tokens(items: list[dict], pad_token_id: int) -> dict:
             hidden[i, :n] = it["hidden"]
             mask[i, :n] = it["mask"]
         batch["hidden"], batch["mask"] = hidden, mask
+    if "chroma" in items[0]:  # melody models: (B, chroma_length, 12), each already tiled to chroma_length
+        batch["chroma"] = torch.stack([it["chroma"] for it in items])
+        batch["melody_dropped"] = torch.tensor([it["melody_dropped"] for it in items], dtype=torch.bool)
     return batch
 
 

@@ -268,6 +268,25 @@ def null_condition(batch: int, info: ModelInfo, length: int = 1, device=None, dt
     return hidden, torch.zeros((batch, length), device=device, dtype=torch.long)
 
 
+TEXT_PAD_MULTIPLE = 32  # = lora.generation.TEXT_PAD_MULTIPLE: training pads a clip's text as generation does
+
+
+def pad_text(hidden, mask):
+    """One clip's text states (L, D) / (L,) zero-padded (mask 0) to the next multiple of TEXT_PAD_MULTIPLE, the
+    length generation gives the same caption. Padded positions are zero vectors in the prefix, which the decoder
+    attends to, so training and generation must agree on them."""
+    import torch
+
+    n = int(hidden.shape[0])
+    L = max(1, math.ceil(n / TEXT_PAD_MULTIPLE)) * TEXT_PAD_MULTIPLE
+    if L == n:
+        return hidden, mask
+    h = torch.zeros((L, hidden.shape[-1]), dtype=hidden.dtype, device=hidden.device)
+    m = torch.zeros((L,), dtype=mask.dtype, device=mask.device)
+    h[:n], m[:n] = hidden, mask
+    return h, m
+
+
 def dropped_text(hidden, mask):
     """A clip's text states when its condition is dropped in training: zeros of the same length, mask 0 (exactly
     the unconditional half of generate(), whose null text has the conditional text's length)."""

@@ -252,8 +252,10 @@ def set_up(cfg: Config) -> Run:
 
     # The data plan: the same for any number of processes.
     train_clips = [c for c in clips if c.split == "train"]
-    train_ds = CachedTokenDataset(train_clips, max_frames, seed=t.seed, train=True, cond_dropout=t.cond_dropout)
-    valid_ds = CachedTokenDataset([c for c in clips if c.split == "valid"], max_frames, seed=t.seed, train=False)
+    train_ds = CachedTokenDataset(train_clips, max_frames, seed=t.seed, train=True, cond_dropout=t.cond_dropout,
+                                  info=info, melody_dropout=t.melody_dropout)
+    valid_ds = CachedTokenDataset([c for c in clips if c.split == "valid"], max_frames, seed=t.seed, train=False,
+                                  info=info)
     group = t.gradient_accumulation_steps * acc.num_processes
     n_batches = len(bucketed_batches(train_ds.lengths(), t.batch_size, t.seed, 0, multiple_of=group))
     steps_per_epoch, total_steps, warmup, warm_note = training.plan_steps(cfg, n_batches, group)

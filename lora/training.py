@@ -132,7 +132,8 @@ def step_loss(model, processor, info, batch, device, autocast, cache_text: bool)
     objective, ``.per_codebook`` / ``.tokens`` per codebook).
 
     Delay-pattern targets from the cached codes; the decoder reads the cached text states (or, when the text
-    encoder trains, encodes the captions here and applies the null condition to dropped samples). ``autocast``
+    encoder trains, encodes the captions here and applies the null condition to dropped samples) and, for a melody
+    model, the batch's chroma (already the null melody where dropped). ``autocast``
     is a context-manager factory (``Accelerator.autocast``).
     """
     fam = family_for(info)
@@ -145,7 +146,8 @@ def step_loss(model, processor, info, batch, device, autocast, cache_text: bool)
         with autocast():
             hidden, mask = fam.encode_text(model, processor, batch["texts"], device=device)
         hidden, mask = fam.drop_condition(hidden, mask, ~batch["dropped"].to(device))
-    logits, labels = fam.teacher_forced_logits(model, info, codes, lengths, hidden, mask, autocast=autocast)
+    melody = {"chroma": batch["chroma"].to(device, non_blocking=True)} if "chroma" in batch else {}
+    logits, labels = fam.teacher_forced_logits(model, info, codes, lengths, hidden, mask, autocast=autocast, **melody)
     return fam.codebook_loss(logits, labels)
 
 

@@ -234,3 +234,120 @@ def test_a_melody_folder_loads_through_the_same_path_as_musicgen(tmp_path):
     assert family_for(info).MELODY and not family_for("musicgen").MELODY
     assert processor(text=["piano"], return_tensors="pt")["input_ids"].shape[0] == 1
     assert (tmp_path / "mono-melody" / "preprocessor_config.json").is_file()
+
+
+# --------------------------------------------------------------------------------------------
+# The token cache, the dataset and training
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def melody_run(tmp_path_factory):
+    """Example data, the tiny melody model and a short training run on them (fp32, 10 steps)."""
+    from lora import prepare_data, train_lora
+
+    root = tmp_path_factory.mktemp("melody_run")
+    data = root / "data"
+    assert prepare_data.main(["--create_example", "--output_dir", str(data), "--example_clips", "16",
+                              "--example_seconds", "4"]) == 0
+    out = root / "out"
+    rc = train_lora.main(["--model_path", "tiny-melody", "--tiny_model_dir", str(root / "tiny"), "--data_dir",
+                          str(data), "--metadata_file", "metadata.json", "--output_dir", str(out), "--lora_rank",
+                          "12", "--lora_alpha", "24", "--batch_size", "2", "--num_epochs", "5", "--learning_rate",
+                          "0.003", "--mixed_precision", "no", "--eval_steps", "5", "--save_steps", "5"])
+    assert rc == 0
+    return root, data, out
+
+
+def _cached(root, data):
+    from lora.config import ModelConfig
+    from lora.dataset import build_token_cache, load_metadata
+    from lora.loading import load_base_model
+
+    model, processor, info = load_base_model(ModelConfig(model_path="tiny-melody", tiny_model_dir=str(root / "tiny")))
+    records = load_metadata(data)
+    clips, stats = build_token_cache(records, model, processor, info, data, show_progress=False)
+    return model, processor, info, records, clips, stats
+
+
+def test_the_cache_holds_each_clip_s_own_chroma(melody_run):
+    import soundfile as sf
+
+    from lora import chroma as C
+
+    root, data, _ = melody_run
+    _, _, info, records, clips, stats = _cached(root, data)
+    assert stats["clips_encoded"] == 0  # training built it: reused, chroma included
+    for rec, clip in list(zip(records, clips))[:3]:
+        wav, sr = sf.read(str(rec.path), dtype="float32", always_2d=True)
+        assert sr == info.sample_rate
+        expected = C.chroma(wav.T, sr, max_seconds=None).argmax(dim=-1)
+        assert clip.chroma is not None and torch.equal(clip.chroma.long(), expected)
+        assert clip.chroma.shape[0] == C.frames(wav.shape[0])
+
+
+def test_a_training_crop_takes_the_chroma_frames_that_cover_it(melody_run):
+    from lora import chroma as C
+    from lora import musicgen_melody as M
+    from lora.dataset import CachedTokenDataset
+
+    root, data, _ = melody_run
+    _, _, info, _, clips, _ = _cached(root, data)
+    clip = clips[0]
+    frames = 100  # 2 s crops of a 4-s clip
+    ds = CachedTokenDataset([clip], frames, seed=3, train=True, info=info)
+    for epoch in range(4):
+        ds.set_epoch(epoch)
+        item = ds[0]
+        start = next(s for s in range(clip.num_frames - frames + 1)
+                     if torch.equal(clip.codes[:, s:s + frames].long(), item["codes"]))
+        first = round(start * 640 / C.HOP)
+        want = M.melody_frames(clip.chroma[first:first + C.frames(frames * 640)], info.chroma_length)
+        assert torch.equal(item["chroma"], want)
+    assert item["chroma"].shape == (info.chroma_length, 12)
+
+
+def test_dropped_items_carry_generate_s_null_condition(melody_run):
+    from lora import musicgen_melody as M
+    from lora.dataset import CachedTokenDataset, collate_tokens
+
+    root, data, _ = melody_run
+    model, _, info, _, clips, _ = _cached(root, data)
+    both = CachedTokenDataset(clips[:8], 200, seed=0, train=True, cond_dropout=0.999, info=info)
+    melody_only = CachedTokenDataset(clips[:8], 200, seed=0, train=True, cond_dropout=0.0, melody_dropout=0.999,
+                                     info=info)
+    kept = CachedTokenDataset(clips[:8], 200, seed=0, train=False, info=info)
+    for i in range(8):
+        a, b, k = both[i], melody_only[i], kept[i]
+        assert a["dropped"] and b["melody_dropped"] and not b["dropped"] and not k["melody_dropped"]
+        assert torch.equal(a["chroma"], M.null_like(k["chroma"])) and torch.equal(b["chroma"], a["chroma"])
+        assert a["hidden"].shape == k["hidden"].shape and not a["hidden"].any() and not a["mask"].any()
+        assert torch.equal(b["hidden"], k["hidden"])
+        assert k["hidden"].shape[0] % M.TEXT_PAD_MULTIPLE == 0  # the length generation pads the caption to
+    batch = collate_tokens([both[0], kept[1]], info.pad_token_id)
+    uh, um = M.with_unconditional(batch["hidden"][1:], batch["mask"][1:])
+    got = M.prefix(model, batch["hidden"], batch["mask"], batch["chroma"])
+    null = M.prefix(model, uh, um, M.with_unconditional_melody(batch["chroma"][1:]))
+    assert torch.equal(got[0], null[1])  # the dropped row is generate's unconditional row
+
+
+def test_melody_training_learns_and_saves_a_standard_adapter(melody_run):
+    import json
+
+    from peft import PeftModel
+    from transformers import MusicgenMelodyForConditionalGeneration
+
+    root, _, out = melody_run
+    rows = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    val = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert len(val) >= 3 and val[-1] < val[0] - 0.05
+    cfg = json.loads((out / "best_model" / "adapter_config.json").read_text())
+    assert all("self_attn" in t for t in cfg["target_modules"]) if isinstance(cfg["target_modules"], list) else True
+    base = MusicgenMelodyForConditionalGeneration.from_pretrained(str(root / "tiny" / "mono-melody"))
+    model = PeftModel.from_pretrained(base, str(out / "best_model"))
+    assert any("lora_A" in n for n, _ in model.named_parameters())
+
+
+def test_text_padding_of_training_is_generation_s():
+    from lora import generation
+    from lora import musicgen_melody as M
+
+    assert M.TEXT_PAD_MULTIPLE == generation.TEXT_PAD_MULTIPLE
