@@ -57,6 +57,8 @@ from lora.utils import log
 
 MODEL_TYPE = "musicgen_melody"
 MELODY = True  # conditioned on text and a melody (the chroma of a clip / a melody file)
+# What a melody family provides beyond MusicGen's interface (called only where ``fam.MELODY`` is true).
+MELODY_INTERFACE = ("melody_frames", "null_like", "pad_text", "dropped_text", "with_unconditional_melody")
 
 
 @dataclass
