@@ -54,6 +54,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from lora import adapter as lora_adapter
+from lora import chroma as melody_chroma
 from lora.config import field_problem
 from lora.loading import family_for, load_base_model
 from lora.precision import generation_dtype
@@ -103,6 +104,9 @@ class Request:
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
     prompt_codes: object = None  # optional LongTensor (K, P): audio prompt to continue (its frames start the piece)
     prompt_id: str = ""          # identifies prompt_codes (requests with different audio prompts never share a batch)
+    melody: object = None        # melody models: float one-hot chroma (Tm, 12) of the tune to follow (lora.chroma;
+    #                              the whole file: a window past 30 s takes its matching part); None = null melody
+    melody_id: str = ""          # identifies the melody (its file's hash), for the manifest
 
 
 @dataclass
@@ -261,14 +265,20 @@ class TokenSampler:
 DECODINGS = ("auto", "transformers", "static", "cuda_graph")
 
 
-def resolve_decoding(decoding: str, device) -> str:
+def resolve_decoding(decoding: str, device, family=None) -> str:
     """auto = the static key/value cache (lora.fast_decode), replayed as a CUDA graph on CUDA; on a CPU it runs
-    eagerly (as fast as or faster than transformers' own call: BENCHMARKS.md)."""
+    eagerly (as fast as or faster than transformers' own call: BENCHMARKS.md). A family without a static decoder
+    (MusicGen-Melody: its condition is a prefix) decodes with transformers' own cache."""
     import torch
 
     decoding = (decoding or "auto").lower()
     if decoding not in DECODINGS:
         raise ValueError(f"decoding must be one of {', '.join(DECODINGS)}, got {decoding!r}")
+    if family is not None and family.StaticDecoder is None:
+        if decoding not in ("auto", "transformers"):
+            log.info("decoding %r is not available for %s models; using transformers' own cache", decoding,
+                     family.MODEL_TYPE)
+        return "transformers"
     if decoding == "auto":
         return "cuda_graph" if torch.device(device).type == "cuda" else "static"
     if decoding == "cuda_graph" and torch.device(device).type != "cuda":
@@ -277,10 +287,11 @@ def resolve_decoding(decoding: str, device) -> str:
 
 
 def _run_window(model, info, hidden, mask, guidance: float, context, n_new: int, sampler: TokenSampler,
-                uniforms, bad, pbar=None, decoding: str = "transformers"):
+                uniforms, bad, pbar=None, decoding: str = "transformers", chroma=None):
     """Generate ``n_new`` frames after ``context`` (B, K, c) codes (c may be 0).
 
-    hidden/mask: text states (B, L, D) / (B, L) (already doubled with the null half when guidance > 1).
+    hidden/mask: text states (B, L, D) / (B, L) (already doubled with the null half when guidance > 1); chroma
+    (melody models): the window's melody (B', chroma_length, 12), doubled like the text, or None (null melody).
     uniforms: (steps, B*K) or None. bad: BoolTensor (B,) set where logits were not finite.
     decoding: "transformers" (the model's own forward with its key/value cache), "static" or "cuda_graph"
     (the family's StaticDecoder, lora.fast_decode: same maths, preallocated cache; the latter replays each step as
@@ -310,7 +321,8 @@ def _run_window(model, info, hidden, mask, guidance: float, context, n_new: int,
     for step in range(L - cur):
         dec_in = step_input.repeat(2, 1) if cfg else step_input
         if static is None:
-            logits, cache = fam.cached_step(model, hidden, mask, dec_in, cache)
+            melody = {"chroma": chroma} if fam.MELODY else {}
+            logits, cache = fam.cached_step(model, hidden, mask, dec_in, cache, **melody)
             logits = logits.float()
         elif step == 0:
             logits = static.prefill(dec_in).float()
@@ -458,7 +470,7 @@ def _generate_batch(model, processor, info, reqs: list[Request], windows: list[W
             if len(windows) > 1:
                 bar.set_postfix_str(f"window {wi + 1}/{len(windows)}")
             out = _run_window(model, info, hidden, mask, guidance, ctx, w.new, sampler, uniforms, bad, pbar=bar,
-                              decoding=decoding)
+                              decoding=decoding, chroma=window_melody(info, reqs, w, guidance, device))
             window_heads.append(out[..., :w.context].detach().cpu())
             known = torch.cat([known, out[..., w.context:]], dim=-1)
     finally:
@@ -470,6 +482,40 @@ def _generate_batch(model, processor, info, reqs: list[Request], windows: list[W
             f"usually means a broken adapter (diverged training: check its training loss) or float16 overflow: "
             f"try --dtype float32 or bfloat16, or --lora_scale below 1.")
     return known, windows, window_prompts, window_heads
+
+
+def window_melody(info, reqs: list[Request], w: Window, guidance: float, device):
+    """Melody models: the melody each row of a window follows, (B, chroma_length, 12), then the null melody as the
+    unconditional half when guidance > 1 (as transformers' generate() builds it). A window starting at frame f
+    takes the chroma from the same time in the tune (audiocraft's extension does the same); a request without a
+    melody, or a window past the end of its tune, gets the null melody. None for text-only models, or when no row
+    has a melody (the family builds the null melody itself)."""
+    import torch
+
+    fam = family_for(info)
+    if not fam.MELODY or all(r.melody is None for r in reqs):
+        return None
+    first = int(round(w.start * (info.sample_rate / info.frame_rate) / melody_chroma.HOP))
+    rows = []
+    for r in reqs:
+        part = None if r.melody is None else torch.as_tensor(r.melody)[first:]
+        if part is None or part.shape[0] == 0:
+            rows.append(fam.null_like(torch.zeros(info.chroma_length, info.num_chroma)))
+        else:
+            rows.append(fam.melody_frames(part.argmax(dim=-1), info.chroma_length))
+    chroma = torch.stack(rows).to(device)
+    return fam.with_unconditional_melody(chroma) if guidance > 1.0 else chroma
+
+
+def melody_from_audio(wav, info) -> tuple:
+    """A melody file's audio (channels, samples) at info.sample_rate -> (one-hot chroma (Tm, 12) of the whole file,
+    content id); GenerationError when it is silent (its chroma would be the null melody: nothing to follow)."""
+    w = np.asarray(wav, dtype=np.float32)
+    if w.size == 0 or not np.isfinite(w).all() or float(np.abs(w).max()) < 1e-4:
+        raise GenerationError("The melody audio is silent (or empty): there is no tune to follow. Give a recording "
+                              "with an audible melody, or leave the melody out (the null melody).")
+    melody = melody_chroma.chroma(w, info.sample_rate, max_seconds=None)
+    return melody, hashlib.sha1(melody.argmax(dim=-1).numpy().astype(np.int8).tobytes()).hexdigest()[:12]
 
 
 def _decode(model, info, codes, n_samples: int) -> list[np.ndarray]:
@@ -535,7 +581,7 @@ def generate(model, processor, info, requests: Sequence[Request], *, batch_size:
     text_lens = [text_length(encoded[r.prompt][0].shape[0]) for r in requests]
     batches = make_batches(requests, text_lens, batch_size)
     plans = [plan_batch(model, info, [requests[i] for i in idx], max_window, extend_stride) for idx in batches]
-    decoding = resolve_decoding(decoding, family_for(info).decoder_param(model).device)
+    decoding = resolve_decoding(decoding, family_for(info).decoder_param(model).device, family_for(info))
     results: list[Optional[Result]] = [None] * len(requests)
     outer = tqdm(total=len(requests), desc="samples", unit="sample", disable=not progress, dynamic_ncols=True)
     try:

@@ -126,7 +126,7 @@ def tiny_is_complete(directory: Path, stereo: bool, melody: bool = False) -> boo
         return False
     if meta.get("version") != TINY_FORMAT_VERSION or meta.get("stereo") != stereo:
         return False
-    if bool(meta.get("melody", False)) != melody:
+    if meta.get("melody", False) != (TINY_MELODY_VERSION if melody else False):
         return False
     return all((directory / f).is_file() for f in TINY_FILES)
 
@@ -260,6 +260,8 @@ def _build_tiny_model(directory: Path, stereo: bool) -> None:
 # --------------------------------------------------------------------------------------------
 # The tiny MusicGen-Melody
 # --------------------------------------------------------------------------------------------
+TINY_MELODY_VERSION = 2  # bump when the tiny melody model changes (its marker's "melody" holds it)
+TINY_PREFIX_STD = 1.0  # init std of the melody and text projections (transformers': 0.02), see below
 TINY_CHROMA_LENGTH = 235  # as the released melody models: 30 s of chroma (shorter melodies are tiled to it)
 MELODY_FEATURE_EXTRACTOR = {  # facebook/musicgen-melody's preprocessor_config.json (the extractor needs torchaudio
     "feature_extractor_type": "MusicgenMelodyFeatureExtractor", "processor_class": "MusicgenMelodyProcessor",
@@ -287,6 +289,10 @@ def _build_tiny_melody_model(directory: Path, stereo: bool) -> None:
             with torch.no_grad():
                 for head in musicgen_melody.lm_heads(model):
                     head.weight.normal_(0.0, TINY_HEAD_STD)
+                # With transformers' init the prefix is ~0.02 in size and a random tiny decoder ignores it: greedy
+                # tokens would not depend on the melody, and no test could tell whether it reached the model.
+                for proj in musicgen_melody.decoder_modules(model)[1:]:
+                    proj.weight.normal_(0.0, TINY_PREFIX_STD)
         pad = cfg.decoder.pad_token_id
         model.generation_config = GenerationConfig(
             decoder_start_token_id=pad, pad_token_id=pad, bos_token_id=pad, guidance_scale=3.0, do_sample=True,
@@ -297,6 +303,6 @@ def _build_tiny_melody_model(directory: Path, stereo: bool) -> None:
             (tmp / "preprocessor_config.json").write_text(json.dumps(MELODY_FEATURE_EXTRACTOR, indent=2) + "\n",
                                                           encoding="utf-8")
             (tmp / MARKER).write_text(json.dumps(
-                {"version": TINY_FORMAT_VERSION, "stereo": stereo, "melody": True, "seed": TINY_SEED,
+                {"version": TINY_FORMAT_VERSION, "stereo": stereo, "melody": TINY_MELODY_VERSION, "seed": TINY_SEED,
                  "note": "Built-in random MusicGen-Melody for tests (lora.tiny_model.ensure_tiny_model)."},
                 indent=2) + "\n", encoding="utf-8")

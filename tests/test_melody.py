@@ -351,3 +351,64 @@ def test_text_padding_of_training_is_generation_s():
     from lora import musicgen_melody as M
 
     assert M.TEXT_PAD_MULTIPLE == generation.TEXT_PAD_MULTIPLE
+
+
+# --------------------------------------------------------------------------------------------
+# The generation engine (lora.generation) on melody models
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("with_melody", [True, False])
+def test_generate_follows_transformers_greedy_with_the_melody(melody, with_melody, monkeypatch):
+    """lora.generation.generate (the engine of inference_lora.py) on a melody model: greedy tokens equal
+    transformers' generate() given the same melody and the caption padded to the length ours uses
+    (text_length: in a prefix model the padded length is part of the condition)."""
+    from lora import generation as G
+    from lora import musicgen_melody as M
+
+    model, processor, info = melody
+    n = 10
+    melody_audio = np.concatenate([_tone([440.0], 1.0), _tone([261.63], 1.0), _tone([329.63], 1.0)])
+    chroma, mid = G.melody_from_audio(melody_audio, info) if with_melody else (None, "")
+    req = G.Request(prompt="techno drums 128 BPM", seed=0, duration=n / info.frame_rate,
+                    sampling=G.SamplingSettings(do_sample=False), melody=chroma, melody_id=mid)
+    ours = G.generate(model, processor, info, [req], progress=False)[0]
+    assert ours.decoding == "transformers"  # no static decoder for the prefix
+
+    caught = []
+    codec = M.audio_codec(model)
+    decode = codec.decode
+    monkeypatch.setattr(codec, "decode", lambda codes, *a, **k: (caught.append(codes[0]), decode(codes, *a, **k))[1])
+    tokens = processor(text=[req.prompt], padding="max_length", max_length=ours.text_length, return_tensors="pt")
+    kw = {"input_features": chroma[None]} if with_melody else {}
+    model.generate(**tokens, **kw, do_sample=False, guidance_scale=3.0,
+                   max_new_tokens=n + info.codebooks_per_channel - 1)
+    ref = caught[0][0] if info.audio_channels == 1 else torch.stack([caught[0][0], caught[1][0]], 1).flatten(0, 1)
+    assert torch.equal(ours.codes, ref)
+
+
+def test_a_later_window_follows_the_same_time_in_the_tune(melody):
+    from lora import chroma as C
+    from lora import generation as G
+    from lora import musicgen_melody as M
+
+    _, _, info = melody
+    tune = _melody_chroma(6.0)  # A, C, E: 2 s each
+    req = G.Request(prompt="x", seed=0, duration=40.0, melody=tune)
+    start = 2 * info.frame_rate  # a window that starts 2 s in
+    got = G.window_melody(info, [req, G.Request(prompt="y", seed=1, duration=40.0)], G.Window(start, 0, 10), 3.0,
+                          "cpu")
+    first = round(start * 640 / C.HOP)
+    assert torch.equal(got[0], M.melody_frames(tune[first:].argmax(-1), info.chroma_length))
+    assert C.dominant_pitch_classes(got[0])[2] == "C"  # two seconds in, the tune is on C
+    assert torch.equal(got[1], M.null_like(got[0])) and torch.equal(got[2], M.null_like(got[0]))  # no melody; CFG
+    past = G.window_melody(info, [req], G.Window(60 * info.frame_rate, 0, 10), 1.0, "cpu")
+    assert torch.equal(past[0], M.null_like(got[0]))  # after the tune ends: the null melody
+
+
+def test_a_silent_melody_is_refused():
+    from lora import generation as G
+
+    class Info:
+        sample_rate = 32000
+
+    with pytest.raises(G.GenerationError, match="silent"):
+        G.melody_from_audio(np.zeros((1, 32000), dtype=np.float32), Info())
