@@ -419,12 +419,12 @@ def load_adapters(model, paths: list, scales: list, expected_base: Optional[str]
     return peft_model, ids
 
 
-def describe_choice(base: str, paths: list, scales: list, default_path: bool) -> str:
+def describe_choice(base: str, paths: list, scales: list, default_path: bool, why_none: str = "") -> str:
     """The start-up line that says which model generates: the base model and each adapter with its scale, or the
-    base model alone, and how to get the other."""
+    base model alone (``why_none``: why), and how to get the other."""
     if not paths:
-        return (f"Model: base model {base} alone, no adapter (lora_model_path: none). To apply a trained adapter, "
-                f"pass --lora_model_path FOLDER (train_lora.py writes output/best_model).")
+        return (f"Model: {base}, no adapter: base model alone ({why_none or 'lora_model_path: none'}). To apply a "
+                f"trained adapter, pass --lora_model_path FOLDER (train_lora.py writes output/best_model).")
     mix = " + ".join(f"adapter {p} (scale {s:g})" for p, s in zip(paths, scales))
     why = " (the default lora_model_path, found on disk)" if default_path else ""
     return f"Model: base model {base} + {mix}{why}. For the base model alone, pass --lora_model_path none."

@@ -699,7 +699,8 @@ def _is_none(path) -> bool:
 
 
 def adapter_paths(g) -> list[str]:
-    """The adapter folders of ``lora_model_path`` (of the generation or export section): [] (base model alone), [one] or several to mix."""
+    """The adapter folders of ``lora_model_path`` (of the generation or export section): [] (base model alone),
+    [one], or several to mix."""
     if g.lora_model_path is None:
         return []
     return list(g.lora_model_path) if isinstance(g.lora_model_path, list) else [g.lora_model_path]

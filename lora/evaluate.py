@@ -558,7 +558,9 @@ def main(argv=None) -> int:
     default = (not plan["adapters"] or os.path.normpath(plan["adapters"][0]) == os.path.normpath(
         config_module.REPO_ROOT / GenerationConfig.__dataclass_fields__["lora_model_path"].default)) \
         and not any(a == "--lora_model_path" or a.startswith("--lora_model_path=") for a in argv)
-    log.info(describe_choice(cfg.model.model_path, plan["adapters"], plan["scales"], default and plan["adapters"]))
+    missing = f"nothing at lora_model_path {adapter_paths(cfg.generation)[0]}" if adapter_paths(cfg.generation) else ""
+    log.info(describe_choice(cfg.model.model_path, plan["adapters"], plan["scales"], bool(default and plan["adapters"]),
+                             missing))
     log.info("  evaluation: %s", json.dumps(dataclasses.asdict(cfg.evaluation)))
     g = cfg.generation
     log.info("  sampling: guidance %g, temperature %g, top_k %d, top_p %g, first seed %d, batch %d",

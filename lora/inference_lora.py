@@ -164,8 +164,9 @@ def _default_adapter_path() -> str:
 
 
 def choose_adapter(g: GenerationConfig, argv: list[str], problems: list[str]) -> tuple[list[str], bool]:
-    """(the adapter folders to use: [] for the base model alone, one, or several to mix; whether it is the default
-    lora_model_path, used because it exists). Problems with them are added to ``problems``."""
+    """(the adapter folders to use: [] for the base model alone, one, or several to mix; whether they come from the
+    default lora_model_path, output/best_model: used when it exists, else the base model alone). Problems with them
+    are added to ``problems``."""
     paths = adapter_paths(g)
     if not paths:
         return [], False
@@ -178,7 +179,7 @@ def choose_adapter(g: GenerationConfig, argv: list[str], problems: list[str]) ->
     if not explicit and not Path(paths[0]).exists():
         log.warning("No LoRA adapter at the default location %s (nothing trained yet?): generating with the BASE "
                     "MODEL ONLY. Train one with train_lora.py, or pass --lora_model_path FOLDER.", paths[0])
-        return [], False
+        return [], True
     ok = True
     for path in paths:
         if not Path(path).exists():
@@ -357,7 +358,8 @@ def main(argv=None) -> int:
     cfg, _ = parse_config(argv, description=DESCRIPTION, sections=("generation", "model"), rules=rules)
     g, specs, adapters = cfg.generation, plan["specs"], plan["adapters"]
     log.info(describe_choice(cfg.model.model_path, adapters, adapter_scales(g, len(adapters)) if adapters else [],
-                             plan["default_adapter"]))
+                             plan["default_adapter"], f"nothing at the default lora_model_path {g.lora_model_path}"
+                             if plan["default_adapter"] else ""))
     if not adapters and g.merge:
         log.info("merge: true has no effect without an adapter")
     requests = [Request(prompt=spec.text, seed=spec.seed + j, duration=spec.duration, sampling=spec.sampling)
