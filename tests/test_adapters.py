@@ -366,3 +366,21 @@ def test_startup_line_names_the_model_and_the_adapter(tiny_model_dir, two_adapte
             f"Model: {tiny_model_dir}, no adapter: base model alone (lora_model_path: none).")
     entry = json.loads((repo / "output" / "generated" / "manifest.json").read_text())["files"][0]
     assert entry["adapter"] is None  # the last inference run: --lora_model_path none
+
+
+def test_evaluate_a_mix_records_each_adapter_and_one_zero_is_a_alone(tiny_model_dir, two_adapters, example_data_dir,
+                                                                       tmp_path):
+    from lora import evaluate
+
+    a, b = two_adapters
+    common = ["--model_path", str(tiny_model_dir), "--data_dir", str(example_data_dir), "--skip_generation",
+              "--compare", "--bootstrap_samples", "100"]
+    assert evaluate.main(common + ["--lora_model_path", str(a), "--output_dir", str(tmp_path / "alone")]) == 0
+    assert evaluate.main(common + ["--lora_model_path", str(a), str(b), "--lora_scale", "1", "0",
+                                   "--output_dir", str(tmp_path / "mix")]) == 0
+    alone = json.loads((tmp_path / "alone" / "results.json").read_text())
+    mix = json.loads((tmp_path / "mix" / "results.json").read_text())
+    assert mix["likelihood"]["lora"]["ce"] == alone["likelihood"]["lora"]["ce"]
+    assert mix["likelihood"]["base"]["ce"] == alone["likelihood"]["base"]["ce"] != alone["likelihood"]["lora"]["ce"]
+    assert [(x["path"], x["scale"]) for x in mix["identity"]["lora"]["adapters"]] == [(str(a.resolve()), 1.0),
+                                                                                      (str(b.resolve()), 0.0)]
