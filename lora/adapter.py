@@ -121,26 +121,41 @@ def _same_model_name(recorded: str, used: str) -> bool:
 
 
 def _adapter_shape_problems(base, adapter_file: Path) -> list[str]:
-    """Compare the adapter's LoRA matrices with the model's layers (architecture check without loading)."""
+    """Compare the adapter's tensors with the model's layers (architecture check without loading): LoRA matrices
+    of linear layers (lora_A / lora_B) and of embeddings (lora_embedding_A / _B), and whole layers the adapter
+    replaces (peft's modules_to_save) against the parameter they replace."""
     from safetensors import safe_open
 
     modules = dict(base.named_modules())
+    params = dict(base.named_parameters())
     problems = []
     with safe_open(str(adapter_file), framework="pt") as fh:
         for key in fh.keys():
-            m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight", key)
-            if not m:
-                continue
-            name, part = m.group(1), m.group(2)
-            mod = modules.get(name)
             shape = tuple(fh.get_slice(key).get_shape())
-            if mod is None:
-                problems.append(f"layer {name} does not exist in this model")
-            elif hasattr(mod, "in_features"):
-                want = mod.in_features if part == "lora_A" else mod.out_features
-                have = shape[1] if part == "lora_A" else shape[0]
-                if want != have:
-                    problems.append(f"{name}: adapter expects size {have}, model has {want}")
+            key = key.removeprefix("base_model.model.")
+            lin = re.fullmatch(r"(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight", key)
+            emb = re.fullmatch(r"(.+)\.lora_embedding_(A|B)(?:\.[^.]+)?", key)
+            if lin or emb:
+                name = (lin or emb).group(1)
+                mod = modules.get(name)
+                if mod is None:
+                    problems.append(f"layer {name} does not exist in this model")
+                elif lin and hasattr(mod, "in_features"):
+                    want = mod.in_features if lin.group(2) == "lora_A" else mod.out_features
+                    have = shape[1] if lin.group(2) == "lora_A" else shape[0]
+                    if want != have:
+                        problems.append(f"{name}: adapter expects size {have}, model has {want}")
+                elif emb and hasattr(mod, "num_embeddings"):
+                    want = mod.num_embeddings if emb.group(2) == "A" else mod.embedding_dim
+                    have = shape[1] if emb.group(2) == "A" else shape[0]
+                    if want != have:
+                        problems.append(f"{name}: adapter expects size {have}, model has {want}")
+            elif key.rsplit(".", 1)[0] not in modules and key not in params:
+                problems.append(f"layer {key.rsplit('.', 1)[0]} (saved whole: modules_to_save) does not exist in "
+                                f"this model")
+            elif key in params and tuple(params[key].shape) != shape:
+                problems.append(f"{key} (saved whole: modules_to_save): adapter has shape {list(shape)}, model has "
+                                f"{list(params[key].shape)}")
             if len(problems) >= 3:
                 break
     return problems
@@ -208,10 +223,12 @@ def check_adapter_fits(base, adapter_dir: Path, recorded: str, used: str) -> Non
     fam = family_for(base)
     shape_problems = _adapter_shape_problems(base, adapter_dir / "adapter_model.safetensors")
     if shape_problems:
+        shape = ", ".join(f"{k} {v}" for k, v in fam.decoder_shape(base.config).items())
         raise UserError(
-            f"The LoRA adapter {adapter_dir} was trained on base model {recorded or '(not recorded)'} but the base "
-            f"model in use is {used}, and their layers differ ({'; '.join(shape_problems)}). Use "
-            f"--model_path {recorded or '<the base it was trained on>'}.")
+            f"The LoRA adapter {adapter_dir / 'adapter_model.safetensors'} does not fit the base model in use: it was "
+            f"trained on base model {recorded or '(not recorded)'} but the base model in use is {used} ({shape}), "
+            f"and their layers differ ({'; '.join(shape_problems)}): another architecture or another number of "
+            f"codebooks. Use --model_path {recorded or '<the base it was trained on>'}.")
     recorded_cfg = _recorded_config(recorded) if recorded else None
     recorded_shape = fam.decoder_shape(recorded_cfg) if recorded_cfg is not None else None
     used_shape = fam.decoder_shape(base.config)
@@ -318,3 +335,96 @@ def adapter_identity(adapter_dir) -> dict:
         if key in cfg:
             out[key] = cfg[key]
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Several adapters at once (peft's multi-adapter machinery: each adapter its own name and scale, all active)
+# --------------------------------------------------------------------------------------------
+MIX_NAME = "adapter_{}"  # peft adapter names of the 2nd, 3rd, ... adapter of a mix (the first is peft's "default")
+
+
+def check_mix_bases(paths: list) -> list[str]:
+    """Problems (in the user's words) with mixing these adapter folders: each must be a LoRA adapter, and all of
+    them must record the same base model (the same folder, hub id or model name). Read from adapter_config.json
+    alone, before any model loads. An adapter that records no base is not compared."""
+    problems, bases = [], []
+    for path in paths:
+        try:
+            cfg = check_adapter_files(path)
+        except UserError as e:
+            problems.append(f"lora_model_path: {e}")
+            continue
+        kind = str(cfg.get("peft_type") or "LORA").upper()
+        if kind != "LORA":
+            problems.append(f"{Path(path) / 'adapter_config.json'} is a {kind} adapter (peft_type {kind!r}); this "
+                            f"toolkit applies LoRA adapters only (peft_type 'LORA').")
+        recorded = cfg.get("base_model_name_or_path") or ""
+        if recorded:
+            bases.append((str(path), recorded))
+    for path, recorded in bases[1:]:
+        first_path, first = bases[0]
+        if not (_same_base(first, recorded) or _same_model_name(first, recorded)):
+            problems.append(f"The adapters cannot be mixed: {first_path} was trained on base model {first} but "
+                            f"{path} on {recorded} ({Path(path) / 'adapter_config.json'}: base_model_name_or_path). "
+                            f"Mix only adapters trained on the same base model.")
+    return problems
+
+
+def set_adapter_scales(model, scales: dict) -> None:
+    """Make every adapter of ``scales`` (peft adapter name -> strength) active at its own strength: each LoRA layer
+    adds each active adapter's update times its scaling (peft's ``set_scale``; peft's ``set_adapter`` with several
+    names). An adapter at 0 is left out of the active set, so it adds nothing (DoRA's magnitude too); all at 0 is
+    the base model."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            for name, scale in scales.items():
+                module.set_scale(name, float(scale))
+    active = [name for name, scale in scales.items() if float(scale) != 0.0]
+    try:
+        model.base_model.set_adapter(active, inference_mode=True)
+    except ValueError as e:  # peft refuses two adapters that both replace a whole module (modules_to_save)
+        raise UserError(f"These adapters cannot be active together: {e} Two of them replace the same layer as a "
+                        f"whole (modules_to_save); use them one at a time, or give one of them lora_scale 0."
+                        ) from None
+
+
+def load_adapters(model, paths: list, scales: list, expected_base: Optional[str] = None):
+    """Load one or several saved LoRA adapters onto the base model, each at its scale; returns (PeftModel, list of
+    each adapter's identity with its peft name and scale). One adapter is ``load_lora`` + ``set_lora_scale`` as
+    always; several are loaded side by side with peft's ``load_adapter`` (each checked against the base first) and
+    made active together (``set_adapter_scales``): the model adds their updates, each times its own scale."""
+    if len(paths) != len(scales):
+        raise UserError(f"{len(paths)} adapter(s) but {len(scales)} lora_scale value(s): give one scale per adapter.")
+    problems = check_mix_bases(paths) if len(paths) > 1 else []
+    validate(problems)
+    peft_model = load_lora(model, paths[0], is_trainable=False, expected_base=expected_base)
+    names = ["default"]
+    base = get_base(peft_model)
+    used = str(expected_base or getattr(base, "name_or_path", "") or base.config._name_or_path or "")
+    for i, path in enumerate(paths[1:], 1):
+        adapter_dir = Path(path).expanduser()
+        cfg = check_adapter_files(adapter_dir)
+        check_adapter_fits(base, adapter_dir, cfg.get("base_model_name_or_path") or "", used)
+        names.append(MIX_NAME.format(i))
+        peft_model.load_adapter(str(adapter_dir), adapter_name=names[-1], is_trainable=False)
+        log.info("Loaded LoRA adapter %s (r=%s) as %r", adapter_dir, cfg.get("r"), names[-1])
+    if len(paths) == 1:
+        set_lora_scale(peft_model, scales[0])
+    else:
+        set_adapter_scales(peft_model, dict(zip(names, scales)))
+    peft_model.eval()
+    ids = [dict(adapter_identity(p), adapter_name=n, scale=float(s)) for p, n, s in zip(paths, names, scales)]
+    return peft_model, ids
+
+
+def describe_choice(base: str, paths: list, scales: list, default_path: bool, why_none: str = "") -> str:
+    """The start-up line that says which model generates: the base model and each adapter with its scale, or the
+    base model alone (``why_none``: why), and how to get the other."""
+    if not paths:
+        return (f"Model: {base}, no adapter: base model alone ({why_none or 'lora_model_path: none'}). To apply a "
+                f"trained adapter, pass --lora_model_path FOLDER (train_lora.py writes output/best_model).")
+    mix = " + ".join(f"adapter {p} (scale {s:g})" for p, s in zip(paths, scales))
+    why = " (the default lora_model_path, found on disk)" if default_path else ""
+    return f"Model: base model {base} + {mix}{why}. For the base model alone, pass --lora_model_path none."

@@ -45,13 +45,14 @@ class ConfigError(UserError):
 
 
 def _f(default, help: str, *, aliases=(), kind: str | None = None, choices=None, ge=None, gt=None, le=None,
-       lt=None, also=(), hint: str = ""):
+       lt=None, also=(), hint: str = "", many: bool = False):
     """A schema field. ``kind`` is "path" (a file or folder) or "model" (a path, hub id or built-in). Its allowed
     values are declared here, once: ``choices``, or a range (``ge`` >=, ``gt`` >, ``le`` <=, ``lt`` <) plus single
     values ``also`` allowed outside it (e.g. -1 = off); ``hint`` is the rule of thumb an error message adds. null
-    (None) is always allowed for an Optional field."""
+    (None) is always allowed for an Optional field. ``many``: the field also takes a list of such values (a YAML list;
+    several values after the flag); a single value stays a plain value."""
     md = {"help": help, "aliases": tuple(aliases), "kind": kind, "choices": choices, "ge": ge, "gt": gt, "le": le,
-          "lt": lt, "also": tuple(also), "hint": hint}
+          "lt": lt, "also": tuple(also), "hint": hint, "many": many}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=md)
     return field(default=default, metadata=md)
@@ -188,8 +189,10 @@ class TrainingConfig:
 
 @dataclass
 class GenerationConfig:
-    lora_model_path: Optional[str] = _f("output/best_model", "LoRA adapter folder to apply; '' or none = base only",
-                                        kind="path")
+    lora_model_path: Optional[str] = _f(
+        "output/best_model", "LoRA adapter folder to apply, or several to mix (a list; one lora_scale each); "
+        "'' or none = base model alone. Default: output/best_model when it exists, else the base model alone",
+        kind="path", many=True)
     prompts: list = _f([], "Text prompts, e.g. --prompts \"lofi piano\" \"808 trap beat\"")
     prompts_file: Optional[str] = _f(None, "txt (one prompt per line) or JSON/JSONL with per-prompt settings",
                                      kind="path")
@@ -208,9 +211,10 @@ class GenerationConfig:
     top_p: float = _f(0.0, "Nucleus sampling threshold; 0 = off; when set it replaces top_k (as in audiocraft)",
                       ge=0.0, le=1.0, hint="0 = off")
     seed: int = _f(0, "Seed of the first sample; every sample's seed is recorded in the manifest")
-    lora_scale: float = _f(1.0, "Adapter strength: 0 = base model, 1 = full adapter, in between blends",
-                           ge=0.0, hint="0 = base model, 1 = full adapter")
-    merge: Optional[bool] = _f(None, "Fold LoRA into the weights (faster); default: merge when lora_scale is 1")
+    lora_scale: float = _f(1.0, "Adapter strength: 0 = base model, 1 = full adapter, in between blends; with "
+                                "several adapters one number each (a list), e.g. --lora_scale 0.7 0.4",
+                           ge=0.0, hint="0 = base model, 1 = full adapter", many=True)
+    merge: Optional[bool] = _f(None, "Fold LoRA into the weights (faster); default: merge when every lora_scale is 1")
     extend_stride: float = _f(18.0, "For long pieces: seconds generated per new window (the rest is context)",
                               gt=0.0, hint="audiocraft uses 18 of 30")
     max_window: float = _f(30.0, "Longest stretch generated in one pass, s (MusicGen was trained on 30 s); "
@@ -245,6 +249,21 @@ class EvaluationConfig:
                                           "are always left out")
 
 
+@dataclass
+class ExportConfig:
+    lora_model_path: Optional[str] = _f(
+        "output/best_model", "Adapter folder to merge into the base (best_model, final_model or a training checkpoint "
+        "checkpoints/step-N), or several to merge as a mix (a list; one lora_scale each)", kind="path", many=True)
+    lora_scale: float = _f(1.0, "Strength merged in: 1 = the adapter as trained; with several adapters one number "
+                                "each, e.g. --lora_scale 0.7 0.4", ge=0.0, hint="1 = the adapter as trained",
+                           many=True)
+    output_dir: str = _f("output/merged_model", "The standalone merged model folder written (plain transformers "
+                                                "MusicGen: loads with from_pretrained, no peft)", kind="path")
+    dtype: str = _f("float32", "Dtype of the exported weights: float32 = exact merge; float16 / bfloat16 = half the "
+                               "size", choices=("float32", "float16", "bfloat16"))
+    overwrite: bool = _f(False, "Replace an existing output_dir (otherwise the export stops before writing)")
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "lora": LoraSection,
@@ -252,6 +271,7 @@ SECTIONS: dict[str, type] = {
     "training": TrainingConfig,
     "generation": GenerationConfig,
     "evaluation": EvaluationConfig,
+    "export": ExportConfig,
 }
 
 
@@ -263,6 +283,7 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     config_file: Optional[str] = None  # the YAML file that was read, if any
 
     def to_dict(self) -> dict:
@@ -302,6 +323,11 @@ def _type_name(tp) -> str:
 
 def _coerce(section: str, name: str, value, tp, meta, source: str):
     """Check and convert one value from YAML; raise ConfigError naming the key."""
+    if meta.get("many") and isinstance(value, list):
+        if not value:
+            raise ConfigError(f"{section}.{name}" + (f" in {source}" if source else "") + ": the list is empty; "
+                              "give one value or a list of values, or delete the line to use the default.")
+        return [_coerce(section, f"{name}[{i}]", v, tp, meta, source) for i, v in enumerate(value)]
     base, optional = _base_type(tp)
     where = f"{section}.{name}" + (f" in {source}" if source else "")
     bad = ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}. Fix the value or delete the line to use "
@@ -403,9 +429,12 @@ def range_problems(cfg: "Config", sections=None) -> list[str]:
     for section in sections or SECTIONS:
         obj = getattr(cfg, section) if isinstance(cfg, Config) else cfg
         for f in dataclasses.fields(SECTIONS[section]):
-            problem = value_problem(f.metadata, getattr(obj, f.name), f"{section}.{f.name}")
-            if problem:
-                problems.append(problem)
+            value = getattr(obj, f.name)
+            many = f.metadata.get("many") and isinstance(value, list)
+            for i, v in enumerate(value if many else [value]):
+                problem = value_problem(f.metadata, v, f"{section}.{f.name}" + (f"[{i}]" if many else ""))
+                if problem:
+                    problems.append(problem)
     return problems
 
 
@@ -489,6 +518,8 @@ def apply_yaml(cfg: Config, data: dict, source: str, base: Path) -> None:
             v = _coerce(section, key, value, hints[key], md, source)
             if isinstance(v, str):
                 v = _resolve_path(v, md.get("kind"), base)
+            elif isinstance(v, list) and md.get("many"):
+                v = [_resolve_path(x, md.get("kind"), base) if isinstance(x, str) else x for x in v]
             setattr(obj, key, v)
 
 
@@ -568,6 +599,8 @@ def build_parser(description: str, sections: tuple[str, ...], extra=None) -> tup
                 kw.update(nargs="+", metavar="TEXT", action="extend")  # given twice: both lists are used
             else:
                 kw.update(type=_argtype(f.name, base, optional))
+                if f.metadata.get("many"):
+                    kw["nargs"] = "+"  # one value or several (given twice: refused, like any other flag)
                 kw["metavar"] = {int: "N", float: "X"}.get(base, "PATH" if f.metadata.get("kind") else "TEXT")
                 if f.metadata.get("choices"):
                     kw["metavar"] = "{" + ",".join(map(str, f.metadata["choices"])) + "}"
@@ -589,7 +622,7 @@ def _refuse_repeated_flags(parser: argparse.ArgumentParser, argv: list) -> None:
         if action is None or not action.option_strings:
             continue
         name = tok.split("=", 1)[0]
-        if action.dest in seen and action.nargs == "+":
+        if action.dest in seen and isinstance(action, argparse._ExtendAction):
             log.info("%s was given more than once: all of its values are used", name)
             continue
         if action.dest in seen:
@@ -633,6 +666,9 @@ def parse_config(argv=None, *, description: str = "", sections: tuple[str, ...] 
         delattr(ns, dest)
         obj = getattr(cfg, section)
         md = next(f.metadata for f in dataclasses.fields(obj) if f.name == name)
+        if md.get("many") and isinstance(value, list):
+            value = [_resolve_path(v, md.get("kind"), cwd) if isinstance(v, str) else v for v in value]
+            value = value[0] if len(value) == 1 else value
         _check_choice(f"--{name}", value, md)
         if isinstance(value, str):
             value = _resolve_path(value, md.get("kind"), cwd)
@@ -654,9 +690,38 @@ def finalize(cfg: Config) -> None:
         t.mixed_precision = "fp16"
     elif t.bf16:
         t.mixed_precision = "bf16"
-    g = cfg.generation
-    if g.lora_model_path is not None and g.lora_model_path.strip().lower() in ("", "none", "null"):
-        g.lora_model_path = None
+    for g in (cfg.generation, cfg.export):
+        if isinstance(g.lora_model_path, list):
+            if any(_is_none(p) for p in g.lora_model_path):
+                raise ConfigError(f"lora_model_path {g.lora_model_path}: 'none' cannot be one of several adapters; "
+                                  f"give the adapter folders only, or none alone for the base model.")
+        elif _is_none(g.lora_model_path):
+            g.lora_model_path = None
+
+
+def _is_none(path) -> bool:
+    return path is None or (isinstance(path, str) and path.strip().lower() in ("", "none", "null"))
+
+
+def adapter_paths(g) -> list[str]:
+    """The adapter folders of ``lora_model_path`` (of the generation or export section): [] (base model alone),
+    [one], or several to mix."""
+    if g.lora_model_path is None:
+        return []
+    return list(g.lora_model_path) if isinstance(g.lora_model_path, list) else [g.lora_model_path]
+
+
+def adapter_scales(g, n: int) -> list[float]:
+    """One scale per adapter: ``lora_scale`` as a list of ``n``, or one number for one adapter (or 1, the default,
+    for every adapter of a mix). ConfigError naming both keys when the counts differ."""
+    scales = g.lora_scale if isinstance(g.lora_scale, list) else [g.lora_scale]
+    if len(scales) == max(n, 1):
+        return [float(s) for s in scales]
+    if len(scales) == 1 and float(scales[0]) == 1.0:
+        return [1.0] * n
+    raise ConfigError(f"lora_scale has {len(scales)} value(s) ({' '.join(f'{float(s):g}' for s in scales)}) but "
+                      f"lora_model_path names {n} adapter(s): give one scale per adapter, in the same order "
+                      f"(e.g. --lora_scale {' '.join(['1'] * max(n, 1))}), or leave lora_scale out for 1 each.")
 
 
 def validate(problems: list[str]) -> None:

@@ -35,6 +35,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -49,9 +50,11 @@ import numpy as np
 
 import lora
 from lora import metrics
-from lora.adapter import adapter_identity, check_adapter_files, load_lora, set_lora_scale, text_encoder_has_lora
+from lora import config as config_module
+from lora.adapter import adapter_identity, check_adapter_files, check_mix_bases, describe_choice, load_adapters, \
+    text_encoder_has_lora
 from lora.audio import load_audio, save_wav
-from lora.config import Config, ConfigError, load_yaml, parse_config
+from lora.config import Config, ConfigError, GenerationConfig, adapter_paths, adapter_scales, load_yaml, parse_config
 from lora.dataset import CachedTokenDataset, build_token_cache, collate_tokens, load_metadata
 from lora.generation import GenerationError, cast_for_generation, generate_audio, pick_device, temperature_problem
 from lora.loading import family_for, load_base_model
@@ -83,17 +86,24 @@ def config_problems(cfg: Config, ns=None) -> list[str]:
                         f"and pass that folder, or leave clap_model_path unset to skip the CLAP score.")
     if g.prompts_file and not Path(g.prompts_file).is_file():
         problems.append(f"generation.prompts_file {g.prompts_file} does not exist.")
-    adapter = g.lora_model_path
-    if ev.compare and not adapter:
+    paths = adapter_paths(g)
+    try:
+        adapter_scales(g, len(paths))
+    except ConfigError as e:
+        problems.append(str(e))
+    if ev.compare and not paths:
         problems.append("--compare needs a LoRA adapter: pass --lora_model_path (e.g. ../output/best_model).")
-    elif ev.compare and not Path(adapter).is_dir():
-        problems.append(f"--compare: the LoRA adapter folder {adapter} does not exist. Train one with "
-                        f"train_lora.py, or pass the right --lora_model_path.")
-    elif adapter and Path(adapter).is_dir():
-        try:
-            check_adapter_files(adapter)  # complete and whole, before the model loads
-        except UserError as e:
-            problems.append(f"lora_model_path: {e}")
+    for adapter in paths:
+        if (ev.compare or len(paths) > 1) and not Path(adapter).is_dir():
+            problems.append(f"{'--compare: ' if ev.compare else ''}the LoRA adapter folder {adapter} does not "
+                            f"exist. Train one with train_lora.py, or pass the right --lora_model_path.")
+        elif Path(adapter).is_dir():
+            try:
+                check_adapter_files(adapter)  # complete and whole, before the model loads
+            except UserError as e:
+                problems.append(f"lora_model_path: {e}")
+    if len(paths) > 1 and all(Path(p).is_dir() for p in paths):
+        problems += [p for p in check_mix_bases(paths) if p not in problems]
     try:
         check_output_dir(ev.output_dir, "--output_dir")
     except UserError as e:
@@ -102,18 +112,21 @@ def config_problems(cfg: Config, ns=None) -> list[str]:
 
 
 def evaluation_plan(cfg: Config) -> dict:
-    """Which models are evaluated: {"models": ["base", "lora"] | ["lora"] | ["base"], "adapter": path or None}."""
-    ev, adapter = cfg.evaluation, cfg.generation.lora_model_path
-    have_adapter = bool(adapter) and Path(adapter).is_dir()
+    """Which models are evaluated: {"models": ["base", "lora"] | ["lora"] | ["base"], "adapter": the (first)
+    adapter folder or None, "adapters": every adapter folder (several: a mix), "scales": their scales}."""
+    ev, paths = cfg.evaluation, adapter_paths(cfg.generation)
+    have_adapter = bool(paths) and all(Path(p).is_dir() for p in paths)
     if ev.compare:
         models = ["base", "lora"]
     elif have_adapter:
         models = ["lora"]
     else:
-        if adapter:
-            log.info("No adapter at %s: evaluating the base model alone", adapter)
+        if paths:
+            log.warning("No adapter at %s: evaluating the BASE MODEL ONLY", paths[0])
         models = ["base"]
-    return {"models": models, "adapter": adapter if "lora" in models else None}
+    used = paths if "lora" in models else []
+    return {"models": models, "adapter": used[0] if used else None, "adapters": used,
+            "scales": adapter_scales(cfg.generation, len(used)) if used else []}
 
 
 def choose_prompts(cfg: Config, valid) -> tuple[list[str], str]:
@@ -535,13 +548,19 @@ def jsonable(x):
 # main
 # --------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     cfg, _ = parse_config(argv, description="Evaluate a MusicGen LoRA adapter: held-out likelihood, generation "
                                             "metrics (FAD/KAD, signal checks, diversity, CLAP), HTML report.",
                           sections=("evaluation", "model", "generation", "data"), rules=config_problems)
     plan = evaluation_plan(cfg)
     log.info("Evaluating %s on %s/%s -> %s", " and ".join(plan["models"]), cfg.data.data_dir, cfg.data.metadata_file,
              cfg.evaluation.output_dir)
-    log.info("  base model %s | adapter %s", cfg.model.model_path, plan["adapter"] or "-")
+    default = (not plan["adapters"] or os.path.normpath(plan["adapters"][0]) == os.path.normpath(
+        config_module.REPO_ROOT / GenerationConfig.__dataclass_fields__["lora_model_path"].default)) \
+        and not any(a == "--lora_model_path" or a.startswith("--lora_model_path=") for a in argv)
+    missing = f"nothing at lora_model_path {adapter_paths(cfg.generation)[0]}" if adapter_paths(cfg.generation) else ""
+    log.info(describe_choice(cfg.model.model_path, plan["adapters"], plan["scales"], bool(default and plan["adapters"]),
+                             missing))
     log.info("  evaluation: %s", json.dumps(dataclasses.asdict(cfg.evaluation)))
     g = cfg.generation
     log.info("  sampling: guidance %g, temperature %g, top_k %d, top_p %g, first seed %d, batch %d",
@@ -575,11 +594,14 @@ def evaluate(cfg: Config, plan: dict) -> int:
                          if k in ("name_or_path", "identity", "hub_revision", "sample_rate", "frame_rate",
                                   "num_codebooks", "audio_channels")}}
     if adapter:
-        model = load_lora(model, adapter, is_trainable=False)
-        if g.lora_scale != 1.0:
-            set_lora_scale(model, g.lora_scale)
-            log.info("Adapter scale %g (--lora_scale)", g.lora_scale)
-        identity["lora"] = dict(adapter_identity(adapter), base=identity["base"]["name_or_path"], scale=g.lora_scale)
+        model, ids = load_adapters(model, plan["adapters"], plan["scales"])
+        if plan["scales"] != [1.0]:
+            log.info("Adapter scale(s) %s (--lora_scale)", " ".join(f"{s:g}" for s in plan["scales"]))
+        if len(ids) == 1:
+            identity["lora"] = dict(adapter_identity(adapter), base=identity["base"]["name_or_path"],
+                                    scale=g.lora_scale)
+        else:
+            identity["lora"] = {"adapters": ids, "base": identity["base"]["name_or_path"], "scale": plan["scales"]}
     model.eval()
 
     source_of = {r.id: r.source for r in valid}

@@ -55,7 +55,7 @@ import numpy as np
 
 from lora import adapter as lora_adapter
 from lora import chroma as melody_chroma
-from lora.config import field_problem
+from lora.config import adapter_paths, adapter_scales, field_problem
 from lora.loading import family_for, load_base_model
 from lora.precision import generation_dtype
 from lora.utils import UserError, log
@@ -157,35 +157,43 @@ def cast_for_generation(model, dtype) -> None:
 
 
 def load_generation_model(cfg, device=None, adapter_path="__from_cfg__"):
-    """Base model (+ LoRA adapter at ``cfg.generation.lora_scale``, merged when asked) ready to generate.
+    """Base model (+ LoRA adapter(s) at ``cfg.generation.lora_scale``, merged when asked) ready to generate.
 
-    ``adapter_path``: a folder, None for the base model alone, or (default) ``cfg.generation.lora_model_path``.
-    Merge: ``cfg.generation.merge`` True/False, or None = merge when lora_scale == 1.
-    Returns (model, processor, info, adapter_info); adapter_info is None without an adapter, else a dict
-    (path, weights_sha256, base model, rank, alpha, scale, merged).
+    ``adapter_path``: a folder, a list of folders (a mix: one scale each), None for the base model alone, or
+    (default) ``cfg.generation.lora_model_path``. Merge: ``cfg.generation.merge`` True/False, or None = merge when
+    every scale is 1. Returns (model, processor, info, adapter_info); adapter_info is None without an adapter, for
+    one adapter a dict (path, weights_sha256, base model, rank, alpha, scale, merged), for a mix
+    {"adapters": [each one's identity, peft adapter_name and scale], "paths", "scales", "merged"}.
     """
     import torch
 
     g = cfg.generation
     if adapter_path == "__from_cfg__":
-        adapter_path = g.lora_model_path
+        paths = adapter_paths(g)
+    else:
+        paths = [] if adapter_path is None else [str(p) for p in (
+            adapter_path if isinstance(adapter_path, (list, tuple)) else [adapter_path])]
+    scales = adapter_scales(g, len(paths)) if paths else []
     device = torch.device(device) if device is not None else pick_device()
     dtype = generation_dtype(g.dtype, device)
     # Load in fp32 on the CPU: merging LoRA is then exact; the decoder is cast afterwards and only then moved to
     # the device (a GPU never holds the fp32 copy, twice the size of the bf16 decoder).
     model, processor, info = load_base_model(cfg.model)
     adapter_info = None
-    if adapter_path:
-        model = lora_adapter.load_lora(model, adapter_path, is_trainable=False)
-        adapter_info = lora_adapter.adapter_identity(adapter_path)
-        scale = float(g.lora_scale)
-        lora_adapter.set_lora_scale(model, scale)
-        merge = g.merge if g.merge is not None else (scale == 1.0)
+    if paths:
+        model, ids = lora_adapter.load_adapters(model, paths, scales)
+        merge = g.merge if g.merge is not None else all(s == 1.0 for s in scales)
         if merge:
             model = lora_adapter.merge_lora(model)
-        adapter_info.update(scale=scale, merged=bool(merge))
-        log.info("Adapter %s at scale %g (%s)", adapter_path, scale,
-                 "merged into the weights" if merge else "unmerged")
+        for one in ids:
+            log.info("Adapter %s at scale %g (%s)", one["path"], one["scale"],
+                     "merged into the weights" if merge else "unmerged")
+        if len(ids) == 1:
+            adapter_info = {k: v for k, v in ids[0].items() if k not in ("adapter_name", "scale")}
+            adapter_info.update(scale=scales[0], merged=bool(merge))
+        else:
+            adapter_info = {"adapters": ids, "paths": [one["path"] for one in ids], "scales": scales,
+                            "merged": bool(merge)}
     cast_for_generation(model, dtype)
     model.to(device)
     model.eval()

@@ -15,6 +15,7 @@ More::
     --duration 60                            seconds; beyond max_window (30 s) windowed continuation is used
     --audio_prompt intro.wav                 continue a piece (the duration includes it)
     --lora_scale 0.5                         half-strength adapter (0 = base model); --lora_model_path none = base
+    --lora_model_path A B --lora_scale 0.7 0.4   mix two adapters (each at its own strength)
     --merge false                            keep LoRA unmerged (default: merged when lora_scale is 1)
     --seed 3 --num_samples 4                 seeds 3, 4, 5, 6; each file's seed is in manifest.json
     --output_format float --normalize false  32-bit float WAVs, no peak normalisation
@@ -48,9 +49,10 @@ if __package__ in (None, ""):
 
 from lora import config as config_module  # noqa: E402
 from lora import generation  # noqa: E402
-from lora.adapter import check_adapter_files  # noqa: E402
+from lora.adapter import check_adapter_files, check_mix_bases, describe_choice  # noqa: E402
 from lora.audio import audio_info, load_audio, normalize_peak, peak_db, save_wav  # noqa: E402
-from lora.config import GenerationConfig, field_problem, parse_config  # noqa: E402
+from lora.config import ConfigError, GenerationConfig, adapter_paths, adapter_scales, field_problem, \
+    parse_config  # noqa: E402
 from lora.generation import Request, SamplingSettings, temperature_problem  # noqa: E402
 from lora.loading import family_for  # noqa: E402
 from lora.prompts import read_prompts_file  # noqa: E402
@@ -161,30 +163,42 @@ def _default_adapter_path() -> str:
     return os.path.normpath(config_module.REPO_ROOT / default)
 
 
-def choose_adapter(g: GenerationConfig, argv: list[str], problems: list[str]):
-    """The adapter folder to use, or None for the base model alone."""
-    path = g.lora_model_path
-    if not path:
-        log.info("No LoRA adapter (lora_model_path: none): generating with the base model alone")
-        return None
-    explicit = _flag_given(argv, "--lora_model_path") or os.path.normpath(path) != _default_adapter_path()
-    if Path(path).exists():
-        if not Path(path).is_dir():
+def choose_adapter(g: GenerationConfig, argv: list[str], problems: list[str]) -> tuple[list[str], bool]:
+    """(the adapter folders to use: [] for the base model alone, one, or several to mix; whether they come from the
+    default lora_model_path, output/best_model: used when it exists, else the base model alone). Problems with them
+    are added to ``problems``."""
+    paths = adapter_paths(g)
+    if not paths:
+        return [], False
+    try:
+        adapter_scales(g, len(paths))
+    except ConfigError as e:
+        problems.append(str(e))
+    explicit = (_flag_given(argv, "--lora_model_path") or len(paths) > 1
+                or os.path.normpath(paths[0]) != _default_adapter_path())
+    if not explicit and not Path(paths[0]).exists():
+        log.warning("No LoRA adapter at the default location %s (nothing trained yet?): generating with the BASE "
+                    "MODEL ONLY. Train one with train_lora.py, or pass --lora_model_path FOLDER.", paths[0])
+        return [], True
+    ok = True
+    for path in paths:
+        if not Path(path).exists():
+            problems.append(f"LoRA adapter folder not found: {path} (lora_model_path). Pass the folder "
+                            f"train_lora.py wrote (e.g. ../output/best_model), or --lora_model_path none for the "
+                            f"base model alone.")
+        elif not Path(path).is_dir():
             problems.append(f"lora_model_path {path} is a file; it must be an adapter folder (with "
                             f"adapter_config.json and adapter_model.safetensors).")
         else:
             try:
                 check_adapter_files(path)  # complete and whole, before the model loads
+                continue
             except UserError as e:
                 problems.append(f"lora_model_path: {e}")
-        return path
-    if explicit:
-        problems.append(f"LoRA adapter folder not found: {path} (lora_model_path). Pass the folder train_lora.py "
-                        f"wrote (e.g. ../output/best_model), or --lora_model_path none for the base model alone.")
-        return None
-    log.warning("No LoRA adapter at the default location %s (nothing trained yet?): generating with the BASE "
-                "MODEL ONLY. Train one with train_lora.py, or pass --lora_model_path FOLDER.", path)
-    return None
+        ok = False
+    if ok and len(paths) > 1:
+        problems += check_mix_bases(paths)  # the same base for all, before the model loads
+    return paths, not explicit
 
 
 # --------------------------------------------------------------------------------------------
@@ -338,12 +352,15 @@ def main(argv=None) -> int:
                 audio_info(g.audio_prompt)  # readable audio, before the model loads
             except UserError as e:
                 problems.append(f"audio_prompt: {e}")
-        plan["adapter"] = choose_adapter(g, argv, problems)
+        plan["adapters"], plan["default_adapter"] = choose_adapter(g, argv, problems)
         return [p for p in problems if p]
 
     cfg, _ = parse_config(argv, description=DESCRIPTION, sections=("generation", "model"), rules=rules)
-    g, specs, adapter = cfg.generation, plan["specs"], plan["adapter"]
-    if adapter is None and g.merge:
+    g, specs, adapters = cfg.generation, plan["specs"], plan["adapters"]
+    log.info(describe_choice(cfg.model.model_path, adapters, adapter_scales(g, len(adapters)) if adapters else [],
+                             plan["default_adapter"], f"nothing at the default lora_model_path {g.lora_model_path}"
+                             if plan["default_adapter"] else ""))
+    if not adapters and g.merge:
         log.info("merge: true has no effect without an adapter")
     requests = [Request(prompt=spec.text, seed=spec.seed + j, duration=spec.duration, sampling=spec.sampling)
                 for spec in specs for j in range(spec.num_samples)]
@@ -358,9 +375,7 @@ def main(argv=None) -> int:
     import torch
 
     torch.manual_seed(g.seed)
-    model, processor, info, adapter_info = generation.load_generation_model(cfg, adapter_path=adapter)
-    if adapter_info is None and adapter is None:
-        log.info("Model: %s (base model only, no adapter)", info.name_or_path)
+    model, processor, info, adapter_info = generation.load_generation_model(cfg, adapter_path=adapters or None)
     if g.audio_prompt:
         add_audio_prompt(model, info, g.audio_prompt, requests)
 

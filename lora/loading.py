@@ -317,8 +317,10 @@ def load_base_model(model_cfg, device=None, dtype=None):
     path, directory, identity, hub_revision, kw, model_type = _locate(resolve_model_path(model_cfg), model_cfg)
     family = family_for(model_type)
     attn = getattr(model_cfg, "attn_implementation", "sdpa") or "sdpa"
-    if dtype is not None:
-        kw["dtype"] = dtype
+    # float32 unless asked: a folder saved in half precision (export_model.py --dtype float16/bfloat16) loads as
+    # float32 too (transformers' default reads the saved dtype), so training, merging and casting start from the
+    # same weights whatever dtype they were stored in.
+    kw["dtype"] = dtype if dtype is not None else "float32"
     try:
         model = family.from_pretrained(path, attn, **kw)
         processor = family.load_processor(path, **kw)

@@ -11,7 +11,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 LORA = ROOT / "lora"
 BENCH = ROOT / "bench"
-SCRIPTS = {"prepare_data", "train_lora", "inference_lora", "evaluate", "test_dataset", "test_model"}
+SCRIPTS = {"prepare_data", "train_lora", "inference_lora", "evaluate", "test_dataset", "test_model", "export_model"}
 FAMILY_MODULES = {"musicgen.py", "musicgen_melody.py", "fast_decode.py"}  # the model families, the decoding step
 # Names of MusicGen's internals that only the family module may spell out.
 INTERNALS = ("enc_to_dec_proj", ".decoder.model.decoder", "encoder_outputs=", "audio_encoder.", "text_encoder(")

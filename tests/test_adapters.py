@@ -1,0 +1,386 @@
+"""Several adapters at once (peft's multi-adapter machinery), adapters made by other peft-based trainers, what cannot
+fit, and the start-up line that says which model and adapter(s) generate. Tiny models, CPU."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lora.config import ConfigError
+from lora.utils import UserError
+
+PROMPT = "techno drum loop"
+
+
+def _cfg(model_dir, adapters=None, scales=None, **gen):
+    from lora.config import Config
+
+    cfg = Config()
+    cfg.model.model_path = str(model_dir)
+    cfg.generation.dtype = "float32"  # exact comparisons (merged vs unmerged holds in float32)
+    if scales is not None:
+        cfg.generation.lora_scale = scales if len(scales) > 1 else scales[0]
+    for k, v in gen.items():
+        setattr(cfg.generation, k, v)
+    return cfg
+
+
+def _codes(model_dir, adapters, scales=None, **gen):
+    from lora.generation import Request, SamplingSettings, generate, load_generation_model
+
+    model, processor, info, adapter_info = load_generation_model(_cfg(model_dir, adapters, scales, **gen),
+                                                                 adapter_path=adapters)
+    req = Request(prompt=PROMPT, seed=3, duration=1.0, sampling=SamplingSettings())
+    return generate(model, processor, info, [req], progress=False)[0].codes, adapter_info
+
+
+def _random_adapter(model_dir, out_dir, seed, **lora):
+    """An adapter of our own trainer (attach_lora) whose B matrices are random (so it changes the output)."""
+    from lora import adapter, loading
+    from lora.config import Config
+
+    cfg = Config()
+    cfg.model.model_path = str(model_dir)
+    for k, v in lora.items():
+        setattr(cfg.lora, k, v)
+    model, _, _ = loading.load_base_model(cfg.model)
+    peft_model = adapter.attach_lora(model, cfg.lora)
+    g = torch.Generator().manual_seed(seed)
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name or "lora_magnitude" in name:
+            p.data = p.data + torch.randn(p.shape, generator=g) * 0.5
+    peft_model.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+def _peft_adapter(model_dir, out_dir, seed, recorded="same", **config):
+    """An adapter made the way another peft-based trainer would: peft's LoraConfig + get_peft_model on the plain
+    transformers model, every LoRA matrix random, saved with save_pretrained; ``recorded`` rewrites its
+    base_model_name_or_path (None: not recorded)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import MusicgenForConditionalGeneration
+
+    model = MusicgenForConditionalGeneration.from_pretrained(str(model_dir))
+    peft_model = get_peft_model(model, LoraConfig(**config))
+    g = torch.Generator().manual_seed(seed)
+    for name, p in peft_model.named_parameters():
+        if p.requires_grad:
+            p.data = p.data + torch.randn(p.shape, generator=g) * 0.3
+    peft_model.save_pretrained(str(out_dir))
+    cfg_file = Path(out_dir) / "adapter_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    if recorded != "same":
+        cfg["base_model_name_or_path"] = recorded
+        cfg_file.write_text(json.dumps(cfg))
+    return Path(out_dir)
+
+
+@pytest.fixture(scope="module")
+def two_adapters(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("mix")
+    a = _random_adapter(tiny_model_dir, root / "a", seed=1)
+    b = _random_adapter(tiny_model_dir, root / "b", seed=2, lora_rank=4, lora_alpha=8,
+                        lora_targets="attention_ffn")  # another rank and other layers
+    return a, b
+
+
+# --------------------------------------------------------------------------------------------
+# Mixing
+# --------------------------------------------------------------------------------------------
+def test_mix_scales_one_zero_is_a_alone_and_zero_zero_is_the_base(tiny_model_dir, two_adapters):
+    a, b = two_adapters
+    base, _ = _codes(tiny_model_dir, None)
+    alone, _ = _codes(tiny_model_dir, [a])
+    for merge in (False, True):
+        ten, info = _codes(tiny_model_dir, [a, b], [1.0, 0.0], merge=merge)
+        assert torch.equal(ten, alone)
+        zero, _ = _codes(tiny_model_dir, [a, b], [0.0, 0.0], merge=merge)
+        assert torch.equal(zero, base)
+    assert not torch.equal(alone, base)
+    b_alone, _ = _codes(tiny_model_dir, [b])
+    zero_one, _ = _codes(tiny_model_dir, [a, b], [0.0, 1.0])
+    assert torch.equal(zero_one, b_alone) and not torch.equal(b_alone, alone)
+    assert [x["scale"] for x in info["adapters"]] == [1.0, 0.0]
+    assert [x["path"] for x in info["adapters"]] == [str(a.resolve()), str(b.resolve())]
+    assert all(len(x["weights_sha256"]) == 64 for x in info["adapters"])
+
+
+def test_mix_merged_equals_unmerged_and_is_the_sum_of_each_adapters_update(tiny_model_dir, two_adapters):
+    """The mix at (0.7, 0.4), unmerged (peft adds each active adapter's update) and merged (merge_and_unload), gives
+    the same logits as merging A at 0.7 and then B at 0.4 one after the other with peft: the sum of the two
+    scaled updates, nothing else."""
+    from peft import PeftModel
+
+    from lora import adapter
+    from lora.loading import load_base_model
+
+    a, b = two_adapters
+    cfg = _cfg(tiny_model_dir)
+    codes = torch.randint(0, 128, (1, 4, 20))
+    ids = {"input_ids": torch.tensor([[3, 5, 7, 1]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+
+    def logits(model):
+        with torch.no_grad():
+            return model(**ids, decoder_input_ids=codes.reshape(4, 20)).logits
+
+    model, _, _ = load_base_model(cfg.model)
+    base_logits = logits(model)
+    mixed, _ = adapter.load_adapters(model, [a, b], [0.7, 0.4])
+    unmerged = logits(mixed)
+    merged = logits(adapter.merge_lora(mixed))
+
+    ref, _, _ = load_base_model(cfg.model)
+    for path, scale in ((a, 0.7), (b, 0.4)):
+        one = PeftModel.from_pretrained(ref, str(path))
+        adapter.set_lora_scale(one, scale)
+        ref = one.merge_and_unload()
+    expected = logits(ref)
+    torch.testing.assert_close(unmerged, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(merged, expected, rtol=1e-5, atol=1e-5)
+    assert (unmerged - base_logits).abs().max() > 1e-2  # the mix changes the model
+
+
+def test_mix_from_the_command_line_records_each_adapter(tiny_model_dir, two_adapters, tmp_path, caplog):
+    from lora import inference_lora
+
+    a, b = two_adapters
+    out = tmp_path / "gen"
+    with caplog.at_level("INFO", logger="lora"):
+        assert inference_lora.main(["--model_path", str(tiny_model_dir), "--lora_model_path", str(a), str(b),
+                                    "--lora_scale", "0.7", "0.4", "--prompts", PROMPT, "--duration", "0.5",
+                                    "--output_dir", str(out)]) == 0
+    entry = json.loads((out / "manifest.json").read_text())["files"][0]
+    assert [(x["path"], x["scale"]) for x in entry["adapter"]["adapters"]] == [(str(a.resolve()), 0.7),
+                                                                              (str(b.resolve()), 0.4)]
+    assert entry["settings"]["lora_scale"] == [0.7, 0.4] and entry["adapter"]["merged"] is False
+    assert f"+ adapter {a} (scale 0.7) + adapter {b} (scale 0.4)" in caplog.text
+
+
+def test_mix_in_config_yaml(tiny_model_dir, two_adapters, tmp_path):
+    from lora.config import adapter_paths, adapter_scales, parse_config
+
+    a, b = two_adapters
+    y = tmp_path / "c.yaml"
+    y.write_text(f"generation:\n  lora_model_path: [{a}, {b}]\n  lora_scale: [0.7, 0.4]\n")
+    cfg, _ = parse_config(["--config", str(y)], sections=("generation", "model"))
+    assert adapter_paths(cfg.generation) == [str(a), str(b)]
+    assert adapter_scales(cfg.generation, 2) == [0.7, 0.4]
+    y.write_text(f"generation:\n  lora_model_path: [{a}, {b}]\n  lora_scale: [0.7, -1]\n")
+    with pytest.raises(ConfigError, match=r"generation.lora_scale\[1\] must be >= 0"):
+        parse_config(["--config", str(y)], sections=("generation", "model"))
+    with pytest.raises(ConfigError, match="given twice"):
+        parse_config(["--lora_model_path", str(a), "--lora_model_path", str(b)], sections=("generation", "model"))
+
+
+@pytest.mark.parametrize("case", ["scales", "bases", "missing"])
+def test_bad_mix_is_a_clear_error_and_writes_nothing(case, tiny_model_dir, two_adapters, tmp_path):
+    from lora import evaluate, inference_lora
+
+    a, b = two_adapters
+    paths, scales, expect = [a, b], ["0.7", "0.4", "0.2"], "lora_scale has 3 value(s)"
+    if case == "bases":
+        other = tmp_path / "other"
+        shutil.copytree(b, other)
+        cfg = json.loads((other / "adapter_config.json").read_text())
+        cfg["base_model_name_or_path"] = "facebook/musicgen-medium"
+        (other / "adapter_config.json").write_text(json.dumps(cfg))
+        paths, scales, expect = [a, other], ["1", "1"], "cannot be mixed"
+    elif case == "missing":
+        paths, scales, expect = [a, tmp_path / "nope"], ["1", "1"], "nope"
+    args = ["--model_path", str(tiny_model_dir), "--lora_model_path", *map(str, paths), "--lora_scale", *scales]
+    with pytest.raises(UserError) as e:
+        inference_lora.main(args + ["--prompts", PROMPT, "--duration", "0.5", "--output_dir", str(tmp_path / "o")])
+    assert expect in str(e.value)
+    with pytest.raises(UserError) as e:
+        evaluate.main(args + ["--data_dir", str(tmp_path / "no_data"), "--skip_generation",
+                              "--output_dir", str(tmp_path / "ev")])
+    assert expect in str(e.value)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "ev").exists()
+
+
+def _style_data(root: Path) -> tuple[Path, dict]:
+    """The synthetic example set, with one metadata file per style: {style: metadata file name}."""
+    from lora import prepare_data
+
+    data = root / "data"
+    assert prepare_data.main(["--create_example", "--output_dir", str(data), "--example_clips", "24",
+                              "--example_seconds", "2"]) == 0
+    meta = json.loads((data / "metadata.json").read_text())
+    files = {}
+    for style in ("techno_drums", "ambient_pad"):
+        clips = [c for c in meta["clips"] if f"_{style}_" in c["id"]]
+        assert {c["split"] for c in clips} == {"train", "valid"}
+        (data / f"{style}.json").write_text(json.dumps(dict(meta, clips=clips)))
+        files[style] = f"{style}.json"
+    return data, files
+
+
+def test_style_adapters_move_the_likelihood_of_their_own_style(tiny_model_dir, tmp_path):
+    """Two adapters, each trained briefly on one style, then mixed: at (1, 0) the first style's held-out clips are
+    likelier than at (0, 1), and the second style's the other way round."""
+    from lora import adapter, evaluate, train_lora
+    from lora.dataset import build_token_cache, load_metadata
+    from lora.loading import load_base_model
+
+    data, files = _style_data(tmp_path)
+    adapters = {}
+    for style, meta in files.items():
+        out = tmp_path / style
+        assert train_lora.main(["--model_path", str(tiny_model_dir), "--data_dir", str(data), "--metadata_file",
+                                meta, "--output_dir", str(out), "--max_steps", "12", "--eval_steps", "12",
+                                "--save_steps", "12", "--batch_size", "3", "--gradient_accumulation_steps", "1",
+                                "--learning_rate", "0.01", "--warmup_steps", "0", "--mixed_precision", "no",
+                                "--max_duration", "2"]) == 0
+        adapters[style] = out / "final_model"
+    cfg = _cfg(tiny_model_dir)
+    model, processor, info = load_base_model(cfg.model)
+    clips = {}
+    for style, meta in files.items():
+        valid = [r for r in load_metadata(str(data), meta) if r.split == "valid"]
+        clips[style], _ = build_token_cache(valid, model, processor, info, str(data), batch_size=4)
+    mixed, ids = adapter.load_adapters(model, [adapters["techno_drums"], adapters["ambient_pad"]], [1.0, 0.0])
+    names = [x["adapter_name"] for x in ids]
+    ce = {}
+    for scales in ((1.0, 0.0), (0.0, 1.0)):
+        adapter.set_adapter_scales(mixed, dict(zip(names, scales)))
+        for style in files:
+            ce[scales, style] = evaluate.heldout_likelihood(mixed, clips[style], info, info.frames(2.0), 4,
+                                                            torch.device("cpu"))["ce"]
+    assert ce[(1.0, 0.0), "techno_drums"] < ce[(0.0, 1.0), "techno_drums"]
+    assert ce[(0.0, 1.0), "ambient_pad"] < ce[(1.0, 0.0), "ambient_pad"]
+
+
+# --------------------------------------------------------------------------------------------
+# Adapters made elsewhere
+# --------------------------------------------------------------------------------------------
+OTHER_TRAINERS = {
+    "ffn_proj_heads_embed": dict(r=4, lora_alpha=8, target_modules=r".*decoder\.model\.decoder\.layers\.\d+\.(?:fc1|"
+                                 r"fc2)|enc_to_dec_proj|.*lm_heads\.\d+", modules_to_save=["embed_tokens.0"]),
+    "embedding_lora_rank_2": dict(r=2, lora_alpha=2, target_modules=["embed_tokens.1", "embed_tokens.2", "q_proj"]),
+}
+SPELLINGS = ["trailing_slash", "same_name_hub_id", "not_recorded"]
+
+
+@pytest.mark.parametrize("kind", list(OTHER_TRAINERS))
+@pytest.mark.parametrize("spelling", SPELLINGS)
+def test_adapter_from_another_trainer_loads_generates_merges_and_exports(kind, spelling, tiny_model_dir,
+                                                                        two_adapters, tmp_path):
+    from safetensors.torch import load_file
+
+    from lora import export_model
+
+    recorded = {"trailing_slash": str(tiny_model_dir) + "/", "same_name_hub_id": f"someone/{tiny_model_dir.name}",
+                "not_recorded": None}[spelling]
+    other = _peft_adapter(tiny_model_dir, tmp_path / "other", seed=5, recorded=recorded, **OTHER_TRAINERS[kind])
+    base, _ = _codes(tiny_model_dir, None)
+    unmerged, _ = _codes(tiny_model_dir, [other], merge=False)
+    merged, info = _codes(tiny_model_dir, [other])
+    assert info["merged"] and torch.equal(merged, unmerged) and not torch.equal(merged, base)
+    mix_u, _ = _codes(tiny_model_dir, [two_adapters[0], other], [0.5, 1.0], merge=False)
+    mix_m, _ = _codes(tiny_model_dir, [two_adapters[0], other], [0.5, 1.0], merge=True)
+    assert torch.equal(mix_u, mix_m)
+    out = tmp_path / "merged"
+    assert export_model.main(["--base_model_path", str(tiny_model_dir), "--lora_model_path", str(two_adapters[0]),
+                              str(other), "--lora_scale", "0.5", "1", "--output_dir", str(out)]) == 0
+    exported, _ = _codes(out, None)
+    assert torch.equal(exported, mix_m)  # export takes the mix
+    weights = load_file(str(out / "model.safetensors"))
+    original = load_file(str(Path(tiny_model_dir) / "model.safetensors"))
+    assert not any("lora" in k or "modules_to_save" in k for k in weights)
+    assert set(weights) == set(original)
+
+
+def _stereo_adapter(tiny_stereo_model_dir, out, **config):
+    return _peft_adapter(tiny_stereo_model_dir, out, seed=0, **config)
+
+
+def test_adapters_that_cannot_fit_name_the_file_and_the_problem(tiny_model_dir, tiny_stereo_model_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lora import inference_lora
+
+    run = ["--model_path", str(tiny_model_dir), "--prompts", PROMPT, "--duration", "0.5",
+           "--output_dir", str(tmp_path / "o")]
+    # Another codebook count: heads of the 8-codebook stereo model, base not recorded.
+    heads = _stereo_adapter(tiny_stereo_model_dir, tmp_path / "heads", recorded=None, r=2,
+                            target_modules=r".*lm_heads\.\d+")
+    with pytest.raises(UserError) as e:
+        inference_lora.main(run + ["--lora_model_path", str(heads)])
+    msg = str(e.value)
+    assert str(heads / "adapter_model.safetensors") in msg and "decoder.lm_heads.4 does not exist" in msg
+    assert "num_codebooks 4" in msg
+    # Another architecture with the same layer sizes: attention only, recorded base on disk (the stereo model).
+    attn = _stereo_adapter(tiny_stereo_model_dir, tmp_path / "attn", r=2, target_modules=["q_proj", "v_proj"])
+    with pytest.raises(UserError) as e:
+        inference_lora.main(run + ["--lora_model_path", str(attn)])
+    assert str(attn) in str(e.value) and "num_codebooks 8 vs 4" in str(e.value)
+    # Another model family altogether (a GPT-2 adapter).
+    gpt = get_peft_model(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)),
+                         LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
+    gpt.save_pretrained(str(tmp_path / "gpt"))
+    with pytest.raises(UserError) as e:
+        inference_lora.main(run + ["--lora_model_path", str(tmp_path / "gpt")])
+    assert str(tmp_path / "gpt" / "adapter_model.safetensors") in str(e.value)
+    assert "transformer.h.0.attn.c_attn does not exist" in str(e.value)
+    assert not (tmp_path / "o").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# The start-up line: which model, which adapter, and how to get the other
+# --------------------------------------------------------------------------------------------
+def test_startup_line_names_the_model_and_the_adapter(tiny_model_dir, two_adapters, tmp_path, monkeypatch, caplog):
+    from lora import config, evaluate, inference_lora
+
+    repo = tmp_path / "repo"
+    monkeypatch.setattr(config, "REPO_ROOT", repo)
+    monkeypatch.setattr(config, "DEFAULT_CONFIG", repo / "config.yaml")  # none there
+    common = ["--model_path", str(tiny_model_dir), "--prompts", PROMPT, "--duration", "0.5", "--overwrite"]
+
+    def line(args, script=inference_lora):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="lora"):
+            if script is inference_lora:
+                assert inference_lora.main(common + args) == 0
+            else:
+                with pytest.raises(UserError):  # no data: it stops after saying which model it would evaluate
+                    evaluate.main(["--model_path", str(tiny_model_dir), "--data_dir", str(tmp_path / "none"),
+                                   "--skip_generation", *args])
+        return next(r.getMessage() for r in caplog.records if r.getMessage().startswith("Model: "))
+
+    assert line([]) == (f"Model: {tiny_model_dir}, no adapter: base model alone (nothing at the default "
+                        f"lora_model_path {repo / 'output' / 'best_model'}). To apply a trained adapter, pass "
+                        f"--lora_model_path FOLDER (train_lora.py writes output/best_model).")
+    shutil.copytree(two_adapters[0], repo / "output" / "best_model")
+    default = repo / "output" / "best_model"
+    for script in (inference_lora, evaluate):
+        assert line([], script) == (f"Model: base model {tiny_model_dir} + adapter {default} (scale 1) (the default "
+                                    f"lora_model_path, found on disk). For the base model alone, pass "
+                                    f"--lora_model_path none.")
+        assert line(["--lora_model_path", "none"], script).startswith(
+            f"Model: {tiny_model_dir}, no adapter: base model alone (lora_model_path: none).")
+    entry = json.loads((repo / "output" / "generated" / "manifest.json").read_text())["files"][0]
+    assert entry["adapter"] is None  # the last inference run: --lora_model_path none
+
+
+def test_evaluate_a_mix_records_each_adapter_and_one_zero_is_a_alone(tiny_model_dir, two_adapters, example_data_dir,
+                                                                       tmp_path):
+    from lora import evaluate
+
+    a, b = two_adapters
+    common = ["--model_path", str(tiny_model_dir), "--data_dir", str(example_data_dir), "--skip_generation",
+              "--compare", "--bootstrap_samples", "100"]
+    assert evaluate.main(common + ["--lora_model_path", str(a), "--output_dir", str(tmp_path / "alone")]) == 0
+    assert evaluate.main(common + ["--lora_model_path", str(a), str(b), "--lora_scale", "1", "0",
+                                   "--output_dir", str(tmp_path / "mix")]) == 0
+    alone = json.loads((tmp_path / "alone" / "results.json").read_text())
+    mix = json.loads((tmp_path / "mix" / "results.json").read_text())
+    assert mix["likelihood"]["lora"]["ce"] == alone["likelihood"]["lora"]["ce"]
+    assert mix["likelihood"]["base"]["ce"] == alone["likelihood"]["base"]["ce"] != alone["likelihood"]["lora"]["ce"]
+    assert [(x["path"], x["scale"]) for x in mix["identity"]["lora"]["adapters"]] == [(str(a.resolve()), 1.0),
+                                                                                      (str(b.resolve()), 0.0)]
