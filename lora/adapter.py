@@ -230,6 +230,12 @@ def check_adapter_fits(base, adapter_dir: Path, recorded: str, used: str) -> Non
             f"and their layers differ ({'; '.join(shape_problems)}): another architecture or another number of "
             f"codebooks. Use --model_path {recorded or '<the base it was trained on>'}.")
     recorded_cfg = _recorded_config(recorded) if recorded else None
+    kinds = (recorded_cfg or {}).get("model_type"), base.config.model_type
+    if recorded_cfg is not None and kinds[0] != kinds[1]:
+        raise UserError(
+            f"The LoRA adapter {adapter_dir} was trained on {recorded}, a {kinds[0]!r} model, but the base model in use "
+            f"is {used}, a {kinds[1]!r} model: an adapter of a melody model does not apply to a text-only MusicGen, "
+            f"nor the reverse (their decoders read the condition differently). Use --model_path {recorded}.")
     recorded_shape = fam.decoder_shape(recorded_cfg) if recorded_cfg is not None else None
     used_shape = fam.decoder_shape(base.config)
     if recorded_shape is not None and recorded_shape != used_shape:

@@ -220,6 +220,9 @@ class GenerationConfig:
     max_window: float = _f(30.0, "Longest stretch generated in one pass, s (MusicGen was trained on 30 s); "
                                  "longer pieces continue window by window", gt=0.0, hint="MusicGen: 30")
     audio_prompt: Optional[str] = _f(None, "Audio file whose music is continued", kind="path")
+    melody_audio: Optional[str] = _f(None, "Melody models only (musicgen-melody, tiny-melody): an audio file whose tune "
+                                           "(its chroma) every prompt follows; a prompts file can give a prompt its "
+                                           "own 'melody'. Without one: the null melody (text only)", kind="path")
     unconditional: bool = _f(False, "Allow generation without a text prompt")
     output_format: str = _f("pcm16", "WAV sample format", choices=("pcm16", "float"))
     normalize: bool = _f(True, "Peak-normalise each file (no clipping)")

@@ -106,7 +106,9 @@ class Request:
     prompt_id: str = ""          # identifies prompt_codes (requests with different audio prompts never share a batch)
     melody: object = None        # melody models: float one-hot chroma (Tm, 12) of the tune to follow (lora.chroma;
     #                              the whole file: a window past 30 s takes its matching part); None = null melody
-    melody_id: str = ""          # identifies the melody (its file's hash), for the manifest
+    melody_id: str = ""          # identifies the melody (a hash of its chroma)
+    melody_file: str = ""        # the melody's audio file and its content hash (sha1, for the manifest)
+    melody_sha1: str = ""
 
 
 @dataclass

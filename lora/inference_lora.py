@@ -50,7 +50,7 @@ if __package__ in (None, ""):
 from lora import config as config_module  # noqa: E402
 from lora import generation  # noqa: E402
 from lora.adapter import check_adapter_files, check_mix_bases, describe_choice  # noqa: E402
-from lora.audio import audio_info, load_audio, normalize_peak, peak_db, save_wav  # noqa: E402
+from lora.audio import audio_info, file_hash, load_audio, normalize_peak, peak_db, save_wav  # noqa: E402
 from lora.config import ConfigError, GenerationConfig, adapter_paths, adapter_scales, field_problem, \
     parse_config  # noqa: E402
 from lora.generation import Request, SamplingSettings, temperature_problem  # noqa: E402
@@ -76,6 +76,7 @@ class PromptSpec:
     seed: int
     num_samples: int
     sampling: SamplingSettings
+    melody: str | None = None  # melody models: the audio file whose tune this prompt follows
 
 
 def build_prompt_specs(g: GenerationConfig, problems: list[str]) -> list[PromptSpec]:
@@ -110,7 +111,7 @@ def build_prompt_specs(g: GenerationConfig, problems: list[str]) -> list[PromptS
             top_p=float(e.get("top_p", g.top_p)), do_sample=bool(g.do_sample))
         specs.append(PromptSpec(text=text, where=where, duration=float(e.get("duration", g.duration)),
                                 seed=int(e.get("seed", g.seed)), num_samples=int(e.get("num_samples", g.num_samples)),
-                                sampling=sampling))
+                                sampling=sampling, melody=e.get("melody", g.melody_audio)))
     return specs
 
 
@@ -133,7 +134,8 @@ def _short_hash(text: str) -> str:
 
 
 def output_names(requests: list[Request]) -> list[str]:
-    """``<slug>_s<seed>.wav`` per request; different prompts with the same slug get a hash suffix."""
+    """``<slug>_s<seed>.wav`` per request (``<slug>_melody-<file stem>_s<seed>.wav`` with a melody); different
+    prompts with the same slug get a hash suffix."""
     slugs = {}
     for r in requests:
         if r.prompt not in slugs:
@@ -147,6 +149,8 @@ def output_names(requests: list[Request]) -> list[str]:
         slug = slugs[r.prompt]
         if len(by_slug[slug]) > 1:
             slug = f"{slug}-{_short_hash(r.prompt)}"
+        if r.melody_file:  # the same prompt and seed with another tune is another piece
+            slug = f"{slug}_melody-{slugify(Path(r.melody_file).stem, 40) or _short_hash(r.melody_file)}"
         names.append(f"{slug}_s{r.seed}.wav")
     return names
 
@@ -251,6 +255,43 @@ def add_audio_prompt(model, info, path: str, requests: list[Request]) -> None:
         r.prompt_codes, r.prompt_id = prompt_codes, prompt_id
 
 
+def check_melody_files(specs: list[PromptSpec], problems: list[str]) -> None:
+    """Every melody file exists and is readable audio (before the model loads)."""
+    for path in dict.fromkeys(s.melody for s in specs if s.melody):
+        if not Path(path).is_file():
+            problems.append(f"melody_audio file not found: {path}.")
+            continue
+        try:
+            audio_info(path)
+        except UserError as e:
+            problems.append(f"melody_audio: {e}")
+
+
+def add_melodies(info, specs: list[PromptSpec], requests: list[Request]) -> None:
+    """Each request's melody (the chroma of its melody file, computed once per file); UserError when the model
+    takes no melody or a file is silent."""
+    wanted = {s.melody for s in specs if s.melody}
+    if not wanted:
+        return
+    if not family_for(info).MELODY:
+        raise UserError(f"--melody_audio (or a prompt's 'melody') needs a melody model such as "
+                        f"facebook/musicgen-melody (or --model_path tiny-melody); {info.name_or_path} is a text-only "
+                        f"MusicGen. Nothing was written.")
+    melodies = {}
+    for path in sorted(wanted):
+        wav = load_audio(path, info.sample_rate, channels=1)
+        try:
+            chroma, mid = generation.melody_from_audio(wav, info)
+        except UserError as e:
+            raise UserError(f"melody_audio {path}: {e} Nothing was written.") from None
+        melodies[path] = (chroma, mid, file_hash(path))
+        log.info("Melody %s: %.2f s, %d chroma frames", path, wav.shape[-1] / info.sample_rate, chroma.shape[0])
+    by_spec = [s for s in specs for _ in range(s.num_samples)]
+    for spec, r in zip(by_spec, requests):
+        if spec.melody:
+            r.melody, r.melody_id, r.melody_sha1 = melodies[spec.melody]
+
+
 def library_versions() -> dict:
     """The versions a sample's numbers depend on (recorded with every file of the manifest)."""
     import importlib.metadata as md
@@ -327,6 +368,8 @@ class ManifestWriter:
             "peak_dbfs_before_normalize": round(peak_db(res.audio), 2) if peak > 0 else None,
             "generation_time_s": round(res.generation_time, 4),
             "real_time_factor": round(res.generation_time / seconds, 4),
+            "melody": ({"file": str(Path(r.melody_file).resolve()), "sha1": r.melody_sha1,
+                        "chroma_id": r.melody_id} if r.melody_file else None),
             "batch_size": res.batch_size, "batch_files": batch_files, "text_length": res.text_length,
             "versions": self.versions, "created": _now()}
 
@@ -345,6 +388,7 @@ def main(argv=None) -> int:
         if not g.extend_stride < g.max_window:
             problems.append(f"extend_stride ({g.extend_stride} s) must be > 0 and smaller than max_window "
                             f"({g.max_window} s); audiocraft uses 18 of 30.")
+        check_melody_files(plan["specs"], problems)
         if g.audio_prompt and not Path(g.audio_prompt).is_file():
             problems.append(f"audio_prompt file not found: {g.audio_prompt}.")
         elif g.audio_prompt:
@@ -362,8 +406,8 @@ def main(argv=None) -> int:
                              if plan["default_adapter"] else ""))
     if not adapters and g.merge:
         log.info("merge: true has no effect without an adapter")
-    requests = [Request(prompt=spec.text, seed=spec.seed + j, duration=spec.duration, sampling=spec.sampling)
-                for spec in specs for j in range(spec.num_samples)]
+    requests = [Request(prompt=spec.text, seed=spec.seed + j, duration=spec.duration, sampling=spec.sampling,
+                        melody_file=spec.melody or "") for spec in specs for j in range(spec.num_samples)]
     out_dir = check_output_dir(g.output_dir, "--output_dir")
     names = check_outputs(requests, out_dir, g.overwrite)
     log.info("Resolved settings: %s", json.dumps({"generation": dataclasses.asdict(g),
@@ -378,6 +422,7 @@ def main(argv=None) -> int:
     model, processor, info, adapter_info = generation.load_generation_model(cfg, adapter_path=adapters or None)
     if g.audio_prompt:
         add_audio_prompt(model, info, g.audio_prompt, requests)
+    add_melodies(info, specs, requests)
 
     # ---- generate, writing each batch as it is ready
     bytes_per_sample = 2 if g.output_format == "pcm16" else 4

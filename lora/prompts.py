@@ -5,7 +5,8 @@ Formats (chosen by the extension):
 * ``.txt``: one prompt per line; blank lines and lines starting with ``#`` are skipped;
 * ``.jsonl``: one JSON value per line: a prompt string, or an object with ``text`` (or ``prompt`` / ``caption``)
   and optional per-prompt settings (``duration``, ``seed``, ``guidance_scale``, ``temperature``, ``top_k``,
-  ``top_p``, ``num_samples``);
+  ``top_p``, ``num_samples``; for melody models ``melody``: an audio file whose tune guides that prompt, relative
+  to the prompts file's folder unless absolute);
 * ``.json``: a list of such values, or ``{"prompts": [...]}``.
 
 The file is read as UTF-8 (a byte-order mark is allowed). Every problem is collected, naming the file and line or
@@ -23,7 +24,8 @@ from lora.utils import UserError, log
 
 TEXT_KEYS = ("text", "prompt", "caption")
 PER_PROMPT_KEYS = {"text": str, "prompt": str, "caption": str, "duration": float, "seed": int,
-                   "guidance_scale": float, "temperature": float, "top_k": int, "top_p": float, "num_samples": int}
+                   "guidance_scale": float, "temperature": float, "top_k": int, "top_p": float, "num_samples": int,
+                   "melody": str}
 
 
 def _entry_value(key, value, where, problems):
@@ -111,6 +113,8 @@ def read_prompts_file(path: str | os.PathLike, problems: list[str]) -> list[tupl
             v = _entry_value(key, value, where, problems)
             if v is not None:
                 entry["text" if key in TEXT_KEYS else key] = v
+        if "melody" in entry:  # a path: relative to the prompts file, as YAML paths are to their file
+            entry["melody"] = str((p.parent / os.path.expanduser(entry["melody"])).resolve())
         if "text" not in entry and not any(f"{where}:" in q for q in problems):
             problems.append(f"{where}: no 'text' (the prompt); e.g. {{\"text\": \"lofi piano\"}}.")
             continue
