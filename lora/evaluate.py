@@ -49,6 +49,7 @@ if __package__ in (None, ""):
 import numpy as np
 
 import lora
+from lora import chroma as melody_chroma
 from lora import metrics
 from lora import config as config_module
 from lora.adapter import adapter_identity, check_adapter_files, check_mix_bases, describe_choice, load_adapters, \
@@ -56,7 +57,8 @@ from lora.adapter import adapter_identity, check_adapter_files, check_mix_bases,
 from lora.audio import load_audio, save_wav
 from lora.config import Config, ConfigError, GenerationConfig, adapter_paths, adapter_scales, load_yaml, parse_config
 from lora.dataset import CachedTokenDataset, build_token_cache, collate_tokens, load_metadata
-from lora.generation import GenerationError, cast_for_generation, generate_audio, pick_device, temperature_problem
+from lora.generation import GenerationError, cast_for_generation, generate_audio, melody_from_audio, pick_device, \
+    temperature_problem
 from lora.loading import family_for, load_base_model
 from lora.precision import generation_dtype
 from lora.prompts import read_prompt_texts
@@ -166,7 +168,7 @@ def heldout_likelihood(model, clips, info, max_frames: int, batch_size: int, dev
 
     fam = family_for(info)
     K = info.num_codebooks
-    ds = CachedTokenDataset(clips, max_frames, train=False)
+    ds = CachedTokenDataset(clips, max_frames, train=False, info=info)  # (melody models: each clip's own melody)
     lengths = ds.lengths()
     order = sorted(range(len(ds)), key=lambda i: -lengths[i])
     ce_sum = np.zeros((len(ds), K))
@@ -179,8 +181,9 @@ def heldout_likelihood(model, clips, info, max_frames: int, batch_size: int, dev
                 hidden, mask = fam.encode_text(model, processor, batch["texts"], device=device)
             else:
                 hidden, mask = batch["hidden"].to(device), batch["mask"].to(device)
+            melody = {"chroma": batch["chroma"].to(device)} if "chroma" in batch else {}
             logits, labels = fam.teacher_forced_logits(model, info, batch["codes"].to(device),
-                                                       batch["lengths"].to(device), hidden, mask)
+                                                       batch["lengths"].to(device), hidden, mask, **melody)
             s, n = fam.codebook_loss(logits, labels).per_clip()
             ce_sum[b] = s.cpu().numpy()
             n_tok[b] = n.cpu().numpy()
@@ -242,20 +245,22 @@ def _distances(gen: list[dict], ref: list[dict], transform: dict) -> dict:
     return res
 
 
-def generate_clips(model, processor, info, which: str, prompts, seeds, cfg: Config) -> list:
-    """Audio (C, N) per (prompt, seed) pair in prompt-major order; None where generation produced NaN/inf."""
+def generate_clips(model, processor, info, which: str, prompts, seeds, cfg: Config, melodies=None) -> list:
+    """Audio (C, N) per (prompt, seed) pair in prompt-major order; None where generation produced NaN/inf.
+    ``melodies`` (melody models): one chroma per prompt."""
     g, ev = cfg.generation, cfg.evaluation
-    pairs = [(p, s) for p in prompts for s in seeds]
+    pairs = [(p, s, None if melodies is None else melodies[i]) for i, p in enumerate(prompts) for s in seeds]
     out: list = []
     for i in range(0, len(pairs), g.batch_size):
         chunk = pairs[i:i + g.batch_size]
         try:
             with _model_context(model, which):
-                out += generate_audio(model, processor, info, [p for p, _ in chunk], [s for _, s in chunk],
+                out += generate_audio(model, processor, info, [p for p, _, _ in chunk], [s for _, s, _ in chunk],
                                       duration=ev.eval_duration, guidance_scale=g.guidance_scale,
                                       temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
                                       do_sample=g.do_sample, batch_size=g.batch_size, max_window=g.max_window,
-                                      extend_stride=g.extend_stride, decoding=g.decoding)
+                                      extend_stride=g.extend_stride, decoding=g.decoding,
+                                      melodies=[m for _, _, m in chunk])
         except GenerationError as e:
             log.warning("%s model: generation failed for %d clip(s): %s", which, len(chunk), e)
             out += [None] * len(chunk)
@@ -284,10 +289,12 @@ def generation_metrics(model, processor, info, cfg: Config, models: list[str], v
     cast_for_generation(model, gen_dtype)  # decoder (with its LoRA layers) only; EnCodec and T5 stay fp32
     res["decoder_dtype"] = str(gen_dtype).replace("torch.", "")
     audio: dict[str, list] = {}
+    melody = melody_prompts(info, valid_recs, prompts)
     t0 = time.perf_counter()
     for m in models:
         log.info("Generating %d clip(s) of %.1f s with the %s model", len(prompts) * len(seeds), ev.eval_duration, m)
-        audio[m] = generate_clips(model, processor, info, m, prompts, seeds, cfg)
+        audio[m] = generate_clips(model, processor, info, m, prompts, seeds, cfg,
+                                  melodies=None if melody is None else melody["chroma"])
     res["generation_seconds"] = time.perf_counter() - t0
     checks = {m: _check_and_save_clips(res, m, audio[m], prompts, seeds, info.sample_rate, out_dir) for m in models}
     res["exclude_failed_clips"] = ev.exclude_failed_clips
@@ -308,6 +315,11 @@ def generation_metrics(model, processor, info, cfg: Config, models: list[str], v
     _mark_distance_set(res, shared, checks, ev.exclude_failed_clips)
     res["notes"] = scored.pop("notes")
     res.update(scored)
+    if melody is not None:
+        res["melody"] = melody_similarity(melody, audio, models, shared, len(seeds), info.sample_rate,
+                                          ev.bootstrap_samples, g.seed)
+        if "interval" in res["melody"] and res.get("intervals"):
+            res["intervals"]["metrics"]["chroma"] = res["melody"].pop("interval")
     if ev.clap_model_path:
         res["clap"] = clap_metrics(ev.clap_model_path, models, audio, shared, prompts, seeds, valid_recs, ref_wavs,
                                    info.sample_rate, device, n_boot=ev.bootstrap_samples, seed=g.seed)
@@ -318,6 +330,55 @@ def generation_metrics(model, processor, info, cfg: Config, models: list[str], v
                                   "a CLAP model once (e.g. laion/larger_clap_music) into a folder and pass "
                                   "--clap_model_path FOLDER."}
     return res
+
+
+def melody_prompts(info, valid_recs, prompts: list[str]) -> Optional[dict]:
+    """Melody models: the tune each prompt follows in the evaluation, taken from the held-out clips themselves (the
+    clip whose caption the prompt is, else the held-out clips in turn): {"sources": paths, "chroma": one-hot
+    chromas}. None for text-only models."""
+    if not family_for(info).MELODY:
+        return None
+    by_caption = {}
+    for r in valid_recs:
+        by_caption.setdefault(r.text.strip(), r)
+    sources, chromas = [], []
+    for i, p in enumerate(prompts):
+        rec = by_caption.get(p.strip(), valid_recs[i % len(valid_recs)])
+        chroma, _ = melody_from_audio(load_audio(rec.path, info.sample_rate, 1), info)
+        sources.append(str(rec.path))
+        chromas.append(chroma)
+    return {"sources": sources, "chroma": chromas}
+
+
+def melody_similarity(melody: dict, audio: dict, models: list[str], shared: list[int], n_seeds: int, sr: int,
+                      n_boot: int, seed: int) -> dict:
+    """audiocraft's chroma cosine similarity of each generated clip of the shared set to the melody it was given,
+    per model, beside its floor: the similarity of the same clips to another prompt's melody (a shuffled pairing:
+    what following no tune in particular scores). With both models, the paired bootstrap interval of LoRA minus
+    base over the (prompt, seed) pairs."""
+    n_prompts = len(melody["chroma"])
+    out: dict = {"sources": melody["sources"],
+                 "what": "per-frame cosine of the one-hot chroma of each clip and its melody source, averaged "
+                         "(audiocraft ChromaCosineSimilarityMetric); floor: the same clips against another "
+                         "prompt's melody"}
+    per: dict = {}
+    for m in models:
+        own, other = [], []
+        for j in shared:
+            pi = j // n_seeds
+            got = melody_chroma.chroma(audio[m][j], sr)
+            own.append(melody_chroma.cosine_similarity(got, melody["chroma"][pi]))
+            other.append(melody_chroma.cosine_similarity(got, melody["chroma"][(pi + 1) % n_prompts])
+                         if n_prompts > 1 else None)
+        per[m] = own
+        floor = [x for x in other if x is not None]
+        out[m] = {"mean": float(np.mean(own)) if own else None,
+                  "shuffled_mean": float(np.mean(floor)) if floor else None, "per_clip": own}
+    if {"base", "lora"} <= set(models) and len(shared) >= 2:
+        r = metrics.paired_bootstrap_ci(per["base"], per["lora"], n_boot=n_boot, seed=seed)
+        out["interval"] = _paired_interval(r, "LoRA minus base chroma similarity to the given melody; positive = "
+                                              "LoRA follows the melody more closely")
+    return out
 
 
 def _check_and_save_clips(res: dict, m: str, wavs: list, prompts, seeds, sr: int, out_dir: Path) -> list[dict]:

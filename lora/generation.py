@@ -626,11 +626,13 @@ def generate(model, processor, info, requests: Sequence[Request], *, batch_size:
 def generate_audio(model, processor, info, prompts: Sequence[str], seeds: Sequence[int], duration: float = 10.0, *,
                    guidance_scale: float = 3.0, temperature: float = 1.0, top_k: int = 250, top_p: float = 0.0,
                    do_sample: bool = True, batch_size: int = 4, max_window: float = 30.0, extend_stride: float = 18.0,
-                   audio_prompt=None, progress: bool = True, decoding: str = "auto") -> list[np.ndarray]:
+                   audio_prompt=None, progress: bool = True, decoding: str = "auto",
+                   melodies: Optional[Sequence] = None) -> list[np.ndarray]:
     """Generate one piece per (prompt, seed) pair; returns float32 arrays (channels, samples) at info.sample_rate.
 
     ``audio_prompt``: optional float array/tensor (channels, samples) at info.sample_rate to continue (the
-    result starts with it; ``duration`` includes it).
+    result starts with it; ``duration`` includes it). ``melodies`` (melody models): one chroma (``melody_from_audio``)
+    or None per pair.
     """
     prompts, seeds = list(prompts), list(seeds)
     if len(prompts) != len(seeds):
@@ -640,8 +642,9 @@ def generate_audio(model, processor, info, prompts: Sequence[str], seeds: Sequen
     codes, pid = None, ""
     if audio_prompt is not None:
         codes, pid = encode_audio_prompt(model, info, audio_prompt)
-    reqs = [Request(prompt=p, seed=int(sd), duration=float(duration), sampling=s, prompt_codes=codes, prompt_id=pid)
-            for p, sd in zip(prompts, seeds)]
+    melodies = list(melodies) if melodies is not None else [None] * len(prompts)
+    reqs = [Request(prompt=p, seed=int(sd), duration=float(duration), sampling=s, prompt_codes=codes, prompt_id=pid,
+                    melody=mel) for p, sd, mel in zip(prompts, seeds, melodies)]
     return [r.audio for r in generate(model, processor, info, reqs, batch_size=batch_size, max_window=max_window,
                                       extend_stride=extend_stride, progress=progress, decoding=decoding)]
 

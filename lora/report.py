@@ -42,6 +42,7 @@ INTERVAL_KEYS = {  # summary row -> the interval of its LoRA - base difference i
     "FAD (librosa features)": "librosa.fad", "KAD ×100 (librosa)": "librosa.kad",
     "KAD ×100 (librosa clip statistics)": "librosa.kad_clip_statistics",
     "CLAP text-audio score": "clap",
+    "chroma similarity to the melody": "chroma",
 }
 
 
@@ -105,6 +106,10 @@ def summary_rows(results: dict) -> list[dict]:
     clap = gen.get("clap") or {}
     add("CLAP text-audio score", lambda m: _get(clap, m, "mean"), False)
     add("CLAP shuffled-prompt baseline", lambda m: _get(clap, m, "shuffled_mean"), None)
+    mel = gen.get("melody") or {}
+    add("chroma similarity to the melody", lambda m: _get(mel, m, "mean"), False,
+        "melody models: how closely the output follows the given tune")
+    add("chroma similarity, shuffled melody (floor)", lambda m: _get(mel, m, "shuffled_mean"), None)
     add("mean loudness (LUFS)", lambda m: _get(sig, m, "mean_lufs"), None)
     return rows
 

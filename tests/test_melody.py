@@ -484,3 +484,43 @@ def test_bad_melody_input_is_a_message_and_nothing_is_written(melody_run, tmp_pa
     with pytest.raises(UserError, match=want):
         inference_lora.main(args)
     assert not (tmp_path / "gen").exists() or not any((tmp_path / "gen").iterdir())
+
+
+# --------------------------------------------------------------------------------------------
+# evaluate.py --compare on a melody model
+# --------------------------------------------------------------------------------------------
+def test_evaluate_compare_reports_likelihood_and_chroma_similarity_with_its_floor(melody_run, tmp_path):
+    import json
+
+    from lora import evaluate
+
+    root, data, out = melody_run
+    ev = tmp_path / "eval"
+    rc = evaluate.main(["--model_path", "tiny-melody", "--tiny_model_dir", str(root / "tiny"), "--lora_model_path",
+                        str(out / "best_model"), "--data_dir", str(data), "--output_dir", str(ev), "--compare",
+                        "--num_prompts", "2", "--eval_seeds", "1", "--eval_duration", "1.0", "--bootstrap_samples",
+                        "200"])
+    assert rc == 0
+    res = json.loads((ev / "results.json").read_text())
+    lk = res["likelihood"]
+    assert lk["lora"]["ce"] < lk["base"]["ce"]  # the held-out likelihood (each clip with its own melody) improved
+    mel = res["generation"]["melody"]
+    assert len(mel["sources"]) == 2 and all(p.endswith(".wav") for p in mel["sources"])
+    for m in ("base", "lora"):
+        n = len(res["generation"]["distance_set"]["pair_indices"])
+        assert len(mel[m]["per_clip"]) == n
+        assert mel[m]["shuffled_mean"] is not None
+    rows = {r["metric"]: r for r in res["summary"]}
+    assert rows["chroma similarity to the melody"]["base"] == pytest.approx(mel["base"]["mean"])
+    assert "chroma similarity, shuffled melody (floor)" in rows
+    assert "chroma similarity to the melody" in (ev / "report.html").read_text()
+
+
+def test_chroma_similarity_is_one_for_the_same_tune_and_low_for_another():
+    from lora import chroma as C
+
+    a = C.chroma(_tone([440.0], 3.0), SR)
+    assert C.cosine_similarity(a, a) == 1.0
+    assert C.cosine_similarity(a, C.chroma(_tone([311.13], 3.0), SR)) == 0.0  # D# vs A: no frame agrees
+    half = torch.cat([a[:12], C.chroma(_tone([311.13], 3.0), SR)[12:]])
+    assert C.cosine_similarity(half, a) == pytest.approx(12 / a.shape[0])
