@@ -22,16 +22,41 @@ from __future__ import annotations
 
 
 class StaticDecoder:
+    prefix_len = 0  # positions before the tokens (PrefixStaticDecoder: the melody model's condition)
+
     def __init__(self, base, hidden, mask, rows: int, max_len: int, cuda_graph: bool = False):
         """base: MusicgenForConditionalGeneration (eval mode); hidden (rows, L, Dt) text-encoder states (with
         the null half already appended for guidance); mask (rows, L) or None; max_len: positions this window
         will use (prefix + generated)."""
         import torch
         from transformers.masking_utils import create_bidirectional_mask
+
+        cfg = self._common(base.decoder, rows, max_len)
+        with torch.no_grad():
+            enc = hidden  # projected and masked as MusicgenForConditionalGeneration.forward does
+            if (base.text_encoder.config.hidden_size != cfg.hidden_size
+                    and cfg.cross_attention_hidden_size is None):
+                enc = base.enc_to_dec_proj(enc)
+            if mask is not None:
+                enc = enc * mask[..., None]
+            dummy = torch.zeros((self.rows, 1, cfg.hidden_size), dtype=enc.dtype, device=self.device)
+            self.enc_mask = create_bidirectional_mask(config=cfg, inputs_embeds=dummy, attention_mask=mask,
+                                                      encoder_hidden_states=enc)
+            self.cross_kv = []
+            for layer in self.layers:
+                ca = layer.encoder_attn
+                shape = (*enc.shape[:-1], -1, ca.head_dim)
+                self.cross_kv.append((ca.k_proj(enc).view(shape).transpose(1, 2),
+                                      ca.v_proj(enc).view(shape).transpose(1, 2)))
+        self._graph(cuda_graph)
+
+    def _common(self, causal_lm, rows: int, max_len: int):
+        """The decoder's modules, the attention function and the self-attention key/value buffers of ``max_len``
+        positions; returns the decoder config."""
+        import torch
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
         from transformers.models.musicgen import modeling_musicgen as mm
 
-        causal_lm = base.decoder
         self.decoder = causal_lm.model.decoder
         self.heads = causal_lm.lm_heads
         cfg = causal_lm.config
@@ -45,28 +70,16 @@ class StaticDecoder:
                              f"positions")
         self.attn_impl = cfg._attn_implementation
         self.attn = ALL_ATTENTION_FUNCTIONS.get_interface(self.attn_impl, mm.eager_attention_forward)
+        self.layers = list(self.decoder.layers)
+        self.k_buf, self.v_buf = [], []
+        for layer in self.layers:
+            sa = layer.self_attn
+            buf = (self.rows, sa.num_heads, self.max_len, sa.head_dim)
+            self.k_buf.append(torch.zeros(buf, dtype=self.dtype, device=self.device))
+            self.v_buf.append(torch.zeros(buf, dtype=self.dtype, device=self.device))
+        return cfg
 
-        with torch.no_grad():
-            enc = hidden  # projected and masked as MusicgenForConditionalGeneration.forward does
-            if (base.text_encoder.config.hidden_size != cfg.hidden_size
-                    and cfg.cross_attention_hidden_size is None):
-                enc = base.enc_to_dec_proj(enc)
-            if mask is not None:
-                enc = enc * mask[..., None]
-            dummy = torch.zeros((self.rows, 1, cfg.hidden_size), dtype=enc.dtype, device=self.device)
-            self.enc_mask = create_bidirectional_mask(config=cfg, inputs_embeds=dummy, attention_mask=mask,
-                                                      encoder_hidden_states=enc)
-            self.layers = list(self.decoder.layers)
-            self.cross_kv, self.k_buf, self.v_buf = [], [], []
-            for layer in self.layers:
-                ca = layer.encoder_attn
-                shape = (*enc.shape[:-1], -1, ca.head_dim)
-                self.cross_kv.append((ca.k_proj(enc).view(shape).transpose(1, 2),
-                                      ca.v_proj(enc).view(shape).transpose(1, 2)))
-                sa = layer.self_attn
-                buf = (self.rows, sa.num_heads, self.max_len, sa.head_dim)
-                self.k_buf.append(torch.zeros(buf, dtype=self.dtype, device=self.device))
-                self.v_buf.append(torch.zeros(buf, dtype=self.dtype, device=self.device))
+    def _graph(self, cuda_graph: bool) -> None:
         self.graph = None
         if cuda_graph:
             if self.device.type != "cuda":
@@ -78,16 +91,20 @@ class StaticDecoder:
         out, _ = self.attn(module, q, k, v, mask, dropout=0.0, scaling=module.scaling)
         return out
 
-    def _forward(self, ids, pos0, n_valid, self_mask):
-        """ids (rows*K, S) at positions pos0 .. pos0+S-1 (pos0: int or 1-element LongTensor); attention over
-        buffer positions [0, n_valid) (n_valid: int, or None = the whole buffer with ``self_mask``).
+    def _forward(self, ids, pos0, n_valid, self_mask, prefix=None):
+        """ids (rows*K, S) at positions pos0 .. pos0+S-1 (pos0: int or 1-element LongTensor), after ``prefix``
+        (rows, P, H) embeddings when given (then positions run from pos0 - P); attention over buffer positions
+        [0, n_valid) (n_valid: int, or None = the whole buffer with ``self_mask``).
         Returns the last position's logits (rows*K, V)."""
         import torch
 
         dec = self.decoder
         x = ids.reshape(-1, self.K, ids.shape[-1])
-        S = x.shape[-1]
         emb = sum(dec.embed_tokens[k](x[:, k]) for k in range(self.K))
+        if prefix is not None:
+            emb = torch.cat([prefix.to(emb.dtype), emb], dim=1)
+            pos0 = pos0 - prefix.shape[1]
+        S = emb.shape[1]
         if isinstance(pos0, int):
             positions = torch.arange(pos0, pos0 + S, device=self.device)
         else:
@@ -110,13 +127,7 @@ class StaticDecoder:
             a = self._attend(sa, q, kk, vv, self_mask)
             h = res + sa.out_proj(a.reshape(*y.shape[:-1], -1).contiguous())
 
-            ca = layer.encoder_attn
-            res = h
-            y = layer.encoder_attn_layer_norm(h)
-            q = ca.q_proj(y).view(*y.shape[:-1], -1, ca.head_dim).transpose(1, 2)
-            ck, cv = self.cross_kv[i]
-            a = self._attend(ca, q, ck, cv, self.enc_mask)
-            h = res + ca.out_proj(a.reshape(*y.shape[:-1], -1).contiguous())
+            h = self._cross(layer, i, h)
 
             res = h
             y = layer.final_layer_norm(h)
@@ -125,25 +136,37 @@ class StaticDecoder:
         logits = torch.stack([head(h) for head in self.heads], dim=1)  # (rows, K, 1, V)
         return logits.reshape(-1, logits.shape[-1])
 
+    def _cross(self, layer, i: int, h):
+        """The layer's cross-attention block over the text states."""
+        ca = layer.encoder_attn
+        res = h
+        y = layer.encoder_attn_layer_norm(h)
+        q = ca.q_proj(y).view(*y.shape[:-1], -1, ca.head_dim).transpose(1, 2)
+        ck, cv = self.cross_kv[i]
+        a = self._attend(ca, q, ck, cv, self.enc_mask)
+        return res + ca.out_proj(a.reshape(*y.shape[:-1], -1).contiguous())
+
     # ------------------------------------------------------------------------------------------
     def prefill(self, ids):
         """Run ids (rows*K, S) at positions 0 .. S-1 (causal); returns the last position's logits."""
         import torch
 
-        S = ids.shape[-1]
+        P = self.prefix_len
+        S = P + ids.shape[-1]
         mask = None  # S == 1, or sdpa: transformers' sdpa runs causal when there is no mask and S > 1
         if S > 1 and self.attn_impl != "sdpa":
             i = torch.arange(S, device=self.device)
             mask = torch.where(i[None, :] <= i[:, None], 0.0, torch.finfo(self.dtype).min).to(self.dtype)
             mask = mask.view(1, 1, S, S)
         with torch.no_grad():
-            return self._forward(ids, 0, S, mask)
+            return self._forward(ids, P, S, mask, prefix=self.prefix if P else None)
 
     def step(self, col, pos: int):
         """col (rows*K,) ids at position ``pos``; returns logits (rows*K, V) (on CUDA graphs: a view of the
         graph's output buffer, valid until the next step)."""
         import torch
 
+        pos = pos + self.prefix_len  # (token positions come after the prefix)
         if self.graph is not None:
             self._ids.copy_(col.view(-1, 1))
             self._pos.fill_(pos)
@@ -176,3 +199,19 @@ class StaticDecoder:
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
                 self._out = self._graph_step()
+
+
+class PrefixStaticDecoder(StaticDecoder):
+    """The static-cache step for a decoder conditioned by a prefix instead of cross-attention (MusicGen-Melody):
+    ``prefix`` (rows, P, H) embeddings (built by the family, lora.musicgen_melody.prefix) take positions 0 .. P-1
+    ahead of the tokens, as transformers' MusicgenMelodyDecoder concatenates them; its layers have no
+    cross-attention. ``max_len`` counts token positions (the prefix's come on top)."""
+
+    def __init__(self, causal_lm, prefix, rows: int, max_len: int, cuda_graph: bool = False):
+        self.prefix = prefix
+        self.prefix_len = int(prefix.shape[1])
+        self._common(causal_lm, rows, self.prefix_len + max_len)
+        self._graph(cuda_graph)
+
+    def _cross(self, layer, i: int, h):
+        return h

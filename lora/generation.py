@@ -325,13 +325,13 @@ def _run_window(model, info, hidden, mask, guidance: float, context, n_new: int,
     cache = None
     cfg = guidance > 1.0
     static = None
+    melody = {"chroma": chroma} if fam.MELODY else {}
     if decoding in ("static", "cuda_graph"):
-        static = fam.StaticDecoder(fam.get_base(model), hidden, mask, rows=hidden.shape[0], max_len=L - 1,
+        static = fam.StaticDecoder(fam.get_base(model), hidden, mask, rows=hidden.shape[0], max_len=L - 1, **melody,
                                    cuda_graph=decoding == "cuda_graph")
     for step in range(L - cur):
         dec_in = step_input.repeat(2, 1) if cfg else step_input
         if static is None:
-            melody = {"chroma": chroma} if fam.MELODY else {}
             logits, cache = fam.cached_step(model, hidden, mask, dec_in, cache, **melody)
             logits = logits.float()
         elif step == 0:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from lora import musicgen
+from lora.fast_decode import PrefixStaticDecoder
 from lora.musicgen import (  # noqa: F401  (the shared parts of the family interface)
     CodebookLoss,
     attention_implementation,
@@ -336,6 +337,11 @@ def cached_step(model, hidden, mask, ids, cache, chroma=None):
     return out.logits[:, -1], out.cache
 
 
-# The static-cache decoder (lora.fast_decode) reads the condition through cross-attention; the melody prefix is not
-# supported there, so melody models decode with transformers' own cache (``cached_step``).
-StaticDecoder = None
+def StaticDecoder(base, hidden, mask, rows: int, max_len: int, cuda_graph: bool = False, chroma=None):
+    """The static-cache decoding step (lora.fast_decode) for the melody prefix: the prefix of ``hidden``, ``mask``
+    and ``chroma`` (rows already doubled for guidance) fills positions 0 .. P-1 at prefill, then tokens follow."""
+    import torch
+
+    with torch.no_grad():
+        p = prefix(base, hidden, mask, chroma)
+    return PrefixStaticDecoder(base.decoder, p, rows=rows, max_len=max_len, cuda_graph=cuda_graph)

@@ -356,8 +356,9 @@ def test_text_padding_of_training_is_generation_s():
 # --------------------------------------------------------------------------------------------
 # The generation engine (lora.generation) on melody models
 # --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("decoding", ["static", "transformers"])
 @pytest.mark.parametrize("with_melody", [True, False])
-def test_generate_follows_transformers_greedy_with_the_melody(melody, with_melody, monkeypatch):
+def test_generate_follows_transformers_greedy_with_the_melody(melody, with_melody, decoding, monkeypatch):
     """lora.generation.generate (the engine of inference_lora.py) on a melody model: greedy tokens equal
     transformers' generate() given the same melody and the caption padded to the length ours uses
     (text_length: in a prefix model the padded length is part of the condition)."""
@@ -370,8 +371,8 @@ def test_generate_follows_transformers_greedy_with_the_melody(melody, with_melod
     chroma, mid = G.melody_from_audio(melody_audio, info) if with_melody else (None, "")
     req = G.Request(prompt="techno drums 128 BPM", seed=0, duration=n / info.frame_rate,
                     sampling=G.SamplingSettings(do_sample=False), melody=chroma, melody_id=mid)
-    ours = G.generate(model, processor, info, [req], progress=False)[0]
-    assert ours.decoding == "transformers"  # no static decoder for the prefix
+    ours = G.generate(model, processor, info, [req], progress=False, decoding=decoding)[0]
+    assert ours.decoding == decoding
 
     caught = []
     codec = M.audio_codec(model)
@@ -524,3 +525,22 @@ def test_chroma_similarity_is_one_for_the_same_tune_and_low_for_another():
     assert C.cosine_similarity(a, C.chroma(_tone([311.13], 3.0), SR)) == 0.0  # D# vs A: no frame agrees
     half = torch.cat([a[:12], C.chroma(_tone([311.13], 3.0), SR)[12:]])
     assert C.cosine_similarity(half, a) == pytest.approx(12 / a.shape[0])
+
+
+def test_static_decoder_logits_equal_transformers_forward_with_the_prefix(melody):
+    """The static-cache step (prefill, then one token at a time) gives transformers' logits at every position."""
+    from lora import musicgen_melody as M
+
+    model, processor, info = melody
+    hidden, mask, codes, lengths, tokens = _batch(model, processor, info)
+    chroma = torch.stack([_melody_chroma(), torch.roll(_melody_chroma(), 2, dims=-1)])
+    dec_in, _ = M.build_delay_pattern(codes, lengths, info)
+    ref = model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"], input_features=chroma,
+                decoder_input_ids=dec_in).logits
+    S = dec_in.shape[-1]
+    static = M.StaticDecoder(M.get_base(model), hidden, mask, rows=2, max_len=S, chroma=chroma)
+    got = [static.prefill(dec_in[:, :3])]
+    for pos in range(3, S):
+        got.append(static.step(dec_in[:, pos], pos))
+    want = ref[:, -S:][:, 2:]  # the logits of positions 2 .. S-1 of the tokens
+    torch.testing.assert_close(torch.stack(got, dim=1), want, rtol=1e-5, atol=1e-5)
