@@ -125,7 +125,7 @@ def test_incomplete_local_folder_names_missing_files(tmp_path, tiny_model_dir):
     with pytest.raises(UserError) as e:
         _load(d)
     msg = str(e.value)
-    assert "model.safetensors" in msg and "preprocessor_config.json" in msg and "huggingface-cli download" in msg
+    assert "model.safetensors" in msg and "preprocessor_config.json" in msg and "hf download" in msg
     assert "config.json;" not in msg  # config.json is present, so it is not reported
 
 
