@@ -195,6 +195,10 @@ def start_processes(cfg: Config):
         file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(file_log)
     log.info("Precision: %s (%s)", precision, why)
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION")  # what accelerate config / accelerate launch set
+    if launched and launched != precision:
+        log.warning("accelerate's mixed_precision setting (%s) is not used: training.mixed_precision decides "
+                    "(--mixed_precision / --fp16 / --bf16; now %s)", launched, precision)
     resolve_base_weights_dtype(t.base_weights_dtype, precision)  # a bad combination fails before the model loads
     return acc, precision
 
