@@ -168,8 +168,11 @@ def test_documented_commands_run(name, tmp_path, tiny_model_dir):
 # ------------------------------------------------------------------------------------------
 COMMAND_DOCS = ["README.md", "README.zh-CN.md", "USAGE.md", "DATA_PREPARATION.md"]
 BUILTINS = {"cd", "export", ".", "source", "set", "echo", "unset", "true"}
-TOOLS = ("python", "python3", "bash", "hf", "accelerate", "torchrun", "tensorboard", "pip")  # inline `...` spans
-INLINE = re.compile(r"(?<!`)`((?:[A-Z_][A-Z0-9_]*=\S+ +)*(?:" + "|".join(TOOLS) + r")(?: [^`\n]*)?)`(?!`)")
+# An inline `...` span is a command when it starts (after VAR=value assignments) with one of these programs, or with
+# any program-like word and has a --flag (`huggingface-cli download X --local-dir Y`; captions have no --flags).
+TOOLS = ("python", "python3", "bash", "hf", "accelerate", "torchrun", "tensorboard", "pip")
+INLINE = re.compile(r"(?<!`)`((?:[A-Z_][A-Z0-9_]*=\S+ +)*(?:(?:" + "|".join(TOOLS) + r")(?: [^`\n]*)?"
+                    r"|[a-z][a-z0-9_-]*(?: [^`\n]*)? --[a-z][^`\n]*))`(?!`)")
 
 
 def _shell_words(cmd: str) -> list[list[str]]:
