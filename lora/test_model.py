@@ -10,8 +10,9 @@ It loads the base model as train_lora.py does, prepares it for training with the
 options, e.g. --gradient_checkpointing) and runs train_lora.py's step (lora.training.step_loss) forward + backward
 on a random batch of --batch_size clips as long as the training window (--max_duration; random EnCodec codes + the
 captions' text states, as the token cache holds them) in the precision training would use, reports the loss,
-gradients and the step's peak memory (on a GPU: what training with these settings needs), then generates 2 seconds of audio with model.generate(), and ends
-with a verdict and the next step. Exit code 0 when everything works, 1 when a check fails.
+gradients and the step's peak memory (on a GPU: what training with these settings needs), then generates 2
+seconds of audio with model.generate(), and ends with a verdict and the next step. Exit code 0 when everything
+works, 1 when a check fails.
 """
 
 from __future__ import annotations
