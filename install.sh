@@ -5,11 +5,14 @@
 #   bash install.sh            runtime dependencies
 #   bash install.sh --dev      + test dependencies (pytest)
 #   bash install.sh --extras   + optional decoders/extras (PyAV for m4a/aac)
+#   bash install.sh --check    only say which torch is found (and where) and what would be installed
 #
-# torch: an installed torch (CUDA or CPU) is kept as it is. With none installed, a GPU machine
-# (nvidia-smi works) gets the default CUDA build from the package index; a machine without a GPU gets
-# $TORCH_CPU_SPEC (default torch==2.13.0). Set TORCH_INDEX_URL to install torch from another index,
-# e.g. TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu for the small CPU wheel.
+# torch: an installed torch (CUDA or CPU) is kept as it is, and named with its path. With none in this
+# environment, a torch of the box's own python (the venv's base, conda base) that this one does not see is
+# warned about first (keep it: python3 -m venv --system-site-packages .venv); then a GPU machine (nvidia-smi
+# works) gets the default CUDA build from the package index, one without a GPU $TORCH_CPU_SPEC (default
+# torch==2.13.0). TORCH_INDEX_URL installs torch from another index, e.g. the CUDA build that matches the
+# driver: https://download.pytorch.org/whl/cu124, or .../whl/cpu for the small CPU wheel.
 # Safe to run again: it installs only what is missing or too old.
 set -Eeuo pipefail
 
@@ -17,12 +20,13 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 step="start"
 trap 'echo; echo "install.sh FAILED at step: ${step}" >&2; echo "Fix the error above and run bash install.sh again." >&2' ERR
 
-dev=0; extras=0
+dev=0; extras=0; check=0
 for a in "$@"; do
   case "$a" in
     --dev) dev=1 ;;
     --extras) extras=1 ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    --check) check=1 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     *) echo "install.sh: unknown option '$a' (use --dev, --extras or --help)" >&2; exit 2 ;;
   esac
 done
@@ -42,20 +46,47 @@ fi
 PIP=("$PY" -m pip install --disable-pip-version-check)
 
 step="torch"
-if "$PY" -c "import torch" >/dev/null 2>&1; then
-  echo "torch: keeping the installed $("$PY" -c 'import torch; print(torch.__version__)')"
+# "<version> (CUDA <x> build | CPU build) at <folder>" of the torch a python imports, or nothing.
+torch_of() {
+  "$1" - 2>/dev/null <<'PY' || true
+import os, torch
+build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU build"
+print(f"{torch.__version__} ({build}) at {os.path.dirname(torch.__file__)}")
+PY
+}
+prefix="$("$PY" -c 'import sys; print(sys.prefix)')"
+found="$(torch_of "$PY")"
+if [ -n "$found" ]; then
+  echo "torch: keeping the installed $found"
 else
+  # A CUDA torch of the box's own python (the base of this venv, conda base) that this environment does not see.
+  base="$("$PY" -c 'import sys; print(sys.base_prefix)')"
+  for other in "$base/bin/python3" "${CONDA_PYTHON_EXE:-}" /opt/conda/bin/python /root/miniconda3/bin/python \
+               /usr/local/bin/python3 /usr/bin/python3; do
+    [ -n "$other" ] && [ -x "$other" ] || continue
+    [ "$("$other" -c 'import sys; print(sys.prefix)' 2>/dev/null)" = "$prefix" ] && continue
+    theirs="$(torch_of "$other")"
+    case "$theirs" in *CUDA*)
+      echo "WARNING: $other has torch $theirs, which this environment ($prefix) does not see." >&2
+      echo "  Installing a second torch (several GB; the package index's CUDA build may not match the driver)." >&2
+      echo "  To use the box's torch instead, stop now (Ctrl-C) and either install into the box's environment" >&2
+      echo "  (deactivate this venv) or recreate it seeing the system packages:" >&2
+      echo "    rm -rf .venv && python3 -m venv --system-site-packages .venv && . .venv/bin/activate && bash install.sh" >&2
+      if [ "$check" = 0 ] && [ -t 0 ]; then echo "  Continuing in 10 s ..." >&2; sleep 10; fi
+      break ;;
+    esac
+  done
   idx=()
   [ -n "${TORCH_INDEX_URL:-}" ] && idx=(--index-url "$TORCH_INDEX_URL")
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
-    echo "torch: none installed, GPU found -> installing a CUDA build of torch"
-    "${PIP[@]}" "${idx[@]}" torch
+    spec=torch; what="a CUDA build of torch"; why="GPU found"
   else
-    spec="${TORCH_CPU_SPEC:-torch==2.13.0}"
-    echo "torch: none installed, no GPU -> installing $spec (CPU)"
-    "${PIP[@]}" "${idx[@]}" "$spec"
+    spec="${TORCH_CPU_SPEC:-torch==2.13.0}"; what="$spec (CPU)"; why="no GPU"
   fi
+  echo "torch: none in $prefix, $why -> installing $what${TORCH_INDEX_URL:+ from $TORCH_INDEX_URL}"
+  [ "$check" = 1 ] || "${PIP[@]}" "${idx[@]}" "$spec"
 fi
+if [ "$check" = 1 ]; then echo "install.sh --check: nothing was installed"; exit 0; fi
 
 step="requirements.txt"
 # The constraint keeps pip from swapping the installed torch for another build while resolving.

@@ -13,6 +13,7 @@
 # DATA_DIR (default data), OUTPUT_DIR (default output), PROMPT (text for the generation step),
 # PYTHON (default python). Run from anywhere; paths are relative to this folder.
 set -Eeuo pipefail
+case "${1:-}" in -h|--help) sed -n '2,14p' "$0"; exit 0 ;; esac
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
 MODEL="${MODEL:-tiny}"
@@ -28,10 +29,10 @@ start=$(date +%s)
 
 if [ "$MODEL" = "tiny" ] || [ "$MODEL" = "tiny-stereo" ]; then
   # The plan's training settings (rank 12, alpha 24, lr 3e-4, batch 2 x 4, 5 epochs, fp16 -> bf16/fp32 on a CPU)
-  # on the example set (160 clips of 6 s); validation every 15 steps for a readable loss curve.
+  # on the example set (160 clips of 6 s): 90 steps; eval_steps/save_steps auto = every 10 steps.
   PREP=()
   TRAIN=(--num_epochs 5 --batch_size 2 --gradient_accumulation_steps 4 --learning_rate 3e-4 --warmup_steps 100
-         --lora_rank 12 --lora_alpha 24 --fp16 --eval_steps 15 --save_steps 30 --logging_steps 5)
+         --lora_rank 12 --lora_alpha 24 --fp16 --logging_steps 5)
   GEN=(--duration 4 --num_samples 2)
   EVAL=(--num_prompts 4 --eval_duration 4 --eval_seeds 2)
   PROMPT="${PROMPT:-techno drum loop with kick snare and hihat, 128 BPM}"

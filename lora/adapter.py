@@ -116,7 +116,7 @@ def _same_base(recorded: str, used: str) -> bool:
 
 
 def _same_model_name(recorded: str, used: str) -> bool:
-    """facebook/musicgen-small vs a folder named musicgen-small (huggingface-cli download --local-dir)."""
+    """facebook/musicgen-small vs a folder named musicgen-small (hf download --local-dir)."""
     return Path(recorded.rstrip("/")).name.lower() == Path(used.rstrip("/")).name.lower()
 
 

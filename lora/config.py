@@ -167,10 +167,16 @@ class TrainingConfig:
                                                "dropout is lora_dropout", ge=0.0, lt=1.0,
                                           hint="0.0 is what audiocraft trained MusicGen with, null keeps the "
                                                "checkpoint's value")
-    gradient_checkpointing: bool = _f(False, "Recompute activations in backward: less memory, about a third slower")
-    save_steps: int = _f(200, "Save a resumable checkpoint every N optimizer steps", ge=1)
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward: less memory, slower (musicgen-small "
+                                             "on an H100: 4.8 -> 1.7 GB, 2.4x slower, BENCHMARKS.md)")
+    save_steps: str = _f("auto", "Save a resumable checkpoint every N optimizer steps; auto = about 10 per run "
+                                 "(run's steps / 10, rounded to a multiple of 5 above 7); always at the end")
+    save_minutes: float = _f(30.0, "Also save a checkpoint when this many minutes of wall time have passed since the "
+                                   "last one (a lost session loses at most this much); 0 = off",
+                             ge=0.0, hint="0 = off")
     save_total_limit: int = _f(3, "Keep only the newest N checkpoints (best_model is kept apart)", ge=1)
-    eval_steps: int = _f(100, "Validate on the held-out split every N optimizer steps (and before the first)", ge=1)
+    eval_steps: str = _f("auto", "Validate on the held-out split every N optimizer steps (and before the first, and "
+                                 "at the end); auto = about 10 per run, as for save_steps")
     logging_steps: int = _f(10, "Log training loss every N optimizer steps", ge=1)
     early_stopping_patience: int = _f(0, "Stop after N validations without improvement; 0 = off",
                                       ge=0, hint="0 = off")

@@ -84,7 +84,7 @@ def config_problems(cfg: Config, ns=None) -> list[str]:
         problems.append(temperature_problem(g.temperature, g.do_sample))
     if ev.clap_model_path and not Path(ev.clap_model_path).is_dir():
         problems.append(f"evaluation.clap_model_path {ev.clap_model_path} is not a folder. Download a CLAP model "
-                        f"once (e.g. `huggingface-cli download laion/larger_clap_music --local-dir models/clap`) "
+                        f"once (e.g. `hf download laion/larger_clap_music --local-dir models/clap`) "
                         f"and pass that folder, or leave clap_model_path unset to skip the CLAP score.")
     if g.prompts_file and not Path(g.prompts_file).is_file():
         problems.append(f"generation.prompts_file {g.prompts_file} does not exist.")

@@ -89,7 +89,7 @@ def missing_local_files(directory: Path) -> list[str]:
 
 
 def download_hint(directory: str) -> str:
-    return (f"Download a complete model folder, e.g. `huggingface-cli download facebook/musicgen-small "
+    return (f"Download a complete model folder, e.g. `hf download facebook/musicgen-small "
             f"--local-dir {directory}` (set HF_ENDPOINT=https://your-mirror for a mirror), or pass a hub id "
             f"such as --model_path facebook/musicgen-small, or --model_path tiny for the built-in test model.")
 
@@ -127,7 +127,7 @@ def _fetch_hub_config(model_id: str, revision: Optional[str], local_files_only: 
             f"Cannot load '{model_id}' from the Hugging Face hub: {type(e).__name__}: {str(e).splitlines()[0][:300]}\n"
             f"{how}Options: check the name (facebook/musicgen-small, facebook/musicgen-medium, "
             f"facebook/musicgen-large, facebook/musicgen-stereo-small, ...); use a mirror with "
-            f"HF_ENDPOINT=https://your-mirror; download once with `huggingface-cli download {model_id} --local-dir "
+            f"HF_ENDPOINT=https://your-mirror; download once with `hf download {model_id} --local-dir "
             f"models/{model_id.split('/')[-1]}` and pass --model_path models/{model_id.split('/')[-1]}; or use "
             f"--model_path tiny to try the toolkit with the built-in test model. (No local folder "
             f"{Path(model_id).resolve()} exists either.)") from None

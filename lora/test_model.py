@@ -2,14 +2,17 @@
 
     python lora/test_model.py                          # the model from config.yaml
     cd lora && python test_model.py --model_path tiny  # the built-in test model (no download)
-    python lora/test_model.py --model_path facebook/musicgen-small --batch_size 2 --seconds 10 --fp16
+    python lora/test_model.py --model_path facebook/musicgen-small --batch_size 2 --fp16
+    python lora/test_model.py --model_path facebook/musicgen-large --gradient_checkpointing --max_duration 15
 
 It loads the base model as train_lora.py does, prepares it for training with the same library function
 (lora.training.prepare_model: LoRA with your settings, the frozen-weight dtype, device placement, the step's
-options) and runs train_lora.py's step (lora.training.step_loss) forward + backward on a random batch (random
-EnCodec codes + the captions' text states, as the token cache holds them) in the precision training would use,
-reports the loss, gradients and peak memory, then generates 2 seconds of audio with model.generate(), and ends
-with a verdict and the next step. Exit code 0 when everything works, 1 when a check fails.
+options, e.g. --gradient_checkpointing) and runs train_lora.py's step (lora.training.step_loss) forward + backward
+on a random batch of --batch_size clips as long as the training window (--max_duration; random EnCodec codes + the
+captions' text states, as the token cache holds them) in the precision training would use, reports the loss,
+gradients and the step's peak memory (on a GPU: what training with these settings needs), then generates 2
+seconds of audio with model.generate(), and ends with a verdict and the next step. Exit code 0 when everything
+works, 1 when a check fails.
 """
 
 from __future__ import annotations
@@ -37,8 +40,9 @@ CAPTIONS = ["drum loop, 120 BPM, kick snare hihat", "lofi piano chords in A mino
 def _extra(p):
     g = p.add_argument_group("test_model")
     g.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cuda, cuda:1 or cpu")
-    g.add_argument("--seconds", type=float, default=2.0,
-                   help="Length of the random training batch, s (training uses up to max_duration)")
+    g.add_argument("--seconds", type=float, default=None,
+                   help="Length of the random training batch, s; default: training.max_duration (--max_duration), "
+                        "the training window, so the peak memory is the one training needs")
     g.add_argument("--generate_seconds", type=float, default=2.0, help="Length of the test generation, s")
     g.add_argument("--skip_generation", action="store_true", help="Only check loading and a training step")
 
@@ -131,8 +135,9 @@ def training_step(cfg, model, processor, info, device, seconds: float, precision
 
 def flag_problems(cfg, ns) -> list[str]:
     problems = []
-    if ns.seconds <= 0 or ns.seconds > 30:
-        problems.append(f"--seconds must be in (0, 30], got {ns.seconds}")
+    if ns.seconds is not None and (ns.seconds <= 0 or ns.seconds > 30):
+        problems.append(f"--seconds must be in (0, 30], got {ns.seconds} (leave it out to use the training window, "
+                        f"--max_duration)")
     if ns.generate_seconds <= 0:
         problems.append(f"--generate_seconds must be positive, got {ns.generate_seconds}")
     return problems
@@ -144,6 +149,7 @@ def main(argv=None) -> int:
     import torch
 
     device = pick_device(ns.device)
+    seconds = ns.seconds if ns.seconds is not None else cfg.training.max_duration
     mode, reason = choose_precision(cfg.training.mixed_precision, device)
     resolve_base_weights_dtype(cfg.training.base_weights_dtype, mode)  # a bad combination fails before loading
     torch.manual_seed(cfg.training.seed)
@@ -160,6 +166,9 @@ def main(argv=None) -> int:
         return _fail("load model", str(e), "fix --model_path (or model.model_path in config.yaml), or try the "
                      "toolkit first with --model_path tiny.")
     fam = family_for(info)
+    if info.frames(seconds) + info.codebooks_per_channel - 1 > fam.max_positions(model):
+        return _fail("training window", f"{seconds:g} s is longer than the model's context",
+                     "use --max_duration 30 or less (MusicGen's context is 30 s).")
     dtype = next(model.parameters()).dtype
     _say(f"loaded:     {info.name_or_path} in {time.perf_counter() - t0:.1f} s, weights {dtype}")
     _say(f"audio:      {info.sample_rate} Hz, {info.audio_channels} channel(s), {info.num_codebooks} codebooks x "
@@ -175,19 +184,19 @@ def main(argv=None) -> int:
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     try:
-        model, batch, loss = training_step(cfg, model, processor, info, device, ns.seconds, mode)
+        model, batch, loss = training_step(cfg, model, processor, info, device, seconds, mode)
         loss.loss.backward()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     except torch.cuda.OutOfMemoryError:
         return _fail("training step", f"out of GPU memory with batch_size {cfg.training.batch_size} and "
-                     f"{ns.seconds:g} s clips (peak {_peak_memory(device)})",
+                     f"{seconds:g} s clips (peak {_peak_memory(device)})",
                      "lower --batch_size (and raise --gradient_accumulation_steps), use --fp16/--bf16, "
                      "--gradient_checkpointing, a shorter --max_duration, or a smaller model.")
     except UserError as e:
         return _fail("attach LoRA", str(e), "fix the lora section of config.yaml (lora_targets, lora_rank, ...).")
     step_s = time.perf_counter() - t0
-    failed = report_step(cfg, model, info, batch, loss, mode, reason, ns.seconds, step_s, device)
+    failed = report_step(cfg, model, info, batch, loss, mode, reason, seconds, step_s, device)
     if failed:
         return failed
     model.zero_grad(set_to_none=True)
@@ -224,13 +233,15 @@ def report_step(cfg, model, info, batch, loss, mode, reason, seconds, step_s, de
     chance = math.log(info.vocab_size)
     value = loss.loss.item()
     b, t = batch["codes"].shape[0], batch["codes"].shape[-1]
-    _say(f"batch:      {b} x {seconds:g} s = {t} frames, {int(loss.tokens.sum()):,} target tokens")
+    window = "the training window, --max_duration" if seconds == cfg.training.max_duration else "--seconds"
+    _say(f"batch:      {b} x {seconds:g} s ({window}) = {t} frames, {int(loss.tokens.sum()):,} target tokens; "
+         f"gradient checkpointing {'on' if cfg.training.gradient_checkpointing else 'off'}")
     _say(f"loss:       {value:.3f} (random codes; chance level ln({info.vocab_size}) = {chance:.3f}); "
          f"per codebook {', '.join(f'{x:.2f}' for x in loss.per_codebook.tolist())}")
     _say(f"gradients:  all finite: {finite_grads}; non-zero in {nonzero}/{len(grads)} trainable tensors, "
          f"{b_nonzero}/{len(b_grads)} LoRA B matrices (A matrices get gradient once B has moved off its zero init)")
     _say(f"time:       {step_s:.2f} s for forward + backward")
-    _say(f"peak:       {_peak_memory(device)}")
+    _say(f"peak:       {_peak_memory(device)} in the training step")
     if not math.isfinite(value):
         return _fail("training step", f"the loss is {value}",
                      "try --mixed_precision no (fp32); if that works, your GPU's fp16 overflows: use --bf16.")

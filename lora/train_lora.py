@@ -9,8 +9,9 @@ Reads config.yaml (sections training, model, lora, data); every key is also a fl
 bottom: setup (precision, model, token cache, LoRA, data plan, optimizer, resume) / train loop / evaluate /
 save. It writes, under output_dir:
 
-    checkpoints/step-NNNNNN/   resumable state every save_steps (adapter, optimizer, scheduler, scaler, RNG,
-                               data position, trainer_state.json, config.yaml); the newest save_total_limit kept
+    checkpoints/step-NNNNNN/   resumable state every save_steps and save_minutes (adapter, optimizer, scheduler,
+                               scaler, RNG, data position, trainer_state.json, config.yaml); the newest
+                               save_total_limit kept
     best_model/  final_model/  PEFT adapters (adapter_config.json + adapter_model.safetensors) + config.yaml,
                                trainer_state.json, eval_results.json and a model card README.md
     logs/                      metrics.jsonl, TensorBoard events, loss_curve.png, train.log
@@ -61,6 +62,10 @@ def config_problems(cfg: Config, ns=None) -> list[str]:
     p: list[str] = []
     if t.max_steps <= 0 and t.num_epochs <= 0:
         p.append("training.num_epochs must be > 0 (or set training.max_steps)")
+    for key in ("eval_steps", "save_steps"):
+        problem = training.every_problem(f"training.{key}", getattr(t, key))
+        if problem:
+            p.append(problem)
     return p
 
 
@@ -110,8 +115,8 @@ def resume_note(run: "Run") -> str:
     """What Ctrl-C leaves behind, and how to continue."""
     ck = training.newest_checkpoint(run.out)
     if ck is None:
-        return (f"no checkpoint was saved yet (every {run.cfg.training.save_steps} steps); start again, or save more "
-                f"often with --save_steps")
+        return (f"no checkpoint was saved yet (every {run.save_every} steps or {run.cfg.training.save_minutes:g} "
+                f"minutes); start again, or save more often with --save_steps / --save_minutes")
     return (f"the newest checkpoint is {ck} (step {ck.name[5:].lstrip('0') or 0}); continue with the same command "
             f"plus --resume_from_checkpoint latest")
 
@@ -140,6 +145,8 @@ class Run:
     steps_per_epoch: int
     total_steps: int
     train_seconds: float         # audio in the training clips
+    eval_every: int = 0          # training.eval_steps / save_steps resolved ('auto' -> about 10 per run)
+    save_every: int = 0
     state: TrainState = field(default_factory=TrainState)
     runlog: training.RunLog = None
     stop_reason: str = None
@@ -188,6 +195,10 @@ def start_processes(cfg: Config):
         file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(file_log)
     log.info("Precision: %s (%s)", precision, why)
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION")  # what accelerate config / accelerate launch set
+    if launched and launched != precision:
+        log.warning("accelerate's mixed_precision setting (%s) is not used: training.mixed_precision decides "
+                    "(--mixed_precision / --fp16 / --bf16; now %s)", launched, precision)
     resolve_base_weights_dtype(t.base_weights_dtype, precision)  # a bad combination fails before the model loads
     return acc, precision
 
@@ -270,7 +281,9 @@ def set_up(cfg: Config) -> Run:
               info=info, params=params, optimizer=optimizer, scheduler=scheduler, train_ds=train_ds,
               valid_ds=valid_ds, collate=lambda items: collate_tokens(items, info.pad_token_id),
               cache_text=not cfg.lora.train_text_encoder, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-              train_seconds=sum(c.num_frames for c in train_clips) / info.frame_rate)
+              train_seconds=sum(c.num_frames for c in train_clips) / info.frame_rate,
+              eval_every=training.resolve_every(t.eval_steps, total_steps)[0],
+              save_every=training.resolve_every(t.save_steps, total_steps)[0])
     if ck is not None:
         training.load_checkpoint(ck, model, optimizer, scheduler, acc.scaler, acc.device, run.state,
                                  {"batch_size": t.batch_size, "gradient_accumulation_steps":
@@ -302,7 +315,22 @@ def banner(run: Run, warmup: int) -> None:
     log.info("  trainable parameters: %s of %s (%.3f%%) | device %s | precision %s%s", f"{n_trainable:,}",
              f"{n_total:,}", 100 * n_trainable / n_total, run.device, run.precision,
              " | gradient checkpointing" if t.gradient_checkpointing else "")
+    log.info("  %s", cadence_text(run))
     log.info("=" * 78)
+
+
+def cadence_text(run: Run) -> str:
+    """When the run validates and checkpoints, with what 'auto' resolved to."""
+    t, n = run.cfg.training, run.total_steps
+
+    def every(key, value, steps):
+        auto = training.resolve_every(value, n)[1]
+        how = f"auto: about {training.AUTO_PER_RUN} per run" if auto else value
+        return f"every {steps} steps ({key} {how}, {len(training.events_in_run(steps, n))} in this run)"
+
+    return (f"validation before the first step and {every('eval_steps', t.eval_steps, run.eval_every)}; checkpoint "
+            f"{every('save_steps', t.save_steps, run.save_every)}"
+            + (f" and at least every {t.save_minutes:g} min" if t.save_minutes > 0 else ""))
 
 
 # ============================================================================================
@@ -347,6 +375,7 @@ def train_loop(run: Run) -> None:
     interval = Interval.start(run)
     grad_norm = torch.zeros((), device=run.device)
     last_eval = None
+    timer = training.SaveTimer(t.save_minutes)
     while st.global_step < run.total_steps and run.stop_reason is None:
         ep = st.data_epoch
         run.train_ds.set_epoch(ep)
@@ -387,16 +416,17 @@ def train_loop(run: Run) -> None:
             if gs % t.logging_steps == 0 or gs == run.total_steps:
                 log_interval(run, interval, grad_norm, bar)
                 interval = Interval.start(run)
-            if gs % t.eval_steps == 0 or gs == run.total_steps:
+            if gs % run.eval_every == 0 or gs == run.total_steps:
                 last_eval = gs
                 if validate_and_track(run):
                     run.stop_reason = (f"early stopping: no held-out improvement in {t.early_stopping_patience} "
                                        f"validations")
-            if gs % t.save_steps == 0 or gs == run.total_steps or run.stop_reason:
+            if gs % run.save_every == 0 or gs == run.total_steps or run.stop_reason or time_to_save(run, timer):
                 if run.main:
                     training.save_checkpoint(run.out / "checkpoints", run.model, run.optimizer, run.scheduler,
                                              acc.scaler, run.cfg, run.snapshot("checkpoint"), t.save_total_limit)
                 acc.wait_for_everyone()
+                timer.reset()
             if run.stop_reason:
                 break
         else:
@@ -405,6 +435,21 @@ def train_loop(run: Run) -> None:
     bar.close()
     if last_eval != st.global_step:
         validate_and_track(run)
+
+
+def time_to_save(run: Run, timer: training.SaveTimer) -> bool:
+    """training.save_minutes: the main process's clock decides for every process (they all save, or none)."""
+    if run.cfg.training.save_minutes <= 0:
+        return False
+    due = timer.due()
+    if run.acc.num_processes > 1:
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if due else 0.0], device=run.device)
+        dist.broadcast(flag, 0)
+        due = bool(flag.item())
+    return due
 
 
 def optimizer_step(run: Run, loss_sum):

@@ -161,3 +161,99 @@ def test_documented_commands_run(name, tmp_path, tiny_model_dir):
     if name == "README.md":
         assert (out / "evaluation" / "results.json").is_file()
         assert list((out / "generated").glob("*.wav"))
+
+
+# ------------------------------------------------------------------------------------------
+# Every command the docs name exists here and runs far enough to prove it (--help)
+# ------------------------------------------------------------------------------------------
+COMMAND_DOCS = ["README.md", "README.zh-CN.md", "USAGE.md", "DATA_PREPARATION.md"]
+BUILTINS = {"cd", "export", ".", "source", "set", "echo", "unset", "true"}
+# An inline `...` span is a command when it starts (after VAR=value assignments) with one of these programs, or with
+# any program-like word and has a --flag (`huggingface-cli download X --local-dir Y`; captions have no --flags).
+TOOLS = ("python", "python3", "bash", "hf", "accelerate", "torchrun", "tensorboard", "pip")
+INLINE = re.compile(r"(?<!`)`((?:[A-Z_][A-Z0-9_]*=\S+ +)*(?:(?:" + "|".join(TOOLS) + r")(?: [^`\n]*)?"
+                    r"|[a-z][a-z0-9_-]*(?: [^`\n]*)? --[a-z][^`\n]*))`(?!`)")
+
+
+def _shell_words(cmd: str) -> list[list[str]]:
+    """The simple commands of one command line (split on && || | ; and $( ... )), env assignments dropped."""
+    import shlex
+
+    out = []
+    inner = re.findall(r"\$\(([^()]*)\)", cmd)  # command substitutions are commands of their own
+    cmd = re.sub(r"\$\(([^()]*)\)", "X", cmd)
+    for part in [p for c in [cmd, *inner] for p in re.split(r"&&|\|\||[|;]", c)]:
+        part = part.strip().removeprefix("(").removesuffix(")")  # a subshell: ( cd lora && ... )
+        try:
+            words = shlex.split(part)
+        except ValueError:
+            words = part.split()
+        while words and re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", words[0]):
+            words = words[1:]
+        if words:
+            out.append(words)
+    return out
+
+
+def documented_commands() -> dict[tuple, str]:
+    """{the check to run (argv): where the docs name it} for every command in a shell block or an inline code span
+    of the user docs. Our scripts (python X.py, bash X.sh) get `--help`; python -m MODULE gets `-m MODULE --help`;
+    other programs get `PROGRAM [SUBCOMMAND] --help`."""
+    found: dict[tuple, str] = {}
+    for name in COMMAND_DOCS:
+        # inline spans outside the fenced blocks (those are read whole by shell_blocks), line numbers kept
+        text = re.sub(r"^```.*?^```", lambda m: "\n" * m.group(0).count("\n"),
+                      (ROOT / name).read_text(encoding="utf-8"), flags=re.S | re.M)
+        lines = [(c, f"{name}:{line}") for _, code, line in shell_blocks(ROOT / name) for c in commands(code)]
+        lines += [(m.group(1), f"{name}:{text[:m.start()].count(chr(10)) + 1}") for m in INLINE.finditer(text)]
+        for cmd, where in lines:
+            for words in _shell_words(cmd):
+                prog, rest = words[0], words[1:]
+                if prog in BUILTINS or prog.startswith("<"):
+                    continue
+                if prog in ("python", "python3", "bash"):
+                    if rest[:1] == ["-m"]:
+                        check = (prog, "-m", rest[1], "--help")
+                    else:
+                        script = rest[0]
+                        path = next((p for p in (ROOT / script, ROOT / "lora" / script) if p.is_file()), None)
+                        assert path is not None, f"{where}: `{cmd}` names {script}, which is not in the repository"
+                        check = (prog, str(path.relative_to(ROOT)), "--help")
+                else:
+                    sub = rest[:1] if rest and re.fullmatch(r"[a-z][a-z-]*", rest[0]) else []
+                    check = (prog, *sub, "--help")
+                found.setdefault(check, where)
+    return found
+
+
+def test_every_documented_command_exists_and_runs():
+    """`huggingface-cli download` was removed from huggingface-hub 1.x while the docs still named it: every program
+    and script the docs name must be installed (on PATH, in this environment) and answer --help with exit 0."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    found = documented_commands()
+    progs = {c[0] for c in found} | {c[1] for c in found if c[0] in ("python", "bash") and c[1] != "-m"}
+    # The parser sees what the docs name (a parser that found nothing would pass everything).
+    for must in ("hf", "accelerate", "torchrun", "tensorboard", "lora/train_lora.py", "lora/test_model.py",
+                 "install.sh", "quick_start.sh"):
+        assert must in progs, f"no documented command runs {must}: the parser is broken"
+    assert ("hf", "download", "--help") in found and ("accelerate", "launch", "--help") in found
+    bindir = Path(sys.executable).parent
+    env = dict(os.environ, PATH=f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}", HF_HUB_OFFLINE="1",
+               HF_HUB_DISABLE_TELEMETRY="1", OMP_NUM_THREADS="1")
+
+    def run(check):
+        if shutil.which(check[0], path=env["PATH"]) is None:
+            return check, None
+        p = subprocess.run(list(check), cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        return check, p
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(run, sorted(found)))
+    bad = []
+    for check, p in results:
+        if p is None:
+            bad.append(f"{found[check]}: `{check[0]}` is not installed (not on PATH)")
+        elif p.returncode != 0:
+            bad.append(f"{found[check]}: `{' '.join(check)}` exited {p.returncode}: {(p.stderr or p.stdout)[-400:]}")
+    assert not bad, "documented commands that do not work here:\n" + "\n".join(bad)

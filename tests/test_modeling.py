@@ -125,7 +125,7 @@ def test_incomplete_local_folder_names_missing_files(tmp_path, tiny_model_dir):
     with pytest.raises(UserError) as e:
         _load(d)
     msg = str(e.value)
-    assert "model.safetensors" in msg and "preprocessor_config.json" in msg and "huggingface-cli download" in msg
+    assert "model.safetensors" in msg and "preprocessor_config.json" in msg and "hf download" in msg
     assert "config.json;" not in msg  # config.json is present, so it is not reported
 
 
@@ -432,6 +432,24 @@ def test_test_model_script_passes_on_tiny_model(tiny_model_dir, capsys):
         assert section in out
     assert "OK — next step: python train_lora.py" in out
     assert "peak:" in out and "generated:  (1, 1, " in out
+    # The step runs on the training window (training.max_duration, 30 s by default): its peak is training's.
+    assert "batch:      2 x 30 s (the training window, --max_duration) = 1500 frames" in out
+
+
+def test_test_model_uses_the_training_window_and_checkpointing(tiny_model_dir, capsys):
+    """--max_duration and --gradient_checkpointing (training's flags) shape the checked step, as in training."""
+    from lora import test_model
+
+    rc = test_model.main(["--model_path", str(tiny_model_dir), "--max_duration", "3", "--gradient_checkpointing",
+                          "--batch_size", "3", "--skip_generation"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "batch:      3 x 3 s (the training window, --max_duration) = 150 frames" in out
+    assert "gradient checkpointing on" in out and "peak:" in out and "in the training step" in out
+    rc = test_model.main(["--model_path", str(tiny_model_dir), "--max_duration", "3", "--seconds", "1",
+                          "--skip_generation"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "batch:      2 x 1 s (--seconds) = 50 frames" in out and "gradient checkpointing off" in out
 
 
 def test_test_model_script_reports_failure(tmp_path, capsys):

@@ -307,6 +307,22 @@ def test_torchrun_two_processes_match_one_process(tmp_path, tiny_model_dir, exam
                        env=_env(), capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
     _assert_same_adapter(one / "final_model", two / "final_model")
+    # accelerate launch with USAGE.md's `accelerate config` file (2 processes; on this CPU-only machine its
+    # MULTI_GPU launcher starts them over gloo) trains exactly what torchrun does, and says that accelerate's
+    # mixed_precision (bf16 in the file) is not what decides the precision.
+    acc_cfg = tmp_path / "accelerate.yaml"
+    acc_cfg.write_text(_usage_accelerate_config(), encoding="utf-8")
+    three = tmp_path / "accelerate"
+    r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(acc_cfg),
+                        str(SCRIPT), *args, "--output_dir", str(three), "--gradient_accumulation_steps", "1"],
+                       env=_env(), capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _assert_same_adapter(two / "final_model", three / "final_model", atol=0)
+    steps = lambda out: [{k: v for k, v in e.items() if k != "steps_per_s"} for e in _metrics(out)]  # noqa: E731
+    assert steps(three) == steps(two)  # every logged loss and held-out loss, digit for digit
+    s3 = json.loads((three / "final_model" / "trainer_state.json").read_text())
+    assert s3["run"]["world_size"] == 2 and s3["precision"] == "no"
+    assert "accelerate's mixed_precision setting (bf16) is not used" in (three / "logs" / "train.log").read_text()
     s1 = json.loads((one / "final_model" / "trainer_state.json").read_text())
     s2 = json.loads((two / "final_model" / "trainer_state.json").read_text())
     assert s2["run"]["world_size"] == 2 and s2["effective_batch"] == s1["effective_batch"] == 4
@@ -318,6 +334,16 @@ def test_torchrun_two_processes_match_one_process(tmp_path, tiny_model_dir, exam
         assert a["samples"] == b["samples"] == 4 and a["null_cond_frac"] == b["null_cond_frac"]
         for key in ["loss"] + [k for k in a if k.startswith("loss_cb")]:
             assert b[key] == pytest.approx(a[key], abs=1e-5), key
+
+
+def _usage_accelerate_config() -> str:
+    """The `accelerate config` file of USAGE.md's multi-GPU recipe (the yaml block after its marker)."""
+    import re
+
+    text = (ROOT / "USAGE.md").read_text(encoding="utf-8")
+    m = re.search(r"<!-- accelerate-config -->\s*```yaml\n(.*?)```", text, flags=re.S)
+    assert m, "USAGE.md lost its accelerate config recipe (<!-- accelerate-config --> before a yaml block)"
+    return m.group(1)
 
 
 def test_gradient_checkpointing_trains_the_same(tmp_path, tiny_model_dir, example_data_dir):
@@ -411,3 +437,95 @@ def test_test_model_step_equals_the_training_step(tmp_path, tiny_model_dir, exam
     assert grads.keys() == tm_grads.keys() and len(grads) > 0
     assert all(torch.equal(grads[n], tm_grads[n]) for n in grads)
     assert any(bool(g.abs().sum() > 0) for g in grads.values())
+
+
+# ------------------------------------------------------------------------------------------------
+# When the run validates and checkpoints: eval_steps / save_steps auto, save_minutes
+# ------------------------------------------------------------------------------------------------
+def test_auto_cadence_is_about_ten_per_run():
+    from lora import training
+
+    for total in (60, 300):  # ~90 and ~450 clips at the seed's batch 2 x 4 x 5 epochs
+        every = training.auto_interval(total)
+        assert len(training.events_in_run(every, total)) == 10, total
+    for total in range(30, 5001):
+        n = len(training.events_in_run(training.auto_interval(total), total))
+        assert 8 <= n <= 13, (total, n)
+    assert training.auto_interval(90) == 10  # the quick start: steps 10, 20, ..., 90 (30, 60, 90 as before)
+    assert training.events_in_run(7, 20) == [7, 14, 20]  # the last step always
+    # An explicit number keeps its meaning (the seed's runs: validations at 100, 200 and the end).
+    assert training.resolve_every("100", 285) == (100, False)
+    assert training.resolve_every("auto", 285) == (30, True)
+
+
+def test_bad_cadence_settings_name_the_key(tmp_path):
+    from lora import train_lora
+    from lora.config import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        train_lora.main(["--eval_steps", "ten", "--save_steps", "0", "--save_minutes", "-1",
+                         "--output_dir", str(tmp_path / "out")])
+    msg = str(e.value)
+    assert "training.eval_steps must be 'auto'" in msg and "'ten'" in msg
+    assert "training.save_steps must be 'auto'" in msg and "training.save_minutes" in msg
+
+
+def test_save_timer_is_due_after_its_minutes():
+    from lora.training import SaveTimer
+
+    now = [100.0]
+    timer = SaveTimer(2.0, clock=lambda: now[0])
+    now[0] += 119
+    assert not timer.due()
+    now[0] += 1
+    assert timer.due()
+    timer.reset()
+    assert not timer.due()
+    now[0] += 1e6
+    assert not SaveTimer(0.0, clock=lambda: now[0]).due()  # 0 = off
+
+
+def _checkpoint_steps(out: Path) -> list[int]:
+    return sorted(int(p.name[5:]) for p in (out / "checkpoints").glob("step-*"))
+
+
+def test_auto_run_validates_and_checkpoints_ten_times_and_validation_leaves_training_alone(
+        tmp_path, tiny_model_dir, example_data_dir):
+    """A real 20-step run with the defaults (auto): validations before the first step and at 2, 4, ..., 20, a
+    checkpoint at each of those steps, and the banner says so. The same run validating and saving only at the end
+    trains bit for bit the same: validation and checkpoints do not touch the training's random numbers."""
+    from lora import train_lora
+
+    auto = tmp_path / "auto"
+    assert train_lora.main(_short(tiny_model_dir, example_data_dir, auto, "--max_steps", "20", "--eval_steps", "auto",
+                                  "--save_steps", "auto", "--save_total_limit", "20")) == 0
+    evals = [e["step"] for e in _metrics(auto) if "val_loss" in e]
+    assert evals == [0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20]
+    assert _checkpoint_steps(auto) == [2, 4, 6, 8, 10, 12, 14, 16, 18, 20]
+    banner = (auto / "logs" / "train.log").read_text()
+    assert ("validation before the first step and every 2 steps (eval_steps auto: about 10 per run, 10 in this run); "
+            "checkpoint every 2 steps (save_steps auto: about 10 per run, 10 in this run) and at least every 30 min"
+            in banner)
+    rare = tmp_path / "rare"
+    assert train_lora.main(_short(tiny_model_dir, example_data_dir, rare, "--max_steps", "20", "--eval_steps", "1000",
+                                  "--save_steps", "1000", "--save_minutes", "0")) == 0
+    assert [e["step"] for e in _metrics(rare) if "val_loss" in e] == [0, 20]
+    assert _checkpoint_steps(rare) == [20]
+    _assert_same_adapter(auto / "final_model", rare / "final_model", atol=0)
+    train = lambda out: [{k: v for k, v in e.items() if k != "steps_per_s"} for e in _metrics(out) if "lr" in e]  # noqa
+    assert train(auto) == train(rare) and len(train(auto)) == 20
+
+
+def test_wall_time_checkpoints(tmp_path, tiny_model_dir, example_data_dir):
+    """save_minutes: a checkpoint whenever that much wall time passed since the last one, whatever save_steps says
+    (here 6 microseconds: every step); 0 = only save_steps and the end."""
+    from lora import train_lora
+
+    often = tmp_path / "often"
+    assert train_lora.main(_short(tiny_model_dir, example_data_dir, often, "--max_steps", "3", "--save_steps", "1000",
+                                  "--save_minutes", "1e-7", "--save_total_limit", "5")) == 0
+    assert _checkpoint_steps(often) == [1, 2, 3]
+    off = tmp_path / "off"
+    assert train_lora.main(_short(tiny_model_dir, example_data_dir, off, "--max_steps", "3", "--save_steps", "1000",
+                                  "--save_minutes", "0", "--save_total_limit", "5")) == 0
+    assert _checkpoint_steps(off) == [3]
