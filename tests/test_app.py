@@ -152,8 +152,22 @@ def _generate(pg, prompt: str, seed, duration, samples=1, adapter=None, mode=Non
     blind_box = pg.locator("#blind input[type=checkbox]")
     if blind_box.is_checked() != blind:
         blind_box.click()
-    pg.locator("#generate_btn").click()
-    return _wait_text(pg, "gen_status", expect)
+    return _click_and_wait(pg, "generate_btn", "gen_status", expect)
+
+
+def _click_and_wait(pg, button: str, elem_id: str, pattern: str, timeout_s: float = 60) -> str:
+    """Click, then wait for the event's result in #elem_id: new text, no progress tracker showing, matching."""
+    old = _status(pg, elem_id)
+    pg.locator(f"#{button}").click()
+    tracker = pg.locator(f"#{elem_id} [data-testid=status-tracker]")
+    t0 = time.time()
+    while time.time() - t0 < timeout_s:
+        text = _status(pg, elem_id)
+        busy = tracker.count() and "hide" not in (tracker.first.get_attribute("class") or "")
+        if not busy and text != old and re.search(pattern, text):
+            return text
+        time.sleep(0.2)
+    raise AssertionError(f"#{elem_id} never showed {pattern!r}; it says: {_status(pg, elem_id)!r}")
 
 
 def _durations(pg, players=("player_a", "player_b")) -> list[float]:
@@ -283,8 +297,7 @@ def test_bad_inputs_show_a_message_and_the_server_keeps_serving(page, out_root, 
     page.get_by_role("tab", name="Train").click()
     before = sorted(p.name for p in (out_root / "run1").rglob("*"))
     _fill(page, "train_output_dir", str(out_root / "run1"))
-    page.locator("#start_train").click()
-    text = _wait_text(page, "train_msg", "⚠️")
+    text = _click_and_wait(page, "start_train", "train_msg", "⚠️")
     assert "already holds another training run" in text
     assert sorted(p.name for p in (out_root / "run1").rglob("*")) == before
 
@@ -351,7 +364,8 @@ def test_evaluate_tab_runs_compare_and_shows_the_report(page, server, out_root, 
     _wait_for(lambda: "held-out" in page.locator("#eval_summary textarea").input_value().lower(), 180,
               "the evaluation summary")
     results = json.loads((out_root / "evaluation" / "results.json").read_text())
-    assert f"{results['likelihood']['lora']['loss']:.4f}"[:5] in page.locator("#eval_summary textarea").input_value()
+    shown = page.locator("#eval_summary textarea").input_value()
+    assert f"{results['likelihood']['lora']['ce']:.4f}" in shown and f"{results['likelihood']['base']['ce']:.4f}" in shown
     frame = page.locator("#eval_report iframe")
     src = frame.get_attribute("src")
     assert page.request.get(server[1].rstrip("/") + src).status == 200
