@@ -5,6 +5,7 @@
 #   bash install.sh            runtime dependencies
 #   bash install.sh --dev      + test dependencies (pytest)
 #   bash install.sh --extras   + optional decoders/extras (PyAV for m4a/aac)
+#   bash install.sh --ui       + the local web UI (gradio: python lora/app.py)
 #
 # torch: an installed torch (CUDA or CPU) is kept as it is. With none installed, a GPU machine
 # (nvidia-smi works) gets the default CUDA build from the package index; a machine without a GPU gets
@@ -17,13 +18,14 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 step="start"
 trap 'echo; echo "install.sh FAILED at step: ${step}" >&2; echo "Fix the error above and run bash install.sh again." >&2' ERR
 
-dev=0; extras=0
+dev=0; extras=0; ui=0
 for a in "$@"; do
   case "$a" in
     --dev) dev=1 ;;
     --extras) extras=1 ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
-    *) echo "install.sh: unknown option '$a' (use --dev, --extras or --help)" >&2; exit 2 ;;
+    --ui) ui=1 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    *) echo "install.sh: unknown option '$a' (use --dev, --extras, --ui or --help)" >&2; exit 2 ;;
   esac
 done
 
@@ -64,6 +66,7 @@ cons="$(mktemp)"; echo "torch==${tv}" > "$cons"
 "${PIP[@]}" -c "$cons" -r "$here/requirements.txt"
 if [ "$dev" = 1 ]; then step="requirements-dev.txt"; "${PIP[@]}" -c "$cons" -r "$here/requirements-dev.txt"; fi
 if [ "$extras" = 1 ]; then step="extras (av)"; "${PIP[@]}" -c "$cons" av; fi
+if [ "$ui" = 1 ]; then step="requirements-ui.txt"; "${PIP[@]}" -c "$cons" -r "$here/requirements-ui.txt"; fi
 rm -f "$cons"
 
 step="check imports"
@@ -101,3 +104,7 @@ free = shutil.disk_usage(".").free / 2**30
 print(f"free disk    {free:.1f} GiB here" + ("  (musicgen-small needs ~3 GiB, large ~14 GiB)" if free < 20 else ""))
 print("install.sh: all imports OK")
 PY
+if [ "$ui" = 1 ]; then
+  step="check the web UI"
+  "$PY" -c "import gradio; print(f'gradio       {gradio.__version__} (web UI: python lora/app.py)')"
+fi

@@ -108,6 +108,7 @@ def _shot(pg, name: str) -> None:
     folder = os.environ.get("UI_SCREENSHOTS")
     if folder:
         Path(folder).mkdir(parents=True, exist_ok=True)
+        pg.evaluate("window.scrollTo(0, 0)")
         pg.screenshot(path=str(Path(folder) / f"ui_{name}.png"))
 
 
@@ -163,7 +164,8 @@ def _click_and_wait(pg, button: str, elem_id: str, pattern: str, timeout_s: floa
     t0 = time.time()
     while time.time() - t0 < timeout_s:
         text = _status(pg, elem_id)
-        busy = tracker.count() and "hide" not in (tracker.first.get_attribute("class") or "")
+        busy = (tracker.count() and "hide" not in (tracker.first.get_attribute("class") or "")) or \
+            re.match(r"\s*(queue: \d+/\d+|processing|[\d.]+s)\b", text)
         if not busy and text != old and re.search(pattern, text):
             return text
         time.sleep(0.2)
