@@ -578,9 +578,9 @@ def _message(e: BaseException) -> str:
     """What the page shows for a failure: the user's error as it is; anything else by its type and text (the
     traceback goes to the server's log, never to the page)."""
     if isinstance(e, UserError):
-        return f"⚠️ {e}"
+        return f"Error: {e}"
     log.error("unexpected error in the UI", exc_info=e)
-    return f"⚠️ Unexpected error ({type(e).__name__}: {e}). The server log has the details; the UI keeps working."
+    return f"Error: Unexpected error ({type(e).__name__}: {e}). The server log has the details; the UI keeps working."
 
 
 def _pairs(sides: list[Side]) -> list[dict]:
@@ -633,7 +633,7 @@ def _generate_handler(gr, engine: Engine, out_root: Path, ns):
         state = {"pairs": _pairs(done), "order": order, "names": names, "blind": f.blind and len(order) == 2,
                  "real": [_side_name(by_label[lab], f) for lab in order]}
         n_files = sum(len(s.entries) for s in sides)
-        lines = [("⏹ Stopped: " if stopped else "✅ ") + f"{n_files} file(s), seed {first_seed}"
+        lines = [("Stopped: " if stopped else "Done: ") + f"{n_files} file(s), seed {first_seed}"
                  + (f"–{first_seed + int(f.num_samples) - 1}" if int(f.num_samples) > 1 else "")
                  + f", {float(f.duration):g} s each."]
         for s in sides:
@@ -700,7 +700,7 @@ def _generate_tab(gr, cfg: Config, engine: Engine, out_root: Path, ns) -> None:
     go.click(_generate_handler(gr, engine, out_root, ns), inputs,
              [status, player_a, player_b, sample, reveal, files, state], concurrency_id="gpu", concurrency_limit=1,
              show_progress_on=[status])
-    stop.click(lambda: engine.stop.set() or "⏹ Stopping at the next decoding step…", None, [status], queue=False)
+    stop.click(lambda: engine.stop.set() or "Stopping at the next decoding step…", None, [status], queue=False)
     refresh.click(lambda: gr.update(choices=[NO_ADAPTER] + list_adapters(out_root)), None, [adapter], queue=False)
     sample.change(lambda st, key: _player_updates(gr, st, key), [state, sample], [player_a, player_b], queue=False)
 
@@ -811,7 +811,7 @@ def _evaluate_tab(gr, cfg: Config, out_root: Path, procs: Processes) -> None:
     def on_run(model_path, adapter_path, data_dir, out_dir, fast):
         """Runs in the GPU queue (a generation waits for it), streaming the log."""
         if not adapter_path or not Path(adapter_path).expanduser().is_dir():
-            yield f"⚠️ Adapter folder not found: {adapter_path or '(none given)'}", gr.skip(), gr.skip(), gr.skip()
+            yield f"Error: Adapter folder not found: {adapter_path or '(none given)'}", gr.skip(), gr.skip(), gr.skip()
             return
         try:
             p = procs.start(str(Path(out_dir).expanduser()), evaluate_argv(model_path, adapter_path, data_dir,
