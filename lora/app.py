@@ -700,7 +700,9 @@ def _generate_tab(gr, cfg: Config, engine: Engine, out_root: Path, ns) -> None:
     go.click(_generate_handler(gr, engine, out_root, ns), inputs,
              [status, player_a, player_b, sample, reveal, files, state], concurrency_id="gpu", concurrency_limit=1,
              show_progress_on=[status])
-    stop.click(lambda: engine.stop.set() or "Stopping at the next decoding step…", None, [status], queue=False)
+    # (no output: the running job's own result, "Stopped: ...", is what the page shows; a reply here could arrive
+    # after it and overwrite it)
+    stop.click(engine.stop.set, None, None, queue=False)
     refresh.click(lambda: gr.update(choices=[NO_ADAPTER] + list_adapters(out_root)), None, [adapter], queue=False)
     sample.change(lambda st, key: _player_updates(gr, st, key), [state, sample], [player_a, player_b], queue=False)
 
