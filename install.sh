@@ -6,6 +6,7 @@
 #   bash install.sh --dev      + test dependencies (pytest)
 #   bash install.sh --extras   + optional decoders/extras (PyAV for m4a/aac)
 #   bash install.sh --check    only say which torch is found (and where) and what would be installed
+#   bash install.sh --ui       + the local web UI (gradio: python lora/app.py)
 #
 # torch: an installed torch (CUDA or CPU) is kept as it is, and named with its path. With none in this
 # environment, a torch of the box's own python (the venv's base, conda base) that this one does not see is
@@ -20,14 +21,15 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 step="start"
 trap 'echo; echo "install.sh FAILED at step: ${step}" >&2; echo "Fix the error above and run bash install.sh again." >&2' ERR
 
-dev=0; extras=0; check=0
+dev=0; extras=0; check=0; ui=0
 for a in "$@"; do
   case "$a" in
     --dev) dev=1 ;;
     --extras) extras=1 ;;
     --check) check=1 ;;
+    --ui) ui=1 ;;
     -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
-    *) echo "install.sh: unknown option '$a' (use --dev, --extras or --help)" >&2; exit 2 ;;
+    *) echo "install.sh: unknown option '$a' (use --dev, --extras, --ui, --check or --help)" >&2; exit 2 ;;
   esac
 done
 
@@ -95,6 +97,7 @@ cons="$(mktemp)"; echo "torch==${tv}" > "$cons"
 "${PIP[@]}" -c "$cons" -r "$here/requirements.txt"
 if [ "$dev" = 1 ]; then step="requirements-dev.txt"; "${PIP[@]}" -c "$cons" -r "$here/requirements-dev.txt"; fi
 if [ "$extras" = 1 ]; then step="extras (av)"; "${PIP[@]}" -c "$cons" av; fi
+if [ "$ui" = 1 ]; then step="requirements-ui.txt"; "${PIP[@]}" -c "$cons" -r "$here/requirements-ui.txt"; fi
 rm -f "$cons"
 
 step="check imports"
@@ -132,3 +135,7 @@ free = shutil.disk_usage(".").free / 2**30
 print(f"free disk    {free:.1f} GiB here" + ("  (musicgen-small needs ~3 GiB, large ~14 GiB)" if free < 20 else ""))
 print("install.sh: all imports OK")
 PY
+if [ "$ui" = 1 ]; then
+  step="check the web UI"
+  "$PY" -c "import gradio; print(f'gradio       {gradio.__version__} (web UI: python lora/app.py)')"
+fi

@@ -297,12 +297,13 @@ def resolve_decoding(decoding: str, device, family=None) -> str:
 
 
 def _run_window(model, info, hidden, mask, guidance: float, context, n_new: int, sampler: TokenSampler,
-                uniforms, bad, pbar=None, decoding: str = "transformers", chroma=None):
+                uniforms, bad, pbar=None, decoding: str = "transformers", chroma=None, on_step=None):
     """Generate ``n_new`` frames after ``context`` (B, K, c) codes (c may be 0).
 
     hidden/mask: text states (B, L, D) / (B, L) (already doubled with the null half when guidance > 1); chroma
     (melody models): the window's melody (B', chroma_length, 12), doubled like the text, or None (null melody).
     uniforms: (steps, B*K) or None. bad: BoolTensor (B,) set where logits were not finite.
+    on_step: None, or called as on_step(step, n_steps) after every step (``generate``'s hook, bound to the window).
     decoding: "transformers" (the model's own forward with its key/value cache), "static" or "cuda_graph"
     (the family's StaticDecoder, lora.fast_decode: same maths, preallocated cache; the latter replays each step as
     a CUDA graph). Returns (B, K, c + n_new) codes.
@@ -350,6 +351,8 @@ def _run_window(model, info, hidden, mask, guidance: float, context, n_new: int,
         cur += 1
         if pbar is not None:
             pbar.update(1)
+        if on_step is not None:
+            on_step(step + 1, L - prefix.shape[-1])
     return fam.frames_from_pattern(seq, total, info)
 
 
@@ -437,7 +440,7 @@ def plan_batch(model, info, reqs: list[Request], max_window: float, extend_strid
 
 
 def _generate_batch(model, processor, info, reqs: list[Request], windows: list[Window], progress: bool,
-                    desc: str, decoding: str = "transformers", encoded: Optional[dict] = None):
+                    desc: str, decoding: str = "transformers", encoded: Optional[dict] = None, on_step=None):
     import torch
     from tqdm.auto import tqdm
 
@@ -479,8 +482,10 @@ def _generate_batch(model, processor, info, reqs: list[Request], windows: list[W
                 uniforms = u.reshape(n_steps, B * K)
             if len(windows) > 1:
                 bar.set_postfix_str(f"window {wi + 1}/{len(windows)}")
+            step_hook = None if on_step is None else (lambda s, n, wi=wi: on_step(wi, len(windows), s, n))
             out = _run_window(model, info, hidden, mask, guidance, ctx, w.new, sampler, uniforms, bad, pbar=bar,
-                              decoding=decoding, chroma=window_melody(info, reqs, w, guidance, device))
+                              decoding=decoding, chroma=window_melody(info, reqs, w, guidance, device),
+                              on_step=step_hook)
             window_heads.append(out[..., :w.context].detach().cpu())
             known = torch.cat([known, out[..., w.context:]], dim=-1)
     finally:
@@ -562,14 +567,18 @@ def validate_request(r: Request, where: str = "") -> list[str]:
 
 def generate(model, processor, info, requests: Sequence[Request], *, batch_size: int = 4, max_window: float = 30.0,
              extend_stride: float = 18.0, progress: bool = True,
-             on_batch: Optional[Callable[[list[Result]], None]] = None, decoding: str = "auto") -> list[Result]:
+             on_batch: Optional[Callable[[list[Result]], None]] = None, decoding: str = "auto",
+             on_step: Optional[Callable[[int, int, int, int], None]] = None) -> list[Result]:
     """Generate every request; returns Results in the order of ``requests``.
 
     Requests with the same duration, sampling settings, audio prompt and padded text length (``text_length``)
     are batched together (``batch_size`` at a time); on a CPU the result of a request does not depend on the
     others in its batch nor on its size (on a GPU the kernels may depend on the batch's size). ``on_batch`` is
     called with the Results of each finished batch (e.g. to write files as they are ready). ``decoding``: see
-    ``resolve_decoding`` (the result is the same; only the speed differs).
+    ``resolve_decoding`` (the result is the same; only the speed differs). ``on_step`` (default None: nothing is
+    called) is called after every decoding step as ``on_step(window, n_windows, step, n_steps)`` (window counted
+    from 0, step from 1, both of the batch being decoded); an exception it raises ends the decoding loop at once and
+    propagates (the web UI's Stop button), after ``on_batch`` was called for every batch finished before it.
     """
     import torch
     from tqdm.auto import tqdm
@@ -601,7 +610,8 @@ def generate(model, processor, info, requests: Sequence[Request], *, batch_size:
             with torch.inference_mode():
                 codes, windows, wprompts, wheads = _generate_batch(model, processor, info, reqs, plans[bi], progress,
                                                                    desc=f"batch {bi + 1}/{len(batches)}",
-                                                                   decoding=decoding, encoded=encoded)
+                                                                   decoding=decoding, encoded=encoded,
+                                                                   on_step=on_step)
                 n_samples = int(round(reqs[0].duration * info.sample_rate))
                 audio = _decode(model, info, codes, n_samples)
             if codes.is_cuda:
