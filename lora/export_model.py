@@ -115,10 +115,11 @@ def training_summary(adapter_dir) -> dict:
     return out
 
 
-def model_card(base: str, ids: list[dict], summaries: list[dict], dtype: str, out_dir: Path) -> str:
+def model_card(base: str, ids: list[dict], summaries: list[dict], dtype: str, out_dir: Path,
+               model_class: str = "MusicgenForConditionalGeneration") -> str:
     lines = ["---", "library_name: transformers", "pipeline_tag: text-to-audio", "tags: [musicgen, lora, merged]",
              "---", "", "# MusicGen fine-tune (LoRA merged into the weights)", "",
-             f"- Base model: `{base}`", f"- Weights: {dtype}; a plain `MusicgenForConditionalGeneration` (no peft)",
+             f"- Base model: `{base}`", f"- Weights: {dtype}; a plain `{model_class}` (no peft)",
              f"- Exported: {datetime.now(timezone.utc).isoformat(timespec='seconds')} by lora/export_model.py", ""]
     for one, s in zip(ids, summaries):
         lines.append(f"## Adapter `{one['path']}` at scale {one['scale']:g}")
@@ -168,7 +169,7 @@ def main(argv=None) -> int:
     n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     check_free_space(out.parent, n_bytes * 1.1 + 50 * 2 ** 20, f"the merged model ({e.dtype})")
     summaries = [training_summary(p) for p in paths]
-    card = model_card(info.name_or_path, ids, summaries, e.dtype, out)
+    card = model_card(info.name_or_path, ids, summaries, e.dtype, out, type(model).__name__)
     with atomic_dir(out) as tmp:
         model.save_pretrained(str(tmp))
         processor.save_pretrained(str(tmp))
@@ -182,7 +183,7 @@ def main(argv=None) -> int:
         cfg.save(tmp / "export_config.yaml")
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     print(f"Wrote {out} ({size / 1e6:.1f} MB, {e.dtype}): a plain transformers MusicGen. Use it with "
-          f"--model_path {out} (and --lora_model_path none), or MusicgenForConditionalGeneration.from_pretrained.")
+          f"--model_path {out} (and --lora_model_path none), or {type(model).__name__}.from_pretrained.")
     return 0
 
 

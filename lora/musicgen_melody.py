@@ -92,20 +92,39 @@ class TextProcessor:
     ``text=`` like a processor). transformers' MusicgenMelodyProcessor cannot be built without torchaudio (its
     feature extractor's spectrogram); the chroma is computed by ``lora.chroma`` instead."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, feature_extractor_config: Optional[dict] = None):
         self.tokenizer = tokenizer
+        self.feature_extractor_config = feature_extractor_config
 
     def __call__(self, text=None, **kw):
         return self.tokenizer(text, **kw)
 
     def save_pretrained(self, directory, **kw):
-        return self.tokenizer.save_pretrained(directory, **kw)
+        """The tokenizer files and the model's preprocessor_config.json (the chroma settings), as the hub folders
+        have them, so a saved folder (e.g. an export) loads like the one it came from."""
+        import json
+        from pathlib import Path
+
+        out = self.tokenizer.save_pretrained(directory, **kw)
+        if self.feature_extractor_config is not None:
+            (Path(directory) / "preprocessor_config.json").write_text(
+                json.dumps(self.feature_extractor_config, indent=2) + "\n", encoding="utf-8")
+        return out
 
 
 def load_processor(path: str, **kw) -> TextProcessor:
-    from transformers import AutoTokenizer
+    """The tokenizer, plus the folder's preprocessor_config.json kept as it is (the extractor itself needs
+    torchaudio; lora.chroma computes the same features)."""
+    import json
 
-    return TextProcessor(AutoTokenizer.from_pretrained(path, **kw))
+    from transformers import AutoTokenizer
+    from transformers.utils import cached_file
+
+    fe_file = cached_file(path, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False,
+                          **{k: v for k, v in kw.items() if k in ("revision", "local_files_only", "cache_dir",
+                                                                  "token")})
+    fe = json.loads(open(fe_file, encoding="utf-8").read()) if fe_file else None
+    return TextProcessor(AutoTokenizer.from_pretrained(path, **kw), fe)
 
 
 def model_info(model, name_or_path: str, identity: str, hub_revision: Optional[str] = None) -> ModelInfo:

@@ -544,3 +544,31 @@ def test_static_decoder_logits_equal_transformers_forward_with_the_prefix(melody
         got.append(static.step(dec_in[:, pos], pos))
     want = ref[:, -S:][:, 2:]  # the logits of positions 2 .. S-1 of the tokens
     torch.testing.assert_close(torch.stack(got, dim=1), want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_melody_fine_tune_exports_to_a_plain_melody_model(melody_run, tmp_path):
+    """export_model.py on a melody adapter: a MusicgenMelodyForConditionalGeneration folder that loads in
+    transformers and, as --model_path, generates with a melody the tokens of the merged fine-tune."""
+    import json
+
+    from transformers import MusicgenMelodyForConditionalGeneration
+
+    from lora import export_model, inference_lora
+
+    root, _, out = melody_run
+    tune = _tune_file(tmp_path / "tune.wav")
+    merged = tmp_path / "merged"
+    assert export_model.main(["--base_model_path", "tiny-melody", "--tiny_model_dir", str(root / "tiny"),
+                              "--lora_model_path", str(out / "best_model"), "--output_dir", str(merged)]) == 0
+    assert isinstance(MusicgenMelodyForConditionalGeneration.from_pretrained(str(merged)),
+                      MusicgenMelodyForConditionalGeneration)
+    assert (merged / "preprocessor_config.json").is_file()
+    common = ["--prompts", "piano", "--melody_audio", str(tune), "--duration", "1", "--do_sample", "false",
+              "--dtype", "float32"]
+    assert inference_lora.main(["--model_path", "tiny-melody", "--tiny_model_dir", str(root / "tiny"),
+                                "--lora_model_path", str(out / "best_model"), *common, "--output_dir",
+                                str(tmp_path / "a")]) == 0
+    assert inference_lora.main(["--model_path", str(merged), "--lora_model_path", "none", *common, "--output_dir",
+                                str(tmp_path / "b")]) == 0
+    sha = [json.loads((tmp_path / d / "manifest.json").read_text())["files"][0]["tokens_sha1"] for d in "ab"]
+    assert sha[0] == sha[1]
