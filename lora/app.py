@@ -7,7 +7,7 @@ read evaluations. ``bash install.sh --ui`` installs what it needs (gradio); then
 Nothing here decodes on its own: Generate runs lora.generation.generate (the engine of inference_lora.py) on ONE
 base model, loaded once and kept; adapters are loaded onto it with peft (``load_adapter``/``set_adapter``) and the
 base side of an A/B runs inside peft's ``disable_adapter()``, so no second base is loaded. The files go under
-output/ui/ with inference_lora.py's own ManifestWriter (the same manifest fields) and a ``reproduce.sh`` holding
+output/ui/ with inference_lora.py's ManifestWriter (lora/manifest.py) (the same manifest fields) and a ``reproduce.sh`` holding
 the inference_lora.py command that regenerates them. Train and Evaluate run train_lora.py / evaluate.py as
 subprocesses with flags, so UI runs and CLI runs are the same thing. GPU work (generation, evaluation) goes through
 one queue, one job at a time; waiting jobs show their place in it.
@@ -41,9 +41,9 @@ from lora.adapter import adapter_identity, check_adapter_files, check_adapter_fi
 from lora.audio import audio_info  # noqa: E402
 from lora.config import REPO_ROOT, Config, field_problem, parse_config  # noqa: E402
 from lora.generation import Request, SamplingSettings  # noqa: E402
-# The UI writes its files exactly as the CLI does: the CLI's own writer, names and audio-prompt step.
-from lora.inference_lora import ManifestWriter, add_audio_prompt, check_outputs  # noqa: E402
 from lora.loading import family_for  # noqa: E402
+# The UI writes its files exactly as the CLI does: the same writer, names, audio-prompt and melody steps.
+from lora.manifest import ManifestWriter, add_audio_prompt, check_outputs  # noqa: E402
 from lora.report import format_table, summary_rows  # noqa: E402
 from lora.utils import UserError, atomic_write_text, human_bytes, human_seconds, log, setup_logging  # noqa: E402
 
