@@ -43,7 +43,8 @@ from lora.config import REPO_ROOT, Config, field_problem, parse_config  # noqa: 
 from lora.generation import Request, SamplingSettings  # noqa: E402
 from lora.loading import family_for  # noqa: E402
 # The UI writes its files exactly as the CLI does: the same writer, names, audio-prompt and melody steps.
-from lora.manifest import ManifestWriter, add_audio_prompt, check_outputs  # noqa: E402
+from lora.manifest import ManifestWriter, add_audio_prompt, add_melodies, check_melody_files, \
+    check_outputs  # noqa: E402
 from lora.report import format_table, summary_rows  # noqa: E402
 from lora.utils import UserError, atomic_write_text, human_bytes, human_seconds, log, setup_logging  # noqa: E402
 
@@ -146,6 +147,7 @@ class GenForm:
     audio_prompt: Optional[str]
     mode: str
     blind: bool = False
+    melody: Optional[str] = None  # melody models: the audio file whose tune every sample follows
 
 
 @dataclass
@@ -181,7 +183,25 @@ def form_problems(f: GenForm) -> list[str]:
                  f"only'.")
     if f.audio_prompt:
         audio_info(f.audio_prompt)  # AudioError (a UserError) naming the file when it cannot be read
+    check_melody_files([f.melody], p, "melody")
     return [x for x in p if x]
+
+
+MELODY_SETTING = "A melody (the melody upload)"
+
+
+def is_melody_base(model_path) -> bool:
+    """Whether the base model named in the form takes a melody, to show the melody upload: read from its config.json
+    where it is a folder, else by its name (tiny-melody, facebook/musicgen-melody). Only the upload's visibility
+    depends on it; a melody given to a text-only base is refused by ``add_melodies`` when it generates."""
+    path = str(model_path or "").strip()
+    config_file = Path(path).expanduser() / "config.json"
+    if config_file.is_file():
+        try:
+            return bool(family_for(json.loads(config_file.read_text(encoding="utf-8")).get("model_type")).MELODY)
+        except (OSError, ValueError, UserError):  # not a model we know: the generation says what is wrong
+            return False
+    return "melody" in path.lower()
 
 
 def adapter_choice(text) -> Optional[str]:
@@ -189,12 +209,13 @@ def adapter_choice(text) -> Optional[str]:
     return None if text in ("", "none", NO_ADAPTER) else text
 
 
-def make_requests(f: GenForm, seed: int) -> list[Request]:
-    """The requests inference_lora.py builds from the same prompts and flags (seeds seed, seed+1, ... per prompt)."""
+def make_requests(f: GenForm, seed: int, melody: Optional[str] = None) -> list[Request]:
+    """The requests inference_lora.py builds from the same prompts and flags (seeds seed, seed+1, ... per prompt;
+    ``melody``: the file every one follows, as --melody_audio)."""
     s = SamplingSettings(guidance_scale=float(f.guidance_scale), temperature=float(f.temperature),
                          top_k=int(f.top_k), top_p=float(f.top_p), do_sample=True)
     prompts = [t.strip() for t in f.prompts.splitlines() if t.strip()]
-    return [Request(prompt=t, seed=seed + j, duration=float(f.duration), sampling=s)
+    return [Request(prompt=t, seed=seed + j, duration=float(f.duration), sampling=s, melody_file=melody or "")
             for t in prompts for j in range(int(f.num_samples))]
 
 
@@ -213,6 +234,8 @@ def cli_command(f: GenForm, g, side: Side, seed: int) -> str:
         args += ["--lora_model_path", "none"]
     if g.audio_prompt:
         args += ["--audio_prompt", g.audio_prompt]
+    if g.melody_audio:
+        args += ["--melody_audio", g.melody_audio]
     return shlex.join(args)
 
 
@@ -228,6 +251,8 @@ def run_generation(engine: Engine, f: GenForm, out_root: Path, report=lambda *a:
     with engine.lock:
         engine.stop.clear()
         engine.ensure_base(f.model_path)
+        if f.melody:  # a text-only base or a silent tune: refused before anything is written
+            add_melodies(engine.info, make_requests(f, seed, f.melody)[:1], MELODY_SETTING)
         dtype = str(engine.dtype).replace("torch.", "")
         job = out_root / "ui" / f"{JOB_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}-s{seed}"
         while job.exists():
@@ -243,8 +268,14 @@ def run_generation(engine: Engine, f: GenForm, out_root: Path, report=lambda *a:
             job.mkdir(parents=True, exist_ok=True)
             audio_prompt = str(job / ("audio_prompt" + Path(f.audio_prompt).suffix.lower()))
             shutil.copyfile(f.audio_prompt, audio_prompt)
+        melody = None
+        if f.melody:  # kept with the job too, under its own name (the output file names carry its stem)
+            melody = str(job / "melody" / Path(f.melody).name)
+            Path(melody).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f.melody, melody)
         g = dataclasses.replace(engine.cfg.generation, lora_scale=float(f.lora_scale), merge=False, dtype=dtype,
-                                audio_prompt=audio_prompt, normalize=engine.cfg.generation.normalize)
+                                audio_prompt=audio_prompt, melody_audio=melody,
+                                normalize=engine.cfg.generation.normalize)
         for side in sides:
             try:
                 _generate_side(engine, f, g, side, seed, ident, report)
@@ -256,9 +287,10 @@ def run_generation(engine: Engine, f: GenForm, out_root: Path, report=lambda *a:
 def _generate_side(engine: Engine, f: GenForm, g, side: Side, seed: int, ident, report) -> None:
     import contextlib
 
-    requests = make_requests(f, seed)
+    requests = make_requests(f, seed, g.melody_audio)
     if g.audio_prompt:
         add_audio_prompt(engine.model, engine.info, g.audio_prompt, requests)
+    add_melodies(engine.info, requests, MELODY_SETTING)
     side.folder.mkdir(parents=True, exist_ok=True)
     names = check_outputs(requests, side.folder, overwrite=False)
     adapter_info = None
@@ -607,9 +639,9 @@ def _player_updates(gr, state: dict, key: Optional[str]):
 
 def _generate_handler(gr, engine: Engine, out_root: Path, ns):
     def on_generate(prompts, model_path, adapter, lora_scale, duration, guidance, temperature, top_k, top_p, seed,
-                    num_samples, audio_prompt, mode, blind, progress=gr.Progress()):
+                    num_samples, audio_prompt, mode, blind, melody, progress=gr.Progress()):
         f = GenForm(prompts or "", model_path or "", adapter or "", lora_scale, duration, guidance, temperature,
-                    top_k, top_p, seed, num_samples, audio_prompt, mode, bool(blind))
+                    top_k, top_p, seed, num_samples, audio_prompt, mode, bool(blind), melody or None)
         last = [0.0]
 
         def report(label, w, nw, s, n):
@@ -683,6 +715,8 @@ def _generate_tab(gr, cfg: Config, engine: Engine, out_root: Path, ns) -> None:
                 seed = gr.Textbox(value="random", label="Seed (number or 'random')", elem_id="seed")
             audio_prompt = gr.File(label="Audio prompt to continue (optional; WAV/FLAC/MP3/OGG)", type="filepath",
                                    elem_id="audio_prompt")
+            melody = gr.File(label="Melody to follow (melody models; WAV/FLAC/MP3/OGG)", type="filepath",
+                             elem_id="melody_audio", visible=is_melody_base(cfg.model.model_path))
             with gr.Row():
                 go = gr.Button("Generate", variant="primary", elem_id="generate_btn")
                 stop = gr.Button("Stop", variant="stop", elem_id="stop_btn")
@@ -696,7 +730,7 @@ def _generate_tab(gr, cfg: Config, engine: Engine, out_root: Path, ns) -> None:
             files = gr.File(label="Downloads", file_count="multiple", interactive=False, elem_id="downloads")
             state = gr.State({})
     inputs = [prompts, model_path, adapter, lora_scale, duration, guidance, temperature, top_k, top_p, seed,
-              num_samples, audio_prompt, mode, blind]
+              num_samples, audio_prompt, mode, blind, melody]
     go.click(_generate_handler(gr, engine, out_root, ns), inputs,
              [status, player_a, player_b, sample, reveal, files, state], concurrency_id="gpu", concurrency_limit=1,
              show_progress_on=[status])
@@ -704,6 +738,9 @@ def _generate_tab(gr, cfg: Config, engine: Engine, out_root: Path, ns) -> None:
     # after it and overwrite it)
     stop.click(engine.stop.set, None, None, queue=False)
     refresh.click(lambda: gr.update(choices=[NO_ADAPTER] + list_adapters(out_root)), None, [adapter], queue=False)
+    # the melody upload: shown for a melody base, and while it holds a file (so that it can be cleared)
+    model_path.change(lambda path, mel: gr.update(visible=is_melody_base(path) or bool(mel)), [model_path, melody],
+                      [melody], queue=False)
     sample.change(lambda st, key: _player_updates(gr, st, key), [state, sample], [player_a, player_b], queue=False)
 
     def on_reveal(st, key):

@@ -315,6 +315,53 @@ def test_bad_inputs_show_a_message_and_the_server_keeps_serving(page, out_root, 
     assert sorted(p.name for p in (out_root / "run1").rglob("*")) == before
 
 
+@pytest.fixture(scope="module")
+def tiny_melody_dir(tmp_path_factory):
+    from lora.tiny_model import ensure_tiny_model
+
+    return ensure_tiny_model(tmp_path_factory.mktemp("tiny_melody") / "mono", melody=True)
+
+
+def _set_file(pg, elem_id: str, path) -> None:
+    clear = pg.locator(f"#{elem_id} button[aria-label='Clear']")
+    if clear.count():
+        clear.first.click()
+    pg.locator(f"#{elem_id} input[type=file]").set_input_files(str(path))
+
+
+def test_melody_upload_on_a_melody_base_is_recorded_and_the_cli_reproduces_it(page, out_root, tiny_melody_dir,
+                                                                              tiny_model_dir, tmp_path):
+    assert not page.locator("#melody_audio").is_visible()  # a text-only base: no melody upload
+    _fill(page, "model_path", tiny_melody_dir)
+    page.locator("#melody_audio").wait_for(state="visible")
+    sr = 32000
+    t = np.arange(sr) / sr
+    tune = tmp_path / "tune.wav"
+    sf.write(tune, np.concatenate([np.sin(2 * np.pi * f * t) for f in (440.0, 261.63)]) * 0.5, sr)
+    (tmp_path / "not_audio.wav").write_text("not audio")
+    sf.write(tmp_path / "quiet.wav", np.zeros(sr, dtype=np.float32), sr)
+    for name, message in (("not_audio.wav", "melody: "), ("quiet.wav", "silent")):
+        _set_file(page, "melody_audio", tmp_path / name)
+        text = _generate(page, "piano", 4, 1.0, mode="base only", expect="Error:")
+        assert name in text and message in text and "Traceback" not in text, text
+    _set_file(page, "melody_audio", tune)
+    _generate(page, "piano", 4, 1.0, mode="base only")
+    job = _newest_job(out_root)
+    entry = json.loads((job / "base" / "manifest.json").read_text())["files"][0]
+    assert entry["melody"]["file"] == str((job / "melody" / "tune.wav").resolve())
+    assert entry["melody"]["sha1"] == hashlib.sha1(tune.read_bytes()).hexdigest()
+    command = (job / "base" / "reproduce.sh").read_text().splitlines()[1]
+    assert "--melody_audio" in command
+    _run_cli(command)
+    cli = json.loads((job / "base" / "cli" / "manifest.json").read_text())["files"][0]
+    assert cli["melody"] == entry["melody"] and cli["tokens_sha1"] == entry["tokens_sha1"]
+    # the same melody with a text-only base: a message, and nothing generated
+    _fill(page, "model_path", tiny_model_dir)
+    text = _generate(page, "piano", 5, 1.0, mode="base only", expect="Error:")
+    assert "text-only MusicGen" in text and "Traceback" not in text
+    assert _newest_job(out_root) == job
+
+
 def test_finished_run_shows_its_loss_curve_and_best_heldout_loss(page, out_root):
     page.get_by_role("tab", name="Train").click()
     _pick(page, "run_pick", str(out_root / "run1"))
