@@ -127,6 +127,19 @@ def _pick(pg, elem_id: str, value: str) -> None:
     pg.keyboard.press("Escape")
 
 
+def _pick_adapters(pg, paths) -> None:
+    """The adapter multiselect: clear it, then type each folder."""
+    clear = pg.locator("#adapter .remove-all")
+    if clear.count():
+        clear.first.click()
+    box = pg.locator("#adapter input").first
+    for path in paths:
+        box.click()
+        box.fill(path)
+        box.press("Enter")
+    pg.keyboard.press("Escape")
+
+
 def _status(pg, elem_id="gen_status") -> str:
     return pg.locator(f"#{elem_id}").inner_text()
 
@@ -141,13 +154,16 @@ def _wait_text(pg, elem_id: str, pattern: str, timeout_s: float = 60) -> str:
     raise AssertionError(f"#{elem_id} never matched {pattern!r}; it says: {_status(pg, elem_id)!r}")
 
 
-def _generate(pg, prompt: str, seed, duration, samples=1, adapter=None, mode=None, blind=False, expect="file\\(s\\)"):
+def _generate(pg, prompt: str, seed, duration, samples=1, adapter=None, mode=None, blind=False, expect="file\\(s\\)",
+              scales=None):
     _fill(pg, "prompts", prompt)
     _fill(pg, "seed", seed)
     _fill(pg, "duration", duration)
     _fill(pg, "num_samples", samples)
     if adapter is not None:
-        _pick(pg, "adapter", adapter)
+        _pick_adapters(pg, [adapter] if isinstance(adapter, str) else adapter)
+    if scales is not None:
+        _fill(pg, "lora_scale", scales)
     if mode is not None:
         pg.locator("#mode").get_by_label(mode, exact=True).check()
     blind_box = pg.locator("#blind input[type=checkbox]")
@@ -313,6 +329,36 @@ def test_bad_inputs_show_a_message_and_the_server_keeps_serving(page, out_root, 
     text = _click_and_wait(page, "start_train", "train_msg", "Error:")
     assert "already holds another training run" in text
     assert sorted(p.name for p in (out_root / "run1").rglob("*")) == before
+
+
+def _tuned(out_root: Path) -> dict:
+    return json.loads((_newest_job(out_root) / "fine-tune" / "manifest.json").read_text())["files"][0]
+
+
+def test_two_adapter_mix_at_1_0_is_adapter_a_alone_and_bad_mixes_are_messages(page, out_root):
+    a, b = (str((out_root / "run1" / n).resolve()) for n in ("best_model", "final_model"))
+    _generate(page, "mix", 11, 1.0, adapter=[a], mode="fine-tune only", scales="1")
+    alone = _tuned(out_root)
+    _generate(page, "mix", 11, 1.0, adapter=[a, b], scales="1, 0")
+    job, mix = _newest_job(out_root), _tuned(out_root)
+    assert mix["adapter"]["paths"] == [a, b] and mix["adapter"]["scales"] == [1.0, 0.0]
+    assert [x["weights_sha256"] for x in mix["adapter"]["adapters"]] == [
+        hashlib.sha256((Path(p) / "adapter_model.safetensors").read_bytes()).hexdigest() for p in (a, b)]
+    assert mix["tokens_sha1"] == alone["tokens_sha1"]  # B at strength 0 adds nothing
+    command = (job / "fine-tune" / "reproduce.sh").read_text().splitlines()[1]
+    assert shlex.join(["--lora_model_path", a, b, "--lora_scale", "1", "0"]) in command
+    _run_cli(command)
+    assert json.loads((job / "fine-tune" / "cli" / "manifest.json").read_text())["files"][0]["tokens_sha1"] \
+        == mix["tokens_sha1"]
+    _generate(page, "mix", 11, 1.0, adapter=[a, b], scales="1, 0.5")
+    assert _tuned(out_root)["tokens_sha1"] != alone["tokens_sha1"]  # ... and B at 0.5 is in the mix
+    last = _newest_job(out_root)
+    for kw, message in ((dict(adapter=[a, b], scales="1, 0, 0.5"), "lora_scale has 3 value(s)"),
+                        (dict(adapter=[a, str(out_root / "other_base" / "best_model")], scales="1, 1"),
+                         "cannot be mixed")):
+        text = _generate(page, "mix", 11, 1.0, expect="Error:", **kw)
+        assert message in text and "Traceback" not in text, text
+    assert _newest_job(out_root) == last
 
 
 @pytest.fixture(scope="module")
