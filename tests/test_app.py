@@ -188,6 +188,17 @@ def _click_and_wait(pg, button: str, elem_id: str, pattern: str, timeout_s: floa
     raise AssertionError(f"#{elem_id} never showed {pattern!r}; it says: {_status(pg, elem_id)!r}")
 
 
+def _labels(pg) -> list[str]:
+    """The players' labels, once no progress timer shows in them (the sample dropdown's change event, fired by the
+    generation's result, updates the players again a moment later)."""
+    t0 = time.time()
+    while True:
+        labels = pg.locator("#player_a, #player_b").all_inner_texts()
+        if not any(re.match(r"\s*[\d.]+s\b", t) for t in labels) or time.time() - t0 > 10:
+            return labels
+        time.sleep(0.2)
+
+
 def _durations(pg, players=("player_a", "player_b")) -> list[float]:
     """The duration the browser's own audio element reports for each player (gradio's waveform player keeps it in a
     shadow root; playwright's locators pierce it)."""
@@ -232,7 +243,7 @@ def test_ab_same_seed_players_manifest_and_cli_reproduces(page, server, out_root
     assert "seed 7" in text
     assert _durations(page) == pytest.approx([1.5, 1.5], abs=0.02)
     assert [_served_seconds(page, p) for p in ("player_a", "player_b")] == [1.5, 1.5]
-    labels = page.locator("#player_a, #player_b").all_inner_texts()
+    labels = _labels(page)
     assert "Base model" in labels[0] and "Fine-tune" in labels[1]
     job = _newest_job(out_root)
     base = json.loads((job / "base" / "manifest.json").read_text())["files"]
@@ -256,13 +267,13 @@ def test_ab_same_seed_players_manifest_and_cli_reproduces(page, server, out_root
 
 def test_blind_ab_hides_then_reveals(page, out_root):
     _generate(page, "dark techno", 3, 1.0, adapter=str(out_root / "run1" / "final_model"), blind=True)
-    labels = page.locator("#player_a, #player_b").all_inner_texts()
+    labels = _labels(page)
     assert labels[0].strip().startswith("A") and labels[1].strip().startswith("B")
     assert not any("Base" in t or "Fine-tune" in t for t in labels)
     page.locator("#reveal_btn").click()
     text = _wait_text(page, "gen_status", "A = ")
     assert "Base model" in text and "Fine-tune" in text
-    labels = page.locator("#player_a, #player_b").all_inner_texts()
+    labels = _labels(page)
     assert sorted(("Base" in t) for t in labels) == [False, True]
 
 
