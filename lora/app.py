@@ -6,9 +6,10 @@ read evaluations. ``bash install.sh --ui`` installs what it needs (gradio); then
 
 Nothing here decodes on its own: Generate runs lora.generation.generate (the engine of inference_lora.py) on ONE
 base model, loaded once and kept; adapters are loaded onto it with peft (``load_adapter``/``set_adapter``) and the
-base side of an A/B runs inside peft's ``disable_adapter()``, so no second base is loaded. The files go under
-output/ui/ with inference_lora.py's own ManifestWriter (the same manifest fields) and a ``reproduce.sh`` holding
-the inference_lora.py command that regenerates them. Train and Evaluate run train_lora.py / evaluate.py as
+base side of an A/B runs inside peft's ``disable_adapter()``, so no second base is loaded; several adapters are a
+mix, all active at once, each at its own strength (as inference_lora.py's ``load_adapters``). The files go under
+output/ui/ with the CLI's ManifestWriter (lora/manifest.py: the same manifest fields) and a ``reproduce.sh``
+holding the inference_lora.py command that regenerates them. Train and Evaluate run train_lora.py / evaluate.py as
 subprocesses with flags, so UI runs and CLI runs are the same thing. GPU work (generation, evaluation) goes through
 one queue, one job at a time; waiting jobs show their place in it.
 """
@@ -36,14 +37,15 @@ if __package__ in (None, ""):
     __package__ = "lora"
 
 from lora import generation, training  # noqa: E402
-from lora.adapter import adapter_identity, check_adapter_files, check_adapter_fits, load_lora, \
-    set_lora_scale  # noqa: E402
+from lora.adapter import adapter_identity, check_adapter_files, check_adapter_fits, check_mix_bases, load_lora, \
+    set_adapter_scales, set_lora_scale  # noqa: E402
 from lora.audio import audio_info  # noqa: E402
-from lora.config import REPO_ROOT, Config, field_problem, parse_config  # noqa: E402
+from lora.config import REPO_ROOT, Config, adapter_scales, field_problem, parse_config  # noqa: E402
 from lora.generation import Request, SamplingSettings  # noqa: E402
-# The UI writes its files exactly as the CLI does: the CLI's own writer, names and audio-prompt step.
-from lora.inference_lora import ManifestWriter, add_audio_prompt, check_outputs  # noqa: E402
 from lora.loading import family_for  # noqa: E402
+# The UI writes its files exactly as the CLI does: the same writer, names, audio-prompt and melody steps.
+from lora.manifest import ManifestWriter, add_audio_prompt, add_melodies, check_melody_files, \
+    check_outputs  # noqa: E402
 from lora.report import format_table, summary_rows  # noqa: E402
 from lora.utils import UserError, atomic_write_text, human_bytes, human_seconds, log, setup_logging  # noqa: E402
 
@@ -93,8 +95,17 @@ class Engine:
     def dtype(self):
         return family_for(self.info).decoder_param(self.model).dtype
 
-    def use_adapter(self, path: str) -> dict:
-        """Make the adapter at ``path`` the active one (loading it onto the base the first time); its identity."""
+    def use_adapters(self, paths: list[str]) -> list[dict]:
+        """Load each adapter onto the base the first time it is used; each one's identity with its peft
+        ``adapter_name``. One adapter is made the active one here; a mix is made active with its scales when it
+        generates (``set_adapter_scales``, as inference_lora.py's ``load_adapters``)."""
+        ids = [self._load_adapter(p) for p in paths]
+        set_lora_scale(self.model, 1.0)  # (switches back on what a scale of 0 switched off)
+        if len(ids) == 1:
+            self.model.set_adapter(ids[0]["adapter_name"])
+        return ids
+
+    def _load_adapter(self, path: str) -> dict:
         folder = Path(path).expanduser().resolve()
         adapter_cfg = check_adapter_files(folder)
         ident = adapter_identity(folder)
@@ -115,9 +126,7 @@ class Engine:
             self.model.to(device)
             self.model.eval()
             self.adapters[key] = name
-        set_lora_scale(self.model, 1.0)  # (switches back on what a scale of 0 switched off)
-        self.model.set_adapter(self.adapters[key])
-        return ident
+        return dict(ident, adapter_name=self.adapters[key])
 
     def on_step(self, report):
         """The decoding loop's hook: stop when asked, else report progress."""
@@ -134,8 +143,8 @@ class GenForm:
 
     prompts: str
     model_path: str
-    adapter: str
-    lora_scale: float
+    adapter: object              # the adapter folders: a list (the multiselect), or one folder as text
+    lora_scale: object           # the strengths, one per adapter: "1" or "0.7, 0.4" (or a number)
     duration: float
     guidance_scale: float
     temperature: float
@@ -146,13 +155,15 @@ class GenForm:
     audio_prompt: Optional[str]
     mode: str
     blind: bool = False
+    melody: Optional[str] = None  # melody models: the audio file whose tune every sample follows
 
 
 @dataclass
 class Side:
     label: str                   # "base" / "fine-tune"
     folder: Path
-    adapter: Optional[str]       # adapter folder, None for the base
+    adapters: list               # adapter folders (resolved), [] for the base
+    scales: list = field(default_factory=list)
     entries: list = field(default_factory=list)
     command: str = ""
 
@@ -173,28 +184,74 @@ def form_problems(f: GenForm) -> list[str]:
     if not [t for t in f.prompts.splitlines() if t.strip()]:
         p.append("Write a prompt: a description of the music (one prompt per line).")
     for key, value in (("duration", f.duration), ("guidance_scale", f.guidance_scale), ("top_k", f.top_k),
-                       ("top_p", f.top_p), ("num_samples", f.num_samples), ("lora_scale", f.lora_scale)):
+                       ("top_p", f.top_p), ("num_samples", f.num_samples)):
         p.append(field_problem("generation", key, value, key))
     p.append(generation.temperature_problem(float(f.temperature), True, "temperature"))
-    if f.mode != MODES[2] and not adapter_choice(f.adapter):
+    adapters = adapter_list(f.adapter)
+    if f.mode != MODES[2] and not adapters:
         p.append(f"Mode '{f.mode}' needs an adapter: pick one in the list (or type its folder), or choose 'base "
                  f"only'.")
+    if f.mode != MODES[2]:
+        try:
+            p += [field_problem("generation", "lora_scale", v, "lora_scale") for v in strengths(f, len(adapters))]
+        except UserError as e:
+            p.append(str(e))
+        if len(adapters) > 1:
+            p += check_mix_bases(adapters)  # the same base for all, before anything loads
     if f.audio_prompt:
         audio_info(f.audio_prompt)  # AudioError (a UserError) naming the file when it cannot be read
+    check_melody_files([f.melody], p, "melody")
     return [x for x in p if x]
 
 
-def adapter_choice(text) -> Optional[str]:
-    text = (text or "").strip()
-    return None if text in ("", "none", NO_ADAPTER) else text
+MELODY_SETTING = "A melody (the melody upload)"
 
 
-def make_requests(f: GenForm, seed: int) -> list[Request]:
-    """The requests inference_lora.py builds from the same prompts and flags (seeds seed, seed+1, ... per prompt)."""
+def is_melody_base(model_path) -> bool:
+    """Whether the base model named in the form takes a melody, to show the melody upload: read from its config.json
+    where it is a folder, else by its name (tiny-melody, facebook/musicgen-melody). Only the upload's visibility
+    depends on it; a melody given to a text-only base is refused by ``add_melodies`` when it generates."""
+    path = str(model_path or "").strip()
+    config_file = Path(path).expanduser() / "config.json"
+    if config_file.is_file():
+        try:
+            return bool(family_for(json.loads(config_file.read_text(encoding="utf-8")).get("model_type")).MELODY)
+        except (OSError, ValueError, UserError):  # not a model we know: the generation says what is wrong
+            return False
+    return "melody" in path.lower()
+
+
+def adapter_list(value) -> list[str]:
+    """The adapter folders picked (none, one or several to mix)."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    picked = [str(x or "").strip() for x in items]
+    return [x for x in picked if x not in ("", "none", NO_ADAPTER)]
+
+
+def strengths(f: GenForm, n: int) -> list[float]:
+    """One strength per adapter from the strengths box, by --lora_scale's rule (one number per adapter; a single 1
+    serves every adapter); UserError naming the box otherwise."""
+    text = str(f.lora_scale if f.lora_scale is not None else "").strip()
+    try:
+        values = [float(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise UserError(f"Adapter strengths (lora_scale): {text!r} is not a list of numbers; give one per adapter, "
+                        f"separated by commas (e.g. 0.7, 0.4).") from None
+    if not values:
+        raise UserError("Adapter strengths (lora_scale): give one strength per adapter (e.g. 1).")
+    try:
+        return adapter_scales(argparse.Namespace(lora_scale=values), n)
+    except UserError as e:
+        raise UserError(f"Adapter strengths (lora_scale): {e}") from None
+
+
+def make_requests(f: GenForm, seed: int, melody: Optional[str] = None) -> list[Request]:
+    """The requests inference_lora.py builds from the same prompts and flags (seeds seed, seed+1, ... per prompt;
+    ``melody``: the file every one follows, as --melody_audio)."""
     s = SamplingSettings(guidance_scale=float(f.guidance_scale), temperature=float(f.temperature),
                          top_k=int(f.top_k), top_p=float(f.top_p), do_sample=True)
     prompts = [t.strip() for t in f.prompts.splitlines() if t.strip()]
-    return [Request(prompt=t, seed=seed + j, duration=float(f.duration), sampling=s)
+    return [Request(prompt=t, seed=seed + j, duration=float(f.duration), sampling=s, melody_file=melody or "")
             for t in prompts for j in range(int(f.num_samples))]
 
 
@@ -207,12 +264,15 @@ def cli_command(f: GenForm, g, side: Side, seed: int) -> str:
             "--top_k", str(int(f.top_k)), "--top_p", f"{float(f.top_p):g}", "--batch_size", str(g.batch_size),
             "--max_window", f"{g.max_window:g}", "--extend_stride", f"{g.extend_stride:g}", "--dtype", g.dtype,
             "--decoding", g.decoding, "--output_dir", str(side.folder / "cli")]
-    if side.adapter:
-        args += ["--lora_model_path", side.adapter, "--lora_scale", f"{float(f.lora_scale):g}", "--merge", "false"]
+    if side.adapters:
+        args += ["--lora_model_path", *side.adapters, "--lora_scale", *[f"{s:g}" for s in side.scales],
+                 "--merge", "false"]
     else:
         args += ["--lora_model_path", "none"]
     if g.audio_prompt:
         args += ["--audio_prompt", g.audio_prompt]
+    if g.melody_audio:
+        args += ["--melody_audio", g.melody_audio]
     return shlex.join(args)
 
 
@@ -224,48 +284,57 @@ def run_generation(engine: Engine, f: GenForm, out_root: Path, report=lambda *a:
     if problems:
         raise UserError("\n".join(problems))
     seed = parse_seed(f.seed)
-    adapter = adapter_choice(f.adapter)
+    adapters = adapter_list(f.adapter) if f.mode != MODES[2] else []
+    scales = strengths(f, len(adapters)) if adapters else []
     with engine.lock:
         engine.stop.clear()
         engine.ensure_base(f.model_path)
+        if f.melody:  # a text-only base or a silent tune: refused before anything is written
+            add_melodies(engine.info, make_requests(f, seed, f.melody)[:1], MELODY_SETTING)
         dtype = str(engine.dtype).replace("torch.", "")
         job = out_root / "ui" / f"{JOB_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}-s{seed}"
         while job.exists():
             job = job.with_name(job.name + "x")
         sides = []
         if f.mode != MODES[1]:
-            sides.append(Side("base", job / "base", None))
+            sides.append(Side("base", job / "base", []))
+        ids = engine.use_adapters(adapters) if adapters else []
         if f.mode != MODES[2]:
-            sides.append(Side("fine-tune", job / "fine-tune", str(Path(adapter).expanduser().resolve())))
-        ident = engine.use_adapter(adapter) if adapter and f.mode != MODES[2] else None
+            sides.append(Side("fine-tune", job / "fine-tune", [one["path"] for one in ids], scales))
         audio_prompt = None
         if f.audio_prompt:  # kept with the job, so its manifest and command point at a file that stays
             job.mkdir(parents=True, exist_ok=True)
             audio_prompt = str(job / ("audio_prompt" + Path(f.audio_prompt).suffix.lower()))
             shutil.copyfile(f.audio_prompt, audio_prompt)
-        g = dataclasses.replace(engine.cfg.generation, lora_scale=float(f.lora_scale), merge=False, dtype=dtype,
-                                audio_prompt=audio_prompt, normalize=engine.cfg.generation.normalize)
+        melody = None
+        if f.melody:  # kept with the job too, under its own name (the output file names carry its stem)
+            melody = str(job / "melody" / Path(f.melody).name)
+            Path(melody).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f.melody, melody)
+        scale = scales if len(scales) > 1 else (scales or [1.0])[0]  # (the manifest's lora_scale, as the CLI's)
+        g = dataclasses.replace(engine.cfg.generation, lora_scale=scale, merge=False, dtype=dtype,
+                                audio_prompt=audio_prompt, melody_audio=melody,
+                                normalize=engine.cfg.generation.normalize)
         for side in sides:
             try:
-                _generate_side(engine, f, g, side, seed, ident, report)
+                _generate_side(engine, f, g, side, seed, ids, report)
             except StopRequested:
                 return sides, seed, True
     return sides, seed, False
 
 
-def _generate_side(engine: Engine, f: GenForm, g, side: Side, seed: int, ident, report) -> None:
+def _generate_side(engine: Engine, f: GenForm, g, side: Side, seed: int, ids: list, report) -> None:
     import contextlib
 
-    requests = make_requests(f, seed)
+    requests = make_requests(f, seed, g.melody_audio)
     if g.audio_prompt:
         add_audio_prompt(engine.model, engine.info, g.audio_prompt, requests)
+    add_melodies(engine.info, requests, MELODY_SETTING)
     side.folder.mkdir(parents=True, exist_ok=True)
     names = check_outputs(requests, side.folder, overwrite=False)
     adapter_info = None
-    if side.adapter:
-        adapter_info = dict(ident, scale=float(f.lora_scale), merged=False)
-        set_lora_scale(engine.model, 1.0)
-        set_lora_scale(engine.model, float(f.lora_scale))
+    if side.adapters:
+        adapter_info = _adapter_info(engine, ids, side.scales)
         ctx = contextlib.nullcontext()
     else:
         ctx = engine.model.disable_adapter() if engine.wrapped else contextlib.nullcontext()
@@ -281,6 +350,18 @@ def _generate_side(engine: Engine, f: GenForm, g, side: Side, seed: int, ident, 
                                 on_batch=writer.write_batch, decoding=g.decoding, on_step=hook)
     finally:
         side.entries = list(writer.written)
+
+
+def _adapter_info(engine: Engine, ids: list, scales: list) -> dict:
+    """Set the adapters' strengths on the model; the manifest's adapter entry, as inference_lora.py writes it (for a
+    mix: each adapter's identity, peft name and scale)."""
+    set_lora_scale(engine.model, 1.0)
+    if len(ids) == 1:
+        set_lora_scale(engine.model, scales[0])
+        return dict({k: v for k, v in ids[0].items() if k != "adapter_name"}, scale=scales[0], merged=False)
+    set_adapter_scales(engine.model, {one["adapter_name"]: s for one, s in zip(ids, scales)})
+    mix = [dict(one, scale=s) for one, s in zip(ids, scales)]
+    return {"adapters": mix, "paths": [one["path"] for one in ids], "scales": scales, "merged": False}
 
 
 def clean_ui_outputs(ui_root: Path, max_age_s: float, max_bytes: float, keep: Optional[Path] = None) -> list[Path]:
@@ -607,9 +688,9 @@ def _player_updates(gr, state: dict, key: Optional[str]):
 
 def _generate_handler(gr, engine: Engine, out_root: Path, ns):
     def on_generate(prompts, model_path, adapter, lora_scale, duration, guidance, temperature, top_k, top_p, seed,
-                    num_samples, audio_prompt, mode, blind, progress=gr.Progress()):
-        f = GenForm(prompts or "", model_path or "", adapter or "", lora_scale, duration, guidance, temperature,
-                    top_k, top_p, seed, num_samples, audio_prompt, mode, bool(blind))
+                    num_samples, audio_prompt, mode, blind, melody, progress=gr.Progress()):
+        f = GenForm(prompts or "", model_path or "", adapter or [], lora_scale, duration, guidance, temperature,
+                    top_k, top_p, seed, num_samples, audio_prompt, mode, bool(blind), melody or None)
         last = [0.0]
 
         def report(label, w, nw, s, n):
@@ -648,15 +729,17 @@ def _generate_handler(gr, engine: Engine, out_root: Path, ns):
 
 
 def _side_name(side: Side, f: GenForm) -> str:
-    if side.adapter is None:
+    if not side.adapters:
         return f"Base model ({f.model_path.strip()})"
-    return f"Fine-tune ({Path(side.adapter).name}, lora_scale {float(f.lora_scale):g})"
+    if len(side.adapters) == 1:
+        return f"Fine-tune ({Path(side.adapters[0]).name}, lora_scale {side.scales[0]:g})"
+    return "Fine-tune (" + " + ".join(f"{Path(a).name} × {s:g}" for a, s in zip(side.adapters, side.scales)) + ")"
 
 
 def _generate_tab(gr, cfg: Config, engine: Engine, out_root: Path, ns) -> None:
     adapters = list_adapters(out_root) if out_root.is_dir() else []
-    default_adapter = adapters[0] if adapters else NO_ADAPTER
     g = cfg.generation
+    scale = " ".join(f"{float(x):g}" for x in (g.lora_scale if isinstance(g.lora_scale, list) else [g.lora_scale]))
     with gr.Row():
         with gr.Column(scale=1):
             prompts = gr.Textbox(label="Prompts (one per line)", lines=3, elem_id="prompts",
@@ -664,14 +747,15 @@ def _generate_tab(gr, cfg: Config, engine: Engine, out_root: Path, ns) -> None:
             model_path = gr.Textbox(label="Base model (hub id, folder or 'tiny')", value=cfg.model.model_path,
                                     elem_id="model_path")
             with gr.Row():
-                adapter = gr.Dropdown(label="Adapter (pick, or type a folder)", choices=[NO_ADAPTER] + adapters,
-                                      value=default_adapter, allow_custom_value=True, elem_id="adapter", scale=4)
+                adapter = gr.Dropdown(label="Adapters (pick or type a folder; several = a mix; none = base model)",
+                                      choices=adapters, value=adapters[:1], multiselect=True, allow_custom_value=True,
+                                      elem_id="adapter", scale=4)
                 refresh = gr.Button("Refresh list", elem_id="refresh_adapters", scale=1)
             mode = gr.Radio(list(MODES), value=MODES[0], label="Mode", elem_id="mode")
             blind = gr.Checkbox(label="Blind A/B: hide which is which until revealed", elem_id="blind")
             with gr.Row():
-                lora_scale = gr.Slider(0, 2, value=g.lora_scale, step=0.05, label="Adapter strength (lora_scale)",
-                                       elem_id="lora_scale")
+                lora_scale = gr.Textbox(value=scale, label="Strength per adapter (lora_scale; e.g. 1 or 0.7, 0.4)",
+                                        elem_id="lora_scale")
                 duration = gr.Number(value=g.duration, label="Duration, s (over 30 s: windowed)", elem_id="duration")
                 num_samples = gr.Number(value=g.num_samples, precision=0, label="Samples per prompt",
                                         elem_id="num_samples")
@@ -683,6 +767,8 @@ def _generate_tab(gr, cfg: Config, engine: Engine, out_root: Path, ns) -> None:
                 seed = gr.Textbox(value="random", label="Seed (number or 'random')", elem_id="seed")
             audio_prompt = gr.File(label="Audio prompt to continue (optional; WAV/FLAC/MP3/OGG)", type="filepath",
                                    elem_id="audio_prompt")
+            melody = gr.File(label="Melody to follow (melody models; WAV/FLAC/MP3/OGG)", type="filepath",
+                             elem_id="melody_audio", visible=is_melody_base(cfg.model.model_path))
             with gr.Row():
                 go = gr.Button("Generate", variant="primary", elem_id="generate_btn")
                 stop = gr.Button("Stop", variant="stop", elem_id="stop_btn")
@@ -696,14 +782,17 @@ def _generate_tab(gr, cfg: Config, engine: Engine, out_root: Path, ns) -> None:
             files = gr.File(label="Downloads", file_count="multiple", interactive=False, elem_id="downloads")
             state = gr.State({})
     inputs = [prompts, model_path, adapter, lora_scale, duration, guidance, temperature, top_k, top_p, seed,
-              num_samples, audio_prompt, mode, blind]
+              num_samples, audio_prompt, mode, blind, melody]
     go.click(_generate_handler(gr, engine, out_root, ns), inputs,
              [status, player_a, player_b, sample, reveal, files, state], concurrency_id="gpu", concurrency_limit=1,
              show_progress_on=[status])
     # (no output: the running job's own result, "Stopped: ...", is what the page shows; a reply here could arrive
     # after it and overwrite it)
     stop.click(engine.stop.set, None, None, queue=False)
-    refresh.click(lambda: gr.update(choices=[NO_ADAPTER] + list_adapters(out_root)), None, [adapter], queue=False)
+    refresh.click(lambda: gr.update(choices=list_adapters(out_root)), None, [adapter], queue=False)
+    # the melody upload: shown for a melody base, and while it holds a file (so that it can be cleared)
+    model_path.change(lambda path, mel: gr.update(visible=is_melody_base(path) or bool(mel)), [model_path, melody],
+                      [melody], queue=False)
     sample.change(lambda st, key: _player_updates(gr, st, key), [state, sample], [player_a, player_b], queue=False)
 
     def on_reveal(st, key):

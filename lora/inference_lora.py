@@ -32,15 +32,11 @@ the batch, and the torch/transformers/peft versions.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
-import re
 import sys
 import time
-import unicodedata
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -50,19 +46,18 @@ if __package__ in (None, ""):
 from lora import config as config_module  # noqa: E402
 from lora import generation  # noqa: E402
 from lora.adapter import check_adapter_files, check_mix_bases, describe_choice  # noqa: E402
-from lora.audio import audio_info, file_hash, load_audio, normalize_peak, peak_db, save_wav  # noqa: E402
+from lora.audio import audio_info  # noqa: E402
 from lora.config import ConfigError, GenerationConfig, adapter_paths, adapter_scales, field_problem, \
     parse_config  # noqa: E402
 from lora.generation import Request, SamplingSettings, temperature_problem  # noqa: E402
-from lora.loading import family_for  # noqa: E402
+from lora.manifest import ManifestWriter, add_audio_prompt, add_melodies, check_melody_files, \
+    check_outputs  # noqa: E402
 from lora.prompts import read_prompts_file  # noqa: E402
-from lora.utils import UserError, atomic_write_json, check_free_space, check_output_dir, human_seconds, log, \
-    on_interrupt, run_main  # noqa: E402
+from lora.utils import UserError, check_free_space, check_output_dir, human_seconds, log, on_interrupt, \
+    run_main  # noqa: E402
 
 DESCRIPTION = "Generate music with MusicGen + a LoRA adapter (WAV files + manifest.json)."
-MANIFEST = "manifest.json"
 PER_PROMPT_RANGED = ("duration", "guidance_scale", "top_k", "top_p", "num_samples")
-SLUG_MAX_BYTES = 80
 
 
 # --------------------------------------------------------------------------------------------
@@ -116,46 +111,6 @@ def build_prompt_specs(g: GenerationConfig, problems: list[str]) -> list[PromptS
 
 
 # --------------------------------------------------------------------------------------------
-# File names
-# --------------------------------------------------------------------------------------------
-def slugify(text: str, max_bytes: int = SLUG_MAX_BYTES) -> str:
-    """A file-name-safe slug: letters/digits of any script kept (lower-cased), everything else -> '-',
-    at most ``max_bytes`` UTF-8 bytes. '' for a text without letters or digits."""
-    s = unicodedata.normalize("NFKC", text).lower()
-    s = re.sub(r"[^\w]+", "-", s, flags=re.UNICODE).replace("_", "-")
-    s = re.sub(r"-{2,}", "-", s).strip("-")
-    while len(s.encode("utf-8")) > max_bytes:
-        s = s[:-1]
-    return s.rstrip("-")
-
-
-def _short_hash(text: str) -> str:
-    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:6]
-
-
-def output_names(requests: list[Request]) -> list[str]:
-    """``<slug>_s<seed>.wav`` per request (``<slug>_melody-<file stem>_s<seed>.wav`` with a melody); different
-    prompts with the same slug get a hash suffix."""
-    slugs = {}
-    for r in requests:
-        if r.prompt not in slugs:
-            base = slugify(r.prompt) if r.prompt else "unconditional"
-            slugs[r.prompt] = base or f"prompt-{_short_hash(r.prompt)}"
-    by_slug: dict[str, set] = {}
-    for prompt, slug in slugs.items():
-        by_slug.setdefault(slug, set()).add(prompt)
-    names = []
-    for r in requests:
-        slug = slugs[r.prompt]
-        if len(by_slug[slug]) > 1:
-            slug = f"{slug}-{_short_hash(r.prompt)}"
-        if r.melody_file:  # the same prompt and seed with another tune is another piece
-            slug = f"{slug}_melody-{slugify(Path(r.melody_file).stem, 40) or _short_hash(r.melody_file)}"
-        names.append(f"{slug}_s{r.seed}.wav")
-    return names
-
-
-# --------------------------------------------------------------------------------------------
 # Adapter choice
 # --------------------------------------------------------------------------------------------
 def _flag_given(argv: list[str], flag: str) -> bool:
@@ -205,175 +160,6 @@ def choose_adapter(g: GenerationConfig, argv: list[str], problems: list[str]) ->
     return paths, not explicit
 
 
-# --------------------------------------------------------------------------------------------
-# Writing
-# --------------------------------------------------------------------------------------------
-def _load_manifest(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        log.warning("%s is not readable JSON; it will be replaced", path)
-        return []
-    files = data.get("files") if isinstance(data, dict) else None
-    return [e for e in files if isinstance(e, dict) and "file" in e] if isinstance(files, list) else []
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def check_outputs(requests: list[Request], out_dir: Path, overwrite: bool) -> list[str]:
-    """The file name of every request; UserError when two would collide or (without --overwrite) one exists."""
-    names = output_names(requests)
-    seen: dict[str, int] = {}
-    for i, name in enumerate(names):
-        if name in seen:
-            raise UserError(f"Two samples would both be written to {name} (same prompt {requests[i].prompt!r} and "
-                            f"seed {requests[i].seed}); give them different seeds (prompts file 'seed').")
-        seen[name] = i
-    existing = [n for n in names if (out_dir / n).exists()]
-    if existing and not overwrite:
-        shown = ", ".join(existing[:5]) + (f" and {len(existing) - 5} more" if len(existing) > 5 else "")
-        raise UserError(f"{len(existing)} output file(s) already exist in {out_dir}: {shown}. Nothing was generated. "
-                        f"Pass --overwrite to replace them, or choose another --output_dir or --seed.")
-    return names
-
-
-def add_audio_prompt(model, info, path: str, requests: list[Request]) -> None:
-    """Encode the audio prompt once and give it to every request (their durations include it)."""
-    wav = load_audio(path, info.sample_rate, channels=info.audio_channels)
-    prompt_seconds = wav.shape[-1] / info.sample_rate
-    prompt_codes, prompt_id = generation.encode_audio_prompt(model, info, wav)
-    log.info("Audio prompt %s: %.2f s (%d frames) is continued; durations include it", path, prompt_seconds,
-             prompt_codes.shape[-1])
-    for r in requests:
-        if r.duration <= prompt_seconds:
-            raise UserError(f"duration {r.duration:g} s does not reach past the audio prompt "
-                            f"({prompt_seconds:.2f} s); the duration includes the prompt, so ask for more.")
-        r.prompt_codes, r.prompt_id = prompt_codes, prompt_id
-
-
-def check_melody_files(specs: list[PromptSpec], problems: list[str]) -> None:
-    """Every melody file exists and is readable audio (before the model loads)."""
-    for path in dict.fromkeys(s.melody for s in specs if s.melody):
-        if not Path(path).is_file():
-            problems.append(f"melody_audio file not found: {path}.")
-            continue
-        try:
-            audio_info(path)
-        except UserError as e:
-            problems.append(f"melody_audio: {e}")
-
-
-def add_melodies(info, specs: list[PromptSpec], requests: list[Request]) -> None:
-    """Each request's melody (the chroma of its melody file, computed once per file); UserError when the model
-    takes no melody or a file is silent."""
-    wanted = {s.melody for s in specs if s.melody}
-    if not wanted:
-        return
-    if not family_for(info).MELODY:
-        raise UserError(f"--melody_audio (or a prompt's 'melody') needs a melody model such as "
-                        f"facebook/musicgen-melody (or --model_path tiny-melody); {info.name_or_path} is a text-only "
-                        f"MusicGen. Nothing was written.")
-    melodies = {}
-    for path in sorted(wanted):
-        wav = load_audio(path, info.sample_rate, channels=1)
-        try:
-            chroma, mid = generation.melody_from_audio(wav, info)
-        except UserError as e:
-            raise UserError(f"melody_audio {path}: {e} Nothing was written.") from None
-        melodies[path] = (chroma, mid, file_hash(path))
-        log.info("Melody %s: %.2f s, %d chroma frames", path, wav.shape[-1] / info.sample_rate, chroma.shape[0])
-    by_spec = [s for s in specs for _ in range(s.num_samples)]
-    for spec, r in zip(by_spec, requests):
-        if spec.melody:
-            r.melody, r.melody_id, r.melody_sha1 = melodies[spec.melody]
-
-
-def library_versions() -> dict:
-    """The versions a sample's numbers depend on (recorded with every file of the manifest)."""
-    import importlib.metadata as md
-    import platform
-
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "transformers", "peft"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
-class ManifestWriter:
-    """Writes each finished batch's WAVs and rewrites manifest.json (atomically) after every batch: entries of
-    earlier runs for other files that still exist are kept."""
-
-    def __init__(self, g: GenerationConfig, out_dir: Path, requests: list[Request], names: list[str], model, info,
-                 adapter_info):
-        self.g, self.out_dir, self.info, self.adapter_info = g, out_dir, info, adapter_info
-        self.path = out_dir / MANIFEST
-        self.name_of = {id(r): n for r, n in zip(requests, names)}
-        self.kept = [e for e in _load_manifest(self.path) if e["file"] not in set(names)
-                     and (out_dir / e["file"]).exists()]
-        self.written: list[dict] = []
-        self.subtype = "PCM_16" if g.output_format == "pcm16" else "FLOAT"
-        self.model_entry = {"name_or_path": info.name_or_path, "identity": info.identity,
-                            "hub_revision": info.hub_revision, "sample_rate": info.sample_rate,
-                            "frame_rate": info.frame_rate, "num_codebooks": info.num_codebooks,
-                            "audio_channels": info.audio_channels}
-        decoder_param = family_for(info).decoder_param(model)
-        self.versions = library_versions()
-        self.common = {"device": decoder_param.device.type, "lora_scale": g.lora_scale if adapter_info else None,
-                       "merge": adapter_info.get("merged") if adapter_info else None,
-                       "dtype": str(decoder_param.dtype).replace("torch.", ""),
-                       "max_window": g.max_window, "extend_stride": g.extend_stride,
-                       "audio_prompt": str(Path(g.audio_prompt).resolve()) if g.audio_prompt else None,
-                       "normalize": g.normalize, "output_format": g.output_format, "batch_size": g.batch_size}
-
-    def write_batch(self, results) -> None:
-        batch_files = [self.name_of[id(res.request)] for res in results]
-        for res in results:
-            self.written.append(self._write(res, self.name_of[id(res.request)], batch_files))
-        atomic_write_json(self.path, {
-            "about": "Files generated by lora/inference_lora.py. real_time_factor = generation seconds per second "
-                     "of audio (below 1 is faster than real time). Regenerate a file with its prompt, seed and "
-                     "settings (dtype, decoding, model, adapter) on the same device type and versions: on a CPU it "
-                     "comes out token for token the same (tokens_sha1) alone or batched with other prompts; on a "
-                     "GPU, generate it in the same batch (batch_files, in that order) for the same guarantee. "
-                     "text_length is the padded length of the text states, which depends on the prompt alone.",
-            "updated": _now(), "files": self.kept + self.written})
-
-    def _write(self, res, name: str, batch_files: list) -> dict:
-        r, audio, sr = res.request, res.audio, self.info.sample_rate
-        peak = float(abs(audio).max()) if audio.size else 0.0
-        if self.g.normalize:
-            if peak > 0:
-                audio = normalize_peak(audio, -1.0)
-            else:
-                log.warning("%s is silent (all zeros); written as is", name)
-        elif peak > 1.0 and self.subtype == "PCM_16":
-            log.warning("%s peaks at %+.1f dBFS and will clip in 16-bit PCM; use --normalize true or "
-                        "--output_format float", name, peak_db(res.audio))
-        save_wav(self.out_dir / name, audio, sr, subtype=self.subtype)
-        seconds = audio.shape[-1] / sr
-        return {
-            "file": name, "prompt": r.prompt, "unconditional": not r.prompt, "seed": r.seed,
-            "settings": {**generation.settings_dict(r), **self.common, "decoding": res.decoding},
-            "model": self.model_entry, "adapter": self.adapter_info,
-            "duration_s": round(seconds, 6), "channels": int(audio.shape[0]), "sample_rate": sr,
-            "frames": int(res.codes.shape[-1]), "windows": len(res.windows),
-            "tokens_sha1": hashlib.sha1(res.codes.numpy().astype("<i8").tobytes()).hexdigest(),
-            "peak_dbfs_before_normalize": round(peak_db(res.audio), 2) if peak > 0 else None,
-            "generation_time_s": round(res.generation_time, 4),
-            "real_time_factor": round(res.generation_time / seconds, 4),
-            "melody": ({"file": str(Path(r.melody_file).resolve()), "sha1": r.melody_sha1,
-                        "chroma_id": r.melody_id} if r.melody_file else None),
-            "batch_size": res.batch_size, "batch_files": batch_files, "text_length": res.text_length,
-            "versions": self.versions, "created": _now()}
-
-
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     plan: dict = {}
@@ -388,7 +174,7 @@ def main(argv=None) -> int:
         if not g.extend_stride < g.max_window:
             problems.append(f"extend_stride ({g.extend_stride} s) must be > 0 and smaller than max_window "
                             f"({g.max_window} s); audiocraft uses 18 of 30.")
-        check_melody_files(plan["specs"], problems)
+        check_melody_files([s.melody for s in plan["specs"]], problems)
         if g.audio_prompt and not Path(g.audio_prompt).is_file():
             problems.append(f"audio_prompt file not found: {g.audio_prompt}.")
         elif g.audio_prompt:
@@ -422,7 +208,7 @@ def main(argv=None) -> int:
     model, processor, info, adapter_info = generation.load_generation_model(cfg, adapter_path=adapters or None)
     if g.audio_prompt:
         add_audio_prompt(model, info, g.audio_prompt, requests)
-    add_melodies(info, specs, requests)
+    add_melodies(info, requests)
 
     # ---- generate, writing each batch as it is ready
     bytes_per_sample = 2 if g.output_format == "pcm16" else 4

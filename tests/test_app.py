@@ -127,6 +127,19 @@ def _pick(pg, elem_id: str, value: str) -> None:
     pg.keyboard.press("Escape")
 
 
+def _pick_adapters(pg, paths) -> None:
+    """The adapter multiselect: clear it, then type each folder."""
+    clear = pg.locator("#adapter .remove-all")
+    if clear.count():
+        clear.first.click()
+    box = pg.locator("#adapter input").first
+    for path in paths:
+        box.click()
+        box.fill(path)
+        box.press("Enter")
+    pg.keyboard.press("Escape")
+
+
 def _status(pg, elem_id="gen_status") -> str:
     return pg.locator(f"#{elem_id}").inner_text()
 
@@ -141,13 +154,16 @@ def _wait_text(pg, elem_id: str, pattern: str, timeout_s: float = 60) -> str:
     raise AssertionError(f"#{elem_id} never matched {pattern!r}; it says: {_status(pg, elem_id)!r}")
 
 
-def _generate(pg, prompt: str, seed, duration, samples=1, adapter=None, mode=None, blind=False, expect="file\\(s\\)"):
+def _generate(pg, prompt: str, seed, duration, samples=1, adapter=None, mode=None, blind=False, expect="file\\(s\\)",
+              scales=None):
     _fill(pg, "prompts", prompt)
     _fill(pg, "seed", seed)
     _fill(pg, "duration", duration)
     _fill(pg, "num_samples", samples)
     if adapter is not None:
-        _pick(pg, "adapter", adapter)
+        _pick_adapters(pg, [adapter] if isinstance(adapter, str) else adapter)
+    if scales is not None:
+        _fill(pg, "lora_scale", scales)
     if mode is not None:
         pg.locator("#mode").get_by_label(mode, exact=True).check()
     blind_box = pg.locator("#blind input[type=checkbox]")
@@ -170,6 +186,17 @@ def _click_and_wait(pg, button: str, elem_id: str, pattern: str, timeout_s: floa
             return text
         time.sleep(0.2)
     raise AssertionError(f"#{elem_id} never showed {pattern!r}; it says: {_status(pg, elem_id)!r}")
+
+
+def _labels(pg) -> list[str]:
+    """The players' labels, once no progress timer shows in them (the sample dropdown's change event, fired by the
+    generation's result, updates the players again a moment later)."""
+    t0 = time.time()
+    while True:
+        labels = pg.locator("#player_a, #player_b").all_inner_texts()
+        if not any(re.match(r"\s*[\d.]+s\b", t) for t in labels) or time.time() - t0 > 10:
+            return labels
+        time.sleep(0.2)
 
 
 def _durations(pg, players=("player_a", "player_b")) -> list[float]:
@@ -216,7 +243,7 @@ def test_ab_same_seed_players_manifest_and_cli_reproduces(page, server, out_root
     assert "seed 7" in text
     assert _durations(page) == pytest.approx([1.5, 1.5], abs=0.02)
     assert [_served_seconds(page, p) for p in ("player_a", "player_b")] == [1.5, 1.5]
-    labels = page.locator("#player_a, #player_b").all_inner_texts()
+    labels = _labels(page)
     assert "Base model" in labels[0] and "Fine-tune" in labels[1]
     job = _newest_job(out_root)
     base = json.loads((job / "base" / "manifest.json").read_text())["files"]
@@ -240,13 +267,13 @@ def test_ab_same_seed_players_manifest_and_cli_reproduces(page, server, out_root
 
 def test_blind_ab_hides_then_reveals(page, out_root):
     _generate(page, "dark techno", 3, 1.0, adapter=str(out_root / "run1" / "final_model"), blind=True)
-    labels = page.locator("#player_a, #player_b").all_inner_texts()
+    labels = _labels(page)
     assert labels[0].strip().startswith("A") and labels[1].strip().startswith("B")
     assert not any("Base" in t or "Fine-tune" in t for t in labels)
     page.locator("#reveal_btn").click()
     text = _wait_text(page, "gen_status", "A = ")
     assert "Base model" in text and "Fine-tune" in text
-    labels = page.locator("#player_a, #player_b").all_inner_texts()
+    labels = _labels(page)
     assert sorted(("Base" in t) for t in labels) == [False, True]
 
 
@@ -313,6 +340,83 @@ def test_bad_inputs_show_a_message_and_the_server_keeps_serving(page, out_root, 
     text = _click_and_wait(page, "start_train", "train_msg", "Error:")
     assert "already holds another training run" in text
     assert sorted(p.name for p in (out_root / "run1").rglob("*")) == before
+
+
+def _tuned(out_root: Path) -> dict:
+    return json.loads((_newest_job(out_root) / "fine-tune" / "manifest.json").read_text())["files"][0]
+
+
+def test_two_adapter_mix_at_1_0_is_adapter_a_alone_and_bad_mixes_are_messages(page, out_root):
+    a, b = (str((out_root / "run1" / n).resolve()) for n in ("best_model", "final_model"))
+    _generate(page, "mix", 11, 1.0, adapter=[a], mode="fine-tune only", scales="1")
+    alone = _tuned(out_root)
+    _generate(page, "mix", 11, 1.0, adapter=[a, b], scales="1, 0")
+    job, mix = _newest_job(out_root), _tuned(out_root)
+    assert mix["adapter"]["paths"] == [a, b] and mix["adapter"]["scales"] == [1.0, 0.0]
+    assert [x["weights_sha256"] for x in mix["adapter"]["adapters"]] == [
+        hashlib.sha256((Path(p) / "adapter_model.safetensors").read_bytes()).hexdigest() for p in (a, b)]
+    assert mix["tokens_sha1"] == alone["tokens_sha1"]  # B at strength 0 adds nothing
+    command = (job / "fine-tune" / "reproduce.sh").read_text().splitlines()[1]
+    assert shlex.join(["--lora_model_path", a, b, "--lora_scale", "1", "0"]) in command
+    _run_cli(command)
+    assert json.loads((job / "fine-tune" / "cli" / "manifest.json").read_text())["files"][0]["tokens_sha1"] \
+        == mix["tokens_sha1"]
+    _generate(page, "mix", 11, 1.0, adapter=[a, b], scales="1, 0.5")
+    assert _tuned(out_root)["tokens_sha1"] != alone["tokens_sha1"]  # ... and B at 0.5 is in the mix
+    last = _newest_job(out_root)
+    for kw, message in ((dict(adapter=[a, b], scales="1, 0, 0.5"), "lora_scale has 3 value(s)"),
+                        (dict(adapter=[a, str(out_root / "other_base" / "best_model")], scales="1, 1"),
+                         "cannot be mixed")):
+        text = _generate(page, "mix", 11, 1.0, expect="Error:", **kw)
+        assert message in text and "Traceback" not in text, text
+    assert _newest_job(out_root) == last
+
+
+@pytest.fixture(scope="module")
+def tiny_melody_dir(tmp_path_factory):
+    from lora.tiny_model import ensure_tiny_model
+
+    return ensure_tiny_model(tmp_path_factory.mktemp("tiny_melody") / "mono", melody=True)
+
+
+def _set_file(pg, elem_id: str, path) -> None:
+    clear = pg.locator(f"#{elem_id} button[aria-label='Clear']")
+    if clear.count():
+        clear.first.click()
+    pg.locator(f"#{elem_id} input[type=file]").set_input_files(str(path))
+
+
+def test_melody_upload_on_a_melody_base_is_recorded_and_the_cli_reproduces_it(page, out_root, tiny_melody_dir,
+                                                                              tiny_model_dir, tmp_path):
+    assert not page.locator("#melody_audio").is_visible()  # a text-only base: no melody upload
+    _fill(page, "model_path", tiny_melody_dir)
+    page.locator("#melody_audio").wait_for(state="visible")
+    sr = 32000
+    t = np.arange(sr) / sr
+    tune = tmp_path / "tune.wav"
+    sf.write(tune, np.concatenate([np.sin(2 * np.pi * f * t) for f in (440.0, 261.63)]) * 0.5, sr)
+    (tmp_path / "not_audio.wav").write_text("not audio")
+    sf.write(tmp_path / "quiet.wav", np.zeros(sr, dtype=np.float32), sr)
+    for name, message in (("not_audio.wav", "melody: "), ("quiet.wav", "silent")):
+        _set_file(page, "melody_audio", tmp_path / name)
+        text = _generate(page, "piano", 4, 1.0, mode="base only", expect="Error:")
+        assert name in text and message in text and "Traceback" not in text, text
+    _set_file(page, "melody_audio", tune)
+    _generate(page, "piano", 4, 1.0, mode="base only")
+    job = _newest_job(out_root)
+    entry = json.loads((job / "base" / "manifest.json").read_text())["files"][0]
+    assert entry["melody"]["file"] == str((job / "melody" / "tune.wav").resolve())
+    assert entry["melody"]["sha1"] == hashlib.sha1(tune.read_bytes()).hexdigest()
+    command = (job / "base" / "reproduce.sh").read_text().splitlines()[1]
+    assert "--melody_audio" in command
+    _run_cli(command)
+    cli = json.loads((job / "base" / "cli" / "manifest.json").read_text())["files"][0]
+    assert cli["melody"] == entry["melody"] and cli["tokens_sha1"] == entry["tokens_sha1"]
+    # the same melody with a text-only base: a message, and nothing generated
+    _fill(page, "model_path", tiny_model_dir)
+    text = _generate(page, "piano", 5, 1.0, mode="base only", expect="Error:")
+    assert "text-only MusicGen" in text and "Traceback" not in text
+    assert _newest_job(out_root) == job
 
 
 def test_finished_run_shows_its_loss_curve_and_best_heldout_loss(page, out_root):

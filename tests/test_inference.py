@@ -379,7 +379,7 @@ def test_many_prompts_samples_prompts_file_and_stereo(tiny_stereo_model_dir, tmp
 
 
 def test_slugs_are_safe_and_short():
-    from lora.inference_lora import output_names, slugify
+    from lora.manifest import output_names, slugify
 
     assert slugify("Hip Hop 808 beat, with TRAP drums!!") == "hip-hop-808-beat-with-trap-drums"
     assert slugify("../../etc/passwd") == "etc-passwd"
