@@ -219,31 +219,41 @@ def _level_tiny_decoder(codec, target_rms: float = 0.1) -> None:
         g.mul_(target_rms / max(rms, 1e-12))
 
 
-def _build_tiny_model(directory: Path, stereo: bool) -> None:
+def _random_tiny(model_class, cfg, family, extra=None):
+    """The tiny model's weights, seeded (the same code builds the same weights): random, the codec's codebooks
+    fitted and its decoder levelled, the output heads' init larger; ``extra(model)`` runs last under the same seed.
+    With MusicGen's generation defaults (guidance 3, top-k 250, sampling)."""
     import torch
-    from transformers import EncodecFeatureExtractor, GenerationConfig, MusicgenForConditionalGeneration, \
-        MusicgenProcessor
+    from transformers import GenerationConfig
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        model = model_class(cfg)
+        model.eval()
+        _fit_tiny_codebooks(family.audio_codec(model))
+        _level_tiny_decoder(family.audio_codec(model))
+        with torch.no_grad():
+            # Output heads with a larger init than transformers' std 0.02: a random LM whose logits span
+            # only +-1 cannot be steered by attention adapters, so a short LoRA run could not show learning.
+            for head in family.lm_heads(model):
+                head.weight.normal_(0.0, TINY_HEAD_STD)
+            if extra is not None:
+                extra(model)
+    pad = cfg.decoder.pad_token_id
+    model.generation_config = GenerationConfig(
+        decoder_start_token_id=pad, pad_token_id=pad, bos_token_id=pad, guidance_scale=3.0, do_sample=True,
+        max_length=1500, top_k=250)
+    return model
+
+
+def _build_tiny_model(directory: Path, stereo: bool) -> None:
+    from transformers import EncodecFeatureExtractor, MusicgenForConditionalGeneration, MusicgenProcessor
 
     log.info("Building the tiny %s test model in %s (once)", "stereo" if stereo else "mono", directory)
     with _quiet_transformers():
         tokenizer = build_tokenizer()
         cfg = _tiny_configs(stereo, text_vocab=len(tokenizer))
-        fork_devices = []
-        with torch.random.fork_rng(devices=fork_devices):
-            torch.manual_seed(TINY_SEED)
-            model = MusicgenForConditionalGeneration(cfg)
-            model.eval()
-            _fit_tiny_codebooks(musicgen.audio_codec(model))
-            _level_tiny_decoder(musicgen.audio_codec(model))
-            with torch.no_grad():
-                # Output heads with a larger init than transformers' std 0.02: a random LM whose logits span
-                # only +-1 cannot be steered by attention adapters, so a short LoRA run could not show learning.
-                for head in musicgen.lm_heads(model):
-                    head.weight.normal_(0.0, TINY_HEAD_STD)
-        pad = cfg.decoder.pad_token_id
-        model.generation_config = GenerationConfig(
-            decoder_start_token_id=pad, pad_token_id=pad, bos_token_id=pad, guidance_scale=3.0, do_sample=True,
-            max_length=1500, top_k=250)
+        model = _random_tiny(MusicgenForConditionalGeneration, cfg, musicgen)
         feature_extractor = EncodecFeatureExtractor(feature_size=1, sampling_rate=32000, padding_value=0.0,
                                                     chunk_length_s=None, overlap=None)
         processor = MusicgenProcessor(feature_extractor=feature_extractor, tokenizer=tokenizer)
@@ -270,9 +280,15 @@ MELODY_FEATURE_EXTRACTOR = {  # facebook/musicgen-melody's preprocessor_config.j
     "stem_indices": [3, 2]}  # to be built, so it is written as the hub folders have it; lora.chroma computes it)
 
 
+def _large_prefix(model) -> None:
+    """With transformers' init the prefix is ~0.02 in size and a random tiny decoder ignores it: greedy tokens would
+    not depend on the melody, and no test could tell whether it reached the model."""
+    for proj in musicgen_melody.decoder_modules(model)[1:]:
+        proj.weight.normal_(0.0, TINY_PREFIX_STD)
+
+
 def _build_tiny_melody_model(directory: Path, stereo: bool) -> None:
-    import torch
-    from transformers import GenerationConfig, MusicgenMelodyForConditionalGeneration
+    from transformers import MusicgenMelodyForConditionalGeneration
 
     log.info("Building the tiny %s melody test model in %s (once)", "stereo" if stereo else "mono", directory)
     with _quiet_transformers():
@@ -280,23 +296,7 @@ def _build_tiny_melody_model(directory: Path, stereo: bool) -> None:
         # T5 width 32 != decoder width 64: the text projection exists, as in the released models (768 -> 1536)
         cfg = musicgen_melody.config_from_musicgen(_tiny_configs(stereo, text_vocab=len(tokenizer)),
                                                    chroma_length=TINY_CHROMA_LENGTH)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(TINY_SEED)
-            model = MusicgenMelodyForConditionalGeneration(cfg)
-            model.eval()
-            _fit_tiny_codebooks(musicgen_melody.audio_codec(model))
-            _level_tiny_decoder(musicgen_melody.audio_codec(model))
-            with torch.no_grad():
-                for head in musicgen_melody.lm_heads(model):
-                    head.weight.normal_(0.0, TINY_HEAD_STD)
-                # With transformers' init the prefix is ~0.02 in size and a random tiny decoder ignores it: greedy
-                # tokens would not depend on the melody, and no test could tell whether it reached the model.
-                for proj in musicgen_melody.decoder_modules(model)[1:]:
-                    proj.weight.normal_(0.0, TINY_PREFIX_STD)
-        pad = cfg.decoder.pad_token_id
-        model.generation_config = GenerationConfig(
-            decoder_start_token_id=pad, pad_token_id=pad, bos_token_id=pad, guidance_scale=3.0, do_sample=True,
-            max_length=1500, top_k=250)
+        model = _random_tiny(MusicgenMelodyForConditionalGeneration, cfg, musicgen_melody, _large_prefix)
         with atomic_dir(directory) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
