@@ -2,7 +2,8 @@
 without a download.
 
     python bench/musicgen_arch.py [--scale small] [--dir /tmp/musicgen_small_arch]   # builds once
-    # small ~590M parameters (2.4 GB), medium ~1.8B (7 GB), large ~3.4B (14 GB), saved in float32 like the hub's
+    # small ~590M parameters (2.4 GB), medium ~1.8B (7 GB), large ~3.4B (14 GB), saved in float32 like the hub's;
+    # --scale melody: facebook/musicgen-melody's architecture (medium's decoder, the melody prefix)
 
 Architecture (from the hub configs of facebook/musicgen-{small,medium,large} and facebook/encodec_32khz):
 - text encoder (all three): T5-base (d_model 768, d_kv 64, 12 layers, 12 heads, d_ff 3072, relu, vocab 32128);
@@ -30,7 +31,8 @@ sys.path.insert(0, str(ROOT))
 DEFAULT_DIR = Path("/tmp/musicgen_small_arch")
 VERSION = 1
 # decoder (hidden_size, num_hidden_layers, num_attention_heads, ffn_dim) of facebook/musicgen-<scale>
-SCALES = {"small": (1024, 24, 16, 4096), "medium": (1536, 48, 24, 6144), "large": (2048, 48, 32, 8192)}
+SCALES = {"small": (1024, 24, 16, 4096), "medium": (1536, 48, 24, 6144), "large": (2048, 48, 32, 8192),
+          "melody": (1536, 48, 24, 6144)}  # facebook/musicgen-melody: medium's decoder, conditioned by a prefix
 
 
 def arch_dir(scale: str) -> Path:
@@ -90,9 +92,16 @@ def ensure_arch(scale: str = "small", directory: str | Path | None = None) -> Pa
         return directory
     print(f"building the musicgen-{scale}-architecture random model in {directory} (once) ...", file=sys.stderr)
     cfg = small_configs(scale)
+    model_class = MusicgenForConditionalGeneration
+    if scale == "melody":  # musicgen-melody: chroma prefix of 235 frames + the projected text, no cross-attention
+        from transformers import MusicgenMelodyForConditionalGeneration
+
+        from lora.musicgen_melody import config_from_musicgen
+
+        cfg, model_class = config_from_musicgen(cfg, chroma_length=235), MusicgenMelodyForConditionalGeneration
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = MusicgenForConditionalGeneration(cfg).eval()
+        model = model_class(cfg).eval()
     pad = cfg.decoder.pad_token_id
     model.generation_config = GenerationConfig(decoder_start_token_id=pad, pad_token_id=pad, bos_token_id=pad,
                                                guidance_scale=3.0, do_sample=True, max_length=1500, top_k=250)
@@ -104,6 +113,10 @@ def ensure_arch(scale: str = "small", directory: str | Path | None = None) -> Pa
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         fe.save_pretrained(tmp)
+        if scale == "melody":  # the melody models' extractor settings (lora.chroma computes the features)
+            from lora.tiny_model import MELODY_FEATURE_EXTRACTOR
+
+            (tmp / "preprocessor_config.json").write_text(json.dumps(MELODY_FEATURE_EXTRACTOR, indent=2))
         (tmp / "musicgen_arch.json").write_text(json.dumps(
             {"version": VERSION, "scale": scale,
              "note": f"random weights, facebook/musicgen-{scale} architecture (bench/musicgen_arch.py)",
