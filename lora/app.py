@@ -46,7 +46,7 @@ from lora.loading import family_for  # noqa: E402
 # The UI writes its files exactly as the CLI does: the same writer, names, audio-prompt and melody steps.
 from lora.manifest import ManifestWriter, add_audio_prompt, add_melodies, check_melody_files, \
     check_outputs  # noqa: E402
-from lora.report import format_table, summary_rows  # noqa: E402
+from lora.report import format_table, loss_figure, summary_rows  # noqa: E402
 from lora.utils import UserError, atomic_write_text, human_bytes, human_seconds, log, setup_logging  # noqa: E402
 
 SCRIPTS_DIR = Path(__file__).resolve().parent
@@ -445,28 +445,6 @@ def run_summary(run: Path, history: list[dict], proc_state: str) -> str:
     if not history:
         lines.append("no metrics yet (logs/metrics.jsonl is written once training starts)")
     return "  \n".join(lines)
-
-
-def loss_figure(history: list[dict]):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.2))
-    tr = [(h["step"], h["loss"]) for h in history if "loss" in h]
-    va = [(h["step"], h["val_loss"]) for h in history if "val_loss" in h]
-    if tr:
-        ax.plot(*zip(*tr), label="train loss", alpha=0.8)
-    if va:
-        ax.plot(*zip(*va), "o-", label="held-out loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy")
-    ax.grid(alpha=0.3)
-    if tr or va:
-        ax.legend()
-    fig.tight_layout()
-    return fig
 
 
 @dataclass

@@ -344,7 +344,11 @@ def melody_prompts(info, valid_recs, prompts: list[str]) -> Optional[dict]:
     sources, chromas = [], []
     for i, p in enumerate(prompts):
         rec = by_caption.get(p.strip(), valid_recs[i % len(valid_recs)])
-        chroma, _ = melody_from_audio(load_audio(rec.path, info.sample_rate, 1), info)
+        try:
+            chroma, _ = melody_from_audio(load_audio(rec.path, info.sample_rate, 1), info)
+        except GenerationError as e:  # (a silent held-out clip has no tune to follow)
+            raise UserError(f"held-out clip {rec.path} is the melody of prompt {p!r}, but: {e} Remove the clip "
+                            f"from the metadata, or pass --prompts / --prompts_file with other captions.") from None
         sources.append(str(rec.path))
         chromas.append(chroma)
     return {"sources": sources, "chroma": chromas}

@@ -186,6 +186,32 @@ def _plt():
     return plt
 
 
+def loss_figure(history: list[dict], base_loss: Optional[float] = None, title: str = ""):
+    """The training curve of a run's metrics.jsonl rows: train loss and held-out loss per optimizer step (and the
+    base model's held-out loss as a line, when given). The one plot behind logs/loss_curve.png, report.html and the
+    web UI's Train tab."""
+    plt = _plt()
+    num = (int, float)
+    tr = [(h["step"], h["loss"]) for h in history if isinstance(h.get("loss"), num) and "step" in h]
+    va = [(h["step"], h["val_loss"]) for h in history if isinstance(h.get("val_loss"), num) and "step" in h]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    if tr:
+        ax.plot(*zip(*tr), label="train loss", alpha=0.8)
+    if va:
+        ax.plot(*zip(*va), "o-", label="held-out loss")
+    if base_loss is not None:
+        ax.axhline(base_loss, color="gray", ls="--", lw=1, label=f"base model (held-out) {base_loss:.3f}")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (mean over codebooks)")
+    ax.grid(alpha=0.3)
+    if tr or va or base_loss is not None:
+        ax.legend(fontsize=8)
+    if title:
+        ax.set_title(_plain(title), fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 def _save(fig, path: Path) -> Path:
     plt = _plt()
     with atomic_path(path) as tmp:
@@ -308,31 +334,16 @@ def training_curve(adapter_dir: Optional[str | Path], out_dir: Path) -> Optional
     target = out_dir / "charts" / "training_loss.png"
     jl = logs / "metrics.jsonl"
     if jl.is_file():
-        tr, va = [], []
+        history = []
         for line in jl.read_text(encoding="utf-8").splitlines():
             try:
                 h = json.loads(line)
             except ValueError:
                 continue
-            if not isinstance(h, dict) or "step" not in h:
-                continue
-            if isinstance(h.get("loss"), (int, float)):
-                tr.append((h["step"], h["loss"]))
-            if isinstance(h.get("val_loss"), (int, float)):
-                va.append((h["step"], h["val_loss"]))
-        if tr or va:
-            plt = _plt()
-            fig, ax = plt.subplots(figsize=(7, 3.5))
-            if tr:
-                ax.plot(*zip(*tr), label="train loss", alpha=0.8)
-            if va:
-                ax.plot(*zip(*va), "o-", label="held-out loss")
-            ax.set_xlabel("optimizer step")
-            ax.set_ylabel("cross-entropy")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-            ax.set_title(_plain(f"training of {Path(adapter_dir).name}"), fontsize=9)
-            fig.tight_layout()
+            if isinstance(h, dict):
+                history.append(h)
+        if any("step" in h and ("loss" in h or "val_loss" in h) for h in history):
+            fig = loss_figure(history, title=f"training of {Path(adapter_dir).name}")
             return _rel(_save(fig, target), out_dir)
     png = logs / "loss_curve.png"
     if png.is_file():

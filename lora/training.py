@@ -32,6 +32,7 @@ from lora.config import Config
 from lora.cpu_speed import MATH_CROSS_ATTENTION_MAX_KEYS, use_cpu_train_attention, use_fast_dropout
 from lora.loading import family_for
 from lora.precision import cast_frozen_weights, resolve_base_weights_dtype
+from lora.report import loss_figure
 from lora.utils import UserError, atomic_dir, atomic_path, atomic_write_json, atomic_write_text, log
 
 STATE_FILE = "trainer_state.json"
@@ -701,25 +702,9 @@ class RunLog:
     def plot(self, base_loss) -> None:
         if not self.enabled:
             return
-        import matplotlib
-
-        matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        tr = [(h["step"], h["loss"]) for h in self.history if "loss" in h]
-        va = [(h["step"], h["val_loss"]) for h in self.history if "val_loss" in h]
-        fig, ax = plt.subplots(figsize=(7, 4))
-        if tr:
-            ax.plot(*zip(*tr), label="train loss", alpha=0.8)
-        if va:
-            ax.plot(*zip(*va), "o-", label="held-out loss")
-        if base_loss is not None:
-            ax.axhline(base_loss, color="gray", ls="--", lw=1, label=f"base model (held-out) {base_loss:.3f}")
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("cross-entropy (mean over codebooks)")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
+        fig = loss_figure(self.history, base_loss)
         with atomic_path(self.dir / "loss_curve.png") as tmp:
             fig.savefig(tmp, format="png", dpi=100)
         plt.close(fig)
