@@ -403,6 +403,12 @@ def main(argv=None) -> int:
     ap.add_argument("--no_flop_check", action="store_true", help="skip the FlopCounterMode cross-check")
     ap.add_argument("--profile", default=None, help="profile one case with torch.profiler instead (prints a table)")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
+    ap.add_argument("--cold_start", action="store_true",
+                    help="instead: time train_lora.py as a whole process from a cold start (--steps steps, default "
+                         "12) and print where the time goes (start-up, load, token cache, LoRA set-up, first step, "
+                         "steady step, ...), read from the run's logs/timing.json")
+    ap.add_argument("--data_dir", default=None, help="--cold_start: the prepared data (default: the synthetic "
+                                                     "example set, made in a temporary folder)")
     ap.add_argument("--_case", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -434,6 +440,8 @@ def main(argv=None) -> int:
     if args.profile:
         case, flags = parse_case(args.profile)
         return profile(dict(base_spec, model=models[0], case=case, **flags))
+    if args.cold_start:
+        return cold_start(args, models if args.quick or args.models != "tiny,small" else ["small"], argv)
 
     m = machine.measure(device, quick=args.quick)
     print(machine.summary_line(m), flush=True)
@@ -465,6 +473,84 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"machine": m, "command": command.strip(), "results": results},
+                                              indent=1))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# The whole process from a cold start (--cold_start)
+# --------------------------------------------------------------------------------------------
+PHASE_NOTES = {
+    "start-up": "interpreter, imports, config, metadata, Accelerator",
+    "load": "load_base_model (weights from safetensors; the identity hash once per file)",
+    "token cache": "EnCodec codes + text-encoder states of every clip (lora.dataset.build_token_cache)",
+    "LoRA set-up": "attach LoRA, cast the frozen decoder weights, move to the device, step options",
+    "other set-up": "data plan, optimizer, scheduler, config.yaml",
+    "base held-out loss": "validation before the first step",
+    "first step": "optimizer step 1 (first-call costs: allocations, kernel choices)",
+    "steady step": "median of the later steps",
+}
+
+
+def cold_start(args, models: list[str], argv) -> int:
+    """train_lora.py in a fresh process per model, timed from outside (wall) and from inside (logs/timing.json)."""
+    import subprocess
+    import tempfile
+
+    from musicgen_arch import model_path
+
+    steps = args.steps or (2 if args.quick else 12)
+    rows = []
+    for name in models:
+        path = model_path(name)
+        with tempfile.TemporaryDirectory(prefix="cold-start-") as tmp:
+            tmp = Path(tmp)
+            data = args.data_dir
+            if data is None:
+                data = str(tmp / "data")
+                subprocess.run([sys.executable, str(ROOT / "lora" / "prepare_data.py"), "--create_example",
+                                "--output_dir", data], check=True, capture_output=True)
+            for f in Path(path).glob("*"):  # a process cold start, not a disk one: the weights in the page cache
+                if f.is_file():
+                    with open(f, "rb") as fh:
+                        while fh.read(1 << 24):
+                            pass
+            cmd = [sys.executable, str(ROOT / "lora" / "train_lora.py"), "--model_path", path, "--data_dir", data,
+                   "--output_dir", str(tmp / "out"), "--batch_size", str(args.batch),
+                   "--gradient_accumulation_steps", "1", "--max_steps", str(steps), "--eval_steps", "100000",
+                   "--save_steps", "100000", "--seed", "1"]
+            t0 = time.time()
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            wall = time.time() - t0
+            if proc.returncode != 0:
+                print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
+                raise SystemExit(f"train_lora.py failed on {name} (exit {proc.returncode})")
+            timing = json.loads((tmp / "out" / "logs" / "timing.json").read_text())
+        rows.append({"model": name, "steps": steps, "wall_s": wall, "timing": timing})
+    import machine
+
+    m = machine.describe()
+    command = "python bench/bench_train.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    print(f"Cold start of train_lora.py, {steps} steps, batch {args.batch} | {m['cpu']}, {m['cores']} cores, torch "
+          f"{m['torch']} | "
+          f"{time.strftime('%Y-%m-%d')} | `{command.strip()}`\n")
+    for r in rows:
+        t = r["timing"]
+        print(f"{r['model']}: whole process {r['wall_s']:.1f} s (measured outside; {t['total']:.1f} s inside)\n")
+        print("| phase | seconds | share | what |\n|---|---:|---:|---|")
+        keys = [k for k in t if k not in ("total", "steady steps", "all steps", "first step", "steady step")]
+        for k in keys + ["first step", "steady step"]:
+            if t.get(k) is None:
+                continue
+            share = 100 * t[k] / t["total"] if k != "steady step" else 100 * t[k] * t["steady steps"] / t["total"]
+            what = PHASE_NOTES.get(k, "")
+            if k == "steady step":
+                what += f" ({t['steady steps']} steps; share = all of them)"
+            print(f"| {k} | {t[k]:.2f} | {share:.0f}% | {what} |")
+        print()
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"machine": m, "command": command.strip(), "cold_start": rows},
                                               indent=1))
     return 0
 

@@ -100,6 +100,15 @@ def describe() -> dict:
                     break
     except OSError:
         pass
+    flags = []
+    try:
+        with open("/proc/cpuinfo") as fh:
+            have = next((line.split(":", 1)[1].split() for line in fh if line.startswith("flags")), [])
+        flags = [f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f in have]
+    except OSError:
+        flags = []
+    if flags:  # the CPU's name alone does not tell (an Intel Xeon with AMX and an AMD EPYC without differ 2.5x)
+        cpu = f"{cpu} [{' '.join(flags)}]"
     d = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
          "torch": torch.__version__, "python": platform.python_version(),
          "date": time.strftime("%Y-%m-%d")}

@@ -29,6 +29,7 @@ from typing import Optional
 
 from lora import chroma
 from lora.audio import audio_info, file_hash, load_audio
+from lora.encodec_fast import ENCODER_PRECISION
 from lora.loading import family_for
 from lora.musicgen import null_text_states
 from lora.utils import UserError, atomic_path, log
@@ -148,9 +149,11 @@ def metadata_document(records: list[ClipRecord], sample_rate: int, channels: int
 # Token cache: EnCodec codes and frozen text-encoder states, computed once and kept on disk.
 #
 # Layout (one safetensors file per clip / caption; loaded with safetensors, never pickle):
-#     data_dir/cache/<model identity>-v<CACHE_VERSION>/codes/<sha1 of clip file>-sr<rate>-ch<channels>.safetensors
+#     data_dir/cache/<model identity>-v<CACHE_VERSION>/codes/<sha1 of clip file>-sr<rate>-ch<channels>-<precision>.safetensors
 #         "codes": int16 (K, T)     clips are batched only with clips of the same length, never zero-padded
-#                                   (EnCodec is not causal), so no clip's codes depend on another clip's audio
+#                                   (EnCodec is not causal), so no clip's codes depend on another clip's audio;
+#                                   <precision> is the encoder's (lora.encodec_fast.ENCODER_PRECISION: "fp32", also
+#                                   in the file's metadata), so codes made in another precision are never mixed in
 #     data_dir/cache/<model identity>-v<CACHE_VERSION>/text/<sha1 of caption>.safetensors
 #         "hidden": float32 (L, D)   T5 last_hidden_state (before the decoder's projection), valid tokens only
 #         "mask":   int8 (L,)
@@ -158,7 +161,8 @@ def metadata_document(records: list[ClipRecord], sample_rate: int, channels: int
 # A rerun reuses every file whose key still matches; a changed clip (new bytes -> new hash) or another model
 # (new identity) is encoded again, and only that. Each file is written atomically (temp file + rename).
 # ============================================================================================
-CACHE_VERSION = 2  # 2: no clip padded to its batch (version-1 codes of shorter clips depended on their batch)
+CACHE_VERSION = 3  # 2: no clip padded to its batch (version-1 codes of shorter clips depended on their batch);
+#                   3: the codes' key names the encoder precision; codes from the chunked CPU encoder (encodec_fast)
 
 
 @dataclass
@@ -187,7 +191,7 @@ def _sha1_text(text: str) -> str:
 
 
 def _codes_path(root: Path, file_sha1: str, info) -> Path:
-    return root / "codes" / f"{file_sha1}-sr{info.sample_rate}-ch{info.audio_channels}.safetensors"
+    return root / "codes" / f"{file_sha1}-sr{info.sample_rate}-ch{info.audio_channels}-{ENCODER_PRECISION}.safetensors"
 
 
 def _text_path(root: Path, text: str) -> Path:
@@ -311,7 +315,8 @@ def _encode_clips(todo: dict[str, ClipRecord], root: Path, model, info, batch_si
                 tensors["chroma"] = clip_chroma(wave, info)
             _save_tensors(_codes_path(root, h, info), tensors,
                           {"source": todo[h].audio, "samples": n, "model": info.name_or_path,
-                           "identity": info.identity, "cache_version": CACHE_VERSION})
+                           "identity": info.identity, "cache_version": CACHE_VERSION,
+                           "precision": ENCODER_PRECISION})
             codes[h] = tensors
         bar.update(len(group))
     bar.close()

@@ -257,9 +257,12 @@ def encode_audio(model, wavs, info: ModelInfo):
     """EnCodec codes of float audio (B, C, N) at ``info.sample_rate`` -> LongTensor (B, K, T), T = ceil(N/hop).
 
     Stereo models: left and right are encoded separately and their codebooks interleaved (L0, R0, L1, R1, ...),
-    exactly like MusicgenForConditionalGeneration does for audio prompts.
+    exactly like MusicgenForConditionalGeneration does for audio prompts. The codes are float32 codes of
+    ``EncodecModel.encode`` (lora.encodec_fast: chunked over time on a CPU, no TF32 on a GPU).
     """
     import torch
+
+    from lora.encodec_fast import encode_codes
 
     codec = get_base(model).audio_encoder
     if wavs.dim() == 2:
@@ -269,10 +272,10 @@ def encode_audio(model, wavs, info: ModelInfo):
     wavs = wavs.to(device=param.device, dtype=param.dtype)
     with torch.no_grad():
         if info.audio_channels == 1:
-            codes = codec.encode(wavs, return_dict=True).audio_codes[0]
+            codes = encode_codes(codec, wavs)
         else:
-            left = codec.encode(wavs[:, :1], return_dict=True).audio_codes[0]
-            right = codec.encode(wavs[:, 1:], return_dict=True).audio_codes[0]
+            left = encode_codes(codec, wavs[:, :1])
+            right = encode_codes(codec, wavs[:, 1:])
             b, k, t = left.shape
             codes = left.new_empty((b, 2 * k, t))
             codes[:, ::2] = left

@@ -14,7 +14,8 @@ save. It writes, under output_dir:
                                save_total_limit kept
     best_model/  final_model/  PEFT adapters (adapter_config.json + adapter_model.safetensors) + config.yaml,
                                trainer_state.json, eval_results.json and a model card README.md
-    logs/                      metrics.jsonl, TensorBoard events, loss_curve.png, train.log
+    logs/                      metrics.jsonl, TensorBoard events, loss_curve.png, train.log, timing.json (where
+                               the wall time went: start-up, load, token cache, LoRA set-up, steps, ...)
     config.yaml                the resolved configuration of the run
 
 Training reads tokens only: EnCodec codes and text-encoder states are computed once into data_dir/cache
@@ -50,8 +51,8 @@ from lora.dataset import CachedTokenDataset, bucketed_batches, build_token_cache
 from lora.loading import family_for, load_base_model  # noqa: E402
 from lora.precision import choose_precision, resolve_base_weights_dtype  # noqa: E402
 from lora.training import TrainState  # noqa: E402
-from lora.utils import UserError, check_free_space, check_output_dir, disk_full_message, log, on_interrupt, \
-    run_main, setup_logging  # noqa: E402
+from lora.utils import UserError, atomic_write_json, check_free_space, check_output_dir, disk_full_message, log, \
+    on_interrupt, process_start_time, run_main, setup_logging  # noqa: E402
 
 SECTIONS = ("training", "model", "lora", "data")
 
@@ -150,6 +151,7 @@ class Run:
     state: TrainState = field(default_factory=TrainState)
     runlog: training.RunLog = None
     stop_reason: str = None
+    clock: training.PhaseClock = None  # where the time goes (logged at the end, logs/timing.json)
 
     @property
     def out(self) -> Path:
@@ -203,7 +205,7 @@ def start_processes(cfg: Config):
     return acc, precision
 
 
-def load_and_cache(cfg: Config, acc, records):
+def load_and_cache(cfg: Config, acc, records, clock: training.PhaseClock):
     """The base model (on the CPU) and every clip's cached tokens; only the encoders visit the device, for the
     cache, and leave it again when their output is cached."""
     import torch
@@ -212,6 +214,7 @@ def load_and_cache(cfg: Config, acc, records):
     # Loaded on the CPU: the decoder follows after LoRA is attached (an fp32 init, the same in every precision) and
     # its frozen weights are cast, so a GPU never holds the fp32 decoder.
     model, processor, info = load_base_model(cfg.model)
+    clock.lap("load")
     fam = family_for(info)
     fam.audio_codec(model).to(device)
     fam.text_encoder_of(model).to(device)
@@ -236,6 +239,7 @@ def load_and_cache(cfg: Config, acc, records):
         torch.cuda.empty_cache()
     log.info("EnCodec%s moved off %s: training reads cached tokens", "" if not cache_text else " and text encoder",
              device)
+    clock.lap("token cache")
     return model, processor, info, clips, max_frames
 
 
@@ -246,6 +250,7 @@ def set_up(cfg: Config) -> Run:
 
     t = cfg.training
     out = Path(t.output_dir)
+    clock = training.PhaseClock(process_start_time())
     records = load_metadata(cfg.data.data_dir, cfg.data.metadata_file)
     training.split_records(cfg, records)
     # Read whole before anything loads: a damaged checkpoint stops here ('latest' falls back to an older one).
@@ -255,9 +260,11 @@ def set_up(cfg: Config) -> Run:
     acc, precision = start_processes(cfg)
 
     set_seed(t.seed)
-    model, processor, info, clips, max_frames = load_and_cache(cfg, acc, records)
+    clock.lap("start-up")
+    model, processor, info, clips, max_frames = load_and_cache(cfg, acc, records, clock)
     set_seed(t.seed)  # LoRA init does not depend on what the cache step consumed
     model, params = training.prepare_model(model, cfg, precision, acc.device)
+    clock.lap("LoRA set-up")
     check_free_space(out, training.disk_space_needed(params, t.save_total_limit), "training (checkpoints, "
                      "best_model, final_model, logs)")
 
@@ -283,7 +290,7 @@ def set_up(cfg: Config) -> Run:
               cache_text=not cfg.lora.train_text_encoder, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
               train_seconds=sum(c.num_frames for c in train_clips) / info.frame_rate,
               eval_every=training.resolve_every(t.eval_steps, total_steps)[0],
-              save_every=training.resolve_every(t.save_steps, total_steps)[0])
+              save_every=training.resolve_every(t.save_steps, total_steps)[0], clock=clock)
     if ck is not None:
         training.load_checkpoint(ck, model, optimizer, scheduler, acc.scaler, acc.device, run.state,
                                  {"batch_size": t.batch_size, "gradient_accumulation_steps":
@@ -294,6 +301,7 @@ def set_up(cfg: Config) -> Run:
     if acc.is_main_process:
         cfg.save(out / "config.yaml")
         log.info("Resolved config: %s", out / "config.yaml")
+    clock.lap("other set-up")
     return run
 
 
@@ -370,6 +378,7 @@ def train_loop(run: Run) -> None:
     if st.global_step == 0 and st.base_val_loss is None:
         log.info("Held-out loss of the base model (LoRA at init) ...")
         validate_and_track(run)
+        run.clock.lap("base held-out loss")
     bar = tqdm(total=run.total_steps, initial=st.global_step, desc="training", unit="step", disable=not run.main,
                dynamic_ncols=True)
     interval = Interval.start(run)
@@ -411,22 +420,26 @@ def train_loop(run: Run) -> None:
             st.epoch = ep + (s + 1) / run.steps_per_epoch
             bar.update(1)
             gs = st.global_step
+            run.clock.step()
 
             # ---- log, validate, checkpoint
             if gs % t.logging_steps == 0 or gs == run.total_steps:
                 log_interval(run, interval, grad_norm, bar)
                 interval = Interval.start(run)
+                run.clock.lap("logging")
             if gs % run.eval_every == 0 or gs == run.total_steps:
                 last_eval = gs
                 if validate_and_track(run):
                     run.stop_reason = (f"early stopping: no held-out improvement in {t.early_stopping_patience} "
                                        f"validations")
+                run.clock.lap("validation")
             if gs % run.save_every == 0 or gs == run.total_steps or run.stop_reason or time_to_save(run, timer):
                 if run.main:
                     training.save_checkpoint(run.out / "checkpoints", run.model, run.optimizer, run.scheduler,
                                              acc.scaler, run.cfg, run.snapshot("checkpoint"), t.save_total_limit)
                 acc.wait_for_everyone()
                 timer.reset()
+                run.clock.lap("checkpoints")
             if run.stop_reason:
                 break
         else:
@@ -435,6 +448,7 @@ def train_loop(run: Run) -> None:
     bar.close()
     if last_eval != st.global_step:
         validate_and_track(run)
+        run.clock.lap("validation")
 
 
 def time_to_save(run: Run, timer: training.SaveTimer) -> bool:
@@ -541,6 +555,10 @@ def finish(run: Run) -> None:
         run.runlog.plot(st.base_val_loss)
     run.runlog.close()
     run.acc.wait_for_everyone()
+    run.clock.lap("final save")
+    log.info("Where the time went: %s", run.clock.line())
+    if run.main:  # read by bench/bench_train.py --cold_start
+        atomic_write_json(run.out / "logs" / "timing.json", run.clock.report())
     if run.stop_reason:
         log.info("Stopped: %s", run.stop_reason)
     log.info("Done in %d steps. Held-out loss: base %.4f -> best %.4f (step %s) -> final %.4f. Adapter: %s",

@@ -325,6 +325,58 @@ class SaveTimer:
         self.last = self.clock()
 
 
+class PhaseClock:
+    """Where a run's wall time goes, from the process start to the last file written: the set-up phases in order
+    (``phase``), then the train loop's steps (``step``: the first apart, then the steady ones) and the time spent
+    validating and checkpointing between them. ``report()`` is the table train_lora.py logs and writes to
+    logs/timing.json, and bench/bench_train.py --cold_start reads."""
+
+    SETUP = ("start-up", "load", "token cache", "LoRA set-up", "other set-up")
+
+    def __init__(self, started: float):
+        self.started = started           # process start, time.time() scale (lora.utils.process_start_time)
+        self.phases: dict[str, float] = {}
+        self.steps: list[float] = []
+        self.mark = time.time()
+        self.phases["start-up"] = self.mark - started
+
+    def lap(self, name: str) -> float:
+        """Close the phase that ran since the last lap (or the start-up) under ``name``; its seconds."""
+        now = time.time()
+        seconds = now - self.mark
+        self.phases[name] = self.phases.get(name, 0.0) + seconds
+        self.mark = now
+        return seconds
+
+    def step(self) -> None:
+        """One optimizer step ended (since the last lap)."""
+        now = time.time()
+        self.steps.append(now - self.mark)
+        self.mark = now
+
+    def report(self) -> dict:
+        import statistics
+
+        out = {k: round(v, 3) for k, v in self.phases.items()}
+        if self.steps:
+            out["first step"] = round(self.steps[0], 3)
+            rest = self.steps[1:]
+            out["steady step"] = round(statistics.median(rest), 3) if rest else None
+            out["steady steps"] = len(rest)
+            out["all steps"] = round(sum(self.steps), 3)
+        out["total"] = round(time.time() - self.started, 3)
+        return out
+
+    def line(self) -> str:
+        r = self.report()
+        parts = [f"{k} {r[k]:.1f} s" for k in self.phases]
+        if self.steps:
+            parts.append(f"first step {r['first step']:.1f} s")
+            if r["steady step"] is not None:
+                parts.append(f"steady step {r['steady step']:.2f} s (median of {r['steady steps']})")
+        return " | ".join(parts) + f" | total {r['total']:.1f} s"
+
+
 def split_records(cfg: Config, records: list) -> tuple[list, list]:
     """(train records, valid records); UserError when either split is empty (training validates on held-out clips
     only, never on the training clips)."""

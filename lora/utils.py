@@ -10,6 +10,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -242,3 +243,20 @@ def human_seconds(s: float) -> str:
     if s < 3600:
         return f"{s / 60:.1f} min"
     return f"{s / 3600:.2f} h"
+
+
+def process_start_time() -> float:
+    """When this process started (time.time() scale): from /proc on Linux (the interpreter's own start-up
+    included, to 10 ms), else when this module was first imported."""
+    try:
+        ticks = os.sysconf("SC_CLK_TCK")
+        with open("/proc/self/stat", encoding="ascii") as fh:
+            start_ticks = int(fh.read().rsplit(")", 1)[1].split()[19])  # field 22 (starttime), after "(comm)"
+        with open("/proc/uptime", encoding="ascii") as fh:
+            uptime = float(fh.read().split()[0])
+    except (OSError, ValueError, IndexError):  # not Linux: the import time is the nearest clock
+        return _IMPORTED
+    return min(_IMPORTED, time.time() - (uptime - start_ticks / ticks))
+
+
+_IMPORTED = time.time()

@@ -303,4 +303,24 @@ def test_stereo_model_codes(tiny_stereo_model_dir, data_copy):
     records = load_metadata(data_copy)[:2]
     clips, stats = build_token_cache(records, model, processor, info, data_copy, show_progress=False)
     assert clips[0].codes.shape[0] == info.num_codebooks == 8
-    assert any(p.name.endswith("-ch2.safetensors") for p in (cache_root(data_copy, info) / "codes").iterdir())
+    assert any(p.name.endswith("-ch2-fp32.safetensors") for p in (cache_root(data_copy, info) / "codes").iterdir())
+
+
+def test_cache_key_records_the_encoder_precision(tiny, data_copy, monkeypatch):
+    """Codes are keyed by the precision they were made in: codes of another precision are never reused."""
+    from safetensors import safe_open
+
+    from lora import dataset
+
+    model, processor, info = tiny
+    records = load_metadata(data_copy)[:1]
+    build_token_cache(records, model, processor, info, data_copy, show_progress=False)
+    files = list((cache_root(data_copy, info) / "codes").iterdir())
+    assert [p.name.rsplit("-", 1)[-1] for p in files] == ["fp32.safetensors"]
+    with safe_open(str(files[0]), "pt") as f:
+        assert f.metadata()["precision"] == "fp32"
+    _, stats = build_token_cache(records, model, processor, info, data_copy, show_progress=False)
+    assert stats["clips_reused"] == 1
+    monkeypatch.setattr(dataset, "ENCODER_PRECISION", "bf16")
+    _, stats = build_token_cache(records, model, processor, info, data_copy, show_progress=False)
+    assert stats["clips_encoded"] == 1 and stats["clips_reused"] == 0

@@ -1,0 +1,278 @@
+"""EnCodec's encoder for the token cache, faster on a CPU and in full float32 (the family's ``encode_audio`` calls it).
+
+transformers' ``EncodecModel.encode`` runs every layer over the whole clip: at 32 kHz the first stage's tensors are
+64 channels x 320,000 samples (82 MB) for a 10-s clip, so each of its convolutions, ELUs, paddings and additions
+streams the tensor through memory and allocates a fresh one; on a 2-core CPU that is most of the time. Here:
+
+* **Time chunks.** Everything before the LSTM is a stack of convolutions with a finite receptive field, so it is
+  computed in chunks of ``chunk_frames`` output frames (``CHUNK_BYTES`` of first-stage activations: ~1 s for
+  MusicGen's codec, small enough to stay in the CPU's caches), each with a halo of input on both sides that
+  covers the stack's whole receptive field (``halo_samples``); a chunk's output frames are those of the whole clip
+  (same weights, same neighbours; only float rounding can differ). Chunks start on multiples of the stack's total
+  stride, so every layer's frame grid and its right-edge ("extra") padding are the whole clip's; the clip's own
+  edges are padded exactly as transformers pads them (reflect, ``EncodecConv1d._pad1d``).
+* **No needless copies.** A convolution without padding gets its input as it is (transformers' F.pad copies it even
+  for zero padding); ELUs and residual additions work in place on tensors no one else holds.
+* **The LSTM sees the whole batch at once** (it reads its weights once per frame, whatever the batch), after the
+  stack has run clip by clip in chunks; the LSTM, the last ELU and convolution and the quantizer are transformers' own modules.
+
+Codes are float32 codes: against ``EncodecModel.encode`` of the same batch, chunked latents differ by float rounding
+only (~1e-7 of their scale) and codes agree at the rate fp32 agrees with itself at another batch size (>= 99.9 %,
+BENCHMARKS.md); clips too short for two chunks (and every clip of a codec as narrow as the tiny test model's) run
+in one piece, the whole batch at once: bit for bit transformers' latents and codes. tests/test_encodec_fast.py checks
+both, at odd lengths.
+bf16 is not used: its codes agreed with fp32 on only 74-89 % of frames per codebook (BENCHMARKS.md, "Token cache").
+
+Used on the CPU for codecs of the layout it knows (weight-norm convolutions, no chunked/normalized 48-kHz style
+input); anything else, and every GPU, runs ``EncodecModel.encode`` itself. ``ENCODER_PRECISION`` names what the
+codes were made in (the token cache's key records it).
+"""
+
+from __future__ import annotations
+
+import math
+
+ENCODER_PRECISION = "fp32"  # the token cache records it: codes are made in full float32 (no TF32 on a GPU)
+CHUNK_BYTES = 1 << 23       # first-stage activations per chunk (8 MiB: 51 frames, ~1 s, for MusicGen's 64-filter codec;
+#                             fastest of 0.5 / 1 / 2 / 4 s on the CPUs seen, BENCHMARKS.md). A narrower codec (the
+#                             tiny test model's 4 filters) gets chunks longer than its clips: it runs unchunked.
+
+
+def _classes():
+    from transformers.models.encodec import modeling_encodec as me
+
+    return me.EncodecConv1d, me.EncodecResnetBlock, me.EncodecLSTM
+
+
+def supported(codec) -> bool:
+    """Whether ``encode_codes`` can run this codec chunked (else it calls ``codec.encode``)."""
+    import torch
+
+    cfg = codec.config
+    if cfg.chunk_length_s is not None or cfg.normalize or getattr(cfg, "norm_type", "weight_norm") != "weight_norm":
+        return False  # 48-kHz style chunking / normalisation, or GroupNorm over time (not chunkable)
+    conv, block, lstm = _classes()
+    layers = list(codec.encoder.layers)
+    if not any(isinstance(m, lstm) for m in layers):
+        return False
+    for m in layers[:_lstm_index(codec.encoder)]:
+        if isinstance(m, block):
+            if not all(isinstance(b, (conv, torch.nn.ELU)) for b in m.block):
+                return False
+            if not isinstance(m.shortcut, (conv, torch.nn.Identity)):
+                return False
+        elif not isinstance(m, (conv, torch.nn.ELU)):
+            return False
+    return True
+
+
+def _lstm_index(encoder) -> int:
+    _, _, lstm = _classes()
+    return next(i for i, m in enumerate(encoder.layers) if isinstance(m, lstm))
+
+
+def _convs(layers):
+    """Every EncodecConv1d of ``layers`` in order (residual blocks' own convolutions included), with whether it
+    sits in a residual branch (a branch does not change the stack's stride)."""
+    conv, block, _ = _classes()
+    for m in layers:
+        if isinstance(m, conv):
+            yield m
+        elif isinstance(m, block):
+            for b in m.block:
+                if isinstance(b, conv):
+                    yield b
+            if isinstance(m.shortcut, conv):
+                yield m.shortcut
+
+
+def _geometry(layer) -> tuple[int, int, int]:
+    """(kernel size with dilation, stride, total padding) of an EncodecConv1d."""
+    return int(layer.kernel_size), int(layer.stride), int(layer.padding_total)
+
+
+def total_stride(encoder) -> int:
+    """Input samples per output frame of the stack before the LSTM."""
+    return math.prod(_geometry(c)[1] for c in _convs(encoder.layers[:_lstm_index(encoder)]))
+
+
+def halo_samples(encoder) -> int:
+    """Input samples a chunk needs on each side: the stack's receptive field (each convolution widens it by
+    (kernel - 1) x the stride before it) plus one frame for the frame grid, rounded up to whole frames (chunks
+    start on multiples of the total stride)."""
+    reach, before = 0, 1
+    for c in _convs(encoder.layers[:_lstm_index(encoder)]):
+        k, s, _ = _geometry(c)
+        reach += (k - 1) * before
+        before *= s
+    stride = total_stride(encoder)
+    return int(math.ceil((reach + stride) / stride)) * stride
+
+
+def _paddings(layer, n: int) -> tuple[int, int]:
+    """(left, right) padding transformers' EncodecConv1d.forward applies to an input of ``n`` samples."""
+    k, s, total = _geometry(layer)
+    frames = math.ceil((n - k + total) / s + 1) - 1
+    extra = frames * s + k - total - n
+    if layer.causal:
+        return total, extra
+    right = total // 2
+    return total - right, right + extra
+
+
+def _conv(layer, x, owned: bool, elu: bool):
+    """EncodecConv1d.forward of ELU(x) (``elu``) or x; ``owned``: x may be overwritten."""
+    import torch.nn.functional as F
+
+    if elu:
+        x = F.elu(x, inplace=True) if owned else F.elu(x)
+    left, right = _paddings(layer, x.shape[-1])
+    if left or right:
+        x = layer._pad1d(x, (left, right), mode=layer.pad_mode)
+    return layer.conv(x)
+
+
+def _stack(layers, x):
+    """The layers before the LSTM on x (B, C, n), with in-place ELUs and additions where nothing else reads the
+    tensor (``x`` itself, the caller's, is never changed)."""
+    import torch
+
+    conv, block, _ = _classes()
+    owned, elu = False, False
+    for m in layers:
+        if isinstance(m, torch.nn.ELU):
+            if elu:  # two ELUs in a row (not in EnCodec): apply the first
+                x, owned = torch.nn.functional.elu(x, inplace=owned) if owned else torch.nn.functional.elu(x), True
+            elu = True
+        elif isinstance(m, conv):
+            x, owned, elu = _conv(m, x, owned, elu), True, False
+        else:  # residual block: ELU, conv, ELU, conv (+ shortcut)
+            if elu:
+                x, owned, elu = torch.nn.functional.elu(x, inplace=owned) if owned else torch.nn.functional.elu(x), \
+                    True, False
+            h, h_owned, h_elu = x, False, False
+            for b in m.block:
+                if isinstance(b, torch.nn.ELU):
+                    if h_elu:
+                        h, h_owned = torch.nn.functional.elu(h, inplace=h_owned) if h_owned else \
+                            torch.nn.functional.elu(h), True
+                    h_elu = True
+                else:
+                    h, h_owned, h_elu = _conv(b, h, h_owned, h_elu), True, False
+            if h_elu:
+                h = torch.nn.functional.elu(h)
+            x, owned = h.add_(m.shortcut(x)), True
+    if elu:
+        x = torch.nn.functional.elu(x, inplace=owned) if owned else torch.nn.functional.elu(x)
+    return x
+
+
+def stack_frames(encoder, n: int) -> int:
+    """Output frames of the stack before the LSTM for ``n`` input samples (transformers' padding arithmetic)."""
+    for c in _convs_in_order_of_stride(encoder):
+        k, s, _ = _geometry(c)
+        left, right = _paddings(c, n)
+        n = (n + left + right - k) // s + 1
+    return n
+
+
+def _convs_in_order_of_stride(encoder):
+    """The convolutions on the stack's main path (those that set the length: not a residual branch's)."""
+    conv, block, _ = _classes()
+    for m in encoder.layers[:_lstm_index(encoder)]:
+        if isinstance(m, conv):
+            yield m
+
+
+def chunk_frames(encoder) -> int:
+    """Output frames per chunk: ``CHUNK_BYTES`` of float32 activations at the first convolution's width."""
+    first = next(_convs(encoder.layers[:_lstm_index(encoder)]))
+    return max(1, CHUNK_BYTES // (4 * int(first.conv.out_channels) * total_stride(encoder)))
+
+
+def chunked(encoder, n: int, frames_per_chunk: int | None = None) -> bool:
+    """Whether clips of ``n`` samples are cut into chunks (at least two chunks' worth of frames)."""
+    per = frames_per_chunk or chunk_frames(encoder)
+    return stack_frames(encoder, n) > 2 * per and n > 2 * halo_samples(encoder)
+
+
+def pre_lstm(encoder, x, frames_per_chunk: int | None = None):
+    """The stack before the LSTM on x (B, C, N), chunked over time: (B, D, T) equal to the unchunked stack up to
+    float rounding. Clips too short for two chunks run in one piece (exactly the unchunked stack)."""
+    import torch
+
+    chunk_frames_ = frames_per_chunk or chunk_frames(encoder)
+    layers = list(encoder.layers[:_lstm_index(encoder)])
+    n = int(x.shape[-1])
+    stride, halo = total_stride(encoder), halo_samples(encoder)
+    frames = stack_frames(encoder, n)
+    if not chunked(encoder, n, chunk_frames_):
+        return _stack(layers, x)
+    parts = []
+    for f0 in range(0, frames, chunk_frames_):
+        f1 = min(frames, f0 + chunk_frames_)
+        start = max(0, f0 * stride - halo)
+        end = min(n, f1 * stride + halo)
+        out = _stack(layers, x[..., start:end])
+        first = (f0 * stride - start) // stride
+        parts.append(out[..., first:first + (f1 - f0)])
+    out = torch.cat(parts, dim=-1)
+    if out.shape[-1] != frames:  # the arithmetic above is transformers'; a mismatch means a layout it does not know
+        raise RuntimeError(f"chunked EnCodec stack gave {out.shape[-1]} frames for {n} samples, expected {frames}")
+    return out
+
+
+def encoder_forward(encoder, x, frames_per_chunk: int | None = None):
+    """EncodecEncoder.forward(x) (B, C, N) -> latents (B, D, T): the stack before the LSTM clip by clip and in time
+    chunks, then the LSTM and the rest on the whole batch (transformers' modules)."""
+    import torch
+
+    idx = _lstm_index(encoder)
+    with torch.nn.utils.parametrize.cached():  # each weight-normed weight computed once, not once per chunk
+        if chunked(encoder, int(x.shape[-1]), frames_per_chunk):
+            h = torch.cat([pre_lstm(encoder, x[b:b + 1], frames_per_chunk) for b in range(x.shape[0])])
+        else:  # the whole batch in one piece: bit for bit transformers' stack
+            h = _stack(list(encoder.layers[:idx]), x)
+        for m in encoder.layers[idx:]:
+            h = m(h)
+    return h
+
+
+def encode_codes(codec, wavs, bandwidth=None, frames_per_chunk: int | None = None):
+    """Codes (B, K, T) of mono audio (B, 1, N) at the codec's rate, like ``codec.encode(wavs).audio_codes[0]``
+    (chunked on the CPU where ``supported``; the codec's own encode elsewhere, with TF32 off on a GPU so codes are
+    float32 codes everywhere)."""
+    import torch
+
+    if bandwidth is None:
+        bandwidth = codec.config.target_bandwidths[0]
+    with torch.no_grad():
+        if wavs.device.type != "cpu" or not supported(codec):
+            with full_fp32(wavs.device):
+                return codec.encode(wavs, bandwidth=bandwidth, return_dict=True).audio_codes[0]
+        latents = encoder_forward(codec.encoder, wavs, frames_per_chunk)
+        return codec.quantizer.encode(latents, bandwidth).transpose(0, 1)
+
+
+class full_fp32:
+    """Within: no TF32 in cuDNN convolutions or CUDA matmuls (their defaults may use it), so a GPU's codes are
+    float32 codes like the CPU's."""
+
+    def __init__(self, device):
+        self.cuda = getattr(device, "type", str(device)) == "cuda"
+
+    def __enter__(self):
+        import torch
+
+        if self.cuda:
+            self.saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        if self.cuda:
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = self.saved
+        return False
