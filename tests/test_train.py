@@ -529,3 +529,18 @@ def test_wall_time_checkpoints(tmp_path, tiny_model_dir, example_data_dir):
     assert train_lora.main(_short(tiny_model_dir, example_data_dir, off, "--max_steps", "3", "--save_steps", "1000",
                                   "--save_minutes", "0", "--save_total_limit", "5")) == 0
     assert _checkpoint_steps(off) == [3]
+
+
+def test_timing_says_where_the_cold_start_went(trained_output_dir):
+    """logs/timing.json (bench_train.py --cold_start reads it): every phase of the run from the process start,
+    the steps counted as run, and the phases adding up to the whole."""
+    t = json.loads((trained_output_dir / "logs" / "timing.json").read_text(encoding="utf-8"))
+    for key in ("start-up", "load", "token cache", "LoRA set-up", "base held-out loss", "first step", "steady step",
+                "validation", "checkpoints", "final save", "total"):
+        assert key in t and t[key] is not None and t[key] >= 0, key
+    assert t["steady steps"] == 3  # max_steps 4: the first apart, then 3
+    assert t["token cache"] > 0 and t["start-up"] > 0
+    parts = sum(v for k, v in t.items() if k not in ("total", "steady step", "steady steps", "first step"))
+    assert t["total"] - 0.5 <= parts <= t["total"] + 1e-3  # nothing is counted twice, little goes uncounted
+    log_text = (trained_output_dir / "logs" / "train.log").read_text(encoding="utf-8")
+    assert "Where the time went: start-up" in log_text

@@ -1,0 +1,237 @@
+"""The token cache's EnCodec encoding: speed of the build before/after lora.encodec_fast, and how well codes made
+in lower precision agree with float32 codes, per codebook.
+
+    python bench/bench_codec.py                       # musicgen-small architecture (bench/musicgen_arch.py)
+    python bench/bench_codec.py --quick               # tiny model, few clips: checks that the benchmark runs
+    python bench/bench_codec.py --json bench/results/codec.json [--real_dir /usr/share/games/colobot/music]
+
+1. **Cache build** (lora.dataset.build_token_cache, codes + caption states, as train_lora.py builds it) of 40
+   synthetic 10-s clips (the peer bench's amount of audio), from scratch, alternating in one process: "transformers"
+   (EncodecModel.encode on each equal-length batch: the code before) and "chunked" (lora.encodec_fast: the code
+   now). Median per variant, median of the per-round ratios, and how many codes differ between the two builds.
+2. **Agreement with float32 codes**, per codebook, of: the chunked fp32 encoder; transformers' fp32 encoder at
+   batch 8 (fp32 against itself at another batch size: the floor); the encoder in bf16 (weights and activations,
+   the quantizer in fp32); the whole encode under bf16 autocast (the quantizer's distances too). Reference:
+   transformers' fp32 encode, one clip at a time. Codecs: the tiny model's (codebooks fitted to synthetic audio)
+   and musicgen-small's architecture (random weights: its codebooks are fitted here, residual k-means on its own
+   latents, so that codes depend on the audio as in a trained codec). Audio: synthetic clips, and real music
+   recordings where --real_dir has some (Debian's colobot-common-sounds: produced game music, 44.1 kHz; any folder
+   of audio files works). Real EnCodec weights cannot be downloaded here: that check stays open (BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_cache import make_long_set  # noqa: E402
+from machine import describe  # noqa: E402
+
+REAL_DIR = "/usr/share/games/colobot/music"
+
+
+def cache_build_ab(loaded, data_dir: Path, rounds: int) -> dict:
+    from lora import dataset, encodec_fast
+
+    model, processor, info = loaded
+    records = dataset.load_metadata(data_dir)
+    supported = encodec_fast.supported
+    times: dict[str, list[float]] = {"transformers": [], "chunked": []}
+    codes = {}
+    for r in range(rounds):
+        for variant in (("transformers", "chunked") if r % 2 == 0 else ("chunked", "transformers")):
+            shutil.rmtree(dataset.cache_root(data_dir, info), ignore_errors=True)
+            encodec_fast.supported = (lambda codec: False) if variant == "transformers" else supported
+            try:
+                t = time.perf_counter()
+                clips, _ = dataset.build_token_cache(records, model, processor, info, data_dir, show_progress=False)
+                times[variant].append(time.perf_counter() - t)
+            finally:
+                encodec_fast.supported = supported
+            codes[variant] = [c.codes for c in clips]
+    import torch
+
+    a, b = torch.stack(codes["transformers"]), torch.stack(codes["chunked"])
+    ratios = [x / y for x, y in zip(times["transformers"], times["chunked"])]
+    return {"clips": len(records), "audio_s": sum(r.duration for r in records), "rounds": rounds,
+            "transformers_s": times["transformers"], "chunked_s": times["chunked"],
+            "transformers_s_median": statistics.median(times["transformers"]),
+            "chunked_s_median": statistics.median(times["chunked"]),
+            "speedup_median (transformers / chunked)": statistics.median(ratios),
+            "codes_agree_per_codebook": (a == b).float().mean(dim=(0, 2)).tolist()}
+
+
+def fit_codebooks(codec, audio, iters: int = 8) -> None:
+    """Residual k-means of the codec's own latents of ``audio`` (B, 1, N) into its codebooks."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        lat = codec.encoder(audio)
+        res = lat.permute(0, 2, 1).reshape(-1, lat.shape[1]).double()
+        for layer in codec.quantizer.layers:
+            book = layer.codebook
+            k = book.codebook_size
+            if res.shape[0] < k:
+                raise SystemExit(f"{res.shape[0]} latent frames cannot fit {k} codes: give more audio")
+            c = res[torch.randperm(res.shape[0], generator=g)[:k]].clone()
+            for _ in range(iters):
+                assign = torch.cdist(res, c).argmin(1)
+                sums = torch.zeros_like(c).index_add_(0, assign, res)
+                n = torch.bincount(assign, minlength=k)[:, None]
+                c = torch.where(n > 0, sums / n.clamp_min(1), c)
+            assign = torch.cdist(res, c).argmin(1)
+            book.embed.copy_(c.to(book.embed.dtype))
+            book.embed_avg.copy_(c.to(book.embed.dtype))
+            res = res - c[assign]
+
+
+def variant_codes(codec, x, variant: str):
+    import copy
+
+    import torch
+
+    from lora import encodec_fast
+
+    out = []
+    with torch.no_grad():
+        if variant == "fp32 transformers b8":
+            return torch.cat([codec.encode(x[i:i + 8]).audio_codes[0] for i in range(0, len(x), 8)])
+        if variant == "fp32 chunked (ours) b8":
+            return torch.cat([encodec_fast.encode_codes(codec, x[i:i + 8]) for i in range(0, len(x), 8)])
+        if variant == "bf16 encoder":
+            enc = copy.deepcopy(codec.encoder).to(torch.bfloat16)
+            for i in range(len(x)):
+                lat = enc(x[i:i + 1].to(torch.bfloat16)).float()
+                out.append(codec.quantizer.encode(lat, codec.config.target_bandwidths[0]).transpose(0, 1))
+            return torch.cat(out)
+        if variant == "bf16 autocast":
+            for i in range(len(x)):
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    out.append(codec.encode(x[i:i + 1]).audio_codes[0])
+            return torch.cat(out)
+    raise ValueError(variant)
+
+
+VARIANTS = ("fp32 chunked (ours) b8", "fp32 transformers b8", "bf16 encoder", "bf16 autocast")
+
+
+def agreement(codec, sets: dict) -> list[dict]:
+    import torch
+
+    rows = []
+    for name, x in sets.items():
+        with torch.no_grad():
+            t = time.perf_counter()
+            ref = torch.cat([codec.encode(x[i:i + 1]).audio_codes[0] for i in range(len(x))])
+            ref_s = time.perf_counter() - t
+        for v in VARIANTS:
+            t = time.perf_counter()
+            c = variant_codes(codec, x, v)
+            s = time.perf_counter() - t
+            rows.append({"audio": name, "clips": len(x), "variant": v, "seconds": s, "reference_seconds": ref_s,
+                         "agree_per_codebook": (c == ref).float().mean(dim=(0, 2)).tolist(),
+                         "distinct_codes_cb0": int(ref[:, 0].unique().numel())})
+    return rows
+
+
+def audio_sets(real_dir: str | None, clips: int, seconds: float, sr: int) -> tuple[dict, object]:
+    """({name: (B, 1, N) test audio}, fitting audio): synthetic clips, and real recordings' excerpts (test excerpts
+    and fitting excerpts from different places of the tracks)."""
+    import numpy as np
+    import torch
+
+    from lora.audio import load_audio
+    from lora.example_data import STYLES, synth_clip
+
+    rng = np.random.default_rng(0)
+    styles = list(STYLES)
+    syn = torch.from_numpy(np.stack([synth_clip(styles[i % len(styles)], seconds, sr, 1, rng)[0]
+                                     for i in range(clips)]))
+    fit = [torch.from_numpy(np.stack([synth_clip(styles[i % len(styles)], 4.0, sr, 1, rng)[0] for i in range(8)]))]
+    sets = {"synthetic": syn}
+    files = sorted(p for p in Path(real_dir).glob("*") if p.suffix.lower() in (".ogg", ".wav", ".flac", ".mp3")) \
+        if real_dir and Path(real_dir).is_dir() else []
+    n = int(seconds * sr)
+    real, fit_real = [], []
+    for i, f in enumerate(files):
+        y = load_audio(f, sr, 1)
+        if y.shape[1] >= int(20 * sr) + n and len(real) < clips:
+            real.append(y[:, int(20 * sr):int(20 * sr) + n])
+        elif y.shape[1] >= int(9 * sr):
+            fit_real.append(y[:, int(5 * sr):int(9 * sr)])
+    if real:
+        sets["real music"] = torch.from_numpy(np.stack(real))
+    if fit_real:
+        fit.append(torch.from_numpy(np.stack(fit_real[:16])))
+    return sets, torch.cat(fit)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="small (default; quick: tiny), medium, large, or a folder")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--rounds", type=int, default=None, help="cache builds per variant (default 3; quick 1)")
+    ap.add_argument("--clips", type=int, default=None, help="clips of the cache-build set (default 40; quick 4)")
+    ap.add_argument("--agreement_clips", type=int, default=None, help="clips per agreement set (default 12)")
+    ap.add_argument("--real_dir", default=REAL_DIR, help="a folder of real recordings (skipped when absent)")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    import logging
+
+    import torch
+
+    from lora.config import ModelConfig
+    from lora.loading import load_base_model
+    from lora.utils import setup_logging
+    from musicgen_arch import model_path
+
+    setup_logging(logging.WARNING)
+    name = a.model or ("tiny" if a.quick else "small")
+    rounds, clips = a.rounds or (1 if a.quick else 3), a.clips or (4 if a.quick else 40)
+    m = describe()
+    out = {"machine": m, "model": name, "command": "python bench/bench_codec.py " + " ".join(
+        argv if argv is not None else sys.argv[1:])}
+    with tempfile.TemporaryDirectory(prefix="bench_codec_") as tmp:
+        tmp = Path(tmp)
+        loaded = load_base_model(ModelConfig(model_path=model_path(name), tiny_model_dir=str(tmp / "tiny")))
+        make_long_set(tmp / "set", 0, [10.0] * clips, loaded[2].sample_rate)
+        out["cache_build"] = cache_build_ab(loaded, tmp / "set", rounds)
+        tiny = load_base_model(ModelConfig(model_path="tiny", tiny_model_dir=str(tmp / "tiny")))[0].audio_encoder
+        sets, fit_audio = audio_sets(a.real_dir, a.agreement_clips or (2 if a.quick else 12), 10.0, 32000)
+        out["agreement"] = {"tiny (fitted)": agreement(tiny.eval(), sets)}
+        if name != "tiny":
+            codec = loaded[0].audio_encoder.eval()
+            fit_codebooks(codec, fit_audio)
+            out["agreement"][f"{name} architecture (codebooks fitted)"] = agreement(codec, sets)
+    cb = out["cache_build"]
+    print(f"Token cache build | {m['cpu']}, {m['cores']} cores, torch {torch.__version__} | {m['date']} | "
+          f"`{out['command'].strip()}`\n")
+    print(f"{cb['clips']} clips, {cb['audio_s']:.0f} s of audio, {name}: transformers {cb['transformers_s_median']:.1f} s, "
+          f"chunked {cb['chunked_s_median']:.1f} s (medians of {rounds}), speed-up "
+          f"{cb['speedup_median (transformers / chunked)']:.2f}x (median of the per-round ratios); codes agree "
+          f"{', '.join(f'{100 * v:.2f}%' for v in cb['codes_agree_per_codebook'])} per codebook\n")
+    print("| codec | audio | variant | agreement with fp32 per codebook (%) | s | fp32 b1 s |\n|---|---|---|---|---:|---:|")
+    for codec_name, rows in out["agreement"].items():
+        for r in rows:
+            print(f"| {codec_name} | {r['audio']} ({r['clips']} x 10 s, {r['distinct_codes_cb0']} distinct cb0 codes) | "
+                  f"{r['variant']} | {' / '.join(f'{100 * v:.2f}' for v in r['agree_per_codebook'])} | "
+                  f"{r['seconds']:.1f} | {r['reference_seconds']:.1f} |")
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
