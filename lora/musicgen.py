@@ -207,8 +207,11 @@ def enable_gradient_checkpointing(model) -> None:
         emb.register_forward_hook(lambda m, i, o: o.requires_grad_(True))
 
 
-def compile_decoder(model) -> None:
-    get_base(model).decoder.compile()
+def compile_decoder(model, mode: str | None = None) -> None:
+    """torch.compile the decoder (inductor) with static shapes (``dynamic=False``: every input shape is its own
+    specialised graph; the training library pads batches to a bounded set of shapes). ``mode``: torch.compile's
+    mode (None = default, "reduce-overhead" = CUDA graphs as well)."""
+    get_base(model).decoder.compile(dynamic=False, mode=mode)
 
 
 # --------------------------------------------------------------------------------------------
