@@ -191,8 +191,8 @@ class TrainingConfig:
                                      ge=0)
     encode_batch_size: int = _f(8, "Clips per batch when computing the EnCodec / text-encoder cache", ge=1)
     torch_compile: bool = _f(False, "torch.compile the decoder (inductor) with static shapes: each batch is padded to "
-                                    "a multiple of 5 s of frames, its text states to 32/64/128/256/512 tokens and "
-                                    "to batch_size clips (no loss on the padding), so a run compiles at most "
+                                    "batch_size clips and a multiple of 5 s of frames, its text states to "
+                                    "32/64/128/256/512 tokens (no loss on the padding), so a run compiles at most "
                                     "ceil(max_duration / 5 s) x 5 shape variants for training and as many for "
                                     "validation (logged at start; 6 x 5 at 30 s). Off by default: slower on CPU; "
                                     "measure first (BENCHMARKS.md)")

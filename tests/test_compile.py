@@ -30,12 +30,15 @@ PRECISIONS = sorted({choose_precision("auto", CPU)[0], "no"})
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
     import torch._dynamo
+    import transformers.models.musicgen.modeling_musicgen as modeling
     from torch._dynamo.utils import counters
 
+    real_random = modeling.random  # compile_decoder swaps it for its LayerDrop stand-in: put it back after
     torch._dynamo.reset()
     counters.clear()  # (reset() keeps the compile counters)
     yield
     torch._dynamo.reset()
+    modeling.random = real_random
 
 
 def _cfg(tiny_model_dir, compile_: bool) -> Config:
