@@ -90,19 +90,22 @@ class StaticShapes:
     frame_bucket: int
     max_frames: int
     batch_size: int
-    text_lengths: tuple = COMPILE_TEXT_LENGTHS
+    text_lengths: tuple = COMPILE_TEXT_LENGTHS  # () = text states not padded (MusicGen-Melody: the text length is
+    #                                             part of its prefix condition, padding it would change the loss)
 
     @property
     def variants(self) -> int:
         """Shape variants (compiles) of one grad mode at most: frame buckets x text lengths (a batch longer than
         max_frames or text longer than the last text length adds its own)."""
-        return math.ceil(self.max_frames / self.frame_bucket) * len(self.text_lengths)
+        return math.ceil(self.max_frames / self.frame_bucket) * max(1, len(self.text_lengths))
 
     def frames(self, t: int) -> int:
         return t if t >= self.max_frames else min(self.frame_bucket * math.ceil(t / self.frame_bucket),
                                                   self.max_frames)
 
     def text(self, n: int) -> int:
+        if not self.text_lengths:
+            return n
         top = self.text_lengths[-1]
         return next((x for x in self.text_lengths if x >= n), top * math.ceil(n / top))
 
@@ -128,10 +131,12 @@ class StaticShapes:
 def static_shapes_for(model, cfg: Config) -> StaticShapes:
     """The static-shape plan of a run of ``cfg`` on ``model`` (train_lora's max_frames: max_duration at the codec's
     frame rate)."""
-    info = family_for(model).model_info(model, "", "")
+    fam = family_for(model)
+    info = fam.model_info(model, "", "")
     bucket = max(1, int(round(COMPILE_FRAME_BUCKET_SECONDS * info.frame_rate)))
     return StaticShapes(frame_bucket=bucket, max_frames=max(1, int(round(cfg.training.max_duration * info.frame_rate))),
-                        batch_size=int(cfg.training.batch_size))
+                        batch_size=int(cfg.training.batch_size),
+                        text_lengths=() if info.model_type != "musicgen" else COMPILE_TEXT_LENGTHS)
 
 
 def configure_step(model, device, checkpointing: bool = False, torch_compile: bool = False,
@@ -172,9 +177,9 @@ def configure_step(model, device, checkpointing: bool = False, torch_compile: bo
                      "%d), text states to %s tokens, batches to %d clips: at most %d x %d = %d shape variants "
                      "(compiles) for training and as many for validation", mode or "default",
                      static_shapes.frame_bucket, static_shapes.max_frames,
-                     "/".join(map(str, static_shapes.text_lengths)), static_shapes.batch_size,
-                     math.ceil(static_shapes.max_frames / static_shapes.frame_bucket),
-                     len(static_shapes.text_lengths), static_shapes.variants)
+                     "/".join(map(str, static_shapes.text_lengths)) or "their own (melody prefix: not padded)",
+                     static_shapes.batch_size, math.ceil(static_shapes.max_frames / static_shapes.frame_bucket),
+                     len(static_shapes.text_lengths) or 1, static_shapes.variants)
         else:
             log.info("torch.compile: decoder, mode %s (shapes not padded: one compile per batch shape)",
                      mode or "default")
