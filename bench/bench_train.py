@@ -51,8 +51,12 @@ SUFFIXES = ("+ckpt", "+compile")
 
 
 def parse_case(name: str) -> tuple[str, dict]:
-    """'cached-bf16+ckpt' -> ('cached-bf16', {'checkpointing': True}); unknown names are refused."""
+    """'cached-bf16+ckpt' -> ('cached-bf16', {'checkpointing': True}); unknown names are refused. '+compile-ro':
+    torch_compile with compile_mode reduce-overhead (CUDA graphs; flags compile + compile_mode)."""
     flags = {}
+    if "+compile-ro" in name:
+        name = name.replace("+compile-ro", "")
+        flags["compile"], flags["compile_mode"] = True, "reduce-overhead"
     for suffix, key in (("+ckpt", "checkpointing"), ("+compile", "compile")):
         if suffix in name:
             name = name.replace(suffix, "")

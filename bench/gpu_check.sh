@@ -7,7 +7,12 @@
 #   3. bench_train.py on musicgen-medium and -large architectures, bf16 + gradient checkpointing (peak memory);
 #   4. tests/test_cuda.py (the CUDA-graph decoder against transformers' forward and generate);
 #   5. bench_generate.py on musicgen-small's architecture: base / unmerged / merged with decoding cuda_graph
-#      (the GPU default), batch 1 and 8, plus the base model with transformers' own decoder call.
+#      (the GPU default), batch 1 and 8, plus the base model with transformers' own decoder call;
+#   6. (not in the default PARTS: about 10 min on its own) bench_train.py at 30-s clips, batch 2, bf16, eager
+#      against training.torch_compile (static shapes; the first, compiling steps are warm-up): train_compile_small
+#      (small; plus compile_mode reduce-overhead = CUDA graphs, "+compile-ro", once bench_train.py passes
+#      compile_mode to the config) and train_compile_medium_large (medium, large).
+#      PARTS="train_compile_small train_compile_medium_large" bash bench/gpu_check.sh
 # Each part has its own time limit and writes its own files, so one failing part does not lose the others.
 #
 #   OUT=/some/folder bash bench/gpu_check.sh          # results and logs go to $OUT
@@ -57,3 +62,11 @@ want generate && part generate "${G_LIMIT:-170}" "$PY" bench/bench_generate.py -
   --decodings cuda_graph --json "$OUT/generate.json"
 want generate && part generate_transformers "${GT_LIMIT:-70}" "$PY" bench/bench_generate.py --models small \
   --variants base --decodings transformers --no_paired --json "$OUT/generate_transformers.json"
+RO_CASE=""  # the reduce-overhead case only where bench_train.py sets training.compile_mode from the case's flags
+grep -q "cfg.training.compile_mode" bench/bench_train.py && RO_CASE=",cached-bf16+compile-ro"
+want train_compile_small && part train_compile_small "${TCS_LIMIT:-240}" "$PY" bench/bench_train.py --models small \
+  --seconds 30 --batch 2 --steps 5 --warmup 3 --cases "cached-bf16,cached-bf16+compile$RO_CASE" \
+  --json "$OUT/train_compile_small.json"
+want train_compile_medium_large && part train_compile_medium_large "${TCL_LIMIT:-400}" "$PY" bench/bench_train.py \
+  --models medium,large --seconds 30 --batch 2 --steps 4 --warmup 3 --cases cached-bf16,cached-bf16+compile \
+  --no_flop_check --json "$OUT/train_compile_medium_large.json"

@@ -190,7 +190,15 @@ class TrainingConfig:
     dataloader_num_workers: int = _f(0, "DataLoader workers (training reads cached tokens; 0 is usually enough)",
                                      ge=0)
     encode_batch_size: int = _f(8, "Clips per batch when computing the EnCodec / text-encoder cache", ge=1)
-    torch_compile: bool = _f(False, "torch.compile the decoder (measure first: see BENCHMARKS.md)")
+    torch_compile: bool = _f(False, "torch.compile the decoder (inductor) with static shapes: each batch is padded to "
+                                    "batch_size clips and a multiple of 5 s of frames, its text states to "
+                                    "32/64/128/256/512 tokens (no loss on the padding), so a run compiles at most "
+                                    "ceil(max_duration / 5 s) x 5 shape variants for training and as many for "
+                                    "validation (logged at start; 6 x 5 at 30 s). Off by default: slower on CPU; "
+                                    "measure first (BENCHMARKS.md)")
+    compile_mode: str = _f("default", "With torch_compile: torch.compile's mode; reduce-overhead = also capture "
+                                      "CUDA graphs of the decoder step (CUDA only; on CPU the default mode is used)",
+                           choices=("default", "reduce-overhead"))
 
 
 @dataclass

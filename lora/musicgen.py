@@ -207,8 +207,38 @@ def enable_gradient_checkpointing(model) -> None:
         emb.register_forward_hook(lambda m, i, o: o.requires_grad_(True))
 
 
-def compile_decoder(model) -> None:
-    get_base(model).decoder.compile()
+class _NoLayerDropRandom:
+    """Stands in for the ``random`` module in the transformers module of the decoder stack under torch.compile when
+    its layerdrop is 0 (every MusicGen checkpoint): the stack draws ``random.uniform(0, 1)`` per layer for
+    LayerDrop and compares it with ``layerdrop`` in training mode, a data-dependent branch that makes dynamo give up
+    on the whole stack (each layer then becomes its own graph, with eager code between). With layerdrop 0 no layer
+    is ever dropped, so ``uniform`` returning its upper bound changes nothing and the stack is one graph."""
+
+    def __init__(self, real):
+        self._real = real
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    @staticmethod
+    def uniform(a, b):
+        return float(b)
+
+
+def compile_decoder(model, mode: str | None = None) -> None:
+    """torch.compile the decoder (inductor) with static shapes (``dynamic=False``: every input shape is its own
+    specialised graph; the training library pads batches to a bounded set of shapes). ``mode``: torch.compile's
+    mode (None = default, "reduce-overhead" = CUDA graphs as well). With layerdrop 0, the decoder stack's LayerDrop
+    draw is made a constant (``_NoLayerDropRandom``) so the stack compiles as one graph."""
+    import sys
+
+    dec = get_base(model).decoder
+    stack = dec.model.decoder
+    mod = sys.modules[type(stack).__module__]
+    if float(getattr(stack, "layerdrop", 0.0)) == 0.0 and not isinstance(getattr(mod, "random", None),
+                                                                        _NoLayerDropRandom):
+        mod.random = _NoLayerDropRandom(mod.random)
+    dec.compile(dynamic=False, mode=mode)
 
 
 # --------------------------------------------------------------------------------------------

@@ -71,12 +71,82 @@ def move_trained_modules(model, device, text_encoder: bool = False) -> None:
         fam.text_encoder_of(model).to(device)
 
 
+# torch.compile with static shapes (training.torch_compile): every batch the compiled decoder sees is padded to one
+# of a bounded set of shapes, so a run compiles a known, small number of graphs instead of one per (T, L, B).
+COMPILE_FRAME_BUCKET_SECONDS = 5.0                 # clips are padded to a multiple of this many seconds of frames
+COMPILE_TEXT_LENGTHS = (32, 64, 128, 256, 512)     # text states are padded to the first of these that fits
+STATIC_SHAPES_ATTR = "_lora_static_shapes"         # where prepare_model leaves the plan on the model (step_loss reads it)
+
+
+@dataclass(frozen=True)
+class StaticShapes:
+    """The padded shapes of the compiled step. ``pad`` pads a batch's codes (B, K, T) with the pad token to
+    ``frames(T)`` (a multiple of ``frame_bucket``, at most ``max_frames``; a longer batch is never cut), its text
+    states (B, L, D) and mask with zeros to ``text(L)``, and the batch to ``batch_size`` rows (copies of the first
+    clip with length 0). Positions past ``lengths`` carry no loss and the decoder is causal, so the valid positions'
+    logits, the loss and the gradients are those of the unpadded batch (the zero-mask text positions get no
+    attention; tests/test_compile.py checks both)."""
+
+    frame_bucket: int
+    max_frames: int
+    batch_size: int
+    text_lengths: tuple = COMPILE_TEXT_LENGTHS  # () = text states not padded (MusicGen-Melody: the text length is
+    #                                             part of its prefix condition, padding it would change the loss)
+
+    @property
+    def variants(self) -> int:
+        """Shape variants (compiles) of one grad mode at most: frame buckets x text lengths (a batch longer than
+        max_frames or text longer than the last text length adds its own)."""
+        return math.ceil(self.max_frames / self.frame_bucket) * max(1, len(self.text_lengths))
+
+    def frames(self, t: int) -> int:
+        return t if t >= self.max_frames else min(self.frame_bucket * math.ceil(t / self.frame_bucket),
+                                                  self.max_frames)
+
+    def text(self, n: int) -> int:
+        if not self.text_lengths:
+            return n
+        top = self.text_lengths[-1]
+        return next((x for x in self.text_lengths if x >= n), top * math.ceil(n / top))
+
+    def pad(self, codes, lengths, hidden, mask, pad_token_id: int, chroma=None):
+        """(codes, lengths, hidden, mask, chroma) padded to the static shapes (tensors on any device)."""
+        import torch
+        import torch.nn.functional as F
+
+        b, _, t = codes.shape
+        codes = F.pad(codes, (0, self.frames(t) - t), value=int(pad_token_id))
+        n = hidden.shape[1]
+        hidden = F.pad(hidden, (0, 0, 0, self.text(n) - n))
+        mask = F.pad(mask, (0, self.text(n) - n))
+        extra = self.batch_size - b
+        if extra > 0:
+            rows = lambda x: torch.cat([x, x[:1].expand(extra, *x.shape[1:])])  # noqa: E731
+            codes, hidden, mask = rows(codes), rows(hidden), rows(mask)
+            lengths = torch.cat([lengths, lengths.new_zeros(extra)])
+            chroma = rows(chroma) if chroma is not None else None
+        return codes, lengths, hidden, mask, chroma
+
+
+def static_shapes_for(model, cfg: Config) -> StaticShapes:
+    """The static-shape plan of a run of ``cfg`` on ``model`` (train_lora's max_frames: max_duration at the codec's
+    frame rate)."""
+    fam = family_for(model)
+    info = fam.model_info(model, "", "")
+    bucket = max(1, int(round(COMPILE_FRAME_BUCKET_SECONDS * info.frame_rate)))
+    return StaticShapes(frame_bucket=bucket, max_frames=max(1, int(round(cfg.training.max_duration * info.frame_rate))),
+                        batch_size=int(cfg.training.batch_size),
+                        text_lengths=() if info.model_type != "musicgen" else COMPILE_TEXT_LENGTHS)
+
+
 def configure_step(model, device, checkpointing: bool = False, torch_compile: bool = False,
-                   decoder_dropout: float | None = 0.0) -> None:
+                   decoder_dropout: float | None = 0.0, compile_mode: str = "default",
+                   static_shapes: Optional[StaticShapes] = None) -> None:
     """The step's speed/memory options on the LoRA-wrapped model: the decoder's hidden-state dropout
     (training.decoder_dropout); on CPU (not under torch.compile: inductor has its own RNG and kernels) FastDropout
     for the LoRA dropout and SDPA's math kernel for the cross-attention over the text tokens (lora.cpu_speed);
-    gradient checkpointing of the decoder layers; torch.compile of the decoder."""
+    gradient checkpointing of the decoder layers; torch.compile of the decoder (``compile_mode`` default or
+    reduce-overhead = CUDA graphs, CUDA only) with the batches padded to ``static_shapes`` in step_loss."""
     fam = family_for(model)
     fam.set_decoder_dropout(model, decoder_dropout)
     if device.type == "cpu" and not torch_compile:
@@ -88,7 +158,32 @@ def configure_step(model, device, checkpointing: bool = False, torch_compile: bo
     if checkpointing:
         fam.enable_gradient_checkpointing(model)
     if torch_compile:
-        fam.compile_decoder(model)
+        import torch._dynamo
+
+        mode = compile_mode if compile_mode != "default" else None
+        if mode == "reduce-overhead" and device.type != "cuda":
+            log.warning("training.compile_mode reduce-overhead captures CUDA graphs: on %s the default mode is "
+                        "used", device.type)
+            mode = None
+        setattr(model, STATIC_SHAPES_ATTR, static_shapes)
+        if static_shapes is not None:
+            # Each variant is a separate graph (dynamic=False): allow all of them, training and validation (grad
+            # mode and train/eval are guarded), plus a longer-than-planned batch, before dynamo falls back to eager.
+            need = 2 * static_shapes.variants + 4
+            for key in ("recompile_limit", "cache_size_limit"):
+                if hasattr(torch._dynamo.config, key) and getattr(torch._dynamo.config, key) < need:
+                    setattr(torch._dynamo.config, key, need)
+            log.info("torch.compile: decoder, mode %s, static shapes: clips padded to a multiple of %d frames (up to "
+                     "%d), text states to %s tokens, batches to %d clips: at most %d x %d = %d shape variants "
+                     "(compiles) for training and as many for validation", mode or "default",
+                     static_shapes.frame_bucket, static_shapes.max_frames,
+                     "/".join(map(str, static_shapes.text_lengths)) or "their own (melody prefix: not padded)",
+                     static_shapes.batch_size, math.ceil(static_shapes.max_frames / static_shapes.frame_bucket),
+                     len(static_shapes.text_lengths) or 1, static_shapes.variants)
+        else:
+            log.info("torch.compile: decoder, mode %s (shapes not padded: one compile per batch shape)",
+                     mode or "default")
+        fam.compile_decoder(model, mode=mode)
 
 
 def prepare_model(model, cfg: Config, precision: str, device):
@@ -100,7 +195,8 @@ def prepare_model(model, cfg: Config, precision: str, device):
     prepare_frozen_weights(model, precision, t.base_weights_dtype)
     move_trained_modules(model, device, text_encoder=bool(cfg.lora.train_text_encoder))
     configure_step(model, device, checkpointing=t.gradient_checkpointing, torch_compile=t.torch_compile,
-                   decoder_dropout=t.decoder_dropout)
+                   decoder_dropout=t.decoder_dropout, compile_mode=t.compile_mode,
+                   static_shapes=static_shapes_for(model, cfg) if t.torch_compile else None)
     return model, [p for p in model.parameters() if p.requires_grad]
 
 
@@ -147,9 +243,18 @@ def step_loss(model, processor, info, batch, device, autocast, cache_text: bool)
         with autocast():
             hidden, mask = fam.encode_text(model, processor, batch["texts"], device=device)
         hidden, mask = fam.drop_condition(hidden, mask, ~batch["dropped"].to(device))
-    melody = {"chroma": batch["chroma"].to(device, non_blocking=True)} if "chroma" in batch else {}
+    chroma = batch["chroma"].to(device, non_blocking=True) if "chroma" in batch else None
+    shapes = getattr(model, STATIC_SHAPES_ATTR, None)
+    b, t = codes.shape[0], codes.shape[-1]
+    if shapes is not None:  # torch_compile: pad to a static shape (no loss on the padding)
+        codes, lengths, hidden, mask, chroma = shapes.pad(codes, lengths, hidden, mask, info.pad_token_id, chroma)
+    melody = {"chroma": chroma} if chroma is not None else {}
     logits, labels = fam.teacher_forced_logits(model, info, codes, lengths, hidden, mask, autocast=autocast, **melody)
-    return fam.codebook_loss(logits, labels)
+    loss = fam.codebook_loss(logits, labels)
+    if shapes is not None:  # per-clip results of the batch's own clips (the padding has no valid token)
+        s = t + (loss.ce.shape[-1] - codes.shape[-1])
+        loss.ce, loss.valid = loss.ce[:b, :, :s], loss.valid[:b, :, :s]
+    return loss
 
 
 def heldout_loss(model, processor, info, valid_ds, collate, batch_size: int, device, autocast, cache_text: bool,
