@@ -192,7 +192,7 @@ def main(argv=None) -> int:
     import torch
 
     from lora.config import ModelConfig
-    from lora.loading import load_base_model
+    from lora.loading import family_for, load_base_model
     from lora.utils import setup_logging
     from musicgen_arch import model_path
 
@@ -207,11 +207,12 @@ def main(argv=None) -> int:
         loaded = load_base_model(ModelConfig(model_path=model_path(name), tiny_model_dir=str(tmp / "tiny")))
         make_long_set(tmp / "set", 0, [10.0] * clips, loaded[2].sample_rate)
         out["cache_build"] = cache_build_ab(loaded, tmp / "set", rounds)
-        tiny = load_base_model(ModelConfig(model_path="tiny", tiny_model_dir=str(tmp / "tiny")))[0].audio_encoder
+        tiny_model, _, tiny_info = load_base_model(ModelConfig(model_path="tiny", tiny_model_dir=str(tmp / "tiny")))
+        tiny = family_for(tiny_info).audio_codec(tiny_model)
         sets, fit_audio = audio_sets(a.real_dir, a.agreement_clips or (2 if a.quick else 12), 10.0, 32000)
         out["agreement"] = {"tiny (fitted)": agreement(tiny.eval(), sets)}
         if name != "tiny":
-            codec = loaded[0].audio_encoder.eval()
+            codec = family_for(loaded[2]).audio_codec(loaded[0]).eval()
             fit_codebooks(codec, fit_audio)
             out["agreement"][f"{name} architecture (codebooks fitted)"] = agreement(codec, sets)
     cb = out["cache_build"]

@@ -46,8 +46,9 @@ CASES = {
     "encode-fp32": ("encode", "no", "float32"),
     "cached-fp16": ("cached", "fp16", "auto"),  # CUDA: fp16 autocast + GradScaler (the seed's --fp16)
 }
-# A case name may end in "+ckpt" (gradient checkpointing) and/or "+compile" (torch.compile of the decoder).
-SUFFIXES = ("+ckpt", "+compile")
+# A case name may end in "+ckpt" (gradient checkpointing) and/or "+compile" (torch.compile of the decoder) or
+# "+compile-ro" (torch.compile, mode reduce-overhead: CUDA graphs).
+SUFFIXES = ("+ckpt", "+compile", "+compile-ro")
 
 
 def parse_case(name: str) -> tuple[str, dict]:
@@ -230,6 +231,7 @@ def run_case(spec: dict) -> dict:
     cfg.training.base_weights_dtype = weights
     cfg.training.gradient_checkpointing = bool(spec.get("checkpointing"))
     cfg.training.torch_compile = bool(spec.get("compile"))
+    cfg.training.compile_mode = spec.get("compile_mode", "default")
     if "decoder_dropout" in spec:  # --decoder_dropout: else the config default, as train_lora.py
         cfg.training.decoder_dropout = spec["decoder_dropout"]
     model, params = prepare_model(model, cfg, precision, device)  # exactly as train_lora.py
@@ -359,7 +361,7 @@ def table(results: list[dict], m: dict) -> str:
                                            if "cuda_step_max_allocated_mb" in r else "")
         rows.append(
             f"| {r['model']} | {r['case']}{' +ckpt' if r.get('checkpointing') else ''}"
-            f"{' +compile' if r.get('compile') else ''} | {r['precision']} | {r['base_weights_dtype']} | "
+            f"{(' +compile-ro' if r.get('compile_mode') == 'reduce-overhead' else ' +compile') if r.get('compile') else ''} | {r['precision']} | {r['base_weights_dtype']} | "
             f"{r['step_s_median']:.3f} | {r['audio_s_per_s']:.2f} | {r['tokens_per_s']:.0f} | "
             f"{1000 * r['data_s_median']:.1f} | {r['flops_step'] / 1e12:.3f} | {r['achieved_flops'] / 1e12:.3f} | "
             f"{100 * r['achieved_flops'] / m['peak_fp32_flops']:.0f}% | {100 * r['achieved_flops'] / m['peak_bf16_flops']:.0f}% | "

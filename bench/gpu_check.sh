@@ -10,9 +10,12 @@
 #      (the GPU default), batch 1 and 8, plus the base model with transformers' own decoder call;
 #   6. (not in the default PARTS: about 10 min on its own) bench_train.py at 30-s clips, batch 2, bf16, eager
 #      against training.torch_compile (static shapes; the first, compiling steps are warm-up): train_compile_small
-#      (small; plus compile_mode reduce-overhead = CUDA graphs, "+compile-ro", once bench_train.py passes
-#      compile_mode to the config) and train_compile_medium_large (medium, large).
+#      (small; plus compile_mode reduce-overhead = CUDA graphs, "+compile-ro") and train_compile_medium_large
+#      (medium, large).
 #      PARTS="train_compile_small train_compile_medium_large" bash bench/gpu_check.sh
+#   7. (not in the default PARTS) cold_start: train_lora.py as a whole process on musicgen-small's architecture,
+#      12 steps, with bench_train.py --cold_start's breakdown (start-up, load, token cache on the GPU, LoRA set-up,
+#      first step, steady step): PARTS=cold_start bash bench/gpu_check.sh
 # Each part has its own time limit and writes its own files, so one failing part does not lose the others.
 #
 #   OUT=/some/folder bash bench/gpu_check.sh          # results and logs go to $OUT
@@ -67,6 +70,8 @@ grep -q "cfg.training.compile_mode" bench/bench_train.py && RO_CASE=",cached-bf1
 want train_compile_small && part train_compile_small "${TCS_LIMIT:-240}" "$PY" bench/bench_train.py --models small \
   --seconds 30 --batch 2 --steps 5 --warmup 3 --cases "cached-bf16,cached-bf16+compile$RO_CASE" \
   --json "$OUT/train_compile_small.json"
+want cold_start && part cold_start "${CS_LIMIT:-200}" "$PY" bench/bench_train.py --cold_start --models small \
+  --steps 12 --json "$OUT/cold_start.json"
 want train_compile_medium_large && part train_compile_medium_large "${TCL_LIMIT:-400}" "$PY" bench/bench_train.py \
   --models medium,large --seconds 30 --batch 2 --steps 4 --warmup 3 --cases cached-bf16,cached-bf16+compile \
   --no_flop_check --json "$OUT/train_compile_medium_large.json"

@@ -34,6 +34,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
 
+from lora.encodec_fast import encode_codes  # the family's EnCodec encoder (float32, chunked on a CPU)
 from lora.fast_decode import StaticDecoder  # noqa: F401  (the family's static-cache decoding step)
 from lora.utils import log
 
@@ -291,8 +292,6 @@ def encode_audio(model, wavs, info: ModelInfo):
     ``EncodecModel.encode`` (lora.encodec_fast: chunked over time on a CPU, no TF32 on a GPU).
     """
     import torch
-
-    from lora.encodec_fast import encode_codes
 
     codec = get_base(model).audio_encoder
     if wavs.dim() == 2:
