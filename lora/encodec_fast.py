@@ -14,14 +14,16 @@ streams the tensor through memory and allocates a fresh one; on a 2-core CPU tha
 * **No needless copies.** A convolution without padding gets its input as it is (transformers' F.pad copies it even
   for zero padding); ELUs and residual additions work in place on tensors no one else holds.
 * **The LSTM sees the whole batch at once** (it reads its weights once per frame, whatever the batch), after the
-  stack has run clip by clip in chunks; the LSTM, the last ELU and convolution and the quantizer are transformers' own modules.
+  stack has run clip by clip in chunks; the LSTM, the last ELU and convolution and the quantizer are
+  transformers' own modules.
 
 Codes are float32 codes: against ``EncodecModel.encode`` of the same batch, chunked latents differ by float rounding
-only (~1e-7 of their scale) and codes agree at the rate fp32 agrees with itself at another batch size (>= 99.9 %,
-BENCHMARKS.md); clips too short for two chunks (and every clip of a codec as narrow as the tiny test model's) run
-in one piece, the whole batch at once: bit for bit transformers' latents and codes. tests/test_encodec_fast.py checks
+only (~1e-7 of their scale) and codes agree with fp32 codes as well as transformers' own encoder at another
+batch size does (99.6-100 % per codebook, BENCHMARKS.md "Cold start"); clips too short for two chunks (and every
+clip of a codec as narrow as the tiny test model's) run in one piece, the whole batch at once: bit for bit
+transformers' latents and codes. tests/test_encodec_fast.py checks
 both, at odd lengths.
-bf16 is not used: its codes agreed with fp32 on only 74-89 % of frames per codebook (BENCHMARKS.md, "Token cache").
+bf16 is not used: its codes agreed with fp32 on only 64-96 % of frames per codebook (BENCHMARKS.md, "Cold start").
 
 Used on the CPU for codecs of the layout it knows (weight-norm convolutions, no chunked/normalized 48-kHz style
 input); anything else, and every GPU, runs ``EncodecModel.encode`` itself. ``ENCODER_PRECISION`` names what the
@@ -33,9 +35,10 @@ from __future__ import annotations
 import math
 
 ENCODER_PRECISION = "fp32"  # the token cache records it: codes are made in full float32 (no TF32 on a GPU)
-CHUNK_BYTES = 1 << 23       # first-stage activations per chunk (8 MiB: 51 frames, ~1 s, for MusicGen's 64-filter codec;
-#                             fastest of 0.5 / 1 / 2 / 4 s on the CPUs seen, BENCHMARKS.md). A narrower codec (the
-#                             tiny test model's 4 filters) gets chunks longer than its clips: it runs unchunked.
+# First-stage activations per chunk: 8 MiB = 51 frames (~1 s) for MusicGen's 64-filter codec, the fastest of
+# 0.5 / 1 / 2 / 4-s chunks for the stack on a 2-core Xeon (2026-12-02). A narrower codec (the tiny test model's
+# 4 filters) gets chunks longer than its clips: it runs unchunked.
+CHUNK_BYTES = 1 << 23
 
 
 def _classes():
