@@ -22,7 +22,6 @@ in lower precision agree with float32 codes, per codebook.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import sys
@@ -35,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_cache import make_long_set  # noqa: E402
-from machine import describe  # noqa: E402
+from machine import describe, save_json  # noqa: E402
 
 REAL_DIR = "/usr/share/games/colobot/music"
 
@@ -229,8 +228,7 @@ def main(argv=None) -> int:
                   f"{r['variant']} | {' / '.join(f'{100 * v:.2f}' for v in r['agree_per_codebook'])} | "
                   f"{r['seconds']:.1f} | {r['reference_seconds']:.1f} |")
     if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(out, indent=1))
+        save_json(a.json, out)
     return 0
 
 

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from machine import peak_rss_mb, run_case_in_child  # noqa: E402
+from machine import peak_rss_mb, run_case_in_child, save_json  # noqa: E402
 
 
 def run_case(spec: dict) -> dict:
@@ -94,8 +94,7 @@ def main(argv=None) -> int:
               f"{r['cast_bf16_s']:.2f} | {r['move_s']:.2f} | {r['configure_s']:.2f} | {r['lora_setup_s']:.2f} | "
               f"{r['peak_rss_mb'] / 1024:.1f} |")
     if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps({"machine": m, "results": rows}, indent=1))
+        save_json(a.json, {"machine": m, "results": rows})
     return 0
 
 

@@ -555,9 +555,7 @@ def cold_start(args, models: list[str], argv) -> int:
             print(f"| {k} | {t[k]:.2f} | {share:.0f}% | {what} |")
         print()
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"machine": m, "command": command.strip(), "cold_start": rows},
-                                              indent=1))
+        machine.save_json(args.json, {"machine": m, "command": command.strip(), "cold_start": rows})
     return 0
 
 

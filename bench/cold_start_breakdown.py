@@ -109,9 +109,7 @@ def main(argv=None) -> int:
               f"peer's {run['steps']} steps took {p['training steps (Trainer train_runtime; text encoded every step)']:.0f} s "
               f"({p['training steps (Trainer train_runtime; text encoded every step)'] / run['steps']:.2f} s each).")
     if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps({"machine": m, "run": {k: str(v) for k, v in run.items()},
-                                            "ours": o, "peer": p}, indent=1))
+        machine.save_json(a.json, {"machine": m, "run": {k: str(v) for k, v in run.items()}, "ours": o, "peer": p})
     return 0
 
 

@@ -142,3 +142,11 @@ if __name__ == "__main__":
     m = measure()
     print(summary_line(m))
     print(json.dumps(m, indent=1))
+
+
+def save_json(path, obj) -> None:
+    """A benchmark's results as JSON at ``path`` (its folder made if missing)."""
+    from pathlib import Path
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(obj, indent=1))
