@@ -75,8 +75,8 @@ def _lstm_index(encoder) -> int:
 
 
 def _convs(layers):
-    """Every EncodecConv1d of ``layers`` in order (residual blocks' own convolutions included), with whether it
-    sits in a residual branch (a branch does not change the stack's stride)."""
+    """Every EncodecConv1d of ``layers`` in order, residual blocks' own convolutions included (they have stride 1:
+    they widen the receptive field but keep the length)."""
     conv, block, _ = _classes()
     for m in layers:
         if isinstance(m, conv):
