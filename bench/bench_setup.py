@@ -78,11 +78,7 @@ def main(argv=None) -> int:
 
     rows = []
     for name in a.models.split(","):
-        for f in Path(model_path(name)).glob("*"):  # page cache warm: the load is not a disk benchmark
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    while fh.read(1 << 24):
-                        pass
+        machine.read_folder_once(model_path(name))
         rows.append(run_case_in_child(Path(__file__), {"model": name, "device": a.device}))
     m = machine.describe()
     print(f"Set-up phases | {m['cpu']}, {m['cores']} cores | {m['date']} | `python bench/bench_setup.py "

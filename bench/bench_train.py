@@ -503,6 +503,7 @@ def cold_start(args, models: list[str], argv) -> int:
     import subprocess
     import tempfile
 
+    import machine
     from musicgen_arch import model_path
 
     steps = args.steps or (2 if args.quick else 12)
@@ -516,11 +517,7 @@ def cold_start(args, models: list[str], argv) -> int:
                 data = str(tmp / "data")
                 subprocess.run([sys.executable, str(ROOT / "lora" / "prepare_data.py"), "--create_example",
                                 "--output_dir", data], check=True, capture_output=True)
-            for f in Path(path).glob("*"):  # a process cold start, not a disk one: the weights in the page cache
-                if f.is_file():
-                    with open(f, "rb") as fh:
-                        while fh.read(1 << 24):
-                            pass
+            machine.read_folder_once(path)  # a process cold start, not a disk one
             cmd = [sys.executable, str(ROOT / "lora" / "train_lora.py"), "--model_path", path, "--data_dir", data,
                    "--output_dir", str(tmp / "out"), "--batch_size", str(args.batch),
                    "--gradient_accumulation_steps", "1", "--max_steps", str(steps), "--eval_steps", "100000",
@@ -533,8 +530,6 @@ def cold_start(args, models: list[str], argv) -> int:
                 raise SystemExit(f"train_lora.py failed on {name} (exit {proc.returncode})")
             timing = json.loads((tmp / "out" / "logs" / "timing.json").read_text())
         rows.append({"model": name, "steps": steps, "wall_s": wall, "timing": timing})
-    import machine
-
     m = machine.describe()
     command = "python bench/bench_train.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"Cold start of train_lora.py, {steps} steps, batch {args.batch} | {m['cpu']}, {m['cores']} cores, torch "

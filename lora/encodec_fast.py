@@ -21,9 +21,7 @@ Codes are float32 codes: against ``EncodecModel.encode`` of the same batch, chun
 only (~1e-7 of their scale) and codes agree with fp32 codes as well as transformers' own encoder at another
 batch size does (99.6-100 % per codebook, BENCHMARKS.md "Cold start"); clips too short for two chunks (and every
 clip of a codec as narrow as the tiny test model's) run in one piece, the whole batch at once: bit for bit
-transformers' latents and codes. tests/test_encodec_fast.py checks
-both, at odd lengths.
-bf16 is not used: its codes agreed with fp32 on only 64-96 % of frames per codebook (BENCHMARKS.md, "Cold start").
+transformers' latents and codes. tests/test_encodec_fast.py checks both, at odd lengths. bf16 is not used: its codes agreed with fp32 on only 64-96 % of frames per codebook (BENCHMARKS.md, "Cold start").
 
 Used on the CPU for codecs of the layout it knows (weight-norm convolutions, no chunked/normalized 48-kHz style
 input); anything else, and every GPU, runs ``EncodecModel.encode`` itself. ``ENCODER_PRECISION`` names what the
@@ -137,37 +135,29 @@ def _conv(layer, x, owned: bool, elu: bool):
 
 def _stack(layers, x):
     """The layers before the LSTM on x (B, C, n), with in-place ELUs and additions where nothing else reads the
-    tensor (``x`` itself, the caller's, is never changed)."""
+    tensor (``x`` itself, the caller's, is never changed). An ELU is applied as the next convolution reads its
+    input (``_conv``), in place once the tensor is the stack's own."""
     import torch
+    import torch.nn.functional as F
 
-    conv, block, _ = _classes()
-    owned, elu = False, False
-    for m in layers:
-        if isinstance(m, torch.nn.ELU):
-            if elu:  # two ELUs in a row (not in EnCodec): apply the first
-                x, owned = torch.nn.functional.elu(x, inplace=owned) if owned else torch.nn.functional.elu(x), True
-            elu = True
-        elif isinstance(m, conv):
-            x, owned, elu = _conv(m, x, owned, elu), True, False
-        else:  # residual block: ELU, conv, ELU, conv (+ shortcut)
-            if elu:
-                x, owned, elu = torch.nn.functional.elu(x, inplace=owned) if owned else torch.nn.functional.elu(x), \
-                    True, False
-            h, h_owned, h_elu = x, False, False
-            for b in m.block:
-                if isinstance(b, torch.nn.ELU):
-                    if h_elu:
-                        h, h_owned = torch.nn.functional.elu(h, inplace=h_owned) if h_owned else \
-                            torch.nn.functional.elu(h), True
-                    h_elu = True
-                else:
-                    h, h_owned, h_elu = _conv(b, h, h_owned, h_elu), True, False
-            if h_elu:
-                h = torch.nn.functional.elu(h)
-            x, owned = h.add_(m.shortcut(x)), True
-    if elu:
-        x = torch.nn.functional.elu(x, inplace=owned) if owned else torch.nn.functional.elu(x)
-    return x
+    conv, _, _ = _classes()
+
+    def run(modules, x):
+        owned, elu = False, False
+        for m in modules:
+            if isinstance(m, torch.nn.ELU):
+                if elu:  # two ELUs in a row (not in EnCodec): apply the first
+                    x, owned = F.elu(x, inplace=owned), True
+                elu = True
+            elif isinstance(m, conv):
+                x, owned, elu = _conv(m, x, owned, elu), True, False
+            else:  # residual block: its branch (ELU, conv, ELU, conv) + its shortcut
+                if elu:
+                    x, owned, elu = F.elu(x, inplace=owned), True, False
+                x, owned = run(m.block, x).add_(m.shortcut(x)), True
+        return F.elu(x, inplace=owned) if elu else x
+
+    return run(layers, x)
 
 
 def stack_frames(encoder, n: int) -> int:

@@ -136,7 +136,7 @@ def static_shapes_for(model, cfg: Config) -> StaticShapes:
     bucket = max(1, int(round(COMPILE_FRAME_BUCKET_SECONDS * info.frame_rate)))
     return StaticShapes(frame_bucket=bucket, max_frames=max(1, int(round(cfg.training.max_duration * info.frame_rate))),
                         batch_size=int(cfg.training.batch_size),
-                        text_lengths=() if info.model_type != "musicgen" else COMPILE_TEXT_LENGTHS)
+                        text_lengths=() if fam.MELODY else COMPILE_TEXT_LENGTHS)
 
 
 def configure_step(model, device, checkpointing: bool = False, torch_compile: bool = False,
@@ -432,11 +432,9 @@ class SaveTimer:
 
 class PhaseClock:
     """Where a run's wall time goes, from the process start to the last file written: the set-up phases in order
-    (``phase``), then the train loop's steps (``step``: the first apart, then the steady ones) and the time spent
+    (``lap``), then the train loop's steps (``step``: the first apart, then the steady ones) and the time spent
     validating and checkpointing between them. ``report()`` is the table train_lora.py logs and writes to
     logs/timing.json, and bench/bench_train.py --cold_start reads."""
-
-    SETUP = ("start-up", "load", "token cache", "LoRA set-up", "other set-up")
 
     def __init__(self, started: float):
         self.started = started           # process start, time.time() scale (lora.utils.process_start_time)
