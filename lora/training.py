@@ -22,6 +22,7 @@ import os
 import pickle
 import re
 import shutil
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -458,8 +459,6 @@ class PhaseClock:
         self.mark = now
 
     def report(self) -> dict:
-        import statistics
-
         out = {k: round(v, 3) for k, v in self.phases.items()}
         if self.steps:
             out["first step"] = round(self.steps[0], 3)
