@@ -7,8 +7,9 @@ in lower precision agree with float32 codes, per codebook.
 
 1. **Cache build** (lora.dataset.build_token_cache, codes + caption states, as train_lora.py builds it) of 40
    synthetic 10-s clips (the peer bench's amount of audio), from scratch, alternating in one process: "transformers"
-   (EncodecModel.encode on each equal-length batch: the code before) and "chunked" (lora.encodec_fast: the code
-   now). Median per variant, median of the per-round ratios, and how many codes differ between the two builds.
+   (EncodecModel.encode on each equal-length batch), "chunked, every layer" (lora.encodec_fast with every layer
+   before the LSTM in time chunks: the code of 2026-12-01) and "chunked" (the code now: the last stage on the whole
+   clip). Median per variant, median of the per-round ratios, and how many codes differ from "chunked".
 2. **Agreement with float32 codes**, per codebook, of: the chunked fp32 encoder; transformers' fp32 encoder at
    batch 8 (fp32 against itself at another batch size: the floor); the encoder in bf16 (weights and activations,
    the quantizer in fp32); the whole encode under bf16 autocast (the quantizer's distances too). Reference:
@@ -37,37 +38,54 @@ from bench_cache import make_long_set  # noqa: E402
 from machine import describe, save_json  # noqa: E402
 
 REAL_DIR = "/usr/share/games/colobot/music"
+FIT_CLIPS = 48  # synthetic 4-s clips the codebooks are fitted on: 9,600 latent frames for 2,048 codes
+
+
+CACHE_VARIANTS = ("transformers", "chunked, every layer", "chunked")
+
+
+def _encoder_variant(variant: str):
+    """(supported, whole_clip_from) of lora.encodec_fast for a cache-build variant: transformers' EncodecModel.encode
+    ("transformers"), every layer before the LSTM in chunks (the code of 2026-12-01), or the code now."""
+    from lora import encodec_fast
+
+    supported, whole = encodec_fast.supported, encodec_fast.whole_clip_from
+    if variant == "transformers":
+        return (lambda codec: False), whole
+    if variant == "chunked, every layer":
+        return supported, (lambda encoder: len(encodec_fast.stack_layers(encoder)))
+    return supported, whole
 
 
 def cache_build_ab(loaded, data_dir: Path, rounds: int) -> dict:
+    import torch
+
     from lora import dataset, encodec_fast
 
     model, processor, info = loaded
     records = dataset.load_metadata(data_dir)
-    supported = encodec_fast.supported
-    times: dict[str, list[float]] = {"transformers": [], "chunked": []}
+    saved = encodec_fast.supported, encodec_fast.whole_clip_from
+    times: dict[str, list[float]] = {v: [] for v in CACHE_VARIANTS}
     codes = {}
     for r in range(rounds):
-        for variant in (("transformers", "chunked") if r % 2 == 0 else ("chunked", "transformers")):
+        for variant in CACHE_VARIANTS[r % 3:] + CACHE_VARIANTS[:r % 3]:  # each variant first once in 3 rounds
             shutil.rmtree(dataset.cache_root(data_dir, info), ignore_errors=True)
-            encodec_fast.supported = (lambda codec: False) if variant == "transformers" else supported
+            encodec_fast.supported, encodec_fast.whole_clip_from = _encoder_variant(variant)
             try:
                 t = time.perf_counter()
                 clips, _ = dataset.build_token_cache(records, model, processor, info, data_dir, show_progress=False)
                 times[variant].append(time.perf_counter() - t)
             finally:
-                encodec_fast.supported = supported
-            codes[variant] = [c.codes for c in clips]
-    import torch
-
-    a, b = torch.stack(codes["transformers"]), torch.stack(codes["chunked"])
-    ratios = [x / y for x, y in zip(times["transformers"], times["chunked"])]
-    return {"clips": len(records), "audio_s": sum(r.duration for r in records), "rounds": rounds,
-            "transformers_s": times["transformers"], "chunked_s": times["chunked"],
-            "transformers_s_median": statistics.median(times["transformers"]),
-            "chunked_s_median": statistics.median(times["chunked"]),
-            "speedup_median (transformers / chunked)": statistics.median(ratios),
-            "codes_agree_per_codebook": (a == b).float().mean(dim=(0, 2)).tolist()}
+                encodec_fast.supported, encodec_fast.whole_clip_from = saved
+            codes[variant] = torch.stack([c.codes for c in clips])
+    out = {"clips": len(records), "audio_s": sum(r.duration for r in records), "rounds": rounds}
+    for v in CACHE_VARIANTS:
+        out[f"{v} s"] = times[v]
+        out[f"{v} s median"] = statistics.median(times[v])
+        out[f"speed-up of chunked over {v} (median of per-round ratios)"] = statistics.median(
+            x / y for x, y in zip(times[v], times["chunked"]))
+        out[f"codes agree with {v}, per codebook"] = (codes[v] == codes["chunked"]).float().mean(dim=(0, 2)).tolist()
+    return out
 
 
 def fit_codebooks(codec, audio, iters: int = 8) -> None:
@@ -157,7 +175,8 @@ def audio_sets(real_dir: str | None, clips: int, seconds: float, sr: int) -> tup
     styles = list(STYLES)
     syn = torch.from_numpy(np.stack([synth_clip(styles[i % len(styles)], seconds, sr, 1, rng)[0]
                                      for i in range(clips)]))
-    fit = [torch.from_numpy(np.stack([synth_clip(styles[i % len(styles)], 4.0, sr, 1, rng)[0] for i in range(8)]))]
+    fit = [torch.from_numpy(np.stack([synth_clip(styles[i % len(styles)], 4.0, sr, 1, rng)[0]
+                                      for i in range(FIT_CLIPS)]))]
     sets = {"synthetic": syn}
     files = sorted(p for p in Path(real_dir).glob("*") if p.suffix.lower() in (".ogg", ".wav", ".flac", ".mp3")) \
         if real_dir and Path(real_dir).is_dir() else []
@@ -217,10 +236,13 @@ def main(argv=None) -> int:
     cb = out["cache_build"]
     print(f"Token cache build | {m['cpu']}, {m['cores']} cores, torch {torch.__version__} | {m['date']} | "
           f"`{out['command'].strip()}`\n")
-    print(f"{cb['clips']} clips, {cb['audio_s']:.0f} s of audio, {name}: transformers {cb['transformers_s_median']:.1f} s, "
-          f"chunked {cb['chunked_s_median']:.1f} s (medians of {rounds}), speed-up "
-          f"{cb['speedup_median (transformers / chunked)']:.2f}x (median of the per-round ratios); codes agree "
-          f"{', '.join(f'{100 * v:.2f}%' for v in cb['codes_agree_per_codebook'])} per codebook\n")
+    print(f"{cb['clips']} clips, {cb['audio_s']:.0f} s of audio, {name}, medians of {rounds} builds:\n")
+    print("| variant | build s | chunked's speed-up | codes agree with chunked, per codebook (%) |\n|---|---:|---:|---|")
+    for v in CACHE_VARIANTS:
+        agree = " / ".join(f"{100 * x:.2f}" for x in cb[f"codes agree with {v}, per codebook"])
+        print(f"| {v} | {cb[f'{v} s median']:.1f} | "
+              f"{cb[f'speed-up of chunked over {v} (median of per-round ratios)']:.2f}x | {agree} |")
+    print()
     print("| codec | audio | variant | agreement with fp32 per codebook (%) | s | fp32 b1 s |\n|---|---|---|---|---:|---:|")
     for codec_name, rows in out["agreement"].items():
         for r in rows:

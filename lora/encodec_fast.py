@@ -11,6 +11,10 @@ streams the tensor through memory and allocates a fresh one; on a 2-core CPU tha
   (same weights, same neighbours; only float rounding can differ). Chunks start on multiples of the stack's total
   stride, so every layer's frame grid and its right-edge ("extra") padding are the whole clip's; the clip's own
   edges are padded exactly as transformers pads them (reflect, ``EncodecConv1d._pad1d``).
+* **Only the wide stages in chunks.** The later layers, from the first whose tensors are at most
+  ``WHOLE_CLIP_BYTES_PER_FRAME`` per output frame (``whole_clip_from``: MusicGen's last stage, 512 channels), run on
+  the whole clip: their convolutions are compute-bound, and oneDNN runs them several times faster on a long input
+  than on short chunks. The chunks' halo then covers only the chunked stages' receptive field.
 * **No needless copies.** A convolution without padding gets its input as it is (transformers' F.pad copies it even
   for zero padding); ELUs and residual additions work in place on tensors no one else holds.
 * **The LSTM sees the whole batch at once** (it reads its weights once per frame, whatever the batch), after the
@@ -37,6 +41,12 @@ ENCODER_PRECISION = "fp32"  # the token cache records it: codes are made in full
 # 0.5 / 1 / 2 / 4-s chunks for the stack on a 2-core Xeon (2026-12-02). A narrower codec (the tiny test model's
 # 4 filters) gets chunks longer than its clips: it runs unchunked.
 CHUNK_BYTES = 1 << 23
+# The stack's later layers run on the whole clip: from the first whose input is at most this many bytes per output
+# frame (MusicGen's codec: its last stage, 512 channels x 8 samples = 16 KiB). There the convolutions are
+# compute-bound and oneDNN runs them faster on a long input than on 1-s chunks: the last convolution (512 -> 1024,
+# kernel 16, stride 8) took 66 ms for a 10-s clip whole against 230 ms in chunks, and the whole stack of a 10-s clip
+# 0.61 s against 0.83 s with every layer chunked (AMD EPYC, 2 cores, 2026-12-02; bench/bench_codec.py).
+WHOLE_CLIP_BYTES_PER_FRAME = 1 << 14
 
 
 def _classes():
@@ -92,21 +102,26 @@ def _geometry(layer) -> tuple[int, int, int]:
     return int(layer.kernel_size), int(layer.stride), int(layer.padding_total)
 
 
-def total_stride(encoder) -> int:
-    """Input samples per output frame of the stack before the LSTM."""
-    return math.prod(_geometry(c)[1] for c in _convs(encoder.layers[:_lstm_index(encoder)]))
+def stack_layers(encoder) -> list:
+    """The encoder's layers before the LSTM (convolutions, residual blocks, ELUs)."""
+    return list(encoder.layers[:_lstm_index(encoder)])
 
 
-def halo_samples(encoder) -> int:
-    """Input samples a chunk needs on each side: the stack's receptive field (each convolution widens it by
+def total_stride(layers) -> int:
+    """Input samples per output frame of ``layers`` (a stretch of the stack before the LSTM)."""
+    return math.prod(_geometry(c)[1] for c in _convs(layers))
+
+
+def halo_samples(layers) -> int:
+    """Input samples a chunk of ``layers`` needs on each side: their receptive field (each convolution widens it by
     (kernel - 1) x the stride before it) plus one frame for the frame grid, rounded up to whole frames (chunks
     start on multiples of the total stride)."""
     reach, before = 0, 1
-    for c in _convs(encoder.layers[:_lstm_index(encoder)]):
+    for c in _convs(layers):
         k, s, _ = _geometry(c)
         reach += (k - 1) * before
         before *= s
-    stride = total_stride(encoder)
+    stride = total_stride(layers)
     return int(math.ceil((reach + stride) / stride)) * stride
 
 
@@ -133,17 +148,18 @@ def _conv(layer, x, owned: bool, elu: bool):
     return layer.conv(x)
 
 
-def _stack(layers, x):
-    """The layers before the LSTM on x (B, C, n), with in-place ELUs and additions where nothing else reads the
-    tensor (``x`` itself, the caller's, is never changed). An ELU is applied as the next convolution reads its
-    input (``_conv``), in place once the tensor is the stack's own."""
+def _stack(layers, x, owned: bool = False):
+    """``layers`` (of the stack before the LSTM) on x (B, C, n), with in-place ELUs and additions where nothing else
+    reads the tensor (``x`` itself is never changed unless ``owned``: the caller's tensor may be overwritten). An
+    ELU is applied as the next convolution reads its input (``_conv``), in place once the tensor is the stack's
+    own."""
     import torch
     import torch.nn.functional as F
 
     conv, _, _ = _classes()
 
-    def run(modules, x):
-        owned, elu = False, False
+    def run(modules, x, owned=False):
+        elu = False
         for m in modules:
             if isinstance(m, torch.nn.ELU):
                 if elu:  # two ELUs in a row (not in EnCodec): apply the first
@@ -157,75 +173,95 @@ def _stack(layers, x):
                 x, owned = run(m.block, x).add_(m.shortcut(x)), True
         return F.elu(x, inplace=owned) if elu else x
 
-    return run(layers, x)
+    return run(layers, x, owned)
 
 
-def stack_frames(encoder, n: int) -> int:
-    """Output frames of the stack before the LSTM for ``n`` input samples (transformers' padding arithmetic)."""
-    for c in _convs_in_order_of_stride(encoder):
+def stack_frames(layers, n: int) -> int:
+    """Output frames of ``layers`` for ``n`` input samples (transformers' padding arithmetic)."""
+    for c in _main_convs(layers):
         k, s, _ = _geometry(c)
         left, right = _paddings(c, n)
         n = (n + left + right - k) // s + 1
     return n
 
 
-def _convs_in_order_of_stride(encoder):
-    """The convolutions on the stack's main path (those that set the length: not a residual branch's)."""
-    conv, block, _ = _classes()
-    for m in encoder.layers[:_lstm_index(encoder)]:
-        if isinstance(m, conv):
-            yield m
+def _main_convs(layers):
+    """The convolutions on the main path of ``layers`` (those that set the length: not a residual branch's)."""
+    conv, _, _ = _classes()
+    return [m for m in layers if isinstance(m, conv)]
 
 
-def chunk_frames(encoder) -> int:
-    """Output frames per chunk: ``CHUNK_BYTES`` of float32 activations at the first convolution's width."""
-    first = next(_convs(encoder.layers[:_lstm_index(encoder)]))
-    return max(1, CHUNK_BYTES // (4 * int(first.conv.out_channels) * total_stride(encoder)))
+def whole_clip_from(encoder) -> int:
+    """Index of the first layer of the stack that runs on the whole clip, not in chunks: the first whose input and
+    output each hold at most ``WHOLE_CLIP_BYTES_PER_FRAME`` of float32 activations per output frame of the stack
+    (channels x the stride still ahead). 0 (nothing chunked) for a codec as narrow as the tiny test model's."""
+    layers = stack_layers(encoder)
+    channels = int(_main_convs(layers)[0].conv.in_channels)
+    for i, m in enumerate(layers):
+        out = int(m.conv.out_channels) if m in _main_convs(layers) else channels
+        widest = max(channels * total_stride(layers[i:]), out * total_stride(layers[i + 1:]))
+        if 4 * widest <= WHOLE_CLIP_BYTES_PER_FRAME:
+            return i
+        channels = out
+    return len(layers)
 
 
-def chunked(encoder, n: int, frames_per_chunk: int | None = None) -> bool:
-    """Whether clips of ``n`` samples are cut into chunks (at least two chunks' worth of frames)."""
-    per = frames_per_chunk or chunk_frames(encoder)
-    return stack_frames(encoder, n) > 2 * per and n > 2 * halo_samples(encoder)
+def chunk_frames(layers) -> int:
+    """Output frames of ``layers`` per chunk: ``CHUNK_BYTES`` of float32 activations at the first convolution's
+    width."""
+    first = next(_convs(layers))
+    return max(1, CHUNK_BYTES // (4 * int(first.conv.out_channels) * total_stride(layers)))
 
 
-def pre_lstm(encoder, x, frames_per_chunk: int | None = None):
-    """The stack before the LSTM on x (B, C, N), chunked over time: (B, D, T) equal to the unchunked stack up to
-    float rounding. Clips too short for two chunks run in one piece (exactly the unchunked stack)."""
+def chunked(layers, n: int, frames_per_chunk: int | None = None) -> bool:
+    """Whether clips of ``n`` samples run through ``layers`` in chunks (at least two chunks' worth of frames)."""
+    if not layers:
+        return False
+    per = frames_per_chunk or chunk_frames(layers)
+    return stack_frames(layers, n) > 2 * per and n > 2 * halo_samples(layers)
+
+
+def pre_lstm(encoder, x, frames_per_chunk: int | None = None, whole_from: int | None = None):
+    """The stack before the LSTM on x (B, C, N): (B, D, T) equal to the unchunked stack up to float rounding.
+    Its first ``whole_from`` layers (default ``whole_clip_from``) run in time chunks of ``frames_per_chunk`` of
+    their own output frames (default ``chunk_frames``), the rest on the whole clip. Clips too short for two chunks
+    run in one piece (exactly the unchunked stack)."""
     import torch
 
-    chunk_frames_ = frames_per_chunk or chunk_frames(encoder)
-    layers = list(encoder.layers[:_lstm_index(encoder)])
+    layers = stack_layers(encoder)
+    split = whole_clip_from(encoder) if whole_from is None else whole_from
+    head = layers[:split]
     n = int(x.shape[-1])
-    stride, halo = total_stride(encoder), halo_samples(encoder)
-    frames = stack_frames(encoder, n)
-    if not chunked(encoder, n, chunk_frames_):
+    if not chunked(head, n, frames_per_chunk):
         return _stack(layers, x)
+    per = frames_per_chunk or chunk_frames(head)
+    stride, halo, frames = total_stride(head), halo_samples(head), stack_frames(head, n)
     parts = []
-    for f0 in range(0, frames, chunk_frames_):
-        f1 = min(frames, f0 + chunk_frames_)
+    for f0 in range(0, frames, per):
+        f1 = min(frames, f0 + per)
         start = max(0, f0 * stride - halo)
         end = min(n, f1 * stride + halo)
-        out = _stack(layers, x[..., start:end])
+        out = _stack(head, x[..., start:end])
         first = (f0 * stride - start) // stride
         parts.append(out[..., first:first + (f1 - f0)])
     out = torch.cat(parts, dim=-1)
     if out.shape[-1] != frames:  # the arithmetic above is transformers'; a mismatch means a layout it does not know
         raise RuntimeError(f"chunked EnCodec stack gave {out.shape[-1]} frames for {n} samples, expected {frames}")
-    return out
+    return _stack(layers[split:], out, owned=True)
 
 
-def encoder_forward(encoder, x, frames_per_chunk: int | None = None):
-    """EncodecEncoder.forward(x) (B, C, N) -> latents (B, D, T): the stack before the LSTM clip by clip and in time
-    chunks, then the LSTM and the rest on the whole batch (transformers' modules)."""
+def encoder_forward(encoder, x, frames_per_chunk: int | None = None, whole_from: int | None = None):
+    """EncodecEncoder.forward(x) (B, C, N) -> latents (B, D, T): the stack before the LSTM clip by clip (partly in
+    time chunks: ``pre_lstm``), then the LSTM and the rest on the whole batch (transformers' modules)."""
     import torch
 
     idx = _lstm_index(encoder)
+    split = whole_clip_from(encoder) if whole_from is None else whole_from
     with torch.nn.utils.parametrize.cached():  # each weight-normed weight computed once, not once per chunk
-        if chunked(encoder, int(x.shape[-1]), frames_per_chunk):
-            h = torch.cat([pre_lstm(encoder, x[b:b + 1], frames_per_chunk) for b in range(x.shape[0])])
+        if chunked(stack_layers(encoder)[:split], int(x.shape[-1]), frames_per_chunk):
+            h = torch.cat([pre_lstm(encoder, x[b:b + 1], frames_per_chunk, split) for b in range(x.shape[0])])
         else:  # the whole batch in one piece: bit for bit transformers' stack
-            h = _stack(list(encoder.layers[:idx]), x)
+            h = _stack(stack_layers(encoder), x)
         for m in encoder.layers[idx:]:
             h = m(h)
     return h

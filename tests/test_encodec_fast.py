@@ -46,20 +46,27 @@ def encodec_32khz():
     return codec
 
 
-def compare(codec, n: int, batch: int = 2, seed: int = 1, frames_per_chunk=None):
+def compare(codec, n: int, batch: int = 2, seed: int = 1, frames_per_chunk=None, whole_from=None):
     x = torch.randn(batch, 1, n, generator=torch.Generator().manual_seed(seed)) * 0.1
     with torch.no_grad():
         ref_lat = codec.encoder(x)
         ref = codec.encode(x, return_dict=True).audio_codes[0]
-        lat = ef.encoder_forward(codec.encoder, x, frames_per_chunk)
-        codes = ef.encode_codes(codec, x, frames_per_chunk=frames_per_chunk)
+        lat = ef.encoder_forward(codec.encoder, x, frames_per_chunk, whole_from)
+        if whole_from is None:
+            codes = ef.encode_codes(codec, x, frames_per_chunk=frames_per_chunk)
+        else:
+            codes = codec.quantizer.encode(lat, codec.config.target_bandwidths[0]).transpose(0, 1)
     return ref_lat, lat, ref, codes
 
 
-# lengths: exactly on the chunk grid, odd tails, just past the unchunked limit, shorter than a chunk
+# lengths: exactly on the chunk grid, odd tails, just past the unchunked limit, shorter than a chunk; the stack
+# chunked whole (13 layers) or only its first stage (4), the rest on the whole clip
+@pytest.mark.parametrize("whole_from", [13, 4])
 @pytest.mark.parametrize("n", [32000 * 5, 32000 * 5 + 333, 64000 * 3 + 17, 101 * 640 + 1, 12345])
-def test_chunked_encoder_equals_transformers_encoder(tiny_codec, n):
-    ref_lat, lat, ref, codes = compare(tiny_codec, n, frames_per_chunk=50)  # 1-s chunks, as MusicGen's codec gets
+def test_chunked_encoder_equals_transformers_encoder(tiny_codec, n, whole_from):
+    head = ef.stack_layers(tiny_codec.encoder)[:whole_from]
+    per = 50 * 640 // ef.total_stride(head)  # 1-s chunks, as MusicGen's codec gets
+    ref_lat, lat, ref, codes = compare(tiny_codec, n, frames_per_chunk=per, whole_from=whole_from)
     assert lat.shape == ref_lat.shape and codes.shape == ref.shape
     scale = ref_lat.abs().max()
     assert (lat - ref_lat).abs().max() <= 1e-5 * scale  # float rounding only
@@ -72,28 +79,39 @@ def test_chunked_encoder_equals_transformers_encoder(tiny_codec, n):
 def test_unchunked_clips_are_bit_for_bit_transformers(tiny_codec):
     """The tiny codec's 4 filters make chunks of 16 s: its clips run in one piece, bit for bit transformers' codes
     and latents (the in-place ELUs and skipped zero-padding copies change no value)."""
-    assert ef.chunk_frames(tiny_codec.encoder) * 640 > 32000 * 12
+    enc = tiny_codec.encoder
+    assert not ef.chunked(ef.stack_layers(enc)[:ef.whole_clip_from(enc)], 32000 * 12)
     ref_lat, lat, ref, codes = compare(tiny_codec, 32000 * 6 + 77, batch=3)
     assert torch.equal(lat, ref_lat) and torch.equal(codes, ref)
 
 
 def test_chunked_encoder_on_musicgens_codec_architecture(encodec_32khz):
-    """The real codec's layout (64 filters, 2 LSTM layers): 7.3 s clips cross several chunk boundaries."""
+    """The real codec's layout (64 filters, 2 LSTM layers): 7.3 s clips cross several chunk boundaries of its first
+    three stages; its last stage (512 channels) runs on the whole clip. Also with every layer chunked."""
+    enc = encodec_32khz.encoder
     assert ef.supported(encodec_32khz)
-    assert ef.total_stride(encodec_32khz.encoder) == 640
-    assert ef.halo_samples(encodec_32khz.encoder) >= 1587 + 640  # the stack's receptive field + one frame
-    assert ef.chunk_frames(encodec_32khz.encoder) == 51  # 8 MiB of 64-channel activations: about 1 s
-    ref_lat, lat, ref, codes = compare(encodec_32khz, int(7.3 * 32000))
-    assert (lat - ref_lat).abs().max() <= 1e-5 * ref_lat.abs().max()
-    agree = (codes == ref).float().mean(dim=(0, 2))
-    assert ref[:, 0].unique().numel() > 50  # the codes vary with the audio (fitted codebooks)
-    assert bool((agree >= 0.999).all()), agree  # near-ties of the quantizer may flip on rounding, at fp32's own rate
+    layers = ef.stack_layers(enc)
+    assert ef.total_stride(layers) == 640
+    assert ef.whole_clip_from(enc) == 10  # the last stage's residual block, ELU and convolution
+    head = layers[:10]
+    assert ef.total_stride(head) == 80
+    assert ef.halo_samples(head) >= 227 + 80  # the first three stages' receptive field + one frame
+    assert ef.chunk_frames(head) == 409  # 8 MiB of 64-channel activations: about 1 s
+    for whole_from in (None, len(layers)):
+        ref_lat, lat, ref, codes = compare(encodec_32khz, int(7.3 * 32000), whole_from=whole_from)
+        assert (lat - ref_lat).abs().max() <= 1e-5 * ref_lat.abs().max()
+        agree = (codes == ref).float().mean(dim=(0, 2))
+        assert ref[:, 0].unique().numel() > 50  # the codes vary with the audio (fitted codebooks)
+        assert bool((agree >= 0.999).all()), agree  # near-ties may flip on rounding, at fp32's own rate
 
 
-def test_a_halo_smaller_than_the_receptive_field_is_caught(tiny_codec, monkeypatch):
+@pytest.mark.parametrize("whole_from", [13, 4])
+def test_a_halo_smaller_than_the_receptive_field_is_caught(tiny_codec, monkeypatch, whole_from):
     """Why the halo is what it is: with none, frames at chunk edges see the chunk's padding, not their neighbours."""
-    monkeypatch.setattr(ef, "halo_samples", lambda encoder: 0)
-    ref_lat, lat, _, _ = compare(tiny_codec, 32000 * 5, frames_per_chunk=50)
+    monkeypatch.setattr(ef, "halo_samples", lambda layers: 0)
+    head = ef.stack_layers(tiny_codec.encoder)[:whole_from]
+    ref_lat, lat, _, _ = compare(tiny_codec, 32000 * 5, frames_per_chunk=50 * 640 // ef.total_stride(head),
+                                 whole_from=whole_from)
     assert (lat - ref_lat).abs().max() > 1e-3 * ref_lat.abs().max()
 
 
