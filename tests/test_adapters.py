@@ -95,20 +95,21 @@ def two_adapters(tiny_model_dir, tmp_path_factory):
 # Mixing
 # --------------------------------------------------------------------------------------------
 def test_mix_scales_one_zero_is_a_alone_and_zero_zero_is_the_base(tiny_model_dir, two_adapters):
+    """An adapter at scale 0 adds nothing: the mix is the other adapter alone, token for token, merged or not. (Each
+    is compared with the single adapter loaded the same way: a merged and an unmerged model differ by float
+    rounding, and one sampled token of the clip flipped on that once, on the AMD EPYC.)"""
     a, b = two_adapters
     base, _ = _codes(tiny_model_dir, None)
-    alone, _ = _codes(tiny_model_dir, [a])
     for merge in (False, True):
+        alone, _ = _codes(tiny_model_dir, [a], merge=merge)
+        assert not torch.equal(alone, base)
         ten, info = _codes(tiny_model_dir, [a, b], [1.0, 0.0], merge=merge)
         assert torch.equal(ten, alone)
         zero, _ = _codes(tiny_model_dir, [a, b], [0.0, 0.0], merge=merge)
         assert torch.equal(zero, base)
-    assert not torch.equal(alone, base)
-    b_alone, _ = _codes(tiny_model_dir, [b])
-    zero_one, _ = _codes(tiny_model_dir, [a, b], [0.0, 1.0])
-    # b alone, up to a sampling near-tie: on the AMD EPYC (bf16 generation) one code of the clip flipped
-    same = (zero_one == b_alone).float().mean().item()
-    assert same >= 0.99 and same > (zero_one == alone).float().mean().item() + 0.2, same
+        b_alone, _ = _codes(tiny_model_dir, [b], merge=merge)
+        zero_one, _ = _codes(tiny_model_dir, [a, b], [0.0, 1.0], merge=merge)
+        assert torch.equal(zero_one, b_alone) and not torch.equal(zero_one, alone)
     assert [x["scale"] for x in info["adapters"]] == [1.0, 0.0]
     assert [x["path"] for x in info["adapters"]] == [str(a.resolve()), str(b.resolve())]
     assert all(len(x["weights_sha256"]) == 64 for x in info["adapters"])
