@@ -89,7 +89,11 @@ def main(argv=None) -> int:
     ap.add_argument("output", help="the saved output of cold_start.sh")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
-    run = parse_run(Path(a.output).read_text())
+    saved = Path(a.output)
+    if not saved.is_file():
+        raise SystemExit(f"{saved}: not a file. Pass the saved output of cold_start.sh (e.g. `bash "
+                         f"../shared/peer-bench/cold_start.sh | tee cold.log`, then cold.log), not its logs folder.")
+    run = parse_run(saved.read_text())
     o, p = ours(run["logs"]), peer(run["logs"], run["peer_s"])
     import machine
 
