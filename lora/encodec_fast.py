@@ -45,7 +45,7 @@ CHUNK_BYTES = 1 << 23
 # frame (MusicGen's codec: its last stage, 512 channels x 8 samples = 16 KiB). There the convolutions are
 # compute-bound and oneDNN runs them faster on a long input than on 1-s chunks: the last convolution (512 -> 1024,
 # kernel 16, stride 8) took 66 ms for a 10-s clip whole against 230 ms in chunks, and the whole stack of a 10-s clip
-# 0.61 s against 0.83 s with every layer chunked (AMD EPYC, 2 cores, 2026-12-02; bench/bench_codec.py).
+# 0.61 s against 0.83 s with every layer chunked (AMD EPYC, 2 cores, 2026-12-02; BENCHMARKS.md "Token cache build").
 WHOLE_CLIP_BYTES_PER_FRAME = 1 << 14
 
 
