@@ -237,7 +237,8 @@ def main(argv=None) -> int:
     print(f"Token cache build | {m['cpu']}, {m['cores']} cores, torch {torch.__version__} | {m['date']} | "
           f"`{out['command'].strip()}`\n")
     print(f"{cb['clips']} clips, {cb['audio_s']:.0f} s of audio, {name}, medians of {rounds} builds:\n")
-    print("| variant | build s | chunked's speed-up | codes agree with chunked, per codebook (%) |\n|---|---:|---:|---|")
+    print("| variant | build s | chunked's speed-up | codes agree with chunked, per codebook (%) |\n"
+          "|---|---:|---:|---|")
     for v in CACHE_VARIANTS:
         agree = " / ".join(f"{100 * x:.2f}" for x in cb[f"codes agree with {v}, per codebook"])
         print(f"| {v} | {cb[f'{v} s median']:.1f} | "
