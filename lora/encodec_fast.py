@@ -37,15 +37,16 @@ from __future__ import annotations
 import math
 
 ENCODER_PRECISION = "fp32"  # the token cache records it: codes are made in full float32 (no TF32 on a GPU)
-# First-stage activations per chunk: 8 MiB = 51 frames (~1 s) for MusicGen's 64-filter codec, the fastest of
-# 0.5 / 1 / 2 / 4-s chunks for the stack on a 2-core Xeon (2026-12-02). A narrower codec (the tiny test model's
-# 4 filters) gets chunks longer than its clips: it runs unchunked.
+# First-stage activations per chunk: 8 MiB = ~1 s for MusicGen's 64-filter codec (409 frames of its chunked first
+# three stages, 80 samples each), the fastest of 0.5 / 1 / 2 / 4-s chunks for the stack on a 2-core Xeon
+# (2026-12-02, every layer chunked then). A narrower codec (the tiny test model's 4 filters) runs unchunked.
 CHUNK_BYTES = 1 << 23
-# The stack's later layers run on the whole clip: from the first whose input is at most this many bytes per output
-# frame (MusicGen's codec: its last stage, 512 channels x 8 samples = 16 KiB). There the convolutions are
-# compute-bound and oneDNN runs them faster on a long input than on 1-s chunks: the last convolution (512 -> 1024,
-# kernel 16, stride 8) took 66 ms for a 10-s clip whole against 230 ms in chunks, and the whole stack of a 10-s clip
-# 0.61 s against 0.83 s with every layer chunked (AMD EPYC, 2 cores, 2026-12-02; BENCHMARKS.md "Token cache build").
+# The stack's later layers run on the whole clip: from the first whose input and output are each at most this
+# many bytes per output frame (MusicGen's codec: its last stage, 512 channels x 8 samples = 16 KiB). There the
+# convolutions are compute-bound and oneDNN runs them faster on a long input than on 1-s chunks: the last
+# convolution (512 -> 1024, kernel 16, stride 8) took 66 ms for a 10-s clip whole against 230 ms in chunks, and the
+# whole stack of a 10-s clip 0.61 s against 0.83 s with every layer chunked (AMD EPYC, 2 cores, 2026-12-02;
+# BENCHMARKS.md "Token cache build").
 WHOLE_CLIP_BYTES_PER_FRAME = 1 << 14
 
 
@@ -195,10 +196,11 @@ def whole_clip_from(encoder) -> int:
     """Index of the first layer of the stack that runs on the whole clip, not in chunks: the first whose input and
     output each hold at most ``WHOLE_CLIP_BYTES_PER_FRAME`` of float32 activations per output frame of the stack
     (channels x the stride still ahead). 0 (nothing chunked) for a codec as narrow as the tiny test model's."""
+    conv, _, _ = _classes()
     layers = stack_layers(encoder)
     channels = int(_main_convs(layers)[0].conv.in_channels)
     for i, m in enumerate(layers):
-        out = int(m.conv.out_channels) if m in _main_convs(layers) else channels
+        out = int(m.conv.out_channels) if isinstance(m, conv) else channels  # blocks and ELUs keep the width
         widest = max(channels * total_stride(layers[i:]), out * total_stride(layers[i + 1:]))
         if 4 * widest <= WHOLE_CLIP_BYTES_PER_FRAME:
             return i
