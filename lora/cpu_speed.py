@@ -71,21 +71,31 @@ def use_fast_dropout(model) -> int:
 # Cross-attention kernel for CPU training
 # --------------------------------------------------------------------------------------------
 CPU_TRAIN_ATTENTION = "sdpa_cpu_train"
-MATH_CROSS_ATTENTION_MAX_KEYS = 64
+# The math kernel while training when (audio frames) x (text tokens) is at most this: its cost grows with that
+# product, flash's backward has a large cost of its own. On a 2-core Xeon (bf16, 2 x 16 heads, head dim 64,
+# forward + backward; bench/bench_attention.py, BENCHMARKS.md) math was faster at 503 x 96 (13.9 against 20.9 ms)
+# and 1003 x 32, flash at 1003 x 64 and 250 x 256: the crossover is near 48 Ki scores per head.
+MATH_CROSS_ATTENTION_MAX_SCORES = 48 * 1024
+
+
+def math_cross_attention(queries: int, keys: int) -> bool:
+    """Whether a cross-attention of ``queries`` audio positions over ``keys`` text tokens runs SDPA's math kernel
+    while training on a CPU (else flash)."""
+    return queries * keys <= MATH_CROSS_ATTENTION_MAX_SCORES
 
 
 def _cpu_train_attention(module, query, key, value, attention_mask, **kwargs):
     """transformers' sdpa attention, except that the decoder's cross-attention over a few text tokens (non-causal,
-at most MATH_CROSS_ATTENTION_MAX_KEYS keys) runs SDPA's math kernel while gradients are recorded. torch's CPU
-flash-attention backward is slow for so few keys (several times slower than the math kernel for musicgen-small's
-shapes, and with the larger bf16 error against a float64 reference: BENCHMARKS.md); from ~128 keys on, flash is
-faster, and without gradients (evaluation) it always is. Same mask semantics either way (rows with no visible
-token, the null condition, give 0)."""
+``math_cross_attention``: at most MATH_CROSS_ATTENTION_MAX_SCORES queries x keys) runs SDPA's math kernel while
+gradients are recorded. torch's CPU flash-attention backward is slow for so few keys (several times slower than
+the math kernel for musicgen-small's shapes, and with the larger bf16 error against a float64 reference:
+BENCHMARKS.md); for longer windows or captions flash is faster, and without gradients (evaluation) it always is.
+Same mask semantics either way (rows with no visible token, the null condition, give 0)."""
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if (getattr(module, "is_causal", True) or key.shape[2] > MATH_CROSS_ATTENTION_MAX_KEYS
+    if (getattr(module, "is_causal", True) or not math_cross_attention(query.shape[2], key.shape[2])
             or query.device.type != "cpu" or not torch.is_grad_enabled()):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     with sdpa_kernel(SDPBackend.MATH):
@@ -105,3 +115,4 @@ def use_cpu_train_attention(decoder) -> bool:
     AttentionMaskInterface.register(CPU_TRAIN_ATTENTION, sdpa_mask)
     decoder.set_attn_implementation(CPU_TRAIN_ATTENTION)
     return decoder.config._attn_implementation == CPU_TRAIN_ATTENTION
+

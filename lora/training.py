@@ -30,7 +30,7 @@ from typing import Optional
 
 from lora.adapter import attach_lora
 from lora.config import Config
-from lora.cpu_speed import MATH_CROSS_ATTENTION_MAX_KEYS, use_cpu_train_attention, use_fast_dropout
+from lora.cpu_speed import MATH_CROSS_ATTENTION_MAX_SCORES, use_cpu_train_attention, use_fast_dropout
 from lora.loading import family_for
 from lora.precision import cast_frozen_weights, resolve_base_weights_dtype
 from lora.report import loss_figure
@@ -154,8 +154,8 @@ def configure_step(model, device, checkpointing: bool = False, torch_compile: bo
         if use_fast_dropout(model):
             log.info("LoRA dropout: FastDropout (CPU: the default dropout's random numbers are slow)")
         if use_cpu_train_attention(fam.decoder(model)):
-            log.info("Cross-attention: SDPA math kernel while training with <= %d text tokens (CPU: the "
-                     "flash-attention backward is slow for so few keys)", MATH_CROSS_ATTENTION_MAX_KEYS)
+            log.info("Cross-attention: SDPA math kernel while training where frames x text tokens <= %d (CPU: the "
+                     "flash-attention backward is slow for so few keys)", MATH_CROSS_ATTENTION_MAX_SCORES)
     if checkpointing:
         fam.enable_gradient_checkpointing(model)
     if torch_compile:

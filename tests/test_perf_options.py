@@ -280,6 +280,42 @@ def _flash_calls(fn) -> int:
     return sum(e.count for e in prof.key_averages() if e.key == "aten::_scaled_dot_product_flash_attention_for_cpu")
 
 
+def test_cpu_train_attention_picks_the_kernel_by_frames_times_text_tokens(tiny_model_dir):
+    """While training on CPU, the cross-attention runs the math kernel only up to MATH_CROSS_ATTENTION_MAX_SCORES
+    audio frames x text tokens: a batch with caption states long enough to pass it gets flash for every layer's
+    cross-attention as well as its self-attention; a short one only for the self-attention."""
+    import copy
+    from contextlib import nullcontext
+
+    from lora.cpu_speed import MATH_CROSS_ATTENTION_MAX_SCORES, math_cross_attention
+    from lora.training import configure_step
+
+    assert math_cross_attention(503, 96) and not math_cross_attention(1503, 64)  # 10-s clips / 30-s windows
+    cfg = Config()
+    cfg.model.model_path = str(tiny_model_dir)
+    model, processor, info = load_base_model(cfg.model)
+    torch.manual_seed(0)
+    model = attach_lora(model, cfg.lora)
+    configure_step(model, torch.device("cpu"))
+    model.train()
+    n_layers = get_base(model).config.decoder.num_hidden_layers
+    T = 40
+    S = T + info.num_codebooks - 1  # decoder positions: the frames plus the delay pattern's
+    for keys, flash in ((MATH_CROSS_ATTENTION_MAX_SCORES // S, n_layers),
+                        (MATH_CROSS_ATTENTION_MAX_SCORES // S + 1, 2 * n_layers)):
+        batch = _batch(info, T=T)
+        batch["lengths"][:] = T
+        g = torch.Generator().manual_seed(1)
+        batch["hidden"] = torch.randn(2, keys, info.text_hidden_size, generator=g)
+        batch["mask"] = torch.ones(2, keys, dtype=torch.long)
+        m = copy.deepcopy(model)
+
+        def step():
+            batch_loss(m, processor, info, batch, torch.device("cpu"), nullcontext, cache_text=True)[0].backward()
+
+        assert _flash_calls(step) == flash, f"{keys} text tokens x {S} positions"
+
+
 def test_self_attention_runs_causal_sdpa_without_a_mask(tiny_lora, monkeypatch):
     """The training forward gives SDPA no materialized mask for the decoder's self-attention (is_causal fast
     path), also with batch padding (padded frames are at the end and masked out of the loss instead)."""

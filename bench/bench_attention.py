@@ -1,0 +1,163 @@
+"""The cross-attention kernel of the CPU train step (lora.cpu_speed.math_cross_attention): SDPA's math kernel while
+training up to MATH_CROSS_ATTENTION_MAX_SCORES audio positions x text tokens, flash above.
+
+    python bench/bench_attention.py --grid                        # the kernel grid behind the rule
+    python bench/bench_attention.py --json bench/results/attention_step.json   # the train step, rule A/B
+    python bench/bench_attention.py --frames 1500 --text_tokens 48             # a 30-s window, a 48-token caption
+    python bench/bench_attention.py --quick                       # tiny model, few steps: checks that it runs
+
+--grid: forward + backward of one cross-attention (bf16, 2 clips x 16 heads, head dim 64: musicgen-small's) with
+SDPA's flash and math kernels, minimum of 5, for audio positions x text tokens on a grid; the causal
+self-attention (flash) at the same lengths for scale.
+
+The A/B: one process prepares the model exactly like train_lora.py (lora.training.prepare_model, default config:
+bf16 autocast, bf16 frozen weights, LoRA rank 12 on attention; musicgen-small's architecture with random weights by
+default) and times the step train_lora.py runs (step_loss, backward, clipping, AdamW) on one batch of 2 clips x
+``--frames`` codec frames with ``--text_tokens`` caption states, alternating step by step between the rule now and
+the rule before it (math kernel up to 64 text tokens, whatever the clip length), the order swapped every round, after
+3 warm-up steps. Same process, same batch: the VM's drift falls on both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from machine import describe, save_json  # noqa: E402
+
+OLD_MAX_KEYS = 64  # the rule before (2026-11-26): the math kernel up to 64 text tokens
+
+
+def grid(frames: list[int], tokens: list[int]) -> list[dict]:
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def best(T, L, backend, causal=False, reps=5):
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(2, 16, n, 64, generator=g, dtype=torch.bfloat16).requires_grad_()
+                   for n in (T, L, L))
+        grad = torch.randn(2, 16, T, 64, dtype=torch.bfloat16)
+        out = float("inf")
+        for _ in range(reps):
+            with sdpa_kernel(backend):
+                t0 = time.perf_counter()
+                F.scaled_dot_product_attention(q, k, v, is_causal=causal).backward(grad)
+                out = min(out, time.perf_counter() - t0)
+        return out * 1e3
+
+    rows = []
+    for T in frames:
+        row = {"positions": T, "self_attention_flash_ms": round(best(T, T, SDPBackend.FLASH_ATTENTION, True), 2)}
+        for L in tokens:
+            row[f"{L}_flash_ms"] = round(best(T, L, SDPBackend.FLASH_ATTENTION), 2)
+            row[f"{L}_math_ms"] = round(best(T, L, SDPBackend.MATH), 2)
+        rows.append(row)
+        cells = "  ".join(f"{L}: {row[f'{L}_flash_ms']:5.1f}/{row[f'{L}_math_ms']:5.1f}" for L in tokens)
+        print(f"{T:5d} positions | cross-attention flash/math ms, by text tokens: {cells} | causal self-attention "
+              f"(flash) {row['self_attention_flash_ms']:.1f} ms", flush=True)
+    return rows
+
+
+def step_ab(model_name: str, frames: int, text_tokens: int, rounds: int) -> dict:
+    import torch
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from lora import cpu_speed, training
+    from lora.config import Config
+    from lora.loading import load_base_model
+    from musicgen_arch import model_path
+
+    rules = {"now (frames x tokens)": cpu_speed.math_cross_attention,
+             f"before (<= {OLD_MAX_KEYS} tokens)": lambda queries, keys: keys <= OLD_MAX_KEYS}
+    cfg = Config()
+    cfg.model.model_path = model_path(model_name)
+    model, processor, info = load_base_model(cfg.model)
+    torch.manual_seed(0)
+    device = torch.device("cpu")
+    model, params = training.prepare_model(model, cfg, "bf16", device)
+    training.set_train_mode(model, cache_text=True)
+    AcceleratorState._reset_state()
+    acc = Accelerator(mixed_precision="bf16", cpu=True)
+    optimizer = acc.prepare(torch.optim.AdamW(params, lr=1e-4))
+    B = 2
+    g = torch.Generator().manual_seed(0)
+    batch = {"codes": torch.randint(0, info.vocab_size, (B, info.num_codebooks, frames), generator=g),
+             "lengths": torch.full((B,), frames),
+             "hidden": torch.randn(B, text_tokens, info.text_hidden_size, generator=g),
+             "mask": torch.ones(B, text_tokens, dtype=torch.long), "dropped": torch.zeros(B, dtype=torch.bool)}
+
+    def step() -> float:
+        t0 = time.perf_counter()
+        loss = training.step_loss(model, processor, info, batch, device, acc.autocast, True).loss
+        acc.backward(loss)
+        acc.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    for _ in range(3):
+        step()
+    times = {name: [] for name in rules}
+    names = list(rules)
+    try:
+        for r in range(rounds):
+            for name in (names if r % 2 == 0 else names[::-1]):
+                cpu_speed.math_cross_attention = rules[name]
+                times[name].append(step())
+    finally:
+        cpu_speed.math_cross_attention = rules[names[0]]
+    now, before = names
+    paired = statistics.median(b / n for b, n in zip(times[before], times[now]))
+    for name, t in times.items():
+        print(f"{name:24s} median {statistics.median(t):.3f} s, min {min(t):.3f} s: "
+              + " ".join(f"{x:.2f}" for x in t))
+    print(f"the rule now is {paired:.3f}x the rule before (median of the per-round ratios)")
+    positions = frames + info.num_codebooks - 1
+    return {"model": model_name, "frames": frames, "text_tokens": text_tokens, "positions": positions,
+            "kernel_now": "math" if cpu_speed.math_cross_attention(positions, text_tokens) else "flash",
+            "kernel_before": "math" if text_tokens <= OLD_MAX_KEYS else "flash",
+            "steps_s": times, "median_s": {n: statistics.median(t) for n, t in times.items()},
+            "speedup_paired_median": paired}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="small", help="small (musicgen-small architecture, random weights), tiny, "
+                                                    "or a model folder")
+    ap.add_argument("--frames", type=int, default=500, help="codec frames per clip (500 = 10 s)")
+    ap.add_argument("--text_tokens", type=int, default=80,
+                    help="caption states per clip (the peer bench's captions: 60-88 tokens)")
+    ap.add_argument("--rounds", type=int, default=8, help="steps of each rule, alternating")
+    ap.add_argument("--grid", action="store_true", help="the kernel grid instead of the train step A/B")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    import torch
+
+    machine = describe()
+    print(f"machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']} "
+          f"({torch.get_num_threads()} threads), {machine['date']}")
+    out = {"machine": machine, "command": "python " + " ".join(sys.argv)}
+    if args.grid:
+        frames, tokens = ([64, 128], [16, 64]) if args.quick else ([250, 503, 1003, 1503], [32, 64, 96, 128, 192, 256])
+        out["cross_attention_fwd_bwd"] = grid(frames, tokens)
+    else:
+        if args.quick:
+            args.model, args.frames, args.text_tokens, args.rounds = "tiny", 40, 8, 2
+        out["step"] = step_ab(args.model, args.frames, args.text_tokens, args.rounds)
+    if args.json:
+        save_json(args.json, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
