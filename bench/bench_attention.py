@@ -13,7 +13,8 @@ self-attention (flash) at the same lengths for scale.
 The A/B: one process prepares the model exactly like train_lora.py (lora.training.prepare_model, default config:
 bf16 autocast, bf16 frozen weights, LoRA rank 12 on attention; musicgen-small's architecture with random weights by
 default) and times the step train_lora.py runs (step_loss, backward, clipping, AdamW) on one batch of 2 clips x
-``--frames`` codec frames with ``--text_tokens`` caption states, alternating step by step between the rule now and
+``--frames`` codec frames with ``--text_tokens`` caption states (the second caption ``--padding`` shorter: a
+padding mask, as in a real batch of two captions), alternating step by step between the rule now and
 the rule before it (math kernel up to 64 text tokens, whatever the clip length), the order swapped every round, after
 3 warm-up steps. Same process, same batch: the VM's drift falls on both alike.
 """
@@ -66,7 +67,7 @@ def grid(frames: list[int], tokens: list[int]) -> list[dict]:
     return rows
 
 
-def step_ab(model_name: str, frames: int, text_tokens: int, rounds: int) -> dict:
+def step_ab(model_name: str, frames: int, text_tokens: int, rounds: int, padding: float = 0.25) -> dict:
     import torch
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -94,6 +95,9 @@ def step_ab(model_name: str, frames: int, text_tokens: int, rounds: int) -> dict
              "lengths": torch.full((B,), frames),
              "hidden": torch.randn(B, text_tokens, info.text_hidden_size, generator=g),
              "mask": torch.ones(B, text_tokens, dtype=torch.long), "dropped": torch.zeros(B, dtype=torch.bool)}
+    shorter = text_tokens - int(round(padding * text_tokens))
+    batch["mask"][1, shorter:] = 0
+    batch["hidden"][1, shorter:] = 0
 
     def step() -> float:
         t0 = time.perf_counter()
@@ -122,7 +126,8 @@ def step_ab(model_name: str, frames: int, text_tokens: int, rounds: int) -> dict
               + " ".join(f"{x:.2f}" for x in t))
     print(f"the rule now is {paired:.3f}x the rule before (median of the per-round ratios)")
     positions = frames + info.num_codebooks - 1
-    return {"model": model_name, "frames": frames, "text_tokens": text_tokens, "positions": positions,
+    return {"model": model_name, "frames": frames, "text_tokens": text_tokens, "second_caption_tokens": shorter,
+            "positions": positions,
             "kernel_now": "math" if cpu_speed.math_cross_attention(positions, text_tokens) else "flash",
             "kernel_before": "math" if text_tokens <= OLD_MAX_KEYS else "flash",
             "steps_s": times, "median_s": {n: statistics.median(t) for n, t in times.items()},
@@ -136,7 +141,9 @@ def main(argv=None) -> int:
     ap.add_argument("--frames", type=int, default=500, help="codec frames per clip (500 = 10 s)")
     ap.add_argument("--text_tokens", type=int, default=80,
                     help="caption states per clip (the peer bench's captions: 60-88 tokens)")
-    ap.add_argument("--rounds", type=int, default=8, help="steps of each rule, alternating")
+    ap.add_argument("--padding", type=float, default=0.25,
+                    help="the second caption is this much shorter (its states padded, masked out)")
+    ap.add_argument("--rounds", type=int, default=16, help="steps of each rule, alternating")
     ap.add_argument("--grid", action="store_true", help="the kernel grid instead of the train step A/B")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json")
@@ -153,7 +160,7 @@ def main(argv=None) -> int:
     else:
         if args.quick:
             args.model, args.frames, args.text_tokens, args.rounds = "tiny", 40, 8, 2
-        out["step"] = step_ab(args.model, args.frames, args.text_tokens, args.rounds)
+        out["step"] = step_ab(args.model, args.frames, args.text_tokens, args.rounds, args.padding)
     if args.json:
         save_json(args.json, out)
     return 0
