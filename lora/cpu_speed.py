@@ -71,7 +71,7 @@ def use_fast_dropout(model) -> int:
 # Cross-attention kernel for CPU training
 # --------------------------------------------------------------------------------------------
 CPU_TRAIN_ATTENTION = "sdpa_cpu_train"
-# The math kernel while training when (audio frames) x (text tokens) is at most this: its cost grows with that
+# The math kernel while training when (audio positions) x (text tokens) is at most this: its cost grows with that
 # product, flash's backward has a large cost of its own. On a 2-core Xeon (bf16, 2 x 16 heads, head dim 64,
 # forward + backward; bench/bench_attention.py --grid, BENCHMARKS.md) math was faster at 503 x 96 (13.0 against
 # 19.6 ms) and 1003 x 32 (14.2 / 19.7), flash at 1003 x 64 (15.2 / 19.3) and 250 x 256 (19.9 / 22.7): the crossover

@@ -154,8 +154,8 @@ def configure_step(model, device, checkpointing: bool = False, torch_compile: bo
         if use_fast_dropout(model):
             log.info("LoRA dropout: FastDropout (CPU: the default dropout's random numbers are slow)")
         if use_cpu_train_attention(fam.decoder(model)):
-            log.info("Cross-attention: SDPA math kernel while training where frames x text tokens <= %d (CPU: the "
-                     "flash-attention backward is slow for so few keys)", MATH_CROSS_ATTENTION_MAX_SCORES)
+            log.info("Cross-attention: SDPA math kernel while training where audio positions x text tokens <= %d "
+                     "(CPU: the flash-attention backward is slow for so few keys)", MATH_CROSS_ATTENTION_MAX_SCORES)
     if checkpointing:
         fam.enable_gradient_checkpointing(model)
     if torch_compile:
