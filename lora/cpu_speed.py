@@ -1,9 +1,35 @@
-"""CPU speed-ups of the LoRA train step: a faster dropout for the LoRA layers and SDPA's math kernel for the
-decoder's cross-attention over a few text tokens. Same semantics as what they replace (tested); the measured
-gains are in BENCHMARKS.md. train_lora.py switches them on for CPU training (lora.training.configure_step).
+"""CPU speed-ups of LoRA training: a faster dropout for the LoRA layers and SDPA's math kernel for the decoder's
+cross-attention over a few text tokens (same semantics as what they replace, tested; switched on for CPU training
+by lora.training.configure_step), and glibc's allocator told to keep freed memory (train_lora.py, CPU runs). The
+measured gains are in BENCHMARKS.md.
 """
 
 from __future__ import annotations
+
+# --------------------------------------------------------------------------------------------
+# Freed memory stays in the process (glibc)
+# --------------------------------------------------------------------------------------------
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameters, <malloc.h>
+
+
+def keep_freed_memory() -> bool:
+    """Tell glibc's malloc to serve every allocation from its heap (mallopt M_MMAP_MAX 0) and never to give freed
+memory back to the kernel (M_TRIM_THRESHOLD -1), for the rest of this process. By default each tensor over 32 MiB
+(EnCodec's activations while the token cache is built: several hundred MiB each) is a fresh mmap, and the kernel
+zero-fills every page of it again on first touch: on a 2-core VM that was ~1.4 million page faults and ~1.5 s of
+a 30-s cache build, and more faults in every train step (BENCHMARKS.md). With this, freed memory is reused; the
+process's resident memory stays at its peak instead of shrinking between steps, which a training process reaches
+again at every step anyway. Values and numerics are untouched. Meant for CPU training (on a GPU the step's memory
+is CUDA's). Returns False, changing nothing, where the C library is not glibc (macOS, musl)."""
+    import ctypes
+    import ctypes.util
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, -1))
+
 
 # --------------------------------------------------------------------------------------------
 # Faster dropout on CPUs

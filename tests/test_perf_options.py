@@ -400,3 +400,43 @@ def test_cpu_train_attention_uses_math_kernel_for_cross_attention_with_the_same_
             b.eval()
             assert _flash_calls(lambda: batch_loss(b, processor, info, batch, torch.device("cpu"), ac,
                                                    cache_text=True)) == 2 * n_layers
+
+
+_REUSE_PROBE = r"""
+import resource, sys
+import torch
+sys.path.insert(0, sys.argv[1])
+from lora.cpu_speed import keep_freed_memory
+kept = keep_freed_memory() if sys.argv[2] == "keep" else None
+x, w = torch.randn(2, 1, 320000), torch.randn(32, 1, 7)  # 2 x 10 s of 32-kHz audio into a first codec layer
+faults = []
+for _ in range(8):  # the same layer again: two 82-MB activations, freed after each pass
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    y = torch.nn.functional.elu(torch.nn.functional.conv1d(x, w, padding=3))
+    del y
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(kept, *faults)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc (Linux)")
+def test_keep_freed_memory_reuses_big_tensors_without_page_faults():
+    """train_lora.py on a CPU: the activations of a layer run again reuse the pages freed by its last pass (glibc
+    keeps them), where by default each one over 32 MiB is a fresh mmap whose pages the kernel faults in again."""
+    import platform
+    import subprocess
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("not glibc")
+
+    def probe(mode):
+        out = subprocess.run([sys.executable, "-c", _REUSE_PROBE, str(ROOT), mode], capture_output=True, text=True,
+                             check=True).stdout.split()
+        return out[0], [int(x) for x in out[1:]]
+
+    kept, faults = probe("keep")
+    assert kept == "True"
+    _, default = probe("default")
+    assert min(default[1:]) > 20000, default  # by default 82 MB = 20,000 pages faulted in again on every pass
+    # From the second pass on, freed pages are reused (an occasional pass still grows the heap: glibc's placement).
+    assert sum(faults[1:]) < sum(default[1:]) / 4, (faults, default)
