@@ -56,6 +56,7 @@ from lora.adapter import adapter_identity, check_adapter_files, check_mix_bases,
     text_encoder_has_lora
 from lora.audio import load_audio, save_wav
 from lora.config import Config, ConfigError, GenerationConfig, adapter_paths, adapter_scales, load_yaml, parse_config
+from lora.cpu_speed import keep_freed_memory
 from lora.dataset import CachedTokenDataset, build_token_cache, collate_tokens, load_metadata
 from lora.generation import GenerationError, cast_for_generation, generate_audio, melody_from_audio, pick_device, \
     temperature_problem
@@ -651,6 +652,8 @@ def evaluate(cfg: Config, plan: dict) -> int:
                         f"--valid_fraction 0.1 (or higher).")
 
     device = pick_device()
+    if device.type == "cpu" and keep_freed_memory():
+        log.info("CPU memory: freed tensors stay in the process for reuse (glibc malloc; fewer page faults)")
     model, processor, info = load_base_model(cfg.model, device=device)
     # Cache (built once, shared with training) before the adapter goes on: codes and text states are the base's.
     clips, cache_stats = build_token_cache(valid, model, processor, info, cfg.data.data_dir,

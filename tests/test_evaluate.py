@@ -354,13 +354,23 @@ def test_compare_report_html(compare_run):
 
 
 def test_single_model_likelihood_only(tmp_path, tiny_model_dir, example_data_dir, trained_output_dir, compare_run,
-                                      capsys):
+                                      capsys, caplog):
     """Without --compare: the base alone when no adapter is given; same base CE as the peft-disabled base above."""
+    import logging
+    import platform
+
     _, _, res = compare_run
     out = tmp_path / "ev"
-    rc = evaluate.main(["--base_model_path", str(tiny_model_dir), "--lora_model_path", "none",
-                        "--output_dir", str(out), "--data_dir", str(example_data_dir), "--skip_generation"])
+    lora_log = logging.getLogger("lora")
+    lora_log.addHandler(caplog.handler)  # (setup_logging stops "lora" from propagating to the root logger)
+    try:
+        rc = evaluate.main(["--base_model_path", str(tiny_model_dir), "--lora_model_path", "none",
+                            "--output_dir", str(out), "--data_dir", str(example_data_dir), "--skip_generation"])
+    finally:
+        lora_log.removeHandler(caplog.handler)
     assert rc == 0
+    if platform.libc_ver()[0] == "glibc":  # a CPU run keeps freed memory (lora.cpu_speed.keep_freed_memory)
+        assert "CPU memory: freed tensors stay in the process" in caplog.text
     r = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert r["models_evaluated"] == ["base"] and "difference" not in r["likelihood"]
     assert r["likelihood"]["base"]["ce"] == pytest.approx(res["likelihood"]["base"]["ce"], abs=1e-6)
