@@ -68,58 +68,21 @@ def grid(frames: list[int], tokens: list[int]) -> list[dict]:
 
 
 def step_ab(model_name: str, frames: int, text_tokens: int, rounds: int, padding: float = 0.25) -> dict:
-    import torch
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    from lora import cpu_speed, training
-    from lora.config import Config
-    from lora.loading import load_base_model
-    from musicgen_arch import model_path
+    from lora import cpu_speed
+    from step_ab import alternate, cpu_train_step
 
     rules = {"now (frames x tokens)": cpu_speed.math_cross_attention,
              f"before (<= {OLD_MAX_KEYS} tokens)": lambda queries, keys: keys <= OLD_MAX_KEYS}
-    cfg = Config()
-    cfg.model.model_path = model_path(model_name)
-    model, processor, info = load_base_model(cfg.model)
-    torch.manual_seed(0)
-    device = torch.device("cpu")
-    model, params = training.prepare_model(model, cfg, "bf16", device)
-    training.set_train_mode(model, cache_text=True)
-    AcceleratorState._reset_state()
-    acc = Accelerator(mixed_precision="bf16", cpu=True)
-    optimizer = acc.prepare(torch.optim.AdamW(params, lr=1e-4))
-    B = 2
-    g = torch.Generator().manual_seed(0)
-    batch = {"codes": torch.randint(0, info.vocab_size, (B, info.num_codebooks, frames), generator=g),
-             "lengths": torch.full((B,), frames),
-             "hidden": torch.randn(B, text_tokens, info.text_hidden_size, generator=g),
-             "mask": torch.ones(B, text_tokens, dtype=torch.long), "dropped": torch.zeros(B, dtype=torch.bool)}
-    shorter = text_tokens - int(round(padding * text_tokens))
-    batch["mask"][1, shorter:] = 0
-    batch["hidden"][1, shorter:] = 0
+    step, _ = cpu_train_step(model_name, frames, text_tokens, padding)
+    info, shorter = step.info, step.second_caption_tokens
 
-    def step() -> float:
-        t0 = time.perf_counter()
-        loss = training.step_loss(model, processor, info, batch, device, acc.autocast, True).loss
-        acc.backward(loss)
-        acc.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return time.perf_counter() - t0
+    def use(rule):
+        def switch():
+            cpu_speed.math_cross_attention = rule
+        return switch
 
-    for _ in range(3):
-        step()
-    times = {name: [] for name in rules}
-    names = list(rules)
-    try:
-        for r in range(rounds):
-            for name in (names if r % 2 == 0 else names[::-1]):
-                cpu_speed.math_cross_attention = rules[name]
-                times[name].append(step())
-    finally:
-        cpu_speed.math_cross_attention = rules[names[0]]
-    now, before = names
+    times = alternate(step, {name: use(rule) for name, rule in rules.items()}, rounds)
+    now, before = rules
     paired = statistics.median(b / n for b, n in zip(times[before], times[now]))
     for name, t in times.items():
         print(f"{name:24s} median {statistics.median(t):.3f} s, min {min(t):.3f} s: "
