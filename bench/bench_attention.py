@@ -1,4 +1,4 @@
-"""The cross-attention kernel of the CPU train step (lora.cpu_speed.math_cross_attention): SDPA's math kernel while
+"""The cross-attention kernel of the CPU train step (lora.modeling.cpu_speed.math_cross_attention): SDPA's math kernel while
 training up to MATH_CROSS_ATTENTION_MAX_SCORES audio positions x text tokens, flash above.
 
     python bench/bench_attention.py --grid                        # the kernel grid behind the rule
@@ -10,7 +10,7 @@ training up to MATH_CROSS_ATTENTION_MAX_SCORES audio positions x text tokens, fl
 SDPA's flash and math kernels, minimum of 5, for audio positions x text tokens on a grid; the causal
 self-attention (flash) at the same lengths for scale.
 
-The A/B: one process prepares the model exactly like train_lora.py (lora.training.prepare_model, default config:
+The A/B: one process prepares the model exactly like train_lora.py (lora.training.model_prep.prepare_model, default config:
 bf16 autocast, bf16 frozen weights, LoRA rank 12 on attention; musicgen-small's architecture with random weights by
 default) and times the step train_lora.py runs (step_loss, backward, clipping, AdamW) on one batch of 2 clips x
 ``--frames`` codec frames with ``--text_tokens`` caption states (the second caption ``--padding`` shorter: a
@@ -68,7 +68,7 @@ def grid(frames: list[int], tokens: list[int]) -> list[dict]:
 
 
 def step_ab(model_name: str, frames: int, text_tokens: int, rounds: int, padding: float = 0.25) -> dict:
-    from lora import cpu_speed
+    from lora.modeling import cpu_speed
     from step_ab import alternate, cpu_train_step
 
     rules = {"now (frames x tokens)": cpu_speed.math_cross_attention,

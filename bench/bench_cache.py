@@ -5,11 +5,11 @@ equal-length batches (no clip padded) against the padded batches it replaced.
     python bench/bench_cache.py --quick               # tiny model, tiny sets: checks that the benchmark runs
     python bench/bench_cache.py --json bench/results/cache.json
 
-1. Identity (lora.loading.model_identity): the first start hashes every config, tokenizer, processor and weight
+1. Identity (lora.modeling.loading.model_identity): the first start hashes every config, tokenizer, processor and weight
    file in full (sha256; page cache warm, as right after a download or the build); later starts find the digests in
    the per-user sidecar (a private, fresh $XDG_CACHE_HOME here) and read no weight. For scale: the key it replaced
    (size + first and last MiB of each weight file) and the whole load_base_model.
-2. Cache build (lora.dataset.build_token_cache, EnCodec codes only: the caption part did not change): "padded" is
+2. Cache build (lora.dataprep.token_cache.build_token_cache, EnCodec codes only: the caption part did not change): "padded" is
    the batching before (batch_size clips in duration order, zero-padded to the longest), "equal-length" the batching
    now; both build the same set from scratch, alternating in one process (the machine's speed drifts), and the
    median per variant and the median of the per-round ratios (wall and process CPU time) are printed. Sets: the
@@ -37,13 +37,16 @@ sys.path.insert(0, str(ROOT))
 
 from bench.machine import describe  # noqa: E402
 from bench.musicgen_arch import model_path  # noqa: E402
-from lora import dataset, loading  # noqa: E402
+from lora.dataprep import token_cache
+from lora import dataset
+from lora.modeling import loading
 from lora import prepare_data  # noqa: E402  (its main() only)
-from lora.audio import save_wav  # noqa: E402
-from lora.config import ModelConfig  # noqa: E402
-from lora.dataset import ClipRecord, metadata_document  # noqa: E402
-from lora.example_data import STYLES, synth_clip  # noqa: E402
-from lora.utils import atomic_write_json, setup_logging  # noqa: E402
+from lora.dataprep.audio import save_wav
+from lora.config import ModelConfig
+from lora.dataset import ClipRecord, metadata_document
+from lora.dataprep.example_data import STYLES, synth_clip
+from lora.common.files import atomic_write_json
+from lora.common.cli import setup_logging
 
 
 def previous_key(directory: Path) -> str:
@@ -105,7 +108,7 @@ def padded_encode_clips(todo, root, model, info, batch_size, device, show_progre
     hop = info.sample_rate / info.frame_rate
     order = sorted(todo, key=lambda h: todo[h].duration)
     codes = {}
-    for chunk in dataset._batches(order, batch_size):
+    for chunk in token_cache._batches(order, batch_size):
         waves = [dataset.load_audio(todo[h].path, info.sample_rate, info.audio_channels) for h in chunk]
         n = [w.shape[1] for w in waves]
         batch = torch.zeros(len(chunk), info.audio_channels, max(n))
@@ -115,7 +118,7 @@ def padded_encode_clips(todo, root, model, info, batch_size, device, show_progre
             out = fam.encode_audio(model, batch, info).cpu()
         for i, h in enumerate(chunk):
             c = out[i, :, :min(out.shape[-1], max(1, math.ceil(n[i] / hop)))].to(torch.int16)
-            dataset._save_tensors(dataset._codes_path(root, h, info), {"codes": c}, {})
+            token_cache._save_tensors(token_cache._codes_path(root, h, info), {"codes": c}, {})
             codes[h] = {"codes": c}
     return codes
 
@@ -139,19 +142,19 @@ def make_long_set(data_dir: Path, clips: int, tails: list[float], sample_rate: i
 def build_variants(name: str, data_dir: Path, loaded, batch_size: int, rounds: int) -> dict:
     model, processor, info = loaded
     records = dataset.load_metadata(data_dir)
-    now = dataset._encode_clips
+    now = token_cache._encode_clips
     times: dict[str, list[float]] = {"padded": [], "equal-length": []}
     cpu: dict[str, list[float]] = {"padded": [], "equal-length": []}
     codes = {}
     for r in range(rounds):
         for variant in (("padded", "equal-length") if r % 2 == 0 else ("equal-length", "padded")):
-            shutil.rmtree(dataset.cache_root(data_dir, info), ignore_errors=True)
-            dataset._encode_clips = padded_encode_clips if variant == "padded" else now
+            shutil.rmtree(token_cache.cache_root(data_dir, info), ignore_errors=True)
+            token_cache._encode_clips = padded_encode_clips if variant == "padded" else now
             try:
-                t, c, (clips, _) = _timed_cpu(dataset.build_token_cache, records, model, processor, info, data_dir,
+                t, c, (clips, _) = _timed_cpu(token_cache.build_token_cache, records, model, processor, info, data_dir,
                                               batch_size=batch_size, text_states=False, show_progress=False)
             finally:
-                dataset._encode_clips = now
+                token_cache._encode_clips = now
             times[variant].append(t)
             cpu[variant].append(c)
             codes[variant] = [c.codes for c in clips]

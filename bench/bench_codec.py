@@ -1,13 +1,13 @@
-"""The token cache's EnCodec encoding: speed of the build before/after lora.encodec_fast, and how well codes made
+"""The token cache's EnCodec encoding: speed of the build before/after lora.modeling.encodec_fast, and how well codes made
 in lower precision agree with float32 codes, per codebook.
 
     python bench/bench_codec.py                       # musicgen-small architecture (bench/musicgen_arch.py)
     python bench/bench_codec.py --quick               # tiny model, few clips: checks that the benchmark runs
     python bench/bench_codec.py --json bench/results/codec.json [--real_dir /usr/share/games/colobot/music]
 
-1. **Cache build** (lora.dataset.build_token_cache, codes + caption states, as train_lora.py builds it) of 40
+1. **Cache build** (lora.dataprep.token_cache.build_token_cache, codes + caption states, as train_lora.py builds it) of 40
    synthetic 10-s clips (the peer bench's amount of audio), from scratch, alternating in one process: "transformers"
-   (EncodecModel.encode on each equal-length batch), "chunked, every layer" (lora.encodec_fast with every layer
+   (EncodecModel.encode on each equal-length batch), "chunked, every layer" (lora.modeling.encodec_fast with every layer
    before the LSTM in time chunks: the code of 2026-12-01) and "chunked" (the code now: the last stage on the whole
    clip). Median per variant, median of the per-round ratios, and how many codes differ from "chunked".
 2. **Agreement with float32 codes**, per codebook, of: the chunked fp32 encoder; transformers' fp32 encoder at
@@ -45,9 +45,9 @@ CACHE_VARIANTS = ("transformers", "chunked, every layer", "chunked")
 
 
 def _encoder_variant(variant: str):
-    """(supported, whole_clip_from) of lora.encodec_fast for a cache-build variant: transformers' EncodecModel.encode
+    """(supported, whole_clip_from) of lora.modeling.encodec_fast for a cache-build variant: transformers' EncodecModel.encode
     ("transformers"), every layer before the LSTM in chunks (the code of 2026-12-01), or the code now."""
-    from lora import encodec_fast
+    from lora.modeling import encodec_fast
 
     supported, whole = encodec_fast.supported, encodec_fast.whole_clip_from
     if variant == "transformers":
@@ -60,7 +60,9 @@ def _encoder_variant(variant: str):
 def cache_build_ab(loaded, data_dir: Path, rounds: int) -> dict:
     import torch
 
-    from lora import dataset, encodec_fast
+    from lora import dataset
+    from lora.dataprep import token_cache
+    from lora.modeling import encodec_fast
 
     model, processor, info = loaded
     records = dataset.load_metadata(data_dir)
@@ -69,11 +71,11 @@ def cache_build_ab(loaded, data_dir: Path, rounds: int) -> dict:
     codes = {}
     for r in range(rounds):
         for variant in CACHE_VARIANTS[r % 3:] + CACHE_VARIANTS[:r % 3]:  # each variant first once in 3 rounds
-            shutil.rmtree(dataset.cache_root(data_dir, info), ignore_errors=True)
+            shutil.rmtree(token_cache.cache_root(data_dir, info), ignore_errors=True)
             encodec_fast.supported, encodec_fast.whole_clip_from = _encoder_variant(variant)
             try:
                 t = time.perf_counter()
-                clips, _ = dataset.build_token_cache(records, model, processor, info, data_dir, show_progress=False)
+                clips, _ = token_cache.build_token_cache(records, model, processor, info, data_dir, show_progress=False)
                 times[variant].append(time.perf_counter() - t)
             finally:
                 encodec_fast.supported, encodec_fast.whole_clip_from = saved
@@ -118,7 +120,7 @@ def variant_codes(codec, x, variant: str):
 
     import torch
 
-    from lora import encodec_fast
+    from lora.modeling import encodec_fast
 
     out = []
     with torch.no_grad():
@@ -168,8 +170,8 @@ def audio_sets(real_dir: str | None, clips: int, seconds: float, sr: int) -> tup
     import numpy as np
     import torch
 
-    from lora.audio import load_audio
-    from lora.example_data import STYLES, synth_clip
+    from lora.dataprep.audio import load_audio
+    from lora.dataprep.example_data import STYLES, synth_clip
 
     rng = np.random.default_rng(0)
     styles = list(STYLES)
@@ -210,8 +212,8 @@ def main(argv=None) -> int:
     import torch
 
     from lora.config import ModelConfig
-    from lora.loading import family_for, load_base_model
-    from lora.utils import setup_logging
+    from lora.modeling.loading import family_for, load_base_model
+    from lora.common.cli import setup_logging
     from musicgen_arch import model_path
 
     setup_logging(logging.WARNING)

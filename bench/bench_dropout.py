@@ -4,11 +4,11 @@
     python bench/bench_dropout.py --model /tmp/peer/models/small-arch --json bench/results/dropout_xeon.json
     python bench/bench_dropout.py --quick                          # tiny model, 2 rounds: checks that it runs
 
-The step is train_lora.py's (bench/step_ab.py: lora.training.prepare_model, step_loss under bf16 autocast,
+The step is train_lora.py's (bench/step_ab.py: lora.training.model_prep.prepare_model, step_loss under bf16 autocast,
 backward, clipping, AdamW), batch 2 x 10 s, 80-token text states (the second caption 25% shorter), the variants in
 turn, the order swapped every round, after 3 warm-up steps:
 
-* ``fastdropout``: the default, lora.cpu_speed.FastDropout at training.lora_dropout 0.1;
+* ``fastdropout``: the default, lora.modeling.cpu_speed.FastDropout at training.lora_dropout 0.1;
 * ``fixed-noise``: the same multiply by a 0 / 1/(1-p) noise tensor made once per shape (no random numbers, no mask
   arithmetic, and the noise is not a new tensor each step): what the dropout costs beyond drawing its masks;
 * ``off``: p = 0 (the LoRA layers see their input unchanged).
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     import torch
 
     import machine
-    from lora.cpu_speed import fast_dropout_class
+    from lora.modeling.cpu_speed import fast_dropout_class
     from step_ab import alternate, cpu_train_step
 
     step, model = cpu_train_step(args.model, args.frames, args.text_tokens)

@@ -1,12 +1,12 @@
-"""Generation speed of lora/generation.py against this machine's memory-bandwidth limit.
+"""Generation speed of lora/generation/engine.py against this machine's memory-bandwidth limit.
 
     python bench/bench_generate.py                    # tiny + musicgen-small architecture, base/unmerged/merged, batch 1 and 8
     python bench/bench_generate.py --quick            # smoke run (tiny model, 0.5 s)
     python bench/bench_generate.py --models small --dtypes auto,bfloat16 --json bench/results/generate.json
 
 Each case runs in a fresh child process (its own peak memory) after the parent measured the machine (matmul
-peaks, copy bandwidth; bench/machine.py). A case loads the model with lora.generation.load_generation_model
-(base; LoRA adapter unmerged; LoRA merged), then runs lora.generation.generate (classifier-free guidance 3,
+peaks, copy bandwidth; bench/machine.py). A case loads the model with lora.generation.model.load_generation_model
+(base; LoRA adapter unmerged; LoRA merged), then runs lora.generation.engine.generate (classifier-free guidance 3,
 top-k 250 sampling: one batched forward of the conditional and unconditional halves per step) on
 ``--seconds`` of audio per prompt.
 
@@ -45,9 +45,9 @@ def make_adapter(model_path: str, tiny_dir: str, rank: int, out: Path) -> Path:
     """A random LoRA adapter (B != 0, so merging changes the weights) saved like train_lora saves one."""
     import torch
 
-    from lora.adapter import attach_lora
+    from lora.modeling.adapter import attach_lora
     from lora.config import Config
-    from lora.loading import load_base_model
+    from lora.modeling.loading import load_base_model
 
     if (out / "adapter_model.safetensors").is_file():
         return out
@@ -67,7 +67,7 @@ def make_adapter(model_path: str, tiny_dir: str, rank: int, out: Path) -> Path:
 
 def decoder_bytes_per_step(model) -> int:
     """Bytes of decoder weights read by one decoding step (see the module docstring)."""
-    from lora.loading import family_for
+    from lora.modeling.loading import family_for
 
     total = 0
     for name, p in family_for(model).decoder(model).named_parameters():
@@ -85,9 +85,9 @@ def stamp_steps(device, on_step) -> None:
     so the stamps are the step's real end."""
     import torch
 
-    from lora import generation
+    from lora.generation import engine
 
-    call = generation.TokenSampler.__call__
+    call = engine.TokenSampler.__call__
 
     def wrapped(self, logits, uniforms=None):
         if device.type == "cuda":
@@ -95,15 +95,17 @@ def stamp_steps(device, on_step) -> None:
         on_step()
         return call(self, logits, uniforms)
 
-    generation.TokenSampler.__call__ = wrapped
+    engine.TokenSampler.__call__ = wrapped
 
 
 def run_case(spec: dict) -> dict:
     import torch
 
     from lora.config import Config
-    from lora.generation import Request, SamplingSettings, generate, load_generation_model
-    from lora.loading import family_for
+    from lora.generation.requests import Request, SamplingSettings
+    from lora.generation.engine import generate
+    from lora.generation.model import load_generation_model
+    from lora.modeling.loading import family_for
 
     device = torch.device(spec["device"])
     if device.type == "cuda":
@@ -153,7 +155,9 @@ def run_paired(spec: dict) -> dict:
     import torch
 
     from lora.config import Config
-    from lora.generation import Request, SamplingSettings, generate, load_generation_model
+    from lora.generation.requests import Request, SamplingSettings
+    from lora.generation.engine import generate
+    from lora.generation.model import load_generation_model
     device = torch.device(spec["device"])
     models, stamps = {}, {v: [] for v in VARIANTS}
     current = [VARIANTS[0]]
@@ -208,7 +212,7 @@ def main(argv=None) -> int:
 
     import logging
 
-    from lora.utils import setup_logging
+    from lora.common.cli import setup_logging
 
     setup_logging(logging.WARNING)
     if args._case:

@@ -42,8 +42,9 @@ def main(argv=None) -> int:
 
     import logging
 
-    from lora import prepare_data, train_lora
-    from lora.utils import setup_logging
+    from lora import train_lora
+    from lora import prepare_data
+    from lora.common.cli import setup_logging
 
     setup_logging(logging.WARNING)
     results = {}

@@ -113,7 +113,7 @@ def main(argv=None) -> int:
 
     import logging
 
-    from lora.utils import setup_logging
+    from lora.common.cli import setup_logging
 
     setup_logging(logging.WARNING)
     rows = []

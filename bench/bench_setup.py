@@ -1,6 +1,6 @@
 """Set-up before the first training step, phase by phase, on musicgen-small / -medium / -large architectures:
 load_base_model, LoRA attach (peft), the bf16 cast of the frozen decoder weights, the move to the device and the
-step options -- the parts of lora.training.prepare_model, timed apart, each model in a fresh process.
+step options -- the parts of lora.training.model_prep.prepare_model, timed apart, each model in a fresh process.
 
     python bench/bench_setup.py --models small,medium,large [--json bench/results/setup.json]
 
@@ -26,10 +26,10 @@ from machine import peak_rss_mb, run_case_in_child, save_json  # noqa: E402
 def run_case(spec: dict) -> dict:
     import torch
 
-    from lora.adapter import attach_lora
+    from lora.modeling.adapter import attach_lora
     from lora.config import Config
-    from lora.loading import load_base_model
-    from lora.training import configure_step, move_trained_modules, prepare_frozen_weights
+    from lora.modeling.loading import load_base_model
+    from lora.training.model_prep import configure_step, move_trained_modules, prepare_frozen_weights
     from musicgen_arch import model_path
 
     cfg = Config()
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--_case", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
-    from lora.utils import setup_logging
+    from lora.common.cli import setup_logging
 
     setup_logging()
     if a._case:

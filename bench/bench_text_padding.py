@@ -37,10 +37,12 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="small")
     a = ap.parse_args(argv)
 
-    from lora import generation
+    from lora.generation import engine
     from lora.config import Config
-    from lora.generation import Request, SamplingSettings, generate, load_generation_model
-    from lora.loading import family_for
+    from lora.generation.requests import Request, SamplingSettings
+    from lora.generation.engine import generate
+    from lora.generation.model import load_generation_model
+    from lora.modeling.loading import family_for
 
     cfg = Config()
     cfg.model.model_path = model_path(a.model)
@@ -51,7 +53,7 @@ def main(argv=None) -> int:
     times: dict[int, list[float]] = {m: [] for m in multiples}
     for rnd in range(a.rounds + 1):
         for m in multiples:
-            generation.TEXT_PAD_MULTIPLE = m
+            engine.TEXT_PAD_MULTIPLE = m
             t0 = time.perf_counter()
             out = generate(model, processor, info, reqs, batch_size=a.batch, progress=False)
             dt = time.perf_counter() - t0

@@ -8,12 +8,12 @@
 Each case runs in a fresh child process (so its peak memory is its own), after the parent measured the
 machine's matmul peak (fp32, bf16) and copy bandwidth (bench/machine.py) in the same run. A case:
 
-* loads the model through lora.loading.load_base_model (timed apart) and prepares it with
-  lora.training.prepare_model (LoRA rank 12, alpha 24, default targets = decoder self+cross attention;
+* loads the model through lora.modeling.loading.load_base_model (timed apart) and prepares it with
+  lora.training.model_prep.prepare_model (LoRA rank 12, alpha 24, default targets = decoder self+cross attention;
   training.base_weights_dtype; device placement; the step's options), exactly like train_lora.py;
 * ``cached`` modes: builds the token cache of the batch (EnCodec codes + T5 states, timed apart as "cache
   build"), then times the step train_lora.py runs: a batch from CachedTokenDataset + collate_tokens,
-  lora.training.step_loss (delay pattern, decoder on cached text states, per-codebook loss) under
+  lora.training.step.step_loss (delay pattern, decoder on cached text states, per-codebook loss) under
   Accelerator.autocast, Accelerator.backward, gradient clipping, AdamW step;
 * ``encode`` mode (what peers do, fp32 like them): EnCodec-encodes the raw audio and T5-encodes the captions
   inside every step, then the same decoder forward/backward/update.
@@ -179,8 +179,9 @@ def run_case(spec: dict) -> dict:
 
     from lora.config import Config
     from lora.dataset import CachedClip, CachedTokenDataset, collate_tokens
-    from lora.loading import family_for, load_base_model
-    from lora.training import prepare_model, set_train_mode, step_loss
+    from lora.modeling.loading import family_for, load_base_model
+    from lora.training.model_prep import prepare_model, set_train_mode
+    from lora.training.step import step_loss
     from musicgen_arch import model_path
 
     mode, precision, weights = CASES[spec["case"]]
@@ -420,7 +421,7 @@ def main(argv=None) -> int:
 
     import logging
 
-    from lora.utils import setup_logging
+    from lora.common.cli import setup_logging
 
     setup_logging(logging.WARNING)
     if args._case:
@@ -489,7 +490,7 @@ def main(argv=None) -> int:
 PHASE_NOTES = {
     "start-up": "interpreter, imports, config, metadata, Accelerator",
     "load": "load_base_model (weights from safetensors; the identity hash once per file)",
-    "token cache": "EnCodec codes + text-encoder states of every clip (lora.dataset.build_token_cache)",
+    "token cache": "EnCodec codes + text-encoder states of every clip (lora.dataprep.token_cache.build_token_cache)",
     "LoRA set-up": "attach LoRA, cast the frozen decoder weights, move to the device, step options",
     "other set-up": "data plan, optimizer, scheduler, config.yaml",
     "base held-out loss": "validation before the first step",

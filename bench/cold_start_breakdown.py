@@ -5,7 +5,7 @@ by side: one table from the run's logs.
     python bench/cold_start_breakdown.py /tmp/cold_start.txt [--json bench/results/cold_start.json]
 
 The input is cold_start.sh's output: its last line gives both whole-process times (measured outside each process)
-and the logs folder. Ours: the run's logs/timing.json (train_lora.py's own clock, lora.training.PhaseClock). The
+and the logs folder. Ours: the run's logs/timing.json (train_lora.py's own clock, lora.training.run_log.PhaseClock). The
 peer (HF's dreambooth_musicgen.py) has no such table: its phases come from the timestamps of its log lines (1-s
 resolution) and the Trainer's own train_runtime; its start is its end (the log's last write) minus its whole time.
 """

@@ -15,7 +15,7 @@ Architecture (from the hub configs of facebook/musicgen-{small,medium,large} and
 Weights are random (seeded), so outputs are noise, but every matmul has the real size: speed and memory
 measured on it are those of musicgen-small. The folder is written with save_pretrained (plus the tiny model's
 word-level tokenizer standing in for T5's SentencePiece: it maps caption words to ids < 32128) and loaded
-through lora.loading.load_base_model, like a downloaded model.
+through lora.modeling.loading.load_base_model, like a downloaded model.
 """
 
 from __future__ import annotations
@@ -81,9 +81,9 @@ def ensure_arch(scale: str = "small", directory: str | Path | None = None) -> Pa
     from transformers import EncodecFeatureExtractor, GenerationConfig, MusicgenForConditionalGeneration, \
         MusicgenProcessor
 
-    from lora.loading import missing_local_files
-    from lora.tiny_model import build_tokenizer
-    from lora.utils import atomic_dir
+    from lora.modeling.loading import missing_local_files
+    from lora.modeling.tiny_model import build_tokenizer
+    from lora.common.files import atomic_dir
 
     directory = Path(directory or arch_dir(scale)).expanduser().resolve()
     marker = directory / "musicgen_arch.json"
@@ -96,7 +96,7 @@ def ensure_arch(scale: str = "small", directory: str | Path | None = None) -> Pa
     if scale == "melody":  # musicgen-melody: chroma prefix of 235 frames + the projected text, no cross-attention
         from transformers import MusicgenMelodyForConditionalGeneration
 
-        from lora.musicgen_melody import config_from_musicgen
+        from lora.modeling.musicgen_melody import config_from_musicgen
 
         cfg, model_class = config_from_musicgen(cfg, chroma_length=235), MusicgenMelodyForConditionalGeneration
     torch.manual_seed(0)
@@ -113,8 +113,8 @@ def ensure_arch(scale: str = "small", directory: str | Path | None = None) -> Pa
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         fe.save_pretrained(tmp)
-        if scale == "melody":  # the melody models' extractor settings (lora.chroma computes the features)
-            from lora.tiny_model import MELODY_FEATURE_EXTRACTOR
+        if scale == "melody":  # the melody models' extractor settings (lora.modeling.chroma computes the features)
+            from lora.modeling.tiny_model import MELODY_FEATURE_EXTRACTOR
 
             (tmp / "preprocessor_config.json").write_text(json.dumps(MELODY_FEATURE_EXTRACTOR, indent=2))
         (tmp / "musicgen_arch.json").write_text(json.dumps(

@@ -11,7 +11,7 @@ import time
 
 def cpu_train_step(model_name: str, frames: int, text_tokens: int, padding: float = 0.25):
     """(step, model) for train_lora.py's step on a CPU: the model prepared exactly like train_lora.py
-    (lora.training.prepare_model, default config: bf16 autocast, bf16 frozen weights, LoRA rank 12 on attention),
+    (lora.training.model_prep.prepare_model, default config: bf16 autocast, bf16 frozen weights, LoRA rank 12 on attention),
     one batch of 2 clips x ``frames`` codec frames with ``text_tokens`` caption states (the second caption
     ``padding`` shorter: a padding mask, as in a real batch of two captions); ``step()`` runs step_loss, backward,
     clipping and AdamW and returns its seconds. ``model_name``: small / medium / large (random weights with that
@@ -20,9 +20,10 @@ def cpu_train_step(model_name: str, frames: int, text_tokens: int, padding: floa
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    from lora import training
+    from lora.training import model_prep
+    from lora.training import step as training_step
     from lora.config import Config
-    from lora.loading import load_base_model
+    from lora.modeling.loading import load_base_model
     from musicgen_arch import model_path
 
     cfg = Config()
@@ -30,8 +31,8 @@ def cpu_train_step(model_name: str, frames: int, text_tokens: int, padding: floa
     model, processor, info = load_base_model(cfg.model)
     torch.manual_seed(0)
     device = torch.device("cpu")
-    model, params = training.prepare_model(model, cfg, "bf16", device)
-    training.set_train_mode(model, cache_text=True)
+    model, params = model_prep.prepare_model(model, cfg, "bf16", device)
+    model_prep.set_train_mode(model, cache_text=True)
     AcceleratorState._reset_state()
     acc = Accelerator(mixed_precision="bf16", cpu=True)
     optimizer = acc.prepare(torch.optim.AdamW(params, lr=1e-4))
@@ -47,7 +48,7 @@ def cpu_train_step(model_name: str, frames: int, text_tokens: int, padding: floa
 
     def step() -> float:
         t0 = time.perf_counter()
-        loss = training.step_loss(model, processor, info, batch, device, acc.autocast, True).loss
+        loss = training_step.step_loss(model, processor, info, batch, device, acc.autocast, True).loss
         acc.backward(loss)
         acc.clip_grad_norm_(params, 1.0)
         optimizer.step()

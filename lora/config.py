@@ -14,6 +14,8 @@ Paths: a relative path on the command line is relative to the current directory;
 is relative to that file's folder; a default is relative to the repository root. So both
 ``python lora/train_lora.py --data_dir data`` and ``cd lora && python train_lora.py --data_dir
 ../data`` work.
+
+Imports: lora.common.
 """
 
 from __future__ import annotations
@@ -28,34 +30,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-if __package__ in (None, ""):  # python lora/config.py --markdown | --update-usage
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from lora.utils import UserError, atomic_write_text, log  # noqa: E402
+from lora.common.fields import (
+    ConfigError,
+    _argtype,
+    _base_type,
+    _check_choice,
+    _coerce,
+    _f,
+    _parse_bool,
+    _Parser,
+    _refuse_repeated_flags,
+    _unknown_key_error,
+    load_yaml,
+    range_text,
+    value_problem,
+)
+from lora.common.files import atomic_write_text
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "config.yaml"
 
-# Names of built-in model presets that are not paths (lora.tiny_model builds them).
+# Names of built-in model presets that are not paths (lora.modeling.tiny_model builds them).
 BUILTIN_MODELS = ("tiny", "tiny-stereo", "tiny-melody", "tiny-stereo-melody")
-
-
-class ConfigError(UserError):
-    """A user mistake in config.yaml or on the command line. The message names the key and the fix."""
-
-
-def _f(default, help: str, *, aliases=(), kind: str | None = None, choices=None, ge=None, gt=None, le=None,
-       lt=None, also=(), hint: str = "", many: bool = False):
-    """A schema field. ``kind`` is "path" (a file or folder) or "model" (a path, hub id or built-in). Its allowed
-    values are declared here, once: ``choices``, or a range (``ge`` >=, ``gt`` >, ``le`` <=, ``lt`` <) plus single
-    values ``also`` allowed outside it (e.g. -1 = off); ``hint`` is the rule of thumb an error message adds. null
-    (None) is always allowed for an Optional field. ``many``: the field also takes a list of such values (a YAML list;
-    several values after the flag); a single value stays a plain value."""
-    md = {"help": help, "aliases": tuple(aliases), "kind": kind, "choices": choices, "ge": ge, "gt": gt, "le": le,
-          "lt": lt, "also": tuple(also), "hint": hint, "many": many}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata=md)
-    return field(default=default, metadata=md)
 
 
 # --------------------------------------------------------------------------------------------
@@ -323,116 +319,6 @@ def _hints(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _base_type(tp):
-    """(base type, optional?) for Optional[X] / X."""
-    origin = typing.get_origin(tp)
-    if origin is typing.Union:
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0], True
-    return tp, False
-
-
-def _type_name(tp) -> str:
-    base, opt = _base_type(tp)
-    name = {bool: "true/false", int: "integer", float: "number", str: "text", list: "list of text"}.get(base, str(base))
-    return name + (" or null" if opt else "")
-
-
-def _coerce(section: str, name: str, value, tp, meta, source: str):
-    """Check and convert one value from YAML; raise ConfigError naming the key."""
-    if meta.get("many") and isinstance(value, list):
-        if not value:
-            raise ConfigError(f"{section}.{name}" + (f" in {source}" if source else "") + ": the list is empty; "
-                              "give one value or a list of values, or delete the line to use the default.")
-        return [_coerce(section, f"{name}[{i}]", v, tp, meta, source) for i, v in enumerate(value)]
-    base, optional = _base_type(tp)
-    where = f"{section}.{name}" + (f" in {source}" if source else "")
-    bad = ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}. Fix the value or delete the line to use "
-                      f"the default.")
-    if value is None:
-        if optional:
-            return None
-        raise bad
-    if base is bool:
-        if isinstance(value, bool):
-            out = value
-        else:
-            raise bad
-    elif base is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                value = int(value)
-            else:
-                raise bad
-        out = value
-    elif base is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            if isinstance(value, str):
-                try:
-                    value = float(value)  # YAML reads "3e-4" as a string
-                except ValueError:
-                    raise bad from None
-            else:
-                raise bad
-        out = float(value)
-    elif base is str:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = str(value)
-        if not isinstance(value, str):
-            raise bad
-        out = value
-    elif base is list:
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise bad
-        out = list(value)
-    else:  # pragma: no cover - schema uses only the types above
-        out = value
-    _check_choice(where, out, meta)
-    return out
-
-
-def _num(x) -> str:
-    return f"{x:g}" if isinstance(x, float) else str(x)
-
-
-def range_text(meta) -> str:
-    """The allowed values of a field in words: 'at least 1', '>= 1', 'in [0, 1)', '> 0 and at most 3600', ...;
-    '' when the field declares no range."""
-    ge, gt, le, lt = meta.get("ge"), meta.get("gt"), meta.get("le"), meta.get("lt")
-    if ge is not None and (le is not None or lt is not None):
-        text = f"in [{_num(ge)}, {_num(le if le is not None else lt)}{']' if le is not None else ')'}"
-    else:
-        lower = (f"at least {ge}" if isinstance(ge, int) else f">= {_num(ge)}") if ge is not None else \
-            (f"> {_num(gt)}" if gt is not None else "")
-        upper = f"at most {_num(le)}" if le is not None else (f"< {_num(lt)}" if lt is not None else "")
-        text = " and ".join(t for t in (lower, upper) if t)
-    if text and meta.get("also"):
-        text += "".join(f", or {_num(v)}" for v in meta["also"])
-    return text
-
-
-def value_problem(meta, value, label: str) -> Optional[str]:
-    """The problem with one value of a field (its declared range), in the user's words naming ``label``; None when
-    the value is allowed."""
-    import math
-
-    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) or not range_text(meta):
-        return None
-    if value in meta.get("also", ()):
-        return None
-    ok = math.isfinite(value)
-    for key, test in (("ge", lambda b: value >= b), ("gt", lambda b: value > b), ("le", lambda b: value <= b),
-                      ("lt", lambda b: value < b)):
-        if meta.get(key) is not None and ok:
-            ok = test(meta[key])
-    if ok:
-        return None
-    hint = meta.get("hint")
-    return f"{label} must be {range_text(meta)} (got {_num(value)})" + (f"; {hint}" if hint else "")
-
-
 def field_problem(section: str, name: str, value, label: Optional[str] = None) -> Optional[str]:
     """``value_problem`` for ``section.name`` of the schema (also for values given elsewhere, e.g. a per-prompt
     setting in a prompts file, with their own ``label``)."""
@@ -455,12 +341,6 @@ def range_problems(cfg: "Config", sections=None) -> list[str]:
     return problems
 
 
-def _check_choice(where: str, value, meta):
-    choices = meta.get("choices")
-    if choices is not None and value is not None and value not in choices:
-        raise ConfigError(f"{where}: {value!r} is not allowed; choose one of {', '.join(map(str, choices))}.")
-
-
 def _resolve_path(value: Optional[str], kind: Optional[str], base: Path) -> Optional[str]:
     if value is None or kind is None or value == "":
         return value
@@ -478,38 +358,6 @@ def _resolve_path(value: Optional[str], kind: Optional[str], base: Path) -> Opti
         return value
     p = Path(expanded)
     return os.path.normpath(p if p.is_absolute() else (base / p))
-
-
-def _unknown_key_error(kind: str, key: str, allowed, where: str) -> ConfigError:
-    import difflib
-
-    close = difflib.get_close_matches(key, list(allowed), n=1)
-    hint = f" Did you mean '{close[0]}'?" if close else ""
-    return ConfigError(f"Unknown {kind} '{key}'{where}.{hint} Allowed: {', '.join(sorted(allowed))}.")
-
-
-def load_yaml(path: str | os.PathLike) -> dict:
-    import yaml
-
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"Config file not found: {p}. Pass --config PATH to an existing YAML file, or run from the "
-                          f"repository that holds config.yaml.")
-    raw = p.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise ConfigError(f"{p} is not UTF-8 text: byte {raw[e.start:e.start + 1]!r} on line {line} (a character "
-                          f"saved in another encoding, e.g. Latin-1, even in a comment). Save the file as UTF-8 "
-                          f"(your editor's encoding setting) and run again.") from None
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p} is not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{p}: the top level must be sections (model:, lora:, data:, ...), got {type(data).__name__}.")
-    return data
 
 
 def apply_yaml(cfg: Config, data: dict, source: str, base: Path) -> None:
@@ -538,48 +386,6 @@ def apply_yaml(cfg: Config, data: dict, source: str, base: Path) -> None:
             elif isinstance(v, list) and md.get("many"):
                 v = [_resolve_path(x, md.get("kind"), base) if isinstance(x, str) else x for x in v]
             setattr(obj, key, v)
-
-
-# --------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse's default prints usage and exits 2; we raise with the message
-        if "unrecognized arguments" in message:
-            import difflib
-
-            known = [o for a in self._actions for o in a.option_strings]
-            hints = []
-            for tok in message.split(":", 1)[1].split():
-                if tok.startswith("--"):
-                    close = difflib.get_close_matches(tok.split("=")[0], known, n=1)
-                    if close:
-                        hints.append(f"did you mean {close[0]} (for {tok})?")
-            message += (" (" + "; ".join(hints) + ")" if hints else "") + \
-                ". Run with --help to list the flags this script accepts."
-        raise ConfigError(message)
-
-
-def _parse_bool(name):
-    def conv(s: str) -> bool:
-        t = s.strip().lower()
-        if t in ("1", "true", "yes", "y", "on"):
-            return True
-        if t in ("0", "false", "no", "n", "off"):
-            return False
-        raise argparse.ArgumentTypeError(f"--{name} takes true or false, got {s!r}")
-    return conv
-
-
-def _argtype(name, base, optional):
-    def conv(s: str):
-        if optional and s.strip().lower() in ("none", "null", ""):
-            return None
-        try:
-            return base(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"--{name} takes {_type_name(base)}, got {s!r}") from None
-    return conv
 
 
 def build_parser(description: str, sections: tuple[str, ...], extra=None) -> tuple[argparse.ArgumentParser, dict]:
@@ -625,28 +431,6 @@ def build_parser(description: str, sections: tuple[str, ...], extra=None) -> tup
     if extra is not None:
         extra(p)
     return p, owners
-
-
-def _refuse_repeated_flags(parser: argparse.ArgumentParser, argv: list) -> None:
-    """A flag given twice (or under two of its names) would silently keep the last value: refuse it. A list flag
-    (--prompts) given twice keeps all the values, and says so."""
-    by_flag = {o: a for a in parser._actions for o in a.option_strings}
-    seen: dict[str, str] = {}
-    for tok in map(str, argv):
-        if tok == "--":
-            break
-        action = by_flag.get(tok.split("=", 1)[0]) if tok.startswith("--") else None
-        if action is None or not action.option_strings:
-            continue
-        name = tok.split("=", 1)[0]
-        if action.dest in seen and isinstance(action, argparse._ExtendAction):
-            log.info("%s was given more than once: all of its values are used", name)
-            continue
-        if action.dest in seen:
-            first = seen[action.dest]
-            also = "" if first == name else f" (as {first} and {name})"
-            raise ConfigError(f"{name} was given twice{also}; give it once.")
-        seen[action.dest] = name
 
 
 def parse_config(argv=None, *, description: str = "", sections: tuple[str, ...] = tuple(SECTIONS),

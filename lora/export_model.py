@@ -30,16 +30,18 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    __package__ = "lora"
+if not __package__:  # run as a file, maybe without `pip install -e .`: see lora/_bootstrap.py
+    import _bootstrap
 
-from lora.adapter import check_adapter_files, check_mix_bases, load_adapters, merge_lora  # noqa: E402
-from lora.config import ConfigError, adapter_paths, adapter_scales, load_yaml, parse_config  # noqa: E402
-from lora.dataset import load_metadata  # noqa: E402
-from lora.loading import load_base_model, resolve_model_path  # noqa: E402
-from lora.utils import UserError, atomic_dir, atomic_write_json, atomic_write_text, check_free_space, \
-    check_output_dir, log, run_main  # noqa: E402
+    _bootstrap.find_package()
+
+from lora.common.cli import UserError, log, run_main
+from lora.common.fields import ConfigError, load_yaml
+from lora.common.files import atomic_dir, atomic_write_json, atomic_write_text, check_free_space, check_output_dir
+from lora.config import adapter_paths, adapter_scales, parse_config
+from lora.dataset import load_metadata
+from lora.modeling.adapter import check_adapter_files, check_mix_bases, load_adapters, merge_lora
+from lora.modeling.loading import load_base_model, resolve_model_path
 
 DESCRIPTION = "Merge a base MusicGen and LoRA adapter(s) into one standalone transformers model folder."
 INFO_FILE = "export_info.json"

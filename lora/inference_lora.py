@@ -39,22 +39,23 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    __package__ = "lora"
+if not __package__:  # run as a file, maybe without `pip install -e .`: see lora/_bootstrap.py
+    import _bootstrap
 
-from lora import config as config_module  # noqa: E402
-from lora import generation  # noqa: E402
-from lora.adapter import check_adapter_files, check_mix_bases, describe_choice  # noqa: E402
-from lora.audio import audio_info  # noqa: E402
-from lora.config import ConfigError, GenerationConfig, adapter_paths, adapter_scales, field_problem, \
-    parse_config  # noqa: E402
-from lora.generation import Request, SamplingSettings, temperature_problem  # noqa: E402
-from lora.manifest import ManifestWriter, add_audio_prompt, add_melodies, check_melody_files, \
-    check_outputs  # noqa: E402
-from lora.prompts import read_prompts_file  # noqa: E402
-from lora.utils import UserError, check_free_space, check_output_dir, human_seconds, log, on_interrupt, \
-    run_main  # noqa: E402
+    _bootstrap.find_package()
+
+from lora import config
+from lora.common.cli import UserError, human_seconds, log, on_interrupt, run_main
+from lora.common.fields import ConfigError
+from lora.common.files import check_free_space, check_output_dir
+from lora.config import GenerationConfig, adapter_paths, adapter_scales, field_problem, parse_config
+from lora.dataprep.audio import audio_info
+from lora.generation import engine
+from lora.generation import model as generation_model
+from lora.generation.manifest import ManifestWriter, add_audio_prompt, add_melodies, check_melody_files, check_outputs
+from lora.generation.prompts import read_prompts_file
+from lora.generation.requests import Request, SamplingSettings, temperature_problem
+from lora.modeling.adapter import check_adapter_files, check_mix_bases, describe_choice
 
 DESCRIPTION = "Generate music with MusicGen + a LoRA adapter (WAV files + manifest.json)."
 PER_PROMPT_RANGED = ("duration", "guidance_scale", "top_k", "top_p", "num_samples")
@@ -119,7 +120,7 @@ def _flag_given(argv: list[str], flag: str) -> bool:
 
 def _default_adapter_path() -> str:
     default = GenerationConfig.__dataclass_fields__["lora_model_path"].default
-    return os.path.normpath(config_module.REPO_ROOT / default)
+    return os.path.normpath(config.REPO_ROOT / default)
 
 
 def choose_adapter(g: GenerationConfig, argv: list[str], problems: list[str]) -> tuple[list[str], bool]:
@@ -205,7 +206,7 @@ def main(argv=None) -> int:
     import torch
 
     torch.manual_seed(g.seed)
-    model, processor, info, adapter_info = generation.load_generation_model(cfg, adapter_path=adapters or None)
+    model, processor, info, adapter_info = generation_model.load_generation_model(cfg, adapter_path=adapters or None)
     if g.audio_prompt:
         add_audio_prompt(model, info, g.audio_prompt, requests)
     add_melodies(info, requests)
@@ -219,7 +220,7 @@ def main(argv=None) -> int:
     with on_interrupt(lambda: f"{len(writer.written)} of {len(requests)} file(s) were written to {out_dir} and are "
                               f"listed in {writer.path}; run the same command with other seeds or --overwrite for "
                               f"the rest"):
-        results = generation.generate(model, processor, info, requests, batch_size=g.batch_size,
+        results = engine.generate(model, processor, info, requests, batch_size=g.batch_size,
                                       max_window=g.max_window, extend_stride=g.extend_stride, progress=True,
                                       on_batch=writer.write_batch, decoding=g.decoding)
     wall = time.perf_counter() - t0

@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    __package__ = "lora"
+if not __package__:  # run as a file, maybe without `pip install -e .`: see lora/_bootstrap.py
+    import _bootstrap
 
-from lora.audio import AudioError, load_audio
+    _bootstrap.find_package()
+
+from lora.common.cli import log
 from lora.config import parse_config
-from lora.data_check import check_data_dir
+from lora.dataprep.audio import AudioError, load_audio
+from lora.dataprep.data_check import check_data_dir
 from lora.dataset import ClipRecord
-from lora.utils import log
 
 
 class AudioClipDataset:
@@ -114,6 +114,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from lora.utils import run_main
+    from lora.common.cli import run_main
 
     sys.exit(run_main(main))

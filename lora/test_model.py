@@ -6,8 +6,8 @@
     python lora/test_model.py --model_path facebook/musicgen-large --gradient_checkpointing --max_duration 15
 
 It loads the base model as train_lora.py does, prepares it for training with the same library function
-(lora.training.prepare_model: LoRA with your settings, the frozen-weight dtype, device placement, the step's
-options, e.g. --gradient_checkpointing) and runs train_lora.py's step (lora.training.step_loss) forward + backward
+(lora.training.model_prep.prepare_model: LoRA with your settings, the frozen-weight dtype, device placement, the step's
+options, e.g. --gradient_checkpointing) and runs train_lora.py's step (lora.training.step.step_loss) forward + backward
 on a random batch of --batch_size clips as long as the training window (--max_duration; random EnCodec codes + the
 captions' text states, as the token cache holds them) in the precision training would use, reports the loss,
 gradients and the step's peak memory (on a GPU: what training with these settings needs), then generates 2
@@ -20,18 +20,21 @@ from __future__ import annotations
 import math
 import sys
 import time
-from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    __package__ = "lora"
+if not __package__:  # run as a file, maybe without `pip install -e .`: see lora/_bootstrap.py
+    import _bootstrap
 
-from lora.config import ConfigError, parse_config  # noqa: E402
-from lora.dataset import CachedClip, CachedTokenDataset, collate_tokens  # noqa: E402
-from lora.loading import family_for, load_base_model  # noqa: E402
-from lora.precision import choose_precision, resolve_base_weights_dtype  # noqa: E402
-from lora.training import autocast_for, micro_seed, prepare_model, set_train_mode, step_loss  # noqa: E402
-from lora.utils import UserError, log, run_main  # noqa: E402
+    _bootstrap.find_package()
+
+from lora.common.cli import UserError, log, run_main
+from lora.common.fields import ConfigError
+from lora.config import parse_config
+from lora.dataset import CachedClip, CachedTokenDataset, collate_tokens
+from lora.modeling.loading import family_for, load_base_model
+from lora.modeling.precision import choose_precision, resolve_base_weights_dtype
+from lora.training.model_prep import autocast_for, prepare_model, set_train_mode
+from lora.training.plan import micro_seed
+from lora.training.step import step_loss
 
 SECTIONS = ("model", "lora", "training")
 CAPTIONS = ["drum loop, 120 BPM, kick snare hihat", "lofi piano chords in A minor, mellow, 80 BPM"]
@@ -110,8 +113,8 @@ def random_batch(model, processor, info, batch_size: int, seconds: float, device
 
 def training_step(cfg, model, processor, info, device, seconds: float, precision: str):
     """What train_lora.py does before and in its first step, on a random batch: LoRA attached and prepared by
-    lora.training.prepare_model (the same seed, frozen-weight dtype, device placement and step options), then
-    lora.training.step_loss under the training precision's autocast, with the dropout seed of the first
+    lora.training.model_prep.prepare_model (the same seed, frozen-weight dtype, device placement and step options), then
+    lora.training.step.step_loss under the training precision's autocast, with the dropout seed of the first
     micro-batch. Returns (model, batch, loss); the caller runs the backward."""
     import torch
     from accelerate.utils import set_seed

@@ -19,7 +19,7 @@ save. It writes, under output_dir:
     config.yaml                the resolved configuration of the run
 
 Training reads tokens only: EnCodec codes and text-encoder states are computed once into data_dir/cache
-(lora.dataset.build_token_cache), then both encoders leave the GPU. The step, validation, checkpoints and logs are
+(lora.dataprep.token_cache.build_token_cache), then both encoders leave the GPU. The step, validation, checkpoints and logs are
 lora.training's (the same step bench/bench_train.py times and test_model.py checks); this script tells the story.
 
 Data order is a pure function of (seed, epoch): each epoch's length-bucketed micro-batches are split over
@@ -40,20 +40,23 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    __package__ = "lora"
+if not __package__:  # run as a file, maybe without `pip install -e .`: see lora/_bootstrap.py
+    import _bootstrap
 
-from lora import training  # noqa: E402
-from lora.config import Config, ConfigError, parse_config, validate  # noqa: E402
-from lora.cpu_speed import keep_freed_memory  # noqa: E402
-from lora.dataset import CachedTokenDataset, bucketed_batches, build_token_cache, collate_tokens, \
-    load_metadata  # noqa: E402
-from lora.loading import family_for, load_base_model  # noqa: E402
-from lora.precision import choose_precision, resolve_base_weights_dtype  # noqa: E402
-from lora.training import TrainState  # noqa: E402
-from lora.utils import UserError, atomic_write_json, check_free_space, check_output_dir, disk_full_message, log, \
-    on_interrupt, process_start_time, run_main, setup_logging  # noqa: E402
+    _bootstrap.find_package()
+
+from lora.common.cli import UserError, disk_full_message, log, on_interrupt, process_start_time, run_main, setup_logging
+from lora.common.fields import ConfigError
+from lora.common.files import atomic_write_json, check_free_space, check_output_dir
+from lora.config import Config, parse_config, validate
+from lora.dataprep.token_cache import build_token_cache
+from lora.dataset import CachedTokenDataset, bucketed_batches, collate_tokens, load_metadata
+from lora.modeling.cpu_speed import keep_freed_memory
+from lora.modeling.loading import family_for, load_base_model
+from lora.modeling.precision import choose_precision, resolve_base_weights_dtype
+from lora.training import checkpoints, model_prep, plan, run_log
+from lora.training import step as training_step
+from lora.training.checkpoints import TrainState
 
 SECTIONS = ("training", "model", "lora", "data")
 
@@ -65,7 +68,7 @@ def config_problems(cfg: Config, ns=None) -> list[str]:
     if t.max_steps <= 0 and t.num_epochs <= 0:
         p.append("training.num_epochs must be > 0 (or set training.max_steps)")
     for key in ("eval_steps", "save_steps"):
-        problem = training.every_problem(f"training.{key}", getattr(t, key))
+        problem = plan.every_problem(f"training.{key}", getattr(t, key))
         if problem:
             p.append(problem)
     return p
@@ -84,7 +87,7 @@ def main(argv=None) -> int:
     out = check_output_dir(cfg.training.output_dir, "--output_dir")
     handlers, level = list(log.handlers), log.level
     try:  # one run per output folder (only the first process of a multi-process run holds it)
-        with training.output_lock(out, enabled=os.environ.get("RANK", "0") == "0"):
+        with checkpoints.output_lock(out, enabled=os.environ.get("RANK", "0") == "0"):
             return train(cfg)
     except torch.OutOfMemoryError as e:
         t = cfg.training
@@ -115,7 +118,7 @@ def train(cfg: Config) -> int:
 
 def resume_note(run: "Run") -> str:
     """What Ctrl-C leaves behind, and how to continue."""
-    ck = training.newest_checkpoint(run.out)
+    ck = checkpoints.newest_checkpoint(run.out)
     if ck is None:
         return (f"no checkpoint was saved yet (every {run.save_every} steps or {run.cfg.training.save_minutes:g} "
                 f"minutes); start again, or save more often with --save_steps / --save_minutes")
@@ -150,9 +153,9 @@ class Run:
     eval_every: int = 0          # training.eval_steps / save_steps resolved ('auto' -> about 10 per run)
     save_every: int = 0
     state: TrainState = field(default_factory=TrainState)
-    runlog: training.RunLog = None
+    runlog: run_log.RunLog = None
     stop_reason: str = None
-    clock: training.PhaseClock = None  # where the time goes (logged at the end, logs/timing.json)
+    clock: run_log.PhaseClock = None  # where the time goes (logged at the end, logs/timing.json)
 
     @property
     def out(self) -> Path:
@@ -163,7 +166,7 @@ class Run:
         return self.acc.is_main_process
 
     def loss(self, batch):
-        return training.step_loss(self.model, self.processor, self.info, batch, self.device, self.acc.autocast,
+        return training_step.step_loss(self.model, self.processor, self.info, batch, self.device, self.acc.autocast,
                                   self.cache_text)
 
     def snapshot(self, stage: str) -> dict:
@@ -208,7 +211,7 @@ def start_processes(cfg: Config):
     return acc, precision
 
 
-def load_and_cache(cfg: Config, acc, records, clock: training.PhaseClock):
+def load_and_cache(cfg: Config, acc, records, clock: run_log.PhaseClock):
     """The base model (on the CPU) and every clip's cached tokens; only the encoders visit the device, for the
     cache, and leave it again when their output is cached."""
     import torch
@@ -253,22 +256,22 @@ def set_up(cfg: Config) -> Run:
 
     t = cfg.training
     out = Path(t.output_dir)
-    clock = training.PhaseClock(process_start_time())
+    clock = run_log.PhaseClock(process_start_time())
     records = load_metadata(cfg.data.data_dir, cfg.data.metadata_file)
-    training.split_records(cfg, records)
+    plan.split_records(cfg, records)
     # Read whole before anything loads: a damaged checkpoint stops here ('latest' falls back to an older one).
-    ck = training.find_checkpoint(out, t.resume_from_checkpoint) if t.resume_from_checkpoint else None
+    ck = checkpoints.find_checkpoint(out, t.resume_from_checkpoint) if t.resume_from_checkpoint else None
     if ck is None:  # before this run writes anything (the first process deletes, the others only check)
-        training.clear_earlier_run(out, t.overwrite_output_dir, is_main=os.environ.get("RANK", "0") == "0")
+        checkpoints.clear_earlier_run(out, t.overwrite_output_dir, is_main=os.environ.get("RANK", "0") == "0")
     acc, precision = start_processes(cfg)
 
     set_seed(t.seed)
     clock.lap("start-up")
     model, processor, info, clips, max_frames = load_and_cache(cfg, acc, records, clock)
     set_seed(t.seed)  # LoRA init does not depend on what the cache step consumed
-    model, params = training.prepare_model(model, cfg, precision, acc.device)
+    model, params = model_prep.prepare_model(model, cfg, precision, acc.device)
     clock.lap("LoRA set-up")
-    check_free_space(out, training.disk_space_needed(params, t.save_total_limit), "training (checkpoints, "
+    check_free_space(out, checkpoints.disk_space_needed(params, t.save_total_limit), "training (checkpoints, "
                      "best_model, final_model, logs)")
 
     # The data plan: the same for any number of processes.
@@ -279,7 +282,7 @@ def set_up(cfg: Config) -> Run:
                                   info=info)
     group = t.gradient_accumulation_steps * acc.num_processes
     n_batches = len(bucketed_batches(train_ds.lengths(), t.batch_size, t.seed, 0, multiple_of=group))
-    steps_per_epoch, total_steps, warmup, warm_note = training.plan_steps(cfg, n_batches, group)
+    steps_per_epoch, total_steps, warmup, warm_note = plan.plan_steps(cfg, n_batches, group)
     if warm_note:
         log.info(warm_note)
 
@@ -292,14 +295,14 @@ def set_up(cfg: Config) -> Run:
               valid_ds=valid_ds, collate=lambda items: collate_tokens(items, info.pad_token_id),
               cache_text=not cfg.lora.train_text_encoder, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
               train_seconds=sum(c.num_frames for c in train_clips) / info.frame_rate,
-              eval_every=training.resolve_every(t.eval_steps, total_steps)[0],
-              save_every=training.resolve_every(t.save_steps, total_steps)[0], clock=clock)
+              eval_every=plan.resolve_every(t.eval_steps, total_steps)[0],
+              save_every=plan.resolve_every(t.save_steps, total_steps)[0], clock=clock)
     if ck is not None:
-        training.load_checkpoint(ck, model, optimizer, scheduler, acc.scaler, acc.device, run.state,
+        checkpoints.load_checkpoint(ck, model, optimizer, scheduler, acc.scaler, acc.device, run.state,
                                  {"batch_size": t.batch_size, "gradient_accumulation_steps":
                                   t.gradient_accumulation_steps, "world_size": acc.num_processes, "seed": t.seed})
     banner(run, warmup)
-    run.runlog = training.RunLog(out / "logs", run.state.log_history, enabled=acc.is_main_process,
+    run.runlog = run_log.RunLog(out / "logs", run.state.log_history, enabled=acc.is_main_process,
                                  resumed_at=run.state.global_step if ck is not None else None)
     if acc.is_main_process:
         cfg.save(out / "config.yaml")
@@ -335,9 +338,9 @@ def cadence_text(run: Run) -> str:
     t, n = run.cfg.training, run.total_steps
 
     def every(key, value, steps):
-        auto = training.resolve_every(value, n)[1]
-        how = f"auto: about {training.AUTO_PER_RUN} per run" if auto else value
-        return f"every {steps} steps ({key} {how}, {len(training.events_in_run(steps, n))} in this run)"
+        auto = plan.resolve_every(value, n)[1]
+        how = f"auto: about {plan.AUTO_PER_RUN} per run" if auto else value
+        return f"every {steps} steps ({key} {how}, {len(plan.events_in_run(steps, n))} in this run)"
 
     return (f"validation before the first step and {every('eval_steps', t.eval_steps, run.eval_every)}; checkpoint "
             f"{every('save_steps', t.save_steps, run.save_every)}"
@@ -377,7 +380,7 @@ def train_loop(run: Run) -> None:
     t, st, acc = run.cfg.training, run.state, run.acc
     rank, world, ga = acc.process_index, acc.num_processes, t.gradient_accumulation_steps
     group = ga * world
-    training.set_train_mode(run.model, run.cache_text)
+    model_prep.set_train_mode(run.model, run.cache_text)
     if st.global_step == 0 and st.base_val_loss is None:
         log.info("Held-out loss of the base model (LoRA at init) ...")
         validate_and_track(run)
@@ -387,7 +390,7 @@ def train_loop(run: Run) -> None:
     interval = Interval.start(run)
     grad_norm = torch.zeros((), device=run.device)
     last_eval = None
-    timer = training.SaveTimer(t.save_minutes)
+    timer = plan.SaveTimer(t.save_minutes)
     while st.global_step < run.total_steps and run.stop_reason is None:
         ep = st.data_epoch
         run.train_ds.set_epoch(ep)
@@ -401,11 +404,11 @@ def train_loop(run: Run) -> None:
             if st.global_step >= run.total_steps:
                 break
             # ---- one optimizer step: gradient_accumulation_steps micro-batches on every process, token-weighted
-            step = training.accumulate(run.loss, [next(it) for _ in range(ga)], acc.backward,
-                                       [training.micro_seed(t.seed, ep, s * group + m * world + rank)
+            step = training_step.accumulate(run.loss, [next(it) for _ in range(ga)], acc.backward,
+                                       [plan.micro_seed(t.seed, ep, s * group + m * world + rank)
                                         for m in range(ga)], world=world, device=run.device)
             if world > 1:
-                step = training.all_reduce_step(run.params, step)
+                step = training_step.all_reduce_step(run.params, step)
             norm = optimizer_step(run, step.loss)
             interval.dropped += step.dropped
             interval.samples += step.samples
@@ -438,7 +441,7 @@ def train_loop(run: Run) -> None:
                 run.clock.lap("validation")
             if gs % run.save_every == 0 or gs == run.total_steps or run.stop_reason or time_to_save(run, timer):
                 if run.main:
-                    training.save_checkpoint(run.out / "checkpoints", run.model, run.optimizer, run.scheduler,
+                    checkpoints.save_checkpoint(run.out / "checkpoints", run.model, run.optimizer, run.scheduler,
                                              acc.scaler, run.cfg, run.snapshot("checkpoint"), t.save_total_limit)
                 acc.wait_for_everyone()
                 timer.reset()
@@ -454,7 +457,7 @@ def train_loop(run: Run) -> None:
         run.clock.lap("validation")
 
 
-def time_to_save(run: Run, timer: training.SaveTimer) -> bool:
+def time_to_save(run: Run, timer: plan.SaveTimer) -> bool:
     """training.save_minutes: the main process's clock decides for every process (they all save, or none)."""
     if run.cfg.training.save_minutes <= 0:
         return False
@@ -516,9 +519,9 @@ def log_interval(run: Run, interval: Interval, grad_norm, bar) -> None:
 def validate_and_track(run: Run) -> bool:
     """Validate, log, keep best_model; returns True when early stopping says stop."""
     t, st, info = run.cfg.training, run.state, run.info
-    res = training.heldout_loss(run.model, run.processor, info, run.valid_ds, run.collate, t.batch_size, run.device,
+    res = training_step.heldout_loss(run.model, run.processor, info, run.valid_ds, run.collate, t.batch_size, run.device,
                                 run.acc.autocast, run.cache_text, run.acc.process_index, run.acc.num_processes)
-    training.set_train_mode(run.model, run.cache_text)
+    model_prep.set_train_mode(run.model, run.cache_text)
     entry = {"step": st.global_step, "epoch": round(st.epoch, 4), **res}
     if st.base_val_loss is None:
         st.base_val_loss = res["val_loss"]
@@ -542,9 +545,9 @@ def validate_and_track(run: Run) -> bool:
 
 def save_adapter(run: Run, kind: str, evaluation: dict) -> None:
     path, snap = run.out / kind, run.snapshot(kind)
-    card = training.model_card(run.cfg, run.info, dict(snap, eval=evaluation), kind, len(run.train_ds),
+    card = checkpoints.model_card(run.cfg, run.info, dict(snap, eval=evaluation), kind, len(run.train_ds),
                                run.train_seconds / 3600, path)
-    training.save_adapter(path, run.model, run.cfg, snap, evaluation, card)
+    checkpoints.save_adapter(path, run.model, run.cfg, snap, evaluation, card)
 
 
 # ============================================================================================

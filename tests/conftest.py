@@ -1,6 +1,6 @@
 """Shared pytest fixtures: tiny models, example data and a trained adapter, built once per session.
 
-Nothing here downloads: models are tiny random MusicGens built from config (lora.tiny_model), data is the
+Nothing here downloads: models are tiny random MusicGens built from config (lora.modeling.tiny_model), data is the
 synthetic example set (lora.prepare_data --create_example).
 """
 
@@ -20,7 +20,7 @@ if str(ROOT) not in sys.path:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# The model-file digests (lora.loading) are remembered in $XDG_CACHE_HOME: keep the suite's out of the user's.
+# The model-file digests (lora.modeling.loading) are remembered in $XDG_CACHE_HOME: keep the suite's out of the user's.
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="lora-tests-cache-")
 
 import torch  # noqa: E402
@@ -33,14 +33,14 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny mono MusicGen saved with save_pretrained (loadable with from_pretrained)."""
-    from lora.tiny_model import ensure_tiny_model
+    from lora.modeling.tiny_model import ensure_tiny_model
 
     return ensure_tiny_model(tmp_path_factory.mktemp("tiny_model") / "mono", stereo=False)
 
 
 @pytest.fixture(scope="session")
 def tiny_stereo_model_dir(tmp_path_factory) -> Path:
-    from lora.tiny_model import ensure_tiny_model
+    from lora.modeling.tiny_model import ensure_tiny_model
 
     return ensure_tiny_model(tmp_path_factory.mktemp("tiny_model") / "stereo", stereo=True)
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora.config import ConfigError
-from lora.utils import UserError
+from lora.common.fields import ConfigError
+from lora.common.cli import UserError
 
 PROMPT = "techno drum loop"
 
@@ -33,7 +33,9 @@ def _codes(model_dir, adapters, scales=None, greedy=False, **gen):
     """Tokens of one sample (sampled; ``greedy`` for comparisons of merged vs unmerged weights, which agree to fp32
     rounding: a sampled token whose uniform draw falls within that rounding of a boundary may flip, an argmax
     hardly ever)."""
-    from lora.generation import Request, SamplingSettings, generate, load_generation_model
+    from lora.generation.requests import Request, SamplingSettings
+    from lora.generation.engine import generate
+    from lora.generation.model import load_generation_model
 
     model, processor, info, adapter_info = load_generation_model(_cfg(model_dir, adapters, scales, **gen),
                                                                  adapter_path=adapters)
@@ -43,7 +45,8 @@ def _codes(model_dir, adapters, scales=None, greedy=False, **gen):
 
 def _random_adapter(model_dir, out_dir, seed, **lora):
     """An adapter of our own trainer (attach_lora) whose B matrices are random (so it changes the output)."""
-    from lora import adapter, loading
+    from lora.modeling import adapter
+    from lora.modeling import loading
     from lora.config import Config
 
     cfg = Config()
@@ -121,8 +124,8 @@ def test_mix_merged_equals_unmerged_and_is_the_sum_of_each_adapters_update(tiny_
     scaled updates, nothing else."""
     from peft import PeftModel
 
-    from lora import adapter
-    from lora.loading import load_base_model
+    from lora.modeling import adapter
+    from lora.modeling.loading import load_base_model
 
     a, b = two_adapters
     cfg = _cfg(tiny_model_dir)
@@ -184,7 +187,8 @@ def test_mix_in_config_yaml(tiny_model_dir, two_adapters, tmp_path):
 
 @pytest.mark.parametrize("case", ["scales", "bases", "missing"])
 def test_bad_mix_is_a_clear_error_and_writes_nothing(case, tiny_model_dir, two_adapters, tmp_path):
-    from lora import evaluate, inference_lora
+    from lora import inference_lora
+    from lora import evaluate
 
     a, b = two_adapters
     paths, scales, expect = [a, b], ["0.7", "0.4", "0.2"], "lora_scale has 3 value(s)"
@@ -228,9 +232,12 @@ def _style_data(root: Path) -> tuple[Path, dict]:
 def test_style_adapters_move_the_likelihood_of_their_own_style(tiny_model_dir, tmp_path):
     """Two adapters, each trained briefly on one style, then mixed: at (1, 0) the first style's held-out clips are
     likelier than at (0, 1), and the second style's the other way round."""
-    from lora import adapter, evaluate, train_lora
-    from lora.dataset import build_token_cache, load_metadata
-    from lora.loading import load_base_model
+    from lora import train_lora
+    from lora.modeling import adapter
+    from lora.scoring import likelihood
+    from lora.dataprep.token_cache import build_token_cache
+    from lora.dataset import load_metadata
+    from lora.modeling.loading import load_base_model
 
     data, files = _style_data(tmp_path)
     adapters = {}
@@ -254,7 +261,7 @@ def test_style_adapters_move_the_likelihood_of_their_own_style(tiny_model_dir, t
     for scales in ((1.0, 0.0), (0.0, 1.0)):
         adapter.set_adapter_scales(mixed, dict(zip(names, scales)))
         for style in files:
-            ce[scales, style] = evaluate.heldout_likelihood(mixed, clips[style], info, info.frames(2.0), 4,
+            ce[scales, style] = likelihood.heldout_likelihood(mixed, clips[style], info, info.frames(2.0), 4,
                                                             torch.device("cpu"))["ce"]
     assert ce[(1.0, 0.0), "techno_drums"] < ce[(0.0, 1.0), "techno_drums"]
     assert ce[(0.0, 1.0), "ambient_pad"] < ce[(1.0, 0.0), "ambient_pad"]
@@ -341,7 +348,9 @@ def test_adapters_that_cannot_fit_name_the_file_and_the_problem(tiny_model_dir, 
 # The start-up line: which model, which adapter, and how to get the other
 # --------------------------------------------------------------------------------------------
 def test_startup_line_names_the_model_and_the_adapter(tiny_model_dir, two_adapters, tmp_path, monkeypatch, caplog):
-    from lora import config, evaluate, inference_lora
+    from lora import inference_lora
+    from lora import config
+    from lora import evaluate
 
     repo = tmp_path / "repo"
     monkeypatch.setattr(config, "REPO_ROOT", repo)

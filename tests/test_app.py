@@ -44,7 +44,9 @@ _require("playwright", _importable("playwright"))
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 _require("Debian's chromium", CHROMIUM is not None)
 
-from lora import app, inference_lora, training  # noqa: E402
+from lora import inference_lora
+from lora import app
+from lora.training import checkpoints
 
 TIMEOUT = 60_000  # ms
 
@@ -374,7 +376,7 @@ def test_two_adapter_mix_at_1_0_is_adapter_a_alone_and_bad_mixes_are_messages(pa
 
 @pytest.fixture(scope="module")
 def tiny_melody_dir(tmp_path_factory):
-    from lora.tiny_model import ensure_tiny_model
+    from lora.modeling.tiny_model import ensure_tiny_model
 
     return ensure_tiny_model(tmp_path_factory.mktemp("tiny_melody") / "mono", melody=True)
 
@@ -422,7 +424,7 @@ def test_melody_upload_on_a_melody_base_is_recorded_and_the_cli_reproduces_it(pa
 def test_finished_run_shows_its_loss_curve_and_best_heldout_loss(page, out_root):
     page.get_by_role("tab", name="Train").click()
     _pick(page, "run_pick", str(out_root / "run1"))
-    best = training.read_state(out_root / "run1" / "best_model")["best_metric"]
+    best = checkpoints.read_state(out_root / "run1" / "best_model")["best_metric"]
     text = _wait_text(page, "run_status", "best held-out loss")
     assert f"{best:.4f}" in text
     page.locator("#loss_plot img, #loss_plot svg, #loss_plot canvas").first.wait_for(state="visible")
@@ -431,7 +433,7 @@ def test_finished_run_shows_its_loss_curve_and_best_heldout_loss(page, out_root)
 
 
 def _newest_step(run: Path) -> int:
-    ck = training.newest_checkpoint(run) if (run / "checkpoints").is_dir() else None
+    ck = checkpoints.newest_checkpoint(run) if (run / "checkpoints").is_dir() else None
     return int(ck.name[5:]) if ck else -1
 
 
@@ -458,7 +460,7 @@ def test_run_started_from_the_form_checkpoints_stops_and_resumes(page, out_root,
     page.locator("#stop_run").click()
     _wait_text(page, "train_msg", r"Stopped \(exit code 130\)", 90)
     stopped_at = _newest_step(run)
-    ck = training.find_checkpoint(run, "latest")  # whole and loadable
+    ck = checkpoints.find_checkpoint(run, "latest")  # whole and loadable
     assert ck.state["global_step"] == stopped_at
     page.locator("#resume_run").click()
     _wait_text(page, "train_msg", "Resumed")

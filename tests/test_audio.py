@@ -1,4 +1,4 @@
-"""lora/audio.py: decoding every format soundfile writes, any rate / bit depth / channel count, block-wise
+"""lora/dataprep/audio.py: decoding every format soundfile writes, any rate / bit depth / channel count, block-wise
 resampling, mix-down, clip cutting, atomic WAV writes, levels and tempo/key estimates. CPU only, fast."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from lora import audio as A
+from lora.dataprep import audio as A
 
 SR = 32000
 

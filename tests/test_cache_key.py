@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora import loading
-from lora.loading import IDENTITY_FILES, hash_cache_path, identity_files, model_identity
+from lora.modeling import loading
+from lora.modeling.loading import IDENTITY_FILES, hash_cache_path, identity_files, model_identity
 
 MiB = 1 << 20
 
@@ -30,7 +30,7 @@ def private_cache(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture()
 def hash_calls(monkeypatch) -> list[str]:
-    """The file names that lora.loading.hash_file reads in full, in call order."""
+    """The file names that lora.modeling.loading.hash_file reads in full, in call order."""
     calls: list[str] = []
     real = loading.hash_file
 

@@ -2,7 +2,7 @@
 
 * Padding to the static shapes (frames to the bucket, text states to a fixed length, the batch to batch_size) leaves
   the loss and the LoRA gradients unchanged (eager, fp32 and the CPU's training precision).
-* The compiled step, set up by lora.training.prepare_model exactly as train_lora.py does with torch_compile on,
+* The compiled step, set up by lora.training.model_prep.prepare_model exactly as train_lora.py does with torch_compile on,
   gives the eager step's loss and LoRA gradients: relative gradient error ||g_c - g_e|| / ||g_e|| < 2e-2 and
   relative loss error < 1e-2 in bf16 (autocast + bf16 frozen weights), < 1e-4 in fp32. Dropout is 0 (LoRA and
   decoder) so both are deterministic.
@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from lora.config import Config
-from lora.loading import load_base_model
-from lora.precision import choose_precision
-from lora.training import (STATIC_SHAPES_ATTR, StaticShapes, accumulate, autocast_for, prepare_model,
-                           set_train_mode, static_shapes_for, step_loss)
+from lora.modeling.loading import load_base_model
+from lora.modeling.precision import choose_precision
+from lora.training.model_prep import STATIC_SHAPES_ATTR, StaticShapes, autocast_for, prepare_model, set_train_mode, static_shapes_for
+from lora.training.step import accumulate, step_loss
 
 CPU = torch.device("cpu")
 # bf16: autocast + bf16 frozen weights on both sides, but different kernels (inductor's fused ones vs eager's).
@@ -139,7 +139,7 @@ def test_compiled_step_matches_eager_and_compiles_once_per_bucket(tiny_model_dir
         assert _rel(c_grad, e_grad) < tol["grad"], _rel(c_grad, e_grad)
         if graphs is None:
             graphs = counters["stats"]["unique_graphs"]
-            # the decoder is compiled, as one graph (no graph break: lora.musicgen.compile_decoder's LayerDrop fix)
+            # the decoder is compiled, as one graph (no graph break: lora.modeling.musicgen.compile_decoder's LayerDrop fix)
             assert graphs == 1 and not counters["graph_break"], (dict(counters["stats"]),
                                                                  dict(counters["graph_break"]))
     assert counters["stats"]["unique_graphs"] == graphs, dict(counters["stats"])  # no second compile

@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lora import config as C
-from lora.config import ConfigError, parse_config
+from lora import config
+from lora.common import fields as common_fields
+from lora.common.fields import ConfigError
+from lora.config import parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = ("training", "model", "lora", "data")
@@ -19,8 +21,8 @@ TRAIN = ("training", "model", "lora", "data")
 
 def test_config_yaml_lists_every_key_with_its_default_and_a_comment():
     data = yaml.safe_load((ROOT / "config.yaml").read_text())
-    assert set(data) == set(C.SECTIONS)
-    for name, cls in C.SECTIONS.items():
+    assert set(data) == set(config.SECTIONS)
+    for name, cls in config.SECTIONS.items():
         defaults = cls()
         fields = {f.name for f in dataclasses.fields(cls)}
         assert set(data[name]) == fields, f"config.yaml section {name} differs from the schema"
@@ -174,20 +176,20 @@ def test_every_numeric_setting_declares_its_range_and_the_reference_shows_it():
     import typing
 
     free = {("generation", "seed"), ("training", "seed"), ("data", "split_seed"), ("generation", "temperature")}
-    ref = C.markdown_reference()
-    for section, cls in C.SECTIONS.items():
+    ref = config.markdown_reference()
+    for section, cls in config.SECTIONS.items():
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            base, _ = C._base_type(hints[f.name])
+            base, _ = common_fields._base_type(hints[f.name])
             if base in (int, float) and (section, f.name) not in free and not f.metadata.get("choices"):
-                assert C.range_text(f.metadata), f"{section}.{f.name} declares no range"
-                assert f"(range: {C.range_text(f.metadata)})" in ref, f"{section}.{f.name}"
+                assert common_fields.range_text(f.metadata), f"{section}.{f.name} declares no range"
+                assert f"(range: {common_fields.range_text(f.metadata)})" in ref, f"{section}.{f.name}"
 
 
 def test_example_clips_minimum_matches_the_example_styles():
-    from lora.example_data import STYLES
+    from lora.dataprep.example_data import STYLES
 
-    f = next(f for f in dataclasses.fields(C.DataConfig) if f.name == "example_clips")
+    f = next(f for f in dataclasses.fields(config.DataConfig) if f.name == "example_clips")
     assert f.metadata["ge"] == 2 * len(STYLES) and f"{len(STYLES)} styles" in f.metadata["hint"]
 
 

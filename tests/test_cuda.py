@@ -27,7 +27,8 @@ def _cfg(model_dir, **gen):
 
 @pytest.fixture(scope="module")
 def adapter_dir(tiny_model_dir, tmp_path_factory):
-    from lora import adapter, loading
+    from lora.modeling import adapter
+    from lora.modeling import loading
 
     cfg = _cfg(tiny_model_dir)
     model, _, _ = loading.load_base_model(cfg.model)
@@ -42,9 +43,11 @@ def adapter_dir(tiny_model_dir, tmp_path_factory):
 
 
 def test_cuda_graph_decoder_equals_transformers_forward(tiny_model_dir, adapter_dir):
-    from lora import adapter, loading, musicgen
-    from lora.fast_decode import StaticDecoder
-    from lora.generation import _text_states
+    from lora.modeling import adapter
+    from lora.modeling import loading
+    from lora.modeling import musicgen
+    from lora.modeling.fast_decode import StaticDecoder
+    from lora.generation.engine import _text_states
 
     cfg = _cfg(tiny_model_dir)
     model, processor, info = loading.load_base_model(cfg.model, device="cuda")
@@ -63,7 +66,9 @@ def test_cuda_graph_decoder_equals_transformers_forward(tiny_model_dir, adapter_
 
 @pytest.mark.parametrize("merge", [True, False], ids=["merged", "unmerged"])
 def test_cuda_graph_generation_gives_transformers_tokens(tiny_model_dir, adapter_dir, merge):
-    from lora.generation import Request, SamplingSettings, generate, load_generation_model
+    from lora.generation.requests import Request, SamplingSettings
+    from lora.generation.engine import generate
+    from lora.generation.model import load_generation_model
 
     model, processor, info, _ = load_generation_model(_cfg(tiny_model_dir, dtype="float32", merge=merge),
                                                       device="cuda", adapter_path=adapter_dir)
@@ -80,7 +85,9 @@ def test_cuda_graph_generation_gives_transformers_tokens(tiny_model_dir, adapter
 def test_cuda_graph_generation_in_bf16(tiny_model_dir, adapter_dir):
     import numpy as np
 
-    from lora.generation import Request, SamplingSettings, generate, load_generation_model
+    from lora.generation.requests import Request, SamplingSettings
+    from lora.generation.engine import generate
+    from lora.generation.model import load_generation_model
 
     model, processor, info, _ = load_generation_model(_cfg(tiny_model_dir, dtype="bfloat16"), device="cuda",
                                                       adapter_path=adapter_dir)

@@ -18,11 +18,15 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from lora import audio as A
-from lora import prepare_data as P
-from lora import utils as U
+from lora.dataprep import audio as A
+from lora.dataprep import worker
+from lora import prepare_data
+from lora.dataprep import ownership
+from lora.common import cli
+from lora.common import files as common_files
+from lora.dataprep import prepare as prepare_run
 from lora.dataset import load_metadata
-from lora.utils import UserError
+from lora.common.cli import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 SR = 32000
@@ -56,21 +60,21 @@ def songs(d: Path, n: int, seconds: float = 6, start: int = 0) -> Path:
 
 
 def prep(inp, out, *extra) -> int:
-    return P.main(["--input_dir", str(inp), "--output_dir", str(out), "--num_workers", "1", *extra])
+    return prepare_data.main(["--input_dir", str(inp), "--output_dir", str(out), "--num_workers", "1", *extra])
 
 
 def report(out: Path) -> dict:
-    return json.loads((out / P.REPORT_FILE).read_text(encoding="utf-8"))
+    return json.loads((out / ownership.REPORT_FILE).read_text(encoding="utf-8"))
 
 
 @pytest.fixture(autouse=True)
 def fresh_log_handlers():
     """run_main attaches a stderr handler once; one attached under an earlier test's capsys would write to a
     closed stream. Each test starts without, and the handlers are restored after it."""
-    saved = U.log.handlers[:]
-    U.log.handlers.clear()
+    saved = cli.log.handlers[:]
+    cli.log.handlers.clear()
     yield
-    U.log.handlers[:] = saved
+    cli.log.handlers[:] = saved
 
 
 @pytest.fixture
@@ -83,12 +87,12 @@ def lora_log():
             records.append(record)
 
     h = Keep(level=logging.DEBUG)
-    U.log.addHandler(h)
-    old = U.log.level
-    U.log.setLevel(logging.INFO)
+    cli.log.addHandler(h)
+    old = cli.log.level
+    cli.log.setLevel(logging.INFO)
     yield records
-    U.log.removeHandler(h)
-    U.log.setLevel(old)
+    cli.log.removeHandler(h)
+    cli.log.setLevel(old)
 
 
 def messages(records, level=logging.WARNING) -> str:
@@ -374,7 +378,7 @@ def test_source_that_cannot_be_opened_keeps_its_clips(tmp_path, monkeypatch):
             raise PermissionError(13, "Permission denied", str(path))
         return open(path, *a, **k)
 
-    monkeypatch.setattr(P, "open", no_read, raising=False)
+    monkeypatch.setattr(prepare_run, "open", no_read, raising=False)
     assert prep(music_dir, out) == 0
     assert (out / "metadata.json").read_bytes() == meta
     assert any(w["file"] == "song1.wav" and "cannot be read now (Permission denied)" in w["warning"]
@@ -412,31 +416,31 @@ def test_damaged_state_is_refused_unless_overwrite(tmp_path, damage):
     music_dir = songs(tmp_path / "music", 2)
     out = tmp_path / "out"
     assert prep(music_dir, out) == 0
-    (out / P.STATE_FILE).write_text(damage)
+    (out / ownership.STATE_FILE).write_text(damage)
     before = sha1s(out)
     with pytest.raises(UserError) as e:
         prep(music_dir, out)
-    assert str(out / P.STATE_FILE) in str(e.value) and "damaged" in str(e.value) and "--overwrite" in str(e.value)
+    assert str(out / ownership.STATE_FILE) in str(e.value) and "damaged" in str(e.value) and "--overwrite" in str(e.value)
     assert sha1s(out) == before
     with pytest.raises(UserError, match="damaged"):
-        P.main(["--create_example", "--output_dir", str(out)])
+        prepare_data.main(["--create_example", "--output_dir", str(out)])
     assert sha1s(out) == before
     assert prep(music_dir, out, "--overwrite") == 0
-    assert json.loads((out / P.STATE_FILE).read_text())["version"] == P.STATE_VERSION
+    assert json.loads((out / ownership.STATE_FILE).read_text())["version"] == ownership.STATE_VERSION
 
 
 # ---- 9. disk space ---------------------------------------------------------------------------------------
 def test_free_space_is_checked_before_decoding(tmp_path, monkeypatch):
     music_dir = songs(tmp_path / "music", 3)
     out = tmp_path / "out"
-    monkeypatch.setattr(U, "free_bytes", lambda path: 1000)
+    monkeypatch.setattr(common_files, "free_bytes", lambda path: 1000)
     with pytest.raises(UserError) as e:
         prep(music_dir, out)
-    need = U.human_bytes(3 * 6 * SR * 2)
+    need = cli.human_bytes(3 * 6 * SR * 2)
     assert "Not enough free disk space" in str(e.value) and f"needs about {need}" in str(e.value)
     assert "3 file(s)" in str(e.value)
-    assert not (out / "train").exists() and not (out / P.STATE_FILE).exists()
-    monkeypatch.setattr(U, "free_bytes", lambda path: 3 * 6 * SR * 2 + 10_000)
+    assert not (out / "train").exists() and not (out / ownership.STATE_FILE).exists()
+    monkeypatch.setattr(common_files, "free_bytes", lambda path: 3 * 6 * SR * 2 + 10_000)
     assert prep(music_dir, out) == 0
 
 
@@ -457,20 +461,20 @@ def small_disk(tmp_path):
 def test_full_disk_keeps_finished_files_and_a_rerun_continues(tmp_path, monkeypatch, small_disk, capsys):
     music_dir = songs(tmp_path / "music", 8, seconds=10)  # 8 x 10 clips of 64 KB on a 2 MB disk: full in file 4
     out = small_disk / "data"
-    monkeypatch.setattr(U, "free_bytes", lambda path: 1 << 40)  # let the pre-check pass: the disk fills up
+    monkeypatch.setattr(common_files, "free_bytes", lambda path: 1 << 40)  # let the pre-check pass: the disk fills up
     argv = ["--input_dir", str(music_dir), "--output_dir", str(out), "--num_workers", "1", "--segment_seconds", "1",
             "--min_seconds", "0.5"]
-    assert U.run_main(P.main, argv) == 2
+    assert cli.run_main(prepare_data.main, argv) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "The disk is full" in err and "No space left on device" in err
-    state = json.loads((out / P.STATE_FILE).read_text())
+    state = json.loads((out / ownership.STATE_FILE).read_text())
     done = len(state["sources"])
-    assert 1 <= done < 8 and f"Progress of {done} finished file(s) is saved in {out / P.STATE_FILE}" in err
+    assert 1 <= done < 8 and f"Progress of {done} finished file(s) is saved in {out / ownership.STATE_FILE}" in err
     assert all((out / c["file"]).is_file() for s in state["sources"].values() for c in s["clips"])
     assert sorted(p.name for p in (out / "train").iterdir()) == sorted(
         Path(c["file"]).name for s in state["sources"].values() for c in s["clips"])  # no half-made recording
     subprocess.run(["mount", "-o", "remount,size=16m", str(small_disk)], check=True)
-    assert U.run_main(P.main, argv) == 0
+    assert cli.run_main(prepare_data.main, argv) == 0
     rep = report(out)
     assert rep["files_decoded"] == 8 - done and rep["files_reused"] == done
     assert len(load_metadata(out)) == 80
@@ -483,7 +487,7 @@ def test_existing_file_as_output_dir_is_a_message(tmp_path, capsys, mode):
     target = tmp_path / "notes.txt"
     target.write_text("my notes")
     argv = [mode] + ([str(music_dir)] if mode == "--input_dir" else []) + ["--output_dir", str(target)]
-    assert U.run_main(P.main, argv) == 2  # before (--create_example): NotADirectoryError
+    assert cli.run_main(prepare_data.main, argv) == 2  # before (--create_example): NotADirectoryError
     err = capsys.readouterr().err
     assert "Traceback" not in err and f"{target} is a file, not a folder" in err
     assert target.read_text() == "my notes" and sorted(p.name for p in tmp_path.iterdir()) == ["music", "notes.txt"]
@@ -493,7 +497,7 @@ def test_existing_file_as_output_dir_is_a_message(tmp_path, capsys, mode):
 def test_ctrl_c_says_what_was_saved_and_how_to_continue(tmp_path, monkeypatch, capsys):
     music_dir = songs(tmp_path / "music", 4)
     out = tmp_path / "out"
-    real = P.process_file
+    real = worker.process_file
     calls = []
 
     def stopped_on_third(job):
@@ -502,13 +506,13 @@ def test_ctrl_c_says_what_was_saved_and_how_to_continue(tmp_path, monkeypatch, c
             raise KeyboardInterrupt
         return real(job)
 
-    monkeypatch.setattr(P, "process_file", stopped_on_third)
-    assert U.run_main(P.main, ["--input_dir", str(music_dir), "--output_dir", str(out), "--num_workers", "1"]) == 130
+    monkeypatch.setattr(worker, "process_file", stopped_on_third)
+    assert cli.run_main(prepare_data.main, ["--input_dir", str(music_dir), "--output_dir", str(out), "--num_workers", "1"]) == 130
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1] == (f"interrupted: progress of 2 finished file(s) is saved in "
-                                            f"{out / P.STATE_FILE}; run the same command again to continue: "
+                                            f"{out / ownership.STATE_FILE}; run the same command again to continue: "
                                             f"finished files are not decoded again")
-    assert len(json.loads((out / P.STATE_FILE).read_text())["sources"]) == 2
-    monkeypatch.setattr(P, "process_file", real)
+    assert len(json.loads((out / ownership.STATE_FILE).read_text())["sources"]) == 2
+    monkeypatch.setattr(worker, "process_file", real)
     assert prep(music_dir, out) == 0 and report(out)["files_decoded"] == 2

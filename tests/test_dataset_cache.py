@@ -11,14 +11,14 @@ import pytest
 import soundfile as sf
 import torch
 
-from lora.dataset import CACHE_VERSION, CachedClip, CachedTokenDataset, bucketed_batches, build_token_cache, \
-    cache_root, collate_tokens, equal_length_batches, load_metadata
+from lora.dataprep.token_cache import CACHE_VERSION, build_token_cache, cache_root, equal_length_batches
+from lora.dataset import CachedClip, CachedTokenDataset, bucketed_batches, collate_tokens, load_metadata
 
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
     from lora.config import ModelConfig
-    from lora.loading import load_base_model
+    from lora.modeling.loading import load_base_model
 
     return load_base_model(ModelConfig(model_path=str(tiny_model_dir)))
 
@@ -34,8 +34,8 @@ def data_copy(example_data_dir, tmp_path) -> Path:
 def test_cache_matches_direct_encoding_and_is_reused(tiny, data_copy):
     from safetensors.torch import load_file
 
-    from lora.audio import load_audio
-    from lora.musicgen import encode_audio, encode_text
+    from lora.dataprep.audio import load_audio
+    from lora.modeling.musicgen import encode_audio, encode_text
 
     model, processor, info = tiny
     records = load_metadata(data_copy)
@@ -91,8 +91,8 @@ def test_changed_clip_or_model_invalidates_only_that(tiny, data_copy):
     clips2, stats = build_token_cache(records, model, processor, info, data_copy, show_progress=False)
     assert stats["clips_encoded"] == 1 and stats["clips_reused"] == len(records) - 1
     assert stats["texts_encoded"] == 0
-    from lora.audio import load_audio
-    from lora.musicgen import encode_audio
+    from lora.dataprep.audio import load_audio
+    from lora.modeling.musicgen import encode_audio
 
     new = torch.from_numpy(load_audio(target.path, info.sample_rate, info.audio_channels))[None]
     assert torch.equal(clips2[1].codes.long(), encode_audio(model, new, info)[0])
@@ -124,8 +124,8 @@ def test_codes_of_unequal_clips_do_not_depend_on_their_batch(tiny, data_copy):
     frames. A clip of a length no other clip has (an odd tail) must get exactly the codes of encoding it alone;
     clips that share a length are batched only with each other, so theirs are exactly those of encoding that
     group by itself, and stay the same when a neighbour's audio changes."""
-    from lora.audio import load_audio
-    from lora.musicgen import encode_audio
+    from lora.dataprep.audio import load_audio
+    from lora.modeling.musicgen import encode_audio
 
     model, processor, info = tiny
     records = load_metadata(data_copy)[:8]
@@ -297,7 +297,7 @@ def test_bucketed_batches():
 
 def test_stereo_model_codes(tiny_stereo_model_dir, data_copy):
     from lora.config import ModelConfig
-    from lora.loading import load_base_model
+    from lora.modeling.loading import load_base_model
 
     model, processor, info = load_base_model(ModelConfig(model_path=str(tiny_stereo_model_dir)))
     records = load_metadata(data_copy)[:2]
@@ -310,7 +310,7 @@ def test_cache_key_records_the_encoder_precision(tiny, data_copy, monkeypatch):
     """Codes are keyed by the precision they were made in: codes of another precision are never reused."""
     from safetensors import safe_open
 
-    from lora import dataset
+    from lora.dataprep import token_cache
 
     model, processor, info = tiny
     records = load_metadata(data_copy)[:1]
@@ -321,6 +321,6 @@ def test_cache_key_records_the_encoder_precision(tiny, data_copy, monkeypatch):
         assert f.metadata()["precision"] == "fp32"
     _, stats = build_token_cache(records, model, processor, info, data_copy, show_progress=False)
     assert stats["clips_reused"] == 1
-    monkeypatch.setattr(dataset, "ENCODER_PRECISION", "bf16")
+    monkeypatch.setattr(token_cache, "ENCODER_PRECISION", "bf16")
     _, stats = build_token_cache(records, model, processor, info, data_copy, show_progress=False)
     assert stats["clips_encoded"] == 1 and stats["clips_reused"] == 0

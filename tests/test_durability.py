@@ -27,11 +27,11 @@ def _train_args(tiny_model_dir, data_dir, out, *extra):
 # ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def lora_step(tiny_model_dir):
-    from lora.adapter import attach_lora
+    from lora.modeling.adapter import attach_lora
     from lora.config import LoraSection, ModelConfig
     from lora.dataset import CachedClip, CachedTokenDataset, collate_tokens
-    from lora.loading import load_base_model
-    from lora.training import step_loss
+    from lora.modeling.loading import load_base_model
+    from lora.training.step import step_loss
 
     model, processor, info = load_base_model(ModelConfig(model_path=str(tiny_model_dir)))
     torch.manual_seed(0)
@@ -64,7 +64,7 @@ def _grads(model):
 
 
 def test_one_batch_of_four_equals_two_accumulated_batches_of_two_on_unequal_lengths(lora_step):
-    from lora.training import accumulate
+    from lora.training.step import accumulate
 
     model, batch, loss_fn = lora_step
     one = accumulate(loss_fn, [batch([0, 1, 2, 3])], lambda l: l.backward(), seeds=[0])
@@ -87,7 +87,7 @@ def test_one_batch_of_four_equals_two_accumulated_batches_of_two_on_unequal_leng
 def test_equal_micro_batches_weigh_exactly_one_over_the_accumulation(lora_step):
     """With equal lengths the token weight is 1/accumulation, bit for bit (so runs on equal-length clips, like the
     example set, train exactly as before the change)."""
-    from lora.training import accumulate
+    from lora.training.step import accumulate
 
     model, batch, loss_fn = lora_step
     seen = []
@@ -102,10 +102,11 @@ def test_equal_micro_batches_weigh_exactly_one_over_the_accumulation(lora_step):
 def test_a_checkpoint_is_flushed_to_disk_before_it_is_renamed_and_before_rotation(tmp_path, monkeypatch):
     """Read from the code path: every file of the new checkpoint and its folder are fsynced before the rename that
     publishes it, the parent after it, and only then is the oldest checkpoint deleted."""
-    from lora import training, utils
+    from lora.training import checkpoints
+    from lora.common import files
 
     events = []
-    real_fsync, real_replace, real_rmtree = os.fsync, os.replace, training.shutil.rmtree
+    real_fsync, real_replace, real_rmtree = os.fsync, os.replace, checkpoints.shutil.rmtree
 
     def fsync(fd):
         events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
@@ -133,11 +134,11 @@ def test_a_checkpoint_is_flushed_to_disk_before_it_is_renamed_and_before_rotatio
 
     root = tmp_path / "checkpoints"
     for step in (1, 2):
-        training.save_checkpoint(root, Saver(), Saver(), Saver(), None, Cfg(), {"global_step": step}, keep=2)
+        checkpoints.save_checkpoint(root, Saver(), Saver(), Saver(), None, Cfg(), {"global_step": step}, keep=2)
     monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(utils.os, "replace", replace)
-    monkeypatch.setattr(training.shutil, "rmtree", rmtree)
-    training.save_checkpoint(root, Saver(), Saver(), Saver(), None, Cfg(), {"global_step": 3}, keep=2)
+    monkeypatch.setattr(files.os, "replace", replace)
+    monkeypatch.setattr(checkpoints.shutil, "rmtree", rmtree)
+    checkpoints.save_checkpoint(root, Saver(), Saver(), Saver(), None, Cfg(), {"global_step": 3}, keep=2)
     new = root / "step-000003"
     publish = next(i for i, e in enumerate(events) if e[0] == "replace" and e[2] == str(new))
     tmp = Path(events[publish][1])

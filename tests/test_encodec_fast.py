@@ -1,11 +1,11 @@
-"""lora.encodec_fast: the chunked CPU EnCodec encoder of the token cache against transformers' EncodecModel."""
+"""lora.modeling.encodec_fast: the chunked CPU EnCodec encoder of the token cache against transformers' EncodecModel."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from lora import encodec_fast as ef
+from lora.modeling import encodec_fast as ef
 
 
 def fitted_codebooks(codec, seed: int = 0) -> None:

@@ -9,9 +9,12 @@ import re
 import numpy as np
 import pytest
 
-from lora import evaluate, metrics
-from lora.config import ConfigError
-from lora.report import format_table, render_html, summary_rows
+from lora.scoring import generated
+from lora.scoring import likelihood
+from lora import evaluate
+from lora.scoring import metrics
+from lora.common.fields import ConfigError
+from lora.scoring.report import format_table, render_html, summary_rows
 
 
 # ------------------------------------------------------------------------------------ report (unit)
@@ -114,12 +117,12 @@ def test_a_model_that_fails_more_clips_is_not_rewarded():
               "lora": [{"finite": True, "failures": ["silent"]} if j in hard else dict(ok) for j in range(12)]}
     transform = {"encodec": lambda x: x, "librosa": metrics.standardizer(np.concatenate([r["librosa"] for r in ref]))}
     # the old rule: each model on its own usable clips
-    own = {m: evaluate._distances([emb[m][j] for j in evaluate.usable_clips(checks[m])], ref, transform)
+    own = {m: generated._distances([emb[m][j] for j in generated.usable_clips(checks[m])], ref, transform)
            for m in ("base", "lora")}
     for space in ("encodec", "librosa"):
         assert own["lora"][space]["fad"] < own["base"][space]["fad"]  # the premise: LoRA would be rewarded
         assert own["lora"][space]["kad"]["value"] < own["base"][space]["kad"]["value"]
-    scored = evaluate.score_generated(lambda m, idx: [emb[m][j] for j in idx], checks, ref, transform, n_seeds,
+    scored = generated.score_generated(lambda m, idx: [emb[m][j] for j in idx], checks, ref, transform, n_seeds,
                                       True, 500, 0)
     assert scored["distance_set"]["n_pairs"] == 8 and scored["distance_set"]["pair_indices"] == list(range(8))
     assert scored["distance_set"]["n_usable_alone"] == {"base": 12, "lora": 8}
@@ -136,7 +139,7 @@ def test_a_model_that_fails_more_clips_is_not_rewarded():
         assert rows[metric]["better"] == "base", (metric, rows[metric])
     assert rows["failed clips (share)"]["better"] == "base"  # the failures are counted apart, with their interval
     iv = scored["intervals"]
-    assert iv["n_pairs"] == 8 and iv["n_boot_fad_kad"] == evaluate.GEN_BOOTSTRAP_MAX
+    assert iv["n_pairs"] == 8 and iv["n_boot_fad_kad"] == generated.GEN_BOOTSTRAP_MAX
     assert iv["metrics"]["encodec.fad"]["ci_low"] > 0 and iv["metrics"]["failed_share"]["n_pairs"] == 12
 
 
@@ -152,7 +155,7 @@ def test_heldout_window_is_the_adapters_training_window(tmp_path, trained_output
     text = (adapter / "config.yaml").read_text(encoding="utf-8")
     assert "max_duration: 30.0" in text
     (adapter / "config.yaml").write_text(text.replace("max_duration: 30.0", "max_duration: 1.5"), encoding="utf-8")
-    seconds, source = evaluate.heldout_window(cfg, adapter)
+    seconds, source = likelihood.heldout_window(cfg, adapter)
     assert seconds == 1.5 and "adapter's training config" in source and str(adapter) in source
     # and evaluate scores that window (the example clips are 4 s: a 1.5 s window is a different number)
     out = tmp_path / "ev"
@@ -163,9 +166,9 @@ def test_heldout_window_is_the_adapters_training_window(tmp_path, trained_output
     assert lk["window_seconds"] == pytest.approx(1.5, abs=0.02) and lk["window"]["source"] == source
     assert lk["lora"]["n_tokens"] < compare_run[2]["likelihood"]["lora"]["n_tokens"]
     (adapter / "config.yaml").unlink()
-    seconds, source = evaluate.heldout_window(cfg, adapter)
+    seconds, source = likelihood.heldout_window(cfg, adapter)
     assert seconds == cfg.training.max_duration and source.startswith("config.yaml")
-    assert evaluate.heldout_window(cfg, None) == (seconds, source)
+    assert likelihood.heldout_window(cfg, None) == (seconds, source)
 
 
 # ------------------------------------------------------------------------------------ config / inputs
@@ -183,13 +186,13 @@ def test_read_prompts_file_formats(tmp_path):
     (tmp_path / "p.txt").write_text("# comment\nlofi piano\n\n  trap beat \n", encoding="utf-8")
     (tmp_path / "p.json").write_text(json.dumps(["a", {"prompt": "b"}]), encoding="utf-8")
     (tmp_path / "p.jsonl").write_text('{"text": "c"}\n"d"\n', encoding="utf-8")
-    from lora.prompts import read_prompt_texts
+    from lora.generation.prompts import read_prompt_texts
 
     assert read_prompt_texts(tmp_path / "p.txt") == ["lofi piano", "trap beat"]
     assert read_prompt_texts(tmp_path / "p.json") == ["a", "b"]
     assert read_prompt_texts(tmp_path / "p.jsonl") == ["c", "d"]
     (tmp_path / "bad.json").write_text("[1]", encoding="utf-8")
-    from lora.utils import UserError
+    from lora.common.cli import UserError
 
     with pytest.raises(UserError, match="bad.json item 1"):
         read_prompt_texts(tmp_path / "bad.json")
@@ -199,8 +202,8 @@ def test_usable_clips_leave_failed_and_non_finite_out():
     checks = [{"finite": True, "failures": []}, {"finite": True, "failures": ["dc_offset"]},
               {"finite": False, "failures": ["non_finite"]}, {"finite": True, "failures": ["silent", "clipping"]},
               {"finite": True, "failures": []}]
-    assert evaluate.usable_clips(checks) == [0, 4]
-    assert evaluate.usable_clips(checks, exclude_failed=False) == [0, 1, 3, 4]
+    assert generated.usable_clips(checks) == [0, 4]
+    assert generated.usable_clips(checks, exclude_failed=False) == [0, 1, 3, 4]
 
 
 def test_choose_prompts_defaults_to_distinct_valid_captions(tmp_path):
@@ -217,7 +220,7 @@ def test_choose_prompts_defaults_to_distinct_valid_captions(tmp_path):
     cfg, _ = parse_config(["--prompts_file", str(tmp_path / "p.txt"), "--num_prompts", "2"],
                           sections=("evaluation", "model", "generation", "data"))
     assert evaluate.choose_prompts(cfg, recs) == (["q1", "q2"], str(tmp_path / "p.txt"))
-    from lora.utils import UserError
+    from lora.common.cli import UserError
 
     cfg, _ = parse_config([], sections=("evaluation", "model", "generation", "data"))
     with pytest.raises(UserError, match="no captions"):
@@ -312,7 +315,7 @@ def test_compare_generation_metrics_and_files(compare_run):
     assert ds["n_pairs"] == ds["n_pairs_generated"] == 4 and ds["pairs"] == [[0, 0], [0, 1], [1, 0], [1, 1]]
     assert all(c.get("used_in_distances") for c in gen["clips"])
     iv = gen["intervals"]
-    assert iv["n_pairs"] == 4 and iv["n_boot_fad_kad"] == evaluate.GEN_BOOTSTRAP_MAX  # capped: 500 asked
+    assert iv["n_pairs"] == 4 and iv["n_boot_fad_kad"] == generated.GEN_BOOTSTRAP_MAX  # capped: 500 asked
     keys = {"encodec.fad", "encodec.kad", "librosa.fad", "librosa.kad", "librosa.kad_clip_statistics",
             "failed_share", "clap"}
     assert set(iv["metrics"]) == keys
@@ -369,7 +372,7 @@ def test_single_model_likelihood_only(tmp_path, tiny_model_dir, example_data_dir
     finally:
         lora_log.removeHandler(caplog.handler)
     assert rc == 0
-    if platform.libc_ver()[0] == "glibc":  # a CPU run keeps freed memory (lora.cpu_speed.keep_freed_memory)
+    if platform.libc_ver()[0] == "glibc":  # a CPU run keeps freed memory (lora.modeling.cpu_speed.keep_freed_memory)
         assert "CPU memory: freed tensors stay in the process" in caplog.text
     r = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert r["models_evaluated"] == ["base"] and "difference" not in r["likelihood"]
@@ -385,15 +388,16 @@ def test_text_encoder_adapter_encodes_captions_on_the_fly(tiny_model_dir, exampl
     import torch
 
     from lora.config import LoraSection, ModelConfig
-    from lora.dataset import build_token_cache, load_metadata
-    from lora.adapter import text_encoder_has_lora, attach_lora
-    from lora.loading import load_base_model
+    from lora.dataprep.token_cache import build_token_cache
+    from lora.dataset import load_metadata
+    from lora.modeling.adapter import text_encoder_has_lora, attach_lora
+    from lora.modeling.loading import load_base_model
 
     cpu = torch.device("cpu")
     model, proc, info = load_base_model(ModelConfig(model_path=str(tiny_model_dir)))
     valid = load_metadata(example_data_dir, split="valid")
     clips, _ = build_token_cache(valid, model, proc, info, example_data_dir, show_progress=False)
-    plain = evaluate.heldout_likelihood(model, clips, info, 1500, 2, cpu)
+    plain = likelihood.heldout_likelihood(model, clips, info, 1500, 2, cpu)
     assert not text_encoder_has_lora(model)
     torch.manual_seed(0)  # LoRA A init draws from the global generator
     peft = attach_lora(model, LoraSection(train_text_encoder=True))
@@ -403,22 +407,22 @@ def test_text_encoder_adapter_encodes_captions_on_the_fly(tiny_model_dir, exampl
             if "lora_B" in name and "text_encoder" in name:
                 p.normal_(0.0, 2.0)
     peft.eval()
-    cached = evaluate.heldout_likelihood(peft, clips, info, 1500, 2, cpu)
-    fly = evaluate.heldout_likelihood(peft, clips, info, 1500, 2, cpu, processor=proc)
+    cached = likelihood.heldout_likelihood(peft, clips, info, 1500, 2, cpu)
+    fly = likelihood.heldout_likelihood(peft, clips, info, 1500, 2, cpu, processor=proc)
     assert cached["ce"] == pytest.approx(plain["ce"], abs=1e-6)  # decoder LoRA is still zero: cache = base
     # the adapted T5 changes the condition (the random tiny decoder barely listens to text: small but far above
     # the float noise of recomputing the same thing, which is 0 here)
     change = abs(fly["ce"] - cached["ce"])
     assert change > 1e-6 and change > 100 * abs(cached["ce"] - plain["ce"])
     with peft.disable_adapter():
-        base_fly = evaluate.heldout_likelihood(peft, clips, info, 1500, 2, cpu, processor=proc)
+        base_fly = likelihood.heldout_likelihood(peft, clips, info, 1500, 2, cpu, processor=proc)
     assert base_fly["ce"] == pytest.approx(plain["ce"], abs=1e-5)
 
 
 def test_spectrogram_png_with_hostile_title(tmp_path):
     import numpy as np
 
-    from lora.report import save_spectrogram
+    from lora.scoring.plots import save_spectrogram
 
     wav = (0.2 * np.sin(2 * np.pi * 220 * np.arange(16000) / 16000)).astype(np.float32)
     # "$\\undefinedcmd$" makes matplotlib's mathtext raise unless "$" is escaped
@@ -433,11 +437,12 @@ def test_lora_scale_zero_is_exactly_the_base_model_for_dora(tmp_path, tiny_model
     import torch
     from peft.tuners.lora import LoraLayer
 
-    from lora.adapter import attach_lora, set_lora_scale
+    from lora.modeling.adapter import attach_lora, set_lora_scale
     from lora.config import LoraSection, ModelConfig, parse_config
-    from lora.dataset import build_token_cache, load_metadata
-    from lora.generation import load_generation_model
-    from lora.loading import load_base_model
+    from lora.dataprep.token_cache import build_token_cache
+    from lora.dataset import load_metadata
+    from lora.generation.model import load_generation_model
+    from lora.modeling.loading import load_base_model
 
     cpu = torch.device("cpu")
     model, proc, info = load_base_model(ModelConfig(model_path=str(tiny_model_dir)))
@@ -445,7 +450,7 @@ def test_lora_scale_zero_is_exactly_the_base_model_for_dora(tmp_path, tiny_model
                                  show_progress=False)
 
     def per_clip(m):
-        return [c["ce"] for c in evaluate.heldout_likelihood(m, clips, info, 200, 2, cpu)["per_clip"]]
+        return [c["ce"] for c in likelihood.heldout_likelihood(m, clips, info, 200, 2, cpu)["per_clip"]]
 
     base = per_clip(model)
     torch.manual_seed(0)
@@ -478,13 +483,13 @@ def test_lora_scale_zero_is_exactly_the_base_model_for_dora(tmp_path, tiny_model
     sections = ("evaluation", "model", "generation", "data")
     cfg, _ = parse_config(argv, sections=sections)
     ref_model, ref_proc, _, _ = load_generation_model(cfg, device="cpu", adapter_path=None)
-    want = evaluate.generate_clips(ref_model, ref_proc, info, "base", ["lofi piano"], [0], cfg)[0]
+    want = generated.generate_clips(ref_model, ref_proc, info, "base", ["lofi piano"], [0], cfg)[0]
     for scale, merge in (("0", "false"), ("0", "true"), ("1", "false")):
         cfg, _ = parse_config(argv + ["--lora_model_path", str(tmp_path / "dora"), "--lora_scale", scale,
                                       "--merge", merge], sections=sections)
         m, p, _, adapter_info = load_generation_model(cfg, device="cpu")
         assert adapter_info["scale"] == float(scale) and adapter_info["merged"] == (merge == "true")
-        got = evaluate.generate_clips(m, p, info, "lora", ["lofi piano"], [0], cfg)[0]
+        got = generated.generate_clips(m, p, info, "lora", ["lofi piano"], [0], cfg)[0]
         if scale == "0":
             assert np.array_equal(got, want), (scale, merge)
         else:

@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lora.config import ConfigError
-from lora.utils import UserError
+from lora.common.fields import ConfigError
+from lora.common.cli import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "lofi piano with soft drums"
@@ -62,7 +62,9 @@ def _export(args) -> int:
 def _our_merged_codes(model_dir, adapters, scales, frames_s=1.0):
     """Greedy guided tokens of our own engine with the adapter(s) merged, fp32."""
     from lora.config import Config
-    from lora.generation import Request, SamplingSettings, generate, load_generation_model
+    from lora.generation.requests import Request, SamplingSettings
+    from lora.generation.engine import generate
+    from lora.generation.model import load_generation_model
 
     cfg = Config()
     cfg.model.model_path = str(model_dir)
@@ -93,7 +95,8 @@ def _as_codes(seen: list, stereo: bool, k: int):
 
 def _random_adapter(model_dir, out_dir, seed=0, **lora):
     """A LoRA adapter of our own trainer's layout whose B matrices are random (so it changes the output)."""
-    from lora import adapter, loading
+    from lora.modeling import adapter
+    from lora.modeling import loading
     from lora.config import Config
 
     cfg = Config()
@@ -165,7 +168,7 @@ def test_exported_model_is_a_base_for_our_scripts(tiny_model_dir, trained_output
 @pytest.mark.parametrize("case", ["exists", "scales", "bases", "dtype", "inside_adapter", "no_adapter"])
 def test_bad_export_input_is_a_clear_error_and_writes_nothing(case, tiny_model_dir, trained_output_dir, tmp_path):
     from lora import export_model
-    from lora.utils import run_main
+    from lora.common.cli import run_main
 
     adapter = trained_output_dir / "best_model"
     out = tmp_path / "merged"

@@ -1,4 +1,4 @@
-"""Generation (lora/generation.py) and the inference script (lora/inference_lora.py) on the tiny models, CPU.
+"""Generation (lora/generation/engine.py) and the inference script (lora/inference_lora.py) on the tiny models, CPU.
 
 Token-level comparisons use the codes each sample was decoded from (Result.codes, manifest tokens_sha1), so
 they hold whatever the tiny codec sounds like; audio comparisons check the files users get.
@@ -19,8 +19,8 @@ import pytest
 import soundfile as sf
 import torch
 
-from lora.config import ConfigError
-from lora.utils import UserError
+from lora.common.fields import ConfigError
+from lora.common.cli import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED_PROMPT = "hip hop 808 beat with trap drums"
@@ -42,7 +42,8 @@ def _cfg(model_dir, **gen):
 
 def _make_adapter(model_dir, out_dir, *, fill=None, seed=0) -> Path:
     """A LoRA adapter on the tiny model whose B matrices are random (so it changes the output)."""
-    from lora import adapter, loading
+    from lora.modeling import adapter
+    from lora.modeling import loading
 
     cfg = _cfg(model_dir)
     model, _, _ = loading.load_base_model(cfg.model)
@@ -64,13 +65,13 @@ def adapter_dir(tiny_model_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def base_bundle(tiny_model_dir):
-    from lora.generation import load_generation_model
+    from lora.generation.model import load_generation_model
 
     return load_generation_model(_cfg(tiny_model_dir), adapter_path=None)
 
 
 def _gen(bundle, requests, **kw):
-    from lora.generation import generate
+    from lora.generation.engine import generate
 
     model, processor, info, _ = bundle
     kw.setdefault("progress", False)
@@ -78,7 +79,7 @@ def _gen(bundle, requests, **kw):
 
 
 def _req(prompt, seed, duration=1.0, **sampling):
-    from lora.generation import Request, SamplingSettings
+    from lora.generation.requests import Request, SamplingSettings
 
     return Request(prompt=prompt, seed=seed, duration=duration, sampling=SamplingSettings(**sampling))
 
@@ -90,7 +91,7 @@ def _req(prompt, seed, duration=1.0, **sampling):
 def test_greedy_guided_decoding_equals_transformers_generate(stereo, tiny_model_dir, tiny_stereo_model_dir,
                                                              monkeypatch):
     """Our loop (batched CFG, delay pattern, cache) against transformers' own MusicGen generate()."""
-    from lora.generation import load_generation_model
+    from lora.generation.model import load_generation_model
 
     model_dir = tiny_stereo_model_dir if stereo else tiny_model_dir
     bundle = load_generation_model(_cfg(model_dir), adapter_path=None)
@@ -140,7 +141,8 @@ def test_seed_reproduces_a_sample_alone_or_in_any_batch(base_bundle):
 
 
 def test_token_sampler_follows_top_k_top_p_and_the_distribution():
-    from lora.generation import SamplingSettings, TokenSampler
+    from lora.generation.requests import SamplingSettings
+    from lora.generation.engine import TokenSampler
 
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(40000, 1)
     u = torch.rand(40000, generator=torch.Generator().manual_seed(0))
@@ -159,7 +161,7 @@ def test_token_sampler_follows_top_k_top_p_and_the_distribution():
 
 
 def test_lora_scale_and_merge(tiny_model_dir, adapter_dir, base_bundle):
-    from lora.generation import load_generation_model
+    from lora.generation.model import load_generation_model
 
     def codes(scale, merge):
         bundle = load_generation_model(_cfg(tiny_model_dir, lora_scale=scale, merge=merge), adapter_path=adapter_dir)
@@ -182,11 +184,13 @@ def test_lora_scale_and_merge(tiny_model_dir, adapter_dir, base_bundle):
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_static_cache_decoder_equals_transformers_forward(attn, tiny_model_dir, adapter_dir):
-    """lora.fast_decode.StaticDecoder (preallocated cache; what CUDA graphs replay) gives transformers' logits:
+    """lora.modeling.fast_decode.StaticDecoder (preallocated cache; what CUDA graphs replay) gives transformers' logits:
     prefill of a prefix, then step by step, with guidance's null half, on an unmerged LoRA model."""
-    from lora import adapter, loading, musicgen
-    from lora.fast_decode import StaticDecoder
-    from lora.generation import _text_states
+    from lora.modeling import adapter
+    from lora.modeling import loading
+    from lora.modeling import musicgen
+    from lora.modeling.fast_decode import StaticDecoder
+    from lora.generation.engine import _text_states
 
     cfg = _cfg(tiny_model_dir)
     cfg.model.attn_implementation = attn
@@ -226,8 +230,8 @@ def test_static_decoding_generates_the_same_music(base_bundle):
 def test_generation_dtype_auto_follows_the_hardware(monkeypatch):
     """dtype auto: bf16 on a CPU with AMX-BF16 / AVX512-BF16 (read from /proc/cpuinfo), fp32 on one without;
     a named dtype is used as is."""
-    from lora import precision
-    from lora.precision import generation_dtype as resolve_dtype
+    from lora.modeling import precision
+    from lora.modeling.precision import generation_dtype as resolve_dtype
 
     monkeypatch.setattr(precision, "cpu_flags", lambda cpuinfo="/proc/cpuinfo": frozenset({"avx512f", "amx_bf16"}))
     assert resolve_dtype("auto", "cpu") == torch.bfloat16
@@ -237,7 +241,7 @@ def test_generation_dtype_auto_follows_the_hardware(monkeypatch):
 
 
 def test_plan_windows_matches_audiocraft_loop():
-    from lora.generation import plan_windows
+    from lora.generation.requests import plan_windows
 
     def audiocraft(total, window, stride):  # audiocraft.models.genmodel._generate_tokens, no audio prompt
         out, offset, prompt_len = [], 0, 0
@@ -271,13 +275,13 @@ def test_windowed_continuation_is_seamless(base_bundle):
 
 
 def test_audio_prompt_is_continued(base_bundle):
-    from lora.generation import encode_audio_prompt
+    from lora.generation.engine import encode_audio_prompt
 
     model, _, info, _ = base_bundle
     t = np.arange(16000) / 32000
     wav = (0.3 * np.sin(2 * np.pi * 220 * t))[None].astype(np.float32)
     codes, pid = encode_audio_prompt(model, info, wav)
-    from lora.generation import Request
+    from lora.generation.requests import Request
 
     r = _gen(base_bundle, [Request("lofi piano", 1, 1.0, prompt_codes=codes, prompt_id=pid)])[0]
     assert codes.shape == (info.num_codebooks, 25)
@@ -379,7 +383,7 @@ def test_many_prompts_samples_prompts_file_and_stereo(tiny_stereo_model_dir, tmp
 
 
 def test_slugs_are_safe_and_short():
-    from lora.manifest import output_names, slugify
+    from lora.generation.manifest import output_names, slugify
 
     assert slugify("Hip Hop 808 beat, with TRAP drums!!") == "hip-hop-808-beat-with-trap-drums"
     assert slugify("../../etc/passwd") == "etc-passwd"
@@ -487,8 +491,8 @@ def test_existing_files_are_not_overwritten_without_flag(tiny_model_dir, tmp_pat
 
 
 def test_reduced_precision_keeps_codec_and_text_encoder_in_fp32(tiny_model_dir, adapter_dir):
-    from lora import musicgen
-    from lora.generation import load_generation_model
+    from lora.modeling import musicgen
+    from lora.generation.model import load_generation_model
 
     bundle = load_generation_model(_cfg(tiny_model_dir, dtype="bfloat16", merge=False), adapter_path=adapter_dir)
     base = musicgen.get_base(bundle[0])
@@ -500,7 +504,7 @@ def test_reduced_precision_keeps_codec_and_text_encoder_in_fp32(tiny_model_dir, 
 
 
 def test_prompts_files_txt_json_jsonl(tmp_path):
-    from lora.prompts import read_prompts_file
+    from lora.generation.prompts import read_prompts_file
 
     txt = tmp_path / "p.txt"
     txt.write_text("# my prompts\nlofi piano\n\n  dark techno  \n", encoding="utf-8")
@@ -534,8 +538,8 @@ def test_audio_prompt_continuation_from_the_command_line(tiny_model_dir, tmp_pat
 def test_one_prompt_file_reader_for_inference_and_evaluation(tmp_path):
     """inference_lora and evaluate read prompts files the same way: UTF-8 with or without a byte-order mark,
     'text' / 'prompt' / 'caption' as the prompt's key, every problem collected and named."""
-    from lora.prompts import read_prompt_texts, read_prompts_file
-    from lora.utils import UserError
+    from lora.generation.prompts import read_prompt_texts, read_prompts_file
+    from lora.common.cli import UserError
 
     pf = tmp_path / "p.jsonl"
     pf.write_text('\ufeff{"caption": "lofi piano", "seed": 3}\n{"prompt": "dark techno"}\n', encoding="utf-8")

@@ -1,4 +1,4 @@
-"""MusicGen-Melody as a second model family (lora.musicgen_melody, lora.chroma), checked against transformers'
+"""MusicGen-Melody as a second model family (lora.modeling.musicgen_melody, lora.modeling.chroma), checked against transformers'
 own MusicgenMelodyForConditionalGeneration on tiny random melody models (mono and stereo): the chroma, the
 conditioning prefix, the training loss, the null condition and greedy generation."""
 
@@ -13,8 +13,8 @@ SR = 32000
 
 @pytest.fixture(scope="module", params=["mono", "stereo"])
 def melody(request, tmp_path_factory):
-    from lora import musicgen_melody as M
-    from lora.tiny_model import ensure_tiny_model
+    from lora.modeling import musicgen_melody as M
+    from lora.modeling.tiny_model import ensure_tiny_model
 
     d = ensure_tiny_model(tmp_path_factory.mktemp("tiny_melody") / request.param, stereo=request.param == "stereo",
                           melody=True)
@@ -29,7 +29,7 @@ def _tone(freqs, seconds, sr=SR):
 
 def _melody_chroma(seconds=3.0):
     """A tune: A, then C, then E (one pitch class per second)."""
-    from lora import chroma as C
+    from lora.modeling import chroma as C
 
     wav = np.concatenate([_tone([440.0], seconds / 3), _tone([261.63], seconds / 3), _tone([329.63], seconds / 3)])
     return C.chroma(wav, SR)
@@ -39,7 +39,7 @@ def _melody_chroma(seconds=3.0):
 # Chroma
 # --------------------------------------------------------------------------------------------
 def test_chroma_of_a_440_hz_sine_lights_bin_a_in_every_frame():
-    from lora import chroma as C
+    from lora.modeling import chroma as C
 
     ch = C.chroma(_tone([440.0], 4.0), SR)
     assert ch.shape == (C.frames(4 * SR), 12) == (32, 12)
@@ -48,7 +48,7 @@ def test_chroma_of_a_440_hz_sine_lights_bin_a_in_every_frame():
 
 
 def test_chroma_follows_a_tune_and_is_cut_at_30_seconds():
-    from lora import chroma as C
+    from lora.modeling import chroma as C
 
     names = C.dominant_pitch_classes(_melody_chroma(6.0))
     # 7.8125 frames/s, 2 s per note: frames well inside each note carry it (window edges may mix two notes)
@@ -58,9 +58,9 @@ def test_chroma_follows_a_tune_and_is_cut_at_30_seconds():
 
 def test_chroma_equals_an_independent_librosa_computation():
     """librosa's STFT (centred, reflect padding, periodic Hann) and librosa's own chroma filter bank, then the
-    argmax: the same frames as lora.chroma (which uses torch.stft and transformers' port of the bank)."""
+    argmax: the same frames as lora.modeling.chroma (which uses torch.stft and transformers' port of the bank)."""
     librosa = pytest.importorskip("librosa")
-    from lora import chroma as C
+    from lora.modeling import chroma as C
 
     rng = np.random.default_rng(0)
     wav = (_tone([196.0, 246.94, 293.66], 5.0) + 0.05 * rng.standard_normal(5 * SR)).astype(np.float32)
@@ -80,7 +80,7 @@ def test_chroma_matches_transformers_feature_extractor_when_torchaudio_is_there(
     pytest.importorskip("torchaudio")
     from transformers import MusicgenMelodyFeatureExtractor
 
-    from lora import chroma as C
+    from lora.modeling import chroma as C
 
     wav = _tone([220.0, 277.18], 4.0)
     ref = MusicgenMelodyFeatureExtractor()(wav, sampling_rate=SR, return_tensors="pt").input_features[0]
@@ -91,7 +91,7 @@ def test_chroma_matches_transformers_feature_extractor_when_torchaudio_is_there(
 # The prefix and the loss
 # --------------------------------------------------------------------------------------------
 def _batch(model, processor, info, texts=("deep house groove 120 BPM", "ambient pad"), frames=20):
-    from lora import musicgen_melody as M
+    from lora.modeling import musicgen_melody as M
 
     hidden, mask = M.encode_text(model, processor, list(texts))
     g = torch.Generator().manual_seed(0)
@@ -102,7 +102,7 @@ def _batch(model, processor, info, texts=("deep house groove 120 BPM", "ambient 
 
 
 def _ours(model, info, codes, lengths, hidden, mask, chroma):
-    from lora import musicgen_melody as M
+    from lora.modeling import musicgen_melody as M
 
     logits, labels = M.teacher_forced_logits(model, info, codes, lengths, hidden, mask, chroma=chroma)
     return logits, labels, M.codebook_loss(logits, labels)
@@ -148,7 +148,7 @@ def test_no_melody_is_transformers_null_melody(melody):
 def test_dropped_condition_is_generate_null(melody):
     """Conditioning dropout gives, row by row, what generate's unconditional half is: zero text of the same
     length and the bin-0 melody; melody dropout alone keeps the text."""
-    from lora import musicgen_melody as M
+    from lora.modeling import musicgen_melody as M
 
     model, processor, info = melody
     hidden, mask, _, _, _ = _batch(model, processor, info)
@@ -171,7 +171,7 @@ def test_dropped_condition_is_generate_null(melody):
 # --------------------------------------------------------------------------------------------
 def _greedy(model, info, hidden, mask, chroma, n_frames: int, guidance: float):
     """Greedy decoding with the family's functions (delay pattern, CFG halves, cached step)."""
-    from lora import musicgen_melody as M
+    from lora.modeling import musicgen_melody as M
 
     b, K = hidden.shape[0], info.num_codebooks
     start = torch.full((b * K, 1), info.decoder_start_token_id, dtype=torch.long)
@@ -200,7 +200,7 @@ def test_greedy_tokens_equal_transformers_generate(melody, with_melody, monkeypa
     """Greedy decoding with guidance 3 through the family's functions gives transformers' generate() tokens, with
     a melody and without (the null melody), mono and stereo. generate() returns audio: its codes are caught where
     it hands them to EnCodec."""
-    from lora import musicgen_melody as M
+    from lora.modeling import musicgen_melody as M
 
     model, processor, info = melody
     texts = ["techno drums 128 BPM", "piano"]
@@ -226,7 +226,7 @@ def test_a_melody_folder_loads_through_the_same_path_as_musicgen(tmp_path):
     """load_base_model (from_pretrained on a folder: the path facebook/musicgen-melody takes) picks the melody
     family from config.json; its processor needs no torchaudio."""
     from lora.config import ModelConfig
-    from lora.loading import family_for, load_base_model
+    from lora.modeling.loading import family_for, load_base_model
 
     model, processor, info = load_base_model(ModelConfig(model_path="tiny-melody", tiny_model_dir=str(tmp_path)))
     assert type(model).__name__ == "MusicgenMelodyForConditionalGeneration"
@@ -242,7 +242,8 @@ def test_a_melody_folder_loads_through_the_same_path_as_musicgen(tmp_path):
 @pytest.fixture(scope="module")
 def melody_run(tmp_path_factory):
     """Example data, the tiny melody model and a short training run on them (fp32, 10 steps)."""
-    from lora import prepare_data, train_lora
+    from lora import train_lora
+    from lora import prepare_data
 
     root = tmp_path_factory.mktemp("melody_run")
     data = root / "data"
@@ -259,8 +260,9 @@ def melody_run(tmp_path_factory):
 
 def _cached(root, data):
     from lora.config import ModelConfig
-    from lora.dataset import build_token_cache, load_metadata
-    from lora.loading import load_base_model
+    from lora.dataprep.token_cache import build_token_cache
+    from lora.dataset import load_metadata
+    from lora.modeling.loading import load_base_model
 
     model, processor, info = load_base_model(ModelConfig(model_path="tiny-melody", tiny_model_dir=str(root / "tiny")))
     records = load_metadata(data)
@@ -271,7 +273,7 @@ def _cached(root, data):
 def test_the_cache_holds_each_clip_s_own_chroma(melody_run):
     import soundfile as sf
 
-    from lora import chroma as C
+    from lora.modeling import chroma as C
 
     root, data, _ = melody_run
     _, _, info, records, clips, stats = _cached(root, data)
@@ -285,8 +287,8 @@ def test_the_cache_holds_each_clip_s_own_chroma(melody_run):
 
 
 def test_a_training_crop_takes_the_chroma_frames_that_cover_it(melody_run):
-    from lora import chroma as C
-    from lora import musicgen_melody as M
+    from lora.modeling import chroma as C
+    from lora.modeling import musicgen_melody as M
     from lora.dataset import CachedTokenDataset
 
     root, data, _ = melody_run
@@ -306,7 +308,7 @@ def test_a_training_crop_takes_the_chroma_frames_that_cover_it(melody_run):
 
 
 def test_dropped_items_carry_generate_s_null_condition(melody_run):
-    from lora import musicgen_melody as M
+    from lora.modeling import musicgen_melody as M
     from lora.dataset import CachedTokenDataset, collate_tokens
 
     root, data, _ = melody_run
@@ -347,10 +349,10 @@ def test_melody_training_learns_and_saves_a_standard_adapter(melody_run):
 
 
 def test_text_padding_of_training_is_generation_s():
-    from lora import generation
-    from lora import musicgen_melody as M
+    from lora.generation import engine
+    from lora.modeling import musicgen_melody as M
 
-    assert M.TEXT_PAD_MULTIPLE == generation.TEXT_PAD_MULTIPLE
+    assert M.TEXT_PAD_MULTIPLE == engine.TEXT_PAD_MULTIPLE
 
 
 # --------------------------------------------------------------------------------------------
@@ -359,19 +361,20 @@ def test_text_padding_of_training_is_generation_s():
 @pytest.mark.parametrize("decoding", ["static", "transformers"])
 @pytest.mark.parametrize("with_melody", [True, False])
 def test_generate_follows_transformers_greedy_with_the_melody(melody, with_melody, decoding, monkeypatch):
-    """lora.generation.generate (the engine of inference_lora.py) on a melody model: greedy tokens equal
+    """lora.generation.engine.generate (the engine of inference_lora.py) on a melody model: greedy tokens equal
     transformers' generate() given the same melody and the caption padded to the length ours uses
     (text_length: in a prefix model the padded length is part of the condition)."""
-    from lora import generation as G
-    from lora import musicgen_melody as M
+    from lora.generation import requests
+    from lora.generation import engine
+    from lora.modeling import musicgen_melody as M
 
     model, processor, info = melody
     n = 10
     melody_audio = np.concatenate([_tone([440.0], 1.0), _tone([261.63], 1.0), _tone([329.63], 1.0)])
-    chroma, mid = G.melody_from_audio(melody_audio, info) if with_melody else (None, "")
-    req = G.Request(prompt="techno drums 128 BPM", seed=0, duration=n / info.frame_rate,
-                    sampling=G.SamplingSettings(do_sample=False), melody=chroma, melody_id=mid)
-    ours = G.generate(model, processor, info, [req], progress=False, decoding=decoding)[0]
+    chroma, mid = engine.melody_from_audio(melody_audio, info) if with_melody else (None, "")
+    req = requests.Request(prompt="techno drums 128 BPM", seed=0, duration=n / info.frame_rate,
+                    sampling=requests.SamplingSettings(do_sample=False), melody=chroma, melody_id=mid)
+    ours = engine.generate(model, processor, info, [req], progress=False, decoding=decoding)[0]
     assert ours.decoding == decoding
 
     caught = []
@@ -387,32 +390,34 @@ def test_generate_follows_transformers_greedy_with_the_melody(melody, with_melod
 
 
 def test_a_later_window_follows_the_same_time_in_the_tune(melody):
-    from lora import chroma as C
-    from lora import generation as G
-    from lora import musicgen_melody as M
+    from lora.modeling import chroma as C
+    from lora.generation import requests
+    from lora.generation import engine
+    from lora.modeling import musicgen_melody as M
 
     _, _, info = melody
     tune = _melody_chroma(6.0)  # A, C, E: 2 s each
-    req = G.Request(prompt="x", seed=0, duration=40.0, melody=tune)
+    req = requests.Request(prompt="x", seed=0, duration=40.0, melody=tune)
     start = 2 * info.frame_rate  # a window that starts 2 s in
-    got = G.window_melody(info, [req, G.Request(prompt="y", seed=1, duration=40.0)], G.Window(start, 0, 10), 3.0,
+    got = engine.window_melody(info, [req, requests.Request(prompt="y", seed=1, duration=40.0)], requests.Window(start, 0, 10), 3.0,
                           "cpu")
     first = round(start * 640 / C.HOP)
     assert torch.equal(got[0], M.melody_frames(tune[first:].argmax(-1), info.chroma_length))
     assert C.dominant_pitch_classes(got[0])[2] == "C"  # two seconds in, the tune is on C
     assert torch.equal(got[1], M.null_like(got[0])) and torch.equal(got[2], M.null_like(got[0]))  # no melody; CFG
-    past = G.window_melody(info, [req], G.Window(60 * info.frame_rate, 0, 10), 1.0, "cpu")
+    past = engine.window_melody(info, [req], requests.Window(60 * info.frame_rate, 0, 10), 1.0, "cpu")
     assert torch.equal(past[0], M.null_like(got[0]))  # after the tune ends: the null melody
 
 
 def test_a_silent_melody_is_refused():
-    from lora import generation as G
+    from lora.generation import requests
+    from lora.generation import engine
 
     class Info:
         sample_rate = 32000
 
-    with pytest.raises(G.GenerationError, match="silent"):
-        G.melody_from_audio(np.zeros((1, 32000), dtype=np.float32), Info())
+    with pytest.raises(requests.GenerationError, match="silent"):
+        engine.melody_from_audio(np.zeros((1, 32000), dtype=np.float32), Info())
 
 
 # --------------------------------------------------------------------------------------------
@@ -459,7 +464,7 @@ def test_bad_melody_input_is_a_message_and_nothing_is_written(melody_run, tmp_pa
     import soundfile as sf
 
     from lora import inference_lora
-    from lora.utils import UserError
+    from lora.common.cli import UserError
 
     root, _, out = melody_run
     tune = _tune_file(tmp_path / "tune.wav")
@@ -518,7 +523,7 @@ def test_evaluate_compare_reports_likelihood_and_chroma_similarity_with_its_floo
 
 
 def test_chroma_similarity_is_one_for_the_same_tune_and_low_for_another():
-    from lora import chroma as C
+    from lora.modeling import chroma as C
 
     a = C.chroma(_tone([440.0], 3.0), SR)
     assert C.cosine_similarity(a, a) == 1.0
@@ -529,7 +534,7 @@ def test_chroma_similarity_is_one_for_the_same_tune_and_low_for_another():
 
 def test_static_decoder_logits_equal_transformers_forward_with_the_prefix(melody):
     """The static-cache step (prefill, then one token at a time) gives transformers' logits at every position."""
-    from lora import musicgen_melody as M
+    from lora.modeling import musicgen_melody as M
 
     model, processor, info = melody
     hidden, mask, codes, lengths, tokens = _batch(model, processor, info)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lora import metrics as M
+from lora.scoring import metrics as M
 
 
 # ------------------------------------------------------------------------------------ Fréchet

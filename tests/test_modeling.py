@@ -1,5 +1,5 @@
-"""The MusicGen family module (lora.musicgen), loading (lora.loading, lora.tiny_model) and adapters
-(lora.adapter): model loading (tiny / local folder / errors), delay-pattern targets and loss checked against
+"""The MusicGen family module (lora.modeling.musicgen), loading (lora.modeling.loading, lora.modeling.tiny_model) and adapters
+(lora.modeling.adapter): model loading (tiny / local folder / errors), delay-pattern targets and loss checked against
 transformers' own MusicGen code, encoders, null condition, LoRA attach/save/load."""
 
 from __future__ import annotations
@@ -13,12 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from lora.config import LoraSection, ModelConfig
-from lora.adapter import attach_lora, load_lora
-from lora.loading import load_base_model, model_identity, resolve_model_path
-from lora.musicgen import (build_delay_pattern, codebook_loss, decode_audio, encode_audio, encode_text,
-                           null_condition, teacher_forced_logits)
-from lora.tiny_model import ensure_tiny_model
-from lora.utils import UserError
+from lora.modeling.adapter import attach_lora, load_lora
+from lora.modeling.loading import load_base_model, model_identity, resolve_model_path
+from lora.modeling.musicgen import build_delay_pattern, codebook_loss, decode_audio, encode_audio, encode_text, null_condition, teacher_forced_logits
+from lora.modeling.tiny_model import ensure_tiny_model
+from lora.common.cli import UserError
 
 
 def codebook_losses(logits, labels):

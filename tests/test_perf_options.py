@@ -8,18 +8,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora.adapter import attach_lora
+from lora.modeling.adapter import attach_lora
 from lora.config import Config
-from lora.cpu_speed import fast_dropout_class, use_fast_dropout
-from lora.loading import load_base_model
-from lora.musicgen import get_base
-from lora.precision import resolve_base_weights_dtype
-from lora.utils import UserError
+from lora.modeling.cpu_speed import fast_dropout_class, use_fast_dropout
+from lora.modeling.loading import load_base_model
+from lora.modeling.musicgen import get_base
+from lora.modeling.precision import resolve_base_weights_dtype
+from lora.common.cli import UserError
 
 
 def batch_loss(*args, **kwargs):
-    """lora.training.step_loss as (loss, per-codebook loss, tokens per codebook)."""
-    from lora.training import step_loss
+    """lora.training.step.step_loss as (loss, per-codebook loss, tokens per codebook)."""
+    from lora.training.step import step_loss
 
     r = step_loss(*args, **kwargs)
     return r.loss, r.per_codebook, r.tokens
@@ -95,7 +95,7 @@ def test_bf16_base_weights_keep_lora_fp32_and_match_fp32_loss(tiny_lora, tmp_pat
 
     from safetensors.torch import load_file
 
-    from lora.training import prepare_frozen_weights
+    from lora.training.model_prep import prepare_frozen_weights
 
     model, processor, info, cfg = tiny_lora
     model = copy.deepcopy(model)
@@ -170,14 +170,14 @@ def test_train_flops_match_torch_flop_counter(tiny_lora):
 # training.decoder_dropout
 # ------------------------------------------------------------------------------------------
 def _dec_logits(model, info, batch):
-    from lora.musicgen import build_delay_pattern
+    from lora.modeling.musicgen import build_delay_pattern
 
     dec_in, _ = build_delay_pattern(batch["codes"], batch["lengths"], info)
     return model(encoder_outputs=(batch["hidden"],), attention_mask=batch["mask"], decoder_input_ids=dec_in).logits
 
 
 def test_decoder_dropout_setting_controls_train_mode_randomness(tiny_model_dir):
-    from lora.training import configure_step
+    from lora.training.model_prep import configure_step
 
     cfg = Config()
     cfg.model.model_path = str(tiny_model_dir)
@@ -216,7 +216,8 @@ def test_decoder_dropout_setting_controls_train_mode_randomness(tiny_model_dir):
 def test_decoder_dropout_in_resolved_config_and_checked(tmp_path):
     import yaml
 
-    from lora.config import ConfigError, parse_config
+    from lora.common.fields import ConfigError
+    from lora.config import parse_config
     from lora.train_lora import SECTIONS, check_config
 
     cfg, _ = parse_config([], sections=SECTIONS)
@@ -237,7 +238,7 @@ def test_codebook_losses_match_per_codebook_cross_entropy_values_and_gradients(t
     counts and the gradient, with batch padding and delay-pattern -100s in the labels."""
     import torch.nn.functional as F
 
-    from lora.musicgen import build_delay_pattern, codebook_loss
+    from lora.modeling.musicgen import build_delay_pattern, codebook_loss
 
     def codebook_losses(logits, labels):
         r = codebook_loss(logits, labels)
@@ -287,8 +288,8 @@ def test_cpu_train_attention_picks_the_kernel_by_frames_times_text_tokens(tiny_m
     import copy
     from contextlib import nullcontext
 
-    from lora.cpu_speed import MATH_CROSS_ATTENTION_MAX_SCORES, math_cross_attention
-    from lora.training import configure_step
+    from lora.modeling.cpu_speed import MATH_CROSS_ATTENTION_MAX_SCORES, math_cross_attention
+    from lora.training.model_prep import configure_step
 
     assert math_cross_attention(503, 96) and not math_cross_attention(1503, 64)  # 10-s clips / 30-s windows
     cfg = Config()
@@ -350,9 +351,9 @@ def test_cpu_train_attention_uses_math_kernel_for_cross_attention_with_the_same_
     plain sdpa with text padding and a null-condition (fully masked) sample, in fp32 and bf16."""
     import copy
 
-    from lora.cpu_speed import CPU_TRAIN_ATTENTION
-    from lora.musicgen import set_decoder_dropout
-    from lora.training import configure_step, prepare_frozen_weights
+    from lora.modeling.cpu_speed import CPU_TRAIN_ATTENTION
+    from lora.modeling.musicgen import set_decoder_dropout
+    from lora.training.model_prep import configure_step, prepare_frozen_weights
 
     cfg = Config()
     cfg.model.model_path = str(tiny_model_dir)
@@ -406,7 +407,7 @@ _REUSE_PROBE = r"""
 import resource, sys
 import torch
 sys.path.insert(0, sys.argv[1])
-from lora.cpu_speed import keep_freed_memory
+from lora.modeling.cpu_speed import keep_freed_memory
 kept = keep_freed_memory() if sys.argv[2] == "keep" else None
 x, w = torch.randn(2, 1, 320000), torch.randn(32, 1, 7)  # 2 x 10 s of 32-kHz audio into a first codec layer
 faults = []

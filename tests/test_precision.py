@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from lora.precision import HardwareFacts, choose_precision, cpu_flags, hardware_facts
+from lora.modeling.precision import HardwareFacts, choose_precision, cpu_flags, hardware_facts
 
 H100 = HardwareFacts("cuda", "H100", (9, 0), cuda_bf16=True)
 V100 = HardwareFacts("cuda", "V100", (7, 0), cuda_bf16=False)

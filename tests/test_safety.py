@@ -63,7 +63,7 @@ def test_overwrite_output_dir_never_deletes_a_folder_the_tool_did_not_make(tmp_p
 
 def test_overwrite_deletes_an_earlier_run_but_not_a_file_added_to_it(tmp_path, tiny_model_dir, example_data_dir):
     from lora import train_lora
-    from lora.utils import UserError
+    from lora.common.cli import UserError
 
     out = tmp_path / "out"
     assert train_lora.main(_train_args(tiny_model_dir, example_data_dir, out)) == 0
@@ -83,8 +83,8 @@ def test_overwrite_deletes_an_earlier_run_but_not_a_file_added_to_it(tmp_path, t
 
 def _hold_lock(out: Path):
     """A second process holding train_lora.py's lock on ``out`` (as a running training does)."""
-    code = ("import sys, time; sys.path.insert(0, %r); from pathlib import Path; from lora import training\n"
-            "with training.output_lock(Path(%r)):\n    print('locked', flush=True); time.sleep(120)\n"
+    code = ("import sys, time; sys.path.insert(0, %r); from pathlib import Path; from lora.training import checkpoints\n"
+            "with checkpoints.output_lock(Path(%r)):\n    print('locked', flush=True); time.sleep(120)\n"
             % (str(ROOT), str(out)))
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=_env())
     assert p.stdout.readline().strip() == "locked"
@@ -93,7 +93,7 @@ def _hold_lock(out: Path):
 
 def test_a_second_training_on_the_same_folder_stops_at_once(tmp_path, tiny_model_dir, example_data_dir):
     from lora import train_lora
-    from lora.utils import UserError
+    from lora.common.cli import UserError
 
     out = tmp_path / "out"
     holder = _hold_lock(out)
@@ -140,7 +140,7 @@ def _truncate(path: Path) -> None:
 def test_resume_latest_falls_back_to_the_newest_checkpoint_that_loads(damage, short_run, tmp_path, tiny_model_dir,
                                                                       example_data_dir, caplog):
     from lora import train_lora
-    from lora.utils import UserError
+    from lora.common.cli import UserError
 
     out = _copy(short_run, tmp_path)
     newest = out / "checkpoints" / "step-000003"
@@ -164,8 +164,10 @@ def test_resume_latest_falls_back_to_the_newest_checkpoint_that_loads(damage, sh
 
 def test_a_truncated_adapter_is_a_message_in_inference_and_evaluation(short_run, tmp_path, tiny_model_dir,
                                                                         example_data_dir, monkeypatch):
-    from lora import evaluate, inference_lora, loading
-    from lora.utils import UserError
+    from lora import inference_lora
+    from lora import evaluate
+    from lora.modeling import loading
+    from lora.common.cli import UserError
 
     adapter = tmp_path / "adapter"
     shutil.copytree(short_run / "best_model", adapter)
@@ -184,8 +186,9 @@ def test_a_truncated_adapter_is_a_message_in_inference_and_evaluation(short_run,
                                         ({"duration": "long"}, "duration")])
 def test_hand_edited_metadata_with_wrong_types_is_a_message_in_every_script(entry, key, tmp_path, tiny_model_dir,
                                                                            example_data_dir):
-    from lora import evaluate, test_dataset, train_lora
-    from lora.utils import UserError
+    from lora import test_dataset, train_lora
+    from lora import evaluate
+    from lora.common.cli import UserError
 
     data = tmp_path / "data"
     shutil.copytree(example_data_dir, data, ignore=shutil.ignore_patterns("cache"))
@@ -208,7 +211,8 @@ def test_hand_edited_metadata_with_wrong_types_is_a_message_in_every_script(entr
 # Config: not UTF-8, a key under the wrong section, a flag given twice
 # ------------------------------------------------------------------------------------------
 def test_config_yaml_that_is_not_utf8_names_the_file_and_line(tmp_path):
-    from lora.config import ConfigError, parse_config
+    from lora.common.fields import ConfigError
+    from lora.config import parse_config
 
     y = tmp_path / "config.yaml"
     y.write_bytes("training:\n  seed: 3\n  # caf\u00e9 au lait\n".encode("latin-1"))
@@ -220,7 +224,8 @@ def test_config_yaml_that_is_not_utf8_names_the_file_and_line(tmp_path):
 
 
 def test_a_key_under_the_wrong_section_names_its_section(tmp_path):
-    from lora.config import ConfigError, parse_config
+    from lora.common.fields import ConfigError
+    from lora.config import parse_config
 
     y = tmp_path / "config.yaml"
     y.write_text("training:\n  lora_rank: 8\n")
@@ -229,7 +234,8 @@ def test_a_key_under_the_wrong_section_names_its_section(tmp_path):
 
 
 def test_a_flag_given_twice_is_refused_and_a_list_flag_keeps_both(caplog):
-    from lora.config import ConfigError, parse_config
+    from lora.common.fields import ConfigError
+    from lora.config import parse_config
 
     with pytest.raises(ConfigError, match="--duration was given twice"):
         parse_config(["--duration", "3", "--duration=4"], sections=("generation", "model"))
@@ -243,8 +249,9 @@ def test_a_flag_given_twice_is_refused_and_a_list_flag_keeps_both(caplog):
 # Inputs checked before the model loads; output paths; windows shorter than a frame
 # ------------------------------------------------------------------------------------------
 def test_an_unreadable_audio_prompt_is_refused_before_the_model_loads(tmp_path, tiny_model_dir, monkeypatch):
-    from lora import inference_lora, loading
-    from lora.utils import UserError
+    from lora import inference_lora
+    from lora.modeling import loading
+    from lora.common.cli import UserError
 
     bad = tmp_path / "intro.wav"
     bad.write_text("not audio")
@@ -257,8 +264,9 @@ def test_an_unreadable_audio_prompt_is_refused_before_the_model_loads(tmp_path, 
 @pytest.mark.parametrize("script", ["train_lora", "inference_lora", "evaluate"])
 def test_an_output_dir_that_is_a_file_is_a_message_and_nothing_changes(script, tmp_path, tiny_model_dir,
                                                                        example_data_dir):
-    from lora import evaluate, inference_lora, train_lora
-    from lora.utils import UserError
+    from lora import inference_lora, train_lora
+    from lora import evaluate
+    from lora.common.cli import UserError
 
     target = tmp_path / "taken"
     target.write_text("my file")
@@ -275,7 +283,7 @@ def test_an_output_dir_that_is_a_file_is_a_message_and_nothing_changes(script, t
 
 def test_max_duration_shorter_than_one_frame_is_a_message(tmp_path, tiny_model_dir, example_data_dir):
     from lora import train_lora
-    from lora.config import ConfigError
+    from lora.common.fields import ConfigError
 
     with pytest.raises(ConfigError, match="shorter than one codec frame"):
         train_lora.main(_train_args(tiny_model_dir, example_data_dir, tmp_path / "out", "--max_duration", "0.005"))
@@ -298,7 +306,7 @@ def small_disk(tmp_path):
 
 def test_training_on_a_full_disk_says_how_much_it_needs(small_disk, tiny_model_dir, example_data_dir, capsys):
     from lora import train_lora
-    from lora.utils import run_main
+    from lora.common.cli import run_main
 
     rc = run_main(train_lora.main, _train_args(tiny_model_dir, example_data_dir, small_disk / "out"))
     err = capsys.readouterr().err
@@ -308,7 +316,7 @@ def test_training_on_a_full_disk_says_how_much_it_needs(small_disk, tiny_model_d
 def test_generation_checks_free_space_first_and_a_full_disk_is_a_message(small_disk, tiny_model_dir, tmp_path,
                                                                          monkeypatch, capsys):
     from lora import inference_lora
-    from lora.utils import run_main
+    from lora.common.cli import run_main
 
     args = ["--model_path", str(tiny_model_dir), "--lora_model_path", "none", "--prompts", "a", "b",
             "--duration", "20", "--output_format", "float", "--output_dir", str(small_disk / "gen")]
@@ -328,13 +336,14 @@ def test_generation_checks_free_space_first_and_a_full_disk_is_a_message(small_d
 
 def test_a_full_disk_during_a_checkpoint_is_a_message(tmp_path, tiny_model_dir, example_data_dir, monkeypatch,
                                                       capsys):
-    from lora import train_lora, training
-    from lora.utils import run_main
+    from lora import train_lora
+    from lora.training import checkpoints
+    from lora.common.cli import run_main
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out" / "checkpoints"))
 
-    monkeypatch.setattr(training, "save_checkpoint", full)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", full)
     rc = run_main(train_lora.main, _train_args(tiny_model_dir, example_data_dir, tmp_path / "out"))
     err = capsys.readouterr().err
     assert rc == 2 and "The disk is full" in err and "training writes checkpoints" in err
@@ -345,10 +354,11 @@ def test_a_full_disk_during_a_checkpoint_is_a_message(tmp_path, tiny_model_dir, 
 # ------------------------------------------------------------------------------------------
 def test_ctrl_c_in_training_names_the_checkpoint_and_how_to_resume(tmp_path, tiny_model_dir, example_data_dir,
                                                                    monkeypatch, capsys):
-    from lora import train_lora, training
-    from lora.utils import run_main
+    from lora import train_lora
+    from lora.training import step
+    from lora.common.cli import run_main
 
-    real = training.step_loss
+    real = step.step_loss
     calls = {"n": 0}
 
     def interrupt_at_third_step(model, *a, **k):
@@ -358,7 +368,7 @@ def test_ctrl_c_in_training_names_the_checkpoint_and_how_to_resume(tmp_path, tin
                 raise KeyboardInterrupt
         return real(model, *a, **k)
 
-    monkeypatch.setattr(training, "step_loss", interrupt_at_third_step)
+    monkeypatch.setattr(step, "step_loss", interrupt_at_third_step)
     rc = run_main(train_lora.main, _train_args(tiny_model_dir, example_data_dir, tmp_path / "out", "--max_steps", "5"))
     err = capsys.readouterr().err
     assert rc == 130
@@ -367,10 +377,11 @@ def test_ctrl_c_in_training_names_the_checkpoint_and_how_to_resume(tmp_path, tin
 
 
 def test_ctrl_c_in_generation_says_what_was_written(tmp_path, tiny_model_dir, monkeypatch, capsys):
-    from lora import generation, inference_lora
-    from lora.utils import run_main
+    from lora import inference_lora
+    from lora.generation import engine
+    from lora.common.cli import run_main
 
-    real = generation._generate_batch
+    real = engine._generate_batch
     calls = {"n": 0}
 
     def interrupt_second_batch(*a, **k):
@@ -379,7 +390,7 @@ def test_ctrl_c_in_generation_says_what_was_written(tmp_path, tiny_model_dir, mo
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(generation, "_generate_batch", interrupt_second_batch)
+    monkeypatch.setattr(engine, "_generate_batch", interrupt_second_batch)
     rc = run_main(inference_lora.main, ["--model_path", str(tiny_model_dir), "--lora_model_path", "none",
                                         "--prompts", "a", "b", "--batch_size", "1", "--duration", "0.3",
                                         "--output_dir", str(tmp_path / "gen")])
@@ -393,8 +404,9 @@ def test_ctrl_c_in_generation_says_what_was_written(tmp_path, tiny_model_dir, mo
 # ------------------------------------------------------------------------------------------
 def test_mono_clips_on_a_stereo_model_are_said_once(tiny_stereo_model_dir, example_data_dir, tmp_path, caplog):
     from lora.config import ModelConfig
-    from lora.dataset import build_token_cache, load_metadata
-    from lora.loading import load_base_model
+    from lora.dataprep.token_cache import build_token_cache
+    from lora.dataset import load_metadata
+    from lora.modeling.loading import load_base_model
 
     model, processor, info = load_base_model(ModelConfig(model_path=str(tiny_stereo_model_dir)))
     data = tmp_path / "data"
@@ -409,7 +421,7 @@ def test_mono_clips_on_a_stereo_model_are_said_once(tiny_stereo_model_dir, examp
 
 
 def test_one_held_out_clip_names_no_winner():
-    from lora.report import summary_rows
+    from lora.scoring.report import summary_rows
 
     def results(n):
         lk = {m: {"ce": ce, "ppl": 2.0 ** ce, "n_clips": n} for m, ce in (("base", 7.5), ("lora", 6.9))}

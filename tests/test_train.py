@@ -67,7 +67,7 @@ def test_artifacts_and_plain_peft_loading(trained_output_dir, tiny_model_dir):
     assert "Decoder hidden-state dropout: 0 (training.decoder_dropout" in train_log
     import platform
 
-    if platform.libc_ver()[0] == "glibc":  # a CPU run keeps freed memory (lora.cpu_speed.keep_freed_memory)
+    if platform.libc_ver()[0] == "glibc":  # a CPU run keeps freed memory (lora.modeling.cpu_speed.keep_freed_memory)
         assert "CPU memory: freed tensors stay in the process" in train_log
 
     # The adapter loads with plain peft onto the base model its config names, and changes the output.
@@ -172,9 +172,9 @@ def _short(tiny_model_dir, data_dir, out, *extra):
 
 
 def test_nan_loss_is_skipped_counted_and_stops(tmp_path, tiny_model_dir, example_data_dir, monkeypatch, caplog):
-    import lora.musicgen as musicgen
+    from lora.modeling import musicgen
     from lora import train_lora
-    from lora.utils import UserError
+    from lora.common.cli import UserError
 
     orig = musicgen.codebook_loss
     calls = {"n": 0}
@@ -210,7 +210,7 @@ def test_nan_loss_is_skipped_counted_and_stops(tmp_path, tiny_model_dir, example
 
 def test_empty_valid_split_is_a_clear_error(tmp_path, tiny_model_dir, example_data_dir):
     from lora import train_lora
-    from lora.utils import UserError
+    from lora.common.cli import UserError
 
     meta = json.loads((example_data_dir / "metadata.json").read_text())
     clips = [dict(c, audio=str(example_data_dir / c["audio"]), split="train") for c in meta["clips"]]
@@ -222,7 +222,7 @@ def test_empty_valid_split_is_a_clear_error(tmp_path, tiny_model_dir, example_da
 
 def test_out_of_memory_becomes_advice(tmp_path, tiny_model_dir, example_data_dir, monkeypatch):
     from lora import train_lora
-    from lora.utils import UserError
+    from lora.common.cli import UserError
 
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -237,7 +237,7 @@ def test_out_of_memory_becomes_advice(tmp_path, tiny_model_dir, example_data_dir
 
 def test_bad_settings_are_reported_together(tmp_path):
     from lora import train_lora
-    from lora.config import ConfigError
+    from lora.common.fields import ConfigError
 
     with pytest.raises(ConfigError) as e:
         train_lora.main(["--batch_size", "0", "--cond_dropout", "1.5", "--eval_steps", "0",
@@ -248,7 +248,7 @@ def test_bad_settings_are_reported_together(tmp_path):
 
 def test_warmup_is_capped_on_short_runs():
     from lora.config import Config
-    from lora.training import plan_steps
+    from lora.training.plan import plan_steps
 
     cfg = Config()
     cfg.training.num_epochs = 5
@@ -264,9 +264,9 @@ def test_warmup_is_capped_on_short_runs():
 def test_null_condition_sample_trains_lora(tiny_model_dir):
     from lora.config import LoraSection, ModelConfig
     from lora.dataset import CachedClip, CachedTokenDataset, collate_tokens
-    from lora.adapter import attach_lora
-    from lora.loading import load_base_model
-    from lora.musicgen import build_delay_pattern, codebook_loss, null_condition
+    from lora.modeling.adapter import attach_lora
+    from lora.modeling.loading import load_base_model
+    from lora.modeling.musicgen import build_delay_pattern, codebook_loss, null_condition
 
     model, processor, info = load_base_model(ModelConfig(model_path=str(tiny_model_dir)))
     model = attach_lora(model, LoraSection(lora_dropout=0.0))
@@ -377,7 +377,7 @@ def test_help_lists_the_seed_flags(capsys):
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path, tiny_model_dir, example_data_dir):
     from lora import train_lora
-    from lora.utils import UserError
+    from lora.common.cli import UserError
 
     with pytest.raises(UserError, match="no complete checkpoint"):
         train_lora.main(_short(tiny_model_dir, example_data_dir, tmp_path / "out", "--resume_from_checkpoint", "latest"))
@@ -389,7 +389,7 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path, tiny_model_dir, ex
 def test_fresh_run_does_not_mix_with_an_earlier_run(tmp_path, tiny_model_dir, example_data_dir):
     """An earlier run's checkpoints would be taken for the new run's by 'latest': refuse, or delete on request."""
     from lora import train_lora
-    from lora.utils import UserError
+    from lora.common.cli import UserError
 
     out = tmp_path / "out"
     (out / "checkpoints" / "step-000500").mkdir(parents=True)
@@ -410,10 +410,12 @@ def test_test_model_step_equals_the_training_step(tmp_path, tiny_model_dir, exam
     """On the same batch, test_model's check gives the loss and LoRA gradients of train_lora.py's first
     micro-batch, in the default precision (bf16 autocast + bf16 frozen weights where the CPU runs it fast): same
     model preparation (LoRA init, frozen-weight dtype, decoder dropout, CPU kernels), same step."""
-    from lora import test_model, train_lora, training
+    from lora import test_model, train_lora
+    from lora.training import model_prep
+    from lora.training import plan
     from lora.config import parse_config
-    from lora.loading import load_base_model
-    from lora.utils import log
+    from lora.modeling.loading import load_base_model
+    from lora.common.cli import log
 
     cfg, _ = parse_config(["--model_path", str(tiny_model_dir), "--data_dir", str(example_data_dir),
                            "--output_dir", str(tmp_path / "out"), "--batch_size", "2"], sections=train_lora.SECTIONS)
@@ -426,8 +428,8 @@ def test_test_model_step_equals_the_training_step(tmp_path, tiny_model_dir, exam
                                                             run.precision)
         tm_loss.loss.backward()
         # train_lora's loop: training mode, the first micro-batch's dropout seed, the step
-        training.set_train_mode(run.model, run.cache_text)
-        torch.manual_seed(training.micro_seed(cfg.training.seed, 0, 0))
+        model_prep.set_train_mode(run.model, run.cache_text)
+        torch.manual_seed(plan.micro_seed(cfg.training.seed, 0, 0))
         tr_loss = run.loss(batch)
         tr_loss.loss.backward()
     finally:
@@ -448,24 +450,24 @@ def test_test_model_step_equals_the_training_step(tmp_path, tiny_model_dir, exam
 # When the run validates and checkpoints: eval_steps / save_steps auto, save_minutes
 # ------------------------------------------------------------------------------------------------
 def test_auto_cadence_is_about_ten_per_run():
-    from lora import training
+    from lora.training import plan
 
     for total in (60, 300):  # ~90 and ~450 clips at the seed's batch 2 x 4 x 5 epochs
-        every = training.auto_interval(total)
-        assert len(training.events_in_run(every, total)) == 10, total
+        every = plan.auto_interval(total)
+        assert len(plan.events_in_run(every, total)) == 10, total
     for total in range(30, 5001):
-        n = len(training.events_in_run(training.auto_interval(total), total))
+        n = len(plan.events_in_run(plan.auto_interval(total), total))
         assert 8 <= n <= 13, (total, n)
-    assert training.auto_interval(90) == 10  # the quick start: steps 10, 20, ..., 90 (30, 60, 90 as before)
-    assert training.events_in_run(7, 20) == [7, 14, 20]  # the last step always
+    assert plan.auto_interval(90) == 10  # the quick start: steps 10, 20, ..., 90 (30, 60, 90 as before)
+    assert plan.events_in_run(7, 20) == [7, 14, 20]  # the last step always
     # An explicit number keeps its meaning (the seed's runs: validations at 100, 200 and the end).
-    assert training.resolve_every("100", 285) == (100, False)
-    assert training.resolve_every("auto", 285) == (30, True)
+    assert plan.resolve_every("100", 285) == (100, False)
+    assert plan.resolve_every("auto", 285) == (30, True)
 
 
 def test_bad_cadence_settings_name_the_key(tmp_path):
     from lora import train_lora
-    from lora.config import ConfigError
+    from lora.common.fields import ConfigError
 
     with pytest.raises(ConfigError) as e:
         train_lora.main(["--eval_steps", "ten", "--save_steps", "0", "--save_minutes", "-1",
@@ -476,7 +478,7 @@ def test_bad_cadence_settings_name_the_key(tmp_path):
 
 
 def test_save_timer_is_due_after_its_minutes():
-    from lora.training import SaveTimer
+    from lora.training.plan import SaveTimer
 
     now = [100.0]
     timer = SaveTimer(2.0, clock=lambda: now[0])

@@ -1,0 +1,119 @@
+"""What every script's main() shares: the ``lora`` logger, user errors (printed without a traceback),
+Ctrl-C with a note of what was saved, the ``run_main`` wrapper, and numbers in words (bytes, seconds).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import sys
+import time
+from typing import Callable
+
+log = logging.getLogger("lora")
+
+
+class UserError(Exception):
+    """A problem the user can fix (missing file, wrong path, bad data). Printed without a traceback."""
+
+
+def setup_logging(level=logging.INFO) -> None:
+    if not log.handlers:
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"))
+        log.addHandler(h)
+    log.setLevel(level)
+    log.propagate = False
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with what the running part had saved at that moment (``note``)."""
+
+    def __init__(self, note: str = ""):
+        super().__init__(note)
+        self.note = note
+
+
+@contextlib.contextmanager
+def on_interrupt(note: Callable[[], str]):
+    """While the block runs, Ctrl-C ends the script with ``note()`` (evaluated when it happens) after
+    "interrupted:"."""
+    try:
+        yield
+    except Interrupted:
+        raise
+    except KeyboardInterrupt:
+        try:
+            text = note()
+        except Exception as e:  # the note must never hide the interrupt itself; say that it failed
+            text = f"(could not say what was saved: {type(e).__name__}: {e})"
+        raise Interrupted(text) from None
+
+
+def interrupt_message(e: BaseException) -> str:
+    note = getattr(e, "note", "")
+    return f"interrupted: {note}" if note else "interrupted"
+
+
+def run_main(main: Callable[[list[str] | None], int], argv=None) -> int:
+    """Run a script's main(argv); turn user errors into one clear message and exit code 2 (a full disk too, as a
+    message naming the file; Ctrl-C: exit code 130 and what was saved)."""
+    setup_logging()
+    try:
+        return main(argv)
+    except UserError as e:  # ConfigError (lora.config) is a UserError too
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: {disk_full_message(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:  # (an Interrupted says what was saved and how to continue)
+        print(interrupt_message(e), file=sys.stderr)
+        return 130
+
+
+# --------------------------------------------------------------------------------------------
+# Output folders and free space
+# --------------------------------------------------------------------------------------------
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def disk_full_message(e: OSError, need: str = "") -> str:
+    where = f" while writing {e.filename}" if e.filename else ""
+    return (f"The disk is full{where} ({e.strerror}). Free some space{f' ({need})' if need else ''} and run the "
+            f"same command again; what was finished and saved is kept.")
+
+
+def human_seconds(s: float) -> str:
+    s = float(s)
+    if s < 60:
+        return f"{s:.1f} s"
+    if s < 3600:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.2f} h"
+
+
+def process_start_time() -> float:
+    """When this process started (time.time() scale): from /proc on Linux (the interpreter's own start-up
+    included, to 10 ms), else when this module was first imported."""
+    try:
+        ticks = os.sysconf("SC_CLK_TCK")
+        with open("/proc/self/stat", encoding="ascii") as fh:
+            start_ticks = int(fh.read().rsplit(")", 1)[1].split()[19])  # field 22 (starttime), after "(comm)"
+        with open("/proc/uptime", encoding="ascii") as fh:
+            uptime = float(fh.read().split()[0])
+    except (OSError, ValueError, IndexError):  # not Linux: the import time is the nearest clock
+        return _IMPORTED
+    return min(_IMPORTED, time.time() - (uptime - start_ticks / ticks))
+
+
+_IMPORTED = time.time()

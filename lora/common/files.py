@@ -1,0 +1,156 @@
+"""Files and folders: atomic writes (temp file + fsync + rename, so a crash never leaves a half-written file
+that looks complete), inter-process locks, free-space checks and the check of an output folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from lora.common.cli import UserError, human_bytes
+
+
+def free_bytes(path: str | os.PathLike) -> int:
+    """Free space of the disk that holds ``path`` (or its nearest existing parent)."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def check_free_space(path: str | os.PathLike, need_bytes: float, what: str) -> None:
+    """UserError when the disk of ``path`` has less than ``need_bytes`` free (``what`` says what needs it)."""
+    free = free_bytes(path)
+    if free < need_bytes:
+        raise UserError(f"Not enough free disk space in {path}: {what} needs about {human_bytes(need_bytes)}, "
+                        f"{human_bytes(free)} are free. Free some space, or choose an output folder on another disk.")
+
+
+def check_output_dir(path: str | os.PathLike, flag: str) -> Path:
+    """The folder a script will write into, checked once before any work: no file in the way, and the folder (or,
+    while it does not exist, the nearest existing folder above it) writable. UserError naming the path and ``flag``
+    otherwise. Nothing is created or changed (a probe file is made and removed at once)."""
+    p = Path(path)
+    existing = next(q for q in [p, *p.parents] if q.exists() or q == q.parent)
+    if not existing.is_dir():
+        raise UserError(f"{flag} {p}: {existing} is a file, not a folder. Choose another {flag}.")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        where = "" if existing == p else f" (it would be made in {existing})"
+        raise UserError(f"{flag} {p} is not writable{where}: {e.strerror} (a read-only disk, or no permission). "
+                        f"Choose a folder you can write to.") from None
+    return p
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike):
+    """An exclusive inter-process lock on ``path`` (fcntl; a no-op where fcntl does not exist)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: callers only use it to avoid doing work twice (atomic renames keep it safe)
+        yield
+        return
+    with open(path, "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+# --------------------------------------------------------------------------------------------
+# Atomic writes: write to a temporary file in the same folder, fsync, then rename over the target.
+# A crash leaves either the old file or none, never a half-written one.
+# --------------------------------------------------------------------------------------------
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str | None = None):
+    """Yield a temporary path next to ``path``; on success it is renamed to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or (path.suffix + ".tmp"), dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes owner-only files; give the usual permissions
+    try:
+        yield tmp
+        fsync_file(tmp)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)  # the rename itself survives a power loss
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def atomic_write_json(path: str | os.PathLike, obj) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush a file's data to the disk (so a power loss cannot leave it truncated after a rename)."""
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flush a folder's entries (new names, renames) to the disk; a no-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):  # (file systems that cannot sync a folder)
+            raise
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike):
+    """Yield a temporary folder next to ``path``; on success it replaces ``path`` as a whole. Durable: every file in
+    it and the folder itself are flushed to the disk before the rename, and the parent after it, so once this
+    returns the folder survives a power loss whole (or, before, the old one stays)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    try:
+        yield tmp
+        for root, _, files in os.walk(tmp):
+            for name in files:
+                fsync_file(Path(root) / name)
+            fsync_dir(root)
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

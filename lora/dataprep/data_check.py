@@ -1,0 +1,163 @@
+"""The data check: is a data folder (clips + metadata.json) ready for training?
+
+``check_data_dir`` checks every clip listed in the metadata (file present and readable, sample rate,
+channels, duration against the metadata, empty captions, duplicate ids/files/audio, train/valid leakage of a
+recording) and returns a ``DataSummary`` whose ``text()`` is the printed summary (clips per split, hours, a
+``duration_histogram``, caption statistics, warnings, problems). Problems fail the check; warnings do not.
+Shared by ``prepare_data.py`` (``--validate``, and the check after preparing) and ``test_dataset.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from lora.common.cli import human_seconds
+from lora.dataprep import audio as A
+from lora.dataset import SPLITS, ClipRecord, load_metadata, metadata_path
+
+
+class DataSummary:
+    """What check_data_dir found: the records, sample rate and channels, problems (fail) and warnings."""
+
+    def __init__(self, data_dir: Path, mpath: Path):
+        self.data_dir, self.mpath = data_dir, mpath
+        self.problems: list[str] = []
+        self.warnings: list[str] = []
+        self.records: list[ClipRecord] = []
+        self.sample_rate: Optional[int] = None
+        self.channels: Optional[int] = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def text(self) -> str:
+        lines = [f"Data folder: {self.data_dir}  (metadata: {self.mpath.name})"]
+        recs = self.records
+        if recs:
+            for s in SPLITS:
+                rs = [r for r in recs if r.split == s]
+                lines.append(f"  {s:5s}: {len(rs):5d} clips, {human_seconds(sum(r.duration for r in rs)):>9s}, "
+                             f"{len({r.source or r.id for r in rs})} recordings")
+            total = sum(r.duration for r in recs)
+            lines.append(f"  total: {len(recs):5d} clips, {total / 3600:.3f} h; "
+                         f"{self.sample_rate or '?'} Hz, {self.channels or '?'} channel(s)")
+            lines.append("  clip durations (s):")
+            lines += ["    " + ln for ln in duration_histogram([r.duration for r in recs])]
+            words = np.array([len(r.text.split()) for r in recs])
+            lines.append(f"  caption words: min {words.min()}, median {int(np.median(words))}, max {words.max()}; "
+                         f"empty {int((words == 0).sum())}; distinct captions {len({r.text for r in recs})}")
+        for w in self.warnings[:20]:
+            lines.append(f"  warning: {w}")
+        if len(self.warnings) > 20:
+            lines.append(f"  ... and {len(self.warnings) - 20} more warnings")
+        if self.problems:
+            lines.append(f"PROBLEMS ({len(self.problems)}):")
+            lines += [f"  - {p}" for p in self.problems[:50]]
+            if len(self.problems) > 50:
+                lines.append(f"  ... and {len(self.problems) - 50} more")
+        else:
+            lines.append("Data check: OK")
+        return "\n".join(lines)
+
+
+def duration_histogram(durations, width: int = 40) -> list[str]:
+    """Text bars of clip durations, bins (lo, hi] seconds, from the first to the last non-empty bin."""
+    edges = [0, 1, 2, 5, 10, 15, 20, 25, 30, 60, math.inf]
+    # bins (lo, hi]: a 30 s clip counts as 25-30
+    idx = np.clip(np.searchsorted(np.array(edges), np.asarray(durations, dtype=float), side="left") - 1, 0,
+                  len(edges) - 2)
+    counts = np.bincount(idx, minlength=len(edges) - 1)
+    nz = np.flatnonzero(counts)
+    if nz.size == 0:
+        return ["(no clips)"]
+    top = counts.max()
+    out = []
+    for i in range(nz[0], nz[-1] + 1):
+        hi = "inf" if edges[i + 1] == math.inf else f"{edges[i + 1]:g}"
+        bar = "#" * max(1 if counts[i] else 0, int(round(width * counts[i] / top)))
+        out.append(f"{edges[i]:>3g}-{hi:<4s} {bar} {counts[i]}")
+    return out
+
+
+def check_data_dir(data_dir, metadata_file: str = "metadata.json", *, sample_rate: Optional[int] = None,
+                   hash_content: bool = True, tolerance: float = 0.05) -> DataSummary:
+    """Check every clip of a data folder: readable, sample rate, channels, duration vs metadata, captions,
+    duplicates, split leakage. Problems fail the check; warnings do not."""
+    import soundfile as sf
+
+    data_dir = Path(data_dir)
+    mpath = metadata_path(data_dir, metadata_file)
+    s = DataSummary(data_dir, mpath)
+    s.records = load_metadata(data_dir, metadata_file, check_files=False)
+    try:
+        doc = json.loads(mpath.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        doc = {}
+    meta = doc if isinstance(doc, dict) else {}
+    s.sample_rate = meta.get("sample_rate") or sample_rate
+    s.channels = meta.get("channels")
+    if sample_rate and meta.get("sample_rate") and meta["sample_rate"] != sample_rate:
+        s.problems.append(f"{mpath.name} says sample_rate {meta['sample_rate']}, the config expects {sample_rate}; "
+                          f"prepare the data again with --sample_rate {sample_rate}")
+    if not s.records:
+        s.problems.append(f"{mpath} lists no clips")
+        return s
+    ids, paths, hashes = Counter(), Counter(), defaultdict(list)
+    for r in s.records:
+        ids[r.id] += 1
+        paths[str(r.path)] += 1
+        where = f"{r.audio}"
+        if not r.path.is_file():
+            s.problems.append(f"{where}: file missing")
+            continue
+        try:
+            info = sf.info(str(r.path))
+        except (sf.LibsndfileError, RuntimeError) as e:
+            s.problems.append(f"{where}: unreadable ({str(e).splitlines()[0]})")
+            continue
+        if s.sample_rate and info.samplerate != s.sample_rate:
+            s.problems.append(f"{where}: {info.samplerate} Hz, expected {s.sample_rate} Hz")
+        if s.channels and info.channels != s.channels:
+            s.problems.append(f"{where}: {info.channels} channel(s), expected {s.channels}")
+        dur = info.frames / info.samplerate
+        if r.duration and abs(dur - r.duration) > tolerance:
+            s.problems.append(f"{where}: {dur:.2f} s long, metadata says {r.duration:.2f} s")
+        if info.frames == 0:
+            s.problems.append(f"{where}: empty file")
+        if not r.text:
+            s.warnings.append(f"{where}: empty caption (only trains the unconditional branch)")
+        if hash_content:
+            hashes[A.file_hash(r.path)].append(r.audio)
+    for k, n in ids.items():
+        if n > 1:
+            s.problems.append(f"id {k} appears {n} times")
+    for k, n in paths.items():
+        if n > 1:
+            s.problems.append(f"audio file {k} is listed {n} times")
+    for same in hashes.values():
+        if len(same) > 1:
+            s.warnings.append(f"identical audio: {', '.join(same[:5])}")
+    by_split = defaultdict(set)
+    for r in s.records:
+        if r.source:
+            by_split[r.split].add(r.source)
+    leak = by_split["train"] & by_split["valid"]
+    if leak:
+        s.problems.append(f"{len(leak)} recording(s) have clips in both train and valid (leakage), e.g. "
+                          f"{sorted(leak)[0]}; re-run prepare_data.py to split by recording")
+    n_train = sum(r.split == "train" for r in s.records)
+    n_valid = len(s.records) - n_train
+    if n_train == 0:
+        s.problems.append("no train clips")
+    if n_valid == 0:
+        s.warnings.append("no valid clips: training cannot measure held-out loss (set valid_fraction > 0)")
+    if n_train and n_train < 50:
+        s.warnings.append(f"only {n_train} train clips; 50-100 is a minimum for a real style, 200-500 recommended")
+    return s

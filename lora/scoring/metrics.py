@@ -1,0 +1,584 @@
+"""Evaluation metrics: pure functions on arrays, used by evaluate.py (no model loading here).
+
+* Distribution distances between embedding sets: Fréchet distance (FAD) computed stably in float64 via
+  a symmetric eigendecomposition, and Kernel Audio Distance (KAD, unbiased MMD² as in Chung et al. 2025,
+  "KAD: No More FAD!", kadtk: Gaussian RBF kernel with the median-distance bandwidth, scale ×100; or the
+  cubic polynomial kernel of KID).
+* Held-out likelihood: a paired cluster bootstrap confidence interval for the difference between two models on the
+  same clips, resampling whole recordings (their per-clip cross-entropy is the model family's one loss,
+  lora.modeling.musicgen.codebook_loss).
+* Bootstrap of FAD / KAD over the generated clips: each resample's distance from per-clip sufficient statistics
+  (FAD) or per-clip kernel block sums (KAD), so both models can be scored on the same resamples cheaply.
+* Signal checks for generated audio (NaN/Inf, clipping, DC offset, loudness, silence, flatness).
+* Loudness normalisation and librosa feature embeddings (log-mel, MFCC, chroma).
+* Diversity (mean pairwise embedding distance across prompts / across seeds).
+* CLAP helpers: resample to 48 kHz and cut fixed 10-second windows; text–audio cosine scores.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+
+# --------------------------------------------------------------------------------------------
+# Fréchet distance
+# --------------------------------------------------------------------------------------------
+
+
+def embedding_statistics(emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and (unbiased) covariance of an (n, d) embedding matrix, in float64."""
+    x = np.asarray(emb, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"need an (n>=2, d) embedding matrix, got shape {x.shape}")
+    mu = x.mean(axis=0)
+    sigma = np.cov(x, rowvar=False)
+    return mu, np.atleast_2d(sigma)
+
+
+def _sym_sqrt(a: np.ndarray) -> np.ndarray:
+    """Square root of a symmetric positive semi-definite matrix via eigh (negative eigenvalues clamped)."""
+    a = (a + a.T) / 2.0
+    w, v = np.linalg.eigh(a)
+    w = np.clip(w, 0.0, None)
+    return (v * np.sqrt(w)) @ v.T
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2).
+
+    d² = |mu1 - mu2|² + tr(sigma1) + tr(sigma2) - 2 tr( (sigma1^½ sigma2 sigma1^½)^½ )
+
+    The cross term is computed with symmetric eigendecompositions in float64 (never scipy.linalg.sqrtm,
+    whose complex/non-symmetric path is unstable for the rank-deficient covariances small sets produce).
+    """
+    mu1 = np.asarray(mu1, dtype=np.float64).ravel()
+    mu2 = np.asarray(mu2, dtype=np.float64).ravel()
+    s1 = np.atleast_2d(np.asarray(sigma1, dtype=np.float64))
+    s2 = np.atleast_2d(np.asarray(sigma2, dtype=np.float64))
+    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
+        raise ValueError(f"shape mismatch: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}")
+    r1 = _sym_sqrt(s1)
+    m = r1 @ ((s2 + s2.T) / 2.0) @ r1
+    m = (m + m.T) / 2.0
+    w = np.clip(np.linalg.eigvalsh(m), 0.0, None)
+    tr_covmean = float(np.sum(np.sqrt(w)))
+    diff = mu1 - mu2
+    d = float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean)
+    return max(d, 0.0)
+
+
+def frechet_audio_distance(x: np.ndarray, y: np.ndarray) -> float:
+    """FAD between two sets of (frame) embeddings, each (n, d)."""
+    return frechet_distance(*embedding_statistics(x), *embedding_statistics(y))
+
+
+# --------------------------------------------------------------------------------------------
+# Kernel Audio Distance (unbiased MMD²)
+# --------------------------------------------------------------------------------------------
+KAD_SCALE = 100.0  # kadtk reports MMD² × 100
+
+
+def _sq_dists(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    aa = np.sum(a * a, axis=1)[:, None]
+    bb = np.sum(b * b, axis=1)[None, :]
+    return np.maximum(aa + bb - 2.0 * a @ b.T, 0.0)
+
+
+def median_pairwise_distance(x: np.ndarray) -> float:
+    x = np.asarray(x, dtype=np.float64)
+    d = np.sqrt(_sq_dists(x, x)[np.triu_indices(len(x), k=1)])
+    return float(np.median(d)) if d.size else 0.0
+
+
+def kernel_audio_distance(x: np.ndarray, y: np.ndarray, *, kernel: str = "rbf", bandwidth: Optional[float] = None,
+                          scale: float = KAD_SCALE) -> dict:
+    """Unbiased MMD² between embedding sets x (n, d) and y (m, d) (y = the reference set).
+
+    kernel "rbf": k(a, b) = exp(-|a-b|² / (2 h²)), h = median pairwise distance of y unless given (KAD paper,
+    kadtk). kernel "poly": k(a, b) = (a·b / d + 1)³ (KID). The unbiased estimator can be slightly negative
+    for samples of one distribution; it is returned as is (clamping would bias it). Returns
+    {"value": scale × MMD², "kernel", "bandwidth", "n_x", "n_y"}.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    n, m = len(x), len(y)
+    if n < 2 or m < 2 or x.ndim != 2 or y.shape[1:] != x.shape[1:]:
+        raise ValueError(f"need two (n>=2, d) sets with the same d, got {x.shape} and {y.shape}")
+    if kernel == "rbf":
+        h = float(bandwidth) if bandwidth is not None else median_pairwise_distance(y)
+        if not np.isfinite(h) or h < 1e-12:
+            h = 1.0
+        gamma = 1.0 / (2.0 * h * h)
+
+        def k(a, b):
+            return np.exp(-gamma * _sq_dists(a, b))
+    elif kernel == "poly":
+        h = None
+        dim = x.shape[1]
+
+        def k(a, b):
+            return (a @ b.T / dim + 1.0) ** 3
+    else:
+        raise ValueError(f"unknown kernel {kernel!r}: use 'rbf' or 'poly'")
+    kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
+    mmd = ((kxx.sum() - np.trace(kxx)) / (n * (n - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+           - 2.0 * kxy.mean())
+    return {"value": float(scale * mmd), "kernel": kernel, "bandwidth": h, "n_x": n, "n_y": m}
+
+
+def subsample_index(n: int, max_rows: int, seed: int = 0) -> np.ndarray:
+    """Indices of at most max_rows of n rows, chosen deterministically (without replacement), in order."""
+    if n <= max_rows:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=max_rows, replace=False))
+
+
+def subsample_rows(x: np.ndarray, max_rows: int, seed: int = 0) -> np.ndarray:
+    """At most max_rows rows of x, chosen deterministically (without replacement)."""
+    x = np.asarray(x)
+    return x[subsample_index(len(x), max_rows, seed)]
+
+
+# --------------------------------------------------------------------------------------------
+# Held-out likelihood (the per-clip cross-entropy itself is the model family's one loss: lora.modeling.musicgen.codebook_loss)
+# --------------------------------------------------------------------------------------------
+def _cluster_ids(clusters, n: int) -> tuple[np.ndarray, int]:
+    """Integer ids 0..G-1 of each item's cluster (first-seen order); None, or a None entry, = an item of its own."""
+    if clusters is None:
+        return np.arange(n), n
+    keys = list(clusters)
+    if len(keys) != n:
+        raise ValueError(f"clusters must name one cluster per item: {len(keys)} for {n} items")
+    ids: dict = {}
+    idx = [ids.setdefault(("item", i) if k is None else ("key", k), len(ids)) for i, k in enumerate(keys)]
+    return np.asarray(idx, dtype=np.int64), len(ids)
+
+
+def paired_bootstrap_ci(base: Sequence[float], other: Sequence[float], weights: Optional[Sequence[float]] = None, *,
+                        clusters: Optional[Sequence] = None, n_boot: int = 2000, confidence: float = 0.95,
+                        seed: int = 0) -> dict:
+    """Paired (cluster) bootstrap for mean(other) - mean(base), e.g. per-clip CE of LoRA minus base.
+
+    base[i] and other[i] are the same item (clip) under two models. With weights (e.g. tokens per clip) the
+    means are weighted means, resampled together, so the estimate equals the token-level mean difference.
+    With ``clusters`` (one key per item, e.g. the recording a clip was cut from; None = an item of its own) whole
+    clusters are resampled: items of one cluster are not independent, and resampling them one by one gives an
+    interval too narrow by up to the square root of the items per cluster. Without clusters every item is its own
+    cluster (the plain paired bootstrap, the same draws).
+    Returns {"diff", "ci_low", "ci_high", "confidence", "n", "n_clusters", "n_boot", "p_two_sided"} where n counts
+    items, n_clusters the units resampled, and p_two_sided is the bootstrap share of resamples on the other side
+    of zero (x2, capped at 1).
+    """
+    a = np.asarray(base, dtype=np.float64)
+    b = np.asarray(other, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1 or a.size == 0:
+        raise ValueError(f"paired samples must be two equal-length 1-D sequences, got {a.shape} and {b.shape}")
+    w = np.ones_like(a) if weights is None else np.asarray(weights, dtype=np.float64)
+    if w.shape != a.shape:
+        raise ValueError("weights must match the samples")
+    d = b - a
+    diff = float(np.sum(w * d) / np.sum(w))
+    cid, g = _cluster_ids(clusters, a.size)
+    cw = np.bincount(cid, weights=w, minlength=g)          # weight of each cluster
+    cwd = np.bincount(cid, weights=w * d, minlength=g)     # weighted difference summed over the cluster
+    rng = np.random.default_rng(seed)
+    out = np.empty(n_boot)
+    chunk = max(1, 2_000_000 // max(g, 1))
+    for start in range(0, n_boot, chunk):
+        stop = min(n_boot, start + chunk)
+        idx = rng.integers(0, g, size=(stop - start, g))
+        out[start:stop] = np.sum(cwd[idx], axis=1) / np.sum(cw[idx], axis=1)
+    res = percentile_interval(out, diff, confidence)
+    return {"diff": diff, "ci_low": res["ci_low"], "ci_high": res["ci_high"], "confidence": confidence,
+            "n": int(a.size), "n_clusters": int(g), "n_boot": int(n_boot), "p_two_sided": res["p_two_sided"]}
+
+
+def percentile_interval(boot: np.ndarray, point: float, confidence: float = 0.95) -> dict:
+    """Percentile interval of bootstrap replicates of a difference, whether it excludes 0, and the two-sided
+    bootstrap p (twice the share of replicates on the other side of 0 from the point estimate, capped at 1)."""
+    boot = np.asarray(boot, dtype=np.float64)
+    boot = boot[np.isfinite(boot)]
+    if boot.size == 0:
+        return {"diff": float(point), "ci_low": None, "ci_high": None, "confidence": confidence, "n_boot": 0,
+                "excludes_zero": False, "p_two_sided": None}
+    alpha = 1.0 - confidence
+    lo, hi = (float(v) for v in np.quantile(boot, [alpha / 2, 1 - alpha / 2]))
+    if point > 0:
+        p = 2 * np.mean(boot <= 0)
+    elif point < 0:
+        p = 2 * np.mean(boot >= 0)
+    else:
+        p = 1.0
+    return {"diff": float(point), "ci_low": lo, "ci_high": hi, "confidence": confidence, "n_boot": int(boot.size),
+            "excludes_zero": bool(hi < 0 or lo > 0), "p_two_sided": float(min(1.0, p))}
+
+
+# --------------------------------------------------------------------------------------------
+# Bootstrap of set distances over the generated clips (FAD / KAD of a resample, both models on the same one)
+# --------------------------------------------------------------------------------------------
+def bootstrap_counts(n: int, n_boot: int, seed: int = 0) -> np.ndarray:
+    """(n_boot, n) multiplicities: row b says how often each of n items is drawn in resample b (n draws with
+    replacement)."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(n_boot, n))
+    counts = np.zeros((n_boot, n), dtype=np.int64)
+    np.add.at(counts, (np.repeat(np.arange(n_boot), n), idx.ravel()), 1)
+    return counts
+
+
+def frechet_bootstrap(clips: Sequence[np.ndarray], reference: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """FAD between the frames of each resample of ``clips`` (rows of ``counts``: how often each clip is drawn; a
+    clip's frames enter as often as it is drawn) and the fixed reference frames. One value per resample.
+
+    Per-clip sums and outer products make each resample O(clips x d²) plus one d x d eigendecomposition; the
+    reference's covariance root is computed once."""
+    c = np.asarray(counts, dtype=np.float64)
+    frames = [np.asarray(x, dtype=np.float64) for x in clips]
+    centre = np.concatenate(frames).mean(axis=0)
+    n_i = np.array([len(x) for x in frames], dtype=np.float64)
+    s_i = np.stack([(x - centre).sum(axis=0) for x in frames])
+    q_i = np.stack([(x - centre).T @ (x - centre) for x in frames])
+    mu_r, sig_r = embedding_statistics(reference)
+    root = _sym_sqrt(sig_r)
+    b, dim = c.shape[0], s_i.shape[1]
+    n = c @ n_i                                              # frames per resample
+    mean = (c @ s_i) / n[:, None]                            # centred
+    cov = (c @ q_i.reshape(len(frames), -1)).reshape(b, dim, dim)
+    cov -= n[:, None, None] * mean[:, :, None] * mean[:, None, :]
+    cov /= np.maximum(n - 1, 1)[:, None, None]
+    # root @ cov_b @ root for every b as two plain matrix products (numpy's broadcast matmul is far slower here)
+    half = (cov.reshape(b * dim, dim) @ root).reshape(b, dim, dim)
+    m = (np.swapaxes(half, 1, 2).reshape(b * dim, dim) @ root).reshape(b, dim, dim)  # (root cov root)^T, symmetric
+    tr_covmean = np.array([np.sqrt(np.clip(np.linalg.eigvalsh((mb + mb.T) / 2), 0, None)).sum() for mb in m])
+    dmu = mean + centre - mu_r
+    d = np.sum(dmu * dmu, axis=1) + np.trace(sig_r) + np.trace(cov, axis1=1, axis2=2) - 2 * tr_covmean
+    return np.maximum(d, 0.0)
+
+
+def kernel_bootstrap(clips: Sequence[np.ndarray], reference: np.ndarray, counts: np.ndarray, *, kernel: str = "rbf",
+                     max_rows: Optional[int] = None, scale: float = KAD_SCALE) -> np.ndarray:
+    """KAD (unbiased MMD² x scale) of each resample of ``clips`` against the fixed reference, as
+    kernel_audio_distance computes it on the concatenated frames (the same subsample of at most ``max_rows`` rows
+    per set, seed 0, the same bandwidth): with all counts 1 it returns that value. Pairs of a frame with a copy of
+    itself (a clip drawn more than once) are left out of the within-set term, as the diagonal is."""
+    x = np.concatenate([np.asarray(v, dtype=np.float64) for v in clips])
+    label = np.concatenate([np.full(len(v), i) for i, v in enumerate(clips)])
+    y = np.asarray(reference, dtype=np.float64)
+    if max_rows is not None:
+        keep = subsample_index(len(x), max_rows)
+        x, label = x[keep], label[keep]
+        y = y[subsample_index(len(y), max_rows)]
+    if kernel == "rbf":
+        h = median_pairwise_distance(y)
+        h = h if np.isfinite(h) and h >= 1e-12 else 1.0
+        k = lambda a, b: np.exp(-_sq_dists(a, b) / (2.0 * h * h))  # noqa: E731
+    elif kernel == "poly":
+        k = lambda a, b: (a @ b.T / x.shape[1] + 1.0) ** 3  # noqa: E731
+    else:
+        raise ValueError(f"unknown kernel {kernel!r}: use 'rbf' or 'poly'")
+    g = len(clips)
+    onehot = np.zeros((len(x), g))
+    onehot[np.arange(len(x)), label] = 1.0
+    kxx = k(x, x)
+    block = onehot.T @ kxx @ onehot                          # kernel summed over frames of clip i x clip j
+    diag = onehot.T @ np.diag(kxx)                           # k(f, f) summed over the frames of clip i
+    n_i = onehot.sum(axis=0)
+    kxy = onehot.T @ k(x, y).sum(axis=1)                     # kernel to every reference frame, per clip
+    kyy = k(y, y)
+    m = len(y)
+    yy = (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+    c = np.asarray(counts, dtype=np.float64)
+    n = c @ n_i
+    with np.errstate(invalid="ignore", divide="ignore"):  # a resample of one single-row clip has no pairs: NaN
+        xx = (np.einsum("bi,ij,bj->b", c, block, c) - (c * c) @ diag) / (n * n - (c * c) @ n_i)
+    xy = (c @ kxy) / (n * m)
+    return scale * (xx + yy - 2.0 * xy)
+
+
+# --------------------------------------------------------------------------------------------
+# Signal checks
+# --------------------------------------------------------------------------------------------
+@dataclass
+class SignalThresholds:
+    clip_level: float = 0.999  # |x| at or above this counts as a clipped sample
+    max_clip_fraction: float = 0.001  # more clipped samples than this = "clipping"
+    max_dc_offset: float = 0.05  # |mean| above this = "dc_offset"
+    silence_db: float = -60.0  # frames (and whole clips) below this RMS level (dBFS) are silent
+    max_silent_fraction: float = 0.5  # more silent frames than this = "mostly_silent"
+    frame_seconds: float = 0.05
+
+
+CHECK_FAILURES = ("non_finite", "silent", "clipping", "dc_offset", "mostly_silent")
+
+
+def _db(x: float) -> float:
+    return float(20.0 * math.log10(x)) if x > 0 else float("-inf")
+
+
+def _as_channels_first(wav) -> np.ndarray:
+    x = np.asarray(wav, dtype=np.float64)
+    if x.ndim == 1:
+        x = x[None]
+    if x.ndim != 2:
+        raise ValueError(f"audio must be (samples,) or (channels, samples), got shape {x.shape}")
+    return x
+
+
+def integrated_loudness(wav, sample_rate: int) -> float:
+    """ITU-R BS.1770 integrated loudness (LUFS) with pyloudnorm; -inf for silence, nan when shorter than 0.4 s."""
+    import pyloudnorm
+
+    x = _as_channels_first(wav)
+    if x.shape[1] < int(0.4 * sample_rate) + 1:
+        return float("nan")
+    meter = pyloudnorm.Meter(sample_rate)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pyloudnorm warns on possible clipping; reported separately
+        return float(meter.integrated_loudness(x.T if x.shape[0] > 1 else x[0]))
+
+
+def signal_checks(wav, sample_rate: int, thresholds: SignalThresholds = SignalThresholds()) -> dict:
+    """Health of one clip (channels, samples) or (samples,). Returns the measurements and a list of failures."""
+    t = thresholds
+    x = _as_channels_first(wav)
+    finite = bool(np.all(np.isfinite(x)))
+    res: dict = {"duration_s": x.shape[1] / sample_rate, "finite": finite}
+    if not finite:
+        res["non_finite_fraction"] = float(np.mean(~np.isfinite(x)))
+        res["failures"] = ["non_finite"]
+        return res
+    mono = x.mean(axis=0)
+    peak = float(np.max(np.abs(x))) if x.size else 0.0
+    rms = float(np.sqrt(np.mean(x ** 2))) if x.size else 0.0
+    hop = max(1, int(t.frame_seconds * sample_rate))
+    n_frames = max(1, len(mono) // hop)
+    frames = mono[: n_frames * hop].reshape(n_frames, -1) if len(mono) >= hop else mono[None]
+    frame_db = 10.0 * np.log10(np.mean(frames ** 2, axis=1) + 1e-20)
+    silent = frame_db < t.silence_db
+    trailing = 0
+    for s in silent[::-1]:
+        if not s:
+            break
+        trailing += 1
+    res.update(
+        peak=peak,
+        peak_dbfs=_db(peak),
+        clip_fraction=float(np.mean(np.abs(x) >= t.clip_level)),
+        dc_offset=float(np.max(np.abs(x.mean(axis=1)))),
+        rms_dbfs=_db(rms),
+        lufs=integrated_loudness(x, sample_rate),
+        silent_fraction=float(np.mean(silent)),
+        trailing_silence_s=trailing * hop / sample_rate,
+        spectral_flatness=spectral_flatness(mono, sample_rate),
+    )
+    failures = []
+    if rms == 0.0 or res["rms_dbfs"] < t.silence_db:
+        failures.append("silent")
+    if res["clip_fraction"] > t.max_clip_fraction:
+        failures.append("clipping")
+    if res["dc_offset"] > t.max_dc_offset:
+        failures.append("dc_offset")
+    if "silent" not in failures and res["silent_fraction"] > t.max_silent_fraction:
+        failures.append("mostly_silent")
+    res["failures"] = failures
+    return res
+
+
+def spectral_flatness(mono: np.ndarray, sample_rate: int) -> float:
+    """Mean spectral flatness (0 = tonal, 1 = white noise) over non-silent frames (librosa)."""
+    import librosa
+
+    y = np.asarray(mono, dtype=np.float32)
+    if len(y) < 2048 or not np.any(y):
+        return float("nan")
+    flat = librosa.feature.spectral_flatness(y=y, n_fft=2048, hop_length=512)[0]
+    rms = librosa.feature.rms(y=y, frame_length=2048, hop_length=512)[0]
+    keep = rms > 1e-4
+    return float(np.mean(flat[keep])) if np.any(keep) else float("nan")
+
+
+def summarize_checks(checks: Sequence[dict]) -> dict:
+    """Failure rates and mean measurements over clips (non-finite values left out of the means)."""
+    n = len(checks)
+    out: dict = {"n": n, "n_failed": sum(1 for c in checks if c["failures"])}
+    out["failure_rate"] = out["n_failed"] / n if n else float("nan")
+    out["failure_rates"] = {f: (sum(1 for c in checks if f in c["failures"]) / n if n else float("nan"))
+                            for f in CHECK_FAILURES}
+    for key in ("peak", "clip_fraction", "dc_offset", "rms_dbfs", "lufs", "silent_fraction", "trailing_silence_s",
+                "spectral_flatness"):
+        vals = [c[key] for c in checks if key in c and np.isfinite(c[key])]
+        out[f"mean_{key}"] = float(np.mean(vals)) if vals else None
+        out[f"n_{key}"] = len(vals)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Loudness normalisation and librosa features
+# --------------------------------------------------------------------------------------------
+def loudness_normalize(wav, sample_rate: int, target_lufs: float = -23.0, max_peak: float = 0.99) -> np.ndarray:
+    """Gain a clip to target_lufs (BS.1770); then scale down if its peak would exceed max_peak.
+
+    Silent clips and clips too short to measure are returned unchanged (as float32).
+    """
+    x = _as_channels_first(wav)
+    lufs = integrated_loudness(x, sample_rate)
+    if np.isfinite(lufs):
+        x = x * (10.0 ** ((target_lufs - lufs) / 20.0))
+    peak = float(np.max(np.abs(x))) if x.size else 0.0
+    if peak > max_peak:
+        x = x * (max_peak / peak)
+    out = x.astype(np.float32)
+    return out if np.ndim(wav) == 2 else out[0]
+
+
+def librosa_frame_features(wav, sample_rate: int, *, n_mels: int = 64, n_mfcc: int = 20, n_fft: int = 2048,
+                           hop_length: int = 512) -> np.ndarray:
+    """Per-frame features (frames, n_mels + n_mfcc + 12): log-mel (dB), MFCC and chroma of the mono mix."""
+    import librosa
+
+    y = _as_channels_first(wav).mean(axis=0).astype(np.float32)
+    if len(y) < n_fft:
+        y = np.pad(y, (0, n_fft - len(y)))
+    mel = librosa.feature.melspectrogram(y=y, sr=sample_rate, n_fft=n_fft, hop_length=hop_length, n_mels=n_mels)
+    logmel = librosa.power_to_db(mel, ref=1.0, amin=1e-10, top_db=None)
+    mfcc = librosa.feature.mfcc(S=logmel, n_mfcc=n_mfcc)
+    chroma = librosa.feature.chroma_stft(S=np.abs(librosa.stft(y, n_fft=n_fft, hop_length=hop_length)) ** 2,
+                                         sr=sample_rate, n_fft=n_fft, hop_length=hop_length,
+                                         tuning=0.0)  # fixed A440 tuning: deterministic, no pitch tracking
+    t = min(logmel.shape[1], mfcc.shape[1], chroma.shape[1])
+    return np.concatenate([logmel[:, :t], mfcc[:, :t], chroma[:, :t]], axis=0).T.astype(np.float64)
+
+
+def clip_statistics(frames: np.ndarray) -> np.ndarray:
+    """One vector per clip: mean and standard deviation of its frame features."""
+    f = np.asarray(frames, dtype=np.float64)
+    return np.concatenate([f.mean(axis=0), f.std(axis=0)])
+
+
+def standardizer(reference: np.ndarray):
+    """An affine map z = (x - mean) / std fitted on reference rows (applied to every set alike)."""
+    ref = np.asarray(reference, dtype=np.float64)
+    mu = ref.mean(axis=0)
+    sd = ref.std(axis=0)
+    sd[sd < 1e-8] = 1.0
+    return lambda x: (np.asarray(x, dtype=np.float64) - mu) / sd
+
+
+# --------------------------------------------------------------------------------------------
+# Diversity
+# --------------------------------------------------------------------------------------------
+def mean_pairwise_cosine_distance(emb: np.ndarray) -> Optional[float]:
+    e = np.asarray(emb, dtype=np.float64)
+    if len(e) < 2:
+        return None
+    e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+    sim = e @ e.T
+    iu = np.triu_indices(len(e), k=1)
+    return float(np.mean(1.0 - sim[iu]))
+
+
+def diversity(clip_emb: np.ndarray, prompt_ids: Sequence[int], seed_ids: Sequence[int]) -> dict:
+    """Mean pairwise cosine distance of clip embeddings across prompts (same seed) and across seeds (same prompt).
+
+    A model that ignores its prompt has a small across-prompt value; a collapsed model (same output for every
+    seed) has an across-seed value near 0.
+    """
+    e = np.asarray(clip_emb, dtype=np.float64)
+    p = np.asarray(prompt_ids)
+    s = np.asarray(seed_ids)
+    across_p = [v for sd in np.unique(s) if (v := mean_pairwise_cosine_distance(e[s == sd])) is not None]
+    across_s = [v for pr in np.unique(p) if (v := mean_pairwise_cosine_distance(e[p == pr])) is not None]
+    return {
+        "across_prompts": float(np.mean(across_p)) if across_p else None, "n_across_prompts": len(across_p),
+        "across_seeds": float(np.mean(across_s)) if across_s else None, "n_across_seeds": len(across_s),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# CLAP
+# --------------------------------------------------------------------------------------------
+CLAP_SAMPLE_RATE = 48000
+
+
+def clap_windows(wav, sample_rate: int, *, target_rate: int = CLAP_SAMPLE_RATE, window_seconds: float = 10.0,
+                 min_fraction: float = 0.5) -> np.ndarray:
+    """Mono mix resampled to target_rate (soxr) and cut into fixed windows of window_seconds: (W, L) float32.
+
+    A tail shorter than min_fraction of a window is dropped (unless it is the only audio); the last kept
+    window is zero-padded to full length, so every window the CLAP model sees has the same duration.
+    """
+    import soxr
+
+    y = _as_channels_first(wav).mean(axis=0).astype(np.float32)
+    if sample_rate != target_rate:
+        y = soxr.resample(y, sample_rate, target_rate).astype(np.float32)
+    L = int(round(window_seconds * target_rate))
+    n_full, tail = divmod(len(y), L)
+    wins = [y[i * L:(i + 1) * L] for i in range(n_full)]
+    if tail and (tail >= min_fraction * L or n_full == 0):
+        wins.append(np.pad(y[n_full * L:], (0, L - tail)))
+    return np.stack(wins).astype(np.float32)
+
+
+def _features(out):
+    """transformers 5 returns an output object from get_*_features; older versions a tensor."""
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return out
+    return out.pooler_output
+
+
+def clap_scores(model, processor, texts: Sequence[str], wavs: Sequence, sample_rate: int, *, device="cpu",
+                window_seconds: float = 10.0, shuffle_seed: int = 0) -> dict:
+    """Cosine similarity between each text and its audio (mean of 10 s window embeddings, re-normalised).
+
+    Also returns a shuffled-prompt baseline: each audio scored against another item's text (a derangement),
+    which a model that follows its prompts should beat.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    model.eval()
+    # The feature extractor must match the model: fused models take 4 stacked mel views, others one.
+    fused = bool(getattr(getattr(model.config, "audio_config", None), "enable_fusion", False))
+    truncation = "fusion" if fused else "rand_trunc"
+    with torch.no_grad():
+        # Long captions are cut to what the text encoder can take (RoBERTa positions start after the pad id).
+        max_pos = int(getattr(getattr(model.config, "text_config", None), "max_position_embeddings", 514)) - 2
+        max_len = min(max_pos, int(getattr(processor.tokenizer, "model_max_length", max_pos) or max_pos))
+        tin = processor.tokenizer(list(texts), return_tensors="pt", padding=True, truncation=True,
+                                  max_length=max_len)
+        tin = {k: v.to(device) for k, v in tin.items()}
+        temb = F.normalize(_features(model.get_text_features(**tin)).float(), dim=-1)
+        aembs = []
+        for wav in wavs:
+            wins = clap_windows(wav, sample_rate, window_seconds=window_seconds)
+            ain = processor.feature_extractor(list(wins), sampling_rate=CLAP_SAMPLE_RATE, return_tensors="pt",
+                                             truncation=truncation, padding="repeatpad")
+            ain = {k: v.to(device) for k, v in ain.items()}
+            a = F.normalize(_features(model.get_audio_features(**ain)).float(), dim=-1).mean(dim=0)
+            aembs.append(F.normalize(a, dim=-1))
+        aemb = torch.stack(aembs)
+    sims = (aemb * temb).sum(-1).cpu().numpy().astype(np.float64)
+    n = len(texts)
+    out = {"scores": sims.tolist(), "mean": float(np.mean(sims)), "n": n}
+    if n >= 2:
+        rng = np.random.default_rng(shuffle_seed)
+        perm = rng.permutation(n)
+        while np.any(perm == np.arange(n)):  # a derangement: nobody keeps its own prompt
+            perm = rng.permutation(n)
+        shuf = (aemb * temb[torch.as_tensor(perm)]).sum(-1).cpu().numpy().astype(np.float64)
+        out["shuffled_mean"] = float(np.mean(shuf))
+    else:
+        out["shuffled_mean"] = None
+    return out
+
+
+def thresholds_dict(t: SignalThresholds = SignalThresholds()) -> dict:
+    return asdict(t)

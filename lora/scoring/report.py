@@ -1,0 +1,330 @@
+"""The evaluation report: a summary table (stdout + HTML), charts and spectrograms (matplotlib, Agg), report.html.
+
+report.html links its media with relative paths (audio/, spectrograms/, charts/ next to it), so the whole
+evaluation folder can be copied or zipped and still plays. Every piece of text that reaches the HTML goes
+through ``html.escape`` (captions and paths are user input).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import platform
+from pathlib import Path
+from typing import Optional, Sequence
+from urllib.parse import quote
+
+import numpy as np
+
+import lora
+from lora.common.files import atomic_write_text
+from lora.scoring.plots import MODEL_LABELS, get as _get, make_charts, training_curve
+
+# --------------------------------------------------------------------------------------------
+# Summary table
+# --------------------------------------------------------------------------------------------
+MIN_CLIPS_FOR_A_VERDICT = 2  # with fewer held-out clips no row names a better model (and with fewer recordings, no
+                             # held-out likelihood row: its interval resamples recordings)
+INTERVAL_KEYS = {  # summary row -> the interval of its LoRA - base difference in generation.intervals.metrics
+    "failed clips (share)": "failed_share",
+    "FAD (EnCodec latents)": "encodec.fad", "KAD ×100 (EnCodec)": "encodec.kad",
+    "FAD (librosa features)": "librosa.fad", "KAD ×100 (librosa)": "librosa.kad",
+    "KAD ×100 (librosa clip statistics)": "librosa.kad_clip_statistics",
+    "CLAP text-audio score": "clap",
+    "chroma similarity to the melody": "chroma",
+}
+
+
+def _ci_note(iv: dict, unit: str) -> str:
+    pct = int(round(100 * iv["confidence"]))
+    if iv.get("ci_low") is None:
+        return f"no {pct}% CI"
+    return f"Δ {pct}% CI [{_fmt(iv['ci_low'])}, {_fmt(iv['ci_high'])}], {unit}, {iv['n_boot']} resamples"
+
+
+def summary_rows(results: dict) -> list[dict]:
+    """Rows {metric, base, lora, delta, better, lower_is_better, note} for the models that were evaluated.
+
+    "better" names the model with the better value only where the evidence holds: with fewer than
+    MIN_CLIPS_FOR_A_VERDICT held-out clips every row says "too few clips"; the held-out cross-entropy says
+    "unclear" when its confidence interval holds 0 and "too few recordings" when fewer than
+    MIN_CLIPS_FOR_A_VERDICT recordings are held out; a generated-audio row (failure share, FAD, KAD, CLAP) names a
+    winner only when the paired bootstrap interval of its difference (generation.intervals) excludes 0, else (no
+    interval, or one that holds 0) "unclear".
+    """
+    models = results.get("models_evaluated", [])
+    rows: list[dict] = []
+    lk = results.get("likelihood") or {}
+    n_heldout = min((_get(lk, m, "n_clips") for m in models if _get(lk, m, "n_clips") is not None), default=None)
+    thin = n_heldout is not None and n_heldout < MIN_CLIPS_FOR_A_VERDICT
+    gen = results.get("generation") or {}
+    intervals = _get(gen, "intervals", "metrics") or {}
+
+    def add(metric, getter, lower_is_better: Optional[bool], note: str = ""):
+        vals = {m: getter(m) for m in ("base", "lora")}
+        if all(vals[m] is None for m in models):
+            return
+        row = {"metric": metric, "base": vals["base"] if "base" in models else None,
+               "lora": vals["lora"] if "lora" in models else None, "delta": None, "better": None,
+               "lower_is_better": lower_is_better, "note": note}
+        if row["base"] is not None and row["lora"] is not None:
+            row["delta"] = row["lora"] - row["base"]
+            if lower_is_better is not None and row["delta"] != 0:
+                row["better"] = "LoRA" if (row["delta"] < 0) == lower_is_better else "base"
+            elif lower_is_better is not None:
+                row["better"] = "same"
+            if metric in INTERVAL_KEYS:
+                _interval_verdict(row, intervals.get(INTERVAL_KEYS[metric]))
+            if thin and row["better"] is not None:
+                row["better"] = "too few clips"
+        rows.append(row)
+
+    _likelihood_rows(add, rows, lk)
+    sig = gen.get("signal") or {}
+    add("failed clips (share)", lambda m: _get(sig, m, "failure_rate"), True)
+    for space, label in (("encodec", "EnCodec"), ("librosa", "librosa")):
+        add(f"FAD ({label} latents)" if space == "encodec" else "FAD (librosa features)",
+            lambda m, s=space: _get(gen, "distances", m, s, "fad"), True)
+        add(f"KAD ×100 ({label})", lambda m, s=space: _get(gen, "distances", m, s, "kad", "value"), True)
+    add("KAD ×100 (librosa clip statistics)",
+        lambda m: _get(gen, "distances", m, "librosa", "kad_clip_statistics", "value"), True)
+    div = gen.get("diversity") or {}
+    add("diversity across prompts", lambda m: _get(div, m, "across_prompts"), None,
+        "higher = prompts lead to different music")
+    add("diversity across seeds", lambda m: _get(div, m, "across_seeds"), None, "near 0 = mode collapse")
+    clap = gen.get("clap") or {}
+    add("CLAP text-audio score", lambda m: _get(clap, m, "mean"), False)
+    add("CLAP shuffled-prompt baseline", lambda m: _get(clap, m, "shuffled_mean"), None)
+    mel = gen.get("melody") or {}
+    add("chroma similarity to the melody", lambda m: _get(mel, m, "mean"), False,
+        "melody models: how closely the output follows the given tune")
+    add("chroma similarity, shuffled melody (floor)", lambda m: _get(mel, m, "shuffled_mean"), None)
+    add("mean loudness (LUFS)", lambda m: _get(sig, m, "mean_lufs"), None)
+    return rows
+
+
+def _interval_verdict(row: dict, iv: Optional[dict]) -> None:
+    """A generated-audio row keeps its winner only when the interval of the difference excludes 0."""
+    if iv is None:
+        if row["better"] in ("LoRA", "base"):
+            row["better"] = "unclear"
+        row["note"] = "; ".join(x for x in (row["note"], "no interval of the difference") if x)
+        return
+    unit = f"n={iv.get('n_pairs')} (prompt, seed) pairs"
+    row["note"] = "; ".join(x for x in (row["note"], _ci_note(iv, unit)) if x)
+    if row["better"] in ("LoRA", "base") and not iv.get("excludes_zero"):
+        row["better"] = "unclear"
+
+
+def _likelihood_rows(add, rows: list, lk: dict) -> None:
+    """Held-out cross-entropy (with its cluster-bootstrap interval) and perplexity."""
+    diff = lk.get("difference")
+    note = ""
+    if diff:
+        pct = int(round(100 * diff["confidence"]))
+        n_clips = diff.get("n_clips", diff["n"])
+        n_rec = diff.get("n_recordings")
+        counts = f"n={n_clips} clips" + (f" from {n_rec} recordings" if n_rec is not None else "")
+        note = f"Δ {pct}% CI [{diff['ci_low']:+.4f}, {diff['ci_high']:+.4f}], {counts}"
+    add("held-out cross-entropy (nats)", lambda m: _get(lk, m, "ce"), True, note)
+    if diff and rows and rows[-1]["better"] in ("LoRA", "base"):
+        if diff.get("n_recordings") is not None and diff["n_recordings"] < MIN_CLIPS_FOR_A_VERDICT:
+            rows[-1]["better"] = "too few recordings"  # one recording: every resample is the same, width 0
+        elif diff["ci_low"] <= 0 <= diff["ci_high"]:
+            rows[-1]["better"] = "unclear"  # the interval holds 0: no evidence either way
+    ce_row = rows[-1] if rows and rows[-1]["metric"] == "held-out cross-entropy (nats)" else None
+    add("held-out perplexity", lambda m: _get(lk, m, "ppl"), True)
+    if ce_row is not None and rows[-1] is not ce_row and rows[-1]["better"] is not None:
+        rows[-1]["better"] = ce_row["better"]  # exp(CE): the same evidence, the same verdict
+
+
+def _fmt(v, digits: int = 4) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return str(v)
+        if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
+            return f"{v:.3e}"
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def format_table(rows: Sequence[dict]) -> str:
+    """A plain-text table: metric | base | LoRA | Δ | better?"""
+    header = ["metric", "base", "LoRA", "Δ", "better?"]
+    body = [[r["metric"], _fmt(r["base"]), _fmt(r["lora"]),
+             ("-" if r["delta"] is None else ("+" if r["delta"] > 0 else "") + _fmt(r["delta"])),
+             r["better"] or "-"] for r in rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *body)]
+    line = lambda cells: " | ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    out = [line(header), "-+-".join("-" * w for w in widths)] + [line(b) for b in body]
+    notes = [f"  {r['metric']}: {r['note']}" for r in rows if r.get("note")]
+    return "\n".join(out + (["notes:"] + notes if notes else []))
+
+
+# --------------------------------------------------------------------------------------------
+# HTML
+# --------------------------------------------------------------------------------------------
+def e(x) -> str:
+    """HTML-escape anything (quotes included, so it is safe in attributes too)."""
+    return html.escape(str(x), quote=True)
+
+
+def _src(rel: str) -> str:
+    return e(quote(rel))
+
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;max-width:1280px;color:#222}
+h1{font-size:22px} h2{font-size:18px;margin-top:28px;border-bottom:1px solid #ddd;padding-bottom:4px}
+table{border-collapse:collapse;font-size:13px;margin:8px 0} td,th{border:1px solid #ddd;padding:4px 8px;text-align:left}
+th{background:#f5f5f5} td.num{text-align:right;font-variant-numeric:tabular-nums}
+.better-LoRA{color:#0a7a32;font-weight:600} .better-base{color:#b0302a;font-weight:600}
+.prompt{border:1px solid #e3e3e3;border-radius:6px;padding:10px;margin:12px 0}
+.caption{font-weight:600;margin-bottom:6px;white-space:pre-wrap}
+.pair{display:flex;gap:16px;flex-wrap:wrap;margin:6px 0} .clip{flex:1;min-width:320px}
+.clip img{width:100%;max-width:520px;display:block} audio{width:100%;max-width:520px}
+.fail{color:#b0302a;font-size:12px} .muted{color:#777;font-size:12px}
+img.chart{max-width:100%;margin:6px 0}
+"""
+
+
+def _kv_table(d: dict) -> str:
+    def show(v):
+        return json.dumps(v, ensure_ascii=False) if isinstance(v, (dict, list)) else v
+
+    rows = "".join(f"<tr><th>{e(k)}</th><td>{e(show(v))}</td></tr>" for k, v in d.items())
+    return f"<table>{rows}</table>"
+
+
+def render_html(results: dict, charts: dict[str, str], loss_curve: Optional[str] = None) -> str:
+    models = results.get("models_evaluated", [])
+    parts = ["<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+             "<meta name='viewport' content='width=device-width, initial-scale=1'>",
+             f"<title>{e('MusicGen LoRA evaluation')}</title><style>{CSS}</style></head><body>",
+             "<h1>MusicGen LoRA evaluation</h1>"]
+    ident = results.get("identity") or {}
+    parts.append("<h2>Models</h2>")
+    for m in models:
+        parts.append(f"<h3>{e(MODEL_LABELS.get(m, m))}</h3>{_kv_table(ident.get(m) or {})}")
+    # Summary
+    rows = results.get("summary") or summary_rows(results)
+    parts.append("<h2>Summary</h2><table><tr><th>metric</th><th>base</th><th>LoRA</th><th>Δ</th><th>better?</th>"
+                 "<th>note</th></tr>")
+    for r in rows:
+        delta = "-" if r["delta"] is None else ("+" if r["delta"] > 0 else "") + _fmt(r["delta"])
+        better = r.get("better") or "-"
+        parts.append(f"<tr><td>{e(r['metric'])}</td><td class='num'>{e(_fmt(r['base']))}</td>"
+                     f"<td class='num'>{e(_fmt(r['lora']))}</td><td class='num'>{e(delta)}</td>"
+                     f"<td class='better-{e(better)}'>{e(better)}</td>"
+                     f"<td class='muted'>{e(r.get('note', ''))}</td></tr>")
+    parts.append("</table>")
+    for note in results.get("notes", []):
+        parts.append(f"<p class='muted'>{e(note)}</p>")
+    # Charts
+    if charts or loss_curve:
+        parts.append("<h2>Charts</h2>")
+        for name in ("likelihood", "distances", "signal"):
+            if name in charts:
+                parts.append(f"<img class='chart' src='{_src(charts[name])}' alt='{e(name)} chart'>")
+        if loss_curve:
+            parts.append(f"<h3>Training loss</h3>"
+                         f"<img class='chart' src='{_src(loss_curve)}' alt='training loss curve'>")
+    # Generation
+    gen = results.get("generation") or {}
+    if gen.get("skipped"):
+        parts.append(f"<h2>Generated audio</h2><p class='muted'>{e(gen['skipped'])}</p>")
+    clips = gen.get("clips") or []
+    if clips:
+        parts.append("<h2>Generated audio</h2><p class='muted'>Same prompt, same seed, same settings for both "
+                     "models. Spectrograms: log-mel, dB.</p>")
+        by_prompt: dict[int, list[dict]] = {}
+        for c in clips:
+            by_prompt.setdefault(c["prompt_index"], []).append(c)
+        prompts = gen.get("prompts") or []
+        for pi in sorted(by_prompt):
+            text = prompts[pi] if pi < len(prompts) else ""
+            parts.append(f"<div class='prompt'><div class='caption'>{pi + 1}. {e(text)}</div>")
+            seeds = sorted({c["seed"] for c in by_prompt[pi]})
+            for sd in seeds:
+                parts.append(f"<div class='muted'>seed {e(sd)}</div><div class='pair'>")
+                for m in models:
+                    c = next((c for c in by_prompt[pi] if c["seed"] == sd and c["model"] == m), None)
+                    if c is None:
+                        continue
+                    parts.append(f"<div class='clip'><div>{e(MODEL_LABELS.get(m, m))}</div>")
+                    if c.get("wav"):
+                        parts.append(f"<audio controls preload='none' src='{_src(c['wav'])}'></audio>")
+                    if c.get("spectrogram"):
+                        parts.append(f"<img src='{_src(c['spectrogram'])}' alt='spectrogram {e(m)} prompt {pi + 1} "
+                                     f"seed {e(sd)}'>")
+                    fails = (c.get("checks") or {}).get("failures") or []
+                    if fails:
+                        parts.append(f"<div class='fail'>failed checks: {e(', '.join(fails))}</div>")
+                    parts.append("</div>")
+                parts.append("</div>")
+            parts.append("</div>")
+    # Details
+    sig = gen.get("signal") or {}
+    if sig:
+        parts.append("<h2>Signal checks</h2>")
+        for m in models:
+            if m in sig:
+                s = {k: v for k, v in sig[m].items()}
+                parts.append(f"<h3>{e(MODEL_LABELS.get(m, m))}</h3>{_kv_table(s)}")
+    clap = gen.get("clap")
+    if clap:
+        parts.append("<h2>CLAP</h2>")
+        if clap.get("skipped"):
+            parts.append(f"<p class='muted'>{e(clap['skipped'])}</p>")
+        else:
+            parts.append(_kv_table({k: v for k, v in clap.items() if k != "per_clip"}))
+    parts.append("<h2>Settings</h2>" + _kv_table(results.get("settings") or {}))
+    parts.append("<h2>Versions</h2>" + _kv_table(results.get("versions") or {}))
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(results: dict, out_dir: str | Path, adapter_dir: Optional[str | Path] = None) -> Path:
+    """Charts + training curve + report.html in out_dir (atomic); returns the report's path."""
+    out_dir = Path(out_dir)
+    charts = make_charts(results, out_dir)
+    curve = training_curve(adapter_dir, out_dir)
+    path = atomic_write_text(out_dir / "report.html", render_html(results, charts, curve))
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------------
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version(), "lora_toolkit": lora.__version__}
+    for pkg in ("torch", "transformers", "peft", "accelerate", "numpy", "scipy", "librosa", "pyloudnorm", "soxr",
+                "soundfile"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def jsonable(x):
+    """Plain JSON: numpy scalars to Python, non-finite floats to None (JSON has no NaN/Infinity)."""
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        x = float(x)
+        return x if math.isfinite(x) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.bool_):
+        return bool(x)
+    if isinstance(x, Path):
+        return str(x)
+    return x
