@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import typing
@@ -32,19 +31,13 @@ from typing import Any, Optional
 
 from lora.common.fields import (
     ConfigError,
-    _argtype,
-    _base_type,
     _check_choice,
-    _coerce,
     _f,
-    _parse_bool,
-    _Parser,
     _refuse_repeated_flags,
-    _unknown_key_error,
     load_yaml,
-    range_text,
     value_problem,
 )
+from lora.common import fields as fields_mod
 from lora.common.files import atomic_write_text
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -360,79 +353,6 @@ def _resolve_path(value: Optional[str], kind: Optional[str], base: Path) -> Opti
     return os.path.normpath(p if p.is_absolute() else (base / p))
 
 
-def apply_yaml(cfg: Config, data: dict, source: str, base: Path) -> None:
-    """Validate a YAML mapping against the schema and write its values into cfg."""
-    for section, values in data.items():
-        if section not in SECTIONS:
-            raise _unknown_key_error("section", str(section), SECTIONS, f" in {source}")
-        if values is None:
-            continue
-        if not isinstance(values, dict):
-            raise ConfigError(f"{section} in {source}: expected a mapping of keys, got {values!r}.")
-        obj = getattr(cfg, section)
-        hints = _hints(type(obj))
-        fields = {f.name: f for f in dataclasses.fields(obj)}
-        for key, value in values.items():
-            if key not in fields:
-                home = [name for name, cls in SECTIONS.items() if key in {f.name for f in dataclasses.fields(cls)}]
-                if home:
-                    raise ConfigError(f"'{key}' is a key of section '{home[0]}', not of '{section}' (in {source}): "
-                                      f"move it under '{home[0]}:'.")
-                raise _unknown_key_error("key", f"{section}.{key}", [f"{section}.{k}" for k in fields], f" in {source}")
-            md = fields[key].metadata
-            v = _coerce(section, key, value, hints[key], md, source)
-            if isinstance(v, str):
-                v = _resolve_path(v, md.get("kind"), base)
-            elif isinstance(v, list) and md.get("many"):
-                v = [_resolve_path(x, md.get("kind"), base) if isinstance(x, str) else x for x in v]
-            setattr(obj, key, v)
-
-
-def build_parser(description: str, sections: tuple[str, ...], extra=None) -> tuple[argparse.ArgumentParser, dict]:
-    """An argparse parser whose flags come from the listed sections' fields.
-
-    When two listed sections have a field of the same name, the first section listed owns the flag.
-    Returns the parser and a map dest -> (section, field name).
-    """
-    p = _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                allow_abbrev=False)
-    p.add_argument("--config", default=None,
-                   help=f"YAML config file (default: {DEFAULT_CONFIG.name} at the repository root, if present)")
-    owners: dict[str, tuple[str, str]] = {}
-    taken: set[str] = {"config"}
-    for section in sections:
-        cls = SECTIONS[section]
-        hints = _hints(cls)
-        group = p.add_argument_group(f"{section} (config.yaml section '{section}:')")
-        for f in dataclasses.fields(cls):
-            names = [f.name, *f.metadata.get("aliases", ())]
-            names = [n for n in names if n not in taken]
-            if f.name not in names:
-                continue  # owned by an earlier section
-            taken.update(names)
-            dest = f"{section}__{f.name}"
-            owners[dest] = (section, f.name)
-            base, optional = _base_type(hints[f.name])
-            flags = [f"--{n}" for n in names]
-            kw: dict[str, Any] = dict(dest=dest, default=argparse.SUPPRESS,
-                                      help=f.metadata.get("help", "").replace("%", "%%"))
-            if base is bool:
-                kw.update(nargs="?", const=True, type=_parse_bool(f.name), metavar="BOOL")
-            elif base is list:
-                kw.update(nargs="+", metavar="TEXT", action="extend")  # given twice: both lists are used
-            else:
-                kw.update(type=_argtype(f.name, base, optional))
-                if f.metadata.get("many"):
-                    kw["nargs"] = "+"  # one value or several (given twice: refused, like any other flag)
-                kw["metavar"] = {int: "N", float: "X"}.get(base, "PATH" if f.metadata.get("kind") else "TEXT")
-                if f.metadata.get("choices"):
-                    kw["metavar"] = "{" + ",".join(map(str, f.metadata["choices"])) + "}"
-            group.add_argument(*flags, **kw)
-    if extra is not None:
-        extra(p)
-    return p, owners
-
-
 def parse_config(argv=None, *, description: str = "", sections: tuple[str, ...] = tuple(SECTIONS),
                  extra=None, rules=None) -> tuple[Config, argparse.Namespace]:
     """Resolve defaults < YAML < flags, then check every value against its declared range and the script's own
@@ -533,31 +453,21 @@ def validate(problems: list[str]) -> None:
         raise ConfigError("Please fix these settings:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
-def yaml_defaults_text() -> str:
-    """The defaults as a plain mapping (used by the test that keeps config.yaml in step)."""
-    return json.dumps({name: dataclasses.asdict(cls()) for name, cls in SECTIONS.items()}, indent=1)
+def apply_yaml(cfg: Config, data: dict, source: str, base: Path) -> None:
+    """Validate a YAML mapping against the schema and write its values into cfg."""
+    fields_mod.apply_yaml(cfg, SECTIONS, data, source, lambda v, kind: _resolve_path(v, kind, base))
+
+
+def build_parser(description: str, sections: tuple[str, ...], extra=None) -> tuple[argparse.ArgumentParser, dict]:
+    """An argparse parser whose flags come from the listed sections' fields (lora.common.fields.build_parser)."""
+    return fields_mod.build_parser(description, {name: SECTIONS[name] for name in sections}, extra,
+                                   f"YAML config file (default: {DEFAULT_CONFIG.name} at the repository root, if "
+                                   f"present)")
 
 
 def markdown_reference() -> str:
     """Every config key and flag as Markdown tables (USAGE.md embeds this; a test keeps it in step)."""
-    out = []
-    for name, cls in SECTIONS.items():
-        out.append(f"#### `{name}:`\n")
-        out.append("| key / flag | default | meaning |")
-        out.append("| --- | --- | --- |")
-        defaults = cls()
-        for f in dataclasses.fields(cls):
-            flags = " ".join(f"`--{n}`" for n in (f.name, *f.metadata.get("aliases", ())))
-            d = getattr(defaults, f.name)
-            d = "null" if d is None else ("[]" if d == [] else str(d).lower() if isinstance(d, bool) else d)
-            helptext = f.metadata.get("help", "").replace("|", "\\|")
-            if f.metadata.get("choices"):
-                helptext += " (" + " \\| ".join(map(str, f.metadata["choices"])) + ")"
-            if range_text(f.metadata):
-                helptext += f" (range: {range_text(f.metadata)})"
-            out.append(f"| {flags} | `{d}` | {helptext} |")
-        out.append("")
-    return "\n".join(out)
+    return fields_mod.markdown_reference(SECTIONS)
 
 
 def update_usage(path: Path = REPO_ROOT / "USAGE.md") -> None:
@@ -570,7 +480,7 @@ def update_usage(path: Path = REPO_ROOT / "USAGE.md") -> None:
     path.write_text(new, encoding="utf-8")
 
 
-if __name__ == "__main__":  # python lora/config.py --markdown | --update-usage
+if __name__ == "__main__":  # python -m lora.config --markdown | --update-usage
     if "--markdown" in sys.argv:
         print(markdown_reference())
     elif "--update-usage" in sys.argv:

@@ -350,25 +350,6 @@ def cadence_text(run: Run) -> str:
 # ============================================================================================
 # The train loop
 # ============================================================================================
-@dataclass
-class Interval:
-    """Training statistics since the last log line (device tensors: no host sync per step)."""
-
-    loss: object
-    per_codebook: object
-    steps: int = 0
-    dropped: int = 0
-    samples: int = 0
-    since: float = field(default_factory=time.time)
-
-    @classmethod
-    def start(cls, run: Run) -> "Interval":
-        import torch
-
-        return cls(loss=torch.zeros((), device=run.device),
-                   per_codebook=torch.zeros(run.info.num_codebooks, device=run.device))
-
-
 def train_loop(run: Run) -> None:
     """Optimizer steps until total_steps (or early stopping): each accumulates gradient_accumulation_steps
     micro-batches on every process, all-reduces the LoRA gradients, skips the update on a non-finite loss, then
@@ -387,7 +368,7 @@ def train_loop(run: Run) -> None:
         run.clock.lap("base held-out loss")
     bar = tqdm(total=run.total_steps, initial=st.global_step, desc="training", unit="step", disable=not run.main,
                dynamic_ncols=True)
-    interval = Interval.start(run)
+    interval = run_log.Interval.start(run.device, run.info.num_codebooks)
     grad_norm = torch.zeros((), device=run.device)
     last_eval = None
     timer = plan.SaveTimer(t.save_minutes)
@@ -431,7 +412,7 @@ def train_loop(run: Run) -> None:
             # ---- log, validate, checkpoint
             if gs % t.logging_steps == 0 or gs == run.total_steps:
                 log_interval(run, interval, grad_norm, bar)
-                interval = Interval.start(run)
+                interval = run_log.Interval.start(run.device, run.info.num_codebooks)
                 run.clock.lap("logging")
             if gs % run.eval_every == 0 or gs == run.total_steps:
                 last_eval = gs
@@ -499,7 +480,7 @@ def optimizer_step(run: Run, loss_sum):
     return norm
 
 
-def log_interval(run: Run, interval: Interval, grad_norm, bar) -> None:
+def log_interval(run: Run, interval: run_log.Interval, grad_norm, bar) -> None:
     st = run.state
     gs, n = st.global_step, max(1, interval.steps)
     entry = {"step": gs, "epoch": round(st.epoch, 4),

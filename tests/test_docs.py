@@ -91,7 +91,7 @@ def test_usage_reference_matches_the_schema():
     m = re.search(r"<!-- reference:start -->\n(.*)\n<!-- reference:end -->", text, flags=re.S)
     assert m, "USAGE.md lost its reference markers"
     assert m.group(1).strip() == markdown_reference().strip(), \
-        "USAGE.md's flag reference is out of date: regenerate it: `python lora/config.py --update-usage`"
+        "USAGE.md's flag reference is out of date: regenerate it: `python -m lora.config --update-usage`"
 
 
 def test_chinese_readme_has_the_same_commands():

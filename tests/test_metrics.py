@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from lora.scoring import metrics as M
+from lora.scoring import metrics
+from lora.scoring import intervals
 
 
 # ------------------------------------------------------------------------------------ Fréchet
@@ -16,7 +17,7 @@ def test_frechet_distance_closed_form_diagonal():
     mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
     v1, v2 = rng.uniform(0.1, 3, size=d), rng.uniform(0.1, 3, size=d)
     expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(v1) - np.sqrt(v2)) ** 2)
-    got = M.frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2))
+    got = metrics.frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2))
     assert got == pytest.approx(expected, rel=1e-10)
 
 
@@ -29,19 +30,19 @@ def test_frechet_distance_full_covariance_matches_reference_formula():
     # Reference: tr((s1 s2)^1/2) from the eigenvalues of s1 s2 (real, non-negative for SPD pairs).
     ev = np.linalg.eigvals(s1 @ s2).real
     expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.sum(np.sqrt(ev))
-    assert M.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-8)
+    assert metrics.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-8)
     # symmetric in its arguments
-    assert M.frechet_distance(mu2, s2, mu1, s1) == pytest.approx(expected, rel=1e-8)
+    assert metrics.frechet_distance(mu2, s2, mu1, s1) == pytest.approx(expected, rel=1e-8)
 
 
 def test_fad_identical_sets_is_zero_and_rank_deficient_is_stable():
     rng = np.random.default_rng(2)
     x = rng.normal(size=(500, 16))
-    assert M.frechet_audio_distance(x, x) == pytest.approx(0.0, abs=1e-8)
+    assert metrics.frechet_audio_distance(x, x) == pytest.approx(0.0, abs=1e-8)
     # fewer samples than dimensions: singular covariances, still finite, non-negative, ~0 for identical sets
     small = rng.normal(size=(5, 32))
-    assert M.frechet_audio_distance(small, small) == pytest.approx(0.0, abs=1e-6)
-    shifted = M.frechet_audio_distance(x, x + 2.0)
+    assert metrics.frechet_audio_distance(small, small) == pytest.approx(0.0, abs=1e-6)
+    shifted = metrics.frechet_audio_distance(x, x + 2.0)
     assert shifted == pytest.approx(16 * 4.0, rel=1e-6)
 
 
@@ -50,10 +51,10 @@ def test_fad_identical_sets_is_zero_and_rank_deficient_is_stable():
 def test_kad_same_distribution_near_zero_shifted_clearly_positive(kernel):
     rng = np.random.default_rng(3)
     x, y = rng.normal(size=(400, 8)), rng.normal(size=(400, 8))
-    same = M.kernel_audio_distance(x, y, kernel=kernel)["value"]
-    shifted = M.kernel_audio_distance(x + 1.0, y, kernel=kernel)["value"]
+    same = metrics.kernel_audio_distance(x, y, kernel=kernel)["value"]
+    shifted = metrics.kernel_audio_distance(x + 1.0, y, kernel=kernel)["value"]
     # Noise of the unbiased estimator: spread of the statistic over independent same-distribution draws.
-    null = [M.kernel_audio_distance(rng.normal(size=(400, 8)), rng.normal(size=(400, 8)), kernel=kernel)["value"]
+    null = [metrics.kernel_audio_distance(rng.normal(size=(400, 8)), rng.normal(size=(400, 8)), kernel=kernel)["value"]
             for _ in range(5)]
     noise = max(abs(v) for v in null) + 1e-12
     assert abs(same) < 5 * noise
@@ -69,8 +70,8 @@ def test_kad_unbiased_matches_direct_definition():
     xx = sum(k(x[i], x[j]) for i in range(7) for j in range(7) if i != j) / (7 * 6)
     yy = sum(k(y[i], y[j]) for i in range(9) for j in range(9) if i != j) / (9 * 8)
     xy = sum(k(a, b) for a in x for b in y) / (7 * 9)
-    got = M.kernel_audio_distance(x, y, bandwidth=h)
-    assert got["value"] == pytest.approx(M.KAD_SCALE * (xx + yy - 2 * xy), rel=1e-10)
+    got = metrics.kernel_audio_distance(x, y, bandwidth=h)
+    assert got["value"] == pytest.approx(metrics.KAD_SCALE * (xx + yy - 2 * xy), rel=1e-10)
     assert got["n_x"] == 7 and got["n_y"] == 9
 
 
@@ -80,7 +81,7 @@ def test_paired_bootstrap_covers_known_difference():
     n = 60
     base = rng.normal(5.0, 1.0, size=n)  # large between-clip spread: pairing is what makes it detectable
     lora = base - 0.3 + rng.normal(0, 0.2, size=n)
-    r = M.paired_bootstrap_ci(base, lora, n_boot=3000, seed=1)
+    r = intervals.paired_bootstrap_ci(base, lora, n_boot=3000, seed=1)
     assert r["n"] == n and r["n_boot"] == 3000
     assert r["ci_low"] < -0.3 < r["ci_high"]
     assert r["ci_high"] < 0  # excludes zero
@@ -95,15 +96,15 @@ def test_paired_bootstrap_coverage_rate_and_weights():
     for i in range(reps):
         base = rng.normal(0, 1, size=25)
         other = base + 0.1 + rng.normal(0, 0.5, size=25)
-        r = M.paired_bootstrap_ci(base, other, n_boot=400, seed=i)
+        r = intervals.paired_bootstrap_ci(base, other, n_boot=400, seed=i)
         hits += r["ci_low"] <= 0.1 <= r["ci_high"]
     assert 0.85 <= hits / reps <= 0.99  # nominal 95 % (percentile bootstrap is a bit narrow at n=25)
     # weighted: the estimate is the token-weighted mean difference
     w = np.array([1, 3, 6.0])
-    r = M.paired_bootstrap_ci([1, 1, 1], [2, 1, 0], weights=w, n_boot=100)
+    r = intervals.paired_bootstrap_ci([1, 1, 1], [2, 1, 0], weights=w, n_boot=100)
     assert r["diff"] == pytest.approx((1 * 1 + 3 * 0 + 6 * -1) / 10)
     with pytest.raises(ValueError):
-        M.paired_bootstrap_ci([1, 2], [1, 2, 3])
+        intervals.paired_bootstrap_ci([1, 2], [1, 2, 3])
 
 
 def test_cluster_bootstrap_widens_by_sqrt_clips_per_recording_and_covers():
@@ -120,8 +121,8 @@ def test_cluster_bootstrap_widens_by_sqrt_clips_per_recording_and_covers():
         effect = np.repeat(rng.normal(0.0, 0.5, size=n_rec), per_rec)  # the recording's own difference
         other = base + true_diff + effect + rng.normal(0.0, 0.05, size=base.size)
         tokens = rng.integers(100, 200, size=base.size)
-        c = M.paired_bootstrap_ci(base, other, tokens, clusters=[f"song{r}" for r in recording], n_boot=500, seed=i)
-        p = M.paired_bootstrap_ci(base, other, tokens, n_boot=500, seed=i)
+        c = intervals.paired_bootstrap_ci(base, other, tokens, clusters=[f"song{r}" for r in recording], n_boot=500, seed=i)
+        p = intervals.paired_bootstrap_ci(base, other, tokens, n_boot=500, seed=i)
         assert c["n"] == p["n"] == 120 and c["n_clusters"] == 30 and p["n_clusters"] == 120
         assert c["diff"] == pytest.approx(p["diff"])  # the token-weighted estimate is the same; only its spread
         ratios.append((c["ci_high"] - c["ci_low"]) / (p["ci_high"] - p["ci_low"]))
@@ -137,16 +138,16 @@ def test_cluster_bootstrap_one_clip_per_recording_is_the_clip_bootstrap():
     base = rng.normal(size=40)
     other = base - 0.1 + rng.normal(0, 0.3, size=40)
     w = rng.integers(50, 100, size=40)
-    plain = M.paired_bootstrap_ci(base, other, w, n_boot=800, seed=3)
-    own = M.paired_bootstrap_ci(base, other, w, clusters=[f"rec{i}" for i in range(40)], n_boot=800, seed=3)
+    plain = intervals.paired_bootstrap_ci(base, other, w, n_boot=800, seed=3)
+    own = intervals.paired_bootstrap_ci(base, other, w, clusters=[f"rec{i}" for i in range(40)], n_boot=800, seed=3)
     assert own == plain  # same draws, same interval
-    unnamed = M.paired_bootstrap_ci(base, other, w, clusters=[None] * 40, n_boot=800, seed=3)
+    unnamed = intervals.paired_bootstrap_ci(base, other, w, clusters=[None] * 40, n_boot=800, seed=3)
     assert unnamed == plain  # a clip without a source is a recording of its own
     # one recording: every resample is that recording, the interval has no width (the report names no winner)
-    one = M.paired_bootstrap_ci(base, other, w, clusters=["album/track"] * 40, n_boot=200)
+    one = intervals.paired_bootstrap_ci(base, other, w, clusters=["album/track"] * 40, n_boot=200)
     assert one["n_clusters"] == 1 and one["ci_low"] == pytest.approx(one["ci_high"])
     with pytest.raises(ValueError):
-        M.paired_bootstrap_ci(base, other, clusters=["a"] * 39)
+        intervals.paired_bootstrap_ci(base, other, clusters=["a"] * 39)
 
 
 # ------------------------------------------------------------------------------------ distances vs their floor
@@ -164,21 +165,21 @@ def test_fad_kad_reference_halves_near_floor_noise_and_shifted_tone_far_above():
     sr = 16000
 
     def feats(wavs):
-        return [M.librosa_frame_features(M.loudness_normalize(w, sr), sr) for w in wavs]
+        return [metrics.librosa_frame_features(metrics.loudness_normalize(w, sr), sr) for w in wavs]
 
     ref = feats([_tone_clip(rng, f) for f in rng.uniform(200, 400, size=24)])
     noise = feats([(0.1 * rng.normal(size=sr)).astype(np.float32) for _ in range(12)])
     shifted = feats([_tone_clip(rng, 8 * f) for f in rng.uniform(200, 400, size=12)])
-    z = M.standardizer(np.concatenate(ref))
+    z = metrics.standardizer(np.concatenate(ref))
     cat = lambda clips: z(np.concatenate(clips))  # noqa: E731
     y, half_a, half_b = cat(ref), cat(ref[0::2]), cat(ref[1::2])
-    assert M.frechet_audio_distance(y, y) == pytest.approx(0.0, abs=1e-6)
-    fad_floor = M.frechet_audio_distance(half_a, half_b)
-    kad_floor = abs(M.kernel_audio_distance(half_a, half_b)["value"])
+    assert metrics.frechet_audio_distance(y, y) == pytest.approx(0.0, abs=1e-6)
+    fad_floor = metrics.frechet_audio_distance(half_a, half_b)
+    kad_floor = abs(metrics.kernel_audio_distance(half_a, half_b)["value"])
     for far in (cat(noise), cat(shifted)):
-        assert M.frechet_audio_distance(far, y) > 10 * fad_floor
-        assert M.kernel_audio_distance(far, y)["value"] > 10 * kad_floor
-        assert M.frechet_audio_distance(far, y) > 10 * M.frechet_audio_distance(half_a, y)  # half vs whole too
+        assert metrics.frechet_audio_distance(far, y) > 10 * fad_floor
+        assert metrics.kernel_audio_distance(far, y)["value"] > 10 * kad_floor
+        assert metrics.frechet_audio_distance(far, y) > 10 * metrics.frechet_audio_distance(half_a, y)  # half vs whole too
 
 
 # ------------------------------------------------------------------------------------ set-distance bootstrap
@@ -190,26 +191,26 @@ def test_set_distance_bootstrap_equals_the_distance_of_each_resample():
     ref = rng.normal(size=(200, 5))
     ones = np.ones((1, 6))
     x = np.concatenate(clips)
-    assert M.frechet_bootstrap(clips, ref, ones)[0] == pytest.approx(M.frechet_audio_distance(x, ref), rel=1e-8)
+    assert intervals.frechet_bootstrap(clips, ref, ones)[0] == pytest.approx(metrics.frechet_audio_distance(x, ref), rel=1e-8)
     for kernel in ("rbf", "poly"):
-        got = M.kernel_bootstrap(clips, ref, ones, kernel=kernel, max_rows=120)[0]
-        want = M.kernel_audio_distance(M.subsample_rows(x, 120), M.subsample_rows(ref, 120), kernel=kernel)["value"]
+        got = intervals.kernel_bootstrap(clips, ref, ones, kernel=kernel, max_rows=120)[0]
+        want = metrics.kernel_audio_distance(metrics.subsample_rows(x, 120), metrics.subsample_rows(ref, 120), kernel=kernel)["value"]
         assert got == pytest.approx(want, rel=1e-8)
-    counts = M.bootstrap_counts(6, 50, seed=2)
+    counts = intervals.bootstrap_counts(6, 50, seed=2)
     assert counts.shape == (50, 6) and np.all(counts.sum(axis=1) == 6)
     row = counts[0]
     drawn = np.concatenate([clips[i] for i in range(6) for _ in range(row[i])])
-    assert M.frechet_bootstrap(clips, ref, counts[:1])[0] == pytest.approx(M.frechet_audio_distance(drawn, ref),
+    assert intervals.frechet_bootstrap(clips, ref, counts[:1])[0] == pytest.approx(metrics.frechet_audio_distance(drawn, ref),
                                                                            rel=1e-8)
     # KAD of the resample: the unbiased estimate over the drawn frames, pairs of a frame with itself left out
-    h = M.median_pairwise_distance(ref)
-    k = lambda a, b: np.exp(-M._sq_dists(a, b) / (2 * h * h))  # noqa: E731
+    h = metrics.median_pairwise_distance(ref)
+    k = lambda a, b: np.exp(-metrics._sq_dists(a, b) / (2 * h * h))  # noqa: E731
     owner = np.concatenate([np.full(30 * row[i], i) for i in range(6)])
     frame = np.concatenate([np.tile(np.arange(30), row[i]) for i in range(6)])
     same = (owner[:, None] == owner[None]) & (frame[:, None] == frame[None])
     kyy = k(ref, ref)
     want = (k(drawn, drawn)[~same].mean() + (kyy.sum() - np.trace(kyy)) / (200 * 199) - 2 * k(drawn, ref).mean())
-    assert M.kernel_bootstrap(clips, ref, counts[:1])[0] == pytest.approx(M.KAD_SCALE * want, rel=1e-8)
+    assert intervals.kernel_bootstrap(clips, ref, counts[:1])[0] == pytest.approx(metrics.KAD_SCALE * want, rel=1e-8)
 
 
 # ------------------------------------------------------------------------------------ signal checks
@@ -222,7 +223,7 @@ def _tone(seconds=2.0, amp=0.3, f=440.0):
 
 
 def test_signal_checks_pass_clean_tone():
-    r = M.signal_checks(_tone(), SR)
+    r = metrics.signal_checks(_tone(), SR)
     assert r["failures"] == []
     assert r["peak"] == pytest.approx(0.3, abs=1e-3)
     assert r["rms_dbfs"] == pytest.approx(20 * np.log10(0.3 / np.sqrt(2)), abs=0.05)
@@ -248,47 +249,47 @@ def test_signal_checks_flag_planted_defects(plant, failure):
         x = x + 0.2
     elif plant == "tail":
         x[int(0.3 * len(x)):] = 0
-    r = M.signal_checks(x, SR)
+    r = metrics.signal_checks(x, SR)
     assert failure in r["failures"]
     if plant == "tail":
         assert r["trailing_silence_s"] == pytest.approx(1.4, abs=0.06)
-    summary = M.summarize_checks([r, M.signal_checks(_tone(), SR)])
+    summary = metrics.summarize_checks([r, metrics.signal_checks(_tone(), SR)])
     assert summary["n"] == 2 and summary["n_failed"] == 1
     assert summary["failure_rates"][failure] == 0.5
 
 
 def test_loudness_normalize_hits_target_and_keeps_shape():
     x = np.stack([_tone(amp=0.05), _tone(amp=0.05, f=220)])
-    y = M.loudness_normalize(x, SR, target_lufs=-23.0)
+    y = metrics.loudness_normalize(x, SR, target_lufs=-23.0)
     assert y.shape == x.shape and y.dtype == np.float32
-    assert M.integrated_loudness(y, SR) == pytest.approx(-23.0, abs=0.1)
-    loud = M.loudness_normalize(_tone(amp=0.001), SR, target_lufs=-1.0)
+    assert metrics.integrated_loudness(y, SR) == pytest.approx(-23.0, abs=0.1)
+    loud = metrics.loudness_normalize(_tone(amp=0.001), SR, target_lufs=-1.0)
     assert np.max(np.abs(loud)) <= 0.99 + 1e-6  # peak guard
-    silent = M.loudness_normalize(np.zeros(SR), SR)
+    silent = metrics.loudness_normalize(np.zeros(SR), SR)
     assert not np.any(silent)
 
 
 def test_librosa_features_and_diversity():
-    f = M.librosa_frame_features(_tone(), SR)
+    f = metrics.librosa_frame_features(_tone(), SR)
     assert f.shape[1] == 64 + 20 + 12 and f.shape[0] > 50 and np.all(np.isfinite(f))
     # chroma of A440 peaks at pitch class A (index 9)
     assert np.argmax(f[:, 84:].mean(0)) == 9
-    assert M.clip_statistics(f).shape == (2 * f.shape[1],)
+    assert metrics.clip_statistics(f).shape == (2 * f.shape[1],)
     rng = np.random.default_rng(0)
     protos = rng.normal(size=(3, 10))
     emb = np.stack([protos[p] + 0.01 * rng.normal(size=10) for p in range(3) for _ in range(2)])
-    d = M.diversity(emb, prompt_ids=[0, 0, 1, 1, 2, 2], seed_ids=[0, 1, 0, 1, 0, 1])
+    d = metrics.diversity(emb, prompt_ids=[0, 0, 1, 1, 2, 2], seed_ids=[0, 1, 0, 1, 0, 1])
     assert d["across_prompts"] > 0.3 and d["across_seeds"] < 0.01  # collapse across seeds is visible
 
 
 # ------------------------------------------------------------------------------------ CLAP
 def test_clap_windows_resample_and_fixed_length():
     x = _tone(seconds=23.0)
-    w = M.clap_windows(x, SR)
+    w = metrics.clap_windows(x, SR)
     assert w.shape == (2, 480000)  # 3 s tail (< half a window) dropped
-    w = M.clap_windows(_tone(seconds=26.0), SR)
+    w = metrics.clap_windows(_tone(seconds=26.0), SR)
     assert w.shape == (3, 480000) and not np.any(w[2, 6 * 48000 + 100:])  # 6 s tail padded with zeros
-    short = M.clap_windows(_tone(seconds=2.0), SR)
+    short = metrics.clap_windows(_tone(seconds=2.0), SR)
     assert short.shape == (1, 480000)
     # resampled, not repeated: still a 440 Hz tone at 48 kHz
     spec = np.abs(np.fft.rfft(short[0, :96000]))
@@ -334,7 +335,7 @@ def test_clap_scores_with_tiny_local_model(tmp_path):
     rng = np.random.default_rng(0)
     wavs = [0.1 * rng.normal(size=SR * 3).astype(np.float32) for _ in range(2)] + [_tone(seconds=12.0)]
     texts = ["lofi piano", "trap drums", "ambient pad " * 60]  # the last one is longer than the text encoder
-    r = M.clap_scores(model, proc, texts, wavs, SR)
+    r = metrics.clap_scores(model, proc, texts, wavs, SR)
     assert r["n"] == 3 and len(r["scores"]) == 3
     assert all(-1.0 <= s <= 1.0 for s in r["scores"])
     assert r["mean"] == pytest.approx(np.mean(r["scores"]))
@@ -344,8 +345,8 @@ def test_clap_scores_with_tiny_local_model(tmp_path):
 
     with torch.no_grad():
         t = proc(text=["lofi piano"], return_tensors="pt", padding=True)
-        te = F.normalize(M._features(model.get_text_features(**t)), dim=-1)
-        win = M.clap_windows(wavs[0], SR)
+        te = F.normalize(metrics._features(model.get_text_features(**t)), dim=-1)
+        win = metrics.clap_windows(wavs[0], SR)
         a = proc.feature_extractor(list(win), sampling_rate=48000, return_tensors="pt", truncation="rand_trunc")
-        ae = F.normalize(M._features(model.get_audio_features(**a)), dim=-1)[0]
+        ae = F.normalize(metrics._features(model.get_audio_features(**a)), dim=-1)[0]
     assert r["scores"][0] == pytest.approx(float(te[0] @ ae), abs=1e-5)

@@ -6,11 +6,12 @@ schema itself (the sections, their defaults and ranges) lives in lora/config.py.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import typing
 from dataclasses import field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 from lora.common.cli import UserError, log
 
@@ -243,3 +244,99 @@ def _refuse_repeated_flags(parser: argparse.ArgumentParser, argv: list) -> None:
             also = "" if first == name else f" (as {first} and {name})"
             raise ConfigError(f"{name} was given twice{also}; give it once.")
         seen[action.dest] = name
+
+
+def apply_yaml(cfg, sections: dict[str, type], data: dict, source: str, resolve: Callable) -> None:
+    """Validate a YAML mapping against the schema (``sections``: name -> section dataclass) and write its values into
+    cfg (an object with one attribute per section); ``resolve(value, kind)`` turns a path-like value into a path."""
+    for section, values in data.items():
+        if section not in sections:
+            raise _unknown_key_error("section", str(section), sections, f" in {source}")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"{section} in {source}: expected a mapping of keys, got {values!r}.")
+        obj = getattr(cfg, section)
+        hints = typing.get_type_hints(type(obj))
+        fields = {f.name: f for f in dataclasses.fields(obj)}
+        for key, value in values.items():
+            if key not in fields:
+                home = [name for name, cls in sections.items() if key in {f.name for f in dataclasses.fields(cls)}]
+                if home:
+                    raise ConfigError(f"'{key}' is a key of section '{home[0]}', not of '{section}' (in {source}): "
+                                      f"move it under '{home[0]}:'.")
+                raise _unknown_key_error("key", f"{section}.{key}", [f"{section}.{k}" for k in fields], f" in {source}")
+            md = fields[key].metadata
+            v = _coerce(section, key, value, hints[key], md, source)
+            if isinstance(v, str):
+                v = resolve(v, md.get("kind"))
+            elif isinstance(v, list) and md.get("many"):
+                v = [resolve(x, md.get("kind")) if isinstance(x, str) else x for x in v]
+            setattr(obj, key, v)
+
+
+def build_parser(description: str, sections: dict[str, type], extra=None, config_help: str = "YAML config file"
+                 ) -> tuple[argparse.ArgumentParser, dict]:
+    """An argparse parser whose flags come from the fields of ``sections`` (name -> section dataclass).
+
+    When two listed sections have a field of the same name, the first section listed owns the flag.
+    Returns the parser and a map dest -> (section, field name).
+    """
+    p = _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                allow_abbrev=False)
+    p.add_argument("--config", default=None,
+                   help=config_help)
+    owners: dict[str, tuple[str, str]] = {}
+    taken: set[str] = {"config"}
+    for section, cls in sections.items():
+        hints = typing.get_type_hints(cls)
+        group = p.add_argument_group(f"{section} (config.yaml section '{section}:')")
+        for f in dataclasses.fields(cls):
+            names = [f.name, *f.metadata.get("aliases", ())]
+            names = [n for n in names if n not in taken]
+            if f.name not in names:
+                continue  # owned by an earlier section
+            taken.update(names)
+            dest = f"{section}__{f.name}"
+            owners[dest] = (section, f.name)
+            base, optional = _base_type(hints[f.name])
+            flags = [f"--{n}" for n in names]
+            kw: dict[str, Any] = dict(dest=dest, default=argparse.SUPPRESS,
+                                      help=f.metadata.get("help", "").replace("%", "%%"))
+            if base is bool:
+                kw.update(nargs="?", const=True, type=_parse_bool(f.name), metavar="BOOL")
+            elif base is list:
+                kw.update(nargs="+", metavar="TEXT", action="extend")  # given twice: both lists are used
+            else:
+                kw.update(type=_argtype(f.name, base, optional))
+                if f.metadata.get("many"):
+                    kw["nargs"] = "+"  # one value or several (given twice: refused, like any other flag)
+                kw["metavar"] = {int: "N", float: "X"}.get(base, "PATH" if f.metadata.get("kind") else "TEXT")
+                if f.metadata.get("choices"):
+                    kw["metavar"] = "{" + ",".join(map(str, f.metadata["choices"])) + "}"
+            group.add_argument(*flags, **kw)
+    if extra is not None:
+        extra(p)
+    return p, owners
+
+
+def markdown_reference(sections: dict[str, type]) -> str:
+    """Every key and flag of ``sections`` as Markdown tables (USAGE.md embeds the schema's; a test keeps it in step)."""
+    out = []
+    for name, cls in sections.items():
+        out.append(f"#### `{name}:`\n")
+        out.append("| key / flag | default | meaning |")
+        out.append("| --- | --- | --- |")
+        defaults = cls()
+        for f in dataclasses.fields(cls):
+            flags = " ".join(f"`--{n}`" for n in (f.name, *f.metadata.get("aliases", ())))
+            d = getattr(defaults, f.name)
+            d = "null" if d is None else ("[]" if d == [] else str(d).lower() if isinstance(d, bool) else d)
+            helptext = f.metadata.get("help", "").replace("|", "\\|")
+            if f.metadata.get("choices"):
+                helptext += " (" + " \\| ".join(map(str, f.metadata["choices"])) + ")"
+            if range_text(f.metadata):
+                helptext += f" (range: {range_text(f.metadata)})"
+            out.append(f"| {flags} | `{d}` | {helptext} |")
+        out.append("")
+    return "\n".join(out)

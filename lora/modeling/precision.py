@@ -186,9 +186,6 @@ def cast_frozen_weights(module, dtype) -> int:
 # --------------------------------------------------------------------------------------------
 # Weights dtype for generation
 # --------------------------------------------------------------------------------------------
-DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
-
-
 def generation_dtype(name: str, device, facts: Optional[HardwareFacts] = None):
     """The decoder's weights dtype for generation (generation.dtype): 'auto' -> bf16 on GPUs that run it, fp16 on
     older GPUs; on a CPU bf16 where it has AMX-BF16 or AVX512-BF16 (the same facts as training's choice; the

@@ -21,6 +21,7 @@ from lora.modeling import chroma as melody_chroma
 from lora.modeling.loading import family_for
 from lora.modeling.precision import generation_dtype
 from lora.scoring import metrics
+from lora.scoring import intervals
 from lora.scoring.likelihood import _model_context
 from lora.scoring.plots import save_spectrogram
 
@@ -210,7 +211,7 @@ def melody_similarity(melody: dict, audio: dict, models: list[str], shared: list
         out[m] = {"mean": float(np.mean(own)) if own else None,
                   "shuffled_mean": float(np.mean(floor)) if floor else None, "per_clip": own}
     if {"base", "lora"} <= set(models) and len(shared) >= 2:
-        r = metrics.paired_bootstrap_ci(per["base"], per["lora"], n_boot=n_boot, seed=seed)
+        r = intervals.paired_bootstrap_ci(per["base"], per["lora"], n_boot=n_boot, seed=seed)
         out["interval"] = _paired_interval(r, "LoRA minus base chroma similarity to the given melody; positive = "
                                               "LoRA follows the melody more closely")
     return out
@@ -324,7 +325,7 @@ def distance_intervals(emb: dict, dist: dict, ref: list[dict], transform: dict, 
     models' distances to the (fixed) reference recomputed on the same resample."""
     n = len(emb["base"])
     b = min(n_boot, GEN_BOOTSTRAP_MAX)
-    counts = metrics.bootstrap_counts(n, b, seed)
+    counts = intervals.bootstrap_counts(n, b, seed)
     res: dict = {"resampled": "the shared (prompt, seed) pairs, with replacement; both models on the same "
                               "resample (paired); the reference set fixed",
                  "n_pairs": n, "n_boot_fad_kad": b,
@@ -333,14 +334,14 @@ def distance_intervals(emb: dict, dist: dict, ref: list[dict], transform: dict, 
     for space in ("encodec", "librosa"):
         y = transform[space](np.concatenate([r[space] for r in ref]))
         clips = {m: [transform[space](e[space]) for e in emb[m]] for m in ("base", "lora")}
-        fad = {m: metrics.frechet_bootstrap(clips[m], y, counts) for m in clips}
-        kad = {m: metrics.kernel_bootstrap(clips[m], y, counts, kernel=KAD_KERNEL, max_rows=KAD_MAX_FRAMES)
+        fad = {m: intervals.frechet_bootstrap(clips[m], y, counts) for m in clips}
+        kad = {m: intervals.kernel_bootstrap(clips[m], y, counts, kernel=KAD_KERNEL, max_rows=KAD_MAX_FRAMES)
                for m in clips}
         res["metrics"][f"{space}.fad"] = _interval(fad, dist, (space, "fad"), n, f"FAD ({space})")
         res["metrics"][f"{space}.kad"] = _interval(kad, dist, (space, "kad", "value"), n, f"KAD x100 ({space})")
     if dist["base"]["librosa"]["kad_clip_statistics"] is not None:
         y = np.stack([metrics.clip_statistics(transform["librosa"](r["librosa"])) for r in ref])
-        kad = {m: metrics.kernel_bootstrap([metrics.clip_statistics(transform["librosa"](e["librosa"]))[None]
+        kad = {m: intervals.kernel_bootstrap([metrics.clip_statistics(transform["librosa"](e["librosa"]))[None]
                                             for e in emb[m]], y, counts, kernel=KAD_KERNEL) for m in emb}
         res["metrics"]["librosa.kad_clip_statistics"] = _interval(
             kad, dist, ("librosa", "kad_clip_statistics", "value"), n, "KAD x100 (librosa clip statistics)")
@@ -354,7 +355,7 @@ def _interval(boot: dict, dist: dict, keys: tuple, n: int, label: str) -> dict:
         for k in keys:
             v = v[k]
         point[m] = v
-    out = metrics.percentile_interval(boot["lora"] - boot["base"], point["lora"] - point["base"])
+    out = intervals.percentile_interval(boot["lora"] - boot["base"], point["lora"] - point["base"])
     out.update(n_pairs=n, what=f"LoRA minus base {label}; negative = LoRA closer to the reference")
     return out
 
@@ -362,7 +363,7 @@ def _interval(boot: dict, dist: dict, keys: tuple, n: int, label: str) -> dict:
 def failure_interval(checks: dict, n_boot: int, seed: int) -> dict:
     """Paired bootstrap over every generated (prompt, seed) pair of LoRA - base share of clips failing a check."""
     failed = {m: [1.0 if c["failures"] else 0.0 for c in checks[m]] for m in ("base", "lora")}
-    r = metrics.paired_bootstrap_ci(failed["base"], failed["lora"], n_boot=n_boot, seed=seed)
+    r = intervals.paired_bootstrap_ci(failed["base"], failed["lora"], n_boot=n_boot, seed=seed)
     return _paired_interval(r, "LoRA minus base share of generated clips failing a signal check (every pair); "
                                "negative = LoRA fails less")
 
@@ -395,7 +396,7 @@ def clap_metrics(path, models, audio, shared, prompts, seeds, valid_recs, ref_wa
                                      [audio[m][j] for j in shared], sr, device=device)
         res[m]["n_pairs"] = len(shared)
     if "base" in models and "lora" in models and len(shared) >= 2:
-        r = metrics.paired_bootstrap_ci(res["base"]["scores"], res["lora"]["scores"], n_boot=n_boot, seed=seed)
+        r = intervals.paired_bootstrap_ci(res["base"]["scores"], res["lora"]["scores"], n_boot=n_boot, seed=seed)
         res["interval"] = _paired_interval(r, "LoRA minus base CLAP text-audio score on the shared pairs; positive "
                                               "= LoRA follows the prompts better")
     pairs = [(r.text, w) for r, w in zip(valid_recs, ref_wavs) if r.text.strip()]

@@ -20,7 +20,7 @@ from lora.modeling.adapter import (
     text_encoder_has_lora,
 )
 from lora.modeling.loading import family_for
-from lora.scoring import metrics
+from lora.scoring import intervals
 from lora.scoring.report import MIN_CLIPS_FOR_A_VERDICT
 
 
@@ -100,7 +100,7 @@ def likelihood_section(model, processor, info, clips, cfg: Config, models: list[
                  lk[m]["ppl"], lk[m]["n_clips"], lk[m]["n_tokens"])
     if "base" not in models or "lora" not in models:
         return lk, None
-    diff = metrics.paired_bootstrap_ci(
+    diff = intervals.paired_bootstrap_ci(
         [c["ce"] for c in lk["base"]["per_clip"]], [c["ce"] for c in lk["lora"]["per_clip"]],
         weights=[c["tokens"] for c in lk["base"]["per_clip"]], clusters=recordings,
         n_boot=cfg.evaluation.bootstrap_samples, seed=cfg.generation.seed)

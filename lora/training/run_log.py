@@ -1,5 +1,5 @@
-"""The run's log: metrics.jsonl, TensorBoard, loss_curve.png (``RunLog``) and where the wall time went
-(``PhaseClock``, logs/timing.json).
+"""The run's log: metrics.jsonl, TensorBoard, loss_curve.png (``RunLog``), where the wall time went
+(``PhaseClock``, logs/timing.json), and the training statistics since the last log line (``Interval``).
 """
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import json
 import math
 import statistics
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -108,3 +109,21 @@ class RunLog:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+@dataclass
+class Interval:
+    """Training statistics since the last log line (device tensors: no host sync per step)."""
+
+    loss: object
+    per_codebook: object
+    steps: int = 0
+    dropped: int = 0
+    samples: int = 0
+    since: float = field(default_factory=time.time)
+
+    @classmethod
+    def start(cls, device, num_codebooks: int) -> "Interval":
+        import torch
+
+        return cls(loss=torch.zeros((), device=device), per_codebook=torch.zeros(num_codebooks, device=device))
