@@ -1,20 +1,22 @@
-"""Benchmark of the token cache key and build: model-identity start-up cost, and the cache build with
-equal-length batches (no clip padded) against the padded batches it replaced.
+"""Benchmark of the token cache key and build: model-identity start-up cost, and the cache build
+with equal-length batches (no clip padded) against the padded batches it replaced.
 
     python bench/bench_cache.py                       # musicgen-small architecture (bench/musicgen_arch.py, 2.4 GB)
     python bench/bench_cache.py --quick               # tiny model, tiny sets: checks that the benchmark runs
     python bench/bench_cache.py --json bench/results/cache.json
 
-1. Identity (lora.modeling.loading.model_identity): the first start hashes every config, tokenizer, processor and weight
-   file in full (sha256; page cache warm, as right after a download or the build); later starts find the digests in
-   the per-user sidecar (a private, fresh $XDG_CACHE_HOME here) and read no weight. For scale: the key it replaced
-   (size + first and last MiB of each weight file) and the whole load_base_model.
-2. Cache build (lora.dataprep.token_cache.build_token_cache, EnCodec codes only: the caption part did not change): "padded" is
-   the batching before (batch_size clips in duration order, zero-padded to the longest), "equal-length" the batching
-   now; both build the same set from scratch, alternating in one process (the machine's speed drifts), and the
-   median per variant and the median of the per-round ratios (wall and process CPU time) are printed. Sets: the
-   synthetic example set (prepare_data --create_example) and a set of 30-s clips plus a few odd tails. Also: how
-   many clips' codes differ between the two builds (the padded ones' last frames).
+1. Identity (lora.modeling.loading.model_identity): the first start hashes every config, tokenizer,
+   processor and weight file in full (sha256; page cache warm, as right after a download or the
+   build); later starts find the digests in the per-user sidecar (a private, fresh $XDG_CACHE_HOME
+   here) and read no weight. For scale: the key it replaced (size + first and last MiB of each
+   weight file) and the whole load_base_model.
+2. Cache build (lora.dataprep.token_cache.build_token_cache, EnCodec codes only: the caption part
+   did not change): "padded" is the batching before (batch_size clips in duration order, zero-padded
+   to the longest), "equal-length" the batching now; both build the same set from scratch,
+   alternating in one process (the machine's speed drifts), and the median per variant and the
+   median of the per-round ratios (wall and process CPU time) are printed. Sets: the synthetic
+   example set (prepare_data --create_example) and a set of 30-s clips plus a few odd tails. Also:
+   how many clips' codes differ between the two builds (the padded ones' last frames).
 """
 
 from __future__ import annotations
@@ -37,20 +39,23 @@ sys.path.insert(0, str(ROOT))
 
 from bench.machine import describe  # noqa: E402
 from bench.musicgen_arch import model_path  # noqa: E402
-from lora.dataprep import token_cache
-from lora import dataset
-from lora.modeling import loading
-from lora import prepare_data  # noqa: E402  (its main() only)
-from lora.dataprep.audio import save_wav
-from lora.config import ModelConfig
-from lora.dataset import ClipRecord, metadata_document
-from lora.dataprep.example_data import STYLES, synth_clip
-from lora.common.files import atomic_write_json
+from lora import (
+    dataset,
+    prepare_data,  # noqa: E402  (its main() only)
+)
 from lora.common.cli import setup_logging
+from lora.common.files import atomic_write_json
+from lora.config import ModelConfig
+from lora.dataprep import token_cache
+from lora.dataprep.audio import save_wav
+from lora.dataprep.example_data import STYLES, synth_clip
+from lora.dataset import ClipRecord, metadata_document
+from lora.modeling import loading
 
 
 def previous_key(directory: Path) -> str:
-    """The identity before this change, for scale: config.json + size and first/last MiB of each weight file."""
+    """The identity before this change, for scale: config.json + size and first/last MiB of each
+    weight file."""
     h = hashlib.sha256()
     h.update((directory / "config.json").read_bytes())
     for p in sorted(directory.iterdir()):
@@ -71,27 +76,29 @@ def _timed(fn, *args, **kw):
 
 
 def _timed_cpu(fn, *args, **kw):
-    """(wall s, CPU s of this process (all threads), result): CPU time moves less than wall time when other
-    processes share the cores."""
+    """(wall s, CPU s of this process (all threads), result): CPU time moves less than wall time
+    when other processes share the cores."""
     c = time.process_time()
     wall, out = _timed(fn, *args, **kw)
     return wall, time.process_time() - c, out
 
 
 def identity_startup(folder: Path, tmp: Path, repeats: int) -> tuple[tuple, dict]:
-    """Seconds of the identity at the first start (fresh sidecar) and later starts; returns them and the model
-    (loaded once, with a sidecar hit)."""
+    """Seconds of the identity at the first start (fresh sidecar) and later starts; returns them and
+    the model (loaded once, with a sidecar hit)."""
     import os
 
     os.environ["XDG_CACHE_HOME"] = str(tmp / "xdg_cache")  # a fresh sidecar: the first start
     size = sum(p.stat().st_size for p in loading.identity_files(folder))
-    loading.hash_file(max(loading.identity_files(folder), key=lambda p: p.stat().st_size))  # page cache warm
+    # page cache warm
+    loading.hash_file(max(loading.identity_files(folder), key=lambda p: p.stat().st_size))
     first, ident = _timed(loading.model_identity, folder)
     later = [_timed(loading.model_identity, folder)[0] for _ in range(repeats)]
     assert all(loading.model_identity(folder) == ident for _ in range(2))
     prev = [_timed(previous_key, folder)[0] for _ in range(repeats)]
     load, loaded = _timed(loading.load_base_model, ModelConfig(model_path=str(folder)))
-    return loaded, {"folder": str(folder), "bytes_hashed": size, "first_s": first, "first_gb_per_s": size / first / 1e9,
+    return loaded, {"folder": str(folder), "bytes_hashed": size, "first_s": first,
+                    "first_gb_per_s": size / first / 1e9,
             "later_s_median": statistics.median(later), "later_s": later,
             "previous_key_s_median": statistics.median(prev), "load_base_model_s (sidecar hit)": load}
 
@@ -100,8 +107,8 @@ def identity_startup(folder: Path, tmp: Path, repeats: int) -> tuple[tuple, dict
 # Cache build: padded (before) vs equal-length (now)
 # --------------------------------------------------------------------------------------------
 def padded_encode_clips(todo, root, model, info, batch_size, device, show_progress):
-    """The batching of build_token_cache before this change: chunks of batch_size in duration order, each clip
-    zero-padded to the longest of its chunk."""
+    """The batching of build_token_cache before this change: chunks of batch_size in duration order,
+    each clip zero-padded to the longest of its chunk."""
     import torch
 
     fam = loading.family_for(info)
@@ -124,7 +131,8 @@ def padded_encode_clips(todo, root, model, info, batch_size, device, show_progre
 
 
 def make_long_set(data_dir: Path, clips: int, tails: list[float], sample_rate: int) -> None:
-    """``clips`` synthetic 30-s clips plus one clip per odd tail length (seconds), with metadata.json."""
+    """``clips`` synthetic 30-s clips plus one clip per odd tail length (seconds), with
+    metadata.json."""
     import numpy as np
 
     rng = np.random.default_rng(0)
@@ -134,8 +142,8 @@ def make_long_set(data_dir: Path, clips: int, tails: list[float], sample_rate: i
         y, text = synth_clip(styles[i % len(styles)], seconds, sample_rate, 1, rng)
         rel = f"train/long_{i:03d}.wav"
         save_wav(data_dir / rel, y, sample_rate)
-        records.append(ClipRecord(id=f"long_{i:03d}", audio=rel, text=text, duration=round(y.shape[1] / sample_rate, 4),
-                                  split="train"))
+        records.append(ClipRecord(id=f"long_{i:03d}", audio=rel, text=text,
+                                  duration=round(y.shape[1] / sample_rate, 4), split="train"))
     atomic_write_json(data_dir / "metadata.json", metadata_document(records, sample_rate, 1))
 
 
@@ -151,8 +159,10 @@ def build_variants(name: str, data_dir: Path, loaded, batch_size: int, rounds: i
             shutil.rmtree(token_cache.cache_root(data_dir, info), ignore_errors=True)
             token_cache._encode_clips = padded_encode_clips if variant == "padded" else now
             try:
-                t, c, (clips, _) = _timed_cpu(token_cache.build_token_cache, records, model, processor, info, data_dir,
-                                              batch_size=batch_size, text_states=False, show_progress=False)
+                t, c, (clips, _) = _timed_cpu(token_cache.build_token_cache, records, model,
+                                              processor, info, data_dir,
+                                              batch_size=batch_size, text_states=False,
+                                              show_progress=False)
             finally:
                 token_cache._encode_clips = now
             times[variant].append(t)
@@ -161,26 +171,34 @@ def build_variants(name: str, data_dir: Path, loaded, batch_size: int, rounds: i
     differ = [i for i, (a, b) in enumerate(zip(codes["padded"], codes["equal-length"])) if not a.equal(b)]
     lengths = sorted({round(r.duration, 2) for r in records})
     ratios = [b / a for a, b in zip(times["padded"], times["equal-length"])]
-    return {"set": name, "clips": len(records), "audio_s": sum(r.duration for r in records), "lengths_s": lengths,
+    return {"set": name, "clips": len(records), "audio_s": sum(r.duration for r in records),
+            "lengths_s": lengths,
             "batch_size": batch_size, "rounds": rounds, "padded_s": times["padded"],
-            "equal_length_s": times["equal-length"], "padded_s_median": statistics.median(times["padded"]),
+            "equal_length_s": times["equal-length"],
+            "padded_s_median": statistics.median(times["padded"]),
             "equal_length_s_median": statistics.median(times["equal-length"]),
             "ratio_median (equal-length / padded)": statistics.median(ratios),
             "padded_cpu_s": cpu["padded"], "equal_length_cpu_s": cpu["equal-length"],
-            "cpu_ratio_median": statistics.median(b / a for a, b in zip(cpu["padded"], cpu["equal-length"])),
+            "cpu_ratio_median": statistics.median(b / a for a,
+                                                  b in zip(cpu["padded"], cpu["equal-length"])),
             "clips_whose_codes_differ": len(differ),
             "differing_clips_lengths_s": sorted({round(records[i].duration, 2) for i in differ})}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=None, help="tiny, small (default; quick: tiny), medium, large, or a folder")
-    ap.add_argument("--quick", action="store_true", help="tiny model and sets: checks that the benchmark runs")
-    ap.add_argument("--example_clips", type=int, default=None, help="clips of the example set (default 160; quick 16)")
-    ap.add_argument("--long_clips", type=int, default=None, help="30-s clips of the long set (default 16; quick 2)")
+    ap.add_argument("--model", default=None,
+                    help="tiny, small (default; quick: tiny), medium, large, or a folder")
+    ap.add_argument("--quick", action="store_true",
+                    help="tiny model and sets: checks that the benchmark runs")
+    ap.add_argument("--example_clips", type=int, default=None,
+                    help="clips of the example set (default 160; quick 16)")
+    ap.add_argument("--long_clips", type=int, default=None,
+                    help="30-s clips of the long set (default 16; quick 2)")
     ap.add_argument("--tails", default="7.3,12.1,21.4", help="odd tail lengths (s) added to the long set")
     ap.add_argument("--rounds", type=int, default=None, help="builds per variant (default 3; quick 1)")
-    ap.add_argument("--batch_size", type=int, default=8, help="encode_batch_size (the default setting: 8)")
+    ap.add_argument("--batch_size", type=int, default=8,
+                    help="encode_batch_size (the default setting: 8)")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = ap.parse_args(argv)
     name = args.model or ("tiny" if args.quick else "small")
@@ -195,7 +213,8 @@ def main(argv=None) -> int:
                                                              tiny_model_dir=str(tmp / "tiny"))))
         loaded, ident = identity_startup(folder, tmp, repeats=5)
         ex = tmp / "example"
-        with contextlib.redirect_stdout(io.StringIO()):  # (its data summary is not part of the benchmark output)
+        # (its data summary is not part of the benchmark output)
+        with contextlib.redirect_stdout(io.StringIO()):
             rc = prepare_data.main(["--create_example", "--output_dir", str(ex), "--example_clips",
                                     str(args.example_clips or (16 if args.quick else 160))])
         if rc != 0:
@@ -211,24 +230,28 @@ def main(argv=None) -> int:
 
 def report(name: str, ident: dict, builds: list[dict], json_path) -> None:
     m = describe()
-    print(f"\nMachine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
-          f"Python {m['python']}, {m['date']}; model {name}")
+    print(f"\nMachine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} "
+          f"threads), Python {m['python']}, {m['date']}; model {name}")
     gb = ident["bytes_hashed"] / 1e9
     print("\n| model identity | seconds |\n|---|---:|")
     print(f"| first start: full sha256 of {gb:.2f} GB (page cache warm) | {ident['first_s']:.2f} "
           f"({ident['first_gb_per_s']:.2f} GB/s) |")
-    print(f"| later start: sidecar hit (median of {len(ident['later_s'])}) | {ident['later_s_median'] * 1e3:.2f} ms |")
-    print(f"| (the key it replaced: first + last MiB, median) | {ident['previous_key_s_median'] * 1e3:.2f} ms |")
+    print(f"| later start: sidecar hit (median of {len(ident['later_s'])}) | "
+          f"{ident['later_s_median'] * 1e3:.2f} ms |")
+    print(f"| (the key it replaced: first + last MiB, median) | "
+          f"{ident['previous_key_s_median'] * 1e3:.2f} ms |")
     print(f"| (load_base_model, sidecar hit) | {ident['load_base_model_s (sidecar hit)']:.2f} |")
-    print("\n| set | clips | audio (s) | batch | padded (s, median) | equal-length (s, median) | ratio (median) "
-          "| CPU-time ratio (median) | clips whose codes differ |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n| set | clips | audio (s) | batch | padded (s, median) | equal-length (s, median) | "
+          "ratio (median) | CPU-time ratio (median) | clips whose codes differ "
+          "|\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for b in builds:
-        print(f"| {b['set']} | {b['clips']} | {b['audio_s']:.0f} | {b['batch_size']} | {b['padded_s_median']:.2f} | "
-              f"{b['equal_length_s_median']:.2f} | {b['ratio_median (equal-length / padded)']:.2f} | "
-              f"{b['cpu_ratio_median']:.2f} | {b['clips_whose_codes_differ']} (lengths "
-              f"{b['differing_clips_lengths_s']}) |")
+        print(f"| {b['set']} | {b['clips']} | {b['audio_s']:.0f} | {b['batch_size']} | "
+              f"{b['padded_s_median']:.2f} | {b['equal_length_s_median']:.2f} | "
+              f"{b['ratio_median (equal-length / padded)']:.2f} | {b['cpu_ratio_median']:.2f} | "
+              f"{b['clips_whose_codes_differ']} (lengths {b['differing_clips_lengths_s']}) |")
     if json_path:
-        Path(json_path).write_text(json.dumps({"machine": m, "model": name, "identity": ident, "builds": builds},
+        Path(json_path).write_text(json.dumps({"machine": m, "model": name, "identity": ident,
+                                               "builds": builds},
                                               indent=2))
 
 

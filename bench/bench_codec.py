@@ -1,23 +1,27 @@
-"""The token cache's EnCodec encoding: speed of the build before/after lora.modeling.encodec_fast, and how well codes made
-in lower precision agree with float32 codes, per codebook.
+"""The token cache's EnCodec encoding: speed of the build before/after lora.modeling.encodec_fast,
+and how well codes made in lower precision agree with float32 codes, per codebook.
 
     python bench/bench_codec.py                       # musicgen-small architecture (bench/musicgen_arch.py)
     python bench/bench_codec.py --quick               # tiny model, few clips: checks that the benchmark runs
     python bench/bench_codec.py --json bench/results/codec.json [--real_dir /usr/share/games/colobot/music]
 
-1. **Cache build** (lora.dataprep.token_cache.build_token_cache, codes + caption states, as train_lora.py builds it) of 40
-   synthetic 10-s clips (the peer bench's amount of audio), from scratch, alternating in one process: "transformers"
-   (EncodecModel.encode on each equal-length batch), "chunked, every layer" (lora.modeling.encodec_fast with every layer
-   before the LSTM in time chunks: the code of 2026-12-01) and "chunked" (the code now: the last stage on the whole
-   clip). Median per variant, median of the per-round ratios, and how many codes differ from "chunked".
-2. **Agreement with float32 codes**, per codebook, of: the chunked fp32 encoder; transformers' fp32 encoder at
-   batch 8 (fp32 against itself at another batch size: the floor); the encoder in bf16 (weights and activations,
-   the quantizer in fp32); the whole encode under bf16 autocast (the quantizer's distances too). Reference:
-   transformers' fp32 encode, one clip at a time. Codecs: the tiny model's (codebooks fitted to synthetic audio)
-   and musicgen-small's architecture (random weights: its codebooks are fitted here, residual k-means on its own
-   latents, so that codes depend on the audio as in a trained codec). Audio: synthetic clips, and real music
-   recordings where --real_dir has some (Debian's colobot-common-sounds: produced game music, 44.1 kHz; any folder
-   of audio files works). Real EnCodec weights cannot be downloaded here: that check stays open (BENCHMARKS.md).
+1. **Cache build** (lora.dataprep.token_cache.build_token_cache, codes + caption states, as
+   train_lora.py builds it) of 40 synthetic 10-s clips (the peer bench's amount of audio), from
+   scratch, alternating in one process: "transformers" (EncodecModel.encode on each equal-length
+   batch), "chunked, every layer" (lora.modeling.encodec_fast with every layer before the LSTM in
+   time chunks: the code of 2026-12-01) and "chunked" (the code now: the last stage on the whole
+   clip). Median per variant, median of the per-round ratios, and how many codes differ from
+   "chunked".
+2. **Agreement with float32 codes**, per codebook, of: the chunked fp32 encoder; transformers' fp32
+   encoder at batch 8 (fp32 against itself at another batch size: the floor); the encoder in bf16
+   (weights and activations, the quantizer in fp32); the whole encode under bf16 autocast (the
+   quantizer's distances too). Reference: transformers' fp32 encode, one clip at a time. Codecs: the
+   tiny model's (codebooks fitted to synthetic audio) and musicgen-small's architecture (random
+   weights: its codebooks are fitted here, residual k-means on its own latents, so that codes depend
+   on the audio as in a trained codec). Audio: synthetic clips, and real music recordings where
+   --real_dir has some (Debian's colobot-common-sounds: produced game music, 44.1 kHz; any folder of
+   audio files works). Real EnCodec weights cannot be downloaded here: that check stays open
+   (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -38,15 +42,17 @@ from bench_cache import make_long_set  # noqa: E402
 from machine import describe, save_json  # noqa: E402
 
 REAL_DIR = "/usr/share/games/colobot/music"
-FIT_CLIPS = 48  # synthetic 4-s clips the codebooks are fitted on: 9,600 latent frames for 2,048 codes
+# synthetic 4-s clips the codebooks are fitted on: 9,600 latent frames for 2,048 codes
+FIT_CLIPS = 48
 
 
 CACHE_VARIANTS = ("transformers", "chunked, every layer", "chunked")
 
 
 def _encoder_variant(variant: str):
-    """(supported, whole_clip_from) of lora.modeling.encodec_fast for a cache-build variant: transformers' EncodecModel.encode
-    ("transformers"), every layer before the LSTM in chunks (the code of 2026-12-01), or the code now."""
+    """(supported, whole_clip_from) of lora.modeling.encodec_fast for a cache-build variant:
+    transformers' EncodecModel.encode ("transformers"), every layer before the LSTM in chunks (the
+    code of 2026-12-01), or the code now."""
     from lora.modeling import encodec_fast
 
     supported, whole = encodec_fast.supported, encodec_fast.whole_clip_from
@@ -70,12 +76,14 @@ def cache_build_ab(loaded, data_dir: Path, rounds: int) -> dict:
     times: dict[str, list[float]] = {v: [] for v in CACHE_VARIANTS}
     codes = {}
     for r in range(rounds):
-        for variant in CACHE_VARIANTS[r % 3:] + CACHE_VARIANTS[:r % 3]:  # each variant first once in 3 rounds
+        # each variant first once in 3 rounds
+        for variant in CACHE_VARIANTS[r % 3:] + CACHE_VARIANTS[:r % 3]:
             shutil.rmtree(token_cache.cache_root(data_dir, info), ignore_errors=True)
             encodec_fast.supported, encodec_fast.whole_clip_from = _encoder_variant(variant)
             try:
                 t = time.perf_counter()
-                clips, _ = token_cache.build_token_cache(records, model, processor, info, data_dir, show_progress=False)
+                clips, _ = token_cache.build_token_cache(records, model, processor, info, data_dir,
+                                                         show_progress=False)
                 times[variant].append(time.perf_counter() - t)
             finally:
                 encodec_fast.supported, encodec_fast.whole_clip_from = saved
@@ -86,7 +94,8 @@ def cache_build_ab(loaded, data_dir: Path, rounds: int) -> dict:
         out[f"{v} s median"] = statistics.median(times[v])
         out[f"speed-up of chunked over {v} (median of per-round ratios)"] = statistics.median(
             x / y for x, y in zip(times[v], times["chunked"]))
-        out[f"codes agree with {v}, per codebook"] = (codes[v] == codes["chunked"]).float().mean(dim=(0, 2)).tolist()
+        out[f"codes agree with {v}, per "
+            f"codebook"] = (codes[v] == codes["chunked"]).float().mean(dim=(0, 2)).tolist()
     return out
 
 
@@ -158,15 +167,16 @@ def agreement(codec, sets: dict) -> list[dict]:
             t = time.perf_counter()
             c = variant_codes(codec, x, v)
             s = time.perf_counter() - t
-            rows.append({"audio": name, "clips": len(x), "variant": v, "seconds": s, "reference_seconds": ref_s,
+            rows.append({"audio": name, "clips": len(x), "variant": v, "seconds": s,
+                         "reference_seconds": ref_s,
                          "agree_per_codebook": (c == ref).float().mean(dim=(0, 2)).tolist(),
                          "distinct_codes_cb0": int(ref[:, 0].unique().numel())})
     return rows
 
 
 def audio_sets(real_dir: str | None, clips: int, seconds: float, sr: int) -> tuple[dict, object]:
-    """({name: (B, 1, N) test audio}, fitting audio): synthetic clips, and real recordings' excerpts (test excerpts
-    and fitting excerpts from different places of the tracks)."""
+    """({name: (B, 1, N) test audio}, fitting audio): synthetic clips, and real recordings' excerpts
+    (test excerpts and fitting excerpts from different places of the tracks)."""
     import numpy as np
     import torch
 
@@ -180,11 +190,12 @@ def audio_sets(real_dir: str | None, clips: int, seconds: float, sr: int) -> tup
     fit = [torch.from_numpy(np.stack([synth_clip(styles[i % len(styles)], 4.0, sr, 1, rng)[0]
                                       for i in range(FIT_CLIPS)]))]
     sets = {"synthetic": syn}
-    files = sorted(p for p in Path(real_dir).glob("*") if p.suffix.lower() in (".ogg", ".wav", ".flac", ".mp3")) \
+    files = sorted(p for p in Path(real_dir).glob("*")
+                   if p.suffix.lower() in (".ogg", ".wav", ".flac", ".mp3")) \
         if real_dir and Path(real_dir).is_dir() else []
     n = int(seconds * sr)
     real, fit_real = [], []
-    for i, f in enumerate(files):
+    for _i, f in enumerate(files):
         y = load_audio(f, sr, 1)
         if y.shape[1] >= int(20 * sr) + n and len(real) < clips:
             real.append(y[:, int(20 * sr):int(20 * sr) + n])
@@ -199,22 +210,27 @@ def audio_sets(real_dir: str | None, clips: int, seconds: float, sr: int) -> tup
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=None, help="small (default; quick: tiny), medium, large, or a folder")
+    ap.add_argument("--model", default=None,
+                    help="small (default; quick: tiny), medium, large, or a folder")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--rounds", type=int, default=None, help="cache builds per variant (default 3; quick 1)")
-    ap.add_argument("--clips", type=int, default=None, help="clips of the cache-build set (default 40; quick 4)")
-    ap.add_argument("--agreement_clips", type=int, default=None, help="clips per agreement set (default 12)")
-    ap.add_argument("--real_dir", default=REAL_DIR, help="a folder of real recordings (skipped when absent)")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="cache builds per variant (default 3; quick 1)")
+    ap.add_argument("--clips", type=int, default=None,
+                    help="clips of the cache-build set (default 40; quick 4)")
+    ap.add_argument("--agreement_clips", type=int, default=None,
+                    help="clips per agreement set (default 12)")
+    ap.add_argument("--real_dir", default=REAL_DIR,
+                    help="a folder of real recordings (skipped when absent)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     import logging
 
     import torch
+    from musicgen_arch import model_path
 
+    from lora.common.cli import setup_logging
     from lora.config import ModelConfig
     from lora.modeling.loading import family_for, load_base_model
-    from lora.common.cli import setup_logging
-    from musicgen_arch import model_path
 
     setup_logging(logging.WARNING)
     name = a.model or ("tiny" if a.quick else "small")
@@ -224,10 +240,12 @@ def main(argv=None) -> int:
         argv if argv is not None else sys.argv[1:])}
     with tempfile.TemporaryDirectory(prefix="bench_codec_") as tmp:
         tmp = Path(tmp)
-        loaded = load_base_model(ModelConfig(model_path=model_path(name), tiny_model_dir=str(tmp / "tiny")))
+        loaded = load_base_model(ModelConfig(model_path=model_path(name),
+                                             tiny_model_dir=str(tmp / "tiny")))
         make_long_set(tmp / "set", 0, [10.0] * clips, loaded[2].sample_rate)
         out["cache_build"] = cache_build_ab(loaded, tmp / "set", rounds)
-        tiny_model, _, tiny_info = load_base_model(ModelConfig(model_path="tiny", tiny_model_dir=str(tmp / "tiny")))
+        tiny_model, _, tiny_info = load_base_model(ModelConfig(model_path="tiny",
+                                                               tiny_model_dir=str(tmp / "tiny")))
         tiny = family_for(tiny_info).audio_codec(tiny_model)
         sets, fit_audio = audio_sets(a.real_dir, a.agreement_clips or (2 if a.quick else 12), 10.0, 32000)
         out["agreement"] = {"tiny (fitted)": agreement(tiny.eval(), sets)}
@@ -236,8 +254,8 @@ def main(argv=None) -> int:
             fit_codebooks(codec, fit_audio)
             out["agreement"][f"{name} architecture (codebooks fitted)"] = agreement(codec, sets)
     cb = out["cache_build"]
-    print(f"Token cache build | {m['cpu']}, {m['cores']} cores, torch {torch.__version__} | {m['date']} | "
-          f"`{out['command'].strip()}`\n")
+    print(f"Token cache build | {m['cpu']}, {m['cores']} cores, torch {torch.__version__} | "
+          f"{m['date']} | `{out['command'].strip()}`\n")
     print(f"{cb['clips']} clips, {cb['audio_s']:.0f} s of audio, {name}, medians of {rounds} builds:\n")
     print("| variant | build s | chunked's speed-up | codes agree with chunked, per codebook (%) |\n"
           "|---|---:|---:|---|")
@@ -246,11 +264,13 @@ def main(argv=None) -> int:
         print(f"| {v} | {cb[f'{v} s median']:.1f} | "
               f"{cb[f'speed-up of chunked over {v} (median of per-round ratios)']:.2f}x | {agree} |")
     print()
-    print("| codec | audio | variant | agreement with fp32 per codebook (%) | s | fp32 b1 s |\n|---|---|---|---|---:|---:|")
+    print("| codec | audio | variant | agreement with fp32 per codebook (%) | s | fp32 b1 s "
+          "|\n|---|---|---|---|---:|---:|")
     for codec_name, rows in out["agreement"].items():
         for r in rows:
-            print(f"| {codec_name} | {r['audio']} ({r['clips']} x 10 s, {r['distinct_codes_cb0']} distinct cb0 codes) | "
-                  f"{r['variant']} | {' / '.join(f'{100 * v:.2f}' for v in r['agree_per_codebook'])} | "
+            print(f"| {codec_name} | {r['audio']} ({r['clips']} x 10 s, {r['distinct_codes_cb0']} "
+                  f"distinct cb0 codes) | {r['variant']} | "
+                  f"{' / '.join(f'{100 * v:.2f}' for v in r['agree_per_codebook'])} | "
                   f"{r['seconds']:.1f} | {r['reference_seconds']:.1f} |")
     if a.json:
         save_json(a.json, out)

@@ -1,22 +1,24 @@
 """Generation speed of lora/generation/engine.py against this machine's memory-bandwidth limit.
 
-    python bench/bench_generate.py                    # tiny + musicgen-small architecture, base/unmerged/merged, batch 1 and 8
+    python bench/bench_generate.py                    # tiny + musicgen-small architecture, base/unmerged/merged,
+                                                      # batch 1 and 8
     python bench/bench_generate.py --quick            # smoke run (tiny model, 0.5 s)
     python bench/bench_generate.py --models small --dtypes auto,bfloat16 --json bench/results/generate.json
 
-Each case runs in a fresh child process (its own peak memory) after the parent measured the machine (matmul
-peaks, copy bandwidth; bench/machine.py). A case loads the model with lora.generation.model.load_generation_model
-(base; LoRA adapter unmerged; LoRA merged), then runs lora.generation.engine.generate (classifier-free guidance 3,
-top-k 250 sampling: one batched forward of the conditional and unconditional halves per step) on
-``--seconds`` of audio per prompt.
+Each case runs in a fresh child process (its own peak memory) after the parent measured the machine
+(matmul peaks, copy bandwidth; bench/machine.py). A case loads the model with
+lora.generation.model.load_generation_model (base; LoRA adapter unmerged; LoRA merged), then runs
+lora.generation.engine.generate (classifier-free guidance 3, top-k 250 sampling: one batched forward
+of the conditional and unconditional halves per step) on ``--seconds`` of audio per prompt.
 
-Reported: steady-state decoder steps per second (median interval between consecutive decoding steps after the
-first few, stamped where each step samples its tokens, so every ``--decodings`` path is timed alike; it includes
-sampling), the real-time factor (wall time of the whole generate call incl. text
-encoding and EnCodec decoding / seconds of audio produced; < 1 is faster than real time), and the bandwidth
-limit: each step must read every decoder weight used per step once (self-attention, cross-attention q/out,
-FFN, LM heads, norms; the cross-attention k/v of the text are cached, embeddings are gathered), so
-steps/s <= copy bandwidth / those bytes. The LoRA adapter used is random (rank 12 on attention, non-zero B).
+Reported: steady-state decoder steps per second (median interval between consecutive decoding steps
+after the first few, stamped where each step samples its tokens, so every ``--decodings`` path is
+timed alike; it includes sampling), the real-time factor (wall time of the whole generate call incl.
+text encoding and EnCodec decoding / seconds of audio produced; < 1 is faster than real time), and
+the bandwidth limit: each step must read every decoder weight used per step once (self-attention,
+cross-attention q/out, FFN, LM heads, norms; the cross-attention k/v of the text are cached,
+embeddings are gathered), so steps/s <= copy bandwidth / those bytes. The LoRA adapter used is
+random (rank 12 on attention, non-zero B).
 """
 
 from __future__ import annotations
@@ -36,17 +38,19 @@ sys.path.insert(0, str(ROOT / "bench"))
 from machine import peak_rss_mb, run_case_in_child  # noqa: E402
 
 VARIANTS = ("base", "unmerged", "merged")
-PROMPTS = ["deep house groove with warm bass", "lofi hip hop beat with mellow piano", "epic orchestral strings",
+PROMPTS = ["deep house groove with warm bass", "lofi hip hop beat with mellow piano",
+           "epic orchestral strings",
            "funky disco bassline with brass", "ambient pad with soft bells", "drum and bass breakbeat",
            "acoustic guitar folk melody", "dark techno with heavy kick"]
 
 
 def make_adapter(model_path: str, tiny_dir: str, rank: int, out: Path) -> Path:
-    """A random LoRA adapter (B != 0, so merging changes the weights) saved like train_lora saves one."""
+    """A random LoRA adapter (B != 0, so merging changes the weights) saved like train_lora saves
+    one."""
     import torch
 
-    from lora.modeling.adapter import attach_lora
     from lora.config import Config
+    from lora.modeling.adapter import attach_lora
     from lora.modeling.loading import load_base_model
 
     if (out / "adapter_model.safetensors").is_file():
@@ -80,9 +84,9 @@ def decoder_bytes_per_step(model) -> int:
 
 
 def stamp_steps(device, on_step) -> None:
-    """Call ``on_step()`` at every decoding step: lora.generation's TokenSampler runs once per step whatever
-    runs the decoder (transformers' forward, the static cache, a CUDA graph). On CUDA it synchronizes first,
-    so the stamps are the step's real end."""
+    """Call ``on_step()`` at every decoding step: lora.generation's TokenSampler runs once per step
+    whatever runs the decoder (transformers' forward, the static cache, a CUDA graph). On CUDA it
+    synchronizes first, so the stamps are the step's real end."""
     import torch
 
     from lora.generation import engine
@@ -102,9 +106,9 @@ def run_case(spec: dict) -> dict:
     import torch
 
     from lora.config import Config
-    from lora.generation.requests import Request, SamplingSettings
     from lora.generation.engine import generate
     from lora.generation.model import load_generation_model
+    from lora.generation.requests import Request, SamplingSettings
     from lora.modeling.loading import family_for
 
     device = torch.device(spec["device"])
@@ -125,9 +129,11 @@ def run_case(spec: dict) -> dict:
     B = spec["batch"]
 
     def reqs(seconds):
-        return [Request(prompt=PROMPTS[i % len(PROMPTS)], seed=i, duration=seconds, sampling=s) for i in range(B)]
+        return [Request(prompt=PROMPTS[i % len(PROMPTS)], seed=i, duration=seconds, sampling=s)
+                for i in range(B)]
 
-    generate(model, processor, info, reqs(0.5), batch_size=B, progress=False, decoding=dec)  # warm-up
+    # warm-up
+    generate(model, processor, info, reqs(0.5), batch_size=B, progress=False, decoding=dec)
     stamps.clear()
     t0 = time.perf_counter()
     generate(model, processor, info, reqs(spec["seconds"]), batch_size=B, progress=False, decoding=dec)
@@ -137,7 +143,8 @@ def run_case(spec: dict) -> dict:
     steps = [b - a for a, b in zip(stamps[3:], stamps[4:])]
     step_s = statistics.median(steps)
     wbytes = decoder_bytes_per_step(model)
-    out = {**spec, "load_s": load_s, "wall_s": wall, "decoder_steps": len(stamps), "step_s_median": step_s,
+    out = {**spec, "load_s": load_s, "wall_s": wall, "decoder_steps": len(stamps),
+           "step_s_median": step_s,
            "steps_per_s": 1.0 / step_s, "rtf": wall / (B * spec["seconds"]),
            "x_realtime_per_stream": spec["seconds"] / wall, "decoder_weight_bytes_per_step": wbytes,
            "decoder_dtype": str(family_for(info).decoder_param(model).dtype).replace("torch.", ""),
@@ -149,15 +156,15 @@ def run_case(spec: dict) -> dict:
 
 
 def run_paired(spec: dict) -> dict:
-    """Base, unmerged and merged models loaded side by side, timed in alternation (``rounds`` rounds), so that
-    the drift of a shared machine hits every variant alike; per variant the median over rounds of the median
-    step time."""
+    """Base, unmerged and merged models loaded side by side, timed in alternation (``rounds``
+    rounds), so that the drift of a shared machine hits every variant alike; per variant the median
+    over rounds of the median step time."""
     import torch
 
     from lora.config import Config
-    from lora.generation.requests import Request, SamplingSettings
     from lora.generation.engine import generate
     from lora.generation.model import load_generation_model
+    from lora.generation.requests import Request, SamplingSettings
     device = torch.device(spec["device"])
     models, stamps = {}, {v: [] for v in VARIANTS}
     current = [VARIANTS[0]]
@@ -167,17 +174,20 @@ def run_paired(spec: dict) -> dict:
         cfg.model.model_path, cfg.model.tiny_model_dir = spec["model_path"], spec["tiny_dir"]
         cfg.generation.dtype = spec["dtype"]
         cfg.generation.merge = v == "merged"
-        models[v] = load_generation_model(cfg, device=device, adapter_path=None if v == "base" else spec["adapter"])
+        models[v] = load_generation_model(cfg, device=device, adapter_path=None if v == "base"
+                                          else spec["adapter"])
     s = SamplingSettings(guidance_scale=3.0, top_k=250, do_sample=True)
     B = spec["batch"]
-    reqs = [Request(prompt=PROMPTS[i % len(PROMPTS)], seed=i, duration=spec["seconds"], sampling=s) for i in range(B)]
+    reqs = [Request(prompt=PROMPTS[i % len(PROMPTS)], seed=i, duration=spec["seconds"], sampling=s)
+            for i in range(B)]
     per = {v: [] for v in VARIANTS}
     for r in range(spec["rounds"] + 1):
         for v in VARIANTS:
             model, processor, info, _ = models[v]
             current[0] = v
             stamps[v].clear()
-            generate(model, processor, info, reqs, batch_size=B, progress=False, decoding=spec.get("decoding", "auto"))
+            generate(model, processor, info, reqs, batch_size=B, progress=False,
+                     decoding=spec.get("decoding", "auto"))
             if r > 0:  # round 0 is the warm-up
                 per[v].append(statistics.median(b - a for a, b in zip(stamps[v][3:], stamps[v][4:])))
     out = {v: {"step_s_rounds": per[v], "steps_per_s": 1.0 / statistics.median(per[v])} for v in VARIANTS}
@@ -192,19 +202,25 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny model, 0.5 s, batch 1 and 2")
     ap.add_argument("--models", default="tiny,small",
-                    help="comma list: tiny, small / medium / large (random weights, facebook/musicgen-* architecture)")
+                    help="comma list: tiny, small / medium / large (random weights, "
+                         "facebook/musicgen-* architecture)")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--dtypes", default="auto", help="comma list of generation.dtype values (auto: bf16 on GPUs and on CPUs with "
+    ap.add_argument("--dtypes", default="auto",
+                    help="comma list of generation.dtype values (auto: bf16 on GPUs and on CPUs with "
                          "AMX/AVX512-BF16, else fp32)")
     ap.add_argument("--decodings", default="auto",
-                    help="comma list of generation.decoding values: auto, transformers, static, cuda_graph")
-    ap.add_argument("--seconds", type=float, default=None, help="audio per prompt (default: tiny 4, small 3)")
+                    help="comma list of generation.decoding values: auto, transformers, static, "
+                         "cuda_graph")
+    ap.add_argument("--seconds", type=float, default=None,
+                    help="audio per prompt (default: tiny 4, small 3)")
     ap.add_argument("--rank", type=int, default=12)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--tiny_dir", default=str(ROOT / "output" / "tiny_model"))
-    ap.add_argument("--rounds", type=int, default=3, help="rounds of the interleaved base/unmerged/merged timing")
-    ap.add_argument("--no_paired", action="store_true", help="skip the interleaved base/unmerged/merged timing")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="rounds of the interleaved base/unmerged/merged timing")
+    ap.add_argument("--no_paired", action="store_true",
+                    help="skip the interleaved base/unmerged/merged timing")
     ap.add_argument("--paired_only", action="store_true", help="only the interleaved timing")
     ap.add_argument("--json", default=None)
     ap.add_argument("--_case", default=None, help=argparse.SUPPRESS)
@@ -219,9 +235,8 @@ def main(argv=None) -> int:
         spec = json.loads(args._case)
         print(json.dumps(run_paired(spec) if spec.get("paired") else run_case(spec)))
         return 0
-    import torch
-
     import machine
+    import torch
 
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
         ("cpu" if args.device == "auto" else args.device)
@@ -234,15 +249,17 @@ def main(argv=None) -> int:
     results = []
     for model in models:
         path = model_path(model)
-        adapter = str(make_adapter(path, args.tiny_dir, args.rank, Path("/tmp") / f"bench_adapter_{model}_r{args.rank}"))
+        adapter = str(make_adapter(path, args.tiny_dir, args.rank, Path("/tmp")
+                                   / f"bench_adapter_{model}_r{args.rank}"))
         secs = 0.5 if args.quick else (args.seconds or (4.0 if model == "tiny" else 3.0))
         for dtype in ([] if args.paired_only else args.dtypes.split(",")):
             for b in batches:
                 for dec in args.decodings.split(","):
                     for v in args.variants.split(","):
-                        spec = {"model": model, "model_path": path, "tiny_dir": args.tiny_dir, "adapter": adapter,
-                                "variant": v, "batch": b, "dtype": dtype, "seconds": secs, "device": device,
-                                "decoding": dec}
+                        spec = {"model": model, "model_path": path, "tiny_dir": args.tiny_dir,
+                                "adapter": adapter,
+                                "variant": v, "batch": b, "dtype": dtype, "seconds": secs,
+                                "device": device, "decoding": dec}
                         r = run_child(spec)
                         results.append(r)
                         print(f"  {model} {dtype} batch {b} {dec} {v}: {r['steps_per_s']:.2f} steps/s, "
@@ -255,7 +272,8 @@ def main(argv=None) -> int:
             for dtype in args.dtypes.split(","):
                 for b in batches:
                     spec = {"model": model, "model_path": path, "tiny_dir": args.tiny_dir,
-                            "adapter": str(Path("/tmp") / f"bench_adapter_{model}_r{args.rank}"), "batch": b,
+                            "adapter": str(Path("/tmp") / f"bench_adapter_{model}_r{args.rank}"),
+                            "batch": b,
                             "dtype": dtype, "seconds": secs, "device": device, "paired": True,
                             "rounds": 1 if args.quick else args.rounds,
                             "decoding": args.decodings.split(",")[0]}
@@ -266,8 +284,8 @@ def main(argv=None) -> int:
     bw = m["copy_bandwidth_bytes"]
     command = "python bench/bench_generate.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"\nGeneration, CFG 3 (batched cond+uncond), top-k 250 | {m['date']} | `{command.strip()}`\n")
-    print("| model | dtype | batch | decoding | variant | decoder steps/s | vs base | bandwidth limit steps/s | "
-          "% of limit | RTF (wall/audio) | audio s | peak RSS (MB) | load (s) |")
+    print("| model | dtype | batch | decoding | variant | decoder steps/s | vs base | bandwidth "
+          "limit steps/s | % of limit | RTF (wall/audio) | audio s | peak RSS (MB) | load (s) |")
     print("|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         base = next((x for x in results if x["model"] == r["model"] and x["dtype"] == r["dtype"]
@@ -275,26 +293,31 @@ def main(argv=None) -> int:
                      and x.get("decoding") == r.get("decoding")), None)
         limit = bw / r["decoder_weight_bytes_per_step"]
         rel = f"{100 * r['steps_per_s'] / base['steps_per_s']:.1f}%" if base else "-"
-        mem = f"{r['peak_rss_mb']:.0f}" + (f" / CUDA {r['cuda_max_allocated_mb']:.0f}" if "cuda_max_allocated_mb" in r
+        mem = f"{r['peak_rss_mb']:.0f}" + (f" / CUDA {r['cuda_max_allocated_mb']:.0f}"
+                                           if "cuda_max_allocated_mb" in r
                                            else "")
-        print(f"| {r['model']} | {r['decoder_dtype']} | {r['batch']} | {r.get('decoding', 'auto')} | {r['variant']} | {r['steps_per_s']:.2f} | {rel} | "
-              f"{limit:.1f} | {100 * r['steps_per_s'] / limit:.0f}% | {r['rtf']:.3f} | {r['batch'] * r['seconds']:g} | "
-              f"{mem} | {r['load_s']:.1f} |")
+        print(f"| {r['model']} | {r['decoder_dtype']} | {r['batch']} | {r.get('decoding', 'auto')} "
+              f"| {r['variant']} | {r['steps_per_s']:.2f} | {rel} | {limit:.1f} | "
+              f"{100 * r['steps_per_s'] / limit:.0f}% | {r['rtf']:.3f} | "
+              f"{r['batch'] * r['seconds']:g} | {mem} | {r['load_s']:.1f} |")
     if paired:
-        print(f"\nInterleaved timing (the three variants loaded side by side, timed in turn, {args.rounds} rounds; "
-              f"median step time):\n")
+        print(f"\nInterleaved timing (the three variants loaded side by side, timed in turn, "
+              f"{args.rounds} rounds; median step time):\n")
         print("| model | dtype | batch | decoding | base steps/s | unmerged steps/s | merged steps/s | "
               "unmerged vs base | merged vs base |")
         print("|---|---|---:|---|---:|---:|---:|---:|---:|")
         for r in paired:
             pr = r["paired"]
             b0 = pr["base"]["steps_per_s"]
-            print(f"| {r['model']} | {r['dtype']} | {r['batch']} | {r.get('decoding', 'auto')} | {b0:.2f} | {pr['unmerged']['steps_per_s']:.2f} | "
-                  f"{pr['merged']['steps_per_s']:.2f} | {100 * pr['unmerged']['steps_per_s'] / b0:.1f}% | "
+            print(f"| {r['model']} | {r['dtype']} | {r['batch']} | {r.get('decoding', 'auto')} | "
+                  f"{b0:.2f} | {pr['unmerged']['steps_per_s']:.2f} | "
+                  f"{pr['merged']['steps_per_s']:.2f} | "
+                  f"{100 * pr['unmerged']['steps_per_s'] / b0:.1f}% | "
                   f"{100 * pr['merged']['steps_per_s'] / b0:.1f}% |")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"machine": m, "command": command.strip(), "results": results,
+        Path(args.json).write_text(json.dumps({"machine": m, "command": command.strip(),
+                                               "results": results,
                                                "interleaved": paired}, indent=1))
     return 0
 

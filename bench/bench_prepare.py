@@ -4,10 +4,10 @@
     python bench/bench_prepare.py --quick    # a smoke run that takes seconds
     python bench/bench_prepare.py --json bench/prepare_results.json
 
-Measures seconds of audio prepared per wall-clock second (decode + resample + trim + cut + write PCM16
-clips) with 1 worker and with all workers, on a generated folder of FLAC tracks; and the peak memory
-(RSS of a fresh process, and Python-tracked allocations) when preparing one long file. Prints a
-markdown table and the machine (CPU model, cores).
+Measures seconds of audio prepared per wall-clock second (decode + resample + trim + cut + write
+PCM16 clips) with 1 worker and with all workers, on a generated folder of FLAC tracks; and the peak
+memory (RSS of a fresh process, and Python-tracked allocations) when preparing one long file. Prints
+a markdown table and the machine (CPU model, cores).
 """
 
 from __future__ import annotations
@@ -39,8 +39,10 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def make_track(path: Path, seconds: float, sr: int, seed: int, channels: int = 2, fmt: str = "FLAC") -> None:
-    """A song-like signal written block by block (a few partials, tremolo, noise), never all in memory."""
+def make_track(path: Path, seconds: float, sr: int, seed: int, channels: int = 2,
+               fmt: str = "FLAC") -> None:
+    """A song-like signal written block by block (a few partials, tremolo, noise), never all in
+    memory."""
     rng = np.random.default_rng(seed)
     freqs = rng.uniform(80, 2000, 4)
     block = sr * 10
@@ -48,20 +50,23 @@ def make_track(path: Path, seconds: float, sr: int, seed: int, channels: int = 2
         for start in range(0, int(seconds * sr), block):
             n = min(block, int(seconds * sr) - start)
             t = (start + np.arange(n)) / sr
-            y = sum(np.sin(2 * np.pi * fr * t) for fr in freqs) / 8 * (1 + 0.3 * np.sin(2 * np.pi * 0.3 * t))
+            y = sum(np.sin(2 * np.pi * fr * t) for fr in freqs) / 8 * (1 + 0.3
+                                                                       * np.sin(2 * np.pi * 0.3 * t))
             y = y + 0.01 * rng.standard_normal(n)
             f.write(np.stack([y * (1 - 0.1 * c) for c in range(channels)], axis=1).astype(np.float32))
 
 
 def run_prepare(input_dir: Path, out: Path, workers: int) -> dict:
-    from lora import prepare_data
-
     import contextlib
     import io
 
+    from lora import prepare_data
+
     t0 = time.perf_counter()
-    with contextlib.redirect_stdout(io.StringIO()):  # the data summary is not part of the benchmark output
-        rc = prepare_data.main(["--input_dir", str(input_dir), "--output_dir", str(out), "--num_workers", str(workers)])
+    # the data summary is not part of the benchmark output
+    with contextlib.redirect_stdout(io.StringIO()):
+        rc = prepare_data.main(["--input_dir", str(input_dir), "--output_dir", str(out),
+                                "--num_workers", str(workers)])
     wall = time.perf_counter() - t0
     if rc != 0:
         raise SystemExit(f"prepare_data failed with exit code {rc}")
@@ -70,7 +75,8 @@ def run_prepare(input_dir: Path, out: Path, workers: int) -> dict:
 
 
 def peak_memory(long_file: Path, out: Path) -> dict:
-    """Peak RSS of a fresh process preparing the long file, minus that of a process that only imports."""
+    """Peak RSS of a fresh process preparing the long file, minus that of a process that only
+    imports."""
     code = """
 import json, resource, sys, tracemalloc
 sys.path.insert(0, {root!r})
@@ -89,20 +95,24 @@ print(json.dumps({{"base_kb": base, "peak_kb": resource.getrusage(resource.RUSAG
 """
     res = {}
     for run in (False, True):
-        r = subprocess.run([sys.executable, "-c", code.format(root=str(ROOT), run=run, inp=str(long_file.parent),
+        r = subprocess.run([sys.executable, "-c",
+                            code.format(root=str(ROOT), run=run, inp=str(long_file.parent),
                                                                 out=str(out))],
                            capture_output=True, text=True, check=True)
         res[run] = json.loads(r.stdout.strip().splitlines()[-1])
-    return {"rss_peak_mb": res[True]["peak_kb"] / 1024, "rss_import_only_mb": res[False]["peak_kb"] / 1024,
-            "traced_peak_mb": res[True]["traced"] / 1e6}
+    return {"rss_peak_mb": res[True]["peak_kb"] / 1024, "rss_import_only_mb": res[False]["peak_kb"]
+            / 1024, "traced_peak_mb": res[True]["traced"] / 1e6}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks that the benchmark runs")
-    ap.add_argument("--tracks", type=int, default=None, help="tracks in the generated folder (default 12; quick 4)")
-    ap.add_argument("--track_seconds", type=float, default=None, help="length of each track (default 60; quick 12)")
-    ap.add_argument("--long_minutes", type=float, default=None, help="length of the long file (default 20; quick 2)")
+    ap.add_argument("--tracks", type=int, default=None,
+                    help="tracks in the generated folder (default 12; quick 4)")
+    ap.add_argument("--track_seconds", type=float, default=None,
+                    help="length of each track (default 60; quick 12)")
+    ap.add_argument("--long_minutes", type=float, default=None,
+                    help="length of the long file (default 20; quick 2)")
     ap.add_argument("--workers", type=int, default=0, help="'all workers' setting; 0 = one per CPU core")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = ap.parse_args(argv)
@@ -138,16 +148,17 @@ def main(argv=None) -> int:
     print("\n| case | workers | audio (s) | wall (s) | audio s per wall s | clips |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['case']} | {r['workers']} | {r['audio_s']:.0f} | {r['wall_s']:.2f} | {r['x_realtime']:.1f} "
-              f"| {r['clips']} |")
+        print(f"| {r['case']} | {r['workers']} | {r['audio_s']:.0f} | {r['wall_s']:.2f} | "
+              f"{r['x_realtime']:.1f} | {r['clips']} |")
     print("\n| long file | peak RSS (MB) | RSS after imports only (MB) | Python-tracked peak (MB) | "
           "whole file as float32 @32 kHz (MB) |")
     print("|---|---:|---:|---:|---:|")
-    print(f"| {long_min:g} min FLAC 44.1 kHz stereo | {mem['rss_peak_mb']:.0f} | {mem['rss_import_only_mb']:.0f} | "
-          f"{mem['traced_peak_mb']:.1f} | {full_mb:.0f} |")
+    print(f"| {long_min:g} min FLAC 44.1 kHz stereo | {mem['rss_peak_mb']:.0f} | "
+          f"{mem['rss_import_only_mb']:.0f} | {mem['traced_peak_mb']:.1f} | {full_mb:.0f} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": {"cpu": cpu_model(), "cores": os.cpu_count()},
-                                               "speed": rows, "memory": {"minutes": long_min, **mem}}, indent=2))
+                                               "speed": rows,
+                                               "memory": {"minutes": long_min, **mem}}, indent=2))
     return 0
 
 

@@ -1,11 +1,13 @@
-"""Set-up before the first training step, phase by phase, on musicgen-small / -medium / -large architectures:
-load_base_model, LoRA attach (peft), the bf16 cast of the frozen decoder weights, the move to the device and the
-step options -- the parts of lora.training.model_prep.prepare_model, timed apart, each model in a fresh process.
+"""Set-up before the first training step, phase by phase, on musicgen-small / -medium / -large
+architectures: load_base_model, LoRA attach (peft), the bf16 cast of the frozen decoder weights, the
+move to the device and the step options -- the parts of lora.training.model_prep.prepare_model,
+timed apart, each model in a fresh process.
 
     python bench/bench_setup.py --models small,medium,large [--json bench/results/setup.json]
 
-Random weights (bench/musicgen_arch.py builds each folder once: 2.4 / 7 / 14 GB); the model files are read once
-before each case, so the load is from the page cache (a process cold start, not a disk one).
+Random weights (bench/musicgen_arch.py builds each folder once: 2.4 / 7 / 14 GB); the model files
+are read once before each case, so the load is from the page cache (a process cold start, not a disk
+one).
 """
 
 from __future__ import annotations
@@ -25,12 +27,12 @@ from machine import peak_rss_mb, run_case_in_child, save_json  # noqa: E402
 
 def run_case(spec: dict) -> dict:
     import torch
+    from musicgen_arch import model_path
 
-    from lora.modeling.adapter import attach_lora
     from lora.config import Config
+    from lora.modeling.adapter import attach_lora
     from lora.modeling.loading import load_base_model
     from lora.training.model_prep import configure_step, move_trained_modules, prepare_frozen_weights
-    from musicgen_arch import model_path
 
     cfg = Config()
     cfg.model.model_path = model_path(spec["model"])
@@ -83,12 +85,12 @@ def main(argv=None) -> int:
     m = machine.describe()
     print(f"Set-up phases | {m['cpu']}, {m['cores']} cores | {m['date']} | `python bench/bench_setup.py "
           f"{' '.join(argv if argv is not None else sys.argv[1:])}`\n")
-    print("| model | parameters | load s | LoRA attach s | bf16 cast s | move s | step options s | LoRA set-up s "
-          "| peak RSS GB |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| model | parameters | load s | LoRA attach s | bf16 cast s | move s | step options s | "
+          "LoRA set-up s | peak RSS GB |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['model']} | {r['parameters'] / 1e9:.2f} B | {r['load_s']:.1f} | {r['attach_lora_s']:.2f} | "
-              f"{r['cast_bf16_s']:.2f} | {r['move_s']:.2f} | {r['configure_s']:.2f} | {r['lora_setup_s']:.2f} | "
-              f"{r['peak_rss_mb'] / 1024:.1f} |")
+        print(f"| {r['model']} | {r['parameters'] / 1e9:.2f} B | {r['load_s']:.1f} | "
+              f"{r['attach_lora_s']:.2f} | {r['cast_bf16_s']:.2f} | {r['move_s']:.2f} | "
+              f"{r['configure_s']:.2f} | {r['lora_setup_s']:.2f} | {r['peak_rss_mb'] / 1024:.1f} |")
     if a.json:
         save_json(a.json, {"machine": m, "results": rows})
     return 0

@@ -1,12 +1,14 @@
-"""What padding the text states costs in generation: lora.generation pads every prompt's text states to a multiple
-of TEXT_PAD_MULTIPLE tokens (so a seed reproduces its sample alone or batched, in bf16 too); this times generate()
-with several multiples in ONE process, interleaved over rounds (the host drifts), on the musicgen-small
-architecture (random weights, bench/musicgen_arch.py) in the default dtype.
+"""What padding the text states costs in generation: lora.generation pads every prompt's text states
+to a multiple of TEXT_PAD_MULTIPLE tokens (so a seed reproduces its sample alone or batched, in bf16
+too); this times generate() with several multiples in ONE process, interleaved over rounds (the host
+drifts), on the musicgen-small architecture (random weights, bench/musicgen_arch.py) in the default
+dtype.
 
     python bench/bench_text_padding.py                       # batch 8, multiples 64, 32, 16, 3 rounds
     python bench/bench_text_padding.py --batch 1 --multiples 32,16 --rounds 4
 
-The prompts are all shorter than the smallest multiple, so every case is one batch of the same prompts.
+The prompts are all shorter than the smallest multiple, so every case is one batch of the same
+prompts.
 """
 
 from __future__ import annotations
@@ -37,18 +39,19 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="small")
     a = ap.parse_args(argv)
 
-    from lora.generation import engine
     from lora.config import Config
-    from lora.generation.requests import Request, SamplingSettings
+    from lora.generation import engine
     from lora.generation.engine import generate
     from lora.generation.model import load_generation_model
+    from lora.generation.requests import Request, SamplingSettings
     from lora.modeling.loading import family_for
 
     cfg = Config()
     cfg.model.model_path = model_path(a.model)
     model, processor, info, _ = load_generation_model(cfg, adapter_path=None)
     s = SamplingSettings(guidance_scale=3.0, top_k=250, do_sample=True)
-    reqs = [Request(prompt=PROMPTS[i % len(PROMPTS)], seed=i, duration=a.seconds, sampling=s) for i in range(a.batch)]
+    reqs = [Request(prompt=PROMPTS[i % len(PROMPTS)], seed=i, duration=a.seconds, sampling=s)
+            for i in range(a.batch)]
     multiples = [int(m) for m in a.multiples.split(",")]
     times: dict[int, list[float]] = {m: [] for m in multiples}
     for rnd in range(a.rounds + 1):
@@ -66,7 +69,8 @@ def main(argv=None) -> int:
           f"median of {a.rounds} interleaved rounds:")
     for m in multiples:
         med = statistics.median(times[m])
-        print(f"  text padded to {m:3d}: {med:6.2f} s  ({100 * (med / base - 1):+.0f}% vs {min(multiples)})")
+        print(f"  text padded to {m:3d}: {med:6.2f} s  ({100 * (med / base - 1):+.0f}% vs "
+              f"{min(multiples)})")
     return 0
 
 

@@ -5,21 +5,25 @@
     python bench/bench_train.py --models small --cases cached-bf16 --steps 8 --json bench/results/train.json
     python bench/bench_train.py --profile cached-bf16 --models small   # torch.profiler table of the step
 
-Each case runs in a fresh child process (so its peak memory is its own), after the parent measured the
-machine's matmul peak (fp32, bf16) and copy bandwidth (bench/machine.py) in the same run. A case:
+Each case runs in a fresh child process (so its peak memory is its own), after the parent measured
+the machine's matmul peak (fp32, bf16) and copy bandwidth (bench/machine.py) in the same run. A
+case:
 
 * loads the model through lora.modeling.loading.load_base_model (timed apart) and prepares it with
-  lora.training.model_prep.prepare_model (LoRA rank 12, alpha 24, default targets = decoder self+cross attention;
-  training.base_weights_dtype; device placement; the step's options), exactly like train_lora.py;
-* ``cached`` modes: builds the token cache of the batch (EnCodec codes + T5 states, timed apart as "cache
-  build"), then times the step train_lora.py runs: a batch from CachedTokenDataset + collate_tokens,
-  lora.training.step.step_loss (delay pattern, decoder on cached text states, per-codebook loss) under
-  Accelerator.autocast, Accelerator.backward, gradient clipping, AdamW step;
-* ``encode`` mode (what peers do, fp32 like them): EnCodec-encodes the raw audio and T5-encodes the captions
-  inside every step, then the same decoder forward/backward/update.
+  lora.training.model_prep.prepare_model (LoRA rank 12, alpha 24, default targets = decoder
+  self+cross attention; training.base_weights_dtype; device placement; the step's options), exactly
+  like train_lora.py;
+* ``cached`` modes: builds the token cache of the batch (EnCodec codes + T5 states, timed apart as
+  "cache build"), then times the step train_lora.py runs: a batch from CachedTokenDataset +
+  collate_tokens, lora.training.step.step_loss (delay pattern, decoder on cached text states,
+  per-codebook loss) under Accelerator.autocast, Accelerator.backward, gradient clipping, AdamW
+  step;
+* ``encode`` mode (what peers do, fp32 like them): EnCodec-encodes the raw audio and T5-encodes the
+  captions inside every step, then the same decoder forward/backward/update.
 
-Steady state: ``--warmup`` steps are excluded, the median of ``--steps`` step times is reported. FLOPs are
-counted analytically (see ``train_flops``) and cross-checked once per case with torch's FlopCounterMode.
+Steady state: ``--warmup`` steps are excluded, the median of ``--steps`` step times is reported.
+FLOPs are counted analytically (see ``train_flops``) and cross-checked once per case with torch's
+FlopCounterMode.
 """
 
 from __future__ import annotations
@@ -44,16 +48,18 @@ CASES = {
     "cached-bf16-fp32weights": ("cached", "bf16", "float32"),
     "cached-bf16": ("cached", "bf16", "auto"),
     "encode-fp32": ("encode", "no", "float32"),
-    "cached-fp16": ("cached", "fp16", "auto"),  # CUDA: fp16 autocast + GradScaler (the seed's --fp16)
+    # CUDA: fp16 autocast + GradScaler (the seed's --fp16)
+    "cached-fp16": ("cached", "fp16", "auto"),
 }
-# A case name may end in "+ckpt" (gradient checkpointing) and/or "+compile" (torch.compile of the decoder) or
-# "+compile-ro" (torch.compile, mode reduce-overhead: CUDA graphs).
+# A case name may end in "+ckpt" (gradient checkpointing) and/or "+compile" (torch.compile of the
+# decoder) or "+compile-ro" (torch.compile, mode reduce-overhead: CUDA graphs).
 SUFFIXES = ("+ckpt", "+compile", "+compile-ro")
 
 
 def parse_case(name: str) -> tuple[str, dict]:
-    """'cached-bf16+ckpt' -> ('cached-bf16', {'checkpointing': True}); unknown names are refused. '+compile-ro':
-    torch_compile with compile_mode reduce-overhead (CUDA graphs; flags compile + compile_mode)."""
+    """'cached-bf16+ckpt' -> ('cached-bf16', {'checkpointing': True}); unknown names are refused.
+    '+compile-ro': torch_compile with compile_mode reduce-overhead (CUDA graphs; flags compile +
+    compile_mode)."""
     flags = {}
     if "+compile-ro" in name:
         name = name.replace("+compile-ro", "")
@@ -75,16 +81,17 @@ CAPTIONS = ["deep house groove with warm bass and soft pads 124 bpm in a minor k
 # --------------------------------------------------------------------------------------------
 def train_flops(dec, text_cfg, B: int, T: int, L: int, rank: int, n_lora_self: int, n_lora_cross: int,
                 checkpointing: bool = False) -> dict:
-    """FLOPs of one LoRA train step of the MusicGen decoder on B clips of T frames with L text tokens.
+    """FLOPs of one LoRA train step of the MusicGen decoder on B clips of T frames with L text
+    tokens.
 
-    Forward: every linear layer 2*tokens*in*out (self-attention q/k/v/out on B*S tokens; cross-attention q/out on
-    B*S tokens and k/v on the B*L text tokens; fc1/fc2; the K lm heads; the text projection on the text), attention
-    QK^T and AV 2*B*S*S'*D each (S' = S self, L cross; the causal mask is not discounted: the kernel computes
-    the full square), LoRA 2*tokens*r*(in+out) per adapted layer.
-    Backward with frozen base weights: input-gradient matmuls only (= the forward FLOPs of every linear whose
-    input needs a gradient, i.e. all but the cross-attention k/v and the text projection, which read the frozen text
-    states), 2x the attention FLOPs (dQ,dK and dP,dV), 2x the LoRA FLOPs (weight + input gradients).
-    Gradient checkpointing adds one more forward.
+    Forward: every linear layer 2*tokens*in*out (self-attention q/k/v/out on B*S tokens;
+    cross-attention q/out on B*S tokens and k/v on the B*L text tokens; fc1/fc2; the K lm heads; the
+    text projection on the text), attention QK^T and AV 2*B*S*S'*D each (S' = S self, L cross; the
+    causal mask is not discounted: the kernel computes the full square), LoRA 2*tokens*r*(in+out)
+    per adapted layer. Backward with frozen base weights: input-gradient matmuls only (= the forward
+    FLOPs of every linear whose input needs a gradient, i.e. all but the cross-attention k/v and the
+    text projection, which read the frozen text states), 2x the attention FLOPs (dQ,dK and dP,dV),
+    2x the LoRA FLOPs (weight + input gradients). Gradient checkpointing adds one more forward.
     """
     D, F, N, K, V = dec.hidden_size, dec.ffn_dim, dec.num_hidden_layers, dec.num_codebooks, dec.vocab_size
     Dt = text_cfg.d_model
@@ -99,7 +106,8 @@ def train_flops(dec, text_cfg, B: int, T: int, L: int, rank: int, n_lora_self: i
     heads = K * 2 * tok * D * V
     proj = 2 * txt * Dt * D
     lora = n_lora_self * 2 * tok * rank * 2 * D + n_lora_cross * 0  # filled below
-    # cross-attention LoRA: q/out on decoder tokens, k/v on text tokens (per layer: 2 of each when all four adapted)
+    # cross-attention LoRA: q/out on decoder tokens, k/v on text tokens (per layer: 2 of each when
+    # all four adapted)
     lora_cross = n_lora_cross * 2 * ((tok + txt) / 2) * rank * 2 * D
     lora = lora + lora_cross
     fwd_linear = N * (lin_self + lin_cross_q_out + lin_cross_kv + ffn) + heads + proj
@@ -110,9 +118,10 @@ def train_flops(dec, text_cfg, B: int, T: int, L: int, rank: int, n_lora_self: i
 
 
 def matmul_floor(dec, B: int, S: int, dtype, device, repeats: int = 3) -> dict:
-    """Time of the step's big frozen matmuls (forward and input-gradient shapes of self-attention q/k/v/out,
-    cross-attention q/out, fc1, fc2 and the LM heads, B*S rows) when each runs alone at the speed this machine
-    reaches for that shape: a floor for the step time that no overhead removal can beat."""
+    """Time of the step's big frozen matmuls (forward and input-gradient shapes of self-attention
+    q/k/v/out, cross-attention q/out, fc1, fc2 and the LM heads, B*S rows) when each runs alone at
+    the speed this machine reaches for that shape: a floor for the step time that no overhead
+    removal can beat."""
     import torch
     import torch.nn.functional as F
 
@@ -176,13 +185,13 @@ def run_case(spec: dict) -> dict:
     import torch
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+    from musicgen_arch import model_path
 
     from lora.config import Config
     from lora.dataset import CachedClip, CachedTokenDataset, collate_tokens
     from lora.modeling.loading import family_for, load_base_model
     from lora.training.model_prep import prepare_model, set_train_mode
     from lora.training.step import step_loss
-    from musicgen_arch import model_path
 
     mode, precision, weights = CASES[spec["case"]]
     device = torch.device(spec["device"])
@@ -198,8 +207,10 @@ def run_case(spec: dict) -> dict:
     torch.manual_seed(0)
 
     t0 = time.perf_counter()
-    model, processor, info = load_base_model(cfg.model)  # placement as in train_lora.py: encoders first,
-    load_s = time.perf_counter() - t0                   # the decoder after LoRA + the frozen-weight cast
+    # placement as in train_lora.py: encoders first,
+    model, processor, info = load_base_model(cfg.model)
+    # the decoder after LoRA + the frozen-weight cast
+    load_s = time.perf_counter() - t0
     fam = family_for(info)
     fam.audio_codec(model).to(device)
     fam.text_encoder_of(model).to(device)
@@ -209,7 +220,8 @@ def run_case(spec: dict) -> dict:
     n = int(secs * info.sample_rate)
     tt = torch.arange(n) / info.sample_rate
     g = torch.Generator().manual_seed(1)
-    wavs = torch.stack([sum(torch.sin(2 * torch.pi * f * tt) for f in (110.0 * (i + 1), 220.0 * (i + 1.5), 440.0))
+    wavs = torch.stack([sum(torch.sin(2 * torch.pi * f * tt)
+                            for f in (110.0 * (i + 1), 220.0 * (i + 1.5), 440.0))
                         / 4 + 0.05 * torch.randn(n, generator=g) for i in range(B)])[:, None, :]
     texts = [CAPTIONS[i % len(CAPTIONS)] for i in range(B)]
 
@@ -221,12 +233,14 @@ def run_case(spec: dict) -> dict:
     sync()
     cache_s = time.perf_counter() - t0
     clips = [CachedClip(id=str(i), text=texts[i], split="train", codes=codes[i].to(torch.int16),
-                        hidden=hidden[i, :int(mask[i].sum())].cpu(), mask=mask[i, :int(mask[i].sum())].cpu())
+                        hidden=hidden[i, :int(mask[i].sum())].cpu(),
+                        mask=mask[i, :int(mask[i].sum())].cpu())
              for i in range(B)]
     ds = CachedTokenDataset(clips, max_frames=codes.shape[-1], seed=0, train=True, cond_dropout=0.0)
     L = int(mask.shape[1])
 
-    if mode == "cached":  # training reads tokens only: the encoders leave the accelerator, as in train_lora
+    # training reads tokens only: the encoders leave the accelerator, as in train_lora
+    if mode == "cached":
         fam.audio_codec(model).to("cpu")
         fam.text_encoder_of(model).to("cpu")
     cfg.training.base_weights_dtype = weights
@@ -251,8 +265,8 @@ def run_case(spec: dict) -> dict:
         with torch.no_grad():  # peers: encode audio + text inside every step, fp32
             c = fam.encode_audio(model, wavs.to(device), info)
             h, m = fam.encode_text(model, processor, texts, device=device)
-        return {"codes": c, "lengths": torch.full((B,), c.shape[-1], dtype=torch.long), "hidden": h, "mask": m,
-                "dropped": torch.zeros(B, dtype=torch.bool), "texts": texts}
+        return {"codes": c, "lengths": torch.full((B,), c.shape[-1], dtype=torch.long), "hidden": h,
+                "mask": m, "dropped": torch.zeros(B, dtype=torch.bool), "texts": texts}
 
     def step():
         t_a = time.perf_counter()
@@ -279,13 +293,16 @@ def run_case(spec: dict) -> dict:
     step_peak = {}
     prof = None
     for i in range(spec["warmup"] + spec["steps"]):
-        if i == spec["warmup"] and device.type == "cuda":  # steady-state training memory, apart from load/cache
+        # steady-state training memory, apart from load/cache
+        if i == spec["warmup"] and device.type == "cuda":
             step_peak["cuda_setup_max_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
             torch.cuda.reset_peak_memory_stats(device)
         if i == spec["warmup"] and spec.get("profile"):  # --profile: the timed steps only
-            from torch.profiler import ProfilerActivity, profile as tprofile
+            from torch.profiler import ProfilerActivity
+            from torch.profiler import profile as tprofile
 
-            prof = tprofile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
+            prof = tprofile(activities=[ProfilerActivity.CPU]
+                            + ([ProfilerActivity.CUDA] if device.type == "cuda"
                                                                  else []))
             prof.__enter__()
         if i >= spec["warmup"] and spec.get("adjacent_peaks", True):
@@ -326,21 +343,26 @@ def run_case(spec: dict) -> dict:
     if spec.get("adjacent_peaks", True):
         mm_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         ratios["matmul_floor"] = matmul_floor(base_cfg.decoder, B, fl["seq_len"], mm_dtype, device)
-        ratios["matmul_floor_peak_bf16_after"] = machine.matmul_peak(torch.bfloat16, device, n=n_peak, repeats=3)
-    if adjacent:  # per step: achieved / the higher of the peaks measured just before and just after it
+        ratios["matmul_floor_peak_bf16_after"] = machine.matmul_peak(torch.bfloat16, device,
+                                                                     n=n_peak, repeats=3)
+    # per step: achieved / the higher of the peaks measured just before and just after it
+    if adjacent:
         for k, key in enumerate(("bf16", "fp32")):
             ratios[f"pct_of_adjacent_{key}_peak"] = 100 * statistics.median(
                 fl["total"] / t / max(adjacent[j][k], adjacent[j + 1][k]) for j, t in enumerate(times))
             ratios[f"adjacent_{key}_peaks"] = [a[k] for a in adjacent]
     return {
-        **spec, **ratios, "decoder_dropout": cfg.training.decoder_dropout, "mode": mode, "precision": precision, "base_weights_dtype": wdtype, "attn_implementation": attn_impl,
-        "load_s": load_s, "cache_build_s": cache_s, "step_s_median": med, "step_s_mean": statistics.mean(times),
+        **spec, **ratios, "decoder_dropout": cfg.training.decoder_dropout, "mode": mode,
+        "precision": precision, "base_weights_dtype": wdtype, "attn_implementation": attn_impl,
+        "load_s": load_s, "cache_build_s": cache_s, "step_s_median": med,
+        "step_s_mean": statistics.mean(times),
         "step_s_all": times, "data_s_median": statistics.median(data_times), "losses": losses,
         "frames": T, "text_tokens": L, "codebooks": info.num_codebooks,
         "audio_s_per_s": B * secs / med, "tokens_per_s": B * T * info.num_codebooks / med,
         "flops_step": fl["total"], "flops_forward": fl["forward"], "flops_counted_decoder_step": counted,
         "achieved_flops": fl["total"] / med, "trainable_params": sum(p.numel() for p in params),
-        "lora_layers": n_self + n_cross, "threads": torch.get_num_threads(), **peak_memory_mb(device), **step_peak,
+        "lora_layers": n_self + n_cross, "threads": torch.get_num_threads(),
+        **peak_memory_mb(device), **step_peak,
         **({"profile_table": profile_table} if profile_table else {})}
 
 
@@ -351,40 +373,54 @@ def run_child(spec: dict) -> dict:
     return run_case_in_child(__file__, spec)
 
 
+def compiled(r: dict) -> str:
+    """The compile column's note of a result row."""
+    if not r.get("compile"):
+        return ""
+    return " +compile-ro" if r.get("compile_mode") == "reduce-overhead" else " +compile"
+
+
 def table(results: list[dict], m: dict) -> str:
-    rows = ["| model | case | precision | base weights | step (s, median) | audio-s/s | tokens/s | data (ms) | "
-            "TFLOP/step | TFLOP/s | % of fp32 peak | % of bf16 peak | % of bf16 peak (adjacent) | "
-            "peak RSS (MB) [/ CUDA max allocated: load + cache build, training steps] | load (s) | cache build (s) |",
+    rows = ["| model | case | precision | base weights | step (s, median) | audio-s/s | tokens/s | "
+            "data (ms) | TFLOP/step | TFLOP/s | % of fp32 peak | % of bf16 peak | % of bf16 peak "
+            "(adjacent) | peak RSS (MB) [/ CUDA max allocated: load + cache build, training steps] "
+            "| load (s) | cache build (s) |",
             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
-        mem = f"{r['peak_rss_mb']:.0f}" + (f" / CUDA load+cache {r['cuda_setup_max_allocated_mb']:.0f}, steps "
+        mem = f"{r['peak_rss_mb']:.0f}" + (f" / CUDA load+cache "
+                                           f"{r['cuda_setup_max_allocated_mb']:.0f}, steps "
                                            f"{r['cuda_step_max_allocated_mb']:.0f}"
                                            if "cuda_step_max_allocated_mb" in r else "")
         rows.append(
             f"| {r['model']} | {r['case']}{' +ckpt' if r.get('checkpointing') else ''}"
-            f"{(' +compile-ro' if r.get('compile_mode') == 'reduce-overhead' else ' +compile') if r.get('compile') else ''} | {r['precision']} | {r['base_weights_dtype']} | "
+            f"{compiled(r)} | {r['precision']} | {r['base_weights_dtype']} | "
             f"{r['step_s_median']:.3f} | {r['audio_s_per_s']:.2f} | {r['tokens_per_s']:.0f} | "
-            f"{1000 * r['data_s_median']:.1f} | {r['flops_step'] / 1e12:.3f} | {r['achieved_flops'] / 1e12:.3f} | "
-            f"{100 * r['achieved_flops'] / m['peak_fp32_flops']:.0f}% | {100 * r['achieved_flops'] / m['peak_bf16_flops']:.0f}% | "
-            f"{r.get('pct_of_adjacent_bf16_peak', float('nan')):.0f}% | {mem} | {r['load_s']:.1f} | {r['cache_build_s']:.2f} |")
+            f"{1000 * r['data_s_median']:.1f} | {r['flops_step'] / 1e12:.3f} | "
+            f"{r['achieved_flops'] / 1e12:.3f} | "
+            f"{100 * r['achieved_flops'] / m['peak_fp32_flops']:.0f}% | "
+            f"{100 * r['achieved_flops'] / m['peak_bf16_flops']:.0f}% | "
+            f"{r.get('pct_of_adjacent_bf16_peak', float('nan')):.0f}% | {mem} | {r['load_s']:.1f} "
+            f"| {r['cache_build_s']:.2f} |")
     return "\n".join(rows)
 
 
 def ratios(results: list[dict]) -> list[str]:
     out = []
-    by = {(r["model"], r["case"]): r for r in results if not r.get("compile") and not r.get("checkpointing")}
+    by = {(r["model"], r["case"]): r for r in results if not r.get("compile")
+          and not r.get("checkpointing")}
     for model in sorted({r["model"] for r in results}):
         enc = by.get((model, "encode-fp32"))
         for case in ("cached-fp32", "cached-bf16-fp32weights", "cached-bf16"):
             c = by.get((model, case))
             if enc and c:
-                out.append(f"- {model}: {case} trains at {c['audio_s_per_s'] / enc['audio_s_per_s']:.1f}x the "
-                           f"audio-s/s of encode-every-step fp32")
+                out.append(f"- {model}: {case} trains at "
+                           f"{c['audio_s_per_s'] / enc['audio_s_per_s']:.1f}x the audio-s/s of "
+                           f"encode-every-step fp32")
         a, b = by.get((model, "cached-bf16-fp32weights")), by.get((model, "cached-bf16"))
         if a and b:
             out.append(f"- {model}: bf16 base weights vs fp32 base weights under bf16 autocast: step "
-                       f"{b['step_s_median']:.3f} s vs {a['step_s_median']:.3f} s, peak RSS {b['peak_rss_mb']:.0f} "
-                       f"vs {a['peak_rss_mb']:.0f} MB")
+                       f"{b['step_s_median']:.3f} s vs {a['step_s_median']:.3f} s, peak RSS "
+                       f"{b['peak_rss_mb']:.0f} vs {a['peak_rss_mb']:.0f} MB")
     return out
 
 
@@ -392,29 +428,34 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny model, 1 s clips, 1+2 steps")
     ap.add_argument("--models", default="tiny,small",
-                    help="comma list: tiny, small / medium / large (random weights, facebook/musicgen-* architecture)")
+                    help="comma list: tiny, small / medium / large (random weights, "
+                         "facebook/musicgen-* architecture)")
     ap.add_argument("--cases", default="cached-fp32,cached-bf16-fp32weights,cached-bf16,encode-fp32",
-                    help=f"comma list of {', '.join(CASES)}; a name may end in +ckpt (gradient checkpointing) "
-                         f"and/or +compile")
+                    help=f"comma list of {', '.join(CASES)}; a name may end in +ckpt (gradient "
+                         f"checkpointing) and/or +compile")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seconds", type=float, default=10.0, help="clip length, s")
     ap.add_argument("--rank", type=int, default=12)
     ap.add_argument("--steps", type=int, default=None, help="timed steps per case (default 6; quick 2)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed warm-up steps (default 2; quick 1)")
     ap.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads in each case; 0 = torch's default")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads in each case; 0 = torch's default")
     ap.add_argument("--decoder_dropout", default=None,
-                    help="training.decoder_dropout for the cases (a number, or null = the checkpoint's 0.1); "
-                         "default: the config default")
+                    help="training.decoder_dropout for the cases (a number, or null = the "
+                         "checkpoint's 0.1); default: the config default")
     ap.add_argument("--tiny_dir", default=str(ROOT / "output" / "tiny_model"))
     ap.add_argument("--no_flop_check", action="store_true", help="skip the FlopCounterMode cross-check")
-    ap.add_argument("--profile", default=None, help="profile one case with torch.profiler instead (prints a table)")
+    ap.add_argument("--profile", default=None,
+                    help="profile one case with torch.profiler instead (prints a table)")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     ap.add_argument("--cold_start", action="store_true",
-                    help="instead: time train_lora.py as a whole process from a cold start (--steps steps, default "
-                         "12) and print where the time goes (start-up, load, token cache, LoRA set-up, first step, "
-                         "steady step, ...), read from the run's logs/timing.json")
-    ap.add_argument("--data_dir", default=None, help="--cold_start: the prepared data (default: the synthetic "
+                    help="instead: time train_lora.py as a whole process from a cold start "
+                         "(--steps steps, default 12) and print where the time goes (start-up, "
+                         "load, token cache, LoRA set-up, first step, steady step, ...), read from "
+                         "the run's logs/timing.json")
+    ap.add_argument("--data_dir", default=None,
+                    help="--cold_start: the prepared data (default: the synthetic "
                                                      "example set, made in a temporary folder)")
     ap.add_argument("--_case", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -428,9 +469,8 @@ def main(argv=None) -> int:
         print(json.dumps(run_case(json.loads(args._case))))
         return 0
 
-    import torch
-
     import machine
+    import torch
 
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
         ("cpu" if args.device == "auto" else args.device)
@@ -438,7 +478,8 @@ def main(argv=None) -> int:
         models, secs, steps, warmup = ["tiny"], 1.0, args.steps or 2, args.warmup or 1
     else:
         models, secs, steps, warmup = args.models.split(","), args.seconds, args.steps or 6, args.warmup or 2
-    base_spec = {"batch": args.batch, "seconds": secs, "rank": args.rank, "steps": steps, "warmup": warmup,
+    base_spec = {"batch": args.batch, "seconds": secs, "rank": args.rank, "steps": steps,
+                 "warmup": warmup,
                  "device": device, "tiny_dir": args.tiny_dir, "flop_check": not args.no_flop_check,
                  "threads": args.threads, "adjacent_peaks": not args.quick}
     if args.decoder_dropout is not None:
@@ -459,27 +500,31 @@ def main(argv=None) -> int:
             spec = dict(base_spec, model=model, case=case, **flags)
             results.append(run_child(spec))
             r = results[-1]
-            print(f"  {model} {name}: {r['step_s_median']:.3f} s/step, {r['audio_s_per_s']:.2f} audio-s/s, "
-                  f"{100 * r['achieved_flops'] / m['peak_bf16_flops']:.0f}% of the run's bf16 peak, "
-                  f"{r.get('pct_of_adjacent_bf16_peak', float('nan')):.0f}% of the adjacent bf16 peaks", flush=True)
+            print(f"  {model} {name}: {r['step_s_median']:.3f} s/step, {r['audio_s_per_s']:.2f} "
+                  f"audio-s/s, {100 * r['achieved_flops'] / m['peak_bf16_flops']:.0f}% of the "
+                  f"run's bf16 peak, {r.get('pct_of_adjacent_bf16_peak', float('nan')):.0f}% of "
+                  f"the adjacent bf16 peaks", flush=True)
     command = "python bench/bench_train.py " + " ".join(argv if argv is not None else sys.argv[1:])
     dd = sorted({str(r.get("decoder_dropout")) for r in results})
     attn = sorted({str(r.get("attn_implementation")) for r in results})
-    print(f"\nTraining step, batch {args.batch} x {secs:g} s, LoRA rank {args.rank} on attention, steady state "
-          f"(median of {steps} steps after {warmup} warm-up), decoder dropout {'/'.join(dd)}, attention "
-          f"{'/'.join(attn)} | {m['date']} | `{command.strip()}`\n")
+    print(f"\nTraining step, batch {args.batch} x {secs:g} s, LoRA rank {args.rank} on attention, "
+          f"steady state (median of {steps} steps after {warmup} warm-up), decoder dropout "
+          f"{'/'.join(dd)}, attention {'/'.join(attn)} | {m['date']} | `{command.strip()}`\n")
     print(table(results, m))
     print()
     print("\n".join(ratios(results)))
     check = [r for r in results if r.get("flops_counted_decoder_step")]
     if check:
-        print("\nFLOP count check (analytic vs torch FlopCounterMode, decoder forward+backward): " + ", ".join(
-            f"{r['model']}/{r['case']} {r['flops_step'] / 1e12:.3f} vs {r['flops_counted_decoder_step'] / 1e12:.3f}"
+        print("\nFLOP count check (analytic vs torch FlopCounterMode, decoder forward+backward): "
+              + ", ".join(
+            f"{r['model']}/{r['case']} {r['flops_step'] / 1e12:.3f} vs "
+            f"{r['flops_counted_decoder_step'] / 1e12:.3f}"
             for r in check if r["case"] == "cached-bf16" and not r.get("compile")
             and not r.get("checkpointing")))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"machine": m, "command": command.strip(), "results": results},
+        Path(args.json).write_text(json.dumps({"machine": m, "command": command.strip(),
+                                               "results": results},
                                               indent=1))
     return 0
 
@@ -490,7 +535,8 @@ def main(argv=None) -> int:
 PHASE_NOTES = {
     "start-up": "interpreter, imports, config, metadata, Accelerator",
     "load": "load_base_model (weights from safetensors; the identity hash once per file)",
-    "token cache": "EnCodec codes + text-encoder states of every clip (lora.dataprep.token_cache.build_token_cache)",
+    "token cache": "EnCodec codes + text-encoder states of every clip "
+                   "(lora.dataprep.token_cache.build_token_cache)",
     "LoRA set-up": "attach LoRA, cast the frozen decoder weights, move to the device, step options",
     "other set-up": "data plan, optimizer, scheduler, config.yaml",
     "base held-out loss": "validation before the first step",
@@ -500,7 +546,8 @@ PHASE_NOTES = {
 
 
 def cold_start(args, models: list[str], argv) -> int:
-    """train_lora.py in a fresh process per model, timed from outside (wall) and from inside (logs/timing.json)."""
+    """train_lora.py in a fresh process per model, timed from outside (wall) and from inside
+    (logs/timing.json)."""
     import subprocess
     import tempfile
 
@@ -516,13 +563,15 @@ def cold_start(args, models: list[str], argv) -> int:
             data = args.data_dir
             if data is None:
                 data = str(tmp / "data")
-                subprocess.run([sys.executable, str(ROOT / "lora" / "prepare_data.py"), "--create_example",
+                subprocess.run([sys.executable, str(ROOT / "lora" / "prepare_data.py"),
+                                "--create_example",
                                 "--output_dir", data], check=True, capture_output=True)
             machine.read_folder_once(path)  # a process cold start, not a disk one
-            cmd = [sys.executable, str(ROOT / "lora" / "train_lora.py"), "--model_path", path, "--data_dir", data,
+            cmd = [sys.executable, str(ROOT / "lora" / "train_lora.py"), "--model_path", path,
+                   "--data_dir", data,
                    "--output_dir", str(tmp / "out"), "--batch_size", str(args.batch),
-                   "--gradient_accumulation_steps", "1", "--max_steps", str(steps), "--eval_steps", "100000",
-                   "--save_steps", "100000", "--seed", "1"]
+                   "--gradient_accumulation_steps", "1", "--max_steps", str(steps), "--eval_steps",
+                   "100000", "--save_steps", "100000", "--seed", "1"]
             t0 = time.time()
             proc = subprocess.run(cmd, capture_output=True, text=True)
             wall = time.time() - t0
@@ -533,18 +582,21 @@ def cold_start(args, models: list[str], argv) -> int:
         rows.append({"model": name, "steps": steps, "wall_s": wall, "timing": timing})
     m = machine.describe()
     command = "python bench/bench_train.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    print(f"Cold start of train_lora.py, {steps} steps, batch {args.batch} | {m['cpu']}, {m['cores']} cores, torch "
-          f"{m['torch']} | "
+    print(f"Cold start of train_lora.py, {steps} steps, batch {args.batch} | {m['cpu']}, "
+          f"{m['cores']} cores, torch {m['torch']} | "
           f"{time.strftime('%Y-%m-%d')} | `{command.strip()}`\n")
     for r in rows:
         t = r["timing"]
-        print(f"{r['model']}: whole process {r['wall_s']:.1f} s (measured outside; {t['total']:.1f} s inside)\n")
+        print(f"{r['model']}: whole process {r['wall_s']:.1f} s (measured outside; "
+              f"{t['total']:.1f} s inside)\n")
         print("| phase | seconds | share | what |\n|---|---:|---:|---|")
-        keys = [k for k in t if k not in ("total", "steady steps", "all steps", "first step", "steady step")]
+        keys = [k for k in t
+                if k not in ("total", "steady steps", "all steps", "first step", "steady step")]
         for k in keys + ["first step", "steady step"]:
             if t.get(k) is None:
                 continue
-            share = 100 * t[k] / t["total"] if k != "steady step" else 100 * t[k] * t["steady steps"] / t["total"]
+            share = 100 * t[k] / t["total"] if k != "steady step" else 100 * t[k] * t["steady "
+                                                                                      "steps"] / t["total"]
             what = PHASE_NOTES.get(k, "")
             if k == "steady step":
                 what += f" ({t['steady steps']} steps; share = all of them)"
@@ -556,12 +608,13 @@ def cold_start(args, models: list[str], argv) -> int:
 
 
 def profile(spec: dict) -> int:
-    """torch.profiler over the timed steady-state steps of one case (not the load, cache build, warm-up or the
-    peak measurements): which ops dominate the step. Prints the table, totals over all timed steps."""
+    """torch.profiler over the timed steady-state steps of one case (not the load, cache build,
+    warm-up or the peak measurements): which ops dominate the step. Prints the table, totals over
+    all timed steps."""
     spec = dict(spec, flop_check=False, adjacent_peaks=False, profile=True)
     r = run_case(spec)
-    print(f"{spec['model']} {spec['case']}: {r['step_s_median']:.3f} s/step (median of {spec['steps']} steps, "
-          f"under the profiler); the table sums all {spec['steps']} steps")
+    print(f"{spec['model']} {spec['case']}: {r['step_s_median']:.3f} s/step (median of "
+          f"{spec['steps']} steps, under the profiler); the table sums all {spec['steps']} steps")
     print(r["profile_table"])
     return 0
 

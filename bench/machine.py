@@ -24,8 +24,8 @@ def _sync(device):
 
 
 def peak_size(device) -> int:
-    """Matrix size for the peak: 2048 on a CPU (larger gains nothing there), 8192 on a GPU (2048 is too small
-    to fill an H100's tensor cores)."""
+    """Matrix size for the peak: 2048 on a CPU (larger gains nothing there), 8192 on a GPU (2048 is
+    too small to fill an H100's tensor cores)."""
     return 8192 if torch.device(device).type == "cuda" else 2048
 
 
@@ -64,8 +64,8 @@ def copy_bandwidth(device=None, mbytes: int = 512, repeats: int = 8) -> float:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process in MB (Linux VmHWM; unlike ru_maxrss it is not inherited from the
-    parent process across fork + exec; ru_maxrss where /proc is missing)."""
+    """Peak resident memory of this process in MB (Linux VmHWM; unlike ru_maxrss it is not inherited
+    from the parent process across fork + exec; ru_maxrss where /proc is missing)."""
     import resource
 
     status = Path("/proc/self/status")
@@ -77,12 +77,13 @@ def peak_rss_mb() -> float:
 
 
 def run_case_in_child(script: str, spec: dict) -> dict:
-    """Run one benchmark case in a fresh process (``script --_case JSON``) and return the JSON line it prints
-    last; a failing case stops the benchmark with its stderr."""
+    """Run one benchmark case in a fresh process (``script --_case JSON``) and return the JSON line
+    it prints last; a failing case stops the benchmark with its stderr."""
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, script, "--_case", json.dumps(spec)], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, script, "--_case", json.dumps(spec)], capture_output=True,
+                       text=True)
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
     if r.returncode != 0 or not lines:
         sys.stderr.write(r.stderr[-4000:])
@@ -107,7 +108,9 @@ def describe() -> dict:
         flags = [f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f in have]
     except OSError:
         flags = []
-    if flags:  # the CPU's name alone does not tell (an Intel Xeon with AMX and an AMD EPYC without differ 2.5x)
+    # the CPU's name alone does not tell (an Intel Xeon with AMX and an AMD EPYC without differ
+    # 2.5x)
+    if flags:
         cpu = f"{cpu} [{' '.join(flags)}]"
     d = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
          "torch": torch.__version__, "python": platform.python_version(),
@@ -119,23 +122,25 @@ def describe() -> dict:
 
 
 def measure(device=None, quick: bool = False) -> dict:
-    """Machine description plus peaks (n x n matmuls, n = peak_size) and copy bandwidth; quick uses smaller sizes
-    (for smoke tests)."""
+    """Machine description plus peaks (n x n matmuls, n = peak_size) and copy bandwidth; quick uses
+    smaller sizes (for smoke tests)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     n = 1024 if quick else peak_size(device)
     out = describe()
     out["peak_matmul_n"] = n
     out["peak_fp32_flops"] = matmul_peak(torch.float32, device, n=n, repeats=3 if quick else 10)
     out["peak_bf16_flops"] = matmul_peak(torch.bfloat16, device, n=n, repeats=3 if quick else 10)
-    out["copy_bandwidth_bytes"] = copy_bandwidth(device, mbytes=64 if quick else 512, repeats=3 if quick else 8)
+    out["copy_bandwidth_bytes"] = copy_bandwidth(device, mbytes=64 if quick else 512, repeats=3
+                                                 if quick else 8)
     return out
 
 
 def summary_line(m: dict) -> str:
     return (f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads)"
             + (f", GPU {m['gpu']}" if "gpu" in m else "")
-            + f" | peak ({m.get('peak_matmul_n', 2048)}^2 matmul) fp32 {m['peak_fp32_flops'] / 1e12:.2f} TFLOP/s, bf16 {m['peak_bf16_flops'] / 1e12:.2f} TFLOP/s,"
-              f" copy {m['copy_bandwidth_bytes'] / 1e9:.1f} GB/s | {m['date']}")
+            + f" | peak ({m.get('peak_matmul_n', 2048)}^2 matmul) fp32 "
+              f"{m['peak_fp32_flops'] / 1e12:.2f} TFLOP/s, bf16 {m['peak_bf16_flops'] / 1e12:.2f} "
+              f"TFLOP/s, copy {m['copy_bandwidth_bytes'] / 1e9:.1f} GB/s | {m['date']}")
 
 
 if __name__ == "__main__":
@@ -153,8 +158,8 @@ def save_json(path, obj) -> None:
 
 
 def read_folder_once(folder) -> None:
-    """Read every file of ``folder`` once, so that a timed load that follows reads the page cache (a process cold
-    start, not a disk benchmark)."""
+    """Read every file of ``folder`` once, so that a timed load that follows reads the page cache (a
+    process cold start, not a disk benchmark)."""
     from pathlib import Path
 
     for f in Path(folder).glob("*"):

@@ -1,7 +1,9 @@
-"""The CPU train step in one process, variants alternating step by step (bench_attention.py, bench_dropout.py).
+"""The CPU train step in one process, variants alternating step by step (bench_attention.py,
+bench_dropout.py).
 
-A change to the step moves it by a few percent, less than this kind of VM's drift between two processes; one
-process, one batch and the variants in turn (the order swapped every round) put the drift on all of them alike.
+A change to the step moves it by a few percent, less than this kind of VM's drift between two
+processes; one process, one batch and the variants in turn (the order swapped every round) put the
+drift on all of them alike.
 """
 
 from __future__ import annotations
@@ -10,21 +12,22 @@ import time
 
 
 def cpu_train_step(model_name: str, frames: int, text_tokens: int, padding: float = 0.25):
-    """(step, model) for train_lora.py's step on a CPU: the model prepared exactly like train_lora.py
-    (lora.training.model_prep.prepare_model, default config: bf16 autocast, bf16 frozen weights, LoRA rank 12 on attention),
-    one batch of 2 clips x ``frames`` codec frames with ``text_tokens`` caption states (the second caption
-    ``padding`` shorter: a padding mask, as in a real batch of two captions); ``step()`` runs step_loss, backward,
-    clipping and AdamW and returns its seconds. ``model_name``: small / medium / large (random weights with that
-    architecture), tiny, or a model folder."""
+    """(step, model) for train_lora.py's step on a CPU: the model prepared exactly like
+    train_lora.py (lora.training.model_prep.prepare_model, default config: bf16 autocast, bf16
+    frozen weights, LoRA rank 12 on attention), one batch of 2 clips x ``frames`` codec frames with
+    ``text_tokens`` caption states (the second caption ``padding`` shorter: a padding mask, as in a
+    real batch of two captions); ``step()`` runs step_loss, backward, clipping and AdamW and returns
+    its seconds. ``model_name``: small / medium / large (random weights with that architecture),
+    tiny, or a model folder."""
     import torch
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+    from musicgen_arch import model_path
 
-    from lora.training import model_prep
-    from lora.training import step as training_step
     from lora.config import Config
     from lora.modeling.loading import load_base_model
-    from musicgen_arch import model_path
+    from lora.training import model_prep
+    from lora.training import step as training_step
 
     cfg = Config()
     cfg.model.model_path = model_path(model_name)
@@ -41,7 +44,8 @@ def cpu_train_step(model_name: str, frames: int, text_tokens: int, padding: floa
     batch = {"codes": torch.randint(0, info.vocab_size, (B, info.num_codebooks, frames), generator=g),
              "lengths": torch.full((B,), frames),
              "hidden": torch.randn(B, text_tokens, info.text_hidden_size, generator=g),
-             "mask": torch.ones(B, text_tokens, dtype=torch.long), "dropped": torch.zeros(B, dtype=torch.bool)}
+             "mask": torch.ones(B, text_tokens, dtype=torch.long),
+             "dropped": torch.zeros(B, dtype=torch.bool)}
     shorter = text_tokens - int(round(padding * text_tokens))
     batch["mask"][1, shorter:] = 0
     batch["hidden"][1, shorter:] = 0
@@ -60,9 +64,9 @@ def cpu_train_step(model_name: str, frames: int, text_tokens: int, padding: floa
 
 
 def alternate(step, variants: dict, rounds: int, warmup: int = 3) -> dict:
-    """Seconds per step of each variant: ``variants`` maps a name to a function that switches the model to it;
-    ``warmup`` steps first (not timed), then ``rounds`` rounds of one step per variant, the order swapped every
-    round. The first variant is switched on again at the end."""
+    """Seconds per step of each variant: ``variants`` maps a name to a function that switches the
+    model to it; ``warmup`` steps first (not timed), then ``rounds`` rounds of one step per variant,
+    the order swapped every round. The first variant is switched on again at the end."""
     names = list(variants)
     times = {name: [] for name in names}
     try:

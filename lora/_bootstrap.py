@@ -1,11 +1,11 @@
 """The one bootstrap, for a user who runs a script without installing the project.
 
-``bash install.sh`` installs this project in editable mode (``pip install -e .``), and then ``import lora`` finds
-this package from anywhere and this module changes nothing. Run as a file without that (``python
-lora/train_lora.py``, or ``cd lora && python train_lora.py`` as the user's plan does), Python puts only lora/
-itself on ``sys.path``; each script calls ``find_package()`` before it imports the library, which puts the folder
-above lora/ there. It does the same when another copy of the project is the one installed, so a script always
-runs the library that sits beside it.
+``bash install.sh`` installs this project in editable mode (``pip install -e .``), and then ``import
+lora`` finds this package from anywhere and this module changes nothing. Run as a file without that
+(``python lora/train_lora.py``, or ``cd lora && python train_lora.py`` as the user's plan does),
+Python puts only lora/ itself on ``sys.path``; each script calls ``find_package()`` before it
+imports the library, which puts the folder above lora/ there. It does the same when another copy of
+the project is the one installed, so a script always runs the library that sits beside it.
 """
 
 import importlib.util

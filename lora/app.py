@@ -1,17 +1,19 @@
-"""A local web UI: generate with base model and fine-tune side by side (A/B, blind), watch and steer training,
-read evaluations. ``bash install.sh --ui`` installs what it needs (gradio); then::
+"""A local web UI: generate with base model and fine-tune side by side (A/B, blind), watch and steer
+training, read evaluations. ``bash install.sh --ui`` installs what it needs (gradio); then::
 
     python lora/app.py                       # http://127.0.0.1:7860, bound to this machine only
     python lora/app.py --listen --port 7860 --auth user:password     # reachable on the LAN (use --auth)
 
-Nothing here decodes on its own: Generate runs lora.generation.engine.generate (the engine of inference_lora.py) on ONE
-base model, loaded once and kept; adapters are loaded onto it with peft (``load_adapter``/``set_adapter``) and the
-base side of an A/B runs inside peft's ``disable_adapter()``, so no second base is loaded; several adapters are a
-mix, all active at once, each at its own strength (as inference_lora.py's ``load_adapters``). The files go under
-output/ui/ with the CLI's ManifestWriter (lora/generation/manifest.py: the same manifest fields) and a ``reproduce.sh``
-holding the inference_lora.py command that regenerates them. Train and Evaluate run train_lora.py / evaluate.py as
-subprocesses with flags, so UI runs and CLI runs are the same thing. GPU work (generation, evaluation) goes through
-one queue, one job at a time; waiting jobs show their place in it.
+Nothing here decodes on its own: Generate runs lora.generation.engine.generate (the engine of
+inference_lora.py) on ONE base model, loaded once and kept; adapters are loaded onto it with peft
+(``load_adapter``/``set_adapter``) and the base side of an A/B runs inside peft's
+``disable_adapter()``, so no second base is loaded; several adapters are a mix, all active at once,
+each at its own strength (as inference_lora.py's ``load_adapters``). The files go under output/ui/
+with the CLI's ManifestWriter (lora/generation/manifest.py: the same manifest fields) and a
+``reproduce.sh`` holding the inference_lora.py command that regenerates them. Train and Evaluate run
+train_lora.py / evaluate.py as subprocesses with flags, so UI runs and CLI runs are the same thing.
+GPU work (generation, evaluation) goes through one queue, one job at a time; waiting jobs show their
+place in it.
 """
 
 from __future__ import annotations
@@ -62,17 +64,21 @@ from lora.webui.runs import (
 # Server
 # ============================================================================================
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description="Local web UI: generate (A/B base vs fine-tune), train, evaluate.")
+    ap = argparse.ArgumentParser(description="Local web UI: generate (A/B base vs fine-tune), "
+                                             "train, evaluate.")
     ap.add_argument("--config", default=None, help="config.yaml to read (default: the repository's)")
     ap.add_argument("--output_root", default=str(REPO_ROOT / "output"),
                     help="Folder whose runs and adapters are listed; UI files go to OUTPUT_ROOT/ui")
-    ap.add_argument("--listen", action="store_true", help="Bind 0.0.0.0 (reachable from the LAN); default 127.0.0.1")
+    ap.add_argument("--listen", action="store_true",
+                    help="Bind 0.0.0.0 (reachable from the LAN); default 127.0.0.1")
     ap.add_argument("--port", type=int, default=7860)
     ap.add_argument("--auth", default=None, help="user:password required to open the UI")
-    ap.add_argument("--max_ui_age_days", type=float, default=7.0, help="Delete UI outputs older than this")
+    ap.add_argument("--max_ui_age_days", type=float, default=7.0,
+                    help="Delete UI outputs older than this")
     ap.add_argument("--max_ui_gb", type=float, default=5.0, help="Keep UI outputs under this total size")
     ns = ap.parse_args(argv)
-    if ns.auth is not None and (":" not in ns.auth or not ns.auth.split(":", 1)[0] or not ns.auth.split(":", 1)[1]):
+    if ns.auth is not None and (":" not in ns.auth or not ns.auth.split(":", 1)[0]
+                                or not ns.auth.split(":", 1)[1]):
         ap.error("--auth must be user:password")
     return ns
 
@@ -89,14 +95,15 @@ def _gradio():
     try:
         import gradio as gr
     except ImportError:
-        raise UserError("The web UI needs gradio: bash install.sh --ui (pip install -r requirements-ui.txt).") \
+        raise UserError("The web UI needs gradio: bash install.sh --ui (pip install -r "
+                        "requirements-ui.txt).") \
             from None
     return gr
 
 
 def _message(e: BaseException) -> str:
-    """What the page shows for a failure: the user's error as it is; anything else by its type and text (the
-    traceback goes to the server's log, never to the page)."""
+    """What the page shows for a failure: the user's error as it is; anything else by its type and
+    text (the traceback goes to the server's log, never to the page)."""
     if isinstance(e, UserError):
         return f"Error: {e}"
     log.error("unexpected error in the UI", exc_info=e)
@@ -126,9 +133,11 @@ def _player_updates(gr, state: dict, key: Optional[str]):
 
 
 def _generate_handler(gr, engine: Engine, out_root: Path, ns):
-    def on_generate(prompts, model_path, adapter, lora_scale, duration, guidance, temperature, top_k, top_p, seed,
+    def on_generate(prompts, model_path, adapter, lora_scale, duration, guidance, temperature,
+                    top_k, top_p, seed,
                     num_samples, audio_prompt, mode, blind, melody, progress=gr.Progress()):
-        f = GenForm(prompts or "", model_path or "", adapter or [], lora_scale, duration, guidance, temperature,
+        f = GenForm(prompts or "", model_path or "", adapter or [], lora_scale, duration, guidance,
+                    temperature,
                     top_k, top_p, seed, num_samples, audio_prompt, mode, bool(blind), melody or None)
         last = [0.0]
 
@@ -141,7 +150,8 @@ def _generate_handler(gr, engine: Engine, out_root: Path, ns):
         try:
             clean_ui_outputs(out_root / "ui", ns.max_ui_age_days * 86400, ns.max_ui_gb * 2 ** 30)
             sides, first_seed, stopped = run_generation(engine, f, out_root, report)
-        except Exception as e:  # every failure becomes a message in the page; the server keeps serving
+        # every failure becomes a message in the page; the server keeps serving
+        except Exception as e:
             return (_message(e), *_player_updates(gr, empty, None), gr.update(choices=[], value=None),
                     gr.update(visible=False), None, empty)
         done = [s for s in sides if s.entries]
@@ -149,9 +159,10 @@ def _generate_handler(gr, engine: Engine, out_root: Path, ns):
         if f.blind and len(order) == 2:
             random.shuffle(order)
         by_label = {s.label: s for s in done}
-        names = [("A" if i == 0 else "B") if f.blind else _side_name(by_label[lab], f) for i, lab in enumerate(order)]
-        state = {"pairs": _pairs(done), "order": order, "names": names, "blind": f.blind and len(order) == 2,
-                 "real": [_side_name(by_label[lab], f) for lab in order]}
+        names = [("A" if i == 0 else "B") if f.blind else _side_name(by_label[lab], f) for i,
+                 lab in enumerate(order)]
+        state = {"pairs": _pairs(done), "order": order, "names": names, "blind": f.blind
+                 and len(order) == 2, "real": [_side_name(by_label[lab], f) for lab in order]}
         n_files = sum(len(s.entries) for s in sides)
         lines = [("Stopped: " if stopped else "Done: ") + f"{n_files} file(s), seed {first_seed}"
                  + (f"–{first_seed + int(f.num_samples) - 1}" if int(f.num_samples) > 1 else "")
@@ -161,8 +172,8 @@ def _generate_handler(gr, engine: Engine, out_root: Path, ns):
         keys = [r["key"] for r in state["pairs"]]
         files = [p for r in state["pairs"] for p in r["files"].values()] if not state["blind"] else None
         return ("\n".join(lines), *_player_updates(gr, state, keys[0] if keys else None),
-                gr.update(choices=keys, value=keys[0] if keys else None), gr.update(visible=state["blind"]), files,
-                state)
+                gr.update(choices=keys, value=keys[0] if keys else None),
+                gr.update(visible=state["blind"]), files, state)
 
     return on_generate
 
@@ -172,30 +183,35 @@ def _side_name(side: Side, f: GenForm) -> str:
         return f"Base model ({f.model_path.strip()})"
     if len(side.adapters) == 1:
         return f"Fine-tune ({Path(side.adapters[0]).name}, lora_scale {side.scales[0]:g})"
-    return "Fine-tune (" + " + ".join(f"{Path(a).name} × {s:g}" for a, s in zip(side.adapters, side.scales)) + ")"
+    return "Fine-tune (" + " + ".join(f"{Path(a).name} × {s:g}" for a,
+                                      s in zip(side.adapters, side.scales)) + ")"
 
 
 def _generate_tab(gr, cfg: Config, engine: Engine, out_root: Path, ns) -> None:
     adapters = list_adapters(out_root) if out_root.is_dir() else []
     g = cfg.generation
-    scale = " ".join(f"{float(x):g}" for x in (g.lora_scale if isinstance(g.lora_scale, list) else [g.lora_scale]))
+    scale = " ".join(f"{float(x):g}"
+                     for x in (g.lora_scale if isinstance(g.lora_scale, list) else [g.lora_scale]))
     with gr.Row():
         with gr.Column(scale=1):
             prompts = gr.Textbox(label="Prompts (one per line)", lines=3, elem_id="prompts",
                                  placeholder="lofi hip hop beat with warm piano")
-            model_path = gr.Textbox(label="Base model (hub id, folder or 'tiny')", value=cfg.model.model_path,
-                                    elem_id="model_path")
+            model_path = gr.Textbox(label="Base model (hub id, folder or 'tiny')",
+                                    value=cfg.model.model_path, elem_id="model_path")
             with gr.Row():
-                adapter = gr.Dropdown(label="Adapters (pick or type a folder; several = a mix; none = base model)",
-                                      choices=adapters, value=adapters[:1], multiselect=True, allow_custom_value=True,
-                                      elem_id="adapter", scale=4)
+                adapter = gr.Dropdown(label="Adapters (pick or type a folder; several = a mix; "
+                                            "none = base model)",
+                                      choices=adapters, value=adapters[:1], multiselect=True,
+                                      allow_custom_value=True, elem_id="adapter", scale=4)
                 refresh = gr.Button("Refresh list", elem_id="refresh_adapters", scale=1)
             mode = gr.Radio(list(MODES), value=MODES[0], label="Mode", elem_id="mode")
             blind = gr.Checkbox(label="Blind A/B: hide which is which until revealed", elem_id="blind")
             with gr.Row():
-                lora_scale = gr.Textbox(value=scale, label="Strength per adapter (lora_scale; e.g. 1 or 0.7, 0.4)",
+                lora_scale = gr.Textbox(value=scale,
+                                        label="Strength per adapter (lora_scale; e.g. 1 or 0.7, 0.4)",
                                         elem_id="lora_scale")
-                duration = gr.Number(value=g.duration, label="Duration, s (over 30 s: windowed)", elem_id="duration")
+                duration = gr.Number(value=g.duration, label="Duration, s (over 30 s: windowed)",
+                                     elem_id="duration")
                 num_samples = gr.Number(value=g.num_samples, precision=0, label="Samples per prompt",
                                         elem_id="num_samples")
             with gr.Row():
@@ -204,8 +220,8 @@ def _generate_tab(gr, cfg: Config, engine: Engine, out_root: Path, ns) -> None:
                 top_k = gr.Number(value=g.top_k, precision=0, label="Top-k", elem_id="top_k")
                 top_p = gr.Number(value=g.top_p, label="Top-p", elem_id="top_p")
                 seed = gr.Textbox(value="random", label="Seed (number or 'random')", elem_id="seed")
-            audio_prompt = gr.File(label="Audio prompt to continue (optional; WAV/FLAC/MP3/OGG)", type="filepath",
-                                   elem_id="audio_prompt")
+            audio_prompt = gr.File(label="Audio prompt to continue (optional; WAV/FLAC/MP3/OGG)",
+                                   type="filepath", elem_id="audio_prompt")
             melody = gr.File(label="Melody to follow (melody models; WAV/FLAC/MP3/OGG)", type="filepath",
                              elem_id="melody_audio", visible=is_melody_base(cfg.model.model_path))
             with gr.Row():
@@ -218,21 +234,24 @@ def _generate_tab(gr, cfg: Config, engine: Engine, out_root: Path, ns) -> None:
                 player_b = gr.Audio(label="B", type="filepath", interactive=False, elem_id="player_b")
             sample = gr.Dropdown(label="Sample", choices=[], elem_id="sample_pick")
             reveal = gr.Button("Reveal which is which", visible=False, elem_id="reveal_btn")
-            files = gr.File(label="Downloads", file_count="multiple", interactive=False, elem_id="downloads")
+            files = gr.File(label="Downloads", file_count="multiple", interactive=False,
+                            elem_id="downloads")
             state = gr.State({})
-    inputs = [prompts, model_path, adapter, lora_scale, duration, guidance, temperature, top_k, top_p, seed,
-              num_samples, audio_prompt, mode, blind, melody]
+    inputs = [prompts, model_path, adapter, lora_scale, duration, guidance, temperature, top_k,
+              top_p, seed, num_samples, audio_prompt, mode, blind, melody]
     go.click(_generate_handler(gr, engine, out_root, ns), inputs,
-             [status, player_a, player_b, sample, reveal, files, state], concurrency_id="gpu", concurrency_limit=1,
-             show_progress_on=[status])
-    # (no output: the running job's own result, "Stopped: ...", is what the page shows; a reply here could arrive
-    # after it and overwrite it)
+             [status, player_a, player_b, sample, reveal, files, state], concurrency_id="gpu",
+             concurrency_limit=1, show_progress_on=[status])
+    # (no output: the running job's own result, "Stopped: ...", is what the page shows; a reply here
+    # could arrive after it and overwrite it)
     stop.click(engine.stop.set, None, None, queue=False)
     refresh.click(lambda: gr.update(choices=list_adapters(out_root)), None, [adapter], queue=False)
-    # the melody upload: shown for a melody base, and while it holds a file (so that it can be cleared)
-    model_path.change(lambda path, mel: gr.update(visible=is_melody_base(path) or bool(mel)), [model_path, melody],
-                      [melody], queue=False)
-    sample.change(lambda st, key: _player_updates(gr, st, key), [state, sample], [player_a, player_b], queue=False)
+    # the melody upload: shown for a melody base, and while it holds a file (so that it can be
+    # cleared)
+    model_path.change(lambda path, mel: gr.update(visible=is_melody_base(path) or bool(mel)),
+                      [model_path, melody], [melody], queue=False)
+    sample.change(lambda st, key: _player_updates(gr, st, key), [state, sample],
+                  [player_a, player_b], queue=False)
 
     def on_reveal(st, key):
         if not st.get("blind"):
@@ -248,8 +267,8 @@ def _generate_tab(gr, cfg: Config, engine: Engine, out_root: Path, ns) -> None:
 def _train_tab(gr, cfg: Config, out_root: Path, procs: Processes, config_file: Optional[str]) -> None:
     runs = list_runs(out_root) if out_root.is_dir() else []
     with gr.Row():
-        run = gr.Dropdown(label="Run (pick, or type its output folder)", choices=runs, value=runs[0] if runs else None,
-                          allow_custom_value=True, elem_id="run_pick", scale=4)
+        run = gr.Dropdown(label="Run (pick, or type its output folder)", choices=runs, value=runs[0]
+                          if runs else None, allow_custom_value=True, elem_id="run_pick", scale=4)
         refresh = gr.Button("Refresh list", elem_id="refresh_runs", scale=1)
     run_status = gr.Markdown(elem_id="run_status")
     plot = gr.Plot(label="Loss (train and held-out), redrawn while it trains", elem_id="loss_plot")
@@ -257,15 +276,18 @@ def _train_tab(gr, cfg: Config, out_root: Path, procs: Processes, config_file: O
         stop = gr.Button("Stop run (keeps its checkpoints)", variant="stop", elem_id="stop_run")
         resume = gr.Button("Resume from newest checkpoint", elem_id="resume_run")
     msg = gr.Markdown(elem_id="train_msg")
-    log_box = gr.Textbox(label="Log of the run started here", lines=6, interactive=False, elem_id="train_log")
+    log_box = gr.Textbox(label="Log of the run started here", lines=6, interactive=False,
+                         elem_id="train_log")
     seen = gr.State(None)
-    with gr.Accordion("Start a new run (train_lora.py with these flags; the rest from config.yaml)", open=True):
+    with gr.Accordion("Start a new run (train_lora.py with these flags; the rest from config.yaml)",
+                      open=True):
         defaults = train_defaults(cfg)
         boxes = []
         with gr.Row(equal_height=True):
             for key in TRAIN_FIELDS:
                 v = defaults[key]
-                kind = gr.Number if isinstance(v, (int, float)) and not isinstance(v, bool) else gr.Textbox
+                kind = gr.Number if isinstance(v, (int, float)) and not isinstance(v,
+                                                                                   bool) else gr.Textbox
                 boxes.append(kind(value=v, label=key, elem_id=f"train_{key}", min_width=160))
         start = gr.Button("Start training", variant="primary", elem_id="start_train")
 
@@ -319,15 +341,17 @@ def _evaluate_tab(gr, cfg: Config, out_root: Path, procs: Processes) -> None:
     adapters = list_adapters(out_root) if out_root.is_dir() else []
     pick = gr.Dropdown(label="Evaluation (a folder with results.json)", choices=evals,
                        value=evals[0] if evals else None, allow_custom_value=True, elem_id="eval_pick")
-    summary = gr.Textbox(label="Summary (results.json)", lines=10, interactive=False, elem_id="eval_summary")
+    summary = gr.Textbox(label="Summary (results.json)", lines=10, interactive=False,
+                         elem_id="eval_summary")
     report = gr.HTML(elem_id="eval_report")
     with gr.Accordion("Run evaluate.py --compare (base vs adapter)", open=True):
         with gr.Row():
             model = gr.Textbox(value=cfg.model.model_path, label="Base model", elem_id="eval_model")
-            adapter = gr.Dropdown(choices=adapters, value=adapters[0] if adapters else None, allow_custom_value=True,
-                                  label="Adapter", elem_id="eval_adapter")
+            adapter = gr.Dropdown(choices=adapters, value=adapters[0] if adapters else None,
+                                  allow_custom_value=True, label="Adapter", elem_id="eval_adapter")
             data = gr.Textbox(value=cfg.data.data_dir, label="Data folder", elem_id="eval_data")
-            out = gr.Textbox(value=str(out_root / "evaluation"), label="Output folder", elem_id="eval_out")
+            out = gr.Textbox(value=str(out_root / "evaluation"), label="Output folder",
+                             elem_id="eval_out")
             quick = gr.Checkbox(label="Held-out likelihood only (fast)", elem_id="eval_quick")
         run_btn = gr.Button("Run evaluate.py --compare", variant="primary", elem_id="eval_run")
     msg = gr.Textbox(label="evaluate.py", lines=6, interactive=False, elem_id="eval_msg")
@@ -344,8 +368,10 @@ def _evaluate_tab(gr, cfg: Config, out_root: Path, procs: Processes) -> None:
             yield f"Error: Adapter folder not found: {adapter_path or '(none given)'}", gr.skip(), gr.skip(), gr.skip()
             return
         try:
-            p = procs.start(str(Path(out_dir).expanduser()), evaluate_argv(model_path, adapter_path, data_dir,
-                                                                           out_dir, bool(fast)), "evaluate")
+            p = procs.start(str(Path(out_dir).expanduser()),
+                            evaluate_argv(model_path, adapter_path, data_dir,
+                                                                           out_dir, bool(fast)),
+                            "evaluate")
         except Exception as e:
             yield _message(e), gr.skip(), gr.skip(), gr.skip()
             return
@@ -357,18 +383,20 @@ def _evaluate_tab(gr, cfg: Config, out_root: Path, procs: Processes) -> None:
         if p.popen.returncode != 0:
             yield text, gr.skip(), gr.skip(), gr.skip()
             return
-        yield (text, gr.update(choices=list_evaluations(out_root) + [folder], value=folder), *show(folder))
+        yield (text, gr.update(choices=list_evaluations(out_root) + [folder], value=folder),
+               *show(folder))
 
     pick.change(show, [pick], [summary, report], queue=False)
-    run_btn.click(on_run, [model, adapter, data, out, quick], [msg, pick, summary, report], concurrency_id="gpu",
-                  concurrency_limit=1)
+    run_btn.click(on_run, [model, adapter, data, out, quick], [msg, pick, summary, report],
+                  concurrency_id="gpu", concurrency_limit=1)
     return pick, summary, report, show
 
 
 def build_ui(cfg: Config, out_root: Path, ns):
     """The Blocks app (not yet launched)."""
     out_root.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("GRADIO_TEMP_DIR", str(out_root / "ui" / ".gradio"))  # uploads and served copies
+    # uploads and served copies
+    os.environ.setdefault("GRADIO_TEMP_DIR", str(out_root / "ui" / ".gradio"))
     gr = _gradio()
     engine, procs = Engine(cfg), Processes(out_root)
     with gr.Blocks(title="MusicGen LoRA", analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
@@ -386,15 +414,16 @@ def build_ui(cfg: Config, out_root: Path, ns):
 
 
 def launch(demo, ns, out_root: Path, block: bool = False):
-    """Serve on 127.0.0.1 (0.0.0.0 with --listen); only out_root's files (and gradio's own copies) are served."""
+    """Serve on 127.0.0.1 (0.0.0.0 with --listen); only out_root's files (and gradio's own copies)
+    are served."""
     auth = tuple(ns.auth.split(":", 1)) if ns.auth else None
     host = "0.0.0.0" if ns.listen else "127.0.0.1"
     if ns.listen and not auth:
         log.warning("--listen without --auth: anyone on the network can use this UI")
     demo.queue(default_concurrency_limit=1)
     demo.launch(server_name=host, server_port=ns.port, auth=auth, share=False, inbrowser=False,
-                allowed_paths=[str(out_root)], prevent_thread_lock=not block, ssr_mode=False, mcp_server=False,
-                footer_links=[], quiet=not block)
+                allowed_paths=[str(out_root)], prevent_thread_lock=not block, ssr_mode=False,
+                mcp_server=False, footer_links=[], quiet=not block)
     if block:
         demo.procs.stop_all()
     return demo

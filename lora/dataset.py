@@ -14,8 +14,8 @@ metadata.json (written by prepare_data.py, read here) is::
     }
 
 ``audio`` is relative to the data dir (absolute paths are accepted too). A plain JSON list of clip
-objects is accepted as well, so a hand-written metadata file works. ``split`` is "train" or "valid"; when
-it is missing, the first folder of ``audio`` decides ("train/..." or "valid/...").
+objects is accepted as well, so a hand-written metadata file works. ``split`` is "train" or "valid";
+when it is missing, the first folder of ``audio`` decides ("train/..." or "valid/...").
 
 The token cache these items come from is built by lora.dataprep.token_cache.
 
@@ -69,8 +69,9 @@ def load_metadata(data_dir: str | Path, metadata_file: str = "metadata.json", *,
     data_dir = Path(data_dir)
     mpath = metadata_path(data_dir, metadata_file)
     if not mpath.is_file():
-        hint = (f"Create it with: python lora/prepare_data.py --input_dir YOUR_AUDIO --output_dir {data_dir} "
-                f"(from inside lora/: python prepare_data.py ...; or --create_example for a synthetic dataset).")
+        hint = (f"Create it with: python lora/prepare_data.py --input_dir YOUR_AUDIO --output_dir "
+                f"{data_dir} (from inside lora/: python prepare_data.py ...; or --create_example "
+                f"for a synthetic dataset).")
         if not data_dir.exists():
             raise UserError(f"Data folder {data_dir} does not exist. {hint}")
         raise UserError(f"Metadata file {mpath} not found. {hint}")
@@ -115,16 +116,18 @@ def load_metadata(data_dir: str | Path, metadata_file: str = "metadata.json", *,
                          duration=duration, split=sp, source=e.get("source"), offset=offset, path=path)
         records.append(rec)
     if problems:
-        shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
-        raise UserError(f"{len(problems)} problem(s) in {mpath}:\n  {shown}\nRe-run prepare_data.py, or fix the "
-                        f"entries by hand.")
+        shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more"
+                                              if len(problems) > 20 else "")
+        raise UserError(f"{len(problems)} problem(s) in {mpath}:\n  {shown}\nRe-run "
+                        f"prepare_data.py, or fix the entries by hand.")
     if split is not None:
         records = [r for r in records if r.split == split]
     return records
 
 
 def _wrong_types(e: dict) -> list[str]:
-    """What is wrong with the types of a clip entry's optional fields (a hand-edited metadata file)."""
+    """What is wrong with the types of a clip entry's optional fields (a hand-edited metadata
+    file)."""
     import math
 
     out = []
@@ -135,7 +138,8 @@ def _wrong_types(e: dict) -> list[str]:
     if not isinstance(e.get("id", ""), (str, int)) or isinstance(e.get("id"), bool):
         out.append(f"'id' must be text, got {e.get('id')!r}")
     if e.get("source") is not None and not isinstance(e.get("source"), str):
-        out.append(f"'source' (the recording the clip was cut from) must be text or null, got {e.get('source')!r}")
+        out.append(f"'source' (the recording the clip was cut from) must be text or null, got "
+                   f"{e.get('source')!r}")
     return out
 
 
@@ -143,19 +147,23 @@ def metadata_document(records: list[ClipRecord], sample_rate: int, channels: int
     """The JSON document for metadata.json (prepare_data writes it atomically)."""
     return {"version": METADATA_VERSION, "sample_rate": sample_rate, "channels": channels,
             "clips": [r.to_json() for r in records]}
-#                   3: the codes' key names the encoder precision; codes from the chunked CPU encoder (encodec_fast)
+#                   3: the codes' key names the encoder precision; codes from the chunked CPU
+# encoder (encodec_fast)
 
 
 @dataclass
 class CachedClip:
-    """One clip's training inputs: codes (int16 (K, T)) and, unless the text encoder trains, its text states."""
+    """One clip's training inputs: codes (int16 (K, T)) and, unless the text encoder trains, its
+    text states."""
     id: str
     text: str
     split: str
     codes: "object"                  # torch.int16 (K, T)
-    hidden: "Optional[object]" = None  # torch.float32 (L, D), or None when text states are not cached
+    # torch.float32 (L, D), or None when text states are not cached
+    hidden: "Optional[object]" = None
     mask: "Optional[object]" = None    # torch.long (L,)
-    chroma: "Optional[object]" = None  # melody models: torch.int8 (Tc,) pitch class of each chroma frame
+    # melody models: torch.int8 (Tc,) pitch class of each chroma frame
+    chroma: "Optional[object]" = None
 
     @property
     def num_frames(self) -> int:
@@ -166,8 +174,9 @@ class CachedClip:
 # Dataset over cached tokens, collate, length-bucketed batches
 # --------------------------------------------------------------------------------------------
 def sample_rng(seed: int, epoch: int, index: int, purpose: int = 0):
-    """A numpy Generator determined by (seed, epoch, index, purpose) only: per-sample randomness is the same
-    whatever process, worker or batch reads the sample (exact resume, identical multi-GPU runs)."""
+    """A numpy Generator determined by (seed, epoch, index, purpose) only: per-sample randomness is
+    the same whatever process, worker or batch reads the sample (exact resume, identical multi-GPU
+    runs)."""
     import numpy as np
 
     return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch), int(index), int(purpose)])
@@ -177,9 +186,10 @@ class CachedTokenDataset:
     """Items of cached clips for training or validation.
 
     Training (``train=True``): each epoch a clip longer than ``max_frames`` gets a random window of
-    ``max_frames``, and with probability ``cond_dropout`` its text condition is replaced by the null condition
-    (zero hidden states, zero mask: what classifier-free guidance uses at inference). Both draws depend only on
-    (seed, epoch, clip index). Validation (``train=False``): the first window, never dropped.
+    ``max_frames``, and with probability ``cond_dropout`` its text condition is replaced by the null
+    condition (zero hidden states, zero mask: what classifier-free guidance uses at inference). Both
+    draws depend only on (seed, epoch, clip index). Validation (``train=False``): the first window,
+    never dropped.
     """
 
     def __init__(self, clips: list[CachedClip], max_frames: int, *, seed: int = 0, train: bool = True,
@@ -190,8 +200,8 @@ class CachedTokenDataset:
         self.train = train
         self.cond_dropout = float(cond_dropout) if train else 0.0
         self.epoch = 0
-        # Melody models (``info`` of the melody family): each item also carries its melody, and a second draw
-        # drops the melody alone with probability melody_dropout.
+        # Melody models (``info`` of the melody family): each item also carries its melody, and a
+        # second draw drops the melody alone with probability melody_dropout.
         self.info = info if info is not None and family_for(info).MELODY else None
         self.melody_dropout = float(melody_dropout) if train and self.info is not None else 0.0
 
@@ -223,16 +233,19 @@ class CachedTokenDataset:
             return self._melody_item(item, clip, start, codes.shape[1], drop, melody_drop)
         if clip.hidden is not None:
             if drop:
-                item["hidden"], item["mask"] = null_text_states(clip.hidden.shape[-1], dtype=clip.hidden.dtype)
+                item["hidden"], item["mask"] = null_text_states(clip.hidden.shape[-1],
+                                                                dtype=clip.hidden.dtype)
             else:
                 item["hidden"], item["mask"] = clip.hidden, clip.mask
         return item
 
-    def _melody_item(self, item: dict, clip: CachedClip, start: int, frames: int, drop: bool, melody_drop: bool):
-        """A melody model's item: the chroma frames that cover the crop (the clip's own melody, as audiocraft and
-        transformers train), one-hot and tiled to chroma_length, or the null melody when dropped; the text states
-        padded to the length generation uses (``text_length``: in a prefix model, padding positions are attended, so
-        the padded length is part of the condition), or the null text of that same length when dropped."""
+    def _melody_item(self, item: dict, clip: CachedClip, start: int, frames: int, drop: bool,
+                     melody_drop: bool):
+        """A melody model's item: the chroma frames that cover the crop (the clip's own melody, as
+        audiocraft and transformers train), one-hot and tiled to chroma_length, or the null melody
+        when dropped; the text states padded to the length generation uses (``text_length``: in a
+        prefix model, padding positions are attended, so the padded length is part of the
+        condition), or the null text of that same length when dropped."""
         fam = family_for(self.info)
         hop = self.info.sample_rate / self.info.frame_rate  # audio samples per codec frame
         first = int(round(start * hop / chroma.HOP))
@@ -250,8 +263,9 @@ class CachedTokenDataset:
 
 
 def collate_tokens(items: list[dict], pad_token_id: int) -> dict:
-    """Pad a list of dataset items: codes (B, K, T) padded with pad_token_id plus ``lengths``; text states
-    (B, L, D) zero-padded with their mask (B, L); ``dropped`` (B,) bool; ``index`` (B,); ``texts``."""
+    """Pad a list of dataset items: codes (B, K, T) padded with pad_token_id plus ``lengths``; text
+    states (B, L, D) zero-padded with their mask (B, L); ``dropped`` (B,) bool; ``index`` (B,);
+    ``texts``."""
     import torch
 
     B = len(items)
@@ -273,7 +287,8 @@ def collate_tokens(items: list[dict], pad_token_id: int) -> dict:
             hidden[i, :n] = it["hidden"]
             mask[i, :n] = it["mask"]
         batch["hidden"], batch["mask"] = hidden, mask
-    if "chroma" in items[0]:  # melody models: (B, chroma_length, 12), each already tiled to chroma_length
+    # melody models: (B, chroma_length, 12), each already tiled to chroma_length
+    if "chroma" in items[0]:
         batch["chroma"] = torch.stack([it["chroma"] for it in items])
         batch["melody_dropped"] = torch.tensor([it["melody_dropped"] for it in items], dtype=torch.bool)
     return batch
@@ -283,10 +298,11 @@ def bucketed_batches(lengths: list[int], batch_size: int, seed: int, epoch: int,
                      bucket_batches: int = 50) -> list[list[int]]:
     """The epoch's micro-batches of item indices, grouped by similar length (little padding).
 
-    Items are shuffled (seeded by (seed, epoch)), cut into buckets of ``bucket_batches`` batches, sorted by length
-    inside each bucket and cut into batches; the batch order is then shuffled. The list is extended by wrapping
-    around to a multiple of ``multiple_of`` (= gradient_accumulation_steps x processes), so that every optimizer
-    step sees the same number of batches, split across processes and micro-steps identically.
+    Items are shuffled (seeded by (seed, epoch)), cut into buckets of ``bucket_batches`` batches,
+    sorted by length inside each bucket and cut into batches; the batch order is then shuffled. The
+    list is extended by wrapping around to a multiple of ``multiple_of`` (=
+    gradient_accumulation_steps x processes), so that every optimizer step sees the same number of
+    batches, split across processes and micro-steps identically.
     """
     import numpy as np
 

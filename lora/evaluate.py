@@ -1,31 +1,34 @@
 """Evaluate a MusicGen LoRA adapter against its base model (or one model alone).
 
-    cd lora && python evaluate.py --base_model_path MODEL --lora_model_path ../output/best_model         --output_dir ../output/evaluation --compare
+    cd lora && python evaluate.py --base_model_path MODEL --lora_model_path ../output/best_model \\
+        --output_dir ../output/evaluation --compare
 
 What is measured (everything offline; CLAP only when you point at a local CLAP model):
 
-1. Held-out likelihood (always; cheap and the most sensitive): teacher-forced cross-entropy and perplexity per
-   codebook on the valid split's cached EnCodec tokens (the token cache of dataset.py, built if missing), for
-   the base model (the adapter disabled with peft's ``disable_adapter()``: one model in memory) and for the
-   LoRA model, plus a paired cluster bootstrap confidence interval for the difference LoRA - base that resamples
-   recordings (clips cut from one recording, ``ClipRecord.source``, are not independent; a clip without a source
-   is a recording of its own). The window is the one the adapter was trained on (its folder's config.yaml,
-   training.max_duration), else config.yaml's training.max_duration.
-2. Generation metrics (unless --skip_generation): both models generate the same prompts (the valid captions,
-   or --prompts / --prompts_file) with the same seeds and settings. Each clip gets signal checks (NaN/Inf,
-   clipping, DC, loudness, silence, flatness). Both models are scored on ONE set: the (prompt, seed) pairs whose
-   clips pass for every model (a model that breaks more clips is not judged on its good ones only; the failure
-   shares are reported apart). Those clips are compared with the valid reference audio by FAD and KAD on the
-   base model's frozen EnCodec encoder latents and on librosa features (every clip loudness-normalised first),
-   next to the noise floor (FAD between two halves of the reference) and the codec floor (reference vs its own
-   EnCodec round-trip). Diversity across prompts and across seeds. CLAP text-audio score with a shuffled-prompt
-   baseline when --clap_model_path is a local CLAP folder. Each difference LoRA - base (FAD, KAD, CLAP, failure
-   share) gets a paired bootstrap interval over the (prompt, seed) pairs; the summary names a winner only when
-   it excludes 0.
+1. Held-out likelihood (always; cheap and the most sensitive): teacher-forced cross-entropy and
+   perplexity per codebook on the valid split's cached EnCodec tokens (the token cache of
+   dataset.py, built if missing), for the base model (the adapter disabled with peft's
+   ``disable_adapter()``: one model in memory) and for the LoRA model, plus a paired cluster
+   bootstrap confidence interval for the difference LoRA - base that resamples recordings (clips cut
+   from one recording, ``ClipRecord.source``, are not independent; a clip without a source is a
+   recording of its own). The window is the one the adapter was trained on (its folder's
+   config.yaml, training.max_duration), else config.yaml's training.max_duration.
+2. Generation metrics (unless --skip_generation): both models generate the same prompts (the valid
+   captions, or --prompts / --prompts_file) with the same seeds and settings. Each clip gets signal
+   checks (NaN/Inf, clipping, DC, loudness, silence, flatness). Both models are scored on ONE set:
+   the (prompt, seed) pairs whose clips pass for every model (a model that breaks more clips is not
+   judged on its good ones only; the failure shares are reported apart). Those clips are compared
+   with the valid reference audio by FAD and KAD on the base model's frozen EnCodec encoder latents
+   and on librosa features (every clip loudness-normalised first), next to the noise floor (FAD
+   between two halves of the reference) and the codec floor (reference vs its own EnCodec
+   round-trip). Diversity across prompts and across seeds. CLAP text-audio score with a
+   shuffled-prompt baseline when --clap_model_path is a local CLAP folder. Each difference LoRA -
+   base (FAD, KAD, CLAP, failure share) gets a paired bootstrap interval over the (prompt, seed)
+   pairs; the summary names a winner only when it excludes 0.
 
-Writes output_dir/results.json (every number with its n, the settings, model and adapter identity, library
-versions), output_dir/report.html (players, spectrograms, charts, training loss curve), output_dir/audio/ and
-prints a summary table.
+Writes output_dir/results.json (every number with its n, the settings, model and adapter identity,
+library versions), output_dir/report.html (players, spectrograms, charts, training loss curve),
+output_dir/audio/ and prints a summary table.
 """
 
 from __future__ import annotations
@@ -65,23 +68,25 @@ from lora.scoring.generated import KAD_KERNEL, KAD_MAX_FRAMES, LOUDNESS_TARGET_L
 from lora.scoring.likelihood import likelihood_section
 from lora.scoring.report import format_table, jsonable, summary_rows, versions, write_report
 
-                               # sums per model and space); CLAP and failure shares use evaluation.bootstrap_samples
+                               # sums per model and space); CLAP and failure shares use
+                               # evaluation.bootstrap_samples
 
 
 # --------------------------------------------------------------------------------------------
 # Configuration
 # --------------------------------------------------------------------------------------------
 def config_problems(cfg: Config, ns=None) -> list[str]:
-    """What must hold before anything loads, besides each value's range (the schema's): rules between settings and
-    the files they name."""
+    """What must hold before anything loads, besides each value's range (the schema's): rules
+    between settings and the files they name."""
     ev, g = cfg.evaluation, cfg.generation
     problems = []
     if not ev.skip_generation:
         problems.append(temperature_problem(g.temperature, g.do_sample))
     if ev.clap_model_path and not Path(ev.clap_model_path).is_dir():
-        problems.append(f"evaluation.clap_model_path {ev.clap_model_path} is not a folder. Download a CLAP model "
-                        f"once (e.g. `hf download laion/larger_clap_music --local-dir models/clap`) "
-                        f"and pass that folder, or leave clap_model_path unset to skip the CLAP score.")
+        problems.append(f"evaluation.clap_model_path {ev.clap_model_path} is not a folder. "
+                        f"Download a CLAP model once (e.g. `hf download laion/larger_clap_music "
+                        f"--local-dir models/clap`) and pass that folder, or leave clap_model_path "
+                        f"unset to skip the CLAP score.")
     if g.prompts_file and not Path(g.prompts_file).is_file():
         problems.append(f"generation.prompts_file {g.prompts_file} does not exist.")
     paths = adapter_paths(g)
@@ -90,11 +95,13 @@ def config_problems(cfg: Config, ns=None) -> list[str]:
     except ConfigError as e:
         problems.append(str(e))
     if ev.compare and not paths:
-        problems.append("--compare needs a LoRA adapter: pass --lora_model_path (e.g. ../output/best_model).")
+        problems.append("--compare needs a LoRA adapter: pass --lora_model_path (e.g. "
+                        "../output/best_model).")
     for adapter in paths:
         if (ev.compare or len(paths) > 1) and not Path(adapter).is_dir():
-            problems.append(f"{'--compare: ' if ev.compare else ''}the LoRA adapter folder {adapter} does not "
-                            f"exist. Train one with train_lora.py, or pass the right --lora_model_path.")
+            problems.append(f"{'--compare: ' if ev.compare else ''}the LoRA adapter folder "
+                            f"{adapter} does not exist. Train one with train_lora.py, or pass the "
+                            f"right --lora_model_path.")
         elif Path(adapter).is_dir():
             try:
                 check_adapter_files(adapter)  # complete and whole, before the model loads
@@ -110,8 +117,9 @@ def config_problems(cfg: Config, ns=None) -> list[str]:
 
 
 def evaluation_plan(cfg: Config) -> dict:
-    """Which models are evaluated: {"models": ["base", "lora"] | ["lora"] | ["base"], "adapter": the (first)
-    adapter folder or None, "adapters": every adapter folder (several: a mix), "scales": their scales}."""
+    """Which models are evaluated: {"models": ["base", "lora"] | ["lora"] | ["base"], "adapter": the
+    (first) adapter folder or None, "adapters": every adapter folder (several: a mix), "scales":
+    their scales}."""
     ev, paths = cfg.evaluation, adapter_paths(cfg.generation)
     have_adapter = bool(paths) and all(Path(p).is_dir() for p in paths)
     if ev.compare:
@@ -128,8 +136,9 @@ def evaluation_plan(cfg: Config) -> dict:
 
 
 def choose_prompts(cfg: Config, valid) -> tuple[list[str], str]:
-    """The fixed prompt set: --prompts, else --prompts_file, else the distinct non-empty valid captions (in
-    metadata order); the first num_prompts of it. Returns (prompts, where they came from)."""
+    """The fixed prompt set: --prompts, else --prompts_file, else the distinct non-empty valid
+    captions (in metadata order); the first num_prompts of it. Returns (prompts, where they came
+    from)."""
     g = cfg.generation
     if g.prompts:
         prompts, source = [p.strip() for p in g.prompts if p.strip()], "--prompts"
@@ -139,8 +148,9 @@ def choose_prompts(cfg: Config, valid) -> tuple[list[str], str]:
         prompts = list(dict.fromkeys(r.text.strip() for r in valid if r.text.strip()))
         source = "valid captions"
         if not prompts:
-            raise UserError(f"The valid clips in {cfg.data.data_dir} have no captions to use as prompts; pass "
-                            f"--prompts_file FILE (one prompt per line) or --skip_generation.")
+            raise UserError(f"The valid clips in {cfg.data.data_dir} have no captions to use as "
+                            f"prompts; pass --prompts_file FILE (one prompt per line) or "
+                            f"--skip_generation.")
     return prompts[:cfg.evaluation.num_prompts], source
 
 
@@ -149,18 +159,20 @@ def choose_prompts(cfg: Config, valid) -> tuple[list[str], str]:
 # --------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    cfg, _ = parse_config(argv, description="Evaluate a MusicGen LoRA adapter: held-out likelihood, generation "
-                                            "metrics (FAD/KAD, signal checks, diversity, CLAP), HTML report.",
+    cfg, _ = parse_config(argv,
+                          description="Evaluate a MusicGen LoRA adapter: held-out likelihood, generation "
+                                            "metrics (FAD/KAD, signal checks, diversity, CLAP), "
+                                            "HTML report.",
                           sections=("evaluation", "model", "generation", "data"), rules=config_problems)
     plan = evaluation_plan(cfg)
-    log.info("Evaluating %s on %s/%s -> %s", " and ".join(plan["models"]), cfg.data.data_dir, cfg.data.metadata_file,
-             cfg.evaluation.output_dir)
+    log.info("Evaluating %s on %s/%s -> %s", " and ".join(plan["models"]), cfg.data.data_dir,
+             cfg.data.metadata_file, cfg.evaluation.output_dir)
     default = (not plan["adapters"] or os.path.normpath(plan["adapters"][0]) == os.path.normpath(
         config.REPO_ROOT / GenerationConfig.__dataclass_fields__["lora_model_path"].default)) \
         and not any(a == "--lora_model_path" or a.startswith("--lora_model_path=") for a in argv)
     missing = f"nothing at lora_model_path {adapter_paths(cfg.generation)[0]}" if adapter_paths(cfg.generation) else ""
-    log.info(describe_choice(cfg.model.model_path, plan["adapters"], plan["scales"], bool(default and plan["adapters"]),
-                             missing))
+    log.info(describe_choice(cfg.model.model_path, plan["adapters"], plan["scales"],
+                             bool(default and plan["adapters"]), missing))
     log.info("  evaluation: %s", json.dumps(dataclasses.asdict(cfg.evaluation)))
     g = cfg.generation
     log.info("  sampling: guidance %g, temperature %g, top_k %d, top_p %g, first seed %d, batch %d",
@@ -169,7 +181,8 @@ def main(argv=None) -> int:
 
 
 def evaluate(cfg: Config, plan: dict) -> int:
-    """Load, build the token cache, load the adapter; then held-out likelihood, generation metrics, results."""
+    """Load, build the token cache, load the adapter; then held-out likelihood, generation metrics,
+    results."""
     import torch
 
     ev, g = cfg.evaluation, cfg.generation
@@ -181,15 +194,18 @@ def evaluate(cfg: Config, plan: dict) -> int:
     records = load_metadata(cfg.data.data_dir, cfg.data.metadata_file)
     valid = [r for r in records if r.split == "valid"]
     if not valid:
-        raise UserError(f"No held-out clips (split 'valid') in {cfg.data.data_dir}/{cfg.data.metadata_file}: the "
-                        f"evaluation needs clips the adapter never trained on. Re-run prepare_data.py with "
+        raise UserError(f"No held-out clips (split 'valid') in "
+                        f"{cfg.data.data_dir}/{cfg.data.metadata_file}: the evaluation needs clips "
+                        f"the adapter never trained on. Re-run prepare_data.py with "
                         f"--valid_fraction 0.1 (or higher).")
 
     device = pick_device()
     if device.type == "cpu" and keep_freed_memory():
-        log.info("CPU memory: freed tensors stay in the process for reuse (glibc malloc; fewer page faults)")
+        log.info("CPU memory: freed tensors stay in the process for reuse (glibc malloc; fewer "
+                 "page faults)")
     model, processor, info = load_base_model(cfg.model, device=device)
-    # Cache (built once, shared with training) before the adapter goes on: codes and text states are the base's.
+    # Cache (built once, shared with training) before the adapter goes on: codes and text states are
+    # the base's.
     clips, cache_stats = build_token_cache(valid, model, processor, info, cfg.data.data_dir,
                                            batch_size=cfg.training.encode_batch_size, device=device)
     identity = {"base": {k: v for k, v in info.to_dict().items()
@@ -203,18 +219,20 @@ def evaluate(cfg: Config, plan: dict) -> int:
             identity["lora"] = dict(adapter_identity(adapter), base=identity["base"]["name_or_path"],
                                     scale=g.lora_scale)
         else:
-            identity["lora"] = {"adapters": ids, "base": identity["base"]["name_or_path"], "scale": plan["scales"]}
+            identity["lora"] = {"adapters": ids, "base": identity["base"]["name_or_path"],
+                                "scale": plan["scales"]}
     model.eval()
 
     source_of = {r.id: r.source for r in valid}
     recordings = [("source", source_of[c.id]) if source_of.get(c.id) else ("clip", c.id) for c in clips]
-    lk, few_note = likelihood_section(model, processor, info, clips, cfg, models, device, cache_stats, recordings,
-                                      adapter)
+    lk, few_note = likelihood_section(model, processor, info, clips, cfg, models, device,
+                                      cache_stats, recordings, adapter)
     results: dict = {
         "models_evaluated": models, "identity": identity, "likelihood": lk, "versions": versions(),
         "settings": {"evaluation": dataclasses.asdict(ev), "data_dir": cfg.data.data_dir,
                      "metadata_file": cfg.data.metadata_file, "device": str(device),
-                     "sampling": {"guidance_scale": g.guidance_scale, "temperature": g.temperature, "top_k": g.top_k,
+                     "sampling": {"guidance_scale": g.guidance_scale, "temperature": g.temperature,
+                                  "top_k": g.top_k,
                                   "top_p": g.top_p, "do_sample": g.do_sample, "first_seed": g.seed,
                                   "batch_size": g.batch_size, "max_window": g.max_window,
                                   "extend_stride": g.extend_stride, "duration": ev.eval_duration},
@@ -233,11 +251,13 @@ def evaluate(cfg: Config, plan: dict) -> int:
         prompts, source = choose_prompts(cfg, valid)
         results["settings"]["prompts_source"] = source
         n_clips = len(prompts) * ev.eval_seeds * len(models)
-        check_free_space(out_dir, n_clips * (ev.eval_duration * info.sample_rate * info.audio_channels * 2 + 2e5)
+        check_free_space(out_dir, n_clips
+                         * (ev.eval_duration * info.sample_rate * info.audio_channels * 2 + 2e5)
                          + 5 * 2 ** 20, f"{n_clips} generated clip(s) with spectrograms, and the report")
-        with on_interrupt(lambda: f"results.json and report.html are written at the end, so none were; the audio "
-                                  f"generated so far is in {out_dir / 'audio'}. Run again, with --skip_generation "
-                                  f"for the held-out likelihood alone (fast)"):
+        with on_interrupt(lambda: f"results.json and report.html are written at the end, so none "
+                                  f"were; the audio generated so far is in {out_dir / 'audio'}. "
+                                  f"Run again, with --skip_generation for the held-out likelihood "
+                                  f"alone (fast)"):
             gen = generation_metrics(model, processor, info, cfg, models, valid, prompts, out_dir, device)
         results["generation"] = gen
         results["notes"] += gen.pop("notes", [])

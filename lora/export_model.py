@@ -54,14 +54,16 @@ def _inside(a: Path, b: Path) -> bool:
 
 
 def config_problems(cfg, ns=None) -> list[str]:
-    """Everything checked before the model loads: the adapters (complete, LoRA, one base), the scales, and an
-    output folder that replaces nothing the user did not ask to replace and holds none of the inputs."""
+    """Everything checked before the model loads: the adapters (complete, LoRA, one base), the
+    scales, and an output folder that replaces nothing the user did not ask to replace and holds
+    none of the inputs."""
     e = cfg.export
     paths = adapter_paths(e)
     problems = []
     if not paths:
-        problems.append("export needs an adapter: pass --lora_model_path FOLDER (best_model, final_model or "
-                        "checkpoints/step-N written by train_lora.py), or several to merge a mix.")
+        problems.append("export needs an adapter: pass --lora_model_path FOLDER (best_model, "
+                        "final_model or checkpoints/step-N written by train_lora.py), or several "
+                        "to merge a mix.")
     try:
         adapter_scales(e, len(paths))
     except ConfigError as err:
@@ -75,13 +77,13 @@ def config_problems(cfg, ns=None) -> list[str]:
         problems += check_mix_bases(paths)
     out = Path(e.output_dir).resolve()
     if out.exists() and not e.overwrite:
-        problems.append(f"--output_dir {out} already exists; nothing was written. Pass --overwrite to replace it, or "
-                        f"choose another --output_dir.")
+        problems.append(f"--output_dir {out} already exists; nothing was written. Pass --overwrite "
+                        f"to replace it, or choose another --output_dir.")
     base = Path(resolve_model_path(cfg.model)) if Path(str(cfg.model.model_path)).exists() else None
     for what, p in [("the base model", base)] + [("the adapter", Path(x)) for x in paths]:
         if p is not None and (_inside(out, p.resolve()) or _inside(p.resolve(), out)):
-            problems.append(f"--output_dir {out} would overwrite or sit inside {what} {p}; choose a folder of its "
-                            f"own (e.g. output/merged_model).")
+            problems.append(f"--output_dir {out} would overwrite or sit inside {what} {p}; choose "
+                            f"a folder of its own (e.g. output/merged_model).")
     try:
         check_output_dir(out.parent if not out.exists() else out, "--output_dir")
     except UserError as err:
@@ -90,9 +92,9 @@ def config_problems(cfg, ns=None) -> list[str]:
 
 
 def training_summary(adapter_dir) -> dict:
-    """What the adapter folder says about its training (train_lora.py writes config.yaml, trainer_state.json,
-    eval_results.json): data folder and clip count, steps, held-out loss. Keys are missing where a file is (an
-    adapter from another trainer)."""
+    """What the adapter folder says about its training (train_lora.py writes config.yaml,
+    trainer_state.json, eval_results.json): data folder and clip count, steps, held-out loss. Keys
+    are missing where a file is (an adapter from another trainer)."""
     adapter_dir = Path(adapter_dir)
     out: dict = {}
     if (adapter_dir / "config.yaml").is_file():
@@ -103,39 +105,48 @@ def training_summary(adapter_dir) -> dict:
             try:
                 records = load_metadata(data["data_dir"], data["metadata_file"])
                 train = [r for r in records if r.split == "train"]
-                out.update(train_clips=len(train), train_hours=round(sum(r.duration for r in train) / 3600, 4),
+                out.update(train_clips=len(train),
+                           train_hours=round(sum(r.duration for r in train) / 3600, 4),
                            valid_clips=len(records) - len(train))
-            except UserError as err:  # the data may have changed since; the card says so rather than guess
+            # the data may have changed since; the card says so rather than guess
+            except UserError as err:
                 out["data_note"] = f"the training data cannot be read now ({str(err)[:200]})"
     for name in (STATE_FILE, "eval_results.json"):
         f = adapter_dir / name
         if f.is_file():
             doc = json.loads(f.read_text(encoding="utf-8"))
-            keys = ("global_step", "epoch", "best_metric", "best_step", "base_val_loss") if name == STATE_FILE \
+            keys = ("global_step", "epoch", "best_metric", "best_step",
+                    "base_val_loss") if name == STATE_FILE \
                 else ("val_loss", "base_val_loss")
-            out.update({(k if k != "val_loss" else "heldout_loss"): doc[k] for k in keys if doc.get(k) is not None})
+            out.update({(k if k != "val_loss" else "heldout_loss"): doc[k] for k in keys
+                        if doc.get(k) is not None})
     return out
 
 
 def model_card(base: str, ids: list[dict], summaries: list[dict], dtype: str, out_dir: Path,
                model_class: str = "MusicgenForConditionalGeneration") -> str:
-    lines = ["---", "library_name: transformers", "pipeline_tag: text-to-audio", "tags: [musicgen, lora, merged]",
+    lines = ["---", "library_name: transformers", "pipeline_tag: text-to-audio",
+             "tags: [musicgen, lora, merged]",
              "---", "", "# MusicGen fine-tune (LoRA merged into the weights)", "",
              f"- Base model: `{base}`", f"- Weights: {dtype}; a plain `{model_class}` (no peft)",
-             f"- Exported: {datetime.now(timezone.utc).isoformat(timespec='seconds')} by lora/export_model.py", ""]
+             f"- Exported: {datetime.now(timezone.utc).isoformat(timespec='seconds')} by "
+             f"lora/export_model.py", ""]
     for one, s in zip(ids, summaries):
         lines.append(f"## Adapter `{one['path']}` at scale {one['scale']:g}")
-        lines.append(f"- sha256 of adapter_model.safetensors: `{one['weights_sha256']}`; rank {one.get('r')}, alpha "
-                     f"{one.get('lora_alpha')}; trained on `{one.get('base_model_name_or_path')}`")
+        lines.append(f"- sha256 of adapter_model.safetensors: `{one['weights_sha256']}`; rank "
+                     f"{one.get('r')}, alpha {one.get('lora_alpha')}; trained on "
+                     f"`{one.get('base_model_name_or_path')}`")
         if s.get("data_dir"):
-            clips = (f"{s['train_clips']} training clips ({s['train_hours']:.2f} h), {s['valid_clips']} held out, "
+            clips = (f"{s['train_clips']} training clips ({s['train_hours']:.2f} h), "
+                     f"{s['valid_clips']} held out, "
                      if "train_clips" in s else "")
             lines.append(f"- Training data: {clips}`{s['data_dir']}/{s['metadata_file']}`"
                          + (f" ({s['data_note']})" if s.get("data_note") else ""))
         else:
             lines.append("- Training data: not recorded (no config.yaml in the adapter folder)")
         if "global_step" in s:
-            lines.append(f"- Training: {s['global_step']} optimizer steps (epoch {s.get('epoch', 0):.2f})")
+            lines.append(f"- Training: {s['global_step']} optimizer steps (epoch "
+                         f"{s.get('epoch', 0):.2f})")
         loss = [f"{label} {s[k]:.4f}" for k, label in (("base_val_loss", "base model"),
                                                        ("heldout_loss", "this adapter"),
                                                        ("best_metric", "best during training")) if k in s]
@@ -144,8 +155,10 @@ def model_card(base: str, ids: list[dict], summaries: list[dict], dtype: str, ou
         lines.append("")
     lines += ["## Use", "", "```python", "from transformers import pipeline", "",
               f"tts = pipeline('text-to-audio', model={str(out_dir)!r})",
-              "music = tts('lofi piano with soft drums', forward_params={'do_sample': True, 'max_new_tokens': 500})",
-              "```", "", "```bash", f"python lora/inference_lora.py --base_model_path {out_dir} --lora_model_path none "
+              "music = tts('lofi piano with soft drums', forward_params={'do_sample': True, "
+              "'max_new_tokens': 500})",
+              "```", "", "```bash",
+              f"python lora/inference_lora.py --base_model_path {out_dir} --lora_model_path none "
               f"--prompts \"your prompt\"", "```", ""]
     return "\n".join(lines)
 
@@ -154,7 +167,8 @@ def main(argv=None) -> int:
     import torch
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    cfg, _ = parse_config(argv, description=DESCRIPTION, sections=("export", "model"), rules=config_problems)
+    cfg, _ = parse_config(argv, description=DESCRIPTION, sections=("export", "model"),
+                          rules=config_problems)
     e = cfg.export
     paths = adapter_paths(e)
     scales = adapter_scales(e, len(paths))

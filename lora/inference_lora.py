@@ -93,7 +93,8 @@ def build_prompt_specs(g: GenerationConfig, problems: list[str]) -> list[PromptS
             problems.append(f"{where}: the prompt is empty. Write a description of the music, or pass "
                             f"--unconditional to generate without text on purpose.")
             continue
-        # Per-prompt settings: the same ranges as the flags they override (the flags were checked by the schema).
+        # Per-prompt settings: the same ranges as the flags they override (the flags were checked by
+        # the schema).
         own = [field_problem("generation", k, e[k], f"{where}: {k}") for k in PER_PROMPT_RANGED if k in e]
         if "temperature" in e:
             own.append(temperature_problem(e["temperature"], g.do_sample, f"{where}: temperature"))
@@ -106,7 +107,8 @@ def build_prompt_specs(g: GenerationConfig, problems: list[str]) -> list[PromptS
             temperature=float(e.get("temperature", g.temperature)), top_k=int(e.get("top_k", g.top_k)),
             top_p=float(e.get("top_p", g.top_p)), do_sample=bool(g.do_sample))
         specs.append(PromptSpec(text=text, where=where, duration=float(e.get("duration", g.duration)),
-                                seed=int(e.get("seed", g.seed)), num_samples=int(e.get("num_samples", g.num_samples)),
+                                seed=int(e.get("seed", g.seed)),
+                                num_samples=int(e.get("num_samples", g.num_samples)),
                                 sampling=sampling, melody=e.get("melody", g.melody_audio)))
     return specs
 
@@ -124,9 +126,9 @@ def _default_adapter_path() -> str:
 
 
 def choose_adapter(g: GenerationConfig, argv: list[str], problems: list[str]) -> tuple[list[str], bool]:
-    """(the adapter folders to use: [] for the base model alone, one, or several to mix; whether they come from the
-    default lora_model_path, output/best_model: used when it exists, else the base model alone). Problems with them
-    are added to ``problems``."""
+    """(the adapter folders to use: [] for the base model alone, one, or several to mix; whether
+    they come from the default lora_model_path, output/best_model: used when it exists, else the
+    base model alone). Problems with them are added to ``problems``."""
     paths = adapter_paths(g)
     if not paths:
         return [], False
@@ -137,15 +139,16 @@ def choose_adapter(g: GenerationConfig, argv: list[str], problems: list[str]) ->
     explicit = (_flag_given(argv, "--lora_model_path") or len(paths) > 1
                 or os.path.normpath(paths[0]) != _default_adapter_path())
     if not explicit and not Path(paths[0]).exists():
-        log.warning("No LoRA adapter at the default location %s (nothing trained yet?): generating with the BASE "
-                    "MODEL ONLY. Train one with train_lora.py, or pass --lora_model_path FOLDER.", paths[0])
+        log.warning("No LoRA adapter at the default location %s (nothing trained yet?): generating "
+                    "with the BASE MODEL ONLY. Train one with train_lora.py, or pass "
+                    "--lora_model_path FOLDER.", paths[0])
         return [], True
     ok = True
     for path in paths:
         if not Path(path).exists():
             problems.append(f"LoRA adapter folder not found: {path} (lora_model_path). Pass the folder "
-                            f"train_lora.py wrote (e.g. ../output/best_model), or --lora_model_path none for the "
-                            f"base model alone.")
+                            f"train_lora.py wrote (e.g. ../output/best_model), or "
+                            f"--lora_model_path none for the base model alone.")
         elif not Path(path).is_dir():
             problems.append(f"lora_model_path {path} is a file; it must be an adapter folder (with "
                             f"adapter_config.json and adapter_model.safetensors).")
@@ -166,15 +169,16 @@ def main(argv=None) -> int:
     plan: dict = {}
 
     def rules(cfg, ns) -> list[str]:
-        """Everything checked before anything loads, besides each value's range (the schema's): the prompts and
-        their per-prompt settings, settings that depend on each other, the input files, the adapter."""
+        """Everything checked before anything loads, besides each value's range (the schema's): the
+        prompts and their per-prompt settings, settings that depend on each other, the input files,
+        the adapter."""
         g = cfg.generation
         problems: list[str] = []
         plan["specs"] = build_prompt_specs(g, problems)
         problems.append(temperature_problem(g.temperature, g.do_sample))
         if not g.extend_stride < g.max_window:
-            problems.append(f"extend_stride ({g.extend_stride} s) must be > 0 and smaller than max_window "
-                            f"({g.max_window} s); audiocraft uses 18 of 30.")
+            problems.append(f"extend_stride ({g.extend_stride} s) must be > 0 and smaller than "
+                            f"max_window ({g.max_window} s); audiocraft uses 18 of 30.")
         check_melody_files([s.melody for s in plan["specs"]], problems)
         if g.audio_prompt and not Path(g.audio_prompt).is_file():
             problems.append(f"audio_prompt file not found: {g.audio_prompt}.")
@@ -188,12 +192,15 @@ def main(argv=None) -> int:
 
     cfg, _ = parse_config(argv, description=DESCRIPTION, sections=("generation", "model"), rules=rules)
     g, specs, adapters = cfg.generation, plan["specs"], plan["adapters"]
-    log.info(describe_choice(cfg.model.model_path, adapters, adapter_scales(g, len(adapters)) if adapters else [],
-                             plan["default_adapter"], f"nothing at the default lora_model_path {g.lora_model_path}"
+    log.info(describe_choice(cfg.model.model_path, adapters, adapter_scales(g, len(adapters))
+                             if adapters else [],
+                             plan["default_adapter"],
+                             f"nothing at the default lora_model_path {g.lora_model_path}"
                              if plan["default_adapter"] else ""))
     if not adapters and g.merge:
         log.info("merge: true has no effect without an adapter")
-    requests = [Request(prompt=spec.text, seed=spec.seed + j, duration=spec.duration, sampling=spec.sampling,
+    requests = [Request(prompt=spec.text, seed=spec.seed + j, duration=spec.duration,
+                        sampling=spec.sampling,
                         melody_file=spec.melody or "") for spec in specs for j in range(spec.num_samples)]
     out_dir = check_output_dir(g.output_dir, "--output_dir")
     names = check_outputs(requests, out_dir, g.overwrite)
@@ -206,7 +213,8 @@ def main(argv=None) -> int:
     import torch
 
     torch.manual_seed(g.seed)
-    model, processor, info, adapter_info = generation_model.load_generation_model(cfg, adapter_path=adapters or None)
+    model, processor, info, adapter_info = generation_model.load_generation_model(cfg,
+                                                                                  adapter_path=adapters or None)
     if g.audio_prompt:
         add_audio_prompt(model, info, g.audio_prompt, requests)
     add_melodies(info, requests)
@@ -217,20 +225,21 @@ def main(argv=None) -> int:
                      * bytes_per_sample * 1.05 + 2 ** 20, f"{len(requests)} WAV file(s)")
     writer = ManifestWriter(g, out_dir, requests, names, model, info, adapter_info)
     t0 = time.perf_counter()
-    with on_interrupt(lambda: f"{len(writer.written)} of {len(requests)} file(s) were written to {out_dir} and are "
-                              f"listed in {writer.path}; run the same command with other seeds or --overwrite for "
-                              f"the rest"):
+    with on_interrupt(lambda: f"{len(writer.written)} of {len(requests)} file(s) were written to "
+                              f"{out_dir} and are listed in {writer.path}; run the same command "
+                              f"with other seeds or --overwrite for the rest"):
         results = engine.generate(model, processor, info, requests, batch_size=g.batch_size,
-                                      max_window=g.max_window, extend_stride=g.extend_stride, progress=True,
+                                      max_window=g.max_window, extend_stride=g.extend_stride,
+                                  progress=True,
                                       on_batch=writer.write_batch, decoding=g.decoding)
     wall = time.perf_counter() - t0
     cfg.save(out_dir / "inference_config.yaml")
     gen_time = sum(r.generation_time for r in results)
     audio_s = sum(r.audio.shape[-1] for r in results) / info.sample_rate
     rtf = gen_time / audio_s if audio_s else float("nan")
-    print(f"Wrote {len(results)} file(s) to {out_dir} ({human_seconds(audio_s)} of audio in {human_seconds(wall)}); "
-          f"real-time factor {rtf:.3f} ({1 / rtf if rtf else float('inf'):.2f}x real time). "
-          f"Manifest: {writer.path}")
+    print(f"Wrote {len(results)} file(s) to {out_dir} ({human_seconds(audio_s)} of audio in "
+          f"{human_seconds(wall)}); real-time factor {rtf:.3f} "
+          f"({1 / rtf if rtf else float('inf'):.2f}x real time). Manifest: {writer.path}")
     return 0
 
 

@@ -7,22 +7,23 @@
     # check an existing data folder
     python lora/prepare_data.py --validate --data_dir data
 
-What --input_dir does (DATA_PREPARATION.md has the details): scan the folder recursively; caption each
-recording (sidecar .txt/.json, captions_file, metadata.jsonl/.csv of the HF audiofolder layout, then
-default_text / caption_template); decode block by block in worker processes, resample to sample_rate, mix
-to mono (or stereo), trim leading/trailing silence, cut into segment_seconds clips; split train/valid by
-recording; write PCM16 WAVs into data/train and data/valid, metadata.json, prepare_report.json (every
-skipped file with its reason) and prepare_state.json (lets a rerun skip work already done). Source files
-are only read, never changed: input and output folders that overlap (the input is the output's train/ or
-valid/, a file it writes would replace one it reads) are refused before anything is written, and so is a
-damaged prepare_state.json (without --overwrite). What it changes in the audio is said: clips above
-0 dBFS scaled down, a few NaN/inf samples set to 0, channels mixed. Symlinked folders are followed; what
-cannot be read is reported, and a source of the last run that cannot be read now keeps its clips.
+What --input_dir does (DATA_PREPARATION.md has the details): scan the folder recursively; caption
+each recording (sidecar .txt/.json, captions_file, metadata.jsonl/.csv of the HF audiofolder layout,
+then default_text / caption_template); decode block by block in worker processes, resample to
+sample_rate, mix to mono (or stereo), trim leading/trailing silence, cut into segment_seconds clips;
+split train/valid by recording; write PCM16 WAVs into data/train and data/valid, metadata.json,
+prepare_report.json (every skipped file with its reason) and prepare_state.json (lets a rerun skip
+work already done). Source files are only read, never changed: input and output folders that overlap
+(the input is the output's train/ or valid/, a file it writes would replace one it reads) are
+refused before anything is written, and so is a damaged prepare_state.json (without --overwrite).
+What it changes in the audio is said: clips above 0 dBFS scaled down, a few NaN/inf samples set to
+0, channels mixed. Symlinked folders are followed; what cannot be read is reported, and a source of
+the last run that cannot be read now keeps its clips.
 
-This script holds the run (settings, ownership of the output folder, scanning, the per-file worker, reuse and
-checkpoints, duplicates, split, the report). Its parts live in library modules: captions.py (where a caption
-comes from), example_data.py (the synthetic --create_example set) and data_check.py (the --validate check,
-shared with test_dataset.py).
+This script holds the run (settings, ownership of the output folder, scanning, the per-file worker,
+reuse and checkpoints, duplicates, split, the report). Its parts live in library modules:
+captions.py (where a caption comes from), example_data.py (the synthetic --create_example set) and
+data_check.py (the --validate check, shared with test_dataset.py).
 """
 
 from __future__ import annotations
@@ -66,27 +67,31 @@ def main(argv=None) -> int:
         prepare_folder(cfg)
     summary = check_data_dir(d.data_dir, d.metadata_file, sample_rate=d.sample_rate, hash_content=False)
     print(summary.text())
-    print(f"Next: python lora/test_dataset.py --data_dir {d.data_dir}   (or: cd lora && python test_dataset.py)")
+    print(f"Next: python lora/test_dataset.py --data_dir {d.data_dir}   (or: cd lora && python "
+          f"test_dataset.py)")
     return 0 if summary.ok else 1
 
 
 def check_settings(cfg: Config) -> list[str]:
-    """What must hold before anything is read or written, besides each value's range (the schema's): one mode,
-    the input files, settings that depend on each other."""
+    """What must hold before anything is read or written, besides each value's range (the schema's):
+    one mode, the input files, settings that depend on each other."""
     d = cfg.data
     p: list[str] = []
     modes = [n for n, on in (("--create_example", d.create_example), ("--input_dir", d.input_dir),
                              ("--validate", d.validate)) if on]
     if not modes:
-        p.append("Nothing to do: pass --input_dir YOUR_AUDIO_FOLDER, --create_example or --validate.\n" + EXAMPLES)
+        p.append("Nothing to do: pass --input_dir YOUR_AUDIO_FOLDER, --create_example or "
+                 "--validate.\n" + EXAMPLES)
     elif len(modes) > 1:
         p.append(f"Choose one of {', '.join(modes)} (they were given together).")
     if d.input_dir and not d.create_example and not d.validate and not Path(d.input_dir).is_dir():
-        p.append(f"data.input_dir: folder {d.input_dir} does not exist (pass --input_dir with your audio folder).")
+        p.append(f"data.input_dir: folder {d.input_dir} does not exist (pass --input_dir with your "
+                 f"audio folder).")
     if d.captions_file and not Path(d.captions_file).is_file():
         p.append(f"data.captions_file: {d.captions_file} not found.")
     if d.min_seconds > d.segment_seconds:
-        p.append(f"data.min_seconds must be between 0 and segment_seconds ({d.segment_seconds}), got {d.min_seconds}.")
+        p.append(f"data.min_seconds must be between 0 and segment_seconds ({d.segment_seconds}), "
+                 f"got {d.min_seconds}.")
     try:
         d.caption_template.format(stem="x", folder="y", name="z.wav")
     except (KeyError, IndexError, ValueError) as e:

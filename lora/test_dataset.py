@@ -3,9 +3,10 @@
     cd lora && python test_dataset.py                 # the data_dir of config.yaml (../data)
     python lora/test_dataset.py --data_dir data --num_batches 5
 
-Prints the same summary as ``prepare_data.py --validate`` (clips per split, hours, duration histogram,
-caption statistics, every problem found), then loads batches the way training sees audio (padded to the
-longest clip, with a mask), and ends with a verdict and the next step. Exit code 0 = OK.
+Prints the same summary as ``prepare_data.py --validate`` (clips per split, hours, duration
+histogram, caption statistics, every problem found), then loads batches the way training sees audio
+(padded to the longest clip, with a mask), and ends with a verdict and the next step. Exit code 0 =
+OK.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ class AudioClipDataset:
 
 
 def collate_audio(items: list[dict]) -> dict:
-    """Pad to the longest clip: audio (B, C, N), mask (B, N) (1 = real sample), lengths (B,), texts."""
+    """Pad to the longest clip: audio (B, C, N), mask (B, N) (1 = real sample), lengths (B,),
+    texts."""
     import torch
 
     n = max(it["audio"].shape[-1] for it in items)
@@ -64,7 +66,8 @@ def _extra(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv=None) -> int:
-    cfg, ns = parse_config(argv, description=__doc__.split("\n\n")[0], sections=("data", "training"), extra=_extra,
+    cfg, ns = parse_config(argv, description=__doc__.split("\n\n")[0],
+                           sections=("data", "training"), extra=_extra,
                            rules=lambda cfg, ns: [f"--num_batches must be >= 0, got {ns.num_batches}"]
                            if ns.num_batches < 0 else [])
     d, t = cfg.data, cfg.training
@@ -89,9 +92,11 @@ def main(argv=None) -> int:
                     break
                 a = batch["audio"]
                 secs = (batch["lengths"].float() / d.sample_rate).tolist()
-                rms = [float(a[b, :, :int(k)].pow(2).mean().sqrt()) for b, k in enumerate(batch["lengths"])]
+                rms = [float(a[b, :, :int(k)].pow(2).mean().sqrt()) for b,
+                       k in enumerate(batch["lengths"])]
                 print(f"  batch {i}: audio {tuple(a.shape)} mask {tuple(batch['mask'].shape)}, "
-                      f"seconds {', '.join(f'{s:.1f}' for s in secs)}, rms {', '.join(f'{r:.3f}' for r in rms)}")
+                      f"seconds {', '.join(f'{s:.1f}' for s in secs)}, rms "
+                      f"{', '.join(f'{r:.3f}' for r in rms)}")
                 print(f"    texts: {batch['texts']}")
                 if not torch.isfinite(a).all():
                     load_problems.append(f"batch {i} ({', '.join(batch['ids'])}): audio holds NaN or inf")
@@ -107,7 +112,8 @@ def main(argv=None) -> int:
         for p in load_problems:
             print(f"  - {p}")
         print(f"VERDICT: NOT READY — {len(problems)} problem(s) above. Fix them (or re-run "
-              f"python prepare_data.py --input_dir YOUR_AUDIO --output_dir {d.data_dir}), then run this again.")
+              f"python prepare_data.py --input_dir YOUR_AUDIO --output_dir {d.data_dir}), then run "
+              f"this again.")
         return 1
     print("VERDICT: OK — next: python test_model.py   (then python train_lora.py ...)")
     return 0

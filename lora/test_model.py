@@ -5,14 +5,15 @@
     python lora/test_model.py --model_path facebook/musicgen-small --batch_size 2 --fp16
     python lora/test_model.py --model_path facebook/musicgen-large --gradient_checkpointing --max_duration 15
 
-It loads the base model as train_lora.py does, prepares it for training with the same library function
-(lora.training.model_prep.prepare_model: LoRA with your settings, the frozen-weight dtype, device placement, the step's
-options, e.g. --gradient_checkpointing) and runs train_lora.py's step (lora.training.step.step_loss) forward + backward
-on a random batch of --batch_size clips as long as the training window (--max_duration; random EnCodec codes + the
-captions' text states, as the token cache holds them) in the precision training would use, reports the loss,
-gradients and the step's peak memory (on a GPU: what training with these settings needs), then generates 2
-seconds of audio with model.generate(), and ends with a verdict and the next step. Exit code 0 when everything
-works, 1 when a check fails.
+It loads the base model as train_lora.py does, prepares it for training with the same library
+function (lora.training.model_prep.prepare_model: LoRA with your settings, the frozen-weight dtype,
+device placement, the step's options, e.g. --gradient_checkpointing) and runs train_lora.py's step
+(lora.training.step.step_loss) forward + backward on a random batch of --batch_size clips as long as
+the training window (--max_duration; random EnCodec codes + the captions' text states, as the token
+cache holds them) in the precision training would use, reports the loss, gradients and the step's
+peak memory (on a GPU: what training with these settings needs), then generates 2 seconds of audio
+with model.generate(), and ends with a verdict and the next step. Exit code 0 when everything works,
+1 when a check fails.
 """
 
 from __future__ import annotations
@@ -42,12 +43,15 @@ CAPTIONS = ["drum loop, 120 BPM, kick snare hihat", "lofi piano chords in A mino
 
 def _extra(p):
     g = p.add_argument_group("test_model")
-    g.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cuda, cuda:1 or cpu")
+    g.add_argument("--device", default="auto",
+                   help="auto (cuda if available, else cpu), cuda, cuda:1 or cpu")
     g.add_argument("--seconds", type=float, default=None,
-                   help="Length of the random training batch, s; default: training.max_duration (--max_duration), "
-                        "the training window, so the peak memory is the one training needs")
+                   help="Length of the random training batch, s; default: training.max_duration "
+                        "(--max_duration), the training window, so the peak memory is the one "
+                        "training needs")
     g.add_argument("--generate_seconds", type=float, default=2.0, help="Length of the test generation, s")
-    g.add_argument("--skip_generation", action="store_true", help="Only check loading and a training step")
+    g.add_argument("--skip_generation", action="store_true",
+                   help="Only check loading and a training step")
 
 
 def _say(line: str = "") -> None:
@@ -87,14 +91,15 @@ def pick_device(spec: str):
     except RuntimeError as e:
         raise ConfigError(f"--device {spec!r}: {e}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was given, but PyTorch sees no CUDA GPU here (torch.cuda.is_available() "
-                          "is False). Use --device cpu, or install a CUDA build of PyTorch.")
+        raise ConfigError("--device cuda was given, but PyTorch sees no CUDA GPU here "
+                          "(torch.cuda.is_available() is False). Use --device cpu, or install a "
+                          "CUDA build of PyTorch.")
     return device
 
 
 def random_batch(model, processor, info, batch_size: int, seconds: float, device) -> dict:
-    """A training batch as the token cache and collate_tokens give it: random EnCodec codes and the captions'
-    cached text states (the text encoder runs once, like the cache build)."""
+    """A training batch as the token cache and collate_tokens give it: random EnCodec codes and the
+    captions' cached text states (the text encoder runs once, like the cache build)."""
     import torch
 
     t = info.frames(seconds)
@@ -105,17 +110,19 @@ def random_batch(model, processor, info, batch_size: int, seconds: float, device
     for i in range(batch_size):
         n = int(mask[i].sum())
         clips.append(CachedClip(id=str(i), text=captions[i], split="train",
-                                codes=torch.randint(0, info.vocab_size, (info.num_codebooks, t)).to(torch.int16),
+                                codes=torch.randint(0, info.vocab_size,
+                                                    (info.num_codebooks, t)).to(torch.int16),
                                 hidden=hidden[i, :n].float().cpu(), mask=mask[i, :n].long().cpu()))
     ds = CachedTokenDataset(clips, t, train=False)
     return collate_tokens([ds[i] for i in range(batch_size)], info.pad_token_id)
 
 
 def training_step(cfg, model, processor, info, device, seconds: float, precision: str):
-    """What train_lora.py does before and in its first step, on a random batch: LoRA attached and prepared by
-    lora.training.model_prep.prepare_model (the same seed, frozen-weight dtype, device placement and step options), then
-    lora.training.step.step_loss under the training precision's autocast, with the dropout seed of the first
-    micro-batch. Returns (model, batch, loss); the caller runs the backward."""
+    """What train_lora.py does before and in its first step, on a random batch: LoRA attached and
+    prepared by lora.training.model_prep.prepare_model (the same seed, frozen-weight dtype, device
+    placement and step options), then lora.training.step.step_loss under the training precision's
+    autocast, with the dropout seed of the first micro-batch. Returns (model, batch, loss); the
+    caller runs the backward."""
     import torch
     from accelerate.utils import set_seed
 
@@ -139,8 +146,8 @@ def training_step(cfg, model, processor, info, device, seconds: float, precision
 def flag_problems(cfg, ns) -> list[str]:
     problems = []
     if ns.seconds is not None and (ns.seconds <= 0 or ns.seconds > 30):
-        problems.append(f"--seconds must be in (0, 30], got {ns.seconds} (leave it out to use the training window, "
-                        f"--max_duration)")
+        problems.append(f"--seconds must be in (0, 30], got {ns.seconds} (leave it out to use the "
+                        f"training window, --max_duration)")
     if ns.generate_seconds <= 0:
         problems.append(f"--generate_seconds must be positive, got {ns.generate_seconds}")
     return problems
@@ -154,28 +161,31 @@ def main(argv=None) -> int:
     device = pick_device(ns.device)
     seconds = ns.seconds if ns.seconds is not None else cfg.training.max_duration
     mode, reason = choose_precision(cfg.training.mixed_precision, device)
-    resolve_base_weights_dtype(cfg.training.base_weights_dtype, mode)  # a bad combination fails before loading
+    # a bad combination fails before loading
+    resolve_base_weights_dtype(cfg.training.base_weights_dtype, mode)
     torch.manual_seed(cfg.training.seed)
     train_cmd = f"python train_lora.py --model_path {cfg.model.model_path}"
 
     # ---- model -------------------------------------------------------------------------------
     _say("== model")
     _say(f"model_path: {cfg.model.model_path}")
-    _say(f"device:     {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
+    _say(f"device:     {device}"
+         + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
     t0 = time.perf_counter()
     try:
         model, processor, info = load_base_model(cfg.model)  # on the CPU, as train_lora.py loads it
     except UserError as e:
-        return _fail("load model", str(e), "fix --model_path (or model.model_path in config.yaml), or try the "
-                     "toolkit first with --model_path tiny.")
+        return _fail("load model", str(e),
+                     "fix --model_path (or model.model_path in config.yaml), or try the toolkit "
+                     "first with --model_path tiny.")
     fam = family_for(info)
     if info.frames(seconds) + info.codebooks_per_channel - 1 > fam.max_positions(model):
         return _fail("training window", f"{seconds:g} s is longer than the model's context",
                      "use --max_duration 30 or less (MusicGen's context is 30 s).")
     dtype = next(model.parameters()).dtype
     _say(f"loaded:     {info.name_or_path} in {time.perf_counter() - t0:.1f} s, weights {dtype}")
-    _say(f"audio:      {info.sample_rate} Hz, {info.audio_channels} channel(s), {info.num_codebooks} codebooks x "
-         f"{info.vocab_size} codes at {info.frame_rate} frames/s")
+    _say(f"audio:      {info.sample_rate} Hz, {info.audio_channels} channel(s), "
+         f"{info.num_codebooks} codebooks x {info.vocab_size} codes at {info.frame_rate} frames/s")
     parts = fam.parameter_counts(model)
     _say(f"parameters: {sum(parts.values()) / 1e6:,.1f}M total = "
          + " + ".join(f"{name} {n / 1e6:,.1f}M" for name, n in parts.items()))
@@ -197,7 +207,8 @@ def main(argv=None) -> int:
                      "lower --batch_size (and raise --gradient_accumulation_steps), use --fp16/--bf16, "
                      "--gradient_checkpointing, a shorter --max_duration, or a smaller model.")
     except UserError as e:
-        return _fail("attach LoRA", str(e), "fix the lora section of config.yaml (lora_targets, lora_rank, ...).")
+        return _fail("attach LoRA", str(e),
+                     "fix the lora section of config.yaml (lora_targets, lora_rank, ...).")
     step_s = time.perf_counter() - t0
     failed = report_step(cfg, model, info, batch, loss, mode, reason, seconds, step_s, device)
     if failed:
@@ -224,7 +235,8 @@ def report_step(cfg, model, info, batch, loss, mode, reason, seconds, step_s, de
     trainable, total = model.get_nb_trainable_parameters()
     n_modules = sum(1 for _, m in model.named_modules() if hasattr(m, "lora_A"))
     _say(f"LoRA r={cfg.lora.lora_rank} alpha={cfg.lora.lora_alpha:g} targets={cfg.lora.lora_targets!r}: "
-         f"{n_modules} layers, {trainable:,} trainable parameters ({100.0 * trainable / total:.3f}% of {total:,})")
+         f"{n_modules} layers, {trainable:,} trainable parameters "
+         f"({100.0 * trainable / total:.3f}% of {total:,})")
     _say("== training step (train_lora.py's preparation and step)")
     _say(f"precision:  {mode} ({reason})")
     named = [(n, p.grad) for n, p in model.named_parameters() if p.requires_grad]
@@ -237,17 +249,20 @@ def report_step(cfg, model, info, batch, loss, mode, reason, seconds, step_s, de
     value = loss.loss.item()
     b, t = batch["codes"].shape[0], batch["codes"].shape[-1]
     window = "the training window, --max_duration" if seconds == cfg.training.max_duration else "--seconds"
-    _say(f"batch:      {b} x {seconds:g} s ({window}) = {t} frames, {int(loss.tokens.sum()):,} target tokens; "
-         f"gradient checkpointing {'on' if cfg.training.gradient_checkpointing else 'off'}")
+    _say(f"batch:      {b} x {seconds:g} s ({window}) = {t} frames, {int(loss.tokens.sum()):,} "
+         f"target tokens; gradient checkpointing "
+         f"{'on' if cfg.training.gradient_checkpointing else 'off'}")
     _say(f"loss:       {value:.3f} (random codes; chance level ln({info.vocab_size}) = {chance:.3f}); "
          f"per codebook {', '.join(f'{x:.2f}' for x in loss.per_codebook.tolist())}")
     _say(f"gradients:  all finite: {finite_grads}; non-zero in {nonzero}/{len(grads)} trainable tensors, "
-         f"{b_nonzero}/{len(b_grads)} LoRA B matrices (A matrices get gradient once B has moved off its zero init)")
+         f"{b_nonzero}/{len(b_grads)} LoRA B matrices (A matrices get gradient once B has moved "
+         f"off its zero init)")
     _say(f"time:       {step_s:.2f} s for forward + backward")
     _say(f"peak:       {_peak_memory(device)} in the training step")
     if not math.isfinite(value):
         return _fail("training step", f"the loss is {value}",
-                     "try --mixed_precision no (fp32); if that works, your GPU's fp16 overflows: use --bf16.")
+                     "try --mixed_precision no (fp32); if that works, your GPU's fp16 overflows: "
+                     "use --bf16.")
     if not finite_grads or nonzero == 0 or (b_grads and b_nonzero == 0):
         return _fail("training step", "LoRA parameters got no usable gradient",
                      "check lora_targets; run the test suite (pytest tests/test_modeling.py).")
@@ -255,8 +270,8 @@ def report_step(cfg, model, info, batch, loss, mode, reason, seconds, step_s, de
 
 
 def check_generation(cfg, model, processor, info, device, mode: str, seconds: float) -> int:
-    """Generate a short piece with transformers' generate() (the adapter unmerged, the training precision's
-    autocast); 0, or the exit code of a failed check."""
+    """Generate a short piece with transformers' generate() (the adapter unmerged, the training
+    precision's autocast); 0, or the exit code of a failed check."""
     import torch
 
     _say("== generation")
@@ -270,9 +285,11 @@ def check_generation(cfg, model, processor, info, device, mode: str, seconds: fl
     t0 = time.perf_counter()
     try:
         with torch.no_grad(), autocast_for(mode, device)():
-            audio = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=True, guidance_scale=guidance)
+            audio = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=True,
+                                   guidance_scale=guidance)
     except torch.cuda.OutOfMemoryError:
-        return _fail("generation", "out of GPU memory", "free the GPU (other processes?) or use a smaller model.")
+        return _fail("generation", "out of GPU memory",
+                     "free the GPU (other processes?) or use a smaller model.")
     gen_s = time.perf_counter() - t0
     audio_s = audio.shape[-1] / info.sample_rate
     _say(f"generated:  {tuple(audio.shape)} = {audio_s:.2f} s of audio in {gen_s:.1f} s "

@@ -19,8 +19,9 @@ save. It writes, under output_dir:
     config.yaml                the resolved configuration of the run
 
 Training reads tokens only: EnCodec codes and text-encoder states are computed once into data_dir/cache
-(lora.dataprep.token_cache.build_token_cache), then both encoders leave the GPU. The step, validation, checkpoints and logs are
-lora.training's (the same step bench/bench_train.py times and test_model.py checks); this script tells the story.
+(lora.dataprep.token_cache.build_token_cache), then both encoders leave the GPU. The step, validation,
+checkpoints and logs are lora.training's (the same step bench/bench_train.py times and test_model.py checks);
+this script tells the story.
 
 Data order is a pure function of (seed, epoch): each epoch's length-bucketed micro-batches are split over
 optimizer steps, micro-steps and processes the same way for any number of processes (N processes with
@@ -62,7 +63,8 @@ SECTIONS = ("training", "model", "lora", "data")
 
 
 def config_problems(cfg: Config, ns=None) -> list[str]:
-    """Rules that span several settings (each value's own range is checked by the schema, lora.config)."""
+    """Rules that span several settings (each value's own range is checked by the schema,
+    lora.config)."""
     t = cfg.training
     p: list[str] = []
     if t.max_steps <= 0 and t.num_epochs <= 0:
@@ -80,7 +82,8 @@ def check_config(cfg: Config) -> None:
 
 
 def main(argv=None) -> int:
-    cfg, _ = parse_config(argv, description=__doc__.splitlines()[0], sections=SECTIONS, rules=config_problems)
+    cfg, _ = parse_config(argv, description=__doc__.splitlines()[0], sections=SECTIONS,
+                          rules=config_problems)
     setup_logging()
     import torch
 
@@ -92,9 +95,10 @@ def main(argv=None) -> int:
     except torch.OutOfMemoryError as e:
         t = cfg.training
         raise UserError(
-            f"Out of GPU memory ({str(e).splitlines()[0][:200]}). Try: a smaller --batch_size (now {t.batch_size}) "
-            f"with more --gradient_accumulation_steps (now {t.gradient_accumulation_steps}) to keep the effective "
-            f"batch; a shorter --max_duration (now {t.max_duration} s); --gradient_checkpointing; or "
+            f"Out of GPU memory ({str(e).splitlines()[0][:200]}). Try: a smaller --batch_size (now "
+            f"{t.batch_size}) with more --gradient_accumulation_steps (now "
+            f"{t.gradient_accumulation_steps}) to keep the effective batch; a shorter "
+            f"--max_duration (now {t.max_duration} s); --gradient_checkpointing; or "
             f"--mixed_precision bf16/fp16.") from None
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
@@ -120,10 +124,11 @@ def resume_note(run: "Run") -> str:
     """What Ctrl-C leaves behind, and how to continue."""
     ck = checkpoints.newest_checkpoint(run.out)
     if ck is None:
-        return (f"no checkpoint was saved yet (every {run.save_every} steps or {run.cfg.training.save_minutes:g} "
-                f"minutes); start again, or save more often with --save_steps / --save_minutes")
-    return (f"the newest checkpoint is {ck} (step {ck.name[5:].lstrip('0') or 0}); continue with the same command "
-            f"plus --resume_from_checkpoint latest")
+        return (f"no checkpoint was saved yet (every {run.save_every} steps or "
+                f"{run.cfg.training.save_minutes:g} minutes); start again, or save more often with "
+                f"--save_steps / --save_minutes")
+    return (f"the newest checkpoint is {ck} (step {ck.name[5:].lstrip('0') or 0}); continue with "
+            f"the same command plus --resume_from_checkpoint latest")
 
 
 # ============================================================================================
@@ -150,7 +155,8 @@ class Run:
     steps_per_epoch: int
     total_steps: int
     train_seconds: float         # audio in the training clips
-    eval_every: int = 0          # training.eval_steps / save_steps resolved ('auto' -> about 10 per run)
+    # training.eval_steps / save_steps resolved ('auto' -> about 10 per run)
+    eval_every: int = 0
     save_every: int = 0
     state: TrainState = field(default_factory=TrainState)
     runlog: run_log.RunLog = None
@@ -166,7 +172,8 @@ class Run:
         return self.acc.is_main_process
 
     def loss(self, batch):
-        return training_step.step_loss(self.model, self.processor, self.info, batch, self.device, self.acc.autocast,
+        return training_step.step_loss(self.model, self.processor, self.info, batch, self.device,
+                                       self.acc.autocast,
                                   self.cache_text)
 
     def snapshot(self, stage: str) -> dict:
@@ -180,7 +187,8 @@ class Run:
 
 
 def start_processes(cfg: Config):
-    """The Accelerator (one process or one of several), the precision and, on the main process, logs/train.log."""
+    """The Accelerator (one process or one of several), the precision and, on the main process,
+    logs/train.log."""
     import torch
     from accelerate import Accelerator, PartialState
     from accelerate.state import AcceleratorState
@@ -202,23 +210,27 @@ def start_processes(cfg: Config):
         log.addHandler(file_log)
     log.info("Precision: %s (%s)", precision, why)
     if acc.device.type == "cpu" and keep_freed_memory():
-        log.info("CPU memory: freed tensors stay in the process for reuse (glibc malloc; fewer page faults)")
-    launched = os.environ.get("ACCELERATE_MIXED_PRECISION")  # what accelerate config / accelerate launch set
+        log.info("CPU memory: freed tensors stay in the process for reuse (glibc malloc; fewer "
+                 "page faults)")
+    # what accelerate config / accelerate launch set
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION")
     if launched and launched != precision:
-        log.warning("accelerate's mixed_precision setting (%s) is not used: training.mixed_precision decides "
-                    "(--mixed_precision / --fp16 / --bf16; now %s)", launched, precision)
-    resolve_base_weights_dtype(t.base_weights_dtype, precision)  # a bad combination fails before the model loads
+        log.warning("accelerate's mixed_precision setting (%s) is not used: "
+                    "training.mixed_precision decides (--mixed_precision / --fp16 / --bf16; now "
+                    "%s)", launched, precision)
+    # a bad combination fails before the model loads
+    resolve_base_weights_dtype(t.base_weights_dtype, precision)
     return acc, precision
 
 
 def load_and_cache(cfg: Config, acc, records, clock: run_log.PhaseClock):
-    """The base model (on the CPU) and every clip's cached tokens; only the encoders visit the device, for the
-    cache, and leave it again when their output is cached."""
+    """The base model (on the CPU) and every clip's cached tokens; only the encoders visit the
+    device, for the cache, and leave it again when their output is cached."""
     import torch
 
     t, device = cfg.training, acc.device
-    # Loaded on the CPU: the decoder follows after LoRA is attached (an fp32 init, the same in every precision) and
-    # its frozen weights are cast, so a GPU never holds the fp32 decoder.
+    # Loaded on the CPU: the decoder follows after LoRA is attached (an fp32 init, the same in every
+    # precision) and its frozen weights are cast, so a GPU never holds the fp32 decoder.
     model, processor, info = load_base_model(cfg.model)
     clock.lap("load")
     fam = family_for(info)
@@ -226,8 +238,9 @@ def load_and_cache(cfg: Config, acc, records, clock: run_log.PhaseClock):
     fam.text_encoder_of(model).to(device)
     max_frames = int(round(t.max_duration * info.frame_rate))
     if max_frames < 1:
-        raise ConfigError(f"training.max_duration {t.max_duration} s is shorter than one codec frame of this model "
-                          f"({1 / info.frame_rate:g} s); use a few seconds or more (30 is MusicGen's context).")
+        raise ConfigError(f"training.max_duration {t.max_duration} s is shorter than one codec "
+                          f"frame of this model ({1 / info.frame_rate:g} s); use a few seconds or "
+                          f"more (30 is MusicGen's context).")
     if max_frames + info.codebooks_per_channel - 1 > fam.max_positions(model):
         raise ConfigError(f"training.max_duration {t.max_duration} s is longer than the model's context "
                           f"({(fam.max_positions(model) - info.codebooks_per_channel + 1) / info.frame_rate:.1f} s); "
@@ -235,16 +248,16 @@ def load_and_cache(cfg: Config, acc, records, clock: run_log.PhaseClock):
     cache_text = not cfg.lora.train_text_encoder
     with acc.main_process_first():
         clips, _ = build_token_cache(records, model, processor, info, cfg.data.data_dir,
-                                     batch_size=t.encode_batch_size, device=device, text_states=cache_text,
-                                     show_progress=acc.is_main_process)
+                                     batch_size=t.encode_batch_size, device=device,
+                                     text_states=cache_text, show_progress=acc.is_main_process)
     # Training reads tokens only: the codec (and the frozen text encoder) leave the accelerator.
     fam.audio_codec(model).to("cpu")
     if cache_text:
         fam.text_encoder_of(model).to("cpu")
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    log.info("EnCodec%s moved off %s: training reads cached tokens", "" if not cache_text else " and text encoder",
-             device)
+    log.info("EnCodec%s moved off %s: training reads cached tokens", "" if not cache_text
+             else " and text encoder", device)
     clock.lap("token cache")
     return model, processor, info, clips, max_frames
 
@@ -259,10 +272,13 @@ def set_up(cfg: Config) -> Run:
     clock = run_log.PhaseClock(process_start_time())
     records = load_metadata(cfg.data.data_dir, cfg.data.metadata_file)
     plan.split_records(cfg, records)
-    # Read whole before anything loads: a damaged checkpoint stops here ('latest' falls back to an older one).
+    # Read whole before anything loads: a damaged checkpoint stops here ('latest' falls back to an
+    # older one).
     ck = checkpoints.find_checkpoint(out, t.resume_from_checkpoint) if t.resume_from_checkpoint else None
-    if ck is None:  # before this run writes anything (the first process deletes, the others only check)
-        checkpoints.clear_earlier_run(out, t.overwrite_output_dir, is_main=os.environ.get("RANK", "0") == "0")
+    # before this run writes anything (the first process deletes, the others only check)
+    if ck is None:
+        checkpoints.clear_earlier_run(out, t.overwrite_output_dir,
+                                      is_main=os.environ.get("RANK", "0") == "0")
     acc, precision = start_processes(cfg)
 
     set_seed(t.seed)
@@ -271,15 +287,16 @@ def set_up(cfg: Config) -> Run:
     set_seed(t.seed)  # LoRA init does not depend on what the cache step consumed
     model, params = model_prep.prepare_model(model, cfg, precision, acc.device)
     clock.lap("LoRA set-up")
-    check_free_space(out, checkpoints.disk_space_needed(params, t.save_total_limit), "training (checkpoints, "
-                     "best_model, final_model, logs)")
+    check_free_space(out, checkpoints.disk_space_needed(params, t.save_total_limit),
+                     "training (checkpoints, best_model, final_model, logs)")
 
     # The data plan: the same for any number of processes.
     train_clips = [c for c in clips if c.split == "train"]
-    train_ds = CachedTokenDataset(train_clips, max_frames, seed=t.seed, train=True, cond_dropout=t.cond_dropout,
+    train_ds = CachedTokenDataset(train_clips, max_frames, seed=t.seed, train=True,
+                                  cond_dropout=t.cond_dropout,
                                   info=info, melody_dropout=t.melody_dropout)
-    valid_ds = CachedTokenDataset([c for c in clips if c.split == "valid"], max_frames, seed=t.seed, train=False,
-                                  info=info)
+    valid_ds = CachedTokenDataset([c for c in clips if c.split == "valid"], max_frames, seed=t.seed,
+                                  train=False, info=info)
     group = t.gradient_accumulation_steps * acc.num_processes
     n_batches = len(bucketed_batches(train_ds.lengths(), t.batch_size, t.seed, 0, multiple_of=group))
     steps_per_epoch, total_steps, warmup, warm_note = plan.plan_steps(cfg, n_batches, group)
@@ -288,19 +305,22 @@ def set_up(cfg: Config) -> Run:
 
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
     sched_name = {"constant": "constant_with_warmup"}.get(t.lr_scheduler_type, t.lr_scheduler_type)
-    scheduler = get_scheduler(sched_name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    scheduler = get_scheduler(sched_name, optimizer, num_warmup_steps=warmup,
+                              num_training_steps=total_steps)
     optimizer = acc.prepare(optimizer)  # fp16: GradScaler steps; the scheduler is stepped by hand
     run = Run(cfg=cfg, acc=acc, device=acc.device, precision=precision, model=model, processor=processor,
               info=info, params=params, optimizer=optimizer, scheduler=scheduler, train_ds=train_ds,
               valid_ds=valid_ds, collate=lambda items: collate_tokens(items, info.pad_token_id),
-              cache_text=not cfg.lora.train_text_encoder, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+              cache_text=not cfg.lora.train_text_encoder, steps_per_epoch=steps_per_epoch,
+              total_steps=total_steps,
               train_seconds=sum(c.num_frames for c in train_clips) / info.frame_rate,
               eval_every=plan.resolve_every(t.eval_steps, total_steps)[0],
               save_every=plan.resolve_every(t.save_steps, total_steps)[0], clock=clock)
     if ck is not None:
         checkpoints.load_checkpoint(ck, model, optimizer, scheduler, acc.scaler, acc.device, run.state,
                                  {"batch_size": t.batch_size, "gradient_accumulation_steps":
-                                  t.gradient_accumulation_steps, "world_size": acc.num_processes, "seed": t.seed})
+                                  t.gradient_accumulation_steps, "world_size": acc.num_processes,
+                                  "seed": t.seed})
     banner(run, warmup)
     run.runlog = run_log.RunLog(out / "logs", run.state.log_history, enabled=acc.is_main_process,
                                  resumed_at=run.state.global_step if ck is not None else None)
@@ -318,8 +338,8 @@ def banner(run: Run, warmup: int) -> None:
     log.info("=" * 78)
     log.info("Training LoRA on %s -> %s", info.name_or_path, run.out)
     log.info("  clips: %d train (%.2f h of audio), %d held-out | window %.1f s | cond dropout %.2f",
-             len(run.train_ds), run.train_seconds / 3600, len(run.valid_ds), run.train_ds.max_frames / info.frame_rate,
-             t.cond_dropout)
+             len(run.train_ds), run.train_seconds / 3600, len(run.valid_ds), run.train_ds.max_frames
+             / info.frame_rate, t.cond_dropout)
     log.info("  batch %d x accumulation %d x %d process(es) = effective batch %d", t.batch_size,
              t.gradient_accumulation_steps, acc.num_processes,
              t.batch_size * t.gradient_accumulation_steps * acc.num_processes)
@@ -342,7 +362,8 @@ def cadence_text(run: Run) -> str:
         how = f"auto: about {plan.AUTO_PER_RUN} per run" if auto else value
         return f"every {steps} steps ({key} {how}, {len(plan.events_in_run(steps, n))} in this run)"
 
-    return (f"validation before the first step and {every('eval_steps', t.eval_steps, run.eval_every)}; checkpoint "
+    return (f"validation before the first step and "
+            f"{every('eval_steps', t.eval_steps, run.eval_every)}; checkpoint "
             f"{every('save_steps', t.save_steps, run.save_every)}"
             + (f" and at least every {t.save_minutes:g} min" if t.save_minutes > 0 else ""))
 
@@ -351,9 +372,10 @@ def cadence_text(run: Run) -> str:
 # The train loop
 # ============================================================================================
 def train_loop(run: Run) -> None:
-    """Optimizer steps until total_steps (or early stopping): each accumulates gradient_accumulation_steps
-    micro-batches on every process, all-reduces the LoRA gradients, skips the update on a non-finite loss, then
-    logs, validates and checkpoints on their schedules."""
+    """Optimizer steps until total_steps (or early stopping): each accumulates
+    gradient_accumulation_steps micro-batches on every process, all-reduces the LoRA gradients,
+    skips the update on a non-finite loss, then logs, validates and checkpoints on their
+    schedules."""
     import torch
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
@@ -366,8 +388,8 @@ def train_loop(run: Run) -> None:
         log.info("Held-out loss of the base model (LoRA at init) ...")
         validate_and_track(run)
         run.clock.lap("base held-out loss")
-    bar = tqdm(total=run.total_steps, initial=st.global_step, desc="training", unit="step", disable=not run.main,
-               dynamic_ncols=True)
+    bar = tqdm(total=run.total_steps, initial=st.global_step, desc="training", unit="step",
+               disable=not run.main, dynamic_ncols=True)
     interval = run_log.Interval.start(run.device, run.info.num_codebooks)
     grad_norm = torch.zeros((), device=run.device)
     last_eval = None
@@ -377,9 +399,10 @@ def train_loop(run: Run) -> None:
         run.train_ds.set_epoch(ep)
         batches = bucketed_batches(run.train_ds.lengths(), t.batch_size, t.seed, ep, multiple_of=group)
         first = st.step_in_epoch
-        mine = [(s * group + m * world + rank) for s in range(first, run.steps_per_epoch) for m in range(ga)]
-        loader = DataLoader(run.train_ds, batch_sampler=[batches[i] for i in mine], collate_fn=run.collate,
-                            num_workers=t.dataloader_num_workers)
+        mine = [(s * group + m * world + rank) for s in range(first, run.steps_per_epoch)
+                for m in range(ga)]
+        loader = DataLoader(run.train_ds, batch_sampler=[batches[i] for i in mine],
+                            collate_fn=run.collate, num_workers=t.dataloader_num_workers)
         it = iter(loader)
         for s in range(first, run.steps_per_epoch):
             if st.global_step >= run.total_steps:
@@ -398,7 +421,8 @@ def train_loop(run: Run) -> None:
                 interval.loss += step.loss
                 interval.per_codebook += step.per_codebook
                 interval.steps += 1
-            with warnings.catch_warnings():  # a skipped (NaN) first step still advances the schedule
+            # a skipped (NaN) first step still advances the schedule
+            with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
                 run.scheduler.step()
             run.optimizer.zero_grad(set_to_none=True)
@@ -417,13 +441,15 @@ def train_loop(run: Run) -> None:
             if gs % run.eval_every == 0 or gs == run.total_steps:
                 last_eval = gs
                 if validate_and_track(run):
-                    run.stop_reason = (f"early stopping: no held-out improvement in {t.early_stopping_patience} "
-                                       f"validations")
+                    run.stop_reason = (f"early stopping: no held-out improvement in "
+                                       f"{t.early_stopping_patience} validations")
                 run.clock.lap("validation")
             if gs % run.save_every == 0 or gs == run.total_steps or run.stop_reason or time_to_save(run, timer):
                 if run.main:
-                    checkpoints.save_checkpoint(run.out / "checkpoints", run.model, run.optimizer, run.scheduler,
-                                             acc.scaler, run.cfg, run.snapshot("checkpoint"), t.save_total_limit)
+                    checkpoints.save_checkpoint(run.out / "checkpoints", run.model, run.optimizer,
+                                                run.scheduler,
+                                             acc.scaler, run.cfg, run.snapshot("checkpoint"),
+                                                t.save_total_limit)
                 acc.wait_for_everyone()
                 timer.reset()
                 run.clock.lap("checkpoints")
@@ -439,7 +465,8 @@ def train_loop(run: Run) -> None:
 
 
 def time_to_save(run: Run, timer: plan.SaveTimer) -> bool:
-    """training.save_minutes: the main process's clock decides for every process (they all save, or none)."""
+    """training.save_minutes: the main process's clock decides for every process (they all save, or
+    none)."""
     if run.cfg.training.save_minutes <= 0:
         return False
     due = timer.due()
@@ -454,9 +481,9 @@ def time_to_save(run: Run, timer: plan.SaveTimer) -> bool:
 
 
 def optimizer_step(run: Run, loss_sum):
-    """The update after accumulation, guarded against a non-finite loss (the one host sync per optimizer step):
-    clip and step, returning the gradient norm (a tensor; 0 when clipping is off); or skip, count, and stop the run
-    after training.max_nan_steps in a row, returning None."""
+    """The update after accumulation, guarded against a non-finite loss (the one host sync per
+    optimizer step): clip and step, returning the gradient norm (a tensor; 0 when clipping is off);
+    or skip, count, and stop the run after training.max_nan_steps in a row, returning None."""
     import torch
 
     t, st = run.cfg.training, run.state
@@ -492,7 +519,8 @@ def log_interval(run: Run, interval: run_log.Interval, grad_norm, bar) -> None:
     entry.update({f"loss_cb{k}": v / n for k, v in enumerate(interval.per_codebook.tolist())})
     run.runlog.add(entry, "train")
     bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{entry['lr']:.2e}")
-    log.info("step %d/%d | epoch %.2f | loss %.4f | lr %.2e | grad norm %.3f | %.2f steps/s%s", gs, run.total_steps,
+    log.info("step %d/%d | epoch %.2f | loss %.4f | lr %.2e | grad norm %.3f | %.2f steps/s%s", gs,
+             run.total_steps,
              st.epoch, entry["loss"], entry["lr"], entry["grad_norm"], entry["steps_per_s"],
              f" | {st.nan_steps_total} NaN steps skipped" if st.nan_steps_total else "")
 
@@ -500,8 +528,10 @@ def log_interval(run: Run, interval: run_log.Interval, grad_norm, bar) -> None:
 def validate_and_track(run: Run) -> bool:
     """Validate, log, keep best_model; returns True when early stopping says stop."""
     t, st, info = run.cfg.training, run.state, run.info
-    res = training_step.heldout_loss(run.model, run.processor, info, run.valid_ds, run.collate, t.batch_size, run.device,
-                                run.acc.autocast, run.cache_text, run.acc.process_index, run.acc.num_processes)
+    res = training_step.heldout_loss(run.model, run.processor, info, run.valid_ds, run.collate,
+                                     t.batch_size, run.device,
+                                run.acc.autocast, run.cache_text, run.acc.process_index,
+                                     run.acc.num_processes)
     model_prep.set_train_mode(run.model, run.cache_text)
     entry = {"step": st.global_step, "epoch": round(st.epoch, 4), **res}
     if st.base_val_loss is None:
@@ -509,8 +539,10 @@ def validate_and_track(run: Run) -> bool:
         entry["base"] = True
     run.runlog.add(entry, "eval")
     improved = st.best_metric is None or res["val_loss"] < st.best_metric
-    log.info("step %d: held-out loss %.4f (ppl %.2f) per codebook [%s]%s", st.global_step, res["val_loss"],
-             res["val_ppl"], ", ".join(f"{res[f'val_loss_cb{k}']:.3f}" for k in range(info.num_codebooks)),
+    log.info("step %d: held-out loss %.4f (ppl %.2f) per codebook [%s]%s", st.global_step,
+             res["val_loss"],
+             res["val_ppl"],
+             ", ".join(f"{res[f'val_loss_cb{k}']:.3f}" for k in range(info.num_codebooks)),
              " (best so far)" if improved else "")
     if improved:
         st.best_metric, st.best_step, st.evals_without_improvement = res["val_loss"], st.global_step, 0
@@ -548,11 +580,12 @@ def finish(run: Run) -> None:
         atomic_write_json(run.out / "logs" / "timing.json", run.clock.report())
     if run.stop_reason:
         log.info("Stopped: %s", run.stop_reason)
-    log.info("Done in %d steps. Held-out loss: base %.4f -> best %.4f (step %s) -> final %.4f. Adapter: %s",
+    log.info("Done in %d steps. Held-out loss: base %.4f -> best %.4f (step %s) -> final %.4f. "
+             "Adapter: %s",
              st.global_step, st.base_val_loss, st.best_metric, st.best_step, final_eval["val_loss"],
              run.out / "best_model")
-    log.info("Listen: python lora/inference_lora.py --base_model_path %s --lora_model_path %s --prompts \"...\"",
-             run.info.name_or_path, run.out / "best_model")
+    log.info("Listen: python lora/inference_lora.py --base_model_path %s --lora_model_path %s "
+             "--prompts \"...\"", run.info.name_or_path, run.out / "best_model")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Shared pytest fixtures: tiny models, example data and a trained adapter, built once per session.
 
-Nothing here downloads: models are tiny random MusicGens built from config (lora.modeling.tiny_model), data is the
-synthetic example set (lora.prepare_data --create_example).
+Nothing here downloads: models are tiny random MusicGens built from config
+(lora.modeling.tiny_model), data is the synthetic example set (lora.prepare_data --create_example).
 """
 
 from __future__ import annotations
@@ -20,13 +20,14 @@ if str(ROOT) not in sys.path:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# The model-file digests (lora.modeling.loading) are remembered in $XDG_CACHE_HOME: keep the suite's out of the user's.
+# The model-file digests (lora.modeling.loading) are remembered in $XDG_CACHE_HOME: keep the suite's
+# out of the user's.
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="lora-tests-cache-")
 
 import torch  # noqa: E402
 
-# The models in tests are tiny: their ops are too small to gain from threads, and with 2 cores a second
-# thread mostly adds contention. Subprocess tests set their own thread counts.
+# The models in tests are tiny: their ops are too small to gain from threads, and with 2 cores a
+# second thread mostly adds contention. Subprocess tests set their own thread counts.
 torch.set_num_threads(1)
 
 
@@ -59,18 +60,21 @@ def example_data_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def trained_output_dir(tmp_path_factory, tiny_model_dir, example_data_dir) -> Path:
-    """A short LoRA training run (tiny model, example data, fp32 on CPU) with the seed's flags; settings that the
-    seed passes no flag for come from a YAML config file (so the test also proves config files are read).
+    """A short LoRA training run (tiny model, example data, fp32 on CPU) with the seed's flags;
+    settings that the seed passes no flag for come from a YAML config file (so the test also proves
+    config files are read).
 
-    Returns the output dir: best_model/, final_model/, checkpoints/step-*/, logs/ (metrics.jsonl, TensorBoard,
-    loss_curve.png), config.yaml. Treat as read-only. (Training writes its token cache to example_data_dir/cache.)
+    Returns the output dir: best_model/, final_model/, checkpoints/step-*/, logs/ (metrics.jsonl,
+    TensorBoard, loss_curve.png), config.yaml. Treat as read-only. (Training writes its token cache
+    to example_data_dir/cache.)
     """
     from lora import train_lora
 
     root = tmp_path_factory.mktemp("trained")
     yaml_file = root / "train.yaml"
-    yaml_file.write_text("training:\n  max_steps: 4\n  eval_steps: 2\n  save_steps: 2\n  logging_steps: 1\n"
-                         "  learning_rate: 0.003\n  mixed_precision: 'no'\n", encoding="utf-8")
+    yaml_file.write_text("training:\n  max_steps: 4\n  eval_steps: 2\n  save_steps: 2\n  "
+                         "logging_steps: 1\n  learning_rate: 0.003\n  mixed_precision: 'no'\n",
+                         encoding="utf-8")
     out = root / "output"
     rc = train_lora.main(["--config", str(yaml_file), "--model_path", str(tiny_model_dir),
                           "--data_dir", str(example_data_dir), "--metadata_file", "metadata.json",

@@ -1,5 +1,6 @@
-"""Several adapters at once (peft's multi-adapter machinery), adapters made by other peft-based trainers, what cannot
-fit, and the start-up line that says which model and adapter(s) generate. Tiny models, CPU."""
+"""Several adapters at once (peft's multi-adapter machinery), adapters made by other peft-based
+trainers, what cannot fit, and the start-up line that says which model and adapter(s) generate. Tiny
+models, CPU."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora.common.fields import ConfigError
 from lora.common.cli import UserError
+from lora.common.fields import ConfigError
 
 PROMPT = "techno drum loop"
 
@@ -30,12 +31,12 @@ def _cfg(model_dir, adapters=None, scales=None, **gen):
 
 
 def _codes(model_dir, adapters, scales=None, greedy=False, **gen):
-    """Tokens of one sample (sampled; ``greedy`` for comparisons of merged vs unmerged weights, which agree to fp32
-    rounding: a sampled token whose uniform draw falls within that rounding of a boundary may flip, an argmax
-    hardly ever)."""
-    from lora.generation.requests import Request, SamplingSettings
+    """Tokens of one sample (sampled; ``greedy`` for comparisons of merged vs unmerged weights,
+    which agree to fp32 rounding: a sampled token whose uniform draw falls within that rounding of a
+    boundary may flip, an argmax hardly ever)."""
     from lora.generation.engine import generate
     from lora.generation.model import load_generation_model
+    from lora.generation.requests import Request, SamplingSettings
 
     model, processor, info, adapter_info = load_generation_model(_cfg(model_dir, adapters, scales, **gen),
                                                                  adapter_path=adapters)
@@ -44,10 +45,10 @@ def _codes(model_dir, adapters, scales=None, greedy=False, **gen):
 
 
 def _random_adapter(model_dir, out_dir, seed, **lora):
-    """An adapter of our own trainer (attach_lora) whose B matrices are random (so it changes the output)."""
-    from lora.modeling import adapter
-    from lora.modeling import loading
+    """An adapter of our own trainer (attach_lora) whose B matrices are random (so it changes the
+    output)."""
     from lora.config import Config
+    from lora.modeling import adapter, loading
 
     cfg = Config()
     cfg.model.model_path = str(model_dir)
@@ -64,16 +65,16 @@ def _random_adapter(model_dir, out_dir, seed, **lora):
 
 
 def _peft_adapter(model_dir, out_dir, seed, recorded="same", **config):
-    """An adapter made the way another peft-based trainer would: peft's LoraConfig + get_peft_model on the plain
-    transformers model, every LoRA matrix random, saved with save_pretrained; ``recorded`` rewrites its
-    base_model_name_or_path (None: not recorded)."""
+    """An adapter made the way another peft-based trainer would: peft's LoraConfig + get_peft_model
+    on the plain transformers model, every LoRA matrix random, saved with save_pretrained;
+    ``recorded`` rewrites its base_model_name_or_path (None: not recorded)."""
     from peft import LoraConfig, get_peft_model
     from transformers import MusicgenForConditionalGeneration
 
     model = MusicgenForConditionalGeneration.from_pretrained(str(model_dir))
     peft_model = get_peft_model(model, LoraConfig(**config))
     g = torch.Generator().manual_seed(seed)
-    for name, p in peft_model.named_parameters():
+    for _name, p in peft_model.named_parameters():
         if p.requires_grad:
             p.data = p.data + torch.randn(p.shape, generator=g) * 0.3
     peft_model.save_pretrained(str(out_dir))
@@ -98,9 +99,10 @@ def two_adapters(tiny_model_dir, tmp_path_factory):
 # Mixing
 # --------------------------------------------------------------------------------------------
 def test_mix_scales_one_zero_is_a_alone_and_zero_zero_is_the_base(tiny_model_dir, two_adapters):
-    """An adapter at scale 0 adds nothing: the mix is the other adapter alone, token for token, merged or not. (Each
-    is compared with the single adapter loaded the same way: a merged and an unmerged model differ by float
-    rounding, and one sampled token of the clip flipped on that once, on the AMD EPYC.)"""
+    """An adapter at scale 0 adds nothing: the mix is the other adapter alone, token for token,
+    merged or not. (Each is compared with the single adapter loaded the same way: a merged and an
+    unmerged model differ by float rounding, and one sampled token of the clip flipped on that once,
+    on the AMD EPYC.)"""
     a, b = two_adapters
     base, _ = _codes(tiny_model_dir, None)
     for merge in (False, True):
@@ -119,9 +121,9 @@ def test_mix_scales_one_zero_is_a_alone_and_zero_zero_is_the_base(tiny_model_dir
 
 
 def test_mix_merged_equals_unmerged_and_is_the_sum_of_each_adapters_update(tiny_model_dir, two_adapters):
-    """The mix at (0.7, 0.4), unmerged (peft adds each active adapter's update) and merged (merge_and_unload), gives
-    the same logits as merging A at 0.7 and then B at 0.4 one after the other with peft: the sum of the two
-    scaled updates, nothing else."""
+    """The mix at (0.7, 0.4), unmerged (peft adds each active adapter's update) and merged
+    (merge_and_unload), gives the same logits as merging A at 0.7 and then B at 0.4 one after the
+    other with peft: the sum of the two scaled updates, nothing else."""
     from peft import PeftModel
 
     from lora.modeling import adapter
@@ -130,7 +132,8 @@ def test_mix_merged_equals_unmerged_and_is_the_sum_of_each_adapters_update(tiny_
     a, b = two_adapters
     cfg = _cfg(tiny_model_dir)
     codes = torch.randint(0, 128, (1, 4, 20))
-    ids = {"input_ids": torch.tensor([[3, 5, 7, 1]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    ids = {"input_ids": torch.tensor([[3, 5, 7, 1]]),
+           "attention_mask": torch.ones(1, 4, dtype=torch.long)}
 
     def logits(model):
         with torch.no_grad():
@@ -159,9 +162,10 @@ def test_mix_from_the_command_line_records_each_adapter(tiny_model_dir, two_adap
     a, b = two_adapters
     out = tmp_path / "gen"
     with caplog.at_level("INFO", logger="lora"):
-        assert inference_lora.main(["--model_path", str(tiny_model_dir), "--lora_model_path", str(a), str(b),
-                                    "--lora_scale", "0.7", "0.4", "--prompts", PROMPT, "--duration", "0.5",
-                                    "--output_dir", str(out)]) == 0
+        assert inference_lora.main(["--model_path", str(tiny_model_dir), "--lora_model_path",
+                                    str(a), str(b),
+                                    "--lora_scale", "0.7", "0.4", "--prompts", PROMPT, "--duration",
+                                    "0.5", "--output_dir", str(out)]) == 0
     entry = json.loads((out / "manifest.json").read_text())["files"][0]
     assert [(x["path"], x["scale"]) for x in entry["adapter"]["adapters"]] == [(str(a.resolve()), 0.7),
                                                                               (str(b.resolve()), 0.4)]
@@ -182,13 +186,13 @@ def test_mix_in_config_yaml(tiny_model_dir, two_adapters, tmp_path):
     with pytest.raises(ConfigError, match=r"generation.lora_scale\[1\] must be >= 0"):
         parse_config(["--config", str(y)], sections=("generation", "model"))
     with pytest.raises(ConfigError, match="given twice"):
-        parse_config(["--lora_model_path", str(a), "--lora_model_path", str(b)], sections=("generation", "model"))
+        parse_config(["--lora_model_path", str(a), "--lora_model_path", str(b)],
+                     sections=("generation", "model"))
 
 
 @pytest.mark.parametrize("case", ["scales", "bases", "missing"])
 def test_bad_mix_is_a_clear_error_and_writes_nothing(case, tiny_model_dir, two_adapters, tmp_path):
-    from lora import inference_lora
-    from lora import evaluate
+    from lora import evaluate, inference_lora
 
     a, b = two_adapters
     paths, scales, expect = [a, b], ["0.7", "0.4", "0.2"], "lora_scale has 3 value(s)"
@@ -201,9 +205,12 @@ def test_bad_mix_is_a_clear_error_and_writes_nothing(case, tiny_model_dir, two_a
         paths, scales, expect = [a, other], ["1", "1"], "cannot be mixed"
     elif case == "missing":
         paths, scales, expect = [a, tmp_path / "nope"], ["1", "1"], "nope"
-    args = ["--model_path", str(tiny_model_dir), "--lora_model_path", *map(str, paths), "--lora_scale", *scales]
+    args = ["--model_path", str(tiny_model_dir), "--lora_model_path", *map(str, paths),
+            "--lora_scale", *scales]
     with pytest.raises(UserError) as e:
-        inference_lora.main(args + ["--prompts", PROMPT, "--duration", "0.5", "--output_dir", str(tmp_path / "o")])
+        inference_lora.main(args
+                            + ["--prompts", PROMPT, "--duration", "0.5", "--output_dir",
+                               str(tmp_path / "o")])
     assert expect in str(e.value)
     with pytest.raises(UserError) as e:
         evaluate.main(args + ["--data_dir", str(tmp_path / "no_data"), "--skip_generation",
@@ -230,24 +237,26 @@ def _style_data(root: Path) -> tuple[Path, dict]:
 
 
 def test_style_adapters_move_the_likelihood_of_their_own_style(tiny_model_dir, tmp_path):
-    """Two adapters, each trained briefly on one style, then mixed: at (1, 0) the first style's held-out clips are
-    likelier than at (0, 1), and the second style's the other way round."""
+    """Two adapters, each trained briefly on one style, then mixed: at (1, 0) the first style's
+    held-out clips are likelier than at (0, 1), and the second style's the other way round."""
     from lora import train_lora
-    from lora.modeling import adapter
-    from lora.scoring import likelihood
     from lora.dataprep.token_cache import build_token_cache
     from lora.dataset import load_metadata
+    from lora.modeling import adapter
     from lora.modeling.loading import load_base_model
+    from lora.scoring import likelihood
 
     data, files = _style_data(tmp_path)
     adapters = {}
     for style, meta in files.items():
         out = tmp_path / style
-        assert train_lora.main(["--model_path", str(tiny_model_dir), "--data_dir", str(data), "--metadata_file",
+        assert train_lora.main(["--model_path", str(tiny_model_dir), "--data_dir", str(data),
+                                "--metadata_file",
                                 meta, "--output_dir", str(out), "--max_steps", "12", "--eval_steps", "12",
-                                "--save_steps", "12", "--batch_size", "3", "--gradient_accumulation_steps", "1",
-                                "--learning_rate", "0.01", "--warmup_steps", "0", "--mixed_precision", "no",
-                                "--max_duration", "2"]) == 0
+                                "--save_steps", "12", "--batch_size", "3",
+                                "--gradient_accumulation_steps", "1",
+                                "--learning_rate", "0.01", "--warmup_steps", "0",
+                                "--mixed_precision", "no", "--max_duration", "2"]) == 0
         adapters[style] = out / "final_model"
     cfg = _cfg(tiny_model_dir)
     model, processor, info = load_base_model(cfg.model)
@@ -255,13 +264,15 @@ def test_style_adapters_move_the_likelihood_of_their_own_style(tiny_model_dir, t
     for style, meta in files.items():
         valid = [r for r in load_metadata(str(data), meta) if r.split == "valid"]
         clips[style], _ = build_token_cache(valid, model, processor, info, str(data), batch_size=4)
-    mixed, ids = adapter.load_adapters(model, [adapters["techno_drums"], adapters["ambient_pad"]], [1.0, 0.0])
+    mixed, ids = adapter.load_adapters(model, [adapters["techno_drums"], adapters["ambient_pad"]],
+                                       [1.0, 0.0])
     names = [x["adapter_name"] for x in ids]
     ce = {}
     for scales in ((1.0, 0.0), (0.0, 1.0)):
         adapter.set_adapter_scales(mixed, dict(zip(names, scales)))
         for style in files:
-            ce[scales, style] = likelihood.heldout_likelihood(mixed, clips[style], info, info.frames(2.0), 4,
+            ce[scales, style] = likelihood.heldout_likelihood(mixed, clips[style], info,
+                                                              info.frames(2.0), 4,
                                                             torch.device("cpu"))["ce"]
     assert ce[(1.0, 0.0), "techno_drums"] < ce[(0.0, 1.0), "techno_drums"]
     assert ce[(0.0, 1.0), "ambient_pad"] < ce[(1.0, 0.0), "ambient_pad"]
@@ -271,9 +282,12 @@ def test_style_adapters_move_the_likelihood_of_their_own_style(tiny_model_dir, t
 # Adapters made elsewhere
 # --------------------------------------------------------------------------------------------
 OTHER_TRAINERS = {
-    "ffn_proj_heads_embed": dict(r=4, lora_alpha=8, target_modules=r".*decoder\.model\.decoder\.layers\.\d+\.(?:fc1|"
-                                 r"fc2)|enc_to_dec_proj|.*lm_heads\.\d+", modules_to_save=["embed_tokens.0"]),
-    "embedding_lora_rank_2": dict(r=2, lora_alpha=2, target_modules=["embed_tokens.1", "embed_tokens.2", "q_proj"]),
+    "ffn_proj_heads_embed": dict(r=4, lora_alpha=8,
+                                 target_modules=r".*decoder\.model\.decoder\.layers\.\d+\.(?:fc1|"
+                                 r"fc2)|enc_to_dec_proj|.*lm_heads\.\d+",
+                                 modules_to_save=["embed_tokens.0"]),
+    "embedding_lora_rank_2": dict(r=2, lora_alpha=2,
+                                  target_modules=["embed_tokens.1", "embed_tokens.2", "q_proj"]),
 }
 SPELLINGS = ["trailing_slash", "same_name_hub_id", "not_recorded"]
 
@@ -286,9 +300,11 @@ def test_adapter_from_another_trainer_loads_generates_merges_and_exports(kind, s
 
     from lora import export_model
 
-    recorded = {"trailing_slash": str(tiny_model_dir) + "/", "same_name_hub_id": f"someone/{tiny_model_dir.name}",
+    recorded = {"trailing_slash": str(tiny_model_dir) + "/",
+                "same_name_hub_id": f"someone/{tiny_model_dir.name}",
                 "not_recorded": None}[spelling]
-    other = _peft_adapter(tiny_model_dir, tmp_path / "other", seed=5, recorded=recorded, **OTHER_TRAINERS[kind])
+    other = _peft_adapter(tiny_model_dir, tmp_path / "other", seed=5, recorded=recorded,
+                          **OTHER_TRAINERS[kind])
     base, _ = _codes(tiny_model_dir, None)
     unmerged, _ = _codes(tiny_model_dir, [other], merge=False, greedy=True)
     merged, info = _codes(tiny_model_dir, [other], greedy=True)
@@ -298,7 +314,8 @@ def test_adapter_from_another_trainer_loads_generates_merges_and_exports(kind, s
     mix_m, _ = _codes(tiny_model_dir, [two_adapters[0], other], [0.5, 1.0], merge=True, greedy=True)
     assert torch.equal(mix_u, mix_m)
     out = tmp_path / "merged"
-    assert export_model.main(["--base_model_path", str(tiny_model_dir), "--lora_model_path", str(two_adapters[0]),
+    assert export_model.main(["--base_model_path", str(tiny_model_dir), "--lora_model_path",
+                              str(two_adapters[0]),
                               str(other), "--lora_scale", "0.5", "1", "--output_dir", str(out)]) == 0
     exported, _ = _codes(out, None, greedy=True)
     assert torch.equal(exported, mix_m)  # export takes the mix
@@ -312,7 +329,8 @@ def _stereo_adapter(tiny_stereo_model_dir, out, **config):
     return _peft_adapter(tiny_stereo_model_dir, out, seed=0, **config)
 
 
-def test_adapters_that_cannot_fit_name_the_file_and_the_problem(tiny_model_dir, tiny_stereo_model_dir, tmp_path):
+def test_adapters_that_cannot_fit_name_the_file_and_the_problem(tiny_model_dir,
+                                                                tiny_stereo_model_dir, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -328,8 +346,10 @@ def test_adapters_that_cannot_fit_name_the_file_and_the_problem(tiny_model_dir, 
     msg = str(e.value)
     assert str(heads / "adapter_model.safetensors") in msg and "decoder.lm_heads.4 does not exist" in msg
     assert "num_codebooks 4" in msg
-    # Another architecture with the same layer sizes: attention only, recorded base on disk (the stereo model).
-    attn = _stereo_adapter(tiny_stereo_model_dir, tmp_path / "attn", r=2, target_modules=["q_proj", "v_proj"])
+    # Another architecture with the same layer sizes: attention only, recorded base on disk (the
+    # stereo model).
+    attn = _stereo_adapter(tiny_stereo_model_dir, tmp_path / "attn", r=2,
+                           target_modules=["q_proj", "v_proj"])
     with pytest.raises(UserError) as e:
         inference_lora.main(run + ["--lora_model_path", str(attn)])
     assert str(attn) in str(e.value) and "num_codebooks 8 vs 4" in str(e.value)
@@ -347,15 +367,15 @@ def test_adapters_that_cannot_fit_name_the_file_and_the_problem(tiny_model_dir, 
 # --------------------------------------------------------------------------------------------
 # The start-up line: which model, which adapter, and how to get the other
 # --------------------------------------------------------------------------------------------
-def test_startup_line_names_the_model_and_the_adapter(tiny_model_dir, two_adapters, tmp_path, monkeypatch, caplog):
-    from lora import inference_lora
-    from lora import config
-    from lora import evaluate
+def test_startup_line_names_the_model_and_the_adapter(tiny_model_dir, two_adapters, tmp_path,
+                                                      monkeypatch, caplog):
+    from lora import config, evaluate, inference_lora
 
     repo = tmp_path / "repo"
     monkeypatch.setattr(config, "REPO_ROOT", repo)
     monkeypatch.setattr(config, "DEFAULT_CONFIG", repo / "config.yaml")  # none there
-    common = ["--model_path", str(tiny_model_dir), "--prompts", PROMPT, "--duration", "0.5", "--overwrite"]
+    common = ["--model_path", str(tiny_model_dir), "--prompts", PROMPT, "--duration", "0.5",
+              "--overwrite"]
 
     def line(args, script=inference_lora):
         caplog.clear()
@@ -363,18 +383,22 @@ def test_startup_line_names_the_model_and_the_adapter(tiny_model_dir, two_adapte
             if script is inference_lora:
                 assert inference_lora.main(common + args) == 0
             else:
-                with pytest.raises(UserError):  # no data: it stops after saying which model it would evaluate
-                    evaluate.main(["--model_path", str(tiny_model_dir), "--data_dir", str(tmp_path / "none"),
-                                   "--skip_generation", *args])
+                # no data: it stops after saying which model it would evaluate
+                with pytest.raises(UserError):
+                    evaluate.main(["--model_path", str(tiny_model_dir), "--data_dir",
+                                   str(tmp_path / "none"), "--skip_generation", *args])
         return next(r.getMessage() for r in caplog.records if r.getMessage().startswith("Model: "))
 
     assert line([]) == (f"Model: {tiny_model_dir}, no adapter: base model alone (nothing at the default "
-                        f"lora_model_path {repo / 'output' / 'best_model'}). To apply a trained adapter, pass "
-                        f"--lora_model_path FOLDER (train_lora.py writes output/best_model).")
+                        f"lora_model_path {repo / 'output' / 'best_model'}). To apply a trained "
+                        f"adapter, pass --lora_model_path FOLDER (train_lora.py writes "
+                        f"output/best_model).")
     shutil.copytree(two_adapters[0], repo / "output" / "best_model")
     default = repo / "output" / "best_model"
     for script in (inference_lora, evaluate):
-        assert line([], script) == (f"Model: base model {tiny_model_dir} + adapter {default} (scale 1) (the default "
+        assert line([],
+                    script) == (f"Model: base model {tiny_model_dir} + adapter {default} (scale 1) "
+                                f"(the default "
                                     f"lora_model_path, found on disk). For the base model alone, pass "
                                     f"--lora_model_path none.")
         assert line(["--lora_model_path", "none"], script).startswith(
@@ -383,19 +407,22 @@ def test_startup_line_names_the_model_and_the_adapter(tiny_model_dir, two_adapte
     assert entry["adapter"] is None  # the last inference run: --lora_model_path none
 
 
-def test_evaluate_a_mix_records_each_adapter_and_one_zero_is_a_alone(tiny_model_dir, two_adapters, example_data_dir,
+def test_evaluate_a_mix_records_each_adapter_and_one_zero_is_a_alone(tiny_model_dir, two_adapters,
+                                                                     example_data_dir,
                                                                        tmp_path):
     from lora import evaluate
 
     a, b = two_adapters
-    common = ["--model_path", str(tiny_model_dir), "--data_dir", str(example_data_dir), "--skip_generation",
-              "--compare", "--bootstrap_samples", "100"]
-    assert evaluate.main(common + ["--lora_model_path", str(a), "--output_dir", str(tmp_path / "alone")]) == 0
+    common = ["--model_path", str(tiny_model_dir), "--data_dir", str(example_data_dir),
+              "--skip_generation", "--compare", "--bootstrap_samples", "100"]
+    assert evaluate.main(common
+                         + ["--lora_model_path", str(a), "--output_dir", str(tmp_path / "alone")]) == 0
     assert evaluate.main(common + ["--lora_model_path", str(a), str(b), "--lora_scale", "1", "0",
                                    "--output_dir", str(tmp_path / "mix")]) == 0
     alone = json.loads((tmp_path / "alone" / "results.json").read_text())
     mix = json.loads((tmp_path / "mix" / "results.json").read_text())
     assert mix["likelihood"]["lora"]["ce"] == alone["likelihood"]["lora"]["ce"]
     assert mix["likelihood"]["base"]["ce"] == alone["likelihood"]["base"]["ce"] != alone["likelihood"]["lora"]["ce"]
-    assert [(x["path"], x["scale"]) for x in mix["identity"]["lora"]["adapters"]] == [(str(a.resolve()), 1.0),
+    assert [(x["path"], x["scale"])
+            for x in mix["identity"]["lora"]["adapters"]] == [(str(a.resolve()), 1.0),
                                                                                       (str(b.resolve()), 0.0)]

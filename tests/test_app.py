@@ -1,7 +1,9 @@
-"""The web UI (lora/app.py) driven in a real browser: playwright + Debian's chromium (executable_path).
+"""The web UI (lora/app.py) driven in a real browser: playwright + Debian's chromium
+(executable_path).
 
-One server for the module, on the tiny model. Without gradio, playwright or chromium these tests skip, except with
-CI=true, where they fail. UI_SCREENSHOTS=DIR saves a PNG of each tab there (docs/ holds the README's).
+One server for the module, on the tiny model. Without gradio, playwright or chromium these tests
+skip, except with CI=true, where they fail. UI_SCREENSHOTS=DIR saves a PNG of each tab there (docs/
+holds the README's).
 """
 
 from __future__ import annotations
@@ -44,9 +46,8 @@ _require("playwright", _importable("playwright"))
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 _require("Debian's chromium", CHROMIUM is not None)
 
-from lora import inference_lora
-from lora import app
-from lora.training import checkpoints
+from lora import app, inference_lora  # noqa: E402  (after the checks above: a clear skip/fail, not an ImportError)
+from lora.training import checkpoints  # noqa: E402
 
 TIMEOUT = 60_000  # ms
 
@@ -156,8 +157,8 @@ def _wait_text(pg, elem_id: str, pattern: str, timeout_s: float = 60) -> str:
     raise AssertionError(f"#{elem_id} never matched {pattern!r}; it says: {_status(pg, elem_id)!r}")
 
 
-def _generate(pg, prompt: str, seed, duration, samples=1, adapter=None, mode=None, blind=False, expect="file\\(s\\)",
-              scales=None):
+def _generate(pg, prompt: str, seed, duration, samples=1, adapter=None, mode=None, blind=False,
+              expect="file\\(s\\)", scales=None):
     _fill(pg, "prompts", prompt)
     _fill(pg, "seed", seed)
     _fill(pg, "duration", duration)
@@ -175,7 +176,8 @@ def _generate(pg, prompt: str, seed, duration, samples=1, adapter=None, mode=Non
 
 
 def _click_and_wait(pg, button: str, elem_id: str, pattern: str, timeout_s: float = 60) -> str:
-    """Click, then wait for the event's result in #elem_id: new text, no progress tracker showing, matching."""
+    """Click, then wait for the event's result in #elem_id: new text, no progress tracker showing,
+    matching."""
     old = _status(pg, elem_id)
     pg.locator(f"#{button}").click()
     tracker = pg.locator(f"#{elem_id} [data-testid=status-tracker]")
@@ -191,8 +193,8 @@ def _click_and_wait(pg, button: str, elem_id: str, pattern: str, timeout_s: floa
 
 
 def _labels(pg) -> list[str]:
-    """The players' labels, once no progress timer shows in them (the sample dropdown's change event, fired by the
-    generation's result, updates the players again a moment later)."""
+    """The players' labels, once no progress timer shows in them (the sample dropdown's change
+    event, fired by the generation's result, updates the players again a moment later)."""
     t0 = time.time()
     while True:
         labels = pg.locator("#player_a, #player_b").all_inner_texts()
@@ -202,14 +204,15 @@ def _labels(pg) -> list[str]:
 
 
 def _durations(pg, players=("player_a", "player_b")) -> list[float]:
-    """The duration the browser's own audio element reports for each player (gradio's waveform player keeps it in a
-    shadow root; playwright's locators pierce it)."""
+    """The duration the browser's own audio element reports for each player (gradio's waveform
+    player keeps it in a shadow root; playwright's locators pierce it)."""
     out = []
     for pid in players:
         audio = pg.locator(f"#{pid} audio")
         t0 = time.time()
         while True:
-            d = [a.evaluate("el => el.currentSrc && el.readyState >= 1 ? el.duration : null") for a in audio.all()]
+            d = [a.evaluate("el => el.currentSrc && el.readyState >= 1 ? el.duration : null")
+                 for a in audio.all()]
             d = [x for x in d if x is not None]
             if d or time.time() - t0 > 30:
                 break
@@ -279,7 +282,8 @@ def test_blind_ab_hides_then_reveals(page, out_root):
     assert sorted(("Base" in t) for t in labels) == [False, True]
 
 
-def test_stop_ends_a_long_generation_quickly_and_others_wait_in_the_queue(page, browser, out_root, server):
+def test_stop_ends_a_long_generation_quickly_and_others_wait_in_the_queue(page, browser, out_root,
+                                                                          server):
     _fill(page, "prompts", "a very long ambient drone")
     _fill(page, "duration", 90)
     _fill(page, "num_samples", 3)
@@ -313,7 +317,8 @@ def test_bad_inputs_show_a_message_and_the_server_keeps_serving(page, out_root, 
     cases = [
         (dict(prompt="   ", seed=1, duration=1), "Write a prompt"),
         (dict(prompt="ok", seed=1, duration=0), "duration"),
-        (dict(prompt="ok", seed=1, duration=1, mode="A/B: base and fine-tune", adapter=str(tmp_path / "nope")),
+        (dict(prompt="ok", seed=1, duration=1, mode="A/B: base and fine-tune",
+              adapter=str(tmp_path / "nope")),
          "adapter folder not found"),
         (dict(prompt="ok", seed=1, duration=1, adapter=str(out_root / "other_base" / "best_model")),
          "trained on base model facebook/musicgen-medium"),
@@ -361,7 +366,8 @@ def test_two_adapter_mix_at_1_0_is_adapter_a_alone_and_bad_mixes_are_messages(pa
     command = (job / "fine-tune" / "reproduce.sh").read_text().splitlines()[1]
     assert shlex.join(["--lora_model_path", a, b, "--lora_scale", "1", "0"]) in command
     _run_cli(command)
-    assert json.loads((job / "fine-tune" / "cli" / "manifest.json").read_text())["files"][0]["tokens_sha1"] \
+    assert json.loads((job / "fine-tune" / "cli"
+                       / "manifest.json").read_text())["files"][0]["tokens_sha1"] \
         == mix["tokens_sha1"]
     _generate(page, "mix", 11, 1.0, adapter=[a, b], scales="1, 0.5")
     assert _tuned(out_root)["tokens_sha1"] != alone["tokens_sha1"]  # ... and B at 0.5 is in the mix
@@ -388,7 +394,8 @@ def _set_file(pg, elem_id: str, path) -> None:
     pg.locator(f"#{elem_id} input[type=file]").set_input_files(str(path))
 
 
-def test_melody_upload_on_a_melody_base_is_recorded_and_the_cli_reproduces_it(page, out_root, tiny_melody_dir,
+def test_melody_upload_on_a_melody_base_is_recorded_and_the_cli_reproduces_it(page, out_root,
+                                                                              tiny_melody_dir,
                                                                               tiny_model_dir, tmp_path):
     assert not page.locator("#melody_audio").is_visible()  # a text-only base: no melody upload
     _fill(page, "model_path", tiny_melody_dir)
@@ -446,10 +453,12 @@ def _wait_for(cond, timeout_s: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_run_started_from_the_form_checkpoints_stops_and_resumes(page, out_root, tiny_model_dir, example_data_dir):
+def test_run_started_from_the_form_checkpoints_stops_and_resumes(page, out_root, tiny_model_dir,
+                                                                 example_data_dir):
     run = out_root / "run2"
     page.get_by_role("tab", name="Train").click()
-    for key, value in (("output_dir", run), ("model_path", tiny_model_dir), ("data_dir", example_data_dir),
+    for key, value in (("output_dir", run), ("model_path", tiny_model_dir),
+                       ("data_dir", example_data_dir),
                        ("max_steps", 400), ("save_steps", 2), ("eval_steps", 400), ("logging_steps", 1),
                        ("batch_size", 2), ("gradient_accumulation_steps", 1), ("mixed_precision", "no")):
         _fill(page, f"train_{key}", value)
@@ -472,7 +481,8 @@ def test_run_started_from_the_form_checkpoints_stops_and_resumes(page, out_root,
     assert steps == sorted(set(steps))  # resumed where it stopped: no step twice
 
 
-def test_evaluate_tab_runs_compare_and_shows_the_report(page, server, out_root, tiny_model_dir, example_data_dir):
+def test_evaluate_tab_runs_compare_and_shows_the_report(page, server, out_root, tiny_model_dir,
+                                                        example_data_dir):
     page.get_by_role("tab", name="Evaluate").click()
     _fill(page, "eval_model", tiny_model_dir)
     _pick(page, "eval_adapter", str(out_root / "run1" / "best_model"))
@@ -484,10 +494,12 @@ def test_evaluate_tab_runs_compare_and_shows_the_report(page, server, out_root, 
               "the evaluation summary")
     results = json.loads((out_root / "evaluation" / "results.json").read_text())
     shown = page.locator("#eval_summary textarea").input_value()
-    assert f"{results['likelihood']['lora']['ce']:.4f}" in shown and f"{results['likelihood']['base']['ce']:.4f}" in shown
+    lk = results["likelihood"]
+    assert f"{lk['lora']['ce']:.4f}" in shown and f"{lk['base']['ce']:.4f}" in shown
     frame = page.locator("#eval_report iframe")
     src = frame.get_attribute("src")
     assert page.request.get(server[1].rstrip("/") + src).status == 200
     # nothing outside the output folder is served
-    assert page.request.get(server[1] + "gradio_api/file=" + str(Path(app.__file__).resolve())).status in (403, 404)
+    assert page.request.get(server[1] + "gradio_api/file="
+                            + str(Path(app.__file__).resolve())).status in (403, 404)
     _shot(page, "evaluate")

@@ -1,5 +1,6 @@
-"""lora/dataprep/audio.py: decoding every format soundfile writes, any rate / bit depth / channel count, block-wise
-resampling, mix-down, clip cutting, atomic WAV writes, levels and tempo/key estimates. CPU only, fast."""
+"""lora/dataprep/audio.py: decoding every format soundfile writes, any rate / bit depth / channel
+count, block-wise resampling, mix-down, clip cutting, atomic WAV writes, levels and tempo/key
+estimates. CPU only, fast."""
 
 from __future__ import annotations
 
@@ -132,7 +133,8 @@ def test_nan_and_inf_samples_are_counted_and_set_to_zero_before_resampling(tmp_p
     y = np.concatenate(list(A.iter_audio(p, SR, 1, counts=counts)), axis=1)
     assert (counts.nonfinite, counts.samples) == (3, x.size)
     assert np.isfinite(y).all() and rms(y) == pytest.approx(0.3 / np.sqrt(2), rel=0.02)
-    assert not np.isfinite(np.concatenate(list(A.iter_audio(p, SR, 1)), axis=1)).all()  # without: spread
+    # without: spread
+    assert not np.isfinite(np.concatenate(list(A.iter_audio(p, SR, 1)), axis=1)).all()
 
 
 def test_scale_overs_only_touches_audio_above_full_scale():
@@ -140,7 +142,8 @@ def test_scale_overs_only_touches_audio_above_full_scale():
     same, db = A.scale_overs(x)
     assert same is x and db is None
     loud, db = A.scale_overs(x * 2)
-    assert db == pytest.approx(20 * np.log10(1.8), abs=1e-3) and np.max(np.abs(loud)) == pytest.approx(1.0)
+    assert db == pytest.approx(20 * np.log10(1.8),
+                               abs=1e-3) and np.max(np.abs(loud)) == pytest.approx(1.0)
     np.testing.assert_allclose(loud, x / 0.9, rtol=1e-5, atol=1e-6)
 
 
@@ -177,7 +180,8 @@ def test_truncated_flac_is_an_audio_error_not_a_crash(tmp_path):
 
 
 def test_m4a_without_pyav_names_the_extra(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "av", None)  # makes `import av` fail even where PyAV is installed
+    # makes `import av` fail even where PyAV is installed
+    monkeypatch.setitem(sys.modules, "av", None)
     p = tmp_path / "song.m4a"
     p.write_bytes(b"\x00\x00\x00\x20ftypM4A ")
     for fn in (lambda: A.load_audio(p, SR), lambda: A.audio_info(p)):
@@ -196,7 +200,8 @@ def test_save_wav_is_atomic_pcm16_and_clips(tmp_path):
     y, _ = sf.read(out, dtype="float32")
     assert np.max(np.abs(y[:, 0])) <= 1.0 and np.max(np.abs(y[:, 0])) > 0.99
     np.testing.assert_allclose(y[:, 1], x[1], atol=1 / 32767)
-    q, _ = sf.read(out, dtype="int16")  # the hash is that of the stored samples: duplicates are found
+    # the hash is that of the stored samples: duplicates are found
+    q, _ = sf.read(out, dtype="int16")
     import hashlib
     assert A.pcm16_hash(x) == hashlib.sha1(np.ascontiguousarray(q.T).astype("<i2").tobytes()).hexdigest()[:16]
     assert A.pcm16_hash(x) != A.pcm16_hash(x * 0.5)
@@ -239,7 +244,8 @@ def _cut(y, sr, block, **kw):
 def test_cutter_trims_silence_and_keeps_long_recordings():
     sr = 1000
     music = np.full((1, 75 * sr), 0.1, np.float32)
-    y = np.concatenate([np.zeros((1, 3 * sr), np.float32), music, np.zeros((1, 4 * sr), np.float32)], axis=1)
+    y = np.concatenate([np.zeros((1, 3 * sr), np.float32), music,
+                        np.zeros((1, 4 * sr), np.float32)], axis=1)
     c, out = _cut(y, sr, 777, segment_seconds=30, min_seconds=5)
     assert [o for o, _ in out] == [3 * sr, 33 * sr, 63 * sr]
     assert [clip.shape[1] for _, clip in out] == [30 * sr, 30 * sr, 15 * sr]

@@ -1,4 +1,5 @@
-"""The one config schema: precedence, flags generated from it, clear errors, config.yaml kept in step."""
+"""The one config schema: precedence, flags generated from it, clear errors, config.yaml kept in
+step."""
 
 from __future__ import annotations
 
@@ -43,7 +44,8 @@ def test_seed_defaults():
     cfg, _ = parse_config([], sections=TRAIN)
     assert (cfg.lora.lora_rank, cfg.lora.lora_alpha, cfg.lora.lora_dropout) == (12, 24.0, 0.1)
     t = cfg.training
-    assert (t.learning_rate, t.batch_size, t.gradient_accumulation_steps, t.num_epochs, t.warmup_steps) == \
+    assert (t.learning_rate, t.batch_size, t.gradient_accumulation_steps, t.num_epochs,
+            t.warmup_steps) == \
         (3e-4, 2, 4, 5.0, 100)
     assert cfg.data.sample_rate == 32000
 
@@ -87,11 +89,14 @@ def test_unknown_flag_suggests_close_match():
 
 def test_seed_flags_are_accepted():
     cfg, _ = parse_config(["--model_path", "tiny", "--data_dir", "d", "--metadata_file", "m.json",
-                           "--output_dir", "o", "--lora_rank", "12", "--lora_alpha", "24", "--batch_size", "2",
-                           "--num_epochs", "5", "--fp16", "--learning_rate", "1e-3", "--warmup_steps", "5",
+                           "--output_dir", "o", "--lora_rank", "12", "--lora_alpha", "24",
+                           "--batch_size", "2",
+                           "--num_epochs", "5", "--fp16", "--learning_rate", "1e-3",
+                           "--warmup_steps", "5",
                            "--gradient_accumulation_steps", "2", "--save_steps", "7", "--eval_steps", "3",
                            "--logging_steps", "1", "--max_steps", "9", "--save_total_limit", "2",
-                           "--resume_from_checkpoint", "latest", "--gradient_checkpointing", "--seed", "5"],
+                           "--resume_from_checkpoint", "latest", "--gradient_checkpointing",
+                           "--seed", "5"],
                           sections=TRAIN)
     assert cfg.training.mixed_precision == "fp16"
     assert cfg.training.output_dir == os.path.abspath("o")  # training owns --output_dir here
@@ -99,7 +104,8 @@ def test_seed_flags_are_accepted():
     assert cfg.model.model_path == "tiny"
     assert cfg.training.gradient_checkpointing is True and cfg.training.max_steps == 9
     gen, _ = parse_config(["--base_model_path", "facebook/musicgen-small", "--lora_model_path", "x",
-                           "--prompts", "hip hop 808 beat with trap drums", "b"], sections=("generation", "model"))
+                           "--prompts", "hip hop 808 beat with trap drums", "b"],
+                          sections=("generation", "model"))
     assert gen.model.model_path == "facebook/musicgen-small"  # a hub id is not turned into a path
     assert gen.generation.prompts == ["hip hop 808 beat with trap drums", "b"]
 
@@ -154,8 +160,10 @@ def test_out_of_range_values_from_yaml_and_flags_are_reported_together(tmp_path)
     with pytest.raises(ConfigError) as e:
         parse_config(["--config", str(y), "--lora_rank", "0", "--max_steps", "0"], sections=TRAIN)
     msg = str(e.value)
-    for text in ("training.batch_size must be at least 1 (got 0)", "training.cond_dropout must be in [0, 1) (got 1)",
-                 "generation.top_p must be in [0, 1] (got 2)", "evaluation.bootstrap_samples must be at least 100",
+    for text in ("training.batch_size must be at least 1 (got 0)",
+                 "training.cond_dropout must be in [0, 1) (got 1)",
+                 "generation.top_p must be in [0, 1] (got 2)",
+                 "evaluation.bootstrap_samples must be at least 100",
                  "lora.lora_rank must be at least 1 (got 0); 8-32 is typical",
                  "training.max_steps must be at least 1, or -1 (got 0); -1 = use num_epochs"):
         assert text in msg, (text, msg)
@@ -167,15 +175,18 @@ def test_out_of_range_values_from_yaml_and_flags_are_reported_together(tmp_path)
 
 def test_a_script_rule_is_reported_with_the_range_problems():
     with pytest.raises(ConfigError) as e:
-        parse_config(["--batch_size", "0"], sections=TRAIN, rules=lambda cfg, ns: ["a rule between two settings"])
+        parse_config(["--batch_size", "0"], sections=TRAIN, rules=lambda cfg,
+                     ns: ["a rule between two settings"])
     assert "training.batch_size" in str(e.value) and "a rule between two settings" in str(e.value)
 
 
 def test_every_numeric_setting_declares_its_range_and_the_reference_shows_it():
-    """A number with no declared range would take any value unchecked; the USAGE reference lists each range."""
+    """A number with no declared range would take any value unchecked; the USAGE reference lists
+    each range."""
     import typing
 
-    free = {("generation", "seed"), ("training", "seed"), ("data", "split_seed"), ("generation", "temperature")}
+    free = {("generation", "seed"), ("training", "seed"), ("data", "split_seed"),
+            ("generation", "temperature")}
     ref = config.markdown_reference()
     for section, cls in config.SECTIONS.items():
         hints = typing.get_type_hints(cls)

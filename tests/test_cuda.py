@@ -1,8 +1,10 @@
 """CUDA-only checks (skipped without a GPU; CI has none). Run on a GPU machine with
 ``python -m pytest -q tests/test_cuda.py`` (bench/gpu_check.sh does).
 
-- the static-cache decoder replayed as a CUDA graph gives transformers' logits (unmerged LoRA, fp32);
-- generation with decoding cuda_graph gives the same tokens as transformers' own cache (fp32), and runs in bf16.
+- the static-cache decoder replayed as a CUDA graph gives transformers' logits (unmerged LoRA,
+  fp32);
+- generation with decoding cuda_graph gives the same tokens as transformers' own cache (fp32), and
+  runs in bf16.
 """
 
 from __future__ import annotations
@@ -27,8 +29,7 @@ def _cfg(model_dir, **gen):
 
 @pytest.fixture(scope="module")
 def adapter_dir(tiny_model_dir, tmp_path_factory):
-    from lora.modeling import adapter
-    from lora.modeling import loading
+    from lora.modeling import adapter, loading
 
     cfg = _cfg(tiny_model_dir)
     model, _, _ = loading.load_base_model(cfg.model)
@@ -43,11 +44,9 @@ def adapter_dir(tiny_model_dir, tmp_path_factory):
 
 
 def test_cuda_graph_decoder_equals_transformers_forward(tiny_model_dir, adapter_dir):
-    from lora.modeling import adapter
-    from lora.modeling import loading
-    from lora.modeling import musicgen
-    from lora.modeling.fast_decode import StaticDecoder
     from lora.generation.engine import _text_states
+    from lora.modeling import adapter, loading, musicgen
+    from lora.modeling.fast_decode import StaticDecoder
 
     cfg = _cfg(tiny_model_dir)
     model, processor, info = loading.load_base_model(cfg.model, device="cuda")
@@ -55,7 +54,8 @@ def test_cuda_graph_decoder_equals_transformers_forward(tiny_model_dir, adapter_
     base = musicgen.get_base(model)
     hidden, mask = _text_states(model, processor, PROMPTS, 3.0, torch.float32)
     rows, K = hidden.shape[0], info.num_codebooks
-    ids = torch.randint(0, info.vocab_size, (rows * K, 12), generator=torch.Generator().manual_seed(0)).cuda()
+    ids = torch.randint(0, info.vocab_size, (rows * K, 12),
+                        generator=torch.Generator().manual_seed(0)).cuda()
     with torch.no_grad():
         ref = base(encoder_outputs=(hidden,), attention_mask=mask, decoder_input_ids=ids).logits
         dec = StaticDecoder(base, hidden, mask, rows=rows, max_len=12, cuda_graph=True)
@@ -66,9 +66,9 @@ def test_cuda_graph_decoder_equals_transformers_forward(tiny_model_dir, adapter_
 
 @pytest.mark.parametrize("merge", [True, False], ids=["merged", "unmerged"])
 def test_cuda_graph_generation_gives_transformers_tokens(tiny_model_dir, adapter_dir, merge):
-    from lora.generation.requests import Request, SamplingSettings
     from lora.generation.engine import generate
     from lora.generation.model import load_generation_model
+    from lora.generation.requests import Request, SamplingSettings
 
     model, processor, info, _ = load_generation_model(_cfg(tiny_model_dir, dtype="float32", merge=merge),
                                                       device="cuda", adapter_path=adapter_dir)
@@ -85,15 +85,16 @@ def test_cuda_graph_generation_gives_transformers_tokens(tiny_model_dir, adapter
 def test_cuda_graph_generation_in_bf16(tiny_model_dir, adapter_dir):
     import numpy as np
 
-    from lora.generation.requests import Request, SamplingSettings
     from lora.generation.engine import generate
     from lora.generation.model import load_generation_model
+    from lora.generation.requests import Request, SamplingSettings
 
-    model, processor, info, _ = load_generation_model(_cfg(tiny_model_dir, dtype="bfloat16"), device="cuda",
-                                                      adapter_path=adapter_dir)
+    model, processor, info, _ = load_generation_model(_cfg(tiny_model_dir, dtype="bfloat16"),
+                                                      device="cuda", adapter_path=adapter_dir)
     s = SamplingSettings(guidance_scale=3.0, top_k=250, do_sample=True)
     reqs = [Request(prompt=p, seed=i, duration=3.0, sampling=s) for i, p in enumerate(PROMPTS)]
-    out = generate(model, processor, info, reqs, batch_size=2, progress=False)  # auto = cuda_graph on CUDA
+    # auto = cuda_graph on CUDA
+    out = generate(model, processor, info, reqs, batch_size=2, progress=False)
     for r in out:
         assert r.codes.shape == (info.num_codebooks, info.frames(3.0))
         assert np.isfinite(r.audio).all() and np.abs(r.audio).max() > 0

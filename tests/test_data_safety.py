@@ -1,8 +1,9 @@
-"""prepare_data.py is careful with the user's files: it refuses before it deletes anything it did not make
-(input and output folders that overlap, a damaged prepare_state.json), says when it changes audio or captions
-(overs above 0 dBFS, NaN samples, channel mixing, CSV commas, repeated caption rows), reads what it can (symlinked
-folders, broken links, unreadable folders) and never answers a user's mistake (a file as --output_dir, a full disk,
-Ctrl-C) with a traceback. Wherever a case says nothing may change, the sha1 of every file is checked."""
+"""prepare_data.py is careful with the user's files: it refuses before it deletes anything it did
+not make (input and output folders that overlap, a damaged prepare_state.json), says when it changes
+audio or captions (overs above 0 dBFS, NaN samples, channel mixing, CSV commas, repeated caption
+rows), reads what it can (symlinked folders, broken links, unreadable folders) and never answers a
+user's mistake (a file as --output_dir, a full disk, Ctrl-C) with a traceback. Wherever a case says
+nothing may change, the sha1 of every file is checked."""
 
 from __future__ import annotations
 
@@ -18,15 +19,14 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from lora.dataprep import audio as A
-from lora.dataprep import worker
 from lora import prepare_data
-from lora.dataprep import ownership
 from lora.common import cli
 from lora.common import files as common_files
+from lora.common.cli import UserError
+from lora.dataprep import audio as A
+from lora.dataprep import ownership, worker
 from lora.dataprep import prepare as prepare_run
 from lora.dataset import load_metadata
-from lora.common.cli import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 SR = 32000
@@ -60,7 +60,8 @@ def songs(d: Path, n: int, seconds: float = 6, start: int = 0) -> Path:
 
 
 def prep(inp, out, *extra) -> int:
-    return prepare_data.main(["--input_dir", str(inp), "--output_dir", str(out), "--num_workers", "1", *extra])
+    return prepare_data.main(["--input_dir", str(inp), "--output_dir", str(out), "--num_workers",
+                              "1", *extra])
 
 
 def report(out: Path) -> dict:
@@ -69,8 +70,8 @@ def report(out: Path) -> dict:
 
 @pytest.fixture(autouse=True)
 def fresh_log_handlers():
-    """run_main attaches a stderr handler once; one attached under an earlier test's capsys would write to a
-    closed stream. Each test starts without, and the handlers are restored after it."""
+    """run_main attaches a stderr handler once; one attached under an earlier test's capsys would
+    write to a closed stream. Each test starts without, and the handlers are restored after it."""
     saved = cli.log.handlers[:]
     cli.log.handlers.clear()
     yield
@@ -79,7 +80,8 @@ def fresh_log_handlers():
 
 @pytest.fixture
 def lora_log():
-    """Records of the "lora" logger (it does not propagate to the root logger, so caplog misses it)."""
+    """Records of the "lora" logger (it does not propagate to the root logger, so caplog misses
+    it)."""
     records: list[logging.LogRecord] = []
 
     class Keep(logging.Handler):
@@ -101,10 +103,11 @@ def messages(records, level=logging.WARNING) -> str:
 
 # ---- 1. input and output folders that overlap ------------------------------------------------------
 def test_input_that_is_the_train_folder_of_the_output_is_refused_and_nothing_changes(tmp_path):
-    """The command from the issue, as a user types it: before the fix it deleted the 8 example WAVs."""
+    """The command from the issue, as a user types it: before the fix it deleted the 8 example
+    WAVs."""
     cmd = [sys.executable, str(ROOT / "lora" / "prepare_data.py")]
-    r = subprocess.run(cmd + ["--create_example", "--output_dir", "exD", "--example_clips", "8"], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(cmd + ["--create_example", "--output_dir", "exD", "--example_clips", "8"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     exd = tmp_path / "exD"
     before = sha1s(exd)
@@ -124,8 +127,8 @@ def test_input_that_is_the_train_folder_of_the_output_is_refused_and_nothing_cha
 
 
 def test_raw_audio_in_the_train_folder_is_refused_every_time(tmp_path):
-    """Raw audio in ud/train, --input_dir ud/train --output_dir ud run twice: before the fix the second run
-    took the first run's clips for new recordings."""
+    """Raw audio in ud/train, --input_dir ud/train --output_dir ud run twice: before the fix the
+    second run took the first run's clips for new recordings."""
     ud = tmp_path / "ud"
     songs(ud / "train", 3)
     before = sha1s(ud)
@@ -134,7 +137,8 @@ def test_raw_audio_in_the_train_folder_is_refused_every_time(tmp_path):
             prep(ud / "train", ud)
         assert str(ud / "train") in str(e.value) and "Nothing was changed" in str(e.value)
         assert sha1s(ud) == before and sorted(p.name for p in ud.iterdir()) == ["train"]
-    # the parent as input: ud/train holds audio prepare_data did not write, which would be left out silently
+    # the parent as input: ud/train holds audio prepare_data did not write, which would be left out
+    # silently
     with pytest.raises(UserError) as e:
         prep(ud, ud)
     assert f"{ud / 'train'} holds 3 audio file(s) that prepare_data did not write" in str(e.value)
@@ -149,20 +153,26 @@ def test_output_folder_in_the_input_holding_only_its_own_clips_is_fine(tmp_path)
         assert report(music_dir)["files_found"] == 3
     after = sha1s(music_dir)
     assert all(after[k] == v for k, v in originals.items())
-    sf.write(music_dir / "train" / "mine.wav", music(6, seed=9), SR)  # a user's file among the clips
+    # a user's file among the clips
+    sf.write(music_dir / "train" / "mine.wav", music(6, seed=9), SR)
     snapshot = sha1s(music_dir)
-    with pytest.raises(UserError, match=r"train holds 1 audio file\(s\) that prepare_data did not write \(e.g. mine"):
+    with pytest.raises(UserError,
+                       match=r"train holds 1 audio file\(s\) that prepare_data did not write "
+                             r"\(e.g. mine"):
         prep(music_dir, music_dir)
     assert sha1s(music_dir) == snapshot
 
 
 def test_files_prepare_data_writes_never_replace_files_it_reads(tmp_path):
     music_dir = songs(tmp_path / "music", 2)
-    (music_dir / "metadata.jsonl").write_text(json.dumps({"file_name": "song0.wav", "text": "lofi"}) + "\n")
+    (music_dir / "metadata.jsonl").write_text(json.dumps({"file_name": "song0.wav", "text": "lofi"})
+                                              + "\n")
     before = sha1s(music_dir)
-    with pytest.raises(UserError, match="is read as captions"):  # --metadata_file would overwrite the captions
+    # --metadata_file would overwrite the captions
+    with pytest.raises(UserError, match="is read as captions"):
         prep(music_dir, music_dir, "--metadata_file", "metadata.jsonl")
-    (music_dir / "prepare_report.json").write_text("{}")  # a user's file of the same name in the input folder
+    # a user's file of the same name in the input folder
+    (music_dir / "prepare_report.json").write_text("{}")
     before = sha1s(music_dir)
     with pytest.raises(UserError, match="prepare_data did not write"):
         prep(music_dir, music_dir, "--overwrite")
@@ -178,8 +188,9 @@ def test_csv_caption_with_unquoted_commas_is_an_error_naming_every_line(tmp_path
     music_dir = songs(tmp_path / "music", 3)
     before = sha1s(music_dir)
     caps = tmp_path / "caps.csv"
-    caps.write_text("file_name,text\nsong0.wav,lofi hip hop, dusty drums, 80 BPM\nsong1.wav,\"quoted, fine\"\n"
-                    "song2.wav,dark synthwave, driving bass\n", encoding="utf-8")
+    caps.write_text("file_name,text\nsong0.wav,lofi hip hop, dusty drums, 80 "
+                    "BPM\nsong1.wav,\"quoted, fine\"\nsong2.wav,dark synthwave, driving bass\n",
+                    encoding="utf-8")
     out = tmp_path / "out"
     with pytest.raises(UserError) as e:
         prep(music_dir, out, "--captions_file", str(caps))
@@ -191,8 +202,8 @@ def test_csv_caption_with_unquoted_commas_is_an_error_naming_every_line(tmp_path
     with pytest.raises(UserError, match=r"line 1 has more than two fields"):
         prep(music_dir, out, "--captions_file", str(caps))
     # quoted, the whole caption is read (a quoted line break too)
-    caps.write_text('file_name,text\nsong0.wav,"lofi hip hop, dusty drums, 80 BPM"\nsong1.wav,"two\nlines, ok"\n',
-                    encoding="utf-8")
+    caps.write_text('file_name,text\nsong0.wav,"lofi hip hop, dusty drums, 80 '
+                    'BPM"\nsong1.wav,"two\nlines, ok"\n', encoding="utf-8")
     assert prep(music_dir, out, "--captions_file", str(caps)) == 0
     text = {r.source: r.text for r in load_metadata(out)}
     assert text["song0.wav"] == "lofi hip hop, dusty drums, 80 BPM" and text["song1.wav"] == "two lines, ok"
@@ -243,11 +254,13 @@ def test_float_wav_above_full_scale_is_scaled_down_not_clipped(tmp_path):
     assert prep(music_dir, out, "--valid_fraction", "0") == 0
     rep = report(out)
     assert rep["clips_scaled_down"] == 1
-    assert {"file": "loud.wav", "warning": f"1 clip(s) peaked at up to +{20 * np.log10(peak):.1f} dBFS and were "
+    assert {"file": "loud.wav",
+            "warning": f"1 clip(s) peaked at up to +{20 * np.log10(peak):.1f} dBFS and were "
                                            f"scaled down to avoid clipping"} in rep["warnings"]
     clips = {r.source: r for r in load_metadata(out)}
     y, _ = sf.read(clips["loud.wav"].path, dtype="int16")
-    assert np.mean(np.abs(y.astype(int)) >= 32767) < 1e-3  # before: 62% of the samples at full scale
+    # before: 62% of the samples at full scale
+    assert np.mean(np.abs(y.astype(int)) >= 32767) < 1e-3
     start = int(round(clips["loud.wav"].offset * SR))
     np.testing.assert_allclose(y / 32768.0, loud[start:start + y.size] / peak, atol=2e-4)
     f, _ = sf.read(clips["fine.wav"].path, dtype="int16")  # a clip that fits is not touched
@@ -260,7 +273,8 @@ def test_mp3_overs_take_the_same_path(tmp_path):
     music_dir = tmp_path / "music"
     music_dir.mkdir()
     t = np.arange(8 * 44100) / 44100
-    square = (0.99 * np.sign(np.sin(2 * np.pi * 220 * t))).astype(np.float32)  # its mp3 overshoots 0 dBFS
+    # its mp3 overshoots 0 dBFS
+    square = (0.99 * np.sign(np.sin(2 * np.pi * 220 * t))).astype(np.float32)
     sf.write(music_dir / "square.mp3", square, 44100)
     out = tmp_path / "out"
     assert prep(music_dir, out) == 0
@@ -288,11 +302,13 @@ def test_a_few_nan_samples_are_repaired_and_many_skip_the_file_as_damaged(tmp_pa
     assert "one_nan.wav" in clips  # before: the whole file was skipped as "silent"
     y, _ = sf.read(clips["one_nan.wav"].path)
     assert np.isfinite(y).all() and 20 * np.log10(np.sqrt(np.mean(y ** 2))) > -30
-    assert {"file": "one_nan.wav", "warning": f"1 NaN/inf sample(s) of {one.size} were replaced by 0 (silence); "
+    assert {"file": "one_nan.wav",
+            "warning": f"1 NaN/inf sample(s) of {one.size} were replaced by 0 (silence); "
                                               f"the file is slightly damaged"} in rep["warnings"]
     assert rep["nonfinite_samples_repaired"] == 1
     bad = many.size - np.isfinite(many).sum()
-    assert {"file": "many_nan.wav", "reason": f"{bad} of {many.size} samples are NaN/inf: the file is damaged"} \
+    assert {"file": "many_nan.wav",
+            "reason": f"{bad} of {many.size} samples are NaN/inf: the file is damaged"} \
         in rep["skipped"]
     assert not any("many-nan" in p.name for p in out.rglob("*.wav"))  # its clips were removed
     assert sha1s(music_dir) == before
@@ -316,7 +332,8 @@ def test_symlinked_folders_are_followed_and_bad_links_are_reported(tmp_path):
     music_dir = songs(tmp_path / "music", 1)
     elsewhere = songs(tmp_path / "elsewhere", 1, start=1)
     (music_dir / "linked").symlink_to(elsewhere, target_is_directory=True)
-    (music_dir / "again").symlink_to(elsewhere, target_is_directory=True)  # the same folder twice: once
+    # the same folder twice: once
+    (music_dir / "again").symlink_to(elsewhere, target_is_directory=True)
     (music_dir / "up").symlink_to(music_dir, target_is_directory=True)  # a loop
     (music_dir / "self.wav").symlink_to(music_dir / "self.wav")  # a link to itself
     (music_dir / "gone.wav").symlink_to(tmp_path / "missing.wav")  # dangling
@@ -332,7 +349,8 @@ def test_symlinked_folders_are_followed_and_bad_links_are_reported(tmp_path):
 
 
 def _locked(monkeypatch, folder: Path):
-    """os.scandir fails on ``folder`` as it does without read permission (tests run as root, which reads all)."""
+    """os.scandir fails on ``folder`` as it does without read permission (tests run as root, which
+    reads all)."""
     real = os.scandir
 
     def scandir(path="."):
@@ -358,7 +376,8 @@ def test_unreadable_folder_is_reported_and_a_rerun_keeps_its_clips(tmp_path, mon
     rep = report(out)
     assert rep["unreadable"] == [{"path": "locked", "kind": "folder", "reason": "Permission denied",
                                   "earlier_sources_kept": 1}]
-    assert any(w["file"] == "locked/song5.wav" and "cannot be read now" in w["warning"] for w in rep["warnings"])
+    assert any(w["file"] == "locked/song5.wav" and "cannot be read now" in w["warning"]
+               for w in rep["warnings"])
     assert "cannot read folder" in messages(lora_log)
     # a first run: the folder is reported, not skipped without a word
     fresh = tmp_path / "fresh"
@@ -383,8 +402,8 @@ def test_source_that_cannot_be_opened_keeps_its_clips(tmp_path, monkeypatch):
     assert (out / "metadata.json").read_bytes() == meta
     assert any(w["file"] == "song1.wav" and "cannot be read now (Permission denied)" in w["warning"]
                for w in report(out)["warnings"])
-    assert report(out)["unreadable"] == [{"path": "song1.wav", "kind": "file", "reason": "Permission denied",
-                                          "earlier_sources_kept": 1}]
+    assert report(out)["unreadable"] == [{"path": "song1.wav", "kind": "file",
+                                          "reason": "Permission denied", "earlier_sources_kept": 1}]
     # a first run: the file is skipped with its reason and listed as unreadable
     real_hash = A.file_hash
     monkeypatch.setattr(A, "file_hash", lambda path: no_read(path) if Path(path).name == "song1.wav"
@@ -420,7 +439,8 @@ def test_damaged_state_is_refused_unless_overwrite(tmp_path, damage):
     before = sha1s(out)
     with pytest.raises(UserError) as e:
         prep(music_dir, out)
-    assert str(out / ownership.STATE_FILE) in str(e.value) and "damaged" in str(e.value) and "--overwrite" in str(e.value)
+    assert str(out
+               / ownership.STATE_FILE) in str(e.value) and "damaged" in str(e.value) and "--overwrite" in str(e.value)
     assert sha1s(out) == before
     with pytest.raises(UserError, match="damaged"):
         prepare_data.main(["--create_example", "--output_dir", str(out)])
@@ -449,7 +469,8 @@ def small_disk(tmp_path):
     """A 2 MB tmpfs (needs root and permission to mount; skipped otherwise)."""
     d = tmp_path / "small_disk"
     d.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(d)], capture_output=True, text=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(d)],
+                       capture_output=True, text=True)
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {(r.stderr or r.stdout).strip()}")
     try:
@@ -459,11 +480,13 @@ def small_disk(tmp_path):
 
 
 def test_full_disk_keeps_finished_files_and_a_rerun_continues(tmp_path, monkeypatch, small_disk, capsys):
-    music_dir = songs(tmp_path / "music", 8, seconds=10)  # 8 x 10 clips of 64 KB on a 2 MB disk: full in file 4
+    # 8 x 10 clips of 64 KB on a 2 MB disk: full in file 4
+    music_dir = songs(tmp_path / "music", 8, seconds=10)
     out = small_disk / "data"
-    monkeypatch.setattr(common_files, "free_bytes", lambda path: 1 << 40)  # let the pre-check pass: the disk fills up
-    argv = ["--input_dir", str(music_dir), "--output_dir", str(out), "--num_workers", "1", "--segment_seconds", "1",
-            "--min_seconds", "0.5"]
+    # let the pre-check pass: the disk fills up
+    monkeypatch.setattr(common_files, "free_bytes", lambda path: 1 << 40)
+    argv = ["--input_dir", str(music_dir), "--output_dir", str(out), "--num_workers", "1",
+            "--segment_seconds", "1", "--min_seconds", "0.5"]
     assert cli.run_main(prepare_data.main, argv) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "The disk is full" in err and "No space left on device" in err
@@ -472,7 +495,8 @@ def test_full_disk_keeps_finished_files_and_a_rerun_continues(tmp_path, monkeypa
     assert 1 <= done < 8 and f"Progress of {done} finished file(s) is saved in {out / ownership.STATE_FILE}" in err
     assert all((out / c["file"]).is_file() for s in state["sources"].values() for c in s["clips"])
     assert sorted(p.name for p in (out / "train").iterdir()) == sorted(
-        Path(c["file"]).name for s in state["sources"].values() for c in s["clips"])  # no half-made recording
+        # no half-made recording
+        Path(c["file"]).name for s in state["sources"].values() for c in s["clips"])
     subprocess.run(["mount", "-o", "remount,size=16m", str(small_disk)], check=True)
     assert cli.run_main(prepare_data.main, argv) == 0
     rep = report(out)
@@ -487,10 +511,13 @@ def test_existing_file_as_output_dir_is_a_message(tmp_path, capsys, mode):
     target = tmp_path / "notes.txt"
     target.write_text("my notes")
     argv = [mode] + ([str(music_dir)] if mode == "--input_dir" else []) + ["--output_dir", str(target)]
-    assert cli.run_main(prepare_data.main, argv) == 2  # before (--create_example): NotADirectoryError
+    # before (--create_example): NotADirectoryError
+    assert cli.run_main(prepare_data.main, argv) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and f"{target} is a file, not a folder" in err
-    assert target.read_text() == "my notes" and sorted(p.name for p in tmp_path.iterdir()) == ["music", "notes.txt"]
+    assert target.read_text() == "my notes" and sorted(p.name
+                                                       for p in tmp_path.iterdir()) == ["music",
+                                                                                        "notes.txt"]
 
 
 # ---- 11. Ctrl-C ----------------------------------------------------------------------------------------------
@@ -507,12 +534,14 @@ def test_ctrl_c_says_what_was_saved_and_how_to_continue(tmp_path, monkeypatch, c
         return real(job)
 
     monkeypatch.setattr(worker, "process_file", stopped_on_third)
-    assert cli.run_main(prepare_data.main, ["--input_dir", str(music_dir), "--output_dir", str(out), "--num_workers", "1"]) == 130
+    assert cli.run_main(prepare_data.main,
+                        ["--input_dir", str(music_dir), "--output_dir", str(out), "--num_workers",
+                         "1"]) == 130
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1] == (f"interrupted: progress of 2 finished file(s) is saved in "
-                                            f"{out / ownership.STATE_FILE}; run the same command again to continue: "
-                                            f"finished files are not decoded again")
+                                            f"{out / ownership.STATE_FILE}; run the same command "
+                                            f"again to continue: finished files are not decoded again")
     assert len(json.loads((out / ownership.STATE_FILE).read_text())["sources"]) == 2
     monkeypatch.setattr(worker, "process_file", real)
     assert prep(music_dir, out) == 0 and report(out)["files_decoded"] == 2

@@ -1,4 +1,5 @@
-"""Token cache (EnCodec codes + text states on disk), CachedTokenDataset, collate and the bucketed sampler."""
+"""Token cache (EnCodec codes + text states on disk), CachedTokenDataset, collate and the bucketed
+sampler."""
 
 from __future__ import annotations
 
@@ -39,33 +40,37 @@ def test_cache_matches_direct_encoding_and_is_reused(tiny, data_copy):
 
     model, processor, info = tiny
     records = load_metadata(data_copy)
-    clips, stats = build_token_cache(records, model, processor, info, data_copy, batch_size=3, show_progress=False)
+    clips, stats = build_token_cache(records, model, processor, info, data_copy, batch_size=3,
+                                     show_progress=False)
     assert stats["clips_encoded"] == len(records) and stats["clips_reused"] == 0
     assert stats["texts_encoded"] == len({r.text for r in records})
 
-    # Codes are the model's EnCodec codes of each clip (int16 (K, T), T = ceil(N / hop)); text states are the
-    # text encoder's valid-token states.
+    # Codes are the model's EnCodec codes of each clip (int16 (K, T), T = ceil(N / hop)); text
+    # states are the text encoder's valid-token states.
     for r, c in list(zip(records, clips))[:3]:
         wav = load_audio(r.path, info.sample_rate, info.audio_channels)
         direct = encode_audio(model, torch.from_numpy(wav)[None], info)[0]
         assert c.codes.dtype == torch.int16
-        assert c.codes.shape == (info.num_codebooks, math.ceil(wav.shape[1] * info.frame_rate / info.sample_rate))
-        # No padding (the example clips all have one length). Against the clip encoded alone, only argmin
-        # near-ties of the quantizer may differ: EnCodec's LSTM rounds differently for another batch size
-        # (tiny model, batch 3 vs 1: 0.09% of all codes, at most 1% of one clip's; exact below for the batch).
+        assert c.codes.shape == (info.num_codebooks,
+                                 math.ceil(wav.shape[1] * info.frame_rate / info.sample_rate))
+        # No padding (the example clips all have one length). Against the clip encoded alone, only
+        # argmin near-ties of the quantizer may differ: EnCodec's LSTM rounds differently for
+        # another batch size (tiny model, batch 3 vs 1: 0.09% of all codes, at most 1% of one
+        # clip's; exact below for the batch).
         assert (c.codes.long() != direct).float().mean() < 0.03
         h, m = encode_text(model, processor, [r.text])
         n = int(m.sum())
         assert c.mask.tolist() == [1] * n
         torch.testing.assert_close(c.hidden, h[0, :n].float(), atol=1e-5, rtol=1e-5)
-    # Exactly the codes of these three clips (the first batch the cache encodes: one length, in metadata order)
-    # encoded together without any other clip.
+    # Exactly the codes of these three clips (the first batch the cache encodes: one length, in
+    # metadata order) encoded together without any other clip.
     together = encode_audio(model, torch.stack([torch.from_numpy(load_audio(r.path, info.sample_rate,
                                                                             info.audio_channels))
                                                 for r in records[:3]]), info)
     assert all(torch.equal(c.codes.long(), together[i]) for i, c in enumerate(clips[:3]))
 
-    # Files: safetensors under data_dir/cache/<model identity>, weights-only loadable; no temp files left.
+    # Files: safetensors under data_dir/cache/<model identity>, weights-only loadable; no temp files
+    # left.
     root = cache_root(data_copy, info)
     assert info.identity in root.name and root.parent == data_copy / "cache"
     files = sorted(root.rglob("*.safetensors"))
@@ -120,21 +125,23 @@ def _cut(path: Path, seconds: float) -> None:
 
 
 def test_codes_of_unequal_clips_do_not_depend_on_their_batch(tiny, data_copy):
-    """EnCodec is not causal: a short clip zero-padded to a longer batch neighbour gets other codes in its last
-    frames. A clip of a length no other clip has (an odd tail) must get exactly the codes of encoding it alone;
-    clips that share a length are batched only with each other, so theirs are exactly those of encoding that
-    group by itself, and stay the same when a neighbour's audio changes."""
+    """EnCodec is not causal: a short clip zero-padded to a longer batch neighbour gets other codes
+    in its last frames. A clip of a length no other clip has (an odd tail) must get exactly the
+    codes of encoding it alone; clips that share a length are batched only with each other, so
+    theirs are exactly those of encoding that group by itself, and stay the same when a neighbour's
+    audio changes."""
     from lora.dataprep.audio import load_audio
     from lora.modeling.musicgen import encode_audio
 
     model, processor, info = tiny
     records = load_metadata(data_copy)[:8]
-    cuts = {0: 2.3, 1: 3.0, 3: 2.3, 4: 1.01, 6: 3.7}  # clips 0 and 3 share a length; 2, 5, 7 keep 4.0 s
+    # clips 0 and 3 share a length; 2, 5, 7 keep 4.0 s
+    cuts = {0: 2.3, 1: 3.0, 3: 2.3, 4: 1.01, 6: 3.7}
     for i, seconds in cuts.items():
         _cut(records[i].path, seconds)
         records[i].duration = seconds
-    clips, stats = build_token_cache(records, model, processor, info, data_copy, batch_size=4, text_states=False,
-                                     show_progress=False)
+    clips, stats = build_token_cache(records, model, processor, info, data_copy, batch_size=4,
+                                     text_states=False, show_progress=False)
     assert stats["clips_encoded"] == len(records)
 
     def wav(i):
@@ -149,8 +156,10 @@ def test_codes_of_unequal_clips_do_not_depend_on_their_batch(tiny, data_copy):
         T = math.ceil(wav(i).shape[-1] * info.frame_rate / info.sample_rate)
         assert clips[i].codes.shape == alone.shape == (info.num_codebooks, T)
         if not torch.equal(clips[i].codes.long(), alone):
-            mismatched[f"clip {i} ({cuts[i]} s) vs alone"] = f"frames {differing(clips[i].codes, alone)} of {T}"
-    for group in ([0, 3], [2, 5, 7]):  # one length each: exactly as encoded together, without the others
+            mismatched[f"clip {i} ({cuts[i]} s) vs "
+                       f"alone"] = f"frames {differing(clips[i].codes, alone)} of {T}"
+    # one length each: exactly as encoded together, without the others
+    for group in ([0, 3], [2, 5, 7]):
         together = encode_audio(model, torch.stack([wav(i) for i in group]), info)
         for j, i in enumerate(group):
             if not torch.equal(clips[i].codes.long(), together[j]):
@@ -158,22 +167,25 @@ def test_codes_of_unequal_clips_do_not_depend_on_their_batch(tiny, data_copy):
                     f"frames {differing(clips[i].codes, together[j])}"
     assert not mismatched, f"a clip's codes depend on other clips of its batch: {mismatched}"
 
-    # The same-length neighbour of clip 0 gets other audio: clip 0's codes do not move (to the last bit).
+    # The same-length neighbour of clip 0 gets other audio: clip 0's codes do not move (to the last
+    # bit).
     w3 = wav(3).numpy()
     sf.write(records[3].path, (0.5 * np.roll(w3, 4000, axis=1)).T, info.sample_rate)
     shutil.rmtree(cache_root(data_copy, info))
-    clips2, _ = build_token_cache(records, model, processor, info, data_copy, batch_size=4, text_states=False,
-                                  show_progress=False)
+    clips2, _ = build_token_cache(records, model, processor, info, data_copy, batch_size=4,
+                                  text_states=False, show_progress=False)
     assert not torch.equal(clips2[3].codes, clips[3].codes)
     assert all(torch.equal(clips2[i].codes, clips[i].codes) for i in range(len(records)) if i != 3)
 
 
 def test_equal_length_batches_never_mix_lengths():
-    waves = [(i, np.zeros((1, n), np.float32)) for i, n in enumerate([5, 5, 3, 5, 5, 3, 7, 5, 3, 3, 9, 5])]
+    waves = [(i, np.zeros((1, n), np.float32)) for i,
+             n in enumerate([5, 5, 3, 5, 5, 3, 7, 5, 3, 3, 9, 5])]
     batches = list(equal_length_batches(iter(waves), 2))
     assert sorted(k for b in batches for k, _ in b) == list(range(12))  # every clip once
     assert all(len({w.shape[-1] for _, w in b}) == 1 and 1 <= len(b) <= 2 for b in batches)
-    assert sorted(len(b) for b in batches) == [1, 1, 2, 2, 2, 2, 2]  # 5 x6 -> 3 batches, 3 x4 -> 2, 7 and 9 alone
+    # 5 x6 -> 3 batches, 3 x4 -> 2, 7 and 9 alone
+    assert sorted(len(b) for b in batches) == [1, 1, 2, 2, 2, 2, 2]
     # Memory stays bounded whatever the order: at most max_waiting clips wait in unfinished batches.
     many = [(i, np.zeros((1, 100 + i % 7), np.float32)) for i in range(50)]
     waiting, seen = 0, 0
@@ -219,7 +231,8 @@ def _fake_clips(lengths, K=4, D=8, seed=0):
         L = 1 + i % 5
         out.append(CachedClip(id=f"c{i}", text=f"t{i}", split="train",
                               codes=torch.randint(0, 100, (K, T), generator=g).to(torch.int16),
-                              hidden=torch.randn(L, D, generator=g), mask=torch.ones(L, dtype=torch.long)))
+                              hidden=torch.randn(L, D, generator=g),
+                              mask=torch.ones(L, dtype=torch.long)))
     return out
 
 
@@ -236,7 +249,8 @@ def test_crop_is_random_per_epoch_but_deterministic():
         starts.append(s)
         again = CachedTokenDataset(clips, max_frames=30, seed=7, train=True)
         again.set_epoch(epoch)
-        assert torch.equal(again[0]["codes"], item["codes"])  # same (seed, epoch, index) -> same crop
+        # same (seed, epoch, index) -> same crop
+        assert torch.equal(again[0]["codes"], item["codes"])
     assert len(set(starts)) > 1  # a new window most epochs
     # Validation: always the first window, never dropped.
     va = CachedTokenDataset(clips, max_frames=30, seed=7, train=False, cond_dropout=0.9)
@@ -270,7 +284,8 @@ def test_collate_pads_codes_and_text():
     ds = CachedTokenDataset(clips, max_frames=50, seed=0, train=False)
     b = collate_tokens([ds[0], ds[1], ds[2]], pad_token_id=2048)
     assert b["codes"].shape == (3, 4, 12) and b["lengths"].tolist() == [12, 7, 9]
-    assert (b["codes"][1, :, 7:] == 2048).all() and torch.equal(b["codes"][1, :, :7], clips[1].codes.long())
+    assert (b["codes"][1, :, 7:] == 2048).all() and torch.equal(b["codes"][1, :, :7],
+                                                                clips[1].codes.long())
     assert b["hidden"].shape == (3, 3, 8) and b["mask"].tolist() == [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
     assert not b["hidden"][0, 1:].any()
     assert b["index"].tolist() == [0, 1, 2] and b["texts"] == ["t0", "t1", "t2"]
@@ -281,7 +296,8 @@ def test_bucketed_batches():
     lengths = rng.integers(50, 1500, size=101).tolist()
     a = bucketed_batches(lengths, 4, seed=1, epoch=0, bucket_batches=10)
     assert a == bucketed_batches(lengths, 4, seed=1, epoch=0, bucket_batches=10)  # deterministic
-    assert a != bucketed_batches(lengths, 4, seed=1, epoch=1, bucket_batches=10)  # reshuffled per epoch
+    # reshuffled per epoch
+    assert a != bucketed_batches(lengths, 4, seed=1, epoch=1, bucket_batches=10)
     flat = sorted(i for b in a for i in b)
     assert flat == list(range(101))  # every item once
     # Similar lengths share a batch: far less padding than random batches.
@@ -303,11 +319,13 @@ def test_stereo_model_codes(tiny_stereo_model_dir, data_copy):
     records = load_metadata(data_copy)[:2]
     clips, stats = build_token_cache(records, model, processor, info, data_copy, show_progress=False)
     assert clips[0].codes.shape[0] == info.num_codebooks == 8
-    assert any(p.name.endswith("-ch2-fp32.safetensors") for p in (cache_root(data_copy, info) / "codes").iterdir())
+    assert any(p.name.endswith("-ch2-fp32.safetensors")
+               for p in (cache_root(data_copy, info) / "codes").iterdir())
 
 
 def test_cache_key_records_the_encoder_precision(tiny, data_copy, monkeypatch):
-    """Codes are keyed by the precision they were made in: codes of another precision are never reused."""
+    """Codes are keyed by the precision they were made in: codes of another precision are never
+    reused."""
     from safetensors import safe_open
 
     from lora.dataprep import token_cache

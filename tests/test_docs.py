@@ -1,5 +1,6 @@
-"""The docs stay true: every shell block in README, README.zh-CN, USAGE and DATA_PREPARATION is run here, run by CI,
-or marked as needing a GPU / the network; the flag reference in USAGE.md matches the schema.
+"""The docs stay true: every shell block in README, README.zh-CN, USAGE and DATA_PREPARATION is run
+here, run by CI, or marked as needing a GPU / the network; the flag reference in USAGE.md matches
+the schema.
 
 Markers (an HTML comment on the line before a ```bash block):
   <!-- docs: run -->        run by test_documented_commands_run (in a scratch copy of the repository, with the
@@ -64,10 +65,11 @@ def commands(code: str) -> list[str]:
 def test_every_shell_block_is_run_or_marked():
     for name in DOCS:
         for marker, code, line in shell_blocks(ROOT / name):
-            assert marker is not None, (f"{name}:{line}: a shell block without a <!-- docs: run|ci|needs ... --> "
-                                        f"marker:\n{code}")
+            assert marker is not None, (f"{name}:{line}: a shell block without a <!-- docs: "
+                                        f"run|ci|needs ... --> marker:\n{code}")
             if marker.startswith("needs"):
-                assert re.search(r"gpu|network", marker), f"{name}:{line}: 'needs' must say gpu or network"
+                assert re.search(r"gpu|network",
+                                 marker), f"{name}:{line}: 'needs' must say gpu or network"
 
 
 def test_ci_blocks_are_what_ci_runs():
@@ -101,7 +103,8 @@ def test_chinese_readme_has_the_same_commands():
 
 
 def _make_audio_folder(path: Path) -> None:
-    """A small folder of 'your audio': a longer stereo 44.1 kHz track with a caption, a short mono mp3, a broken file."""
+    """A small folder of 'your audio': a longer stereo 44.1 kHz track with a caption, a short mono
+    mp3, a broken file."""
     import soundfile as sf
 
     path.mkdir(parents=True)
@@ -121,7 +124,8 @@ RUN_DOCS = ["README.md", "USAGE.md", "DATA_PREPARATION.md"]
 
 @pytest.mark.parametrize("name", RUN_DOCS)
 def test_documented_commands_run(name, tmp_path, tiny_model_dir):
-    """Run every `docs: run` block of one document, in order, in a fresh scratch copy of the repository."""
+    """Run every `docs: run` block of one document, in order, in a fresh scratch copy of the
+    repository."""
     work = tmp_path / "repo"
     work.mkdir()
     for item in ("lora", "config.yaml", "quick_start.sh"):
@@ -130,7 +134,8 @@ def test_documented_commands_run(name, tmp_path, tiny_model_dir):
             shutil.copytree(src, work / item, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(src, work / item)
-    # `--model_path tiny` builds the tiny model under output/tiny_model once; reuse the session's build.
+    # `--model_path tiny` builds the tiny model under output/tiny_model once; reuse the session's
+    # build.
     shutil.copytree(tiny_model_dir, work / "output" / "tiny_model" / "mono")
     audio_dir = tmp_path / "my_audio"
     _make_audio_folder(audio_dir)
@@ -168,15 +173,17 @@ def test_documented_commands_run(name, tmp_path, tiny_model_dir):
 # ------------------------------------------------------------------------------------------
 COMMAND_DOCS = ["README.md", "README.zh-CN.md", "USAGE.md", "DATA_PREPARATION.md"]
 BUILTINS = {"cd", "export", ".", "source", "set", "echo", "unset", "true"}
-# An inline `...` span is a command when it starts (after VAR=value assignments) with one of these programs, or with
-# any program-like word and has a --flag (`huggingface-cli download X --local-dir Y`; captions have no --flags).
+# An inline `...` span is a command when it starts (after VAR=value assignments) with one of these
+# programs, or with any program-like word and has a --flag (`huggingface-cli download X --local-dir
+# Y`; captions have no --flags).
 TOOLS = ("python", "python3", "bash", "hf", "accelerate", "torchrun", "tensorboard", "pip")
 INLINE = re.compile(r"(?<!`)`((?:[A-Z_][A-Z0-9_]*=\S+ +)*(?:(?:" + "|".join(TOOLS) + r")(?: [^`\n]*)?"
                     r"|[a-z][a-z0-9_-]*(?: [^`\n]*)? --[a-z][^`\n]*))`(?!`)")
 
 
 def _shell_words(cmd: str) -> list[list[str]]:
-    """The simple commands of one command line (split on && || | ; and $( ... )), env assignments dropped."""
+    """The simple commands of one command line (split on && || | ; and $( ... )), env assignments
+    dropped."""
     import shlex
 
     out = []
@@ -196,16 +203,19 @@ def _shell_words(cmd: str) -> list[list[str]]:
 
 
 def documented_commands() -> dict[tuple, str]:
-    """{the check to run (argv): where the docs name it} for every command in a shell block or an inline code span
-    of the user docs. Our scripts (python X.py, bash X.sh) get `--help`; python -m MODULE gets `-m MODULE --help`;
-    other programs get `PROGRAM [SUBCOMMAND] --help`."""
+    """{the check to run (argv): where the docs name it} for every command in a shell block or an
+    inline code span of the user docs. Our scripts (python X.py, bash X.sh) get `--help`; python -m
+    MODULE gets `-m MODULE --help`; other programs get `PROGRAM [SUBCOMMAND] --help`."""
     found: dict[tuple, str] = {}
     for name in COMMAND_DOCS:
-        # inline spans outside the fenced blocks (those are read whole by shell_blocks), line numbers kept
+        # inline spans outside the fenced blocks (those are read whole by shell_blocks), line
+        # numbers kept
         text = re.sub(r"^```.*?^```", lambda m: "\n" * m.group(0).count("\n"),
                       (ROOT / name).read_text(encoding="utf-8"), flags=re.S | re.M)
-        lines = [(c, f"{name}:{line}") for _, code, line in shell_blocks(ROOT / name) for c in commands(code)]
-        lines += [(m.group(1), f"{name}:{text[:m.start()].count(chr(10)) + 1}") for m in INLINE.finditer(text)]
+        lines = [(c, f"{name}:{line}") for _, code, line in shell_blocks(ROOT / name)
+                 for c in commands(code)]
+        lines += [(m.group(1), f"{name}:{text[:m.start()].count(chr(10)) + 1}")
+                  for m in INLINE.finditer(text)]
         for cmd, where in lines:
             for words in _shell_words(cmd):
                 prog, rest = words[0], words[1:]
@@ -216,7 +226,8 @@ def documented_commands() -> dict[tuple, str]:
                         check = (prog, "-m", rest[1], "--help")
                     else:
                         script = rest[0]
-                        path = next((p for p in (ROOT / script, ROOT / "lora" / script) if p.is_file()), None)
+                        path = next((p for p in (ROOT / script, ROOT / "lora" / script)
+                                     if p.is_file()), None)
                         assert path is not None, f"{where}: `{cmd}` names {script}, which is not in the repository"
                         check = (prog, str(path.relative_to(ROOT)), "--help")
                 else:
@@ -231,15 +242,16 @@ ELSEWHERE = {"ssh"}  # README "Web UI": the SSH tunnel from a laptop to a rented
 
 
 def test_every_documented_command_exists_and_runs():
-    """`huggingface-cli download` was removed from huggingface-hub 1.x while the docs still named it: every program
-    and script the docs name must be installed (on PATH, in this environment) and answer --help with exit 0."""
+    """`huggingface-cli download` was removed from huggingface-hub 1.x while the docs still named
+    it: every program and script the docs name must be installed (on PATH, in this environment) and
+    answer --help with exit 0."""
     from concurrent.futures import ThreadPoolExecutor
 
     found = {c: where for c, where in documented_commands().items() if c[0] not in ELSEWHERE}
     progs = {c[0] for c in found} | {c[1] for c in found if c[0] in ("python", "bash") and c[1] != "-m"}
     # The parser sees what the docs name (a parser that found nothing would pass everything).
-    for must in ("hf", "accelerate", "torchrun", "tensorboard", "lora/train_lora.py", "lora/test_model.py",
-                 "install.sh", "quick_start.sh"):
+    for must in ("hf", "accelerate", "torchrun", "tensorboard", "lora/train_lora.py",
+                 "lora/test_model.py", "install.sh", "quick_start.sh"):
         assert must in progs, f"no documented command runs {must}: the parser is broken"
     assert ("hf", "download", "--help") in found and ("accelerate", "launch", "--help") in found
     bindir = Path(sys.executable).parent
@@ -259,5 +271,6 @@ def test_every_documented_command_exists_and_runs():
         if p is None:
             bad.append(f"{found[check]}: `{check[0]}` is not installed (not on PATH)")
         elif p.returncode != 0:
-            bad.append(f"{found[check]}: `{' '.join(check)}` exited {p.returncode}: {(p.stderr or p.stdout)[-400:]}")
+            bad.append(f"{found[check]}: `{' '.join(check)}` exited {p.returncode}: "
+                       f"{(p.stderr or p.stdout)[-400:]}")
     assert not bad, "documented commands that do not work here:\n" + "\n".join(bad)

@@ -1,5 +1,6 @@
-"""Training numbers a user can trust: the step's objective weighs tokens (not micro-batches), checkpoints are
-durable before older ones are rotated out, and TensorBoard shows each step once after a resume."""
+"""Training numbers a user can trust: the step's objective weighs tokens (not micro-batches),
+checkpoints are durable before older ones are rotated out, and TensorBoard shows each step once
+after a resume."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import torch
 
 
 def _train_args(tiny_model_dir, data_dir, out, *extra):
-    own = {"--max_steps": "4", "--gradient_accumulation_steps": "1", "--eval_steps": "100", "--save_steps": "2",
+    own = {"--max_steps": "4", "--gradient_accumulation_steps": "1", "--eval_steps": "100",
+           "--save_steps": "2",
            "--logging_steps": "1", "--mixed_precision": "no", "--max_duration": "1"}
     args = ["--model_path", str(tiny_model_dir), "--data_dir", str(data_dir), "--output_dir", str(out)]
     for flag, value in own.items():
@@ -27,24 +29,26 @@ def _train_args(tiny_model_dir, data_dir, out, *extra):
 # ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def lora_step(tiny_model_dir):
-    from lora.modeling.adapter import attach_lora
     from lora.config import LoraSection, ModelConfig
     from lora.dataset import CachedClip, CachedTokenDataset, collate_tokens
+    from lora.modeling.adapter import attach_lora
     from lora.modeling.loading import load_base_model
     from lora.training.step import step_loss
 
     model, processor, info = load_base_model(ModelConfig(model_path=str(tiny_model_dir)))
     torch.manual_seed(0)
     model = attach_lora(model, LoraSection(lora_dropout=0.0))
-    for n, p in model.named_parameters():  # non-zero B: every LoRA matrix gets a gradient
+    for _n, p in model.named_parameters():  # non-zero B: every LoRA matrix gets a gradient
         if p.requires_grad:
             torch.nn.init.normal_(p, std=0.05)
     model.eval()  # no dropout: the comparison is exact up to float rounding
     g = torch.Generator().manual_seed(1)
     lengths = [12, 20, 70, 90]  # short and long clips, as length bucketing over 5-30 s clips gives
     clips = [CachedClip(id=str(i), text="x", split="train",
-                        codes=torch.randint(0, info.vocab_size, (info.num_codebooks, n), generator=g).short(),
-                        hidden=torch.randn(4, info.text_hidden_size, generator=g), mask=torch.ones(4, dtype=torch.long))
+                        codes=torch.randint(0, info.vocab_size, (info.num_codebooks, n),
+                                            generator=g).short(),
+                        hidden=torch.randn(4, info.text_hidden_size, generator=g),
+                        mask=torch.ones(4, dtype=torch.long))
              for i, n in enumerate(lengths)]
     ds = CachedTokenDataset(clips, 100, train=False)
 
@@ -67,16 +71,17 @@ def test_one_batch_of_four_equals_two_accumulated_batches_of_two_on_unequal_leng
     from lora.training.step import accumulate
 
     model, batch, loss_fn = lora_step
-    one = accumulate(loss_fn, [batch([0, 1, 2, 3])], lambda l: l.backward(), seeds=[0])
+    one = accumulate(loss_fn, [batch([0, 1, 2, 3])], lambda loss: loss.backward(), seeds=[0])
     g_one = _grads(model)
-    two = accumulate(loss_fn, [batch([0, 1]), batch([2, 3])], lambda l: l.backward(), seeds=[0, 1])
+    two = accumulate(loss_fn, [batch([0, 1]), batch([2, 3])], lambda loss: loss.backward(), seeds=[0, 1])
     g_two = _grads(model)
     assert one.samples == two.samples == 4
     torch.testing.assert_close(two.loss, one.loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(two.per_codebook, one.per_codebook, rtol=1e-5, atol=1e-6)
     for n in g_one:
         torch.testing.assert_close(g_two[n], g_one[n], rtol=1e-4, atol=1e-7)
-    # The old rule (each micro-batch's mean counts equally) weighs the short clips' tokens ~4x more here.
+    # The old rule (each micro-batch's mean counts equally) weighs the short clips' tokens ~4x more
+    # here.
     a, b = loss_fn(batch([0, 1])).loss, loss_fn(batch([2, 3])).loss
     ((a + b) / 2).backward()
     g_old = _grads(model)
@@ -85,8 +90,8 @@ def test_one_batch_of_four_equals_two_accumulated_batches_of_two_on_unequal_leng
 
 
 def test_equal_micro_batches_weigh_exactly_one_over_the_accumulation(lora_step):
-    """With equal lengths the token weight is 1/accumulation, bit for bit (so runs on equal-length clips, like the
-    example set, train exactly as before the change)."""
+    """With equal lengths the token weight is 1/accumulation, bit for bit (so runs on equal-length
+    clips, like the example set, train exactly as before the change)."""
     from lora.training.step import accumulate
 
     model, batch, loss_fn = lora_step
@@ -100,10 +105,11 @@ def test_equal_micro_batches_weigh_exactly_one_over_the_accumulation(lora_step):
 # Durable checkpoints
 # ------------------------------------------------------------------------------------------
 def test_a_checkpoint_is_flushed_to_disk_before_it_is_renamed_and_before_rotation(tmp_path, monkeypatch):
-    """Read from the code path: every file of the new checkpoint and its folder are fsynced before the rename that
-    publishes it, the parent after it, and only then is the oldest checkpoint deleted."""
-    from lora.training import checkpoints
+    """Read from the code path: every file of the new checkpoint and its folder are fsynced before
+    the rename that publishes it, the parent after it, and only then is the oldest checkpoint
+    deleted."""
     from lora.common import files
+    from lora.training import checkpoints
 
     events = []
     real_fsync, real_replace, real_rmtree = os.fsync, os.replace, checkpoints.shutil.rmtree
@@ -134,7 +140,8 @@ def test_a_checkpoint_is_flushed_to_disk_before_it_is_renamed_and_before_rotatio
 
     root = tmp_path / "checkpoints"
     for step in (1, 2):
-        checkpoints.save_checkpoint(root, Saver(), Saver(), Saver(), None, Cfg(), {"global_step": step}, keep=2)
+        checkpoints.save_checkpoint(root, Saver(), Saver(), Saver(), None, Cfg(),
+                                    {"global_step": step}, keep=2)
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(files.os, "replace", replace)
     monkeypatch.setattr(checkpoints.shutil, "rmtree", rmtree)

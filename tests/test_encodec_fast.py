@@ -1,4 +1,5 @@
-"""lora.modeling.encodec_fast: the chunked CPU EnCodec encoder of the token cache against transformers' EncodecModel."""
+"""lora.modeling.encodec_fast: the chunked CPU EnCodec encoder of the token cache against
+transformers' EncodecModel."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from lora.modeling import encodec_fast as ef
 
 
 def fitted_codebooks(codec, seed: int = 0) -> None:
-    """Codebooks spread like a trained codec's (so that codes depend on the audio, and near-ties exist): residual
-    centroids drawn from the codec's own latents of noise."""
+    """Codebooks spread like a trained codec's (so that codes depend on the audio, and near-ties
+    exist): residual centroids drawn from the codec's own latents of noise."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         lat = codec.encoder(torch.randn(4, 1, 64000, generator=g) * 0.1)
@@ -31,15 +32,18 @@ def tiny_codec(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def encodec_32khz():
-    """facebook/encodec_32khz's architecture (MusicGen's codec), random weights, fitted codebooks."""
+    """facebook/encodec_32khz's architecture (MusicGen's codec), random weights, fitted
+    codebooks."""
     from transformers import EncodecConfig, EncodecModel
 
-    cfg = EncodecConfig(sampling_rate=32000, audio_channels=1, upsampling_ratios=[8, 5, 4, 4], target_bandwidths=[2.2],
-                        codebook_size=2048, hidden_size=128, num_filters=64, num_residual_layers=1, num_lstm_layers=2,
+    cfg = EncodecConfig(sampling_rate=32000, audio_channels=1, upsampling_ratios=[8, 5, 4, 4],
+                        target_bandwidths=[2.2],
+                        codebook_size=2048, hidden_size=128, num_filters=64, num_residual_layers=1,
+                        num_lstm_layers=2,
                         use_causal_conv=False, normalize=False, chunk_length_s=None, overlap=None,
                         norm_type="weight_norm", pad_mode="reflect", compress=2, trim_right_ratio=1.0,
-                        use_conv_shortcut=False, kernel_size=7, last_kernel_size=7, residual_kernel_size=3,
-                        dilation_growth_rate=2, codebook_dim=128)
+                        use_conv_shortcut=False, kernel_size=7, last_kernel_size=7,
+                        residual_kernel_size=3, dilation_growth_rate=2, codebook_dim=128)
     torch.manual_seed(0)
     codec = EncodecModel(cfg).eval()
     fitted_codebooks(codec)
@@ -59,8 +63,8 @@ def compare(codec, n: int, batch: int = 2, seed: int = 1, frames_per_chunk=None,
     return ref_lat, lat, ref, codes
 
 
-# lengths: exactly on the chunk grid, odd tails, just past the unchunked limit, shorter than a chunk; the stack
-# chunked whole (13 layers) or only its first stage (4), the rest on the whole clip
+# lengths: exactly on the chunk grid, odd tails, just past the unchunked limit, shorter than a
+# chunk; the stack chunked whole (13 layers) or only its first stage (4), the rest on the whole clip
 @pytest.mark.parametrize("whole_from", [13, 4])
 @pytest.mark.parametrize("n", [32000 * 5, 32000 * 5 + 333, 64000 * 3 + 17, 101 * 640 + 1, 12345])
 def test_chunked_encoder_equals_transformers_encoder(tiny_codec, n, whole_from):
@@ -70,15 +74,16 @@ def test_chunked_encoder_equals_transformers_encoder(tiny_codec, n, whole_from):
     assert lat.shape == ref_lat.shape and codes.shape == ref.shape
     scale = ref_lat.abs().max()
     assert (lat - ref_lat).abs().max() <= 1e-5 * scale  # float rounding only
-    # codes: the same up to the quantizer's near-ties, which flip on rounding (on the AMD EPYC one code of a 5-s
-    # clip differed; on the Xeon none did)
+    # codes: the same up to the quantizer's near-ties, which flip on rounding (on the AMD EPYC one
+    # code of a 5-s clip differed; on the Xeon none did)
     agree = (codes == ref).float().mean(dim=(0, 2))
     assert bool((agree >= 0.99).all()), agree
 
 
 def test_unchunked_clips_are_bit_for_bit_transformers(tiny_codec):
-    """The tiny codec's 4 filters make chunks of 16 s: its clips run in one piece, bit for bit transformers' codes
-    and latents (the in-place ELUs and skipped zero-padding copies change no value)."""
+    """The tiny codec's 4 filters make chunks of 16 s: its clips run in one piece, bit for bit
+    transformers' codes and latents (the in-place ELUs and skipped zero-padding copies change no
+    value)."""
     enc = tiny_codec.encoder
     assert not ef.chunked(ef.stack_layers(enc)[:ef.whole_clip_from(enc)], 32000 * 12)
     ref_lat, lat, ref, codes = compare(tiny_codec, 32000 * 6 + 77, batch=3)
@@ -86,8 +91,9 @@ def test_unchunked_clips_are_bit_for_bit_transformers(tiny_codec):
 
 
 def test_chunked_encoder_on_musicgens_codec_architecture(encodec_32khz):
-    """The real codec's layout (64 filters, 2 LSTM layers): 7.3 s clips cross several chunk boundaries of its first
-    three stages; its last stage (512 channels) runs on the whole clip. Also with every layer chunked."""
+    """The real codec's layout (64 filters, 2 LSTM layers): 7.3 s clips cross several chunk
+    boundaries of its first three stages; its last stage (512 channels) runs on the whole clip. Also
+    with every layer chunked."""
     enc = encodec_32khz.encoder
     assert ef.supported(encodec_32khz)
     layers = ef.stack_layers(enc)
@@ -100,25 +106,29 @@ def test_chunked_encoder_on_musicgens_codec_architecture(encodec_32khz):
     x = torch.randn(2, 1, int(7.3 * 32000), generator=torch.Generator().manual_seed(1)) * 0.1
     bandwidth = encodec_32khz.config.target_bandwidths[0]
     with torch.no_grad():
-        ref_lat = enc(x)  # transformers' encoder, once (EncodecModel.encode = this + its quantizer here)
+        # transformers' encoder, once (EncodecModel.encode = this + its quantizer here)
+        ref_lat = enc(x)
         ref = encodec_32khz.quantizer.encode(ref_lat, bandwidth).transpose(0, 1)
         runs = {"now": (ef.encoder_forward(enc, x), ef.encode_codes(encodec_32khz, x))}
         lat = ef.encoder_forward(enc, x, whole_from=len(layers))
-        runs["every layer chunked"] = (lat, encodec_32khz.quantizer.encode(lat, bandwidth).transpose(0, 1))
+        runs["every layer chunked"] = (lat,
+                                       encodec_32khz.quantizer.encode(lat, bandwidth).transpose(0, 1))
     for lat, codes in runs.values():
         assert (lat - ref_lat).abs().max() <= 1e-5 * ref_lat.abs().max()
         agree = (codes == ref).float().mean(dim=(0, 2))
         assert ref[:, 0].unique().numel() > 50  # the codes vary with the audio (fitted codebooks)
-        assert bool((agree >= 0.999).all()), agree  # near-ties may flip on rounding, at fp32's own rate
+        # near-ties may flip on rounding, at fp32's own rate
+        assert bool((agree >= 0.999).all()), agree
 
 
 @pytest.mark.parametrize("whole_from", [13, 4])
 def test_a_halo_smaller_than_the_receptive_field_is_caught(tiny_codec, monkeypatch, whole_from):
-    """Why the halo is what it is: with none, frames at chunk edges see the chunk's padding, not their neighbours."""
+    """Why the halo is what it is: with none, frames at chunk edges see the chunk's padding, not
+    their neighbours."""
     monkeypatch.setattr(ef, "halo_samples", lambda layers: 0)
     head = ef.stack_layers(tiny_codec.encoder)[:whole_from]
-    ref_lat, lat, _, _ = compare(tiny_codec, 32000 * 5, frames_per_chunk=50 * 640 // ef.total_stride(head),
-                                 whole_from=whole_from)
+    ref_lat, lat, _, _ = compare(tiny_codec, 32000 * 5, frames_per_chunk=50 * 640
+                                 // ef.total_stride(head), whole_from=whole_from)
     assert (lat - ref_lat).abs().max() > 1e-3 * ref_lat.abs().max()
 
 

@@ -9,11 +9,9 @@ import re
 import numpy as np
 import pytest
 
-from lora.scoring import generated
-from lora.scoring import likelihood
 from lora import evaluate
-from lora.scoring import metrics
 from lora.common.fields import ConfigError
+from lora.scoring import generated, likelihood, metrics
 from lora.scoring.report import format_table, render_html, summary_rows
 
 
@@ -21,21 +19,28 @@ from lora.scoring.report import format_table, render_html, summary_rows
 def _fake_results(caption: str) -> dict:
     return {
         "models_evaluated": ["base", "lora"],
-        "identity": {"base": {"name_or_path": "<b>model</b>"}, "lora": {"path": "x\"><script>1</script>"}},
+        "identity": {"base": {"name_or_path": "<b>model</b>"},
+                     "lora": {"path": "x\"><script>1</script>"}},
         "likelihood": {"base": {"ce": 5.0, "ppl": math.exp(5.0), "ce_per_codebook": [5.0, 5.0]},
                        "lora": {"ce": 4.5, "ppl": math.exp(4.5), "ce_per_codebook": [4.4, 4.6]},
-                       "difference": {"diff": -0.5, "ci_low": -0.6, "ci_high": -0.4, "confidence": 0.95, "n": 10,
+                       "difference": {"diff": -0.5, "ci_low": -0.6, "ci_high": -0.4,
+                                      "confidence": 0.95, "n": 10,
                                       "n_clips": 10, "n_recordings": 5}},
         "generation": {"prompts": [caption], "seeds": [0],
                        "clips": [{"model": m, "prompt_index": 0, "prompt": caption, "seed": 0,
-                                  "wav": f"audio/{m}/p000_s0.wav", "spectrogram": f"spectrograms/{m}/p000_s0.png",
+                                  "wav": f"audio/{m}/p000_s0.wav",
+                                  "spectrogram": f"spectrograms/{m}/p000_s0.png",
                                   "checks": {"failures": []}} for m in ("base", "lora")],
-                       "signal": {}, "distances": {"base": {"encodec": {"fad": 2.0, "kad": {"value": 1.0}}},
-                                                   "lora": {"encodec": {"fad": 1.0, "kad": {"value": 0.5}}}},
+                       "signal": {},
+                       "distances": {"base": {"encodec": {"fad": 2.0, "kad": {"value": 1.0}}},
+                                                   "lora": {"encodec": {"fad": 1.0,
+                                                                        "kad": {"value": 0.5}}}},
                        "intervals": {"metrics": {
-                           "encodec.fad": {"diff": -1.0, "ci_low": -1.5, "ci_high": -0.5, "confidence": 0.95,
+                           "encodec.fad": {"diff": -1.0, "ci_low": -1.5, "ci_high": -0.5,
+                                           "confidence": 0.95,
                                            "n_boot": 200, "excludes_zero": True, "n_pairs": 8},
-                           "encodec.kad": {"diff": -0.5, "ci_low": -0.9, "ci_high": 0.1, "confidence": 0.95,
+                           "encodec.kad": {"diff": -0.5, "ci_low": -0.9, "ci_high": 0.1,
+                                           "confidence": 0.95,
                                            "n_boot": 200, "excludes_zero": False, "n_pairs": 8}}},
                        "clap": {"skipped": "no <clap>"}},
         "settings": {"prompt": caption}, "versions": {},
@@ -62,23 +67,24 @@ def test_summary_rows_direction_and_table():
     assert "CI [-0.6000, -0.4000]" in ce["note"] and "n=10 clips from 5 recordings" in ce["note"]
     assert rows["held-out perplexity"]["better"] == "LoRA"
     assert rows["FAD (EnCodec latents)"]["better"] == "LoRA"  # its interval excludes 0
-    assert "CI [-1.5000, -0.5000], n=8 (prompt, seed) pairs, 200 resamples" in rows["FAD (EnCodec latents)"]["note"]
+    assert "CI [-1.5000, -0.5000], n=8 (prompt, seed) pairs, 200 resamples" in rows["FAD (EnCodec "
+                                                                                    "latents)"]["note"]
     assert rows["KAD ×100 (EnCodec)"]["better"] == "unclear"  # lower, but its interval holds 0
     table = format_table(summary_rows(_fake_results("x")))
     assert re.match(r"metric\s+\| base\s+\| LoRA\s+\| Δ\s+\| better\?", table.splitlines()[0])
 
 
 def test_generated_audio_rows_name_a_winner_only_from_an_interval():
-    """FAD 1.036e-4 vs 1.029e-4 is no win unless the paired bootstrap interval of the difference excludes 0; no
-    interval at all is "unclear" too. The held-out likelihood: one recording names no winner (its cluster bootstrap
-    has no width), and perplexity says what cross-entropy says."""
+    """FAD 1.036e-4 vs 1.029e-4 is no win unless the paired bootstrap interval of the difference
+    excludes 0; no interval at all is "unclear" too. The held-out likelihood: one recording names no
+    winner (its cluster bootstrap has no width), and perplexity says what cross-entropy says."""
     res = _fake_results("x")
     gen = res["generation"]
     gen["distances"] = {"base": {"encodec": {"fad": 1.036e-4}}, "lora": {"encodec": {"fad": 1.029e-4}}}
     gen["clap"] = {"base": {"mean": 0.20}, "lora": {"mean": 0.25}}
     gen["intervals"] = {"metrics": {
-        "encodec.fad": {"diff": -7e-7, "ci_low": -2.1e-6, "ci_high": 9e-7, "confidence": 0.95, "n_boot": 200,
-                        "excludes_zero": False, "n_pairs": 16},
+        "encodec.fad": {"diff": -7e-7, "ci_low": -2.1e-6, "ci_high": 9e-7, "confidence": 0.95,
+                        "n_boot": 200, "excludes_zero": False, "n_pairs": 16},
         "clap": {"diff": 0.05, "ci_low": 0.01, "ci_high": 0.09, "confidence": 0.95, "n_boot": 2000,
                  "excludes_zero": True, "n_pairs": 16}}}
     rows = {r["metric"]: r for r in summary_rows(res)}
@@ -87,14 +93,16 @@ def test_generated_audio_rows_name_a_winner_only_from_an_interval():
     assert rows["CLAP text-audio score"]["better"] == "LoRA"  # higher is better, interval above 0
     del gen["intervals"]
     rows = {r["metric"]: r for r in summary_rows(res)}
-    assert rows["FAD (EnCodec latents)"]["better"] == "unclear" and rows["CLAP text-audio score"]["better"] == "unclear"
+    assert rows["FAD (EnCodec latents)"]["better"] == "unclear" and rows["CLAP text-audio "
+                                                                         "score"]["better"] == "unclear"
     res["likelihood"]["difference"].update(n_recordings=1, ci_low=-0.5, ci_high=-0.5)
     rows = {r["metric"]: r for r in summary_rows(res)}
     assert rows["held-out cross-entropy (nats)"]["better"] == "too few recordings"
     assert rows["held-out perplexity"]["better"] == "too few recordings"
     res["likelihood"]["difference"].update(n_recordings=5, ci_low=-0.6, ci_high=0.1)
     rows = {r["metric"]: r for r in summary_rows(res)}
-    assert rows["held-out cross-entropy (nats)"]["better"] == "unclear" == rows["held-out perplexity"]["better"]
+    assert rows["held-out cross-entropy (nats)"]["better"] == "unclear" == rows["held-out "
+                                                                                "perplexity"]["better"]
 
 
 def _frames(rng, shift, n=20, d=4):
@@ -102,9 +110,10 @@ def _frames(rng, shift, n=20, d=4):
 
 
 def test_a_model_that_fails_more_clips_is_not_rewarded():
-    """LoRA breaks its clips on the hard prompts (the ones no model gets close to the reference) and is a little
-    worse than base on the easy ones. Scored each on its own passing clips, LoRA looks better (base carries its
-    hard-prompt clips, LoRA dropped its own); scored both on the pairs that pass for both, base is better."""
+    """LoRA breaks its clips on the hard prompts (the ones no model gets close to the reference) and
+    is a little worse than base on the easy ones. Scored each on its own passing clips, LoRA looks
+    better (base carries its hard-prompt clips, LoRA dropped its own); scored both on the pairs that
+    pass for both, base is better."""
     rng = np.random.default_rng(0)
     n_prompts, n_seeds = 6, 2
     hard = set(range(8, 12))  # pairs of prompts 4 and 5
@@ -114,15 +123,19 @@ def test_a_model_that_fails_more_clips_is_not_rewarded():
                for j in range(n_prompts * n_seeds)] for m in ("base", "lora")}
     ok = {"finite": True, "failures": []}
     checks = {"base": [dict(ok) for _ in range(12)],
-              "lora": [{"finite": True, "failures": ["silent"]} if j in hard else dict(ok) for j in range(12)]}
-    transform = {"encodec": lambda x: x, "librosa": metrics.standardizer(np.concatenate([r["librosa"] for r in ref]))}
+              "lora": [{"finite": True, "failures": ["silent"]} if j in hard else dict(ok)
+                       for j in range(12)]}
+    transform = {"encodec": lambda x: x,
+                 "librosa": metrics.standardizer(np.concatenate([r["librosa"] for r in ref]))}
     # the old rule: each model on its own usable clips
     own = {m: generated._distances([emb[m][j] for j in generated.usable_clips(checks[m])], ref, transform)
            for m in ("base", "lora")}
     for space in ("encodec", "librosa"):
-        assert own["lora"][space]["fad"] < own["base"][space]["fad"]  # the premise: LoRA would be rewarded
+        # the premise: LoRA would be rewarded
+        assert own["lora"][space]["fad"] < own["base"][space]["fad"]
         assert own["lora"][space]["kad"]["value"] < own["base"][space]["kad"]["value"]
-    scored = generated.score_generated(lambda m, idx: [emb[m][j] for j in idx], checks, ref, transform, n_seeds,
+    scored = generated.score_generated(lambda m, idx: [emb[m][j] for j in idx], checks, ref,
+                                       transform, n_seeds,
                                       True, 500, 0)
     assert scored["distance_set"]["n_pairs"] == 8 and scored["distance_set"]["pair_indices"] == list(range(8))
     assert scored["distance_set"]["n_usable_alone"] == {"base": 12, "lora": 8}
@@ -135,9 +148,11 @@ def test_a_model_that_fails_more_clips_is_not_rewarded():
            "generation": {"distances": scored["distances"], "intervals": scored["intervals"],
                           "signal": {"base": {"failure_rate": 0.0}, "lora": {"failure_rate": 4 / 12}}}}
     rows = {r["metric"]: r for r in summary_rows(res)}
-    for metric in ("FAD (EnCodec latents)", "KAD ×100 (EnCodec)", "FAD (librosa features)", "KAD ×100 (librosa)"):
+    for metric in ("FAD (EnCodec latents)", "KAD ×100 (EnCodec)", "FAD (librosa features)",
+                   "KAD ×100 (librosa)"):
         assert rows[metric]["better"] == "base", (metric, rows[metric])
-    assert rows["failed clips (share)"]["better"] == "base"  # the failures are counted apart, with their interval
+    # the failures are counted apart, with their interval
+    assert rows["failed clips (share)"]["better"] == "base"
     iv = scored["intervals"]
     assert iv["n_pairs"] == 8 and iv["n_boot_fad_kad"] == generated.GEN_BOOTSTRAP_MAX
     assert iv["metrics"]["encodec.fad"]["ci_low"] > 0 and iv["metrics"]["failed_share"]["n_pairs"] == 12
@@ -154,14 +169,16 @@ def test_heldout_window_is_the_adapters_training_window(tmp_path, trained_output
     shutil.copytree(trained_output_dir / "best_model", adapter)
     text = (adapter / "config.yaml").read_text(encoding="utf-8")
     assert "max_duration: 30.0" in text
-    (adapter / "config.yaml").write_text(text.replace("max_duration: 30.0", "max_duration: 1.5"), encoding="utf-8")
+    (adapter / "config.yaml").write_text(text.replace("max_duration: 30.0", "max_duration: 1.5"),
+                                         encoding="utf-8")
     seconds, source = likelihood.heldout_window(cfg, adapter)
     assert seconds == 1.5 and "adapter's training config" in source and str(adapter) in source
-    # and evaluate scores that window (the example clips are 4 s: a 1.5 s window is a different number)
+    # and evaluate scores that window (the example clips are 4 s: a 1.5 s window is a different
+    # number)
     out = tmp_path / "ev"
     assert evaluate.main(["--base_model_path", str(tiny_model_dir), "--lora_model_path", str(adapter),
-                          "--output_dir", str(out), "--data_dir", str(example_data_dir), "--skip_generation",
-                          "--compare", "--bootstrap_samples", "200"]) == 0
+                          "--output_dir", str(out), "--data_dir", str(example_data_dir),
+                          "--skip_generation", "--compare", "--bootstrap_samples", "200"]) == 0
     lk = json.loads((out / "results.json").read_text(encoding="utf-8"))["likelihood"]
     assert lk["window_seconds"] == pytest.approx(1.5, abs=0.02) and lk["window"]["source"] == source
     assert lk["lora"]["n_tokens"] < compare_run[2]["likelihood"]["lora"]["n_tokens"]
@@ -175,10 +192,10 @@ def test_heldout_window_is_the_adapters_training_window(tmp_path, trained_output
 def test_user_errors_are_collected(tmp_path):
     with pytest.raises(ConfigError) as e:
         evaluate.main(["--compare", "--lora_model_path", str(tmp_path / "nope"), "--num_prompts", "0",
-                       "--clap_model_path", str(tmp_path / "no_clap"), "--output_dir", str(tmp_path / "ev"),
-                       "--guidance_scale", "0.5"])
+                       "--clap_model_path", str(tmp_path / "no_clap"), "--output_dir",
+                       str(tmp_path / "ev"), "--guidance_scale", "0.5"])
     msg = str(e.value)
-    assert "guidance_scale" in msg and "num_prompts" in msg and "no_clap" in msg and "nope" in msg and "does not exist" in msg
+    assert all(w in msg for w in ("guidance_scale", "num_prompts", "no_clap", "nope", "does not exist"))
     assert not (tmp_path / "ev").exists()
 
 
@@ -200,7 +217,8 @@ def test_read_prompts_file_formats(tmp_path):
 
 def test_usable_clips_leave_failed_and_non_finite_out():
     checks = [{"finite": True, "failures": []}, {"finite": True, "failures": ["dc_offset"]},
-              {"finite": False, "failures": ["non_finite"]}, {"finite": True, "failures": ["silent", "clipping"]},
+              {"finite": False, "failures": ["non_finite"]},
+              {"finite": True, "failures": ["silent", "clipping"]},
               {"finite": True, "failures": []}]
     assert generated.usable_clips(checks) == [0, 4]
     assert generated.usable_clips(checks, exclude_failed=False) == [0, 1, 3, 4]
@@ -214,7 +232,8 @@ def test_choose_prompts_defaults_to_distinct_valid_captions(tmp_path):
             for i, t in enumerate(["a", "", "b", "a", "c"])]
     cfg, _ = parse_config(["--num_prompts", "2"], sections=("evaluation", "model", "generation", "data"))
     assert evaluate.choose_prompts(cfg, recs) == (["a", "b"], "valid captions")
-    cfg, _ = parse_config(["--prompts", "x", "y", "z"], sections=("evaluation", "model", "generation", "data"))
+    cfg, _ = parse_config(["--prompts", "x", "y", "z"],
+                          sections=("evaluation", "model", "generation", "data"))
     assert evaluate.choose_prompts(cfg, recs) == (["x", "y", "z"][:8], "--prompts")
     (tmp_path / "p.txt").write_text("q1\nq2\nq3\n", encoding="utf-8")
     cfg, _ = parse_config(["--prompts_file", str(tmp_path / "p.txt"), "--num_prompts", "2"],
@@ -251,8 +270,9 @@ def compare_run(tmp_path_factory, tiny_model_dir, example_data_dir, trained_outp
                             "--num_prompts", "2", "--eval_duration", "1.0", "--eval_seeds", "2",
                             "--prompts_file", str(prompts), "--clap_model_path", str(clap),
                             "--bootstrap_samples", "500",
-                            # a random model's audio may fail signal checks; keep failed-but-finite clips in the
-                            # distances so FAD/KAD are computed here whatever the checks say.
+                            # a random model's audio may fail signal checks; keep failed-but-finite
+                            # clips in the distances so FAD/KAD are computed here whatever the
+                            # checks say.
                             "--exclude_failed_clips", "false"])
     assert rc == 0
     return out, buf.getvalue(), json.loads((out / "results.json").read_text(encoding="utf-8"))
@@ -275,16 +295,20 @@ def test_compare_heldout_likelihood(compare_run, trained_output_dir, example_dat
     assert lk["base"]["ce"] == pytest.approx(ev["base_val_loss"], abs=1e-4)
     d = lk["difference"]
     assert d["n"] == d["n_clips"] == n_valid and d["n_boot"] == 500
-    assert d["n_recordings"] == lk["n_recordings"] == n_valid  # every example clip is a recording of its own
-    assert lk["window"]["source"].startswith("the adapter's training config")  # best_model/config.yaml
+    # every example clip is a recording of its own
+    assert d["n_recordings"] == lk["n_recordings"] == n_valid
+    # best_model/config.yaml
+    assert lk["window"]["source"].startswith("the adapter's training config")
     assert lk["window_seconds"] == lk["window"]["max_duration"] == 30.0
     assert d["diff"] == pytest.approx(lk["lora"]["ce"] - lk["base"]["ce"], abs=1e-9)
     assert d["ci_low"] <= d["diff"] <= d["ci_high"]
-    # training lowered the held-out loss, so the adapter must be better here too, on every clip (interval < 0)
+    # training lowered the held-out loss, so the adapter must be better here too, on every clip
+    # (interval < 0)
     assert lk["lora"]["ce"] < lk["base"]["ce"]
     assert d["ci_high"] < 0 and d["excludes_zero"] is True
     assert "* CLAP" not in stdout  # a CLAP model was given: no "skipped" note
-    assert "held-out cross-entropy" in stdout and re.search(r"metric\s+\| base\s+\| LoRA\s+\| Δ\s+\| better\?", stdout)
+    assert "held-out cross-entropy" in stdout and re.search(r"metric\s+\| base\s+\| LoRA\s+\| "
+                                                            r"Δ\s+\| better\?", stdout)
     assert res["identity"]["lora"]["weights_sha256"] and res["identity"]["base"]["identity"]
     assert res["versions"]["torch"] and res["settings"]["evaluation"]["num_prompts"] == 2
 
@@ -306,16 +330,19 @@ def test_compare_generation_metrics_and_files(compare_run):
             info = sf.info(str(out / c["wav"]))
             assert info.samplerate == 32000 and abs(info.duration - 1.0) < 0.01
     n_ref = gen["reference"]["n_clips"]
-    for space in ("encodec", "librosa"):  # what each floor is made of (their size: tests/test_metrics.py)
+    # what each floor is made of (their size: tests/test_metrics.py)
+    for space in ("encodec", "librosa"):
         noise, codec = gen["floors"]["noise"][space], gen["floors"]["codec"][space]
         assert (noise["n_clips"], noise["n_reference_clips"]) == ((n_ref + 1) // 2, n_ref // 2)
         assert codec["n_clips"] == codec["n_reference_clips"] == n_ref
     # one set for both models, named in results.json; every difference with its paired interval
     ds = gen["distance_set"]
-    assert ds["n_pairs"] == ds["n_pairs_generated"] == 4 and ds["pairs"] == [[0, 0], [0, 1], [1, 0], [1, 1]]
+    assert ds["n_pairs"] == ds["n_pairs_generated"] == 4 and ds["pairs"] == [[0, 0], [0, 1], [1, 0],
+                                                                             [1, 1]]
     assert all(c.get("used_in_distances") for c in gen["clips"])
     iv = gen["intervals"]
-    assert iv["n_pairs"] == 4 and iv["n_boot_fad_kad"] == generated.GEN_BOOTSTRAP_MAX  # capped: 500 asked
+    # capped: 500 asked
+    assert iv["n_pairs"] == 4 and iv["n_boot_fad_kad"] == generated.GEN_BOOTSTRAP_MAX
     keys = {"encodec.fad", "encodec.kad", "librosa.fad", "librosa.kad", "librosa.kad_clip_statistics",
             "failed_share", "clap"}
     assert set(iv["metrics"]) == keys
@@ -324,7 +351,8 @@ def test_compare_generation_metrics_and_files(compare_run):
                         ("CLAP text-audio score", "clap")):
         m = iv["metrics"][key]
         assert m["ci_low"] <= m["ci_high"] and m["n_pairs"] == 4
-        assert (rows[metric]["better"] in ("LoRA", "base")) == m["excludes_zero"], (metric, m, rows[metric])
+        assert (rows[metric]["better"] in ("LoRA", "base")) == m["excludes_zero"], (metric, m,
+                                                                                    rows[metric])
     for m in ("base", "lora"):
         dist = gen["distances"][m]
         assert dist is not None, f"{m}: no clip passed the signal checks: {gen['signal'][m]}"
@@ -353,26 +381,31 @@ def test_compare_report_html(compare_run):
     assert "charts/likelihood.png" in imgs and "charts/distances.png" in imgs
     assert "charts/training_loss.png" in imgs  # the adapter's logs/metrics.jsonl was found
     assert (out / "config.yaml").is_file()  # the resolved config next to the results
-    assert any("4 held-out recordings (4 held-out clips)" in n for n in res["notes"])  # the interval is rough
+    # the interval is rough
+    assert any("4 held-out recordings (4 held-out clips)" in n for n in res["notes"])
 
 
-def test_single_model_likelihood_only(tmp_path, tiny_model_dir, example_data_dir, trained_output_dir, compare_run,
-                                      capsys, caplog):
-    """Without --compare: the base alone when no adapter is given; same base CE as the peft-disabled base above."""
+def test_single_model_likelihood_only(tmp_path, tiny_model_dir, example_data_dir,
+                                      trained_output_dir, compare_run, capsys, caplog):
+    """Without --compare: the base alone when no adapter is given; same base CE as the peft-disabled
+    base above."""
     import logging
     import platform
 
     _, _, res = compare_run
     out = tmp_path / "ev"
     lora_log = logging.getLogger("lora")
-    lora_log.addHandler(caplog.handler)  # (setup_logging stops "lora" from propagating to the root logger)
+    # (setup_logging stops "lora" from propagating to the root logger)
+    lora_log.addHandler(caplog.handler)
     try:
         rc = evaluate.main(["--base_model_path", str(tiny_model_dir), "--lora_model_path", "none",
-                            "--output_dir", str(out), "--data_dir", str(example_data_dir), "--skip_generation"])
+                            "--output_dir", str(out), "--data_dir", str(example_data_dir),
+                            "--skip_generation"])
     finally:
         lora_log.removeHandler(caplog.handler)
     assert rc == 0
-    if platform.libc_ver()[0] == "glibc":  # a CPU run keeps freed memory (lora.modeling.cpu_speed.keep_freed_memory)
+    # a CPU run keeps freed memory (lora.modeling.cpu_speed.keep_freed_memory)
+    if platform.libc_ver()[0] == "glibc":
         assert "CPU memory: freed tensors stay in the process" in caplog.text
     r = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert r["models_evaluated"] == ["base"] and "difference" not in r["likelihood"]
@@ -384,13 +417,14 @@ def test_single_model_likelihood_only(tmp_path, tiny_model_dir, example_data_dir
 
 
 def test_text_encoder_adapter_encodes_captions_on_the_fly(tiny_model_dir, example_data_dir):
-    """An adapter with LoRA in T5 (train_text_encoder) must not be scored on the base's cached text states."""
+    """An adapter with LoRA in T5 (train_text_encoder) must not be scored on the base's cached text
+    states."""
     import torch
 
     from lora.config import LoraSection, ModelConfig
     from lora.dataprep.token_cache import build_token_cache
     from lora.dataset import load_metadata
-    from lora.modeling.adapter import text_encoder_has_lora, attach_lora
+    from lora.modeling.adapter import attach_lora, text_encoder_has_lora
     from lora.modeling.loading import load_base_model
 
     cpu = torch.device("cpu")
@@ -409,9 +443,10 @@ def test_text_encoder_adapter_encodes_captions_on_the_fly(tiny_model_dir, exampl
     peft.eval()
     cached = likelihood.heldout_likelihood(peft, clips, info, 1500, 2, cpu)
     fly = likelihood.heldout_likelihood(peft, clips, info, 1500, 2, cpu, processor=proc)
-    assert cached["ce"] == pytest.approx(plain["ce"], abs=1e-6)  # decoder LoRA is still zero: cache = base
-    # the adapted T5 changes the condition (the random tiny decoder barely listens to text: small but far above
-    # the float noise of recomputing the same thing, which is 0 here)
+    # decoder LoRA is still zero: cache = base
+    assert cached["ce"] == pytest.approx(plain["ce"], abs=1e-6)
+    # the adapted T5 changes the condition (the random tiny decoder barely listens to text: small
+    # but far above the float noise of recomputing the same thing, which is 0 here)
     change = abs(fly["ce"] - cached["ce"])
     assert change > 1e-6 and change > 100 * abs(cached["ce"] - plain["ce"])
     with peft.disable_adapter():
@@ -426,28 +461,30 @@ def test_spectrogram_png_with_hostile_title(tmp_path):
 
     wav = (0.2 * np.sin(2 * np.pi * 220 * np.arange(16000) / 16000)).astype(np.float32)
     # "$\\undefinedcmd$" makes matplotlib's mathtext raise unless "$" is escaped
-    p = save_spectrogram(wav, 16000, tmp_path / "s" / "x.png", r"lofi $\undefinedcmd$ beat, costs $5 <b>&")
+    p = save_spectrogram(wav, 16000, tmp_path / "s" / "x.png",
+                         r"lofi $\undefinedcmd$ beat, costs $5 <b>&")
     assert p.is_file() and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_lora_scale_zero_is_exactly_the_base_model_for_dora(tmp_path, tiny_model_dir, example_data_dir):
-    """peft's set_scale(0) zeroes B·A but DoRA's magnitude vector still rescales every adapted weight:
-    set_lora_scale(0) switches the adapter off instead, so scale 0 is the base model exactly (held-out logits and
-    generated audio, merged or not, and after evaluate's disable_adapter() context), and scale 1 is not."""
+    """peft's set_scale(0) zeroes B·A but DoRA's magnitude vector still rescales every adapted
+    weight: set_lora_scale(0) switches the adapter off instead, so scale 0 is the base model exactly
+    (held-out logits and generated audio, merged or not, and after evaluate's disable_adapter()
+    context), and scale 1 is not."""
     import torch
     from peft.tuners.lora import LoraLayer
 
-    from lora.modeling.adapter import attach_lora, set_lora_scale
     from lora.config import LoraSection, ModelConfig, parse_config
     from lora.dataprep.token_cache import build_token_cache
     from lora.dataset import load_metadata
     from lora.generation.model import load_generation_model
+    from lora.modeling.adapter import attach_lora, set_lora_scale
     from lora.modeling.loading import load_base_model
 
     cpu = torch.device("cpu")
     model, proc, info = load_base_model(ModelConfig(model_path=str(tiny_model_dir)))
-    clips, _ = build_token_cache(load_metadata(example_data_dir, split="valid"), model, proc, info, example_data_dir,
-                                 show_progress=False)
+    clips, _ = build_token_cache(load_metadata(example_data_dir, split="valid"), model, proc, info,
+                                 example_data_dir, show_progress=False)
 
     def per_clip(m):
         return [c["ce"] for c in likelihood.heldout_likelihood(m, clips, info, 200, 2, cpu)["per_clip"]]
@@ -455,7 +492,8 @@ def test_lora_scale_zero_is_exactly_the_base_model_for_dora(tmp_path, tiny_model
     base = per_clip(model)
     torch.manual_seed(0)
     peft = attach_lora(model, LoraSection(use_dora=True))
-    with torch.no_grad():  # a "trained" DoRA adapter: B non-zero, magnitudes away from the weight norms
+    # a "trained" DoRA adapter: B non-zero, magnitudes away from the weight norms
+    with torch.no_grad():
         for name, p in peft.named_parameters():
             if "lora_B" in name:
                 p.normal_(0.0, 0.5)
@@ -476,7 +514,8 @@ def test_lora_scale_zero_is_exactly_the_base_model_for_dora(tmp_path, tiny_model
     set_lora_scale(peft, 1.0)
     assert per_clip(peft) == pytest.approx(full, abs=1e-6)
 
-    # generation: the saved adapter at lora_scale 0, unmerged and merged, makes the base model's audio
+    # generation: the saved adapter at lora_scale 0, unmerged and merged, makes the base model's
+    # audio
     peft.save_pretrained(tmp_path / "dora")
     argv = ["--base_model_path", str(tiny_model_dir), "--dtype", "float32", "--do_sample", "false",
             "--eval_duration", "0.3"]

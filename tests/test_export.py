@@ -1,5 +1,6 @@
-"""lora/export_model.py: base + adapter(s) -> one plain transformers MusicGen folder, loaded in a fresh process that
-never imports peft, by from_pretrained and by transformers' text-to-audio pipeline; and bad input writes nothing."""
+"""lora/export_model.py: base + adapter(s) -> one plain transformers MusicGen folder, loaded in a
+fresh process that never imports peft, by from_pretrained and by transformers' text-to-audio
+pipeline; and bad input writes nothing."""
 
 from __future__ import annotations
 
@@ -14,15 +15,15 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lora.common.fields import ConfigError
 from lora.common.cli import UserError
+from lora.common.fields import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "lofi piano with soft drums"
 
-# Run in a fresh interpreter: loads the exported folder with transformers alone, generates greedily with guidance
-# (from_pretrained + generate, and the text-to-audio pipeline), records the codes EnCodec decoded, and reports
-# whether peft was ever imported.
+# Run in a fresh interpreter: loads the exported folder with transformers alone, generates greedily
+# with guidance (from_pretrained + generate, and the text-to-audio pipeline), records the codes
+# EnCodec decoded, and reports whether peft was ever imported.
 FRESH = textwrap.dedent('''
     import json, sys
     import torch
@@ -62,9 +63,9 @@ def _export(args) -> int:
 def _our_merged_codes(model_dir, adapters, scales, frames_s=1.0):
     """Greedy guided tokens of our own engine with the adapter(s) merged, fp32."""
     from lora.config import Config
-    from lora.generation.requests import Request, SamplingSettings
     from lora.generation.engine import generate
     from lora.generation.model import load_generation_model
+    from lora.generation.requests import Request, SamplingSettings
 
     cfg = Config()
     cfg.model.model_path = str(model_dir)
@@ -79,14 +80,15 @@ def _our_merged_codes(model_dir, adapters, scales, frames_s=1.0):
 def _fresh_process(folder: Path, frames: int, tmp_path: Path) -> dict:
     out = tmp_path / "fresh.json"
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", FRESH, str(folder), str(frames), str(out)], capture_output=True,
-                          text=True, env=env, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", FRESH, str(folder), str(frames), str(out)],
+                          capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text())
 
 
 def _as_codes(seen: list, stereo: bool, k: int):
-    """The (K, T) codes EnCodec decoded (stereo: generate decodes left = even and right = odd codebooks apart)."""
+    """The (K, T) codes EnCodec decoded (stereo: generate decodes left = even and right = odd
+    codebooks apart)."""
     if not stereo:
         return torch.tensor(seen[0][0])
     left, right = torch.tensor(seen[0][0]), torch.tensor(seen[1][0])
@@ -94,10 +96,10 @@ def _as_codes(seen: list, stereo: bool, k: int):
 
 
 def _random_adapter(model_dir, out_dir, seed=0, **lora):
-    """A LoRA adapter of our own trainer's layout whose B matrices are random (so it changes the output)."""
-    from lora.modeling import adapter
-    from lora.modeling import loading
+    """A LoRA adapter of our own trainer's layout whose B matrices are random (so it changes the
+    output)."""
     from lora.config import Config
+    from lora.modeling import adapter, loading
 
     cfg = Config()
     cfg.model.model_path = str(model_dir)
@@ -114,13 +116,15 @@ def _random_adapter(model_dir, out_dir, seed=0, **lora):
 
 
 @pytest.mark.parametrize("stereo", [False, True], ids=["mono", "stereo"])
-def test_export_loads_without_peft_and_generates_our_merged_tokens(stereo, tiny_model_dir, tiny_stereo_model_dir,
+def test_export_loads_without_peft_and_generates_our_merged_tokens(stereo, tiny_model_dir,
+                                                                   tiny_stereo_model_dir,
                                                                   trained_output_dir, tmp_path):
     model_dir = tiny_stereo_model_dir if stereo else tiny_model_dir
     adapter = (_random_adapter(model_dir, tmp_path / "stereo_adapter") if stereo
                else trained_output_dir / "best_model")
     folder = tmp_path / "merged"
-    assert _export(["--base_model_path", model_dir, "--lora_model_path", adapter, "--output_dir", folder]) == 0
+    assert _export(["--base_model_path", model_dir, "--lora_model_path", adapter, "--output_dir",
+                    folder]) == 0
     for f in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "README.md",
               "export_info.json"):
         assert (folder / f).is_file(), f
@@ -144,29 +148,34 @@ def test_export_loads_without_peft_and_generates_our_merged_tokens(stereo, tiny_
         assert "training clips" in card and "metadata.json" in card
 
 
-def test_exported_model_is_a_base_for_our_scripts(tiny_model_dir, trained_output_dir, example_data_dir, tmp_path):
+def test_exported_model_is_a_base_for_our_scripts(tiny_model_dir, trained_output_dir,
+                                                  example_data_dir, tmp_path):
     """Generate with the fine-tune alone, and train a new adapter on top of it."""
     from lora import inference_lora, train_lora
 
     folder = tmp_path / "merged"
-    assert _export(["--base_model_path", tiny_model_dir, "--lora_model_path", trained_output_dir / "best_model",
-                    "--output_dir", folder, "--dtype", "bfloat16"]) == 0
+    assert _export(["--base_model_path", tiny_model_dir, "--lora_model_path", trained_output_dir
+                    / "best_model", "--output_dir", folder, "--dtype", "bfloat16"]) == 0
     with safe_open(str(folder / "model.safetensors"), "pt") as fh:
         assert {fh.get_slice(key).get_dtype() for key in fh.keys()} == {"BF16"}
-    assert inference_lora.main(["--model_path", str(folder), "--lora_model_path", "none", "--prompts", "lofi piano",
+    assert inference_lora.main(["--model_path", str(folder), "--lora_model_path", "none",
+                                "--prompts", "lofi piano",
                                 "--duration", "0.5", "--output_dir", str(tmp_path / "gen")]) == 0
     entry = json.loads((tmp_path / "gen" / "manifest.json").read_text())["files"][0]
     assert entry["model"]["name_or_path"] == str(folder.resolve()) and entry["adapter"] is None
     out = tmp_path / "on_top"
-    assert train_lora.main(["--model_path", str(folder), "--data_dir", str(example_data_dir), "--output_dir", str(out),
-                            "--max_steps", "1", "--eval_steps", "1", "--save_steps", "1", "--batch_size", "2",
-                            "--mixed_precision", "no"]) == 0
-    recorded = json.loads((out / "final_model" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert train_lora.main(["--model_path", str(folder), "--data_dir", str(example_data_dir),
+                            "--output_dir", str(out),
+                            "--max_steps", "1", "--eval_steps", "1", "--save_steps", "1",
+                            "--batch_size", "2", "--mixed_precision", "no"]) == 0
+    recorded = json.loads((out / "final_model"
+                           / "adapter_config.json").read_text())["base_model_name_or_path"]
     assert recorded == str(folder.resolve())
 
 
 @pytest.mark.parametrize("case", ["exists", "scales", "bases", "dtype", "inside_adapter", "no_adapter"])
-def test_bad_export_input_is_a_clear_error_and_writes_nothing(case, tiny_model_dir, trained_output_dir, tmp_path):
+def test_bad_export_input_is_a_clear_error_and_writes_nothing(case, tiny_model_dir,
+                                                              trained_output_dir, tmp_path):
     from lora import export_model
     from lora.common.cli import run_main
 
@@ -210,5 +219,6 @@ def test_bad_export_input_is_a_clear_error_and_writes_nothing(case, tiny_model_d
     assert {p.name: p.stat().st_mtime_ns for p in adapter.iterdir()} == adapter_files
     if case == "exists":
         assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]
-    assert run_main(export_model.main, [str(a) for a in args]) == 2  # the exit code of every script's user error
+    # the exit code of every script's user error
+    assert run_main(export_model.main, [str(a) for a in args]) == 2
     assert isinstance(e.value, (UserError, ConfigError))

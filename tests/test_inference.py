@@ -1,7 +1,9 @@
-"""Generation (lora/generation/engine.py) and the inference script (lora/inference_lora.py) on the tiny models, CPU.
+"""Generation (lora/generation/engine.py) and the inference script (lora/inference_lora.py) on the
+tiny models, CPU.
 
-Token-level comparisons use the codes each sample was decoded from (Result.codes, manifest tokens_sha1), so
-they hold whatever the tiny codec sounds like; audio comparisons check the files users get.
+Token-level comparisons use the codes each sample was decoded from (Result.codes, manifest
+tokens_sha1), so they hold whatever the tiny codec sounds like; audio comparisons check the files
+users get.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ import pytest
 import soundfile as sf
 import torch
 
-from lora.common.fields import ConfigError
 from lora.common.cli import UserError
+from lora.common.fields import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED_PROMPT = "hip hop 808 beat with trap drums"
@@ -30,8 +32,9 @@ SEED_SLUG = "hip-hop-808-beat-with-trap-drums"
 def _cfg(model_dir, **gen):
     from lora.config import Config
 
-    # fp32 unless a test asks otherwise: these tests compare tokens exactly (with transformers' generate, merged
-    # vs unmerged, scale 0 vs base); dtype auto is bf16 on CPUs with AMX/AVX512-BF16 (the CLI tests run it)
+    # fp32 unless a test asks otherwise: these tests compare tokens exactly (with transformers'
+    # generate, merged vs unmerged, scale 0 vs base); dtype auto is bf16 on CPUs with
+    # AMX/AVX512-BF16 (the CLI tests run it)
     gen.setdefault("dtype", "float32")
     cfg = Config()
     cfg.model.model_path = str(model_dir)
@@ -42,8 +45,7 @@ def _cfg(model_dir, **gen):
 
 def _make_adapter(model_dir, out_dir, *, fill=None, seed=0) -> Path:
     """A LoRA adapter on the tiny model whose B matrices are random (so it changes the output)."""
-    from lora.modeling import adapter
-    from lora.modeling import loading
+    from lora.modeling import adapter, loading
 
     cfg = _cfg(model_dir)
     model, _, _ = loading.load_base_model(cfg.model)
@@ -88,9 +90,10 @@ def _req(prompt, seed, duration=1.0, **sampling):
 # The engine
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("stereo", [False, True], ids=["mono", "stereo"])
-def test_greedy_guided_decoding_equals_transformers_generate(stereo, tiny_model_dir, tiny_stereo_model_dir,
-                                                             monkeypatch):
-    """Our loop (batched CFG, delay pattern, cache) against transformers' own MusicGen generate()."""
+def test_greedy_guided_decoding_equals_transformers_generate(stereo, tiny_model_dir,
+                                                             tiny_stereo_model_dir, monkeypatch):
+    """Our loop (batched CFG, delay pattern, cache) against transformers' own MusicGen
+    generate()."""
     from lora.generation.model import load_generation_model
 
     model_dir = tiny_stereo_model_dir if stereo else tiny_model_dir
@@ -136,13 +139,14 @@ def test_seed_reproduces_a_sample_alone_or_in_any_batch(base_bundle):
     assert torch.equal(batch[1].codes, alone.codes)
     np.testing.assert_allclose(batch[1].audio, alone.audio, atol=1e-5)
     assert not torch.equal(other_seed.codes, alone.codes)
-    assert np.abs(other_seed.audio - alone.audio).max() > 1e-5  # another seed is other music (float noise ~1e-7)
+    # another seed is other music (float noise ~1e-7)
+    assert np.abs(other_seed.audio - alone.audio).max() > 1e-5
     assert alone.audio.shape == (1, 32000) and alone.audio.dtype == np.float32
 
 
 def test_token_sampler_follows_top_k_top_p_and_the_distribution():
-    from lora.generation.requests import SamplingSettings
     from lora.generation.engine import TokenSampler
+    from lora.generation.requests import SamplingSettings
 
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(40000, 1)
     u = torch.rand(40000, generator=torch.Generator().manual_seed(0))
@@ -152,7 +156,8 @@ def test_token_sampler_follows_top_k_top_p_and_the_distribution():
     top2 = TokenSampler(SamplingSettings(top_k=2), 4)(logits, u)
     assert set(top2.tolist()) == {0, 1}
     assert abs((top2 == 0).float().mean().item() - 0.5 / 0.8) < 0.01
-    nucleus = TokenSampler(SamplingSettings(top_k=1, top_p=0.7), 4)(logits, u)  # top_p replaces top_k
+    # top_p replaces top_k
+    nucleus = TokenSampler(SamplingSettings(top_k=1, top_p=0.7), 4)(logits, u)
     assert set(nucleus.tolist()) == {0, 1}
     greedy = TokenSampler(SamplingSettings(do_sample=False), 4)(logits[:3])
     assert greedy.tolist() == [0, 0, 0]
@@ -164,9 +169,11 @@ def test_lora_scale_and_merge(tiny_model_dir, adapter_dir, base_bundle):
     from lora.generation.model import load_generation_model
 
     def codes(scale, merge):
-        bundle = load_generation_model(_cfg(tiny_model_dir, lora_scale=scale, merge=merge), adapter_path=adapter_dir)
+        bundle = load_generation_model(_cfg(tiny_model_dir, lora_scale=scale, merge=merge),
+                                       adapter_path=adapter_dir)
         adapter = bundle[3]
-        assert adapter["scale"] == scale and adapter["merged"] == (merge if merge is not None else scale == 1.0)
+        assert adapter["scale"] == scale and adapter["merged"] == (merge if merge is not None
+                                                                   else scale == 1.0)
         return _gen(bundle, [_req(SEED_PROMPT, 5)])[0]
 
     base = _gen(base_bundle, [_req(SEED_PROMPT, 5)])[0]
@@ -184,13 +191,12 @@ def test_lora_scale_and_merge(tiny_model_dir, adapter_dir, base_bundle):
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_static_cache_decoder_equals_transformers_forward(attn, tiny_model_dir, adapter_dir):
-    """lora.modeling.fast_decode.StaticDecoder (preallocated cache; what CUDA graphs replay) gives transformers' logits:
-    prefill of a prefix, then step by step, with guidance's null half, on an unmerged LoRA model."""
-    from lora.modeling import adapter
-    from lora.modeling import loading
-    from lora.modeling import musicgen
-    from lora.modeling.fast_decode import StaticDecoder
+    """lora.modeling.fast_decode.StaticDecoder (preallocated cache; what CUDA graphs replay) gives
+    transformers' logits: prefill of a prefix, then step by step, with guidance's null half, on an
+    unmerged LoRA model."""
     from lora.generation.engine import _text_states
+    from lora.modeling import adapter, loading, musicgen
+    from lora.modeling.fast_decode import StaticDecoder
 
     cfg = _cfg(tiny_model_dir)
     cfg.model.attn_implementation = attn
@@ -204,7 +210,8 @@ def test_static_cache_decoder_equals_transformers_forward(attn, tiny_model_dir, 
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, info.vocab_size, (rows * K, 12), generator=g)
     with torch.no_grad():
-        ref = base(encoder_outputs=(hidden,), attention_mask=mask, decoder_input_ids=ids).logits  # (rows*K, 12, V)
+        # (rows*K, 12, V)
+        ref = base(encoder_outputs=(hidden,), attention_mask=mask, decoder_input_ids=ids).logits
         dec = StaticDecoder(base, hidden, mask, rows=rows, max_len=12)
         got = [dec.prefill(ids[:, :5])] + [dec.step(ids[:, t], t) for t in range(5, 12)]
     for t, logits in zip(range(4, 12), got):
@@ -214,7 +221,8 @@ def test_static_cache_decoder_equals_transformers_forward(attn, tiny_model_dir, 
 
 
 def test_static_decoding_generates_the_same_music(base_bundle):
-    """decoding: static is a speed choice only: same tokens as transformers' cache, windows and prompts too."""
+    """decoding: static is a speed choice only: same tokens as transformers' cache, windows and
+    prompts too."""
     reqs = [_req(SEED_PROMPT, 7, 2.0, top_k=50), _req("lofi piano", 8, 2.0, top_k=50)]
     kw = dict(batch_size=2, max_window=1.2, extend_stride=0.8)
     ref = _gen(base_bundle, reqs, decoding="transformers", **kw)
@@ -228,22 +236,25 @@ def test_static_decoding_generates_the_same_music(base_bundle):
 
 
 def test_generation_dtype_auto_follows_the_hardware(monkeypatch):
-    """dtype auto: bf16 on a CPU with AMX-BF16 / AVX512-BF16 (read from /proc/cpuinfo), fp32 on one without;
-    a named dtype is used as is."""
+    """dtype auto: bf16 on a CPU with AMX-BF16 / AVX512-BF16 (read from /proc/cpuinfo), fp32 on one
+    without; a named dtype is used as is."""
     from lora.modeling import precision
     from lora.modeling.precision import generation_dtype as resolve_dtype
 
-    monkeypatch.setattr(precision, "cpu_flags", lambda cpuinfo="/proc/cpuinfo": frozenset({"avx512f", "amx_bf16"}))
+    monkeypatch.setattr(precision, "cpu_flags",
+                        lambda cpuinfo="/proc/cpuinfo": frozenset({"avx512f", "amx_bf16"}))
     assert resolve_dtype("auto", "cpu") == torch.bfloat16
     monkeypatch.setattr(precision, "cpu_flags", lambda cpuinfo="/proc/cpuinfo": frozenset({"avx2"}))
     assert resolve_dtype("auto", "cpu") == torch.float32
-    assert resolve_dtype("bfloat16", "cpu") == torch.bfloat16 and resolve_dtype("float32", "cpu") == torch.float32
+    assert resolve_dtype("bfloat16", "cpu") == torch.bfloat16 and resolve_dtype("float32",
+                                                                                "cpu") == torch.float32
 
 
 def test_plan_windows_matches_audiocraft_loop():
     from lora.generation.requests import plan_windows
 
-    def audiocraft(total, window, stride):  # audiocraft.models.genmodel._generate_tokens, no audio prompt
+    # audiocraft.models.genmodel._generate_tokens, no audio prompt
+    def audiocraft(total, window, stride):
         out, offset, prompt_len = [], 0, 0
         while offset + prompt_len < total:
             gen_len = min(total - offset, window)
@@ -252,8 +263,8 @@ def test_plan_windows_matches_audiocraft_loop():
             offset += stride
         return out
 
-    for total, window, stride in [(3000, 1500, 900), (6000, 1500, 900), (1600, 1500, 900), (1500, 1500, 900),
-                                  (150, 50, 30), (700, 100, 99)]:
+    for total, window, stride in [(3000, 1500, 900), (6000, 1500, 900), (1600, 1500, 900),
+                                  (1500, 1500, 900), (150, 50, 30), (700, 100, 99)]:
         ours = [(w.start, w.context, w.new) for w in plan_windows(total, 0, window, stride)]
         assert ours == audiocraft(total, window, stride), (total, window, stride)
         assert ours[-1][0] + ours[-1][1] + ours[-1][2] == total
@@ -301,7 +312,8 @@ def _manifest(out_dir) -> dict:
     return json.loads((Path(out_dir) / "manifest.json").read_text(encoding="utf-8"))
 
 
-def test_seed_command_from_inside_lora_writes_wav_and_manifest(tiny_model_dir, adapter_dir, tmp_path, monkeypatch):
+def test_seed_command_from_inside_lora_writes_wav_and_manifest(tiny_model_dir, adapter_dir,
+                                                               tmp_path, monkeypatch):
     proj = tmp_path / "proj"
     (proj / "lora").mkdir(parents=True)
     shutil.copytree(adapter_dir, proj / "output" / "best_model")
@@ -313,11 +325,13 @@ def test_seed_command_from_inside_lora_writes_wav_and_manifest(tiny_model_dir, a
     wav = out / f"{SEED_SLUG}_s0.wav"
     data, sr = sf.read(wav, dtype="float32", always_2d=True)
     assert sr == 32000 and data.shape == (48000, 1) and sf.info(wav).subtype == "PCM_16"
-    assert abs(np.abs(data).max() - 10 ** (-1 / 20)) < 1e-3  # peak-normalised to -1 dBFS, no clipping
+    # peak-normalised to -1 dBFS, no clipping
+    assert abs(np.abs(data).max() - 10 ** (-1 / 20)) < 1e-3
     entry = _manifest(out)["files"][0]
     assert entry["file"] == wav.name and entry["prompt"] == SEED_PROMPT and entry["seed"] == 0
     s = entry["settings"]
-    assert (s["duration"], s["guidance_scale"], s["top_k"], s["temperature"], s["lora_scale"], s["merge"]) == \
+    assert (s["duration"], s["guidance_scale"], s["top_k"], s["temperature"], s["lora_scale"],
+            s["merge"]) == \
         (1.5, 3.0, 250, 1.0, 1.0, True)
     assert entry["model"]["name_or_path"] == str(tiny_model_dir) and len(entry["model"]["identity"]) == 16
     weights = (proj / "output" / "best_model" / "adapter_model.safetensors").read_bytes()
@@ -331,9 +345,10 @@ def test_seed_command_from_inside_lora_writes_wav_and_manifest(tiny_model_dir, a
 def test_seed_command_as_a_subprocess_from_lora(tiny_model_dir, adapter_dir, tmp_path):
     out = tmp_path / "gen"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "inference_lora.py", "--base_model_path", str(tiny_model_dir), "--lora_model_path",
-           os.path.relpath(adapter_dir, ROOT / "lora"), "--prompts", SEED_PROMPT, "--output_dir", str(out),
-           "--duration", "0.5"]
+    cmd = [sys.executable, "inference_lora.py", "--base_model_path", str(tiny_model_dir),
+           "--lora_model_path",
+           os.path.relpath(adapter_dir, ROOT / "lora"), "--prompts", SEED_PROMPT, "--output_dir",
+           str(out), "--duration", "0.5"]
     p = subprocess.run(cmd, cwd=ROOT / "lora", env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "real-time factor" in p.stdout
@@ -343,7 +358,8 @@ def test_seed_command_as_a_subprocess_from_lora(tiny_model_dir, adapter_dir, tmp
 def test_merge_flag_gives_the_same_audio_as_unmerged(tiny_model_dir, adapter_dir, tmp_path):
     common = ["--model_path", tiny_model_dir, "--lora_model_path", adapter_dir, "--prompts", "lofi piano",
               "--duration", "1", "--seed", "7", "--output_format", "float", "--normalize", "false",
-              "--dtype", "float32"]  # merging is exact in fp32 (in bf16 W + BA is rounded once more)
+              # merging is exact in fp32 (in bf16 W + BA is rounded once more)
+              "--dtype", "float32"]
     assert _run(common + ["--merge", "--output_dir", tmp_path / "m"]) == 0
     assert _run(common + ["--merge", "false", "--output_dir", tmp_path / "u"]) == 0
     a, _ = sf.read(tmp_path / "m" / "lofi-piano_s7.wav", dtype="float32")
@@ -356,8 +372,8 @@ def test_merge_flag_gives_the_same_audio_as_unmerged(tiny_model_dir, adapter_dir
 
 
 def test_duration_60_writes_a_60_second_file(tiny_model_dir, tmp_path):
-    assert _run(["--model_path", tiny_model_dir, "--lora_model_path", "none", "--prompts", "long ambient pad",
-                 "--duration", "60", "--output_dir", tmp_path]) == 0
+    assert _run(["--model_path", tiny_model_dir, "--lora_model_path", "none", "--prompts",
+                 "long ambient pad", "--duration", "60", "--output_dir", tmp_path]) == 0
     info = sf.info(tmp_path / "long-ambient-pad_s0.wav")
     assert info.samplerate == 32000 and info.frames == 60 * 32000
     entry = _manifest(tmp_path)["files"][0]
@@ -369,17 +385,19 @@ def test_many_prompts_samples_prompts_file_and_stereo(tiny_stereo_model_dir, tmp
     pf.write_text('{"text": "bright synth arpeggio", "duration": 0.5, "seed": 40, "num_samples": 2}\n'
                   '"lofi 中文 piano / é?!"\n', encoding="utf-8")
     out = tmp_path / "out"
-    assert _run(["--model_path", tiny_stereo_model_dir, "--lora_model_path", "none", "--prompts", "dark techno",
+    assert _run(["--model_path", tiny_stereo_model_dir, "--lora_model_path", "none", "--prompts",
+                 "dark techno",
                  "--prompts_file", pf, "--duration", "0.7", "--num_samples", "1", "--batch_size", "2",
                  "--output_dir", out]) == 0
     files = {e["file"]: e for e in _manifest(out)["files"]}
-    assert set(files) == {"dark-techno_s0.wav", "bright-synth-arpeggio_s40.wav", "bright-synth-arpeggio_s41.wav",
-                          "lofi-中文-piano-é_s0.wav"}
+    assert set(files) == {"dark-techno_s0.wav", "bright-synth-arpeggio_s40.wav",
+                          "bright-synth-arpeggio_s41.wav", "lofi-中文-piano-é_s0.wav"}
     for name, e in files.items():
         info = sf.info(out / name)
         assert info.channels == 2 and e["channels"] == 2
         assert info.frames == round(e["settings"]["duration"] * 32000)
-    assert files["bright-synth-arpeggio_s40.wav"]["tokens_sha1"] != files["bright-synth-arpeggio_s41.wav"]["tokens_sha1"]
+    a, b = files["bright-synth-arpeggio_s40.wav"], files["bright-synth-arpeggio_s41.wav"]
+    assert a["tokens_sha1"] != b["tokens_sha1"]
 
 
 def test_slugs_are_safe_and_short():
@@ -396,7 +414,8 @@ def test_slugs_are_safe_and_short():
 
 
 def test_unconditional_generation_needs_the_flag(tiny_model_dir, tmp_path):
-    base = ["--model_path", tiny_model_dir, "--lora_model_path", "none", "--output_dir", tmp_path, "--duration", "0.5"]
+    base = ["--model_path", tiny_model_dir, "--lora_model_path", "none", "--output_dir", tmp_path,
+            "--duration", "0.5"]
     with pytest.raises(ConfigError, match="No prompt given"):
         _run(base)
     with pytest.raises(ConfigError, match="empty"):
@@ -437,7 +456,8 @@ def test_prompts_file_errors_name_the_line_and_key(tmp_path, tiny_model_dir):
 
 
 def test_adapter_problems_are_named(tiny_model_dir, adapter_dir, tmp_path):
-    base = ["--model_path", tiny_model_dir, "--prompts", "x", "--duration", "0.5", "--output_dir", tmp_path / "o"]
+    base = ["--model_path", tiny_model_dir, "--prompts", "x", "--duration", "0.5", "--output_dir",
+            tmp_path / "o"]
     empty = tmp_path / "empty_adapter"
     empty.mkdir()
     with pytest.raises(UserError, match="missing adapter_config.json, adapter_model.safetensors"):
@@ -453,7 +473,8 @@ def test_adapter_problems_are_named(tiny_model_dir, adapter_dir, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_missing_default_adapter_falls_back_to_the_base_model(tiny_model_dir, tmp_path, monkeypatch, caplog):
+def test_missing_default_adapter_falls_back_to_the_base_model(tiny_model_dir, tmp_path, monkeypatch,
+                                                              caplog):
     from lora import config
 
     monkeypatch.setattr(config, "REPO_ROOT", tmp_path / "repo")
@@ -469,14 +490,14 @@ def test_nan_output_is_an_error_not_a_file(tiny_model_dir, tmp_path):
     bad = _make_adapter(tiny_model_dir, tmp_path / "nan_adapter", fill=float("nan"))
     out = tmp_path / "out"
     with pytest.raises(UserError, match="NaN"):
-        _run(["--model_path", tiny_model_dir, "--lora_model_path", bad, "--prompts", "x", "--duration", "0.5",
-              "--output_dir", out])
+        _run(["--model_path", tiny_model_dir, "--lora_model_path", bad, "--prompts", "x",
+              "--duration", "0.5", "--output_dir", out])
     assert not out.exists() or not any(out.iterdir())
 
 
 def test_existing_files_are_not_overwritten_without_flag(tiny_model_dir, tmp_path):
-    base = ["--model_path", tiny_model_dir, "--lora_model_path", "none", "--duration", "0.5", "--output_dir",
-            tmp_path]
+    base = ["--model_path", tiny_model_dir, "--lora_model_path", "none", "--duration", "0.5",
+            "--output_dir", tmp_path]
     assert _run(base + ["--prompts", "lofi piano"]) == 0
     first, _ = sf.read(tmp_path / "lofi-piano_s0.wav", dtype="float32")
     with pytest.raises(UserError, match="already exist.*lofi-piano_s0.wav.*--overwrite"):
@@ -487,14 +508,16 @@ def test_existing_files_are_not_overwritten_without_flag(tiny_model_dir, tmp_pat
     assert _run(base + ["--prompts", "dark techno", "lofi piano", "--overwrite", "--seed", "0"]) == 0
     again, _ = sf.read(tmp_path / "lofi-piano_s0.wav", dtype="float32")
     np.testing.assert_allclose(again, first, atol=1.5 / 32768)  # same seed, same music
-    assert {e["file"] for e in _manifest(tmp_path)["files"]} == {"lofi-piano_s0.wav", "dark-techno_s0.wav"}
+    assert {e["file"] for e in _manifest(tmp_path)["files"]} == {"lofi-piano_s0.wav",
+                                                                 "dark-techno_s0.wav"}
 
 
 def test_reduced_precision_keeps_codec_and_text_encoder_in_fp32(tiny_model_dir, adapter_dir):
-    from lora.modeling import musicgen
     from lora.generation.model import load_generation_model
+    from lora.modeling import musicgen
 
-    bundle = load_generation_model(_cfg(tiny_model_dir, dtype="bfloat16", merge=False), adapter_path=adapter_dir)
+    bundle = load_generation_model(_cfg(tiny_model_dir, dtype="bfloat16", merge=False),
+                                   adapter_path=adapter_dir)
     base = musicgen.get_base(bundle[0])
     assert next(base.decoder.parameters()).dtype == torch.bfloat16
     assert next(base.audio_encoder.parameters()).dtype == torch.float32
@@ -513,9 +536,11 @@ def test_prompts_files_txt_json_jsonl(tmp_path):
     jl = tmp_path / "p.jsonl"
     jl.write_text('{"text": "c", "seed": 3, "num_samples": 2, "temperature": 0.8, "top_k": 100}\n')
     problems = []
-    assert [e for _, e in read_prompts_file(txt, problems)] == [{"text": "lofi piano"}, {"text": "dark techno"}]
+    assert [e for _, e in read_prompts_file(txt, problems)] == [{"text": "lofi piano"},
+                                                                {"text": "dark techno"}]
     assert [e for _, e in read_prompts_file(js, problems)] == [{"text": "a"},
-                                                               {"text": "b", "top_p": 0.9, "guidance_scale": 4.0}]
+                                                               {"text": "b", "top_p": 0.9,
+                                                                "guidance_scale": 4.0}]
     assert [e for _, e in read_prompts_file(jl, problems)] == [
         {"text": "c", "seed": 3, "num_samples": 2, "temperature": 0.8, "top_k": 100}]
     assert problems == []
@@ -536,13 +561,15 @@ def test_audio_prompt_continuation_from_the_command_line(tiny_model_dir, tmp_pat
 
 
 def test_one_prompt_file_reader_for_inference_and_evaluation(tmp_path):
-    """inference_lora and evaluate read prompts files the same way: UTF-8 with or without a byte-order mark,
-    'text' / 'prompt' / 'caption' as the prompt's key, every problem collected and named."""
-    from lora.generation.prompts import read_prompt_texts, read_prompts_file
+    """inference_lora and evaluate read prompts files the same way: UTF-8 with or without a
+    byte-order mark, 'text' / 'prompt' / 'caption' as the prompt's key, every problem collected and
+    named."""
     from lora.common.cli import UserError
+    from lora.generation.prompts import read_prompt_texts, read_prompts_file
 
     pf = tmp_path / "p.jsonl"
-    pf.write_text('\ufeff{"caption": "lofi piano", "seed": 3}\n{"prompt": "dark techno"}\n', encoding="utf-8")
+    pf.write_text('\ufeff{"caption": "lofi piano", "seed": 3}\n{"prompt": "dark techno"}\n',
+                  encoding="utf-8")
     problems: list[str] = []
     assert [e for _, e in read_prompts_file(pf, problems)] == [{"text": "lofi piano", "seed": 3},
                                                               {"text": "dark techno"}]

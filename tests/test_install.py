@@ -1,5 +1,6 @@
-"""install.sh's torch step, without installing anything (--check): which torch it keeps and where, and the warning
-before a second torch would go next to a CUDA torch of the box's own python that the environment does not see."""
+"""install.sh's torch step, without installing anything (--check): which torch it keeps and where,
+and the warning before a second torch would go next to a CUDA torch of the box's own python that the
+environment does not see."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def _check(python: str, tmp_path: Path, **env) -> subprocess.CompletedProcess:
     e = {k: v for k, v in os.environ.items() if k not in ("CONDA_PYTHON_EXE", "TORCH_INDEX_URL")}
     e.update(PYTHON=python, VIRTUAL_ENV=str(Path(python).parent.parent), **env)
-    return subprocess.run(["bash", str(ROOT / "install.sh"), "--check"], cwd=tmp_path, env=e, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(["bash", str(ROOT / "install.sh"), "--check"], cwd=tmp_path, env=e,
+                          capture_output=True, text=True, timeout=120)
 
 
 def test_check_names_the_torch_it_keeps(tmp_path):
@@ -29,9 +30,10 @@ def test_check_names_the_torch_it_keeps(tmp_path):
 
 
 def test_warns_before_a_second_torch_next_to_the_box_cuda_torch(tmp_path):
-    """An empty venv on a rented box whose conda python has a CUDA torch: install.sh says so, with the fix, before
-    it would install torch into the venv."""
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "venv")], check=True, timeout=120)
+    """An empty venv on a rented box whose conda python has a CUDA torch: install.sh says so, with
+    the fix, before it would install torch into the venv."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "venv")],
+                   check=True, timeout=120)
     fake = tmp_path / "box" / "site" / "torch"
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text('__version__ = "2.5.1+cu124"\nclass version:\n    cuda = "12.4"\n')

@@ -1,7 +1,8 @@
-"""The shape of lora/: scripts at the top, the library in one package per pipeline stage, each importing only the
-stages its ``__init__`` declares; short functions and modules, no import cycle, MusicGen's internals in the family
-modules, no script imported by the library. Everything here is read from the folders and the source (ast), so it
-holds for every file, including ones added later."""
+"""The shape of lora/: scripts at the top, the library in one package per pipeline stage, each
+importing only the stages its ``__init__`` declares; short functions and modules, no import cycle,
+MusicGen's internals in the family modules, no script imported by the library. Everything here is
+read from the folders and the source (ast), so it holds for every file, including ones added
+later."""
 
 from __future__ import annotations
 
@@ -15,11 +16,13 @@ BENCH = ROOT / "bench"
 TESTS = ROOT / "tests"
 MAX_FUNCTION_LINES = 100
 MAX_MODULE_LINES = 600
-# The two modules the user's plan names beside its scripts, and the one bootstrap for running a script uninstalled.
+# The two modules the user's plan names beside its scripts, and the one bootstrap for running a
+# script uninstalled.
 PLAN_MODULES = {"config", "dataset"}
 BOOTSTRAP = "_bootstrap"
 # Names of MusicGen's internals that only the model family modules may spell out.
-INTERNALS = ("enc_to_dec_proj", ".decoder.model.decoder", "encoder_outputs=", "audio_encoder.", "text_encoder(")
+INTERNALS = ("enc_to_dec_proj", ".decoder.model.decoder", "encoder_outputs=", "audio_encoder.",
+             "text_encoder(")
 
 
 def _name(path: Path) -> str:
@@ -38,7 +41,8 @@ def _defines_main(tree: ast.Module) -> bool:
 
 def _scripts() -> set[str]:
     """The scripts: the modules at the top of lora/ that define main()."""
-    return {_name(p) for p in LORA.glob("*.py") if _defines_main(ast.parse(p.read_text(encoding="utf-8")))}
+    return {_name(p) for p in LORA.glob("*.py")
+            if _defines_main(ast.parse(p.read_text(encoding="utf-8")))}
 
 
 def _packages() -> list[Path]:
@@ -46,8 +50,8 @@ def _packages() -> list[Path]:
 
 
 def _imports(tree: ast.AST, me: str) -> list[tuple[ast.stmt, str]]:
-    """(node, lora module) for every import of this package anywhere in a tree; ``from lora import x`` names
-    lora.x, and a relative import is resolved against ``me``."""
+    """(node, lora module) for every import of this package anywhere in a tree; ``from lora import
+    x`` names lora.x, and a relative import is resolved against ``me``."""
     out = []
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
@@ -80,10 +84,11 @@ def _declared_imports(doc: str) -> set[str]:
 def test_top_of_lora_holds_the_scripts_and_the_plans_modules_only():
     top = {p.stem for p in LORA.glob("*.py")} - {"__init__"}
     others = top - {s.split('.')[1] for s in _scripts()} - PLAN_MODULES - {BOOTSTRAP}
-    assert not others, (f"lora/ holds {sorted(others)}, which are neither scripts (a main()) nor the plan's "
-                        f"config.py / dataset.py: move library code into the package of its stage")
-    assert {"train_lora", "prepare_data", "inference_lora", "evaluate", "test_dataset", "test_model", "export_model",
-            "app"} <= {s.split(".")[1] for s in _scripts()}
+    assert not others, (f"lora/ holds {sorted(others)}, which are neither scripts (a main()) nor "
+                        f"the plan's config.py / dataset.py: move library code into the package of "
+                        f"its stage")
+    assert {"train_lora", "prepare_data", "inference_lora", "evaluate", "test_dataset",
+            "test_model", "export_model", "app"} <= {s.split(".")[1] for s in _scripts()}
 
 
 def test_every_package_says_what_it_owns_and_what_it_may_import():
@@ -97,13 +102,14 @@ def test_every_package_says_what_it_owns_and_what_it_may_import():
 
 
 def test_each_stage_imports_only_what_it_declares():
-    """A package imports only the stages its __init__ lists; config.py and dataset.py only the ones their own
-    docstrings list; the scripts (on top) anything but another script."""
+    """A package imports only the stages its __init__ lists; config.py and dataset.py only the ones
+    their own docstrings list; the scripts (on top) anything but another script."""
     trees = _library()
     declared = {}
     for name, tree in trees.items():
         parts = name.split(".")
-        if len(parts) == 2 and (LORA / parts[1]).is_dir() or (len(parts) == 2 and parts[1] in PLAN_MODULES):
+        if len(parts) == 2 and (LORA / parts[1]).is_dir() or (len(parts) == 2
+                                                              and parts[1] in PLAN_MODULES):
             declared[name] = _declared_imports(ast.get_docstring(tree))
     bad = []
     for name, tree in trees.items():
@@ -113,7 +119,8 @@ def test_each_stage_imports_only_what_it_declares():
         for node, mod in _imports(tree, name):
             target = _stage(mod)
             if target != _stage(name) and target not in rules:
-                bad.append(f"{name}:{node.lineno} imports {mod} ({_stage(name)} may import {sorted(rules)})")
+                bad.append(f"{name}:{node.lineno} imports {mod} ({_stage(name)} may import "
+                           f"{sorted(rules)})")
     assert not bad, "imports across stages that the stage does not declare:\n" + "\n".join(bad)
 
 
@@ -165,7 +172,8 @@ def test_no_import_cycle_and_library_imports_at_the_top():
 
 
 def _family_files() -> set[Path]:
-    """The model family modules (lora.modeling.loading.FAMILIES), and the modules only they import."""
+    """The model family modules (lora.modeling.loading.FAMILIES), and the modules only they
+    import."""
     from lora.modeling.loading import FAMILIES
 
     family = {_name(Path(m.__file__)) for m in FAMILIES.values()}
@@ -180,15 +188,17 @@ def _family_files() -> set[Path]:
 
 def test_musicgen_internals_only_in_the_family_modules():
     family = _family_files()
-    assert any(p.name == "fast_decode.py" for p in family)  # the family's decoding step is found as its own
+    # the family's decoding step is found as its own
+    assert any(p.name == "fast_decode.py" for p in family)
     found = []
     for path in sorted([*LORA.rglob("*.py"), *BENCH.glob("*.py")]):
         if path in family:
             continue
         for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            found += [f"{path.relative_to(ROOT)}:{i}: {w!r}: {line.strip()}" for w in INTERNALS if w in line]
-    assert not found, ("MusicGen's internals belong in the family modules of lora/modeling (reach them through "
-                       "lora.modeling.loading.family_for(...)):\n" + "\n".join(found))
+            found += [f"{path.relative_to(ROOT)}:{i}: {w!r}: {line.strip()}" for w in INTERNALS
+                      if w in line]
+    assert not found, ("MusicGen's internals belong in the family modules of lora/modeling (reach "
+                       "them through lora.modeling.loading.family_for(...)):\n" + "\n".join(found))
 
 
 def test_bench_takes_only_main_from_a_script():
@@ -206,22 +216,24 @@ def test_bench_takes_only_main_from_a_script():
             if node.module == "lora":  # `from lora import train_lora`: only .main may be used
                 aliases |= {a.asname or a.name: mod for a in node.names if f"lora.{a.name}" == mod}
         for node in ast.walk(tree):
-            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases \
+            if isinstance(node, ast.Attribute) and isinstance(node.value,
+                                                              ast.Name) and node.value.id in aliases \
                     and node.attr != "main":
                 bad.append(f"bench/{path.name}:{node.lineno} uses {node.value.id}.{node.attr}")
     assert not bad, "bench/ may run a script's main() but take nothing else from it:\n" + "\n".join(bad)
 
 
 def test_a_family_module_provides_what_the_toolkit_calls():
-    """Every fam.<name> the toolkit calls through family_for exists in each registered family module, so a new
-    family (a sibling module) knows the interface it must provide."""
+    """Every fam.<name> the toolkit calls through family_for exists in each registered family
+    module, so a new family (a sibling module) knows the interface it must provide."""
     from lora.modeling.loading import FAMILIES
 
     used = set()
     for path in [*LORA.rglob("*.py"), *BENCH.glob("*.py")]:
         used |= set(re.findall(r"\bfam\.([A-Za-z_]\w*)", path.read_text(encoding="utf-8")))
     assert len(used) > 20  # the scan found the calls
-    # What only melody-conditioned families provide (the toolkit calls it where ``fam.MELODY`` is true).
+    # What only melody-conditioned families provide (the toolkit calls it where ``fam.MELODY`` is
+    # true).
     melody_only = {n for m in FAMILIES.values() if m.MELODY for n in m.MELODY_INTERFACE}
     for model_type, module in FAMILIES.items():
         need = used if module.MELODY else used - melody_only
@@ -230,8 +242,9 @@ def test_a_family_module_provides_what_the_toolkit_calls():
 
 
 def test_tests_mirror_the_packages_and_a_bare_pytest_collects_tests_only():
-    """tests/<package>/ for each package of lora/ (and no other folder); pytest's testpaths is tests/, so the
-    diagnostics lora/test_dataset.py and lora/test_model.py are never collected by a bare `pytest`."""
+    """tests/<package>/ for each package of lora/ (and no other folder); pytest's testpaths is
+    tests/, so the diagnostics lora/test_dataset.py and lora/test_model.py are never collected by a
+    bare `pytest`."""
     packages = {p.name for p in _packages()}
     folders = {p.name for p in TESTS.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))}
     assert folders - packages == set(), f"tests/ folders that mirror no package: {sorted(folders - packages)}"

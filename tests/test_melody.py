@@ -1,6 +1,7 @@
-"""MusicGen-Melody as a second model family (lora.modeling.musicgen_melody, lora.modeling.chroma), checked against transformers'
-own MusicgenMelodyForConditionalGeneration on tiny random melody models (mono and stereo): the chroma, the
-conditioning prefix, the training loss, the null condition and greedy generation."""
+"""MusicGen-Melody as a second model family (lora.modeling.musicgen_melody, lora.modeling.chroma),
+checked against transformers' own MusicgenMelodyForConditionalGeneration on tiny random melody
+models (mono and stereo): the chroma, the conditioning prefix, the training loss, the null condition
+and greedy generation."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ def melody(request, tmp_path_factory):
     from lora.modeling import musicgen_melody as M
     from lora.modeling.tiny_model import ensure_tiny_model
 
-    d = ensure_tiny_model(tmp_path_factory.mktemp("tiny_melody") / request.param, stereo=request.param == "stereo",
-                          melody=True)
+    d = ensure_tiny_model(tmp_path_factory.mktemp("tiny_melody") / request.param,
+                          stereo=request.param == "stereo", melody=True)
     model = M.from_pretrained(str(d), "sdpa").eval()
     return model, M.load_processor(str(d)), M.model_info(model, str(d), "test")
 
@@ -31,7 +32,8 @@ def _melody_chroma(seconds=3.0):
     """A tune: A, then C, then E (one pitch class per second)."""
     from lora.modeling import chroma as C
 
-    wav = np.concatenate([_tone([440.0], seconds / 3), _tone([261.63], seconds / 3), _tone([329.63], seconds / 3)])
+    wav = np.concatenate([_tone([440.0], seconds / 3), _tone([261.63], seconds / 3),
+                          _tone([329.63], seconds / 3)])
     return C.chroma(wav, SR)
 
 
@@ -51,14 +53,17 @@ def test_chroma_follows_a_tune_and_is_cut_at_30_seconds():
     from lora.modeling import chroma as C
 
     names = C.dominant_pitch_classes(_melody_chroma(6.0))
-    # 7.8125 frames/s, 2 s per note: frames well inside each note carry it (window edges may mix two notes)
+    # 7.8125 frames/s, 2 s per note: frames well inside each note carry it (window edges may mix two
+    # notes)
     assert names[2:14] == ["A"] * 12 and names[18:29] == ["C"] * 11 and names[34:45] == ["E"] * 11
-    assert C.chroma(_tone([440.0], 31.0), SR).shape[0] == 235  # chroma_length of the released models
+    # chroma_length of the released models
+    assert C.chroma(_tone([440.0], 31.0), SR).shape[0] == 235
 
 
 def test_chroma_equals_an_independent_librosa_computation():
-    """librosa's STFT (centred, reflect padding, periodic Hann) and librosa's own chroma filter bank, then the
-    argmax: the same frames as lora.modeling.chroma (which uses torch.stft and transformers' port of the bank)."""
+    """librosa's STFT (centred, reflect padding, periodic Hann) and librosa's own chroma filter
+    bank, then the argmax: the same frames as lora.modeling.chroma (which uses torch.stft and
+    transformers' port of the bank)."""
     librosa = pytest.importorskip("librosa")
     from lora.modeling import chroma as C
 
@@ -70,9 +75,10 @@ def test_chroma_equals_an_independent_librosa_computation():
     expected = (bank @ spec).T
     raw = C.raw_chroma(wav, SR).double().numpy()
     assert raw.shape == expected.shape == (C.frames(5 * SR), 12)
-    # energies frame by frame, each frame scaled by its max (the extractor's normalisation), then the one-hot
-    np.testing.assert_allclose(raw / raw.max(axis=1, keepdims=True), expected / expected.max(axis=1, keepdims=True),
-                               rtol=1e-4, atol=1e-6)
+    # energies frame by frame, each frame scaled by its max (the extractor's normalisation), then
+    # the one-hot
+    np.testing.assert_allclose(raw / raw.max(axis=1, keepdims=True), expected
+                               / expected.max(axis=1, keepdims=True), rtol=1e-4, atol=1e-6)
     assert np.array_equal(C.chroma(wav, SR).argmax(dim=-1).numpy(), expected.argmax(axis=1))
 
 
@@ -114,22 +120,24 @@ def test_loss_equals_transformers_melody_forward_with_labels(melody):
     ch = _melody_chroma()
     chroma = torch.stack([ch, torch.roll(ch, 3, dims=-1)])
     logits, labels, loss = _ours(model, info, codes, lengths, hidden, mask, chroma)
-    ref = model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"], input_features=chroma,
-                labels=labels)
-    assert logits.shape == ref.logits.shape  # (B*K, chroma_length + L + S, V): prefix positions included
+    ref = model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
+                input_features=chroma, labels=labels)
+    # (B*K, chroma_length + L + S, V): prefix positions included
+    assert logits.shape == ref.logits.shape
     assert torch.equal(logits, ref.logits)
     assert float(loss.loss) == pytest.approx(float(ref.loss), rel=1e-6, abs=1e-6)
 
 
 def test_the_melody_reaches_the_model_and_its_frames_are_in_order(melody):
-    """The equality above must break when the prefix is wrong: no chroma (the null melody), or the tune shifted by
-    one frame (a random tiny decoder moves the loss little, so the logits are compared)."""
+    """The equality above must break when the prefix is wrong: no chroma (the null melody), or the
+    tune shifted by one frame (a random tiny decoder moves the loss little, so the logits are
+    compared)."""
     model, processor, info = melody
     hidden, mask, codes, lengths, tokens = _batch(model, processor, info, texts=("piano chords",))
     chroma = _melody_chroma()[None]
     logits, labels, _ = _ours(model, info, codes, lengths, hidden, mask, chroma)
-    ref = model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"], input_features=chroma,
-                labels=labels).logits
+    ref = model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
+                input_features=chroma, labels=labels).logits
     assert torch.equal(logits, ref)
     for wrong in (None, torch.roll(chroma, 1, dims=1)):
         other, _, _ = _ours(model, info, codes, lengths, hidden, mask, wrong)
@@ -137,7 +145,8 @@ def test_the_melody_reaches_the_model_and_its_frames_are_in_order(melody):
 
 
 def test_no_melody_is_transformers_null_melody(melody):
-    """Without input_features transformers conditions on a one-hot of bin 0: ours with chroma None is that."""
+    """Without input_features transformers conditions on a one-hot of bin 0: ours with chroma None
+    is that."""
     model, processor, info = melody
     hidden, mask, codes, lengths, tokens = _batch(model, processor, info)
     logits, labels, _ = _ours(model, info, codes, lengths, hidden, mask, None)
@@ -146,8 +155,8 @@ def test_no_melody_is_transformers_null_melody(melody):
 
 
 def test_dropped_condition_is_generate_null(melody):
-    """Conditioning dropout gives, row by row, what generate's unconditional half is: zero text of the same
-    length and the bin-0 melody; melody dropout alone keeps the text."""
+    """Conditioning dropout gives, row by row, what generate's unconditional half is: zero text of
+    the same length and the bin-0 melody; melody dropout alone keeps the text."""
     from lora.modeling import musicgen_melody as M
 
     model, processor, info = melody
@@ -159,11 +168,16 @@ def test_dropped_condition_is_generate_null(melody):
     got = M.prefix(model, h, m, c)
     unconditional = M.prefix(model, uh, um, M.with_unconditional_melody(chroma))
     n = info.chroma_length
-    assert torch.equal(got[0], unconditional[2])            # row 0 dropped: exactly generate's null row
-    assert torch.equal(got[1, n:], M.prefix(model, hidden, mask, chroma)[1, n:])  # row 1 keeps its text
-    assert torch.equal(got[1, :n], M.prefix(model, hidden, mask, None)[1, :n])    # and gets the null melody
-    one = M.dropped_text(hidden[0], mask[0])                 # the dataset's per-clip form of the same null
-    assert torch.equal(M.prefix(model, one[0][None], one[1][None], M.null_like(chroma[:1])), unconditional[2:3])
+    # row 0 dropped: exactly generate's null row
+    assert torch.equal(got[0], unconditional[2])
+    # row 1 keeps its text
+    assert torch.equal(got[1, n:], M.prefix(model, hidden, mask, chroma)[1, n:])
+    # and gets the null melody
+    assert torch.equal(got[1, :n], M.prefix(model, hidden, mask, None)[1, :n])
+    # the dataset's per-clip form of the same null
+    one = M.dropped_text(hidden[0], mask[0])
+    assert torch.equal(M.prefix(model, one[0][None], one[1][None], M.null_like(chroma[:1])),
+                       unconditional[2:3])
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,7 +189,8 @@ def _greedy(model, info, hidden, mask, chroma, n_frames: int, guidance: float):
 
     b, K = hidden.shape[0], info.num_codebooks
     start = torch.full((b * K, 1), info.decoder_start_token_id, dtype=torch.long)
-    _, pattern = M.generation_pattern(model, start, info.pad_token_id, n_frames + info.codebooks_per_channel)
+    _, pattern = M.generation_pattern(model, start, info.pad_token_id, n_frames
+                                      + info.codebooks_per_channel)
     h, m, c = hidden, mask, chroma
     if guidance > 1:
         h, m = M.with_unconditional(hidden, mask)
@@ -197,38 +212,42 @@ def _greedy(model, info, hidden, mask, chroma, n_frames: int, guidance: float):
 
 @pytest.mark.parametrize("with_melody", [True, False])
 def test_greedy_tokens_equal_transformers_generate(melody, with_melody, monkeypatch):
-    """Greedy decoding with guidance 3 through the family's functions gives transformers' generate() tokens, with
-    a melody and without (the null melody), mono and stereo. generate() returns audio: its codes are caught where
-    it hands them to EnCodec."""
+    """Greedy decoding with guidance 3 through the family's functions gives transformers' generate()
+    tokens, with a melody and without (the null melody), mono and stereo. generate() returns audio:
+    its codes are caught where it hands them to EnCodec."""
     from lora.modeling import musicgen_melody as M
 
     model, processor, info = melody
     texts = ["techno drums 128 BPM", "piano"]
     hidden, mask = M.encode_text(model, processor, texts)
     tokens = processor(text=texts, padding=True, return_tensors="pt")
-    chroma = torch.stack([_melody_chroma(), torch.roll(_melody_chroma(), 5, dims=-1)]) if with_melody else None
+    chroma = torch.stack([_melody_chroma(),
+                          torch.roll(_melody_chroma(), 5, dims=-1)]) if with_melody else None
     n = 12
     ours = _greedy(model, info, hidden, mask, chroma, n, guidance=3.0)
 
     caught = []
     codec = M.audio_codec(model)
     decode = codec.decode
-    monkeypatch.setattr(codec, "decode", lambda codes, *a, **k: (caught.append(codes[0]), decode(codes, *a, **k))[1])
+    monkeypatch.setattr(codec, "decode", lambda codes, *a,
+                        **k: (caught.append(codes[0]), decode(codes, *a, **k))[1])
     kw = {"input_features": chroma} if with_melody else {}
     steps = n + info.codebooks_per_channel - 1  # the delay pattern's extra steps
     model.generate(**tokens, **kw, do_sample=False, guidance_scale=3.0, max_new_tokens=steps)
-    ref = caught[0] if info.audio_channels == 1 else torch.stack([caught[0], caught[1]], dim=2).flatten(1, 2)
+    ref = caught[0] if info.audio_channels == 1 else torch.stack([caught[0], caught[1]],
+                                                                 dim=2).flatten(1, 2)
     assert ours.shape == ref.shape == (2, info.num_codebooks, n)
     assert torch.equal(ours, ref)
 
 
 def test_a_melody_folder_loads_through_the_same_path_as_musicgen(tmp_path):
-    """load_base_model (from_pretrained on a folder: the path facebook/musicgen-melody takes) picks the melody
-    family from config.json; its processor needs no torchaudio."""
+    """load_base_model (from_pretrained on a folder: the path facebook/musicgen-melody takes) picks
+    the melody family from config.json; its processor needs no torchaudio."""
     from lora.config import ModelConfig
     from lora.modeling.loading import family_for, load_base_model
 
-    model, processor, info = load_base_model(ModelConfig(model_path="tiny-melody", tiny_model_dir=str(tmp_path)))
+    model, processor, info = load_base_model(ModelConfig(model_path="tiny-melody",
+                                                         tiny_model_dir=str(tmp_path)))
     assert type(model).__name__ == "MusicgenMelodyForConditionalGeneration"
     assert info.model_type == "musicgen_melody" and info.chroma_length == 235 and info.num_chroma == 12
     assert family_for(info).MELODY and not family_for("musicgen").MELODY
@@ -242,17 +261,19 @@ def test_a_melody_folder_loads_through_the_same_path_as_musicgen(tmp_path):
 @pytest.fixture(scope="module")
 def melody_run(tmp_path_factory):
     """Example data, the tiny melody model and a short training run on them (fp32, 10 steps)."""
-    from lora import train_lora
-    from lora import prepare_data
+    from lora import prepare_data, train_lora
 
     root = tmp_path_factory.mktemp("melody_run")
     data = root / "data"
     assert prepare_data.main(["--create_example", "--output_dir", str(data), "--example_clips", "16",
                               "--example_seconds", "4"]) == 0
     out = root / "out"
-    rc = train_lora.main(["--model_path", "tiny-melody", "--tiny_model_dir", str(root / "tiny"), "--data_dir",
-                          str(data), "--metadata_file", "metadata.json", "--output_dir", str(out), "--lora_rank",
-                          "12", "--lora_alpha", "24", "--batch_size", "2", "--num_epochs", "5", "--learning_rate",
+    rc = train_lora.main(["--model_path", "tiny-melody", "--tiny_model_dir", str(root / "tiny"),
+                          "--data_dir",
+                          str(data), "--metadata_file", "metadata.json", "--output_dir", str(out),
+                          "--lora_rank",
+                          "12", "--lora_alpha", "24", "--batch_size", "2", "--num_epochs", "5",
+                          "--learning_rate",
                           "0.003", "--mixed_precision", "no", "--eval_steps", "5", "--save_steps", "5"])
     assert rc == 0
     return root, data, out
@@ -264,7 +285,8 @@ def _cached(root, data):
     from lora.dataset import load_metadata
     from lora.modeling.loading import load_base_model
 
-    model, processor, info = load_base_model(ModelConfig(model_path="tiny-melody", tiny_model_dir=str(root / "tiny")))
+    model, processor, info = load_base_model(ModelConfig(model_path="tiny-melody",
+                                                         tiny_model_dir=str(root / "tiny")))
     records = load_metadata(data)
     clips, stats = build_token_cache(records, model, processor, info, data, show_progress=False)
     return model, processor, info, records, clips, stats
@@ -287,9 +309,9 @@ def test_the_cache_holds_each_clip_s_own_chroma(melody_run):
 
 
 def test_a_training_crop_takes_the_chroma_frames_that_cover_it(melody_run):
+    from lora.dataset import CachedTokenDataset
     from lora.modeling import chroma as C
     from lora.modeling import musicgen_melody as M
-    from lora.dataset import CachedTokenDataset
 
     root, data, _ = melody_run
     _, _, info, _, clips, _ = _cached(root, data)
@@ -308,22 +330,24 @@ def test_a_training_crop_takes_the_chroma_frames_that_cover_it(melody_run):
 
 
 def test_dropped_items_carry_generate_s_null_condition(melody_run):
-    from lora.modeling import musicgen_melody as M
     from lora.dataset import CachedTokenDataset, collate_tokens
+    from lora.modeling import musicgen_melody as M
 
     root, data, _ = melody_run
     model, _, info, _, clips, _ = _cached(root, data)
     both = CachedTokenDataset(clips[:8], 200, seed=0, train=True, cond_dropout=0.999, info=info)
-    melody_only = CachedTokenDataset(clips[:8], 200, seed=0, train=True, cond_dropout=0.0, melody_dropout=0.999,
-                                     info=info)
+    melody_only = CachedTokenDataset(clips[:8], 200, seed=0, train=True, cond_dropout=0.0,
+                                     melody_dropout=0.999, info=info)
     kept = CachedTokenDataset(clips[:8], 200, seed=0, train=False, info=info)
     for i in range(8):
         a, b, k = both[i], melody_only[i], kept[i]
         assert a["dropped"] and b["melody_dropped"] and not b["dropped"] and not k["melody_dropped"]
-        assert torch.equal(a["chroma"], M.null_like(k["chroma"])) and torch.equal(b["chroma"], a["chroma"])
+        assert torch.equal(a["chroma"], M.null_like(k["chroma"])) and torch.equal(b["chroma"],
+                                                                                  a["chroma"])
         assert a["hidden"].shape == k["hidden"].shape and not a["hidden"].any() and not a["mask"].any()
         assert torch.equal(b["hidden"], k["hidden"])
-        assert k["hidden"].shape[0] % M.TEXT_PAD_MULTIPLE == 0  # the length generation pads the caption to
+        # the length generation pads the caption to
+        assert k["hidden"].shape[0] % M.TEXT_PAD_MULTIPLE == 0
     batch = collate_tokens([both[0], kept[1]], info.pad_token_id)
     uh, um = M.with_unconditional(batch["hidden"][1:], batch["mask"][1:])
     got = M.prefix(model, batch["hidden"], batch["mask"], batch["chroma"])
@@ -342,7 +366,8 @@ def test_melody_training_learns_and_saves_a_standard_adapter(melody_run):
     val = [r["val_loss"] for r in rows if "val_loss" in r]
     assert len(val) >= 3 and val[-1] < val[0] - 0.05
     cfg = json.loads((out / "best_model" / "adapter_config.json").read_text())
-    assert all("self_attn" in t for t in cfg["target_modules"]) if isinstance(cfg["target_modules"], list) else True
+    assert all("self_attn" in t for t in cfg["target_modules"]) if isinstance(cfg["target_modules"],
+                                                                              list) else True
     base = MusicgenMelodyForConditionalGeneration.from_pretrained(str(root / "tiny" / "mono-melody"))
     model = PeftModel.from_pretrained(base, str(out / "best_model"))
     assert any("lora_A" in n for n, _ in model.named_parameters())
@@ -361,11 +386,10 @@ def test_text_padding_of_training_is_generation_s():
 @pytest.mark.parametrize("decoding", ["static", "transformers"])
 @pytest.mark.parametrize("with_melody", [True, False])
 def test_generate_follows_transformers_greedy_with_the_melody(melody, with_melody, decoding, monkeypatch):
-    """lora.generation.engine.generate (the engine of inference_lora.py) on a melody model: greedy tokens equal
-    transformers' generate() given the same melody and the caption padded to the length ours uses
-    (text_length: in a prefix model the padded length is part of the condition)."""
-    from lora.generation import requests
-    from lora.generation import engine
+    """lora.generation.engine.generate (the engine of inference_lora.py) on a melody model: greedy
+    tokens equal transformers' generate() given the same melody and the caption padded to the length
+    ours uses (text_length: in a prefix model the padded length is part of the condition)."""
+    from lora.generation import engine, requests
     from lora.modeling import musicgen_melody as M
 
     model, processor, info = melody
@@ -380,38 +404,41 @@ def test_generate_follows_transformers_greedy_with_the_melody(melody, with_melod
     caught = []
     codec = M.audio_codec(model)
     decode = codec.decode
-    monkeypatch.setattr(codec, "decode", lambda codes, *a, **k: (caught.append(codes[0]), decode(codes, *a, **k))[1])
-    tokens = processor(text=[req.prompt], padding="max_length", max_length=ours.text_length, return_tensors="pt")
+    monkeypatch.setattr(codec, "decode", lambda codes, *a,
+                        **k: (caught.append(codes[0]), decode(codes, *a, **k))[1])
+    tokens = processor(text=[req.prompt], padding="max_length", max_length=ours.text_length,
+                       return_tensors="pt")
     kw = {"input_features": chroma[None]} if with_melody else {}
     model.generate(**tokens, **kw, do_sample=False, guidance_scale=3.0,
                    max_new_tokens=n + info.codebooks_per_channel - 1)
-    ref = caught[0][0] if info.audio_channels == 1 else torch.stack([caught[0][0], caught[1][0]], 1).flatten(0, 1)
+    ref = caught[0][0] if info.audio_channels == 1 else torch.stack([caught[0][0], caught[1][0]],
+                                                                    1).flatten(0, 1)
     assert torch.equal(ours.codes, ref)
 
 
 def test_a_later_window_follows_the_same_time_in_the_tune(melody):
+    from lora.generation import engine, requests
     from lora.modeling import chroma as C
-    from lora.generation import requests
-    from lora.generation import engine
     from lora.modeling import musicgen_melody as M
 
     _, _, info = melody
     tune = _melody_chroma(6.0)  # A, C, E: 2 s each
     req = requests.Request(prompt="x", seed=0, duration=40.0, melody=tune)
     start = 2 * info.frame_rate  # a window that starts 2 s in
-    got = engine.window_melody(info, [req, requests.Request(prompt="y", seed=1, duration=40.0)], requests.Window(start, 0, 10), 3.0,
+    got = engine.window_melody(info, [req, requests.Request(prompt="y", seed=1, duration=40.0)],
+                               requests.Window(start, 0, 10), 3.0,
                           "cpu")
     first = round(start * 640 / C.HOP)
     assert torch.equal(got[0], M.melody_frames(tune[first:].argmax(-1), info.chroma_length))
     assert C.dominant_pitch_classes(got[0])[2] == "C"  # two seconds in, the tune is on C
-    assert torch.equal(got[1], M.null_like(got[0])) and torch.equal(got[2], M.null_like(got[0]))  # no melody; CFG
+    # no melody; CFG
+    assert torch.equal(got[1], M.null_like(got[0])) and torch.equal(got[2], M.null_like(got[0]))
     past = engine.window_melody(info, [req], requests.Window(60 * info.frame_rate, 0, 10), 1.0, "cpu")
     assert torch.equal(past[0], M.null_like(got[0]))  # after the tune ends: the null melody
 
 
 def test_a_silent_melody_is_refused():
-    from lora.generation import requests
-    from lora.generation import engine
+    from lora.generation import engine, requests
 
     class Info:
         sample_rate = 32000
@@ -443,8 +470,8 @@ def test_inference_follows_a_melody_file_and_records_it(melody_run, tmp_path):
                        + json.dumps({"text": "piano", "seed": 3}) + "\n")
     gen = tmp_path / "gen"
     args = ["--model_path", "tiny-melody", "--tiny_model_dir", str(root / "tiny"), "--lora_model_path",
-            str(out / "best_model"), "--prompts_file", str(prompts), "--duration", "1", "--do_sample", "false",
-            "--output_dir", str(gen)]
+            str(out / "best_model"), "--prompts_file", str(prompts), "--duration", "1",
+            "--do_sample", "false", "--output_dir", str(gen)]
     assert inference_lora.main(args) == 0
     files = json.loads((gen / "manifest.json").read_text())["files"]
     with_tune = next(f for f in files if f["melody"])
@@ -453,13 +480,17 @@ def test_inference_follows_a_melody_file_and_records_it(melody_run, tmp_path):
     assert with_tune["tokens_sha1"] != without["tokens_sha1"]  # the melody changed the music
     # --melody_audio gives every prompt that tune: the same tokens as the prompts file's per-prompt melody
     again = tmp_path / "again"
-    assert inference_lora.main(args[:6] + ["--prompts", "piano", "--seed", "3", "--melody_audio", str(tune),
+    assert inference_lora.main(args[:6]
+                               + ["--prompts", "piano", "--seed", "3", "--melody_audio", str(tune),
                                            "--duration", "1", "--do_sample", "false", "--output_dir",
                                            str(again)]) == 0
-    assert json.loads((again / "manifest.json").read_text())["files"][0]["tokens_sha1"] == with_tune["tokens_sha1"]
+    assert json.loads((again
+                       / "manifest.json").read_text())["files"][0]["tokens_sha1"] == with_tune["tokens_sha1"]
 
 
-@pytest.mark.parametrize("case", ["missing", "unreadable", "silent", "text_model", "melody_adapter_on_text_model"])
+@pytest.mark.parametrize("case",
+                         ["missing", "unreadable", "silent", "text_model",
+                          "melody_adapter_on_text_model"])
 def test_bad_melody_input_is_a_message_and_nothing_is_written(melody_run, tmp_path, tiny_model_dir, case):
     import soundfile as sf
 
@@ -502,14 +533,17 @@ def test_evaluate_compare_reports_likelihood_and_chroma_similarity_with_its_floo
 
     root, data, out = melody_run
     ev = tmp_path / "eval"
-    rc = evaluate.main(["--model_path", "tiny-melody", "--tiny_model_dir", str(root / "tiny"), "--lora_model_path",
-                        str(out / "best_model"), "--data_dir", str(data), "--output_dir", str(ev), "--compare",
-                        "--num_prompts", "2", "--eval_seeds", "1", "--eval_duration", "1.0", "--bootstrap_samples",
-                        "200"])
+    rc = evaluate.main(["--model_path", "tiny-melody", "--tiny_model_dir", str(root / "tiny"),
+                        "--lora_model_path",
+                        str(out / "best_model"), "--data_dir", str(data), "--output_dir", str(ev),
+                        "--compare",
+                        "--num_prompts", "2", "--eval_seeds", "1", "--eval_duration", "1.0",
+                        "--bootstrap_samples", "200"])
     assert rc == 0
     res = json.loads((ev / "results.json").read_text())
     lk = res["likelihood"]
-    assert lk["lora"]["ce"] < lk["base"]["ce"]  # the held-out likelihood (each clip with its own melody) improved
+    # the held-out likelihood (each clip with its own melody) improved
+    assert lk["lora"]["ce"] < lk["base"]["ce"]
     mel = res["generation"]["melody"]
     assert len(mel["sources"]) == 2 and all(p.endswith(".wav") for p in mel["sources"])
     for m in ("base", "lora"):
@@ -527,21 +561,23 @@ def test_chroma_similarity_is_one_for_the_same_tune_and_low_for_another():
 
     a = C.chroma(_tone([440.0], 3.0), SR)
     assert C.cosine_similarity(a, a) == 1.0
-    assert C.cosine_similarity(a, C.chroma(_tone([311.13], 3.0), SR)) == 0.0  # D# vs A: no frame agrees
+    # D# vs A: no frame agrees
+    assert C.cosine_similarity(a, C.chroma(_tone([311.13], 3.0), SR)) == 0.0
     half = torch.cat([a[:12], C.chroma(_tone([311.13], 3.0), SR)[12:]])
     assert C.cosine_similarity(half, a) == pytest.approx(12 / a.shape[0])
 
 
 def test_static_decoder_logits_equal_transformers_forward_with_the_prefix(melody):
-    """The static-cache step (prefill, then one token at a time) gives transformers' logits at every position."""
+    """The static-cache step (prefill, then one token at a time) gives transformers' logits at every
+    position."""
     from lora.modeling import musicgen_melody as M
 
     model, processor, info = melody
     hidden, mask, codes, lengths, tokens = _batch(model, processor, info)
     chroma = torch.stack([_melody_chroma(), torch.roll(_melody_chroma(), 2, dims=-1)])
     dec_in, _ = M.build_delay_pattern(codes, lengths, info)
-    ref = model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"], input_features=chroma,
-                decoder_input_ids=dec_in).logits
+    ref = model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
+                input_features=chroma, decoder_input_ids=dec_in).logits
     S = dec_in.shape[-1]
     static = M.StaticDecoder(M.get_base(model), hidden, mask, rows=2, max_len=S, chroma=chroma)
     got = [static.prefill(dec_in[:, :3])]
@@ -552,8 +588,9 @@ def test_static_decoder_logits_equal_transformers_forward_with_the_prefix(melody
 
 
 def test_a_melody_fine_tune_exports_to_a_plain_melody_model(melody_run, tmp_path):
-    """export_model.py on a melody adapter: a MusicgenMelodyForConditionalGeneration folder that loads in
-    transformers and, as --model_path, generates with a melody the tokens of the merged fine-tune."""
+    """export_model.py on a melody adapter: a MusicgenMelodyForConditionalGeneration folder that
+    loads in transformers and, as --model_path, generates with a melody the tokens of the merged
+    fine-tune."""
     import json
 
     from transformers import MusicgenMelodyForConditionalGeneration
@@ -564,16 +601,18 @@ def test_a_melody_fine_tune_exports_to_a_plain_melody_model(melody_run, tmp_path
     tune = _tune_file(tmp_path / "tune.wav")
     merged = tmp_path / "merged"
     assert export_model.main(["--base_model_path", "tiny-melody", "--tiny_model_dir", str(root / "tiny"),
-                              "--lora_model_path", str(out / "best_model"), "--output_dir", str(merged)]) == 0
+                              "--lora_model_path", str(out / "best_model"), "--output_dir",
+                              str(merged)]) == 0
     assert isinstance(MusicgenMelodyForConditionalGeneration.from_pretrained(str(merged)),
                       MusicgenMelodyForConditionalGeneration)
     assert (merged / "preprocessor_config.json").is_file()
-    common = ["--prompts", "piano", "--melody_audio", str(tune), "--duration", "1", "--do_sample", "false",
-              "--dtype", "float32"]
+    common = ["--prompts", "piano", "--melody_audio", str(tune), "--duration", "1", "--do_sample",
+              "false", "--dtype", "float32"]
     assert inference_lora.main(["--model_path", "tiny-melody", "--tiny_model_dir", str(root / "tiny"),
                                 "--lora_model_path", str(out / "best_model"), *common, "--output_dir",
                                 str(tmp_path / "a")]) == 0
-    assert inference_lora.main(["--model_path", str(merged), "--lora_model_path", "none", *common, "--output_dir",
-                                str(tmp_path / "b")]) == 0
-    sha = [json.loads((tmp_path / d / "manifest.json").read_text())["files"][0]["tokens_sha1"] for d in "ab"]
+    assert inference_lora.main(["--model_path", str(merged), "--lora_model_path", "none", *common,
+                                "--output_dir", str(tmp_path / "b")]) == 0
+    sha = [json.loads((tmp_path / d / "manifest.json").read_text())["files"][0]["tokens_sha1"]
+           for d in "ab"]
     assert sha[0] == sha[1]

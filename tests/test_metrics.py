@@ -1,4 +1,5 @@
-"""Metrics: closed-form checks of FAD/KAD, bootstrap coverage, signal checks, CE against transformers, CLAP path."""
+"""Metrics: closed-form checks of FAD/KAD, bootstrap coverage, signal checks, CE against
+transformers, CLAP path."""
 
 from __future__ import annotations
 
@@ -6,8 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from lora.scoring import metrics
-from lora.scoring import intervals
+from lora.scoring import intervals, metrics
 
 
 # ------------------------------------------------------------------------------------ Fréchet
@@ -39,7 +39,8 @@ def test_fad_identical_sets_is_zero_and_rank_deficient_is_stable():
     rng = np.random.default_rng(2)
     x = rng.normal(size=(500, 16))
     assert metrics.frechet_audio_distance(x, x) == pytest.approx(0.0, abs=1e-8)
-    # fewer samples than dimensions: singular covariances, still finite, non-negative, ~0 for identical sets
+    # fewer samples than dimensions: singular covariances, still finite, non-negative, ~0 for
+    # identical sets
     small = rng.normal(size=(5, 32))
     assert metrics.frechet_audio_distance(small, small) == pytest.approx(0.0, abs=1e-6)
     shifted = metrics.frechet_audio_distance(x, x + 2.0)
@@ -53,8 +54,10 @@ def test_kad_same_distribution_near_zero_shifted_clearly_positive(kernel):
     x, y = rng.normal(size=(400, 8)), rng.normal(size=(400, 8))
     same = metrics.kernel_audio_distance(x, y, kernel=kernel)["value"]
     shifted = metrics.kernel_audio_distance(x + 1.0, y, kernel=kernel)["value"]
-    # Noise of the unbiased estimator: spread of the statistic over independent same-distribution draws.
-    null = [metrics.kernel_audio_distance(rng.normal(size=(400, 8)), rng.normal(size=(400, 8)), kernel=kernel)["value"]
+    # Noise of the unbiased estimator: spread of the statistic over independent same-distribution
+    # draws.
+    null = [metrics.kernel_audio_distance(rng.normal(size=(400, 8)), rng.normal(size=(400, 8)),
+                                          kernel=kernel)["value"]
             for _ in range(5)]
     noise = max(abs(v) for v in null) + 1e-12
     assert abs(same) < 5 * noise
@@ -79,7 +82,8 @@ def test_kad_unbiased_matches_direct_definition():
 def test_paired_bootstrap_covers_known_difference():
     rng = np.random.default_rng(5)
     n = 60
-    base = rng.normal(5.0, 1.0, size=n)  # large between-clip spread: pairing is what makes it detectable
+    # large between-clip spread: pairing is what makes it detectable
+    base = rng.normal(5.0, 1.0, size=n)
     lora = base - 0.3 + rng.normal(0, 0.2, size=n)
     r = intervals.paired_bootstrap_ci(base, lora, n_boot=3000, seed=1)
     assert r["n"] == n and r["n_boot"] == 3000
@@ -98,7 +102,8 @@ def test_paired_bootstrap_coverage_rate_and_weights():
         other = base + 0.1 + rng.normal(0, 0.5, size=25)
         r = intervals.paired_bootstrap_ci(base, other, n_boot=400, seed=i)
         hits += r["ci_low"] <= 0.1 <= r["ci_high"]
-    assert 0.85 <= hits / reps <= 0.99  # nominal 95 % (percentile bootstrap is a bit narrow at n=25)
+    # nominal 95 % (percentile bootstrap is a bit narrow at n=25)
+    assert 0.85 <= hits / reps <= 0.99
     # weighted: the estimate is the token-weighted mean difference
     w = np.array([1, 3, 6.0])
     r = intervals.paired_bootstrap_ci([1, 1, 1], [2, 1, 0], weights=w, n_boot=100)
@@ -108,28 +113,32 @@ def test_paired_bootstrap_coverage_rate_and_weights():
 
 
 def test_cluster_bootstrap_widens_by_sqrt_clips_per_recording_and_covers():
-    """Clips cut from one recording share that recording's effect on the difference. Resampling clips treats 120
-    correlated clips as independent: the interval is too narrow by ~sqrt(4) and misses the true difference far
-    more often than 5 %. Resampling recordings (the cluster bootstrap) is wider by ~sqrt(clips per recording) and
-    covers at about the nominal rate."""
+    """Clips cut from one recording share that recording's effect on the difference. Resampling
+    clips treats 120 correlated clips as independent: the interval is too narrow by ~sqrt(4) and
+    misses the true difference far more often than 5 %. Resampling recordings (the cluster
+    bootstrap) is wider by ~sqrt(clips per recording) and covers at about the nominal rate."""
     rng = np.random.default_rng(7)
     n_rec, per_rec, true_diff, reps = 30, 4, -0.2, 200
     recording = np.repeat(np.arange(n_rec), per_rec)
     ratios, hits_cluster, hits_clip = [], 0, 0
     for i in range(reps):
         base = rng.normal(5.0, 1.0, size=n_rec * per_rec)
-        effect = np.repeat(rng.normal(0.0, 0.5, size=n_rec), per_rec)  # the recording's own difference
+        # the recording's own difference
+        effect = np.repeat(rng.normal(0.0, 0.5, size=n_rec), per_rec)
         other = base + true_diff + effect + rng.normal(0.0, 0.05, size=base.size)
         tokens = rng.integers(100, 200, size=base.size)
-        c = intervals.paired_bootstrap_ci(base, other, tokens, clusters=[f"song{r}" for r in recording], n_boot=500, seed=i)
+        c = intervals.paired_bootstrap_ci(base, other, tokens,
+                                          clusters=[f"song{r}" for r in recording], n_boot=500, seed=i)
         p = intervals.paired_bootstrap_ci(base, other, tokens, n_boot=500, seed=i)
         assert c["n"] == p["n"] == 120 and c["n_clusters"] == 30 and p["n_clusters"] == 120
-        assert c["diff"] == pytest.approx(p["diff"])  # the token-weighted estimate is the same; only its spread
+        # the token-weighted estimate is the same; only its spread
+        assert c["diff"] == pytest.approx(p["diff"])
         ratios.append((c["ci_high"] - c["ci_low"]) / (p["ci_high"] - p["ci_low"]))
         hits_cluster += c["ci_low"] <= true_diff <= c["ci_high"]
         hits_clip += p["ci_low"] <= true_diff <= p["ci_high"]
     assert np.median(ratios) == pytest.approx(np.sqrt(per_rec), rel=0.15)
-    assert 0.88 <= hits_cluster / reps <= 0.99  # nominal 95 % (percentile bootstrap: a bit narrow at 30 recordings)
+    # nominal 95 % (percentile bootstrap: a bit narrow at 30 recordings)
+    assert 0.88 <= hits_cluster / reps <= 0.99
     assert hits_clip / reps < 0.80  # the clip bootstrap overstates: ~68 % at a design effect of ~4
 
 
@@ -139,11 +148,13 @@ def test_cluster_bootstrap_one_clip_per_recording_is_the_clip_bootstrap():
     other = base - 0.1 + rng.normal(0, 0.3, size=40)
     w = rng.integers(50, 100, size=40)
     plain = intervals.paired_bootstrap_ci(base, other, w, n_boot=800, seed=3)
-    own = intervals.paired_bootstrap_ci(base, other, w, clusters=[f"rec{i}" for i in range(40)], n_boot=800, seed=3)
+    own = intervals.paired_bootstrap_ci(base, other, w, clusters=[f"rec{i}" for i in range(40)],
+                                        n_boot=800, seed=3)
     assert own == plain  # same draws, same interval
     unnamed = intervals.paired_bootstrap_ci(base, other, w, clusters=[None] * 40, n_boot=800, seed=3)
     assert unnamed == plain  # a clip without a source is a recording of its own
-    # one recording: every resample is that recording, the interval has no width (the report names no winner)
+    # one recording: every resample is that recording, the interval has no width (the report names
+    # no winner)
     one = intervals.paired_bootstrap_ci(base, other, w, clusters=["album/track"] * 40, n_boot=200)
     assert one["n_clusters"] == 1 and one["ci_low"] == pytest.approx(one["ci_high"])
     with pytest.raises(ValueError):
@@ -158,9 +169,9 @@ def _tone_clip(rng, f0, seconds=1.0, sr=16000):
 
 
 def test_fad_kad_reference_halves_near_floor_noise_and_shifted_tone_far_above():
-    """What evaluate does (loudness-normalised clips, librosa frame features standardised on the reference): a
-    reference set against itself is 0, a disjoint half of it against the other half is the floor, and noise or the
-    same tones three octaves up are at least 10x above that floor."""
+    """What evaluate does (loudness-normalised clips, librosa frame features standardised on the
+    reference): a reference set against itself is 0, a disjoint half of it against the other half is
+    the floor, and noise or the same tones three octaves up are at least 10x above that floor."""
     rng = np.random.default_rng(0)
     sr = 16000
 
@@ -179,38 +190,47 @@ def test_fad_kad_reference_halves_near_floor_noise_and_shifted_tone_far_above():
     for far in (cat(noise), cat(shifted)):
         assert metrics.frechet_audio_distance(far, y) > 10 * fad_floor
         assert metrics.kernel_audio_distance(far, y)["value"] > 10 * kad_floor
-        assert metrics.frechet_audio_distance(far, y) > 10 * metrics.frechet_audio_distance(half_a, y)  # half vs whole too
+        # half vs whole too
+        assert metrics.frechet_audio_distance(far, y) > 10 * metrics.frechet_audio_distance(half_a, y)
 
 
 # ------------------------------------------------------------------------------------ set-distance bootstrap
 def test_set_distance_bootstrap_equals_the_distance_of_each_resample():
-    """frechet_bootstrap / kernel_bootstrap give, per resample (multiplicities of clips), the FAD / KAD of the
-    concatenated frames of that resample (for KAD without pairs of a frame with its own copy)."""
+    """frechet_bootstrap / kernel_bootstrap give, per resample (multiplicities of clips), the FAD /
+    KAD of the concatenated frames of that resample (for KAD without pairs of a frame with its own
+    copy)."""
     rng = np.random.default_rng(1)
     clips = [rng.normal(0.2 * i, 1.0, size=(30, 5)) for i in range(6)]
     ref = rng.normal(size=(200, 5))
     ones = np.ones((1, 6))
     x = np.concatenate(clips)
-    assert intervals.frechet_bootstrap(clips, ref, ones)[0] == pytest.approx(metrics.frechet_audio_distance(x, ref), rel=1e-8)
+    assert intervals.frechet_bootstrap(clips, ref,
+                                       ones)[0] == pytest.approx(metrics.frechet_audio_distance(x,
+                                                                                                ref), rel=1e-8)
     for kernel in ("rbf", "poly"):
         got = intervals.kernel_bootstrap(clips, ref, ones, kernel=kernel, max_rows=120)[0]
-        want = metrics.kernel_audio_distance(metrics.subsample_rows(x, 120), metrics.subsample_rows(ref, 120), kernel=kernel)["value"]
+        want = metrics.kernel_audio_distance(metrics.subsample_rows(x, 120),
+                                             metrics.subsample_rows(ref, 120), kernel=kernel)["value"]
         assert got == pytest.approx(want, rel=1e-8)
     counts = intervals.bootstrap_counts(6, 50, seed=2)
     assert counts.shape == (50, 6) and np.all(counts.sum(axis=1) == 6)
     row = counts[0]
     drawn = np.concatenate([clips[i] for i in range(6) for _ in range(row[i])])
-    assert intervals.frechet_bootstrap(clips, ref, counts[:1])[0] == pytest.approx(metrics.frechet_audio_distance(drawn, ref),
+    assert intervals.frechet_bootstrap(clips, ref,
+                                       counts[:1])[0] == pytest.approx(metrics.frechet_audio_distance(drawn, ref),
                                                                            rel=1e-8)
-    # KAD of the resample: the unbiased estimate over the drawn frames, pairs of a frame with itself left out
+    # KAD of the resample: the unbiased estimate over the drawn frames, pairs of a frame with itself
+    # left out
     h = metrics.median_pairwise_distance(ref)
     k = lambda a, b: np.exp(-metrics._sq_dists(a, b) / (2 * h * h))  # noqa: E731
     owner = np.concatenate([np.full(30 * row[i], i) for i in range(6)])
     frame = np.concatenate([np.tile(np.arange(30), row[i]) for i in range(6)])
     same = (owner[:, None] == owner[None]) & (frame[:, None] == frame[None])
     kyy = k(ref, ref)
-    want = (k(drawn, drawn)[~same].mean() + (kyy.sum() - np.trace(kyy)) / (200 * 199) - 2 * k(drawn, ref).mean())
-    assert intervals.kernel_bootstrap(clips, ref, counts[:1])[0] == pytest.approx(metrics.KAD_SCALE * want, rel=1e-8)
+    want = (k(drawn, drawn)[~same].mean() + (kyy.sum() - np.trace(kyy)) / (200 * 199) - 2
+            * k(drawn, ref).mean())
+    assert intervals.kernel_bootstrap(clips, ref, counts[:1])[0] == pytest.approx(metrics.KAD_SCALE
+                                                                                  * want, rel=1e-8)
 
 
 # ------------------------------------------------------------------------------------ signal checks
@@ -232,8 +252,8 @@ def test_signal_checks_pass_clean_tone():
 
 
 @pytest.mark.parametrize("plant,failure", [
-    ("silence", "silent"), ("clip", "clipping"), ("nan", "non_finite"), ("inf", "non_finite"), ("dc", "dc_offset"),
-    ("tail", "mostly_silent"),
+    ("silence", "silent"), ("clip", "clipping"), ("nan", "non_finite"), ("inf", "non_finite"),
+    ("dc", "dc_offset"), ("tail", "mostly_silent"),
 ])
 def test_signal_checks_flag_planted_defects(plant, failure):
     x = _tone()
@@ -279,7 +299,8 @@ def test_librosa_features_and_diversity():
     protos = rng.normal(size=(3, 10))
     emb = np.stack([protos[p] + 0.01 * rng.normal(size=10) for p in range(3) for _ in range(2)])
     d = metrics.diversity(emb, prompt_ids=[0, 0, 1, 1, 2, 2], seed_ids=[0, 1, 0, 1, 0, 1])
-    assert d["across_prompts"] > 0.3 and d["across_seeds"] < 0.01  # collapse across seeds is visible
+    # collapse across seeds is visible
+    assert d["across_prompts"] > 0.3 and d["across_seeds"] < 0.01
 
 
 # ------------------------------------------------------------------------------------ CLAP
@@ -288,7 +309,8 @@ def test_clap_windows_resample_and_fixed_length():
     w = metrics.clap_windows(x, SR)
     assert w.shape == (2, 480000)  # 3 s tail (< half a window) dropped
     w = metrics.clap_windows(_tone(seconds=26.0), SR)
-    assert w.shape == (3, 480000) and not np.any(w[2, 6 * 48000 + 100:])  # 6 s tail padded with zeros
+    # 6 s tail padded with zeros
+    assert w.shape == (3, 480000) and not np.any(w[2, 6 * 48000 + 100:])
     short = metrics.clap_windows(_tone(seconds=2.0), SR)
     assert short.shape == (1, 480000)
     # resampled, not repeated: still a 440 Hz tone at 48 kHz
@@ -297,7 +319,8 @@ def test_clap_windows_resample_and_fixed_length():
 
 
 def make_tiny_clap(directory):
-    """A tiny random CLAP model + processor saved with save_pretrained (what a user's local folder looks like)."""
+    """A tiny random CLAP model + processor saved with save_pretrained (what a user's local folder
+    looks like)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import ClapConfig, ClapFeatureExtractor, ClapModel, ClapProcessor, RobertaTokenizerFast
     from transformers.models.clap.configuration_clap import ClapAudioConfig, ClapTextConfig
@@ -307,7 +330,8 @@ def make_tiny_clap(directory):
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(["lofi piano beat", "hip hop 808 trap drums", "ambient synth pad"],
                             trainers.BpeTrainer(vocab_size=300,
-                                                special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+                                                special_tokens=["<s>", "<pad>", "</s>", "<unk>",
+                                                                "<mask>"],
                                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
     rt = RobertaTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
@@ -315,12 +339,14 @@ def make_tiny_clap(directory):
     tc = ClapTextConfig(vocab_size=len(rt), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                         intermediate_size=37, max_position_embeddings=64, pad_token_id=1, bos_token_id=0,
                         eos_token_id=2, projection_dim=16)
-    ac = ClapAudioConfig(num_mel_bins=64, window_size=8, spec_size=256, patch_size=4, patch_stride=4, hidden_size=32,
-                         patch_embeds_hidden_size=16, projection_dim=16, depths=[1, 1], num_attention_heads=[2, 2],
-                         intermediate_size=37)
+    ac = ClapAudioConfig(num_mel_bins=64, window_size=8, spec_size=256, patch_size=4,
+                         patch_stride=4, hidden_size=32,
+                         patch_embeds_hidden_size=16, projection_dim=16, depths=[1, 1],
+                         num_attention_heads=[2, 2], intermediate_size=37)
     torch.manual_seed(0)
     model = ClapModel(ClapConfig(text_config=tc.to_dict(), audio_config=ac.to_dict(), projection_dim=16))
-    proc = ClapProcessor(feature_extractor=ClapFeatureExtractor(feature_size=64, sampling_rate=48000, max_length_s=10),
+    proc = ClapProcessor(feature_extractor=ClapFeatureExtractor(feature_size=64,
+                                                                sampling_rate=48000, max_length_s=10),
                          tokenizer=rt)
     model.save_pretrained(directory)
     proc.save_pretrained(directory)
@@ -334,7 +360,8 @@ def test_clap_scores_with_tiny_local_model(tmp_path):
     model, proc = ClapModel.from_pretrained(d), ClapProcessor.from_pretrained(d)
     rng = np.random.default_rng(0)
     wavs = [0.1 * rng.normal(size=SR * 3).astype(np.float32) for _ in range(2)] + [_tone(seconds=12.0)]
-    texts = ["lofi piano", "trap drums", "ambient pad " * 60]  # the last one is longer than the text encoder
+    # the last one is longer than the text encoder
+    texts = ["lofi piano", "trap drums", "ambient pad " * 60]
     r = metrics.clap_scores(model, proc, texts, wavs, SR)
     assert r["n"] == 3 and len(r["scores"]) == 3
     assert all(-1.0 <= s <= 1.0 for s in r["scores"])
@@ -347,6 +374,7 @@ def test_clap_scores_with_tiny_local_model(tmp_path):
         t = proc(text=["lofi piano"], return_tensors="pt", padding=True)
         te = F.normalize(metrics._features(model.get_text_features(**t)), dim=-1)
         win = metrics.clap_windows(wavs[0], SR)
-        a = proc.feature_extractor(list(win), sampling_rate=48000, return_tensors="pt", truncation="rand_trunc")
+        a = proc.feature_extractor(list(win), sampling_rate=48000, return_tensors="pt",
+                                   truncation="rand_trunc")
         ae = F.normalize(metrics._features(model.get_audio_features(**a)), dim=-1)[0]
     assert r["scores"][0] == pytest.approx(float(te[0] @ ae), abs=1e-5)

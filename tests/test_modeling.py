@@ -1,6 +1,7 @@
-"""The MusicGen family module (lora.modeling.musicgen), loading (lora.modeling.loading, lora.modeling.tiny_model) and adapters
-(lora.modeling.adapter): model loading (tiny / local folder / errors), delay-pattern targets and loss checked against
-transformers' own MusicGen code, encoders, null condition, LoRA attach/save/load."""
+"""The MusicGen family module (lora.modeling.musicgen), loading (lora.modeling.loading,
+lora.modeling.tiny_model) and adapters (lora.modeling.adapter): model loading (tiny / local folder /
+errors), delay-pattern targets and loss checked against transformers' own MusicGen code, encoders,
+null condition, LoRA attach/save/load."""
 
 from __future__ import annotations
 
@@ -12,12 +13,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lora.common.cli import UserError
 from lora.config import LoraSection, ModelConfig
 from lora.modeling.adapter import attach_lora, load_lora
 from lora.modeling.loading import load_base_model, model_identity, resolve_model_path
-from lora.modeling.musicgen import build_delay_pattern, codebook_loss, decode_audio, encode_audio, encode_text, null_condition, teacher_forced_logits
+from lora.modeling.musicgen import (
+    build_delay_pattern,
+    codebook_loss,
+    decode_audio,
+    encode_audio,
+    encode_text,
+    null_condition,
+    teacher_forced_logits,
+)
 from lora.modeling.tiny_model import ensure_tiny_model
-from lora.common.cli import UserError
 
 
 def codebook_losses(logits, labels):
@@ -56,10 +65,12 @@ def test_tiny_model_folder_is_a_complete_musicgen(tiny_model_dir, mono):
     assert type(model).__name__ == "MusicgenForConditionalGeneration"
     assert type(processor).__name__ == "MusicgenProcessor"
     assert info.name_or_path == str(tiny_model_dir.resolve())
-    assert (info.sample_rate, info.frame_rate, info.num_codebooks, info.audio_channels) == (32000, 50, 4, 1)
+    assert (info.sample_rate, info.frame_rate, info.num_codebooks, info.audio_channels) == (32000,
+                                                                                            50, 4, 1)
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     assert model.config.decoder._attn_implementation == "sdpa"
-    # the constraints that make it a MusicGen: codebook size = decoder vocab, codec quantizers = codebooks
+    # the constraints that make it a MusicGen: codebook size = decoder vocab, codec quantizers =
+    # codebooks
     codec = model.config.audio_encoder
     assert codec.codebook_size == info.vocab_size == model.config.decoder.vocab_size
     assert codec.num_quantizers == info.num_codebooks
@@ -189,7 +200,8 @@ def test_encode_text_and_null_condition(mono):
 # Delay pattern and loss, against transformers' own implementation
 # ------------------------------------------------------------------------------------------------
 def _transformers_labels(model, codes, info):
-    """Labels the way HF's MusicGen dreambooth script builds them, with the full delayed tail kept."""
+    """Labels the way HF's MusicGen dreambooth script builds them, with the full delayed tail
+    kept."""
     b, k, t = codes.shape
     kc = info.codebooks_per_channel
     pad = info.pad_token_id
@@ -250,7 +262,8 @@ def test_no_loss_on_batch_padding(mono):
     garbage[1, :, 6:] = torch.randint(0, info.vocab_size, (k, 4))
     dii, labels = build_delay_pattern(padded, lengths, info)
     dii_g, labels_g = build_delay_pattern(garbage, lengths, info)
-    assert torch.equal(dii, dii_g) and torch.equal(labels, labels_g)  # padding content never reaches the model
+    # padding content never reaches the model
+    assert torch.equal(dii, dii_g) and torch.equal(labels, labels_g)
     assert (labels[1, 6 + k - 1:] == -100).all()
 
     hidden, mask = encode_text(model, processor, ["a long caption about a funky bass loop", "piano"])
@@ -267,14 +280,15 @@ def test_no_loss_on_batch_padding(mono):
 
 
 def test_per_clip_sums_of_the_loss_match_transformers_musicgen_loss():
-    """The one loss's per-clip sums (what evaluate's held-out likelihood adds up) give transformers' loss."""
+    """The one loss's per-clip sums (what evaluate's held-out likelihood adds up) give transformers'
+    loss."""
     from transformers import MusicgenDecoderConfig, MusicgenForCausalLM
 
     torch.manual_seed(0)
     K, V = 3, 24
     cfg = MusicgenDecoderConfig(vocab_size=V, num_codebooks=K, hidden_size=16, num_hidden_layers=1,
-                                num_attention_heads=2, ffn_dim=32, max_position_embeddings=64, pad_token_id=V,
-                                bos_token_id=V)
+                                num_attention_heads=2, ffn_dim=32, max_position_embeddings=64,
+                                pad_token_id=V, bos_token_id=V)
     model = MusicgenForCausalLM(cfg).eval()
     B, S = 2, 10
     input_ids = torch.randint(0, V, (B * K, S))
@@ -314,11 +328,13 @@ def _expected(layers, parts):
     return {f"decoder.model.decoder.layers.{i}.{p}" for i in range(layers) for p in parts}
 
 
-ATTN = [f"{a}.{p}" for a in ("self_attn", "encoder_attn") for p in ("q_proj", "k_proj", "v_proj", "out_proj")]
+ATTN = [f"{a}.{p}" for a in ("self_attn", "encoder_attn")
+        for p in ("q_proj", "k_proj", "v_proj", "out_proj")]
 
 
 def _lora_names(peft_model):
-    return {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if hasattr(m, "lora_A")}
+    return {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules()
+            if hasattr(m, "lora_A")}
 
 
 def test_lora_default_targets_are_decoder_attention(tiny_model_dir):
@@ -333,7 +349,8 @@ def test_lora_default_targets_are_decoder_attention(tiny_model_dir):
 def test_lora_attention_ffn_and_text_encoder(tiny_model_dir):
     model, _, _ = _load(tiny_model_dir)
     layers = model.config.decoder.num_hidden_layers
-    pm = attach_lora(model, LoraSection(lora_targets="attention_ffn", train_text_encoder=True, use_rslora=True))
+    pm = attach_lora(model,
+                     LoraSection(lora_targets="attention_ffn", train_text_encoder=True, use_rslora=True))
     names = _lora_names(pm)
     assert _expected(layers, ATTN + ["fc1", "fc2"]) <= names
     text = {n for n in names if n.startswith("text_encoder.")}
@@ -431,16 +448,18 @@ def test_test_model_script_passes_on_tiny_model(tiny_model_dir, capsys):
         assert section in out
     assert "OK — next step: python train_lora.py" in out
     assert "peak:" in out and "generated:  (1, 1, " in out
-    # The step runs on the training window (training.max_duration, 30 s by default): its peak is training's.
+    # The step runs on the training window (training.max_duration, 30 s by default): its peak is
+    # training's.
     assert "batch:      2 x 30 s (the training window, --max_duration) = 1500 frames" in out
 
 
 def test_test_model_uses_the_training_window_and_checkpointing(tiny_model_dir, capsys):
-    """--max_duration and --gradient_checkpointing (training's flags) shape the checked step, as in training."""
+    """--max_duration and --gradient_checkpointing (training's flags) shape the checked step, as in
+    training."""
     from lora import test_model
 
-    rc = test_model.main(["--model_path", str(tiny_model_dir), "--max_duration", "3", "--gradient_checkpointing",
-                          "--batch_size", "3", "--skip_generation"])
+    rc = test_model.main(["--model_path", str(tiny_model_dir), "--max_duration", "3",
+                          "--gradient_checkpointing", "--batch_size", "3", "--skip_generation"])
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "batch:      3 x 3 s (the training window, --max_duration) = 150 frames" in out
@@ -461,7 +480,8 @@ def test_test_model_script_reports_failure(tmp_path, capsys):
 
 
 def test_tiny_codec_codes_depend_on_the_audio(tiny_model_dir):
-    """A random EnCodec has all-zero codebooks (every frame -> code 0); ours are fitted, so codes carry the audio."""
+    """A random EnCodec has all-zero codebooks (every frame -> code 0); ours are fitted, so codes
+    carry the audio."""
     import torch
 
     from lora.config import ModelConfig

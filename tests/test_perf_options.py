@@ -1,4 +1,5 @@
-"""Performance options of training: bf16 storage of the frozen base weights, FastDropout, FLOP counting."""
+"""Performance options of training: bf16 storage of the frozen base weights, FastDropout, FLOP
+counting."""
 
 from __future__ import annotations
 
@@ -8,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora.modeling.adapter import attach_lora
+from lora.common.cli import UserError
 from lora.config import Config
+from lora.modeling.adapter import attach_lora
 from lora.modeling.cpu_speed import fast_dropout_class, use_fast_dropout
 from lora.modeling.loading import load_base_model
 from lora.modeling.musicgen import get_base
 from lora.modeling.precision import resolve_base_weights_dtype
-from lora.common.cli import UserError
 
 
 def batch_loss(*args, **kwargs):
@@ -62,7 +63,8 @@ def test_fast_dropout_scales_like_torch_dropout_in_bf16_and_masks_independently(
     assert y.dtype == torch.bfloat16
     # the kept value is torch's own CPU dropout's on a bf16 input (1/(1-p) rounded to bf16)
     assert set(y.unique().tolist()) == set(ref.unique().tolist()) == {0.0, ref.max().item()}
-    a, b = d(x) == 0, fast_dropout_class()(0.1).train()(x) == 0  # two modules, two masks: independent
+    # two modules, two masks: independent
+    a, b = d(x) == 0, fast_dropout_class()(0.1).train()(x) == 0
     assert abs(a.float().mean().item() - 0.1) < 0.005 and abs(b.float().mean().item() - 0.1) < 0.005
     assert abs((a & b).float().mean().item() - 0.01) < 0.002
     # no structure along the 4 lanes of one 64-bit draw: each lane drops p of its elements
@@ -139,18 +141,20 @@ def test_fast_dropout_replaces_lora_dropout(tiny_lora):
 
 
 def test_train_flops_match_torch_flop_counter(tiny_lora):
-    """The analytic FLOP count of bench_train (what '% of peak' divides by) agrees with torch's FlopCounterMode
-    on a real forward+backward of the LoRA model (fp32, eager attention counted by the counter as matmuls)."""
+    """The analytic FLOP count of bench_train (what '% of peak' divides by) agrees with torch's
+    FlopCounterMode on a real forward+backward of the LoRA model (fp32, eager attention counted by
+    the counter as matmuls)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     sys.path.insert(0, str(ROOT / "bench"))
-    from bench_train import count_lora, train_flops
-
     from contextlib import nullcontext
+
+    from bench_train import count_lora, train_flops
 
     cfg = Config()
     cfg.model.model_path, cfg.model.attn_implementation = tiny_lora[3].model.model_path, "eager"
-    model, processor, info = load_base_model(cfg.model)  # eager: the counter sees attention as matmuls
+    # eager: the counter sees attention as matmuls
+    model, processor, info = load_base_model(cfg.model)
     model = attach_lora(model, cfg.lora)
     model.train()
     B, T = 2, 60
@@ -173,7 +177,8 @@ def _dec_logits(model, info, batch):
     from lora.modeling.musicgen import build_delay_pattern
 
     dec_in, _ = build_delay_pattern(batch["codes"], batch["lengths"], info)
-    return model(encoder_outputs=(batch["hidden"],), attention_mask=batch["mask"], decoder_input_ids=dec_in).logits
+    return model(encoder_outputs=(batch["hidden"],), attention_mask=batch["mask"],
+                 decoder_input_ids=dec_in).logits
 
 
 def test_decoder_dropout_setting_controls_train_mode_randomness(tiny_model_dir):
@@ -185,13 +190,15 @@ def test_decoder_dropout_setting_controls_train_mode_randomness(tiny_model_dir):
     model, _, info = load_base_model(cfg.model)
     model = attach_lora(model, cfg.lora)
     dec = get_base(model).decoder.model.decoder
-    assert dec.dropout == 0.1 and {layer.dropout for layer in dec.layers} == {0.1}  # the checkpoint's value
+    # the checkpoint's value
+    assert dec.dropout == 0.1 and {layer.dropout for layer in dec.layers} == {0.1}
     batch = _batch(info)
     model.eval()
     with torch.no_grad():
         eval_before = _dec_logits(model, info, batch)
 
-    configure_step(model, torch.device("cpu"), decoder_dropout=None)  # null: the checkpoint's 0.1 stays
+    # null: the checkpoint's 0.1 stays
+    configure_step(model, torch.device("cpu"), decoder_dropout=None)
     assert dec.dropout == 0.1 and {layer.dropout for layer in dec.layers} == {0.1}
     model.train()
     with torch.no_grad():
@@ -201,9 +208,12 @@ def test_decoder_dropout_setting_controls_train_mode_randomness(tiny_model_dir):
     configure_step(model, torch.device("cpu"), decoder_dropout=0.0)  # the default
     assert dec.dropout == 0.0 and {layer.dropout for layer in dec.layers} == {0.0}
     # attention / activation dropout are left as the config has them
-    assert {layer.activation_dropout for layer in dec.layers} == {get_base(model).config.decoder.activation_dropout}
-    assert {layer.self_attn.dropout for layer in dec.layers} == {get_base(model).config.decoder.attention_dropout}
-    assert get_base(model).config.decoder.dropout == 0.1  # the model config (and so any saved file) is unchanged
+    assert {layer.activation_dropout
+            for layer in dec.layers} == {get_base(model).config.decoder.activation_dropout}
+    assert {layer.self_attn.dropout
+            for layer in dec.layers} == {get_base(model).config.decoder.attention_dropout}
+    # the model config (and so any saved file) is unchanged
+    assert get_base(model).config.decoder.dropout == 0.1
     model.train()
     with torch.no_grad():
         a, b = _dec_logits(model, info, batch), _dec_logits(model, info, batch)
@@ -227,15 +237,17 @@ def test_decoder_dropout_in_resolved_config_and_checked(tmp_path):
     cfg, _ = parse_config(["--decoder_dropout", "0.05"], sections=SECTIONS)
     cfg.save(tmp_path / "config.yaml")
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["training"]["decoder_dropout"] == 0.05
-    with pytest.raises(ConfigError, match="decoder_dropout"):  # the schema's range, before any script runs
+    # the schema's range, before any script runs
+    with pytest.raises(ConfigError, match="decoder_dropout"):
         parse_config(["--decoder_dropout", "1.5"], sections=SECTIONS)
     check_config(parse_config(["--decoder_dropout", "0.5"], sections=SECTIONS)[0])
 
 
 def test_codebook_losses_match_per_codebook_cross_entropy_values_and_gradients(tiny_lora):
-    """codebook_losses computes one cross-entropy over all codebooks; it must equal K separate per-codebook
-    cross-entropies (what transformers' MusicGen loss does), for the loss, the per-codebook losses, the token
-    counts and the gradient, with batch padding and delay-pattern -100s in the labels."""
+    """codebook_losses computes one cross-entropy over all codebooks; it must equal K separate
+    per-codebook cross-entropies (what transformers' MusicGen loss does), for the loss, the
+    per-codebook losses, the token counts and the gradient, with batch padding and delay-pattern
+    -100s in the labels."""
     import torch.nn.functional as F
 
     from lora.modeling.musicgen import build_delay_pattern, codebook_loss
@@ -247,9 +259,11 @@ def test_codebook_losses_match_per_codebook_cross_entropy_values_and_gradients(t
     _, _, info, _ = tiny_lora
     b, k, t, v = 3, info.num_codebooks, 30, info.vocab_size
     g = torch.Generator().manual_seed(1)
-    _, labels = build_delay_pattern(torch.randint(0, v, (b, k, t), generator=g), torch.tensor([t, 21, 9]), info)
+    _, labels = build_delay_pattern(torch.randint(0, v, (b, k, t), generator=g),
+                                    torch.tensor([t, 21, 9]), info)
     s = labels.shape[1]
-    for extra in (0, 3):  # logits exactly as long as the labels (training), or longer (only the last s count)
+    # logits exactly as long as the labels (training), or longer (only the last s count)
+    for extra in (0, 3):
         logits = torch.randn(b * k, s + extra, v, generator=g, requires_grad=True)
         loss, per, n = codebook_losses(logits, labels)
         loss.backward()
@@ -259,7 +273,8 @@ def test_codebook_losses_match_per_codebook_cross_entropy_values_and_gradients(t
         for c in range(k):
             lab = labels[..., c].reshape(-1)
             ref_n.append((lab != -100).sum())
-            ref_per.append(F.cross_entropy(lg[:, c].reshape(-1, v), lab, ignore_index=-100, reduction="sum")
+            ref_per.append(F.cross_entropy(lg[:, c].reshape(-1, v), lab, ignore_index=-100,
+                                           reduction="sum")
                            / ref_n[-1].clamp(min=1))
         ref = torch.stack(ref_per).mean()
         ref.backward()
@@ -278,20 +293,23 @@ def _flash_calls(fn) -> int:
 
     with profile() as prof:
         fn()
-    return sum(e.count for e in prof.key_averages() if e.key == "aten::_scaled_dot_product_flash_attention_for_cpu")
+    return sum(e.count for e in prof.key_averages()
+               if e.key == "aten::_scaled_dot_product_flash_attention_for_cpu")
 
 
 def test_cpu_train_attention_picks_the_kernel_by_frames_times_text_tokens(tiny_model_dir):
-    """While training on CPU, the cross-attention runs the math kernel only up to MATH_CROSS_ATTENTION_MAX_SCORES
-    audio frames x text tokens: a batch with caption states long enough to pass it gets flash for every layer's
-    cross-attention as well as its self-attention; a short one only for the self-attention."""
+    """While training on CPU, the cross-attention runs the math kernel only up to
+    MATH_CROSS_ATTENTION_MAX_SCORES audio frames x text tokens: a batch with caption states long
+    enough to pass it gets flash for every layer's cross-attention as well as its self-attention; a
+    short one only for the self-attention."""
     import copy
     from contextlib import nullcontext
 
     from lora.modeling.cpu_speed import MATH_CROSS_ATTENTION_MAX_SCORES, math_cross_attention
     from lora.training.model_prep import configure_step
 
-    assert math_cross_attention(503, 96) and not math_cross_attention(1503, 64)  # 10-s clips / 30-s windows
+    # 10-s clips / 30-s windows
+    assert math_cross_attention(503, 96) and not math_cross_attention(1503, 64)
     cfg = Config()
     cfg.model.model_path = str(tiny_model_dir)
     model, processor, info = load_base_model(cfg.model)
@@ -312,14 +330,16 @@ def test_cpu_train_attention_picks_the_kernel_by_frames_times_text_tokens(tiny_m
         m = copy.deepcopy(model)
 
         def step():
-            batch_loss(m, processor, info, batch, torch.device("cpu"), nullcontext, cache_text=True)[0].backward()
+            batch_loss(m, processor, info, batch, torch.device("cpu"), nullcontext,
+                       cache_text=True)[0].backward()
 
         assert _flash_calls(step) == flash, f"{keys} text tokens x {S} positions"
 
 
 def test_self_attention_runs_causal_sdpa_without_a_mask(tiny_lora, monkeypatch):
-    """The training forward gives SDPA no materialized mask for the decoder's self-attention (is_causal fast
-    path), also with batch padding (padded frames are at the end and masked out of the loss instead)."""
+    """The training forward gives SDPA no materialized mask for the decoder's self-attention
+    (is_causal fast path), also with batch padding (padded frames are at the end and masked out of
+    the loss instead)."""
     from contextlib import nullcontext
 
     import transformers.integrations.sdpa_attention as sa
@@ -342,13 +362,15 @@ def test_self_attention_runs_causal_sdpa_without_a_mask(tiny_lora, monkeypatch):
     cross_calls = [c for c in calls if c[0] != c[1]]
     assert len(self_calls) == len(cross_calls) == n_layers
     assert all(no_mask and causal for _, _, no_mask, causal in self_calls)
-    assert all(not no_mask and not causal for _, _, no_mask, causal in cross_calls)  # the text padding mask
+    # the text padding mask
+    assert all(not no_mask and not causal for _, _, no_mask, causal in cross_calls)
 
 
 def test_cpu_train_attention_uses_math_kernel_for_cross_attention_with_the_same_loss_and_grads(tiny_model_dir):
-    """configure_step on CPU switches the decoder to CPU_TRAIN_ATTENTION: while training, the cross-attention
-    runs SDPA's math kernel instead of the flash kernel (self-attention keeps flash); loss and LoRA gradients match
-    plain sdpa with text padding and a null-condition (fully masked) sample, in fp32 and bf16."""
+    """configure_step on CPU switches the decoder to CPU_TRAIN_ATTENTION: while training, the
+    cross-attention runs SDPA's math kernel instead of the flash kernel (self-attention keeps
+    flash); loss and LoRA gradients match plain sdpa with text padding and a null-condition (fully
+    masked) sample, in fp32 and bf16."""
     import copy
 
     from lora.modeling.cpu_speed import CPU_TRAIN_ATTENTION
@@ -374,7 +396,8 @@ def test_cpu_train_attention_uses_math_kernel_for_cross_attention_with_the_same_
             (lambda: torch.autocast("cpu", enabled=False))
         for m in (a, b):
             prepare_frozen_weights(m, precision, "auto")
-        set_decoder_dropout(a, 0.0)  # what configure_step does to b besides the attention (no LoRA dropout here)
+        # what configure_step does to b besides the attention (no LoRA dropout here)
+        set_decoder_dropout(a, 0.0)
         configure_step(b, torch.device("cpu"))
         assert get_base(a).config.decoder._attn_implementation == "sdpa"
         assert get_base(b).config.decoder._attn_implementation == CPU_TRAIN_ATTENTION
@@ -384,7 +407,8 @@ def test_cpu_train_attention_uses_math_kernel_for_cross_attention_with_the_same_
             res = {}
 
             def step():
-                res["loss"] = batch_loss(m, processor, info, batch, torch.device("cpu"), ac, cache_text=True)[0]
+                res["loss"] = batch_loss(m, processor, info, batch, torch.device("cpu"), ac,
+                                         cache_text=True)[0]
                 res["loss"].backward()
 
             res["flash"] = _flash_calls(step)
@@ -422,8 +446,9 @@ print(kept, *faults)
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc (Linux)")
 def test_keep_freed_memory_reuses_big_tensors_without_page_faults():
-    """train_lora.py on a CPU: the activations of a layer run again reuse the pages freed by its last pass (glibc
-    keeps them), where by default each one over 32 MiB is a fresh mmap whose pages the kernel faults in again."""
+    """train_lora.py on a CPU: the activations of a layer run again reuse the pages freed by its
+    last pass (glibc keeps them), where by default each one over 32 MiB is a fresh mmap whose pages
+    the kernel faults in again."""
     import platform
     import subprocess
 
@@ -431,13 +456,15 @@ def test_keep_freed_memory_reuses_big_tensors_without_page_faults():
         pytest.skip("not glibc")
 
     def probe(mode):
-        out = subprocess.run([sys.executable, "-c", _REUSE_PROBE, str(ROOT), mode], capture_output=True, text=True,
-                             check=True).stdout.split()
+        out = subprocess.run([sys.executable, "-c", _REUSE_PROBE, str(ROOT), mode],
+                             capture_output=True, text=True, check=True).stdout.split()
         return out[0], [int(x) for x in out[1:]]
 
     kept, faults = probe("keep")
     assert kept == "True"
     _, default = probe("default")
-    assert min(default[1:]) > 20000, default  # by default 82 MB = 20,000 pages faulted in again on every pass
-    # From the second pass on, freed pages are reused (an occasional pass still grows the heap: glibc's placement).
+    # by default 82 MB = 20,000 pages faulted in again on every pass
+    assert min(default[1:]) > 20000, default
+    # From the second pass on, freed pages are reused (an occasional pass still grows the heap:
+    # glibc's placement).
     assert sum(faults[1:]) < sum(default[1:]) / 4, (faults, default)

@@ -1,7 +1,8 @@
-"""lora/prepare_data.py and lora/test_dataset.py (with the modules they use: lora/dataprep/captions.py,
-lora/dataprep/example_data.py, lora/dataprep/data_check.py): the synthetic example set, preparing a messy folder of real-world
-files, idempotent reruns, splits, captions, --validate, config precedence, memory on long files, and that no
-library module or test_dataset.py imports the prepare_data script."""
+"""lora/prepare_data.py and lora/test_dataset.py (with the modules they use:
+lora/dataprep/captions.py, lora/dataprep/example_data.py, lora/dataprep/data_check.py): the
+synthetic example set, preparing a messy folder of real-world files, idempotent reruns, splits,
+captions, --validate, config precedence, memory on long files, and that no library module or
+test_dataset.py imports the prepare_data script."""
 
 from __future__ import annotations
 
@@ -17,16 +18,13 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from lora.dataprep import audio as A
-from lora.dataprep import example_data
-from lora.dataprep import worker
 from lora import prepare_data
-from lora.dataprep import prepare
-from lora.dataprep import ownership
 from lora import test_dataset as TD
-from lora.common.fields import ConfigError
-from lora.dataset import load_metadata
 from lora.common.cli import UserError
+from lora.common.fields import ConfigError
+from lora.dataprep import audio as A
+from lora.dataprep import example_data, ownership, prepare, worker
+from lora.dataset import load_metadata
 
 ROOT = Path(__file__).resolve().parent.parent
 SR = 32000
@@ -52,7 +50,8 @@ def messy_folder(tmp_path_factory) -> Path:
     """A folder like a user's: formats, rates, depths, channels, sidecars, junk and edge cases."""
     d = tmp_path_factory.mktemp("audio_in")
     (d / "album" / "disc 1").mkdir(parents=True)
-    sf.write(d / "album" / "disc 1" / "long take.flac", music(75, 44100, 1, channels=2), 44100, subtype="PCM_24")
+    sf.write(d / "album" / "disc 1" / "long take.flac", music(75, 44100, 1, channels=2), 44100,
+             subtype="PCM_24")
     sf.write(d / "album" / "song2.mp3", music(12, 48000, 2, channels=2), 48000)
     sf.write(d / "loop.ogg", music(8, 22050, 3), 22050)
     sf.write(d / "voice.opus", music(7, 48000, 4), 48000, format="OGG", subtype="OPUS")
@@ -61,11 +60,13 @@ def messy_folder(tmp_path_factory) -> Path:
     sf.write(d / "u8.wav", music(6, 22050, 7), 22050, subtype="PCM_U8")
     sf.write(d / "surround.wav", music(7, 48000, 8, channels=6), 48000, subtype="PCM_24")
     sf.write(d / "tail62.wav", music(62, 16000, 9), 16000)
-    y = np.concatenate([np.zeros(3 * 16000), music(10, 16000, 10), np.zeros(4 * 16000)]).astype(np.float32)
+    y = np.concatenate([np.zeros(3 * 16000), music(10, 16000, 10),
+                        np.zeros(4 * 16000)]).astype(np.float32)
     sf.write(d / "padded.wav", y, 16000)
     sf.write(d / "Café 音楽 ♪.wav", music(6, 44100, 11), 44100)
     (d / "Café 音楽 ♪.txt").write_text("ambient café music, 温かい piano ♪", encoding="utf-8")
-    (d / "album" / "song2.json").write_text(json.dumps({"genre": "synthwave", "moods": ["dark", "driving"],
+    (d / "album"
+     / "song2.json").write_text(json.dumps({"genre": "synthwave", "moods": ["dark", "driving"],
                                                         "bpm": 110}), encoding="utf-8")
     sf.write(d / "copy_a.wav", music(6, 32000, 12), 32000)
     (d / "copy_b.wav").write_bytes((d / "copy_a.wav").read_bytes())
@@ -84,7 +85,8 @@ def messy_folder(tmp_path_factory) -> Path:
 def prepared(messy_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("prepared") / "data"
     before = tree_hashes(messy_folder)
-    rc = prepare_data.main(["--input_dir", str(messy_folder), "--output_dir", str(out), "--num_workers", "2",
+    rc = prepare_data.main(["--input_dir", str(messy_folder), "--output_dir", str(out),
+                            "--num_workers", "2",
                  "--valid_fraction", "0.25", "--config", str(ROOT / "config.yaml")])
     assert rc == 0
     return out, before
@@ -108,8 +110,8 @@ def test_prepared_clips_are_32k_mono_pcm16(prepared):
         assert 5.0 <= r.duration <= 30.0
         assert r.path.parent.name == r.split
     used = {r.source for r in recs}
-    for f in ("album/song2.mp3", "loop.ogg", "voice.opus", "old.aiff", "hires.wav", "u8.wav", "surround.wav",
-              "album/disc 1/long take.flac", "Café 音楽 ♪.wav"):
+    for f in ("album/song2.mp3", "loop.ogg", "voice.opus", "old.aiff", "hires.wav", "u8.wav",
+              "surround.wav", "album/disc 1/long take.flac", "Café 音楽 ♪.wav"):
         assert f in used, f
 
 
@@ -141,7 +143,8 @@ def test_bad_files_are_skipped_and_reported_with_reasons(prepared):
     assert "truncated" in skipped["truncated.flac"]
     try:
         import av  # noqa: F401
-        assert "not a readable audio file" in skipped["phone.m4a"]  # PyAV installed: the junk is reported
+        # PyAV installed: the junk is reported
+        assert "not a readable audio file" in skipped["phone.m4a"]
     except ImportError:
         assert "pip install av" in skipped["phone.m4a"] and "install.sh --extras" in skipped["phone.m4a"]
     assert set(skipped) == {"tiny.wav", "silent.wav", "notes.wav", "truncated.flac", "phone.m4a"}
@@ -191,7 +194,8 @@ def test_rerun_does_no_decoding_and_gives_identical_metadata(prepared, messy_fol
         raise AssertionError("a rerun must not decode unchanged files")
 
     monkeypatch.setattr(A, "iter_audio", no_decoding)
-    assert prepare_data.main(["--input_dir", str(messy_folder), "--output_dir", str(out), "--num_workers", "1",
+    assert prepare_data.main(["--input_dir", str(messy_folder), "--output_dir", str(out),
+                              "--num_workers", "1",
                    "--valid_fraction", "0.25"]) == 0
     assert (out / "metadata.json").read_bytes() == meta
     assert tree_hashes(out / "train") | tree_hashes(out / "valid") == clips
@@ -230,15 +234,18 @@ def test_captions_file_audiofolder_and_default_text(tmp_path):
     for name, seed in (("a/one.wav", 1), ("two.flac", 2), ("three.wav", 3), ("four.wav", 4)):
         sf.write(d / name, music(6, 32000, seed), 32000)
     caps = tmp_path / "caps.csv"
-    caps.write_text("file_name,text\na/one.wav,\"lofi piano, 80 BPM\"\nmissing.wav,nothing\n", encoding="utf-8")
-    (d / "metadata.jsonl").write_text(json.dumps({"file_name": "two.flac", "text": "dub techno chords"}) + "\n",
+    caps.write_text("file_name,text\na/one.wav,\"lofi piano, 80 BPM\"\nmissing.wav,nothing\n",
+                    encoding="utf-8")
+    (d / "metadata.jsonl").write_text(json.dumps({"file_name": "two.flac",
+                                                  "text": "dub techno chords"}) + "\n",
                                       encoding="utf-8")
     out = tmp_path / "out"
-    assert prepare_data.main(["--input_dir", str(d), "--output_dir", str(out), "--captions_file", str(caps),
+    assert prepare_data.main(["--input_dir", str(d), "--output_dir", str(out), "--captions_file",
+                              str(caps),
                    "--default_text", "house groove", "--num_workers", "1"]) == 0
     text = {r.source: r.text for r in load_metadata(out)}
-    assert text == {"a/one.wav": "lofi piano, 80 BPM", "two.flac": "dub techno chords", "three.wav": "house groove",
-                    "four.wav": "house groove"}
+    assert text == {"a/one.wav": "lofi piano, 80 BPM", "two.flac": "dub techno chords",
+                    "three.wav": "house groove", "four.wav": "house groove"}
     assert report(out)["unused_caption_entries"] == ["captions_file: missing.wav"]
 
 
@@ -249,7 +256,8 @@ def test_missing_caption_is_reported(tmp_path):
     sf.write(d / "y.wav", music(6, 32000, 2), 32000)
     (d / "y.txt").write_text("a caption")
     out = tmp_path / "out"
-    assert prepare_data.main(["--input_dir", str(d), "--output_dir", str(out), "--caption_template", "", "--num_workers", "1"]) == 0
+    assert prepare_data.main(["--input_dir", str(d), "--output_dir", str(out), "--caption_template",
+                              "", "--num_workers", "1"]) == 0
     assert report(out)["uncaptioned"] == ["x.wav"]
     assert {r.source: r.text for r in load_metadata(out)} == {"x.wav": "", "y.wav": "a caption"}
 
@@ -266,7 +274,8 @@ def test_enrich_captions_appends_tempo_and_key(tmp_path):
     sf.write(d / "beat.wav", y, sr)
     (d / "beat.txt").write_text("click track")
     out = tmp_path / "out"
-    assert prepare_data.main(["--input_dir", str(d), "--output_dir", str(out), "--enrich_captions", "--num_workers", "1"]) == 0
+    assert prepare_data.main(["--input_dir", str(d), "--output_dir", str(out), "--enrich_captions",
+                              "--num_workers", "1"]) == 0
     (r,) = load_metadata(out)
     head, bpm, key = r.text.split(", ")
     assert head == "click track" and bpm.endswith(" BPM") and abs(float(bpm.split()[0]) - 120) <= 4
@@ -291,7 +300,8 @@ def test_stereo_output_keeps_two_channels(tmp_path):
     sf.write(d / "st.wav", music(6, 44100, 1, channels=2), 44100)
     sf.write(d / "mono.wav", music(6, 44100, 2), 44100)
     out = tmp_path / "out"
-    assert prepare_data.main(["--input_dir", str(d), "--output_dir", str(out), "--channels", "2", "--num_workers", "1"]) == 0
+    assert prepare_data.main(["--input_dir", str(d), "--output_dir", str(out), "--channels", "2",
+                              "--num_workers", "1"]) == 0
     for r in load_metadata(out):
         y, sr = sf.read(r.path)
         assert y.shape[1] == 2 and sr == SR
@@ -308,7 +318,8 @@ def test_output_inside_input_is_not_scanned_and_refuses_foreign_metadata(tmp_pat
         sf.write(d / f"s{i}.wav", music(6, 32000, i), 32000)
     out = d / "prepared"
     for _ in range(2):
-        assert prepare_data.main(["--input_dir", str(d), "--output_dir", str(out), "--num_workers", "1"]) == 0
+        assert prepare_data.main(["--input_dir", str(d), "--output_dir", str(out), "--num_workers",
+                                  "1"]) == 0
         assert report(out)["files_found"] == 3
     other = tmp_path / "other"
     other.mkdir()
@@ -356,7 +367,8 @@ def test_example_dataset(example_data_dir, tmp_path):
     styles = {s: {r.split for r in recs if f"_{s}_" in r.id} for s in example_data.STYLES}
     assert all(v == {"train", "valid"} for v in styles.values()), styles
     assert all("BPM" in r.text for r in recs)
-    assert len({hashlib.sha1(r.path.read_bytes()).hexdigest() for r in recs}) == len(recs)  # no two alike
+    # no two alike
+    assert len({hashlib.sha1(r.path.read_bytes()).hexdigest() for r in recs}) == len(recs)
     tonal = [r for r in recs if "drums" not in r.id]
     assert all(r.text.endswith(("major", "minor")) for r in tonal)
     # deterministic: a second build is identical, byte for byte
@@ -401,14 +413,16 @@ def test_yaml_then_flags_precedence_and_unknown_keys(tmp_path):
     with pytest.raises(ConfigError, match="--segment_seconds"):
         prepare_data.main(["--input_dir", str(d), "--output_dir", str(out), "--segment_second", "5"])
     with pytest.raises(ConfigError) as e:
-        prepare_data.main(["--input_dir", str(tmp_path / "nope"), "--output_dir", str(out), "--valid_fraction", "1.5"])
+        prepare_data.main(["--input_dir", str(tmp_path / "nope"), "--output_dir", str(out),
+                           "--valid_fraction", "1.5"])
     assert "nope" in str(e.value) and "valid_fraction" in str(e.value)
     with pytest.raises(ConfigError, match="--create_example"):
         prepare_data.main(["--output_dir", str(out)])
 
 
 def test_seed_commands_from_inside_lora(tmp_path, monkeypatch):
-    """The seed's commands, run from lora/ with relative paths, in-process and as a real subprocess."""
+    """The seed's commands, run from lora/ with relative paths, in-process and as a real
+    subprocess."""
     d = tmp_path / "audio"
     d.mkdir()
     for i in range(2):
@@ -417,18 +431,19 @@ def test_seed_commands_from_inside_lora(tmp_path, monkeypatch):
     monkeypatch.chdir(lora_dir)
     rel_in = os.path.relpath(d, lora_dir)
     rel_out = os.path.relpath(tmp_path / "data", lora_dir)
-    assert prepare_data.main(["--input_dir", rel_in, "--output_dir", rel_out, "--metadata_file", "metadata.json",
+    assert prepare_data.main(["--input_dir", rel_in, "--output_dir", rel_out, "--metadata_file",
+                              "metadata.json",
                    "--num_workers", "1"]) == 0
     recs = load_metadata(tmp_path / "data")
     assert len(recs) == 2 and {r.split for r in recs} == {"train", "valid"}  # >= 1 valid recording
     ex = os.path.relpath(tmp_path / "example", lora_dir)
     r = subprocess.run([sys.executable, "prepare_data.py", "--create_example", "--output_dir", ex,
-                        "--example_clips", "8", "--example_seconds", "1"], cwd=lora_dir, capture_output=True,
-                       text=True, timeout=120)
+                        "--example_clips", "8", "--example_seconds", "1"], cwd=lora_dir,
+                       capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert len(load_metadata(tmp_path / "example")) == 8
-    r = subprocess.run([sys.executable, "prepare_data.py", "--input_dir", "/does/not/exist"], cwd=lora_dir,
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "prepare_data.py", "--input_dir", "/does/not/exist"],
+                       cwd=lora_dir, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "/does/not/exist" in r.stderr
 
 
@@ -451,10 +466,12 @@ def test_test_dataset_ok_and_failing(example_data_dir, tmp_path, capsys):
 def test_collate_pads_and_masks():
     import torch
 
-    items = [{"audio": torch.ones(1, 5), "text": "a", "id": "x"}, {"audio": torch.ones(1, 3), "text": "b", "id": "y"}]
+    items = [{"audio": torch.ones(1, 5), "text": "a", "id": "x"},
+             {"audio": torch.ones(1, 3), "text": "b", "id": "y"}]
     b = TD.collate_audio(items)
     assert b["audio"].shape == (2, 1, 5) and b["lengths"].tolist() == [5, 3]
-    assert b["mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]] and b["audio"][1, 0, 3:].abs().sum() == 0
+    assert b["mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]] and b["audio"][1, 0,
+                                                                                   3:].abs().sum() == 0
 
 
 def test_interrupted_run_resumes_without_redoing_finished_files(tmp_path, monkeypatch):
@@ -463,7 +480,8 @@ def test_interrupted_run_resumes_without_redoing_finished_files(tmp_path, monkey
     for i in range(4):
         sf.write(d / f"s{i}.wav", music(6, 32000, i), 32000)
     fresh = tmp_path / "fresh"
-    assert prepare_data.main(["--input_dir", str(d), "--output_dir", str(fresh), "--num_workers", "1"]) == 0
+    assert prepare_data.main(["--input_dir", str(d), "--output_dir", str(fresh), "--num_workers",
+                              "1"]) == 0
 
     real = worker.process_file
     calls = []
@@ -474,7 +492,8 @@ def test_interrupted_run_resumes_without_redoing_finished_files(tmp_path, monkey
             raise KeyboardInterrupt
         return real(job)
 
-    monkeypatch.setattr(worker, "process_file", dies_on_third)  # progress is saved when the run is interrupted
+    # progress is saved when the run is interrupted
+    monkeypatch.setattr(worker, "process_file", dies_on_third)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         prepare_data.main(["--input_dir", str(d), "--output_dir", str(out), "--num_workers", "1"])
@@ -492,5 +511,6 @@ def test_overwrite_redoes_everything(tmp_path):
         sf.write(d / f"s{i}.wav", music(6, 32000, i), 32000)
     out = tmp_path / "out"
     assert prepare_data.main(["--input_dir", str(d), "--output_dir", str(out), "--num_workers", "1"]) == 0
-    assert prepare_data.main(["--input_dir", str(d), "--output_dir", str(out), "--num_workers", "1", "--overwrite"]) == 0
+    assert prepare_data.main(["--input_dir", str(d), "--output_dir", str(out), "--num_workers", "1",
+                              "--overwrite"]) == 0
     assert report(out)["files_decoded"] == 2

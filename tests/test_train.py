@@ -1,4 +1,5 @@
-"""train_lora: artifacts, plain-peft loading, exact resume after SIGKILL, NaN guard, errors, CFG dropout, DDP."""
+"""train_lora: artifacts, plain-peft loading, exact resume after SIGKILL, NaN guard, errors, CFG
+dropout, DDP."""
 
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ def _metrics(out: Path) -> list[dict]:
 
 
 def _env():
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false")
     return env
 
 
@@ -49,12 +51,13 @@ def test_artifacts_and_plain_peft_loading(trained_output_dir, tiny_model_dir):
     out = trained_output_dir
     for kind in ("best_model", "final_model"):
         d = out / kind
-        for name in ("adapter_config.json", "adapter_model.safetensors", "config.yaml", "trainer_state.json",
-                     "eval_results.json", "README.md"):
+        for name in ("adapter_config.json", "adapter_model.safetensors", "config.yaml",
+                     "trainer_state.json", "eval_results.json", "README.md"):
             assert (d / name).is_file(), f"{kind}/{name} missing"
         card = (d / "README.md").read_text()
         assert "PeftModel.from_pretrained" in card and "Held-out loss" in card
-    # The YAML file given with --config was read (max_steps 4 came only from there); flags were applied.
+    # The YAML file given with --config was read (max_steps 4 came only from there); flags were
+    # applied.
     state = json.loads((out / "final_model" / "trainer_state.json").read_text())
     assert state["global_step"] == 4
     import yaml
@@ -67,10 +70,12 @@ def test_artifacts_and_plain_peft_loading(trained_output_dir, tiny_model_dir):
     assert "Decoder hidden-state dropout: 0 (training.decoder_dropout" in train_log
     import platform
 
-    if platform.libc_ver()[0] == "glibc":  # a CPU run keeps freed memory (lora.modeling.cpu_speed.keep_freed_memory)
+    # a CPU run keeps freed memory (lora.modeling.cpu_speed.keep_freed_memory)
+    if platform.libc_ver()[0] == "glibc":
         assert "CPU memory: freed tensors stay in the process" in train_log
 
-    # The adapter loads with plain peft onto the base model its config names, and changes the output.
+    # The adapter loads with plain peft onto the base model its config names, and changes the
+    # output.
     ac = json.loads((out / "best_model" / "adapter_config.json").read_text())
     assert Path(ac["base_model_name_or_path"]).resolve() == Path(tiny_model_dir).resolve()
     assert ac["r"] == 12 and ac["lora_alpha"] == 24
@@ -82,7 +87,8 @@ def test_artifacts_and_plain_peft_loading(trained_output_dir, tiny_model_dir):
     loaded = {k: v for k, v in model.state_dict().items() if "lora_" in k}
     assert len(loaded) == len(saved)
 
-    # Held-out metrics: base (step 0) first, then every eval_steps; per-codebook losses; best <= base.
+    # Held-out metrics: base (step 0) first, then every eval_steps; per-codebook losses; best <=
+    # base.
     m = _metrics(out)
     evals = [e for e in m if "val_loss" in e]
     assert [e["step"] for e in evals] == [0, 2, 4]
@@ -90,7 +96,8 @@ def test_artifacts_and_plain_peft_loading(trained_output_dir, tiny_model_dir):
     assert all(f"val_loss_cb{k}" in evals[0] and f"val_ppl_cb{k}" in evals[0] for k in range(4))
     trains = [e for e in m if "loss" in e and "val_loss" not in e]
     assert [e["step"] for e in trains] == [1, 2, 3, 4] and all(e["loss"] == e["loss"] for e in trains)
-    assert sum(e["null_cond_frac"] * e["samples"] for e in trains) > 0  # CFG dropout happened in training batches
+    # CFG dropout happened in training batches
+    assert sum(e["null_cond_frac"] * e["samples"] for e in trains) > 0
     assert state["base_val_loss"] == pytest.approx(evals[0]["val_loss"])
     assert state["best_metric"] == pytest.approx(min(e["val_loss"] for e in evals))
     assert state["best_metric"] < state["base_val_loss"]
@@ -116,8 +123,10 @@ def test_artifacts_and_plain_peft_loading(trained_output_dir, tiny_model_dir):
 # ------------------------------------------------------------------------------------------
 def _common(tiny_model_dir, data_dir, out):
     return ["--model_path", str(tiny_model_dir), "--data_dir", str(data_dir), "--output_dir", str(out),
-            "--max_steps", "7", "--batch_size", "2", "--gradient_accumulation_steps", "2", "--save_steps", "2",
-            "--eval_steps", "4", "--logging_steps", "1", "--mixed_precision", "no", "--max_duration", "2.5",
+            "--max_steps", "7", "--batch_size", "2", "--gradient_accumulation_steps", "2",
+            "--save_steps", "2",
+            "--eval_steps", "4", "--logging_steps", "1", "--mixed_precision", "no",
+            "--max_duration", "2.5",
             "--learning_rate", "0.003", "--lora_dropout", "0.1", "--cond_dropout", "0.3", "--seed", "5"]
 
 
@@ -128,7 +137,8 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, tiny_model_dir, e
     assert train_lora.main(_common(tiny_model_dir, example_data_dir, ref)) == 0
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), *_common(tiny_model_dir, example_data_dir, out)],
+    proc = subprocess.Popen([sys.executable, str(SCRIPT),
+                             *_common(tiny_model_dir, example_data_dir, out)],
                             env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 240
     try:
@@ -162,7 +172,8 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, tiny_model_dir, e
 # ------------------------------------------------------------------------------------------
 def _short(tiny_model_dir, data_dir, out, *extra):
     """A 4-step fp32 run; flags in ``extra`` replace these defaults (a flag may be given once)."""
-    own = {"--max_steps": "4", "--gradient_accumulation_steps": "1", "--eval_steps": "100", "--save_steps": "100",
+    own = {"--max_steps": "4", "--gradient_accumulation_steps": "1", "--eval_steps": "100",
+           "--save_steps": "100",
            "--logging_steps": "1", "--mixed_precision": "no", "--max_duration": "1"}
     args = ["--model_path", str(tiny_model_dir), "--data_dir", str(data_dir), "--output_dir", str(out)]
     for flag, value in own.items():
@@ -171,10 +182,11 @@ def _short(tiny_model_dir, data_dir, out, *extra):
     return args + list(extra)
 
 
-def test_nan_loss_is_skipped_counted_and_stops(tmp_path, tiny_model_dir, example_data_dir, monkeypatch, caplog):
-    from lora.modeling import musicgen
+def test_nan_loss_is_skipped_counted_and_stops(tmp_path, tiny_model_dir, example_data_dir,
+                                               monkeypatch, caplog):
     from lora import train_lora
     from lora.common.cli import UserError
+    from lora.modeling import musicgen
 
     orig = musicgen.codebook_loss
     calls = {"n": 0}
@@ -204,7 +216,8 @@ def test_nan_loss_is_skipped_counted_and_stops(tmp_path, tiny_model_dir, example
 
     monkeypatch.setattr(musicgen, "codebook_loss", always_nan)
     with pytest.raises(UserError, match="max_nan_steps") as e:
-        train_lora.main(_short(tiny_model_dir, example_data_dir, tmp_path / "all_nan", "--max_nan_steps", "2"))
+        train_lora.main(_short(tiny_model_dir, example_data_dir, tmp_path / "all_nan",
+                               "--max_nan_steps", "2"))
     assert "learning_rate" in str(e.value) and "bf16" in str(e.value)
 
 
@@ -231,7 +244,8 @@ def test_out_of_memory_becomes_advice(tmp_path, tiny_model_dir, example_data_dir
     with pytest.raises(UserError) as e:
         train_lora.main(_short(tiny_model_dir, example_data_dir, tmp_path / "out"))
     msg = str(e.value)
-    for hint in ("--batch_size", "--max_duration", "--gradient_checkpointing", "--gradient_accumulation_steps"):
+    for hint in ("--batch_size", "--max_duration", "--gradient_checkpointing",
+                 "--gradient_accumulation_steps"):
         assert hint in msg
 
 
@@ -272,7 +286,8 @@ def test_null_condition_sample_trains_lora(tiny_model_dir):
     model = attach_lora(model, LoraSection(lora_dropout=0.0))
     g = torch.Generator().manual_seed(0)
     clips = [CachedClip(id=str(i), text="x", split="train",
-                        codes=torch.randint(0, info.vocab_size, (info.num_codebooks, 30), generator=g).short(),
+                        codes=torch.randint(0, info.vocab_size, (info.num_codebooks, 30),
+                                            generator=g).short(),
                         hidden=torch.randn(3 + i, info.text_hidden_size, generator=g),
                         mask=torch.ones(3 + i, dtype=torch.long)) for i in range(2)]
     ds = CachedTokenDataset(clips, 30, seed=0, train=True, cond_dropout=0.999)
@@ -280,15 +295,18 @@ def test_null_condition_sample_trains_lora(tiny_model_dir):
     assert batch["dropped"].all() and not batch["hidden"].any() and not batch["mask"].any()
 
     dec_in, labels = build_delay_pattern(batch["codes"], batch["lengths"], info)
-    # The padded null condition of training = the null condition generate() uses for the unconditional branch.
+    # The padded null condition of training = the null condition generate() uses for the
+    # unconditional branch.
     model.eval()
     with torch.no_grad():
         h0, m0 = null_condition(2, info)
         ref = model(encoder_outputs=(h0,), attention_mask=m0, decoder_input_ids=dec_in).logits
-        got = model(encoder_outputs=(batch["hidden"],), attention_mask=batch["mask"], decoder_input_ids=dec_in).logits
+        got = model(encoder_outputs=(batch["hidden"],), attention_mask=batch["mask"],
+                    decoder_input_ids=dec_in).logits
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     model.train()
-    logits = model(encoder_outputs=(batch["hidden"],), attention_mask=batch["mask"], decoder_input_ids=dec_in).logits
+    logits = model(encoder_outputs=(batch["hidden"],), attention_mask=batch["mask"],
+                   decoder_input_ids=dec_in).logits
     codebook_loss(logits, labels).loss.backward()
     self_attn_b = [p.grad for n, p in model.named_parameters() if "self_attn" in n and "lora_B" in n]
     assert self_attn_b and all(gr is not None and gr.abs().sum() > 0 for gr in self_attn_b)
@@ -307,19 +325,22 @@ def test_torchrun_two_processes_match_one_process(tmp_path, tiny_model_dir, exam
     one = tmp_path / "one"
     assert train_lora.main(args + ["--output_dir", str(one), "--gradient_accumulation_steps", "2"]) == 0
     two = tmp_path / "two"
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        str(SCRIPT), *args, "--output_dir", str(two), "--gradient_accumulation_steps", "1"],
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node", "2",
+                        str(SCRIPT), *args, "--output_dir", str(two),
+                        "--gradient_accumulation_steps", "1"],
                        env=_env(), capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
     _assert_same_adapter(one / "final_model", two / "final_model")
-    # accelerate launch with USAGE.md's `accelerate config` file (2 processes; on this CPU-only machine its
-    # MULTI_GPU launcher starts them over gloo) trains exactly what torchrun does, and says that accelerate's
-    # mixed_precision (bf16 in the file) is not what decides the precision.
+    # accelerate launch with USAGE.md's `accelerate config` file (2 processes; on this CPU-only
+    # machine its MULTI_GPU launcher starts them over gloo) trains exactly what torchrun does, and
+    # says that accelerate's mixed_precision (bf16 in the file) is not what decides the precision.
     acc_cfg = tmp_path / "accelerate.yaml"
     acc_cfg.write_text(_usage_accelerate_config(), encoding="utf-8")
     three = tmp_path / "accelerate"
     r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(acc_cfg),
-                        str(SCRIPT), *args, "--output_dir", str(three), "--gradient_accumulation_steps", "1"],
+                        str(SCRIPT), *args, "--output_dir", str(three),
+                        "--gradient_accumulation_steps", "1"],
                        env=_env(), capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
     _assert_same_adapter(two / "final_model", three / "final_model", atol=0)
@@ -327,12 +348,14 @@ def test_torchrun_two_processes_match_one_process(tmp_path, tiny_model_dir, exam
     assert steps(three) == steps(two)  # every logged loss and held-out loss, digit for digit
     s3 = json.loads((three / "final_model" / "trainer_state.json").read_text())
     assert s3["run"]["world_size"] == 2 and s3["precision"] == "no"
-    assert "accelerate's mixed_precision setting (bf16) is not used" in (three / "logs" / "train.log").read_text()
+    assert "accelerate's mixed_precision setting (bf16) is not used" in (three / "logs"
+                                                                         / "train.log").read_text()
     s1 = json.loads((one / "final_model" / "trainer_state.json").read_text())
     s2 = json.loads((two / "final_model" / "trainer_state.json").read_text())
     assert s2["run"]["world_size"] == 2 and s2["effective_batch"] == s1["effective_batch"] == 4
     assert s2["best_metric"] == pytest.approx(s1["best_metric"], abs=1e-5)
-    # The logs are the whole step's on every process count: loss, per-codebook losses, samples, null-condition share.
+    # The logs are the whole step's on every process count: loss, per-codebook losses, samples,
+    # null-condition share.
     log1, log2 = ([e for e in _metrics(out) if "lr" in e] for out in (one, two))
     assert [e["step"] for e in log1] == [e["step"] for e in log2] == [1, 2, 3]
     for a, b in zip(log1, log2):
@@ -342,7 +365,8 @@ def test_torchrun_two_processes_match_one_process(tmp_path, tiny_model_dir, exam
 
 
 def _usage_accelerate_config() -> str:
-    """The `accelerate config` file of USAGE.md's multi-GPU recipe (the yaml block after its marker)."""
+    """The `accelerate config` file of USAGE.md's multi-GPU recipe (the yaml block after its
+    marker)."""
     import re
 
     text = (ROOT / "USAGE.md").read_text(encoding="utf-8")
@@ -354,10 +378,11 @@ def _usage_accelerate_config() -> str:
 def test_gradient_checkpointing_trains_the_same(tmp_path, tiny_model_dir, example_data_dir):
     from lora import train_lora
 
-    args = _short(tiny_model_dir, example_data_dir, tmp_path / "plain", "--max_steps", "2", "--learning_rate", "0.003")
+    args = _short(tiny_model_dir, example_data_dir, tmp_path / "plain", "--max_steps", "2",
+                  "--learning_rate", "0.003")
     assert train_lora.main(args) == 0
-    args = _short(tiny_model_dir, example_data_dir, tmp_path / "gc", "--max_steps", "2", "--learning_rate", "0.003",
-                  "--gradient_checkpointing")
+    args = _short(tiny_model_dir, example_data_dir, tmp_path / "gc", "--max_steps", "2",
+                  "--learning_rate", "0.003", "--gradient_checkpointing")
     assert train_lora.main(args) == 0
     _assert_same_adapter(tmp_path / "plain" / "final_model", tmp_path / "gc" / "final_model")
     assert "gradient checkpointing" in (tmp_path / "gc" / "logs" / "train.log").read_text()
@@ -370,8 +395,10 @@ def test_help_lists_the_seed_flags(capsys):
         train_lora.main(["--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--model_path", "--data_dir", "--metadata_file", "--output_dir", "--lora_rank", "--lora_alpha",
-                 "--batch_size", "--num_epochs", "--fp16", "--resume_from_checkpoint", "--gradient_checkpointing"):
+    for flag in ("--model_path", "--data_dir", "--metadata_file", "--output_dir", "--lora_rank",
+                 "--lora_alpha",
+                 "--batch_size", "--num_epochs", "--fp16", "--resume_from_checkpoint",
+                 "--gradient_checkpointing"):
         assert flag in text
 
 
@@ -380,14 +407,16 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path, tiny_model_dir, ex
     from lora.common.cli import UserError
 
     with pytest.raises(UserError, match="no complete checkpoint"):
-        train_lora.main(_short(tiny_model_dir, example_data_dir, tmp_path / "out", "--resume_from_checkpoint", "latest"))
+        train_lora.main(_short(tiny_model_dir, example_data_dir, tmp_path / "out",
+                               "--resume_from_checkpoint", "latest"))
     with pytest.raises(UserError, match="not a complete checkpoint"):
-        train_lora.main(_short(tiny_model_dir, example_data_dir, tmp_path / "out", "--resume_from_checkpoint",
-                               str(tmp_path)))
+        train_lora.main(_short(tiny_model_dir, example_data_dir, tmp_path / "out",
+                               "--resume_from_checkpoint", str(tmp_path)))
 
 
 def test_fresh_run_does_not_mix_with_an_earlier_run(tmp_path, tiny_model_dir, example_data_dir):
-    """An earlier run's checkpoints would be taken for the new run's by 'latest': refuse, or delete on request."""
+    """An earlier run's checkpoints would be taken for the new run's by 'latest': refuse, or delete
+    on request."""
     from lora import train_lora
     from lora.common.cli import UserError
 
@@ -395,7 +424,9 @@ def test_fresh_run_does_not_mix_with_an_earlier_run(tmp_path, tiny_model_dir, ex
     (out / "checkpoints" / "step-000500").mkdir(parents=True)
     (out / "checkpoints" / "step-000500" / "trainer_state.json").write_text('{"global_step": 500}')
     (out / "best_model").mkdir()
-    with pytest.raises(UserError, match=r"earlier training run.*--resume_from_checkpoint latest.*--overwrite_output_dir"):
+    with pytest.raises(UserError,
+                       match=r"earlier training run.*--resume_from_checkpoint "
+                             r"latest.*--overwrite_output_dir"):
         train_lora.main(_short(tiny_model_dir, example_data_dir, out))
     assert (out / "checkpoints" / "step-000500").is_dir()  # nothing deleted without being asked
     assert train_lora.main(_short(tiny_model_dir, example_data_dir, out, "--overwrite_output_dir")) == 0
@@ -407,25 +438,26 @@ def test_fresh_run_does_not_mix_with_an_earlier_run(tmp_path, tiny_model_dir, ex
 # test_model.py runs train_lora.py's preparation and step
 # ------------------------------------------------------------------------------------------
 def test_test_model_step_equals_the_training_step(tmp_path, tiny_model_dir, example_data_dir):
-    """On the same batch, test_model's check gives the loss and LoRA gradients of train_lora.py's first
-    micro-batch, in the default precision (bf16 autocast + bf16 frozen weights where the CPU runs it fast): same
-    model preparation (LoRA init, frozen-weight dtype, decoder dropout, CPU kernels), same step."""
+    """On the same batch, test_model's check gives the loss and LoRA gradients of train_lora.py's
+    first micro-batch, in the default precision (bf16 autocast + bf16 frozen weights where the CPU
+    runs it fast): same model preparation (LoRA init, frozen-weight dtype, decoder dropout, CPU
+    kernels), same step."""
     from lora import test_model, train_lora
-    from lora.training import model_prep
-    from lora.training import plan
+    from lora.common.cli import log
     from lora.config import parse_config
     from lora.modeling.loading import load_base_model
-    from lora.common.cli import log
+    from lora.training import model_prep, plan
 
     cfg, _ = parse_config(["--model_path", str(tiny_model_dir), "--data_dir", str(example_data_dir),
-                           "--output_dir", str(tmp_path / "out"), "--batch_size", "2"], sections=train_lora.SECTIONS)
+                           "--output_dir", str(tmp_path / "out"), "--batch_size", "2"],
+                          sections=train_lora.SECTIONS)
     handlers = list(log.handlers)
     run = train_lora.set_up(cfg)  # what train_lora.main runs before its loop
     try:
         model, processor, info = load_base_model(cfg.model)
         torch.manual_seed(0)
-        tm_model, batch, tm_loss = test_model.training_step(cfg, model, processor, info, torch.device("cpu"), 1.0,
-                                                            run.precision)
+        tm_model, batch, tm_loss = test_model.training_step(cfg, model, processor, info,
+                                                            torch.device("cpu"), 1.0, run.precision)
         tm_loss.loss.backward()
         # train_lora's loop: training mode, the first micro-batch's dropout seed, the step
         model_prep.set_train_mode(run.model, run.cache_text)
@@ -458,7 +490,8 @@ def test_auto_cadence_is_about_ten_per_run():
     for total in range(30, 5001):
         n = len(plan.events_in_run(plan.auto_interval(total), total))
         assert 8 <= n <= 13, (total, n)
-    assert plan.auto_interval(90) == 10  # the quick start: steps 10, 20, ..., 90 (30, 60, 90 as before)
+    # the quick start: steps 10, 20, ..., 90 (30, 60, 90 as before)
+    assert plan.auto_interval(90) == 10
     assert plan.events_in_run(7, 20) == [7, 14, 20]  # the last step always
     # An explicit number keeps its meaning (the seed's runs: validations at 100, 200 and the end).
     assert plan.resolve_every("100", 285) == (100, False)
@@ -498,23 +531,27 @@ def _checkpoint_steps(out: Path) -> list[int]:
 
 def test_auto_run_validates_and_checkpoints_ten_times_and_validation_leaves_training_alone(
         tmp_path, tiny_model_dir, example_data_dir):
-    """A real 20-step run with the defaults (auto): validations before the first step and at 2, 4, ..., 20, a
-    checkpoint at each of those steps, and the banner says so. The same run validating and saving only at the end
-    trains bit for bit the same: validation and checkpoints do not touch the training's random numbers."""
+    """A real 20-step run with the defaults (auto): validations before the first step and at 2, 4,
+    ..., 20, a checkpoint at each of those steps, and the banner says so. The same run validating
+    and saving only at the end trains bit for bit the same: validation and checkpoints do not touch
+    the training's random numbers."""
     from lora import train_lora
 
     auto = tmp_path / "auto"
-    assert train_lora.main(_short(tiny_model_dir, example_data_dir, auto, "--max_steps", "20", "--eval_steps", "auto",
+    assert train_lora.main(_short(tiny_model_dir, example_data_dir, auto, "--max_steps", "20",
+                                  "--eval_steps", "auto",
                                   "--save_steps", "auto", "--save_total_limit", "20")) == 0
     evals = [e["step"] for e in _metrics(auto) if "val_loss" in e]
     assert evals == [0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20]
     assert _checkpoint_steps(auto) == [2, 4, 6, 8, 10, 12, 14, 16, 18, 20]
     banner = (auto / "logs" / "train.log").read_text()
-    assert ("validation before the first step and every 2 steps (eval_steps auto: about 10 per run, 10 in this run); "
-            "checkpoint every 2 steps (save_steps auto: about 10 per run, 10 in this run) and at least every 30 min"
+    assert ("validation before the first step and every 2 steps (eval_steps auto: about 10 per "
+            "run, 10 in this run); checkpoint every 2 steps (save_steps auto: about 10 per run, 10 "
+            "in this run) and at least every 30 min"
             in banner)
     rare = tmp_path / "rare"
-    assert train_lora.main(_short(tiny_model_dir, example_data_dir, rare, "--max_steps", "20", "--eval_steps", "1000",
+    assert train_lora.main(_short(tiny_model_dir, example_data_dir, rare, "--max_steps", "20",
+                                  "--eval_steps", "1000",
                                   "--save_steps", "1000", "--save_minutes", "0")) == 0
     assert [e["step"] for e in _metrics(rare) if "val_loss" in e] == [0, 20]
     assert _checkpoint_steps(rare) == [20]
@@ -524,31 +561,35 @@ def test_auto_run_validates_and_checkpoints_ten_times_and_validation_leaves_trai
 
 
 def test_wall_time_checkpoints(tmp_path, tiny_model_dir, example_data_dir):
-    """save_minutes: a checkpoint whenever that much wall time passed since the last one, whatever save_steps says
-    (here 6 microseconds: every step); 0 = only save_steps and the end."""
+    """save_minutes: a checkpoint whenever that much wall time passed since the last one, whatever
+    save_steps says (here 6 microseconds: every step); 0 = only save_steps and the end."""
     from lora import train_lora
 
     often = tmp_path / "often"
-    assert train_lora.main(_short(tiny_model_dir, example_data_dir, often, "--max_steps", "3", "--save_steps", "1000",
+    assert train_lora.main(_short(tiny_model_dir, example_data_dir, often, "--max_steps", "3",
+                                  "--save_steps", "1000",
                                   "--save_minutes", "1e-7", "--save_total_limit", "5")) == 0
     assert _checkpoint_steps(often) == [1, 2, 3]
     off = tmp_path / "off"
-    assert train_lora.main(_short(tiny_model_dir, example_data_dir, off, "--max_steps", "3", "--save_steps", "1000",
+    assert train_lora.main(_short(tiny_model_dir, example_data_dir, off, "--max_steps", "3",
+                                  "--save_steps", "1000",
                                   "--save_minutes", "0", "--save_total_limit", "5")) == 0
     assert _checkpoint_steps(off) == [3]
 
 
 def test_timing_says_where_the_cold_start_went(trained_output_dir):
-    """logs/timing.json (bench_train.py --cold_start reads it): every phase of the run from the process start,
-    the steps counted as run, and the phases adding up to the whole."""
+    """logs/timing.json (bench_train.py --cold_start reads it): every phase of the run from the
+    process start, the steps counted as run, and the phases adding up to the whole."""
     t = json.loads((trained_output_dir / "logs" / "timing.json").read_text(encoding="utf-8"))
-    for key in ("start-up", "load", "token cache", "LoRA set-up", "base held-out loss", "first step", "steady step",
-                "validation", "checkpoints", "final save", "total"):
+    for key in ("start-up", "load", "token cache", "LoRA set-up", "base held-out loss",
+                "first step", "steady step", "validation", "checkpoints", "final save", "total"):
         assert key in t and t[key] is not None and t[key] >= 0, key
     assert t["steady steps"] == 3  # max_steps 4: the first apart, then 3
     assert t["token cache"] > 0 and t["start-up"] > 0
     summed = [v for k, v in t.items() if k not in ("total", "steady step", "steady steps", "first step")]
-    rounding = 0.0005 * (len(summed) + 1) + 1e-9  # every figure is rounded to the millisecond, the total too
-    assert t["total"] - 0.5 <= sum(summed) <= t["total"] + rounding  # nothing is counted twice, little uncounted
+    # every figure is rounded to the millisecond, the total too
+    rounding = 0.0005 * (len(summed) + 1) + 1e-9
+    # nothing is counted twice, little uncounted
+    assert t["total"] - 0.5 <= sum(summed) <= t["total"] + rounding
     log_text = (trained_output_dir / "logs" / "train.log").read_text(encoding="utf-8")
     assert "Where the time went: start-up" in log_text

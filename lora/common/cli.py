@@ -1,5 +1,6 @@
-"""What every script's main() shares: the ``lora`` logger, user errors (printed without a traceback),
-Ctrl-C with a note of what was saved, the ``run_main`` wrapper, and numbers in words (bytes, seconds).
+"""What every script's main() shares: the ``lora`` logger, user errors (printed without a
+traceback), Ctrl-C with a note of what was saved, the ``run_main`` wrapper, and numbers in words
+(bytes, seconds).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ log = logging.getLogger("lora")
 
 
 class UserError(Exception):
-    """A problem the user can fix (missing file, wrong path, bad data). Printed without a traceback."""
+    """A problem the user can fix (missing file, wrong path, bad data). Printed without a
+    traceback."""
 
 
 def setup_logging(level=logging.INFO) -> None:
@@ -38,8 +40,8 @@ class Interrupted(KeyboardInterrupt):
 
 @contextlib.contextmanager
 def on_interrupt(note: Callable[[], str]):
-    """While the block runs, Ctrl-C ends the script with ``note()`` (evaluated when it happens) after
-    "interrupted:"."""
+    """While the block runs, Ctrl-C ends the script with ``note()`` (evaluated when it happens)
+    after "interrupted:"."""
     try:
         yield
     except Interrupted:
@@ -58,8 +60,8 @@ def interrupt_message(e: BaseException) -> str:
 
 
 def run_main(main: Callable[[list[str] | None], int], argv=None) -> int:
-    """Run a script's main(argv); turn user errors into one clear message and exit code 2 (a full disk too, as a
-    message naming the file; Ctrl-C: exit code 130 and what was saved)."""
+    """Run a script's main(argv); turn user errors into one clear message and exit code 2 (a full
+    disk too, as a message naming the file; Ctrl-C: exit code 130 and what was saved)."""
     setup_logging()
     try:
         return main(argv)
@@ -89,8 +91,9 @@ def human_bytes(n: float) -> str:
 
 def disk_full_message(e: OSError, need: str = "") -> str:
     where = f" while writing {e.filename}" if e.filename else ""
-    return (f"The disk is full{where} ({e.strerror}). Free some space{f' ({need})' if need else ''} and run the "
-            f"same command again; what was finished and saved is kept.")
+    return (f"The disk is full{where} ({e.strerror}). Free some "
+            f"space{f' ({need})' if need else ''} and run the same command again; what was "
+            f"finished and saved is kept.")
 
 
 def human_seconds(s: float) -> str:
@@ -103,12 +106,13 @@ def human_seconds(s: float) -> str:
 
 
 def process_start_time() -> float:
-    """When this process started (time.time() scale): from /proc on Linux (the interpreter's own start-up
-    included, to 10 ms), else when this module was first imported."""
+    """When this process started (time.time() scale): from /proc on Linux (the interpreter's own
+    start-up included, to 10 ms), else when this module was first imported."""
     try:
         ticks = os.sysconf("SC_CLK_TCK")
         with open("/proc/self/stat", encoding="ascii") as fh:
-            start_ticks = int(fh.read().rsplit(")", 1)[1].split()[19])  # field 22 (starttime), after "(comm)"
+            # field 22 (starttime), after "(comm)"
+            start_ticks = int(fh.read().rsplit(")", 1)[1].split()[19])
         with open("/proc/uptime", encoding="ascii") as fh:
             uptime = float(fh.read().split()[0])
     except (OSError, ValueError, IndexError):  # not Linux: the import time is the nearest clock

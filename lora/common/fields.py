@@ -1,6 +1,7 @@
-"""How a setting of the schema (lora/config.py) is declared, typed, range-checked and read: the field helper, the
-value coercion of YAML and flag values, the YAML file reader and the flag parser's error handling. Generic: the
-schema itself (the sections, their defaults and ranges) lives in lora/config.py.
+"""How a setting of the schema (lora/config.py) is declared, typed, range-checked and read: the
+field helper, the value coercion of YAML and flag values, the YAML file reader and the flag parser's
+error handling. Generic: the schema itself (the sections, their defaults and ranges) lives in
+lora/config.py.
 """
 
 from __future__ import annotations
@@ -17,18 +18,20 @@ from lora.common.cli import UserError, log
 
 
 class ConfigError(UserError):
-    """A user mistake in config.yaml or on the command line. The message names the key and the fix."""
+    """A user mistake in config.yaml or on the command line. The message names the key and the
+    fix."""
 
 
-def _f(default, help: str, *, aliases=(), kind: str | None = None, choices=None, ge=None, gt=None, le=None,
-       lt=None, also=(), hint: str = "", many: bool = False):
-    """A schema field. ``kind`` is "path" (a file or folder) or "model" (a path, hub id or built-in). Its allowed
-    values are declared here, once: ``choices``, or a range (``ge`` >=, ``gt`` >, ``le`` <=, ``lt`` <) plus single
-    values ``also`` allowed outside it (e.g. -1 = off); ``hint`` is the rule of thumb an error message adds. null
-    (None) is always allowed for an Optional field. ``many``: the field also takes a list of such values (a YAML list;
-    several values after the flag); a single value stays a plain value."""
-    md = {"help": help, "aliases": tuple(aliases), "kind": kind, "choices": choices, "ge": ge, "gt": gt, "le": le,
-          "lt": lt, "also": tuple(also), "hint": hint, "many": many}
+def _f(default, help: str, *, aliases=(), kind: str | None = None, choices=None, ge=None, gt=None,
+       le=None, lt=None, also=(), hint: str = "", many: bool = False):
+    """A schema field. ``kind`` is "path" (a file or folder) or "model" (a path, hub id or
+    built-in). Its allowed values are declared here, once: ``choices``, or a range (``ge`` >=,
+    ``gt`` >, ``le`` <=, ``lt`` <) plus single values ``also`` allowed outside it (e.g. -1 = off);
+    ``hint`` is the rule of thumb an error message adds. null (None) is always allowed for an
+    Optional field. ``many``: the field also takes a list of such values (a YAML list; several
+    values after the flag); a single value stays a plain value."""
+    md = {"help": help, "aliases": tuple(aliases), "kind": kind, "choices": choices, "ge": ge,
+          "gt": gt, "le": le, "lt": lt, "also": tuple(also), "hint": hint, "many": many}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=md)
     return field(default=default, metadata=md)
@@ -45,7 +48,8 @@ def _base_type(tp):
 
 def _type_name(tp) -> str:
     base, opt = _base_type(tp)
-    name = {bool: "true/false", int: "integer", float: "number", str: "text", list: "list of text"}.get(base, str(base))
+    name = {bool: "true/false", int: "integer", float: "number", str: "text",
+            list: "list of text"}.get(base, str(base))
     return name + (" or null" if opt else "")
 
 
@@ -53,13 +57,15 @@ def _coerce(section: str, name: str, value, tp, meta, source: str):
     """Check and convert one value from YAML; raise ConfigError naming the key."""
     if meta.get("many") and isinstance(value, list):
         if not value:
-            raise ConfigError(f"{section}.{name}" + (f" in {source}" if source else "") + ": the list is empty; "
-                              "give one value or a list of values, or delete the line to use the default.")
+            raise ConfigError(f"{section}.{name}" + (f" in {source}" if source else "")
+                              + ": the list is empty; "
+                              "give one value or a list of values, or delete the line to use the "
+                              "default.")
         return [_coerce(section, f"{name}[{i}]", v, tp, meta, source) for i, v in enumerate(value)]
     base, optional = _base_type(tp)
     where = f"{section}.{name}" + (f" in {source}" if source else "")
-    bad = ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}. Fix the value or delete the line to use "
-                      f"the default.")
+    bad = ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}. Fix the value or delete "
+                      f"the line to use the default.")
     if value is None:
         if optional:
             return None
@@ -109,8 +115,8 @@ def _num(x) -> str:
 
 
 def range_text(meta) -> str:
-    """The allowed values of a field in words: 'at least 1', '>= 1', 'in [0, 1)', '> 0 and at most 3600', ...;
-    '' when the field declares no range."""
+    """The allowed values of a field in words: 'at least 1', '>= 1', 'in [0, 1)', '> 0 and at most
+    3600', ...; '' when the field declares no range."""
     ge, gt, le, lt = meta.get("ge"), meta.get("gt"), meta.get("le"), meta.get("lt")
     if ge is not None and (le is not None or lt is not None):
         text = f"in [{_num(ge)}, {_num(le if le is not None else lt)}{']' if le is not None else ')'}"
@@ -125,17 +131,18 @@ def range_text(meta) -> str:
 
 
 def value_problem(meta, value, label: str) -> Optional[str]:
-    """The problem with one value of a field (its declared range), in the user's words naming ``label``; None when
-    the value is allowed."""
+    """The problem with one value of a field (its declared range), in the user's words naming
+    ``label``; None when the value is allowed."""
     import math
 
-    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) or not range_text(meta):
+    if value is None or isinstance(value, bool) or not isinstance(value,
+                                                                  (int, float)) or not range_text(meta):
         return None
     if value in meta.get("also", ()):
         return None
     ok = math.isfinite(value)
-    for key, test in (("ge", lambda b: value >= b), ("gt", lambda b: value > b), ("le", lambda b: value <= b),
-                      ("lt", lambda b: value < b)):
+    for key, test in (("ge", lambda b: value >= b), ("gt", lambda b: value > b),
+                      ("le", lambda b: value <= b), ("lt", lambda b: value < b)):
         if meta.get(key) is not None and ok:
             ok = test(meta[key])
     if ok:
@@ -147,7 +154,8 @@ def value_problem(meta, value, label: str) -> Optional[str]:
 def _check_choice(where: str, value, meta):
     choices = meta.get("choices")
     if choices is not None and value is not None and value not in choices:
-        raise ConfigError(f"{where}: {value!r} is not allowed; choose one of {', '.join(map(str, choices))}.")
+        raise ConfigError(f"{where}: {value!r} is not allowed; choose one of "
+                          f"{', '.join(map(str, choices))}.")
 
 
 def _unknown_key_error(kind: str, key: str, allowed, where: str) -> ConfigError:
@@ -163,22 +171,24 @@ def load_yaml(path: str | os.PathLike) -> dict:
 
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"Config file not found: {p}. Pass --config PATH to an existing YAML file, or run from the "
-                          f"repository that holds config.yaml.")
+        raise ConfigError(f"Config file not found: {p}. Pass --config PATH to an existing YAML "
+                          f"file, or run from the repository that holds config.yaml.")
     raw = p.read_bytes()
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = raw[:e.start].count(b"\n") + 1
-        raise ConfigError(f"{p} is not UTF-8 text: byte {raw[e.start:e.start + 1]!r} on line {line} (a character "
-                          f"saved in another encoding, e.g. Latin-1, even in a comment). Save the file as UTF-8 "
-                          f"(your editor's encoding setting) and run again.") from None
+        raise ConfigError(f"{p} is not UTF-8 text: byte {raw[e.start:e.start + 1]!r} on line "
+                          f"{line} (a character saved in another encoding, e.g. Latin-1, even in a "
+                          f"comment). Save the file as UTF-8 (your editor's encoding setting) and "
+                          f"run again.") from None
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{p} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{p}: the top level must be sections (model:, lora:, data:, ...), got {type(data).__name__}.")
+        raise ConfigError(f"{p}: the top level must be sections (model:, lora:, data:, ...), got "
+                          f"{type(data).__name__}.")
     return data
 
 
@@ -186,7 +196,8 @@ def load_yaml(path: str | os.PathLike) -> dict:
 # Command line
 # --------------------------------------------------------------------------------------------
 class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse's default prints usage and exits 2; we raise with the message
+    # argparse's default prints usage and exits 2; we raise with the message
+    def error(self, message):
         if "unrecognized arguments" in message:
             import difflib
 
@@ -225,8 +236,8 @@ def _argtype(name, base, optional):
 
 
 def _refuse_repeated_flags(parser: argparse.ArgumentParser, argv: list) -> None:
-    """A flag given twice (or under two of its names) would silently keep the last value: refuse it. A list flag
-    (--prompts) given twice keeps all the values, and says so."""
+    """A flag given twice (or under two of its names) would silently keep the last value: refuse it.
+    A list flag (--prompts) given twice keeps all the values, and says so."""
     by_flag = {o: a for a in parser._actions for o in a.option_strings}
     seen: dict[str, str] = {}
     for tok in map(str, argv):
@@ -247,8 +258,9 @@ def _refuse_repeated_flags(parser: argparse.ArgumentParser, argv: list) -> None:
 
 
 def apply_yaml(cfg, sections: dict[str, type], data: dict, source: str, resolve: Callable) -> None:
-    """Validate a YAML mapping against the schema (``sections``: name -> section dataclass) and write its values into
-    cfg (an object with one attribute per section); ``resolve(value, kind)`` turns a path-like value into a path."""
+    """Validate a YAML mapping against the schema (``sections``: name -> section dataclass) and
+    write its values into cfg (an object with one attribute per section); ``resolve(value, kind)``
+    turns a path-like value into a path."""
     for section, values in data.items():
         if section not in sections:
             raise _unknown_key_error("section", str(section), sections, f" in {source}")
@@ -261,11 +273,13 @@ def apply_yaml(cfg, sections: dict[str, type], data: dict, source: str, resolve:
         fields = {f.name: f for f in dataclasses.fields(obj)}
         for key, value in values.items():
             if key not in fields:
-                home = [name for name, cls in sections.items() if key in {f.name for f in dataclasses.fields(cls)}]
+                home = [name for name, cls in sections.items()
+                        if key in {f.name for f in dataclasses.fields(cls)}]
                 if home:
-                    raise ConfigError(f"'{key}' is a key of section '{home[0]}', not of '{section}' (in {source}): "
-                                      f"move it under '{home[0]}:'.")
-                raise _unknown_key_error("key", f"{section}.{key}", [f"{section}.{k}" for k in fields], f" in {source}")
+                    raise ConfigError(f"'{key}' is a key of section '{home[0]}', not of "
+                                      f"'{section}' (in {source}): move it under '{home[0]}:'.")
+                raise _unknown_key_error("key", f"{section}.{key}",
+                                         [f"{section}.{k}" for k in fields], f" in {source}")
             md = fields[key].metadata
             v = _coerce(section, key, value, hints[key], md, source)
             if isinstance(v, str):
@@ -275,9 +289,11 @@ def apply_yaml(cfg, sections: dict[str, type], data: dict, source: str, resolve:
             setattr(obj, key, v)
 
 
-def build_parser(description: str, sections: dict[str, type], extra=None, config_help: str = "YAML config file"
+def build_parser(description: str, sections: dict[str, type], extra=None,
+                 config_help: str = "YAML config file"
                  ) -> tuple[argparse.ArgumentParser, dict]:
-    """An argparse parser whose flags come from the fields of ``sections`` (name -> section dataclass).
+    """An argparse parser whose flags come from the fields of ``sections`` (name -> section
+    dataclass).
 
     When two listed sections have a field of the same name, the first section listed owns the flag.
     Returns the parser and a map dest -> (section, field name).
@@ -306,12 +322,15 @@ def build_parser(description: str, sections: dict[str, type], extra=None, config
             if base is bool:
                 kw.update(nargs="?", const=True, type=_parse_bool(f.name), metavar="BOOL")
             elif base is list:
-                kw.update(nargs="+", metavar="TEXT", action="extend")  # given twice: both lists are used
+                # given twice: both lists are used
+                kw.update(nargs="+", metavar="TEXT", action="extend")
             else:
                 kw.update(type=_argtype(f.name, base, optional))
                 if f.metadata.get("many"):
-                    kw["nargs"] = "+"  # one value or several (given twice: refused, like any other flag)
-                kw["metavar"] = {int: "N", float: "X"}.get(base, "PATH" if f.metadata.get("kind") else "TEXT")
+                    # one value or several (given twice: refused, like any other flag)
+                    kw["nargs"] = "+"
+                kw["metavar"] = {int: "N", float: "X"}.get(base, "PATH" if f.metadata.get("kind")
+                                                           else "TEXT")
                 if f.metadata.get("choices"):
                     kw["metavar"] = "{" + ",".join(map(str, f.metadata["choices"])) + "}"
             group.add_argument(*flags, **kw)
@@ -321,7 +340,8 @@ def build_parser(description: str, sections: dict[str, type], extra=None, config
 
 
 def markdown_reference(sections: dict[str, type]) -> str:
-    """Every key and flag of ``sections`` as Markdown tables (USAGE.md embeds the schema's; a test keeps it in step)."""
+    """Every key and flag of ``sections`` as Markdown tables (USAGE.md embeds the schema's; a test
+    keeps it in step)."""
     out = []
     for name, cls in sections.items():
         out.append(f"#### `{name}:`\n")
@@ -331,7 +351,8 @@ def markdown_reference(sections: dict[str, type]) -> str:
         for f in dataclasses.fields(cls):
             flags = " ".join(f"`--{n}`" for n in (f.name, *f.metadata.get("aliases", ())))
             d = getattr(defaults, f.name)
-            d = "null" if d is None else ("[]" if d == [] else str(d).lower() if isinstance(d, bool) else d)
+            d = "null" if d is None else ("[]" if d == [] else str(d).lower() if isinstance(d, bool)
+                                          else d)
             helptext = f.metadata.get("help", "").replace("|", "\\|")
             if f.metadata.get("choices"):
                 helptext += " (" + " \\| ".join(map(str, f.metadata["choices"])) + ")"

@@ -1,5 +1,6 @@
-"""Files and folders: atomic writes (temp file + fsync + rename, so a crash never leaves a half-written file
-that looks complete), inter-process locks, free-space checks and the check of an output folder.
+"""Files and folders: atomic writes (temp file + fsync + rename, so a crash never leaves a
+half-written file that looks complete), inter-process locks, free-space checks and the check of an
+output folder.
 """
 
 from __future__ import annotations
@@ -24,17 +25,20 @@ def free_bytes(path: str | os.PathLike) -> int:
 
 
 def check_free_space(path: str | os.PathLike, need_bytes: float, what: str) -> None:
-    """UserError when the disk of ``path`` has less than ``need_bytes`` free (``what`` says what needs it)."""
+    """UserError when the disk of ``path`` has less than ``need_bytes`` free (``what`` says what
+    needs it)."""
     free = free_bytes(path)
     if free < need_bytes:
-        raise UserError(f"Not enough free disk space in {path}: {what} needs about {human_bytes(need_bytes)}, "
-                        f"{human_bytes(free)} are free. Free some space, or choose an output folder on another disk.")
+        raise UserError(f"Not enough free disk space in {path}: {what} needs about "
+                        f"{human_bytes(need_bytes)}, {human_bytes(free)} are free. Free some "
+                        f"space, or choose an output folder on another disk.")
 
 
 def check_output_dir(path: str | os.PathLike, flag: str) -> Path:
-    """The folder a script will write into, checked once before any work: no file in the way, and the folder (or,
-    while it does not exist, the nearest existing folder above it) writable. UserError naming the path and ``flag``
-    otherwise. Nothing is created or changed (a probe file is made and removed at once)."""
+    """The folder a script will write into, checked once before any work: no file in the way, and
+    the folder (or, while it does not exist, the nearest existing folder above it) writable.
+    UserError naming the path and ``flag`` otherwise. Nothing is created or changed (a probe file is
+    made and removed at once)."""
     p = Path(path)
     existing = next(q for q in [p, *p.parents] if q.exists() or q == q.parent)
     if not existing.is_dir():
@@ -45,8 +49,8 @@ def check_output_dir(path: str | os.PathLike, flag: str) -> Path:
         os.unlink(probe)
     except OSError as e:
         where = "" if existing == p else f" (it would be made in {existing})"
-        raise UserError(f"{flag} {p} is not writable{where}: {e.strerror} (a read-only disk, or no permission). "
-                        f"Choose a folder you can write to.") from None
+        raise UserError(f"{flag} {p} is not writable{where}: {e.strerror} (a read-only disk, or no "
+                        f"permission). Choose a folder you can write to.") from None
     return p
 
 
@@ -55,7 +59,8 @@ def file_lock(path: str | os.PathLike):
     """An exclusive inter-process lock on ``path`` (fcntl; a no-op where fcntl does not exist)."""
     try:
         import fcntl
-    except ImportError:  # Windows: callers only use it to avoid doing work twice (atomic renames keep it safe)
+    # Windows: callers only use it to avoid doing work twice (atomic renames keep it safe)
+    except ImportError:
         yield
         return
     with open(path, "a+") as fh:
@@ -81,7 +86,8 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None):
     """Yield a temporary path next to ``path``; on success it is renamed to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or (path.suffix + ".tmp"), dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or (path.suffix + ".tmp"),
+                               dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes owner-only files; give the usual permissions
@@ -106,13 +112,15 @@ def atomic_write_json(path: str | os.PathLike, obj) -> Path:
 
 
 def fsync_file(path: str | os.PathLike) -> None:
-    """Flush a file's data to the disk (so a power loss cannot leave it truncated after a rename)."""
+    """Flush a file's data to the disk (so a power loss cannot leave it truncated after a
+    rename)."""
     with open(path, "rb+") as fh:
         os.fsync(fh.fileno())
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
-    """Flush a folder's entries (new names, renames) to the disk; a no-op where folders cannot be opened (Windows)."""
+    """Flush a folder's entries (new names, renames) to the disk; a no-op where folders cannot be
+    opened (Windows)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -120,7 +128,8 @@ def fsync_dir(path: str | os.PathLike) -> None:
     try:
         os.fsync(fd)
     except OSError as e:
-        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):  # (file systems that cannot sync a folder)
+        # (file systems that cannot sync a folder)
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
             raise
     finally:
         os.close(fd)
@@ -128,9 +137,10 @@ def fsync_dir(path: str | os.PathLike) -> None:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike):
-    """Yield a temporary folder next to ``path``; on success it replaces ``path`` as a whole. Durable: every file in
-    it and the folder itself are flushed to the disk before the rename, and the parent after it, so once this
-    returns the folder survives a power loss whole (or, before, the old one stays)."""
+    """Yield a temporary folder next to ``path``; on success it replaces ``path`` as a whole.
+    Durable: every file in it and the folder itself are flushed to the disk before the rename, and
+    the parent after it, so once this returns the folder survives a power loss whole (or, before,
+    the old one stays)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))

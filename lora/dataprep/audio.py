@@ -1,14 +1,15 @@
-"""Audio in and out: decode any common format, resample, mix channels, cut clips, loudness. Pure functions.
+"""Audio in and out: decode any common format, resample, mix channels, cut clips, loudness. Pure
+functions.
 
-* Decoding: soundfile (libsndfile) reads WAV, FLAC, OGG/Vorbis, Opus, MP3, AIFF (and W64, CAF, ...) at any
-  sample rate and bit depth. M4A/AAC/MP4 need the optional decoder PyAV (``pip install av`` or
-  ``bash install.sh --extras``); it is imported only when such a file is opened.
-* Long files are read block by block (:func:`iter_audio`): nothing decodes a whole 20-minute file into
-  memory; the streaming soxr resampler (``soxr.ResampleStream``) keeps block borders seamless.
+* Decoding: soundfile (libsndfile) reads WAV, FLAC, OGG/Vorbis, Opus, MP3, AIFF (and W64, CAF, ...)
+  at any sample rate and bit depth. M4A/AAC/MP4 need the optional decoder PyAV (``pip install av``
+  or ``bash install.sh --extras``); it is imported only when such a file is opened.
+* Long files are read block by block (:func:`iter_audio`): nothing decodes a whole 20-minute file
+  into memory; the streaming soxr resampler (``soxr.ResampleStream``) keeps block borders seamless.
 * Arrays are float32 shaped ``(channels, samples)`` everywhere.
-* :class:`DecodeCounts` (passed to :func:`iter_audio`) counts NaN/inf samples and sets them to 0 before
-  they reach the resampler; :func:`scale_overs` divides a clip that peaks above 0 dBFS by its peak, so
-  writing it as PCM does not hard-clip it.
+* :class:`DecodeCounts` (passed to :func:`iter_audio`) counts NaN/inf samples and sets them to 0
+  before they reach the resampler; :func:`scale_overs` divides a clip that peaks above 0 dBFS by its
+  peak, so writing it as PCM does not hard-clip it.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from lora.common.cli import UserError
 from lora.common.files import atomic_path
 
 # Extensions scanned by prepare_data. Those in AV_EXTENSIONS need PyAV.
-SOUNDFILE_EXTENSIONS = (".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc",
-                        ".w64", ".caf", ".au", ".snd")
+SOUNDFILE_EXTENSIONS = (".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff",
+                        ".aifc", ".w64", ".caf", ".au", ".snd")
 AV_EXTENSIONS = (".m4a", ".aac", ".mp4", ".m4b")
 AUDIO_EXTENSIONS = SOUNDFILE_EXTENSIONS + AV_EXTENSIONS
 RESAMPLE_QUALITY = "HQ"  # soxr high quality
@@ -35,7 +36,8 @@ AV_HINT = "pip install av  (or: bash install.sh --extras)"
 
 
 class AudioError(UserError):
-    """A file that cannot be decoded (corrupt, truncated, not audio, or a missing optional decoder)."""
+    """A file that cannot be decoded (corrupt, truncated, not audio, or a missing optional
+    decoder)."""
 
 
 @dataclass
@@ -61,8 +63,9 @@ def _import_av(path):
     try:
         import av  # noqa: F401  (optional extra, imported lazily)
     except ImportError:
-        raise AudioError(f"{path}: {Path(path).suffix} files need the optional decoder PyAV, which is not "
-                         f"installed. Install it with: {AV_HINT}; or convert the file to WAV/FLAC.") from None
+        raise AudioError(f"{path}: {Path(path).suffix} files need the optional decoder PyAV, which "
+                         f"is not installed. Install it with: {AV_HINT}; or convert the file to "
+                         f"WAV/FLAC.") from None
     return av
 
 
@@ -110,9 +113,9 @@ def _short(e: BaseException) -> str:
 # Channels and sample rate
 # --------------------------------------------------------------------------------------------
 def mix_channels(x: np.ndarray, channels: int) -> np.ndarray:
-    """(C, N) -> (channels, N). Mono: the mean of all channels. Stereo: mono is duplicated; 5.1 (6 ch,
-    order L R C LFE Ls Rs) uses the ITU downmix without LFE; other layouts send even channels left and odd
-    channels right. Levels are normalised so nothing clips."""
+    """(C, N) -> (channels, N). Mono: the mean of all channels. Stereo: mono is duplicated; 5.1 (6
+    ch, order L R C LFE Ls Rs) uses the ITU downmix without LFE; other layouts send even channels
+    left and odd channels right. Levels are normalised so nothing clips."""
     x = np.asarray(x, dtype=np.float32)
     if x.ndim == 1:
         x = x[None]
@@ -158,7 +161,8 @@ class StreamResampler:
         if not self.identity:
             import soxr
 
-            self._rs = soxr.ResampleStream(sr_in, sr_out, channels, dtype="float32", quality=RESAMPLE_QUALITY)
+            self._rs = soxr.ResampleStream(sr_in, sr_out, channels, dtype="float32",
+                                           quality=RESAMPLE_QUALITY)
 
     def __call__(self, block: np.ndarray, last: bool = False) -> np.ndarray:
         if self.identity:
@@ -170,10 +174,13 @@ class StreamResampler:
 # --------------------------------------------------------------------------------------------
 # Decoding
 # --------------------------------------------------------------------------------------------
-def read_native_blocks(path: str | os.PathLike, block_seconds: float = 10.0) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield (native sample rate, (C, n) float32 block of about block_seconds) from the file, block by block.
+def read_native_blocks(path: str | os.PathLike,
+                       block_seconds: float = 10.0) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield (native sample rate, (C, n) float32 block of about block_seconds) from the file, block
+    by block.
 
-    Raises AudioError when the file cannot be opened or decoding fails part-way (the error says where).
+    Raises AudioError when the file cannot be opened or decoding fails part-way (the error says
+    where).
     """
     path = str(path)
     if not os.path.isfile(path):
@@ -196,8 +203,8 @@ def read_native_blocks(path: str | os.PathLike, block_seconds: float = 10.0) -> 
             try:
                 data = f.read(block_frames, dtype="float32", always_2d=True)
             except errors as e:
-                raise AudioError(f"decoding failed at {done / sr:.1f} s ({_short(e)}); the file is probably "
-                                 f"truncated or damaged") from None
+                raise AudioError(f"decoding failed at {done / sr:.1f} s ({_short(e)}); the file is "
+                                 f"probably truncated or damaged") from None
             if data.shape[0] == 0:
                 break
             done += data.shape[0]
@@ -236,15 +243,17 @@ def _read_av_blocks(path: str, block_seconds: float) -> Iterator[tuple[int, np.n
                     yield sr, np.concatenate(pending, axis=1)
                     pending, n = [], 0
         except (av.error.FFmpegError, ValueError) as e:  # type: ignore[attr-defined]
-            raise AudioError(f"decoding failed ({_short(e)}); the file is probably truncated or damaged") from None
+            raise AudioError(f"decoding failed ({_short(e)}); the file is probably truncated or "
+                             f"damaged") from None
         if pending:
             yield sr, np.concatenate(pending, axis=1)
 
 
 @dataclass
 class DecodeCounts:
-    """What :func:`iter_audio` saw in a file's own samples (all channels, at its own rate): how many, and how
-    many were NaN or infinite (those are replaced by 0 before mixing and resampling, which would spread them)."""
+    """What :func:`iter_audio` saw in a file's own samples (all channels, at its own rate): how
+    many, and how many were NaN or infinite (those are replaced by 0 before mixing and resampling,
+    which would spread them)."""
 
     samples: int = 0
     nonfinite: int = 0
@@ -259,11 +268,13 @@ class DecodeCounts:
 
 
 def iter_audio(path: str | os.PathLike, sample_rate: int, channels: int = 1,
-               block_seconds: float = 10.0, counts: Optional[DecodeCounts] = None) -> Iterator[np.ndarray]:
+               block_seconds: float = 10.0,
+               counts: Optional[DecodeCounts] = None) -> Iterator[np.ndarray]:
     """Decode a file of any length block by block: yields (channels, n) float32 at ``sample_rate``.
 
-    Peak memory is a few blocks, independent of the file's length. With ``counts``, NaN/inf samples are
-    replaced by 0 (counted in ``counts.nonfinite``, of ``counts.samples``) before mixing and resampling.
+    Peak memory is a few blocks, independent of the file's length. With ``counts``, NaN/inf samples
+    are replaced by 0 (counted in ``counts.nonfinite``, of ``counts.samples``) before mixing and
+    resampling.
     """
     rs: Optional[StreamResampler] = None
     for sr, block in read_native_blocks(path, block_seconds):
@@ -283,9 +294,11 @@ def iter_audio(path: str | os.PathLike, sample_rate: int, channels: int = 1,
 
 def load_audio(path: str | os.PathLike, sample_rate: int = 32000, channels: int = 1,
                offset: float = 0.0, duration: Optional[float] = None) -> np.ndarray:
-    """Decode a (short) file to float32 (channels, N) at sample_rate. Raises AudioError naming the file.
+    """Decode a (short) file to float32 (channels, N) at sample_rate. Raises AudioError naming the
+    file.
 
-    ``offset``/``duration`` (seconds, at the output rate) select a part; only that part is kept in memory.
+    ``offset``/``duration`` (seconds, at the output rate) select a part; only that part is kept in
+    memory.
     """
     start = int(round(offset * sample_rate))
     stop = None if duration is None else start + int(round(duration * sample_rate))
@@ -316,8 +329,10 @@ def to_pcm16(audio: np.ndarray) -> np.ndarray:
     return np.clip(np.round(a * np.float32(32768.0)), -32768, 32767).astype(np.int16)
 
 
-def save_wav(path: str | os.PathLike, audio: np.ndarray, sample_rate: int, subtype: str = "PCM_16") -> Path:
-    """Write (C, N) float audio as WAV atomically (temp file + rename). PCM is clipped to [-1, 1]."""
+def save_wav(path: str | os.PathLike, audio: np.ndarray, sample_rate: int,
+             subtype: str = "PCM_16") -> Path:
+    """Write (C, N) float audio as WAV atomically (temp file + rename). PCM is clipped to [-1,
+    1]."""
     import soundfile as sf
 
     a = np.asarray(audio, dtype=np.float32)
@@ -331,7 +346,8 @@ def save_wav(path: str | os.PathLike, audio: np.ndarray, sample_rate: int, subty
         try:
             sf.write(str(tmp), np.ascontiguousarray(a.T), int(sample_rate), subtype=subtype, format="WAV")
         except (RuntimeError, sf.LibsndfileError):
-            # libsndfile reports a full disk as "System error": say what it is (callers handle OSError ENOSPC)
+            # libsndfile reports a full disk as "System error": say what it is (callers handle
+            # OSError ENOSPC)
             if _disk_free(Path(tmp).parent) < a.size * 4 + 65536:
                 raise OSError(errno.ENOSPC, "No space left on device", str(path)) from None
             raise
@@ -345,7 +361,8 @@ def _disk_free(folder: Path) -> int:
 
 
 def pcm16_hash(audio: np.ndarray) -> str:
-    """Content hash of (C, N) audio as save_wav stores it in a PCM16 file (finds duplicate clips)."""
+    """Content hash of (C, N) audio as save_wav stores it in a PCM16 file (finds duplicate
+    clips)."""
     return hashlib.sha1(to_pcm16(audio).astype("<i2").tobytes()).hexdigest()[:16]
 
 
@@ -378,7 +395,8 @@ def peak_db(x: np.ndarray) -> float:
 
 
 def loudness_lufs(x: np.ndarray, sample_rate: int) -> float:
-    """Integrated loudness (ITU-R BS.1770, pyloudnorm) of (C, N) audio; -inf for silence/too short."""
+    """Integrated loudness (ITU-R BS.1770, pyloudnorm) of (C, N) audio; -inf for silence/too
+    short."""
     import pyloudnorm
 
     x = np.asarray(x, dtype=np.float64)
@@ -390,8 +408,9 @@ def loudness_lufs(x: np.ndarray, sample_rate: int) -> float:
 
 
 def scale_overs(x: np.ndarray) -> tuple[np.ndarray, Optional[float]]:
-    """(audio, None) when it fits PCM (peak <= 1.0, 0 dBFS); otherwise (audio / peak, its peak in dBFS), so
-    writing it as PCM does not hard-clip the overs (float WAVs, MP3/OGG decoders, resampling)."""
+    """(audio, None) when it fits PCM (peak <= 1.0, 0 dBFS); otherwise (audio / peak, its peak in
+    dBFS), so writing it as PCM does not hard-clip the overs (float WAVs, MP3/OGG decoders,
+    resampling)."""
     p = float(np.max(np.abs(x))) if np.size(x) else 0.0
     if not p > 1.0:
         return x, None
@@ -411,22 +430,24 @@ def normalize_peak(x: np.ndarray, target_db: float = -1.0) -> np.ndarray:
 class ClipCutter:
     """Cut a stream of (C, n) blocks into clips of ``segment_seconds`` with bounded memory.
 
-    With ``trim_silence``, leading silence is skipped and trailing silence (after the last sample above
-    ``silence_db``) is not emitted. A silent stretch longer than ``hold_seconds`` inside the stream is cut
-    like music (silent clips are then dropped by the caller), so memory stays bounded.
-    ``push`` and ``finish`` return lists of (offset_samples, clip). After ``finish``: ``tail_samples`` is the
-    length of a final piece shorter than ``min_seconds`` that was dropped, ``lead_samples`` / ``trail_samples``
-    the trimmed silence.
+    With ``trim_silence``, leading silence is skipped and trailing silence (after the last sample
+    above ``silence_db``) is not emitted. A silent stretch longer than ``hold_seconds`` inside the
+    stream is cut like music (silent clips are then dropped by the caller), so memory stays bounded.
+    ``push`` and ``finish`` return lists of (offset_samples, clip). After ``finish``:
+    ``tail_samples`` is the length of a final piece shorter than ``min_seconds`` that was dropped,
+    ``lead_samples`` / ``trail_samples`` the trimmed silence.
     """
 
-    def __init__(self, sample_rate: int, segment_seconds: float, min_seconds: float, *, trim_silence: bool = True,
+    def __init__(self, sample_rate: int, segment_seconds: float, min_seconds: float, *,
+                 trim_silence: bool = True,
                  silence_db: float = -50.0, hold_seconds: Optional[float] = None):
         self.sr = sample_rate
         self.seg = max(1, int(round(segment_seconds * sample_rate)))
         self.min = max(1, int(round(min_seconds * sample_rate)))
         self.trim = trim_silence
         self.thr = db_to_amp(silence_db)
-        self.hold = self.seg + int(round((segment_seconds if hold_seconds is None else hold_seconds) * sample_rate))
+        self.hold = self.seg + int(round((segment_seconds if hold_seconds is None else hold_seconds)
+                                         * sample_rate))
         self.pos = 0  # absolute index of the next incoming sample
         self.buf: Optional[np.ndarray] = None
         self.buf_start = 0  # absolute index of buf[:, 0]
@@ -505,7 +526,8 @@ _MINOR = np.array([6.33, 2.68, 3.52, 5.38, 2.60, 3.53, 2.54, 4.75, 3.98, 2.69, 3
 
 
 def estimate_key(chroma_mean: np.ndarray) -> str:
-    """Key name ("A minor") whose Krumhansl-Kessler profile correlates best with a 12-bin chroma vector."""
+    """Key name ("A minor") whose Krumhansl-Kessler profile correlates best with a 12-bin chroma
+    vector."""
     best, name = -np.inf, ""
     for tonic in range(12):
         for prof, mode in ((_MAJOR, "major"), (_MINOR, "minor")):
@@ -527,7 +549,8 @@ def estimate_tempo_key(audio: np.ndarray, sample_rate: int) -> dict:
     bpm = float(np.atleast_1d(tempo)[0])
     if np.isfinite(bpm) and bpm > 0:
         out["bpm"] = round(bpm, 1)
-    # tuning=0: skip librosa's tuning estimate (piptrack's numba gufunc crashes on some numba/numpy builds)
+    # tuning=0: skip librosa's tuning estimate (piptrack's numba gufunc crashes on some numba/numpy
+    # builds)
     chroma = librosa.feature.chroma_stft(y=y, sr=sample_rate, tuning=0.0)
     key = estimate_key(chroma.mean(axis=1))
     if key:

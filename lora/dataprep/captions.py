@@ -1,13 +1,14 @@
 """Captions of source recordings, for ``prepare_data.py --input_dir``.
 
-Where the caption of a recording comes from, first match wins: a sidecar ``.txt``/``.json`` next to the
-audio file, the ``captions_file`` (CSV/TSV, JSON or JSONL), ``metadata.jsonl``/``metadata.csv`` of the
-Hugging Face audiofolder layout in the input folder, ``default_text``, then ``caption_template`` (built from
-the file name). ``Captioner`` applies that order and remembers which table entries matched no audio file;
-``read_captions_file`` reads one captions table (with the csv module: a caption holding a comma must be
-quoted, and a row with more fields than the header is an error naming its line; one audio file given two
-different captions is an error too, the same caption repeated a warning); ``caption_from_obj`` turns a JSON
-object (or string) into a caption. Used by lora/prepare_data.py.
+Where the caption of a recording comes from, first match wins: a sidecar ``.txt``/``.json`` next to
+the audio file, the ``captions_file`` (CSV/TSV, JSON or JSONL), ``metadata.jsonl``/``metadata.csv``
+of the Hugging Face audiofolder layout in the input folder, ``default_text``, then
+``caption_template`` (built from the file name). ``Captioner`` applies that order and remembers
+which table entries matched no audio file; ``read_captions_file`` reads one captions table (with the
+csv module: a caption holding a comma must be quoted, and a row with more fields than the header is
+an error naming its line; one audio file given two different captions is an error too, the same
+caption repeated a warning); ``caption_from_obj`` turns a JSON object (or string) into a caption.
+Used by lora/prepare_data.py.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ FILE_KEYS = ("file_name", "file", "filename", "path", "audio")
 
 
 def caption_from_obj(obj) -> Optional[str]:
-    """The caption a JSON value holds: the string itself, the first non-empty CAPTION_KEYS field, or one
-    composed from audiocraft-style fields (genre, moods, instruments, keywords, bpm, key); None if none."""
+    """The caption a JSON value holds: the string itself, the first non-empty CAPTION_KEYS field, or
+    one composed from audiocraft-style fields (genre, moods, instruments, keywords, bpm, key); None
+    if none."""
     if isinstance(obj, str):
         return obj.strip()
     if not isinstance(obj, dict):
@@ -50,10 +52,12 @@ def caption_from_obj(obj) -> Optional[str]:
 
 
 def read_captions_file(path: Path) -> dict[str, str]:
-    """CSV (columns file_name,text or two columns), JSON ({file: text} or a list of objects) or JSONL.
+    """CSV (columns file_name,text or two columns), JSON ({file: text} or a list of objects) or
+    JSONL.
 
-    UserError (naming the file and its lines) for a CSV row with more fields than the header (an unquoted
-    comma in a caption) and for one audio file given different captions; identical repeats are a warning."""
+    UserError (naming the file and its lines) for a CSV row with more fields than the header (an
+    unquoted comma in a caption) and for one audio file given different captions; identical repeats
+    are a warning."""
     try:
         raw = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
@@ -119,8 +123,8 @@ def _json_entries(path: Path, raw: str) -> list[Entry]:
 
 
 def _csv_rows(path: Path, raw: str, delimiter: str) -> list[tuple[int, list[str]]]:
-    """(first line, fields) of each non-empty row, read with the csv module (quoted fields may hold the
-    delimiter, quotes and line breaks)."""
+    """(first line, fields) of each non-empty row, read with the csv module (quoted fields may hold
+    the delimiter, quotes and line breaks)."""
     reader = csv.reader(io.StringIO(raw, newline=""), delimiter=delimiter, strict=True)
     rows, start = [], 1
     try:
@@ -129,7 +133,8 @@ def _csv_rows(path: Path, raw: str, delimiter: str) -> list[tuple[int, list[str]
                 rows.append((start, r))
             start = reader.line_num + 1
     except csv.Error as e:
-        raise UserError(f"{path} line {start} is not valid CSV ({e}): put a caption that contains quotes in "
+        raise UserError(f"{path} line {start} is not valid CSV ({e}): put a caption that contains "
+                        f"quotes in "
                         f'double quotes and double the quotes inside it ("a ""quoted"" word").') from None
     return rows
 
@@ -150,10 +155,10 @@ def _csv_entries(path: Path, raw: str, delimiter: str) -> list[Entry]:
     too_many = [line for line, r in body if any(c.strip() for c in r[width:])]
     if too_many:
         quote = ("a caption that contains a tab must be in double quotes" if delimiter == "\t" else
-                 'a caption that contains a comma must be in double quotes, e.g. song.wav,"lofi hip hop, dusty '
-                 'drums, 80 BPM"')
-        raise UserError(f"{path}: {_lines(too_many)} {'has' if len(too_many) == 1 else 'have'} {what}: {quote}. "
-                        f"Nothing was written.")
+                 'a caption that contains a comma must be in double quotes, e.g. song.wav,"lofi '
+                 'hip hop, dusty drums, 80 BPM"')
+        raise UserError(f"{path}: {_lines(too_many)} {'has' if len(too_many) == 1 else 'have'} "
+                        f"{what}: {quote}. Nothing was written.")
     out = []
     for line, r in body:
         if len(r) <= max(fcol, tcol):
@@ -169,8 +174,8 @@ def _lines(numbers: list[int], most: int = 50) -> str:
 
 
 def _one_caption_per_file(path: Path, entries: list[Entry]) -> dict[str, str]:
-    """{audio file: caption}. Different captions for one audio file: UserError listing every such file
-    with its lines/entries; the same caption repeated: a warning (used once)."""
+    """{audio file: caption}. Different captions for one audio file: UserError listing every such
+    file with its lines/entries; the same caption repeated: a warning (used once)."""
     by_key: dict[str, list[tuple[str, str]]] = {}
     for key, text, where in entries:
         by_key.setdefault(key, []).append((where, text))
@@ -182,20 +187,24 @@ def _one_caption_per_file(path: Path, entries: list[Entry]) -> dict[str, str]:
             repeats.append(f"{key} ({', '.join(w for w, _ in items)})")
     if conflicts:
         more = f"\n  ... and {len(conflicts) - 20} more" if len(conflicts) > 20 else ""
-        raise UserError(f"{path} gives different captions for the same audio file ({len(conflicts)} file(s)):\n"
-                        + "\n".join(conflicts[:20]) + more + "\nKeep one row per audio file (delete or merge the "
+        raise UserError(f"{path} gives different captions for the same audio file "
+                        f"({len(conflicts)} file(s)):\n"
+                        + "\n".join(conflicts[:20]) + more
+                        + "\nKeep one row per audio file (delete or merge the "
                         "others) and run the same command again. Nothing was written.")
     if repeats:
-        log.warning("%s lists %d audio file(s) more than once with the same caption (used once): %s", path,
+        log.warning("%s lists %d audio file(s) more than once with the same caption (used once): "
+                    "%s", path,
                     len(repeats), "; ".join(repeats[:10]) + (" ..." if len(repeats) > 10 else ""))
     return {key: items[-1][1] for key, items in by_key.items()}
 
 
 class Captioner:
-    """Caption of a recording: sidecar .txt/.json > captions_file > metadata.jsonl/csv in input_dir >
-    default_text > caption_template."""
+    """Caption of a recording: sidecar .txt/.json > captions_file > metadata.jsonl/csv in input_dir
+    > default_text > caption_template."""
 
-    def __init__(self, input_dir: Path, captions_file: Optional[str], default_text: Optional[str], template: str):
+    def __init__(self, input_dir: Path, captions_file: Optional[str], default_text: Optional[str],
+                 template: str):
         self.input_dir = input_dir
         self.default_text = default_text
         self.template = template

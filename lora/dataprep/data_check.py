@@ -1,10 +1,11 @@
 """The data check: is a data folder (clips + metadata.json) ready for training?
 
 ``check_data_dir`` checks every clip listed in the metadata (file present and readable, sample rate,
-channels, duration against the metadata, empty captions, duplicate ids/files/audio, train/valid leakage of a
-recording) and returns a ``DataSummary`` whose ``text()`` is the printed summary (clips per split, hours, a
-``duration_histogram``, caption statistics, warnings, problems). Problems fail the check; warnings do not.
-Shared by ``prepare_data.py`` (``--validate``, and the check after preparing) and ``test_dataset.py``.
+channels, duration against the metadata, empty captions, duplicate ids/files/audio, train/valid
+leakage of a recording) and returns a ``DataSummary`` whose ``text()`` is the printed summary (clips
+per split, hours, a ``duration_histogram``, caption statistics, warnings, problems). Problems fail
+the check; warnings do not. Shared by ``prepare_data.py`` (``--validate``, and the check after
+preparing) and ``test_dataset.py``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from lora.dataset import SPLITS, ClipRecord, load_metadata, metadata_path
 
 
 class DataSummary:
-    """What check_data_dir found: the records, sample rate and channels, problems (fail) and warnings."""
+    """What check_data_dir found: the records, sample rate and channels, problems (fail) and
+    warnings."""
 
     def __init__(self, data_dir: Path, mpath: Path):
         self.data_dir, self.mpath = data_dir, mpath
@@ -43,7 +45,8 @@ class DataSummary:
         if recs:
             for s in SPLITS:
                 rs = [r for r in recs if r.split == s]
-                lines.append(f"  {s:5s}: {len(rs):5d} clips, {human_seconds(sum(r.duration for r in rs)):>9s}, "
+                lines.append(f"  {s:5s}: {len(rs):5d} clips, "
+                             f"{human_seconds(sum(r.duration for r in rs)):>9s}, "
                              f"{len({r.source or r.id for r in rs})} recordings")
             total = sum(r.duration for r in recs)
             lines.append(f"  total: {len(recs):5d} clips, {total / 3600:.3f} h; "
@@ -51,8 +54,9 @@ class DataSummary:
             lines.append("  clip durations (s):")
             lines += ["    " + ln for ln in duration_histogram([r.duration for r in recs])]
             words = np.array([len(r.text.split()) for r in recs])
-            lines.append(f"  caption words: min {words.min()}, median {int(np.median(words))}, max {words.max()}; "
-                         f"empty {int((words == 0).sum())}; distinct captions {len({r.text for r in recs})}")
+            lines.append(f"  caption words: min {words.min()}, median {int(np.median(words))}, max "
+                         f"{words.max()}; empty {int((words == 0).sum())}; distinct captions "
+                         f"{len({r.text for r in recs})}")
         for w in self.warnings[:20]:
             lines.append(f"  warning: {w}")
         if len(self.warnings) > 20:
@@ -68,11 +72,12 @@ class DataSummary:
 
 
 def duration_histogram(durations, width: int = 40) -> list[str]:
-    """Text bars of clip durations, bins (lo, hi] seconds, from the first to the last non-empty bin."""
+    """Text bars of clip durations, bins (lo, hi] seconds, from the first to the last non-empty
+    bin."""
     edges = [0, 1, 2, 5, 10, 15, 20, 25, 30, 60, math.inf]
     # bins (lo, hi]: a 30 s clip counts as 25-30
-    idx = np.clip(np.searchsorted(np.array(edges), np.asarray(durations, dtype=float), side="left") - 1, 0,
-                  len(edges) - 2)
+    idx = np.clip(np.searchsorted(np.array(edges), np.asarray(durations, dtype=float), side="left")
+                  - 1, 0, len(edges) - 2)
     counts = np.bincount(idx, minlength=len(edges) - 1)
     nz = np.flatnonzero(counts)
     if nz.size == 0:
@@ -88,8 +93,8 @@ def duration_histogram(durations, width: int = 40) -> list[str]:
 
 def check_data_dir(data_dir, metadata_file: str = "metadata.json", *, sample_rate: Optional[int] = None,
                    hash_content: bool = True, tolerance: float = 0.05) -> DataSummary:
-    """Check every clip of a data folder: readable, sample rate, channels, duration vs metadata, captions,
-    duplicates, split leakage. Problems fail the check; warnings do not."""
+    """Check every clip of a data folder: readable, sample rate, channels, duration vs metadata,
+    captions, duplicates, split leakage. Problems fail the check; warnings do not."""
     import soundfile as sf
 
     data_dir = Path(data_dir)
@@ -104,8 +109,9 @@ def check_data_dir(data_dir, metadata_file: str = "metadata.json", *, sample_rat
     s.sample_rate = meta.get("sample_rate") or sample_rate
     s.channels = meta.get("channels")
     if sample_rate and meta.get("sample_rate") and meta["sample_rate"] != sample_rate:
-        s.problems.append(f"{mpath.name} says sample_rate {meta['sample_rate']}, the config expects {sample_rate}; "
-                          f"prepare the data again with --sample_rate {sample_rate}")
+        s.problems.append(f"{mpath.name} says sample_rate {meta['sample_rate']}, the config "
+                          f"expects {sample_rate}; prepare the data again with --sample_rate "
+                          f"{sample_rate}")
     if not s.records:
         s.problems.append(f"{mpath} lists no clips")
         return s
@@ -157,7 +163,9 @@ def check_data_dir(data_dir, metadata_file: str = "metadata.json", *, sample_rat
     if n_train == 0:
         s.problems.append("no train clips")
     if n_valid == 0:
-        s.warnings.append("no valid clips: training cannot measure held-out loss (set valid_fraction > 0)")
+        s.warnings.append("no valid clips: training cannot measure held-out loss (set "
+                          "valid_fraction > 0)")
     if n_train and n_train < 50:
-        s.warnings.append(f"only {n_train} train clips; 50-100 is a minimum for a real style, 200-500 recommended")
+        s.warnings.append(f"only {n_train} train clips; 50-100 is a minimum for a real style, "
+                          f"200-500 recommended")
     return s

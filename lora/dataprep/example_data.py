@@ -1,11 +1,12 @@
-"""The synthetic example dataset of ``prepare_data.py --create_example``: four clearly different styles.
+"""The synthetic example dataset of ``prepare_data.py --create_example``: four clearly different
+styles.
 
-Techno drums, a funk bass line with electric-piano stabs, a plucked synth arpeggio and an ambient pad, each
-with a caption naming its style, tempo and key. Everything is drawn from one seeded numpy generator, so the
-same settings always give the same WAV bytes and captions. ``synth_clip`` makes one clip;
-``write_example_clips`` writes the whole set into data_dir/train and data_dir/valid (every style in both
-splits) and returns its metadata records. Used by lora/prepare_data.py (which also writes metadata.json and
-its state and report files).
+Techno drums, a funk bass line with electric-piano stabs, a plucked synth arpeggio and an ambient
+pad, each with a caption naming its style, tempo and key. Everything is drawn from one seeded numpy
+generator, so the same settings always give the same WAV bytes and captions. ``synth_clip`` makes
+one clip; ``write_example_clips`` writes the whole set into data_dir/train and data_dir/valid (every
+style in both splits) and returns its metadata records. Used by lora/prepare_data.py (which also
+writes metadata.json and its state and report files).
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ import numpy as np
 from lora.dataprep import audio as A
 from lora.dataset import ClipRecord
 
-KEYS = {"C major": (60, "major"), "G major": (67, "major"), "D major": (62, "major"), "F major": (65, "major"),
-        "A minor": (57, "minor"), "E minor": (64, "minor"), "D minor": (62, "minor"), "B minor": (59, "minor")}
+KEYS = {"C major": (60, "major"), "G major": (67, "major"), "D major": (62, "major"),
+        "F major": (65, "major"),
+        "A minor": (57, "minor"), "E minor": (64, "minor"), "D minor": (62, "minor"),
+        "B minor": (59, "minor")}
 PROGRESSIONS = {"major": [(0, 4, 7), (7, 11, 14), (9, 12, 16), (5, 9, 12)],  # I V vi IV
                 "minor": [(0, 3, 7), (8, 12, 15), (3, 7, 10), (10, 14, 17)]}  # i VI III VII
 
@@ -83,13 +86,15 @@ def _bass_chords(sr, n, bpm, root, mode, rng):
         if s0 >= n:
             break
         tt = t_all[s0:s1] - t_all[s0]
-        bass[s0:s1] += (2 * ((f * tt) % 1.0) - 1.0) * np.exp(-tt * 4) * rng.uniform(0.7, 1.0)  # velocity
+        # velocity
+        bass[s0:s1] += (2 * ((f * tt) % 1.0) - 1.0) * np.exp(-tt * 4) * rng.uniform(0.7, 1.0)
     out += _lowpass(bass, 500, sr) * 0.55
     # electric-piano chord stabs on the off-beats
     for i in range(int(n / sr / beat) + 1):
         chord = prog[int(i * beat / bar) % len(prog)]
         pos = int((i + 0.5) * beat * sr)
-        stab = sum(_pluck(_hz(root + c), sr, beat * 0.45, bright=3) for c in chord) * 0.12 * rng.uniform(0.6, 1.0)
+        stab = sum(_pluck(_hz(root + c), sr, beat * 0.45, bright=3)
+                   for c in chord) * 0.12 * rng.uniform(0.6, 1.0)
         _place(out, stab, pos)
     return out
 
@@ -132,12 +137,12 @@ def _pad(sr, n, bpm, root, mode, rng):
 
 # style -> (caption pattern, BPM choices, tonal?)
 STYLES = {
-    "techno_drums": ("techno drum loop, punchy four-on-the-floor kick, claps and crisp hi-hats, no melody, {bpm} BPM",
-                     (122, 126, 128, 132), False),
-    "funk_bass": ("funky bass groove with electric piano chord stabs, sawtooth bass line, {bpm} BPM, {key}",
-                  (96, 100, 104, 110), True),
-    "synth_arpeggio": ("bright plucked synth arpeggio, fast sixteenth notes, electronic, {bpm} BPM, {key}",
-                       (110, 116, 120, 124), True),
+    "techno_drums": ("techno drum loop, punchy four-on-the-floor kick, claps and crisp hi-hats, no "
+                     "melody, {bpm} BPM", (122, 126, 128, 132), False),
+    "funk_bass": ("funky bass groove with electric piano chord stabs, sawtooth bass line, {bpm} "
+                  "BPM, {key}", (96, 100, 104, 110), True),
+    "synth_arpeggio": ("bright plucked synth arpeggio, fast sixteenth notes, electronic, {bpm} "
+                       "BPM, {key}", (110, 116, 120, 124), True),
     "ambient_pad": ("slow ambient pad, warm sustained detuned chords, calm, no drums, {bpm} BPM, {key}",
                     (60, 66, 70, 76), True),
 }
@@ -168,11 +173,12 @@ def synth_clip(style: str, seconds: float, sample_rate: int, channels: int, rng:
 
 def write_example_clips(data_dir: Path, *, clips: int, seconds: float, sample_rate: int, channels: int,
                         valid_fraction: float, seed: int) -> list[ClipRecord]:
-    """Write `clips` synthetic clips (styles in turn) as data_dir/{train,valid}/example_<style>_<i>.wav.
+    """Write `clips` synthetic clips (styles in turn) as
+    data_dir/{train,valid}/example_<style>_<i>.wav.
 
-    Each style puts round(valid_fraction * its clips) of its last clips in valid (at least one, and at
-    least one left for train: every style needs 2 clips, so clips >= 2 * len(STYLES), which prepare_data's
-    settings check asks for). Returns the clips' records, in clip order.
+    Each style puts round(valid_fraction * its clips) of its last clips in valid (at least one, and
+    at least one left for train: every style needs 2 clips, so clips >= 2 * len(STYLES), which
+    prepare_data's settings check asks for). Returns the clips' records, in clip order.
     """
     rng = np.random.default_rng(seed)
     styles = list(STYLES)
@@ -180,7 +186,7 @@ def write_example_clips(data_dir: Path, *, clips: int, seconds: float, sample_ra
     for i in range(clips):
         per_style[styles[i % len(styles)]].append(i)
     valid_ids = set()
-    for style, idxs in per_style.items():
+    for idxs in per_style.values():
         k = min(len(idxs) - 1, max(1, round(valid_fraction * len(idxs))))
         valid_ids.update(idxs[-k:])
     records = []
@@ -196,6 +202,7 @@ def write_example_clips(data_dir: Path, *, clips: int, seconds: float, sample_ra
         cid = f"example_{style}_{i:03d}"
         rel = f"{split}/{cid}.wav"
         A.save_wav(data_dir / rel, y, sample_rate)
-        records.append(ClipRecord(id=cid, audio=rel, text=text, duration=round(y.shape[1] / sample_rate, 4),
+        records.append(ClipRecord(id=cid, audio=rel, text=text,
+                                  duration=round(y.shape[1] / sample_rate, 4),
                                   split=split, source=f"example/{style}/{i:03d}", offset=0.0))
     return records

@@ -1,5 +1,6 @@
-"""Ownership of a prepared data folder: prepare_data.py's state file lists what it wrote, so it never clobbers what
-another run or the user wrote, and refuses input and output folders that overlap before anything is written.
+"""Ownership of a prepared data folder: prepare_data.py's state file lists what it wrote, so it
+never clobbers what another run or the user wrote, and refuses input and output folders that overlap
+before anything is written.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ STATE_VERSION = 1
 # Ownership of the output folder (never clobber what another run or the user wrote)
 # ============================================================================================
 def _load_state(data_dir: Path, overwrite: bool = False) -> dict:
-    """prepare_state.json of data_dir ({} when there is none). A damaged one (not JSON, not an object) is a
-    UserError: without it prepare_data cannot tell its own clips from other files; --overwrite rebuilds."""
+    """prepare_state.json of data_dir ({} when there is none). A damaged one (not JSON, not an
+    object) is a UserError: without it prepare_data cannot tell its own clips from other files;
+    --overwrite rebuilds."""
     p = data_dir / STATE_FILE
     if not p.is_file():
         return {}
@@ -37,14 +39,15 @@ def _load_state(data_dir: Path, overwrite: bool = False) -> dict:
     except OSError as e:
         damage = f"it cannot be read: {e.strerror or e}"
     if damage and overwrite:
-        log.warning("%s is damaged (%s); --overwrite: rebuilding the dataset (files it listed that are not made "
-                    "again are left in place)", p, damage)
+        log.warning("%s is damaged (%s); --overwrite: rebuilding the dataset (files it listed that "
+                    "are not made again are left in place)", p, damage)
         return {}
     if damage:
-        raise UserError(f"{p} is damaged ({damage}). It records which files in {data_dir} prepare_data made, so "
-                        f"without it nothing there can be reused or cleaned up safely; nothing was changed. Pass "
-                        f"--overwrite to rebuild the dataset (every clip is made again; files it cannot tell are "
-                        f"its own are not deleted), or restore the file.")
+        raise UserError(f"{p} is damaged ({damage}). It records which files in {data_dir} "
+                        f"prepare_data made, so without it nothing there can be reused or cleaned "
+                        f"up safely; nothing was changed. Pass --overwrite to rebuild the dataset "
+                        f"(every clip is made again; files it cannot tell are its own are not "
+                        f"deleted), or restore the file.")
     return s if s.get("version") == STATE_VERSION else {}
 
 
@@ -56,15 +59,18 @@ def _check_owner(cfg: Config, state: dict, mode: str, input_dir: Optional[str]) 
         return
     if not state:
         if mpath.is_file():
-            raise UserError(f"{mpath} exists but was not written by prepare_data.py (no {STATE_FILE} next to it). "
-                            f"Choose another --output_dir, or pass --overwrite to replace it.")
+            raise UserError(f"{mpath} exists but was not written by prepare_data.py (no "
+                            f"{STATE_FILE} next to it). Choose another --output_dir, or pass "
+                            f"--overwrite to replace it.")
         return
     if state.get("mode") == "input" and mode == "example":
-        raise UserError(f"{data_dir} holds a dataset prepared from {state.get('input_dir')}; --create_example would "
-                        f"replace it. Choose another --output_dir (e.g. data_example), or pass --overwrite.")
+        raise UserError(f"{data_dir} holds a dataset prepared from {state.get('input_dir')}; "
+                        f"--create_example would replace it. Choose another --output_dir (e.g. "
+                        f"data_example), or pass --overwrite.")
     if mode == "input" and state.get("mode") == "input" and state.get("input_dir") != input_dir:
-        raise UserError(f"{data_dir} holds a dataset prepared from {state.get('input_dir')}, not from {input_dir}. "
-                        f"Choose another --output_dir, or pass --overwrite to replace it.")
+        raise UserError(f"{data_dir} holds a dataset prepared from {state.get('input_dir')}, not "
+                        f"from {input_dir}. Choose another --output_dir, or pass --overwrite to "
+                        f"replace it.")
 
 
 def _inside(path: str, folder: str) -> bool:
@@ -73,67 +79,76 @@ def _inside(path: str, folder: str) -> bool:
 
 
 def _check_split_overlap(input_dir: Path, data_dir: Path) -> None:
-    """Refuse an --input_dir that is data_dir/train or data_dir/valid or lies inside one: prepare_data writes
-    its clips there and deletes the clips of earlier runs, so the user's recordings could be deleted, and the
-    clips would come back as new recordings on the next run. Checked before anything is written."""
+    """Refuse an --input_dir that is data_dir/train or data_dir/valid or lies inside one:
+    prepare_data writes its clips there and deletes the clips of earlier runs, so the user's
+    recordings could be deleted, and the clips would come back as new recordings on the next run.
+    Checked before anything is written."""
     real_in = os.path.realpath(input_dir)
     for split in SPLITS:
         split_dir = data_dir / split
         if _inside(real_in, os.path.realpath(split_dir)):
             where = "is" if real_in == os.path.realpath(split_dir) else f"lies inside {split_dir},"
             raise UserError(
-                f"--input_dir {input_dir} {where} the {split}/ folder of --output_dir {data_dir}: prepare_data "
-                f"writes its clips there and deletes the clips of earlier runs, so your recordings there could be "
-                f"deleted, and the clips would be read back as new recordings on the next run. Nothing was "
-                f"changed. Move your recordings to a folder of their own (e.g. {data_dir / 'recordings'}) and pass "
-                f"that as --input_dir, or leave them where they are and pass another --output_dir (e.g. "
+                f"--input_dir {input_dir} {where} the {split}/ folder of --output_dir {data_dir}: "
+                f"prepare_data writes its clips there and deletes the clips of earlier runs, so "
+                f"your recordings there could be deleted, and the clips would be read back as new "
+                f"recordings on the next run. Nothing was changed. Move your recordings to a "
+                f"folder of their own (e.g. {data_dir / 'recordings'}) and pass that as "
+                f"--input_dir, or leave them where they are and pass another --output_dir (e.g. "
                 f"{data_dir.parent / (data_dir.name + '_prepared')}).")
 
 
 def _check_written_files(d, input_dir: Path, data_dir: Path, owned: bool) -> None:
-    """Refuse when a file prepare_data writes (metadata file, state, report, config) is a file it reads
-    (captions_file, metadata.jsonl/.csv of the input folder), or a file of the input folder it did not write."""
+    """Refuse when a file prepare_data writes (metadata file, state, report, config) is a file it
+    reads (captions_file, metadata.jsonl/.csv of the input folder), or a file of the input folder it
+    did not write."""
     written = [metadata_path(data_dir, d.metadata_file), data_dir / STATE_FILE, data_dir / REPORT_FILE,
                data_dir / CONFIG_FILE]
-    read = ([Path(d.captions_file)] if d.captions_file else []) + [input_dir / n for n in ("metadata.jsonl",
+    read = ([Path(d.captions_file)] if d.captions_file else []) + [input_dir / n
+                                                                   for n in ("metadata.jsonl",
                                                                                             "metadata.csv")]
     read_real = {os.path.realpath(r): r for r in read if r.is_file()}
     real_in = os.path.realpath(input_dir)
     for w in written:
         rw = os.path.realpath(w)
         if rw in read_real:
-            raise UserError(f"{w} is read as captions ({read_real[rw]}) and prepare_data would overwrite it with "
-                            f"its own {w.name}. Nothing was changed. Copy the captions to a file of their own, or "
-                            f"choose another --output_dir / --metadata_file.")
+            raise UserError(f"{w} is read as captions ({read_real[rw]}) and prepare_data would "
+                            f"overwrite it with its own {w.name}. Nothing was changed. Copy the "
+                            f"captions to a file of their own, or choose another --output_dir / "
+                            f"--metadata_file.")
         if not owned and _inside(rw, real_in) and os.path.lexists(w):
-            raise UserError(f"{w} is a file in --input_dir {input_dir} that prepare_data did not write (no "
-                            f"readable {STATE_FILE} in {data_dir} lists it); preparing would overwrite it. Nothing "
-                            f"was changed. Choose an --output_dir outside --input_dir, or a new subfolder (e.g. "
-                            f"{input_dir / 'prepared'}).")
+            raise UserError(f"{w} is a file in --input_dir {input_dir} that prepare_data did not "
+                            f"write (no readable {STATE_FILE} in {data_dir} lists it); preparing "
+                            f"would overwrite it. Nothing was changed. Choose an --output_dir "
+                            f"outside --input_dir, or a new subfolder (e.g. {input_dir / 'prepared'}).")
 
 
 def _check_foreign_audio(input_dir: Path, data_dir: Path, state: dict) -> None:
-    """When the scan met the output folder (it is the input folder or inside it), refuse if data_dir/train or
-    data_dir/valid hold audio that prepare_data did not write (not in its state's clip_files): that audio
-    would be left out of the scan without a word, and the folders are where prepare_data writes and cleans."""
+    """When the scan met the output folder (it is the input folder or inside it), refuse if
+    data_dir/train or data_dir/valid hold audio that prepare_data did not write (not in its state's
+    clip_files): that audio would be left out of the scan without a word, and the folders are where
+    prepare_data writes and cleans."""
     ours = set(state.get("clip_files") or ())
     for split in SPLITS:
         foreign = []
         for root, dirs, names in os.walk(data_dir / split):
             dirs[:] = sorted(x for x in dirs if not x.startswith("."))
-            foreign += [Path(root) / n for n in sorted(names) if not n.startswith(".") and A.is_audio_file(n)
+            foreign += [Path(root) / n for n in sorted(names) if not n.startswith(".")
+                        and A.is_audio_file(n)
                         and (Path(root) / n).relative_to(data_dir).as_posix() not in ours]
         if foreign:
             raise UserError(
-                f"{data_dir / split} holds {len(foreign)} audio file(s) that prepare_data did not write (e.g. "
-                f"{', '.join(p.name for p in foreign[:3])}), and it lies in --input_dir {input_dir}: prepare_data "
-                f"writes and deletes its clips there and never scans it, so these would be left out without a "
-                f"word. Nothing was changed. Move them to a folder of their own inside --input_dir (e.g. "
+                f"{data_dir / split} holds {len(foreign)} audio file(s) that prepare_data did not "
+                f"write (e.g. {', '.join(p.name for p in foreign[:3])}), and it lies in "
+                f"--input_dir {input_dir}: prepare_data writes and deletes its clips there and "
+                f"never scans it, so these would be left out without a word. Nothing was changed. "
+                f"Move them to a folder of their own inside --input_dir (e.g. "
                 f"{input_dir / 'recordings'}), or pass an --output_dir outside --input_dir.")
 
 
 def _remove_stale(data_dir: Path, old_files, new_files) -> int:
-    """Delete clip files an earlier run wrote that the new dataset no longer uses (only ours, only clips)."""
+    """Delete clip files an earlier run wrote that the new dataset no longer uses (only ours, only
+    clips)."""
     n = 0
     keep = set(new_files)
     for rel in old_files or ():

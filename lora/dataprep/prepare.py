@@ -1,6 +1,6 @@
-"""The prepare run of ``prepare_data.py``: --create_example, and --input_dir (scan, reuse what an earlier run made,
-decode in workers with checkpoints, drop duplicates, split by recording, caption, write the dataset and its
-report).
+"""The prepare run of ``prepare_data.py``: --create_example, and --input_dir (scan, reuse what an
+earlier run made, decode in workers with checkpoints, drop duplicates, split by recording, caption,
+write the dataset and its report).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from lora.common.cli import UserError, disk_full_message, human_bytes, human_sec
 from lora.common.files import atomic_write_json, check_free_space, check_output_dir
 from lora.config import Config
 from lora.dataprep import audio as A
+from lora.dataprep import worker
 from lora.dataprep.captions import Captioner
 from lora.dataprep.example_data import STYLES, write_example_clips
 from lora.dataprep.ownership import (
@@ -31,7 +32,6 @@ from lora.dataprep.ownership import (
     _remove_stale,
 )
 from lora.dataprep.scan import Found, Scan, _find_sources, _no_audio_message
-from lora.dataprep import worker
 from lora.dataprep.worker import DISK_FULL
 from lora.dataset import SPLITS, ClipRecord, metadata_document, metadata_path
 
@@ -49,16 +49,18 @@ def create_example(cfg: Config) -> list[ClipRecord]:
     state = _load_state(data_dir, d.overwrite)
     _check_owner(cfg, state, "example", None)
     records = write_example_clips(data_dir, clips=d.example_clips, seconds=d.example_seconds,
-                                  sample_rate=d.sample_rate, channels=d.channels, valid_fraction=d.valid_fraction,
-                                  seed=d.split_seed)
+                                  sample_rate=d.sample_rate, channels=d.channels,
+                                  valid_fraction=d.valid_fraction, seed=d.split_seed)
     files = [r.audio for r in records]
     removed = _remove_stale(data_dir, state.get("clip_files"), files)
     atomic_write_json(metadata_path(data_dir, d.metadata_file),
                       metadata_document(records, d.sample_rate, d.channels))
-    atomic_write_json(data_dir / STATE_FILE, {"version": STATE_VERSION, "mode": "example", "input_dir": None,
+    atomic_write_json(data_dir / STATE_FILE,
+                      {"version": STATE_VERSION, "mode": "example", "input_dir": None,
                                               "clip_files": files, "sources": {}})
     report = {"mode": "example", "data_dir": str(data_dir), "clips": Counter(r.split for r in records),
-              "styles": list(STYLES), "seconds": sum(r.duration for r in records), "stale_removed": removed}
+              "styles": list(STYLES), "seconds": sum(r.duration for r in records),
+              "stale_removed": removed}
     atomic_write_json(data_dir / REPORT_FILE, report)
     cfg.save(data_dir / CONFIG_FILE)
     log.info("example dataset: %d clips (%s) of %s styles in %s", len(records),
@@ -73,7 +75,8 @@ def _settings_key(d) -> dict:
 
 
 def _split(recordings: list[str], valid_fraction: float, seed: int) -> set[str]:
-    """Deterministic split by recording: the recordings with the lowest hash(seed, path) go to valid."""
+    """Deterministic split by recording: the recordings with the lowest hash(seed, path) go to
+    valid."""
     if valid_fraction <= 0 or len(recordings) < 2:
         return set()
     ranked = sorted(recordings, key=lambda r: hashlib.sha1(f"{seed}:{r}".encode("utf-8")).hexdigest())
@@ -82,8 +85,8 @@ def _split(recordings: list[str], valid_fraction: float, seed: int) -> set[str]:
 
 
 def prepare_folder(cfg: Config) -> dict:
-    """The --input_dir run: check the folders, scan, plan (reuse what an earlier run made), decode, drop
-    duplicates, split, caption, write the dataset and its report. Returns the report."""
+    """The --input_dir run: check the folders, scan, plan (reuse what an earlier run made), decode,
+    drop duplicates, split, caption, write the dataset and its report. Returns the report."""
     d = cfg.data
     input_dir = Path(d.input_dir).resolve()
     data_dir = Path(d.data_dir).resolve()
@@ -114,12 +117,13 @@ def prepare_folder(cfg: Config) -> dict:
     usable = _usable_recordings(results)
     found = Found(scan, kept)
     if not usable:
-        _write_report(data_dir, d, input_dir, results, found, duplicates, [], {}, {j["rel"] for j in jobs}, 0, wall,
-                      captioner)
-        raise UserError(f"None of the {len(scan.files)} audio files gave a usable clip; see {data_dir / REPORT_FILE} "
-                        f"for each file's reason.")
+        _write_report(data_dir, d, input_dir, results, found, duplicates, [], {},
+                      {j["rel"] for j in jobs}, 0, wall, captioner)
+        raise UserError(f"None of the {len(scan.files)} audio files gave a usable clip; see "
+                        f"{data_dir / REPORT_FILE} for each file's reason.")
     valid_set = _split(usable, d.valid_fraction, d.split_seed)
-    records, caption_sources, uncaptioned = _place_clips(d, input_dir, data_dir, results, usable, valid_set,
+    records, caption_sources, uncaptioned = _place_clips(d, input_dir, data_dir, results, usable,
+                                                         valid_set,
                                                           captioner, kept)
     _delete_duplicate_clips(data_dir, results)
     decoded_rels = _write_dataset(cfg, input_dir, data_dir, state, results, records)
@@ -127,12 +131,15 @@ def prepare_folder(cfg: Config) -> dict:
                          decoded_rels, len(records), wall, captioner, records)
 
 
-def _keep_unreadable(scan: Scan, jobs: list[dict], results: dict[str, dict], data_dir: Path, prev_sources: dict
+def _keep_unreadable(scan: Scan, jobs: list[dict], results: dict[str, dict], data_dir: Path,
+                     prev_sources: dict
                      ) -> dict[str, str]:
-    """Sources of the last run that cannot be read now (their folder or file is unreadable, a broken or
-    looping link) keep their earlier result and clips (reused; removed from jobs). Returns {rel: reason}."""
+    """Sources of the last run that cannot be read now (their folder or file is unreadable, a broken
+    or looping link) keep their earlier result and clips (reused; removed from jobs). Returns {rel:
+    reason}."""
     found = {j["rel"] for j in jobs} | set(results)
-    problems = {u["path"]: u["reason"] for u in scan.unreadable} | {x["file"]: x["reason"] for x in scan.links}
+    problems = {u["path"]: u["reason"] for u in scan.unreadable} | {x["file"]: x["reason"]
+                                                                    for x in scan.links}
     kept: dict[str, str] = {}
     for rel in prev_sources:
         if rel in found:
@@ -151,18 +158,20 @@ def _keep_unreadable(scan: Scan, jobs: list[dict], results: dict[str, dict], dat
                 jobs.remove(j)
     for rel in kept:
         r = json.loads(json.dumps(prev_sources[rel]))
-        r["clips"] = [c for c in r.get("clips", []) if c.get("duplicate") or (data_dir / c["file"]).is_file()]
+        r["clips"] = [c for c in r.get("clips", []) if c.get("duplicate")
+                      or (data_dir / c["file"]).is_file()]
         results[rel] = dict(r, reused=True)
     if kept:
-        log.warning("%d file(s) of the last run cannot be read now: kept their earlier clips (%s)", len(kept),
-                    ", ".join(sorted(kept)[:5]) + (" ..." if len(kept) > 5 else ""))
+        log.warning("%d file(s) of the last run cannot be read now: kept their earlier clips (%s)",
+                    len(kept), ", ".join(sorted(kept)[:5]) + (" ..." if len(kept) > 5 else ""))
     return kept
 
 
 def _check_space(d, jobs: list[dict], data_dir: Path, prev_sources: dict) -> None:
-    """Refuse before decoding when the disk of data_dir clearly lacks the space the clips will take: the
-    sources' seconds (from their headers) x sample_rate x channels x 2 bytes, less the clips they replace.
-    Each job gets its estimate (est_bytes), for the message of a disk that fills up anyway."""
+    """Refuse before decoding when the disk of data_dir clearly lacks the space the clips will take:
+    the sources' seconds (from their headers) x sample_rate x channels x 2 bytes, less the clips
+    they replace. Each job gets its estimate (est_bytes), for the message of a disk that fills up
+    anyway."""
     per_second = d.sample_rate * d.channels * 2
     need, seconds = 0, 0.0
     for j in jobs:
@@ -178,7 +187,8 @@ def _check_space(d, jobs: list[dict], data_dir: Path, prev_sources: dict) -> Non
             need -= old.stat().st_size if old.is_file() else 0
     if jobs and need > 0:
         log.info("the clips of %d file(s) to decode will take about %s", len(jobs), human_bytes(need))
-        check_free_space(data_dir, need, f"the clips of {len(jobs)} file(s) ({human_seconds(seconds)} of audio at "
+        check_free_space(data_dir, need,
+                         f"the clips of {len(jobs)} file(s) ({human_seconds(seconds)} of audio at "
                                          f"{d.sample_rate} Hz, {d.channels} channel(s), 16-bit)")
 
 
@@ -186,8 +196,8 @@ def _plan_jobs(d, files: list[Path], input_dir: Path, data_dir: Path, prev_sourc
                ) -> tuple[dict[str, dict], list[dict], list[dict]]:
     """(results reused from the last run, decode jobs, tempo/key jobs for reused clips).
 
-    A file is reused when its size, mtime and the clip settings are unchanged and its clips still exist; a
-    duplicate (it kept no clips of its own) only while what it duplicates is reused too."""
+    A file is reused when its size, mtime and the clip settings are unchanged and its clips still
+    exist; a duplicate (it kept no clips of its own) only while what it duplicates is reused too."""
     settings = _settings_key(d)
     results: dict[str, dict] = {}
     jobs, enrich_jobs = [], []
@@ -198,14 +208,16 @@ def _plan_jobs(d, files: list[Path], input_dir: Path, data_dir: Path, prev_sourc
         prev = prev_sources.get(rel)
         if (prev and prev.get("size") == st.st_size and prev.get("mtime_ns") == st.st_mtime_ns
                 and prev.get("settings") == settings
-                and all((data_dir / c["file"]).is_file() for c in prev.get("clips", []) if not c.get("duplicate"))):
+                and all((data_dir / c["file"]).is_file() for c in prev.get("clips", [])
+                        if not c.get("duplicate"))):
             unchanged.add(rel)
     for src in files:
         rel = src.relative_to(input_dir).as_posix()
         st = src.stat()
         prev = prev_sources.get(rel)
         # a duplicate kept no clips of its own: reuse it only while what it duplicates is unchanged
-        refs = {prev.get("duplicate_of")} | {c.get("duplicate_of") for c in prev.get("clips", [])} if prev else set()
+        refs = {prev.get("duplicate_of")} | {c.get("duplicate_of")
+                                             for c in prev.get("clips", [])} if prev else set()
         if rel in unchanged and refs - {None} <= unchanged:
             results[rel] = json.loads(json.dumps(prev))
             results[rel]["reused"] = True
@@ -215,8 +227,10 @@ def _plan_jobs(d, files: list[Path], input_dir: Path, data_dir: Path, prev_sourc
             continue
         jobs.append({"src": str(src), "rel": rel, "data_dir": str(data_dir), "size": st.st_size,
                      "mtime_ns": st.st_mtime_ns, "settings": settings, "sample_rate": d.sample_rate,
-                     "channels": d.channels, "segment_seconds": d.segment_seconds, "min_seconds": d.min_seconds,
-                     "trim_silence": d.trim_silence, "silence_db": d.silence_db, "enrich": d.enrich_captions})
+                     "channels": d.channels, "segment_seconds": d.segment_seconds,
+                     "min_seconds": d.min_seconds,
+                     "trim_silence": d.trim_silence, "silence_db": d.silence_db,
+                     "enrich": d.enrich_captions})
     if results:
         log.info("%d file(s) unchanged since the last run: reusing their clips", len(results))
     return results, jobs, enrich_jobs
@@ -224,15 +238,17 @@ def _plan_jobs(d, files: list[Path], input_dir: Path, data_dir: Path, prev_sourc
 
 def _run_with_checkpoints(jobs: list[dict], results: dict[str, dict], workers: int, input_dir: Path,
                           data_dir: Path, state: dict) -> None:
-    """Decode the jobs into results, saving progress (prepare_state.json) every CHECKPOINT_SECONDS and when
-    the run stops on an error, a full disk or Ctrl-C, so a rerun resumes without decoding finished files."""
+    """Decode the jobs into results, saving progress (prepare_state.json) every CHECKPOINT_SECONDS
+    and when the run stops on an error, a full disk or Ctrl-C, so a rerun resumes without decoding
+    finished files."""
     prev_sources = state.get("sources", {})
     last_save = [time.monotonic()]
     old_files = list(state.get("clip_files", []))
     unsaved: list[str] = []  # why the progress could not be saved, when it could not
 
     def checkpoint(r=None, force=False):
-        """Save progress now and then, so an interrupted run resumes without decoding finished files."""
+        """Save progress now and then, so an interrupted run resumes without decoding finished
+        files."""
         if r is not None:
             results[r["rel"]] = r
         if not force and time.monotonic() - last_save[0] < CHECKPOINT_SECONDS:
@@ -240,7 +256,8 @@ def _run_with_checkpoints(jobs: list[dict], results: dict[str, dict], workers: i
         last_save[0] = time.monotonic()
         sources = dict(prev_sources)
         sources.update({k: v for k, v in results.items() if not v.get("reused")})
-        files_now = sorted(set(old_files) | {c["file"] for v in results.values() for c in v.get("clips", [])})
+        files_now = sorted(set(old_files)
+                           | {c["file"] for v in results.values() for c in v.get("clips", [])})
         atomic_write_json(data_dir / STATE_FILE, {"version": STATE_VERSION, "mode": "input",
                                                   "input_dir": str(input_dir), "clip_files": files_now,
                                                   "sources": sources})
@@ -254,7 +271,8 @@ def _run_with_checkpoints(jobs: list[dict], results: dict[str, dict], workers: i
 
     with on_interrupt(lambda: _progress_note(data_dir, results, unsaved)):
         try:
-            for r in worker.run_jobs(worker.process_file, jobs, workers, "decoding", on_result=checkpoint):
+            for r in worker.run_jobs(worker.process_file, jobs, workers, "decoding",
+                                     on_result=checkpoint):
                 results[r["rel"]] = r
         except OSError as e:
             if e.errno not in DISK_FULL:
@@ -273,10 +291,10 @@ def _run_with_checkpoints(jobs: list[dict], results: dict[str, dict], workers: i
 def _progress_note(data_dir: Path, results: dict, unsaved: list[str]) -> str:
     """What a stopped decoding run saved, and how to continue (Ctrl-C, a full disk)."""
     if unsaved:
-        return (f"the progress could not be saved in {data_dir / STATE_FILE} ({unsaved[-1]}); running the same "
-                f"command again decodes the files finished since its last save again")
-    return (f"progress of {len(results)} finished file(s) is saved in {data_dir / STATE_FILE}; run the same command "
-            f"again to continue: finished files are not decoded again")
+        return (f"the progress could not be saved in {data_dir / STATE_FILE} ({unsaved[-1]}); "
+                f"running the same command again decodes the files finished since its last save again")
+    return (f"progress of {len(results)} finished file(s) is saved in {data_dir / STATE_FILE}; run "
+            f"the same command again to continue: finished files are not decoded again")
 
 
 def _enrich_reused(enrich_jobs: list[dict], results: dict[str, dict], workers: int) -> None:
@@ -287,8 +305,9 @@ def _enrich_reused(enrich_jobs: list[dict], results: dict[str, dict], workers: i
 
 
 def _find_duplicates(results: dict[str, dict]) -> list[dict]:
-    """Mark duplicates in results: same file content (duplicate_of on the file), then identical clips of
-    different recordings (duplicate/duplicate_of on the clip); the first by path is kept. Returns them."""
+    """Mark duplicates in results: same file content (duplicate_of on the file), then identical
+    clips of different recordings (duplicate/duplicate_of on the clip); the first by path is kept.
+    Returns them."""
     duplicates, seen_file, seen_clip = [], {}, {}
     for rel in sorted(results):
         r = results[rel]
@@ -305,7 +324,8 @@ def _find_duplicates(results: dict[str, dict]) -> list[dict]:
             c.pop("duplicate_of", None)
             other = seen_clip.get(c["pcm_hash"])
             if other and other[0] != rel:
-                duplicates.append({"file": f"{rel} (clip {c['index']})", "same_as": f"{other[0]} (clip {other[1]})",
+                duplicates.append({"file": f"{rel} (clip {c['index']})",
+                                   "same_as": f"{other[0]} (clip {other[1]})",
                                    "kind": "identical clip"})
                 c["duplicate"], c["duplicate_of"] = True, other[0]
                 continue
@@ -315,16 +335,17 @@ def _find_duplicates(results: dict[str, dict]) -> list[dict]:
 
 def _usable_recordings(results: dict[str, dict]) -> list[str]:
     """Recordings (sorted) that keep at least one clip: decoded fine, not a duplicate file."""
-    return [rel for rel in sorted(results) if results[rel].get("ok") and not results[rel].get("duplicate_of")
+    return [rel for rel in sorted(results) if results[rel].get("ok")
+            and not results[rel].get("duplicate_of")
             and any(not c.get("duplicate") for c in results[rel]["clips"])]
 
 
 def _place_clips(d, input_dir: Path, data_dir: Path, results: dict[str, dict], usable: list[str],
                  valid_set: set[str], captioner: Captioner, kept: dict
                  ) -> tuple[list[ClipRecord], Counter, list[str]]:
-    """Move each kept clip into its split's folder, caption it, and build its record (a source that cannot be
-    read now keeps the caption of the run that made its clips). Returns (records, how many recordings each
-    caption source captioned, uncaptioned recordings)."""
+    """Move each kept clip into its split's folder, caption it, and build its record (a source that
+    cannot be read now keeps the caption of the run that made its clips). Returns (records, how many
+    recordings each caption source captioned, uncaptioned recordings)."""
     records: list[ClipRecord] = []
     caption_sources: Counter = Counter()
     uncaptioned = []
@@ -347,7 +368,8 @@ def _place_clips(d, input_dir: Path, data_dir: Path, results: dict[str, dict], u
                 os.replace(data_dir / c["file"], data_dir / target)
                 c["file"] = target
             ctext = _enrich_text(text, c) if d.enrich_captions else text
-            records.append(ClipRecord(id=Path(c["name"]).stem, audio=target, text=ctext, duration=c["duration"],
+            records.append(ClipRecord(id=Path(c["name"]).stem, audio=target, text=ctext,
+                                      duration=c["duration"],
                                       split=split, source=rel, offset=c["offset"]))
     return records, caption_sources, uncaptioned
 
@@ -365,19 +387,21 @@ def _delete_duplicate_clips(data_dir: Path, results: dict[str, dict]) -> None:
 
 def _write_dataset(cfg: Config, input_dir: Path, data_dir: Path, state: dict, results: dict[str, dict],
                    records: list[ClipRecord]) -> set[str]:
-    """Remove stale clips of an earlier run, write metadata.json, prepare_state.json and prepare_config.yaml.
-    Returns the recordings decoded by this run (the others were reused)."""
+    """Remove stale clips of an earlier run, write metadata.json, prepare_state.json and
+    prepare_config.yaml. Returns the recordings decoded by this run (the others were reused)."""
     d = cfg.data
     new_files = [rec.audio for rec in records]
     removed = _remove_stale(data_dir, state.get("clip_files"), new_files)
     if removed:
         log.info("removed %d clip(s) of an earlier run that are no longer part of the dataset", removed)
 
-    atomic_write_json(metadata_path(data_dir, d.metadata_file), metadata_document(records, d.sample_rate, d.channels))
+    atomic_write_json(metadata_path(data_dir, d.metadata_file),
+                      metadata_document(records, d.sample_rate, d.channels))
     decoded_rels = {rel for rel, r in results.items() if not r.get("reused")}
     for r in results.values():
         r.pop("reused", None)
-    atomic_write_json(data_dir / STATE_FILE, {"version": STATE_VERSION, "mode": "input", "input_dir": str(input_dir),
+    atomic_write_json(data_dir / STATE_FILE,
+                      {"version": STATE_VERSION, "mode": "input", "input_dir": str(input_dir),
                                               "clip_files": new_files, "sources": results})
     cfg.save(data_dir / CONFIG_FILE)
     return decoded_rels
@@ -398,10 +422,13 @@ def _write_report(data_dir, d, input_dir, results, found: Found, duplicates, unc
                   decoded: set, n_clips, wall, captioner, records=()) -> dict:
     n_decoded = len(decoded)
     files = found.scan.files
-    skipped = sorted([{"file": rel, "reason": r["reason"]} for rel, r in results.items() if not r.get("ok")]
+    skipped = sorted([{"file": rel, "reason": r["reason"]} for rel, r in results.items()
+                      if not r.get("ok")]
                      + found.scan.links, key=lambda x: x["file"])
-    warnings = [{"file": rel, "warning": w} for rel, r in sorted(results.items()) for w in r.get("warnings", [])]
-    warnings += [{"file": rel, "warning": f"cannot be read now ({why}); kept the {len(results[rel]['clips'])} "
+    warnings = [{"file": rel, "warning": w} for rel, r in sorted(results.items())
+                for w in r.get("warnings", [])]
+    warnings += [{"file": rel,
+                  "warning": f"cannot be read now ({why}); kept the {len(results[rel]['clips'])} "
                                           f"clip(s) an earlier run made from it"}
                  for rel, why in sorted(found.kept.items())]
     tails = [{"file": rel, "seconds": r["tail_seconds"]} for rel, r in sorted(results.items())
@@ -423,7 +450,8 @@ def _write_report(data_dir, d, input_dir, results, found: Found, duplicates, unc
         "silent_segments_dropped": silent_segments,
         "uncaptioned": uncaptioned, "caption_sources": dict(caption_sources),
         "unused_caption_entries": captioner.unused()[:200], "ignored_files": dict(found.scan.ignored),
-        **_audio_changes(d, results, {rec.source for rec in records}), "unreadable": _unreadable(results, found),
+        **_audio_changes(d, results, {rec.source for rec in records}),
+        "unreadable": _unreadable(results, found),
     }
     atomic_write_json(data_dir / REPORT_FILE, report)
     _say(d, report, data_dir, n_clips, seconds, len(files), n_decoded, len(tails))
@@ -431,19 +459,22 @@ def _write_report(data_dir, d, input_dir, results, found: Found, duplicates, unc
 
 
 def _audio_changes(d, results: dict, used: set) -> dict:
-    """Counts of what preparing changed in the used recordings' audio: clips scaled down (they peaked above
-    0 dBFS), NaN/inf samples set to 0, recordings mixed down or up to --channels."""
+    """Counts of what preparing changed in the used recordings' audio: clips scaled down (they
+    peaked above 0 dBFS), NaN/inf samples set to 0, recordings mixed down or up to --channels."""
     rs = [results[rel] for rel in sorted(used)]
     src = Counter(r.get("source_channels") for r in rs if r.get("source_channels"))
-    return {"clips_scaled_down": sum(1 for r in rs for c in r["clips"] if c.get("scaled_from_db") is not None
+    return {"clips_scaled_down": sum(1 for r in rs for c in r["clips"]
+                                     if c.get("scaled_from_db") is not None
                                      and not c.get("duplicate")),
             "nonfinite_samples_repaired": sum(r.get("nonfinite_repaired", 0) for r in rs),
-            "channel_mix": {"channels": d.channels, "mixed_down": sum(n for c, n in src.items() if c > d.channels),
+            "channel_mix": {"channels": d.channels,
+                            "mixed_down": sum(n for c, n in src.items() if c > d.channels),
                             "mono_to_stereo": src[1] if d.channels == 2 else 0}}
 
 
 def _unreadable(results: dict, found: Found) -> list[dict]:
-    """Every folder or file that could not be read, with how many sources of the last run it kept."""
+    """Every folder or file that could not be read, with how many sources of the last run it
+    kept."""
     out = [dict(u) for u in found.scan.unreadable]
     out += [{"path": rel, "kind": "file", "reason": r["unreadable"]} for rel, r in sorted(results.items())
             if r.get("unreadable") and not r.get("ok")]
@@ -461,28 +492,32 @@ def _say(d, report: dict, data_dir: Path, n_clips: int, seconds: float, n_files:
     for w in report["warnings"]:
         log.warning("%s: %s", w["file"], w["warning"])
     for dup in report["duplicates"]:
-        log.warning("duplicate (%s): %s is the same as %s; kept once", dup["kind"], dup["file"], dup["same_as"])
+        log.warning("duplicate (%s): %s is the same as %s; kept once", dup["kind"], dup["file"],
+                    dup["same_as"])
     uncaptioned, caption_sources = report["uncaptioned"], report["caption_sources"]
     if uncaptioned:
-        log.warning("%d recording(s) have no caption (trained as unconditional only): %s", len(uncaptioned),
+        log.warning("%d recording(s) have no caption (trained as unconditional only): %s",
+                    len(uncaptioned),
                     ", ".join(uncaptioned[:10]) + (" ..." if len(uncaptioned) > 10 else ""))
     if caption_sources.get("template"):
-        log.warning("%d recording(s) are captioned from their file name (caption_template %r); a real description "
-                    "(sidecar .txt or captions_file) trains much better", caption_sources["template"],
-                    d.caption_template)
+        log.warning("%d recording(s) are captioned from their file name (caption_template %r); a "
+                    "real description (sidecar .txt or captions_file) trains much better",
+                    caption_sources["template"], d.caption_template)
     if report["unused_caption_entries"]:
-        log.warning("%d caption entr(y/ies) matched no audio file, e.g. %s", len(report["unused_caption_entries"]),
-                    report["unused_caption_entries"][0])
+        log.warning("%d caption entr(y/ies) matched no audio file, e.g. %s",
+                    len(report["unused_caption_entries"]), report["unused_caption_entries"][0])
     mix = report["channel_mix"]
     if mix["mixed_down"]:
         log.info("%d recording(s) with more than %d channel(s) were mixed down to %s (--channels %d)",
                  mix["mixed_down"], d.channels, "mono" if d.channels == 1 else "stereo", d.channels)
     if mix["mono_to_stereo"]:
-        log.info("%d mono recording(s) were copied to both channels (--channels 2)", mix["mono_to_stereo"])
+        log.info("%d mono recording(s) were copied to both channels (--channels 2)",
+                 mix["mono_to_stereo"])
     if report["clips_scaled_down"]:
-        log.warning("%d clip(s) peaked above 0 dBFS and were scaled down to avoid clipping (see the warnings)",
-                    report["clips_scaled_down"])
-    print(f"Prepared {n_clips} clips ({human_seconds(seconds)}) from {report['files_used']} of {n_files} files: "
-          f"train {report['clips']['train']}, valid {report['clips']['valid']}; decoded {n_decoded} file(s), "
-          f"reused {report['files_reused']}; skipped {len(report['skipped'])}, duplicates "
-          f"{len(report['duplicates'])}, short tails dropped {n_tails}. Report: {data_dir / REPORT_FILE}")
+        log.warning("%d clip(s) peaked above 0 dBFS and were scaled down to avoid clipping (see "
+                    "the warnings)", report["clips_scaled_down"])
+    print(f"Prepared {n_clips} clips ({human_seconds(seconds)}) from {report['files_used']} of "
+          f"{n_files} files: train {report['clips']['train']}, valid {report['clips']['valid']}; "
+          f"decoded {n_decoded} file(s), reused {report['files_reused']}; skipped "
+          f"{len(report['skipped'])}, duplicates {len(report['duplicates'])}, short tails dropped "
+          f"{n_tails}. Report: {data_dir / REPORT_FILE}")

@@ -1,5 +1,6 @@
-"""Finding the user's recordings: a recursive scan of --input_dir (symlinked folders followed once, loops and broken
-links reported, the output folder never scanned) and the stable clip names of a source.
+"""Finding the user's recordings: a recursive scan of --input_dir (symlinked folders followed once,
+loops and broken links reported, the output folder never scanned) and the stable clip names of a
+source.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ class Scan:
     files: list[Path] = field(default_factory=list)  # audio files, sorted by relative path
     ignored: Counter = field(default_factory=Counter)  # what was left out on purpose, counted
     unreadable: list[dict] = field(default_factory=list)  # {"path", "kind": folder/file, "reason"}
-    links: list[dict] = field(default_factory=list)  # {"file", "reason"}: broken or looping symlinks
+    # {"file", "reason"}: broken or looping symlinks
+    links: list[dict] = field(default_factory=list)
     reached_output: bool = False  # met data_dir, data_dir/train or data_dir/valid (never scanned)
 
 
@@ -48,13 +50,15 @@ def _rel(input_dir: Path, p: Path) -> str:
 
 
 def _list_folder(input_dir: Path, folder: Path, scan: Scan) -> list[tuple[Path, os.stat_result, bool]]:
-    """(path, stat with symlinks followed, is a symlink) of the visible entries of a folder, by name. What
-    cannot be listed or stat-ed is recorded in scan (unreadable, broken link, symlink loop), never raised."""
+    """(path, stat with symlinks followed, is a symlink) of the visible entries of a folder, by
+    name. What cannot be listed or stat-ed is recorded in scan (unreadable, broken link, symlink
+    loop), never raised."""
     try:
         with os.scandir(folder) as it:
             entries = sorted(it, key=lambda e: e.name)
     except OSError as e:
-        scan.unreadable.append({"path": _rel(input_dir, folder), "kind": "folder", "reason": e.strerror or str(e)})
+        scan.unreadable.append({"path": _rel(input_dir, folder), "kind": "folder",
+                                "reason": e.strerror or str(e)})
         return []
     out = []
     for e in entries:
@@ -71,17 +75,21 @@ def _list_folder(input_dir: Path, folder: Path, scan: Scan) -> list[tuple[Path, 
         except OSError as err:
             if err.errno == errno.ENOENT and e.is_symlink():
                 scan.links.append({"file": _rel(input_dir, p),
-                                   "reason": f"broken symlink: it points to {os.readlink(p)}, which does not exist"})
+                                   "reason": f"broken symlink: it points to {os.readlink(p)}, "
+                                             f"which does not exist"})
             elif err.errno == errno.ELOOP:
-                scan.links.append({"file": _rel(input_dir, p), "reason": "symlink loop: the link leads back to itself"})
+                scan.links.append({"file": _rel(input_dir, p),
+                                   "reason": "symlink loop: the link leads back to itself"})
             elif err.errno != errno.ENOENT:  # (ENOENT: deleted while scanning)
-                scan.unreadable.append({"path": _rel(input_dir, p), "kind": "file", "reason": err.strerror or str(err)})
+                scan.unreadable.append({"path": _rel(input_dir, p), "kind": "file",
+                                        "reason": err.strerror or str(err)})
     return out
 
 
 def scan_audio(input_dir: Path, exclude: list[Path]) -> Scan:
-    """Audio files under input_dir (recursive; symlinked folders are followed, each real folder scanned once,
-    a link back to a folder above is a "symlink loop"), what was ignored, what could not be read."""
+    """Audio files under input_dir (recursive; symlinked folders are followed, each real folder
+    scanned once, a link back to a folder above is a "symlink loop"), what was ignored, what could
+    not be read."""
     scan = Scan()
     excl = {os.path.realpath(e) for e in exclude}
     visited = {os.path.realpath(input_dir)}
@@ -91,7 +99,7 @@ def scan_audio(input_dir: Path, exclude: list[Path]) -> Scan:
         here = os.path.realpath(folder)
         entries = _list_folder(input_dir, folder, scan)
         subdirs = []
-        for p, st, link in sorted(entries, key=lambda e: e[2]):  # real folders before links to them
+        for p, st, _link in sorted(entries, key=lambda e: e[2]):  # real folders before links to them
             if stat.S_ISDIR(st.st_mode):
                 real = os.path.realpath(p)
                 if real in excl:
@@ -99,7 +107,8 @@ def scan_audio(input_dir: Path, exclude: list[Path]) -> Scan:
                     scan.reached_output = True
                 elif _inside(here, real):
                     scan.links.append({"file": _rel(input_dir, p),
-                                       "reason": f"symlink loop: it links back to {real}, a folder above it"})
+                                       "reason": f"symlink loop: it links back to {real}, a folder "
+                                                 f"above it"})
                 elif real in visited:
                     scan.ignored["folders linked twice (scanned once)"] += 1
                 else:
@@ -118,15 +127,16 @@ def scan_audio(input_dir: Path, exclude: list[Path]) -> Scan:
 
 @dataclass
 class Found:
-    """The scan, and the sources of an earlier run kept because they cannot be read now ({rel: reason})."""
+    """The scan, and the sources of an earlier run kept because they cannot be read now ({rel:
+    reason})."""
 
     scan: Scan
     kept: dict
 
 
 def _find_sources(input_dir: Path, data_dir: Path, state: dict) -> Scan:
-    """Scan input_dir for audio, never into the output folder; refuse when that folder lies in the input
-    and holds audio prepare_data did not write."""
+    """Scan input_dir for audio, never into the output folder; refuse when that folder lies in the
+    input and holds audio prepare_data did not write."""
     scan = scan_audio(input_dir, [data_dir] + [data_dir / s for s in SPLITS])
     if scan.reached_output:
         _check_foreign_audio(input_dir, data_dir, state)
@@ -138,8 +148,9 @@ def _find_sources(input_dir: Path, data_dir: Path, state: dict) -> Scan:
 
 
 def _no_audio_message(input_dir: Path, scan: Scan) -> str:
-    text = (f"No audio files found in {input_dir} (looked for {', '.join(A.AUDIO_EXTENSIONS)}, recursively). "
-            f"Check --input_dir.")
+    text = (f"No audio files found in {input_dir} (looked for {', '.join(A.AUDIO_EXTENSIONS)}, "
+            f"recursively). Check --input_dir.")
     if scan.unreadable:
-        text += " Could not read: " + "; ".join(f"{u['path']} ({u['reason']})" for u in scan.unreadable[:10]) + "."
+        text += " Could not read: " + "; ".join(f"{u['path']} ({u['reason']})"
+                                                for u in scan.unreadable[:10]) + "."
     return text

@@ -21,19 +21,23 @@ from lora.modeling.loading import family_for
 # Token cache: EnCodec codes and frozen text-encoder states, computed once and kept on disk.
 #
 # Layout (one safetensors file per clip / caption; loaded with safetensors, never pickle):
-#     data_dir/cache/<model identity>-v<CACHE_VERSION>/codes/<sha1 of clip file>-sr<rate>-ch<channels>-<precision>.safetensors
+#     data_dir/cache/<model identity>-v<CACHE_VERSION>/codes/
+#             <sha1 of clip file>-sr<rate>-ch<channels>-<precision>.safetensors
 #         "codes": int16 (K, T)     clips are batched only with clips of the same length, never zero-padded
 #                                   (EnCodec is not causal), so no clip's codes depend on another clip's audio;
-#                                   <precision> is the encoder's (lora.modeling.encodec_fast.ENCODER_PRECISION: "fp32", also
-#                                   in the file's metadata), so codes made in another precision are never mixed in
+#                                   <precision> is the encoder's (lora.modeling.encodec_fast.ENCODER_PRECISION:
+#                                   "fp32", also in the file's metadata), so codes made in another precision are
+#                                   never mixed in
 #     data_dir/cache/<model identity>-v<CACHE_VERSION>/text/<sha1 of caption>.safetensors
 #         "hidden": float32 (L, D)   T5 last_hidden_state (before the decoder's projection), valid tokens only
 #         "mask":   int8 (L,)
-# The model identity (lora.modeling.loading.model_identity) hashes the whole config, tokenizer, processor and weight files.
+# The model identity (lora.modeling.loading.model_identity) hashes the whole config, tokenizer, processor and
+# weight files.
 # A rerun reuses every file whose key still matches; a changed clip (new bytes -> new hash) or another model
 # (new identity) is encoded again, and only that. Each file is written atomically (temp file + rename).
 # ============================================================================================
-CACHE_VERSION = 3  # 2: no clip padded to its batch (version-1 codes of shorter clips depended on their batch);
+# 2: no clip padded to its batch (version-1 codes of shorter clips depended on their batch);
+CACHE_VERSION = 3
 
 
 def cache_root(data_dir: str | Path, info) -> Path:
@@ -62,7 +66,8 @@ def _save_tensors(path: Path, tensors: dict, metadata: dict) -> None:
 
 
 def _load_tensors(path: Path) -> Optional[dict]:
-    """Tensors of a cache file, or None when it is missing or unreadable (then it is simply re-encoded)."""
+    """Tensors of a cache file, or None when it is missing or unreadable (then it is simply
+    re-encoded)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -76,8 +81,9 @@ def _load_tensors(path: Path) -> Optional[dict]:
 
 
 def warn_channel_mixing(paths: list[Path], info) -> dict:
-    """Say once when clips are mixed to the model's channel count: stereo clips for a mono model are mixed down,
-    mono clips for a stereo model are copied to both channels (no real stereo to learn). Returns the counts."""
+    """Say once when clips are mixed to the model's channel count: stereo clips for a mono model are
+    mixed down, mono clips for a stereo model are copied to both channels (no real stereo to learn).
+    Returns the counts."""
     from collections import Counter
 
     counts = Counter(audio_info(p).channels for p in paths)
@@ -86,8 +92,8 @@ def warn_channel_mixing(paths: list[Path], info) -> dict:
         if info.audio_channels == 1:
             how = f"{'stereo' if c == 2 else f'{c}-channel'} but the model is mono: they are mixed down to mono"
         else:
-            how = ("mono but the model is stereo: each is copied to both channels, so there is no stereo image to "
-                   "learn (prepare the data with --channels 2 from stereo sources)")
+            how = ("mono but the model is stereo: each is copied to both channels, so there is no "
+                   "stereo image to learn (prepare the data with --channels 2 from stereo sources)")
         log.warning("%d of %d clip(s) are %s", n, len(paths), how)
     return mixed
 
@@ -98,15 +104,17 @@ def _batches(items: list, size: int):
 
 
 def equal_length_batches(waves, batch_size: int, max_waiting: Optional[int] = None):
-    """Group (key, wave (C, N)) pairs into batches of at most ``batch_size`` whose waves all have the same N, so
-    that no clip is ever zero-padded to a longer neighbour (EnCodec is not causal: padding changes the codes of a
-    clip's last frames, so its codes would depend on its batch). Yields lists of pairs as soon as a length has a
-    full batch; a length with fewer clips is encoded as a smaller batch (a length seen once: alone). At most
-    ``max_waiting`` (default 2 x batch_size) clips wait in unfinished batches: past that the longest-waiting
-    batch goes as it is, so memory stays bounded whatever order the clips come in."""
+    """Group (key, wave (C, N)) pairs into batches of at most ``batch_size`` whose waves all have
+    the same N, so that no clip is ever zero-padded to a longer neighbour (EnCodec is not causal:
+    padding changes the codes of a clip's last frames, so its codes would depend on its batch).
+    Yields lists of pairs as soon as a length has a full batch; a length with fewer clips is encoded
+    as a smaller batch (a length seen once: alone). At most ``max_waiting`` (default 2 x batch_size)
+    clips wait in unfinished batches: past that the longest-waiting batch goes as it is, so memory
+    stays bounded whatever order the clips come in."""
     size = max(1, int(batch_size))
     limit = max(size, int(max_waiting or 2 * size))
-    waiting: dict[int, list] = {}  # samples -> pairs (insertion order = the order lengths first came)
+    # samples -> pairs (insertion order = the order lengths first came)
+    waiting: dict[int, list] = {}
     count = 0
     for key, wave in waves:
         group = waiting.setdefault(int(wave.shape[-1]), [])
@@ -123,19 +131,19 @@ def equal_length_batches(waves, batch_size: int, max_waiting: Optional[int] = No
 
 
 def _loaded_waves(order: list[str], todo: dict[str, ClipRecord], info):
-    """(hash, wave) of each clip to encode, decoded at the model's rate and channel count; UserError for one
-    without samples."""
+    """(hash, wave) of each clip to encode, decoded at the model's rate and channel count; UserError
+    for one without samples."""
     for h in order:
         wave = load_audio(todo[h].path, info.sample_rate, info.audio_channels)
         if wave.shape[1] == 0:
-            raise UserError(f"Audio file without samples: {todo[h].path}. Remove it from the metadata or re-run "
-                            f"prepare_data.py.")
+            raise UserError(f"Audio file without samples: {todo[h].path}. Remove it from the "
+                            f"metadata or re-run prepare_data.py.")
         yield h, wave
 
 
 def clip_chroma(wave, info):
-    """A clip's melody for the cache: the pitch class (int8) of every chroma frame of its whole audio (C, N) (the
-    training crop takes the frames that cover it; lora.modeling.chroma)."""
+    """A clip's melody for the cache: the pitch class (int8) of every chroma frame of its whole
+    audio (C, N) (the training crop takes the frames that cover it; lora.modeling.chroma)."""
     import torch
 
     return chroma.chroma(wave, info.sample_rate, max_seconds=None).argmax(dim=-1).to(torch.int8)
@@ -143,10 +151,11 @@ def clip_chroma(wave, info):
 
 def _encode_clips(todo: dict[str, ClipRecord], root: Path, model, info, batch_size: int, device,
                   show_progress: bool) -> dict[str, object]:
-    """EnCodec codes of the clips in ``todo`` (by file hash), each written to the cache. Batches hold clips of one
-    length only (``equal_length_batches``): a clip of a length no other clip has is encoded alone, and no clip's
-    codes depend on the audio of its batch neighbours. (Against encoding a batched clip alone, argmin near-ties
-    of the quantizer may still flip: EnCodec's LSTM rounds differently for another batch size.)"""
+    """EnCodec codes of the clips in ``todo`` (by file hash), each written to the cache. Batches
+    hold clips of one length only (``equal_length_batches``): a clip of a length no other clip has
+    is encoded alone, and no clip's codes depend on the audio of its batch neighbours. (Against
+    encoding a batched clip alone, argmin near-ties of the quantizer may still flip: EnCodec's LSTM
+    rounds differently for another batch size.)"""
     import numpy as np
     import torch
     from tqdm.auto import tqdm
@@ -154,7 +163,8 @@ def _encode_clips(todo: dict[str, ClipRecord], root: Path, model, info, batch_si
     fam = family_for(info)
     warn_channel_mixing([todo[h].path for h in todo], info)
     hop = info.sample_rate / info.frame_rate
-    order = sorted(todo, key=lambda h: todo[h].duration)  # equal lengths come together: full batches
+    # equal lengths come together: full batches
+    order = sorted(todo, key=lambda h: todo[h].duration)
     codes: dict[str, object] = {}
     bar = tqdm(total=len(order), desc="encoding audio (EnCodec)", unit="clip", disable=not show_progress)
     for group in equal_length_batches(_loaded_waves(order, todo, info), batch_size):
@@ -186,7 +196,8 @@ def _encode_texts(texts: list[str], root: Path, model, processor, info, batch_si
 
     fam = family_for(info)
     states: dict[str, tuple] = {}
-    bar = tqdm(total=len(texts), desc="encoding captions (text encoder)", unit="text", disable=not show_progress)
+    bar = tqdm(total=len(texts), desc="encoding captions (text encoder)", unit="text",
+               disable=not show_progress)
     for chunk in _batches(texts, batch_size):
         with torch.no_grad():
             hidden, mask = fam.encode_text(model, processor, chunk, device=device)
@@ -205,18 +216,20 @@ def _encode_texts(texts: list[str], root: Path, model, processor, info, batch_si
 def build_token_cache(records: list[ClipRecord], model, processor, info, data_dir: str | Path, *,
                       batch_size: int = 8, device=None, text_states: bool = True,
                       show_progress: bool = True) -> tuple[list[CachedClip], dict]:
-    """Encode every clip (EnCodec codes) and caption (frozen text-encoder states) not yet cached; load all.
+    """Encode every clip (EnCodec codes) and caption (frozen text-encoder states) not yet cached;
+    load all.
 
-    Returns the cached clips in the order of ``records`` and counts {"clips_encoded", "clips_reused",
-    "texts_encoded", "texts_reused"}. ``text_states=False`` skips the text cache (the text encoder trains).
-    ``batch_size`` clips of the same length are encoded together; a clip is never padded (its codes do not
-    depend on the other clips).
+    Returns the cached clips in the order of ``records`` and counts {"clips_encoded",
+    "clips_reused", "texts_encoded", "texts_reused"}. ``text_states=False`` skips the text cache
+    (the text encoder trains). ``batch_size`` clips of the same length are encoded together; a clip
+    is never padded (its codes do not depend on the other clips).
     """
     from tqdm.auto import tqdm
 
     root = cache_root(data_dir, info)
     stats = {"clips_encoded": 0, "clips_reused": 0, "texts_encoded": 0, "texts_reused": 0}
-    hashes = [file_hash(r.path) for r in tqdm(records, desc="hashing clips", unit="clip", disable=not show_progress,
+    hashes = [file_hash(r.path)
+              for r in tqdm(records, desc="hashing clips", unit="clip", disable=not show_progress,
                                               leave=False)]
 
     codes: dict[str, object] = {}
@@ -246,14 +259,15 @@ def build_token_cache(records: list[ClipRecord], model, processor, info, data_di
             else:
                 missing.append(text)
         if missing:
-            states.update(_encode_texts(missing, root, model, processor, info, batch_size, device, show_progress))
+            states.update(_encode_texts(missing, root, model, processor, info, batch_size, device,
+                                        show_progress))
             stats["texts_encoded"] += len(missing)
 
     clips = []
     for r, h in zip(records, hashes):
         hid, msk = states.get(r.text, (None, None))
-        clips.append(CachedClip(id=r.id, text=r.text, split=r.split, codes=codes[h]["codes"], hidden=hid, mask=msk,
-                                chroma=codes[h].get("chroma")))
+        clips.append(CachedClip(id=r.id, text=r.text, split=r.split, codes=codes[h]["codes"],
+                                hidden=hid, mask=msk, chroma=codes[h].get("chroma")))
     log.info("Token cache %s: %d clip(s) encoded, %d reused; %d caption(s) encoded, %d reused", root,
              stats["clips_encoded"], stats["clips_reused"], stats["texts_encoded"], stats["texts_reused"])
     return clips, stats

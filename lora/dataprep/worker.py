@@ -1,5 +1,6 @@
-"""The per-file worker of prepare_data.py (an ordinary function run inline or in a spawn process pool): decode one
-recording block by block, cut, check and write its clips, and report what it changed or why it failed.
+"""The per-file worker of prepare_data.py (an ordinary function run inline or in a spawn process
+pool): decode one recording block by block, cut, check and write its clips, and report what it
+changed or why it failed.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from lora.common.cli import UserError
 from lora.dataprep import audio as A
 from lora.dataprep.scan import clip_base
 
-NONFINITE_REPAIR_FRACTION = 0.001  # up to this share of NaN/inf samples is repaired (set to 0); more: damaged
+# up to this share of NaN/inf samples is repaired (set to 0); more: damaged
+NONFINITE_REPAIR_FRACTION = 0.001
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -22,13 +24,14 @@ DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 def process_file(job: dict) -> dict:
     """Decode one recording block by block and write its clips. Returns a JSON-able result.
 
-    Never raises for a bad file: the failure is returned with its reason. An OSError while writing a clip (a
-    full disk) is raised, after removing the clips of this recording written so far.
+    Never raises for a bad file: the failure is returned with its reason. An OSError while writing a
+    clip (a full disk) is raised, after removing the clips of this recording written so far.
     """
     t0 = time.perf_counter()
     src, rel = job["src"], job["rel"]
     res = {"rel": rel, "ok": False, "reason": "", "warnings": [], "clips": [], "tail_seconds": 0.0,
-           "silent_segments": 0, "size": job["size"], "mtime_ns": job["mtime_ns"], "settings": job["settings"]}
+           "silent_segments": 0, "size": job["size"], "mtime_ns": job["mtime_ns"],
+           "settings": job["settings"]}
     try:
         res["sha1"] = A.file_hash(src)
     except OSError as e:
@@ -55,8 +58,9 @@ def process_file(job: dict) -> dict:
 
 
 class _ClipWriter:
-    """process_file's clips: cut the decoded stream, drop silent clips, scale down clips that peak above
-    0 dBFS (PCM16 would hard-clip them), write the WAVs into data_dir/train, record them in res."""
+    """process_file's clips: cut the decoded stream, drop silent clips, scale down clips that peak
+    above 0 dBFS (PCM16 would hard-clip them), write the WAVs into data_dir/train, record them in
+    res."""
 
     def __init__(self, job: dict, res: dict):
         self.job, self.res = job, res
@@ -78,8 +82,9 @@ class _ClipWriter:
             error = str(e)
         self.emit(self.cutter.finish())
         if self.overs:
-            self.res["warnings"].append(f"{len(self.overs)} clip(s) peaked at up to +{max(self.overs):.1f} dBFS and "
-                                        f"were scaled down to avoid clipping")
+            self.res["warnings"].append(f"{len(self.overs)} clip(s) peaked at up to "
+                                        f"+{max(self.overs):.1f} dBFS and were scaled down to "
+                                        f"avoid clipping")
         return error
 
     def emit(self, pieces) -> None:
@@ -114,14 +119,14 @@ class _ClipWriter:
 
 
 def _check_nonfinite(res: dict, counts: A.DecodeCounts, writer: _ClipWriter) -> None:
-    """A few NaN/inf samples (at most NONFINITE_REPAIR_FRACTION) were set to 0: warn with the count. More:
-    the file is damaged; its clips are removed and it is skipped with that reason."""
+    """A few NaN/inf samples (at most NONFINITE_REPAIR_FRACTION) were set to 0: warn with the count.
+    More: the file is damaged; its clips are removed and it is skipped with that reason."""
     n, m = counts.nonfinite, counts.samples
     if not n:
         return
     if n <= NONFINITE_REPAIR_FRACTION * m:
-        res["warnings"].append(f"{n} NaN/inf sample(s) of {m} were replaced by 0 (silence); the file is slightly "
-                               f"damaged")
+        res["warnings"].append(f"{n} NaN/inf sample(s) of {m} were replaced by 0 (silence); the "
+                               f"file is slightly damaged")
         res["nonfinite_repaired"] = n
         return
     writer.remove_written()
@@ -129,20 +134,23 @@ def _check_nonfinite(res: dict, counts: A.DecodeCounts, writer: _ClipWriter) -> 
     res["reason"] = f"{n} of {m} samples are NaN/inf: the file is damaged"
 
 
-def _judge(job: dict, res: dict, cutter: A.ClipCutter, header_seconds: float, error: Optional[str]) -> None:
-    """Fill in what the decoding found: durations, warnings, ok, or the reason the file gave no clip."""
+def _judge(job: dict, res: dict, cutter: A.ClipCutter, header_seconds: float,
+           error: Optional[str]) -> None:
+    """Fill in what the decoding found: durations, warnings, ok, or the reason the file gave no
+    clip."""
     sr = job["sample_rate"]
     decoded = cutter.total_samples / sr
     res.update(source_seconds=round(decoded, 3), lead_seconds=round(cutter.lead_samples / sr, 3),
-               trail_seconds=round(cutter.trail_samples / sr, 3), tail_seconds=round(cutter.tail_samples / sr, 3))
+               trail_seconds=round(cutter.trail_samples / sr, 3),
+               tail_seconds=round(cutter.tail_samples / sr, 3))
     if res["reason"]:  # damaged (NaN/inf)
         res["tail_seconds"] = 0.0
         return
     if error and res["clips"]:
         res["warnings"].append(f"{error}; kept the {len(res['clips'])} clip(s) before it")
     elif header_seconds and decoded < min(header_seconds - 1.0, 0.95 * header_seconds) and not error:
-        res["warnings"].append(f"file is shorter than its header says ({decoded:.1f} s of {header_seconds:.1f} s): "
-                               f"truncated?")
+        res["warnings"].append(f"file is shorter than its header says ({decoded:.1f} s of "
+                               f"{header_seconds:.1f} s): truncated?")
     if res["clips"]:
         res["ok"] = True
     elif error:
@@ -159,7 +167,8 @@ def _judge(job: dict, res: dict, cutter: A.ClipCutter, header_seconds: float, er
 
 
 def enrich_existing(job: dict) -> dict:
-    """Tempo/key of clips that already exist (a rerun that adds --enrich_captions decodes no source)."""
+    """Tempo/key of clips that already exist (a rerun that adds --enrich_captions decodes no
+    source)."""
     out = {}
     for rel in job["files"]:
         y = A.load_audio(Path(job["data_dir"]) / rel, job["sample_rate"], 1)
@@ -167,9 +176,11 @@ def enrich_existing(job: dict) -> dict:
     return {"rel": job["rel"], "enrich": out}
 
 
-def run_jobs(fn: Callable[[dict], dict], jobs: list[dict], workers: int, desc: str, on_result=None) -> list[dict]:
-    """Run ``fn`` (a module-level function of this module, so a spawned worker finds it by name) on each job,
-    inline (1 worker) or in a spawn process pool; on_result(result) is called as each finishes."""
+def run_jobs(fn: Callable[[dict], dict], jobs: list[dict], workers: int, desc: str,
+             on_result=None) -> list[dict]:
+    """Run ``fn`` (a module-level function of this module, so a spawned worker finds it by name) on
+    each job, inline (1 worker) or in a spawn process pool; on_result(result) is called as each
+    finishes."""
     if not jobs:
         return []
     from tqdm import tqdm
@@ -185,7 +196,8 @@ def run_jobs(fn: Callable[[dict], dict], jobs: list[dict], workers: int, desc: s
             except OSError as e:
                 if e.errno in DISK_FULL:
                     raise
-                raise UserError(f"could not write clips ({e}); is the disk full or the output folder read-only?"
+                raise UserError(f"could not write clips ({e}); is the disk full or the output "
+                                f"folder read-only?"
                                 ) from None
             bar.update()
     else:
@@ -204,12 +216,14 @@ def run_jobs(fn: Callable[[dict], dict], jobs: list[dict], workers: int, desc: s
             ex.shutdown(wait=False, cancel_futures=True)
             if e.errno in DISK_FULL:
                 raise
-            raise UserError(f"could not write clips ({e}); is the disk full or the output folder read-only?"
+            raise UserError(f"could not write clips ({e}); is the disk full or the output folder "
+                            f"read-only?"
                             ) from None
         except BrokenProcessPool:
             ex.shutdown(wait=False, cancel_futures=True)
-            raise UserError("a worker process died (out of memory, or a decoder crashed on a file). Finished files "
-                            "are kept: run the same command with --num_workers 1 to continue and find the file."
+            raise UserError("a worker process died (out of memory, or a decoder crashed on a "
+                            "file). Finished files are kept: run the same command with "
+                            "--num_workers 1 to continue and find the file."
                             ) from None
         except BaseException:  # Ctrl-C: do not wait for the queued files
             ex.shutdown(wait=False, cancel_futures=True)

@@ -1,5 +1,5 @@
-"""What a generation writes, the same for the CLI (inference_lora.py) and the web UI (app.py): the file names, the
-requests' audio prompt and melodies, the WAVs and manifest.json (ManifestWriter)."""
+"""What a generation writes, the same for the CLI (inference_lora.py) and the web UI (app.py): the
+file names, the requests' audio prompt and melodies, the WAVs and manifest.json (ManifestWriter)."""
 
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ SLUG_MAX_BYTES = 80
 # File names
 # --------------------------------------------------------------------------------------------
 def slugify(text: str, max_bytes: int = SLUG_MAX_BYTES) -> str:
-    """A file-name-safe slug: letters/digits of any script kept (lower-cased), everything else -> '-',
-    at most ``max_bytes`` UTF-8 bytes. '' for a text without letters or digits."""
+    """A file-name-safe slug: letters/digits of any script kept (lower-cased), everything else ->
+    '-', at most ``max_bytes`` UTF-8 bytes. '' for a text without letters or digits."""
     s = unicodedata.normalize("NFKC", text).lower()
     s = re.sub(r"[^\w]+", "-", s, flags=re.UNICODE).replace("_", "-")
     s = re.sub(r"-{2,}", "-", s).strip("-")
@@ -42,8 +42,8 @@ def _short_hash(text: str) -> str:
 
 
 def output_names(requests: list[Request]) -> list[str]:
-    """``<slug>_s<seed>.wav`` per request (``<slug>_melody-<file stem>_s<seed>.wav`` with a melody); different
-    prompts with the same slug get a hash suffix."""
+    """``<slug>_s<seed>.wav`` per request (``<slug>_melody-<file stem>_s<seed>.wav`` with a melody);
+    different prompts with the same slug get a hash suffix."""
     slugs = {}
     for r in requests:
         if r.prompt not in slugs:
@@ -83,19 +83,22 @@ def _now() -> str:
 
 
 def check_outputs(requests: list[Request], out_dir: Path, overwrite: bool) -> list[str]:
-    """The file name of every request; UserError when two would collide or (without --overwrite) one exists."""
+    """The file name of every request; UserError when two would collide or (without --overwrite) one
+    exists."""
     names = output_names(requests)
     seen: dict[str, int] = {}
     for i, name in enumerate(names):
         if name in seen:
-            raise UserError(f"Two samples would both be written to {name} (same prompt {requests[i].prompt!r} and "
-                            f"seed {requests[i].seed}); give them different seeds (prompts file 'seed').")
+            raise UserError(f"Two samples would both be written to {name} (same prompt "
+                            f"{requests[i].prompt!r} and seed {requests[i].seed}); give them "
+                            f"different seeds (prompts file 'seed').")
         seen[name] = i
     existing = [n for n in names if (out_dir / n).exists()]
     if existing and not overwrite:
         shown = ", ".join(existing[:5]) + (f" and {len(existing) - 5} more" if len(existing) > 5 else "")
-        raise UserError(f"{len(existing)} output file(s) already exist in {out_dir}: {shown}. Nothing was generated. "
-                        f"Pass --overwrite to replace them, or choose another --output_dir or --seed.")
+        raise UserError(f"{len(existing)} output file(s) already exist in {out_dir}: {shown}. "
+                        f"Nothing was generated. Pass --overwrite to replace them, or choose "
+                        f"another --output_dir or --seed.")
     return names
 
 
@@ -104,17 +107,19 @@ def add_audio_prompt(model, info, path: str, requests: list[Request]) -> None:
     wav = load_audio(path, info.sample_rate, channels=info.audio_channels)
     prompt_seconds = wav.shape[-1] / info.sample_rate
     prompt_codes, prompt_id = engine.encode_audio_prompt(model, info, wav)
-    log.info("Audio prompt %s: %.2f s (%d frames) is continued; durations include it", path, prompt_seconds,
-             prompt_codes.shape[-1])
+    log.info("Audio prompt %s: %.2f s (%d frames) is continued; durations include it", path,
+             prompt_seconds, prompt_codes.shape[-1])
     for r in requests:
         if r.duration <= prompt_seconds:
             raise UserError(f"duration {r.duration:g} s does not reach past the audio prompt "
-                            f"({prompt_seconds:.2f} s); the duration includes the prompt, so ask for more.")
+                            f"({prompt_seconds:.2f} s); the duration includes the prompt, so ask "
+                            f"for more.")
         r.prompt_codes, r.prompt_id = prompt_codes, prompt_id
 
 
 def check_melody_files(paths, problems: list[str], setting: str = "melody_audio") -> None:
-    """Every melody file exists and is readable audio (before the model loads); ``setting`` names it in messages."""
+    """Every melody file exists and is readable audio (before the model loads); ``setting`` names it
+    in messages."""
     for path in dict.fromkeys(p for p in paths if p):
         if not Path(path).is_file():
             problems.append(f"{setting} file not found: {path}.")
@@ -125,15 +130,18 @@ def check_melody_files(paths, problems: list[str], setting: str = "melody_audio"
             problems.append(f"{setting}: {e}")
 
 
-def add_melodies(info, requests: list[Request], setting: str = "--melody_audio (or a prompt's 'melody')") -> None:
-    """Each request's melody (the chroma of its ``melody_file``, computed once per file): ``melody``, ``melody_id``,
-    ``melody_sha1``. UserError when the model takes no melody or a file is silent."""
+def add_melodies(info, requests: list[Request],
+                 setting: str = "--melody_audio (or a prompt's 'melody')") -> None:
+    """Each request's melody (the chroma of its ``melody_file``, computed once per file):
+    ``melody``, ``melody_id``, ``melody_sha1``. UserError when the model takes no melody or a file
+    is silent."""
     wanted = {r.melody_file for r in requests if r.melody_file}
     if not wanted:
         return
     if not family_for(info).MELODY:
-        raise UserError(f"{setting} needs a melody model such as facebook/musicgen-melody (or --model_path "
-                        f"tiny-melody); {info.name_or_path} is a text-only MusicGen. Nothing was written.")
+        raise UserError(f"{setting} needs a melody model such as facebook/musicgen-melody (or "
+                        f"--model_path tiny-melody); {info.name_or_path} is a text-only MusicGen. "
+                        f"Nothing was written.")
     melodies = {}
     for path in sorted(wanted):
         wav = load_audio(path, info.sample_rate, channels=1)
@@ -142,7 +150,8 @@ def add_melodies(info, requests: list[Request], setting: str = "--melody_audio (
         except UserError as e:
             raise UserError(f"melody_audio {path}: {e} Nothing was written.") from None
         melodies[path] = (chroma, mid, file_hash(path))
-        log.info("Melody %s: %.2f s, %d chroma frames", path, wav.shape[-1] / info.sample_rate, chroma.shape[0])
+        log.info("Melody %s: %.2f s, %d chroma frames", path, wav.shape[-1] / info.sample_rate,
+                 chroma.shape[0])
     for r in requests:
         if r.melody_file:
             r.melody, r.melody_id, r.melody_sha1 = melodies[r.melody_file]
@@ -163,11 +172,11 @@ def library_versions() -> dict:
 
 
 class ManifestWriter:
-    """Writes each finished batch's WAVs and rewrites manifest.json (atomically) after every batch: entries of
-    earlier runs for other files that still exist are kept."""
+    """Writes each finished batch's WAVs and rewrites manifest.json (atomically) after every batch:
+    entries of earlier runs for other files that still exist are kept."""
 
-    def __init__(self, g: GenerationConfig, out_dir: Path, requests: list[Request], names: list[str], model, info,
-                 adapter_info):
+    def __init__(self, g: GenerationConfig, out_dir: Path, requests: list[Request],
+                 names: list[str], model, info, adapter_info):
         self.g, self.out_dir, self.info, self.adapter_info = g, out_dir, info, adapter_info
         self.path = out_dir / MANIFEST
         self.name_of = {id(r): n for r, n in zip(requests, names)}
@@ -181,24 +190,28 @@ class ManifestWriter:
                             "audio_channels": info.audio_channels}
         decoder_param = family_for(info).decoder_param(model)
         self.versions = library_versions()
-        self.common = {"device": decoder_param.device.type, "lora_scale": g.lora_scale if adapter_info else None,
+        self.common = {"device": decoder_param.device.type, "lora_scale": g.lora_scale
+                       if adapter_info else None,
                        "merge": adapter_info.get("merged") if adapter_info else None,
                        "dtype": str(decoder_param.dtype).replace("torch.", ""),
                        "max_window": g.max_window, "extend_stride": g.extend_stride,
                        "audio_prompt": str(Path(g.audio_prompt).resolve()) if g.audio_prompt else None,
-                       "normalize": g.normalize, "output_format": g.output_format, "batch_size": g.batch_size}
+                       "normalize": g.normalize, "output_format": g.output_format,
+                       "batch_size": g.batch_size}
 
     def write_batch(self, results) -> None:
         batch_files = [self.name_of[id(res.request)] for res in results]
         for res in results:
             self.written.append(self._write(res, self.name_of[id(res.request)], batch_files))
         atomic_write_json(self.path, {
-            "about": "Files generated by lora/inference_lora.py. real_time_factor = generation seconds per second "
-                     "of audio (below 1 is faster than real time). Regenerate a file with its prompt, seed and "
-                     "settings (dtype, decoding, model, adapter) on the same device type and versions: on a CPU it "
-                     "comes out token for token the same (tokens_sha1) alone or batched with other prompts; on a "
-                     "GPU, generate it in the same batch (batch_files, in that order) for the same guarantee. "
-                     "text_length is the padded length of the text states, which depends on the prompt alone.",
+            "about": "Files generated by lora/inference_lora.py. real_time_factor = generation "
+                     "seconds per second of audio (below 1 is faster than real time). Regenerate a "
+                     "file with its prompt, seed and settings (dtype, decoding, model, adapter) on "
+                     "the same device type and versions: on a CPU it comes out token for token the "
+                     "same (tokens_sha1) alone or batched with other prompts; on a GPU, generate "
+                     "it in the same batch (batch_files, in that order) for the same guarantee. "
+                     "text_length is the padded length of the text states, which depends on the "
+                     "prompt alone.",
             "updated": _now(), "files": self.kept + self.written})
 
     def _write(self, res, name: str, batch_files: list) -> dict:

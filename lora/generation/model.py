@@ -1,4 +1,5 @@
-"""The model a generation runs on: base model + adapter(s) + scale + merge + dtype, on the device it picks.
+"""The model a generation runs on: base model + adapter(s) + scale + merge + dtype, on the device it
+picks.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ def pick_device():
 
 
 def cast_for_generation(model, dtype) -> None:
-    """The decoder (what runs every step) in ``dtype``; EnCodec and T5 stay fp32 (they run once per batch and
-    the codec's output is the audio itself)."""
+    """The decoder (what runs every step) in ``dtype``; EnCodec and T5 stay fp32 (they run once per
+    batch and the codec's output is the audio itself)."""
     import torch
 
     if dtype == torch.float32:
@@ -33,13 +34,15 @@ def cast_for_generation(model, dtype) -> None:
 
 
 def load_generation_model(cfg, device=None, adapter_path="__from_cfg__"):
-    """Base model (+ LoRA adapter(s) at ``cfg.generation.lora_scale``, merged when asked) ready to generate.
+    """Base model (+ LoRA adapter(s) at ``cfg.generation.lora_scale``, merged when asked) ready to
+    generate.
 
-    ``adapter_path``: a folder, a list of folders (a mix: one scale each), None for the base model alone, or
-    (default) ``cfg.generation.lora_model_path``. Merge: ``cfg.generation.merge`` True/False, or None = merge when
-    every scale is 1. Returns (model, processor, info, adapter_info); adapter_info is None without an adapter, for
-    one adapter a dict (path, weights_sha256, base model, rank, alpha, scale, merged), for a mix
-    {"adapters": [each one's identity, peft adapter_name and scale], "paths", "scales", "merged"}.
+    ``adapter_path``: a folder, a list of folders (a mix: one scale each), None for the base model
+    alone, or (default) ``cfg.generation.lora_model_path``. Merge: ``cfg.generation.merge``
+    True/False, or None = merge when every scale is 1. Returns (model, processor, info,
+    adapter_info); adapter_info is None without an adapter, for one adapter a dict (path,
+    weights_sha256, base model, rank, alpha, scale, merged), for a mix {"adapters": [each one's
+    identity, peft adapter_name and scale], "paths", "scales", "merged"}.
     """
     import torch
 
@@ -52,8 +55,9 @@ def load_generation_model(cfg, device=None, adapter_path="__from_cfg__"):
     scales = adapter_scales(g, len(paths)) if paths else []
     device = torch.device(device) if device is not None else pick_device()
     dtype = generation_dtype(g.dtype, device)
-    # Load in fp32 on the CPU: merging LoRA is then exact; the decoder is cast afterwards and only then moved to
-    # the device (a GPU never holds the fp32 copy, twice the size of the bf16 decoder).
+    # Load in fp32 on the CPU: merging LoRA is then exact; the decoder is cast afterwards and only
+    # then moved to the device (a GPU never holds the fp32 copy, twice the size of the bf16
+    # decoder).
     model, processor, info = load_base_model(cfg.model)
     adapter_info = None
     if paths:

@@ -3,15 +3,15 @@
 Formats (chosen by the extension):
 
 * ``.txt``: one prompt per line; blank lines and lines starting with ``#`` are skipped;
-* ``.jsonl``: one JSON value per line: a prompt string, or an object with ``text`` (or ``prompt`` / ``caption``)
-  and optional per-prompt settings (``duration``, ``seed``, ``guidance_scale``, ``temperature``, ``top_k``,
-  ``top_p``, ``num_samples``; for melody models ``melody``: an audio file whose tune guides that prompt, relative
-  to the prompts file's folder unless absolute);
+* ``.jsonl``: one JSON value per line: a prompt string, or an object with ``text`` (or ``prompt`` /
+  ``caption``) and optional per-prompt settings (``duration``, ``seed``, ``guidance_scale``,
+  ``temperature``, ``top_k``, ``top_p``, ``num_samples``; for melody models ``melody``: an audio
+  file whose tune guides that prompt, relative to the prompts file's folder unless absolute);
 * ``.json``: a list of such values, or ``{"prompts": [...]}``.
 
-The file is read as UTF-8 (a byte-order mark is allowed). Every problem is collected, naming the file and line or
-item, so a user sees them all at once. inference_lora.py applies the per-prompt settings; evaluate.py uses the
-texts only (every model is scored with the same settings).
+The file is read as UTF-8 (a byte-order mark is allowed). Every problem is collected, naming the
+file and line or item, so a user sees them all at once. inference_lora.py applies the per-prompt
+settings; evaluate.py uses the texts only (every model is scored with the same settings).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from lora.common.cli import UserError, log
 
 TEXT_KEYS = ("text", "prompt", "caption")
 PER_PROMPT_KEYS = {"text": str, "prompt": str, "caption": str, "duration": float, "seed": int,
-                   "guidance_scale": float, "temperature": float, "top_k": int, "top_p": float, "num_samples": int,
-                   "melody": str}
+                   "guidance_scale": float, "temperature": float, "top_k": int, "top_p": float,
+                   "num_samples": int, "melody": str}
 
 
 def _entry_value(key, value, where, problems):
@@ -52,10 +52,12 @@ def _entry_value(key, value, where, problems):
 
 
 def read_prompts_file(path: str | os.PathLike, problems: list[str]) -> list[tuple[str, dict]]:
-    """Entries (where, {text, and optional per-prompt settings}) of a .txt / .json / .jsonl prompts file."""
+    """Entries (where, {text, and optional per-prompt settings}) of a .txt / .json / .jsonl prompts
+    file."""
     p = Path(path)
     if not p.is_file():
-        problems.append(f"prompts_file not found: {p}. Pass a .txt (one prompt per line), .json or .jsonl file.")
+        problems.append(f"prompts_file not found: {p}. Pass a .txt (one prompt per line), .json or "
+                        f".jsonl file.")
         return []
     try:
         text = p.read_text(encoding="utf-8-sig")
@@ -71,7 +73,8 @@ def read_prompts_file(path: str | os.PathLike, problems: list[str]) -> list[tupl
             try:
                 raw.append((f"{p.name} line {n}", json.loads(line)))
             except ValueError as e:
-                problems.append(f"{p.name} line {n} is not valid JSON ({e}). Each line must be a JSON object like "
+                problems.append(f"{p.name} line {n} is not valid JSON ({e}). Each line must be a "
+                                f"JSON object like "
                                 f'{{"text": "lofi piano", "duration": 10}} or a JSON string.')
     elif suffix == ".json":
         try:
@@ -113,7 +116,8 @@ def read_prompts_file(path: str | os.PathLike, problems: list[str]) -> list[tupl
             v = _entry_value(key, value, where, problems)
             if v is not None:
                 entry["text" if key in TEXT_KEYS else key] = v
-        if "melody" in entry:  # a path: relative to the prompts file, as YAML paths are to their file
+        # a path: relative to the prompts file, as YAML paths are to their file
+        if "melody" in entry:
             entry["melody"] = str((p.parent / os.path.expanduser(entry["melody"])).resolve())
         if "text" not in entry and not any(f"{where}:" in q for q in problems):
             problems.append(f"{where}: no 'text' (the prompt); e.g. {{\"text\": \"lofi piano\"}}.")
@@ -123,16 +127,17 @@ def read_prompts_file(path: str | os.PathLike, problems: list[str]) -> list[tupl
 
 
 def read_prompt_texts(path: str | os.PathLike) -> list[str]:
-    """The non-empty prompt texts of a prompts file, in file order (evaluate.py); UserError listing every problem.
-    Per-prompt settings are not used here (a note says so)."""
+    """The non-empty prompt texts of a prompts file, in file order (evaluate.py); UserError listing
+    every problem. Per-prompt settings are not used here (a note says so)."""
     problems: list[str] = []
     entries = read_prompts_file(path, problems)
     if problems:
-        raise UserError(f"{len(problems)} problem(s) in the prompts file {path}:\n  " + "\n  ".join(problems))
+        raise UserError(f"{len(problems)} problem(s) in the prompts file {path}:\n  "
+                        + "\n  ".join(problems))
     ignored = sorted({k for _, e in entries for k in e if k != "text"})
     if ignored:
-        log.info("%s: per-prompt settings (%s) are not used by the evaluation (every model is scored with the same "
-                 "settings)", path, ", ".join(ignored))
+        log.info("%s: per-prompt settings (%s) are not used by the evaluation (every model is "
+                 "scored with the same settings)", path, ", ".join(ignored))
     texts = [e["text"].strip() for _, e in entries if e["text"].strip()]
     if not texts:
         raise UserError(f"{path} holds no prompts.")

@@ -1,5 +1,5 @@
-"""What a generation is asked and what it returns: sampling settings, requests, windows (audiocraft's
-continuation plan) and results.
+"""What a generation is asked and what it returns: sampling settings, requests, windows
+(audiocraft's continuation plan) and results.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ class GenerationError(UserError):
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SamplingSettings:
-    """How tokens are chosen. Defaults are MusicGen's (audiocraft): CFG 3, top-k 250, temperature 1."""
+    """How tokens are chosen. Defaults are MusicGen's (audiocraft): CFG 3, top-k 250, temperature
+    1."""
 
     guidance_scale: float = 3.0
     temperature: float = 1.0
@@ -31,10 +32,11 @@ class SamplingSettings:
     do_sample: bool = True
 
     def problems(self, where: str = "") -> list[str]:
-        """Every setting outside the range the config schema declares for it (lora.config), plus the rule that
-        sampling needs a temperature > 0."""
+        """Every setting outside the range the config schema declares for it (lora.config), plus the
+        rule that sampling needs a temperature > 0."""
         w = f"{where}: " if where else ""
-        p = [field_problem("generation", k, getattr(self, k), f"{w}{k}") for k in ("guidance_scale", "top_k", "top_p")]
+        p = [field_problem("generation", k, getattr(self, k), f"{w}{k}")
+             for k in ("guidance_scale", "top_k", "top_p")]
         p.append(temperature_problem(self.temperature, self.do_sample, f"{w}temperature"))
         return [x for x in p if x]
 
@@ -42,8 +44,8 @@ class SamplingSettings:
 def temperature_problem(temperature: float, do_sample: bool, label: str = "generation.temperature"):
     """Sampling needs a temperature > 0 (greedy decoding ignores it); None when the pair is fine."""
     if do_sample and not (math.isfinite(temperature) and temperature > 0):
-        return (f"{label} must be > 0 (got {temperature:g}); 1 = the model's own distribution. For deterministic "
-                f"output use do_sample: false.")
+        return (f"{label} must be > 0 (got {temperature:g}); 1 = the model's own distribution. For "
+                f"deterministic output use do_sample: false.")
     return None
 
 
@@ -55,19 +57,24 @@ class Request:
     seed: int
     duration: float
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
-    prompt_codes: object = None  # optional LongTensor (K, P): audio prompt to continue (its frames start the piece)
-    prompt_id: str = ""          # identifies prompt_codes (requests with different audio prompts never share a batch)
-    melody: object = None        # melody models: float one-hot chroma (Tm, 12) of the tune to follow (lora.modeling.chroma;
-    #                              the whole file: a window past 30 s takes its matching part); None = null melody
+    # optional LongTensor (K, P): audio prompt to continue (its frames start the piece)
+    prompt_codes: object = None
+    # identifies prompt_codes (requests with different audio prompts never share a batch)
+    prompt_id: str = ""
+    # melody models: float one-hot chroma (Tm, 12) of the tune to follow (lora.modeling.chroma;
+    melody: object = None
+    #                              the whole file: a window past 30 s takes its matching part); None
+    # = null melody
     melody_id: str = ""          # identifies the melody (a hash of its chroma)
-    melody_file: str = ""        # the melody's audio file and its content hash (sha1, for the manifest)
+    # the melody's audio file and its content hash (sha1, for the manifest)
+    melody_file: str = ""
     melody_sha1: str = ""
 
 
 @dataclass
 class Window:
-    """One pass of the decoder: ``context`` known frames (the prompt) followed by ``new`` generated frames,
-    starting at frame ``start`` of the piece."""
+    """One pass of the decoder: ``context`` known frames (the prompt) followed by ``new`` generated
+    frames, starting at frame ``start`` of the piece."""
 
     start: int
     context: int
@@ -77,15 +84,21 @@ class Window:
 @dataclass
 class Result:
     request: Request
-    audio: np.ndarray          # float32 (channels, samples) at info.sample_rate, exactly duration long
-    codes: object              # LongTensor (K, T) on CPU: the whole piece's tokens (audio prompt included)
+    # float32 (channels, samples) at info.sample_rate, exactly duration long
+    audio: np.ndarray
+    # LongTensor (K, T) on CPU: the whole piece's tokens (audio prompt included)
+    codes: object
     windows: list              # list[Window]
-    window_prompts: list       # per window: LongTensor (K, context) the tokens it was prompted with (CPU)
-    window_heads: list         # per window: LongTensor (K, context) the first frames that window output (= prompt)
-    generation_time: float     # seconds of wall time spent on this sample (its batch's time / batch size)
+    # per window: LongTensor (K, context) the tokens it was prompted with (CPU)
+    window_prompts: list
+    # per window: LongTensor (K, context) the first frames that window output (= prompt)
+    window_heads: list
+    # seconds of wall time spent on this sample (its batch's time / batch size)
+    generation_time: float
     batch_time: float          # wall time of the batch it was generated in, s
     batch_size: int
-    text_length: int = 0       # L: the text states' padded length the decoder cross-attended to (text_length)
+    # L: the text states' padded length the decoder cross-attended to (text_length)
+    text_length: int = 0
     decoding: str = ""         # the decoder step used (resolve_decoding)
 
 
@@ -96,17 +109,18 @@ def plan_windows(total: int, prompt: int, window: int, stride: int) -> list[Wind
     """Windows that produce ``total`` frames, the first ``prompt`` of which are given: audiocraft's
     ``BaseGenModel._generate_tokens`` (audiocraft/models/genmodel.py) in frames.
 
-    One window when everything fits in ``window`` frames: the whole prompt is its context. Otherwise window i
-    starts at frame ``i * stride`` and spans ``min(window, total - i * stride)`` frames; the first is prompted
-    with the whole audio prompt, each next one with the last ``window - stride`` frames of the window before
-    it, and the windows go on while their context ends before ``total``. The prompt must be shorter than
-    ``window`` and than ``total`` (audiocraft asserts it: ``LMModel.generate`` needs a frame to generate).
+    One window when everything fits in ``window`` frames: the whole prompt is its context. Otherwise
+    window i starts at frame ``i * stride`` and spans ``min(window, total - i * stride)`` frames;
+    the first is prompted with the whole audio prompt, each next one with the last ``window -
+    stride`` frames of the window before it, and the windows go on while their context ends before
+    ``total``. The prompt must be shorter than ``window`` and than ``total`` (audiocraft asserts it:
+    ``LMModel.generate`` needs a frame to generate).
     """
     if not 0 < stride < window:
         raise ValueError(f"stride ({stride}) must be in (0, window={window})")
     if not 0 <= prompt < min(total, window):
-        raise ValueError(f"the prompt ({prompt} frames) must be shorter than the piece ({total}) and the window "
-                         f"({window})")
+        raise ValueError(f"the prompt ({prompt} frames) must be shorter than the piece ({total}) "
+                         f"and the window ({window})")
     out = []
     offset, ctx = 0, prompt
     while offset + ctx < total:

@@ -1,10 +1,11 @@
-"""LoRA adapters: which layers get one (presets, suffixes, regexes), attach, load (with the checks that it fits the
-base), scale, merge, and an adapter's identity.
+"""LoRA adapters: which layers get one (presets, suffixes, regexes), attach, load (with the checks
+that it fits the base), scale, merge, and an adapter's identity.
 
-Adapters are plain PEFT: ``attach_lora`` wraps the base model with ``peft.get_peft_model``; a saved adapter
-(``adapter_config.json`` + ``adapter_model.safetensors``) loads with ``PeftModel.from_pretrained`` anywhere. Where
-LoRA may go is the model family's knowledge (``LORA_PRESETS``, ``LORA_SEARCH_PREFIX``, ``TEXT_ENCODER_TARGETS``,
-``decoder_shape`` of lora.modeling.musicgen); this module applies it.
+Adapters are plain PEFT: ``attach_lora`` wraps the base model with ``peft.get_peft_model``; a saved
+adapter (``adapter_config.json`` + ``adapter_model.safetensors``) loads with
+``PeftModel.from_pretrained`` anywhere. Where LoRA may go is the model family's knowledge
+(``LORA_PRESETS``, ``LORA_SEARCH_PREFIX``, ``TEXT_ENCODER_TARGETS``, ``decoder_shape`` of
+lora.modeling.musicgen); this module applies it.
 """
 
 from __future__ import annotations
@@ -31,20 +32,22 @@ def _lora_capable(module) -> bool:
 
 
 def lora_target_names(model, targets: str, train_text_encoder: bool = False) -> list[str]:
-    """Full module names that get LoRA for a ``lora_targets`` setting (a preset, suffixes or a regex).
+    """Full module names that get LoRA for a ``lora_targets`` setting (a preset, suffixes or a
+    regex).
 
-    Only the family's decoder is searched (plus the text encoder's self-attention when ``train_text_encoder``);
-    the audio codec and the rest of the text encoder never get LoRA. A pattern that matches nothing is a
-    UserError listing some module names.
+    Only the family's decoder is searched (plus the text encoder's self-attention when
+    ``train_text_encoder``); the audio codec and the rest of the text encoder never get LoRA. A
+    pattern that matches nothing is a UserError listing some module names.
     """
     base = get_base(model)
     fam = family_for(base)
     modules = {name: mod for name, mod in base.named_modules() if name}
-    decoder_names = [n for n in modules if n.startswith(fam.LORA_SEARCH_PREFIX) and _lora_capable(modules[n])]
+    decoder_names = [n for n in modules if n.startswith(fam.LORA_SEARCH_PREFIX)
+                     and _lora_capable(modules[n])]
     spec = (targets or "").strip()
     if not spec:
-        raise UserError("lora_targets is empty; use 'attention', 'attention_ffn', a comma-separated list of module "
-                        "name suffixes (e.g. q_proj,v_proj) or a regex.")
+        raise UserError("lora_targets is empty; use 'attention', 'attention_ffn', a "
+                        "comma-separated list of module name suffixes (e.g. q_proj,v_proj) or a regex.")
     if spec in fam.LORA_PRESETS:
         rx = re.compile(fam.LORA_PRESETS[spec])
         matched = [n for n in decoder_names if rx.fullmatch(n)]
@@ -60,13 +63,15 @@ def lora_target_names(model, targets: str, train_text_encoder: bool = False) -> 
     if not matched:
         examples = [n for n in decoder_names if fam.LORA_EXAMPLE_LAYER in n][:12] or decoder_names[:12]
         raise UserError(
-            f"lora_targets {spec!r} matches no layer of the {fam.DECODER_NAME}. Use {fam.LORA_PRESETS_HELP}, a "
-            f"comma-separated list of name suffixes or a regex. Some decoder layer names: {', '.join(examples)}")
+            f"lora_targets {spec!r} matches no layer of the {fam.DECODER_NAME}. Use "
+            f"{fam.LORA_PRESETS_HELP}, a comma-separated list of name suffixes or a regex. Some "
+            f"decoder layer names: {', '.join(examples)}")
     if train_text_encoder:
         rx = re.compile(fam.TEXT_ENCODER_TARGETS)
         text = [n for n, m in modules.items() if rx.fullmatch(n) and _lora_capable(m)]
         if not text:
-            raise UserError("train_text_encoder: no T5 self-attention layers (q/k/v/o) found in the text encoder.")
+            raise UserError("train_text_encoder: no T5 self-attention layers (q/k/v/o) found in "
+                            "the text encoder.")
         matched += text
     return sorted(set(matched), key=list(modules).index)
 
@@ -75,25 +80,29 @@ def attach_lora(model, lora_cfg):
     """Wrap the base model in a peft LoRA PeftModel following ``lora_cfg`` (a LoraSection).
 
     The adapter config records the real base (``model.name_or_path``: folder or hub id) as
-    base_model_name_or_path, so ``PeftModel.from_pretrained(MusicgenForConditionalGeneration.from_pretrained(base),
+    base_model_name_or_path, so
+    ``PeftModel.from_pretrained(MusicgenForConditionalGeneration.from_pretrained(base),
     adapter_dir)`` loads the saved adapter.
     """
     from peft import LoraConfig, get_peft_model
 
-    validate(range_problems(lora_cfg, ["lora"]))  # (parse_config has checked them; a LoraSection made in code too)
+    # (parse_config has checked them; a LoraSection made in code too)
+    validate(range_problems(lora_cfg, ["lora"]))
     base = get_base(model)
     names = lora_target_names(base, lora_cfg.lora_targets, bool(lora_cfg.train_text_encoder))
     base_name = getattr(base, "name_or_path", None) or base.config._name_or_path or None
     config = LoraConfig(
-        r=int(lora_cfg.lora_rank), lora_alpha=float(lora_cfg.lora_alpha), lora_dropout=float(lora_cfg.lora_dropout),
-        target_modules=names, bias="none", use_dora=bool(lora_cfg.use_dora), use_rslora=bool(lora_cfg.use_rslora),
-        base_model_name_or_path=base_name)
+        r=int(lora_cfg.lora_rank), lora_alpha=float(lora_cfg.lora_alpha),
+        lora_dropout=float(lora_cfg.lora_dropout),
+        target_modules=names, bias="none", use_dora=bool(lora_cfg.use_dora),
+        use_rslora=bool(lora_cfg.use_rslora), base_model_name_or_path=base_name)
     peft_model = get_peft_model(base, config)
     peft_model.peft_config["default"].base_model_name_or_path = base_name
     trainable, total = peft_model.get_nb_trainable_parameters()
     shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
     log.info("LoRA (r=%d, alpha=%g%s%s) on %d modules (%s); trainable parameters %s of %s (%.3f%%)",
-             config.r, config.lora_alpha, ", DoRA" if config.use_dora else "", ", rsLoRA" if config.use_rslora else "",
+             config.r, config.lora_alpha, ", DoRA" if config.use_dora else "", ", rsLoRA"
+             if config.use_rslora else "",
              len(names), shown, f"{trainable:,}", f"{total:,}", 100.0 * trainable / max(total, 1))
     return peft_model
 
@@ -121,9 +130,10 @@ def _same_model_name(recorded: str, used: str) -> bool:
 
 
 def _adapter_shape_problems(base, adapter_file: Path) -> list[str]:
-    """Compare the adapter's tensors with the model's layers (architecture check without loading): LoRA matrices
-    of linear layers (lora_A / lora_B) and of embeddings (lora_embedding_A / _B), and whole layers the adapter
-    replaces (peft's modules_to_save) against the parameter they replace."""
+    """Compare the adapter's tensors with the model's layers (architecture check without loading):
+    LoRA matrices of linear layers (lora_A / lora_B) and of embeddings (lora_embedding_A / _B), and
+    whole layers the adapter replaces (peft's modules_to_save) against the parameter they
+    replace."""
     from safetensors import safe_open
 
     modules = dict(base.named_modules())
@@ -151,18 +161,19 @@ def _adapter_shape_problems(base, adapter_file: Path) -> list[str]:
                     if want != have:
                         problems.append(f"{name}: adapter expects size {have}, model has {want}")
             elif key.rsplit(".", 1)[0] not in modules and key not in params:
-                problems.append(f"layer {key.rsplit('.', 1)[0]} (saved whole: modules_to_save) does not exist in "
-                                f"this model")
+                problems.append(f"layer {key.rsplit('.', 1)[0]} (saved whole: modules_to_save) "
+                                f"does not exist in this model")
             elif key in params and tuple(params[key].shape) != shape:
-                problems.append(f"{key} (saved whole: modules_to_save): adapter has shape {list(shape)}, model has "
-                                f"{list(params[key].shape)}")
+                problems.append(f"{key} (saved whole: modules_to_save): adapter has shape "
+                                f"{list(shape)}, model has {list(params[key].shape)}")
             if len(problems) >= 3:
                 break
     return problems
 
 
 def _recorded_config(recorded: str) -> Optional[dict]:
-    """config.json of the adapter's recorded base, when it is on this machine (a folder or the HF cache)."""
+    """config.json of the adapter's recorded base, when it is on this machine (a folder or the HF
+    cache)."""
     cfg_file = Path(recorded).expanduser() / "config.json"
     if not cfg_file.is_file() and recorded.count("/") == 1:
         try:
@@ -182,14 +193,15 @@ def _recorded_config(recorded: str) -> Optional[dict]:
 
 def _read_adapter_config(adapter_dir: Path) -> dict:
     if not adapter_dir.is_dir():
-        raise UserError(f"LoRA adapter folder not found: {adapter_dir}. Train one with `python train_lora.py` "
-                        f"(it writes output/best_model and output/final_model), or set lora_model_path to none to "
-                        f"use the base model alone.")
-    missing = [f for f in ("adapter_config.json", "adapter_model.safetensors") if not (adapter_dir / f).is_file()]
+        raise UserError(f"LoRA adapter folder not found: {adapter_dir}. Train one with `python "
+                        f"train_lora.py` (it writes output/best_model and output/final_model), or "
+                        f"set lora_model_path to none to use the base model alone.")
+    missing = [f for f in ("adapter_config.json", "adapter_model.safetensors")
+               if not (adapter_dir / f).is_file()]
     if missing:
-        raise UserError(f"{adapter_dir} is not a complete LoRA adapter: missing {', '.join(missing)}. Point "
-                        f"lora_model_path at a folder written by train_lora.py (best_model, final_model or "
-                        f"checkpoints/checkpoint-N).")
+        raise UserError(f"{adapter_dir} is not a complete LoRA adapter: missing "
+                        f"{', '.join(missing)}. Point lora_model_path at a folder written by "
+                        f"train_lora.py (best_model, final_model or checkpoints/checkpoint-N).")
     try:
         cfg = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
@@ -200,9 +212,10 @@ def _read_adapter_config(adapter_dir: Path) -> dict:
 
 
 def check_adapter_files(adapter_dir) -> dict:
-    """The adapter folder is complete and its files are whole (adapter_config.json readable; the safetensors file's
-    header readable and covering the whole file, which safetensors checks); returns adapter_config.json. UserError
-    naming the damaged file: scripts call this before any model loads."""
+    """The adapter folder is complete and its files are whole (adapter_config.json readable; the
+    safetensors file's header readable and covering the whole file, which safetensors checks);
+    returns adapter_config.json. UserError naming the damaged file: scripts call this before any
+    model loads."""
     from safetensors import SafetensorError, safe_open
 
     adapter_dir = Path(adapter_dir).expanduser()
@@ -212,58 +225,64 @@ def check_adapter_files(adapter_dir) -> dict:
         with safe_open(str(weights), framework="pt") as fh:
             fh.keys()
     except (SafetensorError, OSError) as e:
-        raise UserError(f"{weights} is damaged ({str(e).splitlines()[0][:200]}): use another adapter (best_model, "
-                        f"final_model or a checkpoint), or train again.") from None
+        raise UserError(f"{weights} is damaged ({str(e).splitlines()[0][:200]}): use another "
+                        f"adapter (best_model, final_model or a checkpoint), or train again.") from None
     return cfg
 
 
 def check_adapter_fits(base, adapter_dir: Path, recorded: str, used: str) -> None:
-    """UserError unless the adapter's layers, the architecture of its recorded base and the base's name fit the
-    base model in use (a copy of the same model in another folder is accepted with a warning)."""
+    """UserError unless the adapter's layers, the architecture of its recorded base and the base's
+    name fit the base model in use (a copy of the same model in another folder is accepted with a
+    warning)."""
     fam = family_for(base)
     shape_problems = _adapter_shape_problems(base, adapter_dir / "adapter_model.safetensors")
     if shape_problems:
         shape = ", ".join(f"{k} {v}" for k, v in fam.decoder_shape(base.config).items())
         raise UserError(
-            f"The LoRA adapter {adapter_dir / 'adapter_model.safetensors'} does not fit the base model in use: it was "
-            f"trained on base model {recorded or '(not recorded)'} but the base model in use is {used} ({shape}), "
-            f"and their layers differ ({'; '.join(shape_problems)}): another architecture or another number of "
-            f"codebooks. Use --model_path {recorded or '<the base it was trained on>'}.")
+            f"The LoRA adapter {adapter_dir / 'adapter_model.safetensors'} does not fit the base "
+            f"model in use: it was trained on base model {recorded or '(not recorded)'} but the "
+            f"base model in use is {used} ({shape}), and their layers differ "
+            f"({'; '.join(shape_problems)}): another architecture or another number of codebooks. "
+            f"Use --model_path {recorded or '<the base it was trained on>'}.")
     recorded_cfg = _recorded_config(recorded) if recorded else None
     kinds = (recorded_cfg or {}).get("model_type"), base.config.model_type
     if recorded_cfg is not None and kinds[0] != kinds[1]:
         raise UserError(
-            f"The LoRA adapter {adapter_dir} was trained on {recorded}, a {kinds[0]!r} model, but the base model in use "
-            f"is {used}, a {kinds[1]!r} model: an adapter of a melody model does not apply to a text-only MusicGen, "
-            f"nor the reverse (their decoders read the condition differently). Use --model_path {recorded}.")
+            f"The LoRA adapter {adapter_dir} was trained on {recorded}, a {kinds[0]!r} model, but "
+            f"the base model in use is {used}, a {kinds[1]!r} model: an adapter of a melody model "
+            f"does not apply to a text-only MusicGen, nor the reverse (their decoders read the "
+            f"condition differently). Use --model_path {recorded}.")
     recorded_shape = fam.decoder_shape(recorded_cfg) if recorded_cfg is not None else None
     used_shape = fam.decoder_shape(base.config)
     if recorded_shape is not None and recorded_shape != used_shape:
         diff = ", ".join(f"{k} {recorded_shape[k]} vs {used_shape[k]}" for k in fam.DECODER_SHAPE_KEYS
                          if recorded_shape[k] != used_shape[k])
         raise UserError(
-            f"The LoRA adapter {adapter_dir} was trained on base model {recorded}, but the base model in use is "
-            f"{used}, a different architecture ({diff}). Use --model_path {recorded}.")
+            f"The LoRA adapter {adapter_dir} was trained on base model {recorded}, but the base "
+            f"model in use is {used}, a different architecture ({diff}). Use --model_path {recorded}.")
     if recorded and used and not _same_base(recorded, used):
         if _same_model_name(recorded, used):
-            log.warning("The adapter was trained on %s; using it with %s (same model name and layer sizes)",
-                        recorded, used)
+            log.warning("The adapter was trained on %s; using it with %s (same model name and "
+                        "layer sizes)", recorded, used)
         else:
             raise UserError(
-                f"The LoRA adapter {adapter_dir} was trained on base model {recorded}, but the base model in use is "
-                f"{used}. Use --model_path {recorded}; if {used} really is a copy of that model, edit "
-                f"base_model_name_or_path in {adapter_dir / 'adapter_config.json'}.")
+                f"The LoRA adapter {adapter_dir} was trained on base model {recorded}, but the "
+                f"base model in use is {used}. Use --model_path {recorded}; if {used} really is a "
+                f"copy of that model, edit base_model_name_or_path in "
+                f"{adapter_dir / 'adapter_config.json'}.")
     elif not recorded:
-        log.warning("%s does not record its base model; assuming %s", adapter_dir / "adapter_config.json", used)
+        log.warning("%s does not record its base model; assuming %s", adapter_dir
+                    / "adapter_config.json", used)
 
 
 def load_lora(model, adapter_dir, is_trainable: bool = False, expected_base: Optional[str] = None):
     """Load a saved PEFT LoRA adapter onto the base model; returns the PeftModel.
 
     Checks first (each failure is a UserError naming the file or both models): the folder holds
-    adapter_config.json and adapter_model.safetensors; the adapter's base_model_name_or_path is the base in use
-    (``expected_base``, default ``model.name_or_path``; same folder, same hub id, the hub id's cache snapshot, or
-    a folder of the same model name); the adapter's layer sizes fit this model.
+    adapter_config.json and adapter_model.safetensors; the adapter's base_model_name_or_path is the
+    base in use (``expected_base``, default ``model.name_or_path``; same folder, same hub id, the
+    hub id's cache snapshot, or a folder of the same model name); the adapter's layer sizes fit this
+    model.
     """
     from peft import PeftModel
 
@@ -282,17 +301,18 @@ def load_lora(model, adapter_dir, is_trainable: bool = False, expected_base: Opt
 # --------------------------------------------------------------------------------------------
 # Scale, merge, identity
 # --------------------------------------------------------------------------------------------
-_OFF_AT_SCALE_ZERO = "_lora_toolkit_adapters_off_at_scale_0"  # LoraLayer attribute: the adapters scale 0 switched off
+# LoraLayer attribute: the adapters scale 0 switched off
+_OFF_AT_SCALE_ZERO = "_lora_toolkit_adapters_off_at_scale_0"
 
 
 def set_lora_scale(model, scale: float) -> None:
     """Scale the active adapter's update (0 = exactly the base model, 1 = full adapter).
 
-    Scale 0 switches the adapter off in every LoRA layer (no active adapter: the layer computes its base layer
-    alone, and a merge merges nothing). peft's set_scale(0) alone zeroes B·A but leaves a DoRA adapter's magnitude
-    vector rescaling the weights, so a DoRA adapter at "scale 0" would not be the base model. peft's
-    disable_adapter() context (evaluate's base model) leaves that off on exit; another scale switches the same
-    adapters back on."""
+    Scale 0 switches the adapter off in every LoRA layer (no active adapter: the layer computes its
+    base layer alone, and a merge merges nothing). peft's set_scale(0) alone zeroes B·A but leaves a
+    DoRA adapter's magnitude vector rescaling the weights, so a DoRA adapter at "scale 0" would not
+    be the base model. peft's disable_adapter() context (evaluate's base model) leaves that off on
+    exit; another scale switches the same adapters back on."""
     from peft.tuners.lora import LoraLayer
 
     scale = float(scale)
@@ -305,7 +325,8 @@ def set_lora_scale(model, scale: float) -> None:
             module.set_scale(name, scale)
         if scale == 0.0 and off is None:
             setattr(module, _OFF_AT_SCALE_ZERO, names)
-            module._active_adapter = []  # (peft's own field behind active_adapters; set_adapter would touch grads)
+            # (peft's own field behind active_adapters; set_adapter would touch grads)
+            module._active_adapter = []
         elif scale != 0.0 and off is not None:
             module._active_adapter = names
             delattr(module, _OFF_AT_SCALE_ZERO)
@@ -317,11 +338,12 @@ def merge_lora(model):
 
 
 def text_encoder_has_lora(model) -> bool:
-    """True when LoRA layers sit in the text encoder (train_text_encoder): cached text states are then wrong
-    for the adapted model, and captions are encoded on the fly."""
+    """True when LoRA layers sit in the text encoder (train_text_encoder): cached text states are
+    then wrong for the adapted model, and captions are encoded on the fly."""
     from peft.tuners.lora import LoraLayer
 
-    return any(isinstance(mod, LoraLayer) and "text_encoder" in name for name, mod in model.named_modules())
+    return any(isinstance(mod, LoraLayer) and "text_encoder" in name for name,
+               mod in model.named_modules())
 
 
 def adapter_identity(adapter_dir) -> dict:
@@ -346,13 +368,15 @@ def adapter_identity(adapter_dir) -> dict:
 # --------------------------------------------------------------------------------------------
 # Several adapters at once (peft's multi-adapter machinery: each adapter its own name and scale, all active)
 # --------------------------------------------------------------------------------------------
-MIX_NAME = "adapter_{}"  # peft adapter names of the 2nd, 3rd, ... adapter of a mix (the first is peft's "default")
+# peft adapter names of the 2nd, 3rd, ... adapter of a mix (the first is peft's "default")
+MIX_NAME = "adapter_{}"
 
 
 def check_mix_bases(paths: list) -> list[str]:
-    """Problems (in the user's words) with mixing these adapter folders: each must be a LoRA adapter, and all of
-    them must record the same base model (the same folder, hub id or model name). Read from adapter_config.json
-    alone, before any model loads. An adapter that records no base is not compared."""
+    """Problems (in the user's words) with mixing these adapter folders: each must be a LoRA
+    adapter, and all of them must record the same base model (the same folder, hub id or model
+    name). Read from adapter_config.json alone, before any model loads. An adapter that records no
+    base is not compared."""
     problems, bases = [], []
     for path in paths:
         try:
@@ -362,25 +386,26 @@ def check_mix_bases(paths: list) -> list[str]:
             continue
         kind = str(cfg.get("peft_type") or "LORA").upper()
         if kind != "LORA":
-            problems.append(f"{Path(path) / 'adapter_config.json'} is a {kind} adapter (peft_type {kind!r}); this "
-                            f"toolkit applies LoRA adapters only (peft_type 'LORA').")
+            problems.append(f"{Path(path) / 'adapter_config.json'} is a {kind} adapter (peft_type "
+                            f"{kind!r}); this toolkit applies LoRA adapters only (peft_type 'LORA').")
         recorded = cfg.get("base_model_name_or_path") or ""
         if recorded:
             bases.append((str(path), recorded))
     for path, recorded in bases[1:]:
         first_path, first = bases[0]
         if not (_same_base(first, recorded) or _same_model_name(first, recorded)):
-            problems.append(f"The adapters cannot be mixed: {first_path} was trained on base model {first} but "
-                            f"{path} on {recorded} ({Path(path) / 'adapter_config.json'}: base_model_name_or_path). "
-                            f"Mix only adapters trained on the same base model.")
+            problems.append(f"The adapters cannot be mixed: {first_path} was trained on base model "
+                            f"{first} but {path} on {recorded} "
+                            f"({Path(path) / 'adapter_config.json'}: base_model_name_or_path). Mix "
+                            f"only adapters trained on the same base model.")
     return problems
 
 
 def set_adapter_scales(model, scales: dict) -> None:
-    """Make every adapter of ``scales`` (peft adapter name -> strength) active at its own strength: each LoRA layer
-    adds each active adapter's update times its scaling (peft's ``set_scale``; peft's ``set_adapter`` with several
-    names). An adapter at 0 is left out of the active set, so it adds nothing (DoRA's magnitude too); all at 0 is
-    the base model."""
+    """Make every adapter of ``scales`` (peft adapter name -> strength) active at its own strength:
+    each LoRA layer adds each active adapter's update times its scaling (peft's ``set_scale``;
+    peft's ``set_adapter`` with several names). An adapter at 0 is left out of the active set, so it
+    adds nothing (DoRA's magnitude too); all at 0 is the base model."""
     from peft.tuners.lora import LoraLayer
 
     for module in model.modules():
@@ -390,19 +415,23 @@ def set_adapter_scales(model, scales: dict) -> None:
     active = [name for name, scale in scales.items() if float(scale) != 0.0]
     try:
         model.base_model.set_adapter(active, inference_mode=True)
-    except ValueError as e:  # peft refuses two adapters that both replace a whole module (modules_to_save)
-        raise UserError(f"These adapters cannot be active together: {e} Two of them replace the same layer as a "
-                        f"whole (modules_to_save); use them one at a time, or give one of them lora_scale 0."
+    # peft refuses two adapters that both replace a whole module (modules_to_save)
+    except ValueError as e:
+        raise UserError(f"These adapters cannot be active together: {e} Two of them replace the "
+                        f"same layer as a whole (modules_to_save); use them one at a time, or give "
+                        f"one of them lora_scale 0."
                         ) from None
 
 
 def load_adapters(model, paths: list, scales: list, expected_base: Optional[str] = None):
-    """Load one or several saved LoRA adapters onto the base model, each at its scale; returns (PeftModel, list of
-    each adapter's identity with its peft name and scale). One adapter is ``load_lora`` + ``set_lora_scale`` as
-    always; several are loaded side by side with peft's ``load_adapter`` (each checked against the base first) and
-    made active together (``set_adapter_scales``): the model adds their updates, each times its own scale."""
+    """Load one or several saved LoRA adapters onto the base model, each at its scale; returns
+    (PeftModel, list of each adapter's identity with its peft name and scale). One adapter is
+    ``load_lora`` + ``set_lora_scale`` as always; several are loaded side by side with peft's
+    ``load_adapter`` (each checked against the base first) and made active together
+    (``set_adapter_scales``): the model adds their updates, each times its own scale."""
     if len(paths) != len(scales):
-        raise UserError(f"{len(paths)} adapter(s) but {len(scales)} lora_scale value(s): give one scale per adapter.")
+        raise UserError(f"{len(paths)} adapter(s) but {len(scales)} lora_scale value(s): give one "
+                        f"scale per adapter.")
     problems = check_mix_bases(paths) if len(paths) > 1 else []
     validate(problems)
     peft_model = load_lora(model, paths[0], is_trainable=False, expected_base=expected_base)
@@ -421,16 +450,18 @@ def load_adapters(model, paths: list, scales: list, expected_base: Optional[str]
     else:
         set_adapter_scales(peft_model, dict(zip(names, scales)))
     peft_model.eval()
-    ids = [dict(adapter_identity(p), adapter_name=n, scale=float(s)) for p, n, s in zip(paths, names, scales)]
+    ids = [dict(adapter_identity(p), adapter_name=n, scale=float(s)) for p, n,
+           s in zip(paths, names, scales)]
     return peft_model, ids
 
 
 def describe_choice(base: str, paths: list, scales: list, default_path: bool, why_none: str = "") -> str:
-    """The start-up line that says which model generates: the base model and each adapter with its scale, or the
-    base model alone (``why_none``: why), and how to get the other."""
+    """The start-up line that says which model generates: the base model and each adapter with its
+    scale, or the base model alone (``why_none``: why), and how to get the other."""
     if not paths:
-        return (f"Model: {base}, no adapter: base model alone ({why_none or 'lora_model_path: none'}). To apply a "
-                f"trained adapter, pass --lora_model_path FOLDER (train_lora.py writes output/best_model).")
+        return (f"Model: {base}, no adapter: base model alone "
+                f"({why_none or 'lora_model_path: none'}). To apply a trained adapter, pass "
+                f"--lora_model_path FOLDER (train_lora.py writes output/best_model).")
     mix = " + ".join(f"adapter {p} (scale {s:g})" for p, s in zip(paths, scales))
     why = " (the default lora_model_path, found on disk)" if default_path else ""
     return f"Model: base model {base} + {mix}{why}. For the base model alone, pass --lora_model_path none."

@@ -1,20 +1,25 @@
 """The melody condition of MusicGen-Melody: a 12-bin one-hot chroma, computed without torchaudio.
 
-``MusicgenMelodyFeatureExtractor`` (transformers) needs torchaudio for one call, its ``Spectrogram``. This module
-computes the same features with ``torch.stft`` and transformers' own ``audio_utils.chroma_filter_bank``:
+``MusicgenMelodyFeatureExtractor`` (transformers) needs torchaudio for one call, its
+``Spectrogram``. This module computes the same features with ``torch.stft`` and transformers' own
+``audio_utils.chroma_filter_bank``:
 
-* a centred power spectrogram: n_fft = window = 16384, hop 4096 (7.8125 frames/s at 32 kHz), periodic Hann
-  window, reflect padding, as torchaudio's ``Spectrogram(center=True)`` calls ``torch.stft``; audio shorter than
-  one window is first zero-padded to it on both sides, as the extractor does;
-* the chroma filter bank (librosa's, ported by transformers: tuning 0, Gaussian weighting around octave 5);
-* per frame, the bin with the largest energy set to 1 and the others to 0 (the extractor's max-normalisation
-  does not change the argmax; ties go to the first bin, as with ``torch.argmax``).
+* a centred power spectrogram: n_fft = window = 16384, hop 4096 (7.8125 frames/s at 32 kHz),
+  periodic Hann window, reflect padding, as torchaudio's ``Spectrogram(center=True)`` calls
+  ``torch.stft``; audio shorter than one window is first zero-padded to it on both sides, as the
+  extractor does;
+* the chroma filter bank (librosa's, ported by transformers: tuning 0, Gaussian weighting around
+  octave 5);
+* per frame, the bin with the largest energy set to 1 and the others to 0 (the extractor's
+  max-normalisation does not change the argmax; ties go to the first bin, as with ``torch.argmax``).
 
-A frame whose window holds no energy (silence, or padding) has every bin 0 before the argmax, so it becomes bin 0:
-the same vector as the model's null melody. ``frames(n)`` = 1 + n // hop for n >= n_fft.
+A frame whose window holds no energy (silence, or padding) has every bin 0 before the argmax, so it
+becomes bin 0: the same vector as the model's null melody. ``frames(n)`` = 1 + n // hop for n >=
+n_fft.
 
-Input: float audio (N,) or (C, N) at the model's rate (channels are averaged, as the extractor does with stereo),
-cut at ``max_seconds`` (30 s = ``chroma_length`` 235 frames for the released models). Output: float32 (T, 12).
+Input: float audio (N,) or (C, N) at the model's rate (channels are averaged, as the extractor does
+with stereo), cut at ``max_seconds`` (30 s = ``chroma_length`` 235 frames for the released models).
+Output: float32 (T, 12).
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ N_FFT = 16384
 HOP = 4096
 NUM_CHROMA = 12
 MAX_SECONDS = 30.0
-PITCH_CLASSES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")  # bin order (starts at C)
+# bin order (starts at C)
+PITCH_CLASSES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
 
 
 @functools.lru_cache(maxsize=4)
@@ -37,7 +43,8 @@ def chroma_filters(sample_rate: int, n_fft: int = N_FFT, num_chroma: int = NUM_C
     import torch
     from transformers.audio_utils import chroma_filter_bank
 
-    bank = chroma_filter_bank(sampling_rate=sample_rate, num_frequency_bins=n_fft, tuning=0, num_chroma=num_chroma)
+    bank = chroma_filter_bank(sampling_rate=sample_rate, num_frequency_bins=n_fft, tuning=0,
+                              num_chroma=num_chroma)
     return torch.from_numpy(np.asarray(bank)).float()
 
 
@@ -47,8 +54,9 @@ def frames(n_samples: int, hop: int = HOP, n_fft: int = N_FFT) -> int:
 
 
 def power_spectrogram(wav, n_fft: int = N_FFT, hop: int = HOP):
-    """(..., N) float audio -> (..., n_fft // 2 + 1, T) power spectrogram, as torchaudio's Spectrogram(power=2,
-    center=True, pad_mode='reflect') computes it (up to a constant scale, which the argmax ignores)."""
+    """(..., N) float audio -> (..., n_fft // 2 + 1, T) power spectrogram, as torchaudio's
+    Spectrogram(power=2, center=True, pad_mode='reflect') computes it (up to a constant scale, which
+    the argmax ignores)."""
     import torch
 
     x = torch.as_tensor(wav, dtype=torch.float32)
@@ -58,13 +66,14 @@ def power_spectrogram(wav, n_fft: int = N_FFT, hop: int = HOP):
         x = torch.nn.functional.pad(x, (pad // 2, pad // 2 + pad % 2))
     lead = x.shape[:-1]
     spec = torch.stft(x.reshape(-1, x.shape[-1]), n_fft=n_fft, hop_length=hop, win_length=n_fft,
-                      window=torch.hann_window(n_fft), center=True, pad_mode="reflect", return_complex=True)
+                      window=torch.hann_window(n_fft), center=True, pad_mode="reflect",
+                      return_complex=True)
     return spec.abs().pow(2).reshape(*lead, *spec.shape[-2:])
 
 
 def raw_chroma(wav, sample_rate: int, max_seconds: Optional[float] = MAX_SECONDS):
-    """Chroma energies (T, 12) float32 of one clip (N,) or (C, N) at ``sample_rate``, before the argmax
-    (``max_seconds`` None: the whole clip)."""
+    """Chroma energies (T, 12) float32 of one clip (N,) or (C, N) at ``sample_rate``, before the
+    argmax (``max_seconds`` None: the whole clip)."""
     import torch
 
     x = torch.as_tensor(np.asarray(wav, dtype=np.float32))
@@ -91,8 +100,9 @@ def dominant_pitch_classes(one_hot) -> list[str]:
 
 
 def cosine_similarity(generated, reference) -> float:
-    """audiocraft's ChromaCosineSimilarityMetric for one pair: the per-frame cosine of two one-hot chromas
-    (T, 12), over the frames both have, averaged. Both come from ``chroma`` of audio at the same rate."""
+    """audiocraft's ChromaCosineSimilarityMetric for one pair: the per-frame cosine of two one-hot
+    chromas (T, 12), over the frames both have, averaged. Both come from ``chroma`` of audio at the
+    same rate."""
     import torch
 
     n = min(int(generated.shape[0]), int(reference.shape[0]))

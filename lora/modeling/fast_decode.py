@@ -1,17 +1,20 @@
-"""MusicGen's decoder step for generation with a static key/value cache, optionally replayed as a CUDA graph.
+"""MusicGen's decoder step for generation with a static key/value cache, optionally replayed as a
+CUDA graph.
 
-Why: transformers' decoder call per generated frame spends its time in Python on a GPU (cache objects that
-grow by concatenation, mask building, many small kernel launches per layer), which capped generation far below
-what the weights' memory traffic allows (measured in BENCHMARKS.md with bench/bench_generate.py).
-Here every layer's self-attention keys/values go into buffers allocated once per window, the cross-attention
-keys/values of the text are computed once, and a step has fixed shapes — so on CUDA the whole decoder step
-(all layers and LM heads) is captured once as a CUDA graph and replayed per frame (one launch).
+Why: transformers' decoder call per generated frame spends its time in Python on a GPU (cache
+objects that grow by concatenation, mask building, many small kernel launches per layer), which
+capped generation far below what the weights' memory traffic allows (measured in BENCHMARKS.md with
+bench/bench_generate.py). Here every layer's self-attention keys/values go into buffers allocated
+once per window, the cross-attention keys/values of the text are computed once, and a step has fixed
+shapes — so on CUDA the whole decoder step (all layers and LM heads) is captured once as a CUDA
+graph and replayed per frame (one launch).
 
-The maths is transformers' own: the same modules are called (embeddings, layer norms, q/k/v/out projections —
-peft LoRA layers included, merged or not — fc1/fc2, LM heads), the encoder states are projected and masked as
-``MusicgenForConditionalGeneration.forward`` does, the encoder attention mask comes from transformers'
-``create_bidirectional_mask``, and attention runs through the attention function transformers' MusicGen uses
-for the model's ``attn_implementation``. Logits equal transformers' forward (tested in fp32 on the tiny model).
+The maths is transformers' own: the same modules are called (embeddings, layer norms, q/k/v/out
+projections — peft LoRA layers included, merged or not — fc1/fc2, LM heads), the encoder states are
+projected and masked as ``MusicgenForConditionalGeneration.forward`` does, the encoder attention
+mask comes from transformers' ``create_bidirectional_mask``, and attention runs through the
+attention function transformers' MusicGen uses for the model's ``attn_implementation``. Logits equal
+transformers' forward (tested in fp32 on the tiny model).
 
     dec = StaticDecoder(base, hidden, mask, rows=B, max_len=L, cuda_graph=True)
     logits = dec.prefill(ids)          # ids (B*K, n) from position 0 -> logits (B*K, V) of the last position
@@ -22,12 +25,13 @@ from __future__ import annotations
 
 
 class StaticDecoder:
-    prefix_len = 0  # positions before the tokens (PrefixStaticDecoder: the melody model's condition)
+    # positions before the tokens (PrefixStaticDecoder: the melody model's condition)
+    prefix_len = 0
 
     def __init__(self, base, hidden, mask, rows: int, max_len: int, cuda_graph: bool = False):
-        """base: MusicgenForConditionalGeneration (eval mode); hidden (rows, L, Dt) text-encoder states (with
-        the null half already appended for guidance); mask (rows, L) or None; max_len: positions this window
-        will use (prefix + generated)."""
+        """base: MusicgenForConditionalGeneration (eval mode); hidden (rows, L, Dt) text-encoder
+        states (with the null half already appended for guidance); mask (rows, L) or None; max_len:
+        positions this window will use (prefix + generated)."""
         import torch
         from transformers.masking_utils import create_bidirectional_mask
 
@@ -40,7 +44,8 @@ class StaticDecoder:
             if mask is not None:
                 enc = enc * mask[..., None]
             dummy = torch.zeros((self.rows, 1, cfg.hidden_size), dtype=enc.dtype, device=self.device)
-            self.enc_mask = create_bidirectional_mask(config=cfg, inputs_embeds=dummy, attention_mask=mask,
+            self.enc_mask = create_bidirectional_mask(config=cfg, inputs_embeds=dummy,
+                                                      attention_mask=mask,
                                                       encoder_hidden_states=enc)
             self.cross_kv = []
             for layer in self.layers:
@@ -51,8 +56,8 @@ class StaticDecoder:
         self._graph(cuda_graph)
 
     def _common(self, causal_lm, rows: int, max_len: int):
-        """The decoder's modules, the attention function and the self-attention key/value buffers of ``max_len``
-        positions; returns the decoder config."""
+        """The decoder's modules, the attention function and the self-attention key/value buffers of
+        ``max_len`` positions; returns the decoder config."""
         import torch
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
         from transformers.models.musicgen import modeling_musicgen as mm
@@ -66,8 +71,8 @@ class StaticDecoder:
         p = next(self.decoder.parameters())
         self.device, self.dtype = p.device, self.decoder.embed_positions.weights.dtype
         if self.max_len > self.decoder.embed_positions.weights.shape[0]:
-            raise ValueError(f"max_len {self.max_len} exceeds the decoder's {self.decoder.embed_positions.weights.shape[0]} "
-                             f"positions")
+            raise ValueError(f"max_len {self.max_len} exceeds the decoder's "
+                             f"{self.decoder.embed_positions.weights.shape[0]} positions")
         self.attn_impl = cfg._attn_implementation
         self.attn = ALL_ATTENTION_FUNCTIONS.get_interface(self.attn_impl, mm.eager_attention_forward)
         self.layers = list(self.decoder.layers)
@@ -92,10 +97,10 @@ class StaticDecoder:
         return out
 
     def _forward(self, ids, pos0, n_valid, self_mask, prefix=None):
-        """ids (rows*K, S) at positions pos0 .. pos0+S-1 (pos0: int or 1-element LongTensor), after ``prefix``
-        (rows, P, H) embeddings when given (then positions run from pos0 - P); attention over buffer positions
-        [0, n_valid) (n_valid: int, or None = the whole buffer with ``self_mask``).
-        Returns the last position's logits (rows*K, V)."""
+        """ids (rows*K, S) at positions pos0 .. pos0+S-1 (pos0: int or 1-element LongTensor), after
+        ``prefix`` (rows, P, H) embeddings when given (then positions run from pos0 - P); attention
+        over buffer positions [0, n_valid) (n_valid: int, or None = the whole buffer with
+        ``self_mask``). Returns the last position's logits (rows*K, V)."""
         import torch
 
         dec = self.decoder
@@ -148,12 +153,14 @@ class StaticDecoder:
 
     # ------------------------------------------------------------------------------------------
     def prefill(self, ids):
-        """Run ids (rows*K, S) at positions 0 .. S-1 (causal); returns the last position's logits."""
+        """Run ids (rows*K, S) at positions 0 .. S-1 (causal); returns the last position's
+        logits."""
         import torch
 
         P = self.prefix_len
         S = P + ids.shape[-1]
-        mask = None  # S == 1, or sdpa: transformers' sdpa runs causal when there is no mask and S > 1
+        # S == 1, or sdpa: transformers' sdpa runs causal when there is no mask and S > 1
+        mask = None
         if S > 1 and self.attn_impl != "sdpa":
             i = torch.arange(S, device=self.device)
             mask = torch.where(i[None, :] <= i[:, None], 0.0, torch.finfo(self.dtype).min).to(self.dtype)
@@ -162,8 +169,8 @@ class StaticDecoder:
             return self._forward(ids, P, S, mask, prefix=self.prefix if P else None)
 
     def step(self, col, pos: int):
-        """col (rows*K,) ids at position ``pos``; returns logits (rows*K, V) (on CUDA graphs: a view of the
-        graph's output buffer, valid until the next step)."""
+        """col (rows*K,) ids at position ``pos``; returns logits (rows*K, V) (on CUDA graphs: a view
+        of the graph's output buffer, valid until the next step)."""
         import torch
 
         pos = pos + self.prefix_len  # (token positions come after the prefix)
@@ -186,8 +193,8 @@ class StaticDecoder:
         import torch
 
         self._ids = torch.zeros((self.rows * self.K, 1), dtype=torch.long, device=self.device)
-        # Warm-up and capture write garbage K/V at this position; every position is written by its own step
-        # (or the prefill) before any query attends to it, so that is harmless.
+        # Warm-up and capture write garbage K/V at this position; every position is written by its
+        # own step (or the prefill) before any query attends to it, so that is harmless.
         self._pos = torch.full((1,), self.max_len - 1, dtype=torch.long, device=self.device)
         with torch.no_grad():
             side = torch.cuda.Stream(device=self.device)
@@ -202,10 +209,11 @@ class StaticDecoder:
 
 
 class PrefixStaticDecoder(StaticDecoder):
-    """The static-cache step for a decoder conditioned by a prefix instead of cross-attention (MusicGen-Melody):
-    ``prefix`` (rows, P, H) embeddings (built by the family, lora.modeling.musicgen_melody.prefix) take positions 0 .. P-1
-    ahead of the tokens, as transformers' MusicgenMelodyDecoder concatenates them; its layers have no
-    cross-attention. ``max_len`` counts token positions (the prefix's come on top)."""
+    """The static-cache step for a decoder conditioned by a prefix instead of cross-attention
+    (MusicGen-Melody): ``prefix`` (rows, P, H) embeddings (built by the family,
+    lora.modeling.musicgen_melody.prefix) take positions 0 .. P-1 ahead of the tokens, as
+    transformers' MusicgenMelodyDecoder concatenates them; its layers have no cross-attention.
+    ``max_len`` counts token positions (the prefix's come on top)."""
 
     def __init__(self, causal_lm, prefix, rows: int, max_len: int, cuda_graph: bool = False):
         self.prefix = prefix

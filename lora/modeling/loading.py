@@ -1,13 +1,16 @@
-"""Loading a base model: a hub id, a local folder or a built-in tiny model, and the model family it belongs to.
+"""Loading a base model: a hub id, a local folder or a built-in tiny model, and the model family it
+belongs to.
 
-Everything that touches the network goes through ``from_pretrained`` (so ``HF_ENDPOINT``, ``HF_HOME`` and
-``HF_HUB_OFFLINE`` are honoured); a local folder and a hub id take the same code path. The built-in tiny
-models (``model_path: tiny`` / ``tiny-stereo`` / ``tiny-melody`` / ``tiny-stereo-melody``, lora.modeling.tiny_model) are built from config once, saved with
+Everything that touches the network goes through ``from_pretrained`` (so ``HF_ENDPOINT``,
+``HF_HOME`` and ``HF_HUB_OFFLINE`` are honoured); a local folder and a hub id take the same code
+path. The built-in tiny models (``model_path: tiny`` / ``tiny-stereo`` / ``tiny-melody`` /
+``tiny-stereo-melody``, lora.modeling.tiny_model) are built from config once, saved with
 ``save_pretrained`` and loaded back like any other folder, so every script runs without a download.
 
-The checkpoint's ``config.json`` names its ``model_type``; ``FAMILIES`` maps it to the module that knows that
-family's internals (``lora.modeling.musicgen``, ``lora.modeling.musicgen_melody``). ``family_for(info or model)`` is how the rest of the toolkit reaches
-it, so a new family is one sibling module and one line here.
+The checkpoint's ``config.json`` names its ``model_type``; ``FAMILIES`` maps it to the module that
+knows that family's internals (``lora.modeling.musicgen``, ``lora.modeling.musicgen_melody``).
+``family_for(info or model)`` is how the rest of the toolkit reaches it, so a new family is one
+sibling module and one line here.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from lora.modeling.tiny_model import ensure_tiny_model
 FAMILIES = {musicgen.MODEL_TYPE: musicgen, musicgen_melody.MODEL_TYPE: musicgen_melody}
 
 # Files a local model folder needs (see missing_local_files).
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
 
 
@@ -54,8 +58,8 @@ def family_for(what):
 # Resolving
 # --------------------------------------------------------------------------------------------
 def resolve_model_path(model_cfg) -> str:
-    """'tiny' / 'tiny-stereo' -> the built folder (built on first use); a folder -> its absolute path;
-    anything else (a hub id) unchanged."""
+    """'tiny' / 'tiny-stereo' -> the built folder (built on first use); a folder -> its absolute
+    path; anything else (a hub id) unchanged."""
     path = str(model_cfg.model_path)
     if path in BUILTIN_MODELS:
         stereo, melody = "stereo" in path, path.endswith("melody")
@@ -69,7 +73,8 @@ def resolve_model_path(model_cfg) -> str:
 
 
 def looks_like_local_path(path: str) -> bool:
-    """A hub id is exactly 'owner/name'; anything else (absolute, ./x, ~/x, a/b/c, C:\\x) is a folder."""
+    """A hub id is exactly 'owner/name'; anything else (absolute, ./x, ~/x, a/b/c, C:\\x) is a
+    folder."""
     return (os.path.isabs(path) or path.startswith((".", "~")) or "\\" in path or path.count("/") != 1)
 
 
@@ -91,21 +96,24 @@ def missing_local_files(directory: Path) -> list[str]:
 
 def download_hint(directory: str) -> str:
     return (f"Download a complete model folder, e.g. `hf download facebook/musicgen-small "
-            f"--local-dir {directory}` (set HF_ENDPOINT=https://your-mirror for a mirror), or pass a hub id "
-            f"such as --model_path facebook/musicgen-small, or --model_path tiny for the built-in test model.")
+            f"--local-dir {directory}` (set HF_ENDPOINT=https://your-mirror for a mirror), or pass "
+            f"a hub id such as --model_path facebook/musicgen-small, or --model_path tiny for the "
+            f"built-in test model.")
 
 
 def check_model_type(config_path: Path, where: str) -> dict:
-    """config.json of a model folder or hub snapshot; UserError unless its model_type is a family we know."""
+    """config.json of a model folder or hub snapshot; UserError unless its model_type is a family we
+    know."""
     try:
         cfg = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise UserError(f"{config_path} cannot be read as JSON ({e}). {download_hint(where)}") from None
     model_type = cfg.get("model_type")
     if model_type not in FAMILIES:
-        raise UserError(f"{where} is not a MusicGen model (config.json has model_type {model_type!r}, expected "
-                        f"'musicgen' or 'musicgen_melody'). Use facebook/musicgen-small|medium|large, "
-                        f"facebook/musicgen-melody (or a stereo variant), a folder holding one, or 'tiny'.")
+        raise UserError(f"{where} is not a MusicGen model (config.json has model_type "
+                        f"{model_type!r}, expected 'musicgen' or 'musicgen_melody'). Use "
+                        f"facebook/musicgen-small|medium|large, facebook/musicgen-melody (or a "
+                        f"stereo variant), a folder holding one, or 'tiny'.")
     return cfg
 
 
@@ -114,24 +122,28 @@ def _offline() -> bool:
 
 
 def _fetch_hub_config(model_id: str, revision: Optional[str], local_files_only: bool) -> Path:
-    """Resolve config.json of a hub model (downloads only that small file); UserError if unreachable."""
+    """Resolve config.json of a hub model (downloads only that small file); UserError if
+    unreachable."""
     from huggingface_hub import hf_hub_download
 
     try:
-        return Path(hf_hub_download(model_id, "config.json", revision=revision, local_files_only=local_files_only))
+        return Path(hf_hub_download(model_id, "config.json", revision=revision,
+                                    local_files_only=local_files_only))
     except Exception as e:  # huggingface_hub raises many types (offline, 404, auth, connection)
         offline = local_files_only or _offline()
-        how = ("Offline mode is on (HF_HUB_OFFLINE=1 or local_files_only: true) and this model is not in the local "
-               "cache (HF_HOME). " if offline else
+        how = ("Offline mode is on (HF_HUB_OFFLINE=1 or local_files_only: true) and this model is "
+               "not in the local cache (HF_HOME). " if offline else
                "The hub could not be reached or the model does not exist. ")
         raise UserError(
-            f"Cannot load '{model_id}' from the Hugging Face hub: {type(e).__name__}: {str(e).splitlines()[0][:300]}\n"
-            f"{how}Options: check the name (facebook/musicgen-small, facebook/musicgen-medium, "
-            f"facebook/musicgen-large, facebook/musicgen-stereo-small, ...); use a mirror with "
-            f"HF_ENDPOINT=https://your-mirror; download once with `hf download {model_id} --local-dir "
-            f"models/{model_id.split('/')[-1]}` and pass --model_path models/{model_id.split('/')[-1]}; or use "
-            f"--model_path tiny to try the toolkit with the built-in test model. (No local folder "
-            f"{Path(model_id).resolve()} exists either.)") from None
+            f"Cannot load '{model_id}' from the Hugging Face hub: {type(e).__name__}: "
+            f"{str(e).splitlines()[0][:300]}\n{how}Options: check the name "
+            f"(facebook/musicgen-small, facebook/musicgen-medium, facebook/musicgen-large, "
+            f"facebook/musicgen-stereo-small, ...); use a mirror with "
+            f"HF_ENDPOINT=https://your-mirror; download once with `hf download {model_id} "
+            f"--local-dir models/{model_id.split('/')[-1]}` and pass --model_path "
+            f"models/{model_id.split('/')[-1]}; or use --model_path tiny to try the toolkit with "
+            f"the built-in test model. (No local folder {Path(model_id).resolve()} exists "
+            f"either.)") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -139,11 +151,16 @@ def _fetch_hub_config(model_id: str, revision: Optional[str], local_files_only: 
 # --------------------------------------------------------------------------------------------
 # Files of a model folder that its identity covers, where present, besides every weight file (``*.safetensors``,
 # ``*.bin``, shards and their ``*.index.json``): what turns a caption into text states and audio into codes.
-IDENTITY_FILES = ("config.json", "generation_config.json", "tokenizer.json", "spiece.model", "tokenizer_config.json",
-                  "special_tokens_map.json", "added_tokens.json", "preprocessor_config.json", "processor_config.json")
-HASH_CACHE_VERSION = 1  # of the sidecar's format (and of the digest it stores: sha256 of the whole file)
-HASH_CACHE_DIR = "musicgen-lora"  # the toolkit's folder in the per-user cache ($XDG_CACHE_HOME or ~/.cache)
-_RACY_NS = 2_000_000_000  # a file modified this shortly before it was hashed is not remembered (see file_digests)
+IDENTITY_FILES = ("config.json", "generation_config.json", "tokenizer.json", "spiece.model",
+                  "tokenizer_config.json",
+                  "special_tokens_map.json", "added_tokens.json", "preprocessor_config.json",
+                  "processor_config.json")
+# of the sidecar's format (and of the digest it stores: sha256 of the whole file)
+HASH_CACHE_VERSION = 1
+# the toolkit's folder in the per-user cache ($XDG_CACHE_HOME or ~/.cache)
+HASH_CACHE_DIR = "musicgen-lora"
+# a file modified this shortly before it was hashed is not remembered (see file_digests)
+_RACY_NS = 2_000_000_000
 _READ_CHUNK = 8 << 20
 
 
@@ -156,7 +173,8 @@ def identity_files(directory: str | os.PathLike) -> list[Path]:
 
 
 def hash_file(path: str | os.PathLike) -> str:
-    """sha256 of a file's whole content (read in 8-MiB blocks into one buffer: ~1-1.6 GB/s on one core)."""
+    """sha256 of a file's whole content (read in 8-MiB blocks into one buffer: ~1-1.6 GB/s on one
+    core)."""
     h = hashlib.sha256()
     buf = bytearray(_READ_CHUNK)
     view = memoryview(buf)
@@ -170,22 +188,24 @@ def hash_file(path: str | os.PathLike) -> str:
 
 
 def hash_cache_path() -> Path:
-    """The sidecar that remembers file digests: $XDG_CACHE_HOME (or ~/.cache)/musicgen-lora/file_hashes.json. It
-    lives in the user's cache, not beside the model, because model folders may be read-only (the HF hub cache)."""
+    """The sidecar that remembers file digests: $XDG_CACHE_HOME (or
+    ~/.cache)/musicgen-lora/file_hashes.json. It lives in the user's cache, not beside the model,
+    because model folders may be read-only (the HF hub cache)."""
     base = os.environ.get("XDG_CACHE_HOME", "")
     root = Path(base) if os.path.isabs(base) else Path.home() / ".cache"
     return root / HASH_CACHE_DIR / "file_hashes.json"
 
 
 def _stat_key(st: os.stat_result) -> list[int]:
-    """What says a file is unchanged: size, modification and status-change times (ns). A rewrite, a touch, a
-    copy over it with preserved times (ctime) all change it; then the file is hashed again."""
+    """What says a file is unchanged: size, modification and status-change times (ns). A rewrite, a
+    touch, a copy over it with preserved times (ctime) all change it; then the file is hashed
+    again."""
     return [int(st.st_size), int(st.st_mtime_ns), int(st.st_ctime_ns)]
 
 
 def _read_hash_cache(path: Path) -> dict:
-    """{real path: {"stat": [...], "sha256": hex}} of the sidecar; {} when it is missing, from another format
-    version, or damaged (then it is rebuilt, with a log line)."""
+    """{real path: {"stat": [...], "sha256": hex}} of the sidecar; {} when it is missing, from
+    another format version, or damaged (then it is rebuilt, with a log line)."""
     if not path.is_file():
         return {}
     try:
@@ -193,14 +213,15 @@ def _read_hash_cache(path: Path) -> dict:
         if not isinstance(doc, dict) or not isinstance(doc.get("files"), dict):
             raise ValueError("not a {'version', 'files'} object")
         if doc.get("version") != HASH_CACHE_VERSION:
-            log.info("File-hash cache %s has format %r (expected %d); rebuilding it.", path, doc.get("version"),
-                     HASH_CACHE_VERSION)
+            log.info("File-hash cache %s has format %r (expected %d); rebuilding it.", path,
+                     doc.get("version"), HASH_CACHE_VERSION)
             return {}
-        return {k: v for k, v in doc["files"].items() if isinstance(v, dict) and isinstance(v.get("sha256"), str)
+        return {k: v for k, v in doc["files"].items() if isinstance(v, dict)
+                and isinstance(v.get("sha256"), str)
                 and isinstance(v.get("stat"), list)}
     except (OSError, ValueError) as e:  # (JSON and UTF-8 errors are ValueErrors)
-        log.warning("File-hash cache %s is damaged (%s); rebuilding it (model files are hashed in full once).",
-                    path, str(e)[:200])
+        log.warning("File-hash cache %s is damaged (%s); rebuilding it (model files are hashed in "
+                    "full once).", path, str(e)[:200])
         return {}
 
 
@@ -210,16 +231,17 @@ def _write_hash_cache(path: Path, files: dict) -> None:
     try:
         atomic_write_json(path, {"version": HASH_CACHE_VERSION, "files": kept})
     except OSError as e:
-        log.warning("Could not write the file-hash cache %s (%s); model files will be hashed in full again at the "
-                    "next start.", path, e.strerror or e)
+        log.warning("Could not write the file-hash cache %s (%s); model files will be hashed in "
+                    "full again at the next start.", path, e.strerror or e)
 
 
 def file_digests(paths: list[Path]) -> dict[Path, str]:
-    """sha256 of each file's whole content, remembered in a per-user sidecar (``hash_cache_path``) keyed by the
-    file's real path, size, mtime and ctime, so an unchanged file is never read again. Processes that start
-    together (one per GPU) take turns through a lock: the first hashes, the others find its digests. A file
-    modified less than 2 s before it was hashed is not remembered (it could change again within the same
-    timestamp tick and keep its stat key), so the next start hashes it once more."""
+    """sha256 of each file's whole content, remembered in a per-user sidecar (``hash_cache_path``)
+    keyed by the file's real path, size, mtime and ctime, so an unchanged file is never read again.
+    Processes that start together (one per GPU) take turns through a lock: the first hashes, the
+    others find its digests. A file modified less than 2 s before it was hashed is not remembered
+    (it could change again within the same timestamp tick and keep its stat key), so the next start
+    hashes it once more."""
     sidecar = hash_cache_path()
     out: dict[Path, str] = {}
     with contextlib.ExitStack() as stack:
@@ -228,8 +250,8 @@ def file_digests(paths: list[Path]) -> dict[Path, str]:
             stack.enter_context(file_lock(sidecar.with_name(sidecar.name + ".lock")))
             known, writable = _read_hash_cache(sidecar), True
         except OSError as e:
-            log.warning("The file-hash cache folder %s is not usable (%s); model files are hashed in full.",
-                        sidecar.parent, e.strerror or e)
+            log.warning("The file-hash cache folder %s is not usable (%s); model files are hashed "
+                        "in full.", sidecar.parent, e.strerror or e)
             known, writable = {}, False
         changed = False
         for p in paths:
@@ -240,8 +262,8 @@ def file_digests(paths: list[Path]) -> dict[Path, str]:
                 out[p] = entry["sha256"]
                 continue
             if st.st_size >= 1 << 30:
-                log.info("Hashing %s (%.1f GB) for the token cache key; remembered in %s for later starts.", p,
-                         st.st_size / 1e9, sidecar)
+                log.info("Hashing %s (%.1f GB) for the token cache key; remembered in %s for later "
+                         "starts.", p, st.st_size / 1e9, sidecar)
             started = time.time_ns()
             out[p] = hash_file(real)
             if started - st.st_mtime_ns > _RACY_NS and _stat_key(os.stat(real)) == _stat_key(st):
@@ -253,9 +275,10 @@ def file_digests(paths: list[Path]) -> dict[Path, str]:
 
 
 def model_identity(directory: str | os.PathLike, extra: str = "") -> str:
-    """Stable short hash of a model folder (the token cache key): the whole content of its config, generation,
-    tokenizer, processor and weight files (``identity_files``), each by name. Digests are remembered across
-    starts (``file_digests``), so only the first start after a change reads the weights in full."""
+    """Stable short hash of a model folder (the token cache key): the whole content of its config,
+    generation, tokenizer, processor and weight files (``identity_files``), each by name. Digests
+    are remembered across starts (``file_digests``), so only the first start after a change reads
+    the weights in full."""
     h = hashlib.sha256(extra.encode())
     for path, digest in file_digests(identity_files(directory)).items():
         h.update(f"{path.name}\0{digest}\n".encode())
@@ -266,8 +289,9 @@ def model_identity(directory: str | os.PathLike, extra: str = "") -> str:
 # Loading
 # --------------------------------------------------------------------------------------------
 class _SpecialTokenWarningFilter:
-    """Drop transformers' "pad_token_id must be within the vocabulary" warning: MusicGen's decoder uses
-    id = vocab_size (2048) as its pad/BOS token by design (its embeddings have vocab_size + 1 rows)."""
+    """Drop transformers' "pad_token_id must be within the vocabulary" warning: MusicGen's decoder
+    uses id = vocab_size (2048) as its pad/BOS token by design (its embeddings have vocab_size + 1
+    rows)."""
 
     def filter(self, record) -> bool:
         return "must be `None` or an integer within the vocabulary" not in record.getMessage()
@@ -282,8 +306,9 @@ def _install_warning_filter() -> None:
 
 
 def _locate(path: str, model_cfg) -> tuple[str, Path, Optional[str], Optional[str], dict, str]:
-    """Check a resolved model path before anything loads: (path, folder, identity or None (a hub snapshot: made
-    after the weights are there), hub revision, from_pretrained kwargs, model_type)."""
+    """Check a resolved model path before anything loads: (path, folder, identity or None (a hub
+    snapshot: made after the weights are there), hub revision, from_pretrained kwargs,
+    model_type)."""
     local_files_only = bool(getattr(model_cfg, "local_files_only", False)) or _offline()
     revision = getattr(model_cfg, "revision", None)
     p = Path(path).expanduser()
@@ -311,16 +336,17 @@ def _locate(path: str, model_cfg) -> tuple[str, Path, Optional[str], Optional[st
 def load_base_model(model_cfg, device=None, dtype=None):
     """Load a base model + processor from a hub id, a local folder or a built-in tiny model.
 
-    Returns (model, processor, info): the model is in eval mode with every parameter frozen; ``info`` is the
-    family's ModelInfo.
+    Returns (model, processor, info): the model is in eval mode with every parameter frozen;
+    ``info`` is the family's ModelInfo.
     """
     _install_warning_filter()
-    path, directory, identity, hub_revision, kw, model_type = _locate(resolve_model_path(model_cfg), model_cfg)
+    path, directory, identity, hub_revision, kw, model_type = _locate(resolve_model_path(model_cfg),
+                                                                      model_cfg)
     family = family_for(model_type)
     attn = getattr(model_cfg, "attn_implementation", "sdpa") or "sdpa"
-    # float32 unless asked: a folder saved in half precision (export_model.py --dtype float16/bfloat16) loads as
-    # float32 too (transformers' default reads the saved dtype), so training, merging and casting start from the
-    # same weights whatever dtype they were stored in.
+    # float32 unless asked: a folder saved in half precision (export_model.py --dtype
+    # float16/bfloat16) loads as float32 too (transformers' default reads the saved dtype), so
+    # training, merging and casting start from the same weights whatever dtype they were stored in.
     kw["dtype"] = dtype if dtype is not None else "float32"
     try:
         model = family.from_pretrained(path, attn, **kw)

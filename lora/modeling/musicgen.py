@@ -1,24 +1,27 @@
-"""The MusicGen model family: the one place that knows MusicGen's internals (``fast_decode.py`` beside it is the
-family's decoding step).
+"""The MusicGen model family: the one place that knows MusicGen's internals (``fast_decode.py``
+beside it is the family's decoding step).
 
-Everything else in the toolkit calls these functions through ``lora.modeling.loading.family_for(...)``, so a second family
-(e.g. MusicGen-Melody, which conditions through a prefix instead of cross-attention) is a sibling module with the
-same names, chosen by the checkpoint's ``model_type``, and not special cases in every script. What a family
+Everything else in the toolkit calls these functions through
+``lora.modeling.loading.family_for(...)``, so a second family (e.g. MusicGen-Melody, which
+conditions through a prefix instead of cross-attention) is a sibling module with the same names,
+chosen by the checkpoint's ``model_type``, and not special cases in every script. What a family
 module provides:
 
-* ``MODEL_TYPE``, ``ModelInfo``, ``from_pretrained`` and ``model_info`` (path resolution, hub access and the
-  model identity are family-independent: ``lora.modeling.loading``);
-* its parts: ``decoder_modules`` (what casting, device moves, ``cast_for_generation`` and decoder dropout act on),
-  ``text_encoder``, ``audio_codec``, and the switches the train step sets on them;
-* where LoRA may go: ``LORA_PRESETS``, ``LORA_SEARCH_PREFIX``, ``TEXT_ENCODER_TARGETS``, ``decoder_shape``;
+* ``MODEL_TYPE``, ``ModelInfo``, ``from_pretrained`` and ``model_info`` (path resolution, hub access
+  and the model identity are family-independent: ``lora.modeling.loading``);
+* its parts: ``decoder_modules`` (what casting, device moves, ``cast_for_generation`` and decoder
+  dropout act on), ``text_encoder``, ``audio_codec``, and the switches the train step sets on them;
+* where LoRA may go: ``LORA_PRESETS``, ``LORA_SEARCH_PREFIX``, ``TEXT_ENCODER_TARGETS``,
+  ``decoder_shape``;
 * the encoders (``encode_audio``, ``decode_audio``, ``codec_latents``, ``encode_text``);
-* the conditioning: how cached text states become the decoder's input (``condition``), the null condition
-  (``null_condition``, ``drop_condition``, ``with_unconditional``);
+* the conditioning: how cached text states become the decoder's input (``condition``), the null
+  condition (``null_condition``, ``drop_condition``, ``with_unconditional``);
 * the delay pattern (``build_delay_pattern`` for teacher forcing, ``generation_pattern`` and
   ``frames_from_pattern`` for decoding);
-* the ONE teacher-forced forward (``teacher_forced_logits``) and the ONE loss (``codebook_loss``), which training,
-  validation, evaluate's held-out likelihood and test_model all call;
-* a decoder step with transformers' own cache (``cached_step``) and the static-cache ``StaticDecoder``.
+* the ONE teacher-forced forward (``teacher_forced_logits``) and the ONE loss (``codebook_loss``),
+  which training, validation, evaluate's held-out likelihood and test_model all call;
+* a decoder step with transformers' own cache (``cached_step``) and the static-cache
+  ``StaticDecoder``.
 
 Shapes used throughout (K = number of codebooks, interleaved left/right for stereo models):
     codes             LongTensor (B, K, T)         EnCodec codes, T frames at ``info.frame_rate``
@@ -35,7 +38,9 @@ from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
 
 from lora.common.cli import log
-from lora.modeling.encodec_fast import encode_codes  # the family's EnCodec encoder (float32, chunked on a CPU)
+
+# the family's EnCodec encoder (float32, chunked on a CPU)
+from lora.modeling.encodec_fast import encode_codes
 from lora.modeling.fast_decode import StaticDecoder  # noqa: F401  (the family's static-cache decoding step)
 
 MODEL_TYPE = "musicgen"
@@ -57,7 +62,8 @@ class ModelInfo:
     pad_token_id: int            # decoder pad token (= codebook size for MusicGen)
     decoder_start_token_id: int  # first decoder input (BOS)
     vocab_size: int              # codebook size
-    text_hidden_size: int        # T5 hidden size (before the decoder's projection of the text states)
+    # T5 hidden size (before the decoder's projection of the text states)
+    text_hidden_size: int
     identity: str                # stable short hash of config + weights (cache keys)
     model_type: str = MODEL_TYPE
     hub_revision: Optional[str] = None  # commit of a hub snapshot, when known
@@ -75,24 +81,27 @@ class ModelInfo:
 
 
 def from_pretrained(path: str, attn: str, **kw):
-    """``MusicgenForConditionalGeneration.from_pretrained`` with the decoder's attention kernel set (EnCodec has no
-    sdpa; it keeps its default). Falls back to eager attention where the kernel is not available."""
+    """``MusicgenForConditionalGeneration.from_pretrained`` with the decoder's attention kernel set
+    (EnCodec has no sdpa; it keeps its default). Falls back to eager attention where the kernel is
+    not available."""
     from transformers import MusicgenForConditionalGeneration
 
     if attn == "eager":
         return MusicgenForConditionalGeneration.from_pretrained(path, attn_implementation="eager", **kw)
     try:
-        return MusicgenForConditionalGeneration.from_pretrained(path, attn_implementation={"decoder": attn}, **kw)
+        return MusicgenForConditionalGeneration.from_pretrained(path,
+                                                                attn_implementation={"decoder": attn}, **kw)
     except (ValueError, ImportError) as e:
         if "attn" not in str(e).lower() and "attention" not in str(e).lower():
             raise
-        log.info("attn_implementation=%s is not available here (%s); falling back to eager attention", attn,
-                 str(e).splitlines()[0][:200])
+        log.info("attn_implementation=%s is not available here (%s); falling back to eager "
+                 "attention", attn, str(e).splitlines()[0][:200])
         return MusicgenForConditionalGeneration.from_pretrained(path, attn_implementation="eager", **kw)
 
 
 def load_processor(path: str, **kw):
-    """The model's processor (tokenizer + EnCodec feature extractor): ``AutoProcessor.from_pretrained``."""
+    """The model's processor (tokenizer + EnCodec feature extractor):
+    ``AutoProcessor.from_pretrained``."""
     from transformers import AutoProcessor
 
     return AutoProcessor.from_pretrained(path, **kw)
@@ -115,8 +124,8 @@ def model_info(model, name_or_path: str, identity: str, hub_revision: Optional[s
         name_or_path=name_or_path, sample_rate=int(cfg.audio_encoder.sampling_rate),
         frame_rate=int(cfg.audio_encoder.frame_rate), num_codebooks=int(dec.num_codebooks),
         audio_channels=int(dec.audio_channels), pad_token_id=int(pad), decoder_start_token_id=int(start),
-        vocab_size=int(dec.vocab_size), text_hidden_size=int(cfg.text_encoder.hidden_size), identity=identity,
-        model_type=cfg.model_type, hub_revision=hub_revision)
+        vocab_size=int(dec.vocab_size), text_hidden_size=int(cfg.text_encoder.hidden_size),
+        identity=identity, model_type=cfg.model_type, hub_revision=hub_revision)
 
 
 def get_base(model):
@@ -130,9 +139,9 @@ def get_base(model):
 # The parts of the model, and the switches the train step sets on them
 # --------------------------------------------------------------------------------------------
 def decoder_modules(model) -> list:
-    """What runs in every decoding / training step: the decoder (with its LoRA layers) and the projection of the
-    text states into the decoder's width (when the widths differ). Casting the frozen weights, device moves for
-    training and ``cast_for_generation`` act on exactly these."""
+    """What runs in every decoding / training step: the decoder (with its LoRA layers) and the
+    projection of the text states into the decoder's width (when the widths differ). Casting the
+    frozen weights, device moves for training and ``cast_for_generation`` act on exactly these."""
     base = get_base(model)
     mods = [base.decoder]
     if getattr(base, "enc_to_dec_proj", None) is not None:
@@ -180,14 +189,16 @@ def max_positions(model) -> int:
 
 def set_decoder_dropout(model, p: float | None) -> float | None:
     """training.decoder_dropout: the hidden-state dropout of the frozen decoder while LoRA trains
-    (``MusicgenDecoder.dropout`` after the embeddings and ``MusicgenDecoderLayer.dropout`` after self-attention,
-    cross-attention and the feed-forward block; attention_dropout / activation_dropout stay as the config has
-    them). None keeps the checkpoint's value. Only the module attributes change, not the model config: the
-    saved adapter is the same, and evaluation / generation run in eval mode, where dropout is off anyway.
-    Returns the value in effect (logged)."""
+    (``MusicgenDecoder.dropout`` after the embeddings and ``MusicgenDecoderLayer.dropout`` after
+    self-attention, cross-attention and the feed-forward block; attention_dropout /
+    activation_dropout stay as the config has them). None keeps the checkpoint's value. Only the
+    module attributes change, not the model config: the saved adapter is the same, and evaluation /
+    generation run in eval mode, where dropout is off anyway. Returns the value in effect
+    (logged)."""
     dec = get_base(model).decoder.model.decoder
     if p is None:
-        log.info("Decoder hidden-state dropout: %g (the checkpoint's, training.decoder_dropout: null)", dec.dropout)
+        log.info("Decoder hidden-state dropout: %g (the checkpoint's, training.decoder_dropout: "
+                 "null)", dec.dropout)
         return float(dec.dropout)
     before = {float(dec.dropout)} | {float(layer.dropout) for layer in dec.layers}
     dec.dropout = float(p)
@@ -199,8 +210,8 @@ def set_decoder_dropout(model, p: float | None) -> float | None:
 
 
 def enable_gradient_checkpointing(model) -> None:
-    """Recompute the decoder layers' activations in backward (peft's input-grad hook on the embeddings makes the
-    checkpointed segments see an input that needs a gradient)."""
+    """Recompute the decoder layers' activations in backward (peft's input-grad hook on the
+    embeddings makes the checkpointed segments see an input that needs a gradient)."""
     base = get_base(model)
     base.decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     base.config.use_cache = False
@@ -209,11 +220,12 @@ def enable_gradient_checkpointing(model) -> None:
 
 
 class _NoLayerDropRandom:
-    """Stands in for the ``random`` module in the transformers module of the decoder stack under torch.compile when
-    its layerdrop is 0 (every MusicGen checkpoint): the stack draws ``random.uniform(0, 1)`` per layer for
-    LayerDrop and compares it with ``layerdrop`` in training mode, a data-dependent branch that makes dynamo give up
-    on the whole stack (each layer then becomes its own graph, with eager code between). With layerdrop 0 no layer
-    is ever dropped, so ``uniform`` returning its upper bound changes nothing and the stack is one graph."""
+    """Stands in for the ``random`` module in the transformers module of the decoder stack under
+    torch.compile when its layerdrop is 0 (every MusicGen checkpoint): the stack draws
+    ``random.uniform(0, 1)`` per layer for LayerDrop and compares it with ``layerdrop`` in training
+    mode, a data-dependent branch that makes dynamo give up on the whole stack (each layer then
+    becomes its own graph, with eager code between). With layerdrop 0 no layer is ever dropped, so
+    ``uniform`` returning its upper bound changes nothing and the stack is one graph."""
 
     def __init__(self, real):
         self._real = real
@@ -227,10 +239,11 @@ class _NoLayerDropRandom:
 
 
 def compile_decoder(model, mode: str | None = None) -> None:
-    """torch.compile the decoder (inductor) with static shapes (``dynamic=False``: every input shape is its own
-    specialised graph; the training library pads batches to a bounded set of shapes). ``mode``: torch.compile's
-    mode (None = default, "reduce-overhead" = CUDA graphs as well). With layerdrop 0, the decoder stack's LayerDrop
-    draw is made a constant (``_NoLayerDropRandom``) so the stack compiles as one graph."""
+    """torch.compile the decoder (inductor) with static shapes (``dynamic=False``: every input shape
+    is its own specialised graph; the training library pads batches to a bounded set of shapes).
+    ``mode``: torch.compile's mode (None = default, "reduce-overhead" = CUDA graphs as well). With
+    layerdrop 0, the decoder stack's LayerDrop draw is made a constant (``_NoLayerDropRandom``) so
+    the stack compiles as one graph."""
     import sys
 
     dec = get_base(model).decoder
@@ -253,17 +266,20 @@ LORA_PRESETS = {
     "attention_ffn": rf"decoder\.model\.decoder\.layers\.\d+\.(?:(?:self_attn|encoder_attn)\.{_ATTN_PROJ}|fc1|fc2)",
 }
 LORA_PRESETS_HELP = "'attention' (self+cross q/k/v/out), 'attention_ffn' (+ fc1/fc2)"
-LORA_SEARCH_PREFIX = "decoder."  # only the decoder gets LoRA (plus TEXT_ENCODER_TARGETS when the text encoder trains)
-LORA_EXAMPLE_LAYER = ".layers.0."  # names of one layer, shown when a lora_targets pattern matches nothing
+# only the decoder gets LoRA (plus TEXT_ENCODER_TARGETS when the text encoder trains)
+LORA_SEARCH_PREFIX = "decoder."
+# names of one layer, shown when a lora_targets pattern matches nothing
+LORA_EXAMPLE_LAYER = ".layers.0."
 DECODER_NAME = "MusicGen decoder"
 # T5 encoder self-attention (train_text_encoder).
 TEXT_ENCODER_TARGETS = r"text_encoder\.encoder\.block\.\d+\.layer\.0\.SelfAttention\.(?:q|k|v|o)"
-DECODER_SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "ffn_dim", "num_codebooks",
-                      "audio_channels", "vocab_size")
+DECODER_SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "ffn_dim",
+                      "num_codebooks", "audio_channels", "vocab_size")
 
 
 def decoder_shape(config) -> dict:
-    """The decoder's architecture (the keys an adapter depends on) from a model config or a config.json dict."""
+    """The decoder's architecture (the keys an adapter depends on) from a model config or a
+    config.json dict."""
     dec = config.get("decoder") or {} if isinstance(config, dict) else config.decoder
     get = dec.get if isinstance(dec, dict) else (lambda k: getattr(dec, k, None))
     return {k: get(k) for k in DECODER_SHAPE_KEYS}
@@ -273,7 +289,8 @@ def decoder_shape(config) -> dict:
 # Audio and text encoders
 # --------------------------------------------------------------------------------------------
 def _match_channels(wavs, channels: int):
-    """(B, C, N) -> (B, channels, N): mix down for mono models, duplicate a mono signal for stereo models."""
+    """(B, C, N) -> (B, channels, N): mix down for mono models, duplicate a mono signal for stereo
+    models."""
     c = wavs.shape[1]
     if c == channels:
         return wavs
@@ -285,11 +302,13 @@ def _match_channels(wavs, channels: int):
 
 
 def encode_audio(model, wavs, info: ModelInfo):
-    """EnCodec codes of float audio (B, C, N) at ``info.sample_rate`` -> LongTensor (B, K, T), T = ceil(N/hop).
+    """EnCodec codes of float audio (B, C, N) at ``info.sample_rate`` -> LongTensor (B, K, T), T =
+    ceil(N/hop).
 
-    Stereo models: left and right are encoded separately and their codebooks interleaved (L0, R0, L1, R1, ...),
-    exactly like MusicgenForConditionalGeneration does for audio prompts. The codes are float32 codes of
-    ``EncodecModel.encode`` (lora.modeling.encodec_fast: chunked over time on a CPU, no TF32 on a GPU).
+    Stereo models: left and right are encoded separately and their codebooks interleaved (L0, R0,
+    L1, R1, ...), exactly like MusicgenForConditionalGeneration does for audio prompts. The codes
+    are float32 codes of ``EncodecModel.encode`` (lora.modeling.encodec_fast: chunked over time on a
+    CPU, no TF32 on a GPU).
     """
     import torch
 
@@ -328,8 +347,8 @@ def decode_audio(model, codes, info: ModelInfo):
 
 
 def codec_latents(model, wav):
-    """Frames of the frozen EnCodec encoder before quantisation: float64 numpy (T, D) for one clip (C, N) (a mono
-    codec hears the mix-down). The embedding space of evaluate's FAD/KAD."""
+    """Frames of the frozen EnCodec encoder before quantisation: float64 numpy (T, D) for one clip
+    (C, N) (a mono codec hears the mix-down). The embedding space of evaluate's FAD/KAD."""
     import numpy as np
     import torch
 
@@ -348,9 +367,10 @@ def codec_latents(model, wav):
 def encode_text(model, processor, texts: Sequence[str], device=None):
     """Frozen T5 states of the captions: (hidden (B, L, D) float, mask (B, L) long).
 
-    ``hidden`` is the text encoder's last_hidden_state BEFORE the decoder's projection (the model applies that
-    itself, see ``condition``). An empty caption ("") is the null condition: all-zero states and an all-zero mask,
-    which is what generate() feeds the unconditional branch of classifier-free guidance.
+    ``hidden`` is the text encoder's last_hidden_state BEFORE the decoder's projection (the model
+    applies that itself, see ``condition``). An empty caption ("") is the null condition: all-zero
+    states and an all-zero mask, which is what generate() feeds the unconditional branch of
+    classifier-free guidance.
     """
     import torch
 
@@ -375,9 +395,9 @@ def encode_text(model, processor, texts: Sequence[str], device=None):
 # Conditioning
 # --------------------------------------------------------------------------------------------
 def condition(hidden, mask) -> dict:
-    """The decoder's conditioning inputs from text states (B, L, D) before projection and their mask (B, L): the
-    keyword arguments of ``MusicgenForConditionalGeneration.forward``, which projects the states into the
-    decoder's width, zeroes the masked ones and cross-attends to them."""
+    """The decoder's conditioning inputs from text states (B, L, D) before projection and their mask
+    (B, L): the keyword arguments of ``MusicgenForConditionalGeneration.forward``, which projects
+    the states into the decoder's width, zeroes the masked ones and cross-attends to them."""
     return {"encoder_outputs": (hidden,), "attention_mask": mask}
 
 
@@ -393,25 +413,26 @@ def null_condition(batch: int, info: ModelInfo, device=None, dtype=None):
 
 
 def null_text_states(hidden_size: int, dtype=None):
-    """One clip's null condition as the token cache holds text states: zeros (1, D) and a zero mask (1,) (padded
-    into a batch, it is ``null_condition``)."""
+    """One clip's null condition as the token cache holds text states: zeros (1, D) and a zero mask
+    (1,) (padded into a batch, it is ``null_condition``)."""
     import torch
 
     return torch.zeros(1, hidden_size, dtype=dtype or torch.float32), torch.zeros(1, dtype=torch.long)
 
 
 def drop_condition(hidden, mask, keep):
-    """The null condition (zero states, zero mask) for the rows where ``keep`` (B,) bool is False (conditioning
-    dropout when the text encoder trains and its states are made in the step)."""
+    """The null condition (zero states, zero mask) for the rows where ``keep`` (B,) bool is False
+    (conditioning dropout when the text encoder trains and its states are made in the step)."""
     return hidden * keep[:, None, None].to(hidden.dtype), mask * keep[:, None]
 
 
 def with_unconditional(hidden, mask):
-    """Classifier-free guidance: the null condition appended as a second half of the batch, as transformers'
-    generate() builds it (zeros of the same shape, zero mask)."""
+    """Classifier-free guidance: the null condition appended as a second half of the batch, as
+    transformers' generate() builds it (zeros of the same shape, zero mask)."""
     import torch
 
-    return torch.cat([hidden, torch.zeros_like(hidden)], dim=0), torch.cat([mask, torch.zeros_like(mask)], dim=0)
+    return torch.cat([hidden, torch.zeros_like(hidden)],
+                     dim=0), torch.cat([mask, torch.zeros_like(mask)], dim=0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -421,15 +442,17 @@ def build_delay_pattern(codes, lengths, info: ModelInfo):
     """Decoder inputs and labels for teacher forcing, with MusicGen's delay pattern.
 
     codes: LongTensor (B, K, T), right-padded; lengths: LongTensor (B,) valid frames per clip.
-    Returns decoder_input_ids (B*K, S) and labels (B, S, K) with S = T + Kc - 1 (Kc = codebooks per channel).
+    Returns decoder_input_ids (B*K, S) and labels (B, S, K) with S = T + Kc - 1 (Kc = codebooks per
+    channel).
 
-    Codebook k (channel codebook c = k // 2 for stereo, whose codebooks interleave L/R) is delayed by c steps:
-    labels[b, s, k] = codes[b, k, s - c] where 0 <= s - c < lengths[b], else -100. This is exactly what
-    transformers' MusicgenForCausalLM.build_delay_pattern_mask + apply_delay_pattern_mask give on the codes with a
-    BOS column prepended and max_length T + Kc, after dropping the BOS column (the special positions become -100),
-    and it also masks each clip's batch padding. decoder_input_ids are the labels shifted right with the
-    decoder start token first and the pad token wherever a label is -100 (transformers' shift_tokens_right),
-    which is also what generate() feeds the decoder at the delay-pattern positions.
+    Codebook k (channel codebook c = k // 2 for stereo, whose codebooks interleave L/R) is delayed
+    by c steps: labels[b, s, k] = codes[b, k, s - c] where 0 <= s - c < lengths[b], else -100. This
+    is exactly what transformers' MusicgenForCausalLM.build_delay_pattern_mask +
+    apply_delay_pattern_mask give on the codes with a BOS column prepended and max_length T + Kc,
+    after dropping the BOS column (the special positions become -100), and it also masks each clip's
+    batch padding. decoder_input_ids are the labels shifted right with the decoder start token first
+    and the pad token wherever a label is -100 (transformers' shift_tokens_right), which is also
+    what generate() feeds the decoder at the delay-pattern positions.
     """
     import torch
 
@@ -459,14 +482,16 @@ def build_delay_pattern(codes, lengths, info: ModelInfo):
 
 
 def generation_pattern(model, ids, pad_token_id: int, max_length: int):
-    """transformers' ``build_delay_pattern_mask`` for decoding: (prefix ids the decoder reads first, the whole
-    (B*K, max_length) pattern with -1 where a token is still to be generated)."""
-    return get_base(model).decoder.build_delay_pattern_mask(ids, pad_token_id=pad_token_id, max_length=max_length)
+    """transformers' ``build_delay_pattern_mask`` for decoding: (prefix ids the decoder reads first,
+    the whole (B*K, max_length) pattern with -1 where a token is still to be generated)."""
+    return get_base(model).decoder.build_delay_pattern_mask(ids, pad_token_id=pad_token_id,
+                                                            max_length=max_length)
 
 
 def frames_from_pattern(seq, n_frames: int, info: ModelInfo):
-    """(B*K, Kc + n) delay-patterned ids -> (B, K, n) frames: the row of a codebook with delay d holds its
-    frames at positions d+1 .. d+n (stereo: left/right codebooks are interleaved and share a delay)."""
+    """(B*K, Kc + n) delay-patterned ids -> (B, K, n) frames: the row of a codebook with delay d
+    holds its frames at positions d+1 .. d+n (stereo: left/right codebooks are interleaved and share
+    a delay)."""
     import torch
 
     K = info.num_codebooks
@@ -481,10 +506,12 @@ def frames_from_pattern(seq, n_frames: int, info: ModelInfo):
 # --------------------------------------------------------------------------------------------
 # The teacher-forced forward and the loss
 # --------------------------------------------------------------------------------------------
-def teacher_forced_logits(model, info: ModelInfo, codes, lengths, hidden, mask, autocast=contextlib.nullcontext):
-    """The one teacher-forced forward: delay-pattern inputs and labels from the codes (B, K, T) and their valid
-    lengths (B,), the decoder run on the conditioning of the text states (``condition``) under ``autocast`` (a
-    context-manager factory, e.g. ``Accelerator.autocast``). Returns (logits (B*K, S, V), labels (B, S, K))."""
+def teacher_forced_logits(model, info: ModelInfo, codes, lengths, hidden, mask,
+                          autocast=contextlib.nullcontext):
+    """The one teacher-forced forward: delay-pattern inputs and labels from the codes (B, K, T) and
+    their valid lengths (B,), the decoder run on the conditioning of the text states (``condition``)
+    under ``autocast`` (a context-manager factory, e.g. ``Accelerator.autocast``). Returns (logits
+    (B*K, S, V), labels (B, S, K))."""
     dec_in, labels = build_delay_pattern(codes, lengths, info)
     with autocast():
         logits = model(**condition(hidden, mask), decoder_input_ids=dec_in).logits
@@ -495,15 +522,17 @@ def teacher_forced_logits(model, info: ModelInfo, codes, lengths, hidden, mask, 
 class CodebookLoss:
     """The cross-entropy of one batch, reduced the ways its users need it.
 
-    ``loss``: the training objective (as transformers / audiocraft): the mean over tokens with a label in each
-    codebook, then the mean over codebooks. ``per_codebook`` (K,) those means (detached), ``tokens`` (K,) their
-    token counts. ``per_clip()``: summed cross-entropy (float64) and token counts per clip and codebook (B, K), so
-    means over any set of clips are exact: CE of codebook k = sums[:, k].sum() / tokens[:, k].sum()."""
+    ``loss``: the training objective (as transformers / audiocraft): the mean over tokens with a
+    label in each codebook, then the mean over codebooks. ``per_codebook`` (K,) those means
+    (detached), ``tokens`` (K,) their token counts. ``per_clip()``: summed cross-entropy (float64)
+    and token counts per clip and codebook (B, K), so means over any set of clips are exact: CE of
+    codebook k = sums[:, k].sum() / tokens[:, k].sum()."""
 
     loss: object
     per_codebook: object
     tokens: object
-    ce: object      # (B, K, S) float32 per-token cross-entropy (0 where there is no label), detached
+    # (B, K, S) float32 per-token cross-entropy (0 where there is no label), detached
+    ce: object
     valid: object   # (B, K, S) bool: tokens with a label
 
     def per_clip(self):
@@ -511,17 +540,20 @@ class CodebookLoss:
 
 
 def codebook_loss(logits, labels) -> CodebookLoss:
-    """The one loss: per-token cross-entropy of the logits (B*K, S, V) as the model returns them against the labels
-    (B, S', K), -100 = no loss (S' <= S: the last S' logits are scored, as transformers does). Computed in float32
-    (safe under autocast). A codebook without any valid token contributes 0 to ``loss``."""
+    """The one loss: per-token cross-entropy of the logits (B*K, S, V) as the model returns them
+    against the labels (B, S', K), -100 = no loss (S' <= S: the last S' logits are scored, as
+    transformers does). Computed in float32 (safe under autocast). A codebook without any valid
+    token contributes 0 to ``loss``."""
     import torch.nn.functional as F
 
     b, s, k = labels.shape
     v = logits.shape[-1]
-    # One cross-entropy over all codebooks (B, K, s) in the logits' own layout: no per-codebook strided copies of
-    # the logits, and one gradient tensor in backward instead of K zero-filled full-size ones.
+    # One cross-entropy over all codebooks (B, K, s) in the logits' own layout: no per-codebook
+    # strided copies of the logits, and one gradient tensor in backward instead of K zero-filled
+    # full-size ones.
     logits = logits.reshape(b, k, -1, v)
-    if logits.shape[2] != s:  # (slicing the whole length would still cost a zero-filled gradient copy)
+    # (slicing the whole length would still cost a zero-filled gradient copy)
+    if logits.shape[2] != s:
         logits = logits[:, :, -s:]
     logits = logits.float()
     lab = labels.permute(0, 2, 1)  # (B, K, s)
@@ -529,15 +561,15 @@ def codebook_loss(logits, labels) -> CodebookLoss:
                          reduction="none").view(b, k, s)
     counts = (labels != -100).sum(dim=(0, 1))
     per_t = ce.sum(dim=(0, 2)) / counts.clamp(min=1)
-    return CodebookLoss(loss=per_t.mean(), per_codebook=per_t.detach(), tokens=counts.long(), ce=ce.detach(),
-                        valid=lab != -100)
+    return CodebookLoss(loss=per_t.mean(), per_codebook=per_t.detach(), tokens=counts.long(),
+                        ce=ce.detach(), valid=lab != -100)
 
 
 # --------------------------------------------------------------------------------------------
 # Decoding
 # --------------------------------------------------------------------------------------------
 def cached_step(model, hidden, mask, ids, cache):
-    """One decoder call with transformers' own key/value cache: ids (rows, n) -> (logits of the last position
-    (rows, V), the cache to pass next time; None the first time)."""
+    """One decoder call with transformers' own key/value cache: ids (rows, n) -> (logits of the last
+    position (rows, V), the cache to pass next time; None the first time)."""
     out = get_base(model)(**condition(hidden, mask), decoder_input_ids=ids, cache=cache, use_cache=True)
     return out.logits[:, -1], out.cache

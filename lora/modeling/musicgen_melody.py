@@ -1,24 +1,26 @@
-"""The MusicGen-Melody model family (``model_type`` ``musicgen_melody``): a sibling of ``lora.modeling.musicgen`` with the
-same names, for ``facebook/musicgen-melody``, ``-melody-large`` and ``-stereo-melody(-large)``.
+"""The MusicGen-Melody model family (``model_type`` ``musicgen_melody``): a sibling of
+``lora.modeling.musicgen`` with the same names, for ``facebook/musicgen-melody``, ``-melody-large``
+and ``-stereo-melody(-large)``.
 
 What differs from MusicGen, read from transformers' ``models/musicgen_melody`` (5.24):
 
-* **Conditioning is a prefix, not cross-attention.** The decoder reads ``cat([melody, text])`` before the audio
-  tokens under one causal mask: ``melody`` = ``audio_enc_to_dec_proj(chroma)`` (chroma: one-hot (T, 12), see
-  ``lora.modeling.chroma``) tiled with ``repeat`` to ``chroma_length`` frames and cut there; ``text`` =
-  ``enc_to_dec_proj(T5 states) * mask``. No mask is passed on, so masked text positions are zero vectors that the
-  decoder still attends to: the text length is part of the condition (it moves the positions of the tokens).
-* **The null condition** (classifier-free guidance, and what ``generate`` uses when no melody is given): the
-  melody is a one-hot on bin 0 (projected, so it is ``W[:, 0] + b``, not zero); the text is zeros of the same
-  length as the conditional text.
-* The decoder has no cross-attention, so LoRA goes on its self-attention (and optionally the feed-forward block
-  and the two projections of the prefix).
+* **Conditioning is a prefix, not cross-attention.** The decoder reads ``cat([melody, text])``
+  before the audio tokens under one causal mask: ``melody`` = ``audio_enc_to_dec_proj(chroma)``
+  (chroma: one-hot (T, 12), see ``lora.modeling.chroma``) tiled with ``repeat`` to ``chroma_length``
+  frames and cut there; ``text`` = ``enc_to_dec_proj(T5 states) * mask``. No mask is passed on, so
+  masked text positions are zero vectors that the decoder still attends to: the text length is part
+  of the condition (it moves the positions of the tokens).
+* **The null condition** (classifier-free guidance, and what ``generate`` uses when no melody is
+  given): the melody is a one-hot on bin 0 (projected, so it is ``W[:, 0] + b``, not zero); the text
+  is zeros of the same length as the conditional text.
+* The decoder has no cross-attention, so LoRA goes on its self-attention (and optionally the
+  feed-forward block and the two projections of the prefix).
 * The loss scores only the audio positions: the logits are the last S of prefix + S positions
   (``lora.modeling.musicgen.codebook_loss`` already scores the last S).
 
-The codec, the text encoder, the delay pattern and the loss are MusicGen's and are shared with ``lora.modeling.musicgen``.
-Functions that take the conditioning take the chroma as ``chroma``: a float tensor (B, Tc, 12) or None for the
-null melody.
+The codec, the text encoder, the delay pattern and the loss are MusicGen's and are shared with
+``lora.modeling.musicgen``. Functions that take the conditioning take the chroma as ``chroma``: a
+float tensor (B, Tc, 12) or None for the null melody.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from lora.modeling.musicgen import (  # noqa: F401  (the shared parts of the fam
     decode_audio,
     decoder,
     decoder_param,
+    drop_condition,
     encode_audio,
     encode_text,
     frames_from_pattern,
@@ -49,7 +52,6 @@ from lora.modeling.musicgen import (  # noqa: F401  (the shared parts of the fam
     get_base,
     lm_heads,
     max_positions,
-    drop_condition,
     null_text_states,
     set_decoder_dropout,
     text_encoder_of,
@@ -58,7 +60,8 @@ from lora.modeling.musicgen import (  # noqa: F401  (the shared parts of the fam
 
 MODEL_TYPE = "musicgen_melody"
 MELODY = True  # conditioned on text and a melody (the chroma of a clip / a melody file)
-# What a melody family provides beyond MusicGen's interface (called only where ``fam.MELODY`` is true).
+# What a melody family provides beyond MusicGen's interface (called only where ``fam.MELODY`` is
+# true).
 MELODY_INTERFACE = ("melody_frames", "null_like", "pad_text", "dropped_text", "with_unconditional_melody")
 
 
@@ -67,12 +70,14 @@ class ModelInfo(musicgen.ModelInfo):
     """MusicGen's ModelInfo plus the melody condition's size."""
 
     model_type: str = MODEL_TYPE
-    chroma_length: int = 235     # prefix frames of the melody (30 s at 7.8125 frames/s for the released models)
+    # prefix frames of the melody (30 s at 7.8125 frames/s for the released models)
+    chroma_length: int = 235
     num_chroma: int = 12
 
 
 def from_pretrained(path: str, attn: str, **kw):
-    """``MusicgenMelodyForConditionalGeneration.from_pretrained`` with the decoder's attention kernel set."""
+    """``MusicgenMelodyForConditionalGeneration.from_pretrained`` with the decoder's attention
+    kernel set."""
     from transformers import MusicgenMelodyForConditionalGeneration as Model
 
     if attn == "eager":
@@ -82,15 +87,16 @@ def from_pretrained(path: str, attn: str, **kw):
     except (ValueError, ImportError) as e:
         if "attn" not in str(e).lower() and "attention" not in str(e).lower():
             raise
-        log.info("attn_implementation=%s is not available here (%s); falling back to eager attention", attn,
-                 str(e).splitlines()[0][:200])
+        log.info("attn_implementation=%s is not available here (%s); falling back to eager "
+                 "attention", attn, str(e).splitlines()[0][:200])
         return Model.from_pretrained(path, attn_implementation="eager", **kw)
 
 
 class TextProcessor:
-    """What the toolkit needs of a processor for a melody model: its tokenizer (``.tokenizer``, and called with
-    ``text=`` like a processor). transformers' MusicgenMelodyProcessor cannot be built without torchaudio (its
-    feature extractor's spectrogram); the chroma is computed by ``lora.modeling.chroma`` instead."""
+    """What the toolkit needs of a processor for a melody model: its tokenizer (``.tokenizer``, and
+    called with ``text=`` like a processor). transformers' MusicgenMelodyProcessor cannot be built
+    without torchaudio (its feature extractor's spectrogram); the chroma is computed by
+    ``lora.modeling.chroma`` instead."""
 
     def __init__(self, tokenizer, feature_extractor_config: Optional[dict] = None):
         self.tokenizer = tokenizer
@@ -100,8 +106,9 @@ class TextProcessor:
         return self.tokenizer(text, **kw)
 
     def save_pretrained(self, directory, **kw):
-        """The tokenizer files and the model's preprocessor_config.json (the chroma settings), as the hub folders
-        have them, so a saved folder (e.g. an export) loads like the one it came from."""
+        """The tokenizer files and the model's preprocessor_config.json (the chroma settings), as
+        the hub folders have them, so a saved folder (e.g. an export) loads like the one it came
+        from."""
         import json
         from pathlib import Path
 
@@ -113,15 +120,16 @@ class TextProcessor:
 
 
 def load_processor(path: str, **kw) -> TextProcessor:
-    """The tokenizer, plus the folder's preprocessor_config.json kept as it is (the extractor itself needs
-    torchaudio; lora.modeling.chroma computes the same features)."""
+    """The tokenizer, plus the folder's preprocessor_config.json kept as it is (the extractor itself
+    needs torchaudio; lora.modeling.chroma computes the same features)."""
     import json
 
     from transformers import AutoTokenizer
     from transformers.utils import cached_file
 
     fe_file = cached_file(path, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False,
-                          **{k: v for k, v in kw.items() if k in ("revision", "local_files_only", "cache_dir",
+                          **{k: v for k, v in kw.items()
+                             if k in ("revision", "local_files_only", "cache_dir",
                                                                   "token")})
     fe = json.loads(open(fe_file, encoding="utf-8").read()) if fe_file else None
     return TextProcessor(AutoTokenizer.from_pretrained(path, **kw), fe)
@@ -130,18 +138,21 @@ def load_processor(path: str, **kw) -> TextProcessor:
 def model_info(model, name_or_path: str, identity: str, hub_revision: Optional[str] = None) -> ModelInfo:
     common = musicgen.model_info(model, name_or_path, identity, hub_revision).to_dict()
     cfg = get_base(model).config
-    common.update(model_type=MODEL_TYPE, chroma_length=int(cfg.chroma_length), num_chroma=int(cfg.num_chroma))
+    common.update(model_type=MODEL_TYPE, chroma_length=int(cfg.chroma_length),
+                  num_chroma=int(cfg.num_chroma))
     return ModelInfo(**common)
 
 
 def config_from_musicgen(config, chroma_length: int = 235, num_chroma: int = 12):
-    """A MusicgenMelodyConfig with the codec, text encoder and decoder sizes of a MusicgenConfig (the tiny melody
-    models are the tiny MusicGens made melody models)."""
+    """A MusicgenMelodyConfig with the codec, text encoder and decoder sizes of a MusicgenConfig
+    (the tiny melody models are the tiny MusicGens made melody models)."""
     from transformers import MusicgenMelodyConfig, MusicgenMelodyDecoderConfig
 
     dec = config.decoder.to_dict()
-    keep = ("vocab_size", "max_position_embeddings", "num_hidden_layers", "ffn_dim", "num_attention_heads",
-            "hidden_size", "num_codebooks", "audio_channels", "dropout", "attention_dropout", "activation_dropout",
+    keep = ("vocab_size", "max_position_embeddings", "num_hidden_layers", "ffn_dim",
+            "num_attention_heads",
+            "hidden_size", "num_codebooks", "audio_channels", "dropout", "attention_dropout",
+            "activation_dropout",
             "activation_function", "layerdrop", "scale_embedding", "tie_word_embeddings", "pad_token_id",
             "bos_token_id", "decoder_start_token_id")
     dec_cfg = MusicgenMelodyDecoderConfig(**{k: dec[k] for k in keep})
@@ -155,12 +166,15 @@ def config_from_musicgen(config, chroma_length: int = 235, num_chroma: int = 12)
 # --------------------------------------------------------------------------------------------
 def _projections(model) -> list:
     base = get_base(model)
-    return [m for m in (getattr(base, "audio_enc_to_dec_proj", None), getattr(base, "enc_to_dec_proj", None))
+    return [m
+            for m in (getattr(base, "audio_enc_to_dec_proj", None),
+                      getattr(base, "enc_to_dec_proj", None))
             if m is not None]
 
 
 def decoder_modules(model) -> list:
-    """The decoder and the two projections into its width that build the prefix: what every step runs."""
+    """The decoder and the two projections into its width that build the prefix: what every step
+    runs."""
     return [get_base(model).decoder, *_projections(model)]
 
 
@@ -189,8 +203,8 @@ LORA_PRESETS = {
     # ... plus the projections of the melody and the text into the decoder's width.
     "attention_ffn_proj": rf"(?:{_LAYER}(?:self_attn\.{_ATTN_PROJ}|fc1|fc2)|{_PREFIX_PROJ})",
 }
-LORA_PRESETS_HELP = ("'attention' (self-attention q/k/v/out), 'attention_ffn' (+ fc1/fc2), 'attention_ffn_proj' "
-                     "(+ the melody and text projections)")
+LORA_PRESETS_HELP = ("'attention' (self-attention q/k/v/out), 'attention_ffn' (+ fc1/fc2), "
+                     "'attention_ffn_proj' (+ the melody and text projections)")
 LORA_SEARCH_PREFIX = ("decoder.", "audio_enc_to_dec_proj", "enc_to_dec_proj")
 LORA_EXAMPLE_LAYER = musicgen.LORA_EXAMPLE_LAYER
 DECODER_NAME = "MusicGen-Melody decoder"
@@ -199,7 +213,8 @@ DECODER_SHAPE_KEYS = musicgen.DECODER_SHAPE_KEYS
 
 
 def decoder_shape(config) -> dict:
-    """The decoder's architecture plus the melody prefix's (an adapter on the projections depends on them)."""
+    """The decoder's architecture plus the melody prefix's (an adapter on the projections depends on
+    them)."""
     shape = musicgen.decoder_shape(config)
     get = config.get if isinstance(config, dict) else (lambda k: getattr(config, k, None))
     shape.update(num_chroma=get("num_chroma"), chroma_length=get("chroma_length"))
@@ -224,7 +239,8 @@ def null_melody(batch: int, num_chroma: int = 12, device=None, dtype=None):
 
 
 def null_like(chroma):
-    """The null melody in the shape of ``chroma`` (every frame bin 0): what generate() pairs with a melody."""
+    """The null melody in the shape of ``chroma`` (every frame bin 0): what generate() pairs with a
+    melody."""
     import torch
 
     null = torch.zeros_like(chroma)
@@ -233,8 +249,10 @@ def null_like(chroma):
 
 
 def melody_frames(indices, chroma_length: int):
-    """A clip's chroma as the cache holds it (pitch-class index per frame, (T,)) -> the one-hot (chroma_length,
-    12) the model reads: tiled with ``repeat`` up to chroma_length frames and cut there, as transformers does
+    """A clip's chroma as the cache holds it (pitch-class index per frame, (T,)) -> the one-hot
+    (chroma_length,
+    12) the model reads: tiled with ``repeat`` up to chroma_length frames and cut there, as
+        transformers does
     after projecting (the projection acts per frame, so tiling before it is the same)."""
     import torch
 
@@ -245,8 +263,8 @@ def melody_frames(indices, chroma_length: int):
 
 
 def melody_states(model, chroma):
-    """Projected melody (B, chroma_length, H): ``audio_enc_to_dec_proj(chroma)`` tiled with ``repeat`` up to
-    ``chroma_length`` frames and cut there (transformers' forward / generate)."""
+    """Projected melody (B, chroma_length, H): ``audio_enc_to_dec_proj(chroma)`` tiled with
+    ``repeat`` up to ``chroma_length`` frames and cut there (transformers' forward / generate)."""
     length, _ = _chroma_config(model)
     proj = getattr(get_base(model), "audio_enc_to_dec_proj", None)
     x = proj(chroma.to(next(proj.parameters()).dtype)) if proj is not None else chroma
@@ -256,7 +274,8 @@ def melody_states(model, chroma):
 
 
 def text_states(model, hidden, mask):
-    """Projected text (B, L, H) = ``enc_to_dec_proj(hidden) * mask``: masked positions are zero vectors."""
+    """Projected text (B, L, H) = ``enc_to_dec_proj(hidden) * mask``: masked positions are zero
+    vectors."""
     proj = getattr(get_base(model), "enc_to_dec_proj", None)
     if proj is not None:
         hidden = proj(hidden.to(next(proj.parameters()).dtype))
@@ -264,8 +283,8 @@ def text_states(model, hidden, mask):
 
 
 def prefix(model, hidden, mask, chroma=None):
-    """The decoder's conditioning prefix (B, chroma_length + L, H) = cat([melody, text]); ``chroma`` None is the
-    null melody."""
+    """The decoder's conditioning prefix (B, chroma_length + L, H) = cat([melody, text]); ``chroma``
+    None is the null melody."""
     import torch
 
     if chroma is None:
@@ -275,14 +294,15 @@ def prefix(model, hidden, mask, chroma=None):
 
 
 def condition(model, hidden, mask, chroma=None) -> dict:
-    """The keyword arguments of ``MusicgenMelodyForConditionalGeneration.forward`` for cached text states: the
-    prefix built here (passing ``encoder_hidden_states`` makes transformers skip its own chroma block)."""
+    """The keyword arguments of ``MusicgenMelodyForConditionalGeneration.forward`` for cached text
+    states: the prefix built here (passing ``encoder_hidden_states`` makes transformers skip its own
+    chroma block)."""
     return {"encoder_hidden_states": prefix(model, hidden, mask, chroma)}
 
 
 def null_condition(batch: int, info: ModelInfo, length: int = 1, device=None, dtype=None):
-    """Null text (zero states, zero mask) of ``length`` positions: generate's null has the conditional text's
-    length, which here changes the decoder's input (not only its mask)."""
+    """Null text (zero states, zero mask) of ``length`` positions: generate's null has the
+    conditional text's length, which here changes the decoder's input (not only its mask)."""
     import torch
 
     dtype = dtype or torch.float32
@@ -290,13 +310,15 @@ def null_condition(batch: int, info: ModelInfo, length: int = 1, device=None, dt
     return hidden, torch.zeros((batch, length), device=device, dtype=torch.long)
 
 
-TEXT_PAD_MULTIPLE = 32  # = lora.generation.engine.TEXT_PAD_MULTIPLE: training pads a clip's text as generation does
+# = lora.generation.engine.TEXT_PAD_MULTIPLE: training pads a clip's text as generation does
+TEXT_PAD_MULTIPLE = 32
 
 
 def pad_text(hidden, mask):
-    """One clip's text states (L, D) / (L,) zero-padded (mask 0) to the next multiple of TEXT_PAD_MULTIPLE, the
-    length generation gives the same caption. Padded positions are zero vectors in the prefix, which the decoder
-    attends to, so training and generation must agree on them."""
+    """One clip's text states (L, D) / (L,) zero-padded (mask 0) to the next multiple of
+    TEXT_PAD_MULTIPLE, the length generation gives the same caption. Padded positions are zero
+    vectors in the prefix, which the decoder attends to, so training and generation must agree on
+    them."""
     import torch
 
     n = int(hidden.shape[0])
@@ -310,17 +332,19 @@ def pad_text(hidden, mask):
 
 
 def dropped_text(hidden, mask):
-    """A clip's text states when its condition is dropped in training: zeros of the same length, mask 0 (exactly
-    the unconditional half of generate(), whose null text has the conditional text's length)."""
+    """A clip's text states when its condition is dropped in training: zeros of the same length,
+    mask 0 (exactly the unconditional half of generate(), whose null text has the conditional text's
+    length)."""
     import torch
 
     return torch.zeros_like(hidden), torch.zeros_like(mask)
 
 
 def drop_melody_condition(hidden, mask, keep, chroma, keep_melody=None):
-    """Conditioning dropout on a batch: rows where ``keep`` is False get the null text (zeros, zero mask, same
-    length) and the null melody; rows where only ``keep_melody`` is False keep their text and get the null
-    melody (audiocraft's attribute dropout on the melody). Returns (hidden, mask, chroma)."""
+    """Conditioning dropout on a batch: rows where ``keep`` is False get the null text (zeros, zero
+    mask, same length) and the null melody; rows where only ``keep_melody`` is False keep their text
+    and get the null melody (audiocraft's attribute dropout on the melody). Returns (hidden, mask,
+    chroma)."""
     import torch
 
     hidden, mask = drop_condition(hidden, mask, keep)
@@ -329,7 +353,8 @@ def drop_melody_condition(hidden, mask, keep, chroma, keep_melody=None):
 
 
 def with_unconditional_melody(chroma):
-    """The melody of classifier-free guidance's two halves: ``chroma`` then the null melody (as generate())."""
+    """The melody of classifier-free guidance's two halves: ``chroma`` then the null melody (as
+    generate())."""
     import torch
 
     return torch.cat([chroma, null_like(chroma)], dim=0)
@@ -338,10 +363,11 @@ def with_unconditional_melody(chroma):
 # --------------------------------------------------------------------------------------------
 # The teacher-forced forward, and decoding with transformers' cache
 # --------------------------------------------------------------------------------------------
-def teacher_forced_logits(model, info: ModelInfo, codes, lengths, hidden, mask, autocast=contextlib.nullcontext,
-                          chroma=None):
-    """As ``lora.modeling.musicgen.teacher_forced_logits``, with the melody prefix. The logits cover prefix + S positions;
-    ``codebook_loss`` scores the last S (the audio positions), as transformers' loss does."""
+def teacher_forced_logits(model, info: ModelInfo, codes, lengths, hidden, mask,
+                          autocast=contextlib.nullcontext, chroma=None):
+    """As ``lora.modeling.musicgen.teacher_forced_logits``, with the melody prefix. The logits cover
+    prefix + S positions; ``codebook_loss`` scores the last S (the audio positions), as
+    transformers' loss does."""
     dec_in, labels = build_delay_pattern(codes, lengths, info)
     with autocast():
         logits = model(**condition(model, hidden, mask, chroma), decoder_input_ids=dec_in).logits
@@ -349,16 +375,18 @@ def teacher_forced_logits(model, info: ModelInfo, codes, lengths, hidden, mask, 
 
 
 def cached_step(model, hidden, mask, ids, cache, chroma=None):
-    """One decoder call with transformers' cache: the prefix goes in only on the first call (cache None), as in
-    transformers' ``prepare_inputs_for_generation``. Returns (logits of the last position, the cache)."""
+    """One decoder call with transformers' cache: the prefix goes in only on the first call (cache
+    None), as in transformers' ``prepare_inputs_for_generation``. Returns (logits of the last
+    position, the cache)."""
     kw = condition(model, hidden, mask, chroma) if cache is None else {}
     out = get_base(model)(**kw, decoder_input_ids=ids, cache=cache, use_cache=True)
     return out.logits[:, -1], out.cache
 
 
 def StaticDecoder(base, hidden, mask, rows: int, max_len: int, cuda_graph: bool = False, chroma=None):
-    """The static-cache decoding step (lora.modeling.fast_decode) for the melody prefix: the prefix of ``hidden``, ``mask``
-    and ``chroma`` (rows already doubled for guidance) fills positions 0 .. P-1 at prefill, then tokens follow."""
+    """The static-cache decoding step (lora.modeling.fast_decode) for the melody prefix: the prefix
+    of ``hidden``, ``mask`` and ``chroma`` (rows already doubled for guidance) fills positions 0 ..
+    P-1 at prefill, then tokens follow."""
     import torch
 
     with torch.no_grad():

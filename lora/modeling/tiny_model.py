@@ -1,10 +1,12 @@
-"""The built-in tiny random models (``model_path: tiny`` / ``tiny-stereo``): for tests, the quick start and dry runs.
+"""The built-in tiny random models (``model_path: tiny`` / ``tiny-stereo``): for tests, the quick
+start and dry runs.
 
-A tiny model is a small random MusicGen built from config once (seeded: the same code builds the same weights),
-saved with ``save_pretrained`` and then loaded back like any downloaded folder, so every script runs with no
-download. It has a word-level caption tokenizer, an EnCodec whose codebooks are fitted to varied synthetic audio
-(so codes depend on the audio, as in a trained codec) and output heads with a larger init than transformers' (so
-a short LoRA run can show learning). It still sounds like noise: its decoder is random.
+A tiny model is a small random MusicGen built from config once (seeded: the same code builds the
+same weights), saved with ``save_pretrained`` and then loaded back like any downloaded folder, so
+every script runs with no download. It has a word-level caption tokenizer, an EnCodec whose
+codebooks are fitted to varied synthetic audio (so codes depend on the audio, as in a trained codec)
+and output heads with a larger init than transformers' (so a short LoRA run can show learning). It
+still sounds like noise: its decoder is random.
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ def _caption_vocabulary() -> list[str]:
     words += [f"{n}bpm" for n in range(60, 181, 10)]
     words += [f"{n} BPM" for n in range(60, 181, 5)]
     for note in "CDEFGAB":
-        words += [f"{note}#", f"{note}b", f"{note} major", f"{note} minor", f"{note}# minor", f"{note}b major"]
+        words += [f"{note}#", f"{note}b", f"{note} major", f"{note} minor", f"{note}# minor",
+                  f"{note}b major"]
     return words
 
 
@@ -71,24 +74,29 @@ def build_tokenizer():
     # Like T5: every text ends with </s>.
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
                                                        special_tokens=[("</s>", eos)])
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                                      model_max_length=512, padding_side="right")
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                                      unk_token="<unk>", model_max_length=512, padding_side="right")
     return wrapped
 
 
 def _tiny_configs(stereo: bool, text_vocab: int):
     from transformers import EncodecConfig, MusicgenConfig, MusicgenDecoderConfig, T5Config
 
-    codebook_size = 128  # = decoder vocab; special token (pad/bos) = 128 like 2048 for the real model
+    # = decoder vocab; special token (pad/bos) = 128 like 2048 for the real model
+    codebook_size = 128
     channel_codebooks = 4
-    # EnCodec like facebook/encodec_32khz: 32 kHz, hop 8*5*4*4 = 640 samples -> 50 Hz frames, not causal.
-    # num_quantizers = 1000 * bandwidth // (frame_rate * log2(codebook_size)) = 1500 // 350 = 4.
+    # EnCodec like facebook/encodec_32khz: 32 kHz, hop 8*5*4*4 = 640 samples -> 50 Hz frames, not
+    # causal. num_quantizers = 1000 * bandwidth // (frame_rate * log2(codebook_size)) = 1500 // 350
+    # = 4.
     audio = EncodecConfig(
         sampling_rate=32000, audio_channels=1, upsampling_ratios=[8, 5, 4, 4], target_bandwidths=[1.5],
-        codebook_size=codebook_size, hidden_size=32, num_filters=4, num_residual_layers=1, num_lstm_layers=1,
-        use_causal_conv=False, normalize=False, chunk_length_s=None, overlap=None, norm_type="weight_norm",
+        codebook_size=codebook_size, hidden_size=32, num_filters=4, num_residual_layers=1,
+        num_lstm_layers=1,
+        use_causal_conv=False, normalize=False, chunk_length_s=None, overlap=None,
+        norm_type="weight_norm",
         pad_mode="reflect", compress=2, trim_right_ratio=1.0, use_conv_shortcut=False)
-    text = T5Config(vocab_size=text_vocab, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+    text = T5Config(vocab_size=text_vocab, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                    num_decoder_layers=2,
                     num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=32,
                     dropout_rate=0.1, feed_forward_proj="relu", pad_token_id=0, eos_token_id=1,
                     decoder_start_token_id=0)
@@ -98,13 +106,15 @@ def _tiny_configs(stereo: bool, text_vocab: int):
         audio_channels=2 if stereo else 1, dropout=0.1, attention_dropout=0.0, activation_dropout=0.0,
         activation_function="gelu", layerdrop=0.0, scale_embedding=False, tie_word_embeddings=False,
         pad_token_id=codebook_size, bos_token_id=codebook_size, decoder_start_token_id=codebook_size)
-    cfg = MusicgenConfig(text_encoder=text.to_dict(), audio_encoder=audio.to_dict(), decoder=decoder.to_dict())
+    cfg = MusicgenConfig(text_encoder=text.to_dict(), audio_encoder=audio.to_dict(),
+                         decoder=decoder.to_dict())
     return cfg
 
 
 @contextlib.contextmanager
 def _quiet_transformers():
-    """Silence transformers' warnings while building the tiny model (special ids = vocab, as upstream)."""
+    """Silence transformers' warnings while building the tiny model (special ids = vocab, as
+    upstream)."""
     from transformers.utils import logging as hf_logging
 
     old = hf_logging.get_verbosity()
@@ -116,8 +126,8 @@ def _quiet_transformers():
 
 
 def tiny_is_complete(directory: Path, stereo: bool, melody: bool = False) -> bool:
-    """True when ``directory`` holds a finished tiny model of this format (mono or stereo, melody or not, as
-    asked)."""
+    """True when ``directory`` holds a finished tiny model of this format (mono or stereo, melody or
+    not, as asked)."""
     marker = directory / MARKER
     if not marker.is_file():
         return False
@@ -133,10 +143,11 @@ def tiny_is_complete(directory: Path, stereo: bool, melody: bool = False) -> boo
 
 
 def ensure_tiny_model(directory: str | os.PathLike, stereo: bool = False, melody: bool = False) -> Path:
-    """Build the tiny random MusicGen (``melody``: MusicGen-Melody) into ``directory`` once (atomically); return
-    the folder.
+    """Build the tiny random MusicGen (``melody``: MusicGen-Melody) into ``directory`` once
+    (atomically); return the folder.
 
-    Deterministic: the same code builds the same weights (seeded). An existing complete folder is reused.
+    Deterministic: the same code builds the same weights (seeded). An existing complete folder is
+    reused.
     """
     directory = Path(directory).expanduser().resolve()
     if tiny_is_complete(directory, stereo, melody):
@@ -151,7 +162,8 @@ def ensure_tiny_model(directory: str | os.PathLike, stereo: bool = False, melody
 
 
 def _synthetic_training_audio(n: int = 32, seconds: float = 1.0, sr: int = 32000):
-    """Varied synthetic audio (tones, chords, noise bursts, clicks, sweeps at several levels) to fit codebooks."""
+    """Varied synthetic audio (tones, chords, noise bursts, clicks, sweeps at several levels) to fit
+    codebooks."""
     import torch
 
     g = torch.Generator().manual_seed(TINY_SEED)
@@ -175,11 +187,12 @@ def _synthetic_training_audio(n: int = 32, seconds: float = 1.0, sr: int = 32000
 
 
 def _fit_tiny_codebooks(codec, iters: int = 8) -> None:
-    """Give the random EnCodec real codebooks: residual k-means on its own encoder latents of varied audio.
+    """Give the random EnCodec real codebooks: residual k-means on its own encoder latents of varied
+    audio.
 
-    A freshly initialised EncodecModel has all-zero codebooks, so every frame would get code 0 and nothing
-    could be learned from the tiny model's tokens. Fitted codebooks make codes depend on the audio, as in
-    a trained codec (the tiny model still sounds like noise: its decoder is random).
+    A freshly initialised EncodecModel has all-zero codebooks, so every frame would get code 0 and
+    nothing could be learned from the tiny model's tokens. Fitted codebooks make codes depend on the
+    audio, as in a trained codec (the tiny model still sounds like noise: its decoder is random).
     """
     import torch
 
@@ -204,9 +217,10 @@ def _fit_tiny_codebooks(codec, iters: int = 8) -> None:
 
 
 def _level_tiny_decoder(codec, target_rms: float = 0.1) -> None:
-    """Random conv biases make the random EnCodec decoder output a constant DC offset (~0.06) whatever the codes,
-    which every signal check rightly flags. Zero the decoder's biases and scale its last conv so decoded audio
-    has no DC and a normal level (the tiny model still sounds like noise)."""
+    """Random conv biases make the random EnCodec decoder output a constant DC offset (~0.06)
+    whatever the codes, which every signal check rightly flags. Zero the decoder's biases and scale
+    its last conv so decoded audio has no DC and a normal level (the tiny model still sounds like
+    noise)."""
     import torch
 
     with torch.no_grad():
@@ -221,9 +235,10 @@ def _level_tiny_decoder(codec, target_rms: float = 0.1) -> None:
 
 
 def _random_tiny(model_class, cfg, family, extra=None):
-    """The tiny model's weights, seeded (the same code builds the same weights): random, the codec's codebooks
-    fitted and its decoder levelled, the output heads' init larger; ``extra(model)`` runs last under the same seed.
-    With MusicGen's generation defaults (guidance 3, top-k 250, sampling)."""
+    """The tiny model's weights, seeded (the same code builds the same weights): random, the codec's
+    codebooks fitted and its decoder levelled, the output heads' init larger; ``extra(model)`` runs
+    last under the same seed. With MusicGen's generation defaults (guidance 3, top-k 250,
+    sampling)."""
     import torch
     from transformers import GenerationConfig
 
@@ -234,16 +249,17 @@ def _random_tiny(model_class, cfg, family, extra=None):
         _fit_tiny_codebooks(family.audio_codec(model))
         _level_tiny_decoder(family.audio_codec(model))
         with torch.no_grad():
-            # Output heads with a larger init than transformers' std 0.02: a random LM whose logits span
-            # only +-1 cannot be steered by attention adapters, so a short LoRA run could not show learning.
+            # Output heads with a larger init than transformers' std 0.02: a random LM whose logits
+            # span only +-1 cannot be steered by attention adapters, so a short LoRA run could not
+            # show learning.
             for head in family.lm_heads(model):
                 head.weight.normal_(0.0, TINY_HEAD_STD)
             if extra is not None:
                 extra(model)
     pad = cfg.decoder.pad_token_id
     model.generation_config = GenerationConfig(
-        decoder_start_token_id=pad, pad_token_id=pad, bos_token_id=pad, guidance_scale=3.0, do_sample=True,
-        max_length=1500, top_k=250)
+        decoder_start_token_id=pad, pad_token_id=pad, bos_token_id=pad, guidance_scale=3.0,
+        do_sample=True, max_length=1500, top_k=250)
     return model
 
 
@@ -255,16 +271,19 @@ def _build_tiny_model(directory: Path, stereo: bool) -> None:
         tokenizer = build_tokenizer()
         cfg = _tiny_configs(stereo, text_vocab=len(tokenizer))
         model = _random_tiny(MusicgenForConditionalGeneration, cfg, musicgen)
-        feature_extractor = EncodecFeatureExtractor(feature_size=1, sampling_rate=32000, padding_value=0.0,
+        feature_extractor = EncodecFeatureExtractor(feature_size=1, sampling_rate=32000,
+                                                    padding_value=0.0,
                                                     chunk_length_s=None, overlap=None)
         processor = MusicgenProcessor(feature_extractor=feature_extractor, tokenizer=tokenizer)
         with atomic_dir(directory) as tmp:
             model.save_pretrained(tmp)
             processor.save_pretrained(tmp)
-            feature_extractor.save_pretrained(tmp)  # preprocessor_config.json, as in the hub folders
+            # preprocessor_config.json, as in the hub folders
+            feature_extractor.save_pretrained(tmp)
             (tmp / MARKER).write_text(json.dumps(
                 {"version": TINY_FORMAT_VERSION, "stereo": stereo, "seed": TINY_SEED,
-                 "note": "Built-in random MusicGen for tests and dry runs (lora.tiny_model.ensure_tiny_model)."},
+                 "note": "Built-in random MusicGen for tests and dry runs "
+                         "(lora.tiny_model.ensure_tiny_model)."},
                 indent=2) + "\n", encoding="utf-8")
 
 
@@ -272,18 +291,24 @@ def _build_tiny_model(directory: Path, stereo: bool) -> None:
 # The tiny MusicGen-Melody
 # --------------------------------------------------------------------------------------------
 TINY_MELODY_VERSION = 2  # bump when the tiny melody model changes (its marker's "melody" holds it)
-TINY_PREFIX_STD = 1.0  # init std of the melody and text projections (transformers': 0.02), see below
-TINY_CHROMA_LENGTH = 235  # as the released melody models: 30 s of chroma (shorter melodies are tiled to it)
-MELODY_FEATURE_EXTRACTOR = {  # facebook/musicgen-melody's preprocessor_config.json (the extractor needs torchaudio
-    "feature_extractor_type": "MusicgenMelodyFeatureExtractor", "processor_class": "MusicgenMelodyProcessor",
+# init std of the melody and text projections (transformers': 0.02), see below
+TINY_PREFIX_STD = 1.0
+# as the released melody models: 30 s of chroma (shorter melodies are tiled to it)
+TINY_CHROMA_LENGTH = 235
+# facebook/musicgen-melody's preprocessor_config.json (the extractor needs torchaudio
+MELODY_FEATURE_EXTRACTOR = {
+    "feature_extractor_type": "MusicgenMelodyFeatureExtractor",
+    "processor_class": "MusicgenMelodyProcessor",
     "feature_size": 12, "sampling_rate": 32000, "hop_length": 4096, "chunk_length": 30, "n_fft": 16384,
     "num_chroma": 12, "padding_value": 0.0, "padding_side": "right", "return_attention_mask": False,
-    "stem_indices": [3, 2]}  # to be built, so it is written as the hub folders have it; lora.chroma computes it)
+    # to be built, so it is written as the hub folders have it; lora.chroma computes it)
+    "stem_indices": [3, 2]}
 
 
 def _large_prefix(model) -> None:
-    """With transformers' init the prefix is ~0.02 in size and a random tiny decoder ignores it: greedy tokens would
-    not depend on the melody, and no test could tell whether it reached the model."""
+    """With transformers' init the prefix is ~0.02 in size and a random tiny decoder ignores it:
+    greedy tokens would not depend on the melody, and no test could tell whether it reached the
+    model."""
     for proj in musicgen_melody.decoder_modules(model)[1:]:
         proj.weight.normal_(0.0, TINY_PREFIX_STD)
 
@@ -291,19 +316,24 @@ def _large_prefix(model) -> None:
 def _build_tiny_melody_model(directory: Path, stereo: bool) -> None:
     from transformers import MusicgenMelodyForConditionalGeneration
 
-    log.info("Building the tiny %s melody test model in %s (once)", "stereo" if stereo else "mono", directory)
+    log.info("Building the tiny %s melody test model in %s (once)", "stereo" if stereo else "mono",
+             directory)
     with _quiet_transformers():
         tokenizer = build_tokenizer()
-        # T5 width 32 != decoder width 64: the text projection exists, as in the released models (768 -> 1536)
+        # T5 width 32 != decoder width 64: the text projection exists, as in the released models
+        # (768 -> 1536)
         cfg = musicgen_melody.config_from_musicgen(_tiny_configs(stereo, text_vocab=len(tokenizer)),
                                                    chroma_length=TINY_CHROMA_LENGTH)
         model = _random_tiny(MusicgenMelodyForConditionalGeneration, cfg, musicgen_melody, _large_prefix)
         with atomic_dir(directory) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-            (tmp / "preprocessor_config.json").write_text(json.dumps(MELODY_FEATURE_EXTRACTOR, indent=2) + "\n",
+            (tmp / "preprocessor_config.json").write_text(json.dumps(MELODY_FEATURE_EXTRACTOR,
+                                                                     indent=2) + "\n",
                                                           encoding="utf-8")
             (tmp / MARKER).write_text(json.dumps(
-                {"version": TINY_FORMAT_VERSION, "stereo": stereo, "melody": TINY_MELODY_VERSION, "seed": TINY_SEED,
-                 "note": "Built-in random MusicGen-Melody for tests (lora.tiny_model.ensure_tiny_model)."},
+                {"version": TINY_FORMAT_VERSION, "stereo": stereo, "melody": TINY_MELODY_VERSION,
+                 "seed": TINY_SEED,
+                 "note": "Built-in random MusicGen-Melody for tests "
+                         "(lora.tiny_model.ensure_tiny_model)."},
                 indent=2) + "\n", encoding="utf-8")

@@ -1,6 +1,6 @@
-"""Measuring a fine-tune: pure metric functions on arrays (metrics), the held-out likelihood (likelihood), the
-generated-audio measurements (generated), charts (plots) and the report (report: summary table, results.json's
-helpers, report.html).
+"""Measuring a fine-tune: pure metric functions on arrays (metrics), the held-out likelihood
+(likelihood), the generated-audio measurements (generated), charts (plots) and the report (report:
+summary table, results.json's helpers, report.html).
 
 Add a metric here.
 

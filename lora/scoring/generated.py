@@ -1,6 +1,6 @@
-"""The generated-audio half of the evaluation: both models generate the same prompts and seeds; signal checks,
-FAD/KAD against the held-out audio with their noise and codec floors, diversity, melody adherence, CLAP, and the
-paired bootstrap intervals of the differences.
+"""The generated-audio half of the evaluation: both models generate the same prompts and seeds;
+signal checks, FAD/KAD against the held-out audio with their noise and codec floors, diversity,
+melody adherence, CLAP, and the paired bootstrap intervals of the differences.
 """
 
 from __future__ import annotations
@@ -20,22 +20,24 @@ from lora.generation.requests import GenerationError
 from lora.modeling import chroma as melody_chroma
 from lora.modeling.loading import family_for
 from lora.modeling.precision import generation_dtype
-from lora.scoring import metrics
-from lora.scoring import intervals
+from lora.scoring import intervals, metrics
 from lora.scoring.likelihood import _model_context
 from lora.scoring.plots import save_spectrogram
 
 LOUDNESS_TARGET_LUFS = -23.0   # every clip is normalised to this before embedding (EBU R128)
-KAD_MAX_FRAMES = 2000          # frames per set for KAD (kernel matrices are O(n²)); subsampled with seed 0
+# frames per set for KAD (kernel matrices are O(n²)); subsampled with seed 0
+KAD_MAX_FRAMES = 2000
 KAD_KERNEL = "rbf"             # Gaussian kernel, median-distance bandwidth (KAD paper / kadtk)
-GEN_BOOTSTRAP_MAX = 200        # resamples for the FAD/KAD intervals (each one a d x d eigendecomposition / kernel
+# resamples for the FAD/KAD intervals (each one a d x d eigendecomposition / kernel
+GEN_BOOTSTRAP_MAX = 200
 
 
 # --------------------------------------------------------------------------------------------
 # Generation metrics
 # --------------------------------------------------------------------------------------------
 def codec_roundtrip(model, wav: np.ndarray, info) -> np.ndarray:
-    """The clip after the base model's codec: encode, decode (what a perfect token model could reproduce)."""
+    """The clip after the base model's codec: encode, decode (what a perfect token model could
+    reproduce)."""
     import torch
 
     fam = family_for(info)
@@ -46,7 +48,8 @@ def codec_roundtrip(model, wav: np.ndarray, info) -> np.ndarray:
 
 
 def _embed_all(model, wavs, info) -> list[dict]:
-    """Per clip: loudness-normalised EnCodec frames (the base model's codec latents) and librosa frame features."""
+    """Per clip: loudness-normalised EnCodec frames (the base model's codec latents) and librosa
+    frame features."""
     from tqdm.auto import tqdm
 
     fam = family_for(info)
@@ -67,9 +70,10 @@ def _distances(gen: list[dict], ref: list[dict], transform: dict) -> dict:
         kad = metrics.kernel_audio_distance(metrics.subsample_rows(x, KAD_MAX_FRAMES),
                                             metrics.subsample_rows(y, KAD_MAX_FRAMES), kernel=KAD_KERNEL)
         res[space] = {"fad": metrics.frechet_audio_distance(x, y), "kad": kad, "n_clips": len(gen),
-                      "n_reference_clips": len(ref), "n_frames": int(len(x)), "n_reference_frames": int(len(y))}
-    # One vector per clip (mean and std of the standardised librosa frames): KAD is unbiased at small n, FAD is
-    # not (and its covariance would be singular), so only KAD here.
+                      "n_reference_clips": len(ref), "n_frames": int(len(x)),
+                      "n_reference_frames": int(len(y))}
+    # One vector per clip (mean and std of the standardised librosa frames): KAD is unbiased at
+    # small n, FAD is not (and its covariance would be singular), so only KAD here.
     cs = np.stack([metrics.clip_statistics(transform["librosa"](g["librosa"])) for g in gen])
     cr = np.stack([metrics.clip_statistics(transform["librosa"](r["librosa"])) for r in ref])
     res["librosa"]["kad_clip_statistics"] = (metrics.kernel_audio_distance(cs, cr, kernel=KAD_KERNEL)
@@ -77,20 +81,24 @@ def _distances(gen: list[dict], ref: list[dict], transform: dict) -> dict:
     return res
 
 
-def generate_clips(model, processor, info, which: str, prompts, seeds, cfg: Config, melodies=None) -> list:
-    """Audio (C, N) per (prompt, seed) pair in prompt-major order; None where generation produced NaN/inf.
-    ``melodies`` (melody models): one chroma per prompt."""
+def generate_clips(model, processor, info, which: str, prompts, seeds, cfg: Config,
+                   melodies=None) -> list:
+    """Audio (C, N) per (prompt, seed) pair in prompt-major order; None where generation produced
+    NaN/inf. ``melodies`` (melody models): one chroma per prompt."""
     g, ev = cfg.generation, cfg.evaluation
-    pairs = [(p, s, None if melodies is None else melodies[i]) for i, p in enumerate(prompts) for s in seeds]
+    pairs = [(p, s, None if melodies is None else melodies[i]) for i, p in enumerate(prompts)
+             for s in seeds]
     out: list = []
     for i in range(0, len(pairs), g.batch_size):
         chunk = pairs[i:i + g.batch_size]
         try:
             with _model_context(model, which):
-                out += generate_audio(model, processor, info, [p for p, _, _ in chunk], [s for _, s, _ in chunk],
+                out += generate_audio(model, processor, info, [p for p, _, _ in chunk],
+                                      [s for _, s, _ in chunk],
                                       duration=ev.eval_duration, guidance_scale=g.guidance_scale,
                                       temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
-                                      do_sample=g.do_sample, batch_size=g.batch_size, max_window=g.max_window,
+                                      do_sample=g.do_sample, batch_size=g.batch_size,
+                                      max_window=g.max_window,
                                       extend_stride=g.extend_stride, decoding=g.decoding,
                                       melodies=[m for _, _, m in chunk])
         except GenerationError as e:
@@ -100,47 +108,55 @@ def generate_clips(model, processor, info, which: str, prompts, seeds, cfg: Conf
 
 
 def usable_clips(checks: list[dict], exclude_failed: bool = True) -> list[int]:
-    """Indices of the clips that enter FAD/KAD/diversity/CLAP: those that passed every signal check, or (when
-    exclude_failed is False) every finite one. Clips with NaN/Inf are never usable."""
+    """Indices of the clips that enter FAD/KAD/diversity/CLAP: those that passed every signal check,
+    or (when exclude_failed is False) every finite one. Clips with NaN/Inf are never usable."""
     return [j for j, c in enumerate(checks)
             if c.get("finite", True) and "non_finite" not in c["failures"]
             and (not exclude_failed or not c["failures"])]
 
 
-def generation_metrics(model, processor, info, cfg: Config, models: list[str], valid_recs, prompts: list[str],
-                       out_dir: Path, device) -> dict:
-    """Generate the prompt set with each model, check and save every clip, and compare the clips of the shared set
-    (the (prompt, seed) pairs usable for every model) with the held-out reference audio (FAD/KAD next to their
-    floors, diversity, CLAP when asked), each difference with a paired bootstrap interval."""
+def generation_metrics(model, processor, info, cfg: Config, models: list[str], valid_recs,
+                       prompts: list[str], out_dir: Path, device) -> dict:
+    """Generate the prompt set with each model, check and save every clip, and compare the clips of
+    the shared set (the (prompt, seed) pairs usable for every model) with the held-out reference
+    audio (FAD/KAD next to their floors, diversity, CLAP when asked), each difference with a paired
+    bootstrap interval."""
     ev, g = cfg.evaluation, cfg.generation
     seeds = [g.seed + j for j in range(ev.eval_seeds)]
-    res: dict = {"prompts": prompts, "seeds": seeds, "clips": [], "signal": {}, "distances": {}, "diversity": {},
-                 "thresholds": metrics.thresholds_dict()}
-    # after the held-out likelihood (fp32): generation.dtype (auto = bf16 on GPUs and AMX/AVX512-BF16 CPUs)
+    res: dict = {"prompts": prompts, "seeds": seeds, "clips": [], "signal": {}, "distances": {},
+                 "diversity": {}, "thresholds": metrics.thresholds_dict()}
+    # after the held-out likelihood (fp32): generation.dtype (auto = bf16 on GPUs and
+    # AMX/AVX512-BF16 CPUs)
     gen_dtype = generation_dtype(g.dtype, device)
-    cast_for_generation(model, gen_dtype)  # decoder (with its LoRA layers) only; EnCodec and T5 stay fp32
+    # decoder (with its LoRA layers) only; EnCodec and T5 stay fp32
+    cast_for_generation(model, gen_dtype)
     res["decoder_dtype"] = str(gen_dtype).replace("torch.", "")
     audio: dict[str, list] = {}
     melody = melody_prompts(info, valid_recs, prompts)
     t0 = time.perf_counter()
     for m in models:
-        log.info("Generating %d clip(s) of %.1f s with the %s model", len(prompts) * len(seeds), ev.eval_duration, m)
+        log.info("Generating %d clip(s) of %.1f s with the %s model", len(prompts) * len(seeds),
+                 ev.eval_duration, m)
         audio[m] = generate_clips(model, processor, info, m, prompts, seeds, cfg,
                                   melodies=None if melody is None else melody["chroma"])
     res["generation_seconds"] = time.perf_counter() - t0
-    checks = {m: _check_and_save_clips(res, m, audio[m], prompts, seeds, info.sample_rate, out_dir) for m in models}
+    checks = {m: _check_and_save_clips(res, m, audio[m], prompts, seeds, info.sample_rate, out_dir)
+              for m in models}
     res["exclude_failed_clips"] = ev.exclude_failed_clips
 
     log.info("Embedding %d reference clip(s) and the generated clips", len(valid_recs))
     loaded = [(r, load_audio(r.path, info.sample_rate, info.audio_channels)) for r in valid_recs]
-    valid_recs = [r for r, w in loaded if w.shape[-1] > 0]  # (empty files were already refused by the cache)
+    # (empty files were already refused by the cache)
+    valid_recs = [r for r, w in loaded if w.shape[-1] > 0]
     ref_wavs = [w for _, w in loaded if w.shape[-1] > 0]
     ref = _embed_all(model, ref_wavs, info)
     lib_std = metrics.standardizer(np.concatenate([r["librosa"] for r in ref]))
     transform = {"encodec": lambda x: x, "librosa": lib_std}
-    res["reference"] = {"n_clips": len(ref), "seconds": float(sum(w.shape[-1] for w in ref_wavs) / info.sample_rate)}
+    res["reference"] = {"n_clips": len(ref),
+                        "seconds": float(sum(w.shape[-1] for w in ref_wavs) / info.sample_rate)}
     res["floors"] = _floors(model, info, ref, ref_wavs, transform)
-    scored = score_generated(lambda m, idx: _embed_all(model, [audio[m][j] for j in idx], info), checks, ref,
+    scored = score_generated(lambda m, idx: _embed_all(model, [audio[m][j] for j in idx], info),
+                             checks, ref,
                              transform, len(seeds), ev.exclude_failed_clips, ev.bootstrap_samples, g.seed)
     shared = scored["distance_set"]["pair_indices"]
     scored["distance_set"]["pairs"] = [[j // len(seeds), seeds[j % len(seeds)]] for j in shared]
@@ -153,21 +169,23 @@ def generation_metrics(model, processor, info, cfg: Config, models: list[str], v
         if "interval" in res["melody"] and res.get("intervals"):
             res["intervals"]["metrics"]["chroma"] = res["melody"].pop("interval")
     if ev.clap_model_path:
-        res["clap"] = clap_metrics(ev.clap_model_path, models, audio, shared, prompts, seeds, valid_recs, ref_wavs,
+        res["clap"] = clap_metrics(ev.clap_model_path, models, audio, shared, prompts, seeds,
+                                   valid_recs, ref_wavs,
                                    info.sample_rate, device, n_boot=ev.bootstrap_samples, seed=g.seed)
         if "interval" in res["clap"] and res.get("intervals"):
             res["intervals"]["metrics"]["clap"] = res["clap"].pop("interval")
     else:
-        res["clap"] = {"skipped": "CLAP score skipped: no --clap_model_path given. For a text-audio score, download "
-                                  "a CLAP model once (e.g. laion/larger_clap_music) into a folder and pass "
+        res["clap"] = {"skipped": "CLAP score skipped: no --clap_model_path given. For a "
+                                  "text-audio score, download a CLAP model once (e.g. "
+                                  "laion/larger_clap_music) into a folder and pass "
                                   "--clap_model_path FOLDER."}
     return res
 
 
 def melody_prompts(info, valid_recs, prompts: list[str]) -> Optional[dict]:
-    """Melody models: the tune each prompt follows in the evaluation, taken from the held-out clips themselves (the
-    clip whose caption the prompt is, else the held-out clips in turn): {"sources": paths, "chroma": one-hot
-    chromas}. None for text-only models."""
+    """Melody models: the tune each prompt follows in the evaluation, taken from the held-out clips
+    themselves (the clip whose caption the prompt is, else the held-out clips in turn): {"sources":
+    paths, "chroma": one-hot chromas}. None for text-only models."""
     if not family_for(info).MELODY:
         return None
     by_caption = {}
@@ -179,24 +197,25 @@ def melody_prompts(info, valid_recs, prompts: list[str]) -> Optional[dict]:
         try:
             chroma, _ = melody_from_audio(load_audio(rec.path, info.sample_rate, 1), info)
         except GenerationError as e:  # (a silent held-out clip has no tune to follow)
-            raise UserError(f"held-out clip {rec.path} is the melody of prompt {p!r}, but: {e} Remove the clip "
-                            f"from the metadata, or pass --prompts / --prompts_file with other captions.") from None
+            raise UserError(f"held-out clip {rec.path} is the melody of prompt {p!r}, but: {e} "
+                            f"Remove the clip from the metadata, or pass --prompts / "
+                            f"--prompts_file with other captions.") from None
         sources.append(str(rec.path))
         chromas.append(chroma)
     return {"sources": sources, "chroma": chromas}
 
 
-def melody_similarity(melody: dict, audio: dict, models: list[str], shared: list[int], n_seeds: int, sr: int,
-                      n_boot: int, seed: int) -> dict:
-    """audiocraft's chroma cosine similarity of each generated clip of the shared set to the melody it was given,
-    per model, beside its floor: the similarity of the same clips to another prompt's melody (a shuffled pairing:
-    what following no tune in particular scores). With both models, the paired bootstrap interval of LoRA minus
-    base over the (prompt, seed) pairs."""
+def melody_similarity(melody: dict, audio: dict, models: list[str], shared: list[int], n_seeds: int,
+                      sr: int, n_boot: int, seed: int) -> dict:
+    """audiocraft's chroma cosine similarity of each generated clip of the shared set to the melody
+    it was given, per model, beside its floor: the similarity of the same clips to another prompt's
+    melody (a shuffled pairing: what following no tune in particular scores). With both models, the
+    paired bootstrap interval of LoRA minus base over the (prompt, seed) pairs."""
     n_prompts = len(melody["chroma"])
     out: dict = {"sources": melody["sources"],
-                 "what": "per-frame cosine of the one-hot chroma of each clip and its melody source, averaged "
-                         "(audiocraft ChromaCosineSimilarityMetric); floor: the same clips against another "
-                         "prompt's melody"}
+                 "what": "per-frame cosine of the one-hot chroma of each clip and its melody "
+                         "source, averaged (audiocraft ChromaCosineSimilarityMetric); floor: the "
+                         "same clips against another prompt's melody"}
     per: dict = {}
     for m in models:
         own, other = [], []
@@ -212,14 +231,18 @@ def melody_similarity(melody: dict, audio: dict, models: list[str], shared: list
                   "shuffled_mean": float(np.mean(floor)) if floor else None, "per_clip": own}
     if {"base", "lora"} <= set(models) and len(shared) >= 2:
         r = intervals.paired_bootstrap_ci(per["base"], per["lora"], n_boot=n_boot, seed=seed)
-        out["interval"] = _paired_interval(r, "LoRA minus base chroma similarity to the given melody; positive = "
+        out["interval"] = _paired_interval(r,
+                                           "LoRA minus base chroma similarity to the given melody; "
+                                           "positive = "
                                               "LoRA follows the melody more closely")
     return out
 
 
-def _check_and_save_clips(res: dict, m: str, wavs: list, prompts, seeds, sr: int, out_dir: Path) -> list[dict]:
-    """Signal checks of one model's clips; each finite clip is written (WAV + spectrogram) and listed in
-    res["clips"]; returns the checks, one per (prompt, seed) pair in prompt-major order."""
+def _check_and_save_clips(res: dict, m: str, wavs: list, prompts, seeds, sr: int,
+                          out_dir: Path) -> list[dict]:
+    """Signal checks of one model's clips; each finite clip is written (WAV + spectrogram) and
+    listed in res["clips"]; returns the checks, one per (prompt, seed) pair in prompt-major
+    order."""
     checks = []
     for j, wav in enumerate(wavs):
         pi, sd = divmod(j, len(seeds))
@@ -227,7 +250,8 @@ def _check_and_save_clips(res: dict, m: str, wavs: list, prompts, seeds, sr: int
         stem = f"p{pi:03d}_s{seed}"
         clip = {"model": m, "prompt_index": pi, "prompt": prompts[pi], "seed": seed, "pair_index": j}
         if wav is None:
-            c = {"finite": False, "failures": ["non_finite"], "note": "generation produced NaN/inf logits"}
+            c = {"finite": False, "failures": ["non_finite"],
+                 "note": "generation produced NaN/inf logits"}
         else:
             c = metrics.signal_checks(wav, sr)
             wav_rel = f"audio/{m}/{stem}.wav"
@@ -243,7 +267,8 @@ def _check_and_save_clips(res: dict, m: str, wavs: list, prompts, seeds, sr: int
 
 
 def _mark_distance_set(res: dict, shared: list[int], checks: dict, exclude_failed: bool) -> None:
-    """Which clips entered the distances (the shared set, for every model), and how many each model had usable."""
+    """Which clips entered the distances (the shared set, for every model), and how many each model
+    had usable."""
     keep = set(shared)
     for clip in res["clips"]:
         if clip["pair_index"] in keep:
@@ -254,13 +279,13 @@ def _mark_distance_set(res: dict, shared: list[int], checks: dict, exclude_faile
 
 
 def _floors(model, info, ref: list[dict], ref_wavs: list, transform: dict) -> dict:
-    """The scale of the distances: two halves of the reference (noise floor) and the reference against its own
-    codec round-trip (codec floor)."""
+    """The scale of the distances: two halves of the reference (noise floor) and the reference
+    against its own codec round-trip (codec floor)."""
     floors: dict = {}
     if len(ref) >= 2:
         floors["noise"] = _distances(ref[0::2], ref[1::2], transform)
-        floors["noise"]["note"] = ("reference clips split in two halves (even / odd): the distance between two samples "
-                                   "of one distribution at this size")
+        floors["noise"]["note"] = ("reference clips split in two halves (even / odd): the distance "
+                                   "between two samples of one distribution at this size")
     else:
         floors["noise"] = None
     rt = _embed_all(model, [codec_roundtrip(model, w, info) for w in ref_wavs], info)
@@ -270,18 +295,18 @@ def _floors(model, info, ref: list[dict], ref_wavs: list, transform: dict) -> di
 
 
 def distance_set(checks: dict[str, list[dict]], exclude_failed: bool = True) -> list[int]:
-    """The (prompt, seed) pairs whose clips enter FAD/KAD/diversity/CLAP: those usable (usable_clips) for EVERY
-    model, so the models are scored on the same set and a model that breaks more clips is not judged on its good
-    ones alone."""
+    """The (prompt, seed) pairs whose clips enter FAD/KAD/diversity/CLAP: those usable
+    (usable_clips) for EVERY model, so the models are scored on the same set and a model that breaks
+    more clips is not judged on its good ones alone."""
     sets = [set(usable_clips(c, exclude_failed)) for c in checks.values()]
     return sorted(set.intersection(*sets)) if sets else []
 
 
 def score_generated(embed, checks: dict[str, list[dict]], ref: list[dict], transform: dict, n_seeds: int,
                     exclude_failed: bool, n_boot: int, seed: int) -> dict:
-    """FAD/KAD and diversity of every model on the shared set, and (two models) the paired bootstrap intervals of
-    the differences. ``embed(model, pair_indices)`` returns the clips' embeddings (_embed_all). Returns
-    {"distance_set", "distances", "diversity", "intervals", "notes"}."""
+    """FAD/KAD and diversity of every model on the shared set, and (two models) the paired bootstrap
+    intervals of the differences. ``embed(model, pair_indices)`` returns the clips' embeddings
+    (_embed_all). Returns {"distance_set", "distances", "diversity", "intervals", "notes"}."""
     models = list(checks)
     shared = distance_set(checks, exclude_failed)
     n_pairs = len(next(iter(checks.values()))) if checks else 0
@@ -296,8 +321,9 @@ def score_generated(embed, checks: dict[str, list[dict]], ref: list[dict], trans
         out["distances"] = {m: None for m in models}
         out["diversity"] = {m: None for m in models}
         out["notes"].append(
-            f"FAD/KAD/diversity not computed: only {len(shared)} of {n_pairs} (prompt, seed) pairs have clips "
-            f"{usable} for {'both models' if len(models) > 1 else 'the model'}; see the signal checks."
+            f"FAD/KAD/diversity not computed: only {len(shared)} of {n_pairs} (prompt, seed) pairs "
+            f"have clips {usable} for {'both models' if len(models) > 1 else 'the model'}; see the "
+            f"signal checks."
             + (" --exclude_failed_clips false keeps clips that fail a check." if exclude_failed else ""))
         log.warning(out["notes"][-1])
         return out
@@ -314,37 +340,42 @@ def score_generated(embed, checks: dict[str, list[dict]], ref: list[dict], trans
         out["intervals"]["metrics"]["failed_share"] = failure_interval(checks, n_boot, seed)
         out["intervals"]["seconds"] = time.perf_counter() - t0
         if len(shared) < 10:
-            out["notes"].append(f"The intervals of the generated-audio differences rest on only {len(shared)} (prompt, "
-                                f"seed) pairs: rough (a bootstrap over few pairs is too narrow); raise --num_prompts "
-                                f"or --eval_seeds.")
+            out["notes"].append(f"The intervals of the generated-audio differences rest on only "
+                                f"{len(shared)} (prompt, seed) pairs: rough (a bootstrap over few "
+                                f"pairs is too narrow); raise --num_prompts or --eval_seeds.")
     return out
 
 
-def distance_intervals(emb: dict, dist: dict, ref: list[dict], transform: dict, n_boot: int, seed: int) -> dict:
-    """Paired bootstrap of LoRA - base FAD/KAD: the shared (prompt, seed) pairs resampled with replacement, both
-    models' distances to the (fixed) reference recomputed on the same resample."""
+def distance_intervals(emb: dict, dist: dict, ref: list[dict], transform: dict, n_boot: int,
+                       seed: int) -> dict:
+    """Paired bootstrap of LoRA - base FAD/KAD: the shared (prompt, seed) pairs resampled with
+    replacement, both models' distances to the (fixed) reference recomputed on the same resample."""
     n = len(emb["base"])
     b = min(n_boot, GEN_BOOTSTRAP_MAX)
     counts = intervals.bootstrap_counts(n, b, seed)
-    res: dict = {"resampled": "the shared (prompt, seed) pairs, with replacement; both models on the same "
-                              "resample (paired); the reference set fixed",
+    res: dict = {"resampled": "the shared (prompt, seed) pairs, with replacement; both models on "
+                              "the same resample (paired); the reference set fixed",
                  "n_pairs": n, "n_boot_fad_kad": b,
-                 "n_boot_note": f"FAD/KAD intervals use at most {GEN_BOOTSTRAP_MAX} resamples (cost); CLAP and the "
-                                f"failure share use evaluation.bootstrap_samples", "metrics": {}}
+                 "n_boot_note": f"FAD/KAD intervals use at most {GEN_BOOTSTRAP_MAX} resamples "
+                                f"(cost); CLAP and the failure share use "
+                                f"evaluation.bootstrap_samples", "metrics": {}}
     for space in ("encodec", "librosa"):
         y = transform[space](np.concatenate([r[space] for r in ref]))
         clips = {m: [transform[space](e[space]) for e in emb[m]] for m in ("base", "lora")}
         fad = {m: intervals.frechet_bootstrap(clips[m], y, counts) for m in clips}
-        kad = {m: intervals.kernel_bootstrap(clips[m], y, counts, kernel=KAD_KERNEL, max_rows=KAD_MAX_FRAMES)
+        kad = {m: intervals.kernel_bootstrap(clips[m], y, counts, kernel=KAD_KERNEL,
+                                             max_rows=KAD_MAX_FRAMES)
                for m in clips}
         res["metrics"][f"{space}.fad"] = _interval(fad, dist, (space, "fad"), n, f"FAD ({space})")
-        res["metrics"][f"{space}.kad"] = _interval(kad, dist, (space, "kad", "value"), n, f"KAD x100 ({space})")
+        res["metrics"][f"{space}.kad"] = _interval(kad, dist, (space, "kad", "value"), n,
+                                                   f"KAD x100 ({space})")
     if dist["base"]["librosa"]["kad_clip_statistics"] is not None:
         y = np.stack([metrics.clip_statistics(transform["librosa"](r["librosa"])) for r in ref])
         kad = {m: intervals.kernel_bootstrap([metrics.clip_statistics(transform["librosa"](e["librosa"]))[None]
                                             for e in emb[m]], y, counts, kernel=KAD_KERNEL) for m in emb}
         res["metrics"]["librosa.kad_clip_statistics"] = _interval(
-            kad, dist, ("librosa", "kad_clip_statistics", "value"), n, "KAD x100 (librosa clip statistics)")
+            kad, dist, ("librosa", "kad_clip_statistics", "value"), n,
+            "KAD x100 (librosa clip statistics)")
     return res
 
 
@@ -361,32 +392,37 @@ def _interval(boot: dict, dist: dict, keys: tuple, n: int, label: str) -> dict:
 
 
 def failure_interval(checks: dict, n_boot: int, seed: int) -> dict:
-    """Paired bootstrap over every generated (prompt, seed) pair of LoRA - base share of clips failing a check."""
+    """Paired bootstrap over every generated (prompt, seed) pair of LoRA - base share of clips
+    failing a check."""
     failed = {m: [1.0 if c["failures"] else 0.0 for c in checks[m]] for m in ("base", "lora")}
     r = intervals.paired_bootstrap_ci(failed["base"], failed["lora"], n_boot=n_boot, seed=seed)
-    return _paired_interval(r, "LoRA minus base share of generated clips failing a signal check (every pair); "
+    return _paired_interval(r,
+                            "LoRA minus base share of generated clips failing a signal check "
+                            "(every pair); "
                                "negative = LoRA fails less")
 
 
 def _paired_interval(r: dict, what: str) -> dict:
     """A paired_bootstrap_ci result in the form of the other intervals of the generation section."""
-    return {"diff": r["diff"], "ci_low": r["ci_low"], "ci_high": r["ci_high"], "confidence": r["confidence"],
-            "n_boot": r["n_boot"], "p_two_sided": r["p_two_sided"],
+    return {"diff": r["diff"], "ci_low": r["ci_low"], "ci_high": r["ci_high"],
+            "confidence": r["confidence"], "n_boot": r["n_boot"], "p_two_sided": r["p_two_sided"],
             "excludes_zero": bool(r["ci_high"] < 0 or r["ci_low"] > 0), "n_pairs": r["n"], "what": what}
 
 
 def clap_metrics(path, models, audio, shared, prompts, seeds, valid_recs, ref_wavs, sr, device, *,
                  n_boot: int = 2000, seed: int = 0) -> dict:
-    """CLAP text-audio scores of every model on the shared (prompt, seed) pairs (the set of the distances), the
-    valid clips against their captions, and (two models) the paired bootstrap interval of LoRA - base."""
+    """CLAP text-audio scores of every model on the shared (prompt, seed) pairs (the set of the
+    distances), the valid clips against their captions, and (two models) the paired bootstrap
+    interval of LoRA - base."""
     from transformers import ClapModel, ClapProcessor
 
     try:
         model = ClapModel.from_pretrained(path, local_files_only=True).to(device).eval()
         processor = ClapProcessor.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
-        raise UserError(f"Could not load a CLAP model from {path} ({str(e).splitlines()[0][:300]}). It must be a "
-                        f"transformers CLAP folder (config.json, weights, tokenizer and preprocessor files).") from None
+        raise UserError(f"Could not load a CLAP model from {path} "
+                        f"({str(e).splitlines()[0][:300]}). It must be a transformers CLAP folder "
+                        f"(config.json, weights, tokenizer and preprocessor files).") from None
     res: dict = {"model": str(path), "window_seconds": 10.0, "sample_rate": 48000}
     for m in models:
         if not shared:
@@ -396,12 +432,16 @@ def clap_metrics(path, models, audio, shared, prompts, seeds, valid_recs, ref_wa
                                      [audio[m][j] for j in shared], sr, device=device)
         res[m]["n_pairs"] = len(shared)
     if "base" in models and "lora" in models and len(shared) >= 2:
-        r = intervals.paired_bootstrap_ci(res["base"]["scores"], res["lora"]["scores"], n_boot=n_boot, seed=seed)
-        res["interval"] = _paired_interval(r, "LoRA minus base CLAP text-audio score on the shared pairs; positive "
+        r = intervals.paired_bootstrap_ci(res["base"]["scores"], res["lora"]["scores"],
+                                          n_boot=n_boot, seed=seed)
+        res["interval"] = _paired_interval(r,
+                                           "LoRA minus base CLAP text-audio score on the shared "
+                                           "pairs; positive "
                                               "= LoRA follows the prompts better")
     pairs = [(r.text, w) for r, w in zip(valid_recs, ref_wavs) if r.text.strip()]
     if pairs:
-        res["reference"] = metrics.clap_scores(model, processor, [t for t, _ in pairs], [w for _, w in pairs], sr,
+        res["reference"] = metrics.clap_scores(model, processor, [t for t, _ in pairs],
+                                               [w for _, w in pairs], sr,
                                        device=device)
         res["reference"]["note"] = "the valid clips scored against their own captions"
     return res

@@ -1,6 +1,6 @@
-"""The held-out likelihood of the evaluation: teacher-forced cross-entropy per codebook on the held-out clips'
-cached tokens, for the base model (adapter disabled) and the LoRA model, and the cluster bootstrap of their
-difference over recordings.
+"""The held-out likelihood of the evaluation: teacher-forced cross-entropy per codebook on the
+held-out clips' cached tokens, for the base model (adapter disabled) and the LoRA model, and the
+cluster bootstrap of their difference over recordings.
 """
 
 from __future__ import annotations
@@ -34,17 +34,20 @@ def _model_context(model, which: str):
     return contextlib.nullcontext()
 
 
-def heldout_likelihood(model, clips, info, max_frames: int, batch_size: int, device, processor=None) -> dict:
-    """Teacher-forced per-clip, per-codebook CE on cached tokens (the first max_frames of every clip).
+def heldout_likelihood(model, clips, info, max_frames: int, batch_size: int, device,
+                       processor=None) -> dict:
+    """Teacher-forced per-clip, per-codebook CE on cached tokens (the first max_frames of every
+    clip).
 
-    With ``processor`` the captions are encoded by the model's own (possibly adapted) text encoder instead of
-    using the cached base states."""
+    With ``processor`` the captions are encoded by the model's own (possibly adapted) text encoder
+    instead of using the cached base states."""
     import torch
     from tqdm.auto import tqdm
 
     fam = family_for(info)
     K = info.num_codebooks
-    ds = CachedTokenDataset(clips, max_frames, train=False, info=info)  # (melody models: each clip's own melody)
+    # (melody models: each clip's own melody)
+    ds = CachedTokenDataset(clips, max_frames, train=False, info=info)
     lengths = ds.lengths()
     order = sorted(range(len(ds)), key=lambda i: -lengths[i])
     ce_sum = np.zeros((len(ds), K))
@@ -59,7 +62,8 @@ def heldout_likelihood(model, clips, info, max_frames: int, batch_size: int, dev
                 hidden, mask = batch["hidden"].to(device), batch["mask"].to(device)
             melody = {"chroma": batch["chroma"].to(device)} if "chroma" in batch else {}
             logits, labels = fam.teacher_forced_logits(model, info, batch["codes"].to(device),
-                                                       batch["lengths"].to(device), hidden, mask, **melody)
+                                                       batch["lengths"].to(device), hidden, mask,
+                                                       **melody)
             s, n = fam.codebook_loss(logits, labels).per_clip()
             ce_sum[b] = s.cpu().numpy()
             n_tok[b] = n.cpu().numpy()
@@ -69,25 +73,30 @@ def heldout_likelihood(model, clips, info, max_frames: int, batch_size: int, dev
     ce = float(per_cb.mean())
     return {
         "ce": ce, "ppl": float(math.exp(min(ce, 50.0))),
-        "ce_per_codebook": per_cb.tolist(), "ppl_per_codebook": [float(math.exp(min(v, 50.0))) for v in per_cb],
+        "ce_per_codebook": per_cb.tolist(),
+        "ppl_per_codebook": [float(math.exp(min(v, 50.0))) for v in per_cb],
         "n_clips": len(ds), "n_tokens": int(n_tok.sum()), "n_tokens_per_codebook": n_tok.sum(0).tolist(),
-        "per_clip": [{"id": c.id, "ce": float(v), "tokens": int(t)} for c, v, t in zip(clips, clip_ce, clip_tokens)],
+        "per_clip": [{"id": c.id, "ce": float(v), "tokens": int(t)} for c, v,
+                     t in zip(clips, clip_ce, clip_tokens)],
     }
 
 
-def likelihood_section(model, processor, info, clips, cfg: Config, models: list[str], device, cache_stats: dict,
-                       recordings: list, adapter=None) -> tuple[dict, str]:
-    """Held-out likelihood of each model and (both evaluated) the paired cluster bootstrap of their difference over
-    ``recordings`` (one key per clip: the recording it was cut from); returns (the results.json section, a note
-    when the evidence is thin or None)."""
+def likelihood_section(model, processor, info, clips, cfg: Config, models: list[str], device,
+                       cache_stats: dict, recordings: list, adapter=None) -> tuple[dict, str]:
+    """Held-out likelihood of each model and (both evaluated) the paired cluster bootstrap of their
+    difference over ``recordings`` (one key per clip: the recording it was cut from); returns (the
+    results.json section, a note when the evidence is thin or None)."""
     fam = family_for(info)
     seconds, window_source = heldout_window(cfg, adapter)
-    max_frames = min(int(round(seconds * info.frame_rate)), fam.max_positions(model) - info.codebooks_per_channel + 1)
+    max_frames = min(int(round(seconds * info.frame_rate)), fam.max_positions(model)
+                     - info.codebooks_per_channel + 1)
     lk: dict = {"window_seconds": max_frames / info.frame_rate, "split": "valid", "cache": cache_stats,
                 "n_clips": len(clips), "n_recordings": len(set(recordings)),
                 "window": {"max_duration": seconds, "source": window_source, "frames": max_frames,
-                           "cut_to_the_model_context": max_frames < int(round(seconds * info.frame_rate))}}
-    log.info("Held-out window %.2f s (training.max_duration from %s)", lk["window_seconds"], window_source)
+                           "cut_to_the_model_context": max_frames < int(round(seconds
+                                                                              * info.frame_rate))}}
+    log.info("Held-out window %.2f s (training.max_duration from %s)", lk["window_seconds"],
+             window_source)
     text_lora = text_encoder_has_lora(model)
     if text_lora:
         log.info("The adapter has LoRA layers in the text encoder: captions are encoded on the fly")
@@ -96,8 +105,8 @@ def likelihood_section(model, processor, info, clips, cfg: Config, models: list[
         with _model_context(model, m):
             lk[m] = heldout_likelihood(model, clips, info, max_frames, cfg.training.batch_size, device,
                                        processor=processor if text_lora else None)
-        log.info("%s model: held-out cross-entropy %.4f (perplexity %.2f) over %d clips, %d tokens", m, lk[m]["ce"],
-                 lk[m]["ppl"], lk[m]["n_clips"], lk[m]["n_tokens"])
+        log.info("%s model: held-out cross-entropy %.4f (perplexity %.2f) over %d clips, %d tokens",
+                 m, lk[m]["ce"], lk[m]["ppl"], lk[m]["n_clips"], lk[m]["n_tokens"])
     if "base" not in models or "lora" not in models:
         return lk, None
     diff = intervals.paired_bootstrap_ci(
@@ -105,8 +114,9 @@ def likelihood_section(model, processor, info, clips, cfg: Config, models: list[
         weights=[c["tokens"] for c in lk["base"]["per_clip"]], clusters=recordings,
         n_boot=cfg.evaluation.bootstrap_samples, seed=cfg.generation.seed)
     diff["n_clips"], diff["n_recordings"] = diff["n"], diff.pop("n_clusters")
-    diff["what"] = ("LoRA minus base held-out cross-entropy (token-weighted over clips); negative = LoRA better. "
-                    "Cluster bootstrap: whole recordings resampled (a clip without a source is its own recording)")
+    diff["what"] = ("LoRA minus base held-out cross-entropy (token-weighted over clips); negative "
+                    "= LoRA better. Cluster bootstrap: whole recordings resampled (a clip without "
+                    "a source is its own recording)")
     diff["ppl_ratio"] = float(math.exp(diff["diff"]))
     diff["excludes_zero"] = bool(diff["ci_high"] < 0 or diff["ci_low"] > 0)
     lk["difference"] = diff
@@ -114,25 +124,29 @@ def likelihood_section(model, processor, info, clips, cfg: Config, models: list[
 
 
 def thin_evidence_note(n_clips: int, n_recordings: int) -> Optional[str]:
-    """The note for a held-out set too small to trust: counted in recordings, the units the interval resamples."""
+    """The note for a held-out set too small to trust: counted in recordings, the units the interval
+    resamples."""
     counts = (f"{n_recordings} held-out recording{'s' if n_recordings != 1 else ''} "
               f"({n_clips} held-out clip{'s' if n_clips != 1 else ''})")
     if n_clips < MIN_CLIPS_FOR_A_VERDICT:
-        return (f"Only {counts}: too little evidence to call either model better (no row names a winner); hold "
-                f"out more clips (prepare_data.py --valid_fraction).")
+        return (f"Only {counts}: too little evidence to call either model better (no row names a "
+                f"winner); hold out more clips (prepare_data.py --valid_fraction).")
     if n_recordings < MIN_CLIPS_FOR_A_VERDICT:
-        return (f"Only {counts}: clips of one recording are not independent, so the held-out likelihood names no "
-                f"winner; hold out clips from more recordings (prepare_data.py --valid_fraction).")
+        return (f"Only {counts}: clips of one recording are not independent, so the held-out "
+                f"likelihood names no winner; hold out clips from more recordings (prepare_data.py "
+                f"--valid_fraction).")
     if n_recordings < 10:
-        return (f"Only {counts}: the confidence interval of the likelihood difference is rough (a bootstrap over "
-                f"few recordings is too narrow); hold out more recordings (prepare_data.py --valid_fraction).")
+        return (f"Only {counts}: the confidence interval of the likelihood difference is rough (a "
+                f"bootstrap over few recordings is too narrow); hold out more recordings "
+                f"(prepare_data.py --valid_fraction).")
     return None
 
 
 def heldout_window(cfg: Config, adapter=None) -> tuple[float, str]:
-    """(seconds, where they come from) of the held-out window: training.max_duration of the adapter's own
-    config.yaml (written by training into the adapter folder), so the evaluated window is the trained one; else
-    config.yaml's training.max_duration (evaluate.py takes no training flags)."""
+    """(seconds, where they come from) of the held-out window: training.max_duration of the
+    adapter's own config.yaml (written by training into the adapter folder), so the evaluated window
+    is the trained one; else config.yaml's training.max_duration (evaluate.py takes no training
+    flags)."""
     if adapter:
         path = Path(adapter) / "config.yaml"
         value = None
@@ -142,11 +156,12 @@ def heldout_window(cfg: Config, adapter=None) -> tuple[float, str]:
                 value = training.get("max_duration") if isinstance(training, dict) else None
             except ConfigError as e:
                 log.warning("The adapter's %s cannot be read (%s)", path, e)
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+            ok = isinstance(value, (int, float)) and not isinstance(value,
+                                                                    bool) and math.isfinite(value) and value > 0
             if ok:
                 return float(value), f"the adapter's training config ({path}: training.max_duration)"
-            log.warning("%s has no usable training.max_duration (%r); the held-out window comes from config.yaml",
-                        path, value)
+            log.warning("%s has no usable training.max_duration (%r); the held-out window comes "
+                        "from config.yaml", path, value)
         else:
             log.info("%s has no config.yaml; the held-out window comes from config.yaml", adapter)
     where = cfg.config_file or "no config file: the built-in default"

@@ -1,14 +1,15 @@
 """Evaluation metrics: pure functions on arrays, used by evaluate.py (no model loading here).
 
-* Distribution distances between embedding sets: Fréchet distance (FAD) computed stably in float64 via
-  a symmetric eigendecomposition, and Kernel Audio Distance (KAD, unbiased MMD² as in Chung et al. 2025,
-  "KAD: No More FAD!", kadtk: Gaussian RBF kernel with the median-distance bandwidth, scale ×100; or the
-  cubic polynomial kernel of KID).
-* Held-out likelihood: a paired cluster bootstrap confidence interval for the difference between two models on the
-  same clips, resampling whole recordings (their per-clip cross-entropy is the model family's one loss,
-  lora.modeling.musicgen.codebook_loss).
-* Bootstrap of FAD / KAD over the generated clips: each resample's distance from per-clip sufficient statistics
-  (FAD) or per-clip kernel block sums (KAD), so both models can be scored on the same resamples cheaply.
+* Distribution distances between embedding sets: Fréchet distance (FAD) computed stably in float64
+  via a symmetric eigendecomposition, and Kernel Audio Distance (KAD, unbiased MMD² as in Chung et
+  al. 2025, "KAD: No More FAD!", kadtk: Gaussian RBF kernel with the median-distance bandwidth,
+  scale ×100; or the cubic polynomial kernel of KID).
+* Held-out likelihood: a paired cluster bootstrap confidence interval for the difference between two
+  models on the same clips, resampling whole recordings (their per-clip cross-entropy is the model
+  family's one loss, lora.modeling.musicgen.codebook_loss).
+* Bootstrap of FAD / KAD over the generated clips: each resample's distance from per-clip sufficient
+  statistics (FAD) or per-clip kernel block sums (KAD), so both models can be scored on the same
+  resamples cheaply.
 * Signal checks for generated audio (NaN/Inf, clipping, DC offset, loudness, silence, flatness).
 * Loudness normalisation and librosa feature embeddings (log-mel, MFCC, chroma).
 * Diversity (mean pairwise embedding distance across prompts / across seeds).
@@ -20,9 +21,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
+
 import numpy as np
-
-
 
 # --------------------------------------------------------------------------------------------
 # Fréchet distance
@@ -40,7 +40,8 @@ def embedding_statistics(emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _sym_sqrt(a: np.ndarray) -> np.ndarray:
-    """Square root of a symmetric positive semi-definite matrix via eigh (negative eigenvalues clamped)."""
+    """Square root of a symmetric positive semi-definite matrix via eigh (negative eigenvalues
+    clamped)."""
     a = (a + a.T) / 2.0
     w, v = np.linalg.eigh(a)
     w = np.clip(w, 0.0, None)
@@ -52,8 +53,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 
     d² = |mu1 - mu2|² + tr(sigma1) + tr(sigma2) - 2 tr( (sigma1^½ sigma2 sigma1^½)^½ )
 
-    The cross term is computed with symmetric eigendecompositions in float64 (never scipy.linalg.sqrtm,
-    whose complex/non-symmetric path is unstable for the rank-deficient covariances small sets produce).
+    The cross term is computed with symmetric eigendecompositions in float64 (never
+    scipy.linalg.sqrtm, whose complex/non-symmetric path is unstable for the rank-deficient
+    covariances small sets produce).
     """
     mu1 = np.asarray(mu1, dtype=np.float64).ravel()
     mu2 = np.asarray(mu2, dtype=np.float64).ravel()
@@ -94,14 +96,14 @@ def median_pairwise_distance(x: np.ndarray) -> float:
     return float(np.median(d)) if d.size else 0.0
 
 
-def kernel_audio_distance(x: np.ndarray, y: np.ndarray, *, kernel: str = "rbf", bandwidth: Optional[float] = None,
-                          scale: float = KAD_SCALE) -> dict:
+def kernel_audio_distance(x: np.ndarray, y: np.ndarray, *, kernel: str = "rbf",
+                          bandwidth: Optional[float] = None, scale: float = KAD_SCALE) -> dict:
     """Unbiased MMD² between embedding sets x (n, d) and y (m, d) (y = the reference set).
 
-    kernel "rbf": k(a, b) = exp(-|a-b|² / (2 h²)), h = median pairwise distance of y unless given (KAD paper,
-    kadtk). kernel "poly": k(a, b) = (a·b / d + 1)³ (KID). The unbiased estimator can be slightly negative
-    for samples of one distribution; it is returned as is (clamping would bias it). Returns
-    {"value": scale × MMD², "kernel", "bandwidth", "n_x", "n_y"}.
+    kernel "rbf": k(a, b) = exp(-|a-b|² / (2 h²)), h = median pairwise distance of y unless given
+    (KAD paper, kadtk). kernel "poly": k(a, b) = (a·b / d + 1)³ (KID). The unbiased estimator can be
+    slightly negative for samples of one distribution; it is returned as is (clamping would bias
+    it). Returns {"value": scale × MMD², "kernel", "bandwidth", "n_x", "n_y"}.
     """
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
@@ -131,7 +133,8 @@ def kernel_audio_distance(x: np.ndarray, y: np.ndarray, *, kernel: str = "rbf", 
 
 
 def subsample_index(n: int, max_rows: int, seed: int = 0) -> np.ndarray:
-    """Indices of at most max_rows of n rows, chosen deterministically (without replacement), in order."""
+    """Indices of at most max_rows of n rows, chosen deterministically (without replacement), in
+    order."""
     if n <= max_rows:
         return np.arange(n)
     return np.sort(np.random.default_rng(seed).choice(n, size=max_rows, replace=False))
@@ -173,7 +176,8 @@ def _as_channels_first(wav) -> np.ndarray:
 
 
 def integrated_loudness(wav, sample_rate: int) -> float:
-    """ITU-R BS.1770 integrated loudness (LUFS) with pyloudnorm; -inf for silence, nan when shorter than 0.4 s."""
+    """ITU-R BS.1770 integrated loudness (LUFS) with pyloudnorm; -inf for silence, nan when shorter
+    than 0.4 s."""
     import pyloudnorm
 
     x = _as_channels_first(wav)
@@ -183,12 +187,14 @@ def integrated_loudness(wav, sample_rate: int) -> float:
     import warnings
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # pyloudnorm warns on possible clipping; reported separately
+        # pyloudnorm warns on possible clipping; reported separately
+        warnings.simplefilter("ignore")
         return float(meter.integrated_loudness(x.T if x.shape[0] > 1 else x[0]))
 
 
 def signal_checks(wav, sample_rate: int, thresholds: SignalThresholds = SignalThresholds()) -> dict:
-    """Health of one clip (channels, samples) or (samples,). Returns the measurements and a list of failures."""
+    """Health of one clip (channels, samples) or (samples,). Returns the measurements and a list of
+    failures."""
     t = thresholds
     x = _as_channels_first(wav)
     finite = bool(np.all(np.isfinite(x)))
@@ -254,8 +260,8 @@ def summarize_checks(checks: Sequence[dict]) -> dict:
     out["failure_rate"] = out["n_failed"] / n if n else float("nan")
     out["failure_rates"] = {f: (sum(1 for c in checks if f in c["failures"]) / n if n else float("nan"))
                             for f in CHECK_FAILURES}
-    for key in ("peak", "clip_fraction", "dc_offset", "rms_dbfs", "lufs", "silent_fraction", "trailing_silence_s",
-                "spectral_flatness"):
+    for key in ("peak", "clip_fraction", "dc_offset", "rms_dbfs", "lufs", "silent_fraction",
+                "trailing_silence_s", "spectral_flatness"):
         vals = [c[key] for c in checks if key in c and np.isfinite(c[key])]
         out[f"mean_{key}"] = float(np.mean(vals)) if vals else None
         out[f"n_{key}"] = len(vals)
@@ -265,7 +271,8 @@ def summarize_checks(checks: Sequence[dict]) -> dict:
 # --------------------------------------------------------------------------------------------
 # Loudness normalisation and librosa features
 # --------------------------------------------------------------------------------------------
-def loudness_normalize(wav, sample_rate: int, target_lufs: float = -23.0, max_peak: float = 0.99) -> np.ndarray:
+def loudness_normalize(wav, sample_rate: int, target_lufs: float = -23.0,
+                       max_peak: float = 0.99) -> np.ndarray:
     """Gain a clip to target_lufs (BS.1770); then scale down if its peak would exceed max_peak.
 
     Silent clips and clips too short to measure are returned unchanged (as float32).
@@ -281,20 +288,24 @@ def loudness_normalize(wav, sample_rate: int, target_lufs: float = -23.0, max_pe
     return out if np.ndim(wav) == 2 else out[0]
 
 
-def librosa_frame_features(wav, sample_rate: int, *, n_mels: int = 64, n_mfcc: int = 20, n_fft: int = 2048,
-                           hop_length: int = 512) -> np.ndarray:
-    """Per-frame features (frames, n_mels + n_mfcc + 12): log-mel (dB), MFCC and chroma of the mono mix."""
+def librosa_frame_features(wav, sample_rate: int, *, n_mels: int = 64, n_mfcc: int = 20,
+                           n_fft: int = 2048, hop_length: int = 512) -> np.ndarray:
+    """Per-frame features (frames, n_mels + n_mfcc + 12): log-mel (dB), MFCC and chroma of the mono
+    mix."""
     import librosa
 
     y = _as_channels_first(wav).mean(axis=0).astype(np.float32)
     if len(y) < n_fft:
         y = np.pad(y, (0, n_fft - len(y)))
-    mel = librosa.feature.melspectrogram(y=y, sr=sample_rate, n_fft=n_fft, hop_length=hop_length, n_mels=n_mels)
+    mel = librosa.feature.melspectrogram(y=y, sr=sample_rate, n_fft=n_fft, hop_length=hop_length,
+                                         n_mels=n_mels)
     logmel = librosa.power_to_db(mel, ref=1.0, amin=1e-10, top_db=None)
     mfcc = librosa.feature.mfcc(S=logmel, n_mfcc=n_mfcc)
-    chroma = librosa.feature.chroma_stft(S=np.abs(librosa.stft(y, n_fft=n_fft, hop_length=hop_length)) ** 2,
+    chroma = librosa.feature.chroma_stft(S=np.abs(librosa.stft(y, n_fft=n_fft,
+                                                               hop_length=hop_length)) ** 2,
                                          sr=sample_rate, n_fft=n_fft, hop_length=hop_length,
-                                         tuning=0.0)  # fixed A440 tuning: deterministic, no pitch tracking
+                                         # fixed A440 tuning: deterministic, no pitch tracking
+                                         tuning=0.0)
     t = min(logmel.shape[1], mfcc.shape[1], chroma.shape[1])
     return np.concatenate([logmel[:, :t], mfcc[:, :t], chroma[:, :t]], axis=0).T.astype(np.float64)
 
@@ -328,10 +339,11 @@ def mean_pairwise_cosine_distance(emb: np.ndarray) -> Optional[float]:
 
 
 def diversity(clip_emb: np.ndarray, prompt_ids: Sequence[int], seed_ids: Sequence[int]) -> dict:
-    """Mean pairwise cosine distance of clip embeddings across prompts (same seed) and across seeds (same prompt).
+    """Mean pairwise cosine distance of clip embeddings across prompts (same seed) and across seeds
+    (same prompt).
 
-    A model that ignores its prompt has a small across-prompt value; a collapsed model (same output for every
-    seed) has an across-seed value near 0.
+    A model that ignores its prompt has a small across-prompt value; a collapsed model (same output
+    for every seed) has an across-seed value near 0.
     """
     e = np.asarray(clip_emb, dtype=np.float64)
     p = np.asarray(prompt_ids)
@@ -339,7 +351,8 @@ def diversity(clip_emb: np.ndarray, prompt_ids: Sequence[int], seed_ids: Sequenc
     across_p = [v for sd in np.unique(s) if (v := mean_pairwise_cosine_distance(e[s == sd])) is not None]
     across_s = [v for pr in np.unique(p) if (v := mean_pairwise_cosine_distance(e[p == pr])) is not None]
     return {
-        "across_prompts": float(np.mean(across_p)) if across_p else None, "n_across_prompts": len(across_p),
+        "across_prompts": float(np.mean(across_p)) if across_p else None,
+        "n_across_prompts": len(across_p),
         "across_seeds": float(np.mean(across_s)) if across_s else None, "n_across_seeds": len(across_s),
     }
 
@@ -350,12 +363,14 @@ def diversity(clip_emb: np.ndarray, prompt_ids: Sequence[int], seed_ids: Sequenc
 CLAP_SAMPLE_RATE = 48000
 
 
-def clap_windows(wav, sample_rate: int, *, target_rate: int = CLAP_SAMPLE_RATE, window_seconds: float = 10.0,
-                 min_fraction: float = 0.5) -> np.ndarray:
-    """Mono mix resampled to target_rate (soxr) and cut into fixed windows of window_seconds: (W, L) float32.
+def clap_windows(wav, sample_rate: int, *, target_rate: int = CLAP_SAMPLE_RATE,
+                 window_seconds: float = 10.0, min_fraction: float = 0.5) -> np.ndarray:
+    """Mono mix resampled to target_rate (soxr) and cut into fixed windows of window_seconds: (W, L)
+    float32.
 
-    A tail shorter than min_fraction of a window is dropped (unless it is the only audio); the last kept
-    window is zero-padded to full length, so every window the CLAP model sees has the same duration.
+    A tail shorter than min_fraction of a window is dropped (unless it is the only audio); the last
+    kept window is zero-padded to full length, so every window the CLAP model sees has the same
+    duration.
     """
     import soxr
 
@@ -381,10 +396,11 @@ def _features(out):
 
 def clap_scores(model, processor, texts: Sequence[str], wavs: Sequence, sample_rate: int, *, device="cpu",
                 window_seconds: float = 10.0, shuffle_seed: int = 0) -> dict:
-    """Cosine similarity between each text and its audio (mean of 10 s window embeddings, re-normalised).
+    """Cosine similarity between each text and its audio (mean of 10 s window embeddings,
+    re-normalised).
 
-    Also returns a shuffled-prompt baseline: each audio scored against another item's text (a derangement),
-    which a model that follows its prompts should beat.
+    Also returns a shuffled-prompt baseline: each audio scored against another item's text (a
+    derangement), which a model that follows its prompts should beat.
     """
     import torch
     import torch.nn.functional as F
@@ -394,8 +410,10 @@ def clap_scores(model, processor, texts: Sequence[str], wavs: Sequence, sample_r
     fused = bool(getattr(getattr(model.config, "audio_config", None), "enable_fusion", False))
     truncation = "fusion" if fused else "rand_trunc"
     with torch.no_grad():
-        # Long captions are cut to what the text encoder can take (RoBERTa positions start after the pad id).
-        max_pos = int(getattr(getattr(model.config, "text_config", None), "max_position_embeddings", 514)) - 2
+        # Long captions are cut to what the text encoder can take (RoBERTa positions start after the
+        # pad id).
+        max_pos = int(getattr(getattr(model.config, "text_config", None), "max_position_embeddings",
+                              514)) - 2
         max_len = min(max_pos, int(getattr(processor.tokenizer, "model_max_length", max_pos) or max_pos))
         tin = processor.tokenizer(list(texts), return_tensors="pt", padding=True, truncation=True,
                                   max_length=max_len)
@@ -404,7 +422,8 @@ def clap_scores(model, processor, texts: Sequence[str], wavs: Sequence, sample_r
         aembs = []
         for wav in wavs:
             wins = clap_windows(wav, sample_rate, window_seconds=window_seconds)
-            ain = processor.feature_extractor(list(wins), sampling_rate=CLAP_SAMPLE_RATE, return_tensors="pt",
+            ain = processor.feature_extractor(list(wins), sampling_rate=CLAP_SAMPLE_RATE,
+                                              return_tensors="pt",
                                              truncation=truncation, padding="repeatpad")
             ain = {k: v.to(device) for k, v in ain.items()}
             a = F.normalize(_features(model.get_audio_features(**ain)).float(), dim=-1).mean(dim=0)

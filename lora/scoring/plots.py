@@ -14,7 +14,6 @@ from lora.common.cli import log
 from lora.common.files import atomic_path
 from lora.scoring.metrics import CHECK_FAILURES
 
-
 MODEL_LABELS = {"base": "base", "lora": "LoRA"}
 
 
@@ -45,13 +44,14 @@ def _plt():
 
 
 def loss_figure(history: list[dict], base_loss: Optional[float] = None, title: str = ""):
-    """The training curve of a run's metrics.jsonl rows: train loss and held-out loss per optimizer step (and the
-    base model's held-out loss as a line, when given). The one plot behind logs/loss_curve.png, report.html and the
-    web UI's Train tab."""
+    """The training curve of a run's metrics.jsonl rows: train loss and held-out loss per optimizer
+    step (and the base model's held-out loss as a line, when given). The one plot behind
+    logs/loss_curve.png, report.html and the web UI's Train tab."""
     plt = _plt()
     num = (int, float)
     tr = [(h["step"], h["loss"]) for h in history if isinstance(h.get("loss"), num) and "step" in h]
-    va = [(h["step"], h["val_loss"]) for h in history if isinstance(h.get("val_loss"), num) and "step" in h]
+    va = [(h["step"], h["val_loss"]) for h in history if isinstance(h.get("val_loss"), num)
+          and "step" in h]
     fig, ax = plt.subplots(figsize=(7, 3.5))
     if tr:
         ax.plot(*zip(*tr), label="train loss", alpha=0.8)
@@ -79,7 +79,8 @@ def _save(fig, path: Path) -> Path:
 
 
 def _plain(text: str) -> str:
-    """User text for a matplotlib title: '$' would start mathtext (and can raise on unbalanced '$')."""
+    """User text for a matplotlib title: '$' would start mathtext (and can raise on unbalanced
+    '$')."""
     return str(text).replace("$", r"\$")
 
 
@@ -95,7 +96,8 @@ def save_spectrogram(wav, sample_rate: int, path: str | Path, title: str = "") -
     mel = librosa.feature.melspectrogram(y=y, sr=sample_rate, n_fft=2048, hop_length=512, n_mels=96)
     db = librosa.power_to_db(mel, ref=np.max if np.any(mel) else 1.0, top_db=80)
     fig, ax = plt.subplots(figsize=(5, 2.2))
-    librosa.display.specshow(db, sr=sample_rate, hop_length=512, x_axis="time", y_axis="mel", ax=ax, cmap="magma")
+    librosa.display.specshow(db, sr=sample_rate, hop_length=512, x_axis="time", y_axis="mel", ax=ax,
+                             cmap="magma")
     ax.set_title(_plain(title[:80]), fontsize=8)
     ax.tick_params(labelsize=7)
     ax.set_xlabel("")
@@ -130,7 +132,8 @@ def make_charts(results: dict, out_dir: Path) -> dict[str, str]:
     if any(m in lk for m in models):
         K = max(len(lk[m]["ce_per_codebook"]) for m in models if m in lk)
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), gridspec_kw={"width_ratios": [3, 1]})
-        _bars(axes[0], [f"cb{k}" for k in range(K)], {m: lk[m]["ce_per_codebook"] for m in models if m in lk})
+        _bars(axes[0], [f"cb{k}" for k in range(K)],
+              {m: lk[m]["ce_per_codebook"] for m in models if m in lk})
         axes[0].set_title("held-out cross-entropy per codebook (nats)", fontsize=9)
         diff = lk.get("difference")
         if diff:
@@ -154,10 +157,8 @@ def make_charts(results: dict, out_dir: Path) -> dict[str, str]:
         panels = [("encodec", "fad", "FAD (EnCodec)"), ("encodec", "kad", "KAD×100 (EnCodec)"),
                   ("librosa", "fad", "FAD (librosa)"), ("librosa", "kad", "KAD×100 (librosa)")]
         for ax, (space, key, title) in zip(axes, panels):
-            def val(m):
-                v = get(dist, m, space, key)
-                return v["value"] if isinstance(v, dict) else v
-            _bars(ax, [""], {m: [val(m)] for m in models})
+            values = {m: get(dist, m, space, key) for m in models}
+            _bars(ax, [""], {m: [v["value"] if isinstance(v, dict) else v] for m, v in values.items()})
             for fname, style in (("noise", ":"), ("codec", "--")):
                 fv = get(floors, fname, space, key)
                 fv = fv["value"] if isinstance(fv, dict) else fv
@@ -171,7 +172,8 @@ def make_charts(results: dict, out_dir: Path) -> dict[str, str]:
     sig = gen.get("signal") or {}
     if any(m in sig for m in models):
         fig, ax = plt.subplots(figsize=(7, 2.8))
-        _bars(ax, list(CHECK_FAILURES), {m: [sig[m]["failure_rates"][f] for f in CHECK_FAILURES] for m in models
+        _bars(ax, list(CHECK_FAILURES),
+              {m: [sig[m]["failure_rates"][f] for f in CHECK_FAILURES] for m in models
                                          if m in sig})
         ax.set_ylim(0, 1.05)
         ax.set_title("share of generated clips failing each signal check", fontsize=9)
@@ -181,10 +183,11 @@ def make_charts(results: dict, out_dir: Path) -> dict[str, str]:
 
 
 def training_curve(adapter_dir: Optional[str | Path], out_dir: Path) -> Optional[str]:
-    """The adapter's training loss curve as out_dir/charts/training_loss.png (relative path), if found.
+    """The adapter's training loss curve as out_dir/charts/training_loss.png (relative path), if
+    found.
 
-    Looks in adapter_dir/../logs: plots metrics.jsonl (train and held-out loss per step) when present, else copies
-    loss_curve.png.
+    Looks in adapter_dir/../logs: plots metrics.jsonl (train and held-out loss per step) when
+    present, else copies loss_curve.png.
     """
     if not adapter_dir:
         return None
@@ -209,5 +212,6 @@ def training_curve(adapter_dir: Optional[str | Path], out_dir: Path) -> Optional
         with atomic_path(target) as tmp:
             shutil.copyfile(png, tmp)
         return relative(target, out_dir)
-    log.info("No training log found in %s (metrics.jsonl or loss_curve.png); the report has no loss curve", logs)
+    log.info("No training log found in %s (metrics.jsonl or loss_curve.png); the report has no "
+             "loss curve", logs)
     return None

@@ -1,8 +1,9 @@
-"""The evaluation report: a summary table (stdout + HTML), charts and spectrograms (matplotlib, Agg), report.html.
+"""The evaluation report: a summary table (stdout + HTML), charts and spectrograms (matplotlib,
+Agg), report.html.
 
-report.html links its media with relative paths (audio/, spectrograms/, charts/ next to it), so the whole
-evaluation folder can be copied or zipped and still plays. Every piece of text that reaches the HTML goes
-through ``html.escape`` (captions and paths are user input).
+report.html links its media with relative paths (audio/, spectrograms/, charts/ next to it), so the
+whole evaluation folder can be copied or zipped and still plays. Every piece of text that reaches
+the HTML goes through ``html.escape`` (captions and paths are user input).
 """
 
 from __future__ import annotations
@@ -19,14 +20,17 @@ import numpy as np
 
 import lora
 from lora.common.files import atomic_write_text
-from lora.scoring.plots import MODEL_LABELS, get as _get, make_charts, training_curve
+from lora.scoring.plots import MODEL_LABELS, make_charts, training_curve
+from lora.scoring.plots import get as _get
 
 # --------------------------------------------------------------------------------------------
 # Summary table
 # --------------------------------------------------------------------------------------------
-MIN_CLIPS_FOR_A_VERDICT = 2  # with fewer held-out clips no row names a better model (and with fewer recordings, no
+# with fewer held-out clips no row names a better model (and with fewer recordings, no
+MIN_CLIPS_FOR_A_VERDICT = 2
                              # held-out likelihood row: its interval resamples recordings)
-INTERVAL_KEYS = {  # summary row -> the interval of its LoRA - base difference in generation.intervals.metrics
+# summary row -> the interval of its LoRA - base difference in generation.intervals.metrics
+INTERVAL_KEYS = {
     "failed clips (share)": "failed_share",
     "FAD (EnCodec latents)": "encodec.fad", "KAD ×100 (EnCodec)": "encodec.kad",
     "FAD (librosa features)": "librosa.fad", "KAD ×100 (librosa)": "librosa.kad",
@@ -44,19 +48,21 @@ def _ci_note(iv: dict, unit: str) -> str:
 
 
 def summary_rows(results: dict) -> list[dict]:
-    """Rows {metric, base, lora, delta, better, lower_is_better, note} for the models that were evaluated.
+    """Rows {metric, base, lora, delta, better, lower_is_better, note} for the models that were
+    evaluated.
 
     "better" names the model with the better value only where the evidence holds: with fewer than
-    MIN_CLIPS_FOR_A_VERDICT held-out clips every row says "too few clips"; the held-out cross-entropy says
-    "unclear" when its confidence interval holds 0 and "too few recordings" when fewer than
-    MIN_CLIPS_FOR_A_VERDICT recordings are held out; a generated-audio row (failure share, FAD, KAD, CLAP) names a
-    winner only when the paired bootstrap interval of its difference (generation.intervals) excludes 0, else (no
-    interval, or one that holds 0) "unclear".
+    MIN_CLIPS_FOR_A_VERDICT held-out clips every row says "too few clips"; the held-out
+    cross-entropy says "unclear" when its confidence interval holds 0 and "too few recordings" when
+    fewer than MIN_CLIPS_FOR_A_VERDICT recordings are held out; a generated-audio row (failure
+    share, FAD, KAD, CLAP) names a winner only when the paired bootstrap interval of its difference
+    (generation.intervals) excludes 0, else (no interval, or one that holds 0) "unclear".
     """
     models = results.get("models_evaluated", [])
     rows: list[dict] = []
     lk = results.get("likelihood") or {}
-    n_heldout = min((_get(lk, m, "n_clips") for m in models if _get(lk, m, "n_clips") is not None), default=None)
+    n_heldout = min((_get(lk, m, "n_clips") for m in models if _get(lk, m, "n_clips") is not None),
+                    default=None)
     thin = n_heldout is not None and n_heldout < MIN_CLIPS_FOR_A_VERDICT
     gen = results.get("generation") or {}
     intervals = _get(gen, "intervals", "metrics") or {}
@@ -105,7 +111,8 @@ def summary_rows(results: dict) -> list[dict]:
 
 
 def _interval_verdict(row: dict, iv: Optional[dict]) -> None:
-    """A generated-audio row keeps its winner only when the interval of the difference excludes 0."""
+    """A generated-audio row keeps its winner only when the interval of the difference excludes
+    0."""
     if iv is None:
         if row["better"] in ("LoRA", "base"):
             row["better"] = "unclear"
@@ -130,7 +137,8 @@ def _likelihood_rows(add, rows: list, lk: dict) -> None:
     add("held-out cross-entropy (nats)", lambda m: _get(lk, m, "ce"), True, note)
     if diff and rows and rows[-1]["better"] in ("LoRA", "base"):
         if diff.get("n_recordings") is not None and diff["n_recordings"] < MIN_CLIPS_FOR_A_VERDICT:
-            rows[-1]["better"] = "too few recordings"  # one recording: every resample is the same, width 0
+            # one recording: every resample is the same, width 0
+            rows[-1]["better"] = "too few recordings"
         elif diff["ci_low"] <= 0 <= diff["ci_high"]:
             rows[-1]["better"] = "unclear"  # the interval holds 0: no evidence either way
     ce_row = rows[-1] if rows and rows[-1]["metric"] == "held-out cross-entropy (nats)" else None
@@ -238,8 +246,8 @@ def render_html(results: dict, charts: dict[str, str], loss_curve: Optional[str]
         parts.append(f"<h2>Generated audio</h2><p class='muted'>{e(gen['skipped'])}</p>")
     clips = gen.get("clips") or []
     if clips:
-        parts.append("<h2>Generated audio</h2><p class='muted'>Same prompt, same seed, same settings for both "
-                     "models. Spectrograms: log-mel, dB.</p>")
+        parts.append("<h2>Generated audio</h2><p class='muted'>Same prompt, same seed, same "
+                     "settings for both models. Spectrograms: log-mel, dB.</p>")
         by_prompt: dict[int, list[dict]] = {}
         for c in clips:
             by_prompt.setdefault(c["prompt_index"], []).append(c)
@@ -258,8 +266,8 @@ def render_html(results: dict, charts: dict[str, str], loss_curve: Optional[str]
                     if c.get("wav"):
                         parts.append(f"<audio controls preload='none' src='{_src(c['wav'])}'></audio>")
                     if c.get("spectrogram"):
-                        parts.append(f"<img src='{_src(c['spectrogram'])}' alt='spectrogram {e(m)} prompt {pi + 1} "
-                                     f"seed {e(sd)}'>")
+                        parts.append(f"<img src='{_src(c['spectrogram'])}' alt='spectrogram {e(m)} "
+                                     f"prompt {pi + 1} seed {e(sd)}'>")
                     fails = (c.get("checks") or {}).get("failures") or []
                     if fails:
                         parts.append(f"<div class='fail'>failed checks: {e(', '.join(fails))}</div>")
@@ -303,8 +311,8 @@ def versions() -> dict:
     import importlib.metadata as md
 
     out = {"python": platform.python_version(), "lora_toolkit": lora.__version__}
-    for pkg in ("torch", "transformers", "peft", "accelerate", "numpy", "scipy", "librosa", "pyloudnorm", "soxr",
-                "soundfile"):
+    for pkg in ("torch", "transformers", "peft", "accelerate", "numpy", "scipy", "librosa",
+                "pyloudnorm", "soxr", "soundfile"):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:

@@ -1,6 +1,7 @@
-"""The run folder: what train_lora.py writes there (and may therefore delete again), the lock against two runs in
-one folder, resumable checkpoints (``save_checkpoint`` / ``find_checkpoint`` / ``load_checkpoint``), the
-adapter folders and their model card; ``TrainState`` is what they record (``trainer_state.json``, written last).
+"""The run folder: what train_lora.py writes there (and may therefore delete again), the lock
+against two runs in one folder, resumable checkpoints (``save_checkpoint`` / ``find_checkpoint`` /
+``load_checkpoint``), the adapter folders and their model card; ``TrainState`` is what they record
+(``trainer_state.json``, written last).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ STATE_FILE = "trainer_state.json"
 # ============================================================================================
 @dataclass
 class TrainState:
-    """Where a run is: saved in trainer_state.json of every checkpoint and adapter, restored on resume."""
+    """Where a run is: saved in trainer_state.json of every checkpoint and adapter, restored on
+    resume."""
 
     global_step: int = 0
     epoch: float = 0.0
@@ -48,25 +50,29 @@ class TrainState:
                 setattr(self, k, saved[k])
 
     def snapshot(self, stage: str, **run) -> dict:
-        """The trainer_state.json document: the state, the stage that wrote it and facts about the run."""
+        """The trainer_state.json document: the state, the stage that wrote it and facts about the
+        run."""
         return dict(asdict(self), stage=stage, **run)
 
 
-# What train_lora.py writes into output_dir, and may therefore delete again (--overwrite_output_dir): its run
-# folders, each holding only these files, with its trainer_state.json. Anything else there is the user's.
+# What train_lora.py writes into output_dir, and may therefore delete again
+# (--overwrite_output_dir): its run folders, each holding only these files, with its
+# trainer_state.json. Anything else there is the user's.
 RUN_FOLDERS = ("checkpoints", "best_model", "final_model")
-ADAPTER_FILES = frozenset({"adapter_config.json", "adapter_model.safetensors", "README.md", "config.yaml", STATE_FILE,
-                           "eval_results.json"})
-CHECKPOINT_FILES = frozenset({"adapter_config.json", "adapter_model.safetensors", "README.md", "config.yaml",
+ADAPTER_FILES = frozenset({"adapter_config.json", "adapter_model.safetensors", "README.md",
+                           "config.yaml", STATE_FILE, "eval_results.json"})
+CHECKPOINT_FILES = frozenset({"adapter_config.json", "adapter_model.safetensors", "README.md",
+                              "config.yaml",
                               STATE_FILE, "optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pt"})
 CHECKPOINT_NAME = re.compile(r"step-\d{6}")
-ATOMIC_LEFTOVER = re.compile(r"\..+\.(?:tmp|old)")  # lora.common.files.atomic_dir's temporary folders after a crash
+# lora.common.files.atomic_dir's temporary folders after a crash
+ATOMIC_LEFTOVER = re.compile(r"\..+\.(?:tmp|old)")
 LOCK_FILE = ".train_lora.lock"
 
 
 def read_state(folder: Path) -> Optional[dict]:
-    """trainer_state.json of a folder when it is one this tool wrote (an object with an integer global_step), else
-    None."""
+    """trainer_state.json of a folder when it is one this tool wrote (an object with an integer
+    global_step), else None."""
     try:
         state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -76,8 +82,8 @@ def read_state(folder: Path) -> Optional[dict]:
 
 
 def _foreign_entries(folder: Path, allowed: frozenset, need_state: bool) -> list[Path]:
-    """Entries of one of our run folders that this tool does not write there (all of them when the folder is not
-    recognisably ours: no valid trainer_state.json)."""
+    """Entries of one of our run folders that this tool does not write there (all of them when the
+    folder is not recognisably ours: no valid trainer_state.json)."""
     entries = sorted(folder.iterdir())
     if need_state and read_state(folder) is None:
         return entries  # (an empty folder holds nothing to lose)
@@ -85,7 +91,8 @@ def _foreign_entries(folder: Path, allowed: frozenset, need_state: bool) -> list
 
 
 def earlier_run(out: Path) -> tuple[list[Path], list[Path]]:
-    """(the run folders an earlier run of train_lora.py left in ``out``, the entries among them it did not write)."""
+    """(the run folders an earlier run of train_lora.py left in ``out``, the entries among them it
+    did not write)."""
     ours, foreign = [], []
     for name in RUN_FOLDERS:
         p = out / name
@@ -102,31 +109,32 @@ def earlier_run(out: Path) -> tuple[list[Path], list[Path]]:
             if c.is_dir() and not c.is_symlink() and CHECKPOINT_NAME.fullmatch(c.name):
                 foreign += _foreign_entries(c, CHECKPOINT_FILES, need_state=True)
             elif c.is_dir() and not c.is_symlink() and ATOMIC_LEFTOVER.fullmatch(c.name):
-                foreign += _foreign_entries(c, CHECKPOINT_FILES, need_state=False)  # an interrupted save
+                # an interrupted save
+                foreign += _foreign_entries(c, CHECKPOINT_FILES, need_state=False)
             else:
                 foreign.append(c)
     return ours, foreign
 
 
 def clear_earlier_run(out: Path, overwrite: bool, is_main: bool = True) -> None:
-    """A fresh run must not mix with an earlier run's files: its checkpoints would be taken for this run's by
-    --resume_from_checkpoint latest, and its best_model would look like this run's if this one stops early.
-    --overwrite_output_dir deletes them, but only what train_lora.py wrote: anything else in those folders stops
-    the run, and nothing is deleted."""
+    """A fresh run must not mix with an earlier run's files: its checkpoints would be taken for this
+    run's by --resume_from_checkpoint latest, and its best_model would look like this run's if this
+    one stops early. --overwrite_output_dir deletes them, but only what train_lora.py wrote:
+    anything else in those folders stops the run, and nothing is deleted."""
     ours, foreign = earlier_run(out)
     if foreign:
         shown = "\n  ".join(str(f) for f in foreign[:10]) + (f"\n  ... and {len(foreign) - 10} more"
                                                            if len(foreign) > 10 else "")
-        raise UserError(f"{out} holds files that train_lora.py did not write, where it keeps its checkpoints and "
-                        f"adapters:\n  {shown}\nNothing was deleted. Move them elsewhere, or choose another "
-                        f"--output_dir.")
+        raise UserError(f"{out} holds files that train_lora.py did not write, where it keeps its "
+                        f"checkpoints and adapters:\n  {shown}\nNothing was deleted. Move them "
+                        f"elsewhere, or choose another --output_dir.")
     if not ours:
         return
     if not overwrite:
         names = ", ".join(p.name + "/" for p in ours)
         raise UserError(f"{out} already holds an earlier training run ({names}). Continue it with "
-                        f"--resume_from_checkpoint latest, choose another --output_dir, or pass --overwrite_output_dir "
-                        f"to delete those folders and start over.")
+                        f"--resume_from_checkpoint latest, choose another --output_dir, or pass "
+                        f"--overwrite_output_dir to delete those folders and start over.")
     if is_main:
         for p in ours:
             log.warning("--overwrite_output_dir: deleting %s of an earlier run", p)
@@ -135,9 +143,9 @@ def clear_earlier_run(out: Path, overwrite: bool, is_main: bool = True) -> None:
 
 @contextlib.contextmanager
 def output_lock(out: Path, enabled: bool = True):
-    """Hold output_dir for this run: a second train_lora.py on the same folder stops at once, naming the running
-    process. An OS file lock (fcntl.flock on output_dir/.train_lora.lock): the kernel drops it when the process
-    ends in any way, so a killed run never leaves the folder locked."""
+    """Hold output_dir for this run: a second train_lora.py on the same folder stops at once, naming
+    the running process. An OS file lock (fcntl.flock on output_dir/.train_lora.lock): the kernel
+    drops it when the process ends in any way, so a killed run never leaves the folder locked."""
     try:
         import fcntl
     except ImportError:  # (not on Windows: there two runs on one folder are not detected)
@@ -156,11 +164,12 @@ def output_lock(out: Path, enabled: bool = True):
         except OSError:
             fh.seek(0)
             holder = fh.read().strip() or "another process"
-            raise UserError(f"{out} is in use by another training run ({holder}). Wait for it to finish (or stop "
-                            f"it), or choose another --output_dir.") from None
+            raise UserError(f"{out} is in use by another training run ({holder}). Wait for it to "
+                            f"finish (or stop it), or choose another --output_dir.") from None
         fh.seek(0)
         fh.truncate()
-        fh.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()}, started "
+                 f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
         fh.flush()
         yield
     finally:
@@ -169,7 +178,8 @@ def output_lock(out: Path, enabled: bool = True):
 
 @dataclass
 class Checkpoint:
-    """A checkpoint read whole into memory (before anything is changed), ready to be applied to a run."""
+    """A checkpoint read whole into memory (before anything is changed), ready to be applied to a
+    run."""
 
     path: Path
     state: dict
@@ -181,38 +191,44 @@ class Checkpoint:
 
 
 def read_checkpoint(path: Path) -> Checkpoint:
-    """Every file of a checkpoint, loaded (safetensors, torch.load weights_only); UserError naming the damaged
-    file."""
+    """Every file of a checkpoint, loaded (safetensors, torch.load weights_only); UserError naming
+    the damaged file."""
     import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     state = read_state(path)
     if state is None:
-        raise UserError(f"{path / STATE_FILE} is missing or damaged (not a trainer state written by train_lora.py)")
+        raise UserError(f"{path / STATE_FILE} is missing or damaged (not a trainer state written "
+                        f"by train_lora.py)")
 
     def load(name, fn):
         try:
             return fn(path / name)
-        except (OSError, RuntimeError, EOFError, ValueError, SafetensorError, pickle.UnpicklingError) as e:
+        except (OSError, RuntimeError, EOFError, ValueError, SafetensorError,
+                pickle.UnpicklingError) as e:
             why = (str(e).splitlines() or [""])[0][:200]
-            raise UserError(f"{path / name} is damaged ({type(e).__name__}{': ' + why if why else ''})") from None
+            raise UserError(f"{path / name} is damaged "
+                            f"({type(e).__name__}{': ' + why if why else ''})") from None
 
     pt = lambda f: torch.load(f, map_location="cpu", weights_only=True)  # noqa: E731
-    return Checkpoint(path=path, state=state, adapter=load("adapter_model.safetensors", lambda f: load_file(str(f))),
+    return Checkpoint(path=path, state=state,
+                      adapter=load("adapter_model.safetensors", lambda f: load_file(str(f))),
                       optimizer=load("optimizer.pt", pt), scheduler=load("scheduler.pt", pt),
                       scaler=load("scaler.pt", pt) if (path / "scaler.pt").is_file() else None,
                       rng=load("rng_state.pt", pt))
 
 
 def find_checkpoint(output_dir: Path, spec: str) -> Checkpoint:
-    """The checkpoint to resume, read whole: 'latest' -> the newest complete checkpoint that loads (falling back to
-    an older one, with a warning, when the newest is damaged); else the given folder (UserError when damaged)."""
+    """The checkpoint to resume, read whole: 'latest' -> the newest complete checkpoint that loads
+    (falling back to an older one, with a warning, when the newest is damaged); else the given
+    folder (UserError when damaged)."""
     if spec.strip().lower() != "latest":
         path = Path(spec).expanduser().resolve()
         if not (path / STATE_FILE).is_file():
-            raise UserError(f"--resume_from_checkpoint {spec}: {path} is not a complete checkpoint (no {STATE_FILE}). "
-                            f"Use 'latest' or a folder like {output_dir / 'checkpoints' / 'step-000200'}.")
+            raise UserError(f"--resume_from_checkpoint {spec}: {path} is not a complete checkpoint "
+                            f"(no {STATE_FILE}). Use 'latest' or a folder like "
+                            f"{output_dir / 'checkpoints' / 'step-000200'}.")
         try:
             return read_checkpoint(path)
         except UserError as e:
@@ -248,16 +264,18 @@ def newest_checkpoint(output_dir: Path) -> Optional[Path]:
 
 
 def disk_space_needed(params, save_total_limit: int) -> int:
-    """Bytes a run writes into output_dir, roughly: per checkpoint the adapter and AdamW's two moments (float32),
-    save_total_limit + 1 of them while the oldest is rotated out, two adapters (best, final) and a few MB of logs."""
+    """Bytes a run writes into output_dir, roughly: per checkpoint the adapter and AdamW's two
+    moments (float32), save_total_limit + 1 of them while the oldest is rotated out, two adapters
+    (best, final) and a few MB of logs."""
     adapter = 4 * sum(p.numel() for p in params)
     return int(1.2 * ((save_total_limit + 1) * 3 * adapter + 2 * adapter) + 20 * 2 ** 20)
 
 
 def save_checkpoint(root: Path, model, optimizer, scheduler, scaler, cfg: Config, snapshot: dict,
                     keep: int) -> Path:
-    """A resumable checkpoint root/step-NNNNNN (adapter, optimizer, scheduler, scaler, RNG, config, state written
-    last: it marks the folder complete); only the newest ``keep`` checkpoints are kept."""
+    """A resumable checkpoint root/step-NNNNNN (adapter, optimizer, scheduler, scaler, RNG, config,
+    state written last: it marks the folder complete); only the newest ``keep`` checkpoints are
+    kept."""
     import torch
 
     path = root / f"step-{snapshot['global_step']:06d}"
@@ -281,16 +299,17 @@ def save_checkpoint(root: Path, model, optimizer, scheduler, scaler, cfg: Config
 
 def load_checkpoint(ck: Checkpoint, model, optimizer, scheduler, scaler, device, state: TrainState,
                     now: dict) -> None:
-    """Apply a checkpoint (read by find_checkpoint) to the run: LoRA weights, optimizer, schedule, scaler, RNG and
-    the state. ``now`` holds this run's batch_size / gradient_accumulation_steps / world_size / seed: a difference
-    is warned about (the data order then differs from an uninterrupted run)."""
+    """Apply a checkpoint (read by find_checkpoint) to the run: LoRA weights, optimizer, schedule,
+    scaler, RNG and the state. ``now`` holds this run's batch_size / gradient_accumulation_steps /
+    world_size / seed: a difference is warned about (the data order then differs from an
+    uninterrupted run)."""
     import torch
     from peft import set_peft_model_state_dict
 
     for key, value in now.items():
         if ck.state.get("run", {}).get(key) not in (None, value):
-            log.warning("Resuming with %s=%s but the checkpoint used %s: the data order will differ from an "
-                        "uninterrupted run.", key, value, ck.state["run"][key])
+            log.warning("Resuming with %s=%s but the checkpoint used %s: the data order will "
+                        "differ from an uninterrupted run.", key, value, ck.state["run"][key])
     set_peft_model_state_dict(model, {k: v.to(device) for k, v in ck.adapter.items()})
     optimizer.load_state_dict(ck.optimizer)
     scheduler.load_state_dict(ck.scheduler)
@@ -304,9 +323,10 @@ def load_checkpoint(ck: Checkpoint, model, optimizer, scheduler, scaler, device,
              state.data_epoch, state.step_in_epoch)
 
 
-def save_adapter(path: Path, model, cfg: Config, snapshot: dict, evaluation: Optional[dict], card: str) -> None:
-    """best_model / final_model: the PEFT adapter, the config, trainer_state.json, eval_results.json and a model
-    card README.md, written as one folder (atomically)."""
+def save_adapter(path: Path, model, cfg: Config, snapshot: dict, evaluation: Optional[dict],
+                 card: str) -> None:
+    """best_model / final_model: the PEFT adapter, the config, trainer_state.json, eval_results.json
+    and a model card README.md, written as one folder (atomically)."""
     snapshot = dict(snapshot, eval=evaluation)
     with atomic_dir(path) as tmp:
         model.save_pretrained(str(tmp))
@@ -318,7 +338,8 @@ def save_adapter(path: Path, model, cfg: Config, snapshot: dict, evaluation: Opt
         atomic_write_text(tmp / "README.md", card)
 
 
-def model_card(cfg: Config, info, state: dict, kind: str, n_train: int, train_hours: float, where: Path) -> str:
+def model_card(cfg: Config, info, state: dict, kind: str, n_train: int, train_hours: float,
+               where: Path) -> str:
     base = info.name_or_path
     best, base_loss = state.get("best_metric"), state.get("base_val_loss")
     lines = [
@@ -327,7 +348,8 @@ def model_card(cfg: Config, info, state: dict, kind: str, n_train: int, train_ho
         f"- Data: {n_train} training clips ({train_hours:.2f} h) from `{cfg.data.data_dir}`",
         f"- Training: {state['global_step']} optimizer steps (epoch {state['epoch']:.2f}), LoRA rank "
         f"{cfg.lora.lora_rank}, alpha {cfg.lora.lora_alpha}, targets `{cfg.lora.lora_targets}`, "
-        f"lr {cfg.training.learning_rate}, effective batch {state['effective_batch']}, precision {state['precision']}",
+        f"lr {cfg.training.learning_rate}, effective batch {state['effective_batch']}, precision "
+        f"{state['precision']}",
     ]
     if base_loss is not None:
         lines.append(f"- Held-out loss (cross-entropy, mean over codebooks): base model {base_loss:.4f}, "
@@ -343,6 +365,8 @@ def model_card(cfg: Config, info, state: dict, kind: str, n_train: int, train_ho
         f"model = PeftModel.from_pretrained(base, {str(where)!r})",
         f"processor = AutoProcessor.from_pretrained({base!r})",
         "inputs = processor(text=['your prompt'], padding=True, return_tensors='pt')",
-        "audio = model.generate(**inputs, do_sample=True, guidance_scale=3.0, max_new_tokens=500)", "```", "",
-        "`config.yaml` holds the full configuration of the run; `eval_results.json` the held-out metrics.", ""]
+        "audio = model.generate(**inputs, do_sample=True, guidance_scale=3.0, max_new_tokens=500)",
+        "```", "",
+        "`config.yaml` holds the full configuration of the run; `eval_results.json` the held-out "
+        "metrics.", ""]
     return "\n".join(lines)

@@ -1,5 +1,6 @@
-"""Model preparation for training: attach LoRA, store the frozen decoder weights in the training dtype, move what
-the step runs to the device and set the step's speed/memory options (static shapes, compile, CPU kernels).
+"""Model preparation for training: attach LoRA, store the frozen decoder weights in the training
+dtype, move what the step runs to the device and set the step's speed/memory options (static shapes,
+compile, CPU kernels).
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from lora.modeling.precision import cast_frozen_weights, resolve_base_weights_dt
 # Model preparation
 # ============================================================================================
 def prepare_frozen_weights(model, precision: str, setting: str) -> str:
-    """Apply training.base_weights_dtype after LoRA is attached: with bfloat16, every frozen weight and buffer of
-    the decoder modules (the family's ``decoder_modules``) is stored in bf16 and peft's cast of each LoRA input to
-    float32 is turned off (autocast runs the LoRA matmuls in bf16 anyway), so the step does no per-layer dtype
-    casts. LoRA weights (and so the optimizer state and the saved adapter) stay float32. Returns the dtype name."""
+    """Apply training.base_weights_dtype after LoRA is attached: with bfloat16, every frozen weight
+    and buffer of the decoder modules (the family's ``decoder_modules``) is stored in bf16 and
+    peft's cast of each LoRA input to float32 is turned off (autocast runs the LoRA matmuls in bf16
+    anyway), so the step does no per-layer dtype casts. LoRA weights (and so the optimizer state and
+    the saved adapter) stay float32. Returns the dtype name."""
     import torch
 
     name, why = resolve_base_weights_dtype(setting, precision)
@@ -40,9 +42,9 @@ def prepare_frozen_weights(model, precision: str, setting: str) -> str:
 
 
 def move_trained_modules(model, device, text_encoder: bool = False) -> None:
-    """Move what the train step runs to ``device``: the decoder modules (with their LoRA layers) and, when asked
-    (the text encoder trains), the text encoder. Called after LoRA is attached and the frozen weights are cast,
-    so the decoder reaches a GPU already in its training dtype."""
+    """Move what the train step runs to ``device``: the decoder modules (with their LoRA layers)
+    and, when asked (the text encoder trains), the text encoder. Called after LoRA is attached and
+    the frozen weights are cast, so the decoder reaches a GPU already in its training dtype."""
     fam = family_for(model)
     for m in fam.decoder_modules(model):
         m.to(device)
@@ -50,32 +52,38 @@ def move_trained_modules(model, device, text_encoder: bool = False) -> None:
         fam.text_encoder_of(model).to(device)
 
 
-# torch.compile with static shapes (training.torch_compile): every batch the compiled decoder sees is padded to one
-# of a bounded set of shapes, so a run compiles a known, small number of graphs instead of one per (T, L, B).
-COMPILE_FRAME_BUCKET_SECONDS = 5.0                 # clips are padded to a multiple of this many seconds of frames
-COMPILE_TEXT_LENGTHS = (32, 64, 128, 256, 512)     # text states are padded to the first of these that fits
-STATIC_SHAPES_ATTR = "_lora_static_shapes"         # where prepare_model leaves the plan on the model (step_loss reads it)
+# torch.compile with static shapes (training.torch_compile): every batch the compiled decoder sees
+# is padded to one of a bounded set of shapes, so a run compiles a known, small number of graphs
+# instead of one per (T, L, B). clips are padded to a multiple of this many seconds of frames
+COMPILE_FRAME_BUCKET_SECONDS = 5.0
+# text states are padded to the first of these that fits
+COMPILE_TEXT_LENGTHS = (32, 64, 128, 256, 512)
+# where prepare_model leaves the plan on the model (step_loss reads it)
+STATIC_SHAPES_ATTR = "_lora_static_shapes"
 
 
 @dataclass(frozen=True)
 class StaticShapes:
-    """The padded shapes of the compiled step. ``pad`` pads a batch's codes (B, K, T) with the pad token to
-    ``frames(T)`` (a multiple of ``frame_bucket``, at most ``max_frames``; a longer batch is never cut), its text
-    states (B, L, D) and mask with zeros to ``text(L)``, and the batch to ``batch_size`` rows (copies of the first
-    clip with length 0). Positions past ``lengths`` carry no loss and the decoder is causal, so the valid positions'
-    logits, the loss and the gradients are those of the unpadded batch (the zero-mask text positions get no
-    attention; tests/test_compile.py checks both)."""
+    """The padded shapes of the compiled step. ``pad`` pads a batch's codes (B, K, T) with the pad
+    token to ``frames(T)`` (a multiple of ``frame_bucket``, at most ``max_frames``; a longer batch
+    is never cut), its text states (B, L, D) and mask with zeros to ``text(L)``, and the batch to
+    ``batch_size`` rows (copies of the first clip with length 0). Positions past ``lengths`` carry
+    no loss and the decoder is causal, so the valid positions' logits, the loss and the gradients
+    are those of the unpadded batch (the zero-mask text positions get no attention;
+    tests/test_compile.py checks both)."""
 
     frame_bucket: int
     max_frames: int
     batch_size: int
-    text_lengths: tuple = COMPILE_TEXT_LENGTHS  # () = text states not padded (MusicGen-Melody: the text length is
-    #                                             part of its prefix condition, padding it would change the loss)
+    # () = text states not padded (MusicGen-Melody: the text length is
+    text_lengths: tuple = COMPILE_TEXT_LENGTHS
+    #                                             part of its prefix condition, padding it would
+    # change the loss)
 
     @property
     def variants(self) -> int:
-        """Shape variants (compiles) of one grad mode at most: frame buckets x text lengths (a batch longer than
-        max_frames or text longer than the last text length adds its own)."""
+        """Shape variants (compiles) of one grad mode at most: frame buckets x text lengths (a batch
+        longer than max_frames or text longer than the last text length adds its own)."""
         return math.ceil(self.max_frames / self.frame_bucket) * max(1, len(self.text_lengths))
 
     def frames(self, t: int) -> int:
@@ -89,7 +97,8 @@ class StaticShapes:
         return next((x for x in self.text_lengths if x >= n), top * math.ceil(n / top))
 
     def pad(self, codes, lengths, hidden, mask, pad_token_id: int, chroma=None):
-        """(codes, lengths, hidden, mask, chroma) padded to the static shapes (tensors on any device)."""
+        """(codes, lengths, hidden, mask, chroma) padded to the static shapes (tensors on any
+        device)."""
         import torch
         import torch.nn.functional as F
 
@@ -108,12 +117,13 @@ class StaticShapes:
 
 
 def static_shapes_for(model, cfg: Config) -> StaticShapes:
-    """The static-shape plan of a run of ``cfg`` on ``model`` (train_lora's max_frames: max_duration at the codec's
-    frame rate)."""
+    """The static-shape plan of a run of ``cfg`` on ``model`` (train_lora's max_frames: max_duration
+    at the codec's frame rate)."""
     fam = family_for(model)
     info = fam.model_info(model, "", "")
     bucket = max(1, int(round(COMPILE_FRAME_BUCKET_SECONDS * info.frame_rate)))
-    return StaticShapes(frame_bucket=bucket, max_frames=max(1, int(round(cfg.training.max_duration * info.frame_rate))),
+    return StaticShapes(frame_bucket=bucket,
+                        max_frames=max(1, int(round(cfg.training.max_duration * info.frame_rate))),
                         batch_size=int(cfg.training.batch_size),
                         text_lengths=() if fam.MELODY else COMPILE_TEXT_LENGTHS)
 
@@ -122,18 +132,20 @@ def configure_step(model, device, checkpointing: bool = False, torch_compile: bo
                    decoder_dropout: float | None = 0.0, compile_mode: str = "default",
                    static_shapes: Optional[StaticShapes] = None) -> None:
     """The step's speed/memory options on the LoRA-wrapped model: the decoder's hidden-state dropout
-    (training.decoder_dropout); on CPU (not under torch.compile: inductor has its own RNG and kernels) FastDropout
-    for the LoRA dropout and SDPA's math kernel for the cross-attention over the text tokens (lora.modeling.cpu_speed);
-    gradient checkpointing of the decoder layers; torch.compile of the decoder (``compile_mode`` default or
-    reduce-overhead = CUDA graphs, CUDA only) with the batches padded to ``static_shapes`` in step_loss."""
+    (training.decoder_dropout); on CPU (not under torch.compile: inductor has its own RNG and
+    kernels) FastDropout for the LoRA dropout and SDPA's math kernel for the cross-attention over
+    the text tokens (lora.modeling.cpu_speed); gradient checkpointing of the decoder layers;
+    torch.compile of the decoder (``compile_mode`` default or reduce-overhead = CUDA graphs, CUDA
+    only) with the batches padded to ``static_shapes`` in step_loss."""
     fam = family_for(model)
     fam.set_decoder_dropout(model, decoder_dropout)
     if device.type == "cpu" and not torch_compile:
         if use_fast_dropout(model):
             log.info("LoRA dropout: FastDropout (CPU: the default dropout's random numbers are slow)")
         if use_cpu_train_attention(fam.decoder(model)):
-            log.info("Cross-attention: SDPA math kernel while training where audio positions x text tokens <= %d "
-                     "(CPU: the flash-attention backward is slow for so few keys)", MATH_CROSS_ATTENTION_MAX_SCORES)
+            log.info("Cross-attention: SDPA math kernel while training where audio positions x "
+                     "text tokens <= %d (CPU: the flash-attention backward is slow for so few "
+                     "keys)", MATH_CROSS_ATTENTION_MAX_SCORES)
     if checkpointing:
         fam.enable_gradient_checkpointing(model)
     if torch_compile:
@@ -141,23 +153,27 @@ def configure_step(model, device, checkpointing: bool = False, torch_compile: bo
 
         mode = compile_mode if compile_mode != "default" else None
         if mode == "reduce-overhead" and device.type != "cuda":
-            log.warning("training.compile_mode reduce-overhead captures CUDA graphs: on %s the default mode is "
-                        "used", device.type)
+            log.warning("training.compile_mode reduce-overhead captures CUDA graphs: on %s the "
+                        "default mode is used", device.type)
             mode = None
         setattr(model, STATIC_SHAPES_ATTR, static_shapes)
         if static_shapes is not None:
-            # Each variant is a separate graph (dynamic=False): allow all of them, training and validation (grad
-            # mode and train/eval are guarded), plus a longer-than-planned batch, before dynamo falls back to eager.
+            # Each variant is a separate graph (dynamic=False): allow all of them, training and
+            # validation (grad mode and train/eval are guarded), plus a longer-than-planned batch,
+            # before dynamo falls back to eager.
             need = 2 * static_shapes.variants + 4
             for key in ("recompile_limit", "cache_size_limit"):
                 if hasattr(torch._dynamo.config, key) and getattr(torch._dynamo.config, key) < need:
                     setattr(torch._dynamo.config, key, need)
-            log.info("torch.compile: decoder, mode %s, static shapes: clips padded to a multiple of %d frames (up to "
-                     "%d), text states to %s tokens, batches to %d clips: at most %d x %d = %d shape variants "
-                     "(compiles) for training and as many for validation", mode or "default",
+            log.info("torch.compile: decoder, mode %s, static shapes: clips padded to a multiple "
+                     "of %d frames (up to %d), text states to %s tokens, batches to %d clips: at "
+                     "most %d x %d = %d shape variants (compiles) for training and as many for "
+                     "validation", mode or "default",
                      static_shapes.frame_bucket, static_shapes.max_frames,
-                     "/".join(map(str, static_shapes.text_lengths)) or "their own (melody prefix: not padded)",
-                     static_shapes.batch_size, math.ceil(static_shapes.max_frames / static_shapes.frame_bucket),
+                     "/".join(map(str, static_shapes.text_lengths))
+                     or "their own (melody prefix: not padded)",
+                     static_shapes.batch_size,
+                     math.ceil(static_shapes.max_frames / static_shapes.frame_bucket),
                      len(static_shapes.text_lengths) or 1, static_shapes.variants)
         else:
             log.info("torch.compile: decoder, mode %s (shapes not padded: one compile per batch shape)",
@@ -166,11 +182,13 @@ def configure_step(model, device, checkpointing: bool = False, torch_compile: bo
 
 
 def prepare_model(model, cfg: Config, precision: str, device):
-    """The trainable model from the loaded base (on the CPU, encoders wherever they are): LoRA attached (its init
-    seeded by the caller), frozen weights cast, the step's modules on ``device``, the step configured. Returns
-    (peft model, trainable parameters). train_lora.py, test_model.py and bench/bench_train.py all call this."""
+    """The trainable model from the loaded base (on the CPU, encoders wherever they are): LoRA
+    attached (its init seeded by the caller), frozen weights cast, the step's modules on ``device``,
+    the step configured. Returns (peft model, trainable parameters). train_lora.py, test_model.py
+    and bench/bench_train.py all call this."""
     t = cfg.training
-    model = attach_lora(model, cfg.lora)  # peft creates the LoRA weights next to the layers they adapt
+    # peft creates the LoRA weights next to the layers they adapt
+    model = attach_lora(model, cfg.lora)
     prepare_frozen_weights(model, precision, t.base_weights_dtype)
     move_trained_modules(model, device, text_encoder=bool(cfg.lora.train_text_encoder))
     configure_step(model, device, checkpointing=t.gradient_checkpointing, torch_compile=t.torch_compile,
@@ -180,8 +198,8 @@ def prepare_model(model, cfg: Config, precision: str, device):
 
 
 def autocast_for(precision: str, device):
-    """The autocast of ``Accelerator(mixed_precision=precision).autocast`` on ``device``, as a context-manager
-    factory, for callers that pick their own device (test_model.py --device)."""
+    """The autocast of ``Accelerator(mixed_precision=precision).autocast`` on ``device``, as a
+    context-manager factory, for callers that pick their own device (test_model.py --device)."""
     import torch
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
@@ -191,8 +209,8 @@ def autocast_for(precision: str, device):
 
 
 def set_train_mode(model, cache_text: bool) -> None:
-    """LoRA layers (and the decoder's dropout) in training mode; the frozen codec, and the text encoder unless it
-    trains, in eval mode."""
+    """LoRA layers (and the decoder's dropout) in training mode; the frozen codec, and the text
+    encoder unless it trains, in eval mode."""
     fam = family_for(model)
     model.train()
     fam.audio_codec(model).eval()

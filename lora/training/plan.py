@@ -1,5 +1,6 @@
-"""The run's plan: how many optimizer steps, how often to validate / save / log (``auto_interval``), the seeds of
-micro-batches (data order and dropout depend on (seed, epoch, index) only), and the train/held-out split.
+"""The run's plan: how many optimizer steps, how often to validate / save / log (``auto_interval``),
+the seeds of micro-batches (data order and dropout depend on (seed, epoch, index) only), and the
+train/held-out split.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from lora.config import Config
 # The data plan
 # ============================================================================================
 def micro_seed(seed: int, epoch: int, micro_index: int) -> int:
-    """Seed of the torch RNG for one global micro-batch (model/LoRA dropout): independent of process count."""
+    """Seed of the torch RNG for one global micro-batch (model/LoRA dropout): independent of process
+    count."""
     return (int(seed) * 1_000_003 + int(epoch) * 7_919 + int(micro_index) * 104_729 + 17) % (2 ** 63 - 1)
 
 
@@ -34,12 +36,14 @@ def plan_steps(cfg: Config, n_batches: int, group: int) -> tuple[int, int, int, 
     return steps_per_epoch, total, warmup, note
 
 
-AUTO_PER_RUN = 10  # eval_steps / save_steps 'auto': about this many validations / checkpoints per run
+# eval_steps / save_steps 'auto': about this many validations / checkpoints per run
+AUTO_PER_RUN = 10
 
 
 def auto_interval(total_steps: int, per_run: int = AUTO_PER_RUN) -> int:
-    """The 'auto' interval of eval_steps / save_steps: total_steps / per_run, rounded to a whole step below 7.5 and
-    to a multiple of 5 above (steps 10, 20, 30 of a 90-step run rather than 9, 18, 27), at least 1."""
+    """The 'auto' interval of eval_steps / save_steps: total_steps / per_run, rounded to a whole
+    step below 7.5 and to a multiple of 5 above (steps 10, 20, 30 of a 90-step run rather than 9,
+    18, 27), at least 1."""
     x = total_steps / per_run
     if x < 7.5:
         return max(1, math.floor(x + 0.5))
@@ -47,7 +51,8 @@ def auto_interval(total_steps: int, per_run: int = AUTO_PER_RUN) -> int:
 
 
 def every_problem(key: str, value) -> Optional[str]:
-    """The problem with an eval_steps / save_steps setting ('auto' or a whole number >= 1), naming the key."""
+    """The problem with an eval_steps / save_steps setting ('auto' or a whole number >= 1), naming
+    the key."""
     if str(value).strip().lower() == "auto":
         return None
     try:
@@ -55,27 +60,29 @@ def every_problem(key: str, value) -> Optional[str]:
     except ValueError:
         n = None
     if n is None or n < 1:
-        return (f"{key} must be 'auto' (about {AUTO_PER_RUN} per run) or a whole number of optimizer steps, at least "
-                f"1 (got {value!r})")
+        return (f"{key} must be 'auto' (about {AUTO_PER_RUN} per run) or a whole number of "
+                f"optimizer steps, at least 1 (got {value!r})")
     return None
 
 
 def resolve_every(value, total_steps: int) -> tuple[int, bool]:
-    """(interval in optimizer steps, whether it came from 'auto') of a checked eval_steps / save_steps setting."""
+    """(interval in optimizer steps, whether it came from 'auto') of a checked eval_steps /
+    save_steps setting."""
     if str(value).strip().lower() == "auto":
         return auto_interval(total_steps), True
     return int(str(value).strip()), False
 
 
 def events_in_run(every: int, total_steps: int) -> list[int]:
-    """The optimizer steps at which an every-N event (validation, checkpoint) happens: each multiple of ``every``
-    and the last step."""
+    """The optimizer steps at which an every-N event (validation, checkpoint) happens: each multiple
+    of ``every`` and the last step."""
     steps = list(range(every, total_steps + 1, every))
     return steps if steps and steps[-1] == total_steps else steps + [total_steps]
 
 
 class SaveTimer:
-    """'A checkpoint at least every ``minutes`` of wall time' (training.save_minutes; 0 = never due)."""
+    """'A checkpoint at least every ``minutes`` of wall time' (training.save_minutes; 0 = never
+    due)."""
 
     def __init__(self, minutes: float, clock=time.monotonic):
         self.seconds, self.clock = 60.0 * minutes, clock
@@ -89,17 +96,18 @@ class SaveTimer:
 
 
 def split_records(cfg: Config, records: list) -> tuple[list, list]:
-    """(train records, valid records); UserError when either split is empty (training validates on held-out clips
-    only, never on the training clips)."""
+    """(train records, valid records); UserError when either split is empty (training validates on
+    held-out clips only, never on the training clips)."""
     train = [r for r in records if r.split == "train"]
     valid = [r for r in records if r.split == "valid"]
     if not train:
-        raise UserError(f"No training clips (split 'train') in {cfg.data.data_dir}/{cfg.data.metadata_file}. "
-                        f"Prepare data with: python lora/prepare_data.py --input_dir YOUR_AUDIO --output_dir "
-                        f"{cfg.data.data_dir}")
+        raise UserError(f"No training clips (split 'train') in "
+                        f"{cfg.data.data_dir}/{cfg.data.metadata_file}. Prepare data with: python "
+                        f"lora/prepare_data.py --input_dir YOUR_AUDIO --output_dir {cfg.data.data_dir}")
     if not valid:
-        raise UserError(f"No held-out clips (split 'valid') in {cfg.data.data_dir}/{cfg.data.metadata_file}; "
-                        f"training needs them to measure progress and pick best_model (it never validates on the "
-                        f"training clips). Re-run prepare_data.py with --valid_fraction 0.1 (or higher), or mark "
-                        f"some clips \"split\": \"valid\".")
+        raise UserError(f"No held-out clips (split 'valid') in "
+                        f"{cfg.data.data_dir}/{cfg.data.metadata_file}; training needs them to "
+                        f"measure progress and pick best_model (it never validates on the training "
+                        f"clips). Re-run prepare_data.py with --valid_fraction 0.1 (or higher), or "
+                        f"mark some clips \"split\": \"valid\".")
     return train, valid

@@ -1,5 +1,6 @@
 """The run's log: metrics.jsonl, TensorBoard, loss_curve.png (``RunLog``), where the wall time went
-(``PhaseClock``, logs/timing.json), and the training statistics since the last log line (``Interval``).
+(``PhaseClock``, logs/timing.json), and the training statistics since the last log line
+(``Interval``).
 """
 
 from __future__ import annotations
@@ -17,20 +18,23 @@ from lora.scoring.plots import loss_figure
 
 
 class PhaseClock:
-    """Where a run's wall time goes, from the process start to the last file written: the set-up phases in order
-    (``lap``), then the train loop's steps (``step``: the first apart, then the steady ones) and the time spent
-    validating and checkpointing between them. ``report()`` is the table train_lora.py logs and writes to
-    logs/timing.json, and bench/bench_train.py --cold_start reads."""
+    """Where a run's wall time goes, from the process start to the last file written: the set-up
+    phases in order (``lap``), then the train loop's steps (``step``: the first apart, then the
+    steady ones) and the time spent validating and checkpointing between them. ``report()`` is the
+    table train_lora.py logs and writes to logs/timing.json, and bench/bench_train.py --cold_start
+    reads."""
 
     def __init__(self, started: float):
-        self.started = started           # process start, time.time() scale (lora.common.cli.process_start_time)
+        # process start, time.time() scale (lora.common.cli.process_start_time)
+        self.started = started
         self.phases: dict[str, float] = {}
         self.steps: list[float] = []
         self.mark = time.time()
         self.phases["start-up"] = self.mark - started
 
     def lap(self, name: str) -> float:
-        """Close the phase that ran since the last lap (or the start-up) under ``name``; its seconds."""
+        """Close the phase that ran since the last lap (or the start-up) under ``name``; its
+        seconds."""
         now = time.time()
         seconds = now - self.mark
         self.phases[name] = self.phases.get(name, 0.0) + seconds
@@ -70,18 +74,21 @@ class PhaseClock:
 class RunLog:
     """metrics.jsonl, TensorBoard and loss_curve.png under output_dir/logs (main process only)."""
 
-    def __init__(self, logs_dir: Path, history: list[dict], enabled: bool, resumed_at: Optional[int] = None):
-        """``resumed_at``: the step of the checkpoint a resumed run starts from (None: a fresh run)."""
+    def __init__(self, logs_dir: Path, history: list[dict], enabled: bool,
+                 resumed_at: Optional[int] = None):
+        """``resumed_at``: the step of the checkpoint a resumed run starts from (None: a fresh
+        run)."""
         self.dir, self.history, self.enabled = logs_dir, history, enabled
         self.tb = None
         if enabled:
             logs_dir.mkdir(parents=True, exist_ok=True)
-            # Rewrite metrics.jsonl from the (restored) history: lines past a resumed checkpoint are dropped.
+            # Rewrite metrics.jsonl from the (restored) history: lines past a resumed checkpoint are
+            # dropped.
             atomic_write_text(logs_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
             from torch.utils.tensorboard import SummaryWriter
 
-            # The same for TensorBoard: its events past the checkpoint (all of them for a fresh run over an earlier
-            # run's logs) are purged, so no step shows twice.
+            # The same for TensorBoard: its events past the checkpoint (all of them for a fresh run
+            # over an earlier run's logs) are purged, so no step shows twice.
             purge = 0 if resumed_at is None else resumed_at + 1
             self.tb = SummaryWriter(log_dir=str(logs_dir), purge_step=purge)
 
@@ -126,4 +133,5 @@ class Interval:
     def start(cls, device, num_codebooks: int) -> "Interval":
         import torch
 
-        return cls(loss=torch.zeros((), device=device), per_codebook=torch.zeros(num_codebooks, device=device))
+        return cls(loss=torch.zeros((), device=device),
+                   per_codebook=torch.zeros(num_codebooks, device=device))

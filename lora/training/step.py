@@ -1,5 +1,6 @@
-"""The training step and validation: the loss of one micro-batch of cached tokens (``step_loss``), token-weighted
-accumulation, the all-reduce of a step's statistics over processes, and the held-out loss (``heldout_loss``).
+"""The training step and validation: the loss of one micro-batch of cached tokens (``step_loss``),
+token-weighted accumulation, the all-reduce of a step's statistics over processes, and the held-out
+loss (``heldout_loss``).
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ from lora.training.model_prep import STATIC_SHAPES_ATTR
 # The step loss and validation
 # ============================================================================================
 def step_loss(model, processor, info, batch, device, autocast, cache_text: bool):
-    """The training (and validation) forward of one micro-batch -> the family's CodebookLoss (``.loss`` is the
-    objective, ``.per_codebook`` / ``.tokens`` per codebook).
+    """The training (and validation) forward of one micro-batch -> the family's CodebookLoss
+    (``.loss`` is the objective, ``.per_codebook`` / ``.tokens`` per codebook).
 
-    Delay-pattern targets from the cached codes; the decoder reads the cached text states (or, when the text
-    encoder trains, encodes the captions here and applies the null condition to dropped samples) and, for a melody
-    model, the batch's chroma (already the null melody where dropped). ``autocast``
-    is a context-manager factory (``Accelerator.autocast``).
+    Delay-pattern targets from the cached codes; the decoder reads the cached text states (or, when
+    the text encoder trains, encodes the captions here and applies the null condition to dropped
+    samples) and, for a melody model, the batch's chroma (already the null melody where dropped).
+    ``autocast`` is a context-manager factory (``Accelerator.autocast``).
     """
     fam = family_for(info)
     codes = batch["codes"].to(device, non_blocking=True)
@@ -29,7 +30,8 @@ def step_loss(model, processor, info, batch, device, autocast, cache_text: bool)
     if cache_text:
         hidden = batch["hidden"].to(device, non_blocking=True)
         mask = batch["mask"].to(device, non_blocking=True)
-    else:  # the text encoder trains: encode every step, then apply the null condition to dropped samples
+    # the text encoder trains: encode every step, then apply the null condition to dropped samples
+    else:
         with autocast():
             hidden, mask = fam.encode_text(model, processor, batch["texts"], device=device)
         hidden, mask = fam.drop_condition(hidden, mask, ~batch["dropped"].to(device))
@@ -37,21 +39,24 @@ def step_loss(model, processor, info, batch, device, autocast, cache_text: bool)
     shapes = getattr(model, STATIC_SHAPES_ATTR, None)
     b, t = codes.shape[0], codes.shape[-1]
     if shapes is not None:  # torch_compile: pad to a static shape (no loss on the padding)
-        codes, lengths, hidden, mask, chroma = shapes.pad(codes, lengths, hidden, mask, info.pad_token_id, chroma)
+        codes, lengths, hidden, mask, chroma = shapes.pad(codes, lengths, hidden, mask,
+                                                          info.pad_token_id, chroma)
     melody = {"chroma": chroma} if chroma is not None else {}
-    logits, labels = fam.teacher_forced_logits(model, info, codes, lengths, hidden, mask, autocast=autocast, **melody)
+    logits, labels = fam.teacher_forced_logits(model, info, codes, lengths, hidden, mask,
+                                               autocast=autocast, **melody)
     loss = fam.codebook_loss(logits, labels)
-    if shapes is not None:  # per-clip results of the batch's own clips (the padding has no valid token)
+    # per-clip results of the batch's own clips (the padding has no valid token)
+    if shapes is not None:
         s = t + (loss.ce.shape[-1] - codes.shape[-1])
         loss.ce, loss.valid = loss.ce[:b, :, :s], loss.valid[:b, :, :s]
     return loss
 
 
-def heldout_loss(model, processor, info, valid_ds, collate, batch_size: int, device, autocast, cache_text: bool,
-                 rank: int = 0, world: int = 1) -> dict:
-    """Token-weighted held-out cross-entropy of the model as it is now (eval mode): per codebook and their mean,
-    with perplexities. The held-out clips are split over processes and the sums all-reduced. Leaves the model in
-    eval mode (the caller sets training mode again)."""
+def heldout_loss(model, processor, info, valid_ds, collate, batch_size: int, device, autocast,
+                 cache_text: bool, rank: int = 0, world: int = 1) -> dict:
+    """Token-weighted held-out cross-entropy of the model as it is now (eval mode): per codebook and
+    their mean, with perplexities. The held-out clips are split over processes and the sums
+    all-reduced. Leaves the model in eval mode (the caller sets training mode again)."""
     import torch
     import torch.distributed as dist
 
@@ -64,7 +69,8 @@ def heldout_loss(model, processor, info, valid_ds, collate, batch_size: int, dev
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)][rank::world]
     with torch.no_grad():
         for b in batches:
-            loss = step_loss(model, processor, info, collate([valid_ds[i] for i in b]), device, autocast, cache_text)
+            loss = step_loss(model, processor, info, collate([valid_ds[i] for i in b]), device,
+                             autocast, cache_text)
             sums += loss.per_codebook.double() * loss.tokens.double()
             counts += loss.tokens.double()
     if world > 1:
@@ -81,8 +87,9 @@ def heldout_loss(model, processor, info, valid_ds, collate, batch_size: int, dev
 
 @dataclass
 class StepStats:
-    """One optimizer step's training loss (the token-weighted objective) and what the logs count, for this process's
-    micro-batches; ``all_reduce_step`` makes them the whole step's, over every process."""
+    """One optimizer step's training loss (the token-weighted objective) and what the logs count,
+    for this process's micro-batches; ``all_reduce_step`` makes them the whole step's, over every
+    process."""
 
     loss: object          # scalar tensor
     per_codebook: object  # (K,) tensor
@@ -90,16 +97,19 @@ class StepStats:
     samples: int = 0
 
 
-def accumulate(loss_fn, micro_batches: list, backward, seeds: list[int], world: int = 1, device=None) -> StepStats:
-    """Forward and backward of one optimizer step's micro-batches (this process's share). Each micro-batch is
-    weighted by its share of the step's valid tokens over all processes, so the step's gradient is that of the mean
-    cross-entropy over all its tokens (per codebook, then over codebooks: what validation reports), whatever the
-    split into micro-batches and processes and however long the clips are. (With equal micro-batches the weight is
-    1 / (accumulation x processes), the plain mean.) ``seeds``: the torch seed of each micro-batch (dropout)."""
+def accumulate(loss_fn, micro_batches: list, backward, seeds: list[int], world: int = 1,
+               device=None) -> StepStats:
+    """Forward and backward of one optimizer step's micro-batches (this process's share). Each
+    micro-batch is weighted by its share of the step's valid tokens over all processes, so the
+    step's gradient is that of the mean cross-entropy over all its tokens (per codebook, then over
+    codebooks: what validation reports), whatever the split into micro-batches and processes and
+    however long the clips are. (With equal micro-batches the weight is 1 / (accumulation x
+    processes), the plain mean.) ``seeds``: the torch seed of each micro-batch (dropout)."""
     import torch
     import torch.distributed as dist
 
-    # Every codebook has one valid token per frame of a clip (the delay pattern shifts, never drops, frames).
+    # Every codebook has one valid token per frame of a clip (the delay pattern shifts, never drops,
+    # frames).
     tokens = [float(b["lengths"].sum()) for b in micro_batches]
     total = torch.tensor(sum(tokens), dtype=torch.float64, device=device)
     if world > 1:
@@ -122,14 +132,16 @@ def accumulate(loss_fn, micro_batches: list, backward, seeds: list[int], world: 
 
 
 def all_reduce_step(params, stats: StepStats) -> StepStats:
-    """One all-reduce (sum) of every LoRA gradient and of the step's statistics across processes: the gradients
-    were weighted by tokens over all processes, so their sum is the whole step's gradient, the same as one process
-    with all the micro-batches; the loss, per-codebook losses and counts become the whole step's."""
+    """One all-reduce (sum) of every LoRA gradient and of the step's statistics across processes:
+    the gradients were weighted by tokens over all processes, so their sum is the whole step's
+    gradient, the same as one process with all the micro-batches; the loss, per-codebook losses and
+    counts become the whole step's."""
     import torch
     import torch.distributed as dist
 
     extra = torch.cat([stats.loss.view(1).float(), stats.per_codebook.float(),
-                       torch.tensor([stats.dropped, stats.samples], dtype=torch.float32, device=stats.loss.device)])
+                       torch.tensor([stats.dropped, stats.samples], dtype=torch.float32,
+                                    device=stats.loss.device)])
     flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().float()
                       for p in params] + [extra])
     dist.all_reduce(flat)

@@ -1,5 +1,6 @@
-"""The web UI's generation engine: one base model in memory with adapters switched onto it, the Generate form's
-checks, the A/B requests, and the files it writes (the same writer and names as inference_lora.py).
+"""The web UI's generation engine: one base model in memory with adapters switched onto it, the
+Generate form's checks, the A/B requests, and the files it writes (the same writer and names as
+inference_lora.py).
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ class StopRequested(UserError):
 # Generation: one base model, adapters switched onto it
 # ============================================================================================
 class Engine:
-    """The base model (loaded once per model path and kept) with every adapter used so far loaded onto it by
-    peft; one job at a time (the UI's queue serialises them, ``lock`` makes sure)."""
+    """The base model (loaded once per model path and kept) with every adapter used so far loaded
+    onto it by peft; one job at a time (the UI's queue serialises them, ``lock`` makes sure)."""
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -63,11 +64,14 @@ class Engine:
     def ensure_base(self, model_path: str) -> None:
         model_path = (model_path or "").strip()
         if not model_path:
-            raise UserError("Give a base model: a hub id (facebook/musicgen-small), a local folder, or 'tiny'.")
+            raise UserError("Give a base model: a hub id (facebook/musicgen-small), a local "
+                            "folder, or 'tiny'.")
         if model_path == self.model_path:
             return
-        cfg = dataclasses.replace(self.cfg, model=dataclasses.replace(self.cfg.model, model_path=model_path))
-        self.model = self.processor = self.info = None  # (the old base is freed before the new one loads)
+        cfg = dataclasses.replace(self.cfg,
+                                  model=dataclasses.replace(self.cfg.model, model_path=model_path))
+        # (the old base is freed before the new one loads)
+        self.model = self.processor = self.info = None
         self.adapters, self.model_path = {}, None
         self.model, self.processor, self.info, _ = model.load_generation_model(cfg, adapter_path=None)
         self.model_path = model_path
@@ -82,9 +86,10 @@ class Engine:
         return family_for(self.info).decoder_param(self.model).dtype
 
     def use_adapters(self, paths: list[str]) -> list[dict]:
-        """Load each adapter onto the base the first time it is used; each one's identity with its peft
-        ``adapter_name``. One adapter is made the active one here; a mix is made active with its scales when it
-        generates (``set_adapter_scales``, as inference_lora.py's ``load_adapters``)."""
+        """Load each adapter onto the base the first time it is used; each one's identity with its
+        peft ``adapter_name``. One adapter is made the active one here; a mix is made active with
+        its scales when it generates (``set_adapter_scales``, as inference_lora.py's
+        ``load_adapters``)."""
         ids = [self._load_adapter(p) for p in paths]
         set_lora_scale(self.model, 1.0)  # (switches back on what a scale of 0 switched off)
         if len(ids) == 1:
@@ -107,7 +112,8 @@ class Engine:
                                    str(getattr(base, "name_or_path", "") or ""))
                 name = f"adapter{len(self.adapters)}"
                 self.model.load_adapter(str(folder), adapter_name=name, is_trainable=False)
-            # As inference_lora.py: the adapter's weights in the decoder's dtype (its load casts after attaching).
+            # As inference_lora.py: the adapter's weights in the decoder's dtype (its load casts
+            # after attaching).
             model.cast_for_generation(self.model, self.dtype)
             self.model.to(device)
             self.model.eval()
@@ -129,7 +135,8 @@ class GenForm:
 
     prompts: str
     model_path: str
-    adapter: object              # the adapter folders: a list (the multiselect), or one folder as text
+    # the adapter folders: a list (the multiselect), or one folder as text
+    adapter: object
     lora_scale: object           # the strengths, one per adapter: "1" or "0.7, 0.4" (or a number)
     duration: float
     guidance_scale: float
@@ -175,17 +182,19 @@ def form_problems(f: GenForm) -> list[str]:
     p.append(generation_requests.temperature_problem(float(f.temperature), True, "temperature"))
     adapters = adapter_list(f.adapter)
     if f.mode != MODES[2] and not adapters:
-        p.append(f"Mode '{f.mode}' needs an adapter: pick one in the list (or type its folder), or choose 'base "
-                 f"only'.")
+        p.append(f"Mode '{f.mode}' needs an adapter: pick one in the list (or type its folder), or "
+                 f"choose 'base only'.")
     if f.mode != MODES[2]:
         try:
-            p += [field_problem("generation", "lora_scale", v, "lora_scale") for v in strengths(f, len(adapters))]
+            p += [field_problem("generation", "lora_scale", v, "lora_scale")
+                  for v in strengths(f, len(adapters))]
         except UserError as e:
             p.append(str(e))
         if len(adapters) > 1:
             p += check_mix_bases(adapters)  # the same base for all, before anything loads
     if f.audio_prompt:
-        audio_info(f.audio_prompt)  # AudioError (a UserError) naming the file when it cannot be read
+        # AudioError (a UserError) naming the file when it cannot be read
+        audio_info(f.audio_prompt)
     check_melody_files([f.melody], p, "melody")
     return [x for x in p if x]
 
@@ -194,15 +203,17 @@ MELODY_SETTING = "A melody (the melody upload)"
 
 
 def is_melody_base(model_path) -> bool:
-    """Whether the base model named in the form takes a melody, to show the melody upload: read from its config.json
-    where it is a folder, else by its name (tiny-melody, facebook/musicgen-melody). Only the upload's visibility
-    depends on it; a melody given to a text-only base is refused by ``add_melodies`` when it generates."""
+    """Whether the base model named in the form takes a melody, to show the melody upload: read from
+    its config.json where it is a folder, else by its name (tiny-melody, facebook/musicgen-melody).
+    Only the upload's visibility depends on it; a melody given to a text-only base is refused by
+    ``add_melodies`` when it generates."""
     path = str(model_path or "").strip()
     config_file = Path(path).expanduser() / "config.json"
     if config_file.is_file():
         try:
             return bool(family_for(json.loads(config_file.read_text(encoding="utf-8")).get("model_type")).MELODY)
-        except (OSError, ValueError, UserError):  # not a model we know: the generation says what is wrong
+        # not a model we know: the generation says what is wrong
+        except (OSError, ValueError, UserError):
             return False
     return "melody" in path.lower()
 
@@ -215,14 +226,14 @@ def adapter_list(value) -> list[str]:
 
 
 def strengths(f: GenForm, n: int) -> list[float]:
-    """One strength per adapter from the strengths box, by --lora_scale's rule (one number per adapter; a single 1
-    serves every adapter); UserError naming the box otherwise."""
+    """One strength per adapter from the strengths box, by --lora_scale's rule (one number per
+    adapter; a single 1 serves every adapter); UserError naming the box otherwise."""
     text = str(f.lora_scale if f.lora_scale is not None else "").strip()
     try:
         values = [float(t) for t in text.replace(",", " ").split()]
     except ValueError:
-        raise UserError(f"Adapter strengths (lora_scale): {text!r} is not a list of numbers; give one per adapter, "
-                        f"separated by commas (e.g. 0.7, 0.4).") from None
+        raise UserError(f"Adapter strengths (lora_scale): {text!r} is not a list of numbers; give "
+                        f"one per adapter, separated by commas (e.g. 0.7, 0.4).") from None
     if not values:
         raise UserError("Adapter strengths (lora_scale): give one strength per adapter (e.g. 1).")
     try:
@@ -232,24 +243,30 @@ def strengths(f: GenForm, n: int) -> list[float]:
 
 
 def make_requests(f: GenForm, seed: int, melody: Optional[str] = None) -> list[Request]:
-    """The requests inference_lora.py builds from the same prompts and flags (seeds seed, seed+1, ... per prompt;
-    ``melody``: the file every one follows, as --melody_audio)."""
+    """The requests inference_lora.py builds from the same prompts and flags (seeds seed, seed+1,
+    ... per prompt; ``melody``: the file every one follows, as --melody_audio)."""
     s = SamplingSettings(guidance_scale=float(f.guidance_scale), temperature=float(f.temperature),
                          top_k=int(f.top_k), top_p=float(f.top_p), do_sample=True)
     prompts = [t.strip() for t in f.prompts.splitlines() if t.strip()]
-    return [Request(prompt=t, seed=seed + j, duration=float(f.duration), sampling=s, melody_file=melody or "")
+    return [Request(prompt=t, seed=seed + j, duration=float(f.duration), sampling=s,
+                    melody_file=melody or "")
             for t in prompts for j in range(int(f.num_samples))]
 
 
 def cli_command(f: GenForm, g, side: Side, seed: int) -> str:
-    """The inference_lora.py command that regenerates this side's files (the settings its manifest records)."""
+    """The inference_lora.py command that regenerates this side's files (the settings its manifest
+    records)."""
     prompts = [t.strip() for t in f.prompts.splitlines() if t.strip()]
-    args = ["python", "lora/inference_lora.py", "--base_model_path", f.model_path.strip(), "--prompts", *prompts,
-            "--seed", str(seed), "--num_samples", str(int(f.num_samples)), "--duration", f"{float(f.duration):g}",
-            "--guidance_scale", f"{float(f.guidance_scale):g}", "--temperature", f"{float(f.temperature):g}",
-            "--top_k", str(int(f.top_k)), "--top_p", f"{float(f.top_p):g}", "--batch_size", str(g.batch_size),
-            "--max_window", f"{g.max_window:g}", "--extend_stride", f"{g.extend_stride:g}", "--dtype", g.dtype,
-            "--decoding", g.decoding, "--output_dir", str(side.folder / "cli")]
+    args = ["python", "lora/inference_lora.py", "--base_model_path", f.model_path.strip(),
+            "--prompts", *prompts,
+            "--seed", str(seed), "--num_samples", str(int(f.num_samples)), "--duration",
+            f"{float(f.duration):g}",
+            "--guidance_scale", f"{float(f.guidance_scale):g}", "--temperature",
+            f"{float(f.temperature):g}",
+            "--top_k", str(int(f.top_k)), "--top_p", f"{float(f.top_p):g}", "--batch_size",
+            str(g.batch_size),
+            "--max_window", f"{g.max_window:g}", "--extend_stride", f"{g.extend_stride:g}",
+            "--dtype", g.dtype, "--decoding", g.decoding, "--output_dir", str(side.folder / "cli")]
     if side.adapters:
         args += ["--lora_model_path", *side.adapters, "--lora_scale", *[f"{s:g}" for s in side.scales],
                  "--merge", "false"]
@@ -262,10 +279,12 @@ def cli_command(f: GenForm, g, side: Side, seed: int) -> str:
     return shlex.join(args)
 
 
-def run_generation(engine: Engine, f: GenForm, out_root: Path, report=lambda *a: None) -> tuple[list[Side], int, bool]:
-    """Generate what the form asks into a new folder under out_root/ui: (one Side per model, base first in A/B; the
-    first seed; whether Stop ended it). UserError for anything the user can fix, before anything is written; after a
-    Stop the files finished before it are kept, with their manifest."""
+def run_generation(engine: Engine, f: GenForm, out_root: Path, report=lambda
+                   *a: None) -> tuple[list[Side], int, bool]:
+    """Generate what the form asks into a new folder under out_root/ui: (one Side per model, base
+    first in A/B; the first seed; whether Stop ended it). UserError for anything the user can fix,
+    before anything is written; after a Stop the files finished before it are kept, with their
+    manifest."""
     problems = form_problems(f)
     if problems:
         raise UserError("\n".join(problems))
@@ -288,16 +307,19 @@ def run_generation(engine: Engine, f: GenForm, out_root: Path, report=lambda *a:
         if f.mode != MODES[2]:
             sides.append(Side("fine-tune", job / "fine-tune", [one["path"] for one in ids], scales))
         audio_prompt = None
-        if f.audio_prompt:  # kept with the job, so its manifest and command point at a file that stays
+        # kept with the job, so its manifest and command point at a file that stays
+        if f.audio_prompt:
             job.mkdir(parents=True, exist_ok=True)
             audio_prompt = str(job / ("audio_prompt" + Path(f.audio_prompt).suffix.lower()))
             shutil.copyfile(f.audio_prompt, audio_prompt)
         melody = None
-        if f.melody:  # kept with the job too, under its own name (the output file names carry its stem)
+        # kept with the job too, under its own name (the output file names carry its stem)
+        if f.melody:
             melody = str(job / "melody" / Path(f.melody).name)
             Path(melody).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(f.melody, melody)
-        scale = scales if len(scales) > 1 else (scales or [1.0])[0]  # (the manifest's lora_scale, as the CLI's)
+        # (the manifest's lora_scale, as the CLI's)
+        scale = scales if len(scales) > 1 else (scales or [1.0])[0]
         g = dataclasses.replace(engine.cfg.generation, lora_scale=scale, merge=False, dtype=dtype,
                                 audio_prompt=audio_prompt, melody_audio=melody,
                                 normalize=engine.cfg.generation.normalize)
@@ -326,12 +348,14 @@ def _generate_side(engine: Engine, f: GenForm, g, side: Side, seed: int, ids: li
         ctx = engine.model.disable_adapter() if engine.wrapped else contextlib.nullcontext()
     writer = ManifestWriter(g, side.folder, requests, names, engine.model, engine.info, adapter_info)
     side.command = cli_command(f, g, side, seed)
-    atomic_write_text(side.folder / "reproduce.sh", f"# regenerates the files of {side.folder / 'manifest.json'}\n"
+    atomic_write_text(side.folder / "reproduce.sh",
+                      f"# regenerates the files of {side.folder / 'manifest.json'}\n"
                                                     f"{side.command}\n")
     hook = engine.on_step(lambda w, nw, s, ns: report(side.label, w, nw, s, ns))
     try:
         with ctx:
-            generation_engine.generate(engine.model, engine.processor, engine.info, requests, batch_size=g.batch_size,
+            generation_engine.generate(engine.model, engine.processor, engine.info, requests,
+                                       batch_size=g.batch_size,
                                 max_window=g.max_window, extend_stride=g.extend_stride, progress=False,
                                 on_batch=writer.write_batch, decoding=g.decoding, on_step=hook)
     finally:
@@ -339,23 +363,27 @@ def _generate_side(engine: Engine, f: GenForm, g, side: Side, seed: int, ids: li
 
 
 def _adapter_info(engine: Engine, ids: list, scales: list) -> dict:
-    """Set the adapters' strengths on the model; the manifest's adapter entry, as inference_lora.py writes it (for a
-    mix: each adapter's identity, peft name and scale)."""
+    """Set the adapters' strengths on the model; the manifest's adapter entry, as inference_lora.py
+    writes it (for a mix: each adapter's identity, peft name and scale)."""
     set_lora_scale(engine.model, 1.0)
     if len(ids) == 1:
         set_lora_scale(engine.model, scales[0])
-        return dict({k: v for k, v in ids[0].items() if k != "adapter_name"}, scale=scales[0], merged=False)
+        return dict({k: v for k, v in ids[0].items() if k != "adapter_name"}, scale=scales[0],
+                    merged=False)
     set_adapter_scales(engine.model, {one["adapter_name"]: s for one, s in zip(ids, scales)})
     mix = [dict(one, scale=s) for one, s in zip(ids, scales)]
     return {"adapters": mix, "paths": [one["path"] for one in ids], "scales": scales, "merged": False}
 
 
-def clean_ui_outputs(ui_root: Path, max_age_s: float, max_bytes: float, keep: Optional[Path] = None) -> list[Path]:
-    """Delete generation folders under ui_root older than ``max_age_s``, then the oldest while all of them take more
-    than ``max_bytes``. Only folders this UI made (gen-*) are touched; returns those deleted."""
+def clean_ui_outputs(ui_root: Path, max_age_s: float, max_bytes: float,
+                     keep: Optional[Path] = None) -> list[Path]:
+    """Delete generation folders under ui_root older than ``max_age_s``, then the oldest while all
+    of them take more than ``max_bytes``. Only folders this UI made (gen-*) are touched; returns
+    those deleted."""
     if not ui_root.is_dir():
         return []
-    jobs = sorted((p for p in ui_root.iterdir() if p.is_dir() and p.name.startswith(JOB_PREFIX) and p != keep),
+    jobs = sorted((p for p in ui_root.iterdir() if p.is_dir() and p.name.startswith(JOB_PREFIX)
+                   and p != keep),
                   key=lambda p: p.stat().st_mtime)
     sizes = {p: sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) for p in jobs}
     total, now, gone = sum(sizes.values()), time.time(), []
@@ -365,12 +393,15 @@ def clean_ui_outputs(ui_root: Path, max_age_s: float, max_bytes: float, keep: Op
             total -= sizes[p]
             gone.append(p)
     if gone:
-        log.info("UI outputs: deleted %d old folder(s) under %s (%s left)", len(gone), ui_root, human_bytes(total))
+        log.info("UI outputs: deleted %d old folder(s) under %s (%s left)", len(gone), ui_root,
+                 human_bytes(total))
     return gone
 
 
 def list_adapters(out_root: Path) -> list[str]:
-    """Every adapter folder under out_root (best_model, final_model, checkpoints, other runs), newest first."""
+    """Every adapter folder under out_root (best_model, final_model, checkpoints, other runs),
+    newest first."""
     found = [p.parent for p in out_root.rglob("adapter_config.json")
-             if (p.parent / "adapter_model.safetensors").is_file() and "ui" not in p.relative_to(out_root).parts[:1]]
+             if (p.parent / "adapter_model.safetensors").is_file()
+             and "ui" not in p.relative_to(out_root).parts[:1]]
     return [str(p) for p in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)]

@@ -1,5 +1,5 @@
-"""The web UI's process manager: train_lora.py and evaluate.py run as subprocesses; what their folders say (runs,
-metrics, logs, evaluations) for the Train and Evaluate tabs.
+"""The web UI's process manager: train_lora.py and evaluate.py run as subprocesses; what their
+folders say (runs, metrics, logs, evaluations) for the Train and Evaluate tabs.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ SCRIPTS_DIR = Path(__file__).resolve().parent.parent  # lora/: the scripts the U
 # Training runs: train_lora.py subprocesses, and what their files say
 # ============================================================================================
 def list_runs(out_root: Path) -> list[str]:
-    """Folders under out_root (itself included) that hold a training run (logs/metrics.jsonl or checkpoints/)."""
+    """Folders under out_root (itself included) that hold a training run (logs/metrics.jsonl or
+    checkpoints/)."""
     cands = [out_root, *[p for p in out_root.glob("*") if p.is_dir()], *out_root.glob("*/*")]
     runs = [p for p in cands if p.is_dir() and p.name != "ui"
             and ((p / "logs" / "metrics.jsonl").is_file() or (p / "checkpoints").is_dir())]
@@ -66,8 +67,10 @@ def run_summary(run: Path, history: list[dict], proc_state: str) -> str:
         last = train[-1]
         rate = last.get("steps_per_s") or 0
         left = (total - last["step"]) / rate if total and rate > 0 else None
-        lines.append(f"step {last['step']}" + (f" / {total}" if total else "") + f" · epoch {last['epoch']:.2f} · "
-                     f"train loss {last['loss']:.4f}" + (f" · ETA {human_seconds(left)}" if left is not None
+        lines.append(f"step {last['step']}" + (f" / {total}" if total else "")
+                     + f" · epoch {last['epoch']:.2f} · "
+                     f"train loss {last['loss']:.4f}"
+                     + (f" · ETA {human_seconds(left)}" if left is not None
                                                           and 'running' in proc_state else ""))
     if evals:
         best = min(evals, key=lambda h: h["val_loss"])
@@ -90,7 +93,8 @@ class Proc:
 
 
 class Processes:
-    """train_lora.py / evaluate.py subprocesses started from the UI, by the folder they write into."""
+    """train_lora.py / evaluate.py subprocesses started from the UI, by the folder they write
+    into."""
 
     def __init__(self, out_root: Path):
         self.out_root, self.procs, self.lock = out_root, {}, threading.Lock()
@@ -99,14 +103,15 @@ class Processes:
         with self.lock:
             old = self.procs.get(key)
             if old is not None and old.popen.poll() is None:
-                raise UserError(f"A {old.kind} run started here is still running in {key} (pid {old.popen.pid}); "
-                                f"stop it first.")
+                raise UserError(f"A {old.kind} run started here is still running in {key} (pid "
+                                f"{old.popen.pid}); stop it first.")
             logs = self.out_root / "ui" / "logs"
             logs.mkdir(parents=True, exist_ok=True)
             log_path = logs / f"{kind}-{Path(key).name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
             env = dict(os.environ, PYTHONUNBUFFERED="1")
             with open(log_path, "w", encoding="utf-8") as fh:
-                popen = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, cwd=str(REPO_ROOT), env=env)
+                popen = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT,
+                                         cwd=str(REPO_ROOT), env=env)
             self.procs[key] = Proc(popen, shlex.join(argv), log_path, kind)
             return self.procs[key]
 
@@ -117,11 +122,13 @@ class Processes:
         rc = p.popen.poll()
         if rc is None:
             return f"{p.kind} running (pid {p.popen.pid})", p
-        return {0: f"{p.kind} finished", 130: f"{p.kind} stopped"}.get(rc, f"{p.kind} failed (exit code {rc})"), p
+        return {0: f"{p.kind} finished", 130: f"{p.kind} stopped"}.get(rc,
+                                                                       f"{p.kind} failed (exit "
+                                                                       f"code {rc})"), p
 
     def stop(self, key: str, wait_s: float = 60.0) -> str:
-        """Ctrl-C for the run (SIGINT: train_lora.py ends the step and exits; its checkpoints are whole files);
-        SIGTERM if it has not ended after ``wait_s``."""
+        """Ctrl-C for the run (SIGINT: train_lora.py ends the step and exits; its checkpoints are
+        whole files); SIGTERM if it has not ended after ``wait_s``."""
         p = self.procs.get(key)
         if p is None or p.popen.poll() is not None:
             return "Nothing is running there."
@@ -146,9 +153,10 @@ def log_tail(path: Path, n: int = 12) -> str:
     return "\n".join(lines[-n:])
 
 
-TRAIN_FIELDS = ("data_dir", "model_path", "output_dir", "lora_rank", "lora_alpha", "lora_targets", "learning_rate",
-                "num_epochs", "max_steps", "batch_size", "gradient_accumulation_steps", "save_steps", "eval_steps",
-                "logging_steps", "mixed_precision")
+TRAIN_FIELDS = ("data_dir", "model_path", "output_dir", "lora_rank", "lora_alpha", "lora_targets",
+                "learning_rate",
+                "num_epochs", "max_steps", "batch_size", "gradient_accumulation_steps",
+                "save_steps", "eval_steps", "logging_steps", "mixed_precision")
 
 
 def train_defaults(cfg: Config) -> dict:
@@ -168,7 +176,8 @@ def train_argv(values: dict, config_file: Optional[str]) -> list[str]:
         argv += ["--config", config_file]
     for key in TRAIN_FIELDS:
         v = values[key]
-        if isinstance(v, float) and v.is_integer() and key in ("lora_rank", "max_steps", "batch_size", "save_steps",
+        if isinstance(v, float) and v.is_integer() and key in ("lora_rank", "max_steps",
+                                                               "batch_size", "save_steps",
                                                                  "eval_steps", "logging_steps",
                                                                  "gradient_accumulation_steps"):
             v = int(v)
@@ -177,30 +186,35 @@ def train_argv(values: dict, config_file: Optional[str]) -> list[str]:
 
 
 def start_training(procs: Processes, values: dict, config_file: Optional[str]) -> tuple[str, str]:
-    """Start train_lora.py into values['output_dir']; refuse (UserError) a folder that holds another run."""
+    """Start train_lora.py into values['output_dir']; refuse (UserError) a folder that holds another
+    run."""
     out = Path(str(values["output_dir"]).strip() or "").expanduser()
     if not str(values["output_dir"]).strip():
         raise UserError("Give an output folder for the run.")
     out = out if out.is_absolute() else (REPO_ROOT / out)
     ours, foreign = checkpoints.earlier_run(out) if out.is_dir() else ([], [])
     if ours or foreign:
-        raise UserError(f"{out} already holds another training run ({', '.join(p.name for p in ours + foreign)}). "
-                        f"Pick it in the run list and resume it, or choose another output folder. Nothing was "
-                        f"started and nothing was changed.")
+        raise UserError(f"{out} already holds another training run "
+                        f"({', '.join(p.name for p in ours + foreign)}). Pick it in the run list "
+                        f"and resume it, or choose another output folder. Nothing was started and "
+                        f"nothing was changed.")
     data = Path(str(values["data_dir"])).expanduser()
     if not (data if data.is_absolute() else REPO_ROOT / data).is_dir():
-        raise UserError(f"Data folder not found: {values['data_dir']}. Prepare one with lora/prepare_data.py.")
+        raise UserError(f"Data folder not found: {values['data_dir']}. Prepare one with "
+                        f"lora/prepare_data.py.")
     values = dict(values, output_dir=str(out))
     p = procs.start(str(out), train_argv(values, config_file), "train")
     return str(out), p.command
 
 
 def resume_training(procs: Processes, run: str) -> str:
-    """Continue a run from its newest checkpoint: train_lora.py with the run's own resolved config.yaml (written at
-    its start) + --resume_from_checkpoint latest, the command train_lora.py's interrupt message gives."""
+    """Continue a run from its newest checkpoint: train_lora.py with the run's own resolved
+    config.yaml (written at its start) + --resume_from_checkpoint latest, the command
+    train_lora.py's interrupt message gives."""
     folder = Path(run)
     if not (folder / "config.yaml").is_file() or checkpoints.newest_checkpoint(folder) is None:
-        raise UserError(f"{folder} has no checkpoint to resume from (or no config.yaml). Start a new run instead.")
+        raise UserError(f"{folder} has no checkpoint to resume from (or no config.yaml). Start a "
+                        f"new run instead.")
     argv = [sys.executable, str(SCRIPTS_DIR / "train_lora.py"), "--config", str(folder / "config.yaml"),
             "--output_dir", str(folder), "--resume_from_checkpoint", "latest"]
     return procs.start(str(folder), argv, "resume").command
@@ -226,6 +240,7 @@ def evaluation_summary(folder: Path) -> str:
 
 
 def evaluate_argv(model_path: str, adapter: str, data_dir: str, out_dir: str, quick: bool) -> list[str]:
-    argv = [sys.executable, str(SCRIPTS_DIR / "evaluate.py"), "--compare", "--base_model_path", model_path,
+    argv = [sys.executable, str(SCRIPTS_DIR / "evaluate.py"), "--compare", "--base_model_path",
+            model_path,
             "--lora_model_path", adapter, "--data_dir", data_dir, "--output_dir", out_dir]
     return argv + (["--skip_generation", "--bootstrap_samples", "200"] if quick else [])
