@@ -3,7 +3,7 @@
 # (a virtualenv or conda env; create one first: python3 -m venv .venv && . .venv/bin/activate).
 #
 #   bash install.sh            runtime dependencies
-#   bash install.sh --dev      + test dependencies (pytest)
+#   bash install.sh --dev      + test and lint dependencies (pytest, ruff)
 #   bash install.sh --extras   + optional decoders/extras (PyAV for m4a/aac)
 #   bash install.sh --check    only say which torch is found (and where) and what would be installed
 #   bash install.sh --ui       + the local web UI (gradio: python lora/app.py)
@@ -95,6 +95,10 @@ step="requirements.txt"
 tv="$("$PY" -c 'import torch; print(torch.__version__.split("+")[0])')"
 cons="$(mktemp)"; echo "torch==${tv}" > "$cons"
 "${PIP[@]}" -c "$cons" -r "$here/requirements.txt"
+# The project itself, editable (pyproject.toml): `import lora` then finds this checkout from anywhere, so the
+# scripts, tests and bench/ import the library with no sys.path edits. Its dependencies are the ones just installed.
+step="the project (pip install -e .)"
+"${PIP[@]}" --no-deps -e "$here" >/dev/null
 if [ "$dev" = 1 ]; then step="requirements-dev.txt"; "${PIP[@]}" -c "$cons" -r "$here/requirements-dev.txt"; fi
 if [ "$extras" = 1 ]; then step="extras (av)"; "${PIP[@]}" -c "$cons" av; fi
 if [ "$ui" = 1 ]; then step="requirements-ui.txt"; "${PIP[@]}" -c "$cons" -r "$here/requirements-ui.txt"; fi

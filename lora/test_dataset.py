@@ -1,12 +1,22 @@
-"""Is my data ready for training? Checks the data folder and loads a few batches of audio.
+"""Is my data ready for training? Checks the data folder, decodes a few batches, and (with --model_path)
+reads it the way training does.
 
     cd lora && python test_dataset.py                 # the data_dir of config.yaml (../data)
     python lora/test_dataset.py --data_dir data --num_batches 5
+    python lora/test_dataset.py --data_dir data --model_path tiny    # + the token path training reads
 
-Prints the same summary as ``prepare_data.py --validate`` (clips per split, hours, duration
-histogram, caption statistics, every problem found), then loads batches the way training sees audio
-(padded to the longest clip, with a mask), and ends with a verdict and the next step. Exit code 0 =
-OK.
+What it checks:
+
+1. The folder: the same summary as ``prepare_data.py --validate`` (clips per split, hours, duration
+   histogram, caption statistics, every problem found).
+2. The audio: a few batches of clips decoded from their WAV files (padded to the longest clip), checked for
+   NaN/inf, silence and samples beyond full scale. Training does not read audio: this checks the files.
+3. With --model_path (a hub id, a local folder or tiny): what training reads. The model builds the token cache
+   (EnCodec codes and text states, in data_dir/cache, reused by training) and a few training batches are drawn
+   through the same Dataset, batching and collate as train_lora.py (lora.dataprep.data_check
+   .check_token_batches). Without it, the token path is checked by test_model.py and train_lora.py.
+
+Ends with a verdict and the next step. Exit code 0 = OK.
 """
 
 from __future__ import annotations
@@ -22,7 +32,7 @@ if not __package__:  # run as a file, maybe without `pip install -e .`: see lora
 from lora.common.cli import log
 from lora.config import parse_config
 from lora.dataprep.audio import AudioError, load_audio
-from lora.dataprep.data_check import check_data_dir
+from lora.dataprep.data_check import check_data_dir, check_token_batches
 from lora.dataset import ClipRecord
 
 
@@ -67,7 +77,7 @@ def _extra(p: argparse.ArgumentParser) -> None:
 
 def main(argv=None) -> int:
     cfg, ns = parse_config(argv, description=__doc__.split("\n\n")[0],
-                           sections=("data", "training"), extra=_extra,
+                           sections=("data", "training", "model"), extra=_extra,
                            rules=lambda cfg, ns: [f"--num_batches must be >= 0, got {ns.num_batches}"]
                            if ns.num_batches < 0 else [])
     d, t = cfg.data, cfg.training
@@ -107,6 +117,10 @@ def main(argv=None) -> int:
                     load_problems.append(f"batch {i}: samples beyond [-1, 1]")
         except AudioError as e:
             load_problems.append(f"could not load a clip: {e}")
+    token_check = summary.records and ns.num_batches and _model_given(argv)
+    if token_check and not summary.problems:
+        load_problems += check_token_batches(cfg, [r for r in summary.records if r.path.is_file()],
+                                             ns.num_batches)
     problems = summary.problems + load_problems
     if problems:
         for p in load_problems:
@@ -115,8 +129,16 @@ def main(argv=None) -> int:
               f"python prepare_data.py --input_dir YOUR_AUDIO --output_dir {d.data_dir}), then run "
               f"this again.")
         return 1
+    print("Checked: the folder, the audio and the token batches training reads." if token_check else
+          "Checked: the folder and the audio (add --model_path to check the token batches training reads).")
     print("VERDICT: OK — next: python test_model.py   (then python train_lora.py ...)")
     return 0
+
+
+def _model_given(argv) -> bool:
+    """Whether --model_path (or its alias) was given on the command line."""
+    args = sys.argv[1:] if argv is None else argv
+    return any(str(a).split("=")[0] in ("--model_path", "--base_model_path") for a in args)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from lora.config import parse_config
 from lora.dataset import CachedClip, CachedTokenDataset, collate_tokens
 from lora.modeling.loading import family_for, load_base_model
 from lora.modeling.precision import choose_precision, resolve_base_weights_dtype
+from lora.modeling.window import checked_window, window_frames
 from lora.training.model_prep import autocast_for, prepare_model, set_train_mode
 from lora.training.plan import micro_seed
 from lora.training.step import step_loss
@@ -102,7 +103,7 @@ def random_batch(model, processor, info, batch_size: int, seconds: float, device
     captions' cached text states (the text encoder runs once, like the cache build)."""
     import torch
 
-    t = info.frames(seconds)
+    t = window_frames(seconds, info)
     captions = [CAPTIONS[i % len(CAPTIONS)] for i in range(batch_size)]
     with torch.no_grad():
         hidden, mask = family_for(info).encode_text(model, processor, captions, device=device)
@@ -179,9 +180,10 @@ def main(argv=None) -> int:
                      "fix --model_path (or model.model_path in config.yaml), or try the toolkit "
                      "first with --model_path tiny.")
     fam = family_for(info)
-    if info.frames(seconds) + info.codebooks_per_channel - 1 > fam.max_positions(model):
-        return _fail("training window", f"{seconds:g} s is longer than the model's context",
-                     "use --max_duration 30 or less (MusicGen's context is 30 s).")
+    try:
+        checked_window(seconds, info, model)
+    except ConfigError as e:
+        return _fail("training window", str(e), "use --max_duration 30 or less (MusicGen's context is 30 s).")
     dtype = next(model.parameters()).dtype
     _say(f"loaded:     {info.name_or_path} in {time.perf_counter() - t0:.1f} s, weights {dtype}")
     _say(f"audio:      {info.sample_rate} Hz, {info.audio_channels} channel(s), "
@@ -280,7 +282,7 @@ def check_generation(cfg, model, processor, info, device, mode: str, seconds: fl
     fam.text_encoder_of(model).to(device)
     fam.audio_codec(model).to(device)
     guidance = cfg.generation.guidance_scale
-    new_tokens = int(round(seconds * info.frame_rate))
+    new_tokens = window_frames(seconds, info)
     inputs = processor(text=[CAPTIONS[1]], padding=True, return_tensors="pt").to(device)
     t0 = time.perf_counter()
     try:

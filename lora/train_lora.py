@@ -47,7 +47,6 @@ if not __package__:  # run as a file, maybe without `pip install -e .`: see lora
     _bootstrap.find_package()
 
 from lora.common.cli import UserError, disk_full_message, log, on_interrupt, process_start_time, run_main, setup_logging
-from lora.common.fields import ConfigError
 from lora.common.files import atomic_write_json, check_free_space, check_output_dir
 from lora.config import Config, parse_config, validate
 from lora.dataprep.token_cache import build_token_cache
@@ -55,6 +54,7 @@ from lora.dataset import CachedTokenDataset, bucketed_batches, collate_tokens, l
 from lora.modeling.cpu_speed import keep_freed_memory
 from lora.modeling.loading import family_for, load_base_model
 from lora.modeling.precision import choose_precision, resolve_base_weights_dtype
+from lora.modeling.window import checked_window
 from lora.training import checkpoints, model_prep, plan, run_log
 from lora.training import step as training_step
 from lora.training.checkpoints import TrainState
@@ -236,15 +236,7 @@ def load_and_cache(cfg: Config, acc, records, clock: run_log.PhaseClock):
     fam = family_for(info)
     fam.audio_codec(model).to(device)
     fam.text_encoder_of(model).to(device)
-    max_frames = int(round(t.max_duration * info.frame_rate))
-    if max_frames < 1:
-        raise ConfigError(f"training.max_duration {t.max_duration} s is shorter than one codec "
-                          f"frame of this model ({1 / info.frame_rate:g} s); use a few seconds or "
-                          f"more (30 is MusicGen's context).")
-    if max_frames + info.codebooks_per_channel - 1 > fam.max_positions(model):
-        raise ConfigError(f"training.max_duration {t.max_duration} s is longer than the model's context "
-                          f"({(fam.max_positions(model) - info.codebooks_per_channel + 1) / info.frame_rate:.1f} s); "
-                          f"lower it (30 is MusicGen's).")
+    max_frames = checked_window(t.max_duration, info, model)
     cache_text = not cfg.lora.train_text_encoder
     with acc.main_process_first():
         clips, _ = build_token_cache(records, model, processor, info, cfg.data.data_dir,

@@ -5,7 +5,8 @@ channels, duration against the metadata, empty captions, duplicate ids/files/aud
 leakage of a recording) and returns a ``DataSummary`` whose ``text()`` is the printed summary (clips
 per split, hours, a ``duration_histogram``, caption statistics, warnings, problems). Problems fail
 the check; warnings do not. Shared by ``prepare_data.py`` (``--validate``, and the check after
-preparing) and ``test_dataset.py``.
+preparing) and ``test_dataset.py``. ``check_token_batches`` (test_dataset.py --model_path) checks what
+training reads: the token cache and its batches.
 """
 
 from __future__ import annotations
@@ -19,8 +20,20 @@ from typing import Optional
 import numpy as np
 
 from lora.common.cli import human_seconds
+from lora.config import Config
 from lora.dataprep import audio as A
-from lora.dataset import SPLITS, ClipRecord, load_metadata, metadata_path
+from lora.dataprep.token_cache import build_token_cache
+from lora.dataset import (
+    SPLITS,
+    CachedTokenDataset,
+    ClipRecord,
+    bucketed_batches,
+    collate_tokens,
+    load_metadata,
+    metadata_path,
+)
+from lora.modeling.loading import load_base_model
+from lora.modeling.window import checked_window
 
 
 class DataSummary:
@@ -169,3 +182,40 @@ def check_data_dir(data_dir, metadata_file: str = "metadata.json", *, sample_rat
         s.warnings.append(f"only {n_train} train clips; 50-100 is a minimum for a real style, "
                           f"200-500 recommended")
     return s
+
+
+def check_token_batches(cfg: Config, records: list[ClipRecord], num_batches: int, device=None) -> list[str]:
+    """What training reads, checked the way train_lora.py reads it: the base model of ``cfg.model`` builds (or
+    reuses) the token cache of ``records`` in data_dir/cache, exactly as training does (so training then reuses
+    it), and ``num_batches`` training micro-batches of epoch 0 are drawn through ``CachedTokenDataset``,
+    ``bucketed_batches`` and ``collate_tokens`` with the training settings (window, crop, condition dropout).
+    Prints each batch; returns the problems found (codes outside the codebook, non-finite text states)."""
+    import torch
+
+    model, processor, info = load_base_model(cfg.model)
+    t = cfg.training
+    max_frames = checked_window(t.max_duration, info, model)
+    train = [r for r in records if r.split == "train"] or records
+    clips, stats = build_token_cache(train, model, processor, info, cfg.data.data_dir,
+                                     batch_size=t.encode_batch_size, device=device,
+                                     text_states=not cfg.lora.train_text_encoder)
+    print(f"Token cache of {info.name_or_path}: {stats['clips_encoded']} clip(s) encoded, "
+          f"{stats['clips_reused']} reused (training reuses them)")
+    ds = CachedTokenDataset(clips, max_frames, seed=t.seed, train=True, cond_dropout=t.cond_dropout, info=info,
+                            melody_dropout=t.melody_dropout)
+    problems = []
+    print(f"Loading {num_batches} training batch(es) of {t.batch_size} clip(s) as train_lora.py reads them:")
+    for i, idx in enumerate(bucketed_batches(ds.lengths(), t.batch_size, t.seed, 0)[:num_batches]):
+        batch = collate_tokens([ds[j] for j in idx], info.pad_token_id)
+        codes, lengths = batch["codes"], batch["lengths"]
+        secs = ", ".join(f"{int(n) / info.frame_rate:.1f}" for n in lengths)
+        print(f"  batch {i}: codes {tuple(codes.shape)}, seconds {secs}, condition dropped "
+              f"{int(batch['dropped'].sum())} of {len(idx)}")
+        print(f"    texts: {batch['texts']}")
+        real = torch.cat([codes[b, :, :int(n)].reshape(-1) for b, n in enumerate(lengths)])
+        if int(real.min()) < 0 or int(real.max()) >= info.vocab_size:
+            problems.append(f"batch {i}: codes outside the codebook [0, {info.vocab_size}): rebuild the cache "
+                            f"(delete {cfg.data.data_dir}/cache)")
+        if "hidden" in batch and not torch.isfinite(batch["hidden"]).all():
+            problems.append(f"batch {i} ({', '.join(batch['texts'])}): the cached text states hold NaN or inf")
+    return problems

@@ -68,6 +68,7 @@ from lora.generation.requests import (
 )
 from lora.modeling import chroma as melody_chroma
 from lora.modeling.loading import family_for
+from lora.modeling.window import checked_window
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,7 +263,7 @@ def plan_batch(model, info, reqs: list[Request], max_window: float, extend_strid
     when the request cannot be generated with this model."""
     r = reqs[0]
     total = info.frames(r.duration)
-    window = info.frames(max_window)
+    window = checked_window(max_window, info, model, key="generation.max_window")
     stride = min(info.frames(extend_stride), window - 1)
     prompt = 0 if r.prompt_codes is None else int(r.prompt_codes.shape[-1])
     if total < info.codebooks_per_channel:
@@ -281,13 +282,7 @@ def plan_batch(model, info, reqs: list[Request], max_window: float, extend_strid
                               f"be shorter than max_window ({max_window:g} s), the longest stretch "
                               f"the model sees at once. Cut the prompt to its last seconds (its "
                               f"end is what gets continued).")
-    windows = plan_windows(total, prompt, window, stride)
-    max_pos = family_for(info).max_positions(model)
-    need = max(w.context + w.new for w in windows) + info.codebooks_per_channel
-    if need > max_pos:
-        raise GenerationError(f"max_window {max_window:g} s needs {need} decoder positions but "
-                              f"this model has {max_pos}; use a smaller max_window (30 s for MusicGen).")
-    return windows
+    return plan_windows(total, prompt, window, stride)
 
 
 def _generate_batch(model, processor, info, reqs: list[Request], windows: list[Window], progress: bool,

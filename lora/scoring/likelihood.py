@@ -20,6 +20,7 @@ from lora.modeling.adapter import (
     text_encoder_has_lora,
 )
 from lora.modeling.loading import family_for
+from lora.modeling.window import checked_window
 from lora.scoring import intervals
 from lora.scoring.report import MIN_CLIPS_FOR_A_VERDICT
 
@@ -86,15 +87,11 @@ def likelihood_section(model, processor, info, clips, cfg: Config, models: list[
     """Held-out likelihood of each model and (both evaluated) the paired cluster bootstrap of their
     difference over ``recordings`` (one key per clip: the recording it was cut from); returns (the
     results.json section, a note when the evidence is thin or None)."""
-    fam = family_for(info)
     seconds, window_source = heldout_window(cfg, adapter)
-    max_frames = min(int(round(seconds * info.frame_rate)), fam.max_positions(model)
-                     - info.codebooks_per_channel + 1)
+    max_frames = checked_window(seconds, info, model, key=f"training.max_duration of {window_source}")
     lk: dict = {"window_seconds": max_frames / info.frame_rate, "split": "valid", "cache": cache_stats,
                 "n_clips": len(clips), "n_recordings": len(set(recordings)),
-                "window": {"max_duration": seconds, "source": window_source, "frames": max_frames,
-                           "cut_to_the_model_context": max_frames < int(round(seconds
-                                                                              * info.frame_rate))}}
+                "window": {"max_duration": seconds, "source": window_source, "frames": max_frames}}
     log.info("Held-out window %.2f s (training.max_duration from %s)", lk["window_seconds"],
              window_source)
     text_lora = text_encoder_has_lora(model)

@@ -16,6 +16,7 @@ from lora.modeling.adapter import attach_lora
 from lora.modeling.cpu_speed import MATH_CROSS_ATTENTION_MAX_SCORES, use_cpu_train_attention, use_fast_dropout
 from lora.modeling.loading import family_for
 from lora.modeling.precision import cast_frozen_weights, resolve_base_weights_dtype
+from lora.modeling.window import window_frames
 
 
 # ============================================================================================
@@ -123,7 +124,7 @@ def static_shapes_for(model, cfg: Config) -> StaticShapes:
     info = fam.model_info(model, "", "")
     bucket = max(1, int(round(COMPILE_FRAME_BUCKET_SECONDS * info.frame_rate)))
     return StaticShapes(frame_bucket=bucket,
-                        max_frames=max(1, int(round(cfg.training.max_duration * info.frame_rate))),
+                        max_frames=max(1, window_frames(cfg.training.max_duration, info)),
                         batch_size=int(cfg.training.batch_size),
                         text_lengths=() if fam.MELODY else COMPILE_TEXT_LENGTHS)
 
