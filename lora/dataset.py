@@ -27,12 +27,15 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from lora.common.cli import UserError
 from lora.modeling import chroma
 from lora.modeling.loading import family_for
 from lora.modeling.musicgen import null_text_states
+
+if TYPE_CHECKING:
+    from lora.modeling.musicgen import ModelInfo
 
 METADATA_VERSION = 1
 SPLITS = ("train", "valid")
@@ -78,7 +81,8 @@ def load_metadata(data_dir: str | Path, metadata_file: str = "metadata.json", *,
     try:
         raw = json.loads(mpath.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{mpath} is not valid JSON ({e}). Re-create it with prepare_data.py.") from None
+        raise UserError(f"{mpath} is not valid JSON ({e}). Re-create it with "
+                        f"prepare_data.py.") from None
     entries = raw.get("clips") if isinstance(raw, dict) else raw
     if not isinstance(entries, list):
         raise UserError(f"{mpath}: expected a list of clips (or an object with a 'clips' list).")
@@ -193,7 +197,7 @@ class CachedTokenDataset:
     """
 
     def __init__(self, clips: list[CachedClip], max_frames: int, *, seed: int = 0, train: bool = True,
-                 cond_dropout: float = 0.0, info=None, melody_dropout: float = 0.0):
+                 cond_dropout: float = 0.0, info: ModelInfo | None = None, melody_dropout: float = 0.0):
         self.clips = clips
         self.max_frames = int(max_frames)
         self.seed = int(seed)
@@ -294,8 +298,8 @@ def collate_tokens(items: list[dict], pad_token_id: int) -> dict:
     return batch
 
 
-def bucketed_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, *, multiple_of: int = 1,
-                     bucket_batches: int = 50) -> list[list[int]]:
+def bucketed_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, *,
+                     multiple_of: int = 1, bucket_batches: int = 50) -> list[list[int]]:
     """The epoch's micro-batches of item indices, grouped by similar length (little padding).
 
     Items are shuffled (seeded by (seed, epoch)), cut into buckets of ``bucket_batches`` batches,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from typing import TYPE_CHECKING
 
 if not __package__:  # run as a file, maybe without `pip install -e .`: see lora/_bootstrap.py
     import _bootstrap
@@ -38,6 +39,12 @@ from lora.training.model_prep import autocast_for, prepare_model, set_train_mode
 from lora.training.plan import micro_seed
 from lora.training.step import step_loss
 
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from lora.modeling.musicgen import ModelInfo
+
 SECTIONS = ("model", "lora", "training")
 CAPTIONS = ["drum loop, 120 BPM, kick snare hihat", "lofi piano chords in A minor, mellow, 80 BPM"]
 
@@ -50,7 +57,8 @@ def _extra(p):
                    help="Length of the random training batch, s; default: training.max_duration "
                         "(--max_duration), the training window, so the peak memory is the one "
                         "training needs")
-    g.add_argument("--generate_seconds", type=float, default=2.0, help="Length of the test generation, s")
+    g.add_argument("--generate_seconds", type=float, default=2.0,
+                   help="Length of the test generation, s")
     g.add_argument("--skip_generation", action="store_true",
                    help="Only check loading and a training step")
 
@@ -63,7 +71,7 @@ def _mb(n_bytes: float) -> str:
     return f"{n_bytes / 2**20:,.0f} MiB"
 
 
-def _peak_memory(device) -> str:
+def _peak_memory(device: torch.device) -> str:
     import torch
 
     if device.type == "cuda":
@@ -98,7 +106,8 @@ def pick_device(spec: str):
     return device
 
 
-def random_batch(model, processor, info, batch_size: int, seconds: float, device) -> dict:
+def random_batch(model: nn.Module, processor, info: ModelInfo, batch_size: int, seconds: float,
+                 device: torch.device) -> dict:
     """A training batch as the token cache and collate_tokens give it: random EnCodec codes and the
     captions' cached text states (the text encoder runs once, like the cache build)."""
     import torch
@@ -118,7 +127,8 @@ def random_batch(model, processor, info, batch_size: int, seconds: float, device
     return collate_tokens([ds[i] for i in range(batch_size)], info.pad_token_id)
 
 
-def training_step(cfg, model, processor, info, device, seconds: float, precision: str):
+def training_step(cfg, model: nn.Module, processor, info: ModelInfo, device: torch.device,
+                  seconds: float, precision: str):
     """What train_lora.py does before and in its first step, on a random batch: LoRA attached and
     prepared by lora.training.model_prep.prepare_model (the same seed, frozen-weight dtype, device
     placement and step options), then lora.training.step.step_loss under the training precision's
@@ -183,7 +193,8 @@ def main(argv=None) -> int:
     try:
         checked_window(seconds, info, model)
     except ConfigError as e:
-        return _fail("training window", str(e), "use --max_duration 30 or less (MusicGen's context is 30 s).")
+        return _fail("training window", str(e),
+                     "use --max_duration 30 or less (MusicGen's context is 30 s).")
     dtype = next(model.parameters()).dtype
     _say(f"loaded:     {info.name_or_path} in {time.perf_counter() - t0:.1f} s, weights {dtype}")
     _say(f"audio:      {info.sample_rate} Hz, {info.audio_channels} channel(s), "
@@ -204,8 +215,9 @@ def main(argv=None) -> int:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     except torch.cuda.OutOfMemoryError:
-        return _fail("training step", f"out of GPU memory with batch_size {cfg.training.batch_size} and "
-                     f"{seconds:g} s clips (peak {_peak_memory(device)})",
+        return _fail("training step",
+                     f"out of GPU memory with batch_size {cfg.training.batch_size} and {seconds:g} "
+                     f"s clips (peak {_peak_memory(device)})",
                      "lower --batch_size (and raise --gradient_accumulation_steps), use --fp16/--bf16, "
                      "--gradient_checkpointing, a shorter --max_duration, or a smaller model.")
     except UserError as e:
@@ -230,14 +242,15 @@ def main(argv=None) -> int:
     return 0
 
 
-def report_step(cfg, model, info, batch, loss, mode, reason, seconds, step_s, device) -> int:
+def report_step(cfg, model: nn.Module, info: ModelInfo, batch, loss, mode, reason, seconds, step_s,
+                device: torch.device) -> int:
     """Print the step's loss, gradients, time and memory; 0, or the exit code of a failed check."""
     import torch
 
     trainable, total = model.get_nb_trainable_parameters()
     n_modules = sum(1 for _, m in model.named_modules() if hasattr(m, "lora_A"))
-    _say(f"LoRA r={cfg.lora.lora_rank} alpha={cfg.lora.lora_alpha:g} targets={cfg.lora.lora_targets!r}: "
-         f"{n_modules} layers, {trainable:,} trainable parameters "
+    _say(f"LoRA r={cfg.lora.lora_rank} alpha={cfg.lora.lora_alpha:g} "
+         f"targets={cfg.lora.lora_targets!r}: {n_modules} layers, {trainable:,} trainable parameters "
          f"({100.0 * trainable / total:.3f}% of {total:,})")
     _say("== training step (train_lora.py's preparation and step)")
     _say(f"precision:  {mode} ({reason})")
@@ -256,9 +269,9 @@ def report_step(cfg, model, info, batch, loss, mode, reason, seconds, step_s, de
          f"{'on' if cfg.training.gradient_checkpointing else 'off'}")
     _say(f"loss:       {value:.3f} (random codes; chance level ln({info.vocab_size}) = {chance:.3f}); "
          f"per codebook {', '.join(f'{x:.2f}' for x in loss.per_codebook.tolist())}")
-    _say(f"gradients:  all finite: {finite_grads}; non-zero in {nonzero}/{len(grads)} trainable tensors, "
-         f"{b_nonzero}/{len(b_grads)} LoRA B matrices (A matrices get gradient once B has moved "
-         f"off its zero init)")
+    _say(f"gradients:  all finite: {finite_grads}; non-zero in {nonzero}/{len(grads)} trainable "
+         f"tensors, {b_nonzero}/{len(b_grads)} LoRA B matrices (A matrices get gradient once B has "
+         f"moved off its zero init)")
     _say(f"time:       {step_s:.2f} s for forward + backward")
     _say(f"peak:       {_peak_memory(device)} in the training step")
     if not math.isfinite(value):
@@ -271,7 +284,8 @@ def report_step(cfg, model, info, batch, loss, mode, reason, seconds, step_s, de
     return 0
 
 
-def check_generation(cfg, model, processor, info, device, mode: str, seconds: float) -> int:
+def check_generation(cfg, model: nn.Module, processor, info: ModelInfo, device: torch.device,
+                     mode: str, seconds: float) -> int:
     """Generate a short piece with transformers' generate() (the adapter unmerged, the training
     precision's autocast); 0, or the exit code of a failed check."""
     import torch

@@ -15,7 +15,7 @@ import json
 import math
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
@@ -34,6 +34,9 @@ from lora.dataset import (
 )
 from lora.modeling.loading import load_base_model
 from lora.modeling.window import checked_window
+
+if TYPE_CHECKING:
+    import torch
 
 
 class DataSummary:
@@ -169,8 +172,8 @@ def check_data_dir(data_dir, metadata_file: str = "metadata.json", *, sample_rat
             by_split[r.split].add(r.source)
     leak = by_split["train"] & by_split["valid"]
     if leak:
-        s.problems.append(f"{len(leak)} recording(s) have clips in both train and valid (leakage), e.g. "
-                          f"{sorted(leak)[0]}; re-run prepare_data.py to split by recording")
+        s.problems.append(f"{len(leak)} recording(s) have clips in both train and valid (leakage), "
+                          f"e.g. {sorted(leak)[0]}; re-run prepare_data.py to split by recording")
     n_train = sum(r.split == "train" for r in s.records)
     n_valid = len(s.records) - n_train
     if n_train == 0:
@@ -184,7 +187,8 @@ def check_data_dir(data_dir, metadata_file: str = "metadata.json", *, sample_rat
     return s
 
 
-def check_token_batches(cfg: Config, records: list[ClipRecord], num_batches: int, device=None) -> list[str]:
+def check_token_batches(cfg: Config, records: list[ClipRecord], num_batches: int,
+                        device: torch.device | None = None) -> list[str]:
     """What training reads, checked the way train_lora.py reads it: the base model of ``cfg.model`` builds (or
     reuses) the token cache of ``records`` in data_dir/cache, exactly as training does (so training then reuses
     it), and ``num_batches`` training micro-batches of epoch 0 are drawn through ``CachedTokenDataset``,
@@ -201,10 +205,11 @@ def check_token_batches(cfg: Config, records: list[ClipRecord], num_batches: int
                                      text_states=not cfg.lora.train_text_encoder)
     print(f"Token cache of {info.name_or_path}: {stats['clips_encoded']} clip(s) encoded, "
           f"{stats['clips_reused']} reused (training reuses them)")
-    ds = CachedTokenDataset(clips, max_frames, seed=t.seed, train=True, cond_dropout=t.cond_dropout, info=info,
-                            melody_dropout=t.melody_dropout)
+    ds = CachedTokenDataset(clips, max_frames, seed=t.seed, train=True, cond_dropout=t.cond_dropout,
+                            info=info, melody_dropout=t.melody_dropout)
     problems = []
-    print(f"Loading {num_batches} training batch(es) of {t.batch_size} clip(s) as train_lora.py reads them:")
+    print(f"Loading {num_batches} training batch(es) of {t.batch_size} clip(s) as train_lora.py "
+          f"reads them:")
     for i, idx in enumerate(bucketed_batches(ds.lengths(), t.batch_size, t.seed, 0)[:num_batches]):
         batch = collate_tokens([ds[j] for j in idx], info.pad_token_id)
         codes, lengths = batch["codes"], batch["lengths"]
@@ -214,8 +219,9 @@ def check_token_batches(cfg: Config, records: list[ClipRecord], num_batches: int
         print(f"    texts: {batch['texts']}")
         real = torch.cat([codes[b, :, :int(n)].reshape(-1) for b, n in enumerate(lengths)])
         if int(real.min()) < 0 or int(real.max()) >= info.vocab_size:
-            problems.append(f"batch {i}: codes outside the codebook [0, {info.vocab_size}): rebuild the cache "
-                            f"(delete {cfg.data.data_dir}/cache)")
+            problems.append(f"batch {i}: codes outside the codebook [0, {info.vocab_size}): "
+                            f"rebuild the cache (delete {cfg.data.data_dir}/cache)")
         if "hidden" in batch and not torch.isfinite(batch["hidden"]).all():
-            problems.append(f"batch {i} ({', '.join(batch['texts'])}): the cached text states hold NaN or inf")
+            problems.append(f"batch {i} ({', '.join(batch['texts'])}): the cached text states hold "
+                            f"NaN or inf")
     return problems

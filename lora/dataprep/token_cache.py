@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import math
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from lora.common.cli import UserError, log
 from lora.common.files import atomic_path
@@ -16,6 +16,12 @@ from lora.dataset import CachedClip, ClipRecord
 from lora.modeling import chroma
 from lora.modeling.encodec_fast import ENCODER_PRECISION
 from lora.modeling.loading import family_for
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from lora.modeling.musicgen import ModelInfo
 
 # ============================================================================================
 # Token cache: EnCodec codes and frozen text-encoder states, computed once and kept on disk.
@@ -40,7 +46,7 @@ from lora.modeling.loading import family_for
 CACHE_VERSION = 3
 
 
-def cache_root(data_dir: str | Path, info) -> Path:
+def cache_root(data_dir: str | Path, info: ModelInfo) -> Path:
     """The cache folder of one model: data_dir/cache/<model identity>-v<CACHE_VERSION>."""
     return Path(data_dir) / "cache" / f"{info.identity}-v{CACHE_VERSION}"
 
@@ -49,7 +55,7 @@ def _sha1_text(text: str) -> str:
     return hashlib.sha1(text.encode("utf-8")).hexdigest()
 
 
-def _codes_path(root: Path, file_sha1: str, info) -> Path:
+def _codes_path(root: Path, file_sha1: str, info: ModelInfo) -> Path:
     return root / "codes" / f"{file_sha1}-sr{info.sample_rate}-ch{info.audio_channels}-{ENCODER_PRECISION}.safetensors"
 
 
@@ -80,7 +86,7 @@ def _load_tensors(path: Path) -> Optional[dict]:
         return None
 
 
-def warn_channel_mixing(paths: list[Path], info) -> dict:
+def warn_channel_mixing(paths: list[Path], info: ModelInfo) -> dict:
     """Say once when clips are mixed to the model's channel count: stereo clips for a mono model are
     mixed down, mono clips for a stereo model are copied to both channels (no real stereo to learn).
     Returns the counts."""
@@ -130,7 +136,7 @@ def equal_length_batches(waves, batch_size: int, max_waiting: Optional[int] = No
     yield from waiting.values()
 
 
-def _loaded_waves(order: list[str], todo: dict[str, ClipRecord], info):
+def _loaded_waves(order: list[str], todo: dict[str, ClipRecord], info: ModelInfo):
     """(hash, wave) of each clip to encode, decoded at the model's rate and channel count; UserError
     for one without samples."""
     for h in order:
@@ -141,7 +147,7 @@ def _loaded_waves(order: list[str], todo: dict[str, ClipRecord], info):
         yield h, wave
 
 
-def clip_chroma(wave, info):
+def clip_chroma(wave, info: ModelInfo):
     """A clip's melody for the cache: the pitch class (int8) of every chroma frame of its whole
     audio (C, N) (the training crop takes the frames that cover it; lora.modeling.chroma)."""
     import torch
@@ -149,8 +155,8 @@ def clip_chroma(wave, info):
     return chroma.chroma(wave, info.sample_rate, max_seconds=None).argmax(dim=-1).to(torch.int8)
 
 
-def _encode_clips(todo: dict[str, ClipRecord], root: Path, model, info, batch_size: int, device,
-                  show_progress: bool) -> dict[str, object]:
+def _encode_clips(todo: dict[str, ClipRecord], root: Path, model: nn.Module, info: ModelInfo,
+                  batch_size: int, device: torch.device, show_progress: bool) -> dict[str, object]:
     """EnCodec codes of the clips in ``todo`` (by file hash), each written to the cache. Batches
     hold clips of one length only (``equal_length_batches``): a clip of a length no other clip has
     is encoded alone, and no clip's codes depend on the audio of its batch neighbours. (Against
@@ -166,7 +172,8 @@ def _encode_clips(todo: dict[str, ClipRecord], root: Path, model, info, batch_si
     # equal lengths come together: full batches
     order = sorted(todo, key=lambda h: todo[h].duration)
     codes: dict[str, object] = {}
-    bar = tqdm(total=len(order), desc="encoding audio (EnCodec)", unit="clip", disable=not show_progress)
+    bar = tqdm(total=len(order), desc="encoding audio (EnCodec)", unit="clip",
+               disable=not show_progress)
     for group in equal_length_batches(_loaded_waves(order, todo, info), batch_size):
         batch = torch.from_numpy(np.stack([w for _, w in group]))
         with torch.no_grad():
@@ -188,8 +195,8 @@ def _encode_clips(todo: dict[str, ClipRecord], root: Path, model, info, batch_si
     return codes
 
 
-def _encode_texts(texts: list[str], root: Path, model, processor, info, batch_size: int, device,
-                  show_progress: bool) -> dict[str, tuple]:
+def _encode_texts(texts: list[str], root: Path, model: nn.Module, processor, info: ModelInfo,
+                  batch_size: int, device: torch.device, show_progress: bool) -> dict[str, tuple]:
     """Frozen text-encoder states (valid tokens only) of each caption, each written to the cache."""
     import torch
     from tqdm.auto import tqdm
@@ -213,8 +220,9 @@ def _encode_texts(texts: list[str], root: Path, model, processor, info, batch_si
     return states
 
 
-def build_token_cache(records: list[ClipRecord], model, processor, info, data_dir: str | Path, *,
-                      batch_size: int = 8, device=None, text_states: bool = True,
+def build_token_cache(records: list[ClipRecord], model: nn.Module, processor, info: ModelInfo,
+                      data_dir: str | Path, *,
+                      batch_size: int = 8, device: torch.device | None = None, text_states: bool = True,
                       show_progress: bool = True) -> tuple[list[CachedClip], dict]:
     """Encode every clip (EnCodec codes) and caption (frozen text-encoder states) not yet cached;
     load all.
@@ -269,5 +277,6 @@ def build_token_cache(records: list[ClipRecord], model, processor, info, data_di
         clips.append(CachedClip(id=r.id, text=r.text, split=r.split, codes=codes[h]["codes"],
                                 hidden=hid, mask=msk, chroma=codes[h].get("chroma")))
     log.info("Token cache %s: %d clip(s) encoded, %d reused; %d caption(s) encoded, %d reused", root,
-             stats["clips_encoded"], stats["clips_reused"], stats["texts_encoded"], stats["texts_reused"])
+             stats["clips_encoded"], stats["clips_reused"], stats["texts_encoded"],
+             stats["texts_reused"])
     return clips, stats

@@ -51,7 +51,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -69,6 +69,12 @@ from lora.generation.requests import (
 from lora.modeling import chroma as melody_chroma
 from lora.modeling.loading import family_for
 from lora.modeling.window import checked_window
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from lora.modeling.musicgen import ModelInfo
 
 
 # --------------------------------------------------------------------------------------------
@@ -118,7 +124,7 @@ class TokenSampler:
 DECODINGS = ("auto", "transformers", "static", "cuda_graph")
 
 
-def resolve_decoding(decoding: str, device, family=None) -> str:
+def resolve_decoding(decoding: str, device: torch.device, family=None) -> str:
     """auto = the static key/value cache (lora.modeling.fast_decode), replayed as a CUDA graph on
     CUDA; on a CPU it runs eagerly (as fast as or faster than transformers' own call:
     BENCHMARKS.md). A family without a static decoder (MusicGen-Melody: its condition is a prefix)
@@ -140,7 +146,8 @@ def resolve_decoding(decoding: str, device, family=None) -> str:
     return decoding
 
 
-def _run_window(model, info, hidden, mask, guidance: float, context, n_new: int, sampler: TokenSampler,
+def _run_window(model: nn.Module, info: ModelInfo, hidden, mask, guidance: float, context,
+                n_new: int, sampler: TokenSampler,
                 uniforms, bad, pbar=None, decoding: str = "transformers", chroma=None, on_step=None):
     """Generate ``n_new`` frames after ``context`` (B, K, c) codes (c may be 0).
 
@@ -216,7 +223,7 @@ def text_length(n_tokens: int) -> int:
     return max(1, math.ceil(int(n_tokens) / TEXT_PAD_MULTIPLE)) * TEXT_PAD_MULTIPLE
 
 
-def encode_prompts(model, processor, prompts) -> dict:
+def encode_prompts(model: nn.Module, processor, prompts) -> dict:
     """Every distinct prompt's text-encoder states, each encoded by itself at its own length (so
     they do not depend on the prompts it is batched with): {prompt: (hidden (n, D) float32, mask
     (n,))}."""
@@ -229,7 +236,7 @@ def encode_prompts(model, processor, prompts) -> dict:
     return out
 
 
-def _text_states(model, processor, prompts, guidance, dtype, length: Optional[int] = None,
+def _text_states(model: nn.Module, processor, prompts, guidance, dtype, length: Optional[int] = None,
                  encoded: Optional[dict] = None):
     """The decoder's text states (B, L, D) in ``dtype`` and mask (B, L): each prompt's own states
     (``encode_prompts``) zero-padded with mask 0 to L = ``length`` or else ``text_length`` of the
@@ -258,7 +265,8 @@ def _text_states(model, processor, prompts, guidance, dtype, length: Optional[in
     return hidden.to(dtype), mask
 
 
-def plan_batch(model, info, reqs: list[Request], max_window: float, extend_stride: float) -> list[Window]:
+def plan_batch(model: nn.Module, info: ModelInfo, reqs: list[Request], max_window: float,
+               extend_stride: float) -> list[Window]:
     """The windows of a batch (all its requests share duration and audio prompt); GenerationError
     when the request cannot be generated with this model."""
     r = reqs[0]
@@ -285,7 +293,8 @@ def plan_batch(model, info, reqs: list[Request], max_window: float, extend_strid
     return plan_windows(total, prompt, window, stride)
 
 
-def _generate_batch(model, processor, info, reqs: list[Request], windows: list[Window], progress: bool,
+def _generate_batch(model: nn.Module, processor, info: ModelInfo, reqs: list[Request],
+                    windows: list[Window], progress: bool,
                     desc: str, decoding: str = "transformers", encoded: Optional[dict] = None,
                     on_step=None):
     import torch
@@ -304,8 +313,8 @@ def _generate_batch(model, processor, info, reqs: list[Request], windows: list[W
     if all(not r.prompt.strip() for r in reqs):
         # unconditional: cond == uncond, guidance changes nothing; skip the second half
         guidance = 1.0
-    hidden, mask = _text_states(model, processor, [r.prompt for r in reqs], guidance, decoder_param.dtype,
-                                encoded=encoded)
+    hidden, mask = _text_states(model, processor, [r.prompt for r in reqs], guidance,
+                                decoder_param.dtype, encoded=encoded)
     sampler = TokenSampler(s, info.vocab_size)
     gens = None
     if s.do_sample:
@@ -333,7 +342,8 @@ def _generate_batch(model, processor, info, reqs: list[Request], windows: list[W
                 uniforms = u.reshape(n_steps, B * K)
             if len(windows) > 1:
                 bar.set_postfix_str(f"window {wi + 1}/{len(windows)}")
-            step_hook = None if on_step is None else (lambda s, n, wi=wi: on_step(wi, len(windows), s, n))
+            step_hook = None if on_step is None else (lambda s, n,
+                                                      wi=wi: on_step(wi, len(windows), s, n))
             out = _run_window(model, info, hidden, mask, guidance, ctx, w.new, sampler, uniforms,
                               bad, pbar=bar,
                               decoding=decoding, chroma=window_melody(info, reqs, w, guidance, device),
@@ -351,7 +361,8 @@ def _generate_batch(model, processor, info, reqs: list[Request], windows: list[W
     return known, windows, window_prompts, window_heads
 
 
-def window_melody(info, reqs: list[Request], w: Window, guidance: float, device):
+def window_melody(info: ModelInfo, reqs: list[Request], w: Window, guidance: float,
+                  device: torch.device):
     """Melody models: the melody each row of a window follows, (B, chroma_length, 12), then the null
     melody as the unconditional half when guidance > 1 (as transformers' generate() builds it). A
     window starting at frame f takes the chroma from the same time in the tune (audiocraft's
@@ -375,7 +386,7 @@ def window_melody(info, reqs: list[Request], w: Window, guidance: float, device)
     return fam.with_unconditional_melody(chroma) if guidance > 1.0 else chroma
 
 
-def melody_from_audio(wav, info) -> tuple:
+def melody_from_audio(wav, info: ModelInfo) -> tuple:
     """A melody file's audio (channels, samples) at info.sample_rate -> (one-hot chroma (Tm, 12) of
     the whole file, content id); GenerationError when it is silent (its chroma would be the null
     melody: nothing to follow)."""
@@ -388,13 +399,14 @@ def melody_from_audio(wav, info) -> tuple:
     return melody, hashlib.sha1(melody.argmax(dim=-1).numpy().astype(np.int8).tobytes()).hexdigest()[:12]
 
 
-def _decode(model, info, codes, n_samples: int) -> list[np.ndarray]:
+def _decode(model: nn.Module, info: ModelInfo, codes, n_samples: int) -> list[np.ndarray]:
     import torch
 
     audio = family_for(info).decode_audio(model, codes, info).float()
     audio = audio[..., :n_samples]
     if not bool(torch.isfinite(audio).all()):
-        raise GenerationError("EnCodec produced NaN/inf audio; nothing was written. Try --dtype float32.")
+        raise GenerationError("EnCodec produced NaN/inf audio; nothing was written. Try --dtype "
+                              "float32.")
     return [a.cpu().numpy().astype(np.float32) for a in audio]
 
 
@@ -415,7 +427,8 @@ def make_batches(requests: Sequence[Request], text_lengths: Sequence[int],
     return [idx[j: j + batch_size] for idx in groups.values() for j in range(0, len(idx), batch_size)]
 
 
-def generate(model, processor, info, requests: Sequence[Request], *, batch_size: int = 4,
+def generate(model: nn.Module, processor, info: ModelInfo, requests: Sequence[Request], *,
+             batch_size: int = 4,
              max_window: float = 30.0, extend_stride: float = 18.0, progress: bool = True,
              on_batch: Optional[Callable[[list[Result]], None]] = None, decoding: str = "auto",
              on_step: Optional[Callable[[int, int, int, int], None]] = None) -> list[Result]:
@@ -453,7 +466,8 @@ def generate(model, processor, info, requests: Sequence[Request], *, batch_size:
     batches = make_batches(requests, text_lens, batch_size)
     plans = [plan_batch(model, info, [requests[i] for i in idx], max_window, extend_stride)
              for idx in batches]
-    decoding = resolve_decoding(decoding, family_for(info).decoder_param(model).device, family_for(info))
+    decoding = resolve_decoding(decoding, family_for(info).decoder_param(model).device,
+                                family_for(info))
     results: list[Optional[Result]] = [None] * len(requests)
     outer = tqdm(total=len(requests), desc="samples", unit="sample", disable=not progress,
                  dynamic_ncols=True)
@@ -464,7 +478,8 @@ def generate(model, processor, info, requests: Sequence[Request], *, batch_size:
             with torch.inference_mode():
                 codes, windows, wprompts, wheads = _generate_batch(model, processor, info, reqs,
                                                                    plans[bi], progress,
-                                                                   desc=f"batch {bi + 1}/{len(batches)}",
+                                                                   desc=f"batch "
+                                                                        f"{bi + 1}/{len(batches)}",
                                                                    decoding=decoding, encoded=encoded,
                                                                    on_step=on_step)
                 n_samples = int(round(reqs[0].duration * info.sample_rate))
@@ -475,7 +490,8 @@ def generate(model, processor, info, requests: Sequence[Request], *, batch_size:
             batch_results = []
             for k, i in enumerate(idx):
                 res = Result(request=requests[i], audio=audio[k], codes=codes[k].cpu(), windows=windows,
-                             window_prompts=[p[k] for p in wprompts], window_heads=[h[k] for h in wheads],
+                             window_prompts=[p[k] for p in wprompts],
+                             window_heads=[h[k] for h in wheads],
                              generation_time=dt / len(idx), batch_time=dt, batch_size=len(idx),
                              text_length=text_lens[i], decoding=decoding)
                 results[i] = res
@@ -488,8 +504,8 @@ def generate(model, processor, info, requests: Sequence[Request], *, batch_size:
     return results  # type: ignore[return-value]
 
 
-def generate_audio(model, processor, info, prompts: Sequence[str], seeds: Sequence[int],
-                   duration: float = 10.0, *,
+def generate_audio(model: nn.Module, processor, info: ModelInfo, prompts: Sequence[str],
+                   seeds: Sequence[int], duration: float = 10.0, *,
                    guidance_scale: float = 3.0, temperature: float = 1.0, top_k: int = 250,
                    top_p: float = 0.0,
                    do_sample: bool = True, batch_size: int = 4, max_window: float = 30.0,
@@ -516,11 +532,13 @@ def generate_audio(model, processor, info, prompts: Sequence[str], seeds: Sequen
                     prompt_codes=codes, prompt_id=pid,
                     melody=mel) for p, sd, mel in zip(prompts, seeds, melodies)]
     return [r.audio
-            for r in generate(model, processor, info, reqs, batch_size=batch_size, max_window=max_window,
-                                      extend_stride=extend_stride, progress=progress, decoding=decoding)]
+            for r in generate(model, processor, info, reqs, batch_size=batch_size,
+                              max_window=max_window,
+                                      extend_stride=extend_stride, progress=progress,
+                              decoding=decoding)]
 
 
-def encode_audio_prompt(model, info, wav) -> tuple:
+def encode_audio_prompt(model: nn.Module, info: ModelInfo, wav) -> tuple:
     """Float audio (channels, samples) at info.sample_rate -> (codes LongTensor (K, P), content
     id)."""
     import torch

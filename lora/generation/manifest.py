@@ -9,6 +9,7 @@ import re
 import unicodedata
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lora.common.cli import UserError, log
 from lora.common.files import atomic_write_json
@@ -18,6 +19,11 @@ from lora.generation import engine
 from lora.generation import requests as generation_requests
 from lora.generation.requests import Request
 from lora.modeling.loading import family_for
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from lora.modeling.musicgen import ModelInfo
 
 MANIFEST = "manifest.json"
 SLUG_MAX_BYTES = 80
@@ -95,14 +101,15 @@ def check_outputs(requests: list[Request], out_dir: Path, overwrite: bool) -> li
         seen[name] = i
     existing = [n for n in names if (out_dir / n).exists()]
     if existing and not overwrite:
-        shown = ", ".join(existing[:5]) + (f" and {len(existing) - 5} more" if len(existing) > 5 else "")
+        shown = ", ".join(existing[:5]) + (f" and {len(existing) - 5} more" if len(existing) > 5
+                                           else "")
         raise UserError(f"{len(existing)} output file(s) already exist in {out_dir}: {shown}. "
                         f"Nothing was generated. Pass --overwrite to replace them, or choose "
                         f"another --output_dir or --seed.")
     return names
 
 
-def add_audio_prompt(model, info, path: str, requests: list[Request]) -> None:
+def add_audio_prompt(model: nn.Module, info: ModelInfo, path: str, requests: list[Request]) -> None:
     """Encode the audio prompt once and give it to every request (their durations include it)."""
     wav = load_audio(path, info.sample_rate, channels=info.audio_channels)
     prompt_seconds = wav.shape[-1] / info.sample_rate
@@ -130,7 +137,7 @@ def check_melody_files(paths, problems: list[str], setting: str = "melody_audio"
             problems.append(f"{setting}: {e}")
 
 
-def add_melodies(info, requests: list[Request],
+def add_melodies(info: ModelInfo, requests: list[Request],
                  setting: str = "--melody_audio (or a prompt's 'melody')") -> None:
     """Each request's melody (the chroma of its ``melody_file``, computed once per file):
     ``melody``, ``melody_id``, ``melody_sha1``. UserError when the model takes no melody or a file
@@ -176,7 +183,7 @@ class ManifestWriter:
     entries of earlier runs for other files that still exist are kept."""
 
     def __init__(self, g: GenerationConfig, out_dir: Path, requests: list[Request],
-                 names: list[str], model, info, adapter_info):
+                 names: list[str], model: nn.Module, info: ModelInfo, adapter_info):
         self.g, self.out_dir, self.info, self.adapter_info = g, out_dir, info, adapter_info
         self.path = out_dir / MANIFEST
         self.name_of = {id(r): n for r, n in zip(requests, names)}
@@ -229,7 +236,8 @@ class ManifestWriter:
         seconds = audio.shape[-1] / sr
         return {
             "file": name, "prompt": r.prompt, "unconditional": not r.prompt, "seed": r.seed,
-            "settings": {**generation_requests.settings_dict(r), **self.common, "decoding": res.decoding},
+            "settings": {**generation_requests.settings_dict(r), **self.common,
+                         "decoding": res.decoding},
             "model": self.model_entry, "adapter": self.adapter_info,
             "duration_s": round(seconds, 6), "channels": int(audio.shape[0]), "sample_rate": sr,
             "frames": int(res.codes.shape[-1]), "windows": len(res.windows),

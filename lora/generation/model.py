@@ -4,11 +4,17 @@ picks.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from lora.common.cli import log
 from lora.config import adapter_paths, adapter_scales
 from lora.modeling import adapter as lora_adapter
 from lora.modeling.loading import family_for, load_base_model
 from lora.modeling.precision import generation_dtype
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
 # --------------------------------------------------------------------------------------------
@@ -22,7 +28,7 @@ def pick_device():
     return torch.device("cpu")
 
 
-def cast_for_generation(model, dtype) -> None:
+def cast_for_generation(model: nn.Module, dtype) -> None:
     """The decoder (what runs every step) in ``dtype``; EnCodec and T5 stay fp32 (they run once per
     batch and the codec's output is the audio itself)."""
     import torch
@@ -33,7 +39,7 @@ def cast_for_generation(model, dtype) -> None:
         module.to(dtype)
 
 
-def load_generation_model(cfg, device=None, adapter_path="__from_cfg__"):
+def load_generation_model(cfg, device: torch.device | None = None, adapter_path="__from_cfg__"):
     """Base model (+ LoRA adapter(s) at ``cfg.generation.lora_scale``, merged when asked) ready to
     generate.
 

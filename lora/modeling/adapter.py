@@ -15,12 +15,15 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from lora.common.cli import UserError, log
 from lora.config import range_problems, validate
 from lora.modeling.loading import family_for
 from lora.modeling.musicgen import get_base
+
+if TYPE_CHECKING:
+    from torch import nn
 
 _REGEX_CHARS = set("^$*+?[](){}|\\")
 
@@ -31,7 +34,7 @@ def _lora_capable(module) -> bool:
     return isinstance(module, (nn.Linear, nn.Embedding))
 
 
-def lora_target_names(model, targets: str, train_text_encoder: bool = False) -> list[str]:
+def lora_target_names(model: nn.Module, targets: str, train_text_encoder: bool = False) -> list[str]:
     """Full module names that get LoRA for a ``lora_targets`` setting (a preset, suffixes or a
     regex).
 
@@ -76,7 +79,7 @@ def lora_target_names(model, targets: str, train_text_encoder: bool = False) -> 
     return sorted(set(matched), key=list(modules).index)
 
 
-def attach_lora(model, lora_cfg):
+def attach_lora(model: nn.Module, lora_cfg):
     """Wrap the base model in a peft LoRA PeftModel following ``lora_cfg`` (a LoraSection).
 
     The adapter config records the real base (``model.name_or_path``: folder or hub id) as
@@ -207,7 +210,8 @@ def _read_adapter_config(adapter_dir: Path) -> dict:
     except (OSError, ValueError) as e:
         raise UserError(f"{adapter_dir / 'adapter_config.json'} cannot be read ({e}).") from None
     if not isinstance(cfg, dict):
-        raise UserError(f"{adapter_dir / 'adapter_config.json'} is damaged (not a PEFT adapter config).")
+        raise UserError(f"{adapter_dir / 'adapter_config.json'} is damaged (not a PEFT adapter "
+                        f"config).")
     return cfg
 
 
@@ -275,7 +279,8 @@ def check_adapter_fits(base, adapter_dir: Path, recorded: str, used: str) -> Non
                     / "adapter_config.json", used)
 
 
-def load_lora(model, adapter_dir, is_trainable: bool = False, expected_base: Optional[str] = None):
+def load_lora(model: nn.Module, adapter_dir, is_trainable: bool = False,
+              expected_base: Optional[str] = None):
     """Load a saved PEFT LoRA adapter onto the base model; returns the PeftModel.
 
     Checks first (each failure is a UserError naming the file or both models): the folder holds
@@ -305,7 +310,7 @@ def load_lora(model, adapter_dir, is_trainable: bool = False, expected_base: Opt
 _OFF_AT_SCALE_ZERO = "_lora_toolkit_adapters_off_at_scale_0"
 
 
-def set_lora_scale(model, scale: float) -> None:
+def set_lora_scale(model: nn.Module, scale: float) -> None:
     """Scale the active adapter's update (0 = exactly the base model, 1 = full adapter).
 
     Scale 0 switches the adapter off in every LoRA layer (no active adapter: the layer computes its
@@ -332,12 +337,12 @@ def set_lora_scale(model, scale: float) -> None:
             delattr(module, _OFF_AT_SCALE_ZERO)
 
 
-def merge_lora(model):
+def merge_lora(model: nn.Module):
     """Fold the LoRA update into the weights and return the plain base model."""
     return model.merge_and_unload()
 
 
-def text_encoder_has_lora(model) -> bool:
+def text_encoder_has_lora(model: nn.Module) -> bool:
     """True when LoRA layers sit in the text encoder (train_text_encoder): cached text states are
     then wrong for the adapted model, and captions are encoded on the fly."""
     from peft.tuners.lora import LoraLayer
@@ -401,7 +406,7 @@ def check_mix_bases(paths: list) -> list[str]:
     return problems
 
 
-def set_adapter_scales(model, scales: dict) -> None:
+def set_adapter_scales(model: nn.Module, scales: dict) -> None:
     """Make every adapter of ``scales`` (peft adapter name -> strength) active at its own strength:
     each LoRA layer adds each active adapter's update times its scaling (peft's ``set_scale``;
     peft's ``set_adapter`` with several names). An adapter at 0 is left out of the active set, so it
@@ -423,7 +428,7 @@ def set_adapter_scales(model, scales: dict) -> None:
                         ) from None
 
 
-def load_adapters(model, paths: list, scales: list, expected_base: Optional[str] = None):
+def load_adapters(model: nn.Module, paths: list, scales: list, expected_base: Optional[str] = None):
     """Load one or several saved LoRA adapters onto the base model, each at its scale; returns
     (PeftModel, list of each adapter's identity with its peft name and scale). One adapter is
     ``load_lora`` + ``set_lora_scale`` as always; several are loaded side by side with peft's
@@ -455,7 +460,8 @@ def load_adapters(model, paths: list, scales: list, expected_base: Optional[str]
     return peft_model, ids
 
 
-def describe_choice(base: str, paths: list, scales: list, default_path: bool, why_none: str = "") -> str:
+def describe_choice(base: str, paths: list, scales: list, default_path: bool,
+                    why_none: str = "") -> str:
     """The start-up line that says which model generates: the base model and each adapter with its
     scale, or the base model alone (``why_none``: why), and how to get the other."""
     if not paths:

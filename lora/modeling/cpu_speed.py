@@ -7,6 +7,11 @@ BENCHMARKS.md.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch import nn
+
 # --------------------------------------------------------------------------------------------
 # Freed memory stays in the process (glibc)
 # --------------------------------------------------------------------------------------------
@@ -81,7 +86,7 @@ backward (one multiply). Same semantics as nn.Dropout: identity in eval mode or 
     return FastDropout
 
 
-def use_fast_dropout(model) -> int:
+def use_fast_dropout(model: nn.Module) -> int:
     """Replace the nn.Dropout modules of peft's LoRA layers (``lora_dropout``) by FastDropout;
     returns how many were replaced. Meant for CPU training (CUDA's dropout is already fast)."""
     import torch.nn as nn

@@ -42,6 +42,10 @@ Used on the CPU for codecs of the layout it knows (weight-norm convolutions, no 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 # the token cache records it: codes are made in full float32 (no TF32 on a GPU)
 ENCODER_PRECISION = "fp32"
@@ -310,7 +314,7 @@ class full_fp32:
     """Within: no TF32 in cuDNN convolutions or CUDA matmuls (their defaults may use it), so a GPU's
     codes are float32 codes like the CPU's."""
 
-    def __init__(self, device):
+    def __init__(self, device: torch.device):
         self.cuda = getattr(device, "type", str(device)) == "cuda"
 
     def __enter__(self):

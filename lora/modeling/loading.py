@@ -22,13 +22,16 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from lora.common.cli import UserError, log
 from lora.common.files import atomic_write_json, file_lock
 from lora.config import BUILTIN_MODELS
 from lora.modeling import musicgen, musicgen_melody
 from lora.modeling.tiny_model import ensure_tiny_model
+
+if TYPE_CHECKING:
+    import torch
 
 FAMILIES = {musicgen.MODEL_TYPE: musicgen, musicgen_melody.MODEL_TYPE: musicgen_melody}
 
@@ -89,7 +92,8 @@ def missing_local_files(directory: Path) -> list[str]:
                        "pytorch_model.bin)")
     if not any((directory / f).is_file() for f in TOKENIZER_FILES):
         missing.append("tokenizer (tokenizer.json or spiece.model, plus tokenizer_config.json)")
-    if not any((directory / f).is_file() for f in ("preprocessor_config.json", "processor_config.json")):
+    if not any((directory / f).is_file()
+               for f in ("preprocessor_config.json", "processor_config.json")):
         missing.append("preprocessor_config.json (the EnCodec feature extractor settings)")
     return missing
 
@@ -319,8 +323,8 @@ def _locate(path: str, model_cfg) -> tuple[str, Path, Optional[str], Optional[st
         if (directory / "config.json").is_file():
             model_type = check_model_type(directory / "config.json", str(directory)).get("model_type")
         if missing:
-            raise UserError(f"The model folder {directory} is incomplete; missing: {'; '.join(missing)}. "
-                            f"{download_hint(str(directory))}")
+            raise UserError(f"The model folder {directory} is incomplete; missing: "
+                            f"{'; '.join(missing)}. {download_hint(str(directory))}")
         return str(directory), directory, model_identity(directory), None, {}, model_type
     if p.exists():
         raise UserError(f"--model_path {path} is a file; it must be a model folder (with config.json, "
@@ -333,7 +337,7 @@ def _locate(path: str, model_cfg) -> tuple[str, Path, Optional[str], Optional[st
     return path, config_file.parent, None, config_file.parent.name, kw, model_type
 
 
-def load_base_model(model_cfg, device=None, dtype=None):
+def load_base_model(model_cfg, device: torch.device | None = None, dtype=None):
     """Load a base model + processor from a hub id, a local folder or a built-in tiny model.
 
     Returns (model, processor, info): the model is in eval mode with every parameter frozen;

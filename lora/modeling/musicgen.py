@@ -35,13 +35,17 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import asdict, dataclass
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from lora.common.cli import log
 
 # the family's EnCodec encoder (float32, chunked on a CPU)
 from lora.modeling.encodec_fast import encode_codes
 from lora.modeling.fast_decode import StaticDecoder  # noqa: F401  (the family's static-cache decoding step)
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 MODEL_TYPE = "musicgen"
 MELODY = False  # conditioned on text only (lora.modeling.musicgen_melody: text and a melody)
@@ -107,7 +111,8 @@ def load_processor(path: str, **kw):
     return AutoProcessor.from_pretrained(path, **kw)
 
 
-def model_info(model, name_or_path: str, identity: str, hub_revision: Optional[str] = None) -> ModelInfo:
+def model_info(model: nn.Module, name_or_path: str, identity: str,
+               hub_revision: Optional[str] = None) -> ModelInfo:
     base = get_base(model)
     cfg = base.config
     dec = cfg.decoder
@@ -123,12 +128,13 @@ def model_info(model, name_or_path: str, identity: str, hub_revision: Optional[s
     return ModelInfo(
         name_or_path=name_or_path, sample_rate=int(cfg.audio_encoder.sampling_rate),
         frame_rate=int(cfg.audio_encoder.frame_rate), num_codebooks=int(dec.num_codebooks),
-        audio_channels=int(dec.audio_channels), pad_token_id=int(pad), decoder_start_token_id=int(start),
+        audio_channels=int(dec.audio_channels), pad_token_id=int(pad),
+        decoder_start_token_id=int(start),
         vocab_size=int(dec.vocab_size), text_hidden_size=int(cfg.text_encoder.hidden_size),
         identity=identity, model_type=cfg.model_type, hub_revision=hub_revision)
 
 
-def get_base(model):
+def get_base(model: nn.Module):
     """The MusicgenForConditionalGeneration under a PeftModel (or the model itself)."""
     if hasattr(model, "get_base_model"):
         return model.get_base_model()
@@ -138,7 +144,7 @@ def get_base(model):
 # --------------------------------------------------------------------------------------------
 # The parts of the model, and the switches the train step sets on them
 # --------------------------------------------------------------------------------------------
-def decoder_modules(model) -> list:
+def decoder_modules(model: nn.Module) -> list:
     """What runs in every decoding / training step: the decoder (with its LoRA layers) and the
     projection of the text states into the decoder's width (when the widths differ). Casting the
     frozen weights, device moves for training and ``cast_for_generation`` act on exactly these."""
@@ -149,29 +155,29 @@ def decoder_modules(model) -> list:
     return mods
 
 
-def decoder(model):
+def decoder(model: nn.Module):
     """The decoder language model (``MusicgenForCausalLM``): the part LoRA adapts."""
     return get_base(model).decoder
 
 
-def text_encoder_of(model):
+def text_encoder_of(model: nn.Module):
     return get_base(model).text_encoder
 
 
-def audio_codec(model):
+def audio_codec(model: nn.Module):
     return get_base(model).audio_encoder
 
 
-def lm_heads(model):
+def lm_heads(model: nn.Module):
     return get_base(model).decoder.lm_heads
 
 
-def decoder_param(model):
+def decoder_param(model: nn.Module):
     """A parameter of the decoder: its device and dtype are the decoding step's."""
     return next(get_base(model).decoder.parameters())
 
 
-def parameter_counts(model) -> dict:
+def parameter_counts(model: nn.Module) -> dict:
     """Parameters per part, in the order a user reads them."""
     base = get_base(model)
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
@@ -179,15 +185,15 @@ def parameter_counts(model) -> dict:
             "EnCodec": count(base.audio_encoder)}
 
 
-def attention_implementation(model) -> str:
+def attention_implementation(model: nn.Module) -> str:
     return get_base(model).config.decoder._attn_implementation
 
 
-def max_positions(model) -> int:
+def max_positions(model: nn.Module) -> int:
     return int(getattr(get_base(model).config.decoder, "max_position_embeddings", 10 ** 9))
 
 
-def set_decoder_dropout(model, p: float | None) -> float | None:
+def set_decoder_dropout(model: nn.Module, p: float | None) -> float | None:
     """training.decoder_dropout: the hidden-state dropout of the frozen decoder while LoRA trains
     (``MusicgenDecoder.dropout`` after the embeddings and ``MusicgenDecoderLayer.dropout`` after
     self-attention, cross-attention and the feed-forward block; attention_dropout /
@@ -209,7 +215,7 @@ def set_decoder_dropout(model, p: float | None) -> float | None:
     return float(p)
 
 
-def enable_gradient_checkpointing(model) -> None:
+def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Recompute the decoder layers' activations in backward (peft's input-grad hook on the
     embeddings makes the checkpointed segments see an input that needs a gradient)."""
     base = get_base(model)
@@ -238,7 +244,7 @@ class _NoLayerDropRandom:
         return float(b)
 
 
-def compile_decoder(model, mode: str | None = None) -> None:
+def compile_decoder(model: nn.Module, mode: str | None = None) -> None:
     """torch.compile the decoder (inductor) with static shapes (``dynamic=False``: every input shape
     is its own specialised graph; the training library pads batches to a bounded set of shapes).
     ``mode``: torch.compile's mode (None = default, "reduce-overhead" = CUDA graphs as well). With
@@ -301,7 +307,7 @@ def _match_channels(wavs, channels: int):
     raise ValueError(f"cannot map {c}-channel audio to a {channels}-channel model")
 
 
-def encode_audio(model, wavs, info: ModelInfo):
+def encode_audio(model: nn.Module, wavs, info: ModelInfo):
     """EnCodec codes of float audio (B, C, N) at ``info.sample_rate`` -> LongTensor (B, K, T), T =
     ceil(N/hop).
 
@@ -331,7 +337,7 @@ def encode_audio(model, wavs, info: ModelInfo):
     return codes.long()
 
 
-def decode_audio(model, codes, info: ModelInfo):
+def decode_audio(model: nn.Module, codes, info: ModelInfo):
     """Codes (B, K, T) -> float audio (B, C, N) with N = T * hop (as generate() decodes)."""
     import torch
 
@@ -346,7 +352,7 @@ def decode_audio(model, codes, info: ModelInfo):
         return torch.cat([left, right], dim=1)
 
 
-def codec_latents(model, wav):
+def codec_latents(model: nn.Module, wav):
     """Frames of the frozen EnCodec encoder before quantisation: float64 numpy (T, D) for one clip
     (C, N) (a mono codec hears the mix-down). The embedding space of evaluate's FAD/KAD."""
     import numpy as np
@@ -364,7 +370,7 @@ def codec_latents(model, wav):
     return z[0].float().T.cpu().numpy().astype(np.float64)
 
 
-def encode_text(model, processor, texts: Sequence[str], device=None):
+def encode_text(model: nn.Module, processor, texts: Sequence[str], device: torch.device | None = None):
     """Frozen T5 states of the captions: (hidden (B, L, D) float, mask (B, L) long).
 
     ``hidden`` is the text encoder's last_hidden_state BEFORE the decoder's projection (the model
@@ -401,7 +407,7 @@ def condition(hidden, mask) -> dict:
     return {"encoder_outputs": (hidden,), "attention_mask": mask}
 
 
-def null_condition(batch: int, info: ModelInfo, device=None, dtype=None):
+def null_condition(batch: int, info: ModelInfo, device: torch.device | None = None, dtype=None):
     """The unconditional input: zeros (B, 1, D) states and zeros (B, 1) mask, as in
     MusicgenForConditionalGeneration.get_unconditional_inputs / the CFG branch of generate()."""
     import torch
@@ -481,7 +487,7 @@ def build_delay_pattern(codes, lengths, info: ModelInfo):
     return inputs.reshape(b * k, s), labels.transpose(1, 2).contiguous()
 
 
-def generation_pattern(model, ids, pad_token_id: int, max_length: int):
+def generation_pattern(model: nn.Module, ids, pad_token_id: int, max_length: int):
     """transformers' ``build_delay_pattern_mask`` for decoding: (prefix ids the decoder reads first,
     the whole (B*K, max_length) pattern with -1 where a token is still to be generated)."""
     return get_base(model).decoder.build_delay_pattern_mask(ids, pad_token_id=pad_token_id,
@@ -506,7 +512,7 @@ def frames_from_pattern(seq, n_frames: int, info: ModelInfo):
 # --------------------------------------------------------------------------------------------
 # The teacher-forced forward and the loss
 # --------------------------------------------------------------------------------------------
-def teacher_forced_logits(model, info: ModelInfo, codes, lengths, hidden, mask,
+def teacher_forced_logits(model: nn.Module, info: ModelInfo, codes, lengths, hidden, mask,
                           autocast=contextlib.nullcontext):
     """The one teacher-forced forward: delay-pattern inputs and labels from the codes (B, K, T) and
     their valid lengths (B,), the decoder run on the conditioning of the text states (``condition``)
@@ -568,7 +574,7 @@ def codebook_loss(logits, labels) -> CodebookLoss:
 # --------------------------------------------------------------------------------------------
 # Decoding
 # --------------------------------------------------------------------------------------------
-def cached_step(model, hidden, mask, ids, cache):
+def cached_step(model: nn.Module, hidden, mask, ids, cache):
     """One decoder call with transformers' own key/value cache: ids (rows, n) -> (logits of the last
     position (rows, V), the cache to pass next time; None the first time)."""
     out = get_base(model)(**condition(hidden, mask), decoder_input_ids=ids, cache=cache, use_cache=True)

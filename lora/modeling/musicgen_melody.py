@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from lora.common.cli import log
 from lora.modeling import musicgen
@@ -58,11 +58,16 @@ from lora.modeling.musicgen import (  # noqa: F401  (the shared parts of the fam
     with_unconditional,
 )
 
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
 MODEL_TYPE = "musicgen_melody"
 MELODY = True  # conditioned on text and a melody (the chroma of a clip / a melody file)
 # What a melody family provides beyond MusicGen's interface (called only where ``fam.MELODY`` is
 # true).
-MELODY_INTERFACE = ("melody_frames", "null_like", "pad_text", "dropped_text", "with_unconditional_melody")
+MELODY_INTERFACE = ("melody_frames", "null_like", "pad_text", "dropped_text",
+                    "with_unconditional_melody")
 
 
 @dataclass
@@ -135,7 +140,8 @@ def load_processor(path: str, **kw) -> TextProcessor:
     return TextProcessor(AutoTokenizer.from_pretrained(path, **kw), fe)
 
 
-def model_info(model, name_or_path: str, identity: str, hub_revision: Optional[str] = None) -> ModelInfo:
+def model_info(model: nn.Module, name_or_path: str, identity: str,
+               hub_revision: Optional[str] = None) -> ModelInfo:
     common = musicgen.model_info(model, name_or_path, identity, hub_revision).to_dict()
     cfg = get_base(model).config
     common.update(model_type=MODEL_TYPE, chroma_length=int(cfg.chroma_length),
@@ -153,8 +159,8 @@ def config_from_musicgen(config, chroma_length: int = 235, num_chroma: int = 12)
             "num_attention_heads",
             "hidden_size", "num_codebooks", "audio_channels", "dropout", "attention_dropout",
             "activation_dropout",
-            "activation_function", "layerdrop", "scale_embedding", "tie_word_embeddings", "pad_token_id",
-            "bos_token_id", "decoder_start_token_id")
+            "activation_function", "layerdrop", "scale_embedding", "tie_word_embeddings",
+            "pad_token_id", "bos_token_id", "decoder_start_token_id")
     dec_cfg = MusicgenMelodyDecoderConfig(**{k: dec[k] for k in keep})
     return MusicgenMelodyConfig(text_encoder=config.text_encoder.to_dict(),
                                 audio_encoder=config.audio_encoder.to_dict(), decoder=dec_cfg.to_dict(),
@@ -164,7 +170,7 @@ def config_from_musicgen(config, chroma_length: int = 235, num_chroma: int = 12)
 # --------------------------------------------------------------------------------------------
 # The parts of the model
 # --------------------------------------------------------------------------------------------
-def _projections(model) -> list:
+def _projections(model: nn.Module) -> list:
     base = get_base(model)
     return [m
             for m in (getattr(base, "audio_enc_to_dec_proj", None),
@@ -172,20 +178,20 @@ def _projections(model) -> list:
             if m is not None]
 
 
-def decoder_modules(model) -> list:
+def decoder_modules(model: nn.Module) -> list:
     """The decoder and the two projections into its width that build the prefix: what every step
     runs."""
     return [get_base(model).decoder, *_projections(model)]
 
 
-def parameter_counts(model) -> dict:
+def parameter_counts(model: nn.Module) -> dict:
     base = get_base(model)
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     return {"decoder": count(base.decoder) + sum(count(m) for m in _projections(model)),
             "text encoder": count(base.text_encoder), "EnCodec": count(base.audio_encoder)}
 
 
-def enable_gradient_checkpointing(model) -> None:
+def enable_gradient_checkpointing(model: nn.Module) -> None:
     musicgen.enable_gradient_checkpointing(model)
 
 
@@ -224,12 +230,12 @@ def decoder_shape(config) -> dict:
 # --------------------------------------------------------------------------------------------
 # The melody and the prefix
 # --------------------------------------------------------------------------------------------
-def _chroma_config(model) -> tuple[int, int]:
+def _chroma_config(model: nn.Module) -> tuple[int, int]:
     cfg = get_base(model).config
     return int(cfg.chroma_length), int(cfg.num_chroma)
 
 
-def null_melody(batch: int, num_chroma: int = 12, device=None, dtype=None):
+def null_melody(batch: int, num_chroma: int = 12, device: torch.device | None = None, dtype=None):
     """The null melody: one frame with bin 0 set, (B, 1, num_chroma), as generate() builds it."""
     import torch
 
@@ -262,7 +268,7 @@ def melody_frames(indices, chroma_length: int):
     return one_hot[:chroma_length]
 
 
-def melody_states(model, chroma):
+def melody_states(model: nn.Module, chroma):
     """Projected melody (B, chroma_length, H): ``audio_enc_to_dec_proj(chroma)`` tiled with
     ``repeat`` up to ``chroma_length`` frames and cut there (transformers' forward / generate)."""
     length, _ = _chroma_config(model)
@@ -273,7 +279,7 @@ def melody_states(model, chroma):
     return x[:, :length]
 
 
-def text_states(model, hidden, mask):
+def text_states(model: nn.Module, hidden, mask):
     """Projected text (B, L, H) = ``enc_to_dec_proj(hidden) * mask``: masked positions are zero
     vectors."""
     proj = getattr(get_base(model), "enc_to_dec_proj", None)
@@ -282,7 +288,7 @@ def text_states(model, hidden, mask):
     return hidden * mask[..., None].to(hidden.dtype)
 
 
-def prefix(model, hidden, mask, chroma=None):
+def prefix(model: nn.Module, hidden, mask, chroma=None):
     """The decoder's conditioning prefix (B, chroma_length + L, H) = cat([melody, text]); ``chroma``
     None is the null melody."""
     import torch
@@ -293,14 +299,15 @@ def prefix(model, hidden, mask, chroma=None):
     return torch.cat([melody_states(model, chroma), text_states(model, hidden, mask)], dim=1)
 
 
-def condition(model, hidden, mask, chroma=None) -> dict:
+def condition(model: nn.Module, hidden, mask, chroma=None) -> dict:
     """The keyword arguments of ``MusicgenMelodyForConditionalGeneration.forward`` for cached text
     states: the prefix built here (passing ``encoder_hidden_states`` makes transformers skip its own
     chroma block)."""
     return {"encoder_hidden_states": prefix(model, hidden, mask, chroma)}
 
 
-def null_condition(batch: int, info: ModelInfo, length: int = 1, device=None, dtype=None):
+def null_condition(batch: int, info: ModelInfo, length: int = 1, device: torch.device | None = None,
+                   dtype=None):
     """Null text (zero states, zero mask) of ``length`` positions: generate's null has the
     conditional text's length, which here changes the decoder's input (not only its mask)."""
     import torch
@@ -363,7 +370,7 @@ def with_unconditional_melody(chroma):
 # --------------------------------------------------------------------------------------------
 # The teacher-forced forward, and decoding with transformers' cache
 # --------------------------------------------------------------------------------------------
-def teacher_forced_logits(model, info: ModelInfo, codes, lengths, hidden, mask,
+def teacher_forced_logits(model: nn.Module, info: ModelInfo, codes, lengths, hidden, mask,
                           autocast=contextlib.nullcontext, chroma=None):
     """As ``lora.modeling.musicgen.teacher_forced_logits``, with the melody prefix. The logits cover
     prefix + S positions; ``codebook_loss`` scores the last S (the audio positions), as
@@ -374,7 +381,7 @@ def teacher_forced_logits(model, info: ModelInfo, codes, lengths, hidden, mask,
     return logits, labels
 
 
-def cached_step(model, hidden, mask, ids, cache, chroma=None):
+def cached_step(model: nn.Module, hidden, mask, ids, cache, chroma=None):
     """One decoder call with transformers' cache: the prefix goes in only on the first call (cache
     None), as in transformers' ``prepare_inputs_for_generation``. Returns (logits of the last
     position, the cache)."""

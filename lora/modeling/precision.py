@@ -22,9 +22,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from lora.common.cli import UserError, log
+
+if TYPE_CHECKING:
+    import torch
 
 MODES = ("bf16", "fp16", "no")
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
@@ -53,7 +56,7 @@ def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> frozenset:
     return frozenset()
 
 
-def hardware_facts(device) -> HardwareFacts:
+def hardware_facts(device: torch.device) -> HardwareFacts:
     import torch
 
     dev = torch.device(device)
@@ -72,7 +75,8 @@ def _cpu_bf16_fast(f: HardwareFacts) -> Optional[str]:
     return ", ".join(found) if found else None
 
 
-def choose_precision(requested: str, device, facts: Optional[HardwareFacts] = None) -> tuple[str, str]:
+def choose_precision(requested: str, device: torch.device,
+                     facts: Optional[HardwareFacts] = None) -> tuple[str, str]:
     """Pick the autocast mode for ``requested`` in {auto, fp16, bf16, no} on ``device``; returns
     (mode, reason)."""
     requested = (requested or "auto").lower()
@@ -192,7 +196,7 @@ def cast_frozen_weights(module, dtype) -> int:
 # --------------------------------------------------------------------------------------------
 # Weights dtype for generation
 # --------------------------------------------------------------------------------------------
-def generation_dtype(name: str, device, facts: Optional[HardwareFacts] = None):
+def generation_dtype(name: str, device: torch.device, facts: Optional[HardwareFacts] = None):
     """The decoder's weights dtype for generation (generation.dtype): 'auto' -> bf16 on GPUs that
     run it, fp16 on older GPUs; on a CPU bf16 where it has AMX-BF16 or AVX512-BF16 (the same facts
     as training's choice; the measured speed-up is in BENCHMARKS.md), else fp32; otherwise the named

@@ -15,10 +15,14 @@ import contextlib
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lora.common.cli import log
 from lora.common.files import atomic_dir, file_lock
 from lora.modeling import musicgen, musicgen_melody
+
+if TYPE_CHECKING:
+    from torch import nn
 
 TINY_SEED = 1234
 TINY_HEAD_STD = 0.3
@@ -305,7 +309,7 @@ MELODY_FEATURE_EXTRACTOR = {
     "stem_indices": [3, 2]}
 
 
-def _large_prefix(model) -> None:
+def _large_prefix(model: nn.Module) -> None:
     """With transformers' init the prefix is ~0.02 in size and a random tiny decoder ignores it:
     greedy tokens would not depend on the melody, and no test could tell whether it reached the
     model."""
@@ -324,7 +328,8 @@ def _build_tiny_melody_model(directory: Path, stereo: bool) -> None:
         # (768 -> 1536)
         cfg = musicgen_melody.config_from_musicgen(_tiny_configs(stereo, text_vocab=len(tokenizer)),
                                                    chroma_length=TINY_CHROMA_LENGTH)
-        model = _random_tiny(MusicgenMelodyForConditionalGeneration, cfg, musicgen_melody, _large_prefix)
+        model = _random_tiny(MusicgenMelodyForConditionalGeneration, cfg, musicgen_melody,
+                             _large_prefix)
         with atomic_dir(directory) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
@@ -24,6 +24,12 @@ from lora.scoring import intervals, metrics
 from lora.scoring.likelihood import _model_context
 from lora.scoring.plots import save_spectrogram
 
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from lora.modeling.musicgen import ModelInfo
+
 LOUDNESS_TARGET_LUFS = -23.0   # every clip is normalised to this before embedding (EBU R128)
 # frames per set for KAD (kernel matrices are O(n²)); subsampled with seed 0
 KAD_MAX_FRAMES = 2000
@@ -35,7 +41,7 @@ GEN_BOOTSTRAP_MAX = 200
 # --------------------------------------------------------------------------------------------
 # Generation metrics
 # --------------------------------------------------------------------------------------------
-def codec_roundtrip(model, wav: np.ndarray, info) -> np.ndarray:
+def codec_roundtrip(model: nn.Module, wav: np.ndarray, info: ModelInfo) -> np.ndarray:
     """The clip after the base model's codec: encode, decode (what a perfect token model could
     reproduce)."""
     import torch
@@ -47,7 +53,7 @@ def codec_roundtrip(model, wav: np.ndarray, info) -> np.ndarray:
     return y[..., :wav.shape[-1]]
 
 
-def _embed_all(model, wavs, info) -> list[dict]:
+def _embed_all(model: nn.Module, wavs, info: ModelInfo) -> list[dict]:
     """Per clip: loudness-normalised EnCodec frames (the base model's codec latents) and librosa
     frame features."""
     from tqdm.auto import tqdm
@@ -68,7 +74,8 @@ def _distances(gen: list[dict], ref: list[dict], transform: dict) -> dict:
         x = transform[space](np.concatenate([g[space] for g in gen]))
         y = transform[space](np.concatenate([r[space] for r in ref]))
         kad = metrics.kernel_audio_distance(metrics.subsample_rows(x, KAD_MAX_FRAMES),
-                                            metrics.subsample_rows(y, KAD_MAX_FRAMES), kernel=KAD_KERNEL)
+                                            metrics.subsample_rows(y, KAD_MAX_FRAMES),
+                                            kernel=KAD_KERNEL)
         res[space] = {"fad": metrics.frechet_audio_distance(x, y), "kad": kad, "n_clips": len(gen),
                       "n_reference_clips": len(ref), "n_frames": int(len(x)),
                       "n_reference_frames": int(len(y))}
@@ -81,8 +88,8 @@ def _distances(gen: list[dict], ref: list[dict], transform: dict) -> dict:
     return res
 
 
-def generate_clips(model, processor, info, which: str, prompts, seeds, cfg: Config,
-                   melodies=None) -> list:
+def generate_clips(model: nn.Module, processor, info: ModelInfo, which: str, prompts, seeds,
+                   cfg: Config, melodies=None) -> list:
     """Audio (C, N) per (prompt, seed) pair in prompt-major order; None where generation produced
     NaN/inf. ``melodies`` (melody models): one chroma per prompt."""
     g, ev = cfg.generation, cfg.evaluation
@@ -115,8 +122,8 @@ def usable_clips(checks: list[dict], exclude_failed: bool = True) -> list[int]:
             and (not exclude_failed or not c["failures"])]
 
 
-def generation_metrics(model, processor, info, cfg: Config, models: list[str], valid_recs,
-                       prompts: list[str], out_dir: Path, device) -> dict:
+def generation_metrics(model: nn.Module, processor, info: ModelInfo, cfg: Config, models: list[str],
+                       valid_recs, prompts: list[str], out_dir: Path, device: torch.device) -> dict:
     """Generate the prompt set with each model, check and save every clip, and compare the clips of
     the shared set (the (prompt, seed) pairs usable for every model) with the held-out reference
     audio (FAD/KAD next to their floors, diversity, CLAP when asked), each difference with a paired
@@ -157,7 +164,8 @@ def generation_metrics(model, processor, info, cfg: Config, models: list[str], v
     res["floors"] = _floors(model, info, ref, ref_wavs, transform)
     scored = score_generated(lambda m, idx: _embed_all(model, [audio[m][j] for j in idx], info),
                              checks, ref,
-                             transform, len(seeds), ev.exclude_failed_clips, ev.bootstrap_samples, g.seed)
+                             transform, len(seeds), ev.exclude_failed_clips, ev.bootstrap_samples,
+                             g.seed)
     shared = scored["distance_set"]["pair_indices"]
     scored["distance_set"]["pairs"] = [[j // len(seeds), seeds[j % len(seeds)]] for j in shared]
     _mark_distance_set(res, shared, checks, ev.exclude_failed_clips)
@@ -182,7 +190,7 @@ def generation_metrics(model, processor, info, cfg: Config, models: list[str], v
     return res
 
 
-def melody_prompts(info, valid_recs, prompts: list[str]) -> Optional[dict]:
+def melody_prompts(info: ModelInfo, valid_recs, prompts: list[str]) -> Optional[dict]:
     """Melody models: the tune each prompt follows in the evaluation, taken from the held-out clips
     themselves (the clip whose caption the prompt is, else the held-out clips in turn): {"sources":
     paths, "chroma": one-hot chromas}. None for text-only models."""
@@ -278,7 +286,8 @@ def _mark_distance_set(res: dict, shared: list[int], checks: dict, exclude_faile
         res["signal"][m]["n_usable_alone"] = len(usable_clips(c, exclude_failed))
 
 
-def _floors(model, info, ref: list[dict], ref_wavs: list, transform: dict) -> dict:
+def _floors(model: nn.Module, info: ModelInfo, ref: list[dict], ref_wavs: list,
+            transform: dict) -> dict:
     """The scale of the distances: two halves of the reference (noise floor) and the reference
     against its own codec round-trip (codec floor)."""
     floors: dict = {}
@@ -302,8 +311,8 @@ def distance_set(checks: dict[str, list[dict]], exclude_failed: bool = True) -> 
     return sorted(set.intersection(*sets)) if sets else []
 
 
-def score_generated(embed, checks: dict[str, list[dict]], ref: list[dict], transform: dict, n_seeds: int,
-                    exclude_failed: bool, n_boot: int, seed: int) -> dict:
+def score_generated(embed, checks: dict[str, list[dict]], ref: list[dict], transform: dict,
+                    n_seeds: int, exclude_failed: bool, n_boot: int, seed: int) -> dict:
     """FAD/KAD and diversity of every model on the shared set, and (two models) the paired bootstrap
     intervals of the differences. ``embed(model, pair_indices)`` returns the clips' embeddings
     (_embed_all). Returns {"distance_set", "distances", "diversity", "intervals", "notes"}."""
@@ -324,7 +333,8 @@ def score_generated(embed, checks: dict[str, list[dict]], ref: list[dict], trans
             f"FAD/KAD/diversity not computed: only {len(shared)} of {n_pairs} (prompt, seed) pairs "
             f"have clips {usable} for {'both models' if len(models) > 1 else 'the model'}; see the "
             f"signal checks."
-            + (" --exclude_failed_clips false keeps clips that fail a check." if exclude_failed else ""))
+            + (" --exclude_failed_clips false keeps clips that fail a check." if exclude_failed
+               else ""))
         log.warning(out["notes"][-1])
         return out
     emb = {m: embed(m, shared) for m in models}
@@ -372,7 +382,8 @@ def distance_intervals(emb: dict, dist: dict, ref: list[dict], transform: dict, 
     if dist["base"]["librosa"]["kad_clip_statistics"] is not None:
         y = np.stack([metrics.clip_statistics(transform["librosa"](r["librosa"])) for r in ref])
         kad = {m: intervals.kernel_bootstrap([metrics.clip_statistics(transform["librosa"](e["librosa"]))[None]
-                                            for e in emb[m]], y, counts, kernel=KAD_KERNEL) for m in emb}
+                                            for e in emb[m]], y, counts, kernel=KAD_KERNEL)
+               for m in emb}
         res["metrics"]["librosa.kad_clip_statistics"] = _interval(
             kad, dist, ("librosa", "kad_clip_statistics", "value"), n,
             "KAD x100 (librosa clip statistics)")
@@ -409,8 +420,8 @@ def _paired_interval(r: dict, what: str) -> dict:
             "excludes_zero": bool(r["ci_high"] < 0 or r["ci_low"] > 0), "n_pairs": r["n"], "what": what}
 
 
-def clap_metrics(path, models, audio, shared, prompts, seeds, valid_recs, ref_wavs, sr, device, *,
-                 n_boot: int = 2000, seed: int = 0) -> dict:
+def clap_metrics(path, models, audio, shared, prompts, seeds, valid_recs, ref_wavs, sr,
+                 device: torch.device, *, n_boot: int = 2000, seed: int = 0) -> dict:
     """CLAP text-audio scores of every model on the shared (prompt, seed) pairs (the set of the
     distances), the valid clips against their captions, and (two models) the paired bootstrap
     interval of LoRA - base."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
@@ -24,19 +24,25 @@ from lora.modeling.window import checked_window
 from lora.scoring import intervals
 from lora.scoring.report import MIN_CLIPS_FOR_A_VERDICT
 
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from lora.modeling.musicgen import ModelInfo
+
 
 # --------------------------------------------------------------------------------------------
 # Held-out likelihood
 # --------------------------------------------------------------------------------------------
-def _model_context(model, which: str):
+def _model_context(model: nn.Module, which: str):
     """base: the adapter disabled (peft), same weights in memory; lora: as loaded."""
     if which == "base" and hasattr(model, "disable_adapter"):
         return model.disable_adapter()
     return contextlib.nullcontext()
 
 
-def heldout_likelihood(model, clips, info, max_frames: int, batch_size: int, device,
-                       processor=None) -> dict:
+def heldout_likelihood(model: nn.Module, clips, info: ModelInfo, max_frames: int, batch_size: int,
+                       device: torch.device, processor=None) -> dict:
     """Teacher-forced per-clip, per-codebook CE on cached tokens (the first max_frames of every
     clip).
 
@@ -76,13 +82,15 @@ def heldout_likelihood(model, clips, info, max_frames: int, batch_size: int, dev
         "ce": ce, "ppl": float(math.exp(min(ce, 50.0))),
         "ce_per_codebook": per_cb.tolist(),
         "ppl_per_codebook": [float(math.exp(min(v, 50.0))) for v in per_cb],
-        "n_clips": len(ds), "n_tokens": int(n_tok.sum()), "n_tokens_per_codebook": n_tok.sum(0).tolist(),
+        "n_clips": len(ds), "n_tokens": int(n_tok.sum()),
+        "n_tokens_per_codebook": n_tok.sum(0).tolist(),
         "per_clip": [{"id": c.id, "ce": float(v), "tokens": int(t)} for c, v,
                      t in zip(clips, clip_ce, clip_tokens)],
     }
 
 
-def likelihood_section(model, processor, info, clips, cfg: Config, models: list[str], device,
+def likelihood_section(model: nn.Module, processor, info: ModelInfo, clips, cfg: Config,
+                       models: list[str], device: torch.device,
                        cache_stats: dict, recordings: list, adapter=None) -> tuple[dict, str]:
     """Held-out likelihood of each model and (both evaluated) the paired cluster bootstrap of their
     difference over ``recordings`` (one key per clip: the recording it was cut from); returns (the

@@ -20,9 +20,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 # --------------------------------------------------------------------------------------------
 # Fréchet distance
@@ -62,7 +66,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     s1 = np.atleast_2d(np.asarray(sigma1, dtype=np.float64))
     s2 = np.atleast_2d(np.asarray(sigma2, dtype=np.float64))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
-        raise ValueError(f"shape mismatch: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}")
+        raise ValueError(f"shape mismatch: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs "
+                         f"{s2.shape}")
     r1 = _sym_sqrt(s1)
     m = r1 @ ((s2 + s2.T) / 2.0) @ r1
     m = (m + m.T) / 2.0
@@ -348,8 +353,10 @@ def diversity(clip_emb: np.ndarray, prompt_ids: Sequence[int], seed_ids: Sequenc
     e = np.asarray(clip_emb, dtype=np.float64)
     p = np.asarray(prompt_ids)
     s = np.asarray(seed_ids)
-    across_p = [v for sd in np.unique(s) if (v := mean_pairwise_cosine_distance(e[s == sd])) is not None]
-    across_s = [v for pr in np.unique(p) if (v := mean_pairwise_cosine_distance(e[p == pr])) is not None]
+    across_p = [v for sd in np.unique(s)
+                if (v := mean_pairwise_cosine_distance(e[s == sd])) is not None]
+    across_s = [v for pr in np.unique(p)
+                if (v := mean_pairwise_cosine_distance(e[p == pr])) is not None]
     return {
         "across_prompts": float(np.mean(across_p)) if across_p else None,
         "n_across_prompts": len(across_p),
@@ -394,7 +401,8 @@ def _features(out):
     return out.pooler_output
 
 
-def clap_scores(model, processor, texts: Sequence[str], wavs: Sequence, sample_rate: int, *, device="cpu",
+def clap_scores(model: nn.Module, processor, texts: Sequence[str], wavs: Sequence, sample_rate: int,
+                *, device: torch.device | str = "cpu",
                 window_seconds: float = 10.0, shuffle_seed: int = 0) -> dict:
     """Cosine similarity between each text and its audio (mean of 10 s window embeddings,
     re-normalised).
@@ -414,7 +422,8 @@ def clap_scores(model, processor, texts: Sequence[str], wavs: Sequence, sample_r
         # pad id).
         max_pos = int(getattr(getattr(model.config, "text_config", None), "max_position_embeddings",
                               514)) - 2
-        max_len = min(max_pos, int(getattr(processor.tokenizer, "model_max_length", max_pos) or max_pos))
+        max_len = min(max_pos,
+                      int(getattr(processor.tokenizer, "model_max_length", max_pos) or max_pos))
         tin = processor.tokenizer(list(texts), return_tensors="pt", padding=True, truncation=True,
                                   max_length=max_len)
         tin = {k: v.to(device) for k, v in tin.items()}

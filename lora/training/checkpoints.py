@@ -15,11 +15,17 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from lora.common.cli import UserError, log
 from lora.common.files import atomic_dir, atomic_write_json, atomic_write_text
 from lora.config import Config
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from lora.modeling.musicgen import ModelInfo
 
 STATE_FILE = "trainer_state.json"
 
@@ -232,8 +238,8 @@ def find_checkpoint(output_dir: Path, spec: str) -> Checkpoint:
         try:
             return read_checkpoint(path)
         except UserError as e:
-            raise UserError(f"--resume_from_checkpoint {spec}: {e}. Resume from another checkpoint (e.g. "
-                            f"'latest', which skips damaged ones).") from None
+            raise UserError(f"--resume_from_checkpoint {spec}: {e}. Resume from another checkpoint "
+                            f"(e.g. 'latest', which skips damaged ones).") from None
     root = output_dir / "checkpoints"
     found = []
     for d in sorted(root.glob("step-*")) if root.is_dir() else []:
@@ -271,8 +277,8 @@ def disk_space_needed(params, save_total_limit: int) -> int:
     return int(1.2 * ((save_total_limit + 1) * 3 * adapter + 2 * adapter) + 20 * 2 ** 20)
 
 
-def save_checkpoint(root: Path, model, optimizer, scheduler, scaler, cfg: Config, snapshot: dict,
-                    keep: int) -> Path:
+def save_checkpoint(root: Path, model: nn.Module, optimizer, scheduler, scaler, cfg: Config,
+                    snapshot: dict, keep: int) -> Path:
     """A resumable checkpoint root/step-NNNNNN (adapter, optimizer, scheduler, scaler, RNG, config,
     state written last: it marks the folder complete); only the newest ``keep`` checkpoints are
     kept."""
@@ -297,8 +303,8 @@ def save_checkpoint(root: Path, model, optimizer, scheduler, scaler, cfg: Config
     return path
 
 
-def load_checkpoint(ck: Checkpoint, model, optimizer, scheduler, scaler, device, state: TrainState,
-                    now: dict) -> None:
+def load_checkpoint(ck: Checkpoint, model: nn.Module, optimizer, scheduler, scaler,
+                    device: torch.device, state: TrainState, now: dict) -> None:
     """Apply a checkpoint (read by find_checkpoint) to the run: LoRA weights, optimizer, schedule,
     scaler, RNG and the state. ``now`` holds this run's batch_size / gradient_accumulation_steps /
     world_size / seed: a difference is warned about (the data order then differs from an
@@ -323,7 +329,7 @@ def load_checkpoint(ck: Checkpoint, model, optimizer, scheduler, scaler, device,
              state.data_epoch, state.step_in_epoch)
 
 
-def save_adapter(path: Path, model, cfg: Config, snapshot: dict, evaluation: Optional[dict],
+def save_adapter(path: Path, model: nn.Module, cfg: Config, snapshot: dict, evaluation: Optional[dict],
                  card: str) -> None:
     """best_model / final_model: the PEFT adapter, the config, trainer_state.json, eval_results.json
     and a model card README.md, written as one folder (atomically)."""
@@ -338,7 +344,7 @@ def save_adapter(path: Path, model, cfg: Config, snapshot: dict, evaluation: Opt
         atomic_write_text(tmp / "README.md", card)
 
 
-def model_card(cfg: Config, info, state: dict, kind: str, n_train: int, train_hours: float,
+def model_card(cfg: Config, info: ModelInfo, state: dict, kind: str, n_train: int, train_hours: float,
                where: Path) -> str:
     base = info.name_or_path
     best, base_loss = state.get("best_metric"), state.get("base_val_loss")
@@ -352,8 +358,8 @@ def model_card(cfg: Config, info, state: dict, kind: str, n_train: int, train_ho
         f"{state['precision']}",
     ]
     if base_loss is not None:
-        lines.append(f"- Held-out loss (cross-entropy, mean over codebooks): base model {base_loss:.4f}, "
-                     f"best {best:.4f} at step {state.get('best_step')}"
+        lines.append(f"- Held-out loss (cross-entropy, mean over codebooks): base model "
+                     f"{base_loss:.4f}, best {best:.4f} at step {state.get('best_step')}"
                      + (f", this adapter {state['eval']['val_loss']:.4f}" if state.get("eval") else ""))
     lines += [
         "", "## Use", "", "```bash",

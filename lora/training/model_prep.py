@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from lora.common.cli import log
 from lora.config import Config
@@ -18,11 +18,15 @@ from lora.modeling.loading import family_for
 from lora.modeling.precision import cast_frozen_weights, resolve_base_weights_dtype
 from lora.modeling.window import window_frames
 
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
 
 # ============================================================================================
 # Model preparation
 # ============================================================================================
-def prepare_frozen_weights(model, precision: str, setting: str) -> str:
+def prepare_frozen_weights(model: nn.Module, precision: str, setting: str) -> str:
     """Apply training.base_weights_dtype after LoRA is attached: with bfloat16, every frozen weight
     and buffer of the decoder modules (the family's ``decoder_modules``) is stored in bf16 and
     peft's cast of each LoRA input to float32 is turned off (autocast runs the LoRA matmuls in bf16
@@ -32,7 +36,8 @@ def prepare_frozen_weights(model, precision: str, setting: str) -> str:
 
     name, why = resolve_base_weights_dtype(setting, precision)
     if name == "bfloat16":
-        n = sum(cast_frozen_weights(m, torch.bfloat16) for m in family_for(model).decoder_modules(model))
+        n = sum(cast_frozen_weights(m, torch.bfloat16)
+                for m in family_for(model).decoder_modules(model))
         for m in model.modules():
             if hasattr(m, "cast_input_dtype_enabled"):  # peft LoRA layers
                 m.cast_input_dtype_enabled = False
@@ -42,7 +47,7 @@ def prepare_frozen_weights(model, precision: str, setting: str) -> str:
     return name
 
 
-def move_trained_modules(model, device, text_encoder: bool = False) -> None:
+def move_trained_modules(model: nn.Module, device: torch.device, text_encoder: bool = False) -> None:
     """Move what the train step runs to ``device``: the decoder modules (with their LoRA layers)
     and, when asked (the text encoder trains), the text encoder. Called after LoRA is attached and
     the frozen weights are cast, so the decoder reaches a GPU already in its training dtype."""
@@ -117,7 +122,7 @@ class StaticShapes:
         return codes, lengths, hidden, mask, chroma
 
 
-def static_shapes_for(model, cfg: Config) -> StaticShapes:
+def static_shapes_for(model: nn.Module, cfg: Config) -> StaticShapes:
     """The static-shape plan of a run of ``cfg`` on ``model`` (train_lora's max_frames: max_duration
     at the codec's frame rate)."""
     fam = family_for(model)
@@ -129,7 +134,8 @@ def static_shapes_for(model, cfg: Config) -> StaticShapes:
                         text_lengths=() if fam.MELODY else COMPILE_TEXT_LENGTHS)
 
 
-def configure_step(model, device, checkpointing: bool = False, torch_compile: bool = False,
+def configure_step(model: nn.Module, device: torch.device, checkpointing: bool = False,
+                   torch_compile: bool = False,
                    decoder_dropout: float | None = 0.0, compile_mode: str = "default",
                    static_shapes: Optional[StaticShapes] = None) -> None:
     """The step's speed/memory options on the LoRA-wrapped model: the decoder's hidden-state dropout
@@ -182,7 +188,7 @@ def configure_step(model, device, checkpointing: bool = False, torch_compile: bo
         fam.compile_decoder(model, mode=mode)
 
 
-def prepare_model(model, cfg: Config, precision: str, device):
+def prepare_model(model: nn.Module, cfg: Config, precision: str, device: torch.device):
     """The trainable model from the loaded base (on the CPU, encoders wherever they are): LoRA
     attached (its init seeded by the caller), frozen weights cast, the step's modules on ``device``,
     the step configured. Returns (peft model, trainable parameters). train_lora.py, test_model.py
@@ -198,7 +204,7 @@ def prepare_model(model, cfg: Config, precision: str, device):
     return model, [p for p in model.parameters() if p.requires_grad]
 
 
-def autocast_for(precision: str, device):
+def autocast_for(precision: str, device: torch.device):
     """The autocast of ``Accelerator(mixed_precision=precision).autocast`` on ``device``, as a
     context-manager factory, for callers that pick their own device (test_model.py --device)."""
     import torch
@@ -209,7 +215,7 @@ def autocast_for(precision: str, device):
     return lambda: torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
-def set_train_mode(model, cache_text: bool) -> None:
+def set_train_mode(model: nn.Module, cache_text: bool) -> None:
     """LoRA layers (and the decoder's dropout) in training mode; the frozen codec, and the text
     encoder unless it trains, in eval mode."""
     fam = family_for(model)

@@ -11,10 +11,13 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from lora.common.files import atomic_path, atomic_write_text
 from lora.scoring.plots import loss_figure
+
+if TYPE_CHECKING:
+    import torch
 
 
 class PhaseClock:
@@ -84,7 +87,8 @@ class RunLog:
             logs_dir.mkdir(parents=True, exist_ok=True)
             # Rewrite metrics.jsonl from the (restored) history: lines past a resumed checkpoint are
             # dropped.
-            atomic_write_text(logs_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+            atomic_write_text(logs_dir / "metrics.jsonl",
+                              "".join(json.dumps(h) + "\n" for h in history))
             from torch.utils.tensorboard import SummaryWriter
 
             # The same for TensorBoard: its events past the checkpoint (all of them for a fresh run
@@ -130,7 +134,7 @@ class Interval:
     since: float = field(default_factory=time.time)
 
     @classmethod
-    def start(cls, device, num_codebooks: int) -> "Interval":
+    def start(cls, device: torch.device, num_codebooks: int) -> "Interval":
         import torch
 
         return cls(loss=torch.zeros((), device=device),

@@ -7,15 +7,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from lora.modeling.loading import family_for
 from lora.training.model_prep import STATIC_SHAPES_ATTR
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from lora.modeling.musicgen import ModelInfo
 
 
 # ============================================================================================
 # The step loss and validation
 # ============================================================================================
-def step_loss(model, processor, info, batch, device, autocast, cache_text: bool):
+def step_loss(model: nn.Module, processor, info: ModelInfo, batch, device: torch.device, autocast,
+              cache_text: bool):
     """The training (and validation) forward of one micro-batch -> the family's CodebookLoss
     (``.loss`` is the objective, ``.per_codebook`` / ``.tokens`` per codebook).
 
@@ -52,7 +60,8 @@ def step_loss(model, processor, info, batch, device, autocast, cache_text: bool)
     return loss
 
 
-def heldout_loss(model, processor, info, valid_ds, collate, batch_size: int, device, autocast,
+def heldout_loss(model: nn.Module, processor, info: ModelInfo, valid_ds, collate, batch_size: int,
+                 device: torch.device, autocast,
                  cache_text: bool, rank: int = 0, world: int = 1) -> dict:
     """Token-weighted held-out cross-entropy of the model as it is now (eval mode): per codebook and
     their mean, with perplexities. The held-out clips are split over processes and the sums
@@ -98,7 +107,7 @@ class StepStats:
 
 
 def accumulate(loss_fn, micro_batches: list, backward, seeds: list[int], world: int = 1,
-               device=None) -> StepStats:
+               device: torch.device | None = None) -> StepStats:
     """Forward and backward of one optimizer step's micro-batches (this process's share). Each
     micro-batch is weighted by its share of the step's valid tokens over all processes, so the
     step's gradient is that of the mean cross-entropy over all its tokens (per codebook, then over
