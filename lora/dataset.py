@@ -1,4 +1,5 @@
-"""Dataset: metadata.json, clip records, the audio Dataset and (below) the on-disk token cache.
+"""What training reads: metadata.json and its clip records, the Dataset over cached tokens
+(``CachedTokenDataset``: crops, condition dropout), ``collate_tokens`` and length-bucketed batches.
 
 metadata.json (written by prepare_data.py, read here) is::
 

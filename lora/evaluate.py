@@ -7,7 +7,7 @@ What is measured (everything offline; CLAP only when you point at a local CLAP m
 
 1. Held-out likelihood (always; cheap and the most sensitive): teacher-forced cross-entropy and
    perplexity per codebook on the valid split's cached EnCodec tokens (the token cache of
-   dataset.py, built if missing), for the base model (the adapter disabled with peft's
+   lora/dataprep/token_cache.py, built if missing), for the base model (the adapter disabled with peft's
    ``disable_adapter()``: one model in memory) and for the LoRA model, plus a paired cluster
    bootstrap confidence interval for the difference LoRA - base that resamples recordings (clips cut
    from one recording, ``ClipRecord.source``, are not independent; a clip without a source is a

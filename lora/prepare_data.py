@@ -20,10 +20,11 @@ What it changes in the audio is said: clips above 0 dBFS scaled down, a few NaN/
 0, channels mixed. Symlinked folders are followed; what cannot be read is reported, and a source of
 the last run that cannot be read now keeps its clips.
 
-This script holds the run (settings, ownership of the output folder, scanning, the per-file worker,
-reuse and checkpoints, duplicates, split, the report). Its parts live in library modules:
-captions.py (where a caption comes from), example_data.py (the synthetic --create_example set) and
-data_check.py (the --validate check, shared with test_dataset.py).
+This script parses the settings, checks them and calls the library in lora/dataprep: the run
+(prepare.py: reuse and checkpoints, duplicates, split, the report), the scan (scan.py), the per-file
+worker (worker.py), the ownership of the output folder (ownership.py), where a caption comes from
+(captions.py), the synthetic --create_example set (example_data.py) and the --validate check
+(data_check.py, shared with test_dataset.py).
 """
 
 from __future__ import annotations

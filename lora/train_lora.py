@@ -20,7 +20,7 @@ save. It writes, under output_dir:
 
 Training reads tokens only: EnCodec codes and text-encoder states are computed once into data_dir/cache
 (lora.dataprep.token_cache.build_token_cache), then both encoders leave the GPU. The step, validation,
-checkpoints and logs are lora.training's (the same step bench/bench_train.py times and test_model.py checks);
+checkpoints and logs are lora/training's (the same step bench/bench_train.py times and test_model.py checks);
 this script tells the story.
 
 Data order is a pure function of (seed, epoch): each epoch's length-bucketed micro-batches are split over
