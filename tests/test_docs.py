@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT
+
 DOCS = ["README.md", "README.zh-CN.md", "USAGE.md", "DATA_PREPARATION.md"]
 MARK = re.compile(r"<!--\s*docs:\s*(run|ci|needs [^>]+?)\s*-->")
 FENCE = re.compile(r"^```(bash|sh|shell)\s*$")

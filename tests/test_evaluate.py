@@ -13,6 +13,7 @@ from lora import evaluate
 from lora.common.fields import ConfigError
 from lora.scoring import generated, likelihood, metrics
 from lora.scoring.report import format_table, render_html, summary_rows
+from tests.helpers import make_tiny_clap
 
 
 # ------------------------------------------------------------------------------------ report (unit)
@@ -255,8 +256,6 @@ def compare_run(tmp_path_factory, tiny_model_dir, example_data_dir, trained_outp
     valid_caption = next(r.text for r in load_metadata(example_data_dir, split="valid") if r.text)
     prompts = root / "prompts.txt"
     prompts.write_text(f"{valid_caption}\n<script>alert(1)</script> lofi piano\n", encoding="utf-8")
-    from tests.test_metrics import make_tiny_clap
-
     clap = make_tiny_clap(root / "clap")
     out = root / "evaluation"
     import contextlib

@@ -25,8 +25,8 @@ from lora.common.fields import ConfigError
 from lora.dataprep import audio as A
 from lora.dataprep import example_data, ownership, prepare, worker
 from lora.dataset import load_metadata
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 SR = 32000
 
 

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT
+
 TRAIN = ROOT / "lora" / "train_lora.py"
 
 

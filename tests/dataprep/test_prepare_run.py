@@ -27,8 +27,8 @@ from lora.dataprep import audio as A
 from lora.dataprep import ownership, worker
 from lora.dataprep import prepare as prepare_run
 from lora.dataset import load_metadata
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 SR = 32000
 
 

@@ -18,7 +18,6 @@ from safetensors import safe_open
 from lora.common.cli import UserError
 from lora.common.fields import ConfigError
 
-ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "lofi piano with soft drums"
 
 # Run in a fresh interpreter: loads the exported folder with transformers alone, generates greedily

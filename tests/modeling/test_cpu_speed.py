@@ -4,7 +4,6 @@ counting."""
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from lora.modeling.cpu_speed import fast_dropout_class, use_fast_dropout
 from lora.modeling.loading import load_base_model
 from lora.modeling.musicgen import get_base
 from lora.modeling.precision import resolve_base_weights_dtype
+from tests.helpers import ROOT
 
 
 def batch_loss(*args, **kwargs):
@@ -25,7 +25,6 @@ def batch_loss(*args, **kwargs):
     r = step_loss(*args, **kwargs)
     return r.loss, r.per_codebook, r.tokens
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_base_weights_dtype_choice():

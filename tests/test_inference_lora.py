@@ -23,8 +23,8 @@ import torch
 
 from lora.common.cli import UserError
 from lora.common.fields import ConfigError
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 SEED_PROMPT = "hip hop 808 beat with trap drums"
 SEED_SLUG = "hip-hop-808-beat-with-trap-drums"
 
