@@ -200,22 +200,6 @@ def test_user_errors_are_collected(tmp_path):
     assert not (tmp_path / "ev").exists()
 
 
-def test_read_prompts_file_formats(tmp_path):
-    (tmp_path / "p.txt").write_text("# comment\nlofi piano\n\n  trap beat \n", encoding="utf-8")
-    (tmp_path / "p.json").write_text(json.dumps(["a", {"prompt": "b"}]), encoding="utf-8")
-    (tmp_path / "p.jsonl").write_text('{"text": "c"}\n"d"\n', encoding="utf-8")
-    from lora.generation.prompts import read_prompt_texts
-
-    assert read_prompt_texts(tmp_path / "p.txt") == ["lofi piano", "trap beat"]
-    assert read_prompt_texts(tmp_path / "p.json") == ["a", "b"]
-    assert read_prompt_texts(tmp_path / "p.jsonl") == ["c", "d"]
-    (tmp_path / "bad.json").write_text("[1]", encoding="utf-8")
-    from lora.common.cli import UserError
-
-    with pytest.raises(UserError, match="bad.json item 1"):
-        read_prompt_texts(tmp_path / "bad.json")
-
-
 def test_usable_clips_leave_failed_and_non_finite_out():
     checks = [{"finite": True, "failures": []}, {"finite": True, "failures": ["dc_offset"]},
               {"finite": False, "failures": ["non_finite"]},

@@ -3,8 +3,9 @@ dropout, DDP."""
 
 from __future__ import annotations
 
+import errno
 import json
-import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,9 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import ROOT
-
-SCRIPT = ROOT / "lora" / "train_lora.py"
+from tests.helpers import ROOT, TRAIN_SCRIPT, sha1s, subprocess_env, train_args, truncate
 
 
 def _adapter(path: Path) -> dict:
@@ -34,12 +33,6 @@ def _assert_same_adapter(a: Path, b: Path, atol=1e-5):
 
 def _metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
-
-
-def _env():
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false")
-    return env
 
 
 # ------------------------------------------------------------------------------------------
@@ -138,9 +131,9 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, tiny_model_dir, e
     assert train_lora.main(_common(tiny_model_dir, example_data_dir, ref)) == 0
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(SCRIPT),
+    proc = subprocess.Popen([sys.executable, str(TRAIN_SCRIPT),
                              *_common(tiny_model_dir, example_data_dir, out)],
-                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 240
     try:
         while time.time() < deadline and proc.poll() is None:
@@ -172,15 +165,9 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, tiny_model_dir, e
 # NaN guard, errors
 # ------------------------------------------------------------------------------------------
 def _short(tiny_model_dir, data_dir, out, *extra):
-    """A 4-step fp32 run; flags in ``extra`` replace these defaults (a flag may be given once)."""
-    own = {"--max_steps": "4", "--gradient_accumulation_steps": "1", "--eval_steps": "100",
-           "--save_steps": "100",
-           "--logging_steps": "1", "--mixed_precision": "no", "--max_duration": "1"}
-    args = ["--model_path", str(tiny_model_dir), "--data_dir", str(data_dir), "--output_dir", str(out)]
-    for flag, value in own.items():
-        if flag not in extra:
-            args += [flag, value]
-    return args + list(extra)
+    """A 4-step fp32 run without checkpoints; flags in ``extra`` replace these defaults (a flag may
+    be given once)."""
+    return train_args(tiny_model_dir, data_dir, out, *extra, max_steps=4, save_steps=100)
 
 
 def test_nan_loss_is_skipped_counted_and_stops(tmp_path, tiny_model_dir, example_data_dir,
@@ -328,9 +315,9 @@ def test_torchrun_two_processes_match_one_process(tmp_path, tiny_model_dir, exam
     two = tmp_path / "two"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                         "--nproc_per_node", "2",
-                        str(SCRIPT), *args, "--output_dir", str(two),
+                        str(TRAIN_SCRIPT), *args, "--output_dir", str(two),
                         "--gradient_accumulation_steps", "1"],
-                       env=_env(), capture_output=True, text=True, timeout=400)
+                       env=subprocess_env(), capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
     _assert_same_adapter(one / "final_model", two / "final_model")
     # accelerate launch with USAGE.md's `accelerate config` file (2 processes; on this CPU-only
@@ -340,9 +327,9 @@ def test_torchrun_two_processes_match_one_process(tmp_path, tiny_model_dir, exam
     acc_cfg.write_text(_usage_accelerate_config(), encoding="utf-8")
     three = tmp_path / "accelerate"
     r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(acc_cfg),
-                        str(SCRIPT), *args, "--output_dir", str(three),
+                        str(TRAIN_SCRIPT), *args, "--output_dir", str(three),
                         "--gradient_accumulation_steps", "1"],
-                       env=_env(), capture_output=True, text=True, timeout=400)
+                       env=subprocess_env(), capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
     _assert_same_adapter(two / "final_model", three / "final_model", atol=0)
     steps = lambda out: [{k: v for k, v in e.items() if k != "steps_per_s"} for e in _metrics(out)]  # noqa: E731
@@ -594,3 +581,202 @@ def test_timing_says_where_the_cold_start_went(trained_output_dir):
     assert t["total"] - 0.5 <= sum(summed) <= t["total"] + rounding
     log_text = (trained_output_dir / "logs" / "train.log").read_text(encoding="utf-8")
     assert "Where the time went: start-up" in log_text
+
+
+# ------------------------------------------------------------------------------------------
+# Data loss: --overwrite_output_dir deletes only what train_lora.py wrote; one run per output folder
+# ------------------------------------------------------------------------------------------
+def test_overwrite_output_dir_never_deletes_a_folder_the_tool_did_not_make(tmp_path, tiny_model_dir,
+                                                                          example_data_dir):
+    """The issue's command: a user's checkpoints/x/model.th survives --overwrite_output_dir."""
+    proj = tmp_path / "proj"
+    (proj / "checkpoints" / "x").mkdir(parents=True)
+    (proj / "checkpoints" / "x" / "model.th").write_text("w\n")
+    before = sha1s(proj)
+    r = subprocess.run([sys.executable, str(TRAIN_SCRIPT), "--model_path", str(tiny_model_dir), "--data_dir",
+                        str(example_data_dir), "--output_dir", str(proj), "--max_steps", "1",
+                        "--overwrite_output_dir"], env=subprocess_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert "did not write" in r.stderr and str(proj / "checkpoints" / "x") in r.stderr
+    assert "Nothing was deleted" in r.stderr and "Traceback" not in r.stderr
+    assert sha1s(proj) == before  # model.th is there, unchanged
+
+
+def test_overwrite_deletes_an_earlier_run_but_not_a_file_added_to_it(tmp_path, tiny_model_dir,
+                                                                     example_data_dir):
+    from lora import train_lora
+    from lora.common.cli import UserError
+
+    out = tmp_path / "out"
+    assert train_lora.main(train_args(tiny_model_dir, example_data_dir, out)) == 0
+    (out / "best_model" / "my_notes.txt").write_text("mine")
+    before = sha1s(out)
+    with pytest.raises(UserError, match="did not write") as e:
+        train_lora.main(train_args(tiny_model_dir, example_data_dir, out, "--overwrite_output_dir"))
+    assert "my_notes.txt" in str(e.value)
+    assert sha1s(out) == before
+    (out / "best_model" / "my_notes.txt").unlink()
+    old_ckpt = sorted((out / "checkpoints").iterdir())
+    assert train_lora.main(train_args(tiny_model_dir, example_data_dir, out, "--overwrite_output_dir",
+                                       # the tool's own files: deleted and rewritten
+                                       "--seed", "7")) == 0
+    assert json.loads((out / "best_model" / "trainer_state.json").read_text())["run"]["seed"] == 7
+    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == [p.name for p in old_ckpt]
+
+
+def _hold_lock(out: Path):
+    """A second process holding train_lora.py's lock on ``out`` (as a running training does)."""
+    code = ("import sys, time; sys.path.insert(0, %r); from pathlib import Path; from "
+            "lora.training import checkpoints\nwith checkpoints.output_lock(Path(%r)):\n    "
+            "print('locked', flush=True); time.sleep(120)\n"
+            % (str(ROOT), str(out)))
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=subprocess_env())
+    assert p.stdout.readline().strip() == "locked"
+    return p
+
+
+def test_a_second_training_on_the_same_folder_stops_at_once(tmp_path, tiny_model_dir, example_data_dir):
+    from lora import train_lora
+    from lora.common.cli import UserError
+
+    out = tmp_path / "out"
+    holder = _hold_lock(out)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(UserError) as e:
+            train_lora.main(train_args(tiny_model_dir, example_data_dir, out, "--overwrite_output_dir"))
+        msg = str(e.value)
+        assert str(out) in msg and f"pid {holder.pid}" in msg and "another training run" in msg
+        assert time.monotonic() - t0 < 10  # before the model loads
+        assert not (out / "logs").exists() and not (out / "checkpoints").exists()  # nothing written
+    finally:
+        holder.kill()  # a killed run (SIGKILL) ...
+        holder.wait()
+    # ... does not leave the folder locked
+    assert train_lora.main(train_args(tiny_model_dir, example_data_dir, out)) == 0
+
+
+# ------------------------------------------------------------------------------------------
+# Damaged artifacts: a message naming the file; 'latest' falls back to a checkpoint that loads whole
+# ------------------------------------------------------------------------------------------
+def _copy(run: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    return out
+
+
+@pytest.mark.parametrize("damage", ["adapter", "optimizer", "state"])
+def test_resume_latest_falls_back_to_the_newest_checkpoint_that_loads(damage, short_run, tmp_path,
+                                                                      tiny_model_dir,
+                                                                      example_data_dir, caplog):
+    from lora import train_lora
+    from lora.common.cli import UserError
+
+    out = _copy(short_run, tmp_path)
+    newest = out / "checkpoints" / "step-000003"
+    if damage == "adapter":
+        truncate(newest / "adapter_model.safetensors")
+    elif damage == "optimizer":
+        (newest / "optimizer.pt").write_bytes(b"")  # 0 bytes
+    else:
+        (newest / "trainer_state.json").write_text("[1, 2, 3]")  # valid JSON, not an object
+    # the damaged one named explicitly: a message naming the file
+    with pytest.raises(UserError) as e:
+        train_lora.main(train_args(tiny_model_dir, example_data_dir, out, "--max_steps", "4",
+                                    "--resume_from_checkpoint", newest))
+    named = {"adapter": "adapter_model.safetensors", "optimizer": "optimizer.pt",
+             "state": "trainer_state.json"}
+    assert named[damage] in str(e.value) and "latest" in str(e.value)
+    assert train_lora.main(train_args(tiny_model_dir, example_data_dir, out, "--max_steps", "4",
+                                       "--resume_from_checkpoint", "latest")) == 0
+    text = caplog.text
+    assert "step-000003" in text and "Resumed from" in text and str(out / "checkpoints"
+                                                                    / "step-000002") in text
+    assert json.loads((out / "final_model" / "trainer_state.json").read_text())["global_step"] == 4
+
+
+def test_max_duration_shorter_than_one_frame_is_a_message(tmp_path, tiny_model_dir, example_data_dir):
+    from lora import train_lora
+    from lora.common.fields import ConfigError
+
+    with pytest.raises(ConfigError, match="shorter than one codec frame"):
+        train_lora.main(train_args(tiny_model_dir, example_data_dir, tmp_path / "out",
+                                    "--max_duration", "0.005"))
+
+
+def test_training_on_a_full_disk_says_how_much_it_needs(small_disk, tiny_model_dir,
+                                                        example_data_dir, capsys):
+    from lora import train_lora
+    from lora.common.cli import run_main
+
+    rc = run_main(train_lora.main, train_args(tiny_model_dir, example_data_dir, small_disk / "out"))
+    err = capsys.readouterr().err
+    assert rc == 2 and "Not enough free disk space" in err and "training" in err and "needs about" in err
+
+
+def test_a_full_disk_during_a_checkpoint_is_a_message(tmp_path, tiny_model_dir, example_data_dir,
+                                                      monkeypatch, capsys):
+    from lora import train_lora
+    from lora.common.cli import run_main
+    from lora.training import checkpoints
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out" / "checkpoints"))
+
+    monkeypatch.setattr(checkpoints, "save_checkpoint", full)
+    rc = run_main(train_lora.main, train_args(tiny_model_dir, example_data_dir, tmp_path / "out"))
+    err = capsys.readouterr().err
+    assert rc == 2 and "The disk is full" in err and "training writes checkpoints" in err
+
+
+# ------------------------------------------------------------------------------------------
+# Ctrl-C says what was saved and how to continue
+# ------------------------------------------------------------------------------------------
+def test_ctrl_c_in_training_names_the_checkpoint_and_how_to_resume(tmp_path, tiny_model_dir,
+                                                                   example_data_dir,
+                                                                   monkeypatch, capsys):
+    from lora import train_lora
+    from lora.common.cli import run_main
+    from lora.training import step
+
+    real = step.step_loss
+    calls = {"n": 0}
+
+    def interrupt_at_third_step(model, *a, **k):
+        if model.training:
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise KeyboardInterrupt
+        return real(model, *a, **k)
+
+    monkeypatch.setattr(step, "step_loss", interrupt_at_third_step)
+    rc = run_main(train_lora.main,
+                  train_args(tiny_model_dir, example_data_dir, tmp_path / "out", "--max_steps", "5"))
+    err = capsys.readouterr().err
+    assert rc == 130
+    assert f"the newest checkpoint is {tmp_path / 'out' / 'checkpoints' / 'step-000002'}" in err
+    assert "--resume_from_checkpoint latest" in err
+
+
+# ------------------------------------------------------------------------------------------
+# TensorBoard after a resume
+# ------------------------------------------------------------------------------------------
+def test_tensorboard_shows_each_step_once_after_a_resume(tmp_path, tiny_model_dir, example_data_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lora import train_lora
+
+    out = tmp_path / "out"
+    assert train_lora.main(train_args(tiny_model_dir, example_data_dir, out, max_steps=4,
+                                      save_steps=2)) == 0
+    assert train_lora.main(train_args(tiny_model_dir, example_data_dir, out, "--resume_from_checkpoint",
+                                      out / "checkpoints" / "step-000002", max_steps=4,
+                                      save_steps=2)) == 0
+    assert len(list((out / "logs").glob("events.out.tfevents.*"))) == 2
+    acc = EventAccumulator(str(out / "logs"))
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("train/loss")]
+    assert steps == [1, 2, 3, 4], steps
+    lines = [json.loads(x) for x in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in lines if "lr" in e] == [1, 2, 3, 4]  # (as metrics.jsonl already was)

@@ -1,27 +1,12 @@
-"""Training numbers a user can trust: the step's objective weighs tokens (not micro-batches),
-checkpoints are durable before older ones are rotated out, and TensorBoard shows each step once
-after a resume."""
+"""The training step (lora.training.step): under gradient accumulation the objective weighs tokens,
+not micro-batches, so a batch of four and two accumulated batches of two train the same."""
 
 from __future__ import annotations
 
-import json
-import os
 from contextlib import nullcontext
-from pathlib import Path
 
 import pytest
 import torch
-
-
-def _train_args(tiny_model_dir, data_dir, out, *extra):
-    own = {"--max_steps": "4", "--gradient_accumulation_steps": "1", "--eval_steps": "100",
-           "--save_steps": "2",
-           "--logging_steps": "1", "--mixed_precision": "no", "--max_duration": "1"}
-    args = ["--model_path", str(tiny_model_dir), "--data_dir", str(data_dir), "--output_dir", str(out)]
-    for flag, value in own.items():
-        if flag not in extra:
-            args += [flag, value]
-    return args + [str(a) for a in extra]
 
 
 # ------------------------------------------------------------------------------------------
@@ -99,82 +84,3 @@ def test_equal_micro_batches_weigh_exactly_one_over_the_accumulation(lora_step):
     accumulate(loss_fn, [batch([2]), batch([2]), batch([2]), batch([2])], seen.append, seeds=[0, 1, 2, 3])
     plain = loss_fn(batch([2])).loss
     assert all(torch.equal(s, plain * 0.25) and torch.equal(s, plain / 4) for s in seen)
-
-
-# ------------------------------------------------------------------------------------------
-# Durable checkpoints
-# ------------------------------------------------------------------------------------------
-def test_a_checkpoint_is_flushed_to_disk_before_it_is_renamed_and_before_rotation(tmp_path, monkeypatch):
-    """Read from the code path: every file of the new checkpoint and its folder are fsynced before
-    the rename that publishes it, the parent after it, and only then is the oldest checkpoint
-    deleted."""
-    from lora.common import files
-    from lora.training import checkpoints
-
-    events = []
-    real_fsync, real_replace, real_rmtree = os.fsync, os.replace, checkpoints.shutil.rmtree
-
-    def fsync(fd):
-        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
-        return real_fsync(fd)
-
-    def replace(a, b):
-        events.append(("replace", str(a), str(b)))
-        return real_replace(a, b)
-
-    def rmtree(p, *a, **k):
-        events.append(("rmtree", str(p)))
-        return real_rmtree(p, *a, **k)
-
-    class Saver:
-        def save_pretrained(self, folder):
-            Path(folder, "adapter_model.safetensors").write_bytes(b"w" * 100)
-            Path(folder, "adapter_config.json").write_text("{}")
-
-        def state_dict(self):
-            return {"x": 1}
-
-    class Cfg:
-        def save(self, path):
-            Path(path).write_text("config")
-
-    root = tmp_path / "checkpoints"
-    for step in (1, 2):
-        checkpoints.save_checkpoint(root, Saver(), Saver(), Saver(), None, Cfg(),
-                                    {"global_step": step}, keep=2)
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(files.os, "replace", replace)
-    monkeypatch.setattr(checkpoints.shutil, "rmtree", rmtree)
-    checkpoints.save_checkpoint(root, Saver(), Saver(), Saver(), None, Cfg(), {"global_step": 3}, keep=2)
-    new = root / "step-000003"
-    publish = next(i for i, e in enumerate(events) if e[0] == "replace" and e[2] == str(new))
-    tmp = Path(events[publish][1])
-    synced_before = {Path(e[1]) for e in events[:publish] if e[0] == "fsync"}
-    for f in new.iterdir():
-        assert tmp / f.name in synced_before, f"{f.name} was not flushed before the checkpoint was published"
-    assert tmp in synced_before  # the folder's entries
-    assert ("fsync", str(root)) in events[publish:]  # the rename itself
-    delete = next(i for i, e in enumerate(events) if e[0] == "rmtree")
-    assert events[delete][1] == str(root / "step-000001") and delete > publish
-    assert sorted(p.name for p in root.iterdir()) == ["step-000002", "step-000003"]
-
-
-# ------------------------------------------------------------------------------------------
-# TensorBoard after a resume
-# ------------------------------------------------------------------------------------------
-def test_tensorboard_shows_each_step_once_after_a_resume(tmp_path, tiny_model_dir, example_data_dir):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    from lora import train_lora
-
-    out = tmp_path / "out"
-    assert train_lora.main(_train_args(tiny_model_dir, example_data_dir, out)) == 0
-    assert train_lora.main(_train_args(tiny_model_dir, example_data_dir, out, "--resume_from_checkpoint",
-                                       out / "checkpoints" / "step-000002")) == 0
-    assert len(list((out / "logs").glob("events.out.tfevents.*"))) == 2
-    acc = EventAccumulator(str(out / "logs"))
-    acc.Reload()
-    steps = [e.step for e in acc.Scalars("train/loss")]
-    assert steps == [1, 2, 3, 4], steps
-    lines = [json.loads(x) for x in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
-    assert [e["step"] for e in lines if "lr" in e] == [1, 2, 3, 4]  # (as metrics.jsonl already was)
