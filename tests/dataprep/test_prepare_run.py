@@ -440,21 +440,7 @@ def test_free_space_is_checked_before_decoding(tmp_path, monkeypatch):
     assert prep(music_dir, out) == 0
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 2 MB tmpfs (needs root and permission to mount; skipped otherwise)."""
-    d = tmp_path / "small_disk"
-    d.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(d)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {(r.stderr or r.stdout).strip()}")
-    try:
-        yield d
-    finally:
-        subprocess.run(["umount", "-l", str(d)], capture_output=True)
-
-
+@pytest.mark.parametrize("small_disk", ["2m"], indirect=True)
 def test_full_disk_keeps_finished_files_and_a_rerun_continues(tmp_path, monkeypatch, small_disk, capsys):
     # 8 x 10 clips of 64 KB on a 2 MB disk: full in file 4
     music_dir = songs(tmp_path / "music", 8, seconds=10)

@@ -13,21 +13,17 @@ import torch
 
 from lora.common.cli import UserError
 from lora.common.fields import ConfigError
+from tests.helpers import generation_config, random_adapter
 
 PROMPT = "techno drum loop"
 
 
 def _cfg(model_dir, adapters=None, scales=None, **gen):
-    from lora.config import Config
-
-    cfg = Config()
-    cfg.model.model_path = str(model_dir)
-    cfg.generation.dtype = "float32"  # exact comparisons (merged vs unmerged holds in float32)
+    """fp32: exact comparisons (merged vs unmerged holds in float32); ``scales``: one lora_scale per
+    adapter."""
     if scales is not None:
-        cfg.generation.lora_scale = scales if len(scales) > 1 else scales[0]
-    for k, v in gen.items():
-        setattr(cfg.generation, k, v)
-    return cfg
+        gen = {"lora_scale": scales if len(scales) > 1 else scales[0], **gen}
+    return generation_config(model_dir, **{"dtype": "float32", **gen})
 
 
 def _codes(model_dir, adapters, scales=None, greedy=False, **gen):
@@ -42,26 +38,6 @@ def _codes(model_dir, adapters, scales=None, greedy=False, **gen):
                                                                  adapter_path=adapters)
     req = Request(prompt=PROMPT, seed=3, duration=1.0, sampling=SamplingSettings(do_sample=not greedy))
     return generate(model, processor, info, [req], progress=False)[0].codes, adapter_info
-
-
-def _random_adapter(model_dir, out_dir, seed, **lora):
-    """An adapter of our own trainer (attach_lora) whose B matrices are random (so it changes the
-    output)."""
-    from lora.config import Config
-    from lora.modeling import adapter, loading
-
-    cfg = Config()
-    cfg.model.model_path = str(model_dir)
-    for k, v in lora.items():
-        setattr(cfg.lora, k, v)
-    model, _, _ = loading.load_base_model(cfg.model)
-    peft_model = adapter.attach_lora(model, cfg.lora)
-    g = torch.Generator().manual_seed(seed)
-    for name, p in peft_model.named_parameters():
-        if "lora_B" in name or "lora_magnitude" in name:
-            p.data = p.data + torch.randn(p.shape, generator=g) * 0.5
-    peft_model.save_pretrained(out_dir)
-    return Path(out_dir)
 
 
 def _peft_adapter(model_dir, out_dir, seed, recorded="same", **config):
@@ -89,8 +65,8 @@ def _peft_adapter(model_dir, out_dir, seed, recorded="same", **config):
 @pytest.fixture(scope="module")
 def two_adapters(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("mix")
-    a = _random_adapter(tiny_model_dir, root / "a", seed=1)
-    b = _random_adapter(tiny_model_dir, root / "b", seed=2, lora_rank=4, lora_alpha=8,
+    a = random_adapter(tiny_model_dir, root / "a", seed=1)
+    b = random_adapter(tiny_model_dir, root / "b", seed=2, lora_rank=4, lora_alpha=8,
                         lora_targets="attention_ffn")  # another rank and other layers
     return a, b
 
