@@ -27,7 +27,7 @@ os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="lora-tests-cache-")
 
 import torch  # noqa: E402
 
-from tests.helpers import random_adapter, train_args  # noqa: E402
+from tests.helpers import load_model, random_adapter, train_args  # noqa: E402
 
 # The models in tests are tiny: their ops are too small to gain from threads, and with 2 cores a
 # second thread mostly adds contention. Subprocess tests set their own thread counts.
@@ -47,6 +47,19 @@ def tiny_stereo_model_dir(tmp_path_factory) -> Path:
     from lora.modeling.tiny_model import ensure_tiny_model
 
     return ensure_tiny_model(tmp_path_factory.mktemp("tiny_model") / "stereo", stereo=True)
+
+
+@pytest.fixture(scope="module")
+def mono(tiny_model_dir):
+    """The tiny mono MusicGen loaded: (model, processor, info), once per test module. Do not
+    change the model (load your own to attach an adapter)."""
+    return load_model(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def stereo(tiny_stereo_model_dir):
+    """The tiny stereo MusicGen loaded: (model, processor, info), once per test module."""
+    return load_model(tiny_stereo_model_dir)
 
 
 @pytest.fixture(scope="session")

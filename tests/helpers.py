@@ -168,3 +168,27 @@ def random_adapter(model_dir, out_dir, seed=0, fill=None, **lora) -> Path:
                 p.data.fill_(fill)
     peft_model.save_pretrained(out_dir)
     return Path(out_dir)
+
+
+def load_model(model_dir):
+    """(model, processor, info) of a model folder, loaded the way the scripts load it
+    (lora.modeling.loading.load_base_model)."""
+    from lora.config import ModelConfig
+    from lora.modeling.loading import load_base_model
+
+    return load_base_model(ModelConfig(model_path=str(model_dir)))
+
+
+def tones(freqs, seconds, sr=SR):
+    """Sine tones at ``freqs`` (Hz), mixed at equal level (peak at most 1), float32."""
+    t = np.arange(int(seconds * sr)) / sr
+    return sum(np.sin(2 * np.pi * f * t) for f in freqs).astype(np.float32) / len(freqs)
+
+
+def tune_chroma(seconds=3.0):
+    """The chroma (lora.modeling.chroma) of a tune: A, then C, then E, a third of the time each."""
+    from lora.modeling import chroma as C
+
+    wav = np.concatenate([tones([440.0], seconds / 3), tones([261.63], seconds / 3),
+                          tones([329.63], seconds / 3)])
+    return C.chroma(wav, SR)

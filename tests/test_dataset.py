@@ -126,3 +126,43 @@ def test_bucketed_batches():
     # Extended to a multiple of (accumulation x processes) by wrapping around.
     c = bucketed_batches(lengths, 4, seed=1, epoch=0, multiple_of=8, bucket_batches=10)
     assert len(c) % 8 == 0 and c[:len(a)] == a and c[len(a):] == a[:len(c) - len(a)]
+
+
+# ------------------------------------------------------------------------------------------
+# Classifier-free guidance: null-conditioned samples train the unconditional branch
+# ------------------------------------------------------------------------------------------
+def test_null_condition_sample_trains_lora(tiny_model_dir):
+    from lora.config import LoraSection, ModelConfig
+    from lora.dataset import CachedClip, CachedTokenDataset, collate_tokens
+    from lora.modeling.adapter import attach_lora
+    from lora.modeling.loading import load_base_model
+    from lora.modeling.musicgen import build_delay_pattern, codebook_loss, null_condition
+
+    model, processor, info = load_base_model(ModelConfig(model_path=str(tiny_model_dir)))
+    model = attach_lora(model, LoraSection(lora_dropout=0.0))
+    g = torch.Generator().manual_seed(0)
+    clips = [CachedClip(id=str(i), text="x", split="train",
+                        codes=torch.randint(0, info.vocab_size, (info.num_codebooks, 30),
+                                            generator=g).short(),
+                        hidden=torch.randn(3 + i, info.text_hidden_size, generator=g),
+                        mask=torch.ones(3 + i, dtype=torch.long)) for i in range(2)]
+    ds = CachedTokenDataset(clips, 30, seed=0, train=True, cond_dropout=0.999)
+    batch = collate_tokens([ds[0], ds[1]], info.pad_token_id)
+    assert batch["dropped"].all() and not batch["hidden"].any() and not batch["mask"].any()
+
+    dec_in, labels = build_delay_pattern(batch["codes"], batch["lengths"], info)
+    # The padded null condition of training = the null condition generate() uses for the
+    # unconditional branch.
+    model.eval()
+    with torch.no_grad():
+        h0, m0 = null_condition(2, info)
+        ref = model(encoder_outputs=(h0,), attention_mask=m0, decoder_input_ids=dec_in).logits
+        got = model(encoder_outputs=(batch["hidden"],), attention_mask=batch["mask"],
+                    decoder_input_ids=dec_in).logits
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    model.train()
+    logits = model(encoder_outputs=(batch["hidden"],), attention_mask=batch["mask"],
+                   decoder_input_ids=dec_in).logits
+    codebook_loss(logits, labels).loss.backward()
+    self_attn_b = [p.grad for n, p in model.named_parameters() if "self_attn" in n and "lora_B" in n]
+    assert self_attn_b and all(gr is not None and gr.abs().sum() > 0 for gr in self_attn_b)

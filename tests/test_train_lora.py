@@ -248,58 +248,6 @@ def test_bad_settings_are_reported_together(tmp_path):
     assert "batch_size" in msg and "cond_dropout" in msg and "eval_steps" in msg
 
 
-def test_warmup_is_capped_on_short_runs():
-    from lora.config import Config
-    from lora.training.plan import plan_steps
-
-    cfg = Config()
-    cfg.training.num_epochs = 5
-    spe, total, warmup, note = plan_steps(cfg, n_batches=24, group=4)
-    assert (spe, total, warmup) == (6, 30, 3) and "capped" in note
-    cfg.training.max_steps = 5000
-    assert plan_steps(cfg, 24, 4)[1:3] == (5000, 100)
-
-
-# ------------------------------------------------------------------------------------------
-# Classifier-free guidance: null-conditioned samples train the unconditional branch
-# ------------------------------------------------------------------------------------------
-def test_null_condition_sample_trains_lora(tiny_model_dir):
-    from lora.config import LoraSection, ModelConfig
-    from lora.dataset import CachedClip, CachedTokenDataset, collate_tokens
-    from lora.modeling.adapter import attach_lora
-    from lora.modeling.loading import load_base_model
-    from lora.modeling.musicgen import build_delay_pattern, codebook_loss, null_condition
-
-    model, processor, info = load_base_model(ModelConfig(model_path=str(tiny_model_dir)))
-    model = attach_lora(model, LoraSection(lora_dropout=0.0))
-    g = torch.Generator().manual_seed(0)
-    clips = [CachedClip(id=str(i), text="x", split="train",
-                        codes=torch.randint(0, info.vocab_size, (info.num_codebooks, 30),
-                                            generator=g).short(),
-                        hidden=torch.randn(3 + i, info.text_hidden_size, generator=g),
-                        mask=torch.ones(3 + i, dtype=torch.long)) for i in range(2)]
-    ds = CachedTokenDataset(clips, 30, seed=0, train=True, cond_dropout=0.999)
-    batch = collate_tokens([ds[0], ds[1]], info.pad_token_id)
-    assert batch["dropped"].all() and not batch["hidden"].any() and not batch["mask"].any()
-
-    dec_in, labels = build_delay_pattern(batch["codes"], batch["lengths"], info)
-    # The padded null condition of training = the null condition generate() uses for the
-    # unconditional branch.
-    model.eval()
-    with torch.no_grad():
-        h0, m0 = null_condition(2, info)
-        ref = model(encoder_outputs=(h0,), attention_mask=m0, decoder_input_ids=dec_in).logits
-        got = model(encoder_outputs=(batch["hidden"],), attention_mask=batch["mask"],
-                    decoder_input_ids=dec_in).logits
-    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
-    model.train()
-    logits = model(encoder_outputs=(batch["hidden"],), attention_mask=batch["mask"],
-                   decoder_input_ids=dec_in).logits
-    codebook_loss(logits, labels).loss.backward()
-    self_attn_b = [p.grad for n, p in model.named_parameters() if "self_attn" in n and "lora_B" in n]
-    assert self_attn_b and all(gr is not None and gr.abs().sum() > 0 for gr in self_attn_b)
-
-
 # ------------------------------------------------------------------------------------------
 # Several processes: torchrun (gloo, CPU) == one process with the accumulation doubled
 # ------------------------------------------------------------------------------------------
@@ -422,70 +370,6 @@ def test_fresh_run_does_not_mix_with_an_earlier_run(tmp_path, tiny_model_dir, ex
     assert (out / "best_model" / "adapter_model.safetensors").is_file()
 
 
-# ------------------------------------------------------------------------------------------
-# test_model.py runs train_lora.py's preparation and step
-# ------------------------------------------------------------------------------------------
-def test_test_model_step_equals_the_training_step(tmp_path, tiny_model_dir, example_data_dir):
-    """On the same batch, test_model's check gives the loss and LoRA gradients of train_lora.py's
-    first micro-batch, in the default precision (bf16 autocast + bf16 frozen weights where the CPU
-    runs it fast): same model preparation (LoRA init, frozen-weight dtype, decoder dropout, CPU
-    kernels), same step."""
-    from lora import test_model, train_lora
-    from lora.common.cli import log
-    from lora.config import parse_config
-    from lora.modeling.loading import load_base_model
-    from lora.training import model_prep, plan
-
-    cfg, _ = parse_config(["--model_path", str(tiny_model_dir), "--data_dir", str(example_data_dir),
-                           "--output_dir", str(tmp_path / "out"), "--batch_size", "2"],
-                          sections=train_lora.SECTIONS)
-    handlers = list(log.handlers)
-    run = train_lora.set_up(cfg)  # what train_lora.main runs before its loop
-    try:
-        model, processor, info = load_base_model(cfg.model)
-        torch.manual_seed(0)
-        tm_model, batch, tm_loss = test_model.training_step(cfg, model, processor, info,
-                                                            torch.device("cpu"), 1.0, run.precision)
-        tm_loss.loss.backward()
-        # train_lora's loop: training mode, the first micro-batch's dropout seed, the step
-        model_prep.set_train_mode(run.model, run.cache_text)
-        torch.manual_seed(plan.micro_seed(cfg.training.seed, 0, 0))
-        tr_loss = run.loss(batch)
-        tr_loss.loss.backward()
-    finally:
-        run.runlog.close()
-        for h in [h for h in log.handlers if h not in handlers]:
-            log.removeHandler(h)
-            h.close()
-    assert tr_loss.loss.item() == tm_loss.loss.item()
-    assert torch.equal(tr_loss.per_codebook, tm_loss.per_codebook)
-    grads = {n: p.grad for n, p in run.model.named_parameters() if p.requires_grad}
-    tm_grads = {n: p.grad for n, p in tm_model.named_parameters() if p.requires_grad}
-    assert grads.keys() == tm_grads.keys() and len(grads) > 0
-    assert all(torch.equal(grads[n], tm_grads[n]) for n in grads)
-    assert any(bool(g.abs().sum() > 0) for g in grads.values())
-
-
-# ------------------------------------------------------------------------------------------------
-# When the run validates and checkpoints: eval_steps / save_steps auto, save_minutes
-# ------------------------------------------------------------------------------------------------
-def test_auto_cadence_is_about_ten_per_run():
-    from lora.training import plan
-
-    for total in (60, 300):  # ~90 and ~450 clips at the seed's batch 2 x 4 x 5 epochs
-        every = plan.auto_interval(total)
-        assert len(plan.events_in_run(every, total)) == 10, total
-    for total in range(30, 5001):
-        n = len(plan.events_in_run(plan.auto_interval(total), total))
-        assert 8 <= n <= 13, (total, n)
-    # the quick start: steps 10, 20, ..., 90 (30, 60, 90 as before)
-    assert plan.auto_interval(90) == 10
-    assert plan.events_in_run(7, 20) == [7, 14, 20]  # the last step always
-    # An explicit number keeps its meaning (the seed's runs: validations at 100, 200 and the end).
-    assert plan.resolve_every("100", 285) == (100, False)
-    assert plan.resolve_every("auto", 285) == (30, True)
-
-
 def test_bad_cadence_settings_name_the_key(tmp_path):
     from lora import train_lora
     from lora.common.fields import ConfigError
@@ -496,21 +380,6 @@ def test_bad_cadence_settings_name_the_key(tmp_path):
     msg = str(e.value)
     assert "training.eval_steps must be 'auto'" in msg and "'ten'" in msg
     assert "training.save_steps must be 'auto'" in msg and "training.save_minutes" in msg
-
-
-def test_save_timer_is_due_after_its_minutes():
-    from lora.training.plan import SaveTimer
-
-    now = [100.0]
-    timer = SaveTimer(2.0, clock=lambda: now[0])
-    now[0] += 119
-    assert not timer.due()
-    now[0] += 1
-    assert timer.due()
-    timer.reset()
-    assert not timer.due()
-    now[0] += 1e6
-    assert not SaveTimer(0.0, clock=lambda: now[0]).due()  # 0 = off
 
 
 def _checkpoint_steps(out: Path) -> list[int]:
