@@ -260,7 +260,7 @@ def test_a_truncated_adapter_is_a_message_in_inference_and_evaluation(short_run,
 
 
 # ------------------------------------------------------------------------------------------
-# Inputs checked before the model loads; output paths; windows shorter than a frame
+# Inputs checked before the model loads; a full disk; Ctrl-C
 # ------------------------------------------------------------------------------------------
 def test_an_unreadable_audio_prompt_is_refused_before_the_model_loads(tmp_path, tiny_model_dir,
                                                                       monkeypatch):

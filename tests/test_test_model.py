@@ -7,9 +7,6 @@ from __future__ import annotations
 import torch
 
 
-# ------------------------------------------------------------------------------------------
-# test_model.py runs train_lora.py's preparation and step
-# ------------------------------------------------------------------------------------------
 def test_test_model_step_equals_the_training_step(tmp_path, tiny_model_dir, example_data_dir):
     """On the same batch, test_model's check gives the loss and LoRA gradients of train_lora.py's
     first micro-batch, in the default precision (bf16 autocast + bf16 frozen weights where the CPU
@@ -51,9 +48,6 @@ def test_test_model_step_equals_the_training_step(tmp_path, tiny_model_dir, exam
     assert any(bool(g.abs().sum() > 0) for g in grads.values())
 
 
-# ------------------------------------------------------------------------------------------------
-# The user's diagnostic script
-# ------------------------------------------------------------------------------------------------
 def test_test_model_script_passes_on_tiny_model(tiny_model_dir, capsys):
     from lora import test_model
 

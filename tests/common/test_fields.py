@@ -1,13 +1,13 @@
-"""lora/common/fields.py"""
+"""The settings machinery (lora.common.fields) the scripts' flags and config.yaml go through: a
+config file that is not UTF-8 names the file and line, a key under the wrong section names its
+section, a flag given twice is refused (a list flag keeps every value). The schema itself:
+tests/test_config.py."""
 
 from __future__ import annotations
 
 import pytest
 
 
-# ------------------------------------------------------------------------------------------
-# Config: not UTF-8, a key under the wrong section, a flag given twice
-# ------------------------------------------------------------------------------------------
 def test_config_yaml_that_is_not_utf8_names_the_file_and_line(tmp_path):
     from lora.common.fields import ConfigError
     from lora.config import parse_config

@@ -1,4 +1,5 @@
-"""lora/common/files.py"""
+"""The file checks every script shares (lora.common.files): an --output_dir that is a file is a
+message, and the file is not changed."""
 
 from __future__ import annotations
 

@@ -257,9 +257,6 @@ def test_cache_key_records_the_encoder_precision(tiny, data_copy, monkeypatch):
     assert stats["clips_encoded"] == 1 and stats["clips_reused"] == 0
 
 
-# ------------------------------------------------------------------------------------------
-# Silent changes: mono data on a stereo model; a verdict from one held-out clip
-# ------------------------------------------------------------------------------------------
 def test_mono_clips_on_a_stereo_model_are_said_once(tiny_stereo_model_dir, example_data_dir,
                                                     tmp_path, caplog):
     from lora.config import ModelConfig

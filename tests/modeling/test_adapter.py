@@ -412,7 +412,8 @@ def test_evaluate_a_mix_records_each_adapter_and_one_zero_is_a_alone(tiny_model_
 
 
 # ------------------------------------------------------------------------------------------------
-# LoRA
+# One adapter: the layers it adapts, saved as a standard PEFT adapter, loaded with its checks;
+# a scale of 0 is the base model
 # ------------------------------------------------------------------------------------------------
 def _expected(layers, parts):
     return {f"decoder.model.decoder.layers.{i}.{p}" for i in range(layers) for p in parts}

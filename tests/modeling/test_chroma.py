@@ -11,9 +11,6 @@ import torch
 from tests.helpers import SR, tones, tune_chroma
 
 
-# --------------------------------------------------------------------------------------------
-# Chroma
-# --------------------------------------------------------------------------------------------
 def test_chroma_of_a_440_hz_sine_lights_bin_a_in_every_frame():
     from lora.modeling import chroma as C
 

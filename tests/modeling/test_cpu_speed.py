@@ -1,5 +1,6 @@
-"""Performance options of training: bf16 storage of the frozen base weights, FastDropout, FLOP
-counting."""
+"""The CPU speed options of the training step (lora.modeling.cpu_speed, as the training step
+configures them): bf16 storage of the frozen base weights, FastDropout, the decoder dropout setting,
+the attention kernels, memory kept for reuse, and FLOP counting."""
 
 from __future__ import annotations
 
@@ -8,13 +9,11 @@ import sys
 import pytest
 import torch
 
-from lora.common.cli import UserError
 from lora.config import Config
 from lora.modeling.adapter import attach_lora
 from lora.modeling.cpu_speed import fast_dropout_class, use_fast_dropout
 from lora.modeling.loading import load_base_model
 from lora.modeling.musicgen import get_base
-from lora.modeling.precision import resolve_base_weights_dtype
 from tests.helpers import ROOT
 
 
@@ -24,17 +23,6 @@ def batch_loss(*args, **kwargs):
 
     r = step_loss(*args, **kwargs)
     return r.loss, r.per_codebook, r.tokens
-
-
-
-def test_base_weights_dtype_choice():
-    assert resolve_base_weights_dtype("auto", "bf16")[0] == "bfloat16"
-    assert resolve_base_weights_dtype("auto", "no")[0] == "float32"
-    assert resolve_base_weights_dtype("auto", "fp16")[0] == "float32"
-    assert resolve_base_weights_dtype("float32", "bf16")[0] == "float32"
-    assert resolve_base_weights_dtype("bfloat16", "bf16")[0] == "bfloat16"
-    with pytest.raises(UserError, match="mixed_precision bf16"):
-        resolve_base_weights_dtype("bfloat16", "no")
 
 
 def test_fast_dropout_statistics_scale_grad_and_seed():

@@ -21,9 +21,6 @@ def test_resolve_tiny_uses_cache_dir(tmp_path, tiny_model_dir):
     assert resolve_model_path(ModelConfig(model_path="facebook/musicgen-small")) == "facebook/musicgen-small"
 
 
-# ------------------------------------------------------------------------------------------------
-# Loading errors
-# ------------------------------------------------------------------------------------------------
 def test_a_model_of_another_kind_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bark"}))
     with pytest.raises(UserError, match="not a MusicGen model.*'bark'"):

@@ -15,9 +15,6 @@ from lora.modeling.musicgen import encode_audio
 from lora.modeling.tiny_model import ensure_tiny_model
 
 
-# ------------------------------------------------------------------------------------------------
-# Tiny model: build, reload, determinism, constraints
-# ------------------------------------------------------------------------------------------------
 def test_tiny_model_folder_is_a_complete_musicgen(tiny_model_dir, mono):
     for name in ("config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json",
                  "generation_config.json"):

@@ -7,9 +7,6 @@ import os
 from pathlib import Path
 
 
-# ------------------------------------------------------------------------------------------
-# Durable checkpoints
-# ------------------------------------------------------------------------------------------
 def test_a_checkpoint_is_flushed_to_disk_before_it_is_renamed_and_before_rotation(tmp_path, monkeypatch):
     """Read from the code path: every file of the new checkpoint and its folder are fsynced before
     the rename that publishes it, the parent after it, and only then is the oldest checkpoint

@@ -9,9 +9,6 @@ import pytest
 import torch
 
 
-# ------------------------------------------------------------------------------------------
-# Token weighting under gradient accumulation
-# ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def lora_step(tiny_model_dir):
     from lora.config import LoraSection, ModelConfig
