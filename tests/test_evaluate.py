@@ -14,6 +14,7 @@ from lora.scoring import generated, likelihood
 from tests.helpers import make_tiny_clap
 
 
+@pytest.mark.slow
 def test_heldout_window_is_the_adapters_training_window(tmp_path, trained_output_dir, tiny_model_dir,
                                                         example_data_dir, compare_run):
     import shutil
@@ -107,6 +108,7 @@ def compare_run(tmp_path_factory, tiny_model_dir, example_data_dir, trained_outp
     return out, buf.getvalue(), json.loads((out / "results.json").read_text(encoding="utf-8"))
 
 
+@pytest.mark.slow
 def test_compare_heldout_likelihood(compare_run, trained_output_dir, example_data_dir):
     _, stdout, res = compare_run
     lk = res["likelihood"]
@@ -142,6 +144,7 @@ def test_compare_heldout_likelihood(compare_run, trained_output_dir, example_dat
     assert res["versions"]["torch"] and res["settings"]["evaluation"]["num_prompts"] == 2
 
 
+@pytest.mark.slow
 def test_compare_generation_metrics_and_files(compare_run):
     out, stdout, res = compare_run
     gen = res["generation"]
@@ -196,6 +199,7 @@ def test_compare_generation_metrics_and_files(compare_run):
     assert clap["reference"]["n"] >= 1
 
 
+@pytest.mark.slow
 def test_compare_report_html(compare_run):
     out, _, res = compare_run
     html = (out / "report.html").read_text(encoding="utf-8")
@@ -214,6 +218,7 @@ def test_compare_report_html(compare_run):
     assert any("4 held-out recordings (4 held-out clips)" in n for n in res["notes"])
 
 
+@pytest.mark.slow
 def test_single_model_likelihood_only(tmp_path, tiny_model_dir, example_data_dir,
                                       trained_output_dir, compare_run, capsys, caplog):
     """Without --compare: the base alone when no adapter is given; same base CE as the peft-disabled

@@ -95,6 +95,7 @@ def _as_codes(seen: list, stereo: bool, k: int):
     return torch.stack([left, right], dim=1).reshape(k, -1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stereo", [False, True], ids=["mono", "stereo"])
 def test_export_loads_without_peft_and_generates_our_merged_tokens(stereo, tiny_model_dir,
                                                                    tiny_stereo_model_dir,
@@ -128,6 +129,7 @@ def test_export_loads_without_peft_and_generates_our_merged_tokens(stereo, tiny_
         assert "training clips" in card and "metadata.json" in card
 
 
+@pytest.mark.slow
 def test_exported_model_is_a_base_for_our_scripts(tiny_model_dir, trained_output_dir,
                                                   example_data_dir, tmp_path):
     """Generate with the fine-tune alone, and train a new adapter on top of it."""
@@ -153,6 +155,7 @@ def test_exported_model_is_a_base_for_our_scripts(tiny_model_dir, trained_output
     assert recorded == str(folder.resolve())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["exists", "scales", "bases", "dtype", "inside_adapter", "no_adapter"])
 def test_bad_export_input_is_a_clear_error_and_writes_nothing(case, tiny_model_dir,
                                                               trained_output_dir, tmp_path):

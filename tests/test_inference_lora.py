@@ -67,6 +67,7 @@ def test_seed_command_from_inside_lora_writes_wav_and_manifest(tiny_model_dir, t
     assert (out / "inference_config.yaml").is_file()
 
 
+@pytest.mark.slow
 def test_seed_command_as_a_subprocess_from_lora(tiny_model_dir, tiny_adapter_dir, tmp_path):
     out = tmp_path / "gen"
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -96,6 +97,7 @@ def test_merge_flag_gives_the_same_audio_as_unmerged(tiny_model_dir, tiny_adapte
     assert em["tokens_sha1"] == eu["tokens_sha1"]
 
 
+@pytest.mark.slow
 def test_duration_60_writes_a_60_second_file(tiny_model_dir, tmp_path):
     assert _run(["--model_path", tiny_model_dir, "--lora_model_path", "none", "--prompts",
                  "long ambient pad", "--duration", "60", "--output_dir", tmp_path]) == 0
@@ -238,6 +240,7 @@ def test_audio_prompt_continuation_from_the_command_line(tiny_model_dir, tmp_pat
     assert entry["settings"]["audio_prompt"] == str(tmp_path / "intro.wav") and entry["frames"] == 50
 
 
+@pytest.mark.slow
 def test_a_truncated_adapter_is_a_message_in_inference_and_evaluation(short_run, tmp_path, tiny_model_dir,
                                                                         example_data_dir, monkeypatch):
     from lora import evaluate, inference_lora
@@ -278,6 +281,7 @@ def test_an_unreadable_audio_prompt_is_refused_before_the_model_loads(tmp_path, 
                              "--audio_prompt", str(bad), "--output_dir", str(tmp_path / "gen")])
 
 
+@pytest.mark.slow
 def test_generation_checks_free_space_first_and_a_full_disk_is_a_message(small_disk, tiny_model_dir,
                                                                          tmp_path,
                                                                          monkeypatch, capsys):

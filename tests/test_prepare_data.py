@@ -80,6 +80,7 @@ def prepared(messy_folder, tmp_path_factory):
 
 
 # ---- --input_dir ------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_prepared_clips_are_32k_mono_pcm16(prepared):
     out, _ = prepared
     recs = load_metadata(out)
@@ -98,6 +99,7 @@ def test_prepared_clips_are_32k_mono_pcm16(prepared):
         assert f in used, f
 
 
+@pytest.mark.slow
 def test_long_files_are_cut_never_dropped_and_tails_are_counted(prepared):
     out, _ = prepared
     recs = load_metadata(out)
@@ -111,12 +113,14 @@ def test_long_files_are_cut_never_dropped_and_tails_are_counted(prepared):
     assert "tail62.wav" not in {s["file"] for s in rep["skipped"]}
 
 
+@pytest.mark.slow
 def test_silence_is_trimmed(prepared):
     out, _ = prepared
     (r,) = [r for r in load_metadata(out) if r.source == "padded.wav"]
     assert r.offset == pytest.approx(3.0, abs=0.01) and r.duration == pytest.approx(10.0, abs=0.01)
 
 
+@pytest.mark.slow
 def test_bad_files_are_skipped_and_reported_with_reasons(prepared):
     out, _ = prepared
     skipped = {s["file"]: s["reason"] for s in prepare_report(out)["skipped"]}
@@ -134,6 +138,7 @@ def test_bad_files_are_skipped_and_reported_with_reasons(prepared):
     assert prepare_report(out)["ignored_files"].get(".md") == 1
 
 
+@pytest.mark.slow
 def test_duplicates_are_kept_once(prepared):
     out, _ = prepared
     rep = prepare_report(out)
@@ -142,6 +147,7 @@ def test_duplicates_are_kept_once(prepared):
     assert "copy_a.wav" in sources and "copy_b.wav" not in sources
 
 
+@pytest.mark.slow
 def test_captions_unicode_sidecars_and_template(prepared):
     out, _ = prepared
     text = {r.source: r.text for r in load_metadata(out)}
@@ -152,6 +158,7 @@ def test_captions_unicode_sidecars_and_template(prepared):
     assert rep["caption_sources"]["sidecar"] == 2 and rep["caption_sources"]["template"] >= 5
 
 
+@pytest.mark.slow
 def test_split_is_by_recording_without_leakage(prepared):
     out, _ = prepared
     recs = load_metadata(out)
@@ -163,11 +170,13 @@ def test_split_is_by_recording_without_leakage(prepared):
     assert prepare._split(sorted(train | valid), 0.25, 1234) == valid
 
 
+@pytest.mark.slow
 def test_input_folder_is_never_changed(prepared, messy_folder):
     out, before = prepared
     assert tree_hashes(messy_folder) == before
 
 
+@pytest.mark.slow
 def test_rerun_does_no_decoding_and_gives_identical_metadata(prepared, messy_folder, monkeypatch):
     out, before = prepared
     meta = (out / "metadata.json").read_bytes()
@@ -188,6 +197,7 @@ def test_rerun_does_no_decoding_and_gives_identical_metadata(prepared, messy_fol
     assert tree_hashes(messy_folder) == before
 
 
+@pytest.mark.slow
 def test_validate_summary_and_exit_codes(prepared, tmp_path, capsys):
     out, _ = prepared
     assert prepare_data.main(["--validate", "--data_dir", str(out)]) == 0
@@ -332,6 +342,7 @@ def _peak_memory_of_prepare(tmp_path, minutes: int) -> tuple[int, Path]:
     return peak, out
 
 
+@pytest.mark.slow
 def test_long_file_memory_stays_bounded(tmp_path):
     peak2, _ = _peak_memory_of_prepare(tmp_path, 2)
     peak20, out = _peak_memory_of_prepare(tmp_path, 20)
@@ -403,6 +414,7 @@ def test_yaml_then_flags_precedence_and_unknown_keys(tmp_path):
         prepare_data.main(["--output_dir", str(out)])
 
 
+@pytest.mark.slow
 def test_seed_commands_from_inside_lora(tmp_path, monkeypatch):
     """The seed's commands, run from lora/ with relative paths, in-process and as a real
     subprocess."""

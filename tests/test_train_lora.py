@@ -38,6 +38,7 @@ def _metrics(out: Path) -> list[dict]:
 # ------------------------------------------------------------------------------------------
 # The trained fixture: artifacts and plain-peft loading
 # ------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_artifacts_and_plain_peft_loading(trained_output_dir, tiny_model_dir):
     from peft import PeftModel
     from transformers import MusicgenForConditionalGeneration
@@ -124,6 +125,7 @@ def _common(tiny_model_dir, data_dir, out):
             "--learning_rate", "0.003", "--lora_dropout", "0.1", "--cond_dropout", "0.3", "--seed", "5"]
 
 
+@pytest.mark.slow
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path, tiny_model_dir, example_data_dir):
     from lora import train_lora
 
@@ -170,6 +172,7 @@ def _short(tiny_model_dir, data_dir, out, *extra):
     return train_args(tiny_model_dir, data_dir, out, *extra, max_steps=4, save_steps=100)
 
 
+@pytest.mark.slow
 def test_nan_loss_is_skipped_counted_and_stops(tmp_path, tiny_model_dir, example_data_dir,
                                                monkeypatch, caplog):
     from lora import train_lora
@@ -251,6 +254,7 @@ def test_bad_settings_are_reported_together(tmp_path):
 # ------------------------------------------------------------------------------------------
 # Several processes: torchrun (gloo, CPU) == one process with the accumulation doubled
 # ------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one_process(tmp_path, tiny_model_dir, example_data_dir):
     from lora import train_lora
 
@@ -311,6 +315,7 @@ def _usage_accelerate_config() -> str:
     return m.group(1)
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_trains_the_same(tmp_path, tiny_model_dir, example_data_dir):
     from lora import train_lora
 
@@ -386,6 +391,7 @@ def _checkpoint_steps(out: Path) -> list[int]:
     return sorted(int(p.name[5:]) for p in (out / "checkpoints").glob("step-*"))
 
 
+@pytest.mark.slow
 def test_auto_run_validates_and_checkpoints_ten_times_and_validation_leaves_training_alone(
         tmp_path, tiny_model_dir, example_data_dir):
     """A real 20-step run with the defaults (auto): validations before the first step and at 2, 4,
@@ -417,6 +423,7 @@ def test_auto_run_validates_and_checkpoints_ten_times_and_validation_leaves_trai
     assert train(auto) == train(rare) and len(train(auto)) == 20
 
 
+@pytest.mark.slow
 def test_wall_time_checkpoints(tmp_path, tiny_model_dir, example_data_dir):
     """save_minutes: a checkpoint whenever that much wall time passed since the last one, whatever
     save_steps says (here 6 microseconds: every step); 0 = only save_steps and the end."""
@@ -434,6 +441,7 @@ def test_wall_time_checkpoints(tmp_path, tiny_model_dir, example_data_dir):
     assert _checkpoint_steps(off) == [3]
 
 
+@pytest.mark.slow
 def test_timing_says_where_the_cold_start_went(trained_output_dir):
     """logs/timing.json (bench_train.py --cold_start reads it): every phase of the run from the
     process start, the steps counted as run, and the phases adding up to the whole."""
@@ -455,6 +463,7 @@ def test_timing_says_where_the_cold_start_went(trained_output_dir):
 # ------------------------------------------------------------------------------------------
 # Data loss: --overwrite_output_dir deletes only what train_lora.py wrote; one run per output folder
 # ------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_overwrite_output_dir_never_deletes_a_folder_the_tool_did_not_make(tmp_path, tiny_model_dir,
                                                                           example_data_dir):
     """The issue's command: a user's checkpoints/x/model.th survives --overwrite_output_dir."""
@@ -472,6 +481,7 @@ def test_overwrite_output_dir_never_deletes_a_folder_the_tool_did_not_make(tmp_p
     assert sha1s(proj) == before  # model.th is there, unchanged
 
 
+@pytest.mark.slow
 def test_overwrite_deletes_an_earlier_run_but_not_a_file_added_to_it(tmp_path, tiny_model_dir,
                                                                      example_data_dir):
     from lora import train_lora
@@ -505,6 +515,7 @@ def _hold_lock(out: Path):
     return p
 
 
+@pytest.mark.slow
 def test_a_second_training_on_the_same_folder_stops_at_once(tmp_path, tiny_model_dir, example_data_dir):
     from lora import train_lora
     from lora.common.cli import UserError
@@ -535,6 +546,7 @@ def _copy(run: Path, tmp_path: Path) -> Path:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["adapter", "optimizer", "state"])
 def test_resume_latest_falls_back_to_the_newest_checkpoint_that_loads(damage, short_run, tmp_path,
                                                                       tiny_model_dir,
@@ -631,6 +643,7 @@ def test_ctrl_c_in_training_names_the_checkpoint_and_how_to_resume(tmp_path, tin
 # ------------------------------------------------------------------------------------------
 # TensorBoard after a resume
 # ------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_tensorboard_shows_each_step_once_after_a_resume(tmp_path, tiny_model_dir, example_data_dir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -75,6 +75,7 @@ def messages(records, level=logging.WARNING) -> str:
 
 
 # ---- 1. input and output folders that overlap ------------------------------------------------------
+@pytest.mark.slow
 def test_input_that_is_the_train_folder_of_the_output_is_refused_and_nothing_changes(tmp_path):
     """The command from the issue, as a user types it: before the fix it deleted the 8 example
     WAVs."""

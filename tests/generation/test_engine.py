@@ -102,6 +102,7 @@ def test_token_sampler_follows_top_k_top_p_and_the_distribution():
     assert (cold == 0).float().mean().item() > 0.99
 
 
+@pytest.mark.slow
 def test_lora_scale_and_merge(tiny_model_dir, tiny_adapter_dir, base_bundle):
     from lora.generation.model import load_generation_model
 

@@ -50,6 +50,7 @@ def fp32_bundle(tiny_model_dir):
 # --------------------------------------------------------------------------------------------
 # A seed reproduces its sample in bf16
 # --------------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["bfloat16", "auto"])
 def test_seed_reproduces_its_sample_alone_or_batched_with_other_caption_lengths(dtype, tiny_model_dir,
                                                                                 bf16_bundle):

@@ -81,6 +81,7 @@ def two_adapters(tiny_model_dir, tmp_path_factory):
 # --------------------------------------------------------------------------------------------
 # Mixing
 # --------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_mix_scales_one_zero_is_a_alone_and_zero_zero_is_the_base(tiny_model_dir, two_adapters):
     """An adapter at scale 0 adds nothing: the mix is the other adapter alone, token for token,
     merged or not. (Each is compared with the single adapter loaded the same way: a merged and an
@@ -103,6 +104,7 @@ def test_mix_scales_one_zero_is_a_alone_and_zero_zero_is_the_base(tiny_model_dir
     assert all(len(x["weights_sha256"]) == 64 for x in info["adapters"])
 
 
+@pytest.mark.slow
 def test_mix_merged_equals_unmerged_and_is_the_sum_of_each_adapters_update(tiny_model_dir, two_adapters):
     """The mix at (0.7, 0.4), unmerged (peft adds each active adapter's update) and merged
     (merge_and_unload), gives the same logits as merging A at 0.7 and then B at 0.4 one after the
@@ -139,6 +141,7 @@ def test_mix_merged_equals_unmerged_and_is_the_sum_of_each_adapters_update(tiny_
     assert (unmerged - base_logits).abs().max() > 1e-2  # the mix changes the model
 
 
+@pytest.mark.slow
 def test_mix_from_the_command_line_records_each_adapter(tiny_model_dir, two_adapters, tmp_path, caplog):
     from lora import inference_lora
 
@@ -156,6 +159,7 @@ def test_mix_from_the_command_line_records_each_adapter(tiny_model_dir, two_adap
     assert f"+ adapter {a} (scale 0.7) + adapter {b} (scale 0.4)" in caplog.text
 
 
+@pytest.mark.slow
 def test_mix_in_config_yaml(tiny_model_dir, two_adapters, tmp_path):
     from lora.config import adapter_paths, adapter_scales, parse_config
 
@@ -173,6 +177,7 @@ def test_mix_in_config_yaml(tiny_model_dir, two_adapters, tmp_path):
                      sections=("generation", "model"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["scales", "bases", "missing"])
 def test_bad_mix_is_a_clear_error_and_writes_nothing(case, tiny_model_dir, two_adapters, tmp_path):
     from lora import evaluate, inference_lora
@@ -219,6 +224,7 @@ def _style_data(root: Path) -> tuple[Path, dict]:
     return data, files
 
 
+@pytest.mark.slow
 def test_style_adapters_move_the_likelihood_of_their_own_style(tiny_model_dir, tmp_path):
     """Two adapters, each trained briefly on one style, then mixed: at (1, 0) the first style's
     held-out clips are likelier than at (0, 1), and the second style's the other way round."""
@@ -275,6 +281,7 @@ OTHER_TRAINERS = {
 SPELLINGS = ["trailing_slash", "same_name_hub_id", "not_recorded"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", list(OTHER_TRAINERS))
 @pytest.mark.parametrize("spelling", SPELLINGS)
 def test_adapter_from_another_trainer_loads_generates_merges_and_exports(kind, spelling, tiny_model_dir,
@@ -312,6 +319,7 @@ def _stereo_adapter(tiny_stereo_model_dir, out, **config):
     return _peft_adapter(tiny_stereo_model_dir, out, seed=0, **config)
 
 
+@pytest.mark.slow
 def test_adapters_that_cannot_fit_name_the_file_and_the_problem(tiny_model_dir,
                                                                 tiny_stereo_model_dir, tmp_path):
     from peft import LoraConfig, get_peft_model
@@ -350,6 +358,7 @@ def test_adapters_that_cannot_fit_name_the_file_and_the_problem(tiny_model_dir,
 # --------------------------------------------------------------------------------------------
 # The start-up line: which model, which adapter, and how to get the other
 # --------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_startup_line_names_the_model_and_the_adapter(tiny_model_dir, two_adapters, tmp_path,
                                                       monkeypatch, caplog):
     from lora import config, evaluate, inference_lora
@@ -390,6 +399,7 @@ def test_startup_line_names_the_model_and_the_adapter(tiny_model_dir, two_adapte
     assert entry["adapter"] is None  # the last inference run: --lora_model_path none
 
 
+@pytest.mark.slow
 def test_evaluate_a_mix_records_each_adapter_and_one_zero_is_a_alone(tiny_model_dir, two_adapters,
                                                                      example_data_dir,
                                                                        tmp_path):
@@ -526,6 +536,7 @@ def test_load_lora_errors(tmp_path, tiny_model_dir, tiny_stereo_model_dir):
     assert str(tiny_model_dir.resolve()) in str(e.value) and str(other.resolve()) in str(e.value)
 
 
+@pytest.mark.slow
 def test_lora_scale_zero_is_exactly_the_base_model_for_dora(tmp_path, tiny_model_dir, example_data_dir):
     """peft's set_scale(0) zeroes B·A but DoRA's magnitude vector still rescales every adapted
     weight: set_lora_scale(0) switches the adapter off instead, so scale 0 is the base model exactly

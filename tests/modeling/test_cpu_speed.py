@@ -353,6 +353,7 @@ def test_self_attention_runs_causal_sdpa_without_a_mask(tiny_lora, monkeypatch):
     assert all(not no_mask and not causal for _, _, no_mask, causal in cross_calls)
 
 
+@pytest.mark.slow
 def test_cpu_train_attention_uses_math_kernel_for_cross_attention_with_the_same_loss_and_grads(tiny_model_dir):
     """configure_step on CPU switches the decoder to CPU_TRAIN_ATTENTION: while training, the
     cross-attention runs SDPA's math kernel instead of the flash kernel (self-attention keeps
@@ -431,6 +432,7 @@ print(kept, *faults)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc (Linux)")
 def test_keep_freed_memory_reuses_big_tensors_without_page_faults():
     """train_lora.py on a CPU: the activations of a layer run again reuse the pages freed by its

@@ -223,6 +223,7 @@ def _cached(root, data):
     return model, processor, info, records, clips, stats
 
 
+@pytest.mark.slow
 def test_the_cache_holds_each_clip_s_own_chroma(melody_run):
     import soundfile as sf
 
@@ -239,6 +240,7 @@ def test_the_cache_holds_each_clip_s_own_chroma(melody_run):
         assert clip.chroma.shape[0] == C.frames(wav.shape[0])
 
 
+@pytest.mark.slow
 def test_a_training_crop_takes_the_chroma_frames_that_cover_it(melody_run):
     from lora.dataset import CachedTokenDataset
     from lora.modeling import chroma as C
@@ -260,6 +262,7 @@ def test_a_training_crop_takes_the_chroma_frames_that_cover_it(melody_run):
     assert item["chroma"].shape == (info.chroma_length, 12)
 
 
+@pytest.mark.slow
 def test_dropped_items_carry_generate_s_null_condition(melody_run):
     from lora.dataset import CachedTokenDataset, collate_tokens
     from lora.modeling import musicgen_melody as M
@@ -286,6 +289,7 @@ def test_dropped_items_carry_generate_s_null_condition(melody_run):
     assert torch.equal(got[0], null[1])  # the dropped row is generate's unconditional row
 
 
+@pytest.mark.slow
 def test_melody_training_learns_and_saves_a_standard_adapter(melody_run):
     import json
 
@@ -389,6 +393,7 @@ def _tune_file(path):
     return path
 
 
+@pytest.mark.slow
 def test_inference_follows_a_melody_file_and_records_it(melody_run, tmp_path):
     import json
 
@@ -419,6 +424,7 @@ def test_inference_follows_a_melody_file_and_records_it(melody_run, tmp_path):
                        / "manifest.json").read_text())["files"][0]["tokens_sha1"] == with_tune["tokens_sha1"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case",
                          ["missing", "unreadable", "silent", "text_model",
                           "melody_adapter_on_text_model"])
@@ -457,6 +463,7 @@ def test_bad_melody_input_is_a_message_and_nothing_is_written(melody_run, tmp_pa
 # --------------------------------------------------------------------------------------------
 # evaluate.py --compare on a melody model
 # --------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_evaluate_compare_reports_likelihood_and_chroma_similarity_with_its_floor(melody_run, tmp_path):
     import json
 
@@ -507,6 +514,7 @@ def test_static_decoder_logits_equal_transformers_forward_with_the_prefix(melody
     torch.testing.assert_close(torch.stack(got, dim=1), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_melody_fine_tune_exports_to_a_plain_melody_model(melody_run, tmp_path):
     """export_model.py on a melody adapter: a MusicgenMelodyForConditionalGeneration folder that
     loads in transformers and, as --model_path, generates with a melody the tokens of the merged
