@@ -61,6 +61,7 @@ def test_a_folder_that_holds_another_run_or_a_missing_data_folder_starts_nothing
         runs.start_training(procs, dict(values, output_dir="  "), None)
     with pytest.raises(UserError, match="no checkpoint to resume from"):
         runs.resume_training(procs, str(tmp_path / "new"))
+    assert sha1s(tmp_path) == before
     (tmp_path / "started").mkdir()
     (tmp_path / "started" / "config.yaml").write_text("training: {}\n")  # stopped before a checkpoint
     before = sha1s(tmp_path)
