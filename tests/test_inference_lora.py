@@ -81,6 +81,7 @@ def test_seed_command_as_a_subprocess_from_lora(tiny_model_dir, tiny_adapter_dir
     assert sf.info(out / f"{SEED_SLUG}_s0.wav").frames == 16000
 
 
+@pytest.mark.slow
 def test_merge_flag_gives_the_same_audio_as_unmerged(tiny_model_dir, tiny_adapter_dir, tmp_path):
     common = ["--model_path", tiny_model_dir, "--lora_model_path", tiny_adapter_dir, "--prompts", "lofi piano",
               "--duration", "1", "--seed", "7", "--output_format", "float", "--normalize", "false",
@@ -209,6 +210,7 @@ def test_nan_output_is_an_error_not_a_file(tiny_model_dir, tmp_path):
     assert not out.exists() or not any(out.iterdir())
 
 
+@pytest.mark.slow
 def test_existing_files_are_not_overwritten_without_flag(tiny_model_dir, tmp_path):
     base = ["--model_path", tiny_model_dir, "--lora_model_path", "none", "--duration", "0.5",
             "--output_dir", tmp_path]

@@ -255,6 +255,7 @@ def test_missing_caption_is_reported(tmp_path):
     assert {r.source: r.text for r in load_metadata(out)} == {"x.wav": "", "y.wav": "a caption"}
 
 
+@pytest.mark.slow
 def test_enrich_captions_appends_tempo_and_key(tmp_path):
     d = tmp_path / "in"
     d.mkdir()

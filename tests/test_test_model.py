@@ -4,9 +4,11 @@ it failed, and runs train_lora.py's own preparation and step."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 
+@pytest.mark.slow
 def test_test_model_step_equals_the_training_step(tmp_path, tiny_model_dir, example_data_dir):
     """On the same batch, test_model's check gives the loss and LoRA gradients of train_lora.py's
     first micro-batch, in the default precision (bf16 autocast + bf16 frozen weights where the CPU
@@ -48,6 +50,7 @@ def test_test_model_step_equals_the_training_step(tmp_path, tiny_model_dir, exam
     assert any(bool(g.abs().sum() > 0) for g in grads.values())
 
 
+@pytest.mark.slow
 def test_test_model_script_passes_on_tiny_model(tiny_model_dir, capsys):
     from lora import test_model
 

@@ -355,6 +355,7 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path, tiny_model_dir, ex
                                "--resume_from_checkpoint", str(tmp_path)))
 
 
+@pytest.mark.slow
 def test_fresh_run_does_not_mix_with_an_earlier_run(tmp_path, tiny_model_dir, example_data_dir):
     """An earlier run's checkpoints would be taken for the new run's by 'latest': refuse, or delete
     on request."""

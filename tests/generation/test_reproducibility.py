@@ -146,6 +146,7 @@ def test_padding_changes_nothing_in_fp32(fp32_bundle):
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_manifest_records_what_reproduces_a_file(tiny_model_dir, tmp_path):
     """The CLI in its default dtype: two captions of different lengths in one batch, then each
     regenerated alone from its manifest entry: the same tokens (tokens_sha1). The manifest says what

@@ -509,6 +509,7 @@ def test_saved_adapter_loads_with_plain_peft(tmp_path, tiny_model_dir, mono):
     torch.testing.assert_close(ours_logits, trained)
 
 
+@pytest.mark.slow
 def test_load_lora_errors(tmp_path, tiny_model_dir, tiny_stereo_model_dir):
     model, _, _ = load_model(tiny_model_dir)
     pm = attach_lora(model, LoraSection(lora_rank=2))
