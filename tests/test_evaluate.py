@@ -1,4 +1,6 @@
-"""evaluate.py end to end on the tiny model + report.py (escaping, links) + config errors."""
+"""lora/evaluate.py end to end on the tiny model: the held-out likelihood of base and adapter (the
+trainer's own numbers, on the adapter's training window), the generated-audio metrics and files, the
+report, the base model alone, and config errors collected at once. Its parts: tests/scoring/."""
 
 from __future__ import annotations
 

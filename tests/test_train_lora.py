@@ -1,5 +1,8 @@
-"""train_lora: artifacts, plain-peft loading, exact resume after SIGKILL, NaN guard, errors, CFG
-dropout, DDP."""
+"""lora/train_lora.py end to end on the tiny model: artifacts, plain-peft loading, exact resume
+after SIGKILL, NaN guard, errors, several processes (torchrun) and when a run validates and
+checkpoints; and what it does with the user's files: --overwrite_output_dir deletes only what it
+wrote, one run per output folder, damaged checkpoints, a full disk and Ctrl-C are messages, and
+TensorBoard shows each step once after a resume. Its parts: tests/training/."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""prepare_data.py is careful with the user's files: it refuses before it deletes anything it did
+"""The prepare run (lora.dataprep.prepare, worker, ownership) is careful with the user's files: it refuses before it deletes anything it did
 not make (input and output folders that overlap, a damaged prepare_state.json), says when it changes
 audio or captions (overs above 0 dBFS, NaN samples, channel mixing, CSV commas, repeated caption
 rows), reads what it can (symlinked folders, broken links, unreadable folders) and never answers a

@@ -1,5 +1,7 @@
-"""Token cache (EnCodec codes + text states on disk), CachedTokenDataset, collate and the bucketed
-sampler."""
+"""The token cache (lora.dataprep.token_cache): EnCodec codes and text states on disk, equal to
+direct encoding, reused until a clip or the model changes, independent of the batch a clip was
+encoded in; mono clips on a stereo model are said once. What training reads from it:
+tests/test_dataset.py."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""Metrics: closed-form checks of FAD/KAD, bootstrap coverage, signal checks, CE against
-transformers, CLAP path."""
+"""Metric functions (lora.scoring.metrics): closed-form checks of FAD/KAD and their floor, signal
+checks, loudness, librosa features and diversity, the CLAP path. Their intervals:
+tests/scoring/test_intervals.py."""
 
 from __future__ import annotations
 
