@@ -1,6 +1,7 @@
 """lora/prepare_data.py end to end (with the modules it uses: lora/dataprep/captions.py,
-lora/dataprep/example_data.py, lora/dataprep/data_check.py): the synthetic example set, preparing a messy folder of real-world files, idempotent reruns, splits,
-captions, --validate, config precedence, memory on long files, interrupted and overwritten runs.
+lora/dataprep/example_data.py, lora/dataprep/data_check.py): the synthetic example set, preparing a
+messy folder of real-world files, idempotent reruns, splits, captions, --validate, config
+precedence, memory on long files, interrupted and overwritten runs.
 What it does with the user's files: tests/dataprep/test_prepare_run.py."""
 
 from __future__ import annotations

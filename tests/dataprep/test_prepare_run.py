@@ -1,9 +1,10 @@
-"""The prepare run (lora.dataprep.prepare, worker, ownership) is careful with the user's files: it refuses before it deletes anything it did
-not make (input and output folders that overlap, a damaged prepare_state.json), says when it changes
-audio or captions (overs above 0 dBFS, NaN samples, channel mixing, CSV commas, repeated caption
-rows), reads what it can (symlinked folders, broken links, unreadable folders) and never answers a
-user's mistake (a file as --output_dir, a full disk, Ctrl-C) with a traceback. Wherever a case says
-nothing may change, the sha1 of every file is checked."""
+"""The prepare run (lora.dataprep.prepare, worker, ownership) is careful with the user's files: it
+refuses before it deletes anything it did not make (input and output folders that overlap, a
+damaged prepare_state.json), says when it changes audio or captions (overs above 0 dBFS, NaN
+samples, channel mixing, CSV commas, repeated caption rows), reads what it can (symlinked
+folders, broken links, unreadable folders) and never answers a user's mistake (a file as
+--output_dir, a full disk, Ctrl-C) with a traceback. Wherever a case says nothing may change, the
+sha1 of every file is checked."""
 
 from __future__ import annotations
 
