@@ -41,5 +41,8 @@ def test_a_flag_given_twice_is_refused_and_a_list_flag_keeps_both(caplog):
     with pytest.raises(ConfigError, match=r"given twice \(as --model_path and --base_model_path\)"):
         parse_config(["--model_path", "a/b", "--base_model_path", "c/d"],
                      sections=("generation", "model"))
-    cfg, _ = parse_config(["--prompts", "a", "--prompts", "b", "c"], sections=("generation", "model"))
+    # (the scripts log at INFO: set here too, so the test does not depend on a script run before it)
+    with caplog.at_level("INFO", logger="lora"):
+        cfg, _ = parse_config(["--prompts", "a", "--prompts", "b", "c"],
+                              sections=("generation", "model"))
     assert cfg.generation.prompts == ["a", "b", "c"] and "all of its values are used" in caplog.text
