@@ -1,4 +1,6 @@
-"""Shared pytest fixtures: tiny models, example data and a trained adapter, built once per session.
+"""Shared pytest fixtures: tiny models (folders, and loaded once per test module), an adapter with
+random weights, example data, a short and a longer training run, and a small disk. The expensive
+ones are built once per session; treat them as read-only. Plain helper functions: tests/helpers.py.
 
 Nothing here downloads: models are tiny random MusicGens built from config
 (lora.modeling.tiny_model), data is the synthetic example set (lora.prepare_data --create_example).
@@ -14,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+# (pytest's pythonpath puts the repository root on sys.path too; this is before tests.helpers
+# can be imported)
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
