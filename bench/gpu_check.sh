@@ -5,7 +5,7 @@
 #   2. bench_train.py on musicgen-small's architecture at 30-s clips, batch 2: bf16, bf16 + gradient
 #      checkpointing, fp16, fp32, and the fp32 encode-every-step mode;
 #   3. bench_train.py on musicgen-medium and -large architectures, bf16 + gradient checkpointing (peak memory);
-#   4. tests/test_cuda.py (the CUDA-graph decoder against transformers' forward and generate);
+#   4. tests/modeling/test_cuda_decoding.py (the CUDA-graph decoder against transformers' forward and generate);
 #   5. bench_generate.py on musicgen-small's architecture: base / unmerged / merged with decoding cuda_graph
 #      (the GPU default), batch 1 and 8, plus the base model with transformers' own decoder call;
 #   6. (not in the default PARTS: about 10 min on its own) bench_train.py at 30-s clips, batch 2, bf16, eager
@@ -60,7 +60,7 @@ want train_small && part train_small "${TS_LIMIT:-150}" "$PY" bench/bench_train.
   --cases cached-bf16,cached-bf16+ckpt,cached-fp16,cached-fp32,encode-fp32 --json "$OUT/train_small.json"
 want train_medium_large && part train_medium_large "${TL_LIMIT:-170}" "$PY" bench/bench_train.py --models medium,large --seconds 30 --steps 4 \
   --warmup 2 --cases cached-bf16+ckpt --no_flop_check --json "$OUT/train_medium_large.json"
-want cuda_tests && part cuda_tests "${CT_LIMIT:-90}" "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
+want cuda_tests && part cuda_tests "${CT_LIMIT:-90}" "$PY" -m pytest -q -p no:cacheprovider tests/modeling/test_cuda_decoding.py
 want generate && part generate "${G_LIMIT:-170}" "$PY" bench/bench_generate.py --models small --rounds 2 \
   --decodings cuda_graph --json "$OUT/generate.json"
 want generate && part generate_transformers "${GT_LIMIT:-70}" "$PY" bench/bench_generate.py --models small \

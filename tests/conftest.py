@@ -1,4 +1,6 @@
-"""Shared pytest fixtures: tiny models, example data and a trained adapter, built once per session.
+"""Shared pytest fixtures: tiny models (folders, and loaded once per test module), an adapter with
+random weights, example data, a short and a longer training run, and a small disk. The expensive
+ones are built once per session; treat them as read-only. Plain helper functions: tests/helpers.py.
 
 Nothing here downloads: models are tiny random MusicGens built from config
 (lora.modeling.tiny_model), data is the synthetic example set (lora.prepare_data --create_example).
@@ -7,12 +9,15 @@ Nothing here downloads: models are tiny random MusicGens built from config
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 
+# (pytest's pythonpath puts the repository root on sys.path too; this is before tests.helpers
+# can be imported)
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -25,6 +30,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="lora-tests-cache-")
 
 import torch  # noqa: E402
+
+from tests.helpers import load_model, random_adapter, train_args  # noqa: E402
 
 # The models in tests are tiny: their ops are too small to gain from threads, and with 2 cores a
 # second thread mostly adds contention. Subprocess tests set their own thread counts.
@@ -44,6 +51,26 @@ def tiny_stereo_model_dir(tmp_path_factory) -> Path:
     from lora.modeling.tiny_model import ensure_tiny_model
 
     return ensure_tiny_model(tmp_path_factory.mktemp("tiny_model") / "stereo", stereo=True)
+
+
+@pytest.fixture(scope="module")
+def mono(tiny_model_dir):
+    """The tiny mono MusicGen loaded: (model, processor, info), once per test module. Do not
+    change the model (load your own to attach an adapter)."""
+    return load_model(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def stereo(tiny_stereo_model_dir):
+    """The tiny stereo MusicGen loaded: (model, processor, info), once per test module."""
+    return load_model(tiny_stereo_model_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """A LoRA adapter (default settings) on the tiny mono model, its B matrices random (seed 0) so
+    that it changes the output; saved as .../best_model. Treat as read-only."""
+    return random_adapter(tiny_model_dir, tmp_path_factory.mktemp("adapter") / "best_model")
 
 
 @pytest.fixture(scope="session")
@@ -82,3 +109,35 @@ def trained_output_dir(tmp_path_factory, tiny_model_dir, example_data_dir) -> Pa
                           "--batch_size", "2", "--num_epochs", "5"])
     assert rc == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def short_run(tmp_path_factory, tiny_model_dir, example_data_dir) -> Path:
+    """A 3-step training run (tests.helpers.train_args) with a checkpoint at every step. Treat as
+    read-only: copy it to damage it."""
+    from lora import train_lora
+
+    out = tmp_path_factory.mktemp("short") / "out"
+    assert train_lora.main(train_args(tiny_model_dir, example_data_dir, out, "--max_steps", "3")) == 0
+    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-000001",
+                                                                         "step-000002", "step-000003"]
+    return out
+
+
+@pytest.fixture
+def small_disk(tmp_path, request):
+    """A small tmpfs: 1 MB, or the size a test asks for with
+    ``@pytest.mark.parametrize("small_disk", ["2m"], indirect=True)``. It needs root and permission
+    to mount: the test is skipped, with the reason, where mounting is not permitted."""
+    size = getattr(request, "param", "1m")
+    mnt = tmp_path / "small_disk"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({(r.stderr or r.stdout).strip() or r.returncode}): "
+                    f"the disk-full cases need one")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from pathlib import Path
 
 import pytest
 import yaml
@@ -15,8 +14,8 @@ from lora import config
 from lora.common import fields as common_fields
 from lora.common.fields import ConfigError
 from lora.config import parse_config
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 TRAIN = ("training", "model", "lora", "data")
 
 

@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT
+
 DOCS = ["README.md", "README.zh-CN.md", "USAGE.md", "DATA_PREPARATION.md"]
 MARK = re.compile(r"<!--\s*docs:\s*(run|ci|needs [^>]+?)\s*-->")
 FENCE = re.compile(r"^```(bash|sh|shell)\s*$")
@@ -122,6 +123,7 @@ def _make_audio_folder(path: Path) -> None:
 RUN_DOCS = ["README.md", "USAGE.md", "DATA_PREPARATION.md"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", RUN_DOCS)
 def test_documented_commands_run(name, tmp_path, tiny_model_dir):
     """Run every `docs: run` block of one document, in order, in a fresh scratch copy of the
@@ -241,6 +243,7 @@ def documented_commands() -> dict[tuple, str]:
 ELSEWHERE = {"ssh"}  # README "Web UI": the SSH tunnel from a laptop to a rented GPU box
 
 
+@pytest.mark.slow
 def test_every_documented_command_exists_and_runs():
     """`huggingface-cli download` was removed from huggingface-hub 1.x while the docs still named
     it: every program and script the docs name must be installed (on PATH, in this environment) and

@@ -1,4 +1,6 @@
-"""evaluate.py end to end on the tiny model + report.py (escaping, links) + config errors."""
+"""lora/evaluate.py end to end on the tiny model: the held-out likelihood of base and adapter (the
+trainer's own numbers, on the adapter's training window), the generated-audio metrics and files, the
+report, the base model alone, and config errors collected at once. Its parts: tests/scoring/."""
 
 from __future__ import annotations
 
@@ -6,158 +8,15 @@ import json
 import math
 import re
 
-import numpy as np
 import pytest
 
 from lora import evaluate
 from lora.common.fields import ConfigError
-from lora.scoring import generated, likelihood, metrics
-from lora.scoring.report import format_table, render_html, summary_rows
+from lora.scoring import generated, likelihood
+from tests.helpers import make_tiny_clap
 
 
-# ------------------------------------------------------------------------------------ report (unit)
-def _fake_results(caption: str) -> dict:
-    return {
-        "models_evaluated": ["base", "lora"],
-        "identity": {"base": {"name_or_path": "<b>model</b>"},
-                     "lora": {"path": "x\"><script>1</script>"}},
-        "likelihood": {"base": {"ce": 5.0, "ppl": math.exp(5.0), "ce_per_codebook": [5.0, 5.0]},
-                       "lora": {"ce": 4.5, "ppl": math.exp(4.5), "ce_per_codebook": [4.4, 4.6]},
-                       "difference": {"diff": -0.5, "ci_low": -0.6, "ci_high": -0.4,
-                                      "confidence": 0.95, "n": 10,
-                                      "n_clips": 10, "n_recordings": 5}},
-        "generation": {"prompts": [caption], "seeds": [0],
-                       "clips": [{"model": m, "prompt_index": 0, "prompt": caption, "seed": 0,
-                                  "wav": f"audio/{m}/p000_s0.wav",
-                                  "spectrogram": f"spectrograms/{m}/p000_s0.png",
-                                  "checks": {"failures": []}} for m in ("base", "lora")],
-                       "signal": {},
-                       "distances": {"base": {"encodec": {"fad": 2.0, "kad": {"value": 1.0}}},
-                                                   "lora": {"encodec": {"fad": 1.0,
-                                                                        "kad": {"value": 0.5}}}},
-                       "intervals": {"metrics": {
-                           "encodec.fad": {"diff": -1.0, "ci_low": -1.5, "ci_high": -0.5,
-                                           "confidence": 0.95,
-                                           "n_boot": 200, "excludes_zero": True, "n_pairs": 8},
-                           "encodec.kad": {"diff": -0.5, "ci_low": -0.9, "ci_high": 0.1,
-                                           "confidence": 0.95,
-                                           "n_boot": 200, "excludes_zero": False, "n_pairs": 8}}},
-                       "clap": {"skipped": "no <clap>"}},
-        "settings": {"prompt": caption}, "versions": {},
-    }
-
-
-def test_report_escapes_every_user_text():
-    evil = '<script>alert("pwned")</script> & lofi "beat"'
-    res = _fake_results(evil)
-    html = render_html(res, charts={})
-    assert "<script>" not in html and "alert(\"pwned\")" not in html
-    assert "&lt;script&gt;alert(&quot;pwned&quot;)&lt;/script&gt; &amp; lofi" in html
-    assert "<b>model</b>" not in html and "&lt;b&gt;model&lt;/b&gt;" in html
-    assert "no &lt;clap&gt;" in html
-    # players and spectrograms with relative links, side by side per prompt
-    assert html.count("<audio controls") == 2 and "src='audio/base/p000_s0.wav'" in html
-    assert "src='spectrograms/lora/p000_s0.png'" in html
-
-
-def test_summary_rows_direction_and_table():
-    rows = {r["metric"]: r for r in summary_rows(_fake_results("x"))}
-    ce = rows["held-out cross-entropy (nats)"]
-    assert ce["delta"] == pytest.approx(-0.5) and ce["better"] == "LoRA"
-    assert "CI [-0.6000, -0.4000]" in ce["note"] and "n=10 clips from 5 recordings" in ce["note"]
-    assert rows["held-out perplexity"]["better"] == "LoRA"
-    assert rows["FAD (EnCodec latents)"]["better"] == "LoRA"  # its interval excludes 0
-    assert "CI [-1.5000, -0.5000], n=8 (prompt, seed) pairs, 200 resamples" in rows["FAD (EnCodec "
-                                                                                    "latents)"]["note"]
-    assert rows["KAD ×100 (EnCodec)"]["better"] == "unclear"  # lower, but its interval holds 0
-    table = format_table(summary_rows(_fake_results("x")))
-    assert re.match(r"metric\s+\| base\s+\| LoRA\s+\| Δ\s+\| better\?", table.splitlines()[0])
-
-
-def test_generated_audio_rows_name_a_winner_only_from_an_interval():
-    """FAD 1.036e-4 vs 1.029e-4 is no win unless the paired bootstrap interval of the difference
-    excludes 0; no interval at all is "unclear" too. The held-out likelihood: one recording names no
-    winner (its cluster bootstrap has no width), and perplexity says what cross-entropy says."""
-    res = _fake_results("x")
-    gen = res["generation"]
-    gen["distances"] = {"base": {"encodec": {"fad": 1.036e-4}}, "lora": {"encodec": {"fad": 1.029e-4}}}
-    gen["clap"] = {"base": {"mean": 0.20}, "lora": {"mean": 0.25}}
-    gen["intervals"] = {"metrics": {
-        "encodec.fad": {"diff": -7e-7, "ci_low": -2.1e-6, "ci_high": 9e-7, "confidence": 0.95,
-                        "n_boot": 200, "excludes_zero": False, "n_pairs": 16},
-        "clap": {"diff": 0.05, "ci_low": 0.01, "ci_high": 0.09, "confidence": 0.95, "n_boot": 2000,
-                 "excludes_zero": True, "n_pairs": 16}}}
-    rows = {r["metric"]: r for r in summary_rows(res)}
-    assert rows["FAD (EnCodec latents)"]["better"] == "unclear"
-    assert "CI [-2.100e-06, 9.000e-07]" in rows["FAD (EnCodec latents)"]["note"]
-    assert rows["CLAP text-audio score"]["better"] == "LoRA"  # higher is better, interval above 0
-    del gen["intervals"]
-    rows = {r["metric"]: r for r in summary_rows(res)}
-    assert rows["FAD (EnCodec latents)"]["better"] == "unclear" and rows["CLAP text-audio "
-                                                                         "score"]["better"] == "unclear"
-    res["likelihood"]["difference"].update(n_recordings=1, ci_low=-0.5, ci_high=-0.5)
-    rows = {r["metric"]: r for r in summary_rows(res)}
-    assert rows["held-out cross-entropy (nats)"]["better"] == "too few recordings"
-    assert rows["held-out perplexity"]["better"] == "too few recordings"
-    res["likelihood"]["difference"].update(n_recordings=5, ci_low=-0.6, ci_high=0.1)
-    rows = {r["metric"]: r for r in summary_rows(res)}
-    assert rows["held-out cross-entropy (nats)"]["better"] == "unclear" == rows["held-out "
-                                                                                "perplexity"]["better"]
-
-
-def _frames(rng, shift, n=20, d=4):
-    return rng.normal(shift, 1.0, size=(n, d))
-
-
-def test_a_model_that_fails_more_clips_is_not_rewarded():
-    """LoRA breaks its clips on the hard prompts (the ones no model gets close to the reference) and
-    is a little worse than base on the easy ones. Scored each on its own passing clips, LoRA looks
-    better (base carries its hard-prompt clips, LoRA dropped its own); scored both on the pairs that
-    pass for both, base is better."""
-    rng = np.random.default_rng(0)
-    n_prompts, n_seeds = 6, 2
-    hard = set(range(8, 12))  # pairs of prompts 4 and 5
-    ref = [{"encodec": _frames(rng, 0.0), "librosa": _frames(rng, 0.0)} for _ in range(40)]
-    shift = {"base": lambda j: 3.0 if j in hard else 0.3, "lora": lambda j: 3.0 if j in hard else 0.6}
-    emb = {m: [{"encodec": _frames(rng, shift[m](j)), "librosa": _frames(rng, shift[m](j))}
-               for j in range(n_prompts * n_seeds)] for m in ("base", "lora")}
-    ok = {"finite": True, "failures": []}
-    checks = {"base": [dict(ok) for _ in range(12)],
-              "lora": [{"finite": True, "failures": ["silent"]} if j in hard else dict(ok)
-                       for j in range(12)]}
-    transform = {"encodec": lambda x: x,
-                 "librosa": metrics.standardizer(np.concatenate([r["librosa"] for r in ref]))}
-    # the old rule: each model on its own usable clips
-    own = {m: generated._distances([emb[m][j] for j in generated.usable_clips(checks[m])], ref, transform)
-           for m in ("base", "lora")}
-    for space in ("encodec", "librosa"):
-        # the premise: LoRA would be rewarded
-        assert own["lora"][space]["fad"] < own["base"][space]["fad"]
-        assert own["lora"][space]["kad"]["value"] < own["base"][space]["kad"]["value"]
-    scored = generated.score_generated(lambda m, idx: [emb[m][j] for j in idx], checks, ref,
-                                       transform, n_seeds,
-                                      True, 500, 0)
-    assert scored["distance_set"]["n_pairs"] == 8 and scored["distance_set"]["pair_indices"] == list(range(8))
-    assert scored["distance_set"]["n_usable_alone"] == {"base": 12, "lora": 8}
-    for space in ("encodec", "librosa"):
-        d = scored["distances"]
-        assert d["base"][space]["n_clips"] == d["lora"][space]["n_clips"] == 8
-        assert d["base"][space]["fad"] < d["lora"][space]["fad"]
-        assert d["base"][space]["kad"]["value"] < d["lora"][space]["kad"]["value"]
-    res = {"models_evaluated": ["base", "lora"], "likelihood": {},
-           "generation": {"distances": scored["distances"], "intervals": scored["intervals"],
-                          "signal": {"base": {"failure_rate": 0.0}, "lora": {"failure_rate": 4 / 12}}}}
-    rows = {r["metric"]: r for r in summary_rows(res)}
-    for metric in ("FAD (EnCodec latents)", "KAD ×100 (EnCodec)", "FAD (librosa features)",
-                   "KAD ×100 (librosa)"):
-        assert rows[metric]["better"] == "base", (metric, rows[metric])
-    # the failures are counted apart, with their interval
-    assert rows["failed clips (share)"]["better"] == "base"
-    iv = scored["intervals"]
-    assert iv["n_pairs"] == 8 and iv["n_boot_fad_kad"] == generated.GEN_BOOTSTRAP_MAX
-    assert iv["metrics"]["encodec.fad"]["ci_low"] > 0 and iv["metrics"]["failed_share"]["n_pairs"] == 12
-
-
+@pytest.mark.slow
 def test_heldout_window_is_the_adapters_training_window(tmp_path, trained_output_dir, tiny_model_dir,
                                                         example_data_dir, compare_run):
     import shutil
@@ -199,31 +58,6 @@ def test_user_errors_are_collected(tmp_path):
     assert not (tmp_path / "ev").exists()
 
 
-def test_read_prompts_file_formats(tmp_path):
-    (tmp_path / "p.txt").write_text("# comment\nlofi piano\n\n  trap beat \n", encoding="utf-8")
-    (tmp_path / "p.json").write_text(json.dumps(["a", {"prompt": "b"}]), encoding="utf-8")
-    (tmp_path / "p.jsonl").write_text('{"text": "c"}\n"d"\n', encoding="utf-8")
-    from lora.generation.prompts import read_prompt_texts
-
-    assert read_prompt_texts(tmp_path / "p.txt") == ["lofi piano", "trap beat"]
-    assert read_prompt_texts(tmp_path / "p.json") == ["a", "b"]
-    assert read_prompt_texts(tmp_path / "p.jsonl") == ["c", "d"]
-    (tmp_path / "bad.json").write_text("[1]", encoding="utf-8")
-    from lora.common.cli import UserError
-
-    with pytest.raises(UserError, match="bad.json item 1"):
-        read_prompt_texts(tmp_path / "bad.json")
-
-
-def test_usable_clips_leave_failed_and_non_finite_out():
-    checks = [{"finite": True, "failures": []}, {"finite": True, "failures": ["dc_offset"]},
-              {"finite": False, "failures": ["non_finite"]},
-              {"finite": True, "failures": ["silent", "clipping"]},
-              {"finite": True, "failures": []}]
-    assert generated.usable_clips(checks) == [0, 4]
-    assert generated.usable_clips(checks, exclude_failed=False) == [0, 1, 3, 4]
-
-
 def test_choose_prompts_defaults_to_distinct_valid_captions(tmp_path):
     from lora.config import parse_config
     from lora.dataset import ClipRecord
@@ -255,8 +89,6 @@ def compare_run(tmp_path_factory, tiny_model_dir, example_data_dir, trained_outp
     valid_caption = next(r.text for r in load_metadata(example_data_dir, split="valid") if r.text)
     prompts = root / "prompts.txt"
     prompts.write_text(f"{valid_caption}\n<script>alert(1)</script> lofi piano\n", encoding="utf-8")
-    from tests.test_metrics import make_tiny_clap
-
     clap = make_tiny_clap(root / "clap")
     out = root / "evaluation"
     import contextlib
@@ -278,6 +110,7 @@ def compare_run(tmp_path_factory, tiny_model_dir, example_data_dir, trained_outp
     return out, buf.getvalue(), json.loads((out / "results.json").read_text(encoding="utf-8"))
 
 
+@pytest.mark.slow
 def test_compare_heldout_likelihood(compare_run, trained_output_dir, example_data_dir):
     _, stdout, res = compare_run
     lk = res["likelihood"]
@@ -313,6 +146,7 @@ def test_compare_heldout_likelihood(compare_run, trained_output_dir, example_dat
     assert res["versions"]["torch"] and res["settings"]["evaluation"]["num_prompts"] == 2
 
 
+@pytest.mark.slow
 def test_compare_generation_metrics_and_files(compare_run):
     out, stdout, res = compare_run
     gen = res["generation"]
@@ -367,6 +201,7 @@ def test_compare_generation_metrics_and_files(compare_run):
     assert clap["reference"]["n"] >= 1
 
 
+@pytest.mark.slow
 def test_compare_report_html(compare_run):
     out, _, res = compare_run
     html = (out / "report.html").read_text(encoding="utf-8")
@@ -385,6 +220,7 @@ def test_compare_report_html(compare_run):
     assert any("4 held-out recordings (4 held-out clips)" in n for n in res["notes"])
 
 
+@pytest.mark.slow
 def test_single_model_likelihood_only(tmp_path, tiny_model_dir, example_data_dir,
                                       trained_output_dir, compare_run, capsys, caplog):
     """Without --compare: the base alone when no adapter is given; same base CE as the peft-disabled
@@ -414,122 +250,3 @@ def test_single_model_likelihood_only(tmp_path, tiny_model_dir, example_data_dir
     out_text = capsys.readouterr().out
     assert "held-out cross-entropy" in out_text and "* Generation metrics skipped" in out_text
     assert (out / "report.html").is_file()
-
-
-def test_text_encoder_adapter_encodes_captions_on_the_fly(tiny_model_dir, example_data_dir):
-    """An adapter with LoRA in T5 (train_text_encoder) must not be scored on the base's cached text
-    states."""
-    import torch
-
-    from lora.config import LoraSection, ModelConfig
-    from lora.dataprep.token_cache import build_token_cache
-    from lora.dataset import load_metadata
-    from lora.modeling.adapter import attach_lora, text_encoder_has_lora
-    from lora.modeling.loading import load_base_model
-
-    cpu = torch.device("cpu")
-    model, proc, info = load_base_model(ModelConfig(model_path=str(tiny_model_dir)))
-    valid = load_metadata(example_data_dir, split="valid")
-    clips, _ = build_token_cache(valid, model, proc, info, example_data_dir, show_progress=False)
-    plain = likelihood.heldout_likelihood(model, clips, info, 1500, 2, cpu)
-    assert not text_encoder_has_lora(model)
-    torch.manual_seed(0)  # LoRA A init draws from the global generator
-    peft = attach_lora(model, LoraSection(train_text_encoder=True))
-    assert text_encoder_has_lora(peft)
-    with torch.no_grad():
-        for name, p in peft.named_parameters():
-            if "lora_B" in name and "text_encoder" in name:
-                p.normal_(0.0, 2.0)
-    peft.eval()
-    cached = likelihood.heldout_likelihood(peft, clips, info, 1500, 2, cpu)
-    fly = likelihood.heldout_likelihood(peft, clips, info, 1500, 2, cpu, processor=proc)
-    # decoder LoRA is still zero: cache = base
-    assert cached["ce"] == pytest.approx(plain["ce"], abs=1e-6)
-    # the adapted T5 changes the condition (the random tiny decoder barely listens to text: small
-    # but far above the float noise of recomputing the same thing, which is 0 here)
-    change = abs(fly["ce"] - cached["ce"])
-    assert change > 1e-6 and change > 100 * abs(cached["ce"] - plain["ce"])
-    with peft.disable_adapter():
-        base_fly = likelihood.heldout_likelihood(peft, clips, info, 1500, 2, cpu, processor=proc)
-    assert base_fly["ce"] == pytest.approx(plain["ce"], abs=1e-5)
-
-
-def test_spectrogram_png_with_hostile_title(tmp_path):
-    import numpy as np
-
-    from lora.scoring.plots import save_spectrogram
-
-    wav = (0.2 * np.sin(2 * np.pi * 220 * np.arange(16000) / 16000)).astype(np.float32)
-    # "$\\undefinedcmd$" makes matplotlib's mathtext raise unless "$" is escaped
-    p = save_spectrogram(wav, 16000, tmp_path / "s" / "x.png",
-                         r"lofi $\undefinedcmd$ beat, costs $5 <b>&")
-    assert p.is_file() and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def test_lora_scale_zero_is_exactly_the_base_model_for_dora(tmp_path, tiny_model_dir, example_data_dir):
-    """peft's set_scale(0) zeroes B·A but DoRA's magnitude vector still rescales every adapted
-    weight: set_lora_scale(0) switches the adapter off instead, so scale 0 is the base model exactly
-    (held-out logits and generated audio, merged or not, and after evaluate's disable_adapter()
-    context), and scale 1 is not."""
-    import torch
-    from peft.tuners.lora import LoraLayer
-
-    from lora.config import LoraSection, ModelConfig, parse_config
-    from lora.dataprep.token_cache import build_token_cache
-    from lora.dataset import load_metadata
-    from lora.generation.model import load_generation_model
-    from lora.modeling.adapter import attach_lora, set_lora_scale
-    from lora.modeling.loading import load_base_model
-
-    cpu = torch.device("cpu")
-    model, proc, info = load_base_model(ModelConfig(model_path=str(tiny_model_dir)))
-    clips, _ = build_token_cache(load_metadata(example_data_dir, split="valid"), model, proc, info,
-                                 example_data_dir, show_progress=False)
-
-    def per_clip(m):
-        return [c["ce"] for c in likelihood.heldout_likelihood(m, clips, info, 200, 2, cpu)["per_clip"]]
-
-    base = per_clip(model)
-    torch.manual_seed(0)
-    peft = attach_lora(model, LoraSection(use_dora=True))
-    # a "trained" DoRA adapter: B non-zero, magnitudes away from the weight norms
-    with torch.no_grad():
-        for name, p in peft.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.5)
-            elif "lora_magnitude_vector" in name:
-                p.mul_(1.5)
-    peft.eval()
-    full = per_clip(peft)
-    assert max(abs(a - b) for a, b in zip(full, base)) > 1e-3
-    for module in peft.modules():  # peft's own scale 0 (the old set_lora_scale): not the base model
-        if isinstance(module, LoraLayer):
-            module.set_scale("default", 0.0)
-    assert max(abs(a - b) for a, b in zip(per_clip(peft), base)) > 1e-4
-    set_lora_scale(peft, 0.0)
-    assert per_clip(peft) == base  # exactly
-    with peft.disable_adapter():  # evaluate's base context must not bring the adapter back on exit
-        pass
-    assert per_clip(peft) == base
-    set_lora_scale(peft, 1.0)
-    assert per_clip(peft) == pytest.approx(full, abs=1e-6)
-
-    # generation: the saved adapter at lora_scale 0, unmerged and merged, makes the base model's
-    # audio
-    peft.save_pretrained(tmp_path / "dora")
-    argv = ["--base_model_path", str(tiny_model_dir), "--dtype", "float32", "--do_sample", "false",
-            "--eval_duration", "0.3"]
-    sections = ("evaluation", "model", "generation", "data")
-    cfg, _ = parse_config(argv, sections=sections)
-    ref_model, ref_proc, _, _ = load_generation_model(cfg, device="cpu", adapter_path=None)
-    want = generated.generate_clips(ref_model, ref_proc, info, "base", ["lofi piano"], [0], cfg)[0]
-    for scale, merge in (("0", "false"), ("0", "true"), ("1", "false")):
-        cfg, _ = parse_config(argv + ["--lora_model_path", str(tmp_path / "dora"), "--lora_scale", scale,
-                                      "--merge", merge], sections=sections)
-        m, p, _, adapter_info = load_generation_model(cfg, device="cpu")
-        assert adapter_info["scale"] == float(scale) and adapter_info["merged"] == (merge == "true")
-        got = generated.generate_clips(m, p, info, "lora", ["lofi piano"], [0], cfg)[0]
-        if scale == "0":
-            assert np.array_equal(got, want), (scale, merge)
-        else:
-            assert not np.allclose(got, want, atol=1e-4)

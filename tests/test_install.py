@@ -9,7 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+import pytest
+
+from tests.helpers import ROOT
 
 
 def _check(python: str, tmp_path: Path, **env) -> subprocess.CompletedProcess:
@@ -19,6 +21,7 @@ def _check(python: str, tmp_path: Path, **env) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_check_names_the_torch_it_keeps(tmp_path):
     import torch
 

@@ -10,10 +10,14 @@ import ast
 import re
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT
+
 LORA = ROOT / "lora"
 BENCH = ROOT / "bench"
 TESTS = ROOT / "tests"
+# The test files at the top of tests/ besides tests/test_<script>.py: the schema (lora/config.py), the
+# dataset (lora/dataset.py) and the project as a whole (layout, docs, install.sh).
+PROJECT_TESTS = {"test_config.py", "test_dataset.py", "test_layout.py", "test_docs.py", "test_install.py"}
 MAX_FUNCTION_LINES = 100
 MAX_MODULE_LINES = 600
 # The two modules the user's plan names beside its scripts, and the one bootstrap for running a
@@ -241,13 +245,36 @@ def test_a_family_module_provides_what_the_toolkit_calls():
         assert not missing, f"family {model_type} ({module.__name__}) lacks {missing}"
 
 
+def _uses_own_file(path: Path) -> bool:
+    """Whether a test file finds folders from its own location (``Path(__file__)``...), which
+    changes when the file moves."""
+    return any(isinstance(n, ast.Call) and any(isinstance(a, ast.Name) and a.id == "__file__"
+                                               for a in n.args)
+               for n in ast.walk(ast.parse(path.read_text(encoding="utf-8"))))
+
+
 def test_tests_mirror_the_packages_and_a_bare_pytest_collects_tests_only():
-    """tests/<package>/ for each package of lora/ (and no other folder); pytest's testpaths is
-    tests/, so the diagnostics lora/test_dataset.py and lora/test_model.py are never collected by a
-    bare `pytest`."""
+    """tests/<package>/ for each package of lora/ (and no other folder); at the top of tests/ only
+    tests/test_<script>.py for a script of lora/ (read from lora/: the modules that define main())
+    and the project's own test files; test file names unique across folders (pytest's default
+    import mode, no __init__.py); the repository found through tests.helpers.ROOT. pytest's
+    testpaths is tests/, so the diagnostics lora/test_dataset.py and lora/test_model.py are never
+    collected by a bare `pytest`."""
     packages = {p.name for p in _packages()}
     folders = {p.name for p in TESTS.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))}
     assert folders - packages == set(), f"tests/ folders that mirror no package: {sorted(folders - packages)}"
     assert packages - folders == set(), f"packages without a tests/ folder: {sorted(packages - folders)}"
+    scripts = {f"test_{s.split('.')[1]}.py" for s in _scripts()}
+    stray = {p.name for p in TESTS.glob("test_*.py")} - scripts - PROJECT_TESTS
+    assert not stray, (f"tests/{sorted(stray)} test no script of lora/: put the tests of a module in "
+                       f"tests/<package>/test_<module>.py, a script's end-to-end tests in "
+                       f"tests/test_<script>.py")
+    files = sorted(TESTS.rglob("test_*.py"))
+    names = [p.name for p in files]
+    same = sorted({n for n in names if names.count(n) > 1})
+    assert not same, f"test files with the same name: {same}"
+    assert not list(TESTS.rglob("__init__.py")), "tests/ holds no __init__.py (pytest's default import mode)"
+    own_root = [str(p.relative_to(ROOT)) for p in files if _uses_own_file(p)]
+    assert not own_root, f"{own_root}: find the repository with `from tests.helpers import ROOT`"
     section = (ROOT / "pyproject.toml").read_text(encoding="utf-8").split("[tool.pytest.ini_options]")[1]
     assert re.search(r'^testpaths = \["tests"\]$', section.split("\n[")[0], flags=re.M)

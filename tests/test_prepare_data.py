@@ -1,8 +1,8 @@
-"""lora/prepare_data.py and lora/test_dataset.py (with the modules they use:
-lora/dataprep/captions.py, lora/dataprep/example_data.py, lora/dataprep/data_check.py): the
-synthetic example set, preparing a messy folder of real-world files, idempotent reruns, splits,
-captions, --validate, config precedence, memory on long files, and that no library module or
-test_dataset.py imports the prepare_data script."""
+"""lora/prepare_data.py end to end (with the modules it uses: lora/dataprep/captions.py,
+lora/dataprep/example_data.py, lora/dataprep/data_check.py): the synthetic example set, preparing a
+messy folder of real-world files, idempotent reruns, splits, captions, --validate, config
+precedence, memory on long files, interrupted and overwritten runs.
+What it does with the user's files: tests/dataprep/test_prepare_run.py."""
 
 from __future__ import annotations
 
@@ -19,25 +19,12 @@ import pytest
 import soundfile as sf
 
 from lora import prepare_data
-from lora import test_dataset as TD
 from lora.common.cli import UserError
 from lora.common.fields import ConfigError
 from lora.dataprep import audio as A
-from lora.dataprep import example_data, ownership, prepare, worker
+from lora.dataprep import example_data, prepare, worker
 from lora.dataset import load_metadata
-
-ROOT = Path(__file__).resolve().parent.parent
-SR = 32000
-
-
-def music(seconds, sr, seed=0, channels=1, amp=0.3):
-    """A non-repeating 'song': a few random partials with a slow tremolo (no two files alike)."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(round(seconds * sr))) / sr
-    y = sum(np.sin(2 * np.pi * f * t + rng.uniform(0, 6)) for f in rng.uniform(100, 1500, 3))
-    y = amp / 3 * y * (1 + 0.3 * np.sin(2 * np.pi * rng.uniform(0.1, 0.5) * t))
-    y = y.astype(np.float32)
-    return np.stack([y * (1 - 0.2 * c) for c in range(channels)], axis=1) if channels > 1 else y
+from tests.helpers import ROOT, SR, music, prepare_report
 
 
 def tree_hashes(d: Path) -> dict:
@@ -92,11 +79,8 @@ def prepared(messy_folder, tmp_path_factory):
     return out, before
 
 
-def report(out: Path) -> dict:
-    return json.loads((out / ownership.REPORT_FILE).read_text(encoding="utf-8"))
-
-
 # ---- --input_dir ------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_prepared_clips_are_32k_mono_pcm16(prepared):
     out, _ = prepared
     recs = load_metadata(out)
@@ -115,6 +99,7 @@ def test_prepared_clips_are_32k_mono_pcm16(prepared):
         assert f in used, f
 
 
+@pytest.mark.slow
 def test_long_files_are_cut_never_dropped_and_tails_are_counted(prepared):
     out, _ = prepared
     recs = load_metadata(out)
@@ -123,20 +108,22 @@ def test_long_files_are_cut_never_dropped_and_tails_are_counted(prepared):
     assert [o for o, _ in long] == pytest.approx([0.0, 30.0, 60.0], abs=0.01)
     tail = [r.duration for r in recs if r.source == "tail62.wav"]
     assert tail == pytest.approx([30.0, 30.0], abs=0.01)
-    rep = report(out)
+    rep = prepare_report(out)
     assert {"file": "tail62.wav", "seconds": pytest.approx(2.0, abs=0.01)} in rep["tails_dropped"]
     assert "tail62.wav" not in {s["file"] for s in rep["skipped"]}
 
 
+@pytest.mark.slow
 def test_silence_is_trimmed(prepared):
     out, _ = prepared
     (r,) = [r for r in load_metadata(out) if r.source == "padded.wav"]
     assert r.offset == pytest.approx(3.0, abs=0.01) and r.duration == pytest.approx(10.0, abs=0.01)
 
 
+@pytest.mark.slow
 def test_bad_files_are_skipped_and_reported_with_reasons(prepared):
     out, _ = prepared
-    skipped = {s["file"]: s["reason"] for s in report(out)["skipped"]}
+    skipped = {s["file"]: s["reason"] for s in prepare_report(out)["skipped"]}
     assert "too short" in skipped["tiny.wav"]
     assert "silent" in skipped["silent.wav"]
     assert "not a readable audio file" in skipped["notes.wav"]
@@ -148,27 +135,30 @@ def test_bad_files_are_skipped_and_reported_with_reasons(prepared):
     except ImportError:
         assert "pip install av" in skipped["phone.m4a"] and "install.sh --extras" in skipped["phone.m4a"]
     assert set(skipped) == {"tiny.wav", "silent.wav", "notes.wav", "truncated.flac", "phone.m4a"}
-    assert report(out)["ignored_files"].get(".md") == 1
+    assert prepare_report(out)["ignored_files"].get(".md") == 1
 
 
+@pytest.mark.slow
 def test_duplicates_are_kept_once(prepared):
     out, _ = prepared
-    rep = report(out)
+    rep = prepare_report(out)
     assert {"file": "copy_b.wav", "same_as": "copy_a.wav", "kind": "identical file"} in rep["duplicates"]
     sources = [r.source for r in load_metadata(out)]
     assert "copy_a.wav" in sources and "copy_b.wav" not in sources
 
 
+@pytest.mark.slow
 def test_captions_unicode_sidecars_and_template(prepared):
     out, _ = prepared
     text = {r.source: r.text for r in load_metadata(out)}
     assert text["Café 音楽 ♪.wav"] == "ambient café music, 温かい piano ♪"
     assert text["album/song2.mp3"] == "synthwave, dark, driving, 110 BPM"
     assert text["loop.ogg"] == "loop"  # caption_template {stem}
-    rep = report(out)
+    rep = prepare_report(out)
     assert rep["caption_sources"]["sidecar"] == 2 and rep["caption_sources"]["template"] >= 5
 
 
+@pytest.mark.slow
 def test_split_is_by_recording_without_leakage(prepared):
     out, _ = prepared
     recs = load_metadata(out)
@@ -180,11 +170,13 @@ def test_split_is_by_recording_without_leakage(prepared):
     assert prepare._split(sorted(train | valid), 0.25, 1234) == valid
 
 
+@pytest.mark.slow
 def test_input_folder_is_never_changed(prepared, messy_folder):
     out, before = prepared
     assert tree_hashes(messy_folder) == before
 
 
+@pytest.mark.slow
 def test_rerun_does_no_decoding_and_gives_identical_metadata(prepared, messy_folder, monkeypatch):
     out, before = prepared
     meta = (out / "metadata.json").read_bytes()
@@ -199,12 +191,13 @@ def test_rerun_does_no_decoding_and_gives_identical_metadata(prepared, messy_fol
                    "--valid_fraction", "0.25"]) == 0
     assert (out / "metadata.json").read_bytes() == meta
     assert tree_hashes(out / "train") | tree_hashes(out / "valid") == clips
-    rep = report(out)
+    rep = prepare_report(out)
     assert rep["files_decoded"] == 0 and rep["files_reused"] == rep["files_found"]
     assert len(rep["skipped"]) == 5  # still reported on a rerun
     assert tree_hashes(messy_folder) == before
 
 
+@pytest.mark.slow
 def test_validate_summary_and_exit_codes(prepared, tmp_path, capsys):
     out, _ = prepared
     assert prepare_data.main(["--validate", "--data_dir", str(out)]) == 0
@@ -246,7 +239,7 @@ def test_captions_file_audiofolder_and_default_text(tmp_path):
     text = {r.source: r.text for r in load_metadata(out)}
     assert text == {"a/one.wav": "lofi piano, 80 BPM", "two.flac": "dub techno chords",
                     "three.wav": "house groove", "four.wav": "house groove"}
-    assert report(out)["unused_caption_entries"] == ["captions_file: missing.wav"]
+    assert prepare_report(out)["unused_caption_entries"] == ["captions_file: missing.wav"]
 
 
 def test_missing_caption_is_reported(tmp_path):
@@ -258,10 +251,11 @@ def test_missing_caption_is_reported(tmp_path):
     out = tmp_path / "out"
     assert prepare_data.main(["--input_dir", str(d), "--output_dir", str(out), "--caption_template",
                               "", "--num_workers", "1"]) == 0
-    assert report(out)["uncaptioned"] == ["x.wav"]
+    assert prepare_report(out)["uncaptioned"] == ["x.wav"]
     assert {r.source: r.text for r in load_metadata(out)} == {"x.wav": "", "y.wav": "a caption"}
 
 
+@pytest.mark.slow
 def test_enrich_captions_appends_tempo_and_key(tmp_path):
     d = tmp_path / "in"
     d.mkdir()
@@ -290,7 +284,7 @@ def test_m4a_without_pyav_is_skipped_naming_the_extra(tmp_path, monkeypatch):
     (d / "phone.m4a").write_bytes(b"\x00\x00\x00\x20ftypM4A junk")
     out = tmp_path / "out"
     assert prepare_data.main(["--input_dir", str(d), "--output_dir", str(out), "--num_workers", "1"]) == 0
-    (reason,) = [s["reason"] for s in report(out)["skipped"] if s["file"] == "phone.m4a"]
+    (reason,) = [s["reason"] for s in prepare_report(out)["skipped"] if s["file"] == "phone.m4a"]
     assert "pip install av" in reason and "bash install.sh --extras" in reason
 
 
@@ -320,7 +314,7 @@ def test_output_inside_input_is_not_scanned_and_refuses_foreign_metadata(tmp_pat
     for _ in range(2):
         assert prepare_data.main(["--input_dir", str(d), "--output_dir", str(out), "--num_workers",
                                   "1"]) == 0
-        assert report(out)["files_found"] == 3
+        assert prepare_report(out)["files_found"] == 3
     other = tmp_path / "other"
     other.mkdir()
     (other / "metadata.json").write_text("[]")
@@ -349,6 +343,7 @@ def _peak_memory_of_prepare(tmp_path, minutes: int) -> tuple[int, Path]:
     return peak, out
 
 
+@pytest.mark.slow
 def test_long_file_memory_stays_bounded(tmp_path):
     peak2, _ = _peak_memory_of_prepare(tmp_path, 2)
     peak20, out = _peak_memory_of_prepare(tmp_path, 20)
@@ -420,6 +415,7 @@ def test_yaml_then_flags_precedence_and_unknown_keys(tmp_path):
         prepare_data.main(["--output_dir", str(out)])
 
 
+@pytest.mark.slow
 def test_seed_commands_from_inside_lora(tmp_path, monkeypatch):
     """The seed's commands, run from lora/ with relative paths, in-process and as a real
     subprocess."""
@@ -445,33 +441,6 @@ def test_seed_commands_from_inside_lora(tmp_path, monkeypatch):
     r = subprocess.run([sys.executable, "prepare_data.py", "--input_dir", "/does/not/exist"],
                        cwd=lora_dir, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "/does/not/exist" in r.stderr
-
-
-# ---- test_dataset.py ----------------------------------------------------------------------------
-def test_test_dataset_ok_and_failing(example_data_dir, tmp_path, capsys):
-    assert TD.main(["--data_dir", str(example_data_dir), "--num_batches", "2", "--batch_size", "3"]) == 0
-    out = capsys.readouterr().out
-    assert "OK — next: python test_model.py" in out and "audio (3, 1, 128000) mask (3, 128000)" in out
-    import shutil
-
-    bad = tmp_path / "bad"
-    shutil.copytree(example_data_dir, bad)
-    victim = next((bad / "train").iterdir())
-    victim.write_text("broken")
-    assert TD.main(["--data_dir", str(bad), "--num_batches", "1"]) == 1
-    out = capsys.readouterr().out
-    assert "NOT READY" in out and victim.name in out
-
-
-def test_collate_pads_and_masks():
-    import torch
-
-    items = [{"audio": torch.ones(1, 5), "text": "a", "id": "x"},
-             {"audio": torch.ones(1, 3), "text": "b", "id": "y"}]
-    b = TD.collate_audio(items)
-    assert b["audio"].shape == (2, 1, 5) and b["lengths"].tolist() == [5, 3]
-    assert b["mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]] and b["audio"][1, 0,
-                                                                                   3:].abs().sum() == 0
 
 
 def test_interrupted_run_resumes_without_redoing_finished_files(tmp_path, monkeypatch):
@@ -500,7 +469,7 @@ def test_interrupted_run_resumes_without_redoing_finished_files(tmp_path, monkey
     assert not (out / "metadata.json").exists()  # nothing that looks complete
     monkeypatch.setattr(worker, "process_file", real)
     assert prepare_data.main(["--input_dir", str(d), "--output_dir", str(out), "--num_workers", "1"]) == 0
-    assert report(out)["files_decoded"] == 2 and report(out)["files_reused"] == 2
+    assert prepare_report(out)["files_decoded"] == 2 and prepare_report(out)["files_reused"] == 2
     assert (out / "metadata.json").read_text() == (fresh / "metadata.json").read_text()
 
 
@@ -513,4 +482,4 @@ def test_overwrite_redoes_everything(tmp_path):
     assert prepare_data.main(["--input_dir", str(d), "--output_dir", str(out), "--num_workers", "1"]) == 0
     assert prepare_data.main(["--input_dir", str(d), "--output_dir", str(out), "--num_workers", "1",
                               "--overwrite"]) == 0
-    assert report(out)["files_decoded"] == 2
+    assert prepare_report(out)["files_decoded"] == 2

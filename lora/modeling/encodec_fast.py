@@ -31,8 +31,8 @@ by float rounding only (~1e-7 of their scale) and codes agree with fp32 codes as
 transformers' own encoder at another batch size does (99.6-100 % per codebook, BENCHMARKS.md "Cold
 start"); clips too short for two chunks (and every clip of a codec as narrow as the tiny test
 model's) run in one piece, the whole batch at once: bit for bit transformers' latents and codes.
-tests/test_encodec_fast.py checks both, at odd lengths. bf16 is not used: its codes agreed with fp32
-on only 64-96 % of frames per codebook (BENCHMARKS.md, "Cold start").
+tests/modeling/test_encodec_fast.py checks both, at odd lengths. bf16 is not used: its codes agreed
+with fp32 on only 64-96 % of frames per codebook (BENCHMARKS.md, "Cold start").
 
 Used on the CPU for codecs of the layout it knows (weight-norm convolutions, no chunked/normalized
 48-kHz style input); anything else, and every GPU, runs ``EncodecModel.encode`` itself.

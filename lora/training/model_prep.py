@@ -76,7 +76,7 @@ class StaticShapes:
     ``batch_size`` rows (copies of the first clip with length 0). Positions past ``lengths`` carry
     no loss and the decoder is causal, so the valid positions' logits, the loss and the gradients
     are those of the unpadded batch (the zero-mask text positions get no attention;
-    tests/test_compile.py checks both)."""
+    tests/training/test_compile.py checks both)."""
 
     frame_bucket: int
     max_frames: int

@@ -90,6 +90,7 @@ def test_unchunked_clips_are_bit_for_bit_transformers(tiny_codec):
     assert torch.equal(lat, ref_lat) and torch.equal(codes, ref)
 
 
+@pytest.mark.slow
 def test_chunked_encoder_on_musicgens_codec_architecture(encodec_32khz):
     """The real codec's layout (64 filters, 2 LSTM layers): 7.3 s clips cross several chunk
     boundaries of its first three stages; its last stage (512 channels) runs on the whole clip. Also

@@ -1,13 +1,13 @@
-"""prepare_data.py is careful with the user's files: it refuses before it deletes anything it did
-not make (input and output folders that overlap, a damaged prepare_state.json), says when it changes
-audio or captions (overs above 0 dBFS, NaN samples, channel mixing, CSV commas, repeated caption
-rows), reads what it can (symlinked folders, broken links, unreadable folders) and never answers a
-user's mistake (a file as --output_dir, a full disk, Ctrl-C) with a traceback. Wherever a case says
-nothing may change, the sha1 of every file is checked."""
+"""The prepare run (lora.dataprep.prepare, worker, ownership) is careful with the user's files: it
+refuses before it deletes anything it did not make (input and output folders that overlap, a
+damaged prepare_state.json), says when it changes audio or captions (overs above 0 dBFS, NaN
+samples, channel mixing, CSV commas, repeated caption rows), reads what it can (symlinked
+folders, broken links, unreadable folders) and never answers a user's mistake (a file as
+--output_dir, a full disk, Ctrl-C) with a traceback. Wherever a case says nothing may change, the
+sha1 of every file is checked."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -27,29 +27,7 @@ from lora.dataprep import audio as A
 from lora.dataprep import ownership, worker
 from lora.dataprep import prepare as prepare_run
 from lora.dataset import load_metadata
-
-ROOT = Path(__file__).resolve().parent.parent
-SR = 32000
-
-
-def music(seconds, sr=SR, seed=0, channels=1, amp=0.3):
-    """A few random partials with a slow tremolo (no two seeds alike)."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(round(seconds * sr))) / sr
-    y = sum(np.sin(2 * np.pi * f * t + rng.uniform(0, 6)) for f in rng.uniform(100, 1500, 3))
-    y = (amp / 3 * y * (1 + 0.3 * np.sin(2 * np.pi * rng.uniform(0.1, 0.5) * t))).astype(np.float32)
-    return np.stack([y * (1 - 0.2 * c) for c in range(channels)], axis=1) if channels > 1 else y
-
-
-def sha1s(d: Path) -> dict[str, str]:
-    """sha1 of every file under d (symlinks not followed)."""
-    out = {}
-    for root, _, names in os.walk(d):
-        for n in names:
-            p = Path(root) / n
-            if p.is_file() and not p.is_symlink():
-                out[p.relative_to(d).as_posix()] = hashlib.sha1(p.read_bytes()).hexdigest()
-    return out
+from tests.helpers import ROOT, SR, music, prepare_report, sha1s
 
 
 def songs(d: Path, n: int, seconds: float = 6, start: int = 0) -> Path:
@@ -62,10 +40,6 @@ def songs(d: Path, n: int, seconds: float = 6, start: int = 0) -> Path:
 def prep(inp, out, *extra) -> int:
     return prepare_data.main(["--input_dir", str(inp), "--output_dir", str(out), "--num_workers",
                               "1", *extra])
-
-
-def report(out: Path) -> dict:
-    return json.loads((out / ownership.REPORT_FILE).read_text(encoding="utf-8"))
 
 
 @pytest.fixture(autouse=True)
@@ -102,6 +76,7 @@ def messages(records, level=logging.WARNING) -> str:
 
 
 # ---- 1. input and output folders that overlap ------------------------------------------------------
+@pytest.mark.slow
 def test_input_that_is_the_train_folder_of_the_output_is_refused_and_nothing_changes(tmp_path):
     """The command from the issue, as a user types it: before the fix it deleted the 8 example
     WAVs."""
@@ -150,7 +125,7 @@ def test_output_folder_in_the_input_holding_only_its_own_clips_is_fine(tmp_path)
     originals = sha1s(music_dir)
     for _ in range(2):  # data_dir == input_dir: its own train/ and valid/ clips are never scanned
         assert prep(music_dir, music_dir) == 0
-        assert report(music_dir)["files_found"] == 3
+        assert prepare_report(music_dir)["files_found"] == 3
     after = sha1s(music_dir)
     assert all(after[k] == v for k, v in originals.items())
     # a user's file among the clips
@@ -252,7 +227,7 @@ def test_float_wav_above_full_scale_is_scaled_down_not_clipped(tmp_path):
     before = sha1s(music_dir)
     out = tmp_path / "out"
     assert prep(music_dir, out, "--valid_fraction", "0") == 0
-    rep = report(out)
+    rep = prepare_report(out)
     assert rep["clips_scaled_down"] == 1
     assert {"file": "loud.wav",
             "warning": f"1 clip(s) peaked at up to +{20 * np.log10(peak):.1f} dBFS and were "
@@ -281,7 +256,7 @@ def test_mp3_overs_take_the_same_path(tmp_path):
     (r,) = load_metadata(out)
     y, _ = sf.read(r.path, dtype="int16")
     assert np.mean(np.abs(y.astype(int)) >= 32767) < 1e-3
-    assert report(out)["clips_scaled_down"] == 1
+    assert prepare_report(out)["clips_scaled_down"] == 1
 
 
 def test_a_few_nan_samples_are_repaired_and_many_skip_the_file_as_damaged(tmp_path):
@@ -297,7 +272,7 @@ def test_a_few_nan_samples_are_repaired_and_many_skip_the_file_as_damaged(tmp_pa
     before = sha1s(music_dir)
     out = tmp_path / "out"
     assert prep(music_dir, out) == 0
-    rep = report(out)
+    rep = prepare_report(out)
     clips = {r.source: r for r in load_metadata(out)}
     assert "one_nan.wav" in clips  # before: the whole file was skipped as "silent"
     y, _ = sf.read(clips["one_nan.wav"].path)
@@ -320,10 +295,12 @@ def test_channel_mixing_is_reported(tmp_path, lora_log):
     sf.write(music_dir / "st.wav", music(6, seed=1, channels=2), SR)
     sf.write(music_dir / "mono.wav", music(6, seed=2), SR)
     assert prep(music_dir, tmp_path / "o1") == 0
-    assert report(tmp_path / "o1")["channel_mix"] == {"channels": 1, "mixed_down": 1, "mono_to_stereo": 0}
+    assert prepare_report(tmp_path / "o1")["channel_mix"] == {"channels": 1, "mixed_down": 1,
+                                                               "mono_to_stereo": 0}
     assert "1 recording(s) with more than 1 channel(s) were mixed down to mono" in messages(lora_log, logging.INFO)
     assert prep(music_dir, tmp_path / "o2", "--channels", "2") == 0
-    assert report(tmp_path / "o2")["channel_mix"] == {"channels": 2, "mixed_down": 0, "mono_to_stereo": 1}
+    assert prepare_report(tmp_path / "o2")["channel_mix"] == {"channels": 2, "mixed_down": 0,
+                                                               "mono_to_stereo": 1}
     assert "1 mono recording(s) were copied to both channels" in messages(lora_log, logging.INFO)
 
 
@@ -341,10 +318,10 @@ def test_symlinked_folders_are_followed_and_bad_links_are_reported(tmp_path):
     out = tmp_path / "out"
     assert prep(music_dir, out) == 0  # before: a traceback (FileNotFoundError)
     assert {r.source for r in load_metadata(out)} == {"song0.wav", "again/song1.wav"}
-    skipped = {s["file"]: s["reason"] for s in report(out)["skipped"]}
+    skipped = {s["file"]: s["reason"] for s in prepare_report(out)["skipped"]}
     assert skipped["gone.wav"].startswith("broken symlink")
     assert skipped["self.wav"].startswith("symlink loop") and skipped["up"].startswith("symlink loop")
-    assert report(out)["ignored_files"]["folders linked twice (scanned once)"] == 1
+    assert prepare_report(out)["ignored_files"]["folders linked twice (scanned once)"] == 1
     assert sha1s(music_dir) | sha1s(elsewhere) == before
 
 
@@ -373,7 +350,7 @@ def test_unreadable_folder_is_reported_and_a_rerun_keeps_its_clips(tmp_path, mon
     assert prep(music_dir, out) == 0  # before: its clips were removed as if the file were deleted
     assert (out / "metadata.json").read_bytes() == meta
     assert sha1s(out / "train") | sha1s(out / "valid") == clips
-    rep = report(out)
+    rep = prepare_report(out)
     assert rep["unreadable"] == [{"path": "locked", "kind": "folder", "reason": "Permission denied",
                                   "earlier_sources_kept": 1}]
     assert any(w["file"] == "locked/song5.wav" and "cannot be read now" in w["warning"]
@@ -382,7 +359,7 @@ def test_unreadable_folder_is_reported_and_a_rerun_keeps_its_clips(tmp_path, mon
     # a first run: the folder is reported, not skipped without a word
     fresh = tmp_path / "fresh"
     assert prep(music_dir, fresh) == 0
-    assert report(fresh)["unreadable"][0]["path"] == "locked" and len(load_metadata(fresh)) == 2
+    assert prepare_report(fresh)["unreadable"][0]["path"] == "locked" and len(load_metadata(fresh)) == 2
 
 
 def test_source_that_cannot_be_opened_keeps_its_clips(tmp_path, monkeypatch):
@@ -401,16 +378,17 @@ def test_source_that_cannot_be_opened_keeps_its_clips(tmp_path, monkeypatch):
     assert prep(music_dir, out) == 0
     assert (out / "metadata.json").read_bytes() == meta
     assert any(w["file"] == "song1.wav" and "cannot be read now (Permission denied)" in w["warning"]
-               for w in report(out)["warnings"])
-    assert report(out)["unreadable"] == [{"path": "song1.wav", "kind": "file",
-                                          "reason": "Permission denied", "earlier_sources_kept": 1}]
+               for w in prepare_report(out)["warnings"])
+    assert prepare_report(out)["unreadable"] == [{"path": "song1.wav", "kind": "file",
+                                                  "reason": "Permission denied",
+                                                  "earlier_sources_kept": 1}]
     # a first run: the file is skipped with its reason and listed as unreadable
     real_hash = A.file_hash
     monkeypatch.setattr(A, "file_hash", lambda path: no_read(path) if Path(path).name == "song1.wav"
                         else real_hash(path))
     fresh = tmp_path / "fresh"
     assert prep(music_dir, fresh) == 0
-    rep = report(fresh)
+    rep = prepare_report(fresh)
     assert rep["unreadable"] == [{"path": "song1.wav", "kind": "file", "reason": "Permission denied",
                                   "earlier_sources_kept": 0}]
     assert rep["skipped"][0]["file"] == "song1.wav" and "cannot read the file" in rep["skipped"][0]["reason"]
@@ -426,7 +404,7 @@ def test_broken_link_to_a_folder_of_an_earlier_run_keeps_its_clips(tmp_path):
     usb.rename(tmp_path / "unplugged")  # the drive is gone: the link dangles
     assert prep(music_dir, out) == 0
     assert (out / "metadata.json").read_bytes() == meta
-    assert report(out)["skipped"][0]["file"] == "usb"
+    assert prepare_report(out)["skipped"][0]["file"] == "usb"
 
 
 # ---- 8. a damaged prepare_state.json ---------------------------------------------------------------------
@@ -464,21 +442,7 @@ def test_free_space_is_checked_before_decoding(tmp_path, monkeypatch):
     assert prep(music_dir, out) == 0
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 2 MB tmpfs (needs root and permission to mount; skipped otherwise)."""
-    d = tmp_path / "small_disk"
-    d.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(d)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {(r.stderr or r.stdout).strip()}")
-    try:
-        yield d
-    finally:
-        subprocess.run(["umount", "-l", str(d)], capture_output=True)
-
-
+@pytest.mark.parametrize("small_disk", ["2m"], indirect=True)
 def test_full_disk_keeps_finished_files_and_a_rerun_continues(tmp_path, monkeypatch, small_disk, capsys):
     # 8 x 10 clips of 64 KB on a 2 MB disk: full in file 4
     music_dir = songs(tmp_path / "music", 8, seconds=10)
@@ -499,7 +463,7 @@ def test_full_disk_keeps_finished_files_and_a_rerun_continues(tmp_path, monkeypa
         Path(c["file"]).name for s in state["sources"].values() for c in s["clips"])
     subprocess.run(["mount", "-o", "remount,size=16m", str(small_disk)], check=True)
     assert cli.run_main(prepare_data.main, argv) == 0
-    rep = report(out)
+    rep = prepare_report(out)
     assert rep["files_decoded"] == 8 - done and rep["files_reused"] == done
     assert len(load_metadata(out)) == 80
 
@@ -544,4 +508,4 @@ def test_ctrl_c_says_what_was_saved_and_how_to_continue(tmp_path, monkeypatch, c
                                             f"again to continue: finished files are not decoded again")
     assert len(json.loads((out / ownership.STATE_FILE).read_text())["sources"]) == 2
     monkeypatch.setattr(worker, "process_file", real)
-    assert prep(music_dir, out) == 0 and report(out)["files_decoded"] == 2
+    assert prep(music_dir, out) == 0 and prepare_report(out)["files_decoded"] == 2

@@ -1,4 +1,5 @@
-"""choose_precision: the decision from (mocked) hardware facts; no GPU needed."""
+"""Precision (lora.modeling.precision): choose_precision's decision from (mocked) hardware facts,
+no GPU needed; the dtype of the frozen base weights."""
 
 from __future__ import annotations
 
@@ -6,7 +7,14 @@ import logging
 
 import pytest
 
-from lora.modeling.precision import HardwareFacts, choose_precision, cpu_flags, hardware_facts
+from lora.common.cli import UserError
+from lora.modeling.precision import (
+    HardwareFacts,
+    choose_precision,
+    cpu_flags,
+    hardware_facts,
+    resolve_base_weights_dtype,
+)
 
 H100 = HardwareFacts("cuda", "H100", (9, 0), cuda_bf16=True)
 V100 = HardwareFacts("cuda", "V100", (7, 0), cuda_bf16=False)
@@ -64,3 +72,13 @@ def test_real_cpu_facts_are_consistent():
 def test_bad_value():
     with pytest.raises(ValueError):
         choose_precision("fp8", "cpu", CPU_OLD)
+
+
+def test_base_weights_dtype_choice():
+    assert resolve_base_weights_dtype("auto", "bf16")[0] == "bfloat16"
+    assert resolve_base_weights_dtype("auto", "no")[0] == "float32"
+    assert resolve_base_weights_dtype("auto", "fp16")[0] == "float32"
+    assert resolve_base_weights_dtype("float32", "bf16")[0] == "float32"
+    assert resolve_base_weights_dtype("bfloat16", "bf16")[0] == "bfloat16"
+    with pytest.raises(UserError, match="mixed_precision bf16"):
+        resolve_base_weights_dtype("bfloat16", "no")

@@ -1,5 +1,6 @@
-"""Metrics: closed-form checks of FAD/KAD, bootstrap coverage, signal checks, CE against
-transformers, CLAP path."""
+"""Metric functions (lora.scoring.metrics): closed-form checks of FAD/KAD and their floor, signal
+checks, loudness, librosa features and diversity, the CLAP path. Their intervals:
+tests/scoring/test_intervals.py."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from lora.scoring import intervals, metrics
+from lora.scoring import metrics
+from tests.helpers import make_tiny_clap
 
 
 # ------------------------------------------------------------------------------------ Fréchet
@@ -78,89 +80,6 @@ def test_kad_unbiased_matches_direct_definition():
     assert got["n_x"] == 7 and got["n_y"] == 9
 
 
-# ------------------------------------------------------------------------------------ bootstrap
-def test_paired_bootstrap_covers_known_difference():
-    rng = np.random.default_rng(5)
-    n = 60
-    # large between-clip spread: pairing is what makes it detectable
-    base = rng.normal(5.0, 1.0, size=n)
-    lora = base - 0.3 + rng.normal(0, 0.2, size=n)
-    r = intervals.paired_bootstrap_ci(base, lora, n_boot=3000, seed=1)
-    assert r["n"] == n and r["n_boot"] == 3000
-    assert r["ci_low"] < -0.3 < r["ci_high"]
-    assert r["ci_high"] < 0  # excludes zero
-    assert r["diff"] == pytest.approx(np.mean(lora - base))
-    assert r["p_two_sided"] < 0.01
-
-
-def test_paired_bootstrap_coverage_rate_and_weights():
-    rng = np.random.default_rng(6)
-    hits = 0
-    reps = 200
-    for i in range(reps):
-        base = rng.normal(0, 1, size=25)
-        other = base + 0.1 + rng.normal(0, 0.5, size=25)
-        r = intervals.paired_bootstrap_ci(base, other, n_boot=400, seed=i)
-        hits += r["ci_low"] <= 0.1 <= r["ci_high"]
-    # nominal 95 % (percentile bootstrap is a bit narrow at n=25)
-    assert 0.85 <= hits / reps <= 0.99
-    # weighted: the estimate is the token-weighted mean difference
-    w = np.array([1, 3, 6.0])
-    r = intervals.paired_bootstrap_ci([1, 1, 1], [2, 1, 0], weights=w, n_boot=100)
-    assert r["diff"] == pytest.approx((1 * 1 + 3 * 0 + 6 * -1) / 10)
-    with pytest.raises(ValueError):
-        intervals.paired_bootstrap_ci([1, 2], [1, 2, 3])
-
-
-def test_cluster_bootstrap_widens_by_sqrt_clips_per_recording_and_covers():
-    """Clips cut from one recording share that recording's effect on the difference. Resampling
-    clips treats 120 correlated clips as independent: the interval is too narrow by ~sqrt(4) and
-    misses the true difference far more often than 5 %. Resampling recordings (the cluster
-    bootstrap) is wider by ~sqrt(clips per recording) and covers at about the nominal rate."""
-    rng = np.random.default_rng(7)
-    n_rec, per_rec, true_diff, reps = 30, 4, -0.2, 200
-    recording = np.repeat(np.arange(n_rec), per_rec)
-    ratios, hits_cluster, hits_clip = [], 0, 0
-    for i in range(reps):
-        base = rng.normal(5.0, 1.0, size=n_rec * per_rec)
-        # the recording's own difference
-        effect = np.repeat(rng.normal(0.0, 0.5, size=n_rec), per_rec)
-        other = base + true_diff + effect + rng.normal(0.0, 0.05, size=base.size)
-        tokens = rng.integers(100, 200, size=base.size)
-        c = intervals.paired_bootstrap_ci(base, other, tokens,
-                                          clusters=[f"song{r}" for r in recording], n_boot=500, seed=i)
-        p = intervals.paired_bootstrap_ci(base, other, tokens, n_boot=500, seed=i)
-        assert c["n"] == p["n"] == 120 and c["n_clusters"] == 30 and p["n_clusters"] == 120
-        # the token-weighted estimate is the same; only its spread
-        assert c["diff"] == pytest.approx(p["diff"])
-        ratios.append((c["ci_high"] - c["ci_low"]) / (p["ci_high"] - p["ci_low"]))
-        hits_cluster += c["ci_low"] <= true_diff <= c["ci_high"]
-        hits_clip += p["ci_low"] <= true_diff <= p["ci_high"]
-    assert np.median(ratios) == pytest.approx(np.sqrt(per_rec), rel=0.15)
-    # nominal 95 % (percentile bootstrap: a bit narrow at 30 recordings)
-    assert 0.88 <= hits_cluster / reps <= 0.99
-    assert hits_clip / reps < 0.80  # the clip bootstrap overstates: ~68 % at a design effect of ~4
-
-
-def test_cluster_bootstrap_one_clip_per_recording_is_the_clip_bootstrap():
-    rng = np.random.default_rng(8)
-    base = rng.normal(size=40)
-    other = base - 0.1 + rng.normal(0, 0.3, size=40)
-    w = rng.integers(50, 100, size=40)
-    plain = intervals.paired_bootstrap_ci(base, other, w, n_boot=800, seed=3)
-    own = intervals.paired_bootstrap_ci(base, other, w, clusters=[f"rec{i}" for i in range(40)],
-                                        n_boot=800, seed=3)
-    assert own == plain  # same draws, same interval
-    unnamed = intervals.paired_bootstrap_ci(base, other, w, clusters=[None] * 40, n_boot=800, seed=3)
-    assert unnamed == plain  # a clip without a source is a recording of its own
-    # one recording: every resample is that recording, the interval has no width (the report names
-    # no winner)
-    one = intervals.paired_bootstrap_ci(base, other, w, clusters=["album/track"] * 40, n_boot=200)
-    assert one["n_clusters"] == 1 and one["ci_low"] == pytest.approx(one["ci_high"])
-    with pytest.raises(ValueError):
-        intervals.paired_bootstrap_ci(base, other, clusters=["a"] * 39)
-
-
 # ------------------------------------------------------------------------------------ distances vs their floor
 def _tone_clip(rng, f0, seconds=1.0, sr=16000):
     t = np.arange(int(seconds * sr)) / sr
@@ -192,45 +111,6 @@ def test_fad_kad_reference_halves_near_floor_noise_and_shifted_tone_far_above():
         assert metrics.kernel_audio_distance(far, y)["value"] > 10 * kad_floor
         # half vs whole too
         assert metrics.frechet_audio_distance(far, y) > 10 * metrics.frechet_audio_distance(half_a, y)
-
-
-# ------------------------------------------------------------------------------------ set-distance bootstrap
-def test_set_distance_bootstrap_equals_the_distance_of_each_resample():
-    """frechet_bootstrap / kernel_bootstrap give, per resample (multiplicities of clips), the FAD /
-    KAD of the concatenated frames of that resample (for KAD without pairs of a frame with its own
-    copy)."""
-    rng = np.random.default_rng(1)
-    clips = [rng.normal(0.2 * i, 1.0, size=(30, 5)) for i in range(6)]
-    ref = rng.normal(size=(200, 5))
-    ones = np.ones((1, 6))
-    x = np.concatenate(clips)
-    assert intervals.frechet_bootstrap(clips, ref,
-                                       ones)[0] == pytest.approx(metrics.frechet_audio_distance(x,
-                                                                                                ref), rel=1e-8)
-    for kernel in ("rbf", "poly"):
-        got = intervals.kernel_bootstrap(clips, ref, ones, kernel=kernel, max_rows=120)[0]
-        want = metrics.kernel_audio_distance(metrics.subsample_rows(x, 120),
-                                             metrics.subsample_rows(ref, 120), kernel=kernel)["value"]
-        assert got == pytest.approx(want, rel=1e-8)
-    counts = intervals.bootstrap_counts(6, 50, seed=2)
-    assert counts.shape == (50, 6) and np.all(counts.sum(axis=1) == 6)
-    row = counts[0]
-    drawn = np.concatenate([clips[i] for i in range(6) for _ in range(row[i])])
-    assert intervals.frechet_bootstrap(clips, ref,
-                                       counts[:1])[0] == pytest.approx(metrics.frechet_audio_distance(drawn, ref),
-                                                                           rel=1e-8)
-    # KAD of the resample: the unbiased estimate over the drawn frames, pairs of a frame with itself
-    # left out
-    h = metrics.median_pairwise_distance(ref)
-    k = lambda a, b: np.exp(-metrics._sq_dists(a, b) / (2 * h * h))  # noqa: E731
-    owner = np.concatenate([np.full(30 * row[i], i) for i in range(6)])
-    frame = np.concatenate([np.tile(np.arange(30), row[i]) for i in range(6)])
-    same = (owner[:, None] == owner[None]) & (frame[:, None] == frame[None])
-    kyy = k(ref, ref)
-    want = (k(drawn, drawn)[~same].mean() + (kyy.sum() - np.trace(kyy)) / (200 * 199) - 2
-            * k(drawn, ref).mean())
-    assert intervals.kernel_bootstrap(clips, ref, counts[:1])[0] == pytest.approx(metrics.KAD_SCALE
-                                                                                  * want, rel=1e-8)
 
 
 # ------------------------------------------------------------------------------------ signal checks
@@ -316,41 +196,6 @@ def test_clap_windows_resample_and_fixed_length():
     # resampled, not repeated: still a 440 Hz tone at 48 kHz
     spec = np.abs(np.fft.rfft(short[0, :96000]))
     assert np.fft.rfftfreq(96000, 1 / 48000)[np.argmax(spec)] == pytest.approx(440, abs=1)
-
-
-def make_tiny_clap(directory):
-    """A tiny random CLAP model + processor saved with save_pretrained (what a user's local folder
-    looks like)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import ClapConfig, ClapFeatureExtractor, ClapModel, ClapProcessor, RobertaTokenizerFast
-    from transformers.models.clap.configuration_clap import ClapAudioConfig, ClapTextConfig
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(["lofi piano beat", "hip hop 808 trap drums", "ambient synth pad"],
-                            trainers.BpeTrainer(vocab_size=300,
-                                                special_tokens=["<s>", "<pad>", "</s>", "<unk>",
-                                                                "<mask>"],
-                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
-    rt = RobertaTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                              unk_token="<unk>", mask_token="<mask>")
-    tc = ClapTextConfig(vocab_size=len(rt), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=37, max_position_embeddings=64, pad_token_id=1, bos_token_id=0,
-                        eos_token_id=2, projection_dim=16)
-    ac = ClapAudioConfig(num_mel_bins=64, window_size=8, spec_size=256, patch_size=4,
-                         patch_stride=4, hidden_size=32,
-                         patch_embeds_hidden_size=16, projection_dim=16, depths=[1, 1],
-                         num_attention_heads=[2, 2], intermediate_size=37)
-    torch.manual_seed(0)
-    model = ClapModel(ClapConfig(text_config=tc.to_dict(), audio_config=ac.to_dict(), projection_dim=16))
-    proc = ClapProcessor(feature_extractor=ClapFeatureExtractor(feature_size=64,
-                                                                sampling_rate=48000, max_length_s=10),
-                         tokenizer=rt)
-    model.save_pretrained(directory)
-    proc.save_pretrained(directory)
-    return directory
 
 
 def test_clap_scores_with_tiny_local_model(tmp_path):

@@ -23,6 +23,8 @@ import pytest
 import soundfile as sf
 import torch
 
+from tests.helpers import generate, generation_config, request
+
 PROMPT = "hip hop 808 beat with trap drums"
 # PROMPT is 8 tokens (the tiny tokenizer is word-level: a token per word, plus </s>); captions of
 # other lengths: 3, 15 and 27 tokens.
@@ -31,48 +33,24 @@ MEDIUM = "dark techno with heavy kick and a long rolling bassline under it all n
 LONG = "a b c d e f g h i j k l m n o p q r s t u v w x y z"
 
 
-def _cfg(model_dir, **gen):
-    from lora.config import Config
-
-    cfg = Config()
-    cfg.model.model_path = str(model_dir)
-    for k, v in gen.items():
-        setattr(cfg.generation, k, v)
-    return cfg
-
-
-def _req(prompt, seed, duration=4.0, prompt_codes=None, prompt_id="", **sampling):
-    from lora.generation.requests import Request, SamplingSettings
-
-    return Request(prompt=prompt, seed=seed, duration=duration, sampling=SamplingSettings(**sampling),
-                   prompt_codes=prompt_codes, prompt_id=prompt_id)
-
-
-def _gen(bundle, requests, **kw):
-    from lora.generation.engine import generate
-
-    model, processor, info, _ = bundle
-    kw.setdefault("progress", False)
-    return generate(model, processor, info, requests, **kw)
-
-
 @pytest.fixture(scope="module")
 def bf16_bundle(tiny_model_dir):
     from lora.generation.model import load_generation_model
 
-    return load_generation_model(_cfg(tiny_model_dir, dtype="bfloat16"), adapter_path=None)
+    return load_generation_model(generation_config(tiny_model_dir, dtype="bfloat16"), adapter_path=None)
 
 
 @pytest.fixture(scope="module")
 def fp32_bundle(tiny_model_dir):
     from lora.generation.model import load_generation_model
 
-    return load_generation_model(_cfg(tiny_model_dir, dtype="float32"), adapter_path=None)
+    return load_generation_model(generation_config(tiny_model_dir, dtype="float32"), adapter_path=None)
 
 
 # --------------------------------------------------------------------------------------------
 # A seed reproduces its sample in bf16
 # --------------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["bfloat16", "auto"])
 def test_seed_reproduces_its_sample_alone_or_batched_with_other_caption_lengths(dtype, tiny_model_dir,
                                                                                 bf16_bundle):
@@ -83,17 +61,18 @@ def test_seed_reproduces_its_sample_alone_or_batched_with_other_caption_lengths(
     from lora.modeling.loading import family_for
     from lora.modeling.precision import generation_dtype
 
-    bundle = bf16_bundle if dtype == "bfloat16" else load_generation_model(_cfg(tiny_model_dir,
-                                                                                dtype=dtype),
-                                                                             adapter_path=None)
+    bundle = bf16_bundle if dtype == "bfloat16" else load_generation_model(
+        generation_config(tiny_model_dir, dtype=dtype), adapter_path=None)
     expected = torch.bfloat16 if dtype == "bfloat16" else generation_dtype("auto", "cpu")
     assert family_for(bundle[0]).decoder_param(bundle[0]).dtype == expected
-    alone = _gen(bundle, [_req(PROMPT, 11, top_k=250)])[0]
+    alone = generate(bundle, [request(PROMPT, 11, 4.0, top_k=250)])[0]
     batches = {
-        "short + long": _gen(bundle, [_req(SHORT, 10), _req(PROMPT, 11), _req(LONG, 12)],
-                             batch_size=3)[1],
-        "long first": _gen(bundle, [_req(LONG, 12), _req(PROMPT, 11)], batch_size=2)[1],
-        "medium": _gen(bundle, [_req(PROMPT, 11), _req(MEDIUM, 13)], batch_size=2)[0],
+        "short + long": generate(bundle, [request(SHORT, 10, 4.0), request(PROMPT, 11, 4.0),
+                                          request(LONG, 12, 4.0)], batch_size=3)[1],
+        "long first": generate(bundle, [request(LONG, 12, 4.0), request(PROMPT, 11, 4.0)],
+                               batch_size=2)[1],
+        "medium": generate(bundle, [request(PROMPT, 11, 4.0), request(MEDIUM, 13, 4.0)],
+                           batch_size=2)[0],
     }
     assert alone.batch_size == 1 and alone.codes.shape == (4, 200)
     for name, r in batches.items():
@@ -101,7 +80,7 @@ def test_seed_reproduces_its_sample_alone_or_batched_with_other_caption_lengths(
         mismatch = (r.codes != alone.codes).float().mean().item()
         assert mismatch == 0.0, f"{name}: {mismatch:.1%} of the tokens differ from the sample generated alone"
         np.testing.assert_allclose(r.audio, alone.audio, atol=1e-5)
-    other_seed = _gen(bundle, [_req(PROMPT, 12)])[0]
+    other_seed = generate(bundle, [request(PROMPT, 12, 4.0)])[0]
     assert not torch.equal(other_seed.codes, alone.codes)
 
 
@@ -109,10 +88,11 @@ def test_greedy_bf16_is_the_same_alone_or_batched(bf16_bundle):
     """do_sample=False in bf16: a caption's greedy piece does not depend on its batch either
     (guidance's null half included), and long windowed pieces keep it across windows."""
     kw = {"do_sample": False}
-    alone = _gen(bf16_bundle, [_req(PROMPT, 0, 3.0, **kw)], max_window=1.2, extend_stride=0.8)[0]
-    batch = _gen(bf16_bundle,
-                 [_req(LONG, 0, 3.0, **kw), _req(PROMPT, 0, 3.0, **kw), _req(SHORT, 0, 3.0, **kw)],
-                 batch_size=3, max_window=1.2, extend_stride=0.8)
+    alone = generate(bf16_bundle, [request(PROMPT, 0, 3.0, **kw)], max_window=1.2,
+                     extend_stride=0.8)[0]
+    batch = generate(bf16_bundle, [request(LONG, 0, 3.0, **kw), request(PROMPT, 0, 3.0, **kw),
+                                   request(SHORT, 0, 3.0, **kw)],
+                     batch_size=3, max_window=1.2, extend_stride=0.8)
     assert len(alone.windows) > 1
     assert torch.equal(batch[1].codes, alone.codes)
 
@@ -127,14 +107,15 @@ def test_text_length_depends_on_the_prompt_alone(bf16_bundle):
     assert engine.TEXT_PAD_MULTIPLE == 32
     assert [engine.text_length(n) for n in (0, 1, 9, 32, 33, 64, 65)] == [32, 32, 32, 32, 64, 64, 96]
     very_long = " ".join(["drums"] * 70)  # 71 tokens
-    reqs = [_req(SHORT, 0, 1.0), _req(very_long, 1, 1.0), _req(PROMPT, 2, 1.0), _req(LONG, 3, 1.0)]
+    reqs = [request(SHORT, 0, 1.0), request(very_long, 1, 1.0), request(PROMPT, 2, 1.0),
+            request(LONG, 3, 1.0)]
     encoded = engine.encode_prompts(model, processor, [r.prompt for r in reqs])
     assert encoded[very_long][0].shape[0] == 71 and encoded[SHORT][0].shape[0] == 3
     lens = [engine.text_length(encoded[r.prompt][0].shape[0]) for r in reqs]
     assert lens == [32, 96, 32, 32]
     assert engine.make_batches(reqs, lens, 4) == [[0, 2, 3], [1]]
     assert engine.make_batches(reqs, lens, 2) == [[0, 2], [3], [1]]
-    out = _gen(bf16_bundle, reqs, batch_size=4)
+    out = generate(bf16_bundle, reqs, batch_size=4)
     assert [r.text_length for r in out] == [32, 96, 32, 32] and [r.batch_size for r in out] == [3,
                                                                                                 1, 3, 3]
     assert {r.decoding for r in out} == {"static"}
@@ -165,6 +146,7 @@ def test_padding_changes_nothing_in_fp32(fp32_bundle):
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_manifest_records_what_reproduces_a_file(tiny_model_dir, tmp_path):
     """The CLI in its default dtype: two captions of different lengths in one batch, then each
     regenerated alone from its manifest entry: the same tokens (tokens_sha1). The manifest says what
@@ -255,8 +237,8 @@ def test_long_audio_prompt_is_the_start_of_the_piece_and_the_first_context(bf16_
     wav = (0.3 * np.sin(2 * np.pi * 220 * t) * (1 + np.sin(2 * np.pi * 3 * t)))[None].astype(np.float32)
     codes, pid = encode_audio_prompt(model, info, wav)
     assert codes.shape == (info.num_codebooks, 40)
-    r = _gen(bf16_bundle, [_req(SHORT, 1, 2.0, prompt_codes=codes, prompt_id=pid)], max_window=1.0,
-             extend_stride=0.6)[0]
+    r = generate(bf16_bundle, [request(SHORT, 1, 2.0, prompt_codes=codes, prompt_id=pid)],
+                 max_window=1.0, extend_stride=0.6)[0]
     assert [(w.start, w.context, w.new) for w in r.windows] == [(0, 40, 10), (30, 20, 30), (60, 20, 20)]
     assert r.codes.shape == (info.num_codebooks, 100) and r.audio.shape == (1, 2 * 32000)
     assert torch.equal(r.codes[:, :40], codes)
@@ -266,8 +248,8 @@ def test_long_audio_prompt_is_the_start_of_the_piece_and_the_first_context(bf16_
         assert torch.equal(head, prompt)  # each window kept its prompt unchanged
     too_long = torch.cat([codes, codes[:, :10]], dim=-1)  # 50 frames = max_window
     with pytest.raises(GenerationError, match="shorter than max_window"):
-        _gen(bf16_bundle, [_req(SHORT, 1, 2.0, prompt_codes=too_long, prompt_id="x")], max_window=1.0,
-             extend_stride=0.6)
+        generate(bf16_bundle, [request(SHORT, 1, 2.0, prompt_codes=too_long, prompt_id="x")],
+                 max_window=1.0, extend_stride=0.6)
 
 
 def test_audio_prompt_longer_than_max_window_is_refused_on_the_command_line(tiny_model_dir, tmp_path):

@@ -1,21 +1,20 @@
-"""Performance options of training: bf16 storage of the frozen base weights, FastDropout, FLOP
-counting."""
+"""The CPU speed options of the training step (lora.modeling.cpu_speed, as the training step
+configures them): bf16 storage of the frozen base weights, FastDropout, the decoder dropout setting,
+the attention kernels, memory kept for reuse, and FLOP counting."""
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from lora.common.cli import UserError
 from lora.config import Config
 from lora.modeling.adapter import attach_lora
 from lora.modeling.cpu_speed import fast_dropout_class, use_fast_dropout
 from lora.modeling.loading import load_base_model
 from lora.modeling.musicgen import get_base
-from lora.modeling.precision import resolve_base_weights_dtype
+from tests.helpers import ROOT
 
 
 def batch_loss(*args, **kwargs):
@@ -24,18 +23,6 @@ def batch_loss(*args, **kwargs):
 
     r = step_loss(*args, **kwargs)
     return r.loss, r.per_codebook, r.tokens
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def test_base_weights_dtype_choice():
-    assert resolve_base_weights_dtype("auto", "bf16")[0] == "bfloat16"
-    assert resolve_base_weights_dtype("auto", "no")[0] == "float32"
-    assert resolve_base_weights_dtype("auto", "fp16")[0] == "float32"
-    assert resolve_base_weights_dtype("float32", "bf16")[0] == "float32"
-    assert resolve_base_weights_dtype("bfloat16", "bf16")[0] == "bfloat16"
-    with pytest.raises(UserError, match="mixed_precision bf16"):
-        resolve_base_weights_dtype("bfloat16", "no")
 
 
 def test_fast_dropout_statistics_scale_grad_and_seed():
@@ -366,6 +353,7 @@ def test_self_attention_runs_causal_sdpa_without_a_mask(tiny_lora, monkeypatch):
     assert all(not no_mask and not causal for _, _, no_mask, causal in cross_calls)
 
 
+@pytest.mark.slow
 def test_cpu_train_attention_uses_math_kernel_for_cross_attention_with_the_same_loss_and_grads(tiny_model_dir):
     """configure_step on CPU switches the decoder to CPU_TRAIN_ATTENTION: while training, the
     cross-attention runs SDPA's math kernel instead of the flash kernel (self-attention keeps
@@ -444,6 +432,7 @@ print(kept, *faults)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc (Linux)")
 def test_keep_freed_memory_reuses_big_tensors_without_page_faults():
     """train_lora.py on a CPU: the activations of a layer run again reuse the pages freed by its

@@ -1,5 +1,7 @@
-"""Token cache (EnCodec codes + text states on disk), CachedTokenDataset, collate and the bucketed
-sampler."""
+"""The token cache (lora.dataprep.token_cache): EnCodec codes and text states on disk, equal to
+direct encoding, reused until a clip or the model changes, independent of the batch a clip was
+encoded in; mono clips on a stereo model are said once. What training reads from it:
+tests/test_dataset.py."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import soundfile as sf
 import torch
 
 from lora.dataprep.token_cache import CACHE_VERSION, build_token_cache, cache_root, equal_length_batches
-from lora.dataset import CachedClip, CachedTokenDataset, bucketed_batches, collate_tokens, load_metadata
+from lora.dataset import load_metadata
 
 
 @pytest.fixture(scope="module")
@@ -224,93 +226,6 @@ def test_no_text_cache_when_text_encoder_trains(tiny, data_copy):
     assert not (cache_root(data_copy, info) / "text").exists()
 
 
-def _fake_clips(lengths, K=4, D=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i, T in enumerate(lengths):
-        L = 1 + i % 5
-        out.append(CachedClip(id=f"c{i}", text=f"t{i}", split="train",
-                              codes=torch.randint(0, 100, (K, T), generator=g).to(torch.int16),
-                              hidden=torch.randn(L, D, generator=g),
-                              mask=torch.ones(L, dtype=torch.long)))
-    return out
-
-
-def test_crop_is_random_per_epoch_but_deterministic():
-    clips = _fake_clips([100, 40, 100, 100])
-    ds = CachedTokenDataset(clips, max_frames=30, seed=7, train=True)
-    starts = []
-    for epoch in range(6):
-        ds.set_epoch(epoch)
-        item = ds[0]
-        assert item["codes"].shape == (4, 30) and item["codes"].dtype == torch.long
-        full = clips[0].codes.long()
-        s = next(s for s in range(71) if torch.equal(full[:, s:s + 30], item["codes"]))
-        starts.append(s)
-        again = CachedTokenDataset(clips, max_frames=30, seed=7, train=True)
-        again.set_epoch(epoch)
-        # same (seed, epoch, index) -> same crop
-        assert torch.equal(again[0]["codes"], item["codes"])
-    assert len(set(starts)) > 1  # a new window most epochs
-    # Validation: always the first window, never dropped.
-    va = CachedTokenDataset(clips, max_frames=30, seed=7, train=False, cond_dropout=0.9)
-    for epoch in range(3):
-        va.set_epoch(epoch)
-        assert torch.equal(va[0]["codes"], clips[0].codes[:, :30].long()) and not va[0]["dropped"]
-    assert ds.lengths() == [30, 30, 30, 30]
-
-
-def test_cond_dropout_rate_and_null_condition():
-    clips = _fake_clips([20] * 400)
-    ds = CachedTokenDataset(clips, max_frames=20, seed=3, train=True, cond_dropout=0.3)
-    drops = []
-    for epoch in range(3):
-        ds.set_epoch(epoch)
-        drops.append([ds[i]["dropped"] for i in range(len(ds))])
-    rate = np.mean(drops)
-    assert 0.25 < rate < 0.35
-    assert drops[0] != drops[1]  # re-drawn each epoch
-    ds.set_epoch(0)
-    assert [ds[i]["dropped"] for i in range(len(ds))] == drops[0]  # deterministic
-    i = drops[0].index(True)
-    item = ds[i]
-    assert item["hidden"].shape == (1, 8) and not item["hidden"].any() and item["mask"].tolist() == [0]
-    none = CachedTokenDataset(clips, max_frames=20, seed=3, train=True, cond_dropout=0.0)
-    assert not any(none[i]["dropped"] for i in range(len(none)))
-
-
-def test_collate_pads_codes_and_text():
-    clips = _fake_clips([12, 7, 9])
-    ds = CachedTokenDataset(clips, max_frames=50, seed=0, train=False)
-    b = collate_tokens([ds[0], ds[1], ds[2]], pad_token_id=2048)
-    assert b["codes"].shape == (3, 4, 12) and b["lengths"].tolist() == [12, 7, 9]
-    assert (b["codes"][1, :, 7:] == 2048).all() and torch.equal(b["codes"][1, :, :7],
-                                                                clips[1].codes.long())
-    assert b["hidden"].shape == (3, 3, 8) and b["mask"].tolist() == [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
-    assert not b["hidden"][0, 1:].any()
-    assert b["index"].tolist() == [0, 1, 2] and b["texts"] == ["t0", "t1", "t2"]
-
-
-def test_bucketed_batches():
-    rng = np.random.default_rng(0)
-    lengths = rng.integers(50, 1500, size=101).tolist()
-    a = bucketed_batches(lengths, 4, seed=1, epoch=0, bucket_batches=10)
-    assert a == bucketed_batches(lengths, 4, seed=1, epoch=0, bucket_batches=10)  # deterministic
-    # reshuffled per epoch
-    assert a != bucketed_batches(lengths, 4, seed=1, epoch=1, bucket_batches=10)
-    flat = sorted(i for b in a for i in b)
-    assert flat == list(range(101))  # every item once
-    # Similar lengths share a batch: far less padding than random batches.
-    def padding(batches):
-        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
-    perm = rng.permutation(101).tolist()
-    random_batches = [perm[i:i + 4] for i in range(0, 101, 4)]
-    assert padding(a) < 0.3 * padding(random_batches)
-    # Extended to a multiple of (accumulation x processes) by wrapping around.
-    c = bucketed_batches(lengths, 4, seed=1, epoch=0, multiple_of=8, bucket_batches=10)
-    assert len(c) % 8 == 0 and c[:len(a)] == a and c[len(a):] == a[:len(c) - len(a)]
-
-
 def test_stereo_model_codes(tiny_stereo_model_dir, data_copy):
     from lora.config import ModelConfig
     from lora.modeling.loading import load_base_model
@@ -342,3 +257,22 @@ def test_cache_key_records_the_encoder_precision(tiny, data_copy, monkeypatch):
     monkeypatch.setattr(token_cache, "ENCODER_PRECISION", "bf16")
     _, stats = build_token_cache(records, model, processor, info, data_copy, show_progress=False)
     assert stats["clips_encoded"] == 1 and stats["clips_reused"] == 0
+
+
+def test_mono_clips_on_a_stereo_model_are_said_once(tiny_stereo_model_dir, example_data_dir,
+                                                    tmp_path, caplog):
+    from lora.config import ModelConfig
+    from lora.dataprep.token_cache import build_token_cache
+    from lora.dataset import load_metadata
+    from lora.modeling.loading import load_base_model
+
+    model, processor, info = load_base_model(ModelConfig(model_path=str(tiny_stereo_model_dir)))
+    data = tmp_path / "data"
+    shutil.copytree(example_data_dir, data, ignore=shutil.ignore_patterns("cache"))
+    records = load_metadata(data)
+    assert sf.info(records[0].path).channels == 1
+    build_token_cache(records, model, processor, info, data, show_progress=False)
+    lines = [r.message for r in caplog.records if "copied to both channels" in r.message]
+    assert lines == [f"{len(records)} of {len(records)} clip(s) are mono but the model is stereo: "
+                     f"each is copied to both channels, so there is no stereo image to learn "
+                     f"(prepare the data with --channels 2 from stereo sources)"]

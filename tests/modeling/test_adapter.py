@@ -1,6 +1,8 @@
-"""Several adapters at once (peft's multi-adapter machinery), adapters made by other peft-based
-trainers, what cannot fit, and the start-up line that says which model and adapter(s) generate. Tiny
-models, CPU."""
+"""LoRA adapters (lora.modeling.adapter): attached to the targets asked for, saved as a standard
+PEFT adapter that plain peft loads, loaded with the checks that it fits the base model; several
+adapters at once (peft's multi-adapter machinery), adapters made by other peft-based trainers, what
+cannot fit, the start-up line that says which model and adapter(s) generate, and a scale of 0 that
+is the base model exactly (DoRA too). Tiny models, CPU."""
 
 from __future__ import annotations
 
@@ -8,26 +10,27 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from lora.common.cli import UserError
 from lora.common.fields import ConfigError
+from lora.config import LoraSection
+from lora.modeling.adapter import attach_lora, load_lora
+from lora.modeling.musicgen import build_delay_pattern, encode_text
+from lora.scoring import generated, likelihood
+from tests.helpers import generation_config, load_model, random_adapter
 
 PROMPT = "techno drum loop"
 
 
 def _cfg(model_dir, adapters=None, scales=None, **gen):
-    from lora.config import Config
-
-    cfg = Config()
-    cfg.model.model_path = str(model_dir)
-    cfg.generation.dtype = "float32"  # exact comparisons (merged vs unmerged holds in float32)
+    """fp32: exact comparisons (merged vs unmerged holds in float32); ``scales``: one lora_scale per
+    adapter."""
     if scales is not None:
-        cfg.generation.lora_scale = scales if len(scales) > 1 else scales[0]
-    for k, v in gen.items():
-        setattr(cfg.generation, k, v)
-    return cfg
+        gen = {"lora_scale": scales if len(scales) > 1 else scales[0], **gen}
+    return generation_config(model_dir, **{"dtype": "float32", **gen})
 
 
 def _codes(model_dir, adapters, scales=None, greedy=False, **gen):
@@ -42,26 +45,6 @@ def _codes(model_dir, adapters, scales=None, greedy=False, **gen):
                                                                  adapter_path=adapters)
     req = Request(prompt=PROMPT, seed=3, duration=1.0, sampling=SamplingSettings(do_sample=not greedy))
     return generate(model, processor, info, [req], progress=False)[0].codes, adapter_info
-
-
-def _random_adapter(model_dir, out_dir, seed, **lora):
-    """An adapter of our own trainer (attach_lora) whose B matrices are random (so it changes the
-    output)."""
-    from lora.config import Config
-    from lora.modeling import adapter, loading
-
-    cfg = Config()
-    cfg.model.model_path = str(model_dir)
-    for k, v in lora.items():
-        setattr(cfg.lora, k, v)
-    model, _, _ = loading.load_base_model(cfg.model)
-    peft_model = adapter.attach_lora(model, cfg.lora)
-    g = torch.Generator().manual_seed(seed)
-    for name, p in peft_model.named_parameters():
-        if "lora_B" in name or "lora_magnitude" in name:
-            p.data = p.data + torch.randn(p.shape, generator=g) * 0.5
-    peft_model.save_pretrained(out_dir)
-    return Path(out_dir)
 
 
 def _peft_adapter(model_dir, out_dir, seed, recorded="same", **config):
@@ -89,8 +72,8 @@ def _peft_adapter(model_dir, out_dir, seed, recorded="same", **config):
 @pytest.fixture(scope="module")
 def two_adapters(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("mix")
-    a = _random_adapter(tiny_model_dir, root / "a", seed=1)
-    b = _random_adapter(tiny_model_dir, root / "b", seed=2, lora_rank=4, lora_alpha=8,
+    a = random_adapter(tiny_model_dir, root / "a", seed=1)
+    b = random_adapter(tiny_model_dir, root / "b", seed=2, lora_rank=4, lora_alpha=8,
                         lora_targets="attention_ffn")  # another rank and other layers
     return a, b
 
@@ -98,6 +81,7 @@ def two_adapters(tiny_model_dir, tmp_path_factory):
 # --------------------------------------------------------------------------------------------
 # Mixing
 # --------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_mix_scales_one_zero_is_a_alone_and_zero_zero_is_the_base(tiny_model_dir, two_adapters):
     """An adapter at scale 0 adds nothing: the mix is the other adapter alone, token for token,
     merged or not. (Each is compared with the single adapter loaded the same way: a merged and an
@@ -120,6 +104,7 @@ def test_mix_scales_one_zero_is_a_alone_and_zero_zero_is_the_base(tiny_model_dir
     assert all(len(x["weights_sha256"]) == 64 for x in info["adapters"])
 
 
+@pytest.mark.slow
 def test_mix_merged_equals_unmerged_and_is_the_sum_of_each_adapters_update(tiny_model_dir, two_adapters):
     """The mix at (0.7, 0.4), unmerged (peft adds each active adapter's update) and merged
     (merge_and_unload), gives the same logits as merging A at 0.7 and then B at 0.4 one after the
@@ -156,6 +141,7 @@ def test_mix_merged_equals_unmerged_and_is_the_sum_of_each_adapters_update(tiny_
     assert (unmerged - base_logits).abs().max() > 1e-2  # the mix changes the model
 
 
+@pytest.mark.slow
 def test_mix_from_the_command_line_records_each_adapter(tiny_model_dir, two_adapters, tmp_path, caplog):
     from lora import inference_lora
 
@@ -173,6 +159,7 @@ def test_mix_from_the_command_line_records_each_adapter(tiny_model_dir, two_adap
     assert f"+ adapter {a} (scale 0.7) + adapter {b} (scale 0.4)" in caplog.text
 
 
+@pytest.mark.slow
 def test_mix_in_config_yaml(tiny_model_dir, two_adapters, tmp_path):
     from lora.config import adapter_paths, adapter_scales, parse_config
 
@@ -190,6 +177,7 @@ def test_mix_in_config_yaml(tiny_model_dir, two_adapters, tmp_path):
                      sections=("generation", "model"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["scales", "bases", "missing"])
 def test_bad_mix_is_a_clear_error_and_writes_nothing(case, tiny_model_dir, two_adapters, tmp_path):
     from lora import evaluate, inference_lora
@@ -236,6 +224,7 @@ def _style_data(root: Path) -> tuple[Path, dict]:
     return data, files
 
 
+@pytest.mark.slow
 def test_style_adapters_move_the_likelihood_of_their_own_style(tiny_model_dir, tmp_path):
     """Two adapters, each trained briefly on one style, then mixed: at (1, 0) the first style's
     held-out clips are likelier than at (0, 1), and the second style's the other way round."""
@@ -292,6 +281,7 @@ OTHER_TRAINERS = {
 SPELLINGS = ["trailing_slash", "same_name_hub_id", "not_recorded"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", list(OTHER_TRAINERS))
 @pytest.mark.parametrize("spelling", SPELLINGS)
 def test_adapter_from_another_trainer_loads_generates_merges_and_exports(kind, spelling, tiny_model_dir,
@@ -329,6 +319,7 @@ def _stereo_adapter(tiny_stereo_model_dir, out, **config):
     return _peft_adapter(tiny_stereo_model_dir, out, seed=0, **config)
 
 
+@pytest.mark.slow
 def test_adapters_that_cannot_fit_name_the_file_and_the_problem(tiny_model_dir,
                                                                 tiny_stereo_model_dir, tmp_path):
     from peft import LoraConfig, get_peft_model
@@ -367,6 +358,7 @@ def test_adapters_that_cannot_fit_name_the_file_and_the_problem(tiny_model_dir,
 # --------------------------------------------------------------------------------------------
 # The start-up line: which model, which adapter, and how to get the other
 # --------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_startup_line_names_the_model_and_the_adapter(tiny_model_dir, two_adapters, tmp_path,
                                                       monkeypatch, caplog):
     from lora import config, evaluate, inference_lora
@@ -407,6 +399,7 @@ def test_startup_line_names_the_model_and_the_adapter(tiny_model_dir, two_adapte
     assert entry["adapter"] is None  # the last inference run: --lora_model_path none
 
 
+@pytest.mark.slow
 def test_evaluate_a_mix_records_each_adapter_and_one_zero_is_a_alone(tiny_model_dir, two_adapters,
                                                                      example_data_dir,
                                                                        tmp_path):
@@ -426,3 +419,189 @@ def test_evaluate_a_mix_records_each_adapter_and_one_zero_is_a_alone(tiny_model_
     assert [(x["path"], x["scale"])
             for x in mix["identity"]["lora"]["adapters"]] == [(str(a.resolve()), 1.0),
                                                                                       (str(b.resolve()), 0.0)]
+
+
+# ------------------------------------------------------------------------------------------------
+# One adapter: the layers it adapts, saved as a standard PEFT adapter, loaded with its checks;
+# a scale of 0 is the base model
+# ------------------------------------------------------------------------------------------------
+def _expected(layers, parts):
+    return {f"decoder.model.decoder.layers.{i}.{p}" for i in range(layers) for p in parts}
+
+
+ATTN = [f"{a}.{p}" for a in ("self_attn", "encoder_attn")
+        for p in ("q_proj", "k_proj", "v_proj", "out_proj")]
+
+
+def _lora_names(peft_model):
+    return {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules()
+            if hasattr(m, "lora_A")}
+
+
+def test_lora_default_targets_are_decoder_attention(tiny_model_dir):
+    model, _, _ = load_model(tiny_model_dir)
+    layers = model.config.decoder.num_hidden_layers
+    pm = attach_lora(model, LoraSection())
+    assert _lora_names(pm) == _expected(layers, ATTN)
+    trainable = {n for n, p in pm.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_lora_attention_ffn_and_text_encoder(tiny_model_dir):
+    model, _, _ = load_model(tiny_model_dir)
+    layers = model.config.decoder.num_hidden_layers
+    pm = attach_lora(model,
+                     LoraSection(lora_targets="attention_ffn", train_text_encoder=True, use_rslora=True))
+    names = _lora_names(pm)
+    assert _expected(layers, ATTN + ["fc1", "fc2"]) <= names
+    text = {n for n in names if n.startswith("text_encoder.")}
+    assert len(text) == 4 * model.config.text_encoder.num_layers
+    assert not any(n.startswith("audio_encoder.") for n in names)
+    assert names - text == _expected(layers, ATTN + ["fc1", "fc2"])
+
+
+def test_lora_custom_targets_and_bad_pattern(tiny_model_dir):
+    model, _, _ = load_model(tiny_model_dir)
+    pm = attach_lora(model, LoraSection(lora_targets="q_proj, v_proj"))
+    layers = model.config.decoder.num_hidden_layers
+    assert _lora_names(pm) == _expected(layers, [f"{a}.{p}" for a in ("self_attn", "encoder_attn")
+                                                 for p in ("q_proj", "v_proj")])
+    model, _, _ = load_model(tiny_model_dir)
+    with pytest.raises(UserError) as e:
+        attach_lora(model, LoraSection(lora_targets="attn_qkv_does_not_exist"))
+    assert "attn_qkv_does_not_exist" in str(e.value) and "self_attn.q_proj" in str(e.value)
+
+
+def test_saved_adapter_loads_with_plain_peft(tmp_path, tiny_model_dir, mono):
+    from peft import PeftModel
+    from transformers import MusicgenForConditionalGeneration
+
+    _, processor, info = mono
+    model, _, _ = load_model(tiny_model_dir)
+    pm = attach_lora(model, LoraSection(lora_rank=4, lora_alpha=8))
+    torch.manual_seed(0)
+    for n, p in pm.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.2)  # a trained-looking adapter (B starts at zero)
+    pm.eval()
+    codes = torch.randint(0, info.vocab_size, (1, info.num_codebooks, 7))
+    dii, labels = build_delay_pattern(codes, torch.tensor([7]), info)
+    hidden, mask = encode_text(pm, processor, ["techno kick loop"])
+    with torch.no_grad():
+        trained = pm(encoder_outputs=(hidden,), attention_mask=mask, decoder_input_ids=dii).logits
+    pm.save_pretrained(tmp_path / "adapter")
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str(tiny_model_dir.resolve())
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+    base = MusicgenForConditionalGeneration.from_pretrained(cfg["base_model_name_or_path"]).eval()
+    with torch.no_grad():
+        plain = base(encoder_outputs=(hidden,), attention_mask=mask, decoder_input_ids=dii).logits
+    assert not torch.allclose(plain, trained, atol=1e-4)  # the adapter changes the model
+    reloaded = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        again = reloaded(encoder_outputs=(hidden,), attention_mask=mask, decoder_input_ids=dii).logits
+    torch.testing.assert_close(again, trained)
+
+    ours = load_lora(load_model(tiny_model_dir)[0], tmp_path / "adapter")
+    with torch.no_grad():
+        ours_logits = ours(encoder_outputs=(hidden,), attention_mask=mask, decoder_input_ids=dii).logits
+    torch.testing.assert_close(ours_logits, trained)
+
+
+@pytest.mark.slow
+def test_load_lora_errors(tmp_path, tiny_model_dir, tiny_stereo_model_dir):
+    model, _, _ = load_model(tiny_model_dir)
+    pm = attach_lora(model, LoraSection(lora_rank=2))
+    pm.save_pretrained(tmp_path / "adapter")
+
+    with pytest.raises(UserError, match="not found"):
+        load_lora(load_model(tiny_model_dir)[0], tmp_path / "nothing_here")
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    shutil.copy(tmp_path / "adapter" / "adapter_config.json", partial)
+    with pytest.raises(UserError) as e:
+        load_lora(load_model(tiny_model_dir)[0], partial)
+    assert "adapter_model.safetensors" in str(e.value) and "adapter_config.json," not in str(e.value)
+
+    # another architecture (stereo decoder): both bases are named
+    with pytest.raises(UserError) as e:
+        load_lora(load_model(tiny_stereo_model_dir)[0], tmp_path / "adapter")
+    assert str(tiny_model_dir.resolve()) in str(e.value) and str(tiny_stereo_model_dir.resolve()) in str(e.value)
+
+    # same architecture, but another model folder: both named too
+    other = tmp_path / "some-other-model"
+    shutil.copytree(tiny_model_dir, other)
+    with pytest.raises(UserError) as e:
+        load_lora(load_model(other)[0], tmp_path / "adapter")
+    assert str(tiny_model_dir.resolve()) in str(e.value) and str(other.resolve()) in str(e.value)
+
+
+@pytest.mark.slow
+def test_lora_scale_zero_is_exactly_the_base_model_for_dora(tmp_path, tiny_model_dir, example_data_dir):
+    """peft's set_scale(0) zeroes B·A but DoRA's magnitude vector still rescales every adapted
+    weight: set_lora_scale(0) switches the adapter off instead, so scale 0 is the base model exactly
+    (held-out logits and generated audio, merged or not, and after evaluate's disable_adapter()
+    context), and scale 1 is not."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    from lora.config import LoraSection, ModelConfig, parse_config
+    from lora.dataprep.token_cache import build_token_cache
+    from lora.dataset import load_metadata
+    from lora.generation.model import load_generation_model
+    from lora.modeling.adapter import attach_lora, set_lora_scale
+    from lora.modeling.loading import load_base_model
+
+    cpu = torch.device("cpu")
+    model, proc, info = load_base_model(ModelConfig(model_path=str(tiny_model_dir)))
+    clips, _ = build_token_cache(load_metadata(example_data_dir, split="valid"), model, proc, info,
+                                 example_data_dir, show_progress=False)
+
+    def per_clip(m):
+        return [c["ce"] for c in likelihood.heldout_likelihood(m, clips, info, 200, 2, cpu)["per_clip"]]
+
+    base = per_clip(model)
+    torch.manual_seed(0)
+    peft = attach_lora(model, LoraSection(use_dora=True))
+    # a "trained" DoRA adapter: B non-zero, magnitudes away from the weight norms
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.5)
+            elif "lora_magnitude_vector" in name:
+                p.mul_(1.5)
+    peft.eval()
+    full = per_clip(peft)
+    assert max(abs(a - b) for a, b in zip(full, base)) > 1e-3
+    for module in peft.modules():  # peft's own scale 0 (the old set_lora_scale): not the base model
+        if isinstance(module, LoraLayer):
+            module.set_scale("default", 0.0)
+    assert max(abs(a - b) for a, b in zip(per_clip(peft), base)) > 1e-4
+    set_lora_scale(peft, 0.0)
+    assert per_clip(peft) == base  # exactly
+    with peft.disable_adapter():  # evaluate's base context must not bring the adapter back on exit
+        pass
+    assert per_clip(peft) == base
+    set_lora_scale(peft, 1.0)
+    assert per_clip(peft) == pytest.approx(full, abs=1e-6)
+
+    # generation: the saved adapter at lora_scale 0, unmerged and merged, makes the base model's
+    # audio
+    peft.save_pretrained(tmp_path / "dora")
+    argv = ["--base_model_path", str(tiny_model_dir), "--dtype", "float32", "--do_sample", "false",
+            "--eval_duration", "0.3"]
+    sections = ("evaluation", "model", "generation", "data")
+    cfg, _ = parse_config(argv, sections=sections)
+    ref_model, ref_proc, _, _ = load_generation_model(cfg, device="cpu", adapter_path=None)
+    want = generated.generate_clips(ref_model, ref_proc, info, "base", ["lofi piano"], [0], cfg)[0]
+    for scale, merge in (("0", "false"), ("0", "true"), ("1", "false")):
+        cfg, _ = parse_config(argv + ["--lora_model_path", str(tmp_path / "dora"), "--lora_scale", scale,
+                                      "--merge", merge], sections=sections)
+        m, p, _, adapter_info = load_generation_model(cfg, device="cpu")
+        assert adapter_info["scale"] == float(scale) and adapter_info["merged"] == (merge == "true")
+        got = generated.generate_clips(m, p, info, "lora", ["lofi piano"], [0], cfg)[0]
+        if scale == "0":
+            assert np.array_equal(got, want), (scale, merge)
+        else:
+            assert not np.allclose(got, want, atol=1e-4)

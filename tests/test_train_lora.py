@@ -1,10 +1,14 @@
-"""train_lora: artifacts, plain-peft loading, exact resume after SIGKILL, NaN guard, errors, CFG
-dropout, DDP."""
+"""lora/train_lora.py end to end on the tiny model: artifacts, plain-peft loading, exact resume
+after SIGKILL, NaN guard, errors, several processes (torchrun) and when a run validates and
+checkpoints; and what it does with the user's files: --overwrite_output_dir deletes only what it
+wrote, one run per output folder, damaged checkpoints, a full disk and Ctrl-C are messages, and
+TensorBoard shows each step once after a resume. Its parts: tests/training/."""
 
 from __future__ import annotations
 
+import errno
 import json
-import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,8 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "lora" / "train_lora.py"
+from tests.helpers import ROOT, TRAIN_SCRIPT, sha1s, subprocess_env, train_args, truncate
 
 
 def _adapter(path: Path) -> dict:
@@ -35,15 +38,10 @@ def _metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
 
 
-def _env():
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false")
-    return env
-
-
 # ------------------------------------------------------------------------------------------
 # The trained fixture: artifacts and plain-peft loading
 # ------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_artifacts_and_plain_peft_loading(trained_output_dir, tiny_model_dir):
     from peft import PeftModel
     from transformers import MusicgenForConditionalGeneration
@@ -130,6 +128,7 @@ def _common(tiny_model_dir, data_dir, out):
             "--learning_rate", "0.003", "--lora_dropout", "0.1", "--cond_dropout", "0.3", "--seed", "5"]
 
 
+@pytest.mark.slow
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path, tiny_model_dir, example_data_dir):
     from lora import train_lora
 
@@ -137,9 +136,9 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, tiny_model_dir, e
     assert train_lora.main(_common(tiny_model_dir, example_data_dir, ref)) == 0
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(SCRIPT),
+    proc = subprocess.Popen([sys.executable, str(TRAIN_SCRIPT),
                              *_common(tiny_model_dir, example_data_dir, out)],
-                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 240
     try:
         while time.time() < deadline and proc.poll() is None:
@@ -171,17 +170,12 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, tiny_model_dir, e
 # NaN guard, errors
 # ------------------------------------------------------------------------------------------
 def _short(tiny_model_dir, data_dir, out, *extra):
-    """A 4-step fp32 run; flags in ``extra`` replace these defaults (a flag may be given once)."""
-    own = {"--max_steps": "4", "--gradient_accumulation_steps": "1", "--eval_steps": "100",
-           "--save_steps": "100",
-           "--logging_steps": "1", "--mixed_precision": "no", "--max_duration": "1"}
-    args = ["--model_path", str(tiny_model_dir), "--data_dir", str(data_dir), "--output_dir", str(out)]
-    for flag, value in own.items():
-        if flag not in extra:
-            args += [flag, value]
-    return args + list(extra)
+    """A 4-step fp32 run without checkpoints; flags in ``extra`` replace these defaults (a flag may
+    be given once)."""
+    return train_args(tiny_model_dir, data_dir, out, *extra, max_steps=4, save_steps=100)
 
 
+@pytest.mark.slow
 def test_nan_loss_is_skipped_counted_and_stops(tmp_path, tiny_model_dir, example_data_dir,
                                                monkeypatch, caplog):
     from lora import train_lora
@@ -260,61 +254,10 @@ def test_bad_settings_are_reported_together(tmp_path):
     assert "batch_size" in msg and "cond_dropout" in msg and "eval_steps" in msg
 
 
-def test_warmup_is_capped_on_short_runs():
-    from lora.config import Config
-    from lora.training.plan import plan_steps
-
-    cfg = Config()
-    cfg.training.num_epochs = 5
-    spe, total, warmup, note = plan_steps(cfg, n_batches=24, group=4)
-    assert (spe, total, warmup) == (6, 30, 3) and "capped" in note
-    cfg.training.max_steps = 5000
-    assert plan_steps(cfg, 24, 4)[1:3] == (5000, 100)
-
-
-# ------------------------------------------------------------------------------------------
-# Classifier-free guidance: null-conditioned samples train the unconditional branch
-# ------------------------------------------------------------------------------------------
-def test_null_condition_sample_trains_lora(tiny_model_dir):
-    from lora.config import LoraSection, ModelConfig
-    from lora.dataset import CachedClip, CachedTokenDataset, collate_tokens
-    from lora.modeling.adapter import attach_lora
-    from lora.modeling.loading import load_base_model
-    from lora.modeling.musicgen import build_delay_pattern, codebook_loss, null_condition
-
-    model, processor, info = load_base_model(ModelConfig(model_path=str(tiny_model_dir)))
-    model = attach_lora(model, LoraSection(lora_dropout=0.0))
-    g = torch.Generator().manual_seed(0)
-    clips = [CachedClip(id=str(i), text="x", split="train",
-                        codes=torch.randint(0, info.vocab_size, (info.num_codebooks, 30),
-                                            generator=g).short(),
-                        hidden=torch.randn(3 + i, info.text_hidden_size, generator=g),
-                        mask=torch.ones(3 + i, dtype=torch.long)) for i in range(2)]
-    ds = CachedTokenDataset(clips, 30, seed=0, train=True, cond_dropout=0.999)
-    batch = collate_tokens([ds[0], ds[1]], info.pad_token_id)
-    assert batch["dropped"].all() and not batch["hidden"].any() and not batch["mask"].any()
-
-    dec_in, labels = build_delay_pattern(batch["codes"], batch["lengths"], info)
-    # The padded null condition of training = the null condition generate() uses for the
-    # unconditional branch.
-    model.eval()
-    with torch.no_grad():
-        h0, m0 = null_condition(2, info)
-        ref = model(encoder_outputs=(h0,), attention_mask=m0, decoder_input_ids=dec_in).logits
-        got = model(encoder_outputs=(batch["hidden"],), attention_mask=batch["mask"],
-                    decoder_input_ids=dec_in).logits
-    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
-    model.train()
-    logits = model(encoder_outputs=(batch["hidden"],), attention_mask=batch["mask"],
-                   decoder_input_ids=dec_in).logits
-    codebook_loss(logits, labels).loss.backward()
-    self_attn_b = [p.grad for n, p in model.named_parameters() if "self_attn" in n and "lora_B" in n]
-    assert self_attn_b and all(gr is not None and gr.abs().sum() > 0 for gr in self_attn_b)
-
-
 # ------------------------------------------------------------------------------------------
 # Several processes: torchrun (gloo, CPU) == one process with the accumulation doubled
 # ------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one_process(tmp_path, tiny_model_dir, example_data_dir):
     from lora import train_lora
 
@@ -327,9 +270,9 @@ def test_torchrun_two_processes_match_one_process(tmp_path, tiny_model_dir, exam
     two = tmp_path / "two"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                         "--nproc_per_node", "2",
-                        str(SCRIPT), *args, "--output_dir", str(two),
+                        str(TRAIN_SCRIPT), *args, "--output_dir", str(two),
                         "--gradient_accumulation_steps", "1"],
-                       env=_env(), capture_output=True, text=True, timeout=400)
+                       env=subprocess_env(), capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
     _assert_same_adapter(one / "final_model", two / "final_model")
     # accelerate launch with USAGE.md's `accelerate config` file (2 processes; on this CPU-only
@@ -339,9 +282,9 @@ def test_torchrun_two_processes_match_one_process(tmp_path, tiny_model_dir, exam
     acc_cfg.write_text(_usage_accelerate_config(), encoding="utf-8")
     three = tmp_path / "accelerate"
     r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(acc_cfg),
-                        str(SCRIPT), *args, "--output_dir", str(three),
+                        str(TRAIN_SCRIPT), *args, "--output_dir", str(three),
                         "--gradient_accumulation_steps", "1"],
-                       env=_env(), capture_output=True, text=True, timeout=400)
+                       env=subprocess_env(), capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
     _assert_same_adapter(two / "final_model", three / "final_model", atol=0)
     steps = lambda out: [{k: v for k, v in e.items() if k != "steps_per_s"} for e in _metrics(out)]  # noqa: E731
@@ -375,6 +318,7 @@ def _usage_accelerate_config() -> str:
     return m.group(1)
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_trains_the_same(tmp_path, tiny_model_dir, example_data_dir):
     from lora import train_lora
 
@@ -414,6 +358,7 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path, tiny_model_dir, ex
                                "--resume_from_checkpoint", str(tmp_path)))
 
 
+@pytest.mark.slow
 def test_fresh_run_does_not_mix_with_an_earlier_run(tmp_path, tiny_model_dir, example_data_dir):
     """An earlier run's checkpoints would be taken for the new run's by 'latest': refuse, or delete
     on request."""
@@ -434,70 +379,6 @@ def test_fresh_run_does_not_mix_with_an_earlier_run(tmp_path, tiny_model_dir, ex
     assert (out / "best_model" / "adapter_model.safetensors").is_file()
 
 
-# ------------------------------------------------------------------------------------------
-# test_model.py runs train_lora.py's preparation and step
-# ------------------------------------------------------------------------------------------
-def test_test_model_step_equals_the_training_step(tmp_path, tiny_model_dir, example_data_dir):
-    """On the same batch, test_model's check gives the loss and LoRA gradients of train_lora.py's
-    first micro-batch, in the default precision (bf16 autocast + bf16 frozen weights where the CPU
-    runs it fast): same model preparation (LoRA init, frozen-weight dtype, decoder dropout, CPU
-    kernels), same step."""
-    from lora import test_model, train_lora
-    from lora.common.cli import log
-    from lora.config import parse_config
-    from lora.modeling.loading import load_base_model
-    from lora.training import model_prep, plan
-
-    cfg, _ = parse_config(["--model_path", str(tiny_model_dir), "--data_dir", str(example_data_dir),
-                           "--output_dir", str(tmp_path / "out"), "--batch_size", "2"],
-                          sections=train_lora.SECTIONS)
-    handlers = list(log.handlers)
-    run = train_lora.set_up(cfg)  # what train_lora.main runs before its loop
-    try:
-        model, processor, info = load_base_model(cfg.model)
-        torch.manual_seed(0)
-        tm_model, batch, tm_loss = test_model.training_step(cfg, model, processor, info,
-                                                            torch.device("cpu"), 1.0, run.precision)
-        tm_loss.loss.backward()
-        # train_lora's loop: training mode, the first micro-batch's dropout seed, the step
-        model_prep.set_train_mode(run.model, run.cache_text)
-        torch.manual_seed(plan.micro_seed(cfg.training.seed, 0, 0))
-        tr_loss = run.loss(batch)
-        tr_loss.loss.backward()
-    finally:
-        run.runlog.close()
-        for h in [h for h in log.handlers if h not in handlers]:
-            log.removeHandler(h)
-            h.close()
-    assert tr_loss.loss.item() == tm_loss.loss.item()
-    assert torch.equal(tr_loss.per_codebook, tm_loss.per_codebook)
-    grads = {n: p.grad for n, p in run.model.named_parameters() if p.requires_grad}
-    tm_grads = {n: p.grad for n, p in tm_model.named_parameters() if p.requires_grad}
-    assert grads.keys() == tm_grads.keys() and len(grads) > 0
-    assert all(torch.equal(grads[n], tm_grads[n]) for n in grads)
-    assert any(bool(g.abs().sum() > 0) for g in grads.values())
-
-
-# ------------------------------------------------------------------------------------------------
-# When the run validates and checkpoints: eval_steps / save_steps auto, save_minutes
-# ------------------------------------------------------------------------------------------------
-def test_auto_cadence_is_about_ten_per_run():
-    from lora.training import plan
-
-    for total in (60, 300):  # ~90 and ~450 clips at the seed's batch 2 x 4 x 5 epochs
-        every = plan.auto_interval(total)
-        assert len(plan.events_in_run(every, total)) == 10, total
-    for total in range(30, 5001):
-        n = len(plan.events_in_run(plan.auto_interval(total), total))
-        assert 8 <= n <= 13, (total, n)
-    # the quick start: steps 10, 20, ..., 90 (30, 60, 90 as before)
-    assert plan.auto_interval(90) == 10
-    assert plan.events_in_run(7, 20) == [7, 14, 20]  # the last step always
-    # An explicit number keeps its meaning (the seed's runs: validations at 100, 200 and the end).
-    assert plan.resolve_every("100", 285) == (100, False)
-    assert plan.resolve_every("auto", 285) == (30, True)
-
-
 def test_bad_cadence_settings_name_the_key(tmp_path):
     from lora import train_lora
     from lora.common.fields import ConfigError
@@ -510,25 +391,11 @@ def test_bad_cadence_settings_name_the_key(tmp_path):
     assert "training.save_steps must be 'auto'" in msg and "training.save_minutes" in msg
 
 
-def test_save_timer_is_due_after_its_minutes():
-    from lora.training.plan import SaveTimer
-
-    now = [100.0]
-    timer = SaveTimer(2.0, clock=lambda: now[0])
-    now[0] += 119
-    assert not timer.due()
-    now[0] += 1
-    assert timer.due()
-    timer.reset()
-    assert not timer.due()
-    now[0] += 1e6
-    assert not SaveTimer(0.0, clock=lambda: now[0]).due()  # 0 = off
-
-
 def _checkpoint_steps(out: Path) -> list[int]:
     return sorted(int(p.name[5:]) for p in (out / "checkpoints").glob("step-*"))
 
 
+@pytest.mark.slow
 def test_auto_run_validates_and_checkpoints_ten_times_and_validation_leaves_training_alone(
         tmp_path, tiny_model_dir, example_data_dir):
     """A real 20-step run with the defaults (auto): validations before the first step and at 2, 4,
@@ -560,6 +427,7 @@ def test_auto_run_validates_and_checkpoints_ten_times_and_validation_leaves_trai
     assert train(auto) == train(rare) and len(train(auto)) == 20
 
 
+@pytest.mark.slow
 def test_wall_time_checkpoints(tmp_path, tiny_model_dir, example_data_dir):
     """save_minutes: a checkpoint whenever that much wall time passed since the last one, whatever
     save_steps says (here 6 microseconds: every step); 0 = only save_steps and the end."""
@@ -577,6 +445,7 @@ def test_wall_time_checkpoints(tmp_path, tiny_model_dir, example_data_dir):
     assert _checkpoint_steps(off) == [3]
 
 
+@pytest.mark.slow
 def test_timing_says_where_the_cold_start_went(trained_output_dir):
     """logs/timing.json (bench_train.py --cold_start reads it): every phase of the run from the
     process start, the steps counted as run, and the phases adding up to the whole."""
@@ -593,3 +462,207 @@ def test_timing_says_where_the_cold_start_went(trained_output_dir):
     assert t["total"] - 0.5 <= sum(summed) <= t["total"] + rounding
     log_text = (trained_output_dir / "logs" / "train.log").read_text(encoding="utf-8")
     assert "Where the time went: start-up" in log_text
+
+
+# ------------------------------------------------------------------------------------------
+# Data loss: --overwrite_output_dir deletes only what train_lora.py wrote; one run per output folder
+# ------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_overwrite_output_dir_never_deletes_a_folder_the_tool_did_not_make(tmp_path, tiny_model_dir,
+                                                                          example_data_dir):
+    """The issue's command: a user's checkpoints/x/model.th survives --overwrite_output_dir."""
+    proj = tmp_path / "proj"
+    (proj / "checkpoints" / "x").mkdir(parents=True)
+    (proj / "checkpoints" / "x" / "model.th").write_text("w\n")
+    before = sha1s(proj)
+    r = subprocess.run([sys.executable, str(TRAIN_SCRIPT), "--model_path", str(tiny_model_dir), "--data_dir",
+                        str(example_data_dir), "--output_dir", str(proj), "--max_steps", "1",
+                        "--overwrite_output_dir"], env=subprocess_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert "did not write" in r.stderr and str(proj / "checkpoints" / "x") in r.stderr
+    assert "Nothing was deleted" in r.stderr and "Traceback" not in r.stderr
+    assert sha1s(proj) == before  # model.th is there, unchanged
+
+
+@pytest.mark.slow
+def test_overwrite_deletes_an_earlier_run_but_not_a_file_added_to_it(tmp_path, tiny_model_dir,
+                                                                     example_data_dir):
+    from lora import train_lora
+    from lora.common.cli import UserError
+
+    out = tmp_path / "out"
+    assert train_lora.main(train_args(tiny_model_dir, example_data_dir, out)) == 0
+    (out / "best_model" / "my_notes.txt").write_text("mine")
+    before = sha1s(out)
+    with pytest.raises(UserError, match="did not write") as e:
+        train_lora.main(train_args(tiny_model_dir, example_data_dir, out, "--overwrite_output_dir"))
+    assert "my_notes.txt" in str(e.value)
+    assert sha1s(out) == before
+    (out / "best_model" / "my_notes.txt").unlink()
+    old_ckpt = sorted((out / "checkpoints").iterdir())
+    assert train_lora.main(train_args(tiny_model_dir, example_data_dir, out, "--overwrite_output_dir",
+                                       # the tool's own files: deleted and rewritten
+                                       "--seed", "7")) == 0
+    assert json.loads((out / "best_model" / "trainer_state.json").read_text())["run"]["seed"] == 7
+    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == [p.name for p in old_ckpt]
+
+
+def _hold_lock(out: Path):
+    """A second process holding train_lora.py's lock on ``out`` (as a running training does)."""
+    code = ("import sys, time; sys.path.insert(0, %r); from pathlib import Path; from "
+            "lora.training import checkpoints\nwith checkpoints.output_lock(Path(%r)):\n    "
+            "print('locked', flush=True); time.sleep(120)\n"
+            % (str(ROOT), str(out)))
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=subprocess_env())
+    assert p.stdout.readline().strip() == "locked"
+    return p
+
+
+@pytest.mark.slow
+def test_a_second_training_on_the_same_folder_stops_at_once(tmp_path, tiny_model_dir, example_data_dir):
+    from lora import train_lora
+    from lora.common.cli import UserError
+
+    out = tmp_path / "out"
+    holder = _hold_lock(out)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(UserError) as e:
+            train_lora.main(train_args(tiny_model_dir, example_data_dir, out, "--overwrite_output_dir"))
+        msg = str(e.value)
+        assert str(out) in msg and f"pid {holder.pid}" in msg and "another training run" in msg
+        assert time.monotonic() - t0 < 10  # before the model loads
+        assert not (out / "logs").exists() and not (out / "checkpoints").exists()  # nothing written
+    finally:
+        holder.kill()  # a killed run (SIGKILL) ...
+        holder.wait()
+    # ... does not leave the folder locked
+    assert train_lora.main(train_args(tiny_model_dir, example_data_dir, out)) == 0
+
+
+# ------------------------------------------------------------------------------------------
+# Damaged artifacts: a message naming the file; 'latest' falls back to a checkpoint that loads whole
+# ------------------------------------------------------------------------------------------
+def _copy(run: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["adapter", "optimizer", "state"])
+def test_resume_latest_falls_back_to_the_newest_checkpoint_that_loads(damage, short_run, tmp_path,
+                                                                      tiny_model_dir,
+                                                                      example_data_dir, caplog):
+    from lora import train_lora
+    from lora.common.cli import UserError
+
+    out = _copy(short_run, tmp_path)
+    newest = out / "checkpoints" / "step-000003"
+    if damage == "adapter":
+        truncate(newest / "adapter_model.safetensors")
+    elif damage == "optimizer":
+        (newest / "optimizer.pt").write_bytes(b"")  # 0 bytes
+    else:
+        (newest / "trainer_state.json").write_text("[1, 2, 3]")  # valid JSON, not an object
+    # the damaged one named explicitly: a message naming the file
+    with pytest.raises(UserError) as e:
+        train_lora.main(train_args(tiny_model_dir, example_data_dir, out, "--max_steps", "4",
+                                    "--resume_from_checkpoint", newest))
+    named = {"adapter": "adapter_model.safetensors", "optimizer": "optimizer.pt",
+             "state": "trainer_state.json"}
+    assert named[damage] in str(e.value) and "latest" in str(e.value)
+    assert train_lora.main(train_args(tiny_model_dir, example_data_dir, out, "--max_steps", "4",
+                                       "--resume_from_checkpoint", "latest")) == 0
+    text = caplog.text
+    assert "step-000003" in text and "Resumed from" in text and str(out / "checkpoints"
+                                                                    / "step-000002") in text
+    assert json.loads((out / "final_model" / "trainer_state.json").read_text())["global_step"] == 4
+
+
+def test_max_duration_shorter_than_one_frame_is_a_message(tmp_path, tiny_model_dir, example_data_dir):
+    from lora import train_lora
+    from lora.common.fields import ConfigError
+
+    with pytest.raises(ConfigError, match="shorter than one codec frame"):
+        train_lora.main(train_args(tiny_model_dir, example_data_dir, tmp_path / "out",
+                                    "--max_duration", "0.005"))
+
+
+def test_training_on_a_full_disk_says_how_much_it_needs(small_disk, tiny_model_dir,
+                                                        example_data_dir, capsys):
+    from lora import train_lora
+    from lora.common.cli import run_main
+
+    rc = run_main(train_lora.main, train_args(tiny_model_dir, example_data_dir, small_disk / "out"))
+    err = capsys.readouterr().err
+    assert rc == 2 and "Not enough free disk space" in err and "training" in err and "needs about" in err
+
+
+def test_a_full_disk_during_a_checkpoint_is_a_message(tmp_path, tiny_model_dir, example_data_dir,
+                                                      monkeypatch, capsys):
+    from lora import train_lora
+    from lora.common.cli import run_main
+    from lora.training import checkpoints
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out" / "checkpoints"))
+
+    monkeypatch.setattr(checkpoints, "save_checkpoint", full)
+    rc = run_main(train_lora.main, train_args(tiny_model_dir, example_data_dir, tmp_path / "out"))
+    err = capsys.readouterr().err
+    assert rc == 2 and "The disk is full" in err and "training writes checkpoints" in err
+
+
+# ------------------------------------------------------------------------------------------
+# Ctrl-C says what was saved and how to continue
+# ------------------------------------------------------------------------------------------
+def test_ctrl_c_in_training_names_the_checkpoint_and_how_to_resume(tmp_path, tiny_model_dir,
+                                                                   example_data_dir,
+                                                                   monkeypatch, capsys):
+    from lora import train_lora
+    from lora.common.cli import run_main
+    from lora.training import step
+
+    real = step.step_loss
+    calls = {"n": 0}
+
+    def interrupt_at_third_step(model, *a, **k):
+        if model.training:
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise KeyboardInterrupt
+        return real(model, *a, **k)
+
+    monkeypatch.setattr(step, "step_loss", interrupt_at_third_step)
+    rc = run_main(train_lora.main,
+                  train_args(tiny_model_dir, example_data_dir, tmp_path / "out", "--max_steps", "5"))
+    err = capsys.readouterr().err
+    assert rc == 130
+    assert f"the newest checkpoint is {tmp_path / 'out' / 'checkpoints' / 'step-000002'}" in err
+    assert "--resume_from_checkpoint latest" in err
+
+
+# ------------------------------------------------------------------------------------------
+# TensorBoard after a resume
+# ------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_tensorboard_shows_each_step_once_after_a_resume(tmp_path, tiny_model_dir, example_data_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lora import train_lora
+
+    out = tmp_path / "out"
+    assert train_lora.main(train_args(tiny_model_dir, example_data_dir, out, max_steps=4,
+                                      save_steps=2)) == 0
+    assert train_lora.main(train_args(tiny_model_dir, example_data_dir, out, "--resume_from_checkpoint",
+                                      out / "checkpoints" / "step-000002", max_steps=4,
+                                      save_steps=2)) == 0
+    assert len(list((out / "logs").glob("events.out.tfevents.*"))) == 2
+    acc = EventAccumulator(str(out / "logs"))
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("train/loss")]
+    assert steps == [1, 2, 3, 4], steps
+    lines = [json.loads(x) for x in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in lines if "lr" in e] == [1, 2, 3, 4]  # (as metrics.jsonl already was)

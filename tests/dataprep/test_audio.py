@@ -217,6 +217,7 @@ def test_levels():
     assert np.max(np.abs(A.normalize_peak(x, -6.0))) == pytest.approx(10 ** (-6 / 20), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_tempo_and_key_estimates():
     sr = 22050
     y = np.zeros(sr * 8, dtype=np.float32)

@@ -17,8 +17,8 @@ from safetensors import safe_open
 
 from lora.common.cli import UserError
 from lora.common.fields import ConfigError
+from tests.helpers import random_adapter
 
-ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "lofi piano with soft drums"
 
 # Run in a fresh interpreter: loads the exported folder with transformers alone, generates greedily
@@ -95,32 +95,13 @@ def _as_codes(seen: list, stereo: bool, k: int):
     return torch.stack([left, right], dim=1).reshape(k, -1)
 
 
-def _random_adapter(model_dir, out_dir, seed=0, **lora):
-    """A LoRA adapter of our own trainer's layout whose B matrices are random (so it changes the
-    output)."""
-    from lora.config import Config
-    from lora.modeling import adapter, loading
-
-    cfg = Config()
-    cfg.model.model_path = str(model_dir)
-    for k, v in lora.items():
-        setattr(cfg.lora, k, v)
-    model, _, _ = loading.load_base_model(cfg.model)
-    peft_model = adapter.attach_lora(model, cfg.lora)
-    g = torch.Generator().manual_seed(seed)
-    for name, p in peft_model.named_parameters():
-        if "lora_B" in name:
-            p.data = torch.randn(p.shape, generator=g) * 0.5
-    peft_model.save_pretrained(out_dir)
-    return Path(out_dir)
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("stereo", [False, True], ids=["mono", "stereo"])
 def test_export_loads_without_peft_and_generates_our_merged_tokens(stereo, tiny_model_dir,
                                                                    tiny_stereo_model_dir,
                                                                   trained_output_dir, tmp_path):
     model_dir = tiny_stereo_model_dir if stereo else tiny_model_dir
-    adapter = (_random_adapter(model_dir, tmp_path / "stereo_adapter") if stereo
+    adapter = (random_adapter(model_dir, tmp_path / "stereo_adapter") if stereo
                else trained_output_dir / "best_model")
     folder = tmp_path / "merged"
     assert _export(["--base_model_path", model_dir, "--lora_model_path", adapter, "--output_dir",
@@ -148,6 +129,7 @@ def test_export_loads_without_peft_and_generates_our_merged_tokens(stereo, tiny_
         assert "training clips" in card and "metadata.json" in card
 
 
+@pytest.mark.slow
 def test_exported_model_is_a_base_for_our_scripts(tiny_model_dir, trained_output_dir,
                                                   example_data_dir, tmp_path):
     """Generate with the fine-tune alone, and train a new adapter on top of it."""
@@ -173,6 +155,7 @@ def test_exported_model_is_a_base_for_our_scripts(tiny_model_dir, trained_output
     assert recorded == str(folder.resolve())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["exists", "scales", "bases", "dtype", "inside_adapter", "no_adapter"])
 def test_bad_export_input_is_a_clear_error_and_writes_nothing(case, tiny_model_dir,
                                                               trained_output_dir, tmp_path):

@@ -24,6 +24,8 @@ import pytest
 import soundfile as sf
 
 CI = os.environ.get("CI", "").lower() == "true"
+# Each test drives the UI end to end (a server on the tiny model, a trained run): all are slow.
+pytestmark = pytest.mark.slow
 
 
 def _require(what: str, ok: bool):

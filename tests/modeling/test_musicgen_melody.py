@@ -1,7 +1,8 @@
-"""MusicGen-Melody as a second model family (lora.modeling.musicgen_melody, lora.modeling.chroma),
-checked against transformers' own MusicgenMelodyForConditionalGeneration on tiny random melody
-models (mono and stereo): the chroma, the conditioning prefix, the training loss, the null condition
-and greedy generation."""
+"""MusicGen-Melody as a second model family (lora.modeling.musicgen_melody), checked against
+transformers' own MusicgenMelodyForConditionalGeneration on tiny random melody models (mono and
+stereo): the conditioning prefix, the training loss, the null condition and greedy generation; then
+the token cache, training, inference, evaluation and export of a melody fine-tune (its chroma:
+tests/modeling/test_chroma.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-SR = 32000
+from tests.helpers import SR, tones, tune_chroma
 
 
 @pytest.fixture(scope="module", params=["mono", "stereo"])
@@ -21,76 +22,6 @@ def melody(request, tmp_path_factory):
                           stereo=request.param == "stereo", melody=True)
     model = M.from_pretrained(str(d), "sdpa").eval()
     return model, M.load_processor(str(d)), M.model_info(model, str(d), "test")
-
-
-def _tone(freqs, seconds, sr=SR):
-    t = np.arange(int(seconds * sr)) / sr
-    return sum(np.sin(2 * np.pi * f * t) for f in freqs).astype(np.float32) / len(freqs)
-
-
-def _melody_chroma(seconds=3.0):
-    """A tune: A, then C, then E (one pitch class per second)."""
-    from lora.modeling import chroma as C
-
-    wav = np.concatenate([_tone([440.0], seconds / 3), _tone([261.63], seconds / 3),
-                          _tone([329.63], seconds / 3)])
-    return C.chroma(wav, SR)
-
-
-# --------------------------------------------------------------------------------------------
-# Chroma
-# --------------------------------------------------------------------------------------------
-def test_chroma_of_a_440_hz_sine_lights_bin_a_in_every_frame():
-    from lora.modeling import chroma as C
-
-    ch = C.chroma(_tone([440.0], 4.0), SR)
-    assert ch.shape == (C.frames(4 * SR), 12) == (32, 12)
-    assert set(C.dominant_pitch_classes(ch)) == {"A"}
-    assert torch.equal(ch.sum(dim=-1), torch.ones(32))  # one-hot
-
-
-def test_chroma_follows_a_tune_and_is_cut_at_30_seconds():
-    from lora.modeling import chroma as C
-
-    names = C.dominant_pitch_classes(_melody_chroma(6.0))
-    # 7.8125 frames/s, 2 s per note: frames well inside each note carry it (window edges may mix two
-    # notes)
-    assert names[2:14] == ["A"] * 12 and names[18:29] == ["C"] * 11 and names[34:45] == ["E"] * 11
-    # chroma_length of the released models
-    assert C.chroma(_tone([440.0], 31.0), SR).shape[0] == 235
-
-
-def test_chroma_equals_an_independent_librosa_computation():
-    """librosa's STFT (centred, reflect padding, periodic Hann) and librosa's own chroma filter
-    bank, then the argmax: the same frames as lora.modeling.chroma (which uses torch.stft and
-    transformers' port of the bank)."""
-    librosa = pytest.importorskip("librosa")
-    from lora.modeling import chroma as C
-
-    rng = np.random.default_rng(0)
-    wav = (_tone([196.0, 246.94, 293.66], 5.0) + 0.05 * rng.standard_normal(5 * SR)).astype(np.float32)
-    spec = np.abs(librosa.stft(wav, n_fft=C.N_FFT, hop_length=C.HOP, win_length=C.N_FFT, window="hann",
-                               center=True, pad_mode="reflect")) ** 2
-    bank = librosa.filters.chroma(sr=SR, n_fft=C.N_FFT, tuning=0.0, n_chroma=12)
-    expected = (bank @ spec).T
-    raw = C.raw_chroma(wav, SR).double().numpy()
-    assert raw.shape == expected.shape == (C.frames(5 * SR), 12)
-    # energies frame by frame, each frame scaled by its max (the extractor's normalisation), then
-    # the one-hot
-    np.testing.assert_allclose(raw / raw.max(axis=1, keepdims=True), expected
-                               / expected.max(axis=1, keepdims=True), rtol=1e-4, atol=1e-6)
-    assert np.array_equal(C.chroma(wav, SR).argmax(dim=-1).numpy(), expected.argmax(axis=1))
-
-
-def test_chroma_matches_transformers_feature_extractor_when_torchaudio_is_there():
-    pytest.importorskip("torchaudio")
-    from transformers import MusicgenMelodyFeatureExtractor
-
-    from lora.modeling import chroma as C
-
-    wav = _tone([220.0, 277.18], 4.0)
-    ref = MusicgenMelodyFeatureExtractor()(wav, sampling_rate=SR, return_tensors="pt").input_features[0]
-    assert torch.equal(C.chroma(wav, SR), ref)
 
 
 # --------------------------------------------------------------------------------------------
@@ -117,7 +48,7 @@ def _ours(model, info, codes, lengths, hidden, mask, chroma):
 def test_loss_equals_transformers_melody_forward_with_labels(melody):
     model, processor, info = melody
     hidden, mask, codes, lengths, tokens = _batch(model, processor, info)
-    ch = _melody_chroma()
+    ch = tune_chroma()
     chroma = torch.stack([ch, torch.roll(ch, 3, dims=-1)])
     logits, labels, loss = _ours(model, info, codes, lengths, hidden, mask, chroma)
     ref = model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
@@ -134,7 +65,7 @@ def test_the_melody_reaches_the_model_and_its_frames_are_in_order(melody):
     compared)."""
     model, processor, info = melody
     hidden, mask, codes, lengths, tokens = _batch(model, processor, info, texts=("piano chords",))
-    chroma = _melody_chroma()[None]
+    chroma = tune_chroma()[None]
     logits, labels, _ = _ours(model, info, codes, lengths, hidden, mask, chroma)
     ref = model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
                 input_features=chroma, labels=labels).logits
@@ -161,7 +92,7 @@ def test_dropped_condition_is_generate_null(melody):
 
     model, processor, info = melody
     hidden, mask, _, _, _ = _batch(model, processor, info)
-    chroma = torch.stack([_melody_chroma()] * 2)
+    chroma = torch.stack([tune_chroma()] * 2)
     keep, keep_melody = torch.tensor([False, True]), torch.tensor([True, False])
     h, m, c = M.drop_melody_condition(hidden, mask, keep, chroma, keep_melody)
     uh, um = M.with_unconditional(hidden, mask)
@@ -221,8 +152,8 @@ def test_greedy_tokens_equal_transformers_generate(melody, with_melody, monkeypa
     texts = ["techno drums 128 BPM", "piano"]
     hidden, mask = M.encode_text(model, processor, texts)
     tokens = processor(text=texts, padding=True, return_tensors="pt")
-    chroma = torch.stack([_melody_chroma(),
-                          torch.roll(_melody_chroma(), 5, dims=-1)]) if with_melody else None
+    chroma = torch.stack([tune_chroma(),
+                          torch.roll(tune_chroma(), 5, dims=-1)]) if with_melody else None
     n = 12
     ours = _greedy(model, info, hidden, mask, chroma, n, guidance=3.0)
 
@@ -292,6 +223,7 @@ def _cached(root, data):
     return model, processor, info, records, clips, stats
 
 
+@pytest.mark.slow
 def test_the_cache_holds_each_clip_s_own_chroma(melody_run):
     import soundfile as sf
 
@@ -308,6 +240,7 @@ def test_the_cache_holds_each_clip_s_own_chroma(melody_run):
         assert clip.chroma.shape[0] == C.frames(wav.shape[0])
 
 
+@pytest.mark.slow
 def test_a_training_crop_takes_the_chroma_frames_that_cover_it(melody_run):
     from lora.dataset import CachedTokenDataset
     from lora.modeling import chroma as C
@@ -329,6 +262,7 @@ def test_a_training_crop_takes_the_chroma_frames_that_cover_it(melody_run):
     assert item["chroma"].shape == (info.chroma_length, 12)
 
 
+@pytest.mark.slow
 def test_dropped_items_carry_generate_s_null_condition(melody_run):
     from lora.dataset import CachedTokenDataset, collate_tokens
     from lora.modeling import musicgen_melody as M
@@ -355,6 +289,7 @@ def test_dropped_items_carry_generate_s_null_condition(melody_run):
     assert torch.equal(got[0], null[1])  # the dropped row is generate's unconditional row
 
 
+@pytest.mark.slow
 def test_melody_training_learns_and_saves_a_standard_adapter(melody_run):
     import json
 
@@ -394,7 +329,7 @@ def test_generate_follows_transformers_greedy_with_the_melody(melody, with_melod
 
     model, processor, info = melody
     n = 10
-    melody_audio = np.concatenate([_tone([440.0], 1.0), _tone([261.63], 1.0), _tone([329.63], 1.0)])
+    melody_audio = np.concatenate([tones([440.0], 1.0), tones([261.63], 1.0), tones([329.63], 1.0)])
     chroma, mid = engine.melody_from_audio(melody_audio, info) if with_melody else (None, "")
     req = requests.Request(prompt="techno drums 128 BPM", seed=0, duration=n / info.frame_rate,
                     sampling=requests.SamplingSettings(do_sample=False), melody=chroma, melody_id=mid)
@@ -422,7 +357,7 @@ def test_a_later_window_follows_the_same_time_in_the_tune(melody):
     from lora.modeling import musicgen_melody as M
 
     _, _, info = melody
-    tune = _melody_chroma(6.0)  # A, C, E: 2 s each
+    tune = tune_chroma(6.0)  # A, C, E: 2 s each
     req = requests.Request(prompt="x", seed=0, duration=40.0, melody=tune)
     start = 2 * info.frame_rate  # a window that starts 2 s in
     got = engine.window_melody(info, [req, requests.Request(prompt="y", seed=1, duration=40.0)],
@@ -453,11 +388,12 @@ def test_a_silent_melody_is_refused():
 def _tune_file(path):
     import soundfile as sf
 
-    wav = np.concatenate([_tone([440.0], 1.0), _tone([261.63], 1.0), _tone([329.63], 1.0)]) * 0.5
+    wav = np.concatenate([tones([440.0], 1.0), tones([261.63], 1.0), tones([329.63], 1.0)]) * 0.5
     sf.write(str(path), wav, SR)
     return path
 
 
+@pytest.mark.slow
 def test_inference_follows_a_melody_file_and_records_it(melody_run, tmp_path):
     import json
 
@@ -488,6 +424,7 @@ def test_inference_follows_a_melody_file_and_records_it(melody_run, tmp_path):
                        / "manifest.json").read_text())["files"][0]["tokens_sha1"] == with_tune["tokens_sha1"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case",
                          ["missing", "unreadable", "silent", "text_model",
                           "melody_adapter_on_text_model"])
@@ -526,6 +463,7 @@ def test_bad_melody_input_is_a_message_and_nothing_is_written(melody_run, tmp_pa
 # --------------------------------------------------------------------------------------------
 # evaluate.py --compare on a melody model
 # --------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_evaluate_compare_reports_likelihood_and_chroma_similarity_with_its_floor(melody_run, tmp_path):
     import json
 
@@ -556,17 +494,6 @@ def test_evaluate_compare_reports_likelihood_and_chroma_similarity_with_its_floo
     assert "chroma similarity to the melody" in (ev / "report.html").read_text()
 
 
-def test_chroma_similarity_is_one_for_the_same_tune_and_low_for_another():
-    from lora.modeling import chroma as C
-
-    a = C.chroma(_tone([440.0], 3.0), SR)
-    assert C.cosine_similarity(a, a) == 1.0
-    # D# vs A: no frame agrees
-    assert C.cosine_similarity(a, C.chroma(_tone([311.13], 3.0), SR)) == 0.0
-    half = torch.cat([a[:12], C.chroma(_tone([311.13], 3.0), SR)[12:]])
-    assert C.cosine_similarity(half, a) == pytest.approx(12 / a.shape[0])
-
-
 def test_static_decoder_logits_equal_transformers_forward_with_the_prefix(melody):
     """The static-cache step (prefill, then one token at a time) gives transformers' logits at every
     position."""
@@ -574,7 +501,7 @@ def test_static_decoder_logits_equal_transformers_forward_with_the_prefix(melody
 
     model, processor, info = melody
     hidden, mask, codes, lengths, tokens = _batch(model, processor, info)
-    chroma = torch.stack([_melody_chroma(), torch.roll(_melody_chroma(), 2, dims=-1)])
+    chroma = torch.stack([tune_chroma(), torch.roll(tune_chroma(), 2, dims=-1)])
     dec_in, _ = M.build_delay_pattern(codes, lengths, info)
     ref = model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
                 input_features=chroma, decoder_input_ids=dec_in).logits
@@ -587,6 +514,7 @@ def test_static_decoder_logits_equal_transformers_forward_with_the_prefix(melody
     torch.testing.assert_close(torch.stack(got, dim=1), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_melody_fine_tune_exports_to_a_plain_melody_model(melody_run, tmp_path):
     """export_model.py on a melody adapter: a MusicgenMelodyForConditionalGeneration folder that
     loads in transformers and, as --model_path, generates with a melody the tokens of the merged

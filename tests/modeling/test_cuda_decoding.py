@@ -1,5 +1,5 @@
 """CUDA-only checks (skipped without a GPU; CI has none). Run on a GPU machine with
-``python -m pytest -q tests/test_cuda.py`` (bench/gpu_check.sh does).
+``python -m pytest -q tests/modeling/test_cuda_decoding.py`` (bench/gpu_check.sh does).
 
 - the static-cache decoder replayed as a CUDA graph gives transformers' logits (unmerged LoRA,
   fp32);
@@ -12,45 +12,21 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.helpers import generation_config
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 PROMPTS = ["hip hop 808 beat with trap drums", "lofi piano"]
 
 
-def _cfg(model_dir, **gen):
-    from lora.config import Config
-
-    cfg = Config()
-    cfg.model.model_path = str(model_dir)
-    for k, v in gen.items():
-        setattr(cfg.generation, k, v)
-    return cfg
-
-
-@pytest.fixture(scope="module")
-def adapter_dir(tiny_model_dir, tmp_path_factory):
-    from lora.modeling import adapter, loading
-
-    cfg = _cfg(tiny_model_dir)
-    model, _, _ = loading.load_base_model(cfg.model)
-    peft_model = adapter.attach_lora(model, cfg.lora)
-    g = torch.Generator().manual_seed(0)
-    for name, p in peft_model.named_parameters():
-        if "lora_B" in name:
-            p.data = torch.randn(p.shape, generator=g) * 0.5
-    out = tmp_path_factory.mktemp("adapter") / "best_model"
-    peft_model.save_pretrained(out)
-    return out
-
-
-def test_cuda_graph_decoder_equals_transformers_forward(tiny_model_dir, adapter_dir):
+def test_cuda_graph_decoder_equals_transformers_forward(tiny_model_dir, tiny_adapter_dir):
     from lora.generation.engine import _text_states
     from lora.modeling import adapter, loading, musicgen
     from lora.modeling.fast_decode import StaticDecoder
 
-    cfg = _cfg(tiny_model_dir)
+    cfg = generation_config(tiny_model_dir)
     model, processor, info = loading.load_base_model(cfg.model, device="cuda")
-    model = adapter.load_lora(model, adapter_dir).to("cuda").eval()
+    model = adapter.load_lora(model, tiny_adapter_dir).to("cuda").eval()
     base = musicgen.get_base(model)
     hidden, mask = _text_states(model, processor, PROMPTS, 3.0, torch.float32)
     rows, K = hidden.shape[0], info.num_codebooks
@@ -65,13 +41,13 @@ def test_cuda_graph_decoder_equals_transformers_forward(tiny_model_dir, adapter_
 
 
 @pytest.mark.parametrize("merge", [True, False], ids=["merged", "unmerged"])
-def test_cuda_graph_generation_gives_transformers_tokens(tiny_model_dir, adapter_dir, merge):
+def test_cuda_graph_generation_gives_transformers_tokens(tiny_model_dir, tiny_adapter_dir, merge):
     from lora.generation.engine import generate
     from lora.generation.model import load_generation_model
     from lora.generation.requests import Request, SamplingSettings
 
-    model, processor, info, _ = load_generation_model(_cfg(tiny_model_dir, dtype="float32", merge=merge),
-                                                      device="cuda", adapter_path=adapter_dir)
+    cfg = generation_config(tiny_model_dir, dtype="float32", merge=merge)
+    model, processor, info, _ = load_generation_model(cfg, device="cuda", adapter_path=tiny_adapter_dir)
     s = SamplingSettings(guidance_scale=3.0, top_k=50, do_sample=True)
     reqs = [Request(prompt=p, seed=3 + i, duration=2.0, sampling=s) for i, p in enumerate(PROMPTS)]
     kw = dict(batch_size=2, max_window=1.2, extend_stride=0.8, progress=False)
@@ -82,15 +58,15 @@ def test_cuda_graph_generation_gives_transformers_tokens(tiny_model_dir, adapter
         assert torch.equal(a.codes, b.codes)
 
 
-def test_cuda_graph_generation_in_bf16(tiny_model_dir, adapter_dir):
+def test_cuda_graph_generation_in_bf16(tiny_model_dir, tiny_adapter_dir):
     import numpy as np
 
     from lora.generation.engine import generate
     from lora.generation.model import load_generation_model
     from lora.generation.requests import Request, SamplingSettings
 
-    model, processor, info, _ = load_generation_model(_cfg(tiny_model_dir, dtype="bfloat16"),
-                                                      device="cuda", adapter_path=adapter_dir)
+    cfg = generation_config(tiny_model_dir, dtype="bfloat16")
+    model, processor, info, _ = load_generation_model(cfg, device="cuda", adapter_path=tiny_adapter_dir)
     s = SamplingSettings(guidance_scale=3.0, top_k=250, do_sample=True)
     reqs = [Request(prompt=p, seed=i, duration=3.0, sampling=s) for i, p in enumerate(PROMPTS)]
     # auto = cuda_graph on CUDA

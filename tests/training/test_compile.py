@@ -131,6 +131,7 @@ def test_static_shapes_plan():
     assert cfg.training.max_duration == 30.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_compiled_step_matches_eager_and_compiles_once_per_bucket(tiny_model_dir, precision):
     from torch._dynamo.utils import counters

@@ -1,0 +1,117 @@
+"""The report (lora.scoring.report): every user text escaped in report.html, players and
+spectrograms linked side by side, and the summary table's verdicts: a winner is named only from an
+interval that excludes 0, never from one held-out clip or recording."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+
+from lora.scoring.report import format_table, render_html, summary_rows
+
+
+def test_one_held_out_clip_names_no_winner():
+    from lora.scoring.report import summary_rows
+
+    def results(n):
+        lk = {m: {"ce": ce, "ppl": 2.0 ** ce, "n_clips": n} for m, ce in (("base", 7.5), ("lora", 6.9))}
+        lk["difference"] = {"diff": -0.6, "ci_low": -0.7, "ci_high": -0.5, "confidence": 0.95, "n": n}
+        return {"models_evaluated": ["base", "lora"], "likelihood": lk}
+
+    assert {r["better"] for r in summary_rows(results(1))} == {"too few clips"}
+    assert summary_rows(results(5))[0]["better"] == "LoRA"
+    wide = results(5)
+    wide["likelihood"]["difference"].update(ci_low=-0.7, ci_high=0.1)
+    assert summary_rows(wide)[0]["better"] == "unclear"
+
+
+# ------------------------------------------------------------------------------------ report (unit)
+def _fake_results(caption: str) -> dict:
+    return {
+        "models_evaluated": ["base", "lora"],
+        "identity": {"base": {"name_or_path": "<b>model</b>"},
+                     "lora": {"path": "x\"><script>1</script>"}},
+        "likelihood": {"base": {"ce": 5.0, "ppl": math.exp(5.0), "ce_per_codebook": [5.0, 5.0]},
+                       "lora": {"ce": 4.5, "ppl": math.exp(4.5), "ce_per_codebook": [4.4, 4.6]},
+                       "difference": {"diff": -0.5, "ci_low": -0.6, "ci_high": -0.4,
+                                      "confidence": 0.95, "n": 10,
+                                      "n_clips": 10, "n_recordings": 5}},
+        "generation": {"prompts": [caption], "seeds": [0],
+                       "clips": [{"model": m, "prompt_index": 0, "prompt": caption, "seed": 0,
+                                  "wav": f"audio/{m}/p000_s0.wav",
+                                  "spectrogram": f"spectrograms/{m}/p000_s0.png",
+                                  "checks": {"failures": []}} for m in ("base", "lora")],
+                       "signal": {},
+                       "distances": {"base": {"encodec": {"fad": 2.0, "kad": {"value": 1.0}}},
+                                                   "lora": {"encodec": {"fad": 1.0,
+                                                                        "kad": {"value": 0.5}}}},
+                       "intervals": {"metrics": {
+                           "encodec.fad": {"diff": -1.0, "ci_low": -1.5, "ci_high": -0.5,
+                                           "confidence": 0.95,
+                                           "n_boot": 200, "excludes_zero": True, "n_pairs": 8},
+                           "encodec.kad": {"diff": -0.5, "ci_low": -0.9, "ci_high": 0.1,
+                                           "confidence": 0.95,
+                                           "n_boot": 200, "excludes_zero": False, "n_pairs": 8}}},
+                       "clap": {"skipped": "no <clap>"}},
+        "settings": {"prompt": caption}, "versions": {},
+    }
+
+
+def test_report_escapes_every_user_text():
+    evil = '<script>alert("pwned")</script> & lofi "beat"'
+    res = _fake_results(evil)
+    html = render_html(res, charts={})
+    assert "<script>" not in html and "alert(\"pwned\")" not in html
+    assert "&lt;script&gt;alert(&quot;pwned&quot;)&lt;/script&gt; &amp; lofi" in html
+    assert "<b>model</b>" not in html and "&lt;b&gt;model&lt;/b&gt;" in html
+    assert "no &lt;clap&gt;" in html
+    # players and spectrograms with relative links, side by side per prompt
+    assert html.count("<audio controls") == 2 and "src='audio/base/p000_s0.wav'" in html
+    assert "src='spectrograms/lora/p000_s0.png'" in html
+
+
+def test_summary_rows_direction_and_table():
+    rows = {r["metric"]: r for r in summary_rows(_fake_results("x"))}
+    ce = rows["held-out cross-entropy (nats)"]
+    assert ce["delta"] == pytest.approx(-0.5) and ce["better"] == "LoRA"
+    assert "CI [-0.6000, -0.4000]" in ce["note"] and "n=10 clips from 5 recordings" in ce["note"]
+    assert rows["held-out perplexity"]["better"] == "LoRA"
+    assert rows["FAD (EnCodec latents)"]["better"] == "LoRA"  # its interval excludes 0
+    assert "CI [-1.5000, -0.5000], n=8 (prompt, seed) pairs, 200 resamples" in rows["FAD (EnCodec "
+                                                                                    "latents)"]["note"]
+    assert rows["KAD ×100 (EnCodec)"]["better"] == "unclear"  # lower, but its interval holds 0
+    table = format_table(summary_rows(_fake_results("x")))
+    assert re.match(r"metric\s+\| base\s+\| LoRA\s+\| Δ\s+\| better\?", table.splitlines()[0])
+
+
+def test_generated_audio_rows_name_a_winner_only_from_an_interval():
+    """FAD 1.036e-4 vs 1.029e-4 is no win unless the paired bootstrap interval of the difference
+    excludes 0; no interval at all is "unclear" too. The held-out likelihood: one recording names no
+    winner (its cluster bootstrap has no width), and perplexity says what cross-entropy says."""
+    res = _fake_results("x")
+    gen = res["generation"]
+    gen["distances"] = {"base": {"encodec": {"fad": 1.036e-4}}, "lora": {"encodec": {"fad": 1.029e-4}}}
+    gen["clap"] = {"base": {"mean": 0.20}, "lora": {"mean": 0.25}}
+    gen["intervals"] = {"metrics": {
+        "encodec.fad": {"diff": -7e-7, "ci_low": -2.1e-6, "ci_high": 9e-7, "confidence": 0.95,
+                        "n_boot": 200, "excludes_zero": False, "n_pairs": 16},
+        "clap": {"diff": 0.05, "ci_low": 0.01, "ci_high": 0.09, "confidence": 0.95, "n_boot": 2000,
+                 "excludes_zero": True, "n_pairs": 16}}}
+    rows = {r["metric"]: r for r in summary_rows(res)}
+    assert rows["FAD (EnCodec latents)"]["better"] == "unclear"
+    assert "CI [-2.100e-06, 9.000e-07]" in rows["FAD (EnCodec latents)"]["note"]
+    assert rows["CLAP text-audio score"]["better"] == "LoRA"  # higher is better, interval above 0
+    del gen["intervals"]
+    rows = {r["metric"]: r for r in summary_rows(res)}
+    assert rows["FAD (EnCodec latents)"]["better"] == "unclear" and rows["CLAP text-audio "
+                                                                         "score"]["better"] == "unclear"
+    res["likelihood"]["difference"].update(n_recordings=1, ci_low=-0.5, ci_high=-0.5)
+    rows = {r["metric"]: r for r in summary_rows(res)}
+    assert rows["held-out cross-entropy (nats)"]["better"] == "too few recordings"
+    assert rows["held-out perplexity"]["better"] == "too few recordings"
+    res["likelihood"]["difference"].update(n_recordings=5, ci_low=-0.6, ci_high=0.1)
+    rows = {r["metric"]: r for r in summary_rows(res)}
+    assert rows["held-out cross-entropy (nats)"]["better"] == "unclear" == rows["held-out "
+                                                                                "perplexity"]["better"]
