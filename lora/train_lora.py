@@ -32,7 +32,6 @@ dropout) and per-micro-batch randomness (LoRA/model dropout) is seeded by the sa
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import sys
@@ -46,7 +45,7 @@ if not __package__:  # run as a file, maybe without `pip install -e .`: see lora
 
     _bootstrap.find_package()
 
-from lora.common.cli import UserError, disk_full_message, log, on_interrupt, process_start_time, run_main, setup_logging
+from lora.common.cli import UserError, fault_message, log, on_interrupt, process_start_time, run_main, setup_logging
 from lora.common.files import atomic_write_json, check_free_space, check_output_dir
 from lora.config import Config, parse_config, validate
 from lora.dataprep.token_cache import build_token_cache
@@ -100,11 +99,12 @@ def main(argv=None) -> int:
             f"{t.gradient_accumulation_steps}) to keep the effective batch; a shorter "
             f"--max_duration (now {t.max_duration} s); --gradient_checkpointing; or "
             f"--mixed_precision bf16/fp16.") from None
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+    except OSError as e:  # a full or read-only disk: a message naming the file
+        message = fault_message(e, "training writes checkpoints, adapters and logs into "
+                                   f"{cfg.training.output_dir}")
+        if message is None:
             raise
-        raise UserError(disk_full_message(e, "training writes checkpoints, adapters and logs into "
-                                             f"{cfg.training.output_dir}")) from None
+        raise UserError(message) from None
     finally:
         for h in [h for h in log.handlers if h not in handlers]:
             log.removeHandler(h)
@@ -270,7 +270,8 @@ def set_up(cfg: Config) -> Run:
     # before this run writes anything (the first process deletes, the others only check)
     if ck is None:
         checkpoints.clear_earlier_run(out, t.overwrite_output_dir,
-                                      is_main=os.environ.get("RANK", "0") == "0")
+                                      is_main=os.environ.get("RANK", "0") == "0",
+                                      models=[("the base model", cfg.model.model_path)])
     acc, precision = start_processes(cfg)
 
     set_seed(t.seed)
