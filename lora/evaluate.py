@@ -49,6 +49,7 @@ from lora import config
 from lora.common.cli import UserError, log, on_interrupt, run_main
 from lora.common.fields import ConfigError
 from lora.common.files import atomic_write_json, check_free_space, check_output_dir
+from lora.common.ownership import claim_output, read_record, record_written, remove_entries
 from lora.config import Config, GenerationConfig, adapter_paths, adapter_scales, parse_config
 from lora.dataprep.token_cache import build_token_cache
 from lora.dataset import load_metadata
@@ -63,7 +64,7 @@ from lora.modeling.adapter import (
     load_adapters,
 )
 from lora.modeling.cpu_speed import keep_freed_memory
-from lora.modeling.loading import load_base_model
+from lora.modeling.loading import load_base_model, local_model_folder
 from lora.scoring.generated import KAD_KERNEL, KAD_MAX_FRAMES, LOUDNESS_TARGET_LUFS, generation_metrics
 from lora.scoring.likelihood import likelihood_section
 from lora.scoring.report import format_table, jsonable, summary_rows, versions, write_report
@@ -111,9 +112,39 @@ def config_problems(cfg: Config, ns=None) -> list[str]:
         problems += [p for p in check_mix_bases(paths) if p not in problems]
     try:
         check_output_dir(ev.output_dir, "--output_dir")
+        earlier_evaluation(cfg)  # the ownership rule: nothing of the user's is written over
     except UserError as e:
         problems.append(str(e))
     return [p for p in problems if p]
+
+
+TOOL = "evaluate.py"
+# What evaluate.py writes into output_dir (a rerun replaces its own earlier evaluation there)
+OUTPUTS = ("results.json", "config.yaml", "report.html", "audio", "spectrograms", "charts")
+
+
+def _ours(out: Path):
+    """evaluate.py's entries in ``out``: those its record lists, or, in a folder an earlier version
+    wrote (its results.json, no record), the entries an evaluation writes."""
+    recorded = read_record(out, TOOL)
+    if not recorded and (out / "results.json").is_file():
+        try:
+            doc = json.loads((out / "results.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            doc = None
+        if isinstance(doc, dict) and "models_evaluated" in doc and "likelihood" in doc:
+            recorded = set(OUTPUTS)
+    return lambda entry: [] if entry.name in recorded else [entry]
+
+
+def earlier_evaluation(cfg: Config) -> list[Path]:
+    """The entries of an earlier evaluation in output_dir, which this one replaces; UserError (the
+    ownership rule, lora.common.ownership) when something there is not evaluate.py's, or when
+    output_dir is a model's or an adapter's folder."""
+    out = Path(cfg.evaluation.output_dir)
+    models = [("the base model", local_model_folder(cfg.model))]
+    models += [("the adapter", a) for a in adapter_paths(cfg.generation)]
+    return claim_output(out, TOOL, writes=OUTPUTS, ours=_ours(out), overwrite=None, models=models)
 
 
 def evaluation_plan(cfg: Config) -> dict:
@@ -191,6 +222,7 @@ def evaluate(cfg: Config, plan: dict) -> int:
     torch.manual_seed(g.seed)
     t_start = time.perf_counter()
 
+    earlier = earlier_evaluation(cfg)
     records = load_metadata(cfg.data.data_dir, cfg.data.metadata_file)
     valid = [r for r in records if r.split == "valid"]
     if not valid:
@@ -227,6 +259,10 @@ def evaluate(cfg: Config, plan: dict) -> int:
     recordings = [("source", source_of[c.id]) if source_of.get(c.id) else ("clip", c.id) for c in clips]
     lk, few_note = likelihood_section(model, processor, info, clips, cfg, models, device,
                                       cache_stats, recordings, adapter)
+    # The first write: an earlier evaluation's files go (only evaluate.py's), the new ones are
+    # recorded as evaluate.py's before they are written.
+    remove_entries(earlier)
+    record_written(out_dir, TOOL, OUTPUTS, keep=False)
     results: dict = {
         "models_evaluated": models, "identity": identity, "likelihood": lk, "versions": versions(),
         "settings": {"evaluation": dataclasses.asdict(ev), "data_dir": cfg.data.data_dir,

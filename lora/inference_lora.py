@@ -52,10 +52,18 @@ from lora.config import GenerationConfig, adapter_paths, adapter_scales, field_p
 from lora.dataprep.audio import audio_info
 from lora.generation import engine
 from lora.generation import model as generation_model
-from lora.generation.manifest import ManifestWriter, add_audio_prompt, add_melodies, check_melody_files, check_outputs
+from lora.generation.manifest import (
+    CONFIG_FILE,
+    ManifestWriter,
+    add_audio_prompt,
+    add_melodies,
+    check_melody_files,
+    check_outputs,
+)
 from lora.generation.prompts import read_prompts_file
 from lora.generation.requests import Request, SamplingSettings, temperature_problem
 from lora.modeling.adapter import check_adapter_files, check_mix_bases, describe_choice
+from lora.modeling.loading import local_model_folder
 
 DESCRIPTION = "Generate music with MusicGen + a LoRA adapter (WAV files + manifest.json)."
 PER_PROMPT_RANGED = ("duration", "guidance_scale", "top_k", "top_p", "num_samples")
@@ -203,7 +211,8 @@ def main(argv=None) -> int:
                         sampling=spec.sampling,
                         melody_file=spec.melody or "") for spec in specs for j in range(spec.num_samples)]
     out_dir = check_output_dir(g.output_dir, "--output_dir")
-    names = check_outputs(requests, out_dir, g.overwrite)
+    models = [("the base model", local_model_folder(cfg.model))] + [("the adapter", a) for a in adapters]
+    names = check_outputs(requests, out_dir, g.overwrite, models)
     log.info("Resolved settings: %s", json.dumps({"generation": dataclasses.asdict(g),
                                                   "model": dataclasses.asdict(cfg.model)}, default=str))
     log.info("%d prompt(s) x samples = %d file(s), %s of audio, into %s", len(specs), len(requests),
@@ -233,7 +242,7 @@ def main(argv=None) -> int:
                                   progress=True,
                                       on_batch=writer.write_batch, decoding=g.decoding)
     wall = time.perf_counter() - t0
-    cfg.save(out_dir / "inference_config.yaml")
+    cfg.save(out_dir / CONFIG_FILE)
     gen_time = sum(r.generation_time for r in results)
     audio_s = sum(r.audio.shape[-1] for r in results) / info.sample_rate
     rtf = gen_time / audio_s if audio_s else float("nan")

@@ -51,7 +51,7 @@ from lora.config import Config, parse_config, validate
 from lora.dataprep.token_cache import build_token_cache
 from lora.dataset import CachedTokenDataset, bucketed_batches, collate_tokens, load_metadata
 from lora.modeling.cpu_speed import keep_freed_memory
-from lora.modeling.loading import family_for, load_base_model
+from lora.modeling.loading import family_for, load_base_model, local_model_folder
 from lora.modeling.precision import choose_precision, resolve_base_weights_dtype
 from lora.modeling.window import checked_window
 from lora.training import checkpoints, model_prep, plan, run_log
@@ -271,7 +271,7 @@ def set_up(cfg: Config) -> Run:
     if ck is None:
         checkpoints.clear_earlier_run(out, t.overwrite_output_dir,
                                       is_main=os.environ.get("RANK", "0") == "0",
-                                      models=[("the base model", cfg.model.model_path)])
+                                      models=[("the base model", local_model_folder(cfg.model))])
     acc, precision = start_processes(cfg)
 
     set_seed(t.seed)
