@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from lora.common.cli import UserError
+from lora.common.files import folder_lock
 from lora.modeling import chroma
 from lora.modeling.loading import family_for
 from lora.modeling.musicgen import null_text_states
@@ -146,6 +147,23 @@ def _wrong_types(e: dict) -> list[str]:
         out.append(f"'source' (the recording the clip was cut from) must be text or null, got "
                    f"{e.get('source')!r}")
     return out
+
+
+def data_dir_lock(data_dir: str | Path, *, writer: bool):
+    """Keep prepare_data.py and the readers of a data folder apart (lora.common.files.folder_lock on
+    the folder itself: nothing is written into it): prepare_data holds it as the one writer while it writes clips and
+    metadata; training, evaluation and test_dataset.py hold it shared while they run (they read the
+    clips into the token cache). Either side stops at once, with a message, when the other holds it:
+    a cache built while the clips change would hold codes of audio that is no longer there."""
+    if writer:
+        busy = (f"{data_dir} is being read by another process (a training run, an evaluation or "
+                f"test_dataset.py, which read its clips into the token cache): preparing it now would "
+                f"change the clips under that run. Nothing was changed. Wait for it to finish (or "
+                f"stop it), or prepare into another --output_dir")
+    else:
+        busy = (f"prepare_data.py is writing {data_dir} right now: reading it now would encode clips "
+                f"that are being replaced. Wait for it to finish, then run this again")
+    return folder_lock(data_dir, None, shared=not writer, busy=busy)
 
 
 def metadata_document(records: list[ClipRecord], sample_rate: int, channels: int) -> dict:

@@ -52,7 +52,7 @@ from lora.common.files import atomic_write_json, check_free_space, check_output_
 from lora.common.ownership import claim_output, read_record, record_written, remove_entries
 from lora.config import Config, GenerationConfig, adapter_paths, adapter_scales, parse_config
 from lora.dataprep.token_cache import build_token_cache
-from lora.dataset import load_metadata
+from lora.dataset import data_dir_lock, load_metadata
 from lora.generation.model import pick_device
 from lora.generation.prompts import read_prompt_texts
 from lora.generation.requests import temperature_problem
@@ -208,7 +208,8 @@ def main(argv=None) -> int:
     g = cfg.generation
     log.info("  sampling: guidance %g, temperature %g, top_k %d, top_p %g, first seed %d, batch %d",
              g.guidance_scale, g.temperature, g.top_k, g.top_p, g.seed, g.batch_size)
-    return evaluate(cfg, plan)
+    with data_dir_lock(cfg.data.data_dir, writer=False):  # prepare_data waits for the evaluation
+        return evaluate(cfg, plan)
 
 
 def evaluate(cfg: Config, plan: dict) -> int:

@@ -49,7 +49,7 @@ from lora.common.cli import UserError, fault_message, log, on_interrupt, process
 from lora.common.files import atomic_write_json, check_free_space, check_output_dir
 from lora.config import Config, parse_config, validate
 from lora.dataprep.token_cache import build_token_cache
-from lora.dataset import CachedTokenDataset, bucketed_batches, collate_tokens, load_metadata
+from lora.dataset import CachedTokenDataset, bucketed_batches, collate_tokens, data_dir_lock, load_metadata
 from lora.modeling.cpu_speed import keep_freed_memory
 from lora.modeling.loading import family_for, load_base_model, local_model_folder
 from lora.modeling.precision import choose_precision, resolve_base_weights_dtype
@@ -89,7 +89,8 @@ def main(argv=None) -> int:
     out = check_output_dir(cfg.training.output_dir, "--output_dir")
     handlers, level = list(log.handlers), log.level
     try:  # one run per output folder (only the first process of a multi-process run holds it)
-        with checkpoints.output_lock(out, enabled=os.environ.get("RANK", "0") == "0"):
+        with checkpoints.output_lock(out, enabled=os.environ.get("RANK", "0") == "0"), \
+                data_dir_lock(cfg.data.data_dir, writer=False):  # prepare_data waits for the run
             return train(cfg)
     except torch.OutOfMemoryError as e:
         t = cfg.training

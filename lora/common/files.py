@@ -117,38 +117,47 @@ class FolderBusy(UserError):
 
 
 @contextlib.contextmanager
-def folder_lock(folder: str | os.PathLike, name: str, *, shared: bool, busy: str):
-    """Hold ``folder/name`` while the block runs: exclusive (one writer, no reader) or ``shared``
-    (any number of readers, no writer). Another process holding it the other way stops this one at
-    once with FolderBusy(``busy`` + who holds it, as far as known). An OS file lock (fcntl.flock):
-    the kernel drops it when a process ends in any way, so a killed run never leaves a folder
-    locked. Where the lock file cannot be made (a read-only folder: no writer can run there either)
-    or fcntl does not exist (Windows), nothing is locked."""
+def folder_lock(folder: str | os.PathLike, name: str | None, *, shared: bool, busy: str):
+    """Hold a lock while the block runs: exclusive (one writer, no reader) or ``shared`` (any
+    number of readers, no writer). Another process holding it the other way stops this one at once
+    with FolderBusy(``busy`` + who holds it, where known). An OS file lock (fcntl.flock): the kernel
+    drops it when a process ends in any way, so a killed run never leaves a folder locked.
+
+    ``name``: the lock file ``folder/name`` (an exclusive holder writes its pid and host there);
+    None: the folder itself is locked, and nothing is written into it (a folder that does not exist
+    yet holds nothing to protect: no lock). Where the lock file cannot be made (a read-only folder:
+    no writer can run there either) or fcntl does not exist (Windows), nothing is locked."""
     try:
         import fcntl
     except ImportError:  # (not on Windows: there the runs are not kept apart)
         yield
         return
-    path = Path(folder) / name
+    fd, fh = None, None
     try:
-        fh = open(path, "r" if shared and path.is_file() else "a+", encoding="utf-8")
+        if name is None:
+            fd = os.open(folder, os.O_RDONLY)
+        else:
+            path = Path(folder) / name
+            fh = open(path, "r" if shared and path.is_file() else "a+", encoding="utf-8")
+            fd = fh.fileno()
     except OSError as e:
-        if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT):
+        if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR):
             raise
-        fh = None
-    if fh is None:
+    if fd is None:
         yield
         return
     locked = False
     try:
         try:
-            fcntl.flock(fh.fileno(), (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except OSError:
-            fh.seek(0)
-            holder = fh.read().strip()[:300]
+            holder = ""
+            if fh is not None:
+                fh.seek(0)
+                holder = fh.read().strip()[:300]
             raise FolderBusy(busy + (f" (held by {holder})" if holder else "")) from None
         locked = True
-        if not shared:  # say who holds it (a shared holder cannot: there may be several)
+        if fh is not None and not shared:  # who holds it (a shared holder cannot: maybe several)
             fh.seek(0)
             fh.truncate()
             fh.write(f"pid {os.getpid()} on {socket.gethostname()}, since "
@@ -156,9 +165,12 @@ def folder_lock(folder: str | os.PathLike, name: str, *, shared: bool, busy: str
             fh.flush()
         yield
     finally:
-        if locked and not shared:
-            fh.truncate(0)
-        fh.close()  # closing the file releases the lock
+        if fh is not None:
+            if locked and not shared:
+                fh.truncate(0)
+            fh.close()  # closing the file releases the lock
+        else:
+            os.close(fd)
 
 
 # --------------------------------------------------------------------------------------------
