@@ -20,18 +20,21 @@ when it is missing, the first folder of ``audio`` decides ("train/..." or "valid
 
 The token cache these items come from is built by lora.dataprep.token_cache.
 
-Imports: lora.common, lora.modeling.
+Imports: lora.common, lora.config, lora.modeling.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from lora.common.cli import UserError
 from lora.common.files import folder_lock
+from lora.config import text_problem
 from lora.modeling import chroma
 from lora.modeling.loading import family_for
 from lora.modeling.musicgen import null_text_states
@@ -41,6 +44,8 @@ if TYPE_CHECKING:
 
 METADATA_VERSION = 1
 SPLITS = ("train", "valid")
+# Control characters (NUL, BEL, ESC, ...; tab and line breaks aside): never part of a caption
+CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 @dataclass
@@ -105,6 +110,12 @@ def load_metadata(data_dir: str | Path, metadata_file: str = "metadata.json", *,
         if not isinstance(text, str):
             problems.append(f"{where}: 'text' must be a string")
             continue
+        bad_text = text_problem(text, f"{where}: 'text'")
+        if bad_text or CONTROL_CHARS.search(text):
+            problems.append(bad_text or f"{where}: 'text' holds control characters "
+                                        f"({', '.join(sorted({repr(c) for c in CONTROL_CHARS.findall(text)}))}); "
+                                        f"remove them")
+            continue
         sp = e.get("split") or Path(audio).parts[0]
         if sp not in SPLITS:
             problems.append(f"{where}: split {sp!r} is neither 'train' nor 'valid'")
@@ -121,6 +132,7 @@ def load_metadata(data_dir: str | Path, metadata_file: str = "metadata.json", *,
         rec = ClipRecord(id=str(e.get("id") or Path(audio).stem), audio=audio, text=text.strip(),
                          duration=duration, split=sp, source=e.get("source"), offset=offset, path=path)
         records.append(rec)
+    problems += _repeated(records)
     if problems:
         shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more"
                                               if len(problems) > 20 else "")
@@ -129,6 +141,18 @@ def load_metadata(data_dir: str | Path, metadata_file: str = "metadata.json", *,
     if split is not None:
         records = [r for r in records if r.split == split]
     return records
+
+
+def _repeated(records: list[ClipRecord]) -> list[str]:
+    """The one rule for repeated entries (training, evaluation, the data check): an id or an audio
+    file listed twice is a problem (it would be trained on twice as often, or its cache and results
+    would be mixed up)."""
+    out = []
+    for what, counts in (("id", Counter(r.id for r in records)),
+                         ("audio file", Counter(str(r.path) for r in records))):
+        out += [f"{what} {k} is listed {n} times; list each clip once" for k, n in counts.items()
+                if n > 1]
+    return out
 
 
 def _wrong_types(e: dict) -> list[str]:

@@ -50,7 +50,15 @@ from lora.common.cli import UserError, log, on_interrupt, run_main
 from lora.common.fields import ConfigError
 from lora.common.files import atomic_write_json, check_free_space, check_output_dir
 from lora.common.ownership import claim_output, read_record, record_written, remove_entries
-from lora.config import Config, GenerationConfig, adapter_paths, adapter_scales, parse_config
+from lora.config import (
+    Config,
+    GenerationConfig,
+    adapter_paths,
+    adapter_scales,
+    parse_config,
+    seed_problem,
+    text_problem,
+)
 from lora.dataprep.token_cache import build_token_cache
 from lora.dataset import data_dir_lock, load_metadata
 from lora.generation.model import pick_device
@@ -83,6 +91,8 @@ def config_problems(cfg: Config, ns=None) -> list[str]:
     problems = []
     if not ev.skip_generation:
         problems.append(temperature_problem(g.temperature, g.do_sample))
+        problems.append(seed_problem(g.seed, ev.eval_seeds, "generation.seed"))
+        problems += [text_problem(t, f"--prompts #{i + 1}") for i, t in enumerate(g.prompts)]
     if ev.clap_model_path and not Path(ev.clap_model_path).is_dir():
         problems.append(f"evaluation.clap_model_path {ev.clap_model_path} is not a folder. "
                         f"Download a CLAP model once (e.g. `hf download laion/larger_clap_music "

@@ -48,7 +48,17 @@ from lora import config
 from lora.common.cli import UserError, human_seconds, log, on_interrupt, run_main
 from lora.common.fields import ConfigError
 from lora.common.files import check_free_space, check_output_dir
-from lora.config import GenerationConfig, adapter_paths, adapter_scales, field_problem, parse_config
+from lora.config import (
+    MAX_FILES,
+    MAX_PROMPTS,
+    GenerationConfig,
+    adapter_paths,
+    adapter_scales,
+    field_problem,
+    parse_config,
+    seed_problem,
+    text_problem,
+)
 from lora.dataprep.audio import audio_info
 from lora.generation import engine
 from lora.generation import model as generation_model
@@ -66,7 +76,7 @@ from lora.modeling.adapter import check_adapter_files, check_mix_bases, describe
 from lora.modeling.loading import local_model_folder
 
 DESCRIPTION = "Generate music with MusicGen + a LoRA adapter (WAV files + manifest.json)."
-PER_PROMPT_RANGED = ("duration", "guidance_scale", "top_k", "top_p", "num_samples")
+PER_PROMPT_RANGED = ("duration", "guidance_scale", "top_k", "top_p", "num_samples", "seed")
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,6 +104,10 @@ def build_prompt_specs(g: GenerationConfig, problems: list[str]) -> list[PromptS
         else:
             problems.append("No prompt given. Pass --prompts \"your description\" (several allowed), or "
                             "--prompts_file FILE, or --unconditional to generate without text.")
+    if len(entries) > MAX_PROMPTS:
+        problems.append(f"{len(entries):,} prompts were given; at most {MAX_PROMPTS:,} per run. Split "
+                        f"them into several runs (several --output_dir, or one with other seeds).")
+        return []
     specs = []
     for where, e in entries:
         text = str(e.get("text", "")).strip()
@@ -104,6 +118,10 @@ def build_prompt_specs(g: GenerationConfig, problems: list[str]) -> list[PromptS
         # Per-prompt settings: the same ranges as the flags they override (the flags were checked by
         # the schema).
         own = [field_problem("generation", k, e[k], f"{where}: {k}") for k in PER_PROMPT_RANGED if k in e]
+        own.append(text_problem(text, where))
+        if not any(own):  # the last sample's seed is a seed too
+            own.append(seed_problem(e.get("seed", g.seed), int(e.get("num_samples", g.num_samples)),
+                                    f"{where}: seed"))
         if "temperature" in e:
             own.append(temperature_problem(e["temperature"], g.do_sample, f"{where}: temperature"))
         own = [x for x in own if x]
@@ -118,6 +136,10 @@ def build_prompt_specs(g: GenerationConfig, problems: list[str]) -> list[PromptS
                                 seed=int(e.get("seed", g.seed)),
                                 num_samples=int(e.get("num_samples", g.num_samples)),
                                 sampling=sampling, melody=e.get("melody", g.melody_audio)))
+    n_files = sum(spec.num_samples for spec in specs)
+    if n_files > MAX_FILES:
+        problems.append(f"{n_files:,} files would be generated (prompts x num_samples); at most "
+                        f"{MAX_FILES:,} per run. Split the prompts into several runs.")
     return specs
 
 

@@ -33,6 +33,7 @@ from lora.common.fields import ConfigError
 from lora.config import parse_config
 from lora.dataset import CachedClip, CachedTokenDataset, collate_tokens
 from lora.modeling.loading import family_for, load_base_model
+from lora.modeling.memory import check_fits, training_floor
 from lora.modeling.precision import choose_precision, resolve_base_weights_dtype
 from lora.modeling.window import checked_window, window_frames
 from lora.training.model_prep import autocast_for, prepare_model, set_train_mode
@@ -141,6 +142,10 @@ def training_step(cfg, model: nn.Module, processor, info: ModelInfo, device: tor
     fam = family_for(info)
     fam.audio_codec(model).to(device)
     fam.text_encoder_of(model).to(device)
+    check_fits(training_floor(model, t.batch_size, window_frames(seconds, info)), device,
+               f"A training step of batch_size {t.batch_size} x {seconds:g} s",
+               "Lower --batch_size (raise --gradient_accumulation_steps to keep the effective batch) "
+               "or --max_duration.")
     batch = random_batch(model, processor, info, t.batch_size, seconds, device)
     fam.audio_codec(model).to("cpu")
     if not cfg.lora.train_text_encoder:

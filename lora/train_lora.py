@@ -52,6 +52,7 @@ from lora.dataprep.token_cache import build_token_cache
 from lora.dataset import CachedTokenDataset, bucketed_batches, collate_tokens, data_dir_lock, load_metadata
 from lora.modeling.cpu_speed import keep_freed_memory
 from lora.modeling.loading import family_for, load_base_model, local_model_folder
+from lora.modeling.memory import check_fits, training_floor
 from lora.modeling.precision import choose_precision, resolve_base_weights_dtype
 from lora.modeling.window import checked_window
 from lora.training import checkpoints, model_prep, plan, run_log
@@ -72,7 +73,16 @@ def config_problems(cfg: Config, ns=None) -> list[str]:
         problem = plan.every_problem(f"training.{key}", getattr(t, key))
         if problem:
             p.append(problem)
-    return p
+    if t.max_steps > 0 and not p:  # (with num_epochs, set_up checks once the steps are known)
+        p.append(plan.events_problem(t.max_steps, run_events(t, t.max_steps)))
+    return [x for x in p if x]
+
+
+def run_events(t, total_steps: int) -> dict:
+    """The run's every-N events: key -> interval in steps."""
+    return {"eval_steps": plan.resolve_every(t.eval_steps, total_steps)[0],
+            "save_steps": plan.resolve_every(t.save_steps, total_steps)[0],
+            "logging_steps": t.logging_steps}
 
 
 def check_config(cfg: Config) -> None:
@@ -281,6 +291,10 @@ def set_up(cfg: Config) -> Run:
     set_seed(t.seed)  # LoRA init does not depend on what the cache step consumed
     model, params = model_prep.prepare_model(model, cfg, precision, acc.device)
     clock.lap("LoRA set-up")
+    check_fits(training_floor(model, t.batch_size, max_frames), acc.device,
+               f"A training step of batch_size {t.batch_size} x {t.max_duration:g} s",
+               "Lower --batch_size (raise --gradient_accumulation_steps to keep the effective batch) "
+               "or --max_duration.")
     check_free_space(out, checkpoints.disk_space_needed(params, t.save_total_limit),
                      "training (checkpoints, best_model, final_model, logs)")
 
@@ -296,6 +310,9 @@ def set_up(cfg: Config) -> Run:
     steps_per_epoch, total_steps, warmup, warm_note = plan.plan_steps(cfg, n_batches, group)
     if warm_note:
         log.info(warm_note)
+    too_many = plan.events_problem(total_steps, run_events(t, total_steps))
+    if too_many:
+        raise UserError(too_many)
 
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
     sched_name = {"constant": "constant_with_warmup"}.get(t.lr_scheduler_type, t.lr_scheduler_type)
@@ -354,7 +371,7 @@ def cadence_text(run: Run) -> str:
     def every(key, value, steps):
         auto = plan.resolve_every(value, n)[1]
         how = f"auto: about {plan.AUTO_PER_RUN} per run" if auto else value
-        return f"every {steps} steps ({key} {how}, {len(plan.events_in_run(steps, n))} in this run)"
+        return f"every {steps} steps ({key} {how}, {plan.count_events(steps, n)} in this run)"
 
     return (f"validation before the first step and "
             f"{every('eval_steps', t.eval_steps, run.eval_every)}; checkpoint "

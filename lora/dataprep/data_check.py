@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections import Counter, defaultdict
+from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -131,10 +131,8 @@ def check_data_dir(data_dir, metadata_file: str = "metadata.json", *, sample_rat
     if not s.records:
         s.problems.append(f"{mpath} lists no clips")
         return s
-    ids, paths, hashes = Counter(), Counter(), defaultdict(list)
+    hashes = defaultdict(list)  # (an id or file listed twice: load_metadata refuses it for everyone)
     for r in s.records:
-        ids[r.id] += 1
-        paths[str(r.path)] += 1
         where = f"{r.audio}"
         if not r.path.is_file():
             s.problems.append(f"{where}: file missing")
@@ -157,12 +155,6 @@ def check_data_dir(data_dir, metadata_file: str = "metadata.json", *, sample_rat
             s.warnings.append(f"{where}: empty caption (only trains the unconditional branch)")
         if hash_content:
             hashes[A.file_hash(r.path)].append(r.audio)
-    for k, n in ids.items():
-        if n > 1:
-            s.problems.append(f"id {k} appears {n} times")
-    for k, n in paths.items():
-        if n > 1:
-            s.problems.append(f"audio file {k} is listed {n} times")
     for same in hashes.values():
         if len(same) > 1:
             s.warnings.append(f"identical audio: {', '.join(same[:5])}")
