@@ -142,10 +142,6 @@ def training_step(cfg, model: nn.Module, processor, info: ModelInfo, device: tor
     fam = family_for(info)
     fam.audio_codec(model).to(device)
     fam.text_encoder_of(model).to(device)
-    check_fits(training_floor(model, t.batch_size, window_frames(seconds, info)), device,
-               f"A training step of batch_size {t.batch_size} x {seconds:g} s",
-               "Lower --batch_size (raise --gradient_accumulation_steps to keep the effective batch) "
-               "or --max_duration.")
     batch = random_batch(model, processor, info, t.batch_size, seconds, device)
     fam.audio_codec(model).to("cpu")
     if not cfg.lora.train_text_encoder:
@@ -214,6 +210,12 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
+    try:  # the batch against the machine's memory, before it is allocated
+        check_fits(training_floor(model, cfg.training.batch_size, window_frames(seconds, info)), device,
+                   f"A training step of batch_size {cfg.training.batch_size} x {seconds:g} s", "")
+    except UserError as e:
+        return _fail("memory", str(e), "lower --batch_size (raise --gradient_accumulation_steps to "
+                                       "keep the effective batch) or --max_duration.")
     try:
         model, batch, loss = training_step(cfg, model, processor, info, device, seconds, mode)
         loss.loss.backward()

@@ -48,12 +48,12 @@ def write_guard(path: str | os.PathLike):
         raise OSError(code, os.strerror(code), str(path)) from e
 
 
-def save_torch(obj, path: str | os.PathLike) -> None:
+def save_torch(obj, path: str | os.PathLike, shown: str | os.PathLike | None = None) -> None:
     """torch.save through a Python file (a full disk is then an OSError with its errno, not torch's
-    "unexpected pos" RuntimeError), naming ``path`` when it fails."""
+    "unexpected pos" RuntimeError), naming ``shown`` (default ``path``) when it fails."""
     import torch
 
-    with write_guard(path), open(path, "wb") as fh:
+    with write_guard(shown or path), open(path, "wb") as fh:
         torch.save(obj, fh)
 
 

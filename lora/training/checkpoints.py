@@ -289,14 +289,14 @@ def save_checkpoint(root: Path, model: nn.Module, optimizer, scheduler, scaler, 
     with atomic_dir(path) as tmp:
         model.save_pretrained(str(tmp))
         # (a full disk: an OSError naming the file, not torch's "unexpected pos")
-        save_torch(optimizer.state_dict(), tmp / "optimizer.pt")
-        save_torch(scheduler.state_dict(), tmp / "scheduler.pt")
+        save_torch(optimizer.state_dict(), tmp / "optimizer.pt", path / "optimizer.pt")
+        save_torch(scheduler.state_dict(), tmp / "scheduler.pt", path / "scheduler.pt")
         if scaler is not None:
-            save_torch(scaler.state_dict(), tmp / "scaler.pt")
+            save_torch(scaler.state_dict(), tmp / "scaler.pt", path / "scaler.pt")
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        save_torch(rng, tmp / "rng_state.pt")
+        save_torch(rng, tmp / "rng_state.pt", path / "rng_state.pt")
         cfg.save(tmp / "config.yaml")
         atomic_write_json(tmp / STATE_FILE, snapshot)  # written last: marks it complete
     for old in sorted(root.glob("step-*"))[:-keep]:

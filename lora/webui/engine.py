@@ -32,6 +32,7 @@ from lora.modeling.adapter import (
     check_adapter_fits,
     check_mix_bases,
     load_lora,
+    peft_errors,
     set_adapter_scales,
     set_lora_scale,
 )
@@ -111,7 +112,8 @@ class Engine:
                 check_adapter_fits(base, folder, adapter_cfg.get("base_model_name_or_path") or "",
                                    str(getattr(base, "name_or_path", "") or ""))
                 name = f"adapter{len(self.adapters)}"
-                self.model.load_adapter(str(folder), adapter_name=name, is_trainable=False)
+                with peft_errors(folder):
+                    self.model.load_adapter(str(folder), adapter_name=name, is_trainable=False)
             # As inference_lora.py: the adapter's weights in the decoder's dtype (its load casts
             # after attaching).
             model.cast_for_generation(self.model, self.dtype)
