@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from lora.common.cli import UserError, human_bytes, log
+from lora.common.cli import UserError, clip_text, human_bytes, log
 from lora.common.files import atomic_write_text
-from lora.config import Config, adapter_scales, field_problem
+from lora.config import MAX_SEED, Config, adapter_scales, field_problem, seed_problem
 from lora.dataprep.audio import audio_info
 from lora.generation import engine as generation_engine
 from lora.generation import model
@@ -163,14 +163,21 @@ class Side:
     command: str = ""
 
 
-def parse_seed(text) -> int:
+def parse_seed(text, count: int = 1) -> int:
+    """The seed box: 'random' (or empty) draws one; else a whole number, by the one rule for seeds of
+    every script (lora.config.seed_problem: 0..2^32-1, the last of ``count`` samples too)."""
     text = str(text if text is not None else "").strip().lower()
     if text in ("", "random"):
         return random.randrange(2 ** 31)
     try:
-        return int(float(text)) if float(text).is_integer() else int(text)
+        seed = int(text)
     except ValueError:
-        raise UserError(f"seed must be a whole number or 'random' (got {text!r}).") from None
+        raise UserError(f"seed must be a whole number from 0 to {MAX_SEED} or 'random' (got "
+                        f"{clip_text(text, 40)!r}).") from None
+    problem = seed_problem(seed, count, "seed")
+    if problem:
+        raise UserError(problem)
+    return seed
 
 
 def form_problems(f: GenForm) -> list[str]:
