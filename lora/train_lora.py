@@ -59,30 +59,13 @@ from lora.training import checkpoints, model_prep, plan, run_log
 from lora.training import step as training_step
 from lora.training.checkpoints import TrainState
 
-SECTIONS = ("training", "model", "lora", "data")
+SECTIONS = plan.TRAIN_SECTIONS
 
 
 def config_problems(cfg: Config, ns=None) -> list[str]:
     """Rules that span several settings (each value's own range is checked by the schema,
-    lora.config)."""
-    t = cfg.training
-    p: list[str] = []
-    if t.max_steps <= 0 and t.num_epochs <= 0:
-        p.append("training.num_epochs must be > 0 (or set training.max_steps)")
-    for key in ("eval_steps", "save_steps"):
-        problem = plan.every_problem(f"training.{key}", getattr(t, key))
-        if problem:
-            p.append(problem)
-    if t.max_steps > 0 and not p:  # (with num_epochs, set_up checks once the steps are known)
-        p.append(plan.events_problem(t.max_steps, run_events(t, t.max_steps)))
-    return [x for x in p if x]
-
-
-def run_events(t, total_steps: int) -> dict:
-    """The run's every-N events: key -> interval in steps."""
-    return {"eval_steps": plan.resolve_every(t.eval_steps, total_steps)[0],
-            "save_steps": plan.resolve_every(t.save_steps, total_steps)[0],
-            "logging_steps": t.logging_steps}
+    lora.config); the web UI checks its Train form with the same rules."""
+    return plan.settings_problems(cfg)
 
 
 def check_config(cfg: Config) -> None:
@@ -310,7 +293,7 @@ def set_up(cfg: Config) -> Run:
     steps_per_epoch, total_steps, warmup, warm_note = plan.plan_steps(cfg, n_batches, group)
     if warm_note:
         log.info(warm_note)
-    too_many = plan.events_problem(total_steps, run_events(t, total_steps))
+    too_many = plan.events_problem(total_steps, plan.run_events(t, total_steps))
     if too_many:
         raise UserError(too_many)
 

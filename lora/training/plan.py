@@ -36,6 +36,33 @@ def plan_steps(cfg: Config, n_batches: int, group: int) -> tuple[int, int, int, 
     return steps_per_epoch, total, warmup, note
 
 
+# The schema sections train_lora.py takes flags from (the web UI's Train form checks with them)
+TRAIN_SECTIONS = ("training", "model", "lora", "data")
+
+
+def settings_problems(cfg: Config) -> list[str]:
+    """train_lora.py's rules that span several settings (each value's own range is checked by the
+    schema, lora.config); the web UI checks its Train form with them before it starts a run."""
+    t = cfg.training
+    p: list[str] = []
+    if t.max_steps <= 0 and t.num_epochs <= 0:
+        p.append("training.num_epochs must be > 0 (or set training.max_steps)")
+    for key in ("eval_steps", "save_steps"):
+        problem = every_problem(f"training.{key}", getattr(t, key))
+        if problem:
+            p.append(problem)
+    if t.max_steps > 0 and not p:  # (with num_epochs, set_up checks once the steps are known)
+        p.append(events_problem(t.max_steps, run_events(t, t.max_steps)))
+    return [x for x in p if x]
+
+
+def run_events(t, total_steps: int) -> dict:
+    """The run's every-N events: key -> interval in steps (``t``: the training section)."""
+    return {"eval_steps": resolve_every(t.eval_steps, total_steps)[0],
+            "save_steps": resolve_every(t.save_steps, total_steps)[0],
+            "logging_steps": t.logging_steps}
+
+
 # eval_steps / save_steps 'auto': about this many validations / checkpoints per run
 AUTO_PER_RUN = 10
 
