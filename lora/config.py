@@ -536,6 +536,11 @@ def finalize(cfg: Config) -> None:
     t = cfg.training
     if t.fp16 and t.bf16:
         raise ConfigError("--fp16 and --bf16 were both given; choose one (or mixed_precision: auto).")
+    flag = "fp16" if t.fp16 else "bf16" if t.bf16 else None
+    if flag and t.mixed_precision not in ("auto", flag):
+        raise ConfigError(f"--{flag} asks for {flag}, but training.mixed_precision is "
+                          f"{t.mixed_precision!r}: they contradict each other. Give one of them (set "
+                          f"mixed_precision: auto in the config to let --{flag} decide).")
     if t.fp16:
         t.mixed_precision = "fp16"
     elif t.bf16:

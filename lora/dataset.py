@@ -143,6 +143,16 @@ def load_metadata(data_dir: str | Path, metadata_file: str = "metadata.json", *,
     return records
 
 
+def metadata_sample_rate(data_dir: str | Path, metadata_file: str = "metadata.json") -> Optional[int]:
+    """The sample rate a metadata.json says its clips have (prepare_data writes it), or None."""
+    try:
+        doc = json.loads(metadata_path(data_dir, metadata_file).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    rate = doc.get("sample_rate") if isinstance(doc, dict) else None
+    return rate if isinstance(rate, int) and not isinstance(rate, bool) else None
+
+
 def _repeated(records: list[ClipRecord]) -> list[str]:
     """The one rule for repeated entries (training, evaluation, the data check): an id or an audio
     file listed twice is a problem (it would be trained on twice as often, or its cache and results

@@ -171,8 +171,11 @@ def evaluate(cfg: Config, plan: dict) -> int:
     model, processor, info = load_base_model(cfg.model, device=device)
     # Cache (built once, shared with training) before the adapter goes on: codes and text states are
     # the base's.
-    clips, cache_stats = build_token_cache(valid, model, processor, info, cfg.data.data_dir,
-                                           batch_size=cfg.training.encode_batch_size, device=device)
+    with on_interrupt(lambda: f"while building the token cache in {Path(cfg.data.data_dir) / 'cache'}: "
+                              f"every clip encoded so far is kept and reused by the next run; no "
+                              f"result was written"):
+        clips, cache_stats = build_token_cache(valid, model, processor, info, cfg.data.data_dir,
+                                               batch_size=cfg.training.encode_batch_size, device=device)
     identity = {"base": {k: v for k, v in info.to_dict().items()
                          if k in ("name_or_path", "identity", "hub_revision", "sample_rate", "frame_rate",
                                   "num_codebooks", "audio_channels")}}

@@ -256,9 +256,7 @@ def main(argv=None) -> int:
                      * bytes_per_sample * 1.05 + 2 ** 20, f"{len(requests)} WAV file(s)")
     writer = ManifestWriter(g, out_dir, requests, names, model, info, adapter_info)
     t0 = time.perf_counter()
-    with on_interrupt(lambda: f"{len(writer.written)} of {len(requests)} file(s) were written to "
-                              f"{out_dir} and are listed in {writer.path}; run the same command "
-                              f"with other seeds or --overwrite for the rest"):
+    with on_interrupt(lambda: interrupt_note(writer, requests, out_dir)):
         results = engine.generate(model, processor, info, requests, batch_size=g.batch_size,
                                       max_window=g.max_window, extend_stride=g.extend_stride,
                                   progress=True,
@@ -272,6 +270,16 @@ def main(argv=None) -> int:
           f"{human_seconds(wall)}); real-time factor {rtf:.3f} "
           f"({1 / rtf if rtf else float('inf'):.2f}x real time). Manifest: {writer.path}")
     return 0
+
+
+def interrupt_note(writer: ManifestWriter, requests: list, out_dir) -> str:
+    """What Ctrl-C leaves, and the command that goes on from there."""
+    if not writer.written:
+        return (f"no file was finished yet (nothing was written to {out_dir}); run the same command "
+                f"again")
+    return (f"{len(writer.written)} of {len(requests)} file(s) were written to {out_dir} and are "
+            f"listed in {writer.path}; the same command plus --overwrite generates them all again, "
+            f"or pass --seed with a new first seed for other samples")
 
 
 if __name__ == "__main__":
