@@ -30,7 +30,18 @@ from pathlib import Path
 from typing import Any, Optional
 
 from lora.common import fields as fields_mod
-from lora.common.cli import clip_text
+
+# the bounds belong to the schema (scripts import them from here)
+from lora.common.bounds import (  # noqa: F401  # noqa: F401
+    MAX_EVENTS,
+    MAX_FILES,
+    MAX_PROMPTS,
+    MAX_SEED,
+    MAX_TEXT_CHARS,
+    MAX_TEXT_TOKENS,
+    seed_problem,
+    text_problem,
+)
 from lora.common.fields import (
     ConfigError,
     _check_choice,
@@ -47,15 +58,6 @@ DEFAULT_CONFIG = REPO_ROOT / "config.yaml"
 # Names of built-in model presets that are not paths (lora.modeling.tiny_model builds them).
 BUILTIN_MODELS = ("tiny", "tiny-stereo", "tiny-melody", "tiny-stereo-melody")
 
-# Sizes a user controls, bounded before anything is allocated. Each setting's own range is declared
-# with its field below (le=...); these bound what no single setting covers.
-MAX_SEED = 2 ** 32 - 1        # every seed (training, split, generation, per prompt, the UI): numpy's
-                              # and CUDA's generators take 32 bits
-MAX_TEXT_CHARS = 2000         # a caption or a prompt: T5 reads at most 512 tokens (~4 characters each)
-MAX_TEXT_TOKENS = 512         # T5's limit: longer texts are refused where they are given
-MAX_PROMPTS = 10_000          # prompts in one run (a prompts file, --prompts, the UI)
-MAX_FILES = 100_000           # files one generation writes (prompts x num_samples)
-MAX_EVENTS = 1_000_000        # validations, checkpoints or log lines one training run plans
 SEED_RANGE = dict(ge=0, le=MAX_SEED, hint="a whole number from 0 to 2^32-1 (4294967295)")
 
 
@@ -107,31 +109,25 @@ class DataConfig:
                                   kind="path")
     create_example: bool = _f(False, "prepare_data: write the small synthetic example dataset instead")
     validate: bool = _f(False, "prepare_data: check an existing data_dir and metadata, change nothing")
-    example_clips: int = _f(160,
-                            "prepare_data --create_example: number of synthetic clips (160 x 6 s: "
-                            "seconds to "
-                                 "write, enough for the seed's 5-epoch run to show learning on the "
-                                 "tiny model)",
-                            ge=8, le=100_000, hint="the example set has 4 styles, each needs a train and a "
-                                       "valid clip")
-    example_seconds: float = _f(6.0,
-                                "prepare_data --create_example: length of each synthetic clip, s", gt=0.0,
-                                le=600.0)
+    example_clips: int = _f(160, "prepare_data --create_example: number of synthetic clips (160 x 6 s: "
+                            "seconds to write, enough for the seed's 5-epoch run to show learning on "
+                            "the tiny model)", ge=8, le=100_000,
+                            hint="the example set has 4 styles, each needs a train and a valid clip")
+    example_seconds: float = _f(6.0, "prepare_data --create_example: length of each synthetic clip, s",
+                                gt=0.0, le=600.0)
     sample_rate: int = _f(32000, "Sample rate of the prepared clips, Hz; must equal the model's (32000)",
                           ge=1, le=384_000, hint="MusicGen uses 32000")
     channels: int = _f(1, "1 = mix down to mono (mono models); 2 = keep stereo (stereo models)",
                        choices=(1, 2))
-    segment_seconds: float = _f(30.0,
-                                "Long recordings are cut into clips of this length, s (MusicGen's "
+    segment_seconds: float = _f(30.0, "Long recordings are cut into clips of this length, s (MusicGen's "
                                 "context is 30)", gt=0.0, le=3600.0)
     min_seconds: float = _f(5.0, "Clips (and file tails) shorter than this are not used, s", ge=0.0,
                             le=3600.0)
     trim_silence: bool = _f(True, "Trim leading/trailing silence before cutting")
     silence_db: float = _f(-50.0, "Level below which audio counts as silence, dBFS", lt=0.0,
                            hint="e.g. -50")
-    valid_fraction: float = _f(0.1,
-                               "Share of source recordings held out for validation (split by recording)",
-                               ge=0.0, lt=1.0, hint="0.1 = 10% of recordings")
+    valid_fraction: float = _f(0.1, "Share of source recordings held out for validation (split by "
+                               "recording)", ge=0.0, lt=1.0, hint="0.1 = 10% of recordings")
     split_seed: int = _f(1234, "Seed of the deterministic train/valid split", **SEED_RANGE)
     captions_file: Optional[str] = _f(None, "CSV / JSON / JSONL mapping file name to caption",
                                       kind="path")
@@ -148,8 +144,7 @@ class DataConfig:
 
 @dataclass
 class TrainingConfig:
-    output_dir: str = _f("output",
-                         "Where checkpoints/, best_model/, final_model/ and logs/ are written",
+    output_dir: str = _f("output", "Where checkpoints/, best_model/, final_model/ and logs/ are written",
                          kind="path")
     num_epochs: float = _f(5.0, "Passes over the training clips", aliases=("num_train_epochs",), ge=0.0,
                          le=100_000.0)
@@ -158,14 +153,12 @@ class TrainingConfig:
                         hint="-1 = use num_epochs; a LoRA run is usually 500-20,000 steps")
     batch_size: int = _f(2, "Clips per step per device; 2-4 on a 24 GB GPU for musicgen-small",
                          aliases=("per_device_train_batch_size",), ge=1, le=4096)
-    gradient_accumulation_steps: int = _f(4,
-                                          "Steps accumulated per update: effective batch = "
+    gradient_accumulation_steps: int = _f(4, "Steps accumulated per update: effective batch = "
                                           "batch_size x this x GPUs", ge=1, le=100_000)
     learning_rate: float = _f(3e-4, "Peak learning rate of AdamW; 1e-4..5e-4 for LoRA",
                               gt=0.0, hint="1e-4..5e-4 is usual for LoRA")
     weight_decay: float = _f(0.0, "AdamW weight decay", ge=0.0)
-    warmup_steps: int = _f(100,
-                           "Linear warm-up, optimizer steps (capped at a tenth of the run when the "
+    warmup_steps: int = _f(100, "Linear warm-up, optimizer steps (capped at a tenth of the run when the "
                            "run is short)", ge=0, le=10_000_000)
     lr_scheduler_type: str = _f("cosine", "Schedule after warm-up",
                                 choices=("cosine", "linear", "constant"))
@@ -315,7 +308,9 @@ class GenerationConfig:
     unconditional: bool = _f(False, "Allow generation without a text prompt")
     output_format: str = _f("pcm16", "WAV sample format", choices=("pcm16", "float"))
     normalize: bool = _f(True, "Peak-normalise each file (no clipping)")
-    overwrite: bool = _f(False, "Replace existing output files")
+    overwrite: bool = _f(False,
+                         "Replace output files an earlier run of inference_lora.py wrote (a file it "
+                         "did not write is never replaced)")
     dtype: str = _f("auto",
                     "Weights dtype for generation: auto = bf16 on GPUs and on CPUs with AMX/AVX512-BF16, "
                              "fp16 on older GPUs, else fp32",
@@ -372,7 +367,8 @@ class ExportConfig:
                     "Dtype of the exported weights: float32 = exact merge; float16 / bfloat16 = half the "
                                "size", choices=("float32", "float16", "bfloat16"))
     overwrite: bool = _f(False,
-                         "Replace an existing output_dir (otherwise the export stops before writing)")
+                         "Replace an earlier export in output_dir (otherwise the export stops before "
+                         "writing; a folder holding anything else is never replaced)")
 
 
 SECTIONS: dict[str, type] = {
@@ -422,28 +418,6 @@ def field_problem(section: str, name: str, value, label: Optional[str] = None) -
     per-prompt setting in a prompts file, with their own ``label``)."""
     f = next(f for f in dataclasses.fields(SECTIONS[section]) if f.name == name)
     return value_problem(f.metadata, value, label or f"{section}.{name}")
-
-
-def seed_problem(seed, count: int, label: str = "seed") -> Optional[str]:
-    """The one rule for seeds (every script and the UI): each seed used, ``seed`` .. ``seed + count
-    - 1``, is a whole number from 0 to MAX_SEED; None when they all are."""
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        return f"{label} must be a whole number from 0 to {MAX_SEED} (got {clip_text(seed, 40)})"
-    if seed < 0 or seed + max(1, int(count)) - 1 > MAX_SEED:
-        last = f" (the last of its {count} samples would use {seed + count - 1})" if count > 1 else ""
-        return (f"{label} must be a whole number from 0 to {MAX_SEED} (2^32-1), got "
-                f"{clip_text(str(seed), 40)}{last}")
-    return None
-
-
-def text_problem(text: str, where: str) -> Optional[str]:
-    """A caption or prompt longer than MAX_TEXT_CHARS (T5 reads at most MAX_TEXT_TOKENS tokens): the
-    problem, naming ``where``; None when it fits."""
-    if isinstance(text, str) and len(text) > MAX_TEXT_CHARS:
-        return (f"{where}: the text is {len(text):,} characters long, more than {MAX_TEXT_CHARS:,} "
-                f"(the text encoder reads at most {MAX_TEXT_TOKENS} tokens): "
-                f"{clip_text(text, 60)!r}. Shorten it.")
-    return None
 
 
 def range_problems(cfg: "Config", sections=None) -> list[str]:
@@ -612,13 +586,7 @@ def markdown_reference() -> str:
 
 def update_usage(path: Path = REPO_ROOT / "USAGE.md") -> None:
     """Rewrite the reference section of USAGE.md from the schema."""
-    import re
-
-    text = path.read_text(encoding="utf-8")
-    new = re.sub(r"<!-- reference:start -->.*<!-- reference:end -->",
-                 lambda m: f"<!-- reference:start -->\n{markdown_reference()}\n<!-- reference:end "
-                           f"-->", text, flags=re.S)
-    path.write_text(new, encoding="utf-8")
+    fields_mod.replace_section(path, "reference", markdown_reference())
 
 
 if __name__ == "__main__":  # python -m lora.config --markdown | --update-usage

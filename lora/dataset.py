@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from lora.common.cli import UserError
+from lora.common.cli import UserError, log
 from lora.common.files import folder_lock
 from lora.config import text_problem
 from lora.modeling import chroma
@@ -143,14 +143,25 @@ def load_metadata(data_dir: str | Path, metadata_file: str = "metadata.json", *,
     return records
 
 
-def metadata_sample_rate(data_dir: str | Path, metadata_file: str = "metadata.json") -> Optional[int]:
-    """The sample rate a metadata.json says its clips have (prepare_data writes it), or None."""
+def warn_sample_rate(data_dir: str | Path, metadata_file: str, model_rate: int) -> None:
+    """Say when the sample rate metadata.json gives its clips (prepare_data writes it) is not the
+    model's: the clips are resampled for the model and lack what lies above their own band."""
     try:
         doc = json.loads(metadata_path(data_dir, metadata_file).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return None
+        return
     rate = doc.get("sample_rate") if isinstance(doc, dict) else None
-    return rate if isinstance(rate, int) and not isinstance(rate, bool) else None
+    if isinstance(rate, int) and not isinstance(rate, bool) and rate != model_rate:
+        log.warning("The clips of %s are %d Hz, the model runs at %d Hz: they are resampled, and hold "
+                    "nothing above %d Hz. Prepare the data with --sample_rate %d for the full "
+                    "bandwidth.", data_dir, rate, model_rate, rate // 2, model_rate)
+
+
+def cache_note(data_dir: str | Path) -> str:
+    """What Ctrl-C while the token cache of ``data_dir`` is being built leaves."""
+    return (f"while building the token cache in {Path(data_dir) / 'cache'}: every clip encoded so "
+            f"far is kept (each file is written whole) and reused when you run the same command "
+            f"again; nothing else was written yet")
 
 
 def _repeated(records: list[ClipRecord]) -> list[str]:

@@ -57,7 +57,7 @@ from lora.config import (
     parse_config,
 )
 from lora.dataprep.token_cache import build_token_cache
-from lora.dataset import data_dir_lock, load_metadata
+from lora.dataset import cache_note, data_dir_lock, load_metadata
 from lora.generation.model import pick_device
 from lora.generation.prompts import read_prompt_texts
 from lora.modeling.adapter import (
@@ -171,9 +171,7 @@ def evaluate(cfg: Config, plan: dict) -> int:
     model, processor, info = load_base_model(cfg.model, device=device)
     # Cache (built once, shared with training) before the adapter goes on: codes and text states are
     # the base's.
-    with on_interrupt(lambda: f"while building the token cache in {Path(cfg.data.data_dir) / 'cache'}: "
-                              f"every clip encoded so far is kept and reused by the next run; no "
-                              f"result was written"):
+    with on_interrupt(lambda: cache_note(cfg.data.data_dir)):
         clips, cache_stats = build_token_cache(valid, model, processor, info, cfg.data.data_dir,
                                                batch_size=cfg.training.encode_batch_size, device=device)
     identity = {"base": {k: v for k, v in info.to_dict().items()

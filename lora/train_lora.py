@@ -52,10 +52,11 @@ from lora.dataprep.token_cache import build_token_cache
 from lora.dataset import (
     CachedTokenDataset,
     bucketed_batches,
+    cache_note,
     collate_tokens,
     data_dir_lock,
     load_metadata,
-    metadata_sample_rate,
+    warn_sample_rate,
 )
 from lora.modeling.cpu_speed import keep_freed_memory
 from lora.modeling.loading import family_for, load_base_model, local_model_folder
@@ -234,18 +235,13 @@ def load_and_cache(cfg: Config, acc, records, clock: run_log.PhaseClock):
     # precision) and its frozen weights are cast, so a GPU never holds the fp32 decoder.
     model, processor, info = load_base_model(cfg.model)
     clock.lap("load")
-    rate = metadata_sample_rate(cfg.data.data_dir, cfg.data.metadata_file)
-    if rate and rate != info.sample_rate:
-        log.warning("The clips of %s are %d Hz, the model runs at %d Hz: they are resampled, and hold "
-                    "nothing above %d Hz. Prepare the data with --sample_rate %d for the full "
-                    "bandwidth.", cfg.data.data_dir, rate, info.sample_rate, info.sample_rate, rate // 2,
-                    info.sample_rate)
+    warn_sample_rate(cfg.data.data_dir, cfg.data.metadata_file, info.sample_rate)
     fam = family_for(info)
     fam.audio_codec(model).to(device)
     fam.text_encoder_of(model).to(device)
     max_frames = checked_window(t.max_duration, info, model)
     cache_text = not cfg.lora.train_text_encoder
-    with acc.main_process_first(), on_interrupt(lambda: cache_note(cfg)):
+    with acc.main_process_first(), on_interrupt(lambda: cache_note(cfg.data.data_dir)):
         clips, _ = build_token_cache(records, model, processor, info, cfg.data.data_dir,
                                      batch_size=t.encode_batch_size, device=device,
                                      text_states=cache_text, show_progress=acc.is_main_process)
@@ -259,13 +255,6 @@ def load_and_cache(cfg: Config, acc, records, clock: run_log.PhaseClock):
              else " and text encoder", device)
     clock.lap("token cache")
     return model, processor, info, clips, max_frames
-
-
-def cache_note(cfg: Config) -> str:
-    """What Ctrl-C during the token cache's build leaves."""
-    return (f"while building the token cache in {Path(cfg.data.data_dir) / 'cache'}: every clip "
-            f"encoded so far is kept (each file is written whole); run the same command again and "
-            f"they are reused. No checkpoint was written yet")
 
 
 def set_up(cfg: Config) -> Run:

@@ -70,8 +70,9 @@ def _coerce(section: str, name: str, value, tp, meta, source: str):
         return [_coerce(section, f"{name}[{i}]", v, tp, meta, source) for i, v in enumerate(value)]
     base, optional = _base_type(tp)
     where = f"{section}.{name}" + (f" in {source}" if source else "")
-    bad = ConfigError(f"{where}: expected {_type_name(tp)}, got {clip_text(value, 100)}. Fix the "
-                      f"value or delete the line to use the default.")
+    shown = repr(clip_text(value, 100)) if isinstance(value, str) else clip_text(value, 100)
+    bad = ConfigError(f"{where}: expected {_type_name(tp)}, got {shown}. Fix the value or delete the "
+                      f"line to use the default.")
     if isinstance(value, str) and len(value) > MAX_VALUE_CHARS:
         raise ConfigError(f"{where}: the text is {len(value):,} characters long, more than "
                           f"{MAX_VALUE_CHARS:,} ({clip_text(value, 60)}). Fix the value.")
@@ -160,7 +161,12 @@ def value_problem(meta, value, label: str) -> Optional[str]:
     if ok:
         return None
     hint = meta.get("hint")
-    return f"{label} must be {range_text(meta)} (got {_num(value)})" + (f"; {hint}" if hint else "")
+    text = range_text(meta)
+    ge, le = meta.get("ge"), meta.get("le")
+    if isinstance(ge, int) and isinstance(le, int) and math.isfinite(value):  # the side it crossed
+        text = (f"at least {ge}" if value < ge else f"at most {le}") \
+            + "".join(f", or {_num(v)}" for v in meta.get("also", ()))
+    return f"{label} must be {text} (got {_num(value)})" + (f"; {hint}" if hint else "")
 
 
 def _check_choice(where: str, value, meta):
@@ -411,3 +417,14 @@ def markdown_reference(sections: dict[str, type]) -> str:
             out.append(f"| {flags} | `{d}` | {helptext} |")
         out.append("")
     return "\n".join(out)
+
+
+def replace_section(path: Path, name: str, text: str) -> None:
+    """Rewrite what lies between ``<!-- name:start -->`` and ``<!-- name:end -->`` in a Markdown
+    file (USAGE.md's generated reference)."""
+    import re
+
+    doc = Path(path).read_text(encoding="utf-8")
+    new = re.sub(rf"<!-- {name}:start -->.*<!-- {name}:end -->",
+                 lambda m: f"<!-- {name}:start -->\n{text}\n<!-- {name}:end -->", doc, flags=re.S)
+    Path(path).write_text(new, encoding="utf-8")
