@@ -48,7 +48,7 @@ from lora import app, evaluate  # noqa: E402
 
 TIMEOUT = 60_000  # ms
 # Markup that runs a script wherever it reaches HTML unescaped (a folder name cannot hold '/')
-XSS = "<img src=x onerror=window.__xss=1><svg onload=window.__xss=2>"
+XSS = "x\"'><img src=x onerror=window.__xss=1><svg onload=window.__xss=2>"
 # ... and in a prompt or caption, where '/' is allowed too
 XSS_TEXT = XSS + "<script>window.__xss=3</script>[click](javascript:window.__xss=4)"
 
