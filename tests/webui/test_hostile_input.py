@@ -47,8 +47,9 @@ _require("Debian's chromium", CHROMIUM is not None)
 from lora import app, evaluate  # noqa: E402
 
 TIMEOUT = 60_000  # ms
-# Markup that runs a script wherever it reaches HTML unescaped (a folder name cannot hold '/')
-XSS = "x\"'><img src=x onerror=window.__xss=1><svg onload=window.__xss=2>"
+# Markup that runs a script wherever it reaches HTML unescaped, in text or in an attribute (a folder
+# name cannot hold '/', so it cannot close an <iframe>: its own onload is the way in)
+XSS = "x\" onload=\"window.__xss=5\" data-x=\"'><img src=x onerror=window.__xss=1><svg onload=window.__xss=2>"
 # ... and in a prompt or caption, where '/' is allowed too
 XSS_TEXT = XSS + "<script>window.__xss=3</script>[click](javascript:window.__xss=4)"
 
@@ -150,7 +151,7 @@ def _no_script_ran(pg) -> None:
         except Exception:  # a sandboxed frame without scripts cannot be asked: nothing ran there
             ran = None
         assert ran is None, f"a script of a hostile name ran in {frame.url}: {ran}"
-    assert pg.evaluate("() => document.querySelectorAll('img[onerror], svg[onload]').length") == 0
+    assert pg.evaluate("() => document.querySelectorAll('[onerror], [onload]').length") == 0
     assert not pg.dialogs
 
 
