@@ -19,10 +19,12 @@ place in it.
 from __future__ import annotations
 
 import argparse
+import html
 import os
 import random
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Optional
 
@@ -36,6 +38,7 @@ from lora.config import REPO_ROOT, Config, parse_config
 from lora.scoring.plots import loss_figure
 from lora.webui.engine import (
     MODES,
+    UPLOADS,
     Engine,
     GenForm,
     Side,
@@ -47,17 +50,22 @@ from lora.webui.engine import (
 from lora.webui.runs import (
     TRAIN_FIELDS,
     Processes,
-    evaluate_argv,
     evaluation_summary,
     list_evaluations,
     list_runs,
     log_tail,
+    md_text,
     read_metrics,
     resume_training,
     run_summary,
+    start_evaluation,
     start_training,
     train_defaults,
+    under_root,
 )
+
+MAX_UPLOAD = "200mb"  # one uploaded audio prompt or melody (an hour of 16-bit stereo is 690 MB)
+MAX_QUEUE = 32        # requests waiting in the UI's queue at once
 
 
 # ============================================================================================
@@ -102,8 +110,9 @@ def _gradio():
 
 
 def _message(e: BaseException) -> str:
-    """What the page shows for a failure: the user's error as it is; anything else by its type and
-    text (the traceback goes to the server's log, never to the page)."""
+    """What the page shows for a failure (plain text: Markdown boxes escape it with md_text): the
+    user's error as it is; anything else by its type and text (the traceback goes to the server's
+    log, never to the page)."""
     if isinstance(e, UserError):
         return f"Error: {e}"
     log.error("unexpected error in the UI", exc_info=e)
@@ -148,11 +157,12 @@ def _generate_handler(gr, engine: Engine, out_root: Path, ns):
 
         empty = {"pairs": [], "order": [], "names": []}
         try:
-            clean_ui_outputs(out_root / "ui", ns.max_ui_age_days * 86400, ns.max_ui_gb * 2 ** 30)
+            clean_ui_outputs(out_root / "ui", ns.max_ui_age_days * 86400, ns.max_ui_gb * 2 ** 30,
+                             keep=[audio_prompt, melody])
             sides, first_seed, stopped = run_generation(engine, f, out_root, report)
         # every failure becomes a message in the page; the server keeps serving
         except Exception as e:
-            return (_message(e), *_player_updates(gr, empty, None), gr.update(choices=[], value=None),
+            return (md_text(_message(e)), *_player_updates(gr, empty, None), gr.update(choices=[], value=None),
                     gr.update(visible=False), None, empty)
         done = [s for s in sides if s.entries]
         order = [s.label for s in done]
@@ -168,7 +178,8 @@ def _generate_handler(gr, engine: Engine, out_root: Path, ns):
                  + (f"–{first_seed + int(f.num_samples) - 1}" if int(f.num_samples) > 1 else "")
                  + f", {float(f.duration):g} s each."]
         for s in sides:
-            lines.append(f"- {s.label}: `{s.folder / 'manifest.json'}`  \n  CLI: `{s.command}`")
+            lines.append(f"- {s.label}: {md_text(s.folder / 'manifest.json')}  \n  CLI: "
+                         f"{md_text(s.command)}")
         keys = [r["key"] for r in state["pairs"]]
         files = [p for r in state["pairs"] for p in r["files"].values()] if not state["blind"] else None
         return ("\n".join(lines), *_player_updates(gr, state, keys[0] if keys else None),
@@ -259,7 +270,7 @@ def _generate_tab(gr, cfg: Config, engine: Engine, out_root: Path, ns) -> None:
         st = dict(st, names=st["real"], blind=False)
         a, b = _player_updates(gr, st, key)
         files = [p for r in st["pairs"] for p in r["files"].values()]
-        return (f"A = {st['real'][0]}  \nB = {st['real'][1]}", a, b, files)
+        return (f"A = {md_text(st['real'][0])}  \nB = {md_text(st['real'][1])}", a, b, files)
 
     reveal.click(on_reveal, [state, sample], [status, player_a, player_b, files], queue=False)
 
@@ -281,7 +292,7 @@ def _train_tab(gr, cfg: Config, out_root: Path, procs: Processes, config_file: O
     seen = gr.State(None)
     with gr.Accordion("Start a new run (train_lora.py with these flags; the rest from config.yaml)",
                       open=True):
-        defaults = train_defaults(cfg)
+        defaults = train_defaults(cfg, out_root)
         boxes = []
         with gr.Row(equal_height=True):
             for key in TRAIN_FIELDS:
@@ -302,20 +313,21 @@ def _train_tab(gr, cfg: Config, out_root: Path, procs: Processes, config_file: O
         return run_summary(folder, history, state), fig, log_tail(p.log_path) if p else "", sig
 
     def on_start(*values):
-        try:
+        try:  # checked as train_lora.py checks it, before anything starts
             out, command = start_training(procs, dict(zip(TRAIN_FIELDS, values)), config_file)
         except Exception as e:
-            return _message(e), gr.skip()
-        return (f"Started: `{command}`", gr.update(choices=list_runs(out_root) + [out], value=out))
+            return md_text(_message(e)), gr.skip()
+        return (md_text(f"Started: {command}"), gr.update(choices=list_runs(out_root) + [out], value=out))
 
     def on_stop(name):
-        return procs.stop(str(Path(name).expanduser())) if name else "Pick a run first."
+        return md_text(procs.stop(str(Path(name).expanduser()))) if name else "Pick a run first."
 
     def on_resume(name):
         try:
-            return f"Resumed: `{resume_training(procs, str(Path(name).expanduser()))}`" if name else "Pick a run."
+            return md_text(f"Resumed: {resume_training(procs, str(Path(name).expanduser()))}") if name \
+                else "Pick a run."
         except Exception as e:
-            return _message(e)
+            return md_text(_message(e))
 
     timer = gr.Timer(2.0)
     timer.tick(refresh_run, [run, seen], [run_status, plot, log_box, seen], concurrency_id="poll",
@@ -329,10 +341,14 @@ def _train_tab(gr, cfg: Config, out_root: Path, procs: Processes, config_file: O
 
 
 def _report_html(folder: Path) -> str:
+    """The evaluation's report.html in a frame: its path URL-quoted and HTML-escaped (a folder name
+    is never markup), and the frame sandboxed without scripts (a report.html that is not
+    evaluate.py's cannot run code in the UI's page)."""
     report = folder / "report.html"
     if not report.is_file():
         return ""
-    return (f'<iframe src="/gradio_api/file={report}" title="report.html" '
+    src = html.escape("/gradio_api/file=" + urllib.parse.quote(str(report)), quote=True)
+    return (f'<iframe src="{src}" title="report.html" sandbox="allow-same-origin" '
             f'style="width:100%;height:640px;border:1px solid #ccc"></iframe>')
 
 
@@ -363,15 +379,11 @@ def _evaluate_tab(gr, cfg: Config, out_root: Path, procs: Processes) -> None:
         return evaluation_summary(folder), _report_html(folder)
 
     def on_run(model_path, adapter_path, data_dir, out_dir, fast):
-        """Runs in the GPU queue (a generation waits for it), streaming the log."""
-        if not adapter_path or not Path(adapter_path).expanduser().is_dir():
-            yield f"Error: Adapter folder not found: {adapter_path or '(none given)'}", gr.skip(), gr.skip(), gr.skip()
-            return
+        """Runs in the GPU queue (a generation waits for it), streaming the log; the form is checked
+        as evaluate.py checks it before anything starts."""
         try:
-            p = procs.start(str(Path(out_dir).expanduser()),
-                            evaluate_argv(model_path, adapter_path, data_dir,
-                                                                           out_dir, bool(fast)),
-                            "evaluate")
+            folder = str(under_root(out_dir, out_root, "output folder"))
+            p = start_evaluation(procs, model_path, adapter_path, data_dir, folder, bool(fast))
         except Exception as e:
             yield _message(e), gr.skip(), gr.skip(), gr.skip()
             return
@@ -379,7 +391,6 @@ def _evaluate_tab(gr, cfg: Config, out_root: Path, procs: Processes) -> None:
             time.sleep(1.0)
             yield log_tail(p.log_path), gr.skip(), gr.skip(), gr.skip()
         text = f"$ {p.command}\n(exit code {p.popen.returncode})\n{log_tail(p.log_path)}"
-        folder = str(Path(out_dir).expanduser())
         if p.popen.returncode != 0:
             yield text, gr.skip(), gr.skip(), gr.skip()
             return
@@ -396,11 +407,11 @@ def build_ui(cfg: Config, out_root: Path, ns):
     """The Blocks app (not yet launched)."""
     out_root.mkdir(parents=True, exist_ok=True)
     # uploads and served copies
-    os.environ.setdefault("GRADIO_TEMP_DIR", str(out_root / "ui" / ".gradio"))
+    os.environ.setdefault("GRADIO_TEMP_DIR", str(out_root / "ui" / UPLOADS))
     gr = _gradio()
     engine, procs = Engine(cfg), Processes(out_root)
     with gr.Blocks(title="MusicGen LoRA", analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
-        gr.Markdown(f"### MusicGen LoRA · outputs in `{out_root}`")
+        gr.Markdown(f"### MusicGen LoRA · outputs in {md_text(out_root)}")
         with gr.Tabs():
             with gr.Tab("Generate", id="generate", elem_id="tab_generate"):
                 _generate_tab(gr, cfg, engine, out_root, ns)
@@ -420,10 +431,11 @@ def launch(demo, ns, out_root: Path, block: bool = False):
     host = "0.0.0.0" if ns.listen else "127.0.0.1"
     if ns.listen and not auth:
         log.warning("--listen without --auth: anyone on the network can use this UI")
-    demo.queue(default_concurrency_limit=1)
+    # bounded: requests waiting at once, and the size of one upload
+    demo.queue(default_concurrency_limit=1, max_size=MAX_QUEUE)
     demo.launch(server_name=host, server_port=ns.port, auth=auth, share=False, inbrowser=False,
                 allowed_paths=[str(out_root)], prevent_thread_lock=not block, ssr_mode=False,
-                mcp_server=False, footer_links=[], quiet=not block)
+                mcp_server=False, footer_links=[], quiet=not block, max_file_size=MAX_UPLOAD)
     if block:
         demo.procs.stop_all()
     return demo

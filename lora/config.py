@@ -30,6 +30,18 @@ from pathlib import Path
 from typing import Any, Optional
 
 from lora.common import fields as fields_mod
+
+# the bounds belong to the schema (scripts import them from here)
+from lora.common.bounds import (  # noqa: F401  # noqa: F401
+    MAX_EVENTS,
+    MAX_FILES,
+    MAX_PROMPTS,
+    MAX_SEED,
+    MAX_TEXT_CHARS,
+    MAX_TEXT_TOKENS,
+    seed_problem,
+    text_problem,
+)
 from lora.common.fields import (
     ConfigError,
     _check_choice,
@@ -45,6 +57,8 @@ DEFAULT_CONFIG = REPO_ROOT / "config.yaml"
 
 # Names of built-in model presets that are not paths (lora.modeling.tiny_model builds them).
 BUILTIN_MODELS = ("tiny", "tiny-stereo", "tiny-melody", "tiny-stereo-melody")
+
+SEED_RANGE = dict(ge=0, le=MAX_SEED, hint="a whole number from 0 to 2^32-1 (4294967295)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -71,7 +85,7 @@ class ModelConfig:
 @dataclass
 class LoraSection:
     lora_rank: int = _f(12, "LoRA rank r: capacity of the adapter; 8-32 is typical",
-                        aliases=("lora_r",), ge=1,
+                        aliases=("lora_r",), ge=1, le=1024,
                          hint="8-32 is typical")
     lora_alpha: float = _f(24.0, "LoRA alpha: scale of the update is alpha/r; usually 2x rank", gt=0.0,
                             hint="usually 2x lora_rank")
@@ -95,30 +109,26 @@ class DataConfig:
                                   kind="path")
     create_example: bool = _f(False, "prepare_data: write the small synthetic example dataset instead")
     validate: bool = _f(False, "prepare_data: check an existing data_dir and metadata, change nothing")
-    example_clips: int = _f(160,
-                            "prepare_data --create_example: number of synthetic clips (160 x 6 s: "
-                            "seconds to "
-                                 "write, enough for the seed's 5-epoch run to show learning on the "
-                                 "tiny model)",
-                            ge=8, hint="the example set has 4 styles, each needs a train and a "
-                                       "valid clip")
-    example_seconds: float = _f(6.0,
-                                "prepare_data --create_example: length of each synthetic clip, s", gt=0.0)
+    example_clips: int = _f(160, "prepare_data --create_example: number of synthetic clips (160 x 6 s: "
+                            "seconds to write, enough for the seed's 5-epoch run to show learning on "
+                            "the tiny model)", ge=8, le=100_000,
+                            hint="the example set has 4 styles, each needs a train and a valid clip")
+    example_seconds: float = _f(6.0, "prepare_data --create_example: length of each synthetic clip, s",
+                                gt=0.0, le=600.0)
     sample_rate: int = _f(32000, "Sample rate of the prepared clips, Hz; must equal the model's (32000)",
-                          ge=1, hint="MusicGen uses 32000")
+                          ge=1, le=384_000, hint="MusicGen uses 32000")
     channels: int = _f(1, "1 = mix down to mono (mono models); 2 = keep stereo (stereo models)",
                        choices=(1, 2))
-    segment_seconds: float = _f(30.0,
-                                "Long recordings are cut into clips of this length, s (MusicGen's "
-                                "context is 30)", gt=0.0)
-    min_seconds: float = _f(5.0, "Clips (and file tails) shorter than this are not used, s", ge=0.0)
+    segment_seconds: float = _f(30.0, "Long recordings are cut into clips of this length, s (MusicGen's "
+                                "context is 30)", gt=0.0, le=3600.0)
+    min_seconds: float = _f(5.0, "Clips (and file tails) shorter than this are not used, s", ge=0.0,
+                            le=3600.0)
     trim_silence: bool = _f(True, "Trim leading/trailing silence before cutting")
     silence_db: float = _f(-50.0, "Level below which audio counts as silence, dBFS", lt=0.0,
                            hint="e.g. -50")
-    valid_fraction: float = _f(0.1,
-                               "Share of source recordings held out for validation (split by recording)",
-                               ge=0.0, lt=1.0, hint="0.1 = 10% of recordings")
-    split_seed: int = _f(1234, "Seed of the deterministic train/valid split")
+    valid_fraction: float = _f(0.1, "Share of source recordings held out for validation (split by "
+                               "recording)", ge=0.0, lt=1.0, hint="0.1 = 10% of recordings")
+    split_seed: int = _f(1234, "Seed of the deterministic train/valid split", **SEED_RANGE)
     captions_file: Optional[str] = _f(None, "CSV / JSON / JSONL mapping file name to caption",
                                       kind="path")
     default_text: Optional[str] = _f(None,
@@ -128,35 +138,34 @@ class DataConfig:
                                          "{folder} = parent folder name; '' = leave uncaptioned")
     enrich_captions: bool = _f(False, "Append estimated tempo (BPM) and key to every caption (librosa)")
     num_workers: int = _f(0, "Worker processes for preparation; 0 = one per CPU core",
-                          ge=0, hint="0 = one per CPU core")
+                          ge=0, le=256, hint="0 = one per CPU core")
     overwrite: bool = _f(False, "prepare_data: redo clips that already exist")
 
 
 @dataclass
 class TrainingConfig:
-    output_dir: str = _f("output",
-                         "Where checkpoints/, best_model/, final_model/ and logs/ are written",
+    output_dir: str = _f("output", "Where checkpoints/, best_model/, final_model/ and logs/ are written",
                          kind="path")
-    num_epochs: float = _f(5.0, "Passes over the training clips", aliases=("num_train_epochs",), ge=0.0)
+    num_epochs: float = _f(5.0, "Passes over the training clips", aliases=("num_train_epochs",), ge=0.0,
+                         le=100_000.0)
     max_steps: int = _f(-1, "Stop after this many optimizer steps; -1 = use num_epochs",
-                        ge=1, also=(-1,), hint="-1 = use num_epochs")
+                        ge=1, le=10_000_000, also=(-1,),
+                        hint="-1 = use num_epochs; a LoRA run is usually 500-20,000 steps")
     batch_size: int = _f(2, "Clips per step per device; 2-4 on a 24 GB GPU for musicgen-small",
-                         aliases=("per_device_train_batch_size",), ge=1)
-    gradient_accumulation_steps: int = _f(4,
-                                          "Steps accumulated per update: effective batch = "
-                                          "batch_size x this x GPUs", ge=1)
+                         aliases=("per_device_train_batch_size",), ge=1, le=4096)
+    gradient_accumulation_steps: int = _f(4, "Steps accumulated per update: effective batch = "
+                                          "batch_size x this x GPUs", ge=1, le=100_000)
     learning_rate: float = _f(3e-4, "Peak learning rate of AdamW; 1e-4..5e-4 for LoRA",
                               gt=0.0, hint="1e-4..5e-4 is usual for LoRA")
     weight_decay: float = _f(0.0, "AdamW weight decay", ge=0.0)
-    warmup_steps: int = _f(100,
-                           "Linear warm-up, optimizer steps (capped at a tenth of the run when the "
-                           "run is short)", ge=0)
+    warmup_steps: int = _f(100, "Linear warm-up, optimizer steps (capped at a tenth of the run when the "
+                           "run is short)", ge=0, le=10_000_000)
     lr_scheduler_type: str = _f("cosine", "Schedule after warm-up",
                                 choices=("cosine", "linear", "constant"))
     max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0 = off", ge=0.0, hint="0 = no clipping")
     max_duration: float = _f(30.0,
                              "Training window, s: longer cached clips get a random crop of this "
-                             "length per epoch", gt=0.0, hint="MusicGen's context is 30 s")
+                             "length per epoch", gt=0.0, le=3600.0, hint="MusicGen's context is 30 s")
     cond_dropout: float = _f(0.3,
                              "Probability of replacing a caption by the null condition, so "
                              "classifier-free "
@@ -205,29 +214,31 @@ class TrainingConfig:
                              "passed since the "
                                    "last one (a lost session loses at most this much); 0 = off",
                              ge=0.0, hint="0 = off")
-    save_total_limit: int = _f(3, "Keep only the newest N checkpoints (best_model is kept apart)", ge=1)
+    save_total_limit: int = _f(3, "Keep only the newest N checkpoints (best_model is kept apart)", ge=1,
+                               le=1000)
     eval_steps: str = _f("auto",
                          "Validate on the held-out split every N optimizer steps (and before the "
                          "first, and "
                                  "at the end); auto = about 10 per run, as for save_steps")
-    logging_steps: int = _f(10, "Log training loss every N optimizer steps", ge=1)
+    logging_steps: int = _f(10, "Log training loss every N optimizer steps", ge=1, le=10_000_000)
     early_stopping_patience: int = _f(0, "Stop after N validations without improvement; 0 = off",
-                                      ge=0, hint="0 = off")
+                                      ge=0, le=1_000_000, hint="0 = off")
     max_nan_steps: int = _f(10,
                             "Stop after this many non-finite losses in a row (each one is skipped "
-                            "and counted)", ge=1)
+                            "and counted)", ge=1, le=1_000_000)
     resume_from_checkpoint: Optional[str] = _f(None, "'latest' or a checkpoint folder to continue from")
     overwrite_output_dir: bool = _f(False,
                                     "Start a fresh run even if output_dir holds an earlier run: its "
                                            "checkpoints/, best_model/ and final_model/ are deleted "
                                            "first, but only what train_lora.py wrote (anything "
                                            "else there stops the run)")
-    seed: int = _f(42, "Random seed: data order, LoRA init, dropout")
+    seed: int = _f(42, "Random seed: data order, LoRA init, dropout", **SEED_RANGE)
     dataloader_num_workers: int = _f(0,
                                      "DataLoader workers (training reads cached tokens; 0 is "
-                                     "usually enough)", ge=0)
+                                     "usually enough)", ge=0, le=256)
     encode_batch_size: int = _f(8,
-                                "Clips per batch when computing the EnCodec / text-encoder cache", ge=1)
+                                "Clips per batch when computing the EnCodec / text-encoder cache", ge=1,
+                                le=4096)
     torch_compile: bool = _f(False,
                              "torch.compile the decoder (inductor) with static shapes: each batch "
                              "is padded to "
@@ -256,8 +267,8 @@ class GenerationConfig:
                                      "txt (one prompt per line) or JSON/JSONL with per-prompt settings",
                                      kind="path")
     output_dir: str = _f("output/generated", "Where wavs and manifest.json are written", kind="path")
-    num_samples: int = _f(1, "Samples per prompt (seeds seed, seed+1, ...)", ge=1)
-    batch_size: int = _f(4, "Prompts generated together", ge=1)
+    num_samples: int = _f(1, "Samples per prompt (seeds seed, seed+1, ...)", ge=1, le=1000)
+    batch_size: int = _f(4, "Prompts generated together", ge=1, le=1024)
     duration: float = _f(10.0, "Length of each piece, s; over 30 s uses windowed continuation",
                          gt=0.0, le=3600.0, hint="it is in seconds")
     guidance_scale: float = _f(3.0, "Classifier-free guidance strength; 1 = off, 3 = MusicGen default",
@@ -271,7 +282,8 @@ class GenerationConfig:
     top_p: float = _f(0.0,
                       "Nucleus sampling threshold; 0 = off; when set it replaces top_k (as in "
                       "audiocraft)", ge=0.0, le=1.0, hint="0 = off")
-    seed: int = _f(0, "Seed of the first sample; every sample's seed is recorded in the manifest")
+    seed: int = _f(0, "Seed of the first sample; every sample's seed is recorded in the manifest",
+                   **SEED_RANGE)
     lora_scale: float = _f(1.0,
                            "Adapter strength: 0 = base model, 1 = full adapter, in between blends; with "
                                 "several adapters one number each (a list), e.g. --lora_scale 0.7 0.4",
@@ -281,10 +293,11 @@ class GenerationConfig:
                                "lora_scale is 1")
     extend_stride: float = _f(18.0,
                               "For long pieces: seconds generated per new window (the rest is context)",
-                              gt=0.0, hint="audiocraft uses 18 of 30")
+                              gt=0.0, le=3600.0, hint="audiocraft uses 18 of 30")
     max_window: float = _f(30.0,
                            "Longest stretch generated in one pass, s (MusicGen was trained on 30 s); "
-                                 "longer pieces continue window by window", gt=0.0, hint="MusicGen: 30")
+                                 "longer pieces continue window by window", gt=0.0, le=3600.0,
+                           hint="MusicGen: 30")
     audio_prompt: Optional[str] = _f(None, "Audio file whose music is continued", kind="path")
     melody_audio: Optional[str] = _f(None,
                                      "Melody models only (musicgen-melody, tiny-melody): an audio "
@@ -295,7 +308,9 @@ class GenerationConfig:
     unconditional: bool = _f(False, "Allow generation without a text prompt")
     output_format: str = _f("pcm16", "WAV sample format", choices=("pcm16", "float"))
     normalize: bool = _f(True, "Peak-normalise each file (no clipping)")
-    overwrite: bool = _f(False, "Replace existing output files")
+    overwrite: bool = _f(False,
+                         "Replace output files an earlier run of inference_lora.py wrote (a file it "
+                         "did not write is never replaced)")
     dtype: str = _f("auto",
                     "Weights dtype for generation: auto = bf16 on GPUs and on CPUs with AMX/AVX512-BF16, "
                              "fp16 on older GPUs, else fp32",
@@ -314,11 +329,12 @@ class EvaluationConfig:
     compare: bool = _f(False, "Evaluate the base model and the LoRA model side by side")
     num_prompts: int = _f(8,
                           "Prompts used for generation metrics (from the valid captions or "
-                          "prompts_file)", ge=1)
-    eval_duration: float = _f(8.0, "Length of each generated clip for the generation metrics, s", gt=0.0)
-    eval_seeds: int = _f(2, "Seeds per prompt (for diversity across seeds)", ge=1)
+                          "prompts_file)", ge=1, le=MAX_PROMPTS)
+    eval_duration: float = _f(8.0, "Length of each generated clip for the generation metrics, s", gt=0.0,
+                              le=600.0)
+    eval_seeds: int = _f(2, "Seeds per prompt (for diversity across seeds)", ge=1, le=1000)
     bootstrap_samples: int = _f(2000, "Bootstrap resamples for confidence intervals",
-                                ge=100, hint="2000 is a good default")
+                                ge=100, le=1_000_000, hint="2000 is a good default")
     clap_model_path: Optional[str] = _f(None,
                                         "Local CLAP model folder (e.g. laion/larger_clap_music) "
                                         "for text-audio "
@@ -351,7 +367,8 @@ class ExportConfig:
                     "Dtype of the exported weights: float32 = exact merge; float16 / bfloat16 = half the "
                                "size", choices=("float32", "float16", "bfloat16"))
     overwrite: bool = _f(False,
-                         "Replace an existing output_dir (otherwise the export stops before writing)")
+                         "Replace an earlier export in output_dir (otherwise the export stops before "
+                         "writing; a folder holding anything else is never replaced)")
 
 
 SECTIONS: dict[str, type] = {
@@ -493,6 +510,11 @@ def finalize(cfg: Config) -> None:
     t = cfg.training
     if t.fp16 and t.bf16:
         raise ConfigError("--fp16 and --bf16 were both given; choose one (or mixed_precision: auto).")
+    flag = "fp16" if t.fp16 else "bf16" if t.bf16 else None
+    if flag and t.mixed_precision not in ("auto", flag):
+        raise ConfigError(f"--{flag} asks for {flag}, but training.mixed_precision is "
+                          f"{t.mixed_precision!r}: they contradict each other. Give one of them (set "
+                          f"mixed_precision: auto in the config to let --{flag} decide).")
     if t.fp16:
         t.mixed_precision = "fp16"
     elif t.bf16:
@@ -564,13 +586,7 @@ def markdown_reference() -> str:
 
 def update_usage(path: Path = REPO_ROOT / "USAGE.md") -> None:
     """Rewrite the reference section of USAGE.md from the schema."""
-    import re
-
-    text = path.read_text(encoding="utf-8")
-    new = re.sub(r"<!-- reference:start -->.*<!-- reference:end -->",
-                 lambda m: f"<!-- reference:start -->\n{markdown_reference()}\n<!-- reference:end "
-                           f"-->", text, flags=re.S)
-    path.write_text(new, encoding="utf-8")
+    fields_mod.replace_section(path, "reference", markdown_reference())
 
 
 if __name__ == "__main__":  # python -m lora.config --markdown | --update-usage

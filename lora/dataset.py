@@ -20,17 +20,21 @@ when it is missing, the first folder of ``audio`` decides ("train/..." or "valid
 
 The token cache these items come from is built by lora.dataprep.token_cache.
 
-Imports: lora.common, lora.modeling.
+Imports: lora.common, lora.config, lora.modeling.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from lora.common.cli import UserError
+from lora.common.cli import UserError, log
+from lora.common.files import folder_lock
+from lora.config import text_problem
 from lora.modeling import chroma
 from lora.modeling.loading import family_for
 from lora.modeling.musicgen import null_text_states
@@ -40,6 +44,8 @@ if TYPE_CHECKING:
 
 METADATA_VERSION = 1
 SPLITS = ("train", "valid")
+# Control characters (NUL, BEL, ESC, ...; tab and line breaks aside): never part of a caption
+CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 @dataclass
@@ -104,6 +110,12 @@ def load_metadata(data_dir: str | Path, metadata_file: str = "metadata.json", *,
         if not isinstance(text, str):
             problems.append(f"{where}: 'text' must be a string")
             continue
+        bad_text = text_problem(text, f"{where}: 'text'")
+        if bad_text or CONTROL_CHARS.search(text):
+            problems.append(bad_text or f"{where}: 'text' holds control characters "
+                                        f"({', '.join(sorted({repr(c) for c in CONTROL_CHARS.findall(text)}))}); "
+                                        f"remove them")
+            continue
         sp = e.get("split") or Path(audio).parts[0]
         if sp not in SPLITS:
             problems.append(f"{where}: split {sp!r} is neither 'train' nor 'valid'")
@@ -120,6 +132,7 @@ def load_metadata(data_dir: str | Path, metadata_file: str = "metadata.json", *,
         rec = ClipRecord(id=str(e.get("id") or Path(audio).stem), audio=audio, text=text.strip(),
                          duration=duration, split=sp, source=e.get("source"), offset=offset, path=path)
         records.append(rec)
+    problems += _repeated(records)
     if problems:
         shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more"
                                               if len(problems) > 20 else "")
@@ -128,6 +141,39 @@ def load_metadata(data_dir: str | Path, metadata_file: str = "metadata.json", *,
     if split is not None:
         records = [r for r in records if r.split == split]
     return records
+
+
+def warn_sample_rate(data_dir: str | Path, metadata_file: str, model_rate: int) -> None:
+    """Say when the sample rate metadata.json gives its clips (prepare_data writes it) is not the
+    model's: the clips are resampled for the model and lack what lies above their own band."""
+    try:
+        doc = json.loads(metadata_path(data_dir, metadata_file).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    rate = doc.get("sample_rate") if isinstance(doc, dict) else None
+    if isinstance(rate, int) and not isinstance(rate, bool) and rate != model_rate:
+        log.warning("The clips of %s are %d Hz, the model runs at %d Hz: they are resampled, and hold "
+                    "nothing above %d Hz. Prepare the data with --sample_rate %d for the full "
+                    "bandwidth.", data_dir, rate, model_rate, rate // 2, model_rate)
+
+
+def cache_note(data_dir: str | Path) -> str:
+    """What Ctrl-C while the token cache of ``data_dir`` is being built leaves."""
+    return (f"while building the token cache in {Path(data_dir) / 'cache'}: every clip encoded so "
+            f"far is kept (each file is written whole) and reused when you run the same command "
+            f"again; nothing else was written yet")
+
+
+def _repeated(records: list[ClipRecord]) -> list[str]:
+    """The one rule for repeated entries (training, evaluation, the data check): an id or an audio
+    file listed twice is a problem (it would be trained on twice as often, or its cache and results
+    would be mixed up)."""
+    out = []
+    for what, counts in (("id", Counter(r.id for r in records)),
+                         ("audio file", Counter(str(r.path) for r in records))):
+        out += [f"{what} {k} is listed {n} times; list each clip once" for k, n in counts.items()
+                if n > 1]
+    return out
 
 
 def _wrong_types(e: dict) -> list[str]:
@@ -146,6 +192,23 @@ def _wrong_types(e: dict) -> list[str]:
         out.append(f"'source' (the recording the clip was cut from) must be text or null, got "
                    f"{e.get('source')!r}")
     return out
+
+
+def data_dir_lock(data_dir: str | Path, *, writer: bool):
+    """Keep prepare_data.py and the readers of a data folder apart (lora.common.files.folder_lock on
+    the folder itself: nothing is written into it): prepare_data holds it as the one writer while it writes clips and
+    metadata; training, evaluation and test_dataset.py hold it shared while they run (they read the
+    clips into the token cache). Either side stops at once, with a message, when the other holds it:
+    a cache built while the clips change would hold codes of audio that is no longer there."""
+    if writer:
+        busy = (f"{data_dir} is being read by another process (a training run, an evaluation or "
+                f"test_dataset.py, which read its clips into the token cache): preparing it now would "
+                f"change the clips under that run. Nothing was changed. Wait for it to finish (or "
+                f"stop it), or prepare into another --output_dir")
+    else:
+        busy = (f"prepare_data.py is writing {data_dir} right now: reading it now would encode clips "
+                f"that are being replaced. Wait for it to finish, then run this again")
+    return folder_lock(data_dir, None, shared=not writer, busy=busy)
 
 
 def metadata_document(records: list[ClipRecord], sample_rate: int, channels: int) -> dict:

@@ -47,18 +47,21 @@ if not __package__:  # run as a file, maybe without `pip install -e .`: see lora
 
 from lora import config
 from lora.common.cli import UserError, log, on_interrupt, run_main
-from lora.common.fields import ConfigError
-from lora.common.files import atomic_write_json, check_free_space, check_output_dir
-from lora.config import Config, GenerationConfig, adapter_paths, adapter_scales, parse_config
+from lora.common.files import atomic_write_json, check_free_space
+from lora.common.ownership import record_written, remove_entries
+from lora.config import (
+    Config,
+    GenerationConfig,
+    adapter_paths,
+    adapter_scales,
+    parse_config,
+)
 from lora.dataprep.token_cache import build_token_cache
-from lora.dataset import load_metadata
+from lora.dataset import cache_note, data_dir_lock, load_metadata
 from lora.generation.model import pick_device
 from lora.generation.prompts import read_prompt_texts
-from lora.generation.requests import temperature_problem
 from lora.modeling.adapter import (
     adapter_identity,
-    check_adapter_files,
-    check_mix_bases,
     describe_choice,
     load_adapters,
 )
@@ -67,6 +70,7 @@ from lora.modeling.loading import load_base_model
 from lora.scoring.generated import KAD_KERNEL, KAD_MAX_FRAMES, LOUDNESS_TARGET_LUFS, generation_metrics
 from lora.scoring.likelihood import likelihood_section
 from lora.scoring.report import format_table, jsonable, summary_rows, versions, write_report
+from lora.scoring.settings import EVALUATE_SECTIONS, OUTPUTS, TOOL, config_problems, earlier_evaluation
 
                                # sums per model and space); CLAP and failure shares use
                                # evaluation.bootstrap_samples
@@ -75,47 +79,6 @@ from lora.scoring.report import format_table, jsonable, summary_rows, versions, 
 # --------------------------------------------------------------------------------------------
 # Configuration
 # --------------------------------------------------------------------------------------------
-def config_problems(cfg: Config, ns=None) -> list[str]:
-    """What must hold before anything loads, besides each value's range (the schema's): rules
-    between settings and the files they name."""
-    ev, g = cfg.evaluation, cfg.generation
-    problems = []
-    if not ev.skip_generation:
-        problems.append(temperature_problem(g.temperature, g.do_sample))
-    if ev.clap_model_path and not Path(ev.clap_model_path).is_dir():
-        problems.append(f"evaluation.clap_model_path {ev.clap_model_path} is not a folder. "
-                        f"Download a CLAP model once (e.g. `hf download laion/larger_clap_music "
-                        f"--local-dir models/clap`) and pass that folder, or leave clap_model_path "
-                        f"unset to skip the CLAP score.")
-    if g.prompts_file and not Path(g.prompts_file).is_file():
-        problems.append(f"generation.prompts_file {g.prompts_file} does not exist.")
-    paths = adapter_paths(g)
-    try:
-        adapter_scales(g, len(paths))
-    except ConfigError as e:
-        problems.append(str(e))
-    if ev.compare and not paths:
-        problems.append("--compare needs a LoRA adapter: pass --lora_model_path (e.g. "
-                        "../output/best_model).")
-    for adapter in paths:
-        if (ev.compare or len(paths) > 1) and not Path(adapter).is_dir():
-            problems.append(f"{'--compare: ' if ev.compare else ''}the LoRA adapter folder "
-                            f"{adapter} does not exist. Train one with train_lora.py, or pass the "
-                            f"right --lora_model_path.")
-        elif Path(adapter).is_dir():
-            try:
-                check_adapter_files(adapter)  # complete and whole, before the model loads
-            except UserError as e:
-                problems.append(f"lora_model_path: {e}")
-    if len(paths) > 1 and all(Path(p).is_dir() for p in paths):
-        problems += [p for p in check_mix_bases(paths) if p not in problems]
-    try:
-        check_output_dir(ev.output_dir, "--output_dir")
-    except UserError as e:
-        problems.append(str(e))
-    return [p for p in problems if p]
-
-
 def evaluation_plan(cfg: Config) -> dict:
     """Which models are evaluated: {"models": ["base", "lora"] | ["lora"] | ["base"], "adapter": the
     (first) adapter folder or None, "adapters": every adapter folder (several: a mix), "scales":
@@ -163,7 +126,7 @@ def main(argv=None) -> int:
                           description="Evaluate a MusicGen LoRA adapter: held-out likelihood, generation "
                                             "metrics (FAD/KAD, signal checks, diversity, CLAP), "
                                             "HTML report.",
-                          sections=("evaluation", "model", "generation", "data"), rules=config_problems)
+                          sections=EVALUATE_SECTIONS, rules=config_problems)
     plan = evaluation_plan(cfg)
     log.info("Evaluating %s on %s/%s -> %s", " and ".join(plan["models"]), cfg.data.data_dir,
              cfg.data.metadata_file, cfg.evaluation.output_dir)
@@ -177,7 +140,8 @@ def main(argv=None) -> int:
     g = cfg.generation
     log.info("  sampling: guidance %g, temperature %g, top_k %d, top_p %g, first seed %d, batch %d",
              g.guidance_scale, g.temperature, g.top_k, g.top_p, g.seed, g.batch_size)
-    return evaluate(cfg, plan)
+    with data_dir_lock(cfg.data.data_dir, writer=False):  # prepare_data waits for the evaluation
+        return evaluate(cfg, plan)
 
 
 def evaluate(cfg: Config, plan: dict) -> int:
@@ -191,6 +155,7 @@ def evaluate(cfg: Config, plan: dict) -> int:
     torch.manual_seed(g.seed)
     t_start = time.perf_counter()
 
+    earlier = earlier_evaluation(cfg)
     records = load_metadata(cfg.data.data_dir, cfg.data.metadata_file)
     valid = [r for r in records if r.split == "valid"]
     if not valid:
@@ -206,8 +171,9 @@ def evaluate(cfg: Config, plan: dict) -> int:
     model, processor, info = load_base_model(cfg.model, device=device)
     # Cache (built once, shared with training) before the adapter goes on: codes and text states are
     # the base's.
-    clips, cache_stats = build_token_cache(valid, model, processor, info, cfg.data.data_dir,
-                                           batch_size=cfg.training.encode_batch_size, device=device)
+    with on_interrupt(lambda: cache_note(cfg.data.data_dir)):
+        clips, cache_stats = build_token_cache(valid, model, processor, info, cfg.data.data_dir,
+                                               batch_size=cfg.training.encode_batch_size, device=device)
     identity = {"base": {k: v for k, v in info.to_dict().items()
                          if k in ("name_or_path", "identity", "hub_revision", "sample_rate", "frame_rate",
                                   "num_codebooks", "audio_channels")}}
@@ -227,6 +193,10 @@ def evaluate(cfg: Config, plan: dict) -> int:
     recordings = [("source", source_of[c.id]) if source_of.get(c.id) else ("clip", c.id) for c in clips]
     lk, few_note = likelihood_section(model, processor, info, clips, cfg, models, device,
                                       cache_stats, recordings, adapter)
+    # The first write: an earlier evaluation's files go (only evaluate.py's), the new ones are
+    # recorded as evaluate.py's before they are written.
+    remove_entries(earlier)
+    record_written(out_dir, TOOL, OUTPUTS, keep=False)
     results: dict = {
         "models_evaluated": models, "identity": identity, "likelihood": lk, "versions": versions(),
         "settings": {"evaluation": dataclasses.asdict(ev), "data_dir": cfg.data.data_dir,

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,19 +39,42 @@ if not __package__:  # run as a file, maybe without `pip install -e .`: see lora
 from lora.common.cli import UserError, log, run_main
 from lora.common.fields import ConfigError, load_yaml
 from lora.common.files import atomic_dir, atomic_write_json, atomic_write_text, check_free_space, check_output_dir
+from lora.common.ownership import claim_output, read_record, record_document, record_path
 from lora.config import adapter_paths, adapter_scales, parse_config
 from lora.dataset import load_metadata
 from lora.modeling.adapter import check_adapter_files, check_mix_bases, load_adapters, merge_lora
-from lora.modeling.loading import load_base_model, resolve_model_path
+from lora.modeling.loading import load_base_model, local_model_folder
 
 DESCRIPTION = "Merge a base MusicGen and LoRA adapter(s) into one standalone transformers model folder."
 INFO_FILE = "export_info.json"
 STATE_FILE = "trainer_state.json"
 
 
-def _inside(a: Path, b: Path) -> bool:
-    """a is b or inside b."""
-    return a == b or b in a.parents
+TOOL = "export_model.py"
+# What an export wrote before it kept a record (export_info.json names it an export): these names
+LEGACY_FILES = re.compile(r"config\.json|generation_config\.json|model(?:-\d+-of-\d+)?\.safetensors"
+                          r"|model\.safetensors\.index\.json|README\.md|export_info\.json|"
+                          r"export_config\.yaml|preprocessor_config\.json|processor_config\.json|"
+                          r"tokenizer(?:_config)?\.json|special_tokens_map\.json|spiece\.model|"
+                          r"added_tokens\.json")
+
+
+def _ours(out: Path):
+    """export_model.py's files in ``out``: those its record lists, or, in a folder an earlier
+    version exported (export_info.json, no record), the files an export writes."""
+    recorded = read_record(out, TOOL)
+    if not recorded and (out / INFO_FILE).is_file():
+        try:
+            legacy = "merged_with" in json.loads((out / INFO_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError, TypeError):
+            legacy = False
+        if legacy:
+            recorded = {p.name for p in out.iterdir() if p.is_file() and not p.is_symlink()
+                        and LEGACY_FILES.fullmatch(p.name)}
+
+    def foreign(entry: Path) -> list[Path]:
+        return [] if entry.name in recorded and entry.is_file() else [entry]
+    return foreign
 
 
 def config_problems(cfg, ns=None) -> list[str]:
@@ -76,14 +100,12 @@ def config_problems(cfg, ns=None) -> list[str]:
     if len(paths) > 1 and len(problems) == 0:
         problems += check_mix_bases(paths)
     out = Path(e.output_dir).resolve()
-    if out.exists() and not e.overwrite:
-        problems.append(f"--output_dir {out} already exists; nothing was written. Pass --overwrite "
-                        f"to replace it, or choose another --output_dir.")
-    base = Path(resolve_model_path(cfg.model)) if Path(str(cfg.model.model_path)).exists() else None
-    for what, p in [("the base model", base)] + [("the adapter", Path(x)) for x in paths]:
-        if p is not None and (_inside(out, p.resolve()) or _inside(p.resolve(), out)):
-            problems.append(f"--output_dir {out} would overwrite or sit inside {what} {p}; choose "
-                            f"a folder of its own (e.g. output/merged_model).")
+    base = local_model_folder(cfg.model)  # (the built-in tiny models' folders too)
+    try:  # the ownership rule: only an earlier export is replaced, and only with --overwrite
+        claim_output(out, TOOL, writes=None, ours=_ours(out), overwrite=e.overwrite,
+                     models=[("the base model", base)] + [("the adapter", x) for x in paths])
+    except UserError as err:
+        problems.append(str(err))
     try:
         check_output_dir(out.parent if not out.exists() else out, "--output_dir")
     except UserError as err:
@@ -197,6 +219,8 @@ def main(argv=None) -> int:
             "merged_with": "peft merge_and_unload on float32 weights", "created": datetime.now(
                 timezone.utc).isoformat(timespec="seconds")})
         cfg.save(tmp / "export_config.yaml")
+        written = [p.name for p in tmp.iterdir()]  # (the record: what --overwrite may replace)
+        atomic_write_json(record_path(tmp, TOOL), record_document(TOOL, written))
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     print(f"Wrote {out} ({size / 1e6:.1f} MB, {e.dtype}): a plain transformers MusicGen. Use it with "
           f"--model_path {out} (and --lora_model_path none), or {type(model).__name__}.from_pretrained.")

@@ -48,17 +48,35 @@ from lora import config
 from lora.common.cli import UserError, human_seconds, log, on_interrupt, run_main
 from lora.common.fields import ConfigError
 from lora.common.files import check_free_space, check_output_dir
-from lora.config import GenerationConfig, adapter_paths, adapter_scales, field_problem, parse_config
+from lora.config import (
+    MAX_FILES,
+    MAX_PROMPTS,
+    GenerationConfig,
+    adapter_paths,
+    adapter_scales,
+    field_problem,
+    parse_config,
+    seed_problem,
+    text_problem,
+)
 from lora.dataprep.audio import audio_info
 from lora.generation import engine
 from lora.generation import model as generation_model
-from lora.generation.manifest import ManifestWriter, add_audio_prompt, add_melodies, check_melody_files, check_outputs
+from lora.generation.manifest import (
+    CONFIG_FILE,
+    ManifestWriter,
+    add_audio_prompt,
+    add_melodies,
+    check_melody_files,
+    check_outputs,
+)
 from lora.generation.prompts import read_prompts_file
 from lora.generation.requests import Request, SamplingSettings, temperature_problem
 from lora.modeling.adapter import check_adapter_files, check_mix_bases, describe_choice
+from lora.modeling.loading import local_model_folder
 
 DESCRIPTION = "Generate music with MusicGen + a LoRA adapter (WAV files + manifest.json)."
-PER_PROMPT_RANGED = ("duration", "guidance_scale", "top_k", "top_p", "num_samples")
+PER_PROMPT_RANGED = ("duration", "guidance_scale", "top_k", "top_p", "num_samples", "seed")
 
 
 # --------------------------------------------------------------------------------------------
@@ -86,6 +104,10 @@ def build_prompt_specs(g: GenerationConfig, problems: list[str]) -> list[PromptS
         else:
             problems.append("No prompt given. Pass --prompts \"your description\" (several allowed), or "
                             "--prompts_file FILE, or --unconditional to generate without text.")
+    if len(entries) > MAX_PROMPTS:
+        problems.append(f"{len(entries):,} prompts were given; at most {MAX_PROMPTS:,} per run. Split "
+                        f"them into several runs (several --output_dir, or one with other seeds).")
+        return []
     specs = []
     for where, e in entries:
         text = str(e.get("text", "")).strip()
@@ -96,6 +118,10 @@ def build_prompt_specs(g: GenerationConfig, problems: list[str]) -> list[PromptS
         # Per-prompt settings: the same ranges as the flags they override (the flags were checked by
         # the schema).
         own = [field_problem("generation", k, e[k], f"{where}: {k}") for k in PER_PROMPT_RANGED if k in e]
+        own.append(text_problem(text, where))
+        if not any(own):  # the last sample's seed is a seed too
+            own.append(seed_problem(e.get("seed", g.seed), int(e.get("num_samples", g.num_samples)),
+                                    f"{where}: seed"))
         if "temperature" in e:
             own.append(temperature_problem(e["temperature"], g.do_sample, f"{where}: temperature"))
         own = [x for x in own if x]
@@ -110,6 +136,10 @@ def build_prompt_specs(g: GenerationConfig, problems: list[str]) -> list[PromptS
                                 seed=int(e.get("seed", g.seed)),
                                 num_samples=int(e.get("num_samples", g.num_samples)),
                                 sampling=sampling, melody=e.get("melody", g.melody_audio)))
+    n_files = sum(spec.num_samples for spec in specs)
+    if n_files > MAX_FILES:
+        problems.append(f"{n_files:,} files would be generated (prompts x num_samples); at most "
+                        f"{MAX_FILES:,} per run. Split the prompts into several runs.")
     return specs
 
 
@@ -203,7 +233,8 @@ def main(argv=None) -> int:
                         sampling=spec.sampling,
                         melody_file=spec.melody or "") for spec in specs for j in range(spec.num_samples)]
     out_dir = check_output_dir(g.output_dir, "--output_dir")
-    names = check_outputs(requests, out_dir, g.overwrite)
+    models = [("the base model", local_model_folder(cfg.model))] + [("the adapter", a) for a in adapters]
+    names = check_outputs(requests, out_dir, g.overwrite, models)
     log.info("Resolved settings: %s", json.dumps({"generation": dataclasses.asdict(g),
                                                   "model": dataclasses.asdict(cfg.model)}, default=str))
     log.info("%d prompt(s) x samples = %d file(s), %s of audio, into %s", len(specs), len(requests),
@@ -225,15 +256,13 @@ def main(argv=None) -> int:
                      * bytes_per_sample * 1.05 + 2 ** 20, f"{len(requests)} WAV file(s)")
     writer = ManifestWriter(g, out_dir, requests, names, model, info, adapter_info)
     t0 = time.perf_counter()
-    with on_interrupt(lambda: f"{len(writer.written)} of {len(requests)} file(s) were written to "
-                              f"{out_dir} and are listed in {writer.path}; run the same command "
-                              f"with other seeds or --overwrite for the rest"):
+    with on_interrupt(lambda: interrupt_note(writer, requests, out_dir)):
         results = engine.generate(model, processor, info, requests, batch_size=g.batch_size,
                                       max_window=g.max_window, extend_stride=g.extend_stride,
                                   progress=True,
                                       on_batch=writer.write_batch, decoding=g.decoding)
     wall = time.perf_counter() - t0
-    cfg.save(out_dir / "inference_config.yaml")
+    cfg.save(out_dir / CONFIG_FILE)
     gen_time = sum(r.generation_time for r in results)
     audio_s = sum(r.audio.shape[-1] for r in results) / info.sample_rate
     rtf = gen_time / audio_s if audio_s else float("nan")
@@ -241,6 +270,16 @@ def main(argv=None) -> int:
           f"{human_seconds(wall)}); real-time factor {rtf:.3f} "
           f"({1 / rtf if rtf else float('inf'):.2f}x real time). Manifest: {writer.path}")
     return 0
+
+
+def interrupt_note(writer: ManifestWriter, requests: list, out_dir) -> str:
+    """What Ctrl-C leaves, and the command that goes on from there."""
+    if not writer.written:
+        return (f"no file was finished yet (nothing was written to {out_dir}); run the same command "
+                f"again")
+    return (f"{len(writer.written)} of {len(requests)} file(s) were written to {out_dir} and are "
+            f"listed in {writer.path}; the same command plus --overwrite generates them all again, "
+            f"or pass --seed with a new first seed for other samples")
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ from lora.common.cli import log
 from lora.config import Config, parse_config
 from lora.dataprep.data_check import check_data_dir
 from lora.dataprep.prepare import create_example, prepare_folder
+from lora.dataset import data_dir_lock
 
 EXAMPLES = """examples:
   python lora/prepare_data.py --create_example --output_dir data
@@ -59,13 +60,15 @@ def main(argv=None) -> int:
     d = cfg.data
     log.info("data settings: %s", json.dumps({k: v for k, v in vars(d).items()}, ensure_ascii=False))
     if d.validate:
-        summary = check_data_dir(d.data_dir, d.metadata_file, sample_rate=d.sample_rate)
+        with data_dir_lock(d.data_dir, writer=False):
+            summary = check_data_dir(d.data_dir, d.metadata_file, sample_rate=d.sample_rate)
         print(summary.text())
         return 0 if summary.ok else 1
-    if d.create_example:
-        create_example(cfg)
-    else:
-        prepare_folder(cfg)
+    with data_dir_lock(d.data_dir, writer=True):  # no training reads the clips while they change
+        if d.create_example:
+            create_example(cfg)
+        else:
+            prepare_folder(cfg)
     summary = check_data_dir(d.data_dir, d.metadata_file, sample_rate=d.sample_rate, hash_content=False)
     print(summary.text())
     print(f"Next: python lora/test_dataset.py --data_dir {d.data_dir}   (or: cd lora && python "

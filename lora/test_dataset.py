@@ -33,7 +33,7 @@ from lora.common.cli import log
 from lora.config import parse_config
 from lora.dataprep.audio import AudioError, load_audio
 from lora.dataprep.data_check import check_data_dir, check_token_batches
-from lora.dataset import ClipRecord
+from lora.dataset import ClipRecord, data_dir_lock
 
 
 class AudioClipDataset:
@@ -80,8 +80,15 @@ def main(argv=None) -> int:
                            sections=("data", "training", "model"), extra=_extra,
                            rules=lambda cfg, ns: [f"--num_batches must be >= 0, got {ns.num_batches}"]
                            if ns.num_batches < 0 else [])
-    d, t = cfg.data, cfg.training
+    d = cfg.data
     log.info("checking %s (metadata %s)", d.data_dir, d.metadata_file)
+    with data_dir_lock(d.data_dir, writer=False):  # prepare_data waits for the check
+        return check(cfg, ns, argv)
+
+
+def check(cfg, ns, argv) -> int:
+    """The data check, the audio batches and (with --model_path) the token batches."""
+    d, t = cfg.data, cfg.training
 
     summary = check_data_dir(d.data_dir, d.metadata_file, sample_rate=d.sample_rate, hash_content=False)
     print(summary.text())

@@ -33,6 +33,7 @@ from lora.common.fields import ConfigError
 from lora.config import parse_config
 from lora.dataset import CachedClip, CachedTokenDataset, collate_tokens
 from lora.modeling.loading import family_for, load_base_model
+from lora.modeling.memory import check_fits, training_floor
 from lora.modeling.precision import choose_precision, resolve_base_weights_dtype
 from lora.modeling.window import checked_window, window_frames
 from lora.training.model_prep import autocast_for, prepare_model, set_train_mode
@@ -209,6 +210,12 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
+    try:  # the batch against the machine's memory, before it is allocated
+        check_fits(training_floor(model, cfg.training.batch_size, window_frames(seconds, info)), device,
+                   f"A training step of batch_size {cfg.training.batch_size} x {seconds:g} s", "")
+    except UserError as e:
+        return _fail("memory", str(e), "lower --batch_size (raise --gradient_accumulation_steps to "
+                                       "keep the effective batch) or --max_duration.")
     try:
         model, batch, loss = training_step(cfg, model, processor, info, device, seconds, mode)
         loss.loss.backward()

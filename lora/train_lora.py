@@ -32,7 +32,6 @@ dropout) and per-micro-batch randomness (LoRA/model dropout) is seeded by the sa
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import sys
@@ -46,34 +45,35 @@ if not __package__:  # run as a file, maybe without `pip install -e .`: see lora
 
     _bootstrap.find_package()
 
-from lora.common.cli import UserError, disk_full_message, log, on_interrupt, process_start_time, run_main, setup_logging
+from lora.common.cli import UserError, fault_message, log, on_interrupt, process_start_time, run_main, setup_logging
 from lora.common.files import atomic_write_json, check_free_space, check_output_dir
 from lora.config import Config, parse_config, validate
 from lora.dataprep.token_cache import build_token_cache
-from lora.dataset import CachedTokenDataset, bucketed_batches, collate_tokens, load_metadata
+from lora.dataset import (
+    CachedTokenDataset,
+    bucketed_batches,
+    cache_note,
+    collate_tokens,
+    data_dir_lock,
+    load_metadata,
+    warn_sample_rate,
+)
 from lora.modeling.cpu_speed import keep_freed_memory
-from lora.modeling.loading import family_for, load_base_model
+from lora.modeling.loading import family_for, load_base_model, local_model_folder
+from lora.modeling.memory import check_fits, training_floor
 from lora.modeling.precision import choose_precision, resolve_base_weights_dtype
 from lora.modeling.window import checked_window
 from lora.training import checkpoints, model_prep, plan, run_log
 from lora.training import step as training_step
 from lora.training.checkpoints import TrainState
 
-SECTIONS = ("training", "model", "lora", "data")
+SECTIONS = plan.TRAIN_SECTIONS
 
 
 def config_problems(cfg: Config, ns=None) -> list[str]:
     """Rules that span several settings (each value's own range is checked by the schema,
-    lora.config)."""
-    t = cfg.training
-    p: list[str] = []
-    if t.max_steps <= 0 and t.num_epochs <= 0:
-        p.append("training.num_epochs must be > 0 (or set training.max_steps)")
-    for key in ("eval_steps", "save_steps"):
-        problem = plan.every_problem(f"training.{key}", getattr(t, key))
-        if problem:
-            p.append(problem)
-    return p
+    lora.config); the web UI checks its Train form with the same rules."""
+    return plan.settings_problems(cfg)
 
 
 def check_config(cfg: Config) -> None:
@@ -90,7 +90,8 @@ def main(argv=None) -> int:
     out = check_output_dir(cfg.training.output_dir, "--output_dir")
     handlers, level = list(log.handlers), log.level
     try:  # one run per output folder (only the first process of a multi-process run holds it)
-        with checkpoints.output_lock(out, enabled=os.environ.get("RANK", "0") == "0"):
+        with checkpoints.output_lock(out, enabled=os.environ.get("RANK", "0") == "0"), \
+                data_dir_lock(cfg.data.data_dir, writer=False):  # prepare_data waits for the run
             return train(cfg)
     except torch.OutOfMemoryError as e:
         t = cfg.training
@@ -100,11 +101,12 @@ def main(argv=None) -> int:
             f"{t.gradient_accumulation_steps}) to keep the effective batch; a shorter "
             f"--max_duration (now {t.max_duration} s); --gradient_checkpointing; or "
             f"--mixed_precision bf16/fp16.") from None
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+    except OSError as e:  # a full or read-only disk: a message naming the file
+        message = fault_message(e, "training writes checkpoints, adapters and logs into "
+                                   f"{cfg.training.output_dir}")
+        if message is None:
             raise
-        raise UserError(disk_full_message(e, "training writes checkpoints, adapters and logs into "
-                                             f"{cfg.training.output_dir}")) from None
+        raise UserError(message) from None
     finally:
         for h in [h for h in log.handlers if h not in handlers]:
             log.removeHandler(h)
@@ -233,12 +235,13 @@ def load_and_cache(cfg: Config, acc, records, clock: run_log.PhaseClock):
     # precision) and its frozen weights are cast, so a GPU never holds the fp32 decoder.
     model, processor, info = load_base_model(cfg.model)
     clock.lap("load")
+    warn_sample_rate(cfg.data.data_dir, cfg.data.metadata_file, info.sample_rate)
     fam = family_for(info)
     fam.audio_codec(model).to(device)
     fam.text_encoder_of(model).to(device)
     max_frames = checked_window(t.max_duration, info, model)
     cache_text = not cfg.lora.train_text_encoder
-    with acc.main_process_first():
+    with acc.main_process_first(), on_interrupt(lambda: cache_note(cfg.data.data_dir)):
         clips, _ = build_token_cache(records, model, processor, info, cfg.data.data_dir,
                                      batch_size=t.encode_batch_size, device=device,
                                      text_states=cache_text, show_progress=acc.is_main_process)
@@ -270,7 +273,8 @@ def set_up(cfg: Config) -> Run:
     # before this run writes anything (the first process deletes, the others only check)
     if ck is None:
         checkpoints.clear_earlier_run(out, t.overwrite_output_dir,
-                                      is_main=os.environ.get("RANK", "0") == "0")
+                                      is_main=os.environ.get("RANK", "0") == "0",
+                                      models=[("the base model", local_model_folder(cfg.model))])
     acc, precision = start_processes(cfg)
 
     set_seed(t.seed)
@@ -279,6 +283,10 @@ def set_up(cfg: Config) -> Run:
     set_seed(t.seed)  # LoRA init does not depend on what the cache step consumed
     model, params = model_prep.prepare_model(model, cfg, precision, acc.device)
     clock.lap("LoRA set-up")
+    check_fits(training_floor(model, t.batch_size, max_frames), acc.device,
+               f"A training step of batch_size {t.batch_size} x {t.max_duration:g} s",
+               "Lower --batch_size (raise --gradient_accumulation_steps to keep the effective batch) "
+               "or --max_duration.")
     check_free_space(out, checkpoints.disk_space_needed(params, t.save_total_limit),
                      "training (checkpoints, best_model, final_model, logs)")
 
@@ -294,6 +302,9 @@ def set_up(cfg: Config) -> Run:
     steps_per_epoch, total_steps, warmup, warm_note = plan.plan_steps(cfg, n_batches, group)
     if warm_note:
         log.info(warm_note)
+    too_many = plan.events_problem(total_steps, plan.run_events(t, total_steps))
+    if too_many:
+        raise UserError(too_many)
 
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
     sched_name = {"constant": "constant_with_warmup"}.get(t.lr_scheduler_type, t.lr_scheduler_type)
@@ -352,7 +363,7 @@ def cadence_text(run: Run) -> str:
     def every(key, value, steps):
         auto = plan.resolve_every(value, n)[1]
         how = f"auto: about {plan.AUTO_PER_RUN} per run" if auto else value
-        return f"every {steps} steps ({key} {how}, {len(plan.events_in_run(steps, n))} in this run)"
+        return f"every {steps} steps ({key} {how}, {plan.count_events(steps, n)} in this run)"
 
     return (f"validation before the first step and "
             f"{every('eval_steps', t.eval_steps, run.eval_every)}; checkpoint "

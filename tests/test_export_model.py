@@ -170,7 +170,7 @@ def test_bad_export_input_is_a_clear_error_and_writes_nothing(case, tiny_model_d
         out.mkdir()
         (out / "mine.txt").write_text("keep me")
         before = sorted(p.name for p in tmp_path.iterdir())
-        expect = "already exists"
+        expect = "did not write"  # (mine.txt: the ownership rule, lora.common.ownership)
     elif case == "scales":
         args += ["--lora_scale", "0.5", "0.5"]
         expect = "lora_scale has 2 value(s)"

@@ -9,6 +9,7 @@ import contextlib
 import errno
 import logging
 import os
+import reprlib
 import sys
 import time
 from typing import Callable
@@ -85,10 +86,11 @@ def run_main(main: Callable[[list[str] | None], int], argv=None) -> int:
     except UserError as e:  # ConfigError (lora.config) is a UserError too
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+    except OSError as e:  # a fault of the machine (full disk, read-only, no permission): a message
+        message = fault_message(e)
+        if message is None:
             raise
-        print(f"error: {disk_full_message(e)}", file=sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # (an Interrupted says what was saved and how to continue)
         print(interrupt_message(e), file=sys.stderr)
@@ -111,6 +113,45 @@ def disk_full_message(e: OSError, need: str = "") -> str:
     return (f"The disk is full{where} ({e.strerror}). Free some "
             f"space{f' ({need})' if need else ''} and run the same command again; what was "
             f"finished and saved is kept.")
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def fault_message(e: OSError, need: str = "") -> str | None:
+    """The message for a fault of the machine while reading or writing a file, naming it: a full
+    disk, a read-only disk, no permission; None for any other error (a bug shows its traceback)."""
+    if e.errno in DISK_FULL:
+        return disk_full_message(e, need)
+    if e.errno in NOT_WRITABLE and e.filename:
+        return (f"Cannot write {e.filename} ({e.strerror}): the disk is read-only or you have no "
+                f"permission there. Nothing else was changed. Make it writable, or choose a "
+                f"folder on a writable disk (for a read-only data folder: copy it to a writable "
+                f"disk, whose cache/ can then be written).")
+    return None
+
+
+def clip_text(value, limit: int = 200) -> str:
+    """``value`` as text cut to ``limit`` characters for a message (with how long it was): a value
+    the user gave can be any size (a YAML alias can expand to gigabytes), a message stays short."""
+    if isinstance(value, str):
+        text = value
+    else:
+        text = _bounded_repr(value, limit + 1)
+    if len(text) <= limit:
+        return text
+    size = f"{len(value):,} characters" if isinstance(value, str) else "longer"
+    return f"{text[:limit]}... ({size})"
+
+
+def _bounded_repr(value, limit: int) -> str:
+    """repr(value) without building more than about ``limit`` characters (a nested list that YAML
+    aliases made huge is never expanded whole)."""
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxdict, r.maxtuple, r.maxset = 3, 8, 8, 8, 8
+    r.maxstring = r.maxother = r.maxlong = max(20, limit)
+    return r.repr(value)
 
 
 def human_seconds(s: float) -> str:

@@ -14,12 +14,18 @@ from dataclasses import field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from lora.common.cli import UserError, log
+from lora.common.cli import UserError, clip_text, log
 
 
 class ConfigError(UserError):
     """A user mistake in config.yaml or on the command line. The message names the key and the
     fix."""
+
+
+# What the YAML reader accepts (a value is echoed in a message cut to a sane length: clip_text)
+MAX_CONFIG_BYTES = 1_000_000   # a config file; config.yaml is ~10 KB
+MAX_VALUE_CHARS = 10_000       # one text value (a path, a caption, a prompt)
+MAX_LIST_ITEMS = 10_000        # one list value (prompts, adapters)
 
 
 def _f(default, help: str, *, aliases=(), kind: str | None = None, choices=None, ge=None, gt=None,
@@ -55,7 +61,7 @@ def _type_name(tp) -> str:
 
 def _coerce(section: str, name: str, value, tp, meta, source: str):
     """Check and convert one value from YAML; raise ConfigError naming the key."""
-    if meta.get("many") and isinstance(value, list):
+    if meta.get("many") and isinstance(value, list) and len(value) <= MAX_LIST_ITEMS:
         if not value:
             raise ConfigError(f"{section}.{name}" + (f" in {source}" if source else "")
                               + ": the list is empty; "
@@ -64,8 +70,15 @@ def _coerce(section: str, name: str, value, tp, meta, source: str):
         return [_coerce(section, f"{name}[{i}]", v, tp, meta, source) for i, v in enumerate(value)]
     base, optional = _base_type(tp)
     where = f"{section}.{name}" + (f" in {source}" if source else "")
-    bad = ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}. Fix the value or delete "
-                      f"the line to use the default.")
+    shown = repr(clip_text(value, 100)) if isinstance(value, str) else clip_text(value, 100)
+    bad = ConfigError(f"{where}: expected {_type_name(tp)}, got {shown}. Fix the value or delete the "
+                      f"line to use the default.")
+    if isinstance(value, str) and len(value) > MAX_VALUE_CHARS:
+        raise ConfigError(f"{where}: the text is {len(value):,} characters long, more than "
+                          f"{MAX_VALUE_CHARS:,} ({clip_text(value, 60)}). Fix the value.")
+    if isinstance(value, list) and len(value) > MAX_LIST_ITEMS:
+        raise ConfigError(f"{where}: the list has {len(value):,} items, more than "
+                          f"{MAX_LIST_ITEMS:,}. Put long lists of prompts in a prompts_file.")
     if value is None:
         if optional:
             return None
@@ -148,13 +161,18 @@ def value_problem(meta, value, label: str) -> Optional[str]:
     if ok:
         return None
     hint = meta.get("hint")
-    return f"{label} must be {range_text(meta)} (got {_num(value)})" + (f"; {hint}" if hint else "")
+    text = range_text(meta)
+    ge, le = meta.get("ge"), meta.get("le")
+    if isinstance(ge, int) and isinstance(le, int) and math.isfinite(value):  # the side it crossed
+        text = (f"at least {ge}" if value < ge else f"at most {le}") \
+            + "".join(f", or {_num(v)}" for v in meta.get("also", ()))
+    return f"{label} must be {text} (got {_num(value)})" + (f"; {hint}" if hint else "")
 
 
 def _check_choice(where: str, value, meta):
     choices = meta.get("choices")
     if choices is not None and value is not None and value not in choices:
-        raise ConfigError(f"{where}: {value!r} is not allowed; choose one of "
+        raise ConfigError(f"{where}: {clip_text(value, 100)!r} is not allowed; choose one of "
                           f"{', '.join(map(str, choices))}.")
 
 
@@ -166,6 +184,38 @@ def _unknown_key_error(kind: str, key: str, allowed, where: str) -> ConfigError:
     return ConfigError(f"Unknown {kind} '{key}'{where}.{hint} Allowed: {', '.join(sorted(allowed))}.")
 
 
+def _unique_mapping(loader, node, deep=False):
+    """A YAML mapping whose keys are unique: a key (or section) given twice is refused, naming it
+    and both lines (PyYAML would keep the last one without a word)."""
+    import yaml
+
+    loader.flatten_mapping(node)
+    seen = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            first = seen.get(key)
+        except TypeError:  # (an unhashable key: the constructor below says what is wrong)
+            break
+        if first is not None:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"'{clip_text(str(key), 80)}' is given twice (first on line {first}); "
+                f"keep one: a repeated key or section would silently replace the first",
+                key_node.start_mark)
+        seen[key] = key_node.start_mark.line + 1
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+def _unique_key_loader():
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+    return Loader
+
+
 def load_yaml(path: str | os.PathLike) -> dict:
     import yaml
 
@@ -173,6 +223,11 @@ def load_yaml(path: str | os.PathLike) -> dict:
     if not p.is_file():
         raise ConfigError(f"Config file not found: {p}. Pass --config PATH to an existing YAML "
                           f"file, or run from the repository that holds config.yaml.")
+    size = p.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{p} is {size:,} bytes, more than a config file holds (at most "
+                          f"{MAX_CONFIG_BYTES:,}): is it the right file? Pass --config PATH to "
+                          f"your YAML config.")
     raw = p.read_bytes()
     try:
         text = raw.decode("utf-8-sig")
@@ -183,9 +238,9 @@ def load_yaml(path: str | os.PathLike) -> dict:
                           f"comment). Save the file as UTF-8 (your editor's encoding setting) and "
                           f"run again.") from None
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.load(text, Loader=_unique_key_loader()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{p} is not valid YAML: {e}") from None
+        raise ConfigError(f"{p} is not valid YAML: {clip_text(str(e), 500)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: the top level must be sections (model:, lora:, data:, ...), got "
                           f"{type(data).__name__}.")
@@ -267,7 +322,8 @@ def apply_yaml(cfg, sections: dict[str, type], data: dict, source: str, resolve:
         if values is None:
             continue
         if not isinstance(values, dict):
-            raise ConfigError(f"{section} in {source}: expected a mapping of keys, got {values!r}.")
+            raise ConfigError(f"{section} in {source}: expected a mapping of keys, got "
+                              f"{clip_text(values, 100)}.")
         obj = getattr(cfg, section)
         hints = typing.get_type_hints(type(obj))
         fields = {f.name: f for f in dataclasses.fields(obj)}
@@ -361,3 +417,14 @@ def markdown_reference(sections: dict[str, type]) -> str:
             out.append(f"| {flags} | `{d}` | {helptext} |")
         out.append("")
     return "\n".join(out)
+
+
+def replace_section(path: Path, name: str, text: str) -> None:
+    """Rewrite what lies between ``<!-- name:start -->`` and ``<!-- name:end -->`` in a Markdown
+    file (USAGE.md's generated reference)."""
+    import re
+
+    doc = Path(path).read_text(encoding="utf-8")
+    new = re.sub(rf"<!-- {name}:start -->.*<!-- {name}:end -->",
+                 lambda m: f"<!-- {name}:start -->\n{text}\n<!-- {name}:end -->", doc, flags=re.S)
+    Path(path).write_text(new, encoding="utf-8")

@@ -1,6 +1,6 @@
 """Files and folders: atomic writes (temp file + fsync + rename, so a crash never leaves a
-half-written file that looks complete), inter-process locks, free-space checks and the check of an
-output folder.
+half-written file that looks complete), write faults named by their file (``write_guard``),
+inter-process locks (``folder_lock``), free-space checks and the check of an output folder.
 """
 
 from __future__ import annotations
@@ -9,11 +9,52 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 
 from lora.common.cli import UserError, human_bytes
+
+# "... (os error 28)": how the Rust and C++ writers (safetensors, torch) report an OS error
+_OS_ERROR = re.compile(r"os error (\d+)")
+# free space below which a writer's failure without an errno is taken for a full disk
+NEARLY_FULL = 4 * 2 ** 20
+
+
+@contextlib.contextmanager
+def write_guard(path: str | os.PathLike):
+    """While writing ``path``: a fault of the machine raised by any writer becomes an OSError that
+    names ``path`` with its errno, so that the scripts print one message naming the file (a full
+    disk, a read-only disk) instead of a traceback. Python's own writes raise OSError without the
+    file's name; safetensors raises SafetensorError("... (os error 28)"); torch.save to a path raises
+    RuntimeError("... unexpected pos ...") on a full disk. Anything else passes unchanged."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None or e.errno is None:
+            raise
+        raise OSError(e.errno, e.strerror or os.strerror(e.errno), str(path)) from e
+    except Exception as e:  # (a writer's own exception type: re-raised unless it is a disk fault)
+        m = _OS_ERROR.search(str(e))
+        code = int(m.group(1)) if m else None
+        if code is None and type(e).__name__ in ("RuntimeError", "SafetensorError") \
+                and free_bytes(path) < NEARLY_FULL:
+            code = errno.ENOSPC
+        if code is None:
+            raise
+        raise OSError(code, os.strerror(code), str(path)) from e
+
+
+def save_torch(obj, path: str | os.PathLike, shown: str | os.PathLike | None = None) -> None:
+    """torch.save through a Python file (a full disk is then an OSError with its errno, not torch's
+    "unexpected pos" RuntimeError), naming ``shown`` (default ``path``) when it fails."""
+    import torch
+
+    with write_guard(shown or path), open(path, "wb") as fh:
+        torch.save(obj, fh)
 
 
 def free_bytes(path: str | os.PathLike) -> int:
@@ -71,6 +112,67 @@ def file_lock(path: str | os.PathLike):
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
+class FolderBusy(UserError):
+    """Another process holds the lock of a folder (``folder_lock``)."""
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, name: str | None, *, shared: bool, busy: str):
+    """Hold a lock while the block runs: exclusive (one writer, no reader) or ``shared`` (any
+    number of readers, no writer). Another process holding it the other way stops this one at once
+    with FolderBusy(``busy`` + who holds it, where known). An OS file lock (fcntl.flock): the kernel
+    drops it when a process ends in any way, so a killed run never leaves a folder locked.
+
+    ``name``: the lock file ``folder/name`` (an exclusive holder writes its pid and host there);
+    None: the folder itself is locked, and nothing is written into it (a folder that does not exist
+    yet holds nothing to protect: no lock). Where the lock file cannot be made (a read-only folder:
+    no writer can run there either) or fcntl does not exist (Windows), nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:  # (not on Windows: there the runs are not kept apart)
+        yield
+        return
+    fd, fh = None, None
+    try:
+        if name is None:
+            fd = os.open(folder, os.O_RDONLY)
+        else:
+            path = Path(folder) / name
+            fh = open(path, "r" if shared and path.is_file() else "a+", encoding="utf-8")
+            fd = fh.fileno()
+    except OSError as e:
+        if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR):
+            raise
+    if fd is None:
+        yield
+        return
+    locked = False
+    try:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except OSError:
+            holder = ""
+            if fh is not None:
+                fh.seek(0)
+                holder = fh.read().strip()[:300]
+            raise FolderBusy(busy + (f" (held by {holder})" if holder else "")) from None
+        locked = True
+        if fh is not None and not shared:  # who holds it (a shared holder cannot: maybe several)
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"pid {os.getpid()} on {socket.gethostname()}, since "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
+            fh.flush()
+        yield
+    finally:
+        if fh is not None:
+            if locked and not shared:
+                fh.truncate(0)
+            fh.close()  # closing the file releases the lock
+        else:
+            os.close(fd)
+
+
 # --------------------------------------------------------------------------------------------
 # Atomic writes: write to a temporary file in the same folder, fsync, then rename over the target.
 # A crash leaves either the old file or none, never a half-written one.
@@ -92,8 +194,9 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None):
     tmp = Path(tmp)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes owner-only files; give the usual permissions
     try:
-        yield tmp
-        fsync_file(tmp)
+        with write_guard(path):
+            yield tmp
+            fsync_file(tmp)
         os.replace(tmp, path)
         fsync_dir(path.parent)  # the rename itself survives a power loss
     finally:
@@ -146,11 +249,12 @@ def atomic_dir(path: str | os.PathLike):
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     try:
-        yield tmp
-        for root, _, files in os.walk(tmp):
-            for name in files:
-                fsync_file(Path(root) / name)
-            fsync_dir(root)
+        with write_guard(path):
+            yield tmp
+            for root, _, files in os.walk(tmp):
+                for name in files:
+                    fsync_file(Path(root) / name)
+                fsync_dir(root)
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old")

@@ -389,6 +389,22 @@ def rms_db(x: np.ndarray) -> float:
     return 20.0 * np.log10(r) if r > 0 else -np.inf
 
 
+AUDIBLE_HZ = 20.0            # below: infrasound, nothing to hear or learn (a DC offset is 0 Hz)
+CODEC_FRAME_SECONDS = 0.02   # one EnCodec frame of MusicGen (50 frames/s): the shortest clip it reads
+MUSICGEN_SAMPLE_RATE = 32000  # every MusicGen model's rate
+
+
+def audible_db(x: np.ndarray, sr: int, low_hz: float = AUDIBLE_HZ) -> float:
+    """Level (dBFS RMS) of the audible part of ``x`` (C, N): its content at ``low_hz`` and above.
+    A DC offset or infrasound alone (a 1 Hz tone) is loud by rms_db and silent here."""
+    x = np.asarray(x, dtype=np.float64)
+    if x.shape[-1] == 0:
+        return -np.inf
+    spec = np.fft.rfft(x, axis=-1)
+    spec[..., :int(np.ceil(low_hz * x.shape[-1] / sr))] = 0
+    return rms_db(np.fft.irfft(spec, n=x.shape[-1], axis=-1))
+
+
 def peak_db(x: np.ndarray) -> float:
     p = float(np.max(np.abs(x))) if np.size(x) else 0.0
     return 20.0 * np.log10(p) if p > 0 else -np.inf

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Optional
 
 from lora.common.cli import UserError, log
+from lora.config import MAX_TEXT_CHARS, MAX_TEXT_TOKENS, text_problem
+from lora.dataset import CONTROL_CHARS
 
 CAPTION_KEYS = ("text", "caption", "description", "prompt")
 FILE_KEYS = ("file_name", "file", "filename", "path", "audio")
@@ -216,9 +218,43 @@ class Captioner:
             if p.is_file():
                 self.tables.append((name, read_captions_file(p)))
         self.used_keys: set[tuple[str, str]] = set()
+        # what was changed or left out without failing: {"file", "warning"} (prepare_report.json)
+        self.notes: list[dict] = []
 
     def __call__(self, src: Path, rel: str) -> tuple[str, str]:
-        """(caption, where it came from)."""
+        """(caption, where it came from), cleaned: control characters (NUL, BEL, ESC, ...) removed,
+        cut to MAX_TEXT_CHARS; each change, and a sidecar left out, is a note for the report."""
+        text, where = self._find(src, rel)
+        clean = CONTROL_CHARS.sub("", text)
+        if clean != text:
+            self.notes.append({"file": rel, "warning": f"the caption ({where}) held "
+                               f"{len(text) - len(clean)} control character(s) (NUL, BEL, ESC, ...); "
+                               f"they were removed"})
+        if text_problem(clean, ""):
+            self.notes.append({"file": rel, "warning": f"the caption ({where}) is {len(clean):,} "
+                               f"characters long; it was cut to {MAX_TEXT_CHARS:,} (the text encoder "
+                               f"reads at most {MAX_TEXT_TOKENS} tokens)"})
+            clean = clean[:MAX_TEXT_CHARS].rsplit(" ", 1)[0].strip() or clean[:MAX_TEXT_CHARS]
+        return clean, where
+
+    def _sidecar_json(self, side: Path, raw: str, rel: str) -> str:
+        """The caption of a .json sidecar; a value that is not text is left out with a note."""
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError:
+            self.notes.append({"file": rel, "warning": f"caption file {side.name} is not valid JSON; "
+                                                       f"ignored"})
+            return ""
+        bad = [k for k in CAPTION_KEYS if isinstance(obj, dict) and k in obj
+               and not isinstance(obj[k], str)]
+        if bad or not isinstance(obj, (dict, str)):
+            what = (f"its {', '.join(repr(k) for k in bad)} is not text" if bad
+                    else f"it holds a JSON {type(obj).__name__}, not a caption")
+            self.notes.append({"file": rel, "warning": f"caption file {side.name}: {what}; "
+                                                       f"{'that value was ' if bad else ''}ignored"})
+        return caption_from_obj(obj) or ""
+
+    def _find(self, src: Path, rel: str) -> tuple[str, str]:
         for ext in (".txt", ".json"):
             side = src.with_suffix(ext)
             try:
@@ -232,14 +268,7 @@ class Captioner:
                 except (OSError, UnicodeDecodeError) as e:
                     log.warning("caption file %s unreadable (%s); ignored", side, e)
                     continue
-                if ext == ".txt":
-                    text = " ".join(raw.split())
-                else:
-                    try:
-                        text = caption_from_obj(json.loads(raw)) or ""
-                    except json.JSONDecodeError:
-                        log.warning("caption file %s is not valid JSON; ignored", side)
-                        continue
+                text = " ".join(raw.split()) if ext == ".txt" else self._sidecar_json(side, raw, rel)
                 if text:
                     return text, "sidecar"
         name = Path(rel).name

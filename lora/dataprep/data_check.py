@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections import Counter, defaultdict
+from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -37,6 +37,9 @@ from lora.modeling.window import checked_window
 
 if TYPE_CHECKING:
     import torch
+
+
+INAUDIBLE_DB = -60.0  # a clip whose audible part stays under this level holds nothing to learn
 
 
 class DataSummary:
@@ -128,13 +131,16 @@ def check_data_dir(data_dir, metadata_file: str = "metadata.json", *, sample_rat
         s.problems.append(f"{mpath.name} says sample_rate {meta['sample_rate']}, the config "
                           f"expects {sample_rate}; prepare the data again with --sample_rate "
                           f"{sample_rate}")
+    if s.sample_rate and s.sample_rate != A.MUSICGEN_SAMPLE_RATE:
+        s.warnings.append(f"the clips are {s.sample_rate} Hz; MusicGen runs at "
+                          f"{A.MUSICGEN_SAMPLE_RATE} Hz: training resamples them, and they hold "
+                          f"nothing above {s.sample_rate // 2} Hz. Prepare again with --sample_rate "
+                          f"{A.MUSICGEN_SAMPLE_RATE} unless your model runs at {s.sample_rate} Hz")
     if not s.records:
         s.problems.append(f"{mpath} lists no clips")
         return s
-    ids, paths, hashes = Counter(), Counter(), defaultdict(list)
+    hashes = defaultdict(list)  # (an id or file listed twice: load_metadata refuses it for everyone)
     for r in s.records:
-        ids[r.id] += 1
-        paths[str(r.path)] += 1
         where = f"{r.audio}"
         if not r.path.is_file():
             s.problems.append(f"{where}: file missing")
@@ -153,16 +159,17 @@ def check_data_dir(data_dir, metadata_file: str = "metadata.json", *, sample_rat
             s.problems.append(f"{where}: {dur:.2f} s long, metadata says {r.duration:.2f} s")
         if info.frames == 0:
             s.problems.append(f"{where}: empty file")
+        elif dur < A.CODEC_FRAME_SECONDS:
+            s.problems.append(f"{where}: {dur * 1000:.1f} ms long, shorter than one codec frame "
+                              f"({A.CODEC_FRAME_SECONDS * 1000:g} ms): it gives no tokens to train on")
         if not r.text:
             s.warnings.append(f"{where}: empty caption (only trains the unconditional branch)")
-        if hash_content:
+        if hash_content:  # (--validate reads every clip: also whether it holds audible sound)
             hashes[A.file_hash(r.path)].append(r.audio)
-    for k, n in ids.items():
-        if n > 1:
-            s.problems.append(f"id {k} appears {n} times")
-    for k, n in paths.items():
-        if n > 1:
-            s.problems.append(f"audio file {k} is listed {n} times")
+            y, sr = sf.read(str(r.path), dtype="float32", always_2d=True)
+            if info.frames and A.audible_db(y.T, sr) < INAUDIBLE_DB:
+                s.problems.append(f"{where}: no audible sound (above {A.AUDIBLE_HZ:g} Hz it stays "
+                                  f"under {INAUDIBLE_DB:g} dBFS: silence, a DC offset or infrasound)")
     for same in hashes.values():
         if len(same) > 1:
             s.warnings.append(f"identical audio: {', '.join(same[:5])}")

@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Optional
 
 from lora.common.cli import UserError, log
+from lora.common.ownership import claim_output
 from lora.config import Config
 from lora.dataprep import audio as A
 from lora.dataset import SPLITS, metadata_path
+from lora.modeling.loading import local_model_folder
 
 STATE_FILE = "prepare_state.json"
 REPORT_FILE = "prepare_report.json"
@@ -51,17 +53,49 @@ def _load_state(data_dir: Path, overwrite: bool = False) -> dict:
     return s if s.get("version") == STATE_VERSION else {}
 
 
-def _check_owner(cfg: Config, state: dict, mode: str, input_dir: Optional[str]) -> None:
+def _looks_prepared(entry: Path) -> bool:
+    """A file prepare_data.py writes, recognised by its content (for a folder whose
+    prepare_state.json is missing or damaged): the metadata document, the report, the config."""
+    try:
+        text = entry.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    if entry.name == CONFIG_FILE or entry.suffix in (".yaml", ".yml"):
+        return text.startswith("# Resolved configuration")
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return False
+    if entry.name == REPORT_FILE:
+        return isinstance(doc, dict) and "data_dir" in doc
+    return isinstance(doc, dict) and set(doc) == {"version", "sample_rate", "channels", "clips"}
+
+
+def _claim_files(cfg: Config, state: dict) -> None:
+    """The ownership rule of every script (lora.common.ownership) for the files prepare_data.py
+    writes beside its clips (metadata file, state, report, config): one it did not write is refused,
+    naming it, --overwrite or not; the data folder is never a model's folder. Its own: those of a
+    folder with its state file, else recognised by their content."""
     d = cfg.data
     data_dir = Path(d.data_dir)
     mpath = metadata_path(data_dir, d.metadata_file)
-    if d.overwrite:
-        return
-    if not state:
-        if mpath.is_file():
-            raise UserError(f"{mpath} exists but was not written by prepare_data.py (no "
-                            f"{STATE_FILE} next to it). Choose another --output_dir, or pass "
-                            f"--overwrite to replace it.")
+
+    def ours(entry: Path) -> list[Path]:
+        if entry.name == STATE_FILE and d.overwrite:
+            return []  # (a damaged one, rebuilt on request: _load_state)
+        return [] if state or _looks_prepared(entry) else [entry]
+
+    for folder, names in ((data_dir, [STATE_FILE, REPORT_FILE, CONFIG_FILE]),
+                          (mpath.parent, [mpath.name])):
+        claim_output(folder, "prepare_data.py", writes=names, ours=ours, overwrite=None,
+                     models=[("the base model", local_model_folder(cfg.model))])
+
+
+def _check_owner(cfg: Config, state: dict, mode: str, input_dir: Optional[str]) -> None:
+    d = cfg.data
+    data_dir = Path(d.data_dir)
+    _claim_files(cfg, state)
+    if d.overwrite or not state:
         return
     if state.get("mode") == "input" and mode == "example":
         raise UserError(f"{data_dir} holds a dataset prepared from {state.get('input_dir')}; "

@@ -293,7 +293,11 @@ def _progress_note(data_dir: Path, results: dict, unsaved: list[str]) -> str:
     if unsaved:
         return (f"the progress could not be saved in {data_dir / STATE_FILE} ({unsaved[-1]}); "
                 f"running the same command again decodes the files finished since its last save again")
-    return (f"progress of {len(results)} finished file(s) is saved in {data_dir / STATE_FILE}; run "
+    done = [r for r in results.values() if not r.get("reused")]
+    if not done or not (data_dir / STATE_FILE).is_file():
+        return ("no file was finished yet, so there is no progress to keep; run the same command "
+                "again to start over")
+    return (f"progress of {len(done)} finished file(s) is saved in {data_dir / STATE_FILE}; run "
             f"the same command again to continue: finished files are not decoded again")
 
 
@@ -431,6 +435,7 @@ def _write_report(data_dir, d, input_dir, results, found: Found, duplicates, unc
                   "warning": f"cannot be read now ({why}); kept the {len(results[rel]['clips'])} "
                                           f"clip(s) an earlier run made from it"}
                  for rel, why in sorted(found.kept.items())]
+    warnings += captioner.notes  # captions cleaned or cut, sidecars left out
     tails = [{"file": rel, "seconds": r["tail_seconds"]} for rel, r in sorted(results.items())
              if r.get("ok") and r.get("tail_seconds", 0) > 0]
     silent_segments = sum(r.get("silent_segments", 0) for r in results.values() if r.get("ok"))

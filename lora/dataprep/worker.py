@@ -30,8 +30,8 @@ def process_file(job: dict) -> dict:
     t0 = time.perf_counter()
     src, rel = job["src"], job["rel"]
     res = {"rel": rel, "ok": False, "reason": "", "warnings": [], "clips": [], "tail_seconds": 0.0,
-           "silent_segments": 0, "size": job["size"], "mtime_ns": job["mtime_ns"],
-           "settings": job["settings"]}
+           "silent_segments": 0, "inaudible_segments": 0, "short_segments": 0, "size": job["size"],
+           "mtime_ns": job["mtime_ns"], "settings": job["settings"]}
     try:
         res["sha1"] = A.file_hash(src)
     except OSError as e:
@@ -90,9 +90,16 @@ class _ClipWriter:
     def emit(self, pieces) -> None:
         res = self.res
         for off, clip in pieces:
-            idx = len(res["clips"]) + res["silent_segments"]
+            idx = len(res["clips"]) + res["silent_segments"] + res["inaudible_segments"] \
+                + res["short_segments"]
             if A.rms_db(clip) < self.job["silence_db"]:
                 res["silent_segments"] += 1
+                continue
+            if clip.shape[-1] < A.CODEC_FRAME_SECONDS * self.sr:  # (min_seconds 0)
+                res["short_segments"] += 1
+                continue
+            if A.audible_db(clip, self.sr) < self.job["silence_db"]:  # a DC offset, infrasound
+                res["inaudible_segments"] += 1
                 continue
             clip, over_db = A.scale_overs(clip)
             name = f"{self.base}_{idx:03d}.wav"
@@ -151,8 +158,16 @@ def _judge(job: dict, res: dict, cutter: A.ClipCutter, header_seconds: float,
     elif header_seconds and decoded < min(header_seconds - 1.0, 0.95 * header_seconds) and not error:
         res["warnings"].append(f"file is shorter than its header says ({decoded:.1f} s of "
                                f"{header_seconds:.1f} s): truncated?")
+    dropped = [(res["inaudible_segments"], f"no audible sound: above {A.AUDIBLE_HZ:g} Hz it stays "
+                                           f"under {job['silence_db']:g} dBFS (only a DC offset or "
+                                           f"infrasound)"),
+               (res["short_segments"], f"shorter than one codec frame "
+                                       f"({A.CODEC_FRAME_SECONDS * 1000:g} ms)")]
     if res["clips"]:
         res["ok"] = True
+        res["warnings"] += [f"{n} segment(s) left out: {why}" for n, why in dropped if n]
+    elif any(n for n, _ in dropped):
+        res["reason"] = "; ".join(why for n, why in dropped if n)
     elif error:
         res["reason"] = error
     elif cutter.total_samples == 0:

@@ -68,6 +68,7 @@ from lora.generation.requests import (
 )
 from lora.modeling import chroma as melody_chroma
 from lora.modeling.loading import family_for
+from lora.modeling.memory import check_fits, generation_floor
 from lora.modeling.window import checked_window
 
 if TYPE_CHECKING:
@@ -223,16 +224,19 @@ def text_length(n_tokens: int) -> int:
     return max(1, math.ceil(int(n_tokens) / TEXT_PAD_MULTIPLE)) * TEXT_PAD_MULTIPLE
 
 
-def encode_prompts(model: nn.Module, processor, prompts) -> dict:
+def encode_prompts(model: nn.Module, processor, prompts, progress: bool = False) -> dict:
     """Every distinct prompt's text-encoder states, each encoded by itself at its own length (so
     they do not depend on the prompts it is batched with): {prompt: (hidden (n, D) float32, mask
-    (n,))}."""
+    (n,))}. ``progress``: a bar when there are many (a prompts file of thousands takes minutes)."""
+    from tqdm.auto import tqdm
+
     fam = family_for(model)
     out: dict = {}
-    for p in prompts:
-        if p not in out:
-            hidden, mask = fam.encode_text(model, processor, [p])
-            out[p] = (hidden[0], mask[0])
+    distinct = list(dict.fromkeys(prompts))
+    for p in tqdm(distinct, desc="encoding prompts", unit="prompt", leave=False,
+                  disable=not progress or len(distinct) < 50):
+        hidden, mask = fam.encode_text(model, processor, [p])
+        out[p] = (hidden[0], mask[0])
     return out
 
 
@@ -460,8 +464,16 @@ def generate(model: nn.Module, processor, info: ModelInfo, requests: Sequence[Re
                         f"({max_window} s).")
     if problems:
         raise GenerationError("; ".join(problems))
+    if requests:  # the decoding cache of one batch, against the machine, before it is allocated
+        frames = max(info.frames(min(r.duration, max_window)) for r in requests)
+        param = family_for(info).decoder_param(model)
+        need = generation_floor(model, min(batch_size, len(requests)), frames,
+                                any(r.sampling.guidance_scale > 1 for r in requests), param.dtype)
+        check_fits(need, param.device, f"Generating batch_size {min(batch_size, len(requests))} x "
+                                       f"{frames / info.frame_rate:g} s",
+                   "Lower --batch_size (or the duration / max_window).")
     with torch.inference_mode():
-        encoded = encode_prompts(model, processor, [r.prompt for r in requests])
+        encoded = encode_prompts(model, processor, [r.prompt for r in requests], progress)
     text_lens = [text_length(encoded[r.prompt][0].shape[0]) for r in requests]
     batches = make_batches(requests, text_lens, batch_size)
     plans = [plan_batch(model, info, [requests[i] for i in idx], max_window, extend_stride)

@@ -21,8 +21,11 @@ import os
 from pathlib import Path
 
 from lora.common.cli import UserError, log
+from lora.config import MAX_PROMPTS, MAX_TEXT_CHARS, text_problem
 
 TEXT_KEYS = ("text", "prompt", "caption")
+# (MAX_PROMPTS lines of MAX_TEXT_CHARS, with their settings)
+MAX_PROMPTS_FILE_BYTES = MAX_PROMPTS * (MAX_TEXT_CHARS + 500)
 PER_PROMPT_KEYS = {"text": str, "prompt": str, "caption": str, "duration": float, "seed": int,
                    "guidance_scale": float, "temperature": float, "top_k": int, "top_p": float,
                    "num_samples": int, "melody": str}
@@ -59,6 +62,10 @@ def read_prompts_file(path: str | os.PathLike, problems: list[str]) -> list[tupl
         problems.append(f"prompts_file not found: {p}. Pass a .txt (one prompt per line), .json or "
                         f".jsonl file.")
         return []
+    if p.stat().st_size > MAX_PROMPTS_FILE_BYTES:
+        problems.append(f"prompts_file {p} is {p.stat().st_size:,} bytes; a prompts file holds at "
+                        f"most {MAX_PROMPTS:,} prompts ({MAX_PROMPTS_FILE_BYTES:,} bytes). Split it.")
+        return []
     try:
         text = p.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
@@ -94,6 +101,9 @@ def read_prompts_file(path: str | os.PathLike, problems: list[str]) -> list[tupl
             s = line.strip()
             if s and not s.startswith("#"):
                 raw.append((f"{p.name} line {n}", s))
+    if len(raw) > MAX_PROMPTS:
+        problems.append(f"{p} holds {len(raw):,} prompts; at most {MAX_PROMPTS:,} per run. Split it.")
+        return []
     out = []
     for where, item in raw:
         if isinstance(item, str):
@@ -131,6 +141,7 @@ def read_prompt_texts(path: str | os.PathLike) -> list[str]:
     every problem. Per-prompt settings are not used here (a note says so)."""
     problems: list[str] = []
     entries = read_prompts_file(path, problems)
+    problems += [q for where, e in entries if (q := text_problem(e.get("text", ""), where))]
     if problems:
         raise UserError(f"{len(problems)} problem(s) in the prompts file {path}:\n  "
                         + "\n  ".join(problems))

@@ -10,6 +10,7 @@ lora.modeling.musicgen); this module applies it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -17,7 +18,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from lora.common.cli import UserError, log
+from lora.common.cli import UserError, clip_text, log
 from lora.config import range_problems, validate
 from lora.modeling.loading import family_for
 from lora.modeling.musicgen import get_base
@@ -227,11 +228,78 @@ def check_adapter_files(adapter_dir) -> dict:
     weights = adapter_dir / "adapter_model.safetensors"
     try:
         with safe_open(str(weights), framework="pt") as fh:
-            fh.keys()
+            ranks = {tuple(fh.get_slice(k).get_shape())[0] for k in fh.keys()
+                     if re.search(r"\.lora_A(?:\.[^.]+)?\.weight$", k)}
     except (SafetensorError, OSError) as e:
         raise UserError(f"{weights} is damaged ({str(e).splitlines()[0][:200]}): use another "
                         f"adapter (best_model, final_model or a checkpoint), or train again.") from None
+    problems = adapter_config_problems(cfg, ranks)
+    if problems:
+        raise UserError(f"{adapter_dir / 'adapter_config.json'} is not a LoRA adapter config this "
+                        f"toolkit can load: {'; '.join(problems)}. Was it edited by hand? Restore it "
+                        f"(train_lora.py writes it next to the weights), or use another adapter.")
     return cfg
+
+
+def adapter_config_problems(cfg: dict, ranks: set) -> list[str]:
+    """What is wrong in an adapter_config.json for a LoRA adapter whose weights have ``ranks`` (the
+    first dimension of its lora_A matrices): another peft type (IA3, LoHa, ... are refused: this
+    toolkit applies LoRA), a rank that is not a whole number >= 1 or does not match the weights,
+    a lora_alpha that is not a number, target_modules that name nothing."""
+    out = []
+    kind = cfg.get("peft_type")
+    if str(kind).upper() != "LORA":
+        out.append(f"peft_type is {clip_text(kind, 40)!r}, not 'LORA' (this toolkit applies LoRA "
+                   f"adapters only)")
+        return out
+    r = cfg.get("r")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        out.append(f"r (the rank) is {clip_text(r, 40)!r}; it must be a whole number >= 1")
+    elif ranks and not cfg.get("rank_pattern") and ranks != {r}:
+        out.append(f"r is {r} but the weights (adapter_model.safetensors) have rank "
+                   f"{', '.join(map(str, sorted(ranks)))}")
+    alpha = cfg.get("lora_alpha")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        out.append(f"lora_alpha is {clip_text(alpha, 40)!r}; it must be a number")
+    targets = cfg.get("target_modules")
+    if not (isinstance(targets, str) and targets.strip()) and not (
+            isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets)):
+        out.append(f"target_modules is {clip_text(targets, 60)!r}; it must be a list of layer names "
+                   f"or a pattern")
+    return out
+
+
+def _missing_targets(base, adapter_dir: Path, targets) -> Optional[str]:
+    """The problem when adapter_config.json's target_modules match no layer of ``base`` (peft's rule:
+    a list matches a layer by its name or the end of it, a string is a regex of the whole name)."""
+    names = [n for n, _ in base.named_modules() if n]
+    if isinstance(targets, str):
+        try:
+            rx = re.compile(targets)
+        except re.error as e:
+            return f"target_modules {clip_text(targets, 80)!r} is not a valid pattern ({e})"
+        hit = any(rx.fullmatch(n) for n in names)
+    else:
+        hit = [t for t in targets if any(n == t or n.endswith("." + t) for n in names)]
+        missing = [t for t in targets if t not in hit]
+        if missing and hit:
+            return (f"target_modules names layers this model does not have: "
+                    f"{clip_text(', '.join(missing), 200)}")
+    if not hit:
+        return f"target_modules {clip_text(targets, 120)!r} match no layer of this model"
+    return None
+
+
+@contextlib.contextmanager
+def peft_errors(adapter_dir: Path):
+    """peft's own refusal of a hand-edited adapter_config.json (a setting it does not know, a value
+    of the wrong kind): a message naming the file (what check_adapter_files checks comes first)."""
+    try:
+        yield
+    except (ValueError, TypeError, KeyError) as e:
+        raise UserError(f"{Path(adapter_dir) / 'adapter_config.json'} cannot be loaded by peft "
+                        f"({type(e).__name__}: {clip_text(str(e), 300)}). Was it edited by hand? "
+                        f"Restore it, or use another adapter.") from None
 
 
 def check_adapter_fits(base, adapter_dir: Path, recorded: str, used: str) -> None:
@@ -239,6 +307,11 @@ def check_adapter_fits(base, adapter_dir: Path, recorded: str, used: str) -> Non
     name fit the base model in use (a copy of the same model in another folder is accepted with a
     warning)."""
     fam = family_for(base)
+    adapter_cfg = _read_adapter_config(adapter_dir)
+    missing = _missing_targets(base, adapter_dir, adapter_cfg.get("target_modules") or [])
+    if missing:
+        raise UserError(f"{adapter_dir / 'adapter_config.json'}: {missing} (was it edited by hand?). "
+                        f"Restore it, or use another adapter.")
     shape_problems = _adapter_shape_problems(base, adapter_dir / "adapter_model.safetensors")
     if shape_problems:
         shape = ", ".join(f"{k} {v}" for k, v in fam.decoder_shape(base.config).items())
@@ -296,7 +369,8 @@ def load_lora(model: nn.Module, adapter_dir, is_trainable: bool = False,
     base = get_base(model)
     used = str(expected_base or getattr(base, "name_or_path", "") or base.config._name_or_path or "")
     check_adapter_fits(base, adapter_dir, adapter_cfg.get("base_model_name_or_path") or "", used)
-    peft_model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=is_trainable)
+    with peft_errors(adapter_dir):
+        peft_model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=is_trainable)
     if not is_trainable:
         peft_model.eval()
     log.info("Loaded LoRA adapter %s (r=%s) onto %s", adapter_dir, adapter_cfg.get("r"), used)
@@ -389,10 +463,6 @@ def check_mix_bases(paths: list) -> list[str]:
         except UserError as e:
             problems.append(f"lora_model_path: {e}")
             continue
-        kind = str(cfg.get("peft_type") or "LORA").upper()
-        if kind != "LORA":
-            problems.append(f"{Path(path) / 'adapter_config.json'} is a {kind} adapter (peft_type "
-                            f"{kind!r}); this toolkit applies LoRA adapters only (peft_type 'LORA').")
         recorded = cfg.get("base_model_name_or_path") or ""
         if recorded:
             bases.append((str(path), recorded))
@@ -448,7 +518,8 @@ def load_adapters(model: nn.Module, paths: list, scales: list, expected_base: Op
         cfg = check_adapter_files(adapter_dir)
         check_adapter_fits(base, adapter_dir, cfg.get("base_model_name_or_path") or "", used)
         names.append(MIX_NAME.format(i))
-        peft_model.load_adapter(str(adapter_dir), adapter_name=names[-1], is_trainable=False)
+        with peft_errors(adapter_dir):
+            peft_model.load_adapter(str(adapter_dir), adapter_name=names[-1], is_trainable=False)
         log.info("Loaded LoRA adapter %s (r=%s) as %r", adapter_dir, cfg.get("r"), names[-1])
     if len(paths) == 1:
         set_lora_scale(peft_model, scales[0])

@@ -60,15 +60,25 @@ def family_for(what):
 # --------------------------------------------------------------------------------------------
 # Resolving
 # --------------------------------------------------------------------------------------------
+def local_model_folder(model_cfg) -> Optional[Path]:
+    """The folder a model setting reads on this machine, without building or loading anything: a
+    built-in name -> its folder under tiny_model_dir (built or not), a folder -> its absolute path,
+    a hub id -> None. (A model's folder is never an output: lora.common.ownership.)"""
+    path = str(model_cfg.model_path)
+    if path in BUILTIN_MODELS:
+        name = ("stereo" if "stereo" in path else "mono") + ("-melody" if path.endswith("melody") else "")
+        return (Path(model_cfg.tiny_model_dir).expanduser() / name).resolve()
+    p = Path(path).expanduser()
+    return p.resolve() if p.exists() else None
+
+
 def resolve_model_path(model_cfg) -> str:
     """'tiny' / 'tiny-stereo' -> the built folder (built on first use); a folder -> its absolute
     path; anything else (a hub id) unchanged."""
     path = str(model_cfg.model_path)
     if path in BUILTIN_MODELS:
         stereo, melody = "stereo" in path, path.endswith("melody")
-        base = Path(model_cfg.tiny_model_dir).expanduser()
-        name = ("stereo" if stereo else "mono") + ("-melody" if melody else "")
-        return str(ensure_tiny_model(base / name, stereo=stereo, melody=melody))
+        return str(ensure_tiny_model(local_model_folder(model_cfg), stereo=stereo, melody=melody))
     p = Path(path).expanduser()
     if p.exists():
         return str(p.resolve())

@@ -37,7 +37,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Optional, Sequence
 
-from lora.common.cli import log
+from lora.common.cli import clip_text, log
+from lora.config import MAX_TEXT_TOKENS
 
 # the family's EnCodec encoder (float32, chunked on a CPU)
 from lora.modeling.encodec_fast import encode_codes
@@ -384,7 +385,15 @@ def encode_text(model: nn.Module, processor, texts: Sequence[str], device: torch
     if device is None:
         device = next(enc.parameters()).device
     texts = [str(t) if t is not None else "" for t in texts]
-    batch = processor.tokenizer(texts, padding=True, return_tensors="pt")
+    # T5 reads at most MAX_TEXT_TOKENS tokens: a longer text is cut there (said), never encoded
+    # whole (its attention grows with the square of its length)
+    batch = processor.tokenizer(texts, padding=True, return_tensors="pt", truncation=True,
+                                max_length=MAX_TEXT_TOKENS)
+    cut = [t for t in texts if len(t) > MAX_TEXT_TOKENS
+           and len(processor.tokenizer(t, truncation=False)["input_ids"]) > MAX_TEXT_TOKENS]
+    if cut:
+        log.warning("%d text(s) are longer than the text encoder's %d tokens and were cut there, "
+                    "e.g. %r", len(cut), MAX_TEXT_TOKENS, clip_text(cut[0], 80))
     ids = batch["input_ids"].to(device)
     mask = batch["attention_mask"].to(device).long()
     trainable = any(p.requires_grad for p in enc.parameters())

@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import pickle
 import re
 import shutil
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from lora.common.cli import UserError, log
-from lora.common.files import atomic_dir, atomic_write_json, atomic_write_text
+from lora.common.files import atomic_dir, atomic_write_json, atomic_write_text, folder_lock, save_torch
+from lora.common.ownership import claim_output, remove_entries
 from lora.config import Config
 
 if TYPE_CHECKING:
@@ -96,90 +95,92 @@ def _foreign_entries(folder: Path, allowed: frozenset, need_state: bool) -> list
     return [e for e in entries if e.name not in allowed or not e.is_file() or e.is_symlink()]
 
 
+LOG_FILES = re.compile(r"metrics\.jsonl|train\.log|loss_curve\.png|timing\.json|events\.out\.tfevents\..+"
+                       r"|\.(?:metrics\.jsonl|loss_curve\.png|timing\.json)\..+\.tmp")
+CONFIG_HEADER = "# Resolved configuration"
+
+
+def _foreign_in_run_folder(p: Path) -> list[Path]:
+    """What in one of train_lora.py's run folders (checkpoints/, best_model/, final_model/) it did
+    not write ([] = all of it is the tool's; [p] = the folder itself is not one of its own)."""
+    if p.is_symlink() or not p.is_dir():
+        return [p]
+    if p.name != "checkpoints":
+        return _foreign_entries(p, ADAPTER_FILES, need_state=True)
+    foreign = []
+    for c in sorted(p.iterdir()):
+        if c.is_dir() and not c.is_symlink() and CHECKPOINT_NAME.fullmatch(c.name):
+            foreign += _foreign_entries(c, CHECKPOINT_FILES, need_state=True)
+        elif c.is_dir() and not c.is_symlink() and ATOMIC_LEFTOVER.fullmatch(c.name):
+            # an interrupted save
+            foreign += _foreign_entries(c, CHECKPOINT_FILES, need_state=False)
+        else:
+            foreign.append(c)
+    return foreign
+
+
+def _foreign_in_output(p: Path) -> list[Path]:
+    """logs/ and config.yaml of output_dir: what train_lora.py did not write there."""
+    if p.is_symlink():
+        return [p]
+    if p.name == "logs":
+        if not p.is_dir():
+            return [p]
+        return [e for e in sorted(p.iterdir()) if e.is_symlink() or not e.is_file()
+                or not LOG_FILES.fullmatch(e.name)]
+    try:
+        with open(p, encoding="utf-8") as fh:
+            head = fh.read(len(CONFIG_HEADER))
+    except (OSError, UnicodeDecodeError):
+        head = ""
+    return [] if p.is_file() and head == CONFIG_HEADER else [p]
+
+
 def earlier_run(out: Path) -> tuple[list[Path], list[Path]]:
     """(the run folders an earlier run of train_lora.py left in ``out``, the entries among them it
     did not write)."""
     ours, foreign = [], []
     for name in RUN_FOLDERS:
         p = out / name
-        if not p.exists() and not p.is_symlink():
-            continue
-        if p.is_symlink() or not p.is_dir():
-            foreign.append(p)
-            continue
-        ours.append(p)
-        if name != "checkpoints":
-            foreign += _foreign_entries(p, ADAPTER_FILES, need_state=True)
-            continue
-        for c in sorted(p.iterdir()):
-            if c.is_dir() and not c.is_symlink() and CHECKPOINT_NAME.fullmatch(c.name):
-                foreign += _foreign_entries(c, CHECKPOINT_FILES, need_state=True)
-            elif c.is_dir() and not c.is_symlink() and ATOMIC_LEFTOVER.fullmatch(c.name):
-                # an interrupted save
-                foreign += _foreign_entries(c, CHECKPOINT_FILES, need_state=False)
-            else:
-                foreign.append(c)
+        if p.exists() or p.is_symlink():
+            alien = _foreign_in_run_folder(p)
+            foreign += alien
+            if alien != [p]:
+                ours.append(p)
     return ours, foreign
 
 
-def clear_earlier_run(out: Path, overwrite: bool, is_main: bool = True) -> None:
+def clear_earlier_run(out: Path, overwrite: bool, is_main: bool = True, models=()) -> None:
     """A fresh run must not mix with an earlier run's files: its checkpoints would be taken for this
     run's by --resume_from_checkpoint latest, and its best_model would look like this run's if this
-    one stops early. --overwrite_output_dir deletes them, but only what train_lora.py wrote:
-    anything else in those folders stops the run, and nothing is deleted."""
-    ours, foreign = earlier_run(out)
-    if foreign:
-        shown = "\n  ".join(str(f) for f in foreign[:10]) + (f"\n  ... and {len(foreign) - 10} more"
-                                                           if len(foreign) > 10 else "")
-        raise UserError(f"{out} holds files that train_lora.py did not write, where it keeps its "
-                        f"checkpoints and adapters:\n  {shown}\nNothing was deleted. Move them "
-                        f"elsewhere, or choose another --output_dir.")
-    if not ours:
-        return
-    if not overwrite:
-        names = ", ".join(p.name + "/" for p in ours)
-        raise UserError(f"{out} already holds an earlier training run ({names}). Continue it with "
-                        f"--resume_from_checkpoint latest, choose another --output_dir, or pass "
-                        f"--overwrite_output_dir to delete those folders and start over.")
+    one stops early. The ownership rule of every script (lora.common.ownership): anything
+    train_lora.py did not write where it writes (its run folders, logs/, config.yaml) stops the run,
+    and nothing is deleted; --overwrite_output_dir deletes the earlier run's folders, only what
+    train_lora.py wrote; output_dir is never the base model's folder (``models``)."""
+    ours = claim_output(out, "train_lora.py", writes=RUN_FOLDERS, ours=_foreign_in_run_folder,
+                        overwrite=overwrite, models=models, overwrite_flag="--overwrite_output_dir",
+                        earlier_hint="It is an earlier training run: continue it with "
+                                     "--resume_from_checkpoint latest, or ")
+    claim_output(out, "train_lora.py", writes=("logs", "config.yaml"), ours=_foreign_in_output,
+                 overwrite=None, models=models, overwrite_flag="--overwrite_output_dir")
     if is_main:
         for p in ours:
             log.warning("--overwrite_output_dir: deleting %s of an earlier run", p)
-            shutil.rmtree(p)
+        remove_entries(ours)
 
 
 @contextlib.contextmanager
 def output_lock(out: Path, enabled: bool = True):
     """Hold output_dir for this run: a second train_lora.py on the same folder stops at once, naming
-    the running process. An OS file lock (fcntl.flock on output_dir/.train_lora.lock): the kernel
-    drops it when the process ends in any way, so a killed run never leaves the folder locked."""
-    try:
-        import fcntl
-    except ImportError:  # (not on Windows: there two runs on one folder are not detected)
-        fcntl = None
-    if not enabled or fcntl is None:
+    the running process (lora.common.files.folder_lock on output_dir/.train_lora.lock)."""
+    if not enabled:
         yield
         return
-    import socket
-
     out.mkdir(parents=True, exist_ok=True)
-    path = out / LOCK_FILE
-    fh = open(path, "a+", encoding="utf-8")
-    try:
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
-            raise UserError(f"{out} is in use by another training run ({holder}). Wait for it to "
-                            f"finish (or stop it), or choose another --output_dir.") from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"pid {os.getpid()} on {socket.gethostname()}, started "
-                 f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
-        fh.flush()
+    with folder_lock(out, LOCK_FILE, shared=False,
+                     busy=f"{out} is in use by another training run. Wait for it to finish (or stop "
+                          f"it), or choose another --output_dir"):
         yield
-    finally:
-        fh.close()  # closing the file releases the lock
 
 
 @dataclass
@@ -287,14 +288,15 @@ def save_checkpoint(root: Path, model: nn.Module, optimizer, scheduler, scaler, 
     path = root / f"step-{snapshot['global_step']:06d}"
     with atomic_dir(path) as tmp:
         model.save_pretrained(str(tmp))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        # (a full disk: an OSError naming the file, not torch's "unexpected pos")
+        save_torch(optimizer.state_dict(), tmp / "optimizer.pt", path / "optimizer.pt")
+        save_torch(scheduler.state_dict(), tmp / "scheduler.pt", path / "scheduler.pt")
         if scaler is not None:
-            torch.save(scaler.state_dict(), tmp / "scaler.pt")
+            save_torch(scaler.state_dict(), tmp / "scaler.pt", path / "scaler.pt")
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(rng, tmp / "rng_state.pt")
+        save_torch(rng, tmp / "rng_state.pt", path / "rng_state.pt")
         cfg.save(tmp / "config.yaml")
         atomic_write_json(tmp / STATE_FILE, snapshot)  # written last: marks it complete
     for old in sorted(root.glob("step-*"))[:-keep]:

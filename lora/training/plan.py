@@ -9,8 +9,8 @@ import math
 import time
 from typing import Optional
 
-from lora.common.cli import UserError
-from lora.config import Config
+from lora.common.cli import UserError, clip_text
+from lora.config import MAX_EVENTS, Config
 
 
 # ============================================================================================
@@ -36,6 +36,33 @@ def plan_steps(cfg: Config, n_batches: int, group: int) -> tuple[int, int, int, 
     return steps_per_epoch, total, warmup, note
 
 
+# The schema sections train_lora.py takes flags from (the web UI's Train form checks with them)
+TRAIN_SECTIONS = ("training", "model", "lora", "data")
+
+
+def settings_problems(cfg: Config) -> list[str]:
+    """train_lora.py's rules that span several settings (each value's own range is checked by the
+    schema, lora.config); the web UI checks its Train form with them before it starts a run."""
+    t = cfg.training
+    p: list[str] = []
+    if t.max_steps <= 0 and t.num_epochs <= 0:
+        p.append("training.num_epochs must be > 0 (or set training.max_steps)")
+    for key in ("eval_steps", "save_steps"):
+        problem = every_problem(f"training.{key}", getattr(t, key))
+        if problem:
+            p.append(problem)
+    if t.max_steps > 0 and not p:  # (with num_epochs, set_up checks once the steps are known)
+        p.append(events_problem(t.max_steps, run_events(t, t.max_steps)))
+    return [x for x in p if x]
+
+
+def run_events(t, total_steps: int) -> dict:
+    """The run's every-N events: key -> interval in steps (``t``: the training section)."""
+    return {"eval_steps": resolve_every(t.eval_steps, total_steps)[0],
+            "save_steps": resolve_every(t.save_steps, total_steps)[0],
+            "logging_steps": t.logging_steps}
+
+
 # eval_steps / save_steps 'auto': about this many validations / checkpoints per run
 AUTO_PER_RUN = 10
 
@@ -59,9 +86,9 @@ def every_problem(key: str, value) -> Optional[str]:
         n = int(str(value).strip())
     except ValueError:
         n = None
-    if n is None or n < 1:
+    if n is None or not 1 <= n <= 10_000_000:
         return (f"{key} must be 'auto' (about {AUTO_PER_RUN} per run) or a whole number of "
-                f"optimizer steps, at least 1 (got {value!r})")
+                f"optimizer steps from 1 to 10000000 (got {clip_text(value, 40)!r})")
     return None
 
 
@@ -71,6 +98,24 @@ def resolve_every(value, total_steps: int) -> tuple[int, bool]:
     if str(value).strip().lower() == "auto":
         return auto_interval(total_steps), True
     return int(str(value).strip()), False
+
+
+def count_events(every: int, total_steps: int) -> int:
+    """How many times an every-N event happens in a run (each multiple of ``every``, and the last
+    step), by arithmetic: a run of 10^12 steps is planned without a list of its steps."""
+    return total_steps // every + (0 if total_steps % every == 0 else 1)
+
+
+def events_problem(total_steps: int, settings: dict) -> Optional[str]:
+    """The problem when a run would validate, checkpoint or log more than MAX_EVENTS times
+    (``settings``: key -> interval in steps; each event keeps an entry in the run's history)."""
+    for key, every in settings.items():
+        n = count_events(int(every), int(total_steps))
+        if n > MAX_EVENTS:
+            return (f"training.{key} {every} over {total_steps:,} steps is {n:,} events, more than "
+                    f"{MAX_EVENTS:,} (each one is kept in the run's history and logs). Use a larger "
+                    f"{key} ('auto' = about {AUTO_PER_RUN} per run) or fewer steps.")
+    return None
 
 
 def events_in_run(every: int, total_steps: int) -> list[int]:

@@ -17,9 +17,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from lora.common.cli import UserError, human_bytes, log
+from lora.common.cli import UserError, clip_text, human_bytes, log
 from lora.common.files import atomic_write_text
-from lora.config import Config, adapter_scales, field_problem
+from lora.config import (
+    MAX_PROMPTS,
+    MAX_SEED,
+    MAX_TEXT_CHARS,
+    Config,
+    adapter_scales,
+    field_problem,
+    seed_problem,
+    text_problem,
+)
 from lora.dataprep.audio import audio_info
 from lora.generation import engine as generation_engine
 from lora.generation import model
@@ -32,6 +41,7 @@ from lora.modeling.adapter import (
     check_adapter_fits,
     check_mix_bases,
     load_lora,
+    peft_errors,
     set_adapter_scales,
     set_lora_scale,
 )
@@ -111,7 +121,8 @@ class Engine:
                 check_adapter_fits(base, folder, adapter_cfg.get("base_model_name_or_path") or "",
                                    str(getattr(base, "name_or_path", "") or ""))
                 name = f"adapter{len(self.adapters)}"
-                self.model.load_adapter(str(folder), adapter_name=name, is_trainable=False)
+                with peft_errors(folder):
+                    self.model.load_adapter(str(folder), adapter_name=name, is_trainable=False)
             # As inference_lora.py: the adapter's weights in the decoder's dtype (its load casts
             # after attaching).
             model.cast_for_generation(self.model, self.dtype)
@@ -161,24 +172,49 @@ class Side:
     command: str = ""
 
 
-def parse_seed(text) -> int:
+def parse_seed(text, count: int = 1) -> int:
+    """The seed box: 'random' (or empty) draws one; else a whole number, by the one rule for seeds of
+    every script (lora.config.seed_problem: 0..2^32-1, the last of ``count`` samples too)."""
     text = str(text if text is not None else "").strip().lower()
     if text in ("", "random"):
         return random.randrange(2 ** 31)
     try:
-        return int(float(text)) if float(text).is_integer() else int(text)
+        seed = int(text)
     except ValueError:
-        raise UserError(f"seed must be a whole number or 'random' (got {text!r}).") from None
+        raise UserError(f"seed must be a whole number from 0 to {MAX_SEED} or 'random' (got "
+                        f"{clip_text(text, 40)!r}).") from None
+    problem = seed_problem(seed, count, "seed")
+    if problem:
+        raise UserError(problem)
+    return seed
 
 
 def form_problems(f: GenForm) -> list[str]:
-    """Everything wrong with the form that can be seen before anything loads."""
+    """Everything wrong with the form that can be seen before anything loads: every value by the
+    schema's ranges and bounds, as inference_lora.py checks its flags (prompts, their number and
+    length, durations, samples, the seed)."""
     p = []
-    if not [t for t in f.prompts.splitlines() if t.strip()]:
+    if len(f.prompts or "") > MAX_PROMPTS * MAX_TEXT_CHARS:
+        return [f"The prompts box holds {len(f.prompts):,} characters; at most {MAX_PROMPTS:,} prompts "
+                f"of {MAX_TEXT_CHARS:,} characters each."]
+    prompts = [t.strip() for t in f.prompts.splitlines() if t.strip()]
+    if not prompts:
         p.append("Write a prompt: a description of the music (one prompt per line).")
-    for key, value in (("duration", f.duration), ("guidance_scale", f.guidance_scale), ("top_k", f.top_k),
-                       ("top_p", f.top_p), ("num_samples", f.num_samples)):
+    if len(prompts) > MAX_PROMPTS:
+        p.append(f"{len(prompts):,} prompts; at most {MAX_PROMPTS:,} at once.")
+    p += [text_problem(t, f"prompt {i + 1}") for i, t in enumerate(prompts[:MAX_PROMPTS])]
+    numbers = (("duration", f.duration), ("guidance_scale", f.guidance_scale), ("top_k", f.top_k),
+               ("top_p", f.top_p), ("num_samples", f.num_samples), ("temperature", f.temperature))
+    empty = [key for key, value in numbers if value is None]
+    if empty:
+        return p + [f"Give a number for {', '.join(empty)}."]
+    for key, value in numbers[:-1]:
         p.append(field_problem("generation", key, value, key))
+    if not [x for x in p if x]:
+        try:
+            parse_seed(f.seed, int(f.num_samples))
+        except UserError as e:
+            p.append(str(e))
     p.append(generation_requests.temperature_problem(float(f.temperature), True, "temperature"))
     adapters = adapter_list(f.adapter)
     if f.mode != MODES[2] and not adapters:
@@ -257,8 +293,9 @@ def cli_command(f: GenForm, g, side: Side, seed: int) -> str:
     """The inference_lora.py command that regenerates this side's files (the settings its manifest
     records)."""
     prompts = [t.strip() for t in f.prompts.splitlines() if t.strip()]
+    # each prompt as one token --prompts=TEXT: a prompt such as '--help' stays a prompt
     args = ["python", "lora/inference_lora.py", "--base_model_path", f.model_path.strip(),
-            "--prompts", *prompts,
+            *[f"--prompts={t}" for t in prompts],
             "--seed", str(seed), "--num_samples", str(int(f.num_samples)), "--duration",
             f"{float(f.duration):g}",
             "--guidance_scale", f"{float(f.guidance_scale):g}", "--temperature",
@@ -375,23 +412,30 @@ def _adapter_info(engine: Engine, ids: list, scales: list) -> dict:
     return {"adapters": mix, "paths": [one["path"] for one in ids], "scales": scales, "merged": False}
 
 
-def clean_ui_outputs(ui_root: Path, max_age_s: float, max_bytes: float,
-                     keep: Optional[Path] = None) -> list[Path]:
-    """Delete generation folders under ui_root older than ``max_age_s``, then the oldest while all
-    of them take more than ``max_bytes``. Only folders this UI made (gen-*) are touched; returns
-    those deleted."""
+UPLOADS = ".gradio"  # under ui_root: gradio's uploads and served copies (GRADIO_TEMP_DIR)
+
+
+def clean_ui_outputs(ui_root: Path, max_age_s: float, max_bytes: float, keep=()) -> list[Path]:
+    """Delete what the UI keeps under ui_root older than ``max_age_s``, then the oldest while all of
+    it takes more than ``max_bytes`` (--max_ui_age_days, --max_ui_gb): its generation folders
+    (gen-*) and the uploads (each upload's folder under .gradio). Only those are touched, never a
+    folder holding a path of ``keep`` (the uploads of the request being served); returns those
+    deleted."""
     if not ui_root.is_dir():
         return []
-    jobs = sorted((p for p in ui_root.iterdir() if p.is_dir() and p.name.startswith(JOB_PREFIX)
-                   and p != keep),
-                  key=lambda p: p.stat().st_mtime)
-    sizes = {p: sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) for p in jobs}
+    keep = [Path(k).resolve() for k in keep if k]
+    uploads = ui_root / UPLOADS
+    items = [q for q in ui_root.iterdir() if q.is_dir() and q.name.startswith(JOB_PREFIX)]
+    items += [q for q in uploads.iterdir() if q.is_dir()] if uploads.is_dir() else []
+    items = sorted((q for q in items if not any(q.resolve() in k.parents for k in keep)),
+                   key=lambda q: q.stat().st_mtime)
+    sizes = {q: sum(f.stat().st_size for f in q.rglob("*") if f.is_file()) for q in items}
     total, now, gone = sum(sizes.values()), time.time(), []
-    for p in jobs:
-        if now - p.stat().st_mtime > max_age_s or total > max_bytes:
-            shutil.rmtree(p, ignore_errors=True)
-            total -= sizes[p]
-            gone.append(p)
+    for q in items:
+        if now - q.stat().st_mtime > max_age_s or total > max_bytes:
+            shutil.rmtree(q, ignore_errors=True)
+            total -= sizes[q]
+            gone.append(q)
     if gone:
         log.info("UI outputs: deleted %d old folder(s) under %s (%s left)", len(gone), ui_root,
                  human_bytes(total))

@@ -4,8 +4,10 @@ folders say (runs, metrics, logs, evaluations) for the Train and Evaluate tabs.
 
 from __future__ import annotations
 
+import html
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -16,12 +18,35 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from lora.common.cli import UserError, human_seconds
-from lora.config import REPO_ROOT, Config
+from lora.common.cli import UserError, clip_text, human_seconds
+from lora.config import REPO_ROOT, Config, parse_config
+from lora.dataset import load_metadata
 from lora.scoring.report import format_table, summary_rows
-from lora.training import checkpoints
+from lora.scoring.settings import EVALUATE_SECTIONS, config_problems
+from lora.training import checkpoints, plan
 
 SCRIPTS_DIR = Path(__file__).resolve().parent.parent  # lora/: the scripts the UI runs
+MAX_RUNNING = 2  # train / evaluate processes started from the UI that may run at once
+
+
+def under_root(value, out_root: Path, what: str) -> Path:
+    """The folder a form names for writing, which must lie under the UI's output root (USAGE: the
+    UI writes only there): relative to out_root, or absolute inside it; symlinks resolved first, so
+    neither '../..' nor a link leads out. UserError naming the field otherwise."""
+    text = str(value if value is not None else "").strip()
+    if not text:
+        raise UserError(f"Give the {what}: a folder under {out_root}.")
+    path = Path(text).expanduser()
+    path = path if path.is_absolute() else out_root / path
+    real, root = Path(os.path.realpath(path)), Path(os.path.realpath(out_root))
+    if real != root and root not in real.parents:
+        raise UserError(f"The {what} {clip_text(text, 200)} is outside the UI's output root {out_root}: "
+                        f"the web UI writes only there. Give a folder under it (e.g. "
+                        f"{out_root / 'my_run'}). Nothing was started.")
+    if real == root / "ui" or root / "ui" in real.parents:
+        raise UserError(f"The {what} {clip_text(text, 200)} is inside {root / 'ui'}, where the UI keeps "
+                        f"its own files. Give another folder under {out_root}. Nothing was started.")
+    return real
 
 
 # ============================================================================================
@@ -57,12 +82,21 @@ def total_steps(run: Path) -> Optional[int]:
     return None
 
 
+def md_text(text) -> str:
+    """``text`` for a Markdown box, shown as written: HTML escaped (a folder named
+    ``<img src=x onerror=...>`` is text, never markup) and Markdown's punctuation backslashed (a
+    prompt's ``*`` or ``[x](javascript:...)`` is text, never emphasis or a link). Everything the
+    page shows in Markdown that a user or a folder name can set goes through here."""
+    text = re.sub(r"([\\`*_{}\[\]()#+!|~-])", r"\\\1", str(text))  # (before the entities)
+    return html.escape(text, quote=True).replace("\n", "  \n")
+
+
 def run_summary(run: Path, history: list[dict], proc_state: str) -> str:
-    """Step, epoch, ETA and best held-out loss of a run, as markdown."""
+    """Step, epoch, ETA and best held-out loss of a run, as markdown (its folder's name escaped)."""
     train = [h for h in history if "loss" in h]
     evals = [h for h in history if "val_loss" in h]
     total = total_steps(run)
-    lines = [f"**{run}** — {proc_state}"]
+    lines = [f"**{md_text(run)}** — {md_text(proc_state)}"]
     if train:
         last = train[-1]
         rate = last.get("steps_per_s") or 0
@@ -78,7 +112,7 @@ def run_summary(run: Path, history: list[dict], proc_state: str) -> str:
         lines.append(f"best held-out loss **{best['val_loss']:.4f}** (step {best['step']})"
                      + (f" · base model {base:.4f}" if base is not None else ""))
     newest = checkpoints.newest_checkpoint(run) if (run / "checkpoints").is_dir() else None
-    lines.append(f"newest checkpoint: {newest.name if newest else 'none yet'}")
+    lines.append(f"newest checkpoint: {md_text(newest.name) if newest else 'none yet'}")
     if not history:
         lines.append("no metrics yet (logs/metrics.jsonl is written once training starts)")
     return "  \n".join(lines)
@@ -105,6 +139,12 @@ class Processes:
             if old is not None and old.popen.poll() is None:
                 raise UserError(f"A {old.kind} run started here is still running in {key} (pid "
                                 f"{old.popen.pid}); stop it first.")
+            running = [k for k, p in self.procs.items() if p.popen.poll() is None]
+            if len(running) >= MAX_RUNNING:
+                raise UserError(f"{len(running)} runs started here are still running "
+                                f"({', '.join(clip_text(k, 80) for k in running)}); at most "
+                                f"{MAX_RUNNING} run at once. Wait for one to finish, or stop it. "
+                                f"Nothing was started.")
             logs = self.out_root / "ui" / "logs"
             logs.mkdir(parents=True, exist_ok=True)
             log_path = logs / f"{kind}-{Path(key).name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
@@ -159,14 +199,19 @@ TRAIN_FIELDS = ("data_dir", "model_path", "output_dir", "lora_rank", "lora_alpha
                 "save_steps", "eval_steps", "logging_steps", "mixed_precision")
 
 
-def train_defaults(cfg: Config) -> dict:
-    """The Train form's values, from config.yaml (via the schema)."""
+def train_defaults(cfg: Config, out_root: Path) -> dict:
+    """The Train form's values, from config.yaml (via the schema); the output folder is under the
+    UI's output root (config's, when it is there; else the root itself)."""
     out = {}
     for key in TRAIN_FIELDS:
         for section in ("data", "model", "training", "lora"):
             if hasattr(getattr(cfg, section), key):
                 out[key] = getattr(getattr(cfg, section), key)
                 break
+    try:
+        out["output_dir"] = str(under_root(out["output_dir"], out_root, "output folder"))
+    except UserError:
+        out["output_dir"] = str(out_root)
     return out
 
 
@@ -176,34 +221,46 @@ def train_argv(values: dict, config_file: Optional[str]) -> list[str]:
         argv += ["--config", config_file]
     for key in TRAIN_FIELDS:
         v = values[key]
+        if v is None or (isinstance(v, str) and not v.strip()):
+            raise UserError(f"Give a value for {key}.")
         if isinstance(v, float) and v.is_integer() and key in ("lora_rank", "max_steps",
                                                                "batch_size", "save_steps",
                                                                  "eval_steps", "logging_steps",
                                                                  "gradient_accumulation_steps"):
             v = int(v)
-        argv += [f"--{key}", str(v)]
+        argv += [f"--{key}={v}"]  # (one token: a value starting with '-' stays a value)
     return argv
 
 
+def check_script_argv(argv: list[str], sections: tuple, rules, data_dir: Optional[str] = None) -> None:
+    """A form's command checked before anything starts, with the script's own schema and rules
+    (lora.config.parse_config: types, ranges, the rules across settings) and, where it reads one, its
+    data folder's metadata: the same ConfigError / UserError the script would print, now shown in the
+    page."""
+    cfg, _ = parse_config(argv[2:], sections=sections, rules=rules)
+    if data_dir is not None:
+        load_metadata(cfg.data.data_dir, cfg.data.metadata_file, check_files=False)
+
+
 def start_training(procs: Processes, values: dict, config_file: Optional[str]) -> tuple[str, str]:
-    """Start train_lora.py into values['output_dir']; refuse (UserError) a folder that holds another
-    run."""
-    out = Path(str(values["output_dir"]).strip() or "").expanduser()
-    if not str(values["output_dir"]).strip():
-        raise UserError("Give an output folder for the run.")
-    out = out if out.is_absolute() else (REPO_ROOT / out)
+    """Start train_lora.py into values['output_dir'], a folder under the output root; every value
+    is checked first as train_lora.py checks it (its schema and rules, the data folder's metadata),
+    and a folder that holds another run is refused (UserError: the page shows it; nothing
+    starts)."""
+    out = under_root(values["output_dir"], procs.out_root, "output folder")
     ours, foreign = checkpoints.earlier_run(out) if out.is_dir() else ([], [])
     if ours or foreign:
         raise UserError(f"{out} already holds another training run "
                         f"({', '.join(p.name for p in ours + foreign)}). Pick it in the run list "
                         f"and resume it, or choose another output folder. Nothing was started and "
                         f"nothing was changed.")
-    data = Path(str(values["data_dir"])).expanduser()
-    if not (data if data.is_absolute() else REPO_ROOT / data).is_dir():
-        raise UserError(f"Data folder not found: {values['data_dir']}. Prepare one with "
-                        f"lora/prepare_data.py.")
-    values = dict(values, output_dir=str(out))
-    p = procs.start(str(out), train_argv(values, config_file), "train")
+    data = Path(str(values["data_dir"] or "")).expanduser()
+    values = dict(values, output_dir=str(out),
+                  data_dir=str(data if data.is_absolute() else REPO_ROOT / data))
+    argv = train_argv(values, config_file)
+    check_script_argv(argv, plan.TRAIN_SECTIONS, lambda cfg, ns: plan.settings_problems(cfg),
+                      values["data_dir"])
+    p = procs.start(str(out), argv, "train")
     return str(out), p.command
 
 
@@ -211,7 +268,7 @@ def resume_training(procs: Processes, run: str) -> str:
     """Continue a run from its newest checkpoint: train_lora.py with the run's own resolved
     config.yaml (written at its start) + --resume_from_checkpoint latest, the command
     train_lora.py's interrupt message gives."""
-    folder = Path(run)
+    folder = under_root(run, procs.out_root, "run folder")
     if not (folder / "config.yaml").is_file() or checkpoints.newest_checkpoint(folder) is None:
         raise UserError(f"{folder} has no checkpoint to resume from (or no config.yaml). Start a "
                         f"new run instead.")
@@ -240,7 +297,19 @@ def evaluation_summary(folder: Path) -> str:
 
 
 def evaluate_argv(model_path: str, adapter: str, data_dir: str, out_dir: str, quick: bool) -> list[str]:
-    argv = [sys.executable, str(SCRIPTS_DIR / "evaluate.py"), "--compare", "--base_model_path",
-            model_path,
-            "--lora_model_path", adapter, "--data_dir", data_dir, "--output_dir", out_dir]
+    argv = [sys.executable, str(SCRIPTS_DIR / "evaluate.py"), "--compare",
+            f"--base_model_path={model_path}", f"--lora_model_path={adapter}",
+            f"--data_dir={data_dir}", f"--output_dir={out_dir}"]
     return argv + (["--skip_generation", "--bootstrap_samples", "200"] if quick else [])
+
+
+def start_evaluation(procs: Processes, model_path: str, adapter: str, data_dir: str, out_dir: str,
+                     quick: bool) -> Proc:
+    """Start evaluate.py --compare into ``out_dir``, a folder under the output root, after checking
+    the command as evaluate.py checks it (its schema and rules: the adapter, the folders, the
+    ownership of the output folder) and the data folder's metadata."""
+    out = under_root(out_dir, procs.out_root, "output folder")
+    argv = evaluate_argv(str(model_path or "").strip(), str(adapter or "").strip(),
+                         str(data_dir or "").strip(), str(out), quick)
+    check_script_argv(argv, EVALUATE_SECTIONS, config_problems, data_dir)
+    return procs.start(str(out), argv, "evaluate")
