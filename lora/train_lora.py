@@ -19,7 +19,8 @@ save. It writes, under output_dir:
     config.yaml                the resolved configuration of the run
 
 Training reads tokens only: EnCodec codes and text-encoder states are computed once into data_dir/cache
-(lora.dataprep.token_cache.build_token_cache), then both encoders leave the GPU. The step, validation,
+(lora.dataprep.token_cache.build_token_cache; with several processes each encodes its share), then both
+encoders leave the GPU. The step, validation,
 checkpoints and logs are lora/training's (the same step bench/bench_train.py times and test_model.py checks);
 this script tells the story.
 
@@ -49,7 +50,7 @@ if not __package__:  # run as a file, maybe without `pip install -e .`: see lora
 from lora.common.cli import UserError, disk_full_message, log, on_interrupt, process_start_time, run_main, setup_logging
 from lora.common.files import atomic_write_json, check_free_space, check_output_dir
 from lora.config import Config, parse_config, validate
-from lora.dataprep.token_cache import build_token_cache
+from lora.dataprep.token_cache import Ranks, build_token_cache
 from lora.dataset import CachedTokenDataset, bucketed_batches, collate_tokens, load_metadata
 from lora.modeling.cpu_speed import keep_freed_memory
 from lora.modeling.loading import family_for, load_base_model
@@ -223,6 +224,19 @@ def start_processes(cfg: Config):
     return acc, precision
 
 
+def cache_ranks(acc) -> Ranks:
+    """The processes of this run, as the token cache build shares its work among them."""
+    from accelerate.utils import broadcast_object_list
+
+    def broadcast(obj):
+        box = [obj]
+        broadcast_object_list(box, from_process=0)
+        return box[0]
+
+    return Ranks(rank=acc.process_index, world=acc.num_processes, barrier=acc.wait_for_everyone,
+                 broadcast=broadcast)
+
+
 def load_and_cache(cfg: Config, acc, records, clock: run_log.PhaseClock):
     """The base model (on the CPU) and every clip's cached tokens; only the encoders visit the
     device, for the cache, and leave it again when their output is cached."""
@@ -238,10 +252,11 @@ def load_and_cache(cfg: Config, acc, records, clock: run_log.PhaseClock):
     fam.text_encoder_of(model).to(device)
     max_frames = checked_window(t.max_duration, info, model)
     cache_text = not cfg.lora.train_text_encoder
-    with acc.main_process_first():
-        clips, _ = build_token_cache(records, model, processor, info, cfg.data.data_dir,
-                                     batch_size=t.encode_batch_size, device=device,
-                                     text_states=cache_text, show_progress=acc.is_main_process)
+    # Every process encodes its share of what is not cached yet; the first joins the shares.
+    clips, _ = build_token_cache(records, model, processor, info, cfg.data.data_dir,
+                                 batch_size=t.encode_batch_size, device=device, text_states=cache_text,
+                                 show_progress=acc.is_main_process, verify=cfg.data.verify_cache,
+                                 ranks=cache_ranks(acc))
     # Training reads tokens only: the codec (and the frozen text encoder) leave the accelerator.
     fam.audio_codec(model).to("cpu")
     if cache_text:
