@@ -389,6 +389,11 @@ def join(root: Path, build: str, identity: dict) -> JoinResult:
             if f.build == build:
                 this_build.update(f.reads)
         index = read_index(root)
+        stale = [p for p, r in this_build.items() if p in index and index[p][:5] == r[:5]
+                 and index[p][5] != r[5]]
+        if stale:  # (only --verify_cache reads a file the index knows by its current stat)
+            log.warning("%d clip file(s) changed without a change of size or times (e.g. %s): the "
+                        "cache index is corrected and they are encoded again.", len(stale), stale[0])
         for p, r in reads.items():  # r: stat_key + [sha1, settled]
             if r[6]:
                 index[p] = r[:6]
