@@ -3,6 +3,7 @@ sampler."""
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from pathlib import Path
@@ -350,7 +351,7 @@ def test_cache_key_records_the_encoder_precision(tiny, data_copy, monkeypatch):
     files = list((cache_root(data_copy, info) / "shards").glob("clips-*"))
     assert [k.rsplit("-", 1)[-1] for k in _clip_keys(cache_root(data_copy, info))] == ["fp32"]
     with safe_open(str(files[0]), "pt") as f:
-        assert f.metadata()["precision"] == "fp32"
+        assert json.loads(f.metadata()["token_cache"])["precision"] == "fp32"
     _, stats = build_token_cache(records, model, processor, info, data_copy, show_progress=False)
     assert stats["clips_reused"] == 1
     monkeypatch.setattr(token_cache, "ENCODER_PRECISION", "bf16")

@@ -25,9 +25,10 @@ of every entry's piece, and the metadata's ``entries`` says where each entry's p
     texts:  "hidden" float16 (sum L, D)  T5 states of the valid tokens (float32 only where a state would
                                          not fit float16)
             "mask"   int8 (sum L,)
-    metadata: format, version, kind ("clips" | "texts"), names (the tensors, in entry order),
-              entries: [[key, order, start_0, length_0, start_1, length_1, ...], ...],
-              and in parts also build, rank and reads (the clip files read: path -> stat, sha1)
+    metadata "token_cache" (JSON): format, version, kind ("clips" | "texts"), names (the tensors),
+              entries: [[key, order, start_0, length_0, start_1, length_1, ...], ...], the model's
+              identity, sample rate, channels and encoder precision, and in parts also build, rank
+              and reads (the clip files read: path -> stat key, sha1, settled)
 
 Every file is written whole to a temporary name and renamed into place (lora.common.files.atomic_path):
 a process killed while writing leaves a ``.*.tmp`` file that nothing reads, never a part or shard
@@ -57,6 +58,7 @@ if TYPE_CHECKING:
     import torch
 
 FORMAT = "musicgen-lora-token-cache"
+META_KEY = "token_cache"  # the safetensors metadata key that holds the file's description (JSON)
 # 4: shards of many entries (memory-mapped), text states in float16, keys from the bytes decoded
 # 3: the codes' key names the encoder precision; 2: no clip padded to its batch
 CACHE_VERSION = 4
@@ -102,14 +104,14 @@ class CacheFile:
 
         try:
             with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
+                meta = json.loads((f.metadata() or {}).get(META_KEY, "{}"))
                 shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
             if meta.get("format") != FORMAT or meta.get("kind") not in KINDS:
                 raise DamagedFile(f"not a token cache file of this format ({meta.get('format')!r})")
-            names = json.loads(meta["names"])
-            entries = {row[0]: tuple(row[1:]) for row in json.loads(meta["entries"])}
-            reads = json.loads(meta.get("reads", "{}"))
-        except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
+            names = list(meta["names"])
+            entries = {row[0]: tuple(row[1:]) for row in meta["entries"]}
+            reads = dict(meta.get("reads", {}))
+        except (SafetensorError, OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise DamagedFile(str(e)[:300]) from None
         for key, row in entries.items():
             spans = row[1:]
@@ -313,8 +315,11 @@ def _write(path: Path, kind: str, items: list[tuple[str, int, dict]], extra: dic
     from safetensors.torch import save_file
 
     tensors, names, rows = _concat(kind, items)
-    meta = {"format": FORMAT, "version": str(CACHE_VERSION), "kind": kind, "names": json.dumps(names),
-            "entries": json.dumps(rows, separators=(",", ":")), **extra}
+    doc = {"format": FORMAT, "version": CACHE_VERSION, "kind": kind, "names": names, "entries": rows,
+           **extra}
+    # one metadata key, its JSON sorted: safetensors writes several keys in no fixed order, and the
+    # same entries must make the same bytes
+    meta = {META_KEY: json.dumps(doc, sort_keys=True, separators=(",", ":"))}
     with atomic_path(path, suffix=".tmp") as tmp:
         save_file(tensors, str(tmp), metadata=meta)
 
@@ -323,8 +328,7 @@ def write_part(root: Path, build: str, rank: int, seq: int, kind: str, items: li
                identity: dict) -> Path:
     """One part of a build: entries (key, order, {name: piece}) and the clip files read."""
     path = root / "parts" / f"{build}-r{rank:03d}-{seq:05d}.safetensors"
-    _write(path, kind, items, {"build": build, "rank": str(rank),
-                               "reads": json.dumps(reads, separators=(",", ":")), **identity})
+    _write(path, kind, items, {"build": build, "rank": rank, "reads": reads, **identity})
     return path
 
 
