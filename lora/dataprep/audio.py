@@ -18,6 +18,7 @@ import errno
 import hashlib
 import io
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -107,6 +108,8 @@ def audio_info(path: str | os.PathLike) -> AudioInfo:
 
 def _short(e: BaseException) -> str:
     s = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    # (bytes decoded from memory: the decoder names its buffer object, not the file)
+    s = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "the file's bytes", s)
     return s[:200]
 
 
