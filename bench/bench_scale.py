@@ -197,15 +197,18 @@ def build_model(work: Path, text_width: int) -> Path:
     import torch
     from transformers import MusicgenConfig, MusicgenForConditionalGeneration, MusicgenProcessor
 
+    from lora.modeling import musicgen as family
+
     base = MusicgenForConditionalGeneration.from_pretrained(tiny)
-    text = base.config.text_encoder.to_dict()
+    sub = base.config.to_dict()
+    text = dict(sub["text_encoder"])
     text.update(d_model=text_width, d_kv=64, num_heads=text_width // 64, d_ff=2 * text_width)
-    cfg = MusicgenConfig(text_encoder=text, audio_encoder=base.config.audio_encoder.to_dict(),
-                         decoder=base.config.decoder.to_dict())
+    cfg = MusicgenConfig(text_encoder=text, audio_encoder=sub["audio_encoder"], decoder=sub["decoder"])
     torch.manual_seed(0)
     model = MusicgenForConditionalGeneration(cfg)
-    kept = {k: v for k, v in base.state_dict().items() if k.startswith(("audio_encoder.", "decoder."))}
-    model.load_state_dict(kept, strict=False)
+    # the tiny codec (its fitted codebooks) and decoder; the wider text encoder and its projection new
+    family.audio_codec(model).load_state_dict(family.audio_codec(base).state_dict())
+    family.decoder(model).load_state_dict(family.decoder(base).state_dict())
     model.generation_config = base.generation_config
     tmp = work / f".{dst.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
