@@ -226,15 +226,15 @@ def start_processes(cfg: Config):
 
 def cache_ranks(acc) -> Ranks:
     """The processes of this run, as the token cache build shares its work among them."""
-    from accelerate.utils import broadcast_object_list
+    from accelerate.utils import broadcast_object_list, gather_object
 
     def broadcast(obj):
         box = [obj]
         broadcast_object_list(box, from_process=0)
         return box[0]
 
-    return Ranks(rank=acc.process_index, world=acc.num_processes, barrier=acc.wait_for_everyone,
-                 broadcast=broadcast)
+    return Ranks(rank=acc.process_index, world=acc.num_processes, broadcast=broadcast,
+                 gather=lambda obj: gather_object([obj]))
 
 
 def load_and_cache(cfg: Config, acc, records, clock: run_log.PhaseClock):

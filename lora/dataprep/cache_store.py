@@ -363,8 +363,8 @@ class JoinResult:
 def join(root: Path, build: str, identity: dict) -> JoinResult:
     """Under the lock: every part's entries that no shard holds go into new shards (for one key in
     several parts: the lowest order of the earliest build), the index gains the parts' settled
-    reads, the parts and progress files go. The shards depend only on the entries, not on how many
-    processes made them."""
+    reads, the parts and this build's progress files go. The shards depend only on the entries, not
+    on how many processes made them."""
     with locked(root):
         cat = scan(root)
         shards = {k: {key for key, f in cat.of(k).items() if f.path.parent.name == "shards"} for k in KINDS}
@@ -406,8 +406,11 @@ def join(root: Path, build: str, identity: dict) -> JoinResult:
         _write_index(root, {p: r for p, r in index.items() if os.path.exists(_abs(root, p))})
         for f in parts:
             f.path.unlink(missing_ok=True)
-        for p in (root / "parts").glob("progress-*.json"):
-            p.unlink(missing_ok=True)
+        day = time.time() - 86400
+        for p in (root / "parts").glob("progress-*.json"):  # this build's, and any a day old
+            with contextlib.suppress(OSError):
+                if p.name.startswith(f"progress-{build}-") or p.stat().st_mtime < day:
+                    p.unlink()
         fsync_dir(root / "parts")
         return JoinResult({k: len(chosen[k]) for k in KINDS}, by_rank, this_build)
 

@@ -80,16 +80,21 @@ def _same(obj):
     return obj
 
 
+def _alone(obj) -> list:
+    return [obj]
+
+
 @dataclass
 class Ranks:
     """The processes that build one cache together (one per GPU): this one's rank, how many, and
-    the two collective calls train_lora.py takes from accelerate (``barrier``; ``broadcast``: the
-    first process's object, returned on every process). One process: the defaults."""
+    the collective calls train_lora.py takes from accelerate (``broadcast``: the first process's
+    object, returned on every process; ``gather``: every process's object, in rank order, on every
+    process). One process: the defaults."""
 
     rank: int = 0
     world: int = 1
-    barrier: Callable[[], None] = _nothing
     broadcast: Callable[[object], object] = _same
+    gather: Callable[[object], list] = _alone
 
 
 def equal_length_batches(waves, batch_size: int, max_waiting: Optional[int] = None):
@@ -281,10 +286,10 @@ class Share:
     read: int = 0
     texts: int = 0
     channels: Counter = field(default_factory=Counter)
+    reads: dict = field(default_factory=dict)  # clip file (index name) -> sha1 of the bytes read
 
     def state(self, status: str = "running", error: str = "") -> dict:
-        return {"clips": self.read, "texts": self.texts, "channels": dict(self.channels),
-                "state": status, "error": error}
+        return {"clips": self.read, "texts": self.texts, "state": status, "error": error}
 
 
 def _encode_clip_batch(j: int, batch: list[int], files: list[ClipRecord], ctx: "Context",
@@ -302,6 +307,7 @@ def _encode_clip_batch(j: int, batch: list[int], files: list[ClipRecord], ctx: "
         data, stat, settled = read_clip(r.path)
         sha1 = hashlib.sha1(data).hexdigest()
         out.reads[_index_name(r)] = stat + [sha1, settled]
+        share.reads[_index_name(r)] = sha1
         share.read += 1
         key = codes_key(sha1, info)
         if key in ctx.cached or key in seen:
@@ -398,9 +404,7 @@ def _run_share(plan: Plan, files, texts, ctx: Context, root: Path, ranks: Ranks,
     if ranks.world > 1:
         store.write_progress(root, plan.build, ranks.rank, share.state("done"))
     if ranks.rank == 0 and ranks.world > 1:
-        prog = store.wait_for(root, plan.build, ranks.world, lambda p: _all_done(p, bars))
-        share.channels = sum((Counter({int(c): n for c, n in p.get("channels", {}).items()})
-                              for p in prog.values()), Counter())
+        store.wait_for(root, plan.build, ranks.world, lambda p: _all_done(p, bars))
     for bar in bars:
         bar.close()
     return share
@@ -455,7 +459,7 @@ def build_token_cache(records: list[ClipRecord], model: nn.Module, processor, in
         plan = make_plan(files, texts, cat, info, batch_size, text_states, verify)
     if ranks.world > 1:
         plan = ranks.broadcast(plan)
-        if ranks.rank != 0:
+        if ranks.rank != 0 and plan.work:
             cat = store.scan(root, exclude_build=plan.build)
     stats = {"clips_read": 0, "by_rank": {}}
     keys = list(plan.keys)
@@ -465,18 +469,18 @@ def build_token_cache(records: list[ClipRecord], model: nn.Module, processor, in
                     "channels": str(info.audio_channels)}
         ctx = Context(model, processor, info, device, batch_size, set(cat.clips))
         share = _run_share(plan, files, texts, ctx, root, ranks, identity, show_progress)
-        ranks.barrier()
+        shares = ranks.gather((share.reads, dict(share.channels)))  # (every process is done)
+        reads = {k: v for r, _ in shares for k, v in r.items()}
+        for i, r in enumerate(files):
+            if keys[i] is None and _index_name(r) in reads:
+                keys[i] = codes_key(reads[_index_name(r)], info)
         if ranks.rank == 0:
-            warn_channel_mixing(share.channels, info)
+            warn_channel_mixing(sum((Counter(c) for _, c in shares), Counter()), info)
             joined = store.join(root, plan.build, identity)
-            for i, r in enumerate(files):
-                read = joined.reads.get(_index_name(r))
-                if keys[i] is None and read is not None:
-                    keys[i] = codes_key(read[5], info)
             by_rank = {r: joined.by_rank.get(r, {"clips": 0, "texts": 0}) for r in range(ranks.world)}
-            stats = {"clips_read": len(joined.reads), "by_rank": by_rank}
+            stats = {"clips_read": len(reads), "by_rank": by_rank}
         if ranks.world > 1:
-            keys, stats = ranks.broadcast((keys, stats))
+            stats = ranks.broadcast(stats)
     return _assemble(records, files, keys, root, info, text_states, stats)
 
 
