@@ -476,9 +476,11 @@ def build_token_cache(records: list[ClipRecord], model: nn.Module, processor, in
                 keys[i] = codes_key(reads[_index_name(r)], info)
         if ranks.rank == 0:
             warn_channel_mixing(sum((Counter(c) for _, c in shares), Counter()), info)
+            started = time.perf_counter()
             joined = store.join(root, plan.build, identity)
             by_rank = {r: joined.by_rank.get(r, {"clips": 0, "texts": 0}) for r in range(ranks.world)}
-            stats = {"clips_read": len(reads), "by_rank": by_rank}
+            stats = {"clips_read": len(reads), "by_rank": by_rank,
+                     "join_seconds": round(time.perf_counter() - started, 3)}
         if ranks.world > 1:
             stats = ranks.broadcast(stats)
     return _assemble(records, files, keys, root, info, text_states, stats)
@@ -526,5 +528,6 @@ def _log(root: Path, stats: dict) -> None:
         log.info("  %d clip file(s) read (new, changed, or not yet in the cache index); the others "
                  "are known by their size and times, not read", stats["clips_read"])
     if len(stats["by_rank"]) > 1:  # several processes built it
-        log.info("  encoded by rank: %s", "; ".join(
-            f"{r}: {c['clips']} clip(s), {c['texts']} caption(s)" for r, c in sorted(stats["by_rank"].items())))
+        log.info("  encoded by rank: %s (joined in %.1f s)", "; ".join(
+            f"{r}: {c['clips']} clip(s), {c['texts']} caption(s)" for r, c in sorted(stats["by_rank"].items())),
+                 stats.get("join_seconds", 0.0))
