@@ -304,7 +304,12 @@ def _encode_clip_batch(j: int, batch: list[int], files: list[ClipRecord], ctx: "
     waves, seen = [], set()
     for i in batch:
         r = files[i]
-        data, stat, settled = read_clip(r.path)
+        try:
+            data, stat, settled = read_clip(r.path)
+        except OSError as e:
+            raise UserError(f"Cannot read the clip {r.path} ({e.strerror or e}); the metadata lists "
+                            f"it. Re-run prepare_data.py (was it changed or removed meanwhile?), "
+                            f"or remove it from the metadata.") from None
         sha1 = hashlib.sha1(data).hexdigest()
         out.reads[_index_name(r)] = stat + [sha1, settled]
         share.reads[_index_name(r)] = sha1
