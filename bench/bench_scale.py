@@ -222,8 +222,14 @@ def build_model(work: Path, text_width: int) -> Path:
 # --------------------------------------------------------------------------------------------
 # One epoch's data loading (run in its own process: --_epoch)
 # --------------------------------------------------------------------------------------------
+def _rss() -> dict:
+    return {k: v / 2**20 for k, v in _status(os.getpid()).items() if k in ("RssAnon", "RssFile")}
+
+
 def epoch_main(args) -> int:
-    """Build (reuse) the cache as training does and read one epoch of training batches."""
+    """The data path of a warm start, alone and timed in one process (no imports, no model load in
+    the figures): metadata, the token cache (complete: reused), the training dataset; then one
+    epoch's data loading. The process's RssAnon / RssFile growth over the first three (MB)."""
     sys.path.insert(0, str(Path(args.code).resolve()))
     import torch
     from torch.utils.data import DataLoader
@@ -235,22 +241,30 @@ def epoch_main(args) -> int:
 
     torch.set_num_threads(1)
     model, processor, info = load_base_model(ModelConfig(model_path=args.model))
-    records = load_metadata(args.data)
+    before = _rss()
     t0 = time.perf_counter()
+    records = load_metadata(args.data)
+    t1 = time.perf_counter()
     clips, stats = build_token_cache(records, model, processor, info, args.data, show_progress=False)
-    t_cache = time.perf_counter() - t0
+    t2 = time.perf_counter()
     train = [c for c in clips if c.split == "train"]
     ds = CachedTokenDataset(train, int(CLIP_SECONDS * info.frame_rate), seed=0, train=True,
                             cond_dropout=0.1)
-    t0 = time.perf_counter()
-    batches = bucketed_batches(ds.lengths(), 8, 0, 0)
+    lengths = ds.lengths()
+    t3 = time.perf_counter()
+    after = _rss()
+    batches = bucketed_batches(lengths, 8, 0, 0)
     loader = DataLoader(ds, batch_sampler=batches, collate_fn=lambda it: collate_tokens(it, info.pad_token_id))
     n = frames = 0
     for b in loader:
         n += b["codes"].shape[0]
         frames += int(b["lengths"].sum())
-    t_epoch = time.perf_counter() - t0
-    print(json.dumps({"epoch_s": t_epoch, "clips": n, "frames": frames, "cache_s": t_cache, "stats": stats}))
+    t_epoch = time.perf_counter() - t3
+    print(json.dumps({"epoch_s": t_epoch, "clips": n, "frames": frames, "metadata_s": t1 - t0,
+                      "cache_s": t2 - t1, "dataset_s": t3 - t2, "data_path_s": t3 - t0,
+                      "anon_growth_mb": after["RssAnon"] - before["RssAnon"],
+                      "file_growth_mb": after["RssFile"] - before["RssFile"],
+                      "stats": {k: v for k, v in stats.items() if k != "by_rank"}}))
     return 0
 
 
@@ -364,6 +378,10 @@ def summarize(rows: list[dict]) -> dict:
         "start-up to first step, cold (s)": [r["cold"]["to_first_step_s"] for r in rows],
         "start-up to first step, warm (s)": [r["warm"]["to_first_step_s"] for r in rows],
         "token cache phase, warm (s)": [r["warm"]["timing"].get("token cache", 0) for r in rows],
+        "warm data path in one process: metadata + cache + dataset (s)": [r["epoch"]["data_path_s"]
+                                                                           for r in rows],
+        "RssAnon growth over that data path (MB)": [r["epoch"]["anon_growth_mb"] for r in rows],
+        "RssFile growth over that data path (MB)": [r["epoch"]["file_growth_mb"] for r in rows],
         "one epoch's data loading (s)": [r["epoch"]["epoch_s"] for r in rows],
         "RssAnon peak, warm start (MB)": [_peak(r["warm"], "RssAnon") for r in rows],
         "RssFile peak, warm start (MB)": [_peak(r["warm"], "RssFile") for r in rows],
