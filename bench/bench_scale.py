@@ -253,6 +253,8 @@ def epoch_main(args) -> int:
     lengths = ds.lengths()
     t3 = time.perf_counter()
     after = _rss()
+    with open(f"/proc/{os.getpid()}/maps") as fh:
+        maps = sum(1 for _ in fh)  # memory mappings (the kernel allows vm.max_map_count of them)
     batches = bucketed_batches(lengths, 8, 0, 0)
     loader = DataLoader(ds, batch_sampler=batches, collate_fn=lambda it: collate_tokens(it, info.pad_token_id))
     n = frames = 0
@@ -263,7 +265,7 @@ def epoch_main(args) -> int:
     print(json.dumps({"epoch_s": t_epoch, "clips": n, "frames": frames, "metadata_s": t1 - t0,
                       "cache_s": t2 - t1, "dataset_s": t3 - t2, "data_path_s": t3 - t0,
                       "anon_growth_mb": after["RssAnon"] - before["RssAnon"],
-                      "file_growth_mb": after["RssFile"] - before["RssFile"],
+                      "file_growth_mb": after["RssFile"] - before["RssFile"], "maps": maps,
                       "stats": {k: v for k, v in stats.items() if k != "by_rank"}}))
     return 0
 
