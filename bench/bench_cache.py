@@ -1,5 +1,4 @@
-"""Benchmark of the token cache key and build: model-identity start-up cost, and the cache build
-with equal-length batches (no clip padded) against the padded batches it replaced.
+"""Benchmark of the token cache key and build: model-identity start-up cost, and the cache build.
 
     python bench/bench_cache.py                       # musicgen-small architecture (bench/musicgen_arch.py, 2.4 GB)
     python bench/bench_cache.py --quick               # tiny model, tiny sets: checks that the benchmark runs
@@ -10,13 +9,12 @@ with equal-length batches (no clip padded) against the padded batches it replace
    build); later starts find the digests in the per-user sidecar (a private, fresh $XDG_CACHE_HOME
    here) and read no weight. For scale: the key it replaced (size + first and last MiB of each
    weight file) and the whole load_base_model.
-2. Cache build (lora.dataprep.token_cache.build_token_cache, EnCodec codes only: the caption part
-   did not change): "padded" is the batching before (batch_size clips in duration order, zero-padded
-   to the longest), "equal-length" the batching now; both build the same set from scratch,
-   alternating in one process (the machine's speed drifts), and the median per variant and the
-   median of the per-round ratios (wall and process CPU time) are printed. Sets: the synthetic
-   example set (prepare_data --create_example) and a set of 30-s clips plus a few odd tails. Also:
-   how many clips' codes differ between the two builds (the padded ones' last frames).
+2. Cache build (lora.dataprep.token_cache.build_token_cache, EnCodec codes only): each set built
+   from scratch ``--rounds`` times in one process; the median wall and CPU time. Sets: the synthetic
+   example set (prepare_data --create_example) and a set of 30-s clips plus a few odd tails. (The
+   comparison with the padded batches the cache built before issue 13 ran at commit ca1922c:
+   ``git show ca1922c:bench/bench_cache.py``; since issue 31 clips of different lengths are never in
+   one planned batch, so there is no padded variant to compare.)
 """
 
 from __future__ import annotations
@@ -26,7 +24,6 @@ import contextlib
 import hashlib
 import io
 import json
-import math
 import shutil
 import statistics
 import sys
@@ -104,32 +101,8 @@ def identity_startup(folder: Path, tmp: Path, repeats: int) -> tuple[tuple, dict
 
 
 # --------------------------------------------------------------------------------------------
-# Cache build: padded (before) vs equal-length (now)
+# Cache build
 # --------------------------------------------------------------------------------------------
-def padded_encode_clips(todo, root, model, info, batch_size, device, show_progress):
-    """The batching of build_token_cache before this change: chunks of batch_size in duration order,
-    each clip zero-padded to the longest of its chunk."""
-    import torch
-
-    fam = loading.family_for(info)
-    hop = info.sample_rate / info.frame_rate
-    order = sorted(todo, key=lambda h: todo[h].duration)
-    codes = {}
-    for chunk in token_cache._batches(order, batch_size):
-        waves = [dataset.load_audio(todo[h].path, info.sample_rate, info.audio_channels) for h in chunk]
-        n = [w.shape[1] for w in waves]
-        batch = torch.zeros(len(chunk), info.audio_channels, max(n))
-        for i, w in enumerate(waves):
-            batch[i, :, :w.shape[1]] = torch.from_numpy(w)
-        with torch.no_grad():
-            out = fam.encode_audio(model, batch, info).cpu()
-        for i, h in enumerate(chunk):
-            c = out[i, :, :min(out.shape[-1], max(1, math.ceil(n[i] / hop)))].to(torch.int16)
-            token_cache._save_tensors(token_cache._codes_path(root, h, info), {"codes": c}, {})
-            codes[h] = {"codes": c}
-    return codes
-
-
 def make_long_set(data_dir: Path, clips: int, tails: list[float], sample_rate: int) -> None:
     """``clips`` synthetic 30-s clips plus one clip per odd tail length (seconds), with
     metadata.json."""
@@ -148,41 +121,20 @@ def make_long_set(data_dir: Path, clips: int, tails: list[float], sample_rate: i
 
 
 def build_variants(name: str, data_dir: Path, loaded, batch_size: int, rounds: int) -> dict:
+    """The cache build of one set from scratch, ``rounds`` times (codes only)."""
     model, processor, info = loaded
     records = dataset.load_metadata(data_dir)
-    now = token_cache._encode_clips
-    times: dict[str, list[float]] = {"padded": [], "equal-length": []}
-    cpu: dict[str, list[float]] = {"padded": [], "equal-length": []}
-    codes = {}
-    for r in range(rounds):
-        for variant in (("padded", "equal-length") if r % 2 == 0 else ("equal-length", "padded")):
-            shutil.rmtree(token_cache.cache_root(data_dir, info), ignore_errors=True)
-            token_cache._encode_clips = padded_encode_clips if variant == "padded" else now
-            try:
-                t, c, (clips, _) = _timed_cpu(token_cache.build_token_cache, records, model,
-                                              processor, info, data_dir,
-                                              batch_size=batch_size, text_states=False,
-                                              show_progress=False)
-            finally:
-                token_cache._encode_clips = now
-            times[variant].append(t)
-            cpu[variant].append(c)
-            codes[variant] = [c.codes for c in clips]
-    differ = [i for i, (a, b) in enumerate(zip(codes["padded"], codes["equal-length"])) if not a.equal(b)]
-    lengths = sorted({round(r.duration, 2) for r in records})
-    ratios = [b / a for a, b in zip(times["padded"], times["equal-length"])]
+    times, cpu = [], []
+    for _ in range(rounds):
+        shutil.rmtree(token_cache.cache_root(data_dir, info), ignore_errors=True)
+        t, c, _ = _timed_cpu(token_cache.build_token_cache, records, model, processor, info, data_dir,
+                             batch_size=batch_size, text_states=False, show_progress=False)
+        times.append(t)
+        cpu.append(c)
     return {"set": name, "clips": len(records), "audio_s": sum(r.duration for r in records),
-            "lengths_s": lengths,
-            "batch_size": batch_size, "rounds": rounds, "padded_s": times["padded"],
-            "equal_length_s": times["equal-length"],
-            "padded_s_median": statistics.median(times["padded"]),
-            "equal_length_s_median": statistics.median(times["equal-length"]),
-            "ratio_median (equal-length / padded)": statistics.median(ratios),
-            "padded_cpu_s": cpu["padded"], "equal_length_cpu_s": cpu["equal-length"],
-            "cpu_ratio_median": statistics.median(b / a for a,
-                                                  b in zip(cpu["padded"], cpu["equal-length"])),
-            "clips_whose_codes_differ": len(differ),
-            "differing_clips_lengths_s": sorted({round(records[i].duration, 2) for i in differ})}
+            "lengths_s": sorted({round(r.duration, 2) for r in records}), "batch_size": batch_size,
+            "rounds": rounds, "build_s": times, "build_s_median": statistics.median(times),
+            "build_cpu_s": cpu, "build_cpu_s_median": statistics.median(cpu)}
 
 
 def main(argv=None) -> int:
@@ -241,14 +193,11 @@ def report(name: str, ident: dict, builds: list[dict], json_path) -> None:
     print(f"| (the key it replaced: first + last MiB, median) | "
           f"{ident['previous_key_s_median'] * 1e3:.2f} ms |")
     print(f"| (load_base_model, sidecar hit) | {ident['load_base_model_s (sidecar hit)']:.2f} |")
-    print("\n| set | clips | audio (s) | batch | padded (s, median) | equal-length (s, median) | "
-          "ratio (median) | CPU-time ratio (median) | clips whose codes differ "
-          "|\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n| set | clips | audio (s) | batch | build (s, median) | CPU time (s, median) |"
+          "\n|---|---:|---:|---:|---:|---:|")
     for b in builds:
         print(f"| {b['set']} | {b['clips']} | {b['audio_s']:.0f} | {b['batch_size']} | "
-              f"{b['padded_s_median']:.2f} | {b['equal_length_s_median']:.2f} | "
-              f"{b['ratio_median (equal-length / padded)']:.2f} | {b['cpu_ratio_median']:.2f} | "
-              f"{b['clips_whose_codes_differ']} (lengths {b['differing_clips_lengths_s']}) |")
+              f"{b['build_s_median']:.2f} | {b['build_cpu_s_median']:.2f} |")
     if json_path:
         Path(json_path).write_text(json.dumps({"machine": m, "model": name, "identity": ident,
                                                "builds": builds},

@@ -140,6 +140,11 @@ class DataConfig:
     num_workers: int = _f(0, "Worker processes for preparation; 0 = one per CPU core",
                           ge=0, le=256, hint="0 = one per CPU core")
     overwrite: bool = _f(False, "prepare_data: redo clips that already exist")
+    verify_cache: bool = _f(False,
+                            "train_lora / evaluate / test_dataset: read and hash every clip file "
+                            "again and check every token-cache shard, instead of trusting the "
+                            "cache index (size and times); a clip whose bytes changed is encoded "
+                            "again")
 
 
 @dataclass

@@ -215,21 +215,21 @@ def metadata_document(records: list[ClipRecord], sample_rate: int, channels: int
     """The JSON document for metadata.json (prepare_data writes it atomically)."""
     return {"version": METADATA_VERSION, "sample_rate": sample_rate, "channels": channels,
             "clips": [r.to_json() for r in records]}
-#                   3: the codes' key names the encoder precision; codes from the chunked CPU
-# encoder (encodec_fast)
 
 
 @dataclass
 class CachedClip:
-    """One clip's training inputs: codes (int16 (K, T)) and, unless the text encoder trains, its
-    text states."""
+    """One clip's training inputs: codes and, unless the text encoder trains, its text states. From
+    the token cache these are views into its memory-mapped shard files (no copy in the heap), in
+    the cache's dtypes; the dataset's items convert them (float32 states, long mask)."""
     id: str
     text: str
     split: str
-    codes: "object"                  # torch.int16 (K, T)
-    # torch.float32 (L, D), or None when text states are not cached
+    codes: "object"                  # integer (K, T): int16 from the cache
+    # float (L, D): float16 from the cache (float32 where a value does not fit), or None when text
+    # states are not cached
     hidden: "Optional[object]" = None
-    mask: "Optional[object]" = None    # torch.long (L,)
+    mask: "Optional[object]" = None    # integer (L,): int8 from the cache
     # melody models: torch.int8 (Tc,) pitch class of each chroma frame
     chroma: "Optional[object]" = None
 
@@ -301,10 +301,9 @@ class CachedTokenDataset:
             return self._melody_item(item, clip, start, codes.shape[1], drop, melody_drop)
         if clip.hidden is not None:
             if drop:
-                item["hidden"], item["mask"] = null_text_states(clip.hidden.shape[-1],
-                                                                dtype=clip.hidden.dtype)
+                item["hidden"], item["mask"] = null_text_states(clip.hidden.shape[-1])
             else:
-                item["hidden"], item["mask"] = clip.hidden, clip.mask
+                item["hidden"], item["mask"] = text_states(clip)
         return item
 
     def _melody_item(self, item: dict, clip: CachedClip, start: int, frames: int, drop: bool,
@@ -325,9 +324,15 @@ class CachedTokenDataset:
         item["chroma"] = fam.null_like(melody) if (drop or melody_drop) else melody
         item["melody_dropped"] = bool(drop or melody_drop)
         if clip.hidden is not None:
-            hidden, mask = fam.pad_text(clip.hidden, clip.mask)
+            hidden, mask = fam.pad_text(*text_states(clip))
             item["hidden"], item["mask"] = fam.dropped_text(hidden, mask) if drop else (hidden, mask)
         return item
+
+
+def text_states(clip: CachedClip):
+    """A clip's text states as the model reads them: float32 (L, D) and a long mask (L,) (the cache
+    keeps float16 and int8)."""
+    return clip.hidden.float(), clip.mask.long()
 
 
 def collate_tokens(items: list[dict], pad_token_id: int) -> dict:

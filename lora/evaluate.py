@@ -173,7 +173,8 @@ def evaluate(cfg: Config, plan: dict) -> int:
     # the base's.
     with on_interrupt(lambda: cache_note(cfg.data.data_dir)):
         clips, cache_stats = build_token_cache(valid, model, processor, info, cfg.data.data_dir,
-                                               batch_size=cfg.training.encode_batch_size, device=device)
+                                               batch_size=cfg.training.encode_batch_size, device=device,
+                                               verify=cfg.data.verify_cache)
     identity = {"base": {k: v for k, v in info.to_dict().items()
                          if k in ("name_or_path", "identity", "hub_revision", "sample_rate", "frame_rate",
                                   "num_codebooks", "audio_channels")}}

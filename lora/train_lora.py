@@ -19,7 +19,8 @@ save. It writes, under output_dir:
     config.yaml                the resolved configuration of the run
 
 Training reads tokens only: EnCodec codes and text-encoder states are computed once into data_dir/cache
-(lora.dataprep.token_cache.build_token_cache), then both encoders leave the GPU. The step, validation,
+(lora.dataprep.token_cache.build_token_cache; with several processes each encodes its share), then both
+encoders leave the GPU. The step, validation,
 checkpoints and logs are lora/training's (the same step bench/bench_train.py times and test_model.py checks);
 this script tells the story.
 
@@ -48,7 +49,7 @@ if not __package__:  # run as a file, maybe without `pip install -e .`: see lora
 from lora.common.cli import UserError, fault_message, log, on_interrupt, process_start_time, run_main, setup_logging
 from lora.common.files import atomic_write_json, check_free_space, check_output_dir
 from lora.config import Config, parse_config, validate
-from lora.dataprep.token_cache import build_token_cache
+from lora.dataprep.token_cache import Ranks, build_token_cache
 from lora.dataset import (
     CachedTokenDataset,
     bucketed_batches,
@@ -225,6 +226,19 @@ def start_processes(cfg: Config):
     return acc, precision
 
 
+def cache_ranks(acc) -> Ranks:
+    """The processes of this run, as the token cache build shares its work among them."""
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    def broadcast(obj):
+        box = [obj]
+        broadcast_object_list(box, from_process=0)
+        return box[0]
+
+    return Ranks(rank=acc.process_index, world=acc.num_processes, broadcast=broadcast,
+                 gather=lambda obj: gather_object([obj]))
+
+
 def load_and_cache(cfg: Config, acc, records, clock: run_log.PhaseClock):
     """The base model (on the CPU) and every clip's cached tokens; only the encoders visit the
     device, for the cache, and leave it again when their output is cached."""
@@ -241,10 +255,12 @@ def load_and_cache(cfg: Config, acc, records, clock: run_log.PhaseClock):
     fam.text_encoder_of(model).to(device)
     max_frames = checked_window(t.max_duration, info, model)
     cache_text = not cfg.lora.train_text_encoder
-    with acc.main_process_first(), on_interrupt(lambda: cache_note(cfg.data.data_dir)):
+    # Every process encodes its share of what is not cached yet; the first joins the shares.
+    with on_interrupt(lambda: cache_note(cfg.data.data_dir)):
         clips, _ = build_token_cache(records, model, processor, info, cfg.data.data_dir,
-                                     batch_size=t.encode_batch_size, device=device,
-                                     text_states=cache_text, show_progress=acc.is_main_process)
+                                     batch_size=t.encode_batch_size, device=device, text_states=cache_text,
+                                     show_progress=acc.is_main_process, verify=cfg.data.verify_cache,
+                                     ranks=cache_ranks(acc))
     # Training reads tokens only: the codec (and the frozen text encoder) leave the accelerator.
     fam.audio_codec(model).to("cpu")
     if cache_text:

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -106,6 +108,8 @@ def audio_info(path: str | os.PathLike) -> AudioInfo:
 
 def _short(e: BaseException) -> str:
     s = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    # (bytes decoded from memory: the decoder names its buffer object, not the file)
+    s = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "the file's bytes", s)
     return s[:200]
 
 
@@ -174,25 +178,27 @@ class StreamResampler:
 # --------------------------------------------------------------------------------------------
 # Decoding
 # --------------------------------------------------------------------------------------------
-def read_native_blocks(path: str | os.PathLike,
-                       block_seconds: float = 10.0) -> Iterator[tuple[int, np.ndarray]]:
+def read_native_blocks(path: str | os.PathLike, block_seconds: float = 10.0,
+                       data: Optional[bytes] = None) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (native sample rate, (C, n) float32 block of about block_seconds) from the file, block
-    by block.
+    by block. With ``data`` (the file's bytes, already read), those bytes are decoded and the file
+    is not opened (``path`` then names them in messages and gives the format by its extension).
 
     Raises AudioError when the file cannot be opened or decoding fails part-way (the error says
     where).
     """
     path = str(path)
-    if not os.path.isfile(path):
+    if data is None and not os.path.isfile(path):
         raise AudioError("file not found")
+    source = path if data is None else io.BytesIO(data)
     if _needs_av(path):
-        yield from _read_av_blocks(path, block_seconds)
+        yield from _read_av_blocks(path, block_seconds, source)
         return
     import soundfile as sf
 
     errors = _sf_errors()
     try:
-        f = sf.SoundFile(path)
+        f = sf.SoundFile(source)
     except errors as e:
         raise AudioError(f"not a readable audio file ({_short(e)})") from None
     done = 0
@@ -213,10 +219,10 @@ def read_native_blocks(path: str | os.PathLike,
                 break
 
 
-def _read_av_blocks(path: str, block_seconds: float) -> Iterator[tuple[int, np.ndarray]]:
+def _read_av_blocks(path: str, block_seconds: float, source=None) -> Iterator[tuple[int, np.ndarray]]:
     av = _import_av(path)
     try:
-        container = av.open(path)
+        container = av.open(path if source is None else source)
     except (av.error.FFmpegError, OSError, ValueError) as e:  # type: ignore[attr-defined]
         raise AudioError(f"not a readable audio file ({_short(e)})") from None
     with container:
@@ -269,15 +275,15 @@ class DecodeCounts:
 
 def iter_audio(path: str | os.PathLike, sample_rate: int, channels: int = 1,
                block_seconds: float = 10.0,
-               counts: Optional[DecodeCounts] = None) -> Iterator[np.ndarray]:
+               counts: Optional[DecodeCounts] = None, data: Optional[bytes] = None) -> Iterator[np.ndarray]:
     """Decode a file of any length block by block: yields (channels, n) float32 at ``sample_rate``.
 
     Peak memory is a few blocks, independent of the file's length. With ``counts``, NaN/inf samples
     are replaced by 0 (counted in ``counts.nonfinite``, of ``counts.samples``) before mixing and
-    resampling.
+    resampling. With ``data``, the file's bytes already read are decoded (``read_native_blocks``).
     """
     rs: Optional[StreamResampler] = None
-    for sr, block in read_native_blocks(path, block_seconds):
+    for sr, block in read_native_blocks(path, block_seconds, data):
         if counts is not None:
             block = counts.repair(block)
         if rs is None:
@@ -293,19 +299,21 @@ def iter_audio(path: str | os.PathLike, sample_rate: int, channels: int = 1,
 
 
 def load_audio(path: str | os.PathLike, sample_rate: int = 32000, channels: int = 1,
-               offset: float = 0.0, duration: Optional[float] = None) -> np.ndarray:
+               offset: float = 0.0, duration: Optional[float] = None,
+               data: Optional[bytes] = None) -> np.ndarray:
     """Decode a (short) file to float32 (channels, N) at sample_rate. Raises AudioError naming the
     file.
 
     ``offset``/``duration`` (seconds, at the output rate) select a part; only that part is kept in
-    memory.
+    memory. ``data``: the file's bytes, already read: those are decoded, the file is not opened
+    (the token cache hashes and decodes the same bytes).
     """
     start = int(round(offset * sample_rate))
     stop = None if duration is None else start + int(round(duration * sample_rate))
     parts = []
     pos = 0
     try:
-        for block in iter_audio(path, sample_rate, channels):
+        for block in iter_audio(path, sample_rate, channels, data=data):
             n = block.shape[1]
             lo, hi = max(start - pos, 0), n if stop is None else min(stop - pos, n)
             if hi > lo:

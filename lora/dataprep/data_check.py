@@ -209,7 +209,8 @@ def check_token_batches(cfg: Config, records: list[ClipRecord], num_batches: int
     train = [r for r in records if r.split == "train"] or records
     clips, stats = build_token_cache(train, model, processor, info, cfg.data.data_dir,
                                      batch_size=t.encode_batch_size, device=device,
-                                     text_states=not cfg.lora.train_text_encoder)
+                                     text_states=not cfg.lora.train_text_encoder,
+                                     verify=cfg.data.verify_cache)
     print(f"Token cache of {info.name_or_path}: {stats['clips_encoded']} clip(s) encoded, "
           f"{stats['clips_reused']} reused (training reuses them)")
     ds = CachedTokenDataset(clips, max_frames, seed=t.seed, train=True, cond_dropout=t.cond_dropout,
