@@ -309,10 +309,7 @@ def _generate_batch(model: nn.Module, processor, info: ModelInfo, reqs: list[Req
     else:
         known = torch.zeros((B, K, 0), dtype=torch.long, device=device)
     # Text is the same for every window: encode once.
-    guidance = float(s.guidance_scale)
-    if all(not r.prompt.strip() for r in reqs):
-        # unconditional: cond == uncond, guidance changes nothing; skip the second half
-        guidance = 1.0
+    guidance = effective_guidance(info, reqs)
     hidden, mask = _text_states(model, processor, [r.prompt for r in reqs], guidance,
                                 decoder_param.dtype, encoded=encoded)
     sampler = TokenSampler(s, info.vocab_size)
@@ -359,6 +356,18 @@ def _generate_batch(model: nn.Module, processor, info: ModelInfo, reqs: list[Req
             f"them. This usually means a broken adapter (diverged training: check its training "
             f"loss) or float16 overflow: try --dtype float32 or bfloat16, or --lora_scale below 1.")
     return known, windows, window_prompts, window_heads
+
+
+def effective_guidance(info: ModelInfo, reqs: list[Request]) -> float:
+    """The guidance scale a batch is decoded with: its sampling's, or 1 when the two halves of
+    classifier-free guidance are the same input (every prompt empty and, for a melody model, no
+    tune): guidance then changes nothing, and the second half is skipped. With a tune and no
+    caption the conditional half has the tune and the unconditional half the null melody, so
+    guidance applies, as in transformers' and audiocraft's generate ("follow this tune")."""
+    guidance = float(reqs[0].sampling.guidance_scale)
+    no_text = all(not r.prompt.strip() for r in reqs)
+    no_melody = not family_for(info).MELODY or all(r.melody is None for r in reqs)
+    return 1.0 if no_text and no_melody else guidance
 
 
 def window_melody(info: ModelInfo, reqs: list[Request], w: Window, guidance: float,

@@ -1,0 +1,99 @@
+"""The generation engine (lora.generation.engine) on melody models, against transformers' and
+audiocraft's behaviour: guidance with a tune and no caption, the tune past 30 s, and long captions
+against the decoder's positions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+SR = 32000
+
+
+@pytest.fixture(scope="module", params=["mono", "stereo"])
+def melody(request, tmp_path_factory):
+    from lora.modeling import musicgen_melody as M
+    from lora.modeling.tiny_model import ensure_tiny_model
+
+    d = ensure_tiny_model(tmp_path_factory.mktemp("tiny_melody") / request.param,
+                          stereo=request.param == "stereo", melody=True)
+    model = M.from_pretrained(str(d), "sdpa").eval()
+    return model, M.load_processor(str(d)), M.model_info(model, str(d), "test")
+
+
+def _tone(freq: float, seconds: float) -> np.ndarray:
+    t = np.arange(int(round(seconds * SR))) / SR
+    return np.sin(2 * np.pi * freq * t).astype(np.float32)
+
+
+def _tune(seconds_per_note: float = 1.0, notes=(440.0, 261.63, 329.63)) -> np.ndarray:
+    """A, C, E, one note after the other."""
+    return np.concatenate([_tone(f, seconds_per_note) for f in notes])
+
+
+def _transformers_codes(model, info, monkeypatch, **kw) -> torch.Tensor:
+    """transformers' generate(), its codes caught where it hands them to EnCodec: (B, K, T)."""
+    from lora.modeling import musicgen_melody as M
+
+    caught = []
+    codec = M.audio_codec(model)
+    decode = codec.decode
+    monkeypatch.setattr(codec, "decode", lambda codes, *a, **k: (caught.append(codes[0]),
+                                                                 decode(codes, *a, **k))[1])
+    model.generate(**kw)
+    monkeypatch.undo()
+    if info.audio_channels == 1:
+        return caught[0]
+    return torch.stack([caught[0], caught[1]], dim=2).flatten(1, 2)
+
+
+# --------------------------------------------------------------------------------------------
+# Defect 1: a tune with no caption is guided
+# --------------------------------------------------------------------------------------------
+def _empty_prompt_request(info, chroma, mid, guidance: float, n: int):
+    from lora.generation import requests
+
+    return requests.Request(prompt="", seed=0, duration=n / info.frame_rate, melody=chroma,
+                            melody_id=mid,
+                            sampling=requests.SamplingSettings(do_sample=False,
+                                                               guidance_scale=guidance))
+
+
+@pytest.mark.parametrize("decoding", ["static", "transformers"])
+def test_an_empty_prompt_with_a_tune_is_guided_as_transformers_generate(melody, decoding,
+                                                                         monkeypatch):
+    """"Follow this tune, no caption": the conditional half has the tune, the unconditional half the
+    null melody, so guidance 3 is applied (transformers' generate() and audiocraft do). Greedy tokens
+    equal transformers' generate() given the tune and an empty caption (T5 states masked out, as
+    audiocraft and our encode_text make an empty description), and guidance 1, 3 and 10 differ."""
+    from lora.generation import engine
+
+    model, processor, info = melody
+    n = 10
+    chroma, mid = engine.melody_from_audio(_tune(), info)
+    ours = {g: engine.generate(model, processor, info, [_empty_prompt_request(info, chroma, mid, g, n)],
+                               progress=False, decoding=decoding)[0] for g in (1.0, 3.0, 10.0)}
+    tokens = processor(text=[""], padding="max_length", max_length=ours[3.0].text_length,
+                       return_tensors="pt")
+    tokens["attention_mask"] = torch.zeros_like(tokens["attention_mask"])  # an empty description
+    ref = _transformers_codes(model, info, monkeypatch, **tokens, input_features=chroma[None],
+                              do_sample=False, guidance_scale=3.0,
+                              max_new_tokens=n + info.codebooks_per_channel - 1)
+    assert torch.equal(ours[3.0].codes, ref[0])
+    assert not torch.equal(ours[1.0].codes, ours[3.0].codes)
+    assert not torch.equal(ours[3.0].codes, ours[10.0].codes)
+
+
+def test_empty_prompts_without_a_tune_skip_the_second_half(melody):
+    """With neither caption nor tune the two halves are the same input: guidance changes nothing
+    and is skipped (text-only models always; melody models when no row has a tune)."""
+    from lora.generation import engine, requests
+
+    _, _, info = melody
+    empty = requests.Request(prompt="", seed=0, duration=1.0)
+    tuned = requests.Request(prompt="", seed=0, duration=1.0, melody=torch.zeros(8, 12))
+    captioned = requests.Request(prompt="piano", seed=0, duration=1.0)
+    assert engine.effective_guidance(info, [empty, empty]) == 1.0
+    assert engine.effective_guidance(info, [empty, tuned]) == 3.0
+    assert engine.effective_guidance(info, [captioned]) == 3.0
