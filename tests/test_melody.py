@@ -373,13 +373,6 @@ def test_melody_training_learns_and_saves_a_standard_adapter(melody_run):
     assert any("lora_A" in n for n, _ in model.named_parameters())
 
 
-def test_text_padding_of_training_is_generation_s():
-    from lora.generation import engine
-    from lora.modeling import musicgen_melody as M
-
-    assert M.TEXT_PAD_MULTIPLE == engine.TEXT_PAD_MULTIPLE
-
-
 # --------------------------------------------------------------------------------------------
 # The generation engine (lora.generation) on melody models
 # --------------------------------------------------------------------------------------------

@@ -49,7 +49,6 @@ Public API::
 from __future__ import annotations
 
 import hashlib
-import math
 import time
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
@@ -68,6 +67,7 @@ from lora.generation.requests import (
 )
 from lora.modeling import chroma as melody_chroma
 from lora.modeling.loading import family_for
+from lora.modeling.text_padding import TEXT_PAD_MULTIPLE, text_length  # noqa: F401  (re-exported)
 from lora.modeling.window import checked_window
 
 if TYPE_CHECKING:
@@ -206,21 +206,6 @@ def _run_window(model: nn.Module, info: ModelInfo, hidden, mask, guidance: float
         if on_step is not None:
             on_step(step + 1, L - prefix.shape[-1])
     return fam.frames_from_pattern(seq, total, info)
-
-
-# Text states are zero-padded (mask 0) to a multiple of this many tokens: a length that depends on
-# the prompt alone. Captions of up to 32 tokens (most MusicGen prompts) share one padded length, and
-# so can share a batch; a longer multiple costs cross-attention time (BENCHMARKS.md, "Generation":
-# 64 was ~20% slower at batch 8).
-TEXT_PAD_MULTIPLE = 32
-
-
-def text_length(n_tokens: int) -> int:
-    """The length L that the text states of a prompt of ``n_tokens`` tokens are padded to: the next
-    multiple of ``TEXT_PAD_MULTIPLE``. The decoder cross-attends over L positions, and in bf16 the
-    rounding of that attention depends on L (not only on the prompt's own tokens), so L must not
-    depend on the other prompts of a batch."""
-    return max(1, math.ceil(int(n_tokens) / TEXT_PAD_MULTIPLE)) * TEXT_PAD_MULTIPLE
 
 
 def encode_prompts(model: nn.Module, processor, prompts) -> dict:

@@ -313,9 +313,9 @@ MELODY_FEATURE_EXTRACTOR = {
     "stem_indices": [3, 2]}
 
 
-def make_nondegenerate(model: nn.Module, generator=None, skip: tuple = ("audio_encoder.",)) -> list[str]:
-    """Give every norm weight (all ones at init) and every bias (all zeros at init) outside ``skip``
-    a random value: norms 1 + N(0, TINY_SPREAD_STD), biases N(0, TINY_SPREAD_STD). With transformers'
+def make_nondegenerate(model: nn.Module, generator=None) -> list[str]:
+    """Give every norm weight (all ones at init) and every bias (all zeros at init) outside the
+    codec a random value: norms 1 + N(0, TINY_SPREAD_STD), biases N(0, TINY_SPREAD_STD). With transformers'
     init, a bug that only a bias or a norm would show passes every test: a text mask applied before
     the projection instead of after it (the masked positions become the bias, not zero), a null
     melody of ``W[:, 0]`` without its bias, a norm skipped. Returns the names changed.
@@ -328,9 +328,10 @@ def make_nondegenerate(model: nn.Module, generator=None, skip: tuple = ("audio_e
     import torch
 
     changed = []
+    codec = {id(p) for p in musicgen.audio_codec(model).parameters()}  # (both families' codec)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.startswith(skip) or p.dim() != 1:
+            if id(p) in codec or p.dim() != 1:
                 continue
             noise = torch.randn(p.shape, generator=generator).to(p.dtype)
             if name.endswith("bias"):

@@ -67,7 +67,10 @@ def heldout_likelihood(model: nn.Module, clips, info: ModelInfo, max_frames: int
                 hidden, mask = fam.encode_text(model, processor, batch["texts"], device=device)
             else:
                 hidden, mask = batch["hidden"].to(device), batch["mask"].to(device)
-            melody = {"chroma": batch["chroma"].to(device)} if "chroma" in batch else {}
+            melody = {}
+            if fam.MELODY:  # each clip at its own text length, as generation and training
+                melody = {"chroma": batch["chroma"].to(device),
+                          "text_lengths": fam.row_text_lengths(mask, batch.get("text_lengths"))}
             logits, labels = fam.teacher_forced_logits(model, info, batch["codes"].to(device),
                                                        batch["lengths"].to(device), hidden, mask,
                                                        **melody)
