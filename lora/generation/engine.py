@@ -23,7 +23,9 @@ What it does, and why it has its own decoding loop instead of calling ``model.ge
 * **Longer than the context.** A piece longer than ``max_window`` (30 s) is made as audiocraft's
   ``_generate_tokens`` does: window i starts at frame ``i * extend_stride`` and spans ``max_window``
   (or what is left); the first window is prompted with the whole audio prompt (if any), each next
-  one with the last ``max_window - extend_stride`` seconds of the previous window.
+  one with the last ``max_window - extend_stride`` seconds of the previous window; a melody model's
+  tune is extended periodically and each window follows it from its own start
+  (``window_melody``).
 * **Continuation of an audio prompt.** EnCodec codes of the prompt become the first frames of the
   piece (the requested duration includes the prompt, as in audiocraft); the prompt must be shorter
   than both the duration and ``max_window`` (audiocraft refuses longer ones too).
@@ -328,7 +330,8 @@ def _generate_batch(model: nn.Module, processor, info: ModelInfo, reqs: list[Req
                                                       wi=wi: on_step(wi, len(windows), s, n))
             out = _run_window(model, info, hidden, mask, guidance, ctx, w.new, sampler, uniforms,
                               bad, pbar=bar,
-                              decoding=decoding, chroma=window_melody(info, reqs, w, guidance, device),
+                              decoding=decoding,
+                              chroma=window_melody(info, reqs, w, guidance, device, len(windows) > 1),
                               on_step=step_hook)
             window_heads.append(out[..., :w.context].detach().cpu())
             known = torch.cat([known, out[..., w.context:]], dim=-1)
@@ -356,26 +359,36 @@ def effective_guidance(info: ModelInfo, reqs: list[Request]) -> float:
 
 
 def window_melody(info: ModelInfo, reqs: list[Request], w: Window, guidance: float,
-                  device: torch.device):
+                  device: torch.device, periodic: bool = False):
     """Melody models: the melody each row of a window follows, (B, chroma_length, 12), then the null
-    melody as the unconditional half when guidance > 1 (as transformers' generate() builds it). A
-    window starting at frame f takes the chroma from the same time in the tune (audiocraft's
-    extension does the same); a request without a melody, or a window past the end of its tune, gets
-    the null melody. None for text-only models, or when no row has a melody (the family builds the
-    null melody itself)."""
+    melody as the unconditional half when guidance > 1 (as transformers' generate() builds it). None
+    for text-only models, or when no row has a melody (the family builds the null melody itself); a
+    request without a melody gets the null melody.
+
+    One window (``periodic`` False): the tune from its start, tiled to chroma_length frames (a tune
+    shorter than 30 s repeats) as transformers and audiocraft condition one window. A piece of
+    several windows (``periodic``): audiocraft's ``MusicGen._generate_tokens`` extends the tune
+    periodically, and each window (the first too) follows the extended tune from the window's own
+    start (``lora.modeling.chroma.periodic_indices``): a 10-s tune plays four times in 40 s, and no
+    window past the tune's end is left without it."""
     import torch
 
     fam = family_for(info)
     if not fam.MELODY or all(r.melody is None for r in reqs):
         return None
-    first = int(round(w.start * (info.sample_rate / info.frame_rate) / melody_chroma.HOP))
+    start = int(round(w.start * info.sample_rate / info.frame_rate))  # the window's first sample
     rows = []
     for r in reqs:
-        part = None if r.melody is None else torch.as_tensor(r.melody)[first:]
-        if part is None or part.shape[0] == 0:
+        if r.melody is None:
             rows.append(fam.null_like(torch.zeros(info.chroma_length, info.num_chroma)))
-        else:
-            rows.append(fam.melody_frames(part.argmax(dim=-1), info.chroma_length))
+            continue
+        tune = torch.as_tensor(r.melody).argmax(dim=-1)
+        if periodic:
+            n = int(tune.shape[0])
+            samples = int(r.melody_samples) or n * melody_chroma.HOP
+            tune = tune[torch.from_numpy(melody_chroma.periodic_indices(n, samples, start,
+                                                                        info.chroma_length))]
+        rows.append(fam.melody_frames(tune, info.chroma_length))
     chroma = torch.stack(rows).to(device)
     return fam.with_unconditional_melody(chroma) if guidance > 1.0 else chroma
 
@@ -505,13 +518,15 @@ def generate_audio(model: nn.Module, processor, info: ModelInfo, prompts: Sequen
                    do_sample: bool = True, batch_size: int = 4, max_window: float = 30.0,
                    extend_stride: float = 18.0,
                    audio_prompt=None, progress: bool = True, decoding: str = "auto",
-                   melodies: Optional[Sequence] = None) -> list[np.ndarray]:
+                   melodies: Optional[Sequence] = None,
+                   melody_samples: Optional[Sequence[int]] = None) -> list[np.ndarray]:
     """Generate one piece per (prompt, seed) pair; returns float32 arrays (channels, samples) at
     info.sample_rate.
 
     ``audio_prompt``: optional float array/tensor (channels, samples) at info.sample_rate to
     continue (the result starts with it; ``duration`` includes it). ``melodies`` (melody models):
-    one chroma (``melody_from_audio``) or None per pair.
+    one chroma (``melody_from_audio``) or None per pair, and optionally each tune's length in
+    samples (``Request.melody_samples``: where a piece of several windows wraps it around).
     """
     prompts, seeds = list(prompts), list(seeds)
     if len(prompts) != len(seeds):
@@ -522,9 +537,10 @@ def generate_audio(model: nn.Module, processor, info: ModelInfo, prompts: Sequen
     if audio_prompt is not None:
         codes, pid = encode_audio_prompt(model, info, audio_prompt)
     melodies = list(melodies) if melodies is not None else [None] * len(prompts)
+    lengths = list(melody_samples) if melody_samples is not None else [0] * len(prompts)
     reqs = [Request(prompt=p, seed=int(sd), duration=float(duration), sampling=s,
-                    prompt_codes=codes, prompt_id=pid,
-                    melody=mel) for p, sd, mel in zip(prompts, seeds, melodies)]
+                    prompt_codes=codes, prompt_id=pid, melody=mel, melody_samples=int(n))
+            for p, sd, mel, n in zip(prompts, seeds, melodies, lengths)]
     return [r.audio
             for r in generate(model, processor, info, reqs, batch_size=batch_size,
                               max_window=max_window,

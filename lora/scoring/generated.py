@@ -91,10 +91,11 @@ def _distances(gen: list[dict], ref: list[dict], transform: dict) -> dict:
 def generate_clips(model: nn.Module, processor, info: ModelInfo, which: str, prompts, seeds,
                    cfg: Config, melodies=None) -> list:
     """Audio (C, N) per (prompt, seed) pair in prompt-major order; None where generation produced
-    NaN/inf. ``melodies`` (melody models): one chroma per prompt."""
+    NaN/inf. ``melodies`` (melody models): ``melody_prompts``' {"chroma", "samples"}, one tune per
+    prompt."""
     g, ev = cfg.generation, cfg.evaluation
-    pairs = [(p, s, None if melodies is None else melodies[i]) for i, p in enumerate(prompts)
-             for s in seeds]
+    pairs = [(p, s, None if melodies is None else (melodies["chroma"][i], melodies["samples"][i]))
+             for i, p in enumerate(prompts) for s in seeds]
     out: list = []
     for i in range(0, len(pairs), g.batch_size):
         chunk = pairs[i:i + g.batch_size]
@@ -107,7 +108,8 @@ def generate_clips(model: nn.Module, processor, info: ModelInfo, which: str, pro
                                       do_sample=g.do_sample, batch_size=g.batch_size,
                                       max_window=g.max_window,
                                       extend_stride=g.extend_stride, decoding=g.decoding,
-                                      melodies=[m for _, _, m in chunk])
+                                      melodies=[None if m is None else m[0] for _, _, m in chunk],
+                                      melody_samples=[0 if m is None else m[1] for _, _, m in chunk])
         except GenerationError as e:
             log.warning("%s model: generation failed for %d clip(s): %s", which, len(chunk), e)
             out += [None] * len(chunk)
@@ -144,8 +146,7 @@ def generation_metrics(model: nn.Module, processor, info: ModelInfo, cfg: Config
     for m in models:
         log.info("Generating %d clip(s) of %.1f s with the %s model", len(prompts) * len(seeds),
                  ev.eval_duration, m)
-        audio[m] = generate_clips(model, processor, info, m, prompts, seeds, cfg,
-                                  melodies=None if melody is None else melody["chroma"])
+        audio[m] = generate_clips(model, processor, info, m, prompts, seeds, cfg, melodies=melody)
     res["generation_seconds"] = time.perf_counter() - t0
     checks = {m: _check_and_save_clips(res, m, audio[m], prompts, seeds, info.sample_rate, out_dir)
               for m in models}
@@ -193,24 +194,26 @@ def generation_metrics(model: nn.Module, processor, info: ModelInfo, cfg: Config
 def melody_prompts(info: ModelInfo, valid_recs, prompts: list[str]) -> Optional[dict]:
     """Melody models: the tune each prompt follows in the evaluation, taken from the held-out clips
     themselves (the clip whose caption the prompt is, else the held-out clips in turn): {"sources":
-    paths, "chroma": one-hot chromas}. None for text-only models."""
+    paths, "chroma": one-hot chromas, "samples": their lengths}. None for text-only models."""
     if not family_for(info).MELODY:
         return None
     by_caption = {}
     for r in valid_recs:
         by_caption.setdefault(r.text.strip(), r)
-    sources, chromas = [], []
+    sources, chromas, samples = [], [], []
     for i, p in enumerate(prompts):
         rec = by_caption.get(p.strip(), valid_recs[i % len(valid_recs)])
+        wav = load_audio(rec.path, info.sample_rate, 1)
         try:
-            chroma, _ = melody_from_audio(load_audio(rec.path, info.sample_rate, 1), info)
+            chroma, _ = melody_from_audio(wav, info)
         except GenerationError as e:  # (a silent held-out clip has no tune to follow)
             raise UserError(f"held-out clip {rec.path} is the melody of prompt {p!r}, but: {e} "
                             f"Remove the clip from the metadata, or pass --prompts / "
                             f"--prompts_file with other captions.") from None
         sources.append(str(rec.path))
         chromas.append(chroma)
-    return {"sources": sources, "chroma": chromas}
+        samples.append(int(wav.shape[-1]))
+    return {"sources": sources, "chroma": chromas, "samples": samples}
 
 
 def melody_similarity(melody: dict, audio: dict, models: list[str], shared: list[int], n_seeds: int,

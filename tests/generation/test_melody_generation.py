@@ -97,3 +97,52 @@ def test_empty_prompts_without_a_tune_skip_the_second_half(melody):
     assert engine.effective_guidance(info, [empty, empty]) == 1.0
     assert engine.effective_guidance(info, [empty, tuned]) == 3.0
     assert engine.effective_guidance(info, [captioned]) == 3.0
+
+
+# --------------------------------------------------------------------------------------------
+# Defect 3: the tune past 30 s
+# --------------------------------------------------------------------------------------------
+def _audiocraft_window_chroma(tune: np.ndarray, time_offset: float, max_duration: float = 30.0):
+    """audiocraft's MusicGen._generate_tokens for a window starting ``time_offset`` seconds into a
+    piece longer than max_duration: the melody waveform extended periodically
+    (``ref_wav[..., positions % wav_length]`` over max_duration seconds), then its chroma."""
+    from lora.modeling import chroma as C
+
+    positions = np.arange(int(time_offset * SR), int(time_offset * SR) + int(max_duration * SR))
+    return C.chroma(tune[positions % len(tune)], SR).argmax(-1)
+
+
+def test_a_40_s_piece_from_a_10_s_tune_follows_the_tune_in_every_window(tmp_path_factory, monkeypatch):
+    """engine.generate of 40 s (two 30-s windows, at 0 and 18 s) with a 10-s tune gives each window
+    the melody audiocraft gives it: the tune extended periodically from the window's start. Frames
+    may differ only where audiocraft's chroma window straddles a wrap point or a note change (its
+    chroma is recomputed on the wrapped audio); the window at 18 s used to get the null melody
+    (past the tune's end)."""
+    from lora.generation import engine, requests
+    from lora.modeling import musicgen_melody as M
+    from lora.modeling.tiny_model import ensure_tiny_model
+
+    d = ensure_tiny_model(tmp_path_factory.mktemp("tiny_melody") / "mono", stereo=False, melody=True)
+    model = M.from_pretrained(str(d), "sdpa").eval()
+    processor, info = M.load_processor(str(d)), M.model_info(model, str(d), "test")
+    tune = _tune(2.0, (440.0, 261.63, 329.63, 392.0, 493.88))  # A C E G B, 2 s each: 10 s
+    chroma, mid = engine.melody_from_audio(tune, info)
+    seen = []
+    run = engine._run_window
+
+    def spy(*a, chroma=None, **k):
+        seen.append(chroma[0].argmax(-1).clone())  # the conditional half's tune
+        return run(*a, chroma=chroma, **k)
+
+    monkeypatch.setattr(engine, "_run_window", spy)
+    req = requests.Request(prompt="piano", seed=0, duration=40.0, melody=chroma, melody_id=mid,
+                           melody_samples=len(tune),
+                           sampling=requests.SamplingSettings(do_sample=False))
+    out = engine.generate(model, processor, info, [req], progress=False, decoding="static")[0]
+    assert [w.start / info.frame_rate for w in out.windows] == [0.0, 18.0] and len(seen) == 2
+    for w, got in zip(out.windows, seen):
+        want = _audiocraft_window_chroma(tune, w.start / info.frame_rate)
+        agree = (got == want).float().mean()
+        assert agree >= 0.97, (w, float(agree))
+        # every note of the tune is in every window (not the null melody's C alone)
+        assert set(got.tolist()) == {9, 0, 4, 7, 11}
