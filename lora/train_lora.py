@@ -54,7 +54,7 @@ from lora.dataset import CachedTokenDataset, bucketed_batches, collate_tokens, l
 from lora.modeling.cpu_speed import keep_freed_memory
 from lora.modeling.loading import family_for, load_base_model
 from lora.modeling.precision import choose_precision, resolve_base_weights_dtype
-from lora.modeling.window import checked_window
+from lora.modeling.window import checked_window, longest_caption
 from lora.training import checkpoints, model_prep, plan, run_log
 from lora.training import step as training_step
 from lora.training.checkpoints import TrainState
@@ -236,7 +236,8 @@ def load_and_cache(cfg: Config, acc, records, clock: run_log.PhaseClock):
     fam = family_for(info)
     fam.audio_codec(model).to(device)
     fam.text_encoder_of(model).to(device)
-    max_frames = checked_window(t.max_duration, info, model)
+    max_frames = checked_window(t.max_duration, info, model,
+                                **longest_caption(info, processor, [r.text for r in records]))
     cache_text = not cfg.lora.train_text_encoder
     with acc.main_process_first():
         clips, _ = build_token_cache(records, model, processor, info, cfg.data.data_dir,

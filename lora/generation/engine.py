@@ -70,7 +70,7 @@ from lora.generation.requests import (
 from lora.modeling import chroma as melody_chroma
 from lora.modeling.loading import family_for
 from lora.modeling.text_padding import TEXT_PAD_MULTIPLE, text_length  # noqa: F401  (re-exported)
-from lora.modeling.window import checked_window
+from lora.modeling.window import checked_window, short_text
 
 if TYPE_CHECKING:
     import torch
@@ -253,12 +253,16 @@ def _text_states(model: nn.Module, processor, prompts, guidance, dtype, length: 
 
 
 def plan_batch(model: nn.Module, info: ModelInfo, reqs: list[Request], max_window: float,
-               extend_stride: float) -> list[Window]:
-    """The windows of a batch (all its requests share duration and audio prompt); GenerationError
-    when the request cannot be generated with this model."""
+               extend_stride: float, text_len: int = 0) -> list[Window]:
+    """The windows of a batch (all its requests share duration, audio prompt and padded text length
+    ``text_len``); GenerationError (ConfigError: the window does not fit behind a melody model's
+    prefix) when the request cannot be generated with this model."""
     r = reqs[0]
     total = info.frames(r.duration)
-    window = checked_window(max_window, info, model, key="generation.max_window")
+    prefix = {}
+    if family_for(info).MELODY:
+        prefix = {"text_length": text_len, "caption": f"the prompt {short_text(r.prompt)}"}
+    window = checked_window(max_window, info, model, key="generation.max_window", **prefix)
     stride = min(info.frames(extend_stride), window - 1)
     prompt = 0 if r.prompt_codes is None else int(r.prompt_codes.shape[-1])
     if total < info.codebooks_per_channel:
@@ -471,8 +475,8 @@ def generate(model: nn.Module, processor, info: ModelInfo, requests: Sequence[Re
         encoded = encode_prompts(model, processor, [r.prompt for r in requests])
     text_lens = [text_length(encoded[r.prompt][0].shape[0]) for r in requests]
     batches = make_batches(requests, text_lens, batch_size)
-    plans = [plan_batch(model, info, [requests[i] for i in idx], max_window, extend_stride)
-             for idx in batches]
+    plans = [plan_batch(model, info, [requests[i] for i in idx], max_window, extend_stride,
+                        text_lens[idx[0]]) for idx in batches]
     decoding = resolve_decoding(decoding, family_for(info).decoder_param(model).device,
                                 family_for(info))
     results: list[Optional[Result]] = [None] * len(requests)

@@ -300,6 +300,12 @@ def prefix(model: nn.Module, hidden, mask, chroma=None):
     return torch.cat([melody_states(model, chroma), text_states(model, hidden, mask)], dim=1)
 
 
+def prefix_positions(info: ModelInfo, text_length: int = 0) -> int:
+    """Decoder positions the prefix takes before the audio: chroma_length melody frames and the
+    caption's padded text length (``text_length``)."""
+    return int(info.chroma_length) + int(text_length)
+
+
 def condition(model: nn.Module, hidden, mask, chroma=None) -> dict:
     """The keyword arguments of ``MusicgenMelodyForConditionalGeneration.forward`` for cached text
     states: the prefix built here (passing ``encoder_hidden_states`` makes transformers skip its own

@@ -20,7 +20,7 @@ from lora.modeling.adapter import (
     text_encoder_has_lora,
 )
 from lora.modeling.loading import family_for
-from lora.modeling.window import checked_window
+from lora.modeling.window import checked_window, longest_caption
 from lora.scoring import intervals
 from lora.scoring.report import MIN_CLIPS_FOR_A_VERDICT
 
@@ -99,7 +99,8 @@ def likelihood_section(model: nn.Module, processor, info: ModelInfo, clips, cfg:
     difference over ``recordings`` (one key per clip: the recording it was cut from); returns (the
     results.json section, a note when the evidence is thin or None)."""
     seconds, window_source = heldout_window(cfg, adapter)
-    max_frames = checked_window(seconds, info, model, key=f"training.max_duration of {window_source}")
+    max_frames = checked_window(seconds, info, model, key=f"training.max_duration of {window_source}",
+                                **longest_caption(info, processor, [c.text for c in clips]))
     lk: dict = {"window_seconds": max_frames / info.frame_rate, "split": "valid", "cache": cache_stats,
                 "n_clips": len(clips), "n_recordings": len(set(recordings)),
                 "window": {"max_duration": seconds, "source": window_source, "frames": max_frames}}

@@ -146,3 +146,58 @@ def test_a_40_s_piece_from_a_10_s_tune_follows_the_tune_in_every_window(tmp_path
         assert agree >= 0.97, (w, float(agree))
         # every note of the tune is in every window (not the null melody's C alone)
         assert set(got.tolist()) == {9, 0, 4, 7, 11}
+
+
+# --------------------------------------------------------------------------------------------
+# Defect 4: a long caption against the decoder's positions
+# --------------------------------------------------------------------------------------------
+LONG_CAPTION = " ".join(["piano"] * 330)  # 331 tokens with </s>: padded to 352
+
+
+@pytest.mark.parametrize("decoding", ["static", "transformers"])
+def test_a_long_caption_that_leaves_no_room_for_the_window_is_a_message(melody, decoding):
+    """A melody model reads 235 melody frames and the padded caption (352 positions for 331 tokens)
+    before the audio: a 30-s window (1500 frames + 3 of the delay pattern) would need 2090 of the
+    tiny model's 2048 positions. generate() says so before decoding, naming generation.max_window,
+    the caption and the fix, with either decoder (transformers' own would run past the trained
+    positions silently); 29 s fits."""
+    from lora.common.fields import ConfigError
+    from lora.generation import engine, requests
+
+    model, processor, info = melody
+    req = requests.Request(prompt=LONG_CAPTION, seed=0, duration=40.0,
+                           sampling=requests.SamplingSettings(do_sample=False))
+    with pytest.raises(ConfigError) as err:
+        engine.generate(model, processor, info, [req], progress=False, decoding=decoding)
+    msg = str(err.value)
+    assert "generation.max_window 30.0 s does not fit" in msg and "235 melody frames + 352 text" in msg
+    assert "the prompt 'piano piano" in msg and "Lower generation.max_window to 29.1 s" in msg
+    windows = engine.plan_batch(model, info, [req], 29.0, 18.0, text_len=352)
+    assert windows[0].new == 29 * 50  # fits: 1450 + 3 + 587 <= 2048
+
+
+def test_training_refuses_a_window_a_long_caption_leaves_no_room_for(tmp_path, example_data_dir):
+    """train_lora.py on the tiny melody model with one held-out clip's caption 331 tokens long:
+    a message naming training.max_duration, the caption and how to fix it, before anything is
+    trained or written; the same data with short captions passes the check."""
+    import json
+
+    from lora import train_lora
+    from lora.common.fields import ConfigError
+
+    meta = json.loads((example_data_dir / "metadata.json").read_text())
+    clips = meta["clips"] if isinstance(meta, dict) else meta
+    clips[-1]["text"] = LONG_CAPTION
+    for c in clips:
+        c["audio"] = str(example_data_dir / c["audio"])
+    bad = tmp_path / "long.json"
+    bad.write_text(json.dumps(meta))
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError) as err:
+        train_lora.main(["--model_path", "tiny-melody", "--tiny_model_dir", str(tmp_path / "tiny"),
+                         "--data_dir", str(example_data_dir), "--metadata_file", str(bad),
+                         "--output_dir", str(out), "--max_steps", "1", "--mixed_precision", "no"])
+    msg = str(err.value)
+    assert msg.startswith("training.max_duration 30.0 s does not fit") and "(331 tokens)" in msg
+    assert "Lower training.max_duration to 29.1 s or less, or shorten the caption" in msg
+    assert not (out / "best_model").exists() and not (out / "checkpoints").exists()
