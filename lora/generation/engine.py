@@ -127,10 +127,11 @@ DECODINGS = ("auto", "transformers", "static", "cuda_graph")
 
 
 def resolve_decoding(decoding: str, device: torch.device, family=None) -> str:
-    """auto = the static key/value cache (lora.modeling.fast_decode), replayed as a CUDA graph on
-    CUDA; on a CPU it runs eagerly (as fast as or faster than transformers' own call:
-    BENCHMARKS.md). A family without a static decoder (MusicGen-Melody: its condition is a prefix)
-    decodes with transformers' own cache."""
+    """auto = the family's static key/value cache decoder (lora.modeling.fast_decode: MusicGen's
+    with its cross-attention, MusicGen-Melody's ``PrefixStaticDecoder`` with the melody and text
+    prefix), replayed as a CUDA graph on CUDA; on a CPU it runs eagerly (as fast as or faster than
+    transformers' own call: BENCHMARKS.md). A family without one (``StaticDecoder`` None) decodes
+    with transformers' own cache."""
     import torch
 
     decoding = (decoding or "auto").lower()
