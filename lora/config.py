@@ -319,6 +319,10 @@ class EvaluationConfig:
     eval_seeds: int = _f(2, "Seeds per prompt (for diversity across seeds)", ge=1)
     bootstrap_samples: int = _f(2000, "Bootstrap resamples for confidence intervals",
                                 ge=100, hint="2000 is a good default")
+    permutations: int = _f(1000,
+                           "Sign patterns per permutation test behind the summary's verdicts, when "
+                           "the units (prompts, recordings) are too many to try all 2^(n-1); more "
+                           "= finer p-values, slower", ge=100, hint="1000 is a good default")
     clap_model_path: Optional[str] = _f(None,
                                         "Local CLAP model folder (e.g. laion/larger_clap_music) "
                                         "for text-audio "

@@ -24,8 +24,8 @@ def _fake_results(caption: str) -> dict:
         "likelihood": {"base": {"ce": 5.0, "ppl": math.exp(5.0), "ce_per_codebook": [5.0, 5.0]},
                        "lora": {"ce": 4.5, "ppl": math.exp(4.5), "ce_per_codebook": [4.4, 4.6]},
                        "difference": {"diff": -0.5, "ci_low": -0.6, "ci_high": -0.4,
-                                      "confidence": 0.95, "n": 10,
-                                      "n_clips": 10, "n_recordings": 5}},
+                                      "confidence": 0.95, "n": 10, "p_permutation": 0.004,
+                                      "n_clips": 10, "n_recordings": 8}},
         "generation": {"prompts": [caption], "seeds": [0],
                        "clips": [{"model": m, "prompt_index": 0, "prompt": caption, "seed": 0,
                                   "wav": f"audio/{m}/p000_s0.wav",
@@ -37,10 +37,10 @@ def _fake_results(caption: str) -> dict:
                                                                         "kad": {"value": 0.5}}}},
                        "intervals": {"metrics": {
                            "encodec.fad": {"diff": -1.0, "ci_low": -1.5, "ci_high": -0.5,
-                                           "confidence": 0.95,
+                                           "confidence": 0.95, "p_adjusted": 0.008, "n_units": 8,
                                            "n_boot": 200, "excludes_zero": True, "n_pairs": 8},
                            "encodec.kad": {"diff": -0.5, "ci_low": -0.9, "ci_high": 0.1,
-                                           "confidence": 0.95,
+                                           "confidence": 0.95, "p_adjusted": 0.3, "n_units": 8,
                                            "n_boot": 200, "excludes_zero": False, "n_pairs": 8}}},
                        "clap": {"skipped": "no <clap>"}},
         "settings": {"prompt": caption}, "versions": {},
@@ -64,45 +64,55 @@ def test_summary_rows_direction_and_table():
     rows = {r["metric"]: r for r in summary_rows(_fake_results("x"))}
     ce = rows["held-out cross-entropy (nats)"]
     assert ce["delta"] == pytest.approx(-0.5) and ce["better"] == "LoRA"
-    assert "CI [-0.6000, -0.4000]" in ce["note"] and "n=10 clips from 5 recordings" in ce["note"]
+    assert "CI [-0.6000, -0.4000]" in ce["note"] and "n=10 clips from 8 recordings" in ce["note"]
+    assert "permutation p 0.004 (over recordings; a winner needs <= 0.025)" in ce["note"]
     assert rows["held-out perplexity"]["better"] == "LoRA"
-    assert rows["FAD (EnCodec latents)"]["better"] == "LoRA"  # its interval excludes 0
-    assert "CI [-1.5000, -0.5000], n=8 (prompt, seed) pairs, 200 resamples" in rows["FAD (EnCodec "
-                                                                                    "latents)"]["note"]
-    assert rows["KAD ×100 (EnCodec)"]["better"] == "unclear"  # lower, but its interval holds 0
+    assert rows["FAD (EnCodec latents)"]["better"] == "LoRA"  # its adjusted p is under 2.5%
+    assert ("CI [-1.5000, -0.5000], n=8 (prompt, seed) pairs from 8 prompts, 200 resamples"
+            in rows["FAD (EnCodec latents)"]["note"])
+    assert rows["KAD ×100 (EnCodec)"]["better"] == "unclear"  # lower, but its adjusted p is 0.3
     table = format_table(summary_rows(_fake_results("x")))
     assert re.match(r"metric\s+\| base\s+\| LoRA\s+\| Δ\s+\| better\?", table.splitlines()[0])
 
 
-def test_generated_audio_rows_name_a_winner_only_from_an_interval():
-    """FAD 1.036e-4 vs 1.029e-4 is no win unless the paired bootstrap interval of the difference
-    excludes 0; no interval at all is "unclear" too. The held-out likelihood: one recording names no
-    winner (its cluster bootstrap has no width), and perplexity says what cross-entropy says."""
+def test_rows_name_a_winner_only_from_their_test():
+    """FAD 1.036e-4 vs 1.029e-4 is no win unless its family-adjusted permutation p (over prompts)
+    is at most 2.5% (the generated-audio rows' share of the summary's 5%), with at least 7 prompts;
+    no test at all is "unclear" too. The held-out likelihood: its permutation p over recordings,
+    with at least 7 recordings (one recording: its bootstrap has no width), and perplexity says
+    what cross-entropy says (lora.scoring.verdicts)."""
     res = _fake_results("x")
     gen = res["generation"]
     gen["distances"] = {"base": {"encodec": {"fad": 1.036e-4}}, "lora": {"encodec": {"fad": 1.029e-4}}}
     gen["clap"] = {"base": {"mean": 0.20}, "lora": {"mean": 0.25}}
     gen["intervals"] = {"metrics": {
-        "encodec.fad": {"diff": -7e-7, "ci_low": -2.1e-6, "ci_high": 9e-7, "confidence": 0.95,
-                        "n_boot": 200, "excludes_zero": False, "n_pairs": 16},
+        "encodec.fad": {"diff": -7e-7, "ci_low": -2.1e-6, "ci_high": -1e-7, "confidence": 0.95,
+                        "n_boot": 200, "excludes_zero": True, "n_pairs": 16, "p_adjusted": 0.06,
+                        "n_units": 8},
         "clap": {"diff": 0.05, "ci_low": 0.01, "ci_high": 0.09, "confidence": 0.95, "n_boot": 2000,
-                 "excludes_zero": True, "n_pairs": 16}}}
+                 "excludes_zero": True, "n_pairs": 16, "p_adjusted": 0.008, "n_units": 8}}}
     rows = {r["metric"]: r for r in summary_rows(res)}
-    assert rows["FAD (EnCodec latents)"]["better"] == "unclear"
-    assert "CI [-2.100e-06, 9.000e-07]" in rows["FAD (EnCodec latents)"]["note"]
-    assert rows["CLAP text-audio score"]["better"] == "LoRA"  # higher is better, interval above 0
+    assert rows["FAD (EnCodec latents)"]["better"] == "unclear"  # its interval alone would say LoRA
+    assert "CI [-2.100e-06, -1.000e-07]" in rows["FAD (EnCodec latents)"]["note"]
+    assert rows["CLAP text-audio score"]["better"] == "LoRA"  # higher is better
+    gen["intervals"]["metrics"]["clap"]["n_units"] = 5
+    rows = {r["metric"]: r for r in summary_rows(res)}
+    assert rows["CLAP text-audio score"]["better"] == "too few prompts: needs 7 (2 more)"
     del gen["intervals"]
     rows = {r["metric"]: r for r in summary_rows(res)}
     assert rows["FAD (EnCodec latents)"]["better"] == "unclear" and rows["CLAP text-audio "
                                                                          "score"]["better"] == "unclear"
-    res["likelihood"]["difference"].update(n_recordings=1, ci_low=-0.5, ci_high=-0.5)
+    res["likelihood"]["difference"].update(n_recordings=1, ci_low=-0.5, ci_high=-0.5, p_permutation=1.0)
     rows = {r["metric"]: r for r in summary_rows(res)}
-    assert rows["held-out cross-entropy (nats)"]["better"] == "too few recordings"
-    assert rows["held-out perplexity"]["better"] == "too few recordings"
-    res["likelihood"]["difference"].update(n_recordings=5, ci_low=-0.6, ci_high=0.1)
+    assert rows["held-out cross-entropy (nats)"]["better"] == "too few recordings: needs 7 (6 more)"
+    assert rows["held-out perplexity"]["better"] == rows["held-out cross-entropy (nats)"]["better"]
+    res["likelihood"]["difference"].update(n_recordings=8, ci_low=-0.6, ci_high=0.1, p_permutation=0.2)
     rows = {r["metric"]: r for r in summary_rows(res)}
     assert rows["held-out cross-entropy (nats)"]["better"] == "unclear" == rows["held-out "
                                                                                 "perplexity"]["better"]
+    res["generation"] = {"skipped": "likelihood only"}  # the likelihood alone has the whole 5%
+    res["likelihood"]["difference"].update(n_recordings=6, p_permutation=0.03)
+    assert summary_rows(res)[0]["better"] == "LoRA"
 
 
 def _frames(rng, shift, n=20, d=4):
@@ -114,17 +124,19 @@ def test_a_model_that_fails_more_clips_is_not_rewarded():
     is a little worse than base on the easy ones. Scored each on its own passing clips, LoRA looks
     better (base carries its hard-prompt clips, LoRA dropped its own); scored both on the pairs that
     pass for both, base is better."""
+    from lora.scoring import differences
+
     rng = np.random.default_rng(0)
-    n_prompts, n_seeds = 6, 2
-    hard = set(range(8, 12))  # pairs of prompts 4 and 5
+    n_prompts, n_seeds = 10, 2
+    hard = set(range(14, 20))  # pairs of prompts 7, 8 and 9
     ref = [{"encodec": _frames(rng, 0.0), "librosa": _frames(rng, 0.0)} for _ in range(40)]
     shift = {"base": lambda j: 3.0 if j in hard else 0.3, "lora": lambda j: 3.0 if j in hard else 0.6}
     emb = {m: [{"encodec": _frames(rng, shift[m](j)), "librosa": _frames(rng, shift[m](j))}
                for j in range(n_prompts * n_seeds)] for m in ("base", "lora")}
     ok = {"finite": True, "failures": []}
-    checks = {"base": [dict(ok) for _ in range(12)],
+    checks = {"base": [dict(ok) for _ in range(20)],
               "lora": [{"finite": True, "failures": ["silent"]} if j in hard else dict(ok)
-                       for j in range(12)]}
+                       for j in range(20)]}
     transform = {"encodec": lambda x: x,
                  "librosa": metrics.standardizer(np.concatenate([r["librosa"] for r in ref]))}
     # the old rule: each model on its own usable clips
@@ -134,28 +146,32 @@ def test_a_model_that_fails_more_clips_is_not_rewarded():
         # the premise: LoRA would be rewarded
         assert own["lora"][space]["fad"] < own["base"][space]["fad"]
         assert own["lora"][space]["kad"]["value"] < own["base"][space]["kad"]["value"]
+    family = differences.Family([j // n_seeds for j in range(20)], 1000, 0)
     scored = generated.score_generated(lambda m, idx: [emb[m][j] for j in idx], checks, ref,
-                                       transform, n_seeds,
-                                      True, 500, 0)
-    assert scored["distance_set"]["n_pairs"] == 8 and scored["distance_set"]["pair_indices"] == list(range(8))
-    assert scored["distance_set"]["n_usable_alone"] == {"base": 12, "lora": 8}
+                                       transform, n_seeds, True, 500, 0, family)
+    scored["intervals"]["test"] = family.finish(scored["intervals"]["metrics"])
+    assert scored["distance_set"]["n_pairs"] == 14
+    assert scored["distance_set"]["pair_indices"] == list(range(14))
+    assert scored["distance_set"]["n_usable_alone"] == {"base": 20, "lora": 14}
     for space in ("encodec", "librosa"):
         d = scored["distances"]
-        assert d["base"][space]["n_clips"] == d["lora"][space]["n_clips"] == 8
+        assert d["base"][space]["n_clips"] == d["lora"][space]["n_clips"] == 14
         assert d["base"][space]["fad"] < d["lora"][space]["fad"]
         assert d["base"][space]["kad"]["value"] < d["lora"][space]["kad"]["value"]
     res = {"models_evaluated": ["base", "lora"], "likelihood": {},
            "generation": {"distances": scored["distances"], "intervals": scored["intervals"],
-                          "signal": {"base": {"failure_rate": 0.0}, "lora": {"failure_rate": 4 / 12}}}}
+                          "signal": {"base": {"failure_rate": 0.0}, "lora": {"failure_rate": 6 / 20}}}}
     rows = {r["metric"]: r for r in summary_rows(res)}
     for metric in ("FAD (EnCodec latents)", "KAD ×100 (EnCodec)", "FAD (librosa features)",
                    "KAD ×100 (librosa)"):
         assert rows[metric]["better"] == "base", (metric, rows[metric])
-    # the failures are counted apart, with their interval
-    assert rows["failed clips (share)"]["better"] == "base"
+    # the failures are counted apart, with their interval and test: three prompts' failures are
+    # not evidence of a worse model (over prompts, a quarter of the sign patterns give the same)
+    assert rows["failed clips (share)"]["better"] == "unclear"
     iv = scored["intervals"]
-    assert iv["n_pairs"] == 8 and iv["n_boot_fad_kad"] == generated.GEN_BOOTSTRAP_MAX
-    assert iv["metrics"]["encodec.fad"]["ci_low"] > 0 and iv["metrics"]["failed_share"]["n_pairs"] == 12
+    assert iv["n_pairs"] == 14 and iv["n_boot_fad_kad"] == generated.GEN_BOOTSTRAP_MAX
+    assert iv["metrics"]["encodec.fad"]["ci_low"] > 0 and iv["metrics"]["failed_share"]["n_pairs"] == 20
+    assert iv["metrics"]["failed_share"]["p_adjusted"] >= 0.25 and iv["test"]["n_patterns"] == 512
 
 
 def test_heldout_window_is_the_adapters_training_window(tmp_path, trained_output_dir, tiny_model_dir,
@@ -350,9 +366,11 @@ def test_compare_generation_metrics_and_files(compare_run):
     for metric, key in (("FAD (EnCodec latents)", "encodec.fad"), ("KAD ×100 (librosa)", "librosa.kad"),
                         ("CLAP text-audio score", "clap")):
         m = iv["metrics"][key]
-        assert m["ci_low"] <= m["ci_high"] and m["n_pairs"] == 4
-        assert (rows[metric]["better"] in ("LoRA", "base")) == m["excludes_zero"], (metric, m,
-                                                                                    rows[metric])
+        assert m["ci_low"] <= m["ci_high"] and m["n_pairs"] == 4 and m["n_units"] == 2
+        assert 0 < m["p_adjusted"] <= 1 and m["p_permutation"] <= m["p_adjusted"]
+        # two prompts: no test could name a winner (lora.scoring.verdicts)
+        assert rows[metric]["better"] == "too few prompts: needs 7 (5 more)", (metric, rows[metric])
+    assert iv["test"]["n_units"] == 2 and iv["test"]["exact"] and iv["test"]["n_patterns"] == 2
     for m in ("base", "lora"):
         dist = gen["distances"][m]
         assert dist is not None, f"{m}: no clip passed the signal checks: {gen['signal'][m]}"
