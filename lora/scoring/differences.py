@@ -76,8 +76,8 @@ def _resolve(dist: dict, keys: tuple):
 
 
 def distance_rows(family: Family, emb: dict, dist: dict, ref: list[dict], transform: dict,
-                  pairs: Sequence[int], n_boot: int, seed: int, *, kad: Callable, kad_pool: Callable,
-                  clip_statistics: Callable) -> dict:
+                  pairs: Sequence[int], n_boot: int, seed: int, *, kad: Callable,
+                  kad_pool: Callable, clip_statistics: Callable) -> dict:
     """FAD and KAD (both spaces, and KAD of the librosa clip statistics) of LoRA minus base on the
     shared pairs: the bootstrap interval resampling whole prompts (both models on the same
     resample, the reference fixed) and the row's statistics in the family (both models' distances
@@ -94,8 +94,8 @@ def distance_rows(family: Family, emb: dict, dist: dict, ref: list[dict], transf
         boot = {m: distance(clips[m], y, counts) for m in ("base", "lora")}
         point_diff = _resolve(dist["lora"], point) - _resolve(dist["base"], point)
         iv = intervals.percentile_interval(boot["lora"] - boot["base"], point_diff)
-        iv.update(n_pairs=len(units), what=f"LoRA minus base {label}; negative = LoRA closer to the "
-                                           f"reference")
+        iv.update(n_pairs=len(units),
+                  what=f"LoRA minus base {label}; negative = LoRA closer to the reference")
         rows[key] = iv
         family.add(key, verdicts.set_statistics(lambda pool, c: pooled(pool, y, c), clips["base"],
                                                 clips["lora"], units, family.patterns), pairs)
@@ -110,6 +110,6 @@ def distance_rows(family: Family, emb: dict, dist: dict, ref: list[dict], transf
         y = np.stack([clip_statistics(transform["librosa"](r["librosa"])) for r in ref])
         clips = {m: [clip_statistics(transform["librosa"](e["librosa"]))[None] for e in emb[m]]
                  for m in ("base", "lora")}
-        add("librosa.kad_clip_statistics", clips, y, kad, ("librosa", "kad_clip_statistics", "value"),
-            "KAD x100 (librosa clip statistics)", kad)
+        add("librosa.kad_clip_statistics", clips, y, kad,
+            ("librosa", "kad_clip_statistics", "value"), "KAD x100 (librosa clip statistics)", kad)
     return rows

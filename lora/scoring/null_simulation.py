@@ -77,7 +77,8 @@ def _clip_means(s: Scenario, rng: np.random.Generator, dims: int) -> dict:
     for m, pull in (("base", 1.0), ("lora", 1.0 - s.effect)):
         prompt_level = np.repeat(rng.normal(size=(s.prompts, dims)), s.seeds, axis=0)
         pair_level = rng.normal(size=(s.prompts * s.seeds, dims))
-        out[m] = pull * (content + math.sqrt(s.rho) * prompt_level + math.sqrt(1 - s.rho) * pair_level)
+        shared = math.sqrt(s.rho) * prompt_level + math.sqrt(1 - s.rho) * pair_level
+        out[m] = pull * (content + shared)
     return out
 
 
@@ -93,7 +94,8 @@ def _generated(s: Scenario, rng: np.random.Generator) -> dict:
     checks = {m: [{"finite": True, "failures": ["silent"] if rng.random() < risk[j] else []}
                   for j in range(n)] for m in ("base", "lora")}
     per_prompt = s.units == "recording/prompt"
-    family = differences.Family([j // s.seeds if per_prompt else j for j in range(n)], s.permutations, 0)
+    units = [j // s.seeds if per_prompt else j for j in range(n)]
+    family = differences.Family(units, s.permutations, 0)
     gen = score_generated(lambda m, idx: [emb[m][j] for j in idx], checks, ref, transform, s.seeds,
                           True, s.n_boot, 0, family)
     gen["signal"] = {m: {"failure_rate": float(np.mean([bool(c["failures"]) for c in checks[m]]))}
@@ -104,7 +106,8 @@ def _generated(s: Scenario, rng: np.random.Generator) -> dict:
         score = {}
         for m, shift in (("base", 0.0), ("lora", 0.05 * s.effect)):
             level = np.repeat(rng.normal(size=s.prompts), s.seeds) * math.sqrt(s.rho)
-            score[m] = 0.2 + 0.05 * (topic + level + rng.normal(size=n) * math.sqrt(1 - s.rho)) + shift
+            pair = rng.normal(size=n) * math.sqrt(1 - s.rho)
+            score[m] = 0.2 + 0.05 * (topic + level + pair) + shift
         gen["clap"] = {m: {"mean": float(np.mean(score[m][shared]))} for m in score}
         gen["intervals"]["metrics"]["clap"] = differences.paired_row(
             family, "clap", score["base"][shared].tolist(), score["lora"][shared].tolist(), shared,
@@ -138,6 +141,7 @@ def run(s: Scenario, n: int, seed: int = 0) -> dict:
         any_winner += bool(w)
         lora_only += w == {"LoRA"}
     share = any_winner / n
-    tested = [r["metric"] for r in rows or [] if r["lower_is_better"] is not None and r["delta"] is not None]
+    tested = [r["metric"] for r in rows or []
+              if r["lower_is_better"] is not None and r["delta"] is not None]
     return {"n": n, "any_winner": share, "mc_error": math.sqrt(max(share * (1 - share), 1e-12) / n),
             "lora_named": lora_only / n, "rows_with_a_verdict": tested}

@@ -67,7 +67,8 @@ def min_units(alpha: float) -> int:
     return 1 + math.ceil(math.log2(1.0 / alpha) - 1e-12)
 
 
-def sign_patterns(n_units: int, max_patterns: int = DEFAULT_PATTERNS, seed: int = 0) -> tuple[np.ndarray, bool]:
+def sign_patterns(n_units: int, max_patterns: int = DEFAULT_PATTERNS,
+                  seed: int = 0) -> tuple[np.ndarray, bool]:
     """(patterns (P, n_units) of +-1 with the observed labelling (all +1) first, exact): all 2^(n-1)
     patterns with the first unit's sign fixed when they are at most ``max_patterns``, else the
     observed one and ``max_patterns - 1`` drawn at random (seeded)."""
@@ -140,7 +141,7 @@ def max_t(stats: dict) -> dict:
     if not t:
         return {key: 1.0 for key in stats}
     top = np.max(np.stack(list(t.values())), axis=0)
-    return {key: (float(np.mean(top >= t[key][0] * (1 - 1e-9))) if key in t and t[key][0] > 0 else 1.0)
+    return {key: float(np.mean(top >= t[key][0] * (1 - 1e-9))) if key in t and t[key][0] > 0 else 1.0
             for key in stats}
 
 
