@@ -140,8 +140,8 @@ def check_melody_files(paths, problems: list[str], setting: str = "melody_audio"
 def add_melodies(info: ModelInfo, requests: list[Request],
                  setting: str = "--melody_audio (or a prompt's 'melody')") -> None:
     """Each request's melody (the chroma of its ``melody_file``, computed once per file):
-    ``melody``, ``melody_samples``, ``melody_id``, ``melody_sha1``. UserError when the model takes no melody or a file
-    is silent."""
+    ``melody``, ``melody_samples``, ``melody_id``, ``melody_sha1``. UserError when the model takes
+    no melody or a file is silent."""
     wanted = {r.melody_file for r in requests if r.melody_file}
     if not wanted:
         return
