@@ -40,10 +40,10 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
 
     from lora.config import Config
-    from lora.generation import engine
     from lora.generation.engine import generate
     from lora.generation.model import load_generation_model
     from lora.generation.requests import Request, SamplingSettings
+    from lora.modeling import text_padding
     from lora.modeling.loading import family_for
 
     cfg = Config()
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     times: dict[int, list[float]] = {m: [] for m in multiples}
     for rnd in range(a.rounds + 1):
         for m in multiples:
-            engine.TEXT_PAD_MULTIPLE = m
+            text_padding.TEXT_PAD_MULTIPLE = m
             t0 = time.perf_counter()
             out = generate(model, processor, info, reqs, batch_size=a.batch, progress=False)
             dt = time.perf_counter() - t0

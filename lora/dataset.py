@@ -326,6 +326,7 @@ class CachedTokenDataset:
         if clip.hidden is not None:
             hidden, mask = fam.pad_text(*text_states(clip))
             item["hidden"], item["mask"] = fam.dropped_text(hidden, mask) if drop else (hidden, mask)
+            item["text_length"] = int(hidden.shape[0])
         return item
 
 
@@ -337,8 +338,8 @@ def text_states(clip: CachedClip):
 
 def collate_tokens(items: list[dict], pad_token_id: int) -> dict:
     """Pad a list of dataset items: codes (B, K, T) padded with pad_token_id plus ``lengths``; text
-    states (B, L, D) zero-padded with their mask (B, L); ``dropped`` (B,) bool; ``index`` (B,);
-    ``texts``."""
+    states (B, L, D) zero-padded with their mask (B, L) (melody models: and each clip's own padded
+    length, ``text_lengths``); ``dropped`` (B,) bool; ``index`` (B,); ``texts``."""
     import torch
 
     B = len(items)
@@ -360,6 +361,10 @@ def collate_tokens(items: list[dict], pad_token_id: int) -> dict:
             hidden[i, :n] = it["hidden"]
             mask[i, :n] = it["mask"]
         batch["hidden"], batch["mask"] = hidden, mask
+    # melody models: each clip's own padded text length (the collate pads to the batch's longest;
+    # the model reads each clip at its own: lora.modeling.musicgen_melody.teacher_forced_logits)
+    if "text_length" in items[0]:
+        batch["text_lengths"] = [it["text_length"] for it in items]
     # melody models: (B, chroma_length, 12), each already tiled to chroma_length
     if "chroma" in items[0]:
         batch["chroma"] = torch.stack([it["chroma"] for it in items])

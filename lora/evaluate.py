@@ -23,8 +23,12 @@ What is measured (everything offline; CLAP only when you point at a local CLAP m
    between two halves of the reference) and the codec floor (reference vs its own EnCodec
    round-trip). Diversity across prompts and across seeds. CLAP text-audio score with a
    shuffled-prompt baseline when --clap_model_path is a local CLAP folder. Each difference LoRA -
-   base (FAD, KAD, CLAP, failure share) gets a paired bootstrap interval over the (prompt, seed)
-   pairs; the summary names a winner only when it excludes 0.
+   base (FAD, KAD, CLAP, failure share) gets a paired bootstrap interval resampling whole prompts
+   and a sign-flip permutation test over prompts.
+3. Verdicts (lora/scoring/verdicts.py): the summary names a model better on a row only where its
+   test says so, the rows adjusted together, so that with no true difference it names any winner
+   at most 5% of the time; below the fewest recordings / prompts any test could use it says how
+   many more it needs.
 
 Writes output_dir/results.json (every number with its n, the settings, model and adapter identity,
 library versions), output_dir/report.html (players, spectrograms, charts, training loss curve),

@@ -8,10 +8,11 @@ More::
     --lora_model_path output/checkpoints/step-000200   a training checkpoint instead of best_model
     --lora_model_path A B --lora_scale 0.7 0.4          merge a mix of two adapters, each at its strength
     --lora_scale 0.5                                     merge the adapter at half strength
-    --dtype float16 | bfloat16                           half-size weights (float32, the default, is the exact merge)
+    --dtype float16 | bfloat16                           a half-size decoder (float32, the default, is the exact merge;
+                                                         EnCodec and T5 stay float32 unless --cast_encoders)
     --overwrite                                          replace an existing --output_dir
 
-The folder holds config.json, generation_config.json, model.safetensors (every weight in --dtype), the processor's
+The folder holds config.json, generation_config.json, model.safetensors (the decoder in --dtype), the processor's
 and tokenizer's files, a model card README.md (base, each adapter's identity and scale, its training data and
 held-out loss) and export_info.json (the same, machine-readable). It needs no peft and no toolkit::
 
@@ -43,7 +44,7 @@ from lora.common.ownership import claim_output, read_record, record_document, re
 from lora.config import adapter_paths, adapter_scales, parse_config
 from lora.dataset import load_metadata
 from lora.modeling.adapter import check_adapter_files, check_mix_bases, load_adapters, merge_lora
-from lora.modeling.loading import load_base_model, local_model_folder
+from lora.modeling.loading import family_for, load_base_model, local_model_folder
 
 DESCRIPTION = "Merge a base MusicGen and LoRA adapter(s) into one standalone transformers model folder."
 INFO_FILE = "export_info.json"
@@ -203,11 +204,17 @@ def main(argv=None) -> int:
     model, ids = load_adapters(model, paths, scales)
     model = merge_lora(model)
     dtype = getattr(torch, e.dtype)
-    model.to(dtype)
+    if e.cast_encoders:
+        model.to(dtype)
+    else:  # the codec and the text encoder stay float32: a token cache built on the export is the base's
+        for module in family_for(info).decoder_modules(model):
+            module.to(dtype)
     n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     check_free_space(out.parent, n_bytes * 1.1 + 50 * 2 ** 20, f"the merged model ({e.dtype})")
     summaries = [training_summary(p) for p in paths]
-    card = model_card(info.name_or_path, ids, summaries, e.dtype, out, type(model).__name__)
+    stored = e.dtype if e.cast_encoders or e.dtype == "float32" else \
+        f"decoder {e.dtype}, EnCodec and text encoder float32"
+    card = model_card(info.name_or_path, ids, summaries, stored, out, type(model).__name__)
     with atomic_dir(out) as tmp:
         model.save_pretrained(str(tmp))
         processor.save_pretrained(str(tmp))
@@ -216,13 +223,14 @@ def main(argv=None) -> int:
             "base_model": {"name_or_path": info.name_or_path, "identity": info.identity,
                            "hub_revision": info.hub_revision},
             "adapters": [dict(one, training=s) for one, s in zip(ids, summaries)], "dtype": e.dtype,
+            "weights": stored,
             "merged_with": "peft merge_and_unload on float32 weights", "created": datetime.now(
                 timezone.utc).isoformat(timespec="seconds")})
         cfg.save(tmp / "export_config.yaml")
         written = [p.name for p in tmp.iterdir()]  # (the record: what --overwrite may replace)
         atomic_write_json(record_path(tmp, TOOL), record_document(TOOL, written))
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
-    print(f"Wrote {out} ({size / 1e6:.1f} MB, {e.dtype}): a plain transformers MusicGen. Use it with "
+    print(f"Wrote {out} ({size / 1e6:.1f} MB, {stored}): a plain transformers MusicGen. Use it with "
           f"--model_path {out} (and --lora_model_path none), or {type(model).__name__}.from_pretrained.")
     return 0
 

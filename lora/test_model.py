@@ -35,7 +35,7 @@ from lora.dataset import CachedClip, CachedTokenDataset, collate_tokens
 from lora.modeling.loading import family_for, load_base_model
 from lora.modeling.memory import check_fits, training_floor
 from lora.modeling.precision import choose_precision, resolve_base_weights_dtype
-from lora.modeling.window import checked_window, window_frames
+from lora.modeling.window import checked_window, longest_caption, window_frames
 from lora.training.model_prep import autocast_for, prepare_model, set_train_mode
 from lora.training.plan import micro_seed
 from lora.training.step import step_loss
@@ -192,7 +192,7 @@ def main(argv=None) -> int:
                      "first with --model_path tiny.")
     fam = family_for(info)
     try:
-        checked_window(seconds, info, model)
+        checked_window(seconds, info, model, **longest_caption(info, processor, CAPTIONS))
     except ConfigError as e:
         return _fail("training window", str(e),
                      "use --max_duration 30 or less (MusicGen's context is 30 s).")

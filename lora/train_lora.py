@@ -63,7 +63,7 @@ from lora.modeling.cpu_speed import keep_freed_memory
 from lora.modeling.loading import family_for, load_base_model, local_model_folder
 from lora.modeling.memory import check_fits, training_floor
 from lora.modeling.precision import choose_precision, resolve_base_weights_dtype
-from lora.modeling.window import checked_window
+from lora.modeling.window import checked_window, longest_caption
 from lora.training import checkpoints, model_prep, plan, run_log
 from lora.training import step as training_step
 from lora.training.checkpoints import TrainState
@@ -253,7 +253,8 @@ def load_and_cache(cfg: Config, acc, records, clock: run_log.PhaseClock):
     fam = family_for(info)
     fam.audio_codec(model).to(device)
     fam.text_encoder_of(model).to(device)
-    max_frames = checked_window(t.max_duration, info, model)
+    max_frames = checked_window(t.max_duration, info, model,
+                                **longest_caption(info, processor, [r.text for r in records]))
     cache_text = not cfg.lora.train_text_encoder
     # Every process encodes its share of what is not cached yet; the first joins the shares.
     with on_interrupt(lambda: cache_note(cfg.data.data_dir)):

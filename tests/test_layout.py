@@ -264,11 +264,12 @@ def test_tests_mirror_the_packages_and_a_bare_pytest_collects_tests_only():
     folders = {p.name for p in TESTS.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))}
     assert folders - packages == set(), f"tests/ folders that mirror no package: {sorted(folders - packages)}"
     assert packages - folders == set(), f"packages without a tests/ folder: {sorted(packages - folders)}"
-    scripts = {f"test_{s.split('.')[1]}.py" for s in _scripts()}
-    stray = {p.name for p in TESTS.glob("test_*.py")} - scripts - PROJECT_TESTS
+    scripts = [f"test_{s.split('.')[1]}" for s in _scripts()]
+    stray = {p.name for p in TESTS.glob("test_*.py") if p.name not in PROJECT_TESTS
+             and not any(p.stem == s or p.stem.startswith(s + "_") for s in scripts)}
     assert not stray, (f"tests/{sorted(stray)} test no script of lora/: put the tests of a module in "
                        f"tests/<package>/test_<module>.py, a script's end-to-end tests in "
-                       f"tests/test_<script>.py")
+                       f"tests/test_<script>.py (or tests/test_<script>_<topic>.py)")
     files = sorted(TESTS.rglob("test_*.py"))
     names = [p.name for p in files]
     same = sorted({n for n in names if names.count(n) > 1})

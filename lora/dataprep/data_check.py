@@ -33,7 +33,7 @@ from lora.dataset import (
     metadata_path,
 )
 from lora.modeling.loading import load_base_model
-from lora.modeling.window import checked_window
+from lora.modeling.window import checked_window, longest_caption
 
 if TYPE_CHECKING:
     import torch
@@ -205,7 +205,8 @@ def check_token_batches(cfg: Config, records: list[ClipRecord], num_batches: int
 
     model, processor, info = load_base_model(cfg.model)
     t = cfg.training
-    max_frames = checked_window(t.max_duration, info, model)
+    max_frames = checked_window(t.max_duration, info, model,
+                                **longest_caption(info, processor, [r.text for r in records]))
     train = [r for r in records if r.split == "train"] or records
     clips, stats = build_token_cache(train, model, processor, info, cfg.data.data_dir,
                                      batch_size=t.encode_batch_size, device=device,

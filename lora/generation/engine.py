@@ -23,7 +23,9 @@ What it does, and why it has its own decoding loop instead of calling ``model.ge
 * **Longer than the context.** A piece longer than ``max_window`` (30 s) is made as audiocraft's
   ``_generate_tokens`` does: window i starts at frame ``i * extend_stride`` and spans ``max_window``
   (or what is left); the first window is prompted with the whole audio prompt (if any), each next
-  one with the last ``max_window - extend_stride`` seconds of the previous window.
+  one with the last ``max_window - extend_stride`` seconds of the previous window; a melody model's
+  tune is extended periodically and each window follows it from its own start
+  (``window_melody``).
 * **Continuation of an audio prompt.** EnCodec codes of the prompt become the first frames of the
   piece (the requested duration includes the prompt, as in audiocraft); the prompt must be shorter
   than both the duration and ``max_window`` (audiocraft refuses longer ones too).
@@ -49,7 +51,6 @@ Public API::
 from __future__ import annotations
 
 import hashlib
-import math
 import time
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
@@ -69,7 +70,8 @@ from lora.generation.requests import (
 from lora.modeling import chroma as melody_chroma
 from lora.modeling.loading import family_for
 from lora.modeling.memory import check_fits, generation_floor
-from lora.modeling.window import checked_window
+from lora.modeling.text_padding import TEXT_PAD_MULTIPLE, text_length  # noqa: F401  (re-exported)
+from lora.modeling.window import checked_window, short_text
 
 if TYPE_CHECKING:
     import torch
@@ -126,10 +128,11 @@ DECODINGS = ("auto", "transformers", "static", "cuda_graph")
 
 
 def resolve_decoding(decoding: str, device: torch.device, family=None) -> str:
-    """auto = the static key/value cache (lora.modeling.fast_decode), replayed as a CUDA graph on
-    CUDA; on a CPU it runs eagerly (as fast as or faster than transformers' own call:
-    BENCHMARKS.md). A family without a static decoder (MusicGen-Melody: its condition is a prefix)
-    decodes with transformers' own cache."""
+    """auto = the family's static key/value cache decoder (lora.modeling.fast_decode: MusicGen's
+    with its cross-attention, MusicGen-Melody's ``PrefixStaticDecoder`` with the melody and text
+    prefix), replayed as a CUDA graph on CUDA; on a CPU it runs eagerly (as fast as or faster than
+    transformers' own call: BENCHMARKS.md). A family without one (``StaticDecoder`` None) decodes
+    with transformers' own cache."""
     import torch
 
     decoding = (decoding or "auto").lower()
@@ -209,21 +212,6 @@ def _run_window(model: nn.Module, info: ModelInfo, hidden, mask, guidance: float
     return fam.frames_from_pattern(seq, total, info)
 
 
-# Text states are zero-padded (mask 0) to a multiple of this many tokens: a length that depends on
-# the prompt alone. Captions of up to 32 tokens (most MusicGen prompts) share one padded length, and
-# so can share a batch; a longer multiple costs cross-attention time (BENCHMARKS.md, "Generation":
-# 64 was ~20% slower at batch 8).
-TEXT_PAD_MULTIPLE = 32
-
-
-def text_length(n_tokens: int) -> int:
-    """The length L that the text states of a prompt of ``n_tokens`` tokens are padded to: the next
-    multiple of ``TEXT_PAD_MULTIPLE``. The decoder cross-attends over L positions, and in bf16 the
-    rounding of that attention depends on L (not only on the prompt's own tokens), so L must not
-    depend on the other prompts of a batch."""
-    return max(1, math.ceil(int(n_tokens) / TEXT_PAD_MULTIPLE)) * TEXT_PAD_MULTIPLE
-
-
 def encode_prompts(model: nn.Module, processor, prompts, progress: bool = False) -> dict:
     """Every distinct prompt's text-encoder states, each encoded by itself at its own length (so
     they do not depend on the prompts it is batched with): {prompt: (hidden (n, D) float32, mask
@@ -270,12 +258,16 @@ def _text_states(model: nn.Module, processor, prompts, guidance, dtype, length: 
 
 
 def plan_batch(model: nn.Module, info: ModelInfo, reqs: list[Request], max_window: float,
-               extend_stride: float) -> list[Window]:
-    """The windows of a batch (all its requests share duration and audio prompt); GenerationError
-    when the request cannot be generated with this model."""
+               extend_stride: float, text_len: int = 0) -> list[Window]:
+    """The windows of a batch (all its requests share duration, audio prompt and padded text length
+    ``text_len``); GenerationError (ConfigError: the window does not fit behind a melody model's
+    prefix) when the request cannot be generated with this model."""
     r = reqs[0]
     total = info.frames(r.duration)
-    window = checked_window(max_window, info, model, key="generation.max_window")
+    prefix = {}
+    if family_for(info).MELODY:
+        prefix = {"text_length": text_len, "caption": f"the prompt {short_text(r.prompt)}"}
+    window = checked_window(max_window, info, model, key="generation.max_window", **prefix)
     stride = min(info.frames(extend_stride), window - 1)
     prompt = 0 if r.prompt_codes is None else int(r.prompt_codes.shape[-1])
     if total < info.codebooks_per_channel:
@@ -313,10 +305,7 @@ def _generate_batch(model: nn.Module, processor, info: ModelInfo, reqs: list[Req
     else:
         known = torch.zeros((B, K, 0), dtype=torch.long, device=device)
     # Text is the same for every window: encode once.
-    guidance = float(s.guidance_scale)
-    if all(not r.prompt.strip() for r in reqs):
-        # unconditional: cond == uncond, guidance changes nothing; skip the second half
-        guidance = 1.0
+    guidance = effective_guidance(info, reqs)
     hidden, mask = _text_states(model, processor, [r.prompt for r in reqs], guidance,
                                 decoder_param.dtype, encoded=encoded)
     sampler = TokenSampler(s, info.vocab_size)
@@ -350,7 +339,8 @@ def _generate_batch(model: nn.Module, processor, info: ModelInfo, reqs: list[Req
                                                       wi=wi: on_step(wi, len(windows), s, n))
             out = _run_window(model, info, hidden, mask, guidance, ctx, w.new, sampler, uniforms,
                               bad, pbar=bar,
-                              decoding=decoding, chroma=window_melody(info, reqs, w, guidance, device),
+                              decoding=decoding,
+                              chroma=window_melody(info, reqs, w, guidance, device, len(windows) > 1),
                               on_step=step_hook)
             window_heads.append(out[..., :w.context].detach().cpu())
             known = torch.cat([known, out[..., w.context:]], dim=-1)
@@ -365,27 +355,49 @@ def _generate_batch(model: nn.Module, processor, info: ModelInfo, reqs: list[Req
     return known, windows, window_prompts, window_heads
 
 
+def effective_guidance(info: ModelInfo, reqs: list[Request]) -> float:
+    """The guidance scale a batch is decoded with: its sampling's, or 1 when the two halves of
+    classifier-free guidance are the same input (every prompt empty and, for a melody model, no
+    tune): guidance then changes nothing, and the second half is skipped. With a tune and no
+    caption the conditional half has the tune and the unconditional half the null melody, so
+    guidance applies, as in transformers' and audiocraft's generate ("follow this tune")."""
+    guidance = float(reqs[0].sampling.guidance_scale)
+    no_text = all(not r.prompt.strip() for r in reqs)
+    no_melody = not family_for(info).MELODY or all(r.melody is None for r in reqs)
+    return 1.0 if no_text and no_melody else guidance
+
+
 def window_melody(info: ModelInfo, reqs: list[Request], w: Window, guidance: float,
-                  device: torch.device):
+                  device: torch.device, periodic: bool = False):
     """Melody models: the melody each row of a window follows, (B, chroma_length, 12), then the null
-    melody as the unconditional half when guidance > 1 (as transformers' generate() builds it). A
-    window starting at frame f takes the chroma from the same time in the tune (audiocraft's
-    extension does the same); a request without a melody, or a window past the end of its tune, gets
-    the null melody. None for text-only models, or when no row has a melody (the family builds the
-    null melody itself)."""
+    melody as the unconditional half when guidance > 1 (as transformers' generate() builds it). None
+    for text-only models, or when no row has a melody (the family builds the null melody itself); a
+    request without a melody gets the null melody.
+
+    One window (``periodic`` False): the tune from its start, tiled to chroma_length frames (a tune
+    shorter than 30 s repeats) as transformers and audiocraft condition one window. A piece of
+    several windows (``periodic``): audiocraft's ``MusicGen._generate_tokens`` extends the tune
+    periodically, and each window (the first too) follows the extended tune from the window's own
+    start (``lora.modeling.chroma.periodic_indices``): a 10-s tune plays four times in 40 s, and no
+    window past the tune's end is left without it."""
     import torch
 
     fam = family_for(info)
     if not fam.MELODY or all(r.melody is None for r in reqs):
         return None
-    first = int(round(w.start * (info.sample_rate / info.frame_rate) / melody_chroma.HOP))
+    start = int(round(w.start * info.sample_rate / info.frame_rate))  # the window's first sample
     rows = []
     for r in reqs:
-        part = None if r.melody is None else torch.as_tensor(r.melody)[first:]
-        if part is None or part.shape[0] == 0:
+        if r.melody is None:
             rows.append(fam.null_like(torch.zeros(info.chroma_length, info.num_chroma)))
-        else:
-            rows.append(fam.melody_frames(part.argmax(dim=-1), info.chroma_length))
+            continue
+        tune = torch.as_tensor(r.melody).argmax(dim=-1)
+        if periodic:
+            n = int(tune.shape[0])
+            samples = int(r.melody_samples) or n * melody_chroma.HOP
+            tune = tune[torch.from_numpy(melody_chroma.periodic_indices(n, samples, start,
+                                                                        info.chroma_length))]
+        rows.append(fam.melody_frames(tune, info.chroma_length))
     chroma = torch.stack(rows).to(device)
     return fam.with_unconditional_melody(chroma) if guidance > 1.0 else chroma
 
@@ -476,8 +488,8 @@ def generate(model: nn.Module, processor, info: ModelInfo, requests: Sequence[Re
         encoded = encode_prompts(model, processor, [r.prompt for r in requests], progress)
     text_lens = [text_length(encoded[r.prompt][0].shape[0]) for r in requests]
     batches = make_batches(requests, text_lens, batch_size)
-    plans = [plan_batch(model, info, [requests[i] for i in idx], max_window, extend_stride)
-             for idx in batches]
+    plans = [plan_batch(model, info, [requests[i] for i in idx], max_window, extend_stride,
+                        text_lens[idx[0]]) for idx in batches]
     decoding = resolve_decoding(decoding, family_for(info).decoder_param(model).device,
                                 family_for(info))
     results: list[Optional[Result]] = [None] * len(requests)
@@ -523,13 +535,15 @@ def generate_audio(model: nn.Module, processor, info: ModelInfo, prompts: Sequen
                    do_sample: bool = True, batch_size: int = 4, max_window: float = 30.0,
                    extend_stride: float = 18.0,
                    audio_prompt=None, progress: bool = True, decoding: str = "auto",
-                   melodies: Optional[Sequence] = None) -> list[np.ndarray]:
+                   melodies: Optional[Sequence] = None,
+                   melody_samples: Optional[Sequence[int]] = None) -> list[np.ndarray]:
     """Generate one piece per (prompt, seed) pair; returns float32 arrays (channels, samples) at
     info.sample_rate.
 
     ``audio_prompt``: optional float array/tensor (channels, samples) at info.sample_rate to
     continue (the result starts with it; ``duration`` includes it). ``melodies`` (melody models):
-    one chroma (``melody_from_audio``) or None per pair.
+    one chroma (``melody_from_audio``) or None per pair, and optionally each tune's length in
+    samples (``Request.melody_samples``: where a piece of several windows wraps it around).
     """
     prompts, seeds = list(prompts), list(seeds)
     if len(prompts) != len(seeds):
@@ -540,9 +554,10 @@ def generate_audio(model: nn.Module, processor, info: ModelInfo, prompts: Sequen
     if audio_prompt is not None:
         codes, pid = encode_audio_prompt(model, info, audio_prompt)
     melodies = list(melodies) if melodies is not None else [None] * len(prompts)
+    lengths = list(melody_samples) if melody_samples is not None else [0] * len(prompts)
     reqs = [Request(prompt=p, seed=int(sd), duration=float(duration), sampling=s,
-                    prompt_codes=codes, prompt_id=pid,
-                    melody=mel) for p, sd, mel in zip(prompts, seeds, melodies)]
+                    prompt_codes=codes, prompt_id=pid, melody=mel, melody_samples=int(n))
+            for p, sd, mel, n in zip(prompts, seeds, melodies, lengths)]
     return [r.audio
             for r in generate(model, processor, info, reqs, batch_size=batch_size,
                               max_window=max_window,

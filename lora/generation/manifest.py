@@ -168,8 +168,8 @@ def check_melody_files(paths, problems: list[str], setting: str = "melody_audio"
 def add_melodies(info: ModelInfo, requests: list[Request],
                  setting: str = "--melody_audio (or a prompt's 'melody')") -> None:
     """Each request's melody (the chroma of its ``melody_file``, computed once per file):
-    ``melody``, ``melody_id``, ``melody_sha1``. UserError when the model takes no melody or a file
-    is silent."""
+    ``melody``, ``melody_samples``, ``melody_id``, ``melody_sha1``. UserError when the model takes
+    no melody or a file is silent."""
     wanted = {r.melody_file for r in requests if r.melody_file}
     if not wanted:
         return
@@ -184,12 +184,12 @@ def add_melodies(info: ModelInfo, requests: list[Request],
             chroma, mid = engine.melody_from_audio(wav, info)
         except UserError as e:
             raise UserError(f"melody_audio {path}: {e} Nothing was written.") from None
-        melodies[path] = (chroma, mid, file_hash(path))
+        melodies[path] = (chroma, int(wav.shape[-1]), mid, file_hash(path))
         log.info("Melody %s: %.2f s, %d chroma frames", path, wav.shape[-1] / info.sample_rate,
                  chroma.shape[0])
     for r in requests:
         if r.melody_file:
-            r.melody, r.melody_id, r.melody_sha1 = melodies[r.melody_file]
+            r.melody, r.melody_samples, r.melody_id, r.melody_sha1 = melodies[r.melody_file]
 
 
 def library_versions() -> dict:

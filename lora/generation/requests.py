@@ -61,10 +61,12 @@ class Request:
     prompt_codes: object = None
     # identifies prompt_codes (requests with different audio prompts never share a batch)
     prompt_id: str = ""
-    # melody models: float one-hot chroma (Tm, 12) of the tune to follow (lora.modeling.chroma;
+    # melody models: float one-hot chroma (Tm, 12) of the whole tune to follow
+    # (lora.modeling.chroma); None = the null melody. A piece longer than one window extends the
+    # tune periodically, as audiocraft does (lora.generation.engine.window_melody).
     melody: object = None
-    #                              the whole file: a window past 30 s takes its matching part); None
-    # = null melody
+    # the tune's length in samples at the model's rate (0: Tm chroma hops)
+    melody_samples: int = 0
     melody_id: str = ""          # identifies the melody (a hash of its chroma)
     # the melody's audio file and its content hash (sha1, for the manifest)
     melody_file: str = ""

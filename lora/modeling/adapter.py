@@ -303,9 +303,9 @@ def peft_errors(adapter_dir: Path):
 
 
 def check_adapter_fits(base, adapter_dir: Path, recorded: str, used: str) -> None:
-    """UserError unless the adapter's layers, the architecture of its recorded base and the base's
-    name fit the base model in use (a copy of the same model in another folder is accepted with a
-    warning)."""
+    """UserError unless the adapter's layers and the architecture of its recorded base fit the base
+    model in use: another family, another codebook count or other layer shapes. A recorded base of
+    another name whose architecture fits is used with a warning naming both."""
     fam = family_for(base)
     adapter_cfg = _read_adapter_config(adapter_dir)
     missing = _missing_targets(base, adapter_dir, adapter_cfg.get("target_modules") or [])
@@ -338,18 +338,37 @@ def check_adapter_fits(base, adapter_dir: Path, recorded: str, used: str) -> Non
             f"The LoRA adapter {adapter_dir} was trained on base model {recorded}, but the base "
             f"model in use is {used}, a different architecture ({diff}). Use --model_path {recorded}.")
     if recorded and used and not _same_base(recorded, used):
-        if _same_model_name(recorded, used):
-            log.warning("The adapter was trained on %s; using it with %s (same model name and "
-                        "layer sizes)", recorded, used)
-        else:
-            raise UserError(
-                f"The LoRA adapter {adapter_dir} was trained on base model {recorded}, but the "
-                f"base model in use is {used}. Use --model_path {recorded}; if {used} really is a "
-                f"copy of that model, edit base_model_name_or_path in "
-                f"{adapter_dir / 'adapter_config.json'}.")
+        if recorded_cfg is None:
+            _check_named_base(base, adapter_dir, recorded, used)
+        how = ("the same architecture (both config.json)" if recorded_cfg is not None else
+               "its layers fit this model's; the recorded base is not on this machine, so its "
+               "config.json was not compared")
+        log.warning("The LoRA adapter %s was trained on base model %s; using it with %s: %s. A "
+                    "local copy of that model in a folder of another name is fine; another "
+                    "checkpoint of the same architecture gives other music.", adapter_dir,
+                    recorded, used, how)
     elif not recorded:
         log.warning("%s does not record its base model; assuming %s", adapter_dir
                     / "adapter_config.json", used)
+
+
+def _check_named_base(base, adapter_dir: Path, recorded: str, used: str) -> None:
+    """An adapter whose recorded base (a hub id, say) is not on this machine: what its name says
+    (Meta's checkpoints are named musicgen[-stereo][-melody]-<size>) must not contradict the model
+    in use: a melody adapter on a text-only MusicGen (or the reverse), a stereo adapter on a mono
+    one. The layer shapes were compared already."""
+    name = Path(recorded.rstrip("/")).name.lower()
+    if "musicgen" not in name:
+        return
+    melody, stereo = family_for(base).MELODY, int(base.config.decoder.audio_channels) == 2
+    said = {"melody": "melody" in name, "stereo": "stereo" in name}
+    if said["melody"] != melody or said["stereo"] != stereo:
+        kind = lambda m, st: f"a {'stereo' if st else 'mono'} {'melody ' if m else ''}model"  # noqa: E731
+        raise UserError(
+            f"The LoRA adapter {adapter_dir} was trained on base model {recorded}, "
+            f"{kind(said['melody'], said['stereo'])} by its name, but the base model in use is "
+            f"{used}, {kind(melody, stereo)}: their decoders read another condition or another "
+            f"number of codebooks. Use --model_path {recorded} (or a local copy of it).")
 
 
 def load_lora(model: nn.Module, adapter_dir, is_trainable: bool = False,
@@ -357,10 +376,12 @@ def load_lora(model: nn.Module, adapter_dir, is_trainable: bool = False,
     """Load a saved PEFT LoRA adapter onto the base model; returns the PeftModel.
 
     Checks first (each failure is a UserError naming the file or both models): the folder holds
-    adapter_config.json and adapter_model.safetensors; the adapter's base_model_name_or_path is the
-    base in use (``expected_base``, default ``model.name_or_path``; same folder, same hub id, the
-    hub id's cache snapshot, or a folder of the same model name); the adapter's layer sizes fit this
-    model.
+    adapter_config.json and adapter_model.safetensors; the adapter's layer sizes fit this model; its
+    recorded base (base_model_name_or_path) is of the same family and decoder architecture as the
+    model in use (``expected_base``, default ``model.name_or_path``), compared by config.json where
+    the recorded base is on this machine, else by what its name says (melody, stereo). A recorded
+    base of another name or path (a hub id, and the plan's local model folder) loads with a warning
+    naming both.
     """
     from peft import PeftModel
 
@@ -391,11 +412,15 @@ def set_lora_scale(model: nn.Module, scale: float) -> None:
     base layer alone, and a merge merges nothing). peft's set_scale(0) alone zeroes B·A but leaves a
     DoRA adapter's magnitude vector rescaling the weights, so a DoRA adapter at "scale 0" would not
     be the base model. peft's disable_adapter() context (evaluate's base model) leaves that off on
-    exit; another scale switches the same adapters back on."""
+    exit; another scale switches the same adapters back on. Layers the adapter saved whole (peft's
+    modules_to_save) take the same strength: ``scale_saved_modules``."""
     from peft.tuners.lora import LoraLayer
+    from peft.utils.other import ModulesToSaveWrapper
 
     scale = float(scale)
     for module in model.modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            _set_saved_module_scale(module, scale)
         if not isinstance(module, LoraLayer):
             continue
         off = getattr(module, _OFF_AT_SCALE_ZERO, None)
@@ -409,6 +434,53 @@ def set_lora_scale(model: nn.Module, scale: float) -> None:
         elif scale != 0.0 and off is not None:
             module._active_adapter = names
             delattr(module, _OFF_AT_SCALE_ZERO)
+
+
+# the saved module's own (full-strength) weights, kept beside it while a strength other than 1 is set
+_FULL_WEIGHTS = "_lora_toolkit_full_weights"
+
+
+def scale_saved_module(wrapper, name: str, scale: float) -> None:
+    """A layer adapter ``name`` saved whole (peft's ``modules_to_save``: e.g. a retrained LM head
+    from another trainer) at strength ``scale``: its weights become ``W_base + scale * (W_saved -
+    W_base)``, the straight line a LoRA update follows (``W + scale * B A``): 1 = the saved layer, 0
+    = the base layer, 0.5 halfway, above 1 beyond. The saved weights are kept (on the layer's
+    device) so another strength can be set later."""
+    import torch
+
+    saved = wrapper.modules_to_save[name]
+    full = saved.__dict__.get(_FULL_WEIGHTS)
+    if full is None:
+        if scale == 1.0:
+            return
+        full = {k: v.detach().clone() for k, v in saved.named_parameters()}
+        saved.__dict__[_FULL_WEIGHTS] = full  # a plain attribute: neither a parameter nor saved
+    base = dict(wrapper.original_module.named_parameters())
+    with torch.no_grad():
+        for k, p in saved.named_parameters():
+            w = full[k]
+            if scale == 1.0 or not p.is_floating_point():
+                p.copy_(w)
+            else:
+                b = base[k].to(device=w.device, dtype=w.dtype)
+                p.copy_(b + scale * (w - b))
+
+
+def _set_saved_module_scale(wrapper, scale: float) -> None:
+    """``set_lora_scale`` for one ModulesToSaveWrapper: 0 switches it off (the base layer itself,
+    exactly; another scale switches the same adapter back on), any other strength scales it."""
+    off = getattr(wrapper, _OFF_AT_SCALE_ZERO, None)
+    names = list(off) if off is not None else list(wrapper.active_adapters)
+    if scale == 0.0:
+        if off is None:
+            setattr(wrapper, _OFF_AT_SCALE_ZERO, names)
+            wrapper._active_adapter = []  # (peft's own field: no active adapter = the base layer)
+        return
+    if off is not None:
+        wrapper._active_adapter = names[0] if len(names) == 1 else names
+        delattr(wrapper, _OFF_AT_SCALE_ZERO)
+    for name in names:
+        scale_saved_module(wrapper, name, scale)
 
 
 def merge_lora(model: nn.Module):
@@ -480,8 +552,10 @@ def set_adapter_scales(model: nn.Module, scales: dict) -> None:
     """Make every adapter of ``scales`` (peft adapter name -> strength) active at its own strength:
     each LoRA layer adds each active adapter's update times its scaling (peft's ``set_scale``;
     peft's ``set_adapter`` with several names). An adapter at 0 is left out of the active set, so it
-    adds nothing (DoRA's magnitude too); all at 0 is the base model."""
+    adds nothing (DoRA's magnitude too); all at 0 is the base model. A layer an adapter saved whole
+    (modules_to_save) takes its adapter's strength (``scale_saved_module``)."""
     from peft.tuners.lora import LoraLayer
+    from peft.utils.other import ModulesToSaveWrapper
 
     for module in model.modules():
         if isinstance(module, LoraLayer):
@@ -496,6 +570,11 @@ def set_adapter_scales(model: nn.Module, scales: dict) -> None:
                         f"same layer as a whole (modules_to_save); use them one at a time, or give "
                         f"one of them lora_scale 0."
                         ) from None
+    for module in model.modules():  # layers saved whole take their adapter's strength
+        if isinstance(module, ModulesToSaveWrapper):
+            for name in module.modules_to_save:
+                if name in active:
+                    scale_saved_module(module, name, float(scales[name]))
 
 
 def load_adapters(model: nn.Module, paths: list, scales: list, expected_base: Optional[str] = None):

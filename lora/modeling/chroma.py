@@ -94,6 +94,24 @@ def chroma(wav, sample_rate: int, max_seconds: Optional[float] = MAX_SECONDS):
     return torch.nn.functional.one_hot(idx, NUM_CHROMA).float()
 
 
+def periodic_indices(n_frames: int, n_samples: int, start: int, length: int, hop: int = HOP) -> np.ndarray:
+    """Frame indices into a tune's chroma (``n_frames`` frames of a recording of ``n_samples``
+    samples) for ``length`` frames of that recording extended periodically (wrapped around its end
+    back to its start), from sample ``start``: how audiocraft's ``MusicGen._generate_tokens`` gives
+    a melody to the windows of a piece longer than the model's context (it wraps the waveform:
+    ``wav[..., positions % wav_length]``). Frame j sits at sample ``start + j * hop`` of the
+    extended recording, position ``p = (start + j * hop) mod n_samples`` of the tune; it takes the
+    tune's frame nearest to p (audiocraft recomputes the chroma of the wrapped audio: the frames
+    whose window straddles the wrap point may differ)."""
+    n_samples = max(1, int(n_samples))
+    p = (int(start) + np.arange(int(length), dtype=np.int64) * hop) % n_samples
+    idx = np.rint(p / hop).astype(np.int64)
+    last = n_frames - 1
+    over = idx > last  # past the last frame: the nearer of the last frame and the next period's first
+    idx[over] = np.where(n_samples - p[over] < p[over] - last * hop, 0, last)
+    return idx
+
+
 def dominant_pitch_classes(one_hot) -> list[str]:
     """The pitch class of each frame, for messages and tests."""
     return [PITCH_CLASSES[int(i)] for i in one_hot.argmax(dim=-1)]

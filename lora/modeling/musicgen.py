@@ -194,6 +194,11 @@ def max_positions(model: nn.Module) -> int:
     return int(getattr(get_base(model).config.decoder, "max_position_embeddings", 10 ** 9))
 
 
+def prefix_positions(info: ModelInfo, text_length: int = 0) -> int:
+    """Decoder positions read before the audio: none (the text is cross-attended)."""
+    return 0
+
+
 def set_decoder_dropout(model: nn.Module, p: float | None) -> float | None:
     """training.decoder_dropout: the hidden-state dropout of the frozen decoder while LoRA trains
     (``MusicgenDecoder.dropout`` after the embeddings and ``MusicgenDecoderLayer.dropout`` after

@@ -57,6 +57,7 @@ from lora.modeling.musicgen import (  # noqa: F401  (the shared parts of the fam
     text_encoder_of,
     with_unconditional,
 )
+from lora.modeling.text_padding import TEXT_PAD_MULTIPLE, text_length  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:
     import torch
@@ -67,7 +68,7 @@ MELODY = True  # conditioned on text and a melody (the chroma of a clip / a melo
 # What a melody family provides beyond MusicGen's interface (called only where ``fam.MELODY`` is
 # true).
 MELODY_INTERFACE = ("melody_frames", "null_like", "pad_text", "dropped_text",
-                    "with_unconditional_melody")
+                    "with_unconditional_melody", "row_text_lengths")
 
 
 @dataclass
@@ -299,6 +300,12 @@ def prefix(model: nn.Module, hidden, mask, chroma=None):
     return torch.cat([melody_states(model, chroma), text_states(model, hidden, mask)], dim=1)
 
 
+def prefix_positions(info: ModelInfo, text_length: int = 0) -> int:
+    """Decoder positions the prefix takes before the audio: chroma_length melody frames and the
+    caption's padded text length (``text_length``)."""
+    return int(info.chroma_length) + int(text_length)
+
+
 def condition(model: nn.Module, hidden, mask, chroma=None) -> dict:
     """The keyword arguments of ``MusicgenMelodyForConditionalGeneration.forward`` for cached text
     states: the prefix built here (passing ``encoder_hidden_states`` makes transformers skip its own
@@ -317,19 +324,14 @@ def null_condition(batch: int, info: ModelInfo, length: int = 1, device: torch.d
     return hidden, torch.zeros((batch, length), device=device, dtype=torch.long)
 
 
-# = lora.generation.engine.TEXT_PAD_MULTIPLE: training pads a clip's text as generation does
-TEXT_PAD_MULTIPLE = 32
-
-
 def pad_text(hidden, mask):
-    """One clip's text states (L, D) / (L,) zero-padded (mask 0) to the next multiple of
-    TEXT_PAD_MULTIPLE, the length generation gives the same caption. Padded positions are zero
-    vectors in the prefix, which the decoder attends to, so training and generation must agree on
-    them."""
+    """One clip's text states (L, D) / (L,) zero-padded (mask 0) to ``text_length`` of its tokens,
+    the length generation gives the same caption. Padded positions are zero vectors in the prefix,
+    which the decoder attends to, so training and generation must agree on them."""
     import torch
 
     n = int(hidden.shape[0])
-    L = max(1, math.ceil(n / TEXT_PAD_MULTIPLE)) * TEXT_PAD_MULTIPLE
+    L = text_length(n)
     if L == n:
         return hidden, mask
     h = torch.zeros((L, hidden.shape[-1]), dtype=hidden.dtype, device=hidden.device)
@@ -370,15 +372,65 @@ def with_unconditional_melody(chroma):
 # --------------------------------------------------------------------------------------------
 # The teacher-forced forward, and decoding with transformers' cache
 # --------------------------------------------------------------------------------------------
+def row_text_lengths(mask, given=None) -> list[int]:
+    """Each row's padded text length: ``given`` (the batch's ``text_lengths``, from the items:
+    a dropped caption keeps its length with a zero mask) or else ``text_length`` of the row's
+    tokens (the mask of captions encoded on the fly, before any dropout)."""
+    if given is not None:
+        return [int(n) for n in given]
+    return [text_length(int(n)) for n in mask.sum(dim=-1)]
+
+
+def _text_to(hidden, mask, length: int):
+    """Text states (B, L, D) / (B, L) cut or zero-padded to ``length`` positions (the positions cut
+    are padding: every row of the group has at most ``length`` tokens)."""
+    import torch.nn.functional as F
+
+    n = hidden.shape[1]
+    if n >= length:
+        return hidden[:, :length], mask[:, :length]
+    return F.pad(hidden, (0, 0, 0, length - n)), F.pad(mask, (0, length - n))
+
+
 def teacher_forced_logits(model: nn.Module, info: ModelInfo, codes, lengths, hidden, mask,
-                          autocast=contextlib.nullcontext, chroma=None):
-    """As ``lora.modeling.musicgen.teacher_forced_logits``, with the melody prefix. The logits cover
-    prefix + S positions; ``codebook_loss`` scores the last S (the audio positions), as
-    transformers' loss does."""
+                          autocast=contextlib.nullcontext, chroma=None, text_lengths=None):
+    """As ``lora.modeling.musicgen.teacher_forced_logits``, with the melody prefix; ``codebook_loss``
+    scores the last S positions (the audio), as transformers' loss does.
+
+    ``text_lengths`` (one per row; training, validation and the evaluation pass
+    ``row_text_lengths``): each clip reads its text at its own padded length, the length generation
+    gives the caption. In a prefix model the padded positions are attended and move the audio's
+    positions, so a clip padded to a longer caption of its batch would be another condition (its
+    loss would depend on the batch). Rows of one length share a forward; a batch of several lengths
+    runs one forward per length and returns the logits of the S audio positions only. None: the
+    text as given, one length for the batch (transformers' forward)."""
+    import torch
+
     dec_in, labels = build_delay_pattern(codes, lengths, info)
-    with autocast():
-        logits = model(**condition(model, hidden, mask, chroma), decoder_input_ids=dec_in).logits
-    return logits, labels
+    L = [int(hidden.shape[1])] * codes.shape[0] if text_lengths is None else [int(n) for n in text_lengths]
+    groups: dict[int, list[int]] = {}
+    for i, n in enumerate(L):
+        groups.setdefault(n, []).append(i)
+    if len(groups) == 1 and hidden.shape[1] == L[0]:
+        with autocast():
+            logits = model(**condition(model, hidden, mask, chroma), decoder_input_ids=dec_in).logits
+        return logits, labels
+    B, S = codes.shape[0], dec_in.shape[-1]
+    ids = dec_in.view(B, -1, S)
+    parts, order = [], []
+    for n, rows in groups.items():
+        idx = torch.tensor(rows, device=hidden.device)
+        h, m = _text_to(hidden[idx], mask[idx], n)
+        c = None if chroma is None else chroma[idx.to(chroma.device)]
+        with autocast():
+            out = model(**condition(model, h, m, c),
+                        decoder_input_ids=ids[idx.to(ids.device)].reshape(-1, S)).logits
+        parts.append(out[:, -S:].reshape(len(rows), -1, S, out.shape[-1]))
+        order += rows
+    inverse = torch.empty(B, dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(B)
+    logits = torch.cat(parts)[inverse.to(parts[0].device)]
+    return logits.reshape(-1, S, logits.shape[-1]), labels
 
 
 def cached_step(model: nn.Module, hidden, mask, ids, cache, chroma=None):

@@ -294,9 +294,13 @@ def _build_tiny_model(directory: Path, stereo: bool) -> None:
 # --------------------------------------------------------------------------------------------
 # The tiny MusicGen-Melody
 # --------------------------------------------------------------------------------------------
-TINY_MELODY_VERSION = 2  # bump when the tiny melody model changes (its marker's "melody" holds it)
+TINY_MELODY_VERSION = 3  # bump when the tiny melody model changes (its marker's "melody" holds it)
 # init std of the melody and text projections (transformers': 0.02), see below
 TINY_PREFIX_STD = 1.0
+# spread of the norms' weights around 1 and of the biases around 0 (``make_nondegenerate``)
+TINY_SPREAD_STD = 0.2
+# the biases of the prefix's projections, in the units of their weights (TINY_PREFIX_STD)
+TINY_PREFIX_BIAS_STD = 0.5
 # as the released melody models: 30 s of chroma (shorter melodies are tiled to it)
 TINY_CHROMA_LENGTH = 235
 # facebook/musicgen-melody's preprocessor_config.json (the extractor needs torchaudio
@@ -309,12 +313,47 @@ MELODY_FEATURE_EXTRACTOR = {
     "stem_indices": [3, 2]}
 
 
+def make_nondegenerate(model: nn.Module, generator=None) -> list[str]:
+    """Give every norm weight (all ones at init) and every bias (all zeros at init) outside the
+    codec a random value: norms 1 + N(0, TINY_SPREAD_STD), biases N(0, TINY_SPREAD_STD). With transformers'
+    init, a bug that only a bias or a norm would show passes every test: a text mask applied before
+    the projection instead of after it (the masked positions become the bias, not zero), a null
+    melody of ``W[:, 0]`` without its bias, a norm skipped. Returns the names changed.
+
+    The codec is skipped: its codebooks are fitted to its encoder's output and its decoder's biases
+    are zero on purpose (``_level_tiny_decoder``: no DC offset). The text-only tiny models
+    (``tiny``, ``tiny-stereo``) are not built with it: the quick start's held-out losses depend on
+    their weights bit for bit, and their text states go through transformers' own projection and
+    mask; tests apply it to a loaded copy where a bias matters (the static decoder's projection)."""
+    import torch
+
+    changed = []
+    codec = {id(p) for p in musicgen.audio_codec(model).parameters()}  # (both families' codec)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if id(p) in codec or p.dim() != 1:
+                continue
+            noise = torch.randn(p.shape, generator=generator).to(p.dtype)
+            if name.endswith("bias"):
+                p.copy_(TINY_SPREAD_STD * noise)
+            elif "norm" in name:
+                p.copy_(1.0 + TINY_SPREAD_STD * noise)
+            else:
+                continue
+            changed.append(name)
+    return changed
+
+
 def _large_prefix(model: nn.Module) -> None:
     """With transformers' init the prefix is ~0.02 in size and a random tiny decoder ignores it:
     greedy tokens would not depend on the melody, and no test could tell whether it reached the
-    model."""
+    model. Every norm and bias is then made non-degenerate (``make_nondegenerate``), the
+    projections' biases on the scale of their weights: the null melody is ``W[:, 0] + b`` and a
+    masked text position is 0, not ``b``."""
+    make_nondegenerate(model)
     for proj in musicgen_melody.decoder_modules(model)[1:]:
         proj.weight.normal_(0.0, TINY_PREFIX_STD)
+        proj.bias.normal_(0.0, TINY_PREFIX_BIAS_STD)
 
 
 def _build_tiny_melody_model(directory: Path, stereo: bool) -> None:

@@ -20,9 +20,10 @@ from lora.generation.requests import GenerationError
 from lora.modeling import chroma as melody_chroma
 from lora.modeling.loading import family_for
 from lora.modeling.precision import generation_dtype
-from lora.scoring import intervals, metrics
+from lora.scoring import differences, intervals, metrics, verdicts
 from lora.scoring.likelihood import _model_context
 from lora.scoring.plots import save_spectrogram
+from lora.scoring.verdicts import DEFAULT_PATTERNS
 
 if TYPE_CHECKING:
     import torch
@@ -91,10 +92,11 @@ def _distances(gen: list[dict], ref: list[dict], transform: dict) -> dict:
 def generate_clips(model: nn.Module, processor, info: ModelInfo, which: str, prompts, seeds,
                    cfg: Config, melodies=None) -> list:
     """Audio (C, N) per (prompt, seed) pair in prompt-major order; None where generation produced
-    NaN/inf. ``melodies`` (melody models): one chroma per prompt."""
+    NaN/inf. ``melodies`` (melody models): ``melody_prompts``' {"chroma", "samples"}, one tune per
+    prompt."""
     g, ev = cfg.generation, cfg.evaluation
-    pairs = [(p, s, None if melodies is None else melodies[i]) for i, p in enumerate(prompts)
-             for s in seeds]
+    pairs = [(p, s, None if melodies is None else (melodies["chroma"][i], melodies["samples"][i]))
+             for i, p in enumerate(prompts) for s in seeds]
     out: list = []
     for i in range(0, len(pairs), g.batch_size):
         chunk = pairs[i:i + g.batch_size]
@@ -107,7 +109,8 @@ def generate_clips(model: nn.Module, processor, info: ModelInfo, which: str, pro
                                       do_sample=g.do_sample, batch_size=g.batch_size,
                                       max_window=g.max_window,
                                       extend_stride=g.extend_stride, decoding=g.decoding,
-                                      melodies=[m for _, _, m in chunk])
+                                      melodies=[None if m is None else m[0] for _, _, m in chunk],
+                                      melody_samples=[0 if m is None else m[1] for _, _, m in chunk])
         except GenerationError as e:
             log.warning("%s model: generation failed for %d clip(s): %s", which, len(chunk), e)
             out += [None] * len(chunk)
@@ -144,8 +147,7 @@ def generation_metrics(model: nn.Module, processor, info: ModelInfo, cfg: Config
     for m in models:
         log.info("Generating %d clip(s) of %.1f s with the %s model", len(prompts) * len(seeds),
                  ev.eval_duration, m)
-        audio[m] = generate_clips(model, processor, info, m, prompts, seeds, cfg,
-                                  melodies=None if melody is None else melody["chroma"])
+        audio[m] = generate_clips(model, processor, info, m, prompts, seeds, cfg, melodies=melody)
     res["generation_seconds"] = time.perf_counter() - t0
     checks = {m: _check_and_save_clips(res, m, audio[m], prompts, seeds, info.sample_rate, out_dir)
               for m in models}
@@ -162,10 +164,11 @@ def generation_metrics(model: nn.Module, processor, info: ModelInfo, cfg: Config
     res["reference"] = {"n_clips": len(ref),
                         "seconds": float(sum(w.shape[-1] for w in ref_wavs) / info.sample_rate)}
     res["floors"] = _floors(model, info, ref, ref_wavs, transform)
+    family = differences.Family(pair_units(prompts, len(seeds), melody), ev.permutations, g.seed)
     scored = score_generated(lambda m, idx: _embed_all(model, [audio[m][j] for j in idx], info),
                              checks, ref,
                              transform, len(seeds), ev.exclude_failed_clips, ev.bootstrap_samples,
-                             g.seed)
+                             g.seed, family)
     shared = scored["distance_set"]["pair_indices"]
     scored["distance_set"]["pairs"] = [[j // len(seeds), seeds[j % len(seeds)]] for j in shared]
     _mark_distance_set(res, shared, checks, ev.exclude_failed_clips)
@@ -173,13 +176,14 @@ def generation_metrics(model: nn.Module, processor, info: ModelInfo, cfg: Config
     res.update(scored)
     if melody is not None:
         res["melody"] = melody_similarity(melody, audio, models, shared, len(seeds), info.sample_rate,
-                                          ev.bootstrap_samples, g.seed)
+                                          ev.bootstrap_samples, g.seed, family)
         if "interval" in res["melody"] and res.get("intervals"):
             res["intervals"]["metrics"]["chroma"] = res["melody"].pop("interval")
     if ev.clap_model_path:
         res["clap"] = clap_metrics(ev.clap_model_path, models, audio, shared, prompts, seeds,
                                    valid_recs, ref_wavs,
-                                   info.sample_rate, device, n_boot=ev.bootstrap_samples, seed=g.seed)
+                                   info.sample_rate, device, n_boot=ev.bootstrap_samples, seed=g.seed,
+                                   family=family)
         if "interval" in res["clap"] and res.get("intervals"):
             res["intervals"]["metrics"]["clap"] = res["clap"].pop("interval")
     else:
@@ -187,34 +191,50 @@ def generation_metrics(model: nn.Module, processor, info: ModelInfo, cfg: Config
                                   "text-audio score, download a CLAP model once (e.g. "
                                   "laion/larger_clap_music) into a folder and pass "
                                   "--clap_model_path FOLDER."}
+    if res.get("intervals"):  # every row's family-adjusted p (lora.scoring.verdicts)
+        res["intervals"]["test"] = family.finish(res["intervals"]["metrics"])
     return res
+
+
+def pair_units(prompts: list[str], n_seeds: int, melody: Optional[dict] = None) -> list[int]:
+    """The independent unit of every (prompt, seed) pair, prompt-major: its prompt, merged with
+    every prompt of the same caption and (melody models) of the same tune (its seeds, and prompts
+    that share a caption or a tune, give correlated clips)."""
+    keys = []
+    for pi, prompt in enumerate(prompts):
+        k = [("prompt", prompt.strip())] + ([("melody", melody["sources"][pi])] if melody else [])
+        keys += [k] * n_seeds
+    return verdicts.unit_ids(keys).tolist()
 
 
 def melody_prompts(info: ModelInfo, valid_recs, prompts: list[str]) -> Optional[dict]:
     """Melody models: the tune each prompt follows in the evaluation, taken from the held-out clips
     themselves (the clip whose caption the prompt is, else the held-out clips in turn): {"sources":
-    paths, "chroma": one-hot chromas}. None for text-only models."""
+    paths, "chroma": one-hot chromas, "samples": their lengths}. None for text-only models."""
     if not family_for(info).MELODY:
         return None
     by_caption = {}
     for r in valid_recs:
         by_caption.setdefault(r.text.strip(), r)
-    sources, chromas = [], []
+    sources, chromas, samples = [], [], []
     for i, p in enumerate(prompts):
         rec = by_caption.get(p.strip(), valid_recs[i % len(valid_recs)])
+        wav = load_audio(rec.path, info.sample_rate, 1)
         try:
-            chroma, _ = melody_from_audio(load_audio(rec.path, info.sample_rate, 1), info)
+            chroma, _ = melody_from_audio(wav, info)
         except GenerationError as e:  # (a silent held-out clip has no tune to follow)
             raise UserError(f"held-out clip {rec.path} is the melody of prompt {p!r}, but: {e} "
                             f"Remove the clip from the metadata, or pass --prompts / "
                             f"--prompts_file with other captions.") from None
         sources.append(str(rec.path))
         chromas.append(chroma)
-    return {"sources": sources, "chroma": chromas}
+        samples.append(int(wav.shape[-1]))
+    return {"sources": sources, "chroma": chromas, "samples": samples}
 
 
 def melody_similarity(melody: dict, audio: dict, models: list[str], shared: list[int], n_seeds: int,
-                      sr: int, n_boot: int, seed: int) -> dict:
+                      sr: int, n_boot: int, seed: int,
+                      family: Optional[differences.Family] = None) -> dict:
     """audiocraft's chroma cosine similarity of each generated clip of the shared set to the melody
     it was given, per model, beside its floor: the similarity of the same clips to another prompt's
     melody (a shuffled pairing: what following no tune in particular scores). With both models, the
@@ -237,12 +257,11 @@ def melody_similarity(melody: dict, audio: dict, models: list[str], shared: list
         floor = [x for x in other if x is not None]
         out[m] = {"mean": float(np.mean(own)) if own else None,
                   "shuffled_mean": float(np.mean(floor)) if floor else None, "per_clip": own}
-    if {"base", "lora"} <= set(models) and len(shared) >= 2:
-        r = intervals.paired_bootstrap_ci(per["base"], per["lora"], n_boot=n_boot, seed=seed)
-        out["interval"] = _paired_interval(r,
-                                           "LoRA minus base chroma similarity to the given melody; "
-                                           "positive = "
-                                              "LoRA follows the melody more closely")
+    if {"base", "lora"} <= set(models) and len(shared) >= 2 and family is not None:
+        out["interval"] = differences.paired_row(
+            family, "chroma", per["base"], per["lora"], shared, n_boot, seed,
+            "LoRA minus base chroma similarity to the given melody; positive = LoRA follows the "
+            "melody more closely")
     return out
 
 
@@ -312,13 +331,18 @@ def distance_set(checks: dict[str, list[dict]], exclude_failed: bool = True) -> 
 
 
 def score_generated(embed, checks: dict[str, list[dict]], ref: list[dict], transform: dict,
-                    n_seeds: int, exclude_failed: bool, n_boot: int, seed: int) -> dict:
-    """FAD/KAD and diversity of every model on the shared set, and (two models) the paired bootstrap
-    intervals of the differences. ``embed(model, pair_indices)`` returns the clips' embeddings
-    (_embed_all). Returns {"distance_set", "distances", "diversity", "intervals", "notes"}."""
+                    n_seeds: int, exclude_failed: bool, n_boot: int, seed: int,
+                    family: Optional[differences.Family] = None) -> dict:
+    """FAD/KAD and diversity of every model on the shared set, and (two models) the differences:
+    intervals resampling whole prompts and their statistics in ``family`` (the generated-audio
+    rows tested together; default: each prompt its own unit, evaluation.permutations' default).
+    ``embed(model, pair_indices)`` returns the clips' embeddings (_embed_all). Returns
+    {"distance_set", "distances", "diversity", "intervals", "notes"}."""
     models = list(checks)
     shared = distance_set(checks, exclude_failed)
     n_pairs = len(next(iter(checks.values()))) if checks else 0
+    if family is None:
+        family = differences.Family([j // n_seeds for j in range(n_pairs)], DEFAULT_PATTERNS, seed)
     usable = "passing every signal check" if exclude_failed else "finite"
     out: dict = {"distance_set": {
         "rule": (f"the (prompt, seed) pairs whose clips are {usable} for every evaluated model "
@@ -326,6 +350,7 @@ def score_generated(embed, checks: dict[str, list[dict]], ref: list[dict], trans
         "n_pairs": len(shared), "n_pairs_generated": n_pairs, "pair_indices": shared,
         "n_usable_alone": {m: len(usable_clips(checks[m], exclude_failed)) for m in models}},
         "distances": {}, "diversity": {}, "intervals": None, "notes": []}
+    both = "base" in models and "lora" in models
     if len(shared) < 2:
         out["distances"] = {m: None for m in models}
         out["diversity"] = {m: None for m in models}
@@ -336,6 +361,9 @@ def score_generated(embed, checks: dict[str, list[dict]], ref: list[dict], trans
             + (" --exclude_failed_clips false keeps clips that fail a check." if exclude_failed
                else ""))
         log.warning(out["notes"][-1])
+        if both:  # the failure shares are still compared, over every pair
+            out["intervals"] = {"metrics": {"failed_share": failure_interval(checks, family, n_boot,
+                                                                             seed)}}
         return out
     emb = {m: embed(m, shared) for m in models}
     for m in models:
@@ -344,84 +372,55 @@ def score_generated(embed, checks: dict[str, list[dict]], ref: list[dict], trans
         out["diversity"][m] = metrics.diversity(clip_emb, [j // n_seeds for j in shared],
                                                 [j % n_seeds for j in shared])
         out["diversity"][m]["space"] = "mean EnCodec latent per clip, cosine distance"
-    if "base" in models and "lora" in models:
+    if both:
         t0 = time.perf_counter()
-        out["intervals"] = distance_intervals(emb, out["distances"], ref, transform, n_boot, seed)
-        out["intervals"]["metrics"]["failed_share"] = failure_interval(checks, n_boot, seed)
+        out["intervals"] = distance_intervals(emb, out["distances"], ref, transform, n_boot, seed,
+                                              family, shared)
+        out["intervals"]["metrics"]["failed_share"] = failure_interval(checks, family, n_boot, seed)
         out["intervals"]["seconds"] = time.perf_counter() - t0
         if len(shared) < 10:
             out["notes"].append(f"The intervals of the generated-audio differences rest on only "
                                 f"{len(shared)} (prompt, seed) pairs: rough (a bootstrap over few "
-                                f"pairs is too narrow); raise --num_prompts or --eval_seeds.")
+                                f"prompts is too narrow; the verdicts come from the permutation "
+                                f"test); raise --num_prompts.")
     return out
 
 
 def distance_intervals(emb: dict, dist: dict, ref: list[dict], transform: dict, n_boot: int,
-                       seed: int) -> dict:
-    """Paired bootstrap of LoRA - base FAD/KAD: the shared (prompt, seed) pairs resampled with
-    replacement, both models' distances to the (fixed) reference recomputed on the same resample."""
-    n = len(emb["base"])
+                       seed: int, family: differences.Family, shared: list[int]) -> dict:
+    """LoRA - base FAD/KAD on the shared pairs: the bootstrap intervals resampling whole prompts
+    (both models on the same resample, the reference fixed) and the permutation statistics of the
+    family (lora.scoring.differences)."""
     b = min(n_boot, GEN_BOOTSTRAP_MAX)
-    counts = intervals.bootstrap_counts(n, b, seed)
-    res: dict = {"resampled": "the shared (prompt, seed) pairs, with replacement; both models on "
-                              "the same resample (paired); the reference set fixed",
-                 "n_pairs": n, "n_boot_fad_kad": b,
-                 "n_boot_note": f"FAD/KAD intervals use at most {GEN_BOOTSTRAP_MAX} resamples "
-                                f"(cost); CLAP and the failure share use "
-                                f"evaluation.bootstrap_samples", "metrics": {}}
-    for space in ("encodec", "librosa"):
-        y = transform[space](np.concatenate([r[space] for r in ref]))
-        clips = {m: [transform[space](e[space]) for e in emb[m]] for m in ("base", "lora")}
-        fad = {m: intervals.frechet_bootstrap(clips[m], y, counts) for m in clips}
-        kad = {m: intervals.kernel_bootstrap(clips[m], y, counts, kernel=KAD_KERNEL,
-                                             max_rows=KAD_MAX_FRAMES)
-               for m in clips}
-        res["metrics"][f"{space}.fad"] = _interval(fad, dist, (space, "fad"), n, f"FAD ({space})")
-        res["metrics"][f"{space}.kad"] = _interval(kad, dist, (space, "kad", "value"), n,
-                                                   f"KAD x100 ({space})")
-    if dist["base"]["librosa"]["kad_clip_statistics"] is not None:
-        y = np.stack([metrics.clip_statistics(transform["librosa"](r["librosa"])) for r in ref])
-        kad = {m: intervals.kernel_bootstrap([metrics.clip_statistics(transform["librosa"](e["librosa"]))[None]
-                                            for e in emb[m]], y, counts, kernel=KAD_KERNEL)
-               for m in emb}
-        res["metrics"]["librosa.kad_clip_statistics"] = _interval(
-            kad, dist, ("librosa", "kad_clip_statistics", "value"), n,
-            "KAD x100 (librosa clip statistics)")
-    return res
+
+    def kad(rows: int):
+        return lambda clips, y, counts: intervals.kernel_bootstrap(clips, y, counts, kernel=KAD_KERNEL,
+                                                                   max_rows=rows)
+
+    rows = differences.distance_rows(family, emb, dist, ref, transform, shared, b, seed,
+                                     kad=kad(KAD_MAX_FRAMES), kad_pool=kad(2 * KAD_MAX_FRAMES),
+                                     clip_statistics=metrics.clip_statistics)
+    return {"resampled": "whole prompts (the shared (prompt, seed) pairs of a prompt together), with "
+                         "replacement; both models on the same resample (paired); the reference set "
+                         "fixed",
+            "n_pairs": len(shared), "n_boot_fad_kad": b,
+            "n_boot_note": f"FAD/KAD intervals use at most {GEN_BOOTSTRAP_MAX} resamples (cost); CLAP "
+                           f"and the failure share use evaluation.bootstrap_samples",
+            "metrics": rows}
 
 
-def _interval(boot: dict, dist: dict, keys: tuple, n: int, label: str) -> dict:
-    point = {}
-    for m in ("base", "lora"):
-        v = dist[m]
-        for k in keys:
-            v = v[k]
-        point[m] = v
-    out = intervals.percentile_interval(boot["lora"] - boot["base"], point["lora"] - point["base"])
-    out.update(n_pairs=n, what=f"LoRA minus base {label}; negative = LoRA closer to the reference")
-    return out
-
-
-def failure_interval(checks: dict, n_boot: int, seed: int) -> dict:
-    """Paired bootstrap over every generated (prompt, seed) pair of LoRA - base share of clips
-    failing a check."""
+def failure_interval(checks: dict, family: differences.Family, n_boot: int, seed: int) -> dict:
+    """LoRA - base share of clips failing a check over every generated (prompt, seed) pair."""
     failed = {m: [1.0 if c["failures"] else 0.0 for c in checks[m]] for m in ("base", "lora")}
-    r = intervals.paired_bootstrap_ci(failed["base"], failed["lora"], n_boot=n_boot, seed=seed)
-    return _paired_interval(r,
-                            "LoRA minus base share of generated clips failing a signal check "
-                            "(every pair); "
-                               "negative = LoRA fails less")
-
-
-def _paired_interval(r: dict, what: str) -> dict:
-    """A paired_bootstrap_ci result in the form of the other intervals of the generation section."""
-    return {"diff": r["diff"], "ci_low": r["ci_low"], "ci_high": r["ci_high"],
-            "confidence": r["confidence"], "n_boot": r["n_boot"], "p_two_sided": r["p_two_sided"],
-            "excludes_zero": bool(r["ci_high"] < 0 or r["ci_low"] > 0), "n_pairs": r["n"], "what": what}
+    return differences.paired_row(family, "failed_share", failed["base"], failed["lora"],
+                                  list(range(len(failed["base"]))), n_boot, seed,
+                                  "LoRA minus base share of generated clips failing a signal check "
+                                  "(every pair); negative = LoRA fails less")
 
 
 def clap_metrics(path, models, audio, shared, prompts, seeds, valid_recs, ref_wavs, sr,
-                 device: torch.device, *, n_boot: int = 2000, seed: int = 0) -> dict:
+                 device: torch.device, *, n_boot: int = 2000, seed: int = 0,
+                 family: Optional[differences.Family] = None) -> dict:
     """CLAP text-audio scores of every model on the shared (prompt, seed) pairs (the set of the
     distances), the valid clips against their captions, and (two models) the paired bootstrap
     interval of LoRA - base."""
@@ -442,13 +441,11 @@ def clap_metrics(path, models, audio, shared, prompts, seeds, valid_recs, ref_wa
         res[m] = metrics.clap_scores(model, processor, [prompts[j // len(seeds)] for j in shared],
                                      [audio[m][j] for j in shared], sr, device=device)
         res[m]["n_pairs"] = len(shared)
-    if "base" in models and "lora" in models and len(shared) >= 2:
-        r = intervals.paired_bootstrap_ci(res["base"]["scores"], res["lora"]["scores"],
-                                          n_boot=n_boot, seed=seed)
-        res["interval"] = _paired_interval(r,
-                                           "LoRA minus base CLAP text-audio score on the shared "
-                                           "pairs; positive "
-                                              "= LoRA follows the prompts better")
+    if "base" in models and "lora" in models and len(shared) >= 2 and family is not None:
+        res["interval"] = differences.paired_row(
+            family, "clap", res["base"]["scores"], res["lora"]["scores"], shared, n_boot, seed,
+            "LoRA minus base CLAP text-audio score on the shared pairs; positive = LoRA follows the "
+            "prompts better")
     pairs = [(r.text, w) for r, w in zip(valid_recs, ref_wavs) if r.text.strip()]
     if pairs:
         res["reference"] = metrics.clap_scores(model, processor, [t for t, _ in pairs],

@@ -20,9 +20,8 @@ from lora.modeling.adapter import (
     text_encoder_has_lora,
 )
 from lora.modeling.loading import family_for
-from lora.modeling.window import checked_window
-from lora.scoring import intervals
-from lora.scoring.report import MIN_CLIPS_FOR_A_VERDICT
+from lora.modeling.window import checked_window, longest_caption
+from lora.scoring import intervals, verdicts
 
 if TYPE_CHECKING:
     import torch
@@ -67,7 +66,10 @@ def heldout_likelihood(model: nn.Module, clips, info: ModelInfo, max_frames: int
                 hidden, mask = fam.encode_text(model, processor, batch["texts"], device=device)
             else:
                 hidden, mask = batch["hidden"].to(device), batch["mask"].to(device)
-            melody = {"chroma": batch["chroma"].to(device)} if "chroma" in batch else {}
+            melody = {}
+            if fam.MELODY:  # each clip at its own text length, as generation and training
+                melody = {"chroma": batch["chroma"].to(device),
+                          "text_lengths": fam.row_text_lengths(mask, batch.get("text_lengths"))}
             logits, labels = fam.teacher_forced_logits(model, info, batch["codes"].to(device),
                                                        batch["lengths"].to(device), hidden, mask,
                                                        **melody)
@@ -96,7 +98,8 @@ def likelihood_section(model: nn.Module, processor, info: ModelInfo, clips, cfg:
     difference over ``recordings`` (one key per clip: the recording it was cut from); returns (the
     results.json section, a note when the evidence is thin or None)."""
     seconds, window_source = heldout_window(cfg, adapter)
-    max_frames = checked_window(seconds, info, model, key=f"training.max_duration of {window_source}")
+    max_frames = checked_window(seconds, info, model, key=f"training.max_duration of {window_source}",
+                                **longest_caption(info, processor, [c.text for c in clips]))
     lk: dict = {"window_seconds": max_frames / info.frame_rate, "split": "valid", "cache": cache_stats,
                 "n_clips": len(clips), "n_recordings": len(set(recordings)),
                 "window": {"max_duration": seconds, "source": window_source, "frames": max_frames}}
@@ -114,36 +117,52 @@ def likelihood_section(model: nn.Module, processor, info: ModelInfo, clips, cfg:
                  m, lk[m]["ce"], lk[m]["ppl"], lk[m]["n_clips"], lk[m]["n_tokens"])
     if "base" not in models or "lora" not in models:
         return lk, None
-    diff = intervals.paired_bootstrap_ci(
-        [c["ce"] for c in lk["base"]["per_clip"]], [c["ce"] for c in lk["lora"]["per_clip"]],
-        weights=[c["tokens"] for c in lk["base"]["per_clip"]], clusters=recordings,
-        n_boot=cfg.evaluation.bootstrap_samples, seed=cfg.generation.seed)
+    diff = likelihood_difference([c["ce"] for c in lk["base"]["per_clip"]],
+                                 [c["ce"] for c in lk["lora"]["per_clip"]],
+                                 [c["tokens"] for c in lk["base"]["per_clip"]], recordings,
+                                 n_boot=cfg.evaluation.bootstrap_samples, seed=cfg.generation.seed,
+                                 max_patterns=cfg.evaluation.permutations)
+    lk["difference"] = diff
+    alpha = verdicts.alphas(True, not cfg.evaluation.skip_generation)["likelihood"]
+    return lk, thin_evidence_note(diff["n_clips"], diff["n_recordings"], alpha)
+
+
+def likelihood_difference(base_ce, lora_ce, tokens, recordings, *, n_boot: int, seed: int,
+                          max_patterns: int = verdicts.DEFAULT_PATTERNS) -> dict:
+    """LoRA minus base held-out cross-entropy over clips (token-weighted), its cluster bootstrap
+    interval and its sign-flip permutation test (lora.scoring.verdicts), both over recordings (one
+    key per clip, None = a recording of its own): the units clips cut from one recording are not
+    independent of each other."""
+    diff = intervals.paired_bootstrap_ci(base_ce, lora_ce, weights=tokens, clusters=recordings,
+                                         n_boot=n_boot, seed=seed)
     diff["n_clips"], diff["n_recordings"] = diff["n"], diff.pop("n_clusters")
+    test = verdicts.sign_flip_test(base_ce, lora_ce, verdicts.unit_ids([[r] for r in recordings]),
+                                   weights=tokens, max_patterns=max_patterns, seed=seed)
+    diff.update(p_permutation=test["p"], n_patterns=test["n_patterns"], exact=test["exact"])
     diff["what"] = ("LoRA minus base held-out cross-entropy (token-weighted over clips); negative "
-                    "= LoRA better. Cluster bootstrap: whole recordings resampled (a clip without "
-                    "a source is its own recording)")
+                    "= LoRA better. Cluster bootstrap interval and sign-flip permutation test: "
+                    "whole recordings resampled / swapped (a clip without a source is its own "
+                    "recording)")
     diff["ppl_ratio"] = float(math.exp(diff["diff"]))
     diff["excludes_zero"] = bool(diff["ci_high"] < 0 or diff["ci_low"] > 0)
-    lk["difference"] = diff
-    return lk, thin_evidence_note(diff["n_clips"], diff["n_recordings"])
+    return diff
 
 
-def thin_evidence_note(n_clips: int, n_recordings: int) -> Optional[str]:
-    """The note for a held-out set too small to trust: counted in recordings, the units the interval
-    resamples."""
+def thin_evidence_note(n_clips: int, n_recordings: int, alpha: float = verdicts.ALPHA) -> Optional[str]:
+    """The note for a held-out set too small to name a winner (fewer recordings, the units the
+    test swaps, than ``verdicts.min_units(alpha)``) or too small to trust its interval."""
     counts = (f"{n_recordings} held-out recording{'s' if n_recordings != 1 else ''} "
               f"({n_clips} held-out clip{'s' if n_clips != 1 else ''})")
-    if n_clips < MIN_CLIPS_FOR_A_VERDICT:
-        return (f"Only {counts}: too little evidence to call either model better (no row names a "
-                f"winner); hold out more clips (prepare_data.py --valid_fraction).")
-    if n_recordings < MIN_CLIPS_FOR_A_VERDICT:
-        return (f"Only {counts}: clips of one recording are not independent, so the held-out "
-                f"likelihood names no winner; hold out clips from more recordings (prepare_data.py "
+    need = verdicts.min_units(alpha)
+    if n_recordings < need:
+        return (f"Only {counts}: the held-out likelihood cannot name a better model yet; it needs "
+                f"at least {need} recordings ({need - n_recordings} more; clips of one recording "
+                f"count once). Hold out clips from more recordings (prepare_data.py "
                 f"--valid_fraction).")
     if n_recordings < 10:
         return (f"Only {counts}: the confidence interval of the likelihood difference is rough (a "
-                f"bootstrap over few recordings is too narrow); hold out more recordings "
-                f"(prepare_data.py --valid_fraction).")
+                f"bootstrap over few recordings is too narrow; the verdict comes from the "
+                f"permutation test); hold out more recordings (prepare_data.py --valid_fraction).")
     return None
 
 

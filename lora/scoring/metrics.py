@@ -371,13 +371,15 @@ CLAP_SAMPLE_RATE = 48000
 
 
 def clap_windows(wav, sample_rate: int, *, target_rate: int = CLAP_SAMPLE_RATE,
-                 window_seconds: float = 10.0, min_fraction: float = 0.5) -> np.ndarray:
-    """Mono mix resampled to target_rate (soxr) and cut into fixed windows of window_seconds: (W, L)
-    float32.
+                 window_seconds: float = 10.0, min_fraction: float = 0.5) -> list[np.ndarray]:
+    """Mono mix resampled to target_rate (soxr) and cut into windows of window_seconds: a list of
+    float32 arrays, full windows then the tail.
 
-    A tail shorter than min_fraction of a window is dropped (unless it is the only audio); the last
-    kept window is zero-padded to full length, so every window the CLAP model sees has the same
-    duration.
+    A tail shorter than min_fraction of a window is dropped (unless it is the only audio); a kept
+    tail stays at its own length: the CLAP feature extractor fills it to a window with
+    ``padding="repeatpad"`` (the audio repeated, as CLAP was trained and as laion_clap and
+    audiocraft's CLAP metric feed it), not with silence, which would lower every score (an 8-s
+    clip would carry 2 s of it).
     """
     import soxr
 
@@ -388,8 +390,8 @@ def clap_windows(wav, sample_rate: int, *, target_rate: int = CLAP_SAMPLE_RATE,
     n_full, tail = divmod(len(y), L)
     wins = [y[i * L:(i + 1) * L] for i in range(n_full)]
     if tail and (tail >= min_fraction * L or n_full == 0):
-        wins.append(np.pad(y[n_full * L:], (0, L - tail)))
-    return np.stack(wins).astype(np.float32)
+        wins.append(y[n_full * L:])
+    return [w.astype(np.float32) for w in wins]
 
 
 def _features(out):
@@ -431,7 +433,7 @@ def clap_scores(model: nn.Module, processor, texts: Sequence[str], wavs: Sequenc
         aembs = []
         for wav in wavs:
             wins = clap_windows(wav, sample_rate, window_seconds=window_seconds)
-            ain = processor.feature_extractor(list(wins), sampling_rate=CLAP_SAMPLE_RATE,
+            ain = processor.feature_extractor(wins, sampling_rate=CLAP_SAMPLE_RATE,
                                               return_tensors="pt",
                                              truncation=truncation, padding="repeatpad")
             ain = {k: v.to(device) for k, v in ain.items()}

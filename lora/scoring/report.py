@@ -20,15 +20,13 @@ import numpy as np
 
 import lora
 from lora.common.files import atomic_write_text
+from lora.scoring import verdicts
 from lora.scoring.plots import MODEL_LABELS, make_charts, training_curve
 from lora.scoring.plots import get as _get
 
 # --------------------------------------------------------------------------------------------
 # Summary table
 # --------------------------------------------------------------------------------------------
-# with fewer held-out clips no row names a better model (and with fewer recordings, no
-MIN_CLIPS_FOR_A_VERDICT = 2
-                             # held-out likelihood row: its interval resamples recordings)
 # summary row -> the interval of its LoRA - base difference in generation.intervals.metrics
 INTERVAL_KEYS = {
     "failed clips (share)": "failed_share",
@@ -47,25 +45,28 @@ def _ci_note(iv: dict, unit: str) -> str:
     return f"Δ {pct}% CI [{_fmt(iv['ci_low'])}, {_fmt(iv['ci_high'])}], {unit}, {iv['n_boot']} resamples"
 
 
+def _p_note(p, alpha: float, what: str) -> str:
+    return "" if p is None else f"permutation p {_fmt(float(p), 3)} ({what}; a winner needs <= {alpha:g})"
+
+
 def summary_rows(results: dict) -> list[dict]:
     """Rows {metric, base, lora, delta, better, lower_is_better, note} for the models that were
     evaluated.
 
-    "better" names the model with the better value only where the evidence holds: with fewer than
-    MIN_CLIPS_FOR_A_VERDICT held-out clips every row says "too few clips"; the held-out
-    cross-entropy says "unclear" when its confidence interval holds 0 and "too few recordings" when
-    fewer than MIN_CLIPS_FOR_A_VERDICT recordings are held out; a generated-audio row (failure
-    share, FAD, KAD, CLAP) names a winner only when the paired bootstrap interval of its difference
-    (generation.intervals) excludes 0, else (no interval, or one that holds 0) "unclear".
-    """
+    "better" names a model only where its test says so, with at most ``verdicts.ALPHA`` (5%) chance
+    of naming any winner in the whole summary when nothing differs (lora.scoring.verdicts): the
+    held-out cross-entropy (and perplexity) by a sign-flip permutation test over recordings, the
+    generated-audio rows (failure share, FAD, KAD, CLAP, chroma) by one over prompts, adjusted
+    together (max-T); the two families share the 5% (2.5% each). A row says "unclear" when its p is
+    above its share, and "too few recordings / prompts: needs N (k more)" when it has fewer units
+    than any test could name a winner with (``verdicts.min_units``)."""
     models = results.get("models_evaluated", [])
     rows: list[dict] = []
     lk = results.get("likelihood") or {}
-    n_heldout = min((_get(lk, m, "n_clips") for m in models if _get(lk, m, "n_clips") is not None),
-                    default=None)
-    thin = n_heldout is not None and n_heldout < MIN_CLIPS_FOR_A_VERDICT
     gen = results.get("generation") or {}
     intervals = _get(gen, "intervals", "metrics") or {}
+    both = {"base", "lora"} <= set(models)
+    alpha = verdicts.alphas(bool(lk.get("difference")), both and bool(gen) and not gen.get("skipped"))
 
     def add(metric, getter, lower_is_better: Optional[bool], note: str = ""):
         vals = {m: getter(m) for m in ("base", "lora")}
@@ -76,17 +77,13 @@ def summary_rows(results: dict) -> list[dict]:
                "lower_is_better": lower_is_better, "note": note}
         if row["base"] is not None and row["lora"] is not None:
             row["delta"] = row["lora"] - row["base"]
-            if lower_is_better is not None and row["delta"] != 0:
-                row["better"] = "LoRA" if (row["delta"] < 0) == lower_is_better else "base"
-            elif lower_is_better is not None:
-                row["better"] = "same"
-            if metric in INTERVAL_KEYS:
-                _interval_verdict(row, intervals.get(INTERVAL_KEYS[metric]))
-            if thin and row["better"] is not None:
-                row["better"] = "too few clips"
+            if lower_is_better is not None:
+                row["better"] = "same" if row["delta"] == 0 else "unclear"
+            if metric in INTERVAL_KEYS and lower_is_better is not None:
+                _interval_verdict(row, intervals.get(INTERVAL_KEYS[metric]), alpha["generated"])
         rows.append(row)
 
-    _likelihood_rows(add, rows, lk)
+    _likelihood_rows(add, rows, lk, alpha["likelihood"])
     sig = gen.get("signal") or {}
     add("failed clips (share)", lambda m: _get(sig, m, "failure_rate"), True)
     for space, label in (("encodec", "EnCodec"), ("librosa", "librosa")):
@@ -110,22 +107,24 @@ def summary_rows(results: dict) -> list[dict]:
     return rows
 
 
-def _interval_verdict(row: dict, iv: Optional[dict]) -> None:
-    """A generated-audio row keeps its winner only when the interval of the difference excludes
-    0."""
-    if iv is None:
-        if row["better"] in ("LoRA", "base"):
-            row["better"] = "unclear"
-        row["note"] = "; ".join(x for x in (row["note"], "no interval of the difference") if x)
+def _interval_verdict(row: dict, iv: Optional[dict], alpha: float) -> None:
+    """A generated-audio row's verdict: its family-adjusted permutation p (over prompts) against
+    ``alpha``, with at least ``verdicts.min_units(alpha)`` prompts; its bootstrap interval is
+    shown beside it."""
+    if iv is None or "p_adjusted" not in iv:
+        row["better"] = "unclear" if row["better"] in ("LoRA", "base", "unclear") else row["better"]
+        row["note"] = "; ".join(x for x in (row["note"], "no test of the difference") if x)
         return
-    unit = f"n={iv.get('n_pairs')} (prompt, seed) pairs"
-    row["note"] = "; ".join(x for x in (row["note"], _ci_note(iv, unit)) if x)
-    if row["better"] in ("LoRA", "base") and not iv.get("excludes_zero"):
-        row["better"] = "unclear"
+    units = f"n={iv.get('n_pairs')} (prompt, seed) pairs from {iv.get('n_units')} prompts"
+    p = _p_note(iv["p_adjusted"], alpha, "over prompts, adjusted for the generated-audio rows")
+    row["note"] = "; ".join(x for x in (row["note"], _ci_note(iv, units), p) if x)
+    row["better"] = verdicts.verdict(row["delta"], iv["p_adjusted"], iv.get("n_units"), alpha,
+                                     bool(row["lower_is_better"]), "prompt")
 
 
-def _likelihood_rows(add, rows: list, lk: dict) -> None:
-    """Held-out cross-entropy (with its cluster-bootstrap interval) and perplexity."""
+def _likelihood_rows(add, rows: list, lk: dict, alpha: float) -> None:
+    """Held-out cross-entropy (with its cluster-bootstrap interval and its permutation test over
+    recordings) and perplexity (exp(CE): the same evidence, the same verdict)."""
     diff = lk.get("difference")
     note = ""
     if diff:
@@ -133,15 +132,16 @@ def _likelihood_rows(add, rows: list, lk: dict) -> None:
         n_clips = diff.get("n_clips", diff["n"])
         n_rec = diff.get("n_recordings")
         counts = f"n={n_clips} clips" + (f" from {n_rec} recordings" if n_rec is not None else "")
-        note = f"Δ {pct}% CI [{diff['ci_low']:+.4f}, {diff['ci_high']:+.4f}], {counts}"
+        note = "; ".join(x for x in (f"Δ {pct}% CI [{diff['ci_low']:+.4f}, {diff['ci_high']:+.4f}], "
+                                     f"{counts}",
+                                     _p_note(diff.get("p_permutation"), alpha, "over recordings"))
+                         if x)
     add("held-out cross-entropy (nats)", lambda m: _get(lk, m, "ce"), True, note)
-    if diff and rows and rows[-1]["better"] in ("LoRA", "base"):
-        if diff.get("n_recordings") is not None and diff["n_recordings"] < MIN_CLIPS_FOR_A_VERDICT:
-            # one recording: every resample is the same, width 0
-            rows[-1]["better"] = "too few recordings"
-        elif diff["ci_low"] <= 0 <= diff["ci_high"]:
-            rows[-1]["better"] = "unclear"  # the interval holds 0: no evidence either way
     ce_row = rows[-1] if rows and rows[-1]["metric"] == "held-out cross-entropy (nats)" else None
+    if ce_row is not None and ce_row["delta"] is not None:
+        d = diff or {}
+        ce_row["better"] = verdicts.verdict(ce_row["delta"], d.get("p_permutation"), d.get("n_recordings"),
+                                            alpha, True, "recording")
     add("held-out perplexity", lambda m: _get(lk, m, "ppl"), True)
     if ce_row is not None and rows[-1] is not ce_row and rows[-1]["better"] is not None:
         rows[-1]["better"] = ce_row["better"]  # exp(CE): the same evidence, the same verdict

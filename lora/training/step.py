@@ -35,6 +35,7 @@ def step_loss(model: nn.Module, processor, info: ModelInfo, batch, device: torch
     fam = family_for(info)
     codes = batch["codes"].to(device, non_blocking=True)
     lengths = batch["lengths"].to(device, non_blocking=True)
+    melody: dict = {}
     if cache_text:
         hidden = batch["hidden"].to(device, non_blocking=True)
         mask = batch["mask"].to(device, non_blocking=True)
@@ -42,6 +43,9 @@ def step_loss(model: nn.Module, processor, info: ModelInfo, batch, device: torch
     else:
         with autocast():
             hidden, mask = fam.encode_text(model, processor, batch["texts"], device=device)
+    if fam.MELODY:  # each clip's own padded text length (before dropout zeroes a mask)
+        melody["text_lengths"] = fam.row_text_lengths(mask, batch.get("text_lengths"))
+    if not cache_text:
         hidden, mask = fam.drop_condition(hidden, mask, ~batch["dropped"].to(device))
     chroma = batch["chroma"].to(device, non_blocking=True) if "chroma" in batch else None
     shapes = getattr(model, STATIC_SHAPES_ATTR, None)
@@ -49,7 +53,10 @@ def step_loss(model: nn.Module, processor, info: ModelInfo, batch, device: torch
     if shapes is not None:  # torch_compile: pad to a static shape (no loss on the padding)
         codes, lengths, hidden, mask, chroma = shapes.pad(codes, lengths, hidden, mask,
                                                           info.pad_token_id, chroma)
-    melody = {"chroma": chroma} if chroma is not None else {}
+        if "text_lengths" in melody:  # the added rows copy the first clip
+            melody["text_lengths"] += melody["text_lengths"][:1] * (codes.shape[0] - b)
+    if chroma is not None:
+        melody["chroma"] = chroma
     logits, labels = fam.teacher_forced_logits(model, info, codes, lengths, hidden, mask,
                                                autocast=autocast, **melody)
     loss = fam.codebook_loss(logits, labels)

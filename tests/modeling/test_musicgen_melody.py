@@ -308,13 +308,6 @@ def test_melody_training_learns_and_saves_a_standard_adapter(melody_run):
     assert any("lora_A" in n for n, _ in model.named_parameters())
 
 
-def test_text_padding_of_training_is_generation_s():
-    from lora.generation import engine
-    from lora.modeling import musicgen_melody as M
-
-    assert M.TEXT_PAD_MULTIPLE == engine.TEXT_PAD_MULTIPLE
-
-
 # --------------------------------------------------------------------------------------------
 # The generation engine (lora.generation) on melody models
 # --------------------------------------------------------------------------------------------
@@ -351,25 +344,30 @@ def test_generate_follows_transformers_greedy_with_the_melody(melody, with_melod
     assert torch.equal(ours.codes, ref)
 
 
-def test_a_later_window_follows_the_same_time_in_the_tune(melody):
+def test_a_later_window_follows_the_periodically_extended_tune(melody):
+    """A piece of several windows extends the tune periodically (audiocraft's
+    MusicGen._generate_tokens wraps the waveform): a window takes the tune from its own start, and a
+    window past the tune's end wraps around to its beginning instead of the null melody.
+    (tests/generation/test_melody_generation.py compares with audiocraft's rule frame by frame.)"""
     from lora.generation import engine, requests
     from lora.modeling import chroma as C
     from lora.modeling import musicgen_melody as M
 
     _, _, info = melody
     tune = tune_chroma(6.0)  # A, C, E: 2 s each
-    req = requests.Request(prompt="x", seed=0, duration=40.0, melody=tune)
+    req = requests.Request(prompt="x", seed=0, duration=40.0, melody=tune, melody_samples=6 * SR)
     start = 2 * info.frame_rate  # a window that starts 2 s in
     got = engine.window_melody(info, [req, requests.Request(prompt="y", seed=1, duration=40.0)],
-                               requests.Window(start, 0, 10), 3.0,
-                          "cpu")
-    first = round(start * 640 / C.HOP)
-    assert torch.equal(got[0], M.melody_frames(tune[first:].argmax(-1), info.chroma_length))
-    assert C.dominant_pitch_classes(got[0])[2] == "C"  # two seconds in, the tune is on C
+                               requests.Window(start, 0, 10), 3.0, "cpu", periodic=True)
+    names = C.dominant_pitch_classes(got[0])
+    assert names[2] == "C" and names[20] == "E" and names[34] == "A"  # 2.3, 4.6, 6.4 s into the tune
     # no melody; CFG
     assert torch.equal(got[1], M.null_like(got[0])) and torch.equal(got[2], M.null_like(got[0]))
-    past = engine.window_melody(info, [req], requests.Window(60 * info.frame_rate, 0, 10), 1.0, "cpu")
-    assert torch.equal(past[0], M.null_like(got[0]))  # after the tune ends: the null melody
+    past = engine.window_melody(info, [req], requests.Window(60 * info.frame_rate, 0, 10), 1.0, "cpu",
+                                periodic=True)
+    assert C.dominant_pitch_classes(past[0])[2] == "A"  # 60 s = ten times round: the tune's start
+    one = engine.window_melody(info, [req], requests.Window(0, 0, 10), 1.0, "cpu")
+    assert torch.equal(one[0], M.melody_frames(tune.argmax(-1), info.chroma_length))  # one window
 
 
 def test_a_silent_melody_is_refused():

@@ -65,12 +65,12 @@ def out_root(tmp_path_factory, trained_output_dir):
     root = tmp_path_factory.mktemp("ui") / "output"
     root.mkdir()
     shutil.copytree(trained_output_dir, root / "run1")
-    # an adapter that records another base model (a different hub id) than the one in use
+    # an adapter that records a base model of another family (a melody hub id) than the one in use
     other = root / "other_base" / "best_model"
     shutil.copytree(trained_output_dir / "best_model", other)
     cfg_file = other / "adapter_config.json"
     c = json.loads(cfg_file.read_text())
-    c["base_model_name_or_path"] = "facebook/musicgen-medium"
+    c["base_model_name_or_path"] = "facebook/musicgen-melody"
     cfg_file.write_text(json.dumps(c))
     return root
 
@@ -323,7 +323,7 @@ def test_bad_inputs_show_a_message_and_the_server_keeps_serving(page, out_root, 
               adapter=str(tmp_path / "nope")),
          "adapter folder not found"),
         (dict(prompt="ok", seed=1, duration=1, adapter=str(out_root / "other_base" / "best_model")),
-         "trained on base model facebook/musicgen-medium"),
+         "trained on base model facebook/musicgen-melody"),
     ]
     for kw, message in cases:
         text = _generate(page, kw.pop("prompt"), expect="Error:", **kw)
