@@ -13,6 +13,7 @@ import torch
 from lora.dataprep import cache_store, token_cache
 from lora.dataprep.token_cache import build_token_cache, cache_root
 from lora.dataset import load_metadata
+from tests.helpers import ROOT
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +145,7 @@ def test_reading_the_shards_costs_no_heap(tmp_path):
                                 "mask": torch.ones(32, dtype=torch.int8)}) for i in range(2000)]
     data_bytes = sum(p.numel() * p.element_size() for _, _, d in items for p in d.values())
     cache_store.write_shards(root, "texts", items, {})
-    root_dir = Path(__file__).resolve().parents[2]
+    root_dir = ROOT
     r = subprocess.run([sys.executable, "-c", _READER, str(root)], capture_output=True, text=True,
                        cwd=root_dir, env={**__import__("os").environ, "PYTHONPATH": str(root_dir)},
                        timeout=300)
