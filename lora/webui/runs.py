@@ -19,7 +19,7 @@ from typing import Optional
 from lora.common.cli import UserError, human_seconds
 from lora.config import REPO_ROOT, Config
 from lora.scoring.report import format_table, summary_rows
-from lora.training import checkpoints
+from lora.training import checkpoints, samples
 
 SCRIPTS_DIR = Path(__file__).resolve().parent.parent  # lora/: the scripts the UI runs
 
@@ -82,6 +82,36 @@ def run_summary(run: Path, history: list[dict], proc_state: str) -> str:
     if not history:
         lines.append("no metrics yet (logs/metrics.jsonl is written once training starts)")
     return "  \n".join(lines)
+
+
+def newest_samples(run: Path) -> Optional[dict]:
+    """The run's training samples to compare: those of its newest sampled step beside step 0's (the
+    base model), paired by prompt and seed: {"step", "rows": [{"label", "base", "now", "copy"}]}
+    (file paths; "base" None when step 0 is missing); None when the run has no samples yet."""
+    steps = samples.list_steps(run)
+    if not steps:
+        return None
+    step, newest = steps[-1]
+    base = dict(steps).get(0)
+
+    def manifest(folder):
+        try:
+            return json.loads((folder / samples.MANIFEST).read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # (written atomically: only a folder removed meanwhile)
+            return {"samples": []}
+
+    first = manifest(base)["samples"] if base is not None else []
+    rows = []
+    for s in manifest(newest)["samples"]:
+        b = next((x for x in first if x["seed"] == s["seed"] and x["prompt"] == s["prompt"]), None)
+        near = (s.get("copy") or {}).get("near") or {}
+        copy = (f"copies {100 * near['share']:.0f}% of its time from the training audio (longest "
+                f"{near['longest_s']:.1f} s of {near['clip']} at {near['clip_at_s']:.1f} s)"
+                if near.get("share") else "no copied passage")
+        rows.append({"label": f"{(s['prompt'] or '(unconditional)')[:60]} · seed {s['seed']}",
+                     "base": str(base / b["file"]) if b else None, "now": str(newest / s["file"]),
+                     "copy": copy})
+    return {"step": step, "rows": rows}
 
 
 @dataclass
