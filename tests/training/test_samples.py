@@ -21,9 +21,10 @@ from lora.training import checkpoints, samples
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _model(tiny_model_dir: Path, precision: str, weights: str):
+def _model(tiny_model_dir: Path, precision: str, weights: str, checkpointing: bool = False):
     """The tiny model prepared for training as train_lora prepares it (LoRA with dropout, CPU
-    FastDropout and attention, frozen weights in ``weights``), in training mode."""
+    FastDropout and attention, frozen weights in ``weights``, gradient checkpointing when asked), in
+    training mode."""
     from lora.modeling.loading import load_base_model
     from lora.training import model_prep
 
@@ -31,6 +32,7 @@ def _model(tiny_model_dir: Path, precision: str, weights: str):
     cfg.model.model_path = str(tiny_model_dir)
     cfg.training.base_weights_dtype = weights
     cfg.training.decoder_dropout = 0.1  # dropout inside the decoder too: eval mode must be undone
+    cfg.training.gradient_checkpointing = checkpointing
     model, processor, info = load_base_model(cfg.model)
     torch.manual_seed(0)
     model, params = model_prep.prepare_model(model, cfg, precision, torch.device("cpu"))
@@ -77,11 +79,13 @@ def _loss(model, processor, info, batch, autocast):
     return loss.loss.detach().clone(), grads
 
 
-@pytest.mark.parametrize("precision,weights", [("no", "float32"), ("bf16", "bfloat16")])
-def test_sampling_leaves_training_untouched(tiny_model_dir, tmp_path, precision, weights):
+@pytest.mark.parametrize("precision,weights,checkpointing", [("no", "float32", False),
+                                                            ("bf16", "bfloat16", False),
+                                                            ("no", "float32", True)])
+def test_sampling_leaves_training_untouched(tiny_model_dir, tmp_path, precision, weights, checkpointing):
     from lora.training import model_prep
 
-    cfg, model, processor, info = _model(tiny_model_dir, precision, weights)
+    cfg, model, processor, info = _model(tiny_model_dir, precision, weights, checkpointing)
     autocast = model_prep.autocast_for(precision, torch.device("cpu"))
     batch = _batch(info, processor, model)
     before_loss, before_grads = _loss(model, processor, info, batch, autocast)
