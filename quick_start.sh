@@ -83,5 +83,6 @@ echo
 echo "=== quick start finished in $(( $(date +%s) - start )) s ==="
 echo "  generated audio : $OUT/generated/ (manifest.json lists every file)"
 echo "  loss plot       : $OUT/logs/loss_curve.png"
+echo "  training samples: $OUT/samples/ (step-000000 = the base model; the newest folder = the adapter now)"
 echo "  report          : $OUT/evaluation/report.html (open in a browser: players, spectrograms, metrics)"
 echo "  adapter         : $OUT/best_model (standard PEFT adapter)"

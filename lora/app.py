@@ -55,6 +55,7 @@ from lora.webui.runs import (
     list_runs,
     log_tail,
     md_text,
+    newest_samples,
     read_metrics,
     resume_training,
     run_summary,
@@ -290,6 +291,7 @@ def _train_tab(gr, cfg: Config, out_root: Path, procs: Processes, config_file: O
     log_box = gr.Textbox(label="Log of the run started here", lines=6, interactive=False,
                          elem_id="train_log")
     seen = gr.State(None)
+    _samples_view(gr, run)
     with gr.Accordion("Start a new run (train_lora.py with these flags; the rest from config.yaml)",
                       open=True):
         defaults = train_defaults(cfg, out_root)
@@ -338,6 +340,47 @@ def _train_tab(gr, cfg: Config, out_root: Path, procs: Processes, config_file: O
     start.click(on_start, boxes, [msg, run], concurrency_id="procs", concurrency_limit=None)
     stop.click(on_stop, [run], [msg], concurrency_id="procs", concurrency_limit=None)
     resume.click(on_resume, [run], [msg], concurrency_id="procs", concurrency_limit=None)
+
+
+def _samples_view(gr, run) -> None:
+    """Hear it learn: the run's newest training samples beside step 0's (the base model), same
+    prompt and seed, refreshed while it trains."""
+    with gr.Group():
+        status = gr.Markdown("No training samples yet.", elem_id="samples_status")
+        pick = gr.Dropdown(label="Training sample (prompt · seed)", choices=[], elem_id="train_sample_pick")
+        with gr.Row():
+            base = gr.Audio(label="step 0 (base model)", type="filepath", interactive=False,
+                            elem_id="sample_base")
+            now = gr.Audio(label="newest step", type="filepath", interactive=False, elem_id="sample_now")
+    state = gr.State(None)
+
+    def players(st, label):
+        row = next((r for r in (st or {}).get("rows", []) if r["label"] == label), None)
+        if row is None:
+            return gr.update(value=None), gr.update(value=None, label="newest step"), ""
+        return (gr.update(value=row["base"]), gr.update(value=row["now"], label=f"step {st['step']} (now)"),
+                row["copy"])
+
+    def refresh(name, st, label):
+        found = newest_samples(Path(name).expanduser()) if name else None
+        if found == st:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), st
+        if found is None:
+            return ("No training samples yet (samples/ is written at step 0 and at every validation).",
+                    gr.update(choices=[], value=None), gr.update(value=None), gr.update(value=None), None)
+        labels = [r["label"] for r in found["rows"]]
+        label = label if label in labels else (labels[0] if labels else None)
+        a, b, copy = players(found, label)
+        text = (f"Samples at step 0 (the base model) and step {found['step']}, same prompts and "
+                f"seeds: listen for your style arriving. {copy}")
+        return text, gr.update(choices=labels, value=label), a, b, found
+
+    timer = gr.Timer(3.0)
+    outs = [status, pick, base, now, state]
+    timer.tick(refresh, [run, state, pick], outs, concurrency_id="poll", concurrency_limit=None,
+               show_progress="hidden")
+    run.change(refresh, [run, state, pick], outs, concurrency_id="poll", concurrency_limit=None)
+    pick.change(lambda st, label: players(st, label)[:2], [state, pick], [base, now], queue=False)
 
 
 def _report_html(folder: Path) -> str:

@@ -226,6 +226,11 @@ class TrainingConfig:
                          "first, and "
                                  "at the end); auto = about 10 per run, as for save_steps")
     logging_steps: int = _f(10, "Log training loss every N optimizer steps", ge=1, le=10_000_000)
+    sample_every: str = _f("auto", "Generate the sample prompts at step 0 (base) and every N optimizer "
+                            "steps into output_dir/samples; 0 = off; auto = at every validation on "
+                            "a GPU (on a CPU only for models under 50M decoder parameters)")
+    sample_prompts: list = _f([], "Prompts of the samples; [] = up to 3 held-out captions")
+    sample_seconds: float = _f(5.0, "Length of each training sample, s", gt=0.0, le=30.0)
     early_stopping_patience: int = _f(0, "Stop after N validations without improvement; 0 = off",
                                       ge=0, le=1_000_000, hint="0 = off")
     max_nan_steps: int = _f(10,
@@ -349,6 +354,8 @@ class EvaluationConfig:
                                         "for text-audio "
                                               "scores; skipped when unset", kind="path")
     skip_generation: bool = _f(False, "Only compute held-out likelihood (fast)")
+    copy_min_seconds: float = _f(1.0, "Copy check: shortest copied passage counted in the copy share, s "
+                                 "(also for the training samples)", gt=0.0)
     exclude_failed_clips: bool = _f(True,
                                     "Leave generated clips that fail a signal check (silent, "
                                     "clipping, DC "

@@ -71,10 +71,12 @@ from lora.modeling.adapter import (
 )
 from lora.modeling.cpu_speed import keep_freed_memory
 from lora.modeling.loading import load_base_model
+from lora.scoring import copy_check
 from lora.scoring.generated import KAD_KERNEL, KAD_MAX_FRAMES, LOUDNESS_TARGET_LUFS, generation_metrics
 from lora.scoring.likelihood import likelihood_section
 from lora.scoring.report import format_table, jsonable, summary_rows, versions, write_report
 from lora.scoring.settings import EVALUATE_SECTIONS, OUTPUTS, TOOL, config_problems, earlier_evaluation
+from lora.training import samples
 
                                # sums per model and space); CLAP and failure shares use
                                # evaluation.bootstrap_samples
@@ -179,6 +181,9 @@ def evaluate(cfg: Config, plan: dict) -> int:
         clips, cache_stats = build_token_cache(valid, model, processor, info, cfg.data.data_dir,
                                                batch_size=cfg.training.encode_batch_size, device=device,
                                                verify=cfg.data.verify_cache)
+        # the copy check's index of the training clips' tokens (their cache, shared with training)
+        index = None if ev.skip_generation else copy_check.training_index(
+            records, model, processor, info, cfg.data.data_dir, cfg.training.encode_batch_size, device)
     identity = {"base": {k: v for k, v in info.to_dict().items()
                          if k in ("name_or_path", "identity", "hub_revision", "sample_rate", "frame_rate",
                                   "num_codebooks", "audio_channels")}}
@@ -233,11 +238,14 @@ def evaluate(cfg: Config, plan: dict) -> int:
                                   f"were; the audio generated so far is in {out_dir / 'audio'}. "
                                   f"Run again, with --skip_generation for the held-out likelihood "
                                   f"alone (fast)"):
-            gen = generation_metrics(model, processor, info, cfg, models, valid, prompts, out_dir, device)
+            gen = generation_metrics(model, processor, info, cfg, models, valid, prompts, out_dir, device,
+                                     index)
         results["generation"] = gen
         results["notes"] += gen.pop("notes", [])
         if gen["clap"].get("skipped"):
             results["notes"].append(gen["clap"]["skipped"])
+    if adapter:  # the run's samples during training, for the report's progression
+        results["training_samples"] = samples.progression(adapter, out_dir)
     results["seconds"] = time.perf_counter() - t_start
     write_results(cfg, results, out_dir, adapter)
     return 0

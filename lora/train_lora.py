@@ -14,6 +14,8 @@ save. It writes, under output_dir:
                                save_total_limit kept
     best_model/  final_model/  PEFT adapters (adapter_config.json + adapter_model.safetensors) + config.yaml,
                                trainer_state.json, eval_results.json and a model card README.md
+    samples/step-NNNNNN/       the samples (sample_NN.wav + manifest.json) at step 0 (the base model) and
+                               every sample_every steps (auto: every validation), with their copy check
     logs/                      metrics.jsonl, TensorBoard events, loss_curve.png, train.log, timing.json (where
                                the wall time went: start-up, load, token cache, LoRA set-up, steps, ...)
     config.yaml                the resolved configuration of the run
@@ -64,7 +66,7 @@ from lora.modeling.loading import family_for, load_base_model, local_model_folde
 from lora.modeling.memory import check_fits, training_floor
 from lora.modeling.precision import choose_precision, resolve_base_weights_dtype
 from lora.modeling.window import checked_window, longest_caption
-from lora.training import checkpoints, model_prep, plan, run_log
+from lora.training import checkpoints, model_prep, plan, run_log, samples
 from lora.training import step as training_step
 from lora.training.checkpoints import TrainState
 
@@ -74,7 +76,7 @@ SECTIONS = plan.TRAIN_SECTIONS
 def config_problems(cfg: Config, ns=None) -> list[str]:
     """Rules that span several settings (each value's own range is checked by the schema,
     lora.config); the web UI checks its Train form with the same rules."""
-    return plan.settings_problems(cfg)
+    return plan.settings_problems(cfg) + samples.config_problems(cfg)  # (lora.webui.runs.train_problems)
 
 
 def check_config(cfg: Config) -> None:
@@ -165,6 +167,7 @@ class Run:
     runlog: run_log.RunLog = None
     stop_reason: str = None
     clock: run_log.PhaseClock = None  # where the time goes (logged at the end, logs/timing.json)
+    sampler: samples.Sampler = None   # the samples at step 0 and every sample_every steps (or None)
 
     @property
     def out(self) -> Path:
@@ -176,8 +179,7 @@ class Run:
 
     def loss(self, batch):
         return training_step.step_loss(self.model, self.processor, self.info, batch, self.device,
-                                       self.acc.autocast,
-                                  self.cache_text)
+                                       self.acc.autocast, self.cache_text)
 
     def snapshot(self, stage: str) -> dict:
         t, acc = self.cfg.training, self.acc
@@ -342,8 +344,11 @@ def set_up(cfg: Config) -> Run:
                                   t.gradient_accumulation_steps, "world_size": acc.num_processes,
                                   "seed": t.seed})
     banner(run, warmup)
+    resumed_at = run.state.global_step if ck is not None else None
     run.runlog = run_log.RunLog(out / "logs", run.state.log_history, enabled=acc.is_main_process,
-                                 resumed_at=run.state.global_step if ck is not None else None)
+                                resumed_at=resumed_at)
+    run.sampler = samples.create(cfg, model, info, acc.device, records, clips, run.eval_every,
+                                 acc.is_main_process, resumed_at)
     if acc.is_main_process:
         cfg.save(out / "config.yaml")
         log.info("Resolved config: %s", out / "config.yaml")
@@ -408,6 +413,7 @@ def train_loop(run: Run) -> None:
         log.info("Held-out loss of the base model (LoRA at init) ...")
         validate_and_track(run)
         run.clock.lap("base held-out loss")
+        take_samples(run)
     bar = tqdm(total=run.total_steps, initial=st.global_step, desc="training", unit="step",
                disable=not run.main, dynamic_ncols=True)
     interval = run_log.Interval.start(run.device, run.info.num_codebooks)
@@ -464,12 +470,12 @@ def train_loop(run: Run) -> None:
                     run.stop_reason = (f"early stopping: no held-out improvement in "
                                        f"{t.early_stopping_patience} validations")
                 run.clock.lap("validation")
+            take_samples(run)
             if gs % run.save_every == 0 or gs == run.total_steps or run.stop_reason or time_to_save(run, timer):
                 if run.main:
                     checkpoints.save_checkpoint(run.out / "checkpoints", run.model, run.optimizer,
-                                                run.scheduler,
-                                             acc.scaler, run.cfg, run.snapshot("checkpoint"),
-                                                t.save_total_limit)
+                                                run.scheduler, acc.scaler, run.cfg,
+                                                run.snapshot("checkpoint"), t.save_total_limit)
                 acc.wait_for_everyone()
                 timer.reset()
                 run.clock.lap("checkpoints")
@@ -482,6 +488,17 @@ def train_loop(run: Run) -> None:
     if last_eval != st.global_step:
         validate_and_track(run)
         run.clock.lap("validation")
+
+
+def take_samples(run: Run) -> None:
+    """The samples of this step when they are due (training.sample_every): the main process
+    generates, the others wait."""
+    st = run.state
+    if run.sampler is not None and run.sampler.due(st.global_step, run.total_steps):
+        if run.main:
+            run.sampler.render(run.model, run.processor, run.info, st.global_step, st.epoch, run.runlog)
+        run.acc.wait_for_everyone()
+        run.clock.lap("samples")
 
 
 def time_to_save(run: Run, timer: plan.SaveTimer) -> bool:
@@ -539,8 +556,7 @@ def log_interval(run: Run, interval: run_log.Interval, grad_norm, bar) -> None:
     entry.update({f"loss_cb{k}": v / n for k, v in enumerate(interval.per_codebook.tolist())})
     run.runlog.add(entry, "train")
     bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{entry['lr']:.2e}")
-    log.info("step %d/%d | epoch %.2f | loss %.4f | lr %.2e | grad norm %.3f | %.2f steps/s%s", gs,
-             run.total_steps,
+    log.info("step %d/%d | epoch %.2f | loss %.4f | lr %.2e | grad norm %.3f | %.2f steps/s%s", gs, run.total_steps,
              st.epoch, entry["loss"], entry["lr"], entry["grad_norm"], entry["steps_per_s"],
              f" | {st.nan_steps_total} NaN steps skipped" if st.nan_steps_total else "")
 
@@ -549,9 +565,8 @@ def validate_and_track(run: Run) -> bool:
     """Validate, log, keep best_model; returns True when early stopping says stop."""
     t, st, info = run.cfg.training, run.state, run.info
     res = training_step.heldout_loss(run.model, run.processor, info, run.valid_ds, run.collate,
-                                     t.batch_size, run.device,
-                                run.acc.autocast, run.cache_text, run.acc.process_index,
-                                     run.acc.num_processes)
+                                     t.batch_size, run.device, run.acc.autocast, run.cache_text,
+                                     run.acc.process_index, run.acc.num_processes)
     model_prep.set_train_mode(run.model, run.cache_text)
     entry = {"step": st.global_step, "epoch": round(st.epoch, 4), **res}
     if st.base_val_loss is None:
@@ -560,8 +575,7 @@ def validate_and_track(run: Run) -> bool:
     run.runlog.add(entry, "eval")
     improved = st.best_metric is None or res["val_loss"] < st.best_metric
     log.info("step %d: held-out loss %.4f (ppl %.2f) per codebook [%s]%s", st.global_step,
-             res["val_loss"],
-             res["val_ppl"],
+             res["val_loss"], res["val_ppl"],
              ", ".join(f"{res[f'val_loss_cb{k}']:.3f}" for k in range(info.num_codebooks)),
              " (best so far)" if improved else "")
     if improved:

@@ -447,7 +447,8 @@ def generate(model: nn.Module, processor, info: ModelInfo, requests: Sequence[Re
              batch_size: int = 4,
              max_window: float = 30.0, extend_stride: float = 18.0, progress: bool = True,
              on_batch: Optional[Callable[[list[Result]], None]] = None, decoding: str = "auto",
-             on_step: Optional[Callable[[int, int, int, int], None]] = None) -> list[Result]:
+             on_step: Optional[Callable[[int, int, int, int], None]] = None,
+             encoded: Optional[dict] = None) -> list[Result]:
     """Generate every request; returns Results in the order of ``requests``.
 
     Requests with the same duration, sampling settings, audio prompt and padded text length
@@ -459,7 +460,9 @@ def generate(model: nn.Module, processor, info: ModelInfo, requests: Sequence[Re
     every decoding step as ``on_step(window, n_windows, step, n_steps)`` (window counted from 0,
     step from 1, both of the batch being decoded); an exception it raises ends the decoding loop at
     once and propagates (the web UI's Stop button), after ``on_batch`` was called for every batch
-    finished before it.
+    finished before it. ``encoded``: every prompt's text states (``encode_prompts``) on the
+    decoder's device, when the caller encoded them (training samples: the text encoder is not on
+    the decoder's device there); by default they are encoded here.
     """
     import torch
     from tqdm.auto import tqdm
@@ -484,8 +487,9 @@ def generate(model: nn.Module, processor, info: ModelInfo, requests: Sequence[Re
         check_fits(need, param.device, f"Generating batch_size {min(batch_size, len(requests))} x "
                                        f"{frames / info.frame_rate:g} s",
                    "Lower --batch_size (or the duration / max_window).")
-    with torch.inference_mode():
-        encoded = encode_prompts(model, processor, [r.prompt for r in requests], progress)
+    if encoded is None:
+        with torch.inference_mode():
+            encoded = encode_prompts(model, processor, [r.prompt for r in requests], progress)
     text_lens = [text_length(encoded[r.prompt][0].shape[0]) for r in requests]
     batches = make_batches(requests, text_lens, batch_size)
     plans = [plan_batch(model, info, [requests[i] for i in idx], max_window, extend_stride,

@@ -14,13 +14,13 @@ import numpy as np
 from lora.common.cli import UserError, log
 from lora.config import Config
 from lora.dataprep.audio import load_audio, save_wav
-from lora.generation.engine import generate_audio, melody_from_audio
+from lora.generation.engine import generate, melody_from_audio
 from lora.generation.model import cast_for_generation
-from lora.generation.requests import GenerationError
+from lora.generation.requests import GenerationError, Request, SamplingSettings
 from lora.modeling import chroma as melody_chroma
 from lora.modeling.loading import family_for
 from lora.modeling.precision import generation_dtype
-from lora.scoring import differences, intervals, metrics, verdicts
+from lora.scoring import copy_check, differences, intervals, metrics, verdicts
 from lora.scoring.likelihood import _model_context
 from lora.scoring.plots import save_spectrogram
 from lora.scoring.verdicts import DEFAULT_PATTERNS
@@ -90,31 +90,33 @@ def _distances(gen: list[dict], ref: list[dict], transform: dict) -> dict:
 
 
 def generate_clips(model: nn.Module, processor, info: ModelInfo, which: str, prompts, seeds,
-                   cfg: Config, melodies=None) -> list:
-    """Audio (C, N) per (prompt, seed) pair in prompt-major order; None where generation produced
-    NaN/inf. ``melodies`` (melody models): ``melody_prompts``' {"chroma", "samples"}, one tune per
-    prompt."""
+                   cfg: Config, melodies=None) -> tuple[list, list]:
+    """(audio (C, N), codes (K, T)) per (prompt, seed) pair in prompt-major order; None where
+    generation produced NaN/inf. ``melodies`` (melody models): ``melody_prompts``' {"chroma",
+    "samples"}, one tune per prompt."""
     g, ev = cfg.generation, cfg.evaluation
-    pairs = [(p, s, None if melodies is None else (melodies["chroma"][i], melodies["samples"][i]))
-             for i, p in enumerate(prompts) for s in seeds]
-    out: list = []
-    for i in range(0, len(pairs), g.batch_size):
-        chunk = pairs[i:i + g.batch_size]
+    sampling = SamplingSettings(guidance_scale=float(g.guidance_scale), temperature=float(g.temperature),
+                                top_k=int(g.top_k), top_p=float(g.top_p), do_sample=bool(g.do_sample))
+    reqs = [Request(prompt=p, seed=int(s), duration=float(ev.eval_duration), sampling=sampling,
+                    melody=None if melodies is None else melodies["chroma"][i],
+                    melody_samples=0 if melodies is None else int(melodies["samples"][i]))
+            for i, p in enumerate(prompts) for s in seeds]
+    audio: list = []
+    codes: list = []
+    for i in range(0, len(reqs), g.batch_size):
+        chunk = reqs[i:i + g.batch_size]
         try:
             with _model_context(model, which):
-                out += generate_audio(model, processor, info, [p for p, _, _ in chunk],
-                                      [s for _, s, _ in chunk],
-                                      duration=ev.eval_duration, guidance_scale=g.guidance_scale,
-                                      temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
-                                      do_sample=g.do_sample, batch_size=g.batch_size,
-                                      max_window=g.max_window,
-                                      extend_stride=g.extend_stride, decoding=g.decoding,
-                                      melodies=[None if m is None else m[0] for _, _, m in chunk],
-                                      melody_samples=[0 if m is None else m[1] for _, _, m in chunk])
+                done = generate(model, processor, info, chunk, batch_size=g.batch_size,
+                                max_window=g.max_window, extend_stride=g.extend_stride,
+                                decoding=g.decoding)
+            audio += [r.audio for r in done]
+            codes += [r.codes for r in done]
         except GenerationError as e:
             log.warning("%s model: generation failed for %d clip(s): %s", which, len(chunk), e)
-            out += [None] * len(chunk)
-    return out
+            audio += [None] * len(chunk)
+            codes += [None] * len(chunk)
+    return audio, codes
 
 
 def usable_clips(checks: list[dict], exclude_failed: bool = True) -> list[int]:
@@ -126,11 +128,13 @@ def usable_clips(checks: list[dict], exclude_failed: bool = True) -> list[int]:
 
 
 def generation_metrics(model: nn.Module, processor, info: ModelInfo, cfg: Config, models: list[str],
-                       valid_recs, prompts: list[str], out_dir: Path, device: torch.device) -> dict:
+                       valid_recs, prompts: list[str], out_dir: Path, device: torch.device,
+                       index: Optional[copy_check.CopyIndex] = None) -> dict:
     """Generate the prompt set with each model, check and save every clip, and compare the clips of
     the shared set (the (prompt, seed) pairs usable for every model) with the held-out reference
     audio (FAD/KAD next to their floors, diversity, CLAP when asked), each difference with a paired
-    bootstrap interval."""
+    bootstrap interval; with ``index`` (the training clips' tokens), the copy check of every clip
+    (lora.scoring.copy_check)."""
     ev, g = cfg.evaluation, cfg.generation
     seeds = [g.seed + j for j in range(ev.eval_seeds)]
     res: dict = {"prompts": prompts, "seeds": seeds, "clips": [], "signal": {}, "distances": {},
@@ -142,15 +146,19 @@ def generation_metrics(model: nn.Module, processor, info: ModelInfo, cfg: Config
     cast_for_generation(model, gen_dtype)
     res["decoder_dtype"] = str(gen_dtype).replace("torch.", "")
     audio: dict[str, list] = {}
+    codes: dict[str, list] = {}
     melody = melody_prompts(info, valid_recs, prompts)
     t0 = time.perf_counter()
     for m in models:
         log.info("Generating %d clip(s) of %.1f s with the %s model", len(prompts) * len(seeds),
                  ev.eval_duration, m)
-        audio[m] = generate_clips(model, processor, info, m, prompts, seeds, cfg, melodies=melody)
+        audio[m], codes[m] = generate_clips(model, processor, info, m, prompts, seeds, cfg, melodies=melody)
     res["generation_seconds"] = time.perf_counter() - t0
     checks = {m: _check_and_save_clips(res, m, audio[m], prompts, seeds, info.sample_rate, out_dir)
               for m in models}
+    if index is not None:
+        res["copy_check"] = copy_check.copy_section(index, codes, res["clips"], len(seeds),
+                                                    ev.copy_min_seconds, ev.bootstrap_samples, g.seed)
     res["exclude_failed_clips"] = ev.exclude_failed_clips
 
     log.info("Embedding %d reference clip(s) and the generated clips", len(valid_recs))
@@ -173,6 +181,9 @@ def generation_metrics(model: nn.Module, processor, info: ModelInfo, cfg: Config
     scored["distance_set"]["pairs"] = [[j // len(seeds), seeds[j % len(seeds)]] for j in shared]
     _mark_distance_set(res, shared, checks, ev.exclude_failed_clips)
     res["notes"] = scored.pop("notes")
+    comparison = (res.get("copy_check") or {}).get("comparison")
+    if comparison:
+        res["notes"].append(f"Copy check: {comparison['verdict']}: {comparison['note']}.")
     res.update(scored)
     if melody is not None:
         res["melody"] = melody_similarity(melody, audio, models, shared, len(seeds), info.sample_rate,

@@ -27,6 +27,11 @@ from lora.scoring.plots import get as _get
 # --------------------------------------------------------------------------------------------
 # Summary table
 # --------------------------------------------------------------------------------------------
+# the copy check's row: its own one-sided test (copy_check.compare) flags a fine-tune that copies
+# more than the base; it names no winner, so the summary's 5% for "better" is not spent on it
+COPY_ROW = "copied time (share, near-copies)"
+COPY_FLAG = ("FLAG: the fine-tune reproduces its training audio more than the base model: train "
+             "fewer epochs, add more data, or use a lower rank")
 # summary row -> the interval of its LoRA - base difference in generation.intervals.metrics
 INTERVAL_KEYS = {
     "failed clips (share)": "failed_share",
@@ -67,6 +72,7 @@ def summary_rows(results: dict) -> list[dict]:
     intervals = _get(gen, "intervals", "metrics") or {}
     both = {"base", "lora"} <= set(models)
     alpha = verdicts.alphas(bool(lk.get("difference")), both and bool(gen) and not gen.get("skipped"))
+    copies = gen.get("copy_check") or {}
 
     def add(metric, getter, lower_is_better: Optional[bool], note: str = ""):
         vals = {m: getter(m) for m in ("base", "lora")}
@@ -104,7 +110,32 @@ def summary_rows(results: dict) -> list[dict]:
         "melody models: how closely the output follows the given tune")
     add("chroma similarity, shuffled melody (floor)", lambda m: _get(mel, m, "shuffled_mean"), None)
     add("mean loudness (LUFS)", lambda m: _get(sig, m, "mean_lufs"), None)
+    _copy_rows(add, rows, copies)
     return rows
+
+
+def _copy_rows(add, rows: list, copies: dict) -> None:
+    """The copy check: the share of generated time in passages copied from the training audio, the
+    exact-copy share and the longest passage. The first row's "better?" column holds the flag of
+    copy_check.compare instead of a winner: "FLAG" (the fine-tune copies more than the base: its
+    interval above 0 and its one-sided sign-flip test over prompts at 5%), "no flag", or "too few
+    prompts" (below copy_check.MIN_PROMPTS)."""
+    if not copies:
+        return
+    add(COPY_ROW, lambda m: _get(copies, m, "near", "mean_share"), None,
+        f"passages of {copies.get('min_seconds', 1):g} s or more that reproduce a training clip; the "
+        f"base model is the floor")
+    cmp = copies.get("comparison") or {}
+    row = rows[-1] if rows and rows[-1]["metric"] == COPY_ROW else None
+    if row is not None and cmp.get("verdict"):
+        row["better"] = ("FLAG" if cmp.get("flag") else
+                         "too few prompts" if cmp["verdict"] == "too few prompts" else "no flag")
+        if cmp.get("note"):
+            row["note"] += f"; {cmp['note']}"
+    if row is not None and cmp.get("flag"):
+        row["note"] = f"{COPY_FLAG}; {row['note']}"
+    add("copied time (share, exact copies)", lambda m: _get(copies, m, "exact", "mean_share"), None)
+    add("longest copied passage (s)", lambda m: _get(copies, m, "near", "longest", "longest_s"), None)
 
 
 def _interval_verdict(row: dict, iv: Optional[dict], alpha: float) -> None:
@@ -242,6 +273,7 @@ def render_html(results: dict, charts: dict[str, str], loss_curve: Optional[str]
                          f"<img class='chart' src='{_src(loss_curve)}' alt='training loss curve'>")
     # Generation
     gen = results.get("generation") or {}
+    parts += _copy_html(gen.get("copy_check"), models)
     if gen.get("skipped"):
         parts.append(f"<h2>Generated audio</h2><p class='muted'>{e(gen['skipped'])}</p>")
     clips = gen.get("clips") or []
@@ -271,9 +303,11 @@ def render_html(results: dict, charts: dict[str, str], loss_curve: Optional[str]
                     fails = (c.get("checks") or {}).get("failures") or []
                     if fails:
                         parts.append(f"<div class='fail'>failed checks: {e(', '.join(fails))}</div>")
+                    parts.append(_clip_copy_html(c.get("copy")))
                     parts.append("</div>")
                 parts.append("</div>")
             parts.append("</div>")
+    parts += _progression_html(results.get("training_samples"))
     # Details
     sig = gen.get("signal") or {}
     if sig:
@@ -293,6 +327,66 @@ def render_html(results: dict, charts: dict[str, str], loss_curve: Optional[str]
     parts.append("<h2>Versions</h2>" + _kv_table(results.get("versions") or {}))
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _passage(p: Optional[dict]) -> str:
+    if not p or not p.get("longest_s"):
+        return "none"
+    return (f"{p['longest_s']:.2f} s of {p['clip']} from {p['clip_at_s']:.2f} s (at {p['at_s']:.2f} s "
+            f"of the generated clip{', ' + str(p['generated']) if p.get('generated') else ''})")
+
+
+def _copy_html(cc: Optional[dict], models: list) -> list[str]:
+    """The copy check: each model's shares and longest passage side by side, and the verdict."""
+    if not cc:
+        return []
+    out = [f"<h2>Copy check: does it reproduce the training audio?</h2><p class='muted'>{e(cc['what'])}. "
+           f"Index: {e(cc['index']['n_clips'])} training clips, {e(round(cc['index']['seconds']))} s.</p>"]
+    cmp = cc.get("comparison")
+    if cmp:
+        cls = "fail" if cmp.get("flag") else "muted"
+        ci = ("" if cmp.get("ci_low") is None else
+              f" Δ share {cmp['diff']:+.3f}, {int(round(100 * cmp['confidence']))}% CI "
+              f"[{cmp['ci_low']:+.3f}, {cmp['ci_high']:+.3f}] over {cmp['n_prompts']} prompts.")
+        out.append(f"<p class='{cls}'><b>{e(cmp['verdict'])}</b>: {e(cmp['note'])}.{e(ci)}</p>")
+    rows = "".join(
+        f"<tr><td>{e(MODEL_LABELS.get(m, m))}</td><td class='num'>{e(_fmt(_get(cc, m, 'near', 'mean_share')))}</td>"
+        f"<td class='num'>{e(_fmt(_get(cc, m, 'exact', 'mean_share')))}</td>"
+        f"<td class='num'>{e(_get(cc, m, 'near', 'clips_with_copies'))} of {e(_get(cc, m, 'n_clips'))}</td>"
+        f"<td>{e(_passage(_get(cc, m, 'near', 'longest')))}</td></tr>" for m in models if cc.get(m))
+    out.append("<table><tr><th>model</th><th>copied time (near)</th><th>copied time (exact)</th>"
+               f"<th>clips with copies</th><th>longest copied passage</th></tr>{rows}</table>")
+    return out
+
+
+def _clip_copy_html(check: Optional[dict]) -> str:
+    if not check or not (check["near"]["share"] or check["exact"]["share"]):
+        return ""
+    return (f"<div class='fail'>copies training audio: {100 * check['near']['share']:.0f}% of its "
+            f"time; longest {e(_passage(check['near']))}</div>")
+
+
+def _progression_html(ts: Optional[dict]) -> list[str]:
+    """The training samples: the same prompts and seeds at every sampled step, step 0 = the base
+    model."""
+    if not ts or not ts.get("steps"):
+        return []
+    steps = ts["steps"]
+    out = [f"<h2>Training samples: how the run learned</h2><p class='muted'>{e(ts['note'])}</p>",
+           "<table><tr><th>prompt · seed</th>" + "".join(
+               f"<th>step {e(s['step'])}{' (base)' if s['step'] == 0 else ''}</th>" for s in steps)
+           + "</tr>"]
+    for i, first in enumerate(steps[0]["samples"]):
+        cells = []
+        for s in steps:
+            x = s["samples"][i] if i < len(s["samples"]) else None
+            share = "" if not x or not x.get("copy_share") else \
+                f"<div class='fail'>copied {100 * x['copy_share']:.0f}%</div>"
+            cells.append("<td></td>" if not x else
+                         f"<td><audio controls preload='none' src='{_src(x['wav'])}'></audio>{share}</td>")
+        out.append(f"<tr><td>{e(first['prompt'][:80])} · {e(first['seed'])}</td>{''.join(cells)}</tr>")
+    out.append("</table>")
+    return out
 
 
 def write_report(results: dict, out_dir: str | Path, adapter_dir: Optional[str | Path] = None) -> Path:

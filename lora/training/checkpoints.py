@@ -63,13 +63,14 @@ class TrainState:
 # What train_lora.py writes into output_dir, and may therefore delete again
 # (--overwrite_output_dir): its run folders, each holding only these files, with its
 # trainer_state.json. Anything else there is the user's.
-RUN_FOLDERS = ("checkpoints", "best_model", "final_model")
+RUN_FOLDERS = ("checkpoints", "best_model", "final_model", "samples")
 ADAPTER_FILES = frozenset({"adapter_config.json", "adapter_model.safetensors", "README.md",
                            "config.yaml", STATE_FILE, "eval_results.json"})
 CHECKPOINT_FILES = frozenset({"adapter_config.json", "adapter_model.safetensors", "README.md",
                               "config.yaml",
                               STATE_FILE, "optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pt"})
 CHECKPOINT_NAME = re.compile(r"step-\d{6}")
+SAMPLE_FILE = re.compile(r"sample_\d{2,}\.wav|manifest\.json")  # samples/step-NNNNNN/
 # lora.common.files.atomic_dir's temporary folders after a crash
 ATOMIC_LEFTOVER = re.compile(r"\..+\.(?:tmp|old)")
 LOCK_FILE = ".train_lora.lock"
@@ -101,15 +102,20 @@ CONFIG_HEADER = "# Resolved configuration"
 
 
 def _foreign_in_run_folder(p: Path) -> list[Path]:
-    """What in one of train_lora.py's run folders (checkpoints/, best_model/, final_model/) it did
+    """What in one of train_lora.py's run folders (checkpoints/, samples/, best_model/, final_model/) it did
     not write ([] = all of it is the tool's; [p] = the folder itself is not one of its own)."""
     if p.is_symlink() or not p.is_dir():
         return [p]
-    if p.name != "checkpoints":
+    if p.name not in ("checkpoints", "samples"):
         return _foreign_entries(p, ADAPTER_FILES, need_state=True)
     foreign = []
     for c in sorted(p.iterdir()):
-        if c.is_dir() and not c.is_symlink() and CHECKPOINT_NAME.fullmatch(c.name):
+        if p.name == "samples" and c.is_dir() and not c.is_symlink() and (
+                CHECKPOINT_NAME.fullmatch(c.name) or ATOMIC_LEFTOVER.fullmatch(c.name)):
+            # the training samples of one step (lora.training.samples), or an interrupted write
+            foreign += [e for e in sorted(c.iterdir()) if not e.is_file() or e.is_symlink()
+                        or not SAMPLE_FILE.fullmatch(e.name)]
+        elif c.is_dir() and not c.is_symlink() and CHECKPOINT_NAME.fullmatch(c.name):
             foreign += _foreign_entries(c, CHECKPOINT_FILES, need_state=True)
         elif c.is_dir() and not c.is_symlink() and ATOMIC_LEFTOVER.fullmatch(c.name):
             # an interrupted save

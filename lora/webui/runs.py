@@ -23,7 +23,7 @@ from lora.config import REPO_ROOT, Config, parse_config
 from lora.dataset import load_metadata
 from lora.scoring.report import format_table, summary_rows
 from lora.scoring.settings import EVALUATE_SECTIONS, config_problems
-from lora.training import checkpoints, plan
+from lora.training import checkpoints, plan, samples
 
 SCRIPTS_DIR = Path(__file__).resolve().parent.parent  # lora/: the scripts the UI runs
 MAX_RUNNING = 2  # train / evaluate processes started from the UI that may run at once
@@ -47,6 +47,11 @@ def under_root(value, out_root: Path, what: str) -> Path:
         raise UserError(f"The {what} {clip_text(text, 200)} is inside {root / 'ui'}, where the UI keeps "
                         f"its own files. Give another folder under {out_root}. Nothing was started.")
     return real
+
+
+def train_problems(cfg: Config) -> list[str]:
+    """train_lora.py's rules that span several settings (its config_problems), for the Train form."""
+    return plan.settings_problems(cfg) + samples.config_problems(cfg)
 
 
 # ============================================================================================
@@ -116,6 +121,36 @@ def run_summary(run: Path, history: list[dict], proc_state: str) -> str:
     if not history:
         lines.append("no metrics yet (logs/metrics.jsonl is written once training starts)")
     return "  \n".join(lines)
+
+
+def newest_samples(run: Path) -> Optional[dict]:
+    """The run's training samples to compare: those of its newest sampled step beside step 0's (the
+    base model), paired by prompt and seed: {"step", "rows": [{"label", "base", "now", "copy"}]}
+    (file paths; "base" None when step 0 is missing); None when the run has no samples yet."""
+    steps = samples.list_steps(run)
+    if not steps:
+        return None
+    step, newest = steps[-1]
+    base = dict(steps).get(0)
+
+    def manifest(folder):
+        try:
+            return json.loads((folder / samples.MANIFEST).read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # (written atomically: only a folder removed meanwhile)
+            return {"samples": []}
+
+    first = manifest(base)["samples"] if base is not None else []
+    rows = []
+    for s in manifest(newest)["samples"]:
+        b = next((x for x in first if x["seed"] == s["seed"] and x["prompt"] == s["prompt"]), None)
+        near = (s.get("copy") or {}).get("near") or {}
+        copy = (f"copies {100 * near['share']:.0f}% of its time from the training audio (longest "
+                f"{near['longest_s']:.1f} s of {near['clip']} at {near['clip_at_s']:.1f} s)"
+                if near.get("share") else "no copied passage")
+        rows.append({"label": f"{(s['prompt'] or '(unconditional)')[:60]} · seed {s['seed']}",
+                     "base": str(base / b["file"]) if b else None, "now": str(newest / s["file"]),
+                     "copy": copy})
+    return {"step": step, "rows": rows}
 
 
 @dataclass
@@ -258,7 +293,7 @@ def start_training(procs: Processes, values: dict, config_file: Optional[str]) -
     values = dict(values, output_dir=str(out),
                   data_dir=str(data if data.is_absolute() else REPO_ROOT / data))
     argv = train_argv(values, config_file)
-    check_script_argv(argv, plan.TRAIN_SECTIONS, lambda cfg, ns: plan.settings_problems(cfg),
+    check_script_argv(argv, plan.TRAIN_SECTIONS, lambda cfg, ns: train_problems(cfg),
                       values["data_dir"])
     p = procs.start(str(out), argv, "train")
     return str(out), p.command
