@@ -20,10 +20,10 @@ def _clip(seconds: float) -> np.ndarray:
 
 def test_a_short_clip_is_repeat_padded_as_clap_s_own_processing_not_padded_with_silence(tmp_path):
     import torch.nn.functional as F
-    from tests.test_metrics import make_tiny_clap
     from transformers import ClapModel, ClapProcessor
 
     from lora.scoring import metrics
+    from tests.helpers import make_tiny_clap
 
     d = make_tiny_clap(tmp_path / "clap")
     model, proc = ClapModel.from_pretrained(d).eval(), ClapProcessor.from_pretrained(d)

@@ -216,8 +216,13 @@ def test_summary_table_and_report_flag_a_copying_finetune(tmp_path):
                                      "seed": 42, "copy_share": 0.0}]} for s in (0, 10)]}}
     rows = {r["metric"]: r for r in summary_rows(results)}
     row = rows[COPY_ROW]
-    assert row["base"] == 0.0 and row["lora"] == 0.5 and row["better"] == "base"
+    # the copy row flags; it names no winner (the summary's 5% is for "better")
+    assert row["base"] == 0.0 and row["lora"] == 0.5 and row["better"] == "FLAG"
     assert row["note"].startswith(COPY_FLAG)
+    same = dict(cc, comparison=copy_check.compare([check] * 12, [check] * 12, ids, n_boot=200))
+    results["generation"]["copy_check"] = same
+    assert {r["metric"]: r for r in summary_rows(results)}[COPY_ROW]["better"] == "no flag"
+    results["generation"]["copy_check"] = cc
     assert rows["longest copied passage (s)"]["lora"] == 2.0
     html = render_html(results, {})
     assert "copies more than the base" in html and "2.00 s of train/a.wav from 3.00 s" in html

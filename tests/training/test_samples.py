@@ -18,8 +18,6 @@ from lora.config import Config
 from lora.dataset import ClipRecord
 from lora.training import checkpoints, samples
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 def _model(tiny_model_dir: Path, precision: str, weights: str, checkpointing: bool = False):
     """The tiny model prepared for training as train_lora prepares it (LoRA with dropout, CPU
