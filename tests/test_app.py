@@ -29,7 +29,7 @@ CI = os.environ.get("CI", "").lower() == "true"
 def _require(what: str, ok: bool):
     if ok:
         return
-    msg = f"the browser tests need {what} (bash install.sh --ui; pip install playwright; apt-get install chromium)"
+    msg = f"the browser tests need {what} (bash install.sh --dev; sudo apt-get install chromium)"
     if CI:
         pytest.fail(msg + ": CI=true, so this fails rather than skips", pytrace=False)
     pytest.skip(msg, allow_module_level=True)
