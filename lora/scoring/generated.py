@@ -5,6 +5,7 @@ melody adherence, CLAP, and the paired bootstrap intervals of the differences.
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
@@ -162,10 +163,13 @@ def generation_metrics(model: nn.Module, processor, info: ModelInfo, cfg: Config
     res["reference"] = {"n_clips": len(ref),
                         "seconds": float(sum(w.shape[-1] for w in ref_wavs) / info.sample_rate)}
     res["floors"] = _floors(model, info, ref, ref_wavs, transform)
+    # (fewer prompts than --num_prompts: there are no more to take)
+    more = ("raise --num_prompts or --eval_seeds" if len(prompts) >= ev.num_prompts else
+            f"raise --eval_seeds, or give more prompts with --prompts_file (only {len(prompts)} were "
+            f"there to take; more --num_prompts cannot help)")
     scored = score_generated(lambda m, idx: _embed_all(model, [audio[m][j] for j in idx], info),
-                             checks, ref,
-                             transform, len(seeds), ev.exclude_failed_clips, ev.bootstrap_samples,
-                             g.seed)
+                             checks, ref, transform, len(seeds), ev.exclude_failed_clips,
+                             ev.bootstrap_samples, g.seed, more)
     shared = scored["distance_set"]["pair_indices"]
     scored["distance_set"]["pairs"] = [[j // len(seeds), seeds[j % len(seeds)]] for j in shared]
     _mark_distance_set(res, shared, checks, ev.exclude_failed_clips)
@@ -246,6 +250,27 @@ def melody_similarity(melody: dict, audio: dict, models: list[str], shared: list
     return out
 
 
+# what _check_and_save_clips names its files: a rerun into the same folder removes the earlier
+# evaluation's before it writes its own (a user's file there has another name and stays)
+_CLIP_FILE = re.compile(r"p\d{3}_s\d+\.(wav|png)")
+
+
+def clear_earlier_clips(out_dir: Path) -> int:
+    """Delete the clips and spectrograms an earlier evaluation wrote into out_dir (audio/<model>/,
+    spectrograms/<model>/), so a rerun's folder and report hold this evaluation's alone; the number
+    deleted."""
+    n = 0
+    for kind in ("audio", "spectrograms"):
+        for folder in sorted((out_dir / kind).glob("*")) if (out_dir / kind).is_dir() else []:
+            for f in sorted(folder.iterdir()) if folder.is_dir() and not folder.is_symlink() else []:
+                if f.is_file() and not f.is_symlink() and _CLIP_FILE.fullmatch(f.name):
+                    f.unlink()
+                    n += 1
+    if n:
+        log.info("Deleted %d clip file(s) of the earlier evaluation in %s", n, out_dir)
+    return n
+
+
 def _check_and_save_clips(res: dict, m: str, wavs: list, prompts, seeds, sr: int,
                           out_dir: Path) -> list[dict]:
     """Signal checks of one model's clips; each finite clip is written (WAV + spectrogram) and
@@ -312,10 +337,12 @@ def distance_set(checks: dict[str, list[dict]], exclude_failed: bool = True) -> 
 
 
 def score_generated(embed, checks: dict[str, list[dict]], ref: list[dict], transform: dict,
-                    n_seeds: int, exclude_failed: bool, n_boot: int, seed: int) -> dict:
+                    n_seeds: int, exclude_failed: bool, n_boot: int, seed: int,
+                    more: str = "raise --num_prompts or --eval_seeds") -> dict:
     """FAD/KAD and diversity of every model on the shared set, and (two models) the paired bootstrap
     intervals of the differences. ``embed(model, pair_indices)`` returns the clips' embeddings
-    (_embed_all). Returns {"distance_set", "distances", "diversity", "intervals", "notes"}."""
+    (_embed_all); ``more``: how to get more pairs, for the note on too few. Returns
+    {"distance_set", "distances", "diversity", "intervals", "notes"}."""
     models = list(checks)
     shared = distance_set(checks, exclude_failed)
     n_pairs = len(next(iter(checks.values()))) if checks else 0
@@ -352,7 +379,7 @@ def score_generated(embed, checks: dict[str, list[dict]], ref: list[dict], trans
         if len(shared) < 10:
             out["notes"].append(f"The intervals of the generated-audio differences rest on only "
                                 f"{len(shared)} (prompt, seed) pairs: rough (a bootstrap over few "
-                                f"pairs is too narrow); raise --num_prompts or --eval_seeds.")
+                                f"pairs is too narrow); {more}.")
     return out
 
 
