@@ -171,7 +171,7 @@ def test_evaluate_summary_is_monospaced(out_root, tiny_model_dir):
             page = browser.new_page()
             page.set_default_timeout(60_000)
             page.goto(f"http://127.0.0.1:{ns.port}/")
-            page.locator("#tab_evaluate-button, button:has-text('Evaluate')").first.click()
+            page.get_by_role("tab", name="Evaluate").click()
             box = page.locator("#eval_summary textarea")
             box.wait_for()
             font = box.evaluate("el => getComputedStyle(el).fontFamily")
