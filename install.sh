@@ -3,7 +3,8 @@
 # (a virtualenv or conda env; create one first: python3 -m venv .venv && . .venv/bin/activate).
 #
 #   bash install.sh            runtime dependencies
-#   bash install.sh --dev      + test and lint dependencies (pytest, ruff)
+#   bash install.sh --dev      + what the whole test suite needs (pytest, ruff; gradio and playwright for the web
+#                              UI's browser tests, which also need chromium: it says how to get it)
 #   bash install.sh --extras   + optional decoders/extras (PyAV for m4a/aac)
 #   bash install.sh --check    only say which torch is found (and where) and what would be installed
 #   bash install.sh --ui       + the local web UI (gradio: python lora/app.py)
@@ -14,7 +15,8 @@
 # works) gets the default CUDA build from the package index, one without a GPU $TORCH_CPU_SPEC (default
 # torch==2.13.0). TORCH_INDEX_URL installs torch from another index, e.g. the CUDA build that matches the
 # driver: https://download.pytorch.org/whl/cu124, or .../whl/cpu for the small CPU wheel.
-# Safe to run again: it installs only what is missing or too old.
+# Safe to run again: it installs only what is missing or too old. From inside lora/ (the user's plan),
+# bash install.sh runs this same file.
 set -Eeuo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -28,7 +30,7 @@ for a in "$@"; do
     --extras) extras=1 ;;
     --check) check=1 ;;
     --ui) ui=1 ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "install.sh: unknown option '$a' (use --dev, --extras, --ui, --check or --help)" >&2; exit 2 ;;
   esac
 done
@@ -88,11 +90,31 @@ else
   echo "torch: none in $prefix, $why -> installing $what${TORCH_INDEX_URL:+ from $TORCH_INDEX_URL}"
   [ "$check" = 1 ] || "${PIP[@]}" "${idx[@]}" "$spec"
 fi
-if [ "$check" = 1 ]; then echo "install.sh --check: nothing was installed"; exit 0; fi
+# The torch version pinned while the rest installs, read from its metadata: importing torch here, before numpy is
+# installed, would print torch's "Failed to initialize NumPy" warning on a first install.
+torch_version() {
+  "$PY" -c 'import importlib.metadata as m; print(m.version("torch").split("+")[0])' 2>/dev/null || true
+}
+# Debian's chromium, which the web UI's browser tests drive (tests/test_app.py skips them without it).
+chromium_note() {
+  local c; c="$(command -v chromium || command -v chromium-browser || true)"
+  if [ -n "$c" ]; then echo "chromium     $c (the web UI's browser tests)"; else
+    echo "chromium     not found: the web UI's browser tests (tests/test_app.py) skip without it (CI installs it):"
+    echo "             sudo apt-get install chromium   (Debian/Ubuntu; the tests look for chromium on PATH)"; fi
+}
+if [ "$check" = 1 ]; then
+  tv="$(torch_version)"
+  [ -z "$tv" ] || echo "torch: pinned at ${tv} while the requirements install"
+  wants="requirements.txt"; [ "$dev" = 1 ] && wants+=", requirements-dev.txt (with requirements-ui.txt)"
+  [ "$ui" = 1 ] && wants+=", requirements-ui.txt"; [ "$extras" = 1 ] && wants+=", av"
+  echo "would install: $wants"
+  [ "$dev" = 1 ] && chromium_note
+  echo "install.sh --check: nothing was installed"; exit 0
+fi
 
 step="requirements.txt"
 # The constraint keeps pip from swapping the installed torch for another build while resolving.
-tv="$("$PY" -c 'import torch; print(torch.__version__.split("+")[0])')"
+tv="$(torch_version)"
 cons="$(mktemp)"; echo "torch==${tv}" > "$cons"
 "${PIP[@]}" -c "$cons" -r "$here/requirements.txt"
 # The project itself, editable (pyproject.toml): `import lora` then finds this checkout from anywhere, so the
@@ -139,7 +161,8 @@ free = shutil.disk_usage(".").free / 2**30
 print(f"free disk    {free:.1f} GiB here" + ("  (musicgen-small needs ~3 GiB, large ~14 GiB)" if free < 20 else ""))
 print("install.sh: all imports OK")
 PY
-if [ "$ui" = 1 ]; then
+if [ "$ui" = 1 ] || [ "$dev" = 1 ]; then
   step="check the web UI"
   "$PY" -c "import gradio; print(f'gradio       {gradio.__version__} (web UI: python lora/app.py)')"
 fi
+if [ "$dev" = 1 ]; then chromium_note; fi

@@ -10,16 +10,18 @@
 #   bash quick_start.sh --learning_rate 1e-4  extra arguments are passed to train_lora.py
 #
 # Environment: MODEL (default tiny), INPUT_DIR (your audio; default: the synthetic example set),
-# DATA_DIR (default data), OUTPUT_DIR (default output), PROMPT (text for the generation step),
-# PYTHON (default python). Run from anywhere; paths are relative to this folder.
+# DATA_DIR (default output/quick_start/data), OUTPUT_DIR (default output/quick_start), PROMPT (text for
+# the generation step), PYTHON (default python). Run from anywhere; paths are relative to this folder.
+# Everything it makes stays in output/quick_start/, so data/ and output/ are free for your own first run
+# (the plan's `python train_lora.py ... --output_dir ../output`), and running it again starts over.
 set -Eeuo pipefail
-case "${1:-}" in -h|--help) sed -n '2,14p' "$0"; exit 0 ;; esac
+case "${1:-}" in -h|--help) sed -n '2,16p' "$0"; exit 0 ;; esac
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
 MODEL="${MODEL:-tiny}"
 INPUT_DIR="${INPUT_DIR:-}"
-DATA_DIR="${DATA_DIR:-data}"
-OUT="${OUTPUT_DIR:-output}"
+DATA_DIR="${DATA_DIR:-output/quick_start/data}"
+OUT="${OUTPUT_DIR:-output/quick_start}"
 PY="${PYTHON:-python}"
 step="start"
 trap 'echo; echo "quick_start.sh FAILED at step: ${step}. The messages above say why; fix it and run again." >&2' ERR

@@ -2,7 +2,12 @@
 training, read evaluations. ``bash install.sh --ui`` installs what it needs (gradio); then::
 
     python lora/app.py                       # http://127.0.0.1:7860, bound to this machine only
+    python lora/app.py --model_path tiny     # any config key as a flag: the forms start from it
     python lora/app.py --listen --port 7860 --auth user:password     # reachable on the LAN (use --auth)
+
+Like every script it reads config.yaml and takes the keys of its sections (model, training, lora, data,
+generation, evaluation) as flags; the forms start from those values (the base model, the adapter:
+generation.lora_model_path, output/best_model by default).
 
 Nothing here decodes on its own: Generate runs lora.generation.engine.generate (the engine of
 inference_lora.py) on ONE base model, loaded once and kept; adapters are loaded onto it with peft
@@ -33,7 +38,7 @@ if not __package__:  # run as a file, maybe without `pip install -e .`: see lora
 
     _bootstrap.find_package()
 
-from lora.common.cli import UserError, log, setup_logging
+from lora.common.cli import UserError, log, run_main, setup_logging
 from lora.config import REPO_ROOT, Config, parse_config
 from lora.scoring.plots import loss_figure
 from lora.webui.engine import (
@@ -43,6 +48,8 @@ from lora.webui.engine import (
     GenForm,
     Side,
     clean_ui_outputs,
+    default_adapter,
+    download_files,
     is_melody_base,
     list_adapters,
     run_generation,
@@ -72,23 +79,38 @@ MAX_QUEUE = 32        # requests waiting in the UI's queue at once
 # ============================================================================================
 # Server
 # ============================================================================================
+# the config sections whose keys are flags here (the forms' defaults); the first listed owns a shared
+# name (--output_dir is training.output_dir: the Train form's)
+SECTIONS = ("model", "training", "lora", "data", "generation", "evaluation")
+# the Evaluate tab's summary is a table of aligned columns
+CSS = "#eval_summary textarea { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }"
+
+
+def _server_flags(ap: argparse.ArgumentParser) -> None:
+    g = ap.add_argument_group("app (the server)")
+    g.add_argument("--output_root", default=str(REPO_ROOT / "output"),
+                   help="Folder whose runs and adapters are listed; UI files go to OUTPUT_ROOT/ui")
+    g.add_argument("--listen", action="store_true",
+                   help="Bind 0.0.0.0 (reachable from the LAN); default 127.0.0.1")
+    g.add_argument("--port", type=int, default=7860)
+    g.add_argument("--auth", default=None, help="user:password required to open the UI")
+    g.add_argument("--max_ui_age_days", type=float, default=7.0,
+                   help="Delete UI outputs older than this")
+    g.add_argument("--max_ui_gb", type=float, default=5.0, help="Keep UI outputs under this total size")
+
+
+def _server_problems(cfg: Config, ns) -> list[str]:
+    user, _, password = (ns.auth or "").partition(":")
+    return ["--auth must be user:password"] if ns.auth is not None and not (user and password) else []
+
+
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description="Local web UI: generate (A/B base vs fine-tune), "
-                                             "train, evaluate.")
-    ap.add_argument("--config", default=None, help="config.yaml to read (default: the repository's)")
-    ap.add_argument("--output_root", default=str(REPO_ROOT / "output"),
-                    help="Folder whose runs and adapters are listed; UI files go to OUTPUT_ROOT/ui")
-    ap.add_argument("--listen", action="store_true",
-                    help="Bind 0.0.0.0 (reachable from the LAN); default 127.0.0.1")
-    ap.add_argument("--port", type=int, default=7860)
-    ap.add_argument("--auth", default=None, help="user:password required to open the UI")
-    ap.add_argument("--max_ui_age_days", type=float, default=7.0,
-                    help="Delete UI outputs older than this")
-    ap.add_argument("--max_ui_gb", type=float, default=5.0, help="Keep UI outputs under this total size")
-    ns = ap.parse_args(argv)
-    if ns.auth is not None and (":" not in ns.auth or not ns.auth.split(":", 1)[0]
-                                or not ns.auth.split(":", 1)[1]):
-        ap.error("--auth must be user:password")
+    """The server's flags and the schema's (ns.cfg: the resolved config, defaults < config.yaml <
+    flags)."""
+    cfg, ns = parse_config(argv, description="Local web UI: generate (A/B base vs fine-tune), train, "
+                                             "evaluate.", sections=SECTIONS, extra=_server_flags,
+                           rules=_server_problems)
+    ns.cfg = cfg
     return ns
 
 
@@ -182,7 +204,8 @@ def _generate_handler(gr, engine: Engine, out_root: Path, ns):
             lines.append(f"- {s.label}: {md_text(s.folder / 'manifest.json')}  \n  CLI: "
                          f"{md_text(s.command)}")
         keys = [r["key"] for r in state["pairs"]]
-        files = [p for r in state["pairs"] for p in r["files"].values()] if not state["blind"] else None
+        state["downloads"] = download_files(done)  # (named by side: base_..., fine-tune_...)
+        files = state["downloads"] if not state["blind"] else None
         return ("\n".join(lines), *_player_updates(gr, state, keys[0] if keys else None),
                 gr.update(choices=keys, value=keys[0] if keys else None),
                 gr.update(visible=state["blind"]), files, state)
@@ -201,6 +224,7 @@ def _side_name(side: Side, f: GenForm) -> str:
 
 def _generate_tab(gr, cfg: Config, engine: Engine, out_root: Path, ns) -> None:
     adapters = list_adapters(out_root) if out_root.is_dir() else []
+    first = default_adapter(adapters, cfg)
     g = cfg.generation
     scale = " ".join(f"{float(x):g}"
                      for x in (g.lora_scale if isinstance(g.lora_scale, list) else [g.lora_scale]))
@@ -213,7 +237,7 @@ def _generate_tab(gr, cfg: Config, engine: Engine, out_root: Path, ns) -> None:
             with gr.Row():
                 adapter = gr.Dropdown(label="Adapters (pick or type a folder; several = a mix; "
                                             "none = base model)",
-                                      choices=adapters, value=adapters[:1], multiselect=True,
+                                      choices=adapters, value=[first] if first else [], multiselect=True,
                                       allow_custom_value=True, elem_id="adapter", scale=4)
                 refresh = gr.Button("Refresh list", elem_id="refresh_adapters", scale=1)
             mode = gr.Radio(list(MODES), value=MODES[0], label="Mode", elem_id="mode")
@@ -270,7 +294,7 @@ def _generate_tab(gr, cfg: Config, engine: Engine, out_root: Path, ns) -> None:
             return gr.skip(), gr.skip(), gr.skip(), gr.skip()
         st = dict(st, names=st["real"], blind=False)
         a, b = _player_updates(gr, st, key)
-        files = [p for r in st["pairs"] for p in r["files"].values()]
+        files = st.get("downloads")
         return (f"A = {md_text(st['real'][0])}  \nB = {md_text(st['real'][1])}", a, b, files)
 
     reveal.click(on_reveal, [state, sample], [status, player_a, player_b, files], queue=False)
@@ -398,6 +422,7 @@ def _report_html(folder: Path) -> str:
 def _evaluate_tab(gr, cfg: Config, out_root: Path, procs: Processes) -> None:
     evals = list_evaluations(out_root) if out_root.is_dir() else []
     adapters = list_adapters(out_root) if out_root.is_dir() else []
+    first = default_adapter(adapters, cfg)
     pick = gr.Dropdown(label="Evaluation (a folder with results.json)", choices=evals,
                        value=evals[0] if evals else None, allow_custom_value=True, elem_id="eval_pick")
     summary = gr.Textbox(label="Summary (results.json)", lines=10, interactive=False,
@@ -406,7 +431,7 @@ def _evaluate_tab(gr, cfg: Config, out_root: Path, procs: Processes) -> None:
     with gr.Accordion("Run evaluate.py --compare (base vs adapter)", open=True):
         with gr.Row():
             model = gr.Textbox(value=cfg.model.model_path, label="Base model", elem_id="eval_model")
-            adapter = gr.Dropdown(choices=adapters, value=adapters[0] if adapters else None,
+            adapter = gr.Dropdown(choices=adapters, value=first,
                                   allow_custom_value=True, label="Adapter", elem_id="eval_adapter")
             data = gr.Textbox(value=cfg.data.data_dir, label="Data folder", elem_id="eval_data")
             out = gr.Textbox(value=str(out_root / "evaluation"), label="Output folder",
@@ -476,22 +501,27 @@ def launch(demo, ns, out_root: Path, block: bool = False):
         log.warning("--listen without --auth: anyone on the network can use this UI")
     # bounded: requests waiting at once, and the size of one upload
     demo.queue(default_concurrency_limit=1, max_size=MAX_QUEUE)
+    # quiet: gradio's own start-up lines end with its share-link hint, a link this UI never makes
     demo.launch(server_name=host, server_port=ns.port, auth=auth, share=False, inbrowser=False,
-                allowed_paths=[str(out_root)], prevent_thread_lock=not block, ssr_mode=False,
-                mcp_server=False, footer_links=[], quiet=not block, max_file_size=MAX_UPLOAD)
+                allowed_paths=[str(out_root)], prevent_thread_lock=True, ssr_mode=False,
+                mcp_server=False, footer_links=[], quiet=True, css=CSS, max_file_size=MAX_UPLOAD)
+    log.info("Web UI on http://%s:%d%s (outputs in %s)", "127.0.0.1" if not ns.listen else host,
+             ns.port, "" if not block else "; Ctrl-C stops it", out_root)
     if block:
-        demo.procs.stop_all()
+        try:
+            demo.block_thread()
+        finally:
+            demo.procs.stop_all()
     return demo
 
 
 def main(argv=None) -> int:
     setup_logging()
     ns = parse_args(argv)
-    cfg = load_config(ns.config)
-    demo = build_ui(cfg, Path(ns.output_root).resolve(), ns)
+    demo = build_ui(ns.cfg, Path(ns.output_root).resolve(), ns)
     launch(demo, ns, Path(ns.output_root).resolve(), block=True)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -236,7 +236,13 @@ class TrainingConfig:
     max_nan_steps: int = _f(10,
                             "Stop after this many non-finite losses in a row (each one is skipped "
                             "and counted)", ge=1, le=1_000_000)
-    resume_from_checkpoint: Optional[str] = _f(None, "'latest' or a checkpoint folder to continue from")
+    resume_from_checkpoint: Optional[str] = _f(
+        None, "'latest' or a checkpoint folder to continue from: the same base model, LoRA settings, "
+              "learning rate and schedule as the run (a difference is refused, named); more steps "
+              "continue")
+    resume_with_changed_data: bool = _f(
+        False, "Let a resume continue on other clips (or another max_duration) than the run's; "
+               "the run's history marks the step where they changed")
     overwrite_output_dir: bool = _f(False,
                                     "Start a fresh run even if output_dir holds an earlier run: its "
                                            "checkpoints/, best_model/ and final_model/ are deleted "
@@ -417,12 +423,14 @@ class Config:
     def to_dict(self) -> dict:
         return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the resolved config as YAML (atomically) and return the path."""
+    def save(self, path: str | os.PathLike, note: str = "") -> Path:
+        """Write the resolved config as YAML (atomically) and return the path; ``note``: a header
+        line more."""
         import yaml
 
         text = "# Resolved configuration (defaults < config.yaml < flags) that produced these files\n"
         text += f"# config file read: {self.config_file or 'none (defaults and flags only)'}\n"
+        text += f"# {note}\n" if note else ""
         text += yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
         return atomic_write_text(path, text)
 

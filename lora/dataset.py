@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from lora.common.cli import UserError, log
+from lora.common.cli import UserError, log, script_command, shown_path
 from lora.common.files import folder_lock
 from lora.config import text_problem
 from lora.modeling import chroma
@@ -79,9 +79,8 @@ def load_metadata(data_dir: str | Path, metadata_file: str = "metadata.json", *,
     data_dir = Path(data_dir)
     mpath = metadata_path(data_dir, metadata_file)
     if not mpath.is_file():
-        hint = (f"Create it with: python lora/prepare_data.py --input_dir YOUR_AUDIO --output_dir "
-                f"{data_dir} (from inside lora/: python prepare_data.py ...; or --create_example "
-                f"for a synthetic dataset).")
+        hint = (f"Create it with: {script_command('prepare_data.py')} --input_dir YOUR_AUDIO "
+                f"--output_dir {shown_path(data_dir)} (or --create_example for a synthetic dataset).")
         if not data_dir.exists():
             raise UserError(f"Data folder {data_dir} does not exist. {hint}")
         raise UserError(f"Metadata file {mpath} not found. {hint}")

@@ -72,7 +72,13 @@ from lora.modeling.adapter import (
 from lora.modeling.cpu_speed import keep_freed_memory
 from lora.modeling.loading import load_base_model
 from lora.scoring import copy_check
-from lora.scoring.generated import KAD_KERNEL, KAD_MAX_FRAMES, LOUDNESS_TARGET_LUFS, generation_metrics
+from lora.scoring.generated import (
+    KAD_KERNEL,
+    KAD_MAX_FRAMES,
+    LOUDNESS_TARGET_LUFS,
+    clear_earlier_clips,
+    generation_metrics,
+)
 from lora.scoring.likelihood import likelihood_section
 from lora.scoring.report import format_table, jsonable, summary_rows, versions, write_report
 from lora.scoring.settings import EVALUATE_SECTIONS, OUTPUTS, TOOL, config_problems, earlier_evaluation
@@ -121,6 +127,17 @@ def choose_prompts(cfg: Config, valid) -> tuple[list[str], str]:
                             f"prompts; pass --prompts_file FILE (one prompt per line) or "
                             f"--skip_generation.")
     return prompts[:cfg.evaluation.num_prompts], source
+
+
+def prompts_note(prompts: list[str], source: str, num_prompts: int) -> str:
+    """What to say when fewer prompts were there to take than --num_prompts asks for ('' when
+    not)."""
+    if len(prompts) >= num_prompts:
+        return ""
+    where = "distinct held-out caption(s)" if source == "valid captions" else f"prompt(s) in {source}"
+    return (f"Generation metrics use {len(prompts)} prompt(s), not --num_prompts {num_prompts}: there "
+            f"are only {len(prompts)} {where}. For more, pass --prompts_file FILE (one prompt per "
+            f"line) or hold out clips with more captions.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,12 +241,16 @@ def evaluate(cfg: Config, plan: dict) -> int:
         results["notes"].append(few_note)
         log.warning(few_note)
 
+    clear_earlier_clips(out_dir)  # (a rerun into this folder: its report shows this run's clips only)
     if ev.skip_generation:
         results["generation"] = {"skipped": "generation metrics skipped (--skip_generation)"}
         results["notes"].append("Generation metrics skipped (--skip_generation): likelihood only.")
     else:
         prompts, source = choose_prompts(cfg, valid)
         results["settings"]["prompts_source"] = source
+        if prompts_note(prompts, source, ev.num_prompts):
+            results["notes"].append(prompts_note(prompts, source, ev.num_prompts))
+            log.warning(results["notes"][-1])
         n_clips = len(prompts) * ev.eval_seeds * len(models)
         check_free_space(out_dir, n_clips
                          * (ev.eval_duration * info.sample_rate * info.audio_channels * 2 + 2e5)

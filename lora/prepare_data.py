@@ -38,7 +38,7 @@ if not __package__:  # run as a file, maybe without `pip install -e .`: see lora
 
     _bootstrap.find_package()
 
-from lora.common.cli import log
+from lora.common.cli import log, script_command, shown_path
 from lora.config import Config, parse_config
 from lora.dataprep.data_check import check_data_dir
 from lora.dataprep.prepare import create_example, prepare_folder
@@ -71,8 +71,7 @@ def main(argv=None) -> int:
             prepare_folder(cfg)
     summary = check_data_dir(d.data_dir, d.metadata_file, sample_rate=d.sample_rate, hash_content=False)
     print(summary.text())
-    print(f"Next: python lora/test_dataset.py --data_dir {d.data_dir}   (or: cd lora && python "
-          f"test_dataset.py)")
+    print(f"Next: {script_command('test_dataset.py')} --data_dir {shown_path(d.data_dir)}")
     return 0 if summary.ok else 1
 
 

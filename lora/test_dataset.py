@@ -29,7 +29,7 @@ if not __package__:  # run as a file, maybe without `pip install -e .`: see lora
 
     _bootstrap.find_package()
 
-from lora.common.cli import log
+from lora.common.cli import log, script_command, shown_model, shown_path
 from lora.config import parse_config
 from lora.dataprep.audio import AudioError, load_audio
 from lora.dataprep.data_check import check_data_dir, check_token_batches
@@ -133,12 +133,14 @@ def check(cfg, ns, argv) -> int:
         for p in load_problems:
             print(f"  - {p}")
         print(f"VERDICT: NOT READY — {len(problems)} problem(s) above. Fix them (or re-run "
-              f"python prepare_data.py --input_dir YOUR_AUDIO --output_dir {d.data_dir}), then run "
-              f"this again.")
+              f"{script_command('prepare_data.py')} --input_dir YOUR_AUDIO --output_dir "
+              f"{shown_path(d.data_dir)}), then run this again.")
         return 1
     print("Checked: the folder, the audio and the token batches training reads." if token_check else
           "Checked: the folder and the audio (add --model_path to check the token batches training reads).")
-    print("VERDICT: OK — next: python test_model.py   (then python train_lora.py ...)")
+    model = shown_model(cfg.model.model_path)
+    print(f"VERDICT: OK — next: {script_command('test_model.py')} --model_path {model}   (then "
+          f"{script_command('train_lora.py')} --model_path {model} --data_dir {shown_path(d.data_dir)} ...)")
     return 0
 
 

@@ -28,10 +28,10 @@ if not __package__:  # run as a file, maybe without `pip install -e .`: see lora
 
     _bootstrap.find_package()
 
-from lora.common.cli import UserError, log, run_main
+from lora.common.cli import UserError, log, run_main, script_command, shown_model, shown_path
 from lora.common.fields import ConfigError
 from lora.config import parse_config
-from lora.dataset import CachedClip, CachedTokenDataset, collate_tokens
+from lora.dataset import CachedClip, CachedTokenDataset, collate_tokens, metadata_path
 from lora.modeling.loading import family_for, load_base_model
 from lora.modeling.memory import check_fits, training_floor
 from lora.modeling.precision import choose_precision, resolve_base_weights_dtype
@@ -176,7 +176,6 @@ def main(argv=None) -> int:
     # a bad combination fails before loading
     resolve_base_weights_dtype(cfg.training.base_weights_dtype, mode)
     torch.manual_seed(cfg.training.seed)
-    train_cmd = f"python train_lora.py --model_path {cfg.model.model_path}"
 
     # ---- model -------------------------------------------------------------------------------
     _say("== model")
@@ -243,10 +242,23 @@ def main(argv=None) -> int:
             return failed
 
     _say()
-    _say(f"OK — next step: {train_cmd} --data_dir data --output_dir output "
-         f"--lora_rank {cfg.lora.lora_rank} --batch_size {cfg.training.batch_size}")
+    _say(f"OK — next step: {next_step(cfg)}")
     log.info("test_model finished: all checks passed")
     return 0
+
+
+def next_step(cfg) -> str:
+    """The training command for this model, written for the folder the user runs from (the data
+    folder and output folder of config.yaml or the flags); preparing the data first when that
+    folder holds no dataset yet."""
+    d = cfg.data
+    train = (f"{script_command('train_lora.py')} --model_path {shown_model(cfg.model.model_path)} "
+             f"--data_dir {shown_path(d.data_dir)} --output_dir {shown_path(cfg.training.output_dir)} "
+             f"--lora_rank {cfg.lora.lora_rank} --batch_size {cfg.training.batch_size}")
+    if metadata_path(d.data_dir, d.metadata_file).is_file():
+        return train
+    return (f"prepare your audio: {script_command('prepare_data.py')} --input_dir YOUR_AUDIO "
+            f"--output_dir {shown_path(d.data_dir)} (there is no dataset there yet), then {train}")
 
 
 def report_step(cfg, model: nn.Module, info: ModelInfo, batch, loss, mode, reason, seconds, step_s,

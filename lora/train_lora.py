@@ -48,7 +48,18 @@ if not __package__:  # run as a file, maybe without `pip install -e .`: see lora
 
     _bootstrap.find_package()
 
-from lora.common.cli import UserError, fault_message, log, on_interrupt, process_start_time, run_main, setup_logging
+from lora.common.cli import (
+    UserError,
+    fault_message,
+    log,
+    on_interrupt,
+    process_start_time,
+    run_main,
+    script_command,
+    setup_logging,
+    shown_model,
+    shown_path,
+)
 from lora.common.files import atomic_write_json, check_free_space, check_output_dir
 from lora.config import Config, parse_config, validate
 from lora.dataprep.token_cache import Ranks, build_token_cache
@@ -66,7 +77,7 @@ from lora.modeling.loading import family_for, load_base_model, local_model_folde
 from lora.modeling.memory import check_fits, training_floor
 from lora.modeling.precision import choose_precision, resolve_base_weights_dtype
 from lora.modeling.window import checked_window, longest_caption
-from lora.training import checkpoints, model_prep, plan, run_log, samples
+from lora.training import checkpoints, model_prep, plan, resume, run_log, samples
 from lora.training import step as training_step
 from lora.training.checkpoints import TrainState
 
@@ -91,6 +102,7 @@ def main(argv=None) -> int:
     import torch
 
     out = check_output_dir(cfg.training.output_dir, "--output_dir")
+    load_metadata(cfg.data.data_dir, cfg.data.metadata_file)  # no data: nothing is made in out
     handlers, level = list(log.handlers), log.level
     try:  # one run per output folder (only the first process of a multi-process run holds it)
         with checkpoints.output_lock(out, enabled=os.environ.get("RANK", "0") == "0"), \
@@ -119,21 +131,11 @@ def main(argv=None) -> int:
 
 def train(cfg: Config) -> int:
     run = set_up(cfg)
-    with on_interrupt(lambda: resume_note(run)):
+    with on_interrupt(lambda: resume.interrupt_note(run.out, run.save_every,
+                                                    cfg.training.save_minutes)):
         train_loop(run)
     finish(run)
     return 0
-
-
-def resume_note(run: "Run") -> str:
-    """What Ctrl-C leaves behind, and how to continue."""
-    ck = checkpoints.newest_checkpoint(run.out)
-    if ck is None:
-        return (f"no checkpoint was saved yet (every {run.save_every} steps or "
-                f"{run.cfg.training.save_minutes:g} minutes); start again, or save more often with "
-                f"--save_steps / --save_minutes")
-    return (f"the newest checkpoint is {ck} (step {ck.name[5:].lstrip('0') or 0}); continue with "
-            f"the same command plus --resume_from_checkpoint latest")
 
 
 # ============================================================================================
@@ -168,6 +170,7 @@ class Run:
     stop_reason: str = None
     clock: run_log.PhaseClock = None  # where the time goes (logged at the end, logs/timing.json)
     sampler: samples.Sampler = None   # the samples at step 0 and every sample_every steps (or None)
+    identity: dict = field(default_factory=dict)  # the base model and data trained on (resume checks)
 
     @property
     def out(self) -> Path:
@@ -188,7 +191,7 @@ class Run:
             effective_batch=t.batch_size * t.gradient_accumulation_steps * acc.num_processes,
             precision=self.precision, base_model=self.info.name_or_path,
             run={"batch_size": t.batch_size, "gradient_accumulation_steps": t.gradient_accumulation_steps,
-                 "world_size": acc.num_processes, "seed": t.seed})
+                 "world_size": acc.num_processes, "seed": t.seed}, **self.identity)
 
 
 def start_processes(cfg: Config):
@@ -241,15 +244,18 @@ def cache_ranks(acc) -> Ranks:
                  gather=lambda obj: gather_object([obj]))
 
 
-def load_and_cache(cfg: Config, acc, records, clock: run_log.PhaseClock):
+def load_and_cache(cfg: Config, acc, records, clock: run_log.PhaseClock, ck=None, resumed=None):
     """The base model (on the CPU) and every clip's cached tokens; only the encoders visit the
-    device, for the cache, and leave it again when their output is cached."""
+    device, for the cache, and leave it again when their output is cached. A resume's base model
+    must be the run's (checked before the cache is built)."""
     import torch
 
     t, device = cfg.training, acc.device
     # Loaded on the CPU: the decoder follows after LoRA is attached (an fp32 init, the same in every
     # precision) and its frozen weights are cast, so a GPU never holds the fp32 decoder.
     model, processor, info = load_base_model(cfg.model)
+    if ck is not None:
+        resume.check_model(resumed, ck, info)
     clock.lap("load")
     warn_sample_rate(cfg.data.data_dir, cfg.data.metadata_file, info.sample_rate)
     fam = family_for(info)
@@ -289,6 +295,7 @@ def set_up(cfg: Config) -> Run:
     # Read whole before anything loads: a damaged checkpoint stops here ('latest' falls back to an
     # older one).
     ck = checkpoints.find_checkpoint(out, t.resume_from_checkpoint) if t.resume_from_checkpoint else None
+    resumed = resume.check_settings(cfg, ck) if ck is not None else None  # (refuses another LoRA)
     # before this run writes anything (the first process deletes, the others only check)
     if ck is None:
         checkpoints.clear_earlier_run(out, t.overwrite_output_dir,
@@ -298,7 +305,10 @@ def set_up(cfg: Config) -> Run:
 
     set_seed(t.seed)
     clock.lap("start-up")
-    model, processor, info, clips, max_frames = load_and_cache(cfg, acc, records, clock)
+    model, processor, info, clips, max_frames = load_and_cache(cfg, acc, records, clock, ck, resumed)
+    data_id = resume.data_identity(clips, max_frames, cfg.data.data_dir)
+    if ck is not None:
+        resume.check_data(resumed, ck, data_id, t.resume_with_changed_data)
     set_seed(t.seed)  # LoRA init does not depend on what the cache step consumed
     model, params = model_prep.prepare_model(model, cfg, precision, acc.device)
     clock.lap("LoRA set-up")
@@ -324,6 +334,8 @@ def set_up(cfg: Config) -> Run:
     too_many = plan.events_problem(total_steps, plan.run_events(t, total_steps))
     if too_many:
         raise UserError(too_many)
+    if ck is not None:
+        resume.check_length(resumed, ck, total_steps)
 
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
     sched_name = {"constant": "constant_with_warmup"}.get(t.lr_scheduler_type, t.lr_scheduler_type)
@@ -337,7 +349,8 @@ def set_up(cfg: Config) -> Run:
               total_steps=total_steps,
               train_seconds=sum(c.num_frames for c in train_clips) / info.frame_rate,
               eval_every=plan.resolve_every(t.eval_steps, total_steps)[0],
-              save_every=plan.resolve_every(t.save_steps, total_steps)[0], clock=clock)
+              save_every=plan.resolve_every(t.save_steps, total_steps)[0], clock=clock,
+              identity={"base_identity": info.identity, "data": data_id})
     if ck is not None:
         checkpoints.load_checkpoint(ck, model, optimizer, scheduler, acc.scaler, acc.device, run.state,
                                  {"batch_size": t.batch_size, "gradient_accumulation_steps":
@@ -347,10 +360,12 @@ def set_up(cfg: Config) -> Run:
     resumed_at = run.state.global_step if ck is not None else None
     run.runlog = run_log.RunLog(out / "logs", run.state.log_history, enabled=acc.is_main_process,
                                 resumed_at=resumed_at)
+    if ck is not None:
+        resume.apply(resumed, run, ck.state)
     run.sampler = samples.create(cfg, model, info, acc.device, records, clips, run.eval_every,
                                  acc.is_main_process, resumed_at)
     if acc.is_main_process:
-        cfg.save(out / "config.yaml")
+        cfg.save(out / "config.yaml", note=resume.config_note(resumed, run.state.global_step))
         log.info("Resolved config: %s", out / "config.yaml")
     clock.lap("other set-up")
     return run
@@ -374,23 +389,8 @@ def banner(run: Run, warmup: int) -> None:
     log.info("  trainable parameters: %s of %s (%.3f%%) | device %s | precision %s%s", f"{n_trainable:,}",
              f"{n_total:,}", 100 * n_trainable / n_total, run.device, run.precision,
              " | gradient checkpointing" if t.gradient_checkpointing else "")
-    log.info("  %s", cadence_text(run))
+    log.info("  %s", plan.cadence_text(t, run.total_steps, run.eval_every, run.save_every))
     log.info("=" * 78)
-
-
-def cadence_text(run: Run) -> str:
-    """When the run validates and checkpoints, with what 'auto' resolved to."""
-    t, n = run.cfg.training, run.total_steps
-
-    def every(key, value, steps):
-        auto = plan.resolve_every(value, n)[1]
-        how = f"auto: about {plan.AUTO_PER_RUN} per run" if auto else value
-        return f"every {steps} steps ({key} {how}, {plan.count_events(steps, n)} in this run)"
-
-    return (f"validation before the first step and "
-            f"{every('eval_steps', t.eval_steps, run.eval_every)}; checkpoint "
-            f"{every('save_steps', t.save_steps, run.save_every)}"
-            + (f" and at least every {t.save_minutes:g} min" if t.save_minutes > 0 else ""))
 
 
 # ============================================================================================
@@ -409,8 +409,11 @@ def train_loop(run: Run) -> None:
     rank, world, ga = acc.process_index, acc.num_processes, t.gradient_accumulation_steps
     group = ga * world
     model_prep.set_train_mode(run.model, run.cache_text)
-    if st.global_step == 0 and st.base_val_loss is None:
-        log.info("Held-out loss of the base model (LoRA at init) ...")
+    if st.base_val_loss is None:  # a fresh run; or a resume onto other held-out clips
+        log.info("Held-out loss of the base model (%s) ...", "the adapter switched off"
+                 if st.global_step else "LoRA at init")
+        if st.global_step:
+            track_base(run, resume.measure_base(run.model, lambda: heldout(run)))
         validate_and_track(run)
         run.clock.lap("base held-out loss")
         take_samples(run)
@@ -471,7 +474,8 @@ def train_loop(run: Run) -> None:
                                        f"{t.early_stopping_patience} validations")
                 run.clock.lap("validation")
             take_samples(run)
-            if gs % run.save_every == 0 or gs == run.total_steps or run.stop_reason or time_to_save(run, timer):
+            if (gs % run.save_every == 0 or gs == run.total_steps or run.stop_reason
+                    or timer.due_everywhere(acc.num_processes, run.device)):
                 if run.main:
                     checkpoints.save_checkpoint(run.out / "checkpoints", run.model, run.optimizer,
                                                 run.scheduler, acc.scaler, run.cfg,
@@ -501,22 +505,6 @@ def take_samples(run: Run) -> None:
         run.clock.lap("samples")
 
 
-def time_to_save(run: Run, timer: plan.SaveTimer) -> bool:
-    """training.save_minutes: the main process's clock decides for every process (they all save, or
-    none)."""
-    if run.cfg.training.save_minutes <= 0:
-        return False
-    due = timer.due()
-    if run.acc.num_processes > 1:
-        import torch
-        import torch.distributed as dist
-
-        flag = torch.tensor([1.0 if due else 0.0], device=run.device)
-        dist.broadcast(flag, 0)
-        due = bool(flag.item())
-    return due
-
-
 def optimizer_step(run: Run, loss_sum):
     """The update after accumulation, guarded against a non-finite loss (the one host sync per
     optimizer step): clip and step, returning the gradient norm (a tensor; 0 when clipping is off);
@@ -534,7 +522,8 @@ def optimizer_step(run: Run, loss_sum):
                 f"Training stopped: the loss was NaN/inf in {st.nan_in_a_row} optimizer steps in a row "
                 f"(training.max_nan_steps = {t.max_nan_steps}). Try a lower --learning_rate (now "
                 f"{t.learning_rate}), --mixed_precision bf16 instead of fp16 (or no), a smaller "
-                f"--max_grad_norm, and check the data with python lora/test_dataset.py.")
+                f"--max_grad_norm, and check the data with {script_command('test_dataset.py')} "
+                f"--data_dir {shown_path(run.cfg.data.data_dir)}.")
         return None
     st.nan_in_a_row = 0
     norm = torch.zeros((), device=run.device)
@@ -561,13 +550,28 @@ def log_interval(run: Run, interval: run_log.Interval, grad_norm, bar) -> None:
              f" | {st.nan_steps_total} NaN steps skipped" if st.nan_steps_total else "")
 
 
+def heldout(run: Run) -> dict:
+    """The held-out loss of the model as it is (lora.training.step.heldout_loss)."""
+    res = training_step.heldout_loss(run.model, run.processor, run.info, run.valid_ds, run.collate,
+                                     run.cfg.training.batch_size, run.device, run.acc.autocast,
+                                     run.cache_text, run.acc.process_index, run.acc.num_processes)
+    model_prep.set_train_mode(run.model, run.cache_text)
+    return res
+
+
+def track_base(run: Run, res: dict) -> None:
+    """The base model's held-out loss, measured at a resume onto other held-out clips."""
+    st = run.state
+    st.base_val_loss = res["val_loss"]
+    run.runlog.add({"step": st.global_step, "epoch": round(st.epoch, 4), **res, "base": True}, "eval")
+    log.info("step %d: held-out loss of the base model %.4f on the new held-out clips",
+             st.global_step, res["val_loss"])
+
+
 def validate_and_track(run: Run) -> bool:
     """Validate, log, keep best_model; returns True when early stopping says stop."""
     t, st, info = run.cfg.training, run.state, run.info
-    res = training_step.heldout_loss(run.model, run.processor, info, run.valid_ds, run.collate,
-                                     t.batch_size, run.device, run.acc.autocast, run.cache_text,
-                                     run.acc.process_index, run.acc.num_processes)
-    model_prep.set_train_mode(run.model, run.cache_text)
+    res = heldout(run)
     entry = {"step": st.global_step, "epoch": round(st.epoch, 4), **res}
     if st.base_val_loss is None:
         st.base_val_loss = res["val_loss"]
@@ -614,12 +618,12 @@ def finish(run: Run) -> None:
         atomic_write_json(run.out / "logs" / "timing.json", run.clock.report())
     if run.stop_reason:
         log.info("Stopped: %s", run.stop_reason)
-    log.info("Done in %d steps. Held-out loss: base %.4f -> best %.4f (step %s) -> final %.4f. "
-             "Adapter: %s",
-             st.global_step, st.base_val_loss, st.best_metric, st.best_step, final_eval["val_loss"],
-             run.out / "best_model")
-    log.info("Listen: python lora/inference_lora.py --base_model_path %s --lora_model_path %s "
-             "--prompts \"...\"", run.info.name_or_path, run.out / "best_model")
+    log.info("Done in %d steps. Held-out loss: base %.4f -> best %.4f (step %s) -> final %.4f%s. "
+             "Adapter: %s", st.global_step, st.base_val_loss, st.best_metric, st.best_step,
+             final_eval["val_loss"], resume.heldout_note(st.log_history), run.out / "best_model")
+    log.info("Listen: %s --base_model_path %s --lora_model_path %s --prompts \"...\"",
+             script_command("inference_lora.py"), shown_model(run.cfg.model.model_path),
+             shown_path(run.out / "best_model"))
 
 
 if __name__ == "__main__":

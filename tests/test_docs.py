@@ -191,16 +191,27 @@ def _shell_words(cmd: str) -> list[list[str]]:
     out = []
     inner = re.findall(r"\$\(([^()]*)\)", cmd)  # command substitutions are commands of their own
     cmd = re.sub(r"\$\(([^()]*)\)", "X", cmd)
-    for part in [p for c in [cmd, *inner] for p in re.split(r"&&|\|\||[|;]", c)]:
-        part = part.strip().removeprefix("(").removesuffix(")")  # a subshell: ( cd lora && ... )
+    for c in [cmd, *inner]:
+        # operators (&& || | ;) end a simple command, outside quotes only
+        lex = shlex.shlex(c, posix=True, punctuation_chars="|&;")
+        lex.whitespace_split = True
         try:
-            words = shlex.split(part)
+            tokens = list(lex)
         except ValueError:
-            words = part.split()
-        while words and re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", words[0]):
-            words = words[1:]
-        if words:
-            out.append(words)
+            tokens = c.split()
+        words: list[str] = []
+        for tok in [*tokens, ";"]:
+            if tok and set(tok) <= set("|&;"):
+                if words:  # a subshell: ( cd lora && ... )
+                    words[0], words[-1] = words[0].removeprefix("("), words[-1].removesuffix(")")
+                    words = [w for w in words if w]
+                while words and re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", words[0]):
+                    words = words[1:]
+                if words:
+                    out.append(words)
+                words = []
+            else:
+                words.append(tok)
     return out
 
 
@@ -224,6 +235,8 @@ def documented_commands() -> dict[tuple, str]:
                 if prog in BUILTINS or prog.startswith("<"):
                     continue
                 if prog in ("python", "python3", "bash"):
+                    if rest[:1] == ["-c"]:
+                        continue  # a one-line program: the docs' run test runs it
                     if rest[:1] == ["-m"]:
                         check = (prog, "-m", rest[1], "--help")
                     else:

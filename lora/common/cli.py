@@ -1,6 +1,7 @@
 """What every script's main() shares: the ``lora`` logger, user errors (printed without a
-traceback), Ctrl-C with a note of what was saved, the ``run_main`` wrapper, and numbers in words
-(bytes, seconds).
+traceback), Ctrl-C with a note of what was saved, the ``run_main`` wrapper, numbers in words
+(bytes, seconds), and "next step" hints written for the folder the user runs from
+(``script_command``, ``shown_path``, ``shown_model``).
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ import errno
 import logging
 import os
 import reprlib
+import shlex
 import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 log = logging.getLogger("lora")
@@ -95,6 +98,42 @@ def run_main(main: Callable[[list[str] | None], int], argv=None) -> int:
     except KeyboardInterrupt as e:  # (an Interrupted says what was saved and how to continue)
         print(interrupt_message(e), file=sys.stderr)
         return 130
+
+
+# --------------------------------------------------------------------------------------------
+# "Next step" hints: commands that work from the folder the user runs in
+# --------------------------------------------------------------------------------------------
+SCRIPTS_DIR = Path(__file__).resolve().parent.parent  # lora/: the scripts a hint names
+
+
+def script_command(script: str) -> str:
+    """How to run lora/<script> from the current folder: ``python train_lora.py`` inside lora/ (the
+    user's plan), ``python lora/train_lora.py`` in the folder above it, else its full path."""
+    here = Path.cwd().resolve()
+    if here == SCRIPTS_DIR:
+        return f"python {script}"
+    if here == SCRIPTS_DIR.parent:
+        return f"python lora/{script}"
+    return f"python {shlex.quote(str(SCRIPTS_DIR / script))}"
+
+
+def shown_path(path: str | os.PathLike) -> str:
+    """A path as the user types it from the current folder: relative where it lies in it or beside
+    it (``../data`` from lora/), else absolute; quoted for the shell where needed."""
+    p = Path(path).expanduser().absolute()
+    try:
+        rel = os.path.relpath(p, Path.cwd())
+    except ValueError:  # (another drive, on Windows)
+        rel = str(p)
+    parts = Path(rel).parts
+    shown = str(p) if os.path.isabs(rel) or parts[:2] == ("..", "..") else rel
+    return shlex.quote(shown)
+
+
+def shown_model(model_path: str) -> str:
+    """--model_path as the user types it from here: a hub id or a built-in name (tiny) as it is, a
+    local folder by ``shown_path``."""
+    return shown_path(model_path) if os.path.isabs(str(model_path)) else shlex.quote(str(model_path))
 
 
 # --------------------------------------------------------------------------------------------

@@ -240,10 +240,10 @@ def fsync_dir(path: str | os.PathLike) -> None:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike):
-    """Yield a temporary folder next to ``path``; on success it replaces ``path`` as a whole.
-    Durable: every file in it and the folder itself are flushed to the disk before the rename, and
-    the parent after it, so once this returns the folder survives a power loss whole (or, before,
-    the old one stays)."""
+    """Yield a temporary folder next to ``path``; on success it replaces ``path`` as a whole, its
+    files with the usual permissions (what the umask gives any new file). Durable: every file in it
+    and the folder itself are flushed to the disk before the rename, and the parent after it, so once
+    this returns the folder survives a power loss whole (or, before, the old one stays)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
@@ -251,9 +251,14 @@ def atomic_dir(path: str | os.PathLike):
     try:
         with write_guard(path):
             yield tmp
+            usual = 0o666 & ~_umask()
             for root, _, files in os.walk(tmp):
                 for name in files:
-                    fsync_file(Path(root) / name)
+                    f = Path(root) / name
+                    mode = f.stat().st_mode & 0o7777
+                    if mode & usual != usual:  # (a writer that made it owner-only, e.g. with mkstemp)
+                        os.chmod(f, mode | usual)
+                    fsync_file(f)
                 fsync_dir(root)
         old = None
         if path.exists():

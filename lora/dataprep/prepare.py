@@ -33,7 +33,7 @@ from lora.dataprep.ownership import (
 )
 from lora.dataprep.scan import Found, Scan, _find_sources, _no_audio_message
 from lora.dataprep.worker import DISK_FULL
-from lora.dataset import SPLITS, ClipRecord, metadata_document, metadata_path
+from lora.dataset import SPLITS, ClipRecord, load_metadata, metadata_document, metadata_path
 
 CHECKPOINT_SECONDS = 30.0  # how often an --input_dir run saves its progress (prepare_state.json)
 
@@ -48,6 +48,13 @@ def create_example(cfg: Config) -> list[ClipRecord]:
     data_dir = Path(d.data_dir)
     state = _load_state(data_dir, d.overwrite)
     _check_owner(cfg, state, "example", None)
+    settings = {"clips": d.example_clips, "seconds": d.example_seconds, "sample_rate": d.sample_rate,
+                "channels": d.channels, "valid_fraction": d.valid_fraction, "seed": d.split_seed,
+                "metadata_file": d.metadata_file}
+    if not d.overwrite and _example_intact(data_dir, state, settings):
+        log.info("example dataset: already in %s with these settings, every clip as written: nothing "
+                 "to do (--overwrite writes it again)", data_dir)
+        return load_metadata(data_dir, d.metadata_file)
     records = write_example_clips(data_dir, clips=d.example_clips, seconds=d.example_seconds,
                                   sample_rate=d.sample_rate, channels=d.channels,
                                   valid_fraction=d.valid_fraction, seed=d.split_seed)
@@ -57,7 +64,8 @@ def create_example(cfg: Config) -> list[ClipRecord]:
                       metadata_document(records, d.sample_rate, d.channels))
     atomic_write_json(data_dir / STATE_FILE,
                       {"version": STATE_VERSION, "mode": "example", "input_dir": None,
-                                              "clip_files": files, "sources": {}})
+                       "clip_files": files, "sources": {}, "example_settings": settings,
+                       "clip_sha1": {f: A.file_hash(data_dir / f) for f in files}})
     report = {"mode": "example", "data_dir": str(data_dir), "clips": Counter(r.split for r in records),
               "styles": list(STYLES), "seconds": sum(r.duration for r in records),
               "stale_removed": removed}
@@ -66,6 +74,17 @@ def create_example(cfg: Config) -> list[ClipRecord]:
     log.info("example dataset: %d clips (%s) of %s styles in %s", len(records),
              ", ".join(f"{k} {v}" for k, v in report["clips"].items()), len(STYLES), data_dir)
     return records
+
+
+def _example_intact(data_dir: Path, state: dict, settings: dict) -> bool:
+    """The example set of ``state`` was made with these settings, and its metadata and every clip are
+    there as written (by content)."""
+    sha1 = state.get("clip_sha1") or {}
+    if state.get("mode") != "example" or state.get("example_settings") != settings or not sha1:
+        return False
+    if not metadata_path(data_dir, settings["metadata_file"]).is_file():
+        return False
+    return all((data_dir / f).is_file() and A.file_hash(data_dir / f) == h for f, h in sha1.items())
 
 
 # ---- the run -------------------------------------------------------------------------------
@@ -455,6 +474,7 @@ def _write_report(data_dir, d, input_dir, results, found: Found, duplicates, unc
         "silent_segments_dropped": silent_segments,
         "uncaptioned": uncaptioned, "caption_sources": dict(caption_sources),
         "unused_caption_entries": captioner.unused()[:200], "ignored_files": dict(found.scan.ignored),
+        "caption_files": found.scan.caption_files,
         **_audio_changes(d, results, {rec.source for rec in records}),
         "unreadable": _unreadable(results, found),
     }

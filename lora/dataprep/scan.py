@@ -39,6 +39,8 @@ class Scan:
 
     files: list[Path] = field(default_factory=list)  # audio files, sorted by relative path
     ignored: Counter = field(default_factory=Counter)  # what was left out on purpose, counted
+    # caption files read with the audio (a sidecar .txt/.json beside it, metadata.jsonl/.csv at the top)
+    caption_files: int = 0
     unreadable: list[dict] = field(default_factory=list)  # {"path", "kind": folder/file, "reason"}
     # {"file", "reason"}: broken or looping symlinks
     links: list[dict] = field(default_factory=list)
@@ -99,6 +101,8 @@ def scan_audio(input_dir: Path, exclude: list[Path]) -> Scan:
         here = os.path.realpath(folder)
         entries = _list_folder(input_dir, folder, scan)
         subdirs = []
+        # the stems of this folder's audio: a .txt / .json of the same stem is its caption (captions.py)
+        stems = {p.stem for p, st, _ in entries if stat.S_ISREG(st.st_mode) and A.is_audio_file(p)}
         for p, st, _link in sorted(entries, key=lambda e: e[2]):  # real folders before links to them
             if stat.S_ISDIR(st.st_mode):
                 real = os.path.realpath(p)
@@ -118,6 +122,9 @@ def scan_audio(input_dir: Path, exclude: list[Path]) -> Scan:
                 scan.ignored["not a regular file"] += 1
             elif A.is_audio_file(p):
                 scan.files.append(p)
+            elif (p.suffix in (".txt", ".json") and p.stem in stems) or (
+                    folder == input_dir and p.name in ("metadata.jsonl", "metadata.csv")):
+                scan.caption_files += 1
             else:
                 scan.ignored[p.suffix.lower() or "(no extension)"] += 1
         stack += sorted(subdirs, reverse=True)

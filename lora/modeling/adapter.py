@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -80,6 +81,17 @@ def lora_target_names(model: nn.Module, targets: str, train_text_encoder: bool =
     return sorted(set(matched), key=list(modules).index)
 
 
+@contextlib.contextmanager
+def _quiet_peft_wrap():
+    """peft asks the model ``is_gradient_checkpointing`` when it wraps it, and transformers 5
+    answers with a FutureWarning (a deprecated name, in their code, not ours) at every LoRA attach:
+    silenced for that call only."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated",
+                                category=FutureWarning)
+        yield
+
+
 def attach_lora(model: nn.Module, lora_cfg):
     """Wrap the base model in a peft LoRA PeftModel following ``lora_cfg`` (a LoraSection).
 
@@ -100,7 +112,8 @@ def attach_lora(model: nn.Module, lora_cfg):
         lora_dropout=float(lora_cfg.lora_dropout),
         target_modules=names, bias="none", use_dora=bool(lora_cfg.use_dora),
         use_rslora=bool(lora_cfg.use_rslora), base_model_name_or_path=base_name)
-    peft_model = get_peft_model(base, config)
+    with _quiet_peft_wrap():
+        peft_model = get_peft_model(base, config)
     peft_model.peft_config["default"].base_model_name_or_path = base_name
     trainable, total = peft_model.get_nb_trainable_parameters()
     shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
@@ -390,7 +403,7 @@ def load_lora(model: nn.Module, adapter_dir, is_trainable: bool = False,
     base = get_base(model)
     used = str(expected_base or getattr(base, "name_or_path", "") or base.config._name_or_path or "")
     check_adapter_fits(base, adapter_dir, adapter_cfg.get("base_model_name_or_path") or "", used)
-    with peft_errors(adapter_dir):
+    with peft_errors(adapter_dir), _quiet_peft_wrap():
         peft_model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=is_trainable)
     if not is_trainable:
         peft_model.eval()

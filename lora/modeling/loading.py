@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
@@ -303,20 +304,30 @@ def model_identity(directory: str | os.PathLike, extra: str = "") -> str:
 # Loading
 # --------------------------------------------------------------------------------------------
 class _SpecialTokenWarningFilter:
-    """Drop transformers' "pad_token_id must be within the vocabulary" warning: MusicGen's decoder
-    uses id = vocab_size (2048) as its pad/BOS token by design (its embeddings have vocab_size + 1
-    rows)."""
+    """Drop transformers' "pad_token_id must be `None` or an integer within the vocabulary (between 0
+    and 2047), got 2048" warning (three of them, pad/bos/decoder_start, at every load of a hub
+    MusicGen): id = vocab_size is MusicGen's own convention for its pad/BOS token (its embeddings
+    have vocab_size + 1 rows). Any other out-of-range id still warns."""
+
+    PATTERN = re.compile(r"must be `None` or an integer within the vocabulary \(between 0 and (\d+)\), "
+                         r"got (\d+)")
 
     def filter(self, record) -> bool:
-        return "must be `None` or an integer within the vocabulary" not in record.getMessage()
+        m = self.PATTERN.search(record.getMessage())
+        return not (m and int(m.group(2)) == int(m.group(1)) + 1)
+
+
+# transformers' loggers that give that warning (a filter on a parent logger does not see them)
+_TOKEN_WARNING_LOGGERS = ("transformers.configuration_utils",
+                          "transformers.models.musicgen.configuration_musicgen",
+                          "transformers.models.musicgen_melody.configuration_musicgen_melody")
 
 
 def _install_warning_filter() -> None:
-    hf_log = logging.getLogger("transformers")
-    if not any(isinstance(f, _SpecialTokenWarningFilter) for f in hf_log.filters):
-        hf_log.addFilter(_SpecialTokenWarningFilter())
-        for handler in hf_log.handlers:
-            handler.addFilter(_SpecialTokenWarningFilter())
+    for name in _TOKEN_WARNING_LOGGERS:
+        hf_log = logging.getLogger(name)
+        if not any(isinstance(f, _SpecialTokenWarningFilter) for f in hf_log.filters):
+            hf_log.addFilter(_SpecialTokenWarningFilter())
 
 
 def _locate(path: str, model_cfg) -> tuple[str, Path, Optional[str], Optional[str], dict, str]:

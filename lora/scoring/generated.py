@@ -5,6 +5,7 @@ melody adherence, CLAP, and the paired bootstrap intervals of the differences.
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
@@ -172,11 +173,15 @@ def generation_metrics(model: nn.Module, processor, info: ModelInfo, cfg: Config
     res["reference"] = {"n_clips": len(ref),
                         "seconds": float(sum(w.shape[-1] for w in ref_wavs) / info.sample_rate)}
     res["floors"] = _floors(model, info, ref, ref_wavs, transform)
+    # (fewer prompts than --num_prompts: there are no more to take; the verdicts' units are prompts,
+    # so more seeds narrow the intervals but cannot settle a verdict)
+    more = ("raise --num_prompts" if len(prompts) >= ev.num_prompts else
+            f"give more prompts with --prompts_file (only {len(prompts)} were there to take; more "
+            f"--num_prompts cannot help)")
     family = differences.Family(pair_units(prompts, len(seeds), melody), ev.permutations, g.seed)
     scored = score_generated(lambda m, idx: _embed_all(model, [audio[m][j] for j in idx], info),
-                             checks, ref,
-                             transform, len(seeds), ev.exclude_failed_clips, ev.bootstrap_samples,
-                             g.seed, family)
+                             checks, ref, transform, len(seeds), ev.exclude_failed_clips,
+                             ev.bootstrap_samples, g.seed, family, more)
     shared = scored["distance_set"]["pair_indices"]
     scored["distance_set"]["pairs"] = [[j // len(seeds), seeds[j % len(seeds)]] for j in shared]
     _mark_distance_set(res, shared, checks, ev.exclude_failed_clips)
@@ -276,6 +281,27 @@ def melody_similarity(melody: dict, audio: dict, models: list[str], shared: list
     return out
 
 
+# what _check_and_save_clips names its files: a rerun into the same folder removes the earlier
+# evaluation's before it writes its own (a user's file there has another name and stays)
+_CLIP_FILE = re.compile(r"p\d{3}_s\d+\.(wav|png)")
+
+
+def clear_earlier_clips(out_dir: Path) -> int:
+    """Delete the clips and spectrograms an earlier evaluation wrote into out_dir (audio/<model>/,
+    spectrograms/<model>/), so a rerun's folder and report hold this evaluation's alone; the number
+    deleted."""
+    n = 0
+    for kind in ("audio", "spectrograms"):
+        for folder in sorted((out_dir / kind).glob("*")) if (out_dir / kind).is_dir() else []:
+            for f in sorted(folder.iterdir()) if folder.is_dir() and not folder.is_symlink() else []:
+                if f.is_file() and not f.is_symlink() and _CLIP_FILE.fullmatch(f.name):
+                    f.unlink()
+                    n += 1
+    if n:
+        log.info("Deleted %d clip file(s) of the earlier evaluation in %s", n, out_dir)
+    return n
+
+
 def _check_and_save_clips(res: dict, m: str, wavs: list, prompts, seeds, sr: int,
                           out_dir: Path) -> list[dict]:
     """Signal checks of one model's clips; each finite clip is written (WAV + spectrogram) and
@@ -343,11 +369,13 @@ def distance_set(checks: dict[str, list[dict]], exclude_failed: bool = True) -> 
 
 def score_generated(embed, checks: dict[str, list[dict]], ref: list[dict], transform: dict,
                     n_seeds: int, exclude_failed: bool, n_boot: int, seed: int,
-                    family: Optional[differences.Family] = None) -> dict:
+                    family: Optional[differences.Family] = None,
+                    more: str = "raise --num_prompts") -> dict:
     """FAD/KAD and diversity of every model on the shared set, and (two models) the differences:
     intervals resampling whole prompts and their statistics in ``family`` (the generated-audio
     rows tested together; default: each prompt its own unit, evaluation.permutations' default).
-    ``embed(model, pair_indices)`` returns the clips' embeddings (_embed_all). Returns
+    ``embed(model, pair_indices)`` returns the clips' embeddings (_embed_all); ``more``: how to get
+    more prompts, for the note on too few. Returns
     {"distance_set", "distances", "diversity", "intervals", "notes"}."""
     models = list(checks)
     shared = distance_set(checks, exclude_failed)
@@ -393,7 +421,7 @@ def score_generated(embed, checks: dict[str, list[dict]], ref: list[dict], trans
             out["notes"].append(f"The intervals of the generated-audio differences rest on only "
                                 f"{len(shared)} (prompt, seed) pairs: rough (a bootstrap over few "
                                 f"prompts is too narrow; the verdicts come from the permutation "
-                                f"test); raise --num_prompts.")
+                                f"test); {more}.")
     return out
 
 

@@ -43,26 +43,49 @@ def _plt():
     return plt
 
 
+def heldout_segments(history: list[dict]) -> list[list[dict]]:
+    """The validations of a run's history, split where a resume changed the held-out clips (losses
+    of different clips are not one curve); a base-model measurement at such a change starts its
+    segment but is no point of the adapter's curve."""
+    segments: list[list[dict]] = [[]]
+    for h in history:
+        if h.get("event") == "resume" and h.get("heldout_changed"):
+            segments.append([])
+        elif isinstance(h.get("val_loss"), (int, float)) and "step" in h:
+            segments[-1].append(h)
+    return [seg for seg in segments if seg] or [[]]
+
+
 def loss_figure(history: list[dict], base_loss: Optional[float] = None, title: str = ""):
     """The training curve of a run's metrics.jsonl rows: train loss and held-out loss per optimizer
     step (and the base model's held-out loss as a line, when given). The one plot behind
-    logs/loss_curve.png, report.html and the web UI's Train tab."""
+    logs/loss_curve.png, report.html and the web UI's Train tab. A resume that changed the data is
+    a dotted vertical line; the held-out curve restarts there when the held-out clips changed. A
+    curve of one point is drawn as a marker."""
     plt = _plt()
     num = (int, float)
     tr = [(h["step"], h["loss"]) for h in history if isinstance(h.get("loss"), num) and "step" in h]
-    va = [(h["step"], h["val_loss"]) for h in history if isinstance(h.get("val_loss"), num)
-          and "step" in h]
     fig, ax = plt.subplots(figsize=(7, 3.5))
     if tr:
-        ax.plot(*zip(*tr), label="train loss", alpha=0.8)
-    if va:
-        ax.plot(*zip(*va), "o-", label="held-out loss")
+        ax.plot(*zip(*tr), marker="o" if len(tr) == 1 else None, label="train loss", alpha=0.8)
+    segments = heldout_segments(history)
+    for i, seg in enumerate(segments):
+        va = [(h["step"], h["val_loss"]) for h in seg if not (h.get("base") and h["step"] > 0)]
+        if va:
+            ax.plot(*zip(*va), "o-", color="C1", label="held-out loss" if i == len(segments) - 1
+                    else "held-out loss (earlier held-out clips)", alpha=1.0 if i == len(segments) - 1
+                    else 0.4)
+    for h in history:
+        if h.get("event") == "resume" and (h.get("train_data_changed") or h.get("heldout_changed")):
+            ax.axvline(h["step"], color="gray", ls=":", lw=1.2)
+            ax.annotate("data changed", (h["step"], 1.0), xycoords=("data", "axes fraction"),
+                        fontsize=7, color="gray", ha="right", va="top", rotation=90)
     if base_loss is not None:
         ax.axhline(base_loss, color="gray", ls="--", lw=1, label=f"base model (held-out) {base_loss:.3f}")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy (mean over codebooks)")
     ax.grid(alpha=0.3)
-    if tr or va or base_loss is not None:
+    if tr or any(segments[0]) or base_loss is not None:
         ax.legend(fontsize=8)
     if title:
         ax.set_title(_plain(title), fontsize=9)

@@ -162,17 +162,52 @@ def clear_earlier_run(out: Path, overwrite: bool, is_main: bool = True, models=(
     one stops early. The ownership rule of every script (lora.common.ownership): anything
     train_lora.py did not write where it writes (its run folders, logs/, config.yaml) stops the run,
     and nothing is deleted; --overwrite_output_dir deletes the earlier run's folders, only what
-    train_lora.py wrote; output_dir is never the base model's folder (``models``)."""
+    train_lora.py wrote; output_dir is never the base model's folder (``models``). A run killed
+    before its first checkpoint and before any step starts again without the flag."""
     ours = claim_output(out, "train_lora.py", writes=RUN_FOLDERS, ours=_foreign_in_run_folder,
-                        overwrite=overwrite, models=models, overwrite_flag="--overwrite_output_dir",
-                        earlier_hint="It is an earlier training run: continue it with "
-                                     "--resume_from_checkpoint latest, or ")
+                        overwrite=None, models=models, overwrite_flag="--overwrite_output_dir")
     claim_output(out, "train_lora.py", writes=("logs", "config.yaml"), ours=_foreign_in_output,
                  overwrite=None, models=models, overwrite_flag="--overwrite_output_dir")
+    if not ours:
+        return
+    newest = newest_checkpoint(out)
+    trained = _trained_step(ours)
+    if not overwrite and newest is None and trained == 0:
+        # killed before its first checkpoint and before any step: nothing of it can be lost
+        if is_main:
+            log.warning("%s holds an earlier run that stopped before it trained (no checkpoint; "
+                        "adapters from step 0 only): starting it again", out)
+            remove_entries(ours)
+        return
+    if not overwrite:
+        raise UserError(earlier_run_message(out, ours, newest, trained))
     if is_main:
         for p in ours:
             log.warning("--overwrite_output_dir: deleting %s of an earlier run", p)
         remove_entries(ours)
+
+
+def _trained_step(ours: list[Path]) -> int:
+    """The furthest step any adapter or checkpoint of an earlier run records (0: it never trained)."""
+    states = [read_state(p) for p in ours if p.name != "checkpoints"]
+    states += [read_state(c) for p in ours if p.name == "checkpoints" for c in p.glob("step-*")]
+    return max([s["global_step"] for s in states if s] or [0])
+
+
+def earlier_run_message(out: Path, ours: list[Path], newest: Optional[Path], trained: int) -> str:
+    """Why a fresh run will not start in ``out``, and each way on that works from there."""
+    names = ", ".join(p.name + "/" for p in ours)
+    new = "choose another --output_dir for a new run"
+    wipe = (f"pass --overwrite_output_dir to delete {names} and start over (copy what you want to "
+            f"keep elsewhere first)")
+    if newest is None:
+        return (f"{out} holds an earlier training run ({names}, trained to step {trained}) that has no "
+                f"checkpoint to resume from. To train here: {new}, or {wipe}.")
+    state = read_state(newest) or {}
+    return (f"{out} already holds an earlier training run ({names}; its newest checkpoint is at step "
+            f"{state.get('global_step')} of {state.get('total_steps')}). To train here: {new}; or "
+            f"continue that run with --resume_from_checkpoint latest (with its data, model and LoRA "
+            f"settings: a difference is refused, named); or {wipe}.")
 
 
 @contextlib.contextmanager
@@ -266,7 +301,10 @@ def find_checkpoint(output_dir: Path, spec: str) -> Checkpoint:
         return ck
     raise UserError(f"--resume_from_checkpoint latest: no complete checkpoint in {root}"
                     + (" that loads (every one is damaged, see the warnings above)" if found else "")
-                    + ". Start without --resume_from_checkpoint, or pass a checkpoint folder.")
+                    + ". Run the same command without --resume_from_checkpoint: a run that stopped "
+                      "before it trained starts again; one that trained, but saved no checkpoint, "
+                      "needs --overwrite_output_dir too (it deletes that run's folders). Or pass a "
+                      "checkpoint folder.")
 
 
 def newest_checkpoint(output_dir: Path) -> Optional[Path]:

@@ -9,7 +9,7 @@ import math
 import time
 from typing import Optional
 
-from lora.common.cli import UserError, clip_text
+from lora.common.cli import UserError, clip_text, script_command, shown_path
 from lora.config import MAX_EVENTS, Config
 
 
@@ -139,6 +139,36 @@ class SaveTimer:
     def reset(self) -> None:
         self.last = self.clock()
 
+    def due_everywhere(self, num_processes: int, device) -> bool:
+        """``due()`` of the main process, for every process (they all save, or none)."""
+        if self.seconds <= 0:
+            return False
+        due = self.due()
+        if num_processes > 1:
+            import torch
+            import torch.distributed as dist
+
+            flag = torch.tensor([1.0 if due else 0.0], device=device)
+            dist.broadcast(flag, 0)
+            due = bool(flag.item())
+        return due
+
+
+def cadence_text(t, total_steps: int, eval_every: int, save_every: int) -> str:
+    """When a run validates and checkpoints (``t``: the training section), with what 'auto'
+    resolved to."""
+
+    def every(key, value, steps):
+        auto = resolve_every(value, total_steps)[1]
+        how = f"auto: about {AUTO_PER_RUN} per run" if auto else value
+        return (f"every {steps} steps ({key} {how}, {count_events(steps, total_steps)} in "
+                f"this run)")
+
+    return (f"validation before the first step and "
+            f"{every('eval_steps', t.eval_steps, eval_every)}; checkpoint "
+            f"{every('save_steps', t.save_steps, save_every)}"
+            + (f" and at least every {t.save_minutes:g} min" if t.save_minutes > 0 else ""))
+
 
 def split_records(cfg: Config, records: list) -> tuple[list, list]:
     """(train records, valid records); UserError when either split is empty (training validates on
@@ -147,8 +177,9 @@ def split_records(cfg: Config, records: list) -> tuple[list, list]:
     valid = [r for r in records if r.split == "valid"]
     if not train:
         raise UserError(f"No training clips (split 'train') in "
-                        f"{cfg.data.data_dir}/{cfg.data.metadata_file}. Prepare data with: python "
-                        f"lora/prepare_data.py --input_dir YOUR_AUDIO --output_dir {cfg.data.data_dir}")
+                        f"{cfg.data.data_dir}/{cfg.data.metadata_file}. Prepare data with: "
+                        f"{script_command('prepare_data.py')} --input_dir YOUR_AUDIO --output_dir "
+                        f"{shown_path(cfg.data.data_dir)}")
     if not valid:
         raise UserError(f"No held-out clips (split 'valid') in "
                         f"{cfg.data.data_dir}/{cfg.data.metadata_file}; training needs them to "

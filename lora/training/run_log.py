@@ -107,6 +107,14 @@ class RunLog:
                 self.tb.add_scalar(f"{prefix}/{k}", v, entry["step"])
         self.tb.flush()
 
+    def event(self, entry: dict) -> None:
+        """A line of the run's history that is not a measurement (a resume that changed the run):
+        metrics.jsonl and trainer_state.json, not TensorBoard."""
+        self.history.append(entry)
+        if self.enabled:
+            with open(self.dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(entry) + "\n")
+
     def plot(self, base_loss) -> None:
         if not self.enabled:
             return

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import random
 import shlex
 import shutil
@@ -24,6 +25,7 @@ from lora.config import (
     MAX_SEED,
     MAX_TEXT_CHARS,
     Config,
+    adapter_paths,
     adapter_scales,
     field_problem,
     seed_problem,
@@ -449,3 +451,35 @@ def list_adapters(out_root: Path) -> list[str]:
              if (p.parent / "adapter_model.safetensors").is_file()
              and "ui" not in p.relative_to(out_root).parts[:1]]
     return [str(p) for p in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)]
+
+
+def default_adapter(adapters: list[str], cfg: Config) -> Optional[str]:
+    """The adapter a form starts with: the configured one (generation.lora_model_path,
+    output/best_model unless changed, as inference_lora.py uses it) when it is listed, else the
+    newest best_model, else the newest adapter."""
+    configured = adapter_paths(cfg.generation)
+    real = {os.path.realpath(a): a for a in adapters}
+    if configured and os.path.realpath(configured[0]) in real:
+        return real[os.path.realpath(configured[0])]
+    best = [a for a in adapters if Path(a).name == "best_model"]
+    return (best or adapters or [None])[0]
+
+
+def download_files(sides: list[Side]) -> list[str]:
+    """The files of a job for the Downloads box, each under a name that says its side: gradio serves
+    a file under its own name, and the base and fine-tune files of one sample share theirs. Hard
+    links (copies where a link cannot be made) in <job>/downloads/: base_<name>.wav,
+    fine-tune_<name>.wav."""
+    out = []
+    for side in sides:
+        folder = side.folder.parent / "downloads"
+        folder.mkdir(parents=True, exist_ok=True)
+        for e in side.entries:
+            src, dst = side.folder / e["file"], folder / f"{side.label}_{Path(e['file']).name}"
+            if not dst.exists():
+                try:
+                    os.link(src, dst)
+                except OSError:
+                    shutil.copyfile(src, dst)
+            out.append(str(dst))
+    return out

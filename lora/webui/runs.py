@@ -21,6 +21,7 @@ from typing import Optional
 from lora.common.cli import UserError, clip_text, human_seconds
 from lora.config import REPO_ROOT, Config, parse_config
 from lora.dataset import load_metadata
+from lora.scoring.plots import heldout_segments
 from lora.scoring.report import format_table, summary_rows
 from lora.scoring.settings import EVALUATE_SECTIONS, config_problems
 from lora.training import checkpoints, plan, samples
@@ -99,7 +100,7 @@ def md_text(text) -> str:
 def run_summary(run: Path, history: list[dict], proc_state: str) -> str:
     """Step, epoch, ETA and best held-out loss of a run, as markdown (its folder's name escaped)."""
     train = [h for h in history if "loss" in h]
-    evals = [h for h in history if "val_loss" in h]
+    evals = heldout_segments(history)[-1]  # (after a resume onto other held-out clips: those)
     total = total_steps(run)
     lines = [f"**{md_text(run)}** — {md_text(proc_state)}"]
     if train:
@@ -112,8 +113,9 @@ def run_summary(run: Path, history: list[dict], proc_state: str) -> str:
                      + (f" · ETA {human_seconds(left)}" if left is not None
                                                           and 'running' in proc_state else ""))
     if evals:
-        best = min(evals, key=lambda h: h["val_loss"])
-        base = next((h["val_loss"] for h in evals if h.get("base")), None)
+        adapter = [h for h in evals if not (h.get("base") and h["step"] > 0)]
+        best = min(adapter or evals, key=lambda h: h["val_loss"])
+        base = next((h["val_loss"] for h in reversed(evals) if h.get("base")), None)
         lines.append(f"best held-out loss **{best['val_loss']:.4f}** (step {best['step']})"
                      + (f" · base model {base:.4f}" if base is not None else ""))
     newest = checkpoints.newest_checkpoint(run) if (run / "checkpoints").is_dir() else None

@@ -31,7 +31,7 @@ pytestmark = pytest.mark.slow
 def _require(what: str, ok: bool):
     if ok:
         return
-    msg = f"the browser tests need {what} (bash install.sh --ui; pip install playwright; apt-get install chromium)"
+    msg = f"the browser tests need {what} (bash install.sh --dev; sudo apt-get install chromium)"
     if CI:
         pytest.fail(msg + ": CI=true, so this fails rather than skips", pytrace=False)
     pytest.skip(msg, allow_module_level=True)
