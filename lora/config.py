@@ -66,6 +66,12 @@ class ModelConfig:
                                  "local folders")
     local_files_only: bool = _f(False, "Never contact the hub (also set by HF_HUB_OFFLINE=1)")
     attn_implementation: str = _f("sdpa", "Attention kernel of the decoder", choices=("sdpa", "eager"))
+    separation_model: str = _f(
+        "htdemucs",
+        "demucs model that removes vocals (prepare_data --separate): a demucs name (htdemucs, "
+        "htdemucs_ft: the hub's adefossez/HTDemucs...), namespace/name, or a local folder in demucs' "
+        "hub layout (<name>.yaml + .safetensors, e.g. from hf download adefossez/HTDemucs --local-dir "
+        "X); bash install.sh --separation", kind="name_or_path")
 
 
 @dataclass
@@ -130,6 +136,46 @@ class DataConfig:
     num_workers: int = _f(0, "Worker processes for preparation; 0 = one per CPU core",
                           ge=0, hint="0 = one per CPU core")
     overwrite: bool = _f(False, "prepare_data: redo clips that already exist")
+    separate: str = _f("none",
+                       "prepare_data: remove vocals with demucs before cutting (bash install.sh "
+                       "--separation): none; vocals = keep every stem but vocals, summed; auto = only "
+                       "for recordings whose vocal stem reaches vocal_threshold_db",
+                       choices=("none", "vocals", "auto"))
+    vocal_threshold_db: float = _f(-15.0,
+                                   "separate auto: a recording has vocals when its vocal stem, in the "
+                                   "loudest tenth of its 1-s windows, is at least this level relative "
+                                   "to the mix, dB (a reasoned default, not measured here: "
+                                   "DATA_PREPARATION.md)", le=0.0, ge=-100.0,
+                                   hint="-15: vocals within 15 dB of the music")
+    separation_device: str = _f("auto", "Where demucs runs: auto = the GPU when there is one",
+                                choices=("auto", "cpu", "cuda"))
+    auto_caption: bool = _f(False,
+                            "prepare_data: write captions with CLAP zero-shot tags (genre, mood, "
+                            "instruments, ...) for recordings you gave no caption")
+    auto_caption_model: str = _f("laion/larger_clap_music",
+                                 "CLAP model of auto_caption: a hub id or a local folder (transformers "
+                                 "ClapModel)", kind="model")
+    caption_vocabulary: Optional[str] = _f(None,
+                                           "YAML file of the tag vocabularies auto_caption chooses "
+                                           "from; null = the shipped lora/dataprep/"
+                                           "caption_vocabulary.yaml (copy and edit it)", kind="path")
+    auto_caption_template: str = _f("{genre}, {mood}, {instruments}, {bpm} BPM, {key}",
+                                    "Caption of auto_caption: the vocabularies' names as placeholders, "
+                                    "plus {bpm} and {key} (librosa estimates) and {stem}; parts whose "
+                                    "value is missing are left out")
+    auto_caption_per_clip: bool = _f(False,
+                                     "Tag every clip on its own (default: one set of tags per "
+                                     "recording, from its clips' averaged CLAP embeddings)")
+    auto_caption_replace: bool = _f(False,
+                                    "Also replace the captions you gave (sidecar, captions_file, "
+                                    "default_text) by auto captions")
+    trigger_word: Optional[str] = _f(None,
+                                     "A word (or phrase) put in every caption, to call up the style in "
+                                     "prompts (dreambooth's instance prompt); null = keep the data "
+                                     "folder's, '' = none. Recorded in metadata.json and the adapter")
+    trigger_position: str = _f("start", "Where trigger_word goes: start or end of each caption, or "
+                                        "replace (the caption is the trigger word alone)",
+                               choices=("start", "end", "replace"))
 
 
 @dataclass
@@ -432,6 +478,11 @@ def _resolve_path(value: Optional[str], kind: Optional[str], base: Path) -> Opti
         candidate = (base / p)
         # A hub id looks like "org/name"; a relative path that exists wins over it.
         if candidate.exists() or value.startswith((".", "~")) or value.count("/") != 1:
+            return os.path.normpath(candidate)
+        return value
+    if kind == "name_or_path":  # a name (e.g. htdemucs) unless it is, or looks like, a path
+        candidate = Path(expanded) if Path(expanded).is_absolute() else base / expanded
+        if candidate.exists() or value.startswith((".", "~", "/")) or value.count("/") > 1:
             return os.path.normpath(candidate)
         return value
     p = Path(expanded)

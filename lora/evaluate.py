@@ -51,7 +51,7 @@ from lora.common.fields import ConfigError
 from lora.common.files import atomic_write_json, check_free_space, check_output_dir
 from lora.config import Config, GenerationConfig, adapter_paths, adapter_scales, parse_config
 from lora.dataprep.token_cache import build_token_cache
-from lora.dataset import load_metadata
+from lora.dataset import load_metadata, resolve_trigger
 from lora.generation.model import pick_device
 from lora.generation.prompts import read_prompt_texts
 from lora.generation.requests import temperature_problem
@@ -191,7 +191,7 @@ def evaluate(cfg: Config, plan: dict) -> int:
     torch.manual_seed(g.seed)
     t_start = time.perf_counter()
 
-    records = load_metadata(cfg.data.data_dir, cfg.data.metadata_file)
+    records = load_metadata(cfg.data.data_dir, cfg.data.metadata_file, trigger=resolve_trigger(cfg.data))
     valid = [r for r in records if r.split == "valid"]
     if not valid:
         raise UserError(f"No held-out clips (split 'valid') in "

@@ -55,7 +55,7 @@ from lora.generation import model as generation_model
 from lora.generation.manifest import ManifestWriter, add_audio_prompt, add_melodies, check_melody_files, check_outputs
 from lora.generation.prompts import read_prompts_file
 from lora.generation.requests import Request, SamplingSettings, temperature_problem
-from lora.modeling.adapter import check_adapter_files, check_mix_bases, describe_choice
+from lora.modeling.adapter import adapter_trigger, check_adapter_files, check_mix_bases, describe_choice, trigger_note
 
 DESCRIPTION = "Generate music with MusicGen + a LoRA adapter (WAV files + manifest.json)."
 PER_PROMPT_RANGED = ("duration", "guidance_scale", "top_k", "top_p", "num_samples")
@@ -199,6 +199,8 @@ def main(argv=None) -> int:
                              if plan["default_adapter"] else ""))
     if not adapters and g.merge:
         log.info("merge: true has no effect without an adapter")
+    for folder in adapters:
+        _say_trigger(folder, [spec.text for spec in specs])
     requests = [Request(prompt=spec.text, seed=spec.seed + j, duration=spec.duration,
                         sampling=spec.sampling,
                         melody_file=spec.melody or "") for spec in specs for j in range(spec.num_samples)]
@@ -241,6 +243,20 @@ def main(argv=None) -> int:
           f"{human_seconds(wall)}); real-time factor {rtf:.3f} "
           f"({1 / rtf if rtf else float('inf'):.2f}x real time). Manifest: {writer.path}")
     return 0
+
+
+def _say_trigger(folder: str, prompts: list[str]) -> None:
+    """Show the adapter's trigger word (the manifest records it too); warn when no prompt has it."""
+    note = trigger_note(folder)
+    if not note:
+        return
+    word = adapter_trigger(folder)["word"]
+    missing = [p for p in prompts if word.lower() not in p.lower()]
+    if missing:
+        log.warning("%s; %d of %d prompt(s) lack it, e.g. %r", note, len(missing), len(prompts),
+                    missing[0][:80])
+    else:
+        log.info(note)
 
 
 if __name__ == "__main__":

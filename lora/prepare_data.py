@@ -29,6 +29,7 @@ worker (worker.py), the ownership of the output folder (ownership.py), where a c
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -38,10 +39,14 @@ if not __package__:  # run as a file, maybe without `pip install -e .`: see lora
 
     _bootstrap.find_package()
 
-from lora.common.cli import log
+from lora.common.cli import UserError, log
 from lora.config import Config, parse_config
+from lora.dataprep.autocaption import read_vocabularies, template_problems
 from lora.dataprep.data_check import check_data_dir
 from lora.dataprep.prepare import create_example, prepare_folder
+from lora.dataprep.review import is_review_table, review_folder
+from lora.dataprep.separation import INSTALL_HINT
+from lora.dataset import metadata_path
 
 EXAMPLES = """examples:
   python lora/prepare_data.py --create_example --output_dir data
@@ -62,6 +67,9 @@ def main(argv=None) -> int:
         summary = check_data_dir(d.data_dir, d.metadata_file, sample_rate=d.sample_rate)
         print(summary.text())
         return 0 if summary.ok else 1
+    if is_review(d):
+        print(review_folder(cfg))
+        return 0
     if d.create_example:
         create_example(cfg)
     else:
@@ -80,9 +88,10 @@ def check_settings(cfg: Config) -> list[str]:
     p: list[str] = []
     modes = [n for n, on in (("--create_example", d.create_example), ("--input_dir", d.input_dir),
                              ("--validate", d.validate)) if on]
-    if not modes:
+    if not modes and not is_review(d):
         p.append("Nothing to do: pass --input_dir YOUR_AUDIO_FOLDER, --create_example or "
-                 "--validate.\n" + EXAMPLES)
+                 "--validate (or --captions_file captions.csv to apply your caption edits).\n"
+                 + EXAMPLES)
     elif len(modes) > 1:
         p.append(f"Choose one of {', '.join(modes)} (they were given together).")
     if d.input_dir and not d.create_example and not d.validate and not Path(d.input_dir).is_dir():
@@ -90,6 +99,12 @@ def check_settings(cfg: Config) -> list[str]:
                  f"audio folder).")
     if d.captions_file and not Path(d.captions_file).is_file():
         p.append(f"data.captions_file: {d.captions_file} not found.")
+    elif d.captions_file and d.input_dir and is_review_table(Path(d.captions_file)):
+        p.append(f"data.captions_file: {d.captions_file} is a review table (one row per clip, "
+                 f"prepare_data's captions.csv): apply it to the prepared folder without --input_dir: "
+                 f"python lora/prepare_data.py --data_dir {d.data_dir} --captions_file "
+                 f"{d.captions_file}")
+    p += new_feature_problems(d)
     if d.min_seconds > d.segment_seconds:
         p.append(f"data.min_seconds must be between 0 and segment_seconds ({d.segment_seconds}), "
                  f"got {d.min_seconds}.")
@@ -98,6 +113,32 @@ def check_settings(cfg: Config) -> list[str]:
     except (KeyError, IndexError, ValueError) as e:
         p.append(f"data.caption_template {d.caption_template!r} is not a valid pattern ({e!r}); use the "
                  f"placeholders {{stem}}, {{folder}} and {{name}}, e.g. '{{folder}}, {{stem}}'.")
+    return p
+
+
+def is_review(d) -> bool:
+    """Applying caption edits or a trigger word to a prepared folder (no audio is read)."""
+    return not (d.create_example or d.input_dir or d.validate) and \
+        bool(d.captions_file or d.trigger_word is not None)
+
+
+def new_feature_problems(d) -> list[str]:
+    """Separation, auto captions and the trigger word: what must hold before anything runs."""
+    p = []
+    if d.separate != "none" and importlib.util.find_spec("demucs") is None:
+        p.append(f"data.separate {d.separate}: demucs is not installed; {INSTALL_HINT}.")
+    if d.auto_caption:
+        try:
+            names = read_vocabularies(d.caption_vocabulary).names
+            p += template_problems(d.auto_caption_template, names)
+        except UserError as e:
+            p.append(str(e))
+    if d.trigger_word is not None and ("\n" in d.trigger_word or len(d.trigger_word) > 200):
+        p.append(f"data.trigger_word: one line of at most 200 characters, got {d.trigger_word[:60]!r}.")
+    if is_review(d) and not metadata_path(d.data_dir, d.metadata_file).is_file():
+        p.append(f"--captions_file / --trigger_word without --input_dir apply to a prepared folder, "
+                 f"but {metadata_path(d.data_dir, d.metadata_file)} does not exist: pass --data_dir "
+                 f"with the folder prepare_data wrote.")
     return p
 
 

@@ -50,7 +50,7 @@ from lora.common.cli import UserError, disk_full_message, log, on_interrupt, pro
 from lora.common.files import atomic_write_json, check_free_space, check_output_dir
 from lora.config import Config, parse_config, validate
 from lora.dataprep.token_cache import build_token_cache
-from lora.dataset import CachedTokenDataset, bucketed_batches, collate_tokens, load_metadata
+from lora.dataset import CachedTokenDataset, bucketed_batches, collate_tokens, load_metadata, resolve_trigger
 from lora.modeling.cpu_speed import keep_freed_memory
 from lora.modeling.loading import family_for, load_base_model
 from lora.modeling.precision import choose_precision, resolve_base_weights_dtype
@@ -262,7 +262,13 @@ def set_up(cfg: Config) -> Run:
     t = cfg.training
     out = Path(t.output_dir)
     clock = run_log.PhaseClock(process_start_time())
-    records = load_metadata(cfg.data.data_dir, cfg.data.metadata_file)
+    # the trigger word in effect (the flag, else metadata.json's) is recorded in every saved config
+    trigger = resolve_trigger(cfg.data)
+    cfg.data.trigger_word, cfg.data.trigger_position = trigger
+    records = load_metadata(cfg.data.data_dir, cfg.data.metadata_file, trigger=trigger)
+    if trigger[0]:
+        log.info("trigger word %r (%s of every caption): put it in your prompts to call up the style",
+                 trigger[0], trigger[1] if trigger[1] != "replace" else "replaces")
     plan.split_records(cfg, records)
     # Read whole before anything loads: a damaged checkpoint stops here ('latest' falls back to an
     # older one).

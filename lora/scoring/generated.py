@@ -18,6 +18,7 @@ from lora.generation.engine import generate_audio, melody_from_audio
 from lora.generation.model import cast_for_generation
 from lora.generation.requests import GenerationError
 from lora.modeling import chroma as melody_chroma
+from lora.modeling.clap import load_clap
 from lora.modeling.loading import family_for
 from lora.modeling.precision import generation_dtype
 from lora.scoring import intervals, metrics
@@ -425,15 +426,7 @@ def clap_metrics(path, models, audio, shared, prompts, seeds, valid_recs, ref_wa
     """CLAP text-audio scores of every model on the shared (prompt, seed) pairs (the set of the
     distances), the valid clips against their captions, and (two models) the paired bootstrap
     interval of LoRA - base."""
-    from transformers import ClapModel, ClapProcessor
-
-    try:
-        model = ClapModel.from_pretrained(path, local_files_only=True).to(device).eval()
-        processor = ClapProcessor.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise UserError(f"Could not load a CLAP model from {path} "
-                        f"({str(e).splitlines()[0][:300]}). It must be a transformers CLAP folder "
-                        f"(config.json, weights, tokenizer and preprocessor files).") from None
+    model, processor = load_clap(path, device=device, local_files_only=True)
     res: dict = {"model": str(path), "window_seconds": 10.0, "sample_rate": 48000}
     for m in models:
         if not shared:

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 
+from lora.modeling.clap import CLAP_SAMPLE_RATE, clap_windows, features
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
@@ -367,38 +369,9 @@ def diversity(clip_emb: np.ndarray, prompt_ids: Sequence[int], seed_ids: Sequenc
 # --------------------------------------------------------------------------------------------
 # CLAP
 # --------------------------------------------------------------------------------------------
-CLAP_SAMPLE_RATE = 48000
-
-
-def clap_windows(wav, sample_rate: int, *, target_rate: int = CLAP_SAMPLE_RATE,
-                 window_seconds: float = 10.0, min_fraction: float = 0.5) -> np.ndarray:
-    """Mono mix resampled to target_rate (soxr) and cut into fixed windows of window_seconds: (W, L)
-    float32.
-
-    A tail shorter than min_fraction of a window is dropped (unless it is the only audio); the last
-    kept window is zero-padded to full length, so every window the CLAP model sees has the same
-    duration.
-    """
-    import soxr
-
-    y = _as_channels_first(wav).mean(axis=0).astype(np.float32)
-    if sample_rate != target_rate:
-        y = soxr.resample(y, sample_rate, target_rate).astype(np.float32)
-    L = int(round(window_seconds * target_rate))
-    n_full, tail = divmod(len(y), L)
-    wins = [y[i * L:(i + 1) * L] for i in range(n_full)]
-    if tail and (tail >= min_fraction * L or n_full == 0):
-        wins.append(np.pad(y[n_full * L:], (0, L - tail)))
-    return np.stack(wins).astype(np.float32)
-
-
-def _features(out):
-    """transformers 5 returns an output object from get_*_features; older versions a tensor."""
-    import torch
-
-    if isinstance(out, torch.Tensor):
-        return out
-    return out.pooler_output
+# (CLAP_SAMPLE_RATE, clap_windows and features live in lora.modeling.clap, shared with the
+# auto-captions)
+_features = features
 
 
 def clap_scores(model: nn.Module, processor, texts: Sequence[str], wavs: Sequence, sample_rate: int,
