@@ -172,10 +172,11 @@ class DataConfig:
     trigger_word: Optional[str] = _f(None,
                                      "A word (or phrase) put in every caption, to call up the style in "
                                      "prompts (dreambooth's instance prompt); null = keep the data "
-                                     "folder's, '' = none. Recorded in metadata.json and the adapter")
+                                     "folder's. Recorded in metadata.json and the adapter")
     trigger_position: str = _f("start", "Where trigger_word goes: start or end of each caption, or "
-                                        "replace (the caption is the trigger word alone)",
-                               choices=("start", "end", "replace"))
+                                        "replace (the caption is the trigger word alone); off = no "
+                                        "trigger word (removes the folder's)",
+                               choices=("start", "end", "replace", "off"))
 
 
 @dataclass

@@ -103,10 +103,12 @@ def metadata_trigger(data_dir: str | Path, metadata_file: str = "metadata.json")
 
 
 def resolve_trigger(data_cfg) -> tuple[str, str]:
-    """The trigger word in effect: data.trigger_word when given ('' = none), else the one the data
-    folder's metadata.json records."""
+    """The trigger word in effect: none with trigger_position off; data.trigger_word when given;
+    else the one the data folder's metadata.json records."""
+    if data_cfg.trigger_position == "off":
+        return "", "start"
     if data_cfg.trigger_word is not None:
-        return data_cfg.trigger_word.strip(), data_cfg.trigger_position
+        return " ".join(data_cfg.trigger_word.split()), data_cfg.trigger_position
     return metadata_trigger(data_cfg.data_dir, data_cfg.metadata_file)
 
 

@@ -119,7 +119,7 @@ def check_settings(cfg: Config) -> list[str]:
 def is_review(d) -> bool:
     """Applying caption edits or a trigger word to a prepared folder (no audio is read)."""
     return not (d.create_example or d.input_dir or d.validate) and \
-        bool(d.captions_file or d.trigger_word is not None)
+        bool(d.captions_file or d.trigger_word is not None or d.trigger_position == "off")
 
 
 def new_feature_problems(d) -> list[str]:
@@ -133,8 +133,13 @@ def new_feature_problems(d) -> list[str]:
             p += template_problems(d.auto_caption_template, names)
         except UserError as e:
             p.append(str(e))
-    if d.trigger_word is not None and ("\n" in d.trigger_word or len(d.trigger_word) > 200):
-        p.append(f"data.trigger_word: one line of at most 200 characters, got {d.trigger_word[:60]!r}.")
+    if d.trigger_word is not None and (not d.trigger_word.strip() or "\n" in d.trigger_word
+                                       or len(d.trigger_word) > 200):
+        p.append(f"data.trigger_word: a word or phrase on one line of at most 200 characters, got "
+                 f"{d.trigger_word[:60]!r} (to remove the trigger word: --trigger_position off).")
+    if d.trigger_word is not None and d.trigger_position == "off":
+        p.append("data.trigger_word was given with trigger_position off (no trigger word): choose "
+                 "start, end or replace, or leave trigger_word out.")
     if is_review(d) and not metadata_path(d.data_dir, d.metadata_file).is_file():
         p.append(f"--captions_file / --trigger_word without --input_dir apply to a prepared folder, "
                  f"but {metadata_path(d.data_dir, d.metadata_file)} does not exist: pass --data_dir "

@@ -33,7 +33,7 @@ from lora.dataprep.ownership import (
 )
 from lora.dataprep.scan import Found, Scan, _find_sources, _no_audio_message
 from lora.dataprep.worker import DISK_FULL
-from lora.dataset import SPLITS, ClipRecord, metadata_document, metadata_path, metadata_trigger
+from lora.dataset import SPLITS, ClipRecord, metadata_document, metadata_path, metadata_trigger, resolve_trigger
 
 CHECKPOINT_SECONDS = 30.0  # how often an --input_dir run saves its progress (prepare_state.json)
 
@@ -152,10 +152,10 @@ def prepare_folder(cfg: Config) -> dict:
 
 
 def _trigger(d, data_dir: Path, state: dict) -> tuple[str, str]:
-    """The trigger word this run records: data.trigger_word when given ('' = none), else the one
-    the folder's metadata.json (made by an earlier run) records."""
-    if d.trigger_word is not None:
-        return " ".join(d.trigger_word.split()), d.trigger_position
+    """The trigger word this run records: none with trigger_position off, data.trigger_word when
+    given, else the one the folder's metadata.json (made by an earlier run) records."""
+    if d.trigger_position == "off" or d.trigger_word is not None:
+        return resolve_trigger(d)
     return metadata_trigger(data_dir, d.metadata_file) if state else ("", "start")
 
 

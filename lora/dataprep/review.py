@@ -26,7 +26,7 @@ from lora.common.files import atomic_write_json, atomic_write_text
 from lora.dataprep.autocaption import caption_values, parse_tags_text, render, tags_text
 from lora.dataprep.captions import _csv_rows
 from lora.dataprep.ownership import STATE_FILE, _load_state
-from lora.dataset import TRIGGER_POSITIONS, metadata_path
+from lora.dataset import TRIGGER_POSITIONS, metadata_path, resolve_trigger
 
 CAPTIONS_CSV = "captions.csv"
 COLUMNS = ("clip", "split", "source", "offset", "caption", "caption_source", "tags")
@@ -220,7 +220,7 @@ def carry_edits(prev_sources: dict, results: dict[str, dict]) -> int:
 
 
 def set_trigger(data_dir: Path, metadata_file: str, word: str, position: str) -> dict:
-    """Record the trigger word in metadata.json ('' removes it); atomically. Returns the document."""
+    """Record the trigger word in metadata.json ('' removes it), atomically. Returns the document."""
     if position not in TRIGGER_POSITIONS:
         raise UserError(f"trigger_position must be one of {', '.join(TRIGGER_POSITIONS)}, got {position!r}.")
     mpath, doc = read_metadata_doc(data_dir, metadata_file)
@@ -281,8 +281,8 @@ def review_folder(cfg) -> str:
             lines.append("The next training encodes the text of the changed captions only (the audio "
                          "codes and the other captions come from the token cache).")
         lines.append(f"captions.csv: {sync_table(data_dir, doc, applied=table)}.")
-    if d.trigger_word is not None:
-        doc = set_trigger(data_dir, d.metadata_file, d.trigger_word, d.trigger_position)
+    if d.trigger_word is not None or d.trigger_position == "off":
+        doc = set_trigger(data_dir, d.metadata_file, *resolve_trigger(d))
         word = doc.get("trigger_word")
         lines.append(f"trigger word {word!r} ({doc['trigger_position']}) recorded in metadata.json; "
                      f"training puts it in every caption." if word else

@@ -107,4 +107,4 @@ def window_embeddings(model: "nn.Module", processor, windows: Sequence[np.ndarra
 
 def audio_scale(model: "nn.Module") -> float:
     """The factor of ``logits_per_audio`` (exp of the audio logit scale)."""
-    return float(model.logit_scale_a.exp())
+    return float(model.logit_scale_a.detach().exp())
