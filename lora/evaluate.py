@@ -50,6 +50,7 @@ from lora.common.cli import UserError, log, on_interrupt, run_main
 from lora.common.fields import ConfigError
 from lora.common.files import atomic_write_json, check_free_space, check_output_dir
 from lora.config import Config, GenerationConfig, adapter_paths, adapter_scales, parse_config
+from lora.dataprep.melody_stems import melody_separator
 from lora.dataprep.token_cache import build_token_cache
 from lora.dataset import load_metadata, resolve_trigger
 from lora.generation.model import pick_device
@@ -63,7 +64,7 @@ from lora.modeling.adapter import (
     load_adapters,
 )
 from lora.modeling.cpu_speed import keep_freed_memory
-from lora.modeling.loading import load_base_model
+from lora.modeling.loading import family_for, load_base_model
 from lora.scoring.generated import KAD_KERNEL, KAD_MAX_FRAMES, LOUDNESS_TARGET_LUFS, generation_metrics
 from lora.scoring.likelihood import likelihood_section
 from lora.scoring.report import format_table, jsonable, summary_rows, versions, write_report
@@ -207,7 +208,9 @@ def evaluate(cfg: Config, plan: dict) -> int:
     # Cache (built once, shared with training) before the adapter goes on: codes and text states are
     # the base's.
     clips, cache_stats = build_token_cache(valid, model, processor, info, cfg.data.data_dir,
-                                           batch_size=cfg.training.encode_batch_size, device=device)
+                                           batch_size=cfg.training.encode_batch_size, device=device,
+                                           melody_separator=melody_separator(cfg.model)
+                                           if family_for(info).MELODY else None)
     identity = {"base": {k: v for k, v in info.to_dict().items()
                          if k in ("name_or_path", "identity", "hub_revision", "sample_rate", "frame_rate",
                                   "num_codebooks", "audio_channels")}}

@@ -219,7 +219,7 @@ def main(argv=None) -> int:
                                                                                   adapter_path=adapters or None)
     if g.audio_prompt:
         add_audio_prompt(model, info, g.audio_prompt, requests)
-    add_melodies(info, requests)
+    add_melodies(info, requests, model_cfg=cfg.model)
 
     # ---- generate, writing each batch as it is ready
     bytes_per_sample = 2 if g.output_format == "pcm16" else 4

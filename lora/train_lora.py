@@ -49,6 +49,7 @@ if not __package__:  # run as a file, maybe without `pip install -e .`: see lora
 from lora.common.cli import UserError, disk_full_message, log, on_interrupt, process_start_time, run_main, setup_logging
 from lora.common.files import atomic_write_json, check_free_space, check_output_dir
 from lora.config import Config, parse_config, validate
+from lora.dataprep.melody_stems import melody_separator
 from lora.dataprep.token_cache import build_token_cache
 from lora.dataset import CachedTokenDataset, bucketed_batches, collate_tokens, load_metadata, resolve_trigger
 from lora.modeling.cpu_speed import keep_freed_memory
@@ -241,7 +242,8 @@ def load_and_cache(cfg: Config, acc, records, clock: run_log.PhaseClock):
     with acc.main_process_first():
         clips, _ = build_token_cache(records, model, processor, info, cfg.data.data_dir,
                                      batch_size=t.encode_batch_size, device=device,
-                                     text_states=cache_text, show_progress=acc.is_main_process)
+                                     text_states=cache_text, show_progress=acc.is_main_process,
+                                     melody_separator=melody_separator(cfg.model) if fam.MELODY else None)
     # Training reads tokens only: the codec (and the frozen text encoder) leave the accelerator.
     fam.audio_codec(model).to("cpu")
     if cache_text:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 from lora.common.cli import UserError, log
+from lora.common.fields import load_yaml
 from lora.common.files import atomic_write_json, atomic_write_text
 from lora.dataprep.autocaption import caption_values, parse_tags_text, render, tags_text
 from lora.dataprep.captions import _csv_rows
@@ -258,8 +259,6 @@ def review_folder(cfg) -> str:
     """``prepare_data --data_dir DATA --captions_file TABLE`` and/or ``--trigger_word``: apply the
     table's edits and the trigger word to a prepared folder, reading no audio. Returns what was
     done, for the screen."""
-    from lora.common.fields import load_yaml
-
     d = cfg.data
     data_dir = Path(d.data_dir)
     lines = []

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Optional
 from lora.common.cli import UserError, log
 from lora.common.files import atomic_path
 from lora.dataprep.audio import audio_info, file_hash, load_audio
+from lora.dataprep.melody_stems import chroma_source, melody_wave
 from lora.dataset import CachedClip, ClipRecord
 from lora.modeling import chroma
 from lora.modeling.encodec_fast import ENCODER_PRECISION
@@ -147,12 +148,40 @@ def _loaded_waves(order: list[str], todo: dict[str, ClipRecord], info: ModelInfo
         yield h, wave
 
 
-def clip_chroma(wave, info: ModelInfo):
+def clip_chroma(wave, info: ModelInfo, separator=None):
     """A clip's melody for the cache: the pitch class (int8) of every chroma frame of its whole
-    audio (C, N) (the training crop takes the frames that cover it; lora.modeling.chroma)."""
+    audio (C, N) (the training crop takes the frames that cover it; lora.modeling.chroma); with a
+    ``separator``, of its vocals + other stems (lora.dataprep.melody_stems, as audiocraft)."""
     import torch
 
+    if separator is not None:
+        wave = melody_wave(separator, wave, info.sample_rate)
     return chroma.chroma(wave, info.sample_rate, max_seconds=None).argmax(dim=-1).to(torch.int8)
+
+
+def _stem_chromas(records: list[ClipRecord], hashes: list[str], codes: dict, root: Path, info: ModelInfo,
+                  separator, show_progress: bool) -> int:
+    """Melody models with ``model.melody_chroma`` stems: each clip's chroma from its stems, kept in
+    the cache beside the codes (chroma/<clip hash>-...-stems-<separation model identity>), computed
+    for the clips that lack it. Replaces the mix's chroma in ``codes``. Returns how many were
+    computed."""
+    from tqdm.auto import tqdm
+
+    source = chroma_source(separator)
+    todo: dict[str, ClipRecord] = {}
+    for r, h in zip(records, hashes):
+        path = root / "chroma" / f"{h}-sr{info.sample_rate}-ch{info.audio_channels}-{source}.safetensors"
+        t = _load_tensors(path) if h not in todo else None
+        if t is not None and "chroma" in t:
+            codes[h] = dict(codes[h], chroma=t["chroma"])
+        else:
+            todo[h] = r
+    for h, r in tqdm(todo.items(), desc="melody stems (demucs)", unit="clip", disable=not show_progress):
+        c = clip_chroma(load_audio(r.path, info.sample_rate, info.audio_channels), info, separator)
+        _save_tensors(root / "chroma" / f"{h}-sr{info.sample_rate}-ch{info.audio_channels}-{source}.safetensors",
+                      {"chroma": c}, {"source": r.audio, "chroma": source, "identity": info.identity})
+        codes[h] = dict(codes[h], chroma=c)
+    return len(todo)
 
 
 def _encode_clips(todo: dict[str, ClipRecord], root: Path, model: nn.Module, info: ModelInfo,
@@ -223,14 +252,15 @@ def _encode_texts(texts: list[str], root: Path, model: nn.Module, processor, inf
 def build_token_cache(records: list[ClipRecord], model: nn.Module, processor, info: ModelInfo,
                       data_dir: str | Path, *,
                       batch_size: int = 8, device: torch.device | None = None, text_states: bool = True,
-                      show_progress: bool = True) -> tuple[list[CachedClip], dict]:
+                      show_progress: bool = True, melody_separator=None) -> tuple[list[CachedClip], dict]:
     """Encode every clip (EnCodec codes) and caption (frozen text-encoder states) not yet cached;
     load all.
 
     Returns the cached clips in the order of ``records`` and counts {"clips_encoded",
     "clips_reused", "texts_encoded", "texts_reused"}. ``text_states=False`` skips the text cache
     (the text encoder trains). ``batch_size`` clips of the same length are encoded together; a clip
-    is never padded (its codes do not depend on the other clips).
+    is never padded (its codes do not depend on the other clips). Melody models: ``melody_separator``
+    (lora.dataprep.melody_stems) makes each clip's chroma from its stems instead of the mix.
     """
     from tqdm.auto import tqdm
 
@@ -255,6 +285,9 @@ def build_token_cache(records: list[ClipRecord], model: nn.Module, processor, in
     if todo:
         codes.update(_encode_clips(todo, root, model, info, batch_size, device, show_progress))
         stats["clips_encoded"] += len(todo)
+    if melody_separator is not None and family_for(info).MELODY:
+        stats["stem_chromas_computed"] = _stem_chromas(records, hashes, codes, root, info, melody_separator,
+                                                       show_progress)
 
     states: dict[str, tuple] = {}
     if text_states:

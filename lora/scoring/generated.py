@@ -14,6 +14,7 @@ import numpy as np
 from lora.common.cli import UserError, log
 from lora.config import Config
 from lora.dataprep.audio import load_audio, save_wav
+from lora.dataprep.melody_stems import chroma_source, melody_separator
 from lora.generation.engine import generate_audio, melody_from_audio
 from lora.generation.model import cast_for_generation
 from lora.generation.requests import GenerationError
@@ -140,13 +141,13 @@ def generation_metrics(model: nn.Module, processor, info: ModelInfo, cfg: Config
     cast_for_generation(model, gen_dtype)
     res["decoder_dtype"] = str(gen_dtype).replace("torch.", "")
     audio: dict[str, list] = {}
-    melody = melody_prompts(info, valid_recs, prompts)
+    melody = melody_prompts(info, valid_recs, prompts, cfg.model)
     t0 = time.perf_counter()
     for m in models:
         log.info("Generating %d clip(s) of %.1f s with the %s model", len(prompts) * len(seeds),
                  ev.eval_duration, m)
         audio[m] = generate_clips(model, processor, info, m, prompts, seeds, cfg,
-                                  melodies=None if melody is None else melody["chroma"])
+                                  melodies=None if melody is None else melody["condition"])
     res["generation_seconds"] = time.perf_counter() - t0
     checks = {m: _check_and_save_clips(res, m, audio[m], prompts, seeds, info.sample_rate, out_dir)
               for m in models}
@@ -191,27 +192,34 @@ def generation_metrics(model: nn.Module, processor, info: ModelInfo, cfg: Config
     return res
 
 
-def melody_prompts(info: ModelInfo, valid_recs, prompts: list[str]) -> Optional[dict]:
+def melody_prompts(info: ModelInfo, valid_recs, prompts: list[str], model_cfg=None) -> Optional[dict]:
     """Melody models: the tune each prompt follows in the evaluation, taken from the held-out clips
     themselves (the clip whose caption the prompt is, else the held-out clips in turn): {"sources":
-    paths, "chroma": one-hot chromas}. None for text-only models."""
+    paths, "chroma": one-hot chromas of the clips (the similarity's reference, as audiocraft's
+    chroma_cosine takes the reference audio itself), "condition": what the model follows (the
+    chroma of the vocals + other stems under model.melody_chroma, as at generation)}. None for
+    text-only models."""
     if not family_for(info).MELODY:
         return None
+    separator = melody_separator(model_cfg) if model_cfg is not None else None
     by_caption = {}
     for r in valid_recs:
         by_caption.setdefault(r.text.strip(), r)
-    sources, chromas = [], []
+    sources, chromas, conditions = [], [], []
     for i, p in enumerate(prompts):
         rec = by_caption.get(p.strip(), valid_recs[i % len(valid_recs)])
         try:
             chroma, _ = melody_from_audio(load_audio(rec.path, info.sample_rate, 1), info)
+            conditions.append(chroma if separator is None else melody_from_audio(
+                load_audio(rec.path, info.sample_rate, 2), info, separator)[0])
         except GenerationError as e:  # (a silent held-out clip has no tune to follow)
             raise UserError(f"held-out clip {rec.path} is the melody of prompt {p!r}, but: {e} "
                             f"Remove the clip from the metadata, or pass --prompts / "
                             f"--prompts_file with other captions.") from None
         sources.append(str(rec.path))
         chromas.append(chroma)
-    return {"sources": sources, "chroma": chromas}
+    return {"sources": sources, "chroma": chromas, "condition": conditions,
+            "chroma_from": chroma_source(separator)}
 
 
 def melody_similarity(melody: dict, audio: dict, models: list[str], shared: list[int], n_seeds: int,

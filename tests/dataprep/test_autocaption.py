@@ -124,6 +124,7 @@ def test_a_bad_vocabulary_file_is_a_message_naming_file_and_key(tmp_path, text, 
     assert str(path) in str(e.value) and key in str(e.value)
 
 
+@pytest.mark.slow
 def test_bad_vocabulary_and_template_stop_prepare_data_before_anything_is_written(tmp_path):
     write_songs(tmp_path / "songs", n=2, seconds=3.0)
     bad = _vocab(tmp_path / "v.yaml", "vocabularies:\n  genre:\n    labels: [rock, rock]\n")
@@ -153,6 +154,7 @@ def test_render_leaves_out_parts_without_a_value():
         AC.parse_tags_text("rock", "row 3")
 
 
+@pytest.mark.slow
 def test_prepare_writes_auto_captions_only_where_the_user_gave_none(tmp_path, tiny_clap_dir):
     songs = tmp_path / "songs"
     write_songs(songs, n=3, seconds=4.0)

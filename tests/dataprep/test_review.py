@@ -21,6 +21,9 @@ from lora.dataprep import audio as A
 from lora.dataprep import review
 from lora.dataset import apply_trigger, load_metadata
 
+# every test here runs prepare_data.py's main (end to end)
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def prepared(tmp_path) -> tuple[Path, Path]:

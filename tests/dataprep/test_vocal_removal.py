@@ -24,6 +24,9 @@ if importlib.util.find_spec("demucs") is None:
 
 from conftest import write_songs  # noqa: E402
 
+# every test here runs prepare_data.py's main (end to end)
+pytestmark = pytest.mark.slow
+
 from lora import prepare_data  # noqa: E402
 from lora.common.cli import Interrupted, UserError  # noqa: E402
 from lora.common.fields import ConfigError  # noqa: E402
