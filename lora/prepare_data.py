@@ -6,6 +6,11 @@
     python lora/prepare_data.py --input_dir /path/to/audio --output_dir data --metadata_file metadata.json
     # check an existing data folder
     python lora/prepare_data.py --validate --data_dir data
+    # real songs: vocals removed (demucs), captions from CLAP tags, a trigger word
+    python lora/prepare_data.py --input_dir songs --output_dir data --separate vocals --auto_caption \
+        --trigger_word "zxq style"
+    # your edits of data/captions.csv applied (no audio is decoded again)
+    python lora/prepare_data.py --data_dir data --captions_file data/captions.csv
 
 What --input_dir does (DATA_PREPARATION.md has the details): scan the folder recursively; caption
 each recording (sidecar .txt/.json, captions_file, metadata.jsonl/.csv of the HF audiofolder layout,
@@ -20,11 +25,19 @@ What it changes in the audio is said: clips above 0 dBFS scaled down, a few NaN/
 0, channels mixed. Symlinked folders are followed; what cannot be read is reported, and a source of
 the last run that cannot be read now keeps its clips.
 
+--separate vocals|auto keeps every stem but vocals (demucs, bash install.sh --separation; each source
+separated once and cached in data/cache/separation; auto only where the vocal stem is loud);
+--auto_caption writes captions from CLAP zero-shot tags where you gave none; every run writes
+captions.csv (one row per clip) for you to review, and --captions_file captions.csv without
+--input_dir applies your edits to metadata.json; --trigger_word puts a word in every caption (the
+adapter records it).
+
 This script parses the settings, checks them and calls the library in lora/dataprep: the run
 (prepare.py: reuse and checkpoints, duplicates, split, the report), the scan (scan.py), the per-file
 worker (worker.py), the ownership of the output folder (ownership.py), where a caption comes from
-(captions.py), the synthetic --create_example set (example_data.py) and the --validate check
-(data_check.py, shared with test_dataset.py).
+(captions.py), the synthetic --create_example set (example_data.py), the --validate check
+(data_check.py, shared with test_dataset.py), vocal removal (separation.py, vocal_removal.py),
+auto captions (autocaption.py) and the review table (review.py).
 """
 
 from __future__ import annotations
@@ -52,6 +65,8 @@ EXAMPLES = """examples:
   python lora/prepare_data.py --create_example --output_dir data
   python lora/prepare_data.py --input_dir /path/to/audio/files --output_dir data --metadata_file metadata.json
   python lora/prepare_data.py --validate --data_dir data
+  python lora/prepare_data.py --input_dir songs --output_dir data --separate vocals --auto_caption
+  python lora/prepare_data.py --data_dir data --captions_file data/captions.csv   (apply your edits)
   (from inside lora/: python prepare_data.py --create_example --output_dir ../data)"""
 
 
@@ -116,6 +131,17 @@ def check_settings(cfg: Config) -> list[str]:
     return p
 
 
+def clap_model_problems(model: str) -> list[str]:
+    """A CLAP model given as a folder must be one (a hub id is checked when it loads)."""
+    path = Path(model).expanduser()
+    looks_like_path = path.is_absolute() or model.startswith((".", "~")) or model.count("/") != 1
+    if looks_like_path and not (path / "config.json").is_file():
+        return [f"data.auto_caption_model: {model} is not a CLAP model folder (no config.json). Pass "
+                f"a hub id (laion/larger_clap_music) or a folder made with hf download ID --local-dir "
+                f"FOLDER."]
+    return []
+
+
 def is_review(d) -> bool:
     """Applying caption edits or a trigger word to a prepared folder (no audio is read)."""
     return not (d.create_example or d.input_dir or d.validate) and \
@@ -127,12 +153,18 @@ def new_feature_problems(d) -> list[str]:
     p = []
     if d.separate != "none" and importlib.util.find_spec("demucs") is None:
         p.append(f"data.separate {d.separate}: demucs is not installed; {INSTALL_HINT}.")
+    if d.separate != "none" and d.separation_device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            p.append("data.separation_device cuda: no CUDA GPU is visible to torch; use auto or cpu.")
     if d.auto_caption:
         try:
             names = read_vocabularies(d.caption_vocabulary).names
             p += template_problems(d.auto_caption_template, names)
         except UserError as e:
             p.append(str(e))
+        p += clap_model_problems(d.auto_caption_model)
     if d.trigger_word is not None and (not d.trigger_word.strip() or "\n" in d.trigger_word
                                        or len(d.trigger_word) > 200):
         p.append(f"data.trigger_word: a word or phrase on one line of at most 200 characters, got "

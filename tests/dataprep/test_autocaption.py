@@ -135,6 +135,8 @@ def test_bad_vocabulary_and_template_stop_prepare_data_before_anything_is_writte
         prepare_data.main(base + ["--auto_caption_template", "{genre}, {tempo}"])
     with pytest.raises(ConfigError, match="caption_vocabulary: .* not found"):
         prepare_data.main(base + ["--caption_vocabulary", str(tmp_path / "none.yaml")])
+    with pytest.raises(ConfigError, match="auto_caption_model: .* is not a CLAP model folder"):
+        prepare_data.main(base + ["--auto_caption_model", str(tmp_path / "no_clap")])
     assert not (tmp_path / "data").exists()
 
 

@@ -139,6 +139,8 @@ def test_auto_leaves_an_instrumental_untouched_and_separates_a_song_with_vocals(
     (["--separate", "auto", "--vocal_threshold_db", "5"], "data.vocal_threshold_db"),
     (["--separate", "vocals", "--separation_model", "/no/such/model"], "no such folder"),
     (["--separate", "vocals", "--separation_device", "tpu"], "--separation_device"),
+    pytest.param(["--separate", "vocals", "--separation_device", "cuda"], "no CUDA GPU is visible",
+                 marks=pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="has a GPU")),
 ])
 def test_bad_separation_values_are_messages(songs, tmp_path, argv, message):
     with pytest.raises((ConfigError, UserError), match=message):
