@@ -255,6 +255,15 @@ def sync_table(data_dir: Path, doc: dict, applied: Optional[Path] = None) -> str
     return what
 
 
+def folder_template(data_dir: Path, default: str) -> str:
+    """The auto-caption template the folder was prepared with (its prepare_config.yaml), else
+    ``default``."""
+    saved = data_dir / "prepare_config.yaml"
+    if saved.is_file():
+        return (load_yaml(saved).get("data") or {}).get("auto_caption_template") or default
+    return default
+
+
 def review_folder(cfg) -> str:
     """``prepare_data --data_dir DATA --captions_file TABLE`` and/or ``--trigger_word``: apply the
     table's edits and the trigger word to a prepared folder, reading no audio. Returns what was
@@ -264,10 +273,7 @@ def review_folder(cfg) -> str:
     lines = []
     doc = None
     if d.captions_file:
-        saved = data_dir / "prepare_config.yaml"
-        template = d.auto_caption_template
-        if saved.is_file():  # the template the folder was prepared with
-            template = (load_yaml(saved).get("data") or {}).get("auto_caption_template") or template
+        template = folder_template(data_dir, d.auto_caption_template)
         table = Path(d.captions_file)
         result = apply_edits(data_dir, d.metadata_file, read_table(table), template)
         doc = result["doc"]

@@ -140,9 +140,11 @@ def _separate(cfg: Config, files: S.SeparatorFiles, todo: dict[str, list[dict]],
                 overall.update(seconds)
             try:
                 stats = S.separate_file(sep, src, wav, d.sample_rate, d.channels, on_progress=step)
-            except A.AudioError as e:  # the worker decodes it too and reports why it fails
+            except A.AudioError as e:  # never its mix instead: the file is skipped, with the reason
                 bar.close()
-                log.warning("cannot separate %s (%s)", jobs[0]["rel"], str(e).replace(f"{src}: ", ""))
+                why = str(e).replace(f"{src}: ", "")
+                for j in jobs:
+                    j["skip_reason"] = f"cannot be separated ({why})"
                 continue
             except OSError as e:
                 raise UserError(f"could not write the separated audio into {wav.parent} "

@@ -34,6 +34,9 @@ def process_file(job: dict) -> dict:
            "settings": job["settings"]}
     if job.get("separation"):
         res["separation"] = job["separation"]
+    if job.get("skip_reason"):  # (--separate: the recording could not be separated)
+        res["reason"] = job["skip_reason"]
+        return res
     try:
         res["sha1"] = job.get("sha1") or A.file_hash(src)
     except OSError as e:

@@ -102,7 +102,8 @@ def save_table(data_dir: str, rows: list[list], metadata_file: str = "metadata.j
     idx = {k: TABLE_COLUMNS.index(k) for k in ("clip", "caption", "tags")}
     edits = [review.Edit(str(r[idx["clip"]]), str(r[idx["caption"]] or ""), str(r[idx["tags"]] or ""),
                          f"row {i + 1}") for i, r in enumerate(rows)]
-    result = review.apply_edits(folder, metadata_file, edits, template or DataConfig().auto_caption_template)
+    template = template or review.folder_template(folder, DataConfig().auto_caption_template)
+    result = review.apply_edits(folder, metadata_file, edits, template)
     table = review.sync_table(folder, result["doc"])
     n = len(result["changed"])
     return (f"Saved: {n} caption(s) changed" + (f" ({', '.join(Path(c).name for c in result['changed'][:5])}"

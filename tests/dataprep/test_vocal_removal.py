@@ -154,3 +154,20 @@ def test_missing_demucs_names_the_install_option(songs, tmp_path, monkeypatch):
                         lambda name, *a: None if name == "demucs" else real(name, *a))
     with pytest.raises(ConfigError, match="bash install.sh --separation"):
         _run(songs, tmp_path / "data", "--separate", "vocals")
+
+
+def test_a_recording_that_cannot_be_separated_is_skipped_not_kept_with_its_vocals(songs, tmp_path, seps,
+                                                                                  monkeypatch):
+    real = S.separate_file
+
+    def fail_on_song_1(sep, src, *a, **k):
+        if src.name == "song_1.wav":
+            raise A.AudioError(f"{src}: decoding failed at 2.0 s (a damaged file)")
+        return real(sep, src, *a, **k)
+
+    monkeypatch.setattr(S, "separate_file", fail_on_song_1)
+    report = _run(songs, tmp_path / "data", "--separate", "vocals", "--separation_model", str(seps["random"]))
+    assert report["skipped"] == [{"file": "song_1.wav", "reason": "cannot be separated (decoding failed at "
+                                  "2.0 s (a damaged file))"}]
+    sources = {c["source"] for c in json.loads((tmp_path / "data" / "metadata.json").read_text())["clips"]}
+    assert sources == {"song_0.wav", "song_2.wav"}
