@@ -29,6 +29,7 @@ from lora.dataprep import separation as S
 
 CACHE_DIR = Path("cache") / "separation"
 CACHE_VERSION = 1
+PROGRESS_EVERY_S = 15.0  # a progress line in the log this often (for logs and the web UI)
 
 
 def separation_key(cfg: Config) -> Optional[dict]:
@@ -122,6 +123,7 @@ def _separate(cfg: Config, files: S.SeparatorFiles, todo: dict[str, list[dict]],
     total = sum(_seconds(jobs[0]["src"]) for jobs in todo.values())
     overall = tqdm(total=round(total, 1), desc="separating vocals", unit="s", disable=None)
     done: list[str] = []
+    said = [time.perf_counter(), 0.0]  # when the last progress line was logged; seconds separated
 
     def note() -> str:
         return (f"{len(done)} recording(s) separated so far are kept in {data_dir / CACHE_DIR}; run "
@@ -135,9 +137,13 @@ def _separate(cfg: Config, files: S.SeparatorFiles, todo: dict[str, list[dict]],
             bar = tqdm(total=round(_seconds(str(src)), 1), desc=f"  {src.name[:40]}", unit="s",
                        leave=False, disable=None)
 
-            def step(seconds: float, bar=bar) -> None:
+            def step(seconds: float, bar=bar, i=len(done) + 1) -> None:
                 bar.update(seconds)
                 overall.update(seconds)
+                said[1] += seconds
+                if time.perf_counter() - said[0] > PROGRESS_EVERY_S:  # (a log line: no TTY, the UI)
+                    said[0] = time.perf_counter()
+                    _say_progress(said[1], total, time.perf_counter() - t0, i, len(todo))
             try:
                 stats = S.separate_file(sep, src, wav, d.sample_rate, d.channels, on_progress=step)
             except A.AudioError as e:  # never its mix instead: the file is skipped, with the reason
@@ -158,6 +164,13 @@ def _separate(cfg: Config, files: S.SeparatorFiles, todo: dict[str, list[dict]],
     overall.close()
     log.info("separated %d recording(s) in %s", len(done), human_seconds(time.perf_counter() - t0))
     return len(done)
+
+
+def _say_progress(seconds: float, total: float, wall: float, i: int, n: int) -> None:
+    left = wall / seconds * max(total - seconds, 0.0) if seconds > 0 else None
+    log.info("separating vocals: recording %d of %d, %s of %s of audio (%.0f%%)%s", i, n,
+             human_seconds(seconds), human_seconds(total), 100 * seconds / max(total, 1e-9),
+             f", about {human_seconds(left)} left" if left is not None else "")
 
 
 def report_entries(results: dict[str, dict], used: set[str]) -> list[dict]:
