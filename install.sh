@@ -4,10 +4,12 @@
 #
 #   bash install.sh            runtime dependencies
 #   bash install.sh --dev      + what the whole test suite needs (pytest, ruff; gradio and playwright for the web
-#                              UI's browser tests, which also need chromium: it says how to get it)
+#                              UI's browser tests, which also need chromium: it says how to get it; demucs for
+#                              the vocal-removal tests, as --separation)
 #   bash install.sh --extras   + optional decoders/extras (PyAV for m4a/aac)
 #   bash install.sh --check    only say which torch is found (and where) and what would be installed
 #   bash install.sh --ui       + the local web UI (gradio: python lora/app.py)
+#   bash install.sh --separation  + vocal removal with demucs (prepare_data --separate)
 #
 # torch: an installed torch (CUDA or CPU) is kept as it is, and named with its path. With none in this
 # environment, a torch of the box's own python (the venv's base, conda base) that this one does not see is
@@ -23,17 +25,19 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 step="start"
 trap 'echo; echo "install.sh FAILED at step: ${step}" >&2; echo "Fix the error above and run bash install.sh again." >&2' ERR
 
-dev=0; extras=0; check=0; ui=0
+dev=0; extras=0; check=0; ui=0; separation=0
 for a in "$@"; do
   case "$a" in
     --dev) dev=1 ;;
     --extras) extras=1 ;;
     --check) check=1 ;;
     --ui) ui=1 ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
-    *) echo "install.sh: unknown option '$a' (use --dev, --extras, --ui, --check or --help)" >&2; exit 2 ;;
+    --separation) separation=1 ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    *) echo "install.sh: unknown option '$a' (use --dev, --extras, --ui, --separation, --check or --help)" >&2; exit 2 ;;
   esac
 done
+if [ "$dev" = 1 ]; then separation=1; fi  # (the suite tests vocal removal with a random demucs model)
 
 step="find python"
 PY="${PYTHON:-python}"
@@ -124,6 +128,9 @@ step="the project (pip install -e .)"
 if [ "$dev" = 1 ]; then step="requirements-dev.txt"; "${PIP[@]}" -c "$cons" -r "$here/requirements-dev.txt"; fi
 if [ "$extras" = 1 ]; then step="extras (av)"; "${PIP[@]}" -c "$cons" av; fi
 if [ "$ui" = 1 ]; then step="requirements-ui.txt"; "${PIP[@]}" -c "$cons" -r "$here/requirements-ui.txt"; fi
+if [ "$separation" = 1 ]; then
+  step="requirements-separation.txt"; "${PIP[@]}" -c "$cons" -r "$here/requirements-separation.txt"
+fi
 rm -f "$cons"
 
 step="check imports"
@@ -161,6 +168,10 @@ free = shutil.disk_usage(".").free / 2**30
 print(f"free disk    {free:.1f} GiB here" + ("  (musicgen-small needs ~3 GiB, large ~14 GiB)" if free < 20 else ""))
 print("install.sh: all imports OK")
 PY
+if [ "$separation" = 1 ]; then
+  step="check demucs"
+  "$PY" -c "import demucs.hf; from importlib.metadata import version; print(f'demucs       {version(\"demucs\")} (prepare_data --separate)')"
+fi
 if [ "$ui" = 1 ] || [ "$dev" = 1 ]; then
   step="check the web UI"
   "$PY" -c "import gradio; print(f'gradio       {gradio.__version__} (web UI: python lora/app.py)')"

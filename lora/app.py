@@ -40,7 +40,9 @@ if not __package__:  # run as a file, maybe without `pip install -e .`: see lora
 
 from lora.common.cli import UserError, log, run_main, setup_logging
 from lora.config import REPO_ROOT, Config, parse_config
+from lora.modeling.adapter import trigger_note
 from lora.scoring.plots import loss_figure
+from lora.webui import data as data_tab
 from lora.webui.engine import (
     MODES,
     UPLOADS,
@@ -240,6 +242,7 @@ def _generate_tab(gr, cfg: Config, engine: Engine, out_root: Path, ns) -> None:
                                       choices=adapters, value=[first] if first else [], multiselect=True,
                                       allow_custom_value=True, elem_id="adapter", scale=4)
                 refresh = gr.Button("Refresh list", elem_id="refresh_adapters", scale=1)
+            trigger = gr.Markdown(_trigger_notes(adapters[:1]), elem_id="adapter_trigger")
             mode = gr.Radio(list(MODES), value=MODES[0], label="Mode", elem_id="mode")
             blind = gr.Checkbox(label="Blind A/B: hide which is which until revealed", elem_id="blind")
             with gr.Row():
@@ -282,6 +285,7 @@ def _generate_tab(gr, cfg: Config, engine: Engine, out_root: Path, ns) -> None:
     # could arrive after it and overwrite it)
     stop.click(engine.stop.set, None, None, queue=False)
     refresh.click(lambda: gr.update(choices=list_adapters(out_root)), None, [adapter], queue=False)
+    adapter.change(_trigger_notes, [adapter], [trigger], queue=False)
     # the melody upload: shown for a melody base, and while it holds a file (so that it can be
     # cleared)
     model_path.change(lambda path, mel: gr.update(visible=is_melody_base(path) or bool(mel)),
@@ -300,7 +304,101 @@ def _generate_tab(gr, cfg: Config, engine: Engine, out_root: Path, ns) -> None:
     reveal.click(on_reveal, [state, sample], [status, player_a, player_b, files], queue=False)
 
 
-def _train_tab(gr, cfg: Config, out_root: Path, procs: Processes, config_file: Optional[str]) -> None:
+def _trigger_notes(adapters) -> str:
+    """The trigger word of each picked adapter (what inference_lora.py says too)."""
+    notes = [trigger_note(a) for a in (adapters or []) if a and Path(str(a)).expanduser().is_dir()]
+    return "  \n".join(f"Trigger word: {n}" for n in notes if n)
+
+
+def _data_tab(gr, cfg: Config, procs: Processes, config_file: Optional[str]):
+    """Prepare a folder of songs (prepare_data.py with the form's flags), review its captions, save
+    them, and hand the folder to the Train form. Returns the "train on this" button and the data
+    folder box."""
+    d = cfg.data
+    with gr.Row():
+        input_dir = gr.Textbox(label="Folder of your songs (--input_dir)", elem_id="data_input", scale=3)
+        data_dir = gr.Textbox(value=d.data_dir, label="Prepared data folder (--output_dir)",
+                              elem_id="data_dir", scale=3)
+        channels = gr.Radio([1, 2], value=d.channels, label="Channels", elem_id="data_channels", scale=1)
+    with gr.Row():
+        separate = gr.Radio(list(data_tab.SEPARATE_CHOICES), value=d.separate,
+                            label="Remove vocals (demucs: bash install.sh --separation)",
+                            elem_id="data_separate")
+        auto = gr.Checkbox(value=d.auto_caption, label="Write captions with CLAP tags (auto_caption)",
+                           elem_id="data_auto_caption")
+        clap_model = gr.Textbox(value=d.auto_caption_model, label="CLAP model (hub id or folder)",
+                                elem_id="data_clap_model")
+    with gr.Row():
+        trigger = gr.Textbox(value=d.trigger_word or "", label="Trigger word (optional)",
+                             elem_id="data_trigger")
+        position = gr.Radio(["start", "end", "replace"], value="start", label="Trigger word goes at",
+                            elem_id="data_trigger_position")
+    with gr.Row():
+        prepare = gr.Button("Prepare", variant="primary", elem_id="data_prepare")
+        load = gr.Button("Load the folder's captions", elem_id="data_load")
+    status = gr.Markdown(elem_id="data_status")
+    table = gr.Dataframe(headers=list(data_tab.TABLE_COLUMNS), datatype="str", interactive=True,
+                         static_columns=[i for i, c in enumerate(data_tab.TABLE_COLUMNS)
+                                         if c not in data_tab.EDITABLE],
+                         wrap=True, label="Clips (edit caption and tags; click a row to listen)",
+                         elem_id="data_table")
+    player = gr.Audio(label="Clip", interactive=False, elem_id="data_player")
+    with gr.Row():
+        save = gr.Button("Save captions", variant="primary", elem_id="data_save")
+        to_train = gr.Button("Train on this", elem_id="data_train")
+    saved = gr.Markdown(elem_id="data_saved")
+
+    def on_prepare(*values):
+        form = data_tab.DataForm(*values)
+        try:
+            p = procs.start(str(data_tab._folder(form.data_dir)),
+                            data_tab.prepare_argv(form, config_file), "prepare")
+        except Exception as e:
+            yield _message(e), gr.skip()
+            return
+        while p.popen.poll() is None:
+            time.sleep(1.0)
+            yield (f"Preparing: `{p.command}`  \n{data_tab.progress_text(p.log_path)}  \n"
+                   f"```\n{log_tail(p.log_path, 4)}\n```"), gr.skip()
+        if p.popen.returncode != 0:
+            yield (f"prepare_data.py failed (exit code {p.popen.returncode}):\n```\n"
+                   f"{log_tail(p.log_path)}\n```"), gr.skip()
+            return
+        yield on_load(form.data_dir)
+
+    def on_load(folder):
+        try:
+            rows, note = data_tab.load_table(folder)
+        except Exception as e:
+            return _message(e), gr.skip()
+        return f"Ready: {note}. Edit captions or tags below, then Save.", rows
+
+    def on_select(folder, rows, evt: gr.SelectData):
+        try:
+            clip = rows.values[evt.index[0]][0] if hasattr(rows, "values") else rows[evt.index[0]][0]
+            return data_tab.clip_audio(folder, str(clip))
+        except Exception as e:
+            gr.Warning(_message(e))
+            return None
+
+    on_select.__annotations__["evt"] = gr.SelectData  # (gradio passes the selection by this type)
+
+    def on_save(folder, rows):
+        try:
+            values = rows.values.tolist() if hasattr(rows, "values") else rows
+            return data_tab.save_table(folder, values)
+        except Exception as e:
+            return _message(e)
+
+    form = [input_dir, data_dir, separate, auto, clap_model, trigger, position, channels]
+    prepare.click(on_prepare, form, [status, table], concurrency_id="procs", concurrency_limit=None)
+    load.click(on_load, [data_dir], [status, table], queue=False)
+    table.select(on_select, [data_dir, table], [player], queue=False)
+    save.click(on_save, [data_dir, table], [saved], concurrency_id="procs", concurrency_limit=None)
+    return to_train, data_dir
+
+
+def _train_tab(gr, cfg: Config, out_root: Path, procs: Processes, config_file: Optional[str]) -> dict:
     runs = list_runs(out_root) if out_root.is_dir() else []
     with gr.Row():
         run = gr.Dropdown(label="Run (pick, or type its output folder)", choices=runs, value=runs[0]
@@ -364,6 +462,7 @@ def _train_tab(gr, cfg: Config, out_root: Path, procs: Processes, config_file: O
     start.click(on_start, boxes, [msg, run], concurrency_id="procs", concurrency_limit=None)
     stop.click(on_stop, [run], [msg], concurrency_id="procs", concurrency_limit=None)
     resume.click(on_resume, [run], [msg], concurrency_id="procs", concurrency_limit=None)
+    return dict(zip(TRAIN_FIELDS, boxes), msg=msg)
 
 
 def _samples_view(gr, run) -> None:
@@ -480,14 +579,21 @@ def build_ui(cfg: Config, out_root: Path, ns):
     engine, procs = Engine(cfg), Processes(out_root)
     with gr.Blocks(title="MusicGen LoRA", analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
         gr.Markdown(f"### MusicGen LoRA · outputs in {md_text(out_root)}")
-        with gr.Tabs():
+        with gr.Tabs() as tabs:
             with gr.Tab("Generate", id="generate", elem_id="tab_generate"):
                 _generate_tab(gr, cfg, engine, out_root, ns)
+            with gr.Tab("Data", id="data", elem_id="tab_data"):
+                to_train, data_dir = _data_tab(gr, cfg, procs, ns.config)
             with gr.Tab("Train", id="train", elem_id="tab_train"):
-                _train_tab(gr, cfg, out_root, procs, ns.config)
+                train = _train_tab(gr, cfg, out_root, procs, ns.config)
             with gr.Tab("Evaluate", id="evaluate", elem_id="tab_evaluate"):
                 pick, summary, report, show = _evaluate_tab(gr, cfg, out_root, procs)
         demo.load(show, [pick], [summary, report])
+        # "train on this": the Train form gets the prepared folder, and the Train tab opens
+        to_train.click(lambda folder: (gr.update(value=str(data_tab._folder(folder))),
+                                       f"Data folder from the Data tab: `{data_tab._folder(folder)}` "
+                                       f"{data_tab.trigger_of(folder)}", gr.Tabs(selected="train")),
+                       [data_dir], [train["data_dir"], train["msg"], tabs], queue=False)
     demo.engine, demo.procs = engine, procs
     return demo
 

@@ -80,7 +80,13 @@ class ModelConfig:
                                  "local folders")
     local_files_only: bool = _f(False, "Never contact the hub (also set by HF_HUB_OFFLINE=1)")
     attn_implementation: str = _f("sdpa", "Attention kernel of the decoder", choices=("sdpa", "eager"))
-
+    separation_model: str = _f("htdemucs", "demucs model that removes vocals (prepare_data --separate): a demucs "
+                               "name (htdemucs, htdemucs_ft: the hub's adefossez/HTDemucs...) or a folder in demucs' "
+                               "hub layout (<name>.yaml + .safetensors); bash install.sh --separation",
+                               kind="name_or_path")
+    melody_chroma: str = _f("auto", "Melody models: the chroma from the vocals + other stems (demucs, as "
+                            "audiocraft) or the mix; auto = stems when demucs and separation_model are there",
+                            choices=("auto", "stems", "mix"))
 
 @dataclass
 class LoraSection:
@@ -145,6 +151,33 @@ class DataConfig:
                             "again and check every token-cache shard, instead of trusting the "
                             "cache index (size and times); a clip whose bytes changed is encoded "
                             "again")
+    separate: str = _f("none", "prepare_data: remove vocals with demucs before cutting (bash install.sh --separation): "
+                       "none; vocals = keep every stem but vocals, summed; auto = only for recordings whose vocal "
+                       "stem reaches vocal_threshold_db", choices=("none", "vocals", "auto"))
+    vocal_threshold_db: float = _f(-15.0, "separate auto: a recording has vocals when its vocal stem, in the loudest "
+                                   "tenth of its 1-s windows, reaches this level relative to the mix, dB (a reasoned "
+                                   "default, not measured here: DATA_PREPARATION.md)", ge=-100.0, le=0.0)
+    separation_device: str = _f("auto", "Where demucs runs: auto = the GPU when there is one",
+                                choices=("auto", "cpu", "cuda"))
+    auto_caption: bool = _f(False, "prepare_data: write captions from CLAP zero-shot tags (genre, mood, "
+                                   "instruments, ...) for recordings you gave no caption")
+    auto_caption_model: str = _f("laion/larger_clap_music", "CLAP model of auto_caption: a hub id or a local "
+                                 "folder (transformers ClapModel)", kind="model")
+    caption_vocabulary: Optional[str] = _f(None, "YAML of the tag vocabularies auto_caption chooses from; null = "
+                                           "lora/dataprep/caption_vocabulary.yaml (copy and edit it)", kind="path")
+    auto_caption_template: str = _f("{genre}, {mood}, {instruments}, {bpm} BPM, {key}",
+                                    "Caption of auto_caption: the vocabularies' names, {bpm}, {key} (librosa) and "
+                                    "{stem}; a part whose value is missing is left out")
+    auto_caption_per_clip: bool = _f(False, "Tag each clip on its own (default: one set of tags per recording, "
+                                            "from its clips' averaged CLAP embeddings)")
+    auto_caption_replace: bool = _f(False, "Also replace the captions you gave (sidecar, captions_file, "
+                                           "default_text) by auto captions")
+    trigger_word: Optional[str] = _f(None, "A word put in every caption to call up the style in prompts "
+                                           "(dreambooth's instance prompt), recorded in metadata.json and the "
+                                           "adapter; null = keep the data folder's")
+    trigger_position: str = _f("start", "Where trigger_word goes: start or end of each caption, replace (the "
+                                        "caption is the word alone); off = no trigger word",
+                               choices=("start", "end", "replace", "off"))
 
 
 @dataclass
@@ -466,22 +499,7 @@ def range_problems(cfg: "Config", sections=None) -> list[str]:
 
 
 def _resolve_path(value: Optional[str], kind: Optional[str], base: Path) -> Optional[str]:
-    if value is None or kind is None or value == "":
-        return value
-    expanded = os.path.expanduser(value)
-    if kind == "model":
-        if value in BUILTIN_MODELS:
-            return value
-        p = Path(expanded)
-        if p.is_absolute():
-            return str(p)
-        candidate = (base / p)
-        # A hub id looks like "org/name"; a relative path that exists wins over it.
-        if candidate.exists() or value.startswith((".", "~")) or value.count("/") != 1:
-            return os.path.normpath(candidate)
-        return value
-    p = Path(expanded)
-    return os.path.normpath(p if p.is_absolute() else (base / p))
+    return fields_mod.resolve_path(value, kind, base, BUILTIN_MODELS)
 
 
 def parse_config(argv=None, *, description: str = "", sections: tuple[str, ...] = tuple(SECTIONS),

@@ -58,11 +58,63 @@ class ClipRecord:
     source: Optional[str] = None
     offset: float = 0.0
     path: Optional[Path] = None  # resolved absolute path (not written back)
+    # where the caption came from (sidecar, captions_file, auto, edited, ...), the CLAP tags of
+    # --auto_caption ({vocabulary: [{"label", "score"}]}), the tempo/key estimates; written only
+    # when known
+    caption_source: Optional[str] = None
+    tags: Optional[dict] = None
+    bpm: Optional[float] = None
+    key: Optional[str] = None
 
     def to_json(self) -> dict:
         d = asdict(self)
         d.pop("path")
+        for k in OPTIONAL_FIELDS:
+            if d[k] is None:
+                d.pop(k)
         return d
+
+
+OPTIONAL_FIELDS = ("caption_source", "tags", "bpm", "key")
+TRIGGER_POSITIONS = ("start", "end", "replace")
+# load_metadata's default: the trigger word the metadata file records
+FROM_METADATA = "metadata"
+
+
+def apply_trigger(text: str, word: Optional[str], position: str) -> str:
+    """A caption with the trigger word (dreambooth's instance prompt): at its start or end, or as
+    the whole caption (replace); a caption that already holds the word is left as it is."""
+    word = (word or "").strip()
+    if not word:
+        return text
+    if position == "replace" or not text.strip():
+        return word
+    if re.search(rf"(?<!\w){re.escape(word)}(?!\w)", text, flags=re.I):
+        return text
+    return f"{word}, {text}" if position == "start" else f"{text}, {word}"
+
+
+def metadata_trigger(data_dir: str | Path, metadata_file: str = "metadata.json") -> tuple[str, str]:
+    """(word, position) of the trigger word metadata.json records; ("", "start") without one (or
+    without a readable file: load_metadata reports that)."""
+    try:
+        raw = json.loads(metadata_path(data_dir, metadata_file).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "", "start"
+    if not isinstance(raw, dict):
+        return "", "start"
+    word, pos = raw.get("trigger_word") or "", raw.get("trigger_position") or "start"
+    return (word, pos) if isinstance(word, str) and pos in TRIGGER_POSITIONS else ("", "start")
+
+
+def resolve_trigger(data_cfg) -> tuple[str, str]:
+    """The trigger word in effect: none with trigger_position off; data.trigger_word when given;
+    else the one the data folder's metadata.json records."""
+    if data_cfg.trigger_position == "off":
+        return "", "start"
+    if data_cfg.trigger_word is not None:
+        return " ".join(data_cfg.trigger_word.split()), data_cfg.trigger_position
+    return metadata_trigger(data_cfg.data_dir, data_cfg.metadata_file)
 
 
 def metadata_path(data_dir: str | Path, metadata_file: str = "metadata.json") -> Path:
@@ -71,9 +123,12 @@ def metadata_path(data_dir: str | Path, metadata_file: str = "metadata.json") ->
 
 
 def load_metadata(data_dir: str | Path, metadata_file: str = "metadata.json", *,
-                  split: Optional[str] = None, check_files: bool = True) -> list[ClipRecord]:
+                  split: Optional[str] = None, check_files: bool = True,
+                  trigger=FROM_METADATA) -> list[ClipRecord]:
     """Read and check metadata; every problem is reported at once, naming the file and entry.
 
+    Each record's ``text`` is the caption training reads: with the trigger word put in
+    (``apply_trigger``; ``trigger`` is (word, position), by default the one the file records).
     Raises UserError when the file is missing or malformed, or (check_files) when clips are missing.
     """
     data_dir = Path(data_dir)
@@ -95,6 +150,7 @@ def load_metadata(data_dir: str | Path, metadata_file: str = "metadata.json", *,
 
     problems: list[str] = []
     records: list[ClipRecord] = []
+    word, position = metadata_trigger(data_dir, metadata_file) if trigger == FROM_METADATA else trigger
     for i, e in enumerate(entries):
         where = f"{mpath.name} entry {i}"
         if not isinstance(e, dict):
@@ -128,8 +184,10 @@ def load_metadata(data_dir: str | Path, metadata_file: str = "metadata.json", *,
         if check_files and not path.is_file():
             problems.append(f"{where}: audio file {path} is missing")
             continue
-        rec = ClipRecord(id=str(e.get("id") or Path(audio).stem), audio=audio, text=text.strip(),
-                         duration=duration, split=sp, source=e.get("source"), offset=offset, path=path)
+        rec = ClipRecord(id=str(e.get("id") or Path(audio).stem), audio=audio,
+                         text=apply_trigger(text.strip(), word, position),
+                         duration=duration, split=sp, source=e.get("source"), offset=offset, path=path,
+                         **{k: e[k] for k in OPTIONAL_FIELDS if e.get(k) is not None})
         records.append(rec)
     problems += _repeated(records)
     if problems:
@@ -187,6 +245,11 @@ def _wrong_types(e: dict) -> list[str]:
             out.append(f"'{key}' must be a number of seconds >= 0, got {v!r}")
     if not isinstance(e.get("id", ""), (str, int)) or isinstance(e.get("id"), bool):
         out.append(f"'id' must be text, got {e.get('id')!r}")
+    for key, types, what in (("caption_source", str, "text"), ("key", str, "text"),
+                             ("tags", dict, "an object {vocabulary: [tags]}"),
+                             ("bpm", (int, float), "a number")):
+        if e.get(key) is not None and (not isinstance(e[key], types) or isinstance(e[key], bool)):
+            out.append(f"'{key}' must be {what}, got {e[key]!r}")
     if e.get("source") is not None and not isinstance(e.get("source"), str):
         out.append(f"'source' (the recording the clip was cut from) must be text or null, got "
                    f"{e.get('source')!r}")
@@ -210,10 +273,14 @@ def data_dir_lock(data_dir: str | Path, *, writer: bool):
     return folder_lock(data_dir, None, shared=not writer, busy=busy)
 
 
-def metadata_document(records: list[ClipRecord], sample_rate: int, channels: int) -> dict:
-    """The JSON document for metadata.json (prepare_data writes it atomically)."""
-    return {"version": METADATA_VERSION, "sample_rate": sample_rate, "channels": channels,
-            "clips": [r.to_json() for r in records]}
+def metadata_document(records: list[ClipRecord], sample_rate: int, channels: int,
+                      trigger: tuple[str, str] = ("", "start")) -> dict:
+    """The JSON document for metadata.json (prepare_data writes it atomically); the trigger word,
+    when there is one, is recorded beside the clips (their "text" stays the caption without it)."""
+    doc = {"version": METADATA_VERSION, "sample_rate": sample_rate, "channels": channels}
+    if trigger[0]:
+        doc.update(trigger_word=trigger[0], trigger_position=trigger[1])
+    return dict(doc, clips=[r.to_json() for r in records])
 
 
 @dataclass

@@ -60,8 +60,9 @@ from lora.config import (
     adapter_scales,
     parse_config,
 )
+from lora.dataprep.melody_stems import melody_separator
 from lora.dataprep.token_cache import build_token_cache
-from lora.dataset import cache_note, data_dir_lock, load_metadata
+from lora.dataset import cache_note, data_dir_lock, load_metadata, resolve_trigger
 from lora.generation.model import pick_device
 from lora.generation.prompts import read_prompt_texts
 from lora.modeling.adapter import (
@@ -70,7 +71,7 @@ from lora.modeling.adapter import (
     load_adapters,
 )
 from lora.modeling.cpu_speed import keep_freed_memory
-from lora.modeling.loading import load_base_model
+from lora.modeling.loading import family_for, load_base_model
 from lora.scoring import copy_check
 from lora.scoring.generated import (
     KAD_KERNEL,
@@ -179,7 +180,7 @@ def evaluate(cfg: Config, plan: dict) -> int:
     t_start = time.perf_counter()
 
     earlier = earlier_evaluation(cfg)
-    records = load_metadata(cfg.data.data_dir, cfg.data.metadata_file)
+    records = load_metadata(cfg.data.data_dir, cfg.data.metadata_file, trigger=resolve_trigger(cfg.data))
     valid = [r for r in records if r.split == "valid"]
     if not valid:
         raise UserError(f"No held-out clips (split 'valid') in "
@@ -197,7 +198,9 @@ def evaluate(cfg: Config, plan: dict) -> int:
     with on_interrupt(lambda: cache_note(cfg.data.data_dir)):
         clips, cache_stats = build_token_cache(valid, model, processor, info, cfg.data.data_dir,
                                                batch_size=cfg.training.encode_batch_size, device=device,
-                                               verify=cfg.data.verify_cache)
+                                               verify=cfg.data.verify_cache,
+                                               melody_separator=melody_separator(cfg.model)
+                                               if family_for(info).MELODY else None)
         # the copy check's index of the training clips' tokens (their cache, shared with training)
         index = None if ev.skip_generation else copy_check.training_index(
             records, model, processor, info, cfg.data.data_dir, cfg.training.encode_batch_size, device)

@@ -72,7 +72,7 @@ from lora.generation.manifest import (
 )
 from lora.generation.prompts import read_prompts_file
 from lora.generation.requests import Request, SamplingSettings, temperature_problem
-from lora.modeling.adapter import check_adapter_files, check_mix_bases, describe_choice
+from lora.modeling.adapter import adapter_trigger, check_adapter_files, check_mix_bases, describe_choice, trigger_note
 from lora.modeling.loading import local_model_folder
 
 DESCRIPTION = "Generate music with MusicGen + a LoRA adapter (WAV files + manifest.json)."
@@ -229,6 +229,8 @@ def main(argv=None) -> int:
                              if plan["default_adapter"] else ""))
     if not adapters and g.merge:
         log.info("merge: true has no effect without an adapter")
+    for folder in adapters:
+        _say_trigger(folder, [spec.text for spec in specs])
     requests = [Request(prompt=spec.text, seed=spec.seed + j, duration=spec.duration,
                         sampling=spec.sampling,
                         melody_file=spec.melody or "") for spec in specs for j in range(spec.num_samples)]
@@ -248,7 +250,7 @@ def main(argv=None) -> int:
                                                                                   adapter_path=adapters or None)
     if g.audio_prompt:
         add_audio_prompt(model, info, g.audio_prompt, requests)
-    add_melodies(info, requests)
+    add_melodies(info, requests, model_cfg=cfg.model)
 
     # ---- generate, writing each batch as it is ready
     bytes_per_sample = 2 if g.output_format == "pcm16" else 4
@@ -280,6 +282,18 @@ def interrupt_note(writer: ManifestWriter, requests: list, out_dir) -> str:
     return (f"{len(writer.written)} of {len(requests)} file(s) were written to {out_dir} and are "
             f"listed in {writer.path}; the same command plus --overwrite generates them all again, "
             f"or pass --seed with a new first seed for other samples")
+def _say_trigger(folder: str, prompts: list[str]) -> None:
+    """Show the adapter's trigger word (the manifest records it too); warn when no prompt has it."""
+    note = trigger_note(folder)
+    if not note:
+        return
+    word = adapter_trigger(folder)["word"]
+    missing = [p for p in prompts if word.lower() not in p.lower()]
+    if missing:
+        log.warning("%s; %d of %d prompt(s) lack it, e.g. %r", note, len(missing), len(prompts),
+                    missing[0][:80])
+    else:
+        log.info(note)
 
 
 if __name__ == "__main__":

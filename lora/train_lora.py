@@ -62,6 +62,7 @@ from lora.common.cli import (
 )
 from lora.common.files import atomic_write_json, check_free_space, check_output_dir
 from lora.config import Config, parse_config, validate
+from lora.dataprep.melody_stems import melody_separator
 from lora.dataprep.token_cache import Ranks, build_token_cache
 from lora.dataset import (
     CachedTokenDataset,
@@ -70,6 +71,7 @@ from lora.dataset import (
     collate_tokens,
     data_dir_lock,
     load_metadata,
+    resolve_trigger,
     warn_sample_rate,
 )
 from lora.modeling.cpu_speed import keep_freed_memory
@@ -269,7 +271,8 @@ def load_and_cache(cfg: Config, acc, records, clock: run_log.PhaseClock, ck=None
         clips, _ = build_token_cache(records, model, processor, info, cfg.data.data_dir,
                                      batch_size=t.encode_batch_size, device=device, text_states=cache_text,
                                      show_progress=acc.is_main_process, verify=cfg.data.verify_cache,
-                                     ranks=cache_ranks(acc))
+                                     ranks=cache_ranks(acc),
+                                     melody_separator=melody_separator(cfg.model) if fam.MELODY else None)
     # Training reads tokens only: the codec (and the frozen text encoder) leave the accelerator.
     fam.audio_codec(model).to("cpu")
     if cache_text:
@@ -290,7 +293,13 @@ def set_up(cfg: Config) -> Run:
     t = cfg.training
     out = Path(t.output_dir)
     clock = run_log.PhaseClock(process_start_time())
-    records = load_metadata(cfg.data.data_dir, cfg.data.metadata_file)
+    # the trigger word in effect (the flag, else metadata.json's) is recorded in every saved config
+    trigger = resolve_trigger(cfg.data)
+    cfg.data.trigger_word, cfg.data.trigger_position = trigger
+    records = load_metadata(cfg.data.data_dir, cfg.data.metadata_file, trigger=trigger)
+    if trigger[0]:
+        log.info("trigger word %r (%s of every caption): put it in your prompts to call up the style",
+                 trigger[0], trigger[1] if trigger[1] != "replace" else "replaces")
     plan.split_records(cfg, records)
     # Read whole before anything loads: a damaged checkpoint stops here ('latest' falls back to an
     # older one).

@@ -141,3 +141,28 @@ def small_disk(tmp_path, request):
         yield mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_clap_dir(tmp_path_factory) -> Path:
+    from tests.helpers import make_tiny_clap
+
+    return make_tiny_clap(tmp_path_factory.mktemp("tiny_clap") / "clap")
+
+
+def write_songs(folder: Path, n: int = 3, seconds: float = 7.0, sample_rate: int = 44100,
+                channels: int = 2, seed: int = 0) -> list[Path]:
+    """``n`` short synthetic "songs" (tones + noise, different per song) as float WAVs."""
+    import numpy as np
+    import soundfile as sf
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        t = np.arange(int(sample_rate * (seconds + i))) / sample_rate
+        x = np.stack([0.3 * np.sin(2 * np.pi * (220 + 55 * i) * (c + 1) * t) for c in range(channels)])
+        x = (x + 0.05 * rng.normal(size=x.shape)).astype(np.float32)
+        out.append(folder / f"song_{i}.wav")
+        sf.write(out[-1], x.T, sample_rate, subtype="FLOAT")
+    return out

@@ -106,8 +106,10 @@ def make_tiny_clap(directory):
                          num_attention_heads=[2, 2], intermediate_size=37)
     torch.manual_seed(0)
     model = ClapModel(ClapConfig(text_config=tc.to_dict(), audio_config=ac.to_dict(), projection_dim=16))
-    proc = ClapProcessor(feature_extractor=ClapFeatureExtractor(feature_size=64,
-                                                                sampling_rate=48000, max_length_s=10),
+    # (truncation rand_trunc, as a real unfused CLAP folder has: what transformers'
+    # zero-shot-audio-classification pipeline needs for an unfused model)
+    proc = ClapProcessor(feature_extractor=ClapFeatureExtractor(feature_size=64, sampling_rate=48000,
+                                                                max_length_s=10, truncation="rand_trunc"),
                          tokenizer=rt)
     model.save_pretrained(directory)
     proc.save_pretrained(directory)

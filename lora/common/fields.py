@@ -214,6 +214,31 @@ def _unique_key_loader():
 
     Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
     return Loader
+def resolve_path(value: Optional[str], kind: Optional[str], base: Path, builtins=()) -> Optional[str]:
+    """A setting's value as a path relative to ``base`` by its ``kind``: "path" always; "model" unless
+    it is a built-in name or a hub id (org/name that is not an existing relative path);
+    "name_or_path" (e.g. htdemucs) only when it exists or looks like a path."""
+    if value is None or kind is None or value == "":
+        return value
+    expanded = os.path.expanduser(value)
+    if kind == "model":
+        if value in builtins:
+            return value
+        p = Path(expanded)
+        if p.is_absolute():
+            return str(p)
+        candidate = (base / p)
+        # A hub id looks like "org/name"; a relative path that exists wins over it.
+        if candidate.exists() or value.startswith((".", "~")) or value.count("/") != 1:
+            return os.path.normpath(candidate)
+        return value
+    if kind == "name_or_path":
+        candidate = Path(expanded) if Path(expanded).is_absolute() else base / expanded
+        if candidate.exists() or value.startswith((".", "~", "/")) or value.count("/") > 1:
+            return os.path.normpath(candidate)
+        return value
+    p = Path(expanded)
+    return os.path.normpath(p if p.is_absolute() else (base / p))
 
 
 def load_yaml(path: str | os.PathLike) -> dict:

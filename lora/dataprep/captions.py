@@ -16,11 +16,13 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from pathlib import Path
 from typing import Optional
 
 from lora.common.cli import UserError, log
 from lora.config import MAX_TEXT_CHARS, MAX_TEXT_TOKENS, text_problem
+from lora.dataprep.autocaption import caption_values, render
 from lora.dataset import CONTROL_CHARS
 
 CAPTION_KEYS = ("text", "caption", "description", "prompt")
@@ -292,3 +294,36 @@ class Captioner:
             names = {k for (lb, k) in self.used_keys if lb == label}
             out += [f"{label}: {k}" for k in table if k not in names]
         return out
+
+
+# ---- the caption of one clip ---------------------------------------------------------------------
+# caption sources that are not the user's own words (--auto_caption replaces them)
+NOT_GIVEN = ("template", "none")
+
+
+def enrich_text(text: str, c: dict) -> str:
+    """--enrich_captions: the clip's estimated tempo and key appended, unless the caption has them."""
+    add = []
+    if c.get("bpm") and "bpm" not in text.lower():
+        add.append(f"{c['bpm']:.0f} BPM")
+    if c.get("key") and not re.search(r"\b(major|minor)\b", text.lower()):
+        add.append(c["key"])
+    if not add:
+        return text
+    return ", ".join([text] + add) if text else ", ".join(add)
+
+
+def clip_caption(d, text: str, where: str, r: dict, c: dict, stem: str
+                 ) -> tuple[str, str, Optional[dict]]:
+    """(caption, where it came from, tags) of one clip of recording ``r`` whose own caption is
+    (``text``, ``where``): the user's edit (captions.csv, the web UI) first; then the auto caption
+    (--auto_caption: its tags in auto_caption_template) where the recording's caption is not the
+    user's (or --auto_caption_replace); else the recording's caption (plus tempo/key under
+    --enrich_captions)."""
+    tags = c.get("tags") or r.get("tags")
+    if c.get("edited"):
+        e = c["edited"]
+        return e["text"], e.get("caption_source", "edited"), e.get("tags") or tags
+    if d.auto_caption and tags and (where in NOT_GIVEN or d.auto_caption_replace):
+        return render(d.auto_caption_template, caption_values(tags, c, stem)), "auto", tags
+    return (enrich_text(text, c) if d.enrich_captions else text), where, tags

@@ -31,6 +31,7 @@ from lora.dataset import (
     collate_tokens,
     load_metadata,
     metadata_path,
+    metadata_trigger,
 )
 from lora.modeling.loading import load_base_model
 from lora.modeling.window import checked_window, longest_caption
@@ -53,6 +54,7 @@ class DataSummary:
         self.records: list[ClipRecord] = []
         self.sample_rate: Optional[int] = None
         self.channels: Optional[int] = None
+        self.trigger = metadata_trigger(data_dir, mpath.name if mpath.parent == data_dir else str(mpath))
 
     @property
     def ok(self) -> bool:
@@ -76,6 +78,14 @@ class DataSummary:
             lines.append(f"  caption words: min {words.min()}, median {int(np.median(words))}, max "
                          f"{words.max()}; empty {int((words == 0).sum())}; distinct captions "
                          f"{len({r.text for r in recs})}")
+            sources = {}
+            for r in recs:
+                sources[r.caption_source or "not recorded"] = sources.get(r.caption_source or "not recorded", 0) + 1
+            if set(sources) != {"not recorded"}:
+                lines.append("  captions from: " + ", ".join(f"{k} {v}" for k, v in sorted(sources.items())))
+            if self.trigger[0]:
+                lines.append(f"  trigger word: {self.trigger[0]!r} ({self.trigger[1]}), in every caption "
+                             f"training reads")
         for w in self.warnings[:20]:
             lines.append(f"  warning: {w}")
         if len(self.warnings) > 20:

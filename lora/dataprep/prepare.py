@@ -8,17 +8,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Optional
 
 from lora.common.cli import UserError, disk_full_message, human_bytes, human_seconds, log, on_interrupt
 from lora.common.files import atomic_write_json, check_free_space, check_output_dir
 from lora.config import Config
 from lora.dataprep import audio as A
-from lora.dataprep import worker
-from lora.dataprep.captions import Captioner
+from lora.dataprep import autocaption, review, vocal_removal, worker
+from lora.dataprep.captions import Captioner, clip_caption
 from lora.dataprep.example_data import STYLES, write_example_clips
 from lora.dataprep.ownership import (
     CONFIG_FILE,
@@ -33,7 +33,15 @@ from lora.dataprep.ownership import (
 )
 from lora.dataprep.scan import Found, Scan, _find_sources, _no_audio_message
 from lora.dataprep.worker import DISK_FULL
-from lora.dataset import SPLITS, ClipRecord, load_metadata, metadata_document, metadata_path
+from lora.dataset import (
+    SPLITS,
+    ClipRecord,
+    load_metadata,
+    metadata_document,
+    metadata_path,
+    metadata_trigger,
+    resolve_trigger,
+)
 
 CHECKPOINT_SECONDS = 30.0  # how often an --input_dir run saves its progress (prepare_state.json)
 
@@ -88,9 +96,19 @@ def _example_intact(data_dir: Path, state: dict, settings: dict) -> bool:
 
 
 # ---- the run -------------------------------------------------------------------------------
-def _settings_key(d) -> dict:
-    return {"sample_rate": d.sample_rate, "channels": d.channels, "segment_seconds": d.segment_seconds,
-            "min_seconds": d.min_seconds, "trim_silence": d.trim_silence, "silence_db": d.silence_db}
+def _settings_key(d, separation: Optional[dict] = None) -> dict:
+    key = {"sample_rate": d.sample_rate, "channels": d.channels, "segment_seconds": d.segment_seconds,
+           "min_seconds": d.min_seconds, "trim_silence": d.trim_silence, "silence_db": d.silence_db}
+    if separation:  # (only then: the states of runs without separation stay valid)
+        key["separate"] = separation
+    return key
+
+
+def _wants_tempo(d) -> bool:
+    """Tempo/key estimates are made for --enrich_captions, and for auto captions that use them."""
+    if not d.auto_caption:
+        return d.enrich_captions
+    return d.enrich_captions or bool({"bpm", "key"} & set(autocaption.template_fields(d.auto_caption_template)))
 
 
 def _split(recordings: list[str], valid_fraction: float, seed: int) -> set[str]:
@@ -114,12 +132,17 @@ def prepare_folder(cfg: Config) -> dict:
     state = _load_state(data_dir, d.overwrite)
     _check_written_files(d, input_dir, data_dir, owned=bool(state))
     _check_owner(cfg, state, "input", str(input_dir))
+    review.check_table_free(data_dir, state)
+    trigger = _trigger(d, data_dir, state)
     if d.overwrite:
-        state = {"clip_files": state.get("clip_files", [])}
+        state = {"clip_files": state.get("clip_files", []),
+                 "captions_csv_sha1": state.get("captions_csv_sha1")}
     scan = _find_sources(input_dir, data_dir, state)
     captioner = Captioner(input_dir, d.captions_file, d.default_text, d.caption_template)
     workers = d.num_workers or os.cpu_count() or 1
-    results, jobs, enrich_jobs = _plan_jobs(d, scan.files, input_dir, data_dir, state.get("sources", {}))
+    sep_key = vocal_removal.separation_key(cfg)
+    results, jobs, enrich_jobs = _plan_jobs(d, scan.files, input_dir, data_dir, state.get("sources", {}),
+                                            sep_key)
     kept = _keep_unreadable(scan, jobs, results, data_dir, state.get("sources", {}))
     if not scan.files and not kept:
         raise UserError(_no_audio_message(input_dir, scan))
@@ -128,26 +151,39 @@ def prepare_folder(cfg: Config) -> dict:
     (data_dir / "valid").mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()
+    separation = vocal_removal.separate_jobs(cfg, jobs, data_dir, sep_key)
     _run_with_checkpoints(jobs, results, workers, input_dir, data_dir, state)
+    review.carry_edits(state.get("sources", {}), results)
     _enrich_reused(enrich_jobs, results, workers)
     wall = time.perf_counter() - t0
 
     duplicates = _find_duplicates(results)
     usable = _usable_recordings(results)
     found = Found(scan, kept)
+    found.separation = separation
     if not usable:
         _write_report(data_dir, d, input_dir, results, found, duplicates, [], {},
                       {j["rel"] for j in jobs}, 0, wall, captioner)
         raise UserError(f"None of the {len(scan.files)} audio files gave a usable clip; see "
                         f"{data_dir / REPORT_FILE} for each file's reason.")
     valid_set = _split(usable, d.valid_fraction, d.split_seed)
-    records, caption_sources, uncaptioned = _place_clips(d, input_dir, data_dir, results, usable,
-                                                         valid_set,
-                                                          captioner, kept)
+    captions = _recording_captions(input_dir, results, usable, captioner, kept)
+    if d.auto_caption:
+        autocaption.tag_recordings(cfg, data_dir, results, [rel for rel in usable if d.auto_caption_replace
+                                                            or captions[rel][1] in ("template", "none")])
+    records, caption_sources, uncaptioned = _place_clips(d, data_dir, results, usable, valid_set, captions)
     _delete_duplicate_clips(data_dir, results)
-    decoded_rels = _write_dataset(cfg, input_dir, data_dir, state, results, records)
+    decoded_rels = _write_dataset(cfg, input_dir, data_dir, state, results, records, trigger)
     return _write_report(data_dir, d, input_dir, results, found, duplicates, uncaptioned, caption_sources,
                          decoded_rels, len(records), wall, captioner, records)
+
+
+def _trigger(d, data_dir: Path, state: dict) -> tuple[str, str]:
+    """The trigger word this run records: none with trigger_position off, data.trigger_word when
+    given, else the one the folder's metadata.json (made by an earlier run) records."""
+    if d.trigger_position == "off" or d.trigger_word is not None:
+        return resolve_trigger(d)
+    return metadata_trigger(data_dir, d.metadata_file) if state else ("", "start")
 
 
 def _keep_unreadable(scan: Scan, jobs: list[dict], results: dict[str, dict], data_dir: Path,
@@ -191,7 +227,8 @@ def _check_space(d, jobs: list[dict], data_dir: Path, prev_sources: dict) -> Non
     the sources' seconds (from their headers) x sample_rate x channels x 2 bytes, less the clips
     they replace. Each job gets its estimate (est_bytes), for the message of a disk that fills up
     anyway."""
-    per_second = d.sample_rate * d.channels * 2
+    # 16-bit clips; with separation also the float32 instrumental in the cache
+    per_second = d.sample_rate * d.channels * (2 if d.separate == "none" else 6)
     need, seconds = 0, 0.0
     for j in jobs:
         try:
@@ -211,13 +248,13 @@ def _check_space(d, jobs: list[dict], data_dir: Path, prev_sources: dict) -> Non
                                          f"{d.sample_rate} Hz, {d.channels} channel(s), 16-bit)")
 
 
-def _plan_jobs(d, files: list[Path], input_dir: Path, data_dir: Path, prev_sources: dict
-               ) -> tuple[dict[str, dict], list[dict], list[dict]]:
+def _plan_jobs(d, files: list[Path], input_dir: Path, data_dir: Path, prev_sources: dict,
+               separation: Optional[dict] = None) -> tuple[dict[str, dict], list[dict], list[dict]]:
     """(results reused from the last run, decode jobs, tempo/key jobs for reused clips).
 
     A file is reused when its size, mtime and the clip settings are unchanged and its clips still
     exist; a duplicate (it kept no clips of its own) only while what it duplicates is reused too."""
-    settings = _settings_key(d)
+    settings = _settings_key(d, separation)
     results: dict[str, dict] = {}
     jobs, enrich_jobs = [], []
     unchanged = set()
@@ -240,7 +277,7 @@ def _plan_jobs(d, files: list[Path], input_dir: Path, data_dir: Path, prev_sourc
         if rel in unchanged and refs - {None} <= unchanged:
             results[rel] = json.loads(json.dumps(prev))
             results[rel]["reused"] = True
-            if d.enrich_captions and any("bpm" not in c for c in prev.get("clips", [])):
+            if _wants_tempo(d) and any("bpm" not in c for c in prev.get("clips", [])):
                 enrich_jobs.append({"rel": rel, "files": [c["file"] for c in prev["clips"]],
                                     "data_dir": str(data_dir), "sample_rate": d.sample_rate})
             continue
@@ -249,7 +286,7 @@ def _plan_jobs(d, files: list[Path], input_dir: Path, data_dir: Path, prev_sourc
                      "channels": d.channels, "segment_seconds": d.segment_seconds,
                      "min_seconds": d.min_seconds,
                      "trim_silence": d.trim_silence, "silence_db": d.silence_db,
-                     "enrich": d.enrich_captions})
+                     "enrich": _wants_tempo(d)})
     if results:
         log.info("%d file(s) unchanged since the last run: reusing their clips", len(results))
     return results, jobs, enrich_jobs
@@ -363,11 +400,25 @@ def _usable_recordings(results: dict[str, dict]) -> list[str]:
             and any(not c.get("duplicate") for c in results[rel]["clips"])]
 
 
-def _place_clips(d, input_dir: Path, data_dir: Path, results: dict[str, dict], usable: list[str],
-                 valid_set: set[str], captioner: Captioner, kept: dict
-                 ) -> tuple[list[ClipRecord], Counter, list[str]]:
-    """Move each kept clip into its split's folder, caption it, and build its record (a source that
-    cannot be read now keeps the caption of the run that made its clips). Returns (records, how many
+def _recording_captions(input_dir: Path, results: dict[str, dict], usable: list[str],
+                        captioner: Captioner, kept: dict) -> dict[str, tuple[str, str]]:
+    """(caption, where it came from) of each usable recording (a source that cannot be read now
+    keeps the caption of the run that made its clips)."""
+    out = {}
+    for rel in usable:
+        r = results[rel]
+        if rel in kept and "caption" in r:
+            out[rel] = r["caption"], r.get("caption_source", "earlier run")
+        else:
+            out[rel] = captioner(input_dir / rel, rel)
+        r["caption"], r["caption_source"] = out[rel]
+    return out
+
+
+def _place_clips(d, data_dir: Path, results: dict[str, dict], usable: list[str], valid_set: set[str],
+                 captions: dict[str, tuple[str, str]]) -> tuple[list[ClipRecord], Counter, list[str]]:
+    """Move each kept clip into its split's folder, caption it (captions.clip_caption: an edit,
+    an auto caption or the recording's own) and build its record. Returns (records, how many
     recordings each caption source captioned, uncaptioned recordings)."""
     records: list[ClipRecord] = []
     caption_sources: Counter = Counter()
@@ -375,14 +426,8 @@ def _place_clips(d, input_dir: Path, data_dir: Path, results: dict[str, dict], u
     for rel in usable:
         r = results[rel]
         split = "valid" if rel in valid_set else "train"
-        if rel in kept and "caption" in r:
-            text, where = r["caption"], r.get("caption_source", "earlier run")
-        else:
-            text, where = captioner(input_dir / rel, rel)
-        r["caption"], r["caption_source"] = text, where
-        caption_sources[where] += 1
-        if not text:
-            uncaptioned.append(rel)
+        stem = Path(rel).stem.replace("_", " ").strip()
+        sources, texts = Counter(), []
         for c in r["clips"]:
             if c.get("duplicate"):
                 continue
@@ -390,10 +435,15 @@ def _place_clips(d, input_dir: Path, data_dir: Path, results: dict[str, dict], u
             if c["file"] != target:
                 os.replace(data_dir / c["file"], data_dir / target)
                 c["file"] = target
-            ctext = _enrich_text(text, c) if d.enrich_captions else text
+            ctext, where, tags = clip_caption(d, *captions[rel], r, c, stem)
+            sources[where] += 1
+            texts.append(ctext)
             records.append(ClipRecord(id=Path(c["name"]).stem, audio=target, text=ctext,
-                                      duration=c["duration"],
-                                      split=split, source=rel, offset=c["offset"]))
+                                      duration=c["duration"], split=split, source=rel, offset=c["offset"],
+                                      caption_source=where, tags=tags, bpm=c.get("bpm"), key=c.get("key")))
+        caption_sources[sources.most_common(1)[0][0] if sources else captions[rel][1]] += 1
+        if not any(texts):
+            uncaptioned.append(rel)
     return records, caption_sources, uncaptioned
 
 
@@ -409,7 +459,7 @@ def _delete_duplicate_clips(data_dir: Path, results: dict[str, dict]) -> None:
 
 
 def _write_dataset(cfg: Config, input_dir: Path, data_dir: Path, state: dict, results: dict[str, dict],
-                   records: list[ClipRecord]) -> set[str]:
+                   records: list[ClipRecord], trigger: tuple[str, str] = ("", "start")) -> set[str]:
     """Remove stale clips of an earlier run, write metadata.json, prepare_state.json and
     prepare_config.yaml. Returns the recordings decoded by this run (the others were reused)."""
     d = cfg.data
@@ -418,27 +468,18 @@ def _write_dataset(cfg: Config, input_dir: Path, data_dir: Path, state: dict, re
     if removed:
         log.info("removed %d clip(s) of an earlier run that are no longer part of the dataset", removed)
 
-    atomic_write_json(metadata_path(data_dir, d.metadata_file),
-                      metadata_document(records, d.sample_rate, d.channels))
+    doc = metadata_document(records, d.sample_rate, d.channels, trigger)
+    atomic_write_json(metadata_path(data_dir, d.metadata_file), doc)
     decoded_rels = {rel for rel, r in results.items() if not r.get("reused")}
     for r in results.values():
         r.pop("reused", None)
+    # the review table (captions.csv): written after metadata.json, its hash kept in the state
     atomic_write_json(data_dir / STATE_FILE,
                       {"version": STATE_VERSION, "mode": "input", "input_dir": str(input_dir),
-                                              "clip_files": new_files, "sources": results})
+                       "clip_files": new_files, "sources": results,
+                       "captions_csv_sha1": review.write_table(data_dir, doc)})
     cfg.save(data_dir / CONFIG_FILE)
     return decoded_rels
-
-
-def _enrich_text(text: str, c: dict) -> str:
-    add = []
-    if c.get("bpm") and "bpm" not in text.lower():
-        add.append(f"{c['bpm']:.0f} BPM")
-    if c.get("key") and not re.search(r"\b(major|minor)\b", text.lower()):
-        add.append(c["key"])
-    if not add:
-        return text
-    return ", ".join([text] + add) if text else ", ".join(add)
 
 
 def _write_report(data_dir, d, input_dir, results, found: Found, duplicates, uncaptioned, caption_sources,
@@ -477,7 +518,12 @@ def _write_report(data_dir, d, input_dir, results, found: Found, duplicates, unc
         "caption_files": found.scan.caption_files,
         **_audio_changes(d, results, {rec.source for rec in records}),
         "unreadable": _unreadable(results, found),
+        "captions_edited": sum(1 for rec in records if str(rec.caption_source).startswith("edited")),
+        "captions_table": str(data_dir / review.CAPTIONS_CSV) if records else None,
     }
+    if found.separation:
+        report["separation"] = dict(found.separation, files=vocal_removal.report_entries(
+            results, {rec.source for rec in records}))
     atomic_write_json(data_dir / REPORT_FILE, report)
     _say(d, report, data_dir, n_clips, seconds, len(files), n_decoded, len(tails))
     return report
@@ -516,6 +562,7 @@ def _say(d, report: dict, data_dir: Path, n_clips: int, seconds: float, n_files:
         log.warning("skipped %s: %s", s["file"], s["reason"])
     for w in report["warnings"]:
         log.warning("%s: %s", w["file"], w["warning"])
+    vocal_removal.say(report.get("separation", {}).get("files", []), report.get("separation", {}))
     for dup in report["duplicates"]:
         log.warning("duplicate (%s): %s is the same as %s; kept once", dup["kind"], dup["file"],
                     dup["same_as"])

@@ -139,6 +139,7 @@ class Found:
 
     scan: Scan
     kept: dict
+    separation: dict = field(default_factory=dict)  # the separation stage's counts (vocal_removal)
 
 
 def _find_sources(input_dir: Path, data_dir: Path, state: dict) -> Scan:

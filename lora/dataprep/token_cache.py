@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 from lora.common.cli import UserError, log
 from lora.dataprep import cache_store as store
+from lora.dataprep import melody_stems
 from lora.dataprep.audio import audio_info, load_audio
 from lora.dataprep.cache_store import CACHE_VERSION
 from lora.dataset import CachedClip, ClipRecord
@@ -440,7 +441,7 @@ def build_token_cache(records: list[ClipRecord], model: nn.Module, processor, in
                       data_dir: str | Path, *,
                       batch_size: int = 8, device: torch.device | None = None, text_states: bool = True,
                       show_progress: bool = True, verify: bool = False,
-                      ranks: Optional[Ranks] = None) -> tuple[list[CachedClip], dict]:
+                      ranks: Optional[Ranks] = None, melody_separator=None) -> tuple[list[CachedClip], dict]:
     """Encode every clip (EnCodec codes) and caption (frozen text-encoder states) not yet cached;
     return all, memory-mapped.
 
@@ -450,6 +451,8 @@ def build_token_cache(records: list[ClipRecord], model: nn.Module, processor, in
     clips of the same length are encoded together; a clip is never padded (its codes do not depend
     on the other clips). ``verify``: read and hash every clip file and check every shard (the cache
     index is not trusted). ``ranks``: the processes that build it together (every one calls this).
+    Melody models: ``melody_separator`` (lora.dataprep.melody_stems) makes each clip's chroma from
+    its stems instead of the mix.
     """
     ranks = ranks or Ranks()
     root = cache_root(data_dir, info)
@@ -488,7 +491,13 @@ def build_token_cache(records: list[ClipRecord], model: nn.Module, processor, in
                      "join_seconds": round(time.perf_counter() - started, 3)}
         if ranks.world > 1:
             stats = ranks.broadcast(stats)
-    return _assemble(records, files, keys, root, info, text_states, stats)
+    clips, stats = _assemble(records, files, keys, root, info, text_states, stats)
+    if melody_separator is not None and family_for(info).MELODY:
+        by_path = {str(r.path): k for r, k in zip(files, keys)}
+        clips, stats["stem_chromas_computed"] = melody_stems.stem_chromas(
+            clips, records, [by_path[str(r.path)] for r in records], root, info, melody_separator,
+            show_progress and ranks.rank == 0)
+    return clips, stats
 
 
 def _assemble(records, files, keys, root: Path, info: ModelInfo, text_states: bool,

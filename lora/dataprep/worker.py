@@ -32,8 +32,13 @@ def process_file(job: dict) -> dict:
     res = {"rel": rel, "ok": False, "reason": "", "warnings": [], "clips": [], "tail_seconds": 0.0,
            "silent_segments": 0, "inaudible_segments": 0, "short_segments": 0, "size": job["size"],
            "mtime_ns": job["mtime_ns"], "settings": job["settings"]}
+    if job.get("separation"):
+        res["separation"] = job["separation"]
+    if job.get("skip_reason"):  # (--separate: the recording could not be separated)
+        res["reason"] = job["skip_reason"]
+        return res
     try:
-        res["sha1"] = A.file_hash(src)
+        res["sha1"] = job.get("sha1") or A.file_hash(src)
     except OSError as e:
         res["reason"] = f"cannot read the file ({e})"
         res["unreadable"] = e.strerror or str(e)
@@ -76,7 +81,9 @@ class _ClipWriter:
         """Decode and write; the decoding error (clips before it are kept) or None."""
         error = None
         try:
-            for block in A.iter_audio(self.job["src"], self.sr, self.job["channels"], counts=counts):
+            # (decode_path: the recording's instrumental, when prepare_data --separate made one)
+            src = self.job.get("decode_path") or self.job["src"]
+            for block in A.iter_audio(src, self.sr, self.job["channels"], counts=counts):
                 self.emit(self.cutter.push(block))
         except A.AudioError as e:
             error = str(e)

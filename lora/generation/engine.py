@@ -58,6 +58,7 @@ import numpy as np
 
 from lora.common.cli import UserError, log
 from lora.config import field_problem
+from lora.dataprep.melody_stems import melody_wave
 from lora.generation.requests import (
     GenerationError,
     Request,
@@ -402,15 +403,18 @@ def window_melody(info: ModelInfo, reqs: list[Request], w: Window, guidance: flo
     return fam.with_unconditional_melody(chroma) if guidance > 1.0 else chroma
 
 
-def melody_from_audio(wav, info: ModelInfo) -> tuple:
+def melody_from_audio(wav, info: ModelInfo, separator=None) -> tuple:
     """A melody file's audio (channels, samples) at info.sample_rate -> (one-hot chroma (Tm, 12) of
     the whole file, content id); GenerationError when it is silent (its chroma would be the null
-    melody: nothing to follow)."""
+    melody: nothing to follow). With a ``separator``: the chroma of its vocals + other stems
+    (lora.dataprep.melody_stems, as audiocraft separates the tune it is given)."""
     w = np.asarray(wav, dtype=np.float32)
     if w.size == 0 or not np.isfinite(w).all() or float(np.abs(w).max()) < 1e-4:
         raise GenerationError("The melody audio is silent (or empty): there is no tune to follow. "
                               "Give a recording with an audible melody, or leave the melody out "
                               "(the null melody).")
+    if separator is not None:
+        w = melody_wave(separator, w, info.sample_rate)
     melody = melody_chroma.chroma(w, info.sample_rate, max_seconds=None)
     return melody, hashlib.sha1(melody.argmax(dim=-1).numpy().astype(np.int8).tobytes()).hexdigest()[:12]
 

@@ -16,6 +16,7 @@ from lora.common.files import atomic_write_json
 from lora.common.ownership import claim_output, read_record, record_written
 from lora.config import GenerationConfig
 from lora.dataprep.audio import audio_info, file_hash, load_audio, normalize_peak, peak_db, save_wav
+from lora.dataprep.melody_stems import chroma_source, melody_separator
 from lora.generation import engine
 from lora.generation import requests as generation_requests
 from lora.generation.requests import Request
@@ -166,10 +167,11 @@ def check_melody_files(paths, problems: list[str], setting: str = "melody_audio"
 
 
 def add_melodies(info: ModelInfo, requests: list[Request],
-                 setting: str = "--melody_audio (or a prompt's 'melody')") -> None:
-    """Each request's melody (the chroma of its ``melody_file``, computed once per file):
-    ``melody``, ``melody_samples``, ``melody_id``, ``melody_sha1``. UserError when the model takes
-    no melody or a file is silent."""
+                 setting: str = "--melody_audio (or a prompt's 'melody')", model_cfg=None) -> None:
+    """Each request's melody (the chroma of its ``melody_file``, computed once per file; from its
+    vocals + other stems as ``model_cfg.melody_chroma`` says, lora.dataprep.melody_stems): ``melody``,
+    ``melody_samples``, ``melody_id``, ``melody_sha1``, ``melody_from``. UserError when the model
+    takes no melody or a file is silent."""
     wanted = {r.melody_file for r in requests if r.melody_file}
     if not wanted:
         return
@@ -177,11 +179,12 @@ def add_melodies(info: ModelInfo, requests: list[Request],
         raise UserError(f"{setting} needs a melody model such as facebook/musicgen-melody (or "
                         f"--model_path tiny-melody); {info.name_or_path} is a text-only MusicGen. "
                         f"Nothing was written.")
+    separator = melody_separator(model_cfg) if model_cfg is not None else None
     melodies = {}
     for path in sorted(wanted):
-        wav = load_audio(path, info.sample_rate, channels=1)
+        wav = load_audio(path, info.sample_rate, channels=1 if separator is None else 2)
         try:
-            chroma, mid = engine.melody_from_audio(wav, info)
+            chroma, mid = engine.melody_from_audio(wav, info, separator)
         except UserError as e:
             raise UserError(f"melody_audio {path}: {e} Nothing was written.") from None
         melodies[path] = (chroma, int(wav.shape[-1]), mid, file_hash(path))
@@ -190,6 +193,7 @@ def add_melodies(info: ModelInfo, requests: list[Request],
     for r in requests:
         if r.melody_file:
             r.melody, r.melody_samples, r.melody_id, r.melody_sha1 = melodies[r.melody_file]
+            r.melody_from = chroma_source(separator)
 
 
 def library_versions() -> dict:
@@ -274,6 +278,7 @@ class ManifestWriter:
             "generation_time_s": round(res.generation_time, 4),
             "real_time_factor": round(res.generation_time / seconds, 4),
             "melody": ({"file": str(Path(r.melody_file).resolve()), "sha1": r.melody_sha1,
-                        "chroma_id": r.melody_id} if r.melody_file else None),
+                        "chroma_id": r.melody_id, "chroma_from": r.melody_from} if r.melody_file
+                       else None),
             "batch_size": res.batch_size, "batch_files": batch_files, "text_length": res.text_length,
             "versions": self.versions, "created": _now()}

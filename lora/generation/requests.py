@@ -71,6 +71,7 @@ class Request:
     # the melody's audio file and its content hash (sha1, for the manifest)
     melody_file: str = ""
     melody_sha1: str = ""
+    melody_from: str = "mix"     # the chroma's source: the mix, or stems-<separation model identity>
 
 
 @dataclass

@@ -526,7 +526,36 @@ def adapter_identity(adapter_dir) -> dict:
     for key in ("base_model_name_or_path", "r", "lora_alpha", "use_dora", "use_rslora"):
         if key in cfg:
             out[key] = cfg[key]
+    trigger = adapter_trigger(adapter_dir)
+    if trigger:
+        out["trigger_word"] = trigger
     return out
+
+
+def adapter_trigger(adapter_dir) -> Optional[dict]:
+    """The trigger word the adapter was trained with ({"word", "position"}), from the config.yaml
+    train_lora.py saves beside it; None without one (or for an adapter from another trainer)."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load((Path(adapter_dir) / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    data = saved.get("data") if isinstance(saved, dict) else None
+    word = data.get("trigger_word") if isinstance(data, dict) else None
+    if not isinstance(word, str) or not word.strip():
+        return None
+    return {"word": word.strip(), "position": str(data.get("trigger_position") or "start")}
+
+
+def trigger_note(adapter_dir) -> str:
+    """One line for the user about the adapter's trigger word ('' without one)."""
+    t = adapter_trigger(adapter_dir)
+    if not t:
+        return ""
+    where = "replaced every caption" if t["position"] == "replace" else f"at the {t['position']} of every caption"
+    return (f"{Path(adapter_dir).name} was trained with the trigger word {t['word']!r} ({where}): "
+            f"put it in your prompts to call up the style")
 
 
 # --------------------------------------------------------------------------------------------

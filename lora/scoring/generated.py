@@ -15,10 +15,12 @@ import numpy as np
 from lora.common.cli import UserError, log
 from lora.config import Config
 from lora.dataprep.audio import load_audio, save_wav
+from lora.dataprep.melody_stems import chroma_source, melody_separator
 from lora.generation.engine import generate, melody_from_audio
 from lora.generation.model import cast_for_generation
 from lora.generation.requests import GenerationError, Request, SamplingSettings
 from lora.modeling import chroma as melody_chroma
+from lora.modeling.clap import load_clap
 from lora.modeling.loading import family_for
 from lora.modeling.precision import generation_dtype
 from lora.scoring import copy_check, differences, intervals, metrics, verdicts
@@ -99,7 +101,7 @@ def generate_clips(model: nn.Module, processor, info: ModelInfo, which: str, pro
     sampling = SamplingSettings(guidance_scale=float(g.guidance_scale), temperature=float(g.temperature),
                                 top_k=int(g.top_k), top_p=float(g.top_p), do_sample=bool(g.do_sample))
     reqs = [Request(prompt=p, seed=int(s), duration=float(ev.eval_duration), sampling=sampling,
-                    melody=None if melodies is None else melodies["chroma"][i],
+                    melody=None if melodies is None else melodies["condition"][i],
                     melody_samples=0 if melodies is None else int(melodies["samples"][i]))
             for i, p in enumerate(prompts) for s in seeds]
     audio: list = []
@@ -148,7 +150,7 @@ def generation_metrics(model: nn.Module, processor, info: ModelInfo, cfg: Config
     res["decoder_dtype"] = str(gen_dtype).replace("torch.", "")
     audio: dict[str, list] = {}
     codes: dict[str, list] = {}
-    melody = melody_prompts(info, valid_recs, prompts)
+    melody = melody_prompts(info, valid_recs, prompts, cfg.model)
     t0 = time.perf_counter()
     for m in models:
         log.info("Generating %d clip(s) of %.1f s with the %s model", len(prompts) * len(seeds),
@@ -223,21 +225,27 @@ def pair_units(prompts: list[str], n_seeds: int, melody: Optional[dict] = None) 
     return verdicts.unit_ids(keys).tolist()
 
 
-def melody_prompts(info: ModelInfo, valid_recs, prompts: list[str]) -> Optional[dict]:
+def melody_prompts(info: ModelInfo, valid_recs, prompts: list[str], model_cfg=None) -> Optional[dict]:
     """Melody models: the tune each prompt follows in the evaluation, taken from the held-out clips
     themselves (the clip whose caption the prompt is, else the held-out clips in turn): {"sources":
-    paths, "chroma": one-hot chromas, "samples": their lengths}. None for text-only models."""
+    paths, "chroma": one-hot chromas of the clips (the similarity's reference, as audiocraft's
+    chroma_cosine takes the reference audio itself), "condition": what the model follows (the
+    chroma of the vocals + other stems under model.melody_chroma, as at generation), "samples":
+    the tunes' lengths}. None for text-only models."""
     if not family_for(info).MELODY:
         return None
+    separator = melody_separator(model_cfg) if model_cfg is not None else None
     by_caption = {}
     for r in valid_recs:
         by_caption.setdefault(r.text.strip(), r)
-    sources, chromas, samples = [], [], []
+    sources, chromas, conditions, samples = [], [], [], []
     for i, p in enumerate(prompts):
         rec = by_caption.get(p.strip(), valid_recs[i % len(valid_recs)])
         wav = load_audio(rec.path, info.sample_rate, 1)
         try:
             chroma, _ = melody_from_audio(wav, info)
+            conditions.append(chroma if separator is None else melody_from_audio(
+                load_audio(rec.path, info.sample_rate, 2), info, separator)[0])
         except GenerationError as e:  # (a silent held-out clip has no tune to follow)
             raise UserError(f"held-out clip {rec.path} is the melody of prompt {p!r}, but: {e} "
                             f"Remove the clip from the metadata, or pass --prompts / "
@@ -245,7 +253,8 @@ def melody_prompts(info: ModelInfo, valid_recs, prompts: list[str]) -> Optional[
         sources.append(str(rec.path))
         chromas.append(chroma)
         samples.append(int(wav.shape[-1]))
-    return {"sources": sources, "chroma": chromas, "samples": samples}
+    return {"sources": sources, "chroma": chromas, "condition": conditions, "samples": samples,
+            "chroma_from": chroma_source(separator)}
 
 
 def melody_similarity(melody: dict, audio: dict, models: list[str], shared: list[int], n_seeds: int,
@@ -463,15 +472,7 @@ def clap_metrics(path, models, audio, shared, prompts, seeds, valid_recs, ref_wa
     """CLAP text-audio scores of every model on the shared (prompt, seed) pairs (the set of the
     distances), the valid clips against their captions, and (two models) the paired bootstrap
     interval of LoRA - base."""
-    from transformers import ClapModel, ClapProcessor
-
-    try:
-        model = ClapModel.from_pretrained(path, local_files_only=True).to(device).eval()
-        processor = ClapProcessor.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise UserError(f"Could not load a CLAP model from {path} "
-                        f"({str(e).splitlines()[0][:300]}). It must be a transformers CLAP folder "
-                        f"(config.json, weights, tokenizer and preprocessor files).") from None
+    model, processor = load_clap(path, device=device, local_files_only=True)
     res: dict = {"model": str(path), "window_seconds": 10.0, "sample_rate": 48000}
     for m in models:
         if not shared:

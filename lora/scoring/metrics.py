@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 
+from lora.modeling.clap import CLAP_SAMPLE_RATE, clap_windows, features
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
@@ -367,40 +369,9 @@ def diversity(clip_emb: np.ndarray, prompt_ids: Sequence[int], seed_ids: Sequenc
 # --------------------------------------------------------------------------------------------
 # CLAP
 # --------------------------------------------------------------------------------------------
-CLAP_SAMPLE_RATE = 48000
-
-
-def clap_windows(wav, sample_rate: int, *, target_rate: int = CLAP_SAMPLE_RATE,
-                 window_seconds: float = 10.0, min_fraction: float = 0.5) -> list[np.ndarray]:
-    """Mono mix resampled to target_rate (soxr) and cut into windows of window_seconds: a list of
-    float32 arrays, full windows then the tail.
-
-    A tail shorter than min_fraction of a window is dropped (unless it is the only audio); a kept
-    tail stays at its own length: the CLAP feature extractor fills it to a window with
-    ``padding="repeatpad"`` (the audio repeated, as CLAP was trained and as laion_clap and
-    audiocraft's CLAP metric feed it), not with silence, which would lower every score (an 8-s
-    clip would carry 2 s of it).
-    """
-    import soxr
-
-    y = _as_channels_first(wav).mean(axis=0).astype(np.float32)
-    if sample_rate != target_rate:
-        y = soxr.resample(y, sample_rate, target_rate).astype(np.float32)
-    L = int(round(window_seconds * target_rate))
-    n_full, tail = divmod(len(y), L)
-    wins = [y[i * L:(i + 1) * L] for i in range(n_full)]
-    if tail and (tail >= min_fraction * L or n_full == 0):
-        wins.append(y[n_full * L:])
-    return [w.astype(np.float32) for w in wins]
-
-
-def _features(out):
-    """transformers 5 returns an output object from get_*_features; older versions a tensor."""
-    import torch
-
-    if isinstance(out, torch.Tensor):
-        return out
-    return out.pooler_output
+# (CLAP_SAMPLE_RATE, clap_windows and features live in lora.modeling.clap, shared with the
+# auto-captions)
+_features = features
 
 
 def clap_scores(model: nn.Module, processor, texts: Sequence[str], wavs: Sequence, sample_rate: int,

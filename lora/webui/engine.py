@@ -376,7 +376,7 @@ def _generate_side(engine: Engine, f: GenForm, g, side: Side, seed: int, ids: li
     requests = make_requests(f, seed, g.melody_audio)
     if g.audio_prompt:
         add_audio_prompt(engine.model, engine.info, g.audio_prompt, requests)
-    add_melodies(engine.info, requests, MELODY_SETTING)
+    add_melodies(engine.info, requests, MELODY_SETTING, model_cfg=engine.cfg.model)
     side.folder.mkdir(parents=True, exist_ok=True)
     names = check_outputs(requests, side.folder, overwrite=False)
     adapter_info = None
