@@ -65,6 +65,7 @@ from lora.webui.runs import (
     log_tail,
     md_text,
     newest_samples,
+    page_message,
     read_metrics,
     resume_training,
     run_summary,
@@ -134,16 +135,6 @@ def _gradio():
     return gr
 
 
-def _message(e: BaseException) -> str:
-    """What the page shows for a failure (plain text: Markdown boxes escape it with md_text): the
-    user's error as it is; anything else by its type and text (the traceback goes to the server's
-    log, never to the page)."""
-    if isinstance(e, UserError):
-        return f"Error: {e}"
-    log.error("unexpected error in the UI", exc_info=e)
-    return f"Error: Unexpected error ({type(e).__name__}: {e}). The server log has the details; the UI keeps working."
-
-
 def _pairs(sides: list[Side]) -> list[dict]:
     """Per sample (prompt, seed): {label: file} of each side."""
     rows: dict = {}
@@ -187,7 +178,7 @@ def _generate_handler(gr, engine: Engine, out_root: Path, ns):
             sides, first_seed, stopped = run_generation(engine, f, out_root, report)
         # every failure becomes a message in the page; the server keeps serving
         except Exception as e:
-            return (md_text(_message(e)), *_player_updates(gr, empty, None), gr.update(choices=[], value=None),
+            return (md_text(page_message(e)), *_player_updates(gr, empty, None), gr.update(choices=[], value=None),
                     gr.update(visible=False), None, empty)
         done = [s for s in sides if s.entries]
         order = [s.label for s in done]
@@ -310,94 +301,6 @@ def _trigger_notes(adapters) -> str:
     return "  \n".join(f"Trigger word: {n}" for n in notes if n)
 
 
-def _data_tab(gr, cfg: Config, procs: Processes, config_file: Optional[str]):
-    """Prepare a folder of songs (prepare_data.py with the form's flags), review its captions, save
-    them, and hand the folder to the Train form. Returns the "train on this" button and the data
-    folder box."""
-    d = cfg.data
-    with gr.Row():
-        input_dir = gr.Textbox(label="Folder of your songs (--input_dir)", elem_id="data_input", scale=3)
-        data_dir = gr.Textbox(value=d.data_dir, label="Prepared data folder (--output_dir)",
-                              elem_id="data_dir", scale=3)
-        channels = gr.Radio([1, 2], value=d.channels, label="Channels", elem_id="data_channels", scale=1)
-    with gr.Row():
-        separate = gr.Radio(list(data_tab.SEPARATE_CHOICES), value=d.separate,
-                            label="Remove vocals (demucs: bash install.sh --separation)",
-                            elem_id="data_separate")
-        auto = gr.Checkbox(value=d.auto_caption, label="Write captions with CLAP tags (auto_caption)",
-                           elem_id="data_auto_caption")
-        clap_model = gr.Textbox(value=d.auto_caption_model, label="CLAP model (hub id or folder)",
-                                elem_id="data_clap_model")
-    with gr.Row():
-        trigger = gr.Textbox(value=d.trigger_word or "", label="Trigger word (optional)",
-                             elem_id="data_trigger")
-        position = gr.Radio(["start", "end", "replace"], value="start", label="Trigger word goes at",
-                            elem_id="data_trigger_position")
-    with gr.Row():
-        prepare = gr.Button("Prepare", variant="primary", elem_id="data_prepare")
-        load = gr.Button("Load the folder's captions", elem_id="data_load")
-    status = gr.Markdown(elem_id="data_status")
-    table = gr.Dataframe(headers=list(data_tab.TABLE_COLUMNS), datatype="str", interactive=True,
-                         static_columns=[i for i, c in enumerate(data_tab.TABLE_COLUMNS)
-                                         if c not in data_tab.EDITABLE],
-                         wrap=True, label="Clips (edit caption and tags; click a row to listen)",
-                         elem_id="data_table")
-    player = gr.Audio(label="Clip", interactive=False, elem_id="data_player")
-    with gr.Row():
-        save = gr.Button("Save captions", variant="primary", elem_id="data_save")
-        to_train = gr.Button("Train on this", elem_id="data_train")
-    saved = gr.Markdown(elem_id="data_saved")
-
-    def on_prepare(*values):
-        form = data_tab.DataForm(*values)
-        try:
-            p = procs.start(str(data_tab._folder(form.data_dir)),
-                            data_tab.prepare_argv(form, config_file), "prepare")
-        except Exception as e:
-            yield _message(e), gr.skip()
-            return
-        while p.popen.poll() is None:
-            time.sleep(1.0)
-            yield (f"Preparing: `{p.command}`  \n{data_tab.progress_text(p.log_path)}  \n"
-                   f"```\n{log_tail(p.log_path, 4)}\n```"), gr.skip()
-        if p.popen.returncode != 0:
-            yield (f"prepare_data.py failed (exit code {p.popen.returncode}):\n```\n"
-                   f"{log_tail(p.log_path)}\n```"), gr.skip()
-            return
-        yield on_load(form.data_dir)
-
-    def on_load(folder):
-        try:
-            rows, note = data_tab.load_table(folder)
-        except Exception as e:
-            return _message(e), gr.skip()
-        return f"Ready: {note}. Edit captions or tags below, then Save.", rows
-
-    def on_select(folder, rows, evt: gr.SelectData):
-        try:
-            clip = rows.values[evt.index[0]][0] if hasattr(rows, "values") else rows[evt.index[0]][0]
-            return data_tab.clip_audio(folder, str(clip))
-        except Exception as e:
-            gr.Warning(_message(e))
-            return None
-
-    on_select.__annotations__["evt"] = gr.SelectData  # (gradio passes the selection by this type)
-
-    def on_save(folder, rows):
-        try:
-            values = rows.values.tolist() if hasattr(rows, "values") else rows
-            return data_tab.save_table(folder, values)
-        except Exception as e:
-            return _message(e)
-
-    form = [input_dir, data_dir, separate, auto, clap_model, trigger, position, channels]
-    prepare.click(on_prepare, form, [status, table], concurrency_id="procs", concurrency_limit=None)
-    load.click(on_load, [data_dir], [status, table], queue=False)
-    table.select(on_select, [data_dir, table], [player], queue=False)
-    save.click(on_save, [data_dir, table], [saved], concurrency_id="procs", concurrency_limit=None)
-    return to_train, data_dir
-
-
 def _train_tab(gr, cfg: Config, out_root: Path, procs: Processes, config_file: Optional[str]) -> dict:
     runs = list_runs(out_root) if out_root.is_dir() else []
     with gr.Row():
@@ -440,7 +343,7 @@ def _train_tab(gr, cfg: Config, out_root: Path, procs: Processes, config_file: O
         try:  # checked as train_lora.py checks it, before anything starts
             out, command = start_training(procs, dict(zip(TRAIN_FIELDS, values)), config_file)
         except Exception as e:
-            return md_text(_message(e)), gr.skip()
+            return md_text(page_message(e)), gr.skip()
         return (md_text(f"Started: {command}"), gr.update(choices=list_runs(out_root) + [out], value=out))
 
     def on_stop(name):
@@ -451,7 +354,7 @@ def _train_tab(gr, cfg: Config, out_root: Path, procs: Processes, config_file: O
             return md_text(f"Resumed: {resume_training(procs, str(Path(name).expanduser()))}") if name \
                 else "Pick a run."
         except Exception as e:
-            return md_text(_message(e))
+            return md_text(page_message(e))
 
     timer = gr.Timer(2.0)
     timer.tick(refresh_run, [run, seen], [run_status, plot, log_box, seen], concurrency_id="poll",
@@ -552,7 +455,7 @@ def _evaluate_tab(gr, cfg: Config, out_root: Path, procs: Processes) -> None:
             folder = str(under_root(out_dir, out_root, "output folder"))
             p = start_evaluation(procs, model_path, adapter_path, data_dir, folder, bool(fast))
         except Exception as e:
-            yield _message(e), gr.skip(), gr.skip(), gr.skip()
+            yield page_message(e), gr.skip(), gr.skip(), gr.skip()
             return
         while p.popen.poll() is None:
             time.sleep(1.0)
@@ -583,17 +486,23 @@ def build_ui(cfg: Config, out_root: Path, ns):
             with gr.Tab("Generate", id="generate", elem_id="tab_generate"):
                 _generate_tab(gr, cfg, engine, out_root, ns)
             with gr.Tab("Data", id="data", elem_id="tab_data"):
-                to_train, data_dir = _data_tab(gr, cfg, procs, ns.config)
+                to_train, data_dir = data_tab.build_tab(gr, cfg, procs, ns.config, out_root)
             with gr.Tab("Train", id="train", elem_id="tab_train"):
                 train = _train_tab(gr, cfg, out_root, procs, ns.config)
             with gr.Tab("Evaluate", id="evaluate", elem_id="tab_evaluate"):
                 pick, summary, report, show = _evaluate_tab(gr, cfg, out_root, procs)
         demo.load(show, [pick], [summary, report])
         # "train on this": the Train form gets the prepared folder, and the Train tab opens
-        to_train.click(lambda folder: (gr.update(value=str(data_tab._folder(folder))),
-                                       f"Data folder from the Data tab: `{data_tab._folder(folder)}` "
-                                       f"{data_tab.trigger_of(folder)}", gr.Tabs(selected="train")),
-                       [data_dir], [train["data_dir"], train["msg"], tabs], queue=False)
+        def on_to_train(folder):
+            try:
+                path = data_tab.data_folder(folder, out_root)
+                note = data_tab.trigger_of(folder, out_root)
+            except Exception as e:
+                return gr.skip(), md_text(page_message(e)), gr.skip()
+            return (gr.update(value=str(path)), f"Data folder from the Data tab: {md_text(path)} {note}",
+                    gr.Tabs(selected="train"))
+
+        to_train.click(on_to_train, [data_dir], [train["data_dir"], train["msg"], tabs], queue=False)
     demo.engine, demo.procs = engine, procs
     return demo
 

@@ -24,15 +24,14 @@ import argparse
 import dataclasses
 import os
 import sys
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from lora.common import fields as fields_mod
 
 # the bounds belong to the schema (scripts import them from here)
-from lora.common.bounds import (  # noqa: F401  # noqa: F401
+from lora.common.bounds import (  # noqa: F401
     MAX_EVENTS,
     MAX_FILES,
     MAX_PROMPTS,
@@ -44,10 +43,7 @@ from lora.common.bounds import (  # noqa: F401  # noqa: F401
 )
 from lora.common.fields import (
     ConfigError,
-    _check_choice,
     _f,
-    _refuse_repeated_flags,
-    load_yaml,
     value_problem,
 )
 from lora.common.files import atomic_write_text
@@ -127,11 +123,9 @@ class DataConfig:
                        choices=(1, 2))
     segment_seconds: float = _f(30.0, "Long recordings are cut into clips of this length, s (MusicGen's "
                                 "context is 30)", gt=0.0, le=3600.0)
-    min_seconds: float = _f(5.0, "Clips (and file tails) shorter than this are not used, s", ge=0.0,
-                            le=3600.0)
+    min_seconds: float = _f(5.0, "Clips (and file tails) shorter than this are not used, s", ge=0.0, le=3600.0)
     trim_silence: bool = _f(True, "Trim leading/trailing silence before cutting")
-    silence_db: float = _f(-50.0, "Level below which audio counts as silence, dBFS", lt=0.0,
-                           hint="e.g. -50")
+    silence_db: float = _f(-50.0, "Level below which audio counts as silence, dBFS", lt=0.0, hint="e.g. -50")
     valid_fraction: float = _f(0.1, "Share of source recordings held out for validation (split by "
                                "recording)", ge=0.0, lt=1.0, hint="0.1 = 10% of recordings")
     split_seed: int = _f(1234, "Seed of the deterministic train/valid split", **SEED_RANGE)
@@ -139,18 +133,15 @@ class DataConfig:
                                       kind="path")
     default_text: Optional[str] = _f(None,
                                      "Caption for files that have no sidecar or captions-file entry")
-    caption_template: str = _f("{stem}",
-                               "Fallback caption pattern; {stem} = file name without extension, "
+    caption_template: str = _f("{stem}", "Fallback caption pattern; {stem} = file name without extension, "
                                          "{folder} = parent folder name; '' = leave uncaptioned")
     enrich_captions: bool = _f(False, "Append estimated tempo (BPM) and key to every caption (librosa)")
     num_workers: int = _f(0, "Worker processes for preparation; 0 = one per CPU core",
                           ge=0, le=256, hint="0 = one per CPU core")
     overwrite: bool = _f(False, "prepare_data: redo clips that already exist")
-    verify_cache: bool = _f(False,
-                            "train_lora / evaluate / test_dataset: read and hash every clip file "
-                            "again and check every token-cache shard, instead of trusting the "
-                            "cache index (size and times); a clip whose bytes changed is encoded "
-                            "again")
+    verify_cache: bool = _f(False, "train_lora / evaluate / test_dataset: read and hash every clip file again "
+                            "and check every token-cache shard, instead of trusting the cache index (size "
+                            "and times); a clip whose bytes changed is encoded again")
     separate: str = _f("none", "prepare_data: remove vocals with demucs before cutting (bash install.sh --separation): "
                        "none; vocals = keep every stem but vocals, summed; auto = only for recordings whose vocal "
                        "stem reaches vocal_threshold_db", choices=("none", "vocals", "auto"))
@@ -471,10 +462,6 @@ class Config:
 # --------------------------------------------------------------------------------------------
 # Types and values
 # --------------------------------------------------------------------------------------------
-def _hints(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
 def field_problem(section: str, name: str, value, label: Optional[str] = None) -> Optional[str]:
     """``value_problem`` for ``section.name`` of the schema (also for values given elsewhere, e.g. a
     per-prompt setting in a prompts file, with their own ``label``)."""
@@ -509,41 +496,9 @@ def parse_config(argv=None, *, description: str = "", sections: tuple[str, ...] 
     ConfigError lists every problem found. Returns (config, namespace of extra, non-schema
     arguments)."""
     parser, owners = build_parser(description, sections, extra)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    _refuse_repeated_flags(parser, argv)
-    ns = parser.parse_args(argv)
-
     cfg = Config()
-    # Defaults are relative to the repository root.
-    for section in SECTIONS:
-        obj = getattr(cfg, section)
-        for f in dataclasses.fields(obj):
-            v = getattr(obj, f.name)
-            if isinstance(v, str):
-                setattr(obj, f.name, _resolve_path(v, f.metadata.get("kind"), REPO_ROOT))
-    cfg_path = ns.config
-    if cfg_path is None and DEFAULT_CONFIG.is_file():
-        cfg_path = str(DEFAULT_CONFIG)
-    if cfg_path is not None:
-        path = Path(cfg_path).expanduser().resolve()
-        apply_yaml(cfg, load_yaml(path), str(path), path.parent)
-        cfg.config_file = str(path)
-
-    cwd = Path.cwd()
-    for dest, (section, name) in owners.items():
-        if not hasattr(ns, dest):
-            continue
-        value = getattr(ns, dest)
-        delattr(ns, dest)
-        obj = getattr(cfg, section)
-        md = next(f.metadata for f in dataclasses.fields(obj) if f.name == name)
-        if md.get("many") and isinstance(value, list):
-            value = [_resolve_path(v, md.get("kind"), cwd) if isinstance(v, str) else v for v in value]
-            value = value[0] if len(value) == 1 else value
-        _check_choice(f"--{name}", value, md)
-        if isinstance(value, str):
-            value = _resolve_path(value, md.get("kind"), cwd)
-        setattr(obj, name, value)
+    ns = fields_mod.parse_into(cfg, SECTIONS, argv, parser, owners, DEFAULT_CONFIG, REPO_ROOT,
+                               _resolve_path)
     finalize(cfg)
     problems = range_problems(cfg)
     if rules is not None:
@@ -626,8 +581,7 @@ def build_parser(description: str, sections: tuple[str, ...],
 
 
 def markdown_reference() -> str:
-    """Every config key and flag as Markdown tables (USAGE.md embeds this; a test keeps it in
-    step)."""
+    """Every config key and flag as Markdown tables (USAGE.md embeds this; a test keeps it in step)."""
     return fields_mod.markdown_reference(SECTIONS)
 
 

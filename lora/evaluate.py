@@ -229,15 +229,7 @@ def evaluate(cfg: Config, plan: dict) -> int:
     record_written(out_dir, TOOL, OUTPUTS, keep=False)
     results: dict = {
         "models_evaluated": models, "identity": identity, "likelihood": lk, "versions": versions(),
-        "settings": {"evaluation": dataclasses.asdict(ev), "data_dir": cfg.data.data_dir,
-                     "metadata_file": cfg.data.metadata_file, "device": str(device),
-                     "sampling": {"guidance_scale": g.guidance_scale, "temperature": g.temperature,
-                                  "top_k": g.top_k,
-                                  "top_p": g.top_p, "do_sample": g.do_sample, "first_seed": g.seed,
-                                  "batch_size": g.batch_size, "max_window": g.max_window,
-                                  "extend_stride": g.extend_stride, "duration": ev.eval_duration},
-                     "loudness_target_lufs": LOUDNESS_TARGET_LUFS, "kad_kernel": KAD_KERNEL,
-                     "kad_scale": 100, "kad_max_frames": KAD_MAX_FRAMES, "config_file": cfg.config_file},
+        "settings": settings_record(cfg, device),
         "notes": [],
     }
     if few_note:
@@ -273,6 +265,19 @@ def evaluate(cfg: Config, plan: dict) -> int:
     results["seconds"] = time.perf_counter() - t_start
     write_results(cfg, results, out_dir, adapter)
     return 0
+
+
+def settings_record(cfg: Config, device) -> dict:
+    """The settings an evaluation ran with, for results.json."""
+    ev, g = cfg.evaluation, cfg.generation
+    return {"evaluation": dataclasses.asdict(ev), "data_dir": cfg.data.data_dir,
+            "metadata_file": cfg.data.metadata_file, "device": str(device),
+            "sampling": {"guidance_scale": g.guidance_scale, "temperature": g.temperature, "top_k": g.top_k,
+                         "top_p": g.top_p, "do_sample": g.do_sample, "first_seed": g.seed,
+                         "batch_size": g.batch_size, "max_window": g.max_window,
+                         "extend_stride": g.extend_stride, "duration": ev.eval_duration},
+            "loudness_target_lufs": LOUDNESS_TARGET_LUFS, "kad_kernel": KAD_KERNEL,
+            "kad_scale": 100, "kad_max_frames": KAD_MAX_FRAMES, "config_file": cfg.config_file}
 
 
 def write_results(cfg: Config, results: dict, out_dir: Path, adapter) -> None:

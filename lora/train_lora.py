@@ -35,7 +35,6 @@ dropout) and per-micro-batch randomness (LoRA/model dropout) is seeded by the sa
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import time
@@ -63,7 +62,7 @@ from lora.common.cli import (
 from lora.common.files import atomic_write_json, check_free_space, check_output_dir
 from lora.config import Config, parse_config, validate
 from lora.dataprep.melody_stems import melody_separator
-from lora.dataprep.token_cache import Ranks, build_token_cache
+from lora.dataprep.token_cache import build_token_cache
 from lora.dataset import (
     CachedTokenDataset,
     bucketed_batches,
@@ -74,12 +73,10 @@ from lora.dataset import (
     resolve_trigger,
     warn_sample_rate,
 )
-from lora.modeling.cpu_speed import keep_freed_memory
 from lora.modeling.loading import family_for, load_base_model, local_model_folder
 from lora.modeling.memory import check_fits, training_floor
-from lora.modeling.precision import choose_precision, resolve_base_weights_dtype
 from lora.modeling.window import checked_window, longest_caption
-from lora.training import checkpoints, model_prep, plan, resume, run_log, samples
+from lora.training import checkpoints, model_prep, plan, processes, resume, run_log, samples
 from lora.training import step as training_step
 from lora.training.checkpoints import TrainState
 
@@ -196,56 +193,6 @@ class Run:
                  "world_size": acc.num_processes, "seed": t.seed}, **self.identity)
 
 
-def start_processes(cfg: Config):
-    """The Accelerator (one process or one of several), the precision and, on the main process,
-    logs/train.log."""
-    import torch
-    from accelerate import Accelerator, PartialState
-    from accelerate.state import AcceleratorState
-
-    t = cfg.training
-    out = Path(t.output_dir)
-    # Several processes without CUDA (torchrun on CPUs): accelerate needs cpu=True to use gloo.
-    cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    state0 = PartialState(cpu=cpu)
-    precision, why = choose_precision(t.mixed_precision, state0.device)
-    AcceleratorState._reset_state()  # main() may run several times in one process (tests)
-    acc = Accelerator(mixed_precision=precision, cpu=cpu)
-    if not acc.is_main_process:
-        log.setLevel("WARNING")
-    else:  # logs/train.log: the same lines as the console (main() removes the handler again)
-        (out / "logs").mkdir(parents=True, exist_ok=True)
-        file_log = logging.FileHandler(out / "logs" / "train.log", encoding="utf-8")
-        file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        log.addHandler(file_log)
-    log.info("Precision: %s (%s)", precision, why)
-    if acc.device.type == "cpu" and keep_freed_memory():
-        log.info("CPU memory: freed tensors stay in the process for reuse (glibc malloc; fewer "
-                 "page faults)")
-    # what accelerate config / accelerate launch set
-    launched = os.environ.get("ACCELERATE_MIXED_PRECISION")
-    if launched and launched != precision:
-        log.warning("accelerate's mixed_precision setting (%s) is not used: "
-                    "training.mixed_precision decides (--mixed_precision / --fp16 / --bf16; now "
-                    "%s)", launched, precision)
-    # a bad combination fails before the model loads
-    resolve_base_weights_dtype(t.base_weights_dtype, precision)
-    return acc, precision
-
-
-def cache_ranks(acc) -> Ranks:
-    """The processes of this run, as the token cache build shares its work among them."""
-    from accelerate.utils import broadcast_object_list, gather_object
-
-    def broadcast(obj):
-        box = [obj]
-        broadcast_object_list(box, from_process=0)
-        return box[0]
-
-    return Ranks(rank=acc.process_index, world=acc.num_processes, broadcast=broadcast,
-                 gather=lambda obj: gather_object([obj]))
-
-
 def load_and_cache(cfg: Config, acc, records, clock: run_log.PhaseClock, ck=None, resumed=None):
     """The base model (on the CPU) and every clip's cached tokens; only the encoders visit the
     device, for the cache, and leave it again when their output is cached. A resume's base model
@@ -271,7 +218,7 @@ def load_and_cache(cfg: Config, acc, records, clock: run_log.PhaseClock, ck=None
         clips, _ = build_token_cache(records, model, processor, info, cfg.data.data_dir,
                                      batch_size=t.encode_batch_size, device=device, text_states=cache_text,
                                      show_progress=acc.is_main_process, verify=cfg.data.verify_cache,
-                                     ranks=cache_ranks(acc),
+                                     ranks=processes.cache_ranks(acc),
                                      melody_separator=melody_separator(cfg.model) if fam.MELODY else None)
     # Training reads tokens only: the codec (and the frozen text encoder) leave the accelerator.
     fam.audio_codec(model).to("cpu")
@@ -310,7 +257,7 @@ def set_up(cfg: Config) -> Run:
         checkpoints.clear_earlier_run(out, t.overwrite_output_dir,
                                       is_main=os.environ.get("RANK", "0") == "0",
                                       models=[("the base model", local_model_folder(cfg.model))])
-    acc, precision = start_processes(cfg)
+    acc, precision = processes.start_processes(cfg)
 
     set_seed(t.seed)
     clock.lap("start-up")

@@ -17,7 +17,10 @@ BENCH = ROOT / "bench"
 TESTS = ROOT / "tests"
 # The test files at the top of tests/ besides tests/test_<script>.py: the schema (lora/config.py), the
 # dataset (lora/dataset.py) and the project as a whole (layout, docs, install.sh).
-PROJECT_TESTS = {"test_config.py", "test_dataset.py", "test_layout.py", "test_docs.py", "test_install.py"}
+# tests of the project as a whole: the plan modules, the layout, the docs' commands, the installer, the
+# user's plan copied step by step, and the next-step hints every script prints
+PROJECT_TESTS = {"test_config.py", "test_dataset.py", "test_layout.py", "test_docs.py", "test_install.py",
+                 "test_install_dev.py", "test_user_plan.py", "test_next_step_hints.py"}
 MAX_FUNCTION_LINES = 100
 MAX_MODULE_LINES = 600
 # The two modules the user's plan names beside its scripts, and the one bootstrap for running a

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT
+
 LOCAL_MODEL = "/root/autodl-tmp/musicgen/local/musicgen-small"
 AUDIO = "/path/to/audio/files"
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
 import typing
 from dataclasses import field
 from pathlib import Path
@@ -453,3 +454,46 @@ def replace_section(path: Path, name: str, text: str) -> None:
     new = re.sub(rf"<!-- {name}:start -->.*<!-- {name}:end -->",
                  lambda m: f"<!-- {name}:start -->\n{text}\n<!-- {name}:end -->", doc, flags=re.S)
     Path(path).write_text(new, encoding="utf-8")
+
+
+def parse_into(cfg, sections: dict, argv, parser: argparse.ArgumentParser, owners: dict,
+               default_config: Path, defaults_base: Path,
+               resolve: Callable[[Optional[str], Optional[str], Path], Optional[str]]) -> argparse.Namespace:
+    """Write defaults < YAML < flags into ``cfg`` (its ``sections``: name -> dataclass): defaults'
+    paths relative to ``defaults_base``, a YAML file's relative to its folder (``--config``, else
+    ``default_config`` when it exists; recorded in ``cfg.config_file``), flags' relative to the
+    current directory; ``resolve(value, kind, base)`` makes a setting's value a path by its kind.
+    Returns the namespace of the arguments that are not settings (``owners``: flag dest -> (section,
+    name), from build_parser)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _refuse_repeated_flags(parser, argv)
+    ns = parser.parse_args(argv)
+    for section in sections:
+        obj = getattr(cfg, section)
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            if isinstance(v, str):
+                setattr(obj, f.name, resolve(v, f.metadata.get("kind"), defaults_base))
+    cfg_path = ns.config
+    if cfg_path is None and default_config.is_file():
+        cfg_path = str(default_config)
+    if cfg_path is not None:
+        path = Path(cfg_path).expanduser().resolve()
+        apply_yaml(cfg, sections, load_yaml(path), str(path), lambda v, kind: resolve(v, kind, path.parent))
+        cfg.config_file = str(path)
+    cwd = Path.cwd()
+    for dest, (section, name) in owners.items():
+        if not hasattr(ns, dest):
+            continue
+        value = getattr(ns, dest)
+        delattr(ns, dest)
+        obj = getattr(cfg, section)
+        md = next(f.metadata for f in dataclasses.fields(obj) if f.name == name)
+        if md.get("many") and isinstance(value, list):
+            value = [resolve(v, md.get("kind"), cwd) if isinstance(v, str) else v for v in value]
+            value = value[0] if len(value) == 1 else value
+        _check_choice(f"--{name}", value, md)
+        if isinstance(value, str):
+            value = resolve(value, md.get("kind"), cwd)
+        setattr(obj, name, value)
+    return ns

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from lora.common.cli import UserError, clip_text, human_seconds
+from lora.common.cli import UserError, clip_text, human_seconds, log
 from lora.config import REPO_ROOT, Config, parse_config
 from lora.dataset import load_metadata
 from lora.scoring.plots import heldout_segments
@@ -95,6 +95,17 @@ def md_text(text) -> str:
     page shows in Markdown that a user or a folder name can set goes through here."""
     text = re.sub(r"([\\`*_{}\[\]()#+!|~-])", r"\\\1", str(text))  # (before the entities)
     return html.escape(text, quote=True).replace("\n", "  \n")
+
+
+
+def page_message(e: BaseException) -> str:
+    """What the page shows for a failure (plain text: Markdown boxes escape it with md_text): the
+    user's error as it is; anything else by its type and text (the traceback goes to the server's
+    log, never to the page)."""
+    if isinstance(e, UserError):
+        return f"Error: {e}"
+    log.error("unexpected error in the UI", exc_info=e)
+    return f"Error: Unexpected error ({type(e).__name__}: {e}). The server log has the details; the UI keeps working."
 
 
 def run_summary(run: Path, history: list[dict], proc_state: str) -> str:

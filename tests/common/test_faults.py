@@ -26,13 +26,14 @@ def _dev_full() -> bool:
 
 
 def _full_checkpoint_file(monkeypatch, name: str) -> None:
-    """The temporary folder of every checkpoint (lora.common.files.atomic_dir) writes its ``name``
-    into /dev/full, whose writes fail with ENOSPC as a full disk's do."""
+    """The temporary folder of every checkpoint (lora.common.files.atomic_dir in checkpoints/; not
+    the training samples' samples/step-N) writes its ``name`` into /dev/full, whose writes fail with
+    ENOSPC as a full disk's do."""
     mkdtemp = tempfile.mkdtemp
 
     def full_dir(*a, prefix="", **kw):
         d = mkdtemp(*a, prefix=prefix, **kw)
-        if prefix.startswith(".step-"):
+        if prefix.startswith(".step-") and Path(kw.get("dir") or "").name == "checkpoints":
             os.symlink("/dev/full", Path(d) / name)
         return d
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import ROOT
 
 
 def _hub_like(src: Path, dst: Path, decoder_pad: int | None = None) -> Path:

@@ -147,7 +147,8 @@ def _player_seconds(pg) -> float:
 
 def test_prepare_edit_save_and_train_from_the_data_tab(page, server, tiny_model_dir, tiny_clap_dir):
     root = server[2]
-    songs, data, run = root / "songs", root / "data", root / "output" / "run_from_data"
+    # (the prepared folder lies under the UI's output root, as every folder the UI writes)
+    songs, data, run = root / "songs", root / "output" / "data", root / "output" / "run_from_data"
     write_songs(songs, n=3, seconds=6.0)
     page.get_by_role("tab", name="Data").click()
     _fill(page, "data_input", songs)
@@ -189,13 +190,14 @@ def test_prepare_edit_save_and_train_from_the_data_tab(page, server, tiny_model_
     _wait_for(lambda: (run / "final_model" / "adapter_model.safetensors").is_file(), 240, "the run to finish")
     saved_cfg = (run / "config.yaml").read_text()
     assert f"data_dir: {data}" in saved_cfg and "trigger_word: zxq" in saved_cfg
-    from safetensors import safe_open
+    from lora.dataprep import cache_store
+    from lora.dataprep.token_cache import text_key
 
     texts = set()
-    for f in (data / "cache").glob("*/text/*.safetensors"):
-        with safe_open(str(f), framework="pt") as fh:
-            texts.add(fh.metadata()["text"])
-    assert "zxq, lofi piano, dusty drums" in texts  # training read the edit (with the trigger word)
+    for cache in (data / "cache").iterdir():
+        texts |= set(cache_store.scan(cache).texts)
+    # training read the edit (with the trigger word)
+    assert text_key("zxq, lofi piano, dusty drums") in texts
 
 
 def test_bad_data_tab_inputs_are_messages(page, server):
@@ -205,7 +207,12 @@ def test_bad_data_tab_inputs_are_messages(page, server):
     page.locator("#data_prepare").click()
     text = _wait_text(page, "data_status", "Error")
     assert "Audio folder not found" in text and "Traceback" not in text
-    _fill(page, "data_dir", root / "no_data_here")
+    _fill(page, "data_dir", root / "output" / "no_data_here")
     page.locator("#data_load").click()
     text = _wait_text(page, "data_status", "Error")
     assert "metadata.json not found" in text and "Traceback" not in text
+    _fill(page, "data_input", root)
+    _fill(page, "data_dir", root / "outside_the_output_root")  # the UI writes only under its root
+    page.locator("#data_prepare").click()
+    text = _wait_text(page, "data_status", "outside")
+    assert "outside the UI's output root" in text and not (root / "outside_the_output_root").exists()
