@@ -461,7 +461,8 @@ def test_run_started_from_the_form_checkpoints_stops_and_resumes(page, out_root,
     page.get_by_role("tab", name="Train").click()
     for key, value in (("output_dir", run), ("model_path", tiny_model_dir),
                        ("data_dir", example_data_dir),
-                       ("max_steps", 400), ("save_steps", 2), ("eval_steps", 400), ("logging_steps", 1),
+                       # (so many steps that the run cannot end by itself before Stop, even unloaded)
+                       ("max_steps", 20000), ("save_steps", 2), ("eval_steps", 20000), ("logging_steps", 1),
                        ("batch_size", 2), ("gradient_accumulation_steps", 1), ("mixed_precision", "no")):
         _fill(page, f"train_{key}", value)
     page.locator("#start_train").click()
