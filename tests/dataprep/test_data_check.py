@@ -27,10 +27,12 @@ def test_without_a_model_it_says_what_it_did_not_check(data_copy, capsys):
 
 
 def test_with_a_model_it_reads_the_cache_training_builds_and_catches_a_bad_code(data_copy, tiny_model_dir, capsys):
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     from lora import test_dataset
     from lora.config import ModelConfig
+    from lora.dataprep import cache_store
     from lora.dataprep.token_cache import build_token_cache, cache_root
     from lora.dataset import load_metadata
     from lora.modeling.loading import load_base_model
@@ -45,10 +47,15 @@ def test_with_a_model_it_reads_the_cache_training_builds_and_catches_a_bad_code(
     assert f"0 clip(s) encoded, {len(train)} reused (training reuses them)" in out
     assert "batch 1: codes (" in out and "Checked: the folder, the audio and the token batches" in out
     # a code outside the codebook in one cached clip is found in the batches drawn
-    for path in sorted((cache_root(data_copy, info) / "codes").iterdir()):
+    # (every clip's codes, in the shards as the cache stores them: lora.dataprep.cache_store)
+    shards = [p for p in cache_store.shard_files(cache_root(data_copy, info)) if p.name.startswith("clips-")]
+    assert shards
+    for path in shards:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata()
         tensors = load_file(str(path))
-        tensors["codes"][0, 0] = info.vocab_size
-        save_file(tensors, str(path))
+        tensors["codes"][...] = info.vocab_size
+        save_file(tensors, str(path), metadata=meta)
     assert test_dataset.main(args) == 1
     out = capsys.readouterr().out
     assert f"codes outside the codebook [0, {info.vocab_size})" in out and "VERDICT: NOT READY" in out
