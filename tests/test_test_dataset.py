@@ -4,12 +4,14 @@ broken clip, and its collate pads and masks the audio."""
 from __future__ import annotations
 
 from lora import test_dataset as TD
+from lora.common.cli import script_command
 
 
 def test_test_dataset_ok_and_failing(example_data_dir, tmp_path, capsys):
     assert TD.main(["--data_dir", str(example_data_dir), "--num_batches", "2", "--batch_size", "3"]) == 0
     out = capsys.readouterr().out
-    assert "OK — next: python test_model.py" in out and "audio (3, 1, 128000) mask (3, 128000)" in out
+    # (the next step, as a command that works from where the user stands)
+    assert f"OK — next: {script_command('test_model.py')}" in out and "audio (3, 1, 128000) mask (3, 128000)" in out
     import shutil
 
     bad = tmp_path / "bad"

@@ -116,7 +116,8 @@ def check_outputs(requests: list[Request], out_dir: Path, overwrite: bool, model
     file in the way that inference_lora.py did not write (a WAV, manifest.json,
     inference_config.yaml) is refused even with --overwrite; its own earlier WAVs only with it;
     ``out_dir`` is never a model's folder (``models``). UserError when two names would collide.
-    The names are recorded as inference_lora.py's before anything is written."""
+    (ManifestWriter records the names as inference_lora.py's before it writes anything: a run
+    refused later, e.g. for its adapter, leaves nothing in out_dir.)"""
     names = output_names(requests)
     seen: dict[str, int] = {}
     for i, name in enumerate(names):
@@ -134,7 +135,6 @@ def check_outputs(requests: list[Request], out_dir: Path, overwrite: bool, model
         raise UserError(f"{len(existing)} output file(s) already exist in {out_dir}: {shown}. "
                         f"Nothing was generated. Pass --overwrite to replace them, or choose "
                         f"another --output_dir or --seed.")
-    record_written(out_dir, TOOL, [*names, MANIFEST, CONFIG_FILE])
     return names
 
 
@@ -218,6 +218,7 @@ class ManifestWriter:
                  names: list[str], model: nn.Module, info: ModelInfo, adapter_info):
         self.g, self.out_dir, self.info, self.adapter_info = g, out_dir, info, adapter_info
         self.path = out_dir / MANIFEST
+        record_written(out_dir, TOOL, [*names, MANIFEST, CONFIG_FILE])  # (before any file is written)
         self.name_of = {id(r): n for r, n in zip(requests, names)}
         self.kept = [e for e in _load_manifest(self.path) if e["file"] not in set(names)
                      and (out_dir / e["file"]).exists()]

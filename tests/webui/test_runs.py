@@ -5,7 +5,9 @@ tab's command is one evaluate.py accepts. The browser tests: tests/webui/test_ap
 
 from __future__ import annotations
 
+import html
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -18,9 +20,14 @@ from lora.webui import runs
 from tests.helpers import sha1s
 
 
+def _plain(markdown: str) -> str:
+    """What a Markdown box of the page shows (lora.webui.runs.md_text escapes every value)."""
+    return html.unescape(re.sub(r"\\(.)", r"\1", markdown))
+
+
 def _form(tmp_path: Path) -> dict:
-    """The Train form as gradio sends it: numbers as floats."""
-    values = runs.train_defaults(Config())
+    """The Train form as gradio sends it: numbers as floats (the UI's output root: tmp_path)."""
+    values = runs.train_defaults(Config(), tmp_path)
     data = tmp_path / "data"
     data.mkdir(exist_ok=True)
     values.update(data_dir=str(data), model_path="tiny", output_dir=str(tmp_path / "run"),
@@ -38,7 +45,7 @@ def test_the_train_form_starts_train_lora_with_exactly_its_settings(tmp_path):
     got = {k: getattr(getattr(cfg, s), k) for k in runs.TRAIN_FIELDS
            for s in ("data", "model", "training", "lora") if hasattr(getattr(cfg, s), k)}
     assert got == {k: (str(v) if k in ("save_steps", "eval_steps") else v) for k, v in values.items()}
-    assert "--lora_rank" in argv and argv[argv.index("--lora_rank") + 1] == "8"  # not "8.0"
+    assert "--lora_rank=8" in argv  # not "8.0" (one token: a value starting with "-" stays a value)
 
 
 def test_a_folder_that_holds_another_run_or_a_missing_data_folder_starts_nothing(tmp_path, monkeypatch):
@@ -46,7 +53,7 @@ def test_a_folder_that_holds_another_run_or_a_missing_data_folder_starts_nothing
         raise AssertionError(f"a process was started: {a}")
 
     monkeypatch.setattr(runs.subprocess, "Popen", started)
-    procs = runs.Processes(tmp_path / "output")
+    procs = runs.Processes(tmp_path)
     values = _form(tmp_path)
     done = tmp_path / "run" / "checkpoints" / "step-000002"
     done.mkdir(parents=True)
@@ -54,10 +61,10 @@ def test_a_folder_that_holds_another_run_or_a_missing_data_folder_starts_nothing
     before = sha1s(tmp_path)
     with pytest.raises(UserError, match="already holds another training run.*resume it"):
         runs.start_training(procs, values, None)
-    with pytest.raises(UserError, match="Data folder not found: /no/such/data"):
+    with pytest.raises(UserError, match="Data folder /no/such/data does not exist"):
         runs.start_training(procs, dict(values, output_dir=str(tmp_path / "new"),
                                         data_dir="/no/such/data"), None)
-    with pytest.raises(UserError, match="Give an output folder"):
+    with pytest.raises(UserError, match="Give the output folder"):
         runs.start_training(procs, dict(values, output_dir="  "), None)
     with pytest.raises(UserError, match="no checkpoint to resume from"):
         runs.resume_training(procs, str(tmp_path / "new"))
@@ -67,7 +74,7 @@ def test_a_folder_that_holds_another_run_or_a_missing_data_folder_starts_nothing
     before = sha1s(tmp_path)
     with pytest.raises(UserError, match="no checkpoint to resume from"):
         runs.resume_training(procs, str(tmp_path / "started"))
-    assert procs.procs == {} and sha1s(tmp_path) == before and not (tmp_path / "output").exists()
+    assert procs.procs == {} and sha1s(tmp_path) == before and not (tmp_path / "ui").exists()
     assert procs.state(str(tmp_path / "run"))[0] == "not started from this UI"
 
 
@@ -89,15 +96,15 @@ def test_the_run_summary_reads_the_runs_files(tmp_path):
     assert runs.list_runs(out) == [str(run)]
     history = runs.read_metrics(run)
     assert history == lines  # the half-written line is left for the next refresh
-    text = runs.run_summary(run, history, "train running (pid 1)")
+    text = _plain(runs.run_summary(run, history, "train running (pid 1)"))
     assert f"step 4 / 10 · epoch 0.40 · train loss 4.0000 · ETA {human_seconds(3.0)}" in text
     assert "best held-out loss **4.5000** (step 4) · base model 6.0000" in text
     assert "newest checkpoint: step-000004" in text
     assert "ETA" not in runs.run_summary(run, history, "train stopped")
     empty = out / "empty"
     (empty / "checkpoints").mkdir(parents=True)
-    assert "no metrics yet" in runs.run_summary(empty, [], "not started from this UI")
-    assert "newest checkpoint: none yet" in runs.run_summary(empty, [], "")
+    assert "no metrics yet" in _plain(runs.run_summary(empty, [], "not started from this UI"))
+    assert "newest checkpoint: none yet" in _plain(runs.run_summary(empty, [], ""))
 
 
 def test_evaluations_are_listed_and_a_damaged_one_is_a_message(tmp_path):

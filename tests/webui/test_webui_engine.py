@@ -106,7 +106,10 @@ def test_a_good_form_has_no_problems_and_each_bad_field_is_named(two_adapters):
 
 
 def test_seed_box_and_strengths_box():
-    assert E.parse_seed("12") == 12 and E.parse_seed(" 3.0 ") == 3
+    assert E.parse_seed("12") == 12 and E.parse_seed(" 4294967295 ") == 2 ** 32 - 1
+    for bad in ("3.0", "-1", "4294967296"):  # the scripts' one rule for seeds (--seed 3.0 is refused too)
+        with pytest.raises(UserError, match="seed must be a whole number"):
+            E.parse_seed(bad)
     assert 0 <= E.parse_seed("random") < 2 ** 31 and 0 <= E.parse_seed("") < 2 ** 31
     with pytest.raises(UserError, match="seed must be a whole number"):
         E.parse_seed("twelve")
@@ -134,7 +137,8 @@ def test_clean_up_deletes_old_then_oldest_ui_folders_and_nothing_else(tmp_path):
     newer_big = _job(ui, "gen-3", 5000, age_s=60)
     current = _job(ui, "gen-4", 5000, age_s=7200)  # the job being shown: kept whatever its age
     mine = _job(ui, "my-notes", 10, age_s=10 * 86400)  # not made by the UI
-    gone = E.clean_ui_outputs(ui, max_age_s=86400, max_bytes=6000, keep=current)
+    # (keep: a path the request being served uses, e.g. the job's own file)
+    gone = E.clean_ui_outputs(ui, max_age_s=86400, max_bytes=6000, keep=[current / "x.wav"])
     assert gone == [old, older_big]  # too old; then the oldest while over the budget
     assert sorted(p.name for p in ui.iterdir()) == ["gen-3", "gen-4", "my-notes"]
     assert newer_big.is_dir() and mine.is_dir() and current.is_dir()
