@@ -89,10 +89,13 @@ def test_readme_test_command_is_what_ci_runs():
     documented = [line.strip() for line in block.splitlines() if line.strip()]
     ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()
           if re.match(r"\s*(bash install\.sh|python -m )", line)]
-    # (CI also runs the web UI section's own install command, which --dev has made a check)
-    assert "bash install.sh --ui" in ci and "bash install.sh --ui" in readme
-    ci = [line for line in ci if line != "bash install.sh --ui"]
+    # (CI also runs the web UI's and the vocal removal's own install commands, which --dev has made
+    # checks)
+    for own in ("bash install.sh --ui", "bash install.sh --separation"):
+        assert own in ci and own in readme
+    ci = [line for line in ci if line not in ("bash install.sh --ui", "bash install.sh --separation")]
     assert documented == ci == ["bash install.sh --dev", "python -m ruff check .", "python -m pytest -q tests"]
     assert {"pytest", "ruff", "gradio", "playwright"} <= _requirements("requirements-dev.txt")
+    assert "separation=1" in (ROOT / "install.sh").read_text()  # --dev installs demucs too
     # the browser tests fail in CI rather than skip
     assert "export CI=true" in (ROOT / ".ci" / "run").read_text()
