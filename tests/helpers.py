@@ -194,3 +194,43 @@ def tune_chroma(seconds=3.0):
     wav = np.concatenate([tones([440.0], seconds / 3), tones([261.63], seconds / 3),
                           tones([329.63], seconds / 3)])
     return C.chroma(wav, SR)
+
+
+# --------------------------------------------------------------------------------------------
+# The web UI's browser tests (tests/webui/): what they need, and a free port
+# --------------------------------------------------------------------------------------------
+def require(what: str, ok: bool, module_level: bool = True) -> None:
+    """Skip (fail with CI=true, as .ci/run sets it) when ``what`` is missing."""
+    import pytest
+
+    if ok:
+        return
+    msg = f"these tests need {what} (bash install.sh --dev; sudo apt-get install chromium)"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(msg + ": CI=true, so this fails rather than skips", pytrace=False)
+    pytest.skip(msg, allow_module_level=module_level)
+
+
+def importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def require_browser() -> str:
+    """gradio, playwright and Debian's chromium (its path), or skip / fail the module (require)."""
+    import shutil
+
+    require("gradio", importable("gradio"))
+    require("playwright", importable("playwright"))
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    require("Debian's chromium", chromium is not None)
+    return chromium
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -15,7 +15,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import time
 from pathlib import Path
 
@@ -23,41 +22,19 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-CI = os.environ.get("CI", "").lower() == "true"
+from tests.helpers import free_port, require_browser
+
 # Each test drives the UI end to end (a server on the tiny model, a trained run): all are slow.
 pytestmark = pytest.mark.slow
 
 
-def _require(what: str, ok: bool):
-    if ok:
-        return
-    msg = f"the browser tests need {what} (bash install.sh --dev; sudo apt-get install chromium)"
-    if CI:
-        pytest.fail(msg + ": CI=true, so this fails rather than skips", pytrace=False)
-    pytest.skip(msg, allow_module_level=True)
-
-
-def _importable(name: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(name) is not None
-
-
-_require("gradio", _importable("gradio"))
-_require("playwright", _importable("playwright"))
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-_require("Debian's chromium", CHROMIUM is not None)
+CHROMIUM = require_browser()  # (skips, or fails with CI=true, without gradio, playwright or chromium)
 
 from lora import app, inference_lora  # noqa: E402  (after the checks above: a clear skip/fail, not an ImportError)
 from lora.training import checkpoints  # noqa: E402
 
 TIMEOUT = 60_000  # ms
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +58,7 @@ def server(out_root, tiny_model_dir, example_data_dir):
     cfg = app.load_config(None)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, model_path=str(tiny_model_dir)),
                               data=dataclasses.replace(cfg.data, data_dir=str(example_data_dir)))
-    ns = app.parse_args(["--port", str(_free_port()), "--output_root", str(out_root)])
+    ns = app.parse_args(["--port", str(free_port()), "--output_root", str(out_root)])
     demo = app.build_ui(cfg, out_root, ns)
     app.launch(demo, ns, out_root, block=False)
     yield demo, f"http://127.0.0.1:{ns.port}/"

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,35 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT
-
-CI = os.environ.get("CI", "").lower() == "true"
-
-
-def _require(what: str, ok: bool):
-    if ok:
-        return
-    msg = f"these tests need {what} (bash install.sh --dev; sudo apt-get install chromium)"
-    if CI:
-        pytest.fail(msg + ": CI=true, so this fails rather than skips", pytrace=False)
-    pytest.skip(msg)
-
-
-def _importable(name: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(name) is not None
+from tests.helpers import ROOT, free_port, importable, require
 
 
 @pytest.fixture(scope="module", autouse=True)
 def gradio_installed():
-    _require("gradio", _importable("gradio"))
+    require("gradio", importable("gradio"), module_level=False)
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +101,7 @@ def test_ab_downloads_have_distinct_names(out_root, tiny_model_dir):
 def test_served_without_gradios_share_hint(tmp_path, tiny_model_dir):
     """gradio's start-up lines end with 'To create a public link, set `share=True`': a link this UI
     never makes. The server says where it is, once."""
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
     p = subprocess.Popen([sys.executable, str(ROOT / "lora" / "app.py"), "--model_path", str(tiny_model_dir),
                           "--port", str(port), "--output_root", str(tmp_path / "output")], cwd=ROOT,
@@ -155,14 +132,14 @@ def test_served_without_gradios_share_hint(tmp_path, tiny_model_dir):
 def test_evaluate_summary_is_monospaced(out_root, tiny_model_dir):
     """The summary's columns are aligned with spaces: in a proportional font (today's main) they do
     not line up."""
-    _require("playwright", _importable("playwright"))
+    require("playwright", importable("playwright"), module_level=False)
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    _require("Debian's chromium", chromium is not None)
+    require("Debian's chromium", chromium is not None, module_level=False)
     from playwright.sync_api import sync_playwright
 
     from lora import app
 
-    ns = app.parse_args(["--model_path", str(tiny_model_dir), "--port", str(_free_port()),
+    ns = app.parse_args(["--model_path", str(tiny_model_dir), "--port", str(free_port()),
                          "--output_root", str(out_root)])
     demo = app.build_ui(ns.cfg, out_root, ns)
     app.launch(demo, ns, out_root, block=False)

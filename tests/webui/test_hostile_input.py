@@ -14,35 +14,17 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import free_port, require_browser
+
 pytestmark = pytest.mark.slow
-CI = os.environ.get("CI", "").lower() == "true"
 
 
-def _require(what: str, ok: bool):
-    if ok:
-        return
-    msg = f"the browser tests need {what} (bash install.sh --ui; pip install playwright; apt-get install chromium)"
-    if CI:
-        pytest.fail(msg + ": CI=true, so this fails rather than skips", pytrace=False)
-    pytest.skip(msg, allow_module_level=True)
-
-
-def _importable(name: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(name) is not None
-
-
-_require("gradio", _importable("gradio"))
-_require("playwright", _importable("playwright"))
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-_require("Debian's chromium", CHROMIUM is not None)
+CHROMIUM = require_browser()  # (skips, or fails with CI=true, without gradio, playwright or chromium)
 
 from lora import app, evaluate  # noqa: E402
 
@@ -53,11 +35,6 @@ XSS = "x\" onload=\"window.__xss=5\" data-x=\"'><img src=x onerror=window.__xss=
 # ... and in a prompt or caption, where '/' is allowed too
 XSS_TEXT = XSS + "<script>window.__xss=3</script>[click](javascript:window.__xss=4)"
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +65,7 @@ def server(hostile, tiny_model_dir):
     cfg = app.load_config(None)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, model_path=str(tiny_model_dir)),
                               data=dataclasses.replace(cfg.data, data_dir=str(hostile["data"])))
-    ns = app.parse_args(["--port", str(_free_port()), "--output_root", str(hostile["root"])])
+    ns = app.parse_args(["--port", str(free_port()), "--output_root", str(hostile["root"])])
     demo = app.build_ui(cfg, hostile["root"], ns)
     app.launch(demo, ns, hostile["root"], block=False)
     yield demo, f"http://127.0.0.1:{ns.port}/"
@@ -194,6 +171,21 @@ def test_hostile_names_in_every_place_the_ui_shows_them_run_no_script(page, host
     assert frame.get_attribute("sandbox") == "allow-same-origin"  # no scripts, whatever it holds
     report = page.frame_locator("#eval_report iframe").locator("body")
     assert "<script>window.__xss=3</script>" in report.inner_text(timeout=30_000)
+    _no_script_ran(page)
+    # Data: a prepared folder with a hostile name and hostile captions (its status line, the clips
+    # table, the Train form's message after "Train on this")
+    data = root / f"data {XSS}"
+    if not data.exists():
+        shutil.copytree(hostile["data"], data)
+    page.get_by_role("tab", name="Data").click()
+    _fill(page, "data_dir", data)
+    page.locator("#data_load").click()
+    status = _wait_text(page, "data_status", r"Ready:|Error")
+    assert "Ready:" in status and "<img src=x onerror=window.__xss=1>" in status, status
+    assert "<script>window.__xss=3</script>" in _text(page, "data_table")
+    _no_script_ran(page)
+    page.locator("#data_train").click()
+    assert "<img src=x onerror=window.__xss=1>" in _wait_text(page, "train_msg", "Data folder from the Data tab")
     _no_script_ran(page)
 
 
