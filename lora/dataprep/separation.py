@@ -324,6 +324,9 @@ TINY_KWARGS = dict(channels=4, depth=4, nfft=4096, t_layers=1, t_heads=2, t_hidd
 SOURCES = ["drums", "bass", "other", "vocals"]
 
 
+RANDOM_OUTPUT_SCALE = 8.0  # random_separator's output layers (see there)
+
+
 def random_separator(folder: Path, *, size: str = "tiny", seed: int = 0, name: str = "htdemucs",
                      mute_vocals: bool = False) -> Path:
     """A randomly initialised HTDemucs (``size`` "tiny" or "htdemucs": the released model's
@@ -336,6 +339,13 @@ def random_separator(folder: Path, *, size: str = "tiny", seed: int = 0, name: s
 
     torch.manual_seed(seed)
     model = HTDemucs(sources=list(SOURCES), **(TINY_KWARGS if size == "tiny" else HTDEMUCS_KWARGS))
+    # Not degenerate: at demucs' own initialisation the stems are mostly a DC offset (the tiny model's
+    # instrumental of a -13 dBFS mix: -46 dBFS above 20 Hz, which prepare_data rightly drops as
+    # inaudible); the output layers scaled up make every stem carry audible signal (-28 dBFS), as a
+    # trained model's do.
+    with torch.no_grad():
+        for last in (model.decoder[-1], model.tdecoder[-1]):
+            last.conv_tr.weight.mul_(RANDOM_OUTPUT_SCALE)
     if mute_vocals:
         _mute_source(model, SOURCES.index(VOCALS))
     return save_hub_folder([model], folder, name)
