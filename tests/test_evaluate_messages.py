@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from lora.common.cli import UserError
+from tests.helpers import sha1s
+
 pytestmark = pytest.mark.slow  # (two evaluations of the tiny model)
 
 
@@ -44,6 +47,14 @@ def test_few_prompts_are_said_and_a_rerun_keeps_only_its_clips(tmp_path, tiny_mo
     (out / "audio" / "base" / "keep me.wav").write_bytes(b"mine")
 
     data = _one_caption_data(example_data_dir, tmp_path / "one_caption")
+    # files of the user's inside the evaluation's folders: the rerun (which replaces those folders)
+    # is refused, naming them, and nothing is changed (the ownership rule, lora.common.ownership)
+    before = sha1s(out)
+    with pytest.raises(UserError) as e:
+        _evaluate(tiny_model_dir, adapter, data, out, "--eval_seeds", "1")
+    assert "my_notes.txt" in str(e.value) and "keep me.wav" in str(e.value) and sha1s(out) == before
+    (out / "audio" / "my_notes.txt").rename(tmp_path / "my_notes.txt")
+    (out / "audio" / "base" / "keep me.wav").rename(tmp_path / "keep me.wav")
     second = _evaluate(tiny_model_dir, adapter, data, out, "--eval_seeds", "1")  # --num_prompts 8
     # said, with advice that can help (today's main: one prompt used without a word, and a note
     # advising a higher --num_prompts)
@@ -58,5 +69,4 @@ def test_few_prompts_are_said_and_a_rerun_keeps_only_its_clips(tmp_path, tiny_mo
             assert got == [f"p000_s{second['generation']['seeds'][0]}.{ext}"], (kind, model, got)
     report = (out / "report.html").read_text()
     assert "p001_" not in report
-    assert (out / "audio" / "my_notes.txt").read_text() == "mine"
-    assert (out / "audio" / "base" / "keep me.wav").read_bytes() == b"mine"
+    assert (tmp_path / "my_notes.txt").read_text() == "mine"

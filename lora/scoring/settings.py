@@ -6,6 +6,7 @@ output folder (the ownership rule of lora.common.ownership: ``earlier_evaluation
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from lora.common.cli import UserError
@@ -67,7 +68,28 @@ def config_problems(cfg: Config, ns=None) -> list[str]:
 
 TOOL = "evaluate.py"
 # What evaluate.py writes into output_dir (a rerun replaces its own earlier evaluation there)
-OUTPUTS = ("results.json", "config.yaml", "report.html", "audio", "spectrograms", "charts")
+OUTPUTS = ("results.json", "config.yaml", "report.html", "audio", "spectrograms", "charts", "training_samples")
+# what evaluate.py writes inside its folders: audio/<model>/pNNN_sK.wav, spectrograms/<model>/pNNN_sK.png,
+# charts/*.png, training_samples/step-NNNNNN/sample_NN.wav (and the temporary files of atomic writes)
+_OWN_FILES = {"audio": re.compile(r"[^/]+/p\d{3}_s\d+\.wav"),
+              "spectrograms": re.compile(r"[^/]+/p\d{3}_s\d+\.png"),
+              "charts": re.compile(r"[^/]+\.png"),
+              "training_samples": re.compile(r"step-\d+/sample_\d+\.wav")}
+_TEMPORARY = re.compile(r"(.*/)?\..+\.tmp")
+
+
+def _foreign_inside(folder: Path) -> list[Path]:
+    """The files (and links) in one of evaluate.py's folders that it does not write there: a rerun
+    replaces the folder, so these would be lost; the ownership rule refuses instead."""
+    if folder.is_symlink() or not folder.is_dir():
+        return [folder]
+    own = _OWN_FILES[folder.name]
+    out = []
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder).as_posix()
+        if p.is_symlink() or (p.is_file() and not (own.fullmatch(rel) or _TEMPORARY.fullmatch(rel))):
+            out.append(p)
+    return out
 
 
 def _ours(out: Path):
@@ -81,7 +103,13 @@ def _ours(out: Path):
             doc = None
         if isinstance(doc, dict) and "models_evaluated" in doc and "likelihood" in doc:
             recorded = set(OUTPUTS)
-    return lambda entry: [] if entry.name in recorded else [entry]
+
+    def ours(entry: Path) -> list[Path]:
+        if entry.name not in recorded:
+            return [entry]
+        return _foreign_inside(entry) if entry.name in _OWN_FILES else []
+
+    return ours
 
 
 def earlier_evaluation(cfg: Config) -> list[Path]:
