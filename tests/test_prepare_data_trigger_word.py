@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from lora import inference_lora, prepare_data, train_lora
+from lora.dataprep.token_cache import text_key
 from lora.modeling.adapter import adapter_identity
 
 
@@ -30,7 +31,7 @@ def test_trigger_word_reaches_training_the_adapter_and_inference(tmp_path, examp
     saved = yaml.safe_load((out / "best_model" / "config.yaml").read_text())["data"]
     assert saved["trigger_word"] == "zxq" and saved["trigger_position"] == "end"
     # the text states training cached are those of the triggered captions
-    assert set(_cached_texts(data)) == {f"{t}, zxq" for t in set(plain)}
+    assert _cached_text_keys(data) == {text_key(f"{t}, zxq") for t in set(plain)}
     assert adapter_identity(out / "best_model")["trigger_word"] == {"word": "zxq", "position": "end"}
     lora_log = logging.getLogger("lora")  # (it does not propagate once a script set up logging)
     lora_log.addHandler(caplog.handler)
@@ -46,12 +47,14 @@ def test_trigger_word_reaches_training_the_adapter_and_inference(tmp_path, examp
     assert entry["adapter"]["trigger_word"] == {"word": "zxq", "position": "end"}
 
 
-def _cached_texts(data) -> list[str]:
-    from safetensors import safe_open
+def _cached_text_keys(data) -> set[str]:
+    """The captions whose text states training cached (their keys: lora.dataprep.token_cache.text_key),
+    from the cache's shards (lora.dataprep.cache_store)."""
+    from lora.dataprep import cache_store
 
-    out = []
-    for f in (data / "cache").glob("*/text/*.safetensors"):
-        with safe_open(str(f), framework="pt") as fh:
-            out.append(fh.metadata()["text"])
+    out = set()
+    for cache in (data / "cache").iterdir():
+        if cache.is_dir() and (cache / "shards").is_dir():
+            out |= set(cache_store.scan(cache).texts)
     assert out
     return out

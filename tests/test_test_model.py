@@ -7,6 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lora.common.cli import script_command
+
 
 @pytest.mark.slow
 def test_test_model_step_equals_the_training_step(tmp_path, tiny_model_dir, example_data_dir):
@@ -59,7 +61,8 @@ def test_test_model_script_passes_on_tiny_model(tiny_model_dir, capsys):
     assert rc == 0, out
     for section in ("== model", "== lora", "== training step", "== generation"):
         assert section in out
-    assert "OK — next step: python train_lora.py" in out
+    # the next step: the training command, written for the folder the user runs from
+    assert "OK — next step: " in out and f"{script_command('train_lora.py')} --model_path" in out
     assert "peak:" in out and "generated:  (1, 1, " in out
     # The step runs on the training window (training.max_duration, 30 s by default): its peak is
     # training's.

@@ -147,7 +147,7 @@ def test_memorising_finetune_is_caught_and_the_base_is_not(tmp_path, tiny_model_
         (data / "metadata.json").read_text())["clips"][:2]]
     assert cc["comparison"]["flag"] and cc["comparison"]["n_prompts"] == len(prompts)
     summary = {r["metric"]: r for r in json.loads((ev / "results.json").read_text())["summary"]}
-    assert summary["copied time (share, near-copies)"]["better"] == "base"
+    assert summary["copied time (share, near-copies)"]["better"] == "FLAG"  # (the copy row flags)
     assert summary["copied time (share, near-copies)"]["note"].startswith("FLAG")
     html = (ev / "report.html").read_text()
     assert "copies more than the base" in html

@@ -48,6 +48,16 @@ def _files(root: Path) -> dict[str, bytes]:
             if p.is_file() and p.name not in ("join.lock", "index.json")}
 
 
+def _settle() -> None:
+    """Wait until the copied clips are older than the cache index's racy window
+    (lora.dataprep.cache_store.settled), so both runs index every clip whatever the machine's load."""
+    import time
+
+    from lora.dataprep import cache_store
+
+    time.sleep(cache_store.RACY_SECONDS + 0.2)
+
+
 def _index_hashes(root: Path) -> dict[str, str]:
     import json
 
@@ -62,6 +72,7 @@ def test_two_processes_share_the_build_and_make_the_one_process_cache(tmp_path, 
     pytest.importorskip("torch.distributed.run")
     one, two = (shutil.copytree(example_data_dir, tmp_path / n, ignore=shutil.ignore_patterns("cache"))
                 for n in ("one", "two"))
+    _settle()
     assert train_lora.main(_args(tiny_model_dir, one, tmp_path / "out1")) == 0
     r = _torchrun(_args(tiny_model_dir, two, tmp_path / "out2"))
     assert r.returncode == 0, r.stderr[-3000:]
@@ -92,6 +103,7 @@ def test_a_failed_process_leaves_no_shard_and_the_next_run_resumes(tmp_path, tin
     pytest.importorskip("torch.distributed.run")
     one, two = (shutil.copytree(example_data_dir, tmp_path / n, ignore=shutil.ignore_patterns("cache"))
                 for n in ("one", "two"))
+    _settle()
     assert train_lora.main(_args(tiny_model_dir, one, tmp_path / "out1")) == 0
     # The last clip (batch 7 of 8: the second process's) cannot be decoded.
     bad = load_metadata(two)[-1].path

@@ -407,12 +407,27 @@ def join(root: Path, build: str, identity: dict) -> JoinResult:
         for f in parts:
             f.path.unlink(missing_ok=True)
         day = time.time() - 86400
-        for p in (root / "parts").glob("progress-*.json"):  # this build's, and any a day old
+        ended = {build} | _failed_builds(root)  # (a build with a failed process is over)
+        for p in (root / "parts").glob("progress-*.json"):  # those builds', and any a day old
             with contextlib.suppress(OSError):
-                if p.name.startswith(f"progress-{build}-") or p.stat().st_mtime < day:
+                if any(p.name.startswith(f"progress-{b}-") for b in ended) or p.stat().st_mtime < day:
                     p.unlink()
         fsync_dir(root / "parts")
         return JoinResult({k: len(chosen[k]) for k in KINDS}, by_rank, this_build)
+
+
+def _failed_builds(root: Path) -> set[str]:
+    """Builds one of whose processes wrote "failed" in its progress file: over (their first process
+    stopped with that error), so their progress files can go. A running build's are kept."""
+    out = set()
+    for p in (root / "parts").glob("progress-*-r*.json"):
+        try:
+            state = json.loads(p.read_text(encoding="utf-8")).get("state")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if state == "failed":
+            out.add(p.name[len("progress-"):].rsplit("-r", 1)[0])
+    return out
 
 
 def _abs(root: Path, path: str) -> str:
