@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import ROOT
 
 
@@ -21,6 +23,7 @@ def _run(args, cwd, **env):
                           timeout=120)
 
 
+@pytest.mark.slow  # (over ~2 s: the full suite runs it, the fast loop leaves it out)
 def test_install_from_inside_lora_is_the_root_installer(tmp_path):
     """The plan's step 1, `cd .../lora && bash install.sh`: rc 127 on today's main (no such file)."""
     inside = _run(["install.sh", "--check", "--dev"], ROOT / "lora")
@@ -54,6 +57,7 @@ def test_torch_is_pinned_without_importing_it(tmp_path):
     assert "Failed to initialize NumPy" not in r.stdout + r.stderr
 
 
+@pytest.mark.slow  # (over ~2 s: the full suite runs it, the fast loop leaves it out)
 def test_dev_says_how_to_get_chromium(tmp_path):
     """--dev is what the whole suite needs: it names the chromium the browser tests drive, or how to
     get one."""

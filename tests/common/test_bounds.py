@@ -83,6 +83,7 @@ CASES = ["caption_as_prompt", "caption_in_metadata", "num_samples", "batch_size"
          "events", "prompts_file", "seed", "alias_bomb"]
 
 
+@pytest.mark.slow  # (over ~2 s: the full suite runs it, the fast loop leaves it out)
 @pytest.mark.parametrize("case", CASES)
 def test_every_size_a_user_controls_is_bounded_before_anything_is_allocated(
         case, tmp_path, tiny_model_dir, example_data_dir):

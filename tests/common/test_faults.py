@@ -88,6 +88,7 @@ def data(tmp_path, example_data_dir):
     return d
 
 
+@pytest.mark.slow  # (over ~2 s: the full suite runs it, the fast loop leaves it out)
 def test_a_full_disk_while_saving_the_optimizer_is_a_message_naming_the_file(tmp_path, monkeypatch, capsys,
                                                                              tiny_model_dir, data):
     from lora import train_lora

@@ -44,6 +44,7 @@ USER_FILE = {"export_model": "notes.txt", "evaluate": "config.yaml", "inference_
              "train_lora": "config.yaml", "prepare_data": "metadata.json"}
 
 
+@pytest.mark.slow  # (over ~2 s: the full suite runs it, the fast loop leaves it out)
 @pytest.mark.parametrize("script", sorted(USER_FILE))
 def test_a_file_the_script_did_not_write_is_refused_by_name_and_kept(
         script, tmp_path, tiny_model_dir, trained_output_dir, example_data_dir):

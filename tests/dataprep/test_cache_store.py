@@ -130,6 +130,7 @@ print(json.dumps({"n": len(views), "anon": after["RssAnon"] - before["RssAnon"],
 """
 
 
+@pytest.mark.slow  # (over ~2 s: the full suite runs it, the fast loop leaves it out)
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc/self/status (Linux)")
 def test_reading_the_shards_costs_no_heap(tmp_path):
     """2,000 captions' text states of musicgen-small's width (32 tokens x 768, float16: 98 MB): read

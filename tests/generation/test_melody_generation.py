@@ -112,6 +112,7 @@ def _audiocraft_window_chroma(tune: np.ndarray, time_offset: float, max_duration
     return C.chroma(tune[positions % len(tune)], SR).argmax(-1)
 
 
+@pytest.mark.slow  # (over ~2 s: the full suite runs it, the fast loop leaves it out)
 def test_a_40_s_piece_from_a_10_s_tune_follows_the_tune_in_every_window(tmp_path_factory, monkeypatch):
     """engine.generate of 40 s (two 30-s windows, at 0 and 18 s) with a 10-s tune gives each window
     the melody audiocraft gives it: the tune extended periodically from the window's start. Frames

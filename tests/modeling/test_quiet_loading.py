@@ -44,6 +44,7 @@ def _load_in_a_fresh_process(folder: Path) -> str:
     return p.stderr
 
 
+@pytest.mark.slow  # (over ~2 s: the full suite runs it, the fast loop leaves it out)
 def test_musicgen_special_token_convention_is_not_warned(tmp_path, tiny_model_dir):
     """transformers warns 'pad_token_id must be None or within the vocabulary (... got 2048)' three
     times per load of a hub MusicGen: MusicGen's pad/BOS id is vocab_size by design."""
@@ -52,6 +53,7 @@ def test_musicgen_special_token_convention_is_not_warned(tmp_path, tiny_model_di
     assert "within the vocabulary" not in err, err
 
 
+@pytest.mark.slow  # (over ~2 s: the full suite runs it, the fast loop leaves it out)
 def test_a_special_token_outside_the_convention_still_warns(tmp_path, tiny_model_dir):
     err = _load_in_a_fresh_process(_hub_like(tiny_model_dir, tmp_path / "broken", decoder_pad=999))
     assert "got 999" in err

@@ -162,6 +162,7 @@ def _simulate(n_prompts, seeds, q, spread, effect, reps, rng, verdict=True):
     return flags / reps
 
 
+@pytest.mark.slow  # (over ~2 s: the full suite runs it, the fast loop leaves it out)
 def test_a_finetune_that_copies_like_the_base_is_flagged_at_most_5_percent_of_the_time():
     """The verdict's false-alarm rate, simulated with no true difference, at the prompt counts a
     user runs (6 to 20) and copy rates from rare to most clips; and its power when the fine-tune

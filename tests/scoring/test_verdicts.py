@@ -73,6 +73,7 @@ def test_the_verdict_says_how_many_more_units_it_needs():
 # --------------------------------------------------------------------------------------------
 # Simulated evaluations
 # --------------------------------------------------------------------------------------------
+@pytest.mark.slow  # (over ~2 s: the full suite runs it, the fast loop leaves it out)
 def test_no_true_difference_names_a_winner_at_most_5_percent_at_the_defaults():
     """8 prompts x 2 seeds whose clips correlate at 0.8 within a prompt, 10 held-out recordings of
     3 clips, CLAP: nine rows with a verdict. bench/bench_verdicts.py: 2000 evaluations."""

@@ -51,6 +51,7 @@ def test_the_app_takes_the_schema_flags():
         app.parse_args(["--auth", "nopassword"])
 
 
+@pytest.mark.slow  # (over ~2 s: the full suite runs it, the fast loop leaves it out)
 def test_forms_start_from_the_configured_model_and_best_model(out_root):
     """Today's main pre-selects the newest adapter (final_model), and its forms can only start from
     config.yaml's model."""
