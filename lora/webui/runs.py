@@ -174,6 +174,14 @@ class Proc:
     kind: str          # "train" / "resume" / "evaluate"
 
 
+def _stoppable() -> None:
+    """In the child, before it runs the script: Ctrl-C (SIGINT) is delivered and ends it as in a
+    terminal. A request thread of the server may block signals, and a blocked signal mask is
+    inherited across exec: the script would never see Stop's SIGINT."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Processes:
     """train_lora.py / evaluate.py subprocesses started from the UI, by the folder they write
     into."""
@@ -199,7 +207,7 @@ class Processes:
             env = dict(os.environ, PYTHONUNBUFFERED="1")
             with open(log_path, "w", encoding="utf-8") as fh:
                 popen = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT,
-                                         cwd=str(REPO_ROOT), env=env)
+                                         cwd=str(REPO_ROOT), env=env, preexec_fn=_stoppable)
             self.procs[key] = Proc(popen, shlex.join(argv), log_path, kind)
             return self.procs[key]
 
