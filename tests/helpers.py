@@ -205,7 +205,7 @@ def require(what: str, ok: bool, module_level: bool = True) -> None:
 
     if ok:
         return
-    msg = f"these tests need {what} (bash install.sh --dev; sudo apt-get install chromium)"
+    msg = f"these tests need {what}"
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(msg + ": CI=true, so this fails rather than skips", pytrace=False)
     pytest.skip(msg, allow_module_level=module_level)
@@ -217,14 +217,19 @@ def importable(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
+def require_demucs() -> None:
+    """demucs (bash install.sh --separation; --dev installs it), or skip / fail the module."""
+    require("demucs (bash install.sh --separation)", importable("demucs"))
+
+
 def require_browser() -> str:
     """gradio, playwright and Debian's chromium (its path), or skip / fail the module (require)."""
     import shutil
 
-    require("gradio", importable("gradio"))
-    require("playwright", importable("playwright"))
+    require("gradio (bash install.sh --dev)", importable("gradio"))
+    require("playwright (bash install.sh --dev)", importable("playwright"))
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    require("Debian's chromium", chromium is not None)
+    require("Debian's chromium (sudo apt-get install chromium)", chromium is not None)
     return chromium
 
 

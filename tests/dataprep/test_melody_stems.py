@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -18,12 +17,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-CI = os.environ.get("CI", "").lower() == "true"
-if importlib.util.find_spec("demucs") is None:
-    msg = "the separation tests need demucs (bash install.sh --separation)"
-    if CI:
-        pytest.fail(msg + ": CI=true, so this fails rather than skips", pytrace=False)
-    pytest.skip(msg, allow_module_level=True)
+from tests.helpers import require_demucs
+
+require_demucs()  # (skips without demucs; fails with CI=true: .ci/run installs it)
 
 import torch  # noqa: E402
 

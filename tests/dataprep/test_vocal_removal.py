@@ -10,17 +10,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 from pathlib import Path
 
 import pytest
 
-CI = os.environ.get("CI", "").lower() == "true"
-if importlib.util.find_spec("demucs") is None:
-    msg = "the separation tests need demucs (bash install.sh --separation)"
-    if CI:
-        pytest.fail(msg + ": CI=true, so this fails rather than skips", pytrace=False)
-    pytest.skip(msg, allow_module_level=True)
+from tests.helpers import require_demucs
+
+require_demucs()  # (skips without demucs; fails with CI=true: .ci/run installs it)
 
 from tests.conftest import write_songs  # noqa: E402
 
