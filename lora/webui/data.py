@@ -24,7 +24,7 @@ from lora.common.cli import UserError
 from lora.config import REPO_ROOT, Config, DataConfig
 from lora.dataprep import review
 from lora.dataprep.audio import load_audio, to_pcm16
-from lora.dataset import resolve_trigger
+from lora.dataset import data_dir_lock, resolve_trigger
 from lora.webui.runs import Processes, log_tail, md_text, page_message, under_root
 
 SCRIPTS_DIR = Path(__file__).resolve().parent.parent
@@ -115,8 +115,9 @@ def save_table(data_dir: str, rows: list[list], out_root: Path, metadata_file: s
     edits = [review.Edit(str(r[idx["clip"]]), str(r[idx["caption"]] or ""), str(r[idx["tags"]] or ""),
                          f"row {i + 1}") for i, r in enumerate(rows)]
     template = template or review.folder_template(folder, DataConfig().auto_caption_template)
-    result = review.apply_edits(folder, metadata_file, edits, template)
-    table = review.sync_table(folder, result["doc"])
+    with data_dir_lock(folder, writer=True):  # (as prepare_data: no run reads the folder meanwhile)
+        result = review.apply_edits(folder, metadata_file, edits, template)
+        table = review.sync_table(folder, result["doc"])
     n = len(result["changed"])
     return (f"Saved: {n} caption(s) changed" + (f" ({', '.join(Path(c).name for c in result['changed'][:5])}"
                                                   f"{' ...' if n > 5 else ''})" if n else "")
