@@ -77,7 +77,6 @@ from lora.scoring.generated import (
     KAD_KERNEL,
     KAD_MAX_FRAMES,
     LOUDNESS_TARGET_LUFS,
-    clear_earlier_clips,
     generation_metrics,
 )
 from lora.scoring.likelihood import likelihood_section
@@ -236,7 +235,6 @@ def evaluate(cfg: Config, plan: dict) -> int:
         results["notes"].append(few_note)
         log.warning(few_note)
 
-    clear_earlier_clips(out_dir)  # (a rerun into this folder: its report shows this run's clips only)
     if ev.skip_generation:
         results["generation"] = {"skipped": "generation metrics skipped (--skip_generation)"}
         results["notes"].append("Generation metrics skipped (--skip_generation): likelihood only.")

@@ -86,7 +86,7 @@ SECTIONS = plan.TRAIN_SECTIONS
 def config_problems(cfg: Config, ns=None) -> list[str]:
     """Rules that span several settings (each value's own range is checked by the schema,
     lora.config); the web UI checks its Train form with the same rules."""
-    return plan.settings_problems(cfg) + samples.config_problems(cfg)  # (lora.webui.runs.train_problems)
+    return plan.settings_problems(cfg)
 
 
 def check_config(cfg: Config) -> None:

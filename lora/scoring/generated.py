@@ -5,7 +5,6 @@ melody adherence, CLAP, and the paired bootstrap intervals of the differences.
 
 from __future__ import annotations
 
-import re
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
@@ -292,25 +291,6 @@ def melody_similarity(melody: dict, audio: dict, models: list[str], shared: list
 
 # what _check_and_save_clips names its files: a rerun into the same folder removes the earlier
 # evaluation's before it writes its own (a user's file there has another name and stays)
-_CLIP_FILE = re.compile(r"p\d{3}_s\d+\.(wav|png)")
-
-
-def clear_earlier_clips(out_dir: Path) -> int:
-    """Delete the clips and spectrograms an earlier evaluation wrote into out_dir (audio/<model>/,
-    spectrograms/<model>/), so a rerun's folder and report hold this evaluation's alone; the number
-    deleted."""
-    n = 0
-    for kind in ("audio", "spectrograms"):
-        for folder in sorted((out_dir / kind).glob("*")) if (out_dir / kind).is_dir() else []:
-            for f in sorted(folder.iterdir()) if folder.is_dir() and not folder.is_symlink() else []:
-                if f.is_file() and not f.is_symlink() and _CLIP_FILE.fullmatch(f.name):
-                    f.unlink()
-                    n += 1
-    if n:
-        log.info("Deleted %d clip file(s) of the earlier evaluation in %s", n, out_dir)
-    return n
-
-
 def _check_and_save_clips(res: dict, m: str, wavs: list, prompts, seeds, sr: int,
                           out_dir: Path) -> list[dict]:
     """Signal checks of one model's clips; each finite clip is written (WAV + spectrogram) and

@@ -11,6 +11,7 @@ from typing import Optional
 
 from lora.common.cli import UserError, clip_text, script_command, shown_path
 from lora.config import MAX_EVENTS, Config
+from lora.training import samples
 
 
 # ============================================================================================
@@ -53,7 +54,7 @@ def settings_problems(cfg: Config) -> list[str]:
             p.append(problem)
     if t.max_steps > 0 and not p:  # (with num_epochs, set_up checks once the steps are known)
         p.append(events_problem(t.max_steps, run_events(t, t.max_steps)))
-    return [x for x in p if x]
+    return [x for x in p if x] + samples.config_problems(cfg)
 
 
 def run_events(t, total_steps: int) -> dict:

@@ -50,11 +50,6 @@ def under_root(value, out_root: Path, what: str) -> Path:
     return real
 
 
-def train_problems(cfg: Config) -> list[str]:
-    """train_lora.py's rules that span several settings (its config_problems), for the Train form."""
-    return plan.settings_problems(cfg) + samples.config_problems(cfg)
-
-
 # ============================================================================================
 # Training runs: train_lora.py subprocesses, and what their files say
 # ============================================================================================
@@ -314,7 +309,7 @@ def start_training(procs: Processes, values: dict, config_file: Optional[str]) -
     values = dict(values, output_dir=str(out),
                   data_dir=str(data if data.is_absolute() else REPO_ROOT / data))
     argv = train_argv(values, config_file)
-    check_script_argv(argv, plan.TRAIN_SECTIONS, lambda cfg, ns: train_problems(cfg),
+    check_script_argv(argv, plan.TRAIN_SECTIONS, lambda cfg, ns: plan.settings_problems(cfg),
                       values["data_dir"])
     p = procs.start(str(out), argv, "train")
     return str(out), p.command
