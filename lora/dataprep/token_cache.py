@@ -494,9 +494,18 @@ def build_token_cache(records: list[ClipRecord], model: nn.Module, processor, in
     clips, stats = _assemble(records, files, keys, root, info, text_states, stats)
     if melody_separator is not None and family_for(info).MELODY:
         by_path = {str(r.path): k for r, k in zip(files, keys)}
-        clips, stats["stem_chromas_computed"] = melody_stems.stem_chromas(
-            clips, records, [by_path[str(r.path)] for r in records], root, info, melody_separator,
-            show_progress and ranks.rank == 0)
+        clip_keys = [by_path[str(r.path)] for r in records]
+        # the first process separates what is missing (demucs once per clip, not once per process);
+        # the others wait for it, then read the stems' chroma it wrote
+        if ranks.rank == 0:
+            clips, computed = melody_stems.stem_chromas(clips, records, clip_keys, root, info,
+                                                        melody_separator, show_progress)
+        if ranks.world > 1:
+            computed = ranks.broadcast(computed if ranks.rank == 0 else None)
+            if ranks.rank != 0:
+                clips, _ = melody_stems.stem_chromas(clips, records, clip_keys, root, info,
+                                                     melody_separator, False)
+        stats["stem_chromas_computed"] = computed
     return clips, stats
 
 
