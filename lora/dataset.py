@@ -26,6 +26,8 @@ Imports: lora.common, lora.config, lora.modeling.
 from __future__ import annotations
 
 import json
+import math
+import os
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -151,6 +153,7 @@ def load_metadata(data_dir: str | Path, metadata_file: str = "metadata.json", *,
     problems: list[str] = []
     records: list[ClipRecord] = []
     word, position = metadata_trigger(data_dir, metadata_file) if trigger == FROM_METADATA else trigger
+    base = str(data_dir)
     for i, e in enumerate(entries):
         where = f"{mpath.name} entry {i}"
         if not isinstance(e, dict):
@@ -180,11 +183,12 @@ def load_metadata(data_dir: str | Path, metadata_file: str = "metadata.json", *,
             problems += [f"{where}: {b}" for b in bad]
             continue
         duration, offset = float(e.get("duration", 0.0)), float(e.get("offset", 0.0))
-        path = Path(audio) if Path(audio).is_absolute() else data_dir / audio
-        if check_files and not path.is_file():
-            problems.append(f"{where}: audio file {path} is missing")
+        full = audio if os.path.isabs(audio) else os.path.join(base, audio)
+        if check_files and not os.path.isfile(full):
+            problems.append(f"{where}: audio file {Path(full)} is missing")
             continue
-        rec = ClipRecord(id=str(e.get("id") or Path(audio).stem), audio=audio,
+        path = Path(full)
+        rec = ClipRecord(id=str(e.get("id") or path.stem), audio=audio,
                          text=apply_trigger(text.strip(), word, position),
                          duration=duration, split=sp, source=e.get("source"), offset=offset, path=path,
                          **{k: e[k] for k in OPTIONAL_FIELDS if e.get(k) is not None})
@@ -236,8 +240,6 @@ def _repeated(records: list[ClipRecord]) -> list[str]:
 def _wrong_types(e: dict) -> list[str]:
     """What is wrong with the types of a clip entry's optional fields (a hand-edited metadata
     file)."""
-    import math
-
     out = []
     for key in ("duration", "offset"):
         v = e.get(key, 0.0)

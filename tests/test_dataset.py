@@ -53,6 +53,31 @@ def _fake_clips(lengths, K=4, D=8, seed=0):
     return out
 
 
+def test_clip_paths_resolve_against_the_data_folder(tmp_path):
+    """Every spelling of a clip's path in metadata.json (relative, with ./ or ../, absolute) names
+    the file pathlib names; a missing one is a message naming the file and its entry."""
+    from lora.common.cli import UserError
+    from lora.dataset import load_metadata
+
+    data, other = tmp_path / "data", tmp_path / "other"
+    (data / "train").mkdir(parents=True)
+    other.mkdir()
+    for f in (data / "train" / "a.wav", data / "train" / "b.wav", other / "c.wav", other / "d.wav"):
+        f.write_bytes(b"")
+    spellings = ["train/a.wav", "./train/b.wav", "../other/c.wav", str(other / "d.wav")]
+    clips = [{"audio": a, "text": f"clip {i}", "duration": 1.0, "split": "train"}
+             for i, a in enumerate(spellings)]
+    (data / "metadata.json").write_text(json.dumps({"clips": clips}))
+    records = load_metadata(data)
+    assert [r.path for r in records] == [data / "train/a.wav", data / "train/b.wav",
+                                         data / "../other/c.wav", other / "d.wav"]
+    assert [r.id for r in records] == ["a", "b", "c", "d"] and all(r.path.is_file() for r in records)
+    (data / "train" / "b.wav").unlink()
+    with pytest.raises(UserError) as e:
+        load_metadata(data)
+    assert f"entry 1 (./train/b.wav): audio file {data / 'train' / 'b.wav'} is missing" in str(e.value)
+
+
 def test_crop_is_random_per_epoch_but_deterministic():
     clips = _fake_clips([100, 40, 100, 100])
     ds = CachedTokenDataset(clips, max_frames=30, seed=7, train=True)
