@@ -103,6 +103,10 @@ def metadata_trigger(data_dir: str | Path, metadata_file: str = "metadata.json")
         raw = json.loads(metadata_path(data_dir, metadata_file).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return "", "start"
+    return _trigger_of(raw)
+
+
+def _trigger_of(raw) -> tuple[str, str]:
     if not isinstance(raw, dict):
         return "", "start"
     word, pos = raw.get("trigger_word") or "", raw.get("trigger_position") or "start"
@@ -152,7 +156,7 @@ def load_metadata(data_dir: str | Path, metadata_file: str = "metadata.json", *,
 
     problems: list[str] = []
     records: list[ClipRecord] = []
-    word, position = metadata_trigger(data_dir, metadata_file) if trigger == FROM_METADATA else trigger
+    word, position = _trigger_of(raw) if trigger == FROM_METADATA else trigger
     base = str(data_dir)
     for i, e in enumerate(entries):
         where = f"{mpath.name} entry {i}"
