@@ -222,14 +222,15 @@ def require_demucs() -> None:
     require("demucs (bash install.sh --separation)", importable("demucs"))
 
 
-def require_browser() -> str:
-    """gradio, playwright and Debian's chromium (its path), or skip / fail the module (require)."""
+def require_browser(module_level: bool = True) -> str:
+    """gradio, playwright and Debian's chromium (its path), or skip / fail the module (or, with
+    ``module_level=False``, the test) (require)."""
     import shutil
 
-    require("gradio (bash install.sh --dev)", importable("gradio"))
-    require("playwright (bash install.sh --dev)", importable("playwright"))
+    require("gradio (bash install.sh --dev)", importable("gradio"), module_level)
+    require("playwright (bash install.sh --dev)", importable("playwright"), module_level)
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    require("Debian's chromium (sudo apt-get install chromium)", chromium is not None)
+    require("Debian's chromium (sudo apt-get install chromium)", chromium is not None, module_level)
     return chromium
 
 

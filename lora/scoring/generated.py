@@ -289,8 +289,6 @@ def melody_similarity(melody: dict, audio: dict, models: list[str], shared: list
     return out
 
 
-# what _check_and_save_clips names its files: a rerun into the same folder removes the earlier
-# evaluation's before it writes its own (a user's file there has another name and stays)
 def _check_and_save_clips(res: dict, m: str, wavs: list, prompts, seeds, sr: int,
                           out_dir: Path) -> list[dict]:
     """Signal checks of one model's clips; each finite clip is written (WAV + spectrogram) and

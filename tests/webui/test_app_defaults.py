@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, free_port, importable, require
+from tests.helpers import ROOT, free_port, importable, require, require_browser
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -133,9 +133,7 @@ def test_served_without_gradios_share_hint(tmp_path, tiny_model_dir):
 def test_evaluate_summary_is_monospaced(out_root, tiny_model_dir):
     """The summary's columns are aligned with spaces: in a proportional font (today's main) they do
     not line up."""
-    require("playwright (bash install.sh --dev)", importable("playwright"), module_level=False)
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    require("Debian's chromium (sudo apt-get install chromium)", chromium is not None, module_level=False)
+    chromium = require_browser(module_level=False)
     from playwright.sync_api import sync_playwright
 
     from lora import app
